@@ -1,0 +1,1 @@
+//! IDX reader, datasets and deterministic batching.

@@ -1,0 +1,1 @@
+//! Plots (SVG and PNG) and the self-contained HTML report.
