@@ -1,0 +1,218 @@
+//! The backward transforms: training mode (the paper's chain rule through μ_B and σ²_B), inference
+//! mode (fixed statistics), and the split-phase form for synchronized batch norm.
+
+use crate::forward::{check_affine, gamma_at};
+use crate::kernels::elementwise::DxCoeffs;
+use crate::kernels::plan;
+use crate::shape::{check_channels, check_eps, check_len};
+use crate::stats::{check_saved, checked, inv_std, SavedStats};
+use crate::{Element, Error, Layout};
+
+/// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
+/// addition ([`GradSums::add`]): the reduction phase of synchronized batch norm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradSums {
+    /// Σ dy per channel.
+    pub sum_dy: Vec<f64>,
+    /// Σ dy·x̂ per channel.
+    pub sum_dy_xhat: Vec<f64>,
+}
+
+impl GradSums {
+    /// Adds another worker's sums (in a fixed order for deterministic bits).
+    /// Rejects a different channel count ([`Error::MergeMismatch`]).
+    pub fn add(&mut self, other: &GradSums) -> Result<(), Error> {
+        if self.sum_dy.len() != other.sum_dy.len() {
+            return Err(Error::MergeMismatch {
+                left: self.sum_dy.len(),
+                right: other.sum_dy.len(),
+            });
+        }
+        self.sum_dy.iter_mut().zip(&other.sum_dy).for_each(|(a, b)| *a += b);
+        self.sum_dy_xhat
+            .iter_mut()
+            .zip(&other.sum_dy_xhat)
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// Writes ∂ℓ/∂γ = Σ dy·x̂ and ∂ℓ/∂β = Σ dy. Rejects outputs of the wrong length.
+    pub fn write_param_grads<T: Element>(
+        &self,
+        dgamma: Option<&mut [T]>,
+        dbeta: Option<&mut [T]>,
+    ) -> Result<(), Error> {
+        let channels = self.sum_dy.len();
+        if let Some(dg) = dgamma {
+            check_channels("dgamma", channels, dg.len())?;
+            dg.iter_mut()
+                .zip(&self.sum_dy_xhat)
+                .for_each(|(o, &v)| *o = T::from_f64(v));
+        }
+        if let Some(db) = dbeta {
+            check_channels("dbeta", channels, db.len())?;
+            db.iter_mut().zip(&self.sum_dy).for_each(|(o, &v)| *o = T::from_f64(v));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the lengths of the parameter-gradient outputs before anything is written.
+fn check_param_grads<T>(channels: usize, dgamma: Option<&[T]>, dbeta: Option<&[T]>) -> Result<(), Error> {
+    if let Some(d) = dgamma {
+        check_channels("dgamma", channels, d.len())?;
+    }
+    if let Some(d) = dbeta {
+        check_channels("dbeta", channels, d.len())?;
+    }
+    Ok(())
+}
+
+/// dx coefficients of channel `c` (see `kernels::elementwise::DxCoeffs`): the paper's
+/// ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std + ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified.
+fn dx_coeffs<T: Element>(gamma: Option<&[T]>, saved: &SavedStats, c: usize, sum_dy: f64, sum_dy_xhat: f64) -> DxCoeffs {
+    let m = saved.count as f64;
+    let s = saved.inv_std[c];
+    DxCoeffs {
+        mean: saved.mean[c],
+        k: gamma_at(gamma, c) * s,
+        a: sum_dy / m,
+        b: s * sum_dy_xhat / m,
+    }
+}
+
+/// Training-mode backward of Algorithm 1: from dy and the saved statistics, writes any of
+/// dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that are given. Two passes over x and dy at most (one
+/// when dx is not asked for), fused per channel where the layout allows.
+///
+/// Rejects: shape/length mismatches between the shape and `x`, `dy`, `dx`; `saved`, γ, `dgamma`,
+/// `dbeta` of the wrong channel count; saved statistics with fewer than 2 values per channel.
+pub fn batch_norm_backward<T: Element>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    layout: Layout,
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+    dx: Option<&mut [T]>,
+    dgamma: Option<&mut [T]>,
+    dbeta: Option<&mut [T]>,
+) -> Result<(), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("dy", &g, dy.len())?;
+    if let Some(dx) = dx.as_deref() {
+        check_len("dx", &g, dx.len())?;
+    }
+    check_saved(saved, g.channels)?;
+    check_affine(g.channels, gamma, None)?;
+    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    if saved.count < 2 {
+        return Err(Error::TooFewValues {
+            count: saved.count,
+            shape: shape.to_vec(),
+        });
+    }
+    let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &saved.mean, |c, s1, s2| {
+        dx_coeffs(gamma, saved, c, s1, s2 * saved.inv_std[c])
+    });
+    let sums = GradSums {
+        sum_dy_xhat: sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect(),
+        sum_dy,
+    };
+    sums.write_param_grads(dgamma, dbeta)
+}
+
+/// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
+/// over workers with [`GradSums::add`]. Rejects the same as [`batch_norm_backward`].
+pub fn grad_sums<T: Element>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    layout: Layout,
+    saved: &SavedStats,
+) -> Result<GradSums, Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("dy", &g, dy.len())?;
+    check_saved(saved, g.channels)?;
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
+    let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
+    Ok(GradSums { sum_dy, sum_dy_xhat })
+}
+
+/// Phase 2 of the split-phase backward: dx from the merged (global) sums and the global count in
+/// `saved.count`. With one worker it gives the same bits as [`batch_norm_backward`].
+/// Rejects the same as [`batch_norm_backward`], and `sums` of the wrong channel count.
+pub fn input_grad<T: Element>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    layout: Layout,
+    saved: &SavedStats,
+    sums: &GradSums,
+    gamma: Option<&[T]>,
+    dx: &mut [T],
+) -> Result<(), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("dy", &g, dy.len())?;
+    check_len("dx", &g, dx.len())?;
+    check_saved(saved, g.channels)?;
+    check_channels("sums", g.channels, sums.sum_dy.len())?;
+    check_channels("sums", g.channels, sums.sum_dy_xhat.len())?;
+    check_affine(g.channels, gamma, None)?;
+    if saved.count < 2 {
+        return Err(Error::TooFewValues {
+            count: saved.count,
+            shape: shape.to_vec(),
+        });
+    }
+    let coeffs: Vec<DxCoeffs> = (0..g.channels)
+        .map(|c| dx_coeffs(gamma, saved, c, sums.sum_dy[c], sums.sum_dy_xhat[c]))
+        .collect();
+    plan::input_grad(&g, x, dy, dx, &coeffs);
+    Ok(())
+}
+
+/// Inference-mode backward (statistics are constants, e.g. fine-tuning with frozen BN):
+/// dx = dy·γ/√(Var + ε), dγ = Σ dy·x̂, dβ = Σ dy, with x̂ from the given mean and variance.
+///
+/// Rejects: shape/length mismatches, `mean`/`var`/γ/`dgamma`/`dbeta` of the wrong channel count,
+/// ε not finite and > 0.
+pub fn batch_norm_backward_eval<T: Element>(
+    x: &[T],
+    dy: &[T],
+    shape: &[usize],
+    layout: Layout,
+    mean: &[T],
+    var: &[T],
+    eps: f64,
+    gamma: Option<&[T]>,
+    dx: Option<&mut [T]>,
+    dgamma: Option<&mut [T]>,
+    dbeta: Option<&mut [T]>,
+) -> Result<(), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("dy", &g, dy.len())?;
+    check_channels("mean", g.channels, mean.len())?;
+    check_channels("var", g.channels, var.len())?;
+    check_affine(g.channels, gamma, None)?;
+    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    check_eps(eps)?;
+    if let Some(dx) = dx.as_deref() {
+        check_len("dx", &g, dx.len())?;
+    }
+    let inv: Vec<f64> = var.iter().map(|v| inv_std(v.to_f64(), eps)).collect();
+    if let Some(dx) = dx {
+        let k: Vec<f64> = (0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]).collect();
+        plan::scale(&g, dy, dx, &k);
+    }
+    if dgamma.is_some() || dbeta.is_some() {
+        let mean: Vec<f64> = mean.iter().map(|v| v.to_f64()).collect();
+        let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &mean);
+        let sums = GradSums {
+            sum_dy_xhat: sum_dy_xmu.iter().zip(&inv).map(|(v, s)| v * s).collect(),
+            sum_dy,
+        };
+        sums.write_param_grads(dgamma, dbeta)?;
+    }
+    Ok(())
+}

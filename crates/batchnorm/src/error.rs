@@ -1,0 +1,82 @@
+//! The one error type of the crate.
+
+use thiserror::Error;
+
+/// Everything a batch-norm call can reject. No function of this crate panics on bad input; each
+/// documents which of these it returns.
+///
+/// NaN and infinite *values* are not errors: they propagate as IEEE 754 says (a NaN anywhere in a
+/// channel makes that channel's mean, variance and every output of it NaN).
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum Error {
+    /// The shape has a zero dimension (or no dimensions).
+    #[error("empty input: shape {shape:?} has no elements")]
+    EmptyInput {
+        /// The offending shape.
+        shape: Vec<usize>,
+    },
+    /// The shape's rank does not fit the layout (e.g. `NCHW` needs 4 dimensions).
+    #[error("layout {layout} needs {expected} dimensions, got shape {shape:?}")]
+    RankMismatch {
+        /// The layout's name.
+        layout: &'static str,
+        /// What the layout needs, in words ("4", "at least 2").
+        expected: &'static str,
+        /// The offending shape.
+        shape: Vec<usize>,
+    },
+    /// The number of elements overflows `usize`.
+    #[error("shape {shape:?} has more elements than fit in memory")]
+    ShapeOverflow {
+        /// The offending shape.
+        shape: Vec<usize>,
+    },
+    /// A flat buffer's length does not match the shape it is said to have.
+    #[error("buffer `{name}` has {actual} elements, the shape needs {expected}")]
+    BufferLength {
+        /// Which argument (`x`, `y`, `dy`, `dx`, `weight`, …).
+        name: &'static str,
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements given.
+        actual: usize,
+    },
+    /// A per-channel vector (γ, β, running statistics, saved statistics) has the wrong length.
+    #[error("`{name}` has {actual} features, the input has {expected} channels")]
+    FeatureMismatch {
+        /// Which argument.
+        name: &'static str,
+        /// Channels of the input (or of the layer).
+        expected: usize,
+        /// Length given.
+        actual: usize,
+    },
+    /// Training mode needs at least two values per channel to estimate a variance (PyTorch's rule).
+    #[error("training needs more than 1 value per channel, got {count} (shape {shape:?})")]
+    TooFewValues {
+        /// Values per channel (N·spatial, or the global count for synchronized batch norm).
+        count: u64,
+        /// The offending shape.
+        shape: Vec<usize>,
+    },
+    /// ε must be a finite number > 0.
+    #[error("eps must be finite and > 0, got {0}")]
+    InvalidEps(f64),
+    /// Momentum must be finite and in (0, 1].
+    #[error("momentum must be in (0, 1], got {0}")]
+    InvalidMomentum(f64),
+    /// The layer was built with `track_running_stats = false` but running statistics were needed.
+    #[error("this layer does not track running statistics (track_running_stats = false)")]
+    NoRunningStats,
+    /// The population-statistics estimator has seen no mini-batch yet.
+    #[error("no mini-batch has been observed yet")]
+    NoBatches,
+    /// Partial statistics of different channel counts cannot be merged.
+    #[error("cannot merge statistics of {left} and {right} channels")]
+    MergeMismatch {
+        /// Channels on the left.
+        left: usize,
+        /// Channels on the right.
+        right: usize,
+    },
+}

@@ -1,0 +1,152 @@
+//! The forward transforms: training (Algorithm 1), inference (Algorithm 2's affine map) and the
+//! normalization step of the split-phase (synchronized) form.
+
+use crate::kernels::plan::{self, Affine};
+use crate::shape::{check_channels, check_eps, check_len};
+use crate::stats::{check_saved, checked, inv_std, BatchStats, SavedStats};
+use crate::{Element, Error, Layout};
+
+/// Checks optional γ and β against the channel count.
+pub(crate) fn check_affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> Result<(), Error> {
+    if let Some(g) = gamma {
+        check_channels("gamma", channels, g.len())?;
+    }
+    if let Some(b) = beta {
+        check_channels("beta", channels, b.len())?;
+    }
+    Ok(())
+}
+
+/// γ_c (1 without affine).
+#[inline]
+pub(crate) fn gamma_at<T: Element>(gamma: Option<&[T]>, c: usize) -> f64 {
+    gamma.map_or(1.0, |g| g[c].to_f64())
+}
+
+/// β_c (0 without affine).
+#[inline]
+pub(crate) fn beta_at<T: Element>(beta: Option<&[T]>, c: usize) -> f64 {
+    beta.map_or(0.0, |b| b[c].to_f64())
+}
+
+/// Algorithm 1, the batch-normalizing transform over a mini-batch: per channel μ_B, σ²_B (biased),
+/// x̂ = (x − μ_B)/√(σ²_B + ε), y = γ·x̂ + β. `gamma`/`beta` = `None` means γ = 1 / β = 0.
+///
+/// Returns the batch statistics (for running averages) and what backward needs.
+///
+/// Rejects: a shape that does not fit the layout, an empty shape, `x`/`y` lengths that differ from
+/// the shape's, γ/β lengths that differ from the channel count, fewer than 2 values per channel
+/// ([`Error::TooFewValues`]), ε not finite and > 0. NaN/Inf in `x` propagate to the statistics and
+/// the outputs of that channel.
+///
+/// ```
+/// use batchnorm::{batch_norm_train, Layout};
+/// let x = [1.0f32, 10.0, 3.0, 30.0]; // [N=2, C=2]
+/// let mut y = [0.0f32; 4];
+/// let (stats, _saved) = batch_norm_train(&x, &[2, 2], Layout::NC, None, None, 1e-5, &mut y).unwrap();
+/// assert_eq!(stats.mean, vec![2.0, 20.0]);
+/// assert!((y[0] + 1.0).abs() < 1e-4 && (y[3] - 1.0).abs() < 1e-4);
+/// ```
+pub fn batch_norm_train<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    layout: Layout,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(BatchStats, SavedStats), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("y", &g, y.len())?;
+    check_affine(g.channels, gamma, beta)?;
+    check_eps(eps)?;
+    if g.per_channel() < 2 {
+        return Err(Error::TooFewValues {
+            count: g.per_channel() as u64,
+            shape: shape.to_vec(),
+        });
+    }
+    let m = plan::train_forward(&g, x, y, |c, _mean, var| {
+        (gamma_at(gamma, c) * inv_std(var, eps), beta_at(beta, c))
+    });
+    let stats = BatchStats {
+        count: g.per_channel() as u64,
+        mean: m.mean,
+        m2: m.m2,
+    };
+    let saved = stats.saved(eps)?;
+    Ok((stats, saved))
+}
+
+/// The normalization step given (global) statistics: y = (x − μ)·γ·inv_std + β. With statistics
+/// from [`crate::batch_stats`] merged over workers, this is the second phase of synchronized batch
+/// norm; with one worker it gives the same bits as [`batch_norm_train`].
+///
+/// Rejects: shape/length mismatches as [`batch_norm_train`], and `saved` or γ/β of the wrong channel count.
+pub fn normalize<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    layout: Layout,
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    y: &mut [T],
+) -> Result<(), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("y", &g, y.len())?;
+    check_saved(saved, g.channels)?;
+    check_affine(g.channels, gamma, beta)?;
+    let scale: Vec<f64> = (0..g.channels).map(|c| gamma_at(gamma, c) * saved.inv_std[c]).collect();
+    let shift: Vec<f64> = (0..g.channels).map(|c| beta_at(beta, c)).collect();
+    plan::normalize(
+        &g,
+        x,
+        y,
+        &Affine {
+            mean: &saved.mean,
+            scale: &scale,
+            shift: &shift,
+        },
+    );
+    Ok(())
+}
+
+/// Inference (Algorithm 2): y = γ·(x − E[x])/√(Var[x] + ε) + β with fixed statistics (running or
+/// population), in one fused pass per element.
+///
+/// Rejects: shape/length mismatches, `mean`/`var`/γ/β of the wrong channel count, ε not finite
+/// and > 0. A negative variance is not rejected; it gives NaN for that channel, as IEEE says.
+pub fn batch_norm_eval<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    layout: Layout,
+    mean: &[T],
+    var: &[T],
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(), Error> {
+    let g = checked("x", x, shape, layout)?;
+    check_len("y", &g, y.len())?;
+    check_channels("mean", g.channels, mean.len())?;
+    check_channels("var", g.channels, var.len())?;
+    check_affine(g.channels, gamma, beta)?;
+    check_eps(eps)?;
+    let mean: Vec<f64> = mean.iter().map(|v| v.to_f64()).collect();
+    let scale: Vec<f64> = (0..g.channels)
+        .map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps))
+        .collect();
+    let shift: Vec<f64> = (0..g.channels).map(|c| beta_at(beta, c)).collect();
+    plan::normalize(
+        &g,
+        x,
+        y,
+        &Affine {
+            mean: &mean,
+            scale: &scale,
+            shift: &shift,
+        },
+    );
+    Ok(())
+}

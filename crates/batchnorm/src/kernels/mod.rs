@@ -1,0 +1,42 @@
+//! The inner loops. They take slices and trust them: every shape was checked by the public API
+//! before control gets here (see `shape.rs`). Nothing in this module returns an error.
+//!
+//! Numerics: elements are widened to `f64`; all sums use [`LANES`] independent `f64` accumulators
+//! folded in a fixed order, so the compiler can vectorize them without reassociating anything, and
+//! the result is the same bits on every CPU path (SSE2 or AVX2) and for every thread count.
+//!
+//! Work is split into units whose boundaries depend only on the shape, never on the thread
+//! count; partial results are merged in unit order. Rayon only decides who computes which unit.
+
+pub(crate) mod elementwise;
+pub(crate) mod moments;
+pub(crate) mod plan;
+
+/// Independent accumulators per sum (one AVX2 register pair of `f64`).
+pub(crate) const LANES: usize = 8;
+
+/// Folds lane accumulators in a fixed order.
+#[inline(always)]
+pub(crate) fn fold_lanes(a: [f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Runs `f` in a function compiled for AVX2 + FMA when the CPU has them, otherwise as is.
+///
+/// The kernels are `#[inline(always)]`, so they are compiled into whichever copy runs. Rust never
+/// contracts `a * b + c` into a fused multiply-add on its own, so both copies round identically.
+#[inline(always)]
+pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { run_avx2(f) };
+        }
+    }
+    f()
+}

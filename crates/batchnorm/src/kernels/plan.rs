@@ -1,0 +1,359 @@
+//! Work plans: how a tensor is cut into units, and the passes that run over them.
+//!
+//! Two plans cover every layout:
+//! - **planes** (`inner > 1`, channels-first): a unit is one channel's planes (or, when there are
+//!   fewer than [`MIN_PARALLEL_CHANNELS`] channels, a fixed block of them). Each plane is cut into
+//!   pieces of at most [`PIECE`] elements whose moments come from a two-pass scan in cache.
+//!   With one unit per channel, training passes are *fused*: a channel's statistics and its
+//!   normalization (or its gradient sums and dx) run back to back while its data is still in
+//!   cache, so memory is streamed twice instead of three (five) times.
+//! - **rows** (`inner == 1`: `NC`, `NHWC`, channels-last): a unit is a fixed block of
+//!   [`TASK`] / channels rows, itself scanned in cache-sized blocks of rows, vectorized across channels.
+//!
+//! Unit boundaries and merge order depend only on the geometry, so results are bitwise identical
+//! for any thread count.
+
+use super::elementwise::{self as ew, DxCoeffs};
+use super::moments::{self, Moments};
+use super::with_simd;
+use crate::{Element, Geometry};
+use rayon::prelude::*;
+
+/// Elements of one in-cache piece (32 KiB of `f32`).
+pub(crate) const PIECE: usize = 8192;
+/// Elements of one parallel task (1 MiB of `f32`).
+pub(crate) const TASK: usize = 1 << 18;
+/// Below this many elements everything runs on the calling thread.
+const SERIAL_BELOW: usize = 1 << 15;
+/// With at least this many channels, channels-first units are whole channels (and passes fuse).
+pub(crate) const MIN_PARALLEL_CHANNELS: usize = 16;
+
+/// Per-channel statistics as computed by the kernels: `count` values per channel.
+pub(crate) struct ChannelMoments {
+    pub count: f64,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+/// Maps `f` over `items` on the rayon pool, or serially for small tensors; results keep item order.
+fn map_items<I: Send, R: Send>(items: Vec<I>, serial: bool, f: impl Fn(usize, I) -> R + Sync + Send) -> Vec<R> {
+    if serial {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(u, it)| with_simd(|| f(u, it)))
+            .collect()
+    } else {
+        items
+            .into_par_iter()
+            .enumerate()
+            .map(|(u, it)| with_simd(|| f(u, it)))
+            .collect()
+    }
+}
+
+fn is_serial(g: &Geometry) -> bool {
+    g.len() < SERIAL_BELOW
+}
+
+/// Planes plan: blocks per channel and planes per block.
+fn plane_blocks(g: &Geometry) -> (usize, usize) {
+    let blocks = if g.channels >= MIN_PARALLEL_CHANNELS {
+        1
+    } else {
+        MIN_PARALLEL_CHANNELS.div_ceil(g.channels).min(g.outer)
+    };
+    let per_block = g.outer.div_ceil(blocks);
+    (g.outer.div_ceil(per_block), per_block)
+}
+
+/// Rows plan: rows per task and rows per in-cache block.
+fn row_blocks(g: &Geometry) -> (usize, usize) {
+    let per_task = (TASK / g.channels).max(1);
+    let per_block = (PIECE / g.channels).clamp(1, per_task);
+    (per_task, per_block)
+}
+
+/// Moments of planes `planes` of channel `c`, pieces folded left in order.
+#[inline(always)]
+fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops::Range<usize>) -> Moments {
+    let mut acc = Moments::EMPTY;
+    for o in planes {
+        let start = (o * g.channels + c) * g.inner;
+        for piece in x[start..start + g.inner].chunks(PIECE) {
+            acc = acc.merge(moments::slice_moments(piece));
+        }
+    }
+    acc
+}
+
+/// Moments of one rows task (`x` holds whole rows), blocks merged left in order.
+#[inline(always)]
+fn rows_task_moments<T: Element>(x: &[T], channels: usize, per_block: usize) -> (f64, Vec<f64>, Vec<f64>) {
+    let (mut count, mut mean, mut m2) = (0.0, vec![0.0; channels], vec![0.0; channels]);
+    let (mut bm, mut bm2, mut corr) = (vec![0.0; channels], vec![0.0; channels], vec![0.0; channels]);
+    for block in x.chunks(per_block * channels) {
+        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut corr);
+        let rows = (block.len() / channels) as f64;
+        moments::merge_rows(count, &mut mean, &mut m2, rows, &bm, &bm2);
+        count += rows;
+    }
+    (count, mean, m2)
+}
+
+/// Per-channel moments of the whole tensor.
+pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMoments {
+    let serial = is_serial(g);
+    if g.inner > 1 {
+        let (blocks, per_block) = plane_blocks(g);
+        let units: Vec<usize> = (0..g.channels * blocks).collect();
+        let parts = map_items(units, serial, |_, u| {
+            let (c, b) = (u / blocks, u % blocks);
+            planes_moments(g, x, c, b * per_block..((b + 1) * per_block).min(g.outer))
+        });
+        let mut out = ChannelMoments {
+            count: 0.0,
+            mean: Vec::with_capacity(g.channels),
+            m2: Vec::with_capacity(g.channels),
+        };
+        for chunk in parts.chunks(blocks) {
+            let m = chunk.iter().fold(Moments::EMPTY, |a, &b| a.merge(b));
+            out.count = m.count;
+            out.mean.push(m.mean);
+            out.m2.push(m.m2);
+        }
+        out
+    } else {
+        let (per_task, per_block) = row_blocks(g);
+        let tasks: Vec<&[T]> = x.chunks(per_task * g.channels).collect();
+        let parts = map_items(tasks, serial, |_, t| rows_task_moments(t, g.channels, per_block));
+        let mut out = ChannelMoments {
+            count: 0.0,
+            mean: vec![0.0; g.channels],
+            m2: vec![0.0; g.channels],
+        };
+        for (count, mean, m2) in parts {
+            moments::merge_rows(out.count, &mut out.mean, &mut out.m2, count, &mean, &m2);
+            out.count += count;
+        }
+        out
+    }
+}
+
+/// Affine parameters of the normalization, per channel: y = (x − mean)·scale + shift.
+pub(crate) struct Affine<'a> {
+    pub mean: &'a [f64],
+    pub scale: &'a [f64],
+    pub shift: &'a [f64],
+}
+
+/// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
+pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affine) {
+    let serial = is_serial(g);
+    if g.inner > 1 {
+        let chunk = (TASK / g.inner).max(1) * g.inner;
+        let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+        map_items(items, serial, |u, (xs, ys)| {
+            let first_plane = u * (chunk / g.inner);
+            for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
+                let c = (first_plane + i) % g.channels;
+                ew::normalize_plane(xp, yp, p.mean[c], p.scale[c], p.shift[c]);
+            }
+        });
+    } else {
+        let chunk = row_blocks(g).0 * g.channels;
+        let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+        map_items(items, serial, |_, (xs, ys)| {
+            ew::normalize_rows(xs, ys, p.mean, p.scale, p.shift)
+        });
+    }
+}
+
+/// Training forward: per-channel moments, then `affine(c, moments)` gives the channel's
+/// (scale, shift) and y is written. Fused per channel when the plan allows (see module docs);
+/// the statistics are the same bits as [`channel_moments`] either way.
+pub(crate) fn train_forward<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    affine: impl Fn(usize, f64, f64) -> (f64, f64) + Sync + Send,
+) -> ChannelMoments {
+    if g.inner > 1 && plane_blocks(g).0 == 1 {
+        let mut by_channel: Vec<Vec<&mut [T]>> = (0..g.channels).map(|_| Vec::with_capacity(g.outer)).collect();
+        for (p, plane) in y.chunks_exact_mut(g.inner).enumerate() {
+            by_channel[p % g.channels].push(plane);
+        }
+        let parts = map_items(by_channel, is_serial(g), |c, planes| {
+            let m = planes_moments(g, x, c, 0..g.outer);
+            let (scale, shift) = affine(c, m.mean, m.m2 / m.count);
+            for (o, yp) in planes.into_iter().enumerate() {
+                let start = (o * g.channels + c) * g.inner;
+                ew::normalize_plane(&x[start..start + g.inner], yp, m.mean, scale, shift);
+            }
+            m
+        });
+        ChannelMoments {
+            count: parts[0].count,
+            mean: parts.iter().map(|m| m.mean).collect(),
+            m2: parts.iter().map(|m| m.m2).collect(),
+        }
+    } else {
+        let m = channel_moments(g, x);
+        let (scale, shift): (Vec<f64>, Vec<f64>) =
+            (0..g.channels).map(|c| affine(c, m.mean[c], m.m2[c] / m.count)).unzip();
+        normalize(
+            g,
+            x,
+            y,
+            &Affine {
+                mean: &m.mean,
+                scale: &scale,
+                shift: &shift,
+            },
+        );
+        m
+    }
+}
+
+/// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c`.
+#[inline(always)]
+fn planes_grad_sums<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    c: usize,
+    m: f64,
+    planes: std::ops::Range<usize>,
+) -> (f64, f64) {
+    let (mut a, mut b) = (0.0, 0.0);
+    for o in planes {
+        let start = (o * g.channels + c) * g.inner;
+        let (s1, s2) = moments::slice_grad_sums(&x[start..start + g.inner], &dy[start..start + g.inner], m);
+        a += s1;
+        b += s2;
+    }
+    (a, b)
+}
+
+/// Per-channel (Σ dy, Σ dy·(x − mean)).
+pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let serial = is_serial(g);
+    if g.inner > 1 {
+        let (blocks, per_block) = plane_blocks(g);
+        let units: Vec<usize> = (0..g.channels * blocks).collect();
+        let parts = map_items(units, serial, |_, u| {
+            let (c, b) = (u / blocks, u % blocks);
+            planes_grad_sums(g, x, dy, c, mean[c], b * per_block..((b + 1) * per_block).min(g.outer))
+        });
+        parts
+            .chunks(blocks)
+            .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
+            .unzip()
+    } else {
+        let chunk = row_blocks(g).0 * g.channels;
+        let items: Vec<(&[T], &[T])> = x.chunks(chunk).zip(dy.chunks(chunk)).collect();
+        let parts = map_items(items, serial, |_, (xs, gs)| {
+            let (mut s1, mut s2) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+            moments::rows_grad_sums(xs, gs, mean, &mut s1, &mut s2);
+            (s1, s2)
+        });
+        let (mut s1, mut s2) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+        for (p, q) in parts {
+            s1.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+            s2.iter_mut().zip(&q).for_each(|(a, b)| *a += b);
+        }
+        (s1, s2)
+    }
+}
+
+/// Training-mode dx from per-channel coefficients.
+pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [T], coeffs: &[DxCoeffs]) {
+    let serial = is_serial(g);
+    if g.inner > 1 {
+        let chunk = (TASK / g.inner).max(1) * g.inner;
+        let items: Vec<((&[T], &[T]), &mut [T])> = x
+            .chunks(chunk)
+            .zip(dy.chunks(chunk))
+            .zip(dx.chunks_mut(chunk))
+            .collect();
+        map_items(items, serial, |u, ((xs, gs), os)| {
+            let first_plane = u * (chunk / g.inner);
+            let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
+            for (i, ((xp, gp), op)) in planes.enumerate() {
+                ew::dx_plane(xp, gp, op, coeffs[(first_plane + i) % g.channels]);
+            }
+        });
+    } else {
+        let mean: Vec<f64> = coeffs.iter().map(|c| c.mean).collect();
+        let k: Vec<f64> = coeffs.iter().map(|c| c.k).collect();
+        let a: Vec<f64> = coeffs.iter().map(|c| c.a).collect();
+        let b: Vec<f64> = coeffs.iter().map(|c| c.b).collect();
+        let chunk = row_blocks(g).0 * g.channels;
+        let items: Vec<((&[T], &[T]), &mut [T])> = x
+            .chunks(chunk)
+            .zip(dy.chunks(chunk))
+            .zip(dx.chunks_mut(chunk))
+            .collect();
+        map_items(items, serial, |_, ((xs, gs), os)| {
+            ew::dx_rows(xs, gs, os, &mean, &k, &a, &b)
+        });
+    }
+}
+
+/// Training backward: per-channel gradient sums, then `coeffs(c, Σdy, Σdy(x−m))` gives the dx
+/// coefficients and, when `dx` is given, dx is written. Fused per channel when the plan allows;
+/// the sums are the same bits as [`grad_sums`] either way. Returns (Σdy, Σdy(x−m)).
+pub(crate) fn train_backward<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    mean: &[f64],
+    coeffs: impl Fn(usize, f64, f64) -> DxCoeffs + Sync + Send,
+) -> (Vec<f64>, Vec<f64>) {
+    match dx {
+        Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
+            let mut by_channel: Vec<Vec<&mut [T]>> = (0..g.channels).map(|_| Vec::with_capacity(g.outer)).collect();
+            for (p, plane) in dx.chunks_exact_mut(g.inner).enumerate() {
+                by_channel[p % g.channels].push(plane);
+            }
+            let parts = map_items(by_channel, is_serial(g), |c, planes| {
+                let (s1, s2) = planes_grad_sums(g, x, dy, c, mean[c], 0..g.outer);
+                let k = coeffs(c, s1, s2);
+                for (o, op) in planes.into_iter().enumerate() {
+                    let start = (o * g.channels + c) * g.inner;
+                    ew::dx_plane(&x[start..start + g.inner], &dy[start..start + g.inner], op, k);
+                }
+                (s1, s2)
+            });
+            parts.into_iter().unzip()
+        }
+        dx => {
+            let (s1, s2) = grad_sums(g, x, dy, mean);
+            if let Some(dx) = dx {
+                let k: Vec<DxCoeffs> = (0..g.channels).map(|c| coeffs(c, s1[c], s2[c])).collect();
+                input_grad(g, x, dy, dx, &k);
+            }
+            (s1, s2)
+        }
+    }
+}
+
+/// dx = dy·k[c] (inference-mode backward).
+pub(crate) fn scale<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64]) {
+    let serial = is_serial(g);
+    if g.inner > 1 {
+        let chunk = (TASK / g.inner).max(1) * g.inner;
+        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
+        map_items(items, serial, |u, (gs, os)| {
+            let first_plane = u * (chunk / g.inner);
+            for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
+                ew::scale_plane(gp, op, k[(first_plane + i) % g.channels]);
+            }
+        });
+    } else {
+        let chunk = row_blocks(g).0 * g.channels;
+        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
+        map_items(items, serial, |_, (gs, os)| ew::scale_rows(gs, os, k));
+    }
+}

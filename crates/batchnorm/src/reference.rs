@@ -1,0 +1,161 @@
+//! Naive `f64` versions of every operation, written straight from the paper: the specification
+//! the fast kernels are tested against. Slow, simple, no cleverness. Inputs are `f64` slices over
+//! a checked [`Geometry`]; they panic on inconsistent lengths (they are for tests).
+
+use crate::Geometry;
+
+/// Index of element (o, c, i).
+fn at(g: &Geometry, o: usize, c: usize, i: usize) -> usize {
+    (o * g.channels + c) * g.inner + i
+}
+
+/// The values of channel `c`, in order.
+pub fn channel_values(g: &Geometry, x: &[f64], c: usize) -> Vec<f64> {
+    let mut v = Vec::with_capacity(g.per_channel());
+    for o in 0..g.outer {
+        for i in 0..g.inner {
+            v.push(x[at(g, o, c, i)]);
+        }
+    }
+    v
+}
+
+/// Per-channel mean μ_B and biased variance σ²_B (Algorithm 1), by the textbook two-pass formulas.
+pub fn mean_var(g: &Geometry, x: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    (0..g.channels)
+        .map(|c| {
+            let v = channel_values(g, x, c);
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let var = v.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / v.len() as f64;
+            (m, var)
+        })
+        .unzip()
+}
+
+/// Algorithm 1: y = γ·(x − μ_B)/√(σ²_B + ε) + β. Returns (y, mean, biased var).
+pub fn forward_train(g: &Geometry, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, var) = mean_var(g, x);
+    let y = forward_eval(g, x, &mean, &var, gamma, beta, eps);
+    (y, mean, var)
+}
+
+/// Inference: y = γ·(x − mean)/√(var + ε) + β with given statistics.
+pub fn forward_eval(
+    g: &Geometry,
+    x: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                y[k] = gamma[c] * (x[k] - mean[c]) / (var[c] + eps).sqrt() + beta[c];
+            }
+        }
+    }
+    y
+}
+
+/// Training backward by the paper's chain rule, term by term (Section 3):
+/// ∂ℓ/∂x̂ᵢ = ∂ℓ/∂yᵢ·γ; ∂ℓ/∂σ² = Σ ∂ℓ/∂x̂ᵢ·(xᵢ − μ)·(−½)(σ² + ε)^(−3/2);
+/// ∂ℓ/∂μ = Σ ∂ℓ/∂x̂ᵢ·(−1/√(σ² + ε)) + ∂ℓ/∂σ²·Σ −2(xᵢ − μ)/m;
+/// ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ/√(σ² + ε) + ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m;
+/// ∂ℓ/∂γ = Σ ∂ℓ/∂yᵢ·x̂ᵢ; ∂ℓ/∂β = Σ ∂ℓ/∂yᵢ. Returns (dx, dγ, dβ).
+pub fn backward_train(g: &Geometry, x: &[f64], dy: &[f64], gamma: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, var) = mean_var(g, x);
+    let m = g.per_channel() as f64;
+    let mut dx = vec![0.0; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    for c in 0..g.channels {
+        let sd = (var[c] + eps).sqrt();
+        let idx: Vec<usize> = (0..g.outer)
+            .flat_map(|o| (0..g.inner).map(move |i| (o, i)))
+            .map(|(o, i)| at(g, o, c, i))
+            .collect();
+        let dxhat: Vec<f64> = idx.iter().map(|&k| dy[k] * gamma[c]).collect();
+        let dvar: f64 = idx
+            .iter()
+            .zip(&dxhat)
+            .map(|(&k, d)| d * (x[k] - mean[c]) * -0.5 * (var[c] + eps).powf(-1.5))
+            .sum();
+        let dmean: f64 = dxhat.iter().map(|d| -d / sd).sum::<f64>()
+            + dvar * idx.iter().map(|&k| -2.0 * (x[k] - mean[c])).sum::<f64>() / m;
+        for (&k, d) in idx.iter().zip(&dxhat) {
+            dx[k] = d / sd + dvar * 2.0 * (x[k] - mean[c]) / m + dmean / m;
+            dgamma[c] += dy[k] * (x[k] - mean[c]) / sd;
+            dbeta[c] += dy[k];
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Inference-mode backward with fixed statistics: dx = dy·γ/√(var + ε). Returns (dx, dγ, dβ).
+pub fn backward_eval(
+    g: &Geometry,
+    x: &[f64],
+    dy: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0.0; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                let sd = (var[c] + eps).sqrt();
+                dx[k] = dy[k] * gamma[c] / sd;
+                dgamma[c] += dy[k] * (x[k] - mean[c]) / sd;
+                dbeta[c] += dy[k];
+            }
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Running statistics after one batch: exponential (`Some(momentum)`) or cumulative (`None`,
+/// `batches_seen` including this one) average of μ_B and the unbiased m/(m−1)·σ²_B.
+pub fn running_update(
+    running_mean: &[f64],
+    running_var: &[f64],
+    batch_mean: &[f64],
+    batch_var: &[f64],
+    m: usize,
+    momentum: Option<f64>,
+    batches_seen: u64,
+) -> (Vec<f64>, Vec<f64>) {
+    let w = momentum.unwrap_or(1.0 / batches_seen as f64);
+    let unbiased = m as f64 / (m as f64 - 1.0);
+    let mean = running_mean
+        .iter()
+        .zip(batch_mean)
+        .map(|(r, b)| (1.0 - w) * r + w * b)
+        .collect();
+    let var = running_var
+        .iter()
+        .zip(batch_var)
+        .map(|(r, b)| (1.0 - w) * r + w * b * unbiased)
+        .collect();
+    (mean, var)
+}
+
+/// Algorithm 2 over a list of equally sized batches given as per-batch (mean, biased var):
+/// E[x] = mean of μ_B, Var[x] = m/(m−1)·mean of σ²_B.
+pub fn population(batches: &[(Vec<f64>, Vec<f64>)], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let channels = batches[0].0.len();
+    let b = batches.len() as f64;
+    let mean = (0..channels)
+        .map(|c| batches.iter().map(|(mu, _)| mu[c]).sum::<f64>() / b)
+        .collect();
+    let var = (0..channels)
+        .map(|c| m as f64 / (m as f64 - 1.0) * batches.iter().map(|(_, v)| v[c]).sum::<f64>() / b)
+        .collect();
+    (mean, var)
+}

@@ -1,0 +1,288 @@
+//! Per-channel statistics: mergeable batch statistics, what backward needs, running averages and
+//! the population estimator of Algorithm 2.
+
+use crate::kernels::plan;
+use crate::shape::{check_channels, check_eps, check_len};
+use crate::{Element, Error, Layout};
+
+/// Statistics of one mini-batch (or one worker's shard of it): per channel the count, mean and
+/// M2 = Σ(x − mean)². Mergeable without loss of precision ([`BatchStats::merge`], Chan's formula):
+/// the first phase of synchronized batch norm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Values per channel (`m` in the paper).
+    pub count: u64,
+    /// Per-channel mean μ_B.
+    pub mean: Vec<f64>,
+    /// Per-channel sum of squared deviations from the mean.
+    pub m2: Vec<f64>,
+}
+
+impl BatchStats {
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Biased variance σ²_B = M2 / m (Algorithm 1). NaN where `count` is 0.
+    pub fn var_biased(&self) -> Vec<f64> {
+        self.m2.iter().map(|&s| s / self.count as f64).collect()
+    }
+
+    /// Unbiased variance M2 / (m − 1) (what running statistics track, as in Algorithm 2).
+    pub fn var_unbiased(&self) -> Vec<f64> {
+        self.m2.iter().map(|&s| s / (self.count as f64 - 1.0)).collect()
+    }
+
+    /// Merges `other` into `self` (Chan, Golub & LeVeque): the statistics of the union of the two
+    /// sets of values. Merging in a fixed order gives deterministic bits.
+    ///
+    /// Rejects statistics of a different channel count ([`Error::MergeMismatch`]).
+    ///
+    /// ```
+    /// use batchnorm::{batch_stats, Layout};
+    /// let a = batch_stats(&[1.0f64, 2.0, 3.0, 4.0], &[2, 2], Layout::NC).unwrap();
+    /// let b = batch_stats(&[5.0f64, 6.0], &[1, 2], Layout::NC).unwrap();
+    /// let mut all = a.clone();
+    /// all.merge(&b).unwrap();
+    /// let direct = batch_stats(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], Layout::NC).unwrap();
+    /// assert_eq!(all.count, 3);
+    /// assert!((all.mean[0] - direct.mean[0]).abs() < 1e-12 && (all.m2[1] - direct.m2[1]).abs() < 1e-12);
+    /// ```
+    pub fn merge(&mut self, other: &BatchStats) -> Result<(), Error> {
+        if self.channels() != other.channels() {
+            return Err(Error::MergeMismatch {
+                left: self.channels(),
+                right: other.channels(),
+            });
+        }
+        if other.count == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        for c in 0..self.channels() {
+            let delta = other.mean[c] - self.mean[c];
+            self.mean[c] += delta * (nb / n);
+            self.m2[c] += other.m2[c] + delta * delta * (na * nb / n);
+        }
+        self.count += other.count;
+        Ok(())
+    }
+
+    /// What the normalization and backward need: the mean and 1/√(σ²_B + ε).
+    ///
+    /// Rejects ε that is not finite and > 0 ([`Error::InvalidEps`]).
+    pub fn saved(&self, eps: f64) -> Result<SavedStats, Error> {
+        check_eps(eps)?;
+        Ok(SavedStats {
+            count: self.count,
+            mean: self.mean.clone(),
+            inv_std: self.var_biased().iter().map(|&v| inv_std(v, eps)).collect(),
+        })
+    }
+}
+
+/// 1/√(σ² + ε): the one place this formula lives.
+#[inline]
+pub(crate) fn inv_std(var: f64, eps: f64) -> f64 {
+    1.0 / (var + eps).sqrt()
+}
+
+/// What training-mode backward needs from the forward pass, kept in `f64` (a few numbers per
+/// channel) so that backward sees exactly the statistics forward used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedStats {
+    /// Values per channel the statistics were taken over (global count for synchronized BN).
+    pub count: u64,
+    /// Per-channel batch mean μ_B.
+    pub mean: Vec<f64>,
+    /// Per-channel 1/√(σ²_B + ε).
+    pub inv_std: Vec<f64>,
+}
+
+/// Per-channel mean and M2 of `x`, the first phase of the training forward.
+///
+/// Rejects: a shape that does not fit the layout, an empty shape, `x` of the wrong length.
+/// Does not itself require two values per channel (a worker's shard may hold one); the training
+/// functions check the (global) count.
+pub fn batch_stats<T: Element>(x: &[T], shape: &[usize], layout: Layout) -> Result<BatchStats, Error> {
+    let g = layout.geometry(shape)?;
+    check_len("x", &g, x.len())?;
+    let m = plan::channel_moments(&g, x);
+    Ok(BatchStats {
+        count: g.per_channel() as u64,
+        mean: m.mean,
+        m2: m.m2,
+    })
+}
+
+/// How running statistics average over mini-batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Momentum {
+    /// Exponential moving average: running ← (1 − m)·running + m·batch (PyTorch's convention:
+    /// `m` is the weight of the new batch, 0.1 by default).
+    Exponential(f64),
+    /// Cumulative (equal-weight) average over all batches seen (PyTorch's `momentum=None`).
+    Cumulative,
+}
+
+impl Momentum {
+    pub(crate) fn check(self) -> Result<(), Error> {
+        match self {
+            Momentum::Exponential(m) if !(m.is_finite() && m > 0.0 && m <= 1.0) => Err(Error::InvalidMomentum(m)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Updates running statistics with one batch: the mean with μ_B, the variance with the
+/// *unbiased* batch variance m/(m−1)·σ²_B, as Algorithm 2 does (and PyTorch, Keras, candle).
+/// `batches_seen` counts batches including this one (used by [`Momentum::Cumulative`]).
+///
+/// Rejects: vectors whose length differs from the batch's channels, an invalid momentum, a batch
+/// with fewer than 2 values per channel.
+pub fn update_running_stats<T: Element>(
+    running_mean: &mut [T],
+    running_var: &mut [T],
+    batch: &BatchStats,
+    momentum: Momentum,
+    batches_seen: u64,
+) -> Result<(), Error> {
+    check_channels("running_mean", batch.channels(), running_mean.len())?;
+    check_channels("running_var", batch.channels(), running_var.len())?;
+    momentum.check()?;
+    if batch.count < 2 {
+        return Err(Error::TooFewValues {
+            count: batch.count,
+            shape: vec![],
+        });
+    }
+    let w = match momentum {
+        Momentum::Exponential(m) => m,
+        Momentum::Cumulative => 1.0 / batches_seen.max(1) as f64,
+    };
+    let var = batch.var_unbiased();
+    for c in 0..batch.channels() {
+        let (rm, rv) = (running_mean[c].to_f64(), running_var[c].to_f64());
+        running_mean[c] = T::from_f64(rm + w * (batch.mean[c] - rm));
+        running_var[c] = T::from_f64(rv + w * (var[c] - rv));
+    }
+    Ok(())
+}
+
+/// Algorithm 2's population statistics, accumulated over any number of mini-batches after
+/// training: E[x] = mean over batches of μ_B, Var[x] = m/(m−1)·(mean over batches of σ²_B).
+///
+/// With batches of unequal sizes each batch's variance is made unbiased with its own m before
+/// averaging (identical to the paper's formula when all batches have the same m). Batches are
+/// weighted equally, as in the paper.
+///
+/// ```
+/// use batchnorm::{batch_stats, Layout, PopulationStats};
+/// let mut pop = PopulationStats::new(1);
+/// pop.observe(&batch_stats(&[0.0f64, 2.0], &[2, 1], Layout::NC).unwrap()).unwrap();
+/// pop.observe(&batch_stats(&[4.0f64, 6.0], &[2, 1], Layout::NC).unwrap()).unwrap();
+/// assert_eq!(pop.mean().unwrap(), vec![3.0]);      // mean of batch means 1 and 5
+/// assert_eq!(pop.var().unwrap(), vec![2.0]);       // 2/(2−1) · mean of σ²_B = 1
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct PopulationStats {
+    batches: u64,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+}
+
+impl PopulationStats {
+    /// An estimator for `channels` channels that has seen nothing.
+    pub fn new(channels: usize) -> Self {
+        PopulationStats {
+            batches: 0,
+            mean: vec![0.0; channels],
+            var: vec![0.0; channels],
+        }
+    }
+
+    /// Number of mini-batches observed.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// Adds one mini-batch's statistics. Rejects a channel-count mismatch and a batch with
+    /// fewer than 2 values per channel.
+    pub fn observe(&mut self, batch: &BatchStats) -> Result<(), Error> {
+        check_channels("batch", self.mean.len(), batch.channels())?;
+        if batch.count < 2 {
+            return Err(Error::TooFewValues {
+                count: batch.count,
+                shape: vec![],
+            });
+        }
+        self.batches += 1;
+        let w = 1.0 / self.batches as f64;
+        for (c, v) in batch.var_unbiased().into_iter().enumerate() {
+            self.mean[c] += w * (batch.mean[c] - self.mean[c]);
+            self.var[c] += w * (v - self.var[c]);
+        }
+        Ok(())
+    }
+
+    /// Computes the statistics of `x` and adds them (see [`batch_stats`] for what it rejects).
+    pub fn observe_batch<T: Element>(&mut self, x: &[T], shape: &[usize], layout: Layout) -> Result<(), Error> {
+        let s = batch_stats(x, shape, layout)?;
+        if s.count < 2 {
+            return Err(Error::TooFewValues {
+                count: s.count,
+                shape: shape.to_vec(),
+            });
+        }
+        self.observe(&s)
+    }
+
+    /// E[x] per channel. [`Error::NoBatches`] before the first batch.
+    pub fn mean(&self) -> Result<Vec<f64>, Error> {
+        if self.batches == 0 {
+            return Err(Error::NoBatches);
+        }
+        Ok(self.mean.clone())
+    }
+
+    /// Var[x] = m/(m−1)·E_B[σ²_B] per channel. [`Error::NoBatches`] before the first batch.
+    pub fn var(&self) -> Result<Vec<f64>, Error> {
+        if self.batches == 0 {
+            return Err(Error::NoBatches);
+        }
+        Ok(self.var.clone())
+    }
+
+    /// Both, rounded to the element type (e.g. to replace a layer's running statistics).
+    pub fn finish<T: Element>(&self) -> Result<(Vec<T>, Vec<T>), Error> {
+        let (m, v) = (self.mean()?, self.var()?);
+        Ok((
+            m.into_iter().map(T::from_f64).collect(),
+            v.into_iter().map(T::from_f64).collect(),
+        ))
+    }
+}
+
+/// Checks that `saved` fits `channels` (used by backward and normalize).
+pub(crate) fn check_saved(saved: &SavedStats, channels: usize) -> Result<(), Error> {
+    check_channels("saved.mean", channels, saved.mean.len())?;
+    check_channels("saved.inv_std", channels, saved.inv_std.len())
+}
+
+/// Checks `x` against a shape and returns the geometry (shared by every public entry point).
+pub(crate) fn checked<T>(
+    name: &'static str,
+    x: &[T],
+    shape: &[usize],
+    layout: Layout,
+) -> Result<crate::Geometry, Error> {
+    let g = layout.geometry(shape)?;
+    check_len(name, &g, x.len())?;
+    Ok(g)
+}

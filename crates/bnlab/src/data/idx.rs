@@ -1,0 +1,703 @@
+//! Reader for the IDX format of MNIST and Fashion-MNIST, raw or gzip-compressed.
+//!
+//! An IDX file is a header followed by the items:
+//!
+//! | bytes        | meaning                                                         |
+//! |--------------|-----------------------------------------------------------------|
+//! | 0–1          | `00 00`                                                         |
+//! | 2            | element type; only `0x08` (unsigned byte) is supported here     |
+//! | 3            | number of dimensions `d`                                        |
+//! | 4 … 4 + 4d   | `d` sizes, each a big-endian `u32`                              |
+//! | then         | the product of the sizes, one byte each, row-major              |
+//!
+//! Image files are 3-D (`[n, rows, cols]`), label files 1-D (`[n]`). A file may be stored raw or
+//! gzip-compressed; compression is detected by the gzip magic bytes `1f 8b`, never by the file
+//! name.
+//!
+//! Everything from the header is checked before it is trusted: the magic, the type, the number
+//! of dimensions, that the product of the sizes does not overflow, and that the data holds
+//! exactly that many bytes (a short file is [`DataError::Truncated`], a long one
+//! [`DataError::TrailingBytes`]). Nothing is allocated from a header's claim alone: a raw file
+//! is already in memory before its header is read, and a gzip stream is decompressed only as far
+//! as its header says (plus one byte, to detect trailing data), with at most
+//! [`MAX_DECODED_BYTES`] in all, so neither a lying header nor a zip bomb can exhaust memory.
+//!
+//! Every [`DataError`] message is a single line that starts with the path concerned.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Where `apt-get install dataset-fashion-mnist` puts Fashion-MNIST: the four `*-ubyte.gz`
+/// files of the standard distribution.
+pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The most bytes a file may hold, or decompress to (1 GiB). Larger inputs are
+/// [`DataError::TooLarge`]; Fashion-MNIST's largest file is 47 MB decompressed.
+pub const MAX_DECODED_BYTES: u64 = 1 << 30;
+
+/// The largest label accepted. The number of classes of a dataset is its largest label plus one,
+/// and capping labels at 254 keeps that count within a `u8` too (at most 255 classes).
+pub const MAX_LABEL: u8 = 254;
+
+/// The IDX element type code of unsigned bytes, the only one supported.
+pub const IDX_TYPE_U8: u8 = 0x08;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Deflate cannot expand data by more than about 1032:1, which bounds the memory reserved up
+/// front for decompressed output by the size of the compressed input.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Why a dataset could not be loaded. Every message is one line and names the file or
+/// directory concerned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    /// The data directory does not exist (or is not a directory).
+    #[error("{}: data directory not found; {}", .path.display(), install_hint(.path))]
+    Missing {
+        /// The directory that was looked for.
+        path: PathBuf,
+    },
+    /// A dataset file exists neither raw nor with a `.gz` suffix.
+    #[error("{}: file not found (looked for it raw and with a .gz suffix); {}", .path.display(), install_hint(.path))]
+    MissingFile {
+        /// The file that was looked for, without the `.gz` suffix.
+        path: PathBuf,
+    },
+    /// Reading the file failed.
+    #[error("{}: cannot read: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file does not start with the IDX magic `00 00`.
+    #[error("{}: not an IDX file (starts with {:02x} {:02x}, expected 00 00)", .path.display(), .found[0], .found[1])]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// Its first two bytes.
+        found: [u8; 2],
+    },
+    /// The element type is not `0x08` (unsigned byte).
+    #[error("{}: unsupported IDX element type 0x{type_byte:02x} ({}); only 0x08 (unsigned byte) is supported", .path.display(), type_name(*.type_byte))]
+    UnsupportedType {
+        /// The file.
+        path: PathBuf,
+        /// The type byte found.
+        type_byte: u8,
+    },
+    /// The dimensions do not fit the file's role (images 3-D with nonzero rows and columns,
+    /// labels 1-D), or their product overflows.
+    #[error("{}: bad IDX dimensions: {detail}", .path.display())]
+    BadDims {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with them.
+        detail: String,
+    },
+    /// The file (decompressed) is shorter than its header says.
+    #[error("{}: truncated: the header describes {expected} bytes but the file holds {actual}", .path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header describes (header included).
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// The file (decompressed) is longer than its header says.
+    #[error("{}: trailing data: at least {extra} byte(s) beyond the {expected} the header describes", .path.display())]
+    TrailingBytes {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header describes (header included).
+        expected: u64,
+        /// Extra bytes seen (for gzip input reading stops at the first extra byte, so this is a
+        /// lower bound).
+        extra: u64,
+    },
+    /// The image and label files of a split hold different numbers of items.
+    #[error("{}: {images} images but {labels} labels in {}", .images_path.display(), .labels_path.display())]
+    CountMismatch {
+        /// The image file.
+        images_path: PathBuf,
+        /// The label file.
+        labels_path: PathBuf,
+        /// Number of images.
+        images: usize,
+        /// Number of labels.
+        labels: usize,
+    },
+    /// Training and test images have different sizes.
+    #[error("{}: images are {}x{} but the test images in {} are {}x{}", .train_path.display(), .train.0, .train.1, .test_path.display(), .test.0, .test.1)]
+    ShapeMismatch {
+        /// The training image file.
+        train_path: PathBuf,
+        /// The test image file.
+        test_path: PathBuf,
+        /// Training image `(rows, cols)`.
+        train: (usize, usize),
+        /// Test image `(rows, cols)`.
+        test: (usize, usize),
+    },
+    /// A label exceeds [`MAX_LABEL`].
+    #[error("{}: label {label} at index {index} exceeds the maximum label {max}", .path.display(), max = MAX_LABEL)]
+    BadLabel {
+        /// The label file.
+        path: PathBuf,
+        /// Position of the first offending label.
+        index: usize,
+        /// Its value.
+        label: u8,
+    },
+    /// The file, or what it decompresses to or claims to hold, exceeds [`MAX_DECODED_BYTES`].
+    #[error("{}: too large: {size} bytes exceeds the limit of {limit}", .path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (or, for gzip input, the size its header claims or the bytes read so far).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The gzip stream is corrupt.
+    #[error("{}: corrupt gzip stream: {source}", .path.display())]
+    Gzip {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error.
+        source: io::Error,
+    },
+}
+
+/// How to get data, for [`DataError::Missing`] and [`DataError::MissingFile`].
+fn install_hint(path: &Path) -> String {
+    if path.starts_with(DEFAULT_DATA_DIR) {
+        "install the default data (Fashion-MNIST) with `apt-get install dataset-fashion-mnist`".to_owned()
+    } else {
+        format!(
+            "give a directory holding the four Fashion-MNIST IDX files (raw or .gz), or install \
+             the default data into {DEFAULT_DATA_DIR} with `apt-get install dataset-fashion-mnist`"
+        )
+    }
+}
+
+/// Names of the IDX element types, for [`DataError::UnsupportedType`].
+fn type_name(type_byte: u8) -> &'static str {
+    match type_byte {
+        0x08 => "unsigned byte",
+        0x09 => "signed byte",
+        0x0B => "i16",
+        0x0C => "i32",
+        0x0D => "f32",
+        0x0E => "f64",
+        _ => "unknown type",
+    }
+}
+
+/// One split of a dataset: images scaled to `[0, 1]` and their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// `len × (rows·cols)` pixels, row-major, each byte divided by 255.
+    pub images: Vec<f32>,
+    /// `len` labels, each below `classes`.
+    pub labels: Vec<u8>,
+    /// Number of examples.
+    pub len: usize,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+    /// Number of classes: the largest label plus one (0 for an empty dataset). [`load`] gives
+    /// both splits the larger of their two counts.
+    pub classes: usize,
+}
+
+impl Dataset {
+    /// Values per example: `rows · cols`.
+    pub fn features(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// Which half of a dataset to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// The training set (`train-*`; 60 000 examples in Fashion-MNIST).
+    Train,
+    /// The test set (`t10k-*`; 10 000 examples in Fashion-MNIST).
+    Test,
+}
+
+impl Split {
+    /// The image file's standard name, without `.gz`.
+    pub fn images_file(self) -> &'static str {
+        match self {
+            Split::Train => "train-images-idx3-ubyte",
+            Split::Test => "t10k-images-idx3-ubyte",
+        }
+    }
+
+    /// The label file's standard name, without `.gz`.
+    pub fn labels_file(self) -> &'static str {
+        match self {
+            Split::Train => "train-labels-idx1-ubyte",
+            Split::Test => "t10k-labels-idx1-ubyte",
+        }
+    }
+}
+
+/// Images parsed from an IDX file by [`parse_images`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    /// `len × (rows·cols)` pixels, row-major, each byte divided by 255.
+    pub pixels: Vec<f32>,
+    /// Number of images.
+    pub len: usize,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+}
+
+/// Labels parsed from an IDX file by [`parse_labels`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    /// The labels, each at most [`MAX_LABEL`].
+    pub labels: Vec<u8>,
+    /// The largest label plus one (0 when there are no labels).
+    pub classes: usize,
+}
+
+/// A checked IDX header.
+struct Header {
+    /// The sizes, at most 255 of them.
+    dims: Vec<u32>,
+    /// Bytes of header: `4 + 4 · dims.len()`.
+    header_len: usize,
+    /// Bytes of header plus data, as the header describes them.
+    total_len: u64,
+}
+
+/// Reads and checks the header at the start of `bytes` (which may hold only a prefix of the
+/// file), without looking at the data.
+fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
+    let truncated = |expected: usize| DataError::Truncated {
+        path: path.to_path_buf(),
+        expected: expected as u64,
+        actual: bytes.len() as u64,
+    };
+    if let [a, b, ..] = *bytes {
+        if [a, b] != [0, 0] {
+            return Err(DataError::BadMagic {
+                path: path.to_path_buf(),
+                found: [a, b],
+            });
+        }
+    }
+    let [_, _, type_byte, ndims, ..] = *bytes else {
+        return Err(truncated(4));
+    };
+    if type_byte != IDX_TYPE_U8 {
+        return Err(DataError::UnsupportedType {
+            path: path.to_path_buf(),
+            type_byte,
+        });
+    }
+    let header_len = 4 + 4 * usize::from(ndims);
+    let sizes = bytes.get(4..header_len).ok_or_else(|| truncated(header_len))?;
+    let dims: Vec<u32> = sizes
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let total_len = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)))
+        .and_then(|items| items.checked_add(header_len as u64))
+        .ok_or_else(|| DataError::BadDims {
+            path: path.to_path_buf(),
+            detail: format!("the sizes {dims:?} multiply past 2^64"),
+        })?;
+    Ok(Header {
+        dims,
+        header_len,
+        total_len,
+    })
+}
+
+/// Checks `bytes` as a complete IDX file with `want` dimensions and returns the sizes and the
+/// data.
+fn split_body<'a>(bytes: &'a [u8], path: &Path, want: usize, what: &str) -> Result<(Vec<u32>, &'a [u8]), DataError> {
+    let header = parse_header(bytes, path)?;
+    if header.dims.len() != want {
+        return Err(bad_dims_count(path, &header.dims, want, what));
+    }
+    let actual = bytes.len() as u64;
+    if actual < header.total_len {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            expected: header.total_len,
+            actual,
+        });
+    }
+    if actual > header.total_len {
+        return Err(DataError::TrailingBytes {
+            path: path.to_path_buf(),
+            expected: header.total_len,
+            extra: actual - header.total_len,
+        });
+    }
+    // `header_len <= total_len == bytes.len()`, so this cannot fail; stay panic-free anyway.
+    let data = bytes.get(header.header_len..).unwrap_or_default();
+    Ok((header.dims, data))
+}
+
+fn bad_dims_count(path: &Path, dims: &[u32], want: usize, what: &str) -> DataError {
+    DataError::BadDims {
+        path: path.to_path_buf(),
+        detail: format!(
+            "{what} files must have {want} dimension(s), found {} ({dims:?})",
+            dims.len()
+        ),
+    }
+}
+
+/// Converts a size already checked against data in memory.
+fn to_usize(n: u32) -> usize {
+    // Lossless on every target with at least 32-bit pointers, the only ones Rust's std supports
+    // with files of this kind; the data length check has already bounded `n`.
+    n as usize
+}
+
+/// Parses an IDX image file (`[n, rows, cols]`, unsigned bytes) from its bytes, raw or gzip.
+///
+/// `path` only labels errors. Pixels are scaled to `[0, 1]` by dividing by 255. Rows and
+/// columns must be nonzero; `n` may be zero.
+///
+/// This never panics, whatever `bytes` holds, and never allocates more than the input (or its
+/// decompressed form, capped at [`MAX_DECODED_BYTES`]) justifies.
+///
+/// ```
+/// use bnlab::data::idx::parse_images;
+/// use std::path::Path;
+///
+/// // Two 1×2 images.
+/// let bytes = [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 255, 51, 102];
+/// let images = parse_images(&bytes, Path::new("in-memory")).unwrap();
+/// assert_eq!((images.len, images.rows, images.cols), (2, 1, 2));
+/// assert_eq!(images.pixels, [0.0, 1.0, 0.2, 0.4]);
+/// ```
+pub fn parse_images(bytes: &[u8], path: &Path) -> Result<Images, DataError> {
+    let decoded = decode(bytes, path, MAX_DECODED_BYTES)?;
+    let (dims, data) = split_body(&decoded, path, 3, "image")?;
+    let [len, rows, cols] = match dims[..] {
+        [n, r, c] => [n, r, c].map(to_usize),
+        // `split_body` has checked there are three.
+        _ => return Err(bad_dims_count(path, &dims, 3, "image")),
+    };
+    if rows == 0 || cols == 0 {
+        return Err(DataError::BadDims {
+            path: path.to_path_buf(),
+            detail: format!("images must have nonzero rows and columns, found {rows}x{cols}"),
+        });
+    }
+    let pixels = data.iter().map(|&b| f32::from(b) / 255.0).collect();
+    Ok(Images {
+        pixels,
+        len,
+        rows,
+        cols,
+    })
+}
+
+/// Parses an IDX label file (`[n]`, unsigned bytes) from its bytes, raw or gzip.
+///
+/// `path` only labels errors. Labels above [`MAX_LABEL`] (254) are rejected; the number of
+/// classes is the largest label plus one. Never panics, whatever `bytes` holds.
+///
+/// ```
+/// use bnlab::data::idx::parse_labels;
+/// use std::path::Path;
+///
+/// let bytes = [0, 0, 8, 1, 0, 0, 0, 3, 2, 0, 1];
+/// let labels = parse_labels(&bytes, Path::new("in-memory")).unwrap();
+/// assert_eq!((labels.labels.as_slice(), labels.classes), (&[2, 0, 1][..], 3));
+/// ```
+pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<Labels, DataError> {
+    let decoded = decode(bytes, path, MAX_DECODED_BYTES)?;
+    let (_, data) = split_body(&decoded, path, 1, "label")?;
+    if let Some((index, &label)) = data.iter().enumerate().find(|&(_, &l)| l > MAX_LABEL) {
+        return Err(DataError::BadLabel {
+            path: path.to_path_buf(),
+            index,
+            label,
+        });
+    }
+    let classes = data.iter().max().map_or(0, |&m| usize::from(m) + 1);
+    Ok(Labels {
+        labels: data.to_vec(),
+        classes,
+    })
+}
+
+/// Returns `bytes` itself, or, if it starts with the gzip magic, its decompressed form.
+fn decode<'a>(bytes: &'a [u8], path: &Path, limit: u64) -> Result<Cow<'a, [u8]>, DataError> {
+    if bytes.starts_with(&GZIP_MAGIC) {
+        gunzip(bytes, path, limit).map(Cow::Owned)
+    } else {
+        Ok(Cow::Borrowed(bytes))
+    }
+}
+
+/// Decompresses a gzip stream holding one IDX file, reading only as far as its header
+/// describes plus one byte (to detect trailing data).
+fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
+    let gz_err = |source: io::Error| DataError::Gzip {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut decoder = flate2::bufread::MultiGzDecoder::new(compressed);
+    let mut out = Vec::with_capacity(4 + 4 * 255);
+    (&mut decoder).take(4).read_to_end(&mut out).map_err(gz_err)?;
+    if let [_, _, _, ndims] = *out {
+        (&mut decoder)
+            .take(4 * u64::from(ndims))
+            .read_to_end(&mut out)
+            .map_err(gz_err)?;
+    }
+    // A bad or incomplete header gives the same error the complete file would.
+    let total = parse_header(&out, path)?.total_len;
+    if total > limit {
+        return Err(DataError::TooLarge {
+            path: path.to_path_buf(),
+            size: total,
+            limit,
+        });
+    }
+    // Reserve what the header claims, but no more than the compressed input can expand to:
+    // a header's claim alone never causes a large allocation.
+    let bound = (compressed.len() as u64)
+        .saturating_mul(MAX_DEFLATE_RATIO)
+        .saturating_add(1024);
+    let want = total.saturating_add(1).min(bound);
+    out.reserve(usize::try_from(want).unwrap_or(0).saturating_sub(out.len()));
+    let remaining = total.saturating_add(1).saturating_sub(out.len() as u64);
+    decoder.take(remaining).read_to_end(&mut out).map_err(gz_err)?;
+    Ok(out)
+}
+
+/// Reads a whole file of at most `limit` bytes.
+fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
+    let io_err = |source: io::Error| {
+        if source.kind() == io::ErrorKind::NotFound {
+            DataError::MissingFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let size = file.metadata().map_err(io_err)?.len();
+    let too_large = |size: u64| DataError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit,
+    };
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Finds `name` in `dir`, raw or with a `.gz` suffix (the raw file wins when both exist, as it
+/// needs no decompression). The content decides whether it is decompressed, not the name.
+fn locate(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let raw = dir.join(name);
+    if raw.is_file() {
+        return Ok(raw);
+    }
+    let gz = dir.join(format!("{name}.gz"));
+    if gz.is_file() {
+        return Ok(gz);
+    }
+    Err(DataError::MissingFile { path: raw })
+}
+
+fn check_dir(dir: &Path) -> Result<(), DataError> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(DataError::Missing {
+            path: dir.to_path_buf(),
+        })
+    }
+}
+
+/// Loads one split from `dir`, which holds the standard file names (see [`Split::images_file`]
+/// and [`Split::labels_file`]), each raw or with a `.gz` suffix.
+///
+/// # Errors
+/// [`DataError::Missing`] if `dir` is not a directory, [`DataError::MissingFile`] if a file is
+/// absent, [`DataError::CountMismatch`] if the files disagree on the number of examples, and any
+/// error of [`parse_images`] / [`parse_labels`].
+pub fn load_split(dir: &Path, split: Split) -> Result<Dataset, DataError> {
+    let (dataset, _) = load_split_with_path(dir, split)?;
+    Ok(dataset)
+}
+
+fn load_split_with_path(dir: &Path, split: Split) -> Result<(Dataset, PathBuf), DataError> {
+    check_dir(dir)?;
+    let images_path = locate(dir, split.images_file())?;
+    let labels_path = locate(dir, split.labels_file())?;
+    let images = parse_images(&read_file(&images_path, MAX_DECODED_BYTES)?, &images_path)?;
+    let labels = parse_labels(&read_file(&labels_path, MAX_DECODED_BYTES)?, &labels_path)?;
+    if images.len != labels.labels.len() {
+        return Err(DataError::CountMismatch {
+            images_path,
+            labels_path,
+            images: images.len,
+            labels: labels.labels.len(),
+        });
+    }
+    let dataset = Dataset {
+        images: images.pixels,
+        len: images.len,
+        rows: images.rows,
+        cols: images.cols,
+        labels: labels.labels,
+        classes: labels.classes,
+    };
+    Ok((dataset, images_path))
+}
+
+/// Loads `(train, test)` from `dir` (usually [`DEFAULT_DATA_DIR`]).
+///
+/// Both splits get the same `classes`, the larger of their own counts, so a test set that lacks
+/// the highest class still has outputs for it.
+///
+/// # Errors
+/// As [`load_split`], plus [`DataError::ShapeMismatch`] if the two splits' images differ in
+/// size.
+///
+/// ```no_run
+/// use bnlab::data::idx::{load, DEFAULT_DATA_DIR};
+///
+/// let (train, test) = load(DEFAULT_DATA_DIR.as_ref())?;
+/// assert_eq!((train.len, test.len, train.features(), train.classes), (60_000, 10_000, 784, 10));
+/// # Ok::<(), bnlab::data::idx::DataError>(())
+/// ```
+pub fn load(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
+    let (mut train, train_path) = load_split_with_path(dir, Split::Train)?;
+    let (mut test, test_path) = load_split_with_path(dir, Split::Test)?;
+    if (train.rows, train.cols) != (test.rows, test.cols) {
+        return Err(DataError::ShapeMismatch {
+            train_path,
+            test_path,
+            train: (train.rows, train.cols),
+            test: (test.rows, test.cols),
+        });
+    }
+    let classes = train.classes.max(test.classes);
+    train.classes = classes;
+    test.classes = classes;
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, IDX_TYPE_U8, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn header_overflow_is_an_error() {
+        let bytes = idx(&[u32::MAX, u32::MAX, u32::MAX], &[]);
+        let err = parse_images(&bytes, Path::new("x")).unwrap_err();
+        assert!(matches!(err, DataError::BadDims { .. }), "{err}");
+    }
+
+    #[test]
+    fn header_prefix_errors() {
+        let p = Path::new("p");
+        assert!(matches!(
+            parse_header(&[], p),
+            Err(DataError::Truncated {
+                expected: 4,
+                actual: 0,
+                ..
+            })
+        ));
+        assert!(matches!(parse_header(&[1], p), Err(DataError::Truncated { .. })));
+        assert!(matches!(
+            parse_header(&[0, 1], p),
+            Err(DataError::BadMagic { found: [0, 1], .. })
+        ));
+        assert!(matches!(
+            parse_header(&[0, 0, 8, 2, 0, 0, 0], p),
+            Err(DataError::Truncated {
+                expected: 12,
+                actual: 7,
+                ..
+            })
+        ));
+        let h = parse_header(&idx(&[2, 3], &[]), p).unwrap();
+        assert_eq!((h.dims, h.header_len, h.total_len), (vec![2, 3], 12, 18));
+    }
+
+    #[test]
+    fn gunzip_stops_at_the_claimed_length() {
+        use flate2::{write::GzEncoder, Compression};
+        use std::io::Write;
+        let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(&idx(&[4], &[1, 2, 3, 4])).unwrap();
+        enc.write_all(&[0u8; 100_000]).unwrap();
+        let gz = enc.finish().unwrap();
+        let out = gunzip(&gz, Path::new("g"), MAX_DECODED_BYTES).unwrap();
+        assert_eq!(out.len(), 8 + 4 + 1);
+    }
+
+    #[test]
+    fn gunzip_respects_the_limit() {
+        use flate2::{write::GzEncoder, Compression};
+        use std::io::Write;
+        let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(&idx(&[100], &[0; 100])).unwrap();
+        let gz = enc.finish().unwrap();
+        let err = gunzip(&gz, Path::new("g"), 50).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::TooLarge {
+                    size: 108,
+                    limit: 50,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(gunzip(&gz, Path::new("g"), 108).unwrap().len(), 108);
+    }
+}
