@@ -22,7 +22,10 @@ impl GradSums {
     /// Adds another worker's sums (in a fixed order for deterministic bits).
     /// Rejects a different channel count ([`Error::MergeMismatch`]).
     pub fn add(&mut self, other: &GradSums) -> Result<(), Error> {
-        if self.sum_dy.len() != other.sum_dy.len() {
+        if self.sum_dy.len() != other.sum_dy.len()
+            || self.sum_dy_xhat.len() != self.sum_dy.len()
+            || other.sum_dy_xhat.len() != other.sum_dy.len()
+        {
             return Err(Error::MergeMismatch {
                 left: self.sum_dy.len(),
                 right: other.sum_dy.len(),
@@ -43,14 +46,14 @@ impl GradSums {
         dbeta: Option<&mut [T]>,
     ) -> Result<(), Error> {
         let channels = self.sum_dy.len();
+        check_channels("sum_dy_xhat", channels, self.sum_dy_xhat.len())?;
+        check_param_grads(channels, dgamma.as_deref(), dbeta.as_deref())?;
         if let Some(dg) = dgamma {
-            check_channels("dgamma", channels, dg.len())?;
             dg.iter_mut()
                 .zip(&self.sum_dy_xhat)
                 .for_each(|(o, &v)| *o = T::from_f64(v));
         }
         if let Some(db) = dbeta {
-            check_channels("dbeta", channels, db.len())?;
             db.iter_mut().zip(&self.sum_dy).for_each(|(o, &v)| *o = T::from_f64(v));
         }
         Ok(())
@@ -134,6 +137,12 @@ pub fn grad_sums<T: Element>(
     let g = checked("x", x, shape, layout)?;
     check_len("dy", &g, dy.len())?;
     check_saved(saved, g.channels)?;
+    if saved.count < 2 {
+        return Err(Error::TooFewValues {
+            count: saved.count,
+            shape: shape.to_vec(),
+        });
+    }
     let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
     let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
     Ok(GradSums { sum_dy, sum_dy_xhat })

@@ -74,6 +74,7 @@ pub fn fold_into_preceding<T: Element>(
     bn: &InferenceAffine,
 ) -> Result<Vec<T>, Error> {
     let out = bn.channels();
+    check_channels("shift", out, bn.shift.len())?;
     if out == 0 || weight.is_empty() || !weight.len().is_multiple_of(out) {
         return Err(Error::BufferLength {
             name: "weight",

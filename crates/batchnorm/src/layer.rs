@@ -106,11 +106,16 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
         self.check_features(shape, layout)?;
+        if self.config.track_running_stats {
+            // Everything the running-statistics update could reject is checked before y is written.
+            self.config.momentum.check()?;
+            crate::shape::check_channels("running_mean", self.num_features, self.running_mean.len())?;
+            crate::shape::check_channels("running_var", self.num_features, self.running_var.len())?;
+        }
         let (gamma, beta) = self.gamma_beta();
         let (stats, saved) = batch_norm_train(x, shape, layout, gamma, beta, self.config.eps, y)?;
         if self.config.track_running_stats {
-            self.num_batches_tracked += 1;
-            let seen = self.num_batches_tracked;
+            let seen = self.num_batches_tracked + 1;
             update_running_stats(
                 &mut self.running_mean,
                 &mut self.running_var,
@@ -118,6 +123,7 @@ impl<T: Element> BatchNorm<T> {
                 self.config.momentum,
                 seen,
             )?;
+            self.num_batches_tracked = seen;
         }
         Ok(saved)
     }

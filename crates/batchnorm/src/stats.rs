@@ -24,6 +24,11 @@ impl BatchStats {
         self.mean.len()
     }
 
+    /// Checks that `mean` and `m2` agree in length (the fields are public).
+    fn check(&self) -> Result<(), Error> {
+        check_channels("m2", self.mean.len(), self.m2.len())
+    }
+
     /// Biased variance σ²_B = M2 / m (Algorithm 1). NaN where `count` is 0.
     pub fn var_biased(&self) -> Vec<f64> {
         self.m2.iter().map(|&s| s / self.count as f64).collect()
@@ -50,6 +55,8 @@ impl BatchStats {
     /// assert!((all.mean[0] - direct.mean[0]).abs() < 1e-12 && (all.m2[1] - direct.m2[1]).abs() < 1e-12);
     /// ```
     pub fn merge(&mut self, other: &BatchStats) -> Result<(), Error> {
+        self.check()?;
+        other.check()?;
         if self.channels() != other.channels() {
             return Err(Error::MergeMismatch {
                 left: self.channels(),
@@ -153,6 +160,7 @@ pub fn update_running_stats<T: Element>(
     momentum: Momentum,
     batches_seen: u64,
 ) -> Result<(), Error> {
+    batch.check()?;
     check_channels("running_mean", batch.channels(), running_mean.len())?;
     check_channels("running_var", batch.channels(), running_var.len())?;
     momentum.check()?;
@@ -169,8 +177,9 @@ pub fn update_running_stats<T: Element>(
     let var = batch.var_unbiased();
     for c in 0..batch.channels() {
         let (rm, rv) = (running_mean[c].to_f64(), running_var[c].to_f64());
-        running_mean[c] = T::from_f64(rm + w * (batch.mean[c] - rm));
-        running_var[c] = T::from_f64(rv + w * (var[c] - rv));
+        // (1 − w)·r + w·b: exact for w = 1 (the first cumulative batch, or momentum 1).
+        running_mean[c] = T::from_f64((1.0 - w) * rm + w * batch.mean[c]);
+        running_var[c] = T::from_f64((1.0 - w) * rv + w * var[c]);
     }
     Ok(())
 }
@@ -215,6 +224,7 @@ impl PopulationStats {
     /// Adds one mini-batch's statistics. Rejects a channel-count mismatch and a batch with
     /// fewer than 2 values per channel.
     pub fn observe(&mut self, batch: &BatchStats) -> Result<(), Error> {
+        batch.check()?;
         check_channels("batch", self.mean.len(), batch.channels())?;
         if batch.count < 2 {
             return Err(Error::TooFewValues {
@@ -225,8 +235,8 @@ impl PopulationStats {
         self.batches += 1;
         let w = 1.0 / self.batches as f64;
         for (c, v) in batch.var_unbiased().into_iter().enumerate() {
-            self.mean[c] += w * (batch.mean[c] - self.mean[c]);
-            self.var[c] += w * (v - self.var[c]);
+            self.mean[c] = (1.0 - w) * self.mean[c] + w * batch.mean[c];
+            self.var[c] = (1.0 - w) * self.var[c] + w * v;
         }
         Ok(())
     }

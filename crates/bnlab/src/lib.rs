@@ -10,5 +10,6 @@
 //! - [`report`]: plots (SVG/PNG) and the self-contained HTML page.
 //! - [`bench`]: the kernel benchmark behind `bnlab bench`.
 
+pub mod bench;
 pub mod data;
 pub mod report;

@@ -382,6 +382,11 @@ fn to_usize(n: u32) -> usize {
 /// This never panics, whatever `bytes` holds, and never allocates more than the input (or its
 /// decompressed form, capped at [`MAX_DECODED_BYTES`]) justifies.
 ///
+/// # Errors
+/// [`DataError::BadMagic`], [`DataError::UnsupportedType`], [`DataError::BadDims`],
+/// [`DataError::Truncated`], [`DataError::TrailingBytes`], and for gzip input
+/// [`DataError::Gzip`] or [`DataError::TooLarge`].
+///
 /// ```
 /// use bnlab::data::idx::parse_images;
 /// use std::path::Path;
@@ -419,6 +424,9 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<Images, DataError> {
 ///
 /// `path` only labels errors. Labels above [`MAX_LABEL`] (254) are rejected; the number of
 /// classes is the largest label plus one. Never panics, whatever `bytes` holds.
+///
+/// # Errors
+/// As [`parse_images`] (with labels 1-D), plus [`DataError::BadLabel`].
 ///
 /// ```
 /// use bnlab::data::idx::parse_labels;

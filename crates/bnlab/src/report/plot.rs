@@ -119,8 +119,7 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
 ];
-const GRID_LIGHT: RGBColor = RGBColor(238, 238, 238);
-const GRID_BOLD: RGBColor = RGBColor(215, 215, 215);
+const GRID: RGBColor = RGBColor(225, 225, 225);
 const AXIS: RGBColor = RGBColor(40, 40, 40);
 
 fn font(px: f64) -> TextStyle<'static> {
@@ -443,8 +442,8 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
             .y_label_formatter(&y_fmt)
             .label_style(font(TICK_PX))
             .axis_desc_style(font(AXIS_DESC_PX))
-            .light_line_style(GRID_LIGHT)
-            .bold_line_style(GRID_BOLD)
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(GRID)
             .axis_style(AXIS)
             .draw()
             .map_err(&err)?;
@@ -480,7 +479,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
                 .configure_series_labels()
                 .position(position)
                 .background_style(WHITE.mix(0.9))
-                .border_style(GRID_BOLD)
+                .border_style(GRID)
                 .label_font(font(LEGEND_PX))
                 .draw()
                 .map_err(&err)?;
@@ -491,7 +490,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
 }
 
 /// The area under a title (the whole area for an empty title).
-fn titled<'a, DB: DrawingBackend>(
+fn titled<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
 ) -> Result<DrawingArea<DB, Shift>, DrawingAreaErrorKind<DB::ErrorType>> {
@@ -604,8 +603,8 @@ pub fn band_panels_svg(plot: &BandPanels) -> Result<String, ReportError> {
                 .y_label_formatter(&y_fmt)
                 .label_style(font(TICK_PX))
                 .axis_desc_style(font(AXIS_DESC_PX))
-                .light_line_style(GRID_LIGHT)
-                .bold_line_style(GRID_BOLD)
+                .light_line_style(TRANSPARENT)
+                .bold_line_style(GRID)
                 .axis_style(AXIS)
                 .draw()
                 .map_err(&err)?;
@@ -731,7 +730,9 @@ mod tests {
             ),
             Series::new(
                 "BN <fast> & \"stable\"",
-                xs.iter().map(|&x| (x * 250.0, 0.98 - 0.5 * (-x / 10.0).exp())).collect(),
+                xs.iter()
+                    .map(|&x| (x * 250.0, 0.98 - 0.5 * (-x / 10.0).exp()))
+                    .collect(),
             ),
         ]
     }
@@ -810,7 +811,10 @@ mod tests {
             (vec![Series::new("empty", vec![])], None),
             (vec![Series::new("one", vec![(3.0, 4.0)])], None),
             (vec![Series::new("zero", vec![(0.0, 0.0)])], None),
-            (vec![Series::new("flat", vec![(0.0, 2.0), (1.0, 2.0), (2.0, 2.0)])], None),
+            (
+                vec![Series::new("flat", vec![(0.0, 2.0), (1.0, 2.0), (2.0, 2.0)])],
+                None,
+            ),
             (vec![Series::new("vertical", vec![(1.0, 0.0), (1.0, 5.0)])], None),
             (
                 vec![Series::new(
@@ -838,8 +842,7 @@ mod tests {
             (vec![Series::new("", vec![(0.0, 1.0), (1.0, 0.0)])], None),
         ];
         for (series, y_range) in &cases {
-            let svg = line_plot_svg(&line(series, *y_range))
-                .unwrap_or_else(|e| panic!("{series:?} {y_range:?}: {e}"));
+            let svg = line_plot_svg(&line(series, *y_range)).unwrap_or_else(|e| panic!("{series:?} {y_range:?}: {e}"));
             assert_valid_svg(&svg);
         }
         let svg = line_plot_svg(&line(&cases[0].0, None)).unwrap();
@@ -945,10 +948,7 @@ mod tests {
         assert!(!crowded);
         assert!(matches!(pos, SeriesLabelPosition::UpperLeft));
         // Lines through every corner: crowded.
-        let lines = vec![
-            vec![(0.0, 0.0), (1.0, 1.0)],
-            vec![(0.0, 1.0), (1.0, 0.0)],
-        ];
+        let lines = vec![vec![(0.0, 0.0), (1.0, 1.0)], vec![(0.0, 1.0), (1.0, 0.0)]];
         let (_, crowded) = place_legend(&lines, (0.0, 1.0), (0.0, 1.0), (0.3, 0.2));
         assert!(crowded);
     }

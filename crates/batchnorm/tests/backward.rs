@@ -1,0 +1,448 @@
+//! Backward transforms: against the f64 reference (the paper's chain rule term by term, Section 3)
+//! over random shapes and layouts, against central finite differences of the kernels' own
+//! forward, and the split phases (`grad_sums` + `input_grad`). Tolerances: see `common/mod.rs`
+//! and the finite-difference section below.
+
+// Index loops over (element, channel) mirror the paper's formulas.
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use batchnorm::{
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, grad_sums, input_grad, reference,
+    BatchNorm, BatchNormConfig, Layout,
+};
+use common::*;
+use proptest::prelude::*;
+
+/// Training backward (Section 3): ∂ℓ/∂x̂ᵢ = ∂ℓ/∂yᵢ·γ; ∂ℓ/∂σ²_B = Σ∂ℓ/∂x̂ᵢ(xᵢ − μ_B)(−½)(σ²_B + ε)^(−3/2);
+/// ∂ℓ/∂μ_B = Σ∂ℓ/∂x̂ᵢ(−1/√(σ²_B + ε)) + ∂ℓ/∂σ²_B·Σ−2(xᵢ − μ_B)/m;
+/// ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ/√(σ²_B + ε) + ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m + ∂ℓ/∂μ_B/m; ∂ℓ/∂γ = Σ∂ℓ/∂yᵢ·x̂ᵢ; ∂ℓ/∂β = Σ∂ℓ/∂yᵢ.
+/// Also: skipping dx gives the same dγ, dβ bits; skipping dγ/dβ gives the same dx bits; the
+/// split phases with one shard give the same bits; the layer gives the same bits.
+fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+    let d = Data::new::<T>(layout, shape, seed);
+    let (gamma, beta) = d.affine(affine);
+    let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
+    let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
+    let n = x.len();
+    let c = d.g.channels;
+    let mut y = vec![T::from_f64(0.0); n];
+    let (_, saved) = batch_norm_train(&x, shape, layout, opt(&gt, affine), opt(&bt, affine), eps, &mut y).unwrap();
+
+    let nan = T::from_f64(f64::NAN);
+    let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
+    batch_norm_backward(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &saved,
+        opt(&gt, affine),
+        Some(&mut dx),
+        Some(&mut dg),
+        Some(&mut db),
+    )
+    .unwrap();
+
+    let (rdx, rdg, rdb) = reference::backward_train(&d.g, &d.x, &d.dy, &gamma, eps);
+    let (sdx, sdg, sdb) = backward_scales(&d, &d.dy, &gamma, eps);
+    let rel = reduce_rel(d.g.per_channel());
+    let what = format!("{layout} {shape:?} affine={affine} eps={eps}");
+    assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, rel);
+    assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
+    assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
+
+    // dx skipped: one pass, same sums.
+    let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
+    batch_norm_backward(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &saved,
+        opt(&gt, affine),
+        None,
+        Some(&mut dg2),
+        Some(&mut db2),
+    )
+    .unwrap();
+    assert_bits(&format!("{what} dgamma without dx"), &dg2, &dg);
+    assert_bits(&format!("{what} dbeta without dx"), &db2, &db);
+    // Only one of dγ/dβ.
+    let mut db3 = vec![nan; c];
+    batch_norm_backward(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &saved,
+        opt(&gt, affine),
+        None,
+        None,
+        Some(&mut db3),
+    )
+    .unwrap();
+    assert_bits(&format!("{what} dbeta alone"), &db3, &db);
+    // dγ, dβ skipped.
+    let mut dx2 = vec![nan; n];
+    batch_norm_backward(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &saved,
+        opt(&gt, affine),
+        Some(&mut dx2),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_bits(&format!("{what} dx without dgamma/dbeta"), &dx2, &dx);
+
+    // Split phases, one worker: same bits as the fused function.
+    let sums = grad_sums(&x, &dy, shape, layout, &saved).unwrap();
+    let mut dx3 = vec![nan; n];
+    input_grad(&x, &dy, shape, layout, &saved, &sums, opt(&gt, affine), &mut dx3).unwrap();
+    assert_bits(&format!("{what} input_grad"), &dx3, &dx);
+    let (mut dg4, mut db4) = (vec![nan; c], vec![nan; c]);
+    sums.write_param_grads(Some(&mut dg4), Some(&mut db4)).unwrap();
+    assert_bits(&format!("{what} grad_sums dgamma"), &dg4, &dg);
+    assert_bits(&format!("{what} grad_sums dbeta"), &db4, &db);
+
+    // The layer (γ from the layer; parameter gradients only with affine).
+    let config = BatchNormConfig {
+        eps,
+        affine,
+        ..BatchNormConfig::default()
+    };
+    let mut bn = BatchNorm::<T>::new(c, config).unwrap();
+    if affine {
+        bn.gamma = gt.clone();
+        bn.beta = bt.clone();
+    }
+    let (mut dx5, mut dg5, mut db5) = (vec![nan; n], vec![nan; c], vec![nan; c]);
+    bn.backward(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &saved,
+        Some(&mut dx5),
+        Some((&mut dg5, &mut db5)),
+    )
+    .unwrap();
+    assert_bits(&format!("{what} layer dx"), &dx5, &dx);
+    if affine {
+        assert_bits(&format!("{what} layer dgamma"), &dg5, &dg);
+        assert_bits(&format!("{what} layer dbeta"), &db5, &db);
+    } else {
+        assert!(
+            dg5.iter().chain(&db5).all(|v| v.to_f64().is_nan()),
+            "no parameter gradients without affine"
+        );
+    }
+}
+
+/// Inference-mode backward (statistics are constants): ∂ℓ/∂xᵢ = ∂ℓ/∂yᵢ·γ/√(Var + ε),
+/// ∂ℓ/∂γ = Σ∂ℓ/∂yᵢ·x̂ᵢ, ∂ℓ/∂β = Σ∂ℓ/∂yᵢ with x̂ from the given statistics.
+fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+    let d = Data::new::<T>(layout, shape, seed);
+    let (gamma, _) = d.affine(affine);
+    let gt = narrow::<T>(&gamma);
+    let (x, dy, mean, var) = (
+        narrow::<T>(&d.x),
+        narrow::<T>(&d.dy),
+        narrow::<T>(&d.mean),
+        narrow::<T>(&d.var),
+    );
+    let (n, c) = (x.len(), d.g.channels);
+    let nan = T::from_f64(f64::NAN);
+    let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
+    batch_norm_backward_eval(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &mean,
+        &var,
+        eps,
+        opt(&gt, affine),
+        Some(&mut dx),
+        Some(&mut dg),
+        Some(&mut db),
+    )
+    .unwrap();
+    let (rdx, rdg, rdb) = reference::backward_eval(&d.g, &d.x, &d.dy, &d.mean, &d.var, &gamma, eps);
+    let s: Vec<f64> = d.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let sdx: Vec<f64> = (0..n)
+        .map(|k| (d.dy[k] * gamma[channel_of(&d.g, k)]).abs() * s[channel_of(&d.g, k)])
+        .collect();
+    let sdg = eval_dgamma_scale(&d, &d.dy, eps);
+    let mut sdb = vec![0.0; c];
+    for k in 0..n {
+        sdb[channel_of(&d.g, k)] += d.dy[k].abs();
+    }
+    let what = format!("eval {layout} {shape:?} affine={affine}");
+    let rel = reduce_rel(d.g.per_channel());
+    assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, ELEMENTWISE_REL);
+    assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
+    assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
+
+    let mut dx2 = vec![nan; n];
+    batch_norm_backward_eval(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &mean,
+        &var,
+        eps,
+        opt(&gt, affine),
+        Some(&mut dx2),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_bits(&format!("{what} dx alone"), &dx2, &dx);
+    let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
+    batch_norm_backward_eval(
+        &x,
+        &dy,
+        shape,
+        layout,
+        &mean,
+        &var,
+        eps,
+        opt(&gt, affine),
+        None,
+        Some(&mut dg2),
+        Some(&mut db2),
+    )
+    .unwrap();
+    assert_bits(&format!("{what} dgamma alone"), &dg2, &dg);
+    assert_bits(&format!("{what} dbeta alone"), &db2, &db);
+
+    // The layer's inference backward uses its running statistics.
+    let config = BatchNormConfig {
+        eps,
+        affine,
+        ..BatchNormConfig::default()
+    };
+    let mut bn = BatchNorm::<T>::new(c, config).unwrap();
+    bn.running_mean = mean.clone();
+    bn.running_var = var.clone();
+    if affine {
+        bn.gamma = gt.clone();
+    }
+    let (mut dx3, mut dg3, mut db3) = (vec![nan; n], vec![nan; c], vec![nan; c]);
+    bn.backward_eval(&x, &dy, shape, layout, Some(&mut dx3), Some((&mut dg3, &mut db3)))
+        .unwrap();
+    assert_bits(&format!("{what} layer dx"), &dx3, &dx);
+    if affine {
+        assert_bits(&format!("{what} layer dgamma"), &dg3, &dg);
+        assert_bits(&format!("{what} layer dbeta"), &db3, &db);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn backward_matches_reference_f64((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
+        check_backward::<f64>(layout, &shape, seed, affine, eps);
+    }
+
+    #[test]
+    fn backward_matches_reference_f32((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
+        check_backward::<f32>(layout, &shape, seed, affine, eps);
+    }
+
+    #[test]
+    fn backward_eval_matches_reference((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
+        check_backward_eval::<f64>(layout, &shape, seed, affine, eps);
+        check_backward_eval::<f32>(layout, &shape, seed, affine, eps);
+    }
+}
+
+/// Both backward transforms on shapes that exercise every internal chunking path.
+#[test]
+fn backward_on_chunking_shapes() {
+    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
+        let seed = 2000 + i as u64;
+        check_backward::<f64>(layout, &shape, seed, true, 1e-5);
+        check_backward::<f32>(layout, &shape, seed, false, 1e-5);
+        check_backward_eval::<f32>(layout, &shape, seed, true, 1e-5);
+        check_backward_eval::<f64>(layout, &shape, seed, false, 1e-3);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Central finite differences (f64).
+//
+// ℓ = Σ wₖ·yₖ with random w (so dy = w), y from the kernels' own forward. Each input is
+// perturbed by ±h with h = 1e-6 and (ℓ(+h) − ℓ(−h))/2h compared with the analytic gradient.
+// Error of the estimate: truncation h²/6·|ℓ'''| ≈ 1e-12·O(1) (data have σ ∈ [0.5, 2], ε = 1e-5,
+// so the derivatives of x̂ are O(1)), plus round-off ≈ u·Σ|wₖyₖ|/h ≤ 1.1e-16·200/1e-6 ≈ 2e-8 for
+// the ≤ 60 elements used here. Tolerance 1e-6·(1 + |analytic|) leaves a margin of 50 over that,
+// while the smallest term of the chain rule that a bug could drop (∂ℓ/∂μ_B/m or
+// ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m, O(1/m) ≥ 1/60) is 4 orders of magnitude larger.
+// ---------------------------------------------------------------------------------------------
+
+const H: f64 = 1e-6;
+const FD_TOL: f64 = 1e-6;
+
+fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (Layout::NC, vec![6, 3]),
+        (Layout::NCHW, vec![3, 2, 2, 3]),
+        (Layout::NHWC, vec![3, 2, 3, 2]),
+        (Layout::ChannelsFirst, vec![4, 3, 5]),
+        (Layout::ChannelsLast, vec![4, 5, 3]),
+        // ≥ 16 channels (fused per-channel path) and an NC batch of 2.
+        (Layout::NCHW, vec![2, 16, 1, 2]),
+        (Layout::NC, vec![2, 4]),
+    ]
+}
+
+#[track_caller]
+fn assert_fd(what: &str, analytic: f64, numeric: f64) {
+    let t = FD_TOL * (1.0 + analytic.abs());
+    assert!(
+        (analytic - numeric).abs() <= t,
+        "{what}: analytic {analytic:e}, finite difference {numeric:e}, |diff| {:e} > {t:e}",
+        (analytic - numeric).abs()
+    );
+}
+
+fn loss(w: &[f64], y: &[f64]) -> f64 {
+    w.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// Training backward (Section 3's chain rule) against ∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β by central differences
+/// of Algorithm 1's forward.
+#[test]
+fn train_backward_matches_finite_differences() {
+    let eps = 1e-5;
+    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
+        for affine in [true, false] {
+            let d = Data::new::<f64>(layout, &shape, 300 + i as u64);
+            let (gamma, beta) = d.affine(affine);
+            let w = d.dy.clone();
+            let n = d.x.len();
+            let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+                let mut y = vec![0.0; n];
+                batch_norm_train(x, &shape, layout, opt(g, affine), opt(b, affine), eps, &mut y).unwrap();
+                loss(&w, &y)
+            };
+            let mut y = vec![0.0; n];
+            let (_, saved) = batch_norm_train(
+                &d.x,
+                &shape,
+                layout,
+                opt(&gamma, affine),
+                opt(&beta, affine),
+                eps,
+                &mut y,
+            )
+            .unwrap();
+            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; d.g.channels], vec![0.0; d.g.channels]);
+            batch_norm_backward(
+                &d.x,
+                &w,
+                &shape,
+                layout,
+                &saved,
+                opt(&gamma, affine),
+                Some(&mut dx),
+                Some(&mut dg),
+                Some(&mut db),
+            )
+            .unwrap();
+            let what = format!("{layout} {shape:?} affine={affine}");
+            for k in 0..n {
+                let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
+                xp[k] += H;
+                xm[k] -= H;
+                let fd = (forward(&xp, &gamma, &beta) - forward(&xm, &gamma, &beta)) / (2.0 * H);
+                assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
+            }
+            for c in 0..d.g.channels {
+                // γ and β enter linearly; the finite difference is taken with affine on, around
+                // the same γ, β the forward used (1 and 0 without affine).
+                let perturbed = |v: &[f64], delta: f64| {
+                    let mut p = v.to_vec();
+                    p[c] += delta;
+                    p
+                };
+                let fwd_affine = |g: &[f64], b: &[f64]| {
+                    let mut y = vec![0.0; n];
+                    batch_norm_train(&d.x, &shape, layout, Some(g), Some(b), eps, &mut y).unwrap();
+                    loss(&w, &y)
+                };
+                let fd_g =
+                    (fwd_affine(&perturbed(&gamma, H), &beta) - fwd_affine(&perturbed(&gamma, -H), &beta)) / (2.0 * H);
+                let fd_b =
+                    (fwd_affine(&gamma, &perturbed(&beta, H)) - fwd_affine(&gamma, &perturbed(&beta, -H))) / (2.0 * H);
+                assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
+                assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
+            }
+        }
+    }
+}
+
+/// Inference-mode backward against central differences of the inference transform (statistics
+/// held fixed).
+#[test]
+fn eval_backward_matches_finite_differences() {
+    let eps = 1e-5;
+    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
+        for affine in [true, false] {
+            let d = Data::new::<f64>(layout, &shape, 400 + i as u64);
+            let (gamma, beta) = d.affine(affine);
+            let w = d.dy.clone();
+            let n = d.x.len();
+            let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+                let mut y = vec![0.0; n];
+                batch_norm_eval(x, &shape, layout, &d.mean, &d.var, Some(g), Some(b), eps, &mut y).unwrap();
+                loss(&w, &y)
+            };
+            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; d.g.channels], vec![0.0; d.g.channels]);
+            batch_norm_backward_eval(
+                &d.x,
+                &w,
+                &shape,
+                layout,
+                &d.mean,
+                &d.var,
+                eps,
+                opt(&gamma, affine),
+                Some(&mut dx),
+                Some(&mut dg),
+                Some(&mut db),
+            )
+            .unwrap();
+            let what = format!("eval {layout} {shape:?} affine={affine}");
+            for k in 0..n {
+                let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
+                xp[k] += H;
+                xm[k] -= H;
+                let fd = (forward(&xp, &gamma, &beta) - forward(&xm, &gamma, &beta)) / (2.0 * H);
+                assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
+            }
+            for c in 0..d.g.channels {
+                let perturbed = |v: &[f64], delta: f64| {
+                    let mut p = v.to_vec();
+                    p[c] += delta;
+                    p
+                };
+                let fd_g = (forward(&d.x, &perturbed(&gamma, H), &beta) - forward(&d.x, &perturbed(&gamma, -H), &beta))
+                    / (2.0 * H);
+                let fd_b = (forward(&d.x, &gamma, &perturbed(&beta, H)) - forward(&d.x, &gamma, &perturbed(&beta, -H)))
+                    / (2.0 * H);
+                assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
+                assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Shared helpers of the batch-norm integration tests: random data, shape strategies, the f64
+//! reference on any element type, and tolerance checks.
+//!
+//! # Tolerances (used by every test file)
+//!
+//! Let u = 2⁻⁵³ (f64 unit roundoff). A kernel output of element type `T` is compared with the
+//! f64 reference (computed from the *same* values widened to f64) as
+//!
+//! |out − ref| ≤ 2·ε_T·|ref| + rel·scale + tiny_T
+//!
+//! - `2·ε_T·|ref|`: the kernels compute in f64 and round once to `T`; rounding costs ≤ ½ ulp and
+//!   the f64 error underneath can push the result across one rounding boundary, so ≤ 1 ulp(T) ≤
+//!   ε_T·|ref|; doubled for margin. For f32 this is the dominant term (≈ 2.4e-7 relative).
+//! - `rel·scale`: the f64 error of the computation itself, relative to `scale`, the magnitude of
+//!   the terms that produce the value (not the value, which may cancel to ~0).
+//!   * element-wise maps (inference forward/backward, normalize with given statistics, folding):
+//!     a handful of roundings → [`ELEMENTWISE_REL`] = 1e-14 (≈ 90 u).
+//!   * anything behind a per-channel sum over m values (statistics, training y, dx, dγ, dβ):
+//!     the reference sums naively, whose error is bounded by (m − 1)·u·Σ|terms| (Higham), and
+//!     that error flows through O(1) factors into the outputs → [`reduce_rel`]`(m)` = 4·(m + 16)·u
+//!     (8.9e-15 for m = 4, 2e-11 for the largest m = 9·10⁴ used here). A formula bug (e.g. m
+//!     instead of m − 1, a missing term) is orders of magnitude larger.
+//! - `tiny_T`: the smallest normal number of `T`, for results that underflow.
+#![allow(dead_code)]
+
+use batchnorm::{reference, Element, Geometry, Layout};
+use proptest::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+/// f64 unit roundoff.
+pub const U: f64 = f64::EPSILON / 2.0;
+
+/// Relative tolerance of element-wise maps (see the module docs).
+pub const ELEMENTWISE_REL: f64 = 1e-14;
+
+/// Relative tolerance of values behind a per-channel reduction over `m` values (see the module docs).
+pub fn reduce_rel(m: usize) -> f64 {
+    4.0 * (m as f64 + 16.0) * U
+}
+
+/// Element types under test, with their rounding constants.
+pub trait TestFloat: Element {
+    /// Machine epsilon of the storage type.
+    const EPS: f64;
+    /// Smallest positive normal value of the storage type.
+    const TINY: f64;
+}
+
+impl TestFloat for f32 {
+    const EPS: f64 = f32::EPSILON as f64;
+    const TINY: f64 = f32::MIN_POSITIVE as f64;
+}
+
+impl TestFloat for f64 {
+    const EPS: f64 = f64::EPSILON;
+    const TINY: f64 = f64::MIN_POSITIVE;
+}
+
+/// The tolerance of one output (see the module docs).
+pub fn tol<T: TestFloat>(reference: f64, scale: f64, rel: f64) -> f64 {
+    2.0 * T::EPS * reference.abs() + rel * scale + T::TINY
+}
+
+/// Asserts `|actual[k] − reference[k]| ≤ tol(reference[k], scale[k], rel)` for every k.
+#[track_caller]
+pub fn assert_close<T: TestFloat>(what: &str, actual: &[T], reference: &[f64], scale: &[f64], rel: f64) {
+    assert_eq!(actual.len(), reference.len(), "{what}: length");
+    assert_eq!(scale.len(), reference.len(), "{what}: scale length");
+    for (k, ((a, &r), &s)) in actual.iter().zip(reference).zip(scale).enumerate() {
+        let a = a.to_f64();
+        let t = tol::<T>(r, s, rel);
+        assert!(
+            (a - r).abs() <= t,
+            "{what}[{k}] ({}): got {a:e}, reference {r:e}, |diff| {:e} > tol {t:e} (scale {s:e}, rel {rel:e})",
+            T::NAME,
+            (a - r).abs()
+        );
+    }
+}
+
+/// Asserts two buffers hold the same bits.
+#[track_caller]
+pub fn assert_bits<T: Element>(what: &str, a: &[T], b: &[T]) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        let (x, y) = (x.to_f64(), y.to_f64());
+        assert!(
+            x.to_bits() == y.to_bits(),
+            "{what}[{k}] ({}): {x:e} vs {y:e} differ in bits",
+            T::NAME
+        );
+    }
+}
+
+/// Asserts two f64 vectors hold the same bits.
+#[track_caller]
+pub fn assert_bits64(what: &str, a: &[f64], b: &[f64]) {
+    assert_bits::<f64>(what, a, b);
+}
+
+/// Widens a buffer to f64.
+pub fn wide<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|a| a.to_f64()).collect()
+}
+
+/// Rounds an f64 buffer to `T`.
+pub fn narrow<T: Element>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&a| T::from_f64(a)).collect()
+}
+
+/// A seeded generator.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Standard normal samples.
+pub fn normals(r: &mut StdRng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| StandardNormal.sample(r)).collect()
+}
+
+/// Index of element (o, c, i) of a geometry (as documented on [`Geometry`]).
+pub fn at(g: &Geometry, o: usize, c: usize, i: usize) -> usize {
+    (o * g.channels + c) * g.inner + i
+}
+
+/// Channel of flat index `k`.
+pub fn channel_of(g: &Geometry, k: usize) -> usize {
+    (k / g.inner) % g.channels
+}
+
+/// Everything an op needs, as f64 values exactly representable in `T` (already rounded).
+#[derive(Debug, Clone)]
+pub struct Data {
+    pub g: Geometry,
+    /// Input, per channel N(μ_c, σ_c²) with μ_c ∈ [−3, 3], σ_c ∈ [0.5, 2].
+    pub x: Vec<f64>,
+    /// Upstream gradient, N(0, 1).
+    pub dy: Vec<f64>,
+    /// γ ∈ [−2, 2], β ∈ [−1, 1].
+    pub gamma: Vec<f64>,
+    pub beta: Vec<f64>,
+    /// Inference statistics: near the channel's mean and variance.
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+}
+
+impl Data {
+    /// Random data for `shape` in `layout`, every value rounded to `T` so that the f64 reference
+    /// sees exactly what the kernel sees.
+    pub fn new<T: Element>(layout: Layout, shape: &[usize], seed: u64) -> Data {
+        let g = layout.geometry(shape).expect("valid test shape");
+        let mut r = rng(seed);
+        let mu: Vec<f64> = (0..g.channels).map(|_| r.gen_range(-3.0..3.0)).collect();
+        let sd: Vec<f64> = (0..g.channels).map(|_| r.gen_range(0.5..2.0)).collect();
+        let z = normals(&mut r, g.len());
+        let x: Vec<f64> = z
+            .iter()
+            .enumerate()
+            .map(|(k, z)| {
+                let c = channel_of(&g, k);
+                mu[c] + sd[c] * z
+            })
+            .collect();
+        let dy = normals(&mut r, g.len());
+        let gamma = (0..g.channels).map(|_| r.gen_range(-2.0..2.0)).collect::<Vec<f64>>();
+        let beta = (0..g.channels).map(|_| r.gen_range(-1.0..1.0)).collect::<Vec<f64>>();
+        let mean = (0..g.channels)
+            .map(|c| mu[c] + 0.3 * r.gen_range(-1.0..1.0))
+            .collect::<Vec<f64>>();
+        let var = (0..g.channels)
+            .map(|c| sd[c] * sd[c] * r.gen_range(0.5..2.0))
+            .collect::<Vec<f64>>();
+        let round = |v: Vec<f64>| wide(&narrow::<T>(&v));
+        Data {
+            g,
+            x: round(x),
+            dy: round(dy),
+            gamma: round(gamma),
+            beta: round(beta),
+            mean: round(mean),
+            var: round(var),
+        }
+    }
+
+    /// γ = 1, β = 0 (what the kernels use without affine).
+    pub fn ones_zeros(&self) -> (Vec<f64>, Vec<f64>) {
+        (vec![1.0; self.g.channels], vec![0.0; self.g.channels])
+    }
+
+    /// γ, β as the reference sees them for `affine`.
+    pub fn affine(&self, affine: bool) -> (Vec<f64>, Vec<f64>) {
+        if affine {
+            (self.gamma.clone(), self.beta.clone())
+        } else {
+            self.ones_zeros()
+        }
+    }
+
+    /// Mean of |x| per channel (the scale of rounding errors in a channel mean).
+    pub fn mean_abs_x(&self) -> Vec<f64> {
+        (0..self.g.channels)
+            .map(|c| {
+                let v = reference::channel_values(&self.g, &self.x, c);
+                v.iter().map(|a| a.abs()).sum::<f64>() / v.len() as f64
+            })
+            .collect()
+    }
+}
+
+/// `Some(slice)` or `None`.
+pub fn opt<T>(v: &[T], on: bool) -> Option<&[T]> {
+    on.then_some(v)
+}
+
+/// Per-element scale of the training forward y = γ·x̂ + β (see module docs): the terms
+/// |γ|·|x̂| and |β|, plus |γ|·inv_std·mean|x| for the rounding error of the channel mean, plus
+/// |γ| for the relative error of the variance.
+pub fn train_y_scale(d: &Data, gamma: &[f64], beta: &[f64], mean: &[f64], var: &[f64], eps: f64) -> Vec<f64> {
+    let mabs = d.mean_abs_x();
+    (0..d.x.len())
+        .map(|k| {
+            let c = channel_of(&d.g, k);
+            let s = 1.0 / (var[c] + eps).sqrt();
+            gamma[c].abs() * ((d.x[k] - mean[c]).abs() * s + 1.0 + s * mabs[c]) + beta[c].abs()
+        })
+        .collect()
+}
+
+/// Per-element scale of the inference forward: |γ|·(|x| + |mean|)·inv_std + |β|.
+pub fn eval_y_scale(d: &Data, gamma: &[f64], beta: &[f64], eps: f64) -> Vec<f64> {
+    (0..d.x.len())
+        .map(|k| {
+            let c = channel_of(&d.g, k);
+            let s = 1.0 / (d.var[c] + eps).sqrt();
+            gamma[c].abs() * (d.x[k].abs() + d.mean[c].abs()) * s + beta[c].abs()
+        })
+        .collect()
+}
+
+/// Scales of the training backward (see module docs) for data `d` with upstream gradient `dy`:
+/// per element for dx, |γ|·inv_std·(|dy| + (1 + |x̂| + inv_std·mean|x|)·(Σ|dy| + Σ|dy·x̂|)/m)
+/// (the three terms of the paper's ∂ℓ/∂x, with the error of x̂ through the rounding of μ_B,
+/// ≈ u·mean|x|·inv_std, and of σ²_B); per channel for dγ, Σ|dy|·(|x̂| + 1 + inv_std·mean|x|);
+/// for dβ, Σ|dy|.
+pub fn backward_scales(d: &Data, dy: &[f64], gamma: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, var) = reference::mean_var(&d.g, &d.x);
+    let mabs = d.mean_abs_x();
+    let m = d.g.per_channel() as f64;
+    let c_of = |k| channel_of(&d.g, k);
+    let s: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let xhat: Vec<f64> = (0..d.x.len()).map(|k| (d.x[k] - mean[c_of(k)]) * s[c_of(k)]).collect();
+    let mut sum_dy = vec![0.0; d.g.channels];
+    let mut sum_dyx = vec![0.0; d.g.channels];
+    let mut dgamma = vec![0.0; d.g.channels];
+    for k in 0..d.x.len() {
+        let c = c_of(k);
+        sum_dy[c] += dy[k].abs();
+        sum_dyx[c] += (dy[k] * xhat[k]).abs();
+        dgamma[c] += dy[k].abs() * (xhat[k].abs() + 1.0 + s[c] * mabs[c]);
+    }
+    let dx = (0..d.x.len())
+        .map(|k| {
+            let c = c_of(k);
+            let xhat_err = 1.0 + xhat[k].abs() + s[c] * mabs[c];
+            gamma[c].abs() * s[c] * (dy[k].abs() + xhat_err * (sum_dy[c] + sum_dyx[c]) / m)
+        })
+        .collect();
+    (dx, dgamma, sum_dy)
+}
+
+/// Values of channel `c` of a `T` buffer, widened.
+pub fn channel<T: Element>(g: &Geometry, v: &[T], c: usize) -> Vec<f64> {
+    reference::channel_values(g, &wide(v), c)
+}
+
+/// A layout and a shape with at least 2 values per channel and at most `max_len` elements:
+/// NC; NCHW; NHWC; channels-first and channels-last of rank 2..=5.
+pub fn layout_shape(max_len: usize) -> impl Strategy<Value = (Layout, Vec<usize>)> {
+    prop_oneof![
+        (2usize..400, 1usize..40).prop_map(|(n, c)| (Layout::NC, vec![n, c])),
+        (1usize..7, 1usize..24, 1usize..14, 1usize..14).prop_map(|(n, c, h, w)| (Layout::NCHW, vec![n, c, h, w])),
+        (1usize..7, 1usize..14, 1usize..14, 1usize..24).prop_map(|(n, h, w, c)| (Layout::NHWC, vec![n, h, w, c])),
+        (1usize..7, 1usize..24, prop::collection::vec(1usize..12, 0..=3)).prop_map(|(n, c, rest)| {
+            let mut s = vec![n, c];
+            s.extend(rest);
+            (Layout::ChannelsFirst, s)
+        }),
+        (1usize..7, prop::collection::vec(1usize..12, 0..=3), 1usize..24).prop_map(|(n, mid, c)| {
+            let mut s = vec![n];
+            s.extend(mid);
+            s.push(c);
+            (Layout::ChannelsLast, s)
+        }),
+    ]
+    .prop_filter("at least 2 values per channel, small", move |(l, s)| {
+        let g = l.geometry(s).unwrap();
+        g.per_channel() >= 2 && g.len() <= max_len
+    })
+}
+
+/// ε values the property tests draw from.
+pub fn eps_strategy() -> impl Strategy<Value = f64> {
+    prop_oneof![Just(1e-5), Just(1e-3), Just(0.1), Just(1e-12)]
+}
+
+/// Fixed shapes that exercise the kernels' internal chunking (pieces of 8192 elements, blocks of
+/// planes below 16 channels, fused per-channel passes from 16 channels, row tasks of 2¹⁸
+/// elements, in-cache row blocks of 8192 elements, odd sizes, serial and parallel sizes).
+pub fn chunking_shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        // channels-first plane of 10000 > 8192 elements, 3 < 16 channels: blocks of planes, parallel.
+        (Layout::NCHW, vec![2, 3, 100, 100]),
+        // plane one element longer than a piece, 2 channels.
+        (Layout::ChannelsFirst, vec![3, 2, 8193]),
+        // odd sizes, few channels.
+        (Layout::NCHW, vec![5, 7, 9, 11]),
+        // ≥ 16 channels: fused per-channel passes (serial, then parallel).
+        (Layout::NCHW, vec![3, 17, 13, 7]),
+        (Layout::NCHW, vec![4, 32, 20, 20]),
+        // few channels, many planes: 4 blocks of 16 planes per channel.
+        (Layout::NCHW, vec![64, 4, 8, 8]),
+        // rows: 5000 > 262144/64 rows, two tasks.
+        (Layout::NC, vec![5000, 64]),
+        // rows: several in-cache blocks of 2730 rows in one task.
+        (Layout::NHWC, vec![8, 40, 40, 3]),
+        // rows: 90000 > 262144/3 rows, two tasks.
+        (Layout::NHWC, vec![4, 150, 150, 3]),
+        // one channel, more rows than one in-cache block.
+        (Layout::NC, vec![9001, 1]),
+        // wide rows.
+        (Layout::NC, vec![3, 300]),
+        // higher and lower ranks.
+        (Layout::ChannelsLast, vec![3, 7, 11, 13, 5]),
+        (Layout::ChannelsFirst, vec![2, 3, 4, 5, 6]),
+        (Layout::ChannelsFirst, vec![37, 5]),
+        (Layout::ChannelsLast, vec![37, 5]),
+        (Layout::ChannelsFirst, vec![2, 19, 1001]),
+        // channels-first above one element-wise task (2¹⁸ elements): planes split over 2 tasks,
+        // few channels (blocked statistics) and ≥ 16 channels (fused).
+        (Layout::NCHW, vec![4, 5, 120, 120]),
+        (Layout::NCHW, vec![2, 16, 90, 100]),
+        // one plane longer than a task.
+        (Layout::ChannelsFirst, vec![2, 1, 300_000]),
+    ]
+}
+
+/// Proptest configuration of the suite: few cases, each on up to ~20k elements.
+pub fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Logical NCHW index → NHWC flat buffer transpose.
+pub fn nchw_to_nhwc<T: Copy>(x: &[T], shape: [usize; 4]) -> Vec<T> {
+    let [n, c, h, w] = shape;
+    let mut out = Vec::with_capacity(x.len());
+    for ni in 0..n {
+        for hi in 0..h {
+            for wi in 0..w {
+                for ci in 0..c {
+                    out.push(x[((ni * c + ci) * h + hi) * w + wi]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per-channel scale of the inference-mode dγ = Σ dy·(x − mean)·inv_std: Σ|dy|·(|x| + |mean|)·inv_std.
+pub fn eval_dgamma_scale(d: &Data, dy: &[f64], eps: f64) -> Vec<f64> {
+    let mut out = vec![0.0; d.g.channels];
+    for k in 0..d.x.len() {
+        let c = channel_of(&d.g, k);
+        out[c] += (dy[k] * (d.x[k].abs() + d.mean[c].abs())).abs() / (d.var[c] + eps).sqrt();
+    }
+    out
+}

@@ -1,0 +1,164 @@
+//! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
+//! memory copy measured in the same run (the bandwidth ceiling).
+
+use batchnorm::{BatchNorm, BatchNormConfig, Layout};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// One benchmark case: a layout and the logical shape `[N, C, …]` (for NHWC: `[N, C, H, W]` too,
+/// stored channels-last).
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Storage layout.
+    pub layout: Layout,
+    /// Logical shape, channels second.
+    pub shape: Vec<usize>,
+}
+
+/// The cases of the kernel issue, in order.
+pub fn default_cases() -> Vec<Case> {
+    let c = |layout, shape: &[usize]| Case {
+        layout,
+        shape: shape.to_vec(),
+    };
+    vec![
+        c(Layout::NC, &[60, 100]),
+        c(Layout::NC, &[256, 4096]),
+        c(Layout::NCHW, &[32, 64, 56, 56]),
+        c(Layout::NHWC, &[32, 64, 56, 56]),
+        c(Layout::NCHW, &[64, 256, 14, 14]),
+        c(Layout::NHWC, &[64, 256, 14, 14]),
+        c(Layout::NCHW, &[128, 64, 56, 56]),
+    ]
+}
+
+/// One line of `bnlab bench --json` after the first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// Layout name.
+    pub layout: String,
+    /// Logical shape.
+    pub shape: Vec<usize>,
+    /// `fwd_train`, `fwd_eval` or `backward`.
+    pub op: &'static str,
+    /// Median milliseconds per call.
+    pub ms: f64,
+}
+
+impl Record {
+    /// Effective bandwidth in GB/s counting `transfers` whole-tensor transfers of f32 (3 for
+    /// `fwd_train`, 2 for `fwd_eval`, 5 for `backward`).
+    pub fn gbps(&self) -> f64 {
+        let transfers = match self.op {
+            "fwd_train" => 3.0,
+            "fwd_eval" => 2.0,
+            _ => 5.0,
+        };
+        let bytes = self.shape.iter().product::<usize>() as f64 * 4.0 * transfers;
+        bytes / (self.ms * 1e-3) / 1e9
+    }
+}
+
+/// Median of the times of repeated calls of `f`: at least `min_reps` calls and `min_time` in all,
+/// after one warm-up call.
+pub fn median_ms(mut f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps || start.elapsed() < min_time {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if times.len() >= 10_000 {
+            break;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Copy bandwidth (GB/s, read + write counted) of a 256 MiB buffer on the current rayon pool.
+pub fn copy_gbps() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let chunk = 1 << 16;
+    let ms = median_ms(
+        || {
+            dst.par_chunks_mut(chunk)
+                .zip(src.par_chunks(chunk))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        },
+        5,
+        Duration::from_millis(500),
+    );
+    (2 * n * 4) as f64 / (ms * 1e-3) / 1e9
+}
+
+/// Storage shape of a case (NHWC: `[N, H, W, C]`).
+fn storage_shape(case: &Case) -> Vec<usize> {
+    match case.layout {
+        Layout::NHWC => vec![case.shape[0], case.shape[2], case.shape[3], case.shape[1]],
+        _ => case.shape.clone(),
+    }
+}
+
+/// Times the three operations of one case in f32.
+pub fn run_case(case: &Case, min_time: Duration) -> Result<Vec<Record>, batchnorm::Error> {
+    let shape = storage_shape(case);
+    let n: usize = shape.iter().product();
+    let channels = case.shape[1];
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..3.0)).collect();
+    let dy: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut dgamma, mut dbeta) = (vec![0.0f32; channels], vec![0.0f32; channels]);
+    let mut bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+    let saved = bn.forward_train(&x, &shape, case.layout, &mut y)?;
+    let reps = 5;
+    let mut err = Ok(());
+    let mut out = Vec::new();
+    let mut record = |op, ms| {
+        out.push(Record {
+            layout: case.layout.name().to_string(),
+            shape: case.shape.clone(),
+            op,
+            ms,
+        });
+    };
+    let ms = median_ms(
+        || {
+            if let Err(e) = bn.forward_train(&x, &shape, case.layout, &mut y) {
+                err = Err(e);
+            }
+        },
+        reps,
+        min_time,
+    );
+    record("fwd_train", ms);
+    let ms = median_ms(
+        || {
+            if let Err(e) = bn.forward_eval(&x, &shape, case.layout, &mut y) {
+                err = Err(e);
+            }
+        },
+        reps,
+        min_time,
+    );
+    record("fwd_eval", ms);
+    let ms = median_ms(
+        || {
+            let grads = Some((&mut dgamma[..], &mut dbeta[..]));
+            if let Err(e) = bn.backward(&x, &dy, &shape, case.layout, &saved, Some(&mut dx), grads) {
+                err = Err(e);
+            }
+        },
+        reps,
+        min_time,
+    );
+    record("backward", ms);
+    err.map(|_| out)
+}
