@@ -16,6 +16,63 @@ pub struct Cli {
 pub enum Command {
     /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) on the benchmark shapes.
     Bench(BenchArgs),
+    /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
+    PaperMlp(PaperMlpArgs),
+}
+
+/// Which networks `paper-mlp` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VariantChoice {
+    /// Baseline and BN.
+    Both,
+    /// Only the BN network.
+    Bn,
+    /// Only the baseline.
+    Baseline,
+}
+
+/// Options of `bnlab paper-mlp`.
+#[derive(Debug, Args)]
+pub struct PaperMlpArgs {
+    /// Networks to train.
+    #[arg(long, value_enum, default_value_t = VariantChoice::Both)]
+    pub variant: VariantChoice,
+    /// Training steps per network.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_positive)]
+    pub lr: f64,
+    /// Steps between evaluations on the test set.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eval_every: u64,
+    /// Seed of initialization and shuffling.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(2..=60000))]
+    pub batch: u32,
+    /// Standard deviation of the Gaussian initial weights.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_positive)]
+    pub init_std: f64,
+    /// BN statistics used at evaluation: Algorithm 2's population estimate or the running averages.
+    #[arg(long, value_enum, default_value_t = bnlab::experiments::paper_mlp::BnStats::Population)]
+    pub bn_stats: bnlab::experiments::paper_mlp::BnStats,
+    /// Training batches averaged for the population statistics.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub population_batches: u32,
+    /// Directory with the four IDX files (default: Debian's Fashion-MNIST).
+    #[arg(long, default_value = bnlab::data::DEFAULT_DATA_DIR)]
+    pub data: std::path::PathBuf,
+    /// Output directory (default: a new folder under runs/).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// No progress bar or log lines.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Options of `bnlab bench`.

@@ -12,4 +12,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod engine;
+pub mod experiments;
+pub mod monitor;
 pub mod report;

@@ -4,14 +4,16 @@ mod cli;
 
 use anyhow::{Context, Result};
 use bnlab::bench;
+use bnlab::experiments::paper_mlp::{self, Variant};
 use clap::Parser;
-use cli::{BenchArgs, Cli, Command};
+use cli::{BenchArgs, Cli, Command, PaperMlpArgs, VariantChoice};
 use std::time::Duration;
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args),
+        Command::PaperMlp(args) => run_paper_mlp(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -63,4 +65,36 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
+    let pool = pool(args.threads)?;
+    let mut s = paper_mlp::Settings::paper(args.out.clone().unwrap_or_else(|| paper_mlp::default_out("paper-mlp")));
+    s.variants = match args.variant {
+        VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
+        VariantChoice::Bn => vec![Variant::Bn],
+        VariantChoice::Baseline => vec![Variant::Baseline],
+    };
+    s.steps = args.steps;
+    s.lr = args.lr;
+    s.eval_every = args.eval_every;
+    s.seed = args.seed;
+    s.batch = args.batch as usize;
+    s.init_std = args.init_std as f32;
+    s.bn_stats = args.bn_stats;
+    s.population_batches = args.population_batches as usize;
+    s.data_dir = args.data.clone();
+    s.threads = pool.current_num_threads();
+    let outcome = pool.install(|| paper_mlp::run(&s, args.quiet))?;
+    for (name, r) in &outcome.summaries {
+        println!(
+            "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
+            r.final_test_acc * 100.0,
+            r.best_test_acc * 100.0,
+            r.ms_per_step,
+            r.seconds
+        );
+    }
+    println!("wrote {}", s.out.join("report.html").display());
+    Ok(())
 }

@@ -1,0 +1,111 @@
+//! Batch norm in the engine: the `batchnorm` crate's kernels behind the [`Layer`] interface.
+
+use super::{Layer, Mode, Param};
+use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Layout, PopulationStats, SavedStats};
+use anyhow::{Context, Result};
+
+/// Batch norm over `channels` features; each example is `[channels]` (fully connected) or
+/// `[channels, spatial]` (feature maps, NCHW: statistics per channel over N·H·W).
+pub struct BatchNormLayer {
+    /// The kernel crate's layer: γ, β, running statistics, settings.
+    pub bn: BatchNorm<f32>,
+    /// Spatial size per channel (1 for fully connected).
+    pub spatial: usize,
+    saved: Option<SavedStats>,
+    population: PopulationStats,
+    grad_gamma: Vec<f32>,
+    grad_beta: Vec<f32>,
+}
+
+impl BatchNormLayer {
+    /// A fresh layer (γ = 1, β = 0, running mean 0 and variance 1).
+    pub fn new(channels: usize, spatial: usize, config: BatchNormConfig) -> Result<Self> {
+        Ok(BatchNormLayer {
+            bn: BatchNorm::new(channels, config)?,
+            spatial,
+            saved: None,
+            population: PopulationStats::new(channels),
+            grad_gamma: vec![0.0; channels],
+            grad_beta: vec![0.0; channels],
+        })
+    }
+
+    fn shape(&self, batch: usize) -> ([usize; 3], Layout) {
+        ([batch, self.bn.num_features, self.spatial], Layout::ChannelsFirst)
+    }
+
+    /// Forgets the population estimate (before collecting a new one).
+    pub fn reset_population(&mut self) {
+        self.population = PopulationStats::new(self.bn.num_features);
+    }
+
+    /// Replaces the running statistics by the population estimate collected in [`Mode::Collect`].
+    pub fn use_population(&mut self) -> Result<()> {
+        self.bn
+            .set_population_stats(&self.population)
+            .context("population statistics")?;
+        Ok(())
+    }
+}
+
+impl Layer for BatchNormLayer {
+    fn name(&self) -> String {
+        format!("batchnorm{}", self.bn.num_features)
+    }
+    fn input_size(&self) -> usize {
+        self.bn.num_features * self.spatial
+    }
+    fn output_size(&self) -> usize {
+        self.input_size()
+    }
+
+    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
+        let (shape, layout) = self.shape(batch);
+        match mode {
+            Mode::Train => self.saved = Some(self.bn.forward_train(x, &shape, layout, y)?),
+            Mode::Eval => self.bn.forward_eval(x, &shape, layout, y)?,
+            Mode::Collect => {
+                let (g, b) = (Some(&self.bn.gamma[..]), Some(&self.bn.beta[..]));
+                let (g, b) = if self.bn.config.affine { (g, b) } else { (None, None) };
+                let (stats, _) = batch_norm_train(x, &shape, layout, g, b, self.bn.config.eps, y)?;
+                self.population.observe(&stats)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
+        let (shape, layout) = self.shape(batch);
+        let saved = self
+            .saved
+            .as_ref()
+            .context("batch norm backward before a training forward")?;
+        let grads = Some((&mut self.grad_gamma[..], &mut self.grad_beta[..]));
+        self.bn.backward(x, dy, &shape, layout, saved, dx, grads)?;
+        Ok(())
+    }
+
+    fn params(&mut self) -> Vec<Param<'_>> {
+        if !self.bn.config.affine {
+            return Vec::new();
+        }
+        vec![
+            Param {
+                name: "gamma",
+                value: &mut self.bn.gamma,
+                grad: &self.grad_gamma,
+                decay: false,
+            },
+            Param {
+                name: "beta",
+                value: &mut self.bn.beta,
+                grad: &self.grad_beta,
+                decay: false,
+            },
+        ]
+    }
+
+    fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
+        Some(self)
+    }
+}

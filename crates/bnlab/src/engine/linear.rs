@@ -1,0 +1,130 @@
+//! Fully connected layer: y = x·Wᵀ + b over a batch.
+
+use super::gemm::{matmul, Mat};
+use super::{Layer, Mode, Param};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+/// `Linear`: weight `[out, in]` (row-major, PyTorch's convention), optional bias `[out]`.
+pub struct Linear {
+    /// Input features.
+    pub inputs: usize,
+    /// Output features.
+    pub outputs: usize,
+    /// Weight `[outputs, inputs]`.
+    pub weight: Vec<f32>,
+    /// Bias `[outputs]`, if any.
+    pub bias: Option<Vec<f32>>,
+    grad_weight: Vec<f32>,
+    grad_bias: Vec<f32>,
+}
+
+impl Linear {
+    /// A layer with weights drawn from N(0, std²) and zero bias (when `bias`).
+    pub fn new(inputs: usize, outputs: usize, bias: bool, std: f32, rng: &mut impl Rng) -> Self {
+        let normal = Normal::new(0.0f32, std).expect("std is finite and >= 0");
+        let weight = (0..inputs * outputs).map(|_| normal.sample(rng)).collect();
+        Linear {
+            inputs,
+            outputs,
+            weight,
+            bias: bias.then(|| vec![0.0; outputs]),
+            grad_weight: vec![0.0; inputs * outputs],
+            grad_bias: vec![0.0; if bias { outputs } else { 0 }],
+        }
+    }
+}
+
+impl Layer for Linear {
+    fn name(&self) -> String {
+        format!("linear{}x{}", self.inputs, self.outputs)
+    }
+    fn input_size(&self) -> usize {
+        self.inputs
+    }
+    fn output_size(&self) -> usize {
+        self.outputs
+    }
+
+    /// x `[batch, in]` → y `[batch, out]`.
+    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> anyhow::Result<()> {
+        let beta = match &self.bias {
+            Some(b) => {
+                for row in y.chunks_exact_mut(self.outputs) {
+                    row.copy_from_slice(b);
+                }
+                1.0
+            }
+            None => 0.0,
+        };
+        let w_t = Mat::transposed(&self.weight, self.inputs);
+        matmul(
+            batch,
+            self.inputs,
+            self.outputs,
+            Mat::rows(x, self.inputs),
+            w_t,
+            beta,
+            y,
+        );
+        Ok(())
+    }
+
+    /// dW = dyᵀ·x, db = Σ dy, dx = dy·W.
+    fn backward(
+        &mut self,
+        x: &[f32],
+        _y: &[f32],
+        dy: &[f32],
+        batch: usize,
+        dx: Option<&mut [f32]>,
+    ) -> anyhow::Result<()> {
+        let dy_t = Mat::transposed(dy, self.outputs);
+        matmul(
+            self.outputs,
+            batch,
+            self.inputs,
+            dy_t,
+            Mat::rows(x, self.inputs),
+            0.0,
+            &mut self.grad_weight,
+        );
+        if self.bias.is_some() {
+            self.grad_bias.fill(0.0);
+            for row in dy.chunks_exact(self.outputs) {
+                self.grad_bias.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+            }
+        }
+        if let Some(dx) = dx {
+            let w = Mat::rows(&self.weight, self.inputs);
+            matmul(
+                batch,
+                self.outputs,
+                self.inputs,
+                Mat::rows(dy, self.outputs),
+                w,
+                0.0,
+                dx,
+            );
+        }
+        Ok(())
+    }
+
+    fn params(&mut self) -> Vec<Param<'_>> {
+        let mut p = vec![Param {
+            name: "weight",
+            value: &mut self.weight,
+            grad: &self.grad_weight,
+            decay: true,
+        }];
+        if let Some(b) = self.bias.as_mut() {
+            p.push(Param {
+                name: "bias",
+                value: b,
+                grad: &self.grad_bias,
+                decay: false,
+            });
+        }
+        p
+    }
+}

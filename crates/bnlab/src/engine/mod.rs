@@ -1,0 +1,198 @@
+//! The training engine: explicit forward/backward over flat `f32` buffers, one file per layer.
+//!
+//! A [`Layer`] maps a batch `[batch, input_size]` to `[batch, output_size]` (per-example sizes are
+//! fixed at construction; convolutional layers flatten `[C, H, W]` per example). [`Sequential`]
+//! chains layers, keeps every activation for backward, and hands the parameters to the optimizer.
+
+pub mod activation;
+pub mod batchnorm;
+pub mod gemm;
+pub mod linear;
+pub mod loss;
+pub mod optimizer;
+pub mod schedule;
+
+pub use activation::{Relu, Sigmoid};
+pub use batchnorm::BatchNormLayer;
+pub use linear::Linear;
+pub use loss::SoftmaxCrossEntropy;
+pub use optimizer::Sgd;
+pub use schedule::LrSchedule;
+
+use anyhow::{ensure, Result};
+
+/// What a forward pass is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: batch statistics, running statistics updated, dropout active.
+    Train,
+    /// Inference: fixed (running or population) statistics.
+    Eval,
+    /// Algorithm 2: batch statistics as in training, accumulated into each BN layer's population
+    /// estimate; running statistics and parameters untouched.
+    Collect,
+}
+
+/// A learnable tensor and its gradient, as the optimizer sees it.
+pub struct Param<'a> {
+    /// Name within its layer (`weight`, `bias`, `gamma`, `beta`).
+    pub name: &'static str,
+    /// The values.
+    pub value: &'a mut [f32],
+    /// ∂loss/∂value from the last backward.
+    pub grad: &'a [f32],
+    /// Whether weight decay applies (weights yes; biases and BN parameters no).
+    pub decay: bool,
+}
+
+/// One layer with explicit forward and backward.
+pub trait Layer: Send {
+    /// A short name for reports and checkpoints.
+    fn name(&self) -> String;
+    /// Features per example in.
+    fn input_size(&self) -> usize;
+    /// Features per example out.
+    fn output_size(&self) -> usize;
+    /// y `[batch, output_size]` from x `[batch, input_size]`.
+    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()>;
+    /// Parameter gradients (stored in the layer) and, when asked, dx, from x, y and dy.
+    fn backward(&mut self, x: &[f32], y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()>;
+    /// Learnable parameters with their gradients.
+    fn params(&mut self) -> Vec<Param<'_>>;
+    /// This layer as batch norm, if it is one.
+    fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
+        None
+    }
+}
+
+/// Layers applied in order, with the activations kept for backward.
+pub struct Sequential {
+    /// The layers.
+    pub layers: Vec<Box<dyn Layer>>,
+    input: Vec<f32>,
+    acts: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    batch: usize,
+}
+
+impl Sequential {
+    /// Chains `layers`; rejects layers whose sizes do not connect.
+    pub fn new(layers: Vec<Box<dyn Layer>>) -> Result<Self> {
+        ensure!(!layers.is_empty(), "a network needs at least one layer");
+        for w in layers.windows(2) {
+            ensure!(
+                w[0].output_size() == w[1].input_size(),
+                "layer {} gives {} features but {} takes {}",
+                w[0].name(),
+                w[0].output_size(),
+                w[1].name(),
+                w[1].input_size()
+            );
+        }
+        let n = layers.len();
+        Ok(Sequential {
+            layers,
+            input: Vec::new(),
+            acts: vec![Vec::new(); n],
+            grads: vec![Vec::new(); n],
+            batch: 0,
+        })
+    }
+
+    /// Features per example of the input.
+    pub fn input_size(&self) -> usize {
+        self.layers[0].input_size()
+    }
+
+    /// Features per example of the output.
+    pub fn output_size(&self) -> usize {
+        self.layers[self.layers.len() - 1].output_size()
+    }
+
+    /// Runs the layers on x `[batch, input_size]`; returns the output `[batch, output_size]`.
+    pub fn forward(&mut self, x: &[f32], batch: usize, mode: Mode) -> Result<&[f32]> {
+        ensure!(
+            batch > 0 && x.len() == batch * self.input_size(),
+            "input has {} values, expected {batch}×{}",
+            x.len(),
+            self.input_size()
+        );
+        self.batch = batch;
+        self.input.clear();
+        self.input.extend_from_slice(x);
+        for i in 0..self.layers.len() {
+            let out = batch * self.layers[i].output_size();
+            let mut y = std::mem::take(&mut self.acts[i]);
+            y.resize(out, 0.0);
+            let x = if i == 0 { &self.input } else { &self.acts[i - 1] };
+            let r = self.layers[i].forward(x, batch, &mut y, mode);
+            self.acts[i] = y;
+            r?;
+        }
+        Ok(self.acts.last().map(|v| v.as_slice()).unwrap_or(&[]))
+    }
+
+    /// Backward from d(loss)/d(output) of the last forward; fills every layer's parameter gradients.
+    pub fn backward(&mut self, doutput: &[f32]) -> Result<()> {
+        let n = self.layers.len();
+        ensure!(
+            doutput.len() == self.acts[n - 1].len(),
+            "output gradient has the wrong length"
+        );
+        for i in (0..n).rev() {
+            let dy = if i == n - 1 {
+                doutput.to_vec()
+            } else {
+                std::mem::take(&mut self.grads[i])
+            };
+            let mut dx = if i > 0 {
+                std::mem::take(&mut self.grads[i - 1])
+            } else {
+                Vec::new()
+            };
+            if i > 0 {
+                dx.resize(self.batch * self.layers[i].input_size(), 0.0);
+            }
+            let x = if i == 0 { &self.input } else { &self.acts[i - 1] };
+            let dxo = if i > 0 { Some(dx.as_mut_slice()) } else { None };
+            let r = self.layers[i].backward(x, &self.acts[i], &dy, self.batch, dxo);
+            if i > 0 {
+                self.grads[i - 1] = dx;
+            }
+            if i < n - 1 {
+                self.grads[i] = dy;
+            }
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The output of layer `i` in the last forward pass (`[batch, output_size_i]`).
+    pub fn activation(&self, i: usize) -> &[f32] {
+        &self.acts[i]
+    }
+
+    /// The input of layer `i` in the last forward pass.
+    pub fn layer_input(&self, i: usize) -> &[f32] {
+        if i == 0 {
+            &self.input
+        } else {
+            &self.acts[i - 1]
+        }
+    }
+
+    /// Batch size of the last forward pass.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Every parameter of every layer, in layer order.
+    pub fn params(&mut self) -> Vec<Param<'_>> {
+        self.layers.iter_mut().flat_map(|l| l.params()).collect()
+    }
+
+    /// The batch-norm layers, in order.
+    pub fn batchnorms(&mut self) -> Vec<&mut BatchNormLayer> {
+        self.layers.iter_mut().filter_map(|l| l.as_batchnorm()).collect()
+    }
+}

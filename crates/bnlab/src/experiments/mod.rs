@@ -1,0 +1,4 @@
+//! The paper's experiments: each is a settings struct plus a training loop over the engine.
+
+pub mod paper_mlp;
+pub mod progress;
