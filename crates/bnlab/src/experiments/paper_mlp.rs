@@ -316,7 +316,7 @@ pub fn evaluate(
         // A fixed set of training batches (epoch 0 of a shuffle with another seed).
         let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
         let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-        for b in 0..s.population_batches.min(shuffler.batches_per_epoch() as usize) {
+        for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
             gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
             net.forward(&x, s.batch, Mode::Collect)?;
         }
