@@ -6,17 +6,25 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod conv;
+pub mod dropout;
 pub mod gemm;
 pub mod linear;
 pub mod loss;
+pub mod lrn;
 pub mod optimizer;
+pub mod pool;
 pub mod schedule;
 
 pub use activation::{Relu, Sigmoid};
 pub use batchnorm::BatchNormLayer;
+pub use conv::{Conv2d, ConvInit};
+pub use dropout::Dropout;
 pub use linear::Linear;
 pub use loss::SoftmaxCrossEntropy;
+pub use lrn::Lrn;
 pub use optimizer::Sgd;
+pub use pool::MaxPool2d;
 pub use schedule::LrSchedule;
 
 use anyhow::{ensure, Result};

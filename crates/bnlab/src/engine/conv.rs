@@ -1,0 +1,349 @@
+//! 2-D convolution (cross-correlation, as in PyTorch's `Conv2d`) by im2col + GEMM.
+//!
+//! ```text
+//! Shapes, per example (batch-major, NCHW flattened):
+//!   x   [in_c, in_h, in_w]              y   [out_c, out_h, out_w]
+//!   W   [out_c, in_c, kh, kw]  (OIHW)   b   [out_c]
+//!   col [in_c·kh·kw, out_h·out_w]       im2col of one example: row (c, i, j), column (oy, ox) holds
+//!                                       x[c, oy·s + i − pad, ox·s + j − pad] (0 outside the image)
+//! forward:  y_n = W·col_n + b
+//! backward: dW = Σ_n dy_n·col_nᵀ,  db = Σ_n Σ_(oy,ox) dy_n,  dx_n = col2im(Wᵀ·dy_n)
+//! ```
+//!
+//! The batch is cut into at most `CHUNKS` (16) runs of consecutive examples (the cut depends only on
+//! the batch size) that run on the rayon pool. Each run owns an im2col buffer and a dW partial sum;
+//! the partial sums are added in run order, so outputs and gradients are bitwise identical for any
+//! number of threads.
+
+use super::gemm::{matmul, Mat};
+use super::{Layer, Mode, Param};
+use anyhow::{ensure, Result};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+
+/// Most runs of examples a batch is cut into.
+const CHUNKS: usize = 16;
+
+/// How the weights are initialised (biases start at zero).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConvInit {
+    /// N(0, std²).
+    Normal(f32),
+    /// He et al. (2015): N(0, 2/fan_in), fan_in = in_c·kh·kw.
+    He,
+}
+
+/// The geometry of one convolution (all sizes per example).
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    ic: usize,
+    ih: usize,
+    iw: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// Per-run scratch: one example's im2col (reused as dcol in backward) and a dW partial sum.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    grad_weight: Vec<f32>,
+}
+
+/// `Conv2d`: weight `[out, in, kh, kw]`, optional bias `[out]`, square stride and zero padding.
+pub struct Conv2d {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Input height and width.
+    pub in_hw: (usize, usize),
+    /// Output height and width: (in + 2·padding − kernel) / stride + 1.
+    pub out_hw: (usize, usize),
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Zero padding (each side, both directions).
+    pub padding: usize,
+    /// Weight `[out, in, kh, kw]`.
+    pub weight: Vec<f32>,
+    /// Bias `[out]`, if any.
+    pub bias: Option<Vec<f32>>,
+    grad_weight: Vec<f32>,
+    grad_bias: Vec<f32>,
+    scratch: Vec<Scratch>,
+}
+
+impl Conv2d {
+    /// A convolution of `[in_c, in_h, in_w]` inputs; weights from `init`, zero bias (when `bias`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        in_h: usize,
+        in_w: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        init: ConvInit,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        let (kh, kw) = kernel;
+        ensure!(
+            in_c > 0 && out_c > 0 && kh > 0 && kw > 0 && stride > 0,
+            "conv sizes must be positive"
+        );
+        ensure!(
+            in_h + 2 * padding >= kh && in_w + 2 * padding >= kw,
+            "a {kh}×{kw} kernel does not fit a padded {in_h}×{in_w} input"
+        );
+        let out_hw = (
+            (in_h + 2 * padding - kh) / stride + 1,
+            (in_w + 2 * padding - kw) / stride + 1,
+        );
+        let std = match init {
+            ConvInit::Normal(std) => std,
+            ConvInit::He => (2.0 / (in_c * kh * kw) as f32).sqrt(),
+        };
+        let normal = Normal::new(0.0f32, std)?;
+        let n = out_c * in_c * kh * kw;
+        Ok(Conv2d {
+            in_channels: in_c,
+            out_channels: out_c,
+            in_hw: (in_h, in_w),
+            out_hw,
+            kernel,
+            stride,
+            padding,
+            weight: (0..n).map(|_| normal.sample(rng)).collect(),
+            bias: bias.then(|| vec![0.0; out_c]),
+            grad_weight: vec![0.0; n],
+            grad_bias: vec![0.0; if bias { out_c } else { 0 }],
+            scratch: Vec::new(),
+        })
+    }
+
+    fn geom(&self) -> Geom {
+        Geom {
+            ic: self.in_channels,
+            ih: self.in_hw.0,
+            iw: self.in_hw.1,
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            s: self.stride,
+            pad: self.padding,
+            oh: self.out_hw.0,
+            ow: self.out_hw.1,
+        }
+    }
+
+    /// Examples per run and number of runs for `batch`; sizes the scratch buffers.
+    fn runs(&mut self, batch: usize) -> (usize, usize) {
+        let per = batch.div_ceil(CHUNKS).max(1);
+        let runs = batch.div_ceil(per);
+        let g = self.geom();
+        let col = g.ic * g.kh * g.kw * g.oh * g.ow;
+        if self.scratch.len() < runs {
+            self.scratch.resize_with(runs, Scratch::default);
+        }
+        for s in &mut self.scratch[..runs] {
+            s.col.resize(col, 0.0);
+            s.grad_weight.resize(self.weight.len(), 0.0);
+        }
+        (per, runs)
+    }
+}
+
+impl Geom {
+    /// Output columns ox whose input column ox·s + j − pad lies inside [0, iw).
+    fn valid_cols(&self, j: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(j).div_ceil(self.s).min(self.ow);
+        let hi = (self.iw + self.pad).saturating_sub(j).div_ceil(self.s).min(self.ow);
+        (lo, hi.max(lo))
+    }
+
+    /// col `[ic·kh·kw, oh·ow]` from one example x `[ic, ih, iw]`.
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        let p = self.oh * self.ow;
+        for (r, row) in col.chunks_exact_mut(p).enumerate() {
+            let (c, i, j) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+            let (lo, hi) = self.valid_cols(j);
+            for (oy, out) in row.chunks_exact_mut(self.ow).enumerate() {
+                let iy = (oy * self.s + i).wrapping_sub(self.pad);
+                if iy >= self.ih {
+                    out.fill(0.0);
+                    continue;
+                }
+                let xrow = &x[(c * self.ih + iy) * self.iw..][..self.iw];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if lo == hi {
+                    continue;
+                }
+                let x0 = lo * self.s + j - self.pad;
+                if self.s == 1 {
+                    out[lo..hi].copy_from_slice(&xrow[x0..x0 + hi - lo]);
+                } else {
+                    for (o, &v) in out[lo..hi].iter_mut().zip(xrow[x0..].iter().step_by(self.s)) {
+                        *o = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// dx `[ic, ih, iw]` = the sum of dcol `[ic·kh·kw, oh·ow]` back onto the input positions.
+    fn col2im(&self, col: &[f32], dx: &mut [f32]) {
+        dx.fill(0.0);
+        let p = self.oh * self.ow;
+        for (r, row) in col.chunks_exact(p).enumerate() {
+            let (c, i, j) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
+            let (lo, hi) = self.valid_cols(j);
+            for (oy, src) in row.chunks_exact(self.ow).enumerate() {
+                let iy = (oy * self.s + i).wrapping_sub(self.pad);
+                if iy >= self.ih || lo == hi {
+                    continue;
+                }
+                let dxrow = &mut dx[(c * self.ih + iy) * self.iw..][..self.iw];
+                let x0 = lo * self.s + j - self.pad;
+                for (d, &v) in dxrow[x0..].iter_mut().step_by(self.s).zip(&src[lo..hi]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+impl Layer for Conv2d {
+    fn name(&self) -> String {
+        let (kh, kw) = self.kernel;
+        format!(
+            "conv{}x{}k{kh}x{kw}s{}p{}",
+            self.in_channels, self.out_channels, self.stride, self.padding
+        )
+    }
+    fn input_size(&self) -> usize {
+        self.in_channels * self.in_hw.0 * self.in_hw.1
+    }
+    fn output_size(&self) -> usize {
+        self.out_channels * self.out_hw.0 * self.out_hw.1
+    }
+
+    /// x `[batch, in_c, in_h, in_w]` → y `[batch, out_c, out_h, out_w]`.
+    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
+        let (isz, osz) = (self.input_size(), self.output_size());
+        ensure!(
+            x.len() == batch * isz && y.len() == batch * osz,
+            "conv buffers do not match the batch"
+        );
+        let (per, runs) = self.runs(batch);
+        let (g, oc) = (self.geom(), self.out_channels);
+        let (k, p) = (g.ic * g.kh * g.kw, g.oh * g.ow);
+        let (w, bias) = (&self.weight, self.bias.as_deref());
+        let work = x.par_chunks(per * isz).zip(y.par_chunks_mut(per * osz));
+        self.scratch[..runs].par_iter_mut().zip(work).for_each(|(s, (xr, yr))| {
+            for (xn, yn) in xr.chunks_exact(isz).zip(yr.chunks_exact_mut(osz)) {
+                g.im2col(xn, &mut s.col);
+                let beta = match bias {
+                    Some(b) => {
+                        yn.chunks_exact_mut(p).zip(b).for_each(|(row, &bo)| row.fill(bo));
+                        1.0
+                    }
+                    None => 0.0,
+                };
+                matmul(oc, k, p, Mat::rows(w, k), Mat::rows(&s.col, p), beta, yn);
+            }
+        });
+        Ok(())
+    }
+
+    /// dW = Σ dy_n·col_nᵀ (per run, runs summed in order), db = Σ dy, dx_n = col2im(Wᵀ·dy_n).
+    fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
+        let (isz, osz) = (self.input_size(), self.output_size());
+        ensure!(
+            x.len() == batch * isz && dy.len() == batch * osz,
+            "conv buffers do not match the batch"
+        );
+        let (per, runs) = self.runs(batch);
+        let (g, oc) = (self.geom(), self.out_channels);
+        let (k, p) = (g.ic * g.kh * g.kw, g.oh * g.ow);
+        let w = &self.weight;
+        // One run: accumulate its dW partial; with dx, reuse the im2col buffer for dcol = Wᵀ·dy_n.
+        let run = |s: &mut Scratch, xr: &[f32], dyr: &[f32], mut dxr: Option<&mut [f32]>| {
+            s.grad_weight.fill(0.0);
+            for (n, (xn, dyn_)) in xr.chunks_exact(isz).zip(dyr.chunks_exact(osz)).enumerate() {
+                g.im2col(xn, &mut s.col);
+                matmul(
+                    oc,
+                    p,
+                    k,
+                    Mat::rows(dyn_, p),
+                    Mat::transposed(&s.col, p),
+                    1.0,
+                    &mut s.grad_weight,
+                );
+                if let Some(dxr) = dxr.as_deref_mut() {
+                    matmul(k, oc, p, Mat::transposed(w, k), Mat::rows(dyn_, p), 0.0, &mut s.col);
+                    g.col2im(&s.col, &mut dxr[n * isz..][..isz]);
+                }
+            }
+        };
+        let scratch = &mut self.scratch[..runs];
+        let pairs = x.par_chunks(per * isz).zip(dy.par_chunks(per * osz));
+        match dx {
+            Some(dx) => {
+                ensure!(dx.len() == batch * isz, "conv dx does not match the batch");
+                let work = pairs.zip(dx.par_chunks_mut(per * isz));
+                scratch
+                    .par_iter_mut()
+                    .zip(work)
+                    .for_each(|(s, ((xr, dyr), dxr))| run(s, xr, dyr, Some(dxr)));
+            }
+            None => scratch
+                .par_iter_mut()
+                .zip(pairs)
+                .for_each(|(s, (xr, dyr))| run(s, xr, dyr, None)),
+        }
+        self.grad_weight.copy_from_slice(&self.scratch[0].grad_weight);
+        for s in &self.scratch[1..runs] {
+            self.grad_weight
+                .iter_mut()
+                .zip(&s.grad_weight)
+                .for_each(|(g, v)| *g += v);
+        }
+        if self.bias.is_some() {
+            self.grad_bias.fill(0.0);
+            for dyn_ in dy.chunks_exact(osz) {
+                for (gb, row) in self.grad_bias.iter_mut().zip(dyn_.chunks_exact(p)) {
+                    *gb += row.iter().sum::<f32>();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&mut self) -> Vec<Param<'_>> {
+        let mut p = vec![Param {
+            name: "weight",
+            value: &mut self.weight,
+            grad: &self.grad_weight,
+            decay: true,
+        }];
+        if let Some(b) = self.bias.as_mut() {
+            p.push(Param {
+                name: "bias",
+                value: b,
+                grad: &self.grad_bias,
+                decay: false,
+            });
+        }
+        p
+    }
+}
