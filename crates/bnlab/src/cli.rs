@@ -41,7 +41,7 @@ pub struct PaperMlpArgs {
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: u64,
     /// SGD learning rate.
-    #[arg(long, default_value_t = 0.5, value_parser = parse_positive)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = parse_positive)]
     pub lr: f64,
     /// Steps between evaluations on the test set.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -53,7 +53,7 @@ pub struct PaperMlpArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(2..=60000))]
     pub batch: u32,
     /// Standard deviation of the Gaussian initial weights.
-    #[arg(long, default_value_t = 0.1, value_parser = parse_positive)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = parse_positive)]
     pub init_std: f64,
     /// BN statistics used at evaluation: Algorithm 2's population estimate or the running averages.
     #[arg(long, value_enum, default_value_t = bnlab::experiments::paper_mlp::BnStats::Population)]
@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
     /// Minimum seconds spent timing each operation (the median of the repetitions is reported).
-    #[arg(long, default_value_t = 0.5, value_parser = parse_positive)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = parse_positive)]
     pub min_time: f64,
 }
 

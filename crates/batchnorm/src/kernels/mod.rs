@@ -1,9 +1,10 @@
 //! The inner loops. They take slices and trust them: every shape was checked by the public API
 //! before control gets here (see `shape.rs`). Nothing in this module returns an error.
 //!
-//! Numerics: elements are widened to `f64`; all sums use [`LANES`] independent `f64` accumulators
-//! folded in a fixed order, so the compiler can vectorize them without reassociating anything, and
-//! the result is the same bits on every CPU path (SSE2 or AVX2) and for every thread count.
+//! Numerics: elements are widened to `f64`; contiguous sums use two vectors of [`LANES`] `f64`
+//! accumulators folded in a fixed order (see `moments`), written with explicit SIMD (`simd`: an
+//! AVX2 backend and a portable one that give the same bits), so the result is the same bits on
+//! every CPU path and for every thread count.
 //!
 //! Work is split into units whose boundaries depend only on the shape, never on the thread
 //! count; partial results are merged in unit order. Rayon only decides who computes which unit.
@@ -11,8 +12,9 @@
 pub(crate) mod elementwise;
 pub(crate) mod moments;
 pub(crate) mod plan;
+pub(crate) mod simd;
 
-/// Independent accumulators per sum (one AVX2 register pair of `f64`).
+/// `f64` lanes of one SIMD vector (one AVX2 register pair).
 pub(crate) const LANES: usize = 8;
 
 /// Folds lane accumulators in a fixed order.
@@ -23,8 +25,9 @@ pub(crate) fn fold_lanes(a: [f64; LANES]) -> f64 {
 
 /// Runs `f` in a function compiled for AVX2 + FMA when the CPU has them, otherwise as is.
 ///
-/// The kernels are `#[inline(always)]`, so they are compiled into whichever copy runs. Rust never
-/// contracts `a * b + c` into a fused multiply-add on its own, so both copies round identically.
+/// The hot loops dispatch on their own (`simd::simd_dispatch!`); this covers the glue (merges).
+/// Rust never contracts `a * b + c` into a fused multiply-add on its own, so both copies round
+/// identically.
 #[inline(always)]
 pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,13 @@
 //! Per-channel reductions: moments (count, mean, M2) and the two sums backward needs.
+//!
+//! Sums over contiguous data use two [`Simd`] vector accumulators (16 `f64` lanes: a 16-element
+//! step feeds both, a last 8-element step the first) and a scalar accumulator for the last < 8
+//! elements of each run; at the end lanes `l` and `l + 8` are added and folded by [`fold_lanes`],
+//! and the scalar part added last. Sums across rows (channels-last) are sequential per channel,
+//! vectorized across channels. All orders depend only on the shape.
 
-use super::{fold_lanes, LANES};
+use super::fold_lanes;
+use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
 /// Count, mean and M2 = Σ(x − mean)² of a set of values: mergeable partial statistics.
@@ -38,53 +45,148 @@ impl Moments {
     }
 }
 
-/// Sum of a slice, widened to `f64`, in lanes.
-#[inline(always)]
-fn sum<T: Element>(x: &[T]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            acc[l] += c[l].to_f64();
-        }
-    }
-    let mut s = fold_lanes(acc);
-    for &v in chunks.remainder() {
-        s += v.to_f64();
-    }
-    s
+/// `count` runs of `len` contiguous elements of a buffer, run `k` starting at `first + k·stride`
+/// (e.g. some planes of one channel of a channels-first tensor).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Runs {
+    pub first: usize,
+    pub count: usize,
+    pub len: usize,
+    pub stride: usize,
 }
 
-/// (Σ(x − m), Σ(x − m)²) in lanes.
+/// Runs of at most this many bytes have the next run prefetched while they are read: short runs
+/// far apart (small planes) are too short for the hardware prefetchers.
+pub(crate) const PREFETCH_BYTES: usize = 8192;
+
+/// Prefetches the `len` elements at `p` into the cache.
 #[inline(always)]
-fn centered_sums<T: Element>(x: &[T], m: f64) -> (f64, f64) {
-    let mut s1 = [0.0f64; LANES];
-    let mut s2 = [0.0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            let d = c[l].to_f64() - m;
-            s1[l] += d;
-            s2[l] += d * d;
+pub(crate) fn prefetch<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = len * std::mem::size_of::<T>();
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: prefetching never faults; the address is only computed, not dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(off)) };
+            off += 64;
         }
+        // SAFETY: as above; the last line of the run.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(bytes - 1)) };
     }
-    let (mut a, mut b) = (fold_lanes(s1), fold_lanes(s2));
-    for &v in chunks.remainder() {
-        let d = v.to_f64() - m;
-        a += d;
-        b += d * d;
-    }
-    (a, b)
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
-/// Moments of a contiguous slice (one piece of a channels-first plane) by the corrected two-pass
-/// algorithm: mean first, then centered sums with the rounding error of the mean corrected. The
-/// slice is small enough to stay in L1/L2 between the passes, so memory is read once.
+impl Runs {
+    /// Prefetches run `k + 1` when runs are short.
+    #[inline(always)]
+    fn prefetch_next<T>(&self, base: *const T, k: usize) {
+        if k + 1 < self.count && self.len * std::mem::size_of::<T>() <= PREFETCH_BYTES {
+            prefetch(base.wrapping_add(self.first + (k + 1) * self.stride), self.len);
+        }
+    }
+
+    /// Number of elements.
+    #[inline(always)]
+    pub fn total(&self) -> usize {
+        self.count * self.len
+    }
+
+    /// Panics unless every run lies inside a buffer of `len` elements.
+    #[inline(always)]
+    fn check(&self, len: usize) {
+        assert!(self.count == 0 || self.first + (self.count - 1) * self.stride + self.len <= len);
+    }
+}
+
+/// Σ x over `runs`, widened to `f64`.
+///
+/// # Safety
+/// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-pub(crate) fn slice_moments<T: Element>(x: &[T]) -> Moments {
-    let n = x.len() as f64;
-    let m = sum(x) / n;
-    let (d1, d2) = centered_sums(x, m);
+unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs) -> f64 {
+    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
+    let mut tail = 0.0;
+    for k in 0..runs.count {
+        runs.prefetch_next(x, k);
+        // SAFETY: run k lies inside the buffer (caller's contract); all reads below stay in it.
+        unsafe {
+            let p = x.add(runs.first + k * runs.stride);
+            let n = runs.len;
+            let mut i = 0;
+            while i + 16 <= n {
+                a0 = s.add(a0, s.load(p.add(i)));
+                a1 = s.add(a1, s.load(p.add(i + 8)));
+                i += 16;
+            }
+            if i + 8 <= n {
+                a0 = s.add(a0, s.load(p.add(i)));
+                i += 8;
+            }
+            while i < n {
+                tail += (*p.add(i)).to_f64();
+                i += 1;
+            }
+        }
+    }
+    fold_lanes(s.lanes(s.add(a0, a1))) + tail
+}
+
+/// (Σ(x − m), Σ(x − m)²) over `runs`.
+///
+/// # Safety
+/// `runs` must lie inside the buffer at `x`.
+#[inline(always)]
+unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f64) -> (f64, f64) {
+    let mv = s.splat(m);
+    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
+    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
+    let (mut ta, mut tb) = (0.0, 0.0);
+    for k in 0..runs.count {
+        // SAFETY: as in `runs_sum`.
+        unsafe {
+            let p = x.add(runs.first + k * runs.stride);
+            let n = runs.len;
+            let mut i = 0;
+            while i + 16 <= n {
+                let d0 = s.sub(s.load(p.add(i)), mv);
+                let d1 = s.sub(s.load(p.add(i + 8)), mv);
+                a0 = s.add(a0, d0);
+                a1 = s.add(a1, d1);
+                b0 = s.add(b0, s.mul(d0, d0));
+                b1 = s.add(b1, s.mul(d1, d1));
+                i += 16;
+            }
+            if i + 8 <= n {
+                let d0 = s.sub(s.load(p.add(i)), mv);
+                a0 = s.add(a0, d0);
+                b0 = s.add(b0, s.mul(d0, d0));
+                i += 8;
+            }
+            while i < n {
+                let d = (*p.add(i)).to_f64() - m;
+                ta += d;
+                tb += d * d;
+                i += 1;
+            }
+        }
+    }
+    (
+        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
+        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
+    )
+}
+
+#[inline(always)]
+pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs) -> Moments {
+    runs.check(x.len());
+    let n = runs.total() as f64;
+    // SAFETY: checked just above.
+    let m = unsafe { runs_sum(s, x.as_ptr(), runs) } / n;
+    // SAFETY: checked just above.
+    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m) };
     let m2 = d2 - d1 * d1 / n;
     Moments {
         count: n,
@@ -93,35 +195,214 @@ pub(crate) fn slice_moments<T: Element>(x: &[T]) -> Moments {
     }
 }
 
-/// Per-channel moments of a block of rows (`x.len() = rows × channels`, channels contiguous), by
-/// the same corrected two-pass algorithm, vectorized across channels. Writes the block's mean and
-/// M2 per channel; `corr` is scratch of `channels` entries.
+simd_dispatch! {
+    /// Moments of `runs` of `x` (one piece of a channels-first channel) by the corrected
+    /// two-pass algorithm: mean first, then centered sums with the rounding error of the mean
+    /// corrected. The piece is small enough to stay in cache between the passes, so memory is
+    /// read once.
+    pub(crate) fn runs_moments<T>(x: &[T], runs: Runs) -> Moments => runs_moments_impl
+}
+
 #[inline(always)]
-pub(crate) fn rows_moments<T: Element>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], corr: &mut [f64]) {
-    let rows = (x.len() / channels) as f64;
+pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) {
+    runs.check(x.len());
+    runs.check(dy.len());
+    let (xp, gp) = (x.as_ptr(), dy.as_ptr());
+    let mv = s.splat(m);
+    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
+    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
+    let (mut ta, mut tb) = (0.0, 0.0);
+    for k in 0..runs.count {
+        runs.prefetch_next(xp, k);
+        runs.prefetch_next(gp, k);
+        // SAFETY: every run lies inside both buffers (checked above); reads stay in the run.
+        unsafe {
+            let o = runs.first + k * runs.stride;
+            let (px, pg) = (xp.add(o), gp.add(o));
+            let n = runs.len;
+            let mut i = 0;
+            while i + 16 <= n {
+                let g0 = s.load(pg.add(i));
+                let g1 = s.load(pg.add(i + 8));
+                a0 = s.add(a0, g0);
+                a1 = s.add(a1, g1);
+                b0 = s.add(b0, s.mul(g0, s.sub(s.load(px.add(i)), mv)));
+                b1 = s.add(b1, s.mul(g1, s.sub(s.load(px.add(i + 8)), mv)));
+                i += 16;
+            }
+            if i + 8 <= n {
+                let g0 = s.load(pg.add(i));
+                a0 = s.add(a0, g0);
+                b0 = s.add(b0, s.mul(g0, s.sub(s.load(px.add(i)), mv)));
+                i += 8;
+            }
+            while i < n {
+                let g = (*pg.add(i)).to_f64();
+                ta += g;
+                tb += g * ((*px.add(i)).to_f64() - m);
+                i += 1;
+            }
+        }
+    }
+    (
+        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
+        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
+    )
+}
+
+simd_dispatch! {
+    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`.
+    pub(crate) fn runs_grad_sums<T>(x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) => runs_grad_sums_impl
+}
+
+/// Rows handled together by the across-rows sums (each channel's accumulator stays in a register
+/// over them; the order of the additions is still row by row). 1 measured best: more rows at once
+/// means more concurrent memory streams, and these sums are memory bound.
+const ROW_GROUP: usize = 1;
+
+/// acc[c] += Σ_r f(r, c) over `rows` rows, in row order, vectorized across channels:
+/// `vec(r, c)` gives channels c..c+8 of row r, `one(r, c)` channel c alone.
+#[inline(always)]
+fn rows_accumulate<S: Simd>(
+    s: S,
+    rows: usize,
+    acc: &mut [f64],
+    vec: impl Fn(usize, usize) -> S::V,
+    one: impl Fn(usize, usize) -> f64,
+) {
+    let channels = acc.len();
+    let c8 = channels - channels % 8;
+    let pa = acc.as_mut_ptr();
+    let mut r = 0;
+    while r < rows {
+        let group = ROW_GROUP.min(rows - r);
+        let mut c = 0;
+        while c < c8 {
+            // SAFETY: c + 8 <= channels = acc.len().
+            unsafe {
+                let mut v = s.load(pa.add(c) as *const f64);
+                for q in r..r + group {
+                    v = s.add(v, vec(q, c));
+                }
+                s.store(pa.add(c), v);
+            }
+            c += 8;
+        }
+        for (c, a) in acc.iter_mut().enumerate().skip(c8) {
+            for q in r..r + group {
+                *a += one(q, c);
+            }
+        }
+        r += group;
+    }
+}
+
+/// As [`rows_accumulate`] with two sums per channel, `f` giving both terms.
+#[inline(always)]
+fn rows_accumulate2<S: Simd>(
+    s: S,
+    rows: usize,
+    acc_a: &mut [f64],
+    acc_b: &mut [f64],
+    vec: impl Fn(usize, usize) -> (S::V, S::V),
+    one: impl Fn(usize, usize) -> (f64, f64),
+) {
+    let channels = acc_a.len();
+    assert_eq!(acc_b.len(), channels);
+    let c8 = channels - channels % 8;
+    let (pa, pb) = (acc_a.as_mut_ptr(), acc_b.as_mut_ptr());
+    let mut r = 0;
+    while r < rows {
+        let group = ROW_GROUP.min(rows - r);
+        let mut c = 0;
+        while c < c8 {
+            // SAFETY: c + 8 <= channels = acc_a.len() = acc_b.len().
+            unsafe {
+                let mut va = s.load(pa.add(c) as *const f64);
+                let mut vb = s.load(pb.add(c) as *const f64);
+                for q in r..r + group {
+                    let (ta, tb) = vec(q, c);
+                    va = s.add(va, ta);
+                    vb = s.add(vb, tb);
+                }
+                s.store(pa.add(c), va);
+                s.store(pb.add(c), vb);
+            }
+            c += 8;
+        }
+        for c in c8..channels {
+            for q in r..r + group {
+                let (ta, tb) = one(q, c);
+                acc_a[c] += ta;
+                acc_b[c] += tb;
+            }
+        }
+        r += group;
+    }
+}
+
+#[inline(always)]
+pub(super) fn rows_moments_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    channels: usize,
+    mean: &mut [f64],
+    m2: &mut [f64],
+    corr: &mut [f64],
+) {
+    let rows = x.len() / channels;
+    assert!(mean.len() == channels && m2.len() == channels && corr.len() == channels && rows * channels == x.len());
+    let xp = x.as_ptr();
+    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
+    // inside x (asserted above).
     mean.fill(0.0);
-    for row in x.chunks_exact(channels) {
-        for (acc, &v) in mean.iter_mut().zip(row) {
-            *acc += v.to_f64();
-        }
-    }
+    rows_accumulate(
+        s,
+        rows,
+        mean,
+        #[inline(always)]
+        |r, c| unsafe { s.load(xp.add(r * channels + c)) },
+        #[inline(always)]
+        |r, c| unsafe { *xp.add(r * channels + c) }.to_f64(),
+    );
+    let n = rows as f64;
     for v in mean.iter_mut() {
-        *v /= rows;
+        *v /= n;
     }
-    m2.fill(0.0);
     corr.fill(0.0);
-    for row in x.chunks_exact(channels) {
-        for (((s2, s1), &m), &v) in m2.iter_mut().zip(corr.iter_mut()).zip(mean.iter()).zip(row) {
-            let d = v.to_f64() - m;
-            *s1 += d;
-            *s2 += d * d;
-        }
-    }
+    m2.fill(0.0);
+    let mp = mean.as_ptr();
+    let meanr: &[f64] = mean;
+    // SAFETY (closures): as above, and c + 8 <= channels = mean.len().
+    rows_accumulate2(
+        s,
+        rows,
+        corr,
+        m2,
+        #[inline(always)]
+        |r, c| {
+            let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c))) };
+            (d, s.mul(d, d))
+        },
+        #[inline(always)]
+        |r, c| {
+            let d = unsafe { *xp.add(r * channels + c) }.to_f64() - meanr[c];
+            (d, d * d)
+        },
+    );
     for ((m, s2), &s1) in mean.iter_mut().zip(m2.iter_mut()).zip(corr.iter()) {
-        *m += s1 / rows;
-        let v = *s2 - s1 * s1 / rows;
+        *m += s1 / n;
+        let v = *s2 - s1 * s1 / n;
         *s2 = if v < 0.0 { 0.0 } else { v };
     }
+}
+
+simd_dispatch! {
+    /// Per-channel moments of a block of rows (`x.len() = rows × channels`, channels
+    /// contiguous), by the same corrected two-pass algorithm, vectorized across channels. Writes
+    /// the block's mean and M2 per channel; `corr` is scratch of `channels` entries.
+    pub(crate) fn rows_moments<T>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], corr: &mut [f64])
+        => rows_moments_impl
 }
 
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
@@ -150,44 +431,45 @@ pub(crate) fn merge_rows(
     }
 }
 
-/// (Σ dy, Σ dy·(x − m)) over one contiguous slice of a channels-first plane.
 #[inline(always)]
-pub(crate) fn slice_grad_sums<T: Element>(x: &[T], dy: &[T], m: f64) -> (f64, f64) {
-    let mut s1 = [0.0f64; LANES];
-    let mut s2 = [0.0f64; LANES];
-    let mut xc = x.chunks_exact(LANES);
-    let mut gc = dy.chunks_exact(LANES);
-    for (cx, cg) in (&mut xc).zip(&mut gc) {
-        for l in 0..LANES {
-            let g = cg[l].to_f64();
-            s1[l] += g;
-            s2[l] += g * (cx[l].to_f64() - m);
-        }
-    }
-    let (mut a, mut b) = (fold_lanes(s1), fold_lanes(s2));
-    for (&v, &g) in xc.remainder().iter().zip(gc.remainder()) {
-        let g = g.to_f64();
-        a += g;
-        b += g * (v.to_f64() - m);
-    }
-    (a, b)
+pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    sum_dy: &mut [f64],
+    sum_dy_xmu: &mut [f64],
+) {
+    let channels = mean.len();
+    let rows = x.len() / channels;
+    assert!(
+        sum_dy.len() == channels && sum_dy_xmu.len() == channels && rows * channels == x.len() && dy.len() == x.len()
+    );
+    let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
+    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
+    // mean (asserted above).
+    rows_accumulate2(
+        s,
+        rows,
+        sum_dy,
+        sum_dy_xmu,
+        #[inline(always)]
+        |r, c| unsafe {
+            let g = s.load(gp.add(r * channels + c));
+            let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
+            (g, s.mul(g, d))
+        },
+        #[inline(always)]
+        |r, c| unsafe {
+            let g = (*gp.add(r * channels + c)).to_f64();
+            (g, g * ((*xp.add(r * channels + c)).to_f64() - mean[c]))
+        },
+    );
 }
 
-/// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`, `sum_dy_xmu`.
-#[inline(always)]
-pub(crate) fn rows_grad_sums<T: Element>(x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64]) {
-    let channels = mean.len();
-    for (row, grow) in x.chunks_exact(channels).zip(dy.chunks_exact(channels)) {
-        for ((((s1, s2), &m), &v), &g) in sum_dy
-            .iter_mut()
-            .zip(sum_dy_xmu.iter_mut())
-            .zip(mean)
-            .zip(row)
-            .zip(grow)
-        {
-            let g = g.to_f64();
-            *s1 += g;
-            *s2 += g * (v.to_f64() - m);
-        }
-    }
+simd_dispatch! {
+    /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
+    /// `sum_dy_xmu`.
+    pub(crate) fn rows_grad_sums<T>(x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64])
+        => rows_grad_sums_impl
 }

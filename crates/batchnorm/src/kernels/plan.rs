@@ -2,8 +2,9 @@
 //!
 //! Two plans cover every layout:
 //! - **planes** (`inner > 1`, channels-first): a unit is one channel's planes (or, when there are
-//!   fewer than [`MIN_PARALLEL_CHANNELS`] channels, a fixed block of them). Each plane is cut into
-//!   pieces of at most [`PIECE`] elements whose moments come from a two-pass scan in cache.
+//!   fewer than [`MIN_PARALLEL_CHANNELS`] channels, a fixed block of them). A channel's planes are
+//!   cut into pieces of at most [`PIECE`] elements (part of a large plane, or several small planes
+//!   together) whose moments come from a two-pass scan in cache.
 //!   With one unit per channel, training passes are *fused*: a channel's statistics and its
 //!   normalization (or its gradient sums and dx) run back to back while its data is still in
 //!   cache, so memory is streamed twice instead of three (five) times.
@@ -11,10 +12,11 @@
 //!   [`TASK`] / channels rows, itself scanned in cache-sized blocks of rows, vectorized across channels.
 //!
 //! Unit boundaries and merge order depend only on the geometry, so results are bitwise identical
-//! for any thread count.
+//! for any thread count. Outputs of [`STREAM_BYTES`] or more are written with non-temporal stores
+//! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
-use super::elementwise::{self as ew, DxCoeffs};
-use super::moments::{self, Moments};
+use super::elementwise::{self as ew, DxCoeffs, DxRows, RowParam};
+use super::moments::{self, Moments, Runs};
 use super::with_simd;
 use crate::{Element, Geometry};
 use rayon::prelude::*;
@@ -27,6 +29,47 @@ pub(crate) const TASK: usize = 1 << 18;
 const SERIAL_BELOW: usize = 1 << 15;
 /// With at least this many channels, channels-first units are whole channels (and passes fuse).
 pub(crate) const MIN_PARALLEL_CHANNELS: usize = 16;
+/// Fewest rows of an in-cache block of the rows plan (fewer per-block merges for wide rows).
+const MIN_BLOCK_ROWS: usize = 16;
+/// Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do
+/// not fit in the last-level cache beside their inputs, so caching them only evicts the inputs.
+const STREAM_BYTES: usize = 16 << 20;
+
+/// Whether the outputs of a pass over `g` are written with streaming stores.
+fn stream_output<T>(g: &Geometry) -> bool {
+    g.len() * std::mem::size_of::<T>() >= STREAM_BYTES
+}
+
+/// A mutable buffer written by parallel units at disjoint places.
+struct SharedOut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: units get disjoint sub-slices (see `slice`), as with `chunks_mut`.
+unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
+
+impl<'a, T> SharedOut<'a, T> {
+    fn new(buf: &'a mut [T]) -> Self {
+        SharedOut {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// `buf[start..start + len]`.
+    ///
+    /// # Safety
+    /// No two slices alive at the same time may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start <= self.len && len <= self.len - start);
+        // SAFETY: in bounds (asserted); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
 
 /// Per-channel statistics as computed by the kernels: `count` values per channel.
 pub(crate) struct ChannelMoments {
@@ -70,20 +113,50 @@ fn plane_blocks(g: &Geometry) -> (usize, usize) {
 /// Rows plan: rows per task and rows per in-cache block.
 fn row_blocks(g: &Geometry) -> (usize, usize) {
     let per_task = (TASK / g.channels).max(1);
-    let per_block = (PIECE / g.channels).clamp(1, per_task);
+    let per_block = (PIECE / g.channels).max(MIN_BLOCK_ROWS).min(per_task);
     (per_task, per_block)
 }
 
-/// Moments of planes `planes` of channel `c`, pieces folded left in order.
+/// The in-cache pieces of planes `planes` of channel `c`, in order: runs of at most [`PIECE`]
+/// elements of one plane, or as many whole planes as fit in [`PIECE`] elements.
+#[inline(always)]
+fn for_each_piece(g: &Geometry, c: usize, planes: std::ops::Range<usize>, mut f: impl FnMut(Runs)) {
+    if g.inner >= PIECE {
+        for o in planes {
+            let start = (o * g.channels + c) * g.inner;
+            let mut j = 0;
+            while j < g.inner {
+                let len = PIECE.min(g.inner - j);
+                f(Runs {
+                    first: start + j,
+                    count: 1,
+                    len,
+                    stride: 0,
+                });
+                j += len;
+            }
+        }
+    } else {
+        let per_piece = PIECE / g.inner;
+        let mut o = planes.start;
+        while o < planes.end {
+            let count = per_piece.min(planes.end - o);
+            f(Runs {
+                first: (o * g.channels + c) * g.inner,
+                count,
+                len: g.inner,
+                stride: g.channels * g.inner,
+            });
+            o += count;
+        }
+    }
+}
+
+/// Moments of planes `planes` of channel `c`, pieces merged left in order.
 #[inline(always)]
 fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops::Range<usize>) -> Moments {
     let mut acc = Moments::EMPTY;
-    for o in planes {
-        let start = (o * g.channels + c) * g.inner;
-        for piece in x[start..start + g.inner].chunks(PIECE) {
-            acc = acc.merge(moments::slice_moments(piece));
-        }
-    }
+    for_each_piece(g, c, planes, |runs| acc = acc.merge(moments::runs_moments(x, runs)));
     acc
 }
 
@@ -150,6 +223,7 @@ pub(crate) struct Affine<'a> {
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
 pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affine) {
     let serial = is_serial(g);
+    let stream = stream_output::<T>(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
@@ -157,14 +231,23 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affi
             let first_plane = u * (chunk / g.inner);
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let c = (first_plane + i) % g.channels;
-                ew::normalize_plane(xp, yp, p.mean[c], p.scale[c], p.shift[c]);
+                ew::normalize_plane(xp, yp, p.mean[c], p.scale[c], p.shift[c], stream);
+            }
+            if stream {
+                ew::stream_fence();
             }
         });
     } else {
+        let mean = RowParam::new(p.mean.iter().copied());
+        let scale = RowParam::new(p.scale.iter().copied());
+        let shift = RowParam::new(p.shift.iter().copied());
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
         map_items(items, serial, |_, (xs, ys)| {
-            ew::normalize_rows(xs, ys, p.mean, p.scale, p.shift)
+            ew::normalize_rows(xs, ys, &mean, &scale, &shift, stream);
+            if stream {
+                ew::stream_fence();
+            }
         });
     }
 }
@@ -179,16 +262,24 @@ pub(crate) fn train_forward<T: Element>(
     affine: impl Fn(usize, f64, f64) -> (f64, f64) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
-        let mut by_channel: Vec<Vec<&mut [T]>> = (0..g.channels).map(|_| Vec::with_capacity(g.outer)).collect();
-        for (p, plane) in y.chunks_exact_mut(g.inner).enumerate() {
-            by_channel[p % g.channels].push(plane);
-        }
-        let parts = map_items(by_channel, is_serial(g), |c, planes| {
+        assert_eq!(y.len(), x.len());
+        let stream = stream_output::<T>(g);
+        let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+        let out = SharedOut::new(y);
+        let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, c, 0..g.outer);
             let (scale, shift) = affine(c, m.mean, m.m2 / m.count);
-            for (o, yp) in planes.into_iter().enumerate() {
+            for o in 0..g.outer {
                 let start = (o * g.channels + c) * g.inner;
-                ew::normalize_plane(&x[start..start + g.inner], yp, m.mean, scale, shift);
+                if prefetch_out && o + 1 < g.outer {
+                    moments::prefetch(out.ptr.wrapping_add(start + g.channels * g.inner), g.inner);
+                }
+                // SAFETY: plane (o, c) belongs to unit c alone.
+                let yp = unsafe { out.slice(start, g.inner) };
+                ew::normalize_plane(&x[start..start + g.inner], yp, m.mean, scale, shift, stream);
+            }
+            if stream {
+                ew::stream_fence();
             }
             m
         });
@@ -215,7 +306,7 @@ pub(crate) fn train_forward<T: Element>(
     }
 }
 
-/// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c`.
+/// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c`, piece sums added in order.
 #[inline(always)]
 fn planes_grad_sums<T: Element>(
     g: &Geometry,
@@ -226,12 +317,11 @@ fn planes_grad_sums<T: Element>(
     planes: std::ops::Range<usize>,
 ) -> (f64, f64) {
     let (mut a, mut b) = (0.0, 0.0);
-    for o in planes {
-        let start = (o * g.channels + c) * g.inner;
-        let (s1, s2) = moments::slice_grad_sums(&x[start..start + g.inner], &dy[start..start + g.inner], m);
+    for_each_piece(g, c, planes, |runs| {
+        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m);
         a += s1;
         b += s2;
-    }
+    });
     (a, b)
 }
 
@@ -269,6 +359,7 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
 /// Training-mode dx from per-channel coefficients.
 pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [T], coeffs: &[DxCoeffs]) {
     let serial = is_serial(g);
+    let stream = stream_output::<T>(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let items: Vec<((&[T], &[T]), &mut [T])> = x
@@ -280,14 +371,14 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
             let first_plane = u * (chunk / g.inner);
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
-                ew::dx_plane(xp, gp, op, coeffs[(first_plane + i) % g.channels]);
+                ew::dx_plane(xp, gp, op, coeffs[(first_plane + i) % g.channels], stream);
+            }
+            if stream {
+                ew::stream_fence();
             }
         });
     } else {
-        let mean: Vec<f64> = coeffs.iter().map(|c| c.mean).collect();
-        let k: Vec<f64> = coeffs.iter().map(|c| c.k).collect();
-        let a: Vec<f64> = coeffs.iter().map(|c| c.a).collect();
-        let b: Vec<f64> = coeffs.iter().map(|c| c.b).collect();
+        let p = DxRows::new(coeffs);
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<((&[T], &[T]), &mut [T])> = x
             .chunks(chunk)
@@ -295,7 +386,10 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
             .zip(dx.chunks_mut(chunk))
             .collect();
         map_items(items, serial, |_, ((xs, gs), os)| {
-            ew::dx_rows(xs, gs, os, &mean, &k, &a, &b)
+            ew::dx_rows(xs, gs, os, &p, stream);
+            if stream {
+                ew::stream_fence();
+            }
         });
     }
 }
@@ -313,16 +407,24 @@ pub(crate) fn train_backward<T: Element>(
 ) -> (Vec<f64>, Vec<f64>) {
     match dx {
         Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
-            let mut by_channel: Vec<Vec<&mut [T]>> = (0..g.channels).map(|_| Vec::with_capacity(g.outer)).collect();
-            for (p, plane) in dx.chunks_exact_mut(g.inner).enumerate() {
-                by_channel[p % g.channels].push(plane);
-            }
-            let parts = map_items(by_channel, is_serial(g), |c, planes| {
+            assert!(dx.len() == x.len() && dy.len() == x.len());
+            let stream = stream_output::<T>(g);
+            let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+            let out = SharedOut::new(dx);
+            let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
                 let (s1, s2) = planes_grad_sums(g, x, dy, c, mean[c], 0..g.outer);
                 let k = coeffs(c, s1, s2);
-                for (o, op) in planes.into_iter().enumerate() {
+                for o in 0..g.outer {
                     let start = (o * g.channels + c) * g.inner;
-                    ew::dx_plane(&x[start..start + g.inner], &dy[start..start + g.inner], op, k);
+                    if prefetch_out && o + 1 < g.outer {
+                        moments::prefetch(out.ptr.wrapping_add(start + g.channels * g.inner), g.inner);
+                    }
+                    // SAFETY: plane (o, c) belongs to unit c alone.
+                    let op = unsafe { out.slice(start, g.inner) };
+                    ew::dx_plane(&x[start..start + g.inner], &dy[start..start + g.inner], op, k, stream);
+                }
+                if stream {
+                    ew::stream_fence();
                 }
                 (s1, s2)
             });
@@ -342,18 +444,28 @@ pub(crate) fn train_backward<T: Element>(
 /// dx = dy·k[c] (inference-mode backward).
 pub(crate) fn scale<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64]) {
     let serial = is_serial(g);
+    let stream = stream_output::<T>(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
         map_items(items, serial, |u, (gs, os)| {
             let first_plane = u * (chunk / g.inner);
             for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
-                ew::scale_plane(gp, op, k[(first_plane + i) % g.channels]);
+                ew::scale_plane(gp, op, k[(first_plane + i) % g.channels], stream);
+            }
+            if stream {
+                ew::stream_fence();
             }
         });
     } else {
+        let k = RowParam::new(k.iter().copied());
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
-        map_items(items, serial, |_, (gs, os)| ew::scale_rows(gs, os, k));
+        map_items(items, serial, |_, (gs, os)| {
+            ew::scale_rows(gs, os, &k, stream);
+            if stream {
+                ew::stream_fence();
+            }
+        });
     }
 }

@@ -40,7 +40,14 @@ const PARALLEL_WORK: usize = 1 << 18;
 
 /// c[m × n] (row-major) = a[m × k]·b[k × n] + beta·c.
 pub fn matmul(m: usize, k: usize, n: usize, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
-    debug_assert_eq!(c.len(), m * n);
+    // The sgemm call below is unsafe: these checks keep this safe function sound.
+    let extent = |v: &Mat, rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || ((rows - 1) as isize * v.rs + (cols - 1) as isize * v.cs) < v.data.len() as isize
+    };
+    assert!(
+        c.len() == m * n && extent(&a, m, k) && extent(&b, k, n),
+        "matmul: buffers too short for the shapes"
+    );
     let blocks = if m * k * n >= PARALLEL_WORK && n >= 32 { 4 } else { 1 };
     let width = n.div_ceil(blocks);
     let run = |j0: usize, cols: usize, c: *mut f32| {

@@ -48,6 +48,10 @@ impl Layer for Linear {
 
     /// x `[batch, in]` → y `[batch, out]`.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            x.len() == batch * self.inputs && y.len() == batch * self.outputs,
+            "linear: buffer lengths do not match the batch"
+        );
         let beta = match &self.bias {
             Some(b) => {
                 for row in y.chunks_exact_mut(self.outputs) {

@@ -31,7 +31,7 @@ impl LrSchedule {
     pub fn lr(&self, base: f64, step: u64) -> f64 {
         match *self {
             LrSchedule::Constant => base,
-            LrSchedule::Step { every, factor } => base * factor.powi((step / every.max(1)) as i32),
+            LrSchedule::Step { every, factor } => base * factor.powf((step / every.max(1)) as f64),
             LrSchedule::Exponential { every, rate, speedup } => {
                 base * rate.powf(step as f64 * speedup / every.max(1) as f64)
             }

@@ -196,12 +196,12 @@ pub struct Outcome {
 /// Loads data, trains every variant, writes metrics, plots and the report into `settings.out`.
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     settings.check()?;
+    let (train, test) = data::load(&settings.data_dir)?;
     std::fs::create_dir_all(&settings.out)
         .with_context(|| format!("cannot create output directory {}", settings.out.display()))?;
     let metrics_path = settings.out.join("metrics.jsonl");
     let mut metrics_file =
         std::fs::File::create(&metrics_path).with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    let (train, test) = data::load(&settings.data_dir)?;
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"

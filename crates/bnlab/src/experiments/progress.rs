@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 pub struct Progress {
     bar: Option<ProgressBar>,
     name: String,
+    quiet: bool,
 }
 
 impl Progress {
@@ -24,6 +25,7 @@ impl Progress {
         Progress {
             bar,
             name: name.to_string(),
+            quiet,
         }
     }
 
@@ -39,6 +41,7 @@ impl Progress {
         let msg = format!("loss {loss:.4} acc {:.2}%", acc * 100.0);
         match &self.bar {
             Some(b) => b.set_message(msg),
+            None if self.quiet => {}
             None => eprintln!("{}: step {step}/{steps} {msg} ({steps_per_sec:.0} steps/s)", self.name),
         }
     }

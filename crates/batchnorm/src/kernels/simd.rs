@@ -1,0 +1,297 @@
+//! A minimal SIMD layer: vectors of [`LANES`](super::LANES) `f64` lanes, with a portable backend
+//! ([`Scalar`]) and an AVX2 one ([`Avx2`]) that compute the same bits.
+//!
+//! Kernels are written once, generic over [`Simd`], and instantiated by [`simd_dispatch!`]: one
+//! copy in a function compiled for AVX2 + FMA (picked at run time when the CPU has them) and one
+//! portable copy. Both backends do lane-wise IEEE `f64` add/sub/mul (no fused multiply-add) and
+//! round-to-nearest conversions, so every kernel gives the same bits on either path.
+
+use crate::Element;
+
+/// Bytes of alignment a [`Simd::stream`] store needs.
+pub(crate) const STREAM_ALIGN: usize = 32;
+
+/// Operations on vectors of 8 `f64` lanes.
+pub(crate) trait Simd: Copy {
+    /// A vector of 8 `f64`.
+    type V: Copy;
+    fn splat(self, v: f64) -> Self::V;
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    fn lanes(self, v: Self::V) -> [f64; 8];
+    /// Loads 8 elements from `p` (no alignment needed), widened to `f64`.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 elements.
+    unsafe fn load<T: Element>(self, p: *const T) -> Self::V;
+    /// Rounds the 8 lanes to `T` and stores them at `p` (no alignment needed).
+    ///
+    /// # Safety
+    /// `p` must be valid for writing 8 elements.
+    unsafe fn store<T: Element>(self, p: *mut T, v: Self::V);
+    /// As [`Simd::store`], with a non-temporal (streaming) store where the backend has one. Call
+    /// `elementwise::stream_fence` before the data is handed to another thread.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing 8 elements and aligned to [`STREAM_ALIGN`] bytes.
+    unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V);
+}
+
+/// Whether `T` is `f32` (the only other [`Element`] is `f64`).
+#[inline(always)]
+pub(crate) fn is_f32<T: Element>() -> bool {
+    std::mem::size_of::<T>() == 4
+}
+
+/// The portable backend: arrays of 8 `f64`, which the compiler vectorizes as it can.
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar;
+
+impl Simd for Scalar {
+    type V = [f64; 8];
+    #[inline(always)]
+    fn splat(self, v: f64) -> Self::V {
+        [v; 8]
+    }
+    #[inline(always)]
+    fn add(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
+    #[inline(always)]
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] - b[l])
+    }
+    #[inline(always)]
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] * b[l])
+    }
+    #[inline(always)]
+    fn lanes(self, v: Self::V) -> [f64; 8] {
+        v
+    }
+    #[inline(always)]
+    unsafe fn load<T: Element>(self, p: *const T) -> Self::V {
+        // SAFETY: the caller guarantees 8 readable elements.
+        std::array::from_fn(|l| unsafe { *p.add(l) }.to_f64())
+    }
+    #[inline(always)]
+    unsafe fn store<T: Element>(self, p: *mut T, v: Self::V) {
+        for (l, &x) in v.iter().enumerate() {
+            // SAFETY: the caller guarantees 8 writable elements.
+            unsafe { *p.add(l) = T::from_f64(x) };
+        }
+    }
+    #[inline(always)]
+    unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V) {
+        // SAFETY: as `store`.
+        unsafe { self.store(p, v) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{has_avx2, Avx2};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{is_f32, Simd};
+    use crate::Element;
+    use std::arch::x86_64::*;
+
+    /// Whether the CPU has AVX2 and FMA (cached by the standard library).
+    #[inline(always)]
+    pub(crate) fn has_avx2() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// The AVX2 backend: a vector is two `__m256d` (lanes 0–3, 4–7). Only constructible where
+    /// the CPU has AVX2.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(());
+
+    impl Avx2 {
+        /// # Safety
+        /// The CPU must support AVX2 and FMA, and the caller must be compiled with them enabled.
+        #[inline(always)]
+        pub(crate) unsafe fn new_unchecked() -> Avx2 {
+            Avx2(())
+        }
+    }
+
+    // SAFETY (all `unsafe` blocks below): an `Avx2` value exists only where the CPU has AVX2
+    // (see `new_unchecked`); pointer validity is the caller's contract, as documented on `Simd`.
+    impl Simd for Avx2 {
+        type V = (__m256d, __m256d);
+        #[inline(always)]
+        fn splat(self, v: f64) -> Self::V {
+            unsafe { (_mm256_set1_pd(v), _mm256_set1_pd(v)) }
+        }
+        #[inline(always)]
+        fn add(self, a: Self::V, b: Self::V) -> Self::V {
+            unsafe { (_mm256_add_pd(a.0, b.0), _mm256_add_pd(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn sub(self, a: Self::V, b: Self::V) -> Self::V {
+            unsafe { (_mm256_sub_pd(a.0, b.0), _mm256_sub_pd(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn mul(self, a: Self::V, b: Self::V) -> Self::V {
+            unsafe { (_mm256_mul_pd(a.0, b.0), _mm256_mul_pd(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn lanes(self, v: Self::V) -> [f64; 8] {
+            let mut out = [0.0; 8];
+            unsafe {
+                _mm256_storeu_pd(out.as_mut_ptr(), v.0);
+                _mm256_storeu_pd(out.as_mut_ptr().add(4), v.1);
+            }
+            out
+        }
+        #[inline(always)]
+        unsafe fn load<T: Element>(self, p: *const T) -> Self::V {
+            unsafe {
+                if is_f32::<T>() {
+                    let p = p as *const f32;
+                    (
+                        _mm256_cvtps_pd(_mm_loadu_ps(p)),
+                        _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
+                    )
+                } else {
+                    let p = p as *const f64;
+                    (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)))
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn store<T: Element>(self, p: *mut T, v: Self::V) {
+            unsafe {
+                if is_f32::<T>() {
+                    let p = p as *mut f32;
+                    _mm_storeu_ps(p, _mm256_cvtpd_ps(v.0));
+                    _mm_storeu_ps(p.add(4), _mm256_cvtpd_ps(v.1));
+                } else {
+                    let p = p as *mut f64;
+                    _mm256_storeu_pd(p, v.0);
+                    _mm256_storeu_pd(p.add(4), v.1);
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V) {
+            unsafe {
+                if is_f32::<T>() {
+                    let lo = _mm256_castps128_ps256(_mm256_cvtpd_ps(v.0));
+                    _mm256_stream_ps(p as *mut f32, _mm256_insertf128_ps::<1>(lo, _mm256_cvtpd_ps(v.1)));
+                } else {
+                    let p = p as *mut f64;
+                    _mm256_stream_pd(p, v.0);
+                    _mm256_stream_pd(p.add(4), v.1);
+                }
+            }
+        }
+    }
+}
+
+/// Defines `fn $name<T: Element>(args) -> ret` that runs `$imp(simd, args…)` with the AVX2
+/// backend in an AVX2 + FMA function when the CPU has them, and with [`Scalar`] otherwise.
+/// `$imp` must be `#[inline(always)]` so that it is compiled into each copy.
+macro_rules! simd_dispatch {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $imp:path) => {
+        $(#[$attr])*
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<T: Element>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if $crate::kernels::simd::has_avx2() {
+                    #[target_feature(enable = "avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    unsafe fn avx2<T: Element>($($arg: $ty),*) $(-> $ret)? {
+                        // SAFETY: only called where the CPU has AVX2 and FMA, from a function
+                        // compiled with them.
+                        $imp(unsafe { $crate::kernels::simd::Avx2::new_unchecked() }, $($arg),*)
+                    }
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2::<T>($($arg),*) };
+                }
+            }
+            $imp($crate::kernels::simd::Scalar, $($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::super::elementwise::{self as ew, DxCoeffs, RowParam};
+    use super::super::moments::{self, Runs};
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 7.0 - 3.0 + 1e3
+            })
+            .collect()
+    }
+
+    /// The AVX2 path (what the dispatching functions pick here) and the portable one agree bitwise.
+    #[test]
+    fn backends_agree() {
+        if !super::has_avx2() {
+            return;
+        }
+        let s = super::Scalar;
+        for (len, count, stride) in [(1, 3, 5), (7, 2, 9), (29, 5, 40), (200, 3, 211), (1000, 1, 0)] {
+            let x = data(stride * count + len + 1, len as u64);
+            let dy = data(x.len(), 99);
+            let runs = Runs {
+                first: 1,
+                count,
+                len,
+                stride,
+            };
+            assert_eq!(moments::runs_moments(&x, runs), moments::runs_moments_impl(s, &x, runs));
+            assert_eq!(
+                moments::runs_grad_sums(&x, &dy, runs, 1e3),
+                moments::runs_grad_sums_impl(s, &x, &dy, runs, 1e3)
+            );
+            let (mut y1, mut y2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            ew::normalize_plane(&x, &mut y1[..], 1e3, 0.7, 0.1, true);
+            ew::normalize_plane_impl(s, &x, &mut y2[..], 1e3, 0.7, 0.1, false);
+            assert_eq!(y1, y2);
+            let c = DxCoeffs {
+                mean: 1e3,
+                k: 0.3,
+                a: 0.01,
+                b: 0.02,
+            };
+            ew::dx_plane(&x, &dy, &mut y1[..], c, false);
+            ew::dx_plane_impl(s, &x, &dy, &mut y2[..], c, true);
+            assert_eq!(y1, y2);
+        }
+        for channels in [1, 3, 8, 13, 64] {
+            let rows = 37;
+            let x = data(rows * channels, channels as u64);
+            let dy = data(rows * channels, 5);
+            let z = || vec![0.0; channels];
+            let (mut a, mut b, mut c) = (z(), z(), z());
+            let (mut d, mut e, mut f) = (z(), z(), z());
+            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c);
+            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f);
+            assert_eq!((&a, &b), (&d, &e));
+            let (mut g1, mut g2, mut h1, mut h2) = (z(), z(), z(), z());
+            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2);
+            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2);
+            assert_eq!((g1, g2), (h1, h2));
+            let p = |k: f64| RowParam::new((0..channels).map(|c| k + c as f64));
+            let (mut y1, mut y2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            ew::normalize_rows(&x[3..], &mut y1[3..], &p(1e3), &p(0.5), &p(0.1), true);
+            ew::normalize_rows_impl(s, &x[3..], &mut y2[3..], &p(1e3), &p(0.5), &p(0.1), false);
+            assert_eq!(y1, y2);
+        }
+    }
+}
