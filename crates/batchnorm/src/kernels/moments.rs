@@ -255,15 +255,28 @@ simd_dispatch! {
     pub(crate) fn runs_grad_sums<T>(x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) => runs_grad_sums_impl
 }
 
-/// Rows handled together by the across-rows sums (each channel's accumulator stays in a register
-/// over them; the order of the additions is still row by row). 1 measured best: more rows at once
-/// means more concurrent memory streams, and these sums are memory bound.
-const ROW_GROUP: usize = 1;
+/// Channels whose across-rows accumulators are updated together over all rows of a block before
+/// moving to the next channels: with many channels (e.g. 4096) a whole row of `f64` accumulators
+/// (several of them in the second pass) would not stay in L1 between rows. Each channel's sum is
+/// still taken row by row, so the tile size changes no bit.
+const CHANNEL_TILE: usize = 256;
+
+/// Rows whose terms are added to a register copy of the accumulators before it is stored back
+/// (still row by row per channel, so no bit changes), for data already in cache: the second pass
+/// of the moments.
+const IN_CACHE_ROW_GROUP: usize = 4;
+/// The same for passes streaming from memory, used only with at least [`WIDE_ROWS`] channels:
+/// there a row's accumulators do not stay in L1 and the data usually comes from the last-level
+/// cache. With few channels the data comes from DRAM and one row at a time measured best (fewer
+/// concurrent memory streams).
+const WIDE_ROW_GROUP: usize = 4;
+/// Channels from which [`WIDE_ROW_GROUP`] applies.
+const WIDE_ROWS: usize = CHANNEL_TILE;
 
 /// acc[c] += Σ_r f(r, c) over `rows` rows, in row order, vectorized across channels:
 /// `vec(r, c)` gives channels c..c+8 of row r, `one(r, c)` channel c alone.
 #[inline(always)]
-fn rows_accumulate<S: Simd>(
+fn rows_accumulate<S: Simd, const G: usize>(
     s: S,
     rows: usize,
     acc: &mut [f64],
@@ -273,33 +286,38 @@ fn rows_accumulate<S: Simd>(
     let channels = acc.len();
     let c8 = channels - channels % 8;
     let pa = acc.as_mut_ptr();
-    let mut r = 0;
-    while r < rows {
-        let group = ROW_GROUP.min(rows - r);
-        let mut c = 0;
-        while c < c8 {
-            // SAFETY: c + 8 <= channels = acc.len().
-            unsafe {
-                let mut v = s.load(pa.add(c) as *const f64);
-                for q in r..r + group {
-                    v = s.add(v, vec(q, c));
+    let mut t = 0;
+    while t < c8 {
+        let te = (t + CHANNEL_TILE).min(c8);
+        let mut r = 0;
+        while r < rows {
+            let group = G.min(rows - r);
+            let mut c = t;
+            while c < te {
+                // SAFETY: c + 8 <= c8 <= channels = acc.len().
+                unsafe {
+                    let mut v = s.load(pa.add(c) as *const f64);
+                    for q in r..r + group {
+                        v = s.add(v, vec(q, c));
+                    }
+                    s.store(pa.add(c), v);
                 }
-                s.store(pa.add(c), v);
+                c += 8;
             }
-            c += 8;
+            r += group;
         }
+        t = te;
+    }
+    for r in 0..rows {
         for (c, a) in acc.iter_mut().enumerate().skip(c8) {
-            for q in r..r + group {
-                *a += one(q, c);
-            }
+            *a += one(r, c);
         }
-        r += group;
     }
 }
 
 /// As [`rows_accumulate`] with two sums per channel, `f` giving both terms.
 #[inline(always)]
-fn rows_accumulate2<S: Simd>(
+fn rows_accumulate2<S: Simd, const G: usize>(
     s: S,
     rows: usize,
     acc_a: &mut [f64],
@@ -311,33 +329,38 @@ fn rows_accumulate2<S: Simd>(
     assert_eq!(acc_b.len(), channels);
     let c8 = channels - channels % 8;
     let (pa, pb) = (acc_a.as_mut_ptr(), acc_b.as_mut_ptr());
-    let mut r = 0;
-    while r < rows {
-        let group = ROW_GROUP.min(rows - r);
-        let mut c = 0;
-        while c < c8 {
-            // SAFETY: c + 8 <= channels = acc_a.len() = acc_b.len().
-            unsafe {
-                let mut va = s.load(pa.add(c) as *const f64);
-                let mut vb = s.load(pb.add(c) as *const f64);
-                for q in r..r + group {
-                    let (ta, tb) = vec(q, c);
-                    va = s.add(va, ta);
-                    vb = s.add(vb, tb);
+    let mut t = 0;
+    while t < c8 {
+        let te = (t + CHANNEL_TILE).min(c8);
+        let mut r = 0;
+        while r < rows {
+            let group = G.min(rows - r);
+            let mut c = t;
+            while c < te {
+                // SAFETY: c + 8 <= c8 <= channels = acc_a.len() = acc_b.len().
+                unsafe {
+                    let mut va = s.load(pa.add(c) as *const f64);
+                    let mut vb = s.load(pb.add(c) as *const f64);
+                    for q in r..r + group {
+                        let (ta, tb) = vec(q, c);
+                        va = s.add(va, ta);
+                        vb = s.add(vb, tb);
+                    }
+                    s.store(pa.add(c), va);
+                    s.store(pb.add(c), vb);
                 }
-                s.store(pa.add(c), va);
-                s.store(pb.add(c), vb);
+                c += 8;
             }
-            c += 8;
+            r += group;
         }
+        t = te;
+    }
+    for r in 0..rows {
         for c in c8..channels {
-            for q in r..r + group {
-                let (ta, tb) = one(q, c);
-                acc_a[c] += ta;
-                acc_b[c] += tb;
-            }
+            let (ta, tb) = one(r, c);
+            acc_a[c] += ta;
+            acc_b[c] += tb;
         }
-        r += group;
     }
 }
 
@@ -356,15 +379,13 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
     // inside x (asserted above).
     mean.fill(0.0);
-    rows_accumulate(
-        s,
-        rows,
-        mean,
-        #[inline(always)]
-        |r, c| unsafe { s.load(xp.add(r * channels + c)) },
-        #[inline(always)]
-        |r, c| unsafe { *xp.add(r * channels + c) }.to_f64(),
-    );
+    let vec1 = |r: usize, c: usize| unsafe { s.load(xp.add(r * channels + c)) };
+    let one1 = |r: usize, c: usize| unsafe { *xp.add(r * channels + c) }.to_f64();
+    if channels >= WIDE_ROWS {
+        rows_accumulate::<S, WIDE_ROW_GROUP>(s, rows, mean, vec1, one1);
+    } else {
+        rows_accumulate::<S, 1>(s, rows, mean, vec1, one1);
+    }
     let n = rows as f64;
     for v in mean.iter_mut() {
         *v /= n;
@@ -374,7 +395,7 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     let mp = mean.as_ptr();
     let meanr: &[f64] = mean;
     // SAFETY (closures): as above, and c + 8 <= channels = mean.len().
-    rows_accumulate2(
+    rows_accumulate2::<S, IN_CACHE_ROW_GROUP>(
         s,
         rows,
         corr,
@@ -448,23 +469,20 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).
-    rows_accumulate2(
-        s,
-        rows,
-        sum_dy,
-        sum_dy_xmu,
-        #[inline(always)]
-        |r, c| unsafe {
-            let g = s.load(gp.add(r * channels + c));
-            let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
-            (g, s.mul(g, d))
-        },
-        #[inline(always)]
-        |r, c| unsafe {
-            let g = (*gp.add(r * channels + c)).to_f64();
-            (g, g * ((*xp.add(r * channels + c)).to_f64() - mean[c]))
-        },
-    );
+    let vec2 = |r: usize, c: usize| unsafe {
+        let g = s.load(gp.add(r * channels + c));
+        let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
+        (g, s.mul(g, d))
+    };
+    let one2 = |r: usize, c: usize| unsafe {
+        let g = (*gp.add(r * channels + c)).to_f64();
+        (g, g * ((*xp.add(r * channels + c)).to_f64() - mean[c]))
+    };
+    if channels >= WIDE_ROWS {
+        rows_accumulate2::<S, WIDE_ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, vec2, one2);
+    } else {
+        rows_accumulate2::<S, 1>(s, rows, sum_dy, sum_dy_xmu, vec2, one2);
+    }
 }
 
 simd_dispatch! {
