@@ -18,9 +18,10 @@ The data are random (standard-normal pixels, uniform labels), pre-generated in m
 `zero_grad`, forward, loss, backward, `optimizer.step()`. After `--warmup` steps (200)
 of each variant, `--steps` steps (3000) per variant are timed one by one, the variants
 alternating in `--blocks` (10) blocks, and the median is reported, one JSON line per
-variant:
+variant
+(`mean_ms_per_step` is the mean over the same steps, the statistic bnlab's summary.json reports):
 
-    {"variant":"bn","ms_per_step":M,"threads":T,"framework":"pytorch"}
+    {"variant":"bn","ms_per_step":M,"mean_ms_per_step":A,"threads":T,"framework":"pytorch"}
 """
 import argparse
 import json
@@ -94,7 +95,8 @@ def main():
                 times[v].append(time.perf_counter() - t0)
     for variant in args.variants:
         ms = statistics.median(times[variant]) * 1e3
-        print(json.dumps({"variant": variant, "ms_per_step": round(ms, 5),
+        mean_ms = statistics.fmean(times[variant]) * 1e3
+        print(json.dumps({"variant": variant, "ms_per_step": round(ms, 5), "mean_ms_per_step": round(mean_ms, 5),
                           "threads": torch.get_num_threads(), "framework": "pytorch"},
                          separators=(",", ":")), flush=True)
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Side-by-side ms per training step of the paper's MLP: `bnlab paper-mlp` vs bench/torch_mlp.py.
+
+Run from the repository root with the PyTorch venv's Python (see bench/README.md):
+
+    cargo build --release -p bnlab
+    /tmp/torch/bin/python bench/compare_mlp.py --threads 2 --steps 5000 --rounds 3
+
+Each round runs `bnlab paper-mlp --steps S --eval-every S` (both variants, real
+Fashion-MNIST batches; bnlab's `ms_per_step` in summary.json is training time / steps,
+evaluations excluded) and then `torch_mlp.py --steps S` (median of timed steps on random
+in-memory data). Both sides' figures are means over the timed steps (a step preempted by
+another process counts in full on both sides); bnlab's include gathering each batch from the
+data set, PyTorch's do not. The table gives each side's median over the rounds and the ratio
+bnlab / PyTorch.
+This script itself needs only the standard library.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def bnlab_round(args):
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [args.bnlab, "paper-mlp", "--steps", str(args.steps), "--eval-every", str(args.steps),
+               "--threads", str(args.threads), "--quiet", "--out", out]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out, "summary.json")) as f:
+            variants = json.load(f)["variants"]
+    return {name: v["ms_per_step"] for name, v in variants.items()}
+
+
+def torch_round(args):
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [args.python, os.path.join(here, "torch_mlp.py"), "--threads", str(args.threads),
+           "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["variant"]: r["mean_ms_per_step"] for r in rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bnlab", default="target/release/bnlab", help="path to the bnlab binary")
+    ap.add_argument("--python", default=sys.executable, help="Python with torch (default: this one)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=5000, help="timed steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians across them")
+    args = ap.parse_args()
+
+    bn_runs, pt_runs = [], []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}: bnlab", file=sys.stderr, flush=True)
+        bn_runs.append(bnlab_round(args))
+        print(f"round {r + 1}/{args.rounds}: pytorch", file=sys.stderr, flush=True)
+        pt_runs.append(torch_round(args))
+
+    print(f"Threads: {args.threads}; {args.steps} steps per variant; median of {args.rounds} alternating rounds.\n")
+    print("| variant | bnlab ms/step | PyTorch ms/step | bnlab / PyTorch |")
+    print("|---|---:|---:|---:|")
+    for v in ("baseline", "bn"):
+        b = statistics.median(run[v] for run in bn_runs)
+        p = statistics.median(run[v] for run in pt_runs)
+        print(f"| {v} | {b:.3f} | {p:.3f} | {b / p:.2f} |")
+    print("\nrounds (bnlab, PyTorch):")
+    for b, p in zip(bn_runs, pt_runs):
+        print(f"  bnlab {json.dumps(b)}  pytorch {json.dumps(p)}")
+
+
+if __name__ == "__main__":
+    main()
