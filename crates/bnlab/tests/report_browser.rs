@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bnlab::report::{band_panels_svg, line_plot_svg, write_plot, Band, BandPanels, LinePlot, Page, Series};
 
 /// How long one Chromium run may take before it is killed.
@@ -282,4 +284,80 @@ fn report_page_renders_in_chromium() {
     if let Some(keep) = keep {
         eprintln!("kept the page and screenshot in {}", keep.display());
     }
+}
+
+/// The page `bnlab accelerate` writes (tiny run on synthetic images) renders: its table, the
+/// accuracy plot with every variant, no console errors, a screenshot that is not blank.
+#[test]
+fn accelerate_report_renders_in_chromium() {
+    let Some(chromium) = find_chromium() else {
+        assert!(
+            std::env::var("BNLAB_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "chromium is not installed and BNLAB_REQUIRE_BROWSER=1"
+        );
+        eprintln!("note: chromium not found (Debian package `chromium`); skipping the browser check");
+        return;
+    };
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = common::synthetic_data(temp.path());
+    let out = temp.path().join("out");
+    let variants = ["baseline", "bn-baseline", "bn-x5", "bn-x5-sigmoid"];
+    common::bnlab_ok(
+        temp.path(),
+        &[
+            "accelerate",
+            "--variants",
+            &variants.join(","),
+            "--steps",
+            "20",
+            "--eval-every",
+            "5",
+            "--channels",
+            "2,4",
+            "--hidden",
+            "8",
+            "--batch",
+            "20",
+            "--data",
+            common::s(&data),
+            "--out",
+            common::s(&out),
+            "--quiet",
+        ],
+    );
+    let out = out.canonicalize().expect("absolute output dir");
+    let url = file_url(&out.join("report.html"));
+    let dom = run_chromium(
+        &chromium,
+        temp.path(),
+        &[
+            "--dump-dom".to_string(),
+            "--enable-logging=stderr".to_string(),
+            "--v=0".to_string(),
+        ],
+        &url,
+    );
+    let html = &dom.stdout;
+    assert_eq!(html.matches("<svg").count(), 1, "expected one SVG figure");
+    assert!(html.contains("<polyline"), "no lines in the DOM");
+    assert_eq!(html.matches("<table").count(), 3, "Figure 3 table, runs and settings");
+    for text in variants.iter().copied().chain(["steps to baseline", "Test accuracy"]) {
+        assert!(html.contains(text), "{text:?} missing from the DOM");
+    }
+    for bad in [":CONSOLE", "Uncaught", "Failed to load"] {
+        assert!(!dom.stderr.contains(bad), "browser reported {bad:?}:\n{}", dom.stderr);
+    }
+    let shot = temp.path().join("screenshot.png");
+    run_chromium(
+        &chromium,
+        temp.path(),
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,1600".to_string(),
+        ],
+        &url,
+    );
+    let (_, _, pixels) = decode_png(&shot);
+    let distinct: HashSet<[u8; 3]> = pixels.iter().copied().collect();
+    assert!(distinct.len() >= 20, "screenshot has only {} colours", distinct.len());
 }

@@ -21,8 +21,8 @@
 //! with sigmoids). All get the same step budget and evaluation schedule.
 //!
 //! A variant whose training loss becomes NaN or infinite stops there: `metrics.jsonl` gets a line
-//! with `"diverged": true` (accuracy and loss `null`) and the table reports "diverged at step N";
-//! the other variants go on.
+//! with `"diverged": true` (accuracy and loss `null`), the table's "diverged at" column gives N
+//! (its other columns count the evaluations before), and the other variants go on.
 //!
 //! The Figure 3 table ([`figure3_table`]): for each variant, the first evaluated step at which its
 //! test accuracy reached the baseline's best test accuracy (or never), and its own best accuracy
@@ -461,8 +461,8 @@ impl Table {
             )),
             _ => s.push_str("The baseline was not run: no target accuracy.\n\n"),
         }
-        s.push_str("| variant | steps to baseline's best | speed-up | best test accuracy | at step |\n");
-        s.push_str("|---|---:|---:|---:|---:|\n");
+        s.push_str("| variant | steps to baseline's best | speed-up | best test accuracy | at step | diverged at |\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|\n");
         for r in self.html_rows() {
             s.push_str(&format!("| {} |\n", r.join(" | ")));
         }
@@ -470,16 +470,15 @@ impl Table {
     }
 
     /// The rows as display cells: variant, steps to the baseline's best, speed-up, best accuracy,
-    /// its step.
+    /// its step, the step of divergence.
     pub fn html_rows(&self) -> Vec<Vec<String>> {
         self.rows
             .iter()
             .map(|r| {
-                let reach = match (r.steps_to_baseline_best, r.diverged_at) {
-                    (Some(n), _) => n.to_string(),
-                    (None, Some(d)) => format!("never (diverged at step {d})"),
-                    (None, None) if self.baseline_best_acc.is_none() => "n/a".into(),
-                    (None, None) => "never".into(),
+                let reach = match r.steps_to_baseline_best {
+                    Some(n) => n.to_string(),
+                    None if self.baseline_best_acc.is_none() => "n/a".into(),
+                    None => "never".into(),
                 };
                 vec![
                     r.variant.clone(),
@@ -487,6 +486,7 @@ impl Table {
                     r.speedup.map_or("–".into(), |x| format!("{x:.1}×")),
                     r.best_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
                     r.best_step.map_or("–".into(), |s| s.to_string()),
+                    r.diverged_at.map_or("–".into(), |s| s.to_string()),
                 ]
             })
             .collect()
@@ -669,6 +669,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         "speed-up",
         "best test accuracy",
         "at step",
+        "diverged at",
     ]
     .map(String::from)
     .to_vec();
@@ -680,7 +681,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         &header,
         &o.table.html_rows(),
     );
-    let header: Vec<String> = ["variant", "final test accuracy", "ms / step", "seconds", "diverged at"]
+    let header: Vec<String> = ["variant", "final test accuracy", "ms / step", "seconds", "steps trained"]
         .map(String::from)
         .to_vec();
     let rows: Vec<Vec<String>> = s
@@ -693,7 +694,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
                 r.final_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
                 format!("{:.3}", r.ms_per_step),
                 format!("{:.1}", r.seconds),
-                r.diverged_at.map_or("–".into(), |d| d.to_string()),
+                r.steps.to_string(),
             ]
         })
         .collect();
