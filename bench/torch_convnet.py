@@ -29,13 +29,13 @@ blocks; the median and the mean are reported, one JSON line per variant:
 """
 import argparse
 import json
-import math
 import statistics
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch_mlp import time_alternating  # same directory: the timing loop of both scripts
 
 BATCH, CLASSES = 64, 10
 VARIANTS = {
@@ -109,17 +109,7 @@ def main():
     data = [(torch.rand(BATCH, 1, 28, 28, generator=gen),
              torch.randint(0, CLASSES, (BATCH,), generator=gen)) for _ in range(args.batches)]
     steps = {v: make_step(v, data, args) for v in args.variants}
-    for v in args.variants:
-        for i in range(args.warmup):
-            steps[v](i)
-    times = {v: [] for v in args.variants}
-    per_block = max(1, math.ceil(args.steps / args.blocks))
-    for blk in range(args.blocks):
-        for v in args.variants:
-            for i in range(args.warmup + blk * per_block, args.warmup + (blk + 1) * per_block):
-                t0 = time.perf_counter()
-                steps[v](i)
-                times[v].append(time.perf_counter() - t0)
+    times = time_alternating(steps, args.warmup, args.steps, args.blocks)
     for variant in args.variants:
         ms = statistics.median(times[variant]) * 1e3
         mean = statistics.fmean(times[variant]) * 1e3

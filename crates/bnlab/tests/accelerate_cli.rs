@@ -45,13 +45,17 @@ fn expected_table(lines: &[Value]) -> (Option<f64>, Expected) {
             .map(|m| (m["step"].as_u64().unwrap(), num(m, "test_acc")))
             .collect()
     };
-    let target = evals("baseline").iter().map(|e| e.1).fold(None, |b: Option<f64>, a| {
-        Some(b.map_or(a, |b| b.max(a)))
-    });
+    let target = evals("baseline")
+        .iter()
+        .map(|e| e.1)
+        .fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a))));
     let mut out = Expected::new();
     for v in ALL {
         let e = evals(v);
-        let best = e.iter().map(|x| x.1).fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a))));
+        let best = e
+            .iter()
+            .map(|x| x.1)
+            .fold(None, |b: Option<f64>, a| Some(b.map_or(a, |b| b.max(a))));
         let best_step = best.and_then(|b| e.iter().find(|x| x.1 == b).map(|x| x.0));
         let reach = target.and_then(|t| e.iter().find(|x| x.1 >= t).map(|x| x.0));
         out.insert(v.to_string(), (reach, best, best_step));
@@ -143,7 +147,10 @@ fn quick_study_writes_every_output() {
             assert!((num(row, "speedup") - base as f64 / r as f64).abs() < 1e-12, "{row}");
         }
     }
-    assert_eq!(expected["baseline"].0, expected["baseline"].2, "baseline reaches its own best");
+    assert_eq!(
+        expected["baseline"].0, expected["baseline"].2,
+        "baseline reaches its own best"
+    );
 
     // table.md: one row per variant with the same figures.
     let md = read(&out.join("table.md"));
@@ -174,40 +181,17 @@ fn quick_study_writes_every_output() {
     }
     check_png(&out.join("accuracy.png"));
     let html = read(&out.join("report.html"));
-    assert!(html.contains("<table") && html.contains("<svg"), "report.html lacks the table or plot");
+    assert!(
+        html.contains("<table") && html.contains("<svg"),
+        "report.html lacks the table or plot"
+    );
     for v in ALL {
         assert!(html.contains(v), "report.html lacks {v}");
     }
 }
 
-/// Small settings on synthetic 8×8 images.
-fn tiny(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "accelerate",
-        "--steps",
-        "30",
-        "--eval-every",
-        "10",
-        "--channels",
-        "2,4",
-        "--hidden",
-        "8",
-        "--batch",
-        "20",
-        "--data",
-        s(data),
-        "--out",
-        s(out),
-        "--quiet",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
-}
-
 fn run_tiny(cwd: &Path, data: &Path, out: &Path, extra: &[&str]) -> String {
-    let args = tiny(data, out, extra);
+    let args = accelerate_tiny_args(data, out, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     bnlab_ok(cwd, &args);
     read(&out.join("metrics.jsonl"))
@@ -222,7 +206,12 @@ fn same_seed_and_threads_give_identical_metrics() {
     let b = run_tiny(tmp.path(), &data, &tmp.path().join("b"), &v);
     assert_eq!(a.lines().count(), 6, "{a}");
     assert_eq!(a, b, "two runs with the same seed and threads differ");
-    let c = run_tiny(tmp.path(), &data, &tmp.path().join("c"), &[&v[..], &["--seed", "2"]].concat());
+    let c = run_tiny(
+        tmp.path(),
+        &data,
+        &tmp.path().join("c"),
+        &[&v[..], &["--seed", "2"]].concat(),
+    );
     assert_ne!(a, c, "another seed gave the same metrics");
 }
 
@@ -246,14 +235,22 @@ fn a_diverging_variant_is_reported_not_fatal() {
         .unwrap_or_else(|| panic!("baseline did not diverge at lr 1e6: {lines:?}"));
     let step = div["step"].as_u64().unwrap();
     assert!(
-        !lines.iter().any(|m| m["variant"] == "baseline" && m["step"].as_u64().unwrap() > step),
+        !lines
+            .iter()
+            .any(|m| m["variant"] == "baseline" && m["step"].as_u64().unwrap() > step),
         "baseline went on after diverging"
     );
-    assert!(lines.iter().any(|m| m["variant"] == "bn-baseline"), "bn-baseline did not run");
+    assert!(
+        lines.iter().any(|m| m["variant"] == "bn-baseline"),
+        "bn-baseline did not run"
+    );
     let table = json(&out.join("table.json"));
     assert_eq!(table["rows"][0]["diverged_at"].as_u64(), Some(step));
     let md = read(&out.join("table.md"));
-    let row = md.lines().find(|l| l.starts_with("| baseline |")).expect("baseline row");
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| baseline |"))
+        .expect("baseline row");
     assert!(row.ends_with(&format!("| {step} |")), "{md}");
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["variants"]["baseline"]["diverged_at"].as_u64(), Some(step));
@@ -265,14 +262,7 @@ fn expect_bad(extra: &[&str], needles: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path());
     let out = tmp.path().join("out");
-    let mut args = tiny(&data, &out, &[]);
-    // A flag given again in `extra` replaces the default one.
-    for key in extra.iter().filter(|a| a.starts_with("--")) {
-        if let Some(i) = args.iter().position(|a| a == key) {
-            args.drain(i..i + 2);
-        }
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
+    let args = accelerate_tiny_args(&data, &out, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     expect_error(tmp.path(), &args, needles);
     assert!(!out.exists(), "an output folder was created for `{}`", args.join(" "));

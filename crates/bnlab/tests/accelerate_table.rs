@@ -122,7 +122,10 @@ fn recipes_follow_section_4_2() {
     assert!(!base.bn && base.dropout && base.lrn && !base.sigmoid);
     let x5 = Variant::BnX5.recipe();
     assert!(x5.bn && !x5.dropout && !x5.lrn && !x5.sigmoid);
-    assert_eq!((x5.lr_factor, x5.weight_decay_divisor, x5.decay_speedup), (5.0, 5.0, 6.0));
+    assert_eq!(
+        (x5.lr_factor, x5.weight_decay_divisor, x5.decay_speedup),
+        (5.0, 5.0, 6.0)
+    );
     assert_eq!(Variant::BnX30.recipe().lr_factor, 30.0);
     assert!(Variant::BnX5Sigmoid.recipe().sigmoid && Variant::BnX5Sigmoid.recipe().bn);
     assert!(Variant::BaselineSigmoid.recipe().sigmoid && !Variant::BaselineSigmoid.recipe().bn);

@@ -28,22 +28,20 @@
 //! test accuracy reached the baseline's best test accuracy (or never), and its own best accuracy
 //! and the step of it.
 
-use super::common::{self, train_step, BnStats, EvalSettings, JsonLines, StepBuffers};
-use super::progress::Progress;
+use super::common::{self, train_step, BnStats, EvalSettings, StepBuffers};
 use crate::data::{self, Dataset, EpochShuffler};
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
     Sigmoid,
 };
 use crate::report::{self, LinePlot, Page, Series};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use batchnorm::BatchNormConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// The six networks of the study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -321,7 +319,7 @@ pub fn build(s: &Settings, variant: Variant, rows: usize, cols: usize, classes: 
     }
     // Flatten: nothing to do, the buffer is [batch, c·h·w] already.
     let features = c * h * w;
-    let dropout_seed = |k: u64| s.seed ^ (0xd509_0u64 + k);
+    let dropout_seed = |k: u64| s.seed ^ (0x000d_5090_u64 + k);
     if r.dropout {
         layers.push(Box::new(Dropout::new(features, s.dropout, dropout_seed(1))?));
     }
@@ -426,11 +424,7 @@ pub fn figure3_table(variants: &[&str], metrics: &[Metric]) -> Table {
         .iter()
         .map(|&v| {
             let best = best_of(of(v));
-            let reached = target.and_then(|(t, _)| {
-                of(v)
-                    .find(|m| m.test_acc.is_some_and(|a| a >= t))
-                    .map(|m| m.step)
-            });
+            let reached = target.and_then(|(t, _)| of(v).find(|m| m.test_acc.is_some_and(|a| a >= t)).map(|m| m.step));
             TableRow {
                 variant: v.to_string(),
                 steps_to_baseline_best: reached,
@@ -513,19 +507,17 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
         "the training set has fewer examples than one batch"
     );
     // Checks that the network fits the images before anything is written.
-    build(settings, Variant::Baseline, train.rows, train.cols, train.classes.max(test.classes))?;
-    common::create_out(&settings.out)?;
-    let mut metrics_file = JsonLines::create(settings.out.join("metrics.jsonl"))?;
-    let mut metrics = Vec::new();
-    let mut summaries = BTreeMap::new();
-    for &variant in &settings.variants {
-        let summary = train_variant(settings, variant, &train, &test, quiet, |m| {
-            metrics_file.write(m)?;
-            metrics.push(m.clone());
-            Ok(())
+    build(
+        settings,
+        Variant::Baseline,
+        train.rows,
+        train.cols,
+        train.classes.max(test.classes),
+    )?;
+    let (metrics, summaries) =
+        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
+            train_variant(settings, v, &train, &test, quiet, record)
         })?;
-        summaries.insert(variant.name(), summary);
-    }
     let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
     let table = figure3_table(&names, &metrics);
     let outcome = Outcome {
@@ -544,75 +536,54 @@ fn train_variant(
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
-    mut on_metric: impl FnMut(&Metric) -> Result<()>,
+    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let recipe = variant.recipe();
     let classes = train.classes.max(test.classes);
-    let mut net = build(s, variant, train.rows, train.cols, classes)?;
-    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let mut sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
-    let mut buf = StepBuffers::new(s.batch, train.features(), classes);
-    let progress = Progress::new(variant.name(), s.steps, quiet);
-    let (start, mut train_secs) = (Instant::now(), 0.0f64);
-    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
-    let (mut best, mut last, mut diverged_at): (Option<f64>, Option<f64>, Option<u64>) = (None, None, None);
-    let mut trained = 0;
-    for step in 0..s.steps {
-        let t = Instant::now();
-        let lr = s.lr_at(variant, step);
-        let loss = train_step(&mut net, &mut sgd, train, &mut shuffler, step, lr as f32, &mut buf)?;
-        train_secs += t.elapsed().as_secs_f64();
-        trained = step + 1;
-        progress.step(step + 1);
-        if !loss.is_finite() {
-            diverged_at = Some(step + 1);
-            progress.diverged(step + 1, loss);
+    let net = build(s, variant, train.rows, train.cols, classes)?;
+    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
+    let sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
+    let buf = StepBuffers::new(s.batch, train.features(), classes);
+    let mut state = (net, sgd, shuffler, buf);
+    // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
+    let lr = |step: u64| s.lr_at(variant, step);
+    let end = common::train_loop(
+        variant.name(),
+        s.steps,
+        s.eval_every,
+        quiet,
+        &mut state,
+        |(net, sgd, shuffler, buf), step| train_step(net, sgd, train, shuffler, step, lr(step) as f32, buf),
+        |(net, ..), step, train_loss| {
+            let acc = common::evaluate(&s.eval_settings(), net, train, test, |_| {})?;
             on_metric(&Metric {
                 variant: variant.name(),
-                step: step + 1,
-                test_acc: None,
-                train_loss: None,
-                lr,
-                diverged: true,
-            })?;
-            break;
-        }
-        loss_sum += loss as f64;
-        loss_n += 1;
-        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
-            let acc = common::evaluate(&s.eval_settings(), &mut net, train, test, |_| {})?;
-            let m = Metric {
-                variant: variant.name(),
-                step: step + 1,
+                step,
                 test_acc: Some(acc),
-                train_loss: Some(loss_sum / loss_n as f64),
-                lr,
+                train_loss: Some(train_loss),
+                lr: lr(step - 1),
                 diverged: false,
-            };
-            progress.eval(
-                step + 1,
-                s.steps,
-                loss_sum / loss_n as f64,
-                acc,
-                (step + 1) as f64 / train_secs.max(1e-9),
-            );
-            on_metric(&m)?;
-            (loss_sum, loss_n) = (0.0, 0);
-            best = Some(best.map_or(acc, |b: f64| b.max(acc)));
-            last = Some(acc);
-        }
-    }
-    progress.finish();
-    if trained == 0 {
-        bail!("no step of `{}` ran", variant.name());
+            })?;
+            Ok(acc)
+        },
+    )?;
+    if let Some((step, _)) = end.diverged {
+        on_metric(&Metric {
+            variant: variant.name(),
+            step,
+            test_acc: None,
+            train_loss: None,
+            lr: lr(step - 1),
+            diverged: true,
+        })?;
     }
     Ok(VariantSummary {
-        final_test_acc: last,
-        best_test_acc: best,
-        seconds: start.elapsed().as_secs_f64(),
-        ms_per_step: train_secs * 1e3 / trained as f64,
-        steps: trained,
-        diverged_at,
+        final_test_acc: end.last_acc,
+        best_test_acc: end.best_acc,
+        seconds: end.seconds,
+        ms_per_step: end.ms_per_step(),
+        steps: end.steps,
+        diverged_at: end.diverged.map(|d| d.0),
     })
 }
 
@@ -681,9 +652,15 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         &header,
         &o.table.html_rows(),
     );
-    let header: Vec<String> = ["variant", "final test accuracy", "ms / step", "seconds", "steps trained"]
-        .map(String::from)
-        .to_vec();
+    let header: Vec<String> = [
+        "variant",
+        "final test accuracy",
+        "ms / step",
+        "seconds",
+        "steps trained",
+    ]
+    .map(String::from)
+    .to_vec();
     let rows: Vec<Vec<String>> = s
         .variants
         .iter()

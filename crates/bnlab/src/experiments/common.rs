@@ -2,13 +2,16 @@
 //! norm (Algorithm 2's population statistics or the running averages), the `metrics.jsonl`
 //! writer, the settings table of a report and the default output folder.
 
+use super::progress::Progress;
 use crate::data::{gather, Dataset, EpochShuffler};
 use crate::engine::loss::argmax_rows;
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use anyhow::{Context, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Which statistics BN uses at evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -87,6 +90,83 @@ pub fn train_step(
     Ok(loss)
 }
 
+/// How [`train_loop`] ended.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopEnd {
+    /// Steps trained (the diverged one included).
+    pub steps: u64,
+    /// Seconds spent in training steps (evaluations not counted).
+    pub train_secs: f64,
+    /// Wall-clock seconds of the whole loop.
+    pub seconds: f64,
+    /// Best test accuracy over evaluations.
+    pub best_acc: Option<f64>,
+    /// Test accuracy at the last evaluation.
+    pub last_acc: Option<f64>,
+    /// The step (1-based) whose loss was not finite, and that loss; the loop stopped there.
+    pub diverged: Option<(u64, f32)>,
+}
+
+impl LoopEnd {
+    /// Milliseconds per training step.
+    pub fn ms_per_step(&self) -> f64 {
+        self.train_secs * 1e3 / self.steps.max(1) as f64
+    }
+}
+
+/// The training loop every experiment runs, with a progress display named `name`:
+/// `step_fn(state, step)` trains 0-based step `step` and returns its loss; after every
+/// `eval_every` steps and after the last, `eval_fn(state, steps_done, mean_loss_since_last_eval)`
+/// evaluates (and records its metrics) and returns the test accuracy. Stops at the first loss
+/// that is not finite.
+pub fn train_loop<S>(
+    name: &str,
+    steps: u64,
+    eval_every: u64,
+    quiet: bool,
+    state: &mut S,
+    mut step_fn: impl FnMut(&mut S, u64) -> Result<f32>,
+    mut eval_fn: impl FnMut(&mut S, u64, f64) -> Result<f64>,
+) -> Result<LoopEnd> {
+    let progress = Progress::new(name, steps, quiet);
+    let start = Instant::now();
+    let mut end = LoopEnd {
+        steps: 0,
+        train_secs: 0.0,
+        seconds: 0.0,
+        best_acc: None,
+        last_acc: None,
+        diverged: None,
+    };
+    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
+    for step in 0..steps {
+        let t = Instant::now();
+        let loss = step_fn(state, step)?;
+        end.train_secs += t.elapsed().as_secs_f64();
+        end.steps = step + 1;
+        progress.step(step + 1);
+        if !loss.is_finite() {
+            progress.diverged(step + 1, loss);
+            end.diverged = Some((step + 1, loss));
+            break;
+        }
+        loss_sum += loss as f64;
+        loss_n += 1;
+        if (step + 1) % eval_every == 0 || step + 1 == steps {
+            let mean_loss = loss_sum / loss_n as f64;
+            let acc = eval_fn(state, step + 1, mean_loss)?;
+            let rate = (step + 1) as f64 / end.train_secs.max(1e-9);
+            progress.eval(step + 1, steps, mean_loss, acc, rate);
+            (loss_sum, loss_n) = (0.0, 0);
+            end.best_acc = Some(end.best_acc.map_or(acc, |b| b.max(acc)));
+            end.last_acc = Some(acc);
+        }
+    }
+    progress.finish();
+    end.seconds = start.elapsed().as_secs_f64();
+    Ok(end)
+}
+
 /// Test accuracy with inference-mode BN. With [`BnStats::Population`], first re-estimates every BN
 /// layer's statistics over a fixed set of training batches (Algorithm 2). `on_chunk` sees the
 /// network after each inference chunk of [`EVAL_CHUNK`] test examples (for monitors).
@@ -147,6 +227,29 @@ impl JsonLines {
     }
 }
 
+/// Creates the output folder `out` and its `metrics.jsonl`, then trains each of `variants` with
+/// `train(variant, record)`, where `record` appends one metrics line (written and kept).
+/// Returns the metrics lines in order and each variant's result under `name(variant)`.
+pub fn train_variants<V: Copy, M: Serialize + Clone, R>(
+    out: &Path,
+    variants: &[V],
+    name: impl Fn(V) -> &'static str,
+    mut train: impl FnMut(V, &mut dyn FnMut(&M) -> Result<()>) -> Result<R>,
+) -> Result<(Vec<M>, BTreeMap<&'static str, R>)> {
+    create_out(out)?;
+    let mut file = JsonLines::create(out.join("metrics.jsonl"))?;
+    let (mut metrics, mut results) = (Vec::new(), BTreeMap::new());
+    for &v in variants {
+        let r = train(v, &mut |m: &M| {
+            file.write(m)?;
+            metrics.push(m.clone());
+            Ok(())
+        })?;
+        results.insert(name(v), r);
+    }
+    Ok((metrics, results))
+}
+
 /// Creates the output folder `out`.
 pub fn create_out(out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
@@ -154,7 +257,8 @@ pub fn create_out(out: &Path) -> Result<()> {
 
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The settings of a run as (name, value) rows for a report page.

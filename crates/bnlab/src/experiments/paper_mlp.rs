@@ -2,8 +2,7 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use super::common::{self, train_step, EvalSettings, JsonLines, StepBuffers};
-use super::progress::Progress;
+use super::common::{self, train_step, EvalSettings, StepBuffers};
 use crate::data::{self, Dataset, EpochShuffler};
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
@@ -15,7 +14,6 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 pub use super::common::{default_out, BnStats};
 
@@ -197,24 +195,15 @@ pub struct Outcome {
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     settings.check()?;
     let (train, test) = data::load(&settings.data_dir)?;
-    common::create_out(&settings.out)?;
-    let mut metrics_file = JsonLines::create(settings.out.join("metrics.jsonl"))?;
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
     );
-    let mut outcome = Outcome {
-        metrics: Vec::new(),
-        summaries: BTreeMap::new(),
-    };
-    for &variant in &settings.variants {
-        let summary = train_variant(settings, variant, &train, &test, quiet, |m| {
-            metrics_file.write(m)?;
-            outcome.metrics.push(m.clone());
-            Ok(())
+    let (metrics, summaries) =
+        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
+            train_variant(settings, v, &train, &test, quiet, record)
         })?;
-        outcome.summaries.insert(variant.name(), summary);
-    }
+    let outcome = Outcome { metrics, summaries };
     write_outputs(settings, &outcome)?;
     Ok(outcome)
 }
@@ -226,67 +215,51 @@ fn train_variant(
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
-    mut on_metric: impl FnMut(&Metric) -> Result<()>,
+    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let classes = train.classes.max(test.classes);
     let features = train.features();
-    let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
-    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let mut sgd = Sgd::new(0.0, 0.0);
-    let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let mut buf = StepBuffers::new(s.batch, features, classes);
-    let progress = Progress::new(variant.name(), s.steps, quiet);
-    let (start, mut train_secs) = (Instant::now(), 0.0f64);
-    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
-    let (mut best, mut last) = (0.0f64, 0.0f64);
-    for step in 0..s.steps {
-        let t = Instant::now();
-        let loss = train_step(&mut net, &mut sgd, train, &mut shuffler, step, s.lr as f32, &mut buf)?;
-        if !loss.is_finite() {
-            bail!(
-                "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr)",
-                variant.name(),
-                step + 1
-            );
-        }
-        train_secs += t.elapsed().as_secs_f64();
-        loss_sum += loss as f64;
-        loss_n += 1;
-        progress.step(step + 1);
-        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
-            let acc = evaluate(s, &mut net, &mut monitor, train, test)?;
+    let (net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
+    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
+    let monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
+    let buf = StepBuffers::new(s.batch, features, classes);
+    let mut state = (net, Sgd::new(0.0, 0.0), shuffler, buf, monitor);
+    let end = common::train_loop(
+        variant.name(),
+        s.steps,
+        s.eval_every,
+        quiet,
+        &mut state,
+        |(net, sgd, shuffler, buf, _), step| train_step(net, sgd, train, shuffler, step, s.lr as f32, buf),
+        |(net, _, _, _, monitor), step, train_loss| {
+            let acc = evaluate(s, net, monitor, train, test)?;
             let summary = monitor.summary();
-            let m = Metric {
+            on_metric(&Metric {
                 variant: variant.name(),
-                step: step + 1,
+                step,
                 test_acc: acc,
-                train_loss: loss_sum / loss_n as f64,
+                train_loss,
                 p15: summary.unit[0],
                 p50: summary.unit[1],
                 p85: summary.unit[2],
                 pooled_p15: summary.pooled[0],
                 pooled_p50: summary.pooled[1],
                 pooled_p85: summary.pooled[2],
-            };
-            progress.eval(
-                step + 1,
-                s.steps,
-                m.train_loss,
-                acc,
-                (step + 1) as f64 / train_secs.max(1e-9),
-            );
-            on_metric(&m)?;
-            (loss_sum, loss_n) = (0.0, 0);
-            best = best.max(acc);
-            last = acc;
-        }
+            })?;
+            Ok(acc)
+        },
+    )?;
+    if let Some((step, loss)) = end.diverged {
+        bail!(
+            "training of `{}` diverged at step {step}: the loss is {loss} (try a smaller --lr)",
+            variant.name()
+        );
     }
-    progress.finish();
     Ok(VariantSummary {
-        final_test_acc: last,
-        best_test_acc: best,
-        seconds: start.elapsed().as_secs_f64(),
-        ms_per_step: train_secs * 1e3 / s.steps as f64,
+        final_test_acc: end.last_acc.unwrap_or(0.0),
+        best_test_acc: end.best_acc.unwrap_or(0.0),
+        seconds: end.seconds,
+        ms_per_step: end.ms_per_step(),
         steps: s.steps,
     })
 }

@@ -180,3 +180,36 @@ pub fn num(v: &Value, key: &str) -> f64 {
         .and_then(Value::as_f64)
         .unwrap_or_else(|| panic!("`{key}` missing or not a number in {v}"))
 }
+
+/// `bnlab accelerate` arguments for a run of seconds on [`synthetic_data`] (30 steps, evaluations
+/// every 10, channels 2,4, hidden 8, batch 20, quiet), then `extra`; a flag given in `extra`
+/// replaces its default (clap rejects a flag given twice).
+pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "accelerate",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--channels",
+        "2,4",
+        "--hidden",
+        "8",
+        "--batch",
+        "20",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec();
+    for key in extra.iter().filter(|a| a.starts_with("--")) {
+        if let Some(i) = args.iter().position(|a| a == key) {
+            args.drain(i..i + 2);
+        }
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
