@@ -65,6 +65,24 @@ def make_step(variant, data):
     return step
 
 
+def time_alternating(steps, warmup, n_steps, blocks):
+    """Seconds of each timed call of `steps[v](i)`, per variant v: `warmup` untimed steps of
+    each, then `n_steps` timed steps each, the variants alternating in `blocks` blocks so that
+    load from other processes hits all alike; the step counter runs on across blocks."""
+    for v in steps:
+        for i in range(warmup):
+            steps[v](i)
+    times = {v: [] for v in steps}
+    per_block = max(1, math.ceil(n_steps / blocks))
+    for blk in range(blocks):
+        for v in steps:
+            for i in range(warmup + blk * per_block, warmup + (blk + 1) * per_block):
+                t0 = time.perf_counter()
+                steps[v](i)
+                times[v].append(time.perf_counter() - t0)
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -80,19 +98,7 @@ def main():
     data = [(torch.randn(BATCH, SIZES[0], generator=gen),
              torch.randint(0, SIZES[-1], (BATCH,), generator=gen)) for _ in range(args.batches)]
     steps = {v: make_step(v, data) for v in args.variants}
-    for v in args.variants:
-        for i in range(args.warmup):
-            steps[v](i)
-    # Alternate the variants in --blocks blocks so that load from other processes hits
-    # both alike; the step counter runs on across blocks.
-    times = {v: [] for v in args.variants}
-    per_block = max(1, math.ceil(args.steps / args.blocks))
-    for blk in range(args.blocks):
-        for v in args.variants:
-            for i in range(args.warmup + blk * per_block, args.warmup + (blk + 1) * per_block):
-                t0 = time.perf_counter()
-                steps[v](i)
-                times[v].append(time.perf_counter() - t0)
+    times = time_alternating(steps, args.warmup, args.steps, args.blocks)
     for variant in args.variants:
         ms = statistics.median(times[variant]) * 1e3
         mean_ms = statistics.fmean(times[variant]) * 1e3

@@ -18,6 +18,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
     PaperMlp(PaperMlpArgs),
+    /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
+    Accelerate(AccelerateArgs),
 }
 
 /// Which networks `paper-mlp` trains.
@@ -61,6 +63,57 @@ pub struct PaperMlpArgs {
     /// Training batches averaged for the population statistics.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub population_batches: u32,
+    /// Directory with the four IDX files (default: Debian's Fashion-MNIST).
+    #[arg(long, default_value = bnlab::data::DEFAULT_DATA_DIR)]
+    pub data: std::path::PathBuf,
+    /// Output directory (default: a new folder under runs/).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// No progress bar or log lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Options of `bnlab accelerate`.
+#[derive(Debug, Args)]
+pub struct AccelerateArgs {
+    /// Variants to train, comma-separated (baseline, bn-baseline, bn-x5, bn-x30, bn-x5-sigmoid,
+    /// baseline-sigmoid; default: all six).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Option<Vec<bnlab::experiments::accelerate::Variant>>,
+    /// Training steps per variant (default 4000; 120 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Option<u64>,
+    /// Steps between evaluations on the test set (default 200; 40 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eval_every: Option<u64>,
+    /// Steps over which the baseline's learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Base (baseline) learning rate.
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true, value_parser = parse_positive)]
+    pub lr: f64,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..=60000))]
+    pub batch: u32,
+    /// Output channels of the two conv layers, `C1,C2` (default 8,16; 4,8 with --quick).
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// Width of the hidden linear layer (default 100; 32 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub hidden: Option<u32>,
+    /// Seed of initialization, shuffling and dropout.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// BN statistics used at evaluation: Algorithm 2's population estimate or the running averages.
+    #[arg(long, value_enum, default_value_t = bnlab::experiments::common::BnStats::Population)]
+    pub bn_stats: bnlab::experiments::common::BnStats,
+    /// A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden).
+    #[arg(long)]
+    pub quick: bool,
     /// Directory with the four IDX files (default: Debian's Fashion-MNIST).
     #[arg(long, default_value = bnlab::data::DEFAULT_DATA_DIR)]
     pub data: std::path::PathBuf,

@@ -4,9 +4,10 @@ mod cli;
 
 use anyhow::{Context, Result};
 use bnlab::bench;
+use bnlab::experiments::accelerate;
 use bnlab::experiments::paper_mlp::{self, Variant};
 use clap::Parser;
-use cli::{BenchArgs, Cli, Command, PaperMlpArgs, VariantChoice};
+use cli::{AccelerateArgs, BenchArgs, Cli, Command, PaperMlpArgs, VariantChoice};
 use std::time::Duration;
 
 fn main() {
@@ -30,6 +31,7 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
+        Command::Accelerate(args) => run_accelerate(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -110,6 +112,50 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
             r.ms_per_step,
             r.seconds
         );
+    }
+    println!("wrote {}", s.out.join("report.html").display());
+    Ok(())
+}
+
+fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
+    let pool = pool(args.threads)?;
+    let out = args.out.clone().unwrap_or_else(|| paper_mlp::default_out("accelerate"));
+    let mut s = accelerate::Settings::new(out);
+    if args.quick {
+        s = s.quick();
+    }
+    if let Some(v) = &args.variants {
+        s.variants = v.clone();
+    }
+    if let Some(steps) = args.steps {
+        s.steps = steps;
+        s.half_life = (steps / 3).max(1);
+    }
+    if let Some(e) = args.eval_every {
+        s.eval_every = e;
+    }
+    if let Some(h) = args.half_life {
+        s.half_life = h;
+    }
+    if let Some(c) = &args.channels {
+        let [c1, c2] = c[..] else {
+            anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+        };
+        s.channels = [c1 as usize, c2 as usize];
+    }
+    if let Some(h) = args.hidden {
+        s.hidden = h as usize;
+    }
+    s.lr = args.lr;
+    s.batch = args.batch as usize;
+    s.seed = args.seed;
+    s.bn_stats = args.bn_stats;
+    s.data_dir = args.data.clone();
+    s.threads = pool.current_num_threads();
+    let outcome = pool.install(|| accelerate::run(&s, args.quiet))?;
+    print!("{}", outcome.table.markdown());
+    for (name, r) in &outcome.summaries {
+        println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bnlab::report::{band_panels_svg, line_plot_svg, write_plot, Band, BandPanels, LinePlot, Page, Series};
 
 /// How long one Chromium run may take before it is killed.
@@ -96,6 +98,55 @@ fn run_chromium(chromium: &Path, work: &Path, args: &[String], url: &str) -> Out
     };
     assert!(status.success(), "chromium failed ({status}); stderr:\n{}", out.stderr);
     out
+}
+
+/// Chromium, or `None` (with a note) when it is absent and `BNLAB_REQUIRE_BROWSER=1` is not set.
+fn chromium_or_skip() -> Option<PathBuf> {
+    let found = find_chromium();
+    if found.is_none() {
+        assert!(
+            std::env::var("BNLAB_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "chromium is not installed and BNLAB_REQUIRE_BROWSER=1: \
+             install the Debian package `chromium` (apt-get install chromium)"
+        );
+        eprintln!("note: chromium not found (Debian package `chromium`); skipping the browser check");
+    }
+    found
+}
+
+/// The DOM of `url` once loaded; asserts that the console reported nothing. Chromium logs the
+/// page's console as `INFO:CONSOLE:…`; report pages have no script, so any console line (an
+/// uncaught error, a failed load) is a fault.
+fn dom_without_console_errors(chromium: &Path, work: &Path, url: &str) -> String {
+    let dom = run_chromium(
+        chromium,
+        work,
+        &[
+            "--dump-dom".to_string(),
+            "--enable-logging=stderr".to_string(),
+            "--v=0".to_string(),
+        ],
+        url,
+    );
+    for bad in [":CONSOLE", "Uncaught", "Failed to load"] {
+        assert!(!dom.stderr.contains(bad), "browser reported {bad:?}:\n{}", dom.stderr);
+    }
+    dom.stdout
+}
+
+/// A 1200×1600 screenshot of `url` as (width, height, RGB pixels).
+fn screenshot(chromium: &Path, work: &Path, shot: &Path, url: &str) -> (u32, u32, Vec<[u8; 3]>) {
+    let _ = std::fs::remove_file(shot);
+    run_chromium(
+        chromium,
+        work,
+        &[
+            format!("--screenshot={}", shot.display()),
+            "--window-size=1200,1600".to_string(),
+        ],
+        url,
+    );
+    decode_png(shot)
 }
 
 /// Decodes a PNG into (width, height, RGB pixels).
@@ -200,16 +251,7 @@ fn sample_page(plots_dir: &Path) -> Page {
 
 #[test]
 fn report_page_renders_in_chromium() {
-    let Some(chromium) = find_chromium() else {
-        if std::env::var("BNLAB_REQUIRE_BROWSER").as_deref() == Ok("1") {
-            panic!(
-                "chromium is not installed and BNLAB_REQUIRE_BROWSER=1: \
-                 install the Debian package `chromium` (apt-get install chromium)"
-            );
-        }
-        eprintln!("note: chromium not found (Debian package `chromium`); skipping the browser check");
-        return;
-    };
+    let Some(chromium) = chromium_or_skip() else { return };
 
     let temp = tempfile::tempdir().expect("temp dir");
     let keep = std::env::var_os("BNLAB_REPORT_TEST_OUT").map(PathBuf::from);
@@ -224,17 +266,7 @@ fn report_page_renders_in_chromium() {
 
     // The DOM holds the two figures' SVG, the lines, the shaded bands and the table; the console
     // reports no error.
-    let dom = run_chromium(
-        &chromium,
-        temp.path(),
-        &[
-            "--dump-dom".to_string(),
-            "--enable-logging=stderr".to_string(),
-            "--v=0".to_string(),
-        ],
-        &url,
-    );
-    let html = &dom.stdout;
+    let html = &dom_without_console_errors(&chromium, temp.path(), &url);
     assert_eq!(html.matches("<svg").count(), 2, "expected two SVG figures");
     assert!(html.contains("<polyline"), "no lines in the DOM");
     assert!(html.contains("<polygon"), "no shaded band in the DOM");
@@ -242,25 +274,9 @@ fn report_page_renders_in_chromium() {
     for text in ["MNIST test accuracy", "Without BN", "With BN", "Training steps"] {
         assert!(html.contains(text), "{text:?} missing from the DOM");
     }
-    // Chromium logs the page's console as `INFO:CONSOLE:…`; this page has no script, so any
-    // console line (an uncaught error, a failed load) is a fault.
-    for bad in [":CONSOLE", "Uncaught", "Failed to load"] {
-        assert!(!dom.stderr.contains(bad), "browser reported {bad:?}:\n{}", dom.stderr);
-    }
 
     // The screenshot shows a page: many colours, a fair share of non-white pixels.
-    let shot = dir.join("screenshot.png");
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(
-        &chromium,
-        temp.path(),
-        &[
-            format!("--screenshot={}", shot.display()),
-            "--window-size=1200,1600".to_string(),
-        ],
-        &url,
-    );
-    let (w, h, pixels) = decode_png(&shot);
+    let (w, h, pixels) = screenshot(&chromium, temp.path(), &dir.join("screenshot.png"), &url);
     assert!(w >= 1000 && h >= 1000, "screenshot is {w}x{h}");
     let distinct: HashSet<[u8; 3]> = pixels.iter().copied().collect();
     assert!(distinct.len() >= 20, "screenshot has only {} colours", distinct.len());
@@ -282,4 +298,33 @@ fn report_page_renders_in_chromium() {
     if let Some(keep) = keep {
         eprintln!("kept the page and screenshot in {}", keep.display());
     }
+}
+
+/// The page `bnlab accelerate` writes (tiny run on synthetic images) renders: its table, the
+/// accuracy plot with every variant, no console errors, a screenshot that is not blank.
+#[test]
+fn accelerate_report_renders_in_chromium() {
+    let Some(chromium) = chromium_or_skip() else { return };
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = common::synthetic_data(temp.path());
+    let out = temp.path().join("out");
+    let variants = ["baseline", "bn-baseline", "bn-x5", "bn-x5-sigmoid"];
+    let args = common::accelerate_tiny_args(
+        &data,
+        &out,
+        &["--variants", &variants.join(","), "--steps", "20", "--eval-every", "5"],
+    );
+    common::bnlab_ok(temp.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = out.canonicalize().expect("absolute output dir");
+    let url = file_url(&out.join("report.html"));
+    let html = &dom_without_console_errors(&chromium, temp.path(), &url);
+    assert_eq!(html.matches("<svg").count(), 1, "expected one SVG figure");
+    assert!(html.contains("<polyline"), "no lines in the DOM");
+    assert_eq!(html.matches("<table").count(), 3, "Figure 3 table, runs and settings");
+    for text in variants.iter().copied().chain(["steps to baseline", "Test accuracy"]) {
+        assert!(html.contains(text), "{text:?} missing from the DOM");
+    }
+    let (_, _, pixels) = screenshot(&chromium, temp.path(), &temp.path().join("screenshot.png"), &url);
+    let distinct: HashSet<[u8; 3]> = pixels.iter().copied().collect();
+    assert!(distinct.len() >= 20, "screenshot has only {} colours", distinct.len());
 }

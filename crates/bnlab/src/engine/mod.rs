@@ -3,6 +3,11 @@
 //! A [`Layer`] maps a batch `[batch, input_size]` to `[batch, output_size]` (per-example sizes are
 //! fixed at construction; convolutional layers flatten `[C, H, W]` per example). [`Sequential`]
 //! chains layers, keeps every activation for backward, and hands the parameters to the optimizer.
+//!
+//! There is no `Flatten` layer: activations are already flat `[batch, features]` buffers (a conv
+//! block's output `[batch, C, H, W]` in NCHW is the same memory as `[batch, C·H·W]`), so a linear
+//! layer after a conv or pooling layer simply takes `C·H·W` inputs; [`Sequential::new`] checks
+//! that the sizes connect.
 
 pub mod activation;
 pub mod batchnorm;

@@ -2,21 +2,20 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use super::progress::Progress;
-use crate::data::{self, gather, Dataset, EpochShuffler};
-use crate::engine::loss::argmax_rows;
-use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
+use super::common::{self, train_step, EvalSettings, StepBuffers};
+use crate::data::{self, Dataset, EpochShuffler};
+use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use batchnorm::BatchNormConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
+
+pub use super::common::{default_out, BnStats};
 
 /// The two networks of Figure 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,17 +35,6 @@ impl Variant {
             Variant::Bn => "bn",
         }
     }
-}
-
-/// Which statistics BN uses at evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BnStats {
-    /// The running (momentum) averages kept during training.
-    Running,
-    /// Algorithm 2: population statistics over `population_batches` training batches, recomputed
-    /// at each evaluation.
-    Population,
 }
 
 /// Everything that defines a run.
@@ -113,6 +101,16 @@ impl Settings {
         );
         ensure!(self.population_batches > 0, "--population-batches must be > 0");
         Ok(())
+    }
+
+    /// How evaluations set up batch norm.
+    pub fn eval_settings(&self) -> EvalSettings {
+        EvalSettings {
+            bn_stats: self.bn_stats,
+            population_batches: self.population_batches,
+            batch: self.batch,
+            seed: self.seed,
+        }
     }
 }
 
@@ -197,28 +195,15 @@ pub struct Outcome {
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     settings.check()?;
     let (train, test) = data::load(&settings.data_dir)?;
-    std::fs::create_dir_all(&settings.out)
-        .with_context(|| format!("cannot create output directory {}", settings.out.display()))?;
-    let metrics_path = settings.out.join("metrics.jsonl");
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).with_context(|| format!("cannot write {}", metrics_path.display()))?;
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
     );
-    let mut outcome = Outcome {
-        metrics: Vec::new(),
-        summaries: BTreeMap::new(),
-    };
-    for &variant in &settings.variants {
-        let summary = train_variant(settings, variant, &train, &test, quiet, |m| {
-            writeln!(metrics_file, "{}", serde_json::to_string(m)?)?;
-            metrics_file.flush()?;
-            outcome.metrics.push(m.clone());
-            Ok(())
+    let (metrics, summaries) =
+        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
+            train_variant(settings, v, &train, &test, quiet, record)
         })?;
-        outcome.summaries.insert(variant.name(), summary);
-    }
+    let outcome = Outcome { metrics, summaries };
     write_outputs(settings, &outcome)?;
     Ok(outcome)
 }
@@ -230,74 +215,51 @@ fn train_variant(
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
-    mut on_metric: impl FnMut(&Metric) -> Result<()>,
+    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let classes = train.classes.max(test.classes);
     let features = train.features();
-    let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
-    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let mut loss_fn = SoftmaxCrossEntropy::default();
-    let mut sgd = Sgd::new(0.0, 0.0);
-    let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-    let mut dlogits = vec![0.0f32; s.batch * classes];
-    let progress = Progress::new(variant.name(), s.steps, quiet);
-    let (start, mut train_secs) = (Instant::now(), 0.0f64);
-    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
-    let (mut best, mut last) = (0.0f64, 0.0f64);
-    for step in 0..s.steps {
-        let t = Instant::now();
-        gather(train, shuffler.batch_indices(step), &mut x, &mut y);
-        let logits = net.forward(&x, s.batch, Mode::Train)?;
-        let loss = loss_fn.forward(logits, &y, classes)?;
-        if !loss.is_finite() {
-            bail!(
-                "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr)",
-                variant.name(),
-                step + 1
-            );
-        }
-        loss_fn.backward(&y, classes, &mut dlogits);
-        net.backward(&dlogits)?;
-        sgd.step(net.params(), s.lr as f32);
-        train_secs += t.elapsed().as_secs_f64();
-        loss_sum += loss as f64;
-        loss_n += 1;
-        progress.step(step + 1);
-        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
-            let acc = evaluate(s, &mut net, &mut monitor, train, test)?;
+    let (net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
+    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
+    let monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
+    let buf = StepBuffers::new(s.batch, features, classes);
+    let mut state = (net, Sgd::new(0.0, 0.0), shuffler, buf, monitor);
+    let end = common::train_loop(
+        variant.name(),
+        s.steps,
+        s.eval_every,
+        quiet,
+        &mut state,
+        |(net, sgd, shuffler, buf, _), step| train_step(net, sgd, train, shuffler, step, s.lr as f32, buf),
+        |(net, _, _, _, monitor), step, train_loss| {
+            let acc = evaluate(s, net, monitor, train, test)?;
             let summary = monitor.summary();
-            let m = Metric {
+            on_metric(&Metric {
                 variant: variant.name(),
-                step: step + 1,
+                step,
                 test_acc: acc,
-                train_loss: loss_sum / loss_n as f64,
+                train_loss,
                 p15: summary.unit[0],
                 p50: summary.unit[1],
                 p85: summary.unit[2],
                 pooled_p15: summary.pooled[0],
                 pooled_p50: summary.pooled[1],
                 pooled_p85: summary.pooled[2],
-            };
-            progress.eval(
-                step + 1,
-                s.steps,
-                m.train_loss,
-                acc,
-                (step + 1) as f64 / train_secs.max(1e-9),
-            );
-            on_metric(&m)?;
-            (loss_sum, loss_n) = (0.0, 0);
-            best = best.max(acc);
-            last = acc;
-        }
+            })?;
+            Ok(acc)
+        },
+    )?;
+    if let Some((step, loss)) = end.diverged {
+        bail!(
+            "training of `{}` diverged at step {step}: the loss is {loss} (try a smaller --lr)",
+            variant.name()
+        );
     }
-    progress.finish();
     Ok(VariantSummary {
-        final_test_acc: last,
-        best_test_acc: best,
-        seconds: start.elapsed().as_secs_f64(),
-        ms_per_step: train_secs * 1e3 / s.steps as f64,
+        final_test_acc: end.last_acc.unwrap_or(0.0),
+        best_test_acc: end.best_acc.unwrap_or(0.0),
+        seconds: end.seconds,
+        ms_per_step: end.ms_per_step(),
         steps: s.steps,
     })
 }
@@ -310,43 +272,14 @@ pub fn evaluate(
     train: &Dataset,
     test: &Dataset,
 ) -> Result<f64> {
-    let features = train.features();
-    if s.bn_stats == BnStats::Population && !net.batchnorms().is_empty() {
-        net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
-        // A fixed set of training batches (epoch 0 of a shuffle with another seed).
-        let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
-        let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-        for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
-            gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
-            net.forward(&x, s.batch, Mode::Collect)?;
-        }
-        for bn in net.batchnorms() {
-            bn.use_population()?;
-        }
-    }
     monitor.clear();
-    let classes = net.output_size();
-    let chunk = 1000;
-    let mut correct = 0usize;
-    for start in (0..test.len).step_by(chunk) {
-        let n = chunk.min(test.len - start);
-        let x = &test.images[start * features..(start + n) * features];
-        let logits = net.forward(x, n, Mode::Eval)?;
-        correct += argmax_rows(logits, classes)
-            .zip(&test.labels[start..start + n])
-            .filter(|(p, &l)| *p == l as usize)
-            .count();
-        monitor.record(net);
-    }
-    Ok(correct as f64 / test.len.max(1) as f64)
+    common::evaluate(&s.eval_settings(), net, train, test, |net| monitor.record(net))
 }
 
 /// Writes summary.json, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     let summary = serde_json::json!({ "variants": o.summaries, "settings": s });
-    let path = s.out.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    common::write_json(&s.out.join("summary.json"), &summary)?;
 
     let variants: Vec<&'static str> = s.variants.iter().map(|v| v.name()).collect();
     let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant == v);
@@ -417,7 +350,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         &format!("The input of sigmoid unit {WATCHED_UNIT} of the last hidden layer over the test set, as training progresses."),
         &dist_svg,
     );
-    page.settings("Settings", &settings_rows(s));
+    page.settings("Settings", &common::settings_rows(s));
     page.write(&s.out.join("report.html"))?;
     Ok(())
 }
@@ -427,24 +360,4 @@ fn label(v: &str) -> &'static str {
         "bn" => "with batch norm",
         _ => "baseline",
     }
-}
-
-fn settings_rows(s: &Settings) -> Vec<(String, String)> {
-    let v = serde_json::to_value(s).unwrap_or_default();
-    let mut rows = Vec::new();
-    if let Some(map) = v.as_object() {
-        for (k, v) in map {
-            rows.push((k.clone(), v.to_string().trim_matches('"').to_string()));
-        }
-    }
-    rows
-}
-
-/// A new default output directory under `runs/`.
-pub fn default_out(prefix: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Path::new("runs").join(format!("{prefix}-{secs}"))
 }

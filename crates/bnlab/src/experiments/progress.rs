@@ -46,6 +46,16 @@ impl Progress {
         }
     }
 
+    /// Reports that training diverged (the loss is not finite) at `step`.
+    pub fn diverged(&self, step: u64, loss: f32) {
+        let msg = format!("diverged at step {step} (loss {loss})");
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None if self.quiet => {}
+            None => eprintln!("{}: {msg}", self.name),
+        }
+    }
+
     /// Ends the bar.
     pub fn finish(&self) {
         if let Some(b) = &self.bar {

@@ -1,0 +1,683 @@
+//! The paper's "accelerating BN networks" study (Section 4.2, Figure 3) at the scale of a small conv
+//! net on Fashion-MNIST.
+//!
+//! ```text
+//! The network (per example; C1, C2 = `channels`, H = `hidden`; [·] = only in some variants):
+//!   x [1, 28, 28]
+//!   conv 5×5 pad 2 → [C1, 28, 28] → [BN] → ReLU|sigmoid → maxpool 2×2/2 → [C1, 14, 14] → [LRN]
+//!   conv 5×5 pad 2 → [C2, 14, 14] → [BN] → ReLU|sigmoid → maxpool 2×2/2 → [C2, 7, 7]   → [LRN]
+//!   flatten (a no-op: the engine's buffers are already [batch, C2·7·7], NCHW per example)
+//!   [dropout 0.5] → linear C2·49 → H → [BN] → ReLU|sigmoid → [dropout 0.5] → linear H → 10
+//! ```
+//! Layers followed by BN have no bias (BN's β replaces it). Conv weights are He-initialised,
+//! linear weights from N(0, 2/fan_in); every variant starts from the same weights (same seed).
+//! Training: SGD with momentum 0.9, softmax cross-entropy, batches of 64, and an exponentially
+//! decaying learning rate `lr · 0.5^(step · speedup / half_life)`.
+//!
+//! The variants mirror the paper's Section 4.2 ([`Variant`]): `baseline` (no BN, ReLU, dropout,
+//! L2 weight decay, LRN, base rate), `bn-baseline` (the same with BN before each nonlinearity),
+//! `bn-x5` (BN, rate ×5, no dropout, L2 ÷ 5, decay 6× faster, no LRN), `bn-x30` (as `bn-x5`
+//! with rate ×30), `bn-x5-sigmoid` (`bn-x5` with sigmoids) and `baseline-sigmoid` (`baseline`
+//! with sigmoids). All get the same step budget and evaluation schedule.
+//!
+//! A variant whose training loss becomes NaN or infinite stops there: `metrics.jsonl` gets a line
+//! with `"diverged": true` (accuracy and loss `null`), the table's "diverged at" column gives N
+//! (its other columns count the evaluations before), and the other variants go on.
+//!
+//! The Figure 3 table ([`figure3_table`]): for each variant, the first evaluated step at which its
+//! test accuracy reached the baseline's best test accuracy (or never), and its own best accuracy
+//! and the step of it.
+
+use super::common::{self, train_step, BnStats, EvalSettings, StepBuffers};
+use crate::data::{self, Dataset, EpochShuffler};
+use crate::engine::{
+    BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
+    Sigmoid,
+};
+use crate::report::{self, LinePlot, Page, Series};
+use anyhow::{ensure, Result};
+use batchnorm::BatchNormConfig;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The six networks of the study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Variant {
+    /// No BN, ReLU, dropout, L2 weight decay, LRN, base learning rate.
+    Baseline,
+    /// The baseline with BN before each nonlinearity.
+    BnBaseline,
+    /// BN, learning rate ×5, no dropout, L2 ÷ 5, decay 6× faster, no LRN.
+    BnX5,
+    /// As `BnX5` with learning rate ×30.
+    BnX30,
+    /// `BnX5` with sigmoid nonlinearities.
+    BnX5Sigmoid,
+    /// `Baseline` with sigmoid nonlinearities.
+    BaselineSigmoid,
+}
+
+/// What a variant changes relative to the baseline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recipe {
+    /// BN before each nonlinearity.
+    pub bn: bool,
+    /// Sigmoid instead of ReLU.
+    pub sigmoid: bool,
+    /// Multiplier of the base learning rate.
+    pub lr_factor: f64,
+    /// Dropout before each linear layer.
+    pub dropout: bool,
+    /// LRN after each pooling.
+    pub lrn: bool,
+    /// Divisor of the L2 weight decay.
+    pub weight_decay_divisor: f64,
+    /// Speed-up of the learning-rate decay.
+    pub decay_speedup: f64,
+}
+
+impl Variant {
+    /// All variants, in the study's order.
+    pub const ALL: [Variant; 6] = [
+        Variant::Baseline,
+        Variant::BnBaseline,
+        Variant::BnX5,
+        Variant::BnX30,
+        Variant::BnX5Sigmoid,
+        Variant::BaselineSigmoid,
+    ];
+
+    /// Name in flags, files and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::BnBaseline => "bn-baseline",
+            Variant::BnX5 => "bn-x5",
+            Variant::BnX30 => "bn-x30",
+            Variant::BnX5Sigmoid => "bn-x5-sigmoid",
+            Variant::BaselineSigmoid => "baseline-sigmoid",
+        }
+    }
+
+    /// The variant called `name`, if any.
+    pub fn from_name(name: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// The variant's changes to the baseline (the paper's Section 4.2.1).
+    pub fn recipe(self) -> Recipe {
+        let baseline = Recipe {
+            bn: false,
+            sigmoid: false,
+            lr_factor: 1.0,
+            dropout: true,
+            lrn: true,
+            weight_decay_divisor: 1.0,
+            decay_speedup: 1.0,
+        };
+        let x5 = Recipe {
+            bn: true,
+            lr_factor: 5.0,
+            dropout: false,
+            lrn: false,
+            weight_decay_divisor: 5.0,
+            decay_speedup: 6.0,
+            ..baseline
+        };
+        match self {
+            Variant::Baseline => baseline,
+            Variant::BnBaseline => Recipe { bn: true, ..baseline },
+            Variant::BnX5 => x5,
+            Variant::BnX30 => Recipe { lr_factor: 30.0, ..x5 },
+            Variant::BnX5Sigmoid => Recipe { sigmoid: true, ..x5 },
+            Variant::BaselineSigmoid => Recipe {
+                sigmoid: true,
+                ..baseline
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Variant::from_name(s).ok_or_else(|| {
+            let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
+            format!("unknown variant `{s}` (expected one of {})", names.join(", "))
+        })
+    }
+}
+
+/// Everything that defines a study.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Networks to train, in order.
+    pub variants: Vec<Variant>,
+    /// Training steps per network.
+    pub steps: u64,
+    /// Steps between evaluations (and at the last step).
+    pub eval_every: u64,
+    /// Seed of initialization, shuffling and dropout.
+    pub seed: u64,
+    /// Mini-batch size.
+    pub batch: usize,
+    /// Base learning rate (the baseline's).
+    pub lr: f64,
+    /// Steps over which the baseline's learning rate halves (variants with a decay speed-up halve
+    /// faster).
+    pub half_life: u64,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// The baseline's L2 weight decay (on conv and linear weights).
+    pub weight_decay: f32,
+    /// Output channels of the two conv layers.
+    pub channels: [usize; 2],
+    /// Width of the hidden linear layer.
+    pub hidden: usize,
+    /// Drop probability of the dropout layers.
+    pub dropout: f32,
+    /// BN statistics at evaluation.
+    pub bn_stats: BnStats,
+    /// Training batches for Algorithm 2's estimate.
+    pub population_batches: usize,
+    /// IDX data directory.
+    pub data_dir: PathBuf,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Worker threads (recorded; the caller sets up the pool).
+    pub threads: usize,
+}
+
+/// Default training steps per variant.
+pub const DEFAULT_STEPS: u64 = 4000;
+/// Default steps between evaluations.
+pub const DEFAULT_EVAL_EVERY: u64 = 200;
+
+impl Settings {
+    /// The default study writing to `out`.
+    pub fn new(out: PathBuf) -> Self {
+        Settings {
+            variants: Variant::ALL.to_vec(),
+            steps: DEFAULT_STEPS,
+            eval_every: DEFAULT_EVAL_EVERY,
+            seed: 1,
+            batch: 64,
+            lr: 0.01,
+            half_life: DEFAULT_STEPS / 3,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            channels: [8, 16],
+            hidden: 100,
+            dropout: 0.5,
+            bn_stats: BnStats::Population,
+            population_batches: 50,
+            data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
+            out,
+            threads: 1,
+        }
+    }
+
+    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net.
+    pub fn quick(mut self) -> Self {
+        self.steps = 120;
+        self.eval_every = 40;
+        self.half_life = 40;
+        self.channels = [4, 8];
+        self.hidden = 32;
+        self.population_batches = 5;
+        self
+    }
+
+    /// Rejects settings that cannot run.
+    pub fn check(&self) -> Result<()> {
+        ensure!(!self.variants.is_empty(), "no variant to train");
+        let mut seen = self.variants.clone();
+        seen.sort();
+        seen.dedup();
+        ensure!(seen.len() == self.variants.len(), "--variants lists a variant twice");
+        ensure!(self.steps > 0, "--steps must be > 0");
+        ensure!(self.eval_every > 0, "--eval-every must be > 0");
+        ensure!(self.half_life > 0, "--half-life must be > 0");
+        ensure!(
+            self.batch >= 2,
+            "--batch must be at least 2 (batch norm needs 2 values per feature)"
+        );
+        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a finite number > 0");
+        ensure!(
+            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
+            "--momentum must be in [0, 1)"
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "--weight-decay must be a finite number >= 0"
+        );
+        ensure!(
+            self.channels.iter().all(|&c| c > 0) && self.hidden > 0,
+            "--channels and --hidden must be > 0"
+        );
+        ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
+        ensure!(self.population_batches > 0, "--population-batches must be > 0");
+        Ok(())
+    }
+
+    /// The learning-rate schedule of `variant`.
+    pub fn schedule(&self, variant: Variant) -> LrSchedule {
+        LrSchedule::Exponential {
+            every: self.half_life,
+            rate: 0.5,
+            speedup: variant.recipe().decay_speedup,
+        }
+    }
+
+    /// The learning rate of `variant` at `step` (0-based: the rate of the step's update).
+    pub fn lr_at(&self, variant: Variant, step: u64) -> f64 {
+        self.schedule(variant).lr(self.lr * variant.recipe().lr_factor, step)
+    }
+
+    fn eval_settings(&self) -> EvalSettings {
+        EvalSettings {
+            bn_stats: self.bn_stats,
+            population_batches: self.population_batches,
+            batch: self.batch,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Builds the conv net of `variant` for `[1, rows, cols]` images and `classes` classes.
+pub fn build(s: &Settings, variant: Variant, rows: usize, cols: usize, classes: usize) -> Result<Sequential> {
+    let r = variant.recipe();
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let mut layers: Vec<Box<dyn Layer>> = Vec::new();
+    let act = |size: usize| -> Box<dyn Layer> {
+        if r.sigmoid {
+            Box::new(Sigmoid { size })
+        } else {
+            Box::new(Relu { size })
+        }
+    };
+    let (mut c, mut h, mut w) = (1usize, rows, cols);
+    for (i, &out_c) in s.channels.iter().enumerate() {
+        let conv = Conv2d::new(c, out_c, h, w, (5, 5), 1, 2, !r.bn, ConvInit::He, &mut rng)?;
+        (h, w) = conv.out_hw;
+        layers.push(Box::new(conv));
+        if r.bn {
+            layers.push(Box::new(BatchNormLayer::new(out_c, h * w, BatchNormConfig::default())?));
+        }
+        layers.push(act(out_c * h * w));
+        let pool = MaxPool2d::new(out_c, h, w, 2, 2)
+            .map_err(|e| anyhow::anyhow!("{rows}×{cols} images are too small for conv block {}: {e}", i + 1))?;
+        (h, w) = pool.out_hw;
+        layers.push(Box::new(pool));
+        if r.lrn {
+            layers.push(Box::new(Lrn::alexnet(out_c, h * w)));
+        }
+        c = out_c;
+    }
+    // Flatten: nothing to do, the buffer is [batch, c·h·w] already.
+    let features = c * h * w;
+    let dropout_seed = |k: u64| s.seed ^ (0x000d_5090_u64 + k);
+    if r.dropout {
+        layers.push(Box::new(Dropout::new(features, s.dropout, dropout_seed(1))?));
+    }
+    let he = |fan_in: usize| (2.0 / fan_in as f32).sqrt();
+    layers.push(Box::new(Linear::new(features, s.hidden, !r.bn, he(features), &mut rng)));
+    if r.bn {
+        layers.push(Box::new(BatchNormLayer::new(s.hidden, 1, BatchNormConfig::default())?));
+    }
+    layers.push(act(s.hidden));
+    if r.dropout {
+        layers.push(Box::new(Dropout::new(s.hidden, s.dropout, dropout_seed(2))?));
+    }
+    layers.push(Box::new(Linear::new(s.hidden, classes, true, he(s.hidden), &mut rng)));
+    Sequential::new(layers)
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    /// Variant name.
+    pub variant: &'static str,
+    /// Training steps done.
+    pub step: u64,
+    /// Test-set accuracy (`None` on the line that reports divergence).
+    pub test_acc: Option<f64>,
+    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
+    pub train_loss: Option<f64>,
+    /// Learning rate of the last step's update.
+    pub lr: f64,
+    /// Whether the training loss became NaN or infinite at this step (the variant stops).
+    pub diverged: bool,
+}
+
+/// Result of one variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantSummary {
+    /// Test accuracy at the last evaluation (`None` if there was none).
+    pub final_test_acc: Option<f64>,
+    /// Best test accuracy over evaluations.
+    pub best_test_acc: Option<f64>,
+    /// Wall-clock seconds of the whole run (training and evaluations).
+    pub seconds: f64,
+    /// Milliseconds per training step (training steps only, no evaluation).
+    pub ms_per_step: f64,
+    /// Steps trained.
+    pub steps: u64,
+    /// The step at which the training loss became non-finite, if it did.
+    pub diverged_at: Option<u64>,
+}
+
+/// One row of the Figure 3 table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableRow {
+    /// Variant name.
+    pub variant: String,
+    /// First evaluated step with test accuracy ≥ the baseline's best (`None`: never).
+    pub steps_to_baseline_best: Option<u64>,
+    /// The baseline's steps to its best divided by this variant's steps to the same accuracy.
+    pub speedup: Option<f64>,
+    /// Best test accuracy over evaluations (`None`: no evaluation).
+    pub best_test_acc: Option<f64>,
+    /// First step at which the best accuracy was reached.
+    pub best_step: Option<u64>,
+    /// Step at which training diverged, if it did.
+    pub diverged_at: Option<u64>,
+}
+
+/// The paper's Figure 3 table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Table {
+    /// The baseline's best test accuracy (`None` when the baseline was not run or never evaluated).
+    pub baseline_best_acc: Option<f64>,
+    /// The first step at which the baseline reached it.
+    pub baseline_best_step: Option<u64>,
+    /// One row per variant, in the order given.
+    pub rows: Vec<TableRow>,
+}
+
+/// Best accuracy of `metrics` and the first step that reached it.
+fn best_of<'a>(metrics: impl Iterator<Item = &'a Metric>) -> Option<(f64, u64)> {
+    let mut best: Option<(f64, u64)> = None;
+    for m in metrics {
+        if let Some(acc) = m.test_acc {
+            if best.is_none_or(|(b, _)| acc > b) {
+                best = Some((acc, m.step));
+            }
+        }
+    }
+    best
+}
+
+/// The Figure 3 table of `variants` from their evaluations `metrics` (any order of lines; each
+/// variant's lines in step order). The target is the best test accuracy of the variant named
+/// `baseline`; a variant "reaches" it at its first evaluation with accuracy ≥ the target.
+pub fn figure3_table(variants: &[&str], metrics: &[Metric]) -> Table {
+    fn of<'a>(metrics: &'a [Metric], v: &'a str) -> impl Iterator<Item = &'a Metric> + 'a {
+        metrics.iter().filter(move |m| m.variant == v)
+    }
+    let of = |v| of(metrics, v);
+    let target = best_of(of(Variant::Baseline.name()));
+    let rows = variants
+        .iter()
+        .map(|&v| {
+            let best = best_of(of(v));
+            let reached = target.and_then(|(t, _)| of(v).find(|m| m.test_acc.is_some_and(|a| a >= t)).map(|m| m.step));
+            TableRow {
+                variant: v.to_string(),
+                steps_to_baseline_best: reached,
+                speedup: target
+                    .zip(reached)
+                    .map(|((_, base_steps), steps)| base_steps as f64 / steps as f64),
+                best_test_acc: best.map(|b| b.0),
+                best_step: best.map(|b| b.1),
+                diverged_at: of(v).find(|m| m.diverged).map(|m| m.step),
+            }
+        })
+        .collect();
+    Table {
+        baseline_best_acc: target.map(|t| t.0),
+        baseline_best_step: target.map(|t| t.1),
+        rows,
+    }
+}
+
+impl Table {
+    /// The table as Markdown (what `table.md` holds).
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        match (self.baseline_best_acc, self.baseline_best_step) {
+            (Some(a), Some(st)) => s.push_str(&format!(
+                "Baseline's best test accuracy: {:.2}% (step {st}).\n\n",
+                a * 100.0
+            )),
+            _ => s.push_str("The baseline was not run: no target accuracy.\n\n"),
+        }
+        s.push_str("| variant | steps to baseline's best | speed-up | best test accuracy | at step | diverged at |\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|\n");
+        for r in self.html_rows() {
+            s.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        s
+    }
+
+    /// The rows as display cells: variant, steps to the baseline's best, speed-up, best accuracy,
+    /// its step, the step of divergence.
+    pub fn html_rows(&self) -> Vec<Vec<String>> {
+        self.rows
+            .iter()
+            .map(|r| {
+                let reach = match r.steps_to_baseline_best {
+                    Some(n) => n.to_string(),
+                    None if self.baseline_best_acc.is_none() => "n/a".into(),
+                    None => "never".into(),
+                };
+                vec![
+                    r.variant.clone(),
+                    reach,
+                    r.speedup.map_or("–".into(), |x| format!("{x:.1}×")),
+                    r.best_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
+                    r.best_step.map_or("–".into(), |s| s.to_string()),
+                    r.diverged_at.map_or("–".into(), |s| s.to_string()),
+                ]
+            })
+            .collect()
+    }
+}
+
+/// Everything a study produced.
+pub struct Outcome {
+    /// All evaluations, variants in order.
+    pub metrics: Vec<Metric>,
+    /// Per variant.
+    pub summaries: BTreeMap<&'static str, VariantSummary>,
+    /// The Figure 3 table.
+    pub table: Table,
+}
+
+/// Loads data, trains every variant, writes metrics, the table, the plot and the report into
+/// `settings.out`.
+pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    settings.check()?;
+    let (train, test) = data::load(&settings.data_dir)?;
+    ensure!(
+        train.len >= settings.batch,
+        "the training set has fewer examples than one batch"
+    );
+    // Checks that the network fits the images before anything is written.
+    build(
+        settings,
+        Variant::Baseline,
+        train.rows,
+        train.cols,
+        train.classes.max(test.classes),
+    )?;
+    let (metrics, summaries) =
+        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
+            train_variant(settings, v, &train, &test, quiet, record)
+        })?;
+    let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
+    let table = figure3_table(&names, &metrics);
+    let outcome = Outcome {
+        metrics,
+        summaries,
+        table,
+    };
+    write_outputs(settings, &outcome)?;
+    Ok(outcome)
+}
+
+/// Trains one variant, calling `on_metric` at every evaluation (and once on divergence).
+fn train_variant(
+    s: &Settings,
+    variant: Variant,
+    train: &Dataset,
+    test: &Dataset,
+    quiet: bool,
+    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
+) -> Result<VariantSummary> {
+    let recipe = variant.recipe();
+    let classes = train.classes.max(test.classes);
+    let net = build(s, variant, train.rows, train.cols, classes)?;
+    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
+    let sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
+    let buf = StepBuffers::new(s.batch, train.features(), classes);
+    let mut state = (net, sgd, shuffler, buf);
+    // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
+    let lr = |step: u64| s.lr_at(variant, step);
+    let end = common::train_loop(
+        variant.name(),
+        s.steps,
+        s.eval_every,
+        quiet,
+        &mut state,
+        |(net, sgd, shuffler, buf), step| train_step(net, sgd, train, shuffler, step, lr(step) as f32, buf),
+        |(net, ..), step, train_loss| {
+            let acc = common::evaluate(&s.eval_settings(), net, train, test, |_| {})?;
+            on_metric(&Metric {
+                variant: variant.name(),
+                step,
+                test_acc: Some(acc),
+                train_loss: Some(train_loss),
+                lr: lr(step - 1),
+                diverged: false,
+            })?;
+            Ok(acc)
+        },
+    )?;
+    if let Some((step, _)) = end.diverged {
+        on_metric(&Metric {
+            variant: variant.name(),
+            step,
+            test_acc: None,
+            train_loss: None,
+            lr: lr(step - 1),
+            diverged: true,
+        })?;
+    }
+    Ok(VariantSummary {
+        final_test_acc: end.last_acc,
+        best_test_acc: end.best_acc,
+        seconds: end.seconds,
+        ms_per_step: end.ms_per_step(),
+        steps: end.steps,
+        diverged_at: end.diverged.map(|d| d.0),
+    })
+}
+
+/// Writes summary.json, table.json, table.md, the accuracy plot and report.html.
+fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
+    let summary = serde_json::json!({ "variants": o.summaries, "settings": s });
+    common::write_json(&s.out.join("summary.json"), &summary)?;
+    common::write_json(&s.out.join("table.json"), &o.table)?;
+    let md = o.table.markdown();
+    std::fs::write(s.out.join("table.md"), &md)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", s.out.join("table.md").display()))?;
+
+    let series: Vec<Series> = s
+        .variants
+        .iter()
+        .map(|v| {
+            let points = o
+                .metrics
+                .iter()
+                .filter(|m| m.variant == v.name())
+                .filter_map(|m| m.test_acc.map(|a| (m.step as f64, a)))
+                .collect();
+            Series::new(v.name(), points)
+        })
+        .collect();
+    let acc_svg = report::line_plot_svg(&LinePlot {
+        title: "Test accuracy of the conv net variants (Figure 2)",
+        x_label: "training steps",
+        y_label: "test accuracy",
+        series: &series,
+        y_range: None,
+    })?;
+    report::write_plot(&s.out, "accuracy", &acc_svg)?;
+
+    let mut page = Page::new("Accelerating BN networks (Figure 3)");
+    page.paragraph(&format!(
+        "A small conv net on the images (conv 5×5 {c1} → pool → conv 5×5 {c2} → pool → linear {h} → linear), \
+         trained with SGD (momentum {m}, batches of {b}) in six configurations mirroring Ioffe & Szegedy \
+         (2015), Section 4.2: the baseline has dropout, L2 weight decay and LRN; the BN variants add batch norm \
+         before each nonlinearity and, for ×5 and ×30, raise the learning rate, remove dropout and LRN, cut \
+         the weight decay 5× and decay the learning rate 6× faster. All variants train for {steps} steps \
+         and are evaluated every {e} steps.",
+        c1 = s.channels[0],
+        c2 = s.channels[1],
+        h = s.hidden,
+        m = s.momentum,
+        b = s.batch,
+        steps = s.steps,
+        e = s.eval_every,
+    ));
+    let header: Vec<String> = [
+        "variant",
+        "steps to baseline's best",
+        "speed-up",
+        "best test accuracy",
+        "at step",
+        "diverged at",
+    ]
+    .map(String::from)
+    .to_vec();
+    page.table(
+        &match o.table.baseline_best_acc {
+            Some(a) => format!("Steps to reach the baseline's best test accuracy ({:.2}%)", a * 100.0),
+            None => "Steps to reach the baseline's best test accuracy (baseline not run)".into(),
+        },
+        &header,
+        &o.table.html_rows(),
+    );
+    let header: Vec<String> = [
+        "variant",
+        "final test accuracy",
+        "ms / step",
+        "seconds",
+        "steps trained",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows: Vec<Vec<String>> = s
+        .variants
+        .iter()
+        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
+        .map(|(v, r)| {
+            vec![
+                v.to_string(),
+                r.final_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
+                format!("{:.3}", r.ms_per_step),
+                format!("{:.1}", r.seconds),
+                r.steps.to_string(),
+            ]
+        })
+        .collect();
+    page.table("Runs", &header, &rows);
+    page.figure("Test accuracy against training steps, all variants.", &acc_svg);
+    page.settings("Settings", &common::settings_rows(s));
+    page.write(&s.out.join("report.html"))?;
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! Pieces every experiment shares: one SGD training step, evaluation with inference-mode batch
+//! norm (Algorithm 2's population statistics or the running averages), the `metrics.jsonl`
+//! writer, the settings table of a report and the default output folder.
+
+use super::progress::Progress;
+use crate::data::{gather, Dataset, EpochShuffler};
+use crate::engine::loss::argmax_rows;
+use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which statistics BN uses at evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BnStats {
+    /// The running (momentum) averages kept during training.
+    Running,
+    /// Algorithm 2: population statistics over `population_batches` training batches, recomputed
+    /// at each evaluation.
+    Population,
+}
+
+/// How an evaluation sets up batch norm before measuring.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalSettings {
+    /// BN statistics at evaluation.
+    pub bn_stats: BnStats,
+    /// Training batches for Algorithm 2's estimate.
+    pub population_batches: usize,
+    /// Size of those batches (the training batch size).
+    pub batch: usize,
+    /// The run's seed (the population batches come from a shuffle with a derived seed).
+    pub seed: u64,
+}
+
+/// Test examples per inference forward pass.
+pub const EVAL_CHUNK: usize = 1000;
+
+/// Scratch buffers of a training step: one batch `x [batch, features]`, `y [batch]` and
+/// `dlogits [batch, classes]`.
+pub struct StepBuffers {
+    /// Inputs of the batch.
+    pub x: Vec<f32>,
+    /// Labels of the batch.
+    pub y: Vec<u8>,
+    /// ∂loss/∂logits.
+    pub dlogits: Vec<f32>,
+    loss: SoftmaxCrossEntropy,
+}
+
+impl StepBuffers {
+    /// Buffers for batches of `batch` examples with `features` inputs and `classes` outputs.
+    pub fn new(batch: usize, features: usize, classes: usize) -> Self {
+        StepBuffers {
+            x: vec![0.0; batch * features],
+            y: vec![0; batch],
+            dlogits: vec![0.0; batch * classes],
+            loss: SoftmaxCrossEntropy::default(),
+        }
+    }
+}
+
+/// One SGD step on the batch of `step` from `shuffler`: forward in [`Mode::Train`], softmax
+/// cross-entropy, backward, update with learning rate `lr`. Returns the batch loss; when it is not
+/// finite, nothing is updated (the caller decides what divergence means).
+pub fn train_step(
+    net: &mut Sequential,
+    sgd: &mut Sgd,
+    train: &Dataset,
+    shuffler: &mut EpochShuffler,
+    step: u64,
+    lr: f32,
+    buf: &mut StepBuffers,
+) -> Result<f32> {
+    let batch = buf.y.len();
+    let classes = net.output_size();
+    gather(train, shuffler.batch_indices(step), &mut buf.x, &mut buf.y);
+    let logits = net.forward(&buf.x, batch, Mode::Train)?;
+    let loss = buf.loss.forward(logits, &buf.y, classes)?;
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+    buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
+    net.backward(&buf.dlogits)?;
+    sgd.step(net.params(), lr);
+    Ok(loss)
+}
+
+/// How [`train_loop`] ended.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopEnd {
+    /// Steps trained (the diverged one included).
+    pub steps: u64,
+    /// Seconds spent in training steps (evaluations not counted).
+    pub train_secs: f64,
+    /// Wall-clock seconds of the whole loop.
+    pub seconds: f64,
+    /// Best test accuracy over evaluations.
+    pub best_acc: Option<f64>,
+    /// Test accuracy at the last evaluation.
+    pub last_acc: Option<f64>,
+    /// The step (1-based) whose loss was not finite, and that loss; the loop stopped there.
+    pub diverged: Option<(u64, f32)>,
+}
+
+impl LoopEnd {
+    /// Milliseconds per training step.
+    pub fn ms_per_step(&self) -> f64 {
+        self.train_secs * 1e3 / self.steps.max(1) as f64
+    }
+}
+
+/// The training loop every experiment runs, with a progress display named `name`:
+/// `step_fn(state, step)` trains 0-based step `step` and returns its loss; after every
+/// `eval_every` steps and after the last, `eval_fn(state, steps_done, mean_loss_since_last_eval)`
+/// evaluates (and records its metrics) and returns the test accuracy. Stops at the first loss
+/// that is not finite.
+pub fn train_loop<S>(
+    name: &str,
+    steps: u64,
+    eval_every: u64,
+    quiet: bool,
+    state: &mut S,
+    mut step_fn: impl FnMut(&mut S, u64) -> Result<f32>,
+    mut eval_fn: impl FnMut(&mut S, u64, f64) -> Result<f64>,
+) -> Result<LoopEnd> {
+    let progress = Progress::new(name, steps, quiet);
+    let start = Instant::now();
+    let mut end = LoopEnd {
+        steps: 0,
+        train_secs: 0.0,
+        seconds: 0.0,
+        best_acc: None,
+        last_acc: None,
+        diverged: None,
+    };
+    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
+    for step in 0..steps {
+        let t = Instant::now();
+        let loss = step_fn(state, step)?;
+        end.train_secs += t.elapsed().as_secs_f64();
+        end.steps = step + 1;
+        progress.step(step + 1);
+        if !loss.is_finite() {
+            progress.diverged(step + 1, loss);
+            end.diverged = Some((step + 1, loss));
+            break;
+        }
+        loss_sum += loss as f64;
+        loss_n += 1;
+        if (step + 1) % eval_every == 0 || step + 1 == steps {
+            let mean_loss = loss_sum / loss_n as f64;
+            let acc = eval_fn(state, step + 1, mean_loss)?;
+            let rate = (step + 1) as f64 / end.train_secs.max(1e-9);
+            progress.eval(step + 1, steps, mean_loss, acc, rate);
+            (loss_sum, loss_n) = (0.0, 0);
+            end.best_acc = Some(end.best_acc.map_or(acc, |b| b.max(acc)));
+            end.last_acc = Some(acc);
+        }
+    }
+    progress.finish();
+    end.seconds = start.elapsed().as_secs_f64();
+    Ok(end)
+}
+
+/// Test accuracy with inference-mode BN. With [`BnStats::Population`], first re-estimates every BN
+/// layer's statistics over a fixed set of training batches (Algorithm 2). `on_chunk` sees the
+/// network after each inference chunk of [`EVAL_CHUNK`] test examples (for monitors).
+pub fn evaluate(
+    e: &EvalSettings,
+    net: &mut Sequential,
+    train: &Dataset,
+    test: &Dataset,
+    mut on_chunk: impl FnMut(&Sequential),
+) -> Result<f64> {
+    let features = train.features();
+    if e.bn_stats == BnStats::Population && !net.batchnorms().is_empty() {
+        net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
+        // A fixed set of training batches (epoch 0 of a shuffle with another seed).
+        let mut shuffler = EpochShuffler::new(train.len, e.batch, e.seed ^ 0x9e37_79b9_7f4a_7c15)?;
+        let (mut x, mut y) = (vec![0.0f32; e.batch * features], vec![0u8; e.batch]);
+        for b in 0..e.population_batches.min(shuffler.batches_per_epoch()) {
+            gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
+            net.forward(&x, e.batch, Mode::Collect)?;
+        }
+        for bn in net.batchnorms() {
+            bn.use_population()?;
+        }
+    }
+    let classes = net.output_size();
+    let mut correct = 0usize;
+    for start in (0..test.len).step_by(EVAL_CHUNK) {
+        let n = EVAL_CHUNK.min(test.len - start);
+        let x = &test.images[start * features..(start + n) * features];
+        let logits = net.forward(x, n, Mode::Eval)?;
+        correct += argmax_rows(logits, classes)
+            .zip(&test.labels[start..start + n])
+            .filter(|(p, &l)| *p == l as usize)
+            .count();
+        on_chunk(net);
+    }
+    Ok(correct as f64 / test.len.max(1) as f64)
+}
+
+/// `metrics.jsonl`: one JSON object per line, flushed after each so a running study can be watched.
+pub struct JsonLines {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl JsonLines {
+    /// Creates (truncates) `path`.
+    pub fn create(path: PathBuf) -> Result<Self> {
+        let file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(JsonLines { file, path })
+    }
+
+    /// Appends `value` as one line.
+    pub fn write(&mut self, value: &impl Serialize) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(value)?)
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Creates the output folder `out` and its `metrics.jsonl`, then trains each of `variants` with
+/// `train(variant, record)`, where `record` appends one metrics line (written and kept).
+/// Returns the metrics lines in order and each variant's result under `name(variant)`.
+pub fn train_variants<V: Copy, M: Serialize + Clone, R>(
+    out: &Path,
+    variants: &[V],
+    name: impl Fn(V) -> &'static str,
+    mut train: impl FnMut(V, &mut dyn FnMut(&M) -> Result<()>) -> Result<R>,
+) -> Result<(Vec<M>, BTreeMap<&'static str, R>)> {
+    create_out(out)?;
+    let mut file = JsonLines::create(out.join("metrics.jsonl"))?;
+    let (mut metrics, mut results) = (Vec::new(), BTreeMap::new());
+    for &v in variants {
+        let r = train(v, &mut |m: &M| {
+            file.write(m)?;
+            metrics.push(m.clone());
+            Ok(())
+        })?;
+        results.insert(name(v), r);
+    }
+    Ok((metrics, results))
+}
+
+/// Creates the output folder `out`.
+pub fn create_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The settings of a run as (name, value) rows for a report page.
+pub fn settings_rows(s: &impl Serialize) -> Vec<(String, String)> {
+    let v = serde_json::to_value(s).unwrap_or_default();
+    let mut rows = Vec::new();
+    if let Some(map) = v.as_object() {
+        for (k, v) in map {
+            rows.push((k.clone(), v.to_string().trim_matches('"').to_string()));
+        }
+    }
+    rows
+}
+
+/// A new default output directory under `runs/`.
+pub fn default_out(prefix: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Path::new("runs").join(format!("{prefix}-{secs}"))
+}
