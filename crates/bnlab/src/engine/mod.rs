@@ -6,8 +6,10 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod checkpoint;
 pub mod conv;
 pub mod dropout;
+pub mod fold;
 pub mod gemm;
 pub mod linear;
 pub mod loss;
@@ -15,6 +17,7 @@ pub mod lrn;
 pub mod optimizer;
 pub mod pool;
 pub mod schedule;
+pub mod state;
 
 pub use activation::{Relu, Sigmoid};
 pub use batchnorm::BatchNormLayer;
@@ -26,8 +29,9 @@ pub use lrn::Lrn;
 pub use optimizer::Sgd;
 pub use pool::MaxPool2d;
 pub use schedule::LrSchedule;
+pub use state::{State, StateValue};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// What a forward pass is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,21 @@ pub trait Layer: Send {
     /// This layer as batch norm, if it is one.
     fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
         None
+    }
+    /// This layer as a fully connected layer, if it is one (for folding batch norm into it).
+    fn as_linear(&mut self) -> Option<&mut Linear> {
+        None
+    }
+    /// Non-learnable state a checkpoint must keep to continue training exactly (running
+    /// statistics, generator positions); none by default.
+    fn state(&self) -> Vec<State> {
+        Vec::new()
+    }
+    /// Restores one tensor that [`Layer::state`] names. The checkpoint loader has already checked
+    /// the element type and length against [`Layer::state`]; a layer rejects a name it does not have.
+    fn set_state(&mut self, name: &str, value: StateValue) -> Result<()> {
+        let _ = value;
+        bail!("layer {} has no state named `{name}`", self.name())
     }
 }
 

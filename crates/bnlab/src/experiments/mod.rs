@@ -1,4 +1,6 @@
 //! The paper's experiments: each is a settings struct plus a training loop over the engine.
 
+pub mod metrics_log;
 pub mod paper_mlp;
+pub mod paper_mlp_eval;
 pub mod progress;
