@@ -23,8 +23,12 @@ fn main() {
             ) {
                 e.exit();
             }
+            // The message up to the usage block, on one line (a missing argument is named on the
+            // lines after the first).
             let msg = e.to_string();
-            eprintln!("{}", msg.lines().next().unwrap_or("error: invalid arguments"));
+            let head: Vec<&str> = msg.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let line = head.join(" ");
+            eprintln!("{}", if line.is_empty() { "error: invalid arguments" } else { &line });
             std::process::exit(2);
         }
     };

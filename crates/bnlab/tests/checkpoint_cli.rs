@@ -239,9 +239,12 @@ fn eval_rejects_damaged_and_foreign_checkpoints() {
         if f.is_file() {
             let mut b = std::fs::read(&f).unwrap();
             if b[3] == 3 {
-                // images [n, 8, 8] → [n, 4, 16]: same bytes, other shape.
+                // images [n, 8, 8] → [n, 4, 4]: the top-left quarter of each.
+                let body: Vec<u8> = b[16..].chunks_exact(64).flat_map(|img| img[..16].to_vec()).collect();
+                b.truncate(16);
                 b[8..12].copy_from_slice(&4u32.to_be_bytes());
-                b[12..16].copy_from_slice(&16u32.to_be_bytes());
+                b[12..16].copy_from_slice(&4u32.to_be_bytes());
+                b.extend(body);
             }
             std::fs::write(other.join(f.file_name().unwrap()), b).unwrap();
         }
@@ -288,7 +291,7 @@ fn bad_flags_of_eval_and_resume() {
     let cases: [(&[&str], &str); 7] = [
         (&["eval"], "--checkpoint"),
         (&["eval", "--checkpoint", "x", "--threads", "0"], "--threads"),
-        (&["eval", "--checkpoint", "x", "--threads", "-2"], "--threads"),
+        (&["eval", "--checkpoint", "x", "--threads=-2"], "--threads"),
         (&["eval", "--checkpoint", "x", "--bn-stats", "median"], "--bn-stats"),
         (&["paper-mlp", "--checkpoint-every", "0"], "--checkpoint-every"),
         (&["paper-mlp", "--resume", "x", "--steps", "5"], "--steps"),
