@@ -285,17 +285,32 @@ fn unwritable_checkpoint_directory_is_an_error() {
     );
 }
 
+/// Invalid values of every numeric flag of every subcommand: a one-line error naming the flag,
+/// before any work starts.
 #[test]
-fn bad_flags_of_eval_and_resume() {
+fn bad_flags_of_every_subcommand() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: &[(&[&str], &str)] = &[
         (&["eval"], "--checkpoint"),
         (&["eval", "--checkpoint", "x", "--threads", "0"], "--threads"),
         (&["eval", "--checkpoint", "x", "--threads=-2"], "--threads"),
         (&["eval", "--checkpoint", "x", "--bn-stats", "median"], "--bn-stats"),
         (&["paper-mlp", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (&["paper-mlp", "--checkpoint-every=-5"], "--checkpoint-every"),
+        (&["paper-mlp", "--steps=-1"], "--steps"),
+        (&["paper-mlp", "--batch=-10"], "--batch"),
+        (&["paper-mlp", "--batch", "1"], "--batch"),
+        (&["paper-mlp", "--lr", "0"], "--lr"),
+        (&["paper-mlp", "--lr", "inf"], "--lr"),
+        (&["paper-mlp", "--init-std", "0"], "--init-std"),
+        (&["paper-mlp", "--population-batches", "0"], "--population-batches"),
+        (&["paper-mlp", "--eval-every=-1"], "--eval-every"),
         (&["paper-mlp", "--resume", "x", "--steps", "5"], "--steps"),
+        (&["paper-mlp", "--resume", "x", "--lr", "0.1"], "--lr"),
         (&["paper-mlp", "--resume", "x", "--threads", "0"], "--threads"),
+        (&["bench", "--threads", "0"], "--threads"),
+        (&["bench", "--min-time", "0"], "--min-time"),
+        (&["bench", "--min-time=-1"], "--min-time"),
     ];
     for (args, needle) in cases {
         expect_error(tmp.path(), args, &[needle]);
