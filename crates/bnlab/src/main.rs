@@ -5,8 +5,8 @@ mod cli;
 use anyhow::{Context, Result};
 use bnlab::bench;
 use bnlab::experiments::paper_mlp::{self, Variant};
-use clap::Parser;
 use bnlab::experiments::paper_mlp_eval::{self, EvalOptions};
+use clap::Parser;
 use cli::{BenchArgs, Cli, Command, EvalArgs, PaperMlpArgs, VariantChoice};
 use std::time::Duration;
 
@@ -26,9 +26,20 @@ fn main() {
             // The message up to the usage block, on one line (a missing argument is named on the
             // lines after the first).
             let msg = e.to_string();
-            let head: Vec<&str> = msg.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let head: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
             let line = head.join(" ");
-            eprintln!("{}", if line.is_empty() { "error: invalid arguments" } else { &line });
+            eprintln!(
+                "{}",
+                if line.is_empty() {
+                    "error: invalid arguments"
+                } else {
+                    &line
+                }
+            );
             std::process::exit(2);
         }
     };

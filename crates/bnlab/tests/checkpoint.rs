@@ -104,7 +104,11 @@ fn round_trip_restores_everything_exactly() {
     let mut fresh_sgd = Sgd::new(0.9, 1e-4);
     back.restore(&mut fresh, &mut fresh_sgd).unwrap();
     assert_eq!(fresh_sgd.velocity, sgd.velocity);
-    assert_eq!(capture(&mut fresh, &fresh_sgd), ck, "the restored network captures identically");
+    assert_eq!(
+        capture(&mut fresh, &fresh_sgd),
+        ck,
+        "the restored network captures identically"
+    );
 
     // Names are stable: parameters, BN state and momentum buffers by layer index and kind.
     let names: Vec<&str> = ck.tensor_names().collect();
@@ -163,7 +167,15 @@ fn dropout_generator_position_is_restored() {
     let mut a = make(&mut rng);
     let x = vec![1.0f32; 8];
     a.forward(&x, 2, Mode::Train).unwrap();
-    let ck = Checkpoint::capture(&mut a, &Sgd::new(0.0, 0.0), &progress(), "t", "v", serde_json::Value::Null).unwrap();
+    let ck = Checkpoint::capture(
+        &mut a,
+        &Sgd::new(0.0, 0.0),
+        &progress(),
+        "t",
+        "v",
+        serde_json::Value::Null,
+    )
+    .unwrap();
     let next_a = a.forward(&x, 2, Mode::Train).unwrap().to_vec();
     let mut b = make(&mut rng);
     ck.restore(&mut b, &mut Sgd::new(0.0, 0.0)).unwrap();
@@ -175,7 +187,10 @@ fn saving_refuses_a_nan_state() {
     let (mut net, sgd) = trained(Variant::Baseline, 1);
     net.params()[0].value[5] = f32::NAN;
     let err = Checkpoint::capture(&mut net, &sgd, &progress(), "t", "v", serde_json::Value::Null).unwrap_err();
-    assert!(matches!(&err, CheckpointError::NonFinite { name } if name == WEIGHT), "{err}");
+    assert!(
+        matches!(&err, CheckpointError::NonFinite { name } if name == WEIGHT),
+        "{err}"
+    );
 }
 
 #[test]
@@ -213,7 +228,11 @@ fn truncated_file_is_rejected() {
 
 #[test]
 fn not_a_safetensors_file_is_rejected() {
-    for junk in [&b"hello, world"[..], &[0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1][..], &[0xff; 64][..]] {
+    for junk in [
+        &b"hello, world"[..],
+        &[0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1][..],
+        &[0xff; 64][..],
+    ] {
         let err = Checkpoint::from_bytes(junk).unwrap_err();
         assert!(matches!(err, CheckpointError::NotSafetensors(_)), "{err}");
     }
@@ -238,27 +257,39 @@ fn safetensors_without_bnlab_metadata_is_rejected() {
         Checkpoint::from_bytes(&plain),
         Err(CheckpointError::NotACheckpoint(_))
     ));
-    let other = rewrite(&bn_bytes(), |_| {}, |m| {
-        m.insert("format".into(), "pytorch".into());
-    });
+    let other = rewrite(
+        &bn_bytes(),
+        |_| {},
+        |m| {
+            m.insert("format".into(), "pytorch".into());
+        },
+    );
     let err = Checkpoint::from_bytes(&other).unwrap_err();
     assert!(matches!(err, CheckpointError::NotACheckpoint(_)), "{err}");
 }
 
 #[test]
 fn other_format_version_is_rejected() {
-    let bytes = rewrite(&bn_bytes(), |_| {}, |m| {
-        m.insert("format_version".into(), "2".into());
-    });
+    let bytes = rewrite(
+        &bn_bytes(),
+        |_| {},
+        |m| {
+            m.insert("format_version".into(), "2".into());
+        },
+    );
     let err = Checkpoint::from_bytes(&bytes).unwrap_err();
     assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
 }
 
 #[test]
 fn settings_that_are_not_json_are_rejected() {
-    let bytes = rewrite(&bn_bytes(), |_| {}, |m| {
-        m.insert("settings".into(), "{lr:".into());
-    });
+    let bytes = rewrite(
+        &bn_bytes(),
+        |_| {},
+        |m| {
+            m.insert("settings".into(), "{lr:".into());
+        },
+    );
     let err = Checkpoint::from_bytes(&bytes).unwrap_err();
     assert!(
         matches!(err, CheckpointError::BadMetadata { key: "settings", .. }),
@@ -281,7 +312,11 @@ fn wrong_tensor_shape_is_rejected_before_anything_changes() {
         matches!(&err, CheckpointError::WrongShape { name, .. } if name == WEIGHT),
         "{err}"
     );
-    assert_eq!(net.params()[0].value, w0.as_slice(), "a failed restore changed the weights");
+    assert_eq!(
+        net.params()[0].value,
+        w0.as_slice(),
+        "a failed restore changed the weights"
+    );
     assert_eq!(architecture(&mut net), before);
 }
 
@@ -289,11 +324,10 @@ fn wrong_tensor_shape_is_rejected_before_anything_changes() {
 fn wrong_dtype_is_rejected() {
     let bytes = edit_tensors(&bn_bytes(), |t| {
         let w = t.get_mut(WEIGHT).unwrap();
-        let as_f64: Vec<u8> = w
-            .2
-            .chunks_exact(4)
-            .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) as f64).to_le_bytes())
-            .collect();
+        let as_f64: Vec<u8> =
+            w.2.chunks_exact(4)
+                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) as f64).to_le_bytes())
+                .collect();
         *w = (Dtype::F64, w.1.clone(), as_f64);
     });
     let err = load_into_fresh(&bytes).unwrap_err();
@@ -319,7 +353,10 @@ fn missing_tensor_is_rejected() {
             t.remove(name).unwrap();
         });
         let err = load_into_fresh(&bytes).unwrap_err();
-        assert!(matches!(&err, CheckpointError::MissingTensor { name: n } if n == name), "{err}");
+        assert!(
+            matches!(&err, CheckpointError::MissingTensor { name: n } if n == name),
+            "{err}"
+        );
     }
     let bytes = edit_tensors(&bn_bytes(), |t| {
         t.remove("progress.step").unwrap();

@@ -48,8 +48,23 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     let (full, killed) = (tmp.path().join("full"), tmp.path().join("killed"));
     let args = |out: &Path| -> Vec<String> {
         [
-            "paper-mlp", "--steps", "6000", "--eval-every", "250", "--checkpoint-every", "500", "--batch", "10",
-            "--population-batches", "20", "--threads", "2", "--seed", "3", "--quiet", "--data",
+            "paper-mlp",
+            "--steps",
+            "6000",
+            "--eval-every",
+            "250",
+            "--checkpoint-every",
+            "500",
+            "--batch",
+            "10",
+            "--population-batches",
+            "20",
+            "--threads",
+            "2",
+            "--seed",
+            "3",
+            "--quiet",
+            "--data",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -67,7 +82,10 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while !ckpt(&killed, "bn").exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
         assert!(Instant::now() < deadline, "no checkpoint after 300 s");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -124,8 +142,18 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
     bnlab_ok(
         tmp.path(),
         &[
-            "paper-mlp", "--steps", "300", "--eval-every", "100", "--batch", "10", "--quiet", "--data", s(&data),
-            "--out", s(&out),
+            "paper-mlp",
+            "--steps",
+            "300",
+            "--eval-every",
+            "100",
+            "--batch",
+            "10",
+            "--quiet",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
         ],
     );
     let metrics = read(&out.join("metrics.jsonl"));
@@ -133,8 +161,7 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
         let last: serde_json::Value = metrics
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|m| m["variant"] == variant)
-            .last()
+            .rfind(|m| m["variant"] == variant)
             .unwrap();
         let file = ckpt(&out, variant);
         let (plain, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file)]);
@@ -151,7 +178,11 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
         let (folded, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file), "--fold"]);
         let (fc, _) = eval_counts(&folded);
         assert!(fc.abs_diff(correct) <= 1, "{variant}: {plain} vs {folded}");
-        let expect = if variant == "bn" { "3 BN layer(s) folded" } else { "0 BN layer(s) folded" };
+        let expect = if variant == "bn" {
+            "3 BN layer(s) folded"
+        } else {
+            "0 BN layer(s) folded"
+        };
         assert!(folded.contains(expect), "{folded}");
         // The statistics saved in the checkpoint are the last evaluation's population estimate.
         let (running, _) = bnlab_ok(
@@ -172,8 +203,22 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let o = bnlab(
         tmp.path(),
         &[
-            "paper-mlp", "--variant", "baseline", "--steps", "200", "--lr", "1e37", "--checkpoint-every", "1",
-            "--batch", "10", "--quiet", "--data", s(&data), "--out", s(&out),
+            "paper-mlp",
+            "--variant",
+            "baseline",
+            "--steps",
+            "200",
+            "--lr",
+            "1e37",
+            "--checkpoint-every",
+            "1",
+            "--batch",
+            "10",
+            "--quiet",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
         ],
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -187,7 +232,11 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no step in {stderr}"));
     let kept = Checkpoint::read(&ckpt(&out, "baseline")).unwrap();
-    assert!(kept.progress.step < step, "kept step {} vs diverged at {step}", kept.progress.step);
+    assert!(
+        kept.progress.step < step,
+        "kept step {} vs diverged at {step}",
+        kept.progress.step
+    );
     assert!(
         stderr.contains(&format!("last good checkpoint (step {})", kept.progress.step)),
         "{stderr}"
@@ -206,8 +255,20 @@ fn tiny_run(tmp: &Path) -> (PathBuf, PathBuf) {
     bnlab_ok(
         tmp,
         &[
-            "paper-mlp", "--variant", "bn", "--steps", "20", "--eval-every", "10", "--batch", "10", "--quiet",
-            "--data", s(&data), "--out", s(&out),
+            "paper-mlp",
+            "--variant",
+            "bn",
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--batch",
+            "10",
+            "--quiet",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
         ],
     );
     (data, out)
@@ -223,7 +284,10 @@ fn eval_rejects_damaged_and_foreign_checkpoints() {
         (good[..good.len() - 7].to_vec(), "truncated or corrupt"),
         (good[..4].to_vec(), "truncated or corrupt"),
         (b"not a checkpoint at all".to_vec(), "not a valid safetensors file"),
-        (std::fs::read(data.join("t10k-labels-idx1-ubyte")).unwrap(), "safetensors"),
+        (
+            std::fs::read(data.join("t10k-labels-idx1-ubyte")).unwrap(),
+            "safetensors",
+        ),
     ];
     for (bytes, needle) in cases {
         std::fs::write(&bad, bytes).unwrap();
@@ -263,7 +327,11 @@ fn resume_rejects_a_damaged_checkpoint_and_a_non_run() {
     let path = ckpt(&out, "bn");
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, &good[..good.len() / 2]).unwrap();
-    expect_error(tmp.path(), &["paper-mlp", "--resume", s(&out), "--quiet"], &[s(&path), "truncated"]);
+    expect_error(
+        tmp.path(),
+        &["paper-mlp", "--resume", s(&out), "--quiet"],
+        &[s(&path), "truncated"],
+    );
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     expect_error(tmp.path(), &["paper-mlp", "--resume", s(&empty)], &["settings.json"]);
@@ -279,7 +347,16 @@ fn unwritable_checkpoint_directory_is_an_error() {
     expect_error(
         tmp.path(),
         &[
-            "paper-mlp", "--steps", "2", "--batch", "10", "--quiet", "--data", s(&data), "--out", s(&out),
+            "paper-mlp",
+            "--steps",
+            "2",
+            "--batch",
+            "10",
+            "--quiet",
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
         ],
         &["checkpoints"],
     );

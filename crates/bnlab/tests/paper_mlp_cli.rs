@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{bnlab, bnlab_ok, expect_error, read, s, synthetic_data, text};
+use common::{bnlab_ok, expect_error, read, s, synthetic_data};
 use std::path::Path;
 
 use serde_json::Value;

@@ -116,7 +116,10 @@ impl Layer for BatchNormLayer {
         vec![
             state("running_mean", StateValue::F32(self.bn.running_mean.clone())),
             state("running_var", StateValue::F32(self.bn.running_var.clone())),
-            state("num_batches_tracked", StateValue::U64(vec![self.bn.num_batches_tracked])),
+            state(
+                "num_batches_tracked",
+                StateValue::U64(vec![self.bn.num_batches_tracked]),
+            ),
             state("population_batches", StateValue::U64(vec![batches])),
             state("population_mean", StateValue::F64(mean.to_vec())),
             state("population_var", StateValue::F64(var.to_vec())),

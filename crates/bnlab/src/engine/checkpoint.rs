@@ -279,7 +279,10 @@ struct Entry {
 
 /// The alphabetic start of a layer name (`linear784x100` → `linear`).
 fn kind(name: &str) -> String {
-    let k: String = name.chars().take_while(|c| c.is_ascii_alphabetic() || *c == '_').collect();
+    let k: String = name
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic() || *c == '_')
+        .collect();
     if k.is_empty() {
         "layer".into()
     } else {
@@ -446,9 +449,10 @@ impl Checkpoint {
             });
         }
         for e in &entries {
-            let t = self.tensors.get(&e.name).ok_or_else(|| CheckpointError::MissingTensor {
-                name: e.name.clone(),
-            })?;
+            let t = self
+                .tensors
+                .get(&e.name)
+                .ok_or_else(|| CheckpointError::MissingTensor { name: e.name.clone() })?;
             if t.dtype != e.dtype {
                 return Err(CheckpointError::WrongDtype {
                     name: e.name.clone(),
@@ -595,7 +599,9 @@ impl Checkpoint {
             );
         }
         let scalar = |name: &str, dtype: Dtype| -> Result<&Tensor, CheckpointError> {
-            let t = tensors.get(name).ok_or_else(|| CheckpointError::MissingTensor { name: name.into() })?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| CheckpointError::MissingTensor { name: name.into() })?;
             if t.dtype != dtype {
                 return Err(CheckpointError::WrongDtype {
                     name: name.into(),

@@ -4,10 +4,10 @@
 
 use super::metrics_log::truncate_jsonl;
 use super::progress::Progress;
-use crate::data::{self, gather, Dataset, EpochShuffler};
-use crate::engine::loss::argmax_rows;
 use crate::atomic::write_atomic;
+use crate::data::{self, gather, Dataset, EpochShuffler};
 use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
+use crate::engine::loss::argmax_rows;
 use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
@@ -223,8 +223,13 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
 /// directory without a readable, valid `settings.json` (not a paper-mlp run directory).
 pub fn resume_settings(dir: &Path) -> Result<Settings> {
     let path = dir.join("settings.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} is not a paper-mlp run to resume: cannot read {}", dir.display(), path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a paper-mlp run to resume: cannot read {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
     let mut s: Settings =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?;
     s.out = dir.to_path_buf();
@@ -296,7 +301,10 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool) -> Result<Outcome> 
         let covered = |v: &serde_json::Value| {
             let (Ok(m), Some(i)) = (
                 serde_json::from_value::<Metric>(v.clone()),
-                settings.variants.iter().position(|x| Some(*x) == v["variant"].as_str().and_then(Variant::from_name)),
+                settings
+                    .variants
+                    .iter()
+                    .position(|x| Some(*x) == v["variant"].as_str().and_then(Variant::from_name)),
             ) else {
                 return false;
             };
@@ -414,7 +422,10 @@ fn train_variant(
     let mut dlogits = vec![0.0f32; s.batch * classes];
     let progress = Progress::new(variant.name(), s.steps, quiet);
     let kept = |saved: Option<u64>| match saved {
-        Some(step) => format!("the last good checkpoint (step {step}) is kept in {}", ckpt_path.display()),
+        Some(step) => format!(
+            "the last good checkpoint (step {step}) is kept in {}",
+            ckpt_path.display()
+        ),
         None => "no checkpoint had been written yet".to_string(),
     };
     let (start_time, prior_secs) = (Instant::now(), c.seconds);

@@ -76,10 +76,18 @@ pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
     let (train, test) = data::load(&s.data_dir)?;
     let classes = train.classes.max(test.classes);
     let (mut net, _) = build(variant, train.features(), classes, s.init_std, s.seed)?;
-    ck.restore(&mut net, &mut Sgd::new(0.0, 0.0))
-        .with_context(|| format!("cannot load checkpoint {} (data from {})", path.display(), s.data_dir.display()))?;
+    ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {
+        format!(
+            "cannot load checkpoint {} (data from {})",
+            path.display(),
+            s.data_dir.display()
+        )
+    })?;
     if s.bn_stats == BnStats::Population {
-        ensure!(train.len >= s.batch, "the training set has fewer examples than one batch");
+        ensure!(
+            train.len >= s.batch,
+            "the training set has fewer examples than one batch"
+        );
         use_population_stats(&s, &mut net, &train)?;
     }
     let mut folded = 0;
