@@ -11,6 +11,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.
+fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "paper-mlp",
+        "--batch",
+        "10",
+        "--quiet",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn ckpt(out: &Path, variant: &str) -> PathBuf {
     out.join("checkpoints").join(format!("{variant}.safetensors"))
 }
@@ -141,20 +157,7 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
     let out = tmp.path().join("out");
     bnlab_ok(
         tmp.path(),
-        &[
-            "paper-mlp",
-            "--steps",
-            "300",
-            "--eval-every",
-            "100",
-            "--batch",
-            "10",
-            "--quiet",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-        ],
+        &paper_mlp(&data, &out, &["--steps", "300", "--eval-every", "100"]),
     );
     let metrics = read(&out.join("metrics.jsonl"));
     for variant in ["baseline", "bn"] {
@@ -200,27 +203,17 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path());
     let out = tmp.path().join("out");
-    let o = bnlab(
-        tmp.path(),
-        &[
-            "paper-mlp",
-            "--variant",
-            "baseline",
-            "--steps",
-            "200",
-            "--lr",
-            "1e37",
-            "--checkpoint-every",
-            "1",
-            "--batch",
-            "10",
-            "--quiet",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-        ],
-    );
+    let extra = [
+        "--variant",
+        "baseline",
+        "--steps",
+        "200",
+        "--lr",
+        "1e37",
+        "--checkpoint-every",
+        "1",
+    ];
+    let o = bnlab(tmp.path(), &paper_mlp(&data, &out, &extra));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -252,25 +245,8 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
 fn tiny_run(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = synthetic_data(tmp);
     let out = tmp.join("out");
-    bnlab_ok(
-        tmp,
-        &[
-            "paper-mlp",
-            "--variant",
-            "bn",
-            "--steps",
-            "20",
-            "--eval-every",
-            "10",
-            "--batch",
-            "10",
-            "--quiet",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-        ],
-    );
+    let extra = ["--variant", "bn", "--steps", "20", "--eval-every", "10"];
+    bnlab_ok(tmp, &paper_mlp(&data, &out, &extra));
     (data, out)
 }
 
@@ -325,6 +301,17 @@ fn resume_rejects_a_damaged_checkpoint_and_a_non_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, out) = tiny_run(tmp.path());
     let path = ckpt(&out, "bn");
+    // The run's settings changed after the checkpoint: refused.
+    let settings_path = out.join("settings.json");
+    let settings = read(&settings_path);
+    assert!(settings.contains("\"lr\": 0.5"), "{settings}");
+    std::fs::write(&settings_path, settings.replace("\"lr\": 0.5", "\"lr\": 0.25")).unwrap();
+    expect_error(
+        tmp.path(),
+        &["paper-mlp", "--resume", s(&out), "--quiet"],
+        &[s(&path), "other settings"],
+    );
+    std::fs::write(&settings_path, settings).unwrap();
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, &good[..good.len() / 2]).unwrap();
     expect_error(
@@ -344,22 +331,7 @@ fn unwritable_checkpoint_directory_is_an_error() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("checkpoints"), "a file where the directory goes").unwrap();
-    expect_error(
-        tmp.path(),
-        &[
-            "paper-mlp",
-            "--steps",
-            "2",
-            "--batch",
-            "10",
-            "--quiet",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-        ],
-        &["checkpoints"],
-    );
+    expect_error(tmp.path(), &paper_mlp(&data, &out, &["--steps", "2"]), &["checkpoints"]);
 }
 
 /// Invalid values of every numeric flag of every subcommand: a one-line error naming the flag,

@@ -3,6 +3,8 @@
 //! A [`Layer`] maps a batch `[batch, input_size]` to `[batch, output_size]` (per-example sizes are
 //! fixed at construction; convolutional layers flatten `[C, H, W]` per example). [`Sequential`]
 //! chains layers, keeps every activation for backward, and hands the parameters to the optimizer.
+//! [`checkpoint`] saves and restores a network, its optimizer and the run's progress (safetensors);
+//! [`fold`] folds inference batch norm into the linear layers before it.
 
 pub mod activation;
 pub mod batchnorm;
