@@ -221,6 +221,19 @@ impl PopulationStats {
         self.batches
     }
 
+    /// The raw accumulators `(batches, running mean of batch means, running mean of unbiased batch
+    /// variances)`, to save with a checkpoint; [`PopulationStats::from_parts`] restores them.
+    pub fn parts(&self) -> (u64, &[f64], &[f64]) {
+        (self.batches, &self.mean, &self.var)
+    }
+
+    /// An estimator in the state [`PopulationStats::parts`] returned. Rejects vectors of different
+    /// lengths ([`Error::FeatureMismatch`]).
+    pub fn from_parts(batches: u64, mean: Vec<f64>, var: Vec<f64>) -> Result<Self, Error> {
+        check_channels("population var", mean.len(), var.len())?;
+        Ok(PopulationStats { batches, mean, var })
+    }
+
     /// Adds one mini-batch's statistics. Rejects a channel-count mismatch and a batch with
     /// fewer than 2 values per channel.
     pub fn observe(&mut self, batch: &BatchStats) -> Result<(), Error> {

@@ -20,6 +20,8 @@ pub enum Command {
     PaperMlp(PaperMlpArgs),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
     Accelerate(AccelerateArgs),
+    /// Test accuracy of a paper-mlp checkpoint, optionally with BN folded into the linear layers.
+    Eval(EvalArgs),
 }
 
 /// Which networks `paper-mlp` trains.
@@ -63,13 +65,23 @@ pub struct PaperMlpArgs {
     /// Training batches averaged for the population statistics.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub population_batches: u32,
-    /// Directory with the four IDX files (default: Debian's Fashion-MNIST).
-    #[arg(long, default_value = bnlab::data::DEFAULT_DATA_DIR)]
-    pub data: std::path::PathBuf,
+    /// Directory with the four IDX files [default: /usr/share/datasets/fashion-mnist, Debian's
+    /// Fashion-MNIST; with --resume, the run's]
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
     /// Output directory (default: a new folder under runs/).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Worker threads (default: all cores).
+    /// Steps between checkpoints (OUT/checkpoints/<variant>.safetensors; one is also written at
+    /// the end of each variant) [default: --eval-every]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Continue the run in this output directory from its checkpoints, with its settings
+    /// (only --data, --threads and --quiet may be given with it).
+    #[arg(long, conflicts_with_all = ["variant", "steps", "lr", "eval_every", "seed", "batch", "init_std",
+        "bn_stats", "population_batches", "out", "checkpoint_every"])]
+    pub resume: Option<std::path::PathBuf>,
+    /// Worker threads [default: all cores; with --resume, the run's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
     /// No progress bar or log lines.
@@ -126,6 +138,27 @@ pub struct AccelerateArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Options of `bnlab eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint written by `bnlab paper-mlp` (OUT/checkpoints/<variant>.safetensors).
+    #[arg(long)]
+    pub checkpoint: std::path::PathBuf,
+    /// Directory with the four IDX files [default: the run's]
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Fold every BN layer into the linear layer before it and evaluate the folded network.
+    #[arg(long)]
+    pub fold: bool,
+    /// BN statistics: Algorithm 2's population estimate (recomputed over the run's training
+    /// batches) or the running statistics stored in the checkpoint [default: the run's]
+    #[arg(long, value_enum)]
+    pub bn_stats: Option<bnlab::experiments::paper_mlp::BnStats>,
+    /// Worker threads (default: all cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
 }
 
 /// Options of `bnlab bench`.

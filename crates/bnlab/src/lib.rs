@@ -9,7 +9,9 @@
 //! - [`experiments`]: the paper's experiments as settings plus a training loop.
 //! - [`report`]: plots (SVG/PNG) and the self-contained HTML page.
 //! - [`bench`]: the kernel benchmark behind `bnlab bench`.
+//! - [`atomic`]: atomic file replacement (checkpoints, rewritten metrics).
 
+pub mod atomic;
 pub mod bench;
 pub mod data;
 pub mod engine;

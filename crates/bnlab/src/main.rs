@@ -6,8 +6,9 @@ use anyhow::{Context, Result};
 use bnlab::bench;
 use bnlab::experiments::accelerate;
 use bnlab::experiments::paper_mlp::{self, Variant};
+use bnlab::experiments::paper_mlp_eval::{self, EvalOptions};
 use clap::Parser;
-use cli::{AccelerateArgs, BenchArgs, Cli, Command, PaperMlpArgs, VariantChoice};
+use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, PaperMlpArgs, VariantChoice};
 use std::time::Duration;
 
 fn main() {
@@ -23,8 +24,23 @@ fn main() {
             ) {
                 e.exit();
             }
+            // The message up to the usage block, on one line (a missing argument is named on the
+            // lines after the first).
             let msg = e.to_string();
-            eprintln!("{}", msg.lines().next().unwrap_or("error: invalid arguments"));
+            let head: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = head.join(" ");
+            eprintln!(
+                "{}",
+                if line.is_empty() {
+                    "error: invalid arguments"
+                } else {
+                    &line
+                }
+            );
             std::process::exit(2);
         }
     };
@@ -32,6 +48,7 @@ fn main() {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
         Command::Accelerate(args) => run_accelerate(&args),
+        Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -86,24 +103,29 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
 }
 
 fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
-    let pool = pool(args.threads)?;
-    let mut s = paper_mlp::Settings::paper(args.out.clone().unwrap_or_else(|| paper_mlp::default_out("paper-mlp")));
-    s.variants = match args.variant {
-        VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
-        VariantChoice::Bn => vec![Variant::Bn],
-        VariantChoice::Baseline => vec![Variant::Baseline],
+    let (s, pool, outcome) = match &args.resume {
+        Some(dir) => {
+            let mut s = paper_mlp::resume_settings(dir)?;
+            if let Some(d) = &args.data {
+                s.data_dir = d.clone();
+            }
+            let pool = pool(Some(args.threads.unwrap_or(s.threads as u32)))?;
+            s.threads = pool.current_num_threads();
+            let outcome = pool.install(|| paper_mlp::resume(&s, args.quiet))?;
+            (s, pool, outcome)
+        }
+        None => {
+            let s = new_settings(args);
+            let pool = pool(args.threads)?;
+            let s = paper_mlp::Settings {
+                threads: pool.current_num_threads(),
+                ..s
+            };
+            let outcome = pool.install(|| paper_mlp::run(&s, args.quiet))?;
+            (s, pool, outcome)
+        }
     };
-    s.steps = args.steps;
-    s.lr = args.lr;
-    s.eval_every = args.eval_every;
-    s.seed = args.seed;
-    s.batch = args.batch as usize;
-    s.init_std = args.init_std as f32;
-    s.bn_stats = args.bn_stats;
-    s.population_batches = args.population_batches as usize;
-    s.data_dir = args.data.clone();
-    s.threads = pool.current_num_threads();
-    let outcome = pool.install(|| paper_mlp::run(&s, args.quiet))?;
+    drop(pool);
     for (name, r) in &outcome.summaries {
         println!(
             "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
@@ -158,5 +180,55 @@ fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
         println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
     }
     println!("wrote {}", s.out.join("report.html").display());
+    Ok(())
+}
+
+/// The settings of a new run from the flags.
+fn new_settings(args: &PaperMlpArgs) -> paper_mlp::Settings {
+    let mut s = paper_mlp::Settings::paper(args.out.clone().unwrap_or_else(|| paper_mlp::default_out("paper-mlp")));
+    s.variants = match args.variant {
+        VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
+        VariantChoice::Bn => vec![Variant::Bn],
+        VariantChoice::Baseline => vec![Variant::Baseline],
+    };
+    s.steps = args.steps;
+    s.lr = args.lr;
+    s.eval_every = args.eval_every;
+    s.checkpoint_every = args.checkpoint_every.unwrap_or(args.eval_every);
+    s.seed = args.seed;
+    s.batch = args.batch as usize;
+    s.init_std = args.init_std as f32;
+    s.bn_stats = args.bn_stats;
+    s.population_batches = args.population_batches as usize;
+    if let Some(d) = &args.data {
+        s.data_dir = d.clone();
+    }
+    s
+}
+
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    let pool = pool(args.threads)?;
+    let opts = EvalOptions {
+        checkpoint: args.checkpoint.clone(),
+        data: args.data.clone(),
+        fold: args.fold,
+        bn_stats: args.bn_stats,
+    };
+    let r = pool.install(|| paper_mlp_eval::eval_checkpoint(&opts))?;
+    let stats = serde_json::to_value(r.bn_stats)?;
+    println!(
+        "{} at step {}: test accuracy {:.2}% ({} of {}), BN statistics {}, {}",
+        r.variant.name(),
+        r.step,
+        r.accuracy() * 100.0,
+        r.correct,
+        r.total,
+        stats.as_str().unwrap_or("?"),
+        if args.fold {
+            format!("{} BN layer(s) folded into the linear layers", r.folded)
+        } else {
+            "not folded".to_string()
+        }
+    );
     Ok(())
 }

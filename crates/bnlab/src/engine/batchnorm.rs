@@ -10,9 +10,9 @@
 //! 0.19 vs 0.24 ms; `[64, 32, 14, 14]` 0.38 vs 0.41 ms (NHWC wins only from wide planes with more
 //! channels: `[64, 16, 28, 28]` 1.54 vs 1.06 ms).
 
-use super::{Layer, Mode, Param};
+use super::{Layer, Mode, Param, State, StateValue};
 use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Layout, PopulationStats, SavedStats};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Batch norm over `channels` features; each example is `[channels]` (fully connected) or
 /// `[channels, spatial]` (feature maps, NCHW: statistics per channel over N·H·W).
@@ -117,5 +117,43 @@ impl Layer for BatchNormLayer {
 
     fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
         Some(self)
+    }
+
+    /// Running mean and variance, batches tracked, and Algorithm 2's accumulators.
+    fn state(&self) -> Vec<State> {
+        let (batches, mean, var) = self.population.parts();
+        let state = |name, value| State { name, value };
+        vec![
+            state("running_mean", StateValue::F32(self.bn.running_mean.clone())),
+            state("running_var", StateValue::F32(self.bn.running_var.clone())),
+            state(
+                "num_batches_tracked",
+                StateValue::U64(vec![self.bn.num_batches_tracked]),
+            ),
+            state("population_batches", StateValue::U64(vec![batches])),
+            state("population_mean", StateValue::F64(mean.to_vec())),
+            state("population_var", StateValue::F64(var.to_vec())),
+        ]
+    }
+
+    fn set_state(&mut self, name: &str, value: StateValue) -> Result<()> {
+        let channels = self.bn.num_features;
+        let (batches, mean, var) = self.population.parts();
+        let (mut batches, mut mean, mut var) = (batches, mean.to_vec(), var.to_vec());
+        match (name, value) {
+            ("running_mean", StateValue::F32(v)) if v.len() == channels => self.bn.running_mean = v,
+            ("running_var", StateValue::F32(v)) if v.len() == channels => self.bn.running_var = v,
+            ("num_batches_tracked", StateValue::U64(v)) if v.len() == 1 => self.bn.num_batches_tracked = v[0],
+            ("population_batches", StateValue::U64(v)) if v.len() == 1 => batches = v[0],
+            ("population_mean", StateValue::F64(v)) if v.len() == channels => mean = v,
+            ("population_var", StateValue::F64(v)) if v.len() == channels => var = v,
+            (name, v) => bail!(
+                "batch norm has no state `{name}` of {} {} values",
+                v.len(),
+                v.dtype_name()
+            ),
+        }
+        self.population = PopulationStats::from_parts(batches, mean, var)?;
+        Ok(())
     }
 }

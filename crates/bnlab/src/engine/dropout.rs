@@ -8,8 +8,8 @@
 //! ```
 //! The u_i come from the layer's own ChaCha8 generator, so the same seed gives the same masks.
 
-use super::{Layer, Mode, Param};
-use anyhow::{ensure, Result};
+use super::{Layer, Mode, Param, State, StateValue};
+use anyhow::{bail, ensure, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,5 +119,24 @@ impl Layer for Dropout {
 
     fn params(&mut self) -> Vec<Param<'_>> {
         Vec::new()
+    }
+
+    /// The generator's word position as two words (low, high), so resumed masks continue the stream.
+    fn state(&self) -> Vec<State> {
+        let pos = self.rng_position();
+        vec![State {
+            name: "rng_word_pos",
+            value: StateValue::U64(vec![pos as u64, (pos >> 64) as u64]),
+        }]
+    }
+
+    fn set_state(&mut self, name: &str, value: StateValue) -> Result<()> {
+        match (name, value) {
+            ("rng_word_pos", StateValue::U64(v)) if v.len() == 2 => {
+                self.set_rng_position(u128::from(v[0]) | (u128::from(v[1]) << 64));
+                Ok(())
+            }
+            (name, _) => bail!("dropout has no state `{name}` of that type and length"),
+        }
     }
 }

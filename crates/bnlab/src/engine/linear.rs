@@ -35,6 +35,24 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Folds inference batch norm that follows this layer into it: W ← diag(scale)·W,
+    /// b ← scale·b + shift (b = 0 when the layer has none); afterwards the layer has a bias.
+    /// Rejects a map whose channel count is not this layer's output count.
+    pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            bn.channels() == self.outputs,
+            "cannot fold batch norm over {} channels into a linear layer with {} outputs",
+            bn.channels(),
+            self.outputs
+        );
+        let bias = ::batchnorm::fold_into_preceding(&mut self.weight, self.bias.as_deref(), bn)?;
+        self.bias = Some(bias);
+        self.grad_bias = vec![0.0; self.outputs];
+        Ok(())
+    }
+}
+
 impl Layer for Linear {
     fn name(&self) -> String {
         format!("linear{}x{}", self.inputs, self.outputs)
@@ -130,5 +148,9 @@ impl Layer for Linear {
             });
         }
         p
+    }
+
+    fn as_linear(&mut self) -> Option<&mut Linear> {
+        Some(self)
     }
 }

@@ -8,11 +8,15 @@
 //! block's output `[batch, C, H, W]` in NCHW is the same memory as `[batch, C·H·W]`), so a linear
 //! layer after a conv or pooling layer simply takes `C·H·W` inputs; [`Sequential::new`] checks
 //! that the sizes connect.
+//! [`checkpoint`] saves and restores a network, its optimizer and the run's progress (safetensors);
+//! [`fold`] folds inference batch norm into the linear layers before it.
 
 pub mod activation;
 pub mod batchnorm;
+pub mod checkpoint;
 pub mod conv;
 pub mod dropout;
+pub mod fold;
 pub mod gemm;
 pub mod linear;
 pub mod loss;
@@ -20,6 +24,7 @@ pub mod lrn;
 pub mod optimizer;
 pub mod pool;
 pub mod schedule;
+pub mod state;
 
 pub use activation::{Relu, Sigmoid};
 pub use batchnorm::BatchNormLayer;
@@ -31,8 +36,9 @@ pub use lrn::Lrn;
 pub use optimizer::Sgd;
 pub use pool::MaxPool2d;
 pub use schedule::LrSchedule;
+pub use state::{State, StateValue};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// What a forward pass is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +81,21 @@ pub trait Layer: Send {
     /// This layer as batch norm, if it is one.
     fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
         None
+    }
+    /// This layer as a fully connected layer, if it is one (for folding batch norm into it).
+    fn as_linear(&mut self) -> Option<&mut Linear> {
+        None
+    }
+    /// Non-learnable state a checkpoint must keep to continue training exactly (running
+    /// statistics, generator positions); none by default.
+    fn state(&self) -> Vec<State> {
+        Vec::new()
+    }
+    /// Restores one tensor that [`Layer::state`] names. The checkpoint loader has already checked
+    /// the element type and length against [`Layer::state`]; a layer rejects a name it does not have.
+    fn set_state(&mut self, name: &str, value: StateValue) -> Result<()> {
+        let _ = value;
+        bail!("layer {} has no state named `{name}`", self.name())
     }
 }
 

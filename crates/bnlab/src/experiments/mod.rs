@@ -2,5 +2,7 @@
 
 pub mod accelerate;
 pub mod common;
+pub mod metrics_log;
 pub mod paper_mlp;
+pub mod paper_mlp_eval;
 pub mod progress;

@@ -2,23 +2,28 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use super::common::{self, train_step, EvalSettings, StepBuffers};
-use crate::data::{self, Dataset, EpochShuffler};
-use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
+pub use super::common::{default_out, BnStats};
+use super::metrics_log::truncate_jsonl;
+use super::progress::Progress;
+use crate::atomic::write_atomic;
+use crate::data::{self, gather, Dataset, EpochShuffler};
+use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
+use crate::engine::loss::argmax_rows;
+use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use batchnorm::BatchNormConfig;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-pub use super::common::{default_out, BnStats};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// The two networks of Figure 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// Linear layers with biases, sigmoid after each hidden layer.
@@ -35,10 +40,15 @@ impl Variant {
             Variant::Bn => "bn",
         }
     }
+
+    /// The variant named `name` (as [`Variant::name`] spells it).
+    pub fn from_name(name: &str) -> Option<Variant> {
+        [Variant::Baseline, Variant::Bn].into_iter().find(|v| v.name() == name)
+    }
 }
 
 /// Everything that defines a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// Networks to train, in order.
     pub variants: Vec<Variant>,
@@ -64,6 +74,8 @@ pub struct Settings {
     pub out: PathBuf,
     /// Worker threads (recorded; the caller sets up the pool).
     pub threads: usize,
+    /// Steps between checkpoints (one is also written at the end of each variant).
+    pub checkpoint_every: u64,
 }
 
 impl Settings {
@@ -82,6 +94,7 @@ impl Settings {
             data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
             out,
             threads: 1,
+            checkpoint_every: 1000,
         }
     }
 
@@ -90,6 +103,7 @@ impl Settings {
         ensure!(!self.variants.is_empty(), "no variant to train");
         ensure!(self.steps > 0, "--steps must be > 0");
         ensure!(self.eval_every > 0, "--eval-every must be > 0");
+        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be > 0");
         ensure!(
             self.batch >= 2,
             "--batch must be at least 2 (batch norm needs 2 values per feature)"
@@ -101,16 +115,6 @@ impl Settings {
         );
         ensure!(self.population_batches > 0, "--population-batches must be > 0");
         Ok(())
-    }
-
-    /// How evaluations set up batch norm.
-    pub fn eval_settings(&self) -> EvalSettings {
-        EvalSettings {
-            bn_stats: self.bn_stats,
-            population_batches: self.population_batches,
-            batch: self.batch,
-            seed: self.seed,
-        }
     }
 }
 
@@ -144,10 +148,10 @@ pub fn build(variant: Variant, inputs: usize, classes: usize, init_std: f32, see
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
-    /// Variant name.
-    pub variant: &'static str,
+    /// The network.
+    pub variant: Variant,
     /// Training steps done.
     pub step: u64,
     /// Test-set accuracy.
@@ -191,75 +195,305 @@ pub struct Outcome {
     pub summaries: BTreeMap<&'static str, VariantSummary>,
 }
 
-/// Loads data, trains every variant, writes metrics, plots and the report into `settings.out`.
+/// The `experiment` name in this experiment's checkpoints.
+pub const EXPERIMENT: &str = "paper-mlp";
+
+/// Where a run keeps the checkpoint of `variant`: `OUT/checkpoints/<variant>.safetensors`.
+pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
+    out.join("checkpoints").join(format!("{}.safetensors", variant.name()))
+}
+
+/// Loads data, trains every variant, writes metrics, checkpoints, plots and the report into
+/// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced).
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    execute(settings, quiet, false)
+}
+
+/// The settings of the run in `dir` (its `settings.json`), with `out` set to `dir`. Rejects a
+/// directory without a readable, valid `settings.json` (not a paper-mlp run directory).
+pub fn resume_settings(dir: &Path) -> Result<Settings> {
+    let path = dir.join("settings.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a paper-mlp run to resume: cannot read {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    let mut s: Settings =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?;
+    s.out = dir.to_path_buf();
+    Ok(s)
+}
+
+/// Continues the run in `settings.out` (settings from [`resume_settings`]): every variant restarts
+/// from its checkpoint (a finished one is not retrained, one without a checkpoint starts afresh),
+/// `metrics.jsonl` is cut back to the checkpoints' steps, and all outputs are written as an
+/// uninterrupted run would. Rejects a checkpoint that belongs to another run (other settings,
+/// another architecture) or is damaged.
+pub fn resume(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    execute(settings, quiet, true)
+}
+
+/// The training-defining part of the settings: everything but where files are and thread count.
+fn identity(s: &serde_json::Value) -> serde_json::Value {
+    let mut v = s.clone();
+    if let Some(m) = v.as_object_mut() {
+        for key in ["out", "data_dir", "threads"] {
+            m.remove(key);
+        }
+    }
+    v
+}
+
+fn execute(settings: &Settings, quiet: bool, resuming: bool) -> Result<Outcome> {
     settings.check()?;
     let (train, test) = data::load(&settings.data_dir)?;
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
     );
-    let (metrics, summaries) =
-        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
-            train_variant(settings, v, &train, &test, quiet, record)
+    let ckpt_dir = settings.out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("cannot create output directory {}", ckpt_dir.display()))?;
+    let settings_json = serde_json::to_value(settings)?;
+    let metrics_path = settings.out.join("metrics.jsonl");
+    let mut starts = Vec::new();
+    for &variant in &settings.variants {
+        let path = checkpoint_path(&settings.out, variant);
+        let start = if resuming && path.exists() {
+            let c = Checkpoint::read(&path).with_context(|| format!("cannot resume from {}", path.display()))?;
+            ensure!(
+                c.experiment == EXPERIMENT && c.variant == variant.name(),
+                "{}: a checkpoint of {}/{}, expected {EXPERIMENT}/{}",
+                path.display(),
+                c.experiment,
+                c.variant,
+                variant.name()
+            );
+            ensure!(
+                identity(&c.settings) == identity(&settings_json),
+                "{}: written by a run with other settings than {}",
+                path.display(),
+                settings.out.join("settings.json").display()
+            );
+            Some(c)
+        } else {
+            None
+        };
+        starts.push(start);
+    }
+    let mut outcome = Outcome {
+        metrics: Vec::new(),
+        summaries: BTreeMap::new(),
+    };
+    if resuming {
+        let covered = |v: &serde_json::Value| {
+            let (Ok(m), Some(i)) = (
+                serde_json::from_value::<Metric>(v.clone()),
+                settings
+                    .variants
+                    .iter()
+                    .position(|x| Some(*x) == v["variant"].as_str().and_then(Variant::from_name)),
+            ) else {
+                return false;
+            };
+            starts[i].as_ref().is_some_and(|c| m.step <= c.progress.step)
+        };
+        for v in truncate_jsonl(&metrics_path, covered)? {
+            outcome.metrics.push(serde_json::from_value(v)?);
+        }
+    } else {
+        let path = settings.out.join("settings.json");
+        write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&metrics_path, "").with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    for (&variant, start) in settings.variants.iter().zip(starts) {
+        let summary = train_variant(settings, variant, start, &train, &test, quiet, |m| {
+            writeln!(metrics_file, "{}", serde_json::to_string(m)?)?;
+            metrics_file.flush()?;
+            outcome.metrics.push(m.clone());
+            Ok(())
         })?;
-    let outcome = Outcome { metrics, summaries };
+        outcome.summaries.insert(variant.name(), summary);
+    }
     write_outputs(settings, &outcome)?;
     Ok(outcome)
 }
 
-/// Trains one variant, calling `on_metric` at every evaluation.
+/// Counters a variant's loop carries between steps, saved in its checkpoints.
+#[derive(Default)]
+struct Counters {
+    loss_sum: f64,
+    loss_n: u64,
+    best: f64,
+    last: f64,
+    train_secs: f64,
+    seconds: f64,
+}
+
+impl Counters {
+    fn progress(&self, step: u64, seed: u64) -> TrainProgress {
+        let values = [
+            ("loss_sum", self.loss_sum),
+            ("loss_n", self.loss_n as f64),
+            ("best_test_acc", self.best),
+            ("last_test_acc", self.last),
+            ("train_seconds", self.train_secs),
+            ("seconds", self.seconds),
+        ];
+        TrainProgress {
+            step,
+            seed,
+            values: values.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        }
+    }
+
+    fn from_progress(p: &TrainProgress) -> Result<Self> {
+        let get = |k: &str| {
+            p.values
+                .get(k)
+                .copied()
+                .with_context(|| format!("the checkpoint lacks progress value `{k}`"))
+        };
+        Ok(Counters {
+            loss_sum: get("loss_sum")?,
+            loss_n: get("loss_n")? as u64,
+            best: get("best_test_acc")?,
+            last: get("last_test_acc")?,
+            train_secs: get("train_seconds")?,
+            seconds: get("seconds")?,
+        })
+    }
+}
+
+/// Trains one variant (from `start` when resuming), calling `on_metric` at every evaluation and
+/// saving a checkpoint every `checkpoint_every` steps and at the end.
 fn train_variant(
     s: &Settings,
     variant: Variant,
+    start: Option<Checkpoint>,
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
-    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
+    mut on_metric: impl FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let classes = train.classes.max(test.classes);
     let features = train.features();
-    let (net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
-    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let buf = StepBuffers::new(s.batch, features, classes);
-    let mut state = (net, Sgd::new(0.0, 0.0), shuffler, buf, monitor);
-    let end = common::train_loop(
-        variant.name(),
-        s.steps,
-        s.eval_every,
-        quiet,
-        &mut state,
-        |(net, sgd, shuffler, buf, _), step| train_step(net, sgd, train, shuffler, step, s.lr as f32, buf),
-        |(net, _, _, _, monitor), step, train_loss| {
-            let acc = evaluate(s, net, monitor, train, test)?;
+    let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
+    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
+    let mut loss_fn = SoftmaxCrossEntropy::default();
+    let mut sgd = Sgd::new(0.0, 0.0);
+    let ckpt_path = checkpoint_path(&s.out, variant);
+    let (mut c, first) = match &start {
+        Some(ck) => {
+            ck.restore(&mut net, &mut sgd)
+                .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
+            ensure!(
+                ck.progress.step <= s.steps && ck.progress.seed == s.seed,
+                "{}: step {} and seed {} do not fit this run",
+                ckpt_path.display(),
+                ck.progress.step,
+                ck.progress.seed
+            );
+            (Counters::from_progress(&ck.progress)?, ck.progress.step)
+        }
+        None => (Counters::default(), 0),
+    };
+    let mut saved = start.as_ref().map(|ck| ck.progress.step);
+    let settings_json = serde_json::to_value(s)?;
+    let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
+    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
+    let mut dlogits = vec![0.0f32; s.batch * classes];
+    let progress = Progress::new(variant.name(), s.steps, quiet);
+    let kept = |saved: Option<u64>| match saved {
+        Some(step) => format!(
+            "the last good checkpoint (step {step}) is kept in {}",
+            ckpt_path.display()
+        ),
+        None => "no checkpoint had been written yet".to_string(),
+    };
+    let (start_time, prior_secs) = (Instant::now(), c.seconds);
+    for step in first..s.steps {
+        let t = Instant::now();
+        gather(train, shuffler.batch_indices(step), &mut x, &mut y);
+        let logits = net.forward(&x, s.batch, Mode::Train)?;
+        let loss = loss_fn.forward(logits, &y, classes)?;
+        if !loss.is_finite() {
+            bail!(
+                "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr); {}",
+                variant.name(),
+                step + 1,
+                kept(saved)
+            );
+        }
+        loss_fn.backward(&y, classes, &mut dlogits);
+        net.backward(&dlogits)?;
+        sgd.step(net.params(), s.lr as f32);
+        c.train_secs += t.elapsed().as_secs_f64();
+        c.loss_sum += loss as f64;
+        c.loss_n += 1;
+        progress.step(step + 1);
+        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
+            let acc = evaluate(s, &mut net, &mut monitor, train, test)?;
             let summary = monitor.summary();
-            on_metric(&Metric {
-                variant: variant.name(),
-                step,
+            let m = Metric {
+                variant,
+                step: step + 1,
                 test_acc: acc,
-                train_loss,
+                train_loss: c.loss_sum / c.loss_n as f64,
                 p15: summary.unit[0],
                 p50: summary.unit[1],
                 p85: summary.unit[2],
                 pooled_p15: summary.pooled[0],
                 pooled_p50: summary.pooled[1],
                 pooled_p85: summary.pooled[2],
+            };
+            progress.eval(
+                step + 1,
+                s.steps,
+                m.train_loss,
+                acc,
+                (step + 1) as f64 / c.train_secs.max(1e-9),
+            );
+            on_metric(&m)?;
+            (c.loss_sum, c.loss_n) = (0.0, 0);
+            c.best = c.best.max(acc);
+            c.last = acc;
+        }
+        if (step + 1) % s.checkpoint_every == 0 || step + 1 == s.steps {
+            c.seconds = prior_secs + start_time.elapsed().as_secs_f64();
+            let ck = Checkpoint::capture(
+                &mut net,
+                &sgd,
+                &c.progress(step + 1, s.seed),
+                EXPERIMENT,
+                variant.name(),
+                settings_json.clone(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "training of `{}` diverged by step {}: {e}; {}",
+                    variant.name(),
+                    step + 1,
+                    kept(saved)
+                )
             })?;
-            Ok(acc)
-        },
-    )?;
-    if let Some((step, loss)) = end.diverged {
-        bail!(
-            "training of `{}` diverged at step {step}: the loss is {loss} (try a smaller --lr)",
-            variant.name()
-        );
+            ck.save(&ckpt_path)?;
+            saved = Some(step + 1);
+        }
     }
+    progress.finish();
     Ok(VariantSummary {
-        final_test_acc: end.last_acc.unwrap_or(0.0),
-        best_test_acc: end.best_acc.unwrap_or(0.0),
-        seconds: end.seconds,
-        ms_per_step: end.ms_per_step(),
+        final_test_acc: c.last,
+        best_test_acc: c.best,
+        seconds: prior_secs + start_time.elapsed().as_secs_f64(),
+        ms_per_step: c.train_secs * 1e3 / s.steps as f64,
         steps: s.steps,
     })
 }
@@ -272,17 +506,65 @@ pub fn evaluate(
     train: &Dataset,
     test: &Dataset,
 ) -> Result<f64> {
+    if s.bn_stats == BnStats::Population {
+        use_population_stats(s, net, train)?;
+    }
     monitor.clear();
-    common::evaluate(&s.eval_settings(), net, train, test, |net| monitor.record(net))
+    let correct = count_correct(net, test, Some(monitor))?;
+    Ok(correct as f64 / test.len.max(1) as f64)
+}
+
+/// Algorithm 2: replaces every BN layer's running statistics by its population estimate over
+/// `s.population_batches` fixed training batches (epoch 0 of a shuffle with a derived seed).
+pub fn use_population_stats(s: &Settings, net: &mut Sequential, train: &Dataset) -> Result<()> {
+    if net.batchnorms().is_empty() {
+        return Ok(());
+    }
+    let features = train.features();
+    net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
+    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
+    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
+    for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
+        gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
+        net.forward(&x, s.batch, Mode::Collect)?;
+    }
+    for bn in net.batchnorms() {
+        bn.use_population()?;
+    }
+    Ok(())
+}
+
+/// Test examples `net` classifies correctly (inference mode, chunks of 1000); records the watched
+/// values into `monitor` when given.
+pub fn count_correct(net: &mut Sequential, test: &Dataset, mut monitor: Option<&mut Monitor>) -> Result<usize> {
+    let features = test.features();
+    let classes = net.output_size();
+    let chunk = 1000;
+    let mut correct = 0usize;
+    for start in (0..test.len).step_by(chunk) {
+        let n = chunk.min(test.len - start);
+        let x = &test.images[start * features..(start + n) * features];
+        let logits = net.forward(x, n, Mode::Eval)?;
+        correct += argmax_rows(logits, classes)
+            .zip(&test.labels[start..start + n])
+            .filter(|(p, &l)| *p == l as usize)
+            .count();
+        if let Some(m) = monitor.as_deref_mut() {
+            m.record(net);
+        }
+    }
+    Ok(correct)
 }
 
 /// Writes summary.json, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     let summary = serde_json::json!({ "variants": o.summaries, "settings": s });
-    common::write_json(&s.out.join("summary.json"), &summary)?;
+    let path = s.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
 
     let variants: Vec<&'static str> = s.variants.iter().map(|v| v.name()).collect();
-    let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant == v);
+    let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant.name() == v);
     let series: Vec<Series> = variants
         .iter()
         .map(|v| Series {
@@ -350,7 +632,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         &format!("The input of sigmoid unit {WATCHED_UNIT} of the last hidden layer over the test set, as training progresses."),
         &dist_svg,
     );
-    page.settings("Settings", &common::settings_rows(s));
+    page.settings("Settings", &settings_rows(s));
     page.write(&s.out.join("report.html"))?;
     Ok(())
 }
@@ -360,4 +642,15 @@ fn label(v: &str) -> &'static str {
         "bn" => "with batch norm",
         _ => "baseline",
     }
+}
+
+fn settings_rows(s: &Settings) -> Vec<(String, String)> {
+    let v = serde_json::to_value(s).unwrap_or_default();
+    let mut rows = Vec::new();
+    if let Some(map) = v.as_object() {
+        for (k, v) in map {
+            rows.push((k.clone(), v.to_string().trim_matches('"').to_string()));
+        }
+    }
+    rows
 }

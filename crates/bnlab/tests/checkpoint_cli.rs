@@ -1,0 +1,367 @@
+//! End-to-end tests of checkpoints, `--resume` and `bnlab eval`, running the built binary on
+//! small synthetic IDX data: a run killed with SIGKILL and resumed matches an uninterrupted run bit
+//! for bit; eval reproduces the run's accuracy, also with BN folded; divergence keeps the last good
+//! checkpoint; damaged checkpoints and bad flags give one-line errors.
+
+mod common;
+
+use bnlab::engine::checkpoint::Checkpoint;
+use common::{bnlab, bnlab_ok, expect_error, read, s, synthetic_data};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.
+fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "paper-mlp",
+        "--batch",
+        "10",
+        "--quiet",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn ckpt(out: &Path, variant: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{variant}.safetensors"))
+}
+
+/// Every tensor of two checkpoints equal, except the wall-clock progress values.
+fn same_state(a: &Checkpoint, b: &Checkpoint) {
+    let names: Vec<&str> = a.tensor_names().collect();
+    assert_eq!(names, b.tensor_names().collect::<Vec<_>>());
+    for name in names {
+        if name.ends_with("seconds") {
+            continue;
+        }
+        assert_eq!(a.tensor(name), b.tensor(name), "tensor {name} differs");
+    }
+    assert_eq!(a.progress.step, b.progress.step);
+}
+
+/// The test accuracy line of `bnlab eval`: (correct, total).
+fn eval_counts(stdout: &str) -> (usize, usize) {
+    let inner = stdout
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no (N of M) in {stdout:?}"));
+    let nums: Vec<usize> = inner.split(" of ").map(|n| n.trim().parse().unwrap()).collect();
+    (nums[0], nums[1])
+}
+
+/// Kill a run with SIGKILL while it trains its second variant (the first finished, the second has
+/// a checkpoint), resume it, and compare with an uninterrupted run of the same seed and threads.
+#[test]
+fn killed_and_resumed_run_matches_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let (full, killed) = (tmp.path().join("full"), tmp.path().join("killed"));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "paper-mlp",
+            "--steps",
+            "6000",
+            "--eval-every",
+            "250",
+            "--checkpoint-every",
+            "500",
+            "--batch",
+            "10",
+            "--population-batches",
+            "20",
+            "--threads",
+            "2",
+            "--seed",
+            "3",
+            "--quiet",
+            "--data",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([s(&data).to_string(), "--out".into(), s(out).to_string()])
+        .collect()
+    };
+    bnlab_ok(tmp.path(), &args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args(&killed))
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !ckpt(&killed, "bn").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "the run was not killed mid-way: {status}");
+    }
+    let at_kill = Checkpoint::read(&ckpt(&killed, "bn")).unwrap();
+    assert!(at_kill.progress.step < 6000, "bn had finished when killed");
+    let baseline_before = std::fs::read(ckpt(&killed, "baseline")).unwrap();
+    assert!(!killed.join("summary.json").exists());
+
+    // Resume without --threads: the run's recorded thread count is used.
+    bnlab_ok(tmp.path(), &["paper-mlp", "--resume", s(&killed), "--quiet"]);
+    assert_eq!(
+        read(&full.join("metrics.jsonl")),
+        read(&killed.join("metrics.jsonl")),
+        "metrics.jsonl of the resumed run differs from the uninterrupted one"
+    );
+    assert_eq!(
+        std::fs::read(ckpt(&killed, "baseline")).unwrap(),
+        baseline_before,
+        "the finished variant was retrained"
+    );
+    for v in ["baseline", "bn"] {
+        same_state(
+            &Checkpoint::read(&ckpt(&full, v)).unwrap(),
+            &Checkpoint::read(&ckpt(&killed, v)).unwrap(),
+        );
+    }
+    let summary = |out: &Path| -> serde_json::Value { serde_json::from_str(&read(&out.join("summary.json"))).unwrap() };
+    for v in ["baseline", "bn"] {
+        assert_eq!(
+            summary(&full)["variants"][v]["final_test_acc"],
+            summary(&killed)["variants"][v]["final_test_acc"]
+        );
+    }
+    assert!(killed.join("report.html").is_file());
+
+    // Resuming a finished run retrains nothing and changes no metric.
+    bnlab_ok(tmp.path(), &["paper-mlp", "--resume", s(&killed), "--quiet"]);
+    assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
+}
+
+/// `bnlab eval` gives the run's final accuracy; folded, the same within float rounding.
+#[test]
+fn eval_reproduces_the_final_accuracy_also_folded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let out = tmp.path().join("out");
+    bnlab_ok(
+        tmp.path(),
+        &paper_mlp(&data, &out, &["--steps", "300", "--eval-every", "100"]),
+    );
+    let metrics = read(&out.join("metrics.jsonl"));
+    for variant in ["baseline", "bn"] {
+        let last: serde_json::Value = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .rfind(|m| m["variant"] == variant)
+            .unwrap();
+        let file = ckpt(&out, variant);
+        let (plain, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file)]);
+        let (correct, total) = eval_counts(&plain);
+        assert_eq!(total, 200);
+        assert_eq!(
+            correct as f64 / total as f64,
+            last["test_acc"].as_f64().unwrap(),
+            "{variant}: {plain}"
+        );
+        assert!(plain.contains("at step 300"), "{plain}");
+        // Folding rounds W' = diag(s)·W and b' to f32 once: logits move by a few ulps, which can
+        // flip a prediction only on a near tie. Allow 1 of the 200 test examples.
+        let (folded, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file), "--fold"]);
+        let (fc, _) = eval_counts(&folded);
+        assert!(fc.abs_diff(correct) <= 1, "{variant}: {plain} vs {folded}");
+        let expect = if variant == "bn" {
+            "3 BN layer(s) folded"
+        } else {
+            "0 BN layer(s) folded"
+        };
+        assert!(folded.contains(expect), "{folded}");
+        // The statistics saved in the checkpoint are the last evaluation's population estimate.
+        let (running, _) = bnlab_ok(
+            tmp.path(),
+            &["eval", "--checkpoint", s(&file), "--fold", "--bn-stats", "running"],
+        );
+        assert!(eval_counts(&running).0.abs_diff(correct) <= 1, "{running}");
+    }
+}
+
+/// A learning rate that blows the weights up: the run stops naming the step, the checkpoint left
+/// is the last good one (finite, earlier step) and still loads.
+#[test]
+fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let out = tmp.path().join("out");
+    let extra = [
+        "--variant",
+        "baseline",
+        "--steps",
+        "200",
+        "--lr",
+        "1e37",
+        "--checkpoint-every",
+        "1",
+    ];
+    let o = bnlab(tmp.path(), &paper_mlp(&data, &out, &extra));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("diverged"), "{stderr}");
+    let step: u64 = stderr
+        .split("step ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step in {stderr}"));
+    let kept = Checkpoint::read(&ckpt(&out, "baseline")).unwrap();
+    assert!(
+        kept.progress.step < step,
+        "kept step {} vs diverged at {step}",
+        kept.progress.step
+    );
+    assert!(
+        stderr.contains(&format!("last good checkpoint (step {})", kept.progress.step)),
+        "{stderr}"
+    );
+    let (ok, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&ckpt(&out, "baseline"))]);
+    assert!(ok.contains(&format!("at step {}", kept.progress.step)), "{ok}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile checkpoints and flags
+
+/// A finished tiny BN run in `tmp`: (data dir, out dir).
+fn tiny_run(tmp: &Path) -> (PathBuf, PathBuf) {
+    let data = synthetic_data(tmp);
+    let out = tmp.join("out");
+    let extra = ["--variant", "bn", "--steps", "20", "--eval-every", "10"];
+    bnlab_ok(tmp, &paper_mlp(&data, &out, &extra));
+    (data, out)
+}
+
+#[test]
+fn eval_rejects_damaged_and_foreign_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, out) = tiny_run(tmp.path());
+    let good = std::fs::read(ckpt(&out, "bn")).unwrap();
+    let bad = tmp.path().join("bad.safetensors");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (good[..good.len() - 7].to_vec(), "truncated or corrupt"),
+        (good[..4].to_vec(), "truncated or corrupt"),
+        (b"not a checkpoint at all".to_vec(), "not a valid safetensors file"),
+        (
+            std::fs::read(data.join("t10k-labels-idx1-ubyte")).unwrap(),
+            "safetensors",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        std::fs::write(&bad, bytes).unwrap();
+        expect_error(tmp.path(), &["eval", "--checkpoint", s(&bad)], &[s(&bad), needle]);
+    }
+    let absent = tmp.path().join("absent.safetensors");
+    expect_error(tmp.path(), &["eval", "--checkpoint", s(&absent)], &[s(&absent)]);
+    // Data of another image size: the network does not fit the checkpoint.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            let mut b = std::fs::read(&f).unwrap();
+            if b[3] == 3 {
+                // images [n, 8, 8] → [n, 4, 4]: the top-left quarter of each.
+                let body: Vec<u8> = b[16..].chunks_exact(64).flat_map(|img| img[..16].to_vec()).collect();
+                b.truncate(16);
+                b[8..12].copy_from_slice(&4u32.to_be_bytes());
+                b[12..16].copy_from_slice(&4u32.to_be_bytes());
+                b.extend(body);
+            }
+            std::fs::write(other.join(f.file_name().unwrap()), b).unwrap();
+        }
+    }
+    expect_error(
+        tmp.path(),
+        &["eval", "--checkpoint", s(&ckpt(&out, "bn")), "--data", s(&other)],
+        &["another architecture"],
+    );
+}
+
+#[test]
+fn resume_rejects_a_damaged_checkpoint_and_a_non_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, out) = tiny_run(tmp.path());
+    let path = ckpt(&out, "bn");
+    // The run's settings changed after the checkpoint: refused.
+    let settings_path = out.join("settings.json");
+    let settings = read(&settings_path);
+    assert!(settings.contains("\"lr\": 0.5"), "{settings}");
+    std::fs::write(&settings_path, settings.replace("\"lr\": 0.5", "\"lr\": 0.25")).unwrap();
+    expect_error(
+        tmp.path(),
+        &["paper-mlp", "--resume", s(&out), "--quiet"],
+        &[s(&path), "other settings"],
+    );
+    std::fs::write(&settings_path, settings).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+    expect_error(
+        tmp.path(),
+        &["paper-mlp", "--resume", s(&out), "--quiet"],
+        &[s(&path), "truncated"],
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    expect_error(tmp.path(), &["paper-mlp", "--resume", s(&empty)], &["settings.json"]);
+}
+
+#[test]
+fn unwritable_checkpoint_directory_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("checkpoints"), "a file where the directory goes").unwrap();
+    expect_error(tmp.path(), &paper_mlp(&data, &out, &["--steps", "2"]), &["checkpoints"]);
+}
+
+/// Invalid values of every numeric flag of every subcommand: a one-line error naming the flag,
+/// before any work starts.
+#[test]
+fn bad_flags_of_every_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["eval"], "--checkpoint"),
+        (&["eval", "--checkpoint", "x", "--threads", "0"], "--threads"),
+        (&["eval", "--checkpoint", "x", "--threads=-2"], "--threads"),
+        (&["eval", "--checkpoint", "x", "--bn-stats", "median"], "--bn-stats"),
+        (&["paper-mlp", "--checkpoint-every", "0"], "--checkpoint-every"),
+        (&["paper-mlp", "--checkpoint-every=-5"], "--checkpoint-every"),
+        (&["paper-mlp", "--steps=-1"], "--steps"),
+        (&["paper-mlp", "--batch=-10"], "--batch"),
+        (&["paper-mlp", "--batch", "1"], "--batch"),
+        (&["paper-mlp", "--lr", "0"], "--lr"),
+        (&["paper-mlp", "--lr", "inf"], "--lr"),
+        (&["paper-mlp", "--init-std", "0"], "--init-std"),
+        (&["paper-mlp", "--population-batches", "0"], "--population-batches"),
+        (&["paper-mlp", "--eval-every=-1"], "--eval-every"),
+        (&["paper-mlp", "--resume", "x", "--steps", "5"], "--steps"),
+        (&["paper-mlp", "--resume", "x", "--lr", "0.1"], "--lr"),
+        (&["paper-mlp", "--resume", "x", "--threads", "0"], "--threads"),
+        (&["bench", "--threads", "0"], "--threads"),
+        (&["bench", "--min-time", "0"], "--min-time"),
+        (&["bench", "--min-time=-1"], "--min-time"),
+    ];
+    for (args, needle) in cases {
+        expect_error(tmp.path(), args, &[needle]);
+    }
+}
