@@ -3,10 +3,12 @@
 mod cli;
 
 use anyhow::{Context, Result};
+use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::experiments::paper_mlp::{self, Variant};
 use clap::Parser;
-use cli::{BenchArgs, Cli, Command, PaperMlpArgs, VariantChoice};
+use cli::{BenchArgs, Cli, Command, OnOff, PaperMlpArgs, VariantChoice};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn main() {
@@ -83,7 +85,45 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     })
 }
 
+/// The communicator of `--distributed`: MPI's world (one process outside `mpirun`).
+#[cfg(feature = "mpi")]
+fn communicator() -> Result<Arc<dyn Communicator>> {
+    let comm = bnlab::dist::mpi::MpiComm::init()?;
+    if comm.size() > 1 {
+        // A rank that panics ends the whole job instead of leaving the others in a collective.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            hook(info);
+            bnlab::dist::mpi::abort_job(101);
+        }));
+    }
+    Ok(Arc::new(comm))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn communicator() -> Result<Arc<dyn Communicator>> {
+    anyhow::bail!(
+        "--distributed needs a bnlab built with the `mpi` feature (cargo build --release -p bnlab --features mpi)"
+    )
+}
+
+/// One rank of several failed: print its error and end every rank (`MPI_Abort`), so that none
+/// waits forever in a collective and the job exits non-zero.
+fn fail_job(comm: &dyn Communicator, e: &anyhow::Error) {
+    if comm.size() > 1 {
+        eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
+        #[cfg(feature = "mpi")]
+        bnlab::dist::mpi::abort_job(1);
+    }
+}
+
 fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
+    let comm = if args.distributed {
+        communicator()?
+    } else {
+        Arc::new(SingleProcess)
+    };
+    let root = comm.rank() == 0;
     let pool = pool(args.threads)?;
     let mut s = paper_mlp::Settings::paper(args.out.clone().unwrap_or_else(|| paper_mlp::default_out("paper-mlp")));
     s.variants = match args.variant {
@@ -101,7 +141,12 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
     s.population_batches = args.population_batches as usize;
     s.data_dir = args.data.clone();
     s.threads = pool.current_num_threads();
-    let outcome = pool.install(|| paper_mlp::run(&s, args.quiet))?;
+    s.bn_sync = args.bn_sync == OnOff::On;
+    let outcome = pool.install(|| paper_mlp::run_with(&s, args.quiet, comm.clone()));
+    let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
+    if !root {
+        return Ok(());
+    }
     for (name, r) in &outcome.summaries {
         println!(
             "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
@@ -110,6 +155,12 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
             r.ms_per_step,
             r.seconds
         );
+        if r.collective_calls_per_step > 0.0 {
+            println!(
+                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
+                r.collective_calls_per_step, r.bytes_sent_per_step
+            );
+        }
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())

@@ -4,18 +4,20 @@
 
 use super::progress::Progress;
 use crate::data::{self, gather, Dataset, EpochShuffler};
+use crate::dist::{self, DataParallel};
 use crate::engine::loss::argmax_rows;
 use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
 use anyhow::{bail, ensure, Context, Result};
-use batchnorm::BatchNormConfig;
+use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The two networks of Figure 1.
@@ -76,6 +78,10 @@ pub struct Settings {
     pub out: PathBuf,
     /// Worker threads (recorded; the caller sets up the pool).
     pub threads: usize,
+    /// Data-parallel processes (recorded; the communicator given to [`run_with`] decides).
+    pub processes: usize,
+    /// With several processes: batch norm over the global batch (true) or per process (false).
+    pub bn_sync: bool,
 }
 
 impl Settings {
@@ -94,6 +100,8 @@ impl Settings {
             data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
             out,
             threads: 1,
+            processes: 1,
+            bn_sync: true,
         }
     }
 
@@ -183,6 +191,10 @@ pub struct VariantSummary {
     pub ms_per_step: f64,
     /// Steps trained.
     pub steps: u64,
+    /// Collective calls per training step of rank 0 (0 with one process).
+    pub collective_calls_per_step: f64,
+    /// Bytes rank 0 sent per training step (received: `processes` times as many).
+    pub bytes_sent_per_step: f64,
 }
 
 /// Everything a run produced.
@@ -195,13 +207,30 @@ pub struct Outcome {
 
 /// Loads data, trains every variant, writes metrics, plots and the report into `settings.out`.
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    run_with(settings, quiet, Arc::new(SingleProcess))
+}
+
+/// [`run`] as one rank of data-parallel training over `comm` (see [`crate::dist`]): every rank
+/// trains on its shard of each global batch; rank 0 alone evaluates, reports progress and writes
+/// the outputs (the other ranks return an outcome without metrics). `settings.processes` is set
+/// from `comm`. With one rank this is [`run`].
+pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    let mut settings = settings.clone();
+    settings.processes = comm.size();
+    let settings = &settings;
     settings.check()?;
+    dist::check_split(settings.batch, settings.processes, settings.bn_sync)?;
+    let root = comm.rank() == 0;
     let (train, test) = data::load(&settings.data_dir)?;
-    std::fs::create_dir_all(&settings.out)
-        .with_context(|| format!("cannot create output directory {}", settings.out.display()))?;
-    let metrics_path = settings.out.join("metrics.jsonl");
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    let mut metrics_file = if root {
+        std::fs::create_dir_all(&settings.out)
+            .with_context(|| format!("cannot create output directory {}", settings.out.display()))?;
+        let metrics_path = settings.out.join("metrics.jsonl");
+        Some(std::fs::File::create(&metrics_path).with_context(|| format!("cannot write {}", metrics_path.display()))?)
+    } else {
+        None
+    };
+    let mut dp = DataParallel::new(comm);
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
@@ -211,45 +240,70 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
         summaries: BTreeMap::new(),
     };
     for &variant in &settings.variants {
-        let summary = train_variant(settings, variant, &train, &test, quiet, |m| {
-            writeln!(metrics_file, "{}", serde_json::to_string(m)?)?;
-            metrics_file.flush()?;
+        let summary = train_variant(settings, variant, &train, &test, quiet, &mut dp, |m| {
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(m)?)?;
+                f.flush()?;
+            }
             outcome.metrics.push(m.clone());
             Ok(())
         })?;
         outcome.summaries.insert(variant.name(), summary);
     }
-    write_outputs(settings, &outcome)?;
+    if root {
+        write_outputs(settings, &outcome)?;
+    }
     Ok(outcome)
 }
 
-/// Trains one variant, calling `on_metric` at every evaluation.
+/// Trains one variant (this rank's shards when `dp` has several ranks), calling `on_metric` at
+/// every evaluation (rank 0 only).
 fn train_variant(
     s: &Settings,
     variant: Variant,
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
+    dp: &mut DataParallel,
     mut on_metric: impl FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let classes = train.classes.max(test.classes);
     let features = train.features();
     let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
+    let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
+    let quiet = quiet || !root;
+    let shard = dist::shard(s.batch, dp.rank(), dp.size());
+    let local = shard.len();
+    if parallel && s.bn_sync {
+        net.batchnorms()
+            .into_iter()
+            .for_each(|bn| bn.synchronize(Some(dp.comm())));
+    }
+    dp.take_traffic();
     let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
     let mut loss_fn = SoftmaxCrossEntropy::default();
     let mut sgd = Sgd::new(0.0, 0.0);
     let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-    let mut dlogits = vec![0.0f32; s.batch * classes];
+    let (mut x, mut y) = (vec![0.0f32; local * features], vec![0u8; local]);
+    let mut dlogits = vec![0.0f32; local * classes];
+    let share = local as f32 / s.batch as f32;
     let progress = Progress::new(variant.name(), s.steps, quiet);
     let (start, mut train_secs) = (Instant::now(), 0.0f64);
     let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
     let (mut best, mut last) = (0.0f64, 0.0f64);
     for step in 0..s.steps {
         let t = Instant::now();
-        gather(train, shuffler.batch_indices(step), &mut x, &mut y);
-        let logits = net.forward(&x, s.batch, Mode::Train)?;
-        let loss = loss_fn.forward(logits, &y, classes)?;
+        gather(train, &shuffler.batch_indices(step)[shard.clone()], &mut x, &mut y);
+        let logits = net.forward(&x, local, Mode::Train)?;
+        let mut loss = loss_fn.forward(logits, &y, classes)?;
+        if parallel {
+            // The derivative of the global batch's mean loss through this shard; gradients and
+            // loss shares are then summed over ranks (see `crate::dist`).
+            loss_fn.backward(&y, classes, &mut dlogits);
+            dlogits.iter_mut().for_each(|d| *d *= share);
+            net.backward(&dlogits)?;
+            loss = dp.all_reduce(&mut net, loss * share)?;
+        }
         if !loss.is_finite() {
             bail!(
                 "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr)",
@@ -257,14 +311,27 @@ fn train_variant(
                 step + 1
             );
         }
-        loss_fn.backward(&y, classes, &mut dlogits);
-        net.backward(&dlogits)?;
-        sgd.step(net.params(), s.lr as f32);
+        if parallel {
+            sgd.step_with_grads(net.params(), dp.grads(), s.lr as f32)?;
+        } else {
+            loss_fn.backward(&y, classes, &mut dlogits);
+            net.backward(&dlogits)?;
+            sgd.step(net.params(), s.lr as f32);
+        }
         train_secs += t.elapsed().as_secs_f64();
         loss_sum += loss as f64;
         loss_n += 1;
         progress.step(step + 1);
         if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
+            if parallel {
+                // Running statistics are compared only where they are used: population evaluation
+                // overwrites them on rank 0.
+                let running = s.bn_sync && s.bn_stats == BnStats::Running;
+                dp.check_replicas(&mut net, running, step + 1)?;
+            }
+            if !root {
+                continue;
+            }
             let acc = evaluate(s, &mut net, &mut monitor, train, test)?;
             let summary = monitor.summary();
             let m = Metric {
@@ -293,7 +360,10 @@ fn train_variant(
         }
     }
     progress.finish();
+    let traffic = dp.take_traffic();
     Ok(VariantSummary {
+        collective_calls_per_step: traffic.calls as f64 / s.steps as f64,
+        bytes_sent_per_step: traffic.bytes_sent as f64 / s.steps as f64,
         final_test_acc: last,
         best_test_acc: best,
         seconds: start.elapsed().as_secs_f64(),
@@ -411,6 +481,9 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
             ]
         })
         .collect();
+    if s.processes > 1 {
+        page.paragraph(&mode_text(s));
+    }
     page.table("Results", &header, &rows);
     page.figure("Test accuracy against training steps.", &acc_svg);
     page.figure(
@@ -420,6 +493,26 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     page.settings("Settings", &settings_rows(s));
     page.write(&s.out.join("report.html"))?;
     Ok(())
+}
+
+/// The data-parallel mode in words (for the report).
+fn mode_text(s: &Settings) -> String {
+    let bn = if s.bn_sync {
+        format!(
+            "batch norm synchronized: statistics over the global batch of {} (--bn-sync on)",
+            s.batch
+        )
+    } else {
+        format!(
+            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
+            s.batch / s.processes.max(1)
+        )
+    };
+    format!(
+        "Data-parallel training over {} MPI processes: each global batch of {} is split into contiguous shards, \
+         gradients are summed over the processes; {bn}.",
+        s.processes, s.batch
+    )
 }
 
 fn label(v: &str) -> &'static str {
