@@ -13,6 +13,9 @@
 //! of a global count, a biased running variance, a missing merge) is orders of magnitude larger:
 //! `sharded_statistics_are_not_local` checks that the comparison would catch one.
 
+// The shared helpers in `common` index several buffers in step.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use batchnorm::{
