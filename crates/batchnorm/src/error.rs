@@ -79,4 +79,11 @@ pub enum Error {
         /// Channels on the right.
         right: usize,
     },
+    /// A collective exchange between workers failed (a rank has gone, the transport failed, or
+    /// ranks disagreed on what to exchange).
+    #[error("communication failed: {message}")]
+    Communication {
+        /// What went wrong, in words.
+        message: String,
+    },
 }

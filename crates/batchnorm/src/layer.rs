@@ -82,7 +82,7 @@ impl<T: Element> BatchNorm<T> {
         })
     }
 
-    fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    pub(crate) fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
         if self.config.affine {
             (Some(&self.gamma), Some(&self.beta))
         } else {

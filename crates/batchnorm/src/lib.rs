@@ -6,7 +6,8 @@
 //! - Split phases for synchronized (multi-worker) batch norm: [`batch_stats`] + [`BatchStats::merge`]
 //!   + [`normalize`]; [`grad_sums`] + [`GradSums::add`] + [`input_grad`].
 //! - Folding into the preceding layer: [`InferenceAffine`], [`fold_into_preceding`].
-//! - A stateful layer: [`BatchNorm`].
+//! - A stateful layer: [`BatchNorm`]; synchronized over workers: [`SyncBatchNorm`] with a
+//!   [`Communicator`] ([`SingleProcess`], [`ThreadComm`]; MPI lives outside this crate).
 //!
 //! Layouts `NC`, `NCHW`, `NHWC` and any-rank channels-first/last ([`Layout`]); elements `f32` and
 //! `f64` ([`Element`]). All arithmetic is carried out in `f64`; statistics use a two-pass scheme on
@@ -41,6 +42,7 @@ mod layer;
 pub mod reference;
 mod shape;
 mod stats;
+mod sync;
 
 pub use backward::{batch_norm_backward, batch_norm_backward_eval, grad_sums, input_grad, GradSums};
 pub use element::Element;
@@ -50,3 +52,7 @@ pub use forward::{batch_norm_eval, batch_norm_train, normalize};
 pub use layer::{BatchNorm, BatchNormConfig};
 pub use shape::{Geometry, Layout};
 pub use stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
+pub use sync::{
+    check_gather, sync_batch_stats, sync_grad_sums, Communicator, Counted, SingleProcess, SyncBatchNorm, ThreadComm,
+    Traffic,
+};

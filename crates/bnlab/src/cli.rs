@@ -77,9 +77,9 @@ pub struct PaperMlpArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
     /// Continue the run in this output directory from its checkpoints, with its settings
-    /// (only --data, --threads and --quiet may be given with it).
+    /// (only --data, --threads, --quiet and --distributed may be given with it).
     #[arg(long, conflicts_with_all = ["variant", "steps", "lr", "eval_every", "seed", "batch", "init_std",
-        "bn_stats", "population_batches", "out", "checkpoint_every"])]
+        "bn_stats", "population_batches", "out", "checkpoint_every", "bn_sync"])]
     pub resume: Option<std::path::PathBuf>,
     /// Worker threads [default: all cores; with --resume, the run's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -87,6 +87,12 @@ pub struct PaperMlpArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Data-parallel training over MPI: run under `mpirun -np P` (needs the `mpi` feature).
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: batch norm over the global batch (on) or over each process's shard (off).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub bn_sync: OnOff,
 }
 
 /// Options of `bnlab accelerate`.
@@ -138,6 +144,15 @@ pub struct AccelerateArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// Options of `bnlab eval`.

@@ -5,6 +5,7 @@
 //! Layout (data flows one way):
 //! - [`data`]: IDX reader, datasets and deterministic batching.
 //! - [`engine`]: one file per layer, explicit `forward`/`backward` over flat buffers; optimizer, schedules.
+//! - [`dist`]: data-parallel training over a communicator (MPI with the `mpi` feature).
 //! - [`monitor`]: distribution monitoring (percentiles of a layer's input during training).
 //! - [`experiments`]: the paper's experiments as settings plus a training loop.
 //! - [`report`]: plots (SVG/PNG) and the self-contained HTML page.
@@ -14,6 +15,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod experiments;
 pub mod monitor;

@@ -3,12 +3,14 @@
 mod cli;
 
 use anyhow::{Context, Result};
+use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::experiments::accelerate;
 use bnlab::experiments::paper_mlp::{self, Variant};
 use bnlab::experiments::paper_mlp_eval::{self, EvalOptions};
 use clap::Parser;
-use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, PaperMlpArgs, VariantChoice};
+use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, OnOff, PaperMlpArgs, VariantChoice};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn main() {
@@ -102,30 +104,69 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     })
 }
 
+/// The communicator of `--distributed`: MPI's world (one process outside `mpirun`).
+#[cfg(feature = "mpi")]
+fn communicator() -> Result<Arc<dyn Communicator>> {
+    let comm = bnlab::dist::mpi::MpiComm::init()?;
+    if comm.size() > 1 {
+        // A rank that panics ends the whole job instead of leaving the others in a collective.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            hook(info);
+            bnlab::dist::mpi::abort_job(101);
+        }));
+    }
+    Ok(Arc::new(comm))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn communicator() -> Result<Arc<dyn Communicator>> {
+    anyhow::bail!(
+        "--distributed needs a bnlab built with the `mpi` feature (cargo build --release -p bnlab --features mpi)"
+    )
+}
+
+/// One rank of several failed: print its error and end every rank (`MPI_Abort`), so that none
+/// waits forever in a collective and the job exits non-zero.
+fn fail_job(comm: &dyn Communicator, e: &anyhow::Error) {
+    if comm.size() > 1 {
+        eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
+        #[cfg(feature = "mpi")]
+        bnlab::dist::mpi::abort_job(1);
+    }
+}
+
 fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
-    let (s, pool, outcome) = match &args.resume {
+    let comm = if args.distributed {
+        communicator()?
+    } else {
+        Arc::new(SingleProcess)
+    };
+    let root = comm.rank() == 0;
+    let (s, pool, resuming) = match &args.resume {
         Some(dir) => {
             let mut s = paper_mlp::resume_settings(dir)?;
             if let Some(d) = &args.data {
                 s.data_dir = d.clone();
             }
             let pool = pool(Some(args.threads.unwrap_or(s.threads as u32)))?;
-            s.threads = pool.current_num_threads();
-            let outcome = pool.install(|| paper_mlp::resume(&s, args.quiet))?;
-            (s, pool, outcome)
+            (s, pool, true)
         }
-        None => {
-            let s = new_settings(args);
-            let pool = pool(args.threads)?;
-            let s = paper_mlp::Settings {
-                threads: pool.current_num_threads(),
-                ..s
-            };
-            let outcome = pool.install(|| paper_mlp::run(&s, args.quiet))?;
-            (s, pool, outcome)
-        }
+        None => (new_settings(args), pool(args.threads)?, false),
     };
+    let s = paper_mlp::Settings {
+        threads: pool.current_num_threads(),
+        ..s
+    };
+    let outcome = pool.install(|| match resuming {
+        true => paper_mlp::resume_with(&s, args.quiet, comm.clone()),
+        false => paper_mlp::run_with(&s, args.quiet, comm.clone()),
+    });
+    let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
     drop(pool);
+    if !root {
+        return Ok(());
+    }
     for (name, r) in &outcome.summaries {
         println!(
             "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
@@ -134,6 +175,12 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
             r.ms_per_step,
             r.seconds
         );
+        if r.collective_calls_per_step > 0.0 {
+            println!(
+                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
+                r.collective_calls_per_step, r.bytes_sent_per_step
+            );
+        }
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())
@@ -203,6 +250,7 @@ fn new_settings(args: &PaperMlpArgs) -> paper_mlp::Settings {
     if let Some(d) = &args.data {
         s.data_dir = d.clone();
     }
+    s.bn_sync = args.bn_sync == OnOff::On;
     s
 }
 

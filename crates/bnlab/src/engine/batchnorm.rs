@@ -11,11 +11,16 @@
 //! channels: `[64, 16, 28, 28]` 1.54 vs 1.06 ms).
 
 use super::{Layer, Mode, Param, State, StateValue};
-use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Layout, PopulationStats, SavedStats};
+use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Communicator, Layout, PopulationStats, SavedStats};
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
 
 /// Batch norm over `channels` features; each example is `[channels]` (fully connected) or
 /// `[channels, spatial]` (feature maps, NCHW: statistics per channel over N·H·W).
+///
+/// With a communicator set ([`BatchNormLayer::synchronize`]) training forward and backward are
+/// synchronized batch norm over all ranks' shards of the global batch, and the parameter
+/// gradients are this rank's share (summed over ranks by the data-parallel loop).
 pub struct BatchNormLayer {
     /// The kernel crate's layer: γ, β, running statistics, settings.
     pub bn: BatchNorm<f32>,
@@ -25,6 +30,7 @@ pub struct BatchNormLayer {
     population: PopulationStats,
     grad_gamma: Vec<f32>,
     grad_beta: Vec<f32>,
+    sync: Option<Arc<dyn Communicator>>,
 }
 
 impl BatchNormLayer {
@@ -37,11 +43,18 @@ impl BatchNormLayer {
             population: PopulationStats::new(channels),
             grad_gamma: vec![0.0; channels],
             grad_beta: vec![0.0; channels],
+            sync: None,
         })
     }
 
     fn shape(&self, batch: usize) -> ([usize; 3], Layout) {
         ([batch, self.bn.num_features, self.spatial], Layout::ChannelsFirst)
+    }
+
+    /// Synchronizes training statistics and backward reductions over `comm` (`None`: this
+    /// process's batch alone).
+    pub fn synchronize(&mut self, comm: Option<Arc<dyn Communicator>>) {
+        self.sync = comm;
     }
 
     /// Forgets the population estimate (before collecting a new one).
@@ -72,7 +85,12 @@ impl Layer for BatchNormLayer {
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
         let (shape, layout) = self.shape(batch);
         match mode {
-            Mode::Train => self.saved = Some(self.bn.forward_train(x, &shape, layout, y)?),
+            Mode::Train => {
+                self.saved = Some(match &self.sync {
+                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, &shape, layout, y)?,
+                    None => self.bn.forward_train(x, &shape, layout, y)?,
+                })
+            }
             Mode::Eval => self.bn.forward_eval(x, &shape, layout, y)?,
             Mode::Collect => {
                 let (g, b) = (Some(&self.bn.gamma[..]), Some(&self.bn.beta[..]));
@@ -91,7 +109,16 @@ impl Layer for BatchNormLayer {
             .as_ref()
             .context("batch norm backward before a training forward")?;
         let grads = Some((&mut self.grad_gamma[..], &mut self.grad_beta[..]));
-        self.bn.backward(x, dy, &shape, layout, saved, dx, grads)?;
+        match &self.sync {
+            Some(comm) => {
+                // This rank's share of dγ, dβ: the data-parallel loop sums the shares over ranks.
+                let local = self
+                    .bn
+                    .backward_sync(comm.as_ref(), x, dy, &shape, layout, saved, dx, None)?;
+                local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
+            }
+            None => self.bn.backward(x, dy, &shape, layout, saved, dx, grads)?,
+        }
         Ok(())
     }
 

@@ -24,17 +24,38 @@ impl Sgd {
 
     /// One update with learning rate `lr` of every parameter (same order every call).
     pub fn step(&mut self, params: Vec<Param<'_>>, lr: f32) {
-        if self.velocity.len() != params.len() {
-            self.velocity = params.iter().map(|p| vec![0.0; p.value.len()]).collect();
+        self.update(params.into_iter().map(|p| (p.value, p.grad, p.decay)), lr);
+    }
+
+    /// One update with the gradients `grads` (every parameter's, concatenated in order, e.g.
+    /// averaged over data-parallel ranks) instead of those stored with the parameters.
+    /// Rejects a `grads` whose length is not the parameters' total.
+    pub fn step_with_grads(&mut self, params: Vec<Param<'_>>, grads: &[f32], lr: f32) -> anyhow::Result<()> {
+        let total: usize = params.iter().map(|p| p.value.len()).sum();
+        anyhow::ensure!(grads.len() == total, "{} gradients for {total} parameters", grads.len());
+        let mut rest = grads;
+        let tensors = params.into_iter().map(|p| {
+            let (g, tail) = rest.split_at(p.value.len());
+            rest = tail;
+            (p.value, g, p.decay)
+        });
+        self.update(tensors, lr);
+        Ok(())
+    }
+
+    fn update<'a>(&mut self, tensors: impl Iterator<Item = (&'a mut [f32], &'a [f32], bool)>, lr: f32) {
+        let tensors: Vec<_> = tensors.collect();
+        if self.velocity.len() != tensors.len() {
+            self.velocity = tensors.iter().map(|(w, _, _)| vec![0.0; w.len()]).collect();
         }
-        for (p, v) in params.into_iter().zip(&mut self.velocity) {
-            let wd = if p.decay { self.weight_decay } else { 0.0 };
+        for ((value, grad, decay), v) in tensors.into_iter().zip(&mut self.velocity) {
+            let wd = if decay { self.weight_decay } else { 0.0 };
             if self.momentum == 0.0 {
-                for (w, &g) in p.value.iter_mut().zip(p.grad) {
+                for (w, &g) in value.iter_mut().zip(grad) {
                     *w -= lr * (g + wd * *w);
                 }
             } else {
-                for ((w, &g), vel) in p.value.iter_mut().zip(p.grad).zip(v.iter_mut()) {
+                for ((w, &g), vel) in value.iter_mut().zip(grad).zip(v.iter_mut()) {
                     *vel = self.momentum * *vel + g + wd * *w;
                     *w -= lr * *vel;
                 }

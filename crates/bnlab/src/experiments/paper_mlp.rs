@@ -7,19 +7,21 @@ use super::metrics_log::truncate_jsonl;
 use super::progress::Progress;
 use crate::atomic::write_atomic;
 use crate::data::{self, gather, Dataset, EpochShuffler};
+use crate::dist::{self, DataParallel};
 use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
 use crate::engine::loss::argmax_rows;
 use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
 use anyhow::{bail, ensure, Context, Result};
-use batchnorm::BatchNormConfig;
+use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The two networks of Figure 1.
@@ -76,6 +78,20 @@ pub struct Settings {
     pub threads: usize,
     /// Steps between checkpoints (one is also written at the end of each variant).
     pub checkpoint_every: u64,
+    /// Data-parallel processes (recorded; the communicator given to [`run_with`] decides).
+    #[serde(default = "one")]
+    pub processes: usize,
+    /// With several processes: batch norm over the global batch (true) or per process (false).
+    #[serde(default = "yes")]
+    pub bn_sync: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Settings {
@@ -95,6 +111,8 @@ impl Settings {
             out,
             threads: 1,
             checkpoint_every: 1000,
+            processes: 1,
+            bn_sync: true,
         }
     }
 
@@ -185,6 +203,10 @@ pub struct VariantSummary {
     pub ms_per_step: f64,
     /// Steps trained.
     pub steps: u64,
+    /// Collective calls per training step of rank 0 (0 with one process).
+    pub collective_calls_per_step: f64,
+    /// Bytes rank 0 sent per training step (received: `processes` times as many).
+    pub bytes_sent_per_step: f64,
 }
 
 /// Everything a run produced.
@@ -206,7 +228,21 @@ pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
 /// Loads data, trains every variant, writes metrics, checkpoints, plots and the report into
 /// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced).
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
-    execute(settings, quiet, false)
+    execute(settings, quiet, false, Arc::new(SingleProcess))
+}
+
+/// [`run`] as one rank of data-parallel training over `comm` (see [`crate::dist`]): every rank
+/// trains on its shard of each global batch; rank 0 alone evaluates, reports progress and writes
+/// the outputs and checkpoints (the other ranks return an outcome without metrics).
+/// `settings.processes` is set from `comm`. With one rank this is [`run`].
+pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    execute(settings, quiet, false, comm)
+}
+
+/// [`resume`] as one rank of data-parallel training over `comm`, as [`run_with`]. Checkpoints do
+/// not depend on the number of processes: a run may resume with another.
+pub fn resume_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    execute(settings, quiet, true, comm)
 }
 
 /// The settings of the run in `dir` (its `settings.json`), with `out` set to `dir`. Rejects a
@@ -232,30 +268,38 @@ pub fn resume_settings(dir: &Path) -> Result<Settings> {
 /// uninterrupted run would. Rejects a checkpoint that belongs to another run (other settings,
 /// another architecture) or is damaged.
 pub fn resume(settings: &Settings, quiet: bool) -> Result<Outcome> {
-    execute(settings, quiet, true)
+    execute(settings, quiet, true, Arc::new(SingleProcess))
 }
 
-/// The training-defining part of the settings: everything but where files are and thread count.
+/// The training-defining part of the settings: everything but where files are, thread and
+/// process counts (checkpoints do not depend on them).
 fn identity(s: &serde_json::Value) -> serde_json::Value {
     let mut v = s.clone();
     if let Some(m) = v.as_object_mut() {
-        for key in ["out", "data_dir", "threads"] {
+        for key in ["out", "data_dir", "threads", "processes"] {
             m.remove(key);
         }
     }
     v
 }
 
-fn execute(settings: &Settings, quiet: bool, resuming: bool) -> Result<Outcome> {
+fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    let mut settings = settings.clone();
+    settings.processes = comm.size();
+    let settings = &settings;
     settings.check()?;
+    dist::check_split(settings.batch, settings.processes, settings.bn_sync)?;
+    let root = comm.rank() == 0;
     let (train, test) = data::load(&settings.data_dir)?;
     ensure!(
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
     );
     let ckpt_dir = settings.out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("cannot create output directory {}", ckpt_dir.display()))?;
+    if root {
+        std::fs::create_dir_all(&ckpt_dir)
+            .with_context(|| format!("cannot create output directory {}", ckpt_dir.display()))?;
+    }
     let settings_json = serde_json::to_value(settings)?;
     let metrics_path = settings.out.join("metrics.jsonl");
     let mut starts = Vec::new();
@@ -287,7 +331,7 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool) -> Result<Outcome> 
         metrics: Vec::new(),
         summaries: BTreeMap::new(),
     };
-    if resuming {
+    if resuming && root {
         let covered = |v: &serde_json::Value| {
             let (Ok(m), Some(i)) = (
                 serde_json::from_value::<Metric>(v.clone()),
@@ -303,26 +347,36 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool) -> Result<Outcome> 
         for v in truncate_jsonl(&metrics_path, covered)? {
             outcome.metrics.push(serde_json::from_value(v)?);
         }
-    } else {
+    } else if root {
         let path = settings.out.join("settings.json");
         write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
         std::fs::write(&metrics_path, "").with_context(|| format!("cannot write {}", metrics_path.display()))?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    let mut metrics_file = match root {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("cannot write {}", metrics_path.display()))?,
+        ),
+        false => None,
+    };
+    let mut dp = DataParallel::new(comm);
     for (&variant, start) in settings.variants.iter().zip(starts) {
-        let summary = train_variant(settings, variant, start, &train, &test, quiet, |m| {
-            writeln!(metrics_file, "{}", serde_json::to_string(m)?)?;
-            metrics_file.flush()?;
+        let summary = train_variant(settings, variant, start, &train, &test, quiet, &mut dp, |m| {
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{}", serde_json::to_string(m)?)?;
+                f.flush()?;
+            }
             outcome.metrics.push(m.clone());
             Ok(())
         })?;
         outcome.summaries.insert(variant.name(), summary);
     }
-    write_outputs(settings, &outcome)?;
+    if root {
+        write_outputs(settings, &outcome)?;
+    }
     Ok(outcome)
 }
 
@@ -372,8 +426,10 @@ impl Counters {
     }
 }
 
-/// Trains one variant (from `start` when resuming), calling `on_metric` at every evaluation and
-/// saving a checkpoint every `checkpoint_every` steps and at the end.
+/// Trains one variant (from `start` when resuming; this rank's shards when `dp` has several
+/// ranks), calling `on_metric` at every evaluation and saving a checkpoint every
+/// `checkpoint_every` steps and at the end (rank 0 only).
+#[allow(clippy::too_many_arguments)]
 fn train_variant(
     s: &Settings,
     variant: Variant,
@@ -381,11 +437,22 @@ fn train_variant(
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
+    dp: &mut DataParallel,
     mut on_metric: impl FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let classes = train.classes.max(test.classes);
     let features = train.features();
     let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
+    let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
+    let quiet = quiet || !root;
+    let shard = dist::shard(s.batch, dp.rank(), dp.size());
+    let local = shard.len();
+    if parallel && s.bn_sync {
+        net.batchnorms()
+            .into_iter()
+            .for_each(|bn| bn.synchronize(Some(dp.comm())));
+    }
+    dp.take_traffic();
     let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
     let mut loss_fn = SoftmaxCrossEntropy::default();
     let mut sgd = Sgd::new(0.0, 0.0);
@@ -408,8 +475,9 @@ fn train_variant(
     let mut saved = start.as_ref().map(|ck| ck.progress.step);
     let settings_json = serde_json::to_value(s)?;
     let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-    let mut dlogits = vec![0.0f32; s.batch * classes];
+    let (mut x, mut y) = (vec![0.0f32; local * features], vec![0u8; local]);
+    let mut dlogits = vec![0.0f32; local * classes];
+    let share = local as f32 / s.batch as f32;
     let progress = Progress::new(variant.name(), s.steps, quiet);
     let kept = |saved: Option<u64>| match saved {
         Some(step) => format!(
@@ -421,9 +489,17 @@ fn train_variant(
     let (start_time, prior_secs) = (Instant::now(), c.seconds);
     for step in first..s.steps {
         let t = Instant::now();
-        gather(train, shuffler.batch_indices(step), &mut x, &mut y);
-        let logits = net.forward(&x, s.batch, Mode::Train)?;
-        let loss = loss_fn.forward(logits, &y, classes)?;
+        gather(train, &shuffler.batch_indices(step)[shard.clone()], &mut x, &mut y);
+        let logits = net.forward(&x, local, Mode::Train)?;
+        let mut loss = loss_fn.forward(logits, &y, classes)?;
+        if parallel {
+            // The derivative of the global batch's mean loss through this shard; gradients and
+            // loss shares are then summed over ranks (see `crate::dist`).
+            loss_fn.backward(&y, classes, &mut dlogits);
+            dlogits.iter_mut().for_each(|d| *d *= share);
+            net.backward(&dlogits)?;
+            loss = dp.all_reduce(&mut net, loss * share)?;
+        }
         if !loss.is_finite() {
             bail!(
                 "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr); {}",
@@ -432,14 +508,24 @@ fn train_variant(
                 kept(saved)
             );
         }
-        loss_fn.backward(&y, classes, &mut dlogits);
-        net.backward(&dlogits)?;
-        sgd.step(net.params(), s.lr as f32);
+        if parallel {
+            sgd.step_with_grads(net.params(), dp.grads(), s.lr as f32)?;
+        } else {
+            loss_fn.backward(&y, classes, &mut dlogits);
+            net.backward(&dlogits)?;
+            sgd.step(net.params(), s.lr as f32);
+        }
         c.train_secs += t.elapsed().as_secs_f64();
         c.loss_sum += loss as f64;
         c.loss_n += 1;
         progress.step(step + 1);
-        if (step + 1) % s.eval_every == 0 || step + 1 == s.steps {
+        if parallel && ((step + 1) % s.eval_every == 0 || step + 1 == s.steps) {
+            // Running statistics are compared only where they are used: population evaluation
+            // overwrites them on rank 0.
+            let running = s.bn_sync && s.bn_stats == BnStats::Running;
+            dp.check_replicas(&mut net, running, step + 1)?;
+        }
+        if root && ((step + 1) % s.eval_every == 0 || step + 1 == s.steps) {
             let acc = evaluate(s, &mut net, &mut monitor, train, test)?;
             let summary = monitor.summary();
             let m = Metric {
@@ -466,7 +552,7 @@ fn train_variant(
             c.best = c.best.max(acc);
             c.last = acc;
         }
-        if (step + 1) % s.checkpoint_every == 0 || step + 1 == s.steps {
+        if root && ((step + 1) % s.checkpoint_every == 0 || step + 1 == s.steps) {
             c.seconds = prior_secs + start_time.elapsed().as_secs_f64();
             let ck = Checkpoint::capture(
                 &mut net,
@@ -489,7 +575,10 @@ fn train_variant(
         }
     }
     progress.finish();
+    let traffic = dp.take_traffic();
     Ok(VariantSummary {
+        collective_calls_per_step: traffic.calls as f64 / s.steps as f64,
+        bytes_sent_per_step: traffic.bytes_sent as f64 / s.steps as f64,
         final_test_acc: c.last,
         best_test_acc: c.best,
         seconds: prior_secs + start_time.elapsed().as_secs_f64(),
@@ -626,6 +715,9 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
             ]
         })
         .collect();
+    if s.processes > 1 {
+        page.paragraph(&mode_text(s));
+    }
     page.table("Results", &header, &rows);
     page.figure("Test accuracy against training steps.", &acc_svg);
     page.figure(
@@ -635,6 +727,26 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     page.settings("Settings", &settings_rows(s));
     page.write(&s.out.join("report.html"))?;
     Ok(())
+}
+
+/// The data-parallel mode in words (for the report).
+fn mode_text(s: &Settings) -> String {
+    let bn = if s.bn_sync {
+        format!(
+            "batch norm synchronized: statistics over the global batch of {} (--bn-sync on)",
+            s.batch
+        )
+    } else {
+        format!(
+            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
+            s.batch / s.processes.max(1)
+        )
+    };
+    format!(
+        "Data-parallel training over {} MPI processes: each global batch of {} is split into contiguous shards, \
+         gradients are summed over the processes; {bn}.",
+        s.processes, s.batch
+    )
 }
 
 fn label(v: &str) -> &'static str {
