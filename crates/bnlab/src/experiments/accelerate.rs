@@ -614,7 +614,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         x_label: "training steps",
         y_label: "test accuracy",
         series: &series,
-        y_range: None,
+        y_range: Some((0.0, 1.0)),
     })?;
     report::write_plot(&s.out, "accuracy", &acc_svg)?;
 
