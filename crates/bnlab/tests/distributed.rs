@@ -396,4 +396,94 @@ mod mpi {
             killed.elapsed().as_secs_f64()
         );
     }
+
+    /// Checkpoints do not depend on the process count: a 300-step run interrupted at step 100
+    /// resumes with another number of processes (2 → 1 and 1 → 2) and still tracks the
+    /// uninterrupted one-process run. The interruption is simulated by a run of 100 steps whose
+    /// recorded settings (settings.json and the checkpoint's) then say 300 steps, exactly what a
+    /// run killed right after its step-100 checkpoint leaves behind (the kill itself is tested in
+    /// checkpoint_cli.rs).
+    #[test]
+    fn resume_with_another_process_count_tracks_one_process() {
+        let (Some(data), Some(mpirun)) = (data(), mpirun()) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = data.to_str().unwrap();
+        let args = |steps: &'static str, out: &Path| -> Vec<String> {
+            [
+                "paper-mlp",
+                "--variant",
+                "bn",
+                "--steps",
+                steps,
+                "--eval-every",
+                "50",
+                "--checkpoint-every",
+                "100",
+                "--quiet",
+                "--threads",
+                "1",
+                "--data",
+                d,
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+        fn strs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let reference = dir.path().join("reference");
+        ok(bnlab(&strs(&args("300", &reference))));
+        let make_300 = |out: &Path| {
+            let path = out.join("settings.json");
+            let mut settings: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            settings["steps"] = 300.into();
+            std::fs::write(&path, serde_json::to_string_pretty(&settings).unwrap()).unwrap();
+            let ck_path = out.join("checkpoints").join("bn.safetensors");
+            let mut ck = bnlab::engine::checkpoint::Checkpoint::read(&ck_path).unwrap();
+            assert_eq!(ck.progress.step, 100);
+            ck.settings["steps"] = 300.into();
+            ck.save(&ck_path).unwrap();
+        };
+        let resume = |out: &Path| -> Vec<String> {
+            [
+                "paper-mlp",
+                "--resume",
+                out.to_str().unwrap(),
+                "--quiet",
+                "--threads",
+                "1",
+            ]
+            .map(String::from)
+            .to_vec()
+        };
+
+        // Two processes, then one.
+        let a = dir.path().join("two-then-one");
+        let mut first = args("100", &a);
+        first.push("--distributed".into());
+        ok(launch(&mpirun, 2, &strs(&first)).output().unwrap());
+        make_300(&a);
+        ok(bnlab(&strs(&resume(&a))));
+        assert_tracks("2 processes, resumed with 1", &metrics(&a), &metrics(&reference));
+
+        // One process, then two.
+        let b = dir.path().join("one-then-two");
+        ok(bnlab(&strs(&args("100", &b))));
+        make_300(&b);
+        let mut again = resume(&b);
+        again.push("--distributed".into());
+        ok(launch(&mpirun, 2, &strs(&again)).output().unwrap());
+        assert_tracks("1 process, resumed with 2", &metrics(&b), &metrics(&reference));
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(
+            summary["settings"]["processes"], 2,
+            "the resumed run records its process count"
+        );
+    }
 }
