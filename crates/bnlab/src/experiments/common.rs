@@ -175,22 +175,40 @@ pub fn evaluate(
     net: &mut Sequential,
     train: &Dataset,
     test: &Dataset,
-    mut on_chunk: impl FnMut(&Sequential),
+    on_chunk: impl FnMut(&Sequential),
 ) -> Result<f64> {
-    let features = train.features();
-    if e.bn_stats == BnStats::Population && !net.batchnorms().is_empty() {
-        net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
-        // A fixed set of training batches (epoch 0 of a shuffle with another seed).
-        let mut shuffler = EpochShuffler::new(train.len, e.batch, e.seed ^ 0x9e37_79b9_7f4a_7c15)?;
-        let (mut x, mut y) = (vec![0.0f32; e.batch * features], vec![0u8; e.batch]);
-        for b in 0..e.population_batches.min(shuffler.batches_per_epoch()) {
-            gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
-            net.forward(&x, e.batch, Mode::Collect)?;
-        }
-        for bn in net.batchnorms() {
-            bn.use_population()?;
-        }
+    if e.bn_stats == BnStats::Population {
+        use_population_stats(e, net, train)?;
     }
+    let correct = count_correct(net, test, on_chunk)?;
+    Ok(correct as f64 / test.len.max(1) as f64)
+}
+
+/// Algorithm 2: replaces every BN layer's running statistics by its population estimate over
+/// `e.population_batches` fixed training batches (epoch 0 of a shuffle with a seed derived from
+/// `e.seed`). Does nothing to a network without BN.
+pub fn use_population_stats(e: &EvalSettings, net: &mut Sequential, train: &Dataset) -> Result<()> {
+    if net.batchnorms().is_empty() {
+        return Ok(());
+    }
+    let features = train.features();
+    net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
+    let mut shuffler = EpochShuffler::new(train.len, e.batch, e.seed ^ 0x9e37_79b9_7f4a_7c15)?;
+    let (mut x, mut y) = (vec![0.0f32; e.batch * features], vec![0u8; e.batch]);
+    for b in 0..e.population_batches.min(shuffler.batches_per_epoch()) {
+        gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
+        net.forward(&x, e.batch, Mode::Collect)?;
+    }
+    for bn in net.batchnorms() {
+        bn.use_population()?;
+    }
+    Ok(())
+}
+
+/// Test examples `net` classifies correctly in inference mode, in chunks of [`EVAL_CHUNK`];
+/// `on_chunk` sees the network after each chunk (for monitors).
+pub fn count_correct(net: &mut Sequential, test: &Dataset, mut on_chunk: impl FnMut(&Sequential)) -> Result<usize> {
+    let features = test.features();
     let classes = net.output_size();
     let mut correct = 0usize;
     for start in (0..test.len).step_by(EVAL_CHUNK) {
@@ -203,7 +221,7 @@ pub fn evaluate(
             .count();
         on_chunk(net);
     }
-    Ok(correct as f64 / test.len.max(1) as f64)
+    Ok(correct)
 }
 
 /// `metrics.jsonl`: one JSON object per line, flushed after each so a running study can be watched.

@@ -2,6 +2,7 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
+use super::common;
 pub use super::common::{default_out, BnStats};
 use super::metrics_log::truncate_jsonl;
 use super::progress::Progress;
@@ -9,7 +10,6 @@ use crate::atomic::write_atomic;
 use crate::data::{self, gather, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
 use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
-use crate::engine::loss::argmax_rows;
 use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
@@ -113,6 +113,16 @@ impl Settings {
             checkpoint_every: 1000,
             processes: 1,
             bn_sync: true,
+        }
+    }
+
+    /// How evaluations set up batch norm.
+    pub fn eval_settings(&self) -> common::EvalSettings {
+        common::EvalSettings {
+            bn_stats: self.bn_stats,
+            population_batches: self.population_batches,
+            batch: self.batch,
+            seed: self.seed,
         }
     }
 
@@ -603,46 +613,20 @@ pub fn evaluate(
     Ok(correct as f64 / test.len.max(1) as f64)
 }
 
-/// Algorithm 2: replaces every BN layer's running statistics by its population estimate over
-/// `s.population_batches` fixed training batches (epoch 0 of a shuffle with a derived seed).
+/// Algorithm 2 over `s.population_batches` fixed training batches: [`common::use_population_stats`]
+/// with this run's settings.
 pub fn use_population_stats(s: &Settings, net: &mut Sequential, train: &Dataset) -> Result<()> {
-    if net.batchnorms().is_empty() {
-        return Ok(());
-    }
-    let features = train.features();
-    net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
-    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
-    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
-    for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
-        gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
-        net.forward(&x, s.batch, Mode::Collect)?;
-    }
-    for bn in net.batchnorms() {
-        bn.use_population()?;
-    }
-    Ok(())
+    common::use_population_stats(&s.eval_settings(), net, train)
 }
 
-/// Test examples `net` classifies correctly (inference mode, chunks of 1000); records the watched
-/// values into `monitor` when given.
+/// Test examples `net` classifies correctly (inference mode); records the watched values into
+/// `monitor` when given.
 pub fn count_correct(net: &mut Sequential, test: &Dataset, mut monitor: Option<&mut Monitor>) -> Result<usize> {
-    let features = test.features();
-    let classes = net.output_size();
-    let chunk = 1000;
-    let mut correct = 0usize;
-    for start in (0..test.len).step_by(chunk) {
-        let n = chunk.min(test.len - start);
-        let x = &test.images[start * features..(start + n) * features];
-        let logits = net.forward(x, n, Mode::Eval)?;
-        correct += argmax_rows(logits, classes)
-            .zip(&test.labels[start..start + n])
-            .filter(|(p, &l)| *p == l as usize)
-            .count();
+    common::count_correct(net, test, |net| {
         if let Some(m) = monitor.as_deref_mut() {
             m.record(net);
         }
-    }
-    Ok(correct)
+    })
 }
 
 /// Writes summary.json, the plots and report.html.
