@@ -11,7 +11,8 @@
 //! ```
 //!
 //! The batch is cut into at most `CHUNKS` (16) runs of consecutive examples (the cut depends only on
-//! the batch size) that run on the rayon pool. Each run owns an im2col buffer and a dW partial sum;
+//! the batch size) that run on the rayon pool; a run's products stay on its thread (the runs are
+//! the parallelism). Each run owns im2col buffers and a dW partial sum;
 //! the partial sums are added in run order, so outputs and gradients are bitwise identical for any
 //! number of threads.
 
