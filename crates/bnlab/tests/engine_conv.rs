@@ -69,7 +69,7 @@ struct ConvCase {
     bias: bool,
 }
 
-const CONV_CASES: [ConvCase; 5] = [
+const CONV_CASES: [ConvCase; 6] = [
     // stride 2, padding 1, non-square input; 19 examples: more than the layer's 16 runs.
     ConvCase {
         batch: 19,
@@ -113,6 +113,19 @@ const CONV_CASES: [ConvCase; 5] = [
         k: (3, 2),
         s: 3,
         p: 2,
+        bias: true,
+    },
+    // 72 output positions against 6 = ic·kh·kw weights per filter: dW takes the row-dot path
+    // (positions ≥ 4× weights), with a 16-lane tail (72 = 4·16 + 8) and 6 = 4 + 2 rows.
+    ConvCase {
+        batch: 2,
+        ic: 1,
+        oc: 3,
+        ih: 9,
+        iw: 7,
+        k: (3, 2),
+        s: 1,
+        p: 1,
         bias: true,
     },
     // kernel wider than the input: some kernel columns never touch it.
@@ -266,7 +279,19 @@ fn conv_is_bitwise_identical_for_any_thread_count() {
             p: 2,
             bias: true,
         },
-        // Large enough that each per-example GEMM is split into column blocks as well.
+        // The study's first layer: dW by row dot products.
+        ConvCase {
+            batch: 21,
+            ic: 1,
+            oc: 8,
+            ih: 28,
+            iw: 28,
+            k: (5, 5),
+            s: 1,
+            p: 2,
+            bias: true,
+        },
+        // The study's second layer: dW by sgemm.
         ConvCase {
             batch: 20,
             ic: 8,
@@ -322,6 +347,7 @@ fn maxpool_forward_and_backward_match_references() {
     for (c, hw, k, s) in [
         (3, (7, 9), 3, 2),
         (2, (8, 6), 2, 2),
+        (2, (7, 5), 2, 2),
         (1, (5, 7), 3, 1),
         (2, (9, 5), 2, 3),
     ] {

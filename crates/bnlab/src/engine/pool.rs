@@ -51,6 +51,28 @@ impl MaxPool2d {
     }
 }
 
+/// The common 2×2, stride-2 window of one example, row pair by row pair (same winners as the
+/// general loop: the first maximum in order x00, x01, x10, x11; the last NaN wins).
+fn pool2x2(xn: &[f32], (ih, iw): (usize, usize), (oh, ow): (usize, usize), yn: &mut [f32], an: &mut [u32]) {
+    let rows = yn.chunks_exact_mut(ow).zip(an.chunks_exact_mut(ow));
+    for (r, (yr, ar)) in rows.enumerate() {
+        // Output row r is row oy of channel c; its window rows start at input row (c·ih + 2·oy).
+        let (c, oy) = (r / oh, r % oh);
+        let top = (c * ih + 2 * oy) * iw;
+        let (xt, xb) = (&xn[top..][..2 * ow], &xn[top + iw..][..2 * ow]);
+        let pairs = xt.chunks_exact(2).zip(xb.chunks_exact(2));
+        for (ox, ((yo, ao), (t, b))) in yr.iter_mut().zip(ar.iter_mut()).zip(pairs).enumerate() {
+            let (mut best, mut at) = (t[0], 0);
+            for (v, off) in [(t[1], 1), (b[0], iw), (b[1], iw + 1)] {
+                if v > best || v.is_nan() {
+                    (best, at) = (v, off);
+                }
+            }
+            (*yo, *ao) = (best, (top + 2 * ox + at) as u32);
+        }
+    }
+}
+
 impl Layer for MaxPool2d {
     fn name(&self) -> String {
         format!("maxpool{}s{}", self.kernel, self.stride)
@@ -72,6 +94,9 @@ impl Layer for MaxPool2d {
         let ((ih, iw), (oh, ow), k, s) = (self.in_hw, self.out_hw, self.kernel, self.stride);
         let work = y.par_chunks_mut(osz).zip(self.argmax.par_chunks_mut(osz));
         x.par_chunks(isz).zip(work).for_each(|(xn, (yn, an))| {
+            if k == 2 && s == 2 {
+                return pool2x2(xn, (ih, iw), (oh, ow), yn, an);
+            }
             for c in 0..self.channels {
                 for oy in 0..oh {
                     for ox in 0..ow {
