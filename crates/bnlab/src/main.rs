@@ -14,6 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn main() {
+    // Output piped into a reader that stops early (`bnlab bench --json | head -1`) ends the
+    // process quietly, as for any Unix filter, instead of a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
