@@ -632,9 +632,7 @@ pub fn count_correct(net: &mut Sequential, test: &Dataset, mut monitor: Option<&
 /// Writes summary.json, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     let summary = serde_json::json!({ "variants": o.summaries, "settings": s });
-    let path = s.out.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    common::write_json(&s.out.join("summary.json"), &summary)?;
 
     let variants: Vec<&'static str> = s.variants.iter().map(|v| v.name()).collect();
     let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant.name() == v);
@@ -708,7 +706,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         &format!("The input of sigmoid unit {WATCHED_UNIT} of the last hidden layer over the test set, as training progresses."),
         &dist_svg,
     );
-    page.settings("Settings", &settings_rows(s));
+    page.settings("Settings", &common::settings_rows(s));
     page.write(&s.out.join("report.html"))?;
     Ok(())
 }
@@ -738,15 +736,4 @@ fn label(v: &str) -> &'static str {
         "bn" => "with batch norm",
         _ => "baseline",
     }
-}
-
-fn settings_rows(s: &Settings) -> Vec<(String, String)> {
-    let v = serde_json::to_value(s).unwrap_or_default();
-    let mut rows = Vec::new();
-    if let Some(map) = v.as_object() {
-        for (k, v) in map {
-            rows.push((k.clone(), v.to_string().trim_matches('"').to_string()));
-        }
-    }
-    rows
 }
