@@ -178,7 +178,7 @@ fn check_constant<T: TestFloat>(layout: Layout, shape: &[usize], value: f64, see
             if channel_of(&g, idx) == cc {
                 let want = k * (dyc[j] - mean_dy);
                 let scale = k.abs() * (dyc[j].abs() + mean_abs_dy);
-                let t = tol::<T>(want, scale, reduce_rel(dyc.len()));
+                let t = tol::<T>(want, scale, reduce_rel::<T>(dyc.len()));
                 assert!((v.to_f64() - want).abs() <= t, "{what}: dx[{idx}] {v:?} vs {want}");
                 j += 1;
             }
@@ -229,7 +229,7 @@ fn check_magnitude<T: TestFloat>(k: f64, eps: f64) {
         let (_, saved) = batch_norm_train(&x, &shape, layout, Some(&gamma), Some(&beta), eps, &mut y).unwrap();
         let (ry, rmean, rvar) = reference::forward_train(&g, &d.x, &d.gamma, &d.beta, eps);
         assert!(y.iter().all(|v| v.to_f64().is_finite()), "{what}: finite y");
-        let rel = reduce_rel(g.per_channel());
+        let rel = reduce_rel::<T>(g.per_channel());
         let scale = train_y_scale(&d, &d.gamma, &d.beta, &rmean, &rvar, eps);
         assert_close(&format!("{what} y"), &y, &ry, &scale, rel);
 
@@ -302,7 +302,7 @@ fn check_pair<T: TestFloat>(shape: &[usize], seed: u64, eps: f64) {
     let (_, saved) = batch_norm_train(&x, shape, Layout::NC, None, None, eps, &mut y).unwrap();
     let (gamma, beta) = d.ones_zeros();
     let (ry, rmean, rvar) = reference::forward_train(&d.g, &d.x, &gamma, &beta, eps);
-    let rel = reduce_rel(2);
+    let rel = reduce_rel::<T>(2);
     assert_close(
         "pair y",
         &y,

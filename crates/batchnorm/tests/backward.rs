@@ -47,7 +47,7 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
 
     let (rdx, rdg, rdb) = reference::backward_train(&d.g, &d.x, &d.dy, &gamma, eps);
     let (sdx, sdg, sdb) = backward_scales(&d, &d.dy, &gamma, eps);
-    let rel = reduce_rel(d.g.per_channel());
+    let rel = reduce_rel::<T>(d.g.per_channel());
     let what = format!("{layout} {shape:?} affine={affine} eps={eps}");
     assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, rel);
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
@@ -184,8 +184,8 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
         sdb[channel_of(&d.g, k)] += d.dy[k].abs();
     }
     let what = format!("eval {layout} {shape:?} affine={affine}");
-    let rel = reduce_rel(d.g.per_channel());
-    assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, ELEMENTWISE_REL);
+    let rel = reduce_rel::<T>(d.g.per_channel());
+    assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, elementwise_rel::<T>());
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
     assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
 

@@ -26,7 +26,7 @@ fn check_train<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
 
     let (ry, rmean, rvar) = reference::forward_train(&d.g, &d.x, &gamma, &beta, eps);
     let m = d.g.per_channel();
-    let rel = reduce_rel(m);
+    let rel = reduce_rel::<T>(m);
     let what = format!("{layout} {shape:?} affine={affine} eps={eps}");
 
     // Statistics are f64 whatever T is: compare in f64. Mean: scale mean|x|; variance: scale σ².
@@ -77,7 +77,7 @@ fn check_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: 
         &y,
         &ry,
         &scale,
-        ELEMENTWISE_REL,
+        elementwise_rel::<T>(),
     );
 }
 
@@ -102,7 +102,7 @@ fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         &y,
         &ry,
         &scale,
-        ELEMENTWISE_REL,
+        elementwise_rel::<T>(),
     );
 }
 
@@ -147,7 +147,7 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
             Momentum::Cumulative => None,
         };
         let (erm, erv) = reference::running_update(&rm0, &rv0, &bm, &bv, m, mom, step + 1);
-        let rel = reduce_rel(m);
+        let rel = reduce_rel::<T>(m);
         let mabs = d.mean_abs_x();
         let mscale: Vec<f64> = (0..d.g.channels).map(|c| rm0[c].abs() + mabs[c]).collect();
         let vscale: Vec<f64> = (0..d.g.channels).map(|c| rv0[c].abs() + bv[c] * 2.0).collect();
@@ -172,7 +172,7 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
             gamma[c].abs() * (d.x[k].abs() + rm[c].abs()) / (rv[c] + eps).sqrt() + beta[c].abs()
         })
         .collect();
-    assert_close("layer forward_eval", &y, &ry, &scale, ELEMENTWISE_REL);
+    assert_close("layer forward_eval", &y, &ry, &scale, elementwise_rel::<T>());
 }
 
 proptest! {

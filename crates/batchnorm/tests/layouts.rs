@@ -1,6 +1,6 @@
 //! Layout independence: batch norm's statistics are per channel over N·H·W values whatever the
 //! memory order, so NCHW and NHWC of the same logical tensor give the same numbers up to
-//! summation order (tolerance: `reduce_rel(m)` of `common/mod.rs`, plus 2·ε_T·|value| for the
+//! summation order (tolerance: `reduce_rel::<T>(m)` of `common/mod.rs`, plus 2·ε_T·|value| for the
 //! final rounding to f32, where two f64 values a few ulp apart can round to neighbouring f32s).
 //! Layouts with the same `[outer, channels, inner]` geometry run the same code and must agree
 //! bit for bit.
@@ -111,7 +111,7 @@ fn check_nchw_nhwc<T: TestFloat>(shape: [usize; 4], seed: u64) {
         Layout::NHWC,
         eps,
     );
-    let rel = reduce_rel(d.g.per_channel());
+    let rel = reduce_rel::<T>(d.g.per_channel());
     let what = format!("NCHW {shape:?} vs NHWC ({})", T::NAME);
 
     assert_eq!(a.stats.count, b.stats.count);

@@ -22,7 +22,7 @@ fn check_batch_stats<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let s = batch_stats(&narrow::<T>(&d.x), shape, layout).unwrap();
     let (rmean, rvar) = reference::mean_var(&d.g, &d.x);
     let m = d.g.per_channel();
-    let rel = reduce_rel(m);
+    let rel = reduce_rel::<T>(m);
     assert_eq!(s.count, m as u64);
     assert_eq!(s.channels(), d.g.channels);
     assert_close::<f64>("batch_stats mean", &s.mean, &rmean, &d.mean_abs_x(), rel);
@@ -49,7 +49,7 @@ fn check_running<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, momen
     let mabs = d.mean_abs_x();
     let mscale: Vec<f64> = (0..d.g.channels).map(|c| d.mean[c].abs() + mabs[c]).collect();
     let vscale: Vec<f64> = (0..d.g.channels).map(|c| d.var[c] + 2.0 * bv[c]).collect();
-    let rel = reduce_rel(m);
+    let rel = reduce_rel::<T>(m);
     assert_close(
         &format!("running_mean {momentum:?} seen={seen}"),
         &rm,
@@ -221,7 +221,7 @@ fn population_stats_match_algorithm_2() {
         let (emean, evar) = reference::population(&per, m);
         let mean = pop.mean().unwrap();
         let var = pop.var().unwrap();
-        let rel = reduce_rel(m * batches as usize);
+        let rel = reduce_rel::<f64>(m * batches as usize);
         // Scales: the batch means are O(|μ| + σ) ≤ 3 + 2·4σ; variances relative.
         let mscale: Vec<f64> = emean.iter().map(|v| v.abs() + 10.0).collect();
         assert_close::<f64>(&format!("{layout} population mean"), &mean, &emean, &mscale, rel);
@@ -359,7 +359,7 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
     let (n, c) = (x.len(), d.g.channels);
     let m = d.g.per_channel();
-    let rel = reduce_rel(m);
+    let rel = reduce_rel::<T>(m);
     let what = format!("{layout} {shape:?} shards {sizes:?} affine={affine} {}", T::NAME);
 
     let mut y = vec![T::from_f64(0.0); n];

@@ -6,7 +6,7 @@
 //! The synchronized layer and the one-process layer compute the same quantities in f64 but sum
 //! in a different order (per-shard partials merged with Chan's formula / added in rank order,
 //! against the one-process kernel's cache-sized pieces). Each is within the tolerance of
-//! `common` (`2·ε_T·|ref| + reduce_rel(m)·scale + tiny_T`, the bound the kernels are already held
+//! `common` (`2·ε_T·|ref| + reduce_rel::<T>(m)·scale + tiny_T`, the bound the kernels are already held
 //! to against the f64 reference) of the exact value, so they differ by at most twice that. For
 //! f32 the dominant term is the single rounding to f32 (≈ 2 ulp); for f64 it is the reduction
 //! error, ≈ 4·(m + 16)·2⁻⁵³ relative to the scale of the terms. A formula error (a local instead
@@ -188,7 +188,7 @@ fn check_equal_to_one_process<T: TestFloat>(p: usize) {
         let want = one_process::<T>(&d, layout, &shape);
         let got = sharded::<T>(&d, layout, &shape, &sizes);
         let m = d.g.per_channel();
-        let rel = reduce_rel(m);
+        let rel = reduce_rel::<T>(m);
         let (mean, var) = batchnorm::reference::mean_var(&d.g, &d.x);
         let eps = config().eps;
         let what = |s: &str| format!("{} {shape:?} P={p} {s}", layout.name());

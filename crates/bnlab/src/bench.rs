@@ -35,6 +35,14 @@ pub fn default_cases() -> Vec<Case> {
     ]
 }
 
+impl Case {
+    /// `LAYOUT[N,C,…]`, e.g. `NHWC[64,256,14,14]` (the logical shape, channels second).
+    pub fn name(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("{}[{}]", self.layout.name(), dims.join(","))
+    }
+}
+
 /// One line of `bnlab bench --json` after the first.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
@@ -62,16 +70,50 @@ impl Record {
     }
 }
 
-/// Median of the times of repeated calls of `f`: at least `min_reps` calls and `min_time` in all,
-/// after one warm-up call.
-pub fn median_ms(mut f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {
+/// What a benchmark measures each call with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// Wall-clock time (what users see).
+    Wall,
+    /// CPU time of the calling thread: leaves out the time it was descheduled, for A/B
+    /// comparisons on a busy machine. Only meaningful with one worker thread (the work then runs
+    /// on the calling thread, itself a worker of the pool).
+    ThreadCpu,
+}
+
+impl Clock {
+    /// Seconds on this clock since an arbitrary origin.
+    fn now(self) -> f64 {
+        match self {
+            Clock::Wall => {
+                static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+                ORIGIN.get_or_init(Instant::now).elapsed().as_secs_f64()
+            }
+            Clock::ThreadCpu => {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            }
+        }
+    }
+}
+
+/// Median of the wall-clock times of repeated calls of `f`: at least `min_reps` calls and
+/// `min_time` in all, after one warm-up call.
+pub fn median_ms(f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {
+    median_ms_on(Clock::Wall, f, min_reps, min_time)
+}
+
+/// [`median_ms`] with each call timed on `clock` (`min_time` is still wall-clock time).
+pub fn median_ms_on(clock: Clock, mut f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {
     f();
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < min_reps || start.elapsed() < min_time {
-        let t = Instant::now();
+        let t = clock.now();
         f();
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+        times.push((clock.now() - t) * 1e3);
         if times.len() >= 10_000 {
             break;
         }
@@ -106,8 +148,8 @@ fn storage_shape(case: &Case) -> Vec<usize> {
     }
 }
 
-/// Times the three operations of one case in f32.
-pub fn run_case(case: &Case, min_time: Duration) -> Result<Vec<Record>, batchnorm::Error> {
+/// Times the three operations of one case in f32, each call on `clock`.
+pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Record>, batchnorm::Error> {
     let shape = storage_shape(case);
     let n: usize = shape.iter().product();
     let channels = case.shape[1];
@@ -129,7 +171,8 @@ pub fn run_case(case: &Case, min_time: Duration) -> Result<Vec<Record>, batchnor
             ms,
         });
     };
-    let ms = median_ms(
+    let ms = median_ms_on(
+        clock,
         || {
             if let Err(e) = bn.forward_train(&x, &shape, case.layout, &mut y) {
                 err = Err(e);
@@ -139,7 +182,8 @@ pub fn run_case(case: &Case, min_time: Duration) -> Result<Vec<Record>, batchnor
         min_time,
     );
     record("fwd_train", ms);
-    let ms = median_ms(
+    let ms = median_ms_on(
+        clock,
         || {
             if let Err(e) = bn.forward_eval(&x, &shape, case.layout, &mut y) {
                 err = Err(e);
@@ -149,7 +193,8 @@ pub fn run_case(case: &Case, min_time: Duration) -> Result<Vec<Record>, batchnor
         min_time,
     );
     record("fwd_eval", ms);
-    let ms = median_ms(
+    let ms = median_ms_on(
+        clock,
         || {
             let grads = Some((&mut dgamma[..], &mut dbeta[..]));
             if let Err(e) = bn.backward(&x, &dy, &shape, case.layout, &saved, Some(&mut dx), grads) {

@@ -188,6 +188,14 @@ pub struct BenchArgs {
     /// Minimum seconds spent timing each operation (the median of the repetitions is reported).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = parse_positive)]
     pub min_time: f64,
+    /// Time only the cases whose name (`LAYOUT[N,C,…]`, e.g. `NHWC[64,256,14,14]`) contains one of
+    /// these strings (repeatable; case-sensitive). Default: every case.
+    #[arg(long, value_name = "SUBSTRING")]
+    pub only: Vec<String>,
+    /// Time each call in CPU time of the calling thread instead of wall-clock time: leaves out
+    /// the time it was descheduled, for A/B comparisons on a busy machine. Needs --threads 1.
+    #[arg(long)]
+    pub cpu_time: bool,
 }
 
 /// A finite number > 0.

@@ -75,6 +75,14 @@ fn pool(threads: Option<u32>) -> Result<rayon::ThreadPool> {
 }
 
 fn run_bench(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        !args.cpu_time || args.threads == Some(1),
+        "--cpu-time needs --threads 1 (with more threads the work runs outside the timed thread)"
+    );
+    let clock = match args.cpu_time {
+        true => bench::Clock::ThreadCpu,
+        false => bench::Clock::Wall,
+    };
     let pool = pool(args.threads)?;
     pool.install(|| {
         let threads = rayon::current_num_threads();
@@ -88,8 +96,17 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
                 "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
-        for case in bench::default_cases() {
-            for r in bench::run_case(&case, Duration::from_secs_f64(args.min_time))? {
+        let cases: Vec<bench::Case> = bench::default_cases()
+            .into_iter()
+            .filter(|c| args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str())))
+            .collect();
+        anyhow::ensure!(
+            !cases.is_empty(),
+            "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
+            args.only.join(" ")
+        );
+        for case in cases {
+            for r in bench::run_case(&case, Duration::from_secs_f64(args.min_time), clock)? {
                 if args.json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {

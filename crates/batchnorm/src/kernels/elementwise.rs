@@ -1,45 +1,139 @@
 //! Element-wise passes: normalization and the input gradient. Each comes in a `plane` form (one
 //! channel, its parameters are scalars) and a `rows` form (rows of all channels, parameters are
-//! per-channel vectors). All arithmetic is in `f64`, rounded once on store.
+//! per-channel vectors).
+//!
+//! Precision: the per-channel constants are computed in `f64` from the `f64` statistics; the
+//! per-element arithmetic is done in the element type:
+//! - `f64` tensors: `f64` throughout (a handful of roundings, ~1e-15 relative).
+//! - `f32` tensors: `f32` vectors (8 lanes) with fused multiply-adds. The mean is split as
+//!   `mean_hi + mean_lo` (`mean_hi` = the mean rounded to `f32`) and `mean_lo` is folded into the
+//!   constant term, so `x − mean_hi` is exact whenever x lies within a factor 2 of the mean
+//!   (Sterbenz) — in particular when the mean is large against the spread, where a plain
+//!   `x·scale + (β − mean·scale)` (what PyTorch computes) cancels catastrophically. Each output is
+//!   then within 2·ε_f32 of the magnitude of the terms that produce it (see [`NarrowAffine`],
+//!   [`NarrowDx`]), against ½ ulp for an `f64` computation rounded once: the price of twice the
+//!   lanes per instruction and half the bytes of per-channel constants.
 //!
 //! Every element is computed by the same formula whether it falls in a vector step or a scalar
-//! one, so where the vectors start (e.g. an alignment peel before streaming stores) does not
-//! change any bit.
+//! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
+//! tile) does not change any bit.
 
-use super::simd::{is_f32, simd_dispatch, Simd, STREAM_ALIGN};
+use super::simd::{as_f32, as_f32_mut, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
 
-/// Per-channel parameters for the `rows` kernels: `channels` values followed by the first 8 again
-/// (cyclically), so that 8 consecutive elements of a row-major buffer starting at any channel
-/// read their parameters contiguously.
-pub(crate) struct RowParam(Vec<f64>);
+/// Rows wider than this many channels are processed in column tiles of this many channels, all
+/// rows of a tile before the next, so that the tile's per-channel constants stay in L1 (with
+/// 4096 channels a whole row of them would be re-read from L2 for every row).
+pub(crate) const ROW_TILE: usize = 1024;
 
-impl RowParam {
-    pub fn new(v: impl IntoIterator<Item = f64>) -> RowParam {
-        let mut v: Vec<f64> = v.into_iter().collect();
+/// Per-channel constants for the `rows` kernels: `channels` values followed by the first 8 again
+/// (cyclically), so that 8 consecutive elements of a row-major buffer starting at any channel
+/// read their constants contiguously.
+pub(crate) struct RowParam<F>(Vec<F>);
+
+impl<F: Copy> RowParam<F> {
+    pub fn new(v: impl IntoIterator<Item = F>) -> RowParam<F> {
+        let mut v: Vec<F> = v.into_iter().collect();
         let channels = v.len();
         for j in 0..8 {
             v.push(v[j % channels]);
         }
         RowParam(v)
     }
+
+    /// Number of channels.
+    #[inline(always)]
+    fn channels(&self) -> usize {
+        self.0.len() - 8
+    }
+
+    #[inline(always)]
+    fn ptr(&self) -> *const F {
+        self.0.as_ptr()
+    }
 }
 
-/// Writes `out[i] = f(i)` for every i. `vec(i, c)` computes elements i..i+8 and `one(i, c)`
-/// element i, with `c` = i mod `cycle` (the channel of element i in the rows kernels).
-/// With `stream`, stores are non-temporal after a scalar peel up to the alignment they need.
+/// Whether `v` rounds to `f32` without overflow or underflow: 0, or a normal `f32` magnitude.
+/// (False for NaN and infinities, which the `f64` path then propagates as IEEE says.)
 #[inline(always)]
-fn map_out<S: Simd, T: Element>(
-    s: S,
-    out: &mut [T],
+fn fits(v: f64) -> bool {
+    v == 0.0 || (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&v.abs())
+}
+
+/// [`fits`] for a mean, with room left for x − mean (≤ 2¹⁰⁰, so only inputs within 2⁻²⁸ of
+/// `f32::MAX` could overflow it).
+#[inline(always)]
+fn fits_mean(v: f64) -> bool {
+    fits(v) && v.abs() <= 2f64.powi(100)
+}
+
+/// y = (x − mean)·scale + shift for one channel, in `f64`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WideAffine {
+    pub mean: f64,
+    pub scale: f64,
+    pub shift: f64,
+}
+
+impl WideAffine {
+    #[inline(always)]
+    fn apply(self, x: f64) -> f64 {
+        (x - self.mean) * self.scale + self.shift
+    }
+}
+
+/// The `f32` form of a [`WideAffine`]: y = fma(x − mean_hi, scale, shift) with
+/// mean_hi = mean rounded to `f32` and shift = β − (mean − mean_hi)·scale (from `f64`).
+///
+/// Error: x − mean_hi is exact when x is within a factor 2 of mean_hi (otherwise it has relative
+/// error ≤ u = 2⁻²⁴); rounding scale and shift to `f32` and the fused multiply-add each cost ≤ u
+/// of their terms, so |y − y_exact| ≤ 2u·(|x − mean|·|scale|) + u·|shift| + u·|y| ≤ 2·ε_f32·S
+/// with S = |x − mean|·|scale| + |shift|, up to O(u²).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NarrowAffine {
+    pub mean_hi: f32,
+    pub scale: f32,
+    pub shift: f32,
+}
+
+impl NarrowAffine {
+    /// The `f32` constants, or `None` when one of them would leave `f32`'s normal range (the
+    /// caller then computes in `f64`).
+    #[inline(always)]
+    pub fn new(a: WideAffine) -> Option<NarrowAffine> {
+        let mean_hi = a.mean as f32;
+        let mean_lo = a.mean - mean_hi as f64;
+        let shift = a.shift - mean_lo * a.scale;
+        (fits_mean(a.mean) && fits(a.scale) && fits(shift)).then_some(NarrowAffine {
+            mean_hi,
+            scale: a.scale as f32,
+            shift: shift as f32,
+        })
+    }
+
+    #[inline(always)]
+    fn apply(self, x: f32) -> f32 {
+        (x - self.mean_hi).mul_add(self.scale, self.shift)
+    }
+}
+
+/// Calls `put(i, c)` for i = `start`, `start` + 8, … while 8 elements remain before `end`, then
+/// `one(i, c)` for the rest, with `c` the channel of element i (`first_c` at `start`, counting
+/// modulo `cycle`). With `stream`, `one` first covers a head up to the [`STREAM_ALIGN`] boundary
+/// of `out + i`, so that every `put` may store non-temporally.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn map_range<T>(
+    out: *mut T,
+    start: usize,
+    end: usize,
+    first_c: usize,
     cycle: usize,
     stream: bool,
-    vec: impl Fn(usize, usize) -> S::V,
-    one: impl Fn(usize, usize) -> f64,
+    mut put: impl FnMut(usize, usize),
+    mut one: impl FnMut(usize, usize),
 ) {
-    let n = out.len();
-    let p = out.as_mut_ptr();
-    let (mut i, mut c) = (0, 0);
+    let (mut i, mut c) = (start, first_c);
     #[inline(always)]
     fn advance(c: &mut usize, k: usize, cycle: usize) {
         *c += k;
@@ -48,60 +142,138 @@ fn map_out<S: Simd, T: Element>(
         }
     }
     let size = std::mem::size_of::<T>();
-    let misalign = p as usize % STREAM_ALIGN;
-    if stream && misalign.is_multiple_of(size) {
-        let head = (((STREAM_ALIGN - misalign) % STREAM_ALIGN) / size).min(n);
+    let misalign = out.wrapping_add(start) as usize % STREAM_ALIGN;
+    // A `T`-aligned address is a whole number of elements away from the next boundary.
+    debug_assert!(misalign.is_multiple_of(size));
+    if stream {
+        let head = (start + ((STREAM_ALIGN - misalign) % STREAM_ALIGN) / size).min(end);
         while i < head {
-            out[i] = T::from_f64(one(i, c));
+            one(i, c);
             i += 1;
             advance(&mut c, 1, cycle);
         }
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n, and p + i is STREAM_ALIGN-aligned (peeled above; 8 elements
-            // are 32 or 64 bytes, multiples of STREAM_ALIGN).
-            unsafe { s.stream(p.add(i), vec(i, c)) };
-            i += 8;
-            advance(&mut c, 8, cycle);
-        }
-    } else {
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n.
-            unsafe { s.store(p.add(i), vec(i, c)) };
-            i += 8;
-            advance(&mut c, 8, cycle);
-        }
     }
-    while i < n {
-        out[i] = T::from_f64(one(i, c));
+    while i + 8 <= end {
+        put(i, c);
+        i += 8;
+        advance(&mut c, 8, cycle);
+    }
+    while i < end {
+        one(i, c);
         i += 1;
         advance(&mut c, 1, cycle);
     }
-    debug_assert!(is_f32::<T>() || size == 8);
+}
+
+/// [`map_range`] over the whole of `out` (`len` elements of whole rows of `channels`), in column
+/// tiles of [`ROW_TILE`] channels when rows are wider (every element still gets the same
+/// formula, so tiling changes no bit).
+#[inline(always)]
+fn map_rows<T>(
+    out: *mut T,
+    len: usize,
+    channels: usize,
+    stream: bool,
+    mut put: impl FnMut(usize, usize),
+    mut one: impl FnMut(usize, usize),
+) {
+    if channels <= ROW_TILE {
+        map_range(out, 0, len, 0, channels, stream, put, one);
+        return;
+    }
+    let rows = len / channels;
+    let mut t = 0;
+    while t < channels {
+        let te = (t + ROW_TILE).min(channels);
+        for r in 0..rows {
+            map_range(
+                out,
+                r * channels + t,
+                r * channels + te,
+                t,
+                channels,
+                stream,
+                &mut put,
+                &mut one,
+            );
+        }
+        t = te;
+    }
+}
+
+/// Stores 8 `f64` lanes at `p` as `T`, non-temporally with `stream`.
+///
+/// # Safety
+/// As [`Simd::store`] / [`Simd::stream`].
+#[inline(always)]
+unsafe fn put_wide<S: Simd, T: Element>(s: S, p: *mut T, v: S::V, stream: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if stream {
+            s.stream(p, v)
+        } else {
+            s.store(p, v)
+        }
+    }
+}
+
+/// Stores 8 `f32` lanes at `p`, non-temporally with `stream`.
+///
+/// # Safety
+/// As [`Simd::fstore`] / [`Simd::fstream`].
+#[inline(always)]
+unsafe fn put_narrow<S: Simd>(s: S, p: *mut f32, v: S::F, stream: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if stream {
+            s.fstream(p, v)
+        } else {
+            s.fstore(p, v)
+        }
+    }
 }
 
 #[inline(always)]
-pub(super) fn normalize_plane_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    y: &mut [T],
-    mean: f64,
-    scale: f64,
-    shift: f64,
-    stream: bool,
-) {
+pub(super) fn normalize_plane_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T], a: WideAffine, stream: bool) {
     assert_eq!(x.len(), y.len());
-    let xp = x.as_ptr();
-    let (mv, sv, bv) = (s.splat(mean), s.splat(scale), s.splat(shift));
-    map_out(
-        s,
-        y,
+    let n = y.len();
+    if let (Some(x), Some(y), Some(a)) = (as_f32(x), as_f32_mut(y), NarrowAffine::new(a)) {
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let (mv, sv, bv) = (s.fsplat(a.mean_hi), s.fsplat(a.scale), s.fsplat(a.shift));
+        map_range(
+            yp,
+            0,
+            n,
+            0,
+            usize::MAX,
+            stream,
+            // SAFETY: i + 8 <= n = x.len() = y.len().
+            #[inline(always)]
+            |i, _| unsafe { put_narrow(s, yp.add(i), s.fmadd(s.fsub(s.fload(xp.add(i)), mv), sv, bv), stream) },
+            // SAFETY: i < n.
+            #[inline(always)]
+            |i, _| unsafe { *yp.add(i) = a.apply(*xp.add(i)) },
+        );
+        return;
+    }
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let (mv, sv, bv) = (s.splat(a.mean), s.splat(a.scale), s.splat(a.shift));
+    map_range(
+        yp,
+        0,
+        n,
+        0,
         usize::MAX,
         stream,
-        // SAFETY: map_out asks for i + 8 <= y.len() = x.len().
+        // SAFETY: i + 8 <= n = x.len() = y.len().
         #[inline(always)]
-        |i, _| s.add(s.mul(s.sub(unsafe { s.load(xp.add(i)) }, mv), sv), bv),
+        |i, _| unsafe {
+            let v = s.add(s.mul(s.sub(s.load(xp.add(i)), mv), sv), bv);
+            put_wide(s, yp.add(i), v, stream)
+        },
+        // SAFETY: i < n.
         #[inline(always)]
-        |i, _| (x[i].to_f64() - mean) * scale + shift,
+        |i, _| unsafe { *yp.add(i) = T::from_f64(a.apply((*xp.add(i)).to_f64())) },
     );
 }
 
@@ -111,44 +283,166 @@ simd_dispatch! {
     /// With scale = γ/√(σ²+ε) and shift = β this is Algorithm 1's x̂ and y in one pass.
     /// Subtracting the mean first (rather than x·scale + (β − mean·scale)) keeps full precision
     /// when the mean is large against the spread.
-    pub(crate) fn normalize_plane<T>(x: &[T], y: &mut [T], mean: f64, scale: f64, shift: f64, stream: bool)
-        => normalize_plane_impl
+    pub(crate) fn normalize_plane<T>(x: &[T], y: &mut [T], a: WideAffine, stream: bool) => normalize_plane_impl
+}
+
+/// Per-channel constants of y = (x − mean[c])·scale[c] + shift[c] for the `rows` kernels, in the
+/// form the element type uses.
+pub(crate) enum RowsAffine {
+    Wide {
+        mean: RowParam<f64>,
+        scale: RowParam<f64>,
+        shift: RowParam<f64>,
+    },
+    /// `f32` constants; the channels in `wide` (whose constants do not fit `f32`) are computed
+    /// in `f64` afterwards.
+    Narrow {
+        mean_hi: RowParam<f32>,
+        scale: RowParam<f32>,
+        shift: RowParam<f32>,
+        wide: Vec<(usize, WideAffine)>,
+    },
+}
+
+impl RowsAffine {
+    /// The constants of every channel, for elements of type `T`.
+    pub fn new<T: Element>(mean: &[f64], scale: &[f64], shift: &[f64]) -> RowsAffine {
+        let wide_of = |c: usize| WideAffine {
+            mean: mean[c],
+            scale: scale[c],
+            shift: shift[c],
+        };
+        if as_f32::<T>(&[]).is_none() {
+            return RowsAffine::Wide {
+                mean: RowParam::new(mean.iter().copied()),
+                scale: RowParam::new(scale.iter().copied()),
+                shift: RowParam::new(shift.iter().copied()),
+            };
+        }
+        let mut wide = Vec::new();
+        let narrow: Vec<NarrowAffine> = (0..mean.len())
+            .map(|c| {
+                NarrowAffine::new(wide_of(c)).unwrap_or_else(|| {
+                    wide.push((c, wide_of(c)));
+                    NarrowAffine {
+                        mean_hi: 0.0,
+                        scale: 0.0,
+                        shift: 0.0,
+                    }
+                })
+            })
+            .collect();
+        RowsAffine::Narrow {
+            mean_hi: RowParam::new(narrow.iter().map(|a| a.mean_hi)),
+            scale: RowParam::new(narrow.iter().map(|a| a.scale)),
+            shift: RowParam::new(narrow.iter().map(|a| a.shift)),
+            wide,
+        }
+    }
+}
+
+/// After a narrow pass over `len` elements of whole rows of `channels`, recomputes the elements
+/// of each channel in `wide` with `f(i, constants)`.
+#[inline(always)]
+fn redo_channels<P: Copy>(len: usize, channels: usize, stream: bool, wide: &[(usize, P)], f: impl Fn(usize, P)) {
+    if wide.is_empty() {
+        return;
+    }
+    if stream {
+        // The streaming stores of the narrow pass land before these.
+        stream_fence();
+    }
+    for &(c, p) in wide {
+        let mut i = c;
+        while i < len {
+            f(i, p);
+            i += channels;
+        }
+    }
 }
 
 #[inline(always)]
-pub(super) fn normalize_rows_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    y: &mut [T],
-    mean: &RowParam,
-    scale: &RowParam,
-    shift: &RowParam,
-    stream: bool,
-) {
-    let channels = mean.0.len() - 8;
-    assert!(x.len() == y.len() && scale.0.len() == channels + 8 && shift.0.len() == channels + 8);
-    let (xp, mp, sp, bp) = (x.as_ptr(), mean.0.as_ptr(), scale.0.as_ptr(), shift.0.as_ptr());
-    map_out(
-        s,
-        y,
-        channels,
-        stream,
-        // SAFETY: i + 8 <= x.len() and c < channels, so c + 8 <= channels + 8 = the params' length.
-        #[inline(always)]
-        |i, c| unsafe {
-            let d = s.sub(s.load(xp.add(i)), s.load(mp.add(c)));
-            s.add(s.mul(d, s.load(sp.add(c))), s.load(bp.add(c)))
-        },
-        #[inline(always)]
-        |i, c| (x[i].to_f64() - mean.0[c]) * scale.0[c] + shift.0[c],
-    );
+pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T], p: &RowsAffine, stream: bool) {
+    assert_eq!(x.len(), y.len());
+    let n = y.len();
+    match (p, as_f32(x), as_f32_mut(y)) {
+        (
+            RowsAffine::Narrow {
+                mean_hi,
+                scale,
+                shift,
+                wide,
+            },
+            Some(x),
+            Some(y),
+        ) => {
+            let channels = mean_hi.channels();
+            assert!(scale.channels() == channels && shift.channels() == channels);
+            let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+            let (mp, sp, bp) = (mean_hi.ptr(), scale.ptr(), shift.ptr());
+            map_rows(
+                yp,
+                n,
+                channels,
+                stream,
+                // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
+                    put_narrow(s, yp.add(i), s.fmadd(d, s.fload(sp.add(c)), s.fload(bp.add(c))), stream)
+                },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let a = NarrowAffine {
+                        mean_hi: *mp.add(c),
+                        scale: *sp.add(c),
+                        shift: *bp.add(c),
+                    };
+                    *yp.add(i) = a.apply(*xp.add(i));
+                },
+            );
+            // SAFETY: i < n.
+            redo_channels(n, channels, stream, wide, |i, a| unsafe {
+                *yp.add(i) = a.apply(*xp.add(i) as f64) as f32
+            });
+        }
+        (RowsAffine::Wide { mean, scale, shift }, _, _) => {
+            let channels = mean.channels();
+            assert!(scale.channels() == channels && shift.channels() == channels);
+            let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+            let (mp, sp, bp) = (mean.ptr(), scale.ptr(), shift.ptr());
+            map_rows(
+                yp,
+                n,
+                channels,
+                stream,
+                // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let d = s.sub(s.load(xp.add(i)), s.load(mp.add(c)));
+                    let v = s.add(s.mul(d, s.load(sp.add(c))), s.load(bp.add(c)));
+                    put_wide(s, yp.add(i), v, stream)
+                },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let a = WideAffine {
+                        mean: *mp.add(c),
+                        scale: *sp.add(c),
+                        shift: *bp.add(c),
+                    };
+                    *yp.add(i) = T::from_f64(a.apply((*xp.add(i)).to_f64()));
+                },
+            );
+        }
+        _ => unreachable!("RowsAffine built for another element type"),
+    }
 }
 
 simd_dispatch! {
     /// y = (x − mean[c])·scale[c] + shift[c] over whole rows of all channels.
-    pub(crate) fn normalize_rows<T>(
-        x: &[T], y: &mut [T], mean: &RowParam, scale: &RowParam, shift: &RowParam, stream: bool
-    ) => normalize_rows_impl
+    pub(crate) fn normalize_rows<T>(x: &[T], y: &mut [T], p: &RowsAffine, stream: bool) => normalize_rows_impl
 }
 
 /// Per-channel constants of the training-mode input gradient.
@@ -163,24 +457,93 @@ pub(crate) struct DxCoeffs {
     pub b: f64,
 }
 
+impl DxCoeffs {
+    #[inline(always)]
+    fn apply(self, x: f64, dy: f64) -> f64 {
+        self.k * (dy - self.a - (x - self.mean) * self.b)
+    }
+}
+
+/// The `f32` form of [`DxCoeffs`]: dx = fma(−(x − mean_hi), kb, fma(dy, k, c0)) with
+/// mean_hi = mean rounded to `f32`, kb = k·b and c0 = k·(b·(mean − mean_hi) − a) (from `f64`).
+///
+/// Error, as for [`NarrowAffine`]: ≤ 2·ε_f32·S with S = |k|·(|dy| + |a| + |x − mean|·|b|), the
+/// magnitude of the terms (dx itself may cancel to ~0).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NarrowDx {
+    pub mean_hi: f32,
+    pub k: f32,
+    pub kb: f32,
+    pub c0: f32,
+}
+
+impl NarrowDx {
+    /// The `f32` constants, or `None` when one of them would leave `f32`'s normal range.
+    #[inline(always)]
+    pub fn new(c: DxCoeffs) -> Option<NarrowDx> {
+        let mean_hi = c.mean as f32;
+        let mean_lo = c.mean - mean_hi as f64;
+        let (kb, c0) = (c.k * c.b, c.k * (c.b * mean_lo - c.a));
+        (fits_mean(c.mean) && fits(c.k) && fits(kb) && fits(c0)).then_some(NarrowDx {
+            mean_hi,
+            k: c.k as f32,
+            kb: kb as f32,
+            c0: c0 as f32,
+        })
+    }
+
+    #[inline(always)]
+    fn apply(self, x: f32, dy: f32) -> f32 {
+        (-(x - self.mean_hi)).mul_add(self.kb, dy.mul_add(self.k, self.c0))
+    }
+}
+
 #[inline(always)]
 pub(super) fn dx_plane_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    let (xp, gp) = (x.as_ptr(), dy.as_ptr());
+    let n = dx.len();
+    if let (Some(x), Some(dy), Some(dx), Some(c)) = (as_f32(x), as_f32(dy), as_f32_mut(dx), NarrowDx::new(c)) {
+        let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
+        let (mv, kv, kbv, c0v) = (s.fsplat(c.mean_hi), s.fsplat(c.k), s.fsplat(c.kb), s.fsplat(c.c0));
+        map_range(
+            op,
+            0,
+            n,
+            0,
+            usize::MAX,
+            stream,
+            // SAFETY: i + 8 <= n, the length of all three buffers.
+            #[inline(always)]
+            |i, _| unsafe {
+                let d = s.fsub(s.fload(xp.add(i)), mv);
+                let v = s.fnmadd(d, kbv, s.fmadd(s.fload(gp.add(i)), kv, c0v));
+                put_narrow(s, op.add(i), v, stream)
+            },
+            // SAFETY: i < n.
+            #[inline(always)]
+            |i, _| unsafe { *op.add(i) = c.apply(*xp.add(i), *gp.add(i)) },
+        );
+        return;
+    }
+    let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
     let (mv, kv, av, bv) = (s.splat(c.mean), s.splat(c.k), s.splat(c.a), s.splat(c.b));
-    map_out(
-        s,
-        dx,
+    map_range(
+        op,
+        0,
+        n,
+        0,
         usize::MAX,
         stream,
-        // SAFETY: i + 8 <= dx.len() = x.len() = dy.len().
+        // SAFETY: i + 8 <= n, the length of all three buffers.
         #[inline(always)]
         |i, _| unsafe {
             let xm = s.mul(s.sub(s.load(xp.add(i)), mv), bv);
-            s.mul(kv, s.sub(s.sub(s.load(gp.add(i)), av), xm))
+            let v = s.mul(kv, s.sub(s.sub(s.load(gp.add(i)), av), xm));
+            put_wide(s, op.add(i), v, stream)
         },
+        // SAFETY: i < n.
         #[inline(always)]
-        |i, _| c.k * (dy[i].to_f64() - c.a - (x[i].to_f64() - c.mean) * c.b),
+        |i, _| unsafe { *op.add(i) = T::from_f64(c.apply((*xp.add(i)).to_f64(), (*gp.add(i)).to_f64())) },
     );
 }
 
@@ -189,49 +552,146 @@ simd_dispatch! {
     pub(crate) fn dx_plane<T>(x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool) => dx_plane_impl
 }
 
-/// [`DxCoeffs`] of all channels, as [`RowParam`]s.
-pub(crate) struct DxRows {
-    pub mean: RowParam,
-    pub k: RowParam,
-    pub a: RowParam,
-    pub b: RowParam,
+/// [`DxCoeffs`] of all channels for the `rows` kernels, in the form the element type uses.
+pub(crate) enum DxRows {
+    Wide {
+        mean: RowParam<f64>,
+        k: RowParam<f64>,
+        a: RowParam<f64>,
+        b: RowParam<f64>,
+    },
+    /// `f32` constants; the channels in `wide` are computed in `f64` afterwards.
+    Narrow {
+        mean_hi: RowParam<f32>,
+        k: RowParam<f32>,
+        kb: RowParam<f32>,
+        c0: RowParam<f32>,
+        wide: Vec<(usize, DxCoeffs)>,
+    },
 }
 
 impl DxRows {
-    pub fn new(coeffs: &[DxCoeffs]) -> DxRows {
-        DxRows {
-            mean: RowParam::new(coeffs.iter().map(|c| c.mean)),
-            k: RowParam::new(coeffs.iter().map(|c| c.k)),
-            a: RowParam::new(coeffs.iter().map(|c| c.a)),
-            b: RowParam::new(coeffs.iter().map(|c| c.b)),
+    /// The constants of every channel, for elements of type `T`.
+    pub fn new<T: Element>(coeffs: &[DxCoeffs]) -> DxRows {
+        if as_f32::<T>(&[]).is_none() {
+            return DxRows::Wide {
+                mean: RowParam::new(coeffs.iter().map(|c| c.mean)),
+                k: RowParam::new(coeffs.iter().map(|c| c.k)),
+                a: RowParam::new(coeffs.iter().map(|c| c.a)),
+                b: RowParam::new(coeffs.iter().map(|c| c.b)),
+            };
+        }
+        let mut wide = Vec::new();
+        let narrow: Vec<NarrowDx> = coeffs
+            .iter()
+            .enumerate()
+            .map(|(ch, &c)| {
+                NarrowDx::new(c).unwrap_or_else(|| {
+                    wide.push((ch, c));
+                    NarrowDx {
+                        mean_hi: 0.0,
+                        k: 0.0,
+                        kb: 0.0,
+                        c0: 0.0,
+                    }
+                })
+            })
+            .collect();
+        DxRows::Narrow {
+            mean_hi: RowParam::new(narrow.iter().map(|c| c.mean_hi)),
+            k: RowParam::new(narrow.iter().map(|c| c.k)),
+            kb: RowParam::new(narrow.iter().map(|c| c.kb)),
+            c0: RowParam::new(narrow.iter().map(|c| c.c0)),
+            wide,
         }
     }
 }
 
 #[inline(always)]
-fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool) {
-    let channels = p.mean.0.len() - 8;
+pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    assert!(p.k.0.len() == channels + 8 && p.a.0.len() == channels + 8 && p.b.0.len() == channels + 8);
-    let (xp, gp) = (x.as_ptr(), dy.as_ptr());
-    let (mp, kp, ap, bp) = (p.mean.0.as_ptr(), p.k.0.as_ptr(), p.a.0.as_ptr(), p.b.0.as_ptr());
-    map_out(
-        s,
-        dx,
-        channels,
-        stream,
-        // SAFETY: i + 8 <= dx.len() = x.len() = dy.len(); c + 8 <= the params' length.
-        #[inline(always)]
-        |i, c| unsafe {
-            let xm = s.mul(s.sub(s.load(xp.add(i)), s.load(mp.add(c))), s.load(bp.add(c)));
-            s.mul(
-                s.load(kp.add(c)),
-                s.sub(s.sub(s.load(gp.add(i)), s.load(ap.add(c))), xm),
-            )
-        },
-        #[inline(always)]
-        |i, c| p.k.0[c] * (dy[i].to_f64() - p.a.0[c] - (x[i].to_f64() - p.mean.0[c]) * p.b.0[c]),
-    );
+    let n = dx.len();
+    match (p, as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+        (
+            DxRows::Narrow {
+                mean_hi,
+                k,
+                kb,
+                c0,
+                wide,
+            },
+            Some(x),
+            Some(dy),
+            Some(dx),
+        ) => {
+            let channels = mean_hi.channels();
+            assert!(k.channels() == channels && kb.channels() == channels && c0.channels() == channels);
+            let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
+            let (mp, kp, kbp, cp) = (mean_hi.ptr(), k.ptr(), kb.ptr(), c0.ptr());
+            map_rows(
+                op,
+                n,
+                channels,
+                stream,
+                // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
+                    let t = s.fmadd(s.fload(gp.add(i)), s.fload(kp.add(c)), s.fload(cp.add(c)));
+                    put_narrow(s, op.add(i), s.fnmadd(d, s.fload(kbp.add(c)), t), stream)
+                },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let q = NarrowDx {
+                        mean_hi: *mp.add(c),
+                        k: *kp.add(c),
+                        kb: *kbp.add(c),
+                        c0: *cp.add(c),
+                    };
+                    *op.add(i) = q.apply(*xp.add(i), *gp.add(i));
+                },
+            );
+            // SAFETY: i < n.
+            redo_channels(n, channels, stream, wide, |i, q| unsafe {
+                *op.add(i) = q.apply(*xp.add(i) as f64, *gp.add(i) as f64) as f32
+            });
+        }
+        (DxRows::Wide { mean, k, a, b }, _, _, _) => {
+            let channels = mean.channels();
+            assert!(k.channels() == channels && a.channels() == channels && b.channels() == channels);
+            let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
+            let (mp, kp, ap, bp) = (mean.ptr(), k.ptr(), a.ptr(), b.ptr());
+            map_rows(
+                op,
+                n,
+                channels,
+                stream,
+                // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let xm = s.mul(s.sub(s.load(xp.add(i)), s.load(mp.add(c))), s.load(bp.add(c)));
+                    let v = s.mul(
+                        s.load(kp.add(c)),
+                        s.sub(s.sub(s.load(gp.add(i)), s.load(ap.add(c))), xm),
+                    );
+                    put_wide(s, op.add(i), v, stream)
+                },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe {
+                    let q = DxCoeffs {
+                        mean: *mp.add(c),
+                        k: *kp.add(c),
+                        a: *ap.add(c),
+                        b: *bp.add(c),
+                    };
+                    *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), (*gp.add(i)).to_f64()));
+                },
+            );
+        }
+        _ => unreachable!("DxRows built for another element type"),
+    }
 }
 
 simd_dispatch! {
@@ -240,49 +700,126 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn scale_plane_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool) {
+pub(super) fn scale_plane_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool) {
     assert_eq!(dy.len(), dx.len());
-    let gp = dy.as_ptr();
+    let n = dx.len();
+    if let (Some(dy), Some(dx), true) = (as_f32(dy), as_f32_mut(dx), fits(k)) {
+        let k = k as f32;
+        let (gp, op) = (dy.as_ptr(), dx.as_mut_ptr());
+        let kv = s.fsplat(k);
+        map_range(
+            op,
+            0,
+            n,
+            0,
+            usize::MAX,
+            stream,
+            // SAFETY: i + 8 <= n = dy.len() = dx.len().
+            #[inline(always)]
+            |i, _| unsafe { put_narrow(s, op.add(i), s.fmul(s.fload(gp.add(i)), kv), stream) },
+            // SAFETY: i < n.
+            #[inline(always)]
+            |i, _| unsafe { *op.add(i) = *gp.add(i) * k },
+        );
+        return;
+    }
+    let (gp, op) = (dy.as_ptr(), dx.as_mut_ptr());
     let kv = s.splat(k);
-    map_out(
-        s,
-        dx,
+    map_range(
+        op,
+        0,
+        n,
+        0,
         usize::MAX,
         stream,
-        // SAFETY: i + 8 <= dx.len() = dy.len().
+        // SAFETY: i + 8 <= n = dy.len() = dx.len().
         #[inline(always)]
-        |i, _| s.mul(unsafe { s.load(gp.add(i)) }, kv),
+        |i, _| unsafe { put_wide(s, op.add(i), s.mul(s.load(gp.add(i)), kv), stream) },
+        // SAFETY: i < n.
         #[inline(always)]
-        |i, _| dy[i].to_f64() * k,
+        |i, _| unsafe { *op.add(i) = T::from_f64((*gp.add(i)).to_f64() * k) },
     );
 }
 
 simd_dispatch! {
-    /// dx = dy·k over one plane (inference-mode backward: the statistics are constants).
+    /// dx = dy·k over one plane (inference-mode backward: the statistics are constants). For
+    /// `f32`, k is rounded to `f32` first (≤ 1 ulp from the exact product).
     pub(crate) fn scale_plane<T>(dy: &[T], dx: &mut [T], k: f64, stream: bool) => scale_plane_impl
 }
 
+/// Per-channel factors of the inference-mode backward for the `rows` kernels.
+pub(crate) enum RowsScale {
+    Wide(RowParam<f64>),
+    /// `f32` factors; the channels in the list (whose factor does not fit `f32`) are computed in
+    /// `f64` afterwards.
+    Narrow(RowParam<f32>, Vec<(usize, f64)>),
+}
+
+impl RowsScale {
+    /// The factors of every channel, for elements of type `T`.
+    pub fn new<T: Element>(k: &[f64]) -> RowsScale {
+        if as_f32::<T>(&[]).is_none() {
+            return RowsScale::Wide(RowParam::new(k.iter().copied()));
+        }
+        let wide = k
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| !fits(v))
+            .map(|(c, &v)| (c, v))
+            .collect();
+        RowsScale::Narrow(
+            RowParam::new(k.iter().map(|&v| if fits(v) { v as f32 } else { 0.0 })),
+            wide,
+        )
+    }
+}
+
 #[inline(always)]
-fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: &RowParam, stream: bool) {
-    let channels = k.0.len() - 8;
+pub(super) fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool) {
     assert_eq!(dy.len(), dx.len());
-    let (gp, kp) = (dy.as_ptr(), k.0.as_ptr());
-    map_out(
-        s,
-        dx,
-        channels,
-        stream,
-        // SAFETY: i + 8 <= dx.len() = dy.len(); c + 8 <= k's length.
-        #[inline(always)]
-        |i, c| unsafe { s.mul(s.load(gp.add(i)), s.load(kp.add(c))) },
-        #[inline(always)]
-        |i, c| dy[i].to_f64() * k.0[c],
-    );
+    let n = dx.len();
+    match (k, as_f32(dy), as_f32_mut(dx)) {
+        (RowsScale::Narrow(k, wide), Some(dy), Some(dx)) => {
+            let (gp, op, kp) = (dy.as_ptr(), dx.as_mut_ptr(), k.ptr());
+            map_rows(
+                op,
+                n,
+                k.channels(),
+                stream,
+                // SAFETY: i + 8 <= n; c + 8 <= k's length.
+                #[inline(always)]
+                |i, c| unsafe { put_narrow(s, op.add(i), s.fmul(s.fload(gp.add(i)), s.fload(kp.add(c))), stream) },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe { *op.add(i) = *gp.add(i) * *kp.add(c) },
+            );
+            // SAFETY: i < n.
+            redo_channels(n, k.channels(), stream, wide, |i, kc| unsafe {
+                *op.add(i) = (*gp.add(i) as f64 * kc) as f32
+            });
+        }
+        (RowsScale::Wide(k), _, _) => {
+            let (gp, op, kp) = (dy.as_ptr(), dx.as_mut_ptr(), k.ptr());
+            map_rows(
+                op,
+                n,
+                k.channels(),
+                stream,
+                // SAFETY: i + 8 <= n; c + 8 <= k's length.
+                #[inline(always)]
+                |i, c| unsafe { put_wide(s, op.add(i), s.mul(s.load(gp.add(i)), s.load(kp.add(c))), stream) },
+                // SAFETY: i < n and c < channels.
+                #[inline(always)]
+                |i, c| unsafe { *op.add(i) = T::from_f64((*gp.add(i)).to_f64() * *kp.add(c)) },
+            );
+        }
+        _ => unreachable!("RowsScale built for another element type"),
+    }
 }
 
 simd_dispatch! {
     /// dx = dy·k[c] over whole rows of all channels.
-    pub(crate) fn scale_rows<T>(dy: &[T], dx: &mut [T], k: &RowParam, stream: bool) => scale_rows_impl
+    pub(crate) fn scale_rows<T>(dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool) => scale_rows_impl
 }
 
 /// Makes earlier streaming stores of this thread visible before anything it stores later.

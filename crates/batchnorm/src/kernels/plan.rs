@@ -15,7 +15,7 @@
 //! for any thread count. Outputs of [`STREAM_BYTES`] or more are written with non-temporal stores
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
-use super::elementwise::{self as ew, DxCoeffs, DxRows, RowParam};
+use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
 use super::moments::{self, Moments, Runs};
 use super::with_simd;
 use crate::{Element, Geometry};
@@ -164,9 +164,10 @@ fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops:
 #[inline(always)]
 fn rows_task_moments<T: Element>(x: &[T], channels: usize, per_block: usize) -> (f64, Vec<f64>, Vec<f64>) {
     let (mut count, mut mean, mut m2) = (0.0, vec![0.0; channels], vec![0.0; channels]);
-    let (mut bm, mut bm2, mut corr) = (vec![0.0; channels], vec![0.0; channels], vec![0.0; channels]);
+    let (mut bm, mut bm2) = (vec![0.0; channels], vec![0.0; channels]);
+    let mut scratch = moments::RowsScratch::new(channels);
     for block in x.chunks(per_block * channels) {
-        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut corr);
+        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut scratch);
         let rows = (block.len() / channels) as f64;
         moments::merge_rows(count, &mut mean, &mut m2, rows, &bm, &bm2);
         count += rows;
@@ -231,20 +232,23 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affi
             let first_plane = u * (chunk / g.inner);
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let c = (first_plane + i) % g.channels;
-                ew::normalize_plane(xp, yp, p.mean[c], p.scale[c], p.shift[c], stream);
+                let a = WideAffine {
+                    mean: p.mean[c],
+                    scale: p.scale[c],
+                    shift: p.shift[c],
+                };
+                ew::normalize_plane(xp, yp, a, stream);
             }
             if stream {
                 ew::stream_fence();
             }
         });
     } else {
-        let mean = RowParam::new(p.mean.iter().copied());
-        let scale = RowParam::new(p.scale.iter().copied());
-        let shift = RowParam::new(p.shift.iter().copied());
+        let p = RowsAffine::new::<T>(p.mean, p.scale, p.shift);
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
         map_items(items, serial, |_, (xs, ys)| {
-            ew::normalize_rows(xs, ys, &mean, &scale, &shift, stream);
+            ew::normalize_rows(xs, ys, &p, stream);
             if stream {
                 ew::stream_fence();
             }
@@ -269,6 +273,11 @@ pub(crate) fn train_forward<T: Element>(
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, c, 0..g.outer);
             let (scale, shift) = affine(c, m.mean, m.m2 / m.count);
+            let a = WideAffine {
+                mean: m.mean,
+                scale,
+                shift,
+            };
             for o in 0..g.outer {
                 let start = (o * g.channels + c) * g.inner;
                 if prefetch_out && o + 1 < g.outer {
@@ -276,7 +285,7 @@ pub(crate) fn train_forward<T: Element>(
                 }
                 // SAFETY: plane (o, c) belongs to unit c alone.
                 let yp = unsafe { out.slice(start, g.inner) };
-                ew::normalize_plane(&x[start..start + g.inner], yp, m.mean, scale, shift, stream);
+                ew::normalize_plane(&x[start..start + g.inner], yp, a, stream);
             }
             if stream {
                 ew::stream_fence();
@@ -378,7 +387,7 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
             }
         });
     } else {
-        let p = DxRows::new(coeffs);
+        let p = DxRows::new::<T>(coeffs);
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<((&[T], &[T]), &mut [T])> = x
             .chunks(chunk)
@@ -458,7 +467,7 @@ pub(crate) fn scale<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64])
             }
         });
     } else {
-        let k = RowParam::new(k.iter().copied());
+        let k = RowsScale::new::<T>(k);
         let chunk = row_blocks(g).0 * g.channels;
         let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
         map_items(items, serial, |_, (gs, os)| {

@@ -4,7 +4,9 @@
 //! Kernels are written once, generic over [`Simd`], and instantiated by [`simd_dispatch!`]: one
 //! copy in a function compiled for AVX2 + FMA (picked at run time when the CPU has them) and one
 //! portable copy. Both backends do lane-wise IEEE `f64` add/sub/mul (no fused multiply-add) and
-//! round-to-nearest conversions, so every kernel gives the same bits on either path.
+//! round-to-nearest conversions, and lane-wise IEEE `f32` add/sub/mul and fused multiply-adds
+//! (the portable one with `f32::mul_add`, correctly rounded), so every kernel gives the same bits
+//! on either path.
 
 use crate::Element;
 
@@ -19,6 +21,8 @@ pub(crate) trait Simd: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `if a > b { a } else { b }` (b when either is NaN, as `maxpd`).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
     fn lanes(self, v: Self::V) -> [f64; 8];
     /// Loads 8 elements from `p` (no alignment needed), widened to `f64`.
     ///
@@ -36,6 +40,52 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// `p` must be valid for writing 8 elements and aligned to [`STREAM_ALIGN`] bytes.
     unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V);
+
+    /// A vector of 8 `f32` (the element-precision path of `f32` tensors).
+    type F: Copy;
+    fn fsplat(self, v: f32) -> Self::F;
+    fn fadd(self, a: Self::F, b: Self::F) -> Self::F;
+    /// Lane-wise `if a > |b| { a } else { |b| }` (|b| when either is NaN).
+    fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F;
+    fn fsub(self, a: Self::F, b: Self::F) -> Self::F;
+    fn fmul(self, a: Self::F, b: Self::F) -> Self::F;
+    /// a·b + c with one rounding (fused multiply-add).
+    fn fmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// c − a·b with one rounding.
+    fn fnmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// The 8 lanes widened to `f64` (exact).
+    fn widen(self, v: Self::F) -> Self::V;
+    /// # Safety
+    /// `p` must be valid for reading 8 elements.
+    unsafe fn fload(self, p: *const f32) -> Self::F;
+    /// # Safety
+    /// `p` must be valid for writing 8 elements.
+    unsafe fn fstore(self, p: *mut f32, v: Self::F);
+    /// # Safety
+    /// As [`Simd::stream`].
+    unsafe fn fstream(self, p: *mut f32, v: Self::F);
+}
+
+/// `x` as a slice of `f32` when `T` is `f32`.
+#[inline(always)]
+pub(crate) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked just above).
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as a mutable slice of `f32` when `T` is `f32`.
+#[inline(always)]
+pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked just above); the borrow of `x` is moved into the result.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
+    } else {
+        None
+    }
 }
 
 /// Whether `T` is `f32` (the only other [`Element`] is `f64`).
@@ -67,6 +117,10 @@ impl Simd for Scalar {
         std::array::from_fn(|l| a[l] * b[l])
     }
     #[inline(always)]
+    fn max(self, a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| if a[l] > b[l] { a[l] } else { b[l] })
+    }
+    #[inline(always)]
     fn lanes(self, v: Self::V) -> [f64; 8] {
         v
     }
@@ -86,6 +140,62 @@ impl Simd for Scalar {
     unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V) {
         // SAFETY: as `store`.
         unsafe { self.store(p, v) }
+    }
+
+    type F = [f32; 8];
+    #[inline(always)]
+    fn fsplat(self, v: f32) -> Self::F {
+        [v; 8]
+    }
+    #[inline(always)]
+    fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
+    #[inline(always)]
+    fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|l| {
+            let b = f32::from_bits(b[l].to_bits() & 0x7fff_ffff);
+            if a[l] > b {
+                a[l]
+            } else {
+                b
+            }
+        })
+    }
+    #[inline(always)]
+    fn widen(self, v: Self::F) -> Self::V {
+        std::array::from_fn(|l| v[l] as f64)
+    }
+    #[inline(always)]
+    fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|l| a[l] - b[l])
+    }
+    #[inline(always)]
+    fn fmul(self, a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|l| a[l] * b[l])
+    }
+    #[inline(always)]
+    fn fmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+        std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
+    }
+    #[inline(always)]
+    fn fnmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+        std::array::from_fn(|l| (-a[l]).mul_add(b[l], c[l]))
+    }
+    #[inline(always)]
+    unsafe fn fload(self, p: *const f32) -> Self::F {
+        // SAFETY: the caller guarantees 8 readable elements.
+        std::array::from_fn(|l| unsafe { *p.add(l) })
+    }
+    #[inline(always)]
+    unsafe fn fstore(self, p: *mut f32, v: Self::F) {
+        // SAFETY: the caller guarantees 8 writable elements.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, 8) }
+    }
+    #[inline(always)]
+    unsafe fn fstream(self, p: *mut f32, v: Self::F) {
+        // SAFETY: as `fstore`.
+        unsafe { self.fstore(p, v) }
     }
 }
 
@@ -139,6 +249,10 @@ mod x86 {
             unsafe { (_mm256_mul_pd(a.0, b.0), _mm256_mul_pd(a.1, b.1)) }
         }
         #[inline(always)]
+        fn max(self, a: Self::V, b: Self::V) -> Self::V {
+            unsafe { (_mm256_max_pd(a.0, b.0), _mm256_max_pd(a.1, b.1)) }
+        }
+        #[inline(always)]
         fn lanes(self, v: Self::V) -> [f64; 8] {
             let mut out = [0.0; 8];
             unsafe {
@@ -189,6 +303,60 @@ mod x86 {
                 }
             }
         }
+
+        type F = __m256;
+        #[inline(always)]
+        fn fsplat(self, v: f32) -> Self::F {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F {
+            unsafe {
+                let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+                _mm256_max_ps(a, _mm256_and_ps(b, abs))
+            }
+        }
+        #[inline(always)]
+        fn widen(self, v: Self::F) -> Self::V {
+            unsafe {
+                (
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+                )
+            }
+        }
+        #[inline(always)]
+        fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fmul(self, a: Self::F, b: Self::F) -> Self::F {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn fmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn fnmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            unsafe { _mm256_fnmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn fload(self, p: *const f32) -> Self::F {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn fstore(self, p: *mut f32, v: Self::F) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fstream(self, p: *mut f32, v: Self::F) {
+            unsafe { _mm256_stream_ps(p, v) }
+        }
     }
 }
 
@@ -223,31 +391,33 @@ pub(crate) use simd_dispatch;
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::super::elementwise::{self as ew, DxCoeffs, RowParam};
+    use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
     use super::super::moments::{self, Runs};
+    use crate::Element;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
+    fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 7.0 - 3.0 + 1e3
+                T::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64) * 7.0 - 3.0 + 1e3)
             })
             .collect()
     }
 
-    /// The AVX2 path (what the dispatching functions pick here) and the portable one agree bitwise.
-    #[test]
-    fn backends_agree() {
+    /// The AVX2 path (what the dispatching functions pick here) and the portable one agree
+    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`.
+    fn backends_agree<T: Element>() {
         if !super::has_avx2() {
             return;
         }
         let s = super::Scalar;
+        let z = |n| vec![T::from_f64(0.0); n];
         for (len, count, stride) in [(1, 3, 5), (7, 2, 9), (29, 5, 40), (200, 3, 211), (1000, 1, 0)] {
-            let x = data(stride * count + len + 1, len as u64);
-            let dy = data(x.len(), 99);
+            let x = data::<T>(stride * count + len + 1, len as u64);
+            let dy = data::<T>(x.len(), 99);
             let runs = Runs {
                 first: 1,
                 count,
@@ -259,12 +429,17 @@ mod tests {
                 moments::runs_grad_sums(&x, &dy, runs, 1e3),
                 moments::runs_grad_sums_impl(s, &x, &dy, runs, 1e3)
             );
-            let (mut y1, mut y2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-            ew::normalize_plane(&x, &mut y1[..], 1e3, 0.7, 0.1, true);
-            ew::normalize_plane_impl(s, &x, &mut y2[..], 1e3, 0.7, 0.1, false);
+            let (mut y1, mut y2) = (z(x.len()), z(x.len()));
+            let a = WideAffine {
+                mean: 1e3 + 1.0 / 3.0,
+                scale: 0.7,
+                shift: 0.1,
+            };
+            ew::normalize_plane(&x, &mut y1[..], a, true);
+            ew::normalize_plane_impl(s, &x, &mut y2[..], a, false);
             assert_eq!(y1, y2);
             let c = DxCoeffs {
-                mean: 1e3,
+                mean: 1e3 + 1.0 / 7.0,
                 k: 0.3,
                 a: 0.01,
                 b: 0.02,
@@ -272,26 +447,56 @@ mod tests {
             ew::dx_plane(&x, &dy, &mut y1[..], c, false);
             ew::dx_plane_impl(s, &x, &dy, &mut y2[..], c, true);
             assert_eq!(y1, y2);
+            ew::scale_plane(&dy, &mut y1[..], 0.3, false);
+            ew::scale_plane_impl(s, &dy, &mut y2[..], 0.3, true);
+            assert_eq!(y1, y2);
         }
-        for channels in [1, 3, 8, 13, 64] {
+        for channels in [1, 3, 8, 13, 64, 1500] {
             let rows = 37;
-            let x = data(rows * channels, channels as u64);
-            let dy = data(rows * channels, 5);
-            let z = || vec![0.0; channels];
-            let (mut a, mut b, mut c) = (z(), z(), z());
-            let (mut d, mut e, mut f) = (z(), z(), z());
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f);
+            let x = data::<T>(rows * channels, channels as u64);
+            let dy = data::<T>(rows * channels, 5);
+            let z64 = || vec![0.0; channels];
+            let (mut a, mut b, mut d, mut e) = (z64(), z64(), z64(), z64());
+            let mut scratch = moments::RowsScratch::new(channels);
+            moments::rows_moments(&x, channels, &mut a, &mut b, &mut scratch);
+            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut scratch);
             assert_eq!((&a, &b), (&d, &e));
-            let (mut g1, mut g2, mut h1, mut h2) = (z(), z(), z(), z());
+            let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
             moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2);
             moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2);
             assert_eq!((g1, g2), (h1, h2));
-            let p = |k: f64| RowParam::new((0..channels).map(|c| k + c as f64));
-            let (mut y1, mut y2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-            ew::normalize_rows(&x[3..], &mut y1[3..], &p(1e3), &p(0.5), &p(0.1), true);
-            ew::normalize_rows_impl(s, &x[3..], &mut y2[3..], &p(1e3), &p(0.5), &p(0.1), false);
+            let p = |k: f64| -> Vec<f64> { (0..channels).map(|c| k + c as f64 / 3.0).collect() };
+            let (mut y1, mut y2) = (z(x.len()), z(x.len()));
+            let affine = RowsAffine::new::<T>(&p(1e3), &p(0.5), &p(0.1));
+            ew::normalize_rows(&x[3..], &mut y1[3..], &affine, true);
+            ew::normalize_rows_impl(s, &x[3..], &mut y2[3..], &affine, false);
+            assert_eq!(y1, y2);
+            let coeffs: Vec<DxCoeffs> = (0..channels)
+                .map(|ch| DxCoeffs {
+                    mean: a[ch],
+                    k: 0.3 + ch as f64,
+                    a: 0.01,
+                    b: 0.02 / (1.0 + ch as f64),
+                })
+                .collect();
+            let dxp = DxRows::new::<T>(&coeffs);
+            ew::dx_rows(&x, &dy, &mut y1[..], &dxp, false);
+            ew::dx_rows_impl(s, &x, &dy, &mut y2[..], &dxp, true);
+            assert_eq!(y1, y2);
+            let k = RowsScale::new::<T>(&p(0.25));
+            ew::scale_rows(&dy[1..], &mut y1[1..], &k, true);
+            ew::scale_rows_impl(s, &dy[1..], &mut y2[1..], &k, false);
             assert_eq!(y1, y2);
         }
+    }
+
+    #[test]
+    fn backends_agree_f32() {
+        backends_agree::<f32>();
+    }
+
+    #[test]
+    fn backends_agree_f64() {
+        backends_agree::<f64>();
     }
 }
