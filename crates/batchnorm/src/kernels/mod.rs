@@ -1,12 +1,12 @@
 //! The inner loops. They take slices and trust them: every shape was checked by the public API
 //! before control gets here (see `shape.rs`). Nothing in this module returns an error.
 //!
-//! Numerics: per-channel statistics are `f64`. Channels-first sums widen elements to `f64` and
-//! use two vectors of [`LANES`] `f64` accumulators folded in a fixed order (see `moments`);
-//! channels-last sums of `f32` tensors add groups of 4 rows in `f32` before `f64`. Element-wise
-//! passes compute in the element type (`f32` with a two-piece mean, see `elementwise`). All of it
-//! is written with explicit SIMD (`simd`: an AVX2 backend and a portable one that give the same
-//! bits), so the result is the same bits on every CPU path and for every thread count.
+//! Numerics: per-channel statistics are sums of elements widened to `f64`; contiguous sums use
+//! two vectors of [`LANES`] `f64` accumulators folded in a fixed order (see `moments`).
+//! Element-wise passes compute in the element type (`f32` with a two-piece mean, see
+//! `elementwise`). All of it is written with explicit SIMD (`simd`: an AVX2 backend and a
+//! portable one that give the same bits), so the result is the same bits on every CPU path and
+//! for every thread count.
 //!
 //! Work is split into units whose boundaries depend only on the shape, never on the thread
 //! count; partial results are merged in unit order. Rayon only decides who computes which unit.

@@ -7,7 +7,7 @@
 //! vectorized across channels. All orders depend only on the shape.
 
 use super::fold_lanes;
-use super::simd::{as_f32, simd_dispatch, Simd};
+use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
 /// Count, mean and M2 = Σ(x − mean)² of a set of values: mergeable partial statistics.
@@ -364,205 +364,6 @@ fn rows_accumulate2<S: Simd, const G: usize>(
     }
 }
 
-/// Rows of an `f32` block summed in `f32` before their sum is added to the `f64` accumulators
-/// (see [`rows_accumulate_narrow`]).
-pub(crate) const NARROW_GROUP: usize = 4;
-
-/// The `f32` form of [`rows_accumulate2`], with K accumulators per channel of which the first
-/// `sums` are sums and the rest maxima: for each group of [`NARROW_GROUP`] consecutive rows,
-/// `vec(r, c, partial)` folds row r's terms of channels c..c+8 into `f32` partials (starting from
-/// 0, rows in order), which are then widened and added to (or maxed into) `acc[k]`;
-/// `one(r, c, partial)` does the same for one channel. Twice the lanes of the `f64` form; a
-/// group's `f32` sum has a relative error ≤ (NARROW_GROUP − 1)·2⁻²⁴ of its terms' magnitudes
-/// (≤ NARROW_GROUP·2⁻²⁴ for sums of products by fused multiply-add), and groups are then summed
-/// in `f64`, so the error does not grow with the number of rows. Maxima are exact.
-#[inline(always)]
-fn rows_accumulate_narrow<S: Simd, const K: usize>(
-    s: S,
-    rows: usize,
-    acc: [&mut [f64]; K],
-    sums: usize,
-    vec: impl Fn(usize, usize, &mut [S::F; K]),
-    one: impl Fn(usize, usize, &mut [f32; K]),
-) {
-    let mut acc = acc;
-    let channels = acc[0].len();
-    assert!(acc.iter().all(|a| a.len() == channels));
-    let c8 = channels - channels % 8;
-    let p: [*mut f64; K] = std::array::from_fn(|k| acc[k].as_mut_ptr());
-    let mut t = 0;
-    while t < c8 {
-        let te = (t + CHANNEL_TILE).min(c8);
-        let mut r = 0;
-        while r < rows {
-            let group = NARROW_GROUP.min(rows - r);
-            let mut c = t;
-            while c < te {
-                let mut partial = [s.fsplat(0.0); K];
-                for q in r..r + group {
-                    vec(q, c, &mut partial);
-                }
-                for k in 0..K {
-                    // SAFETY: c + 8 <= c8 <= channels = acc[k].len(); `acc[k]` is borrowed
-                    // mutably for this call and used only through `p[k]`.
-                    unsafe {
-                        let a = p[k].add(c);
-                        let (old, new) = (s.load(a as *const f64), s.widen(partial[k]));
-                        s.store(a, if k < sums { s.add(old, new) } else { s.max(old, new) });
-                    }
-                }
-                c += 8;
-            }
-            r += group;
-        }
-        t = te;
-    }
-    let mut r = 0;
-    while r < rows {
-        let group = NARROW_GROUP.min(rows - r);
-        for c in c8..channels {
-            let mut partial = [0.0f32; K];
-            for q in r..r + group {
-                one(q, c, &mut partial);
-            }
-            for k in 0..K {
-                // SAFETY: c < channels = acc[k].len().
-                unsafe {
-                    let (a, new) = (p[k].add(c), partial[k] as f64);
-                    *a = if k < sums {
-                        *a + new
-                    } else if *a > new {
-                        *a
-                    } else {
-                        new
-                    };
-                }
-            }
-        }
-        r += group;
-    }
-}
-
-/// `max(a, |b|)` as [`Simd::fmax_abs`] does it, for one value.
-#[inline(always)]
-fn max_abs(a: f32, b: f32) -> f32 {
-    let b = b.abs();
-    if a > b {
-        a
-    } else {
-        b
-    }
-}
-
-/// Whether the `f32` sums of squares (or products) whose largest term has magnitude `largest`
-/// are safe: no overflow, and no term that matters underflows (terms below 2⁻¹²⁶ are then
-/// < 2⁻⁶⁶ of the largest). Otherwise the block is redone in `f64`.
-#[inline(always)]
-fn narrow_range_ok(largest: f64) -> bool {
-    largest == 0.0 || (2f64.powi(-60)..=2f64.powi(120)).contains(&largest)
-}
-
-/// Scratch of the `rows` moments kernels, `channels` entries each.
-pub(crate) struct RowsScratch {
-    corr: Vec<f64>,
-    dmax: Vec<f64>,
-    shift: Vec<f32>,
-}
-
-impl RowsScratch {
-    pub fn new(channels: usize) -> RowsScratch {
-        RowsScratch {
-            corr: vec![0.0; channels],
-            dmax: vec![0.0; channels],
-            shift: vec![0.0; channels],
-        }
-    }
-}
-
-/// [`rows_moments_impl`] for `f32` blocks, in `f32` groups of rows (see
-/// [`rows_accumulate_narrow`]): the first pass gives the shift k = the block mean rounded to
-/// `f32` (its error is ≪ the spread), the second sums d = x − k (exact in `f32` when x is within
-/// a factor 2 of k) and d², and the mean and M2 are corrected by Σd in `f64`. M2 is within
-/// ≈ NARROW_GROUP·2⁻²⁴·(1 + (k − mean)²/σ²) of the exact value, relative. A channel whose d²
-/// would leave `f32`'s range ([`narrow_range_ok`]) or whose sums are not finite is redone in
-/// `f64` ([`channel_moments_wide`]), alone: the other channels keep their bits.
-#[inline(always)]
-fn rows_moments_narrow<S: Simd>(
-    s: S,
-    x: &[f32],
-    channels: usize,
-    mean: &mut [f64],
-    m2: &mut [f64],
-    scratch: &mut RowsScratch,
-) {
-    let rows = x.len() / channels;
-    let RowsScratch { corr, dmax, shift } = scratch;
-    assert!(corr.len() == channels && dmax.len() == channels && shift.len() == channels);
-    let xp = x.as_ptr();
-    mean.fill(0.0);
-    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
-    // inside x (whole rows, asserted by the caller) and `shift`.
-    rows_accumulate_narrow::<S, 1>(
-        s,
-        rows,
-        [mean],
-        1,
-        #[inline(always)]
-        |r, c, p| p[0] = s.fadd(p[0], unsafe { s.fload(xp.add(r * channels + c)) }),
-        #[inline(always)]
-        |r, c, p| p[0] += unsafe { *xp.add(r * channels + c) },
-    );
-    let n = rows as f64;
-    for (k, m) in shift.iter_mut().zip(mean.iter()) {
-        *k = (m / n) as f32;
-    }
-    corr.fill(0.0);
-    m2.fill(0.0);
-    dmax.fill(0.0);
-    let kp = shift.as_ptr();
-    rows_accumulate_narrow::<S, 3>(
-        s,
-        rows,
-        [&mut corr[..], m2, &mut dmax[..]],
-        2,
-        #[inline(always)]
-        |r, c, p| {
-            let d = unsafe { s.fsub(s.fload(xp.add(r * channels + c)), s.fload(kp.add(c))) };
-            p[0] = s.fadd(p[0], d);
-            p[1] = s.fmadd(d, d, p[1]);
-            p[2] = s.fmax_abs(p[2], d);
-        },
-        #[inline(always)]
-        |r, c, p| {
-            let d = unsafe { *xp.add(r * channels + c) - *kp.add(c) };
-            p[0] += d;
-            p[1] = d.mul_add(d, p[1]);
-            p[2] = max_abs(p[2], d);
-        },
-    );
-    for c in 0..channels {
-        let (s1, k) = (corr[c], shift[c] as f64);
-        if s1.is_finite() && m2[c].is_finite() && narrow_range_ok(dmax[c] * dmax[c]) {
-            mean[c] = k + s1 / n;
-            let v = m2[c] - s1 * s1 / n;
-            m2[c] = if v < 0.0 { 0.0 } else { v };
-        } else {
-            (mean[c], m2[c]) = channel_moments_wide(x, channels, c);
-        }
-    }
-}
-
-/// (mean, M2) of channel `c` of a block of whole rows, in `f64` one value at a time in row order
-/// (the corrected two-pass algorithm; the same values as the `f64` form of [`rows_moments`]).
-fn channel_moments_wide(x: &[f32], channels: usize, c: usize) -> (f64, f64) {
-    let values = || x[c..].iter().step_by(channels).map(|&v| v as f64);
-    let n = (x.len() / channels) as f64;
-    let m = values().fold(0.0, |a, v| a + v) / n;
-    let (s1, s2) = values().fold((0.0, 0.0), |(a, b), v| (a + (v - m), b + (v - m) * (v - m)));
-    let v = s2 - s1 * s1 / n;
-    (m + s1 / n, if v < 0.0 { 0.0 } else { v })
-}
-
 #[inline(always)]
 pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     s: S,
@@ -570,16 +371,10 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     channels: usize,
     mean: &mut [f64],
     m2: &mut [f64],
-    scratch: &mut RowsScratch,
+    corr: &mut [f64],
 ) {
     let rows = x.len() / channels;
-    assert!(mean.len() == channels && m2.len() == channels && rows * channels == x.len());
-    if let Some(xf) = as_f32(x) {
-        rows_moments_narrow(s, xf, channels, mean, m2, scratch);
-        return;
-    }
-    let corr = &mut scratch.corr[..];
-    assert_eq!(corr.len(), channels);
+    assert!(mean.len() == channels && m2.len() == channels && corr.len() == channels && rows * channels == x.len());
     let xp = x.as_ptr();
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
     // inside x (asserted above).
@@ -626,11 +421,9 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
 simd_dispatch! {
     /// Per-channel moments of a block of rows (`x.len() = rows × channels`, channels
     /// contiguous), by the same corrected two-pass algorithm, vectorized across channels. Writes
-    /// the block's mean and M2 per channel. `f32` blocks are summed in `f32` groups of rows
-    /// ([`rows_accumulate_narrow`]) unless their range asks for `f64`.
-    pub(crate) fn rows_moments<T>(
-        x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], scratch: &mut RowsScratch
-    ) => rows_moments_impl
+    /// the block's mean and M2 per channel; `corr` is scratch of `channels` entries.
+    pub(crate) fn rows_moments<T>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], corr: &mut [f64])
+        => rows_moments_impl
 }
 
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
@@ -659,71 +452,6 @@ pub(crate) fn merge_rows(
     }
 }
 
-/// [`rows_grad_sums_impl`] for `f32` blocks, in `f32` groups of rows (see
-/// [`rows_accumulate_narrow`]): with mean = hi + lo (hi = the mean rounded to `f32`),
-/// Σdy·(x − mean) = Σdy·(x − hi) − lo·Σdy, where x − hi is exact when x is within a factor 2
-/// of the mean and each product is rounded once (fused multiply-add). Relative error
-/// ≈ NARROW_GROUP·2⁻²⁴ of Σ|dy|, Σ|dy·(x − mean)|. A channel whose products would leave `f32`'s
-/// range ([`narrow_range_ok`]) or whose sums are not finite is redone in `f64`, alone.
-#[inline(always)]
-fn rows_grad_sums_narrow<S: Simd>(
-    s: S,
-    x: &[f32],
-    dy: &[f32],
-    mean: &[f64],
-    sum_dy: &mut [f64],
-    sum_dy_xmu: &mut [f64],
-) {
-    let channels = mean.len();
-    let rows = x.len() / channels;
-    let hi: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-    let z = || vec![0.0; channels];
-    let (mut s1, mut s2, mut gmax, mut dmax) = (z(), z(), z(), z());
-    let (xp, gp, hp) = (x.as_ptr(), dy.as_ptr(), hi.as_ptr());
-    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels): inside x, dy (whole
-    // rows, asserted by the caller) and hi.
-    rows_accumulate_narrow::<S, 4>(
-        s,
-        rows,
-        [&mut s1, &mut s2, &mut gmax, &mut dmax],
-        2,
-        #[inline(always)]
-        |r, c, p| unsafe {
-            let g = s.fload(gp.add(r * channels + c));
-            let d = s.fsub(s.fload(xp.add(r * channels + c)), s.fload(hp.add(c)));
-            p[0] = s.fadd(p[0], g);
-            p[1] = s.fmadd(g, d, p[1]);
-            p[2] = s.fmax_abs(p[2], g);
-            p[3] = s.fmax_abs(p[3], d);
-        },
-        #[inline(always)]
-        |r, c, p| unsafe {
-            let g = *gp.add(r * channels + c);
-            let d = *xp.add(r * channels + c) - *hp.add(c);
-            p[0] += g;
-            p[1] = g.mul_add(d, p[1]);
-            p[2] = max_abs(p[2], g);
-            p[3] = max_abs(p[3], d);
-        },
-    );
-    for c in 0..channels {
-        if s1[c].is_finite() && s2[c].is_finite() && narrow_range_ok(gmax[c] * dmax[c]) {
-            let lo = mean[c] - hi[c] as f64;
-            sum_dy[c] += s1[c];
-            sum_dy_xmu[c] += s2[c] - lo * s1[c];
-        } else {
-            // In `f64` one value at a time in row order, as the `f64` form does.
-            let (mut a, mut b) = (0.0, 0.0);
-            for (&xv, &g) in x[c..].iter().step_by(channels).zip(dy[c..].iter().step_by(channels)) {
-                a += g as f64;
-                b += g as f64 * (xv as f64 - mean[c]);
-            }
-            sum_dy[c] += a;
-            sum_dy_xmu[c] += b;
-        }
-    }
-}
-
 #[inline(always)]
 pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     s: S,
@@ -738,10 +466,6 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     assert!(
         sum_dy.len() == channels && sum_dy_xmu.len() == channels && rows * channels == x.len() && dy.len() == x.len()
     );
-    if let (Some(xf), Some(gf)) = (as_f32(x), as_f32(dy)) {
-        rows_grad_sums_narrow(s, xf, gf, mean, sum_dy, sum_dy_xmu);
-        return;
-    }
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).

@@ -164,10 +164,9 @@ fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops:
 #[inline(always)]
 fn rows_task_moments<T: Element>(x: &[T], channels: usize, per_block: usize) -> (f64, Vec<f64>, Vec<f64>) {
     let (mut count, mut mean, mut m2) = (0.0, vec![0.0; channels], vec![0.0; channels]);
-    let (mut bm, mut bm2) = (vec![0.0; channels], vec![0.0; channels]);
-    let mut scratch = moments::RowsScratch::new(channels);
+    let (mut bm, mut bm2, mut corr) = (vec![0.0; channels], vec![0.0; channels], vec![0.0; channels]);
     for block in x.chunks(per_block * channels) {
-        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut scratch);
+        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut corr);
         let rows = (block.len() / channels) as f64;
         moments::merge_rows(count, &mut mean, &mut m2, rows, &bm, &bm2);
         count += rows;

@@ -21,8 +21,6 @@ pub(crate) trait Simd: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
-    /// Lane-wise `if a > b { a } else { b }` (b when either is NaN, as `maxpd`).
-    fn max(self, a: Self::V, b: Self::V) -> Self::V;
     fn lanes(self, v: Self::V) -> [f64; 8];
     /// Loads 8 elements from `p` (no alignment needed), widened to `f64`.
     ///
@@ -44,17 +42,12 @@ pub(crate) trait Simd: Copy {
     /// A vector of 8 `f32` (the element-precision path of `f32` tensors).
     type F: Copy;
     fn fsplat(self, v: f32) -> Self::F;
-    fn fadd(self, a: Self::F, b: Self::F) -> Self::F;
-    /// Lane-wise `if a > |b| { a } else { |b| }` (|b| when either is NaN).
-    fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F;
     fn fsub(self, a: Self::F, b: Self::F) -> Self::F;
     fn fmul(self, a: Self::F, b: Self::F) -> Self::F;
     /// a·b + c with one rounding (fused multiply-add).
     fn fmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     /// c − a·b with one rounding.
     fn fnmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
-    /// The 8 lanes widened to `f64` (exact).
-    fn widen(self, v: Self::F) -> Self::V;
     /// # Safety
     /// `p` must be valid for reading 8 elements.
     unsafe fn fload(self, p: *const f32) -> Self::F;
@@ -117,10 +110,6 @@ impl Simd for Scalar {
         std::array::from_fn(|l| a[l] * b[l])
     }
     #[inline(always)]
-    fn max(self, a: Self::V, b: Self::V) -> Self::V {
-        std::array::from_fn(|l| if a[l] > b[l] { a[l] } else { b[l] })
-    }
-    #[inline(always)]
     fn lanes(self, v: Self::V) -> [f64; 8] {
         v
     }
@@ -146,25 +135,6 @@ impl Simd for Scalar {
     #[inline(always)]
     fn fsplat(self, v: f32) -> Self::F {
         [v; 8]
-    }
-    #[inline(always)]
-    fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
-        std::array::from_fn(|l| a[l] + b[l])
-    }
-    #[inline(always)]
-    fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F {
-        std::array::from_fn(|l| {
-            let b = f32::from_bits(b[l].to_bits() & 0x7fff_ffff);
-            if a[l] > b {
-                a[l]
-            } else {
-                b
-            }
-        })
-    }
-    #[inline(always)]
-    fn widen(self, v: Self::F) -> Self::V {
-        std::array::from_fn(|l| v[l] as f64)
     }
     #[inline(always)]
     fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
@@ -249,10 +219,6 @@ mod x86 {
             unsafe { (_mm256_mul_pd(a.0, b.0), _mm256_mul_pd(a.1, b.1)) }
         }
         #[inline(always)]
-        fn max(self, a: Self::V, b: Self::V) -> Self::V {
-            unsafe { (_mm256_max_pd(a.0, b.0), _mm256_max_pd(a.1, b.1)) }
-        }
-        #[inline(always)]
         fn lanes(self, v: Self::V) -> [f64; 8] {
             let mut out = [0.0; 8];
             unsafe {
@@ -308,26 +274,6 @@ mod x86 {
         #[inline(always)]
         fn fsplat(self, v: f32) -> Self::F {
             unsafe { _mm256_set1_ps(v) }
-        }
-        #[inline(always)]
-        fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
-            unsafe { _mm256_add_ps(a, b) }
-        }
-        #[inline(always)]
-        fn fmax_abs(self, a: Self::F, b: Self::F) -> Self::F {
-            unsafe {
-                let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-                _mm256_max_ps(a, _mm256_and_ps(b, abs))
-            }
-        }
-        #[inline(always)]
-        fn widen(self, v: Self::F) -> Self::V {
-            unsafe {
-                (
-                    _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
-                )
-            }
         }
         #[inline(always)]
         fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
@@ -456,10 +402,10 @@ mod tests {
             let x = data::<T>(rows * channels, channels as u64);
             let dy = data::<T>(rows * channels, 5);
             let z64 = || vec![0.0; channels];
-            let (mut a, mut b, mut d, mut e) = (z64(), z64(), z64(), z64());
-            let mut scratch = moments::RowsScratch::new(channels);
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut scratch);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut scratch);
+            let (mut a, mut b, mut c) = (z64(), z64(), z64());
+            let (mut d, mut e, mut f) = (z64(), z64(), z64());
+            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c);
+            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f);
             assert_eq!((&a, &b), (&d, &e));
             let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
             moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2);
