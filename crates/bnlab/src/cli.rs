@@ -144,6 +144,12 @@ pub struct AccelerateArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Data-parallel training over MPI: run under `mpirun -np P` (needs the `mpi` feature).
+    #[arg(long)]
+    pub distributed: bool,
+    /// With --distributed: batch norm over the global batch (on) or over each process's shard (off).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub bn_sync: OnOff,
 }
 
 /// A switch.

@@ -211,6 +211,12 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
 }
 
 fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
+    let comm = if args.distributed {
+        communicator()?
+    } else {
+        Arc::new(SingleProcess)
+    };
+    let root = comm.rank() == 0;
     let pool = pool(args.threads)?;
     let out = args.out.clone().unwrap_or_else(|| paper_mlp::default_out("accelerate"));
     let mut s = accelerate::Settings::new(out);
@@ -245,10 +251,22 @@ fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
     s.bn_stats = args.bn_stats;
     s.data_dir = args.data.clone();
     s.threads = pool.current_num_threads();
-    let outcome = pool.install(|| accelerate::run(&s, args.quiet))?;
+    s.bn_sync = args.bn_sync == OnOff::On;
+    let outcome = pool.install(|| accelerate::run_with(&s, args.quiet, comm.clone()));
+    let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
+    drop(pool);
+    if !root {
+        return Ok(());
+    }
     print!("{}", outcome.table.markdown());
     for (name, r) in &outcome.summaries {
         println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
+        if r.collective_calls_per_step > 0.0 {
+            println!(
+                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
+                r.collective_calls_per_step, r.bytes_sent_per_step
+            );
+        }
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())

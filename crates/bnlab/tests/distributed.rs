@@ -11,6 +11,8 @@
 //! unless `BNLAB_REQUIRE_DATA=1`. The `mpirun` tests likewise need OpenMPI's `mpirun`; when it is
 //! absent they print a note and pass, unless `BNLAB_REQUIRE_MPI=1` (set by `.ci/run`).
 
+mod common;
+
 use batchnorm::{Communicator, ThreadComm};
 use bnlab::experiments::paper_mlp::{self, Metric, Settings, Variant};
 use std::path::{Path, PathBuf};
@@ -172,30 +174,10 @@ mod mpi {
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    /// `mpirun`, or `None` (with a note) when it is absent and not required.
-    fn mpirun() -> Option<PathBuf> {
-        let found = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("mpirun"))
-                .find(|p| p.is_file())
-        });
-        if found.is_none() {
-            assert!(
-                std::env::var("BNLAB_REQUIRE_MPI").as_deref() != Ok("1"),
-                "mpirun is not installed and BNLAB_REQUIRE_MPI=1: apt-get install openmpi-bin libopenmpi-dev"
-            );
-            println!("skipping: mpirun is absent (apt-get install openmpi-bin libopenmpi-dev)");
-        }
-        found
-    }
+    use super::common::mpirun;
 
     fn launch(mpirun: &Path, np: usize, args: &[&str]) -> Command {
-        let mut c = Command::new(mpirun);
-        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_bnlab")])
-            .args(args);
-        c
+        super::common::mpirun_bnlab(mpirun, np, args)
     }
 
     #[track_caller]

@@ -107,6 +107,65 @@ fn sgd_momentum_and_weight_decay_follow_the_formula() {
     }
 }
 
+/// A weight (decayed) and a bias (not decayed) with their gradients.
+fn two_params<'a>(w: &'a mut [f32], b: &'a mut [f32], gw: &'a [f32], gb: &'a [f32]) -> Vec<Param<'a>> {
+    vec![
+        Param {
+            name: "weight",
+            value: w,
+            grad: gw,
+            decay: true,
+        },
+        Param {
+            name: "bias",
+            value: b,
+            grad: gb,
+            decay: false,
+        },
+    ]
+}
+
+/// `step_with_grads` (the data-parallel update, gradients given concatenated) is `step` bit for
+/// bit: momentum, weight decay only where `decay`, over several steps and both momentum settings.
+#[test]
+fn sgd_step_with_grads_is_step() {
+    for (mu, lambda) in [(0.9f32, 0.05f32), (0.0, 0.05), (0.9, 0.0)] {
+        let mut r = rng(7);
+        let (w0, b0) = (normal(&mut r, 5, 0.0, 1.0), normal(&mut r, 3, 0.0, 1.0));
+        let (mut w1, mut b1) = (w0.clone(), b0.clone());
+        let (mut w2, mut b2) = (w0.clone(), b0.clone());
+        let (mut a, mut c) = (Sgd::new(mu, lambda), Sgd::new(mu, lambda));
+        for step in 0..5 {
+            let lr = 0.1f32 / (1 + step) as f32;
+            let (gw, gb) = (normal(&mut r, 5, 0.0, 1.0), normal(&mut r, 3, 0.0, 1.0));
+            a.step(two_params(&mut w1, &mut b1, &gw, &gb), lr);
+            // The stored gradients are ignored: zeros here, the real ones concatenated.
+            let zeros = [0.0f32; 8];
+            let all: Vec<f32> = gw.iter().chain(&gb).copied().collect();
+            c.step_with_grads(two_params(&mut w2, &mut b2, &zeros[..5], &zeros[5..]), &all, lr)
+                .unwrap();
+            assert_eq!(w1, w2, "μ {mu}, λ {lambda}, step {step}: weights");
+            assert_eq!(b1, b2, "μ {mu}, λ {lambda}, step {step}: biases");
+            assert_eq!(a.velocity, c.velocity, "μ {mu}, λ {lambda}, step {step}: velocity");
+        }
+        assert_ne!(w1, w0, "the weights moved");
+    }
+    let mut w = vec![0.0f32; 3];
+    let err = Sgd::new(0.9, 0.0)
+        .step_with_grads(
+            vec![Param {
+                name: "weight",
+                value: &mut w,
+                grad: &[0.0; 3],
+                decay: true,
+            }],
+            &[1.0; 4],
+            0.1,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("4 gradients for 3 parameters"), "{err}");
+}
+
 /// Weight decay without momentum: w ← w − η(g + λw).
 #[test]
 fn sgd_weight_decay_without_momentum() {

@@ -27,21 +27,37 @@
 //! The Figure 3 table ([`figure3_table`]): for each variant, the first evaluated step at which its
 //! test accuracy reached the baseline's best test accuracy (or never), and its own best accuracy
 //! and the step of it.
+//!
+//! Data-parallel training ([`run_with`], `bnlab accelerate --distributed` under `mpirun`) follows
+//! `paper-mlp`'s design ([`crate::dist`]): every global batch of the one-process run is cut into
+//! contiguous shards, one per rank; gradients and loss are summed over the ranks and every rank
+//! applies the same update (momentum and weight decay included), so the replicas stay identical
+//! (checked at every evaluation). The learning-rate schedule, the evaluation schedule and rank 0's
+//! evaluation (Algorithm 2's population statistics included) are those of one process; a
+//! diverged variant stops on every rank at the same step (the decision is taken on the global
+//! loss). With synchronized batch norm the variants without dropout (`bn-x5`, `bn-x30`,
+//! `bn-x5-sigmoid`) compute the one-process run up to rounding. Dropout masks are drawn per
+//! example, and the ranks see different examples: each rank has its own dropout stream (seeded
+//! from the seed and the rank; rank 0's is the one-process stream), so the variants with dropout
+//! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
+//! rank 0's examples: the same training procedure, not the same bits.
 
-use super::common::{self, train_step, BnStats, EvalSettings, StepBuffers};
+use super::common::{self, BnStats, EvalSettings, StepBuffers};
 use crate::data::{self, Dataset, EpochShuffler};
+use crate::dist::{self, DataParallel};
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
     Sigmoid,
 };
 use crate::report::{self, LinePlot, Page, Series};
 use anyhow::{ensure, Result};
-use batchnorm::BatchNormConfig;
+use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The six networks of the study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -189,6 +205,10 @@ pub struct Settings {
     pub out: PathBuf,
     /// Worker threads (recorded; the caller sets up the pool).
     pub threads: usize,
+    /// Data-parallel processes (recorded; the communicator given to [`run_with`] decides).
+    pub processes: usize,
+    /// With several processes: batch norm over the global batch (true) or per process (false).
+    pub bn_sync: bool,
 }
 
 /// Default training steps per variant.
@@ -217,6 +237,8 @@ impl Settings {
             data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
             out,
             threads: 1,
+            processes: 1,
+            bn_sync: true,
         }
     }
 
@@ -289,6 +311,19 @@ impl Settings {
 
 /// Builds the conv net of `variant` for `[1, rows, cols]` images and `classes` classes.
 pub fn build(s: &Settings, variant: Variant, rows: usize, cols: usize, classes: usize) -> Result<Sequential> {
+    build_for_rank(s, variant, rows, cols, classes, 0)
+}
+
+/// [`build`] for data-parallel rank `rank`: the same initial weights on every rank, and dropout
+/// layers with the rank's own generator (seeded from `s.seed` and `rank`; rank 0's is [`build`]'s).
+pub fn build_for_rank(
+    s: &Settings,
+    variant: Variant,
+    rows: usize,
+    cols: usize,
+    classes: usize,
+    rank: usize,
+) -> Result<Sequential> {
     let r = variant.recipe();
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
@@ -319,7 +354,7 @@ pub fn build(s: &Settings, variant: Variant, rows: usize, cols: usize, classes: 
     }
     // Flatten: nothing to do, the buffer is [batch, c·h·w] already.
     let features = c * h * w;
-    let dropout_seed = |k: u64| s.seed ^ (0x000d_5090_u64 + k);
+    let dropout_seed = |k: u64| s.seed ^ (0x000d_5090_u64 + k) ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     if r.dropout {
         layers.push(Box::new(Dropout::new(features, s.dropout, dropout_seed(1))?));
     }
@@ -368,6 +403,10 @@ pub struct VariantSummary {
     pub steps: u64,
     /// The step at which the training loss became non-finite, if it did.
     pub diverged_at: Option<u64>,
+    /// Collective calls per training step of rank 0 (0 with one process).
+    pub collective_calls_per_step: f64,
+    /// Bytes rank 0 sent per training step (received: `processes` times as many).
+    pub bytes_sent_per_step: f64,
 }
 
 /// One row of the Figure 3 table.
@@ -500,7 +539,20 @@ pub struct Outcome {
 /// Loads data, trains every variant, writes metrics, the table, the plot and the report into
 /// `settings.out`.
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    run_with(settings, quiet, Arc::new(SingleProcess))
+}
+
+/// [`run`] as one rank of data-parallel training over `comm` (see [`crate::dist`] and the module
+/// documentation): every rank trains on its shard of each global batch; rank 0 alone evaluates,
+/// reports progress and writes the outputs (the other ranks create no file and return an outcome
+/// without metrics). `settings.processes` is set from `comm`. With one rank this is [`run`].
+pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    let mut settings = settings.clone();
+    settings.processes = comm.size();
+    let settings = &settings;
     settings.check()?;
+    dist::check_split(settings.batch, settings.processes, settings.bn_sync)?;
+    let root = comm.rank() == 0;
     let (train, test) = data::load(&settings.data_dir)?;
     ensure!(
         train.len >= settings.batch,
@@ -514,10 +566,11 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
         train.cols,
         train.classes.max(test.classes),
     )?;
-    let (metrics, summaries) =
-        common::train_variants(&settings.out, &settings.variants, Variant::name, |v, record| {
-            train_variant(settings, v, &train, &test, quiet, record)
-        })?;
+    let mut dp = DataParallel::new(comm);
+    let out = root.then_some(settings.out.as_path());
+    let (metrics, summaries) = common::train_variants(out, &settings.variants, Variant::name, |v, record| {
+        train_variant(settings, v, &train, &test, quiet, &mut dp, record)
+    })?;
     let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
     let table = figure3_table(&names, &metrics);
     let outcome = Outcome {
@@ -525,36 +578,59 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
         summaries,
         table,
     };
-    write_outputs(settings, &outcome)?;
+    if root {
+        write_outputs(settings, &outcome)?;
+    }
     Ok(outcome)
 }
 
-/// Trains one variant, calling `on_metric` at every evaluation (and once on divergence).
+/// Trains one variant (this rank's shards when `dp` has several ranks), calling `on_metric` at
+/// every evaluation and once on divergence (rank 0 only).
 fn train_variant(
     s: &Settings,
     variant: Variant,
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
+    dp: &mut DataParallel,
     on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
 ) -> Result<VariantSummary> {
     let recipe = variant.recipe();
     let classes = train.classes.max(test.classes);
-    let net = build(s, variant, train.rows, train.cols, classes)?;
+    let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
+    let mut net = build_for_rank(s, variant, train.rows, train.cols, classes, dp.rank())?;
+    if parallel && s.bn_sync {
+        net.batchnorms()
+            .into_iter()
+            .for_each(|bn| bn.synchronize(Some(dp.comm())));
+    }
+    dp.take_traffic();
     let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
     let sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
-    let buf = StepBuffers::new(s.batch, train.features(), classes);
-    let mut state = (net, sgd, shuffler, buf);
+    let local = dist::shard(s.batch, dp.rank(), dp.size()).len();
+    let buf = StepBuffers::new(local, train.features(), classes);
+    let mut state = (net, sgd, shuffler, buf, dp);
     // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
     let lr = |step: u64| s.lr_at(variant, step);
     let end = common::train_loop(
         variant.name(),
         s.steps,
         s.eval_every,
-        quiet,
+        quiet || !root,
         &mut state,
-        |(net, sgd, shuffler, buf), step| train_step(net, sgd, train, shuffler, step, lr(step) as f32, buf),
-        |(net, ..), step, train_loss| {
+        |(net, sgd, shuffler, buf, dp), step| {
+            common::train_step_parallel(net, sgd, train, shuffler, step, lr(step) as f32, buf, dp)
+        },
+        |(net, _, _, _, dp), step, train_loss| {
+            if parallel {
+                // Running statistics are compared only where they are used: population
+                // evaluation overwrites them on rank 0.
+                let running = s.bn_sync && s.bn_stats == BnStats::Running;
+                dp.check_replicas(net, running, step)?;
+            }
+            if !root {
+                return Ok(None);
+            }
             let acc = common::evaluate(&s.eval_settings(), net, train, test, |_| {})?;
             on_metric(&Metric {
                 variant: variant.name(),
@@ -564,10 +640,10 @@ fn train_variant(
                 lr: lr(step - 1),
                 diverged: false,
             })?;
-            Ok(acc)
+            Ok(Some(acc))
         },
     )?;
-    if let Some((step, _)) = end.diverged {
+    if let (Some((step, _)), true) = (end.diverged, root) {
         on_metric(&Metric {
             variant: variant.name(),
             step,
@@ -577,6 +653,8 @@ fn train_variant(
             diverged: true,
         })?;
     }
+    let traffic = state.4.take_traffic();
+    let steps = end.steps.max(1) as f64;
     Ok(VariantSummary {
         final_test_acc: end.last_acc,
         best_test_acc: end.best_acc,
@@ -584,6 +662,8 @@ fn train_variant(
         ms_per_step: end.ms_per_step(),
         steps: end.steps,
         diverged_at: end.diverged.map(|d| d.0),
+        collective_calls_per_step: traffic.calls as f64 / steps,
+        bytes_sent_per_step: traffic.bytes_sent as f64 / steps,
     })
 }
 
@@ -675,6 +755,9 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
             ]
         })
         .collect();
+    if s.processes > 1 {
+        page.paragraph(&common::data_parallel_text(s.processes, s.batch, s.bn_sync));
+    }
     page.table("Runs", &header, &rows);
     page.figure("Test accuracy against training steps, all variants.", &acc_svg);
     page.settings("Settings", &common::settings_rows(s));

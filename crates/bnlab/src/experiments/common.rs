@@ -1,12 +1,14 @@
-//! Pieces every experiment shares: one SGD training step, evaluation with inference-mode batch
-//! norm (Algorithm 2's population statistics or the running averages), the `metrics.jsonl`
-//! writer, the settings table of a report and the default output folder.
+//! Pieces every experiment shares: one SGD training step (in one process, or as one rank of
+//! data-parallel training), evaluation with inference-mode batch norm (Algorithm 2's population
+//! statistics or the running averages), the `metrics.jsonl` writer, the settings table of a
+//! report and the default output folder.
 
 use super::progress::Progress;
 use crate::data::{gather, Dataset, EpochShuffler};
+use crate::dist::{self, DataParallel};
 use crate::engine::loss::argmax_rows;
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -90,6 +92,59 @@ pub fn train_step(
     Ok(loss)
 }
 
+/// [`train_step`] as rank `dp.rank()` of `dp.size()` in data-parallel training (see
+/// [`crate::dist`]): this rank gathers its contiguous shard ([`dist::shard`]) of the global batch
+/// of `step`, runs forward, loss and backward with ∂loss/∂logits scaled by its share n_r/N, then
+/// sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`]) and applies
+/// the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
+/// [`Sgd::step`]). `buf` holds one shard (`buf.y.len()` = this rank's shard of the global batch).
+///
+/// Returns the global batch's loss, the same bits on every rank; when it is not finite nothing is
+/// updated, on every rank (so all ranks stop at the same step). The backward runs before the
+/// decision: with synchronized batch norm it is a collective that every rank must enter.
+///
+/// With one rank this is exactly [`train_step`] (no scaling, no collective, the same bits).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_parallel(
+    net: &mut Sequential,
+    sgd: &mut Sgd,
+    train: &Dataset,
+    shuffler: &mut EpochShuffler,
+    step: u64,
+    lr: f32,
+    buf: &mut StepBuffers,
+    dp: &mut DataParallel,
+) -> Result<f32> {
+    if dp.size() == 1 {
+        return train_step(net, sgd, train, shuffler, step, lr, buf);
+    }
+    let classes = net.output_size();
+    let indices = shuffler.batch_indices(step);
+    let global = indices.len();
+    let shard = dist::shard(global, dp.rank(), dp.size());
+    let local = shard.len();
+    ensure!(
+        buf.y.len() == local,
+        "step buffers for {} examples, but this rank's shard has {local}",
+        buf.y.len()
+    );
+    gather(train, &indices[shard], &mut buf.x, &mut buf.y);
+    let logits = net.forward(&buf.x, local, Mode::Train)?;
+    let loss = buf.loss.forward(logits, &buf.y, classes)?;
+    // The derivative of the global batch's mean loss through this shard; gradients and loss
+    // shares are then summed over ranks.
+    let share = local as f32 / global as f32;
+    buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
+    buf.dlogits.iter_mut().for_each(|d| *d *= share);
+    net.backward(&buf.dlogits)?;
+    let loss = dp.all_reduce(net, loss * share)?;
+    if !loss.is_finite() {
+        return Ok(loss);
+    }
+    sgd.step_with_grads(net.params(), dp.grads(), lr)?;
+    Ok(loss)
+}
+
 /// How [`train_loop`] ended.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopEnd {
@@ -117,8 +172,9 @@ impl LoopEnd {
 /// The training loop every experiment runs, with a progress display named `name`:
 /// `step_fn(state, step)` trains 0-based step `step` and returns its loss; after every
 /// `eval_every` steps and after the last, `eval_fn(state, steps_done, mean_loss_since_last_eval)`
-/// evaluates (and records its metrics) and returns the test accuracy. Stops at the first loss
-/// that is not finite.
+/// evaluates (and records its metrics) and returns the test accuracy, or `None` where this
+/// process does not evaluate (a data-parallel rank other than 0). Stops at the first loss that is
+/// not finite.
 pub fn train_loop<S>(
     name: &str,
     steps: u64,
@@ -126,7 +182,7 @@ pub fn train_loop<S>(
     quiet: bool,
     state: &mut S,
     mut step_fn: impl FnMut(&mut S, u64) -> Result<f32>,
-    mut eval_fn: impl FnMut(&mut S, u64, f64) -> Result<f64>,
+    mut eval_fn: impl FnMut(&mut S, u64, f64) -> Result<Option<f64>>,
 ) -> Result<LoopEnd> {
     let progress = Progress::new(name, steps, quiet);
     let start = Instant::now();
@@ -155,11 +211,13 @@ pub fn train_loop<S>(
         if (step + 1) % eval_every == 0 || step + 1 == steps {
             let mean_loss = loss_sum / loss_n as f64;
             let acc = eval_fn(state, step + 1, mean_loss)?;
-            let rate = (step + 1) as f64 / end.train_secs.max(1e-9);
-            progress.eval(step + 1, steps, mean_loss, acc, rate);
             (loss_sum, loss_n) = (0.0, 0);
-            end.best_acc = Some(end.best_acc.map_or(acc, |b| b.max(acc)));
-            end.last_acc = Some(acc);
+            if let Some(acc) = acc {
+                let rate = (step + 1) as f64 / end.train_secs.max(1e-9);
+                progress.eval(step + 1, steps, mean_loss, acc, rate);
+                end.best_acc = Some(end.best_acc.map_or(acc, |b| b.max(acc)));
+                end.last_acc = Some(acc);
+            }
         }
     }
     progress.finish();
@@ -245,21 +303,29 @@ impl JsonLines {
     }
 }
 
-/// Creates the output folder `out` and its `metrics.jsonl`, then trains each of `variants` with
+/// Creates the output folder `out` and its `metrics.jsonl` (with `out` = `None`, nothing is
+/// written: a data-parallel rank other than 0), then trains each of `variants` with
 /// `train(variant, record)`, where `record` appends one metrics line (written and kept).
 /// Returns the metrics lines in order and each variant's result under `name(variant)`.
 pub fn train_variants<V: Copy, M: Serialize + Clone, R>(
-    out: &Path,
+    out: Option<&Path>,
     variants: &[V],
     name: impl Fn(V) -> &'static str,
     mut train: impl FnMut(V, &mut dyn FnMut(&M) -> Result<()>) -> Result<R>,
 ) -> Result<(Vec<M>, BTreeMap<&'static str, R>)> {
-    create_out(out)?;
-    let mut file = JsonLines::create(out.join("metrics.jsonl"))?;
+    let mut file = match out {
+        Some(out) => {
+            create_out(out)?;
+            Some(JsonLines::create(out.join("metrics.jsonl"))?)
+        }
+        None => None,
+    };
     let (mut metrics, mut results) = (Vec::new(), BTreeMap::new());
     for &v in variants {
         let r = train(v, &mut |m: &M| {
-            file.write(m)?;
+            if let Some(f) = file.as_mut() {
+                f.write(m)?;
+            }
             metrics.push(m.clone());
             Ok(())
         })?;
@@ -289,6 +355,23 @@ pub fn settings_rows(s: &impl Serialize) -> Vec<(String, String)> {
         }
     }
     rows
+}
+
+/// The data-parallel mode of a run in words, for its report: `processes` ranks sharing global
+/// batches of `batch`, batch norm over the global batch (`bn_sync`) or over each shard.
+pub fn data_parallel_text(processes: usize, batch: usize, bn_sync: bool) -> String {
+    let bn = if bn_sync {
+        format!("batch norm synchronized: statistics over the global batch of {batch} (--bn-sync on)")
+    } else {
+        format!(
+            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
+            batch / processes.max(1)
+        )
+    };
+    format!(
+        "Data-parallel training over {processes} MPI processes: each global batch of {batch} is split into \
+         contiguous shards, gradients are summed over the processes; {bn}."
+    )
 }
 
 /// A new default output directory under `runs/`.

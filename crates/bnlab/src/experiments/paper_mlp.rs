@@ -7,10 +7,10 @@ pub use super::common::{default_out, BnStats};
 use super::metrics_log::truncate_jsonl;
 use super::progress::Progress;
 use crate::atomic::write_atomic;
-use crate::data::{self, gather, Dataset, EpochShuffler};
+use crate::data::{self, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
 use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
-use crate::engine::{BatchNormLayer, Layer, Linear, Mode, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy};
+use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
 use anyhow::{bail, ensure, Context, Result};
@@ -455,8 +455,7 @@ fn train_variant(
     let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
     let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
     let quiet = quiet || !root;
-    let shard = dist::shard(s.batch, dp.rank(), dp.size());
-    let local = shard.len();
+    let local = dist::shard(s.batch, dp.rank(), dp.size()).len();
     if parallel && s.bn_sync {
         net.batchnorms()
             .into_iter()
@@ -464,7 +463,6 @@ fn train_variant(
     }
     dp.take_traffic();
     let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let mut loss_fn = SoftmaxCrossEntropy::default();
     let mut sgd = Sgd::new(0.0, 0.0);
     let ckpt_path = checkpoint_path(&s.out, variant);
     let (mut c, first) = match &start {
@@ -485,9 +483,7 @@ fn train_variant(
     let mut saved = start.as_ref().map(|ck| ck.progress.step);
     let settings_json = serde_json::to_value(s)?;
     let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-    let (mut x, mut y) = (vec![0.0f32; local * features], vec![0u8; local]);
-    let mut dlogits = vec![0.0f32; local * classes];
-    let share = local as f32 / s.batch as f32;
+    let mut buf = common::StepBuffers::new(local, features, classes);
     let progress = Progress::new(variant.name(), s.steps, quiet);
     let kept = |saved: Option<u64>| match saved {
         Some(step) => format!(
@@ -499,17 +495,18 @@ fn train_variant(
     let (start_time, prior_secs) = (Instant::now(), c.seconds);
     for step in first..s.steps {
         let t = Instant::now();
-        gather(train, &shuffler.batch_indices(step)[shard.clone()], &mut x, &mut y);
-        let logits = net.forward(&x, local, Mode::Train)?;
-        let mut loss = loss_fn.forward(logits, &y, classes)?;
-        if parallel {
-            // The derivative of the global batch's mean loss through this shard; gradients and
-            // loss shares are then summed over ranks (see `crate::dist`).
-            loss_fn.backward(&y, classes, &mut dlogits);
-            dlogits.iter_mut().for_each(|d| *d *= share);
-            net.backward(&dlogits)?;
-            loss = dp.all_reduce(&mut net, loss * share)?;
-        }
+        // One process: forward, loss, backward, update. Several: this rank's shard, gradients
+        // summed over ranks (see `crate::dist`). Nothing is updated when the loss is not finite.
+        let loss = common::train_step_parallel(
+            &mut net,
+            &mut sgd,
+            train,
+            &mut shuffler,
+            step,
+            s.lr as f32,
+            &mut buf,
+            dp,
+        )?;
         if !loss.is_finite() {
             bail!(
                 "training of `{}` diverged at step {}: the loss is {loss} (try a smaller --lr); {}",
@@ -517,13 +514,6 @@ fn train_variant(
                 step + 1,
                 kept(saved)
             );
-        }
-        if parallel {
-            sgd.step_with_grads(net.params(), dp.grads(), s.lr as f32)?;
-        } else {
-            loss_fn.backward(&y, classes, &mut dlogits);
-            net.backward(&dlogits)?;
-            sgd.step(net.params(), s.lr as f32);
         }
         c.train_secs += t.elapsed().as_secs_f64();
         c.loss_sum += loss as f64;
@@ -713,22 +703,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
 
 /// The data-parallel mode in words (for the report).
 fn mode_text(s: &Settings) -> String {
-    let bn = if s.bn_sync {
-        format!(
-            "batch norm synchronized: statistics over the global batch of {} (--bn-sync on)",
-            s.batch
-        )
-    } else {
-        format!(
-            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
-            s.batch / s.processes.max(1)
-        )
-    };
-    format!(
-        "Data-parallel training over {} MPI processes: each global batch of {} is split into contiguous shards, \
-         gradients are summed over the processes; {bn}.",
-        s.processes, s.batch
-    )
+    common::data_parallel_text(s.processes, s.batch, s.bn_sync)
 }
 
 fn label(v: &str) -> &'static str {

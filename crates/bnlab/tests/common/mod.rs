@@ -1,6 +1,7 @@
-//! Helpers shared by the CLI tests (`paper_mlp_cli.rs`, `accelerate_cli.rs`, `report_browser.rs`):
-//! running the built binary, locating Fashion-MNIST, writing small synthetic IDX data, and checking
-//! output files and one-line errors.
+//! Helpers shared by the CLI tests (`paper_mlp_cli.rs`, `accelerate_cli.rs`, `report_browser.rs`,
+//! `distributed.rs`, `accelerate_distributed.rs`): running the built binary (also under `mpirun`),
+//! locating Fashion-MNIST, writing small synthetic IDX data, and checking output files and one-line
+//! errors.
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,34 @@ pub fn bnlab(cwd: &Path, args: &[&str]) -> Output {
         .current_dir(cwd)
         .output()
         .expect("cannot start bnlab")
+}
+
+/// OpenMPI's `mpirun`, or `None` (with a note) when it is absent and not required
+/// (`BNLAB_REQUIRE_MPI=1`, as `.ci/run` sets, makes its absence a failure).
+pub fn mpirun() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("mpirun"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("BNLAB_REQUIRE_MPI").as_deref() != Ok("1"),
+            "mpirun is not installed and BNLAB_REQUIRE_MPI=1: apt-get install openmpi-bin libopenmpi-dev"
+        );
+        println!("skipping: mpirun is absent (apt-get install openmpi-bin libopenmpi-dev)");
+    }
+    found
+}
+
+/// `mpirun --oversubscribe -np NP bnlab ARGS` (allowed as root).
+pub fn mpirun_bnlab(mpirun: &Path, np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new(mpirun);
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_bnlab")])
+        .args(args);
+    c
 }
 
 pub fn text(b: &[u8]) -> String {
