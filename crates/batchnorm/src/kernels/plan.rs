@@ -9,7 +9,8 @@
 //!   normalization (or its gradient sums and dx) run back to back while its data is still in
 //!   cache, so memory is streamed twice instead of three (five) times.
 //! - **rows** (`inner == 1`: `NC`, `NHWC`, channels-last): a unit is a fixed block of
-//!   [`TASK`] / channels rows, itself scanned in cache-sized blocks of rows, vectorized across channels.
+//!   [`TASK`] / channels rows, itself scanned in cache-sized blocks of rows ([`ROWS_BLOCK`]),
+//!   vectorized across channels.
 //!
 //! Unit boundaries and merge order depend only on the geometry, so results are bitwise identical
 //! for any thread count. Outputs of [`STREAM_BYTES`] or more are written with non-temporal stores
@@ -31,6 +32,10 @@ const SERIAL_BELOW: usize = 1 << 15;
 pub(crate) const MIN_PARALLEL_CHANNELS: usize = 16;
 /// Fewest rows of an in-cache block of the rows plan (fewer per-block merges for wide rows).
 const MIN_BLOCK_ROWS: usize = 16;
+/// Elements of an in-cache block of the rows plan (128 KiB of `f32`: its second pass reads from
+/// L2, and there are 4× fewer per-block merges than with [`PIECE`]-sized blocks; measured 5–7%
+/// faster on NHWC training forward, median of 6 alternating rounds).
+const ROWS_BLOCK: usize = 1 << 15;
 /// Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do
 /// not fit in the last-level cache beside their inputs, so caching them only evicts the inputs.
 const STREAM_BYTES: usize = 16 << 20;
@@ -113,7 +118,7 @@ fn plane_blocks(g: &Geometry) -> (usize, usize) {
 /// Rows plan: rows per task and rows per in-cache block.
 fn row_blocks(g: &Geometry) -> (usize, usize) {
     let per_task = (TASK / g.channels).max(1);
-    let per_block = (PIECE / g.channels).max(MIN_BLOCK_ROWS).min(per_task);
+    let per_block = (ROWS_BLOCK / g.channels).max(MIN_BLOCK_ROWS).min(per_task);
     (per_task, per_block)
 }
 
