@@ -398,7 +398,7 @@ fn bn_dx_terms(x: &[f64], w: &[f64], gamma: &[f64], batch: usize, channels: usiz
     let m = (batch * spatial) as f64;
     let idx = |c: usize| (0..batch).flat_map(move |n| (0..spatial).map(move |s| (n * channels + c) * spatial + s));
     let mut worst = 0.0f64;
-    for c in 0..channels {
+    for (c, g) in gamma.iter().enumerate().take(channels) {
         let mean = idx(c).map(|i| x[i]).sum::<f64>() / m;
         let var = idx(c).map(|i| (x[i] - mean) * (x[i] - mean)).sum::<f64>() / m;
         let inv = 1.0 / (var + eps).sqrt();
@@ -406,7 +406,7 @@ fn bn_dx_terms(x: &[f64], w: &[f64], gamma: &[f64], batch: usize, channels: usiz
         let mdyx = idx(c).map(|i| (w[i] * (x[i] - mean) * inv).abs()).sum::<f64>() / m;
         for i in idx(c) {
             let xhat = (x[i] - mean) * inv;
-            worst = worst.max(gamma[c].abs() * inv * (w[i].abs() + mdy + xhat.abs() * mdyx));
+            worst = worst.max(g.abs() * inv * (w[i].abs() + mdy + xhat.abs() * mdyx));
         }
     }
     worst
