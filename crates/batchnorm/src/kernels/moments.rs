@@ -5,6 +5,10 @@
 //! elements of each run; at the end lanes `l` and `l + 8` are added and folded by [`fold_lanes`],
 //! and the scalar part added last. Sums across rows (channels-last) are sequential per channel,
 //! vectorized across channels. All orders depend only on the shape.
+//!
+//! Moments of channels-first pieces use the corrected two-pass algorithm (the piece is in cache
+//! for the second pass); moments of channels-last blocks one shifted pass, the shift being a
+//! value of the channel (see [`rows_moments`]).
 
 use super::fold_lanes;
 use super::simd::{simd_dispatch, Simd};
@@ -262,60 +266,17 @@ simd_dispatch! {
 const CHANNEL_TILE: usize = 256;
 
 /// Rows whose terms are added to a register copy of the accumulators before it is stored back
-/// (still row by row per channel, so no bit changes), for data already in cache: the second pass
-/// of the moments.
-const IN_CACHE_ROW_GROUP: usize = 4;
-/// The same for passes streaming from memory, used only with at least [`WIDE_ROWS`] channels:
-/// there a row's accumulators do not stay in L1 and the data usually comes from the last-level
-/// cache. With few channels the data comes from DRAM and one row at a time measured best (fewer
-/// concurrent memory streams).
+/// (still row by row per channel, so no bit changes), used only with at least [`WIDE_ROWS`]
+/// channels: there a row's accumulators do not stay in L1 and the data usually comes from the
+/// last-level cache. With few channels the data comes from DRAM and one row at a time measured
+/// best (fewer concurrent memory streams).
 const WIDE_ROW_GROUP: usize = 4;
 /// Channels from which [`WIDE_ROW_GROUP`] applies.
 const WIDE_ROWS: usize = CHANNEL_TILE;
 
-/// acc[c] += Σ_r f(r, c) over `rows` rows, in row order, vectorized across channels:
-/// `vec(r, c)` gives channels c..c+8 of row r, `one(r, c)` channel c alone.
-#[inline(always)]
-fn rows_accumulate<S: Simd, const G: usize>(
-    s: S,
-    rows: usize,
-    acc: &mut [f64],
-    vec: impl Fn(usize, usize) -> S::V,
-    one: impl Fn(usize, usize) -> f64,
-) {
-    let channels = acc.len();
-    let c8 = channels - channels % 8;
-    let pa = acc.as_mut_ptr();
-    let mut t = 0;
-    while t < c8 {
-        let te = (t + CHANNEL_TILE).min(c8);
-        let mut r = 0;
-        while r < rows {
-            let group = G.min(rows - r);
-            let mut c = t;
-            while c < te {
-                // SAFETY: c + 8 <= c8 <= channels = acc.len().
-                unsafe {
-                    let mut v = s.load(pa.add(c) as *const f64);
-                    for q in r..r + group {
-                        v = s.add(v, vec(q, c));
-                    }
-                    s.store(pa.add(c), v);
-                }
-                c += 8;
-            }
-            r += group;
-        }
-        t = te;
-    }
-    for r in 0..rows {
-        for (c, a) in acc.iter_mut().enumerate().skip(c8) {
-            *a += one(r, c);
-        }
-    }
-}
-
-/// As [`rows_accumulate`] with two sums per channel, `f` giving both terms.
+/// acc_a[c] += Σ_r a(r, c) and acc_b[c] += Σ_r b(r, c) over `rows` rows, in row order,
+/// vectorized across channels: `vec(r, c)` gives (a, b) for channels c..c+8 of row r,
+/// `one(r, c)` for channel c alone; `G` rows at a time per register copy of the accumulators.
 #[inline(always)]
 fn rows_accumulate2<S: Simd, const G: usize>(
     s: S,
@@ -371,48 +332,41 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     channels: usize,
     mean: &mut [f64],
     m2: &mut [f64],
-    corr: &mut [f64],
+    shift: &mut [f64],
 ) {
     let rows = x.len() / channels;
-    assert!(mean.len() == channels && m2.len() == channels && corr.len() == channels && rows * channels == x.len());
-    let xp = x.as_ptr();
+    assert!(
+        rows > 0
+            && mean.len() == channels
+            && m2.len() == channels
+            && shift.len() == channels
+            && rows * channels == x.len()
+    );
+    for (k, v) in shift.iter_mut().zip(&x[..channels]) {
+        *k = v.to_f64();
+    }
+    let (xp, kp) = (x.as_ptr(), shift.as_ptr());
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
-    // inside x (asserted above).
+    // inside x (asserted above) and `shift`.
+    let vec2 = |r: usize, c: usize| {
+        let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
+        (d, s.mul(d, d))
+    };
+    let one2 = |r: usize, c: usize| {
+        let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
+        (d, d * d)
+    };
     mean.fill(0.0);
-    let vec1 = |r: usize, c: usize| unsafe { s.load(xp.add(r * channels + c)) };
-    let one1 = |r: usize, c: usize| unsafe { *xp.add(r * channels + c) }.to_f64();
+    m2.fill(0.0);
     if channels >= WIDE_ROWS {
-        rows_accumulate::<S, WIDE_ROW_GROUP>(s, rows, mean, vec1, one1);
+        rows_accumulate2::<S, WIDE_ROW_GROUP>(s, rows, mean, m2, vec2, one2);
     } else {
-        rows_accumulate::<S, 1>(s, rows, mean, vec1, one1);
+        rows_accumulate2::<S, 1>(s, rows, mean, m2, vec2, one2);
     }
     let n = rows as f64;
-    for v in mean.iter_mut() {
-        *v /= n;
-    }
-    corr.fill(0.0);
-    m2.fill(0.0);
-    let mp = mean.as_ptr();
-    let meanr: &[f64] = mean;
-    // SAFETY (closures): as above, and c + 8 <= channels = mean.len().
-    rows_accumulate2::<S, IN_CACHE_ROW_GROUP>(
-        s,
-        rows,
-        corr,
-        m2,
-        #[inline(always)]
-        |r, c| {
-            let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c))) };
-            (d, s.mul(d, d))
-        },
-        #[inline(always)]
-        |r, c| {
-            let d = unsafe { *xp.add(r * channels + c) }.to_f64() - meanr[c];
-            (d, d * d)
-        },
-    );
-    for ((m, s2), &s1) in mean.iter_mut().zip(m2.iter_mut()).zip(corr.iter()) {
-        *m += s1 / n;
+    for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
+        let s1 = *m;
+        *m = k + s1 / n;
         let v = *s2 - s1 * s1 / n;
         *s2 = if v < 0.0 { 0.0 } else { v };
     }
@@ -420,9 +374,14 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
 
 simd_dispatch! {
     /// Per-channel moments of a block of rows (`x.len() = rows × channels`, channels
-    /// contiguous), by the same corrected two-pass algorithm, vectorized across channels. Writes
-    /// the block's mean and M2 per channel; `corr` is scratch of `channels` entries.
-    pub(crate) fn rows_moments<T>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], corr: &mut [f64])
+    /// contiguous, rows ≥ 1) in one pass, vectorized across channels: with the shift k = the
+    /// block's first row (a value of each channel), the sums of d = x − k (exact in `f64` for
+    /// `f32` data) and d² give mean = k + Σd/n and M2 = Σd² − (Σd)²/n. Because k is one of the
+    /// values, n·(mean − k)² ≤ n·M2, so Σd² ≤ (n + 1)·M2 and the cancellation costs at most a
+    /// factor n + 1 on the `f64` rounding of Σd² (typically a few units: k is a typical value),
+    /// never E[x²] − E[x]²'s (mean/σ)². Writes the block's mean and M2 per channel; `shift` is
+    /// scratch of `channels` entries.
+    pub(crate) fn rows_moments<T>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64])
         => rows_moments_impl
 }
 
