@@ -98,29 +98,6 @@ fn points(metrics: &[Metric]) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
-/// Asserts the tracking criterion between two lists of evaluations.
-#[track_caller]
-fn assert_tracks(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64, f64)]) {
-    assert_eq!(got.len(), want.len(), "{what}: evaluations");
-    for (g, w) in got.iter().zip(want) {
-        assert_eq!(g.0, w.0, "{what}: evaluation steps");
-        assert!(
-            (g.1 - w.1).abs() <= 0.002,
-            "{what}: step {}: test accuracy {} vs one process {}",
-            g.0,
-            g.1,
-            w.1
-        );
-        assert!(
-            (g.2 - w.2).abs() <= 1e-3 * w.2.abs(),
-            "{what}: step {}: training loss {} vs one process {}",
-            g.0,
-            g.2,
-            w.2
-        );
-    }
-}
-
 /// The names of the files in `dir`.
 fn files(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)

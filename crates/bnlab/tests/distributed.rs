@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::assert_tracks;
+
 use batchnorm::{Communicator, ThreadComm};
 use bnlab::experiments::paper_mlp::{self, Metric, Settings, Variant};
 use std::path::{Path, PathBuf};
@@ -40,29 +42,6 @@ fn settings(data: &Path, out: &Path, steps: u64) -> Settings {
     s.eval_every = 50;
     s.data_dir = data.to_path_buf();
     s
-}
-
-/// Asserts the tracking criterion between two lists of evaluations.
-#[track_caller]
-fn assert_tracks(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64, f64)]) {
-    assert_eq!(got.len(), want.len(), "{what}: evaluations");
-    for (g, w) in got.iter().zip(want) {
-        assert_eq!(g.0, w.0, "{what}: evaluation steps");
-        assert!(
-            (g.1 - w.1).abs() <= 0.002,
-            "{what}: step {}: test accuracy {} vs one process {}",
-            g.0,
-            g.1,
-            w.1
-        );
-        assert!(
-            (g.2 - w.2).abs() <= 1e-3 * w.2.abs(),
-            "{what}: step {}: training loss {} vs one process {}",
-            g.0,
-            g.2,
-            w.2
-        );
-    }
 }
 
 fn points(metrics: &[Metric]) -> Vec<(u64, f64, f64)> {

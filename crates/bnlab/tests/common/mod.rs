@@ -242,3 +242,28 @@ pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
     args.extend(extra.iter().map(|a| a.to_string()));
     args
 }
+
+/// Asserts the tracking criterion of data-parallel runs (issue 8) between two lists of
+/// evaluations `(step, test accuracy, training loss)`: the same steps, accuracy within 0.2
+/// points, loss within 1e-3 relative.
+#[track_caller]
+pub fn assert_tracks(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64, f64)]) {
+    assert_eq!(got.len(), want.len(), "{what}: evaluations");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w.0, "{what}: evaluation steps");
+        assert!(
+            (g.1 - w.1).abs() <= 0.002,
+            "{what}: step {}: test accuracy {} vs one process {}",
+            g.0,
+            g.1,
+            w.1
+        );
+        assert!(
+            (g.2 - w.2).abs() <= 1e-3 * w.2.abs(),
+            "{what}: step {}: training loss {} vs one process {}",
+            g.0,
+            g.2,
+            w.2
+        );
+    }
+}
