@@ -18,7 +18,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
-use super::simd::{as_f32, as_f32_mut, simd_dispatch, Simd, STREAM_ALIGN};
+use super::simd::{as_f32, as_f32_mut, is_f32, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
 
 /// Rows wider than this many channels are processed in column tiles of this many channels, all
@@ -312,7 +312,7 @@ impl RowsAffine {
             scale: scale[c],
             shift: shift[c],
         };
-        if as_f32::<T>(&[]).is_none() {
+        if !is_f32::<T>() {
             return RowsAffine::Wide {
                 mean: RowParam::new(mean.iter().copied()),
                 scale: RowParam::new(scale.iter().copied()),
@@ -573,7 +573,7 @@ pub(crate) enum DxRows {
 impl DxRows {
     /// The constants of every channel, for elements of type `T`.
     pub fn new<T: Element>(coeffs: &[DxCoeffs]) -> DxRows {
-        if as_f32::<T>(&[]).is_none() {
+        if !is_f32::<T>() {
             return DxRows::Wide {
                 mean: RowParam::new(coeffs.iter().map(|c| c.mean)),
                 k: RowParam::new(coeffs.iter().map(|c| c.k)),
@@ -758,7 +758,7 @@ pub(crate) enum RowsScale {
 impl RowsScale {
     /// The factors of every channel, for elements of type `T`.
     pub fn new<T: Element>(k: &[f64]) -> RowsScale {
-        if as_f32::<T>(&[]).is_none() {
+        if !is_f32::<T>() {
             return RowsScale::Wide(RowParam::new(k.iter().copied()));
         }
         let wide = k

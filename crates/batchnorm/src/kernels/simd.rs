@@ -62,7 +62,7 @@ pub(crate) trait Simd: Copy {
 /// `x` as a slice of `f32` when `T` is `f32`.
 #[inline(always)]
 pub(crate) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+    if is_f32::<T>() {
         // SAFETY: T is f32 (checked just above).
         Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
     } else {
@@ -73,7 +73,7 @@ pub(crate) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
 /// `x` as a mutable slice of `f32` when `T` is `f32`.
 #[inline(always)]
 pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+    if is_f32::<T>() {
         // SAFETY: T is f32 (checked just above); the borrow of `x` is moved into the result.
         Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
     } else {
@@ -81,10 +81,10 @@ pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
     }
 }
 
-/// Whether `T` is `f32` (the only other [`Element`] is `f64`).
+/// Whether `T` is `f32` (the only other [`Element`] is `f64`). Folds to a constant.
 #[inline(always)]
 pub(crate) fn is_f32<T: Element>() -> bool {
-    std::mem::size_of::<T>() == 4
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
 }
 
 /// The portable backend: arrays of 8 `f64`, which the compiler vectorizes as it can.
