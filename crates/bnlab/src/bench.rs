@@ -82,21 +82,29 @@ pub enum Clock {
 }
 
 impl Clock {
-    /// Seconds on this clock since an arbitrary origin.
-    fn now(self) -> f64 {
+    /// Milliseconds one call of `f` takes on this clock.
+    fn time_ms(self, f: &mut impl FnMut()) -> f64 {
         match self {
             Clock::Wall => {
-                static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-                ORIGIN.get_or_init(Instant::now).elapsed().as_secs_f64()
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
             }
             Clock::ThreadCpu => {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-                // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
-                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+                let t = thread_cpu_secs();
+                f();
+                (thread_cpu_secs() - t) * 1e3
             }
         }
     }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write; the clock id is a constant.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Median of the wall-clock times of repeated calls of `f`: at least `min_reps` calls and
@@ -111,9 +119,7 @@ pub fn median_ms_on(clock: Clock, mut f: impl FnMut(), min_reps: usize, min_time
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < min_reps || start.elapsed() < min_time {
-        let t = clock.now();
-        f();
-        times.push((clock.now() - t) * 1e3);
+        times.push(clock.time_ms(&mut f));
         if times.len() >= 10_000 {
             break;
         }
