@@ -83,6 +83,19 @@ pub(crate) fn prefetch<T>(p: *const T, len: usize) {
     let _ = (p, len);
 }
 
+/// Prefetches the cache line holding `p`.
+#[inline(always)]
+fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: prefetching never faults; the address is only computed, not dereferenced.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 impl Runs {
     /// Prefetches run `k + 1` when runs are short.
     #[inline(always)]
@@ -271,20 +284,43 @@ const CHANNEL_TILE: usize = 256;
 /// NC [60,100] 11%; wider rows already used 4).
 const ROW_GROUP: usize = 4;
 
+/// Reading `G` rows at a time interleaves `G` runs inside one or two pages when rows are short,
+/// an order the hardware stream prefetchers do not follow: the reductions then prefetch the next
+/// group's lines themselves (see `plan::prefetch_rows` for when).
+#[derive(Clone, Copy)]
+pub(crate) struct RowPrefetch {
+    /// Whether to prefetch at all.
+    pub on: bool,
+    /// Channels per cache line (64 bytes of the element type).
+    pub line: usize,
+}
+
+#[cfg(test)]
+impl RowPrefetch {
+    pub const OFF: RowPrefetch = RowPrefetch { on: false, line: 8 };
+}
+
 /// acc_a[c] += Σ_r a(r, c) and acc_b[c] += Σ_r b(r, c) over `rows` rows, in row order,
 /// vectorized across channels: `vec(r, c)` gives (a, b) for channels c..c+8 of row r,
 /// `one(r, c)` for channel c alone; `G` rows at a time per register copy of the accumulators.
+/// With `PREFETCH`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
+/// group's rows once per `line` channels (a cache line).
 #[inline(always)]
-fn rows_accumulate2<S: Simd, const G: usize>(
+#[allow(clippy::too_many_arguments)]
+fn rows_accumulate2<S: Simd, const G: usize, const PREFETCH: bool>(
     s: S,
     rows: usize,
     acc_a: &mut [f64],
     acc_b: &mut [f64],
     vec: impl Fn(usize, usize) -> (S::V, S::V),
     one: impl Fn(usize, usize) -> (f64, f64),
+    line: usize,
+    ahead: impl Fn(usize, usize),
 ) {
     let channels = acc_a.len();
     assert_eq!(acc_b.len(), channels);
+    assert!(line.is_power_of_two());
+    let line_mask = line - 1;
     let c8 = channels - channels % 8;
     let (pa, pb) = (acc_a.as_mut_ptr(), acc_b.as_mut_ptr());
     let mut t = 0;
@@ -293,8 +329,14 @@ fn rows_accumulate2<S: Simd, const G: usize>(
         let mut r = 0;
         while r < rows {
             let group = G.min(rows - r);
+            let prefetch = PREFETCH && r + G + group <= rows;
             let mut c = t;
             while c < te {
+                if prefetch && c & line_mask == 0 {
+                    for q in r + G..r + G + group {
+                        ahead(q, c);
+                    }
+                }
                 // SAFETY: c + 8 <= c8 <= channels = acc_a.len() = acc_b.len().
                 unsafe {
                     let mut va = s.load(pa.add(c) as *const f64);
@@ -330,6 +372,7 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     mean: &mut [f64],
     m2: &mut [f64],
     shift: &mut [f64],
+    pf: RowPrefetch,
 ) {
     let rows = x.len() / channels;
     assert!(
@@ -355,7 +398,12 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     };
     mean.fill(0.0);
     m2.fill(0.0);
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, vec2, one2);
+    let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
+    if pf.on {
+        rows_accumulate2::<S, ROW_GROUP, true>(s, rows, mean, m2, vec2, one2, pf.line, ahead);
+    } else {
+        rows_accumulate2::<S, ROW_GROUP, false>(s, rows, mean, m2, vec2, one2, pf.line, ahead);
+    }
     let n = rows as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
@@ -374,8 +422,9 @@ simd_dispatch! {
     /// factor n + 1 on the `f64` rounding of Σd² (typically a few units: k is a typical value),
     /// never E[x²] − E[x]²'s (mean/σ)². Writes the block's mean and M2 per channel; `shift` is
     /// scratch of `channels` entries.
-    pub(crate) fn rows_moments<T>(x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64])
-        => rows_moments_impl
+    pub(crate) fn rows_moments<T>(
+        x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64], pf: RowPrefetch
+    ) => rows_moments_impl
 }
 
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
@@ -412,6 +461,7 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     mean: &[f64],
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
+    pf: RowPrefetch,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -430,12 +480,21 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         let g = (*gp.add(r * channels + c)).to_f64();
         (g, g * ((*xp.add(r * channels + c)).to_f64() - mean[c]))
     };
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, vec2, one2);
+    let ahead = |r: usize, c: usize| {
+        prefetch_line(xp.wrapping_add(r * channels + c));
+        prefetch_line(gp.wrapping_add(r * channels + c));
+    };
+    if pf.on {
+        rows_accumulate2::<S, ROW_GROUP, true>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf.line, ahead);
+    } else {
+        rows_accumulate2::<S, ROW_GROUP, false>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf.line, ahead);
+    }
 }
 
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
     /// `sum_dy_xmu`.
-    pub(crate) fn rows_grad_sums<T>(x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64])
-        => rows_grad_sums_impl
+    pub(crate) fn rows_grad_sums<T>(
+        x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
+    ) => rows_grad_sums_impl
 }

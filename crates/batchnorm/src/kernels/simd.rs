@@ -338,7 +338,7 @@ pub(crate) use simd_dispatch;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-    use super::super::moments::{self, Runs};
+    use super::super::moments::{self, RowPrefetch, Runs};
     use crate::Element;
 
     fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
@@ -404,12 +404,16 @@ mod tests {
             let z64 = || vec![0.0; channels];
             let (mut a, mut b, mut c) = (z64(), z64(), z64());
             let (mut d, mut e, mut f) = (z64(), z64(), z64());
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f);
+            let pf = RowPrefetch {
+                on: channels % 2 == 1,
+                line: 64 / std::mem::size_of::<T>(),
+            };
+            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c, pf);
+            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
             assert_eq!((&a, &b), (&d, &e));
             let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
-            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2);
-            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2);
+            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2, pf);
+            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2, RowPrefetch::OFF);
             assert_eq!((g1, g2), (h1, h2));
             let p = |k: f64| -> Vec<f64> { (0..channels).map(|c| k + c as f64 / 3.0).collect() };
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
