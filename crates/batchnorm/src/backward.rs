@@ -4,6 +4,7 @@
 use crate::forward::{check_affine, gamma_at};
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
+use crate::kernels::scratch::Scratch;
 use crate::shape::{check_channels, check_eps, check_len};
 use crate::stats::{check_saved, checked, inv_std, SavedStats};
 use crate::{Element, Error, Layout};
@@ -174,9 +175,8 @@ pub fn input_grad<T: Element>(
             shape: shape.to_vec(),
         });
     }
-    let coeffs: Vec<DxCoeffs> = (0..g.channels)
-        .map(|c| dx_coeffs(gamma, saved, c, sums.sum_dy[c], sums.sum_dy_xhat[c]))
-        .collect();
+    let coeffs =
+        Scratch::collect((0..g.channels).map(|c| dx_coeffs(gamma, saved, c, sums.sum_dy[c], sums.sum_dy_xhat[c])));
     plan::input_grad(&g, x, dy, dx, &coeffs);
     Ok(())
 }
@@ -209,16 +209,16 @@ pub fn batch_norm_backward_eval<T: Element>(
     if let Some(dx) = dx.as_deref() {
         check_len("dx", &g, dx.len())?;
     }
-    let inv: Vec<f64> = var.iter().map(|v| inv_std(v.to_f64(), eps)).collect();
+    let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
-        let k: Vec<f64> = (0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]).collect();
+        let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));
         plan::scale(&g, dy, dx, &k);
     }
     if dgamma.is_some() || dbeta.is_some() {
-        let mean: Vec<f64> = mean.iter().map(|v| v.to_f64()).collect();
+        let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
         let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &mean);
         let sums = GradSums {
-            sum_dy_xhat: sum_dy_xmu.iter().zip(&inv).map(|(v, s)| v * s).collect(),
+            sum_dy_xhat: sum_dy_xmu.iter().zip(inv.iter()).map(|(v, s)| v * s).collect(),
             sum_dy,
         };
         sums.write_param_grads(dgamma, dbeta)?;

@@ -2,6 +2,7 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::kernels::plan::{self, Affine};
+use crate::kernels::scratch::Scratch;
 use crate::shape::{check_channels, check_eps, check_len};
 use crate::stats::{check_saved, checked, inv_std, BatchStats, SavedStats};
 use crate::{Element, Error, Layout};
@@ -96,8 +97,8 @@ pub fn normalize<T: Element>(
     check_len("y", &g, y.len())?;
     check_saved(saved, g.channels)?;
     check_affine(g.channels, gamma, beta)?;
-    let scale: Vec<f64> = (0..g.channels).map(|c| gamma_at(gamma, c) * saved.inv_std[c]).collect();
-    let shift: Vec<f64> = (0..g.channels).map(|c| beta_at(beta, c)).collect();
+    let scale = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * saved.inv_std[c]));
+    let shift = Scratch::collect((0..g.channels).map(|c| beta_at(beta, c)));
     plan::normalize(
         &g,
         x,
@@ -133,11 +134,9 @@ pub fn batch_norm_eval<T: Element>(
     check_channels("var", g.channels, var.len())?;
     check_affine(g.channels, gamma, beta)?;
     check_eps(eps)?;
-    let mean: Vec<f64> = mean.iter().map(|v| v.to_f64()).collect();
-    let scale: Vec<f64> = (0..g.channels)
-        .map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps))
-        .collect();
-    let shift: Vec<f64> = (0..g.channels).map(|c| beta_at(beta, c)).collect();
+    let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
+    let scale = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps)));
+    let shift = Scratch::collect((0..g.channels).map(|c| beta_at(beta, c)));
     plan::normalize(
         &g,
         x,

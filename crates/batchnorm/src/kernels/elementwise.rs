@@ -18,6 +18,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
+use super::scratch::{Pooled, Scratch};
 use super::simd::{as_f32, as_f32_mut, is_f32, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
 
@@ -29,14 +30,21 @@ pub(crate) const ROW_TILE: usize = 1024;
 /// Per-channel constants for the `rows` kernels: `channels` values followed by the first 8 again
 /// (cyclically), so that 8 consecutive elements of a row-major buffer starting at any channel
 /// read their constants contiguously.
-pub(crate) struct RowParam<F>(Vec<F>);
+pub(crate) struct RowParam<F: Pooled>(Scratch<F>);
 
-impl<F: Copy> RowParam<F> {
-    pub fn new(v: impl IntoIterator<Item = F>) -> RowParam<F> {
-        let mut v: Vec<F> = v.into_iter().collect();
+impl<F: Pooled> RowParam<F> {
+    pub fn new(v: impl ExactSizeIterator<Item = F>) -> RowParam<F> {
+        let mut buf = Scratch::with_capacity(v.len() + 8);
+        buf.extend(v);
+        RowParam::from_channels(buf)
+    }
+
+    /// From one value per channel (`v` needs room for 8 more).
+    fn from_channels(mut v: Scratch<F>) -> RowParam<F> {
         let channels = v.len();
         for j in 0..8 {
-            v.push(v[j % channels]);
+            let first = v[j % channels];
+            v.push(first);
         }
         RowParam(v)
     }
@@ -319,23 +327,26 @@ impl RowsAffine {
                 shift: RowParam::new(shift.iter().copied()),
             };
         }
-        let mut wide = Vec::new();
-        let narrow: Vec<NarrowAffine> = (0..mean.len())
-            .map(|c| {
-                NarrowAffine::new(wide_of(c)).unwrap_or_else(|| {
-                    wide.push((c, wide_of(c)));
-                    NarrowAffine {
-                        mean_hi: 0.0,
-                        scale: 0.0,
-                        shift: 0.0,
-                    }
-                })
-            })
-            .collect();
+        let channels = mean.len();
+        let room = || Scratch::with_capacity(channels + 8);
+        let (mut mean_hi, mut scale_f, mut shift_f, mut wide) = (room(), room(), room(), Vec::new());
+        for c in 0..channels {
+            let a = NarrowAffine::new(wide_of(c)).unwrap_or_else(|| {
+                wide.push((c, wide_of(c)));
+                NarrowAffine {
+                    mean_hi: 0.0,
+                    scale: 0.0,
+                    shift: 0.0,
+                }
+            });
+            mean_hi.push(a.mean_hi);
+            scale_f.push(a.scale);
+            shift_f.push(a.shift);
+        }
         RowsAffine::Narrow {
-            mean_hi: RowParam::new(narrow.iter().map(|a| a.mean_hi)),
-            scale: RowParam::new(narrow.iter().map(|a| a.scale)),
-            shift: RowParam::new(narrow.iter().map(|a| a.shift)),
+            mean_hi: RowParam::from_channels(mean_hi),
+            scale: RowParam::from_channels(scale_f),
+            shift: RowParam::from_channels(shift_f),
             wide,
         }
     }
@@ -581,27 +592,28 @@ impl DxRows {
                 b: RowParam::new(coeffs.iter().map(|c| c.b)),
             };
         }
-        let mut wide = Vec::new();
-        let narrow: Vec<NarrowDx> = coeffs
-            .iter()
-            .enumerate()
-            .map(|(ch, &c)| {
-                NarrowDx::new(c).unwrap_or_else(|| {
-                    wide.push((ch, c));
-                    NarrowDx {
-                        mean_hi: 0.0,
-                        k: 0.0,
-                        kb: 0.0,
-                        c0: 0.0,
-                    }
-                })
-            })
-            .collect();
+        let room = || Scratch::with_capacity(coeffs.len() + 8);
+        let (mut mean_hi, mut k, mut kb, mut c0, mut wide) = (room(), room(), room(), room(), Vec::new());
+        for (ch, &c) in coeffs.iter().enumerate() {
+            let q = NarrowDx::new(c).unwrap_or_else(|| {
+                wide.push((ch, c));
+                NarrowDx {
+                    mean_hi: 0.0,
+                    k: 0.0,
+                    kb: 0.0,
+                    c0: 0.0,
+                }
+            });
+            mean_hi.push(q.mean_hi);
+            k.push(q.k);
+            kb.push(q.kb);
+            c0.push(q.c0);
+        }
         DxRows::Narrow {
-            mean_hi: RowParam::new(narrow.iter().map(|c| c.mean_hi)),
-            k: RowParam::new(narrow.iter().map(|c| c.k)),
-            kb: RowParam::new(narrow.iter().map(|c| c.kb)),
-            c0: RowParam::new(narrow.iter().map(|c| c.c0)),
+            mean_hi: RowParam::from_channels(mean_hi),
+            k: RowParam::from_channels(k),
+            kb: RowParam::from_channels(kb),
+            c0: RowParam::from_channels(c0),
             wide,
         }
     }

@@ -14,6 +14,7 @@
 pub(crate) mod elementwise;
 pub(crate) mod moments;
 pub(crate) mod plan;
+pub(crate) mod scratch;
 pub(crate) mod simd;
 
 /// `f64` lanes of one SIMD vector (one AVX2 register pair).

@@ -18,6 +18,7 @@
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
 use super::moments::{self, Moments, RowPrefetch, Runs};
+use super::scratch::Scratch;
 use super::with_simd;
 use crate::{Element, Geometry};
 use rayon::prelude::*;
@@ -199,23 +200,22 @@ fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops:
     acc
 }
 
-/// Moments of one rows task (`x` holds whole rows), blocks merged left in order.
+/// Moments of one rows task (`x` holds whole rows), blocks merged left in order into `mean` and
+/// `m2` (one entry per channel); returns the task's row count.
 #[inline(always)]
-fn rows_task_moments<T: Element>(
-    x: &[T],
-    channels: usize,
-    per_block: usize,
-    pf: RowPrefetch,
-) -> (f64, Vec<f64>, Vec<f64>) {
-    let (mut count, mut mean, mut m2) = (0.0, vec![0.0; channels], vec![0.0; channels]);
-    let (mut bm, mut bm2, mut shift) = (vec![0.0; channels], vec![0.0; channels], vec![0.0; channels]);
-    for block in x.chunks(per_block * channels) {
-        moments::rows_moments(block, channels, &mut bm, &mut bm2, &mut shift, pf);
-        let rows = (block.len() / channels) as f64;
-        moments::merge_rows(count, &mut mean, &mut m2, rows, &bm, &bm2);
-        count += rows;
+fn rows_task_moments<T: Element>(x: &[T], per_block: usize, pf: RowPrefetch, mean: &mut [f64], m2: &mut [f64]) -> f64 {
+    let channels = mean.len();
+    let mut count = 0.0;
+    let mut block = Scratch::filled(3 * channels, 0.0);
+    let (bm, rest) = block.split_at_mut(channels);
+    let (bm2, shift) = rest.split_at_mut(channels);
+    for rows in x.chunks(per_block * channels) {
+        moments::rows_moments(rows, channels, bm, bm2, shift, pf);
+        let n = (rows.len() / channels) as f64;
+        moments::merge_rows(count, mean, m2, n, bm, bm2);
+        count += n;
     }
-    (count, mean, m2)
+    count
 }
 
 /// Per-channel moments of the whole tensor.
@@ -242,16 +242,23 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
         out
     } else {
         let (per_task, per_block) = row_blocks(g);
-        let tasks: Vec<&[T]> = x.chunks(per_task * g.channels).collect();
         let pf = prefetch_rows::<T>(g);
-        let parts = map_items(tasks, serial, |_, t| rows_task_moments(t, g.channels, per_block, pf));
+        let c = g.channels;
+        // Each task's (mean, m2) goes to its own part of one buffer of the calling thread.
+        let mut parts = Scratch::filled(2 * c * g.outer.div_ceil(per_task), 0.0);
+        let tasks: Vec<(&[T], &mut [f64])> = x.chunks(per_task * c).zip(parts.chunks_mut(2 * c)).collect();
+        let counts = map_items(tasks, serial, |_, (t, part)| {
+            let (mean, m2) = part.split_at_mut(c);
+            rows_task_moments(t, per_block, pf, mean, m2)
+        });
         let mut out = ChannelMoments {
             count: 0.0,
-            mean: vec![0.0; g.channels],
-            m2: vec![0.0; g.channels],
+            mean: vec![0.0; c],
+            m2: vec![0.0; c],
         };
-        for (count, mean, m2) in parts {
-            moments::merge_rows(out.count, &mut out.mean, &mut out.m2, count, &mean, &m2);
+        for (count, part) in counts.into_iter().zip(parts.chunks(2 * c)) {
+            let (mean, m2) = part.split_at(c);
+            moments::merge_rows(out.count, &mut out.mean, &mut out.m2, count, mean, m2);
             out.count += count;
         }
         out
@@ -344,8 +351,12 @@ pub(crate) fn train_forward<T: Element>(
         }
     } else {
         let m = channel_moments(g, x);
-        let (scale, shift): (Vec<f64>, Vec<f64>) =
-            (0..g.channels).map(|c| affine(c, m.mean[c], m.m2[c] / m.count)).unzip();
+        let (mut scale, mut shift) = (Scratch::with_capacity(g.channels), Scratch::with_capacity(g.channels));
+        for c in 0..g.channels {
+            let (a, b) = affine(c, m.mean[c], m.m2[c] / m.count);
+            scale.push(a);
+            shift.push(b);
+        }
         normalize(
             g,
             x,
@@ -394,18 +405,25 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
             .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
             .unzip()
     } else {
-        let chunk = row_blocks(g).0 * g.channels;
+        let c = g.channels;
+        let chunk = row_blocks(g).0 * c;
         let pf = prefetch_rows::<T>(g);
-        let items: Vec<(&[T], &[T])> = x.chunks(chunk).zip(dy.chunks(chunk)).collect();
-        let parts = map_items(items, serial, |_, (xs, gs)| {
-            let (mut s1, mut s2) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-            moments::rows_grad_sums(xs, gs, mean, &mut s1, &mut s2, pf);
-            (s1, s2)
+        // Each task's (Σ dy, Σ dy(x − m)) goes to its own part of one buffer of the calling thread.
+        let mut parts = Scratch::filled(2 * c * x.len().div_ceil(chunk), 0.0);
+        let items: Vec<((&[T], &[T]), &mut [f64])> = x
+            .chunks(chunk)
+            .zip(dy.chunks(chunk))
+            .zip(parts.chunks_mut(2 * c))
+            .collect();
+        map_items(items, serial, |_, ((xs, gs), part)| {
+            let (s1, s2) = part.split_at_mut(c);
+            moments::rows_grad_sums(xs, gs, mean, s1, s2, pf);
         });
-        let (mut s1, mut s2) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-        for (p, q) in parts {
-            s1.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-            s2.iter_mut().zip(&q).for_each(|(a, b)| *a += b);
+        let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
+        for part in parts.chunks(2 * c) {
+            let (p, q) = part.split_at(c);
+            s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
         }
         (s1, s2)
     }
@@ -490,7 +508,7 @@ pub(crate) fn train_backward<T: Element>(
         dx => {
             let (s1, s2) = grad_sums(g, x, dy, mean);
             if let Some(dx) = dx {
-                let k: Vec<DxCoeffs> = (0..g.channels).map(|c| coeffs(c, s1[c], s2[c])).collect();
+                let k = Scratch::collect((0..g.channels).map(|c| coeffs(c, s1[c], s2[c])));
                 input_grad(g, x, dy, dx, &k);
             }
             (s1, s2)
