@@ -32,23 +32,32 @@ pub(crate) const ROW_TILE: usize = 1024;
 /// read their constants contiguously.
 pub(crate) struct RowParam<F: Pooled>(Scratch<F>);
 
-impl<F: Pooled> RowParam<F> {
-    pub fn new(v: impl ExactSizeIterator<Item = F>) -> RowParam<F> {
-        let mut buf = Scratch::with_capacity(v.len() + 8);
-        buf.extend(v);
-        RowParam::from_channels(buf)
+impl<F: Pooled + Default> RowParam<F> {
+    /// `f(c)` for each of `channels` channels.
+    pub fn from_fn(channels: usize, mut f: impl FnMut(usize) -> F) -> RowParam<F> {
+        let mut v = RowParam::room(channels);
+        for (c, slot) in v[..channels].iter_mut().enumerate() {
+            *slot = f(c);
+        }
+        RowParam::with_tail(v)
     }
 
-    /// From one value per channel (`v` needs room for 8 more).
-    fn from_channels(mut v: Scratch<F>) -> RowParam<F> {
-        let channels = v.len();
+    /// A buffer for `channels` values and the 8 repeated after them.
+    fn room(channels: usize) -> Scratch<F> {
+        Scratch::any(channels + 8)
+    }
+
+    /// From a [`RowParam::room`] whose first `len − 8` entries (one per channel) are written.
+    fn with_tail(mut v: Scratch<F>) -> RowParam<F> {
+        let channels = v.len() - 8;
         for j in 0..8 {
-            let first = v[j % channels];
-            v.push(first);
+            v[channels + j] = v[j % channels];
         }
         RowParam(v)
     }
+}
 
+impl<F: Pooled> RowParam<F> {
     /// Number of channels.
     #[inline(always)]
     fn channels(&self) -> usize {
@@ -109,14 +118,25 @@ impl NarrowAffine {
     /// caller then computes in `f64`).
     #[inline(always)]
     pub fn new(a: WideAffine) -> Option<NarrowAffine> {
+        let (n, ok) = NarrowAffine::checked(a);
+        ok.then_some(n)
+    }
+
+    /// The `f32` constants (zeros unless they fit) and whether they fit; branch-free, so that
+    /// a loop over channels vectorizes.
+    #[inline(always)]
+    fn checked(a: WideAffine) -> (NarrowAffine, bool) {
         let mean_hi = a.mean as f32;
         let mean_lo = a.mean - mean_hi as f64;
         let shift = a.shift - mean_lo * a.scale;
-        (fits_mean(a.mean) && fits(a.scale) && fits(shift)).then_some(NarrowAffine {
-            mean_hi,
-            scale: a.scale as f32,
-            shift: shift as f32,
-        })
+        let ok = fits_mean(a.mean) & fits(a.scale) & fits(shift);
+        let keep = |v: f32| if ok { v } else { 0.0 };
+        let n = NarrowAffine {
+            mean_hi: keep(mean_hi),
+            scale: keep(a.scale as f32),
+            shift: keep(shift as f32),
+        };
+        (n, ok)
     }
 
     #[inline(always)]
@@ -322,31 +342,39 @@ impl RowsAffine {
         };
         if !is_f32::<T>() {
             return RowsAffine::Wide {
-                mean: RowParam::new(mean.iter().copied()),
-                scale: RowParam::new(scale.iter().copied()),
-                shift: RowParam::new(shift.iter().copied()),
+                mean: RowParam::from_fn(mean.len(), |c| mean[c]),
+                scale: RowParam::from_fn(mean.len(), |c| scale[c]),
+                shift: RowParam::from_fn(mean.len(), |c| shift[c]),
             };
         }
         let channels = mean.len();
-        let room = || Scratch::with_capacity(channels + 8);
-        let (mut mean_hi, mut scale_f, mut shift_f, mut wide) = (room(), room(), room(), Vec::new());
+        let (mut mean_hi, mut scale_f, mut shift_f) = (
+            RowParam::room(channels),
+            RowParam::room(channels),
+            RowParam::room(channels),
+        );
+        let mut all_fit = true;
+        let (m, k, b) = (
+            &mut mean_hi[..channels],
+            &mut scale_f[..channels],
+            &mut shift_f[..channels],
+        );
         for c in 0..channels {
-            let a = NarrowAffine::new(wide_of(c)).unwrap_or_else(|| {
-                wide.push((c, wide_of(c)));
-                NarrowAffine {
-                    mean_hi: 0.0,
-                    scale: 0.0,
-                    shift: 0.0,
-                }
-            });
-            mean_hi.push(a.mean_hi);
-            scale_f.push(a.scale);
-            shift_f.push(a.shift);
+            let (a, ok) = NarrowAffine::checked(wide_of(c));
+            all_fit &= ok;
+            (m[c], k[c], b[c]) = (a.mean_hi, a.scale, a.shift);
         }
+        let wide = match all_fit {
+            true => Vec::new(),
+            false => (0..channels)
+                .filter(|&c| !NarrowAffine::checked(wide_of(c)).1)
+                .map(|c| (c, wide_of(c)))
+                .collect(),
+        };
         RowsAffine::Narrow {
-            mean_hi: RowParam::from_channels(mean_hi),
-            scale: RowParam::from_channels(scale_f),
-            shift: RowParam::from_channels(shift_f),
+            mean_hi: RowParam::with_tail(mean_hi),
+            scale: RowParam::with_tail(scale_f),
+            shift: RowParam::with_tail(shift_f),
             wide,
         }
     }
@@ -492,15 +520,25 @@ impl NarrowDx {
     /// The `f32` constants, or `None` when one of them would leave `f32`'s normal range.
     #[inline(always)]
     pub fn new(c: DxCoeffs) -> Option<NarrowDx> {
+        let (n, ok) = NarrowDx::checked(c);
+        ok.then_some(n)
+    }
+
+    /// As [`NarrowAffine::checked`].
+    #[inline(always)]
+    fn checked(c: DxCoeffs) -> (NarrowDx, bool) {
         let mean_hi = c.mean as f32;
         let mean_lo = c.mean - mean_hi as f64;
         let (kb, c0) = (c.k * c.b, c.k * (c.b * mean_lo - c.a));
-        (fits_mean(c.mean) && fits(c.k) && fits(kb) && fits(c0)).then_some(NarrowDx {
-            mean_hi,
-            k: c.k as f32,
-            kb: kb as f32,
-            c0: c0 as f32,
-        })
+        let ok = fits_mean(c.mean) & fits(c.k) & fits(kb) & fits(c0);
+        let keep = |v: f32| if ok { v } else { 0.0 };
+        let n = NarrowDx {
+            mean_hi: keep(mean_hi),
+            k: keep(c.k as f32),
+            kb: keep(kb as f32),
+            c0: keep(c0 as f32),
+        };
+        (n, ok)
     }
 
     #[inline(always)]
@@ -586,34 +624,39 @@ impl DxRows {
     pub fn new<T: Element>(coeffs: &[DxCoeffs]) -> DxRows {
         if !is_f32::<T>() {
             return DxRows::Wide {
-                mean: RowParam::new(coeffs.iter().map(|c| c.mean)),
-                k: RowParam::new(coeffs.iter().map(|c| c.k)),
-                a: RowParam::new(coeffs.iter().map(|c| c.a)),
-                b: RowParam::new(coeffs.iter().map(|c| c.b)),
+                mean: RowParam::from_fn(coeffs.len(), |c| coeffs[c].mean),
+                k: RowParam::from_fn(coeffs.len(), |c| coeffs[c].k),
+                a: RowParam::from_fn(coeffs.len(), |c| coeffs[c].a),
+                b: RowParam::from_fn(coeffs.len(), |c| coeffs[c].b),
             };
         }
-        let room = || Scratch::with_capacity(coeffs.len() + 8);
-        let (mut mean_hi, mut k, mut kb, mut c0, mut wide) = (room(), room(), room(), room(), Vec::new());
+        let channels = coeffs.len();
+        let room = || RowParam::room(channels);
+        let (mut mean_hi, mut k, mut kb, mut c0) = (room(), room(), room(), room());
+        let mut all_fit = true;
+        let (m, kv, kbv, c0v) = (
+            &mut mean_hi[..channels],
+            &mut k[..channels],
+            &mut kb[..channels],
+            &mut c0[..channels],
+        );
         for (ch, &c) in coeffs.iter().enumerate() {
-            let q = NarrowDx::new(c).unwrap_or_else(|| {
-                wide.push((ch, c));
-                NarrowDx {
-                    mean_hi: 0.0,
-                    k: 0.0,
-                    kb: 0.0,
-                    c0: 0.0,
-                }
-            });
-            mean_hi.push(q.mean_hi);
-            k.push(q.k);
-            kb.push(q.kb);
-            c0.push(q.c0);
+            let (q, ok) = NarrowDx::checked(c);
+            all_fit &= ok;
+            (m[ch], kv[ch], kbv[ch], c0v[ch]) = (q.mean_hi, q.k, q.kb, q.c0);
         }
+        let wide = match all_fit {
+            true => Vec::new(),
+            false => (0..channels)
+                .filter(|&ch| !NarrowDx::checked(coeffs[ch]).1)
+                .map(|ch| (ch, coeffs[ch]))
+                .collect(),
+        };
         DxRows::Narrow {
-            mean_hi: RowParam::from_channels(mean_hi),
-            k: RowParam::from_channels(k),
-            kb: RowParam::from_channels(kb),
-            c0: RowParam::from_channels(c0),
+            mean_hi: RowParam::with_tail(mean_hi),
+            k: RowParam::with_tail(k),
+            kb: RowParam::with_tail(kb),
+            c0: RowParam::with_tail(c0),
             wide,
         }
     }
@@ -771,7 +814,7 @@ impl RowsScale {
     /// The factors of every channel, for elements of type `T`.
     pub fn new<T: Element>(k: &[f64]) -> RowsScale {
         if !is_f32::<T>() {
-            return RowsScale::Wide(RowParam::new(k.iter().copied()));
+            return RowsScale::Wide(RowParam::from_fn(k.len(), |c| k[c]));
         }
         let wide = k
             .iter()
@@ -780,7 +823,7 @@ impl RowsScale {
             .map(|(c, &v)| (c, v))
             .collect();
         RowsScale::Narrow(
-            RowParam::new(k.iter().map(|&v| if fits(v) { v as f32 } else { 0.0 })),
+            RowParam::from_fn(k.len(), |c| if fits(k[c]) { k[c] as f32 } else { 0.0 }),
             wide,
         )
     }

@@ -206,7 +206,8 @@ fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops:
 fn rows_task_moments<T: Element>(x: &[T], per_block: usize, pf: RowPrefetch, mean: &mut [f64], m2: &mut [f64]) -> f64 {
     let channels = mean.len();
     let mut count = 0.0;
-    let mut block = Scratch::filled(3 * channels, 0.0);
+    // Every entry is written by `rows_moments` (and `merge_rows` copies the first block).
+    let mut block = Scratch::any(3 * channels);
     let (bm, rest) = block.split_at_mut(channels);
     let (bm2, shift) = rest.split_at_mut(channels);
     for rows in x.chunks(per_block * channels) {
@@ -245,7 +246,7 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
         let pf = prefetch_rows::<T>(g);
         let c = g.channels;
         // Each task's (mean, m2) goes to its own part of one buffer of the calling thread.
-        let mut parts = Scratch::filled(2 * c * g.outer.div_ceil(per_task), 0.0);
+        let mut parts = Scratch::any(2 * c * g.outer.div_ceil(per_task));
         let tasks: Vec<(&[T], &mut [f64])> = x.chunks(per_task * c).zip(parts.chunks_mut(2 * c)).collect();
         let counts = map_items(tasks, serial, |_, (t, part)| {
             let (mean, m2) = part.split_at_mut(c);
@@ -409,13 +410,15 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
         let chunk = row_blocks(g).0 * c;
         let pf = prefetch_rows::<T>(g);
         // Each task's (Σ dy, Σ dy(x − m)) goes to its own part of one buffer of the calling thread.
-        let mut parts = Scratch::filled(2 * c * x.len().div_ceil(chunk), 0.0);
+        let mut parts = Scratch::any(2 * c * x.len().div_ceil(chunk));
         let items: Vec<((&[T], &[T]), &mut [f64])> = x
             .chunks(chunk)
             .zip(dy.chunks(chunk))
             .zip(parts.chunks_mut(2 * c))
             .collect();
         map_items(items, serial, |_, ((xs, gs), part)| {
+            // Zeroed here, by the task, in its own cache, rather than by the caller up front.
+            part.fill(0.0);
             let (s1, s2) = part.split_at_mut(c);
             moments::rows_grad_sums(xs, gs, mean, s1, s2, pf);
         });

@@ -42,23 +42,34 @@ pooled!(f64, f32, super::elementwise::DxCoeffs);
 pub(crate) struct Scratch<T: Pooled>(Vec<T>);
 
 impl<T: Pooled> Scratch<T> {
-    /// An empty buffer with room for at least `cap` elements.
-    pub fn with_capacity(cap: usize) -> Scratch<T> {
+    /// A buffer of this thread's pool with room for at least `cap` elements (the first that fits,
+    /// else the largest), as its last user left it, or a new empty one.
+    fn take(cap: usize) -> Vec<T> {
         let reused = T::with_pool(|pool| {
             let fit = pool.iter().position(|v| v.capacity() >= cap);
             fit.or(pool.len().checked_sub(1)).map(|i| pool.swap_remove(i))
         });
-        let mut v = reused.flatten().unwrap_or_default();
+        reused.flatten().unwrap_or_default()
+    }
+
+    /// An empty buffer with room for at least `cap` elements.
+    pub fn with_capacity(cap: usize) -> Scratch<T> {
+        let mut v = Scratch::take(cap);
         v.clear();
         v.reserve(cap);
         Scratch(v)
     }
 
-    /// `len` copies of `value`.
-    pub fn filled(len: usize, value: T) -> Scratch<T> {
-        let mut s = Scratch::with_capacity(len);
-        s.0.resize(len, value);
-        s
+    /// `len` values, whatever an earlier user left there (`T::default()` where the buffer
+    /// grows): for callers that write every entry before they read it, without paying for a fill.
+    pub fn any(len: usize) -> Scratch<T>
+    where
+        T: Default,
+    {
+        let mut v = Scratch::take(len);
+        v.truncate(len);
+        v.resize(len, T::default());
+        Scratch(v)
     }
 
     /// The items of `iter`, in order.
@@ -101,14 +112,19 @@ mod tests {
 
     #[test]
     fn buffers_are_reused_and_start_as_asked() {
-        let first = Scratch::<f64>::filled(1000, 1.5);
+        let first = Scratch::<f64>::collect(std::iter::repeat_n(1.5, 1000));
         let ptr = first.as_ptr();
         assert!(first.iter().all(|&v| v == 1.5) && first.len() == 1000);
         drop(first);
         // The same allocation comes back, emptied and refilled.
-        let again = Scratch::<f64>::filled(10, 0.0);
+        let again = Scratch::<f64>::collect(std::iter::repeat_n(0.0, 10));
         assert_eq!(again.as_ptr(), ptr);
         assert_eq!(&again[..], &[0.0; 10]);
+        // `any` keeps what the last user left.
+        drop(again);
+        let kept = Scratch::<f64>::any(12);
+        assert_eq!(kept.as_ptr(), ptr);
+        assert_eq!(&kept[..], &[0.0; 12]);
         // While it is taken, another request gets another buffer.
         let other = Scratch::<f64>::collect([1.0, 2.0].into_iter());
         assert_ne!(other.as_ptr(), ptr);
@@ -117,10 +133,10 @@ mod tests {
 
     #[test]
     fn pool_is_bounded() {
-        let many: Vec<_> = (0..MAX_POOLED + 5).map(|_| Scratch::<f32>::filled(4, 0.0)).collect();
+        let many: Vec<_> = (0..MAX_POOLED + 5).map(|_| Scratch::<f32>::any(4)).collect();
         drop(many);
         assert_eq!(f32::with_pool(|p| p.len()), Some(MAX_POOLED));
-        drop(Scratch::<f64>::filled(MAX_POOLED_BYTES / 8 + 1, 0.0));
+        drop(Scratch::<f64>::any(MAX_POOLED_BYTES / 8 + 1));
         assert_eq!(f64::with_pool(|p| p.len()), Some(0));
     }
 }
