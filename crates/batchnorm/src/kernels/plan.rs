@@ -277,13 +277,20 @@ pub(crate) struct Affine<'a> {
 }
 
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
+///
+/// Units are taken last to first: after a pass over x in order (the statistics), the data read
+/// last is what the caches still hold, and a second pass in the same order would evict it just
+/// before reaching it when x is about the size of the last-level cache. Measured (NHWC, `f32`, 2
+/// threads, alternating runs, medians of 9): [64,256,14,14] `fwd_train` 0.72 → 0.61 ms,
+/// `backward` 1.33 → 1.28 ms; [32,64,56,56] 2–4% on every pass. Element-wise, so no bit changes.
 pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affine) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
-        let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
-        map_items(items, serial, |u, (xs, ys)| {
+        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
+        items.reverse();
+        map_items(items, serial, |_, (u, (xs, ys))| {
             let first_plane = u * (chunk / g.inner);
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let c = (first_plane + i) % g.channels;
@@ -301,7 +308,8 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affi
     } else {
         let p = RowsAffine::new::<T>(p.mean, p.scale, p.shift);
         let chunk = row_blocks(g).0 * g.channels;
-        let items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+        let mut items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+        items.reverse();
         map_items(items, serial, |_, (xs, ys)| {
             ew::normalize_rows(xs, ys, &p, stream);
             if stream {
@@ -436,18 +444,21 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
 }
 
 /// Training-mode dx from per-channel coefficients. It always follows a pass over x and dy (the
-/// gradient sums), so both count as re-read for the streaming decision.
+/// gradient sums), so both count as re-read for the streaming decision, and it takes its units
+/// last to first (see [`normalize`]).
 pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [T], coeffs: &[DxCoeffs]) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
-        let items: Vec<((&[T], &[T]), &mut [T])> = x
+        let mut items: Vec<_> = x
             .chunks(chunk)
             .zip(dy.chunks(chunk))
             .zip(dx.chunks_mut(chunk))
+            .enumerate()
             .collect();
-        map_items(items, serial, |u, ((xs, gs), os)| {
+        items.reverse();
+        map_items(items, serial, |_, (u, ((xs, gs), os))| {
             let first_plane = u * (chunk / g.inner);
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
@@ -460,11 +471,12 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
     } else {
         let p = DxRows::new::<T>(coeffs);
         let chunk = row_blocks(g).0 * g.channels;
-        let items: Vec<((&[T], &[T]), &mut [T])> = x
+        let mut items: Vec<((&[T], &[T]), &mut [T])> = x
             .chunks(chunk)
             .zip(dy.chunks(chunk))
             .zip(dx.chunks_mut(chunk))
             .collect();
+        items.reverse();
         map_items(items, serial, |_, ((xs, gs), os)| {
             ew::dx_rows(xs, gs, os, &p, stream);
             if stream {
