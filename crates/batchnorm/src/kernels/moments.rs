@@ -66,21 +66,13 @@ pub(crate) const PREFETCH_BYTES: usize = 8192;
 /// Prefetches the `len` elements at `p` into the cache.
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes = len * std::mem::size_of::<T>();
-        let mut off = 0;
-        while off < bytes {
-            // SAFETY: prefetching never faults; the address is only computed, not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(off)) };
-            off += 64;
-        }
-        // SAFETY: as above; the last line of the run.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(bytes - 1)) };
+    let (base, bytes) = (p as *const u8, len * std::mem::size_of::<T>());
+    let mut off = 0;
+    while off < bytes {
+        prefetch_line(base.wrapping_add(off));
+        off += 64;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
+    prefetch_line(base.wrapping_add(bytes - 1));
 }
 
 /// Prefetches the cache line holding `p`.
@@ -303,11 +295,31 @@ impl RowPrefetch {
 /// acc_a[c] += Σ_r a(r, c) and acc_b[c] += Σ_r b(r, c) over `rows` rows, in row order,
 /// vectorized across channels: `vec(r, c)` gives (a, b) for channels c..c+8 of row r,
 /// `one(r, c)` for channel c alone; `G` rows at a time per register copy of the accumulators.
-/// With `PREFETCH`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
-/// group's rows once per `line` channels (a cache line).
+/// With `pf.on`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
+/// group's rows once per `pf.line` channels (a cache line); that loop is a separate copy, so the
+/// other has no trace of it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_accumulate2<S: Simd, const G: usize, const PREFETCH: bool>(
+fn rows_accumulate2<S: Simd, const G: usize>(
+    s: S,
+    rows: usize,
+    acc_a: &mut [f64],
+    acc_b: &mut [f64],
+    vec: impl Fn(usize, usize) -> (S::V, S::V),
+    one: impl Fn(usize, usize) -> (f64, f64),
+    pf: RowPrefetch,
+    ahead: impl Fn(usize, usize),
+) {
+    if pf.on {
+        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, vec, one, pf.line, ahead);
+    } else {
+        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, vec, one, pf.line, ahead);
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     s: S,
     rows: usize,
     acc_a: &mut [f64],
@@ -399,11 +411,7 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     mean.fill(0.0);
     m2.fill(0.0);
     let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
-    if pf.on {
-        rows_accumulate2::<S, ROW_GROUP, true>(s, rows, mean, m2, vec2, one2, pf.line, ahead);
-    } else {
-        rows_accumulate2::<S, ROW_GROUP, false>(s, rows, mean, m2, vec2, one2, pf.line, ahead);
-    }
+    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, vec2, one2, pf, ahead);
     let n = rows as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
@@ -484,11 +492,7 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         prefetch_line(xp.wrapping_add(r * channels + c));
         prefetch_line(gp.wrapping_add(r * channels + c));
     };
-    if pf.on {
-        rows_accumulate2::<S, ROW_GROUP, true>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf.line, ahead);
-    } else {
-        rows_accumulate2::<S, ROW_GROUP, false>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf.line, ahead);
-    }
+    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf, ahead);
 }
 
 simd_dispatch! {

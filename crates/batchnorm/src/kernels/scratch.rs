@@ -42,8 +42,9 @@ pooled!(f64, f32, super::elementwise::DxCoeffs);
 pub(crate) struct Scratch<T: Pooled>(Vec<T>);
 
 impl<T: Pooled> Scratch<T> {
-    /// A buffer of this thread's pool with room for at least `cap` elements (the first that fits,
-    /// else the largest), as its last user left it, or a new empty one.
+    /// The first buffer of this thread's pool with room for `cap` elements (else the last one
+    /// kept, which the caller grows), as its last user left it; a new empty one if the pool is
+    /// empty.
     fn take(cap: usize) -> Vec<T> {
         let reused = T::with_pool(|pool| {
             let fit = pool.iter().position(|v| v.capacity() >= cap);
