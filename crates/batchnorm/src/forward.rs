@@ -3,8 +3,9 @@
 
 use crate::kernels::plan::{self, Affine};
 use crate::kernels::scratch::Scratch;
+use crate::kernels::with_simd;
 use crate::shape::{check_channels, check_eps, check_len};
-use crate::stats::{check_saved, checked, inv_std, BatchStats, SavedStats};
+use crate::stats::{check_saved, checked, inv_std_in_place, BatchStats, SavedStats};
 use crate::{Element, Error, Layout};
 
 /// Checks optional γ and β against the channel count.
@@ -16,6 +17,33 @@ pub(crate) fn check_affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option
         check_channels("beta", channels, b.len())?;
     }
     Ok(())
+}
+
+/// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
+/// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
+/// affine parameters). Slice loops, which vectorize.
+#[inline]
+pub(crate) fn scale_shift<T: Element>(
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    first: usize,
+    scale: &mut [f64],
+    shift: &mut [f64],
+) {
+    let end = first + scale.len();
+    if let Some(g) = gamma {
+        for (s, g) in scale.iter_mut().zip(&g[first..end]) {
+            *s *= g.to_f64();
+        }
+    }
+    match beta {
+        Some(b) => {
+            for (s, b) in shift.iter_mut().zip(&b[first..end]) {
+                *s = b.to_f64();
+            }
+        }
+        None => shift.fill(0.0),
+    }
 }
 
 /// γ_c (1 without affine).
@@ -67,8 +95,9 @@ pub fn batch_norm_train<T: Element>(
             shape: shape.to_vec(),
         });
     }
-    let m = plan::train_forward(&g, x, y, |c, _mean, var| {
-        (gamma_at(gamma, c) * inv_std(var, eps), beta_at(beta, c))
+    let m = plan::train_forward(&g, x, y, |first, scale, shift| {
+        inv_std_in_place(scale, eps);
+        scale_shift(gamma, beta, first, scale, shift);
     });
     let stats = BatchStats {
         count: g.per_channel() as u64,
@@ -97,8 +126,9 @@ pub fn normalize<T: Element>(
     check_len("y", &g, y.len())?;
     check_saved(saved, g.channels)?;
     check_affine(g.channels, gamma, beta)?;
-    let scale = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * saved.inv_std[c]));
-    let shift = Scratch::collect((0..g.channels).map(|c| beta_at(beta, c)));
+    let mut scale = Scratch::collect(saved.inv_std.iter().copied());
+    let mut shift = Scratch::any(g.channels);
+    with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
     plan::normalize(
         &g,
         x,
@@ -135,8 +165,12 @@ pub fn batch_norm_eval<T: Element>(
     check_affine(g.channels, gamma, beta)?;
     check_eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let scale = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps)));
-    let shift = Scratch::collect((0..g.channels).map(|c| beta_at(beta, c)));
+    let mut scale = Scratch::collect(var.iter().map(|v| v.to_f64()));
+    let mut shift = Scratch::any(g.channels);
+    with_simd(|| {
+        inv_std_in_place(&mut scale, eps);
+        scale_shift(gamma, beta, 0, &mut scale, &mut shift);
+    });
     plan::normalize(
         &g,
         x,

@@ -1,7 +1,7 @@
 //! Per-channel statistics: mergeable batch statistics, what backward needs, running averages and
 //! the population estimator of Algorithm 2.
 
-use crate::kernels::plan;
+use crate::kernels::{plan, with_simd};
 use crate::shape::{check_channels, check_eps, check_len};
 use crate::{Element, Error, Layout};
 
@@ -86,11 +86,13 @@ impl BatchStats {
     /// Rejects ε that is not finite and > 0 ([`Error::InvalidEps`]).
     pub fn saved(&self, eps: f64) -> Result<SavedStats, Error> {
         check_eps(eps)?;
-        Ok(SavedStats {
+        let mut saved = SavedStats {
             count: self.count,
             mean: self.mean.clone(),
-            inv_std: self.var_biased().iter().map(|&v| inv_std(v, eps)).collect(),
-        })
+            inv_std: self.var_biased(),
+        };
+        with_simd(|| inv_std_in_place(&mut saved.inv_std, eps));
+        Ok(saved)
     }
 }
 
@@ -98,6 +100,15 @@ impl BatchStats {
 #[inline]
 pub(crate) fn inv_std(var: f64, eps: f64) -> f64 {
     1.0 / (var + eps).sqrt()
+}
+
+/// [`inv_std`] of every entry of `var`, in place: a slice loop, which vectorizes (4 square roots
+/// and divisions at a time in an AVX2 function, see `kernels::with_simd`).
+#[inline]
+pub(crate) fn inv_std_in_place(var: &mut [f64], eps: f64) {
+    for v in var {
+        *v = inv_std(*v, eps);
+    }
 }
 
 /// What training-mode backward needs from the forward pass, kept in `f64` (a few numbers per

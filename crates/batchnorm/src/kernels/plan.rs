@@ -306,7 +306,7 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affi
             }
         });
     } else {
-        let p = RowsAffine::new::<T>(p.mean, p.scale, p.shift);
+        let p = with_simd(|| RowsAffine::new::<T>(p.mean, p.scale, p.shift));
         let chunk = row_blocks(g).0 * g.channels;
         let mut items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
         items.reverse();
@@ -319,14 +319,15 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affi
     }
 }
 
-/// Training forward: per-channel moments, then `affine(c, moments)` gives the channel's
-/// (scale, shift) and y is written. Fused per channel when the plan allows (see module docs);
+/// Training forward: per-channel moments, then `affine(first, scale, shift)` turns the biased
+/// variances of channels `first..first + scale.len()`, given in `scale`, into their (scale,
+/// shift), and y is written. Fused per channel when the plan allows (see module docs);
 /// the statistics are the same bits as [`channel_moments`] either way.
 pub(crate) fn train_forward<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
-    affine: impl Fn(usize, f64, f64) -> (f64, f64) + Sync + Send,
+    affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
@@ -336,11 +337,12 @@ pub(crate) fn train_forward<T: Element>(
         let out = SharedOut::new(y);
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, c, 0..g.outer);
-            let (scale, shift) = affine(c, m.mean, m.m2 / m.count);
+            let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
+            affine(c, &mut scale, &mut shift);
             let a = WideAffine {
                 mean: m.mean,
-                scale,
-                shift,
+                scale: scale[0],
+                shift: shift[0],
             };
             for o in 0..g.outer {
                 let start = (o * g.channels + c) * g.inner;
@@ -363,12 +365,9 @@ pub(crate) fn train_forward<T: Element>(
         }
     } else {
         let m = channel_moments(g, x);
-        let (mut scale, mut shift) = (Scratch::with_capacity(g.channels), Scratch::with_capacity(g.channels));
-        for c in 0..g.channels {
-            let (a, b) = affine(c, m.mean[c], m.m2[c] / m.count);
-            scale.push(a);
-            shift.push(b);
-        }
+        let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
+        let mut shift = Scratch::any(g.channels);
+        with_simd(|| affine(0, &mut scale, &mut shift));
         normalize(
             g,
             x,
@@ -469,7 +468,7 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
             }
         });
     } else {
-        let p = DxRows::new::<T>(coeffs);
+        let p = with_simd(|| DxRows::new::<T>(coeffs));
         let chunk = row_blocks(g).0 * g.channels;
         let mut items: Vec<((&[T], &[T]), &mut [T])> = x
             .chunks(chunk)
