@@ -488,7 +488,7 @@ simd_dispatch! {
 ///
 /// dx = k·(dy − a − (x − mean)·b) with k = γ·inv_std, a = Σdy/m, b = inv_std²·Σdy(x − mean)/m:
 /// the paper's chain rule for ∂ℓ/∂xᵢ with ∂ℓ/∂σ² and ∂ℓ/∂μ substituted in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct DxCoeffs {
     pub mean: f64,
     pub k: f64,

@@ -485,8 +485,8 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
     }
 }
 
-/// Training backward: per-channel gradient sums, then `coeffs(c, Σdy, Σdy(x−m))` gives the dx
-/// coefficients and, when `dx` is given, dx is written. Fused per channel when the plan allows;
+/// Training backward: per-channel gradient sums, then `coeffs(first, Σdy, Σdy(x−m), out)` writes
+/// the dx coefficients of channels `first..first + out.len()` and, when `dx` is given, dx is written. Fused per channel when the plan allows;
 /// the sums are the same bits as [`grad_sums`] either way. Returns (Σdy, Σdy(x−m)).
 pub(crate) fn train_backward<T: Element>(
     g: &Geometry,
@@ -494,7 +494,7 @@ pub(crate) fn train_backward<T: Element>(
     dy: &[T],
     dx: Option<&mut [T]>,
     mean: &[f64],
-    coeffs: impl Fn(usize, f64, f64) -> DxCoeffs + Sync + Send,
+    coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
     match dx {
         Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
@@ -505,7 +505,9 @@ pub(crate) fn train_backward<T: Element>(
             let out = SharedOut::new(dx);
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
                 let (s1, s2) = planes_grad_sums(g, x, dy, c, mean[c], 0..g.outer);
-                let k = coeffs(c, s1, s2);
+                let mut k = [DxCoeffs::default()];
+                coeffs(c, &[s1], &[s2], &mut k);
+                let k = k[0];
                 for o in 0..g.outer {
                     let start = (o * g.channels + c) * g.inner;
                     if prefetch_out && o + 1 < g.outer {
@@ -525,7 +527,8 @@ pub(crate) fn train_backward<T: Element>(
         dx => {
             let (s1, s2) = grad_sums(g, x, dy, mean);
             if let Some(dx) = dx {
-                let k = Scratch::collect((0..g.channels).map(|c| coeffs(c, s1[c], s2[c])));
+                let mut k = Scratch::any(g.channels);
+                with_simd(|| coeffs(0, &s1, &s2, &mut k));
                 input_grad(g, x, dy, dx, &k);
             }
             (s1, s2)
