@@ -132,13 +132,23 @@ pub struct AccelerateArgs {
     /// A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden).
     #[arg(long)]
     pub quick: bool,
-    /// Directory with the four IDX files (default: Debian's Fashion-MNIST).
-    #[arg(long, default_value = bnlab::data::DEFAULT_DATA_DIR)]
-    pub data: std::path::PathBuf,
+    /// Directory with the four IDX files [default: /usr/share/datasets/fashion-mnist, Debian's
+    /// Fashion-MNIST; with --resume, the run's]
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
     /// Output directory (default: a new folder under runs/).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Worker threads (default: all cores).
+    /// Steps between checkpoints (OUT/checkpoints/<variant>.safetensors; one is also written at
+    /// the end of each variant) [default: --eval-every]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Continue the study in this output directory from its checkpoints, with its settings
+    /// (only --data, --threads, --quiet and --distributed may be given with it).
+    #[arg(long, conflicts_with_all = ["variants", "steps", "eval_every", "half_life", "lr", "batch", "channels",
+        "hidden", "seed", "bn_stats", "quick", "out", "checkpoint_every", "bn_sync"])]
+    pub resume: Option<std::path::PathBuf>,
+    /// Worker threads [default: all cores; with --resume, the run's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
     /// No progress bar or log lines.

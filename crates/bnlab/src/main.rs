@@ -217,42 +217,25 @@ fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
         Arc::new(SingleProcess)
     };
     let root = comm.rank() == 0;
-    let pool = pool(args.threads)?;
-    let out = args.out.clone().unwrap_or_else(|| paper_mlp::default_out("accelerate"));
-    let mut s = accelerate::Settings::new(out);
-    if args.quick {
-        s = s.quick();
-    }
-    if let Some(v) = &args.variants {
-        s.variants = v.clone();
-    }
-    if let Some(steps) = args.steps {
-        s.steps = steps;
-        s.half_life = (steps / 3).max(1);
-    }
-    if let Some(e) = args.eval_every {
-        s.eval_every = e;
-    }
-    if let Some(h) = args.half_life {
-        s.half_life = h;
-    }
-    if let Some(c) = &args.channels {
-        let [c1, c2] = c[..] else {
-            anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-        };
-        s.channels = [c1 as usize, c2 as usize];
-    }
-    if let Some(h) = args.hidden {
-        s.hidden = h as usize;
-    }
-    s.lr = args.lr;
-    s.batch = args.batch as usize;
-    s.seed = args.seed;
-    s.bn_stats = args.bn_stats;
-    s.data_dir = args.data.clone();
-    s.threads = pool.current_num_threads();
-    s.bn_sync = args.bn_sync == OnOff::On;
-    let outcome = pool.install(|| accelerate::run_with(&s, args.quiet, comm.clone()));
+    let (s, pool, resuming) = match &args.resume {
+        Some(dir) => {
+            let mut s = accelerate::resume_settings(dir)?;
+            if let Some(d) = &args.data {
+                s.data_dir = d.clone();
+            }
+            let pool = pool(Some(args.threads.unwrap_or(s.threads as u32)))?;
+            (s, pool, true)
+        }
+        None => (new_accelerate_settings(args)?, pool(args.threads)?, false),
+    };
+    let s = accelerate::Settings {
+        threads: pool.current_num_threads(),
+        ..s
+    };
+    let outcome = pool.install(|| match resuming {
+        true => accelerate::resume_with(&s, args.quiet, comm.clone()),
+        false => accelerate::run_with(&s, args.quiet, comm.clone()),
+    });
     let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
     drop(pool);
     if !root {
@@ -270,6 +253,47 @@ fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())
+}
+
+/// The settings of a new study from the flags.
+fn new_accelerate_settings(args: &AccelerateArgs) -> Result<accelerate::Settings> {
+    let out = args.out.clone().unwrap_or_else(|| paper_mlp::default_out("accelerate"));
+    let mut s = accelerate::Settings::new(out);
+    if args.quick {
+        s = s.quick();
+    }
+    if let Some(v) = &args.variants {
+        s.variants = v.clone();
+    }
+    if let Some(steps) = args.steps {
+        s.steps = steps;
+        s.half_life = (steps / 3).max(1);
+    }
+    if let Some(e) = args.eval_every {
+        s.eval_every = e;
+    }
+    s.checkpoint_every = args.checkpoint_every.unwrap_or(s.eval_every);
+    if let Some(h) = args.half_life {
+        s.half_life = h;
+    }
+    if let Some(c) = &args.channels {
+        let [c1, c2] = c[..] else {
+            anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+        };
+        s.channels = [c1 as usize, c2 as usize];
+    }
+    if let Some(h) = args.hidden {
+        s.hidden = h as usize;
+    }
+    s.lr = args.lr;
+    s.batch = args.batch as usize;
+    s.seed = args.seed;
+    s.bn_stats = args.bn_stats;
+    if let Some(d) = &args.data {
+        s.data_dir = d.clone();
+    }
+    s.bn_sync = args.bn_sync == OnOff::On;
+    Ok(s)
 }
 
 /// The settings of a new run from the flags.

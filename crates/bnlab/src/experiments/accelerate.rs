@@ -42,25 +42,28 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
-use super::common::{self, BnStats, EvalSettings, StepBuffers};
+use super::common::{self, BnStats, EvalSettings, LoopCounters, StepBuffers};
+use super::metrics_log::truncate_jsonl;
+use crate::atomic::write_atomic;
 use crate::data::{self, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
+use crate::engine::checkpoint::{Checkpoint, CheckpointError};
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
-    Sigmoid,
+    Sigmoid, StateValue,
 };
 use crate::report::{self, LinePlot, Page, Series};
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The six networks of the study.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Variant {
     /// No BN, ReLU, dropout, L2 weight decay, LRN, base learning rate.
     Baseline,
@@ -168,7 +171,7 @@ impl std::str::FromStr for Variant {
 }
 
 /// Everything that defines a study.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// Networks to train, in order.
     pub variants: Vec<Variant>,
@@ -176,6 +179,8 @@ pub struct Settings {
     pub steps: u64,
     /// Steps between evaluations (and at the last step).
     pub eval_every: u64,
+    /// Steps between checkpoints (one is also written at the end of each variant).
+    pub checkpoint_every: u64,
     /// Seed of initialization, shuffling and dropout.
     pub seed: u64,
     /// Mini-batch size.
@@ -223,6 +228,7 @@ impl Settings {
             variants: Variant::ALL.to_vec(),
             steps: DEFAULT_STEPS,
             eval_every: DEFAULT_EVAL_EVERY,
+            checkpoint_every: DEFAULT_EVAL_EVERY,
             seed: 1,
             batch: 64,
             lr: 0.01,
@@ -246,6 +252,7 @@ impl Settings {
     pub fn quick(mut self) -> Self {
         self.steps = 120;
         self.eval_every = 40;
+        self.checkpoint_every = 40;
         self.half_life = 40;
         self.channels = [4, 8];
         self.hidden = 32;
@@ -262,6 +269,7 @@ impl Settings {
         ensure!(seen.len() == self.variants.len(), "--variants lists a variant twice");
         ensure!(self.steps > 0, "--steps must be > 0");
         ensure!(self.eval_every > 0, "--eval-every must be > 0");
+        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be > 0");
         ensure!(self.half_life > 0, "--half-life must be > 0");
         ensure!(
             self.batch >= 2,
@@ -536,8 +544,16 @@ pub struct Outcome {
     pub table: Table,
 }
 
-/// Loads data, trains every variant, writes metrics, the table, the plot and the report into
-/// `settings.out`.
+/// The `experiment` name in this experiment's checkpoints.
+pub const EXPERIMENT: &str = "accelerate";
+
+/// Where a study keeps the checkpoint of `variant`: `OUT/checkpoints/<variant>.safetensors`.
+pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
+    common::checkpoint_path(out, variant.name())
+}
+
+/// Loads data, trains every variant, writes the settings, metrics, checkpoints, the table, the
+/// plot and the report into `settings.out`.
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     run_with(settings, quiet, Arc::new(SingleProcess))
 }
@@ -547,6 +563,33 @@ pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
 /// reports progress and writes the outputs (the other ranks create no file and return an outcome
 /// without metrics). `settings.processes` is set from `comm`. With one rank this is [`run`].
 pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    execute(settings, quiet, false, comm)
+}
+
+/// The settings of the study in `dir` (its `settings.json`), with `out` set to `dir`. Rejects a
+/// directory without a readable, valid `settings.json` (not an accelerate run directory).
+pub fn resume_settings(dir: &Path) -> Result<Settings> {
+    let mut s: Settings = common::run_settings(dir, "an accelerate run")?;
+    s.out = dir.to_path_buf();
+    Ok(s)
+}
+
+/// Continues the study in `settings.out` (settings from [`resume_settings`]): every variant
+/// restarts from its checkpoint (a finished one is not retrained, one without a checkpoint starts
+/// afresh), `metrics.jsonl` is cut back to the checkpoints' steps, and all outputs are written as
+/// an uninterrupted run would. Rejects a checkpoint that belongs to another run (other settings,
+/// another architecture) or is damaged.
+pub fn resume(settings: &Settings, quiet: bool) -> Result<Outcome> {
+    resume_with(settings, quiet, Arc::new(SingleProcess))
+}
+
+/// [`resume`] as one rank of data-parallel training over `comm`, as [`run_with`]. Checkpoints do
+/// not depend on the number of processes: a study may resume with another.
+pub fn resume_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
+    execute(settings, quiet, true, comm)
+}
+
+fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
     let mut settings = settings.clone();
     settings.processes = comm.size();
     let settings = &settings;
@@ -566,10 +609,34 @@ pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -
         train.cols,
         train.classes.max(test.classes),
     )?;
+    let settings_json = serde_json::to_value(settings)?;
+    let mut starts = Vec::new();
+    for &v in &settings.variants {
+        starts.push(match resuming {
+            true => common::resume_point(&checkpoint_path(&settings.out, v), EXPERIMENT, v.name(), &settings_json)?,
+            false => None,
+        });
+    }
+    let kept = match (resuming, root) {
+        (true, true) => Some(kept_metrics(settings, &starts)?),
+        (true, false) => Some(Vec::new()),
+        (false, _) => None,
+    };
+    if root {
+        let dir = settings.out.join("checkpoints");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
+        if !resuming {
+            let path = settings.out.join("settings.json");
+            write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
     let mut dp = DataParallel::new(comm);
     let out = root.then_some(settings.out.as_path());
-    let (metrics, summaries) = common::train_variants(out, &settings.variants, Variant::name, |v, record| {
-        train_variant(settings, v, &train, &test, quiet, &mut dp, record)
+    let mut starts = starts.into_iter();
+    let (metrics, summaries) = common::train_variants(out, kept, &settings.variants, Variant::name, |v, record| {
+        let start = starts.next().flatten();
+        train_variant(settings, v, start, &train, &test, quiet, &mut dp, record)
     })?;
     let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
     let table = figure3_table(&names, &metrics);
@@ -584,11 +651,30 @@ pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -
     Ok(outcome)
 }
 
+/// Cuts `metrics.jsonl` back to the lines the checkpoints `starts` (one per variant, in order)
+/// cover and returns them: a variant's evaluations up to its checkpoint's step.
+fn kept_metrics(s: &Settings, starts: &[Option<Checkpoint>]) -> Result<Vec<Metric>> {
+    let covered = |line: &serde_json::Value| {
+        let (Some(name), Some(step)) = (line["variant"].as_str(), line["step"].as_u64()) else {
+            return false;
+        };
+        let at = s.variants.iter().position(|v| v.name() == name);
+        let checkpoint_step = at.and_then(|i| starts[i].as_ref()).map(|c| c.progress.step);
+        line["diverged"] == false && checkpoint_step.is_some_and(|c| step <= c)
+    };
+    truncate_jsonl(&s.out.join("metrics.jsonl"), covered)?
+        .iter()
+        .map(Metric::from_json)
+        .collect()
+}
+
 /// Trains one variant (this rank's shards when `dp` has several ranks), calling `on_metric` at
 /// every evaluation and once on divergence (rank 0 only).
+#[allow(clippy::too_many_arguments)]
 fn train_variant(
     s: &Settings,
     variant: Variant,
+    start: Option<Checkpoint>,
     train: &Dataset,
     test: &Dataset,
     quiet: bool,
@@ -606,16 +692,38 @@ fn train_variant(
     }
     dp.take_traffic();
     let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
+    let mut sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
     let local = dist::shard(s.batch, dp.rank(), dp.size()).len();
+    let ckpt_path = checkpoint_path(&s.out, variant);
+    let first = match &start {
+        Some(ck) => {
+            ck.restore(&mut net, &mut sgd)
+                .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
+            ensure!(
+                ck.progress.step <= s.steps && ck.progress.seed == s.seed,
+                "{}: step {} and seed {} do not fit this run",
+                ckpt_path.display(),
+                ck.progress.step,
+                ck.progress.seed
+            );
+            // The checkpoint holds the dropout positions of rank 0 of the run that wrote it.
+            let writer_processes = ck.settings["processes"].as_u64().unwrap_or(1).max(1) as usize;
+            dropout_to_rank(&mut net, dist::shard(s.batch, 0, writer_processes).len(), local)?;
+            LoopCounters::from_progress(&ck.progress)?
+        }
+        None => LoopCounters::default(),
+    };
+    let settings_json = serde_json::to_value(s)?;
     let buf = StepBuffers::new(local, train.features(), classes);
     let mut state = (net, sgd, shuffler, buf, dp);
     // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
     let lr = |step: u64| s.lr_at(variant, step);
     let end = common::train_loop(
         variant.name(),
+        first,
         s.steps,
         s.eval_every,
+        s.checkpoint_every,
         quiet || !root,
         &mut state,
         |(net, sgd, shuffler, buf, dp), step| {
@@ -642,6 +750,24 @@ fn train_variant(
             })?;
             Ok(Some(acc))
         },
+        |(net, sgd, _, _, _), counters| {
+            if !root {
+                return Ok(());
+            }
+            let progress = counters.progress(s.seed);
+            match Checkpoint::capture(net, sgd, &progress, EXPERIMENT, variant.name(), settings_json.clone()) {
+                Ok(ck) => Ok(ck.save(&ckpt_path)?),
+                // Weights that overflowed before the loss did: no checkpoint (the last good one
+                // stays), and the variant is reported diverged at its first non-finite loss,
+                // as without checkpoints.
+                Err(CheckpointError::NonFinite { .. }) => Ok(()),
+                Err(e) => Err(anyhow!(
+                    "{}: cannot checkpoint `{}`: {e}",
+                    ckpt_path.display(),
+                    variant.name()
+                )),
+            }
+        },
     )?;
     if let (Some((step, _)), true) = (end.diverged, root) {
         on_metric(&Metric {
@@ -665,6 +791,58 @@ fn train_variant(
         collective_calls_per_step: traffic.calls as f64 / steps,
         bytes_sent_per_step: traffic.bytes_sent as f64 / steps,
     })
+}
+
+/// Moves the dropout generators of a network restored from a checkpoint (which holds the
+/// positions of rank 0 of the run that wrote it, `rank0_shard` examples per step) to this rank's
+/// (`shard` examples per step, in this run's process count): each step draws one 32-bit word per
+/// example and feature, so a generator's position is proportional to the examples it has masked.
+/// Rejects a position that is not a whole number of the writer's steps.
+fn dropout_to_rank(net: &mut Sequential, rank0_shard: usize, shard: usize) -> Result<()> {
+    if shard == rank0_shard {
+        return Ok(());
+    }
+    for layer in net.layers.iter_mut() {
+        for st in layer.state() {
+            if let (StateValue::U64(v), "rng_word_pos") = (&st.value, st.name) {
+                let pos = u128::from(v[0]) | (u128::from(v[1]) << 64);
+                ensure!(
+                    pos % rank0_shard as u128 == 0,
+                    "dropout generator position {pos} is not a whole number of steps of {rank0_shard} examples"
+                );
+                let mine = pos / rank0_shard as u128 * shard as u128;
+                layer.set_state(st.name, StateValue::U64(vec![mine as u64, (mine >> 64) as u64]))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Metric {
+    /// A line of `metrics.jsonl` read back (resuming a study). Rejects an unknown variant or
+    /// missing fields.
+    fn from_json(v: &serde_json::Value) -> Result<Metric> {
+        #[derive(Deserialize)]
+        struct Line {
+            variant: String,
+            step: u64,
+            test_acc: Option<f64>,
+            train_loss: Option<f64>,
+            lr: f64,
+            diverged: bool,
+        }
+        let l: Line = serde_json::from_value(v.clone()).context("metrics.jsonl: a line is not a metrics record")?;
+        let variant = Variant::from_name(&l.variant)
+            .with_context(|| format!("metrics.jsonl: unknown variant `{}`", l.variant))?;
+        Ok(Metric {
+            variant: variant.name(),
+            step: l.step,
+            test_acc: l.test_acc,
+            train_loss: l.train_loss,
+            lr: l.lr,
+            diverged: l.diverged,
+        })
+    }
 }
 
 /// Writes summary.json, table.json, table.md, the accuracy plot and report.html.

@@ -6,6 +6,7 @@
 use super::progress::Progress;
 use crate::data::{gather, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
+use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
 use crate::engine::loss::argmax_rows;
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use anyhow::{ensure, Context, Result};
@@ -145,14 +146,15 @@ pub fn train_step_parallel(
     Ok(loss)
 }
 
-/// How [`train_loop`] ended.
-#[derive(Debug, Clone, Copy)]
-pub struct LoopEnd {
+/// The counters of [`train_loop`]: where it starts (step 0, or a checkpoint's), what it hands to
+/// its checkpoints, and how it ended.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoopCounters {
     /// Steps trained (the diverged one included).
     pub steps: u64,
     /// Seconds spent in training steps (evaluations not counted).
     pub train_secs: f64,
-    /// Wall-clock seconds of the whole loop.
+    /// Wall-clock seconds of the whole loop (of every session of a resumed run).
     pub seconds: f64,
     /// Best test accuracy over evaluations.
     pub best_acc: Option<f64>,
@@ -160,42 +162,84 @@ pub struct LoopEnd {
     pub last_acc: Option<f64>,
     /// The step (1-based) whose loss was not finite, and that loss; the loop stopped there.
     pub diverged: Option<(u64, f32)>,
+    /// Sum of the training losses since the last evaluation.
+    pub loss_sum: f64,
+    /// Number of losses in `loss_sum`.
+    pub loss_n: u64,
 }
 
-impl LoopEnd {
+impl LoopCounters {
     /// Milliseconds per training step.
     pub fn ms_per_step(&self) -> f64 {
         self.train_secs * 1e3 / self.steps.max(1) as f64
     }
+
+    /// The counters as a checkpoint's progress (accuracies not yet measured are stored as −1).
+    pub fn progress(&self, seed: u64) -> TrainProgress {
+        let values = [
+            ("loss_sum", self.loss_sum),
+            ("loss_n", self.loss_n as f64),
+            ("best_test_acc", self.best_acc.unwrap_or(-1.0)),
+            ("last_test_acc", self.last_acc.unwrap_or(-1.0)),
+            ("train_seconds", self.train_secs),
+            ("seconds", self.seconds),
+        ];
+        TrainProgress {
+            step: self.steps,
+            seed,
+            values: values.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        }
+    }
+
+    /// The counters a checkpoint's progress holds (see [`LoopCounters::progress`]). Rejects a
+    /// progress without one of them.
+    pub fn from_progress(p: &TrainProgress) -> Result<Self> {
+        let get = |k: &str| {
+            p.values
+                .get(k)
+                .copied()
+                .with_context(|| format!("the checkpoint lacks progress value `{k}`"))
+        };
+        let acc = |v: f64| (v >= 0.0).then_some(v);
+        Ok(LoopCounters {
+            steps: p.step,
+            train_secs: get("train_seconds")?,
+            seconds: get("seconds")?,
+            best_acc: acc(get("best_test_acc")?),
+            last_acc: acc(get("last_test_acc")?),
+            diverged: None,
+            loss_sum: get("loss_sum")?,
+            loss_n: get("loss_n")? as u64,
+        })
+    }
 }
 
-/// The training loop every experiment runs, with a progress display named `name`:
+/// The training loop every experiment runs, with a progress display named `name`, from the
+/// counters `start` (step `start.steps`; `LoopCounters::default()` for a new run) to step `steps`:
 /// `step_fn(state, step)` trains 0-based step `step` and returns its loss; after every
 /// `eval_every` steps and after the last, `eval_fn(state, steps_done, mean_loss_since_last_eval)`
 /// evaluates (and records its metrics) and returns the test accuracy, or `None` where this
-/// process does not evaluate (a data-parallel rank other than 0). Stops at the first loss that is
-/// not finite.
+/// process does not evaluate (a data-parallel rank other than 0); after every `checkpoint_every`
+/// steps and after the last (after that step's evaluation), `checkpoint_fn(state, counters)`.
+/// Stops at the first loss that is not finite (no checkpoint is taken then).
+#[allow(clippy::too_many_arguments)]
 pub fn train_loop<S>(
     name: &str,
+    start: LoopCounters,
     steps: u64,
     eval_every: u64,
+    checkpoint_every: u64,
     quiet: bool,
     state: &mut S,
     mut step_fn: impl FnMut(&mut S, u64) -> Result<f32>,
     mut eval_fn: impl FnMut(&mut S, u64, f64) -> Result<Option<f64>>,
-) -> Result<LoopEnd> {
+    mut checkpoint_fn: impl FnMut(&mut S, &LoopCounters) -> Result<()>,
+) -> Result<LoopCounters> {
     let progress = Progress::new(name, steps, quiet);
-    let start = Instant::now();
-    let mut end = LoopEnd {
-        steps: 0,
-        train_secs: 0.0,
-        seconds: 0.0,
-        best_acc: None,
-        last_acc: None,
-        diverged: None,
-    };
-    let (mut loss_sum, mut loss_n) = (0.0f64, 0u64);
-    for step in 0..steps {
+    progress.step(start.steps);
+    let (clock, prior_secs) = (Instant::now(), start.seconds);
+    let mut end = start;
+    for step in start.steps..steps {
         let t = Instant::now();
         let loss = step_fn(state, step)?;
         end.train_secs += t.elapsed().as_secs_f64();
@@ -206,12 +250,12 @@ pub fn train_loop<S>(
             end.diverged = Some((step + 1, loss));
             break;
         }
-        loss_sum += loss as f64;
-        loss_n += 1;
+        end.loss_sum += loss as f64;
+        end.loss_n += 1;
         if (step + 1) % eval_every == 0 || step + 1 == steps {
-            let mean_loss = loss_sum / loss_n as f64;
+            let mean_loss = end.loss_sum / end.loss_n as f64;
             let acc = eval_fn(state, step + 1, mean_loss)?;
-            (loss_sum, loss_n) = (0.0, 0);
+            (end.loss_sum, end.loss_n) = (0.0, 0);
             if let Some(acc) = acc {
                 let rate = (step + 1) as f64 / end.train_secs.max(1e-9);
                 progress.eval(step + 1, steps, mean_loss, acc, rate);
@@ -219,9 +263,13 @@ pub fn train_loop<S>(
                 end.last_acc = Some(acc);
             }
         }
+        if (step + 1) % checkpoint_every == 0 || step + 1 == steps {
+            end.seconds = prior_secs + clock.elapsed().as_secs_f64();
+            checkpoint_fn(state, &end)?;
+        }
     }
     progress.finish();
-    end.seconds = start.elapsed().as_secs_f64();
+    end.seconds = prior_secs + clock.elapsed().as_secs_f64();
     Ok(end)
 }
 
@@ -295,6 +343,15 @@ impl JsonLines {
         Ok(JsonLines { file, path })
     }
 
+    /// Opens `path` to append lines after those it holds.
+    pub fn append(path: PathBuf) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(JsonLines { file, path })
+    }
+
     /// Appends `value` as one line.
     pub fn write(&mut self, value: &impl Serialize) -> Result<()> {
         writeln!(self.file, "{}", serde_json::to_string(value)?)
@@ -306,21 +363,24 @@ impl JsonLines {
 /// Creates the output folder `out` and its `metrics.jsonl` (with `out` = `None`, nothing is
 /// written: a data-parallel rank other than 0), then trains each of `variants` with
 /// `train(variant, record)`, where `record` appends one metrics line (written and kept).
+/// With `kept` (a resumed run), `metrics.jsonl` already holds those lines and is appended to.
 /// Returns the metrics lines in order and each variant's result under `name(variant)`.
 pub fn train_variants<V: Copy, M: Serialize + Clone, R>(
     out: Option<&Path>,
+    kept: Option<Vec<M>>,
     variants: &[V],
     name: impl Fn(V) -> &'static str,
     mut train: impl FnMut(V, &mut dyn FnMut(&M) -> Result<()>) -> Result<R>,
 ) -> Result<(Vec<M>, BTreeMap<&'static str, R>)> {
-    let mut file = match out {
-        Some(out) => {
+    let mut file = match (out, kept.is_some()) {
+        (Some(out), false) => {
             create_out(out)?;
             Some(JsonLines::create(out.join("metrics.jsonl"))?)
         }
-        None => None,
+        (Some(out), true) => Some(JsonLines::append(out.join("metrics.jsonl"))?),
+        (None, _) => None,
     };
-    let (mut metrics, mut results) = (Vec::new(), BTreeMap::new());
+    let (mut metrics, mut results) = (kept.unwrap_or_default(), BTreeMap::new());
     for &v in variants {
         let r = train(v, &mut |m: &M| {
             if let Some(f) = file.as_mut() {
@@ -381,4 +441,66 @@ pub fn default_out(prefix: &str) -> PathBuf {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     Path::new("runs").join(format!("{prefix}-{secs}"))
+}
+
+/// Where a run keeps the checkpoint of the variant named `variant`:
+/// `OUT/checkpoints/<variant>.safetensors`.
+pub fn checkpoint_path(out: &Path, variant: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{variant}.safetensors"))
+}
+
+/// The training-defining part of a run's settings (as JSON): everything but where files are,
+/// thread and process counts (checkpoints do not depend on them).
+pub fn run_identity(settings: &serde_json::Value) -> serde_json::Value {
+    let mut v = settings.clone();
+    if let Some(m) = v.as_object_mut() {
+        for key in ["out", "data_dir", "threads", "processes"] {
+            m.remove(key);
+        }
+    }
+    v
+}
+
+/// The checkpoint a resumed run continues `variant` of `experiment` from: `None` without a file
+/// at `path`. Rejects a damaged file, a checkpoint of another experiment or variant, and one
+/// written by a run whose settings differ from `settings` (beyond [`run_identity`]).
+pub fn resume_point(
+    path: &Path,
+    experiment: &str,
+    variant: &str,
+    settings: &serde_json::Value,
+) -> Result<Option<Checkpoint>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let c = Checkpoint::read(path).with_context(|| format!("cannot resume from {}", path.display()))?;
+    ensure!(
+        c.experiment == experiment && c.variant == variant,
+        "{}: a checkpoint of {}/{}, expected {experiment}/{variant}",
+        path.display(),
+        c.experiment,
+        c.variant
+    );
+    let dir = path.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    ensure!(
+        run_identity(&c.settings) == run_identity(settings),
+        "{}: written by a run with other settings than {}",
+        path.display(),
+        dir.join("settings.json").display()
+    );
+    Ok(Some(c))
+}
+
+/// The settings of the run in `dir` (its `settings.json`). Rejects a directory without a
+/// readable, valid `settings.json`, saying it is not `what` to resume (e.g. "a paper-mlp run").
+pub fn run_settings<S: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> Result<S> {
+    let path = dir.join("settings.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not {what} to resume: cannot read {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))
 }

@@ -232,7 +232,7 @@ pub const EXPERIMENT: &str = "paper-mlp";
 
 /// Where a run keeps the checkpoint of `variant`: `OUT/checkpoints/<variant>.safetensors`.
 pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
-    out.join("checkpoints").join(format!("{}.safetensors", variant.name()))
+    common::checkpoint_path(out, variant.name())
 }
 
 /// Loads data, trains every variant, writes metrics, checkpoints, plots and the report into
@@ -258,16 +258,7 @@ pub fn resume_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>
 /// The settings of the run in `dir` (its `settings.json`), with `out` set to `dir`. Rejects a
 /// directory without a readable, valid `settings.json` (not a paper-mlp run directory).
 pub fn resume_settings(dir: &Path) -> Result<Settings> {
-    let path = dir.join("settings.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "{} is not a paper-mlp run to resume: cannot read {}",
-            dir.display(),
-            path.display()
-        )
-    })?;
-    let mut s: Settings =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?;
+    let mut s: Settings = common::run_settings(dir, "a paper-mlp run")?;
     s.out = dir.to_path_buf();
     Ok(s)
 }
@@ -279,18 +270,6 @@ pub fn resume_settings(dir: &Path) -> Result<Settings> {
 /// another architecture) or is damaged.
 pub fn resume(settings: &Settings, quiet: bool) -> Result<Outcome> {
     execute(settings, quiet, true, Arc::new(SingleProcess))
-}
-
-/// The training-defining part of the settings: everything but where files are, thread and
-/// process counts (checkpoints do not depend on them).
-fn identity(s: &serde_json::Value) -> serde_json::Value {
-    let mut v = s.clone();
-    if let Some(m) = v.as_object_mut() {
-        for key in ["out", "data_dir", "threads", "processes"] {
-            m.remove(key);
-        }
-    }
-    v
 }
 
 fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
@@ -315,27 +294,10 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
     let mut starts = Vec::new();
     for &variant in &settings.variants {
         let path = checkpoint_path(&settings.out, variant);
-        let start = if resuming && path.exists() {
-            let c = Checkpoint::read(&path).with_context(|| format!("cannot resume from {}", path.display()))?;
-            ensure!(
-                c.experiment == EXPERIMENT && c.variant == variant.name(),
-                "{}: a checkpoint of {}/{}, expected {EXPERIMENT}/{}",
-                path.display(),
-                c.experiment,
-                c.variant,
-                variant.name()
-            );
-            ensure!(
-                identity(&c.settings) == identity(&settings_json),
-                "{}: written by a run with other settings than {}",
-                path.display(),
-                settings.out.join("settings.json").display()
-            );
-            Some(c)
-        } else {
-            None
-        };
-        starts.push(start);
+        starts.push(match resuming {
+            true => common::resume_point(&path, EXPERIMENT, variant.name(), &settings_json)?,
+            false => None,
+        });
     }
     let mut outcome = Outcome {
         metrics: Vec::new(),
@@ -402,37 +364,35 @@ struct Counters {
 }
 
 impl Counters {
+    /// The counters as a checkpoint's progress, in the keys every experiment uses
+    /// ([`common::LoopCounters::progress`]).
     fn progress(&self, step: u64, seed: u64) -> TrainProgress {
-        let values = [
-            ("loss_sum", self.loss_sum),
-            ("loss_n", self.loss_n as f64),
-            ("best_test_acc", self.best),
-            ("last_test_acc", self.last),
-            ("train_seconds", self.train_secs),
-            ("seconds", self.seconds),
-        ];
-        TrainProgress {
-            step,
-            seed,
-            values: values.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        }
+        self.as_loop(step).progress(seed)
     }
 
     fn from_progress(p: &TrainProgress) -> Result<Self> {
-        let get = |k: &str| {
-            p.values
-                .get(k)
-                .copied()
-                .with_context(|| format!("the checkpoint lacks progress value `{k}`"))
-        };
+        let l = common::LoopCounters::from_progress(p)?;
         Ok(Counters {
-            loss_sum: get("loss_sum")?,
-            loss_n: get("loss_n")? as u64,
-            best: get("best_test_acc")?,
-            last: get("last_test_acc")?,
-            train_secs: get("train_seconds")?,
-            seconds: get("seconds")?,
+            loss_sum: l.loss_sum,
+            loss_n: l.loss_n,
+            best: l.best_acc.unwrap_or(0.0),
+            last: l.last_acc.unwrap_or(0.0),
+            train_secs: l.train_secs,
+            seconds: l.seconds,
         })
+    }
+
+    fn as_loop(&self, steps: u64) -> common::LoopCounters {
+        common::LoopCounters {
+            steps,
+            train_secs: self.train_secs,
+            seconds: self.seconds,
+            best_acc: Some(self.best),
+            last_acc: Some(self.last),
+            diverged: None,
+            loss_sum: self.loss_sum,
+            loss_n: self.loss_n,
+        }
     }
 }
 
