@@ -6,10 +6,8 @@
 mod common;
 
 use bnlab::engine::checkpoint::Checkpoint;
-use common::{bnlab, bnlab_ok, expect_error, read, s, synthetic_data};
+use common::{assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, expect_error, read, s, synthetic_data};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.
 fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
@@ -25,23 +23,6 @@ fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
     ];
     args.extend_from_slice(extra);
     args
-}
-
-fn ckpt(out: &Path, variant: &str) -> PathBuf {
-    out.join("checkpoints").join(format!("{variant}.safetensors"))
-}
-
-/// Every tensor of two checkpoints equal, except the wall-clock progress values.
-fn same_state(a: &Checkpoint, b: &Checkpoint) {
-    let names: Vec<&str> = a.tensor_names().collect();
-    assert_eq!(names, b.tensor_names().collect::<Vec<_>>());
-    for name in names {
-        if name.ends_with("seconds") {
-            continue;
-        }
-        assert_eq!(a.tensor(name), b.tensor(name), "tensor {name} differs");
-    }
-    assert_eq!(a.progress.step, b.progress.step);
 }
 
 /// The test accuracy line of `bnlab eval`: (correct, total).
@@ -61,7 +42,6 @@ fn eval_counts(stdout: &str) -> (usize, usize) {
 fn killed_and_resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path());
-    let (full, killed) = (tmp.path().join("full"), tmp.path().join("killed"));
     let args = |out: &Path| -> Vec<String> {
         [
             "paper-mlp",
@@ -87,66 +67,15 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
         .chain([s(&data).to_string(), "--out".into(), s(out).to_string()])
         .collect()
     };
-    bnlab_ok(tmp.path(), &args(&full).iter().map(String::as_str).collect::<Vec<_>>());
-
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
-        .args(args(&killed))
-        .current_dir(tmp.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !ckpt(&killed, "bn").exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    child.kill().unwrap(); // SIGKILL on Unix
-    let status = child.wait().unwrap();
-    {
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "the run was not killed mid-way: {status}");
-    }
-    let at_kill = Checkpoint::read(&ckpt(&killed, "bn")).unwrap();
-    assert!(at_kill.progress.step < 6000, "bn had finished when killed");
-    let baseline_before = std::fs::read(ckpt(&killed, "baseline")).unwrap();
-    assert!(!killed.join("summary.json").exists());
-
-    // Resume without --threads: the run's recorded thread count is used.
-    bnlab_ok(tmp.path(), &["paper-mlp", "--resume", s(&killed), "--quiet"]);
-    assert_eq!(
-        read(&full.join("metrics.jsonl")),
-        read(&killed.join("metrics.jsonl")),
-        "metrics.jsonl of the resumed run differs from the uninterrupted one"
+    assert_killed_and_resumed_run_matches(
+        tmp.path(),
+        "paper-mlp",
+        ["baseline", "bn"],
+        6000,
+        args,
+        &[],
+        &["final_test_acc"],
     );
-    assert_eq!(
-        std::fs::read(ckpt(&killed, "baseline")).unwrap(),
-        baseline_before,
-        "the finished variant was retrained"
-    );
-    for v in ["baseline", "bn"] {
-        same_state(
-            &Checkpoint::read(&ckpt(&full, v)).unwrap(),
-            &Checkpoint::read(&ckpt(&killed, v)).unwrap(),
-        );
-    }
-    let summary = |out: &Path| -> serde_json::Value { serde_json::from_str(&read(&out.join("summary.json"))).unwrap() };
-    for v in ["baseline", "bn"] {
-        assert_eq!(
-            summary(&full)["variants"][v]["final_test_acc"],
-            summary(&killed)["variants"][v]["final_test_acc"]
-        );
-    }
-    assert!(killed.join("report.html").is_file());
-
-    // Resuming a finished run retrains nothing and changes no metric.
-    bnlab_ok(tmp.path(), &["paper-mlp", "--resume", s(&killed), "--quiet"]);
-    assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
 }
 
 /// `bnlab eval` gives the run's final accuracy; folded, the same within float rounding.

@@ -1,7 +1,7 @@
 //! Helpers shared by the CLI tests (`paper_mlp_cli.rs`, `accelerate_cli.rs`, `report_browser.rs`,
-//! `distributed.rs`, `accelerate_distributed.rs`): running the built binary (also under `mpirun`),
-//! locating Fashion-MNIST, writing small synthetic IDX data, and checking output files and one-line
-//! errors.
+//! `distributed.rs`, `accelerate_distributed.rs`, `checkpoint_cli.rs`, `accelerate_resume.rs`):
+//! running the built binary (also under `mpirun`, or killed mid-run), locating Fashion-MNIST,
+//! writing small synthetic IDX data, and checking output files, checkpoints and one-line errors.
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::path::{Path, PathBuf};
@@ -266,4 +266,116 @@ pub fn assert_tracks(what: &str, got: &[(u64, f64, f64)], want: &[(u64, f64, f64
             w.2
         );
     }
+}
+
+/// `out/checkpoints/<variant>.safetensors`.
+pub fn ckpt(out: &Path, variant: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{variant}.safetensors"))
+}
+
+/// Every tensor of two checkpoints equal, except the wall-clock progress values.
+pub fn same_state(a: &bnlab::engine::checkpoint::Checkpoint, b: &bnlab::engine::checkpoint::Checkpoint) {
+    let names: Vec<&str> = a.tensor_names().collect();
+    assert_eq!(names, b.tensor_names().collect::<Vec<_>>());
+    for name in names {
+        if name.ends_with("seconds") {
+            continue;
+        }
+        assert_eq!(a.tensor(name), b.tensor(name), "tensor {name} differs");
+    }
+    assert_eq!(a.progress.step, b.progress.step);
+}
+
+/// Starts `bnlab args` in `cwd` and kills it with SIGKILL 20 ms after `file` appears (at most
+/// 300 s); asserts that it was still running and died of the signal.
+pub fn run_and_kill_when(cwd: &Path, args: &[String], file: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !file.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "no {} after 300 s", file.display());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "the run was not killed mid-way: {status}");
+}
+
+/// The kill-and-resume scenario of `bnlab <experiment>` (`paper-mlp`, `accelerate`) with two
+/// variants of `steps` steps, where `args(out)` runs the whole thing into `out` in `cwd`: an
+/// uninterrupted run; a run killed with SIGKILL while it trains `variants[1]` (the first
+/// finished, the second has a checkpoint) and resumed without `--threads` (the run's own thread
+/// count is used). Asserts the resumed run equals the uninterrupted one bit for bit: metrics, the
+/// files `same_files`, every checkpoint tensor but the timings, and the `summary_keys` of each
+/// variant in `summary.json`; that the finished variant was not retrained; and that resuming the
+/// finished run changes nothing.
+pub fn assert_killed_and_resumed_run_matches(
+    cwd: &Path,
+    experiment: &str,
+    variants: [&str; 2],
+    steps: u64,
+    args: impl Fn(&Path) -> Vec<String>,
+    same_files: &[&str],
+    summary_keys: &[&str],
+) {
+    use bnlab::engine::checkpoint::Checkpoint;
+    let (full, killed) = (cwd.join("full"), cwd.join("killed"));
+    bnlab_ok(cwd, &args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+
+    run_and_kill_when(cwd, &args(&killed), &ckpt(&killed, variants[1]));
+    let at_kill = Checkpoint::read(&ckpt(&killed, variants[1])).unwrap();
+    assert!(
+        at_kill.progress.step < steps,
+        "{} had finished when killed",
+        variants[1]
+    );
+    let first_before = std::fs::read(ckpt(&killed, variants[0])).unwrap();
+    assert!(!killed.join("summary.json").exists());
+
+    bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
+    for file in std::iter::once("metrics.jsonl").chain(same_files.iter().copied()) {
+        assert_eq!(
+            read(&full.join(file)),
+            read(&killed.join(file)),
+            "{file} of the resumed run differs from the uninterrupted one"
+        );
+    }
+    assert_eq!(
+        std::fs::read(ckpt(&killed, variants[0])).unwrap(),
+        first_before,
+        "the finished variant was retrained"
+    );
+    for v in variants {
+        same_state(
+            &Checkpoint::read(&ckpt(&full, v)).unwrap(),
+            &Checkpoint::read(&ckpt(&killed, v)).unwrap(),
+        );
+    }
+    let summary = |out: &Path| -> Value { serde_json::from_str(&read(&out.join("summary.json"))).unwrap() };
+    for v in variants {
+        for key in summary_keys {
+            assert_eq!(
+                summary(&full)["variants"][v][key],
+                summary(&killed)["variants"][v][key],
+                "{v} {key}"
+            );
+        }
+    }
+    assert!(killed.join("report.html").is_file());
+
+    // Resuming a finished run retrains nothing and changes no metric.
+    bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
+    assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
 }
