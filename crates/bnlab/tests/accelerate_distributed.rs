@@ -15,11 +15,13 @@
 mod common;
 
 use batchnorm::{Communicator, ThreadComm};
+use bnlab::engine::checkpoint::Checkpoint;
 use bnlab::engine::Mode;
 use bnlab::experiments::accelerate::{self, Metric, Outcome, Settings, Variant};
 use common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A short study of one variant on `data`: the `--quick` network, 60 steps, evaluations every 20.
@@ -58,7 +60,20 @@ fn rank_out(s: &Settings, r: usize) -> PathBuf {
 
 /// Runs the study as `p` in-process ranks; returns every rank's result, in rank order.
 fn on_threads(s: &Settings, p: usize) -> Vec<anyhow::Result<Outcome>> {
-    let comms = ThreadComm::group(p).unwrap();
+    let comms = ThreadComm::group(p)
+        .unwrap()
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>);
+    on_comms(s, comms.collect(), accelerate::run_with)
+}
+
+/// `f(settings of rank r, comms[r])` on one thread per rank (rank 0 writes into `s.out`, the
+/// others are given folders of their own, see [`rank_out`]); the results in rank order.
+fn on_comms(
+    s: &Settings,
+    comms: Vec<Arc<dyn Communicator>>,
+    f: fn(&Settings, bool, Arc<dyn Communicator>) -> anyhow::Result<Outcome>,
+) -> Vec<anyhow::Result<Outcome>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
@@ -68,7 +83,7 @@ fn on_threads(s: &Settings, p: usize) -> Vec<anyhow::Result<Outcome>> {
                     out: rank_out(s, r),
                     ..s.clone()
                 };
-                scope.spawn(move || accelerate::run_with(&s, true, Arc::new(c) as Arc<dyn Communicator>))
+                scope.spawn(move || f(&s, true, c))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -401,3 +416,132 @@ mod mpi {
         assert!(stderr.contains("cannot create output directory"), "{stderr}");
     }
 }
+
+/// A rank's communicator that fails every collective after the first `left` (as a crashed job
+/// would): every rank fails at the same collective, so none waits for another.
+struct FailAfter {
+    inner: ThreadComm,
+    left: AtomicUsize,
+}
+
+impl FailAfter {
+    fn spend(&self) -> Result<(), batchnorm::Error> {
+        match self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Ok(()),
+            Err(_) => Err(batchnorm::Error::Communication {
+                message: "the test's job crashed".into(),
+            }),
+        }
+    }
+}
+
+impl Communicator for FailAfter {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<(), batchnorm::Error> {
+        self.spend()?;
+        self.inner.all_gather_f64(send, recv)
+    }
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<(), batchnorm::Error> {
+        self.spend()?;
+        self.inner.all_gather_f32(send, recv)
+    }
+    fn barrier(&self) -> Result<(), batchnorm::Error> {
+        self.spend()?;
+        self.inner.barrier()
+    }
+}
+
+/// A data-parallel study that stops mid-way (every rank's communicator fails after the same
+/// number of collectives) resumes on 2 ranks with uneven shards (a batch of 21: 10 and 11
+/// examples) from rank 0's checkpoints and ends with the metrics and checkpoints of an
+/// uninterrupted 2-rank study, bit for bit. The baseline has dropout: each rank's generator,
+/// restored at rank 0's position, is moved to its own.
+#[test]
+fn a_stopped_data_parallel_study_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic_data(dir.path());
+    let mut s = tiny(&data, &dir.path().join("full"), &[Variant::Baseline, Variant::BnX5]);
+    s.batch = 21;
+    s.checkpoint_every = 10;
+    run_ranks(&s, 2);
+    let full = s.out.clone();
+
+    s.out = dir.path().join("stopped");
+    let failing = ThreadComm::group(2).unwrap().into_iter().map(|inner| {
+        Arc::new(FailAfter {
+            inner,
+            left: AtomicUsize::new(STOP_AFTER_CALLS),
+        }) as Arc<dyn Communicator>
+    });
+    for (r, o) in on_comms(&s, failing.collect(), accelerate::run_with)
+        .into_iter()
+        .enumerate()
+    {
+        let e = o.err().unwrap_or_else(|| panic!("rank {r}: the study did not stop"));
+        assert!(format!("{e:#}").contains("the test's job crashed"), "rank {r}: {e:#}");
+    }
+    let step = |out: &Path, v: &str| Checkpoint::read(&ckpt(out, v)).map(|c| c.progress.step).ok();
+    assert!(
+        step(&s.out, "baseline").is_some_and(|k| (10..30).contains(&k)),
+        "the stopped study should hold a checkpoint of the baseline mid-way: {:?}",
+        step(&s.out, "baseline")
+    );
+
+    // Every rank reads the checkpoints (one machine, or a shared file system). Rank 1 is given a
+    // folder of its own here: without the checkpoints in it, every rank refuses to resume.
+    let resumed = accelerate::resume_settings(&s.out).unwrap();
+    let comms = ThreadComm::group(2)
+        .unwrap()
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>);
+    for (r, o) in on_comms(&resumed, comms.collect(), accelerate::resume_with)
+        .into_iter()
+        .enumerate()
+    {
+        let e = o
+            .err()
+            .unwrap_or_else(|| panic!("rank {r} resumed without rank 1's checkpoints"));
+        assert!(
+            format!("{e:#}").contains("every rank must read the same run directory"),
+            "rank {r}: {e:#}"
+        );
+    }
+    let rank1 = rank_out(&s, 1).join("checkpoints");
+    std::fs::create_dir_all(&rank1).unwrap();
+    for v in ["baseline", "bn-x5"] {
+        if ckpt(&s.out, v).exists() {
+            std::fs::copy(ckpt(&s.out, v), rank1.join(format!("{v}.safetensors"))).unwrap();
+        }
+    }
+    let resumed = accelerate::resume_settings(&s.out).unwrap();
+    let comms = ThreadComm::group(2)
+        .unwrap()
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>);
+    for (r, o) in on_comms(&resumed, comms.collect(), accelerate::resume_with)
+        .into_iter()
+        .enumerate()
+    {
+        o.unwrap_or_else(|e| panic!("rank {r}: {e:#}"));
+    }
+    assert_eq!(read(&full.join("metrics.jsonl")), read(&s.out.join("metrics.jsonl")));
+    for v in ["baseline", "bn-x5"] {
+        same_state(
+            &Checkpoint::read(&ckpt(&full, v)).unwrap(),
+            &Checkpoint::read(&ckpt(&s.out, v)).unwrap(),
+        );
+    }
+}
+
+/// Collectives the stopped study of [`a_stopped_data_parallel_study_resumes_bit_for_bit`] gets:
+/// one gradient all-reduce per step and the replica checks at evaluations, so it stops in the
+/// baseline's third ten steps.
+const STOP_AFTER_CALLS: usize = 25;

@@ -617,6 +617,9 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
             false => None,
         });
     }
+    if resuming {
+        common::check_same_starts(comm.as_ref(), &starts, &settings.out)?;
+    }
     let kept = match (resuming, root) {
         (true, true) => Some(kept_metrics(settings, &starts)?),
         (true, false) => Some(Vec::new()),

@@ -504,3 +504,36 @@ pub fn run_settings<S: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> R
     })?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))
 }
+
+/// On resuming as one of several data-parallel ranks: checks that every rank found the same
+/// checkpoints (`starts`, one per variant) in `dir`, which each rank reads itself (one machine,
+/// or a shared file system). One all-gather; every rank sees the same answer, so all of them
+/// fail together rather than one waiting in a collective the others never reach.
+pub fn check_same_starts(comm: &dyn batchnorm::Communicator, starts: &[Option<Checkpoint>], dir: &Path) -> Result<()> {
+    if comm.size() < 2 {
+        return Ok(());
+    }
+    let mine: Vec<f64> = starts
+        .iter()
+        .map(|c| c.as_ref().map_or(-1.0, |c| c.progress.step as f64))
+        .collect();
+    let mut all = vec![0.0; mine.len() * comm.size()];
+    comm.all_gather_f64(&mine, &mut all)?;
+    let steps = |v: &[f64]| -> Vec<String> {
+        v.iter()
+            .map(|&k| if k < 0.0 { "none".into() } else { format!("step {k}") })
+            .collect()
+    };
+    for (r, theirs) in all.chunks(mine.len().max(1)).enumerate() {
+        ensure!(
+            theirs == &mine[..],
+            "the ranks found different checkpoints in {} (rank {r}: {:?}, rank {}: {:?}): every rank \
+             must read the same run directory (one machine, or a shared file system)",
+            dir.display(),
+            steps(theirs),
+            comm.rank(),
+            steps(&mine)
+        );
+    }
+    Ok(())
+}

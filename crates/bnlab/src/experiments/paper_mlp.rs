@@ -299,6 +299,9 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
             false => None,
         });
     }
+    if resuming {
+        common::check_same_starts(comm.as_ref(), &starts, &settings.out)?;
+    }
     let mut outcome = Outcome {
         metrics: Vec::new(),
         summaries: BTreeMap::new(),
