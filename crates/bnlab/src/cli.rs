@@ -20,7 +20,8 @@ pub enum Command {
     PaperMlp(PaperMlpArgs),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
     Accelerate(AccelerateArgs),
-    /// Test accuracy of a paper-mlp checkpoint, optionally with BN folded into the linear layers.
+    /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
+    /// layers before it.
     Eval(EvalArgs),
 }
 
@@ -174,13 +175,15 @@ pub enum OnOff {
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint written by `bnlab paper-mlp` (OUT/checkpoints/<variant>.safetensors).
+    /// A checkpoint written by `bnlab paper-mlp` or `bnlab accelerate`
+    /// (OUT/checkpoints/<variant>.safetensors).
     #[arg(long)]
     pub checkpoint: std::path::PathBuf,
     /// Directory with the four IDX files [default: the run's]
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
-    /// Fold every BN layer into the linear layer before it and evaluate the folded network.
+    /// Fold every BN layer into the linear layer or convolution before it and evaluate the folded
+    /// network.
     #[arg(long)]
     pub fold: bool,
     /// BN statistics: Algorithm 2's population estimate (recomputed over the run's training

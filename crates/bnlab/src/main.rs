@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::experiments::accelerate;
+use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{self, Variant};
-use bnlab::experiments::paper_mlp_eval::{self, EvalOptions};
 use clap::Parser;
 use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, OnOff, PaperMlpArgs, VariantChoice};
 use std::sync::Arc;
@@ -328,18 +328,18 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         fold: args.fold,
         bn_stats: args.bn_stats,
     };
-    let r = pool.install(|| paper_mlp_eval::eval_checkpoint(&opts))?;
+    let r = pool.install(|| eval::eval_checkpoint(&opts))?;
     let stats = serde_json::to_value(r.bn_stats)?;
     println!(
         "{} at step {}: test accuracy {:.2}% ({} of {}), BN statistics {}, {}",
-        r.variant.name(),
+        r.variant,
         r.step,
         r.accuracy() * 100.0,
         r.correct,
         r.total,
         stats.as_str().unwrap_or("?"),
         if args.fold {
-            format!("{} BN layer(s) folded into the linear layers", r.folded)
+            format!("{} BN layer(s) folded into the layers before them", r.folded)
         } else {
             "not folded".to_string()
         }

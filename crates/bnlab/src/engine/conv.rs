@@ -134,6 +134,23 @@ impl Conv2d {
         })
     }
 
+    /// Folds inference batch norm that follows this convolution into it (one affine map per
+    /// output channel, over all its positions): W ← diag(scale)·W row by output channel,
+    /// b ← scale·b + shift (b = 0 when the layer has none); afterwards the layer has a bias.
+    /// Rejects a map whose channel count is not this layer's output channel count.
+    pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            bn.channels() == self.out_channels,
+            "cannot fold batch norm over {} channels into a convolution with {} output channels",
+            bn.channels(),
+            self.out_channels
+        );
+        let bias = ::batchnorm::fold_into_preceding(&mut self.weight, self.bias.as_deref(), bn)?;
+        self.bias = Some(bias);
+        self.grad_bias = vec![0.0; self.out_channels];
+        Ok(())
+    }
+
     fn geom(&self) -> Geom {
         Geom {
             ic: self.in_channels,
@@ -229,6 +246,10 @@ impl Geom {
 }
 
 impl Layer for Conv2d {
+    fn as_conv(&mut self) -> Option<&mut Conv2d> {
+        Some(self)
+    }
+
     fn name(&self) -> String {
         let (kh, kw) = self.kernel;
         format!(

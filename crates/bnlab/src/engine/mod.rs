@@ -86,6 +86,10 @@ pub trait Layer: Send {
     fn as_linear(&mut self) -> Option<&mut Linear> {
         None
     }
+    /// This layer as a convolution, if it is one (for folding batch norm into it).
+    fn as_conv(&mut self) -> Option<&mut Conv2d> {
+        None
+    }
     /// Non-learnable state a checkpoint must keep to continue training exactly (running
     /// statistics, generator positions); none by default.
     fn state(&self) -> Vec<State> {

@@ -307,7 +307,9 @@ impl Settings {
         self.schedule(variant).lr(self.lr * variant.recipe().lr_factor, step)
     }
 
-    fn eval_settings(&self) -> EvalSettings {
+    /// How evaluations set up batch norm (Algorithm 2 over `population_batches` training batches,
+    /// or the running averages).
+    pub fn eval_settings(&self) -> EvalSettings {
         EvalSettings {
             bn_stats: self.bn_stats,
             population_batches: self.population_batches,

@@ -2,7 +2,7 @@
 
 pub mod accelerate;
 pub mod common;
+pub mod eval;
 pub mod metrics_log;
 pub mod paper_mlp;
-pub mod paper_mlp_eval;
 pub mod progress;
