@@ -11,7 +11,8 @@ mod common;
 use bnlab::engine::{Dropout, Layer, Mode};
 use bnlab::experiments::accelerate::{self, Settings, Variant};
 use common::{
-    accelerate_tiny_args, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, expect_error, read, s, synthetic_data,
+    accelerate_tiny_args, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, eval_counts, expect_error, read, s,
+    synthetic_data,
 };
 use std::path::Path;
 
@@ -129,17 +130,6 @@ fn dropout_generator_position_is_proportional_to_examples_masked() {
         }
         assert_eq!(d.rng_position(), (steps * batch * size) as u128);
     }
-}
-
-/// The test accuracy line of `bnlab eval`: (correct, total).
-fn eval_counts(stdout: &str) -> (usize, usize) {
-    let inner = stdout
-        .split('(')
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .unwrap_or_else(|| panic!("no (N of M) in {stdout:?}"));
-    let nums: Vec<usize> = inner.split(" of ").map(|n| n.trim().parse().unwrap()).collect();
-    (nums[0], nums[1])
 }
 
 /// `bnlab eval` of a conv-net checkpoint gives the study's final accuracy; with the three BN layers

@@ -6,7 +6,9 @@
 mod common;
 
 use bnlab::engine::checkpoint::Checkpoint;
-use common::{assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, expect_error, read, s, synthetic_data};
+use common::{
+    assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error, read, s, synthetic_data,
+};
 use std::path::{Path, PathBuf};
 
 /// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.
@@ -23,17 +25,6 @@ fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
     ];
     args.extend_from_slice(extra);
     args
-}
-
-/// The test accuracy line of `bnlab eval`: (correct, total).
-fn eval_counts(stdout: &str) -> (usize, usize) {
-    let inner = stdout
-        .split('(')
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .unwrap_or_else(|| panic!("no (N of M) in {stdout:?}"));
-    let nums: Vec<usize> = inner.split(" of ").map(|n| n.trim().parse().unwrap()).collect();
-    (nums[0], nums[1])
 }
 
 /// Kill a run with SIGKILL while it trains its second variant (the first finished, the second has

@@ -379,3 +379,14 @@ pub fn assert_killed_and_resumed_run_matches(
     bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
     assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
 }
+
+/// The test accuracy line of `bnlab eval`: (correct, total).
+pub fn eval_counts(stdout: &str) -> (usize, usize) {
+    let inner = stdout
+        .split('(')
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no (N of M) in {stdout:?}"));
+    let nums: Vec<usize> = inner.split(" of ").map(|n| n.trim().parse().unwrap()).collect();
+    (nums[0], nums[1])
+}
