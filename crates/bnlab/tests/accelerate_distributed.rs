@@ -497,15 +497,16 @@ fn a_stopped_data_parallel_study_resumes_bit_for_bit() {
 
     // Every rank reads the checkpoints (one machine, or a shared file system). Rank 1 is given a
     // folder of its own here: without the checkpoints in it, every rank refuses to resume.
-    let resumed = accelerate::resume_settings(&s.out).unwrap();
-    let comms = ThreadComm::group(2)
-        .unwrap()
-        .into_iter()
-        .map(|c| Arc::new(c) as Arc<dyn Communicator>);
-    for (r, o) in on_comms(&resumed, comms.collect(), accelerate::resume_with)
-        .into_iter()
-        .enumerate()
-    {
+    let resume_on_2_ranks = || {
+        let resumed = accelerate::resume_settings(&s.out).unwrap();
+        let comms = ThreadComm::group(2).unwrap().into_iter();
+        on_comms(
+            &resumed,
+            comms.map(|c| Arc::new(c) as Arc<dyn Communicator>).collect(),
+            accelerate::resume_with,
+        )
+    };
+    for (r, o) in resume_on_2_ranks().into_iter().enumerate() {
         let e = o
             .err()
             .unwrap_or_else(|| panic!("rank {r} resumed without rank 1's checkpoints"));
@@ -521,15 +522,7 @@ fn a_stopped_data_parallel_study_resumes_bit_for_bit() {
             std::fs::copy(ckpt(&s.out, v), rank1.join(format!("{v}.safetensors"))).unwrap();
         }
     }
-    let resumed = accelerate::resume_settings(&s.out).unwrap();
-    let comms = ThreadComm::group(2)
-        .unwrap()
-        .into_iter()
-        .map(|c| Arc::new(c) as Arc<dyn Communicator>);
-    for (r, o) in on_comms(&resumed, comms.collect(), accelerate::resume_with)
-        .into_iter()
-        .enumerate()
-    {
+    for (r, o) in resume_on_2_ranks().into_iter().enumerate() {
         o.unwrap_or_else(|e| panic!("rank {r}: {e:#}"));
     }
     assert_eq!(read(&full.join("metrics.jsonl")), read(&s.out.join("metrics.jsonl")));
