@@ -659,14 +659,10 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
 /// Cuts `metrics.jsonl` back to the lines the checkpoints `starts` (one per variant, in order)
 /// cover and returns them: a variant's evaluations up to its checkpoint's step.
 fn kept_metrics(s: &Settings, starts: &[Option<Checkpoint>]) -> Result<Vec<Metric>> {
-    let covered = |line: &serde_json::Value| {
-        let (Some(name), Some(step)) = (line["variant"].as_str(), line["step"].as_u64()) else {
-            return false;
-        };
-        let at = s.variants.iter().position(|v| v.name() == name);
-        let checkpoint_step = at.and_then(|i| starts[i].as_ref()).map(|c| c.progress.step);
-        line["diverged"] == false && checkpoint_step.is_some_and(|c| step <= c)
-    };
+    let names: Vec<&str> = s.variants.iter().map(|v| v.name()).collect();
+    // A divergence line lies past the variant's last checkpoint; it is written again.
+    let covered =
+        |line: &serde_json::Value| line["diverged"] == false && common::covered_by_checkpoints(line, &names, starts);
     truncate_jsonl(&s.out.join("metrics.jsonl"), covered)?
         .iter()
         .map(Metric::from_json)
@@ -702,19 +698,11 @@ fn train_variant(
     let ckpt_path = checkpoint_path(&s.out, variant);
     let first = match &start {
         Some(ck) => {
-            ck.restore(&mut net, &mut sgd)
-                .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
-            ensure!(
-                ck.progress.step <= s.steps && ck.progress.seed == s.seed,
-                "{}: step {} and seed {} do not fit this run",
-                ckpt_path.display(),
-                ck.progress.step,
-                ck.progress.seed
-            );
+            let counters = common::restore_start(ck, &mut net, &mut sgd, s.steps, s.seed, &ckpt_path)?;
             // The checkpoint holds the dropout positions of rank 0 of the run that wrote it.
             let writer_processes = ck.settings["processes"].as_u64().unwrap_or(1).max(1) as usize;
             dropout_to_rank(&mut net, dist::shard(s.batch, 0, writer_processes).len(), local)?;
-            LoopCounters::from_progress(&ck.progress)?
+            counters
         }
         None => LoopCounters::default(),
     };

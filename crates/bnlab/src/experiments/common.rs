@@ -537,3 +537,38 @@ pub fn check_same_starts(comm: &dyn batchnorm::Communicator, starts: &[Option<Ch
     }
     Ok(())
 }
+
+/// Restores `net` and `sgd` from the checkpoint `ck` (read from `path`) a resumed variant of
+/// `steps` steps and seed `seed` continues from, and returns the loop counters it holds. Rejects
+/// what [`Checkpoint::restore`] rejects and a checkpoint past `steps` or of another seed.
+pub fn restore_start(
+    ck: &Checkpoint,
+    net: &mut Sequential,
+    sgd: &mut Sgd,
+    steps: u64,
+    seed: u64,
+    path: &Path,
+) -> Result<LoopCounters> {
+    ck.restore(net, sgd)
+        .with_context(|| format!("cannot resume from {}", path.display()))?;
+    ensure!(
+        ck.progress.step <= steps && ck.progress.seed == seed,
+        "{}: step {} and seed {} do not fit this run",
+        path.display(),
+        ck.progress.step,
+        ck.progress.seed
+    );
+    LoopCounters::from_progress(&ck.progress)
+}
+
+/// Whether a `metrics.jsonl` line (a JSON object with `variant` and `step`) is covered by the
+/// checkpoints `starts` of the run's `variants` (names, in order): its variant has a checkpoint
+/// at its step or later. A resumed run keeps exactly these lines and writes the others again.
+pub fn covered_by_checkpoints(line: &serde_json::Value, variants: &[&str], starts: &[Option<Checkpoint>]) -> bool {
+    let (Some(name), Some(step)) = (line["variant"].as_str(), line["step"].as_u64()) else {
+        return false;
+    };
+    let at = variants.iter().position(|v| *v == name);
+    at.and_then(|i| starts[i].as_ref())
+        .is_some_and(|c| step <= c.progress.step)
+}

@@ -307,17 +307,9 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
         summaries: BTreeMap::new(),
     };
     if resuming && root {
+        let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
         let covered = |v: &serde_json::Value| {
-            let (Ok(m), Some(i)) = (
-                serde_json::from_value::<Metric>(v.clone()),
-                settings
-                    .variants
-                    .iter()
-                    .position(|x| Some(*x) == v["variant"].as_str().and_then(Variant::from_name)),
-            ) else {
-                return false;
-            };
-            starts[i].as_ref().is_some_and(|c| m.step <= c.progress.step)
+            serde_json::from_value::<Metric>(v.clone()).is_ok() && common::covered_by_checkpoints(v, &names, &starts)
         };
         for v in truncate_jsonl(&metrics_path, covered)? {
             outcome.metrics.push(serde_json::from_value(v)?);
@@ -366,23 +358,24 @@ struct Counters {
     seconds: f64,
 }
 
-impl Counters {
-    /// The counters as a checkpoint's progress, in the keys every experiment uses
-    /// ([`common::LoopCounters::progress`]).
-    fn progress(&self, step: u64, seed: u64) -> TrainProgress {
-        self.as_loop(step).progress(seed)
-    }
-
-    fn from_progress(p: &TrainProgress) -> Result<Self> {
-        let l = common::LoopCounters::from_progress(p)?;
-        Ok(Counters {
+impl From<common::LoopCounters> for Counters {
+    fn from(l: common::LoopCounters) -> Self {
+        Counters {
             loss_sum: l.loss_sum,
             loss_n: l.loss_n,
             best: l.best_acc.unwrap_or(0.0),
             last: l.last_acc.unwrap_or(0.0),
             train_secs: l.train_secs,
             seconds: l.seconds,
-        })
+        }
+    }
+}
+
+impl Counters {
+    /// The counters as a checkpoint's progress, in the keys every experiment uses
+    /// ([`common::LoopCounters::progress`]).
+    fn progress(&self, step: u64, seed: u64) -> TrainProgress {
+        self.as_loop(step).progress(seed)
     }
 
     fn as_loop(&self, steps: u64) -> common::LoopCounters {
@@ -430,16 +423,8 @@ fn train_variant(
     let ckpt_path = checkpoint_path(&s.out, variant);
     let (mut c, first) = match &start {
         Some(ck) => {
-            ck.restore(&mut net, &mut sgd)
-                .with_context(|| format!("cannot resume from {}", ckpt_path.display()))?;
-            ensure!(
-                ck.progress.step <= s.steps && ck.progress.seed == s.seed,
-                "{}: step {} and seed {} do not fit this run",
-                ckpt_path.display(),
-                ck.progress.step,
-                ck.progress.seed
-            );
-            (Counters::from_progress(&ck.progress)?, ck.progress.step)
+            let counters = common::restore_start(ck, &mut net, &mut sgd, s.steps, s.seed, &ckpt_path)?;
+            (Counters::from(counters), ck.progress.step)
         }
         None => (Counters::default(), 0),
     };
