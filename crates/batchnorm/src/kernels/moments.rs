@@ -164,20 +164,20 @@ unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f
                 let d1 = s.sub(s.load(p.add(i + 8)), mv);
                 a0 = s.add(a0, d0);
                 a1 = s.add(a1, d1);
-                b0 = s.add(b0, s.mul(d0, d0));
-                b1 = s.add(b1, s.mul(d1, d1));
+                b0 = s.mul_add(d0, d0, b0);
+                b1 = s.mul_add(d1, d1, b1);
                 i += 16;
             }
             if i + 8 <= n {
                 let d0 = s.sub(s.load(p.add(i)), mv);
                 a0 = s.add(a0, d0);
-                b0 = s.add(b0, s.mul(d0, d0));
+                b0 = s.mul_add(d0, d0, b0);
                 i += 8;
             }
             while i < n {
                 let d = (*p.add(i)).to_f64() - m;
                 ta += d;
-                tb += d * d;
+                tb = d.mul_add(d, tb);
                 i += 1;
             }
         }
@@ -235,20 +235,20 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], 
                 let g1 = s.load(pg.add(i + 8));
                 a0 = s.add(a0, g0);
                 a1 = s.add(a1, g1);
-                b0 = s.add(b0, s.mul(g0, s.sub(s.load(px.add(i)), mv)));
-                b1 = s.add(b1, s.mul(g1, s.sub(s.load(px.add(i + 8)), mv)));
+                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
+                b1 = s.mul_add(g1, s.sub(s.load(px.add(i + 8)), mv), b1);
                 i += 16;
             }
             if i + 8 <= n {
                 let g0 = s.load(pg.add(i));
                 a0 = s.add(a0, g0);
-                b0 = s.add(b0, s.mul(g0, s.sub(s.load(px.add(i)), mv)));
+                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
                 i += 8;
             }
             while i < n {
                 let g = (*pg.add(i)).to_f64();
                 ta += g;
-                tb += g * ((*px.add(i)).to_f64() - m);
+                tb = g.mul_add((*px.add(i)).to_f64() - m, tb);
                 i += 1;
             }
         }
@@ -292,9 +292,9 @@ impl RowPrefetch {
     pub const OFF: RowPrefetch = RowPrefetch { on: false, line: 8 };
 }
 
-/// acc_a[c] += Σ_r a(r, c) and acc_b[c] += Σ_r b(r, c) over `rows` rows, in row order,
-/// vectorized across channels: `vec(r, c)` gives (a, b) for channels c..c+8 of row r,
-/// `one(r, c)` for channel c alone; `G` rows at a time per register copy of the accumulators.
+/// Accumulates over `rows` rows, in row order, vectorized across channels: `step(r, c, a, b)`
+/// returns the accumulators (a, b) of channels c..c+8 updated with row r, `one(r, c, a, b)` those
+/// of channel c alone; `G` rows at a time per register copy of the accumulators.
 /// With `pf.on`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
 /// group's rows once per `pf.line` channels (a cache line); that loop is a separate copy, so the
 /// other has no trace of it.
@@ -305,15 +305,15 @@ fn rows_accumulate2<S: Simd, const G: usize>(
     rows: usize,
     acc_a: &mut [f64],
     acc_b: &mut [f64],
-    vec: impl Fn(usize, usize) -> (S::V, S::V),
-    one: impl Fn(usize, usize) -> (f64, f64),
+    step: impl Fn(usize, usize, S::V, S::V) -> (S::V, S::V),
+    one: impl Fn(usize, usize, f64, f64) -> (f64, f64),
     pf: RowPrefetch,
     ahead: impl Fn(usize, usize),
 ) {
     if pf.on {
-        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, vec, one, pf.line, ahead);
+        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, step, one, pf.line, ahead);
     } else {
-        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, vec, one, pf.line, ahead);
+        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, step, one, pf.line, ahead);
     }
 }
 
@@ -324,8 +324,8 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     rows: usize,
     acc_a: &mut [f64],
     acc_b: &mut [f64],
-    vec: impl Fn(usize, usize) -> (S::V, S::V),
-    one: impl Fn(usize, usize) -> (f64, f64),
+    step: impl Fn(usize, usize, S::V, S::V) -> (S::V, S::V),
+    one: impl Fn(usize, usize, f64, f64) -> (f64, f64),
     line: usize,
     ahead: impl Fn(usize, usize),
 ) {
@@ -353,10 +353,15 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
                 unsafe {
                     let mut va = s.load(pa.add(c) as *const f64);
                     let mut vb = s.load(pb.add(c) as *const f64);
-                    for q in r..r + group {
-                        let (ta, tb) = vec(q, c);
-                        va = s.add(va, ta);
-                        vb = s.add(vb, tb);
+                    if group == G {
+                        // A constant trip count: unrolled.
+                        for k in 0..G {
+                            (va, vb) = step(r + k, c, va, vb);
+                        }
+                    } else {
+                        for q in r..r + group {
+                            (va, vb) = step(q, c, va, vb);
+                        }
                     }
                     s.store(pa.add(c), va);
                     s.store(pb.add(c), vb);
@@ -369,9 +374,7 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     }
     for r in 0..rows {
         for c in c8..channels {
-            let (ta, tb) = one(r, c);
-            acc_a[c] += ta;
-            acc_b[c] += tb;
+            (acc_a[c], acc_b[c]) = one(r, c, acc_a[c], acc_b[c]);
         }
     }
 }
@@ -400,18 +403,18 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     let (xp, kp) = (x.as_ptr(), shift.as_ptr());
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
     // inside x (asserted above) and `shift`.
-    let vec2 = |r: usize, c: usize| {
+    let step = |r: usize, c: usize, a: S::V, b: S::V| {
         let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
-        (d, s.mul(d, d))
+        (s.add(a, d), s.mul_add(d, d, b))
     };
-    let one2 = |r: usize, c: usize| {
+    let one = |r: usize, c: usize, a: f64, b: f64| {
         let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
-        (d, d * d)
+        (a + d, d.mul_add(d, b))
     };
     mean.fill(0.0);
     m2.fill(0.0);
     let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, vec2, one2, pf, ahead);
+    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, step, one, pf, ahead);
     let n = rows as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
@@ -479,20 +482,20 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).
-    let vec2 = |r: usize, c: usize| unsafe {
+    let step = |r: usize, c: usize, a: S::V, b: S::V| unsafe {
         let g = s.load(gp.add(r * channels + c));
         let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
-        (g, s.mul(g, d))
+        (s.add(a, g), s.mul_add(g, d, b))
     };
-    let one2 = |r: usize, c: usize| unsafe {
+    let one = |r: usize, c: usize, a: f64, b: f64| unsafe {
         let g = (*gp.add(r * channels + c)).to_f64();
-        (g, g * ((*xp.add(r * channels + c)).to_f64() - mean[c]))
+        (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
     };
     let ahead = |r: usize, c: usize| {
         prefetch_line(xp.wrapping_add(r * channels + c));
         prefetch_line(gp.wrapping_add(r * channels + c));
     };
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, vec2, one2, pf, ahead);
+    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, step, one, pf, ahead);
 }
 
 simd_dispatch! {

@@ -3,10 +3,11 @@
 //!
 //! Kernels are written once, generic over [`Simd`], and instantiated by [`simd_dispatch!`]: one
 //! copy in a function compiled for AVX2 + FMA (picked at run time when the CPU has them) and one
-//! portable copy. Both backends do lane-wise IEEE `f64` add/sub/mul (no fused multiply-add) and
-//! round-to-nearest conversions, and lane-wise IEEE `f32` add/sub/mul and fused multiply-adds
-//! (the portable one with `f32::mul_add`, correctly rounded), so every kernel gives the same bits
-//! on either path.
+//! portable copy. Both backends do lane-wise IEEE `f64` add/sub/mul, `f64` fused multiply-adds
+//! (the reductions' Σd² and Σdy·d terms: one rounding per term) and round-to-nearest
+//! conversions, and lane-wise IEEE `f32` add/sub/mul and fused multiply-adds (the portable ones
+//! with `f64::mul_add` / `f32::mul_add`, correctly rounded; without hardware FMA they are slow
+//! but exact), so every kernel gives the same bits on either path.
 
 use crate::Element;
 
@@ -21,6 +22,8 @@ pub(crate) trait Simd: Copy {
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// a·b + c with one rounding (fused multiply-add, as [`f64::mul_add`]).
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     fn lanes(self, v: Self::V) -> [f64; 8];
     /// Loads 8 elements from `p` (no alignment needed), widened to `f64`.
     ///
@@ -108,6 +111,10 @@ impl Simd for Scalar {
     #[inline(always)]
     fn mul(self, a: Self::V, b: Self::V) -> Self::V {
         std::array::from_fn(|l| a[l] * b[l])
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l].mul_add(b[l], c[l]))
     }
     #[inline(always)]
     fn lanes(self, v: Self::V) -> [f64; 8] {
@@ -217,6 +224,10 @@ mod x86 {
         #[inline(always)]
         fn mul(self, a: Self::V, b: Self::V) -> Self::V {
             unsafe { (_mm256_mul_pd(a.0, b.0), _mm256_mul_pd(a.1, b.1)) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            unsafe { (_mm256_fmadd_pd(a.0, b.0, c.0), _mm256_fmadd_pd(a.1, b.1, c.1)) }
         }
         #[inline(always)]
         fn lanes(self, v: Self::V) -> [f64; 8] {
