@@ -83,6 +83,15 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         true => bench::Clock::ThreadCpu,
         false => bench::Clock::Wall,
     };
+    let cases: Vec<bench::Case> = bench::default_cases()
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str())))
+        .collect();
+    anyhow::ensure!(
+        !cases.is_empty(),
+        "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
+        args.only.join(" ")
+    );
     let pool = pool(args.threads)?;
     pool.install(|| {
         let threads = rayon::current_num_threads();
@@ -96,15 +105,6 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
                 "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
-        let cases: Vec<bench::Case> = bench::default_cases()
-            .into_iter()
-            .filter(|c| args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str())))
-            .collect();
-        anyhow::ensure!(
-            !cases.is_empty(),
-            "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
-            args.only.join(" ")
-        );
         for case in cases {
             for r in bench::run_case(&case, Duration::from_secs_f64(args.min_time), clock)? {
                 if args.json {

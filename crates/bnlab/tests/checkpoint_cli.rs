@@ -8,6 +8,7 @@ mod common;
 use bnlab::engine::checkpoint::Checkpoint;
 use common::{
     assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error, read, s, synthetic_data,
+    text,
 };
 use std::path::{Path, PathBuf};
 
@@ -280,8 +281,16 @@ fn bad_flags_of_every_subcommand() {
         (&["bench", "--threads", "0"], "--threads"),
         (&["bench", "--min-time", "0"], "--min-time"),
         (&["bench", "--min-time=-1"], "--min-time"),
+        (&["bench", "--only", "NCHW[1,2]", "--only", "zzz"], "--only"),
     ];
     for (args, needle) in cases {
         expect_error(tmp.path(), args, &[needle]);
     }
+    // Refused before anything is measured or printed.
+    let out = bnlab(tmp.path(), &["bench", "--only", "zzz"]);
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "stdout: {}",
+        text(&out.stdout)
+    );
 }
