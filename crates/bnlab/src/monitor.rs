@@ -97,18 +97,41 @@ impl Monitor {
 }
 
 /// Percentiles `ps` (in [0, 100]) of `v` by linear interpolation between order statistics
-/// (NumPy's default). Reorders `v`. NaN for an empty `v`.
+/// (NumPy's default), in the order of `ps`. Reorders `v`. NaN for an empty `v`; values are
+/// ordered by [`f32::total_cmp`] (a NaN ranks above +∞, or below −∞ if negative).
+///
+/// The order statistics are found by selection, not a full sort: O(n) per distinct rank needed
+/// (two per percentile at most), so the pooled percentiles of an evaluation pass (a million
+/// values in `paper-mlp`) cost a few milliseconds instead of a sort's tens.
 pub fn percentiles(v: &mut [f32], ps: &[f64]) -> Vec<f64> {
     if v.is_empty() {
         return vec![f64::NAN; ps.len()];
     }
-    v.sort_unstable_by(f32::total_cmp);
-    ps.iter()
-        .map(|&p| {
-            let pos = (p.clamp(0.0, 100.0) / 100.0) * (v.len() - 1) as f64;
+    let positions: Vec<f64> = ps
+        .iter()
+        .map(|&p| (p.clamp(0.0, 100.0) / 100.0) * (v.len() - 1) as f64)
+        .collect();
+    let mut ranks: Vec<usize> = positions
+        .iter()
+        .flat_map(|&pos| [pos.floor() as usize, pos.ceil() as usize])
+        .collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    // Each rank is selected in the part right of the previous one: everything there is ≥ it.
+    let mut order_stats = Vec::with_capacity(ranks.len());
+    let mut start = 0;
+    for &rank in &ranks {
+        let (_, &mut x, _) = v[start..].select_nth_unstable_by(rank - start, f32::total_cmp);
+        order_stats.push(x);
+        start = rank + 1;
+    }
+    let at = |rank: usize| order_stats[ranks.binary_search(&rank).expect("every rank was selected")] as f64;
+    positions
+        .iter()
+        .map(|&pos| {
             let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
             let frac = pos - lo as f64;
-            v[lo] as f64 * (1.0 - frac) + v[hi] as f64 * frac
+            at(lo) * (1.0 - frac) + at(hi) * frac
         })
         .collect()
 }

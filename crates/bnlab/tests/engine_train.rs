@@ -755,6 +755,29 @@ fn percentiles_match_numpy_linear() {
         assert_vec_close(&format!("n={n}"), &got, &numpy_percentiles(&vals, &ps));
     }
     assert!(percentiles(&mut [], &ps).iter().all(|v| v.is_nan()));
+    // Percentiles in any order, repeated, and data with ties and both infinities: exactly what
+    // sorting gives.
+    let ps = [85.0, 15.0, 50.0, 15.0, 100.0, 0.0, 99.9];
+    for n in [3usize, 60, 6000] {
+        let mut vals: Vec<f32> = normal(&mut r, n, 0.0, 1.0).iter().map(|x| (x * 4.0).round()).collect();
+        vals[n / 2] = f32::INFINITY;
+        vals[n / 3] = f32::NEG_INFINITY;
+        let mut sorted = vals.clone();
+        sorted.sort_by(f32::total_cmp);
+        let expected: Vec<f64> = ps
+            .iter()
+            .map(|&p| {
+                let pos = p / 100.0 * (n - 1) as f64;
+                let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+                let frac = pos - lo as f64;
+                sorted[lo] as f64 * (1.0 - frac) + sorted[hi] as f64 * frac
+            })
+            .collect();
+        let got = percentiles(&mut vals, &ps);
+        for (g, e) in got.iter().zip(&expected) {
+            assert!(g == e || (g.is_nan() && e.is_nan()), "n={n}: {got:?} vs {expected:?}");
+        }
+    }
 }
 
 /// A monitor of a sigmoid's input and one of its output, over three forward passes of different
