@@ -52,23 +52,26 @@ impl MaxPool2d {
 }
 
 /// The common 2×2, stride-2 window of one example, row pair by row pair (same winners as the
-/// general loop: the first maximum in order x00, x01, x10, x11; the last NaN wins).
+/// general loop: the first maximum in order x00, x01, x10, x11; the last NaN wins). Written
+/// without branches (selects on comparisons) so that the compiler vectorizes it across the row.
 fn pool2x2(xn: &[f32], (ih, iw): (usize, usize), (oh, ow): (usize, usize), yn: &mut [f32], an: &mut [u32]) {
+    let below = iw as u32;
     let rows = yn.chunks_exact_mut(ow).zip(an.chunks_exact_mut(ow));
     for (r, (yr, ar)) in rows.enumerate() {
         // Output row r is row oy of channel c; its window rows start at input row (c·ih + 2·oy).
         let (c, oy) = (r / oh, r % oh);
         let top = (c * ih + 2 * oy) * iw;
         let (xt, xb) = (&xn[top..][..2 * ow], &xn[top + iw..][..2 * ow]);
-        let pairs = xt.chunks_exact(2).zip(xb.chunks_exact(2));
-        for (ox, ((yo, ao), (t, b))) in yr.iter_mut().zip(ar.iter_mut()).zip(pairs).enumerate() {
-            let (mut best, mut at) = (t[0], 0);
-            for (v, off) in [(t[1], 1), (b[0], iw), (b[1], iw + 1)] {
-                if v > best || v.is_nan() {
-                    (best, at) = (v, off);
-                }
+        for ox in 0..ow {
+            let (mut best, mut at) = (xt[2 * ox], 0u32);
+            for (v, off) in [(xt[2 * ox + 1], 1), (xb[2 * ox], below), (xb[2 * ox + 1], below + 1)] {
+                #[allow(clippy::eq_op)] // v != v: v is NaN
+                let take = v > best || v != v;
+                best = if take { v } else { best };
+                at = if take { off } else { at };
             }
-            (*yo, *ao) = (best, (top + 2 * ox + at) as u32);
+            yr[ox] = best;
+            ar[ox] = (top + 2 * ox) as u32 + at;
         }
     }
 }
