@@ -6,10 +6,12 @@ use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::experiments::accelerate;
+use bnlab::experiments::common::ExperimentSettings;
 use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{self, Variant};
 use clap::Parser;
 use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, OnOff, PaperMlpArgs, VariantChoice};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,37 +162,75 @@ fn fail_job(comm: &dyn Communicator, e: &anyhow::Error) {
     }
 }
 
-fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
-    let comm = if args.distributed {
+/// The flags `paper-mlp` and `accelerate` share.
+struct RunFlags<'a> {
+    distributed: bool,
+    resume: Option<&'a Path>,
+    data: Option<&'a PathBuf>,
+    threads: Option<u32>,
+    quiet: bool,
+}
+
+/// The course `paper-mlp` and `accelerate` share: the communicator, the settings (`fresh`'s, or
+/// with `--resume` the run's own with `--data` and `--threads` applied), the pool, training (or
+/// resuming) and, if a rank fails, the end of the whole job. Returns the settings and outcome on
+/// rank 0, `None` on the other ranks.
+fn train_experiment<S: ExperimentSettings + Sync, O: Send>(
+    flags: RunFlags,
+    fresh: impl FnOnce() -> Result<S>,
+    run: fn(&S, bool, Arc<dyn Communicator>) -> Result<O>,
+    resume: fn(&S, bool, Arc<dyn Communicator>) -> Result<O>,
+) -> Result<Option<(S, O)>> {
+    let comm = if flags.distributed {
         communicator()?
     } else {
         Arc::new(SingleProcess)
     };
     let root = comm.rank() == 0;
-    let (s, pool, resuming) = match &args.resume {
+    let (mut s, pool, resuming) = match flags.resume {
         Some(dir) => {
-            let mut s = paper_mlp::resume_settings(dir)?;
-            if let Some(d) = &args.data {
-                s.data_dir = d.clone();
+            let mut s = S::resume_settings(dir)?;
+            if let Some(d) = flags.data {
+                *s.data_dir_mut() = d.clone();
             }
-            let pool = pool(Some(args.threads.unwrap_or(s.threads as u32)))?;
+            let pool = pool(Some(flags.threads.unwrap_or(*s.threads_mut() as u32)))?;
             (s, pool, true)
         }
-        None => (new_settings(args), pool(args.threads)?, false),
+        None => (fresh()?, pool(flags.threads)?, false),
     };
-    let s = paper_mlp::Settings {
-        threads: pool.current_num_threads(),
-        ..s
-    };
+    *s.threads_mut() = pool.current_num_threads();
     let outcome = pool.install(|| match resuming {
-        true => paper_mlp::resume_with(&s, args.quiet, comm.clone()),
-        false => paper_mlp::run_with(&s, args.quiet, comm.clone()),
+        true => resume(&s, flags.quiet, comm.clone()),
+        false => run(&s, flags.quiet, comm.clone()),
     });
     let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
-    drop(pool);
-    if !root {
-        return Ok(());
+    Ok(root.then_some((s, outcome)))
+}
+
+/// The collective traffic line of a data-parallel variant (none for one process).
+fn print_traffic(name: &str, calls_per_step: f64, bytes_per_step: f64) {
+    if calls_per_step > 0.0 {
+        println!(
+            "{name}: {calls_per_step:.2} collective calls and {bytes_per_step:.0} bytes sent per step and process"
+        );
     }
+}
+
+fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
+    let flags = RunFlags {
+        distributed: args.distributed,
+        resume: args.resume.as_deref(),
+        data: args.data.as_ref(),
+        threads: args.threads,
+        quiet: args.quiet,
+    };
+    let trained = train_experiment(
+        flags,
+        || Ok(new_settings(args)),
+        paper_mlp::run_with,
+        paper_mlp::resume_with,
+    )?;
+    let Some((s, outcome)) = trained else { return Ok(()) };
     for (name, r) in &outcome.summaries {
         println!(
             "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
@@ -199,57 +239,31 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
             r.ms_per_step,
             r.seconds
         );
-        if r.collective_calls_per_step > 0.0 {
-            println!(
-                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
-                r.collective_calls_per_step, r.bytes_sent_per_step
-            );
-        }
+        print_traffic(name, r.collective_calls_per_step, r.bytes_sent_per_step);
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())
 }
 
 fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
-    let comm = if args.distributed {
-        communicator()?
-    } else {
-        Arc::new(SingleProcess)
+    let flags = RunFlags {
+        distributed: args.distributed,
+        resume: args.resume.as_deref(),
+        data: args.data.as_ref(),
+        threads: args.threads,
+        quiet: args.quiet,
     };
-    let root = comm.rank() == 0;
-    let (s, pool, resuming) = match &args.resume {
-        Some(dir) => {
-            let mut s = accelerate::resume_settings(dir)?;
-            if let Some(d) = &args.data {
-                s.data_dir = d.clone();
-            }
-            let pool = pool(Some(args.threads.unwrap_or(s.threads as u32)))?;
-            (s, pool, true)
-        }
-        None => (new_accelerate_settings(args)?, pool(args.threads)?, false),
-    };
-    let s = accelerate::Settings {
-        threads: pool.current_num_threads(),
-        ..s
-    };
-    let outcome = pool.install(|| match resuming {
-        true => accelerate::resume_with(&s, args.quiet, comm.clone()),
-        false => accelerate::run_with(&s, args.quiet, comm.clone()),
-    });
-    let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
-    drop(pool);
-    if !root {
-        return Ok(());
-    }
+    let trained = train_experiment(
+        flags,
+        || new_accelerate_settings(args),
+        accelerate::run_with,
+        accelerate::resume_with,
+    )?;
+    let Some((s, outcome)) = trained else { return Ok(()) };
     print!("{}", outcome.table.markdown());
     for (name, r) in &outcome.summaries {
         println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
-        if r.collective_calls_per_step > 0.0 {
-            println!(
-                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
-                r.collective_calls_per_step, r.bytes_sent_per_step
-            );
-        }
+        print_traffic(name, r.collective_calls_per_step, r.bytes_sent_per_step);
     }
     println!("wrote {}", s.out.join("report.html").display());
     Ok(())

@@ -40,6 +40,25 @@ pub struct EvalSettings {
     pub seed: u64,
 }
 
+/// What the command line and `bnlab eval` do alike with either experiment's settings
+/// (`paper_mlp::Settings`, `accelerate::Settings`), so that one code path serves both.
+pub trait ExperimentSettings: Sized + serde::de::DeserializeOwned {
+    /// The settings of the run in `dir` (its `settings.json`), with `out` set to `dir`.
+    fn resume_settings(dir: &Path) -> Result<Self>;
+    /// The IDX directory the run reads.
+    fn data_dir(&self) -> &Path;
+    /// The same, to change it.
+    fn data_dir_mut(&mut self) -> &mut PathBuf;
+    /// Worker threads.
+    fn threads_mut(&mut self) -> &mut usize;
+    /// BN statistics at evaluation.
+    fn bn_stats_mut(&mut self) -> &mut BnStats;
+    /// Rejects settings that cannot run.
+    fn check_settings(&self) -> Result<()>;
+    /// How evaluations set up batch norm.
+    fn evaluation(&self) -> EvalSettings;
+}
+
 /// Test examples per inference forward pass.
 pub const EVAL_CHUNK: usize = 1000;
 

@@ -1,6 +1,7 @@
 //! `bnlab eval`: test accuracy of a checkpoint of either experiment (`paper-mlp`, `accelerate`),
 //! optionally with batch norm folded into the linear layers and convolutions before it.
 
+use super::common::ExperimentSettings;
 use super::{accelerate, common, paper_mlp};
 use crate::data::{self, Dataset};
 use crate::engine::checkpoint::Checkpoint;
@@ -59,37 +60,24 @@ impl EvalResult {
 pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
     let path = &opts.checkpoint;
     let ck = Checkpoint::read(path).with_context(|| format!("cannot load checkpoint {}", path.display()))?;
-    let invalid = || format!("{}: the settings in the checkpoint are invalid", path.display());
     let unknown = || format!("{}: unknown variant `{}`", path.display(), ck.variant);
     let (variant, mut net, test, bn_stats) = match ck.experiment.as_str() {
         paper_mlp::EXPERIMENT => {
-            let mut s: paper_mlp::Settings = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
-            let variant = paper_mlp::Variant::from_name(&ck.variant).with_context(unknown)?;
-            if let Some(d) = &opts.data {
-                s.data_dir = d.clone();
-            }
-            s.bn_stats = opts.bn_stats.unwrap_or(s.bn_stats);
-            s.check().with_context(invalid)?;
-            let (train, test) = data::load(&s.data_dir)?;
-            let classes = train.classes.max(test.classes);
-            let (net, _) = paper_mlp::build(variant, train.features(), classes, s.init_std, s.seed)?;
-            let net = restored(&ck, net, path, &s.data_dir)?;
-            let net = with_stats(net, s.bn_stats, &s.eval_settings(), &train)?;
+            let (s, variant): (paper_mlp::Settings, _) = settings(&ck, opts, path, || {
+                paper_mlp::Variant::from_name(&ck.variant).with_context(unknown)
+            })?;
+            let (net, test) = network(&ck, path, &s, |train, classes| {
+                Ok(paper_mlp::build(variant, train.features(), classes, s.init_std, s.seed)?.0)
+            })?;
             (variant.name(), net, test, s.bn_stats)
         }
         accelerate::EXPERIMENT => {
-            let mut s: accelerate::Settings = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
-            let variant = accelerate::Variant::from_name(&ck.variant).with_context(unknown)?;
-            if let Some(d) = &opts.data {
-                s.data_dir = d.clone();
-            }
-            s.bn_stats = opts.bn_stats.unwrap_or(s.bn_stats);
-            s.check().with_context(invalid)?;
-            let (train, test) = data::load(&s.data_dir)?;
-            let classes = train.classes.max(test.classes);
-            let net = accelerate::build(&s, variant, train.rows, train.cols, classes)?;
-            let net = restored(&ck, net, path, &s.data_dir)?;
-            let net = with_stats(net, s.bn_stats, &s.eval_settings(), &train)?;
+            let (s, variant): (accelerate::Settings, _) = settings(&ck, opts, path, || {
+                accelerate::Variant::from_name(&ck.variant).with_context(unknown)
+            })?;
+            let (net, test) = network(&ck, path, &s, |train, classes| {
+                accelerate::build(&s, variant, train.rows, train.cols, classes)
+            })?;
             (variant.name(), net, test, s.bn_stats)
         }
         other => bail!(
@@ -115,6 +103,51 @@ pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
     })
 }
 
+/// The settings the checkpoint holds, with `opts`' data directory and BN statistics, checked,
+/// and its variant (`variant` parses it, after the settings parse and before they are checked).
+fn settings<S: ExperimentSettings, V>(
+    ck: &Checkpoint,
+    opts: &EvalOptions,
+    path: &Path,
+    variant: impl FnOnce() -> Result<V>,
+) -> Result<(S, V)> {
+    let invalid = || format!("{}: the settings in the checkpoint are invalid", path.display());
+    let mut s: S = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
+    let variant = variant()?;
+    if let Some(d) = &opts.data {
+        *s.data_dir_mut() = d.clone();
+    }
+    if let Some(b) = opts.bn_stats {
+        *s.bn_stats_mut() = b;
+    }
+    s.check_settings().with_context(invalid)?;
+    Ok((s, variant))
+}
+
+/// The run's network, built by `build(train, classes)` from the settings `s`, with the
+/// checkpoint's parameters and the BN statistics `s` asks for; and the test set.
+fn network<S: ExperimentSettings>(
+    ck: &Checkpoint,
+    path: &Path,
+    s: &S,
+    build: impl FnOnce(&Dataset, usize) -> Result<Sequential>,
+) -> Result<(Sequential, Dataset)> {
+    let (train, test) = data::load(s.data_dir())?;
+    let classes = train.classes.max(test.classes);
+    let mut net = restored(ck, build(&train, classes)?, path, s.data_dir())?;
+    // Algorithm 2's estimate recomputed over the run's training batches (`population`), or the
+    // checkpoint's statistics as they are (`running`).
+    let e = s.evaluation();
+    if e.bn_stats == BnStats::Population {
+        ensure!(
+            train.len >= e.batch,
+            "the training set has fewer examples than one batch"
+        );
+        common::use_population_stats(&e, &mut net, &train)?;
+    }
+    Ok((net, test))
+}
+
 /// `net` with the checkpoint's parameters and state (the optimizer's is read and dropped).
 fn restored(ck: &Checkpoint, mut net: Sequential, path: &Path, data_dir: &Path) -> Result<Sequential> {
     ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {
@@ -124,18 +157,5 @@ fn restored(ck: &Checkpoint, mut net: Sequential, path: &Path, data_dir: &Path) 
             data_dir.display()
         )
     })?;
-    Ok(net)
-}
-
-/// `net` with the BN statistics `bn_stats` asks for: Algorithm 2's estimate recomputed over the
-/// run's training batches (`population`), or the checkpoint's as they are (`running`).
-fn with_stats(mut net: Sequential, bn_stats: BnStats, e: &common::EvalSettings, train: &Dataset) -> Result<Sequential> {
-    if bn_stats == BnStats::Population {
-        ensure!(
-            train.len >= e.batch,
-            "the training set has fewer examples than one batch"
-        );
-        common::use_population_stats(e, &mut net, train)?;
-    }
     Ok(net)
 }
