@@ -6,9 +6,10 @@ Run from the repository root with the PyTorch venv's Python (see bench/README.md
     cargo build --release -p bnlab
     /tmp/torch/bin/python bench/compare_mlp.py --threads 2 --steps 5000 --rounds 3
 
-Each round runs `bnlab paper-mlp --steps S --eval-every S` (both variants, real
-Fashion-MNIST batches; bnlab's `ms_per_step` in summary.json is training time / steps,
-evaluations excluded) and then `torch_mlp.py --steps S` (median of timed steps on random
+Each round runs `bnlab paper-mlp --steps S --eval-every S --variant V` once per variant (one
+variant per process, so that it has all T threads: a run of both variants trains them side by
+side, sharing the threads out; real Fashion-MNIST batches; bnlab's `ms_per_step` in
+summary.json is training time / steps, evaluations excluded) and then `torch_mlp.py --steps S` (median of timed steps on random
 in-memory data). Both sides' figures are means over the timed steps (a step preempted by
 another process counts in full on both sides); bnlab's include gathering each batch from the
 data set, PyTorch's do not. The table gives each side's median over the rounds and the ratio
@@ -25,13 +26,15 @@ import tempfile
 
 
 def bnlab_round(args):
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [args.bnlab, "paper-mlp", "--steps", str(args.steps), "--eval-every", str(args.steps),
-               "--threads", str(args.threads), "--quiet", "--out", out]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(out, "summary.json")) as f:
-            variants = json.load(f)["variants"]
-    return {name: v["ms_per_step"] for name, v in variants.items()}
+    ms = {}
+    for variant in ("baseline", "bn"):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [args.bnlab, "paper-mlp", "--steps", str(args.steps), "--eval-every", str(args.steps),
+                   "--variant", variant, "--threads", str(args.threads), "--quiet", "--out", out]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(out, "summary.json")) as f:
+                ms[variant] = json.load(f)["variants"][variant]["ms_per_step"]
+    return ms
 
 
 def torch_round(args):

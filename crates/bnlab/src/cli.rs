@@ -82,7 +82,8 @@ pub struct PaperMlpArgs {
     #[arg(long, conflicts_with_all = ["variant", "steps", "lr", "eval_every", "seed", "batch", "init_std",
         "bn_stats", "population_batches", "out", "checkpoint_every", "bn_sync"])]
     pub resume: Option<std::path::PathBuf>,
-    /// Worker threads [default: all cores; with --resume, the run's]
+    /// Worker threads; with 2 or more, both networks train at once, each on its share
+    /// [default: all cores; with --resume, the run's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
     /// No progress bar or log lines.

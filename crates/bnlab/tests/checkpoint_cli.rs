@@ -28,8 +28,9 @@ fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
     args
 }
 
-/// Kill a run with SIGKILL while it trains its second variant (the first finished, the second has
-/// a checkpoint), resume it, and compare with an uninterrupted run of the same seed and threads.
+/// Kill a run with SIGKILL while it trains its two variants side by side (two threads, one each;
+/// the second has a checkpoint), resume it, and compare with an uninterrupted run of the same seed
+/// and threads: metrics.jsonl, interleaved when killed, ends the same.
 #[test]
 fn killed_and_resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -157,6 +158,36 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     );
     let (ok, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&ckpt(&out, "baseline"))]);
     assert!(ok.contains(&format!("at step {}", kept.progress.step)), "{ok}");
+}
+
+/// Two variants side by side (two threads) where one diverges: the run stops with that variant's
+/// error alone (not the other's "stopped because another variant failed") and the other variant
+/// is stopped too instead of training on to its end.
+#[test]
+fn divergence_beside_another_variant_stops_both_and_names_the_diverged_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let out = tmp.path().join("out");
+    let steps = 20_000;
+    let extra = [
+        "--threads",
+        "2",
+        "--steps",
+        "20000",
+        "--lr",
+        "1e37",
+        "--checkpoint-every",
+        "1",
+    ];
+    let o = bnlab(tmp.path(), &paper_mlp(&data, &out, &extra));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("training of `bn` diverged"), "{stderr}");
+    assert!(!stderr.contains("another variant"), "{stderr}");
+    let baseline = Checkpoint::read(&ckpt(&out, "baseline")).unwrap();
+    assert!(baseline.progress.step < steps, "baseline trained on to its end");
+    assert!(!out.join("summary.json").exists());
 }
 
 // ---------------------------------------------------------------------------------------------

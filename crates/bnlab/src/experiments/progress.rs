@@ -1,6 +1,6 @@
 //! Progress display: a bar on a terminal, plain log lines otherwise.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 
 /// Progress of one training run.
@@ -27,6 +27,14 @@ impl Progress {
             name: name.to_string(),
             quiet,
         }
+    }
+
+    /// As [`Progress::new`], the bar drawn as one line of `group`, so that runs training side by
+    /// side each keep their own line.
+    pub fn in_group(group: &MultiProgress, name: &str, steps: u64, quiet: bool) -> Self {
+        let mut p = Progress::new(name, steps, quiet);
+        p.bar = p.bar.map(|b| group.add(b));
+        p
     }
 
     /// Advances to `step` (cheap; call every step).
