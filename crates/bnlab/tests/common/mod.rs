@@ -172,7 +172,9 @@ pub fn check_png(path: &Path) {
     );
 }
 
-pub fn expect_error(cwd: &Path, args: &[&str], needles: &[&str]) {
+/// Runs `bnlab args` in `cwd` and asserts it failed cleanly: a non-zero exit that is not a
+/// panic's, and one `error:` line on stderr mentioning every needle. Returns that stderr.
+pub fn expect_error(cwd: &Path, args: &[&str], needles: &[&str]) -> String {
     let out = bnlab(cwd, args);
     let stderr = text(&out.stderr);
     let cmd = args.join(" ");
@@ -193,6 +195,7 @@ pub fn expect_error(cwd: &Path, args: &[&str], needles: &[&str]) {
         1,
         "`bnlab {cmd}`: the message is not one line: {stderr:?}"
     );
+    stderr
 }
 
 /// The lines of `out/metrics.jsonl` as JSON values.
