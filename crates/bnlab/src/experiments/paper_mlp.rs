@@ -264,7 +264,10 @@ pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
 }
 
 /// Loads data, trains every variant, writes metrics, checkpoints, plots and the report into
-/// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced).
+/// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced). With at least one
+/// thread per variant in the current rayon pool, the variants train side by side, each on its
+/// share of the threads (same results as one after another); if one fails, the others stop and
+/// its error is returned.
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     execute(settings, quiet, false, Arc::new(SingleProcess))
 }
