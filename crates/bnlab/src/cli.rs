@@ -150,7 +150,8 @@ pub struct AccelerateArgs {
     #[arg(long, conflicts_with_all = ["variants", "steps", "eval_every", "half_life", "lr", "batch", "channels",
         "hidden", "seed", "bn_stats", "quick", "out", "checkpoint_every", "bn_sync"])]
     pub resume: Option<std::path::PathBuf>,
-    /// Worker threads [default: all cores; with --resume, the run's]
+    /// Worker threads; with 2 or more, as many variants train at once, each on its share
+    /// [default: all cores; with --resume, the run's]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: Option<u32>,
     /// No progress bar or log lines.

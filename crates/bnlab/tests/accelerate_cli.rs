@@ -197,8 +197,11 @@ fn run_tiny(cwd: &Path, data: &Path, out: &Path, extra: &[&str]) -> String {
     read(&out.join("metrics.jsonl"))
 }
 
+/// The same seed gives the same metrics, bit for bit: again, and with one thread (the variants
+/// one after another) instead of two (side by side), and with three variants on two threads (two
+/// side by side, then the third on both threads).
 #[test]
-fn same_seed_and_threads_give_identical_metrics() {
+fn same_seed_gives_identical_metrics_for_any_thread_count() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path());
     let v = ["--variants", "baseline,bn-x5", "--threads", "2"];
@@ -206,6 +209,24 @@ fn same_seed_and_threads_give_identical_metrics() {
     let b = run_tiny(tmp.path(), &data, &tmp.path().join("b"), &v);
     assert_eq!(a.lines().count(), 6, "{a}");
     assert_eq!(a, b, "two runs with the same seed and threads differ");
+    let one = ["--variants", "baseline,bn-x5", "--threads", "1"];
+    let a1 = run_tiny(tmp.path(), &data, &tmp.path().join("a1"), &one);
+    assert_eq!(a, a1, "1 thread and 2 threads (side by side) differ");
+    let three = ["--variants", "baseline,bn-x5,bn-baseline", "--threads"];
+    let t1 = run_tiny(
+        tmp.path(),
+        &data,
+        &tmp.path().join("t1"),
+        &[&three[..], &["1"]].concat(),
+    );
+    let t2 = run_tiny(
+        tmp.path(),
+        &data,
+        &tmp.path().join("t2"),
+        &[&three[..], &["2"]].concat(),
+    );
+    assert_eq!(t1, t2, "three variants: 1 thread and 2 threads differ");
+    assert!(t1.starts_with(&a), "the first two variants' lines come first, in order");
     let c = run_tiny(
         tmp.path(),
         &data,

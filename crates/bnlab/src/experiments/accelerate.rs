@@ -42,9 +42,8 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
-use super::common::{self, BnStats, EvalSettings, LoopCounters, StepBuffers};
+use super::common::{self, BnStats, EvalSettings, LoopCounters, StepBuffers, VariantRun};
 use super::metrics_log::truncate_jsonl;
-use crate::atomic::write_atomic;
 use crate::data::{self, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError};
@@ -398,6 +397,15 @@ pub struct Metric {
     pub diverged: bool,
 }
 
+impl common::MetricLine for Metric {
+    fn variant_name(&self) -> &str {
+        self.variant
+    }
+    fn step(&self) -> u64 {
+        self.step
+    }
+}
+
 /// Result of one variant.
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantSummary {
@@ -635,38 +643,31 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
         train.cols,
         train.classes.max(test.classes),
     )?;
-    let settings_json = serde_json::to_value(settings)?;
-    let mut starts = Vec::new();
-    for &v in &settings.variants {
-        starts.push(match resuming {
-            true => common::resume_point(&checkpoint_path(&settings.out, v), EXPERIMENT, v.name(), &settings_json)?,
-            false => None,
-        });
-    }
-    if resuming {
-        common::check_same_starts(comm.as_ref(), &starts, &settings.out)?;
-    }
-    let kept = match (resuming, root) {
-        (true, true) => Some(kept_metrics(settings, &starts)?),
-        (true, false) => Some(Vec::new()),
-        (false, _) => None,
-    };
-    if root {
-        let dir = settings.out.join("checkpoints");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
-        if !resuming {
-            let path = settings.out.join("settings.json");
-            write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
-                .with_context(|| format!("cannot write {}", path.display()))?;
-        }
-    }
-    let mut dp = DataParallel::new(comm);
+    let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
+    let kept = |starts: &[Option<Checkpoint>]| kept_metrics(settings, starts);
+    let (starts, kept) = common::begin_run(
+        &settings.out,
+        EXPERIMENT,
+        &names,
+        settings,
+        resuming,
+        comm.as_ref(),
+        kept,
+    )?;
     let out = root.then_some(settings.out.as_path());
-    let mut starts = starts.into_iter();
-    let (metrics, summaries) = common::train_variants(out, kept, &settings.variants, Variant::name, |v, record| {
-        let start = starts.next().flatten();
-        train_variant(settings, v, start, &train, &test, quiet, &mut dp, record)
-    })?;
+    let (metrics, summaries) = common::train_variants(
+        out,
+        kept,
+        &settings.variants,
+        Variant::name,
+        settings.steps,
+        quiet,
+        comm.size(),
+        |i, v, run| {
+            let mut dp = DataParallel::new(comm.clone());
+            train_variant(settings, v, starts[i].as_ref(), &train, &test, &mut dp, run)
+        },
+    )?;
     let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
     let table = figure3_table(&names, &metrics);
     let outcome = Outcome {
@@ -693,18 +694,16 @@ fn kept_metrics(s: &Settings, starts: &[Option<Checkpoint>]) -> Result<Vec<Metri
         .collect()
 }
 
-/// Trains one variant (this rank's shards when `dp` has several ranks), calling `on_metric` at
-/// every evaluation and once on divergence (rank 0 only).
-#[allow(clippy::too_many_arguments)]
+/// Trains one variant (this rank's shards when `dp` has several ranks), recording a metrics line
+/// through `run` at every evaluation and once on divergence (rank 0 only).
 fn train_variant(
     s: &Settings,
     variant: Variant,
-    start: Option<Checkpoint>,
+    start: Option<&Checkpoint>,
     train: &Dataset,
     test: &Dataset,
-    quiet: bool,
     dp: &mut DataParallel,
-    on_metric: &mut dyn FnMut(&Metric) -> Result<()>,
+    run: &VariantRun<Metric>,
 ) -> Result<VariantSummary> {
     let recipe = variant.recipe();
     let classes = train.classes.max(test.classes);
@@ -720,7 +719,7 @@ fn train_variant(
     let mut sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
     let local = dist::shard(s.batch, dp.rank(), dp.size()).len();
     let ckpt_path = checkpoint_path(&s.out, variant);
-    let first = match &start {
+    let first = match start {
         Some(ck) => {
             let counters = common::restore_start(ck, &mut net, &mut sgd, s.steps, s.seed, &ckpt_path)?;
             // The checkpoint holds the dropout positions of rank 0 of the run that wrote it.
@@ -736,12 +735,11 @@ fn train_variant(
     // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
     let lr = |step: u64| s.lr_at(variant, step);
     let end = common::train_loop(
-        variant.name(),
+        run,
         first,
         s.steps,
         s.eval_every,
         s.checkpoint_every,
-        quiet || !root,
         &mut state,
         |(net, sgd, shuffler, buf, dp), step| {
             common::train_step_parallel(net, sgd, train, shuffler, step, lr(step) as f32, buf, dp)
@@ -757,7 +755,7 @@ fn train_variant(
                 return Ok(None);
             }
             let acc = common::evaluate(&s.eval_settings(), net, train, test, |_| {})?;
-            on_metric(&Metric {
+            run.record(&Metric {
                 variant: variant.name(),
                 step,
                 test_acc: Some(acc),
@@ -787,7 +785,7 @@ fn train_variant(
         },
     )?;
     if let (Some((step, _)), true) = (end.diverged, root) {
-        on_metric(&Metric {
+        run.record(&Metric {
             variant: variant.name(),
             step,
             test_acc: None,

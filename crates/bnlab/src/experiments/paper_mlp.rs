@@ -2,28 +2,23 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use super::common;
+use super::common::{self, VariantRun};
 pub use super::common::{default_out, BnStats};
 use super::metrics_log::truncate_jsonl;
-use super::progress::Progress;
-use crate::atomic::write_atomic;
 use crate::data::{self, Dataset, EpochShuffler};
 use crate::dist::{self, DataParallel};
 use crate::engine::checkpoint::{Checkpoint, Progress as TrainProgress};
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
-use indicatif::MultiProgress;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The two networks of Figure 1.
@@ -315,175 +310,56 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
         train.len >= settings.batch,
         "the training set has fewer examples than one batch"
     );
-    let ckpt_dir = settings.out.join("checkpoints");
+    let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
+    let kept = |starts: &[Option<Checkpoint>]| kept_metrics(settings, starts);
+    let (starts, kept) = common::begin_run(
+        &settings.out,
+        EXPERIMENT,
+        &names,
+        settings,
+        resuming,
+        comm.as_ref(),
+        kept,
+    )?;
+    let out = root.then_some(settings.out.as_path());
+    let (metrics, summaries) = common::train_variants(
+        out,
+        kept,
+        &settings.variants,
+        Variant::name,
+        settings.steps,
+        quiet,
+        comm.size(),
+        |i, variant, run| {
+            let mut dp = DataParallel::new(comm.clone());
+            train_variant(settings, variant, starts[i].as_ref(), &train, &test, &mut dp, run)
+        },
+    )?;
+    let outcome = Outcome { metrics, summaries };
     if root {
-        std::fs::create_dir_all(&ckpt_dir)
-            .with_context(|| format!("cannot create output directory {}", ckpt_dir.display()))?;
-    }
-    let settings_json = serde_json::to_value(settings)?;
-    let metrics_path = settings.out.join("metrics.jsonl");
-    let mut starts = Vec::new();
-    for &variant in &settings.variants {
-        let path = checkpoint_path(&settings.out, variant);
-        starts.push(match resuming {
-            true => common::resume_point(&path, EXPERIMENT, variant.name(), &settings_json)?,
-            false => None,
-        });
-    }
-    if resuming {
-        common::check_same_starts(comm.as_ref(), &starts, &settings.out)?;
-    }
-    let mut outcome = Outcome {
-        metrics: Vec::new(),
-        summaries: BTreeMap::new(),
-    };
-    if resuming && root {
-        let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
-        let covered = |v: &serde_json::Value| {
-            serde_json::from_value::<Metric>(v.clone()).is_ok() && common::covered_by_checkpoints(v, &names, &starts)
-        };
-        for v in truncate_jsonl(&metrics_path, covered)? {
-            outcome.metrics.push(serde_json::from_value(v)?);
-        }
-    } else if root {
-        let path = settings.out.join("settings.json");
-        write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        std::fs::write(&metrics_path, "").with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    }
-    let metrics_file = match root {
-        true => Some(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&metrics_path)
-                .with_context(|| format!("cannot write {}", metrics_path.display()))?,
-        ),
-        false => None,
-    };
-    let sink = Mutex::new((metrics_file, outcome.metrics));
-    let record = |m: &Metric| -> Result<()> {
-        let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(f) = sink.0.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(m)?)?;
-            f.flush()?;
-        }
-        sink.1.push(m.clone());
-        Ok(())
-    };
-    // Every variant's bar from the start (and until all are done: a bar dropped from the group
-    // early takes its line with it).
-    let group = MultiProgress::new();
-    let bars: Vec<Progress> = (settings.variants.iter())
-        .map(|v| Progress::in_group(&group, v.name(), settings.steps, quiet || !root))
-        .collect();
-    let cancel = AtomicBool::new(false);
-    let shared = Shared {
-        train: &train,
-        test: &test,
-        cancel: &cancel,
-    };
-    let train_one = |variant: Variant, start: Option<Checkpoint>, progress: &Progress| {
-        let mut dp = DataParallel::new(comm.clone());
-        let summary = train_variant(settings, variant, start, &shared, progress, &mut dp, record);
-        if summary.is_err() {
-            cancel.store(true, Ordering::Relaxed);
-        }
-        summary.map(|r| (variant.name(), r))
-    };
-    let results: Vec<Result<(&'static str, VariantSummary)>> = match side_by_side_pools(settings, comm.size())? {
-        Some(pools) => std::thread::scope(|scope| {
-            let train_one = &train_one;
-            let runs: Vec<_> = (settings.variants.iter().zip(starts).zip(pools).zip(&bars))
-                .map(|(((&variant, start), pool), bar)| {
-                    scope.spawn(move || pool.install(|| train_one(variant, start, bar)))
-                })
-                .collect();
-            runs.into_iter()
-                .map(|run| run.join().unwrap_or_else(|_| bail!("a training thread panicked")))
-                .collect()
-        }),
-        None => {
-            let mut results = Vec::new();
-            for ((&variant, start), bar) in settings.variants.iter().zip(starts).zip(&bars) {
-                results.push(train_one(variant, start, bar));
-                if cancel.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            results
-        }
-    };
-    // The first error in variant order, unless it only says that another variant failed.
-    let mut first_error: Option<anyhow::Error> = None;
-    for result in results {
-        match result {
-            Ok((name, summary)) => drop(outcome.summaries.insert(name, summary)),
-            Err(e)
-                if first_error
-                    .as_ref()
-                    .is_none_or(|f| f.is::<Cancelled>() && !e.is::<Cancelled>()) =>
-            {
-                first_error = Some(e)
-            }
-            Err(_) => {}
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
-    let (metrics_file, mut metrics) = sink.into_inner().unwrap_or_else(PoisonError::into_inner);
-    drop(metrics_file);
-    // Variants trained side by side interleave their lines: metrics.jsonl ends in variant order.
-    metrics.sort_by_key(|m| (settings.variants.iter().position(|&v| v == m.variant), m.step));
-    outcome.metrics = metrics;
-    if root {
-        let lines = outcome
-            .metrics
-            .iter()
-            .map(|m| serde_json::to_string(m).map(|l| l + "\n"));
-        write_atomic(&metrics_path, lines.collect::<Result<String, _>>()?.as_bytes())
-            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
         write_outputs(settings, &outcome)?;
     }
     Ok(outcome)
 }
 
-/// Pools to train the variants side by side, one each, sharing out the current pool's threads:
-/// with one process, several variants and at least a thread for each. `None`: one after another.
-/// The paper's MLP is too small to keep two threads busy in one step (2 threads train a variant
-/// only ~15% faster than one), so two variants side by side take ~40% less time. Results do not
-/// depend on the split: the kernels and matrix products give the same bits for any thread count.
-fn side_by_side_pools(s: &Settings, processes: usize) -> Result<Option<Vec<rayon::ThreadPool>>> {
-    let (threads, variants) = (rayon::current_num_threads(), s.variants.len());
-    if processes > 1 || variants < 2 || threads < variants {
-        return Ok(None);
-    }
-    let pools = (0..variants).map(|i| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads / variants + usize::from(i < threads % variants))
-            .build()
-    });
-    let pools = pools.collect::<Result<Vec<_>, _>>();
-    Ok(Some(pools.context("cannot start the training threads")?))
+/// Cuts `metrics.jsonl` back to the lines the checkpoints `starts` (one per variant, in order)
+/// cover and returns them: a variant's evaluations up to its checkpoint's step.
+fn kept_metrics(s: &Settings, starts: &[Option<Checkpoint>]) -> Result<Vec<Metric>> {
+    let names: Vec<&str> = s.variants.iter().map(|v| v.name()).collect();
+    let covered = |v: &serde_json::Value| {
+        serde_json::from_value::<Metric>(v.clone()).is_ok() && common::covered_by_checkpoints(v, &names, starts)
+    };
+    let kept = truncate_jsonl(&s.out.join("metrics.jsonl"), covered)?;
+    Ok(kept.into_iter().map(serde_json::from_value).collect::<Result<_, _>>()?)
 }
 
-/// Why a variant stopped early: another one, trained beside it, failed.
-#[derive(Debug)]
-struct Cancelled;
-
-impl std::fmt::Display for Cancelled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stopped because another variant failed")
+impl common::MetricLine for Metric {
+    fn variant_name(&self) -> &str {
+        self.variant.name()
     }
-}
-
-impl std::error::Error for Cancelled {}
-
-/// What the variants of a run share: the data and the flag that stops them all.
-struct Shared<'a> {
-    train: &'a Dataset,
-    test: &'a Dataset,
-    cancel: &'a AtomicBool,
+    fn step(&self) -> u64 {
+        self.step
+    }
 }
 
 /// Counters a variant's loop carries between steps, saved in its checkpoints.
@@ -532,19 +408,17 @@ impl Counters {
 }
 
 /// Trains one variant (from `start` when resuming; this rank's shards when `dp` has several
-/// ranks), calling `on_metric` at every evaluation and saving a checkpoint every
-/// `checkpoint_every` steps and at the end (rank 0 only), showing its steps on `progress`. Stops
-/// with [`Cancelled`] when `shared.cancel` is set.
+/// ranks), recording a metrics line through `run` at every evaluation and saving a checkpoint
+/// every `checkpoint_every` steps and at the end (rank 0 only).
 fn train_variant(
     s: &Settings,
     variant: Variant,
-    start: Option<Checkpoint>,
-    shared: &Shared,
-    progress: &Progress,
+    start: Option<&Checkpoint>,
+    train: &Dataset,
+    test: &Dataset,
     dp: &mut DataParallel,
-    on_metric: impl Fn(&Metric) -> Result<()>,
+    run: &VariantRun<Metric>,
 ) -> Result<VariantSummary> {
-    let (train, test) = (shared.train, shared.test);
     let classes = train.classes.max(test.classes);
     let features = train.features();
     let (mut net, watched) = build(variant, features, classes, s.init_std, s.seed)?;
@@ -559,14 +433,14 @@ fn train_variant(
     let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
     let mut sgd = Sgd::new(0.0, 0.0);
     let ckpt_path = checkpoint_path(&s.out, variant);
-    let (mut c, first) = match &start {
+    let (mut c, first) = match start {
         Some(ck) => {
             let counters = common::restore_start(ck, &mut net, &mut sgd, s.steps, s.seed, &ckpt_path)?;
             (Counters::from(counters), ck.progress.step)
         }
         None => (Counters::default(), 0),
     };
-    let mut saved = start.as_ref().map(|ck| ck.progress.step);
+    let mut saved = start.map(|ck| ck.progress.step);
     let settings_json = serde_json::to_value(s)?;
     let mut monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
     let mut buf = common::StepBuffers::new(local, features, classes);
@@ -577,12 +451,11 @@ fn train_variant(
         ),
         None => "no checkpoint had been written yet".to_string(),
     };
+    let progress = run.progress;
     let (start_time, prior_secs) = (Instant::now(), c.seconds);
     progress.step(first);
     for step in first..s.steps {
-        if shared.cancel.load(Ordering::Relaxed) {
-            return Err(Cancelled.into());
-        }
+        run.check()?;
         let t = Instant::now();
         // One process: forward, loss, backward, update. Several: this rank's shard, gradients
         // summed over ranks (see `crate::dist`). Nothing is updated when the loss is not finite.
@@ -636,7 +509,7 @@ fn train_variant(
                 acc,
                 (step + 1) as f64 / c.train_secs.max(1e-9),
             );
-            on_metric(&m)?;
+            run.record(&m)?;
             (c.loss_sum, c.loss_n) = (0.0, 0);
             c.best = c.best.max(acc);
             c.last = acc;
