@@ -66,6 +66,7 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
         ["baseline", "bn"],
         6000,
         args,
+        false,
         &[],
         &["final_test_acc"],
     );

@@ -318,8 +318,8 @@ pub fn run_and_kill_when(cwd: &Path, args: &[String], file: &Path) {
 
 /// The kill-and-resume scenario of `bnlab <experiment>` (`paper-mlp`, `accelerate`) with two
 /// variants of `steps` steps, where `args(out)` runs the whole thing into `out` in `cwd`: an
-/// uninterrupted run; a run killed with SIGKILL once `variants[1]` has a checkpoint (trained one
-/// after another, the first has finished by then; side by side, both are mid-way) and resumed
+/// uninterrupted run; a run killed with SIGKILL once `variants[1]` has a checkpoint (trained
+/// `one_after_another`, the first has finished by then; side by side, both are mid-way) and resumed
 /// without `--threads` (the run's own thread count is used). Asserts the resumed run equals the
 /// uninterrupted one bit for bit: metrics, the files `same_files`, every checkpoint tensor but the
 /// timings, and the `summary_keys` of each variant in `summary.json`; that a variant finished
@@ -330,6 +330,7 @@ pub fn assert_killed_and_resumed_run_matches(
     variants: [&str; 2],
     steps: u64,
     args: impl Fn(&Path) -> Vec<String>,
+    one_after_another: bool,
     same_files: &[&str],
     summary_keys: &[&str],
 ) {
@@ -351,6 +352,11 @@ pub fn assert_killed_and_resumed_run_matches(
         .as_ref()
         .is_some_and(|_| Checkpoint::read(&ckpt(&killed, variants[0])).unwrap().progress.step == steps);
     assert!(!killed.join("summary.json").exists());
+    assert_eq!(
+        first_finished, one_after_another,
+        "{} finished when killed (trained one after another: {one_after_another})",
+        variants[0]
+    );
 
     bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
     for file in std::iter::once("metrics.jsonl").chain(same_files.iter().copied()) {
