@@ -546,30 +546,10 @@ where
     // With fewer variants left than lanes, the last ones train one after another on all threads
     // instead of leaving lanes idle.
     let together = lanes.as_ref().map_or(0, |p| variants.len() - variants.len() % p.len());
-    let mut results: Vec<(usize, Result<R>)> = Vec::new();
-    if let Some(pools) = lanes {
-        let next = AtomicUsize::new(0);
-        let lane = |pool: &rayon::ThreadPool| {
-            let mut done = Vec::new();
-            while !cancel.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= together {
-                    break;
-                }
-                done.push(pool.install(|| train_one(i)));
-            }
-            done
-        };
-        let done = std::thread::scope(|scope| {
-            let lanes: Vec<_> = pools.iter().map(|pool| scope.spawn(|| lane(pool))).collect();
-            lanes.into_iter().map(|l| l.join()).collect::<Result<Vec<_>, _>>()
-        });
-        results.extend(
-            done.map_err(|_| anyhow::anyhow!("a training thread panicked"))?
-                .into_iter()
-                .flatten(),
-        );
-    }
+    let mut results = match lanes {
+        Some(pools) => in_lanes(&pools, together, &cancel, train_one)?,
+        None => Vec::new(),
+    };
     for i in together..variants.len() {
         if cancel.load(Ordering::Relaxed) {
             break;
@@ -577,25 +557,7 @@ where
         results.push(train_one(i));
     }
     results.sort_by_key(|(i, _)| *i);
-    // The first failure in variant order, unless it only says that another variant failed.
-    let mut first_error: Option<anyhow::Error> = None;
-    let mut summaries = BTreeMap::new();
-    for (i, result) in results {
-        match result {
-            Ok(r) => drop(summaries.insert(name(variants[i]), r)),
-            Err(e)
-                if first_error
-                    .as_ref()
-                    .is_none_or(|f| f.is::<Cancelled>() && !e.is::<Cancelled>()) =>
-            {
-                first_error = Some(e)
-            }
-            Err(_) => {}
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+    let summaries = first_failure_or(results.into_iter().map(|(i, r)| r.map(|r| (name(variants[i]), r))))?;
     let (file, mut metrics) = sink.into_inner().unwrap_or_else(PoisonError::into_inner);
     drop(file);
     let names: Vec<&str> = variants.iter().map(|&v| name(v)).collect();
@@ -607,6 +569,57 @@ where
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok((metrics, summaries))
+}
+
+/// Runs `train_one(i)` for i in `0..count`, each lane (one per pool, on its own thread) taking the
+/// next i in turn until none is left or `cancel` is raised; returns (i, result) of each run.
+fn in_lanes<R: Send>(
+    pools: &[rayon::ThreadPool],
+    count: usize,
+    cancel: &AtomicBool,
+    train_one: impl Fn(usize) -> (usize, Result<R>) + Sync,
+) -> Result<Vec<(usize, Result<R>)>> {
+    let next = AtomicUsize::new(0);
+    let lane = |pool: &rayon::ThreadPool| {
+        let mut done = Vec::new();
+        while !cancel.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                break;
+            }
+            done.push(pool.install(|| train_one(i)));
+        }
+        done
+    };
+    let done = std::thread::scope(|scope| {
+        let lanes: Vec<_> = pools.iter().map(|pool| scope.spawn(|| lane(pool))).collect();
+        lanes.into_iter().map(|l| l.join()).collect::<Result<Vec<_>, _>>()
+    });
+    let done = done.map_err(|_| anyhow::anyhow!("a training thread panicked"))?;
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// The variants' results by name, or the first failure among them (in their order) that is not
+/// just [`Cancelled`], if any.
+fn first_failure_or<R>(results: impl Iterator<Item = Result<(&'static str, R)>>) -> Result<BTreeMap<&'static str, R>> {
+    let (mut summaries, mut first_error) = (BTreeMap::new(), None::<anyhow::Error>);
+    for result in results {
+        match result {
+            Ok((name, r)) => drop(summaries.insert(name, r)),
+            Err(e)
+                if first_error
+                    .as_ref()
+                    .is_none_or(|f| f.is::<Cancelled>() && !e.is::<Cancelled>()) =>
+            {
+                first_error = Some(e)
+            }
+            Err(_) => {}
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(summaries),
+    }
 }
 
 /// The pools of [`train_variants`]' lanes, sharing out the current pool's threads: with one
