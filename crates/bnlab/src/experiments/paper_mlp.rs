@@ -71,8 +71,9 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Output directory.
     pub out: PathBuf,
-    /// Worker threads (recorded; the caller sets up the pool). With one process and at least one
-    /// thread per variant, the variants train side by side, each on its share of the threads.
+    /// Worker threads (recorded; the caller sets up the pool). With one process and two or more
+    /// threads, the variants train side by side, each on its share of the threads (see
+    /// [`common::train_variants`]).
     pub threads: usize,
     /// Steps between checkpoints (one is also written at the end of each variant).
     pub checkpoint_every: u64,
@@ -259,10 +260,10 @@ pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
 }
 
 /// Loads data, trains every variant, writes metrics, checkpoints, plots and the report into
-/// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced). With at least one
-/// thread per variant in the current rayon pool, the variants train side by side, each on its
-/// share of the threads (same results as one after another); if one fails, the others stop and
-/// its error is returned.
+/// `settings.out` (a fresh run: an existing `metrics.jsonl` there is replaced). With two or more
+/// threads in the current rayon pool, the variants train side by side, each on its share of the
+/// threads (same results as one after another); if one fails, the others stop and its error is
+/// returned (see [`common::train_variants`]).
 pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
     execute(settings, quiet, false, Arc::new(SingleProcess))
 }
