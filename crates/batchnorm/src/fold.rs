@@ -6,10 +6,10 @@ use crate::stats::inv_std;
 use crate::{Element, Error};
 
 /// Inference batch norm of one channel as y = x·scale + shift, with scale = γ/√(Var + ε) and
-/// shift = β − E[x]·scale.
+/// shift = β − E\[x\]·scale.
 ///
-/// (The layer's own inference pass computes (x − E[x])·scale + β instead, which keeps full
-/// precision when |E[x]| is large against the spread; this form is for folding.)
+/// (The layer's own inference pass computes (x − E\[x\])·scale + β instead, which keeps full
+/// precision when |E\[x\]| is large against the spread; this form is for folding.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferenceAffine {
     /// Per-channel multiplier.

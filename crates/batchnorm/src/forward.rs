@@ -142,7 +142,7 @@ pub fn normalize<T: Element>(
     Ok(())
 }
 
-/// Inference (Algorithm 2): y = γ·(x − E[x])/√(Var[x] + ε) + β with fixed statistics (running or
+/// Inference (Algorithm 2): y = γ·(x − E\[x\])/√(Var\[x\] + ε) + β with fixed statistics (running or
 /// population), in one fused pass per element.
 ///
 /// Rejects: shape/length mismatches, `mean`/`var`/γ/β of the wrong channel count, ε not finite

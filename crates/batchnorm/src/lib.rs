@@ -11,7 +11,7 @@
 //!
 //! Layouts `NC`, `NCHW`, `NHWC` and any-rank channels-first/last ([`Layout`]); elements `f32` and
 //! `f64` ([`Element`]). All arithmetic is carried out in `f64`; statistics use a two-pass scheme on
-//! cache-sized pieces merged with Chan's formula (never E[x²] − E[x]²); results are bitwise
+//! cache-sized pieces merged with Chan's formula (never E\[x²\] − E\[x\]²); results are bitwise
 //! identical for any number of threads. Work runs on the current rayon pool.
 //!
 //! Shapes are checked once at each public function (see each function's "Rejects"); every error

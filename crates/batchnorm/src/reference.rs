@@ -147,7 +147,7 @@ pub fn running_update(
 }
 
 /// Algorithm 2 over a list of equally sized batches given as per-batch (mean, biased var):
-/// E[x] = mean of μ_B, Var[x] = m/(m−1)·mean of σ²_B.
+/// E\[x\] = mean of μ_B, Var\[x\] = m/(m−1)·mean of σ²_B.
 pub fn population(batches: &[(Vec<f64>, Vec<f64>)], m: usize) -> (Vec<f64>, Vec<f64>) {
     let channels = batches[0].0.len();
     let b = batches.len() as f64;

@@ -196,7 +196,7 @@ pub fn update_running_stats<T: Element>(
 }
 
 /// Algorithm 2's population statistics, accumulated over any number of mini-batches after
-/// training: E[x] = mean over batches of μ_B, Var[x] = m/(m−1)·(mean over batches of σ²_B).
+/// training: E\[x\] = mean over batches of μ_B, Var\[x\] = m/(m−1)·(mean over batches of σ²_B).
 ///
 /// With batches of unequal sizes each batch's variance is made unbiased with its own m before
 /// averaging (identical to the paper's formula when all batches have the same m). Batches are
@@ -277,7 +277,7 @@ impl PopulationStats {
         self.observe(&s)
     }
 
-    /// E[x] per channel. [`Error::NoBatches`] before the first batch.
+    /// E\[x\] per channel. [`Error::NoBatches`] before the first batch.
     pub fn mean(&self) -> Result<Vec<f64>, Error> {
         if self.batches == 0 {
             return Err(Error::NoBatches);
@@ -285,7 +285,7 @@ impl PopulationStats {
         Ok(self.mean.clone())
     }
 
-    /// Var[x] = m/(m−1)·E_B[σ²_B] per channel. [`Error::NoBatches`] before the first batch.
+    /// Var\[x\] = m/(m−1)·E_B\[σ²_B\] per channel. [`Error::NoBatches`] before the first batch.
     pub fn var(&self) -> Result<Vec<f64>, Error> {
         if self.batches == 0 {
             return Err(Error::NoBatches);

@@ -9,7 +9,7 @@
 //! - [`monitor`]: distribution monitoring (percentiles of a layer's input during training).
 //! - [`experiments`]: the paper's experiments as settings plus a training loop.
 //! - [`report`]: plots (SVG/PNG) and the self-contained HTML page.
-//! - [`bench`]: the kernel benchmark behind `bnlab bench`.
+//! - [`bench`](mod@bench): the kernel benchmark behind `bnlab bench`.
 //! - [`atomic`]: atomic file replacement (checkpoints, rewritten metrics).
 
 pub mod atomic;
