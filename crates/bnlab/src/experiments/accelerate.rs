@@ -554,29 +554,7 @@ pub struct Outcome {
     pub table: Table,
 }
 
-impl common::ExperimentSettings for Settings {
-    fn resume_settings(dir: &Path) -> Result<Self> {
-        resume_settings(dir)
-    }
-    fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-    fn data_dir_mut(&mut self) -> &mut PathBuf {
-        &mut self.data_dir
-    }
-    fn threads_mut(&mut self) -> &mut usize {
-        &mut self.threads
-    }
-    fn bn_stats_mut(&mut self) -> &mut BnStats {
-        &mut self.bn_stats
-    }
-    fn check_settings(&self) -> Result<()> {
-        self.check()
-    }
-    fn evaluation(&self) -> common::EvalSettings {
-        self.eval_settings()
-    }
-}
+common::impl_experiment_settings!(Settings);
 
 /// The `experiment` name in this experiment's checkpoints.
 pub const EXPERIMENT: &str = "accelerate";
@@ -668,7 +646,6 @@ fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Commu
             train_variant(settings, v, starts[i].as_ref(), &train, &test, &mut dp, run)
         },
     )?;
-    let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
     let table = figure3_table(&names, &metrics);
     let outcome = Outcome {
         metrics,

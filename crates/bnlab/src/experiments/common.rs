@@ -63,6 +63,38 @@ pub trait ExperimentSettings: Sized + serde::de::DeserializeOwned {
     fn evaluation(&self) -> EvalSettings;
 }
 
+/// Implements [`ExperimentSettings`] for an experiment's settings type, which has the fields
+/// `data_dir`, `threads` and `bn_stats` and the methods `check` and `eval_settings`, in a module
+/// with `resume_settings(dir)`: the accessors are the same for every experiment.
+macro_rules! impl_experiment_settings {
+    ($settings:ty) => {
+        impl $crate::experiments::common::ExperimentSettings for $settings {
+            fn resume_settings(dir: &::std::path::Path) -> ::anyhow::Result<Self> {
+                resume_settings(dir)
+            }
+            fn data_dir(&self) -> &::std::path::Path {
+                &self.data_dir
+            }
+            fn data_dir_mut(&mut self) -> &mut ::std::path::PathBuf {
+                &mut self.data_dir
+            }
+            fn threads_mut(&mut self) -> &mut usize {
+                &mut self.threads
+            }
+            fn bn_stats_mut(&mut self) -> &mut $crate::experiments::common::BnStats {
+                &mut self.bn_stats
+            }
+            fn check_settings(&self) -> ::anyhow::Result<()> {
+                self.check()
+            }
+            fn evaluation(&self) -> $crate::experiments::common::EvalSettings {
+                self.eval_settings()
+            }
+        }
+    };
+}
+pub(crate) use impl_experiment_settings;
+
 /// Test examples per inference forward pass.
 pub const EVAL_CHUNK: usize = 1000;
 

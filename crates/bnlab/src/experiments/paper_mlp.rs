@@ -227,29 +227,7 @@ pub struct Outcome {
     pub summaries: BTreeMap<&'static str, VariantSummary>,
 }
 
-impl common::ExperimentSettings for Settings {
-    fn resume_settings(dir: &Path) -> Result<Self> {
-        resume_settings(dir)
-    }
-    fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
-    fn data_dir_mut(&mut self) -> &mut PathBuf {
-        &mut self.data_dir
-    }
-    fn threads_mut(&mut self) -> &mut usize {
-        &mut self.threads
-    }
-    fn bn_stats_mut(&mut self) -> &mut BnStats {
-        &mut self.bn_stats
-    }
-    fn check_settings(&self) -> Result<()> {
-        self.check()
-    }
-    fn evaluation(&self) -> common::EvalSettings {
-        self.eval_settings()
-    }
-}
+common::impl_experiment_settings!(Settings);
 
 /// The `experiment` name in this experiment's checkpoints.
 pub const EXPERIMENT: &str = "paper-mlp";
