@@ -5,9 +5,10 @@
 //! Layout (data flows one way):
 //! - [`data`]: IDX reader, datasets and deterministic batching.
 //! - [`engine`]: one file per layer, explicit `forward`/`backward` over flat buffers; optimizer, schedules.
-//! - [`dist`]: data-parallel training over a communicator (MPI with the `mpi` feature).
+//! - [`parallel`]: data-parallel training over a communicator (MPI with the `mpi` feature).
 //! - [`monitor`]: distribution monitoring (percentiles of a layer's input during training).
-//! - [`experiments`]: the paper's experiments as settings plus a training loop.
+//! - [`driver`]: the run driver: start, resume, training loop, evaluation, lanes, outputs.
+//! - [`experiments`]: the paper's experiments as plug-ins of the driver.
 //! - [`report`]: plots (SVG/PNG) and the self-contained HTML page.
 //! - [`bench`](mod@bench): the kernel benchmark behind `bnlab bench`.
 //! - [`atomic`]: atomic file replacement (checkpoints, rewritten metrics).
@@ -15,8 +16,9 @@
 pub mod atomic;
 pub mod bench;
 pub mod data;
-pub mod dist;
+pub mod driver;
 pub mod engine;
 pub mod experiments;
 pub mod monitor;
+pub mod parallel;
 pub mod report;

@@ -2,6 +2,7 @@
 //! kind of damaged or foreign file rejected with its typed error (never a panic, never a partial
 //! restore). Property tests feed arbitrary and mutated bytes to the loader.
 
+use batchnorm::BatchNormConfig;
 use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, Progress};
 use bnlab::engine::{Dropout, Layer, Linear, Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
@@ -18,7 +19,7 @@ const BATCH: usize = 8;
 /// The paper network of `variant` on 16 inputs after `steps` SGD steps with momentum, so every
 /// parameter, running statistic and momentum buffer holds a non-trivial value.
 fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
-    let (mut net, _) = build(variant, FEATURES, CLASSES, 0.1, 7).unwrap();
+    let (mut net, _) = build(variant, FEATURES, CLASSES, 0.1, 7, BatchNormConfig::default()).unwrap();
     let mut sgd = Sgd::new(0.9, 1e-4);
     let mut loss = SoftmaxCrossEntropy::default();
     let mut dlogits = vec![0.0; BATCH * CLASSES];
@@ -57,7 +58,7 @@ fn bn_bytes() -> Vec<u8> {
 /// Parses, then restores into a fresh BN network: the error of whichever step fails.
 fn load_into_fresh(bytes: &[u8]) -> Result<(), CheckpointError> {
     let ck = Checkpoint::from_bytes(bytes)?;
-    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4))
 }
 
@@ -100,7 +101,7 @@ fn round_trip_restores_everything_exactly() {
     assert_eq!(back.progress, progress());
     assert_eq!(back.settings["lr"], 0.1);
 
-    let (mut fresh, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut fresh, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     let mut fresh_sgd = Sgd::new(0.9, 1e-4);
     back.restore(&mut fresh, &mut fresh_sgd).unwrap();
     assert_eq!(fresh_sgd.velocity, sgd.velocity);
@@ -133,7 +134,7 @@ fn round_trip_restores_everything_exactly() {
 fn training_continues_identically_after_restore() {
     let (mut a, mut sa) = trained(Variant::Bn, 2);
     let ck = capture(&mut a, &sa);
-    let (mut b, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 5).unwrap();
+    let (mut b, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 5, BatchNormConfig::default()).unwrap();
     let mut sb = Sgd::new(0.9, 1e-4);
     Checkpoint::from_bytes(&ck.to_bytes().unwrap())
         .unwrap()
@@ -304,7 +305,7 @@ fn wrong_tensor_shape_is_rejected_before_anything_changes() {
         w.1 = vec![100, FEATURES]; // same bytes, 2-D
     });
     let ck = Checkpoint::from_bytes(&bytes).unwrap();
-    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     let before = architecture(&mut net);
     let w0 = net.params()[0].value.to_vec();
     let err = ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4)).unwrap_err();
@@ -394,7 +395,7 @@ fn another_architecture_is_rejected() {
     assert!(matches!(err, CheckpointError::Architecture { .. }), "{err}");
     assert!(err.to_string().contains("another architecture"), "{err}");
     // The same network on other input sizes.
-    let (mut wide, _) = build(Variant::Bn, FEATURES * 2, CLASSES, 0.1, 1).unwrap();
+    let (mut wide, _) = build(Variant::Bn, FEATURES * 2, CLASSES, 0.1, 1, BatchNormConfig::default()).unwrap();
     let ck = Checkpoint::from_bytes(&bn_bytes()).unwrap();
     assert!(matches!(
         ck.restore(&mut wide, &mut Sgd::new(0.9, 0.0)),

@@ -1,0 +1,387 @@
+//! The run driver: one owner of every experiment's run, from start to summary.
+//!
+//! An experiment ([`Experiment`]) is its settings, its variants, how to build a variant's
+//! network and optimizer, what a metrics line holds, and what it writes at the end. Everything
+//! else is the driver's, the same for every experiment:
+//!
+//! - **start and resume** ([`run`]): settings checked, data loaded and checked against the
+//!   networks, `settings.json` written (a fresh run) or each variant's checkpoint found and
+//!   checked to belong to this run (a resumed run: [`resume`]), `metrics.jsonl` cut back to what
+//!   the checkpoints cover;
+//! - **training** ([`train`]): one loop for every experiment: SGD steps (in one process, or as
+//!   one rank of data-parallel training, [`crate::parallel`]), evaluations every `eval_every`
+//!   steps and after the last ([`evaluate`]: Algorithm 2's population statistics or the running
+//!   averages), checkpoints every `checkpoint_every` steps and after the last, divergence handled
+//!   as the experiment says ([`Divergence`]);
+//! - **lanes** ([`lanes`]): with one process and two or more threads, variants train side by side,
+//!   each on its share of the run's threads; a failing variant stops the others;
+//! - **outputs**: `metrics.jsonl` (put in variant and step order at the end), `summary.json`,
+//!   then the experiment's own files (plots, tables, `report.html`).
+//!
+//! Results do not depend on the number of threads or lanes: the kernels and the matrix products
+//! split work by shape only, so a run gives the same metrics, bit for bit, on any thread count.
+
+pub mod evaluate;
+pub mod lanes;
+pub mod metrics;
+pub mod progress;
+pub mod resume;
+pub mod settings;
+pub mod train;
+
+pub use evaluate::{Probe, EVAL_CHUNK};
+pub use metrics::MetricLine;
+pub use progress::Progress;
+pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
+
+use crate::data::{self, Dataset};
+use crate::engine::checkpoint::Checkpoint;
+use crate::engine::{Sequential, Sgd};
+use crate::parallel::{self, DataParallel};
+use anyhow::{ensure, Context, Result};
+use batchnorm::Communicator;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A variant of an experiment: one network and recipe it trains.
+pub trait Variant: Copy + PartialEq + Debug + Send + Sync + 'static {
+    /// Every variant, in the experiment's order.
+    const ALL: &'static [Self];
+    /// The name in flags, files and reports.
+    fn name(self) -> &'static str;
+    /// The variant called `name`, if any.
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == name)
+    }
+}
+
+/// What a variant does when its training loss stops being finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Divergence {
+    /// The run fails with an error that names the variant, the step and the last good checkpoint.
+    Fail,
+    /// The variant stops and its metrics get [`Experiment::diverged_line`]; the others go on.
+    Record,
+}
+
+/// A training and test set, and the class count of the networks that learn them.
+pub struct Data {
+    /// The training split.
+    pub train: Dataset,
+    /// The test split.
+    pub test: Dataset,
+    /// Output classes of the networks.
+    pub classes: usize,
+}
+
+impl Data {
+    /// Reads the train and test splits of the IDX directory `dir`.
+    pub fn load(dir: &Path) -> Result<Data> {
+        let (train, test) = data::load(dir)?;
+        let classes = train.classes.max(test.classes);
+        Ok(Data { train, test, classes })
+    }
+}
+
+/// A network built for a variant, with what evaluation watches in it.
+pub struct Built<P> {
+    /// The network.
+    pub net: Sequential,
+    /// What evaluation records (see [`Probe`]).
+    pub probe: P,
+}
+
+/// One evaluation of a variant, as the driver measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Training steps done.
+    pub step: u64,
+    /// Test-set accuracy.
+    pub test_acc: f64,
+    /// Mean training loss over the steps since the previous evaluation.
+    pub train_loss: f64,
+}
+
+/// An experiment of the lab: its settings, variants, networks and outputs. The driver ([`run`])
+/// does the rest.
+pub trait Experiment: Sync {
+    /// The name on the command line, in checkpoints and in default output folders.
+    const NAME: &'static str;
+    /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`].
+    type Settings: Serialize + DeserializeOwned + Clone + Debug + Send + Sync;
+    /// Its variants.
+    type Variant: Variant;
+    /// A line of its `metrics.jsonl`.
+    type Metric: MetricLine;
+    /// What its evaluations watch in a network besides accuracy.
+    type Probe: Probe + Send;
+    /// What it makes of a finished run besides the common outputs (e.g. a table).
+    type Report: Send;
+
+    /// The variants the run trains, in order.
+    fn variants(&self, s: &Settings<Self::Settings>) -> Vec<Self::Variant>;
+
+    /// Rejects the experiment's own settings that cannot run (the common ones are the driver's).
+    fn check(&self, s: &Settings<Self::Settings>) -> Result<()>;
+
+    /// The network of `variant` for the images of `data`, as data-parallel rank `rank` builds it
+    /// (every rank the same initial weights; rank 0's is the one-process network).
+    fn build(
+        &self,
+        s: &Settings<Self::Settings>,
+        variant: Self::Variant,
+        data: &Data,
+        rank: usize,
+    ) -> Result<Built<Self::Probe>>;
+
+    /// The optimizer of `variant`.
+    fn optimizer(&self, s: &Settings<Self::Settings>, variant: Self::Variant) -> Sgd;
+
+    /// The learning rate of `variant` at 0-based `step` (the rate of that step's update).
+    fn lr(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> f64;
+
+    /// What a variant does when its loss stops being finite.
+    fn divergence(&self) -> Divergence;
+
+    /// The metrics line of an evaluation of `variant`; `probe` holds what it recorded.
+    fn metric(
+        &self,
+        s: &Settings<Self::Settings>,
+        variant: Self::Variant,
+        eval: &Evaluation,
+        probe: &mut Self::Probe,
+    ) -> Self::Metric;
+
+    /// The metrics line of a variant that diverged at `step` ([`Divergence::Record`] only).
+    fn diverged_line(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> Option<Self::Metric>;
+
+    /// Adjusts a network just restored from `checkpoint` (written by rank 0 of a run of
+    /// `writer_processes` processes) to this rank of this run. Nothing by default.
+    fn after_restore(
+        &self,
+        _s: &Settings<Self::Settings>,
+        _net: &mut Sequential,
+        _writer_processes: usize,
+        _dp: &DataParallel,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes the experiment's own outputs of a finished run into `s.common.out` (plots, tables,
+    /// `report.html`) and returns its report.
+    fn finish(&self, s: &Settings<Self::Settings>, outcome: &Outcome<Self::Metric>) -> Result<Self::Report>;
+}
+
+/// The result of one variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantSummary {
+    /// Test accuracy at the last evaluation (`None` if there was none).
+    pub final_test_acc: Option<f64>,
+    /// Best test accuracy over evaluations.
+    pub best_test_acc: Option<f64>,
+    /// Wall-clock seconds of the whole run (training and evaluations; every session of a resumed
+    /// run).
+    pub seconds: f64,
+    /// Milliseconds per training step (training steps only; with variants side by side, on this
+    /// variant's share of the threads).
+    pub ms_per_step: f64,
+    /// Steps trained.
+    pub steps: u64,
+    /// The step at which the training loss became non-finite, if it did.
+    pub diverged_at: Option<u64>,
+    /// Collective calls per training step of rank 0 (0 with one process).
+    pub collective_calls_per_step: f64,
+    /// Bytes rank 0 sent per training step (received: `processes` times as many).
+    pub bytes_sent_per_step: f64,
+}
+
+/// Everything a run produced (on rank 0; other ranks of a data-parallel run get no metrics).
+#[derive(Debug, Clone)]
+pub struct Outcome<M> {
+    /// All evaluations, variants in order, each variant's in step order.
+    pub metrics: Vec<M>,
+    /// Per variant, by name.
+    pub summaries: BTreeMap<&'static str, VariantSummary>,
+}
+
+/// A run's result: what every experiment produces and the experiment's own report.
+pub struct Finished<E: Experiment> {
+    /// The settings the run trained with (on resume: the run's own).
+    pub settings: Settings<E::Settings>,
+    /// Metrics and summaries.
+    pub outcome: Outcome<E::Metric>,
+    /// The experiment's report (`None` on data-parallel ranks other than 0).
+    pub report: Option<E::Report>,
+}
+
+/// How a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run into `out` (an existing `metrics.jsonl` there is replaced).
+    Fresh,
+    /// Continues the run in `out` from its checkpoints: every variant restarts from its checkpoint
+    /// (a finished one is not retrained, one without a checkpoint starts afresh) and all outputs
+    /// are written as an uninterrupted run would.
+    Resume,
+}
+
+/// How the driver runs: not part of the settings.
+pub struct RunOptions {
+    /// A fresh run or a resumed one.
+    pub start: Start,
+    /// No progress bars or log lines.
+    pub quiet: bool,
+    /// The ranks of data-parallel training ([`batchnorm::SingleProcess`] for one process).
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl RunOptions {
+    /// A fresh run in one process, quiet or not.
+    pub fn fresh(quiet: bool) -> Self {
+        RunOptions {
+            start: Start::Fresh,
+            quiet,
+            comm: Arc::new(batchnorm::SingleProcess),
+        }
+    }
+
+    /// A resumed run in one process.
+    pub fn resume(quiet: bool) -> Self {
+        RunOptions {
+            start: Start::Resume,
+            ..RunOptions::fresh(quiet)
+        }
+    }
+}
+
+/// The settings of the run of `experiment` in `dir` (its `settings.json`, with `out` = `dir`).
+/// Rejects a directory without a readable, valid `settings.json`.
+pub fn resume_settings<E: Experiment>(dir: &Path) -> Result<Settings<E::Settings>> {
+    let article = if E::NAME.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    settings::read_settings(dir, &format!("{article} {} run", E::NAME))
+}
+
+/// Runs `experiment` with `settings` on `settings.common.threads` threads: trains every variant
+/// (side by side where threads allow, see [`lanes`]), writes `settings.json`, `metrics.jsonl`,
+/// checkpoints, `summary.json` and the experiment's outputs into `settings.common.out` (rank 0
+/// only), and returns what the run produced. With several ranks in `opts.comm`, every rank trains
+/// on its shard of each global batch and rank 0 alone evaluates, shows progress and writes files.
+///
+/// Rejects settings that cannot run ([`CommonSettings::check`], [`Experiment::check`], a batch
+/// that does not split over the ranks), data that does not fit the networks, and on resume a
+/// checkpoint that belongs to another run (other settings, another architecture) or is damaged.
+pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts: RunOptions) -> Result<Finished<E>> {
+    let mut s = settings.clone();
+    s.common.processes = opts.comm.size();
+    s.common.check()?;
+    experiment.check(&s)?;
+    let variants = experiment.variants(&s);
+    ensure!(!variants.is_empty(), "no variant to train");
+    ensure!(
+        (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
+        "--variants lists a variant twice"
+    );
+    parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(s.common.threads)
+        .build()
+        .context("cannot start the worker threads")?;
+    pool.install(|| execute(experiment, &s, &variants, &opts))
+        .map(|(outcome, report)| Finished {
+            settings: s,
+            outcome,
+            report,
+        })
+}
+
+type Executed<E> = (Outcome<<E as Experiment>::Metric>, Option<<E as Experiment>::Report>);
+
+fn execute<E: Experiment>(
+    experiment: &E,
+    s: &Settings<E::Settings>,
+    variants: &[E::Variant],
+    opts: &RunOptions,
+) -> Result<Executed<E>> {
+    let comm = opts.comm.as_ref();
+    let root = comm.rank() == 0;
+    let data = Data::load(&s.common.data_dir)?;
+    ensure!(
+        data.train.len >= s.common.batch,
+        "the training set has fewer examples than one batch"
+    );
+    // The networks must fit the images before anything is written.
+    experiment.build(s, variants[0], &data, 0)?;
+    let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
+    let begun = resume::begin_run::<E::Metric>(s, E::NAME, &names, opts.start == Start::Resume, comm)?;
+    let out = root.then_some(s.common.out.as_path());
+    let (metrics, summaries) = lanes::train_variants(
+        out,
+        begun.kept,
+        &names,
+        s.common.steps,
+        s.common.threads,
+        opts.quiet,
+        comm.size(),
+        |i, run| {
+            let mut dp = DataParallel::new(opts.comm.clone());
+            let start = begun.starts[i].as_ref();
+            train::train_variant(experiment, s, variants[i], start, &data, &mut dp, run)
+        },
+    )?;
+    let outcome = Outcome { metrics, summaries };
+    if !root {
+        return Ok((outcome, None));
+    }
+    let summary = serde_json::json!({ "variants": outcome.summaries, "settings": s });
+    metrics::write_json(&s.common.out.join("summary.json"), &summary)?;
+    let report = experiment.finish(s, &outcome)?;
+    Ok((outcome, Some(report)))
+}
+
+/// A new default output directory under `runs/`: `runs/<experiment>-<unix time>`.
+pub fn default_out(experiment: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Path::new("runs").join(format!("{experiment}-{secs}"))
+}
+
+/// The data-parallel mode of a run in words, for its report: `processes` ranks sharing global
+/// batches of `batch`, batch norm over the global batch (`bn_sync`) or over each shard.
+pub fn data_parallel_text(s: &CommonSettings) -> String {
+    let bn = if s.bn_sync {
+        format!(
+            "batch norm synchronized: statistics over the global batch of {} (--bn-sync on)",
+            s.batch
+        )
+    } else {
+        format!(
+            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
+            s.batch / s.processes.max(1)
+        )
+    };
+    format!(
+        "Data-parallel training over {} MPI processes: each global batch of {} is split into \
+         contiguous shards, gradients are summed over the processes; {bn}.",
+        s.processes, s.batch
+    )
+}
+
+/// Where a run keeps the checkpoint of the variant named `variant`:
+/// `OUT/checkpoints/<variant>.safetensors`.
+pub fn checkpoint_path(out: &Path, variant: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{variant}.safetensors"))
+}
+
+/// Reads a checkpoint file (for `bnlab eval` and the tests).
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    Checkpoint::read(path).with_context(|| format!("cannot load checkpoint {}", path.display()))
+}
