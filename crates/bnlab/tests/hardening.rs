@@ -180,6 +180,12 @@ fn lengths_are_checked_against_the_real_file_size() {
     let err = Checkpoint::read(&short).unwrap_err();
     assert!(err.to_string().contains("past the end"), "{err}");
 
+    let tiny = dir.path().join("tiny.safetensors");
+    std::fs::write(&tiny, [1, 2, 3, 4]).unwrap();
+    let err = Checkpoint::read(&tiny).unwrap_err();
+    assert!(matches!(err, CheckpointError::NotSafetensors(_)), "{err}");
+    assert!(err.to_string().contains("truncated or corrupt"), "{err}");
+
     let over = dir.path().join("over.safetensors");
     std::fs::write(&over, MAX_HEADER_BYTES.saturating_add(1).to_le_bytes()).unwrap();
     let err = Checkpoint::read(&over).unwrap_err();

@@ -988,6 +988,11 @@ impl Checkpoint {
                 size,
             });
         }
+        if size < 8 {
+            return Err(CheckpointError::NotSafetensors(format!(
+                "{size} bytes, fewer than the 8-byte header length"
+            )));
+        }
         let mut file = file.take(size);
         let mut len = [0u8; 8];
         read_exactly(&mut file, &mut len, size).map_err(read_err)?;
