@@ -107,6 +107,40 @@ fn thread_cpu_secs() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// The longest `--min-time` accepted, in seconds (one hour per measured operation).
+pub const MAX_MIN_TIME_SECS: f64 = 3600.0;
+
+/// A `--min-time` that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Not a number of seconds in `0..=MAX_MIN_TIME_SECS` (negative, NaN, infinite, or too large).
+    #[error("--min-time {secs} is not a time in seconds between 0 and {MAX_MIN_TIME_SECS}")]
+    MinTime {
+        /// The value given.
+        secs: f64,
+    },
+}
+
+/// The [`Duration`] of a `--min-time` of `secs` seconds, for [`run_case`].
+///
+/// # Errors
+/// [`BenchError::MinTime`] for a negative, NaN or infinite value, or one above
+/// [`MAX_MIN_TIME_SECS`] (where `Duration::from_secs_f64` would overflow and panic, the run
+/// would never end anyway).
+///
+/// ```
+/// use bnlab::bench::min_time;
+/// assert_eq!(min_time(0.25).unwrap(), std::time::Duration::from_millis(250));
+/// assert!(min_time(1e20).is_err());
+/// ```
+pub fn min_time(secs: f64) -> Result<Duration, BenchError> {
+    if !(0.0..=MAX_MIN_TIME_SECS).contains(&secs) {
+        return Err(BenchError::MinTime { secs });
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| BenchError::MinTime { secs })
+}
+
 /// Median of the wall-clock times of repeated calls of `f`: at least `min_reps` calls and
 /// `min_time` in all, after one warm-up call.
 pub fn median_ms(f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {

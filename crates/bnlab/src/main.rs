@@ -14,7 +14,6 @@ use cli::{AccelerateArgs, BenchArgs, Command, EvalArgs, PaperMlpArgs, RunFlags, 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 fn main() {
     // Output piped into a reader that stops early (`bnlab bench --json | head -1`) ends the
@@ -95,6 +94,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
+    let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
         let threads = rayon::current_num_threads();
@@ -109,7 +109,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
             );
         }
         for case in cases {
-            for r in bench::run_case(&case, Duration::from_secs_f64(args.min_time), clock)? {
+            for r in bench::run_case(&case, min_time, clock)? {
                 if args.json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {

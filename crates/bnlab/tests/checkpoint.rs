@@ -3,14 +3,14 @@
 //! restore). Property tests feed arbitrary and mutated bytes to the loader.
 
 use batchnorm::BatchNormConfig;
-use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, Progress};
+use bnlab::engine::checkpoint::{architecture, checksum, Checkpoint, CheckpointError, Progress, CHECKSUM_KEY};
 use bnlab::engine::{Dropout, Layer, Linear, Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 const FEATURES: usize = 16;
 const CLASSES: usize = 4;
@@ -62,8 +62,9 @@ fn load_into_fresh(bytes: &[u8]) -> Result<(), CheckpointError> {
     ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4))
 }
 
-/// The file re-encoded after `edit` changes its tensors (name → dtype, shape, bytes); the metadata
-/// is kept unless `meta` changes it.
+/// The file re-encoded after `edit` changes its tensors (name → dtype, shape, bytes), with the
+/// checksums recomputed for the edited tensors (so the edit reaches the checks after the
+/// checksum's); the rest of the metadata is kept unless `meta` changes it.
 fn rewrite(
     bytes: &[u8],
     edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
@@ -78,6 +79,11 @@ fn rewrite(
         .map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
         .collect();
     edit(&mut tensors);
+    let sums: BTreeMap<&str, String> = tensors
+        .iter()
+        .map(|(n, (_, _, b))| (n.as_str(), format!("{:08x}", checksum(b))))
+        .collect();
+    metadata.insert(CHECKSUM_KEY.into(), serde_json::to_string(&sums).unwrap());
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
@@ -271,15 +277,19 @@ fn safetensors_without_bnlab_metadata_is_rejected() {
 
 #[test]
 fn other_format_version_is_rejected() {
-    let bytes = rewrite(
-        &bn_bytes(),
-        |_| {},
-        |m| {
-            m.insert("format_version".into(), "2".into());
-        },
-    );
-    let err = Checkpoint::from_bytes(&bytes).unwrap_err();
-    assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
+    // Version 1 (before checksums) and a future version.
+    for version in ["1", "3"] {
+        let bytes = rewrite(
+            &bn_bytes(),
+            |_| {},
+            |m| {
+                m.insert("format_version".into(), version.into());
+            },
+        );
+        let err = Checkpoint::from_bytes(&bytes).unwrap_err();
+        assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
+        assert!(err.to_string().contains("rerun"), "{err}");
+    }
 }
 
 #[test]

@@ -82,9 +82,11 @@ pub fn count_correct(net: &mut Sequential, test: &Dataset, mut on_chunk: impl Fn
     let features = test.features();
     let classes = net.output_size();
     let mut correct = 0usize;
+    let mut x = vec![0.0f32; EVAL_CHUNK.min(test.len) * features];
     for start in (0..test.len).step_by(EVAL_CHUNK) {
         let n = EVAL_CHUNK.min(test.len - start);
-        let x = &test.images[start * features..(start + n) * features];
+        let x = &mut x[..n * features];
+        test.images_f32(start..start + n, x);
         let logits = net.forward(x, n, Mode::Eval)?;
         correct += argmax_rows(logits, classes)
             .zip(&test.labels[start..start + n])

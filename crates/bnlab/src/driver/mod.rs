@@ -78,10 +78,11 @@ pub struct Data {
 }
 
 impl Data {
-    /// Reads the train and test splits of the IDX directory `dir`.
-    pub fn load(dir: &Path) -> Result<Data> {
-        let (train, test) = data::load(dir)?;
-        let classes = train.classes.max(test.classes);
+    /// Reads the train and test splits of the IDX directory `dir` for networks with `classes`
+    /// outputs. Rejects what [`data::load_with_classes`] rejects: among others a label outside
+    /// `0..classes` and an empty split.
+    pub fn load(dir: &Path, classes: usize) -> Result<Data> {
+        let (train, test) = data::load_with_classes(dir, classes)?;
         Ok(Data { train, test, classes })
     }
 }
@@ -110,6 +111,8 @@ pub struct Evaluation {
 pub trait Experiment: Sync {
     /// The name on the command line, in checkpoints and in default output folders.
     const NAME: &'static str;
+    /// Output classes of its networks (labels outside `0..CLASSES` are an error).
+    const CLASSES: usize;
     /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`].
     type Settings: Serialize + DeserializeOwned + Clone + Debug + Send + Sync;
     /// Its variants.
@@ -311,7 +314,7 @@ fn execute<E: Experiment>(
 ) -> Result<Executed<E>> {
     let comm = opts.comm.as_ref();
     let root = comm.rank() == 0;
-    let data = Data::load(&s.common.data_dir)?;
+    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
     ensure!(
         data.train.len >= s.common.batch,
         "the training set has fewer examples than one batch"

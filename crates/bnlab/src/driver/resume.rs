@@ -3,7 +3,7 @@
 //! `metrics.jsonl` lines those checkpoints cover.
 
 use super::metrics::{truncate_jsonl, MetricLine};
-use super::train::LoopCounters;
+use super::train::{LoopCounters, Timing};
 use super::{checkpoint_path, CommonSettings, Settings};
 use crate::atomic::write_atomic;
 use crate::engine::checkpoint::Checkpoint;
@@ -180,5 +180,5 @@ pub fn restore_start(
         ck.progress.step,
         ck.progress.seed
     );
-    LoopCounters::from_progress(&ck.progress)
+    LoopCounters::from_progress(&ck.progress, Timing::read(path)?).with_context(|| format!("cannot resume from {}", path.display()))
 }

@@ -9,7 +9,10 @@ use crate::data::{gather, Dataset, EpochShuffler};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError, Progress as CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use crate::parallel::{self, DataParallel};
+use crate::atomic::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Scratch buffers of a training step: one batch `x [batch, features]`, `y [batch]` and
@@ -143,14 +146,14 @@ impl LoopCounters {
     }
 
     /// The counters as a checkpoint's progress (accuracies not yet measured are stored as −1).
+    /// Wall-clock times are not part of it (see [`Timing`]): checkpoints of identical runs are
+    /// identical bytes.
     pub fn progress(&self, seed: u64) -> CheckpointProgress {
         let values = [
             ("loss_sum", self.loss_sum),
             ("loss_n", self.loss_n as f64),
             ("best_test_acc", self.best_acc.unwrap_or(-1.0)),
             ("last_test_acc", self.last_acc.unwrap_or(-1.0)),
-            ("train_seconds", self.train_secs),
-            ("seconds", self.seconds),
         ];
         CheckpointProgress {
             step: self.steps,
@@ -159,26 +162,91 @@ impl LoopCounters {
         }
     }
 
-    /// The counters a checkpoint's progress holds (see [`LoopCounters::progress`]). Rejects a
-    /// progress without one of them.
-    pub fn from_progress(p: &CheckpointProgress) -> Result<Self> {
+    /// The counters a checkpoint's progress holds (see [`LoopCounters::progress`]) and the
+    /// times `timing` holds. Rejects a progress without one of them, a loss count that is not a
+    /// whole number of at most the steps done, and an accuracy outside [0, 1] (−1: none yet).
+    pub fn from_progress(p: &CheckpointProgress, timing: Timing) -> Result<Self> {
         let get = |k: &str| {
             p.values
                 .get(k)
                 .copied()
                 .with_context(|| format!("the checkpoint lacks progress value `{k}`"))
         };
-        let acc = |v: f64| (v >= 0.0).then_some(v);
+        let acc = |k: &str| -> Result<Option<f64>> {
+            let v = get(k)?;
+            ensure!(
+                v == -1.0 || (0.0..=1.0).contains(&v),
+                "the checkpoint's `{k}` is {v}, not an accuracy"
+            );
+            Ok((v >= 0.0).then_some(v))
+        };
+        let loss_n = get("loss_n")?;
+        ensure!(
+            loss_n.fract() == 0.0 && (0.0..=p.step as f64).contains(&loss_n),
+            "the checkpoint's loss count {loss_n} does not fit its step {}",
+            p.step
+        );
         Ok(LoopCounters {
             steps: p.step,
-            train_secs: get("train_seconds")?,
-            seconds: get("seconds")?,
-            best_acc: acc(get("best_test_acc")?),
-            last_acc: acc(get("last_test_acc")?),
+            train_secs: timing.train_seconds,
+            seconds: timing.seconds,
+            best_acc: acc("best_test_acc")?,
+            last_acc: acc("last_test_acc")?,
             diverged: None,
             loss_sum: get("loss_sum")?,
-            loss_n: get("loss_n")? as u64,
+            loss_n: loss_n as u64,
         })
+    }
+
+    /// The wall-clock times of the counters.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            train_seconds: self.train_secs,
+            seconds: self.seconds,
+        }
+    }
+}
+
+/// The wall-clock time a variant has trained so far, kept beside its checkpoint in
+/// `<variant>.timing.json` rather than in it, so that the checkpoints of two identical runs are
+/// identical bytes; a resumed run adds its own time to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// Seconds spent in training steps.
+    pub train_seconds: f64,
+    /// Wall-clock seconds of the whole loop.
+    pub seconds: f64,
+}
+
+impl Timing {
+    /// Where the timing of the checkpoint at `checkpoint` is kept.
+    pub fn path(checkpoint: &Path) -> PathBuf {
+        checkpoint.with_extension("timing.json")
+    }
+
+    /// The timing kept beside `checkpoint`: zero without a file (it is informative only).
+    /// Rejects a file that does not parse or holds negative or non-finite times.
+    pub fn read(checkpoint: &Path) -> Result<Timing> {
+        let path = Timing::path(checkpoint);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Timing::default()),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let t: Timing = serde_json::from_str(&text).with_context(|| format!("{}: invalid timing", path.display()))?;
+        ensure!(
+            [t.train_seconds, t.seconds].iter().all(|s| s.is_finite() && *s >= 0.0),
+            "{}: times must be finite and >= 0",
+            path.display()
+        );
+        Ok(t)
+    }
+
+    /// Writes the timing beside `checkpoint` (atomically).
+    pub fn write(&self, checkpoint: &Path) -> Result<()> {
+        let path = Timing::path(checkpoint);
+        write_atomic(&path, serde_json::to_string(self)?.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 }
 
@@ -295,6 +363,7 @@ pub fn train_variant<E: Experiment>(
             match (capture, experiment.divergence()) {
                 (Ok(ck), _) => {
                     ck.save(&ckpt_path)?;
+                    counters.timing().write(&ckpt_path)?;
                     saved = Some(step + 1);
                 }
                 // Weights that overflowed before the loss did: no checkpoint (the last good one

@@ -530,6 +530,7 @@ pub struct Accelerate;
 
 impl Experiment for Accelerate {
     const NAME: &'static str = "accelerate";
+    const CLASSES: usize = 10;
     type Settings = AccelerateSettings;
     type Variant = Variant;
     type Metric = Metric;

@@ -88,7 +88,7 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
     s.common.threads = s.common.threads.clamp(1, driver::settings::MAX_THREADS);
     s.common.check().with_context(invalid)?;
     experiment.check(&s).with_context(invalid)?;
-    let data = Data::load(&s.common.data_dir)?;
+    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
     let mut net = experiment.build(&s, variant, &data, 0)?.net;
     ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {
         format!(

@@ -150,6 +150,7 @@ pub struct PaperMlp;
 
 impl Experiment for PaperMlp {
     const NAME: &'static str = "paper-mlp";
+    const CLASSES: usize = 10;
     type Settings = PaperMlpSettings;
     type Variant = Variant;
     type Metric = Metric;
