@@ -54,12 +54,16 @@ pub struct RunFlags {
     /// Fashion-MNIST; with --resume, the run's]
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Output directory (default: a new folder under runs/).
+    /// Output directory (default: a new folder under runs/; required with --distributed).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the run in --out if it holds one (its settings, metrics and checkpoints are
+    /// removed first); without it such a directory is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Continue the run in this output directory from its checkpoints, with its settings
     /// (only --data, --threads, --quiet and --distributed may be given with it).
-    #[arg(long, conflicts_with_all = ["out", "settings", "experiment"])]
+    #[arg(long, conflicts_with_all = ["out", "overwrite", "settings", "experiment"])]
     pub resume: Option<PathBuf>,
     /// Worker threads; with 2 or more, that many variants train at once, each on its share
     /// [default: all cores; with --resume, the run's]

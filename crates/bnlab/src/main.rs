@@ -180,7 +180,13 @@ fn train_experiment<E: Experiment>(
     let (mut s, start) = match &flags.resume {
         Some(dir) => (driver::resume_settings::<E>(dir)?, Start::Resume),
         None => {
-            let out = flags.out.clone().unwrap_or_else(|| driver::default_out(E::NAME));
+            let out = match &flags.out {
+                Some(out) => out.clone(),
+                None if flags.distributed => {
+                    anyhow::bail!("--distributed needs --out: every process must write the same directory")
+                }
+                None => driver::rundir::new_run_dir(E::NAME)?,
+            };
             let mut s = fresh(out)?;
             s.common.threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
             (s, Start::Fresh)
@@ -194,6 +200,7 @@ fn train_experiment<E: Experiment>(
     }
     let opts = RunOptions {
         start,
+        overwrite: flags.overwrite,
         quiet: flags.quiet,
         comm: comm.clone(),
     };

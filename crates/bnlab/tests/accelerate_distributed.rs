@@ -26,6 +26,7 @@ type Outcome = driver::Outcome<Metric>;
 fn start_with(start: Start, s: &Settings, comm: Arc<dyn Communicator>) -> anyhow::Result<Outcome> {
     let opts = RunOptions {
         start,
+        overwrite: false,
         quiet: true,
         comm,
     };

@@ -53,6 +53,7 @@ fn points(metrics: &[Metric]) -> Vec<(u64, f64, f64)> {
 fn run_with(s: &Settings, comm: Arc<dyn Communicator>) -> anyhow::Result<driver::Finished<PaperMlp>> {
     let opts = RunOptions {
         start: Start::Fresh,
+        overwrite: false,
         quiet: true,
         comm,
     };

@@ -74,7 +74,15 @@ const STEPS: u64 = 3;
 
 /// The BN network after `STEPS` SGD steps with momentum, so every tensor holds a non-trivial value.
 fn trained() -> (Sequential, Sgd) {
-    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 7, batchnorm::BatchNormConfig::default()).unwrap();
+    let (mut net, _) = build(
+        Variant::Bn,
+        FEATURES,
+        CLASSES,
+        0.1,
+        7,
+        batchnorm::BatchNormConfig::default(),
+    )
+    .unwrap();
     let mut sgd = Sgd::new(0.9, 1e-4);
     let mut loss = SoftmaxCrossEntropy::default();
     let mut d = vec![0.0; BATCH * CLASSES];

@@ -26,6 +26,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod progress;
 pub mod resume;
+pub mod rundir;
 pub mod settings;
 pub mod train;
 
@@ -38,7 +39,7 @@ use crate::data::{self, Dataset};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::{Sequential, Sgd};
 use crate::parallel::{self, DataParallel};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use batchnorm::Communicator;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
@@ -87,6 +88,45 @@ impl Data {
     }
 }
 
+impl Data {
+    /// What identifies the data a run trains on: each split's example count and a CRC-32 of its
+    /// pixels and labels. Recorded in `settings.json`; a resumed run refuses other data (a copy
+    /// of the same data elsewhere is the same data).
+    pub fn identity(&self) -> DataIdentity {
+        let split = |d: &Dataset| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&d.pixels);
+            h.update(&d.labels);
+            SplitIdentity {
+                examples: d.len,
+                crc32: h.finalize(),
+            }
+        };
+        DataIdentity {
+            train: split(&self.train),
+            test: split(&self.test),
+        }
+    }
+}
+
+/// See [`Data::identity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DataIdentity {
+    /// The training split.
+    pub train: SplitIdentity,
+    /// The test split.
+    pub test: SplitIdentity,
+}
+
+/// One split's part of a [`DataIdentity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SplitIdentity {
+    /// Examples.
+    pub examples: usize,
+    /// CRC-32 of the pixels, then the labels.
+    pub crc32: u32,
+}
+
 /// A network built for a variant, with what evaluation watches in it.
 pub struct Built<P> {
     /// The network.
@@ -129,6 +169,13 @@ pub trait Experiment: Sync {
 
     /// Rejects the experiment's own settings that cannot run (the common ones are the driver's).
     fn check(&self, s: &Settings<Self::Settings>) -> Result<()>;
+
+    /// An upper estimate of the bytes one variant's training and evaluation allocate (network,
+    /// optimizer state, step and evaluation buffers, what its probe records; not the data) on
+    /// `data`, and the flags that make it smaller. The driver refuses a run whose estimate (times
+    /// the variants training at once, plus the data) exceeds the memory available, before
+    /// building any network.
+    fn memory_estimate(&self, s: &Settings<Self::Settings>, data: &Data) -> (u64, &'static str);
 
     /// The network of `variant` for the images of `data`, as data-parallel rank `rank` builds it
     /// (every rank the same initial weights; rank 0's is the one-process network).
@@ -235,6 +282,9 @@ pub enum Start {
 pub struct RunOptions {
     /// A fresh run or a resumed one.
     pub start: Start,
+    /// A fresh run into a directory that holds a run replaces it (its files are removed first)
+    /// instead of being refused.
+    pub overwrite: bool,
     /// No progress bars or log lines.
     pub quiet: bool,
     /// The ranks of data-parallel training ([`batchnorm::SingleProcess`] for one process).
@@ -246,6 +296,7 @@ impl RunOptions {
     pub fn fresh(quiet: bool) -> Self {
         RunOptions {
             start: Start::Fresh,
+            overwrite: false,
             quiet,
             comm: Arc::new(batchnorm::SingleProcess),
         }
@@ -274,12 +325,17 @@ pub fn resume_settings<E: Experiment>(dir: &Path) -> Result<Settings<E::Settings
 /// Runs `experiment` with `settings` on `settings.common.threads` threads: trains every variant
 /// (side by side where threads allow, see [`lanes`]), writes `settings.json`, `metrics.jsonl`,
 /// checkpoints, `summary.json` and the experiment's outputs into `settings.common.out` (rank 0
-/// only), and returns what the run produced. With several ranks in `opts.comm`, every rank trains
-/// on its shard of each global batch and rank 0 alone evaluates, shows progress and writes files.
+/// only, holding the directory's lock: see [`rundir`]), and returns what the run produced. With
+/// several ranks in `opts.comm`, every rank trains on its shard of each global batch and rank 0
+/// alone evaluates, shows progress and writes files.
 ///
-/// Rejects settings that cannot run ([`CommonSettings::check`], [`Experiment::check`], a batch
-/// that does not split over the ranks), data that does not fit the networks, and on resume a
-/// checkpoint that belongs to another run (other settings, another architecture) or is damaged.
+/// Rejects, before training: settings that cannot run ([`CommonSettings::check`],
+/// [`Experiment::check`], a repeated variant, a batch that does not split over the ranks); an
+/// output directory another run holds, one that already holds a run (a fresh run without
+/// `opts.overwrite`) or that cannot be written; data that cannot be read or does not fit the
+/// networks; a run whose memory estimate exceeds the memory available; and on resume, data
+/// other than the run's ([`Data::identity`]) and a checkpoint that belongs to another run (other
+/// settings, another architecture) or is damaged.
 pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts: RunOptions) -> Result<Finished<E>> {
     let mut s = settings.clone();
     s.common.processes = opts.comm.size();
@@ -292,16 +348,90 @@ pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts
         "--variants lists a variant twice"
     );
     parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
+    let resuming = opts.start == Start::Resume;
+    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
+    let identity = data.identity();
+    match (resuming, s.common.data_identity) {
+        (false, _) => s.common.data_identity = Some(identity),
+        (true, Some(recorded)) => ensure!(
+            recorded == identity,
+            "{} holds other data than the run trained on ({} and {} examples, CRC-32 {:08x} and {:08x}; the run's: \
+             {} and {} examples, CRC-32 {:08x} and {:08x})",
+            s.common.data_dir.display(),
+            identity.train.examples,
+            identity.test.examples,
+            identity.train.crc32,
+            identity.test.crc32,
+            recorded.train.examples,
+            recorded.test.examples,
+            recorded.train.crc32,
+            recorded.test.crc32
+        ),
+        (true, None) => bail!("the run's settings.json does not record its data (data_identity)"),
+    }
+    check_memory(experiment, &s, &data, variants.len())?;
+    ensure!(
+        data.train.len >= s.common.batch,
+        "the training set has fewer examples than one batch"
+    );
+    // The networks must fit the images before anything is written.
+    experiment.build(&s, variants[0], &data, 0)?;
+    // Rank 0 writes the directory, and holds it until the run ends.
+    let _held = match opts.comm.rank() {
+        0 => {
+            let dir = rundir::RunDir::claim(&s.common.out)?;
+            match resuming {
+                true => dir.clean_stale()?,
+                false => dir.prepare_fresh(opts.overwrite)?,
+            }
+            dir.check_writable(&names)?;
+            Some(dir)
+        }
+        _ => None,
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(s.common.threads)
         .build()
         .context("cannot start the worker threads")?;
-    pool.install(|| execute(experiment, &s, &variants, &opts))
+    pool.install(|| execute(experiment, &s, &variants, &data, &opts))
         .map(|(outcome, report)| Finished {
             settings: s,
             outcome,
             report,
         })
+}
+
+/// Refuses a run whose memory estimate exceeds the memory available (see
+/// [`Experiment::memory_estimate`]).
+fn check_memory<E: Experiment>(experiment: &E, s: &Settings<E::Settings>, data: &Data, variants: usize) -> Result<()> {
+    let (per_variant, flags) = experiment.memory_estimate(s, data);
+    let at_once = match s.common.processes {
+        1 => variants.min(s.common.threads).max(1) as u64,
+        _ => 1,
+    };
+    let data_bytes = (data.train.pixels.len() + data.test.pixels.len()) as u64;
+    let need = per_variant.saturating_mul(at_once).saturating_add(data_bytes);
+    let need = need.saturating_add(need / 4); // allocator slack
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    ensure!(
+        need <= available,
+        "this run needs about {:.1} GiB ({at_once} variant(s) at once) but {:.1} GiB of memory is available; lower {flags}",
+        gib(need),
+        gib(available)
+    );
+    Ok(())
+}
+
+/// The memory available to new allocations (`MemAvailable` of `/proc/meminfo`), if known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }
 
 type Executed<E> = (Outcome<<E as Experiment>::Metric>, Option<<E as Experiment>::Report>);
@@ -310,17 +440,11 @@ fn execute<E: Experiment>(
     experiment: &E,
     s: &Settings<E::Settings>,
     variants: &[E::Variant],
+    data: &Data,
     opts: &RunOptions,
 ) -> Result<Executed<E>> {
     let comm = opts.comm.as_ref();
     let root = comm.rank() == 0;
-    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
-    ensure!(
-        data.train.len >= s.common.batch,
-        "the training set has fewer examples than one batch"
-    );
-    // The networks must fit the images before anything is written.
-    experiment.build(s, variants[0], &data, 0)?;
     let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
     let begun = resume::begin_run::<E::Metric>(s, E::NAME, &names, opts.start == Start::Resume, comm)?;
     let out = root.then_some(s.common.out.as_path());
@@ -335,7 +459,7 @@ fn execute<E: Experiment>(
         |i, run| {
             let mut dp = DataParallel::new(opts.comm.clone());
             let start = begun.starts[i].as_ref();
-            train::train_variant(experiment, s, variants[i], start, &data, &mut dp, run)
+            train::train_variant(experiment, s, variants[i], start, data, &mut dp, run)
         },
     )?;
     let outcome = Outcome { metrics, summaries };
@@ -346,15 +470,6 @@ fn execute<E: Experiment>(
     metrics::write_json(&s.common.out.join("summary.json"), &summary)?;
     let report = experiment.finish(s, &outcome)?;
     Ok((outcome, Some(report)))
-}
-
-/// A new default output directory under `runs/`: `runs/<experiment>-<unix time>`.
-pub fn default_out(experiment: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Path::new("runs").join(format!("{experiment}-{secs}"))
 }
 
 /// The data-parallel mode of a run in words, for its report: `processes` ranks sharing global

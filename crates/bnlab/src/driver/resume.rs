@@ -180,5 +180,6 @@ pub fn restore_start(
         ck.progress.step,
         ck.progress.seed
     );
-    LoopCounters::from_progress(&ck.progress, Timing::read(path)?).with_context(|| format!("cannot resume from {}", path.display()))
+    LoopCounters::from_progress(&ck.progress, Timing::read(path)?)
+        .with_context(|| format!("cannot resume from {}", path.display()))
 }

@@ -131,17 +131,21 @@ pub struct CommonSettings {
     #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub bn_sync: bool,
     /// IDX data directory (`--data`).
-    #[arg(skip)]
+    #[arg(skip = PathBuf::from(crate::data::DEFAULT_DATA_DIR))]
     pub data_dir: PathBuf,
     /// Output directory (`--out`).
     #[arg(skip)]
     pub out: PathBuf,
     /// Worker threads (`--threads`).
-    #[arg(skip)]
+    #[arg(skip = 1usize)]
     pub threads: usize,
     /// Data-parallel processes (recorded: the communicator decides).
-    #[arg(skip)]
+    #[arg(skip = 1usize)]
     pub processes: usize,
+    /// The data the run trains on (set when it starts; checked on resume).
+    #[arg(skip)]
+    #[serde(default)]
+    pub data_identity: Option<super::DataIdentity>,
 }
 
 /// The defaults an experiment gives the common flags that have no default of their own.
@@ -182,6 +186,7 @@ impl CommonSettings {
             out,
             threads: 1,
             processes: 1,
+            data_identity: None,
         }
     }
 

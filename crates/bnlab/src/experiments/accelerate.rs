@@ -545,6 +545,28 @@ impl Experiment for Accelerate {
         s.experiment.check()
     }
 
+    /// The weights with their gradients, momentum and all-reduce buffer; every layer's output
+    /// for an evaluation chunk and, with its gradient, for a training batch; and the
+    /// convolutions' unfolded inputs (im2col) for either (f32).
+    fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
+        let (c1, c2) = (s.experiment.channels[0] as u64, s.experiment.channels[1] as u64);
+        let (hidden, classes) = (s.experiment.hidden as u64, data.classes as u64);
+        let hw = (data.train.rows * data.train.cols) as u64;
+        let features = c2 * (hw / 16);
+        let params = 25 * c1 + 25 * c1 * c2 + features * hidden + hidden * classes + 4 * (c1 + c2 + hidden) + classes;
+        // conv, BN, activation at full size, pool and LRN at a quarter, per block; then the head.
+        let outputs =
+            3 * c1 * hw + 2 * c1 * (hw / 4) + 3 * c2 * (hw / 4) + 2 * c2 * (hw / 16) + features + 4 * hidden + classes;
+        let unfolded = 25 * hw + 25 * c1 * (hw / 4);
+        let batch = s.common.batch as u64;
+        let eval = driver::EVAL_CHUNK as u64;
+        let floats = 4 * params + batch * (2 * outputs + unfolded) + eval * (outputs + unfolded);
+        (
+            4 * floats,
+            "--channels, --hidden or --batch (or --threads: fewer variants at once)",
+        )
+    }
+
     fn build(&self, s: &Settings, variant: Variant, data: &Data, rank: usize) -> Result<Built<()>> {
         let net = build_for_rank(s, variant, data.train.rows, data.train.cols, data.classes, rank)?;
         Ok(Built { net, probe: () })

@@ -170,6 +170,18 @@ impl Experiment for PaperMlp {
         Ok(())
     }
 
+    /// Weights, gradients and every layer's output and gradient for a training batch and an
+    /// evaluation chunk (f32), and the monitor's values: one per test example and hidden unit.
+    fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
+        let inputs = data.train.features() as u64;
+        let hidden = HIDDEN as u64;
+        let params = inputs * hidden + 2 * hidden * hidden + hidden * data.classes as u64 + 4 * hidden;
+        let per_example = inputs + 9 * hidden + data.classes as u64;
+        let rows = s.common.batch as u64 * 2 + driver::EVAL_CHUNK as u64;
+        let floats = 3 * params + rows * per_example + data.test.len as u64 * hidden;
+        (4 * floats, "--batch")
+    }
+
     fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<Monitor>> {
         let c = &s.common;
         let features = data.train.features();
