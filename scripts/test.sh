@@ -71,9 +71,10 @@ for component in rustfmt clippy; do
     fi
 done
 
-export BNLAB_REQUIRE_BROWSER="${BNLAB_REQUIRE_BROWSER:-1}"
-export BNLAB_REQUIRE_MPI="${BNLAB_REQUIRE_MPI:-1}"
-export BNLAB_REQUIRE_DATA="${BNLAB_REQUIRE_DATA:-1}"
+# 1 unless the caller set 0 (then unset: the data tests treat any value as "required").
+for var in BNLAB_REQUIRE_BROWSER BNLAB_REQUIRE_MPI BNLAB_REQUIRE_DATA; do
+    if [ "${!var:-1}" = 0 ]; then unset "$var"; else export "$var=1"; fi
+done
 
 set -x
 check_readme_examples
