@@ -4,11 +4,9 @@
 //! over N·H·W values) uses the NCHW layout, i.e. examples `[channels, spatial]`. Why NCHW rather
 //! than NHWC: [`super::Conv2d`]'s im2col + GEMM writes each example as `W·col = [out_c, oh·ow]`,
 //! which *is* NCHW, and pooling and LRN index NCHW too, so NHWC would cost a transpose of every
-//! conv output and gradient; and on this engine's feature-map shapes the kernels are not faster in
-//! NHWC anyway. Measured (fwd_train + backward, median of 41, 2 threads, 2-core machine shared with
-//! other builds, so ±20%): `[64, 8, 28, 28]` NCHW 0.33 ms vs NHWC 0.71 ms; `[64, 16, 14, 14]`
-//! 0.19 vs 0.24 ms; `[64, 32, 14, 14]` 0.38 vs 0.41 ms (NHWC wins only from wide planes with more
-//! channels: `[64, 16, 28, 28]` 1.54 vs 1.06 ms).
+//! conv output and gradient; and on this engine's feature-map shapes (8 channels of 28×28, 16 of
+//! 14×14) the kernels are not faster in NHWC anyway: NHWC pays off only from wide planes with more
+//! channels (the figures are in docs/tuning-log.md).
 
 use super::{Layer, Mode, Param, State, StateValue};
 use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Communicator, Layout, PopulationStats, SavedStats};
