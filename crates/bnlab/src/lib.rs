@@ -3,8 +3,9 @@
 pub mod atomic;
 pub mod bench;
 pub mod data;
-pub mod dist;
+pub mod driver;
 pub mod engine;
 pub mod experiments;
 pub mod monitor;
+pub mod parallel;
 pub mod report;
