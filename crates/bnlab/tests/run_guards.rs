@@ -381,3 +381,51 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+mod settings_json {
+    use bnlab::driver::settings::parse_settings;
+    use bnlab::driver::{check_settings, Settings};
+    use bnlab::experiments::accelerate::{Accelerate, AccelerateSettings};
+    use bnlab::experiments::paper_mlp::{self, PaperMlp, PaperMlpSettings};
+    use proptest::prelude::*;
+
+    fn valid() -> String {
+        serde_json::to_string_pretty(&paper_mlp::Settings::paper("out".into())).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// Any edit of a valid settings.json (bytes replaced, cut, inserted) parses or not and is
+        /// checked or refused, never a panic (what the `settings` fuzz target explores further).
+        #[test]
+        fn edited_settings_json_never_panics(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+        ) {
+            let mut bytes = valid().into_bytes();
+            for (at, byte, kind) in edits {
+                let i = at.index(bytes.len().max(1));
+                match kind {
+                    0 if !bytes.is_empty() => bytes[i] = byte,
+                    1 => bytes.truncate(i),
+                    _ => bytes.insert(i.min(bytes.len()), byte),
+                }
+            }
+            let Ok(text) = std::str::from_utf8(&bytes) else { return Ok(()) };
+            if let Ok(s) = parse_settings::<PaperMlpSettings>(text) {
+                let s: Settings<PaperMlpSettings> = s;
+                let _ = check_settings(&PaperMlp, &s);
+            }
+            if let Ok(s) = parse_settings::<AccelerateSettings>(text) {
+                let _ = check_settings(&Accelerate, &s);
+            }
+        }
+    }
+
+    /// The settings a run writes read back as themselves and pass the checks.
+    #[test]
+    fn written_settings_read_back_and_pass() {
+        let s: Settings<PaperMlpSettings> = parse_settings(&valid()).unwrap();
+        assert_eq!(s, paper_mlp::Settings::paper("out".into()));
+        check_settings(&PaperMlp, &s).unwrap();
+    }
+}

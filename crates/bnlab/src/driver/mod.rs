@@ -339,15 +339,7 @@ pub fn resume_settings<E: Experiment>(dir: &Path) -> Result<Settings<E::Settings
 pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts: RunOptions) -> Result<Finished<E>> {
     let mut s = settings.clone();
     s.common.processes = opts.comm.size();
-    s.common.check()?;
-    experiment.check(&s)?;
-    let variants = experiment.variants(&s);
-    ensure!(!variants.is_empty(), "no variant to train");
-    ensure!(
-        (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
-        "--variants lists a variant twice"
-    );
-    parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    let variants = check_settings(experiment, &s)?;
     let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
     let resuming = opts.start == Start::Resume;
     let data = Data::load(&s.common.data_dir, E::CLASSES)?;
@@ -400,6 +392,22 @@ pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts
             outcome,
             report,
         })
+}
+
+/// Checks settings as the command line would (from flags, or read back from `settings.json`):
+/// [`CommonSettings::check`], [`Experiment::check`], at least one variant and none twice, a batch
+/// that splits over `s.common.processes` ranks. Returns the variants.
+pub fn check_settings<E: Experiment>(experiment: &E, s: &Settings<E::Settings>) -> Result<Vec<E::Variant>> {
+    s.common.check()?;
+    experiment.check(s)?;
+    let variants = experiment.variants(s);
+    ensure!(!variants.is_empty(), "no variant to train");
+    ensure!(
+        (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
+        "--variants lists a variant twice"
+    );
+    parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    Ok(variants)
 }
 
 /// Refuses a run whose memory estimate exceeds the memory available (see

@@ -260,8 +260,13 @@ pub fn read_settings<S: serde::de::DeserializeOwned>(dir: &Path, what: &str) -> 
             path.display()
         )
     })?;
-    let mut s: Settings<S> =
-        serde_json::from_str(&text).with_context(|| format!("{}: invalid settings", path.display()))?;
+    let mut s: Settings<S> = parse_settings(&text).with_context(|| format!("{}: invalid settings", path.display()))?;
     s.common.out = dir.to_path_buf();
     Ok(s)
+}
+
+/// Settings from the text of a `settings.json`. Rejects text that is not JSON or lacks a field
+/// (the values themselves are checked by [`super::check_settings`]).
+pub fn parse_settings<S: serde::de::DeserializeOwned>(text: &str) -> Result<Settings<S>> {
+    Ok(serde_json::from_str(text)?)
 }
