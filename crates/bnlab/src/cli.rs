@@ -26,9 +26,9 @@ pub enum Command {
     /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) on the benchmark shapes.
     Bench(BenchArgs),
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
-    PaperMlp(PaperMlpArgs),
+    PaperMlp(ExperimentArgs<PaperMlpFlags>),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
-    Accelerate(AccelerateArgs),
+    Accelerate(ExperimentArgs<AccelerateFlags>),
     /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
     /// layers before it.
     Eval(EvalArgs),
@@ -77,12 +77,13 @@ pub struct RunFlags {
     pub distributed: bool,
 }
 
-/// Options of `bnlab paper-mlp`.
+/// Options of a training subcommand: the experiment's own flags `F`, the flags every experiment
+/// has, and how the run is started.
 #[derive(Debug, Args)]
-pub struct PaperMlpArgs {
+pub struct ExperimentArgs<F: Args> {
     /// The experiment's own flags.
     #[command(flatten)]
-    pub experiment: PaperMlpFlags,
+    pub experiment: F,
     /// Flags every experiment has.
     #[command(flatten)]
     pub settings: CommonSettings,
@@ -101,20 +102,6 @@ pub struct PaperMlpFlags {
     /// Standard deviation of the Gaussian initial weights.
     #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = parse_positive)]
     pub init_std: f64,
-}
-
-/// Options of `bnlab accelerate`.
-#[derive(Debug, Args)]
-pub struct AccelerateArgs {
-    /// The study's own flags.
-    #[command(flatten)]
-    pub experiment: AccelerateFlags,
-    /// Flags every experiment has.
-    #[command(flatten)]
-    pub settings: CommonSettings,
-    /// How the run is started.
-    #[command(flatten)]
-    pub run: RunFlags,
 }
 
 /// The flags only `accelerate` has.

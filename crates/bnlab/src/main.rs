@@ -10,7 +10,7 @@ use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, Var
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
-use cli::{AccelerateArgs, BenchArgs, Command, EvalArgs, PaperMlpArgs, RunFlags, VariantChoice};
+use cli::{AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, VariantChoice};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -233,7 +233,7 @@ fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std
     println!("wrote {}", out.join("report.html").display());
 }
 
-fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
+fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     let fresh = |out| {
         let variants = match args.experiment.variant {
             VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
@@ -259,7 +259,7 @@ fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
+fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
     let fresh = |out| {
         let flags = &args.experiment;
         let common = driver::CommonSettings {

@@ -385,27 +385,6 @@ impl MetricLine for Metric {
     }
 }
 
-/// Result of one variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct VariantSummary {
-    /// Test accuracy at the last evaluation (`None` if there was none).
-    pub final_test_acc: Option<f64>,
-    /// Best test accuracy over evaluations.
-    pub best_test_acc: Option<f64>,
-    /// Wall-clock seconds of the whole run (training and evaluations).
-    pub seconds: f64,
-    /// Milliseconds per training step (training steps only, no evaluation).
-    pub ms_per_step: f64,
-    /// Steps trained.
-    pub steps: u64,
-    /// The step at which the training loss became non-finite, if it did.
-    pub diverged_at: Option<u64>,
-    /// Collective calls per training step of rank 0 (0 with one process).
-    pub collective_calls_per_step: f64,
-    /// Bytes rank 0 sent per training step (received: `processes` times as many).
-    pub bytes_sent_per_step: f64,
-}
-
 /// One row of the Figure 3 table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TableRow {
