@@ -3,7 +3,7 @@
 //! restore). Property tests feed arbitrary and mutated bytes to the loader.
 
 use batchnorm::BatchNormConfig;
-use bnlab::engine::checkpoint::{architecture, checksum, Checkpoint, CheckpointError, Progress, CHECKSUM_KEY};
+use bnlab::engine::checkpoint::{architecture, checksum, Checkpoint, CheckpointError, CheckpointProgress, CHECKSUM_KEY};
 use bnlab::engine::{Dropout, Layer, Linear, Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
 use proptest::prelude::*;
@@ -37,8 +37,8 @@ fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
     (net, sgd)
 }
 
-fn progress() -> Progress {
-    Progress {
+fn progress() -> CheckpointProgress {
+    CheckpointProgress {
         step: 3,
         seed: 7,
         values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),

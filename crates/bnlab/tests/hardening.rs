@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bnlab::atomic::{remove_stale_temp_files, temp_name, temp_name_pid, write_atomic};
 use bnlab::bench::{min_time, BenchError, MAX_MIN_TIME_SECS};
 use bnlab::data::{load, load_split, load_with_classes, DataError, Split};
-use bnlab::engine::checkpoint::{checksum, Checkpoint, CheckpointError, Progress, CHECKSUM_KEY, MAX_HEADER_BYTES};
+use bnlab::engine::checkpoint::{checksum, Checkpoint, CheckpointError, CheckpointProgress, CHECKSUM_KEY, MAX_HEADER_BYTES};
 use bnlab::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
 use safetensors::tensor::TensorView;
@@ -100,8 +100,8 @@ fn trained() -> (Sequential, Sgd) {
     (net, sgd)
 }
 
-fn progress() -> Progress {
-    Progress {
+fn progress() -> CheckpointProgress {
+    CheckpointProgress {
         step: STEPS,
         seed: 7,
         values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),

@@ -36,7 +36,7 @@ impl RunDir {
     pub fn claim(dir: &Path) -> Result<RunDir> {
         let checkpoints = dir.join("checkpoints");
         fs::create_dir_all(&checkpoints)
-            .with_context(|| format!("cannot create the output directory {}", checkpoints.display()))?;
+            .with_context(|| format!("cannot create output directory {}", checkpoints.display()))?;
         let path = dir.join(".lock");
         let mut lock = OpenOptions::new()
             .read(true)

@@ -7,7 +7,7 @@ use super::resume::restore_start;
 use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
 use crate::atomic::write_atomic;
 use crate::data::{gather, Dataset, EpochShuffler};
-use crate::engine::checkpoint::{Checkpoint, CheckpointError, Progress as CheckpointProgress};
+use crate::engine::checkpoint::{Checkpoint, CheckpointError, CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use crate::parallel::{self, DataParallel};
 use anyhow::{anyhow, bail, ensure, Context, Result};

@@ -3,7 +3,7 @@
 //! A [`Checkpoint`] holds everything needed to continue training a [`Sequential`] network bit for
 //! bit: every parameter, every layer's non-learnable [`super::State`] (batch norm's running
 //! statistics and Algorithm 2's accumulators, dropout's generator position), the optimizer's
-//! momentum buffers, and the run's [`Progress`] (step, seed, experiment counters). The data order
+//! momentum buffers, and the run's [`CheckpointProgress`] (step, seed, experiment counters). The data order
 //! needs no generator state: [`crate::data::EpochShuffler`] computes the batch of any step from
 //! the seed and the step alone, so a resumed run (with any number of processes) draws the same
 //! batches. The run's settings travel as JSON in the file's metadata.
@@ -36,10 +36,8 @@
 //!   `progress.step` (each training step runs one training-mode forward pass).
 //! - **Stable bytes.** [`Checkpoint::to_bytes`] is a function of the checkpoint's contents alone:
 //!   metadata keys, settings object keys, checksum entries and tensors are written in sorted
-//!   order, so two captures of the same state and progress give identical files. The claim
-//!   covers what the checkpoint is given: a [`Progress::values`] entry that holds a wall-clock
-//!   time differs between runs, so a run that wants byte-identical checkpoints keeps such values
-//!   out of its progress.
+//!   order, so two captures of the same state and progress give identical files (the run driver
+//!   keeps wall-clock times out of [`CheckpointProgress::values`] for that reason).
 //!
 //! Saving refuses non-finite values, so a diverged run can never overwrite a good checkpoint; and
 //! [`Checkpoint::restore`] checks every tensor before it changes anything.
@@ -225,7 +223,7 @@ pub enum CheckpointError {
 /// the same seed (a wall-clock time) makes their checkpoints differ, so such values do not
 /// belong here when checkpoints are to be byte-identical (see the module docs).
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Progress {
+pub struct CheckpointProgress {
     /// Training steps completed.
     pub step: u64,
     /// Seed of initialization and data order.
@@ -604,7 +602,7 @@ pub struct Checkpoint {
     /// The run's settings.
     pub settings: serde_json::Value,
     /// Step, seed and counters.
-    pub progress: Progress,
+    pub progress: CheckpointProgress,
     /// Whether momentum buffers are stored.
     velocity: bool,
     tensors: BTreeMap<String, Tensor>,
@@ -619,7 +617,7 @@ impl Checkpoint {
     pub fn capture(
         net: &mut Sequential,
         opt: &Sgd,
-        progress: &Progress,
+        progress: &CheckpointProgress,
         experiment: &str,
         variant: &str,
         settings: serde_json::Value,
@@ -917,7 +915,7 @@ impl Checkpoint {
             }
             Ok(t)
         };
-        let mut progress = Progress {
+        let mut progress = CheckpointProgress {
             step: scalar("progress.step", Dtype::U64)?.u64s()[0],
             seed: scalar("progress.seed", Dtype::U64)?.u64s()[0],
             values: BTreeMap::new(),
