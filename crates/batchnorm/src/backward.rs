@@ -1,13 +1,13 @@
 //! The backward transforms: training mode (the paper's chain rule through μ_B and σ²_B), inference
 //! mode (fixed statistics), and the split-phase form for synchronized batch norm.
 
-use crate::forward::{check_affine, gamma_at};
+use crate::check;
+use crate::forward::gamma_at;
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::shape::{check_channels, check_eps, check_len};
-use crate::stats::{check_saved, checked, inv_std, SavedStats};
+use crate::stats::{inv_std, SavedStats};
 use crate::{Element, Error, Layout};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
@@ -48,8 +48,8 @@ impl GradSums {
         dbeta: Option<&mut [T]>,
     ) -> Result<(), Error> {
         let channels = self.sum_dy.len();
-        check_channels("sum_dy_xhat", channels, self.sum_dy_xhat.len())?;
-        check_param_grads(channels, dgamma.as_deref(), dbeta.as_deref())?;
+        check::grad_sums(self)?;
+        check::param_grads(channels, dgamma.as_deref(), dbeta.as_deref())?;
         if let Some(dg) = dgamma {
             dg.iter_mut()
                 .zip(&self.sum_dy_xhat)
@@ -60,17 +60,6 @@ impl GradSums {
         }
         Ok(())
     }
-}
-
-/// Checks the lengths of the parameter-gradient outputs before anything is written.
-fn check_param_grads<T>(channels: usize, dgamma: Option<&[T]>, dbeta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(d) = dgamma {
-        check_channels("dgamma", channels, d.len())?;
-    }
-    if let Some(d) = dbeta {
-        check_channels("dbeta", channels, d.len())?;
-    }
-    Ok(())
 }
 
 /// dx coefficients (see `kernels::elementwise::DxCoeffs`) of channels `first..first +
@@ -120,20 +109,13 @@ pub fn batch_norm_backward<T: Element>(
     dgamma: Option<&mut [T]>,
     dbeta: Option<&mut [T]>,
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    if let Some(dx) = dx.as_deref() {
-        check_len("dx", &g, dx.len())?;
-    }
-    check_saved(saved, g.channels)?;
-    check_affine(g.channels, gamma, None)?;
-    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len_opt("dx", &g, dx.as_deref())?;
+    check::saved(saved, g.channels)?;
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    check::training_count(saved.count, shape)?;
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
         let inv_std = &saved.inv_std[first..first + s2.len()];
         let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
@@ -155,15 +137,10 @@ pub fn grad_sums<T: Element>(
     layout: Layout,
     saved: &SavedStats,
 ) -> Result<GradSums, Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_saved(saved, g.channels)?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::saved(saved, g.channels)?;
+    check::training_count(saved.count, shape)?;
     let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
     let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
     Ok(GradSums { sum_dy, sum_dy_xhat })
@@ -182,19 +159,13 @@ pub fn input_grad<T: Element>(
     gamma: Option<&[T]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_len("dx", &g, dx.len())?;
-    check_saved(saved, g.channels)?;
-    check_channels("sums", g.channels, sums.sum_dy.len())?;
-    check_channels("sums", g.channels, sums.sum_dy_xhat.len())?;
-    check_affine(g.channels, gamma, None)?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len("dx", &g, dx.len())?;
+    check::saved(saved, g.channels)?;
+    check::grad_sums_channels(sums, g.channels)?;
+    check::affine(g.channels, gamma, None)?;
+    check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
     with_simd(|| dx_coeffs(gamma, saved, 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
     plan::input_grad(&g, x, dy, dx, &coeffs);
@@ -219,16 +190,13 @@ pub fn batch_norm_backward_eval<T: Element>(
     dgamma: Option<&mut [T]>,
     dbeta: Option<&mut [T]>,
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_channels("mean", g.channels, mean.len())?;
-    check_channels("var", g.channels, var.len())?;
-    check_affine(g.channels, gamma, None)?;
-    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    check_eps(eps)?;
-    if let Some(dx) = dx.as_deref() {
-        check_len("dx", &g, dx.len())?;
-    }
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::fixed_stats(g.channels, mean, var)?;
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    check::eps(eps)?;
+    check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
         let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));

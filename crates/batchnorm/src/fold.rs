@@ -1,7 +1,7 @@
 //! Inference batch norm as one affine map per channel, and folded into the preceding layer.
 
-use crate::forward::{beta_at, check_affine, gamma_at};
-use crate::shape::{check_channels, check_eps};
+use crate::check;
+use crate::forward::{beta_at, gamma_at};
 use crate::stats::inv_std;
 use crate::{Element, Error};
 
@@ -35,9 +35,9 @@ impl InferenceAffine {
         eps: f64,
     ) -> Result<Self, Error> {
         let channels = mean.len();
-        check_channels("var", channels, var.len())?;
-        check_affine(channels, gamma, beta)?;
-        check_eps(eps)?;
+        check::channels("var", channels, var.len())?;
+        check::affine(channels, gamma, beta)?;
+        check::eps(eps)?;
         let scale: Vec<f64> = (0..channels)
             .map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps))
             .collect();
@@ -74,17 +74,8 @@ pub fn fold_into_preceding<T: Element>(
     bn: &InferenceAffine,
 ) -> Result<Vec<T>, Error> {
     let out = bn.channels();
-    check_channels("shift", out, bn.shift.len())?;
-    if out == 0 || weight.is_empty() || !weight.len().is_multiple_of(out) {
-        return Err(Error::BufferLength {
-            name: "weight",
-            expected: out.max(1) * (weight.len() / out.max(1)).max(1),
-            actual: weight.len(),
-        });
-    }
-    if let Some(b) = bias {
-        check_channels("bias", out, b.len())?;
-    }
+    check::channels("shift", out, bn.shift.len())?;
+    check::preceding_layer(out, weight.len(), bias.map(<[T]>::len))?;
     let per_out = weight.len() / out;
     for (c, row) in weight.chunks_exact_mut(per_out).enumerate() {
         for w in row {

@@ -1,23 +1,12 @@
 //! The forward transforms: training (Algorithm 1), inference (Algorithm 2's affine map) and the
 //! normalization step of the split-phase (synchronized) form.
 
+use crate::check;
 use crate::kernels::plan::{self, Affine};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::shape::{check_channels, check_eps, check_len};
-use crate::stats::{check_saved, checked, inv_std_in_place, BatchStats, SavedStats};
+use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
 use crate::{Element, Error, Layout};
-
-/// Checks optional γ and β against the channel count.
-pub(crate) fn check_affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(g) = gamma {
-        check_channels("gamma", channels, g.len())?;
-    }
-    if let Some(b) = beta {
-        check_channels("beta", channels, b.len())?;
-    }
-    Ok(())
-}
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
 /// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
@@ -85,16 +74,11 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_affine(g.channels, gamma, beta)?;
-    check_eps(eps)?;
-    if g.per_channel() < 2 {
-        return Err(Error::TooFewValues {
-            count: g.per_channel() as u64,
-            shape: shape.to_vec(),
-        });
-    }
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::affine(g.channels, gamma, beta)?;
+    check::eps(eps)?;
+    check::training_count(g.per_channel() as u64, shape)?;
     let m = plan::train_forward(&g, x, y, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
@@ -122,10 +106,10 @@ pub fn normalize<T: Element>(
     beta: Option<&[T]>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_saved(saved, g.channels)?;
-    check_affine(g.channels, gamma, beta)?;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::saved(saved, g.channels)?;
+    check::affine(g.channels, gamma, beta)?;
     let mut scale = Scratch::collect(saved.inv_std.iter().copied());
     let mut shift = Scratch::any(g.channels);
     with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
@@ -158,12 +142,11 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_channels("mean", g.channels, mean.len())?;
-    check_channels("var", g.channels, var.len())?;
-    check_affine(g.channels, gamma, beta)?;
-    check_eps(eps)?;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::fixed_stats(g.channels, mean, var)?;
+    check::affine(g.channels, gamma, beta)?;
+    check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
     let mut scale = Scratch::collect(var.iter().map(|v| v.to_f64()));
     let mut shift = Scratch::any(g.channels);

@@ -1,10 +1,12 @@
-//! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions.
+//! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions, with
+//! its one-process and its synchronized (multi-worker) training passes.
 
-use crate::backward::{batch_norm_backward, batch_norm_backward_eval};
+use crate::backward::{batch_norm_backward, batch_norm_backward_eval, grad_sums, input_grad, GradSums};
+use crate::check;
 use crate::fold::InferenceAffine;
-use crate::forward::{batch_norm_eval, batch_norm_train};
-use crate::shape::check_eps;
-use crate::stats::{update_running_stats, Momentum, PopulationStats, SavedStats};
+use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
+use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
+use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 use crate::{Element, Error, Layout};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
@@ -68,8 +70,8 @@ pub struct BatchNorm<T: Element> {
 impl<T: Element> BatchNorm<T> {
     /// A fresh layer. Rejects ε not finite and > 0 and a momentum outside (0, 1].
     pub fn new(num_features: usize, config: BatchNormConfig) -> Result<Self, Error> {
-        check_eps(config.eps)?;
-        config.momentum.check()?;
+        check::eps(config.eps)?;
+        check::momentum(config.momentum)?;
         let (params, stats) = (config.affine as usize, config.track_running_stats as usize);
         Ok(BatchNorm {
             config,
@@ -82,17 +84,24 @@ impl<T: Element> BatchNorm<T> {
         })
     }
 
-    pub(crate) fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    /// Updates the running statistics with a training batch, when they are tracked (the caller has
+    /// checked what the update could reject, see `check::running_update`).
+    fn track(&mut self, batch: &BatchStats) -> Result<(), Error> {
+        if self.config.track_running_stats {
+            let seen = self.num_batches_tracked + 1;
+            let (mean, var) = (&mut self.running_mean, &mut self.running_var);
+            update_running_stats(mean, var, batch, self.config.momentum, seen)?;
+            self.num_batches_tracked = seen;
+        }
+        Ok(())
+    }
+
+    fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
         if self.config.affine {
             (Some(&self.gamma), Some(&self.beta))
         } else {
             (None, None)
         }
-    }
-
-    fn check_features(&self, shape: &[usize], layout: Layout) -> Result<(), Error> {
-        let g = layout.geometry(shape)?;
-        crate::shape::check_channels("input", self.num_features, g.channels)
     }
 
     /// Training forward (Algorithm 1) and, when tracked, a running-statistics update.
@@ -105,26 +114,19 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
-        self.check_features(shape, layout)?;
+        check::layer_input(self.num_features, shape, layout)?;
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
-            self.config.momentum.check()?;
-            crate::shape::check_channels("running_mean", self.num_features, self.running_mean.len())?;
-            crate::shape::check_channels("running_var", self.num_features, self.running_var.len())?;
+            check::running_update(
+                self.config.momentum,
+                self.num_features,
+                &self.running_mean,
+                &self.running_var,
+            )?;
         }
         let (gamma, beta) = self.gamma_beta();
         let (stats, saved) = batch_norm_train(x, shape, layout, gamma, beta, self.config.eps, y)?;
-        if self.config.track_running_stats {
-            let seen = self.num_batches_tracked + 1;
-            update_running_stats(
-                &mut self.running_mean,
-                &mut self.running_var,
-                &stats,
-                self.config.momentum,
-                seen,
-            )?;
-            self.num_batches_tracked = seen;
-        }
+        self.track(&stats)?;
         Ok(saved)
     }
 
@@ -134,7 +136,7 @@ impl<T: Element> BatchNorm<T> {
         if !self.config.track_running_stats {
             return Err(Error::NoRunningStats);
         }
-        self.check_features(shape, layout)?;
+        check::layer_input(self.num_features, shape, layout)?;
         let (gamma, beta) = self.gamma_beta();
         batch_norm_eval(
             x,
@@ -161,7 +163,7 @@ impl<T: Element> BatchNorm<T> {
         dx: Option<&mut [T]>,
         dparams: Option<(&mut [T], &mut [T])>,
     ) -> Result<(), Error> {
-        self.check_features(shape, layout)?;
+        check::layer_input(self.num_features, shape, layout)?;
         let (gamma, _) = self.gamma_beta();
         let (dg, db) = match (self.config.affine, dparams) {
             (true, Some((dg, db))) => (Some(dg), Some(db)),
@@ -184,7 +186,7 @@ impl<T: Element> BatchNorm<T> {
         if !self.config.track_running_stats {
             return Err(Error::NoRunningStats);
         }
-        self.check_features(shape, layout)?;
+        check::layer_input(self.num_features, shape, layout)?;
         let (gamma, _) = self.gamma_beta();
         let (dg, db) = match (self.config.affine, dparams) {
             (true, Some((dg, db))) => (Some(dg), Some(db)),
@@ -198,7 +200,7 @@ impl<T: Element> BatchNorm<T> {
     /// them if the layer did not). Rejects an estimator of another channel count or with no batches.
     pub fn set_population_stats(&mut self, pop: &PopulationStats) -> Result<(), Error> {
         let (mean, var) = pop.finish::<T>()?;
-        crate::shape::check_channels("population", self.num_features, mean.len())?;
+        check::channels("population", self.num_features, mean.len())?;
         self.running_mean = mean;
         self.running_var = var;
         self.config.track_running_stats = true;
@@ -213,5 +215,75 @@ impl<T: Element> BatchNorm<T> {
         }
         let (gamma, beta) = self.gamma_beta();
         InferenceAffine::new(&self.running_mean, &self.running_var, gamma, beta, self.config.eps)
+    }
+
+    /// Training forward of this rank's shard `x` with the global batch's statistics (merged over
+    /// `comm`); updates the running statistics (when tracked) from the global batch, unbiased
+    /// with the global count. Collective: every rank must call it.
+    ///
+    /// Rejects, before any communication, what [`crate::batch_stats`] rejects (an empty shard
+    /// included), a `y` of the wrong length, an input whose channels differ from `num_features`,
+    /// an invalid momentum and running statistics of the wrong length; after the merge, a global
+    /// batch with fewer than 2 values per channel ([`Error::TooFewValues`], with the global count
+    /// and this rank's shape). Transport failures are [`Error::Communication`]. On error `y` and
+    /// the running statistics are unchanged.
+    pub fn forward_train_sync(
+        &mut self,
+        comm: &dyn Communicator,
+        x: &[T],
+        shape: &[usize],
+        layout: Layout,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
+        let g = check::layer_input(self.num_features, shape, layout)?;
+        check::len("y", &g, y.len())?;
+        if self.config.track_running_stats {
+            check::running_update(
+                self.config.momentum,
+                self.num_features,
+                &self.running_mean,
+                &self.running_var,
+            )?;
+        }
+        let local = batch_stats(x, shape, layout)?;
+        let global = sync_batch_stats(comm, &local)?;
+        check::training_count(global.count, shape)?;
+        let saved = global.saved(self.config.eps)?;
+        let (gamma, beta) = self.gamma_beta();
+        normalize(x, shape, layout, &saved, gamma, beta, y)?;
+        self.track(&global)?;
+        Ok(saved)
+    }
+
+    /// Training backward of this rank's shard: merges Σ dy and Σ dy·x̂ over all ranks of `comm`,
+    /// writes dx (when given) through the global statistics and, with affine, dγ and dβ of the
+    /// *global* batch (identical on every rank). Returns this rank's own sums (its share of
+    /// dγ = Σ dy·x̂ and dβ = Σ dy), for callers that sum parameter gradients over ranks themselves
+    /// (data-parallel training). Collective: every rank must call it.
+    ///
+    /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
+    /// differ from `num_features`, and transport failures ([`Error::Communication`]).
+    pub fn backward_sync(
+        &self,
+        comm: &dyn Communicator,
+        x: &[T],
+        dy: &[T],
+        shape: &[usize],
+        layout: Layout,
+        saved: &SavedStats,
+        dx: Option<&mut [T]>,
+        dparams: Option<(&mut [T], &mut [T])>,
+    ) -> Result<GradSums, Error> {
+        check::layer_input(self.num_features, shape, layout)?;
+        let local = grad_sums(x, dy, shape, layout, saved)?;
+        let global = sync_grad_sums(comm, &local)?;
+        let (gamma, _) = self.gamma_beta();
+        if let Some(dx) = dx {
+            input_grad(x, dy, shape, layout, saved, &global, gamma, dx)?;
+        }
+        if let (true, Some((dg, db))) = (self.config.affine, dparams) {
+            global.write_param_grads(Some(dg), Some(db))?;
+        }
+        Ok(local)
     }
 }

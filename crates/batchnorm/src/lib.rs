@@ -33,6 +33,7 @@
 //! ```
 
 mod backward;
+mod check;
 mod element;
 mod error;
 mod fold;

@@ -1,8 +1,8 @@
 //! Per-channel statistics: mergeable batch statistics, what backward needs, running averages and
 //! the population estimator of Algorithm 2.
 
+use crate::check;
 use crate::kernels::{plan, with_simd};
-use crate::shape::{check_channels, check_eps, check_len};
 use crate::{Element, Error, Layout};
 
 /// Statistics of one mini-batch (or one worker's shard of it): per channel the count, mean and
@@ -22,11 +22,6 @@ impl BatchStats {
     /// Number of channels.
     pub fn channels(&self) -> usize {
         self.mean.len()
-    }
-
-    /// Checks that `mean` and `m2` agree in length (the fields are public).
-    fn check(&self) -> Result<(), Error> {
-        check_channels("m2", self.mean.len(), self.m2.len())
     }
 
     /// Biased variance σ²_B = M2 / m (Algorithm 1). NaN where `count` is 0.
@@ -55,8 +50,8 @@ impl BatchStats {
     /// assert!((all.mean[0] - direct.mean[0]).abs() < 1e-12 && (all.m2[1] - direct.m2[1]).abs() < 1e-12);
     /// ```
     pub fn merge(&mut self, other: &BatchStats) -> Result<(), Error> {
-        self.check()?;
-        other.check()?;
+        check::batch_stats(self)?;
+        check::batch_stats(other)?;
         if self.channels() != other.channels() {
             return Err(Error::MergeMismatch {
                 left: self.channels(),
@@ -85,7 +80,7 @@ impl BatchStats {
     ///
     /// Rejects ε that is not finite and > 0 ([`Error::InvalidEps`]).
     pub fn saved(&self, eps: f64) -> Result<SavedStats, Error> {
-        check_eps(eps)?;
+        check::eps(eps)?;
         let mut saved = SavedStats {
             count: self.count,
             mean: self.mean.clone(),
@@ -129,8 +124,7 @@ pub struct SavedStats {
 /// Does not itself require two values per channel (a worker's shard may hold one); the training
 /// functions check the (global) count.
 pub fn batch_stats<T: Element>(x: &[T], shape: &[usize], layout: Layout) -> Result<BatchStats, Error> {
-    let g = layout.geometry(shape)?;
-    check_len("x", &g, x.len())?;
+    let g = check::input("x", x, shape, layout)?;
     let m = plan::channel_moments(&g, x);
     Ok(BatchStats {
         count: g.per_channel() as u64,
@@ -149,15 +143,6 @@ pub enum Momentum {
     Cumulative,
 }
 
-impl Momentum {
-    pub(crate) fn check(self) -> Result<(), Error> {
-        match self {
-            Momentum::Exponential(m) if !(m.is_finite() && m > 0.0 && m <= 1.0) => Err(Error::InvalidMomentum(m)),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// Updates running statistics with one batch: the mean with μ_B, the variance with the
 /// *unbiased* batch variance m/(m−1)·σ²_B, as Algorithm 2 does (and PyTorch, Keras, candle).
 /// `batches_seen` counts batches including this one (used by [`Momentum::Cumulative`]).
@@ -171,16 +156,10 @@ pub fn update_running_stats<T: Element>(
     momentum: Momentum,
     batches_seen: u64,
 ) -> Result<(), Error> {
-    batch.check()?;
-    check_channels("running_mean", batch.channels(), running_mean.len())?;
-    check_channels("running_var", batch.channels(), running_var.len())?;
-    momentum.check()?;
-    if batch.count < 2 {
-        return Err(Error::TooFewValues {
-            count: batch.count,
-            shape: vec![],
-        });
-    }
+    check::batch_stats(batch)?;
+    check::running_stats(batch.channels(), running_mean, running_var)?;
+    check::momentum(momentum)?;
+    check::training_count(batch.count, &[])?;
     let w = match momentum {
         Momentum::Exponential(m) => m,
         Momentum::Cumulative => 1.0 / batches_seen.max(1) as f64,
@@ -241,21 +220,16 @@ impl PopulationStats {
     /// An estimator in the state [`PopulationStats::parts`] returned. Rejects vectors of different
     /// lengths ([`Error::FeatureMismatch`]).
     pub fn from_parts(batches: u64, mean: Vec<f64>, var: Vec<f64>) -> Result<Self, Error> {
-        check_channels("population var", mean.len(), var.len())?;
+        check::channels("population var", mean.len(), var.len())?;
         Ok(PopulationStats { batches, mean, var })
     }
 
     /// Adds one mini-batch's statistics. Rejects a channel-count mismatch and a batch with
     /// fewer than 2 values per channel.
     pub fn observe(&mut self, batch: &BatchStats) -> Result<(), Error> {
-        batch.check()?;
-        check_channels("batch", self.mean.len(), batch.channels())?;
-        if batch.count < 2 {
-            return Err(Error::TooFewValues {
-                count: batch.count,
-                shape: vec![],
-            });
-        }
+        check::batch_stats(batch)?;
+        check::channels("batch", self.mean.len(), batch.channels())?;
+        check::training_count(batch.count, &[])?;
         self.batches += 1;
         let w = 1.0 / self.batches as f64;
         for (c, v) in batch.var_unbiased().into_iter().enumerate() {
@@ -268,12 +242,7 @@ impl PopulationStats {
     /// Computes the statistics of `x` and adds them (see [`batch_stats`] for what it rejects).
     pub fn observe_batch<T: Element>(&mut self, x: &[T], shape: &[usize], layout: Layout) -> Result<(), Error> {
         let s = batch_stats(x, shape, layout)?;
-        if s.count < 2 {
-            return Err(Error::TooFewValues {
-                count: s.count,
-                shape: shape.to_vec(),
-            });
-        }
+        check::training_count(s.count, shape)?;
         self.observe(&s)
     }
 
@@ -301,22 +270,4 @@ impl PopulationStats {
             v.into_iter().map(T::from_f64).collect(),
         ))
     }
-}
-
-/// Checks that `saved` fits `channels` (used by backward and normalize).
-pub(crate) fn check_saved(saved: &SavedStats, channels: usize) -> Result<(), Error> {
-    check_channels("saved.mean", channels, saved.mean.len())?;
-    check_channels("saved.inv_std", channels, saved.inv_std.len())
-}
-
-/// Checks `x` against a shape and returns the geometry (shared by every public entry point).
-pub(crate) fn checked<T>(
-    name: &'static str,
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-) -> Result<crate::Geometry, Error> {
-    let g = layout.geometry(shape)?;
-    check_len(name, &g, x.len())?;
-    Ok(g)
 }
