@@ -19,15 +19,16 @@
 //! IEEE 754 to the statistics and outputs of their channel.
 //!
 //! ```
-//! use batchnorm::{batch_norm_backward, batch_norm_train, Layout};
+//! use batchnorm::{batch_norm_backward, batch_norm_train, Affine, Grads, Layout, View};
 //! let shape = [4, 2, 3, 3]; // NCHW
 //! let x: Vec<f32> = (0..72).map(|i| (i as f32).sin()).collect();
+//! let x = View::new(&x, &shape, Layout::NCHW);
 //! let (gamma, beta) = (vec![1.5f32, 0.5], vec![0.0f32, 1.0]);
 //! let mut y = vec![0.0; 72];
-//! let (_stats, saved) = batch_norm_train(&x, &shape, Layout::NCHW, Some(&gamma), Some(&beta), 1e-5, &mut y).unwrap();
+//! let (_stats, saved) = batch_norm_train(x, Affine::new(&gamma, &beta), 1e-5, &mut y).unwrap();
 //! let dy = vec![1.0f32; 72];
 //! let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; 72], vec![0.0; 2], vec![0.0; 2]);
-//! batch_norm_backward(&x, &dy, &shape, Layout::NCHW, &saved, Some(&gamma), Some(&mut dx), Some(&mut dgamma), Some(&mut dbeta)).unwrap();
+//! batch_norm_backward(x, &dy, &saved, Some(&gamma), Grads::new(&mut dx, &mut dgamma, &mut dbeta)).unwrap();
 //! assert_eq!(dbeta, vec![36.0, 36.0]);
 //! assert!(dx.iter().all(|v| v.abs() < 1e-5)); // a constant dy has no effect through the mean
 //! ```
