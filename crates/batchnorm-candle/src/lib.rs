@@ -4,7 +4,9 @@ mod ops;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use batchnorm::{fold_into_preceding, update_running_stats, InferenceAffine, Momentum, PopulationStats};
+use batchnorm::{
+    fold_into_preceding, update_running_stats, Affine, FixedStats, InferenceAffine, Momentum, PopulationStats,
+};
 use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
@@ -272,14 +274,8 @@ impl BatchNorm {
         if self.config.momentum > 0.0 {
             let mut mean = to_f64_vec(self.running_mean())?;
             let mut var = to_f64_vec(self.running_var())?;
-            update_running_stats(
-                &mut mean,
-                &mut var,
-                stats,
-                Momentum::Exponential(self.config.momentum),
-                1,
-            )
-            .map_err(wrap)?;
+            let momentum = Momentum::Exponential(self.config.momentum);
+            update_running_stats(stats, momentum, 1, &mut mean, &mut var).map_err(wrap)?;
             set_var(&self.running_mean, mean)?;
             set_var(&self.running_var, var)?;
         }
@@ -430,11 +426,11 @@ impl BatchNorm {
             Some((w, b)) => Some((to_f64_vec(w)?, to_f64_vec(b)?)),
             None => None,
         };
-        let (gamma, beta) = match &wb {
-            Some((w, b)) => (Some(w.as_slice()), Some(b.as_slice())),
-            None => (None, None),
+        let affine = match &wb {
+            Some((w, b)) => Affine::new(w, b),
+            None => Affine::NONE,
         };
-        InferenceAffine::new(&mean, &var, gamma, beta, self.config.eps).map_err(wrap)
+        InferenceAffine::new(FixedStats::new(&mean, &var), affine, self.config.eps).map_err(wrap)
     }
 
     /// Folds this layer (inference mode) into the preceding weight `[out, …]` and optional bias:
@@ -454,7 +450,7 @@ impl BatchNorm {
         let affine = self.inference_affine()?;
         let mut w = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let b = bias.map(to_f64_vec).transpose()?;
-        let folded_b = fold_into_preceding(&mut w, b.as_deref(), &affine).map_err(wrap)?;
+        let folded_b = fold_into_preceding(&affine, b.as_deref(), &mut w).map_err(wrap)?;
         let dev = weight.device();
         let w = Tensor::from_vec(w, weight.shape(), dev)?.to_dtype(weight.dtype())?;
         let b = Tensor::from_vec(folded_b, self.num_features, dev)?.to_dtype(weight.dtype())?;

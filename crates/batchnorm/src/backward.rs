@@ -1,14 +1,14 @@
 //! The backward transforms: training mode (the paper's chain rule through μ_B and σ²_B), inference
 //! mode (fixed statistics), and the split-phase form for synchronized batch norm.
 
-use crate::forward::{check_affine, gamma_at};
+use crate::check;
+use crate::forward::gamma_at;
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::shape::{check_channels, check_eps, check_len};
-use crate::stats::{check_saved, checked, inv_std, SavedStats};
-use crate::{Element, Error, Layout};
+use crate::stats::{inv_std, SavedStats};
+use crate::{Element, Error, FixedStats, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
 /// addition ([`GradSums::add`]): the reduction phase of synchronized batch norm.
@@ -48,8 +48,8 @@ impl GradSums {
         dbeta: Option<&mut [T]>,
     ) -> Result<(), Error> {
         let channels = self.sum_dy.len();
-        check_channels("sum_dy_xhat", channels, self.sum_dy_xhat.len())?;
-        check_param_grads(channels, dgamma.as_deref(), dbeta.as_deref())?;
+        check::grad_sums(self)?;
+        check::param_grads(channels, dgamma.as_deref(), dbeta.as_deref())?;
         if let Some(dg) = dgamma {
             dg.iter_mut()
                 .zip(&self.sum_dy_xhat)
@@ -60,17 +60,6 @@ impl GradSums {
         }
         Ok(())
     }
-}
-
-/// Checks the lengths of the parameter-gradient outputs before anything is written.
-fn check_param_grads<T>(channels: usize, dgamma: Option<&[T]>, dbeta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(d) = dgamma {
-        check_channels("dgamma", channels, d.len())?;
-    }
-    if let Some(d) = dbeta {
-        check_channels("dbeta", channels, d.len())?;
-    }
-    Ok(())
 }
 
 /// dx coefficients (see `kernels::elementwise::DxCoeffs`) of channels `first..first +
@@ -103,37 +92,28 @@ fn dx_coeffs<T: Element>(
     }
 }
 
-/// Training-mode backward of Algorithm 1: from dy and the saved statistics, writes any of
-/// dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that are given. Two passes over x and dy at most (one
+/// Training-mode backward of Algorithm 1: from dy (the shape of x) and the saved statistics,
+/// writes any of dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that `grads` holds. Two passes over x and dy at most (one
 /// when dx is not asked for), fused per channel where the layout allows.
 ///
 /// Rejects: shape/length mismatches between the shape and `x`, `dy`, `dx`; `saved`, γ, `dgamma`,
 /// `dbeta` of the wrong channel count; saved statistics with fewer than 2 values per channel.
 pub fn batch_norm_backward<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
     saved: &SavedStats,
     gamma: Option<&[T]>,
-    dx: Option<&mut [T]>,
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    if let Some(dx) = dx.as_deref() {
-        check_len("dx", &g, dx.len())?;
-    }
-    check_saved(saved, g.channels)?;
-    check_affine(g.channels, gamma, None)?;
-    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+    let Grads { dx, dgamma, dbeta } = grads;
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len_opt("dx", &g, dx.as_deref())?;
+    check::saved(saved, g.channels)?;
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    check::training_count(saved.count, shape)?;
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
         let inv_std = &saved.inv_std[first..first + s2.len()];
         let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
@@ -148,22 +128,12 @@ pub fn batch_norm_backward<T: Element>(
 
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
 /// over workers with [`GradSums::add`]. Rejects the same as [`batch_norm_backward`].
-pub fn grad_sums<T: Element>(
-    x: &[T],
-    dy: &[T],
-    shape: &[usize],
-    layout: Layout,
-    saved: &SavedStats,
-) -> Result<GradSums, Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_saved(saved, g.channels)?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+pub fn grad_sums<T: Element>(x: View<'_, T>, dy: &[T], saved: &SavedStats) -> Result<GradSums, Error> {
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::saved(saved, g.channels)?;
+    check::training_count(saved.count, shape)?;
     let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
     let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
     Ok(GradSums { sum_dy, sum_dy_xhat })
@@ -173,28 +143,21 @@ pub fn grad_sums<T: Element>(
 /// `saved.count`. With one worker it gives the same bits as [`batch_norm_backward`].
 /// Rejects the same as [`batch_norm_backward`], and `sums` of the wrong channel count.
 pub fn input_grad<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
     saved: &SavedStats,
     sums: &GradSums,
     gamma: Option<&[T]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_len("dx", &g, dx.len())?;
-    check_saved(saved, g.channels)?;
-    check_channels("sums", g.channels, sums.sum_dy.len())?;
-    check_channels("sums", g.channels, sums.sum_dy_xhat.len())?;
-    check_affine(g.channels, gamma, None)?;
-    if saved.count < 2 {
-        return Err(Error::TooFewValues {
-            count: saved.count,
-            shape: shape.to_vec(),
-        });
-    }
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len("dx", &g, dx.len())?;
+    check::saved(saved, g.channels)?;
+    check::grad_sums_channels(sums, g.channels)?;
+    check::affine(g.channels, gamma, None)?;
+    check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
     with_simd(|| dx_coeffs(gamma, saved, 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
     plan::input_grad(&g, x, dy, dx, &coeffs);
@@ -204,31 +167,25 @@ pub fn input_grad<T: Element>(
 /// Inference-mode backward (statistics are constants, e.g. fine-tuning with frozen BN):
 /// dx = dy·γ/√(Var + ε), dγ = Σ dy·x̂, dβ = Σ dy, with x̂ from the given mean and variance.
 ///
-/// Rejects: shape/length mismatches, `mean`/`var`/γ/`dgamma`/`dbeta` of the wrong channel count,
+/// Rejects: shape/length mismatches, `stats.mean`/`stats.var`/γ/`dgamma`/`dbeta` of the wrong channel count,
 /// ε not finite and > 0.
 pub fn batch_norm_backward_eval<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
-    mean: &[T],
-    var: &[T],
-    eps: f64,
+    stats: FixedStats<'_, T>,
     gamma: Option<&[T]>,
-    dx: Option<&mut [T]>,
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    eps: f64,
+    grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("dy", &g, dy.len())?;
-    check_channels("mean", g.channels, mean.len())?;
-    check_channels("var", g.channels, var.len())?;
-    check_affine(g.channels, gamma, None)?;
-    check_param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    check_eps(eps)?;
-    if let Some(dx) = dx.as_deref() {
-        check_len("dx", &g, dx.len())?;
-    }
+    let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::fixed_stats(g.channels, mean, var)?;
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    check::eps(eps)?;
+    check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
         let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));

@@ -1,9 +1,9 @@
 //! Inference batch norm as one affine map per channel, and folded into the preceding layer.
 
-use crate::forward::{beta_at, check_affine, gamma_at};
-use crate::shape::{check_channels, check_eps};
+use crate::check;
+use crate::forward::{beta_at, gamma_at};
 use crate::stats::inv_std;
-use crate::{Element, Error};
+use crate::{Affine, Element, Error, FixedStats};
 
 /// Inference batch norm of one channel as y = x·scale + shift, with scale = γ/√(Var + ε) and
 /// shift = β − E\[x\]·scale.
@@ -23,21 +23,16 @@ impl InferenceAffine {
     /// Rejects vectors of different lengths and ε not finite and > 0.
     ///
     /// ```
-    /// use batchnorm::InferenceAffine;
-    /// let a = InferenceAffine::new(&[2.0f64], &[4.0], Some(&[3.0]), Some(&[1.0]), 1e-12).unwrap();
+    /// use batchnorm::{Affine, FixedStats, InferenceAffine};
+    /// let a = InferenceAffine::new(FixedStats::new(&[2.0f64], &[4.0]), Affine::new(&[3.0], &[1.0]), 1e-12).unwrap();
     /// assert!((a.scale[0] - 1.5).abs() < 1e-9 && (a.shift[0] - (1.0 - 3.0)).abs() < 1e-9);
     /// ```
-    pub fn new<T: Element>(
-        mean: &[T],
-        var: &[T],
-        gamma: Option<&[T]>,
-        beta: Option<&[T]>,
-        eps: f64,
-    ) -> Result<Self, Error> {
+    pub fn new<T: Element>(stats: FixedStats<'_, T>, affine: Affine<'_, T>, eps: f64) -> Result<Self, Error> {
+        let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
         let channels = mean.len();
-        check_channels("var", channels, var.len())?;
-        check_affine(channels, gamma, beta)?;
-        check_eps(eps)?;
+        check::channels("var", channels, var.len())?;
+        check::affine(channels, gamma, beta)?;
+        check::eps(eps)?;
         let scale: Vec<f64> = (0..channels)
             .map(|c| gamma_at(gamma, c) * inv_std(var[c].to_f64(), eps))
             .collect();
@@ -56,7 +51,8 @@ impl InferenceAffine {
 /// Folds inference batch norm into the layer before it: for a linear layer (`weight` `[out, in]`)
 /// or a convolution (`weight` `[out, in, kh, kw]`, PyTorch's/candle's OIHW), BN(W·x + b) equals
 /// W'·x + b' with W' = diag(scale)·W and b' = scale·b + shift. `weight` is scaled in place; the
-/// folded bias is returned (a layer without bias, as usual before BN, passes `None`).
+/// folded bias is returned (a layer without bias, as usual before BN, passes `None`). Arguments
+/// in the crate's order: what is read (the map, the bias), then what is written (the weight).
 ///
 /// Rejects: `weight` whose length is not a multiple of the channel count (or is empty), `bias` of
 /// the wrong length.
@@ -65,26 +61,17 @@ impl InferenceAffine {
 /// use batchnorm::{fold_into_preceding, InferenceAffine};
 /// let bn = InferenceAffine { scale: vec![2.0], shift: vec![1.0] };
 /// let mut w = vec![1.0f32, -1.0]; // one output, two inputs
-/// let b = fold_into_preceding(&mut w, None, &bn).unwrap();
+/// let b = fold_into_preceding(&bn, None, &mut w).unwrap();
 /// assert_eq!((w, b), (vec![2.0, -2.0], vec![1.0]));
 /// ```
 pub fn fold_into_preceding<T: Element>(
-    weight: &mut [T],
-    bias: Option<&[T]>,
     bn: &InferenceAffine,
+    bias: Option<&[T]>,
+    weight: &mut [T],
 ) -> Result<Vec<T>, Error> {
     let out = bn.channels();
-    check_channels("shift", out, bn.shift.len())?;
-    if out == 0 || weight.is_empty() || !weight.len().is_multiple_of(out) {
-        return Err(Error::BufferLength {
-            name: "weight",
-            expected: out.max(1) * (weight.len() / out.max(1)).max(1),
-            actual: weight.len(),
-        });
-    }
-    if let Some(b) = bias {
-        check_channels("bias", out, b.len())?;
-    }
+    check::channels("shift", out, bn.shift.len())?;
+    check::preceding_layer(out, weight.len(), bias.map(<[T]>::len))?;
     let per_out = weight.len() / out;
     for (c, row) in weight.chunks_exact_mut(per_out).enumerate() {
         for w in row {

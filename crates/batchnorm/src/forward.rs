@@ -1,23 +1,12 @@
 //! The forward transforms: training (Algorithm 1), inference (Algorithm 2's affine map) and the
 //! normalization step of the split-phase (synchronized) form.
 
-use crate::kernels::plan::{self, Affine};
+use crate::check;
+use crate::kernels::plan::{self, Normalization};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::shape::{check_channels, check_eps, check_len};
-use crate::stats::{check_saved, checked, inv_std_in_place, BatchStats, SavedStats};
-use crate::{Element, Error, Layout};
-
-/// Checks optional γ and β against the channel count.
-pub(crate) fn check_affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(g) = gamma {
-        check_channels("gamma", channels, g.len())?;
-    }
-    if let Some(b) = beta {
-        check_channels("beta", channels, b.len())?;
-    }
-    Ok(())
-}
+use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
+use crate::{Affine, Element, Error, FixedStats, View};
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
 /// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
@@ -59,7 +48,7 @@ pub(crate) fn beta_at<T: Element>(beta: Option<&[T]>, c: usize) -> f64 {
 }
 
 /// Algorithm 1, the batch-normalizing transform over a mini-batch: per channel μ_B, σ²_B (biased),
-/// x̂ = (x − μ_B)/√(σ²_B + ε), y = γ·x̂ + β. `gamma`/`beta` = `None` means γ = 1 / β = 0.
+/// x̂ = (x − μ_B)/√(σ²_B + ε), y = γ·x̂ + β. `affine.gamma`/`affine.beta` = `None` means γ = 1 / β = 0.
 ///
 /// Returns the batch statistics (for running averages) and what backward needs.
 ///
@@ -69,32 +58,26 @@ pub(crate) fn beta_at<T: Element>(beta: Option<&[T]>, c: usize) -> f64 {
 /// the outputs of that channel.
 ///
 /// ```
-/// use batchnorm::{batch_norm_train, Layout};
+/// use batchnorm::{batch_norm_train, Affine, Layout, View};
 /// let x = [1.0f32, 10.0, 3.0, 30.0]; // [N=2, C=2]
 /// let mut y = [0.0f32; 4];
-/// let (stats, _saved) = batch_norm_train(&x, &[2, 2], Layout::NC, None, None, 1e-5, &mut y).unwrap();
+/// let (stats, _saved) = batch_norm_train(View::new(&x, &[2, 2], Layout::NC), Affine::NONE, 1e-5, &mut y).unwrap();
 /// assert_eq!(stats.mean, vec![2.0, 20.0]);
 /// assert!((y[0] + 1.0).abs() < 1e-4 && (y[3] - 1.0).abs() < 1e-4);
 /// ```
 pub fn batch_norm_train<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_affine(g.channels, gamma, beta)?;
-    check_eps(eps)?;
-    if g.per_channel() < 2 {
-        return Err(Error::TooFewValues {
-            count: g.per_channel() as u64,
-            shape: shape.to_vec(),
-        });
-    }
+    let Affine { gamma, beta } = affine;
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::affine(g.channels, gamma, beta)?;
+    check::eps(eps)?;
+    check::training_count(g.per_channel() as u64, shape)?;
     let m = plan::train_forward(&g, x, y, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
@@ -114,18 +97,17 @@ pub fn batch_norm_train<T: Element>(
 ///
 /// Rejects: shape/length mismatches as [`batch_norm_train`], and `saved` or γ/β of the wrong channel count.
 pub fn normalize<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
+    x: View<'_, T>,
     saved: &SavedStats,
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_saved(saved, g.channels)?;
-    check_affine(g.channels, gamma, beta)?;
+    let Affine { gamma, beta } = affine;
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::saved(saved, g.channels)?;
+    check::affine(g.channels, gamma, beta)?;
     let mut scale = Scratch::collect(saved.inv_std.iter().copied());
     let mut shift = Scratch::any(g.channels);
     with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
@@ -133,7 +115,7 @@ pub fn normalize<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &saved.mean,
             scale: &scale,
             shift: &shift,
@@ -145,25 +127,22 @@ pub fn normalize<T: Element>(
 /// Inference (Algorithm 2): y = γ·(x − E\[x\])/√(Var\[x\] + ε) + β with fixed statistics (running or
 /// population), in one fused pass per element.
 ///
-/// Rejects: shape/length mismatches, `mean`/`var`/γ/β of the wrong channel count, ε not finite
+/// Rejects: shape/length mismatches, `stats.mean`/`stats.var`/γ/β of the wrong channel count, ε not finite
 /// and > 0. A negative variance is not rejected; it gives NaN for that channel, as IEEE says.
 pub fn batch_norm_eval<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    mean: &[T],
-    var: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    stats: FixedStats<'_, T>,
+    affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = checked("x", x, shape, layout)?;
-    check_len("y", &g, y.len())?;
-    check_channels("mean", g.channels, mean.len())?;
-    check_channels("var", g.channels, var.len())?;
-    check_affine(g.channels, gamma, beta)?;
-    check_eps(eps)?;
+    let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::fixed_stats(g.channels, mean, var)?;
+    check::affine(g.channels, gamma, beta)?;
+    check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
     let mut scale = Scratch::collect(var.iter().map(|v| v.to_f64()));
     let mut shift = Scratch::any(g.channels);
@@ -175,7 +154,7 @@ pub fn batch_norm_eval<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &mean,
             scale: &scale,
             shift: &shift,

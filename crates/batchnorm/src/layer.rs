@@ -1,11 +1,13 @@
-//! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions.
+//! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions, with
+//! its one-process and its synchronized (multi-worker) training passes.
 
-use crate::backward::{batch_norm_backward, batch_norm_backward_eval};
+use crate::backward::{batch_norm_backward, batch_norm_backward_eval, grad_sums, input_grad, GradSums};
+use crate::check;
 use crate::fold::InferenceAffine;
-use crate::forward::{batch_norm_eval, batch_norm_train};
-use crate::shape::check_eps;
-use crate::stats::{update_running_stats, Momentum, PopulationStats, SavedStats};
-use crate::{Element, Error, Layout};
+use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
+use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
+use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
+use crate::{Affine, Element, Error, FixedStats, Grads, View};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,16 +38,17 @@ impl Default for BatchNormConfig {
 /// (`beta`, 0), running mean (0) and running variance (1).
 ///
 /// ```
-/// use batchnorm::{BatchNorm, BatchNormConfig, Layout};
+/// use batchnorm::{BatchNorm, BatchNormConfig, Grads, Layout, View};
 /// let mut bn = BatchNorm::<f32>::new(3, BatchNormConfig::default()).unwrap();
 /// let x: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect(); // NCHW [2, 3, 2, 2]
-/// let mut y = vec![0.0; x.len()];
-/// let saved = bn.forward_train(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
-/// let (dy, mut dx) = (vec![1.0; x.len()], vec![0.0; x.len()]);
+/// let x = View::new(&x, &[2, 3, 2, 2], Layout::NCHW);
+/// let mut y = vec![0.0; x.data.len()];
+/// let saved = bn.forward_train(x, &mut y).unwrap();
+/// let (dy, mut dx) = (vec![1.0; y.len()], vec![0.0; y.len()]);
 /// let (mut dgamma, mut dbeta) = (vec![0.0; 3], vec![0.0; 3]);
-/// bn.backward(&x, &dy, &[2, 3, 2, 2], Layout::NCHW, &saved, Some(&mut dx), Some((&mut dgamma, &mut dbeta))).unwrap();
+/// bn.backward(x, &dy, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta)).unwrap();
 /// assert_eq!(dbeta, vec![8.0; 3]);
-/// bn.forward_eval(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
+/// bn.forward_eval(x, &mut y).unwrap();
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchNorm<T: Element> {
@@ -68,8 +71,8 @@ pub struct BatchNorm<T: Element> {
 impl<T: Element> BatchNorm<T> {
     /// A fresh layer. Rejects ε not finite and > 0 and a momentum outside (0, 1].
     pub fn new(num_features: usize, config: BatchNormConfig) -> Result<Self, Error> {
-        check_eps(config.eps)?;
-        config.momentum.check()?;
+        check::eps(config.eps)?;
+        check::momentum(config.momentum)?;
         let (params, stats) = (config.affine as usize, config.track_running_stats as usize);
         Ok(BatchNorm {
             config,
@@ -82,123 +85,95 @@ impl<T: Element> BatchNorm<T> {
         })
     }
 
-    pub(crate) fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    /// Updates the running statistics with a training batch, when they are tracked (the caller has
+    /// checked what the update could reject, see `check::running_update`).
+    fn track(&mut self, batch: &BatchStats) -> Result<(), Error> {
+        if self.config.track_running_stats {
+            let seen = self.num_batches_tracked + 1;
+            let (mean, var) = (&mut self.running_mean, &mut self.running_var);
+            update_running_stats(batch, self.config.momentum, seen, mean, var)?;
+            self.num_batches_tracked = seen;
+        }
+        Ok(())
+    }
+
+    /// γ and β, or none without affine.
+    fn affine(&self) -> Affine<'_, T> {
         if self.config.affine {
-            (Some(&self.gamma), Some(&self.beta))
+            Affine::new(&self.gamma, &self.beta)
         } else {
-            (None, None)
+            Affine::NONE
         }
     }
 
-    fn check_features(&self, shape: &[usize], layout: Layout) -> Result<(), Error> {
-        let g = layout.geometry(shape)?;
-        crate::shape::check_channels("input", self.num_features, g.channels)
+    /// The running statistics; [`Error::NoRunningStats`] when they are not tracked.
+    fn running(&self) -> Result<FixedStats<'_, T>, Error> {
+        if !self.config.track_running_stats {
+            return Err(Error::NoRunningStats);
+        }
+        Ok(FixedStats::new(&self.running_mean, &self.running_var))
+    }
+
+    /// `grads` without dγ and dβ when the layer has no affine parameters.
+    fn param_grads<'a>(&self, grads: Grads<'a, T>) -> Grads<'a, T> {
+        if self.config.affine {
+            grads
+        } else {
+            Grads {
+                dx: grads.dx,
+                ..Grads::default()
+            }
+        }
     }
 
     /// Training forward (Algorithm 1) and, when tracked, a running-statistics update.
     /// Rejects what [`batch_norm_train`] rejects and an input whose channel count differs from
     /// `num_features`; on error nothing (running statistics included) is changed.
-    pub fn forward_train(
-        &mut self,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<SavedStats, Error> {
-        self.check_features(shape, layout)?;
+    pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
+        check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
-            self.config.momentum.check()?;
-            crate::shape::check_channels("running_mean", self.num_features, self.running_mean.len())?;
-            crate::shape::check_channels("running_var", self.num_features, self.running_var.len())?;
-        }
-        let (gamma, beta) = self.gamma_beta();
-        let (stats, saved) = batch_norm_train(x, shape, layout, gamma, beta, self.config.eps, y)?;
-        if self.config.track_running_stats {
-            let seen = self.num_batches_tracked + 1;
-            update_running_stats(
-                &mut self.running_mean,
-                &mut self.running_var,
-                &stats,
+            check::running_update(
                 self.config.momentum,
-                seen,
+                self.num_features,
+                &self.running_mean,
+                &self.running_var,
             )?;
-            self.num_batches_tracked = seen;
         }
+        let (stats, saved) = batch_norm_train(x, self.affine(), self.config.eps, y)?;
+        self.track(&stats)?;
         Ok(saved)
     }
 
     /// Inference forward with the running statistics. Rejects [`Error::NoRunningStats`] when they
     /// are not tracked, and what [`batch_norm_eval`] rejects.
-    pub fn forward_eval(&self, x: &[T], shape: &[usize], layout: Layout, y: &mut [T]) -> Result<(), Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        self.check_features(shape, layout)?;
-        let (gamma, beta) = self.gamma_beta();
-        batch_norm_eval(
-            x,
-            shape,
-            layout,
-            &self.running_mean,
-            &self.running_var,
-            gamma,
-            beta,
-            self.config.eps,
-            y,
-        )
+    pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
+        let stats = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        batch_norm_eval(x, stats, self.affine(), self.config.eps, y)
     }
 
-    /// Training backward: writes dx and/or (dγ, dβ) when given. Without affine, `dparams` must be
-    /// `None`-equivalent: it is ignored. Rejects what [`batch_norm_backward`] rejects.
-    pub fn backward(
-        &self,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<(), Error> {
-        self.check_features(shape, layout)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
-        };
-        batch_norm_backward(x, dy, shape, layout, saved, gamma, dx, dg, db)
+    /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
+    /// without affine). Rejects what [`batch_norm_backward`] rejects.
+    pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        batch_norm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
-    pub fn backward_eval(
-        &self,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<(), Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        self.check_features(shape, layout)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
-        };
-        let (m, v, eps) = (&self.running_mean, &self.running_var, self.config.eps);
-        batch_norm_backward_eval(x, dy, shape, layout, m, v, eps, gamma, dx, dg, db)
+    pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
+        let stats = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        let (gamma, eps) = (self.affine().gamma, self.config.eps);
+        batch_norm_backward_eval(x, dy, stats, gamma, eps, self.param_grads(grads))
     }
 
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
     /// them if the layer did not). Rejects an estimator of another channel count or with no batches.
     pub fn set_population_stats(&mut self, pop: &PopulationStats) -> Result<(), Error> {
         let (mean, var) = pop.finish::<T>()?;
-        crate::shape::check_channels("population", self.num_features, mean.len())?;
+        check::channels("population", self.num_features, mean.len())?;
         self.running_mean = mean;
         self.running_var = var;
         self.config.track_running_stats = true;
@@ -208,10 +183,70 @@ impl<T: Element> BatchNorm<T> {
     /// The inference transform as one affine map per channel (for folding into the previous layer).
     /// Rejects [`Error::NoRunningStats`] when running statistics are not tracked.
     pub fn inference_affine(&self) -> Result<InferenceAffine, Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
+        InferenceAffine::new(self.running()?, self.affine(), self.config.eps)
+    }
+
+    /// Training forward of this rank's shard `x` with the global batch's statistics (merged over
+    /// `comm`); updates the running statistics (when tracked) from the global batch, unbiased
+    /// with the global count. Collective: every rank must call it.
+    ///
+    /// Rejects, before any communication, what [`crate::batch_stats`] rejects (an empty shard
+    /// included), a `y` of the wrong length, an input whose channels differ from `num_features`,
+    /// an invalid momentum and running statistics of the wrong length; after the merge, a global
+    /// batch with fewer than 2 values per channel ([`Error::TooFewValues`], with the global count
+    /// and this rank's shape). Transport failures are [`Error::Communication`]. On error `y` and
+    /// the running statistics are unchanged.
+    pub fn forward_train_sync(
+        &mut self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        check::len("y", &g, y.len())?;
+        if self.config.track_running_stats {
+            check::running_update(
+                self.config.momentum,
+                self.num_features,
+                &self.running_mean,
+                &self.running_var,
+            )?;
         }
-        let (gamma, beta) = self.gamma_beta();
-        InferenceAffine::new(&self.running_mean, &self.running_var, gamma, beta, self.config.eps)
+        let local = batch_stats(x)?;
+        let global = sync_batch_stats(comm, &local)?;
+        check::training_count(global.count, x.shape)?;
+        let saved = global.saved(self.config.eps)?;
+        normalize(x, &saved, self.affine(), y)?;
+        self.track(&global)?;
+        Ok(saved)
+    }
+
+    /// Training backward of this rank's shard: merges Σ dy and Σ dy·x̂ over all ranks of `comm`,
+    /// writes dx (when `grads` holds it) through the global statistics and, with affine, dγ and
+    /// dβ of the *global* batch (identical on every rank). Returns this rank's own sums (its share
+    /// of dγ = Σ dy·x̂ and dβ = Σ dy), for callers that sum parameter gradients over ranks
+    /// themselves (data-parallel training). Collective: every rank must call it.
+    ///
+    /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
+    /// differ from `num_features`, `dgamma`/`dbeta` of the wrong channel count (before anything is
+    /// written), and transport failures ([`Error::Communication`]).
+    pub fn backward_sync(
+        &self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        dy: &[T],
+        saved: &SavedStats,
+        grads: Grads<'_, T>,
+    ) -> Result<GradSums, Error> {
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
+        check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+        let local = grad_sums(x, dy, saved)?;
+        let global = sync_grad_sums(comm, &local)?;
+        if let Some(dx) = dx {
+            input_grad(x, dy, saved, &global, self.affine().gamma, dx)?;
+        }
+        global.write_param_grads(dgamma, dbeta)?;
+        Ok(local)
     }
 }

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
+mod args;
 mod backward;
+mod check;
 mod element;
 mod error;
 mod fold;
@@ -12,11 +14,13 @@ mod shape;
 mod stats;
 mod sync;
 
+pub use args::{Affine, FixedStats, Grads, View};
 pub use backward::{batch_norm_backward, batch_norm_backward_eval, grad_sums, input_grad, GradSums};
 pub use element::Element;
 pub use error::Error;
 pub use fold::{fold_into_preceding, InferenceAffine};
 pub use forward::{batch_norm_eval, batch_norm_train, normalize};
+pub use kernels::plan::LAST_LEVEL_CACHE_BYTES;
 pub use layer::{BatchNorm, BatchNormConfig};
 pub use shape::{Geometry, Layout};
 pub use stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};

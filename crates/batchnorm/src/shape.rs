@@ -1,4 +1,5 @@
-//! Memory layouts and the one place shapes are checked.
+//! Memory layouts, and the check of a shape against its layout ([`Layout::geometry`]); every other
+//! argument check is in `check`.
 
 use crate::Error;
 
@@ -126,36 +127,4 @@ impl Geometry {
     pub fn per_channel(&self) -> usize {
         self.outer * self.inner
     }
-}
-
-/// Checks that a flat buffer holds exactly `g.len()` elements.
-pub(crate) fn check_len(name: &'static str, g: &Geometry, actual: usize) -> Result<(), Error> {
-    if actual != g.len() {
-        return Err(Error::BufferLength {
-            name,
-            expected: g.len(),
-            actual,
-        });
-    }
-    Ok(())
-}
-
-/// Checks that a per-channel vector has one entry per channel.
-pub(crate) fn check_channels(name: &'static str, channels: usize, actual: usize) -> Result<(), Error> {
-    if actual != channels {
-        return Err(Error::FeatureMismatch {
-            name,
-            expected: channels,
-            actual,
-        });
-    }
-    Ok(())
-}
-
-/// Checks ε: finite and > 0.
-pub(crate) fn check_eps(eps: f64) -> Result<(), Error> {
-    if !(eps.is_finite() && eps > 0.0) {
-        return Err(Error::InvalidEps(eps));
-    }
-    Ok(())
 }

@@ -1,9 +1,9 @@
 //! Per-channel statistics: mergeable batch statistics, what backward needs, running averages and
 //! the population estimator of Algorithm 2.
 
+use crate::check;
 use crate::kernels::{plan, with_simd};
-use crate::shape::{check_channels, check_eps, check_len};
-use crate::{Element, Error, Layout};
+use crate::{Element, Error, View};
 
 /// Statistics of one mini-batch (or one worker's shard of it): per channel the count, mean and
 /// M2 = Σ(x − mean)². Mergeable without loss of precision ([`BatchStats::merge`], Chan's formula):
@@ -24,11 +24,6 @@ impl BatchStats {
         self.mean.len()
     }
 
-    /// Checks that `mean` and `m2` agree in length (the fields are public).
-    fn check(&self) -> Result<(), Error> {
-        check_channels("m2", self.mean.len(), self.m2.len())
-    }
-
     /// Biased variance σ²_B = M2 / m (Algorithm 1). NaN where `count` is 0.
     pub fn var_biased(&self) -> Vec<f64> {
         self.m2.iter().map(|&s| s / self.count as f64).collect()
@@ -45,18 +40,18 @@ impl BatchStats {
     /// Rejects statistics of a different channel count ([`Error::MergeMismatch`]).
     ///
     /// ```
-    /// use batchnorm::{batch_stats, Layout};
-    /// let a = batch_stats(&[1.0f64, 2.0, 3.0, 4.0], &[2, 2], Layout::NC).unwrap();
-    /// let b = batch_stats(&[5.0f64, 6.0], &[1, 2], Layout::NC).unwrap();
+    /// use batchnorm::{batch_stats, Layout, View};
+    /// let a = batch_stats(View::new(&[1.0f64, 2.0, 3.0, 4.0], &[2, 2], Layout::NC)).unwrap();
+    /// let b = batch_stats(View::new(&[5.0f64, 6.0], &[1, 2], Layout::NC)).unwrap();
     /// let mut all = a.clone();
     /// all.merge(&b).unwrap();
-    /// let direct = batch_stats(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], Layout::NC).unwrap();
+    /// let direct = batch_stats(View::new(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], Layout::NC)).unwrap();
     /// assert_eq!(all.count, 3);
     /// assert!((all.mean[0] - direct.mean[0]).abs() < 1e-12 && (all.m2[1] - direct.m2[1]).abs() < 1e-12);
     /// ```
     pub fn merge(&mut self, other: &BatchStats) -> Result<(), Error> {
-        self.check()?;
-        other.check()?;
+        check::batch_stats(self)?;
+        check::batch_stats(other)?;
         if self.channels() != other.channels() {
             return Err(Error::MergeMismatch {
                 left: self.channels(),
@@ -85,7 +80,7 @@ impl BatchStats {
     ///
     /// Rejects ε that is not finite and > 0 ([`Error::InvalidEps`]).
     pub fn saved(&self, eps: f64) -> Result<SavedStats, Error> {
-        check_eps(eps)?;
+        check::eps(eps)?;
         let mut saved = SavedStats {
             count: self.count,
             mean: self.mean.clone(),
@@ -128,9 +123,9 @@ pub struct SavedStats {
 /// Rejects: a shape that does not fit the layout, an empty shape, `x` of the wrong length.
 /// Does not itself require two values per channel (a worker's shard may hold one); the training
 /// functions check the (global) count.
-pub fn batch_stats<T: Element>(x: &[T], shape: &[usize], layout: Layout) -> Result<BatchStats, Error> {
-    let g = layout.geometry(shape)?;
-    check_len("x", &g, x.len())?;
+pub fn batch_stats<T: Element>(x: View<'_, T>) -> Result<BatchStats, Error> {
+    let View { data: x, shape, layout } = x;
+    let g = check::input("x", x, shape, layout)?;
     let m = plan::channel_moments(&g, x);
     Ok(BatchStats {
         count: g.per_channel() as u64,
@@ -149,38 +144,24 @@ pub enum Momentum {
     Cumulative,
 }
 
-impl Momentum {
-    pub(crate) fn check(self) -> Result<(), Error> {
-        match self {
-            Momentum::Exponential(m) if !(m.is_finite() && m > 0.0 && m <= 1.0) => Err(Error::InvalidMomentum(m)),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// Updates running statistics with one batch: the mean with μ_B, the variance with the
 /// *unbiased* batch variance m/(m−1)·σ²_B, as Algorithm 2 does (and PyTorch, Keras, candle).
 /// `batches_seen` counts batches including this one (used by [`Momentum::Cumulative`]).
+/// `running_mean` and `running_var` are updated in place (outputs last, as everywhere).
 ///
 /// Rejects: vectors whose length differs from the batch's channels, an invalid momentum, a batch
 /// with fewer than 2 values per channel.
 pub fn update_running_stats<T: Element>(
-    running_mean: &mut [T],
-    running_var: &mut [T],
     batch: &BatchStats,
     momentum: Momentum,
     batches_seen: u64,
+    running_mean: &mut [T],
+    running_var: &mut [T],
 ) -> Result<(), Error> {
-    batch.check()?;
-    check_channels("running_mean", batch.channels(), running_mean.len())?;
-    check_channels("running_var", batch.channels(), running_var.len())?;
-    momentum.check()?;
-    if batch.count < 2 {
-        return Err(Error::TooFewValues {
-            count: batch.count,
-            shape: vec![],
-        });
-    }
+    check::batch_stats(batch)?;
+    check::running_stats(batch.channels(), running_mean, running_var)?;
+    check::momentum(momentum)?;
+    check::training_count(batch.count, &[])?;
     let w = match momentum {
         Momentum::Exponential(m) => m,
         Momentum::Cumulative => 1.0 / batches_seen.max(1) as f64,
@@ -203,10 +184,10 @@ pub fn update_running_stats<T: Element>(
 /// weighted equally, as in the paper.
 ///
 /// ```
-/// use batchnorm::{batch_stats, Layout, PopulationStats};
+/// use batchnorm::{batch_stats, Layout, PopulationStats, View};
 /// let mut pop = PopulationStats::new(1);
-/// pop.observe(&batch_stats(&[0.0f64, 2.0], &[2, 1], Layout::NC).unwrap()).unwrap();
-/// pop.observe(&batch_stats(&[4.0f64, 6.0], &[2, 1], Layout::NC).unwrap()).unwrap();
+/// pop.observe(&batch_stats(View::new(&[0.0f64, 2.0], &[2, 1], Layout::NC)).unwrap()).unwrap();
+/// pop.observe(&batch_stats(View::new(&[4.0f64, 6.0], &[2, 1], Layout::NC)).unwrap()).unwrap();
 /// assert_eq!(pop.mean().unwrap(), vec![3.0]);      // mean of batch means 1 and 5
 /// assert_eq!(pop.var().unwrap(), vec![2.0]);       // 2/(2−1) · mean of σ²_B = 1
 /// ```
@@ -241,21 +222,16 @@ impl PopulationStats {
     /// An estimator in the state [`PopulationStats::parts`] returned. Rejects vectors of different
     /// lengths ([`Error::FeatureMismatch`]).
     pub fn from_parts(batches: u64, mean: Vec<f64>, var: Vec<f64>) -> Result<Self, Error> {
-        check_channels("population var", mean.len(), var.len())?;
+        check::channels("population var", mean.len(), var.len())?;
         Ok(PopulationStats { batches, mean, var })
     }
 
     /// Adds one mini-batch's statistics. Rejects a channel-count mismatch and a batch with
     /// fewer than 2 values per channel.
     pub fn observe(&mut self, batch: &BatchStats) -> Result<(), Error> {
-        batch.check()?;
-        check_channels("batch", self.mean.len(), batch.channels())?;
-        if batch.count < 2 {
-            return Err(Error::TooFewValues {
-                count: batch.count,
-                shape: vec![],
-            });
-        }
+        check::batch_stats(batch)?;
+        check::channels("batch", self.mean.len(), batch.channels())?;
+        check::training_count(batch.count, &[])?;
         self.batches += 1;
         let w = 1.0 / self.batches as f64;
         for (c, v) in batch.var_unbiased().into_iter().enumerate() {
@@ -266,14 +242,9 @@ impl PopulationStats {
     }
 
     /// Computes the statistics of `x` and adds them (see [`batch_stats`] for what it rejects).
-    pub fn observe_batch<T: Element>(&mut self, x: &[T], shape: &[usize], layout: Layout) -> Result<(), Error> {
-        let s = batch_stats(x, shape, layout)?;
-        if s.count < 2 {
-            return Err(Error::TooFewValues {
-                count: s.count,
-                shape: shape.to_vec(),
-            });
-        }
+    pub fn observe_batch<T: Element>(&mut self, x: View<'_, T>) -> Result<(), Error> {
+        let s = batch_stats(x)?;
+        check::training_count(s.count, x.shape)?;
         self.observe(&s)
     }
 
@@ -301,22 +272,4 @@ impl PopulationStats {
             v.into_iter().map(T::from_f64).collect(),
         ))
     }
-}
-
-/// Checks that `saved` fits `channels` (used by backward and normalize).
-pub(crate) fn check_saved(saved: &SavedStats, channels: usize) -> Result<(), Error> {
-    check_channels("saved.mean", channels, saved.mean.len())?;
-    check_channels("saved.inv_std", channels, saved.inv_std.len())
-}
-
-/// Checks `x` against a shape and returns the geometry (shared by every public entry point).
-pub(crate) fn checked<T>(
-    name: &'static str,
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-) -> Result<crate::Geometry, Error> {
-    let g = layout.geometry(shape)?;
-    check_len(name, &g, x.len())?;
-    Ok(g)
 }

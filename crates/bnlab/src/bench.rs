@@ -1,7 +1,7 @@
 //! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
 //! memory copy measured in the same run (the bandwidth ceiling).
 
-use batchnorm::{BatchNorm, BatchNormConfig, Layout};
+use batchnorm::{BatchNorm, BatchNormConfig, Grads, Layout, View};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -199,7 +199,8 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (mut dgamma, mut dbeta) = (vec![0.0f32; channels], vec![0.0f32; channels]);
     let mut bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
-    let saved = bn.forward_train(&x, &shape, case.layout, &mut y)?;
+    let xv = View::new(&x, &shape, case.layout);
+    let saved = bn.forward_train(xv, &mut y)?;
     let reps = 5;
     let mut err = Ok(());
     let mut out = Vec::new();
@@ -214,7 +215,7 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            if let Err(e) = bn.forward_train(&x, &shape, case.layout, &mut y) {
+            if let Err(e) = bn.forward_train(xv, &mut y) {
                 err = Err(e);
             }
         },
@@ -225,7 +226,7 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            if let Err(e) = bn.forward_eval(&x, &shape, case.layout, &mut y) {
+            if let Err(e) = bn.forward_eval(xv, &mut y) {
                 err = Err(e);
             }
         },
@@ -236,8 +237,8 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            let grads = Some((&mut dgamma[..], &mut dbeta[..]));
-            if let Err(e) = bn.backward(&x, &dy, &shape, case.layout, &saved, Some(&mut dx), grads) {
+            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+            if let Err(e) = bn.backward(xv, &dy, &saved, grads) {
                 err = Err(e);
             }
         },

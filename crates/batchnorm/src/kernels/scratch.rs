@@ -4,9 +4,8 @@
 //! A training loop calls the kernels again and again with the same channel counts. Allocating
 //! these temporaries afresh on every call (tens of KiB each for wide layers) lets the system
 //! allocator hand the pages back between calls and fault them in again: glibc trims the heap
-//! top above 128 KiB, and on a multi-threaded process every trim is a TLB shootdown. Measured on
-//! NC [256, 4096] (`f32`, 2 threads, alternating runs, medians of 9): `fwd_train` 0.60 → 0.46 ms,
-//! `fwd_eval` 0.27 → 0.22 ms, `backward` 0.73 → 0.57 ms with these buffers. A [`Scratch`]
+//! top above 128 KiB, and on a multi-threaded process every trim is a TLB shootdown (what that
+//! cost on wide layers: `docs/tuning-log-kernels.md`). A [`Scratch`]
 //! takes a buffer from the current thread's pool and gives it back to the pool of the thread
 //! that drops it; each pool keeps at most [`MAX_POOLED`] buffers of at most
 //! [`MAX_POOLED_BYTES`] each.

@@ -1,12 +1,10 @@
 //! Synchronized batch norm: statistics and backward reductions over the global batch of all
-//! ranks, from the kernel crate's split phases.
+//! ranks, from the kernel crate's split phases. The layer's synchronized passes are methods of
+//! [`BatchNorm`] (in `layer.rs`, beside its one-process passes); [`SyncBatchNorm`] wraps it.
 
 use super::Communicator;
-use crate::shape::check_channels;
-use crate::{
-    batch_stats, grad_sums, input_grad, normalize, update_running_stats, BatchNorm, BatchNormConfig, BatchStats,
-    Element, Error, GradSums, Layout, SavedStats,
-};
+use crate::check;
+use crate::{BatchNorm, BatchNormConfig, BatchStats, Element, Error, GradSums, Grads, SavedStats, View};
 
 /// Merges every rank's partial statistics into the global batch's: all-gathers (count, mean, M2)
 /// and merges them in rank order with Chan's formula, so every rank gets the same bits. With one
@@ -15,7 +13,7 @@ use crate::{
 /// Rejects a transport failure or ranks with different channel counts ([`Error::Communication`]).
 pub fn sync_batch_stats(comm: &dyn Communicator, local: &BatchStats) -> Result<BatchStats, Error> {
     let c = local.channels();
-    check_channels("m2", c, local.m2.len())?;
+    check::batch_stats(local)?;
     let mut send = Vec::with_capacity(1 + 2 * c);
     send.push(local.count as f64); // exact below 2^53 values per channel
     send.extend_from_slice(&local.mean);
@@ -41,7 +39,7 @@ pub fn sync_batch_stats(comm: &dyn Communicator, local: &BatchStats) -> Result<B
 /// on every rank. Rejects a transport failure or ranks with different channel counts.
 pub fn sync_grad_sums(comm: &dyn Communicator, local: &GradSums) -> Result<GradSums, Error> {
     let c = local.sum_dy.len();
-    check_channels("sum_dy_xhat", c, local.sum_dy_xhat.len())?;
+    check::grad_sums(local)?;
     let send = [&local.sum_dy[..], &local.sum_dy_xhat[..]].concat();
     let mut all = vec![0.0; send.len() * comm.size()];
     comm.all_gather_f64(&send, &mut all)?;
@@ -83,115 +81,19 @@ impl<T: Element> SyncBatchNorm<T> {
     }
 
     /// See [`BatchNorm::forward_train_sync`].
-    pub fn forward_train(
-        &mut self,
-        comm: &dyn Communicator,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<SavedStats, Error> {
-        self.bn.forward_train_sync(comm, x, shape, layout, y)
+    pub fn forward_train(&mut self, comm: &dyn Communicator, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
+        self.bn.forward_train_sync(comm, x, y)
     }
 
     /// See [`BatchNorm::backward_sync`].
     pub fn backward(
         &self,
         comm: &dyn Communicator,
-        x: &[T],
+        x: View<'_, T>,
         dy: &[T],
-        shape: &[usize],
-        layout: Layout,
         saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
+        grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
-        self.bn.backward_sync(comm, x, dy, shape, layout, saved, dx, dparams)
-    }
-}
-
-impl<T: Element> BatchNorm<T> {
-    /// Training forward of this rank's shard `x` with the global batch's statistics (merged over
-    /// `comm`); updates the running statistics (when tracked) from the global batch, unbiased
-    /// with the global count. Collective: every rank must call it.
-    ///
-    /// Rejects, before any communication, what [`crate::batch_stats`] rejects (an empty shard
-    /// included), a `y` of the wrong length, an input whose channels differ from `num_features`,
-    /// an invalid momentum and running statistics of the wrong length; after the merge, a global
-    /// batch with fewer than 2 values per channel ([`Error::TooFewValues`], with the global count
-    /// and this rank's shape). Transport failures are [`Error::Communication`]. On error `y` and
-    /// the running statistics are unchanged.
-    pub fn forward_train_sync(
-        &mut self,
-        comm: &dyn Communicator,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<SavedStats, Error> {
-        let g = layout.geometry(shape)?;
-        check_channels("input", self.num_features, g.channels)?;
-        crate::shape::check_len("y", &g, y.len())?;
-        if self.config.track_running_stats {
-            self.config.momentum.check()?;
-            check_channels("running_mean", self.num_features, self.running_mean.len())?;
-            check_channels("running_var", self.num_features, self.running_var.len())?;
-        }
-        let local = batch_stats(x, shape, layout)?;
-        let global = sync_batch_stats(comm, &local)?;
-        if global.count < 2 {
-            return Err(Error::TooFewValues {
-                count: global.count,
-                shape: shape.to_vec(),
-            });
-        }
-        let saved = global.saved(self.config.eps)?;
-        let (gamma, beta) = self.gamma_beta();
-        normalize(x, shape, layout, &saved, gamma, beta, y)?;
-        if self.config.track_running_stats {
-            let seen = self.num_batches_tracked + 1;
-            update_running_stats(
-                &mut self.running_mean,
-                &mut self.running_var,
-                &global,
-                self.config.momentum,
-                seen,
-            )?;
-            self.num_batches_tracked = seen;
-        }
-        Ok(saved)
-    }
-
-    /// Training backward of this rank's shard: merges Σ dy and Σ dy·x̂ over all ranks of `comm`,
-    /// writes dx (when given) through the global statistics and, with affine, dγ and dβ of the
-    /// *global* batch (identical on every rank). Returns this rank's own sums (its share of
-    /// dγ = Σ dy·x̂ and dβ = Σ dy), for callers that sum parameter gradients over ranks themselves
-    /// (data-parallel training). Collective: every rank must call it.
-    ///
-    /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
-    /// differ from `num_features`, and transport failures ([`Error::Communication`]).
-    pub fn backward_sync(
-        &self,
-        comm: &dyn Communicator,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<GradSums, Error> {
-        let g = layout.geometry(shape)?;
-        check_channels("input", self.num_features, g.channels)?;
-        let local = grad_sums(x, dy, shape, layout, saved)?;
-        let global = sync_grad_sums(comm, &local)?;
-        let (gamma, _) = self.gamma_beta();
-        if let Some(dx) = dx {
-            input_grad(x, dy, shape, layout, saved, &global, gamma, dx)?;
-        }
-        if let (true, Some((dg, db))) = (self.config.affine, dparams) {
-            global.write_param_grads(Some(dg), Some(db))?;
-        }
-        Ok(local)
+        self.bn.backward_sync(comm, x, dy, saved, grads)
     }
 }

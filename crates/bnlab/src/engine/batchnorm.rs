@@ -9,7 +9,10 @@
 //! channels (the figures are in docs/tuning-log.md).
 
 use super::{Layer, Mode, Param, State, StateValue};
-use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Communicator, Layout, PopulationStats, SavedStats};
+use ::batchnorm::{
+    batch_norm_train, Affine, BatchNorm, BatchNormConfig, Communicator, Grads, Layout, PopulationStats, SavedStats,
+    View,
+};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
@@ -82,18 +85,22 @@ impl Layer for BatchNormLayer {
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
         let (shape, layout) = self.shape(batch);
+        let x = View::new(x, &shape, layout);
         match mode {
             Mode::Train => {
                 self.saved = Some(match &self.sync {
-                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, &shape, layout, y)?,
-                    None => self.bn.forward_train(x, &shape, layout, y)?,
+                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, y)?,
+                    None => self.bn.forward_train(x, y)?,
                 })
             }
-            Mode::Eval => self.bn.forward_eval(x, &shape, layout, y)?,
+            Mode::Eval => self.bn.forward_eval(x, y)?,
             Mode::Collect => {
-                let (g, b) = (Some(&self.bn.gamma[..]), Some(&self.bn.beta[..]));
-                let (g, b) = if self.bn.config.affine { (g, b) } else { (None, None) };
-                let (stats, _) = batch_norm_train(x, &shape, layout, g, b, self.bn.config.eps, y)?;
+                let affine = if self.bn.config.affine {
+                    Affine::new(&self.bn.gamma, &self.bn.beta)
+                } else {
+                    Affine::NONE
+                };
+                let (stats, _) = batch_norm_train(x, affine, self.bn.config.eps, y)?;
                 self.population.observe(&stats)?;
             }
         }
@@ -102,20 +109,25 @@ impl Layer for BatchNormLayer {
 
     fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let (shape, layout) = self.shape(batch);
+        let x = View::new(x, &shape, layout);
         let saved = self
             .saved
             .as_ref()
             .context("batch norm backward before a training forward")?;
-        let grads = Some((&mut self.grad_gamma[..], &mut self.grad_beta[..]));
         match &self.sync {
             Some(comm) => {
                 // This rank's share of dγ, dβ: the data-parallel loop sums the shares over ranks.
-                let local = self
-                    .bn
-                    .backward_sync(comm.as_ref(), x, dy, &shape, layout, saved, dx, None)?;
+                let dx_only = Grads { dx, ..Grads::default() };
+                let local = self.bn.backward_sync(comm.as_ref(), x, dy, saved, dx_only)?;
                 local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
             }
-            None => self.bn.backward(x, dy, &shape, layout, saved, dx, grads)?,
+            None => {
+                let grads = Grads {
+                    dx,
+                    ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
+                };
+                self.bn.backward(x, dy, saved, grads)?
+            }
         }
         Ok(())
     }

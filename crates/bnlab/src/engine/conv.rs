@@ -145,7 +145,7 @@ impl Conv2d {
             bn.channels(),
             self.out_channels
         );
-        let bias = ::batchnorm::fold_into_preceding(&mut self.weight, self.bias.as_deref(), bn)?;
+        let bias = ::batchnorm::fold_into_preceding(bn, self.bias.as_deref(), &mut self.weight)?;
         self.bias = Some(bias);
         self.grad_bias = vec![0.0; self.out_channels];
         Ok(())

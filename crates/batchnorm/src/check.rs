@@ -1,0 +1,163 @@
+//! Every argument check of the crate, each written once.
+//!
+//! A public function runs its checks first, before it computes or writes anything, and returns
+//! the first one that fails; so on error its outputs (and a layer's state) are untouched. Which
+//! checks a function runs, and in which order, is listed in its "Rejects" docs. The shape itself
+//! (rank, zero dimensions, overflow) is checked by [`Layout::geometry`]; everything else is here.
+
+use crate::{BatchStats, Element, Error, Geometry, GradSums, Layout, Momentum, SavedStats};
+
+/// Checks `x` against a shape in a layout and returns the geometry: the shape as
+/// [`Layout::geometry`] checks it, then `x`'s length ([`Error::BufferLength`] named `name`).
+pub(crate) fn input<T>(name: &'static str, x: &[T], shape: &[usize], layout: Layout) -> Result<Geometry, Error> {
+    let g = layout.geometry(shape)?;
+    len(name, &g, x.len())?;
+    Ok(g)
+}
+
+/// Checks that a flat buffer holds exactly `g.len()` elements ([`Error::BufferLength`]).
+pub(crate) fn len(name: &'static str, g: &Geometry, actual: usize) -> Result<(), Error> {
+    if actual != g.len() {
+        return Err(Error::BufferLength {
+            name,
+            expected: g.len(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an optional output buffer's length, when it is given.
+pub(crate) fn len_opt<T>(name: &'static str, g: &Geometry, buf: Option<&[T]>) -> Result<(), Error> {
+    buf.map_or(Ok(()), |b| len(name, g, b.len()))
+}
+
+/// Checks that a per-channel vector has one entry per channel ([`Error::FeatureMismatch`]).
+pub(crate) fn channels(name: &'static str, channels: usize, actual: usize) -> Result<(), Error> {
+    if actual != channels {
+        return Err(Error::FeatureMismatch {
+            name,
+            expected: channels,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Checks ε: finite and > 0 ([`Error::InvalidEps`]).
+pub(crate) fn eps(eps: f64) -> Result<(), Error> {
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::InvalidEps(eps));
+    }
+    Ok(())
+}
+
+/// Checks a momentum: an exponential one must be finite and in (0, 1] ([`Error::InvalidMomentum`]).
+pub(crate) fn momentum(momentum: Momentum) -> Result<(), Error> {
+    match momentum {
+        Momentum::Exponential(m) if !(m.is_finite() && m > 0.0 && m <= 1.0) => Err(Error::InvalidMomentum(m)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks optional γ and β against the channel count (named `gamma`, `beta`).
+pub(crate) fn affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> Result<(), Error> {
+    if let Some(g) = gamma {
+        self::channels("gamma", channels, g.len())?;
+    }
+    if let Some(b) = beta {
+        self::channels("beta", channels, b.len())?;
+    }
+    Ok(())
+}
+
+/// Checks the optional parameter-gradient outputs against the channel count (named `dgamma`,
+/// `dbeta`).
+pub(crate) fn param_grads<T>(channels: usize, dgamma: Option<&[T]>, dbeta: Option<&[T]>) -> Result<(), Error> {
+    if let Some(d) = dgamma {
+        self::channels("dgamma", channels, d.len())?;
+    }
+    if let Some(d) = dbeta {
+        self::channels("dbeta", channels, d.len())?;
+    }
+    Ok(())
+}
+
+/// Checks fixed (inference) statistics against the channel count (named `mean`, `var`).
+pub(crate) fn fixed_stats<T>(channels: usize, mean: &[T], var: &[T]) -> Result<(), Error> {
+    self::channels("mean", channels, mean.len())?;
+    self::channels("var", channels, var.len())
+}
+
+/// Checks saved statistics against the channel count (named `saved.mean`, `saved.inv_std`).
+pub(crate) fn saved(saved: &SavedStats, channels: usize) -> Result<(), Error> {
+    self::channels("saved.mean", channels, saved.mean.len())?;
+    self::channels("saved.inv_std", channels, saved.inv_std.len())
+}
+
+/// Checks that batch statistics' `mean` and `m2` agree in length (the fields are public).
+pub(crate) fn batch_stats(stats: &BatchStats) -> Result<(), Error> {
+    channels("m2", stats.mean.len(), stats.m2.len())
+}
+
+/// Checks that gradient sums' two vectors agree in length (the fields are public).
+pub(crate) fn grad_sums(sums: &GradSums) -> Result<(), Error> {
+    channels("sum_dy_xhat", sums.sum_dy.len(), sums.sum_dy_xhat.len())
+}
+
+/// Checks gradient sums against the channel count (both vectors named `sums`).
+pub(crate) fn grad_sums_channels(sums: &GradSums, channels: usize) -> Result<(), Error> {
+    self::channels("sums", channels, sums.sum_dy.len())?;
+    self::channels("sums", channels, sums.sum_dy_xhat.len())
+}
+
+/// Checks that training statistics rest on at least two values per channel (Algorithm 1's
+/// variance needs them; PyTorch's rule): [`Error::TooFewValues`] with `count` and `shape`.
+pub(crate) fn training_count(count: u64, shape: &[usize]) -> Result<(), Error> {
+    if count < 2 {
+        return Err(Error::TooFewValues {
+            count,
+            shape: shape.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that an input in `layout` of `shape` has a layer's `num_features` channels (named
+/// `input`), after the shape itself.
+pub(crate) fn layer_input(num_features: usize, shape: &[usize], layout: Layout) -> Result<Geometry, Error> {
+    let g = layout.geometry(shape)?;
+    channels("input", num_features, g.channels)?;
+    Ok(g)
+}
+
+/// Checks what a layer's running-statistics update could reject, before anything is written:
+/// the momentum, then the running vectors' lengths against `num_features`.
+pub(crate) fn running_update<T: Element>(
+    momentum: Momentum,
+    num_features: usize,
+    running_mean: &[T],
+    running_var: &[T],
+) -> Result<(), Error> {
+    self::momentum(momentum)?;
+    running_stats(num_features, running_mean, running_var)
+}
+
+/// Checks running statistics against the channel count (named `running_mean`, `running_var`).
+pub(crate) fn running_stats<T>(channels: usize, running_mean: &[T], running_var: &[T]) -> Result<(), Error> {
+    self::channels("running_mean", channels, running_mean.len())?;
+    self::channels("running_var", channels, running_var.len())
+}
+
+/// Checks a preceding layer for folding into `out` channels: a non-empty `weight` whose length is
+/// a multiple of `out` ([`Error::BufferLength`]), then the bias's length (named `bias`).
+pub(crate) fn preceding_layer(out: usize, weight: usize, bias: Option<usize>) -> Result<(), Error> {
+    if out == 0 || weight == 0 || !weight.is_multiple_of(out) {
+        return Err(Error::BufferLength {
+            name: "weight",
+            expected: out.max(1) * (weight / out.max(1)).max(1),
+            actual: weight,
+        });
+    }
+    bias.map_or(Ok(()), |b| channels("bias", out, b))
+}
