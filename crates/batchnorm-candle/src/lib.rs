@@ -11,7 +11,7 @@ use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
-use ops::{wrap, EvalOp, TrainOp, TrainState};
+use ops::{wrap, ForwardMode, ForwardOp, TrainState};
 
 /// Batch normalization over channel dimension 1 of an input of rank ≥ 2 (`[N, C]`,
 /// `[N, C, L]`, `[N, C, H, W]`, …), with candle-nn's variables, configuration and running-statistics
@@ -260,14 +260,11 @@ impl BatchNorm {
         let dtype = internal_dtype(x_dtype);
         let xc = x.to_dtype(dtype)?.contiguous()?;
         let state = TrainState::default();
-        let op = TrainOp {
+        let op = ForwardOp {
             eps: self.config.eps,
-            state: state.clone(),
+            mode: ForwardMode::Train(state.clone()),
         };
-        let y = match self.affine_in(dtype)? {
-            Some((w, b)) => xc.apply_op3(&w, &b, op)?,
-            None => xc.apply_op1(op)?,
-        };
+        let y = op.apply(&xc, self.affine_in(dtype)?)?;
         let (stats, _) = state
             .get()
             .ok_or_else(|| Error::Msg("batch-norm: the training op left no statistics".into()))?;
@@ -293,15 +290,14 @@ impl BatchNorm {
         let x_dtype = x.dtype();
         let dtype = internal_dtype(x_dtype);
         let xc = x.to_dtype(dtype)?.contiguous()?;
-        let op = EvalOp {
-            mean: to_f64_vec(self.running_mean())?,
-            var: to_f64_vec(self.running_var())?,
+        let op = ForwardOp {
             eps: self.config.eps,
+            mode: ForwardMode::Eval {
+                mean: to_f64_vec(self.running_mean())?,
+                var: to_f64_vec(self.running_var())?,
+            },
         };
-        let y = match self.affine_in(dtype)? {
-            Some((w, b)) => xc.apply_op3(&w, &b, op)?,
-            None => xc.apply_op1(op)?,
-        };
+        let y = op.apply(&xc, self.affine_in(dtype)?)?;
         y.to_dtype(x_dtype)
     }
 

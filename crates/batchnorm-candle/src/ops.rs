@@ -1,9 +1,9 @@
 //! candle custom ops over the fused `batchnorm` kernels.
 //!
-//! - [`TrainOp`]: Algorithm 1 forward (`CustomOp1` on x without affine, `CustomOp3` on
-//!   (x, γ, β) with). It keeps the batch statistics for the running/population update and the
-//!   saved statistics for its backward.
-//! - [`EvalOp`]: inference forward with fixed statistics (same two arities).
+//! - [`ForwardOp`]: the forward (`CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
+//!   with), in one of two modes: Algorithm 1 training forward, which keeps the batch statistics
+//!   for the running/population update and the saved statistics for its backward, or the
+//!   inference forward with fixed statistics.
 //! - [`GradOp`]: the backward of either, one fused kernel call that writes dx, dγ and dβ into one
 //!   packed buffer `[dx…, dγ…, dβ…]`, split afterwards into views without copying.
 //!
@@ -54,7 +54,7 @@ fn affine_of<'a, T: WithDType>(
 
 /// Calls `f::<f32>` or `f::<f64>` by the storage's dtype.
 macro_rules! dispatch {
-    ($storage:expr, $op:literal, |$t:ident| $body:expr) => {
+    ($storage:expr, $op:expr, |$t:ident| $body:expr) => {
         match $storage {
             CpuStorage::F32(_) => {
                 type $t = f32;
@@ -76,147 +76,115 @@ macro_rules! dispatch {
 /// What the training forward leaves behind: the batch statistics and what backward needs.
 pub(crate) type TrainState = Arc<OnceLock<(BatchStats, SavedStats)>>;
 
-/// Algorithm 1 forward through [`batch_norm_train`].
-pub(crate) struct TrainOp {
+/// Which forward kernel a [`ForwardOp`] runs.
+pub(crate) enum ForwardMode {
+    /// Algorithm 1 forward through [`batch_norm_train`]; the state receives the batch
+    /// statistics and the saved statistics for the backward.
+    Train(TrainState),
+    /// Inference forward through [`batch_norm_eval`] with fixed statistics (held as `f64`,
+    /// rounded to the data's type, which leaves `f32`/`f64` statistics of the same type
+    /// unchanged).
+    Eval { mean: Vec<f64>, var: Vec<f64> },
+}
+
+/// The forward op of either mode: `CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
+/// with.
+pub(crate) struct ForwardOp {
     pub eps: f64,
-    pub state: TrainState,
+    pub mode: ForwardMode,
 }
 
-impl TrainOp {
-    fn run<T: Element + WithDType>(
-        &self,
-        xs: &CpuStorage,
-        xl: &CLayout,
-        affine: Option<(&CpuStorage, &CLayout, &CpuStorage, &CLayout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice::<T>(xs, xl, "x")?;
-        let affine = affine_of::<T>(affine)?;
-        let mut y = vec![T::default(); x.len()];
-        let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
-        let out = batch_norm_train(x, affine, self.eps, &mut y).map_err(wrap)?;
-        // A custom op runs once per application; a second value would mean it was re-run.
-        self.state
-            .set(out)
-            .map_err(|_| Error::Msg("batch-norm: training op applied twice".into()))?;
-        Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
-    }
-
-    fn saved(&self) -> Result<&SavedStats> {
-        self.state
-            .get()
-            .map(|(_, saved)| saved)
-            .ok_or_else(|| Error::Msg("batch-norm: backward before forward".into()))
-    }
-}
-
-impl CustomOp1 for TrainOp {
-    fn name(&self) -> &'static str {
-        "batchnorm-train"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s, "train", |T| self.run::<T>(s, l, None))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let op = GradOp {
-            mode: GradMode::Train(self.saved()?.clone()),
-            want_dx: true,
-            want_params: false,
-        };
-        let grads = op.apply(x, grad, None)?;
-        Ok(grads.0)
-    }
-}
-
-impl CustomOp3 for TrainOp {
-    fn name(&self) -> &'static str {
-        "batchnorm-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &CLayout,
-        s2: &CpuStorage,
-        l2: &CLayout,
-        s3: &CpuStorage,
-        l3: &CLayout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, "train", |T| self.run::<T>(s1, l1, Some((s2, l2, s3, l3))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = GradOp {
-            mode: GradMode::Train(self.saved()?.clone()),
-            want_dx: x.track_op(),
-            want_params: gamma.track_op() || beta.track_op(),
-        };
-        op.apply(x, grad, Some(gamma))
-    }
-}
-
-/// Inference forward through [`batch_norm_eval`] with fixed statistics (held as `f64`, rounded
-/// to the data's type, which leaves `f32`/`f64` statistics of the same type unchanged).
-pub(crate) struct EvalOp {
-    pub mean: Vec<f64>,
-    pub var: Vec<f64>,
-    pub eps: f64,
-}
-
-impl EvalOp {
-    fn run<T: Element + WithDType>(
-        &self,
-        xs: &CpuStorage,
-        xl: &CLayout,
-        affine: Option<(&CpuStorage, &CLayout, &CpuStorage, &CLayout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice::<T>(xs, xl, "x")?;
-        let affine = affine_of::<T>(affine)?;
-        let (mean, var) = (cast::<T>(&self.mean), cast::<T>(&self.var));
-        let mut y = vec![T::default(); x.len()];
-        let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
-        batch_norm_eval(x, FixedStats::new(&mean, &var), affine, self.eps, &mut y).map_err(wrap)?;
-        Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
-    }
-
-    fn grad_op(&self, want_dx: bool, want_params: bool) -> GradOp {
-        GradOp {
-            mode: GradMode::Eval {
-                mean: self.mean.clone(),
-                var: self.var.clone(),
-                eps: self.eps,
-            },
-            want_dx,
-            want_params,
+impl ForwardOp {
+    /// Applies the op to the contiguous `x`, with the affine parameters (weight, bias) if given.
+    pub(crate) fn apply(self, x: &Tensor, affine: Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        match affine {
+            Some((w, b)) => x.apply_op3(&w, &b, self),
+            None => x.apply_op1(self),
         }
     }
+
+    /// The op's name, as candle reports it.
+    fn op_name(&self) -> &'static str {
+        match self.mode {
+            ForwardMode::Train(_) => "batchnorm-train",
+            ForwardMode::Eval { .. } => "batchnorm-eval",
+        }
+    }
+
+    /// The mode, as unsupported-dtype errors name it.
+    fn label(&self) -> &'static str {
+        match self.mode {
+            ForwardMode::Train(_) => "train",
+            ForwardMode::Eval { .. } => "eval",
+        }
+    }
+
+    fn run<T: Element + WithDType>(
+        &self,
+        xs: &CpuStorage,
+        xl: &CLayout,
+        affine: Option<(&CpuStorage, &CLayout, &CpuStorage, &CLayout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice::<T>(xs, xl, "x")?;
+        let affine = affine_of::<T>(affine)?;
+        let mut y = vec![T::default(); x.len()];
+        let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
+        match &self.mode {
+            ForwardMode::Train(state) => {
+                let out = batch_norm_train(x, affine, self.eps, &mut y).map_err(wrap)?;
+                // A custom op runs once per application; a second value would mean it was re-run.
+                state
+                    .set(out)
+                    .map_err(|_| Error::Msg("batch-norm: training op applied twice".into()))?;
+            }
+            ForwardMode::Eval { mean, var } => {
+                let (mean, var) = (cast::<T>(mean), cast::<T>(var));
+                batch_norm_eval(x, FixedStats::new(&mean, &var), affine, self.eps, &mut y).map_err(wrap)?;
+            }
+        }
+        Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+    }
+
+    /// The backward of this op: the training mode's saved statistics or the fixed ones.
+    fn grad_op(&self, want_dx: bool, want_params: bool) -> Result<GradOp> {
+        let mode = match &self.mode {
+            ForwardMode::Train(state) => GradMode::Train(
+                state
+                    .get()
+                    .map(|(_, saved)| saved.clone())
+                    .ok_or_else(|| Error::Msg("batch-norm: backward before forward".into()))?,
+            ),
+            ForwardMode::Eval { mean, var } => GradMode::Eval {
+                mean: mean.clone(),
+                var: var.clone(),
+                eps: self.eps,
+            },
+        };
+        Ok(GradOp {
+            mode,
+            want_dx,
+            want_params,
+        })
+    }
 }
 
-impl CustomOp1 for EvalOp {
+impl CustomOp1 for ForwardOp {
     fn name(&self) -> &'static str {
-        "batchnorm-eval"
+        self.op_name()
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s, "eval", |T| self.run::<T>(s, l, None))
+        dispatch!(s, self.label(), |T| self.run::<T>(s, l, None))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.grad_op(true, false).apply(x, grad, None)?.0)
+        Ok(self.grad_op(true, false)?.apply(x, grad, None)?.0)
     }
 }
 
-impl CustomOp3 for EvalOp {
+impl CustomOp3 for ForwardOp {
     fn name(&self) -> &'static str {
-        "batchnorm-eval"
+        self.op_name()
     }
 
     fn cpu_fwd(
@@ -228,7 +196,7 @@ impl CustomOp3 for EvalOp {
         s3: &CpuStorage,
         l3: &CLayout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, "eval", |T| self.run::<T>(s1, l1, Some((s2, l2, s3, l3))))
+        dispatch!(s1, self.label(), |T| self.run::<T>(s1, l1, Some((s2, l2, s3, l3))))
     }
 
     fn bwd(
@@ -239,7 +207,7 @@ impl CustomOp3 for EvalOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.grad_op(x.track_op(), gamma.track_op() || beta.track_op())
+        self.grad_op(x.track_op(), gamma.track_op() || beta.track_op())?
             .apply(x, grad, Some(gamma))
     }
 }
@@ -252,7 +220,7 @@ enum GradMode {
     Eval { mean: Vec<f64>, var: Vec<f64>, eps: f64 },
 }
 
-/// The backward of [`TrainOp`]/[`EvalOp`]: `CustomOp2` on (x, dy) without affine, `CustomOp3`
+/// The backward of [`ForwardOp`]: `CustomOp2` on (x, dy) without affine, `CustomOp3`
 /// on (x, dy, γ) with. Its output is one flat buffer `[dx (if wanted), dγ, dβ (if wanted)]`.
 struct GradOp {
     mode: GradMode,

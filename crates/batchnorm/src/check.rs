@@ -62,23 +62,21 @@ pub(crate) fn momentum(momentum: Momentum) -> Result<(), Error> {
 
 /// Checks optional γ and β against the channel count (named `gamma`, `beta`).
 pub(crate) fn affine<T>(channels: usize, gamma: Option<&[T]>, beta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(g) = gamma {
-        self::channels("gamma", channels, g.len())?;
-    }
-    if let Some(b) = beta {
-        self::channels("beta", channels, b.len())?;
-    }
-    Ok(())
+    optional_per_channel(channels, [("gamma", gamma), ("beta", beta)])
 }
 
 /// Checks the optional parameter-gradient outputs against the channel count (named `dgamma`,
 /// `dbeta`).
 pub(crate) fn param_grads<T>(channels: usize, dgamma: Option<&[T]>, dbeta: Option<&[T]>) -> Result<(), Error> {
-    if let Some(d) = dgamma {
-        self::channels("dgamma", channels, d.len())?;
-    }
-    if let Some(d) = dbeta {
-        self::channels("dbeta", channels, d.len())?;
+    optional_per_channel(channels, [("dgamma", dgamma), ("dbeta", dbeta)])
+}
+
+/// Checks each given per-channel slice against the channel count, in order, by its name.
+fn optional_per_channel<T>(channels: usize, named: [(&'static str, Option<&[T]>); 2]) -> Result<(), Error> {
+    for (name, v) in named {
+        if let Some(v) = v {
+            self::channels(name, channels, v.len())?;
+        }
     }
     Ok(())
 }

@@ -10,20 +10,33 @@ fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("batchnorm-candle-{}-{name}.safetensors", std::process::id()))
 }
 
+/// Trains `module` for `steps` steps on [6, 4, 3] batches (seeds from `seed0`), saves its
+/// `VarMap` through a temporary safetensors file and returns the file's bytes.
+fn train_and_save(
+    module: &impl ModuleT,
+    vm: &VarMap,
+    steps: u64,
+    seed0: u64,
+    dtype: DType,
+    tag: &str,
+) -> Result<Vec<u8>> {
+    for step in 0..steps {
+        module.forward_t(&tensor(seed0 + step, &[6, 4, 3], 0.0, 3.0, dtype)?, true)?;
+    }
+    let path = temp_path(&format!("{tag}-{dtype:?}"));
+    vm.save(&path)?;
+    let bytes = std::fs::read(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(bytes)
+}
+
 #[test]
 fn weights_round_trip_through_safetensors_into_both_modules() -> Result<()> {
     for dtype in [DType::F32, DType::F64] {
         let dev = Device::Cpu;
         // Train ours a little so that every variable differs from its initial value, then save.
         let p = pair(4, dtype, BatchNormConfig::default(), 700)?;
-        for step in 0..3 {
-            p.ours
-                .forward_t(&tensor(710 + step, &[6, 4, 3], 0.0, 3.0, dtype)?, true)?;
-        }
-        let path = temp_path(&format!("ours-{dtype:?}"));
-        p.ours_vm.save(&path)?;
-        let bytes = std::fs::read(&path)?;
-        std::fs::remove_file(&path)?;
+        let bytes = train_and_save(&p.ours, &p.ours_vm, 3, 710, dtype, "ours")?;
         let names: Vec<String> = candle_core::safetensors::load_buffer(&bytes, &dev)?
             .into_keys()
             .collect();
@@ -46,14 +59,7 @@ fn weights_round_trip_through_safetensors_into_both_modules() -> Result<()> {
         assert!(scaled_err(&theirs.forward_t(&x, false)?, &want) <= tol);
 
         // And the other way: weights saved from candle-nn's module load into ours.
-        for step in 0..2 {
-            p.theirs
-                .forward_t(&tensor(730 + step, &[6, 4, 3], 0.0, 3.0, dtype)?, true)?;
-        }
-        let path = temp_path(&format!("theirs-{dtype:?}"));
-        p.theirs_vm.save(&path)?;
-        let bytes = std::fs::read(&path)?;
-        std::fs::remove_file(&path)?;
+        let bytes = train_and_save(&p.theirs, &p.theirs_vm, 2, 730, dtype, "theirs")?;
         let ours = batch_norm(4, config, VarBuilder::from_buffered_safetensors(bytes, dtype, &dev)?)?;
         assert_eq!(scaled_err(ours.running_var(), p.theirs.running_var()), 0.0);
         assert!(scaled_err(&ours.forward_t(&x, false)?, &p.theirs.forward_t(&x, false)?) <= tol);

@@ -201,6 +201,23 @@ fn for_each_piece(g: &Geometry, c: usize, planes: std::ops::Range<usize>, mut f:
     }
 }
 
+/// `f(c, planes)` for every channel `c` and block of its planes (see [`plane_blocks`]), through
+/// [`map_items`]; returns the results, channel after channel with its blocks in order, and the
+/// number of blocks per channel.
+fn map_plane_blocks<R: Send>(
+    g: &Geometry,
+    serial: bool,
+    f: impl Fn(usize, std::ops::Range<usize>) -> R + Sync + Send,
+) -> (Vec<R>, usize) {
+    let (blocks, per_block) = plane_blocks(g);
+    let units: Vec<usize> = (0..g.channels * blocks).collect();
+    let parts = map_items(units, serial, |_, u| {
+        let (c, b) = (u / blocks, u % blocks);
+        f(c, b * per_block..((b + 1) * per_block).min(g.outer))
+    });
+    (parts, blocks)
+}
+
 /// Moments of planes `planes` of channel `c`, pieces merged left in order.
 #[inline(always)]
 fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops::Range<usize>) -> Moments {
@@ -232,12 +249,7 @@ fn rows_task_moments<T: Element>(x: &[T], per_block: usize, pf: RowPrefetch, mea
 pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMoments {
     let serial = is_serial(g);
     if g.inner > 1 {
-        let (blocks, per_block) = plane_blocks(g);
-        let units: Vec<usize> = (0..g.channels * blocks).collect();
-        let parts = map_items(units, serial, |_, u| {
-            let (c, b) = (u / blocks, u % blocks);
-            planes_moments(g, x, c, b * per_block..((b + 1) * per_block).min(g.outer))
-        });
+        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_moments(g, x, c, planes));
         let mut out = ChannelMoments {
             count: 0.0,
             mean: Vec::with_capacity(g.channels),
@@ -410,12 +422,7 @@ fn planes_grad_sums<T: Element>(
 pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
     let serial = is_serial(g);
     if g.inner > 1 {
-        let (blocks, per_block) = plane_blocks(g);
-        let units: Vec<usize> = (0..g.channels * blocks).collect();
-        let parts = map_items(units, serial, |_, u| {
-            let (c, b) = (u / blocks, u % blocks);
-            planes_grad_sums(g, x, dy, c, mean[c], b * per_block..((b + 1) * per_block).min(g.outer))
-        });
+        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_grad_sums(g, x, dy, c, mean[c], planes));
         parts
             .chunks(blocks)
             .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))

@@ -28,8 +28,8 @@
 #![allow(dead_code)]
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_train, reference, Affine, BatchStats, Element, Geometry, Grads, Layout, SavedStats,
-    View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, reference, Affine, BatchStats, Element,
+    FixedStats, Geometry, Grads, Layout, SavedStats, View,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -257,6 +257,25 @@ pub fn backward_all<T: Element>(
     let (mut dx, mut dg, mut db) = (vec![nan; x.data.len()], vec![nan; c], vec![nan; c]);
     batch_norm_backward(x, dy, saved, gamma, Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
     (dx, dg, db)
+}
+
+/// Inference-mode backward's dx and dγ with `gamma` (no dβ), into zero-filled outputs.
+pub fn backward_eval_dx_dgamma<T: Element>(
+    x: View<'_, T>,
+    dy: &[T],
+    stats: FixedStats<'_, T>,
+    gamma: &[T],
+    eps: f64,
+) -> (Vec<T>, Vec<T>) {
+    let zero = T::from_f64(0.0);
+    let (mut dx, mut dgamma) = (vec![zero; x.data.len()], vec![zero; gamma.len()]);
+    let grads = Grads {
+        dx: Some(&mut dx),
+        dgamma: Some(&mut dgamma),
+        dbeta: None,
+    };
+    batch_norm_backward_eval(x, dy, stats, Some(gamma), eps, grads).unwrap();
+    (dx, dgamma)
 }
 
 /// Per-element scale of the training forward y = γ·x̂ + β (see module docs): the terms

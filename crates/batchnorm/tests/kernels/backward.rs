@@ -287,54 +287,82 @@ fn loss(w: &[f64], y: &[f64]) -> f64 {
     w.iter().zip(y).map(|(a, b)| a * b).sum()
 }
 
+/// The analytic gradients (`dx`, `dg`, `db`) against central differences: of `loss_x(x, γ, β)`
+/// in each element of x, and of `loss_params(γ, β)` in each channel's γ and β (both taken
+/// around the given x, γ, β).
+#[allow(clippy::too_many_arguments)]
+fn assert_fd_grads(
+    what: &str,
+    x: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    (dx, dg, db): (&[f64], &[f64], &[f64]),
+    loss_x: impl Fn(&[f64], &[f64], &[f64]) -> f64,
+    loss_params: impl Fn(&[f64], &[f64]) -> f64,
+) {
+    for k in 0..x.len() {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[k] += H;
+        xm[k] -= H;
+        let fd = (loss_x(&xp, gamma, beta) - loss_x(&xm, gamma, beta)) / (2.0 * H);
+        assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
+    }
+    for c in 0..gamma.len() {
+        let perturbed = |v: &[f64], delta: f64| {
+            let mut p = v.to_vec();
+            p[c] += delta;
+            p
+        };
+        let fd_g = (loss_params(&perturbed(gamma, H), beta) - loss_params(&perturbed(gamma, -H), beta)) / (2.0 * H);
+        let fd_b = (loss_params(gamma, &perturbed(beta, H)) - loss_params(gamma, &perturbed(beta, -H))) / (2.0 * H);
+        assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
+        assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
+    }
+}
+
+/// `check(layout, shape, affine, data)` for every finite-difference shape, with and without
+/// affine; the data of shape i from seed `seed0 + i`.
+fn for_each_fd_case(seed0: u64, mut check: impl FnMut(Layout, &[usize], bool, &Data)) {
+    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
+        for affine in [true, false] {
+            let d = Data::new::<f64>(layout, &shape, seed0 + i as u64);
+            check(layout, &shape, affine, &d);
+        }
+    }
+}
+
+/// The loss `w·y` of the output `forward` writes into a zeroed y.
+fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
+    let mut y = vec![0.0; w.len()];
+    forward(&mut y);
+    loss(w, &y)
+}
+
 /// Training backward (Section 3's chain rule) against ∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β by central differences
 /// of Algorithm 1's forward.
 #[test]
 fn train_backward_matches_finite_differences() {
     let eps = 1e-5;
-    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
-        for affine in [true, false] {
-            let d = Data::new::<f64>(layout, &shape, 300 + i as u64);
-            let (gamma, beta) = d.affine(affine);
-            let w = d.dy.clone();
-            let n = d.x.len();
-            let forward = |x: &[f64], g: &[f64], b: &[f64]| {
-                let mut y = vec![0.0; n];
-                batch_norm_train(View::new(x, &shape, layout), affine_if(affine, g, b), eps, &mut y).unwrap();
-                loss(&w, &y)
-            };
-            let (_, _, saved) = train(View::new(&d.x, &shape, layout), affine_if(affine, &gamma, &beta), eps);
-            let (dx, dg, db) = backward_all(View::new(&d.x, &shape, layout), &w, &saved, opt(&gamma, affine));
-            let what = format!("{layout} {shape:?} affine={affine}");
-            for k in 0..n {
-                let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
-                xp[k] += H;
-                xm[k] -= H;
-                let fd = (forward(&xp, &gamma, &beta) - forward(&xm, &gamma, &beta)) / (2.0 * H);
-                assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
-            }
-            for c in 0..d.g.channels {
-                // γ and β enter linearly; the finite difference is taken with affine on, around
-                // the same γ, β the forward used (1 and 0 without affine).
-                let perturbed = |v: &[f64], delta: f64| {
-                    let mut p = v.to_vec();
-                    p[c] += delta;
-                    p
-                };
-                let fwd_affine = |g: &[f64], b: &[f64]| {
-                    let mut y = vec![0.0; n];
-                    batch_norm_train(View::new(&d.x, &shape, layout), Affine::new(g, b), eps, &mut y).unwrap();
-                    loss(&w, &y)
-                };
-                let fd_g =
-                    (fwd_affine(&perturbed(&gamma, H), &beta) - fwd_affine(&perturbed(&gamma, -H), &beta)) / (2.0 * H);
-                let fd_b =
-                    (fwd_affine(&gamma, &perturbed(&beta, H)) - fwd_affine(&gamma, &perturbed(&beta, -H))) / (2.0 * H);
-                assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
-                assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
-            }
-        }
-    }
+    for_each_fd_case(300, |layout, shape, affine, d| {
+        let (gamma, beta) = d.affine(affine);
+        let w = &d.dy;
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            loss_of(w, |y| {
+                batch_norm_train(View::new(x, shape, layout), affine_if(affine, g, b), eps, y).unwrap();
+            })
+        };
+        let (_, _, saved) = train(View::new(&d.x, shape, layout), affine_if(affine, &gamma, &beta), eps);
+        let (dx, dg, db) = backward_all(View::new(&d.x, shape, layout), w, &saved, opt(&gamma, affine));
+        // γ and β enter linearly; their finite difference is taken with affine on, around the
+        // same γ, β the forward used (1 and 0 without affine).
+        let fwd_affine = |g: &[f64], b: &[f64]| {
+            loss_of(w, |y| {
+                batch_norm_train(View::new(&d.x, shape, layout), Affine::new(g, b), eps, y).unwrap();
+            })
+        };
+        let what = format!("{layout} {shape:?} affine={affine}");
+        assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), forward, fwd_affine);
+    });
 }
 
 /// Inference-mode backward against central differences of the inference transform (statistics
@@ -342,55 +370,29 @@ fn train_backward_matches_finite_differences() {
 #[test]
 fn eval_backward_matches_finite_differences() {
     let eps = 1e-5;
-    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
-        for affine in [true, false] {
-            let d = Data::new::<f64>(layout, &shape, 400 + i as u64);
-            let (gamma, beta) = d.affine(affine);
-            let w = d.dy.clone();
-            let n = d.x.len();
-            let forward = |x: &[f64], g: &[f64], b: &[f64]| {
-                let mut y = vec![0.0; n];
-                batch_norm_eval(
-                    View::new(x, &shape, layout),
-                    FixedStats::new(&d.mean, &d.var),
-                    Affine::new(g, b),
-                    eps,
-                    &mut y,
-                )
-                .unwrap();
-                loss(&w, &y)
-            };
-            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; d.g.channels], vec![0.0; d.g.channels]);
-            batch_norm_backward_eval(
-                View::new(&d.x, &shape, layout),
-                &w,
-                FixedStats::new(&d.mean, &d.var),
-                opt(&gamma, affine),
-                eps,
-                Grads::new(&mut dx, &mut dg, &mut db),
-            )
-            .unwrap();
-            let what = format!("eval {layout} {shape:?} affine={affine}");
-            for k in 0..n {
-                let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
-                xp[k] += H;
-                xm[k] -= H;
-                let fd = (forward(&xp, &gamma, &beta) - forward(&xm, &gamma, &beta)) / (2.0 * H);
-                assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
-            }
-            for c in 0..d.g.channels {
-                let perturbed = |v: &[f64], delta: f64| {
-                    let mut p = v.to_vec();
-                    p[c] += delta;
-                    p
-                };
-                let fd_g = (forward(&d.x, &perturbed(&gamma, H), &beta) - forward(&d.x, &perturbed(&gamma, -H), &beta))
-                    / (2.0 * H);
-                let fd_b = (forward(&d.x, &gamma, &perturbed(&beta, H)) - forward(&d.x, &gamma, &perturbed(&beta, -H)))
-                    / (2.0 * H);
-                assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
-                assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
-            }
-        }
-    }
+    for_each_fd_case(400, |layout, shape, affine, d| {
+        let (gamma, beta) = d.affine(affine);
+        let w = &d.dy;
+        let stats = FixedStats::new(&d.mean, &d.var);
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            loss_of(w, |y| {
+                batch_norm_eval(View::new(x, shape, layout), stats, Affine::new(g, b), eps, y).unwrap();
+            })
+        };
+        let c = d.g.channels;
+        let (mut dx, mut dg, mut db) = (vec![0.0; d.x.len()], vec![0.0; c], vec![0.0; c]);
+        let grads = Grads::new(&mut dx, &mut dg, &mut db);
+        batch_norm_backward_eval(
+            View::new(&d.x, shape, layout),
+            w,
+            stats,
+            opt(&gamma, affine),
+            eps,
+            grads,
+        )
+        .unwrap();
+        let what = format!("eval {layout} {shape:?} affine={affine}");
+        let fwd_params = |g: &[f64], b: &[f64]| forward(&d.x, g, b);
+        assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), forward, fwd_params);
+    });
 }

@@ -107,6 +107,15 @@ impl Out {
         Grads::new(&mut self.dx, &mut self.dg, &mut self.db)
     }
 
+    /// dx and dγ, no dβ.
+    fn grads_without_dbeta(&mut self) -> Grads<'_, f32> {
+        Grads {
+            dx: Some(&mut self.dx),
+            dgamma: Some(&mut self.dg),
+            dbeta: None,
+        }
+    }
+
     #[track_caller]
     fn untouched(&self, what: &str) {
         for (name, v) in [
@@ -475,12 +484,7 @@ fn buffer_length_mismatch() {
                 batch_norm_backward(good, bad, sv, Some(g), o.grads())
             }),
             case("dy: backward_eval", want.clone(), move |o| {
-                let grads = Grads {
-                    dx: Some(&mut o.dx),
-                    dgamma: Some(&mut o.dg),
-                    dbeta: None,
-                };
-                batch_norm_backward_eval(good, bad, stats, Some(g), 1e-5, grads)
+                batch_norm_backward_eval(good, bad, stats, Some(g), 1e-5, o.grads_without_dbeta())
             }),
             case("dy: grad_sums", want.clone(), move |_| {
                 grad_sums(good, bad, sv).map(drop)
@@ -507,12 +511,7 @@ fn buffer_length_mismatch() {
             })
             .with_out(out()),
             case("dx: backward_eval", want.clone(), move |o| {
-                let grads = Grads {
-                    dx: Some(&mut o.dx),
-                    dgamma: Some(&mut o.dg),
-                    dbeta: None,
-                };
-                batch_norm_backward_eval(good, x, stats, Some(g), 1e-5, grads)
+                batch_norm_backward_eval(good, x, stats, Some(g), 1e-5, o.grads_without_dbeta())
             })
             .with_out(out()),
             case("dx: input_grad", want.clone(), move |o| {
@@ -650,12 +649,7 @@ fn feature_mismatch() {
             })
             .with_out(bad_db()),
             case("backward_eval dgamma", f("dgamma"), move |o| {
-                let grads = Grads {
-                    dx: Some(&mut o.dx),
-                    dgamma: Some(&mut o.dg),
-                    dbeta: None,
-                };
-                batch_norm_backward_eval(v, x, fixed, None, 1e-5, grads)
+                batch_norm_backward_eval(v, x, fixed, None, 1e-5, o.grads_without_dbeta())
             })
             .with_out(bad_dg()),
             case("backward_eval dbeta", f("dbeta"), move |o| {

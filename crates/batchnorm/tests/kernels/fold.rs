@@ -24,6 +24,24 @@ fn bn_params(r: &mut rand::rngs::StdRng, out: usize) -> (Vec<f64>, Vec<f64>, Vec
     (mean, var, gamma, beta)
 }
 
+/// The reference `batch_norm_eval` of the layer's output `z` with (mean, var, γ, β), the same
+/// transform as an [`InferenceAffine`], and the layer's weights `w` and `bias` folded through it
+/// (folded weights, folded bias).
+fn reference_and_folded(
+    z: View<'_, f64>,
+    (mean, var, gamma, beta): (&[f64], &[f64], &[f64], &[f64]),
+    eps: f64,
+    w: &[f64],
+    bias: Option<&[f64]>,
+) -> (Vec<f64>, InferenceAffine, Vec<f64>, Vec<f64>) {
+    let mut want = vec![0.0; z.data.len()];
+    batch_norm_eval(z, FixedStats::new(mean, var), Affine::new(gamma, beta), eps, &mut want).unwrap();
+    let bn = InferenceAffine::new(FixedStats::new(mean, var), Affine::new(gamma, beta), eps).unwrap();
+    let mut wf = w.to_vec();
+    let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
+    (want, bn, wf, bf)
+}
+
 /// Linear layer W [out, in], b: z = u·Wᵀ + b over a batch u [N, in] (NC).
 fn linear(u: &[f64], n: usize, w: &[f64], b: Option<&[f64]>, out: usize, inp: usize) -> Vec<f64> {
     let mut z = vec![0.0; n * out];
@@ -88,19 +106,8 @@ fn fold_into_linear_layer() {
         let u: Vec<f64> = normals(&mut r, n * inp);
 
         let z = linear(&u, n, &w, bias, out, inp);
-        let mut want = vec![0.0; z.len()];
-        batch_norm_eval(
-            View::new(&z, &[n, out], Layout::NC),
-            FixedStats::new(&mean, &var),
-            Affine::new(&gamma, &beta),
-            eps,
-            &mut want,
-        )
-        .unwrap();
-
-        let bn = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
-        let mut wf = w.clone();
-        let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
+        let params = (&mean[..], &var[..], &gamma[..], &beta[..]);
+        let (want, bn, wf, bf) = reference_and_folded(View::new(&z, &[n, out], Layout::NC), params, eps, &w, bias);
         assert_eq!(bf.len(), out);
         let got = linear(&u, n, &wf, Some(&bf), out, inp);
 
@@ -134,19 +141,8 @@ fn fold_into_conv_layer() {
         let u: Vec<f64> = normals(&mut r, ushape.iter().product());
 
         let (z, zshape) = conv(&u, ushape, &w, bias, out, k);
-        let mut want = vec![0.0; z.len()];
-        batch_norm_eval(
-            View::new(&z, &zshape, Layout::NCHW),
-            FixedStats::new(&mean, &var),
-            Affine::new(&gamma, &beta),
-            eps,
-            &mut want,
-        )
-        .unwrap();
-
-        let bn = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
-        let mut wf = w.clone();
-        let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
+        let params = (&mean[..], &var[..], &gamma[..], &beta[..]);
+        let (want, bn, wf, bf) = reference_and_folded(View::new(&z, &zshape, Layout::NCHW), params, eps, &w, bias);
         let (got, _) = conv(&u, ushape, &wf, Some(&bf), out, k);
 
         let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();

@@ -61,15 +61,22 @@ fn check_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: 
         &mut y,
     )
     .unwrap();
-    let ry = reference::forward_eval(&d.g, &d.x, &d.mean, &d.var, &gamma, &beta, eps);
-    let scale = eval_y_scale(&d, &gamma, &beta, eps);
-    assert_close(
+    assert_eval_y(
         &format!("eval {layout} {shape:?} affine={affine}"),
+        &d,
         &y,
-        &ry,
-        &scale,
-        elementwise_rel::<T>(),
+        &gamma,
+        &beta,
+        eps,
     );
+}
+
+/// `y` against the reference inference transform of `d.x` with the fixed statistics `d.mean`,
+/// `d.var`, element-wise (tolerance: `eval_y_scale`, `elementwise_rel`).
+fn assert_eval_y<T: TestFloat>(what: &str, d: &Data, y: &[T], gamma: &[f64], beta: &[f64], eps: f64) {
+    let ry = reference::forward_eval(&d.g, &d.x, &d.mean, &d.var, gamma, beta, eps);
+    let scale = eval_y_scale(d, gamma, beta, eps);
+    assert_close(what, y, &ry, &scale, elementwise_rel::<T>());
 }
 
 /// Split-phase normalization (Algorithm 1's x̂ and y given μ_B and 1/√(σ²_B + ε)) with externally
@@ -92,15 +99,7 @@ fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         &mut y,
     )
     .unwrap();
-    let ry = reference::forward_eval(&d.g, &d.x, &d.mean, &d.var, &gamma, &beta, eps);
-    let scale = eval_y_scale(&d, &gamma, &beta, eps);
-    assert_close(
-        &format!("normalize {layout} {shape:?}"),
-        &y,
-        &ry,
-        &scale,
-        elementwise_rel::<T>(),
-    );
+    assert_eval_y(&format!("normalize {layout} {shape:?}"), &d, &y, &gamma, &beta, eps);
 }
 
 /// The layer: `forward_train` gives `batch_norm_train`'s bits and updates the running statistics
