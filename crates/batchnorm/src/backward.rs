@@ -66,7 +66,7 @@ impl GradSums {
 /// out.len()` from their Σ dy and Σ dy·x̂: the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
 /// ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified. Slice loops, which vectorize.
 #[inline]
-fn dx_coeffs<T: Element>(
+pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: &SavedStats,
     first: usize,

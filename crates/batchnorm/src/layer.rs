@@ -7,7 +7,7 @@ use crate::fold::InferenceAffine;
 use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
 use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
-use crate::{Element, Error, Layout};
+use crate::{Element, Error, Layout, SmallBatch};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +21,9 @@ pub struct BatchNormConfig {
     /// Keep running statistics for inference (default true). Without, `forward_eval` is an error
     /// and inference must use batch statistics or a [`PopulationStats`] estimate.
     pub track_running_stats: bool,
+    /// What a training batch of fewer than 2 values per channel does (default
+    /// [`SmallBatch::Error`]: it is rejected).
+    pub small_batch: SmallBatch,
 }
 
 impl Default for BatchNormConfig {
@@ -30,6 +33,7 @@ impl Default for BatchNormConfig {
             momentum: Momentum::Exponential(0.1),
             affine: true,
             track_running_stats: true,
+            small_batch: SmallBatch::Error,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct BatchNorm<T: Element> {
     pub running_var: Vec<T>,
     /// Training batches seen (drives [`Momentum::Cumulative`]).
     pub num_batches_tracked: u64,
+    /// Frozen: training passes use the running statistics (see [`BatchNorm::freeze`]).
+    pub(crate) frozen: bool,
 }
 
 impl<T: Element> BatchNorm<T> {
@@ -81,6 +87,7 @@ impl<T: Element> BatchNorm<T> {
             running_mean: vec![T::from_f64(0.0); num_features * stats],
             running_var: vec![T::from_f64(1.0); num_features * stats],
             num_batches_tracked: 0,
+            frozen: false,
         })
     }
 
@@ -96,7 +103,7 @@ impl<T: Element> BatchNorm<T> {
         Ok(())
     }
 
-    fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    pub(crate) fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
         if self.config.affine {
             (Some(&self.gamma), Some(&self.beta))
         } else {
@@ -107,6 +114,11 @@ impl<T: Element> BatchNorm<T> {
     /// Training forward (Algorithm 1) and, when tracked, a running-statistics update.
     /// Rejects what [`batch_norm_train`] rejects and an input whose channel count differs from
     /// `num_features`; on error nothing (running statistics included) is changed.
+    ///
+    /// A frozen layer ([`BatchNorm::freeze`]), and with [`SmallBatch::UseRunningStats`] a batch of
+    /// fewer than 2 values per channel, is normalized with the running statistics instead
+    /// ([`batch_norm_eval`]'s transform), which are not updated; then it rejects what
+    /// [`batch_norm_eval`] rejects and [`Error::NoRunningStats`] when they are not tracked.
     pub fn forward_train(
         &mut self,
         x: &[T],
@@ -114,7 +126,11 @@ impl<T: Element> BatchNorm<T> {
         layout: Layout,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
-        check::layer_input(self.num_features, shape, layout)?;
+        let g = check::layer_input(self.num_features, shape, layout)?;
+        let count = g.per_channel() as u64;
+        if self.uses_running_stats(count) {
+            return self.forward_frozen(x, shape, layout, y, count);
+        }
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
             check::running_update(
@@ -153,6 +169,11 @@ impl<T: Element> BatchNorm<T> {
 
     /// Training backward: writes dx and/or (dγ, dβ) when given. Without affine, `dparams` must be
     /// `None`-equivalent: it is ignored. Rejects what [`batch_norm_backward`] rejects.
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
+    /// values per channel, backpropagates through the running statistics as constants
+    /// ([`batch_norm_backward_eval`]'s transform; `saved` is then only checked for its channel
+    /// count): it rejects what that function rejects and [`Error::NoRunningStats`].
     pub fn backward(
         &self,
         x: &[T],
@@ -163,6 +184,9 @@ impl<T: Element> BatchNorm<T> {
         dx: Option<&mut [T]>,
         dparams: Option<(&mut [T], &mut [T])>,
     ) -> Result<(), Error> {
+        if self.uses_running_stats(saved.count) {
+            return self.backward_frozen(x, dy, shape, layout, saved, dx, dparams);
+        }
         check::layer_input(self.num_features, shape, layout)?;
         let (gamma, _) = self.gamma_beta();
         let (dg, db) = match (self.config.affine, dparams) {
@@ -227,6 +251,11 @@ impl<T: Element> BatchNorm<T> {
     /// batch with fewer than 2 values per channel ([`Error::TooFewValues`], with the global count
     /// and this rank's shape). Transport failures are [`Error::Communication`]. On error `y` and
     /// the running statistics are unchanged.
+    ///
+    /// A frozen layer normalizes its shard with the running statistics, without communicating
+    /// (every rank's layer must then be frozen); with [`SmallBatch::UseRunningStats`] a global
+    /// batch of fewer than 2 values per channel is normalized so too (see
+    /// [`BatchNorm::forward_train`]).
     pub fn forward_train_sync(
         &mut self,
         comm: &dyn Communicator,
@@ -236,6 +265,9 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
         let g = check::layer_input(self.num_features, shape, layout)?;
+        if self.frozen {
+            return self.forward_frozen(x, shape, layout, y, g.per_channel() as u64);
+        }
         check::len("y", &g, y.len())?;
         if self.config.track_running_stats {
             check::running_update(
@@ -247,6 +279,9 @@ impl<T: Element> BatchNorm<T> {
         }
         let local = batch_stats(x, shape, layout)?;
         let global = sync_batch_stats(comm, &local)?;
+        if self.uses_running_stats(global.count) {
+            return self.forward_frozen(x, shape, layout, y, global.count);
+        }
         check::training_count(global.count, shape)?;
         let saved = global.saved(self.config.eps)?;
         let (gamma, beta) = self.gamma_beta();
@@ -263,6 +298,11 @@ impl<T: Element> BatchNorm<T> {
     ///
     /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
     /// differ from `num_features`, and transport failures ([`Error::Communication`]).
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
+    /// values per channel, backpropagates through the running statistics as constants: dx
+    /// locally, dγ and dβ of the global batch (still collective); it rejects as
+    /// [`batch_norm_backward_eval`] does and [`Error::NoRunningStats`].
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,
@@ -274,6 +314,9 @@ impl<T: Element> BatchNorm<T> {
         dx: Option<&mut [T]>,
         dparams: Option<(&mut [T], &mut [T])>,
     ) -> Result<GradSums, Error> {
+        if self.uses_running_stats(saved.count) {
+            return self.backward_frozen_sync(comm, x, dy, shape, layout, saved, dx, dparams);
+        }
         check::layer_input(self.num_features, shape, layout)?;
         let local = grad_sums(x, dy, shape, layout, saved)?;
         let global = sync_grad_sums(comm, &local)?;

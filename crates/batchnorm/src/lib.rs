@@ -6,6 +6,9 @@
 //! - Split phases for synchronized (multi-worker) batch norm: [`batch_stats`] + [`BatchStats::merge`]
 //!   + [`normalize`]; [`grad_sums`] + [`GradSums::add`] + [`input_grad`].
 //! - Folding into the preceding layer: [`InferenceAffine`], [`fold_into_preceding`].
+//! - Variants (see `docs/variants.md`): frozen batch norm ([`BatchNorm::freeze`]; over flat
+//!   buffers it is [`batch_norm_eval`] + [`batch_norm_backward_eval`]), the small-batch policy
+//!   ([`SmallBatch`]), batch renormalization ([`batch_renorm_train`], [`BatchRenorm`]).
 //! - A stateful layer: [`BatchNorm`]; synchronized over workers: [`SyncBatchNorm`] with a
 //!   [`Communicator`] ([`SingleProcess`], [`ThreadComm`]; MPI lives outside this crate).
 //!
@@ -38,9 +41,11 @@ mod element;
 mod error;
 mod fold;
 mod forward;
+mod frozen;
 mod kernels;
 mod layer;
 pub mod reference;
+mod renorm;
 mod shape;
 mod stats;
 mod sync;
@@ -50,7 +55,12 @@ pub use element::Element;
 pub use error::Error;
 pub use fold::{fold_into_preceding, InferenceAffine};
 pub use forward::{batch_norm_eval, batch_norm_train, normalize};
+pub use frozen::SmallBatch;
 pub use layer::{BatchNorm, BatchNormConfig};
+pub use renorm::{
+    batch_renorm_backward, batch_renorm_eval, batch_renorm_train, update_renorm_stats, BatchRenorm, BatchRenormConfig,
+    RenormClip, RenormSaved, RenormSchedule,
+};
 pub use shape::{Geometry, Layout};
 pub use stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 pub use sync::{
