@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(ck) = Checkpoint::from_bytes(data) {
-        let (mut net, _) = build(Variant::Bn, 16, 4, 0.1, 1).expect("the network builds");
+        let (mut net, _) = build(Variant::Bn, 16, 4, 0.1, 1, batchnorm::BatchNormConfig::default()).expect("the network builds");
         let _ = ck.restore(&mut net, &mut Sgd::new(0.9, 0.0));
     }
 });

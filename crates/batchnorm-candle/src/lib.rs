@@ -1,69 +1,12 @@
-//! Drop-in batch normalization for [candle](https://github.com/huggingface/candle) on the CPU,
-//! backed by the fused, exact kernels of the [`batchnorm`] crate.
-//!
-//! [`batch_norm`] takes the same arguments as `candle_nn::batch_norm` (the same
-//! [`BatchNormConfig`], re-exported from candle-nn) and reads and writes the same variables
-//! (`weight`, `bias`, `running_mean`, `running_var`), so existing safetensors weights load
-//! unchanged. The resulting [`BatchNorm`] implements [`ModuleT`]: `forward_t(x, true)` is the
-//! training transform (Algorithm 1 of Ioffe & Szegedy, 2015) and updates the running statistics
-//! as candle-nn does; `forward_t(x, false)` uses the running statistics.
-//!
-//! Training forward and backward are candle custom ops (`CustomOp1`/`CustomOp3`): candle's
-//! autograd gets dx, dγ and dβ from one fused [`batchnorm::batch_norm_backward`] call rather than
-//! from a chain of a dozen generic tensor ops.
-//!
-//! Beyond candle-nn: Algorithm 2 population statistics
-//! ([`BatchNorm::begin_population_stats`] … [`BatchNorm::finish_population_stats`]), and folding
-//! into a preceding [`Linear`] or [`Conv2d`] ([`BatchNorm::fold_into_linear`],
-//! [`BatchNorm::fold_into_conv2d`]).
-//!
-//! ```
-//! use batchnorm_candle::{batch_norm, BatchNormConfig};
-//! use candle_core::{DType, Device, ModuleT, Tensor};
-//! use candle_nn::{VarBuilder, VarMap};
-//!
-//! let dev = Device::Cpu;
-//! let varmap = VarMap::new();
-//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-//! let bn = batch_norm(3, BatchNormConfig::default(), vb.pp("bn"))?;
-//! let x = Tensor::randn(0f32, 1., (8, 3, 4, 4), &dev)?;
-//! let y = bn.forward_t(&x, true)?; // batch statistics; running statistics updated
-//! let loss = y.sqr()?.sum_all()?;
-//! let grads = loss.backward()?; // dγ, dβ through the fused backward kernel
-//! let (weight, _bias) = bn.weight_and_bias().unwrap();
-//! assert!(grads.get(weight).is_some());
-//! let _y_eval = bn.forward_t(&x, false)?; // running statistics
-//! # Ok::<(), candle_core::Error>(())
-//! ```
-//!
-//! ## Differences from `candle_nn::BatchNorm`
-//!
-//! - ε must be finite and > 0 and momentum in [0, 1] (checked by [`batch_norm`]); candle-nn
-//!   accepts ε = 0.
-//! - Training needs at least two values per channel (N·spatial ≥ 2) and returns an error
-//!   otherwise; candle-nn divides by zero in its running-variance update (m/(m − 1)).
-//! - Statistics are accumulated in `f64` (candle-nn uses the tensor's type): results agree with
-//!   candle-nn up to candle-nn's own `f32` rounding (see the tests for the tolerances).
-//! - The running variance is updated with the unbiased batch variance m/(m−1)·σ²_B, exactly as
-//!   candle-nn does; momentum 0 leaves the running statistics unchanged, as in candle-nn.
-//! - `remove_mean = false` (candle-nn's uncentred variant, which normalizes by √(E\[x²\] + ε) and
-//!   leaves the running mean alone) runs the same composed candle ops as candle-nn, not the fused
-//!   kernels.
-//! - Inputs are checked in inference mode too (rank ≥ 2, channel dimension 1 = `num_features`).
-//! - Both modes are differentiable; no second-order gradients through the fused ops.
-//! - [`BatchNorm`] implements [`ModuleT`] as candle-nn's does; candle cannot let one type implement
-//!   both `Module` and `ModuleT` (a blanket impl derives the latter from the former), so the
-//!   inference-only [`Module`] is [`BatchNorm::eval_mode`].
-//! - Half-type variables train: candle-nn's training forward fails on them ("dtype mismatch in
-//!   add"); here they are computed in `f32` and the running statistics stored in their own dtype.
-//! - The kernels run on the CPU (`f32`, `f64`; `f16`/`bf16` are computed in `f32` as candle-nn
-//!   does); tensors on another device give an error.
+#![doc = include_str!("../README.md")]
 
 mod ops;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use batchnorm::{fold_into_preceding, update_running_stats, InferenceAffine, Momentum, PopulationStats};
+use batchnorm::{
+    fold_into_preceding, update_running_stats, Affine, FixedStats, InferenceAffine, Momentum, PopulationStats,
+};
 use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
@@ -331,14 +274,8 @@ impl BatchNorm {
         if self.config.momentum > 0.0 {
             let mut mean = to_f64_vec(self.running_mean())?;
             let mut var = to_f64_vec(self.running_var())?;
-            update_running_stats(
-                &mut mean,
-                &mut var,
-                stats,
-                Momentum::Exponential(self.config.momentum),
-                1,
-            )
-            .map_err(wrap)?;
+            let momentum = Momentum::Exponential(self.config.momentum);
+            update_running_stats(stats, momentum, 1, &mut mean, &mut var).map_err(wrap)?;
             set_var(&self.running_mean, mean)?;
             set_var(&self.running_var, var)?;
         }
@@ -489,11 +426,11 @@ impl BatchNorm {
             Some((w, b)) => Some((to_f64_vec(w)?, to_f64_vec(b)?)),
             None => None,
         };
-        let (gamma, beta) = match &wb {
-            Some((w, b)) => (Some(w.as_slice()), Some(b.as_slice())),
-            None => (None, None),
+        let affine = match &wb {
+            Some((w, b)) => Affine::new(w, b),
+            None => Affine::NONE,
         };
-        InferenceAffine::new(&mean, &var, gamma, beta, self.config.eps).map_err(wrap)
+        InferenceAffine::new(FixedStats::new(&mean, &var), affine, self.config.eps).map_err(wrap)
     }
 
     /// Folds this layer (inference mode) into the preceding weight `[out, …]` and optional bias:
@@ -513,7 +450,7 @@ impl BatchNorm {
         let affine = self.inference_affine()?;
         let mut w = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let b = bias.map(to_f64_vec).transpose()?;
-        let folded_b = fold_into_preceding(&mut w, b.as_deref(), &affine).map_err(wrap)?;
+        let folded_b = fold_into_preceding(&affine, b.as_deref(), &mut w).map_err(wrap)?;
         let dev = weight.device();
         let w = Tensor::from_vec(w, weight.shape(), dev)?.to_dtype(weight.dtype())?;
         let b = Tensor::from_vec(folded_b, self.num_features, dev)?.to_dtype(weight.dtype())?;

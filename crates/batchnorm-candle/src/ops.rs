@@ -13,8 +13,8 @@
 use std::sync::{Arc, OnceLock};
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, BatchStats, Element, Layout,
-    SavedStats,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, Affine, BatchStats, Element,
+    FixedStats, Grads, Layout, SavedStats, View,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -40,6 +40,16 @@ fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &CLayout, what: &str
 /// A per-channel vector given as `f64` in the op, converted to the element type of the data.
 fn cast<T: Element>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&x| <T as Element>::from_f64(x)).collect()
+}
+
+/// γ and β of an op applied with affine parameters (weight, bias), or none.
+fn affine_of<'a, T: WithDType>(
+    affine: Option<(&'a CpuStorage, &'a CLayout, &'a CpuStorage, &'a CLayout)>,
+) -> Result<Affine<'a, T>> {
+    Ok(match affine {
+        Some((gs, gl, bs, bl)) => Affine::new(slice::<T>(gs, gl, "weight")?, slice::<T>(bs, bl, "bias")?),
+        None => Affine::NONE,
+    })
 }
 
 /// Calls `f::<f32>` or `f::<f64>` by the storage's dtype.
@@ -80,13 +90,10 @@ impl TrainOp {
         affine: Option<(&CpuStorage, &CLayout, &CpuStorage, &CLayout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice::<T>(xs, xl, "x")?;
-        let (gamma, beta) = match affine {
-            Some((gs, gl, bs, bl)) => (Some(slice::<T>(gs, gl, "weight")?), Some(slice::<T>(bs, bl, "bias")?)),
-            None => (None, None),
-        };
+        let affine = affine_of::<T>(affine)?;
         let mut y = vec![T::default(); x.len()];
-        let shape = xl.shape().dims();
-        let out = batch_norm_train(x, shape, Layout::ChannelsFirst, gamma, beta, self.eps, &mut y).map_err(wrap)?;
+        let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
+        let out = batch_norm_train(x, affine, self.eps, &mut y).map_err(wrap)?;
         // A custom op runs once per application; a second value would mean it was re-run.
         self.state
             .set(out)
@@ -172,25 +179,11 @@ impl EvalOp {
         affine: Option<(&CpuStorage, &CLayout, &CpuStorage, &CLayout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice::<T>(xs, xl, "x")?;
-        let (gamma, beta) = match affine {
-            Some((gs, gl, bs, bl)) => (Some(slice::<T>(gs, gl, "weight")?), Some(slice::<T>(bs, bl, "bias")?)),
-            None => (None, None),
-        };
+        let affine = affine_of::<T>(affine)?;
         let (mean, var) = (cast::<T>(&self.mean), cast::<T>(&self.var));
         let mut y = vec![T::default(); x.len()];
-        let shape = xl.shape().dims();
-        batch_norm_eval(
-            x,
-            shape,
-            Layout::ChannelsFirst,
-            &mean,
-            &var,
-            gamma,
-            beta,
-            self.eps,
-            &mut y,
-        )
-        .map_err(wrap)?;
+        let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
+        batch_norm_eval(x, FixedStats::new(&mean, &var), affine, self.eps, &mut y).map_err(wrap)?;
         Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
     }
 
@@ -267,11 +260,11 @@ struct GradOp {
     want_params: bool,
 }
 
-type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+type TensorGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl GradOp {
     /// Runs the fused backward once and splits the packed result into views of one storage.
-    fn apply(self, x: &Tensor, grad: &Tensor, gamma: Option<&Tensor>) -> Result<Grads> {
+    fn apply(self, x: &Tensor, grad: &Tensor, gamma: Option<&Tensor>) -> Result<TensorGrads> {
         let (want_dx, want_params) = (self.want_dx, self.want_params && gamma.is_some());
         if !want_dx && !want_params {
             return Ok((None, None, None));
@@ -319,31 +312,17 @@ impl GradOp {
         let mut out = vec![T::default(); n_dx + 2 * n_p];
         let (dx, params) = out.split_at_mut(n_dx);
         let (dgamma, dbeta) = params.split_at_mut(n_p);
-        let dx = self.want_dx.then_some(dx);
-        let (dgamma, dbeta) = if want_params {
-            (Some(dgamma), Some(dbeta))
-        } else {
-            (None, None)
+        let grads = Grads {
+            dx: self.want_dx.then_some(dx),
+            dgamma: want_params.then_some(dgamma),
+            dbeta: want_params.then_some(dbeta),
         };
+        let x = View::new(x, shape, Layout::ChannelsFirst);
         match &self.mode {
-            GradMode::Train(saved) => {
-                batch_norm_backward(x, dy, shape, Layout::ChannelsFirst, saved, gamma, dx, dgamma, dbeta)
-            }
+            GradMode::Train(saved) => batch_norm_backward(x, dy, saved, gamma, grads),
             GradMode::Eval { mean, var, eps } => {
                 let (mean, var) = (cast::<T>(mean), cast::<T>(var));
-                batch_norm_backward_eval(
-                    x,
-                    dy,
-                    shape,
-                    Layout::ChannelsFirst,
-                    &mean,
-                    &var,
-                    *eps,
-                    gamma,
-                    dx,
-                    dgamma,
-                    dbeta,
-                )
+                batch_norm_backward_eval(x, dy, FixedStats::new(&mean, &var), gamma, *eps, grads)
             }
         }
         .map_err(wrap)?;

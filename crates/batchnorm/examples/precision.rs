@@ -12,7 +12,7 @@
 //! cargo run --release -p batchnorm --example precision
 //! ```
 
-use batchnorm::{batch_norm_backward, batch_norm_train, reference, Layout};
+use batchnorm::{batch_norm_backward, batch_norm_train, reference, Affine, Grads, Layout, View};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
@@ -63,10 +63,16 @@ fn main() -> Result<(), batchnorm::Error> {
             let eps = 1e-5 * spread * spread;
 
             let mut y = vec![0.0f32; x.len()];
-            let (_, saved) = batch_norm_train(&x, &shape, layout, Some(&gamma), Some(&beta), eps, &mut y)?;
+            let (_, saved) = batch_norm_train(View::new(&x, &shape, layout), Affine::new(&gamma, &beta), eps, &mut y)?;
             let (ry, rmean, rvar) = reference::forward_train(&g, &xw, &gw, &bw, eps);
             let mut dx = vec![0.0f32; x.len()];
-            batch_norm_backward(&x, &dy, &shape, layout, &saved, Some(&gamma), Some(&mut dx), None, None)?;
+            batch_norm_backward(
+                View::new(&x, &shape, layout),
+                &dy,
+                &saved,
+                Some(&gamma),
+                Grads::dx(&mut dx),
+            )?;
             let (rdx, _, _) = reference::backward_train(&g, &xw, &wide(&dy), &gw, eps);
 
             // Scales (see the module docs).

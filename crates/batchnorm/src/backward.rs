@@ -8,7 +8,7 @@ use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std, SavedStats};
-use crate::{Element, Error, Layout};
+use crate::{Element, Error, FixedStats, Geometry, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
 /// addition ([`GradSums::add`]): the reduction phase of synchronized batch norm.
@@ -92,23 +92,21 @@ pub(crate) fn dx_coeffs<T: Element>(
     }
 }
 
-/// Training-mode backward of Algorithm 1: from dy and the saved statistics, writes any of
-/// dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that are given. Two passes over x and dy at most (one
+/// Training-mode backward of Algorithm 1: from dy (the shape of x) and the saved statistics,
+/// writes any of dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that `grads` holds. Two passes over x and dy at most (one
 /// when dx is not asked for), fused per channel where the layout allows.
 ///
 /// Rejects: shape/length mismatches between the shape and `x`, `dy`, `dx`; `saved`, γ, `dgamma`,
 /// `dbeta` of the wrong channel count; saved statistics with fewer than 2 values per channel.
 pub fn batch_norm_backward<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
     saved: &SavedStats,
     gamma: Option<&[T]>,
-    dx: Option<&mut [T]>,
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let Grads { dx, dgamma, dbeta } = grads;
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::len_opt("dx", &g, dx.as_deref())?;
@@ -130,13 +128,8 @@ pub fn batch_norm_backward<T: Element>(
 
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
 /// over workers with [`GradSums::add`]. Rejects the same as [`batch_norm_backward`].
-pub fn grad_sums<T: Element>(
-    x: &[T],
-    dy: &[T],
-    shape: &[usize],
-    layout: Layout,
-    saved: &SavedStats,
-) -> Result<GradSums, Error> {
+pub fn grad_sums<T: Element>(x: View<'_, T>, dy: &[T], saved: &SavedStats) -> Result<GradSums, Error> {
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::saved(saved, g.channels)?;
@@ -150,15 +143,14 @@ pub fn grad_sums<T: Element>(
 /// `saved.count`. With one worker it gives the same bits as [`batch_norm_backward`].
 /// Rejects the same as [`batch_norm_backward`], and `sums` of the wrong channel count.
 pub fn input_grad<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
     saved: &SavedStats,
     sums: &GradSums,
     gamma: Option<&[T]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::len("dx", &g, dx.len())?;
@@ -175,21 +167,18 @@ pub fn input_grad<T: Element>(
 /// Inference-mode backward (statistics are constants, e.g. fine-tuning with frozen BN):
 /// dx = dy·γ/√(Var + ε), dγ = Σ dy·x̂, dβ = Σ dy, with x̂ from the given mean and variance.
 ///
-/// Rejects: shape/length mismatches, `mean`/`var`/γ/`dgamma`/`dbeta` of the wrong channel count,
+/// Rejects: shape/length mismatches, `stats.mean`/`stats.var`/γ/`dgamma`/`dbeta` of the wrong channel count,
 /// ε not finite and > 0.
 pub fn batch_norm_backward_eval<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
-    mean: &[T],
-    var: &[T],
-    eps: f64,
+    stats: FixedStats<'_, T>,
     gamma: Option<&[T]>,
-    dx: Option<&mut [T]>,
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    eps: f64,
+    grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::fixed_stats(g.channels, mean, var)?;
@@ -199,17 +188,28 @@ pub fn batch_norm_backward_eval<T: Element>(
     check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
-        let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));
-        plan::scale(&g, dy, dx, &k);
+        fixed_input_grad(&g, dy, gamma, &inv, dx);
     }
     if dgamma.is_some() || dbeta.is_some() {
-        let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-        let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &mean);
-        let sums = GradSums {
-            sum_dy_xhat: sum_dy_xmu.iter().zip(inv.iter()).map(|(v, s)| v * s).collect(),
-            sum_dy,
-        };
-        sums.write_param_grads(dgamma, dbeta)?;
+        fixed_grad_sums(&g, x, dy, mean, &inv).write_param_grads(dgamma, dbeta)?;
     }
     Ok(())
+}
+
+/// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
+/// batch norm). Arguments already checked.
+pub(crate) fn fixed_input_grad<T: Element>(g: &Geometry, dy: &[T], gamma: Option<&[T]>, inv_std: &[f64], dx: &mut [T]) {
+    let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]));
+    plan::scale(g, dy, dx, &k);
+}
+
+/// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference
+/// mode, frozen batch norm). Arguments already checked.
+pub(crate) fn fixed_grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[T], inv_std: &[f64]) -> GradSums {
+    let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums(g, x, dy, &mean);
+    GradSums {
+        sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
+        sum_dy,
+    }
 }

@@ -182,6 +182,27 @@ pub(crate) fn renorm_limits(r_name: &'static str, r_max: f64, d_name: &'static s
     Ok(())
 }
 
+/// Checks that a batch-renormalization schedule's warmup plus each ramp fits in a `u64` step
+/// counter ([`Error::InvalidRenormSchedule`], naming the ramp).
+pub(crate) fn renorm_ramps(warmup_steps: u64, r_ramp_steps: u64, d_ramp_steps: u64) -> Result<(), Error> {
+    for (name, ramp) in [("r_ramp_steps", r_ramp_steps), ("d_ramp_steps", d_ramp_steps)] {
+        if warmup_steps.checked_add(ramp).is_none() {
+            return Err(Error::InvalidRenormSchedule {
+                reason: format!("warmup_steps {warmup_steps} + {name} {ramp} overflows u64"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a batch-renormalization layer can take one more step and returns the next step
+/// count ([`Error::InvalidRenormSchedule`] at `u64::MAX`).
+pub(crate) fn renorm_next_step(steps: u64) -> Result<u64, Error> {
+    steps.checked_add(1).ok_or_else(|| Error::InvalidRenormSchedule {
+        reason: "the step counter is at u64::MAX".into(),
+    })
+}
+
 /// Checks a batch-renormalization update rate α: finite and in (0, 1] ([`Error::InvalidMomentum`]).
 pub(crate) fn renorm_momentum(alpha: f64) -> Result<(), Error> {
     momentum(Momentum::Exponential(alpha))

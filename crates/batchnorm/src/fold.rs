@@ -3,7 +3,7 @@
 use crate::check;
 use crate::forward::{beta_at, gamma_at};
 use crate::stats::inv_std;
-use crate::{Element, Error};
+use crate::{Affine, Element, Error, FixedStats};
 
 /// Inference batch norm of one channel as y = x·scale + shift, with scale = γ/√(Var + ε) and
 /// shift = β − E\[x\]·scale.
@@ -23,17 +23,12 @@ impl InferenceAffine {
     /// Rejects vectors of different lengths and ε not finite and > 0.
     ///
     /// ```
-    /// use batchnorm::InferenceAffine;
-    /// let a = InferenceAffine::new(&[2.0f64], &[4.0], Some(&[3.0]), Some(&[1.0]), 1e-12).unwrap();
+    /// use batchnorm::{Affine, FixedStats, InferenceAffine};
+    /// let a = InferenceAffine::new(FixedStats::new(&[2.0f64], &[4.0]), Affine::new(&[3.0], &[1.0]), 1e-12).unwrap();
     /// assert!((a.scale[0] - 1.5).abs() < 1e-9 && (a.shift[0] - (1.0 - 3.0)).abs() < 1e-9);
     /// ```
-    pub fn new<T: Element>(
-        mean: &[T],
-        var: &[T],
-        gamma: Option<&[T]>,
-        beta: Option<&[T]>,
-        eps: f64,
-    ) -> Result<Self, Error> {
+    pub fn new<T: Element>(stats: FixedStats<'_, T>, affine: Affine<'_, T>, eps: f64) -> Result<Self, Error> {
+        let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
         let channels = mean.len();
         check::channels("var", channels, var.len())?;
         check::affine(channels, gamma, beta)?;
@@ -56,7 +51,8 @@ impl InferenceAffine {
 /// Folds inference batch norm into the layer before it: for a linear layer (`weight` `[out, in]`)
 /// or a convolution (`weight` `[out, in, kh, kw]`, PyTorch's/candle's OIHW), BN(W·x + b) equals
 /// W'·x + b' with W' = diag(scale)·W and b' = scale·b + shift. `weight` is scaled in place; the
-/// folded bias is returned (a layer without bias, as usual before BN, passes `None`).
+/// folded bias is returned (a layer without bias, as usual before BN, passes `None`). Arguments
+/// in the crate's order: what is read (the map, the bias), then what is written (the weight).
 ///
 /// Rejects: `weight` whose length is not a multiple of the channel count (or is empty), `bias` of
 /// the wrong length.
@@ -65,13 +61,13 @@ impl InferenceAffine {
 /// use batchnorm::{fold_into_preceding, InferenceAffine};
 /// let bn = InferenceAffine { scale: vec![2.0], shift: vec![1.0] };
 /// let mut w = vec![1.0f32, -1.0]; // one output, two inputs
-/// let b = fold_into_preceding(&mut w, None, &bn).unwrap();
+/// let b = fold_into_preceding(&bn, None, &mut w).unwrap();
 /// assert_eq!((w, b), (vec![2.0, -2.0], vec![1.0]));
 /// ```
 pub fn fold_into_preceding<T: Element>(
-    weight: &mut [T],
-    bias: Option<&[T]>,
     bn: &InferenceAffine,
+    bias: Option<&[T]>,
+    weight: &mut [T],
 ) -> Result<Vec<T>, Error> {
     let out = bn.channels();
     check::channels("shift", out, bn.shift.len())?;

@@ -2,11 +2,11 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::check;
-use crate::kernels::plan::{self, Affine};
+use crate::kernels::plan::{self, Normalization};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
-use crate::{Element, Error, Layout};
+use crate::{Affine, Element, Error, FixedStats, View};
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
 /// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
@@ -48,7 +48,7 @@ pub(crate) fn beta_at<T: Element>(beta: Option<&[T]>, c: usize) -> f64 {
 }
 
 /// Algorithm 1, the batch-normalizing transform over a mini-batch: per channel μ_B, σ²_B (biased),
-/// x̂ = (x − μ_B)/√(σ²_B + ε), y = γ·x̂ + β. `gamma`/`beta` = `None` means γ = 1 / β = 0.
+/// x̂ = (x − μ_B)/√(σ²_B + ε), y = γ·x̂ + β. `affine.gamma`/`affine.beta` = `None` means γ = 1 / β = 0.
 ///
 /// Returns the batch statistics (for running averages) and what backward needs.
 ///
@@ -58,22 +58,21 @@ pub(crate) fn beta_at<T: Element>(beta: Option<&[T]>, c: usize) -> f64 {
 /// the outputs of that channel.
 ///
 /// ```
-/// use batchnorm::{batch_norm_train, Layout};
+/// use batchnorm::{batch_norm_train, Affine, Layout, View};
 /// let x = [1.0f32, 10.0, 3.0, 30.0]; // [N=2, C=2]
 /// let mut y = [0.0f32; 4];
-/// let (stats, _saved) = batch_norm_train(&x, &[2, 2], Layout::NC, None, None, 1e-5, &mut y).unwrap();
+/// let (stats, _saved) = batch_norm_train(View::new(&x, &[2, 2], Layout::NC), Affine::NONE, 1e-5, &mut y).unwrap();
 /// assert_eq!(stats.mean, vec![2.0, 20.0]);
 /// assert!((y[0] + 1.0).abs() < 1e-4 && (y[3] - 1.0).abs() < 1e-4);
 /// ```
 pub fn batch_norm_train<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
+    let Affine { gamma, beta } = affine;
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
     check::affine(g.channels, gamma, beta)?;
@@ -98,14 +97,13 @@ pub fn batch_norm_train<T: Element>(
 ///
 /// Rejects: shape/length mismatches as [`batch_norm_train`], and `saved` or γ/β of the wrong channel count.
 pub fn normalize<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
+    x: View<'_, T>,
     saved: &SavedStats,
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
+    let Affine { gamma, beta } = affine;
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
     check::saved(saved, g.channels)?;
@@ -117,7 +115,7 @@ pub fn normalize<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &saved.mean,
             scale: &scale,
             shift: &shift,
@@ -129,19 +127,17 @@ pub fn normalize<T: Element>(
 /// Inference (Algorithm 2): y = γ·(x − E\[x\])/√(Var\[x\] + ε) + β with fixed statistics (running or
 /// population), in one fused pass per element.
 ///
-/// Rejects: shape/length mismatches, `mean`/`var`/γ/β of the wrong channel count, ε not finite
+/// Rejects: shape/length mismatches, `stats.mean`/`stats.var`/γ/β of the wrong channel count, ε not finite
 /// and > 0. A negative variance is not rejected; it gives NaN for that channel, as IEEE says.
 pub fn batch_norm_eval<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    mean: &[T],
-    var: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    stats: FixedStats<'_, T>,
+    affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
+    let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
     check::fixed_stats(g.channels, mean, var)?;
@@ -158,7 +154,7 @@ pub fn batch_norm_eval<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &mean,
             scale: &scale,
             shift: &shift,

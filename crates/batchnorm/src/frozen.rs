@@ -11,14 +11,13 @@
 //! The small-batch policy ([`SmallBatch`], in [`crate::BatchNormConfig`]) applies the same
 //! frozen transform to one training call whose batch has fewer than 2 values per channel.
 
-use crate::backward::{batch_norm_backward_eval, GradSums};
+use crate::backward::{batch_norm_backward_eval, fixed_grad_sums, fixed_input_grad, GradSums};
 use crate::check;
-use crate::forward::{batch_norm_eval, gamma_at};
-use crate::kernels::plan;
+use crate::forward::batch_norm_eval;
 use crate::kernels::scratch::Scratch;
 use crate::stats::{inv_std, SavedStats};
 use crate::sync::{sync_grad_sums, Communicator};
-use crate::{BatchNorm, Element, Error, Layout};
+use crate::{BatchNorm, Element, Error, Grads, View};
 
 /// What a [`BatchNorm`] layer does with a training batch of fewer than 2 values per channel
 /// (e.g. the last, short batch of an epoch with one example and no spatial dimensions).
@@ -64,25 +63,15 @@ impl<T: Element> BatchNorm<T> {
 
     /// The frozen training forward: the inference transform with the running statistics, and the
     /// statistics it used as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with `count`.
-    pub(crate) fn forward_frozen(
-        &self,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-        count: u64,
-    ) -> Result<SavedStats, Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, beta) = self.gamma_beta();
-        let (m, v, eps) = (&self.running_mean, &self.running_var, self.config.eps);
-        batch_norm_eval(x, shape, layout, m, v, gamma, beta, eps, y)?;
+    pub(crate) fn forward_frozen(&self, x: View<'_, T>, y: &mut [T], count: u64) -> Result<SavedStats, Error> {
+        let running = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        let eps = self.config.eps;
+        batch_norm_eval(x, running, self.affine(), eps, y)?;
         Ok(SavedStats {
             count,
-            mean: m.iter().map(|a| a.to_f64()).collect(),
-            inv_std: v.iter().map(|a| inv_std(a.to_f64(), eps)).collect(),
+            mean: running.mean.iter().map(|a| a.to_f64()).collect(),
+            inv_std: running.var.iter().map(|a| inv_std(a.to_f64(), eps)).collect(),
         })
     }
 
@@ -90,26 +79,16 @@ impl<T: Element> BatchNorm<T> {
     /// channel count only.
     pub(crate) fn backward_frozen(
         &self,
-        x: &[T],
+        x: View<'_, T>,
         dy: &[T],
-        shape: &[usize],
-        layout: Layout,
         saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
+        grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        check::layer_input(self.num_features, shape, layout)?;
+        let running = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
         check::saved(saved, self.num_features)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
-        };
-        let (m, v, eps) = (&self.running_mean, &self.running_var, self.config.eps);
-        batch_norm_backward_eval(x, dy, shape, layout, m, v, eps, gamma, dx, dg, db)
+        let (gamma, eps) = (self.affine().gamma, self.config.eps);
+        batch_norm_backward_eval(x, dy, running, gamma, eps, self.param_grads(grads))
     }
 
     /// The frozen backward of one rank's shard: dx locally (it needs no other rank), dγ and dβ of
@@ -117,47 +96,31 @@ impl<T: Element> BatchNorm<T> {
     pub(crate) fn backward_frozen_sync(
         &self,
         comm: &dyn Communicator,
-        x: &[T],
+        x: View<'_, T>,
         dy: &[T],
-        shape: &[usize],
-        layout: Layout,
         saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
+        grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        let g = check::layer_input(self.num_features, shape, layout)?;
-        check::len("x", &g, x.len())?;
+        let running = self.running()?;
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
+        check::len("x", &g, x.data.len())?;
         check::len("dy", &g, dy.len())?;
         check::len_opt("dx", &g, dx.as_deref())?;
         check::saved(saved, self.num_features)?;
-        check::running_stats(self.num_features, &self.running_mean, &self.running_var)?;
+        check::running_stats(self.num_features, running.mean, running.var)?;
         check::eps(self.config.eps)?;
-        let (gamma, _) = self.gamma_beta();
-        if let Some(gm) = gamma {
-            check::channels("gamma", self.num_features, gm.len())?;
-        }
-        if let (true, Some((dg, db))) = (self.config.affine, &dparams) {
-            check::param_grads(self.num_features, Some(&**dg), Some(&**db))?;
-        }
+        let gamma = self.affine().gamma;
+        check::affine(self.num_features, gamma, None)?;
+        check::param_grads(self.num_features, dgamma.as_deref(), dbeta.as_deref())?;
         let eps = self.config.eps;
-        let inv = Scratch::collect(self.running_var.iter().map(|v| inv_std(v.to_f64(), eps)));
-        let mean = Scratch::collect(self.running_mean.iter().map(|v| v.to_f64()));
-        let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &mean);
-        let local = GradSums {
-            sum_dy_xhat: sum_dy_xmu.iter().zip(inv.iter()).map(|(v, s)| v * s).collect(),
-            sum_dy,
-        };
+        let inv = Scratch::collect(running.var.iter().map(|v| inv_std(v.to_f64(), eps)));
+        let local = fixed_grad_sums(&g, x.data, dy, running.mean, &inv);
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {
-            let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));
-            plan::scale(&g, dy, dx, &k);
+            fixed_input_grad(&g, dy, gamma, &inv, dx);
         }
-        if let (true, Some((dg, db))) = (self.config.affine, dparams) {
-            global.write_param_grads(Some(dg), Some(db))?;
-        }
+        global.write_param_grads(dgamma, dbeta)?;
         Ok(local)
     }
 }

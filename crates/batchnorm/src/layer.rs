@@ -7,7 +7,7 @@ use crate::fold::InferenceAffine;
 use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
 use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
-use crate::{Element, Error, Layout, SmallBatch};
+use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,16 +42,17 @@ impl Default for BatchNormConfig {
 /// (`beta`, 0), running mean (0) and running variance (1).
 ///
 /// ```
-/// use batchnorm::{BatchNorm, BatchNormConfig, Layout};
+/// use batchnorm::{BatchNorm, BatchNormConfig, Grads, Layout, View};
 /// let mut bn = BatchNorm::<f32>::new(3, BatchNormConfig::default()).unwrap();
 /// let x: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect(); // NCHW [2, 3, 2, 2]
-/// let mut y = vec![0.0; x.len()];
-/// let saved = bn.forward_train(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
-/// let (dy, mut dx) = (vec![1.0; x.len()], vec![0.0; x.len()]);
+/// let x = View::new(&x, &[2, 3, 2, 2], Layout::NCHW);
+/// let mut y = vec![0.0; x.data.len()];
+/// let saved = bn.forward_train(x, &mut y).unwrap();
+/// let (dy, mut dx) = (vec![1.0; y.len()], vec![0.0; y.len()]);
 /// let (mut dgamma, mut dbeta) = (vec![0.0; 3], vec![0.0; 3]);
-/// bn.backward(&x, &dy, &[2, 3, 2, 2], Layout::NCHW, &saved, Some(&mut dx), Some((&mut dgamma, &mut dbeta))).unwrap();
+/// bn.backward(x, &dy, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta)).unwrap();
 /// assert_eq!(dbeta, vec![8.0; 3]);
-/// bn.forward_eval(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
+/// bn.forward_eval(x, &mut y).unwrap();
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchNorm<T: Element> {
@@ -97,17 +98,38 @@ impl<T: Element> BatchNorm<T> {
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
             let (mean, var) = (&mut self.running_mean, &mut self.running_var);
-            update_running_stats(mean, var, batch, self.config.momentum, seen)?;
+            update_running_stats(batch, self.config.momentum, seen, mean, var)?;
             self.num_batches_tracked = seen;
         }
         Ok(())
     }
 
-    pub(crate) fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    /// γ and β, or none without affine.
+    pub(crate) fn affine(&self) -> Affine<'_, T> {
         if self.config.affine {
-            (Some(&self.gamma), Some(&self.beta))
+            Affine::new(&self.gamma, &self.beta)
         } else {
-            (None, None)
+            Affine::NONE
+        }
+    }
+
+    /// The running statistics; [`Error::NoRunningStats`] when they are not tracked.
+    pub(crate) fn running(&self) -> Result<FixedStats<'_, T>, Error> {
+        if !self.config.track_running_stats {
+            return Err(Error::NoRunningStats);
+        }
+        Ok(FixedStats::new(&self.running_mean, &self.running_var))
+    }
+
+    /// `grads` without dγ and dβ when the layer has no affine parameters.
+    pub(crate) fn param_grads<'a>(&self, grads: Grads<'a, T>) -> Grads<'a, T> {
+        if self.config.affine {
+            grads
+        } else {
+            Grads {
+                dx: grads.dx,
+                ..Grads::default()
+            }
         }
     }
 
@@ -119,17 +141,11 @@ impl<T: Element> BatchNorm<T> {
     /// fewer than 2 values per channel, is normalized with the running statistics instead
     /// ([`batch_norm_eval`]'s transform), which are not updated; then it rejects what
     /// [`batch_norm_eval`] rejects and [`Error::NoRunningStats`] when they are not tracked.
-    pub fn forward_train(
-        &mut self,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<SavedStats, Error> {
-        let g = check::layer_input(self.num_features, shape, layout)?;
+    pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let count = g.per_channel() as u64;
         if self.uses_running_stats(count) {
-            return self.forward_frozen(x, shape, layout, y, count);
+            return self.forward_frozen(x, y, count);
         }
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
@@ -140,84 +156,41 @@ impl<T: Element> BatchNorm<T> {
                 &self.running_var,
             )?;
         }
-        let (gamma, beta) = self.gamma_beta();
-        let (stats, saved) = batch_norm_train(x, shape, layout, gamma, beta, self.config.eps, y)?;
+        let (stats, saved) = batch_norm_train(x, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
         Ok(saved)
     }
 
     /// Inference forward with the running statistics. Rejects [`Error::NoRunningStats`] when they
     /// are not tracked, and what [`batch_norm_eval`] rejects.
-    pub fn forward_eval(&self, x: &[T], shape: &[usize], layout: Layout, y: &mut [T]) -> Result<(), Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, beta) = self.gamma_beta();
-        batch_norm_eval(
-            x,
-            shape,
-            layout,
-            &self.running_mean,
-            &self.running_var,
-            gamma,
-            beta,
-            self.config.eps,
-            y,
-        )
+    pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
+        let stats = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        batch_norm_eval(x, stats, self.affine(), self.config.eps, y)
     }
 
-    /// Training backward: writes dx and/or (dγ, dβ) when given. Without affine, `dparams` must be
-    /// `None`-equivalent: it is ignored. Rejects what [`batch_norm_backward`] rejects.
+    /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
+    /// without affine). Rejects what [`batch_norm_backward`] rejects.
     ///
     /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
     /// values per channel, backpropagates through the running statistics as constants
     /// ([`batch_norm_backward_eval`]'s transform; `saved` is then only checked for its channel
     /// count): it rejects what that function rejects and [`Error::NoRunningStats`].
-    pub fn backward(
-        &self,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<(), Error> {
+    pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen(x, dy, shape, layout, saved, dx, dparams);
+            return self.backward_frozen(x, dy, saved, grads);
         }
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
-        };
-        batch_norm_backward(x, dy, shape, layout, saved, gamma, dx, dg, db)
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        batch_norm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
-    pub fn backward_eval(
-        &self,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<(), Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
-        };
-        let (m, v, eps) = (&self.running_mean, &self.running_var, self.config.eps);
-        batch_norm_backward_eval(x, dy, shape, layout, m, v, eps, gamma, dx, dg, db)
+    pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
+        let stats = self.running()?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        let (gamma, eps) = (self.affine().gamma, self.config.eps);
+        batch_norm_backward_eval(x, dy, stats, gamma, eps, self.param_grads(grads))
     }
 
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
@@ -234,11 +207,7 @@ impl<T: Element> BatchNorm<T> {
     /// The inference transform as one affine map per channel (for folding into the previous layer).
     /// Rejects [`Error::NoRunningStats`] when running statistics are not tracked.
     pub fn inference_affine(&self) -> Result<InferenceAffine, Error> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats);
-        }
-        let (gamma, beta) = self.gamma_beta();
-        InferenceAffine::new(&self.running_mean, &self.running_var, gamma, beta, self.config.eps)
+        InferenceAffine::new(self.running()?, self.affine(), self.config.eps)
     }
 
     /// Training forward of this rank's shard `x` with the global batch's statistics (merged over
@@ -259,14 +228,12 @@ impl<T: Element> BatchNorm<T> {
     pub fn forward_train_sync(
         &mut self,
         comm: &dyn Communicator,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
+        x: View<'_, T>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
-        let g = check::layer_input(self.num_features, shape, layout)?;
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.frozen {
-            return self.forward_frozen(x, shape, layout, y, g.per_channel() as u64);
+            return self.forward_frozen(x, y, g.per_channel() as u64);
         }
         check::len("y", &g, y.len())?;
         if self.config.track_running_stats {
@@ -277,27 +244,27 @@ impl<T: Element> BatchNorm<T> {
                 &self.running_var,
             )?;
         }
-        let local = batch_stats(x, shape, layout)?;
+        let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
         if self.uses_running_stats(global.count) {
-            return self.forward_frozen(x, shape, layout, y, global.count);
+            return self.forward_frozen(x, y, global.count);
         }
-        check::training_count(global.count, shape)?;
+        check::training_count(global.count, x.shape)?;
         let saved = global.saved(self.config.eps)?;
-        let (gamma, beta) = self.gamma_beta();
-        normalize(x, shape, layout, &saved, gamma, beta, y)?;
+        normalize(x, &saved, self.affine(), y)?;
         self.track(&global)?;
         Ok(saved)
     }
 
     /// Training backward of this rank's shard: merges Σ dy and Σ dy·x̂ over all ranks of `comm`,
-    /// writes dx (when given) through the global statistics and, with affine, dγ and dβ of the
-    /// *global* batch (identical on every rank). Returns this rank's own sums (its share of
-    /// dγ = Σ dy·x̂ and dβ = Σ dy), for callers that sum parameter gradients over ranks themselves
-    /// (data-parallel training). Collective: every rank must call it.
+    /// writes dx (when `grads` holds it) through the global statistics and, with affine, dγ and
+    /// dβ of the *global* batch (identical on every rank). Returns this rank's own sums (its share
+    /// of dγ = Σ dy·x̂ and dβ = Σ dy), for callers that sum parameter gradients over ranks
+    /// themselves (data-parallel training). Collective: every rank must call it.
     ///
     /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
-    /// differ from `num_features`, and transport failures ([`Error::Communication`]).
+    /// differ from `num_features`, `dgamma`/`dbeta` of the wrong channel count (before anything is
+    /// written), and transport failures ([`Error::Communication`]).
     ///
     /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
     /// values per channel, backpropagates through the running statistics as constants: dx
@@ -306,27 +273,23 @@ impl<T: Element> BatchNorm<T> {
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,
-        x: &[T],
+        x: View<'_, T>,
         dy: &[T],
-        shape: &[usize],
-        layout: Layout,
         saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
+        grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen_sync(comm, x, dy, shape, layout, saved, dx, dparams);
+            return self.backward_frozen_sync(comm, x, dy, saved, grads);
         }
-        check::layer_input(self.num_features, shape, layout)?;
-        let local = grad_sums(x, dy, shape, layout, saved)?;
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
+        check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+        let local = grad_sums(x, dy, saved)?;
         let global = sync_grad_sums(comm, &local)?;
-        let (gamma, _) = self.gamma_beta();
         if let Some(dx) = dx {
-            input_grad(x, dy, shape, layout, saved, &global, gamma, dx)?;
+            input_grad(x, dy, saved, &global, self.affine().gamma, dx)?;
         }
-        if let (true, Some((dg, db))) = (self.config.affine, dparams) {
-            global.write_param_grads(Some(dg), Some(db))?;
-        }
+        global.write_param_grads(dgamma, dbeta)?;
         Ok(local)
     }
 }

@@ -39,11 +39,11 @@
 use crate::backward::{dx_coeffs, GradSums};
 use crate::check;
 use crate::forward::{gamma_at, scale_shift};
-use crate::kernels::plan::{self, Affine};
+use crate::kernels::plan::{self, Normalization};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std, BatchStats, SavedStats};
-use crate::{Element, Error, Layout};
+use crate::{Affine, Element, Error, Grads, View};
 
 /// Clipping limits of batch renormalization: r ∈ [1/r_max, r_max], d ∈ [−d_max, d_max].
 /// Always valid: r_max finite and ≥ 1, d_max finite and ≥ 0.
@@ -122,13 +122,7 @@ impl RenormSchedule {
         d_max_final: f64,
     ) -> Result<Self, Error> {
         check::renorm_limits("r_max_final", r_max_final, "d_max_final", d_max_final)?;
-        for (name, ramp) in [("r_ramp_steps", r_ramp_steps), ("d_ramp_steps", d_ramp_steps)] {
-            if warmup_steps.checked_add(ramp).is_none() {
-                return Err(Error::InvalidRenormSchedule {
-                    reason: format!("warmup_steps {warmup_steps} + {name} {ramp} overflows u64"),
-                });
-            }
-        }
+        check::renorm_ramps(warmup_steps, r_ramp_steps, d_ramp_steps)?;
         Ok(RenormSchedule {
             warmup_steps,
             r_ramp_steps,
@@ -208,6 +202,24 @@ impl RenormSchedule {
     }
 }
 
+/// Batch renormalization's moving statistics, one of each per channel: the mean μ and the
+/// standard deviation σ (ε included), the statistics argument of [`batch_renorm_train`] and
+/// [`batch_renorm_eval`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenormStats<'a, T> {
+    /// μ per channel.
+    pub mean: &'a [T],
+    /// σ per channel.
+    pub std: &'a [T],
+}
+
+impl<'a, T> RenormStats<'a, T> {
+    /// Moving mean and moving standard deviation, one of each per channel.
+    pub fn new(mean: &'a [T], std: &'a [T]) -> Self {
+        RenormStats { mean, std }
+    }
+}
+
 /// What [`batch_renorm_backward`] needs from [`batch_renorm_train`], in `f64`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenormSaved {
@@ -230,37 +242,43 @@ fn correction(mean_b: f64, sigma_b: f64, mean: f64, sigma: f64, clip: RenormClip
 /// Batch renormalization's training forward (Ioffe 2017, Algorithm 1; see the module docs):
 /// writes y = γ·((x − μ_B)/σ_B·r + d) + β and returns the batch statistics (for
 /// [`update_renorm_stats`]) and what [`batch_renorm_backward`] needs. Does not update the moving
-/// statistics. `gamma`/`beta` = `None` means γ = 1 / β = 0.
+/// statistics. `affine`'s `None`s mean γ = 1 / β = 0.
 ///
 /// Rejects: a shape that does not fit the layout, an empty shape, `x`/`y` of the wrong length,
-/// `moving_mean`/`moving_std`/γ/β of the wrong channel count, ε not finite and > 0, fewer than 2
+/// `moving.mean`/`moving.std`/γ/β of the wrong channel count (named `moving_mean`, `moving_std`), ε not finite and > 0, fewer than 2
 /// values per channel ([`Error::TooFewValues`]). The limits are valid by construction
 /// ([`RenormClip`]). Moving statistics are data, not checked: a σ of 0 gives r = r_max and
 /// d = ±d_max (or NaN for d where μ_B = μ), a NaN gives NaN, as IEEE says.
 ///
 /// ```
-/// use batchnorm::{batch_renorm_train, Layout, RenormClip};
+/// use batchnorm::{batch_renorm_train, Affine, Layout, RenormClip, RenormStats, View};
 /// let x = [1.0f64, 10.0, 3.0, 30.0]; // [N=2, C=2]
 /// let mut y = [0.0; 4];
 /// let clip = RenormClip::new(3.0, 5.0).unwrap();
-/// let (stats, saved) = batch_renorm_train(&x, &[2, 2], Layout::NC, &[0.0, 0.0], &[1.0, 1.0], None, None, 1e-5, clip, &mut y).unwrap();
+/// let moving = RenormStats::new(&[0.0, 0.0], &[1.0, 1.0]);
+/// let x = View::new(&x, &[2, 2], Layout::NC);
+/// let (stats, saved) = batch_renorm_train(x, moving, Affine::NONE, 1e-5, clip, &mut y).unwrap();
 /// assert_eq!(stats.mean, vec![2.0, 20.0]);
 /// // σ_B = √(1 + ε) and √(100 + ε) against σ = 1: r ≈ 1, and ≈ 10 clipped to 3.
 /// assert!((saved.r[0] - 1.0).abs() < 1e-5 && saved.r[1] == 3.0);
 /// assert_eq!(saved.d, vec![2.0, 5.0]); // (μ_B − 0)/1 = 2, and 20 clipped to 5
 /// ```
 pub fn batch_renorm_train<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    moving_mean: &[T],
-    moving_std: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    moving: RenormStats<'_, T>,
+    affine: Affine<'_, T>,
     eps: f64,
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<(BatchStats, RenormSaved), Error> {
+    let (
+        RenormStats {
+            mean: moving_mean,
+            std: moving_std,
+        },
+        Affine { gamma, beta },
+    ) = (moving, affine);
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
     check::moving_stats(g.channels, moving_mean, moving_std)?;
@@ -292,7 +310,7 @@ pub fn batch_renorm_train<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &saved.mean,
             scale: &scale,
             shift: &shift,
@@ -302,22 +320,21 @@ pub fn batch_renorm_train<T: Element>(
 }
 
 /// Batch renormalization's backward with r and d held constant (see the module docs): writes any
-/// of dx = (γ·r/σ_B)·(dy − mean(dy) − x̂₀·mean(dy·x̂₀)), dγ = Σ dy·x̂ and dβ = Σ dy that are given.
+/// of dx = (γ·r/σ_B)·(dy − mean(dy) − x̂₀·mean(dy·x̂₀)), dγ = Σ dy·x̂ and dβ = Σ dy that `grads`
+/// holds.
 ///
 /// Rejects: shape/length mismatches between the shape and `x`, `dy`, `dx`; `saved` (statistics,
 /// r, d), γ, `dgamma`, `dbeta` of the wrong channel count; saved statistics with fewer than 2
 /// values per channel.
 pub fn batch_renorm_backward<T: Element>(
-    x: &[T],
+    x: View<'_, T>,
     dy: &[T],
-    shape: &[usize],
-    layout: Layout,
     saved: &RenormSaved,
     gamma: Option<&[T]>,
-    dx: Option<&mut [T]>,
-    dgamma: Option<&mut [T]>,
-    dbeta: Option<&mut [T]>,
+    grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let Grads { dx, dgamma, dbeta } = grads;
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::len_opt("dx", &g, dx.as_deref())?;
@@ -347,18 +364,23 @@ pub fn batch_renorm_backward<T: Element>(
 /// Batch renormalization's inference transform: y = γ·(x − μ)/σ + β with the moving mean μ and
 /// moving standard deviation σ (ε is already inside σ).
 ///
-/// Rejects: shape/length mismatches, `moving_mean`/`moving_std`/γ/β of the wrong channel count.
-/// A σ of 0 or NaN is data: it gives ±Inf or NaN, as IEEE says.
+/// Rejects: shape/length mismatches, `moving.mean`/`moving.std`/γ/β of the wrong channel count
+/// (named `moving_mean`, `moving_std`). A σ of 0 or NaN is data: it gives ±Inf or NaN, as IEEE
+/// says.
 pub fn batch_renorm_eval<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    layout: Layout,
-    moving_mean: &[T],
-    moving_std: &[T],
-    gamma: Option<&[T]>,
-    beta: Option<&[T]>,
+    x: View<'_, T>,
+    moving: RenormStats<'_, T>,
+    affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
+    let (
+        RenormStats {
+            mean: moving_mean,
+            std: moving_std,
+        },
+        Affine { gamma, beta },
+    ) = (moving, affine);
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
     check::moving_stats(g.channels, moving_mean, moving_std)?;
@@ -371,7 +393,7 @@ pub fn batch_renorm_eval<T: Element>(
         &g,
         x,
         y,
-        &Affine {
+        &Normalization {
             mean: &mean,
             scale: &scale,
             shift: &shift,
@@ -387,11 +409,11 @@ pub fn batch_renorm_eval<T: Element>(
 /// finite or outside (0, 1] ([`Error::InvalidMomentum`]), ε not finite and > 0, a batch with
 /// fewer than 2 values per channel, batch statistics whose vectors differ in length.
 pub fn update_renorm_stats<T: Element>(
-    moving_mean: &mut [T],
-    moving_std: &mut [T],
     batch: &BatchStats,
     eps: f64,
     alpha: f64,
+    moving_mean: &mut [T],
+    moving_std: &mut [T],
 ) -> Result<(), Error> {
     check::batch_stats(batch)?;
     check::moving_stats(batch.channels(), moving_mean, moving_std)?;
@@ -437,17 +459,18 @@ impl Default for BatchRenormConfig {
 /// drives the limits' schedule. Every field is public, to be saved and restored with a checkpoint.
 ///
 /// ```
-/// use batchnorm::{BatchRenorm, BatchRenormConfig, Layout};
+/// use batchnorm::{BatchRenorm, BatchRenormConfig, Grads, Layout, View};
 /// let mut bn = BatchRenorm::<f32>::new(3, BatchRenormConfig::default()).unwrap();
 /// let x: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect(); // NCHW [2, 3, 2, 2]
-/// let mut y = vec![0.0; x.len()];
-/// let saved = bn.forward_train(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
+/// let x = View::new(&x, &[2, 3, 2, 2], Layout::NCHW);
+/// let mut y = vec![0.0; x.data.len()];
+/// let saved = bn.forward_train(x, &mut y).unwrap();
 /// assert_eq!(bn.steps, 1);
-/// let (dy, mut dx) = (vec![1.0; x.len()], vec![0.0; x.len()]);
+/// let (dy, mut dx) = (vec![1.0; y.len()], vec![0.0; y.len()]);
 /// let (mut dgamma, mut dbeta) = (vec![0.0; 3], vec![0.0; 3]);
-/// bn.backward(&x, &dy, &[2, 3, 2, 2], Layout::NCHW, &saved, Some(&mut dx), Some((&mut dgamma, &mut dbeta))).unwrap();
+/// bn.backward(x, &dy, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta)).unwrap();
 /// assert_eq!(dbeta, vec![8.0; 3]);
-/// bn.forward_eval(&x, &[2, 3, 2, 2], Layout::NCHW, &mut y).unwrap();
+/// bn.forward_eval(x, &mut y).unwrap();
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchRenorm<T: Element> {
@@ -484,12 +507,18 @@ impl<T: Element> BatchRenorm<T> {
         })
     }
 
-    fn gamma_beta(&self) -> (Option<&[T]>, Option<&[T]>) {
+    /// γ and β, or none without affine.
+    fn affine(&self) -> Affine<'_, T> {
         if self.config.affine {
-            (Some(&self.gamma), Some(&self.beta))
+            Affine::new(&self.gamma, &self.beta)
         } else {
-            (None, None)
+            Affine::NONE
         }
+    }
+
+    /// The moving statistics.
+    fn moving(&self) -> RenormStats<'_, T> {
+        RenormStats::new(&self.moving_mean, &self.moving_std)
     }
 
     /// The limits the next training step uses.
@@ -501,60 +530,37 @@ impl<T: Element> BatchRenorm<T> {
     /// `steps += 1`. Rejects what [`batch_renorm_train`] rejects, an input whose channel count
     /// differs from `num_features`, an invalid momentum α, and a step counter at `u64::MAX`
     /// ([`Error::InvalidRenormSchedule`]); on error nothing is changed.
-    pub fn forward_train(
-        &mut self,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<RenormSaved, Error> {
-        check::layer_input(self.num_features, shape, layout)?;
+    pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<RenormSaved, Error> {
+        check::layer_input(self.num_features, x.shape, x.layout)?;
         check::renorm_momentum(self.config.momentum)?;
-        let next = self.steps.checked_add(1).ok_or_else(|| Error::InvalidRenormSchedule {
-            reason: "the step counter is at u64::MAX".into(),
-        })?;
-        let (gamma, beta) = self.gamma_beta();
-        let (mm, ms) = (&self.moving_mean, &self.moving_std);
-        let (stats, saved) =
-            batch_renorm_train(x, shape, layout, mm, ms, gamma, beta, self.config.eps, self.clip(), y)?;
-        update_renorm_stats(
-            &mut self.moving_mean,
-            &mut self.moving_std,
-            &stats,
-            self.config.eps,
-            self.config.momentum,
-        )?;
+        let next = check::renorm_next_step(self.steps)?;
+        let (stats, saved) = batch_renorm_train(x, self.moving(), self.affine(), self.config.eps, self.clip(), y)?;
+        let (eps, alpha) = (self.config.eps, self.config.momentum);
+        update_renorm_stats(&stats, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
         self.steps = next;
         Ok(saved)
     }
 
     /// Inference forward with the moving statistics. Rejects what [`batch_renorm_eval`] rejects
     /// and an input whose channel count differs from `num_features`.
-    pub fn forward_eval(&self, x: &[T], shape: &[usize], layout: Layout, y: &mut [T]) -> Result<(), Error> {
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, beta) = self.gamma_beta();
-        batch_renorm_eval(x, shape, layout, &self.moving_mean, &self.moving_std, gamma, beta, y)
+    pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        batch_renorm_eval(x, self.moving(), self.affine(), y)
     }
 
-    /// Training backward (r, d constant): writes dx and/or (dγ, dβ) when given; without affine,
-    /// `dparams` is ignored. Rejects what [`batch_renorm_backward`] rejects and an input whose
-    /// channel count differs from `num_features`.
-    pub fn backward(
-        &self,
-        x: &[T],
-        dy: &[T],
-        shape: &[usize],
-        layout: Layout,
-        saved: &RenormSaved,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
-    ) -> Result<(), Error> {
-        check::layer_input(self.num_features, shape, layout)?;
-        let (gamma, _) = self.gamma_beta();
-        let (dg, db) = match (self.config.affine, dparams) {
-            (true, Some((dg, db))) => (Some(dg), Some(db)),
-            _ => (None, None),
+    /// Training backward (r, d constant): writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ
+    /// are ignored without affine). Rejects what [`batch_renorm_backward`] rejects and an input
+    /// whose channel count differs from `num_features`.
+    pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &RenormSaved, grads: Grads<'_, T>) -> Result<(), Error> {
+        check::layer_input(self.num_features, x.shape, x.layout)?;
+        let grads = if self.config.affine {
+            grads
+        } else {
+            Grads {
+                dx: grads.dx,
+                ..Grads::default()
+            }
         };
-        batch_renorm_backward(x, dy, shape, layout, saved, gamma, dx, dg, db)
+        batch_renorm_backward(x, dy, saved, self.affine().gamma, grads)
     }
 }

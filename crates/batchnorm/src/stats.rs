@@ -3,7 +3,7 @@
 
 use crate::check;
 use crate::kernels::{plan, with_simd};
-use crate::{Element, Error, Layout};
+use crate::{Element, Error, View};
 
 /// Statistics of one mini-batch (or one worker's shard of it): per channel the count, mean and
 /// M2 = Σ(x − mean)². Mergeable without loss of precision ([`BatchStats::merge`], Chan's formula):
@@ -40,12 +40,12 @@ impl BatchStats {
     /// Rejects statistics of a different channel count ([`Error::MergeMismatch`]).
     ///
     /// ```
-    /// use batchnorm::{batch_stats, Layout};
-    /// let a = batch_stats(&[1.0f64, 2.0, 3.0, 4.0], &[2, 2], Layout::NC).unwrap();
-    /// let b = batch_stats(&[5.0f64, 6.0], &[1, 2], Layout::NC).unwrap();
+    /// use batchnorm::{batch_stats, Layout, View};
+    /// let a = batch_stats(View::new(&[1.0f64, 2.0, 3.0, 4.0], &[2, 2], Layout::NC)).unwrap();
+    /// let b = batch_stats(View::new(&[5.0f64, 6.0], &[1, 2], Layout::NC)).unwrap();
     /// let mut all = a.clone();
     /// all.merge(&b).unwrap();
-    /// let direct = batch_stats(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], Layout::NC).unwrap();
+    /// let direct = batch_stats(View::new(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2], Layout::NC)).unwrap();
     /// assert_eq!(all.count, 3);
     /// assert!((all.mean[0] - direct.mean[0]).abs() < 1e-12 && (all.m2[1] - direct.m2[1]).abs() < 1e-12);
     /// ```
@@ -123,7 +123,8 @@ pub struct SavedStats {
 /// Rejects: a shape that does not fit the layout, an empty shape, `x` of the wrong length.
 /// Does not itself require two values per channel (a worker's shard may hold one); the training
 /// functions check the (global) count.
-pub fn batch_stats<T: Element>(x: &[T], shape: &[usize], layout: Layout) -> Result<BatchStats, Error> {
+pub fn batch_stats<T: Element>(x: View<'_, T>) -> Result<BatchStats, Error> {
+    let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     let m = plan::channel_moments(&g, x);
     Ok(BatchStats {
@@ -146,15 +147,16 @@ pub enum Momentum {
 /// Updates running statistics with one batch: the mean with μ_B, the variance with the
 /// *unbiased* batch variance m/(m−1)·σ²_B, as Algorithm 2 does (and PyTorch, Keras, candle).
 /// `batches_seen` counts batches including this one (used by [`Momentum::Cumulative`]).
+/// `running_mean` and `running_var` are updated in place (outputs last, as everywhere).
 ///
 /// Rejects: vectors whose length differs from the batch's channels, an invalid momentum, a batch
 /// with fewer than 2 values per channel.
 pub fn update_running_stats<T: Element>(
-    running_mean: &mut [T],
-    running_var: &mut [T],
     batch: &BatchStats,
     momentum: Momentum,
     batches_seen: u64,
+    running_mean: &mut [T],
+    running_var: &mut [T],
 ) -> Result<(), Error> {
     check::batch_stats(batch)?;
     check::running_stats(batch.channels(), running_mean, running_var)?;
@@ -182,10 +184,10 @@ pub fn update_running_stats<T: Element>(
 /// weighted equally, as in the paper.
 ///
 /// ```
-/// use batchnorm::{batch_stats, Layout, PopulationStats};
+/// use batchnorm::{batch_stats, Layout, PopulationStats, View};
 /// let mut pop = PopulationStats::new(1);
-/// pop.observe(&batch_stats(&[0.0f64, 2.0], &[2, 1], Layout::NC).unwrap()).unwrap();
-/// pop.observe(&batch_stats(&[4.0f64, 6.0], &[2, 1], Layout::NC).unwrap()).unwrap();
+/// pop.observe(&batch_stats(View::new(&[0.0f64, 2.0], &[2, 1], Layout::NC)).unwrap()).unwrap();
+/// pop.observe(&batch_stats(View::new(&[4.0f64, 6.0], &[2, 1], Layout::NC)).unwrap()).unwrap();
 /// assert_eq!(pop.mean().unwrap(), vec![3.0]);      // mean of batch means 1 and 5
 /// assert_eq!(pop.var().unwrap(), vec![2.0]);       // 2/(2−1) · mean of σ²_B = 1
 /// ```
@@ -240,9 +242,9 @@ impl PopulationStats {
     }
 
     /// Computes the statistics of `x` and adds them (see [`batch_stats`] for what it rejects).
-    pub fn observe_batch<T: Element>(&mut self, x: &[T], shape: &[usize], layout: Layout) -> Result<(), Error> {
-        let s = batch_stats(x, shape, layout)?;
-        check::training_count(s.count, shape)?;
+    pub fn observe_batch<T: Element>(&mut self, x: View<'_, T>) -> Result<(), Error> {
+        let s = batch_stats(x)?;
+        check::training_count(s.count, x.shape)?;
         self.observe(&s)
     }
 

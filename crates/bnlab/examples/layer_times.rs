@@ -3,6 +3,7 @@
 //! `cargo run --release -p bnlab --example layer_times -- [variant] [threads] [steps]`
 //! (defaults bn-baseline, 2, 200). Prints the median µs of each layer's forward and backward.
 
+use bnlab::driver::Variant as _;
 use bnlab::engine::{Layer, Mode};
 use bnlab::experiments::accelerate::{build, Settings, Variant};
 use std::time::Instant;

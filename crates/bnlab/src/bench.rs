@@ -1,7 +1,7 @@
 //! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
 //! memory copy measured in the same run (the bandwidth ceiling).
 
-use batchnorm::{BatchNorm, BatchNormConfig, Layout};
+use batchnorm::{BatchNorm, BatchNormConfig, Grads, Layout, View};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -107,6 +107,40 @@ fn thread_cpu_secs() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// The longest `--min-time` accepted, in seconds (one hour per measured operation).
+pub const MAX_MIN_TIME_SECS: f64 = 3600.0;
+
+/// A `--min-time` that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Not a number of seconds in `0..=MAX_MIN_TIME_SECS` (negative, NaN, infinite, or too large).
+    #[error("--min-time {secs} is not a time in seconds between 0 and {MAX_MIN_TIME_SECS}")]
+    MinTime {
+        /// The value given.
+        secs: f64,
+    },
+}
+
+/// The [`Duration`] of a `--min-time` of `secs` seconds, for [`run_case`].
+///
+/// # Errors
+/// [`BenchError::MinTime`] for a negative, NaN or infinite value, or one above
+/// [`MAX_MIN_TIME_SECS`] (where `Duration::from_secs_f64` would overflow and panic, the run
+/// would never end anyway).
+///
+/// ```
+/// use bnlab::bench::min_time;
+/// assert_eq!(min_time(0.25).unwrap(), std::time::Duration::from_millis(250));
+/// assert!(min_time(1e20).is_err());
+/// ```
+pub fn min_time(secs: f64) -> Result<Duration, BenchError> {
+    if !(0.0..=MAX_MIN_TIME_SECS).contains(&secs) {
+        return Err(BenchError::MinTime { secs });
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| BenchError::MinTime { secs })
+}
+
 /// Median of the wall-clock times of repeated calls of `f`: at least `min_reps` calls and
 /// `min_time` in all, after one warm-up call.
 pub fn median_ms(f: impl FnMut(), min_reps: usize, min_time: Duration) -> f64 {
@@ -165,7 +199,8 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (mut dgamma, mut dbeta) = (vec![0.0f32; channels], vec![0.0f32; channels]);
     let mut bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
-    let saved = bn.forward_train(&x, &shape, case.layout, &mut y)?;
+    let xv = View::new(&x, &shape, case.layout);
+    let saved = bn.forward_train(xv, &mut y)?;
     let reps = 5;
     let mut err = Ok(());
     let mut out = Vec::new();
@@ -180,7 +215,7 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            if let Err(e) = bn.forward_train(&x, &shape, case.layout, &mut y) {
+            if let Err(e) = bn.forward_train(xv, &mut y) {
                 err = Err(e);
             }
         },
@@ -191,7 +226,7 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            if let Err(e) = bn.forward_eval(&x, &shape, case.layout, &mut y) {
+            if let Err(e) = bn.forward_eval(xv, &mut y) {
                 err = Err(e);
             }
         },
@@ -202,8 +237,8 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let ms = median_ms_on(
         clock,
         || {
-            let grads = Some((&mut dgamma[..], &mut dbeta[..]));
-            if let Err(e) = bn.backward(&x, &dy, &shape, case.layout, &saved, Some(&mut dx), grads) {
+            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+            if let Err(e) = bn.backward(xv, &dy, &saved, grads) {
                 err = Err(e);
             }
         },

@@ -1,6 +1,15 @@
 //! Command-line arguments: parsing only; each subcommand calls into the library.
+//!
+//! The flags every experiment has are the library's [`CommonSettings`] (flattened); the
+//! experiments' defaults for those without a default of their own are set here from each
+//! experiment's [`Defaults`], in [`command`].
 
-use clap::{Args, Parser, Subcommand};
+use bnlab::driver::settings::{parse_positive, MAX_THREADS};
+use bnlab::driver::{BnStats, CommonSettings, Defaults};
+use bnlab::experiments::{accelerate, paper_mlp};
+use clap::builder::ArgPredicate;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::path::PathBuf;
 
 /// bnlab: batch normalization, measured and reproduced.
 #[derive(Debug, Parser)]
@@ -17,9 +26,9 @@ pub enum Command {
     /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) on the benchmark shapes.
     Bench(BenchArgs),
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
-    PaperMlp(PaperMlpArgs),
+    PaperMlp(ExperimentArgs<PaperMlpFlags>),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
-    Accelerate(AccelerateArgs),
+    Accelerate(ExperimentArgs<AccelerateFlags>),
     /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
     /// layers before it.
     Eval(EvalArgs),
@@ -36,55 +45,29 @@ pub enum VariantChoice {
     Baseline,
 }
 
-/// Options of `bnlab paper-mlp`.
+/// How a training run is started: where its files are, how many threads and processes run it,
+/// whether it continues an earlier run. Not part of the run's settings.
 #[derive(Debug, Args)]
-pub struct PaperMlpArgs {
-    /// Networks to train.
-    #[arg(long, value_enum, default_value_t = VariantChoice::Both)]
-    pub variant: VariantChoice,
-    /// Training steps per network.
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub steps: u64,
-    /// SGD learning rate.
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = parse_positive)]
-    pub lr: f64,
-    /// Steps between evaluations on the test set.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub eval_every: u64,
-    /// Seed of initialization and shuffling.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Mini-batch size.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(2..=60000))]
-    pub batch: u32,
-    /// Standard deviation of the Gaussian initial weights.
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = parse_positive)]
-    pub init_std: f64,
-    /// BN statistics used at evaluation: Algorithm 2's population estimate or the running averages.
-    #[arg(long, value_enum, default_value_t = bnlab::experiments::paper_mlp::BnStats::Population)]
-    pub bn_stats: bnlab::experiments::paper_mlp::BnStats,
-    /// Training batches averaged for the population statistics.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
-    pub population_batches: u32,
+#[group(id = "run", multiple = true)]
+pub struct RunFlags {
     /// Directory with the four IDX files [default: /usr/share/datasets/fashion-mnist, Debian's
     /// Fashion-MNIST; with --resume, the run's]
     #[arg(long)]
-    pub data: Option<std::path::PathBuf>,
-    /// Output directory (default: a new folder under runs/).
+    pub data: Option<PathBuf>,
+    /// Output directory (default: a new folder under runs/; required with --distributed).
     #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
-    /// Steps between checkpoints (OUT/checkpoints/<variant>.safetensors; one is also written at
-    /// the end of each variant) [default: --eval-every]
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub checkpoint_every: Option<u64>,
+    pub out: Option<PathBuf>,
+    /// Replace the run in --out if it holds one (its settings, metrics and checkpoints are
+    /// removed first); without it such a directory is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Continue the run in this output directory from its checkpoints, with its settings
     /// (only --data, --threads, --quiet and --distributed may be given with it).
-    #[arg(long, conflicts_with_all = ["variant", "steps", "lr", "eval_every", "seed", "batch", "init_std",
-        "bn_stats", "population_batches", "out", "checkpoint_every", "bn_sync"])]
-    pub resume: Option<std::path::PathBuf>,
-    /// Worker threads; with 2 or more, both networks train at once, each on its share
+    #[arg(long, conflicts_with_all = ["out", "overwrite", "settings", "experiment"])]
+    pub resume: Option<PathBuf>,
+    /// Worker threads; with 2 or more, that many variants train at once, each on its share
     /// [default: all cores; with --resume, the run's]
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_THREADS as i64))]
     pub threads: Option<u32>,
     /// No progress bar or log lines.
     #[arg(long)]
@@ -92,86 +75,56 @@ pub struct PaperMlpArgs {
     /// Data-parallel training over MPI: run under `mpirun -np P` (needs the `mpi` feature).
     #[arg(long)]
     pub distributed: bool,
-    /// With --distributed: batch norm over the global batch (on) or over each process's shard (off).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub bn_sync: OnOff,
 }
 
-/// Options of `bnlab accelerate`.
+/// Options of a training subcommand: the experiment's own flags `F`, the flags every experiment
+/// has, and how the run is started.
 #[derive(Debug, Args)]
-pub struct AccelerateArgs {
+pub struct ExperimentArgs<F: Args> {
+    /// The experiment's own flags.
+    #[command(flatten)]
+    pub experiment: F,
+    /// Flags every experiment has.
+    #[command(flatten)]
+    pub settings: CommonSettings,
+    /// How the run is started.
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
+/// The flags only `paper-mlp` has.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct PaperMlpFlags {
+    /// Networks to train.
+    #[arg(long, value_enum, default_value_t = VariantChoice::Both)]
+    pub variant: VariantChoice,
+    /// Standard deviation of the Gaussian initial weights.
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true, value_parser = parse_positive)]
+    pub init_std: f64,
+}
+
+/// The flags only `accelerate` has.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct AccelerateFlags {
     /// Variants to train, comma-separated (baseline, bn-baseline, bn-x5, bn-x30, bn-x5-sigmoid,
     /// baseline-sigmoid; default: all six).
     #[arg(long, value_delimiter = ',')]
     pub variants: Option<Vec<bnlab::experiments::accelerate::Variant>>,
-    /// Training steps per variant (default 4000; 120 with --quick).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub steps: Option<u64>,
-    /// Steps between evaluations on the test set (default 200; 40 with --quick).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub eval_every: Option<u64>,
     /// Steps over which the baseline's learning rate halves (default: steps / 3).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub half_life: Option<u64>,
-    /// Base (baseline) learning rate.
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true, value_parser = parse_positive)]
-    pub lr: f64,
-    /// Mini-batch size.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..=60000))]
-    pub batch: u32,
     /// Output channels of the two conv layers, `C1,C2` (default 8,16; 4,8 with --quick).
     #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub channels: Option<Vec<u32>>,
     /// Width of the hidden linear layer (default 100; 32 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub hidden: Option<u32>,
-    /// Seed of initialization, shuffling and dropout.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// BN statistics used at evaluation: Algorithm 2's population estimate or the running averages.
-    #[arg(long, value_enum, default_value_t = bnlab::experiments::common::BnStats::Population)]
-    pub bn_stats: bnlab::experiments::common::BnStats,
-    /// A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden).
+    /// A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32
+    /// hidden), 5 population batches (each can still be set by its flag).
     #[arg(long)]
     pub quick: bool,
-    /// Directory with the four IDX files [default: /usr/share/datasets/fashion-mnist, Debian's
-    /// Fashion-MNIST; with --resume, the run's]
-    #[arg(long)]
-    pub data: Option<std::path::PathBuf>,
-    /// Output directory (default: a new folder under runs/).
-    #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
-    /// Steps between checkpoints (OUT/checkpoints/<variant>.safetensors; one is also written at
-    /// the end of each variant) [default: --eval-every]
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub checkpoint_every: Option<u64>,
-    /// Continue the study in this output directory from its checkpoints, with its settings
-    /// (only --data, --threads, --quiet and --distributed may be given with it).
-    #[arg(long, conflicts_with_all = ["variants", "steps", "eval_every", "half_life", "lr", "batch", "channels",
-        "hidden", "seed", "bn_stats", "quick", "out", "checkpoint_every", "bn_sync"])]
-    pub resume: Option<std::path::PathBuf>,
-    /// Worker threads; with 2 or more, as many variants train at once, each on its share
-    /// [default: all cores; with --resume, the run's]
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub threads: Option<u32>,
-    /// No progress bar or log lines.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Data-parallel training over MPI: run under `mpirun -np P` (needs the `mpi` feature).
-    #[arg(long)]
-    pub distributed: bool,
-    /// With --distributed: batch norm over the global batch (on) or over each process's shard (off).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub bn_sync: OnOff,
-}
-
-/// A switch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnOff {
-    /// Enabled.
-    On,
-    /// Disabled.
-    Off,
 }
 
 /// Options of `bnlab eval`.
@@ -180,10 +133,10 @@ pub struct EvalArgs {
     /// A checkpoint written by `bnlab paper-mlp` or `bnlab accelerate`
     /// (OUT/checkpoints/<variant>.safetensors).
     #[arg(long)]
-    pub checkpoint: std::path::PathBuf,
+    pub checkpoint: PathBuf,
     /// Directory with the four IDX files [default: the run's]
     #[arg(long)]
-    pub data: Option<std::path::PathBuf>,
+    pub data: Option<PathBuf>,
     /// Fold every BN layer into the linear layer or convolution before it and evaluate the folded
     /// network.
     #[arg(long)]
@@ -191,9 +144,9 @@ pub struct EvalArgs {
     /// BN statistics: Algorithm 2's population estimate (recomputed over the run's training
     /// batches) or the running statistics stored in the checkpoint [default: the run's]
     #[arg(long, value_enum)]
-    pub bn_stats: Option<bnlab::experiments::paper_mlp::BnStats>,
+    pub bn_stats: Option<BnStats>,
     /// Worker threads (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_THREADS as i64))]
     pub threads: Option<u32>,
 }
 
@@ -204,7 +157,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_THREADS as i64))]
     pub threads: Option<u32>,
     /// Minimum seconds spent timing each operation (the median of the repetitions is reported).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true, value_parser = parse_positive)]
@@ -219,10 +172,33 @@ pub struct BenchArgs {
     pub cpu_time: bool,
 }
 
-/// A finite number > 0.
-pub fn parse_positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("expected a number > 0, got `{s}`")),
-    }
+/// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`] and `--quick`'s presets).
+pub fn command() -> clap::Command {
+    let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
+    Cli::command()
+        .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
+        .mut_subcommand("accelerate", |c| {
+            with_defaults(c, &accelerate::DEFAULTS)
+                .mut_arg("steps", |a| quick(a, accelerate::quick::STEPS.to_string()))
+                .mut_arg("eval_every", |a| quick(a, accelerate::quick::EVAL_EVERY.to_string()))
+                .mut_arg("population_batches", |a| {
+                    quick(a, accelerate::quick::POPULATION_BATCHES.to_string())
+                })
+        })
+}
+
+/// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.
+fn with_defaults(c: clap::Command, d: &Defaults) -> clap::Command {
+    let default = |a: clap::Arg, value: String| a.required(false).default_value(value);
+    c.mut_arg("steps", |a| default(a, d.steps.to_string()))
+        .mut_arg("eval_every", |a| default(a, d.eval_every.to_string()))
+        .mut_arg("batch", |a| default(a, d.batch.to_string()))
+        .mut_arg("lr", |a| default(a, d.lr.to_string()))
+}
+
+/// Parses the process's arguments with [`command`].
+pub fn parse() -> Result<Cli, clap::Error> {
+    let matches = command().try_get_matches()?;
+    Cli::from_arg_matches(&matches)
 }

@@ -5,15 +5,15 @@ mod cli;
 use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
-use bnlab::experiments::accelerate;
-use bnlab::experiments::common::ExperimentSettings;
+use bnlab::driver::settings::MAX_THREADS;
+use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
+use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
-use bnlab::experiments::paper_mlp::{self, Variant};
-use clap::Parser;
-use cli::{AccelerateArgs, BenchArgs, Cli, Command, EvalArgs, OnOff, PaperMlpArgs, VariantChoice};
-use std::path::{Path, PathBuf};
+use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
+use cli::{AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, VariantChoice};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 fn main() {
     // Output piped into a reader that stops early (`bnlab bench --json | head -1`) ends the
@@ -23,7 +23,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = match Cli::try_parse() {
+    let cli = match cli::parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -94,6 +94,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
+    let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
         let threads = rayon::current_num_threads();
@@ -108,7 +109,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
             );
         }
         for case in cases {
-            for r in bench::run_case(&case, Duration::from_secs_f64(args.min_time), clock)? {
+            for r in bench::run_case(&case, min_time, clock)? {
                 if args.json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
@@ -133,13 +134,13 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
 /// The communicator of `--distributed`: MPI's world (one process outside `mpirun`).
 #[cfg(feature = "mpi")]
 fn communicator() -> Result<Arc<dyn Communicator>> {
-    let comm = bnlab::dist::mpi::MpiComm::init()?;
+    let comm = bnlab::parallel::mpi::MpiComm::init()?;
     if comm.size() > 1 {
         // A rank that panics ends the whole job instead of leaving the others in a collective.
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             hook(info);
-            bnlab::dist::mpi::abort_job(101);
+            bnlab::parallel::mpi::abort_job(101);
         }));
     }
     Ok(Arc::new(comm))
@@ -158,180 +159,144 @@ fn fail_job(comm: &dyn Communicator, e: &anyhow::Error) {
     if comm.size() > 1 {
         eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
         #[cfg(feature = "mpi")]
-        bnlab::dist::mpi::abort_job(1);
+        bnlab::parallel::mpi::abort_job(1);
     }
 }
 
-/// The flags `paper-mlp` and `accelerate` share.
-struct RunFlags<'a> {
-    distributed: bool,
-    resume: Option<&'a Path>,
-    data: Option<&'a PathBuf>,
-    threads: Option<u32>,
-    quiet: bool,
-}
-
-/// The course `paper-mlp` and `accelerate` share: the communicator, the settings (`fresh`'s, or
-/// with `--resume` the run's own with `--data` and `--threads` applied), the pool, training (or
-/// resuming) and, if a rank fails, the end of the whole job. Returns the settings and outcome on
-/// rank 0, `None` on the other ranks.
-fn train_experiment<S: ExperimentSettings + Sync, O: Send>(
-    flags: RunFlags,
-    fresh: impl FnOnce() -> Result<S>,
-    run: fn(&S, bool, Arc<dyn Communicator>) -> Result<O>,
-    resume: fn(&S, bool, Arc<dyn Communicator>) -> Result<O>,
-) -> Result<Option<(S, O)>> {
+/// Trains `experiment` as the flags say: a fresh run with the settings `fresh(out)` makes, or with
+/// `--resume` the run's own settings with `--data` and `--threads` applied; in one process or as
+/// one rank of `--distributed` training (if a rank fails, the whole job ends). Returns what the
+/// run produced on rank 0, `None` on the other ranks.
+fn train_experiment<E: Experiment>(
+    experiment: &E,
+    flags: &RunFlags,
+    fresh: impl FnOnce(PathBuf) -> Result<Settings<E::Settings>>,
+) -> Result<Option<Finished<E>>> {
     let comm = if flags.distributed {
         communicator()?
     } else {
         Arc::new(SingleProcess)
     };
-    let root = comm.rank() == 0;
-    let (mut s, pool, resuming) = match flags.resume {
-        Some(dir) => {
-            let mut s = S::resume_settings(dir)?;
-            if let Some(d) = flags.data {
-                *s.data_dir_mut() = d.clone();
-            }
-            let pool = pool(Some(flags.threads.unwrap_or(*s.threads_mut() as u32)))?;
-            (s, pool, true)
+    let (mut s, start) = match &flags.resume {
+        Some(dir) => (driver::resume_settings::<E>(dir)?, Start::Resume),
+        None => {
+            let out = match &flags.out {
+                Some(out) => out.clone(),
+                None if flags.distributed => {
+                    anyhow::bail!("--distributed needs --out: every process must write the same directory")
+                }
+                None => driver::rundir::new_run_dir(E::NAME)?,
+            };
+            let mut s = fresh(out)?;
+            s.common.threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+            (s, Start::Fresh)
         }
-        None => (fresh()?, pool(flags.threads)?, false),
     };
-    *s.threads_mut() = pool.current_num_threads();
-    let outcome = pool.install(|| match resuming {
-        true => resume(&s, flags.quiet, comm.clone()),
-        false => run(&s, flags.quiet, comm.clone()),
-    });
-    let outcome = outcome.inspect_err(|e| fail_job(comm.as_ref(), e))?;
-    Ok(root.then_some((s, outcome)))
-}
-
-/// The collective traffic line of a data-parallel variant (none for one process).
-fn print_traffic(name: &str, calls_per_step: f64, bytes_per_step: f64) {
-    if calls_per_step > 0.0 {
-        println!(
-            "{name}: {calls_per_step:.2} collective calls and {bytes_per_step:.0} bytes sent per step and process"
-        );
+    if let Some(d) = &flags.data {
+        s.common.data_dir = d.clone();
     }
-}
-
-fn run_paper_mlp(args: &PaperMlpArgs) -> Result<()> {
-    let flags = RunFlags {
-        distributed: args.distributed,
-        resume: args.resume.as_deref(),
-        data: args.data.as_ref(),
-        threads: args.threads,
-        quiet: args.quiet,
+    if let Some(t) = flags.threads {
+        s.common.threads = t as usize;
+    }
+    let opts = RunOptions {
+        start,
+        overwrite: flags.overwrite,
+        quiet: flags.quiet,
+        comm: comm.clone(),
     };
-    let trained = train_experiment(
-        flags,
-        || Ok(new_settings(args)),
-        paper_mlp::run_with,
-        paper_mlp::resume_with,
-    )?;
-    let Some((s, outcome)) = trained else { return Ok(()) };
-    for (name, r) in &outcome.summaries {
-        println!(
-            "{name}: final test accuracy {:.2}% (best {:.2}%), {:.3} ms/step, {:.1} s",
-            r.final_test_acc * 100.0,
-            r.best_test_acc * 100.0,
-            r.ms_per_step,
-            r.seconds
-        );
-        print_traffic(name, r.collective_calls_per_step, r.bytes_sent_per_step);
-    }
-    println!("wrote {}", s.out.join("report.html").display());
-    Ok(())
+    let finished = driver::run(experiment, &s, opts).inspect_err(|e| fail_job(comm.as_ref(), e))?;
+    Ok((comm.rank() == 0).then_some(finished))
 }
 
-fn run_accelerate(args: &AccelerateArgs) -> Result<()> {
-    let flags = RunFlags {
-        distributed: args.distributed,
-        resume: args.resume.as_deref(),
-        data: args.data.as_ref(),
-        threads: args.threads,
-        quiet: args.quiet,
-    };
-    let trained = train_experiment(
-        flags,
-        || new_accelerate_settings(args),
-        accelerate::run_with,
-        accelerate::resume_with,
-    )?;
-    let Some((s, outcome)) = trained else { return Ok(()) };
-    print!("{}", outcome.table.markdown());
-    for (name, r) in &outcome.summaries {
-        println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
-        print_traffic(name, r.collective_calls_per_step, r.bytes_sent_per_step);
+/// Prints each variant's timing and traffic lines, then where the report is.
+fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std::path::Path, accuracy: bool) {
+    let percent = |a: Option<f64>| a.map_or("–".to_string(), |a| format!("{:.2}%", a * 100.0));
+    for (name, r) in summaries {
+        if accuracy {
+            println!(
+                "{name}: final test accuracy {} (best {}), {:.3} ms/step, {:.1} s",
+                percent(r.final_test_acc),
+                percent(r.best_test_acc),
+                r.ms_per_step,
+                r.seconds
+            );
+        } else {
+            println!("{name}: {:.3} ms/step, {:.1} s", r.ms_per_step, r.seconds);
+        }
+        if r.collective_calls_per_step > 0.0 {
+            println!(
+                "{name}: {:.2} collective calls and {:.0} bytes sent per step and process",
+                r.collective_calls_per_step, r.bytes_sent_per_step
+            );
+        }
     }
-    println!("wrote {}", s.out.join("report.html").display());
-    Ok(())
+    println!("wrote {}", out.join("report.html").display());
 }
 
-/// The settings of a new study from the flags.
-fn new_accelerate_settings(args: &AccelerateArgs) -> Result<accelerate::Settings> {
-    let out = args.out.clone().unwrap_or_else(|| paper_mlp::default_out("accelerate"));
-    let mut s = accelerate::Settings::new(out);
-    if args.quick {
-        s = s.quick();
-    }
-    if let Some(v) = &args.variants {
-        s.variants = v.clone();
-    }
-    if let Some(steps) = args.steps {
-        s.steps = steps;
-        s.half_life = (steps / 3).max(1);
-    }
-    if let Some(e) = args.eval_every {
-        s.eval_every = e;
-    }
-    s.checkpoint_every = args.checkpoint_every.unwrap_or(s.eval_every);
-    if let Some(h) = args.half_life {
-        s.half_life = h;
-    }
-    if let Some(c) = &args.channels {
-        let [c1, c2] = c[..] else {
-            anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
+    let fresh = |out| {
+        let variants = match args.experiment.variant {
+            VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
+            VariantChoice::Bn => vec![Variant::Bn],
+            VariantChoice::Baseline => vec![Variant::Baseline],
         };
-        s.channels = [c1 as usize, c2 as usize];
-    }
-    if let Some(h) = args.hidden {
-        s.hidden = h as usize;
-    }
-    s.lr = args.lr;
-    s.batch = args.batch as usize;
-    s.seed = args.seed;
-    s.bn_stats = args.bn_stats;
-    if let Some(d) = &args.data {
-        s.data_dir = d.clone();
-    }
-    s.bn_sync = args.bn_sync == OnOff::On;
-    Ok(s)
+        let experiment = PaperMlpSettings {
+            variants,
+            init_std: args.experiment.init_std as f32,
+        };
+        Ok(Settings {
+            common: driver::CommonSettings {
+                out,
+                ..args.settings.clone()
+            },
+            experiment,
+        })
+    };
+    let Some(f) = train_experiment(&PaperMlp, &args.run, fresh)? else {
+        return Ok(());
+    };
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, true);
+    Ok(())
 }
 
-/// The settings of a new run from the flags.
-fn new_settings(args: &PaperMlpArgs) -> paper_mlp::Settings {
-    let mut s = paper_mlp::Settings::paper(args.out.clone().unwrap_or_else(|| paper_mlp::default_out("paper-mlp")));
-    s.variants = match args.variant {
-        VariantChoice::Both => vec![Variant::Baseline, Variant::Bn],
-        VariantChoice::Bn => vec![Variant::Bn],
-        VariantChoice::Baseline => vec![Variant::Baseline],
+fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
+    let fresh = |out| {
+        let flags = &args.experiment;
+        let common = driver::CommonSettings {
+            out,
+            ..args.settings.clone()
+        };
+        let mut s = accelerate::Settings::new(PathBuf::new());
+        if flags.quick {
+            s = s.quick();
+        }
+        let a = &mut s.experiment;
+        if let Some(v) = &flags.variants {
+            a.variants = v.clone();
+        }
+        a.half_life = flags.half_life.unwrap_or(accelerate::default_half_life(common.steps));
+        if let Some(c) = &flags.channels {
+            let [c1, c2] = c[..] else {
+                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+            };
+            a.channels = [c1 as usize, c2 as usize];
+        }
+        if let Some(h) = flags.hidden {
+            a.hidden = h as usize;
+        }
+        Ok(Settings::<AccelerateSettings> {
+            common,
+            experiment: s.experiment,
+        })
     };
-    s.steps = args.steps;
-    s.lr = args.lr;
-    s.eval_every = args.eval_every;
-    s.checkpoint_every = args.checkpoint_every.unwrap_or(args.eval_every);
-    s.seed = args.seed;
-    s.batch = args.batch as usize;
-    s.init_std = args.init_std as f32;
-    s.bn_stats = args.bn_stats;
-    s.population_batches = args.population_batches as usize;
-    if let Some(d) = &args.data {
-        s.data_dir = d.clone();
+    let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
+        return Ok(());
+    };
+    if let Some(table) = &f.report {
+        print!("{}", table.markdown());
     }
-    s.bn_sync = args.bn_sync == OnOff::On;
-    s
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {

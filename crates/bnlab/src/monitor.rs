@@ -102,7 +102,7 @@ impl Monitor {
 ///
 /// The order statistics are found by selection, not a full sort: O(n) per distinct rank needed
 /// (two per percentile at most), so the pooled percentiles of an evaluation pass (a million
-/// values in `paper-mlp`) cost a few milliseconds instead of a sort's tens.
+/// values in `paper-mlp`) do not pay for a full sort.
 pub fn percentiles(v: &mut [f32], ps: &[f64]) -> Vec<f64> {
     if v.is_empty() {
         return vec![f64::NAN; ps.len()];

@@ -15,9 +15,31 @@
 mod common;
 
 use batchnorm::{Communicator, ThreadComm};
+use bnlab::driver::{self, RunOptions, Start};
 use bnlab::engine::checkpoint::Checkpoint;
 use bnlab::engine::Mode;
-use bnlab::experiments::accelerate::{self, Metric, Outcome, Settings, Variant};
+use bnlab::experiments::accelerate::{self, Accelerate, Metric, Settings, Variant};
+
+type Outcome = driver::Outcome<Metric>;
+
+/// A quiet run of `s` as one rank of `comm`, fresh or resumed.
+fn start_with(start: Start, s: &Settings, comm: Arc<dyn Communicator>) -> anyhow::Result<Outcome> {
+    let opts = RunOptions {
+        start,
+        overwrite: false,
+        quiet: true,
+        comm,
+    };
+    driver::run(&Accelerate, s, opts).map(|f| f.outcome)
+}
+
+fn run_with(s: &Settings, _quiet: bool, comm: Arc<dyn Communicator>) -> anyhow::Result<Outcome> {
+    start_with(Start::Fresh, s, comm)
+}
+
+fn resume_with(s: &Settings, _quiet: bool, comm: Arc<dyn Communicator>) -> anyhow::Result<Outcome> {
+    start_with(Start::Resume, s, comm)
+}
 use common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -27,25 +49,25 @@ use std::sync::Arc;
 /// A short study of one variant on `data`: the `--quick` network, 60 steps, evaluations every 20.
 fn settings(data: &Path, out: &Path, variant: Variant) -> Settings {
     let mut s = Settings::new(out.to_path_buf()).quick();
-    s.variants = vec![variant];
-    s.steps = 60;
-    s.eval_every = 20;
-    s.data_dir = data.to_path_buf();
+    s.experiment.variants = vec![variant];
+    s.common.steps = 60;
+    s.common.eval_every = 20;
+    s.common.data_dir = data.to_path_buf();
     s
 }
 
 /// Settings of seconds on [`synthetic_data`] (8×8 images, 600 training examples).
 fn tiny(data: &Path, out: &Path, variants: &[Variant]) -> Settings {
     let mut s = Settings::new(out.to_path_buf());
-    s.variants = variants.to_vec();
-    s.steps = 30;
-    s.eval_every = 10;
-    s.half_life = 10;
-    s.channels = [2, 4];
-    s.hidden = 8;
-    s.batch = 20;
-    s.population_batches = 5;
-    s.data_dir = data.to_path_buf();
+    s.experiment.variants = variants.to_vec();
+    s.common.steps = 30;
+    s.common.eval_every = 10;
+    s.experiment.half_life = 10;
+    s.experiment.channels = [2, 4];
+    s.experiment.hidden = 8;
+    s.common.batch = 20;
+    s.common.population_batches = 5;
+    s.common.data_dir = data.to_path_buf();
     s
 }
 
@@ -53,8 +75,8 @@ fn tiny(data: &Path, out: &Path, variants: &[Variant]) -> Settings {
 /// must leave uncreated).
 fn rank_out(s: &Settings, r: usize) -> PathBuf {
     match r {
-        0 => s.out.clone(),
-        r => PathBuf::from(format!("{}-rank{r}", s.out.display())),
+        0 => s.common.out.clone(),
+        r => PathBuf::from(format!("{}-rank{r}", s.common.out.display())),
     }
 }
 
@@ -64,10 +86,10 @@ fn on_threads(s: &Settings, p: usize) -> Vec<anyhow::Result<Outcome>> {
         .unwrap()
         .into_iter()
         .map(|c| Arc::new(c) as Arc<dyn Communicator>);
-    on_comms(s, comms.collect(), accelerate::run_with)
+    on_comms(s, comms.collect(), run_with)
 }
 
-/// `f(settings of rank r, comms[r])` on one thread per rank (rank 0 writes into `s.out`, the
+/// `f(settings of rank r, comms[r])` on one thread per rank (rank 0 writes into `s.common.out`, the
 /// others are given folders of their own, see [`rank_out`]); the results in rank order.
 fn on_comms(
     s: &Settings,
@@ -79,10 +101,8 @@ fn on_comms(
             .into_iter()
             .enumerate()
             .map(|(r, c)| {
-                let s = Settings {
-                    out: rank_out(s, r),
-                    ..s.clone()
-                };
+                let mut s = s.clone();
+                s.common.out = rank_out(&s, r);
                 scope.spawn(move || f(&s, true, c))
             })
             .collect();
@@ -128,15 +148,19 @@ fn ranks_track_one_process_with_bn_sync() {
     let Some(data) = fashion_mnist() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(Path::new(data), &dir.path().join("one"), Variant::BnX5);
-    let one = accelerate::run(&s, true).unwrap();
+    let one = driver::run(&Accelerate, &s, RunOptions::fresh(true)).unwrap().outcome;
     assert_eq!(one.metrics.len(), 3);
     let want = points(&one.metrics);
     for p in [2, 3] {
-        s.out = dir.path().join(format!("p{p}"));
+        s.common.out = dir.path().join(format!("p{p}"));
         let got = run_ranks(&s, p);
         assert_tracks(&format!("{p} ranks, bn-sync on"), &points(&got.metrics), &want);
-        assert_eq!(files(&s.out), files(&dir.path().join("one")), "{p} ranks: output files");
-        let summary: serde_json::Value = serde_json::from_str(&read(&s.out.join("summary.json"))).unwrap();
+        assert_eq!(
+            files(&s.common.out),
+            files(&dir.path().join("one")),
+            "{p} ranks: output files"
+        );
+        let summary: serde_json::Value = serde_json::from_str(&read(&s.common.out.join("summary.json"))).unwrap();
         assert_eq!(summary["settings"]["processes"], p);
         assert_eq!(summary["settings"]["bn_sync"], true);
         // Per step: the gradient all-reduce and, for each of the 3 BN layers, one all-gather
@@ -148,7 +172,7 @@ fn ranks_track_one_process_with_bn_sync() {
             (calls - (7.0 + 3.0 / 60.0)).abs() < 1e-9,
             "{calls} collective calls per step"
         );
-        assert!(read(&s.out.join("report.html")).contains(&format!("over {p} MPI processes")));
+        assert!(read(&s.common.out.join("report.html")).contains(&format!("over {p} MPI processes")));
     }
     let summary: serde_json::Value = serde_json::from_str(&read(&dir.path().join("one/summary.json"))).unwrap();
     assert_eq!(summary["settings"]["processes"], 1);
@@ -162,12 +186,12 @@ fn bn_sync_off_still_trains() {
     let Some(data) = fashion_mnist() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(Path::new(data), &dir.path().join("off"), Variant::BnX5);
-    s.bn_sync = false;
+    s.common.bn_sync = false;
     let got = points(&run_ranks(&s, 2).metrics);
     let (first, last) = (got[0], got[got.len() - 1]);
     assert!(last.2 < first.2, "the loss must fall: {got:?}");
     assert!(last.1 > 0.5, "bn-sync off must still train: {got:?}");
-    let summary: serde_json::Value = serde_json::from_str(&read(&s.out.join("summary.json"))).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&read(&s.common.out.join("summary.json"))).unwrap();
     assert_eq!(summary["settings"]["processes"], 2);
     assert_eq!(summary["settings"]["bn_sync"], false);
     let calls = summary["variants"]["bn-x5"]["collective_calls_per_step"]
@@ -178,7 +202,7 @@ fn bn_sync_off_still_trains() {
         "{calls}: one all-reduce per step"
     );
     assert!(
-        read(&s.out.join("report.html")).contains("--bn-sync off"),
+        read(&s.common.out.join("report.html")).contains("--bn-sync off"),
         "the report names the mode"
     );
 }
@@ -225,7 +249,7 @@ fn a_diverging_variant_stops_every_rank_at_the_same_step() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path());
     let mut s = tiny(&data, &dir.path().join("out"), &[Variant::Baseline, Variant::BnX5]);
-    s.lr = 1e6;
+    s.common.lr = 1e6;
     let outcomes: Vec<Outcome> = on_threads(&s, 2).into_iter().map(|o| o.unwrap()).collect();
     let step = outcomes[0]
         .metrics
@@ -251,7 +275,7 @@ fn impossible_splits_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path());
     let mut s = tiny(&data, &dir.path().join("out"), &[Variant::BnX5]);
-    s.batch = 2;
+    s.common.batch = 2;
     for (r, o) in on_threads(&s, 3).into_iter().enumerate() {
         let e = o
             .err()
@@ -261,8 +285,8 @@ fn impossible_splits_are_errors() {
             "rank {r}: {e}"
         );
     }
-    s.batch = 5;
-    s.bn_sync = false;
+    s.common.batch = 5;
+    s.common.bn_sync = false;
     for (r, o) in on_threads(&s, 3).into_iter().enumerate() {
         let e = o
             .err()
@@ -272,7 +296,7 @@ fn impossible_splits_are_errors() {
             "rank {r}: {e}"
         );
     }
-    assert!(!s.out.exists(), "an output folder was created");
+    assert!(!s.common.out.exists(), "an output folder was created");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -469,41 +493,38 @@ fn a_stopped_data_parallel_study_resumes_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let data = synthetic_data(dir.path());
     let mut s = tiny(&data, &dir.path().join("full"), &[Variant::Baseline, Variant::BnX5]);
-    s.batch = 21;
-    s.checkpoint_every = 10;
+    s.common.batch = 21;
+    s.common.checkpoint_every = Some(10);
     run_ranks(&s, 2);
-    let full = s.out.clone();
+    let full = s.common.out.clone();
 
-    s.out = dir.path().join("stopped");
+    s.common.out = dir.path().join("stopped");
     let failing = ThreadComm::group(2).unwrap().into_iter().map(|inner| {
         Arc::new(FailAfter {
             inner,
             left: AtomicUsize::new(STOP_AFTER_CALLS),
         }) as Arc<dyn Communicator>
     });
-    for (r, o) in on_comms(&s, failing.collect(), accelerate::run_with)
-        .into_iter()
-        .enumerate()
-    {
+    for (r, o) in on_comms(&s, failing.collect(), run_with).into_iter().enumerate() {
         let e = o.err().unwrap_or_else(|| panic!("rank {r}: the study did not stop"));
         assert!(format!("{e:#}").contains("the test's job crashed"), "rank {r}: {e:#}");
     }
     let step = |out: &Path, v: &str| Checkpoint::read(&ckpt(out, v)).map(|c| c.progress.step).ok();
     assert!(
-        step(&s.out, "baseline").is_some_and(|k| (10..30).contains(&k)),
+        step(&s.common.out, "baseline").is_some_and(|k| (10..30).contains(&k)),
         "the stopped study should hold a checkpoint of the baseline mid-way: {:?}",
-        step(&s.out, "baseline")
+        step(&s.common.out, "baseline")
     );
 
     // Every rank reads the checkpoints (one machine, or a shared file system). Rank 1 is given a
     // folder of its own here: without the checkpoints in it, every rank refuses to resume.
     let resume_on_2_ranks = || {
-        let resumed = accelerate::resume_settings(&s.out).unwrap();
+        let resumed = driver::resume_settings::<Accelerate>(&s.common.out).unwrap();
         let comms = ThreadComm::group(2).unwrap().into_iter();
         on_comms(
             &resumed,
             comms.map(|c| Arc::new(c) as Arc<dyn Communicator>).collect(),
-            accelerate::resume_with,
+            resume_with,
         )
     };
     for (r, o) in resume_on_2_ranks().into_iter().enumerate() {
@@ -518,18 +539,21 @@ fn a_stopped_data_parallel_study_resumes_bit_for_bit() {
     let rank1 = rank_out(&s, 1).join("checkpoints");
     std::fs::create_dir_all(&rank1).unwrap();
     for v in ["baseline", "bn-x5"] {
-        if ckpt(&s.out, v).exists() {
-            std::fs::copy(ckpt(&s.out, v), rank1.join(format!("{v}.safetensors"))).unwrap();
+        if ckpt(&s.common.out, v).exists() {
+            std::fs::copy(ckpt(&s.common.out, v), rank1.join(format!("{v}.safetensors"))).unwrap();
         }
     }
     for (r, o) in resume_on_2_ranks().into_iter().enumerate() {
         o.unwrap_or_else(|e| panic!("rank {r}: {e:#}"));
     }
-    assert_eq!(read(&full.join("metrics.jsonl")), read(&s.out.join("metrics.jsonl")));
+    assert_eq!(
+        read(&full.join("metrics.jsonl")),
+        read(&s.common.out.join("metrics.jsonl"))
+    );
     for v in ["baseline", "bn-x5"] {
         same_state(
             &Checkpoint::read(&ckpt(&full, v)).unwrap(),
-            &Checkpoint::read(&ckpt(&s.out, v)).unwrap(),
+            &Checkpoint::read(&ckpt(&s.common.out, v)).unwrap(),
         );
     }
 }

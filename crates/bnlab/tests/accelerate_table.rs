@@ -1,6 +1,7 @@
 //! The Figure 3 table of `bnlab accelerate`: steps each variant needed to reach the baseline's best
 //! test accuracy, computed by `figure3_table` from evaluation lines.
 
+use bnlab::driver::Variant as _;
 use bnlab::experiments::accelerate::{figure3_table, Metric, Recipe, Settings, Variant};
 
 fn eval(variant: &'static str, step: u64, acc: f64) -> Metric {
@@ -131,10 +132,10 @@ fn recipes_follow_section_4_2() {
     assert!(Variant::BaselineSigmoid.recipe().sigmoid && !Variant::BaselineSigmoid.recipe().bn);
     assert_eq!(Variant::BnBaseline.recipe(), Recipe { bn: true, ..base });
     // After one baseline half-life bn-x5's rate has halved 6 times, from 5× the base rate.
-    let h = s.half_life;
-    assert!((s.lr_at(Variant::Baseline, h) - s.lr / 2.0).abs() < 1e-15);
-    assert!((s.lr_at(Variant::BnX5, h) - 5.0 * s.lr / 64.0).abs() < 1e-15);
-    for v in Variant::ALL {
+    let h = s.experiment.half_life;
+    assert!((s.lr_at(Variant::Baseline, h) - s.common.lr / 2.0).abs() < 1e-15);
+    assert!((s.lr_at(Variant::BnX5, h) - 5.0 * s.common.lr / 64.0).abs() < 1e-15);
+    for &v in Variant::ALL {
         assert_eq!(v.name().parse::<Variant>(), Ok(v));
     }
     assert!("bn-x7".parse::<Variant>().unwrap_err().contains("bn-x7"));

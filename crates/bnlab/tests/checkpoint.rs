@@ -2,14 +2,15 @@
 //! kind of damaged or foreign file rejected with its typed error (never a panic, never a partial
 //! restore). Property tests feed arbitrary and mutated bytes to the loader.
 
-use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, Progress};
+use batchnorm::BatchNormConfig;
+use bnlab::engine::checkpoint::{architecture, checksum, Checkpoint, CheckpointError, CheckpointProgress, CHECKSUM_KEY};
 use bnlab::engine::{Dropout, Layer, Linear, Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 const FEATURES: usize = 16;
 const CLASSES: usize = 4;
@@ -18,7 +19,7 @@ const BATCH: usize = 8;
 /// The paper network of `variant` on 16 inputs after `steps` SGD steps with momentum, so every
 /// parameter, running statistic and momentum buffer holds a non-trivial value.
 fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
-    let (mut net, _) = build(variant, FEATURES, CLASSES, 0.1, 7).unwrap();
+    let (mut net, _) = build(variant, FEATURES, CLASSES, 0.1, 7, BatchNormConfig::default()).unwrap();
     let mut sgd = Sgd::new(0.9, 1e-4);
     let mut loss = SoftmaxCrossEntropy::default();
     let mut dlogits = vec![0.0; BATCH * CLASSES];
@@ -36,8 +37,8 @@ fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
     (net, sgd)
 }
 
-fn progress() -> Progress {
-    Progress {
+fn progress() -> CheckpointProgress {
+    CheckpointProgress {
         step: 3,
         seed: 7,
         values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),
@@ -57,12 +58,13 @@ fn bn_bytes() -> Vec<u8> {
 /// Parses, then restores into a fresh BN network: the error of whichever step fails.
 fn load_into_fresh(bytes: &[u8]) -> Result<(), CheckpointError> {
     let ck = Checkpoint::from_bytes(bytes)?;
-    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4))
 }
 
-/// The file re-encoded after `edit` changes its tensors (name → dtype, shape, bytes); the metadata
-/// is kept unless `meta` changes it.
+/// The file re-encoded after `edit` changes its tensors (name → dtype, shape, bytes), with the
+/// checksums recomputed for the edited tensors (so the edit reaches the checks after the
+/// checksum's); the rest of the metadata is kept unless `meta` changes it.
 fn rewrite(
     bytes: &[u8],
     edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
@@ -77,6 +79,11 @@ fn rewrite(
         .map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
         .collect();
     edit(&mut tensors);
+    let sums: BTreeMap<&str, String> = tensors
+        .iter()
+        .map(|(n, (_, _, b))| (n.as_str(), format!("{:08x}", checksum(b))))
+        .collect();
+    metadata.insert(CHECKSUM_KEY.into(), serde_json::to_string(&sums).unwrap());
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
@@ -100,7 +107,7 @@ fn round_trip_restores_everything_exactly() {
     assert_eq!(back.progress, progress());
     assert_eq!(back.settings["lr"], 0.1);
 
-    let (mut fresh, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut fresh, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     let mut fresh_sgd = Sgd::new(0.9, 1e-4);
     back.restore(&mut fresh, &mut fresh_sgd).unwrap();
     assert_eq!(fresh_sgd.velocity, sgd.velocity);
@@ -133,7 +140,7 @@ fn round_trip_restores_everything_exactly() {
 fn training_continues_identically_after_restore() {
     let (mut a, mut sa) = trained(Variant::Bn, 2);
     let ck = capture(&mut a, &sa);
-    let (mut b, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 5).unwrap();
+    let (mut b, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 5, BatchNormConfig::default()).unwrap();
     let mut sb = Sgd::new(0.9, 1e-4);
     Checkpoint::from_bytes(&ck.to_bytes().unwrap())
         .unwrap()
@@ -270,15 +277,19 @@ fn safetensors_without_bnlab_metadata_is_rejected() {
 
 #[test]
 fn other_format_version_is_rejected() {
-    let bytes = rewrite(
-        &bn_bytes(),
-        |_| {},
-        |m| {
-            m.insert("format_version".into(), "2".into());
-        },
-    );
-    let err = Checkpoint::from_bytes(&bytes).unwrap_err();
-    assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
+    // Version 1 (before checksums) and a future version.
+    for version in ["1", "3"] {
+        let bytes = rewrite(
+            &bn_bytes(),
+            |_| {},
+            |m| {
+                m.insert("format_version".into(), version.into());
+            },
+        );
+        let err = Checkpoint::from_bytes(&bytes).unwrap_err();
+        assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
+        assert!(err.to_string().contains("rerun"), "{err}");
+    }
 }
 
 #[test]
@@ -304,7 +315,7 @@ fn wrong_tensor_shape_is_rejected_before_anything_changes() {
         w.1 = vec![100, FEATURES]; // same bytes, 2-D
     });
     let ck = Checkpoint::from_bytes(&bytes).unwrap();
-    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99).unwrap();
+    let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     let before = architecture(&mut net);
     let w0 = net.params()[0].value.to_vec();
     let err = ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4)).unwrap_err();
@@ -394,7 +405,7 @@ fn another_architecture_is_rejected() {
     assert!(matches!(err, CheckpointError::Architecture { .. }), "{err}");
     assert!(err.to_string().contains("another architecture"), "{err}");
     // The same network on other input sizes.
-    let (mut wide, _) = build(Variant::Bn, FEATURES * 2, CLASSES, 0.1, 1).unwrap();
+    let (mut wide, _) = build(Variant::Bn, FEATURES * 2, CLASSES, 0.1, 1, BatchNormConfig::default()).unwrap();
     let ck = Checkpoint::from_bytes(&bn_bytes()).unwrap();
     assert!(matches!(
         ck.restore(&mut wide, &mut Sgd::new(0.9, 0.0)),

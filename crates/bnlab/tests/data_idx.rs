@@ -113,10 +113,14 @@ fn assert_one_line_naming(err: &DataError, path: &Path) {
 fn check_synthetic(ds: &Dataset, n: usize, rows: usize, cols: usize, classes: usize) {
     assert_eq!((ds.len, ds.rows, ds.cols, ds.classes), (n, rows, cols, classes));
     assert_eq!(ds.features(), rows * cols);
-    assert_eq!(ds.images.len(), n * rows * cols);
+    assert_eq!(ds.pixels.len(), n * rows * cols);
     assert_eq!(ds.labels.len(), n);
-    for (k, &v) in ds.images.iter().enumerate() {
-        assert_eq!(v, (k * 7 % 256) as f32 / 255.0, "pixel {k}");
+    let mut values = vec![f32::NAN; n * rows * cols];
+    ds.images_f32(0..n, &mut values);
+    for (k, (&b, &v)) in ds.pixels.iter().zip(&values).enumerate() {
+        assert_eq!(b, (k * 7 % 256) as u8, "pixel {k}");
+        // The value the network sees: the byte divided by 255, as f32.
+        assert_eq!(v.to_bits(), ((k * 7 % 256) as f32 / 255.0).to_bits(), "pixel {k}");
     }
     for (k, &l) in ds.labels.iter().enumerate() {
         assert_eq!(usize::from(l), k % classes, "label {k}");
@@ -133,7 +137,7 @@ fn raw_round_trip() {
     write_split(dir.path(), Split::Train, "", &images, &labels);
     let ds = load_split(dir.path(), Split::Train).unwrap();
     check_synthetic(&ds, 5, 3, 4, 3);
-    assert_eq!(ds.images.iter().cloned().fold(0.0f32, f32::max), 252.0 / 255.0);
+    assert_eq!(ds.pixels.iter().max(), Some(&252));
 }
 
 #[test]
@@ -144,7 +148,7 @@ fn gzip_round_trip() {
     let ds = load_split(dir.path(), Split::Test).unwrap();
     check_synthetic(&ds, 40, 28, 28, 10);
     // Extreme pixel values.
-    assert!(ds.images.contains(&0.0) && ds.images.contains(&1.0));
+    assert!(ds.pixels.contains(&0) && ds.pixels.contains(&255));
 }
 
 #[test]
@@ -460,9 +464,20 @@ fn missing_directory_names_it() {
         assert_one_line_naming(&err, &absent);
         assert!(err.to_string().contains("dataset-fashion-mnist"), "{err}");
     }
-    // A plain file is not a data directory.
+    // A plain file is not a data directory, and is reported as what it is.
     let file = write(dir.path(), "a-file", b"x");
-    assert!(matches!(load(&file), Err(DataError::Missing { .. })));
+    let err = load(&file).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::NotADirectory {
+                kind: "a regular file",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_one_line_naming(&err, &file);
 }
 
 #[test]
@@ -503,14 +518,26 @@ fn missing_file_names_it() {
 }
 
 #[test]
-fn directory_in_place_of_a_file_is_missing() {
+fn directory_in_place_of_a_file_is_named_as_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     let (_, labels) = synthetic(3, 2, 2, 3);
-    // A directory where the image file should be: it is not a file, so it is not found.
-    std::fs::create_dir(dir.path().join(Split::Train.images_file())).unwrap();
+    // A directory where the image file should be: reported as a directory, not as absent.
+    let images = dir.path().join(Split::Train.images_file());
+    std::fs::create_dir(&images).unwrap();
     write(dir.path(), Split::Train.labels_file(), &labels);
     let err = load_split(dir.path(), Split::Train).unwrap_err();
-    assert!(matches!(err, DataError::MissingFile { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::NotAFile {
+                kind: "a directory",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_one_line_naming(&err, &images);
+    assert!(!err.to_string().contains("not found"), "{err}");
 }
 
 #[test]
@@ -694,7 +721,7 @@ fn gather_copies_the_chosen_examples() {
     let imgs = parse_images(&images, Path::new("i")).unwrap();
     let labs = parse_labels(&labels, Path::new("l")).unwrap();
     let ds = Dataset {
-        images: imgs.pixels,
+        pixels: imgs.pixels,
         labels: labs.labels,
         len: 6,
         rows: 2,
@@ -706,7 +733,11 @@ fn gather_copies_the_chosen_examples() {
     let mut y = vec![99; 4];
     gather(&ds, &indices, &mut x, &mut y);
     for (k, &i) in indices.iter().enumerate() {
-        assert_eq!(&x[k * 6..(k + 1) * 6], &ds.images[i * 6..(i + 1) * 6]);
+        let want: Vec<f32> = ds.pixels[i * 6..(i + 1) * 6]
+            .iter()
+            .map(|&b| f32::from(b) / 255.0)
+            .collect();
+        assert_eq!(&x[k * 6..(k + 1) * 6], want.as_slice());
         assert_eq!(y[k], ds.labels[i]);
     }
     assert_eq!(y, [1, 0, 3, 3]);
@@ -716,7 +747,7 @@ fn gather_copies_the_chosen_examples() {
 #[should_panic(expected = "out of range")]
 fn gather_rejects_out_of_range_indices() {
     let ds = Dataset {
-        images: vec![0.0; 4],
+        pixels: vec![0; 4],
         labels: vec![0; 2],
         len: 2,
         rows: 1,
@@ -741,9 +772,8 @@ fn fashion_mnist_loads_when_installed() {
     println!("loaded Fashion-MNIST in {:?}", start.elapsed());
     for (ds, n) in [(&train, 60_000), (&test, 10_000)] {
         assert_eq!((ds.len, ds.rows, ds.cols, ds.classes), (n, 28, 28, 10));
-        assert_eq!(ds.images.len(), n * 784);
+        assert_eq!(ds.pixels.len(), n * 784);
         assert_eq!(ds.labels.len(), n);
-        assert!(ds.images.iter().all(|v| (0.0..=1.0).contains(v)));
         // Fashion-MNIST is balanced: each class has a tenth of the examples.
         let mut counts = [0usize; 10];
         for &l in &ds.labels {
@@ -751,7 +781,10 @@ fn fashion_mnist_loads_when_installed() {
         }
         assert!(counts.iter().all(|&c| c == n / 10), "{counts:?}");
     }
-    let mean = train.images.iter().map(|&v| f64::from(v)).sum::<f64>() / train.images.len() as f64;
+    let mut values = vec![0.0f32; train.pixels.len()];
+    train.images_f32(0..train.len, &mut values);
+    assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64;
     // The training pixels' mean is about 0.286.
     assert!((mean - 0.286).abs() < 0.01, "mean pixel {mean}");
 }

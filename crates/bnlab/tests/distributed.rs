@@ -16,7 +16,8 @@ mod common;
 use common::assert_tracks;
 
 use batchnorm::{Communicator, ThreadComm};
-use bnlab::experiments::paper_mlp::{self, Metric, Settings, Variant};
+use bnlab::driver::{self, RunOptions, Start};
+use bnlab::experiments::paper_mlp::{Metric, PaperMlp, Settings, Variant};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,15 +38,26 @@ fn data() -> Option<PathBuf> {
 
 fn settings(data: &Path, out: &Path, steps: u64) -> Settings {
     let mut s = Settings::paper(out.to_path_buf());
-    s.variants = vec![Variant::Bn];
-    s.steps = steps;
-    s.eval_every = 50;
-    s.data_dir = data.to_path_buf();
+    s.experiment.variants = vec![Variant::Bn];
+    s.common.steps = steps;
+    s.common.eval_every = 50;
+    s.common.data_dir = data.to_path_buf();
     s
 }
 
 fn points(metrics: &[Metric]) -> Vec<(u64, f64, f64)> {
     metrics.iter().map(|m| (m.step, m.test_acc, m.train_loss)).collect()
+}
+
+/// A fresh quiet run of `s` as one rank of `comm`.
+fn run_with(s: &Settings, comm: Arc<dyn Communicator>) -> anyhow::Result<driver::Finished<PaperMlp>> {
+    let opts = RunOptions {
+        start: Start::Fresh,
+        overwrite: false,
+        quiet: true,
+        comm,
+    };
+    driver::run(&PaperMlp, s, opts)
 }
 
 /// Runs `paper-mlp` as `p` in-process ranks; returns rank 0's evaluations.
@@ -54,9 +66,12 @@ fn on_threads(s: &Settings, p: usize) -> Vec<Metric> {
     let outcomes: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
-            .map(|c| scope.spawn(move || paper_mlp::run_with(s, true, Arc::new(c) as Arc<dyn Communicator>)))
+            .map(|c| scope.spawn(move || run_with(s, Arc::new(c))))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap().outcome)
+            .collect()
     });
     for o in &outcomes[1..] {
         assert!(o.metrics.is_empty(), "only rank 0 evaluates");
@@ -71,14 +86,19 @@ fn in_process_ranks_track_one_process() {
     let Some(data) = data() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&data, &dir.path().join("one"), 300);
-    let one = points(&paper_mlp::run(&s, true).unwrap().metrics);
-    s.out = dir.path().join("two");
+    let one = points(
+        &driver::run(&PaperMlp, &s, RunOptions::fresh(true))
+            .unwrap()
+            .outcome
+            .metrics,
+    );
+    s.common.out = dir.path().join("two");
     assert_tracks("2 ranks, bn-sync on", &points(&on_threads(&s, 2)), &one);
     // 60 = 20 + 20 + 20; a batch of 61 gives uneven shards (20, 20, 21).
-    s.out = dir.path().join("three");
+    s.common.out = dir.path().join("three");
     assert_tracks("3 ranks, bn-sync on", &points(&on_threads(&s, 3)), &one);
-    s.out = dir.path().join("off");
-    s.bn_sync = false;
+    s.common.out = dir.path().join("off");
+    s.common.bn_sync = false;
     let off = points(&on_threads(&s, 2));
     let last = off.last().unwrap();
     assert!(last.1 > 0.6, "bn-sync off must still train: {off:?}");
@@ -97,16 +117,21 @@ fn uneven_shards_track_one_process() {
     let Some(data) = data() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&data, &dir.path().join("one"), 100);
-    s.batch = 61;
-    let one = points(&paper_mlp::run(&s, true).unwrap().metrics);
-    s.out = dir.path().join("three");
+    s.common.batch = 61;
+    let one = points(
+        &driver::run(&PaperMlp, &s, RunOptions::fresh(true))
+            .unwrap()
+            .outcome
+            .metrics,
+    );
+    s.common.out = dir.path().join("three");
     assert_tracks("3 ranks, batch 61", &points(&on_threads(&s, 3)), &one);
 }
 
 #[test]
 fn shards_cover_the_batch_in_order() {
     for (n, p) in [(60, 1), (60, 2), (61, 3), (5, 5), (7, 4)] {
-        let shards: Vec<_> = (0..p).map(|r| bnlab::dist::shard(n, r, p)).collect();
+        let shards: Vec<_> = (0..p).map(|r| bnlab::parallel::shard(n, r, p)).collect();
         assert_eq!(shards[0].start, 0);
         assert_eq!(shards[p - 1].end, n);
         for w in shards.windows(2) {
@@ -115,9 +140,9 @@ fn shards_cover_the_batch_in_order() {
         let (min, max) = shards.iter().fold((n, 0), |(a, b), r| (a.min(r.len()), b.max(r.len())));
         assert!(max - min <= 1 && min >= 1, "{n} over {p}: {shards:?}");
     }
-    assert!(bnlab::dist::check_split(60, 61, true).is_err());
-    assert!(bnlab::dist::check_split(60, 30, true).is_ok());
-    assert!(bnlab::dist::check_split(60, 31, false).is_err());
+    assert!(bnlab::parallel::check_split(60, 61, true).is_err());
+    assert!(bnlab::parallel::check_split(60, 30, true).is_ok());
+    assert!(bnlab::parallel::check_split(60, 31, false).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------

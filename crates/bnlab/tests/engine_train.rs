@@ -601,7 +601,7 @@ fn train_bits(seed: u64, threads: usize) -> Vec<u32> {
     pool.install(|| {
         assert_eq!(rayon::current_num_threads(), threads);
         let (features, classes, batch, steps) = (784usize, 10usize, 400usize, 6);
-        let (mut net, _) = build(Variant::Bn, features, classes, 0.1, seed).unwrap();
+        let (mut net, _) = build(Variant::Bn, features, classes, 0.1, seed, BatchNormConfig::default()).unwrap();
         let mut r = rng(seed ^ 0xdead_beef);
         let mut sgd = Sgd::new(0.9, 1e-4);
         let mut ce = SoftmaxCrossEntropy::default();

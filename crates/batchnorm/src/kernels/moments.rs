@@ -273,7 +273,7 @@ const CHANNEL_TILE: usize = 256;
 /// Rows whose terms are added to a register copy of the accumulators before it is stored back
 /// (still row by row per channel, so no bit changes): fewer stores and reloads of the
 /// accumulators per row, at the cost of registers; with the one-pass moments, 4 rows beat 1 for
-/// every channel count of the benchmarks (figures in `docs/tuning-log-kernels.md`).
+/// every channel count of the benchmarks (figures in `docs/tuning-log.md`).
 const ROW_GROUP: usize = 4;
 
 /// Reading `G` rows at a time interleaves `G` runs inside one or two pages when rows are short,

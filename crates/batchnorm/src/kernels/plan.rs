@@ -32,18 +32,17 @@ const SERIAL_BELOW: usize = 1 << 15;
 /// With at least this many channels, channels-first units are whole channels (and passes fuse).
 pub(crate) const MIN_PARALLEL_CHANNELS: usize = 16;
 /// Fewest rows of a block of the rows plan: each block costs a few operations per channel (shift,
-/// finish, merge), which for wide rows weigh against few rows of work. 64 rather than 16: NC
-/// [256, 4096] `fwd_train` 0.30 → 0.26 ms (alternating runs, 7 rounds); the one-pass moments'
-/// cancellation bound grows with the block's rows (n + 1 ≤ 65, on `f64` rounding).
+/// finish, merge), which for wide rows weigh against few rows of work, so wide rows want more
+/// rows per block; the one-pass moments' cancellation bound grows with the block's rows
+/// (n + 1 ≤ 65, on `f64` rounding), which caps it.
 const MIN_BLOCK_ROWS: usize = 64;
 /// Elements of a block of the rows plan (128 KiB of `f32`), whose moments are computed in one
 /// shifted pass and merged with Chan's formula: 4× fewer per-block merges than with
-/// [`PIECE`]-sized blocks (measured 5–7% faster on NHWC training forward with the former
-/// two-pass scan, median of 6 alternating rounds).
+/// [`PIECE`]-sized blocks.
 const ROWS_BLOCK: usize = 1 << 15;
 /// Outputs of at least this many bytes are written with streaming (non-temporal) stores: they do
 /// not fit in the last-level cache beside their inputs, so caching them only evicts the inputs.
-const STREAM_BYTES: usize = 16 << 20;
+const STREAM_BYTES: usize = LAST_LEVEL_CACHE_BYTES / 2;
 
 /// Rows of this many bytes up to [`PREFETCH_ROW_BELOW`] have the rows plan's reductions prefetch
 /// the next group of rows, when the tensor has at least [`PREFETCH_ROWS_BYTES`] (see
@@ -57,10 +56,9 @@ const PREFETCH_ROW_BELOW: usize = 4096;
 /// private L2, in the rows plan's reductions.
 const PREFETCH_ROWS_BYTES: usize = 8 << 20;
 
-/// Whether the rows plan's reductions over `g` prefetch the next group of rows. Measured (NHWC
-/// `f32`, 12.8 MB tensors, 2 threads, alternating runs): backward sums at 128, 256 and 512
-/// channels 1.5–2× faster; at 64 channels 5–9% slower, at 1024 channels and more slower;
-/// [2048, 512] in cache (4 MB) 5–15% slower.
+/// Whether the rows plan's reductions over `g` prefetch the next group of rows: only for rows
+/// the hardware prefetchers do not follow (see [`PREFETCH_ROW_MIN`]) of tensors that come from
+/// beyond L2; elsewhere the extra instructions cost more than they hide.
 fn prefetch_rows<T>(g: &Geometry) -> RowPrefetch {
     let size = std::mem::size_of::<T>();
     let row = g.channels * size;
@@ -70,17 +68,25 @@ fn prefetch_rows<T>(g: &Geometry) -> RowPrefetch {
     }
 }
 
-/// The last-level cache the plans assume (this machine's L3).
-const LLC_BYTES: usize = 32 << 20;
+/// The size of the last-level cache the work plans assume, in bytes: a tunable of the machine,
+/// not of the algorithm (results are the same bits for any value).
+///
+/// It decides one thing: whether a pass whose inputs an earlier pass has just read writes its
+/// output with streaming (non-temporal) stores, because output and re-read inputs together
+/// would not fit in this cache (caching the output would evict the inputs while the pass reads
+/// them). Set too small, mid-sized outputs bypass a cache they would have fit in and the next
+/// pass reads them back from memory; set too large, outputs evict the inputs the pass is
+/// reading. The default, 32 MiB, is the L3 of the machine the kernels were tuned on; set it to
+/// the L3 (or the share of it one process gets) of the machine they run on.
+pub const LAST_LEVEL_CACHE_BYTES: usize = 32 << 20;
 
 /// Whether the output of a pass over `g` is written with streaming stores: when it alone is
 /// [`STREAM_BYTES`] or more, or when it and the `reread` inputs, which an earlier pass has just
-/// read, overflow the last-level cache (caching the output would evict the inputs while the pass
-/// reads them). Measured on NHWC [64,256,14,14] backward (dx after the sums pass over x and dy,
-/// 3 × 12.8 MB): 1.27 → 1.07 ms.
+/// read, overflow the last-level cache ([`LAST_LEVEL_CACHE_BYTES`]; caching the output would
+/// evict the inputs while the pass reads them).
 fn stream_output<T>(g: &Geometry, reread: usize) -> bool {
     let bytes = g.len() * std::mem::size_of::<T>();
-    bytes >= STREAM_BYTES || (reread + 1) * bytes > LLC_BYTES
+    bytes >= STREAM_BYTES || (reread + 1) * bytes > LAST_LEVEL_CACHE_BYTES
 }
 
 /// A mutable buffer written by parallel units at disjoint places.
@@ -270,7 +276,7 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
 }
 
 /// Affine parameters of the normalization, per channel: y = (x − mean)·scale + shift.
-pub(crate) struct Affine<'a> {
+pub(crate) struct Normalization<'a> {
     pub mean: &'a [f64],
     pub scale: &'a [f64],
     pub shift: &'a [f64],
@@ -280,10 +286,9 @@ pub(crate) struct Affine<'a> {
 ///
 /// Units are taken last to first: after a pass over x in order (the statistics), the data read
 /// last is what the caches still hold, and a second pass in the same order would evict it just
-/// before reaching it when x is about the size of the last-level cache. Measured (NHWC, `f32`, 2
-/// threads, alternating runs, medians of 9): [64,256,14,14] `fwd_train` 0.72 → 0.61 ms,
-/// `backward` 1.33 → 1.28 ms; [32,64,56,56] 2–4% on every pass. Element-wise, so no bit changes.
-pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Affine) {
+/// before reaching it when x is about the size of the last-level cache. Element-wise, so no bit
+/// changes.
+pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Normalization) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
@@ -372,7 +377,7 @@ pub(crate) fn train_forward<T: Element>(
             g,
             x,
             y,
-            &Affine {
+            &Normalization {
                 mean: &m.mean,
                 scale: &scale,
                 shift: &shift,

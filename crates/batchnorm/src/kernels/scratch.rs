@@ -5,7 +5,7 @@
 //! these temporaries afresh on every call (tens of KiB each for wide layers) lets the system
 //! allocator hand the pages back between calls and fault them in again: glibc trims the heap
 //! top above 128 KiB, and on a multi-threaded process every trim is a TLB shootdown (what that
-//! cost on wide layers: `docs/tuning-log-kernels.md`). A [`Scratch`]
+//! cost on wide layers: `docs/tuning-log.md`). A [`Scratch`]
 //! takes a buffer from the current thread's pool and gives it back to the pool of the thread
 //! that drops it; each pool keeps at most [`MAX_POOLED`] buffers of at most
 //! [`MAX_POOLED_BYTES`] each.

@@ -4,7 +4,7 @@
 
 use super::Communicator;
 use crate::check;
-use crate::{BatchNorm, BatchNormConfig, BatchStats, Element, Error, GradSums, Layout, SavedStats};
+use crate::{BatchNorm, BatchNormConfig, BatchStats, Element, Error, GradSums, Grads, SavedStats, View};
 
 /// Merges every rank's partial statistics into the global batch's: all-gathers (count, mean, M2)
 /// and merges them in rank order with Chan's formula, so every rank gets the same bits. With one
@@ -81,29 +81,19 @@ impl<T: Element> SyncBatchNorm<T> {
     }
 
     /// See [`BatchNorm::forward_train_sync`].
-    pub fn forward_train(
-        &mut self,
-        comm: &dyn Communicator,
-        x: &[T],
-        shape: &[usize],
-        layout: Layout,
-        y: &mut [T],
-    ) -> Result<SavedStats, Error> {
-        self.bn.forward_train_sync(comm, x, shape, layout, y)
+    pub fn forward_train(&mut self, comm: &dyn Communicator, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
+        self.bn.forward_train_sync(comm, x, y)
     }
 
     /// See [`BatchNorm::backward_sync`].
     pub fn backward(
         &self,
         comm: &dyn Communicator,
-        x: &[T],
+        x: View<'_, T>,
         dy: &[T],
-        shape: &[usize],
-        layout: Layout,
         saved: &SavedStats,
-        dx: Option<&mut [T]>,
-        dparams: Option<(&mut [T], &mut [T])>,
+        grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
-        self.bn.backward_sync(comm, x, dy, shape, layout, saved, dx, dparams)
+        self.bn.backward_sync(comm, x, dy, saved, grads)
     }
 }

@@ -27,7 +27,10 @@
 //! - `tiny_T`: the smallest normal number of `T`, for results that underflow.
 #![allow(dead_code)]
 
-use batchnorm::{reference, Element, Geometry, Layout};
+use batchnorm::{
+    batch_norm_backward, batch_norm_train, reference, Affine, BatchStats, Element, Geometry, Grads, Layout, SavedStats,
+    View,
+};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -224,6 +227,36 @@ impl Data {
 /// `Some(slice)` or `None`.
 pub fn opt<T>(v: &[T], on: bool) -> Option<&[T]> {
     on.then_some(v)
+}
+
+/// γ and β when `on`, none otherwise.
+pub fn affine_if<'a, T>(on: bool, gamma: &'a [T], beta: &'a [T]) -> Affine<'a, T> {
+    Affine {
+        gamma: opt(gamma, on),
+        beta: opt(beta, on),
+    }
+}
+
+/// The training forward on `x` into a NaN-filled `y` (so that an element it does not write
+/// fails any comparison): `(y, batch statistics, saved statistics)`.
+pub fn train<T: Element>(x: View<'_, T>, affine: Affine<'_, T>, eps: f64) -> (Vec<T>, BatchStats, SavedStats) {
+    let mut y = vec![T::from_f64(f64::NAN); x.data.len()];
+    let (stats, saved) = batch_norm_train(x, affine, eps, &mut y).unwrap();
+    (y, stats, saved)
+}
+
+/// The training backward writing all of dx, dγ, dβ into NaN-filled buffers: `(dx, dγ, dβ)`.
+pub fn backward_all<T: Element>(
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let nan = T::from_f64(f64::NAN);
+    let c = saved.mean.len();
+    let (mut dx, mut dg, mut db) = (vec![nan; x.data.len()], vec![nan; c], vec![nan; c]);
+    batch_norm_backward(x, dy, saved, gamma, Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
+    (dx, dg, db)
 }
 
 /// Per-element scale of the training forward y = γ·x̂ + β (see module docs): the terms

@@ -20,7 +20,7 @@
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::idx::Dataset;
+use super::idx::{pixels_to_f32, Dataset};
 
 /// Why an [`EpochShuffler`] could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,14 +166,15 @@ impl EpochShuffler {
     }
 }
 
-/// Copies the examples `indices` of `ds` into flat buffers: `x` gets their pixels
-/// (`indices.len() × ds.features()`, row-major, in the order of `indices`), `y` their labels.
+/// Copies the examples `indices` of `ds` into flat buffers: `x` gets their pixels as `f32`
+/// ([`pixel_value`](super::idx::pixel_value) of each byte; `indices.len() × ds.features()`, row-major, in the order of
+/// `indices`), `y` their labels.
 ///
 /// ```
 /// use bnlab::data::{batches::gather, idx::Dataset};
 ///
 /// let ds = Dataset {
-///     images: vec![0.0, 0.1, 1.0, 1.1, 2.0, 2.1],
+///     pixels: vec![0, 51, 102, 153, 204, 255],
 ///     labels: vec![0, 1, 2],
 ///     len: 3,
 ///     rows: 1,
@@ -182,7 +183,7 @@ impl EpochShuffler {
 /// };
 /// let (mut x, mut y) = (vec![0.0; 4], vec![0; 2]);
 /// gather(&ds, &[2, 0], &mut x, &mut y);
-/// assert_eq!((x.as_slice(), y.as_slice()), (&[2.0, 2.1, 0.0, 0.1][..], &[2, 0][..]));
+/// assert_eq!((x.as_slice(), y.as_slice()), (&[0.8, 1.0, 0.0, 0.2][..], &[2, 0][..]));
 /// ```
 ///
 /// # Panics
@@ -208,7 +209,7 @@ pub fn gather(ds: &Dataset, indices: &[usize], x: &mut [f32], y: &mut [u8]) {
     );
     for (k, &i) in indices.iter().enumerate() {
         assert!(i < ds.len, "gather: index {i} out of range for {} examples", ds.len);
-        x[k * f..(k + 1) * f].copy_from_slice(&ds.images[i * f..(i + 1) * f]);
+        pixels_to_f32(&ds.pixels[i * f..(i + 1) * f], &mut x[k * f..(k + 1) * f]);
         y[k] = ds.labels[i];
     }
 }

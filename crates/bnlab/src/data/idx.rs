@@ -22,11 +22,18 @@
 //! as its header says (plus one byte, to detect trailing data), with at most
 //! [`MAX_DECODED_BYTES`] in all, so neither a lying header nor a zip bomb can exhaust memory.
 //!
-//! Every [`DataError`] message is a single line that starts with the path concerned.
+//! Pixels are kept as the file's bytes ([`Dataset::pixels`]) and converted to `f32` by
+//! [`pixel_value`] only where a batch is built ([`crate::data::gather`],
+//! [`Dataset::images_f32`]), so a dataset takes one byte per pixel in memory.
+//!
+//! Every [`DataError`] message is a single line that starts with the path concerned; an OS error
+//! is said once, with its real cause (a directory, a symbolic-link loop, a permission).
 
 use std::borrow::Cow;
-use std::fs::File;
+use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where `apt-get install dataset-fashion-mnist` puts Fashion-MNIST: the four `*-ubyte.gz`
@@ -37,8 +44,9 @@ pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// [`DataError::TooLarge`]; Fashion-MNIST's largest file is 47 MB decompressed.
 pub const MAX_DECODED_BYTES: u64 = 1 << 30;
 
-/// The largest label accepted. The number of classes of a dataset is its largest label plus one,
-/// and capping labels at 254 keeps that count within a `u8` too (at most 255 classes).
+/// The largest label accepted. Under [`load`] the number of classes of a dataset is its largest
+/// label plus one, and capping labels at 254 keeps that count within a `u8` too (at most 255
+/// classes); [`load_with_classes`] fixes the count instead.
 pub const MAX_LABEL: u8 = 254;
 
 /// The IDX element type code of unsigned bytes, the only one supported.
@@ -55,11 +63,28 @@ const MAX_DEFLATE_RATIO: u64 = 1032;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
-    /// The data directory does not exist (or is not a directory).
+    /// The data directory does not exist.
     #[error("{}: data directory not found; {}", .path.display(), install_hint(.path))]
     Missing {
         /// The directory that was looked for.
         path: PathBuf,
+    },
+    /// The data directory's path names something else (a file, a device).
+    #[error("{}: not a directory (it is {kind}); give the directory holding the dataset files", .path.display())]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+        /// What it is (`a regular file`, …).
+        kind: &'static str,
+    },
+    /// A dataset file's name is taken by something that is not a regular file (a directory, a
+    /// device, a FIFO, a dangling symbolic link).
+    #[error("{}: not a regular file (it is {kind})", .path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
     },
     /// A dataset file exists neither raw nor with a `.gz` suffix.
     #[error("{}: file not found (looked for it raw and with a .gz suffix); {}", .path.display(), install_hint(.path))]
@@ -67,13 +92,15 @@ pub enum DataError {
         /// The file that was looked for, without the `.gz` suffix.
         path: PathBuf,
     },
-    /// Reading the file failed.
-    #[error("{}: cannot read: {source}", .path.display())]
+    /// Reading the file or directory failed (permission denied, a symbolic-link loop, …). The
+    /// OS error is part of the message and deliberately not reported again as the error's
+    /// `source()`, so a printed error chain says it once.
+    #[error("{}: cannot read: {error}", .path.display())]
     Io {
-        /// The file.
+        /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        error: io::Error,
     },
     /// The file does not start with the IDX magic `00 00`.
     #[error("{}: not an IDX file (starts with {:02x} {:02x}, expected 00 00)", .path.display(), .found[0], .found[1])]
@@ -145,6 +172,24 @@ pub enum DataError {
         /// Test image `(rows, cols)`.
         test: (usize, usize),
     },
+    /// A split holds no examples (nothing to train on, or an accuracy of nothing).
+    #[error("{}: the file holds no examples; a split must not be empty", .path.display())]
+    Empty {
+        /// The image file of the split.
+        path: PathBuf,
+    },
+    /// A label is not below the class count the experiment fixed ([`load_with_classes`]).
+    #[error("{}: label {label} at index {index} is outside the experiment's {classes} classes (0 to {})", .path.display(), .classes.saturating_sub(1))]
+    LabelOutOfRange {
+        /// The label file.
+        path: PathBuf,
+        /// Position of the first offending label.
+        index: usize,
+        /// Its value.
+        label: u8,
+        /// The class count.
+        classes: usize,
+    },
     /// A label exceeds [`MAX_LABEL`].
     #[error("{}: label {label} at index {index} exceeds the maximum label {max}", .path.display(), max = MAX_LABEL)]
     BadLabel {
@@ -165,13 +210,13 @@ pub enum DataError {
         /// The limit.
         limit: u64,
     },
-    /// The gzip stream is corrupt.
-    #[error("{}: corrupt gzip stream: {source}", .path.display())]
+    /// The gzip stream is corrupt (the decoder's error is said once, as in [`DataError::Io`]).
+    #[error("{}: corrupt gzip stream: {error}", .path.display())]
     Gzip {
         /// The file.
         path: PathBuf,
         /// The decoder's error.
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -200,11 +245,41 @@ fn type_name(type_byte: u8) -> &'static str {
     }
 }
 
-/// One split of a dataset: images scaled to `[0, 1]` and their labels.
+/// The value a pixel byte stands for: the byte divided by 255, in `[0, 1]`. The one definition
+/// of the scaling, used wherever images become `f32`.
+///
+/// ```
+/// use bnlab::data::idx::pixel_value;
+/// assert_eq!((pixel_value(0), pixel_value(51), pixel_value(255)), (0.0, 0.2, 1.0));
+/// ```
+#[inline]
+pub fn pixel_value(byte: u8) -> f32 {
+    f32::from(byte) / 255.0
+}
+
+/// Writes [`pixel_value`] of each byte of `bytes` into `out`.
+///
+/// # Panics
+/// If the lengths differ (a caller bug).
+pub fn pixels_to_f32(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(
+        bytes.len(),
+        out.len(),
+        "pixels_to_f32: {} pixels into {} values",
+        bytes.len(),
+        out.len()
+    );
+    for (o, &b) in out.iter_mut().zip(bytes) {
+        *o = pixel_value(b);
+    }
+}
+
+/// One split of a dataset: images as bytes and their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
-    /// `len × (rows·cols)` pixels, row-major, each byte divided by 255.
-    pub images: Vec<f32>,
+    /// `len × (rows·cols)` pixels, row-major, as stored in the file (one byte each); the network
+    /// sees [`pixel_value`] of each, through [`crate::data::gather`] or [`Dataset::images_f32`].
+    pub pixels: Vec<u8>,
     /// `len` labels, each below `classes`.
     pub labels: Vec<u8>,
     /// Number of examples.
@@ -213,8 +288,8 @@ pub struct Dataset {
     pub rows: usize,
     /// Image width.
     pub cols: usize,
-    /// Number of classes: the largest label plus one (0 for an empty dataset). [`load`] gives
-    /// both splits the larger of their two counts.
+    /// Number of classes: under [`load`] the largest label plus one, the larger of the two
+    /// splits' counts; under [`load_with_classes`] the count given.
     pub classes: usize,
 }
 
@@ -222,6 +297,31 @@ impl Dataset {
     /// Values per example: `rows · cols`.
     pub fn features(&self) -> usize {
         self.rows * self.cols
+    }
+
+    /// Writes the pixels of examples `examples` (consecutive, row-major) into `out` as `f32`
+    /// ([`pixel_value`]: the same values the loader produced when it kept `f32` pixels).
+    ///
+    /// ```
+    /// use bnlab::data::Dataset;
+    ///
+    /// let ds = Dataset { pixels: vec![0, 51, 102, 255], labels: vec![0, 1], len: 2, rows: 1, cols: 2, classes: 2 };
+    /// let mut out = [0.0; 2];
+    /// ds.images_f32(1..2, &mut out);
+    /// assert_eq!(out, [0.4, 1.0]);
+    /// ```
+    ///
+    /// # Panics
+    /// If `examples` does not lie within `0..len`, or `out.len()` is not
+    /// `examples.len() * features()` (caller bugs, not data errors).
+    pub fn images_f32(&self, examples: Range<usize>, out: &mut [f32]) {
+        assert!(
+            examples.start <= examples.end && examples.end <= self.len,
+            "images_f32: examples {examples:?} out of range for {} examples",
+            self.len
+        );
+        let f = self.features();
+        pixels_to_f32(&self.pixels[examples.start * f..examples.end * f], out);
     }
 }
 
@@ -255,8 +355,8 @@ impl Split {
 /// Images parsed from an IDX file by [`parse_images`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Images {
-    /// `len × (rows·cols)` pixels, row-major, each byte divided by 255.
-    pub pixels: Vec<f32>,
+    /// `len × (rows·cols)` pixels, row-major, the file's bytes (see [`pixel_value`]).
+    pub pixels: Vec<u8>,
     /// Number of images.
     pub len: usize,
     /// Image height.
@@ -321,7 +421,7 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<Header, DataError> {
         .and_then(|items| items.checked_add(header_len as u64))
         .ok_or_else(|| DataError::BadDims {
             path: path.to_path_buf(),
-            detail: format!("the sizes {dims:?} multiply past 2^64"),
+            detail: format!("the sizes {} multiply past 2^64", show_dims(&dims)),
         })?;
     Ok(Header {
         dims,
@@ -361,10 +461,22 @@ fn bad_dims_count(path: &Path, dims: &[u32], want: usize, what: &str) -> DataErr
     DataError::BadDims {
         path: path.to_path_buf(),
         detail: format!(
-            "{what} files must have {want} dimension(s), found {} ({dims:?})",
-            dims.len()
+            "{what} files must have {want} dimension(s), found {} ({})",
+            dims.len(),
+            show_dims(dims)
         ),
     }
+}
+
+/// Header sizes for an error message, cut after the first few so that a header of 255 sizes
+/// still gives a short line: `[1, 2, 3]`, or `[1, 2, 3, 4, 5, 6, …] (255 sizes)`.
+fn show_dims(dims: &[u32]) -> String {
+    const SHOWN: usize = 6;
+    if dims.len() <= SHOWN {
+        return format!("{dims:?}");
+    }
+    let head: Vec<String> = dims[..SHOWN].iter().map(u32::to_string).collect();
+    format!("[{}, …] ({} sizes)", head.join(", "), dims.len())
 }
 
 /// Converts a size already checked against data in memory.
@@ -376,8 +488,8 @@ fn to_usize(n: u32) -> usize {
 
 /// Parses an IDX image file (`[n, rows, cols]`, unsigned bytes) from its bytes, raw or gzip.
 ///
-/// `path` only labels errors. Pixels are scaled to `[0, 1]` by dividing by 255. Rows and
-/// columns must be nonzero; `n` may be zero.
+/// `path` only labels errors. Pixels are kept as bytes (see [`pixel_value`] for their value).
+/// Rows and columns must be nonzero; `n` may be zero (the loaders refuse an empty split).
 ///
 /// This never panics, whatever `bytes` holds, and never allocates more than the input (or its
 /// decompressed form, capped at [`MAX_DECODED_BYTES`]) justifies.
@@ -395,7 +507,7 @@ fn to_usize(n: u32) -> usize {
 /// let bytes = [0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 255, 51, 102];
 /// let images = parse_images(&bytes, Path::new("in-memory")).unwrap();
 /// assert_eq!((images.len, images.rows, images.cols), (2, 1, 2));
-/// assert_eq!(images.pixels, [0.0, 1.0, 0.2, 0.4]);
+/// assert_eq!(images.pixels, [0, 255, 51, 102]);
 /// ```
 pub fn parse_images(bytes: &[u8], path: &Path) -> Result<Images, DataError> {
     let decoded = decode(bytes, path, MAX_DECODED_BYTES)?;
@@ -411,9 +523,8 @@ pub fn parse_images(bytes: &[u8], path: &Path) -> Result<Images, DataError> {
             detail: format!("images must have nonzero rows and columns, found {rows}x{cols}"),
         });
     }
-    let pixels = data.iter().map(|&b| f32::from(b) / 255.0).collect();
     Ok(Images {
-        pixels,
+        pixels: data.to_vec(),
         len,
         rows,
         cols,
@@ -465,9 +576,9 @@ fn decode<'a>(bytes: &'a [u8], path: &Path, limit: u64) -> Result<Cow<'a, [u8]>,
 /// Decompresses a gzip stream holding one IDX file, reading only as far as its header
 /// describes plus one byte (to detect trailing data).
 fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
-    let gz_err = |source: io::Error| DataError::Gzip {
+    let gz_err = |error: io::Error| DataError::Gzip {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut decoder = flate2::bufread::MultiGzDecoder::new(compressed);
     let mut out = Vec::with_capacity(4 + 4 * 255);
@@ -499,22 +610,56 @@ fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>, DataErr
     Ok(out)
 }
 
-/// Reads a whole file of at most `limit` bytes.
+/// What a file that is not what was expected is (`a directory`, `a character device`, …), for
+/// error messages.
+pub(crate) fn file_kind(t: fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown kind"
+    }
+}
+
+/// Reads a whole regular file of at most `limit` bytes. Opened without blocking (a FIFO that
+/// slipped in after [`locate`] cannot hang the reader) and refused unless it is a regular file.
 fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
-    let io_err = |source: io::Error| {
-        if source.kind() == io::ErrorKind::NotFound {
+    let io_err = |error: io::Error| {
+        if error.kind() == io::ErrorKind::NotFound {
             DataError::MissingFile {
                 path: path.to_path_buf(),
             }
         } else {
             DataError::Io {
                 path: path.to_path_buf(),
-                source,
+                error,
             }
         }
     };
-    let file = File::open(path).map_err(io_err)?;
-    let size = file.metadata().map_err(io_err)?.len();
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(DataError::NotAFile {
+            path: path.to_path_buf(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    let size = meta.len();
     let too_large = |size: u64| DataError::TooLarge {
         path: path.to_path_buf(),
         size,
@@ -533,27 +678,56 @@ fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
     Ok(bytes)
 }
 
+/// `Some(path)` when `path` is a regular file (after following symbolic links), `None` when
+/// nothing is there; otherwise the real cause: [`DataError::NotAFile`] (a directory, a device,
+/// a dangling symbolic link) or [`DataError::Io`] (a symbolic-link loop, a permission).
+fn probe(path: PathBuf) -> Result<Option<PathBuf>, DataError> {
+    match fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(Some(path)),
+        Ok(m) => Err(DataError::NotAFile {
+            kind: file_kind(m.file_type()),
+            path,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::symlink_metadata(&path) {
+            Ok(_) => Err(DataError::NotAFile {
+                path,
+                kind: "a symbolic link to nothing",
+            }),
+            Err(_) => Ok(None),
+        },
+        Err(error) => Err(DataError::Io { path, error }),
+    }
+}
+
 /// Finds `name` in `dir`, raw or with a `.gz` suffix (the raw file wins when both exist, as it
 /// needs no decompression). The content decides whether it is decompressed, not the name.
+/// Anything but a regular file or nothing under either name is an error naming it (see
+/// [`probe`]).
 fn locate(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     let raw = dir.join(name);
-    if raw.is_file() {
-        return Ok(raw);
+    if let Some(path) = probe(raw.clone())? {
+        return Ok(path);
     }
-    let gz = dir.join(format!("{name}.gz"));
-    if gz.is_file() {
-        return Ok(gz);
+    if let Some(path) = probe(dir.join(format!("{name}.gz")))? {
+        return Ok(path);
     }
     Err(DataError::MissingFile { path: raw })
 }
 
 fn check_dir(dir: &Path) -> Result<(), DataError> {
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(DataError::Missing {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) => Err(DataError::NotADirectory {
             path: dir.to_path_buf(),
-        })
+            kind: file_kind(m.file_type()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(DataError::Missing {
+            path: dir.to_path_buf(),
+        }),
+        Err(error) => Err(DataError::Io {
+            path: dir.to_path_buf(),
+            error,
+        }),
     }
 }
 
@@ -561,16 +735,25 @@ fn check_dir(dir: &Path) -> Result<(), DataError> {
 /// and [`Split::labels_file`]), each raw or with a `.gz` suffix.
 ///
 /// # Errors
-/// [`DataError::Missing`] if `dir` is not a directory, [`DataError::MissingFile`] if a file is
-/// absent, [`DataError::CountMismatch`] if the files disagree on the number of examples, and any
-/// error of [`parse_images`] / [`parse_labels`].
+/// [`DataError::Missing`] if `dir` does not exist, [`DataError::NotADirectory`] if it is not a
+/// directory, [`DataError::MissingFile`] if a file is absent, [`DataError::NotAFile`] if its
+/// name is taken by a directory, a device or a dangling link, [`DataError::Io`] for a
+/// permission or a symbolic-link loop, [`DataError::CountMismatch`] if the files disagree on the
+/// number of examples, [`DataError::Empty`] if they hold none, and any error of
+/// [`parse_images`] / [`parse_labels`].
 pub fn load_split(dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    let (dataset, _) = load_split_with_path(dir, split)?;
-    Ok(dataset)
+    check_dir(dir)?;
+    Ok(load_split_files(dir, split)?.dataset)
 }
 
-fn load_split_with_path(dir: &Path, split: Split) -> Result<(Dataset, PathBuf), DataError> {
-    check_dir(dir)?;
+/// A split as loaded, with the paths of its files (for later errors).
+struct Loaded {
+    dataset: Dataset,
+    images_path: PathBuf,
+    labels_path: PathBuf,
+}
+
+fn load_split_files(dir: &Path, split: Split) -> Result<Loaded, DataError> {
     let images_path = locate(dir, split.images_file())?;
     let labels_path = locate(dir, split.labels_file())?;
     let images = parse_images(&read_file(&images_path, MAX_DECODED_BYTES)?, &images_path)?;
@@ -583,25 +766,51 @@ fn load_split_with_path(dir: &Path, split: Split) -> Result<(Dataset, PathBuf), 
             labels: labels.labels.len(),
         });
     }
+    if images.len == 0 {
+        return Err(DataError::Empty { path: images_path });
+    }
     let dataset = Dataset {
-        images: images.pixels,
+        pixels: images.pixels,
         len: images.len,
         rows: images.rows,
         cols: images.cols,
         labels: labels.labels,
         classes: labels.classes,
     };
-    Ok((dataset, images_path))
+    Ok(Loaded {
+        dataset,
+        images_path,
+        labels_path,
+    })
 }
 
-/// Loads `(train, test)` from `dir` (usually [`DEFAULT_DATA_DIR`]).
+/// Both splits, checked to have images of one size.
+fn load_both(dir: &Path) -> Result<(Loaded, Loaded), DataError> {
+    check_dir(dir)?;
+    let train = load_split_files(dir, Split::Train)?;
+    let test = load_split_files(dir, Split::Test)?;
+    let (a, b) = (&train.dataset, &test.dataset);
+    if (a.rows, a.cols) != (b.rows, b.cols) {
+        return Err(DataError::ShapeMismatch {
+            train_path: train.images_path,
+            test_path: test.images_path,
+            train: (a.rows, a.cols),
+            test: (b.rows, b.cols),
+        });
+    }
+    Ok((train, test))
+}
+
+/// Loads `(train, test)` from `dir` (usually [`DEFAULT_DATA_DIR`]), the number of classes taken
+/// from the labels.
 ///
 /// Both splits get the same `classes`, the larger of their own counts, so a test set that lacks
-/// the highest class still has outputs for it.
+/// the highest class still has outputs for it. An experiment whose class count is fixed uses
+/// [`load_with_classes`] instead, so that a stray label is an error rather than extra outputs.
 ///
 /// # Errors
-/// As [`load_split`], plus [`DataError::ShapeMismatch`] if the two splits' images differ in
-/// size.
+/// As [`load_split`] for either split, plus [`DataError::ShapeMismatch`] if the two splits'
+/// images differ in size.
 ///
 /// ```no_run
 /// use bnlab::data::idx::{load, DEFAULT_DATA_DIR};
@@ -611,19 +820,44 @@ fn load_split_with_path(dir: &Path, split: Split) -> Result<(Dataset, PathBuf), 
 /// # Ok::<(), bnlab::data::idx::DataError>(())
 /// ```
 pub fn load(dir: &Path) -> Result<(Dataset, Dataset), DataError> {
-    let (mut train, train_path) = load_split_with_path(dir, Split::Train)?;
-    let (mut test, test_path) = load_split_with_path(dir, Split::Test)?;
-    if (train.rows, train.cols) != (test.rows, test.cols) {
-        return Err(DataError::ShapeMismatch {
-            train_path,
-            test_path,
-            train: (train.rows, train.cols),
-            test: (test.rows, test.cols),
-        });
-    }
+    let (train, test) = load_both(dir)?;
+    let (mut train, mut test) = (train.dataset, test.dataset);
     let classes = train.classes.max(test.classes);
     train.classes = classes;
     test.classes = classes;
+    Ok((train, test))
+}
+
+/// Loads `(train, test)` from `dir` for an experiment of exactly `classes` classes: both splits
+/// get `classes`, and every label must be below it.
+///
+/// # Errors
+/// As [`load`], plus [`DataError::LabelOutOfRange`] naming the label file and the index and
+/// value of the first label `>= classes` (the training labels are checked first).
+///
+/// ```no_run
+/// use bnlab::data::idx::{load_with_classes, DEFAULT_DATA_DIR};
+///
+/// let (train, test) = load_with_classes(DEFAULT_DATA_DIR.as_ref(), 10)?;
+/// assert_eq!((train.classes, test.classes), (10, 10));
+/// # Ok::<(), bnlab::data::idx::DataError>(())
+/// ```
+pub fn load_with_classes(dir: &Path, classes: usize) -> Result<(Dataset, Dataset), DataError> {
+    let (train, test) = load_both(dir)?;
+    let mut out = [train, test].map(|l| (l.dataset, l.labels_path));
+    for (ds, labels_path) in &mut out {
+        let bad = ds.labels.iter().enumerate().find(|&(_, &l)| usize::from(l) >= classes);
+        if let Some((index, &label)) = bad {
+            return Err(DataError::LabelOutOfRange {
+                path: labels_path.clone(),
+                index,
+                label,
+                classes,
+            });
+        }
+        ds.classes = classes;
+    }
+    let [(train, _), (test, _)] = out;
     Ok((train, test))
 }
 

@@ -4,14 +4,15 @@
 //! over N·H·W values) uses the NCHW layout, i.e. examples `[channels, spatial]`. Why NCHW rather
 //! than NHWC: [`super::Conv2d`]'s im2col + GEMM writes each example as `W·col = [out_c, oh·ow]`,
 //! which *is* NCHW, and pooling and LRN index NCHW too, so NHWC would cost a transpose of every
-//! conv output and gradient; and on this engine's feature-map shapes the kernels are not faster in
-//! NHWC anyway. Measured (fwd_train + backward, median of 41, 2 threads, 2-core machine shared with
-//! other builds, so ±20%): `[64, 8, 28, 28]` NCHW 0.33 ms vs NHWC 0.71 ms; `[64, 16, 14, 14]`
-//! 0.19 vs 0.24 ms; `[64, 32, 14, 14]` 0.38 vs 0.41 ms (NHWC wins only from wide planes with more
-//! channels: `[64, 16, 28, 28]` 1.54 vs 1.06 ms).
+//! conv output and gradient; and on this engine's feature-map shapes (8 channels of 28×28, 16 of
+//! 14×14) the kernels are not faster in NHWC anyway: NHWC pays off only from wide planes with more
+//! channels (the figures are in docs/tuning-log.md).
 
 use super::{Layer, Mode, Param, State, StateValue};
-use ::batchnorm::{batch_norm_train, BatchNorm, BatchNormConfig, Communicator, Layout, PopulationStats, SavedStats};
+use ::batchnorm::{
+    batch_norm_train, Affine, BatchNorm, BatchNormConfig, Communicator, Grads, Layout, PopulationStats, SavedStats,
+    View,
+};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
@@ -84,18 +85,22 @@ impl Layer for BatchNormLayer {
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
         let (shape, layout) = self.shape(batch);
+        let x = View::new(x, &shape, layout);
         match mode {
             Mode::Train => {
                 self.saved = Some(match &self.sync {
-                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, &shape, layout, y)?,
-                    None => self.bn.forward_train(x, &shape, layout, y)?,
+                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, y)?,
+                    None => self.bn.forward_train(x, y)?,
                 })
             }
-            Mode::Eval => self.bn.forward_eval(x, &shape, layout, y)?,
+            Mode::Eval => self.bn.forward_eval(x, y)?,
             Mode::Collect => {
-                let (g, b) = (Some(&self.bn.gamma[..]), Some(&self.bn.beta[..]));
-                let (g, b) = if self.bn.config.affine { (g, b) } else { (None, None) };
-                let (stats, _) = batch_norm_train(x, &shape, layout, g, b, self.bn.config.eps, y)?;
+                let affine = if self.bn.config.affine {
+                    Affine::new(&self.bn.gamma, &self.bn.beta)
+                } else {
+                    Affine::NONE
+                };
+                let (stats, _) = batch_norm_train(x, affine, self.bn.config.eps, y)?;
                 self.population.observe(&stats)?;
             }
         }
@@ -104,20 +109,25 @@ impl Layer for BatchNormLayer {
 
     fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let (shape, layout) = self.shape(batch);
+        let x = View::new(x, &shape, layout);
         let saved = self
             .saved
             .as_ref()
             .context("batch norm backward before a training forward")?;
-        let grads = Some((&mut self.grad_gamma[..], &mut self.grad_beta[..]));
         match &self.sync {
             Some(comm) => {
                 // This rank's share of dγ, dβ: the data-parallel loop sums the shares over ranks.
-                let local = self
-                    .bn
-                    .backward_sync(comm.as_ref(), x, dy, &shape, layout, saved, dx, None)?;
+                let dx_only = Grads { dx, ..Grads::default() };
+                let local = self.bn.backward_sync(comm.as_ref(), x, dy, saved, dx_only)?;
                 local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
             }
-            None => self.bn.backward(x, dy, &shape, layout, saved, dx, grads)?,
+            None => {
+                let grads = Grads {
+                    dx,
+                    ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
+                };
+                self.bn.backward(x, dy, saved, grads)?
+            }
         }
         Ok(())
     }

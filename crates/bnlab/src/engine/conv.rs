@@ -145,7 +145,7 @@ impl Conv2d {
             bn.channels(),
             self.out_channels
         );
-        let bias = ::batchnorm::fold_into_preceding(&mut self.weight, self.bias.as_deref(), bn)?;
+        let bias = ::batchnorm::fold_into_preceding(bn, self.bias.as_deref(), &mut self.weight)?;
         self.bias = Some(bias);
         self.grad_bias = vec![0.0; self.out_channels];
         Ok(())
@@ -306,8 +306,8 @@ impl Layer for Conv2d {
         // One run: accumulate its dW partial; with dx, dcol = Wᵀ·dy_n and its col2im.
         // dW_n = dy_n·col_nᵀ contracts over the p output positions: where p is long against the
         // k = in_c·kh·kw outputs per filter (the first layer: p 784, k 25), row-by-row dot products
-        // beat sgemm, which would pack the transposed col (measured: conv1's backward 1.4 → 0.75 ms
-        // per batch of 64; conv2's, p 196 and k 200, is faster with sgemm: 5.4 against 6.3 ms).
+        // beat sgemm, which would pack the transposed col; with p and k alike (the second layer:
+        // p 196, k 200) sgemm is faster (figures in docs/tuning-log.md).
         let run = |s: &mut Scratch, xr: &[f32], dyr: &[f32], mut dxr: Option<&mut [f32]>| {
             s.grad_weight.fill(0.0);
             for (n, (xn, dyn_)) in xr.chunks_exact(isz).zip(dyr.chunks_exact(osz)).enumerate() {

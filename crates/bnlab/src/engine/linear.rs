@@ -46,7 +46,7 @@ impl Linear {
             bn.channels(),
             self.outputs
         );
-        let bias = ::batchnorm::fold_into_preceding(&mut self.weight, self.bias.as_deref(), bn)?;
+        let bias = ::batchnorm::fold_into_preceding(bn, self.bias.as_deref(), &mut self.weight)?;
         self.bias = Some(bias);
         self.grad_bias = vec![0.0; self.outputs];
         Ok(())

@@ -28,8 +28,8 @@
 //! test accuracy reached the baseline's best test accuracy (or never), and its own best accuracy
 //! and the step of it.
 //!
-//! Data-parallel training ([`run_with`], `bnlab accelerate --distributed` under `mpirun`) follows
-//! `paper-mlp`'s design ([`crate::dist`]): every global batch of the one-process run is cut into
+//! Data-parallel training (`bnlab accelerate --distributed` under `mpirun`) follows the driver's
+//! design ([`crate::parallel`]): every global batch of the one-process run is cut into
 //! contiguous shards, one per rank; gradients and loss are summed over the ranks and every rank
 //! applies the same update (momentum and weight decay included), so the replicas stay identical
 //! (checked at every evaluation). The learning-rate schedule, the evaluation schedule and rank 0's
@@ -42,24 +42,20 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
-use super::common::{self, BnStats, EvalSettings, LoopCounters, StepBuffers, VariantRun};
-use super::metrics_log::truncate_jsonl;
-use crate::data::{self, Dataset, EpochShuffler};
-use crate::dist::{self, DataParallel};
-use crate::engine::checkpoint::{Checkpoint, CheckpointError};
+use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::Variant as _;
+use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
     Sigmoid, StateValue,
 };
+use crate::parallel::{self, DataParallel};
 use crate::report::{self, LinePlot, Page, Series};
-use anyhow::{anyhow, ensure, Context, Result};
-use batchnorm::{BatchNormConfig, Communicator, SingleProcess};
+use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 /// The six networks of the study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -97,9 +93,8 @@ pub struct Recipe {
     pub decay_speedup: f64,
 }
 
-impl Variant {
-    /// All variants, in the study's order.
-    pub const ALL: [Variant; 6] = [
+impl driver::Variant for Variant {
+    const ALL: &'static [Variant] = &[
         Variant::Baseline,
         Variant::BnBaseline,
         Variant::BnX5,
@@ -108,8 +103,7 @@ impl Variant {
         Variant::BaselineSigmoid,
     ];
 
-    /// Name in flags, files and reports.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Variant::Baseline => "baseline",
             Variant::BnBaseline => "bn-baseline",
@@ -119,12 +113,9 @@ impl Variant {
             Variant::BaselineSigmoid => "baseline-sigmoid",
         }
     }
+}
 
-    /// The variant called `name`, if any.
-    pub fn from_name(name: &str) -> Option<Variant> {
-        Variant::ALL.into_iter().find(|v| v.name() == name)
-    }
-
+impl Variant {
     /// The variant's changes to the baseline (the paper's Section 4.2.1).
     pub fn recipe(self) -> Recipe {
         let baseline = Recipe {
@@ -169,23 +160,11 @@ impl std::str::FromStr for Variant {
     }
 }
 
-/// Everything that defines a study.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
+/// The study's own settings (beside [`CommonSettings`] in [`Settings`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccelerateSettings {
     /// Networks to train, in order.
     pub variants: Vec<Variant>,
-    /// Training steps per network.
-    pub steps: u64,
-    /// Steps between evaluations (and at the last step).
-    pub eval_every: u64,
-    /// Steps between checkpoints (one is also written at the end of each variant).
-    pub checkpoint_every: u64,
-    /// Seed of initialization, shuffling and dropout.
-    pub seed: u64,
-    /// Mini-batch size.
-    pub batch: usize,
-    /// Base learning rate (the baseline's).
-    pub lr: f64,
     /// Steps over which the baseline's learning rate halves (variants with a decay speed-up halve
     /// faster).
     pub half_life: u64,
@@ -199,82 +178,88 @@ pub struct Settings {
     pub hidden: usize,
     /// Drop probability of the dropout layers.
     pub dropout: f32,
-    /// BN statistics at evaluation.
-    pub bn_stats: BnStats,
-    /// Training batches for Algorithm 2's estimate.
-    pub population_batches: usize,
-    /// IDX data directory.
-    pub data_dir: PathBuf,
-    /// Output directory.
-    pub out: PathBuf,
-    /// Worker threads (recorded; the caller sets up the pool).
-    pub threads: usize,
-    /// Data-parallel processes (recorded; the communicator given to [`run_with`] decides).
-    pub processes: usize,
-    /// With several processes: batch norm over the global batch (true) or per process (false).
-    pub bn_sync: bool,
 }
 
-/// Default training steps per variant.
-pub const DEFAULT_STEPS: u64 = 4000;
-/// Default steps between evaluations.
-pub const DEFAULT_EVAL_EVERY: u64 = 200;
+/// Everything that defines a study.
+pub type Settings = driver::Settings<AccelerateSettings>;
+
+/// The study's choices of the common settings: 4000 steps of batches of 64 at base learning rate
+/// 0.01, evaluated every 200 steps.
+pub const DEFAULTS: Defaults = Defaults {
+    steps: 4000,
+    eval_every: 200,
+    batch: 64,
+    lr: 0.01,
+};
+
+/// What `--quick` changes: a run of seconds for CI.
+pub mod quick {
+    /// Training steps.
+    pub const STEPS: u64 = 120;
+    /// Steps between evaluations.
+    pub const EVAL_EVERY: u64 = 40;
+    /// Output channels of the conv layers.
+    pub const CHANNELS: [usize; 2] = [4, 8];
+    /// Width of the hidden layer.
+    pub const HIDDEN: usize = 32;
+    /// Training batches of the population statistics.
+    pub const POPULATION_BATCHES: usize = 5;
+}
+
+/// The learning rate's default half-life for a run of `steps` steps: a third of the run.
+pub fn default_half_life(steps: u64) -> u64 {
+    (steps / 3).max(1)
+}
 
 impl Settings {
     /// The default study writing to `out`.
     pub fn new(out: PathBuf) -> Self {
         Settings {
-            variants: Variant::ALL.to_vec(),
-            steps: DEFAULT_STEPS,
-            eval_every: DEFAULT_EVAL_EVERY,
-            checkpoint_every: DEFAULT_EVAL_EVERY,
-            seed: 1,
-            batch: 64,
-            lr: 0.01,
-            half_life: DEFAULT_STEPS / 3,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            channels: [8, 16],
-            hidden: 100,
-            dropout: 0.5,
-            bn_stats: BnStats::Population,
-            population_batches: 50,
-            data_dir: PathBuf::from(data::DEFAULT_DATA_DIR),
-            out,
-            threads: 1,
-            processes: 1,
-            bn_sync: true,
+            common: CommonSettings::new(DEFAULTS, out),
+            experiment: AccelerateSettings {
+                variants: <Variant as driver::Variant>::ALL.to_vec(),
+                half_life: default_half_life(DEFAULTS.steps),
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                channels: [8, 16],
+                hidden: 100,
+                dropout: 0.5,
+            },
         }
     }
 
-    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net.
+    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net ([`quick`]).
     pub fn quick(mut self) -> Self {
-        self.steps = 120;
-        self.eval_every = 40;
-        self.checkpoint_every = 40;
-        self.half_life = 40;
-        self.channels = [4, 8];
-        self.hidden = 32;
-        self.population_batches = 5;
+        self.common.steps = quick::STEPS;
+        self.common.eval_every = quick::EVAL_EVERY;
+        self.common.checkpoint_every = None;
+        self.common.population_batches = quick::POPULATION_BATCHES;
+        self.experiment.half_life = default_half_life(quick::STEPS);
+        self.experiment.channels = quick::CHANNELS;
+        self.experiment.hidden = quick::HIDDEN;
         self
     }
 
+    /// The learning-rate schedule of `variant`.
+    pub fn schedule(&self, variant: Variant) -> LrSchedule {
+        LrSchedule::Exponential {
+            every: self.experiment.half_life,
+            rate: 0.5,
+            speedup: variant.recipe().decay_speedup,
+        }
+    }
+
+    /// The learning rate of `variant` at `step` (0-based: the rate of the step's update).
+    pub fn lr_at(&self, variant: Variant, step: u64) -> f64 {
+        self.schedule(variant)
+            .lr(self.common.lr * variant.recipe().lr_factor, step)
+    }
+}
+
+impl AccelerateSettings {
     /// Rejects settings that cannot run.
     pub fn check(&self) -> Result<()> {
-        ensure!(!self.variants.is_empty(), "no variant to train");
-        let mut seen = self.variants.clone();
-        seen.sort();
-        seen.dedup();
-        ensure!(seen.len() == self.variants.len(), "--variants lists a variant twice");
-        ensure!(self.steps > 0, "--steps must be > 0");
-        ensure!(self.eval_every > 0, "--eval-every must be > 0");
-        ensure!(self.checkpoint_every > 0, "--checkpoint-every must be > 0");
         ensure!(self.half_life > 0, "--half-life must be > 0");
-        ensure!(
-            self.batch >= 2,
-            "--batch must be at least 2 (batch norm needs 2 values per feature)"
-        );
-        ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be a finite number > 0");
         ensure!(
             self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
             "--momentum must be in [0, 1)"
@@ -288,33 +273,7 @@ impl Settings {
             "--channels and --hidden must be > 0"
         );
         ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
-        ensure!(self.population_batches > 0, "--population-batches must be > 0");
         Ok(())
-    }
-
-    /// The learning-rate schedule of `variant`.
-    pub fn schedule(&self, variant: Variant) -> LrSchedule {
-        LrSchedule::Exponential {
-            every: self.half_life,
-            rate: 0.5,
-            speedup: variant.recipe().decay_speedup,
-        }
-    }
-
-    /// The learning rate of `variant` at `step` (0-based: the rate of the step's update).
-    pub fn lr_at(&self, variant: Variant, step: u64) -> f64 {
-        self.schedule(variant).lr(self.lr * variant.recipe().lr_factor, step)
-    }
-
-    /// How evaluations set up batch norm (Algorithm 2 over `population_batches` training batches,
-    /// or the running averages).
-    pub fn eval_settings(&self) -> EvalSettings {
-        EvalSettings {
-            bn_stats: self.bn_stats,
-            population_batches: self.population_batches,
-            batch: self.batch,
-            seed: self.seed,
-        }
     }
 }
 
@@ -324,7 +283,7 @@ pub fn build(s: &Settings, variant: Variant, rows: usize, cols: usize, classes: 
 }
 
 /// [`build`] for data-parallel rank `rank`: the same initial weights on every rank, and dropout
-/// layers with the rank's own generator (seeded from `s.seed` and `rank`; rank 0's is [`build`]'s).
+/// layers with the rank's own generator (seeded from the seed and `rank`; rank 0's is [`build`]'s).
 pub fn build_for_rank(
     s: &Settings,
     variant: Variant,
@@ -334,7 +293,8 @@ pub fn build_for_rank(
     rank: usize,
 ) -> Result<Sequential> {
     let r = variant.recipe();
-    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let (common, own) = (&s.common, &s.experiment);
+    let mut rng = ChaCha8Rng::seed_from_u64(common.seed);
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
     let act = |size: usize| -> Box<dyn Layer> {
         if r.sigmoid {
@@ -344,12 +304,12 @@ pub fn build_for_rank(
         }
     };
     let (mut c, mut h, mut w) = (1usize, rows, cols);
-    for (i, &out_c) in s.channels.iter().enumerate() {
+    for (i, &out_c) in own.channels.iter().enumerate() {
         let conv = Conv2d::new(c, out_c, h, w, (5, 5), 1, 2, !r.bn, ConvInit::He, &mut rng)?;
         (h, w) = conv.out_hw;
         layers.push(Box::new(conv));
         if r.bn {
-            layers.push(Box::new(BatchNormLayer::new(out_c, h * w, BatchNormConfig::default())?));
+            layers.push(Box::new(BatchNormLayer::new(out_c, h * w, common.bn_config())?));
         }
         layers.push(act(out_c * h * w));
         let pool = MaxPool2d::new(out_c, h, w, 2, 2)
@@ -363,20 +323,32 @@ pub fn build_for_rank(
     }
     // Flatten: nothing to do, the buffer is [batch, c·h·w] already.
     let features = c * h * w;
-    let dropout_seed = |k: u64| s.seed ^ (0x000d_5090_u64 + k) ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let dropout_seed = |k: u64| common.seed ^ (0x000d_5090_u64 + k) ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     if r.dropout {
-        layers.push(Box::new(Dropout::new(features, s.dropout, dropout_seed(1))?));
+        layers.push(Box::new(Dropout::new(features, own.dropout, dropout_seed(1))?));
     }
     let he = |fan_in: usize| (2.0 / fan_in as f32).sqrt();
-    layers.push(Box::new(Linear::new(features, s.hidden, !r.bn, he(features), &mut rng)));
+    layers.push(Box::new(Linear::new(
+        features,
+        own.hidden,
+        !r.bn,
+        he(features),
+        &mut rng,
+    )));
     if r.bn {
-        layers.push(Box::new(BatchNormLayer::new(s.hidden, 1, BatchNormConfig::default())?));
+        layers.push(Box::new(BatchNormLayer::new(own.hidden, 1, common.bn_config())?));
     }
-    layers.push(act(s.hidden));
+    layers.push(act(own.hidden));
     if r.dropout {
-        layers.push(Box::new(Dropout::new(s.hidden, s.dropout, dropout_seed(2))?));
+        layers.push(Box::new(Dropout::new(own.hidden, own.dropout, dropout_seed(2))?));
     }
-    layers.push(Box::new(Linear::new(s.hidden, classes, true, he(s.hidden), &mut rng)));
+    layers.push(Box::new(Linear::new(
+        own.hidden,
+        classes,
+        true,
+        he(own.hidden),
+        &mut rng,
+    )));
     Sequential::new(layers)
 }
 
@@ -397,34 +369,20 @@ pub struct Metric {
     pub diverged: bool,
 }
 
-impl common::MetricLine for Metric {
+impl MetricLine for Metric {
     fn variant_name(&self) -> &str {
         self.variant
     }
     fn step(&self) -> u64 {
         self.step
     }
-}
-
-/// Result of one variant.
-#[derive(Debug, Clone, Serialize)]
-pub struct VariantSummary {
-    /// Test accuracy at the last evaluation (`None` if there was none).
-    pub final_test_acc: Option<f64>,
-    /// Best test accuracy over evaluations.
-    pub best_test_acc: Option<f64>,
-    /// Wall-clock seconds of the whole run (training and evaluations).
-    pub seconds: f64,
-    /// Milliseconds per training step (training steps only, no evaluation).
-    pub ms_per_step: f64,
-    /// Steps trained.
-    pub steps: u64,
-    /// The step at which the training loss became non-finite, if it did.
-    pub diverged_at: Option<u64>,
-    /// Collective calls per training step of rank 0 (0 with one process).
-    pub collective_calls_per_step: f64,
-    /// Bytes rank 0 sent per training step (received: `processes` times as many).
-    pub bytes_sent_per_step: f64,
+    fn from_json(line: &serde_json::Value) -> Result<Self> {
+        Metric::from_json(line)
+    }
+    /// A divergence line lies past the variant's last checkpoint; it is written again.
+    fn kept_on_resume(&self) -> bool {
+        !self.diverged
+    }
 }
 
 /// One row of the Figure 3 table.
@@ -476,7 +434,7 @@ pub fn figure3_table(variants: &[&str], metrics: &[Metric]) -> Table {
         metrics.iter().filter(move |m| m.variant == v)
     }
     let of = |v| of(metrics, v);
-    let target = best_of(of(Variant::Baseline.name()));
+    let target = best_of(of(driver::Variant::name(Variant::Baseline)));
     let rows = variants
         .iter()
         .map(|&v| {
@@ -544,245 +502,112 @@ impl Table {
     }
 }
 
-/// Everything a study produced.
-pub struct Outcome {
-    /// All evaluations, variants in order.
-    pub metrics: Vec<Metric>,
-    /// Per variant.
-    pub summaries: BTreeMap<&'static str, VariantSummary>,
-    /// The Figure 3 table.
-    pub table: Table,
-}
+/// The "accelerating BN networks" study (Figure 3): SGD with momentum, a diverging variant stops
+/// and the others go on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accelerate;
 
-common::impl_experiment_settings!(Settings);
+impl Experiment for Accelerate {
+    const NAME: &'static str = "accelerate";
+    const CLASSES: usize = 10;
+    type Settings = AccelerateSettings;
+    type Variant = Variant;
+    type Metric = Metric;
+    type Probe = ();
+    type Report = Table;
 
-/// The `experiment` name in this experiment's checkpoints.
-pub const EXPERIMENT: &str = "accelerate";
-
-/// Where a study keeps the checkpoint of `variant`: `OUT/checkpoints/<variant>.safetensors`.
-pub fn checkpoint_path(out: &Path, variant: Variant) -> PathBuf {
-    common::checkpoint_path(out, variant.name())
-}
-
-/// Loads data, trains every variant, writes the settings, metrics, checkpoints, the table, the
-/// plot and the report into `settings.out`.
-pub fn run(settings: &Settings, quiet: bool) -> Result<Outcome> {
-    run_with(settings, quiet, Arc::new(SingleProcess))
-}
-
-/// [`run`] as one rank of data-parallel training over `comm` (see [`crate::dist`] and the module
-/// documentation): every rank trains on its shard of each global batch; rank 0 alone evaluates,
-/// reports progress and writes the outputs (the other ranks create no file and return an outcome
-/// without metrics). `settings.processes` is set from `comm`. With one rank this is [`run`].
-pub fn run_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
-    execute(settings, quiet, false, comm)
-}
-
-/// The settings of the study in `dir` (its `settings.json`), with `out` set to `dir`. Rejects a
-/// directory without a readable, valid `settings.json` (not an accelerate run directory).
-pub fn resume_settings(dir: &Path) -> Result<Settings> {
-    let mut s: Settings = common::run_settings(dir, "an accelerate run")?;
-    s.out = dir.to_path_buf();
-    Ok(s)
-}
-
-/// Continues the study in `settings.out` (settings from [`resume_settings`]): every variant
-/// restarts from its checkpoint (a finished one is not retrained, one without a checkpoint starts
-/// afresh), `metrics.jsonl` is cut back to the checkpoints' steps, and all outputs are written as
-/// an uninterrupted run would. Rejects a checkpoint that belongs to another run (other settings,
-/// another architecture) or is damaged.
-pub fn resume(settings: &Settings, quiet: bool) -> Result<Outcome> {
-    resume_with(settings, quiet, Arc::new(SingleProcess))
-}
-
-/// [`resume`] as one rank of data-parallel training over `comm`, as [`run_with`]. Checkpoints do
-/// not depend on the number of processes: a study may resume with another.
-pub fn resume_with(settings: &Settings, quiet: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
-    execute(settings, quiet, true, comm)
-}
-
-fn execute(settings: &Settings, quiet: bool, resuming: bool, comm: Arc<dyn Communicator>) -> Result<Outcome> {
-    let mut settings = settings.clone();
-    settings.processes = comm.size();
-    let settings = &settings;
-    settings.check()?;
-    dist::check_split(settings.batch, settings.processes, settings.bn_sync)?;
-    let root = comm.rank() == 0;
-    let (train, test) = data::load(&settings.data_dir)?;
-    ensure!(
-        train.len >= settings.batch,
-        "the training set has fewer examples than one batch"
-    );
-    // Checks that the network fits the images before anything is written.
-    build(
-        settings,
-        Variant::Baseline,
-        train.rows,
-        train.cols,
-        train.classes.max(test.classes),
-    )?;
-    let names: Vec<&str> = settings.variants.iter().map(|v| v.name()).collect();
-    let kept = |starts: &[Option<Checkpoint>]| kept_metrics(settings, starts);
-    let (starts, kept) = common::begin_run(
-        &settings.out,
-        EXPERIMENT,
-        &names,
-        settings,
-        resuming,
-        comm.as_ref(),
-        kept,
-    )?;
-    let out = root.then_some(settings.out.as_path());
-    let (metrics, summaries) = common::train_variants(
-        out,
-        kept,
-        &settings.variants,
-        Variant::name,
-        settings.steps,
-        quiet,
-        comm.size(),
-        |i, v, run| {
-            let mut dp = DataParallel::new(comm.clone());
-            train_variant(settings, v, starts[i].as_ref(), &train, &test, &mut dp, run)
-        },
-    )?;
-    let table = figure3_table(&names, &metrics);
-    let outcome = Outcome {
-        metrics,
-        summaries,
-        table,
-    };
-    if root {
-        write_outputs(settings, &outcome)?;
+    fn variants(&self, s: &Settings) -> Vec<Variant> {
+        s.experiment.variants.clone()
     }
-    Ok(outcome)
-}
 
-/// Cuts `metrics.jsonl` back to the lines the checkpoints `starts` (one per variant, in order)
-/// cover and returns them: a variant's evaluations up to its checkpoint's step.
-fn kept_metrics(s: &Settings, starts: &[Option<Checkpoint>]) -> Result<Vec<Metric>> {
-    let names: Vec<&str> = s.variants.iter().map(|v| v.name()).collect();
-    // A divergence line lies past the variant's last checkpoint; it is written again.
-    let covered =
-        |line: &serde_json::Value| line["diverged"] == false && common::covered_by_checkpoints(line, &names, starts);
-    truncate_jsonl(&s.out.join("metrics.jsonl"), covered)?
-        .iter()
-        .map(Metric::from_json)
-        .collect()
-}
-
-/// Trains one variant (this rank's shards when `dp` has several ranks), recording a metrics line
-/// through `run` at every evaluation and once on divergence (rank 0 only).
-fn train_variant(
-    s: &Settings,
-    variant: Variant,
-    start: Option<&Checkpoint>,
-    train: &Dataset,
-    test: &Dataset,
-    dp: &mut DataParallel,
-    run: &VariantRun<Metric>,
-) -> Result<VariantSummary> {
-    let recipe = variant.recipe();
-    let classes = train.classes.max(test.classes);
-    let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
-    let mut net = build_for_rank(s, variant, train.rows, train.cols, classes, dp.rank())?;
-    if parallel && s.bn_sync {
-        net.batchnorms()
-            .into_iter()
-            .for_each(|bn| bn.synchronize(Some(dp.comm())));
+    fn check(&self, s: &Settings) -> Result<()> {
+        s.experiment.check()
     }
-    dp.take_traffic();
-    let shuffler = EpochShuffler::new(train.len, s.batch, s.seed)?;
-    let mut sgd = Sgd::new(s.momentum, s.weight_decay / recipe.weight_decay_divisor as f32);
-    let local = dist::shard(s.batch, dp.rank(), dp.size()).len();
-    let ckpt_path = checkpoint_path(&s.out, variant);
-    let first = match start {
-        Some(ck) => {
-            let counters = common::restore_start(ck, &mut net, &mut sgd, s.steps, s.seed, &ckpt_path)?;
-            // The checkpoint holds the dropout positions of rank 0 of the run that wrote it.
-            let writer_processes = ck.settings["processes"].as_u64().unwrap_or(1).max(1) as usize;
-            dropout_to_rank(&mut net, dist::shard(s.batch, 0, writer_processes).len(), local)?;
-            counters
+
+    /// The weights with their gradients, momentum and all-reduce buffer; every layer's output
+    /// for an evaluation chunk and, with its gradient, for a training batch; and the
+    /// convolutions' unfolded inputs (im2col) for either (f32).
+    fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
+        let (c1, c2) = (s.experiment.channels[0] as u64, s.experiment.channels[1] as u64);
+        let (hidden, classes) = (s.experiment.hidden as u64, data.classes as u64);
+        let hw = (data.train.rows * data.train.cols) as u64;
+        let features = c2 * (hw / 16);
+        let params = 25 * c1 + 25 * c1 * c2 + features * hidden + hidden * classes + 4 * (c1 + c2 + hidden) + classes;
+        // conv, BN, activation at full size, pool and LRN at a quarter, per block; then the head.
+        let outputs =
+            3 * c1 * hw + 2 * c1 * (hw / 4) + 3 * c2 * (hw / 4) + 2 * c2 * (hw / 16) + features + 4 * hidden + classes;
+        let unfolded = 25 * hw + 25 * c1 * (hw / 4);
+        let batch = s.common.batch as u64;
+        let eval = driver::EVAL_CHUNK as u64;
+        let floats = 4 * params + batch * (2 * outputs + unfolded) + eval * (outputs + unfolded);
+        (
+            4 * floats,
+            "--channels, --hidden or --batch (or --threads: fewer variants at once)",
+        )
+    }
+
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, rank: usize) -> Result<Built<()>> {
+        let net = build_for_rank(s, variant, data.train.rows, data.train.cols, data.classes, rank)?;
+        Ok(Built { net, probe: () })
+    }
+
+    fn optimizer(&self, s: &Settings, variant: Variant) -> Sgd {
+        let a = &s.experiment;
+        Sgd::new(
+            a.momentum,
+            a.weight_decay / variant.recipe().weight_decay_divisor as f32,
+        )
+    }
+
+    fn lr(&self, s: &Settings, variant: Variant, step: u64) -> f64 {
+        s.lr_at(variant, step)
+    }
+
+    fn divergence(&self) -> Divergence {
+        Divergence::Record
+    }
+
+    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
+        Metric {
+            variant: variant.name(),
+            step: eval.step,
+            test_acc: Some(eval.test_acc),
+            train_loss: Some(eval.train_loss),
+            lr: s.lr_at(variant, eval.step - 1),
+            diverged: false,
         }
-        None => LoopCounters::default(),
-    };
-    let settings_json = serde_json::to_value(s)?;
-    let buf = StepBuffers::new(local, train.features(), classes);
-    let mut state = (net, sgd, shuffler, buf, dp);
-    // The rate of step `step` (0-based); a metric line at `steps_done` reports the last update's.
-    let lr = |step: u64| s.lr_at(variant, step);
-    let end = common::train_loop(
-        run,
-        first,
-        s.steps,
-        s.eval_every,
-        s.checkpoint_every,
-        &mut state,
-        |(net, sgd, shuffler, buf, dp), step| {
-            common::train_step_parallel(net, sgd, train, shuffler, step, lr(step) as f32, buf, dp)
-        },
-        |(net, _, _, _, dp), step, train_loss| {
-            if parallel {
-                // Running statistics are compared only where they are used: population
-                // evaluation overwrites them on rank 0.
-                let running = s.bn_sync && s.bn_stats == BnStats::Running;
-                dp.check_replicas(net, running, step)?;
-            }
-            if !root {
-                return Ok(None);
-            }
-            let acc = common::evaluate(&s.eval_settings(), net, train, test, |_| {})?;
-            run.record(&Metric {
-                variant: variant.name(),
-                step,
-                test_acc: Some(acc),
-                train_loss: Some(train_loss),
-                lr: lr(step - 1),
-                diverged: false,
-            })?;
-            Ok(Some(acc))
-        },
-        |(net, sgd, _, _, _), counters| {
-            if !root {
-                return Ok(());
-            }
-            let progress = counters.progress(s.seed);
-            match Checkpoint::capture(net, sgd, &progress, EXPERIMENT, variant.name(), settings_json.clone()) {
-                Ok(ck) => Ok(ck.save(&ckpt_path)?),
-                // Weights that overflowed before the loss did: no checkpoint (the last good one
-                // stays), and the variant is reported diverged at its first non-finite loss,
-                // as without checkpoints.
-                Err(CheckpointError::NonFinite { .. }) => Ok(()),
-                Err(e) => Err(anyhow!(
-                    "{}: cannot checkpoint `{}`: {e}",
-                    ckpt_path.display(),
-                    variant.name()
-                )),
-            }
-        },
-    )?;
-    if let (Some((step, _)), true) = (end.diverged, root) {
-        run.record(&Metric {
+    }
+
+    fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
+        Some(Metric {
             variant: variant.name(),
             step,
             test_acc: None,
             train_loss: None,
-            lr: lr(step - 1),
+            lr: s.lr_at(variant, step - 1),
             diverged: true,
-        })?;
+        })
     }
-    let traffic = state.4.take_traffic();
-    let steps = end.steps.max(1) as f64;
-    Ok(VariantSummary {
-        final_test_acc: end.last_acc,
-        best_test_acc: end.best_acc,
-        seconds: end.seconds,
-        ms_per_step: end.ms_per_step(),
-        steps: end.steps,
-        diverged_at: end.diverged.map(|d| d.0),
-        collective_calls_per_step: traffic.calls as f64 / steps,
-        bytes_sent_per_step: traffic.bytes_sent as f64 / steps,
-    })
+
+    /// The checkpoint holds the dropout positions of rank 0 of the run that wrote it.
+    fn after_restore(
+        &self,
+        s: &Settings,
+        net: &mut Sequential,
+        writer_processes: usize,
+        dp: &DataParallel,
+    ) -> Result<()> {
+        let batch = s.common.batch;
+        let local = parallel::shard(batch, dp.rank(), dp.size()).len();
+        dropout_to_rank(net, parallel::shard(batch, 0, writer_processes).len(), local)
+    }
+
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
+        let names: Vec<&str> = s.experiment.variants.iter().map(|v| v.name()).collect();
+        let table = figure3_table(&names, &o.metrics);
+        write_outputs(s, o, &table)?;
+        Ok(table)
+    }
 }
 
 /// Moves the dropout generators of a network restored from a checkpoint (which holds the
@@ -837,16 +662,14 @@ impl Metric {
     }
 }
 
-/// Writes summary.json, table.json, table.md, the accuracy plot and report.html.
-fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
-    let summary = serde_json::json!({ "variants": o.summaries, "settings": s });
-    common::write_json(&s.out.join("summary.json"), &summary)?;
-    common::write_json(&s.out.join("table.json"), &o.table)?;
-    let md = o.table.markdown();
-    std::fs::write(s.out.join("table.md"), &md)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", s.out.join("table.md").display()))?;
+/// Writes table.json, table.md, the accuracy plot and report.html.
+fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
+    let (c, a, out) = (&s.common, &s.experiment, &s.common.out);
+    write_json(&out.join("table.json"), table)?;
+    let md_path = out.join("table.md");
+    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
 
-    let series: Vec<Series> = s
+    let series: Vec<Series> = a
         .variants
         .iter()
         .map(|v| {
@@ -866,7 +689,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
         series: &series,
         y_range: Some((0.0, 1.0)),
     })?;
-    report::write_plot(&s.out, "accuracy", &acc_svg)?;
+    report::write_plot(out, "accuracy", &acc_svg)?;
 
     let mut page = Page::new("Accelerating BN networks (Figure 3)");
     page.paragraph(&format!(
@@ -876,13 +699,13 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
          before each nonlinearity and, for ×5 and ×30, raise the learning rate, remove dropout and LRN, cut \
          the weight decay 5× and decay the learning rate 6× faster. All variants train for {steps} steps \
          and are evaluated every {e} steps.",
-        c1 = s.channels[0],
-        c2 = s.channels[1],
-        h = s.hidden,
-        m = s.momentum,
-        b = s.batch,
-        steps = s.steps,
-        e = s.eval_every,
+        c1 = a.channels[0],
+        c2 = a.channels[1],
+        h = a.hidden,
+        m = a.momentum,
+        b = c.batch,
+        steps = c.steps,
+        e = c.eval_every,
     ));
     let header: Vec<String> = [
         "variant",
@@ -895,12 +718,12 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     .map(String::from)
     .to_vec();
     page.table(
-        &match o.table.baseline_best_acc {
+        &match table.baseline_best_acc {
             Some(a) => format!("Steps to reach the baseline's best test accuracy ({:.2}%)", a * 100.0),
             None => "Steps to reach the baseline's best test accuracy (baseline not run)".into(),
         },
         &header,
-        &o.table.html_rows(),
+        &table.html_rows(),
     );
     let header: Vec<String> = [
         "variant",
@@ -911,7 +734,7 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
     ]
     .map(String::from)
     .to_vec();
-    let rows: Vec<Vec<String>> = s
+    let rows: Vec<Vec<String>> = a
         .variants
         .iter()
         .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
@@ -925,12 +748,12 @@ fn write_outputs(s: &Settings, o: &Outcome) -> Result<()> {
             ]
         })
         .collect();
-    if s.processes > 1 {
-        page.paragraph(&common::data_parallel_text(s.processes, s.batch, s.bn_sync));
+    if c.processes > 1 {
+        page.paragraph(&driver::data_parallel_text(c));
     }
     page.table("Runs", &header, &rows);
     page.figure("Test accuracy against training steps, all variants.", &acc_svg);
-    page.settings("Settings", &common::settings_rows(s));
-    page.write(&s.out.join("report.html"))?;
+    page.settings("Settings", &settings_rows(s));
+    page.write(&out.join("report.html"))?;
     Ok(())
 }

@@ -1,16 +1,15 @@
 //! `bnlab eval`: test accuracy of a checkpoint of either experiment (`paper-mlp`, `accelerate`),
 //! optionally with batch norm folded into the linear layers and convolutions before it.
 
-use super::common::ExperimentSettings;
-use super::{accelerate, common, paper_mlp};
-use crate::data::{self, Dataset};
+use super::accelerate::Accelerate;
+use super::paper_mlp::PaperMlp;
+use crate::driver::evaluate::{count_correct, use_population_stats};
+use crate::driver::{self, BnStats, Data, Experiment, Settings, Variant};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::fold::fold_batchnorm;
-use crate::engine::{Sequential, Sgd};
+use crate::engine::Sgd;
 use anyhow::{bail, ensure, Context, Result};
-use std::path::{Path, PathBuf};
-
-pub use common::BnStats;
+use std::path::PathBuf;
 
 /// What `bnlab eval` does.
 #[derive(Debug, Clone)]
@@ -55,107 +54,70 @@ impl EvalResult {
 /// accuracy.
 ///
 /// Rejects every damaged or foreign checkpoint [`Checkpoint::read`] and [`Checkpoint::restore`]
-/// reject, a checkpoint of an unknown experiment or variant, settings that do not parse, and data
-/// whose image size or class count does not fit the network (as an architecture mismatch).
+/// reject, a checkpoint of an unknown experiment or variant, settings that do not parse or do not
+/// pass the run's checks, and data whose image size or class count does not fit the network (as
+/// an architecture mismatch).
 pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
-    let path = &opts.checkpoint;
-    let ck = Checkpoint::read(path).with_context(|| format!("cannot load checkpoint {}", path.display()))?;
-    let unknown = || format!("{}: unknown variant `{}`", path.display(), ck.variant);
-    let (variant, mut net, test, bn_stats) = match ck.experiment.as_str() {
-        paper_mlp::EXPERIMENT => {
-            let (s, variant): (paper_mlp::Settings, _) = settings(&ck, opts, path, || {
-                paper_mlp::Variant::from_name(&ck.variant).with_context(unknown)
-            })?;
-            let (net, test) = network(&ck, path, &s, |train, classes| {
-                Ok(paper_mlp::build(variant, train.features(), classes, s.init_std, s.seed)?.0)
-            })?;
-            (variant.name(), net, test, s.bn_stats)
-        }
-        accelerate::EXPERIMENT => {
-            let (s, variant): (accelerate::Settings, _) = settings(&ck, opts, path, || {
-                accelerate::Variant::from_name(&ck.variant).with_context(unknown)
-            })?;
-            let (net, test) = network(&ck, path, &s, |train, classes| {
-                accelerate::build(&s, variant, train.rows, train.cols, classes)
-            })?;
-            (variant.name(), net, test, s.bn_stats)
-        }
+    let ck = driver::read_checkpoint(&opts.checkpoint)?;
+    match ck.experiment.as_str() {
+        PaperMlp::NAME => eval_with(&PaperMlp, &ck, opts),
+        Accelerate::NAME => eval_with(&Accelerate, &ck, opts),
         other => bail!(
             "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}` and `{}` checkpoints",
-            path.display(),
-            paper_mlp::EXPERIMENT,
-            accelerate::EXPERIMENT
+            opts.checkpoint.display(),
+            PaperMlp::NAME,
+            Accelerate::NAME
         ),
-    };
+    }
+}
+
+/// [`eval_checkpoint`] of a checkpoint `ck` of `experiment`.
+fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions) -> Result<EvalResult> {
+    let path = &opts.checkpoint;
+    let invalid = || format!("{}: the settings in the checkpoint are invalid", path.display());
+    let mut s: Settings<E::Settings> = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
+    let variant = E::Variant::from_name(&ck.variant)
+        .with_context(|| format!("{}: unknown variant `{}`", path.display(), ck.variant))?;
+    if let Some(d) = &opts.data {
+        s.common.data_dir = d.clone();
+    }
+    if let Some(b) = opts.bn_stats {
+        s.common.bn_stats = b;
+    }
+    // Threads are not the checkpoint's business here: the caller's pool runs the evaluation.
+    s.common.threads = s.common.threads.clamp(1, driver::settings::MAX_THREADS);
+    s.common.check().with_context(invalid)?;
+    experiment.check(&s).with_context(invalid)?;
+    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
+    let mut net = experiment.build(&s, variant, &data, 0)?.net;
+    ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {
+        format!(
+            "cannot load checkpoint {} (data from {})",
+            path.display(),
+            s.common.data_dir.display()
+        )
+    })?;
+    // Algorithm 2's estimate recomputed over the run's training batches (`population`), or the
+    // checkpoint's statistics as they are (`running`).
+    if s.common.bn_stats == BnStats::Population {
+        ensure!(
+            data.train.len >= s.common.batch,
+            "the training set has fewer examples than one batch"
+        );
+        use_population_stats(&s.common, &mut net, &data.train)?;
+    }
     let mut folded = 0;
     if opts.fold {
         folded = net.batchnorms().len();
         net = fold_batchnorm(net)?;
     }
-    let correct = common::count_correct(&mut net, &test, |_| {})?;
+    let correct = count_correct(&mut net, &data.test, |_| {})?;
     Ok(EvalResult {
-        variant,
+        variant: variant.name(),
         step: ck.progress.step,
         correct,
-        total: test.len,
-        bn_stats,
+        total: data.test.len,
+        bn_stats: s.common.bn_stats,
         folded,
     })
-}
-
-/// The settings the checkpoint holds, with `opts`' data directory and BN statistics, checked,
-/// and its variant (`variant` parses it, after the settings parse and before they are checked).
-fn settings<S: ExperimentSettings, V>(
-    ck: &Checkpoint,
-    opts: &EvalOptions,
-    path: &Path,
-    variant: impl FnOnce() -> Result<V>,
-) -> Result<(S, V)> {
-    let invalid = || format!("{}: the settings in the checkpoint are invalid", path.display());
-    let mut s: S = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
-    let variant = variant()?;
-    if let Some(d) = &opts.data {
-        *s.data_dir_mut() = d.clone();
-    }
-    if let Some(b) = opts.bn_stats {
-        *s.bn_stats_mut() = b;
-    }
-    s.check_settings().with_context(invalid)?;
-    Ok((s, variant))
-}
-
-/// The run's network, built by `build(train, classes)` from the settings `s`, with the
-/// checkpoint's parameters and the BN statistics `s` asks for; and the test set.
-fn network<S: ExperimentSettings>(
-    ck: &Checkpoint,
-    path: &Path,
-    s: &S,
-    build: impl FnOnce(&Dataset, usize) -> Result<Sequential>,
-) -> Result<(Sequential, Dataset)> {
-    let (train, test) = data::load(s.data_dir())?;
-    let classes = train.classes.max(test.classes);
-    let mut net = restored(ck, build(&train, classes)?, path, s.data_dir())?;
-    // Algorithm 2's estimate recomputed over the run's training batches (`population`), or the
-    // checkpoint's statistics as they are (`running`).
-    let e = s.evaluation();
-    if e.bn_stats == BnStats::Population {
-        ensure!(
-            train.len >= e.batch,
-            "the training set has fewer examples than one batch"
-        );
-        common::use_population_stats(&e, &mut net, &train)?;
-    }
-    Ok((net, test))
-}
-
-/// `net` with the checkpoint's parameters and state (the optimizer's is read and dropped).
-fn restored(ck: &Checkpoint, mut net: Sequential, path: &Path, data_dir: &Path) -> Result<Sequential> {
-    ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {
-        format!(
-            "cannot load checkpoint {} (data from {})",
-            path.display(),
-            data_dir.display()
-        )
-    })?;
-    Ok(net)
 }

@@ -1,8 +1,10 @@
-//! The paper's experiments: each is a settings struct plus a training loop over the engine.
+//! The lab's experiments, each an [`Experiment`](crate::driver::Experiment) of the run driver:
+//! its settings, its variants, its networks and its outputs.
+//!
+//! - [`paper_mlp`]: the paper's MNIST experiment (Section 4.1, Figure 1).
+//! - [`accelerate`]: the "accelerating BN networks" study (Section 4.2, Figure 3) on a small conv net.
+//! - [`eval`]: test accuracy of a checkpoint of either (`bnlab eval`).
 
 pub mod accelerate;
-pub mod common;
 pub mod eval;
-pub mod metrics_log;
 pub mod paper_mlp;
-pub mod progress;

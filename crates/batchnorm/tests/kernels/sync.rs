@@ -14,15 +14,12 @@
 //! `sharded_statistics_are_not_local` checks that the comparison would catch one.
 
 // The shared helpers in `common` index several buffers in step.
-#![allow(clippy::needless_range_loop)]
 
-mod common;
-
+use crate::common::{assert_bits, backward_scales, narrow, reduce_rel, tol, train_y_scale, wide, Data, TestFloat};
 use batchnorm::{
-    BatchNorm, BatchNormConfig, Communicator, Counted, Error, Layout, Momentum, SingleProcess, SyncBatchNorm,
-    ThreadComm,
+    BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
+    ThreadComm, View,
 };
-use common::{assert_bits, backward_scales, narrow, reduce_rel, tol, train_y_scale, wide, Data, TestFloat};
 
 /// Shapes of every layout; dimension 0 is the batch, split into shards.
 fn shapes() -> Vec<(Layout, Vec<usize>)> {
@@ -72,10 +69,15 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
     bn.beta = narrow(&d.beta);
     let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
     let mut y = vec![T::default(); x.len()];
-    let saved = bn.forward_train(&x, shape, layout, &mut y).unwrap();
+    let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
     let (mut dx, mut dg, mut db) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
-    bn.backward(&x, &dy, shape, layout, &saved, Some(&mut dx), Some((&mut dg, &mut db)))
-        .unwrap();
+    bn.backward(
+        View::new(&x, shape, layout),
+        &dy,
+        &saved,
+        Grads::new(&mut dx, &mut dg, &mut db),
+    )
+    .unwrap();
     Step {
         y,
         dx,
@@ -104,17 +106,14 @@ fn one_rank<T: TestFloat>(
     bn.bn.gamma = narrow(&d.gamma);
     bn.bn.beta = narrow(&d.beta);
     let mut y = vec![T::default(); x.len()];
-    let saved = bn.forward_train(comm, &x, &local_shape, layout, &mut y)?;
+    let saved = bn.forward_train(comm, View::new(&x, &local_shape, layout), &mut y)?;
     let (mut dx, mut dg, mut db) = (y.clone(), bn.bn.gamma.clone(), bn.bn.beta.clone());
     bn.backward(
         comm,
-        &x,
+        View::new(&x, &local_shape, layout),
         &dy,
-        &local_shape,
-        layout,
         &saved,
-        Some(&mut dx),
-        Some((&mut dg, &mut db)),
+        Grads::new(&mut dx, &mut dg, &mut db),
     )?;
     Ok(Step {
         y,
@@ -307,7 +306,7 @@ fn global_count_decides_too_few_values() {
     );
     let mut bn = BatchNorm::<f64>::new(3, config()).unwrap();
     let one = bn
-        .forward_train(&d.x[..3], &[1, 3], Layout::NC, &mut [0.0; 3])
+        .forward_train(View::new(&d.x[..3], &[1, 3], Layout::NC), &mut [0.0; 3])
         .unwrap_err();
     assert_eq!(err, one, "the same error as the one-process rule");
 }

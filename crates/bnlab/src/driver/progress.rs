@@ -1,4 +1,4 @@
-//! Progress display: a bar on a terminal, plain log lines otherwise.
+//! Progress display of a training run: a bar on a terminal, plain log lines otherwise.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;

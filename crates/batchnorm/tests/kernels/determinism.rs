@@ -3,16 +3,11 @@
 //! pools of 1, 2 and 3 threads on tensors large enough to be split into parallel units, and all
 //! outputs must have the same bits.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_stats, grad_sums,
-    input_grad, normalize, BatchStats, GradSums, Layout, SavedStats,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_stats, grad_sums, input_grad, normalize,
+    Affine, BatchStats, FixedStats, GradSums, Grads, Layout, SavedStats, View,
 };
-use common::*;
 
 /// All outputs of all ops, as f64 bits where they are f64 and as `T` otherwise.
 struct Run<T> {
@@ -43,66 +38,65 @@ fn run_ops<T: TestFloat>(d: &Data, shape: &[usize], layout: Layout) -> Run<T> {
     );
     let (n, c) = (x.len(), d.g.channels);
     let z = T::from_f64(0.0);
-    let mut y = vec![z; n];
-    let (stats, saved) = batch_norm_train(&x, shape, layout, Some(&gamma), Some(&beta), eps, &mut y).unwrap();
-    let bs = batch_stats(&x, shape, layout).unwrap();
+    let (y, stats, saved) = train(View::new(&x, shape, layout), Affine::new(&gamma, &beta), eps);
+    let bs = batch_stats(View::new(&x, shape, layout)).unwrap();
     let mut y_eval = vec![z; n];
     batch_norm_eval(
-        &x,
-        shape,
-        layout,
-        &mean,
-        &var,
-        Some(&gamma),
-        Some(&beta),
+        View::new(&x, shape, layout),
+        FixedStats::new(&mean, &var),
+        Affine::new(&gamma, &beta),
         eps,
         &mut y_eval,
     )
     .unwrap();
     let mut y_norm = vec![z; n];
-    normalize(&x, shape, layout, &saved, Some(&gamma), None, &mut y_norm).unwrap();
-    let (mut dx, mut dgamma, mut dbeta) = (vec![z; n], vec![z; c], vec![z; c]);
-    batch_norm_backward(
-        &x,
-        &dy,
-        shape,
-        layout,
+    normalize(
+        View::new(&x, shape, layout),
         &saved,
-        Some(&gamma),
-        Some(&mut dx),
-        Some(&mut dgamma),
-        Some(&mut dbeta),
+        Affine {
+            gamma: Some(&gamma),
+            beta: None,
+        },
+        &mut y_norm,
     )
     .unwrap();
+    let (dx, dgamma, dbeta) = backward_all(View::new(&x, shape, layout), &dy, &saved, Some(&gamma));
     let mut dgamma_no_dx = vec![z; c];
     batch_norm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         None,
-        None,
-        Some(&mut dgamma_no_dx),
-        None,
+        Grads {
+            dx: None,
+            dgamma: Some(&mut dgamma_no_dx),
+            dbeta: None,
+        },
     )
     .unwrap();
-    let sums = grad_sums(&x, &dy, shape, layout, &saved).unwrap();
+    let sums = grad_sums(View::new(&x, shape, layout), &dy, &saved).unwrap();
     let mut dx_split = vec![z; n];
-    input_grad(&x, &dy, shape, layout, &saved, &sums, Some(&gamma), &mut dx_split).unwrap();
+    input_grad(
+        View::new(&x, shape, layout),
+        &dy,
+        &saved,
+        &sums,
+        Some(&gamma),
+        &mut dx_split,
+    )
+    .unwrap();
     let (mut dx_eval, mut dgamma_eval) = (vec![z; n], vec![z; c]);
     batch_norm_backward_eval(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
-        &mean,
-        &var,
-        eps,
+        FixedStats::new(&mean, &var),
         Some(&gamma),
-        Some(&mut dx_eval),
-        Some(&mut dgamma_eval),
-        None,
+        eps,
+        Grads {
+            dx: Some(&mut dx_eval),
+            dgamma: Some(&mut dgamma_eval),
+            dbeta: None,
+        },
     )
     .unwrap();
     Run {

@@ -8,7 +8,7 @@
 //! rank r's examples, and the global gradient is the plain sum over ranks. With synchronized batch
 //! norm this is exactly the one-process gradient of the global batch.
 //!
-//! The MPI communicator lives in `mpi` (the module `dist::mpi`, cargo feature `mpi`).
+//! The MPI communicator lives in `mpi` (the module `parallel::mpi`, cargo feature `mpi`).
 
 #[cfg(feature = "mpi")]
 pub mod mpi;

@@ -4,17 +4,12 @@
 //! norm where they must equal it, and bitwise across thread counts. Tolerances are those of
 //! `common` (see its module docs); each assertion names the equation it checks.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
     batch_norm_backward, batch_norm_train, batch_renorm_backward, batch_renorm_eval, batch_renorm_train, reference,
-    update_renorm_stats, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Layout, RenormClip, RenormSaved,
-    RenormSchedule, SingleProcess, SmallBatch, ThreadComm,
+    update_renorm_stats, Affine, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormClip,
+    RenormSaved, RenormSchedule, RenormStats, SingleProcess, SmallBatch, ThreadComm, View,
 };
-use common::*;
 use proptest::prelude::*;
 
 /// Σ|dy| per channel (the scale of dβ = Σ dy and of the Σ dy term of dγ).
@@ -61,7 +56,7 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
     let (n, c) = (x.len(), d.g.channels);
     let nan = T::from_f64(f64::NAN);
     let mut y = vec![nan; n];
-    let saved = bn.forward_train(&x, shape, layout, &mut y).unwrap();
+    let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
     let what = format!("frozen {layout} {shape:?} affine={affine} eps={eps}");
     let ry = reference::frozen_forward(&d.g, &d.x, &d.mean, &d.var, &gamma, &beta, eps);
     assert_close(
@@ -72,8 +67,13 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
         elementwise_rel::<T>(),
     );
     let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    bn.backward(&x, &dy, shape, layout, &saved, Some(&mut dx), Some((&mut dg, &mut db)))
-        .unwrap();
+    bn.backward(
+        View::new(&x, shape, layout),
+        &dy,
+        &saved,
+        Grads::new(&mut dx, &mut dg, &mut db),
+    )
+    .unwrap();
     let (rdx, rdg, rdb) = reference::frozen_backward(&d.g, &d.x, &d.dy, &d.mean, &d.var, &gamma, eps);
     let sdx: Vec<f64> = (0..n)
         .map(|k| {
@@ -131,20 +131,17 @@ fn frozen_state_survives_training_calls() {
     let ry = reference::frozen_forward(&d.g, &d.x, &d.mean, &d.var, &d.gamma, &d.beta, 1e-5);
     let scale = eval_y_scale(&d, &d.gamma, &d.beta, 1e-5);
     for step in 0..3 {
-        let saved = bn.forward_train(&d.x, &shape, layout, &mut y).unwrap();
+        let saved = bn.forward_train(View::new(&d.x, &shape, layout), &mut y).unwrap();
         assert_close(&format!("step {step} y"), &y, &ry, &scale, elementwise_rel::<f64>());
         bn.backward(
-            &d.x,
+            View::new(&d.x, &shape, layout),
             &d.dy,
-            &shape,
-            layout,
             &saved,
-            Some(&mut dx),
-            Some((&mut dg, &mut db)),
+            Grads::new(&mut dx, &mut dg, &mut db),
         )
         .unwrap();
         let saved = bn
-            .forward_train_sync(&SingleProcess, &d.x, &shape, layout, &mut y)
+            .forward_train_sync(&SingleProcess, View::new(&d.x, &shape, layout), &mut y)
             .unwrap();
         assert_close(
             &format!("step {step} sync y"),
@@ -156,13 +153,10 @@ fn frozen_state_survives_training_calls() {
         let (mut dx_s, mut dg_s, mut db_s) = (vec![0.0; n], vec![0.0; 3], vec![0.0; 3]);
         bn.backward_sync(
             &SingleProcess,
-            &d.x,
+            View::new(&d.x, &shape, layout),
             &d.dy,
-            &shape,
-            layout,
             &saved,
-            Some(&mut dx_s),
-            Some((&mut dg_s, &mut db_s)),
+            Grads::new(&mut dx_s, &mut dg_s, &mut db_s),
         )
         .unwrap();
         // One rank: the synchronized frozen backward is the one-process one, bit for bit.
@@ -173,7 +167,7 @@ fn frozen_state_survives_training_calls() {
     }
     bn.set_frozen(false);
     assert!(!bn.is_frozen());
-    bn.forward_train(&d.x, &shape, layout, &mut y).unwrap();
+    bn.forward_train(View::new(&d.x, &shape, layout), &mut y).unwrap();
     assert_eq!(
         bn.num_batches_tracked, 1,
         "unfrozen: the running statistics are updated again"
@@ -181,11 +175,8 @@ fn frozen_state_survives_training_calls() {
     assert_ne!(bn.running_mean, frozen.running_mean);
     let mut y_plain = vec![0.0; n];
     batch_norm_train(
-        &d.x,
-        &shape,
-        layout,
-        Some(&bn.gamma),
-        Some(&bn.beta),
+        View::new(&d.x, &shape, layout),
+        Affine::new(&bn.gamma, &bn.beta),
         1e-5,
         &mut y_plain,
     )
@@ -206,16 +197,15 @@ fn frozen_sync_over_three_ranks_equals_one_process() {
     let mut whole = layer_with::<f64>(&d, 1e-5, true, SmallBatch::Error);
     whole.freeze();
     let (mut y, mut dx, mut dg, mut db) = (vec![0.0; total * c], vec![0.0; total * c], vec![0.0; c], vec![0.0; c]);
-    let saved = whole.forward_train(&d.x, &[total, c], Layout::NC, &mut y).unwrap();
+    let saved = whole
+        .forward_train(View::new(&d.x, &[total, c], Layout::NC), &mut y)
+        .unwrap();
     whole
         .backward(
-            &d.x,
+            View::new(&d.x, &[total, c], Layout::NC),
             &d.dy,
-            &[total, c],
-            Layout::NC,
             &saved,
-            Some(&mut dx),
-            Some((&mut dg, &mut db)),
+            Grads::new(&mut dx, &mut dg, &mut db),
         )
         .unwrap();
     let comms = ThreadComm::group(3).unwrap();
@@ -232,17 +222,16 @@ fn frozen_sync_over_three_ranks_equals_one_process() {
                     let shape = [rows[rank], c];
                     let (x, dy) = (&d.x[a..b], &d.dy[a..b]);
                     let mut y = vec![0.0; b - a];
-                    let saved = bn.forward_train_sync(&comm, x, &shape, Layout::NC, &mut y).unwrap();
+                    let saved = bn
+                        .forward_train_sync(&comm, View::new(x, &shape, Layout::NC), &mut y)
+                        .unwrap();
                     let (mut dx, mut dg, mut db) = (vec![0.0; b - a], vec![0.0; c], vec![0.0; c]);
                     bn.backward_sync(
                         &comm,
-                        x,
+                        View::new(x, &shape, Layout::NC),
                         dy,
-                        &shape,
-                        Layout::NC,
                         &saved,
-                        Some(&mut dx),
-                        Some((&mut dg, &mut db)),
+                        Grads::new(&mut dx, &mut dg, &mut db),
                     )
                     .unwrap();
                     (bn, y, dx, dg, db, a, b)
@@ -290,7 +279,7 @@ fn small_batch_policy() {
         let mut strict = layer_with::<f32>(&d, eps, true, SmallBatch::Error);
         let before = strict.clone();
         let mut y = vec![f32::NAN; 4];
-        let err = strict.forward_train(&x, &shape, layout, &mut y).unwrap_err();
+        let err = strict.forward_train(View::new(&x, &shape, layout), &mut y).unwrap_err();
         assert_eq!(
             err,
             batchnorm::Error::TooFewValues {
@@ -303,7 +292,7 @@ fn small_batch_policy() {
 
         let mut bn = layer_with::<f32>(&d, eps, true, SmallBatch::UseRunningStats);
         let before = bn.clone();
-        let saved = bn.forward_train(&x, &shape, layout, &mut y).unwrap();
+        let saved = bn.forward_train(View::new(&x, &shape, layout), &mut y).unwrap();
         let what = format!("small batch {layout} {shape:?}");
         let ry = reference::frozen_forward(&d.g, &d.x, &d.mean, &d.var, &d.gamma, &d.beta, eps);
         assert_close(
@@ -315,8 +304,13 @@ fn small_batch_policy() {
         );
         assert_eq!(bn, before, "{what}: no running-statistics update, not frozen");
         let (mut dx, mut dg, mut db) = (vec![f32::NAN; 4], vec![f32::NAN; 4], vec![f32::NAN; 4]);
-        bn.backward(&x, &dy, &shape, layout, &saved, Some(&mut dx), Some((&mut dg, &mut db)))
-            .unwrap();
+        bn.backward(
+            View::new(&x, &shape, layout),
+            &dy,
+            &saved,
+            Grads::new(&mut dx, &mut dg, &mut db),
+        )
+        .unwrap();
         let (rdx, rdg, rdb) = reference::frozen_backward(&d.g, &d.x, &d.dy, &d.mean, &d.var, &d.gamma, eps);
         let sdx: Vec<f64> = (0..4)
             .map(|k| (d.dy[k] * d.gamma[k]).abs() / (d.var[k] + eps).sqrt())
@@ -339,19 +333,16 @@ fn small_batch_policy() {
         // Synchronized, one rank: the global batch is as small, the same transform.
         let mut y_sync = vec![f32::NAN; 4];
         let saved_sync = bn
-            .forward_train_sync(&SingleProcess, &x, &shape, layout, &mut y_sync)
+            .forward_train_sync(&SingleProcess, View::new(&x, &shape, layout), &mut y_sync)
             .unwrap();
         assert_bits(&format!("{what} sync y"), &y_sync, &y);
         let mut dx_sync = vec![f32::NAN; 4];
         bn.backward_sync(
             &SingleProcess,
-            &x,
+            View::new(&x, &shape, layout),
             &dy,
-            &shape,
-            layout,
             &saved_sync,
-            Some(&mut dx_sync),
-            None,
+            Grads::dx(&mut dx_sync),
         )
         .unwrap();
         assert_bits(&format!("{what} sync dx"), &dx_sync, &dx);
@@ -362,7 +353,7 @@ fn small_batch_policy() {
         two[0] = 2;
         let x2: Vec<f32> = x.iter().chain(dy.iter()).copied().collect();
         let mut y2 = vec![0.0f32; 8];
-        bn.forward_train(&x2, &two, layout, &mut y2).unwrap();
+        bn.forward_train(View::new(&x2, &two, layout), &mut y2).unwrap();
         assert_eq!(bn.num_batches_tracked, 1, "{what}: a batch of two is tracked");
     }
     // The policy needs running statistics.
@@ -374,7 +365,7 @@ fn small_batch_policy() {
     let mut bn = BatchNorm::<f64>::new(2, config).unwrap();
     let mut y = [0.0; 2];
     assert_eq!(
-        bn.forward_train(&[1.0, 2.0], &[1, 2], Layout::NC, &mut y),
+        bn.forward_train(View::new(&[1.0, 2.0], &[1, 2], Layout::NC), &mut y),
         Err(batchnorm::Error::NoRunningStats)
     );
 }
@@ -421,13 +412,12 @@ fn check_renorm<T: TestFloat>(
     let nan = T::from_f64(f64::NAN);
     let mut y = vec![nan; n];
     let (stats, saved) = batch_renorm_train(
-        &x,
-        shape,
-        layout,
-        &mm_t,
-        &ms_t,
-        opt(&gt, affine),
-        opt(&bt, affine),
+        View::new(&x, shape, layout),
+        RenormStats::new(&mm_t, &ms_t),
+        Affine {
+            gamma: opt(&gt, affine),
+            beta: opt(&bt, affine),
+        },
         eps,
         clip,
         &mut y,
@@ -462,15 +452,11 @@ fn check_renorm<T: TestFloat>(
     // Backward, r and d the constants the forward used.
     let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
     batch_renorm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        Some(&mut dx),
-        Some(&mut dg),
-        Some(&mut db),
+        Grads::new(&mut dx, &mut dg, &mut db),
     )
     .unwrap();
     let (rdx, rdg, rdb) = reference::renorm_backward(&d.g, &d.x, &d.dy, &saved.r, &saved.d, &gamma, eps);
@@ -484,29 +470,25 @@ fn check_renorm<T: TestFloat>(
     // dx alone and the parameter gradients alone give the same bits.
     let mut dx2 = vec![nan; n];
     batch_renorm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        Some(&mut dx2),
-        None,
-        None,
+        Grads::dx(&mut dx2),
     )
     .unwrap();
     assert_bits(&format!("{what} dx alone"), &dx2, &dx);
     let mut dg2 = vec![nan; c];
     batch_renorm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        None,
-        Some(&mut dg2),
-        None,
+        Grads {
+            dx: None,
+            dgamma: Some(&mut dg2),
+            dbeta: None,
+        },
     )
     .unwrap();
     assert_bits(&format!("{what} dgamma alone"), &dg2, &dg);
@@ -514,13 +496,12 @@ fn check_renorm<T: TestFloat>(
     // Inference: y = γ·(x − μ)/σ + β, element-wise.
     let mut ye = vec![nan; n];
     batch_renorm_eval(
-        &x,
-        shape,
-        layout,
-        &mm_t,
-        &ms_t,
-        opt(&gt, affine),
-        opt(&bt, affine),
+        View::new(&x, shape, layout),
+        RenormStats::new(&mm_t, &ms_t),
+        Affine {
+            gamma: opt(&gt, affine),
+            beta: opt(&bt, affine),
+        },
         &mut ye,
     )
     .unwrap();
@@ -535,7 +516,7 @@ fn check_renorm<T: TestFloat>(
 
     // Moving update with α = 0.3.
     let (mut um, mut us) = (mm_t.clone(), ms_t.clone());
-    update_renorm_stats(&mut um, &mut us, &stats, eps, 0.3).unwrap();
+    update_renorm_stats(&stats, eps, 0.3, &mut um, &mut us).unwrap();
     let (rum, rus) = reference::renorm_update(&mm, &ms, &rmean, &rsigma, 0.3);
     let sum: Vec<f64> = (0..c).map(|k| mm[k].abs() + mabs[k]).collect();
     let sus: Vec<f64> = (0..c).map(|k| ms[k] + rsigma[k]).collect();
@@ -588,14 +569,13 @@ proptest! {
         let (x, dy, gt, bt) = (narrow::<f32>(&d.x), narrow::<f32>(&d.dy), narrow::<f32>(&gamma), narrow::<f32>(&beta));
         let (n, c) = (x.len(), d.g.channels);
         let mut y = vec![0.0f32; n];
-        let (_, saved) = batch_renorm_train(&x, &shape, layout, &narrow::<f32>(&mm), &narrow::<f32>(&ms),
-            opt(&gt, affine), opt(&bt, affine), eps, RenormClip::identity(), &mut y).unwrap();
+        let (_, saved) = batch_renorm_train(View::new(&x, &shape, layout), RenormStats::new(&narrow::<f32>(&mm), &narrow::<f32>(&ms)), Affine { gamma: opt(&gt, affine), beta: opt(&bt, affine) }, eps, RenormClip::identity(), &mut y).unwrap();
         prop_assert!(saved.r.iter().all(|&r| r == 1.0) && saved.d.iter().all(|&d| d == 0.0));
         let (ry, rmean, rvar) = reference::forward_train(&d.g, &d.x, &gamma, &beta, eps);
         let rel = reduce_rel::<f32>(d.g.per_channel());
         assert_close("identity renorm y", &y, &ry, &train_y_scale(&d, &gamma, &beta, &rmean, &rvar, eps), rel);
         let (mut dx, mut dg, mut db) = (vec![0.0f32; n], vec![0.0f32; c], vec![0.0f32; c]);
-        batch_renorm_backward(&x, &dy, &shape, layout, &saved, opt(&gt, affine), Some(&mut dx), Some(&mut dg), Some(&mut db)).unwrap();
+        batch_renorm_backward(View::new(&x, &shape, layout), &dy, &saved, opt(&gt, affine), Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
         let (rdx, rdg, rdb) = reference::backward_train(&d.g, &d.x, &d.dy, &gamma, eps);
         let (sdx, sdg, sdb) = backward_scales(&d, &d.dy, &gamma, eps);
         assert_close("identity renorm dx", &dx, &rdx, &sdx, rel);
@@ -603,9 +583,9 @@ proptest! {
         assert_close("identity renorm dbeta", &db, &rdb, &sdb, rel);
         // And the plain kernels, within the same tolerances (both are within them of the reference).
         let mut yp = vec![0.0f32; n];
-        let (_, sp) = batch_norm_train(&x, &shape, layout, opt(&gt, affine), opt(&bt, affine), eps, &mut yp).unwrap();
+        let (_, sp) = batch_norm_train(View::new(&x, &shape, layout), Affine { gamma: opt(&gt, affine), beta: opt(&bt, affine) }, eps, &mut yp).unwrap();
         let (mut dxp, mut dgp, mut dbp) = (vec![0.0f32; n], vec![0.0f32; c], vec![0.0f32; c]);
-        batch_norm_backward(&x, &dy, &shape, layout, &sp, opt(&gt, affine), Some(&mut dxp), Some(&mut dgp), Some(&mut dbp)).unwrap();
+        batch_norm_backward(View::new(&x, &shape, layout), &dy, &sp, opt(&gt, affine), Grads::new(&mut dxp, &mut dgp, &mut dbp)).unwrap();
         let twice = |s: &[f64]| s.iter().map(|v| 2.0 * v).collect::<Vec<f64>>();
         assert_close("identity renorm y vs plain", &y, &wide(&yp), &twice(&train_y_scale(&d, &gamma, &beta, &rmean, &rvar, eps)), 2.0 * rel);
         assert_close("identity renorm dx vs plain", &dx, &wide(&dxp), &twice(&sdx), 2.0 * rel);
@@ -669,13 +649,9 @@ fn renorm_backward_matches_finite_differences() {
             let clip = RenormClip::new(3.0, 5.0).unwrap();
             let mut y = vec![0.0; n];
             let (_, saved): (_, RenormSaved) = batch_renorm_train(
-                &d.x,
-                &shape,
-                layout,
-                &mm,
-                &ms,
-                Some(&gamma),
-                Some(&beta),
+                View::new(&d.x, &shape, layout),
+                RenormStats::new(&mm, &ms),
+                Affine::new(&gamma, &beta),
                 eps,
                 clip,
                 &mut y,
@@ -686,20 +662,16 @@ fn renorm_backward_matches_finite_differences() {
                 let gr: Vec<f64> = (0..c).map(|k| g[k] * r[k]).collect();
                 let br: Vec<f64> = (0..c).map(|k| g[k] * dd[k] + b[k]).collect();
                 let mut y = vec![0.0; n];
-                batch_norm_train(x, &shape, layout, Some(&gr), Some(&br), eps, &mut y).unwrap();
+                batch_norm_train(View::new(x, &shape, layout), Affine::new(&gr, &br), eps, &mut y).unwrap();
                 loss(&w, &y)
             };
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
             batch_renorm_backward(
-                &d.x,
+                View::new(&d.x, &shape, layout),
                 &w,
-                &shape,
-                layout,
                 &saved,
                 Some(&gamma),
-                Some(&mut dx),
-                Some(&mut dg),
-                Some(&mut db),
+                Grads::new(&mut dx, &mut dg, &mut db),
             )
             .unwrap();
             let what = format!("renorm {layout} {shape:?} spread={spread} r={r:?} d={dd:?}");
@@ -741,20 +713,17 @@ fn frozen_backward_matches_finite_differences() {
         let forward = |bn: &BatchNorm<f64>, x: &[f64]| {
             let mut bn = bn.clone();
             let mut y = vec![0.0; n];
-            bn.forward_train(x, &shape, layout, &mut y).unwrap();
+            bn.forward_train(View::new(x, &shape, layout), &mut y).unwrap();
             loss(&w, &y)
         };
         let mut y = vec![0.0; n];
-        let saved = bn.forward_train(&d.x, &shape, layout, &mut y).unwrap();
+        let saved = bn.forward_train(View::new(&d.x, &shape, layout), &mut y).unwrap();
         let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
         bn.backward(
-            &d.x,
+            View::new(&d.x, &shape, layout),
             &w,
-            &shape,
-            layout,
             &saved,
-            Some(&mut dx),
-            Some((&mut dg, &mut db)),
+            Grads::new(&mut dx, &mut dg, &mut db),
         )
         .unwrap();
         for k in 0..n {
@@ -808,7 +777,7 @@ fn renorm_layer_follows_schedule_and_updates() {
         let clip = schedule.at(step);
         assert_eq!(bn.clip(), clip);
         let mut y = vec![0.0; x.len()];
-        let saved = bn.forward_train(&x, &shape, layout, &mut y).unwrap();
+        let saved = bn.forward_train(View::new(&x, &shape, layout), &mut y).unwrap();
         assert_eq!(bn.steps, step + 1);
         let (ry, rmean, rsigma, rr, rd) = reference::renorm_forward_train(
             &d.g,
@@ -861,7 +830,7 @@ fn renorm_layer_follows_schedule_and_updates() {
     }
     let d = Data::new::<f64>(layout, &shape, 900);
     let mut y = vec![0.0; d.x.len()];
-    bn.forward_eval(&d.x, &shape, layout, &mut y).unwrap();
+    bn.forward_eval(View::new(&d.x, &shape, layout), &mut y).unwrap();
     let ry = reference::renorm_eval(&d.g, &d.x, &bn.moving_mean, &bn.moving_std, &bn.gamma, &bn.beta);
     let scale: Vec<f64> = ry.iter().map(|v| v.abs() + 10.0).collect();
     assert_close("eval y", &y, &ry, &scale, elementwise_rel::<f64>());
@@ -939,7 +908,15 @@ fn renorm_errors() {
     let mut y = [f32::NAN; 6];
     let feature = |name, expected, actual| Error::FeatureMismatch { name, expected, actual };
     let train = |x: &[f32], shape: &[usize], mm: &[f32], ms: &[f32], eps: f64, y: &mut [f32]| {
-        batch_renorm_train(x, shape, Layout::NC, mm, ms, Some(&g), Some(&g), eps, clip, y).map(|_| ())
+        batch_renorm_train(
+            View::new(x, shape, Layout::NC),
+            RenormStats::new(mm, ms),
+            Affine::new(&g, &g),
+            eps,
+            clip,
+            y,
+        )
+        .map(|_| ())
     };
     assert_eq!(
         train(&x, &[3, 2], &mm[..1], &ms, 1e-5, &mut y),
@@ -967,42 +944,55 @@ fn renorm_errors() {
     );
     assert!(y.iter().all(|v| v.is_nan()), "y untouched on error");
     assert_eq!(
-        batch_renorm_eval(&x, &[3, 2], Layout::NC, &mm, &ms[..1], None, None, &mut y),
+        batch_renorm_eval(
+            View::new(&x, &[3, 2], Layout::NC),
+            RenormStats::new(&mm, &ms[..1]),
+            Affine::NONE,
+            &mut y
+        ),
         Err(feature("moving_std", 2, 1))
     );
 
-    let (_, saved) = batch_renorm_train(&x, &[3, 2], Layout::NC, &mm, &ms, None, None, 1e-5, clip, &mut y).unwrap();
+    let (_, saved) = batch_renorm_train(
+        View::new(&x, &[3, 2], Layout::NC),
+        RenormStats::new(&mm, &ms),
+        Affine::NONE,
+        1e-5,
+        clip,
+        &mut y,
+    )
+    .unwrap();
     let mut dx = [f32::NAN; 6];
     let mut bad = saved.clone();
     bad.r.pop();
     assert_eq!(
-        batch_renorm_backward(&x, &x, &[3, 2], Layout::NC, &bad, None, Some(&mut dx), None, None),
+        batch_renorm_backward(View::new(&x, &[3, 2], Layout::NC), &x, &bad, None, Grads::dx(&mut dx)),
         Err(feature("saved.r", 2, 1))
     );
     let mut bad = saved.clone();
     bad.d.push(0.0);
     assert_eq!(
-        batch_renorm_backward(&x, &x, &[3, 2], Layout::NC, &bad, None, Some(&mut dx), None, None),
+        batch_renorm_backward(View::new(&x, &[3, 2], Layout::NC), &x, &bad, None, Grads::dx(&mut dx)),
         Err(feature("saved.d", 2, 3))
     );
     let mut bad = saved.clone();
     bad.stats.count = 1;
     assert!(matches!(
-        batch_renorm_backward(&x, &x, &[3, 2], Layout::NC, &bad, None, Some(&mut dx), None, None),
+        batch_renorm_backward(View::new(&x, &[3, 2], Layout::NC), &x, &bad, None, Grads::dx(&mut dx)),
         Err(Error::TooFewValues { count: 1, .. })
     ));
     assert!(dx.iter().all(|v| v.is_nan()), "dx untouched on error");
 
-    let stats = batchnorm::batch_stats(&x, &[3, 2], Layout::NC).unwrap();
+    let stats = batchnorm::batch_stats(View::new(&x, &[3, 2], Layout::NC)).unwrap();
     let (mut um, mut us) = (mm, ms);
     for alpha in [0.0, -0.1, 1.5, f64::NAN] {
         assert!(matches!(
-            update_renorm_stats(&mut um, &mut us, &stats, 1e-5, alpha),
+            update_renorm_stats(&stats, 1e-5, alpha, &mut um, &mut us),
             Err(Error::InvalidMomentum(_))
         ));
     }
     assert_eq!(
-        update_renorm_stats(&mut um[..1], &mut us, &stats, 1e-5, 0.1),
+        update_renorm_stats(&stats, 1e-5, 0.1, &mut um[..1], &mut us),
         Err(feature("moving_mean", 2, 1))
     );
     assert_eq!((um, us), (mm, ms), "moving statistics untouched on error");
@@ -1025,17 +1015,17 @@ fn renorm_errors() {
     bn.steps = u64::MAX;
     let before = bn.clone();
     assert!(matches!(
-        bn.forward_train(&x, &[3, 2], Layout::NC, &mut y),
+        bn.forward_train(View::new(&x, &[3, 2], Layout::NC), &mut y),
         Err(Error::InvalidRenormSchedule { .. })
     ));
     bn.config.momentum = 2.0;
     assert_eq!(
-        bn.forward_train(&x, &[3, 2], Layout::NC, &mut y),
+        bn.forward_train(View::new(&x, &[3, 2], Layout::NC), &mut y),
         Err(Error::InvalidMomentum(2.0))
     );
     bn.config.momentum = 0.1;
     assert_eq!(
-        bn.forward_train(&x, &[2, 3], Layout::NC, &mut y),
+        bn.forward_train(View::new(&x, &[2, 3], Layout::NC), &mut y),
         Err(feature("input", 2, 3))
     );
     assert_eq!(bn.moving_mean, before.moving_mean);
@@ -1055,11 +1045,11 @@ fn frozen_errors() {
     let x = [1.0, 2.0, 3.0, 4.0];
     let mut y = [f64::NAN; 4];
     assert_eq!(
-        bn.forward_train(&x, &[2, 2], Layout::NC, &mut y),
+        bn.forward_train(View::new(&x, &[2, 2], Layout::NC), &mut y),
         Err(Error::NoRunningStats)
     );
     assert_eq!(
-        bn.forward_train_sync(&SingleProcess, &x, &[2, 2], Layout::NC, &mut y),
+        bn.forward_train_sync(&SingleProcess, View::new(&x, &[2, 2], Layout::NC), &mut y),
         Err(Error::NoRunningStats)
     );
     let saved = batchnorm::SavedStats {
@@ -1069,18 +1059,24 @@ fn frozen_errors() {
     };
     let mut dx = [f64::NAN; 4];
     assert_eq!(
-        bn.backward(&x, &x, &[2, 2], Layout::NC, &saved, Some(&mut dx), None),
+        bn.backward(View::new(&x, &[2, 2], Layout::NC), &x, &saved, Grads::dx(&mut dx)),
         Err(Error::NoRunningStats)
     );
     assert_eq!(
-        bn.backward_sync(&SingleProcess, &x, &x, &[2, 2], Layout::NC, &saved, Some(&mut dx), None),
+        bn.backward_sync(
+            &SingleProcess,
+            View::new(&x, &[2, 2], Layout::NC),
+            &x,
+            &saved,
+            Grads::dx(&mut dx)
+        ),
         Err(Error::NoRunningStats)
     );
     // Frozen with running statistics: the shape and buffer checks of the inference transforms.
     let mut bn = BatchNorm::<f64>::new(2, BatchNormConfig::default()).unwrap();
     bn.freeze();
     assert_eq!(
-        bn.forward_train(&x, &[1, 4], Layout::NC, &mut y),
+        bn.forward_train(View::new(&x, &[1, 4], Layout::NC), &mut y),
         Err(Error::FeatureMismatch {
             name: "input",
             expected: 2,
@@ -1088,7 +1084,7 @@ fn frozen_errors() {
         })
     );
     assert_eq!(
-        bn.forward_train(&x, &[2, 2], Layout::NC, &mut y[..3]),
+        bn.forward_train(View::new(&x, &[2, 2], Layout::NC), &mut y[..3]),
         Err(Error::BufferLength {
             name: "y",
             expected: 4,
@@ -1101,7 +1097,7 @@ fn frozen_errors() {
         inv_std: vec![1.0; 2],
     };
     assert_eq!(
-        bn.backward(&x, &x, &[2, 2], Layout::NC, &short, Some(&mut dx), None),
+        bn.backward(View::new(&x, &[2, 2], Layout::NC), &x, &short, Grads::dx(&mut dx)),
         Err(Error::FeatureMismatch {
             name: "saved.mean",
             expected: 2,
@@ -1111,13 +1107,10 @@ fn frozen_errors() {
     assert_eq!(
         bn.backward_sync(
             &SingleProcess,
-            &x,
+            View::new(&x, &[2, 2], Layout::NC),
             &x[..3],
-            &[2, 2],
-            Layout::NC,
             &saved,
-            Some(&mut dx),
-            None
+            Grads::dx(&mut dx)
         ),
         Err(Error::BufferLength {
             name: "dy",
@@ -1150,30 +1143,44 @@ fn variant_outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> V
     let z = T::from_f64(0.0);
     let clip = RenormClip::new(3.0, 5.0).unwrap();
     let mut y = vec![z; n];
-    let (stats, saved) =
-        batch_renorm_train(&x, shape, layout, &mm, &ms, Some(&g), Some(&b), 1e-5, clip, &mut y).unwrap();
+    let (stats, saved) = batch_renorm_train(
+        View::new(&x, shape, layout),
+        RenormStats::new(&mm, &ms),
+        Affine::new(&g, &b),
+        1e-5,
+        clip,
+        &mut y,
+    )
+    .unwrap();
     let (mut dx, mut dg, mut db) = (vec![z; n], vec![z; c], vec![z; c]);
     batch_renorm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         Some(&g),
-        Some(&mut dx),
-        Some(&mut dg),
-        Some(&mut db),
+        Grads::new(&mut dx, &mut dg, &mut db),
     )
     .unwrap();
     let mut ye = vec![z; n];
-    batch_renorm_eval(&x, shape, layout, &mm, &ms, Some(&g), Some(&b), &mut ye).unwrap();
+    batch_renorm_eval(
+        View::new(&x, shape, layout),
+        RenormStats::new(&mm, &ms),
+        Affine::new(&g, &b),
+        &mut ye,
+    )
+    .unwrap();
     let mut bn = layer_with::<T>(d, 1e-5, true, SmallBatch::Error);
     bn.freeze();
     let mut yf = vec![z; n];
-    let sf = bn.forward_train(&x, shape, layout, &mut yf).unwrap();
+    let sf = bn.forward_train(View::new(&x, shape, layout), &mut yf).unwrap();
     let (mut dxf, mut dgf, mut dbf) = (vec![z; n], vec![z; c], vec![z; c]);
-    bn.backward(&x, &dy, shape, layout, &sf, Some(&mut dxf), Some((&mut dgf, &mut dbf)))
-        .unwrap();
+    bn.backward(
+        View::new(&x, shape, layout),
+        &dy,
+        &sf,
+        Grads::new(&mut dxf, &mut dgf, &mut dbf),
+    )
+    .unwrap();
     let bits = |v: &[T]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<u64>>();
     let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<u64>>();
     vec![

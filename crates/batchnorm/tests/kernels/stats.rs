@@ -3,23 +3,18 @@
 //! (`batch_stats` + `BatchStats::merge` + `normalize`; `grad_sums` + `GradSums::add` + `input_grad`).
 //! Tolerances: see `common/mod.rs`.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
-    batch_norm_backward, batch_norm_eval, batch_norm_train, batch_stats, grad_sums, input_grad, normalize, reference,
-    update_running_stats, BatchNorm, BatchNormConfig, BatchStats, GradSums, Layout, Momentum, PopulationStats,
+    batch_norm_eval, batch_stats, grad_sums, input_grad, normalize, reference, update_running_stats, Affine, BatchNorm,
+    BatchNormConfig, BatchStats, FixedStats, GradSums, Layout, Momentum, PopulationStats, View,
 };
-use common::*;
 use proptest::prelude::*;
 use rand::Rng;
 
 /// Algorithm 1, lines 1–2: μ_B and σ²_B per channel (and M2 = m·σ²_B).
 fn check_batch_stats<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
-    let s = batch_stats(&narrow::<T>(&d.x), shape, layout).unwrap();
+    let s = batch_stats(View::new(&narrow::<T>(&d.x), shape, layout)).unwrap();
     let (rmean, rvar) = reference::mean_var(&d.g, &d.x);
     let m = d.g.per_channel();
     let rel = reduce_rel::<T>(m);
@@ -35,10 +30,10 @@ fn check_batch_stats<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
 /// `reference::running_update`), exponential and cumulative.
 fn check_running<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, momentum: Momentum, seen: u64) {
     let d = Data::new::<T>(layout, shape, seed);
-    let batch = batch_stats(&narrow::<T>(&d.x), shape, layout).unwrap();
+    let batch = batch_stats(View::new(&narrow::<T>(&d.x), shape, layout)).unwrap();
     let (rm0, rv0) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
     let (mut rm, mut rv) = (rm0.clone(), rv0.clone());
-    update_running_stats(&mut rm, &mut rv, &batch, momentum, seen).unwrap();
+    update_running_stats(&batch, momentum, seen, &mut rm, &mut rv).unwrap();
     let (bm, bv) = reference::mean_var(&d.g, &d.x);
     let mom = match momentum {
         Momentum::Exponential(w) => Some(w),
@@ -101,10 +96,10 @@ fn batch_stats_on_chunking_shapes() {
 fn running_stats_momentum_one_and_first_cumulative_batch() {
     let (layout, shape) = (Layout::NC, vec![9, 4]);
     let d = Data::new::<f64>(layout, &shape, 5);
-    let batch = batch_stats(&d.x, &shape, layout).unwrap();
+    let batch = batch_stats(View::new(&d.x, &shape, layout)).unwrap();
     for momentum in [Momentum::Exponential(1.0), Momentum::Cumulative] {
         let (mut rm, mut rv) = (vec![123.0; 4], vec![-7.0; 4]);
-        update_running_stats(&mut rm, &mut rv, &batch, momentum, 1).unwrap();
+        update_running_stats(&batch, momentum, 1, &mut rm, &mut rv).unwrap();
         let unbiased = batch.var_unbiased();
         for c in 0..4 {
             assert!((rm[c] - batch.mean[c]).abs() <= 1e-14 * (123.0 + batch.mean[c].abs()));
@@ -128,7 +123,7 @@ fn running_stats_weight_one_forgets_the_old_value_exactly() {
             .enumerate()
             .map(|(k, v)| 0.5 + v * [1e-10, 1e-6, 1.0][k % 3])
             .collect();
-    let batch = batch_stats(&x, &shape, layout).unwrap();
+    let batch = batch_stats(View::new(&x, &shape, layout)).unwrap();
     let unbiased = batch.var_unbiased();
     for momentum in [Momentum::Exponential(1.0), Momentum::Cumulative] {
         let (mut rm, mut rv) = (vec![0.0, 1e6, -3.0], vec![1.0; 3]);
@@ -144,7 +139,7 @@ fn running_stats_weight_one_forgets_the_old_value_exactly() {
             },
             1,
         );
-        update_running_stats(&mut rm, &mut rv, &batch, momentum, 1).unwrap();
+        update_running_stats(&batch, momentum, 1, &mut rm, &mut rv).unwrap();
         for c in 0..3 {
             assert!(
                 (rm[c] - erm[c]).abs() <= 4.0 * U * erm[c].abs(),
@@ -177,8 +172,8 @@ fn layer_first_cumulative_batch_keeps_small_variance() {
     // Spread 1e-7: unbiased variance ≈ 1e-14 (≈ 100 u against the old value 1).
     let x: Vec<f32> = d.x.iter().map(|v| (1e-7 * v) as f32).collect();
     let mut y = vec![0.0f32; x.len()];
-    bn.forward_train(&x, &shape, layout, &mut y).unwrap();
-    let want = batch_stats(&x, &shape, layout).unwrap().var_unbiased();
+    bn.forward_train(View::new(&x, &shape, layout), &mut y).unwrap();
+    let want = batch_stats(View::new(&x, &shape, layout)).unwrap().var_unbiased();
     for c in 0..2 {
         let got = bn.running_var[c] as f64;
         assert!(
@@ -213,7 +208,7 @@ fn population_stats_match_algorithm_2() {
         let mut all = Vec::new();
         for b in 0..batches {
             let d = Data::new::<f64>(layout, &per_batch, 900 + b);
-            pop.observe_batch(&d.x, &per_batch, layout).unwrap();
+            pop.observe_batch(View::new(&d.x, &per_batch, layout)).unwrap();
             per.push(reference::mean_var(&g, &d.x));
             all.extend_from_slice(&d.x);
         }
@@ -230,7 +225,7 @@ fn population_stats_match_algorithm_2() {
         // Direct: the concatenation along N has mean E_B[μ_B] when batches have the same size.
         let mut cat_shape = per_batch.clone();
         cat_shape[0] *= batches as usize;
-        let cat = batch_stats(&all, &cat_shape, layout).unwrap();
+        let cat = batch_stats(View::new(&all, &cat_shape, layout)).unwrap();
         assert_close::<f64>(
             &format!("{layout} mean of concatenation"),
             &mean,
@@ -262,16 +257,12 @@ fn population_stats_match_algorithm_2() {
         assert!(bn.config.track_running_stats);
         let d = Data::new::<f64>(layout, &per_batch, 1);
         let (mut y1, mut y2) = (vec![0.0; d.x.len()], vec![0.0; d.x.len()]);
-        bn.forward_eval(&d.x, &per_batch, layout, &mut y1).unwrap();
+        bn.forward_eval(View::new(&d.x, &per_batch, layout), &mut y1).unwrap();
         let (gamma, beta) = d.ones_zeros();
         batch_norm_eval(
-            &d.x,
-            &per_batch,
-            layout,
-            &mean,
-            &var,
-            Some(&gamma),
-            Some(&beta),
+            View::new(&d.x, &per_batch, layout),
+            FixedStats::new(&mean, &var),
+            Affine::new(&gamma, &beta),
             1e-5,
             &mut y2,
         )
@@ -297,7 +288,7 @@ fn population_stats_unequal_batches() {
         let mut d = Data::new::<f64>(layout, &shape, 40 + b as u64);
         // Batch-dependent offset so that equal and count weights differ clearly.
         d.x.iter_mut().for_each(|v| *v += 10.0 * b as f64);
-        let s = batch_stats(&d.x, &shape, layout).unwrap();
+        let s = batch_stats(View::new(&d.x, &shape, layout)).unwrap();
         pop.observe(&s).unwrap();
         let (bm, bv) = reference::mean_var(&g, &d.x);
         let m = g.per_channel() as f64;
@@ -362,25 +353,8 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     let rel = reduce_rel::<T>(m);
     let what = format!("{layout} {shape:?} shards {sizes:?} affine={affine} {}", T::NAME);
 
-    let mut y = vec![T::from_f64(0.0); n];
-    let (stats, saved) = batch_norm_train(&x, shape, layout, opt(&gt, affine), opt(&bt, affine), eps, &mut y).unwrap();
-    let (mut dx, mut dg, mut db) = (
-        vec![T::from_f64(0.0); n],
-        vec![T::from_f64(0.0); c],
-        vec![T::from_f64(0.0); c],
-    );
-    batch_norm_backward(
-        &x,
-        &dy,
-        shape,
-        layout,
-        &saved,
-        opt(&gt, affine),
-        Some(&mut dx),
-        Some(&mut dg),
-        Some(&mut db),
-    )
-    .unwrap();
+    let (y, stats, saved) = train(View::new(&x, shape, layout), affine_if(affine, &gt, &bt), eps);
+    let (dx, dg, db) = backward_all(View::new(&x, shape, layout), &dy, &saved, opt(&gt, affine));
 
     let xs = shards(&x, shape, sizes);
     let dys = shards(&dy, shape, sizes);
@@ -391,7 +365,7 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
         m2: vec![0.0; c],
     };
     for (xs, s) in &xs {
-        merged.merge(&batch_stats(xs, s, layout).unwrap()).unwrap();
+        merged.merge(&batch_stats(View::new(xs, s, layout)).unwrap()).unwrap();
     }
     assert_eq!(merged.count, m as u64, "{what}: merged count");
     assert_close::<f64>(
@@ -416,7 +390,13 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     let mut ys = Vec::new();
     for (xs, s) in &xs {
         let mut part = vec![T::from_f64(0.0); xs.len()];
-        normalize(xs, s, layout, &msaved, opt(&gt, affine), opt(&bt, affine), &mut part).unwrap();
+        normalize(
+            View::new(xs, s, layout),
+            &msaved,
+            affine_if(affine, &gt, &bt),
+            &mut part,
+        )
+        .unwrap();
         ys.extend(part);
     }
     let var = stats.var_biased();
@@ -429,12 +409,21 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
         sum_dy_xhat: vec![0.0; c],
     };
     for ((xs, s), (dys, _)) in xs.iter().zip(&dys) {
-        sums.add(&grad_sums(xs, dys, s, layout, &msaved).unwrap()).unwrap();
+        sums.add(&grad_sums(View::new(xs, s, layout), dys, &msaved).unwrap())
+            .unwrap();
     }
     let mut dxs = Vec::new();
     for ((xs, s), (dys, _)) in xs.iter().zip(&dys) {
         let mut part = vec![T::from_f64(0.0); xs.len()];
-        input_grad(xs, dys, s, layout, &msaved, &sums, opt(&gt, affine), &mut part).unwrap();
+        input_grad(
+            View::new(xs, s, layout),
+            dys,
+            &msaved,
+            &sums,
+            opt(&gt, affine),
+            &mut part,
+        )
+        .unwrap();
         dxs.extend(part);
     }
     let (mut dg2, mut db2) = (vec![T::from_f64(0.0); c], vec![T::from_f64(0.0); c]);
@@ -445,16 +434,30 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     assert_close(&format!("{what} sharded dbeta"), &db2, &wide(&db), &sdb, rel);
 
     // One shard: the split phases are the fused functions, bit for bit.
-    let whole = batch_stats(&x, shape, layout).unwrap();
+    let whole = batch_stats(View::new(&x, shape, layout)).unwrap();
     assert_eq!(whole, stats, "{what}: batch_stats vs batch_norm_train statistics");
     let wsaved = whole.saved(eps).unwrap();
     assert_eq!(wsaved, saved, "{what}: saved statistics");
     let mut y1 = vec![T::from_f64(0.0); n];
-    normalize(&x, shape, layout, &wsaved, opt(&gt, affine), opt(&bt, affine), &mut y1).unwrap();
+    normalize(
+        View::new(&x, shape, layout),
+        &wsaved,
+        affine_if(affine, &gt, &bt),
+        &mut y1,
+    )
+    .unwrap();
     assert_bits(&format!("{what} normalize, one shard"), &y1, &y);
-    let wsums = grad_sums(&x, &dy, shape, layout, &wsaved).unwrap();
+    let wsums = grad_sums(View::new(&x, shape, layout), &dy, &wsaved).unwrap();
     let mut dx1 = vec![T::from_f64(0.0); n];
-    input_grad(&x, &dy, shape, layout, &wsaved, &wsums, opt(&gt, affine), &mut dx1).unwrap();
+    input_grad(
+        View::new(&x, shape, layout),
+        &dy,
+        &wsaved,
+        &wsums,
+        opt(&gt, affine),
+        &mut dx1,
+    )
+    .unwrap();
     assert_bits(&format!("{what} input_grad, one shard"), &dx1, &dx);
 }
 

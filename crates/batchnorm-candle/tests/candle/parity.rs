@@ -13,11 +13,9 @@
 //!   against the exact answer: 1.2e-7 ≈ 2^-23, one f32 ulp at the reference's scale. The kernels
 //!   accumulate in f64 and round each result once (≤ half an ulp); measured ≤ 4.8e-8.
 
-mod common;
-
+use crate::common::{pair, scaled_err, tensor};
 use batchnorm_candle::BatchNormConfig;
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
-use common::{pair, scaled_err, tensor};
 
 const SHAPES: [&[usize]; 4] = [&[16, 5], &[8, 4, 7], &[4, 3, 5, 6], &[32, 2, 8, 8]];
 

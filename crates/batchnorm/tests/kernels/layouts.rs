@@ -5,15 +5,10 @@
 //! Layouts with the same `[outer, channels, inner]` geometry run the same code and must agree
 //! bit for bit.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, BatchStats, Layout, SavedStats,
+    batch_norm_backward_eval, batch_norm_eval, Affine, BatchStats, FixedStats, Grads, Layout, SavedStats, View,
 };
-use common::*;
 use proptest::prelude::*;
 
 /// Everything the ops produce for one layout, in the layout's own memory order.
@@ -38,47 +33,29 @@ fn run_all<T: TestFloat>(d: &Data, x: &[T], dy: &[T], shape: &[usize], layout: L
     );
     let (n, c) = (x.len(), d.g.channels);
     let zero = T::from_f64(0.0);
-    let mut y = vec![zero; n];
-    let (stats, saved) = batch_norm_train(x, shape, layout, Some(&gamma), Some(&beta), eps, &mut y).unwrap();
-    let (mut dx, mut dgamma, mut dbeta) = (vec![zero; n], vec![zero; c], vec![zero; c]);
-    batch_norm_backward(
-        x,
-        dy,
-        shape,
-        layout,
-        &saved,
-        Some(&gamma),
-        Some(&mut dx),
-        Some(&mut dgamma),
-        Some(&mut dbeta),
-    )
-    .unwrap();
+    let (y, stats, saved) = train(View::new(x, shape, layout), Affine::new(&gamma, &beta), eps);
+    let (dx, dgamma, dbeta) = backward_all(View::new(x, shape, layout), dy, &saved, Some(&gamma));
     let mut y_eval = vec![zero; n];
     batch_norm_eval(
-        x,
-        shape,
-        layout,
-        &mean,
-        &var,
-        Some(&gamma),
-        Some(&beta),
+        View::new(x, shape, layout),
+        FixedStats::new(&mean, &var),
+        Affine::new(&gamma, &beta),
         eps,
         &mut y_eval,
     )
     .unwrap();
     let (mut dx_eval, mut dgamma_eval) = (vec![zero; n], vec![zero; c]);
     batch_norm_backward_eval(
-        x,
+        View::new(x, shape, layout),
         dy,
-        shape,
-        layout,
-        &mean,
-        &var,
-        eps,
+        FixedStats::new(&mean, &var),
         Some(&gamma),
-        Some(&mut dx_eval),
-        Some(&mut dgamma_eval),
-        None,
+        eps,
+        Grads {
+            dx: Some(&mut dx_eval),
+            dgamma: Some(&mut dgamma_eval),
+            dbeta: None,
+        },
     )
     .unwrap();
     Outputs {

@@ -7,13 +7,10 @@
 //! is the sum of the magnitudes of the terms; we allow 1e-12·S (≈ 4500·u·S, still far below any
 //! formula error such as a missing shift or a wrong ε).
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
-use batchnorm::{batch_norm_eval, fold_into_preceding, BatchNorm, BatchNormConfig, InferenceAffine, Layout};
-use common::*;
+use crate::common::*;
+use batchnorm::{
+    batch_norm_eval, fold_into_preceding, Affine, BatchNorm, BatchNormConfig, FixedStats, InferenceAffine, Layout, View,
+};
 use rand::Rng;
 
 const FOLD_REL: f64 = 1e-12;
@@ -93,21 +90,17 @@ fn fold_into_linear_layer() {
         let z = linear(&u, n, &w, bias, out, inp);
         let mut want = vec![0.0; z.len()];
         batch_norm_eval(
-            &z,
-            &[n, out],
-            Layout::NC,
-            &mean,
-            &var,
-            Some(&gamma),
-            Some(&beta),
+            View::new(&z, &[n, out], Layout::NC),
+            FixedStats::new(&mean, &var),
+            Affine::new(&gamma, &beta),
             eps,
             &mut want,
         )
         .unwrap();
 
-        let bn = InferenceAffine::new(&mean, &var, Some(&gamma), Some(&beta), eps).unwrap();
+        let bn = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
         let mut wf = w.clone();
-        let bf = fold_into_preceding(&mut wf, bias, &bn).unwrap();
+        let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
         assert_eq!(bf.len(), out);
         let got = linear(&u, n, &wf, Some(&bf), out, inp);
 
@@ -143,21 +136,17 @@ fn fold_into_conv_layer() {
         let (z, zshape) = conv(&u, ushape, &w, bias, out, k);
         let mut want = vec![0.0; z.len()];
         batch_norm_eval(
-            &z,
-            &zshape,
-            Layout::NCHW,
-            &mean,
-            &var,
-            Some(&gamma),
-            Some(&beta),
+            View::new(&z, &zshape, Layout::NCHW),
+            FixedStats::new(&mean, &var),
+            Affine::new(&gamma, &beta),
             eps,
             &mut want,
         )
         .unwrap();
 
-        let bn = InferenceAffine::new(&mean, &var, Some(&gamma), Some(&beta), eps).unwrap();
+        let bn = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
         let mut wf = w.clone();
-        let bf = fold_into_preceding(&mut wf, bias, &bn).unwrap();
+        let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
         let (got, _) = conv(&u, ushape, &wf, Some(&bf), out, k);
 
         let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
@@ -189,10 +178,11 @@ fn fold_from_layer_without_affine() {
     let u: Vec<f64> = normals(&mut r, n * inp);
     let z = linear(&u, n, &w, None, out, inp);
     let mut want = vec![0.0; z.len()];
-    bn.forward_eval(&z, &[n, out], Layout::NC, &mut want).unwrap();
+    bn.forward_eval(View::new(&z, &[n, out], Layout::NC), &mut want)
+        .unwrap();
     let affine = bn.inference_affine().unwrap();
     let mut wf = w.clone();
-    let bf = fold_into_preceding(&mut wf, None, &affine).unwrap();
+    let bf = fold_into_preceding(&affine, None, &mut wf).unwrap();
     let got = linear(&u, n, &wf, Some(&bf), out, inp);
     let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
     let abs_z = linear(&abs(&u), n, &abs(&w), None, out, inp);
@@ -207,14 +197,14 @@ fn inference_affine_formula() {
     let mut r = rng(3);
     let (mean, var, gamma, beta) = bn_params(&mut r, 7);
     let eps = 0.01;
-    let a = InferenceAffine::new(&mean, &var, Some(&gamma), Some(&beta), eps).unwrap();
+    let a = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
     for c in 0..7 {
         let s = gamma[c] / (var[c] + eps).sqrt();
         assert!((a.scale[c] - s).abs() <= 1e-15 * s.abs());
         let t = beta[c] - mean[c] * s;
         assert!((a.shift[c] - t).abs() <= 1e-15 * (beta[c].abs() + (mean[c] * s).abs()));
     }
-    let plain = InferenceAffine::new(&mean, &var, None::<&[f64]>, None, eps).unwrap();
+    let plain = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::<f64>::NONE, eps).unwrap();
     for c in 0..7 {
         let s = 1.0 / (var[c] + eps).sqrt();
         assert!((plain.scale[c] - s).abs() <= 1e-15 * s);

@@ -3,13 +3,10 @@
 //! channels (σ²_B = 0), huge and tiny magnitudes, a batch of two, and NaN/Inf values (IEEE
 //! propagation confined to their channel).
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
-use batchnorm::{batch_norm_backward, batch_norm_eval, batch_norm_train, batch_stats, reference, Layout};
-use common::*;
+use crate::common::*;
+use batchnorm::{
+    batch_norm_backward, batch_norm_eval, batch_stats, reference, Affine, FixedStats, Grads, Layout, View,
+};
 
 /// Neumaier-compensated sum: error ≈ u·|Σ| instead of m·u·Σ|terms|. Used to get "exact" statistics
 /// of badly conditioned data.
@@ -71,8 +68,7 @@ fn check_offset<T: TestFloat>(offset: f64, spread: f64, mean_tol: f64, var_rel: 
         let x = offset_data::<T>(layout, &shape, offset, spread, 40 + i as u64);
         let xw = wide(&x);
         let (emean, evar) = accurate_mean_var(&g, &xw);
-        let mut y = vec![T::from_f64(0.0); x.len()];
-        let (stats, _) = batch_norm_train(&x, &shape, layout, None, None, eps, &mut y).unwrap();
+        let (y, stats, _) = train(View::new(&x, &shape, layout), Affine::NONE, eps);
         let var = stats.var_biased();
         for c in 0..g.channels {
             let sd = evar[c].sqrt();
@@ -95,7 +91,7 @@ fn check_offset<T: TestFloat>(offset: f64, spread: f64, mean_tol: f64, var_rel: 
             assert!((yv - 1.0).abs() <= unit_tol, "{what}: variance of x̂[{c}] = {yv}");
         }
         // batch_stats is the same computation.
-        let s = batch_stats(&x, &shape, layout).unwrap();
+        let s = batch_stats(View::new(&x, &shape, layout)).unwrap();
         assert_eq!(s, stats);
     }
 }
@@ -136,9 +132,7 @@ fn check_constant<T: TestFloat>(layout: Layout, shape: &[usize], value: f64, see
     let eps = 1e-5;
     let what = format!("{layout} {shape:?} {} constant {value}", T::NAME);
     for affine in [true, false] {
-        let mut y = vec![T::from_f64(f64::NAN); x.len()];
-        let (stats, saved) =
-            batch_norm_train(&x, shape, layout, opt(&gamma, affine), opt(&beta, affine), eps, &mut y).unwrap();
+        let (y, stats, saved) = train(View::new(&x, shape, layout), affine_if(affine, &gamma, &beta), eps);
         assert_eq!(stats.mean[cc], value, "{what}: mean");
         assert_eq!(stats.m2[cc], 0.0, "{what}: M2");
         let b = if affine { beta[cc].to_f64() } else { 0.0 };
@@ -148,21 +142,7 @@ fn check_constant<T: TestFloat>(layout: Layout, shape: &[usize], value: f64, see
             }
         }
         let dy = narrow::<T>(&d.dy);
-        let c = g.channels;
-        let nan = T::from_f64(f64::NAN);
-        let (mut dx, mut dg, mut db) = (vec![nan; x.len()], vec![nan; c], vec![nan; c]);
-        batch_norm_backward(
-            &x,
-            &dy,
-            shape,
-            layout,
-            &saved,
-            opt(&gamma, affine),
-            Some(&mut dx),
-            Some(&mut dg),
-            Some(&mut db),
-        )
-        .unwrap();
+        let (dx, dg, db) = backward_all(View::new(&x, shape, layout), &dy, &saved, opt(&gamma, affine));
         assert!(
             dx.iter().chain(&dg).chain(&db).all(|v| v.to_f64().is_finite()),
             "{what}: finite gradients"
@@ -225,8 +205,7 @@ fn check_magnitude<T: TestFloat>(k: f64, eps: f64) {
         let what = format!("{layout} {shape:?} {} scale {k:e}", T::NAME);
         let x = narrow::<T>(&d.x);
         let (gamma, beta) = (narrow::<T>(&d.gamma), narrow::<T>(&d.beta));
-        let mut y = vec![T::from_f64(0.0); x.len()];
-        let (_, saved) = batch_norm_train(&x, &shape, layout, Some(&gamma), Some(&beta), eps, &mut y).unwrap();
+        let (y, _, saved) = train(View::new(&x, &shape, layout), Affine::new(&gamma, &beta), eps);
         let (ry, rmean, rvar) = reference::forward_train(&g, &d.x, &d.gamma, &d.beta, eps);
         assert!(y.iter().all(|v| v.to_f64().is_finite()), "{what}: finite y");
         let rel = reduce_rel::<T>(g.per_channel());
@@ -234,23 +213,7 @@ fn check_magnitude<T: TestFloat>(k: f64, eps: f64) {
         assert_close(&format!("{what} y"), &y, &ry, &scale, rel);
 
         let dy = narrow::<T>(&d.dy);
-        let (mut dx, mut dg, mut db) = (
-            vec![T::from_f64(0.0); x.len()],
-            vec![T::from_f64(0.0); g.channels],
-            vec![T::from_f64(0.0); g.channels],
-        );
-        batch_norm_backward(
-            &x,
-            &dy,
-            &shape,
-            layout,
-            &saved,
-            Some(&gamma),
-            Some(&mut dx),
-            Some(&mut dg),
-            Some(&mut db),
-        )
-        .unwrap();
+        let (dx, dg, db) = backward_all(View::new(&x, &shape, layout), &dy, &saved, Some(&gamma));
         let (rdx, rdg, rdb) = reference::backward_train(&g, &d.x, &d.dy, &d.gamma, eps);
         let (sdx, sdg, sdb) = backward_scales(&d, &d.dy, &d.gamma, eps);
         assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, rel);
@@ -259,7 +222,7 @@ fn check_magnitude<T: TestFloat>(k: f64, eps: f64) {
 
         // Without affine and with ε ≪ σ², x̂ has unit variance whatever the magnitude.
         if eps < 1e-6 * k * k {
-            batch_norm_train(&x, &shape, layout, None, None, eps, &mut y).unwrap();
+            let (y, _, _) = train(View::new(&x, &shape, layout), Affine::NONE, eps);
             for c in 0..g.channels {
                 let yc = channel(&g, &y, c);
                 let v = yc.iter().map(|a| a * a).sum::<f64>() / yc.len() as f64;
@@ -298,8 +261,7 @@ fn batch_of_two() {
 fn check_pair<T: TestFloat>(shape: &[usize], seed: u64, eps: f64) {
     let d = Data::new::<T>(Layout::NC, shape, seed);
     let x = narrow::<T>(&d.x);
-    let mut y = vec![T::from_f64(0.0); x.len()];
-    let (_, saved) = batch_norm_train(&x, shape, Layout::NC, None, None, eps, &mut y).unwrap();
+    let (y, _, saved) = train(View::new(&x, shape, Layout::NC), Affine::NONE, eps);
     let (gamma, beta) = d.ones_zeros();
     let (ry, rmean, rvar) = reference::forward_train(&d.g, &d.x, &gamma, &beta, eps);
     let rel = reduce_rel::<T>(2);
@@ -324,7 +286,7 @@ fn check_pair<T: TestFloat>(shape: &[usize], seed: u64, eps: f64) {
     }
     let dy = narrow::<T>(&d.dy);
     let mut dx = vec![T::from_f64(0.0); x.len()];
-    batch_norm_backward(&x, &dy, shape, Layout::NC, &saved, None, Some(&mut dx), None, None).unwrap();
+    batch_norm_backward(View::new(&x, shape, Layout::NC), &dy, &saved, None, Grads::dx(&mut dx)).unwrap();
     let (rdx, _, _) = reference::backward_train(&d.g, &d.x, &d.dy, &gamma, eps);
     let (sdx, _, _) = backward_scales(&d, &d.dy, &gamma, eps);
     assert_close("pair dx", &dx, &rdx, &sdx, rel);
@@ -352,23 +314,17 @@ fn check_nonfinite<T: TestFloat>(layout: Layout, shape: &[usize], bad: f64) {
     let z = T::from_f64(0.0);
 
     let run = |x: &[T]| {
-        let mut y = vec![z; n];
-        let (stats, saved) = batch_norm_train(x, shape, layout, Some(&gamma), Some(&beta), 1e-5, &mut y).unwrap();
-        let (mut dx, mut dg, mut db) = (vec![z; n], vec![z; c], vec![z; c]);
-        batch_norm_backward(
-            x,
-            &dy,
-            shape,
-            layout,
-            &saved,
-            Some(&gamma),
-            Some(&mut dx),
-            Some(&mut dg),
-            Some(&mut db),
+        let (y, stats, saved) = train(View::new(x, shape, layout), Affine::new(&gamma, &beta), 1e-5);
+        let (dx, dg, db) = backward_all(View::new(x, shape, layout), &dy, &saved, Some(&gamma));
+        let mut ye = vec![z; n];
+        batch_norm_eval(
+            View::new(x, shape, layout),
+            FixedStats::new(&mean, &var),
+            Affine::new(&gamma, &beta),
+            1e-5,
+            &mut ye,
         )
         .unwrap();
-        let mut ye = vec![z; n];
-        batch_norm_eval(x, shape, layout, &mean, &var, Some(&gamma), Some(&beta), 1e-5, &mut ye).unwrap();
         (y, stats, dx, dg, db, ye)
     };
     let (y, stats, dx, dg, _db, ye) = run(&x);

@@ -1,12 +1,10 @@
 //! Weights through safetensors, folding into Linear/Conv2d, Algorithm 2 population statistics,
 //! sharing with a candle-nn module, and rejected inputs.
 
-mod common;
-
+use crate::common::{pair, scaled_err, tensor, values};
 use batchnorm_candle::{batch_norm, BatchNorm, BatchNormConfig};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
-use common::{pair, scaled_err, tensor, values};
 
 fn temp_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("batchnorm-candle-{}-{name}.safetensors", std::process::id()))

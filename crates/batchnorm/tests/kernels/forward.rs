@@ -3,15 +3,11 @@
 //! inference transform of Algorithm 2 (`batch_norm_eval`), the split-phase `normalize`, and the
 //! `BatchNorm` layer. Tolerances: see `common/mod.rs`.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
-    batch_norm_eval, batch_norm_train, normalize, reference, BatchNorm, BatchNormConfig, Layout, Momentum, SavedStats,
+    batch_norm_eval, batch_norm_train, normalize, reference, BatchNorm, BatchNormConfig, FixedStats, Layout, Momentum,
+    SavedStats, View,
 };
-use common::*;
 use proptest::prelude::*;
 
 /// Algorithm 1: μ_B = (1/m)Σxᵢ, σ²_B = (1/m)Σ(xᵢ − μ_B)², x̂ᵢ = (xᵢ − μ_B)/√(σ²_B + ε),
@@ -21,8 +17,7 @@ fn check_train<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
     let x = narrow::<T>(&d.x);
-    let mut y = vec![T::from_f64(f64::NAN); x.len()];
-    let (stats, saved) = batch_norm_train(&x, shape, layout, opt(&gt, affine), opt(&bt, affine), eps, &mut y).unwrap();
+    let (y, stats, saved) = train(View::new(&x, shape, layout), affine_if(affine, &gt, &bt), eps);
 
     let (ry, rmean, rvar) = reference::forward_train(&d.g, &d.x, &gamma, &beta, eps);
     let m = d.g.per_channel();
@@ -59,13 +54,9 @@ fn check_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: 
     let (x, mean, var) = (narrow::<T>(&d.x), narrow::<T>(&d.mean), narrow::<T>(&d.var));
     let mut y = vec![T::from_f64(f64::NAN); x.len()];
     batch_norm_eval(
-        &x,
-        shape,
-        layout,
-        &mean,
-        &var,
-        opt(&gt, affine),
-        opt(&bt, affine),
+        View::new(&x, shape, layout),
+        FixedStats::new(&mean, &var),
+        affine_if(affine, &gt, &bt),
         eps,
         &mut y,
     )
@@ -94,7 +85,13 @@ fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         inv_std: d.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
     };
     let mut y = vec![T::from_f64(f64::NAN); x.len()];
-    normalize(&x, shape, layout, &saved, opt(&gt, affine), opt(&bt, affine), &mut y).unwrap();
+    normalize(
+        View::new(&x, shape, layout),
+        &saved,
+        affine_if(affine, &gt, &bt),
+        &mut y,
+    )
+    .unwrap();
     let ry = reference::forward_eval(&d.g, &d.x, &d.mean, &d.var, &gamma, &beta, eps);
     let scale = eval_y_scale(&d, &gamma, &beta, eps);
     assert_close(
@@ -130,13 +127,13 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
         let x = narrow::<T>(&d.x);
         let mut y = vec![T::from_f64(0.0); x.len()];
         let (rm0, rv0) = (wide(&bn.running_mean), wide(&bn.running_var));
-        let saved = bn.forward_train(&x, shape, layout, &mut y).unwrap();
+        let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
 
         // Same bits as the stateless function.
         let mut y2 = vec![T::from_f64(0.0); x.len()];
         let (g2, b2) = (bn.gamma.clone(), bn.beta.clone());
         let (_, saved2) =
-            batch_norm_train(&x, shape, layout, opt(&g2, affine), opt(&b2, affine), eps, &mut y2).unwrap();
+            batch_norm_train(View::new(&x, shape, layout), affine_if(affine, &g2, &b2), eps, &mut y2).unwrap();
         assert_bits("layer y", &y, &y2);
         assert_eq!(saved, saved2);
         assert_eq!(bn.num_batches_tracked, step + 1);
@@ -159,7 +156,7 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
     let d = Data::new::<T>(layout, shape, seed ^ 0x5eed);
     let x = narrow::<T>(&d.x);
     let mut y = vec![T::from_f64(0.0); x.len()];
-    bn.forward_eval(&x, shape, layout, &mut y).unwrap();
+    bn.forward_eval(View::new(&x, shape, layout), &mut y).unwrap();
     let (rm, rv) = (wide(&bn.running_mean), wide(&bn.running_var));
     let (gamma, beta) = if affine {
         (wide(&bn.gamma), wide(&bn.beta))

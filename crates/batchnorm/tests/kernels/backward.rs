@@ -3,16 +3,11 @@
 //! forward, and the split phases (`grad_sums` + `input_grad`). Tolerances: see `common/mod.rs`
 //! and the finite-difference section below.
 
-// Index loops over (element, channel) mirror the paper's formulas.
-#![allow(clippy::needless_range_loop)]
-
-mod common;
-
+use crate::common::*;
 use batchnorm::{
     batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, grad_sums, input_grad, reference,
-    BatchNorm, BatchNormConfig, Layout,
+    Affine, BatchNorm, BatchNormConfig, FixedStats, Grads, Layout, View,
 };
-use common::*;
 use proptest::prelude::*;
 
 /// Training backward (Section 3): ∂ℓ/∂x̂ᵢ = ∂ℓ/∂yᵢ·γ; ∂ℓ/∂σ²_B = Σ∂ℓ/∂x̂ᵢ(xᵢ − μ_B)(−½)(σ²_B + ε)^(−3/2);
@@ -27,23 +22,10 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
     let n = x.len();
     let c = d.g.channels;
-    let mut y = vec![T::from_f64(0.0); n];
-    let (_, saved) = batch_norm_train(&x, shape, layout, opt(&gt, affine), opt(&bt, affine), eps, &mut y).unwrap();
+    let (_, _, saved) = train(View::new(&x, shape, layout), affine_if(affine, &gt, &bt), eps);
 
     let nan = T::from_f64(f64::NAN);
-    let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    batch_norm_backward(
-        &x,
-        &dy,
-        shape,
-        layout,
-        &saved,
-        opt(&gt, affine),
-        Some(&mut dx),
-        Some(&mut dg),
-        Some(&mut db),
-    )
-    .unwrap();
+    let (dx, dg, db) = backward_all(View::new(&x, shape, layout), &dy, &saved, opt(&gt, affine));
 
     let (rdx, rdg, rdb) = reference::backward_train(&d.g, &d.x, &d.dy, &gamma, eps);
     let (sdx, sdg, sdb) = backward_scales(&d, &d.dy, &gamma, eps);
@@ -56,15 +38,11 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     // dx skipped: one pass, same sums.
     let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
     batch_norm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        None,
-        Some(&mut dg2),
-        Some(&mut db2),
+        Grads::params(&mut dg2, &mut db2),
     )
     .unwrap();
     assert_bits(&format!("{what} dgamma without dx"), &dg2, &dg);
@@ -72,38 +50,42 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     // Only one of dγ/dβ.
     let mut db3 = vec![nan; c];
     batch_norm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        None,
-        None,
-        Some(&mut db3),
+        Grads {
+            dx: None,
+            dgamma: None,
+            dbeta: Some(&mut db3),
+        },
     )
     .unwrap();
     assert_bits(&format!("{what} dbeta alone"), &db3, &db);
     // dγ, dβ skipped.
     let mut dx2 = vec![nan; n];
     batch_norm_backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
         opt(&gt, affine),
-        Some(&mut dx2),
-        None,
-        None,
+        Grads::dx(&mut dx2),
     )
     .unwrap();
     assert_bits(&format!("{what} dx without dgamma/dbeta"), &dx2, &dx);
 
     // Split phases, one worker: same bits as the fused function.
-    let sums = grad_sums(&x, &dy, shape, layout, &saved).unwrap();
+    let sums = grad_sums(View::new(&x, shape, layout), &dy, &saved).unwrap();
     let mut dx3 = vec![nan; n];
-    input_grad(&x, &dy, shape, layout, &saved, &sums, opt(&gt, affine), &mut dx3).unwrap();
+    input_grad(
+        View::new(&x, shape, layout),
+        &dy,
+        &saved,
+        &sums,
+        opt(&gt, affine),
+        &mut dx3,
+    )
+    .unwrap();
     assert_bits(&format!("{what} input_grad"), &dx3, &dx);
     let (mut dg4, mut db4) = (vec![nan; c], vec![nan; c]);
     sums.write_param_grads(Some(&mut dg4), Some(&mut db4)).unwrap();
@@ -123,13 +105,10 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     }
     let (mut dx5, mut dg5, mut db5) = (vec![nan; n], vec![nan; c], vec![nan; c]);
     bn.backward(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
         &saved,
-        Some(&mut dx5),
-        Some((&mut dg5, &mut db5)),
+        Grads::new(&mut dx5, &mut dg5, &mut db5),
     )
     .unwrap();
     assert_bits(&format!("{what} layer dx"), &dx5, &dx);
@@ -160,17 +139,12 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
     let nan = T::from_f64(f64::NAN);
     let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
     batch_norm_backward_eval(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
-        &mean,
-        &var,
-        eps,
+        FixedStats::new(&mean, &var),
         opt(&gt, affine),
-        Some(&mut dx),
-        Some(&mut dg),
-        Some(&mut db),
+        eps,
+        Grads::new(&mut dx, &mut dg, &mut db),
     )
     .unwrap();
     let (rdx, rdg, rdb) = reference::backward_eval(&d.g, &d.x, &d.dy, &d.mean, &d.var, &gamma, eps);
@@ -191,33 +165,23 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
 
     let mut dx2 = vec![nan; n];
     batch_norm_backward_eval(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
-        &mean,
-        &var,
-        eps,
+        FixedStats::new(&mean, &var),
         opt(&gt, affine),
-        Some(&mut dx2),
-        None,
-        None,
+        eps,
+        Grads::dx(&mut dx2),
     )
     .unwrap();
     assert_bits(&format!("{what} dx alone"), &dx2, &dx);
     let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
     batch_norm_backward_eval(
-        &x,
+        View::new(&x, shape, layout),
         &dy,
-        shape,
-        layout,
-        &mean,
-        &var,
-        eps,
+        FixedStats::new(&mean, &var),
         opt(&gt, affine),
-        None,
-        Some(&mut dg2),
-        Some(&mut db2),
+        eps,
+        Grads::params(&mut dg2, &mut db2),
     )
     .unwrap();
     assert_bits(&format!("{what} dgamma alone"), &dg2, &dg);
@@ -236,8 +200,12 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
         bn.gamma = gt.clone();
     }
     let (mut dx3, mut dg3, mut db3) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    bn.backward_eval(&x, &dy, shape, layout, Some(&mut dx3), Some((&mut dg3, &mut db3)))
-        .unwrap();
+    bn.backward_eval(
+        View::new(&x, shape, layout),
+        &dy,
+        Grads::new(&mut dx3, &mut dg3, &mut db3),
+    )
+    .unwrap();
     assert_bits(&format!("{what} layer dx"), &dx3, &dx);
     if affine {
         assert_bits(&format!("{what} layer dgamma"), &dg3, &dg);
@@ -332,33 +300,11 @@ fn train_backward_matches_finite_differences() {
             let n = d.x.len();
             let forward = |x: &[f64], g: &[f64], b: &[f64]| {
                 let mut y = vec![0.0; n];
-                batch_norm_train(x, &shape, layout, opt(g, affine), opt(b, affine), eps, &mut y).unwrap();
+                batch_norm_train(View::new(x, &shape, layout), affine_if(affine, g, b), eps, &mut y).unwrap();
                 loss(&w, &y)
             };
-            let mut y = vec![0.0; n];
-            let (_, saved) = batch_norm_train(
-                &d.x,
-                &shape,
-                layout,
-                opt(&gamma, affine),
-                opt(&beta, affine),
-                eps,
-                &mut y,
-            )
-            .unwrap();
-            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; d.g.channels], vec![0.0; d.g.channels]);
-            batch_norm_backward(
-                &d.x,
-                &w,
-                &shape,
-                layout,
-                &saved,
-                opt(&gamma, affine),
-                Some(&mut dx),
-                Some(&mut dg),
-                Some(&mut db),
-            )
-            .unwrap();
+            let (_, _, saved) = train(View::new(&d.x, &shape, layout), affine_if(affine, &gamma, &beta), eps);
+            let (dx, dg, db) = backward_all(View::new(&d.x, &shape, layout), &w, &saved, opt(&gamma, affine));
             let what = format!("{layout} {shape:?} affine={affine}");
             for k in 0..n {
                 let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
@@ -377,7 +323,7 @@ fn train_backward_matches_finite_differences() {
                 };
                 let fwd_affine = |g: &[f64], b: &[f64]| {
                     let mut y = vec![0.0; n];
-                    batch_norm_train(&d.x, &shape, layout, Some(g), Some(b), eps, &mut y).unwrap();
+                    batch_norm_train(View::new(&d.x, &shape, layout), Affine::new(g, b), eps, &mut y).unwrap();
                     loss(&w, &y)
                 };
                 let fd_g =
@@ -404,22 +350,24 @@ fn eval_backward_matches_finite_differences() {
             let n = d.x.len();
             let forward = |x: &[f64], g: &[f64], b: &[f64]| {
                 let mut y = vec![0.0; n];
-                batch_norm_eval(x, &shape, layout, &d.mean, &d.var, Some(g), Some(b), eps, &mut y).unwrap();
+                batch_norm_eval(
+                    View::new(x, &shape, layout),
+                    FixedStats::new(&d.mean, &d.var),
+                    Affine::new(g, b),
+                    eps,
+                    &mut y,
+                )
+                .unwrap();
                 loss(&w, &y)
             };
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; d.g.channels], vec![0.0; d.g.channels]);
             batch_norm_backward_eval(
-                &d.x,
+                View::new(&d.x, &shape, layout),
                 &w,
-                &shape,
-                layout,
-                &d.mean,
-                &d.var,
-                eps,
+                FixedStats::new(&d.mean, &d.var),
                 opt(&gamma, affine),
-                Some(&mut dx),
-                Some(&mut dg),
-                Some(&mut db),
+                eps,
+                Grads::new(&mut dx, &mut dg, &mut db),
             )
             .unwrap();
             let what = format!("eval {layout} {shape:?} affine={affine}");

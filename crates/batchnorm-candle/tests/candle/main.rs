@@ -1,0 +1,10 @@
+//! The candle adapter's integration tests, in one test binary (one link instead of one per
+//! file): parity with candle-nn's `BatchNorm`, the extras (safetensors, folding, population
+//! statistics, rejected inputs) and the README's example. `common` holds the shared helpers.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod extras;
+mod parity;
+mod readme;

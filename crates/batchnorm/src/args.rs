@@ -1,0 +1,146 @@
+//! The small argument structs of the public functions, and the order they take arguments in.
+//!
+//! Every public function and method of the crate takes its arguments in one order:
+//!
+//! 1. the communicator, for a collective (synchronized) call;
+//! 2. the input tensor as a [`View`] (data, shape, layout), then `dy` (a flat buffer of the same
+//!    shape) for a backward pass;
+//! 3. statistics: [`crate::SavedStats`] (then [`crate::GradSums`]) or [`FixedStats`];
+//! 4. parameters: [`Affine`] (γ, β) or γ alone for a backward pass, then ε (or a momentum);
+//! 5. outputs last: `y`, `dx`, or [`Grads`] (dx, dγ, dβ), all written only when every check passed.
+
+use crate::Layout;
+
+/// A tensor's flat, row-major buffer with its shape and layout: the input of every kernel.
+///
+/// Argument order of the crate: (communicator,) input view, `dy`, statistics, parameters (γ, β,
+/// then ε), outputs (`y`, `dx` or [`Grads`]) last.
+///
+/// ```
+/// use batchnorm::{Layout, View};
+/// let x = [1.0f32, 2.0, 3.0, 4.0];
+/// let v = View::new(&x, &[2, 2], Layout::NC);
+/// assert_eq!(v.geometry().unwrap().per_channel(), 2);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct View<'a, T> {
+    /// The elements, in `layout` order.
+    pub data: &'a [T],
+    /// The dimensions, as the layout orders them (e.g. `[N, C, H, W]` for [`Layout::NCHW`]).
+    pub shape: &'a [usize],
+    /// Which dimension is the channel dimension.
+    pub layout: Layout,
+}
+
+impl<'a, T> View<'a, T> {
+    /// `data` seen as a tensor of `shape` in `layout` (checked when a function uses it).
+    pub fn new(data: &'a [T], shape: &'a [usize], layout: Layout) -> Self {
+        View { data, shape, layout }
+    }
+
+    /// The shape's `[outer, channels, inner]` view (see [`Layout::geometry`], whose rejections
+    /// it shares; the data's length is not checked here).
+    pub fn geometry(&self) -> Result<crate::Geometry, crate::Error> {
+        self.layout.geometry(self.shape)
+    }
+}
+
+/// The affine parameters γ (scale) and β (shift), one per channel. `None` means γ = 1 or β = 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine<'a, T> {
+    /// γ, or `None` for γ = 1.
+    pub gamma: Option<&'a [T]>,
+    /// β, or `None` for β = 0.
+    pub beta: Option<&'a [T]>,
+}
+
+impl<'a, T> Affine<'a, T> {
+    /// No affine transform: γ = 1, β = 0.
+    pub const NONE: Self = Affine {
+        gamma: None,
+        beta: None,
+    };
+
+    /// γ and β both given.
+    pub fn new(gamma: &'a [T], beta: &'a [T]) -> Self {
+        Affine {
+            gamma: Some(gamma),
+            beta: Some(beta),
+        }
+    }
+}
+
+impl<T> Default for Affine<'_, T> {
+    fn default() -> Self {
+        Affine::NONE
+    }
+}
+
+/// Fixed per-channel statistics for inference (Algorithm 2): running or population mean and
+/// variance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FixedStats<'a, T> {
+    /// E\[x\] per channel.
+    pub mean: &'a [T],
+    /// Var\[x\] per channel.
+    pub var: &'a [T],
+}
+
+impl<'a, T> FixedStats<'a, T> {
+    /// Mean and variance, one of each per channel.
+    pub fn new(mean: &'a [T], var: &'a [T]) -> Self {
+        FixedStats { mean, var }
+    }
+}
+
+/// The outputs of a backward pass: each one given is written, each `None` is not computed
+/// (a pass without `dx` reads x and dy once).
+#[derive(Debug)]
+pub struct Grads<'a, T> {
+    /// ∂ℓ/∂x, the shape of x.
+    pub dx: Option<&'a mut [T]>,
+    /// ∂ℓ/∂γ, one per channel.
+    pub dgamma: Option<&'a mut [T]>,
+    /// ∂ℓ/∂β, one per channel.
+    pub dbeta: Option<&'a mut [T]>,
+}
+
+impl<T> Default for Grads<'_, T> {
+    /// No outputs.
+    fn default() -> Self {
+        Grads {
+            dx: None,
+            dgamma: None,
+            dbeta: None,
+        }
+    }
+}
+
+impl<'a, T> Grads<'a, T> {
+    /// dx, dγ and dβ.
+    pub fn new(dx: &'a mut [T], dgamma: &'a mut [T], dbeta: &'a mut [T]) -> Self {
+        Grads {
+            dx: Some(dx),
+            dgamma: Some(dgamma),
+            dbeta: Some(dbeta),
+        }
+    }
+
+    /// dx alone.
+    pub fn dx(dx: &'a mut [T]) -> Self {
+        Grads {
+            dx: Some(dx),
+            dgamma: None,
+            dbeta: None,
+        }
+    }
+
+    /// dγ and dβ alone.
+    pub fn params(dgamma: &'a mut [T], dbeta: &'a mut [T]) -> Self {
+        Grads {
+            dx: None,
+            dgamma: Some(dgamma),
+            dbeta: Some(dbeta),
+        }
+    }
+}

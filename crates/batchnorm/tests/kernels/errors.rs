@@ -1,0 +1,1068 @@
+//! Every documented rejection, as tables of cases: each case is one call and the `Error` (with its
+//! fields) it must return. The runner ([`check_all`]) gives every call fresh outputs filled with a
+//! sentinel and a fresh copy of a layer, and checks afterwards that the call returned exactly that
+//! error, never panicked, wrote no output and left the layer's state as it was.
+
+use batchnorm::{
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_stats, fold_into_preceding,
+    grad_sums, input_grad, normalize, update_running_stats, Affine, BatchNorm, BatchNormConfig, BatchStats, Error,
+    FixedStats, GradSums, Grads, InferenceAffine, Layout, Momentum, PopulationStats, SavedStats, View,
+};
+
+const S: f32 = 7.25; // sentinel
+
+fn sentinel(n: usize) -> Vec<f32> {
+    vec![S; n]
+}
+
+#[track_caller]
+fn untouched(what: &str, v: &[f32]) {
+    assert!(
+        v.iter().all(|&a| a == S),
+        "{what}: output was written despite the error"
+    );
+}
+
+fn xs(n: usize) -> Vec<f32> {
+    (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
+}
+
+fn saved(c: usize, count: u64) -> SavedStats {
+    SavedStats {
+        count,
+        mean: vec![0.0; c],
+        inv_std: vec![1.0; c],
+    }
+}
+
+fn sums(c: usize) -> GradSums {
+    GradSums {
+        sum_dy: vec![0.0; c],
+        sum_dy_xhat: vec![0.0; c],
+    }
+}
+
+fn feature(name: &'static str, expected: usize, actual: usize) -> Error {
+    Error::FeatureMismatch { name, expected, actual }
+}
+
+fn buffer(name: &'static str, expected: usize, actual: usize) -> Error {
+    Error::BufferLength { name, expected, actual }
+}
+
+fn too_few(count: u64, shape: &[usize]) -> Error {
+    Error::TooFewValues {
+        count,
+        shape: shape.to_vec(),
+    }
+}
+
+/// A layer whose state is compared before and after failing calls.
+fn layer(c: usize) -> BatchNorm<f32> {
+    let mut bn = BatchNorm::<f32>::new(c, BatchNormConfig::default()).unwrap();
+    bn.gamma = (0..c).map(|i| 1.0 + i as f32).collect();
+    bn.beta = (0..c).map(|i| i as f32 * 0.5).collect();
+    bn.running_mean = (0..c).map(|i| i as f32 * 0.1).collect();
+    bn.running_var = (0..c).map(|i| 1.0 + i as f32 * 0.2).collect();
+    bn.num_batches_tracked = 5;
+    bn
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table runner.
+// ---------------------------------------------------------------------------------------------
+
+/// The outputs a failing call is given, all filled with the sentinel: y, dx (element buffers),
+/// dγ, dβ, running mean and variance (per-channel buffers).
+#[derive(Debug)]
+struct Out {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    dg: Vec<f32>,
+    db: Vec<f32>,
+    rm: Vec<f32>,
+    rv: Vec<f32>,
+}
+
+impl Out {
+    /// Outputs of the right sizes for `n` elements and `c` channels.
+    fn new(n: usize, c: usize) -> Out {
+        Out::sized(n, n, c, c)
+    }
+
+    /// Outputs of the given sizes (y, dx, dγ, dβ; running statistics as dγ).
+    fn sized(y: usize, dx: usize, dg: usize, db: usize) -> Out {
+        Out {
+            y: sentinel(y),
+            dx: sentinel(dx),
+            dg: sentinel(dg),
+            db: sentinel(db),
+            rm: sentinel(dg),
+            rv: sentinel(dg),
+        }
+    }
+
+    /// dx, dγ and dβ.
+    fn grads(&mut self) -> Grads<'_, f32> {
+        Grads::new(&mut self.dx, &mut self.dg, &mut self.db)
+    }
+
+    #[track_caller]
+    fn untouched(&self, what: &str) {
+        for (name, v) in [
+            ("y", &self.y),
+            ("dx", &self.dx),
+            ("dgamma", &self.dg),
+            ("dbeta", &self.db),
+            ("running mean", &self.rm),
+            ("running var", &self.rv),
+        ] {
+            untouched(&format!("{what}: {name}"), v);
+        }
+    }
+}
+
+/// What a case must return.
+enum Want {
+    /// Exactly this error (compared by its `Debug` form, so that a NaN ε or momentum compares
+    /// equal to itself and −0 differs from +0, as bit equality would).
+    Is(Error),
+    /// An error the predicate accepts (where a field is not part of the documented contract).
+    Like(&'static str, Box<dyn Fn(&Error) -> bool>),
+}
+
+impl From<Error> for Want {
+    fn from(e: Error) -> Want {
+        Want::Is(e)
+    }
+}
+
+type Call<'a> = Box<dyn FnOnce(&mut Out, &mut BatchNorm<f32>) -> Result<(), Error> + 'a>;
+
+/// One row of a table: a name, the call, the error it must return, and the outputs it is given
+/// (`None`: the table's default sizes).
+struct Case<'a> {
+    what: String,
+    want: Want,
+    out: Option<Out>,
+    call: Call<'a>,
+}
+
+/// A case of a call that needs no layer.
+fn case<'a>(
+    what: impl Into<String>,
+    want: impl Into<Want>,
+    call: impl FnOnce(&mut Out) -> Result<(), Error> + 'a,
+) -> Case<'a> {
+    on_layer(what, want, move |out, _| call(out))
+}
+
+/// A case of a call on the table's layer (a fresh copy; its state must not change).
+fn on_layer<'a>(
+    what: impl Into<String>,
+    want: impl Into<Want>,
+    call: impl FnOnce(&mut Out, &mut BatchNorm<f32>) -> Result<(), Error> + 'a,
+) -> Case<'a> {
+    Case {
+        what: what.into(),
+        want: want.into(),
+        out: None,
+        call: Box::new(call),
+    }
+}
+
+impl Case<'_> {
+    /// The case with outputs of other sizes than the table's default.
+    fn with_out(mut self, out: Out) -> Self {
+        self.out = Some(out);
+        self
+    }
+}
+
+/// Runs every case with fresh sentinel outputs (`n` elements, `c` channels unless the case says
+/// otherwise) and a fresh copy of `bn`: each must return its error, write nothing and leave the
+/// layer's state unchanged.
+#[track_caller]
+fn check_all(n: usize, c: usize, bn: &BatchNorm<f32>, cases: Vec<Case>) {
+    for case in cases {
+        let what = case.what;
+        let mut out = case.out.unwrap_or_else(|| Out::new(n, c));
+        let mut layer = bn.clone();
+        let got = (case.call)(&mut out, &mut layer);
+        let err = match got {
+            Err(e) => e,
+            Ok(()) => panic!("{what}: accepted"),
+        };
+        match &case.want {
+            Want::Is(want) => assert_eq!(format!("{err:?}"), format!("{want:?}"), "{what}"),
+            Want::Like(desc, ok) => assert!(ok(&err), "{what}: {err:?} is not {desc}"),
+        }
+        // (`Debug` rather than `PartialEq`: a layer with a NaN ε is not equal to itself.)
+        assert_eq!(format!("{layer:?}"), format!("{bn:?}"), "{what}: layer state changed");
+        out.untouched(&what);
+    }
+}
+
+/// The cases of every function that takes `x` with a shape, all expected to return `want`
+/// (for shapes that are themselves invalid): the free functions, the estimator and the layer.
+fn shape_cases<'a>(x: &'a [f32], shape: &'a [usize], layout: Layout, c: usize, want: &Error) -> Vec<Case<'a>> {
+    let what = format!("{layout} {shape:?}");
+    let v = move || View::new(x, shape, layout);
+    let w = || want.clone();
+    vec![
+        case(format!("{what} train"), w(), move |o| {
+            let (g, b) = (vec![1.0f32; c], vec![0.0f32; c]);
+            batch_norm_train(v(), Affine::new(&g, &b), 1e-5, &mut o.y).map(drop)
+        }),
+        case(format!("{what} eval"), w(), move |o| {
+            let (g, b, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+            batch_norm_eval(v(), FixedStats::new(&m, &var), Affine::new(&g, &b), 1e-5, &mut o.y)
+        }),
+        case(format!("{what} normalize"), w(), move |o| {
+            let (g, b) = (vec![1.0f32; c], vec![0.0f32; c]);
+            normalize(v(), &saved(c, 4), Affine::new(&g, &b), &mut o.y)
+        }),
+        case(format!("{what} batch_stats"), w(), move |_| batch_stats(v()).map(drop)),
+        case(format!("{what} backward"), w(), move |o| {
+            let g = vec![1.0f32; c];
+            batch_norm_backward(v(), x, &saved(c, 4), Some(&g), o.grads())
+        }),
+        case(format!("{what} backward_eval"), w(), move |o| {
+            let (g, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+            batch_norm_backward_eval(v(), x, FixedStats::new(&m, &var), Some(&g), 1e-5, o.grads())
+        }),
+        case(format!("{what} grad_sums"), w(), move |_| {
+            grad_sums(v(), x, &saved(c, 4)).map(drop)
+        }),
+        case(format!("{what} input_grad"), w(), move |o| {
+            let g = vec![1.0f32; c];
+            input_grad(v(), x, &saved(c, 4), &sums(c), Some(&g), &mut o.dx)
+        }),
+        case(format!("{what} observe_batch"), w(), move |_| {
+            let mut pop = PopulationStats::new(c);
+            let r = pop.observe_batch(v());
+            assert_eq!(pop, PopulationStats::new(c), "{layout} {shape:?}: estimator changed");
+            r
+        }),
+        on_layer(format!("{what} layer train"), w(), move |o, bn| {
+            bn.forward_train(v(), &mut o.y).map(drop)
+        }),
+        on_layer(format!("{what} layer eval"), w(), move |o, bn| {
+            bn.forward_eval(v(), &mut o.y)
+        }),
+        on_layer(format!("{what} layer backward"), w(), move |o, bn| {
+            bn.backward(v(), x, &saved(c, 4), o.grads())
+        }),
+        on_layer(format!("{what} layer backward_eval"), w(), move |o, bn| {
+            bn.backward_eval(v(), x, o.grads())
+        }),
+        case(format!("{what} geometry"), w(), move |_| {
+            layout.geometry(shape).map(drop)
+        }),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Algorithm 1 needs m ≥ 2 values per channel to estimate σ²_B.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn too_few_values_in_training() {
+    let c = 3;
+    for (layout, shape) in [
+        (Layout::NC, vec![1, c]),
+        (Layout::NCHW, vec![1, c, 1, 1]),
+        (Layout::NHWC, vec![1, 1, 1, c]),
+        (Layout::ChannelsFirst, vec![1, c]),
+        (Layout::ChannelsLast, vec![1, 1, 1, c]),
+    ] {
+        let x = xs(c);
+        let v = View::new(&x, &shape, layout);
+        // Splitting phases: one value per channel is a valid shard for batch_stats …
+        let s = batch_stats(v).unwrap();
+        assert_eq!(s.count, 1);
+        // … but not a batch for training, running statistics or Algorithm 2.
+        let s = &s;
+        let cases = vec![
+            case(format!("{layout} train"), too_few(1, &shape), move |o| {
+                batch_norm_train(v, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            // The layer: nothing changes, running statistics included.
+            on_layer(format!("{layout} layer train"), too_few(1, &shape), move |o, bn| {
+                bn.forward_train(v, &mut o.y).map(drop)
+            }),
+            case(format!("{layout} running update"), too_few(1, &[]), move |o| {
+                update_running_stats(s, Momentum::Exponential(0.1), 1, &mut o.rm, &mut o.rv)
+            }),
+            case(format!("{layout} observe"), too_few(1, &[]), move |_| {
+                let mut pop = PopulationStats::new(c);
+                let r = pop.observe(s);
+                assert_eq!((pop.batches(), &pop), (0, &PopulationStats::new(c)));
+                r
+            }),
+            case(format!("{layout} observe_batch"), too_few(1, &shape), move |_| {
+                let mut pop = PopulationStats::new(c);
+                let r = pop.observe_batch(v);
+                assert_eq!((pop.batches(), &pop), (0, &PopulationStats::new(c)));
+                r
+            }),
+        ];
+        check_all(c, c, &layer(c), cases);
+    }
+}
+
+/// Backward and the split-phase input gradient need the (global) count ≥ 2.
+#[test]
+fn too_few_values_in_backward() {
+    let (c, shape) = (2, [1usize, 2]);
+    let (x, dy) = (xs(2), xs(2));
+    let v = View::new(&x, &shape, Layout::NC);
+    let one = saved(c, 1);
+    let sums = GradSums {
+        sum_dy: vec![0.5; c],
+        sum_dy_xhat: vec![0.25; c],
+    };
+    let cases = vec![
+        case("backward", too_few(1, &shape), |o| {
+            batch_norm_backward(v, &dy, &one, None, o.grads())
+        }),
+        case("input_grad", too_few(1, &shape), |o| {
+            input_grad(v, &dy, &one, &sums, None, &mut o.dx)
+        }),
+    ];
+    check_all(2, c, &layer(c), cases);
+    // With the global count of a synchronized batch, a one-sample shard is fine.
+    let mut dx = sentinel(2);
+    input_grad(v, &dy, &saved(c, 8), &sums, None, &mut dx).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes: empty, wrong rank, overflow.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn empty_input() {
+    for (layout, shape, c) in [
+        (Layout::NC, vec![0, 3], 3),
+        (Layout::NC, vec![4, 0], 0),
+        (Layout::NCHW, vec![2, 3, 0, 4], 3),
+        (Layout::NCHW, vec![0, 3, 2, 2], 3),
+        (Layout::NHWC, vec![2, 2, 0, 3], 3),
+        (Layout::ChannelsFirst, vec![2, 3, 4, 0, 1], 3),
+        (Layout::ChannelsLast, vec![0, 3], 3),
+    ] {
+        let want = Error::EmptyInput { shape: shape.clone() };
+        check_all(0, c, &layer(c), shape_cases(&[], &shape, layout, c, &want));
+    }
+}
+
+#[test]
+fn rank_mismatch() {
+    for (layout, shape, expected) in [
+        (Layout::NC, vec![2, 3, 4], "2"),
+        (Layout::NC, vec![6], "2"),
+        (Layout::NCHW, vec![2, 3, 4], "4"),
+        (Layout::NCHW, vec![2, 3, 4, 1, 1], "4"),
+        (Layout::NHWC, vec![2, 4, 3], "4"),
+        (Layout::ChannelsFirst, vec![6], "at least 2"),
+        (Layout::ChannelsLast, vec![6], "at least 2"),
+        (Layout::ChannelsLast, vec![], "at least 2"),
+    ] {
+        let n: usize = shape.iter().product();
+        let want = Error::RankMismatch {
+            layout: layout.name(),
+            expected,
+            shape: shape.clone(),
+        };
+        let x = xs(n);
+        check_all(n, 3, &layer(3), shape_cases(&x, &shape, layout, 3, &want));
+    }
+}
+
+#[test]
+fn shape_overflow() {
+    for (layout, shape) in [
+        (Layout::NC, vec![usize::MAX, 2]),
+        (Layout::NCHW, vec![2, 3, usize::MAX / 2, 5]),
+        (Layout::NHWC, vec![1 << 40, 1 << 20, 1 << 10, 3]),
+    ] {
+        let c = layout.geometry(&[2; 4][..shape.len()]).unwrap().channels;
+        let want = Error::ShapeOverflow { shape: shape.clone() };
+        let x = xs(6);
+        check_all(6, c, &layer(c), shape_cases(&x, &shape, layout, c, &want));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffer lengths.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn buffer_length_mismatch() {
+    let (shape, layout, n, c) = ([2usize, 3, 2, 2], Layout::NCHW, 24, 3);
+    let (g, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+    let stats = FixedStats::new(&m, &var);
+    let sv = saved(c, 8);
+    let sums = sums(c);
+    let (x, short, long) = (xs(n), xs(n - 1), xs(n + 1));
+    let good = View::new(&x, &shape, layout);
+    let (sv, sums, g) = (&sv, &sums, &g);
+    let mut cases = Vec::new();
+    // x
+    for bad in [&short, &long] {
+        let want = buffer("x", n, bad.len());
+        let v = View::new(bad, &shape, layout);
+        let x = &x;
+        cases.extend([
+            case("x: train", want.clone(), move |o| {
+                batch_norm_train(v, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            case("x: eval", want.clone(), move |o| {
+                batch_norm_eval(v, stats, Affine::NONE, 1e-5, &mut o.y)
+            }),
+            case("x: normalize", want.clone(), move |o| {
+                normalize(v, sv, Affine::NONE, &mut o.y)
+            }),
+            case("x: batch_stats", want.clone(), move |_| batch_stats(v).map(drop)),
+            case("x: grad_sums", want.clone(), move |_| grad_sums(v, x, sv).map(drop)),
+            case("x: backward", want.clone(), move |o| {
+                batch_norm_backward(v, x, sv, None, o.grads())
+            }),
+            case("x: backward_eval", want.clone(), move |o| {
+                batch_norm_backward_eval(v, x, stats, None, 1e-5, Grads::dx(&mut o.dx))
+            }),
+            case("x: input_grad", want.clone(), move |o| {
+                input_grad(v, x, sv, sums, None, &mut o.dx)
+            }),
+            on_layer("x: layer train", want.clone(), move |o, bn| {
+                bn.forward_train(v, &mut o.y).map(drop)
+            }),
+            on_layer("x: layer eval", want.clone(), move |o, bn| bn.forward_eval(v, &mut o.y)),
+        ]);
+    }
+    // y
+    for len in [n - 1, n + 1] {
+        let want = buffer("y", n, len);
+        let out = || Out::sized(len, n, c, c);
+        cases.extend([
+            case("y: train", want.clone(), move |o| {
+                batch_norm_train(good, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            })
+            .with_out(out()),
+            case("y: eval", want.clone(), move |o| {
+                batch_norm_eval(good, stats, Affine::NONE, 1e-5, &mut o.y)
+            })
+            .with_out(out()),
+            case("y: normalize", want.clone(), move |o| {
+                normalize(good, sv, Affine::NONE, &mut o.y)
+            })
+            .with_out(out()),
+            on_layer("y: layer train", want.clone(), move |o, bn| {
+                bn.forward_train(good, &mut o.y).map(drop)
+            })
+            .with_out(out()),
+            on_layer("y: layer eval", want.clone(), move |o, bn| {
+                bn.forward_eval(good, &mut o.y)
+            })
+            .with_out(out()),
+        ]);
+    }
+    // dy
+    for bad in [&short, &long] {
+        let want = buffer("dy", n, bad.len());
+        cases.extend([
+            case("dy: backward", want.clone(), move |o| {
+                batch_norm_backward(good, bad, sv, Some(g), o.grads())
+            }),
+            case("dy: backward_eval", want.clone(), move |o| {
+                let grads = Grads {
+                    dx: Some(&mut o.dx),
+                    dgamma: Some(&mut o.dg),
+                    dbeta: None,
+                };
+                batch_norm_backward_eval(good, bad, stats, Some(g), 1e-5, grads)
+            }),
+            case("dy: grad_sums", want.clone(), move |_| {
+                grad_sums(good, bad, sv).map(drop)
+            }),
+            case("dy: input_grad", want.clone(), move |o| {
+                input_grad(good, bad, sv, sums, None, &mut o.dx)
+            }),
+            on_layer("dy: layer backward", want.clone(), move |o, bn| {
+                bn.backward(good, bad, sv, o.grads())
+            }),
+            on_layer("dy: layer backward_eval", want.clone(), move |o, bn| {
+                bn.backward_eval(good, bad, o.grads())
+            }),
+        ]);
+    }
+    // dx
+    for len in [n - 1, n + 1] {
+        let want = buffer("dx", n, len);
+        let out = || Out::sized(n, len, c, c);
+        let x = &x;
+        cases.extend([
+            case("dx: backward", want.clone(), move |o| {
+                batch_norm_backward(good, x, sv, Some(g), o.grads())
+            })
+            .with_out(out()),
+            case("dx: backward_eval", want.clone(), move |o| {
+                let grads = Grads {
+                    dx: Some(&mut o.dx),
+                    dgamma: Some(&mut o.dg),
+                    dbeta: None,
+                };
+                batch_norm_backward_eval(good, x, stats, Some(g), 1e-5, grads)
+            })
+            .with_out(out()),
+            case("dx: input_grad", want.clone(), move |o| {
+                input_grad(good, x, sv, sums, None, &mut o.dx)
+            })
+            .with_out(out()),
+            on_layer("dx: layer backward", want.clone(), move |o, bn| {
+                bn.backward(good, x, sv, o.grads())
+            })
+            .with_out(out()),
+        ]);
+    }
+    check_all(n, c, &layer(c), cases);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-channel vectors of the wrong length.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn feature_mismatch() {
+    let (shape, layout, n, c) = ([4usize, 5, 3], Layout::ChannelsLast, 60, 3);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let ok = vec![1.0f32; c];
+    let sv = saved(c, 20);
+    let good_sums = sums(c);
+    let batch = batch_stats(v).unwrap();
+    let (x, ok, sv, good_sums, batch) = (&x, &ok, &sv, &good_sums, &batch);
+    let fixed = FixedStats::new(ok, ok);
+    for bad_len in [c - 1, c + 1, 0] {
+        let bad = vec![1.0f32; bad_len];
+        let bad = &bad;
+        let f = |name| feature(name, c, bad_len);
+        let bad_mean = SavedStats {
+            mean: vec![0.0; bad_len],
+            ..sv.clone()
+        };
+        let bad_inv = SavedStats {
+            inv_std: vec![1.0; bad_len],
+            ..sv.clone()
+        };
+        let bad_sums = sums(bad_len);
+        let (bad_mean, bad_inv, bad_sums) = (&bad_mean, &bad_inv, &bad_sums);
+        // Parameter-gradient outputs of the wrong length: nothing written, dx included.
+        let bad_dg = || Out::sized(n, n, bad_len, c);
+        let bad_db = || Out::sized(n, n, c, bad_len);
+        let cases = vec![
+            // γ, β
+            case("train gamma", f("gamma"), move |o| {
+                batch_norm_train(v, Affine::new(bad, ok), 1e-5, &mut o.y).map(drop)
+            }),
+            case("train beta", f("beta"), move |o| {
+                batch_norm_train(v, Affine::new(ok, bad), 1e-5, &mut o.y).map(drop)
+            }),
+            case("eval gamma", f("gamma"), move |o| {
+                let affine = Affine {
+                    gamma: Some(bad),
+                    beta: None,
+                };
+                batch_norm_eval(v, fixed, affine, 1e-5, &mut o.y)
+            }),
+            case("eval beta", f("beta"), move |o| {
+                let affine = Affine {
+                    gamma: None,
+                    beta: Some(bad),
+                };
+                batch_norm_eval(v, fixed, affine, 1e-5, &mut o.y)
+            }),
+            case("normalize gamma", f("gamma"), move |o| {
+                let affine = Affine {
+                    gamma: Some(bad),
+                    beta: None,
+                };
+                normalize(v, sv, affine, &mut o.y)
+            }),
+            case("normalize beta", f("beta"), move |o| {
+                let affine = Affine {
+                    gamma: None,
+                    beta: Some(bad),
+                };
+                normalize(v, sv, affine, &mut o.y)
+            }),
+            case("backward gamma", f("gamma"), move |o| {
+                batch_norm_backward(v, x, sv, Some(bad), o.grads())
+            }),
+            case("backward_eval gamma", f("gamma"), move |o| {
+                batch_norm_backward_eval(v, x, fixed, Some(bad), 1e-5, Grads::dx(&mut o.dx))
+            }),
+            // Inference statistics.
+            case("eval mean", f("mean"), move |o| {
+                batch_norm_eval(v, FixedStats::new(bad, ok), Affine::NONE, 1e-5, &mut o.y)
+            }),
+            case("eval var", f("var"), move |o| {
+                batch_norm_eval(v, FixedStats::new(ok, bad), Affine::NONE, 1e-5, &mut o.y)
+            }),
+            case("backward_eval mean", f("mean"), move |o| {
+                batch_norm_backward_eval(v, x, FixedStats::new(bad, ok), None, 1e-5, Grads::dx(&mut o.dx))
+            }),
+            case("backward_eval var", f("var"), move |o| {
+                batch_norm_backward_eval(v, x, FixedStats::new(ok, bad), None, 1e-5, Grads::dx(&mut o.dx))
+            }),
+            // Saved statistics.
+            case("normalize saved.mean", f("saved.mean"), move |o| {
+                normalize(v, bad_mean, Affine::NONE, &mut o.y)
+            }),
+            case("normalize saved.inv_std", f("saved.inv_std"), move |o| {
+                normalize(v, bad_inv, Affine::NONE, &mut o.y)
+            }),
+            case("backward saved.mean", f("saved.mean"), move |o| {
+                batch_norm_backward(v, x, bad_mean, None, o.grads())
+            }),
+            case("backward saved.inv_std", f("saved.inv_std"), move |o| {
+                batch_norm_backward(v, x, bad_inv, None, Grads::dx(&mut o.dx))
+            }),
+            case("grad_sums saved.mean", f("saved.mean"), move |_| {
+                grad_sums(v, x, bad_mean).map(drop)
+            }),
+            case("input_grad saved.inv_std", f("saved.inv_std"), move |o| {
+                input_grad(v, x, bad_inv, good_sums, None, &mut o.dx)
+            }),
+            case("input_grad sums", f("sums"), move |o| {
+                input_grad(v, x, sv, bad_sums, None, &mut o.dx)
+            }),
+            case("input_grad gamma", f("gamma"), move |o| {
+                input_grad(v, x, sv, good_sums, Some(bad), &mut o.dx)
+            }),
+            // Parameter-gradient outputs.
+            case("backward dgamma", f("dgamma"), move |o| {
+                batch_norm_backward(v, x, sv, None, o.grads())
+            })
+            .with_out(bad_dg()),
+            case("backward dbeta", f("dbeta"), move |o| {
+                batch_norm_backward(v, x, sv, None, o.grads())
+            })
+            .with_out(bad_db()),
+            case("backward_eval dgamma", f("dgamma"), move |o| {
+                let grads = Grads {
+                    dx: Some(&mut o.dx),
+                    dgamma: Some(&mut o.dg),
+                    dbeta: None,
+                };
+                batch_norm_backward_eval(v, x, fixed, None, 1e-5, grads)
+            })
+            .with_out(bad_dg()),
+            case("backward_eval dbeta", f("dbeta"), move |o| {
+                batch_norm_backward_eval(v, x, fixed, None, 1e-5, o.grads())
+            })
+            .with_out(bad_db()),
+            // Running statistics.
+            case("running update mean", f("running_mean"), move |o| {
+                let mut rbad = sentinel(bad_len);
+                let r = update_running_stats(batch, Momentum::Cumulative, 1, &mut rbad, &mut o.rv);
+                untouched("running (bad)", &rbad);
+                r
+            }),
+            case("running update var", f("running_var"), move |o| {
+                let mut rbad = sentinel(bad_len);
+                let r = update_running_stats(batch, Momentum::Exponential(0.1), 1, &mut o.rm, &mut rbad);
+                untouched("running (bad)", &rbad);
+                r
+            }),
+            // Algorithm 2's estimator.
+            case("observe", feature("batch", bad_len, c), move |_| {
+                let mut pop = PopulationStats::new(bad_len);
+                let r = pop.observe(batch);
+                assert_eq!(pop.batches(), 0);
+                r
+            }),
+            case("observe_batch", feature("batch", bad_len, c), move |_| {
+                let mut pop = PopulationStats::new(bad_len);
+                let r = pop.observe_batch(v);
+                assert_eq!(pop.batches(), 0);
+                r
+            }),
+        ];
+        check_all(n, c, &layer(c), cases);
+    }
+}
+
+/// The layer rejects an input whose channel count is not `num_features`, in every method.
+#[test]
+fn layer_num_features_mismatch() {
+    let (shape, layout, n) = ([2usize, 4, 3, 3], Layout::NCHW, 72);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let want = feature("input", 3, 4);
+    let mut pop = PopulationStats::new(4);
+    pop.observe_batch(v).unwrap();
+    let (x, pop) = (&x, &pop);
+    let cases = vec![
+        on_layer("forward_train", want.clone(), move |o, bn| {
+            bn.forward_train(v, &mut o.y).map(drop)
+        }),
+        on_layer("forward_eval", want.clone(), move |o, bn| bn.forward_eval(v, &mut o.y)),
+        on_layer("backward", want.clone(), move |o, bn| {
+            bn.backward(v, x, &saved(4, 18), o.grads())
+        }),
+        on_layer("backward_eval", want.clone(), move |o, bn| {
+            bn.backward_eval(v, x, o.grads())
+        }),
+        on_layer("set_population_stats", feature("population", 3, 4), move |_, bn| {
+            bn.set_population_stats(pop)
+        }),
+    ];
+    check_all(n, 4, &layer(3), cases);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ε and momentum.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn invalid_eps() {
+    let (shape, layout, n, c) = ([3usize, 2], Layout::NC, 6, 2);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let ok = vec![1.0f32; c];
+    let s = batch_stats(v).unwrap();
+    let (x, fixed, s) = (&x, FixedStats::new(&ok, &ok), &s);
+    for eps in [0.0, -0.0, -1e-5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let want = || Error::InvalidEps(eps);
+        // ε changed on a live layer: rejected, nothing changed.
+        let mut bn = layer(c);
+        bn.config.eps = eps;
+        let cases = vec![
+            case(format!("{eps} train"), want(), move |o| {
+                batch_norm_train(v, Affine::NONE, eps, &mut o.y).map(drop)
+            }),
+            case(format!("{eps} eval"), want(), move |o| {
+                batch_norm_eval(v, fixed, Affine::NONE, eps, &mut o.y)
+            }),
+            case(format!("{eps} backward_eval"), want(), move |o| {
+                batch_norm_backward_eval(v, x, fixed, None, eps, Grads::dx(&mut o.dx))
+            }),
+            case(format!("{eps} saved"), want(), move |_| s.saved(eps).map(drop)),
+            case(format!("{eps} inference affine"), want(), move |_| {
+                InferenceAffine::new(fixed, Affine::NONE, eps).map(drop)
+            }),
+            case(format!("{eps} new layer"), want(), move |_| {
+                let config = BatchNormConfig {
+                    eps,
+                    ..BatchNormConfig::default()
+                };
+                BatchNorm::<f32>::new(c, config).map(drop)
+            }),
+            on_layer(format!("{eps} layer train"), want(), move |o, bn| {
+                bn.forward_train(v, &mut o.y).map(drop)
+            }),
+            on_layer(format!("{eps} layer eval"), want(), move |o, bn| {
+                bn.forward_eval(v, &mut o.y)
+            }),
+            on_layer(format!("{eps} layer backward_eval"), want(), move |o, bn| {
+                bn.backward_eval(v, x, Grads::dx(&mut o.dx))
+            }),
+            on_layer(format!("{eps} layer inference affine"), want(), move |_, bn| {
+                bn.inference_affine().map(drop)
+            }),
+        ];
+        check_all(n, c, &bn, cases);
+    }
+}
+
+#[test]
+fn invalid_momentum() {
+    let c = 2;
+    let x = xs(6);
+    let batch = batch_stats(View::new(&x, &[3, 2], Layout::NC)).unwrap();
+    let batch = &batch;
+    for m in [0.0, -0.0, 1.5, 1.0 + f64::EPSILON, -0.1, f64::NAN, f64::INFINITY] {
+        let cases = vec![
+            case(format!("{m} new layer"), Error::InvalidMomentum(m), move |_| {
+                let config = BatchNormConfig {
+                    momentum: Momentum::Exponential(m),
+                    ..BatchNormConfig::default()
+                };
+                BatchNorm::<f32>::new(c, config).map(drop)
+            }),
+            case(format!("{m} running update"), Error::InvalidMomentum(m), move |o| {
+                update_running_stats(batch, Momentum::Exponential(m), 3, &mut o.rm, &mut o.rv)
+            }),
+        ];
+        check_all(6, c, &layer(c), cases);
+    }
+}
+
+/// `BatchNorm::forward_train` documents "on error nothing (running statistics included) is
+/// changed". Its configuration is public, so an invalid momentum can reach it after construction;
+/// the error must leave y and the layer (`num_batches_tracked` included) as they were.
+#[test]
+fn layer_forward_train_invalid_momentum_changes_nothing() {
+    let (shape, layout, n, c) = ([4usize, 2], Layout::NC, 8, 2);
+    let x = xs(n);
+    let mut bn = layer(c);
+    bn.config.momentum = Momentum::Exponential(1.5);
+    let cases = vec![on_layer("forward_train", Error::InvalidMomentum(1.5), |o, bn| {
+        bn.forward_train(View::new(&x, &shape, layout), &mut o.y).map(drop)
+    })];
+    check_all(n, c, &bn, cases);
+}
+
+/// Same, with running statistics of the wrong length (public fields).
+#[test]
+fn layer_forward_train_bad_running_stats_changes_nothing() {
+    let (shape, layout, n, c) = ([4usize, 2], Layout::NC, 8, 2);
+    let x = xs(n);
+    let mut bn = layer(c);
+    bn.running_var = vec![1.0; c + 1];
+    let cases = vec![on_layer("forward_train", feature("running_var", c, c + 1), |o, bn| {
+        bn.forward_train(View::new(&x, &shape, layout), &mut o.y).map(drop)
+    })];
+    check_all(n, c, &bn, cases);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Missing statistics, merges, folding.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn no_running_stats() {
+    let (shape, layout, n, c) = ([3usize, 2, 2, 2], Layout::NCHW, 24, 2);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let config = BatchNormConfig {
+        track_running_stats: false,
+        ..BatchNormConfig::default()
+    };
+    let mut bn = BatchNorm::<f32>::new(c, config).unwrap();
+    assert!(bn.running_mean.is_empty() && bn.running_var.is_empty());
+    let x = &x;
+    let cases = vec![
+        on_layer("forward_eval", Error::NoRunningStats, move |o, bn| {
+            bn.forward_eval(v, &mut o.y)
+        }),
+        on_layer("backward_eval", Error::NoRunningStats, move |o, bn| {
+            bn.backward_eval(v, x, o.grads())
+        }),
+        on_layer("inference_affine", Error::NoRunningStats, |_, bn| {
+            bn.inference_affine().map(drop)
+        }),
+    ];
+    check_all(n, c, &bn, cases);
+    // Training still works and does not track anything.
+    let mut y = sentinel(n);
+    bn.forward_train(v, &mut y).unwrap();
+    assert!(bn.running_mean.is_empty());
+    assert_eq!(bn.num_batches_tracked, 0);
+}
+
+#[test]
+fn no_batches() {
+    let pop = PopulationStats::new(3);
+    let pop = &pop;
+    let cases = vec![
+        case("mean", Error::NoBatches, move |_| pop.mean().map(drop)),
+        case("var", Error::NoBatches, move |_| pop.var().map(drop)),
+        case("finish", Error::NoBatches, move |_| pop.finish::<f32>().map(drop)),
+        on_layer("set_population_stats", Error::NoBatches, move |_, bn| {
+            bn.set_population_stats(pop)
+        }),
+    ];
+    check_all(3, 3, &layer(3), cases);
+}
+
+#[test]
+fn merge_mismatch() {
+    let x = xs(6);
+    let a = batch_stats(View::new(&x, &[3, 2], Layout::NC)).unwrap();
+    let b = batch_stats(View::new(&x, &[2, 3], Layout::NC)).unwrap();
+    let s = GradSums {
+        sum_dy: vec![1.0; 2],
+        sum_dy_xhat: vec![2.0; 2],
+    };
+    let t = GradSums {
+        sum_dy: vec![1.0; 3],
+        sum_dy_xhat: vec![2.0; 3],
+    };
+    let (a, b, s, t) = (&a, &b, &s, &t);
+    let mismatch = |left, right| Error::MergeMismatch { left, right };
+    let cases = vec![
+        case("BatchStats::merge", mismatch(2, 3), move |_| {
+            let mut merged = a.clone();
+            let r = merged.merge(b);
+            assert_eq!(&merged, a, "merge changed the statistics");
+            r
+        }),
+        // Also against an empty accumulator of the wrong width.
+        case("empty BatchStats::merge", mismatch(0, 3), move |_| {
+            let mut empty = BatchStats {
+                count: 0,
+                mean: vec![],
+                m2: vec![],
+            };
+            empty.merge(b)
+        }),
+        case("GradSums::add", mismatch(2, 3), move |_| {
+            let mut sum = s.clone();
+            let r = sum.add(t);
+            assert_eq!(&sum, s, "add changed the sums");
+            r
+        }),
+    ];
+    check_all(6, 3, &layer(3), cases);
+}
+
+/// `GradSums::write_param_grads` rejects outputs of the wrong length; like every other function it
+/// must do so before writing anything.
+#[test]
+fn write_param_grads_checks_before_writing() {
+    let sums = GradSums {
+        sum_dy: vec![1.0, 2.0],
+        sum_dy_xhat: vec![3.0, 4.0],
+    };
+    let sums = &sums;
+    let cases = vec![
+        case("dbeta", feature("dbeta", 2, 3), move |o| {
+            sums.write_param_grads(Some(&mut o.dg), Some(&mut o.db))
+        })
+        .with_out(Out::sized(0, 0, 2, 3)),
+        case("dgamma", feature("dgamma", 2, 1), move |o| {
+            sums.write_param_grads(Some(&mut o.dg), Some(&mut o.db))
+        })
+        .with_out(Out::sized(0, 0, 1, 2)),
+    ];
+    check_all(0, 2, &layer(2), cases);
+}
+
+#[test]
+fn fold_errors() {
+    let bn = InferenceAffine {
+        scale: vec![2.0, 3.0, 4.0],
+        shift: vec![1.0, 1.0, 1.0],
+    };
+    // No channels at all.
+    let none = InferenceAffine {
+        scale: vec![],
+        shift: vec![],
+    };
+    let one = [1.0f32; 3];
+    let (bn, none, one) = (&bn, &none, &one);
+    // The weight is folded in place: it is given as the `y` output, and must stay untouched.
+    let weight = |len: usize| Out::sized(len, 0, 0, 0);
+    let weight_error = |len: usize| {
+        Want::Like(
+            "BufferLength of `weight` with its actual length",
+            Box::new(move |e| matches!(e, Error::BufferLength { name: "weight", actual, .. } if *actual == len)),
+        )
+    };
+    let mut cases = Vec::new();
+    for len in [7usize, 2, 4, 0] {
+        cases.push(
+            case(format!("weight of {len}"), weight_error(len), move |o| {
+                fold_into_preceding(bn, None, &mut o.y).map(drop)
+            })
+            .with_out(weight(len)),
+        );
+    }
+    for blen in [2usize, 4, 0] {
+        cases.push(
+            case(format!("bias of {blen}"), feature("bias", 3, blen), move |o| {
+                fold_into_preceding(bn, Some(&vec![0.0f32; blen]), &mut o.y).map(drop)
+            })
+            .with_out(weight(6)),
+        );
+    }
+    cases.extend([
+        case("no channels", weight_error(4), move |o| {
+            fold_into_preceding(none, None, &mut o.y).map(drop)
+        })
+        .with_out(weight(4)),
+        // InferenceAffine::new with mismatched vectors.
+        case("affine var", feature("var", 3, 2), move |_| {
+            InferenceAffine::new(FixedStats::new(one, &one[..2]), Affine::NONE, 1e-5).map(drop)
+        }),
+        case("affine gamma", feature("gamma", 3, 1), move |_| {
+            let affine = Affine {
+                gamma: Some(&one[..1]),
+                beta: None,
+            };
+            InferenceAffine::new(FixedStats::new(one, one), affine, 1e-5).map(drop)
+        }),
+        case("affine beta", feature("beta", 3, 2), move |_| {
+            let affine = Affine {
+                gamma: None,
+                beta: Some(&one[..2]),
+            };
+            InferenceAffine::new(FixedStats::new(one, one), affine, 1e-5).map(drop)
+        }),
+    ]);
+    check_all(0, 0, &layer(3), cases);
+}
+
+/// Errors display a message (they are `std::error::Error`s) and never panic while doing so.
+#[test]
+fn errors_display() {
+    let e: Box<dyn std::error::Error> = Box::new(Error::TooFewValues {
+        count: 1,
+        shape: vec![1, 3],
+    });
+    assert!(e.to_string().contains("more than 1 value"));
+    assert!(Error::InvalidEps(f64::NAN).to_string().contains("NaN"));
+}
+
+/// The statistics structs have public fields, so inconsistent ones (per-channel vectors of
+/// different lengths) are possible input. The crate documents "every error is an `Error`, never a
+/// panic": each consumer must reject them, not index out of bounds.
+#[test]
+fn inconsistent_public_structs_are_rejected_without_panic() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let stats = |m2: usize| BatchStats {
+        count: 4,
+        mean: vec![0.0; 3],
+        m2: vec![1.0; m2],
+    };
+    let (short_m2, long_m2, good) = (stats(2), stats(4), stats(3));
+    let cases: Vec<(&str, Box<dyn Fn() -> Result<(), Error>>)> = vec![
+        (
+            "BatchStats::merge(short m2)",
+            Box::new(|| good.clone().merge(&short_m2)),
+        ),
+        ("short m2 .merge(good)", Box::new(|| short_m2.clone().merge(&good))),
+        (
+            "update_running_stats(short m2)",
+            Box::new(|| {
+                let (mut rm, mut rv) = (vec![0.0f32; 3], vec![1.0f32; 3]);
+                update_running_stats(&short_m2, Momentum::Exponential(0.1), 1, &mut rm, &mut rv)
+            }),
+        ),
+        (
+            "PopulationStats::observe(long m2)",
+            Box::new(|| PopulationStats::new(3).observe(&long_m2)),
+        ),
+        (
+            "fold_into_preceding(shift shorter than scale)",
+            Box::new(|| {
+                let bn = InferenceAffine {
+                    scale: vec![1.0; 3],
+                    shift: vec![0.0; 2],
+                };
+                fold_into_preceding(&bn, None, &mut [1.0f32; 6]).map(drop)
+            }),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, f) in &cases {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Err(_)) => {}
+            Ok(Ok(())) => failures.push(format!("{what}: accepted")),
+            Err(_) => failures.push(format!("{what}: panicked")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -1,0 +1,98 @@
+//! Evaluation with inference-mode batch norm: Algorithm 2's population statistics (re-estimated
+//! over a fixed set of training batches before each evaluation) or the running averages, then
+//! test accuracy in chunks, with a [`Probe`] watching the network after each chunk.
+
+use super::settings::{BnStats, CommonSettings};
+use crate::data::{gather, Dataset, EpochShuffler};
+use crate::engine::loss::argmax_rows;
+use crate::engine::{Mode, Sequential};
+use crate::monitor::Monitor;
+use anyhow::Result;
+
+/// Test examples per inference forward pass.
+pub const EVAL_CHUNK: usize = 1000;
+
+/// What an experiment's evaluations watch in a network besides accuracy (the paper's Figure 1b,c
+/// percentiles: a [`Monitor`]).
+pub trait Probe {
+    /// Forgets what earlier evaluations recorded.
+    fn clear(&mut self);
+    /// Records what it watches in `net` after an inference chunk.
+    fn record(&mut self, net: &Sequential);
+}
+
+/// Watches nothing.
+impl Probe for () {
+    fn clear(&mut self) {}
+    fn record(&mut self, _net: &Sequential) {}
+}
+
+impl Probe for Monitor {
+    fn clear(&mut self) {
+        Monitor::clear(self)
+    }
+    fn record(&mut self, net: &Sequential) {
+        Monitor::record(self, net)
+    }
+}
+
+/// Test accuracy of `net` with inference-mode BN as the run `s` asks: with
+/// [`BnStats::Population`], every BN layer's statistics are first re-estimated over a fixed set of
+/// training batches ([`use_population_stats`]). `probe` is cleared, then sees the network after
+/// each inference chunk of [`EVAL_CHUNK`] test examples.
+pub fn evaluate(
+    s: &CommonSettings,
+    net: &mut Sequential,
+    train: &Dataset,
+    test: &Dataset,
+    probe: &mut impl Probe,
+) -> Result<f64> {
+    if s.bn_stats == BnStats::Population {
+        use_population_stats(s, net, train)?;
+    }
+    probe.clear();
+    let correct = count_correct(net, test, |net| probe.record(net))?;
+    Ok(correct as f64 / test.len.max(1) as f64)
+}
+
+/// Algorithm 2: replaces every BN layer's running statistics by its population estimate over
+/// `s.population_batches` fixed training batches of `s.batch` examples (epoch 0 of a shuffle with
+/// a seed derived from `s.seed`). Does nothing to a network without BN.
+pub fn use_population_stats(s: &CommonSettings, net: &mut Sequential, train: &Dataset) -> Result<()> {
+    if net.batchnorms().is_empty() {
+        return Ok(());
+    }
+    let features = train.features();
+    net.batchnorms().into_iter().for_each(|bn| bn.reset_population());
+    let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
+    let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
+    for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
+        gather(train, shuffler.batch_indices(b as u64), &mut x, &mut y);
+        net.forward(&x, s.batch, Mode::Collect)?;
+    }
+    for bn in net.batchnorms() {
+        bn.use_population()?;
+    }
+    Ok(())
+}
+
+/// Test examples `net` classifies correctly in inference mode, in chunks of [`EVAL_CHUNK`];
+/// `on_chunk` sees the network after each chunk.
+pub fn count_correct(net: &mut Sequential, test: &Dataset, mut on_chunk: impl FnMut(&Sequential)) -> Result<usize> {
+    let features = test.features();
+    let classes = net.output_size();
+    let mut correct = 0usize;
+    let mut x = vec![0.0f32; EVAL_CHUNK.min(test.len) * features];
+    for start in (0..test.len).step_by(EVAL_CHUNK) {
+        let n = EVAL_CHUNK.min(test.len - start);
+        let x = &mut x[..n * features];
+        test.images_f32(start..start + n, x);
+        let logits = net.forward(x, n, Mode::Eval)?;
+        correct += argmax_rows(logits, classes)
+            .zip(&test.labels[start..start + n])
+            .filter(|(p, &l)| *p == l as usize)
+            .count();
+        on_chunk(net);
+    }
+    Ok(correct)
+}

@@ -1,0 +1,110 @@
+//! A run's JSON files: `metrics.jsonl` (written line by line, cut back on resume to what the
+//! checkpoints cover, so a continued run neither repeats nor loses a line, and put in variant
+//! order at the end), `summary.json` and the settings table of a report.
+
+use crate::atomic::write_atomic;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Rewrites the JSON-lines file `path` (atomically) keeping the lines `keep` accepts, in order,
+/// and returns them. A missing file counts as empty. A final line that is not valid JSON is a write
+/// torn by the interruption and is dropped; an invalid line before the last is an error.
+pub fn truncate_jsonl(path: &Path, keep: impl Fn(&Value) -> bool) -> Result<Vec<Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut kept = Vec::new();
+    let mut out = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(v) if keep(&v) => {
+                out.push_str(line);
+                out.push('\n');
+                kept.push(v);
+            }
+            Ok(_) => {}
+            Err(_) if i + 1 == lines.len() => {}
+            Err(e) => bail!("{}: line {} is not valid JSON: {e}", path.display(), i + 1),
+        }
+    }
+    write_atomic(path, out.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(kept)
+}
+
+/// A line of an experiment's `metrics.jsonl`: which variant and step it belongs to (they fix the
+/// file's final order), and how it is read back when a run resumes.
+pub trait MetricLine: Serialize + Clone + Send {
+    /// The variant's name.
+    fn variant_name(&self) -> &str;
+    /// Training steps done when the line was written.
+    fn step(&self) -> u64;
+    /// A line read back from `metrics.jsonl`. Rejects a line that is not one of this experiment's.
+    fn from_json(line: &Value) -> Result<Self>;
+    /// Whether a resumed run keeps this line when its variant's checkpoint covers its step (a
+    /// line written when training stopped, such as a divergence, lies past the last checkpoint
+    /// and is written again).
+    fn kept_on_resume(&self) -> bool {
+        true
+    }
+}
+
+/// `metrics.jsonl`: one JSON object per line, flushed after each so a running study can be watched.
+pub struct JsonLines {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl JsonLines {
+    /// Creates (truncates) `path`.
+    pub fn create(path: PathBuf) -> Result<Self> {
+        let file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(JsonLines { file, path })
+    }
+
+    /// Opens `path` to append lines after those it holds.
+    pub fn append(path: PathBuf) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(JsonLines { file, path })
+    }
+
+    /// Appends `value` as one line.
+    pub fn write(&mut self, value: &impl Serialize) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(value)?)
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Rewrites `path` (atomically) with `lines`, one JSON object per line.
+pub fn write_jsonl(path: &Path, lines: &[impl Serialize]) -> Result<()> {
+    let lines = lines.iter().map(|m| serde_json::to_string(m).map(|l| l + "\n"));
+    write_atomic(path, lines.collect::<Result<String, _>>()?.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The settings of a run as (name, value) rows for a report page.
+pub fn settings_rows(s: &impl Serialize) -> Vec<(String, String)> {
+    let v = serde_json::to_value(s).unwrap_or_default();
+    let mut rows = Vec::new();
+    if let Some(map) = v.as_object() {
+        for (k, v) in map {
+            rows.push((k.clone(), v.to_string().trim_matches('"').to_string()));
+        }
+    }
+    rows
+}

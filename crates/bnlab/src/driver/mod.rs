@@ -1,0 +1,513 @@
+//! The run driver: one owner of every experiment's run, from start to summary.
+//!
+//! An experiment ([`Experiment`]) is its settings, its variants, how to build a variant's
+//! network and optimizer, what a metrics line holds, and what it writes at the end. Everything
+//! else is the driver's, the same for every experiment:
+//!
+//! - **start and resume** ([`run`]): settings checked, data loaded and checked against the
+//!   networks, `settings.json` written (a fresh run) or each variant's checkpoint found and
+//!   checked to belong to this run (a resumed run: [`resume`]), `metrics.jsonl` cut back to what
+//!   the checkpoints cover;
+//! - **training** ([`train`]): one loop for every experiment: SGD steps (in one process, or as
+//!   one rank of data-parallel training, [`crate::parallel`]), evaluations every `eval_every`
+//!   steps and after the last ([`evaluate`]: Algorithm 2's population statistics or the running
+//!   averages), checkpoints every `checkpoint_every` steps and after the last, divergence handled
+//!   as the experiment says ([`Divergence`]);
+//! - **lanes** ([`lanes`]): with one process and two or more threads, variants train side by side,
+//!   each on its share of the run's threads; a failing variant stops the others;
+//! - **outputs**: `metrics.jsonl` (put in variant and step order at the end), `summary.json`,
+//!   then the experiment's own files (plots, tables, `report.html`).
+//!
+//! Results do not depend on the number of threads or lanes: the kernels and the matrix products
+//! split work by shape only, so a run gives the same metrics, bit for bit, on any thread count.
+
+pub mod evaluate;
+pub mod lanes;
+pub mod metrics;
+pub mod progress;
+pub mod resume;
+pub mod rundir;
+pub mod settings;
+pub mod train;
+
+pub use evaluate::{Probe, EVAL_CHUNK};
+pub use metrics::MetricLine;
+pub use progress::Progress;
+pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
+
+use crate::data::{self, Dataset};
+use crate::engine::checkpoint::Checkpoint;
+use crate::engine::{Sequential, Sgd};
+use crate::parallel::{self, DataParallel};
+use anyhow::{bail, ensure, Context, Result};
+use batchnorm::Communicator;
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A variant of an experiment: one network and recipe it trains.
+pub trait Variant: Copy + PartialEq + Debug + Send + Sync + 'static {
+    /// Every variant, in the experiment's order.
+    const ALL: &'static [Self];
+    /// The name in flags, files and reports.
+    fn name(self) -> &'static str;
+    /// The variant called `name`, if any.
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == name)
+    }
+}
+
+/// What a variant does when its training loss stops being finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Divergence {
+    /// The run fails with an error that names the variant, the step and the last good checkpoint.
+    Fail,
+    /// The variant stops and its metrics get [`Experiment::diverged_line`]; the others go on.
+    Record,
+}
+
+/// A training and test set, and the class count of the networks that learn them.
+pub struct Data {
+    /// The training split.
+    pub train: Dataset,
+    /// The test split.
+    pub test: Dataset,
+    /// Output classes of the networks.
+    pub classes: usize,
+}
+
+impl Data {
+    /// Reads the train and test splits of the IDX directory `dir` for networks with `classes`
+    /// outputs. Rejects what [`data::load_with_classes`] rejects: among others a label outside
+    /// `0..classes` and an empty split.
+    pub fn load(dir: &Path, classes: usize) -> Result<Data> {
+        let (train, test) = data::load_with_classes(dir, classes)?;
+        Ok(Data { train, test, classes })
+    }
+}
+
+impl Data {
+    /// What identifies the data a run trains on: each split's example count and a CRC-32 of its
+    /// pixels and labels. Recorded in `settings.json`; a resumed run refuses other data (a copy
+    /// of the same data elsewhere is the same data).
+    pub fn identity(&self) -> DataIdentity {
+        let split = |d: &Dataset| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&d.pixels);
+            h.update(&d.labels);
+            SplitIdentity {
+                examples: d.len,
+                crc32: h.finalize(),
+            }
+        };
+        DataIdentity {
+            train: split(&self.train),
+            test: split(&self.test),
+        }
+    }
+}
+
+/// See [`Data::identity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DataIdentity {
+    /// The training split.
+    pub train: SplitIdentity,
+    /// The test split.
+    pub test: SplitIdentity,
+}
+
+/// One split's part of a [`DataIdentity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SplitIdentity {
+    /// Examples.
+    pub examples: usize,
+    /// CRC-32 of the pixels, then the labels.
+    pub crc32: u32,
+}
+
+/// A network built for a variant, with what evaluation watches in it.
+pub struct Built<P> {
+    /// The network.
+    pub net: Sequential,
+    /// What evaluation records (see [`Probe`]).
+    pub probe: P,
+}
+
+/// One evaluation of a variant, as the driver measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Training steps done.
+    pub step: u64,
+    /// Test-set accuracy.
+    pub test_acc: f64,
+    /// Mean training loss over the steps since the previous evaluation.
+    pub train_loss: f64,
+}
+
+/// An experiment of the lab: its settings, variants, networks and outputs. The driver ([`run`])
+/// does the rest.
+pub trait Experiment: Sync {
+    /// The name on the command line, in checkpoints and in default output folders.
+    const NAME: &'static str;
+    /// Output classes of its networks (labels outside `0..CLASSES` are an error).
+    const CLASSES: usize;
+    /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`].
+    type Settings: Serialize + DeserializeOwned + Clone + Debug + Send + Sync;
+    /// Its variants.
+    type Variant: Variant;
+    /// A line of its `metrics.jsonl`.
+    type Metric: MetricLine;
+    /// What its evaluations watch in a network besides accuracy.
+    type Probe: Probe + Send;
+    /// What it makes of a finished run besides the common outputs (e.g. a table).
+    type Report: Send;
+
+    /// The variants the run trains, in order.
+    fn variants(&self, s: &Settings<Self::Settings>) -> Vec<Self::Variant>;
+
+    /// Rejects the experiment's own settings that cannot run (the common ones are the driver's).
+    fn check(&self, s: &Settings<Self::Settings>) -> Result<()>;
+
+    /// An upper estimate of the bytes one variant's training and evaluation allocate (network,
+    /// optimizer state, step and evaluation buffers, what its probe records; not the data) on
+    /// `data`, and the flags that make it smaller. The driver refuses a run whose estimate (times
+    /// the variants training at once, plus the data) exceeds the memory available, before
+    /// building any network.
+    fn memory_estimate(&self, s: &Settings<Self::Settings>, data: &Data) -> (u64, &'static str);
+
+    /// The network of `variant` for the images of `data`, as data-parallel rank `rank` builds it
+    /// (every rank the same initial weights; rank 0's is the one-process network).
+    fn build(
+        &self,
+        s: &Settings<Self::Settings>,
+        variant: Self::Variant,
+        data: &Data,
+        rank: usize,
+    ) -> Result<Built<Self::Probe>>;
+
+    /// The optimizer of `variant`.
+    fn optimizer(&self, s: &Settings<Self::Settings>, variant: Self::Variant) -> Sgd;
+
+    /// The learning rate of `variant` at 0-based `step` (the rate of that step's update).
+    fn lr(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> f64;
+
+    /// What a variant does when its loss stops being finite.
+    fn divergence(&self) -> Divergence;
+
+    /// The metrics line of an evaluation of `variant`; `probe` holds what it recorded.
+    fn metric(
+        &self,
+        s: &Settings<Self::Settings>,
+        variant: Self::Variant,
+        eval: &Evaluation,
+        probe: &mut Self::Probe,
+    ) -> Self::Metric;
+
+    /// The metrics line of a variant that diverged at `step` ([`Divergence::Record`] only).
+    fn diverged_line(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> Option<Self::Metric>;
+
+    /// Adjusts a network just restored from `checkpoint` (written by rank 0 of a run of
+    /// `writer_processes` processes) to this rank of this run. Nothing by default.
+    fn after_restore(
+        &self,
+        _s: &Settings<Self::Settings>,
+        _net: &mut Sequential,
+        _writer_processes: usize,
+        _dp: &DataParallel,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes the experiment's own outputs of a finished run into `s.common.out` (plots, tables,
+    /// `report.html`) and returns its report.
+    fn finish(&self, s: &Settings<Self::Settings>, outcome: &Outcome<Self::Metric>) -> Result<Self::Report>;
+}
+
+/// The result of one variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantSummary {
+    /// Test accuracy at the last evaluation (`None` if there was none).
+    pub final_test_acc: Option<f64>,
+    /// Best test accuracy over evaluations.
+    pub best_test_acc: Option<f64>,
+    /// Wall-clock seconds of the whole run (training and evaluations; every session of a resumed
+    /// run).
+    pub seconds: f64,
+    /// Milliseconds per training step (training steps only; with variants side by side, on this
+    /// variant's share of the threads).
+    pub ms_per_step: f64,
+    /// Steps trained.
+    pub steps: u64,
+    /// The step at which the training loss became non-finite, if it did.
+    pub diverged_at: Option<u64>,
+    /// Collective calls per training step of rank 0 (0 with one process).
+    pub collective_calls_per_step: f64,
+    /// Bytes rank 0 sent per training step (received: `processes` times as many).
+    pub bytes_sent_per_step: f64,
+}
+
+/// Everything a run produced (on rank 0; other ranks of a data-parallel run get no metrics).
+#[derive(Debug, Clone)]
+pub struct Outcome<M> {
+    /// All evaluations, variants in order, each variant's in step order.
+    pub metrics: Vec<M>,
+    /// Per variant, by name.
+    pub summaries: BTreeMap<&'static str, VariantSummary>,
+}
+
+/// A run's result: what every experiment produces and the experiment's own report.
+pub struct Finished<E: Experiment> {
+    /// The settings the run trained with (on resume: the run's own).
+    pub settings: Settings<E::Settings>,
+    /// Metrics and summaries.
+    pub outcome: Outcome<E::Metric>,
+    /// The experiment's report (`None` on data-parallel ranks other than 0).
+    pub report: Option<E::Report>,
+}
+
+/// How a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run into `out` (an existing `metrics.jsonl` there is replaced).
+    Fresh,
+    /// Continues the run in `out` from its checkpoints: every variant restarts from its checkpoint
+    /// (a finished one is not retrained, one without a checkpoint starts afresh) and all outputs
+    /// are written as an uninterrupted run would.
+    Resume,
+}
+
+/// How the driver runs: not part of the settings.
+pub struct RunOptions {
+    /// A fresh run or a resumed one.
+    pub start: Start,
+    /// A fresh run into a directory that holds a run replaces it (its files are removed first)
+    /// instead of being refused.
+    pub overwrite: bool,
+    /// No progress bars or log lines.
+    pub quiet: bool,
+    /// The ranks of data-parallel training ([`batchnorm::SingleProcess`] for one process).
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl RunOptions {
+    /// A fresh run in one process, quiet or not.
+    pub fn fresh(quiet: bool) -> Self {
+        RunOptions {
+            start: Start::Fresh,
+            overwrite: false,
+            quiet,
+            comm: Arc::new(batchnorm::SingleProcess),
+        }
+    }
+
+    /// A resumed run in one process.
+    pub fn resume(quiet: bool) -> Self {
+        RunOptions {
+            start: Start::Resume,
+            ..RunOptions::fresh(quiet)
+        }
+    }
+}
+
+/// The settings of the run of `experiment` in `dir` (its `settings.json`, with `out` = `dir`).
+/// Rejects a directory without a readable, valid `settings.json`.
+pub fn resume_settings<E: Experiment>(dir: &Path) -> Result<Settings<E::Settings>> {
+    let article = if E::NAME.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    settings::read_settings(dir, &format!("{article} {} run", E::NAME))
+}
+
+/// Runs `experiment` with `settings` on `settings.common.threads` threads: trains every variant
+/// (side by side where threads allow, see [`lanes`]), writes `settings.json`, `metrics.jsonl`,
+/// checkpoints, `summary.json` and the experiment's outputs into `settings.common.out` (rank 0
+/// only, holding the directory's lock: see [`rundir`]), and returns what the run produced. With
+/// several ranks in `opts.comm`, every rank trains on its shard of each global batch and rank 0
+/// alone evaluates, shows progress and writes files.
+///
+/// Rejects, before training: settings that cannot run ([`CommonSettings::check`],
+/// [`Experiment::check`], a repeated variant, a batch that does not split over the ranks); an
+/// output directory another run holds, one that already holds a run (a fresh run without
+/// `opts.overwrite`) or that cannot be written; data that cannot be read or does not fit the
+/// networks; a run whose memory estimate exceeds the memory available; and on resume, data
+/// other than the run's ([`Data::identity`]) and a checkpoint that belongs to another run (other
+/// settings, another architecture) or is damaged.
+pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts: RunOptions) -> Result<Finished<E>> {
+    let mut s = settings.clone();
+    s.common.processes = opts.comm.size();
+    let variants = check_settings(experiment, &s)?;
+    let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
+    let resuming = opts.start == Start::Resume;
+    let data = Data::load(&s.common.data_dir, E::CLASSES)?;
+    let identity = data.identity();
+    match (resuming, s.common.data_identity) {
+        (false, _) => s.common.data_identity = Some(identity),
+        (true, Some(recorded)) => ensure!(
+            recorded == identity,
+            "{} holds other data than the run trained on ({} and {} examples, CRC-32 {:08x} and {:08x}; the run's: \
+             {} and {} examples, CRC-32 {:08x} and {:08x})",
+            s.common.data_dir.display(),
+            identity.train.examples,
+            identity.test.examples,
+            identity.train.crc32,
+            identity.test.crc32,
+            recorded.train.examples,
+            recorded.test.examples,
+            recorded.train.crc32,
+            recorded.test.crc32
+        ),
+        (true, None) => bail!("the run's settings.json does not record its data (data_identity)"),
+    }
+    check_memory(experiment, &s, &data, variants.len())?;
+    ensure!(
+        data.train.len >= s.common.batch,
+        "the training set has fewer examples than one batch"
+    );
+    // The networks must fit the images before anything is written.
+    experiment.build(&s, variants[0], &data, 0)?;
+    // Rank 0 writes the directory, and holds it until the run ends.
+    let _held = match opts.comm.rank() {
+        0 => {
+            let dir = rundir::RunDir::claim(&s.common.out)?;
+            match resuming {
+                true => dir.clean_stale()?,
+                false => dir.prepare_fresh(opts.overwrite)?,
+            }
+            dir.check_writable(&names)?;
+            Some(dir)
+        }
+        _ => None,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(s.common.threads)
+        .build()
+        .context("cannot start the worker threads")?;
+    pool.install(|| execute(experiment, &s, &variants, &data, &opts))
+        .map(|(outcome, report)| Finished {
+            settings: s,
+            outcome,
+            report,
+        })
+}
+
+/// Checks settings as the command line would (from flags, or read back from `settings.json`):
+/// [`CommonSettings::check`], [`Experiment::check`], at least one variant and none twice, a batch
+/// that splits over `s.common.processes` ranks. Returns the variants.
+pub fn check_settings<E: Experiment>(experiment: &E, s: &Settings<E::Settings>) -> Result<Vec<E::Variant>> {
+    s.common.check()?;
+    experiment.check(s)?;
+    let variants = experiment.variants(s);
+    ensure!(!variants.is_empty(), "no variant to train");
+    ensure!(
+        (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
+        "--variants lists a variant twice"
+    );
+    parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    Ok(variants)
+}
+
+/// Refuses a run whose memory estimate exceeds the memory available (see
+/// [`Experiment::memory_estimate`]).
+fn check_memory<E: Experiment>(experiment: &E, s: &Settings<E::Settings>, data: &Data, variants: usize) -> Result<()> {
+    let (per_variant, flags) = experiment.memory_estimate(s, data);
+    let at_once = match s.common.processes {
+        1 => variants.min(s.common.threads).max(1) as u64,
+        _ => 1,
+    };
+    let data_bytes = (data.train.pixels.len() + data.test.pixels.len()) as u64;
+    let need = per_variant.saturating_mul(at_once).saturating_add(data_bytes);
+    let need = need.saturating_add(need / 4); // allocator slack
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    ensure!(
+        need <= available,
+        "this run needs about {:.1} GiB ({at_once} variant(s) at once) but {:.1} GiB of memory is available; lower {flags}",
+        gib(need),
+        gib(available)
+    );
+    Ok(())
+}
+
+/// The memory available to new allocations (`MemAvailable` of `/proc/meminfo`), if known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+type Executed<E> = (Outcome<<E as Experiment>::Metric>, Option<<E as Experiment>::Report>);
+
+fn execute<E: Experiment>(
+    experiment: &E,
+    s: &Settings<E::Settings>,
+    variants: &[E::Variant],
+    data: &Data,
+    opts: &RunOptions,
+) -> Result<Executed<E>> {
+    let comm = opts.comm.as_ref();
+    let root = comm.rank() == 0;
+    let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
+    let begun = resume::begin_run::<E::Metric>(s, E::NAME, &names, opts.start == Start::Resume, comm)?;
+    let out = root.then_some(s.common.out.as_path());
+    let (metrics, summaries) = lanes::train_variants(
+        out,
+        begun.kept,
+        &names,
+        s.common.steps,
+        s.common.threads,
+        opts.quiet,
+        comm.size(),
+        |i, run| {
+            let mut dp = DataParallel::new(opts.comm.clone());
+            let start = begun.starts[i].as_ref();
+            train::train_variant(experiment, s, variants[i], start, data, &mut dp, run)
+        },
+    )?;
+    let outcome = Outcome { metrics, summaries };
+    if !root {
+        return Ok((outcome, None));
+    }
+    let summary = serde_json::json!({ "variants": outcome.summaries, "settings": s });
+    metrics::write_json(&s.common.out.join("summary.json"), &summary)?;
+    let report = experiment.finish(s, &outcome)?;
+    Ok((outcome, Some(report)))
+}
+
+/// The data-parallel mode of a run in words, for its report: `processes` ranks sharing global
+/// batches of `batch`, batch norm over the global batch (`bn_sync`) or over each shard.
+pub fn data_parallel_text(s: &CommonSettings) -> String {
+    let bn = if s.bn_sync {
+        format!(
+            "batch norm synchronized: statistics over the global batch of {} (--bn-sync on)",
+            s.batch
+        )
+    } else {
+        format!(
+            "batch norm per process: statistics over each process's shard of about {} (--bn-sync off)",
+            s.batch / s.processes.max(1)
+        )
+    };
+    format!(
+        "Data-parallel training over {} MPI processes: each global batch of {} is split into \
+         contiguous shards, gradients are summed over the processes; {bn}.",
+        s.processes, s.batch
+    )
+}
+
+/// Where a run keeps the checkpoint of the variant named `variant`:
+/// `OUT/checkpoints/<variant>.safetensors`.
+pub fn checkpoint_path(out: &Path, variant: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{variant}.safetensors"))
+}
+
+/// Reads a checkpoint file (for `bnlab eval` and the tests).
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    Checkpoint::read(path).with_context(|| format!("cannot load checkpoint {}", path.display()))
+}
