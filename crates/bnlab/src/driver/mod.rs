@@ -151,8 +151,9 @@ pub struct Evaluation {
 pub trait Experiment: Sync {
     /// The name on the command line, in checkpoints and in default output folders.
     const NAME: &'static str;
-    /// Output classes of its networks (labels outside `0..CLASSES` are an error).
-    const CLASSES: usize;
+    /// Output classes of its networks (labels outside `0..CLASSES` are an error); ten, as in
+    /// every MNIST-format data set, unless the experiment says otherwise.
+    const CLASSES: usize = 10;
     /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`].
     type Settings: Serialize + DeserializeOwned + Clone + Debug + Send + Sync;
     /// Its variants.

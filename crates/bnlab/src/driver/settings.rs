@@ -161,6 +161,18 @@ pub struct Defaults {
     pub lr: f64,
 }
 
+impl Defaults {
+    /// `--steps steps --eval-every eval_every --batch batch --lr lr`.
+    pub const fn new(steps: u64, eval_every: u64, batch: usize, lr: f64) -> Self {
+        Defaults {
+            steps,
+            eval_every,
+            batch,
+            lr,
+        }
+    }
+}
+
 impl CommonSettings {
     /// The settings of a run with every flag at its default (`defaults` for those the experiment
     /// chooses), reading Debian's Fashion-MNIST, writing to `out`, one thread and one process.

@@ -185,12 +185,7 @@ pub type Settings = driver::Settings<AccelerateSettings>;
 
 /// The study's choices of the common settings: 4000 steps of batches of 64 at base learning rate
 /// 0.01, evaluated every 200 steps.
-pub const DEFAULTS: Defaults = Defaults {
-    steps: 4000,
-    eval_every: 200,
-    batch: 64,
-    lr: 0.01,
-};
+pub const DEFAULTS: Defaults = Defaults::new(4000, 200, 64, 0.01);
 
 /// What `--quick` changes: a run of seconds for CI.
 pub mod quick {
@@ -508,13 +503,12 @@ impl Table {
 pub struct Accelerate;
 
 impl Experiment for Accelerate {
-    const NAME: &'static str = "accelerate";
-    const CLASSES: usize = 10;
     type Settings = AccelerateSettings;
     type Variant = Variant;
     type Metric = Metric;
     type Probe = ();
     type Report = Table;
+    const NAME: &'static str = "accelerate";
 
     fn variants(&self, s: &Settings) -> Vec<Variant> {
         s.experiment.variants.clone()

@@ -50,12 +50,7 @@ pub type Settings = driver::Settings<PaperMlpSettings>;
 
 /// The paper's choices of the common settings: 50,000 steps of batches of 60 at learning rate
 /// 0.5, evaluated every 1000 steps.
-pub const DEFAULTS: Defaults = Defaults {
-    steps: 50_000,
-    eval_every: 1000,
-    batch: 60,
-    lr: 0.5,
-};
+pub const DEFAULTS: Defaults = Defaults::new(50_000, 1000, 60, 0.5);
 
 impl Settings {
     /// The paper's settings with this lab's defaults, writing to `out`.
@@ -150,7 +145,6 @@ pub struct PaperMlp;
 
 impl Experiment for PaperMlp {
     const NAME: &'static str = "paper-mlp";
-    const CLASSES: usize = 10;
     type Settings = PaperMlpSettings;
     type Variant = Variant;
     type Metric = Metric;

@@ -1,8 +1,8 @@
-//! Helpers shared by the CLI tests (`paper_mlp_cli.rs`, `accelerate_cli.rs`, `report_browser.rs`,
-//! `distributed.rs`, `accelerate_distributed.rs`, `checkpoint_cli.rs`, `accelerate_resume.rs`):
-//! running the built binary (also under `mpirun`, or killed mid-run), locating Fashion-MNIST,
-//! writing small synthetic IDX data, and checking output files, checkpoints and one-line errors.
-#![allow(dead_code)] // each test crate uses its own subset
+//! Helpers shared by the test binaries (`library`, `runs`, `parallel`): running the built binary
+//! (also under `mpirun`, or killed mid-run), locating Fashion-MNIST, writing small synthetic IDX
+//! data, checking output files, checkpoints and one-line errors, seeded random inputs, and the
+//! small trained network the checkpoint tests save and damage ([`checkpoints`]).
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -93,13 +93,19 @@ pub fn fashion_mnist() -> Option<&'static str> {
     None
 }
 
-pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+/// An IDX file: the magic number with element type `type_byte`, the dimensions, then `data`.
+pub fn idx_with_type(type_byte: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, type_byte, dims.len() as u8];
     for d in dims {
         v.extend_from_slice(&d.to_be_bytes());
     }
     v.extend_from_slice(data);
     v
+}
+
+/// An IDX file of unsigned bytes (type 0x08), the type Fashion-MNIST uses.
+pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    idx_with_type(0x08, dims, data)
 }
 
 /// A small learnable dataset in the standard file names (raw IDX): 8×8 images of 4 classes, each
@@ -405,4 +411,113 @@ pub fn eval_counts(stdout: &str) -> (usize, usize) {
         .unwrap_or_else(|| panic!("no (N of M) in {stdout:?}"));
     let nums: Vec<usize> = inner.split(" of ").map(|n| n.trim().parse().unwrap()).collect();
     (nums[0], nums[1])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeded random inputs.
+
+pub fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// `n` values from N(mean, std²).
+pub fn normal(r: &mut rand_chacha::ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    use rand::Rng;
+    (0..n)
+        .map(|_| mean + std * r.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect()
+}
+
+/// The paper's network on 16 inputs trained a few steps, and re-encoded checkpoint files: what the
+/// checkpoint tests (`library::checkpoint`, `library::hardening`) save, damage and read back.
+pub mod checkpoints {
+    use std::collections::{BTreeMap, HashMap};
+
+    use bnlab::engine::checkpoint::{checksum, CheckpointProgress, CHECKSUM_KEY};
+    use bnlab::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
+    use bnlab::experiments::paper_mlp::{build, Variant};
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+
+    pub const FEATURES: usize = 16;
+    pub const CLASSES: usize = 4;
+    pub const BATCH: usize = 8;
+    /// The step recorded by [`progress`].
+    pub const STEPS: u64 = 3;
+
+    /// The paper network of `variant` on 16 inputs after `steps` SGD steps with momentum, so every
+    /// parameter, running statistic and momentum buffer holds a non-trivial value.
+    pub fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
+        let (mut net, _) = build(
+            variant,
+            FEATURES,
+            CLASSES,
+            0.1,
+            7,
+            batchnorm::BatchNormConfig::default(),
+        )
+        .unwrap();
+        let mut sgd = Sgd::new(0.9, 1e-4);
+        let mut loss = SoftmaxCrossEntropy::default();
+        let mut dlogits = vec![0.0; BATCH * CLASSES];
+        for step in 0..steps {
+            let x: Vec<f32> = (0..BATCH * FEATURES)
+                .map(|i| ((i * 31 + step * 7) % 17) as f32 / 17.0)
+                .collect();
+            let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
+            let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
+            loss.forward(logits, &y, CLASSES).unwrap();
+            loss.backward(&y, CLASSES, &mut dlogits);
+            net.backward(&dlogits).unwrap();
+            sgd.step(net.params(), 0.1);
+        }
+        (net, sgd)
+    }
+
+    pub fn progress() -> CheckpointProgress {
+        CheckpointProgress {
+            step: STEPS,
+            seed: 7,
+            values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),
+        }
+    }
+
+    /// Tensors by name: element type, shape, bytes.
+    pub type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+    /// The file re-encoded after `edit` changes its tensors, with every checksum recomputed (a
+    /// consistent file whose values are wrong, as a careful editor would make it, so the edit
+    /// reaches the checks after the checksum's); the rest of the metadata is kept unless `meta`
+    /// changes it.
+    pub fn rewrite(
+        bytes: &[u8],
+        edit: impl FnOnce(&mut Tensors),
+        meta: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Vec<u8> {
+        let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+        let mut metadata = header.metadata().clone().unwrap();
+        meta(&mut metadata);
+        let st = SafeTensors::deserialize(bytes).unwrap();
+        let mut tensors: Tensors = st
+            .iter()
+            .map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect();
+        edit(&mut tensors);
+        let sums: BTreeMap<&str, String> = tensors
+            .iter()
+            .map(|(n, (_, _, b))| (n.as_str(), format!("{:08x}", checksum(b))))
+            .collect();
+        metadata.insert(CHECKSUM_KEY.into(), serde_json::to_string(&sums).unwrap());
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, Some(metadata)).unwrap()
+    }
+
+    /// [`rewrite`] with the metadata kept.
+    pub fn edit_tensors(bytes: &[u8], edit: impl FnOnce(&mut Tensors)) -> Vec<u8> {
+        rewrite(bytes, edit, |_| {})
+    }
 }

@@ -3,9 +3,7 @@
 //! clean-up of a killed writer's temporary files, the class count fixed by the experiment, empty
 //! splits, error messages that name the real cause once and stay short, and `bench --min-time`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -14,98 +12,33 @@ use std::time::{Duration, Instant};
 use bnlab::atomic::{remove_stale_temp_files, temp_name, temp_name_pid, write_atomic};
 use bnlab::bench::{min_time, BenchError, MAX_MIN_TIME_SECS};
 use bnlab::data::{load, load_split, load_with_classes, DataError, Split};
-use bnlab::engine::checkpoint::{checksum, Checkpoint, CheckpointError, CheckpointProgress, CHECKSUM_KEY, MAX_HEADER_BYTES};
-use bnlab::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
-use bnlab::experiments::paper_mlp::{build, Variant};
+use bnlab::engine::checkpoint::{Checkpoint, CheckpointError, CHECKSUM_KEY, MAX_HEADER_BYTES};
+use bnlab::engine::{Sequential, Sgd};
+use bnlab::experiments::paper_mlp::Variant;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::alloc_tracking::largest_allocation;
+use crate::common::checkpoints::{self, progress, Tensors, STEPS};
+use crate::common::idx;
+
 // ---------------------------------------------------------------------------------------------
-// Allocation tracking: the largest single allocation made by the current thread.
-
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-}
-
-// SAFETY: forwards every call to `System` unchanged; only records sizes.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Tracking = Tracking;
+// The cost of a call.
 
 /// Runs `f`; returns its result, the largest single allocation it made on this thread, and the
 /// time it took.
 fn measured<R>(f: impl FnOnce() -> R) -> (R, usize, Duration) {
-    LARGEST.with(|l| l.set(0));
     let start = Instant::now();
-    let r = f();
-    (r, LARGEST.with(Cell::get), start.elapsed())
+    let (r, largest) = largest_allocation(f);
+    (r, largest, start.elapsed())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoints of the paper's BN network.
 
-const FEATURES: usize = 16;
-const CLASSES: usize = 4;
-const BATCH: usize = 8;
-const STEPS: u64 = 3;
-
 /// The BN network after `STEPS` SGD steps with momentum, so every tensor holds a non-trivial value.
 fn trained() -> (Sequential, Sgd) {
-    let (mut net, _) = build(
-        Variant::Bn,
-        FEATURES,
-        CLASSES,
-        0.1,
-        7,
-        batchnorm::BatchNormConfig::default(),
-    )
-    .unwrap();
-    let mut sgd = Sgd::new(0.9, 1e-4);
-    let mut loss = SoftmaxCrossEntropy::default();
-    let mut d = vec![0.0; BATCH * CLASSES];
-    for step in 0..STEPS as usize {
-        let x: Vec<f32> = (0..BATCH * FEATURES)
-            .map(|i| ((i * 31 + step * 7) % 17) as f32 / 17.0)
-            .collect();
-        let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
-        let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
-        loss.forward(logits, &y, CLASSES).unwrap();
-        loss.backward(&y, CLASSES, &mut d);
-        net.backward(&d).unwrap();
-        sgd.step(net.params(), 0.1);
-    }
-    (net, sgd)
-}
-
-fn progress() -> CheckpointProgress {
-    CheckpointProgress {
-        step: STEPS,
-        seed: 7,
-        values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),
-    }
+    checkpoints::trained(Variant::Bn, STEPS as usize)
 }
 
 fn capture_with(net: &mut Sequential, sgd: &Sgd, settings: serde_json::Value) -> Checkpoint {
@@ -122,28 +55,9 @@ fn bn_bytes() -> Vec<u8> {
 /// The file re-encoded after `edit` changes its tensors, with every checksum recomputed (a
 /// consistent file whose values are wrong, as a careful editor would make it).
 fn resigned(bytes: &[u8], edit: impl FnOnce(&mut Tensors)) -> Vec<u8> {
-    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
-    let mut metadata = header.metadata().clone().unwrap();
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let mut tensors: Tensors = st
-        .iter()
-        .map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
-    edit(&mut tensors);
-    let sums: BTreeMap<&str, String> = tensors
-        .iter()
-        .map(|(n, (_, _, b))| (n.as_str(), format!("{:08x}", checksum(b))))
-        .collect();
-    metadata.insert(CHECKSUM_KEY.into(), serde_json::to_string(&sums).unwrap());
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize(views, Some(metadata)).unwrap()
+    checkpoints::edit_tensors(bytes, edit)
 }
 
-/// Tensors by name: element type, shape, bytes.
-type Tensors = HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 /// An edit of a file's tensors.
 type TensorEdit = Box<dyn Fn(&mut Tensors)>;
 /// An edit of a file's checksum entries.
@@ -515,15 +429,6 @@ fn stale_temp_files_of_dead_writers_are_removed() {
 
 // ---------------------------------------------------------------------------------------------
 // 5. Data: the class count, empty splits, real causes, short lines.
-
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
-}
 
 /// Writes both splits: `n` 2×2 images each, with the given labels.
 fn write_data(dir: &Path, train_labels: &[u8], test_labels: &[u8]) {

@@ -11,9 +11,7 @@
 //! unless `BNLAB_REQUIRE_DATA=1`. The `mpirun` tests likewise need OpenMPI's `mpirun`; when it is
 //! absent they print a note and pass, unless `BNLAB_REQUIRE_MPI=1` (set by `.ci/run`).
 
-mod common;
-
-use common::assert_tracks;
+use crate::common::assert_tracks;
 
 use batchnorm::{Communicator, ThreadComm};
 use bnlab::driver::{self, RunOptions, Start};
@@ -21,19 +19,9 @@ use bnlab::experiments::paper_mlp::{Metric, PaperMlp, Settings, Variant};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
-
+/// Fashion-MNIST (see [`crate::common::fashion_mnist`]).
 fn data() -> Option<PathBuf> {
-    let p = Path::new(FASHION_MNIST);
-    if p.join("train-images-idx3-ubyte.gz").is_file() || p.join("train-images-idx3-ubyte").is_file() {
-        return Some(p.to_path_buf());
-    }
-    assert!(
-        std::env::var_os("BNLAB_REQUIRE_DATA").is_none(),
-        "{FASHION_MNIST} is absent but BNLAB_REQUIRE_DATA is set"
-    );
-    println!("skipping: {FASHION_MNIST} is absent (apt-get install dataset-fashion-mnist)");
-    None
+    crate::common::fashion_mnist().map(PathBuf::from)
 }
 
 fn settings(data: &Path, out: &Path, steps: u64) -> Settings {
@@ -148,11 +136,9 @@ fn shards_cover_the_batch_in_order() {
 // ---------------------------------------------------------------------------------------------
 // The binary
 
+/// `bnlab args` in the current directory.
 fn bnlab(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_bnlab"))
-        .args(args)
-        .output()
-        .expect("cannot start bnlab")
+    crate::common::bnlab(Path::new("."), args)
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -178,10 +164,10 @@ mod mpi {
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use super::common::mpirun;
+    use crate::common::mpirun;
 
     fn launch(mpirun: &Path, np: usize, args: &[&str]) -> Command {
-        super::common::mpirun_bnlab(mpirun, np, args)
+        crate::common::mpirun_bnlab(mpirun, np, args)
     }
 
     #[track_caller]

@@ -8,12 +8,9 @@
 //! piecewise linear, LRN is smooth with h = 1e-4, error O(h²)).
 
 use bnlab::engine::{Conv2d, ConvInit, Dropout, Layer, Lrn, MaxPool2d, Mode, Sequential};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
+use crate::common::rng;
 
 fn uniform(n: usize, rng: &mut impl Rng) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -591,7 +588,7 @@ fn layers_chain_in_a_sequential_network() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Timing (not an assertion): cargo test --release -p bnlab --test engine_conv -- --ignored --nocapture
+// Timing (not an assertion): cargo test --release -p bnlab --test library -- --ignored conv_timing --nocapture
 
 #[test]
 #[ignore]

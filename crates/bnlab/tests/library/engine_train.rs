@@ -9,19 +9,11 @@ use bnlab::engine::{
 };
 use bnlab::experiments::paper_mlp::{build, Variant};
 use bnlab::monitor::{percentiles, Monitor, Watch};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn normal(r: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| mean + std * r.sample::<f32, _>(StandardNormal))
-        .collect()
-}
+use crate::common::{normal, rng};
 
 /// |a − b| ≤ rel·max(|b|, 1e-3), with a message.
 fn assert_close(what: &str, a: f64, b: f64, rel: f64) {

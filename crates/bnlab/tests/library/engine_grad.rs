@@ -29,9 +29,11 @@
 
 use batchnorm::BatchNormConfig;
 use bnlab::engine::{BatchNormLayer, Layer, Linear, Mode, Relu, Sequential, Sigmoid, SoftmaxCrossEntropy};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+
+use crate::common::{normal, rng};
 
 /// Step of the `f64` central differences.
 const H64: f64 = 1e-5;
@@ -42,17 +44,6 @@ const TOL: f64 = 1e-5;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// `n` values from N(mean, std²).
-fn normal(r: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| mean + std * r.sample::<f32, _>(StandardNormal))
-        .collect()
-}
 
 /// `n` values uniform in [lo, hi).
 fn uniform(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {

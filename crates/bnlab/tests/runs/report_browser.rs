@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod common;
-
+use crate::common;
 use bnlab::report::{band_panels_svg, line_plot_svg, write_plot, Band, BandPanels, LinePlot, Page, Series};
 
 /// How long one Chromium run may take before it is killed.

@@ -3,13 +3,11 @@
 //! for bit; eval reproduces the run's accuracy, also with BN folded; divergence keeps the last good
 //! checkpoint; damaged checkpoints and bad flags give one-line errors.
 
-mod common;
-
-use bnlab::engine::checkpoint::Checkpoint;
-use common::{
+use crate::common::{
     assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error, read, s, synthetic_data,
     text,
 };
+use bnlab::engine::checkpoint::Checkpoint;
 use std::path::{Path, PathBuf};
 
 /// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.

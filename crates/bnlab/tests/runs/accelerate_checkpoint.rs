@@ -6,14 +6,12 @@
 //! norm folded into the convolutions and the linear layer; and folding against the unfolded
 //! network in the engine.
 
-mod common;
-
-use bnlab::engine::{Dropout, Layer, Mode};
-use bnlab::experiments::accelerate::{self, Settings, Variant};
-use common::{
+use crate::common::{
     accelerate_tiny_args, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, eval_counts, expect_error, read, s,
     synthetic_data,
 };
+use bnlab::engine::{Dropout, Layer, Mode};
+use bnlab::experiments::accelerate::{self, Settings, Variant};
 use std::path::Path;
 
 /// A study of `baseline` (dropout, LRN, weight decay, momentum) then `bn-x5` on the synthetic

@@ -4,9 +4,7 @@
 //! absent, unless `BNLAB_REQUIRE_DATA=1`); determinism, divergence and errors run on small
 //! synthetic IDX files. Every command runs in a temporary working directory.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -12,8 +12,6 @@
 //! unless `BNLAB_REQUIRE_DATA=1`. The `mpirun` tests likewise need OpenMPI's `mpirun`, unless
 //! `BNLAB_REQUIRE_MPI=1` (set by `.ci/run`).
 
-mod common;
-
 use batchnorm::{Communicator, ThreadComm};
 use bnlab::driver::{self, RunOptions, Start};
 use bnlab::engine::checkpoint::Checkpoint;
@@ -40,7 +38,7 @@ fn run_with(s: &Settings, _quiet: bool, comm: Arc<dyn Communicator>) -> anyhow::
 fn resume_with(s: &Settings, _quiet: bool, comm: Arc<dyn Communicator>) -> anyhow::Result<Outcome> {
     start_with(Start::Resume, s, comm)
 }
-use common::*;
+use crate::common::*;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,8 +1,6 @@
 //! Tests of the IDX reader and the batching of `bnlab::data`, on synthetic files written into
 //! temporary directories, plus the real Fashion-MNIST when it is installed.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,64 +13,11 @@ use bnlab::data::{
 use flate2::{write::GzEncoder, Compression};
 use proptest::prelude::*;
 
-// ---------------------------------------------------------------------------------------------
-// Allocation tracking: the largest single allocation made by the current thread.
-
-struct Tracking;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    // `try_with`: the thread-local may already be gone while a thread shuts down.
-    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
-}
-
-// SAFETY: forwards every call to `System` unchanged; only records sizes.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Tracking = Tracking;
-
-/// Runs `f` and returns its result with the largest single allocation it made on this thread.
-fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    LARGEST.with(|l| l.set(0));
-    let r = f();
-    (r, LARGEST.with(Cell::get))
-}
+use crate::alloc_tracking::largest_allocation;
+use crate::common::{idx, idx_with_type};
 
 // ---------------------------------------------------------------------------------------------
 // Synthetic IDX files.
-
-fn idx_with_type(type_byte: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = vec![0, 0, type_byte, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(data);
-    v
-}
-
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    idx_with_type(0x08, dims, data)
-}
 
 fn gz(bytes: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());

@@ -6,9 +6,7 @@
 //! seconds. Every command runs in a temporary working directory, so a default `runs/` folder
 //! never lands in the source tree.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 use serde_json::Value;

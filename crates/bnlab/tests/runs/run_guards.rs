@@ -4,9 +4,9 @@
 //! checked before it is spent, checkpoints that are the same bytes after kill and resume, and the
 //! BN flags (`--bn-eps`, `--bn-momentum`) recorded and used.
 
-mod common;
-
-use common::{bnlab, bnlab_ok, ckpt, expect_error, fashion_mnist, metrics, read, run_and_kill_when, s, synthetic_data};
+use crate::common::{
+    bnlab, bnlab_ok, ckpt, expect_error, fashion_mnist, metrics, read, run_and_kill_when, s, synthetic_data,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,48 +2,15 @@
 //! kind of damaged or foreign file rejected with its typed error (never a panic, never a partial
 //! restore). Property tests feed arbitrary and mutated bytes to the loader.
 
+use crate::common::checkpoints::{edit_tensors, progress, rewrite, trained, BATCH, CLASSES, FEATURES};
 use batchnorm::BatchNormConfig;
-use bnlab::engine::checkpoint::{architecture, checksum, Checkpoint, CheckpointError, CheckpointProgress, CHECKSUM_KEY};
+use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError};
 use bnlab::engine::{Dropout, Layer, Linear, Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use bnlab::experiments::paper_mlp::{build, Variant};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
-
-const FEATURES: usize = 16;
-const CLASSES: usize = 4;
-const BATCH: usize = 8;
-
-/// The paper network of `variant` on 16 inputs after `steps` SGD steps with momentum, so every
-/// parameter, running statistic and momentum buffer holds a non-trivial value.
-fn trained(variant: Variant, steps: usize) -> (Sequential, Sgd) {
-    let (mut net, _) = build(variant, FEATURES, CLASSES, 0.1, 7, BatchNormConfig::default()).unwrap();
-    let mut sgd = Sgd::new(0.9, 1e-4);
-    let mut loss = SoftmaxCrossEntropy::default();
-    let mut dlogits = vec![0.0; BATCH * CLASSES];
-    for step in 0..steps {
-        let x: Vec<f32> = (0..BATCH * FEATURES)
-            .map(|i| ((i * 31 + step * 7) % 17) as f32 / 17.0)
-            .collect();
-        let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
-        let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
-        loss.forward(logits, &y, CLASSES).unwrap();
-        loss.backward(&y, CLASSES, &mut dlogits);
-        net.backward(&dlogits).unwrap();
-        sgd.step(net.params(), 0.1);
-    }
-    (net, sgd)
-}
-
-fn progress() -> CheckpointProgress {
-    CheckpointProgress {
-        step: 3,
-        seed: 7,
-        values: [("loss_sum".to_string(), 1.25), ("best".to_string(), 0.5)].into(),
-    }
-}
+use safetensors::Dtype;
 
 fn capture(net: &mut Sequential, sgd: &Sgd) -> Checkpoint {
     let settings = serde_json::json!({"lr": 0.1, "steps": 3});
@@ -60,39 +27,6 @@ fn load_into_fresh(bytes: &[u8]) -> Result<(), CheckpointError> {
     let ck = Checkpoint::from_bytes(bytes)?;
     let (mut net, _) = build(Variant::Bn, FEATURES, CLASSES, 0.1, 99, BatchNormConfig::default()).unwrap();
     ck.restore(&mut net, &mut Sgd::new(0.9, 1e-4))
-}
-
-/// The file re-encoded after `edit` changes its tensors (name → dtype, shape, bytes), with the
-/// checksums recomputed for the edited tensors (so the edit reaches the checks after the
-/// checksum's); the rest of the metadata is kept unless `meta` changes it.
-fn rewrite(
-    bytes: &[u8],
-    edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
-    meta: impl FnOnce(&mut HashMap<String, String>),
-) -> Vec<u8> {
-    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
-    let mut metadata = header.metadata().clone().unwrap();
-    meta(&mut metadata);
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let mut tensors: HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
-        .iter()
-        .map(|(n, v)| (n.to_string(), (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
-    edit(&mut tensors);
-    let sums: BTreeMap<&str, String> = tensors
-        .iter()
-        .map(|(n, (_, _, b))| (n.as_str(), format!("{:08x}", checksum(b))))
-        .collect();
-    metadata.insert(CHECKSUM_KEY.into(), serde_json::to_string(&sums).unwrap());
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize(views, Some(metadata)).unwrap()
-}
-
-fn edit_tensors(bytes: &[u8], edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> Vec<u8> {
-    rewrite(bytes, edit, |_| {})
 }
 
 const WEIGHT: &str = "layers.0.linear.weight";
