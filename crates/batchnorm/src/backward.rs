@@ -8,7 +8,7 @@ use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std, SavedStats};
-use crate::{Element, Error, FixedStats, Grads, View};
+use crate::{Element, Error, FixedStats, Geometry, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
 /// addition ([`GradSums::add`]): the reduction phase of synchronized batch norm.
@@ -66,7 +66,7 @@ impl GradSums {
 /// out.len()` from their Σ dy and Σ dy·x̂: the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
 /// ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified. Slice loops, which vectorize.
 #[inline]
-fn dx_coeffs<T: Element>(
+pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: &SavedStats,
     first: usize,
@@ -188,17 +188,28 @@ pub fn batch_norm_backward_eval<T: Element>(
     check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
-        let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv[c]));
-        plan::scale(&g, dy, dx, &k);
+        fixed_input_grad(&g, dy, gamma, &inv, dx);
     }
     if dgamma.is_some() || dbeta.is_some() {
-        let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-        let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &mean);
-        let sums = GradSums {
-            sum_dy_xhat: sum_dy_xmu.iter().zip(inv.iter()).map(|(v, s)| v * s).collect(),
-            sum_dy,
-        };
-        sums.write_param_grads(dgamma, dbeta)?;
+        fixed_grad_sums(&g, x, dy, mean, &inv).write_param_grads(dgamma, dbeta)?;
     }
     Ok(())
+}
+
+/// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
+/// batch norm). Arguments already checked.
+pub(crate) fn fixed_input_grad<T: Element>(g: &Geometry, dy: &[T], gamma: Option<&[T]>, inv_std: &[f64], dx: &mut [T]) {
+    let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]));
+    plan::scale(g, dy, dx, &k);
+}
+
+/// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference
+/// mode, frozen batch norm). Arguments already checked.
+pub(crate) fn fixed_grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[T], inv_std: &[f64]) -> GradSums {
+    let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums(g, x, dy, &mean);
+    GradSums {
+        sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
+        sum_dy,
+    }
 }

@@ -159,3 +159,64 @@ pub(crate) fn preceding_layer(out: usize, weight: usize, bias: Option<usize>) ->
     }
     bias.map_or(Ok(()), |b| channels("bias", out, b))
 }
+
+/// Checks a batch-renormalization limit pair: `r_max` finite and ≥ 1, then `d_max` finite and
+/// ≥ 0 ([`Error::InvalidRenormLimit`] with the names given).
+pub(crate) fn renorm_limits(r_name: &'static str, r_max: f64, d_name: &'static str, d_max: f64) -> Result<(), Error> {
+    if !(r_max.is_finite() && r_max >= 1.0) {
+        return Err(Error::InvalidRenormLimit {
+            name: r_name,
+            bound: "≥ 1",
+            value: r_max,
+        });
+    }
+    if !(d_max.is_finite() && d_max >= 0.0) {
+        return Err(Error::InvalidRenormLimit {
+            name: d_name,
+            bound: "≥ 0",
+            value: d_max,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a batch-renormalization schedule's warmup plus each ramp fits in a `u64` step
+/// counter ([`Error::InvalidRenormSchedule`], naming the ramp).
+pub(crate) fn renorm_ramps(warmup_steps: u64, r_ramp_steps: u64, d_ramp_steps: u64) -> Result<(), Error> {
+    for (name, ramp) in [("r_ramp_steps", r_ramp_steps), ("d_ramp_steps", d_ramp_steps)] {
+        if warmup_steps.checked_add(ramp).is_none() {
+            return Err(Error::InvalidRenormSchedule {
+                reason: format!("warmup_steps {warmup_steps} + {name} {ramp} overflows u64"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a batch-renormalization layer can take one more step and returns the next step
+/// count ([`Error::InvalidRenormSchedule`] at `u64::MAX`).
+pub(crate) fn renorm_next_step(steps: u64) -> Result<u64, Error> {
+    steps.checked_add(1).ok_or_else(|| Error::InvalidRenormSchedule {
+        reason: "the step counter is at u64::MAX".into(),
+    })
+}
+
+/// Checks a batch-renormalization update rate α: finite and in (0, 1] ([`Error::InvalidMomentum`]).
+pub(crate) fn renorm_momentum(alpha: f64) -> Result<(), Error> {
+    momentum(Momentum::Exponential(alpha))
+}
+
+/// Checks batch-renormalization moving statistics against the channel count (named
+/// `moving_mean`, `moving_std`).
+pub(crate) fn moving_stats<T>(channels: usize, moving_mean: &[T], moving_std: &[T]) -> Result<(), Error> {
+    self::channels("moving_mean", channels, moving_mean.len())?;
+    self::channels("moving_std", channels, moving_std.len())
+}
+
+/// Checks what a batch-renormalization backward needs from its forward: the saved statistics
+/// and the per-channel r and d (named `saved.r`, `saved.d`) against the channel count.
+pub(crate) fn renorm_saved(saved: &crate::RenormSaved, channels: usize) -> Result<(), Error> {
+    self::saved(&saved.stats, channels)?;
+    self::channels("saved.r", channels, saved.r.len())?;
+    self::channels("saved.d", channels, saved.d.len())
+}

@@ -86,4 +86,21 @@ pub enum Error {
         /// What went wrong, in words.
         message: String,
     },
+    /// A batch-renormalization clipping limit is out of range: `r_max` must be finite and ≥ 1,
+    /// `d_max` finite and ≥ 0 (Ioffe 2017: r ∈ [1/r_max, r_max], d ∈ [−d_max, d_max]).
+    #[error("batch renorm: `{name}` must be finite and {bound}, got {value}")]
+    InvalidRenormLimit {
+        /// Which limit (`r_max`, `d_max`, `r_max_final`, `d_max_final`).
+        name: &'static str,
+        /// The bound it breaks, in words ("≥ 1", "≥ 0").
+        bound: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A batch-renormalization schedule whose steps do not fit in a `u64` step counter.
+    #[error("batch renorm schedule does not fit: {reason}")]
+    InvalidRenormSchedule {
+        /// What does not fit, in words.
+        reason: String,
+    },
 }

@@ -7,7 +7,7 @@ use crate::fold::InferenceAffine;
 use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
 use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
-use crate::{Affine, Element, Error, FixedStats, Grads, View};
+use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +21,9 @@ pub struct BatchNormConfig {
     /// Keep running statistics for inference (default true). Without, `forward_eval` is an error
     /// and inference must use batch statistics or a [`PopulationStats`] estimate.
     pub track_running_stats: bool,
+    /// What a training batch of fewer than 2 values per channel does (default
+    /// [`SmallBatch::Error`]: it is rejected).
+    pub small_batch: SmallBatch,
 }
 
 impl Default for BatchNormConfig {
@@ -30,6 +33,7 @@ impl Default for BatchNormConfig {
             momentum: Momentum::Exponential(0.1),
             affine: true,
             track_running_stats: true,
+            small_batch: SmallBatch::Error,
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct BatchNorm<T: Element> {
     pub running_var: Vec<T>,
     /// Training batches seen (drives [`Momentum::Cumulative`]).
     pub num_batches_tracked: u64,
+    /// Frozen: training passes use the running statistics (see [`BatchNorm::freeze`]).
+    pub(crate) frozen: bool,
 }
 
 impl<T: Element> BatchNorm<T> {
@@ -82,6 +88,7 @@ impl<T: Element> BatchNorm<T> {
             running_mean: vec![T::from_f64(0.0); num_features * stats],
             running_var: vec![T::from_f64(1.0); num_features * stats],
             num_batches_tracked: 0,
+            frozen: false,
         })
     }
 
@@ -98,7 +105,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// γ and β, or none without affine.
-    fn affine(&self) -> Affine<'_, T> {
+    pub(crate) fn affine(&self) -> Affine<'_, T> {
         if self.config.affine {
             Affine::new(&self.gamma, &self.beta)
         } else {
@@ -107,7 +114,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The running statistics; [`Error::NoRunningStats`] when they are not tracked.
-    fn running(&self) -> Result<FixedStats<'_, T>, Error> {
+    pub(crate) fn running(&self) -> Result<FixedStats<'_, T>, Error> {
         if !self.config.track_running_stats {
             return Err(Error::NoRunningStats);
         }
@@ -115,7 +122,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// `grads` without dγ and dβ when the layer has no affine parameters.
-    fn param_grads<'a>(&self, grads: Grads<'a, T>) -> Grads<'a, T> {
+    pub(crate) fn param_grads<'a>(&self, grads: Grads<'a, T>) -> Grads<'a, T> {
         if self.config.affine {
             grads
         } else {
@@ -129,8 +136,17 @@ impl<T: Element> BatchNorm<T> {
     /// Training forward (Algorithm 1) and, when tracked, a running-statistics update.
     /// Rejects what [`batch_norm_train`] rejects and an input whose channel count differs from
     /// `num_features`; on error nothing (running statistics included) is changed.
+    ///
+    /// A frozen layer ([`BatchNorm::freeze`]), and with [`SmallBatch::UseRunningStats`] a batch of
+    /// fewer than 2 values per channel, is normalized with the running statistics instead
+    /// ([`batch_norm_eval`]'s transform), which are not updated; then it rejects what
+    /// [`batch_norm_eval`] rejects and [`Error::NoRunningStats`] when they are not tracked.
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
-        check::layer_input(self.num_features, x.shape, x.layout)?;
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        let count = g.per_channel() as u64;
+        if self.uses_running_stats(count) {
+            return self.forward_frozen(x, y, count);
+        }
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
             check::running_update(
@@ -155,7 +171,15 @@ impl<T: Element> BatchNorm<T> {
 
     /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
     /// without affine). Rejects what [`batch_norm_backward`] rejects.
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
+    /// values per channel, backpropagates through the running statistics as constants
+    /// ([`batch_norm_backward_eval`]'s transform; `saved` is then only checked for its channel
+    /// count): it rejects what that function rejects and [`Error::NoRunningStats`].
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
+        if self.uses_running_stats(saved.count) {
+            return self.backward_frozen(x, dy, saved, grads);
+        }
         check::layer_input(self.num_features, x.shape, x.layout)?;
         batch_norm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
@@ -196,6 +220,11 @@ impl<T: Element> BatchNorm<T> {
     /// batch with fewer than 2 values per channel ([`Error::TooFewValues`], with the global count
     /// and this rank's shape). Transport failures are [`Error::Communication`]. On error `y` and
     /// the running statistics are unchanged.
+    ///
+    /// A frozen layer normalizes its shard with the running statistics, without communicating
+    /// (every rank's layer must then be frozen); with [`SmallBatch::UseRunningStats`] a global
+    /// batch of fewer than 2 values per channel is normalized so too (see
+    /// [`BatchNorm::forward_train`]).
     pub fn forward_train_sync(
         &mut self,
         comm: &dyn Communicator,
@@ -203,6 +232,9 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        if self.frozen {
+            return self.forward_frozen(x, y, g.per_channel() as u64);
+        }
         check::len("y", &g, y.len())?;
         if self.config.track_running_stats {
             check::running_update(
@@ -214,6 +246,9 @@ impl<T: Element> BatchNorm<T> {
         }
         let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
+        if self.uses_running_stats(global.count) {
+            return self.forward_frozen(x, y, global.count);
+        }
         check::training_count(global.count, x.shape)?;
         let saved = global.saved(self.config.eps)?;
         normalize(x, &saved, self.affine(), y)?;
@@ -230,6 +265,11 @@ impl<T: Element> BatchNorm<T> {
     /// Rejects what [`crate::grad_sums`] and [`crate::input_grad`] reject, an input whose channels
     /// differ from `num_features`, `dgamma`/`dbeta` of the wrong channel count (before anything is
     /// written), and transport failures ([`Error::Communication`]).
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
+    /// values per channel, backpropagates through the running statistics as constants: dx
+    /// locally, dγ and dβ of the global batch (still collective); it rejects as
+    /// [`batch_norm_backward_eval`] does and [`Error::NoRunningStats`].
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,
@@ -238,6 +278,9 @@ impl<T: Element> BatchNorm<T> {
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
+        if self.uses_running_stats(saved.count) {
+            return self.backward_frozen_sync(comm, x, dy, saved, grads);
+        }
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
         check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;

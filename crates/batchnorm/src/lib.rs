@@ -7,9 +7,11 @@ mod element;
 mod error;
 mod fold;
 mod forward;
+mod frozen;
 mod kernels;
 mod layer;
 pub mod reference;
+mod renorm;
 mod shape;
 mod stats;
 mod sync;
@@ -20,8 +22,13 @@ pub use element::Element;
 pub use error::Error;
 pub use fold::{fold_into_preceding, InferenceAffine};
 pub use forward::{batch_norm_eval, batch_norm_train, normalize};
+pub use frozen::SmallBatch;
 pub use kernels::plan::LAST_LEVEL_CACHE_BYTES;
 pub use layer::{BatchNorm, BatchNormConfig};
+pub use renorm::{
+    batch_renorm_backward, batch_renorm_eval, batch_renorm_train, update_renorm_stats, BatchRenorm, BatchRenormConfig,
+    RenormClip, RenormSaved, RenormSchedule, RenormStats,
+};
 pub use shape::{Geometry, Layout};
 pub use stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 pub use sync::{

@@ -159,3 +159,190 @@ pub fn population(batches: &[(Vec<f64>, Vec<f64>)], m: usize) -> (Vec<f64>, Vec<
         .collect();
     (mean, var)
 }
+
+/// Frozen batch norm's training forward: y = γ·(x − μ_run)/√(σ²_run + ε) + β, running statistics
+/// unchanged (the caller keeps them).
+pub fn frozen_forward(
+    g: &Geometry,
+    x: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                let xhat = (x[k] - running_mean[c]) / (running_var[c] + eps).sqrt();
+                y[k] = gamma[c] * xhat + beta[c];
+            }
+        }
+    }
+    y
+}
+
+/// Frozen batch norm's backward, the running statistics constants: dx = γ·dy/√(σ²_run + ε),
+/// dγ = Σ dy·x̂, dβ = Σ dy with x̂ = (x − μ_run)/√(σ²_run + ε). Returns (dx, dγ, dβ).
+pub fn frozen_backward(
+    g: &Geometry,
+    x: &[f64],
+    dy: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0.0; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                let sd = (running_var[c] + eps).sqrt();
+                dx[k] = gamma[c] * dy[k] / sd;
+                dgamma[c] += dy[k] * (x[k] - running_mean[c]) / sd;
+                dbeta[c] += dy[k];
+            }
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Batch renormalization's per-channel corrections (Ioffe 2017, Algorithm 1):
+/// σ_B = √(ε + σ²_B) (biased), r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max).
+/// Returns (μ_B, σ_B, r, d).
+#[allow(clippy::type_complexity)]
+pub fn renorm_corrections(
+    g: &Geometry,
+    x: &[f64],
+    moving_mean: &[f64],
+    moving_std: &[f64],
+    eps: f64,
+    r_max: f64,
+    d_max: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, var) = mean_var(g, x);
+    let sigma_b: Vec<f64> = var.iter().map(|v| (eps + v).sqrt()).collect();
+    let clip = |v: f64, lo: f64, hi: f64| {
+        if v < lo {
+            lo
+        } else if v > hi {
+            hi
+        } else {
+            v
+        }
+    };
+    let r = (0..g.channels)
+        .map(|c| clip(sigma_b[c] / moving_std[c], 1.0 / r_max, r_max))
+        .collect();
+    let d = (0..g.channels)
+        .map(|c| clip((mean[c] - moving_mean[c]) / moving_std[c], -d_max, d_max))
+        .collect();
+    (mean, sigma_b, r, d)
+}
+
+/// Batch renormalization's training forward: x̂ = (x − μ_B)/σ_B·r + d, y = γ·x̂ + β (r, d from
+/// [`renorm_corrections`]). Returns (y, μ_B, σ_B, r, d).
+#[allow(clippy::type_complexity)]
+pub fn renorm_forward_train(
+    g: &Geometry,
+    x: &[f64],
+    moving_mean: &[f64],
+    moving_std: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+    r_max: f64,
+    d_max: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mean, sigma_b, r, d) = renorm_corrections(g, x, moving_mean, moving_std, eps, r_max, d_max);
+    let mut y = vec![0.0; x.len()];
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                let xhat = (x[k] - mean[c]) / sigma_b[c] * r[c] + d[c];
+                y[k] = gamma[c] * xhat + beta[c];
+            }
+        }
+    }
+    (y, mean, sigma_b, r, d)
+}
+
+/// Batch renormalization's backward with r and d constants, by the chain rule term by term as
+/// [`backward_train`] (Section 3 of Ioffe & Szegedy 2015) with ∂ℓ/∂x̂₀ = ∂ℓ/∂y·γ·r, where
+/// x̂₀ = (x − μ_B)/σ_B and σ_B = √(σ²_B + ε): ∂ℓ/∂σ² = Σ ∂ℓ/∂x̂₀·(x − μ)·(−½)(σ² + ε)^(−3/2);
+/// ∂ℓ/∂μ = Σ −∂ℓ/∂x̂₀/σ_B + ∂ℓ/∂σ²·Σ −2(x − μ)/m; ∂ℓ/∂x = ∂ℓ/∂x̂₀/σ_B + ∂ℓ/∂σ²·2(x − μ)/m + ∂ℓ/∂μ/m;
+/// ∂ℓ/∂γ = Σ ∂ℓ/∂y·x̂ with x̂ = x̂₀·r + d; ∂ℓ/∂β = Σ ∂ℓ/∂y. Returns (dx, dγ, dβ).
+#[allow(clippy::too_many_arguments)]
+pub fn renorm_backward(
+    g: &Geometry,
+    x: &[f64],
+    dy: &[f64],
+    r: &[f64],
+    d: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let gamma_r: Vec<f64> = gamma.iter().zip(r).map(|(g, r)| g * r).collect();
+    let (dx, _, dbeta) = backward_train(g, x, dy, &gamma_r, eps);
+    let (mean, var) = mean_var(g, x);
+    let mut dgamma = vec![0.0; g.channels];
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                let xhat = (x[k] - mean[c]) / (var[c] + eps).sqrt() * r[c] + d[c];
+                dgamma[c] += dy[k] * xhat;
+            }
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Batch renormalization's inference: y = γ·(x − μ)/σ + β with the moving mean and standard
+/// deviation.
+pub fn renorm_eval(
+    g: &Geometry,
+    x: &[f64],
+    moving_mean: &[f64],
+    moving_std: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+) -> Vec<f64> {
+    let mut y = vec![0.0; x.len()];
+    for o in 0..g.outer {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                let k = at(g, o, c, i);
+                y[k] = gamma[c] * (x[k] - moving_mean[c]) / moving_std[c] + beta[c];
+            }
+        }
+    }
+    y
+}
+
+/// Batch renormalization's moving-statistics update: μ ← μ + α(μ_B − μ), σ ← σ + α(σ_B − σ).
+/// Returns (μ, σ).
+pub fn renorm_update(
+    moving_mean: &[f64],
+    moving_std: &[f64],
+    batch_mean: &[f64],
+    sigma_b: &[f64],
+    alpha: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mean = moving_mean
+        .iter()
+        .zip(batch_mean)
+        .map(|(m, b)| m + alpha * (b - m))
+        .collect();
+    let std = moving_std
+        .iter()
+        .zip(sigma_b)
+        .map(|(s, b)| s + alpha * (b - s))
+        .collect();
+    (mean, std)
+}

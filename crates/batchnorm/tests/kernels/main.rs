@@ -17,3 +17,4 @@ mod forward;
 mod layouts;
 mod stats;
 mod sync;
+mod variants;
