@@ -613,23 +613,40 @@ fn gunzip(compressed: &[u8], path: &Path, limit: u64) -> Result<Vec<u8>, DataErr
 /// What a file that is not what was expected is (`a directory`, `a character device`, …), for
 /// error messages.
 pub(crate) fn file_kind(t: fs::FileType) -> &'static str {
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "of an unknown kind"
+    let kinds: [(fn(&fs::FileType) -> bool, &'static str); 7] = [
+        (fs::FileType::is_file, "a regular file"),
+        (fs::FileType::is_dir, "a directory"),
+        (fs::FileType::is_symlink, "a symbolic link"),
+        (FileTypeExt::is_char_device, "a character device"),
+        (FileTypeExt::is_block_device, "a block device"),
+        (FileTypeExt::is_fifo, "a FIFO"),
+        (FileTypeExt::is_socket, "a socket"),
+    ];
+    kinds
+        .iter()
+        .find(|(is, _)| is(&t))
+        .map_or("of an unknown kind", |&(_, kind)| kind)
+}
+
+/// Opens `path` for reading without blocking (a FIFO without a writer cannot hang the reader)
+/// and refuses anything but a regular file; returns the file and its size. A failure to open it
+/// or read its metadata is `io_err`'s error, another kind of file `not_regular`'s (given
+/// [`file_kind`]).
+pub(crate) fn open_regular_file<E>(
+    path: &Path,
+    io_err: impl Fn(io::Error) -> E,
+    not_regular: impl FnOnce(&'static str) -> E,
+) -> Result<(fs::File, u64), E> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(&io_err)?;
+    let meta = file.metadata().map_err(&io_err)?;
+    if !meta.is_file() {
+        return Err(not_regular(file_kind(meta.file_type())));
     }
+    Ok((file, meta.len()))
 }
 
 /// Reads a whole regular file of at most `limit` bytes. Opened without blocking (a FIFO that
@@ -647,19 +664,11 @@ fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
             }
         }
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io_err)?;
-    let meta = file.metadata().map_err(io_err)?;
-    if !meta.is_file() {
-        return Err(DataError::NotAFile {
-            path: path.to_path_buf(),
-            kind: file_kind(meta.file_type()),
-        });
-    }
-    let size = meta.len();
+    let not_a_file = |kind| DataError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    };
+    let (file, size) = open_regular_file(path, io_err, not_a_file)?;
     let too_large = |size: u64| DataError::TooLarge {
         path: path.to_path_buf(),
         size,

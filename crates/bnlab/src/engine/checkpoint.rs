@@ -44,12 +44,11 @@
 
 use super::{Sequential, Sgd, StateValue};
 use crate::atomic::write_atomic;
+use crate::data::idx::open_regular_file;
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The `format` metadata value of a bnlab checkpoint.
@@ -967,19 +966,10 @@ impl Checkpoint {
             path: path.to_path_buf(),
             error,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(read_err)?;
-        let meta = file.metadata().map_err(read_err)?;
-        if !meta.is_file() {
-            return Err(CheckpointError::NotARegularFile {
-                path: path.to_path_buf(),
-                kind: crate::data::idx::file_kind(meta.file_type()),
-            });
-        }
-        let size = meta.len();
+        let (file, size) = open_regular_file(path, read_err, |kind| CheckpointError::NotARegularFile {
+            path: path.to_path_buf(),
+            kind,
+        })?;
         if size > MAX_CHECKPOINT_BYTES {
             return Err(CheckpointError::TooLarge {
                 path: path.to_path_buf(),

@@ -139,16 +139,8 @@ impl Conv2d {
     /// b ← scale·b + shift (b = 0 when the layer has none); afterwards the layer has a bias.
     /// Rejects a map whose channel count is not this layer's output channel count.
     pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            bn.channels() == self.out_channels,
-            "cannot fold batch norm over {} channels into a convolution with {} output channels",
-            bn.channels(),
-            self.out_channels
-        );
-        let bias = ::batchnorm::fold_into_preceding(bn, self.bias.as_deref(), &mut self.weight)?;
-        self.bias = Some(bias);
-        self.grad_bias = vec![0.0; self.out_channels];
-        Ok(())
+        let params = (&mut self.weight[..], &mut self.bias, &mut self.grad_bias);
+        super::fold_batchnorm_into(bn, params, self.out_channels, ("a convolution", "output channels"))
     }
 
     fn geom(&self) -> Geom {
@@ -366,20 +358,6 @@ impl Layer for Conv2d {
     }
 
     fn params(&mut self) -> Vec<Param<'_>> {
-        let mut p = vec![Param {
-            name: "weight",
-            value: &mut self.weight,
-            grad: &self.grad_weight,
-            decay: true,
-        }];
-        if let Some(b) = self.bias.as_mut() {
-            p.push(Param {
-                name: "bias",
-                value: b,
-                grad: &self.grad_bias,
-                decay: false,
-            });
-        }
-        p
+        super::weight_and_bias(&mut self.weight, &self.grad_weight, self.bias.as_mut(), &self.grad_bias)
     }
 }

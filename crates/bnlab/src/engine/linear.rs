@@ -40,16 +40,8 @@ impl Linear {
     /// b ← scale·b + shift (b = 0 when the layer has none); afterwards the layer has a bias.
     /// Rejects a map whose channel count is not this layer's output count.
     pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            bn.channels() == self.outputs,
-            "cannot fold batch norm over {} channels into a linear layer with {} outputs",
-            bn.channels(),
-            self.outputs
-        );
-        let bias = ::batchnorm::fold_into_preceding(bn, self.bias.as_deref(), &mut self.weight)?;
-        self.bias = Some(bias);
-        self.grad_bias = vec![0.0; self.outputs];
-        Ok(())
+        let params = (&mut self.weight[..], &mut self.bias, &mut self.grad_bias);
+        super::fold_batchnorm_into(bn, params, self.outputs, ("a linear layer", "outputs"))
     }
 }
 
@@ -133,21 +125,7 @@ impl Layer for Linear {
     }
 
     fn params(&mut self) -> Vec<Param<'_>> {
-        let mut p = vec![Param {
-            name: "weight",
-            value: &mut self.weight,
-            grad: &self.grad_weight,
-            decay: true,
-        }];
-        if let Some(b) = self.bias.as_mut() {
-            p.push(Param {
-                name: "bias",
-                value: b,
-                grad: &self.grad_bias,
-                decay: false,
-            });
-        }
-        p
+        super::weight_and_bias(&mut self.weight, &self.grad_weight, self.bias.as_mut(), &self.grad_bias)
     }
 
     fn as_linear(&mut self) -> Option<&mut Linear> {

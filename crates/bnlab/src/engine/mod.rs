@@ -64,6 +64,51 @@ pub struct Param<'a> {
     pub decay: bool,
 }
 
+/// The parameters of a layer with a weight (decayed) and an optional bias (not decayed), in that
+/// order: what [`Linear`] and [`Conv2d`] give the optimizer.
+fn weight_and_bias<'a>(
+    weight: &'a mut [f32],
+    grad_weight: &'a [f32],
+    bias: Option<&'a mut Vec<f32>>,
+    grad_bias: &'a [f32],
+) -> Vec<Param<'a>> {
+    let mut p = vec![Param {
+        name: "weight",
+        value: weight,
+        grad: grad_weight,
+        decay: true,
+    }];
+    if let Some(b) = bias {
+        p.push(Param {
+            name: "bias",
+            value: b,
+            grad: grad_bias,
+            decay: false,
+        });
+    }
+    p
+}
+
+/// Folds inference batch norm over the `outputs` outputs of a [`Linear`] or [`Conv2d`] layer into
+/// its `weight` (rows by output) and `bias` (zero when `None`; afterwards `Some`), and sizes its
+/// `grad_bias`. Rejects a map over another channel count, naming the layer as `layer` with
+/// `outputs` `unit`.
+fn fold_batchnorm_into(
+    bn: &::batchnorm::InferenceAffine,
+    (weight, bias, grad_bias): (&mut [f32], &mut Option<Vec<f32>>, &mut Vec<f32>),
+    outputs: usize,
+    (layer, unit): (&str, &str),
+) -> Result<()> {
+    ensure!(
+        bn.channels() == outputs,
+        "cannot fold batch norm over {} channels into {layer} with {outputs} {unit}",
+        bn.channels(),
+    );
+    *bias = Some(::batchnorm::fold_into_preceding(bn, bias.as_deref(), weight)?);
+    *grad_bias = vec![0.0; outputs];
+    Ok(())
+}
+
 /// One layer with explicit forward and backward.
 pub trait Layer: Send {
     /// A short name for reports and checkpoints.

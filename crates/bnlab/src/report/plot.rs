@@ -429,24 +429,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
             .y_label_area_size(y_area)
             .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
             .map_err(&err)?;
-        let (x_span, y_span) = (xs.1 - xs.0, ys.1 - ys.0);
-        let x_fmt = move |v: &f64| fmt_tick(*v, x_span);
-        let y_fmt = move |v: &f64| fmt_tick(*v, y_span);
-        chart
-            .configure_mesh()
-            .x_desc(plot.x_label)
-            .y_desc(plot.y_label)
-            .x_labels(9)
-            .y_labels(8)
-            .x_label_formatter(&x_fmt)
-            .y_label_formatter(&y_fmt)
-            .label_style(font(TICK_PX))
-            .axis_desc_style(font(AXIS_DESC_PX))
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(GRID)
-            .axis_style(AXIS)
-            .draw()
-            .map_err(&err)?;
+        draw_mesh(&mut chart, (xs, ys), (plot.x_label, plot.y_label), 9).map_err(&err)?;
 
         for (i, (series, parts)) in plot.series.iter().zip(&pieces).enumerate() {
             let color = PALETTE[i % PALETTE.len()];
@@ -499,6 +482,36 @@ fn titled<DB: DrawingBackend>(
     } else {
         root.titled(title, font(TITLE_PX))
     }
+}
+
+/// Draws a chart's axes described `descs` (x, y), about `x_labels` x ticks and 8 y ticks
+/// (labels rounded to the spans of the ranges `xs`, `ys`) and the grid.
+fn draw_mesh<DB: DrawingBackend>(
+    chart: &mut ChartContext<
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+    (xs, ys): ((f64, f64), (f64, f64)),
+    (x_desc, y_desc): (&str, &str),
+    x_labels: usize,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (x_span, y_span) = (xs.1 - xs.0, ys.1 - ys.0);
+    let x_fmt = move |v: &f64| fmt_tick(*v, x_span);
+    let y_fmt = move |v: &f64| fmt_tick(*v, y_span);
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_labels(x_labels)
+        .y_labels(8)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .label_style(font(TICK_PX))
+        .axis_desc_style(font(AXIS_DESC_PX))
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(GRID)
+        .axis_style(AXIS)
+        .draw()
 }
 
 /// Writes "no data" in the middle of an empty chart.
@@ -589,25 +602,8 @@ pub fn band_panels_svg(plot: &BandPanels) -> Result<String, ReportError> {
                 .y_label_area_size(72)
                 .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
                 .map_err(&err)?;
-            let (x_span, y_span) = (xs.1 - xs.0, ys.1 - ys.0);
-            let x_fmt = move |v: &f64| fmt_tick(*v, x_span);
-            let y_fmt = move |v: &f64| fmt_tick(*v, y_span);
             let y_desc = if plot.shared_y && k > 0 { "" } else { plot.y_label };
-            chart
-                .configure_mesh()
-                .x_desc(plot.x_label)
-                .y_desc(y_desc)
-                .x_labels(6)
-                .y_labels(8)
-                .x_label_formatter(&x_fmt)
-                .y_label_formatter(&y_fmt)
-                .label_style(font(TICK_PX))
-                .axis_desc_style(font(AXIS_DESC_PX))
-                .light_line_style(TRANSPARENT)
-                .bold_line_style(GRID)
-                .axis_style(AXIS)
-                .draw()
-                .map_err(&err)?;
+            draw_mesh(&mut chart, (xs, ys), (plot.x_label, y_desc), 6).map_err(&err)?;
             if rows.is_empty() {
                 no_data(&chart, xs, ys).map_err(&err)?;
                 continue;

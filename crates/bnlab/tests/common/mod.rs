@@ -212,6 +212,16 @@ pub fn metrics(out: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The evaluations in `out/metrics.jsonl` (of `variant` only, when given) as
+/// `(step, test accuracy, training loss)`.
+pub fn evaluation_points(out: &Path, variant: Option<&str>) -> Vec<(u64, f64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|m| variant.is_none_or(|v| m["variant"] == v))
+        .map(|m| (m["step"].as_u64().unwrap(), num(m, "test_acc"), num(m, "train_loss")))
+        .collect()
+}
+
 /// `v[key]` as a number (panics when missing).
 pub fn num(v: &Value, key: &str) -> f64 {
     v.get(key)
@@ -219,11 +229,45 @@ pub fn num(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("`{key}` missing or not a number in {v}"))
 }
 
+/// A scratch folder holding [`synthetic_data`]: the folder (removed when dropped), the data
+/// folder, and `folder/out` (not created) for a run's output.
+pub fn scratch_with_synthetic_data() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic_data(tmp.path());
+    let out = tmp.path().join("out");
+    (tmp, data, out)
+}
+
+/// `bnlab paper-mlp` arguments on `data` into `out` with batches of 10, quietly, then `extra`; a
+/// flag given in `extra` replaces its default (clap rejects a flag given twice).
+pub fn paper_mlp_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    with_defaults(&["paper-mlp", "--batch", "10"], data, out, extra)
+}
+
+/// `defaults` (a subcommand, then flags each with one value), `--data data --out out --quiet`,
+/// then `extra`; a default flag that `extra` gives again is left out.
+fn with_defaults(defaults: &[&str], data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = defaults.iter().map(|a| a.to_string()).collect();
+    args.extend(["--data", s(data), "--out", s(out), "--quiet"].map(String::from));
+    for key in extra.iter().filter(|a| a.starts_with("--")) {
+        if let Some(i) = args.iter().position(|a| a == key) {
+            args.drain(i..i + 2);
+        }
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// The arguments as `&str`s, for [`bnlab`], [`bnlab_ok`] and [`expect_error`].
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// `bnlab accelerate` arguments for a run of seconds on [`synthetic_data`] (30 steps, evaluations
 /// every 10, channels 2,4, hidden 8, batch 20, quiet), then `extra`; a flag given in `extra`
 /// replaces its default (clap rejects a flag given twice).
 pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
+    let defaults = [
         "accelerate",
         "--steps",
         "30",
@@ -235,21 +279,8 @@ pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
         "8",
         "--batch",
         "20",
-        "--data",
-        s(data),
-        "--out",
-        s(out),
-        "--quiet",
-    ]
-    .map(String::from)
-    .to_vec();
-    for key in extra.iter().filter(|a| a.starts_with("--")) {
-        if let Some(i) = args.iter().position(|a| a == key) {
-            args.drain(i..i + 2);
-        }
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    ];
+    with_defaults(&defaults, data, out, extra)
 }
 
 /// Asserts the tracking criterion of data-parallel runs (issue 8) between two lists of
@@ -321,6 +352,10 @@ pub fn run_and_kill_when(cwd: &Path, args: &[String], file: &Path) {
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "the run was not killed mid-way: {status}");
 }
+
+/// The schedule of the kill-and-resume scenarios ([`assert_killed_and_resumed_run_matches`]):
+/// 6,000 steps, evaluations every 250, checkpoints every 500.
+pub const KILL_AND_RESUME_SCHEDULE: [&str; 6] = ["--steps", "6000", "--eval-every", "250", "--checkpoint-every", "500"];
 
 /// The kill-and-resume scenario of `bnlab <experiment>` (`paper-mlp`, `accelerate`) with two
 /// variants of `steps` steps, where `args(out)` runs the whole thing into `out` in `cwd`: an
@@ -400,6 +435,31 @@ pub fn assert_killed_and_resumed_run_matches(
     // Resuming a finished run retrains nothing and changes no metric.
     bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
     assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
+}
+
+/// `bnlab eval` of the checkpoint `file` of `variant`, plain and with `--fold`: the plain accuracy
+/// on the 200 test examples is `want_acc` exactly; folded, `bn_layers` BN layers are folded and at
+/// most one prediction differs. Returns the plain output and its count of correct predictions.
+pub fn assert_eval_and_fold(
+    cwd: &Path,
+    file: &Path,
+    variant: &str,
+    want_acc: f64,
+    bn_layers: usize,
+) -> (String, usize) {
+    let (plain, _) = bnlab_ok(cwd, &["eval", "--checkpoint", s(file)]);
+    let (correct, total) = eval_counts(&plain);
+    assert_eq!(total, 200);
+    assert_eq!(correct as f64 / total as f64, want_acc, "{variant}: {plain}");
+    // Folding rounds W' = diag(s)·W and b' to f32 once: logits move by a few ulps, which can
+    // flip a prediction only on a near tie. Allow 1 of the 200 test examples.
+    let (folded, _) = bnlab_ok(cwd, &["eval", "--checkpoint", s(file), "--fold"]);
+    assert!(
+        eval_counts(&folded).0.abs_diff(correct) <= 1,
+        "{variant}: {plain} vs {folded}"
+    );
+    assert!(folded.contains(&format!("{bn_layers} BN layer(s) folded")), "{folded}");
+    (plain, correct)
 }
 
 /// The test accuracy line of `bnlab eval`: (correct, total).

@@ -22,6 +22,17 @@ fn bn_bytes() -> Vec<u8> {
     capture(&mut net, &sgd).to_bytes().unwrap()
 }
 
+/// [`bn_bytes`] with the metadata entry `key` set to `value` (checksums recomputed).
+fn bn_bytes_with_metadata(key: &str, value: &str) -> Vec<u8> {
+    rewrite(
+        &bn_bytes(),
+        |_| {},
+        |m| {
+            m.insert(key.into(), value.into());
+        },
+    )
+}
+
 /// Parses, then restores into a fresh BN network: the error of whichever step fails.
 fn load_into_fresh(bytes: &[u8]) -> Result<(), CheckpointError> {
     let ck = Checkpoint::from_bytes(bytes)?;
@@ -198,13 +209,7 @@ fn safetensors_without_bnlab_metadata_is_rejected() {
         Checkpoint::from_bytes(&plain),
         Err(CheckpointError::NotACheckpoint(_))
     ));
-    let other = rewrite(
-        &bn_bytes(),
-        |_| {},
-        |m| {
-            m.insert("format".into(), "pytorch".into());
-        },
-    );
+    let other = bn_bytes_with_metadata("format", "pytorch");
     let err = Checkpoint::from_bytes(&other).unwrap_err();
     assert!(matches!(err, CheckpointError::NotACheckpoint(_)), "{err}");
 }
@@ -213,13 +218,7 @@ fn safetensors_without_bnlab_metadata_is_rejected() {
 fn other_format_version_is_rejected() {
     // Version 1 (before checksums) and a future version.
     for version in ["1", "3"] {
-        let bytes = rewrite(
-            &bn_bytes(),
-            |_| {},
-            |m| {
-                m.insert("format_version".into(), version.into());
-            },
-        );
+        let bytes = bn_bytes_with_metadata("format_version", version);
         let err = Checkpoint::from_bytes(&bytes).unwrap_err();
         assert!(matches!(err, CheckpointError::UnsupportedVersion { .. }), "{err}");
         assert!(err.to_string().contains("rerun"), "{err}");
@@ -228,13 +227,7 @@ fn other_format_version_is_rejected() {
 
 #[test]
 fn settings_that_are_not_json_are_rejected() {
-    let bytes = rewrite(
-        &bn_bytes(),
-        |_| {},
-        |m| {
-            m.insert("settings".into(), "{lr:".into());
-        },
-    );
+    let bytes = bn_bytes_with_metadata("settings", "{lr:");
     let err = Checkpoint::from_bytes(&bytes).unwrap_err();
     assert!(
         matches!(err, CheckpointError::BadMetadata { key: "settings", .. }),

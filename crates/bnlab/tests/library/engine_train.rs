@@ -33,15 +33,7 @@ fn sgd_plain_step_is_w_minus_lr_g() {
     let lr = 0.5f32;
     let expected: Vec<f32> = w.iter().zip(&g).map(|(w, g)| w - lr * g).collect();
     let mut sgd = Sgd::new(0.0, 0.0);
-    sgd.step(
-        vec![Param {
-            name: "weight",
-            value: &mut w,
-            grad: &g,
-            decay: true,
-        }],
-        lr,
-    );
+    sgd.step(vec![weight(&mut w, &g)], lr);
     assert_eq!(w, expected);
 }
 
@@ -63,23 +55,7 @@ fn sgd_momentum_and_weight_decay_follow_the_formula() {
         let lr = 0.1f32 / (1 + step) as f32;
         let gw = normal(&mut r, 5, 0.0, 1.0);
         let gb = normal(&mut r, 3, 0.0, 1.0);
-        sgd.step(
-            vec![
-                Param {
-                    name: "weight",
-                    value: &mut w,
-                    grad: &gw,
-                    decay: true,
-                },
-                Param {
-                    name: "bias",
-                    value: &mut b,
-                    grad: &gb,
-                    decay: false,
-                },
-            ],
-            lr,
-        );
+        sgd.step(two_params(&mut w, &mut b, &gw, &gb), lr);
         for i in 0..5 {
             vw[i] = mu as f64 * vw[i] + gw[i] as f64 + lambda as f64 * w64[i];
             w64[i] -= lr as f64 * vw[i];
@@ -101,20 +77,23 @@ fn sgd_momentum_and_weight_decay_follow_the_formula() {
 
 /// A weight (decayed) and a bias (not decayed) with their gradients.
 fn two_params<'a>(w: &'a mut [f32], b: &'a mut [f32], gw: &'a [f32], gb: &'a [f32]) -> Vec<Param<'a>> {
-    vec![
-        Param {
-            name: "weight",
-            value: w,
-            grad: gw,
-            decay: true,
-        },
-        Param {
-            name: "bias",
-            value: b,
-            grad: gb,
-            decay: false,
-        },
-    ]
+    let bias = Param {
+        name: "bias",
+        value: b,
+        grad: gb,
+        decay: false,
+    };
+    vec![weight(w, gw), bias]
+}
+
+/// A weight (decayed) with its gradient.
+fn weight<'a>(w: &'a mut [f32], g: &'a [f32]) -> Param<'a> {
+    Param {
+        name: "weight",
+        value: w,
+        grad: g,
+        decay: true,
+    }
 }
 
 /// `step_with_grads` (the data-parallel update, gradients given concatenated) is `step` bit for
@@ -144,16 +123,7 @@ fn sgd_step_with_grads_is_step() {
     }
     let mut w = vec![0.0f32; 3];
     let err = Sgd::new(0.9, 0.0)
-        .step_with_grads(
-            vec![Param {
-                name: "weight",
-                value: &mut w,
-                grad: &[0.0; 3],
-                decay: true,
-            }],
-            &[1.0; 4],
-            0.1,
-        )
+        .step_with_grads(vec![weight(&mut w, &[0.0; 3])], &[1.0; 4], 0.1)
         .unwrap_err();
     assert!(err.to_string().contains("4 gradients for 3 parameters"), "{err}");
 }
@@ -165,15 +135,7 @@ fn sgd_weight_decay_without_momentum() {
     let g = vec![0.5f32, 0.25];
     let (lr, lambda) = (0.1f32, 0.01f32);
     let mut sgd = Sgd::new(0.0, lambda);
-    sgd.step(
-        vec![Param {
-            name: "weight",
-            value: &mut w,
-            grad: &g,
-            decay: true,
-        }],
-        lr,
-    );
+    sgd.step(vec![weight(&mut w, &g)], lr);
     assert_close("w0", w[0] as f64, 2.0 - 0.1 * (0.5 + 0.01 * 2.0), 1e-6);
     assert_close("w1", w[1] as f64, -4.0 - 0.1 * (0.25 - 0.01 * 4.0), 1e-6);
 }
@@ -187,23 +149,7 @@ fn sgd_decay_skips_parameters_marked_no_decay() {
         let zeros = vec![0.0f32; 3];
         let mut sgd = Sgd::new(momentum, 0.1);
         for _ in 0..3 {
-            sgd.step(
-                vec![
-                    Param {
-                        name: "weight",
-                        value: &mut w,
-                        grad: &zeros,
-                        decay: true,
-                    },
-                    Param {
-                        name: "bias",
-                        value: &mut b,
-                        grad: &zeros,
-                        decay: false,
-                    },
-                ],
-                0.5,
-            );
+            sgd.step(two_params(&mut w, &mut b, &zeros, &zeros), 0.5);
         }
         assert_eq!(b, vec![1.0, -1.0, 2.0], "momentum {momentum}: no-decay parameter moved");
         assert!(
@@ -366,13 +312,13 @@ fn collect_then_use_population_is_algorithm_2() {
     layer.bn.gamma = vec![1.5, 0.5, 2.0];
     layer.bn.beta = vec![0.1, -0.2, 0.3];
     let eps = layer.bn.config.eps;
-    let before = (
-        layer.bn.running_mean.clone(),
-        layer.bn.running_var.clone(),
-        layer.bn.gamma.clone(),
-        layer.bn.beta.clone(),
-        layer.bn.num_batches_tracked,
-    );
+    // Running statistics, parameters and the batch counter.
+    let state = |layer: &BatchNormLayer| {
+        let bn = &layer.bn;
+        let stats = (bn.running_mean.clone(), bn.running_var.clone());
+        (stats, bn.gamma.clone(), bn.beta.clone(), bn.num_batches_tracked)
+    };
+    let before = state(&layer);
 
     let collect = |layer: &mut BatchNormLayer, batches: &[Vec<f32>]| -> (Vec<f64>, Vec<f64>) {
         let (mut means, mut vars) = (vec![0.0; channels], vec![0.0; channels]);
@@ -394,13 +340,7 @@ fn collect_then_use_population_is_algorithm_2() {
     let batches: Vec<Vec<f32>> = (0..5).map(|_| bn_batch(&mut r, batch, channels, spatial)).collect();
     let (e, v) = collect(&mut layer, &batches);
     // Collect leaves running statistics, parameters and the batch counter alone.
-    let after = (
-        layer.bn.running_mean.clone(),
-        layer.bn.running_var.clone(),
-        layer.bn.gamma.clone(),
-        layer.bn.beta.clone(),
-        layer.bn.num_batches_tracked,
-    );
+    let after = state(&layer);
     assert_eq!(before, after, "Mode::Collect changed the layer");
     layer.use_population().unwrap();
     for c in 0..channels {

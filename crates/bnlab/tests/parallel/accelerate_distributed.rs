@@ -158,23 +158,28 @@ fn ranks_track_one_process_with_bn_sync() {
             files(&dir.path().join("one")),
             "{p} ranks: output files"
         );
-        let summary: serde_json::Value = serde_json::from_str(&read(&s.common.out.join("summary.json"))).unwrap();
-        assert_eq!(summary["settings"]["processes"], p);
-        assert_eq!(summary["settings"]["bn_sync"], true);
         // Per step: the gradient all-reduce and, for each of the 3 BN layers, one all-gather
         // forward and one backward; plus one replica check per evaluation (3 in 60 steps).
-        let calls = summary["variants"]["bn-x5"]["collective_calls_per_step"]
-            .as_f64()
-            .unwrap();
-        assert!(
-            (calls - (7.0 + 3.0 / 60.0)).abs() < 1e-9,
-            "{calls} collective calls per step"
-        );
+        assert_summary_records(&s.common.out, p, true, 7.0 + 3.0 / 60.0, " collective calls per step");
         assert!(read(&s.common.out.join("report.html")).contains(&format!("over {p} MPI processes")));
     }
     let summary: serde_json::Value = serde_json::from_str(&read(&dir.path().join("one/summary.json"))).unwrap();
     assert_eq!(summary["settings"]["processes"], 1);
     assert_eq!(summary["variants"]["bn-x5"]["collective_calls_per_step"], 0.0);
+}
+
+/// `out/summary.json` records a run over `processes` processes with BN synchronized or not
+/// (`bn_sync`) and `calls` collective calls per step for `bn-x5` (within 1e-9); the message is
+/// the count found, then `what`.
+#[track_caller]
+fn assert_summary_records(out: &Path, processes: usize, bn_sync: bool, calls: f64, what: &str) {
+    let summary: serde_json::Value = serde_json::from_str(&read(&out.join("summary.json"))).unwrap();
+    assert_eq!(summary["settings"]["processes"], processes);
+    assert_eq!(summary["settings"]["bn_sync"], bn_sync);
+    let found = summary["variants"]["bn-x5"]["collective_calls_per_step"]
+        .as_f64()
+        .unwrap();
+    assert!((found - calls).abs() < 1e-9, "{found}{what}");
 }
 
 /// With per-rank BN statistics (`--bn-sync off`: each rank normalizes over its 32 examples)
@@ -189,16 +194,7 @@ fn bn_sync_off_still_trains() {
     let (first, last) = (got[0], got[got.len() - 1]);
     assert!(last.2 < first.2, "the loss must fall: {got:?}");
     assert!(last.1 > 0.5, "bn-sync off must still train: {got:?}");
-    let summary: serde_json::Value = serde_json::from_str(&read(&s.common.out.join("summary.json"))).unwrap();
-    assert_eq!(summary["settings"]["processes"], 2);
-    assert_eq!(summary["settings"]["bn_sync"], false);
-    let calls = summary["variants"]["bn-x5"]["collective_calls_per_step"]
-        .as_f64()
-        .unwrap();
-    assert!(
-        (calls - (1.0 + 3.0 / 60.0)).abs() < 1e-9,
-        "{calls}: one all-reduce per step"
-    );
+    assert_summary_records(&s.common.out, 2, false, 1.0 + 3.0 / 60.0, ": one all-reduce per step");
     assert!(
         read(&s.common.out.join("report.html")).contains("--bn-sync off"),
         "the report names the mode"
@@ -266,6 +262,16 @@ fn a_diverging_variant_stops_every_rank_at_the_same_step() {
     );
 }
 
+/// `s` on `p` in-process ranks fails on every rank with an error containing `needle`; `what`
+/// names the case when a rank ran.
+#[track_caller]
+fn assert_every_rank_fails(s: &Settings, p: usize, what: &str, needle: &str) {
+    for (r, o) in on_threads(s, p).into_iter().enumerate() {
+        let e = o.err().unwrap_or_else(|| panic!("rank {r}: {what} ran"));
+        assert!(e.to_string().contains(needle), "rank {r}: {e}");
+    }
+}
+
 /// A batch that cannot be split over the ranks is an error on every rank before anything is
 /// written (no rank waits for another).
 #[test]
@@ -274,26 +280,10 @@ fn impossible_splits_are_errors() {
     let data = synthetic_data(dir.path());
     let mut s = tiny(&data, &dir.path().join("out"), &[Variant::BnX5]);
     s.common.batch = 2;
-    for (r, o) in on_threads(&s, 3).into_iter().enumerate() {
-        let e = o
-            .err()
-            .unwrap_or_else(|| panic!("rank {r}: a batch of 2 over 3 ranks ran"));
-        assert!(
-            e.to_string().contains("cannot be split over 3 processes"),
-            "rank {r}: {e}"
-        );
-    }
+    assert_every_rank_fails(&s, 3, "a batch of 2 over 3 ranks", "cannot be split over 3 processes");
     s.common.batch = 5;
     s.common.bn_sync = false;
-    for (r, o) in on_threads(&s, 3).into_iter().enumerate() {
-        let e = o
-            .err()
-            .unwrap_or_else(|| panic!("rank {r}: shards of 1 with per-rank BN ran"));
-        assert!(
-            e.to_string().contains("--bn-sync off needs at least 2"),
-            "rank {r}: {e}"
-        );
-    }
+    assert_every_rank_fails(&s, 3, "shards of 1 with per-rank BN", "--bn-sync off needs at least 2");
     assert!(!s.common.out.exists(), "an output folder was created");
 }
 
@@ -322,14 +312,6 @@ mod mpi {
     use super::*;
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-
-    fn metrics_points(out: &Path, variant: &str) -> Vec<(u64, f64, f64)> {
-        metrics(out)
-            .iter()
-            .filter(|m| m["variant"] == variant)
-            .map(|m| (m["step"].as_u64().unwrap(), num(m, "test_acc"), num(m, "train_loss")))
-            .collect()
-    }
 
     /// `mpirun -np 2 bnlab accelerate --quick --distributed` (two variants, 40 steps) exits 0,
     /// rank 0 alone reports and writes the files of a one-process run, and the variant without
@@ -378,10 +360,10 @@ mod mpi {
         assert_eq!(files(dir.path()), BTreeSet::from(["one".into(), "two".into()]));
         assert_tracks(
             "mpirun -np 2, bn-x5",
-            &metrics_points(&two, "bn-x5"),
-            &metrics_points(&one, "bn-x5"),
+            &evaluation_points(&two, Some("bn-x5")),
+            &evaluation_points(&one, Some("bn-x5")),
         );
-        let b = metrics_points(&two, "bn-baseline");
+        let b = evaluation_points(&two, Some("bn-baseline"));
         assert_eq!(b.iter().map(|p| p.0).collect::<Vec<_>>(), [20, 40]);
         let summary: serde_json::Value = serde_json::from_str(&read(&two.join("summary.json"))).unwrap();
         assert_eq!(summary["settings"]["processes"], 2);

@@ -48,6 +48,14 @@ fn run_with(s: &Settings, comm: Arc<dyn Communicator>) -> anyhow::Result<driver:
     driver::run(&PaperMlp, s, opts)
 }
 
+/// The metrics of `s` trained in one process (a fresh run).
+fn one_process(s: &Settings) -> Vec<Metric> {
+    driver::run(&PaperMlp, s, RunOptions::fresh(true))
+        .unwrap()
+        .outcome
+        .metrics
+}
+
 /// Runs `paper-mlp` as `p` in-process ranks; returns rank 0's evaluations.
 fn on_threads(s: &Settings, p: usize) -> Vec<Metric> {
     let comms = ThreadComm::group(p).unwrap();
@@ -74,12 +82,7 @@ fn in_process_ranks_track_one_process() {
     let Some(data) = data() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&data, &dir.path().join("one"), 300);
-    let one = points(
-        &driver::run(&PaperMlp, &s, RunOptions::fresh(true))
-            .unwrap()
-            .outcome
-            .metrics,
-    );
+    let one = points(&one_process(&s));
     s.common.out = dir.path().join("two");
     assert_tracks("2 ranks, bn-sync on", &points(&on_threads(&s, 2)), &one);
     // 60 = 20 + 20 + 20; a batch of 61 gives uneven shards (20, 20, 21).
@@ -106,12 +109,7 @@ fn uneven_shards_track_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&data, &dir.path().join("one"), 100);
     s.common.batch = 61;
-    let one = points(
-        &driver::run(&PaperMlp, &s, RunOptions::fresh(true))
-            .unwrap()
-            .outcome
-            .metrics,
-    );
+    let one = points(&one_process(&s));
     s.common.out = dir.path().join("three");
     assert_tracks("3 ranks, batch 61", &points(&on_threads(&s, 3)), &one);
 }
@@ -164,10 +162,33 @@ mod mpi {
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::mpirun;
+    use crate::common::{evaluation_points, mpirun, s, strs};
 
     fn launch(mpirun: &Path, np: usize, args: &[&str]) -> Command {
         crate::common::mpirun_bnlab(mpirun, np, args)
+    }
+
+    /// `paper-mlp --variant bn --steps STEPS --eval-every EVERY --quiet` on `data` into `out`,
+    /// then `extra`.
+    fn bn_args(data: &Path, steps: &str, eval_every: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "paper-mlp",
+            "--variant",
+            "bn",
+            "--steps",
+            steps,
+            "--eval-every",
+            eval_every,
+            "--quiet",
+            "--data",
+            s(data),
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
     }
 
     #[track_caller]
@@ -184,21 +205,6 @@ mod mpi {
         o.into_owned()
     }
 
-    fn metrics(out: &Path) -> Vec<(u64, f64, f64)> {
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["step"].as_u64().unwrap(),
-                    v["test_acc"].as_f64().unwrap(),
-                    v["train_loss"].as_f64().unwrap(),
-                )
-            })
-            .collect()
-    }
-
     /// `mpirun -np 2 bnlab paper-mlp --distributed` (300 steps) tracks the one-process run, with
     /// the same output files; with --bn-sync off it still trains.
     #[test]
@@ -207,39 +213,18 @@ mod mpi {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let d = data.to_str().unwrap();
-        let common = [
-            "paper-mlp",
-            "--variant",
-            "bn",
-            "--steps",
-            "300",
-            "--eval-every",
-            "50",
-            "--quiet",
-        ];
         let path = |name: &str| dir.path().join(name);
         let one = path("one");
-        ok(bnlab(
-            &[&common[..], &["--data", d, "--out", one.to_str().unwrap()]].concat(),
-        ));
+        ok(bnlab(&strs(&bn_args(&data, "300", "50", &one, &[]))));
         let two = path("two");
-        let two_args = [
-            &common[..],
-            &[
-                "--distributed",
-                "--threads",
-                "1",
-                "--data",
-                d,
-                "--out",
-                two.to_str().unwrap(),
-            ],
-        ]
-        .concat();
-        let stdout = ok(launch(&mpirun, 2, &two_args).output().unwrap());
+        let two_args = bn_args(&data, "300", "50", &two, &["--distributed", "--threads", "1"]);
+        let stdout = ok(launch(&mpirun, 2, &strs(&two_args)).output().unwrap());
         assert_eq!(stdout.matches("wrote ").count(), 1, "rank 0 alone reports: {stdout}");
-        assert_tracks("mpirun -np 2, bn-sync on", &metrics(&two), &metrics(&one));
+        assert_tracks(
+            "mpirun -np 2, bn-sync on",
+            &evaluation_points(&two, None),
+            &evaluation_points(&one, None),
+        );
         for f in [
             "metrics.jsonl",
             "summary.json",
@@ -250,23 +235,15 @@ mod mpi {
             assert!(two.join(f).is_file(), "{f} is missing");
         }
         let off = path("off");
-        let off_args = [
-            &common[..],
-            &[
-                "--distributed",
-                "--bn-sync",
-                "off",
-                "--threads",
-                "1",
-                "--data",
-                d,
-                "--out",
-                off.to_str().unwrap(),
-            ],
-        ]
-        .concat();
-        ok(launch(&mpirun, 2, &off_args).output().unwrap());
-        let off = metrics(&off);
+        let off_args = bn_args(
+            &data,
+            "300",
+            "50",
+            &off,
+            &["--distributed", "--bn-sync", "off", "--threads", "1"],
+        );
+        ok(launch(&mpirun, 2, &strs(&off_args)).output().unwrap());
+        let off = evaluation_points(&off, None);
         assert!(off.last().unwrap().1 > 0.6, "bn-sync off must still train: {off:?}");
     }
 
@@ -278,25 +255,10 @@ mod mpi {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let d = data.to_str().unwrap();
-        let common = [
-            "paper-mlp",
-            "--variant",
-            "bn",
-            "--steps",
-            "20",
-            "--eval-every",
-            "10",
-            "--quiet",
-            "--data",
-            d,
-        ];
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        ok(bnlab(&[&common[..], &["--out", a.to_str().unwrap()]].concat()));
-        ok(bnlab(
-            &[&common[..], &["--distributed", "--out", b.to_str().unwrap()]].concat(),
-        ));
-        assert_eq!(metrics(&a), metrics(&b));
+        ok(bnlab(&strs(&bn_args(&data, "20", "10", &a, &[]))));
+        ok(bnlab(&strs(&bn_args(&data, "20", "10", &b, &["--distributed"]))));
+        assert_eq!(evaluation_points(&a, None), evaluation_points(&b, None));
     }
 
     /// Killing one rank ends the whole job with a non-zero exit within seconds.
@@ -307,24 +269,8 @@ mod mpi {
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
-        let args = [
-            "paper-mlp",
-            "--variant",
-            "bn",
-            "--steps",
-            "1000000",
-            "--eval-every",
-            "100000",
-            "--quiet",
-            "--distributed",
-            "--threads",
-            "1",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        let mut job = launch(&mpirun, 2, &args)
+        let args = bn_args(&data, "1000000", "100000", &out, &["--distributed", "--threads", "1"]);
+        let mut job = launch(&mpirun, 2, &strs(&args))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -381,32 +327,15 @@ mod mpi {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let d = data.to_str().unwrap();
         let args = |steps: &'static str, out: &Path| -> Vec<String> {
-            [
-                "paper-mlp",
-                "--variant",
-                "bn",
-                "--steps",
+            bn_args(
+                &data,
                 steps,
-                "--eval-every",
                 "50",
-                "--checkpoint-every",
-                "100",
-                "--quiet",
-                "--threads",
-                "1",
-                "--data",
-                d,
-                "--out",
-                out.to_str().unwrap(),
-            ]
-            .map(String::from)
-            .to_vec()
+                out,
+                &["--checkpoint-every", "100", "--threads", "1"],
+            )
         };
-        fn strs(v: &[String]) -> Vec<&str> {
-            v.iter().map(String::as_str).collect()
-        }
         let reference = dir.path().join("reference");
         ok(bnlab(&strs(&args("300", &reference))));
         let make_300 = |out: &Path| {
@@ -441,7 +370,11 @@ mod mpi {
         ok(launch(&mpirun, 2, &strs(&first)).output().unwrap());
         make_300(&a);
         ok(bnlab(&strs(&resume(&a))));
-        assert_tracks("2 processes, resumed with 1", &metrics(&a), &metrics(&reference));
+        assert_tracks(
+            "2 processes, resumed with 1",
+            &evaluation_points(&a, None),
+            &evaluation_points(&reference, None),
+        );
 
         // One process, then two.
         let b = dir.path().join("one-then-two");
@@ -450,7 +383,11 @@ mod mpi {
         let mut again = resume(&b);
         again.push("--distributed".into());
         ok(launch(&mpirun, 2, &strs(&again)).output().unwrap());
-        assert_tracks("1 process, resumed with 2", &metrics(&b), &metrics(&reference));
+        assert_tracks(
+            "1 process, resumed with 2",
+            &evaluation_points(&b, None),
+            &evaluation_points(&reference, None),
+        );
         let summary: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
         assert_eq!(

@@ -7,8 +7,8 @@
 //! network in the engine.
 
 use crate::common::{
-    accelerate_tiny_args, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, eval_counts, expect_error, read, s,
-    synthetic_data,
+    accelerate_tiny_args, assert_eval_and_fold, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, expect_error,
+    paper_mlp_args, read, s, strs, synthetic_data, KILL_AND_RESUME_SCHEDULE,
 };
 use bnlab::engine::{Dropout, Layer, Mode};
 use bnlab::experiments::accelerate::{self, Settings, Variant};
@@ -18,17 +18,10 @@ use std::path::Path;
 /// data: 6,000 steps each (about a second), checkpoints every 500.
 fn study_args(data: &Path, out: &Path) -> Vec<String> {
     let extra = [
-        "--variants",
-        "baseline,bn-x5",
-        "--steps",
-        "6000",
-        "--eval-every",
-        "250",
-        "--checkpoint-every",
-        "500",
-        "--threads",
-        "1",
-    ];
+        KILL_AND_RESUME_SCHEDULE.as_slice(),
+        &["--variants", "baseline,bn-x5", "--threads", "1"],
+    ]
+    .concat();
     accelerate_tiny_args(data, out, &extra)
 }
 
@@ -82,21 +75,8 @@ fn resume_rejects_foreign_runs_and_flags() {
 
     // A paper-mlp checkpoint in the study's place.
     let mlp = tmp.path().join("mlp");
-    let mlp_args = [
-        "paper-mlp",
-        "--variant",
-        "bn",
-        "--steps",
-        "20",
-        "--batch",
-        "10",
-        "--quiet",
-        "--data",
-        s(&data),
-        "--out",
-        s(&mlp),
-    ];
-    bnlab_ok(tmp.path(), &mlp_args);
+    let mlp_args = paper_mlp_args(&data, &mlp, &["--variant", "bn", "--steps", "20"]);
+    bnlab_ok(tmp.path(), &strs(&mlp_args));
     std::fs::copy(mlp.join("checkpoints/bn.safetensors"), ckpt(&out, "bn-x5")).unwrap();
     expect_error(
         tmp.path(),
@@ -145,24 +125,9 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
     bnlab_ok(tmp.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     let summary: serde_json::Value = serde_json::from_str(&read(&out.join("summary.json"))).unwrap();
     for (variant, bn_layers) in [("baseline", 0), ("bn-x5", 3)] {
-        let file = ckpt(&out, variant);
-        let (plain, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file)]);
-        let (correct, total) = eval_counts(&plain);
-        assert_eq!(total, 200);
-        assert_eq!(
-            correct as f64 / total as f64,
-            summary["variants"][variant]["final_test_acc"].as_f64().unwrap(),
-            "{variant}: {plain}"
-        );
+        let want = summary["variants"][variant]["final_test_acc"].as_f64().unwrap();
+        let (plain, _) = assert_eval_and_fold(tmp.path(), &ckpt(&out, variant), variant, want, bn_layers);
         assert!(plain.starts_with(&format!("{variant} at step 60")), "{plain}");
-        // Folding rounds W' = diag(s)·W and b' to f32 once: logits move by a few ulps, which can
-        // flip a prediction only on a near tie. Allow 1 of the 200 test examples.
-        let (folded, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file), "--fold"]);
-        assert!(
-            eval_counts(&folded).0.abs_diff(correct) <= 1,
-            "{variant}: {plain} vs {folded}"
-        );
-        assert!(folded.contains(&format!("{bn_layers} BN layer(s) folded")), "{folded}");
     }
 }
 

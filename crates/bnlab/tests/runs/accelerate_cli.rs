@@ -238,9 +238,7 @@ fn same_seed_gives_identical_metrics_for_any_thread_count() {
 /// a metrics line and the step in the table's last column.
 #[test]
 fn a_diverging_variant_is_reported_not_fatal() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     run_tiny(
         tmp.path(),
         &data,
@@ -278,9 +276,7 @@ fn a_diverging_variant_is_reported_not_fatal() {
 
 /// A bad option gives one line on stderr, a nonzero exit and no output folder.
 fn expect_bad(extra: &[&str], needles: &[&str]) {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let args = accelerate_tiny_args(&data, &out, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     expect_error(tmp.path(), &args, needles);

@@ -4,27 +4,11 @@
 //! checkpoint; damaged checkpoints and bad flags give one-line errors.
 
 use crate::common::{
-    assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error, read, s, synthetic_data,
-    text,
+    assert_eval_and_fold, assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error,
+    paper_mlp_args, read, s, scratch_with_synthetic_data, strs, synthetic_data, text, KILL_AND_RESUME_SCHEDULE,
 };
 use bnlab::engine::checkpoint::Checkpoint;
 use std::path::{Path, PathBuf};
-
-/// `paper-mlp` on `data` into `out` with batches of 10, quietly, plus `extra`.
-fn paper_mlp<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "paper-mlp",
-        "--batch",
-        "10",
-        "--quiet",
-        "--data",
-        s(data),
-        "--out",
-        s(out),
-    ];
-    args.extend_from_slice(extra);
-    args
-}
 
 /// Kill a run with SIGKILL while it trains its two variants side by side (two threads, one each;
 /// the second has a checkpoint), resume it, and compare with an uninterrupted run of the same seed
@@ -34,29 +18,12 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(tmp.path());
     let args = |out: &Path| -> Vec<String> {
-        [
-            "paper-mlp",
-            "--steps",
-            "6000",
-            "--eval-every",
-            "250",
-            "--checkpoint-every",
-            "500",
-            "--batch",
-            "10",
-            "--population-batches",
-            "20",
-            "--threads",
-            "2",
-            "--seed",
-            "3",
-            "--quiet",
-            "--data",
+        let extra = [
+            KILL_AND_RESUME_SCHEDULE.as_slice(),
+            &["--population-batches", "20", "--threads", "2", "--seed", "3"],
         ]
-        .iter()
-        .map(|a| a.to_string())
-        .chain([s(&data).to_string(), "--out".into(), s(out).to_string()])
-        .collect()
+        .concat();
+        paper_mlp_args(&data, out, &extra)
     };
     assert_killed_and_resumed_run_matches(
         tmp.path(),
@@ -73,12 +40,10 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 /// `bnlab eval` gives the run's final accuracy; folded, the same within float rounding.
 #[test]
 fn eval_reproduces_the_final_accuracy_also_folded() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     bnlab_ok(
         tmp.path(),
-        &paper_mlp(&data, &out, &["--steps", "300", "--eval-every", "100"]),
+        &strs(&paper_mlp_args(&data, &out, &["--steps", "300", "--eval-every", "100"])),
     );
     let metrics = read(&out.join("metrics.jsonl"));
     for variant in ["baseline", "bn"] {
@@ -88,26 +53,10 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
             .rfind(|m| m["variant"] == variant)
             .unwrap();
         let file = ckpt(&out, variant);
-        let (plain, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file)]);
-        let (correct, total) = eval_counts(&plain);
-        assert_eq!(total, 200);
-        assert_eq!(
-            correct as f64 / total as f64,
-            last["test_acc"].as_f64().unwrap(),
-            "{variant}: {plain}"
-        );
+        let bn_layers = if variant == "bn" { 3 } else { 0 };
+        let want = last["test_acc"].as_f64().unwrap();
+        let (plain, correct) = assert_eval_and_fold(tmp.path(), &file, variant, want, bn_layers);
         assert!(plain.contains("at step 300"), "{plain}");
-        // Folding rounds W' = diag(s)·W and b' to f32 once: logits move by a few ulps, which can
-        // flip a prediction only on a near tie. Allow 1 of the 200 test examples.
-        let (folded, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&file), "--fold"]);
-        let (fc, _) = eval_counts(&folded);
-        assert!(fc.abs_diff(correct) <= 1, "{variant}: {plain} vs {folded}");
-        let expect = if variant == "bn" {
-            "3 BN layer(s) folded"
-        } else {
-            "0 BN layer(s) folded"
-        };
-        assert!(folded.contains(expect), "{folded}");
         // The statistics saved in the checkpoint are the last evaluation's population estimate.
         let (running, _) = bnlab_ok(
             tmp.path(),
@@ -121,9 +70,7 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
 /// is the last good one (finite, earlier step) and still loads.
 #[test]
 fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let extra = [
         "--variant",
         "baseline",
@@ -134,7 +81,7 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
         "--checkpoint-every",
         "1",
     ];
-    let o = bnlab(tmp.path(), &paper_mlp(&data, &out, &extra));
+    let o = bnlab(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -165,9 +112,7 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
 /// end.
 #[test]
 fn divergence_beside_another_variant_stops_both_and_names_the_diverged_one() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let steps = 20_000;
     let extra = [
         "--threads",
@@ -179,7 +124,7 @@ fn divergence_beside_another_variant_stops_both_and_names_the_diverged_one() {
         "--checkpoint-every",
         "1",
     ];
-    let stderr = expect_error(tmp.path(), &paper_mlp(&data, &out, &extra), &["diverged"]);
+    let stderr = expect_error(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)), &["diverged"]);
     assert!(!stderr.contains("another variant"), "{stderr}");
     let baseline = Checkpoint::read(&ckpt(&out, "baseline")).unwrap();
     assert!(baseline.progress.step < steps, "baseline trained on to its end");
@@ -194,7 +139,7 @@ fn tiny_run(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = synthetic_data(tmp);
     let out = tmp.join("out");
     let extra = ["--variant", "bn", "--steps", "20", "--eval-every", "10"];
-    bnlab_ok(tmp, &paper_mlp(&data, &out, &extra));
+    bnlab_ok(tmp, &strs(&paper_mlp_args(&data, &out, &extra)));
     (data, out)
 }
 
@@ -274,12 +219,14 @@ fn resume_rejects_a_damaged_checkpoint_and_a_non_run() {
 
 #[test]
 fn unwritable_checkpoint_directory_is_an_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("checkpoints"), "a file where the directory goes").unwrap();
-    expect_error(tmp.path(), &paper_mlp(&data, &out, &["--steps", "2"]), &["checkpoints"]);
+    expect_error(
+        tmp.path(),
+        &strs(&paper_mlp_args(&data, &out, &["--steps", "2"])),
+        &["checkpoints"],
+    );
 }
 
 /// Invalid values of every numeric flag of every subcommand: a one-line error naming the flag,

@@ -139,30 +139,20 @@ fn paper_mlp_writes_all_outputs_and_is_deterministic() {
 
 #[test]
 fn variant_bn_trains_only_bn() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
-    bnlab_ok(
-        tmp.path(),
-        &[
-            "paper-mlp",
-            "--variant",
-            "bn",
-            "--steps",
-            "30",
-            "--eval-every",
-            "10",
-            "--batch",
-            "20",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--threads",
-            "1",
-            "--quiet",
-        ],
-    );
+    let (tmp, data, out) = scratch_with_synthetic_data();
+    let extra = [
+        "--variant",
+        "bn",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--batch",
+        "20",
+        "--threads",
+        "1",
+    ];
+    bnlab_ok(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)));
     let keys = check_metric_lines(&metrics(&out));
     assert_eq!(
         keys,
@@ -182,27 +172,19 @@ fn bn_stats_running_works_and_matters() {
     let data = synthetic_data(tmp.path());
     let run = |stats: &str| {
         let out = tmp.path().join(stats);
-        bnlab_ok(
-            tmp.path(),
-            &[
-                "paper-mlp",
-                "--bn-stats",
-                stats,
-                "--steps",
-                "20",
-                "--eval-every",
-                "10",
-                "--batch",
-                "20",
-                "--data",
-                s(&data),
-                "--out",
-                s(&out),
-                "--threads",
-                "2",
-                "--quiet",
-            ],
-        );
+        let extra = [
+            "--bn-stats",
+            stats,
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--batch",
+            "20",
+            "--threads",
+            "2",
+        ];
+        bnlab_ok(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)));
         let lines = metrics(&out);
         check_metric_lines(&lines);
         let summary: Value = serde_json::from_str(&read(&out.join("summary.json"))).unwrap();
@@ -260,9 +242,7 @@ fn quiet_means_no_log_lines() {
 
 /// A run that fails on `bad`; the other options are valid and small (those `bad` names are left out).
 fn expect_bad_option(bad: &[&str], needles: &[&str]) {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let base = [
         ("--steps", "2"),
         ("--batch", "10"),
@@ -307,20 +287,8 @@ fn error_truncated_idx_file() {
     let bytes = std::fs::read(&images).unwrap();
     std::fs::write(&images, &bytes[..bytes.len() - 100]).unwrap();
     let out = tmp.path().join("out");
-    expect_error(
-        tmp.path(),
-        &[
-            "paper-mlp",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--steps",
-            "2",
-            "--quiet",
-        ],
-        &[s(&images), "truncated"],
-    );
+    let args = paper_mlp_args(&data, &out, &["--steps", "2"]);
+    expect_error(tmp.path(), &strs(&args), &[s(&images), "truncated"]);
 }
 
 #[test]
@@ -365,20 +333,6 @@ fn error_out_not_writable() {
     let file = tmp.path().join("a-file");
     std::fs::write(&file, "not a directory").unwrap();
     let out = file.join("out");
-    expect_error(
-        tmp.path(),
-        &[
-            "paper-mlp",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
-            "--steps",
-            "2",
-            "--batch",
-            "10",
-            "--quiet",
-        ],
-        &[s(&out)],
-    );
+    let args = paper_mlp_args(&data, &out, &["--steps", "2"]);
+    expect_error(tmp.path(), &strs(&args), &[s(&out)]);
 }

@@ -5,41 +5,26 @@
 //! BN flags (`--bn-eps`, `--bn-momentum`) recorded and used.
 
 use crate::common::{
-    bnlab, bnlab_ok, ckpt, expect_error, fashion_mnist, metrics, read, run_and_kill_when, s, synthetic_data,
+    bnlab, bnlab_ok, ckpt, expect_error, fashion_mnist, metrics, paper_mlp_args as paper_mlp, read, run_and_kill_when,
+    s, scratch_with_synthetic_data, strs, synthetic_data,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `paper-mlp` on the synthetic data into `out`, batch 10, quiet, then `extra`.
-fn paper_mlp(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "paper-mlp",
-        "--batch",
-        "10",
-        "--quiet",
-        "--data",
-        s(data),
-        "--out",
-        s(out),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
+/// A finished `paper-mlp` run of 4 steps (evaluations every 2) on `data` into `out`.
+fn run_four_steps(cwd: &Path, data: &Path, out: &Path) {
+    bnlab_ok(
+        cwd,
+        &strs(&paper_mlp(data, out, &["--steps", "4", "--eval-every", "2"])),
+    );
 }
 
 /// A second run writing a directory another run holds fails at once, naming the holder's pid;
 /// the holder's files are untouched; once the holder is killed (SIGKILL), the directory is free.
 #[test]
 fn a_second_writer_is_refused_and_a_killed_one_frees_the_directory() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let mut first = Command::new(env!("CARGO_BIN_EXE_bnlab"))
         .args(paper_mlp(
             &data,
@@ -81,13 +66,8 @@ fn a_second_writer_is_refused_and_a_killed_one_frees_the_directory() {
 /// checkpoint of the old run's other variant is left behind.
 #[test]
 fn a_fresh_run_refuses_a_run_directory_unless_told_to_overwrite() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
-    bnlab_ok(
-        tmp.path(),
-        &strs(&paper_mlp(&data, &out, &["--steps", "4", "--eval-every", "2"])),
-    );
+    let (tmp, data, out) = scratch_with_synthetic_data();
+    run_four_steps(tmp.path(), &data, &out);
     assert!(ckpt(&out, "baseline").exists() && ckpt(&out, "bn").exists());
     let again = paper_mlp(&data, &out, &["--steps", "4", "--eval-every", "2", "--variant", "bn"]);
     expect_error(tmp.path(), &strs(&again), &["already holds a run", "--overwrite"]);
@@ -149,13 +129,8 @@ fn default_output_folders_never_collide() {
 /// error, before any thread is started or file written.
 #[test]
 fn edited_settings_are_refused_on_resume() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
-    bnlab_ok(
-        tmp.path(),
-        &strs(&paper_mlp(&data, &out, &["--steps", "4", "--eval-every", "2"])),
-    );
+    let (tmp, data, out) = scratch_with_synthetic_data();
+    run_four_steps(tmp.path(), &data, &out);
     let original = read(&out.join("settings.json"));
     let cases: [(&str, serde_json::Value, &str); 5] = [
         ("threads", 20000.into(), "--threads"),
@@ -184,10 +159,7 @@ fn resume_checks_the_data() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic_data(&tmp.path().join("data").tap_mkdir());
     let out = tmp.path().join("out");
-    bnlab_ok(
-        tmp.path(),
-        &strs(&paper_mlp(&data, &out, &["--steps", "4", "--eval-every", "2"])),
-    );
+    run_four_steps(tmp.path(), &data, &out);
     let copy = tmp.path().join("copy").tap_mkdir();
     for f in std::fs::read_dir(&data).unwrap() {
         let f = f.unwrap().path();
@@ -221,9 +193,7 @@ fn resume_checks_the_data() {
 /// estimate, the memory available and the flags to lower.
 #[test]
 fn a_run_that_does_not_fit_in_memory_is_refused_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let started = Instant::now();
     let args = [
         "accelerate",
@@ -254,9 +224,7 @@ fn a_run_that_does_not_fit_in_memory_is_refused_at_once() {
 /// the same directory both times (the directory is part of the recorded settings).
 #[test]
 fn checkpoints_after_kill_and_resume_are_the_same_bytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let out = tmp.path().join("out");
+    let (tmp, data, out) = scratch_with_synthetic_data();
     let args = paper_mlp(
         &data,
         &out,
