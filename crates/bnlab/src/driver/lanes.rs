@@ -52,8 +52,8 @@ impl std::fmt::Display for Cancelled {
 
 impl std::error::Error for Cancelled {}
 
-/// Creates `out/metrics.jsonl` (with `out` = `None`, nothing is written: a data-parallel rank
-/// other than 0), then trains the variants named `names` with `train(index, run)`, which records
+/// Creates `out/metrics.jsonl` in the run's directory (which [`super::rundir::RunDir::claim`]
+/// created; with `out` = `None`, nothing is written: a data-parallel rank other than 0), then trains the variants named `names` with `train(index, run)`, which records
 /// its metrics lines through `run`, on `threads` threads (in lanes, see the module docs). With
 /// `kept` (a resumed run), `metrics.jsonl` already holds those lines and is appended to.
 ///
@@ -73,11 +73,7 @@ pub fn train_variants<M: MetricLine>(
     train: impl Fn(usize, &VariantRun<M>) -> Result<VariantSummary> + Sync,
 ) -> Result<(Vec<M>, BTreeMap<&'static str, VariantSummary>)> {
     let file = match (out, kept.is_some()) {
-        (Some(out), false) => {
-            std::fs::create_dir_all(out)
-                .with_context(|| format!("cannot create output directory {}", out.display()))?;
-            Some(JsonLines::create(out.join("metrics.jsonl"))?)
-        }
+        (Some(out), false) => Some(JsonLines::create(out.join("metrics.jsonl"))?),
         (Some(out), true) => Some(JsonLines::append(out.join("metrics.jsonl"))?),
         (None, _) => None,
     };

@@ -25,7 +25,8 @@ pub struct Begun<M> {
 /// Begins the run of `settings` (experiment `experiment`, variants `names`): with `resuming`,
 /// finds each variant's checkpoint ([`resume_point`]), checks that every rank found the same
 /// ([`check_same_starts`]) and on rank 0 cuts `metrics.jsonl` back to what they cover; on rank 0
-/// creates the checkpoints folder and, for a fresh run, writes `settings.json`.
+/// of a fresh run writes `settings.json` (the directory and its checkpoints folder are
+/// [`super::rundir::RunDir::claim`]'s).
 pub fn begin_run<M: MetricLine>(
     settings: &Settings<impl Serialize>,
     experiment: &str,
@@ -51,14 +52,10 @@ pub fn begin_run<M: MetricLine>(
         (true, false) => Some(Vec::new()),
         (false, _) => None,
     };
-    if root {
-        let dir = out.join("checkpoints");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
-        if !resuming {
-            let path = out.join("settings.json");
-            write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
-                .with_context(|| format!("cannot write {}", path.display()))?;
-        }
+    if root && !resuming {
+        let path = out.join("settings.json");
+        write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(Begun { starts, kept })
 }
