@@ -166,6 +166,20 @@ impl EpochShuffler {
     }
 }
 
+/// Which examples make up the batch of each global training step. The batch of a step must
+/// depend on the step alone (and on what the order was built from), never on the steps asked for
+/// before it: a resumed run asks from its checkpoint's step on and must get the same batches.
+pub trait BatchOrder: Send {
+    /// The example indices of global training step `step` (0-based).
+    fn batch_indices(&mut self, step: u64) -> &[usize];
+}
+
+impl BatchOrder for EpochShuffler {
+    fn batch_indices(&mut self, step: u64) -> &[usize] {
+        EpochShuffler::batch_indices(self, step)
+    }
+}
+
 /// Copies the examples `indices` of `ds` into flat buffers: `x` gets their pixels as `f32`
 /// ([`pixel_value`](super::idx::pixel_value) of each byte; `indices.len() × ds.features()`, row-major, in the order of
 /// `indices`), `y` their labels.
