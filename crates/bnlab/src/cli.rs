@@ -6,7 +6,7 @@
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::{accelerate, paper_mlp};
+use bnlab::experiments::{accelerate, paper_mlp, small_batch};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -29,6 +29,9 @@ pub enum Command {
     PaperMlp(ExperimentArgs<PaperMlpFlags>),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
     Accelerate(ExperimentArgs<AccelerateFlags>),
+    /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
+    /// no BN at batch sizes 2 to 64, the same examples seen.
+    SmallBatch(ExperimentArgs<SmallBatchFlags>),
     /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
     /// layers before it.
     Eval(EvalArgs),
@@ -127,6 +130,40 @@ pub struct AccelerateFlags {
     pub quick: bool,
 }
 
+/// The flags only `small-batch` has. `--steps`, `--eval-every`, `--population-batches` and
+/// `--lr` count at the reference batch `--batch`: a variant with batch B takes `--batch`/B times
+/// as many steps at B/`--batch` times the rate.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct SmallBatchFlags {
+    /// Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16,
+    /// frozen, no-bn; e.g. bn-b2, ghost4-b64; default: all 23).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Option<Vec<small_batch::Variant>>,
+    /// How mini-batches are drawn: shuffled epochs, or each batch from --classes-per-batch classes.
+    #[arg(long, value_enum, default_value_t = small_batch::BatchMode::Iid)]
+    pub batches: small_batch::BatchMode,
+    /// Classes per mini-batch with --batches grouped.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub classes_per_batch: u32,
+    /// Reference steps over which the learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Reference steps of plain BN before the frozen variants freeze (default: steps / 4).
+    #[arg(long)]
+    pub freeze_after: Option<u64>,
+    /// Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick).
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// Width of the hidden linear layer (default 100; 16 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub hidden: Option<u32>,
+    /// A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16
+    /// hidden), 2 population batches (each can still be set by its flag).
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -173,7 +210,8 @@ pub struct BenchArgs {
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`] and `--quick`'s presets).
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
+/// presets).
 pub fn command() -> clap::Command {
     let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
     Cli::command()
@@ -184,6 +222,14 @@ pub fn command() -> clap::Command {
                 .mut_arg("eval_every", |a| quick(a, accelerate::quick::EVAL_EVERY.to_string()))
                 .mut_arg("population_batches", |a| {
                     quick(a, accelerate::quick::POPULATION_BATCHES.to_string())
+                })
+        })
+        .mut_subcommand("small-batch", |c| {
+            with_defaults(c, &small_batch::DEFAULTS)
+                .mut_arg("steps", |a| quick(a, small_batch::quick::STEPS.to_string()))
+                .mut_arg("eval_every", |a| quick(a, small_batch::quick::EVAL_EVERY.to_string()))
+                .mut_arg("population_batches", |a| {
+                    quick(a, small_batch::quick::POPULATION_BATCHES.to_string())
                 })
         })
 }

@@ -10,7 +10,10 @@ use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, Var
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
-use cli::{AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, VariantChoice};
+use bnlab::experiments::small_batch::{self, SmallBatch};
+use cli::{
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags, VariantChoice,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +62,7 @@ fn main() {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
         Command::Accelerate(args) => run_accelerate(&args),
+        Command::SmallBatch(args) => run_small_batch(&args),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -290,6 +294,49 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
         })
     };
     let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
+        return Ok(());
+    };
+    if let Some(table) = &f.report {
+        print!("{}", table.markdown());
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
+fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
+    let fresh = |out| {
+        let flags = &args.experiment;
+        let common = driver::CommonSettings {
+            out,
+            ..args.settings.clone()
+        };
+        let mut s = small_batch::Settings::new(PathBuf::new());
+        if flags.quick {
+            s = s.quick();
+        }
+        let e = &mut s.experiment;
+        if let Some(v) = &flags.variants {
+            e.variants = v.clone();
+        }
+        e.batches = flags.batches;
+        e.classes_per_batch = flags.classes_per_batch as usize;
+        e.half_life = flags.half_life.unwrap_or(small_batch::default_half_life(common.steps));
+        e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
+        if let Some(c) = &flags.channels {
+            let [c1, c2] = c[..] else {
+                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+            };
+            e.channels = [c1 as usize, c2 as usize];
+        }
+        if let Some(h) = flags.hidden {
+            e.hidden = h as usize;
+        }
+        Ok(small_batch::Settings {
+            common,
+            experiment: s.experiment,
+        })
+    };
+    let Some(f) = train_experiment(&SmallBatch, &args.run, fresh)? else {
         return Ok(());
     };
     if let Some(table) = &f.report {

@@ -13,7 +13,7 @@
 pub mod batches;
 pub mod idx;
 
-pub use batches::{gather, BatchOrder, EpochShuffler, ShuffleError};
+pub use batches::{gather, BatchOrder, ClassGroupedBatches, EpochShuffler, GroupedBatchError, ShuffleError};
 pub use idx::{
     load, load_split, load_with_classes, parse_images, parse_labels, pixel_value, pixels_to_f32, DataError, Dataset,
     Images, Labels, Split, DEFAULT_DATA_DIR, MAX_DECODED_BYTES, MAX_LABEL,
