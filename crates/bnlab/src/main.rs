@@ -12,7 +12,8 @@ use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
 use bnlab::experiments::small_batch::{self, SmallBatch};
 use cli::{
-    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags, VariantChoice,
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags,
+    VariantChoice,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
