@@ -32,8 +32,8 @@ pub enum Command {
     /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
     /// no BN at batch sizes 2 to 64, the same examples seen.
     SmallBatch(ExperimentArgs<SmallBatchFlags>),
-    /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
-    /// layers before it.
+    /// Test accuracy of a checkpoint (paper-mlp, accelerate or small-batch), optionally with BN
+    /// folded into the layers before it.
     Eval(EvalArgs),
 }
 
@@ -167,7 +167,7 @@ pub struct SmallBatchFlags {
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint written by `bnlab paper-mlp` or `bnlab accelerate`
+    /// A checkpoint written by `bnlab paper-mlp`, `accelerate` or `small-batch`
     /// (OUT/checkpoints/<variant>.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
