@@ -316,7 +316,12 @@ impl<T: Element> BatchNorm<T> {
     /// The ghost training forward and, when tracked, one running-statistics update for the
     /// mini-batch; returns the groups' statistics packed (see [`GhostSaved`]). The caller has
     /// checked what the running update could reject.
-    pub(crate) fn forward_ghost(&mut self, x: View<'_, T>, virtual_batch: usize, y: &mut [T]) -> Result<SavedStats, Error> {
+    pub(crate) fn forward_ghost(
+        &mut self,
+        x: View<'_, T>,
+        virtual_batch: usize,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
         let count = x.geometry()?.per_channel() as u64;
         let (stats, saved) = ghost_batch_norm_train(x, virtual_batch, self.affine(), self.config.eps, y)?;
         if self.config.track_running_stats {

@@ -40,10 +40,10 @@
 use crate::backward::{dx_coeffs, grad_sums, GradSums};
 use crate::check;
 use crate::forward::{gamma_at, scale_shift};
+use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan::{self, Normalization};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::kernels::elementwise::DxCoeffs;
 use crate::stats::{batch_stats, inv_std, BatchStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 use crate::{Affine, Element, Error, Geometry, Grads, View};

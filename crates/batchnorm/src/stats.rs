@@ -162,7 +162,14 @@ pub fn update_running_stats<T: Element>(
     check::running_stats(batch.channels(), running_mean, running_var)?;
     check::momentum(momentum)?;
     check::training_count(batch.count, &[])?;
-    blend_running(&batch.mean, &batch.var_unbiased(), momentum, batches_seen, running_mean, running_var);
+    blend_running(
+        &batch.mean,
+        &batch.var_unbiased(),
+        momentum,
+        batches_seen,
+        running_mean,
+        running_var,
+    );
     Ok(())
 }
 
