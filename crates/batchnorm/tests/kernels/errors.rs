@@ -1168,12 +1168,24 @@ fn ghost_errors() {
         ),
         case("update running mean", feature("running_mean", c, c + 1), move |o| {
             let mut rm = sentinel(c + 1);
-            let r = update_ghost_running_stats(&[stats.clone()], Momentum::Exponential(0.1), 1, &mut rm, &mut o.rv);
+            let r = update_ghost_running_stats(
+                std::slice::from_ref(stats),
+                Momentum::Exponential(0.1),
+                1,
+                &mut rm,
+                &mut o.rv,
+            );
             untouched("running mean (long)", &rm);
             r
         }),
         case("update momentum", Error::InvalidMomentum(1.5), move |o| {
-            update_ghost_running_stats(&[stats.clone()], Momentum::Exponential(1.5), 1, &mut o.rm, &mut o.rv)
+            update_ghost_running_stats(
+                std::slice::from_ref(stats),
+                Momentum::Exponential(1.5),
+                1,
+                &mut o.rm,
+                &mut o.rv,
+            )
         }),
         case("update group of one", too_few(1, &[]), move |o| {
             let groups = [stats.clone(), single.clone()];
