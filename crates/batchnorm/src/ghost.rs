@@ -1,5 +1,6 @@
 //! Ghost batch norm (Hoffer, Hubara & Soudry, NeurIPS 2017, "Train longer, generalize better:
-//! closing the generalization gap in large batch training of neural networks", Algorithm 1).
+//! closing the generalization gap in large batch training of neural networks"), as issue 16
+//! defines it.
 //!
 //! With a virtual batch size v, the examples of a training batch are cut into consecutive groups
 //! of v (the last one holds the rest, N mod v, when v does not divide N); each group is
@@ -7,8 +8,8 @@
 //! backpropagated through them, so dx of a group depends on that group alone, and dγ, dβ are the
 //! sums over groups. Every group needs at least 2 values per channel. The running statistics are
 //! updated once per mini-batch, with the mean over groups of their means and of their unbiased
-//! variances (every group weighing the same, as Algorithm 2's average over batches); inference
-//! uses the running statistics, never groups.
+//! variances (every group weighing the same, as Ioffe & Szegedy's Algorithm 2 averages batches);
+//! inference uses the running statistics, never groups.
 //!
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
 //! dimension comes first), so each group runs the plain kernels on its own slice: the same
@@ -36,7 +37,8 @@ use std::ops::Range;
 /// virtual batch size). The layer packs them rather than returning a new type so that its
 /// training passes keep their signatures: code that holds a layer's `SavedStats` between
 /// `forward_train` and `backward` (a training engine, the candle drop-in) trains a ghost layer
-/// unchanged, and a plain backward given packed statistics rejects them (their length is not C).
+/// unchanged, and a plain backward given packed statistics of more than one group rejects them
+/// (their length is not C).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GhostSaved {
     /// Examples per group (v ≥ 2); the last group holds the rest.

@@ -107,7 +107,9 @@ pub(crate) fn inv_std_in_place(var: &mut [f64], eps: f64) {
 }
 
 /// What training-mode backward needs from the forward pass, kept in `f64` (a few numbers per
-/// channel) so that backward sees exactly the statistics forward used.
+/// channel) so that backward sees exactly the statistics forward used. A ghost
+/// [`crate::BatchNorm`] layer keeps every group's in one, packed group after group (see
+/// [`crate::GhostSaved`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedStats {
     /// Values per channel the statistics were taken over (global count for synchronized BN).
