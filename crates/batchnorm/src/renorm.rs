@@ -650,19 +650,20 @@ impl<T: Element> BatchRenorm<T> {
         Ok(saved)
     }
 
-    /// Synchronized training backward of this rank's shard (r and d constant): merges Σ dy and
-    /// Σ dy·x̂₀ over every rank of `comm` ([`sync_grad_sums`]), writes dx (when `grads` holds it)
-    /// through the global statistics and, with affine, dγ = Σ dy·x̂ and dβ = Σ dy of the *global*
-    /// batch (identical on every rank). Returns this rank's own sums (its share of dγ = Σ dy·x̂
-    /// and dβ = Σ dy, x̂ = x̂₀·r + d), for callers that sum parameter gradients over ranks
-    /// themselves (data-parallel training), as [`crate::BatchNorm::backward_sync`] does. With
-    /// [`crate::SingleProcess`] it computes the bits of [`BatchRenorm::backward`]. Collective:
-    /// every rank must call it.
+    /// Synchronized training backward of this rank's shard, r and d held constant. The sums
+    /// Σ dy and Σ dy·x̂₀ of every rank of `comm` are merged ([`sync_grad_sums`]); dx (when
+    /// `grads` holds it) follows from the global statistics and sums, and with affine dγ = Σ dy·x̂
+    /// and dβ = Σ dy are the global batch's, the same bits on every rank. The result is this
+    /// rank's share of dγ and dβ (its own Σ dy·x̂ with x̂ = x̂₀·r + d, and Σ dy), for a caller that
+    /// adds parameter gradients over ranks itself, as with [`crate::BatchNorm::backward_sync`].
+    /// Over [`crate::SingleProcess`] it gives [`BatchRenorm::backward`]'s bits. Every rank must
+    /// call it (collective).
     ///
     /// Rejects, before any communication, an input whose channel count differs from
-    /// `num_features`, shape/length mismatches of `x`, `dy`, `dx`, `saved` (statistics, r, d),
-    /// γ, `dgamma`, `dbeta` of the wrong channel count, and saved statistics of fewer than 2
-    /// (global) values per channel; transport failures are [`Error::Communication`].
+    /// `num_features`, `saved` (statistics, r, d), γ, `dgamma`, `dbeta` of the wrong channel
+    /// count, a `dx` of the wrong length, and what [`crate::grad_sums`] rejects (`x` and `dy` of
+    /// the wrong length, saved statistics of fewer than 2 global values per channel); transport
+    /// failures are [`Error::Communication`].
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,
@@ -673,14 +674,12 @@ impl<T: Element> BatchRenorm<T> {
     ) -> Result<GradSums, Error> {
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
-        check::len("x", &g, x.data.len())?;
-        check::len("dy", &g, dy.len())?;
-        check::len_opt("dx", &g, dx.as_deref())?;
-        check::renorm_saved(saved, g.channels)?;
         let gamma = self.affine().gamma;
+        check::renorm_saved(saved, g.channels)?;
         check::affine(g.channels, gamma, None)?;
         check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-        check::training_count(saved.stats.count, x.shape)?;
+        check::len_opt("dx", &g, dx.as_deref())?;
+        // Checks x, dy and the (global) count, still before any communication.
         let local = grad_sums(x, dy, &saved.stats)?;
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {

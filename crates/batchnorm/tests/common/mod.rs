@@ -199,6 +199,16 @@ impl Data {
         }
     }
 
+    /// x, dy, γ and β as `T` buffers (their values are already `T`'s, so exactly these).
+    pub fn narrowed<T: Element>(&self) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+        (
+            narrow(&self.x),
+            narrow(&self.dy),
+            narrow(&self.gamma),
+            narrow(&self.beta),
+        )
+    }
+
     /// γ = 1, β = 0 (what the kernels use without affine).
     pub fn ones_zeros(&self) -> (Vec<f64>, Vec<f64>) {
         (vec![1.0; self.g.channels], vec![0.0; self.g.channels])

@@ -73,12 +73,7 @@ fn running_scales(
 fn check_ghost<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64, v: usize) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
-    let (x, dy, gt, bt) = (
-        narrow::<T>(&d.x),
-        narrow::<T>(&d.dy),
-        narrow::<T>(&d.gamma),
-        narrow::<T>(&d.beta),
-    );
+    let (x, dy, gt, bt) = d.narrowed::<T>();
     let (len, c, n) = (x.len(), d.g.channels, shape[0]);
     let xv = View::new(&x, shape, layout);
     let what = format!("ghost {layout} {shape:?} v={v} affine={affine} eps={eps}");
@@ -188,24 +183,19 @@ fn virtual_batch_strategy() -> impl Strategy<Value = usize> {
 }
 
 proptest! {
-    #![proptest_config(config(40))]
+    #![proptest_config(config(80))]
 
+    /// Both element types (`single`: f32), over pools of 1 to 3 threads.
     #[test]
-    fn ghost_matches_reference_f64(
+    fn ghost_matches_reference(
         (layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy(),
-        v in virtual_batch_strategy(), threads in 1usize..=3,
+        v in virtual_batch_strategy(), threads in 1usize..=3, single: bool,
     ) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| check_ghost::<f64>(layout, &shape, seed, affine, eps, v));
-    }
-
-    #[test]
-    fn ghost_matches_reference_f32(
-        (layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy(),
-        v in virtual_batch_strategy(), threads in 1usize..=3,
-    ) {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| check_ghost::<f32>(layout, &shape, seed, affine, eps, v));
+        pool.install(|| match single {
+            true => check_ghost::<f32>(layout, &shape, seed, affine, eps, v),
+            false => check_ghost::<f64>(layout, &shape, seed, affine, eps, v),
+        });
     }
 }
 
@@ -258,12 +248,7 @@ fn ghost_backward_matches_finite_differences() {
 /// statistics (Algorithm 1 and 2 exactly).
 fn check_one_group_is_plain<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
-    let (x, dy, g, b) = (
-        narrow::<T>(&d.x),
-        narrow::<T>(&d.dy),
-        narrow::<T>(&d.gamma),
-        narrow::<T>(&d.beta),
-    );
+    let (x, dy, g, b) = d.narrowed::<T>();
     let xv = View::new(&x, shape, layout);
     let c = d.g.channels;
     let zero = T::from_f64(0.0);
@@ -454,12 +439,7 @@ fn ghost_inference_uses_running_statistics() {
 #[test]
 fn ghost_bitwise_identical_for_1_2_3_threads() {
     let outputs = |d: &Data, layout: Layout, shape: &[usize], v: usize| -> Vec<Vec<u64>> {
-        let (x, dy, g, b) = (
-            narrow::<f32>(&d.x),
-            narrow::<f32>(&d.dy),
-            narrow::<f32>(&d.gamma),
-            narrow::<f32>(&d.beta),
-        );
+        let (x, dy, g, b) = d.narrowed::<f32>();
         let xv = View::new(&x, shape, layout);
         let c = d.g.channels;
         let mut y = vec![0.0f32; x.len()];
@@ -489,19 +469,13 @@ fn ghost_bitwise_identical_for_1_2_3_threads() {
     .enumerate()
     {
         let d = Data::new::<f32>(layout, &shape, 1100 + i as u64);
-        let runs: Vec<_> = [1usize, 2, 3]
-            .into_iter()
-            .map(|t| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
-                pool.install(|| outputs(&d, layout, &shape, v))
-            })
-            .collect();
-        for (t, run) in runs.iter().enumerate().skip(1) {
-            assert!(
-                run == &runs[0],
-                "{layout} {shape:?} v={v}: 1 vs {} threads differ",
-                t + 1
-            );
+        let on_pool = |t: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            pool.install(|| outputs(&d, layout, &shape, v))
+        };
+        let one = on_pool(1);
+        for t in [2, 3] {
+            assert!(on_pool(t) == one, "{layout} {shape:?} v={v}: 1 vs {t} threads differ");
         }
     }
 }
@@ -513,12 +487,7 @@ fn ghost_bitwise_identical_for_1_2_3_threads() {
 fn each_group_is_plain_batch_norm_of_its_slice() {
     let (layout, shape, v) = (Layout::ChannelsLast, vec![7, 3, 4], 3);
     let d = Data::new::<f32>(layout, &shape, 80);
-    let (x, dy, g, b) = (
-        narrow::<f32>(&d.x),
-        narrow::<f32>(&d.dy),
-        narrow::<f32>(&d.gamma),
-        narrow::<f32>(&d.beta),
-    );
+    let (x, dy, g, b) = d.narrowed::<f32>();
     let mut y = vec![0.0f32; x.len()];
     let xv = View::new(&x, &shape, layout);
     let (_, saved) = ghost_batch_norm_train(xv, v, Affine::new(&g, &b), 1e-5, &mut y).unwrap();

@@ -61,28 +61,43 @@ struct Step<T: TestFloat> {
     local: GradSums,
 }
 
-/// One training step of the one-process layer on the whole batch.
-fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], clip: RenormClip) -> Step<T> {
-    let mut bn = layer::<T>(d, clip);
-    let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
-    let mut y = vec![T::default(); x.len()];
-    let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
-    let (mut dx, mut dg, mut db) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
-    let grads = Grads::new(&mut dx, &mut dg, &mut db);
-    bn.backward(View::new(&x, shape, layout), &dy, &saved, grads).unwrap();
-    let local = GradSums {
-        sum_dy: wide(&db),
-        sum_dy_xhat: wide(&dg),
-    };
-    Step {
+/// One training step of `bn` on an input of `len` elements: `forward` (one process or
+/// synchronized) into y, then `backward` into dx, dγ, dβ, which returns the sums behind dγ and
+/// dβ (`None`: the step's own dγ and dβ, one process).
+fn train_step<T: TestFloat>(
+    mut bn: BatchRenorm<T>,
+    len: usize,
+    forward: impl FnOnce(&mut BatchRenorm<T>, &mut [T]) -> Result<RenormSaved, Error>,
+    backward: impl FnOnce(&BatchRenorm<T>, &RenormSaved, Grads<'_, T>) -> Result<Option<GradSums>, Error>,
+) -> Result<Step<T>, Error> {
+    let mut y = vec![T::default(); len];
+    let saved = forward(&mut bn, &mut y)?;
+    let (mut dx, mut dgamma, mut dbeta) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
+    let local = backward(&bn, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta))?;
+    let local = local.unwrap_or_else(|| GradSums {
+        sum_dy: wide(&dbeta),
+        sum_dy_xhat: wide(&dgamma),
+    });
+    Ok(Step {
         y,
         dx,
-        dgamma: dg,
-        dbeta: db,
+        dgamma,
+        dbeta,
         bn,
         saved,
         local,
-    }
+    })
+}
+
+/// One training step of the one-process layer on the whole batch.
+fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], clip: RenormClip) -> Step<T> {
+    let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
+    let xv = View::new(&x, shape, layout);
+    let forward = |bn: &mut BatchRenorm<T>, y: &mut [T]| bn.forward_train(xv, y);
+    let backward = |bn: &BatchRenorm<T>, saved: &RenormSaved, grads: Grads<'_, T>| {
+        bn.backward(xv, &dy, saved, grads).map(|()| None)
+    };
+    train_step(layer::<T>(d, clip), x.len(), forward, backward).unwrap()
 }
 
 /// One synchronized training step on this rank's shard (examples `start..start + n`).
@@ -95,21 +110,12 @@ fn one_rank<T: TestFloat>(
 ) -> Result<Step<T>, Error> {
     let (shard, shard_shape) = d.examples(layout, shape, start, n);
     let (x, dy): (Vec<T>, Vec<T>) = (narrow(&shard.x), narrow(&shard.dy));
-    let mut bn = layer::<T>(d, clip);
-    let mut y = vec![T::default(); x.len()];
-    let saved = bn.forward_train_sync(comm, View::new(&x, &shard_shape, layout), &mut y)?;
-    let (mut dx, mut dg, mut db) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
-    let grads = Grads::new(&mut dx, &mut dg, &mut db);
-    let local = bn.backward_sync(comm, View::new(&x, &shard_shape, layout), &dy, &saved, grads)?;
-    Ok(Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        bn,
-        saved,
-        local,
-    })
+    let xv = View::new(&x, &shard_shape, layout);
+    let forward = |bn: &mut BatchRenorm<T>, y: &mut [T]| bn.forward_train_sync(comm, xv, y);
+    let backward = |bn: &BatchRenorm<T>, saved: &RenormSaved, grads: Grads<'_, T>| {
+        bn.backward_sync(comm, xv, &dy, saved, grads).map(Some)
+    };
+    train_step(layer::<T>(d, clip), x.len(), forward, backward)
 }
 
 /// The synchronized step over `sizes` shards, y and dx concatenated back into whole-batch
@@ -230,23 +236,11 @@ fn check_equal_to_one_process<T: TestFloat>(p: usize) {
 }
 
 #[test]
-fn renorm_two_ranks_equal_one_process_f64() {
-    check_equal_to_one_process::<f64>(2);
-}
-
-#[test]
-fn renorm_two_ranks_equal_one_process_f32() {
-    check_equal_to_one_process::<f32>(2);
-}
-
-#[test]
-fn renorm_three_ranks_equal_one_process_f64() {
-    check_equal_to_one_process::<f64>(3);
-}
-
-#[test]
-fn renorm_three_ranks_equal_one_process_f32() {
-    check_equal_to_one_process::<f32>(3);
+fn renorm_two_and_three_ranks_equal_one_process() {
+    for p in [2, 3] {
+        check_equal_to_one_process::<f64>(p);
+        check_equal_to_one_process::<f32>(p);
+    }
 }
 
 /// One rank (SingleProcess, or a group of one thread) computes the one-process layer's bits:
@@ -271,12 +265,8 @@ fn check_single_rank_bits<T: TestFloat>() {
 }
 
 #[test]
-fn renorm_single_rank_is_bitwise_the_one_process_layer_f64() {
+fn renorm_single_rank_is_bitwise_the_one_process_layer() {
     check_single_rank_bits::<f64>();
-}
-
-#[test]
-fn renorm_single_rank_is_bitwise_the_one_process_layer_f32() {
     check_single_rank_bits::<f32>();
 }
 
@@ -355,6 +345,7 @@ fn renorm_sync_errors() {
     let xv = View::new(&d.x, &shape, layout);
     let fresh = layer::<f64>(&d, clip());
     let feature = |name, expected, actual| Error::FeatureMismatch { name, expected, actual };
+    let buffer = |name, expected, actual| Error::BufferLength { name, expected, actual };
     let forward = |bn: &mut BatchRenorm<f64>, x: View<'_, f64>, y: &mut [f64]| {
         let before = bn.clone();
         let r = bn.forward_train_sync(&SingleProcess, x, y).map(drop);
@@ -366,14 +357,7 @@ fn renorm_sync_errors() {
     let mut bn = fresh.clone();
     let wide = View::new(&d.x, &[2, 4], layout);
     assert_eq!(forward(&mut bn, wide, &mut y), Err(feature("input", 2, 4)));
-    assert_eq!(
-        forward(&mut bn, xv, &mut y[..7]),
-        Err(Error::BufferLength {
-            name: "y",
-            expected: 8,
-            actual: 7
-        })
-    );
+    assert_eq!(forward(&mut bn, xv, &mut y[..7]), Err(buffer("y", 8, 7)));
     bn.config.momentum = 1.5;
     assert_eq!(forward(&mut bn, xv, &mut y), Err(Error::InvalidMomentum(1.5)));
     let mut bn = fresh.clone();
@@ -389,14 +373,7 @@ fn renorm_sync_errors() {
     bn.config.eps = 0.0;
     assert_eq!(forward(&mut bn, xv, &mut y), Err(Error::InvalidEps(0.0)));
     let short = View::new(&d.x[..7], &shape, layout);
-    assert_eq!(
-        forward(&mut fresh.clone(), short, &mut y),
-        Err(Error::BufferLength {
-            name: "x",
-            expected: 8,
-            actual: 7
-        })
-    );
+    assert_eq!(forward(&mut fresh.clone(), short, &mut y), Err(buffer("x", 8, 7)));
 
     // Backward: saved statistics, r, d and buffers checked before anything is written.
     let mut bn = fresh.clone();
@@ -424,22 +401,8 @@ fn renorm_sync_errors() {
             shape: shape.to_vec()
         })
     );
-    assert_eq!(
-        backward(&saved, &d.dy[..7], 8),
-        Err(Error::BufferLength {
-            name: "dy",
-            expected: 8,
-            actual: 7
-        })
-    );
-    assert_eq!(
-        backward(&saved, &d.dy, 9),
-        Err(Error::BufferLength {
-            name: "dx",
-            expected: 8,
-            actual: 9
-        })
-    );
+    assert_eq!(backward(&saved, &d.dy[..7], 8), Err(buffer("dy", 8, 7)));
+    assert_eq!(backward(&saved, &d.dy, 9), Err(buffer("dx", 8, 9)));
 }
 
 /// A rank that leaves fails the others' collectives instead of hanging them, and ranks that
