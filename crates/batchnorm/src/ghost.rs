@@ -14,7 +14,8 @@
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
 //! dimension comes first), so each group runs the plain kernels on its own slice: the same
 //! arithmetic, the same bits for any thread count, and with v ≥ N exactly the bits of plain batch
-//! norm.
+//! norm. Groups run in parallel (several small groups to a task); their sums are added in batch
+//! order.
 //!
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
@@ -24,9 +25,10 @@
 use crate::backward::{train_backward_sums, GradSums};
 use crate::check;
 use crate::forward::batch_norm_train;
+use crate::kernels::plan;
 use crate::stats::{blend_running, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
-use std::ops::Range;
+use rayon::prelude::*;
 
 /// What [`ghost_batch_norm_backward`] needs from [`ghost_batch_norm_train`]: the virtual batch
 /// size and one [`SavedStats`] per group, in batch order (count, μ and 1/√(σ² + ε) of that group).
@@ -86,13 +88,23 @@ impl<'a> Groups<'a> {
         self.examples(k) as u64 * self.values_per_example
     }
 
-    /// Group `k`'s elements in the flat buffer and its shape (the input's, with `examples(k)`
-    /// as the batch).
-    fn group(&self, k: usize) -> (Range<usize>, Vec<usize>) {
-        let first = k * self.virtual_batch * self.per_example;
+    /// Elements of a full group: the buffer is cut into chunks of this many, one per group
+    /// (the last may be shorter).
+    fn chunk(&self) -> usize {
+        self.virtual_batch.min(self.shape[0]) * self.per_example
+    }
+
+    /// Groups per parallel task: enough for a task to reach the kernels' serial size, so that
+    /// small groups are not spread one by one over threads.
+    fn per_task(&self) -> usize {
+        (plan::SERIAL_BELOW / self.chunk()).max(1)
+    }
+
+    /// The shape of a group of `len` elements: the input's, with its examples as the batch.
+    fn shape_of(&self, len: usize) -> Vec<usize> {
         let mut shape = self.shape.to_vec();
-        shape[0] = self.examples(k);
-        (first..first + shape[0] * self.per_example, shape)
+        shape[0] = len / self.per_example;
+        shape
     }
 
     /// Checks that every group holds at least 2 values per channel (only the last can hold
@@ -150,15 +162,19 @@ pub fn ghost_batch_norm_train<T: Element>(
     check::virtual_batch(virtual_batch)?;
     let groups = Groups::new(shape, &g, virtual_batch);
     groups.check_counts()?;
-    let mut stats = Vec::with_capacity(groups.len());
-    let mut saved = Vec::with_capacity(groups.len());
-    for k in 0..groups.len() {
-        let (range, group_shape) = groups.group(k);
-        let group = View::new(&data[range.clone()], &group_shape, layout);
-        let (s, sv) = batch_norm_train(group, affine, eps, &mut y[range])?;
-        stats.push(s);
-        saved.push(sv);
-    }
+    // Groups are independent: each runs the plain kernel on its slice (the same bits whichever
+    // thread runs it), in parallel; the results come back in batch order.
+    let (stats, saved): (Vec<BatchStats>, Vec<SavedStats>) = data
+        .par_chunks(groups.chunk())
+        .zip(y.par_chunks_mut(groups.chunk()))
+        .with_min_len(groups.per_task())
+        .map(|(xk, yk)| {
+            let group_shape = groups.shape_of(xk.len());
+            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk)
+        })
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .unzip();
     Ok((
         stats,
         GhostSaved {
@@ -185,7 +201,7 @@ pub fn ghost_batch_norm_backward<T: Element>(
     gamma: Option<&[T]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let Grads { mut dx, dgamma, dbeta } = grads;
+    let Grads { dx, dgamma, dbeta } = grads;
     let View { data, shape, layout } = x;
     let g = check::input("x", data, shape, layout)?;
     check::len("dy", &g, dy.len())?;
@@ -199,19 +215,36 @@ pub fn ghost_batch_norm_backward<T: Element>(
     }
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    let mut total: Option<GradSums> = None;
-    for (k, s) in saved.groups.iter().enumerate() {
-        let (range, group_shape) = groups.group(k);
-        let group_g = layout.geometry(&group_shape)?;
-        let group_dx = dx.as_deref_mut().map(|d| &mut d[range.clone()]);
-        let sums = train_backward_sums(&group_g, &data[range.clone()], &dy[range], group_dx, s, gamma);
-        match total.as_mut() {
-            Some(t) => t.add(&sums)?,
-            None => total = Some(sums),
-        }
-    }
+    // Each group's dx and sums on its own slices, in parallel as in the forward; the sums are
+    // then added in batch order, so the bits do not depend on the threads.
+    let (chunk, per_task) = (groups.chunk(), groups.per_task());
+    let group_backward = |xk: &[T], dyk: &[T], dxk: Option<&mut [T]>, s: &SavedStats| {
+        let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
+        Ok(train_backward_sums(&group_g, xk, dyk, dxk, s, gamma))
+    };
+    let inputs = data.par_chunks(chunk).zip(dy.par_chunks(chunk));
+    let sums: Vec<GradSums> = match dx {
+        Some(dx) => inputs
+            .zip(dx.par_chunks_mut(chunk))
+            .zip(&saved.groups)
+            .with_min_len(per_task)
+            .map(|(((xk, dyk), dxk), s)| group_backward(xk, dyk, Some(dxk), s))
+            .collect::<Result<_, Error>>()?,
+        None => inputs
+            .zip(&saved.groups)
+            .with_min_len(per_task)
+            .map(|((xk, dyk), s)| group_backward(xk, dyk, None, s))
+            .collect::<Result<_, Error>>()?,
+    };
+    let mut sums = sums.into_iter();
     // At least one group: the input is not empty.
-    total.map_or(Ok(()), |t| t.write_param_grads(dgamma, dbeta))
+    let Some(mut total) = sums.next() else {
+        return Ok(());
+    };
+    for s in sums {
+        total.add(&s)?;
+    }
+    total.write_param_grads(dgamma, dbeta)
 }
 
 /// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
