@@ -34,6 +34,7 @@ use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Eva
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd};
 use crate::report::{self, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
+use batchnorm::BatchNormConfig;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -600,9 +601,18 @@ impl Experiment for SmallBatch {
         let norm = |channels: usize, spatial: usize| -> Result<BatchNormLayer> {
             match variant.method {
                 Method::Bn | Method::Frozen => BatchNormLayer::new(channels, spatial, config),
-                Method::Renorm | Method::Ghost4 | Method::Ghost16 => {
-                    anyhow::bail!("{} is not available in the engine yet", variant.method.name())
+                Method::Ghost4 | Method::Ghost16 => {
+                    let virtual_batch = variant.method.virtual_batch();
+                    BatchNormLayer::new(
+                        channels,
+                        spatial,
+                        BatchNormConfig {
+                            virtual_batch,
+                            ..config
+                        },
+                    )
                 }
+                Method::Renorm => anyhow::bail!("renorm is not available in the engine yet"),
                 Method::NoBn => unreachable!("no normalization layer is built without BN"),
             }
         };
