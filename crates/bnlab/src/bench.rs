@@ -3,8 +3,8 @@
 //! [`Variant`] in the same run.
 
 use batchnorm::{
-    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormSaved, RenormSchedule,
-    SavedStats, View,
+    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormSaved, RenormSchedule, SavedStats,
+    View,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -114,7 +114,10 @@ enum Timed {
     /// The kernel crate's `BatchNorm` (plain or frozen).
     Bn { layer: BatchNorm<f32>, saved: SavedStats },
     /// The kernel crate's `BatchRenorm`.
-    Renorm { layer: BatchRenorm<f32>, saved: RenormSaved },
+    Renorm {
+        layer: BatchRenorm<f32>,
+        saved: RenormSaved,
+    },
 }
 
 impl Timed {
