@@ -180,13 +180,11 @@ fn small_batch_policy_passes_through() {
     assert_eq!(layer.bn, before, "running statistics untouched");
     let mut dx = [0.0; 3];
     layer.backward(&x, &y, &[1.0, 1.0, 1.0], 1, Some(&mut dx)).unwrap();
-    // dx = γ·dy/√(σ²_run + ε) with γ = 1 (the frozen backward).
-    for c in 0..3 {
-        let want = 1.0 / (before.running_var[c] as f64 + 1e-5).sqrt();
-        assert!(
-            (dx[c] as f64 - want).abs() <= 4.0 * f32::EPSILON as f64 * want,
-            "dx[{c}]"
-        );
+    // dx = γ·dy/√(σ²_run + ε) with γ = 1 (the frozen backward); the kernel's f32 element-wise
+    // pass is within 2·ε_f32 of it (docs/numerics.md), doubled for margin.
+    for (c, (&dx, &var)) in dx.iter().zip(&before.running_var).enumerate() {
+        let want = 1.0 / (var as f64 + 1e-5).sqrt();
+        assert!((dx as f64 - want).abs() <= 4.0 * f32::EPSILON as f64 * want, "dx[{c}]");
     }
 }
 
