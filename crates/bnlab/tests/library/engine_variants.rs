@@ -12,11 +12,10 @@ use batchnorm::{
 use bnlab::bench::{self, Case, Clock, Op};
 use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, CheckpointProgress};
 use bnlab::engine::{
-    BatchNormLayer, BnVariant, Layer, Linear, Mode, Param, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy, State,
-    StateValue,
+    BatchNormLayer, BnVariant, Layer, Linear, Mode, Param, Sequential, Sgd, Sigmoid, State, StateValue,
 };
 
-use crate::common::checkpoints::edit_tensors;
+use crate::common::checkpoints::{edit_tensors, sgd_step};
 use crate::common::{normal, rng};
 
 /// A renorm schedule that leaves (1, 0) after one step, so a few steps exercise r and d.
@@ -60,48 +59,93 @@ fn batch_data(step: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
 
 const STEPS: usize = 6;
 
+/// A kernel-crate layer, for comparison with the engine layer built on it.
+trait KernelLayer {
+    /// One training step driven by hand: y, dx, dγ, dβ.
+    fn step(&mut self, x: View<'_, f32>, dy: &[f32]) -> Step;
+    fn infer(&self, x: View<'_, f32>, y: &mut [f32]);
+}
+
+/// `BatchNorm` and `BatchRenorm` have the same method names and differ in their saved values.
+macro_rules! kernel_layer {
+    ($layer:ty) => {
+        impl KernelLayer for $layer {
+            fn step(&mut self, x: View<'_, f32>, dy: &[f32]) -> Step {
+                let mut y = vec![0.0; x.data.len()];
+                let saved = self.forward_train(x, &mut y).unwrap();
+                let channels = self.num_features;
+                let (mut dx, mut dg, mut db) = (vec![0.0; y.len()], vec![0.0; channels], vec![0.0; channels]);
+                let grads = Grads::new(&mut dx, &mut dg, &mut db);
+                self.backward(x, dy, &saved, grads).unwrap();
+                (y, dx, dg, db)
+            }
+            fn infer(&self, x: View<'_, f32>, y: &mut [f32]) {
+                self.forward_eval(x, y).unwrap()
+            }
+        }
+    };
+}
+
+kernel_layer!(BatchNorm<f32>);
+kernel_layer!(BatchRenorm<f32>);
+
+/// [`STEPS`] training steps of `engine` and of `kernel` on the same batches `[batch, channels,
+/// spatial]`, then one inference: the same bits in y, dx, dγ, dβ and the inference output.
+/// `before(step, kernel)` runs before each kernel step; `check(step, engine, kernel)` after it.
+fn assert_same_as_kernel<K: KernelLayer>(
+    what: &str,
+    engine: &mut BatchNormLayer,
+    kernel: &mut K,
+    [batch, channels, spatial]: [usize; 3],
+    mut before: impl FnMut(usize, &mut K),
+    check: impl Fn(usize, &BatchNormLayer, &K),
+) {
+    let shape = [batch, channels, spatial];
+    for step in 0..STEPS {
+        let (x, dy) = batch_data(step, batch * channels * spatial);
+        let got = engine_step(engine, &x, &dy, batch);
+        before(step, kernel);
+        let want = kernel.step(View::new(&x, &shape, Layout::ChannelsFirst), &dy);
+        assert_eq!(got, want, "{what}: step {step}");
+        check(step, engine, kernel);
+    }
+    let (x, _) = batch_data(STEPS, batch * channels * spatial);
+    let (mut y, mut want) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    engine.forward(&x, batch, &mut y, Mode::Eval).unwrap();
+    kernel.infer(View::new(&x, &shape, Layout::ChannelsFirst), &mut want);
+    assert_eq!(y, want, "{what}: inference");
+}
+
+/// The shapes the layers are compared on: fully connected and convolutional.
+const SHAPES: [[usize; 3]; 2] = [[8, 3, 1], [4, 2, 5]];
+
 /// Plain and frozen batch norm: the engine layer equals the kernel's `BatchNorm` driven by hand
 /// (frozen: plain for `after` steps, then `freeze()`), bit for bit, in y, dx, dγ, dβ, running
-/// statistics and inference outputs, fully connected and convolutional.
+/// statistics and inference outputs.
 #[test]
 fn plain_and_frozen_layers_are_the_kernel_layer() {
-    for (batch, channels, spatial) in [(8, 3, 1), (4, 2, 5)] {
+    for dims in SHAPES {
         for after in [None, Some(0), Some(2)] {
             let variant = after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after });
-            let what = format!("{variant:?} N={batch} C={channels} S={spatial}");
+            let what = format!("{variant:?} {dims:?}");
+            let [_, channels, spatial] = dims;
             let config = BatchNormConfig::default();
             let mut engine = BatchNormLayer::with_variant(channels, spatial, config, variant).unwrap();
             let mut kernel = BatchNorm::<f32>::new(channels, config).unwrap();
             let (gamma, beta) = params(channels);
             (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
             (kernel.gamma, kernel.beta) = (gamma, beta);
-            let shape = [batch, channels, spatial];
-            for step in 0..STEPS {
-                let (x, dy) = batch_data(step, batch * channels * spatial);
-                let got = engine_step(&mut engine, &x, &dy, batch);
+            let freeze = |step: usize, kernel: &mut BatchNorm<f32>| {
                 if after == Some(step as u64) {
                     kernel.freeze();
                 }
-                let xv = View::new(&x, &shape, Layout::ChannelsFirst);
-                let mut y = vec![0.0; x.len()];
-                let saved = kernel.forward_train(xv, &mut y).unwrap();
-                let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; channels], vec![0.0; channels]);
-                kernel
-                    .backward(xv, &dy, &saved, Grads::new(&mut dx, &mut dg, &mut db))
-                    .unwrap();
-                assert_eq!(got, (y, dx, dg, db), "{what}: step {step}");
-                assert_eq!(engine.bn, kernel, "{what}: layer state after step {step}");
+            };
+            let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchNorm<f32>| {
+                assert_eq!(&engine.bn, kernel, "{what}: layer state after step {step}");
                 let frozen = after.is_some_and(|a| step as u64 >= a);
                 assert_eq!(engine.is_frozen(), frozen, "{what}: frozen after step {step}");
-            }
-            let (x, _) = batch_data(STEPS, batch * channels * spatial);
-            let mut y = vec![0.0; x.len()];
-            engine.forward(&x, batch, &mut y, Mode::Eval).unwrap();
-            let mut want = vec![0.0; x.len()];
-            kernel
-                .forward_eval(View::new(&x, &shape, Layout::ChannelsFirst), &mut want)
-                .unwrap();
-            assert_eq!(y, want, "{what}: inference");
+            };
+            assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
         }
     }
 }
@@ -111,8 +155,9 @@ fn plain_and_frozen_layers_are_the_kernel_layer() {
 /// the warm-up and the ramps of r_max and d_max.
 #[test]
 fn renorm_layer_is_the_kernel_layer() {
-    for (batch, channels, spatial) in [(8, 3, 1), (4, 2, 5)] {
-        let what = format!("renorm N={batch} C={channels} S={spatial}");
+    for dims in SHAPES {
+        let what = format!("renorm {dims:?}");
+        let [_, channels, spatial] = dims;
         let config = BatchNormConfig::default();
         let mut engine = BatchNormLayer::with_variant(channels, spatial, config, renorm()).unwrap();
         let renorm_config = BatchRenormConfig {
@@ -126,33 +171,15 @@ fn renorm_layer_is_the_kernel_layer() {
         let layer = engine.renorm_mut().unwrap();
         (layer.gamma, layer.beta) = (gamma.clone(), beta.clone());
         (kernel.gamma, kernel.beta) = (gamma, beta);
-        let shape = [batch, channels, spatial];
-        for step in 0..STEPS {
-            let (x, dy) = batch_data(step, batch * channels * spatial);
-            let got = engine_step(&mut engine, &x, &dy, batch);
-            let xv = View::new(&x, &shape, Layout::ChannelsFirst);
-            let mut y = vec![0.0; x.len()];
-            let saved = kernel.forward_train(xv, &mut y).unwrap();
-            let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; channels], vec![0.0; channels]);
-            kernel
-                .backward(xv, &dy, &saved, Grads::new(&mut dx, &mut dg, &mut db))
-                .unwrap();
-            assert_eq!(got, (y, dx, dg, db), "{what}: step {step}");
-            assert_eq!(engine.renorm(), Some(&kernel), "{what}: layer state after step {step}");
-        }
+        let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchRenorm<f32>| {
+            assert_eq!(engine.renorm(), Some(kernel), "{what}: layer state after step {step}");
+        };
+        assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, |_, _| {}, check);
         assert_eq!(engine.train_steps(), Some(STEPS as u64));
         assert!(
             kernel.clip().r_max() > 1.0 && kernel.clip().d_max() > 0.0,
             "{what}: past the warm-up"
         );
-        let (x, _) = batch_data(STEPS, batch * channels * spatial);
-        let mut y = vec![0.0; x.len()];
-        engine.forward(&x, batch, &mut y, Mode::Eval).unwrap();
-        let mut want = vec![0.0; x.len()];
-        kernel
-            .forward_eval(View::new(&x, &shape, Layout::ChannelsFirst), &mut want)
-            .unwrap();
-        assert_eq!(y, want, "{what}: inference");
     }
 }
 
@@ -460,16 +487,10 @@ fn net(variant: BnVariant, seed: u64) -> Sequential {
 
 /// SGD steps `from..to` with momentum, on batches that depend on the step alone.
 fn train(net: &mut Sequential, sgd: &mut Sgd, from: usize, to: usize) {
-    let mut loss = SoftmaxCrossEntropy::default();
-    let mut d = vec![0.0; BATCH * CLASSES];
     for step in from..to {
         let (x, _) = batch_data(step, BATCH * FEATURES);
         let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
-        let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
-        loss.forward(logits, &y, CLASSES).unwrap();
-        loss.backward(&y, CLASSES, &mut d);
-        net.backward(&d).unwrap();
-        sgd.step(net.params(), 0.1);
+        sgd_step(net, sgd, &x, &y, CLASSES);
     }
 }
 
