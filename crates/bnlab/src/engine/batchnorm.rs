@@ -621,6 +621,9 @@ impl Layer for BatchNormLayer {
             (Kind::Frozen { .. }, "frozen", StateValue::U64(v)) if v.len() == 1 && v[0] <= 1 => {
                 self.bn.set_frozen(v[0] == 1)
             }
+            (Kind::Frozen { .. }, "frozen", StateValue::U64(v)) if v.len() == 1 => {
+                bail!("frozen state {} is neither 0 nor 1", v[0])
+            }
             (Kind::Frozen { steps, .. }, "train_steps", StateValue::U64(v)) if v.len() == 1 => *steps = v[0],
             (Kind::Renorm(r), "moving_mean", StateValue::F32(v)) if v.len() == channels => r.moving_mean = v,
             (Kind::Renorm(r), "moving_std", StateValue::F32(v)) if v.len() == channels => r.moving_std = v,
@@ -629,14 +632,10 @@ impl Layer for BatchNormLayer {
             (_, "population_mean", StateValue::F64(v)) if v.len() == channels => mean = v,
             (_, "population_var", StateValue::F64(v)) if v.len() == channels => var = v,
             (_, name, v) => bail!(
-                "{} has no state `{name}` of {} {} values{}",
+                "{} has no state `{name}` of {} {} values",
                 self.name(),
                 v.len(),
-                v.dtype_name(),
-                match (name, &v) {
-                    ("frozen", StateValue::U64(v)) if v.len() == 1 => format!(" (frozen is 0 or 1, not {})", v[0]),
-                    _ => String::new(),
-                }
+                v.dtype_name()
             ),
         }
         self.population = PopulationStats::from_parts(batches, mean, var)?;

@@ -663,6 +663,13 @@ fn impossible_variant_state_is_refused() {
             [1.0f32, -0.5, 1.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
         ),
     ];
+    // The layer itself refuses a frozen state other than 0 or 1, and keeps its own.
+    let mut layer =
+        BatchNormLayer::with_variant(2, 1, BatchNormConfig::default(), BnVariant::Frozen { after: 0 }).unwrap();
+    layer.set_state("frozen", StateValue::U64(vec![1])).unwrap();
+    let err = layer.set_state("frozen", StateValue::U64(vec![2])).unwrap_err();
+    assert!(err.to_string().contains("neither 0 nor 1"), "{err}");
+    assert!(layer.is_frozen());
     for (bytes, name, value) in cases {
         assert!(Checkpoint::from_bytes(bytes).is_ok());
         let damaged = edit_tensors(bytes, |t| t.get_mut(name).unwrap().2 = value);
