@@ -213,19 +213,6 @@ pub trait Experiment: Sync {
         Ok(Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?))
     }
 
-    /// Called before each training step `step` (0-based) of `variant`, e.g. to freeze batch norm
-    /// after a warm-up. What it does must follow from `step` alone: a resumed run calls it from
-    /// its checkpoint's step on. Nothing by default.
-    fn before_step(
-        &self,
-        _s: &Settings<Self::Settings>,
-        _variant: Self::Variant,
-        _net: &mut Sequential,
-        _step: u64,
-    ) -> Result<()> {
-        Ok(())
-    }
-
     /// Whether evaluations with population statistics also measure the accuracy with the running
     /// statistics ([`Evaluation::running_test_acc`]). No by default.
     fn evaluate_running_too(&self, _s: &Settings<Self::Settings>) -> bool {

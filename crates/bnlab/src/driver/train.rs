@@ -253,8 +253,7 @@ impl Timing {
 /// Trains `variant` of `experiment` from its checkpoint `start` (or from scratch) to the steps of
 /// its settings ([`Experiment::variant_settings`]: batch size, steps, evaluation and checkpoint
 /// schedule), as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics lines
-/// through `run`. Its batches are [`Experiment::batch_order`]'s, and
-/// [`Experiment::before_step`] sees the network before every step.
+/// through `run`. Its batches are [`Experiment::batch_order`]'s.
 ///
 /// After every `eval_every` steps and after the last: with several ranks, the replicas are checked
 /// to be identical; rank 0 evaluates and records the experiment's metrics line. After every
@@ -310,7 +309,6 @@ pub fn train_variant<E: Experiment>(
     for step in counters.steps..c.steps {
         run.check()?;
         let t = Instant::now();
-        experiment.before_step(s, variant, &mut net, step)?;
         let lr = experiment.lr(s, variant, step) as f32;
         let loss = train_step_parallel(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
         counters.train_secs += t.elapsed().as_secs_f64();

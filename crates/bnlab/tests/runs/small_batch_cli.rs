@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// The variants of the end-to-end run: every method at a batch that divides the reference 16.
-const VARIANTS: &str = "bn-b2,frozen-b4,bn-b8,no-bn-b16";
+const VARIANTS: &str = "bn-b2,renorm-b4,frozen-b4,bn-b8,ghost4-b16,no-bn-b16";
 
 fn run(data: &Path, out: &Path, extra: &[&str]) -> Vec<Value> {
     let args = small_batch_tiny_args(
@@ -57,7 +57,7 @@ fn every_variant_sees_the_same_examples_and_writes_every_output() {
     assert_eq!(table["examples"], 96);
     assert_eq!(table["batches"], "iid");
     let cells = table["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 4);
+    assert_eq!(cells.len(), 6);
     for cell in cells {
         let last = lines.iter().rev().find(|m| m["variant"] == cell["variant"]).unwrap();
         assert_eq!(cell["test_acc"], last["test_acc"], "{cell}");
