@@ -219,7 +219,10 @@ pub struct BenchArgs {
 /// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
 /// presets).
 pub fn command() -> clap::Command {
-    let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
+    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the
+    // presets apply when its value is `true`.
+    let quick =
+        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
@@ -253,4 +256,37 @@ fn with_defaults(c: clap::Command, d: &Defaults) -> clap::Command {
 pub fn parse() -> Result<Cli, clap::Error> {
     let matches = command().try_get_matches()?;
     Cli::from_arg_matches(&matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The common settings `args` parse to.
+    fn settings(args: &[&str]) -> CommonSettings {
+        let matches = command().try_get_matches_from(args).unwrap();
+        match Cli::from_arg_matches(&matches).unwrap().command {
+            Command::PaperMlp(a) => a.settings,
+            Command::Accelerate(a) => a.settings,
+            Command::SmallBatch(a) => a.settings,
+            other => panic!("not a training command: {other:?}"),
+        }
+    }
+
+    /// Each experiment's defaults apply without `--quick`, its presets with it, and a flag given
+    /// wins over both.
+    #[test]
+    fn defaults_and_quick_presets() {
+        let steps = |args: &[&str]| settings(args).steps;
+        assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
+        assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::quick::STEPS);
+        let s = settings(&["bnlab", "small-batch"]);
+        assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
+        let s = settings(&["bnlab", "accelerate", "--quick"]);
+        assert_eq!((s.eval_every, s.population_batches), (40, 5));
+    }
 }
