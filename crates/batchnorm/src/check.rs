@@ -220,3 +220,21 @@ pub(crate) fn renorm_saved(saved: &crate::RenormSaved, channels: usize) -> Resul
     self::channels("saved.r", channels, saved.r.len())?;
     self::channels("saved.d", channels, saved.d.len())
 }
+
+/// Checks an optional mask over positions (one `bool` per value of a channel, see
+/// [`crate::batch_norm_train_masked`]): `g.per_channel()` entries ([`Error::BufferLength`] named
+/// `mask`). Returns the number of values per channel it selects: its entries that are true, or
+/// all `g.per_channel()` values without a mask.
+pub(crate) fn mask(g: &Geometry, mask: Option<&[bool]>) -> Result<u64, Error> {
+    let Some(mask) = mask else {
+        return Ok(g.per_channel() as u64);
+    };
+    if mask.len() != g.per_channel() {
+        return Err(Error::BufferLength {
+            name: "mask",
+            expected: g.per_channel(),
+            actual: mask.len(),
+        });
+    }
+    Ok(mask.iter().filter(|&&on| on).count() as u64)
+}

@@ -10,6 +10,7 @@ mod forward;
 mod frozen;
 mod kernels;
 mod layer;
+mod masked;
 pub mod reference;
 mod renorm;
 mod shape;
@@ -25,6 +26,10 @@ pub use forward::{batch_norm_eval, batch_norm_train, normalize};
 pub use frozen::SmallBatch;
 pub use kernels::plan::LAST_LEVEL_CACHE_BYTES;
 pub use layer::{BatchNorm, BatchNormConfig};
+pub use masked::{
+    batch_norm_backward_eval_masked, batch_norm_backward_masked, batch_norm_eval_masked, batch_norm_train_masked,
+    batch_stats_masked, grad_sums_masked, input_grad_masked, normalize_masked,
+};
 pub use renorm::{
     batch_renorm_backward, batch_renorm_eval, batch_renorm_train, update_renorm_stats, BatchRenorm, BatchRenormConfig,
     RenormClip, RenormSaved, RenormSchedule, RenormStats,

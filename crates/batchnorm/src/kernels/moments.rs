@@ -110,12 +110,106 @@ impl Runs {
     }
 }
 
-/// Σ x over `runs`, widened to `f64`.
+/// Which elements of some [`Runs`] enter a reduction: all of them ([`AllLanes`]) or those a
+/// mask marks ([`MaskedLanes`]). The reductions are written once over this; with [`AllLanes`]
+/// every method is the identity and compiles away.
+pub(crate) trait Lanes<S: Simd>: Copy {
+    /// The on/off state of 8 consecutive elements.
+    type M: Copy;
+    /// The state of elements `i..i + 8` of run `k`.
+    ///
+    /// # Safety
+    /// Those elements must lie inside the runs.
+    unsafe fn mask(self, s: S, k: usize, i: usize) -> Self::M;
+    /// The lanes of `v` that are on, +0.0 in the others (a select).
+    fn keep(self, s: S, m: Self::M, v: S::V) -> S::V;
+    /// Whether element `i` of run `k` is on.
+    ///
+    /// # Safety
+    /// The element must lie inside the runs.
+    unsafe fn on(self, k: usize, i: usize) -> bool;
+    /// Number of elements that are on in `runs`.
+    fn count(self, runs: Runs) -> usize;
+}
+
+/// Every element enters.
+#[derive(Clone, Copy)]
+pub(crate) struct AllLanes;
+
+impl<S: Simd> Lanes<S> for AllLanes {
+    type M = ();
+    #[inline(always)]
+    unsafe fn mask(self, _: S, _: usize, _: usize) {}
+    #[inline(always)]
+    fn keep(self, _: S, _: (), v: S::V) -> S::V {
+        v
+    }
+    #[inline(always)]
+    unsafe fn on(self, _: usize, _: usize) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn count(self, runs: Runs) -> usize {
+        runs.total()
+    }
+}
+
+/// The elements whose entry in `mask` is true; `at` places the runs in the mask (the same count
+/// and lengths as the data's runs, its own first element and stride).
+#[derive(Clone, Copy)]
+pub(crate) struct MaskedLanes<'a> {
+    pub mask: &'a [bool],
+    pub at: Runs,
+}
+
+impl<'a> MaskedLanes<'a> {
+    /// The mask's runs, which must lie inside it.
+    #[inline(always)]
+    pub fn new(mask: &'a [bool], at: Runs) -> Self {
+        at.check(mask.len());
+        MaskedLanes { mask, at }
+    }
+
+    #[inline(always)]
+    fn ptr(self, k: usize, i: usize) -> *const bool {
+        self.mask.as_ptr().wrapping_add(self.at.first + k * self.at.stride + i)
+    }
+}
+
+impl<S: Simd> Lanes<S> for MaskedLanes<'_> {
+    type M = S::M;
+    #[inline(always)]
+    unsafe fn mask(self, s: S, k: usize, i: usize) -> S::M {
+        // SAFETY: the elements lie inside the runs (caller), which lie inside the mask (`new`).
+        unsafe { s.load_mask(self.ptr(k, i)) }
+    }
+    #[inline(always)]
+    fn keep(self, s: S, m: S::M, v: S::V) -> S::V {
+        s.keep(m, v)
+    }
+    #[inline(always)]
+    unsafe fn on(self, k: usize, i: usize) -> bool {
+        // SAFETY: as in `mask`.
+        unsafe { *self.ptr(k, i) }
+    }
+    #[inline(always)]
+    fn count(self, _: Runs) -> usize {
+        let at = self.at;
+        (0..at.count)
+            .map(|k| {
+                let first = at.first + k * at.stride;
+                self.mask[first..first + at.len].iter().filter(|&&on| on).count()
+            })
+            .sum()
+    }
+}
+
+/// Σ x over the elements of `runs` that `lanes` has on, widened to `f64`.
 ///
 /// # Safety
 /// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs) -> f64 {
+unsafe fn runs_sum<S: Simd, T: Element, L: Lanes<S>>(s: S, x: *const T, runs: Runs, lanes: L) -> f64 {
     let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
     let mut tail = 0.0;
     for k in 0..runs.count {
@@ -126,16 +220,18 @@ unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs) -> f64 {
             let n = runs.len;
             let mut i = 0;
             while i + 16 <= n {
-                a0 = s.add(a0, s.load(p.add(i)));
-                a1 = s.add(a1, s.load(p.add(i + 8)));
+                a0 = s.add(a0, lanes.keep(s, lanes.mask(s, k, i), s.load(p.add(i))));
+                a1 = s.add(a1, lanes.keep(s, lanes.mask(s, k, i + 8), s.load(p.add(i + 8))));
                 i += 16;
             }
             if i + 8 <= n {
-                a0 = s.add(a0, s.load(p.add(i)));
+                a0 = s.add(a0, lanes.keep(s, lanes.mask(s, k, i), s.load(p.add(i))));
                 i += 8;
             }
             while i < n {
-                tail += (*p.add(i)).to_f64();
+                if lanes.on(k, i) {
+                    tail += (*p.add(i)).to_f64();
+                }
                 i += 1;
             }
         }
@@ -143,12 +239,18 @@ unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs) -> f64 {
     fold_lanes(s.lanes(s.add(a0, a1))) + tail
 }
 
-/// (Σ(x − m), Σ(x − m)²) over `runs`.
+/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `lanes` has on.
 ///
 /// # Safety
 /// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f64) -> (f64, f64) {
+unsafe fn runs_centered<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    x: *const T,
+    runs: Runs,
+    m: f64,
+    lanes: L,
+) -> (f64, f64) {
     let mv = s.splat(m);
     let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
     let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
@@ -160,8 +262,8 @@ unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f
             let n = runs.len;
             let mut i = 0;
             while i + 16 <= n {
-                let d0 = s.sub(s.load(p.add(i)), mv);
-                let d1 = s.sub(s.load(p.add(i + 8)), mv);
+                let d0 = lanes.keep(s, lanes.mask(s, k, i), s.sub(s.load(p.add(i)), mv));
+                let d1 = lanes.keep(s, lanes.mask(s, k, i + 8), s.sub(s.load(p.add(i + 8)), mv));
                 a0 = s.add(a0, d0);
                 a1 = s.add(a1, d1);
                 b0 = s.mul_add(d0, d0, b0);
@@ -169,15 +271,17 @@ unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f
                 i += 16;
             }
             if i + 8 <= n {
-                let d0 = s.sub(s.load(p.add(i)), mv);
+                let d0 = lanes.keep(s, lanes.mask(s, k, i), s.sub(s.load(p.add(i)), mv));
                 a0 = s.add(a0, d0);
                 b0 = s.mul_add(d0, d0, b0);
                 i += 8;
             }
             while i < n {
-                let d = (*p.add(i)).to_f64() - m;
-                ta += d;
-                tb = d.mul_add(d, tb);
+                if lanes.on(k, i) {
+                    let d = (*p.add(i)).to_f64() - m;
+                    ta += d;
+                    tb = d.mul_add(d, tb);
+                }
                 i += 1;
             }
         }
@@ -188,20 +292,30 @@ unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f
     )
 }
 
+/// Moments of the elements of `runs` of `x` that `lanes` has on (no element: [`Moments::EMPTY`]).
 #[inline(always)]
-pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs) -> Moments {
+fn runs_moments_of<S: Simd, T: Element, L: Lanes<S>>(s: S, x: &[T], runs: Runs, lanes: L) -> Moments {
     runs.check(x.len());
-    let n = runs.total() as f64;
+    let count = lanes.count(runs);
+    if count == 0 {
+        return Moments::EMPTY;
+    }
+    let n = count as f64;
     // SAFETY: checked just above.
-    let m = unsafe { runs_sum(s, x.as_ptr(), runs) } / n;
+    let m = unsafe { runs_sum(s, x.as_ptr(), runs, lanes) } / n;
     // SAFETY: checked just above.
-    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m) };
+    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, lanes) };
     let m2 = d2 - d1 * d1 / n;
     Moments {
         count: n,
         mean: m + d1 / n,
         m2: if m2 < 0.0 { 0.0 } else { m2 },
     }
+}
+
+#[inline(always)]
+pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs) -> Moments {
+    runs_moments_of(s, x, runs, AllLanes)
 }
 
 simd_dispatch! {
@@ -213,7 +327,27 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) {
+pub(super) fn runs_moments_masked_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, lanes: MaskedLanes) -> Moments {
+    runs_moments_of(s, x, runs, lanes)
+}
+
+simd_dispatch! {
+    /// [`runs_moments`] over the elements `lanes` has on: the same operations in the same order,
+    /// the others replaced by +0.0 in the sums (a select, so their values never reach the result).
+    /// With every element on, the same bits as [`runs_moments`].
+    pub(crate) fn runs_moments_masked<T>(x: &[T], runs: Runs, lanes: MaskedLanes) -> Moments => runs_moments_masked_impl
+}
+
+/// (Σ dy, Σ dy·(x − m)) over the elements of `runs` that `lanes` has on.
+#[inline(always)]
+fn runs_grad_sums_of<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    lanes: L,
+) -> (f64, f64) {
     runs.check(x.len());
     runs.check(dy.len());
     let (xp, gp) = (x.as_ptr(), dy.as_ptr());
@@ -231,24 +365,28 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], 
             let n = runs.len;
             let mut i = 0;
             while i + 16 <= n {
-                let g0 = s.load(pg.add(i));
-                let g1 = s.load(pg.add(i + 8));
+                let (m0, m1) = (lanes.mask(s, k, i), lanes.mask(s, k, i + 8));
+                let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
+                let g1 = lanes.keep(s, m1, s.load(pg.add(i + 8)));
                 a0 = s.add(a0, g0);
                 a1 = s.add(a1, g1);
-                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
-                b1 = s.mul_add(g1, s.sub(s.load(px.add(i + 8)), mv), b1);
+                b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
+                b1 = s.mul_add(g1, lanes.keep(s, m1, s.sub(s.load(px.add(i + 8)), mv)), b1);
                 i += 16;
             }
             if i + 8 <= n {
-                let g0 = s.load(pg.add(i));
+                let m0 = lanes.mask(s, k, i);
+                let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
                 a0 = s.add(a0, g0);
-                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
+                b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
                 i += 8;
             }
             while i < n {
-                let g = (*pg.add(i)).to_f64();
-                ta += g;
-                tb = g.mul_add((*px.add(i)).to_f64() - m, tb);
+                if lanes.on(k, i) {
+                    let g = (*pg.add(i)).to_f64();
+                    ta += g;
+                    tb = g.mul_add((*px.add(i)).to_f64() - m, tb);
+                }
                 i += 1;
             }
         }
@@ -259,9 +397,32 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], 
     )
 }
 
+#[inline(always)]
+pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) {
+    runs_grad_sums_of(s, x, dy, runs, m, AllLanes)
+}
+
 simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`.
     pub(crate) fn runs_grad_sums<T>(x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) => runs_grad_sums_impl
+}
+
+#[inline(always)]
+pub(super) fn runs_grad_sums_masked_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    lanes: MaskedLanes,
+) -> (f64, f64) {
+    runs_grad_sums_of(s, x, dy, runs, m, lanes)
+}
+
+simd_dispatch! {
+    /// [`runs_grad_sums`] over the elements `lanes` has on (dy and x − m of the others replaced
+    /// by +0.0, a select). With every element on, the same bits as [`runs_grad_sums`].
+    pub(crate) fn runs_grad_sums_masked<T>(x: &[T], dy: &[T], runs: Runs, m: f64, lanes: MaskedLanes) -> (f64, f64) => runs_grad_sums_masked_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before
@@ -379,6 +540,100 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     }
 }
 
+/// Which rows of a block enter a reduction: all of them ([`AllRows`]) or those whose entry is
+/// true (a `&[bool]` of one entry per row). With [`AllRows`] every method folds to a constant.
+pub(crate) trait RowSet: Copy {
+    /// Whether row `r` enters.
+    fn on(self, r: usize) -> bool;
+    /// Number of the first `rows` rows that enter.
+    fn count(self, rows: usize) -> usize;
+}
+
+/// Every row enters.
+#[derive(Clone, Copy)]
+pub(crate) struct AllRows;
+
+impl RowSet for AllRows {
+    #[inline(always)]
+    fn on(self, _: usize) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn count(self, rows: usize) -> usize {
+        rows
+    }
+}
+
+impl RowSet for &[bool] {
+    #[inline(always)]
+    fn on(self, r: usize) -> bool {
+        self[r]
+    }
+    #[inline(always)]
+    fn count(self, rows: usize) -> usize {
+        self[..rows].iter().filter(|&&on| on).count()
+    }
+}
+
+/// Moments of the rows of a block that `set` has on; returns their number (0: no row, and
+/// `mean`, `m2` are zeros).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
+    s: S,
+    x: &[T],
+    channels: usize,
+    mean: &mut [f64],
+    m2: &mut [f64],
+    shift: &mut [f64],
+    pf: RowPrefetch,
+    set: R,
+) -> f64 {
+    let rows = x.len() / channels;
+    assert!(
+        rows > 0
+            && mean.len() == channels
+            && m2.len() == channels
+            && shift.len() == channels
+            && rows * channels == x.len()
+    );
+    mean.fill(0.0);
+    m2.fill(0.0);
+    let Some(first) = (0..rows).find(|&r| set.on(r)) else {
+        return 0.0;
+    };
+    for (k, v) in shift.iter_mut().zip(&x[first * channels..]) {
+        *k = v.to_f64();
+    }
+    let (xp, kp) = (x.as_ptr(), shift.as_ptr());
+    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
+    // inside x (asserted above) and `shift`.
+    let step = |r: usize, c: usize, a: S::V, b: S::V| {
+        if !set.on(r) {
+            return (a, b);
+        }
+        let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
+        (s.add(a, d), s.mul_add(d, d, b))
+    };
+    let one = |r: usize, c: usize, a: f64, b: f64| {
+        if !set.on(r) {
+            return (a, b);
+        }
+        let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
+        (a + d, d.mul_add(d, b))
+    };
+    let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
+    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, step, one, pf, ahead);
+    let n = set.count(rows) as f64;
+    for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
+        let s1 = *m;
+        *m = k + s1 / n;
+        let v = *s2 - s1 * s1 / n;
+        *s2 = if v < 0.0 { 0.0 } else { v };
+    }
+    n
+}
+
 #[inline(always)]
 pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     s: S,
@@ -389,39 +644,7 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     shift: &mut [f64],
     pf: RowPrefetch,
 ) {
-    let rows = x.len() / channels;
-    assert!(
-        rows > 0
-            && mean.len() == channels
-            && m2.len() == channels
-            && shift.len() == channels
-            && rows * channels == x.len()
-    );
-    for (k, v) in shift.iter_mut().zip(&x[..channels]) {
-        *k = v.to_f64();
-    }
-    let (xp, kp) = (x.as_ptr(), shift.as_ptr());
-    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
-    // inside x (asserted above) and `shift`.
-    let step = |r: usize, c: usize, a: S::V, b: S::V| {
-        let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
-        (s.add(a, d), s.mul_add(d, d, b))
-    };
-    let one = |r: usize, c: usize, a: f64, b: f64| {
-        let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
-        (a + d, d.mul_add(d, b))
-    };
-    mean.fill(0.0);
-    m2.fill(0.0);
-    let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, step, one, pf, ahead);
-    let n = rows as f64;
-    for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
-        let s1 = *m;
-        *m = k + s1 / n;
-        let v = *s2 - s1 * s1 / n;
-        *s2 = if v < 0.0 { 0.0 } else { v };
-    }
+    rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows);
 }
 
 simd_dispatch! {
@@ -438,8 +661,34 @@ simd_dispatch! {
     ) => rows_moments_impl
 }
 
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_moments_masked_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    mask: &[bool],
+    channels: usize,
+    mean: &mut [f64],
+    m2: &mut [f64],
+    shift: &mut [f64],
+    pf: RowPrefetch,
+) -> f64 {
+    assert_eq!(mask.len() * channels, x.len());
+    rows_moments_of(s, x, channels, mean, m2, shift, pf, mask)
+}
+
+simd_dispatch! {
+    /// [`rows_moments`] over the rows whose `mask` entry is true (one entry per row; the shift is
+    /// the first such row); returns their number, 0 leaving zeros. The other rows are skipped, so
+    /// their values never reach the result; with every row on, the same bits as [`rows_moments`].
+    pub(crate) fn rows_moments_masked<T>(
+        x: &[T], mask: &[bool], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64], pf: RowPrefetch
+    ) -> f64 => rows_moments_masked_impl
+}
+
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
-/// `count_a` values per channel. Vectorized across channels; same formula as [`Moments::merge`].
+/// `count_a` values per channel. Vectorized across channels; same formula as [`Moments::merge`]
+/// (a block of no values changes nothing, whatever its `mean_b` and `m2_b` hold).
 #[inline(always)]
 pub(crate) fn merge_rows(
     count_a: f64,
@@ -449,6 +698,9 @@ pub(crate) fn merge_rows(
     mean_b: &[f64],
     m2_b: &[f64],
 ) {
+    if count_b == 0.0 {
+        return;
+    }
     if count_a == 0.0 {
         mean_a.copy_from_slice(mean_b);
         m2_a.copy_from_slice(m2_b);
@@ -464,8 +716,11 @@ pub(crate) fn merge_rows(
     }
 }
 
+/// (Σ dy, Σ dy·(x − m)) per channel over the rows of a block that `set` has on, accumulated
+/// into `sum_dy`, `sum_dy_xmu`.
 #[inline(always)]
-pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -473,6 +728,7 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
+    set: R,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -483,11 +739,17 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).
     let step = |r: usize, c: usize, a: S::V, b: S::V| unsafe {
+        if !set.on(r) {
+            return (a, b);
+        }
         let g = s.load(gp.add(r * channels + c));
         let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
         (s.add(a, g), s.mul_add(g, d, b))
     };
     let one = |r: usize, c: usize, a: f64, b: f64| unsafe {
+        if !set.on(r) {
+            return (a, b);
+        }
         let g = (*gp.add(r * channels + c)).to_f64();
         (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
     };
@@ -498,10 +760,47 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, step, one, pf, ahead);
 }
 
+#[inline(always)]
+pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    sum_dy: &mut [f64],
+    sum_dy_xmu: &mut [f64],
+    pf: RowPrefetch,
+) {
+    rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows);
+}
+
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
     /// `sum_dy_xmu`.
     pub(crate) fn rows_grad_sums<T>(
         x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
     ) => rows_grad_sums_impl
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_grad_sums_masked_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    mask: &[bool],
+    mean: &[f64],
+    sum_dy: &mut [f64],
+    sum_dy_xmu: &mut [f64],
+    pf: RowPrefetch,
+) {
+    assert_eq!(mask.len() * mean.len(), x.len());
+    rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask);
+}
+
+simd_dispatch! {
+    /// [`rows_grad_sums`] over the rows whose `mask` entry is true (one entry per row); the
+    /// others are skipped, so neither their x nor their dy reaches the sums.
+    pub(crate) fn rows_grad_sums_masked<T>(
+        x: &[T], dy: &[T], mask: &[bool], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
+    ) => rows_grad_sums_masked_impl
 }

@@ -60,6 +60,17 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// As [`Simd::stream`].
     unsafe fn fstream(self, p: *mut f32, v: Self::F);
+
+    /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
+    type M: Copy;
+    /// Loads 8 `bool`s from `p` as a lane mask.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 `bool`s.
+    unsafe fn load_mask(self, p: *const bool) -> Self::M;
+    /// The lanes of `v` that `m` has on, +0.0 in the others: a select, so a NaN or an infinity in
+    /// a lane that is off never reaches the result (a product with 0 would let it through).
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V;
 }
 
 /// `x` as a slice of `f32` when `T` is `f32`.
@@ -173,6 +184,17 @@ impl Simd for Scalar {
     unsafe fn fstream(self, p: *mut f32, v: Self::F) {
         // SAFETY: as `fstore`.
         unsafe { self.fstore(p, v) }
+    }
+
+    type M = [bool; 8];
+    #[inline(always)]
+    unsafe fn load_mask(self, p: *const bool) -> Self::M {
+        // SAFETY: the caller guarantees 8 readable `bool`s.
+        unsafe { p.cast::<[bool; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+        std::array::from_fn(|l| if m[l] { v[l] } else { 0.0 })
     }
 }
 
@@ -313,6 +335,24 @@ mod x86 {
         #[inline(always)]
         unsafe fn fstream(self, p: *mut f32, v: Self::F) {
             unsafe { _mm256_stream_ps(p, v) }
+        }
+
+        /// All-ones in the lanes that are *off* (the complement, which `andnot` takes).
+        type M = (__m256d, __m256d);
+        #[inline(always)]
+        unsafe fn load_mask(self, p: *const bool) -> Self::M {
+            unsafe {
+                // A `bool` is one byte, 0 or 1.
+                let bytes = _mm_loadl_epi64(p as *const __m128i);
+                let zero = _mm256_setzero_si256();
+                let lo = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(bytes), zero);
+                let hi = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_srli_si128::<4>(bytes)), zero);
+                (_mm256_castsi256_pd(lo), _mm256_castsi256_pd(hi))
+            }
+        }
+        #[inline(always)]
+        fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+            unsafe { (_mm256_andnot_pd(m.0, v.0), _mm256_andnot_pd(m.1, v.1)) }
         }
     }
 }

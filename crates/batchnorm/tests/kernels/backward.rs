@@ -260,7 +260,7 @@ fn backward_on_chunking_shapes() {
 const H: f64 = 1e-6;
 const FD_TOL: f64 = 1e-6;
 
-fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
+pub(crate) fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
     vec![
         (Layout::NC, vec![6, 3]),
         (Layout::NCHW, vec![3, 2, 2, 3]),
@@ -291,7 +291,7 @@ fn loss(w: &[f64], y: &[f64]) -> f64 {
 /// in each element of x, and of `loss_params(γ, β)` in each channel's γ and β (both taken
 /// around the given x, γ, β).
 #[allow(clippy::too_many_arguments)]
-fn assert_fd_grads(
+pub(crate) fn assert_fd_grads(
     what: &str,
     x: &[f64],
     gamma: &[f64],
@@ -332,7 +332,7 @@ fn for_each_fd_case(seed0: u64, mut check: impl FnMut(Layout, &[usize], bool, &D
 }
 
 /// The loss `w·y` of the output `forward` writes into a zeroed y.
-fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
+pub(crate) fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
     let mut y = vec![0.0; w.len()];
     forward(&mut y);
     loss(w, &y)

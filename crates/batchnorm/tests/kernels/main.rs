@@ -15,6 +15,7 @@ mod errors;
 mod fold;
 mod forward;
 mod layouts;
+mod masked;
 mod stats;
 mod sync;
 mod variants;

@@ -35,7 +35,7 @@ fn shapes() -> Vec<(Layout, Vec<usize>)> {
 }
 
 /// Uneven shard sizes of a batch of `n` over `p` ranks (one shard of a single example).
-fn shard_sizes(n: usize, p: usize) -> Vec<usize> {
+pub(crate) fn shard_sizes(n: usize, p: usize) -> Vec<usize> {
     match p {
         1 => vec![n],
         2 => vec![1, n - 1],
@@ -126,7 +126,7 @@ fn one_rank<T: TestFloat>(
 }
 
 /// Runs `f(comm)` on each rank of a `p`-thread group; results in rank order.
-fn on_threads<R: Send>(p: usize, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec<R> {
+pub(crate) fn on_threads<R: Send>(p: usize, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec<R> {
     let comms = ThreadComm::group(p).unwrap();
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -166,7 +166,7 @@ fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usi
 
 /// |a − b| ≤ 2·tol(b, scale, rel) elementwise (see the module docs).
 #[track_caller]
-fn assert_near<T: TestFloat>(what: &str, a: &[T], b: &[T], scale: &[f64], rel: f64) {
+pub(crate) fn assert_near<T: TestFloat>(what: &str, a: &[T], b: &[T], scale: &[f64], rel: f64) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     for (k, ((x, y), s)) in wide(a).iter().zip(wide(b)).zip(scale).enumerate() {
         let t = 2.0 * tol::<T>(y, *s, rel);
