@@ -389,7 +389,7 @@ pub(crate) use simd_dispatch;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-    use super::super::moments::{self, RowPrefetch, Runs};
+    use super::super::moments::{self, MaskedLanes, RowPrefetch, Runs};
     use crate::Element;
 
     fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
@@ -489,6 +489,68 @@ mod tests {
             ew::scale_rows_impl(s, &dy[1..], &mut y2[1..], &k, false);
             assert_eq!(y1, y2);
         }
+    }
+
+    /// The masked reductions: AVX2 and portable paths agree bitwise (lanes that are off are +0.0
+    /// in both, whatever the data holds there).
+    fn masked_backends_agree<T: Element>() {
+        if !super::has_avx2() {
+            return;
+        }
+        let s = super::Scalar;
+        let bools = |n: usize, seed: u64| -> Vec<bool> { (0..n).map(|i| (i as u64 * 7 + seed) % 5 < 3).collect() };
+        for (len, count, stride) in [(1, 3, 5), (7, 2, 9), (29, 5, 40), (200, 3, 211), (1000, 1, 0)] {
+            let mut x = data::<T>(stride * count + len + 1, len as u64);
+            let dy = data::<T>(x.len(), 99);
+            let mask = bools(x.len(), len as u64);
+            for (v, &on) in x.iter_mut().zip(&mask) {
+                if !on {
+                    *v = T::from_f64(f64::NAN);
+                }
+            }
+            let runs = Runs {
+                first: 1,
+                count,
+                len,
+                stride,
+            };
+            let lanes = MaskedLanes::new(&mask, runs);
+            assert_eq!(
+                moments::runs_moments_masked(&x, runs, lanes),
+                moments::runs_moments_masked_impl(s, &x, runs, lanes)
+            );
+            let (a, b) = moments::runs_grad_sums_masked(&x, &dy, runs, 1e3, lanes);
+            let (c, d) = moments::runs_grad_sums_masked_impl(s, &x, &dy, runs, 1e3, lanes);
+            assert_eq!((a.to_bits(), b.to_bits()), (c.to_bits(), d.to_bits()));
+            assert!(a.is_finite() && b.is_finite());
+        }
+        for channels in [1, 3, 8, 13, 64] {
+            let rows = 37;
+            let x = data::<T>(rows * channels, channels as u64);
+            let dy = data::<T>(rows * channels, 5);
+            let mask = bools(rows, channels as u64);
+            let z64 = || vec![0.0; channels];
+            let (mut a, mut b, mut c) = (z64(), z64(), z64());
+            let (mut d, mut e, mut f) = (z64(), z64(), z64());
+            let n1 = moments::rows_moments_masked(&x, &mask, channels, &mut a, &mut b, &mut c, RowPrefetch::OFF);
+            let n2 =
+                moments::rows_moments_masked_impl(s, &x, &mask, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
+            assert_eq!((n1, &a, &b), (n2, &d, &e));
+            let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
+            moments::rows_grad_sums_masked(&x, &dy, &mask, &a, &mut g1, &mut g2, RowPrefetch::OFF);
+            moments::rows_grad_sums_masked_impl(s, &x, &dy, &mask, &a, &mut h1, &mut h2, RowPrefetch::OFF);
+            assert_eq!((g1, g2), (h1, h2));
+        }
+    }
+
+    #[test]
+    fn masked_backends_agree_f32() {
+        masked_backends_agree::<f32>();
+    }
+
+    #[test]
+    fn masked_backends_agree_f64() {
+        masked_backends_agree::<f64>();
     }
 
     #[test]

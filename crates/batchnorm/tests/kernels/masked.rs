@@ -691,6 +691,9 @@ fn check_sync_masked<T: TestFloat>(p: usize, none: usize) {
         (Layout::NHWC, vec![5, 2, 3, 4]),
         (Layout::ChannelsFirst, vec![6, 3, 7]),
         (Layout::ChannelsLast, vec![7, 4, 3]),
+        // Vector steps: planes of 20 positions, rows of 10 channels.
+        (Layout::ChannelsFirst, vec![6, 3, 20]),
+        (Layout::ChannelsLast, vec![7, 3, 10]),
     ]
     .into_iter()
     .enumerate()
