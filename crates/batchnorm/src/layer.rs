@@ -8,6 +8,8 @@ use crate::forward::{eval_where, normalize_where, train_where};
 use crate::stats::{batch_stats_where, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
+#[cfg(doc)]
+use crate::{batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,13 +136,13 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Training forward (Algorithm 1) and, when tracked, a running-statistics update.
-    /// Rejects what [`batch_norm_train`](crate::batch_norm_train) rejects and an input whose channel count differs from
+    /// Rejects what [`batch_norm_train`] rejects and an input whose channel count differs from
     /// `num_features`; on error nothing (running statistics included) is changed.
     ///
     /// A frozen layer ([`BatchNorm::freeze`]), and with [`SmallBatch::UseRunningStats`] a batch of
     /// fewer than 2 values per channel, is normalized with the running statistics instead
-    /// ([`batch_norm_eval`](crate::batch_norm_eval)'s transform), which are not updated; then it rejects what
-    /// [`batch_norm_eval`](crate::batch_norm_eval) rejects and [`Error::NoRunningStats`] when they are not tracked.
+    /// ([`batch_norm_eval`]'s transform), which are not updated; then it rejects what
+    /// [`batch_norm_eval`] rejects and [`Error::NoRunningStats`] when they are not tracked.
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
         self.forward_train_where(x, None, y)
     }
@@ -173,7 +175,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Inference forward with the running statistics. Rejects [`Error::NoRunningStats`] when they
-    /// are not tracked, and what [`batch_norm_eval`](crate::batch_norm_eval) rejects.
+    /// are not tracked, and what [`batch_norm_eval`] rejects.
     pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
         self.forward_eval_where(x, None, y)
     }
@@ -187,11 +189,11 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
-    /// without affine). Rejects what [`batch_norm_backward`](crate::batch_norm_backward) rejects.
+    /// without affine). Rejects what [`batch_norm_backward`] rejects.
     ///
     /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
     /// values per channel, backpropagates through the running statistics as constants
-    /// ([`batch_norm_backward_eval`](crate::batch_norm_backward_eval)'s transform; `saved` is then only checked for its channel
+    /// ([`batch_norm_backward_eval`]'s transform; `saved` is then only checked for its channel
     /// count): it rejects what that function rejects and [`Error::NoRunningStats`].
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
         self.backward_where(x, None, dy, saved, grads)
@@ -215,7 +217,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
-    /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`](crate::batch_norm_backward_eval) rejects.
+    /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
     pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
         self.backward_eval_where(x, None, dy, grads)
     }
@@ -325,7 +327,7 @@ impl<T: Element> BatchNorm<T> {
     /// A frozen layer, and with [`SmallBatch::UseRunningStats`] saved statistics of fewer than 2
     /// values per channel, backpropagates through the running statistics as constants: dx
     /// locally, dγ and dβ of the global batch (still collective); it rejects as
-    /// [`batch_norm_backward_eval`](crate::batch_norm_backward_eval) does and [`Error::NoRunningStats`].
+    /// [`batch_norm_backward_eval`] does and [`Error::NoRunningStats`].
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,

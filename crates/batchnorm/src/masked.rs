@@ -42,11 +42,17 @@ use crate::stats::{batch_stats_where, BatchStats, SavedStats};
 use crate::sync::Communicator;
 use crate::{Affine, BatchNorm, Element, Error, FixedStats, Grads, View};
 
-/// Masked training forward (see the [module docs](self)): per channel μ_B and σ²_B (biased) of
-/// the values at the positions `mask` selects, y = γ·(x − μ_B)/√(σ²_B + ε) + β there and +0.0 at
-/// the other positions. Returns the batch statistics (`count` = the number of selected values per
-/// channel, for [`crate::update_running_stats`], which then makes the variance unbiased with that
-/// count) and what [`batch_norm_backward_masked`] needs.
+/// Masked training forward: per channel μ_B and σ²_B (biased) of the values at the positions
+/// `mask` selects, y = γ·(x − μ_B)/√(σ²_B + ε) + β there and +0.0 at the other positions.
+/// Returns the batch statistics (`count` = the number of selected values per channel, for
+/// [`crate::update_running_stats`], which then makes the variance unbiased with that count) and
+/// what [`batch_norm_backward_masked`] needs.
+///
+/// The mask holds one `bool` per value of a channel, shared by all channels, true where the
+/// position enters: N entries for an NC input `[N, C]`, and a row-major `[N, d1, …, dk]` for a
+/// channels-first `[N, C, d1, …, dk]` or channels-last `[N, d1, …, dk, C]` input (NCHW, NHWC).
+/// No value of x at a position that is off is read into a statistic or an output: a NaN or an
+/// infinity there changes nothing.
 ///
 /// Rejects, in order: a shape that does not fit the layout, an empty shape, `x`/`y` lengths that
 /// differ from the shape's, a mask whose length is not the number of values per channel

@@ -422,7 +422,9 @@ pub(super) fn runs_grad_sums_masked_impl<S: Simd, T: Element>(
 simd_dispatch! {
     /// [`runs_grad_sums`] over the elements `lanes` has on (dy and x − m of the others replaced
     /// by +0.0, a select). With every element on, the same bits as [`runs_grad_sums`].
-    pub(crate) fn runs_grad_sums_masked<T>(x: &[T], dy: &[T], runs: Runs, m: f64, lanes: MaskedLanes) -> (f64, f64) => runs_grad_sums_masked_impl
+    pub(crate) fn runs_grad_sums_masked<T>(
+        x: &[T], dy: &[T], runs: Runs, m: f64, lanes: MaskedLanes
+    ) -> (f64, f64) => runs_grad_sums_masked_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before
