@@ -7,9 +7,9 @@ use crate::fold::InferenceAffine;
 use crate::forward::{eval_where, normalize_where, train_where};
 use crate::stats::{batch_stats_where, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
-use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
 #[cfg(doc)]
 use crate::{batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train};
+use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]

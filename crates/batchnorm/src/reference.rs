@@ -422,6 +422,21 @@ pub fn masked_forward_eval(
     masked_scatter(g, &forward_eval(&rows, &xs, mean, var, gamma, beta, eps), &positions)
 }
 
+/// A backward pass `f(rows, x, dy)` over the selected values of x and dy gathered into rows
+/// ([`masked_gather`]), its dx scattered back (0 at the other positions). Returns (dx, dγ, dβ).
+fn masked_backward(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    f: impl FnOnce(&Geometry, &[f64], &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    let (_, dys, _) = masked_gather(g, dy, mask);
+    let (dx, dgamma, dbeta) = f(&rows, &xs, &dys);
+    (masked_scatter(g, &dx, &positions), dgamma, dbeta)
+}
+
 /// Masked training backward: the chain rule of [`backward_train`] over the m selected values
 /// (x and dy at the other positions enter nothing), dx = 0 at the other positions (the forward
 /// writes a constant there); dγ = Σ dy·x̂ and dβ = Σ dy over the selected positions.
@@ -434,10 +449,7 @@ pub fn masked_backward_train(
     gamma: &[f64],
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (rows, xs, positions) = masked_gather(g, x, mask);
-    let (_, dys, _) = masked_gather(g, dy, mask);
-    let (dx, dgamma, dbeta) = backward_train(&rows, &xs, &dys, gamma, eps);
-    (masked_scatter(g, &dx, &positions), dgamma, dbeta)
+    masked_backward(g, x, mask, dy, |rows, x, dy| backward_train(rows, x, dy, gamma, eps))
 }
 
 /// Masked inference-mode backward with fixed statistics: [`backward_eval`] over the selected
@@ -453,8 +465,7 @@ pub fn masked_backward_eval(
     gamma: &[f64],
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (rows, xs, positions) = masked_gather(g, x, mask);
-    let (_, dys, _) = masked_gather(g, dy, mask);
-    let (dx, dgamma, dbeta) = backward_eval(&rows, &xs, &dys, mean, var, gamma, eps);
-    (masked_scatter(g, &dx, &positions), dgamma, dbeta)
+    masked_backward(g, x, mask, dy, |rows, x, dy| {
+        backward_eval(rows, x, dy, mean, var, gamma, eps)
+    })
 }

@@ -314,28 +314,21 @@ fn runs_moments_of<S: Simd, T: Element, L: Lanes<S>>(s: S, x: &[T], runs: Runs, 
 }
 
 #[inline(always)]
-pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs) -> Moments {
-    runs_moments_of(s, x, runs, AllLanes)
+pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments {
+    match mask {
+        None => runs_moments_of(s, x, runs, AllLanes),
+        Some(lanes) => runs_moments_of(s, x, runs, lanes),
+    }
 }
 
 simd_dispatch! {
     /// Moments of `runs` of `x` (one piece of a channels-first channel) by the corrected
     /// two-pass algorithm: mean first, then centered sums with the rounding error of the mean
     /// corrected. The piece is small enough to stay in cache between the passes, so memory is
-    /// read once.
-    pub(crate) fn runs_moments<T>(x: &[T], runs: Runs) -> Moments => runs_moments_impl
-}
-
-#[inline(always)]
-pub(super) fn runs_moments_masked_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, lanes: MaskedLanes) -> Moments {
-    runs_moments_of(s, x, runs, lanes)
-}
-
-simd_dispatch! {
-    /// [`runs_moments`] over the elements `lanes` has on: the same operations in the same order,
-    /// the others replaced by +0.0 in the sums (a select, so their values never reach the result).
-    /// With every element on, the same bits as [`runs_moments`].
-    pub(crate) fn runs_moments_masked<T>(x: &[T], runs: Runs, lanes: MaskedLanes) -> Moments => runs_moments_masked_impl
+    /// read once. With `mask`, over the elements it has on: the same operations in the same
+    /// order, the others replaced by +0.0 in the sums (a select, so their values never reach the
+    /// result); with every element on, the same bits as without.
+    pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 
 /// (Σ dy, Σ dy·(x − m)) over the elements of `runs` that `lanes` has on.
@@ -398,33 +391,27 @@ fn runs_grad_sums_of<S: Simd, T: Element, L: Lanes<S>>(
 }
 
 #[inline(always)]
-pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) {
-    runs_grad_sums_of(s, x, dy, runs, m, AllLanes)
-}
-
-simd_dispatch! {
-    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`.
-    pub(crate) fn runs_grad_sums<T>(x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) => runs_grad_sums_impl
-}
-
-#[inline(always)]
-pub(super) fn runs_grad_sums_masked_impl<S: Simd, T: Element>(
+pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     s: S,
     x: &[T],
     dy: &[T],
     runs: Runs,
     m: f64,
-    lanes: MaskedLanes,
+    mask: Option<MaskedLanes>,
 ) -> (f64, f64) {
-    runs_grad_sums_of(s, x, dy, runs, m, lanes)
+    match mask {
+        None => runs_grad_sums_of(s, x, dy, runs, m, AllLanes),
+        Some(lanes) => runs_grad_sums_of(s, x, dy, runs, m, lanes),
+    }
 }
 
 simd_dispatch! {
-    /// [`runs_grad_sums`] over the elements `lanes` has on (dy and x − m of the others replaced
-    /// by +0.0, a select). With every element on, the same bits as [`runs_grad_sums`].
-    pub(crate) fn runs_grad_sums_masked<T>(
-        x: &[T], dy: &[T], runs: Runs, m: f64, lanes: MaskedLanes
-    ) -> (f64, f64) => runs_grad_sums_masked_impl
+    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
+    /// (dy and x − m of the others replaced by +0.0, a select; with every element on, the same
+    /// bits as without).
+    pub(crate) fn runs_grad_sums<T>(
+        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>
+    ) -> (f64, f64) => runs_grad_sums_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before
@@ -637,16 +624,24 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     s: S,
     x: &[T],
+    mask: Option<&[bool]>,
     channels: usize,
     mean: &mut [f64],
     m2: &mut [f64],
     shift: &mut [f64],
     pf: RowPrefetch,
-) {
-    rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows);
+) -> f64 {
+    match mask {
+        None => rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows),
+        Some(mask) => {
+            assert_eq!(mask.len() * channels, x.len());
+            rows_moments_of(s, x, channels, mean, m2, shift, pf, mask)
+        }
+    }
 }
 
 simd_dispatch! {
@@ -657,35 +652,15 @@ simd_dispatch! {
     /// values, n·(mean − k)² ≤ n·M2, so Σd² ≤ (n + 1)·M2 and the cancellation costs at most a
     /// factor n + 1 on the `f64` rounding of Σd² (typically a few units: k is a typical value),
     /// never E[x²] − E[x]²'s (mean/σ)². Writes the block's mean and M2 per channel; `shift` is
-    /// scratch of `channels` entries.
+    /// scratch of `channels` entries. Returns n.
+    ///
+    /// With `mask` (one entry per row), over the rows whose entry is true (the shift is the
+    /// first of them); the others are skipped, so their values never reach the result; with none
+    /// on, n = 0 and zeros; with every row on, the same bits as without.
     pub(crate) fn rows_moments<T>(
-        x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64], pf: RowPrefetch
-    ) => rows_moments_impl
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rows_moments_masked_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    mask: &[bool],
-    channels: usize,
-    mean: &mut [f64],
-    m2: &mut [f64],
-    shift: &mut [f64],
-    pf: RowPrefetch,
-) -> f64 {
-    assert_eq!(mask.len() * channels, x.len());
-    rows_moments_of(s, x, channels, mean, m2, shift, pf, mask)
-}
-
-simd_dispatch! {
-    /// [`rows_moments`] over the rows whose `mask` entry is true (one entry per row; the shift is
-    /// the first such row); returns their number, 0 leaving zeros. The other rows are skipped, so
-    /// their values never reach the result; with every row on, the same bits as [`rows_moments`].
-    pub(crate) fn rows_moments_masked<T>(
-        x: &[T], mask: &[bool], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64], pf: RowPrefetch
-    ) -> f64 => rows_moments_masked_impl
+        x: &[T], mask: Option<&[bool]>, channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64],
+        pf: RowPrefetch
+    ) -> f64 => rows_moments_impl
 }
 
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
@@ -763,46 +738,32 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     s: S,
     x: &[T],
     dy: &[T],
+    mask: Option<&[bool]>,
     mean: &[f64],
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
 ) {
-    rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows);
+    match mask {
+        None => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows),
+        Some(mask) => {
+            assert_eq!(mask.len() * mean.len(), x.len());
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask)
+        }
+    }
 }
 
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
-    /// `sum_dy_xmu`.
+    /// `sum_dy_xmu`; with `mask` (one entry per row), over the rows whose entry is true (the
+    /// others are skipped, so neither their x nor their dy reaches the sums).
     pub(crate) fn rows_grad_sums<T>(
-        x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
+        x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
+        pf: RowPrefetch
     ) => rows_grad_sums_impl
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rows_grad_sums_masked_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    mask: &[bool],
-    mean: &[f64],
-    sum_dy: &mut [f64],
-    sum_dy_xmu: &mut [f64],
-    pf: RowPrefetch,
-) {
-    assert_eq!(mask.len() * mean.len(), x.len());
-    rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask);
-}
-
-simd_dispatch! {
-    /// [`rows_grad_sums`] over the rows whose `mask` entry is true (one entry per row); the
-    /// others are skipped, so neither their x nor their dy reaches the sums.
-    pub(crate) fn rows_grad_sums_masked<T>(
-        x: &[T], dy: &[T], mask: &[bool], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
-    ) => rows_grad_sums_masked_impl
 }

@@ -218,16 +218,17 @@ fn map_plane_blocks<R: Send>(
     (parts, blocks)
 }
 
-/// Where `runs` of a channels-first tensor (see [`for_each_piece`]) lie in a mask over its
-/// positions (entry `o·inner + i` for element `(o, c, i)`).
+/// The entries of a mask over the positions of a channels-first tensor (entry `o·inner + i` for
+/// element `(o, c, i)`; `None`: no mask) that `runs` of it (see [`for_each_piece`]) use.
 #[inline(always)]
-fn mask_runs(g: &Geometry, runs: Runs) -> Runs {
+fn masked_lanes<'a>(g: &Geometry, mask: Option<&'a [bool]>, runs: Runs) -> Option<MaskedLanes<'a>> {
     let (o, i) = (runs.first / (g.channels * g.inner), runs.first % g.inner);
-    Runs {
+    let at = Runs {
         first: o * g.inner + i,
         stride: runs.stride / g.channels,
         ..runs
-    }
+    };
+    mask.map(|m| MaskedLanes::new(m, at))
 }
 
 /// The entries of a mask over positions (`None`: no mask) that plane `o` of a channels-first
@@ -284,11 +285,7 @@ fn planes_moments<T: Element>(
 ) -> Moments {
     let mut acc = Moments::EMPTY;
     for_each_piece(g, c, planes, |runs| {
-        let m = match mask {
-            None => moments::runs_moments(x, runs),
-            Some(mask) => moments::runs_moments_masked(x, runs, MaskedLanes::new(mask, mask_runs(g, runs))),
-        };
-        acc = acc.merge(m)
+        acc = acc.merge(moments::runs_moments(x, runs, masked_lanes(g, mask, runs)))
     });
     acc
 }
@@ -313,17 +310,9 @@ fn rows_task_moments<T: Element>(
     let (bm, rest) = block.split_at_mut(channels);
     let (bm2, shift) = rest.split_at_mut(channels);
     for (b, rows) in x.chunks(per_block * channels).enumerate() {
-        let n = match mask {
-            None => {
-                moments::rows_moments(rows, channels, bm, bm2, shift, pf);
-                (rows.len() / channels) as f64
-            }
-            Some(mask) => {
-                let first = b * per_block;
-                let mask = &mask[first..first + rows.len() / channels];
-                moments::rows_moments_masked(rows, mask, channels, bm, bm2, shift, pf)
-            }
-        };
+        let first = b * per_block;
+        let mask = mask.map(|m| &m[first..first + rows.len() / channels]);
+        let n = moments::rows_moments(rows, mask, channels, bm, bm2, shift, pf);
         moments::merge_rows(count, mean, m2, n, bm, bm2);
         count += n;
     }
@@ -524,10 +513,7 @@ fn planes_grad_sums<T: Element>(
 ) -> (f64, f64) {
     let (mut a, mut b) = (0.0, 0.0);
     for_each_piece(g, c, planes, |runs| {
-        let (s1, s2) = match mask {
-            None => moments::runs_grad_sums(x, dy, runs, m),
-            Some(mask) => moments::runs_grad_sums_masked(x, dy, runs, m, MaskedLanes::new(mask, mask_runs(g, runs))),
-        };
+        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m, masked_lanes(g, mask, runs));
         a += s1;
         b += s2;
     });
@@ -568,10 +554,8 @@ pub(crate) fn grad_sums_where<T: Element>(
             // Zeroed here, by the task, in its own cache, rather than by the caller up front.
             part.fill(0.0);
             let (s1, s2) = part.split_at_mut(c);
-            match rows_mask(g, mask, u * chunk, xs.len()) {
-                None => moments::rows_grad_sums(xs, gs, mean, s1, s2, pf),
-                Some(rows) => moments::rows_grad_sums_masked(xs, gs, rows, mean, s1, s2, pf),
-            }
+            let rows = rows_mask(g, mask, u * chunk, xs.len());
+            moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf);
         });
         let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
         for part in parts.chunks(2 * c) {

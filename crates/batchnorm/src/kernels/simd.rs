@@ -404,8 +404,22 @@ mod tests {
             .collect()
     }
 
+    /// An on/off pattern of `n` entries, and `v` with NaN at the elements it has off (element k
+    /// of `v` having entry k / `width`).
+    fn masked<T: Element>(v: &[T], n: usize, width: usize, seed: u64) -> (Vec<bool>, Vec<T>) {
+        let mask: Vec<bool> = (0..n).map(|i| (i as u64 * 7 + seed) % 5 < 3).collect();
+        let nan = T::from_f64(f64::NAN);
+        let v = v
+            .iter()
+            .enumerate()
+            .map(|(k, &a)| if mask[k / width] { a } else { nan })
+            .collect();
+        (mask, v)
+    }
+
     /// The AVX2 path (what the dispatching functions pick here) and the portable one agree
-    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`.
+    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`; the reductions
+    /// also with a mask (the values that are off, NaN here, become +0.0 in both).
     fn backends_agree<T: Element>() {
         if !super::has_avx2() {
             return;
@@ -421,11 +435,17 @@ mod tests {
                 len,
                 stride,
             };
-            assert_eq!(moments::runs_moments(&x, runs), moments::runs_moments_impl(s, &x, runs));
-            assert_eq!(
-                moments::runs_grad_sums(&x, &dy, runs, 1e3),
-                moments::runs_grad_sums_impl(s, &x, &dy, runs, 1e3)
-            );
+            let (mask, xm) = masked(&x, x.len(), 1, len as u64);
+            let lanes = Some(MaskedLanes::new(&mask, runs));
+            for (x, lanes) in [(&x, None), (&xm, lanes)] {
+                let m = moments::runs_moments(x, runs, lanes);
+                assert_eq!(m, moments::runs_moments_impl(s, x, runs, lanes));
+                assert!(m.mean.is_finite() && m.m2.is_finite());
+                assert_eq!(
+                    moments::runs_grad_sums(x, &dy, runs, 1e3, lanes),
+                    moments::runs_grad_sums_impl(s, x, &dy, runs, 1e3, lanes)
+                );
+            }
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let a = WideAffine {
                 mean: 1e3 + 1.0 / 3.0,
@@ -459,13 +479,17 @@ mod tests {
                 on: channels % 2 == 1,
                 line: 64 / std::mem::size_of::<T>(),
             };
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c, pf);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
-            assert_eq!((&a, &b), (&d, &e));
-            let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
-            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2, pf);
-            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2, RowPrefetch::OFF);
-            assert_eq!((g1, g2), (h1, h2));
+            let (mask, xm) = masked(&x, rows, channels, channels as u64);
+            for (x, mask) in [(&xm, Some(&mask[..])), (&x, None)] {
+                let n1 = moments::rows_moments(x, mask, channels, &mut a, &mut b, &mut c, pf);
+                let n2 = moments::rows_moments_impl(s, x, mask, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
+                assert_eq!((n1, &a, &b), (n2, &d, &e));
+                assert!(a.iter().chain(&b).all(|v| v.is_finite()));
+                let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
+                moments::rows_grad_sums(x, &dy, mask, &a, &mut g1, &mut g2, pf);
+                moments::rows_grad_sums_impl(s, x, &dy, mask, &a, &mut h1, &mut h2, RowPrefetch::OFF);
+                assert_eq!((g1, g2), (h1, h2));
+            }
             let p = |k: f64| -> Vec<f64> { (0..channels).map(|c| k + c as f64 / 3.0).collect() };
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let affine = RowsAffine::new::<T>(&p(1e3), &p(0.5), &p(0.1));
@@ -489,68 +513,6 @@ mod tests {
             ew::scale_rows_impl(s, &dy[1..], &mut y2[1..], &k, false);
             assert_eq!(y1, y2);
         }
-    }
-
-    /// The masked reductions: AVX2 and portable paths agree bitwise (lanes that are off are +0.0
-    /// in both, whatever the data holds there).
-    fn masked_backends_agree<T: Element>() {
-        if !super::has_avx2() {
-            return;
-        }
-        let s = super::Scalar;
-        let bools = |n: usize, seed: u64| -> Vec<bool> { (0..n).map(|i| (i as u64 * 7 + seed) % 5 < 3).collect() };
-        for (len, count, stride) in [(1, 3, 5), (7, 2, 9), (29, 5, 40), (200, 3, 211), (1000, 1, 0)] {
-            let mut x = data::<T>(stride * count + len + 1, len as u64);
-            let dy = data::<T>(x.len(), 99);
-            let mask = bools(x.len(), len as u64);
-            for (v, &on) in x.iter_mut().zip(&mask) {
-                if !on {
-                    *v = T::from_f64(f64::NAN);
-                }
-            }
-            let runs = Runs {
-                first: 1,
-                count,
-                len,
-                stride,
-            };
-            let lanes = MaskedLanes::new(&mask, runs);
-            assert_eq!(
-                moments::runs_moments_masked(&x, runs, lanes),
-                moments::runs_moments_masked_impl(s, &x, runs, lanes)
-            );
-            let (a, b) = moments::runs_grad_sums_masked(&x, &dy, runs, 1e3, lanes);
-            let (c, d) = moments::runs_grad_sums_masked_impl(s, &x, &dy, runs, 1e3, lanes);
-            assert_eq!((a.to_bits(), b.to_bits()), (c.to_bits(), d.to_bits()));
-            assert!(a.is_finite() && b.is_finite());
-        }
-        for channels in [1, 3, 8, 13, 64] {
-            let rows = 37;
-            let x = data::<T>(rows * channels, channels as u64);
-            let dy = data::<T>(rows * channels, 5);
-            let mask = bools(rows, channels as u64);
-            let z64 = || vec![0.0; channels];
-            let (mut a, mut b, mut c) = (z64(), z64(), z64());
-            let (mut d, mut e, mut f) = (z64(), z64(), z64());
-            let n1 = moments::rows_moments_masked(&x, &mask, channels, &mut a, &mut b, &mut c, RowPrefetch::OFF);
-            let n2 =
-                moments::rows_moments_masked_impl(s, &x, &mask, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
-            assert_eq!((n1, &a, &b), (n2, &d, &e));
-            let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
-            moments::rows_grad_sums_masked(&x, &dy, &mask, &a, &mut g1, &mut g2, RowPrefetch::OFF);
-            moments::rows_grad_sums_masked_impl(s, &x, &dy, &mask, &a, &mut h1, &mut h2, RowPrefetch::OFF);
-            assert_eq!((g1, g2), (h1, h2));
-        }
-    }
-
-    #[test]
-    fn masked_backends_agree_f32() {
-        masked_backends_agree::<f32>();
-    }
-
-    #[test]
-    fn masked_backends_agree_f64() {
-        masked_backends_agree::<f64>();
     }
 
     #[test]

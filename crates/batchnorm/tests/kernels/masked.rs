@@ -13,12 +13,13 @@
 
 use crate::backward::{assert_fd_grads, fd_shapes, loss_of};
 use crate::common::*;
-use crate::sync::{assert_near, on_threads, shard_sizes};
+use crate::sync::{assert_near, config as sync_config, on_threads, shard_sizes, Step};
 use batchnorm::{
-    batch_norm_backward_eval_masked, batch_norm_backward_masked, batch_norm_eval_masked, batch_norm_train_masked,
-    batch_stats, batch_stats_masked, grad_sums, grad_sums_masked, input_grad, input_grad_masked, normalize,
-    normalize_masked, reference, Affine, BatchNorm, BatchNormConfig, Communicator, Element, Error, FixedStats,
-    Geometry, Grads, Layout, Momentum, SingleProcess, SmallBatch, SyncBatchNorm, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_backward_eval_masked, batch_norm_backward_masked,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_stats,
+    batch_stats_masked, grad_sums, grad_sums_masked, input_grad, input_grad_masked, normalize, normalize_masked,
+    reference, Affine, BatchNorm, BatchNormConfig, Communicator, Element, Error, FixedStats, Geometry, Grads, Layout,
+    Momentum, SingleProcess, SmallBatch, SyncBatchNorm, View,
 };
 use proptest::prelude::*;
 use rand::Rng;
@@ -347,13 +348,14 @@ fn masked_backward_matches_finite_differences() {
 // A mask of all ones is plain batch norm; masked values never leak
 // ---------------------------------------------------------------------------------------------
 
-/// Every output of every masked function on `x`, `dy` (the statistics' and gradients' f64 bits
-/// included), and of the layer's masked training step.
-fn masked_outputs<T: TestFloat>(
+/// Every output (the statistics' and gradients' `f64` bits included) of every masked function
+/// on `x`, `dy` with `mask`, and of the layer's masked training step; or, without a mask, of the
+/// plain function of the same name.
+fn outputs<T: TestFloat>(
     d: &Data,
     layout: Layout,
     shape: &[usize],
-    mask: &[bool],
+    mask: Option<&[bool]>,
     x: &[f64],
     dy: &[f64],
 ) -> Vec<Vec<u64>> {
@@ -364,105 +366,62 @@ fn masked_outputs<T: TestFloat>(
         narrow::<T>(&d.beta),
     );
     let (mean, var) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
-    let v = View::new(&x, shape, layout);
-    let (n, c) = (x.len(), d.g.channels);
-    let z = T::from_f64(0.0);
-    let bits = |v: &[T]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<u64>>();
-    let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<u64>>();
-    let mut y = vec![z; n];
-    let (stats, saved) = batch_norm_train_masked(v, mask, Affine::new(&g, &b), 1e-5, &mut y).unwrap();
-    let (mut dx, mut dg, mut db) = (vec![z; n], vec![z; c], vec![z; c]);
-    batch_norm_backward_masked(v, mask, &dy, &saved, Some(&g), Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
-    let fixed = FixedStats::new(&mean, &var);
-    let mut ye = vec![z; n];
-    batch_norm_eval_masked(v, mask, fixed, Affine::new(&g, &b), 1e-5, &mut ye).unwrap();
-    let (mut dxe, mut dge, mut dbe) = (vec![z; n], vec![z; c], vec![z; c]);
-    let grads = Grads::new(&mut dxe, &mut dge, &mut dbe);
-    batch_norm_backward_eval_masked(v, mask, &dy, fixed, Some(&g), 1e-5, grads).unwrap();
-    let part = batch_stats_masked(v, mask).unwrap();
-    let mut yn = vec![z; n];
-    normalize_masked(v, mask, &saved, Affine::new(&g, &b), &mut yn).unwrap();
-    let sums = grad_sums_masked(v, mask, &dy, &saved).unwrap();
-    let mut dxs = vec![z; n];
-    input_grad_masked(v, mask, &dy, &saved, &sums, Some(&g), &mut dxs).unwrap();
-    let mut bn = BatchNorm::<T>::new(c, BatchNormConfig::default()).unwrap();
-    bn.forward_train_masked(v, mask, &mut vec![z; n]).unwrap();
-    vec![
-        bits(&y),
-        bits64(&stats.mean),
-        bits64(&stats.m2),
-        bits64(&saved.inv_std),
-        bits(&dx),
-        bits(&dg),
-        bits(&db),
-        bits(&ye),
-        bits(&dxe),
-        bits(&dge),
-        bits(&dbe),
-        bits64(&part.mean),
-        bits64(&part.m2),
-        vec![part.count],
-        bits(&yn),
-        bits64(&sums.sum_dy),
-        bits64(&sums.sum_dy_xhat),
-        bits(&dxs),
-        bits(&bn.running_mean),
-        bits(&bn.running_var),
-    ]
-}
-
-/// The same outputs from the plain functions (a mask of all ones must give exactly these).
-fn plain_outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Vec<Vec<u64>> {
-    let (x, dy, g, b) = (
-        narrow::<T>(&d.x),
-        narrow::<T>(&d.dy),
-        narrow::<T>(&d.gamma),
-        narrow::<T>(&d.beta),
+    let (v, affine, fixed) = (
+        View::new(&x, shape, layout),
+        Affine::new(&g, &b),
+        FixedStats::new(&mean, &var),
     );
-    let (mean, var) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
-    let v = View::new(&x, shape, layout);
     let (n, c) = (x.len(), d.g.channels);
     let z = T::from_f64(0.0);
+    let (mut y, mut ye, mut yn, mut dxs) = (vec![z; n], vec![z; n], vec![z; n], vec![z; n]);
+    let (mut dx, mut dg, mut db) = (vec![z; n], vec![z; c], vec![z; c]);
+    let (mut dxe, mut dge, mut dbe) = (vec![z; n], vec![z; c], vec![z; c]);
+    let grads = Grads::new(&mut dx, &mut dg, &mut db);
+    let grads_eval = Grads::new(&mut dxe, &mut dge, &mut dbe);
+    let mut bn = BatchNorm::<T>::new(c, BatchNormConfig::default()).unwrap();
+    let (stats, saved, part, sums) = match mask {
+        Some(mask) => {
+            let (stats, saved) = batch_norm_train_masked(v, mask, affine, 1e-5, &mut y).unwrap();
+            batch_norm_backward_masked(v, mask, &dy, &saved, Some(&g), grads).unwrap();
+            batch_norm_eval_masked(v, mask, fixed, affine, 1e-5, &mut ye).unwrap();
+            batch_norm_backward_eval_masked(v, mask, &dy, fixed, Some(&g), 1e-5, grads_eval).unwrap();
+            normalize_masked(v, mask, &saved, affine, &mut yn).unwrap();
+            let sums = grad_sums_masked(v, mask, &dy, &saved).unwrap();
+            input_grad_masked(v, mask, &dy, &saved, &sums, Some(&g), &mut dxs).unwrap();
+            bn.forward_train_masked(v, mask, &mut vec![z; n]).unwrap();
+            (stats, saved, batch_stats_masked(v, mask).unwrap(), sums)
+        }
+        None => {
+            let (stats, saved) = batch_norm_train(v, affine, 1e-5, &mut y).unwrap();
+            batch_norm_backward(v, &dy, &saved, Some(&g), grads).unwrap();
+            batch_norm_eval(v, fixed, affine, 1e-5, &mut ye).unwrap();
+            batch_norm_backward_eval(v, &dy, fixed, Some(&g), 1e-5, grads_eval).unwrap();
+            normalize(v, &saved, affine, &mut yn).unwrap();
+            let sums = grad_sums(v, &dy, &saved).unwrap();
+            input_grad(v, &dy, &saved, &sums, Some(&g), &mut dxs).unwrap();
+            bn.forward_train(v, &mut vec![z; n]).unwrap();
+            (stats, saved, batch_stats(v).unwrap(), sums)
+        }
+    };
     let bits = |v: &[T]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<u64>>();
     let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<u64>>();
-    let (y, stats, saved) = train(v, Affine::new(&g, &b), 1e-5);
-    let (dx, dg, db) = backward_all(v, &dy, &saved, Some(&g));
-    let fixed = FixedStats::new(&mean, &var);
-    let mut ye = vec![z; n];
-    batchnorm::batch_norm_eval(v, fixed, Affine::new(&g, &b), 1e-5, &mut ye).unwrap();
-    let (mut dxe, mut dge, mut dbe) = (vec![z; n], vec![z; c], vec![z; c]);
-    let grads = Grads::new(&mut dxe, &mut dge, &mut dbe);
-    batchnorm::batch_norm_backward_eval(v, &dy, fixed, Some(&g), 1e-5, grads).unwrap();
-    let part = batch_stats(v).unwrap();
-    let mut yn = vec![z; n];
-    normalize(v, &saved, Affine::new(&g, &b), &mut yn).unwrap();
-    let sums = grad_sums(v, &dy, &saved).unwrap();
-    let mut dxs = vec![z; n];
-    input_grad(v, &dy, &saved, &sums, Some(&g), &mut dxs).unwrap();
-    let mut bn = BatchNorm::<T>::new(c, BatchNormConfig::default()).unwrap();
-    bn.forward_train(v, &mut vec![z; n]).unwrap();
-    vec![
-        bits(&y),
-        bits64(&stats.mean),
-        bits64(&stats.m2),
-        bits64(&saved.inv_std),
-        bits(&dx),
-        bits(&dg),
-        bits(&db),
-        bits(&ye),
-        bits(&dxe),
-        bits(&dge),
-        bits(&dbe),
-        bits64(&part.mean),
-        bits64(&part.m2),
-        vec![part.count],
-        bits(&yn),
-        bits64(&sums.sum_dy),
-        bits64(&sums.sum_dy_xhat),
-        bits(&dxs),
+    let mut out: Vec<Vec<u64>> = [&y, &dx, &dg, &db, &ye, &dxe, &dge, &dbe, &yn, &dxs]
+        .into_iter()
+        .map(|v| bits(v))
+        .collect();
+    out.extend([
         bits(&bn.running_mean),
         bits(&bn.running_var),
-    ]
+        vec![stats.count, part.count],
+    ]);
+    let stats = [&stats.mean, &stats.m2, &saved.inv_std, &part.mean, &part.m2];
+    out.extend(
+        stats
+            .into_iter()
+            .chain([&sums.sum_dy, &sums.sum_dy_xhat])
+            .map(|v| bits64(v)),
+    );
+    out
 }
 
 /// A mask of all ones gives plain batch norm's bits, every function, on every chunking shape
@@ -474,11 +433,13 @@ fn all_ones_mask_is_plain_batch_norm_bit_for_bit() {
         let ones = vec![true; d.g.per_channel()];
         let what = format!("{layout} {shape:?}");
         assert!(
-            masked_outputs::<f32>(&d, layout, &shape, &ones, &d.x, &d.dy) == plain_outputs::<f32>(&d, layout, &shape),
+            outputs::<f32>(&d, layout, &shape, Some(&ones), &d.x, &d.dy)
+                == outputs::<f32>(&d, layout, &shape, None, &d.x, &d.dy),
             "{what} f32: a mask of all ones differs from plain batch norm"
         );
         assert!(
-            masked_outputs::<f64>(&d, layout, &shape, &ones, &d.x, &d.dy) == plain_outputs::<f64>(&d, layout, &shape),
+            outputs::<f64>(&d, layout, &shape, Some(&ones), &d.x, &d.dy)
+                == outputs::<f64>(&d, layout, &shape, None, &d.x, &d.dy),
             "{what} f64: a mask of all ones differs from plain batch norm"
         );
     }
@@ -489,10 +450,10 @@ fn all_ones_mask_is_plain_batch_norm_bit_for_bit() {
 fn check_no_leak<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, kind: MaskKind) {
     let d = Data::new::<T>(layout, shape, seed);
     let mask = mask_for(&d, shape, kind, seed + 1);
-    let want = masked_outputs::<T>(&d, layout, shape, &mask, &d.x, &d.dy);
+    let want = outputs::<T>(&d, layout, shape, Some(&mask), &d.x, &d.dy);
     for pad in [1e30, -1e30, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
         let (x, dy) = (padded(&d.g, &d.x, &mask, pad), padded(&d.g, &d.dy, &mask, pad));
-        let got = masked_outputs::<T>(&d, layout, shape, &mask, &x, &dy);
+        let got = outputs::<T>(&d, layout, shape, Some(&mask), &x, &dy);
         for (k, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!(
                 a == b,
@@ -534,21 +495,12 @@ fn masked_bitwise_identical_for_1_2_3_threads() {
     {
         let d = Data::new::<f32>(layout, &shape, 1100 + i as u64);
         let mask = mask_for(&d, &shape, MaskKind::Padded, 1200 + i as u64);
-        let runs: Vec<_> = [1usize, 2, 3]
-            .into_iter()
-            .map(|t| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
-                pool.install(|| {
-                    (
-                        masked_outputs::<f32>(&d, layout, &shape, &mask, &d.x, &d.dy),
-                        masked_outputs::<f64>(&d, layout, &shape, &mask, &d.x, &d.dy),
-                    )
-                })
-            })
-            .collect();
-        for (t, run) in runs.iter().enumerate().skip(1) {
-            assert!(run == &runs[0], "{layout} {shape:?}: 1 vs {} threads differ", t + 1);
-        }
+        assert_same_for_1_2_3_threads(&format!("{layout} {shape:?}"), || {
+            (
+                outputs::<f32>(&d, layout, &shape, Some(&mask), &d.x, &d.dy),
+                outputs::<f64>(&d, layout, &shape, Some(&mask), &d.x, &d.dy),
+            )
+        });
     }
 }
 
@@ -625,24 +577,6 @@ fn frozen_and_small_batch_masked() {
 // ---------------------------------------------------------------------------------------------
 // Synchronized over in-process ranks
 // ---------------------------------------------------------------------------------------------
-
-/// What one rank (or one process) produced in one masked training step.
-#[derive(Debug, Clone)]
-struct Step<T> {
-    y: Vec<T>,
-    dx: Vec<T>,
-    dgamma: Vec<T>,
-    dbeta: Vec<T>,
-    running_mean: Vec<T>,
-    running_var: Vec<T>,
-}
-
-fn sync_config() -> BatchNormConfig {
-    BatchNormConfig {
-        momentum: Momentum::Exponential(0.3),
-        ..BatchNormConfig::default()
-    }
-}
 
 /// One masked training step of the synchronized layer on examples `start..start + n` of the
 /// batch (x and dy already padded), with their part of the mask; with `SingleProcess`, the whole

@@ -46,16 +46,16 @@ pub(crate) fn shard_sizes(n: usize, p: usize) -> Vec<usize> {
 
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
-struct Step<T> {
-    y: Vec<T>,
-    dx: Vec<T>,
-    dgamma: Vec<T>,
-    dbeta: Vec<T>,
-    running_mean: Vec<T>,
-    running_var: Vec<T>,
+pub(crate) struct Step<T> {
+    pub y: Vec<T>,
+    pub dx: Vec<T>,
+    pub dgamma: Vec<T>,
+    pub dbeta: Vec<T>,
+    pub running_mean: Vec<T>,
+    pub running_var: Vec<T>,
 }
 
-fn config() -> BatchNormConfig {
+pub(crate) fn config() -> BatchNormConfig {
     BatchNormConfig {
         momentum: Momentum::Exponential(0.3),
         ..Default::default()
