@@ -109,7 +109,7 @@ pub fn batch_norm_backward<T: Element>(
 }
 
 /// [`batch_norm_backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
-/// elsewhere. Checks, in order: the shape and `x`, `dy`, `dx`, the mask's length, `saved`, γ,
+/// elsewhere. Checks, in order: the shape and `x`, `dy`, the mask's length, `dx`, `saved`, γ,
 /// dγ/dβ, the saved count.
 pub(crate) fn backward_where<T: Element>(
     x: View<'_, T>,
@@ -121,10 +121,8 @@ pub(crate) fn backward_where<T: Element>(
 ) -> Result<(), Error> {
     let Grads { dx, dgamma, dbeta } = grads;
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::len_opt("dx", &g, dx.as_deref())?;
-    check::mask(&g, mask)?;
     check::saved(saved, g.channels)?;
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
@@ -156,9 +154,7 @@ pub(crate) fn grad_sums_where<T: Element>(
     saved: &SavedStats,
 ) -> Result<GradSums, Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
-    check::mask(&g, mask)?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::saved(saved, g.channels)?;
     check::training_count(saved.count, shape)?;
     let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(&g, x, dy, &saved.mean, mask);
@@ -181,7 +177,7 @@ pub fn input_grad<T: Element>(
 }
 
 /// [`input_grad`] at the positions `mask` selects (`None`: all of them), +0.0 elsewhere. Checks,
-/// in order: the shape and `x`, `dy`, `dx`, the mask's length, `saved`, `sums`, γ, the saved count.
+/// in order: the shape and `x`, `dy`, the mask's length, `dx`, `saved`, `sums`, γ, the saved count.
 pub(crate) fn input_grad_where<T: Element>(
     x: View<'_, T>,
     mask: Option<&[bool]>,
@@ -192,10 +188,8 @@ pub(crate) fn input_grad_where<T: Element>(
     dx: &mut [T],
 ) -> Result<(), Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::len("dx", &g, dx.len())?;
-    check::mask(&g, mask)?;
     check::saved(saved, g.channels)?;
     check::grad_sums_channels(sums, g.channels)?;
     check::affine(g.channels, gamma, None)?;
@@ -236,9 +230,7 @@ pub(crate) fn backward_eval_where<T: Element>(
 ) -> Result<(), Error> {
     let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
-    check::mask(&g, mask)?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::fixed_stats(g.channels, mean, var)?;
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;

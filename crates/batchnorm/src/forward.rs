@@ -86,9 +86,7 @@ pub(crate) fn train_where<T: Element>(
 ) -> Result<(BatchStats, SavedStats), Error> {
     let Affine { gamma, beta } = affine;
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    let count = check::mask(&g, mask)?;
+    let (g, count) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::affine(g.channels, gamma, beta)?;
     check::eps(eps)?;
     check::training_count(count, shape)?;
@@ -130,9 +128,7 @@ pub(crate) fn normalize_where<T: Element>(
 ) -> Result<(), Error> {
     let Affine { gamma, beta } = affine;
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::mask(&g, mask)?;
+    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::saved(saved, g.channels)?;
     check::affine(g.channels, gamma, beta)?;
     let mut scale = Scratch::collect(saved.inv_std.iter().copied());
@@ -174,9 +170,7 @@ pub(crate) fn eval_where<T: Element>(
 ) -> Result<(), Error> {
     let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::mask(&g, mask)?;
+    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::fixed_stats(g.channels, mean, var)?;
     check::affine(g.channels, gamma, beta)?;
     check::eps(eps)?;

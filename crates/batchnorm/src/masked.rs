@@ -85,9 +85,9 @@ pub fn batch_norm_train_masked<T: Element>(
 /// at the others. dγ = Σ dy·x̂ and dβ = Σ dy over the selected positions only. Writes whichever of
 /// dx, dγ, dβ `grads` holds.
 ///
-/// Rejects, in order: shape/length mismatches between the shape and `x`, `dy`, `dx`; a mask of the
-/// wrong length ([`Error::BufferLength`] named `mask`); `saved`, γ, `dgamma`, `dbeta` of the wrong
-/// channel count; saved statistics of fewer than 2 values per channel ([`Error::TooFewValues`]).
+/// Rejects, in order: shape/length mismatches between the shape and `x`, `dy`; a mask of the wrong
+/// length ([`Error::BufferLength`] named `mask`); a `dx` of the wrong length; `saved`, γ, `dgamma`,
+/// `dbeta` of the wrong channel count; saved statistics of fewer than 2 values per channel ([`Error::TooFewValues`]).
 /// `saved.count` must be the number of selected values (what the forward returned).
 pub fn batch_norm_backward_masked<T: Element>(
     x: View<'_, T>,
@@ -183,9 +183,9 @@ pub fn grad_sums_masked<T: Element>(
 /// count of selected values in `saved.count`, at the positions `mask` selects, +0.0 at the
 /// others. With one worker, the same bits as [`batch_norm_backward_masked`].
 ///
-/// Rejects, in order: shape/length mismatches of `x`, `dy`, `dx`, a mask of the wrong length
-/// ([`Error::BufferLength`] named `mask`), `saved`, `sums` or γ of the wrong channel count, saved
-/// statistics of fewer than 2 values per channel.
+/// Rejects, in order: shape/length mismatches of `x` and `dy`, a mask of the wrong length
+/// ([`Error::BufferLength`] named `mask`), a `dx` of the wrong length, `saved`, `sums` or γ of the
+/// wrong channel count, saved statistics of fewer than 2 values per channel.
 pub fn input_grad_masked<T: Element>(
     x: View<'_, T>,
     mask: &[bool],

@@ -581,15 +581,18 @@ pub(crate) fn input_grad_where<T: Element>(
 ) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
+    let chunk = match g.inner {
+        1 => row_blocks(g).0 * g.channels,
+        _ => (TASK / g.inner).max(1) * g.inner,
+    };
+    let mut items: Vec<_> = x
+        .chunks(chunk)
+        .zip(dy.chunks(chunk))
+        .zip(dx.chunks_mut(chunk))
+        .enumerate()
+        .collect();
+    items.reverse();
     if g.inner > 1 {
-        let chunk = (TASK / g.inner).max(1) * g.inner;
-        let mut items: Vec<_> = x
-            .chunks(chunk)
-            .zip(dy.chunks(chunk))
-            .zip(dx.chunks_mut(chunk))
-            .enumerate()
-            .collect();
-        items.reverse();
         map_items(items, serial, |_, (u, ((xs, gs), os))| {
             let first_plane = u * (chunk / g.inner);
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
@@ -605,14 +608,6 @@ pub(crate) fn input_grad_where<T: Element>(
         });
     } else {
         let p = with_simd(|| DxRows::new::<T>(coeffs));
-        let chunk = row_blocks(g).0 * g.channels;
-        let mut items: Vec<_> = x
-            .chunks(chunk)
-            .zip(dy.chunks(chunk))
-            .zip(dx.chunks_mut(chunk))
-            .enumerate()
-            .collect();
-        items.reverse();
         map_items(items, serial, |_, (u, ((xs, gs), os))| {
             let rows = rows_mask(g, mask, u * chunk, xs.len());
             write_where(rows, g.channels, os, |r, or| {

@@ -1168,7 +1168,7 @@ fn masked_wrong_mask_length() {
             ),
         ]);
     }
-    // The buffers of x, y, dy and dx are checked before the mask.
+    // The buffers of x, y and dy are checked before the mask.
     let (short, bad_mask): (&[f32], &[bool]) = (&x[..n - 1], &[true; 3]);
     cases.extend([
         case("y before mask", buffer("y", n, n - 1), move |o| {

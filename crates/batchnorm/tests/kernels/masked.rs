@@ -75,6 +75,17 @@ fn mask_for(d: &Data, shape: &[usize], kind: MaskKind, seed: u64) -> Vec<bool> {
     make_mask(n, d.g.per_channel() / n, kind, seed, 2)
 }
 
+/// The synchronized tests' shapes of every layout (at least 4 examples, to be split over 3
+/// ranks), and two with vector steps (planes of 20 positions, rows of 10 channels).
+fn small_shapes() -> Vec<(Layout, Vec<usize>)> {
+    let mut shapes = crate::sync::shapes();
+    shapes.extend([
+        (Layout::ChannelsFirst, vec![6, 3, 20]),
+        (Layout::ChannelsLast, vec![7, 3, 10]),
+    ]);
+    shapes
+}
+
 /// Flat indices of the elements at positions that `mask` has off.
 fn masked_out<'a>(g: &Geometry, mask: &'a [bool]) -> impl Iterator<Item = usize> + 'a {
     let g = *g;
@@ -240,16 +251,7 @@ fn masked_on_chunking_shapes() {
 /// free functions' bits.
 #[test]
 fn layer_masked_updates_running_stats_with_the_valid_count() {
-    for (i, (layout, shape)) in [
-        (Layout::NC, vec![9, 4]),
-        (Layout::NCHW, vec![3, 5, 4, 3]),
-        (Layout::NHWC, vec![2, 3, 5, 6]),
-        (Layout::ChannelsFirst, vec![4, 3, 7]),
-        (Layout::ChannelsLast, vec![4, 6, 2]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (layout, shape)) in small_shapes().into_iter().enumerate() {
         let d = Data::new::<f64>(layout, &shape, 40 + i as u64);
         let mask = mask_for(&d, &shape, MaskKind::Padded, 41 + i as u64);
         let v = View::new(&d.x, &shape, layout);
@@ -484,15 +486,7 @@ fn masked_values_never_leak() {
 /// Every masked output, in rayon pools of 1, 2 and 3 threads: the same bits.
 #[test]
 fn masked_bitwise_identical_for_1_2_3_threads() {
-    for (i, (layout, shape)) in [
-        (Layout::NCHW, vec![16, 32, 32, 32]),
-        (Layout::NCHW, vec![64, 4, 16, 16]),
-        (Layout::NHWC, vec![20, 32, 32, 16]),
-        (Layout::NC, vec![3000, 200]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
         let d = Data::new::<f32>(layout, &shape, 1100 + i as u64);
         let mask = mask_for(&d, &shape, MaskKind::Padded, 1200 + i as u64);
         assert_same_for_1_2_3_threads(&format!("{layout} {shape:?}"), || {
@@ -606,32 +600,13 @@ fn masked_step<T: TestFloat>(
     let saved = bn.forward_train_masked(comm, v, mask, &mut y)?;
     let (mut dx, mut dg, mut db) = (y.clone(), bn.bn.gamma.clone(), bn.bn.beta.clone());
     bn.backward_masked(comm, v, mask, &dy, &saved, Grads::new(&mut dx, &mut dg, &mut db))?;
-    Ok(Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        running_mean: bn.bn.running_mean,
-        running_var: bn.bn.running_var,
-    })
+    Ok(Step::new(y, dx, dg, db, bn.bn))
 }
 
 /// Shards of `sizes` examples over as many ranks, the mask of rank `none` all off and the others
 /// drawn (uneven valid counts), at least 2 selected values in all; x and dy NaN where masked.
 fn check_sync_masked<T: TestFloat>(p: usize, none: usize) {
-    for (i, (layout, shape)) in [
-        (Layout::NC, vec![9, 5]),
-        (Layout::NCHW, vec![6, 3, 2, 3]),
-        (Layout::NHWC, vec![5, 2, 3, 4]),
-        (Layout::ChannelsFirst, vec![6, 3, 7]),
-        (Layout::ChannelsLast, vec![7, 4, 3]),
-        // Vector steps: planes of 20 positions, rows of 10 channels.
-        (Layout::ChannelsFirst, vec![6, 3, 20]),
-        (Layout::ChannelsLast, vec![7, 3, 10]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, (layout, shape)) in small_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 300 + i as u64);
         let sizes = shard_sizes(shape[0], p);
         let starts: Vec<usize> = sizes

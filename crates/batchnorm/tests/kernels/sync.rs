@@ -22,7 +22,7 @@ use batchnorm::{
 };
 
 /// Shapes of every layout; dimension 0 is the batch, split into shards.
-fn shapes() -> Vec<(Layout, Vec<usize>)> {
+pub(crate) fn shapes() -> Vec<(Layout, Vec<usize>)> {
     vec![
         (Layout::NC, vec![7, 5]),
         (Layout::NCHW, vec![6, 3, 2, 3]),
@@ -55,6 +55,20 @@ pub(crate) struct Step<T> {
     pub running_var: Vec<T>,
 }
 
+impl<T: TestFloat> Step<T> {
+    /// A step's y, dx, dγ and dβ, and the running statistics of the layer that took it.
+    pub(crate) fn new(y: Vec<T>, dx: Vec<T>, dgamma: Vec<T>, dbeta: Vec<T>, bn: BatchNorm<T>) -> Self {
+        Step {
+            y,
+            dx,
+            dgamma,
+            dbeta,
+            running_mean: bn.running_mean,
+            running_var: bn.running_var,
+        }
+    }
+}
+
 pub(crate) fn config() -> BatchNormConfig {
     BatchNormConfig {
         momentum: Momentum::Exponential(0.3),
@@ -78,14 +92,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
         Grads::new(&mut dx, &mut dg, &mut db),
     )
     .unwrap();
-    Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        running_mean: bn.running_mean,
-        running_var: bn.running_var,
-    }
+    Step::new(y, dx, dg, db, bn)
 }
 
 /// One training step of the synchronized layer on this rank's shard (rows `start..start + n`).
@@ -115,14 +122,7 @@ fn one_rank<T: TestFloat>(
         &saved,
         Grads::new(&mut dx, &mut dg, &mut db),
     )?;
-    Ok(Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        running_mean: bn.bn.running_mean,
-        running_var: bn.bn.running_var,
-    })
+    Ok(Step::new(y, dx, dg, db, bn.bn))
 }
 
 /// Runs `f(comm)` on each rank of a `p`-thread group; results in rank order.
