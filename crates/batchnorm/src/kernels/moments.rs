@@ -11,6 +11,7 @@
 //! value of the channel (see [`rows_moments`]).
 
 use super::fold_lanes;
+use super::mask::MaskSpans;
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -110,201 +111,326 @@ impl Runs {
     }
 }
 
-/// Which elements of some [`Runs`] enter a reduction: all of them ([`AllLanes`]) or those a
-/// mask marks ([`MaskedLanes`]). The reductions are written once over this; with [`AllLanes`]
-/// every method is the identity and compiles away.
-pub(crate) trait Lanes<S: Simd>: Copy {
+/// Which elements of one run enter a reduction: all of them ([`AllLanes`]) or those whose mask
+/// entry is true ([`RunMask`]). The per-run reductions are written once over this; with
+/// [`AllLanes`] every method is the identity and compiles away.
+trait Lanes<S: Simd>: Copy {
     /// The on/off state of 8 consecutive elements.
     type M: Copy;
-    /// The state of elements `i..i + 8` of run `k`.
+    /// The state of elements `i..i + 8` of the run.
     ///
     /// # Safety
-    /// Those elements must lie inside the runs.
-    unsafe fn mask(self, s: S, k: usize, i: usize) -> Self::M;
+    /// Those elements must lie inside the run.
+    unsafe fn mask(self, s: S, i: usize) -> Self::M;
     /// The lanes of `v` that are on, +0.0 in the others (a select).
     fn keep(self, s: S, m: Self::M, v: S::V) -> S::V;
-    /// Whether element `i` of run `k` is on.
+    /// Whether element `i` of the run is on.
     ///
     /// # Safety
-    /// The element must lie inside the runs.
-    unsafe fn on(self, k: usize, i: usize) -> bool;
-    /// Number of elements that are on in `runs`.
-    fn count(self, runs: Runs) -> usize;
+    /// The element must lie inside the run.
+    unsafe fn on(self, i: usize) -> bool;
 }
 
-/// Every element enters.
+/// Every element of the run enters.
 #[derive(Clone, Copy)]
-pub(crate) struct AllLanes;
+struct AllLanes;
 
 impl<S: Simd> Lanes<S> for AllLanes {
     type M = ();
     #[inline(always)]
-    unsafe fn mask(self, _: S, _: usize, _: usize) {}
+    unsafe fn mask(self, _: S, _: usize) {}
     #[inline(always)]
     fn keep(self, _: S, _: (), v: S::V) -> S::V {
         v
     }
     #[inline(always)]
-    unsafe fn on(self, _: usize, _: usize) -> bool {
+    unsafe fn on(self, _: usize) -> bool {
         true
     }
-    #[inline(always)]
-    fn count(self, runs: Runs) -> usize {
-        runs.total()
-    }
 }
 
-/// The elements whose entry in `mask` is true; `at` places the runs in the mask (the same count
-/// and lengths as the data's runs, its own first element and stride).
+/// The elements of a run whose mask entries (one per element, from this pointer on) are true.
 #[derive(Clone, Copy)]
-pub(crate) struct MaskedLanes<'a> {
-    pub mask: &'a [bool],
-    pub at: Runs,
-}
+struct RunMask(*const bool);
 
-impl<'a> MaskedLanes<'a> {
-    /// The mask's runs, which must lie inside it.
-    #[inline(always)]
-    pub fn new(mask: &'a [bool], at: Runs) -> Self {
-        at.check(mask.len());
-        MaskedLanes { mask, at }
-    }
-
-    #[inline(always)]
-    fn ptr(self, k: usize, i: usize) -> *const bool {
-        self.mask.as_ptr().wrapping_add(self.at.first + k * self.at.stride + i)
-    }
-}
-
-impl<S: Simd> Lanes<S> for MaskedLanes<'_> {
+impl<S: Simd> Lanes<S> for RunMask {
     type M = S::M;
     #[inline(always)]
-    unsafe fn mask(self, s: S, k: usize, i: usize) -> S::M {
-        // SAFETY: the elements lie inside the runs (caller), which lie inside the mask (`new`).
-        unsafe { s.load_mask(self.ptr(k, i)) }
+    unsafe fn mask(self, s: S, i: usize) -> S::M {
+        // SAFETY: the run's entries lie inside the mask (`MaskedLanes::new`), i..i + 8 inside the
+        // run (caller).
+        unsafe { s.load_mask(self.0.add(i)) }
     }
     #[inline(always)]
     fn keep(self, s: S, m: S::M, v: S::V) -> S::V {
         s.keep(m, v)
     }
     #[inline(always)]
-    unsafe fn on(self, k: usize, i: usize) -> bool {
+    unsafe fn on(self, i: usize) -> bool {
         // SAFETY: as in `mask`.
-        unsafe { *self.ptr(k, i) }
+        unsafe { *self.0.add(i) }
     }
+}
+
+/// A mask's entries for some [`Runs`] of a channels-first tensor: run `k` has the entries
+/// `offset..offset + len` of segment `first + k` of `spans` (segments are planes).
+#[derive(Clone, Copy)]
+pub(crate) struct MaskedLanes<'a> {
+    spans: &'a MaskSpans<'a>,
+    first: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// What a mask selects of one run, part by part: `range` (relative to the run), all of it
+/// (`lanes` `None`) or lane by lane (the entries from the part's first element on).
+#[derive(Clone)]
+struct Part {
+    range: std::ops::Range<usize>,
+    lanes: Option<RunMask>,
+}
+
+impl<'a> MaskedLanes<'a> {
+    /// The entries of `runs` in `spans`: run k is `offset..offset + runs.len` of segment
+    /// `first + k`, which must exist.
     #[inline(always)]
-    fn count(self, _: Runs) -> usize {
-        let at = self.at;
-        (0..at.count)
-            .map(|k| {
-                let first = at.first + k * at.stride;
-                self.mask[first..first + at.len].iter().filter(|&&on| on).count()
+    pub fn new(spans: &'a MaskSpans<'a>, first: usize, offset: usize, runs: Runs) -> Self {
+        assert!(runs.count == 0 || first + runs.count <= spans.segments());
+        assert!(runs.count == 0 || offset + runs.len <= spans.segment(first).0.len());
+        MaskedLanes {
+            spans,
+            first,
+            offset,
+            len: runs.len,
+        }
+    }
+
+    /// The parts of run `k` that the mask selects, in order: the spans that are on, clipped to
+    /// the run (those without gaps whole, those with gaps lane by lane); the rest is skipped.
+    #[inline(always)]
+    fn parts(self, k: usize) -> impl Iterator<Item = Part> + 'a {
+        let (entries, spans) = self.spans.segment(self.first + k);
+        let (lo, hi) = (self.offset, self.offset + self.len);
+        spans
+            .iter()
+            .filter(move |s| s.on && s.end > lo && s.start < hi)
+            .map(move |s| {
+                let (start, end) = (s.start.max(lo), s.end.min(hi));
+                Part {
+                    range: start - lo..end - lo,
+                    lanes: s.gaps.then(|| RunMask(entries[start..end].as_ptr())),
+                }
+            })
+    }
+
+    /// Number of entries that are on in `count` runs.
+    #[inline(always)]
+    fn count(self, count: usize) -> usize {
+        (0..count)
+            .flat_map(|k| self.parts(k))
+            .map(|p| match p.lanes {
+                // SAFETY: the part's entries lie inside its segment (`parts`).
+                Some(RunMask(m)) => unsafe { std::slice::from_raw_parts(m, p.range.len()) }
+                    .iter()
+                    .filter(|&&on| on)
+                    .count(),
+                None => p.range.len(),
             })
             .sum()
     }
 }
 
-/// Σ x over the elements of `runs` that `lanes` has on, widened to `f64`.
-///
-/// # Safety
-/// `runs` must lie inside the buffer at `x`.
-#[inline(always)]
-unsafe fn runs_sum<S: Simd, T: Element, L: Lanes<S>>(s: S, x: *const T, runs: Runs, lanes: L) -> f64 {
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let mut tail = 0.0;
-    for k in 0..runs.count {
-        runs.prefetch_next(x, k);
-        // SAFETY: run k lies inside the buffer (caller's contract); all reads below stay in it.
-        unsafe {
-            let p = x.add(runs.first + k * runs.stride);
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                a0 = s.add(a0, lanes.keep(s, lanes.mask(s, k, i), s.load(p.add(i))));
-                a1 = s.add(a1, lanes.keep(s, lanes.mask(s, k, i + 8), s.load(p.add(i + 8))));
-                i += 16;
+/// Runs `$body` with `$lanes` and `$r` (a range of run `$k`'s elements) for each part of the
+/// run that `$mask` (`None`: no mask, the whole run) selects: [`AllLanes`] where it selects all
+/// of a part, a [`RunMask`] where it selects lane by lane.
+macro_rules! for_each_part {
+    ($mask:expr, $k:expr, $len:expr, |$lanes:ident, $r:ident| $body:expr) => {
+        match $mask {
+            None => {
+                let ($lanes, $r) = (AllLanes, 0..$len);
+                $body
             }
-            if i + 8 <= n {
-                a0 = s.add(a0, lanes.keep(s, lanes.mask(s, k, i), s.load(p.add(i))));
-                i += 8;
-            }
-            while i < n {
-                if lanes.on(k, i) {
-                    tail += (*p.add(i)).to_f64();
+            Some(mask) => {
+                for part in mask.parts($k) {
+                    let $r = part.range;
+                    match part.lanes {
+                        None => {
+                            let $lanes = AllLanes;
+                            $body
+                        }
+                        Some($lanes) => $body,
+                    }
                 }
-                i += 1;
             }
         }
-    }
-    fold_lanes(s.lanes(s.add(a0, a1))) + tail
+    };
 }
 
-/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `lanes` has on.
+/// Two sums over runs, each in two vector accumulators (16 `f64` lanes: a 16-element step feeds
+/// both, a last 8-element step the first) and a scalar one for the last < 8 elements of each run.
+struct Sums2<S: Simd> {
+    a: (S::V, S::V),
+    b: (S::V, S::V),
+    ta: f64,
+    tb: f64,
+}
+
+impl<S: Simd> Sums2<S> {
+    #[inline(always)]
+    fn new(s: S) -> Self {
+        Sums2 {
+            a: (s.splat(0.0), s.splat(0.0)),
+            b: (s.splat(0.0), s.splat(0.0)),
+            ta: 0.0,
+            tb: 0.0,
+        }
+    }
+
+    /// Lanes `l` and `l + 8` added, folded by [`fold_lanes`], the scalar part added last.
+    #[inline(always)]
+    fn finish(self, s: S) -> (f64, f64) {
+        (
+            fold_lanes(s.lanes(s.add(self.a.0, self.a.1))) + self.ta,
+            fold_lanes(s.lanes(s.add(self.b.0, self.b.1))) + self.tb,
+        )
+    }
+}
+
+/// Adds Σ x over the elements of the run of `n` elements at `p` that `lanes` has on to `acc`
+/// (two vector accumulators and a scalar one).
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+unsafe fn run_sum<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    p: *const T,
+    n: usize,
+    lanes: L,
+    acc: &mut (S::V, S::V, f64),
+) {
+    let (mut a0, mut a1, mut tail) = *acc;
+    let mut i = 0;
+    // SAFETY: every read below is of element i < n (caller's contract).
+    unsafe {
+        while i + 16 <= n {
+            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
+            a1 = s.add(a1, lanes.keep(s, lanes.mask(s, i + 8), s.load(p.add(i + 8))));
+            i += 16;
+        }
+        if i + 8 <= n {
+            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
+            i += 8;
+        }
+        while i < n {
+            if lanes.on(i) {
+                tail += (*p.add(i)).to_f64();
+            }
+            i += 1;
+        }
+    }
+    *acc = (a0, a1, tail);
+}
+
+/// Σ x over the elements of `runs` that `mask` (`None`: all of them) has on, widened to `f64`.
 ///
 /// # Safety
 /// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-unsafe fn runs_centered<S: Simd, T: Element, L: Lanes<S>>(
+unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, mask: Option<MaskedLanes>) -> f64 {
+    let mut acc = (s.splat(0.0), s.splat(0.0), 0.0);
+    for k in 0..runs.count {
+        runs.prefetch_next(x, k);
+        let p = x.wrapping_add(runs.first + k * runs.stride);
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            run_sum(s, p.add(r.start), r.len(), lanes, &mut acc)
+        });
+    }
+    fold_lanes(s.lanes(s.add(acc.0, acc.1))) + acc.2
+}
+
+/// Adds (Σ(x − m), Σ(x − m)²) over the elements of the run of `n` elements at `p` that `lanes`
+/// has on to `acc`.
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    p: *const T,
+    n: usize,
+    m: f64,
+    lanes: L,
+    acc: &mut Sums2<S>,
+) {
+    let mv = s.splat(m);
+    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
+    let mut i = 0;
+    // SAFETY: every read below is of element i < n (caller's contract).
+    unsafe {
+        while i + 16 <= n {
+            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
+            let d1 = lanes.keep(s, lanes.mask(s, i + 8), s.sub(s.load(p.add(i + 8)), mv));
+            a0 = s.add(a0, d0);
+            a1 = s.add(a1, d1);
+            b0 = s.mul_add(d0, d0, b0);
+            b1 = s.mul_add(d1, d1, b1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
+            a0 = s.add(a0, d0);
+            b0 = s.mul_add(d0, d0, b0);
+            i += 8;
+        }
+        while i < n {
+            if lanes.on(i) {
+                let d = (*p.add(i)).to_f64() - m;
+                acc.ta += d;
+                acc.tb = d.mul_add(d, acc.tb);
+            }
+            i += 1;
+        }
+    }
+    (acc.a, acc.b) = ((a0, a1), (b0, b1));
+}
+
+/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on.
+///
+/// # Safety
+/// `runs` must lie inside the buffer at `x`.
+#[inline(always)]
+unsafe fn runs_centered<S: Simd, T: Element>(
     s: S,
     x: *const T,
     runs: Runs,
     m: f64,
-    lanes: L,
+    mask: Option<MaskedLanes>,
 ) -> (f64, f64) {
-    let mv = s.splat(m);
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
-    let (mut ta, mut tb) = (0.0, 0.0);
+    let mut acc = Sums2::new(s);
     for k in 0..runs.count {
-        // SAFETY: as in `runs_sum`.
-        unsafe {
-            let p = x.add(runs.first + k * runs.stride);
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                let d0 = lanes.keep(s, lanes.mask(s, k, i), s.sub(s.load(p.add(i)), mv));
-                let d1 = lanes.keep(s, lanes.mask(s, k, i + 8), s.sub(s.load(p.add(i + 8)), mv));
-                a0 = s.add(a0, d0);
-                a1 = s.add(a1, d1);
-                b0 = s.mul_add(d0, d0, b0);
-                b1 = s.mul_add(d1, d1, b1);
-                i += 16;
-            }
-            if i + 8 <= n {
-                let d0 = lanes.keep(s, lanes.mask(s, k, i), s.sub(s.load(p.add(i)), mv));
-                a0 = s.add(a0, d0);
-                b0 = s.mul_add(d0, d0, b0);
-                i += 8;
-            }
-            while i < n {
-                if lanes.on(k, i) {
-                    let d = (*p.add(i)).to_f64() - m;
-                    ta += d;
-                    tb = d.mul_add(d, tb);
-                }
-                i += 1;
-            }
-        }
+        let p = x.wrapping_add(runs.first + k * runs.stride);
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            run_centered(s, p.add(r.start), r.len(), m, lanes, &mut acc)
+        });
     }
-    (
-        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
-        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
-    )
+    acc.finish(s)
 }
 
-/// Moments of the elements of `runs` of `x` that `lanes` has on (no element: [`Moments::EMPTY`]).
 #[inline(always)]
-fn runs_moments_of<S: Simd, T: Element, L: Lanes<S>>(s: S, x: &[T], runs: Runs, lanes: L) -> Moments {
+pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments {
     runs.check(x.len());
-    let count = lanes.count(runs);
+    let count = mask.map_or(runs.total(), |m| m.count(runs.count));
     if count == 0 {
         return Moments::EMPTY;
     }
     let n = count as f64;
     // SAFETY: checked just above.
-    let m = unsafe { runs_sum(s, x.as_ptr(), runs, lanes) } / n;
+    let m = unsafe { runs_sum(s, x.as_ptr(), runs, mask) } / n;
     // SAFETY: checked just above.
-    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, lanes) };
+    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, mask) };
     let m2 = d2 - d1 * d1 / n;
     Moments {
         count: n,
@@ -313,81 +439,66 @@ fn runs_moments_of<S: Simd, T: Element, L: Lanes<S>>(s: S, x: &[T], runs: Runs, 
     }
 }
 
-#[inline(always)]
-pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments {
-    match mask {
-        None => runs_moments_of(s, x, runs, AllLanes),
-        Some(lanes) => runs_moments_of(s, x, runs, lanes),
-    }
-}
-
 simd_dispatch! {
     /// Moments of `runs` of `x` (one piece of a channels-first channel) by the corrected
     /// two-pass algorithm: mean first, then centered sums with the rounding error of the mean
     /// corrected. The piece is small enough to stay in cache between the passes, so memory is
-    /// read once. With `mask`, over the elements it has on: the same operations in the same
-    /// order, the others replaced by +0.0 in the sums (a select, so their values never reach the
-    /// result); with every element on, the same bits as without.
+    /// read once. With `mask`, over the elements it has on: runs it selects entirely take the
+    /// unmasked loop, runs it selects partly the same operations in the same order with the
+    /// other elements replaced by +0.0 (a select, so their values never reach the result), runs
+    /// it does not select are skipped; no element: [`Moments::EMPTY`]. With every element on, the
+    /// same bits as without a mask.
     pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 
-/// (Σ dy, Σ dy·(x − m)) over the elements of `runs` that `lanes` has on.
+/// Adds (Σ dy, Σ dy·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
+/// `lanes` has on to `acc`.
+///
+/// # Safety
+/// `px` and `pg` must be valid for reading `n` elements.
 #[inline(always)]
-fn runs_grad_sums_of<S: Simd, T: Element, L: Lanes<S>>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>>(
     s: S,
-    x: &[T],
-    dy: &[T],
-    runs: Runs,
+    px: *const T,
+    pg: *const T,
+    n: usize,
     m: f64,
     lanes: L,
-) -> (f64, f64) {
-    runs.check(x.len());
-    runs.check(dy.len());
-    let (xp, gp) = (x.as_ptr(), dy.as_ptr());
+    acc: &mut Sums2<S>,
+) {
     let mv = s.splat(m);
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
-    let (mut ta, mut tb) = (0.0, 0.0);
-    for k in 0..runs.count {
-        runs.prefetch_next(xp, k);
-        runs.prefetch_next(gp, k);
-        // SAFETY: every run lies inside both buffers (checked above); reads stay in the run.
-        unsafe {
-            let o = runs.first + k * runs.stride;
-            let (px, pg) = (xp.add(o), gp.add(o));
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                let (m0, m1) = (lanes.mask(s, k, i), lanes.mask(s, k, i + 8));
-                let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
-                let g1 = lanes.keep(s, m1, s.load(pg.add(i + 8)));
-                a0 = s.add(a0, g0);
-                a1 = s.add(a1, g1);
-                b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-                b1 = s.mul_add(g1, lanes.keep(s, m1, s.sub(s.load(px.add(i + 8)), mv)), b1);
-                i += 16;
+    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
+    let mut i = 0;
+    // SAFETY: every read below is of element i < n (caller's contract).
+    unsafe {
+        while i + 16 <= n {
+            let (m0, m1) = (lanes.mask(s, i), lanes.mask(s, i + 8));
+            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
+            let g1 = lanes.keep(s, m1, s.load(pg.add(i + 8)));
+            a0 = s.add(a0, g0);
+            a1 = s.add(a1, g1);
+            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
+            b1 = s.mul_add(g1, lanes.keep(s, m1, s.sub(s.load(px.add(i + 8)), mv)), b1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            let m0 = lanes.mask(s, i);
+            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
+            a0 = s.add(a0, g0);
+            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
+            i += 8;
+        }
+        while i < n {
+            if lanes.on(i) {
+                let g = (*pg.add(i)).to_f64();
+                acc.ta += g;
+                acc.tb = g.mul_add((*px.add(i)).to_f64() - m, acc.tb);
             }
-            if i + 8 <= n {
-                let m0 = lanes.mask(s, k, i);
-                let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
-                a0 = s.add(a0, g0);
-                b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-                i += 8;
-            }
-            while i < n {
-                if lanes.on(k, i) {
-                    let g = (*pg.add(i)).to_f64();
-                    ta += g;
-                    tb = g.mul_add((*px.add(i)).to_f64() - m, tb);
-                }
-                i += 1;
-            }
+            i += 1;
         }
     }
-    (
-        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
-        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
-    )
+    (acc.a, acc.b) = ((a0, a1), (b0, b1));
 }
 
 #[inline(always)]
@@ -399,16 +510,27 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     m: f64,
     mask: Option<MaskedLanes>,
 ) -> (f64, f64) {
-    match mask {
-        None => runs_grad_sums_of(s, x, dy, runs, m, AllLanes),
-        Some(lanes) => runs_grad_sums_of(s, x, dy, runs, m, lanes),
+    runs.check(x.len());
+    runs.check(dy.len());
+    let (xp, gp) = (x.as_ptr(), dy.as_ptr());
+    let mut acc = Sums2::new(s);
+    for k in 0..runs.count {
+        runs.prefetch_next(xp, k);
+        runs.prefetch_next(gp, k);
+        let o = runs.first + k * runs.stride;
+        // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            let o = o + r.start;
+            run_grad_sums(s, xp.add(o), gp.add(o), r.len(), m, lanes, &mut acc)
+        });
     }
+    acc.finish(s)
 }
 
 simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
-    /// (dy and x − m of the others replaced by +0.0, a select; with every element on, the same
-    /// bits as without).
+    /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or whole
+    /// runs skipped; with every element on, the same bits as without).
     pub(crate) fn runs_grad_sums<T>(
         x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>
     ) -> (f64, f64) => runs_grad_sums_impl
@@ -595,24 +717,34 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
         *k = v.to_f64();
     }
     let (xp, kp) = (x.as_ptr(), shift.as_ptr());
+    // The closures are inlined by force: one that is not compiles without the caller's AVX2.
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
     // inside x (asserted above) and `shift`.
-    let step = |r: usize, c: usize, a: S::V, b: S::V| {
-        if !set.on(r) {
-            return (a, b);
-        }
-        let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
-        (s.add(a, d), s.mul_add(d, d, b))
-    };
-    let one = |r: usize, c: usize, a: f64, b: f64| {
-        if !set.on(r) {
-            return (a, b);
-        }
-        let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
-        (a + d, d.mul_add(d, b))
-    };
-    let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, step, one, pf, ahead);
+    rows_accumulate2::<S, ROW_GROUP>(
+        s,
+        rows,
+        mean,
+        m2,
+        #[inline(always)]
+        |r: usize, c: usize, a: S::V, b: S::V| {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
+            (s.add(a, d), s.mul_add(d, d, b))
+        },
+        #[inline(always)]
+        |r: usize, c: usize, a: f64, b: f64| {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
+            (a + d, d.mul_add(d, b))
+        },
+        pf,
+        #[inline(always)]
+        |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c)),
+    );
     let n = set.count(rows) as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
@@ -713,28 +845,38 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
         sum_dy.len() == channels && sum_dy_xmu.len() == channels && rows * channels == x.len() && dy.len() == x.len()
     );
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
+    // The closures are inlined by force (see `rows_moments_of`).
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).
-    let step = |r: usize, c: usize, a: S::V, b: S::V| unsafe {
-        if !set.on(r) {
-            return (a, b);
-        }
-        let g = s.load(gp.add(r * channels + c));
-        let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
-        (s.add(a, g), s.mul_add(g, d, b))
-    };
-    let one = |r: usize, c: usize, a: f64, b: f64| unsafe {
-        if !set.on(r) {
-            return (a, b);
-        }
-        let g = (*gp.add(r * channels + c)).to_f64();
-        (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
-    };
-    let ahead = |r: usize, c: usize| {
-        prefetch_line(xp.wrapping_add(r * channels + c));
-        prefetch_line(gp.wrapping_add(r * channels + c));
-    };
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, step, one, pf, ahead);
+    rows_accumulate2::<S, ROW_GROUP>(
+        s,
+        rows,
+        sum_dy,
+        sum_dy_xmu,
+        #[inline(always)]
+        |r: usize, c: usize, a: S::V, b: S::V| unsafe {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let g = s.load(gp.add(r * channels + c));
+            let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
+            (s.add(a, g), s.mul_add(g, d, b))
+        },
+        #[inline(always)]
+        |r: usize, c: usize, a: f64, b: f64| unsafe {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let g = (*gp.add(r * channels + c)).to_f64();
+            (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
+        },
+        pf,
+        #[inline(always)]
+        |r: usize, c: usize| {
+            prefetch_line(xp.wrapping_add(r * channels + c));
+            prefetch_line(gp.wrapping_add(r * channels + c));
+        },
+    );
 }
 
 #[inline(always)]

@@ -17,6 +17,7 @@
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
+use super::mask::{segment, MaskSpans, Span};
 use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
 use super::scratch::Scratch;
 use super::with_simd;
@@ -218,24 +219,14 @@ fn map_plane_blocks<R: Send>(
     (parts, blocks)
 }
 
-/// The entries of a mask over the positions of a channels-first tensor (entry `o·inner + i` for
-/// element `(o, c, i)`; `None`: no mask) that `runs` of it (see [`for_each_piece`]) use.
+/// The mask entries (`None`: no mask) of `runs` of a channels-first tensor (see
+/// [`for_each_piece`]): segment o of `spans` holds plane o's, entry i for element `(o, c, i)`.
 #[inline(always)]
-fn masked_lanes<'a>(g: &Geometry, mask: Option<&'a [bool]>, runs: Runs) -> Option<MaskedLanes<'a>> {
+fn masked_lanes<'a>(g: &Geometry, spans: Option<&'a MaskSpans<'a>>, runs: Runs) -> Option<MaskedLanes<'a>> {
     let (o, i) = (runs.first / (g.channels * g.inner), runs.first % g.inner);
-    let at = Runs {
-        first: o * g.inner + i,
-        stride: runs.stride / g.channels,
-        ..runs
-    };
-    mask.map(|m| MaskedLanes::new(m, at))
-}
-
-/// The entries of a mask over positions (`None`: no mask) that plane `o` of a channels-first
-/// tensor uses.
-#[inline(always)]
-fn plane_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, o: usize) -> Option<&'a [bool]> {
-    mask.map(|m| &m[o * g.inner..(o + 1) * g.inner])
+    // Several runs are whole consecutive planes of the channel.
+    debug_assert!(runs.count <= 1 || (i == 0 && runs.stride == g.channels * g.inner));
+    spans.map(|s| MaskedLanes::new(s, o, i, runs))
 }
 
 /// The entries of a mask over positions (`None`: no mask) that the `len` elements from element
@@ -245,41 +236,57 @@ fn rows_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, start: usize, len: usiz
     mask.map(|m| &m[start / g.channels..(start + len) / g.channels])
 }
 
-/// Writes `out` where `mask` allows: `f(range, &mut out[range])` on each maximal run of entries
-/// that are on, in order (`None`: all of `out` at once), +0.0 on each run of entries that are
-/// off, whose inputs are never read. Entry k covers elements `k·width..(k + 1)·width`.
+/// Writes `out` where a mask allows (`mask`: a segment's entries and [`Span`]s, entry k covering
+/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, &mut out[range],
+/// stream)` over each span that is on, then +0.0 over the elements of the entries that are off
+/// inside it (a select: nothing computed there is kept; `stream` is false for such spans, so that
+/// the kernel's stores are ordinary ones); +0.0 over each span that is off, whose inputs are not
+/// read.
 #[inline(always)]
 fn write_where<T: Element>(
-    mask: Option<&[bool]>,
+    mask: Option<(&[bool], &[Span])>,
     width: usize,
     out: &mut [T],
-    mut f: impl FnMut(std::ops::Range<usize>, &mut [T]),
+    mut f: impl FnMut(std::ops::Range<usize>, &mut [T], bool),
 ) {
-    let Some(mask) = mask else {
+    let Some((mask, spans)) = mask else {
         let n = out.len();
-        return f(0..n, out);
+        return f(0..n, out, true);
     };
-    let mut k = 0;
-    while k < mask.len() {
-        let on = mask[k];
-        let len = mask[k..].iter().position(|&m| m != on).unwrap_or(mask.len() - k);
-        let r = k * width..(k + len) * width;
-        if on {
-            f(r.clone(), &mut out[r]);
-        } else {
-            out[r].fill(T::from_f64(0.0));
+    let zero = T::from_f64(0.0);
+    for &Span { start, end, on, gaps } in spans {
+        let r = start * width..end * width;
+        if !on {
+            out[r].fill(zero);
+            continue;
         }
-        k += len;
+        f(r.clone(), &mut out[r.clone()], !gaps);
+        match (gaps, width) {
+            (false, _) => {}
+            // Branch-free, so that it vectorizes: one entry per element.
+            (true, 1) => {
+                for (o, &on) in out[r].iter_mut().zip(&mask[start..end]) {
+                    *o = if on { *o } else { zero };
+                }
+            }
+            (true, _) => {
+                for (o, &on) in out[r].chunks_mut(width).zip(&mask[start..end]) {
+                    if !on {
+                        o.fill(zero);
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Moments of planes `planes` of channel `c` (of the positions `mask` has on, when given),
-/// pieces merged left in order.
+/// Moments of planes `planes` of channel `c` (of the positions `mask` has on, when given; its
+/// segments are the planes), pieces merged left in order.
 #[inline(always)]
 fn planes_moments<T: Element>(
     g: &Geometry,
     x: &[T],
-    mask: Option<&[bool]>,
+    mask: Option<&MaskSpans>,
     c: usize,
     planes: std::ops::Range<usize>,
 ) -> Moments {
@@ -330,7 +337,8 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
 pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Option<&[bool]>) -> ChannelMoments {
     let serial = is_serial(g);
     if g.inner > 1 {
-        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_moments(g, x, mask, c, planes));
+        let spans = MaskSpans::new(mask, g.inner);
+        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_moments(g, x, spans.as_ref(), c, planes));
         let mut out = ChannelMoments {
             count: 0.0,
             mean: Vec::with_capacity(g.channels),
@@ -399,6 +407,7 @@ pub(crate) fn normalize_where<T: Element>(
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
+        let spans = MaskSpans::new(mask, g.inner);
         let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
         items.reverse();
         map_items(items, serial, |_, (u, (xs, ys))| {
@@ -410,8 +419,8 @@ pub(crate) fn normalize_where<T: Element>(
                     scale: p.scale[c],
                     shift: p.shift[c],
                 };
-                write_where(plane_mask(g, mask, o), 1, yp, |r, yr| {
-                    ew::normalize_plane(&xp[r], yr, a, stream)
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt)
                 });
             }
             if stream {
@@ -421,11 +430,13 @@ pub(crate) fn normalize_where<T: Element>(
     } else {
         let p = with_simd(|| RowsAffine::new::<T>(p.mean, p.scale, p.shift));
         let chunk = row_blocks(g).0 * g.channels;
+        let spans = MaskSpans::new(mask, chunk / g.channels);
         let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
         items.reverse();
         map_items(items, serial, |_, (u, (xs, ys))| {
-            let rows = rows_mask(g, mask, u * chunk, xs.len());
-            write_where(rows, g.channels, ys, |r, yr| ew::normalize_rows(&xs[r], yr, &p, stream));
+            write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
+                ew::normalize_rows(&xs[r], yr, &p, stream && nt)
+            });
             if stream {
                 ew::stream_fence();
             }
@@ -451,9 +462,10 @@ pub(crate) fn train_forward_where<T: Element>(
         // A fused unit re-reads its channel from L2, not from the last-level cache.
         let stream = stream_output::<T>(g, 0);
         let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+        let spans = MaskSpans::new(mask, g.inner);
         let out = SharedOut::new(y);
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-            let m = planes_moments(g, x, mask, c, 0..g.outer);
+            let m = planes_moments(g, x, spans.as_ref(), c, 0..g.outer);
             let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
             affine(c, &mut scale, &mut shift);
             let a = WideAffine {
@@ -469,8 +481,8 @@ pub(crate) fn train_forward_where<T: Element>(
                 // SAFETY: plane (o, c) belongs to unit c alone.
                 let yp = unsafe { out.slice(start, g.inner) };
                 let xp = &x[start..start + g.inner];
-                write_where(plane_mask(g, mask, o), 1, yp, |r, yr| {
-                    ew::normalize_plane(&xp[r], yr, a, stream)
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt)
                 });
             }
             if stream {
@@ -499,14 +511,14 @@ pub(crate) fn train_forward_where<T: Element>(
 }
 
 /// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c` (of the positions `mask` has on, when
-/// given), piece sums added in order.
+/// given; its segments are the planes), piece sums added in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn planes_grad_sums<T: Element>(
     g: &Geometry,
     x: &[T],
     dy: &[T],
-    mask: Option<&[bool]>,
+    mask: Option<&MaskSpans>,
     c: usize,
     m: f64,
     planes: std::ops::Range<usize>,
@@ -532,8 +544,9 @@ pub(crate) fn grad_sums_where<T: Element>(
 ) -> (Vec<f64>, Vec<f64>) {
     let serial = is_serial(g);
     if g.inner > 1 {
+        let spans = MaskSpans::new(mask, g.inner);
         let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
-            planes_grad_sums(g, x, dy, mask, c, mean[c], planes)
+            planes_grad_sums(g, x, dy, spans.as_ref(), c, mean[c], planes)
         });
         parts
             .chunks(blocks)
@@ -581,10 +594,11 @@ pub(crate) fn input_grad_where<T: Element>(
 ) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
-    let chunk = match g.inner {
-        1 => row_blocks(g).0 * g.channels,
-        _ => (TASK / g.inner).max(1) * g.inner,
+    let (chunk, segment_len) = match g.inner {
+        1 => (row_blocks(g).0 * g.channels, row_blocks(g).0),
+        _ => ((TASK / g.inner).max(1) * g.inner, g.inner),
     };
+    let spans = MaskSpans::new(mask, segment_len);
     let mut items: Vec<_> = x
         .chunks(chunk)
         .zip(dy.chunks(chunk))
@@ -598,8 +612,8 @@ pub(crate) fn input_grad_where<T: Element>(
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
-                write_where(plane_mask(g, mask, o), 1, op, |r, or| {
-                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream)
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt)
                 });
             }
             if stream {
@@ -609,9 +623,8 @@ pub(crate) fn input_grad_where<T: Element>(
     } else {
         let p = with_simd(|| DxRows::new::<T>(coeffs));
         map_items(items, serial, |_, (u, ((xs, gs), os))| {
-            let rows = rows_mask(g, mask, u * chunk, xs.len());
-            write_where(rows, g.channels, os, |r, or| {
-                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream)
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt)
             });
             if stream {
                 ew::stream_fence();
@@ -651,9 +664,10 @@ pub(crate) fn train_backward_where<T: Element>(
             // A fused unit re-reads its channel from L2, not from the last-level cache.
             let stream = stream_output::<T>(g, 0);
             let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+            let spans = MaskSpans::new(mask, g.inner);
             let out = SharedOut::new(dx);
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-                let (s1, s2) = planes_grad_sums(g, x, dy, mask, c, mean[c], 0..g.outer);
+                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), c, mean[c], 0..g.outer);
                 let mut k = [DxCoeffs::default()];
                 coeffs(c, &[s1], &[s2], &mut k);
                 let k = k[0];
@@ -665,8 +679,8 @@ pub(crate) fn train_backward_where<T: Element>(
                     // SAFETY: plane (o, c) belongs to unit c alone.
                     let op = unsafe { out.slice(start, g.inner) };
                     let (xp, gp) = (&x[start..start + g.inner], &dy[start..start + g.inner]);
-                    write_where(plane_mask(g, mask, o), 1, op, |r, or| {
-                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream)
+                    write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt)
                     });
                 }
                 if stream {
@@ -695,13 +709,14 @@ pub(crate) fn scale_where<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
+        let spans = MaskSpans::new(mask, g.inner);
         let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
         map_items(items, serial, |u, (gs, os)| {
             let first_plane = u * (chunk / g.inner);
             for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
-                write_where(plane_mask(g, mask, o), 1, op, |r, or| {
-                    ew::scale_plane(&gp[r], or, k[c], stream)
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                    ew::scale_plane(&gp[r], or, k[c], stream && nt)
                 });
             }
             if stream {
@@ -711,10 +726,12 @@ pub(crate) fn scale_where<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &
     } else {
         let k = RowsScale::new::<T>(k);
         let chunk = row_blocks(g).0 * g.channels;
+        let spans = MaskSpans::new(mask, chunk / g.channels);
         let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
         map_items(items, serial, |u, (gs, os)| {
-            let rows = rows_mask(g, mask, u * chunk, gs.len());
-            write_where(rows, g.channels, os, |r, or| ew::scale_rows(&gs[r], or, &k, stream));
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+                ew::scale_rows(&gs[r], or, &k, stream && nt)
+            });
             if stream {
                 ew::stream_fence();
             }

@@ -389,6 +389,7 @@ pub(crate) use simd_dispatch;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
+    use super::super::mask::MaskSpans;
     use super::super::moments::{self, MaskedLanes, RowPrefetch, Runs};
     use crate::Element;
 
@@ -435,9 +436,16 @@ mod tests {
                 len,
                 stride,
             };
-            let (mask, xm) = masked(&x, x.len(), 1, len as u64);
-            let lanes = Some(MaskedLanes::new(&mask, runs));
-            for (x, lanes) in [(&x, None), (&xm, lanes)] {
+            // Masks over the runs' elements (one segment per run): a short period (selected lane
+            // by lane), and the first half of each run on (selected whole, the rest skipped).
+            let (periodic, xp) = masked(&x, x.len(), 1, len as u64);
+            let periodic: Vec<bool> = (0..count)
+                .flat_map(|k| periodic[1 + k * stride..1 + k * stride + len].to_vec())
+                .collect();
+            let half: Vec<bool> = (0..count * len).map(|e| e % len < len / 2).collect();
+            let spans = [MaskSpans::new(Some(&periodic), len), MaskSpans::new(Some(&half), len)];
+            let lanes = |i: usize| Some(MaskedLanes::new(spans[i].as_ref().unwrap(), 0, 0, runs));
+            for (x, lanes) in [(&x, None), (&xp, lanes(0)), (&x, lanes(1))] {
                 let m = moments::runs_moments(x, runs, lanes);
                 assert_eq!(m, moments::runs_moments_impl(s, x, runs, lanes));
                 assert!(m.mean.is_finite() && m.m2.is_finite());
