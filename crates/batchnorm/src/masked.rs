@@ -14,16 +14,17 @@
 //!   dγ = Σ dy·x̂ and dβ = Σ dy;
 //! - the running variance is updated with the unbiased m/(m − 1)·σ²_B of the m valid values.
 //!
-//! Masked values never leak: no value (of x or dy) at a position that is off is read into a
-//! statistic or an output. The reductions select (they replace such values by +0.0 lane by
-//! lane, or skip whole rows) rather than multiply by 0, and the element-wise passes do not
-//! compute those positions at all, they write +0.0 there; so a NaN or 1e30 in padding changes
-//! no bit of any output.
+//! Masked values never leak: no value (of x or dy) at a position that is off reaches a
+//! statistic or an output, and none is multiplied by 0. The reductions skip whole rows and
+//! stretches that are off, and inside a stretch with a few positions off replace those values by
+//! +0.0 lane by lane (a select); the element-wise passes write +0.0 at the positions that are
+//! off (long stretches of them are not computed at all, short ones are computed with their
+//! neighbours and overwritten). So a NaN or 1e30 in padding changes no bit of any output.
 //!
-//! The statistics are computed as the plain kernels compute them (`f64` accumulation, the same
-//! pieces, lanes and Chan merges in the same order, values that are off contributing +0.0), so
-//! with a mask of all ones every function here gives the same bits as its plain counterpart; and
-//! the same bits for any number of threads.
+//! The statistics are computed with `f64` accumulation in the plain kernels' pieces and Chan
+//! merges, a stretch that is all on through the plain loop itself: with a mask of all ones every
+//! function here gives the same bits as its plain counterpart; with any mask, the same bits for
+//! any number of threads.
 //!
 //! Free functions over flat buffers, in the crate's argument order with the mask right after the
 //! input: [`batch_norm_train_masked`], [`batch_norm_backward_masked`], [`batch_norm_eval_masked`],

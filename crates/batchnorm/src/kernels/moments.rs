@@ -443,11 +443,11 @@ simd_dispatch! {
     /// Moments of `runs` of `x` (one piece of a channels-first channel) by the corrected
     /// two-pass algorithm: mean first, then centered sums with the rounding error of the mean
     /// corrected. The piece is small enough to stay in cache between the passes, so memory is
-    /// read once. With `mask`, over the elements it has on: runs it selects entirely take the
-    /// unmasked loop, runs it selects partly the same operations in the same order with the
-    /// other elements replaced by +0.0 (a select, so their values never reach the result), runs
-    /// it does not select are skipped; no element: [`Moments::EMPTY`]. With every element on, the
-    /// same bits as without a mask.
+    /// read once. With `mask`, over the elements it has on, part by part ([`MaskedLanes`]):
+    /// parts it selects entirely take the unmasked loop, parts with a few elements off the same
+    /// loop with those replaced by +0.0 (a select, so their values never reach the result), the
+    /// rest is skipped; no element: [`Moments::EMPTY`]. With every element on, the same bits as
+    /// without a mask.
     pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 
@@ -529,8 +529,8 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
 
 simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
-    /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or whole
-    /// runs skipped; with every element on, the same bits as without).
+    /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
+    /// skipped; with every element on, the same bits as without).
     pub(crate) fn runs_grad_sums<T>(
         x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>
     ) -> (f64, f64) => runs_grad_sums_impl

@@ -395,7 +395,7 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Norm
 }
 
 /// [`normalize`] at the positions `mask` (one entry per position) has on, +0.0 at the others
-/// (whose x is never read); each element computed as without a mask.
+/// (see [`write_where`]); each element that is on computed as without a mask.
 pub(crate) fn normalize_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -581,7 +581,7 @@ pub(crate) fn grad_sums_where<T: Element>(
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
-/// position, `None`: all of them) has on, +0.0 at the others (whose x and dy are never read). It
+/// position, `None`: all of them) has on, +0.0 at the others (see [`write_where`]). It
 /// always follows a pass over x and dy (the gradient sums), so both count as re-read for the
 /// streaming decision, and it takes its units last to first (see [`normalize`]).
 pub(crate) fn input_grad_where<T: Element>(
@@ -703,7 +703,7 @@ pub(crate) fn train_backward_where<T: Element>(
 }
 
 /// dx = dy·k[c] (inference-mode backward) at the positions `mask` (one entry per position,
-/// `None`: all of them) has on, +0.0 at the others (whose dy is never read).
+/// `None`: all of them) has on, +0.0 at the others (see [`write_where`]).
 pub(crate) fn scale_where<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64], mask: Option<&[bool]>) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
