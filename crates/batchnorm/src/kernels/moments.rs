@@ -9,6 +9,12 @@
 //! Moments of channels-first pieces use the corrected two-pass algorithm (the piece is in cache
 //! for the second pass); moments of channels-last blocks one shifted pass, the shift being a
 //! value of the channel (see [`rows_moments`]).
+//!
+//! With a mask over positions (masked batch norm), rows that are off are skipped, and a
+//! channels-first run is taken part by part ([`MaskedLanes`]): stretches that are all on
+//! through the same loops, stretches with a few positions off through them with those lanes
+//! replaced by +0.0, the rest skipped. The orders then depend on the shape and the mask, still
+//! never on the thread count.
 
 use super::fold_lanes;
 use super::mask::MaskSpans;
