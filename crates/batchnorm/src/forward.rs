@@ -71,19 +71,31 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
+    train_where(x, None, affine, eps, y)
+}
+
+/// [`batch_norm_train`] over the positions `mask` selects (`None`: all of them; see
+/// [`crate::batch_norm_train_masked`]), +0.0 in y elsewhere. Checks, in order: the shape and
+/// `x`, `y`, the mask's length, γ/β, ε, the count of selected values per channel.
+pub(crate) fn train_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(BatchStats, SavedStats), Error> {
     let Affine { gamma, beta } = affine;
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
+    let (g, count) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::affine(g.channels, gamma, beta)?;
     check::eps(eps)?;
-    check::training_count(g.per_channel() as u64, shape)?;
-    let m = plan::train_forward(&g, x, y, |first, scale, shift| {
+    check::training_count(count, shape)?;
+    let m = plan::train_forward_where(&g, x, y, mask, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });
     let stats = BatchStats {
-        count: g.per_channel() as u64,
+        count,
         mean: m.mean,
         m2: m.m2,
     };
@@ -102,25 +114,32 @@ pub fn normalize<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
+    normalize_where(x, None, saved, affine, y)
+}
+
+/// [`normalize`] at the positions `mask` selects (`None`: all of them), +0.0 in y elsewhere.
+/// Checks, in order: the shape and `x`, `y`, the mask's length, `saved`, γ/β.
+pub(crate) fn normalize_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    saved: &SavedStats,
+    affine: Affine<'_, T>,
+    y: &mut [T],
+) -> Result<(), Error> {
     let Affine { gamma, beta } = affine;
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::saved(saved, g.channels)?;
     check::affine(g.channels, gamma, beta)?;
     let mut scale = Scratch::collect(saved.inv_std.iter().copied());
     let mut shift = Scratch::any(g.channels);
     with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
-    plan::normalize(
-        &g,
-        x,
-        y,
-        &Normalization {
-            mean: &saved.mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    let p = Normalization {
+        mean: &saved.mean,
+        scale: &scale,
+        shift: &shift,
+    };
+    plan::normalize_where(&g, x, y, &p, mask);
     Ok(())
 }
 
@@ -136,10 +155,22 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
+    eval_where(x, None, stats, affine, eps, y)
+}
+
+/// [`batch_norm_eval`] at the positions `mask` selects (`None`: all of them), +0.0 in y
+/// elsewhere. Checks, in order: the shape and `x`, `y`, the mask's length, the statistics, γ/β, ε.
+pub(crate) fn eval_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    stats: FixedStats<'_, T>,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(), Error> {
     let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
     check::fixed_stats(g.channels, mean, var)?;
     check::affine(g.channels, gamma, beta)?;
     check::eps(eps)?;
@@ -150,15 +181,11 @@ pub fn batch_norm_eval<T: Element>(
         inv_std_in_place(&mut scale, eps);
         scale_shift(gamma, beta, 0, &mut scale, &mut shift);
     });
-    plan::normalize(
-        &g,
-        x,
-        y,
-        &Normalization {
-            mean: &mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    let p = Normalization {
+        mean: &mean,
+        scale: &scale,
+        shift: &shift,
+    };
+    plan::normalize_where(&g, x, y, &p, mask);
     Ok(())
 }

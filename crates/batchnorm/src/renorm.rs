@@ -685,7 +685,7 @@ impl<T: Element> BatchRenorm<T> {
         if let Some(dx) = dx {
             let mut coeffs = Scratch::any(g.channels);
             with_simd(|| renorm_dx_coeffs(gamma, saved, 0, &global.sum_dy, &global.sum_dy_xhat, &mut coeffs));
-            plan::input_grad(&g, x.data, dy, dx, &coeffs);
+            plan::input_grad_where(&g, x.data, dy, dx, &coeffs, None);
         }
         renorm_param_sums(saved, &global).write_param_grads(dgamma, dbeta)?;
         Ok(renorm_param_sums(saved, &local))
