@@ -28,8 +28,9 @@
 #![allow(dead_code)]
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, reference, Affine, BatchStats, Element,
-    FixedStats, Geometry, Grads, Layout, SavedStats, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, input_grad, normalize, reference, Affine,
+    BatchNorm, BatchNormConfig, BatchStats, Element, FixedStats, Geometry, GradSums, Grads, Layout, SavedStats,
+    SmallBatch, View,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -259,6 +260,87 @@ pub fn backward_all<T: Element>(
     (dx, dg, db)
 }
 
+/// The layer's training backward writing all of dx, dγ, dβ into NaN-filled buffers: `(dx, dγ, dβ)`.
+pub fn layer_backward_all<T: Element>(
+    bn: &BatchNorm<T>,
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &SavedStats,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let nan = T::from_f64(f64::NAN);
+    let c = bn.num_features;
+    let (mut dx, mut dg, mut db) = (vec![nan; x.data.len()], vec![nan; c], vec![nan; c]);
+    bn.backward(x, dy, saved, Grads::new(&mut dx, &mut dg, &mut db))
+        .unwrap();
+    (dx, dg, db)
+}
+
+/// A layer with the data's γ, β (with `affine`) and running statistics (`d.mean`, `d.var`).
+pub fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: SmallBatch) -> BatchNorm<T> {
+    let config = BatchNormConfig {
+        eps,
+        affine,
+        small_batch,
+        ..BatchNormConfig::default()
+    };
+    let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
+    bn.running_mean = narrow(&d.mean);
+    bn.running_var = narrow(&d.var);
+    if affine {
+        bn.gamma = narrow(&d.gamma);
+        bn.beta = narrow(&d.beta);
+    }
+    bn
+}
+
+/// The split-phase normalization (`normalize`) into a NaN-filled y.
+pub fn split_normalize<T: Element>(x: View<'_, T>, saved: &SavedStats, affine: Affine<'_, T>) -> Vec<T> {
+    let mut y = vec![T::from_f64(f64::NAN); x.data.len()];
+    normalize(x, saved, affine, &mut y).unwrap();
+    y
+}
+
+/// The split-phase input gradient (`input_grad`) from the merged `sums`, into a NaN-filled dx.
+pub fn split_input_grad<T: Element>(
+    sums: &GradSums,
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+) -> Vec<T> {
+    let mut dx = vec![T::from_f64(f64::NAN); x.data.len()];
+    input_grad(x, dy, saved, sums, gamma, &mut dx).unwrap();
+    dx
+}
+
+/// A backward pass asked for part of its outputs gives the same bits as asked for all of them:
+/// `backward` writes each of dx alone, dγ and dβ, dγ alone and dβ alone into NaN-filled buffers,
+/// compared with `all` = (dx, dγ, dβ) computed together.
+#[track_caller]
+pub fn assert_output_subsets<T: Element>(what: &str, all: (&[T], &[T], &[T]), backward: impl Fn(Grads<'_, T>)) {
+    let (dx, dg, db) = all;
+    let nan = T::from_f64(f64::NAN);
+    let mut dx1 = vec![nan; dx.len()];
+    backward(Grads::dx(&mut dx1));
+    assert_bits(&format!("{what} dx alone"), &dx1, dx);
+    let (mut dg2, mut db2) = (vec![nan; dg.len()], vec![nan; db.len()]);
+    backward(Grads::params(&mut dg2, &mut db2));
+    assert_bits(&format!("{what} dgamma without dx"), &dg2, dg);
+    assert_bits(&format!("{what} dbeta without dx"), &db2, db);
+    let mut dg3 = vec![nan; dg.len()];
+    backward(Grads {
+        dgamma: Some(&mut dg3),
+        ..Grads::default()
+    });
+    assert_bits(&format!("{what} dgamma alone"), &dg3, dg);
+    let mut db4 = vec![nan; db.len()];
+    backward(Grads {
+        dbeta: Some(&mut db4),
+        ..Grads::default()
+    });
+    assert_bits(&format!("{what} dbeta alone"), &db4, db);
+}
+
 /// Inference-mode backward's dx and dγ with `gamma` (no dβ), into zero-filled outputs.
 pub fn backward_eval_dx_dgamma<T: Element>(
     x: View<'_, T>,
@@ -410,6 +492,24 @@ pub fn chunking_shapes() -> Vec<(Layout, Vec<usize>)> {
     ]
 }
 
+/// Property tests over random layouts and shapes (`layout_shape(20_000)`), seeds, affine on and
+/// off and ε (`eps_strategy()`), `$cases` cases each: `name => check for T, …;` defines the test
+/// `name`, which calls `check::<T>(layout, &shape, seed, affine, eps)` for each `T` in turn.
+macro_rules! shape_proptests {
+    ($cases:expr; $($name:ident => $check:ident for $($t:ty),+;)+) => {
+        proptest! {
+            #![proptest_config(config($cases))]
+            $(
+                #[test]
+                fn $name((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
+                    $($check::<$t>(layout, &shape, seed, affine, eps);)+
+                }
+            )+
+        }
+    };
+}
+pub(crate) use shape_proptests;
+
 /// Proptest configuration of the suite: few cases, each on up to ~20k elements.
 pub fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -443,4 +543,93 @@ pub fn eval_dgamma_scale(d: &Data, dy: &[f64], eps: f64) -> Vec<f64> {
         out[c] += (dy[k] * (d.x[k].abs() + d.mean[c].abs())).abs() / (d.var[c] + eps).sqrt();
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Central finite differences (f64).
+//
+// ℓ = Σ wₖ·yₖ with random w (so dy = w), y from the kernels' own forward. Each input is
+// perturbed by ±h with h = 1e-6 and (ℓ(+h) − ℓ(−h))/2h compared with the analytic gradient.
+// Error of the estimate: truncation h²/6·|ℓ'''| ≈ 1e-12·O(1) (data have σ ∈ [0.5, 2], ε = 1e-5,
+// so the derivatives of x̂ are O(1)), plus round-off ≈ u·Σ|wₖyₖ|/h ≤ 1.1e-16·200/1e-6 ≈ 2e-8 for
+// the ≤ 60 elements used here. Tolerance 1e-6·(1 + |analytic|) leaves a margin of 50 over that,
+// while the smallest term of the chain rule that a bug could drop (∂ℓ/∂μ_B/m or
+// ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m, O(1/m) ≥ 1/60) is 4 orders of magnitude larger.
+// ---------------------------------------------------------------------------------------------
+
+/// The finite-difference step h.
+pub const H: f64 = 1e-6;
+/// The ε of the finite-difference tests (the error budget above assumes it).
+pub const FD_EPS: f64 = 1e-5;
+/// The finite-difference tolerance, relative to 1 + |analytic|.
+pub const FD_TOL: f64 = 1e-6;
+
+/// The finite-difference shapes: every layout, small enough to perturb each element.
+pub fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (Layout::NC, vec![6, 3]),
+        (Layout::NCHW, vec![3, 2, 2, 3]),
+        (Layout::NHWC, vec![3, 2, 3, 2]),
+        (Layout::ChannelsFirst, vec![4, 3, 5]),
+        (Layout::ChannelsLast, vec![4, 5, 3]),
+        // ≥ 16 channels (fused per-channel path) and an NC batch of 2.
+        (Layout::NCHW, vec![2, 16, 1, 2]),
+        (Layout::NC, vec![2, 4]),
+    ]
+}
+
+/// Asserts |analytic − numeric| ≤ `FD_TOL`·(1 + |analytic|).
+#[track_caller]
+pub fn assert_fd(what: &str, analytic: f64, numeric: f64) {
+    let t = FD_TOL * (1.0 + analytic.abs());
+    assert!(
+        (analytic - numeric).abs() <= t,
+        "{what}: analytic {analytic:e}, finite difference {numeric:e}, |diff| {:e} > {t:e}",
+        (analytic - numeric).abs()
+    );
+}
+
+/// ℓ = Σ wₖ·yₖ.
+pub fn loss(w: &[f64], y: &[f64]) -> f64 {
+    w.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// The loss `w·y` of the output `forward` writes into a zeroed y.
+pub fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
+    let mut y = vec![0.0; w.len()];
+    forward(&mut y);
+    loss(w, &y)
+}
+
+/// The analytic gradients (`dx`, `dg`, `db`) against central differences: of `loss_x(x, γ, β)`
+/// in each element of x, and of `loss_params(γ, β)` in each channel's γ and β (both taken
+/// around the given x, γ, β).
+#[allow(clippy::too_many_arguments)]
+pub fn assert_fd_grads(
+    what: &str,
+    x: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    (dx, dg, db): (&[f64], &[f64], &[f64]),
+    loss_x: impl Fn(&[f64], &[f64], &[f64]) -> f64,
+    loss_params: impl Fn(&[f64], &[f64]) -> f64,
+) {
+    for k in 0..x.len() {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[k] += H;
+        xm[k] -= H;
+        let fd = (loss_x(&xp, gamma, beta) - loss_x(&xm, gamma, beta)) / (2.0 * H);
+        assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
+    }
+    for c in 0..gamma.len() {
+        let perturbed = |v: &[f64], delta: f64| {
+            let mut p = v.to_vec();
+            p[c] += delta;
+            p
+        };
+        let fd_g = (loss_params(&perturbed(gamma, H), beta) - loss_params(&perturbed(gamma, -H), beta)) / (2.0 * H);
+        let fd_b = (loss_params(gamma, &perturbed(beta, H)) - loss_params(gamma, &perturbed(beta, -H))) / (2.0 * H);
+        assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
+        assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
+    }
 }

@@ -15,7 +15,9 @@
 
 // The shared helpers in `common` index several buffers in step.
 
-use crate::common::{assert_bits, backward_scales, narrow, reduce_rel, tol, train_y_scale, wide, Data, TestFloat};
+use crate::common::{
+    assert_bits, backward_scales, layer_backward_all, narrow, reduce_rel, tol, train_y_scale, wide, Data, TestFloat,
+};
 use batchnorm::{
     BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
     ThreadComm, View,
@@ -70,14 +72,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
     let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
     let mut y = vec![T::default(); x.len()];
     let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
-    let (mut dx, mut dg, mut db) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
-    bn.backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        Grads::new(&mut dx, &mut dg, &mut db),
-    )
-    .unwrap();
+    let (dx, dg, db) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &saved);
     Step {
         y,
         dx,
@@ -217,22 +212,14 @@ fn check_equal_to_one_process<T: TestFloat>(p: usize) {
 }
 
 #[test]
-fn two_ranks_equal_one_process_f64() {
+fn two_ranks_equal_one_process() {
     check_equal_to_one_process::<f64>(2);
-}
-
-#[test]
-fn two_ranks_equal_one_process_f32() {
     check_equal_to_one_process::<f32>(2);
 }
 
 #[test]
-fn three_ranks_equal_one_process_f64() {
+fn three_ranks_equal_one_process() {
     check_equal_to_one_process::<f64>(3);
-}
-
-#[test]
-fn three_ranks_equal_one_process_f32() {
     check_equal_to_one_process::<f32>(3);
 }
 
@@ -280,12 +267,8 @@ fn check_single_rank_bits<T: TestFloat>() {
 }
 
 #[test]
-fn single_rank_is_bitwise_the_one_process_layer_f64() {
+fn single_rank_is_bitwise_the_one_process_layer() {
     check_single_rank_bits::<f64>();
-}
-
-#[test]
-fn single_rank_is_bitwise_the_one_process_layer_f32() {
     check_single_rank_bits::<f32>();
 }
 
