@@ -92,10 +92,9 @@ pub(crate) fn dx_coeffs<T: Element>(
     }
 }
 
-/// The checks of a training backward, in the order its "Rejects" docs list them: `x` against
-/// its shape and layout, `dy` and `dx` against `x`, the saved statistics (`check_saved`, given
-/// the channel count), γ, dγ and dβ against the channel count, then the saved `count` of values
-/// per channel. Returns the geometry.
+/// The checks of a training backward, in this order: `x` against its shape and layout, `dy` and
+/// `dx` against `x`, the saved statistics (`check_saved`, given the channel count), γ, dγ and dβ
+/// against the channel count, then the saved `count` of values per channel. Returns the geometry.
 pub(crate) fn check_train_backward<T>(
     x: View<'_, T>,
     dy: &[T],

@@ -35,9 +35,9 @@ pub(crate) fn scale_shift<T: Element>(
     }
 }
 
-/// The checks every forward transform starts with, in the order its "Rejects" docs list them:
-/// `x` against its shape and layout, `y` against `x`, the statistics (`check_stats`, given the
-/// channel count), then γ and β against the channel count. Returns the geometry.
+/// The checks every forward transform starts with, in this order: `x` against its shape and
+/// layout, `y` against `x`, the statistics (`check_stats`, given the channel count), then γ and β
+/// against the channel count. Returns the geometry.
 pub(crate) fn check_forward<T>(
     x: View<'_, T>,
     y: &[T],
