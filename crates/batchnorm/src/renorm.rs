@@ -591,19 +591,17 @@ impl<T: Element> BatchRenorm<T> {
         x: View<'_, T>,
         y: &mut [T],
     ) -> Result<RenormSaved, Error> {
-        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
         check::renorm_momentum(self.config.momentum)?;
         let next = check::renorm_next_step(self.steps)?;
-        check::len("y", &g, y.len())?;
-        check::moving_stats(g.channels, &self.moving_mean, &self.moving_std)?;
-        let affine = self.affine();
-        check::affine(g.channels, affine.gamma, affine.beta)?;
+        let (moving, affine) = (self.moving(), self.affine());
+        let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
         check::eps(self.config.eps)?;
         let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
         check::training_count(global.count, x.shape)?;
         let (eps, alpha) = (self.config.eps, self.config.momentum);
-        let saved = renorm_normalize(&g, x.data, &global, self.moving(), affine, eps, self.clip(), y)?;
+        let saved = renorm_normalize(&g, x.data, &global, moving, affine, eps, self.clip(), y)?;
         update_renorm_stats(&global, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
         self.steps = next;
         Ok(saved)

@@ -311,10 +311,16 @@ pub fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: S
         small_batch,
         ..BatchNormConfig::default()
     };
+    layer_of(d, config)
+}
+
+/// A layer of `config` with the data's γ, β (with `config.affine`) and running statistics
+/// (`d.mean`, `d.var`).
+pub fn layer_of<T: Element>(d: &Data, config: BatchNormConfig) -> BatchNorm<T> {
     let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
     bn.running_mean = narrow(&d.mean);
     bn.running_var = narrow(&d.var);
-    if affine {
+    if config.affine {
         bn.gamma = narrow(&d.gamma);
         bn.beta = narrow(&d.beta);
     }
