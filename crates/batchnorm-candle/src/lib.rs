@@ -1,25 +1,49 @@
 #![doc = include_str!("../README.md")]
 
+mod composed;
 mod ops;
+mod renorm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use batchnorm::{
-    fold_into_preceding, update_running_stats, Affine, FixedStats, InferenceAffine, Momentum, PopulationStats,
+    fold_into_preceding, update_ghost_running_stats, update_running_stats, Affine, BatchStats, FixedStats,
+    InferenceAffine, Momentum, PopulationStats,
 };
+pub use batchnorm::{BatchRenormConfig, RenormClip, RenormSchedule, SmallBatch};
 use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
-use ops::{wrap, ForwardMode, ForwardOp, TrainState};
+use ops::{wrap, ForwardMode, ForwardOp, TrainKernel};
+pub use renorm::{batch_renorm, BatchRenorm, RenormEvalMode};
+
+/// How a layer computes: the fused kernels where they run, or ordinary candle ops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputePath {
+    /// The fused `batchnorm` kernels (candle custom ops with their fused backward) for tensors on
+    /// the CPU; on any other device the composed candle ops of [`ComputePath::Composed`], so
+    /// that a layer works wherever candle-nn's does (the default).
+    #[default]
+    Auto,
+    /// Ordinary candle tensor ops on every device, differentiated by candle's autograd (which
+    /// can also differentiate them twice). The statistics are then summed in the compute dtype,
+    /// as candle-nn does.
+    Composed,
+}
 
 /// Batch normalization over channel dimension 1 of an input of rank ≥ 2 (`[N, C]`,
 /// `[N, C, L]`, `[N, C, H, W]`, …), with candle-nn's variables, configuration and running-statistics
-/// convention, computed by the fused `batchnorm` kernels.
+/// convention, computed by the fused `batchnorm` kernels on the CPU (composed candle ops
+/// elsewhere, see [`ComputePath`]).
 ///
 /// Build it with [`batch_norm`] (from a `VarBuilder`, as `candle_nn::batch_norm`) or
-/// [`BatchNorm::new`]. Clones share the running statistics (they are candle [`Var`]s) and the
-/// population-statistics accumulator.
+/// [`BatchNorm::new`] and candle-nn's other constructors. Beyond candle-nn, a layer can be
+/// frozen ([`BatchNorm::freeze`]), given a small-batch policy
+/// ([`BatchNorm::with_small_batch`]) or a ghost virtual batch size
+/// ([`BatchNorm::with_virtual_batch`]). Clones share the running statistics (they are candle
+/// [`Var`]s), the frozen state and the population-statistics accumulator.
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
     num_features: usize,
@@ -27,6 +51,10 @@ pub struct BatchNorm {
     running_var: Var,
     weight_and_bias: Option<(Tensor, Tensor)>,
     config: BatchNormConfig,
+    small_batch: SmallBatch,
+    virtual_batch: Option<usize>,
+    compute: ComputePath,
+    frozen: Arc<AtomicBool>,
     population: Arc<Mutex<Option<PopulationStats>>>,
 }
 
@@ -82,6 +110,71 @@ fn check_vector(name: &str, t: &Tensor, num_features: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks an input before either path: rank ≥ 2, `num_features` channels in dimension 1, a
+/// floating-point dtype, no zero dimension. Returns the number of values per channel.
+fn check_input(x: &Tensor, num_features: usize) -> Result<usize> {
+    if x.rank() < 2 {
+        candle_core::bail!(
+            "batch-norm input tensor must have at least two dimensions ({:?})",
+            x.shape()
+        )
+    }
+    if x.dim(1)? != num_features {
+        candle_core::bail!(
+            "batch-norm input doesn't have the expected number of features ({:?} <> {})",
+            x.shape(),
+            num_features
+        )
+    }
+    if !matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+        candle_core::bail!(
+            "batch-norm: unsupported dtype {:?} (f16, bf16, f32 and f64 are supported)",
+            x.dtype()
+        )
+    }
+    if x.elem_count() == 0 {
+        return Err(wrap(batchnorm::Error::EmptyInput {
+            shape: x.dims().to_vec(),
+        }));
+    }
+    Ok(x.elem_count() / num_features)
+}
+
+/// Rejects a training batch of fewer than 2 values per channel ([`batchnorm::Error::TooFewValues`]),
+/// as the kernels do, before either path runs.
+fn check_training_count(count: usize, x: &Tensor) -> Result<()> {
+    if count < 2 {
+        return Err(wrap(batchnorm::Error::TooFewValues {
+            count: count as u64,
+            shape: x.dims().to_vec(),
+        }));
+    }
+    Ok(())
+}
+
+/// Rejects a ghost batch whose group of `virtual_batch` consecutive examples (the last one
+/// holding the rest) has fewer than 2 values per channel
+/// ([`batchnorm::Error::GhostGroupTooSmall`]), as the kernels do, before either path runs.
+fn check_ghost_groups(shape: &[usize], virtual_batch: usize) -> Result<()> {
+    let (n, per_example) = (shape[0], shape[2..].iter().product::<usize>());
+    for (group, first) in (0..n).step_by(virtual_batch).enumerate() {
+        let count = (virtual_batch.min(n - first) * per_example) as u64;
+        if count < 2 {
+            return Err(wrap(batchnorm::Error::GhostGroupTooSmall {
+                group,
+                count,
+                shape: shape.to_vec(),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `x` goes through the fused kernels: on the CPU, unless the layer says otherwise.
+fn fused(compute: ComputePath, x: &Tensor) -> bool {
+    compute == ComputePath::Auto && x.device().is_cpu()
+}
+
 /// The type the kernels compute in: `f32`/`f64` themselves, half types in `f32` (as candle-nn).
 fn internal_dtype(dtype: DType) -> DType {
     match dtype {
@@ -121,8 +214,48 @@ impl BatchNorm {
 
     /// Without γ and β (candle-nn's `BatchNorm::new_no_bias`).
     pub fn new_no_bias(num_features: usize, running_mean: Tensor, running_var: Tensor, eps: f64) -> Result<Self> {
+        Self::new_no_bias_with_momentum(num_features, running_mean, running_var, eps, 0.1)
+    }
+
+    /// [`BatchNorm::new`] with the given momentum (candle-nn's `BatchNorm::new_with_momentum`):
+    /// running ← (1 − momentum)·running + momentum·batch. Rejects what [`BatchNorm::new`] rejects
+    /// and a momentum outside [0, 1] (as candle-nn does).
+    ///
+    /// ```
+    /// use batchnorm_candle::BatchNorm;
+    /// use candle_core::{DType, Device, Tensor};
+    /// let v = |x: f32| Tensor::full(x, 4, &Device::Cpu);
+    /// let bn = BatchNorm::new_with_momentum(4, v(0.0)?, v(1.0)?, v(1.0)?, v(0.0)?, 1e-5, 0.01)?;
+    /// assert_eq!(bn.momentum(), 0.01);
+    /// assert!(BatchNorm::new_with_momentum(4, v(0.0)?, v(1.0)?, v(1.0)?, v(0.0)?, 1e-5, 1.5).is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new_with_momentum(
+        num_features: usize,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+        momentum: f64,
+    ) -> Result<Self> {
+        let config = BatchNormConfig { momentum, ..eps.into() };
+        Self::from_parts(num_features, running_mean, running_var, Some((weight, bias)), config)
+    }
+
+    /// [`BatchNorm::new_no_bias`] with the given momentum (candle-nn's
+    /// `BatchNorm::new_no_bias_with_momentum`). Rejects what [`BatchNorm::new_with_momentum`]
+    /// rejects.
+    pub fn new_no_bias_with_momentum(
+        num_features: usize,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: f64,
+        momentum: f64,
+    ) -> Result<Self> {
         let config = BatchNormConfig {
             affine: false,
+            momentum,
             ..eps.into()
         };
         Self::from_parts(num_features, running_mean, running_var, None, config)
@@ -154,6 +287,10 @@ impl BatchNorm {
             running_var: Var::from_tensor(&running_var)?,
             weight_and_bias,
             config,
+            small_batch: SmallBatch::Error,
+            virtual_batch: None,
+            compute: ComputePath::Auto,
+            frozen: Arc::new(AtomicBool::new(false)),
             population: Arc::new(Mutex::new(None)),
         })
     }
@@ -214,30 +351,136 @@ impl BatchNorm {
         self.weight_and_bias.as_ref().map(|(w, b)| (w, b))
     }
 
+    /// This layer with a small-batch policy (the kernel crate's [`SmallBatch`]): with
+    /// [`SmallBatch::UseRunningStats`] a training batch of fewer than 2 values per channel (the
+    /// last, short batch of an epoch) is normalized with the running statistics, as in
+    /// inference, which it does not update; with [`SmallBatch::Error`] (the default) it is
+    /// rejected. The layer itself is not frozen: the next batch uses its own statistics.
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig, SmallBatch};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?;
+    /// let last = Tensor::ones((1, 3), DType::F32, &Device::Cpu)?; // one example: no variance
+    /// assert!(bn.forward_t(&last, true).is_err());
+    /// let bn = bn.with_small_batch(SmallBatch::UseRunningStats);
+    /// let y = bn.forward_t(&last, true)?; // = bn.forward_t(&last, false)
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_small_batch(self, policy: SmallBatch) -> Self {
+        BatchNorm {
+            small_batch: policy,
+            ..self
+        }
+    }
+
+    /// The small-batch policy.
+    pub fn small_batch(&self) -> SmallBatch {
+        self.small_batch
+    }
+
+    /// This layer as ghost batch norm (Hoffer et al. 2017) with virtual batch size `v`, or plain
+    /// batch norm with `None`: in training, each group of `v` consecutive examples (the last one
+    /// holds the rest) is normalized with its own statistics, and the running statistics are
+    /// updated once per batch with the mean over groups of their means and of their unbiased
+    /// variances; inference never uses groups. Each group needs at least 2 values per channel.
+    ///
+    /// Rejects `v < 2` ([`batchnorm::Error::InvalidVirtualBatch`]) and a layer with
+    /// `remove_mean = false` (candle-nn's uncentred variant has no groups).
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?.with_virtual_batch(Some(4))?;
+    /// let x = Tensor::randn(0f32, 1., (32, 3, 5), &Device::Cpu)?; // 8 groups of 4 examples
+    /// let y = bn.forward_t(&x, true)?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_virtual_batch(self, v: Option<usize>) -> Result<Self> {
+        if let Some(v) = v {
+            if v < 2 {
+                return Err(wrap(batchnorm::Error::InvalidVirtualBatch(v)));
+            }
+            if !self.config.remove_mean {
+                candle_core::bail!("batch-norm: ghost batch norm needs remove_mean = true")
+            }
+        }
+        Ok(BatchNorm {
+            virtual_batch: v,
+            ..self
+        })
+    }
+
+    /// Ghost batch norm's virtual batch size, if set.
+    pub fn virtual_batch(&self) -> Option<usize> {
+        self.virtual_batch
+    }
+
+    /// This layer computing by `path` (see [`ComputePath`]).
+    pub fn with_compute(self, path: ComputePath) -> Self {
+        BatchNorm { compute: path, ..self }
+    }
+
+    /// How the layer computes.
+    pub fn compute(&self) -> ComputePath {
+        self.compute
+    }
+
+    /// Freezes the layer (frozen batch norm): from now on its training forward
+    /// (`forward_t(x, true)`, [`BatchNorm::forward_train`]) normalizes with the running
+    /// statistics, y = γ·(x − μ_run)/√(σ²_run + ε) + β, never updates them (nor the population
+    /// statistics), and backpropagates through them as constants; γ and β still get their
+    /// gradients. A state of the layer, shared by its clones, that no train flag overrides:
+    /// it lasts until [`BatchNorm::unfreeze`].
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?;
+    /// bn.freeze();
+    /// let x = Tensor::randn(5f32, 1., (8, 3), &Device::Cpu)?;
+    /// bn.forward_t(&x, true)?; // the caller's train flag does not unfreeze it
+    /// assert_eq!(bn.running_mean().to_vec1::<f32>()?, vec![0.0; 3]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+    }
+
+    /// Unfreezes the layer: training uses batch statistics again.
+    pub fn unfreeze(&self) {
+        self.frozen.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the layer is frozen (to save with a checkpoint: the state is not a variable).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
+    }
+
+    /// Sets the frozen state (to restore it from a checkpoint).
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Relaxed);
+    }
+
+    /// Whether a training pass over `count` values per channel uses the running statistics: the
+    /// layer is frozen, or the batch is too small and the policy says so.
+    fn uses_running_stats(&self, count: usize) -> bool {
+        self.is_frozen() || (count < 2 && self.small_batch == SmallBatch::UseRunningStats)
+    }
+
     /// This layer as a [`Module`] that always runs in inference mode (a type cannot implement
     /// both `Module` and `ModuleT` in candle: `Module` implies a `ModuleT` that ignores `train`).
     pub fn eval_mode(&self) -> EvalMode<'_> {
         EvalMode(self)
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<()> {
-        if x.rank() < 2 {
-            candle_core::bail!(
-                "batch-norm input tensor must have at least two dimensions ({:?})",
-                x.shape()
-            )
-        }
-        if x.dim(1)? != self.num_features {
-            candle_core::bail!(
-                "batch-norm input doesn't have the expected number of features ({:?} <> {})",
-                x.shape(),
-                self.num_features
-            )
-        }
-        Ok(())
-    }
-
-    /// γ and β in the compute type, contiguous.
+    /// γ and β in the compute type, contiguous (the fused ops' inputs).
     fn affine_in(&self, dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
         self.weight_and_bias
             .as_ref()
@@ -245,59 +488,99 @@ impl BatchNorm {
             .transpose()
     }
 
-    /// Training forward (Algorithm 1): normalizes with the batch statistics through the fused
-    /// kernel and updates the running statistics (and the population accumulator, when one was
-    /// started). Differentiable in x, γ and β.
+    /// Training forward: normalizes with the batch statistics (Algorithm 1; per group of the
+    /// virtual batch size with [`BatchNorm::with_virtual_batch`]) and updates the running
+    /// statistics (and the population accumulator, when one was started). Differentiable in x, γ
+    /// and β. On the CPU through the fused kernels, elsewhere through composed candle ops (see
+    /// [`ComputePath`]).
     ///
-    /// Rejects: rank < 2, a channel count that differs from `num_features`, a zero dimension,
-    /// fewer than 2 values per channel, a dtype other than f16/bf16/f32/f64, a non-CPU device.
+    /// A frozen layer ([`BatchNorm::freeze`]), and with [`SmallBatch::UseRunningStats`] a batch of
+    /// fewer than 2 values per channel, is normalized as [`BatchNorm::forward_eval`] does and
+    /// updates nothing.
+    ///
+    /// Rejects: rank < 2, a channel count that differs from `num_features`, a dtype other than
+    /// f16/bf16/f32/f64, a zero dimension ([`batchnorm::Error::EmptyInput`]), fewer than 2
+    /// values per channel ([`batchnorm::Error::TooFewValues`]) and, for ghost batch norm, a group
+    /// with fewer ([`batchnorm::Error::GhostGroupTooSmall`]). On error the running statistics
+    /// are unchanged.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
+        let count = check_input(x, self.num_features)?;
+        if self.uses_running_stats(count) {
+            return self.forward_eval(x);
+        }
+        check_training_count(count, x)?;
         if !self.config.remove_mean {
             return self.forward_train_uncentred(x);
         }
+        if let Some(v) = self.virtual_batch {
+            check_ghost_groups(x.dims(), v)?;
+        }
         let x_dtype = x.dtype();
-        let dtype = internal_dtype(x_dtype);
-        let xc = x.to_dtype(dtype)?.contiguous()?;
-        let state = TrainState::default();
-        let op = ForwardOp {
-            eps: self.config.eps,
-            mode: ForwardMode::Train(state.clone()),
+        let xc = x.to_dtype(internal_dtype(x_dtype))?;
+        let (eps, params) = (self.config.eps, self.weight_and_bias());
+        let (y, stats) = if fused(self.compute, &xc) {
+            let kernel = match self.virtual_batch {
+                Some(v) => TrainKernel::Ghost(v),
+                None => TrainKernel::Plain,
+            };
+            ops::train(&xc, eps, kernel, self.affine_in(xc.dtype())?)?
+        } else {
+            match self.virtual_batch {
+                Some(v) => composed::ghost_train(&xc, v, eps, params)?,
+                None => {
+                    let (y, stats) = composed::train(&xc, eps, params)?;
+                    (y, vec![stats])
+                }
+            }
         };
-        let y = op.apply(&xc, self.affine_in(dtype)?)?;
-        let (stats, _) = state
-            .get()
-            .ok_or_else(|| Error::Msg("batch-norm: the training op left no statistics".into()))?;
+        self.track(&stats)?;
+        y.to_dtype(x_dtype)
+    }
+
+    /// Updates the running statistics with a training batch's statistics (one per ghost group)
+    /// by the layer's momentum (none at momentum 0, as in candle-nn), and adds every group to the
+    /// population statistics when they are being accumulated.
+    fn track(&self, groups: &[BatchStats]) -> Result<()> {
         if self.config.momentum > 0.0 {
             let mut mean = to_f64_vec(self.running_mean())?;
             let mut var = to_f64_vec(self.running_var())?;
             let momentum = Momentum::Exponential(self.config.momentum);
-            update_running_stats(stats, momentum, 1, &mut mean, &mut var).map_err(wrap)?;
+            match groups {
+                [batch] => update_running_stats(batch, momentum, 1, &mut mean, &mut var),
+                _ => update_ghost_running_stats(groups, momentum, 1, &mut mean, &mut var),
+            }
+            .map_err(wrap)?;
             set_var(&self.running_mean, mean)?;
             set_var(&self.running_var, var)?;
         }
         if let Some(pop) = self.population()?.as_mut() {
-            pop.observe(stats).map_err(wrap)?;
+            for batch in groups {
+                pop.observe(batch).map_err(wrap)?;
+            }
         }
-        y.to_dtype(x_dtype)
+        Ok(())
     }
 
-    /// Inference forward: y = γ·(x − running_mean)/√(running_var + ε) + β in one fused pass.
-    /// Differentiable in x, γ and β (statistics constant). Rejects what
-    /// [`BatchNorm::forward_train`] rejects, except the two-values rule.
+    /// Inference forward: y = γ·(x − running_mean)/√(running_var + ε) + β, in one fused pass on
+    /// the CPU. Differentiable in x, γ and β (statistics constant). Rejects what
+    /// [`BatchNorm::forward_train`] rejects, except the two-values rules.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
+        check_input(x, self.num_features)?;
         let x_dtype = x.dtype();
-        let dtype = internal_dtype(x_dtype);
-        let xc = x.to_dtype(dtype)?.contiguous()?;
-        let op = ForwardOp {
-            eps: self.config.eps,
-            mode: ForwardMode::Eval {
-                mean: to_f64_vec(self.running_mean())?,
-                var: to_f64_vec(self.running_var())?,
-            },
+        let xc = x.to_dtype(internal_dtype(x_dtype))?;
+        let y = if fused(self.compute, &xc) {
+            let op = ForwardOp {
+                eps: self.config.eps,
+                mode: ForwardMode::Eval {
+                    mean: to_f64_vec(self.running_mean())?,
+                    var: to_f64_vec(self.running_var())?,
+                },
+            };
+            op.apply(&xc.contiguous()?, self.affine_in(xc.dtype())?)?
+        } else {
+            let (mean, var) = (self.running_mean(), self.running_var());
+            composed::eval(&xc, mean, var, self.config.eps, self.weight_and_bias())?
         };
-        let y = op.apply(&xc, self.affine_in(dtype)?)?;
         y.to_dtype(x_dtype)
     }
 
@@ -307,12 +590,6 @@ impl BatchNorm {
         let x = x.to_dtype(internal_dtype(x_dtype))?.transpose(0, 1)?;
         let dims_post_transpose = x.dims().to_vec();
         let x = x.flatten_from(1)?.contiguous()?;
-        if x.dim(1)? < 2 {
-            candle_core::bail!(
-                "batch-norm training needs more than 1 value per channel ({:?})",
-                dims_post_transpose
-            )
-        }
         let norm_x = x.sqr()?.mean_keepdim(1)?;
         let m = self.config.momentum;
         let batch_size = x.dim(1)? as f64;

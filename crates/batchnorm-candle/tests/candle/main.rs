@@ -6,5 +6,6 @@
 mod common;
 
 mod extras;
+mod frozen;
 mod parity;
 mod readme;
