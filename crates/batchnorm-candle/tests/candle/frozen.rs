@@ -4,7 +4,8 @@
 //! compute paths; the frozen state against the caller's train flag.
 
 use crate::common::{
-    assert_bits, assert_close, f64s, forward_backward, from_f64s, pair, paths, tensor, tol_composed, tol_fused, OUTPUTS,
+    assert_bits, assert_close, f64s, forward_backward, pair, paths, reference_outputs, tensor, tol_composed, tol_fused,
+    OUTPUTS,
 };
 use batchnorm::{reference, Layout};
 use batchnorm_candle::{BatchNormConfig, SmallBatch};
@@ -31,12 +32,7 @@ fn frozen_training_uses_the_running_statistics_as_constants() -> Result<()> {
             let (xs, ws) = (f64s(&x), f64s(&w));
             let y = reference::frozen_forward(&g, &xs, &rm, &rv, &gamma, &beta, 1e-5);
             let (dx, dgamma, dbeta) = reference::frozen_backward(&g, &xs, &ws, &rm, &rv, &gamma, 1e-5);
-            let want = [
-                from_f64s(&y, shape),
-                from_f64s(&dx, shape),
-                from_f64s(&dgamma, &[3]),
-                from_f64s(&dbeta, &[3]),
-            ];
+            let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
             let theirs = forward_backward(|x| p.theirs.forward_t(x, false), p.theirs.weight_and_bias(), &x, &w)?;
             let m = g.per_channel();
             for (bn, tol) in [(&fused, tol_fused(dtype, m)), (&composed, tol_composed(dtype, m))] {

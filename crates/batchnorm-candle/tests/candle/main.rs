@@ -7,5 +7,6 @@ mod common;
 
 mod extras;
 mod frozen;
+mod ghost;
 mod parity;
 mod readme;

@@ -213,3 +213,37 @@ pub fn paths(
     let composed = setup(pair(c, dtype, config, seed)?.ours)?.with_compute(batchnorm_candle::ComputePath::Composed);
     Ok((fused, composed))
 }
+
+/// Checks one training step's results ([`forward_backward`]'s `[y, dx, dγ, dβ]`) of the fused and
+/// the composed path against the `f64` reference `want`, each within its tolerance for sums over
+/// `m` values per channel.
+#[track_caller]
+pub fn check_paths(what: &str, fused: &[Tensor], composed: &[Tensor], want: &[Tensor], dtype: DType, m: usize) {
+    assert_eq!(fused.len(), want.len(), "{what}: outputs");
+    assert_eq!(composed.len(), want.len(), "{what}: outputs");
+    for (k, w) in want.iter().enumerate() {
+        assert_close(
+            &format!("{what} fused {}", OUTPUTS[k]),
+            &fused[k],
+            w,
+            tol_fused(dtype, m),
+        );
+        assert_close(
+            &format!("{what} composed {}", OUTPUTS[k]),
+            &composed[k],
+            w,
+            tol_composed(dtype, m),
+        );
+    }
+}
+
+/// The reference's `[y, dx, dγ, dβ]` as tensors: y and dx of `shape`, dγ and dβ of `[C]`.
+pub fn reference_outputs(y: &[f64], dx: &[f64], dgamma: &[f64], dbeta: &[f64], shape: &[usize]) -> Vec<Tensor> {
+    let c = [shape[1]];
+    vec![
+        from_f64s(y, shape),
+        from_f64s(dx, shape),
+        from_f64s(dgamma, &c),
+        from_f64s(dbeta, &c),
+    ]
+}
