@@ -10,3 +10,4 @@ mod frozen;
 mod ghost;
 mod parity;
 mod readme;
+mod renorm;
