@@ -5,7 +5,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod constructors;
 mod extras;
+mod fallback;
 mod frozen;
 mod ghost;
 mod parity;
