@@ -1,5 +1,5 @@
 //! Composed candle implementations of every variant: ordinary candle tensor ops, differentiated
-//! by candle's autograd (twice, if asked). The fallback on devices other than the CPU, where the
+//! by candle's autograd. The fallback on devices other than the CPU, where the
 //! fused kernels do not run, and with [`crate::ComputePath::Composed`] the path on every device.
 //!
 //! Each works on the input as a `[C, M]` matrix (the M = N·spatial values of a channel along a

@@ -27,9 +27,8 @@ pub enum ComputePath {
     /// that a layer works wherever candle-nn's does (the default).
     #[default]
     Auto,
-    /// Ordinary candle tensor ops on every device, differentiated by candle's autograd (which
-    /// can also differentiate them twice). The statistics are then summed in the compute dtype,
-    /// as candle-nn does.
+    /// Ordinary candle tensor ops on every device, differentiated by candle's autograd. The
+    /// statistics are then summed in the compute dtype, as candle-nn does.
     Composed,
 }
 

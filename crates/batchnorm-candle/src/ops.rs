@@ -1,11 +1,14 @@
 //! candle custom ops over the fused `batchnorm` kernels.
 //!
 //! - [`ForwardOp`]: the forward (`CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
-//!   with), in one of two modes: Algorithm 1 training forward, which keeps the batch statistics
-//!   for the running/population update and the saved statistics for its backward, or the
-//!   inference forward with fixed statistics.
-//! - [`GradOp`]: the backward of either, one fused kernel call that writes dx, dγ and dβ into one
-//!   packed buffer `[dx…, dγ…, dβ…]`, split afterwards into views without copying.
+//!   with), in one of three modes: a training forward ([`TrainKernel`]: Algorithm 1, ghost batch
+//!   norm or batch renormalization), which keeps the batch statistics for the running update and
+//!   the saved statistics for its backward; batch norm's inference forward with fixed statistics
+//!   (also the frozen and small-batch training passes); batch renormalization's inference.
+//! - [`GradOp`]: the backward of the training modes and of batch norm's inference, one fused
+//!   kernel call that writes dx, dγ and dβ into one packed buffer `[dx…, dγ…, dβ…]`, split
+//!   afterwards into views without copying. Batch renormalization's inference, an affine map per
+//!   channel, is differentiated by candle ops.
 //!
 //! All inputs are made contiguous before an op is applied; `cpu_fwd` still checks the layout and
 //! returns an error (never panics) if it is handed a strided one.
