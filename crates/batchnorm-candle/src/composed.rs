@@ -10,6 +10,8 @@
 use batchnorm::{BatchStats, RenormClip};
 use candle_core::{DType, Result, Tensor};
 
+use crate::to_f64_vec;
+
 /// γ and β, each `[C]` (in any dtype), or none.
 pub(crate) type Params<'a> = Option<(&'a Tensor, &'a Tensor)>;
 
@@ -50,12 +52,11 @@ fn affine(xhat: &Tensor, params: Params) -> Result<Tensor> {
 /// The statistics of `count` values per channel given their mean and biased variance (`[C, 1]`
 /// columns), on the host in `f64`, with M2 = count·σ²_B.
 fn host_stats(count: usize, mean: &Tensor, var: &Tensor) -> Result<BatchStats> {
-    let f64s = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
     let n = count as f64;
     Ok(BatchStats {
         count: count as u64,
-        mean: f64s(mean)?,
-        m2: f64s(var)?.into_iter().map(|v| v * n).collect(),
+        mean: to_f64_vec(mean)?,
+        m2: to_f64_vec(var)?.into_iter().map(|v| v * n).collect(),
     })
 }
 

@@ -182,12 +182,16 @@ fn internal_dtype(dtype: DType) -> DType {
     }
 }
 
-/// A per-channel tensor as `f64` values (without a tensor op for `f32`/`f64`).
+/// A tensor's values as `f64`, flattened, on the host (without a tensor op for `f32`/`f64`;
+/// other types through `f32`, which holds them exactly and which every device converts to,
+/// unlike `f64`).
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    let t = t.flatten_all()?;
+    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
     match t.dtype() {
         DType::F64 => t.to_vec1::<f64>(),
-        DType::F32 => Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect()),
-        _ => t.to_dtype(DType::F64)?.to_vec1::<f64>(),
+        DType::F32 => Ok(widen(t.to_vec1::<f32>()?)),
+        _ => Ok(widen(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
     }
 }
 
@@ -761,15 +765,16 @@ impl BatchNorm {
     }
 }
 
-/// Writes `f64` values into a per-channel variable, in the variable's dtype and on its device.
+/// Writes `f64` values into a per-channel variable, in the variable's dtype and on its device
+/// (rounded on the host: not every device holds `f64`).
 fn set_var(var: &Var, values: Vec<f64>) -> Result<()> {
-    let (n, dev) = (values.len(), var.device());
+    let (n, cpu) = (values.len(), &candle_core::Device::Cpu);
     let t = match var.dtype() {
-        DType::F64 => Tensor::from_vec(values, n, dev)?,
-        DType::F32 => Tensor::from_vec(values.into_iter().map(|v| v as f32).collect::<Vec<_>>(), n, dev)?,
-        dtype => Tensor::from_vec(values, n, dev)?.to_dtype(dtype)?,
+        DType::F64 => Tensor::from_vec(values, n, cpu)?,
+        DType::F32 => Tensor::from_vec(values.into_iter().map(|v| v as f32).collect::<Vec<_>>(), n, cpu)?,
+        dtype => Tensor::from_vec(values, n, cpu)?.to_dtype(dtype)?,
     };
-    var.set(&t)
+    var.set(&t.to_device(var.device())?)
 }
 
 impl ModuleT for BatchNorm {
