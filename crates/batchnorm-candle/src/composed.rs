@@ -124,23 +124,83 @@ pub(crate) fn renorm_train(
     Ok((from_cm(&y, x.dims())?, host_stats(xcm.dim(1)?, &mean, &var)?))
 }
 
-/// y = γ·(x − μ)/s + β with fixed per-channel μ and s (constants).
-fn fixed(x: &Tensor, mean: &Tensor, std: &Tensor, params: Params) -> Result<Tensor> {
+/// A mask broadcast over the channels (`[N, C, …]`, `u8`) as `[C, M]`, with the zeros that
+/// masked positions take: `where_cond(on, v, zeros)` selects, so what padding holds (NaN, 1e30)
+/// reaches no value and no gradient, as a product with the mask would.
+struct Select {
+    on: Tensor,
+    zeros: Tensor,
+}
+
+impl Select {
+    fn new(on: &Tensor, xcm: &Tensor) -> Result<Self> {
+        Ok(Select {
+            on: to_cm(on)?,
+            zeros: xcm.zeros_like()?,
+        })
+    }
+
+    /// `v` at the valid positions, 0 at the others.
+    fn keep(&self, v: &Tensor) -> Result<Tensor> {
+        self.on.where_cond(v, &self.zeros)
+    }
+}
+
+/// y = γ·(x − μ)/s + β with fixed per-channel μ and s (constants); with a mask (`[N, C, …]`),
+/// at the valid positions only, 0 at the others.
+fn fixed(x: &Tensor, mean: &Tensor, std: &Tensor, params: Params, mask: Option<&Tensor>) -> Result<Tensor> {
     let xcm = to_cm(x)?;
-    let xhat = xcm.broadcast_sub(mean)?.broadcast_div(std)?;
-    from_cm(&affine(&xhat, params)?, x.dims())
+    let select = mask.map(|on| Select::new(on, &xcm)).transpose()?;
+    let mut xc = xcm.broadcast_sub(mean)?;
+    if let Some(s) = &select {
+        xc = s.keep(&xc)?;
+    }
+    let mut y = affine(&xc.broadcast_div(std)?, params)?;
+    if let Some(s) = &select {
+        y = s.keep(&y)?;
+    }
+    from_cm(&y, x.dims())
 }
 
 /// Inference (and frozen training): y = γ·(x − μ_run)/√(σ²_run + ε) + β, the running
-/// statistics constants.
-pub(crate) fn eval(x: &Tensor, mean: &Tensor, var: &Tensor, eps: f64, params: Params) -> Result<Tensor> {
+/// statistics constants; with a mask (`[N, C, …]`, `u8`), at the valid positions only, 0 at the
+/// others.
+pub(crate) fn eval(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    params: Params,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let std = (constant(var, dtype)? + eps)?.sqrt()?;
-    fixed(x, &constant(mean, dtype)?, &std, params)
+    fixed(x, &constant(mean, dtype)?, &std, params, mask)
 }
 
 /// Batch renormalization's inference: y = γ·(x − μ)/σ + β, the moving statistics constants.
 pub(crate) fn renorm_eval(x: &Tensor, mean: &Tensor, std: &Tensor, params: Params) -> Result<Tensor> {
     let dtype = x.dtype();
-    fixed(x, &constant(mean, dtype)?, &constant(std, dtype)?, params)
+    fixed(x, &constant(mean, dtype)?, &constant(std, dtype)?, params, None)
+}
+
+/// Masked batch norm's training forward: μ_B and the biased σ²_B of the `count` values per
+/// channel at the valid positions of the mask (`[N, C, …]`, `u8`), y = γ·(x − μ_B)/√(σ²_B + ε) + β
+/// there and 0 at the others; and the statistics of the valid values.
+pub(crate) fn masked_train(
+    x: &Tensor,
+    mask: &Tensor,
+    count: usize,
+    eps: f64,
+    params: Params,
+) -> Result<(Tensor, BatchStats)> {
+    let xcm = to_cm(x)?;
+    let select = Select::new(mask, &xcm)?;
+    let n = count as f64;
+    let mean = (select.keep(&xcm)?.sum_keepdim(1)? / n)?;
+    let xc = select.keep(&xcm.broadcast_sub(&mean)?)?;
+    let var = (xc.sqr()?.sum_keepdim(1)? / n)?;
+    let xhat = xc.broadcast_div(&(&var + eps)?.sqrt()?)?;
+    let y = select.keep(&affine(&xhat, params)?)?;
+    Ok((from_cm(&y, x.dims())?, host_stats(count, &mean, &var)?))
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod composed;
+mod mask;
 mod ops;
 mod renorm;
 
@@ -16,6 +17,7 @@ use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
+use mask::Mask;
 use ops::{wrap, ForwardMode, ForwardOp, TrainKernel};
 pub use renorm::{batch_renorm, BatchRenorm, RenormEvalMode};
 
@@ -507,9 +509,24 @@ impl BatchNorm {
     /// with fewer ([`batchnorm::Error::GhostGroupTooSmall`]). On error the running statistics
     /// are unchanged.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        self.train_pass(x, None)
+    }
+
+    /// The training forward, masked or not.
+    fn train_pass(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let count = check_input(x, self.num_features)?;
+        let mask = mask.map(|m| Mask::new(m, x)).transpose()?;
+        let count = match &mask {
+            Some(m) => m.bits()?.into_iter().filter(|&on| on).count(),
+            None => count,
+        };
         if self.uses_running_stats(count) {
-            return self.forward_eval(x);
+            return self.eval_pass(x, mask.as_ref());
+        }
+        if mask.is_some() && (self.virtual_batch.is_some() || !self.config.remove_mean) {
+            candle_core::bail!(
+                "batch-norm: the masked training forward has no ghost or uncentred (remove_mean = false) form"
+            )
         }
         check_training_count(count, x)?;
         if !self.config.remove_mean {
@@ -521,19 +538,18 @@ impl BatchNorm {
         let x_dtype = x.dtype();
         let xc = x.to_dtype(internal_dtype(x_dtype))?;
         let (eps, params) = (self.config.eps, self.weight_and_bias());
-        let (y, stats) = if fused(self.compute, &xc) {
+        let (y, stats) = if fused(self.compute, &xc) && mask.is_none() {
             let kernel = match self.virtual_batch {
                 Some(v) => TrainKernel::Ghost(v),
                 None => TrainKernel::Plain,
             };
             ops::train(&xc, eps, kernel, self.affine_in(xc.dtype())?)?
         } else {
-            match self.virtual_batch {
-                Some(v) => composed::ghost_train(&xc, v, eps, params)?,
-                None => {
-                    let (y, stats) = composed::train(&xc, eps, params)?;
-                    (y, vec![stats])
-                }
+            let one = |(y, stats)| (y, vec![stats]);
+            match (self.virtual_batch, &mask) {
+                (Some(v), _) => composed::ghost_train(&xc, v, eps, params)?,
+                (None, Some(m)) => one(composed::masked_train(&xc, &m.broadcast(&xc)?, count, eps, params)?),
+                (None, None) => one(composed::train(&xc, eps, params)?),
             }
         };
         self.track(&stats)?;
@@ -569,9 +585,14 @@ impl BatchNorm {
     /// [`BatchNorm::forward_train`] rejects, except the two-values rules.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.num_features)?;
+        self.eval_pass(x, None)
+    }
+
+    /// The inference forward of a checked input, masked or not.
+    fn eval_pass(&self, x: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
         let x_dtype = x.dtype();
         let xc = x.to_dtype(internal_dtype(x_dtype))?;
-        let y = if fused(self.compute, &xc) {
+        let y = if fused(self.compute, &xc) && mask.is_none() {
             let op = ForwardOp {
                 eps: self.config.eps,
                 mode: ForwardMode::Eval {
@@ -582,9 +603,65 @@ impl BatchNorm {
             op.apply(&xc.contiguous()?, self.affine_in(xc.dtype())?)?
         } else {
             let (mean, var) = (self.running_mean(), self.running_var());
-            composed::eval(&xc, mean, var, self.config.eps, self.weight_and_bias())?
+            let on = mask.map(|m| m.broadcast(&xc)).transpose()?;
+            composed::eval(&xc, mean, var, self.config.eps, self.weight_and_bias(), on.as_ref())?
         };
         y.to_dtype(x_dtype)
+    }
+
+    /// Masked training forward (padded sequences, point clouds, ragged batches): the statistics
+    /// are those of the valid positions of `mask`, the valid positions are normalized with them
+    /// and the others written as 0, the backward is the exact derivative of that (dx = 0 at
+    /// masked positions, which add nothing to dγ and dβ), and the running variance is updated
+    /// unbiased with the valid count. What masked positions hold (NaN, 1e30) changes no output
+    /// and no gradient.
+    ///
+    /// `mask` holds one entry per example and position, shared by the channels: `[N]` for an
+    /// input `[N, C]`, `[N, d1, …, dk]` for `[N, C, d1, …, dk]`; an integer dtype (`u8`, `u32` or
+    /// `i64`), nonzero where the position is valid, on the input's device.
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] a batch of fewer than 2 valid
+    /// positions, normalizes the valid positions with the running statistics
+    /// ([`BatchNorm::forward_eval_masked`]) and updates nothing.
+    ///
+    /// Rejects what [`BatchNorm::forward_train`] rejects, a mask of another shape, dtype or
+    /// device, fewer than 2 valid positions ([`batchnorm::Error::TooFewValues`] with the valid
+    /// count), and a ghost or uncentred (`remove_mean = false`) layer.
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let dev = Device::Cpu;
+    /// let bn = batch_norm(4, BatchNormConfig::default(), VarBuilder::zeros(DType::F32, &dev))?;
+    /// // Two sequences of 3 steps ([N, C, L]), the second padded after its first step.
+    /// let x = Tensor::randn(0f32, 1., (2, 4, 3), &dev)?;
+    /// let mask = Tensor::new(&[[1u8, 1, 1], [1, 0, 0]], &dev)?;
+    /// let y = bn.forward_train_masked(&x, &mask)?;
+    /// assert_eq!(y.get(1)?.narrow(1, 1, 2)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_train_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.train_pass(x, Some(mask))
+    }
+
+    /// Masked inference: y = γ·(x − running_mean)/√(running_var + ε) + β at the valid positions
+    /// of `mask` (as [`BatchNorm::forward_train_masked`] takes it), 0 at the others.
+    /// Differentiable in x, γ and β. Rejects what [`BatchNorm::forward_eval`] rejects and a mask
+    /// of another shape, dtype or device.
+    pub fn forward_eval_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        check_input(x, self.num_features)?;
+        self.eval_pass(x, Some(&Mask::new(mask, x)?))
+    }
+
+    /// [`BatchNorm::forward_train_masked`] or [`BatchNorm::forward_eval_masked`] by `train`, as
+    /// `forward_t` chooses between the unmasked passes.
+    pub fn forward_t_masked(&self, x: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_train_masked(x, mask)
+        } else {
+            self.forward_eval_masked(x, mask)
+        }
     }
 
     /// candle-nn's `remove_mean = false` training path, op for op (generic candle ops).
