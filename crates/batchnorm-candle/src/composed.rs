@@ -10,10 +10,10 @@
 use batchnorm::{BatchStats, RenormClip};
 use candle_core::{DType, Result, Tensor};
 
-use crate::to_f64_vec;
+use crate::{to_f64_vec, Params};
 
-/// γ and β, each `[C]` (in any dtype), or none.
-pub(crate) type Params<'a> = Option<(&'a Tensor, &'a Tensor)>;
+/// A forward's output and the batch statistics behind it.
+type WithStats = (Tensor, BatchStats);
 
 /// `x` `[N, C, rest…]` as `[C, M]`.
 fn to_cm(x: &Tensor) -> Result<Tensor> {
@@ -69,7 +69,7 @@ fn centre(xcm: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
 }
 
 /// Algorithm 1: y = γ·(x − μ_B)/√(σ²_B + ε) + β, and the batch statistics.
-pub(crate) fn train(x: &Tensor, eps: f64, params: Params) -> Result<(Tensor, BatchStats)> {
+pub(crate) fn train(x: &Tensor, eps: f64, params: Params) -> Result<WithStats> {
     let xcm = to_cm(x)?;
     let (xc, mean, var) = centre(&xcm)?;
     let xhat = xc.broadcast_div(&(&var + eps)?.sqrt()?)?;
@@ -106,7 +106,7 @@ pub(crate) fn renorm_train(
     eps: f64,
     clip: RenormClip,
     params: Params,
-) -> Result<(Tensor, BatchStats)> {
+) -> Result<WithStats> {
     let xcm = to_cm(x)?;
     let dtype = xcm.dtype();
     let (xc, mean, var) = centre(&xcm)?;
@@ -187,13 +187,7 @@ pub(crate) fn renorm_eval(x: &Tensor, mean: &Tensor, std: &Tensor, params: Param
 /// Masked batch norm's training forward: μ_B and the biased σ²_B of the `count` values per
 /// channel at the valid positions of the mask (`[N, C, …]`, `u8`), y = γ·(x − μ_B)/√(σ²_B + ε) + β
 /// there and 0 at the others; and the statistics of the valid values.
-pub(crate) fn masked_train(
-    x: &Tensor,
-    mask: &Tensor,
-    count: usize,
-    eps: f64,
-    params: Params,
-) -> Result<(Tensor, BatchStats)> {
+pub(crate) fn masked_train(x: &Tensor, mask: &Tensor, count: usize, eps: f64, params: Params) -> Result<WithStats> {
     let xcm = to_cm(x)?;
     let select = Select::new(mask, &xcm)?;
     let n = count as f64;

@@ -18,8 +18,39 @@ pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use mask::Mask;
-use ops::{wrap, ForwardMode, ForwardOp, TrainKernel};
+use ops::{wrap, ForwardMode, TrainKernel};
 pub use renorm::{batch_renorm, BatchRenorm, RenormEvalMode};
+
+/// γ and β, each `[C]` (in any dtype), or none.
+type Params<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
+/// Runs `f` on `x` converted to the compute dtype ([`internal_dtype`]) and returns its result in
+/// `x`'s dtype.
+fn in_compute_dtype(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    f(&x.to_dtype(internal_dtype(x.dtype()))?)?.to_dtype(x.dtype())
+}
+
+/// Checks a layer's tensors, two per-channel statistics (`stats`, with their names) and γ, β
+/// (given exactly when `affine`), all `[num_features]`, and makes the statistics variables (one
+/// that already is a variable, e.g. from a `VarMap`, is shared, not copied).
+fn stat_vars(
+    num_features: usize,
+    stats: [(&str, &Tensor); 2],
+    weight_and_bias: &Option<(Tensor, Tensor)>,
+    affine: bool,
+) -> Result<(Var, Var)> {
+    if affine != weight_and_bias.is_some() {
+        candle_core::bail!("batch-norm: weight and bias must be given exactly when config.affine is true")
+    }
+    for (name, t) in stats {
+        check_vector(name, t, num_features)?;
+    }
+    if let Some((w, b)) = weight_and_bias {
+        check_vector("weight", w, num_features)?;
+        check_vector("bias", b, num_features)?;
+    }
+    Ok((Var::from_tensor(stats[0].1)?, Var::from_tensor(stats[1].1)?))
+}
 
 /// How a layer computes: the fused kernels where they run, or ordinary candle ops.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,19 +107,30 @@ pub struct BatchNorm {
 /// assert!(batch_norm(16, 0.0, VarBuilder::zeros(DType::F64, &Device::Cpu)).is_err());
 /// ```
 pub fn batch_norm<C: Into<BatchNormConfig>>(num_features: usize, config: C, vb: VarBuilder) -> Result<BatchNorm> {
-    use candle_nn::Init;
     let config = config.into();
     check_config(&config)?;
-    let running_mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
-    let running_var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
-    let weight_and_bias = if config.affine {
-        let weight = vb.get_with_hints(num_features, "weight", Init::Const(1.))?;
-        let bias = vb.get_with_hints(num_features, "bias", Init::Const(0.))?;
-        Some((weight, bias))
+    let stats = [("running_mean", 0.0), ("running_var", 1.0)];
+    let ([running_mean, running_var], weight_and_bias) = get_vars(&vb, num_features, stats, config.affine)?;
+    BatchNorm::from_parts(num_features, running_mean, running_var, weight_and_bias, config)
+}
+
+/// A layer's variables from a `VarBuilder`, all `[num_features]`: two per-channel statistics
+/// (name, initial value) and, when `affine`, `weight` (γ, initialized to 1) and `bias` (β, 0).
+fn get_vars(
+    vb: &VarBuilder,
+    num_features: usize,
+    stats: [(&str, f64); 2],
+    affine: bool,
+) -> Result<([Tensor; 2], Option<(Tensor, Tensor)>)> {
+    let get = |name: &str, value: f64| vb.get_with_hints(num_features, name, candle_nn::Init::Const(value));
+    let [(a, a0), (b, b0)] = stats;
+    let stats = [get(a, a0)?, get(b, b0)?];
+    let weight_and_bias = if affine {
+        Some((get("weight", 1.0)?, get("bias", 0.0)?))
     } else {
         None
     };
-    BatchNorm::from_parts(num_features, running_mean, running_var, weight_and_bias, config)
+    Ok((stats, weight_and_bias))
 }
 
 fn check_config(config: &BatchNormConfig) -> Result<()> {
@@ -277,19 +319,12 @@ impl BatchNorm {
         config: BatchNormConfig,
     ) -> Result<Self> {
         check_config(&config)?;
-        if config.affine != weight_and_bias.is_some() {
-            candle_core::bail!("batch-norm: weight and bias must be given exactly when config.affine is true")
-        }
-        check_vector("running mean", &running_mean, num_features)?;
-        check_vector("running variance", &running_var, num_features)?;
-        if let Some((w, b)) = &weight_and_bias {
-            check_vector("weight", w, num_features)?;
-            check_vector("bias", b, num_features)?;
-        }
+        let stats = [("running mean", &running_mean), ("running variance", &running_var)];
+        let (running_mean, running_var) = stat_vars(num_features, stats, &weight_and_bias, config.affine)?;
         Ok(BatchNorm {
             num_features,
-            running_mean: Var::from_tensor(&running_mean)?,
-            running_var: Var::from_tensor(&running_var)?,
+            running_mean,
+            running_var,
             weight_and_bias,
             config,
             small_batch: SmallBatch::Error,
@@ -485,14 +520,6 @@ impl BatchNorm {
         EvalMode(self)
     }
 
-    /// γ and β in the compute type, contiguous (the fused ops' inputs).
-    fn affine_in(&self, dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
-        self.weight_and_bias
-            .as_ref()
-            .map(|(w, b)| Ok((w.to_dtype(dtype)?.contiguous()?, b.to_dtype(dtype)?.contiguous()?)))
-            .transpose()
-    }
-
     /// Training forward: normalizes with the batch statistics (Algorithm 1; per group of the
     /// virtual batch size with [`BatchNorm::with_virtual_batch`]) and updates the running
     /// statistics (and the population accumulator, when one was started). Differentiable in x, γ
@@ -535,25 +562,28 @@ impl BatchNorm {
         if let Some(v) = self.virtual_batch {
             check_ghost_groups(x.dims(), v)?;
         }
-        let x_dtype = x.dtype();
-        let xc = x.to_dtype(internal_dtype(x_dtype))?;
         let (eps, params) = (self.config.eps, self.weight_and_bias());
-        let (y, stats) = if fused(self.compute, &xc) && mask.is_none() {
-            let kernel = match self.virtual_batch {
-                Some(v) => TrainKernel::Ghost(v),
-                None => TrainKernel::Plain,
+        let mut stats = Vec::new();
+        let y = in_compute_dtype(x, |xc| {
+            let y;
+            (y, stats) = if fused(self.compute, xc) && mask.is_none() {
+                let kernel = match self.virtual_batch {
+                    Some(v) => TrainKernel::Ghost(v),
+                    None => TrainKernel::Plain,
+                };
+                ops::train(xc, eps, kernel, params)?
+            } else {
+                let one = |(y, stats)| (y, vec![stats]);
+                match (self.virtual_batch, &mask) {
+                    (Some(v), _) => composed::ghost_train(xc, v, eps, params)?,
+                    (None, Some(m)) => one(composed::masked_train(xc, &m.broadcast(xc)?, count, eps, params)?),
+                    (None, None) => one(composed::train(xc, eps, params)?),
+                }
             };
-            ops::train(&xc, eps, kernel, self.affine_in(xc.dtype())?)?
-        } else {
-            let one = |(y, stats)| (y, vec![stats]);
-            match (self.virtual_batch, &mask) {
-                (Some(v), _) => composed::ghost_train(&xc, v, eps, params)?,
-                (None, Some(m)) => one(composed::masked_train(&xc, &m.broadcast(&xc)?, count, eps, params)?),
-                (None, None) => one(composed::train(&xc, eps, params)?),
-            }
-        };
+            Ok(y)
+        })?;
         self.track(&stats)?;
-        y.to_dtype(x_dtype)
+        Ok(y)
     }
 
     /// Updates the running statistics with a training batch's statistics (one per ghost group)
@@ -590,23 +620,17 @@ impl BatchNorm {
 
     /// The inference forward of a checked input, masked or not.
     fn eval_pass(&self, x: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
-        let x_dtype = x.dtype();
-        let xc = x.to_dtype(internal_dtype(x_dtype))?;
-        let y = if fused(self.compute, &xc) && mask.is_none() {
-            let op = ForwardOp {
-                eps: self.config.eps,
-                mode: ForwardMode::Eval {
-                    mean: to_f64_vec(self.running_mean())?,
-                    var: to_f64_vec(self.running_var())?,
-                },
-            };
-            op.apply(&xc.contiguous()?, self.affine_in(xc.dtype())?)?
-        } else {
-            let (mean, var) = (self.running_mean(), self.running_var());
-            let on = mask.map(|m| m.broadcast(&xc)).transpose()?;
-            composed::eval(&xc, mean, var, self.config.eps, self.weight_and_bias(), on.as_ref())?
-        };
-        y.to_dtype(x_dtype)
+        let (eps, params) = (self.config.eps, self.weight_and_bias());
+        let (mean, var) = (self.running_mean(), self.running_var());
+        in_compute_dtype(x, |xc| {
+            if fused(self.compute, xc) && mask.is_none() {
+                let (mean, var) = (to_f64_vec(mean)?, to_f64_vec(var)?);
+                ops::forward(xc, eps, ForwardMode::Eval { mean, var }, params)
+            } else {
+                let on = mask.map(|m| m.broadcast(xc)).transpose()?;
+                composed::eval(xc, mean, var, eps, params, on.as_ref())
+            }
+        })
     }
 
     /// Masked training forward (padded sequences, point clouds, ragged batches): the statistics
@@ -854,23 +878,37 @@ fn set_var(var: &Var, values: Vec<f64>) -> Result<()> {
     var.set(&t.to_device(var.device())?)
 }
 
-impl ModuleT for BatchNorm {
-    /// `train = true`: [`BatchNorm::forward_train`]; `false`: [`BatchNorm::forward_eval`].
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.forward_train(x)
-        } else {
-            self.forward_eval(x)
+/// `ModuleT` for a layer with `forward_train` and `forward_eval` (`train` picks one), and a
+/// wrapper type making it an inference-only [`Module`] (a type cannot implement both `Module`
+/// and `ModuleT` in candle: `Module` implies a `ModuleT` that ignores `train`).
+macro_rules! module_impls {
+    ($layer:ident, $(#[$wrapper_doc:meta])* $wrapper:ident) => {
+        impl ModuleT for $layer {
+            /// `train = true`: the training forward; `false`: the inference forward.
+            fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+                if train {
+                    self.forward_train(x)
+                } else {
+                    self.forward_eval(x)
+                }
+            }
         }
-    }
-}
 
-/// A [`BatchNorm`] as a [`Module`]: always inference mode. From [`BatchNorm::eval_mode`].
-#[derive(Clone, Copy, Debug)]
-pub struct EvalMode<'a>(pub &'a BatchNorm);
+        $(#[$wrapper_doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $wrapper<'a>(pub &'a $layer);
 
-impl Module for EvalMode<'_> {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward_eval(x)
-    }
+        impl Module for $wrapper<'_> {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                self.0.forward_eval(x)
+            }
+        }
+    };
 }
+pub(crate) use module_impls;
+
+module_impls!(
+    BatchNorm,
+    /// A [`BatchNorm`] as a [`Module`]: always inference mode. From [`BatchNorm::eval_mode`].
+    EvalMode
+);

@@ -15,6 +15,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::Params;
 use batchnorm::{
     batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_renorm_backward,
     batch_renorm_eval, batch_renorm_train, ghost_batch_norm_backward, ghost_batch_norm_train, Affine, BatchStats,
@@ -137,7 +138,7 @@ pub(crate) struct ForwardOp {
 
 impl ForwardOp {
     /// Applies the op to the contiguous `x`, with the affine parameters (weight, bias) if given.
-    pub(crate) fn apply(self, x: &Tensor, affine: Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    fn apply(self, x: &Tensor, affine: Option<(Tensor, Tensor)>) -> Result<Tensor> {
         match affine {
             Some((w, b)) => x.apply_op3(&w, &b, self),
             None => x.apply_op1(self),
@@ -246,20 +247,25 @@ impl ForwardOp {
     }
 }
 
-/// Runs a training forward through the fused op on `x` (any layout; made contiguous) with the
-/// affine parameters (weight, bias) if given: y, and the batch statistics (one per ghost group).
-pub(crate) fn train(
-    x: &Tensor,
-    eps: f64,
-    kernel: TrainKernel,
-    affine: Option<(Tensor, Tensor)>,
-) -> Result<(Tensor, Vec<BatchStats>)> {
+/// Runs the fused op of `mode` on `x` (in the compute dtype, any layout) with γ and β if given
+/// (converted to `x`'s dtype).
+pub(crate) fn forward(x: &Tensor, eps: f64, mode: ForwardMode, params: Params) -> Result<Tensor> {
+    let affine = params
+        .map(|(w, b)| {
+            Ok::<_, Error>((
+                w.to_dtype(x.dtype())?.contiguous()?,
+                b.to_dtype(x.dtype())?.contiguous()?,
+            ))
+        })
+        .transpose()?;
+    ForwardOp { eps, mode }.apply(&x.contiguous()?, affine)
+}
+
+/// Runs a training forward through the fused op, as [`forward`] does: y, and the batch
+/// statistics (one per ghost group).
+pub(crate) fn train(x: &Tensor, eps: f64, kernel: TrainKernel, params: Params) -> Result<(Tensor, Vec<BatchStats>)> {
     let state = TrainState::default();
-    let op = ForwardOp {
-        eps,
-        mode: ForwardMode::Train(kernel, state.clone()),
-    };
-    let y = op.apply(&x.contiguous()?, affine)?;
+    let y = forward(x, eps, ForwardMode::Train(kernel, state.clone()), params)?;
     let stats = state
         .get()
         .map(|t| t.stats.clone())

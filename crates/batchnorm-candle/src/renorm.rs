@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use batchnorm::{update_renorm_stats, BatchRenormConfig, RenormClip};
-use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::ops::{self, wrap, ForwardMode, ForwardOp, TrainKernel};
+use crate::ops::{self, wrap, ForwardMode, TrainKernel};
 use crate::{
-    check_input, check_training_count, check_vector, composed, fused, internal_dtype, set_var, to_f64_vec, ComputePath,
+    check_input, check_training_count, composed, fused, get_vars, in_compute_dtype, set_var, stat_vars, to_f64_vec,
+    ComputePath,
 };
 
 /// Batch renormalization over channel dimension 1 of an input of rank ≥ 2 (Ioffe, NeurIPS 2017,
@@ -64,17 +65,9 @@ pub struct BatchRenorm {
 /// [`batchnorm::Error::InvalidEps`], [`batchnorm::Error::InvalidMomentum`]), and variables of the
 /// wrong shape.
 pub fn batch_renorm(num_features: usize, config: BatchRenormConfig, vb: VarBuilder) -> Result<BatchRenorm> {
-    use candle_nn::Init;
     check_renorm_config(&config)?;
-    let moving_mean = vb.get_with_hints(num_features, "moving_mean", Init::Const(0.))?;
-    let moving_std = vb.get_with_hints(num_features, "moving_std", Init::Const(1.))?;
-    let weight_and_bias = if config.affine {
-        let weight = vb.get_with_hints(num_features, "weight", Init::Const(1.))?;
-        let bias = vb.get_with_hints(num_features, "bias", Init::Const(0.))?;
-        Some((weight, bias))
-    } else {
-        None
-    };
+    let stats = [("moving_mean", 0.0), ("moving_std", 1.0)];
+    let ([moving_mean, moving_std], weight_and_bias) = get_vars(&vb, num_features, stats, config.affine)?;
     BatchRenorm::new(num_features, moving_mean, moving_std, weight_and_bias, config)
 }
 
@@ -96,19 +89,12 @@ impl BatchRenorm {
         config: BatchRenormConfig,
     ) -> Result<Self> {
         check_renorm_config(&config)?;
-        if config.affine != weight_and_bias.is_some() {
-            candle_core::bail!("batch renorm: weight and bias must be given exactly when config.affine is true")
-        }
-        check_vector("moving mean", &moving_mean, num_features)?;
-        check_vector("moving std", &moving_std, num_features)?;
-        if let Some((w, b)) = &weight_and_bias {
-            check_vector("weight", w, num_features)?;
-            check_vector("bias", b, num_features)?;
-        }
+        let stats = [("moving mean", &moving_mean), ("moving std", &moving_std)];
+        let (moving_mean, moving_std) = stat_vars(num_features, stats, &weight_and_bias, config.affine)?;
         Ok(BatchRenorm {
             num_features,
-            moving_mean: Var::from_tensor(&moving_mean)?,
-            moving_std: Var::from_tensor(&moving_std)?,
+            moving_mean,
+            moving_std,
             weight_and_bias,
             config,
             steps: Arc::new(AtomicU64::new(0)),
@@ -172,14 +158,6 @@ impl BatchRenorm {
         RenormEvalMode(self)
     }
 
-    /// γ and β in the compute type, contiguous (the fused ops' inputs).
-    fn affine_in(&self, dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
-        self.weight_and_bias
-            .as_ref()
-            .map(|(w, b)| Ok((w.to_dtype(dtype)?.contiguous()?, b.to_dtype(dtype)?.contiguous()?)))
-            .transpose()
-    }
-
     /// Training forward with the limits of step [`BatchRenorm::steps`], then the moving update
     /// and the step counter advanced by one. Differentiable in x, γ and β (r and d constants).
     ///
@@ -198,27 +176,27 @@ impl BatchRenorm {
         })?;
         let clip = self.config.limits.at(step);
         let (eps, alpha) = (self.config.eps, self.config.momentum);
-        let x_dtype = x.dtype();
-        let xc = x.to_dtype(internal_dtype(x_dtype))?;
         let mut mean = to_f64_vec(self.moving_mean())?;
         let mut std = to_f64_vec(self.moving_std())?;
-        let (y, batch) = if fused(self.compute, &xc) {
-            let kernel = TrainKernel::Renorm {
-                mean: mean.clone(),
-                std: std.clone(),
-                clip,
+        let mut batch = Vec::new();
+        let y = in_compute_dtype(x, |xc| {
+            let y;
+            (y, batch) = if fused(self.compute, xc) {
+                let (mean, std) = (mean.clone(), std.clone());
+                ops::train(xc, eps, TrainKernel::Renorm { mean, std, clip }, self.weight_and_bias())?
+            } else {
+                let (moving_mean, moving_std) = (self.moving_mean(), self.moving_std());
+                let (y, stats) =
+                    composed::renorm_train(xc, moving_mean, moving_std, eps, clip, self.weight_and_bias())?;
+                (y, vec![stats])
             };
-            let (y, mut stats) = ops::train(&xc, eps, kernel, self.affine_in(xc.dtype())?)?;
-            (y, stats.remove(0))
-        } else {
-            let (moving_mean, moving_std) = (self.moving_mean(), self.moving_std());
-            composed::renorm_train(&xc, moving_mean, moving_std, eps, clip, self.weight_and_bias())?
-        };
-        update_renorm_stats(&batch, eps, alpha, &mut mean, &mut std).map_err(wrap)?;
+            Ok(y)
+        })?;
+        update_renorm_stats(&batch[0], eps, alpha, &mut mean, &mut std).map_err(wrap)?;
         set_var(&self.moving_mean, mean)?;
         set_var(&self.moving_std, std)?;
         self.steps.store(next, Ordering::Relaxed);
-        y.to_dtype(x_dtype)
+        Ok(y)
     }
 
     /// Inference forward: y = γ·(x − μ)/σ + β with the moving statistics (constants).
@@ -226,41 +204,25 @@ impl BatchRenorm {
     /// the two-values rule and the step counter.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.num_features)?;
-        let x_dtype = x.dtype();
-        let xc = x.to_dtype(internal_dtype(x_dtype))?;
-        let y = if fused(self.compute, &xc) {
-            let op = ForwardOp {
-                eps: self.config.eps,
-                mode: ForwardMode::RenormEval {
-                    mean: to_f64_vec(self.moving_mean())?,
-                    std: to_f64_vec(self.moving_std())?,
-                },
-            };
-            op.apply(&xc.contiguous()?, self.affine_in(xc.dtype())?)?
-        } else {
-            composed::renorm_eval(&xc, self.moving_mean(), self.moving_std(), self.weight_and_bias())?
-        };
-        y.to_dtype(x_dtype)
+        let (mean, std) = (self.moving_mean(), self.moving_std());
+        in_compute_dtype(x, |xc| {
+            if fused(self.compute, xc) {
+                let (mean, std) = (to_f64_vec(mean)?, to_f64_vec(std)?);
+                ops::forward(
+                    xc,
+                    self.config.eps,
+                    ForwardMode::RenormEval { mean, std },
+                    self.weight_and_bias(),
+                )
+            } else {
+                composed::renorm_eval(xc, mean, std, self.weight_and_bias())
+            }
+        })
     }
 }
 
-impl ModuleT for BatchRenorm {
-    /// `train = true`: [`BatchRenorm::forward_train`]; `false`: [`BatchRenorm::forward_eval`].
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.forward_train(x)
-        } else {
-            self.forward_eval(x)
-        }
-    }
-}
-
-/// A [`BatchRenorm`] as a [`Module`]: always inference mode. From [`BatchRenorm::eval_mode`].
-#[derive(Clone, Copy, Debug)]
-pub struct RenormEvalMode<'a>(pub &'a BatchRenorm);
-
-impl Module for RenormEvalMode<'_> {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward_eval(x)
-    }
-}
+crate::module_impls!(
+    BatchRenorm,
+    /// A [`BatchRenorm`] as a [`Module`]: always inference mode. From [`BatchRenorm::eval_mode`].
+    RenormEvalMode
+);

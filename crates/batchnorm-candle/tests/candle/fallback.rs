@@ -5,8 +5,8 @@
 //! The variants' composed paths are checked in their own modules (frozen, ghost, renorm, masked).
 
 use crate::common::{
-    assert_close, check_paths, f64s, forward_backward, from_f64s, pair, paths, reference_outputs, tensor, tol_composed,
-    tol_fused, OUTPUTS,
+    assert_close, check_paths, check_stats, f64s, for_cases, forward_backward, pair, paths, reference_outputs, running,
+    tensor, tol_composed, tol_fused, OUTPUTS,
 };
 use batchnorm::{reference, Layout};
 use batchnorm_candle::{BatchNormConfig, ComputePath};
@@ -18,60 +18,44 @@ const SHAPES: [&[usize]; 4] = [&[16, 5], &[8, 4, 7], &[4, 3, 5, 6], &[32, 2, 8, 
 /// `backward_train`, `running_update`, `forward_eval` and `backward_eval`.
 #[test]
 fn composed_plain_batch_norm_matches_the_reference_like_the_fused_path() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 5000 + 10 * i as u64);
-            let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-            assert_eq!(
-                (fused.compute(), composed.compute()),
-                (ComputePath::Auto, ComputePath::Composed)
-            );
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            let m = g.per_channel();
-            for step in 0..3 {
-                let train = step < 2;
-                let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-                let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-                let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
-                let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
-                let (xs, ws) = (f64s(&x), f64s(&w));
-                let (y, mean, var) = reference::forward_train(&g, &xs, &gamma, &beta, 1e-5);
-                let want = if train {
-                    let (dx, dgamma, dbeta) = reference::backward_train(&g, &xs, &ws, &gamma, 1e-5);
-                    reference_outputs(&y, &dx, &dgamma, &dbeta, shape)
-                } else {
-                    let y = reference::forward_eval(&g, &xs, &rm, &rv, &gamma, &beta, 1e-5);
-                    let (dx, dgamma, dbeta) = reference::backward_eval(&g, &xs, &ws, &rm, &rv, &gamma, 1e-5);
-                    reference_outputs(&y, &dx, &dgamma, &dbeta, shape)
-                };
-                let got_fused = forward_backward(|x| fused.forward_t(x, train), fused.weight_and_bias(), &x, &w)?;
-                let got_composed =
-                    forward_backward(|x| composed.forward_t(x, train), composed.weight_and_bias(), &x, &w)?;
-                let what = format!("{shape:?} {dtype:?} step {step} train={train}");
-                check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
-                let (rm, rv) = if train {
-                    reference::running_update(&rm, &rv, &mean, &var, m, Some(0.1), 1)
-                } else {
-                    (rm, rv)
-                };
-                for (bn, tol) in [(&fused, tol_fused(dtype, m)), (&composed, tol_composed(dtype, m))] {
-                    assert_close(
-                        &format!("{what} running mean"),
-                        bn.running_mean(),
-                        &from_f64s(&rm, &[c]),
-                        tol,
-                    );
-                    assert_close(
-                        &format!("{what} running var"),
-                        bn.running_var(),
-                        &from_f64s(&rv, &[c]),
-                        tol,
-                    );
-                }
-            }
+    for_cases(&SHAPES, 5000, |dtype, shape, seed| {
+        let c = shape[1];
+        let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
+        assert_eq!(
+            (fused.compute(), composed.compute()),
+            (ComputePath::Auto, ComputePath::Composed)
+        );
+        let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+        let m = g.per_channel();
+        for step in 0..3 {
+            let train = step < 2;
+            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
+            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
+            let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
+            let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
+            let (xs, ws) = (f64s(&x), f64s(&w));
+            let (y, mean, var) = reference::forward_train(&g, &xs, &gamma, &beta, 1e-5);
+            let want = if train {
+                let (dx, dgamma, dbeta) = reference::backward_train(&g, &xs, &ws, &gamma, 1e-5);
+                reference_outputs(&y, &dx, &dgamma, &dbeta, shape)
+            } else {
+                let y = reference::forward_eval(&g, &xs, &rm, &rv, &gamma, &beta, 1e-5);
+                let (dx, dgamma, dbeta) = reference::backward_eval(&g, &xs, &ws, &rm, &rv, &gamma, 1e-5);
+                reference_outputs(&y, &dx, &dgamma, &dbeta, shape)
+            };
+            let got_fused = forward_backward(|x| fused.forward_t(x, train), fused.weight_and_bias(), &x, &w)?;
+            let got_composed = forward_backward(|x| composed.forward_t(x, train), composed.weight_and_bias(), &x, &w)?;
+            let what = format!("{shape:?} {dtype:?} step {step} train={train}");
+            check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
+            let (rm, rv) = if train {
+                reference::running_update(&rm, &rv, &mean, &var, m, Some(0.1), 1)
+            } else {
+                (rm, rv)
+            };
+            check_stats(&what, running(&fused), running(&composed), [&rm, &rv], dtype, m);
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Half types on the composed path compute in f32, as on the fused path: the two differ by the

@@ -4,8 +4,8 @@
 //! compute paths; the frozen state against the caller's train flag.
 
 use crate::common::{
-    assert_bits, assert_close, f64s, forward_backward, pair, paths, reference_outputs, tensor, tol_composed, tol_fused,
-    OUTPUTS,
+    assert_bits, assert_close, f64s, for_cases, forward_backward, pair, paths, reference_outputs, tensor, tol_composed,
+    tol_fused, OUTPUTS,
 };
 use batchnorm::{reference, Layout};
 use batchnorm_candle::{BatchNormConfig, SmallBatch};
@@ -16,9 +16,10 @@ use candle_core::{DType, ModuleT, Result, Tensor};
 /// statistics stay as they were, bit for bit.
 #[test]
 fn frozen_training_uses_the_running_statistics_as_constants() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in [&[12usize, 3][..], &[4, 3, 5], &[3, 3, 4, 2]].into_iter().enumerate() {
-            let seed = 2000 + 10 * i as u64;
+    for_cases(
+        &[&[12usize, 3][..], &[4, 3, 5], &[3, 3, 4, 2]],
+        2000,
+        |dtype, shape, seed| {
             let p = pair(3, dtype, BatchNormConfig::default(), seed)?;
             let (fused, composed) = paths(3, dtype, BatchNormConfig::default(), seed, |bn| {
                 bn.freeze();
@@ -50,9 +51,9 @@ fn frozen_training_uses_the_running_statistics_as_constants() -> Result<()> {
                 assert_bits("running mean", bn.running_mean(), p.ours.running_mean());
                 assert_bits("running var", bn.running_var(), p.ours.running_var());
             }
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 /// The frozen state is the layer's: no train flag undoes it, clones share it, it lasts until

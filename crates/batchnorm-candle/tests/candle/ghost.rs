@@ -5,10 +5,10 @@
 //! paths, and plain batch norm for v ≥ N.
 
 use crate::common::{
-    assert_bits, assert_close, check_paths, f64s, forward_backward, pair, paths, reference_outputs, tensor,
-    tol_composed, tol_fused, OUTPUTS,
+    assert_bits, assert_close, assert_steps_match_kernel, check_paths, check_stats, f64s, for_cases, forward_backward,
+    pair, paths, reference_outputs, running, tensor, tol_composed, vecs, OUTPUTS,
 };
-use batchnorm::{reference, Grads, Layout, View};
+use batchnorm::{reference, Layout};
 use batchnorm_candle::{BatchNorm, BatchNormConfig};
 use candle_core::{DType, ModuleT, Result, Tensor, WithDType};
 
@@ -24,48 +24,38 @@ fn ghost(v: usize) -> impl Fn(BatchNorm) -> Result<BatchNorm> {
 /// `ghost_backward_train` and `ghost_running_update`.
 #[test]
 fn ghost_training_matches_the_reference_on_both_paths() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, (shape, v)) in CASES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 3000 + 10 * i as u64);
-            let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, ghost(v))?;
-            assert_eq!(fused.virtual_batch(), Some(v));
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            let m = g.per_channel();
-            for step in 0..2 {
-                let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-                let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-                let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
-                let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
-                let (xs, ws) = (f64s(&x), f64s(&w));
-                let (y, groups) = reference::ghost_forward_train(&g, shape[0], v, &xs, &gamma, &beta, 1e-5);
-                let (dx, dgamma, dbeta) = reference::ghost_backward_train(&g, shape[0], v, &xs, &ws, &gamma, 1e-5);
-                let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
-                let got_fused = forward_backward(|x| fused.forward_t(x, true), fused.weight_and_bias(), &x, &w)?;
-                let got_composed =
-                    forward_backward(|x| composed.forward_t(x, true), composed.weight_and_bias(), &x, &w)?;
-                let what = format!("{shape:?} v={v} {dtype:?} step {step}");
-                check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
-                let (mean, var) = reference::ghost_running_update(&rm, &rv, &groups, Some(0.1), 1);
-                let (mean, var) = (
-                    crate::common::from_f64s(&mean, &[c]),
-                    crate::common::from_f64s(&var, &[c]),
-                );
-                for (bn, tol) in [(&fused, tol_fused(dtype, m)), (&composed, tol_composed(dtype, m))] {
-                    assert_close(&format!("{what} running mean"), bn.running_mean(), &mean, tol);
-                    assert_close(&format!("{what} running var"), bn.running_var(), &var, tol);
-                }
-            }
+    for_cases(&CASES, 3000, |dtype, (shape, v), seed| {
+        let c = shape[1];
+        let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, ghost(v))?;
+        assert_eq!(fused.virtual_batch(), Some(v));
+        let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+        let m = g.per_channel();
+        for step in 0..2 {
+            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
+            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
+            let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
+            let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
+            let (xs, ws) = (f64s(&x), f64s(&w));
+            let (y, groups) = reference::ghost_forward_train(&g, shape[0], v, &xs, &gamma, &beta, 1e-5);
+            let (dx, dgamma, dbeta) = reference::ghost_backward_train(&g, shape[0], v, &xs, &ws, &gamma, 1e-5);
+            let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
+            let got_fused = forward_backward(|x| fused.forward_t(x, true), fused.weight_and_bias(), &x, &w)?;
+            let got_composed = forward_backward(|x| composed.forward_t(x, true), composed.weight_and_bias(), &x, &w)?;
+            let what = format!("{shape:?} v={v} {dtype:?} step {step}");
+            check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
+            let (mean, var) = reference::ghost_running_update(&rm, &rv, &groups, Some(0.1), 1);
+            check_stats(&what, running(&fused), running(&composed), [&mean, &var], dtype, m);
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The fused path is the kernel crate's ghost layer (`batchnorm::BatchNorm` with
 /// `virtual_batch`): outputs, gradients and running statistics bit for bit.
-fn ghost_matches_the_kernel_layer<T: batchnorm::Element + WithDType>(dtype: DType) -> Result<()> {
+fn ghost_matches_the_kernel_layer<T: batchnorm::Element + WithDType>() -> Result<()> {
     for (i, (shape, v)) in CASES.into_iter().enumerate() {
         let (c, seed) = (shape[1], 3100 + 10 * i as u64);
-        let bn = pair(c, dtype, BatchNormConfig::default(), seed)?
+        let bn = pair(c, T::DTYPE, BatchNormConfig::default(), seed)?
             .ours
             .with_virtual_batch(Some(v))?;
         let config = batchnorm::BatchNormConfig {
@@ -74,46 +64,22 @@ fn ghost_matches_the_kernel_layer<T: batchnorm::Element + WithDType>(dtype: DTyp
         };
         let mut kernel = batchnorm::BatchNorm::<T>::new(c, config).unwrap();
         let (gamma, beta) = bn.weight_and_bias().unwrap();
-        kernel.gamma = gamma.to_vec1::<T>()?;
-        kernel.beta = beta.to_vec1::<T>()?;
-        kernel.running_mean = bn.running_mean().to_vec1::<T>()?;
-        kernel.running_var = bn.running_var().to_vec1::<T>()?;
-        for step in 0..2 {
-            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-            let got = forward_backward(|x| bn.forward_t(x, true), bn.weight_and_bias(), &x, &w)?;
-            let (xs, dy) = (x.flatten_all()?.to_vec1::<T>()?, w.flatten_all()?.to_vec1::<T>()?);
-            let view = View::new(&xs, shape, Layout::ChannelsFirst);
-            let mut y = vec![T::default(); xs.len()];
-            let saved = kernel.forward_train(view, &mut y).unwrap();
-            let (mut dx, mut dgamma, mut dbeta) = (
-                vec![T::default(); xs.len()],
-                vec![T::default(); c],
-                vec![T::default(); c],
-            );
-            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
-            kernel.backward(view, &dy, &saved, grads).unwrap();
-            let want = [
-                Tensor::from_vec(y, shape, x.device())?,
-                Tensor::from_vec(dx, shape, x.device())?,
-                Tensor::new(dgamma.as_slice(), x.device())?,
-                Tensor::new(dbeta.as_slice(), x.device())?,
-            ];
-            for k in 0..4 {
-                assert_bits(&format!("{} {shape:?} v={v} {dtype:?}", OUTPUTS[k]), &got[k], &want[k]);
-            }
-            let running = |v: &[T]| Tensor::new(v, x.device());
-            assert_bits("running mean", bn.running_mean(), &running(&kernel.running_mean)?);
-            assert_bits("running var", bn.running_var(), &running(&kernel.running_var)?);
-        }
+        [kernel.gamma, kernel.beta, kernel.running_mean, kernel.running_var] =
+            vecs([gamma, beta, bn.running_mean(), bn.running_var()])?;
+        let stats = || running(&bn).map(Tensor::clone).to_vec();
+        assert_steps_match_kernel::<T>(&bn, bn.weight_and_bias(), stats, shape, seed, |x, dy, y, grads| {
+            let saved = kernel.forward_train(x, y).unwrap();
+            kernel.backward(x, dy, &saved, grads).unwrap();
+            vec![kernel.running_mean.clone(), kernel.running_var.clone()]
+        })?;
     }
     Ok(())
 }
 
 #[test]
 fn ghost_fused_path_is_the_kernel_layer_bit_for_bit() -> Result<()> {
-    ghost_matches_the_kernel_layer::<f32>(DType::F32)?;
-    ghost_matches_the_kernel_layer::<f64>(DType::F64)
+    ghost_matches_the_kernel_layer::<f32>()?;
+    ghost_matches_the_kernel_layer::<f64>()
 }
 
 /// With v ≥ N there is one group: ghost batch norm is plain batch norm, bit for bit on the fused

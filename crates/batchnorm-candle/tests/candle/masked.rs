@@ -7,8 +7,8 @@
 //! and for padding holding NaN or 1e30 changing nothing.
 
 use crate::common::{
-    assert_bits, assert_close, check_paths, f64s, forward_backward, from_f64s, pair, paths, tensor, tol_composed,
-    tol_fused, values, OUTPUTS,
+    assert_bits, assert_close, assert_outputs_bits, check_paths, check_stats, f64s, for_cases, forward_backward,
+    from_f64s, pair, paths, reference_outputs, running, tensor, tol_composed, tol_fused, values, OUTPUTS,
 };
 use batchnorm::{reference, Geometry, Layout};
 use batchnorm_candle::{BatchNorm, BatchNormConfig, SmallBatch};
@@ -45,6 +45,13 @@ fn valid_positions(g: &Geometry, bits: &[bool]) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// [`mask_for`]'s mask and its valid positions ([`valid_positions`]).
+fn masked_positions(shape: &[usize], seed: u64) -> Result<(Tensor, Vec<(usize, usize)>)> {
+    let (mask, bits) = mask_for(shape, seed)?;
+    let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+    Ok((mask, valid_positions(&g, &bits)))
+}
+
 /// The values of `v` at the valid positions as an NC batch `[count, C]` (row r = position r).
 fn gather(g: &Geometry, v: &[f64], positions: &[(usize, usize)]) -> Vec<f64> {
     let at = |o: usize, c: usize, i: usize| (o * g.channels + c) * g.inner + i;
@@ -65,157 +72,99 @@ fn scatter(g: &Geometry, rows: &[f64], positions: &[(usize, usize)]) -> Vec<f64>
     out
 }
 
-/// Two training steps of each path against plain batch norm's reference on the gathered valid
-/// positions (`reference::forward_train`, `backward_train`, `running_update` with the valid
-/// count), the outputs scattered back with 0 at masked positions.
+/// Two training steps and an inference pass of each path against plain batch norm's reference
+/// on the gathered valid positions (training: `reference::forward_train`, `backward_train` and
+/// `running_update` with the valid count; inference: `frozen_forward` and `frozen_backward` with
+/// the running statistics), the outputs scattered back with 0 at masked positions; then a frozen
+/// layer's masked training pass is its masked inference pass, bit for bit.
 #[test]
-fn masked_training_is_plain_batch_norm_over_the_valid_positions() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 7000 + 10 * i as u64);
-            let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            for step in 0..2 {
-                let (mask, bits) = mask_for(shape, seed + 3 + step)?;
-                let positions = valid_positions(&g, &bits);
-                let count = positions.len();
-                let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-                let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-                let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
-                let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
-                let rows = Geometry {
-                    outer: count,
-                    channels: c,
-                    inner: 1,
-                };
-                let (xs, ws) = (gather(&g, &f64s(&x), &positions), gather(&g, &f64s(&w), &positions));
-                let (y, mean, var) = reference::forward_train(&rows, &xs, &gamma, &beta, 1e-5);
-                let (dx, dgamma, dbeta) = reference::backward_train(&rows, &xs, &ws, &gamma, 1e-5);
-                let want = vec![
-                    from_f64s(&scatter(&g, &y, &positions), shape),
-                    from_f64s(&scatter(&g, &dx, &positions), shape),
-                    from_f64s(&dgamma, &[c]),
-                    from_f64s(&dbeta, &[c]),
-                ];
-                let run = |bn: &BatchNorm| {
-                    forward_backward(|x| bn.forward_t_masked(x, &mask, true), bn.weight_and_bias(), &x, &w)
-                };
-                let what = format!("{shape:?} {dtype:?} step {step} ({count} valid)");
-                check_paths(&what, &run(&fused)?, &run(&composed)?, &want, dtype, count);
-                let (rm, rv) = reference::running_update(&rm, &rv, &mean, &var, count, Some(0.1), 1);
-                for (bn, tol) in [
-                    (&fused, tol_fused(dtype, count)),
-                    (&composed, tol_composed(dtype, count)),
-                ] {
-                    assert_close(
-                        &format!("{what} running mean"),
-                        bn.running_mean(),
-                        &from_f64s(&rm, &[c]),
-                        tol,
-                    );
-                    assert_close(
-                        &format!("{what} running var"),
-                        bn.running_var(),
-                        &from_f64s(&rv, &[c]),
-                        tol,
-                    );
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Masked inference (and the frozen layer's masked training pass, which is the same pass) against
-/// the fixed-statistics reference at the valid positions, 0 at the others.
-#[test]
-fn masked_inference_and_frozen_masked_training() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 7100 + 10 * i as u64);
-            let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            let (mask, bits) = mask_for(shape, seed + 3)?;
-            let positions = valid_positions(&g, &bits);
-            let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
-            let w = tensor(seed + 7, shape, -1.0, 1.0, dtype)?;
+fn masked_batch_norm_is_plain_batch_norm_over_the_valid_positions() -> Result<()> {
+    for_cases(&SHAPES, 7000, |dtype, shape, seed| {
+        let c = shape[1];
+        let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
+        let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+        for step in 0..3 {
+            let train = step < 2;
+            let (mask, positions) = masked_positions(shape, seed + 3 + step)?;
+            let count = positions.len();
+            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
+            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
             let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
             let (rm, rv) = (f64s(fused.running_mean()), f64s(fused.running_var()));
             let rows = Geometry {
-                outer: positions.len(),
+                outer: count,
                 channels: c,
                 inner: 1,
             };
             let (xs, ws) = (gather(&g, &f64s(&x), &positions), gather(&g, &f64s(&w), &positions));
-            let y = reference::frozen_forward(&rows, &xs, &rm, &rv, &gamma, &beta, 1e-5);
-            let (dx, dgamma, dbeta) = reference::frozen_backward(&rows, &xs, &ws, &rm, &rv, &gamma, 1e-5);
-            let want = vec![
-                from_f64s(&scatter(&g, &y, &positions), shape),
-                from_f64s(&scatter(&g, &dx, &positions), shape),
-                from_f64s(&dgamma, &[c]),
-                from_f64s(&dbeta, &[c]),
-            ];
-            let run = |bn: &BatchNorm, train: bool| {
+            let (y, (dx, dgamma, dbeta), (rm, rv)) = if train {
+                let (y, mean, var) = reference::forward_train(&rows, &xs, &gamma, &beta, 1e-5);
+                let grads = reference::backward_train(&rows, &xs, &ws, &gamma, 1e-5);
+                (
+                    y,
+                    grads,
+                    reference::running_update(&rm, &rv, &mean, &var, count, Some(0.1), 1),
+                )
+            } else {
+                let y = reference::frozen_forward(&rows, &xs, &rm, &rv, &gamma, &beta, 1e-5);
+                (
+                    y,
+                    reference::frozen_backward(&rows, &xs, &ws, &rm, &rv, &gamma, 1e-5),
+                    (rm, rv),
+                )
+            };
+            let (y, dx) = (scatter(&g, &y, &positions), scatter(&g, &dx, &positions));
+            let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
+            let run = |bn: &BatchNorm| {
                 forward_backward(|x| bn.forward_t_masked(x, &mask, train), bn.weight_and_bias(), &x, &w)
             };
-            let what = format!("eval {shape:?} {dtype:?}");
-            check_paths(
-                &what,
-                &run(&fused, false)?,
-                &run(&composed, false)?,
-                &want,
-                dtype,
-                positions.len(),
-            );
-            for bn in [&fused, &composed] {
-                let eval = run(bn, false)?;
-                bn.freeze();
-                let frozen = run(bn, true)?;
-                for k in 0..4 {
-                    assert_bits(&format!("frozen {} {what}", OUTPUTS[k]), &frozen[k], &eval[k]);
-                }
-                assert_bits(
-                    "running mean",
-                    bn.running_mean(),
-                    &from_f64s(&rm, &[c]).to_dtype(dtype)?,
-                );
-            }
+            let what = format!("{shape:?} {dtype:?} step {step} train={train} ({count} valid)");
+            check_paths(&what, &run(&fused)?, &run(&composed)?, &want, dtype, count);
+            check_stats(&what, running(&fused), running(&composed), [&rm, &rv], dtype, count);
         }
-    }
-    Ok(())
+        let (mask, _) = masked_positions(shape, seed + 9)?;
+        let x = tensor(seed + 8, shape, -1.0, 3.0, dtype)?;
+        for bn in [&fused, &composed] {
+            let run = |train| forward_backward(|x| bn.forward_t_masked(x, &mask, train), bn.weight_and_bias(), &x, &x);
+            let (eval, stats) = (run(false)?, running(bn).map(f64s));
+            bn.freeze();
+            let frozen = run(true)?;
+            assert_outputs_bits(&format!("frozen {shape:?} {dtype:?}"), &frozen, &eval);
+            assert_eq!(running(bn).map(f64s), stats);
+        }
+        Ok(())
+    })
 }
 
 /// A mask of all ones is plain batch norm, in training and inference, on each path, within the
 /// sum of the two passes' tolerances.
 #[test]
 fn all_ones_mask_is_plain_batch_norm() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 7200 + 10 * i as u64);
-            let m = Layout::ChannelsFirst.geometry(shape).unwrap().per_channel();
-            let ones = Tensor::ones(mask_shape(shape), DType::U8, &Device::Cpu)?;
-            let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-            let (fused_plain, composed_plain) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-            let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
-            let w = tensor(seed + 7, shape, -1.0, 1.0, dtype)?;
-            for (masked, plain, tol) in [
-                (&fused, &fused_plain, 2.0 * tol_fused(dtype, m)),
-                (&composed, &composed_plain, 2.0 * tol_composed(dtype, m)),
-            ] {
-                for train in [true, false] {
-                    let params = masked.weight_and_bias();
-                    let a = forward_backward(|x| masked.forward_t_masked(x, &ones, train), params, &x, &w)?;
-                    let b = forward_backward(|x| plain.forward_t(x, train), plain.weight_and_bias(), &x, &w)?;
-                    for k in 0..4 {
-                        let what = format!("{} {shape:?} {dtype:?} train={train}", OUTPUTS[k]);
-                        assert_close(&what, &a[k], &b[k], tol);
-                    }
+    for_cases(&SHAPES, 7200, |dtype, shape, seed| {
+        let c = shape[1];
+        let m = Layout::ChannelsFirst.geometry(shape).unwrap().per_channel();
+        let ones = Tensor::ones(mask_shape(shape), DType::U8, &Device::Cpu)?;
+        let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
+        let (fused_plain, composed_plain) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
+        let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
+        let w = tensor(seed + 7, shape, -1.0, 1.0, dtype)?;
+        for (masked, plain, tol) in [
+            (&fused, &fused_plain, 2.0 * tol_fused(dtype, m)),
+            (&composed, &composed_plain, 2.0 * tol_composed(dtype, m)),
+        ] {
+            for train in [true, false] {
+                let params = masked.weight_and_bias();
+                let a = forward_backward(|x| masked.forward_t_masked(x, &ones, train), params, &x, &w)?;
+                let b = forward_backward(|x| plain.forward_t(x, train), plain.weight_and_bias(), &x, &w)?;
+                for k in 0..4 {
+                    let what = format!("{} {shape:?} {dtype:?} train={train}", OUTPUTS[k]);
+                    assert_close(&what, &a[k], &b[k], tol);
                 }
-                assert_close("running var", masked.running_var(), plain.running_var(), tol);
             }
+            assert_close("running var", masked.running_var(), plain.running_var(), tol);
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Padding never leaks: NaN, ±1e30 and infinities in x at masked positions, and NaN in the

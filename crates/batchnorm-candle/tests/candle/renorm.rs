@@ -6,10 +6,10 @@
 //! plain batch norm; the schedule follows the step counter.
 
 use crate::common::{
-    assert_bits, assert_close, check_paths, f64s, forward_backward, from_f64s, init_vars, pair, reference_outputs,
-    tensor, tol_composed, tol_fused, OUTPUTS,
+    assert_bits, assert_close, assert_steps_match_kernel, check_paths, check_stats, f64s, for_cases, forward_backward,
+    from_f64s, init_vars, pair, reference_outputs, tensor, tol_composed, tol_fused, vecs, OUTPUTS,
 };
-use batchnorm::{reference, Grads, Layout, View};
+use batchnorm::{reference, Layout};
 use batchnorm_candle::{
     batch_renorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, ComputePath, RenormClip, RenormSchedule,
 };
@@ -42,112 +42,74 @@ fn layer(c: usize, dtype: DType, config: BatchRenormConfig, seed: u64) -> Result
     Ok((bn, vm))
 }
 
+/// The moving mean and standard deviation of a layer.
+fn moving(bn: &BatchRenorm) -> [&Tensor; 2] {
+    [bn.moving_mean(), bn.moving_std()]
+}
+
 /// Four training steps on both paths against `reference::renorm_forward_train`,
 /// `renorm_backward` and `renorm_update`, with the limits of each step.
 #[test]
 fn renorm_training_matches_the_reference_on_both_paths() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 4000 + 10 * i as u64);
-            let fused = layer(c, dtype, config(schedule()), seed)?.0;
-            let composed = layer(c, dtype, config(schedule()), seed)?
-                .0
-                .with_compute(ComputePath::Composed);
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            let m = g.per_channel();
-            for step in 0..4u64 {
-                let clip = schedule().at(step);
-                assert_eq!((fused.clip(), composed.clip()), (clip, clip));
-                let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-                let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-                let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
-                let (mm, ms) = (f64s(fused.moving_mean()), f64s(fused.moving_std()));
-                let (xs, ws) = (f64s(&x), f64s(&w));
-                let (r_max, d_max) = (clip.r_max(), clip.d_max());
-                let (y, mean_b, sigma_b, r, d) =
-                    reference::renorm_forward_train(&g, &xs, &mm, &ms, &gamma, &beta, 1e-5, r_max, d_max);
-                let (dx, dgamma, dbeta) = reference::renorm_backward(&g, &xs, &ws, &r, &d, &gamma, 1e-5);
-                let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
-                let got_fused = forward_backward(|x| fused.forward_t(x, true), fused.weight_and_bias(), &x, &w)?;
-                let got_composed =
-                    forward_backward(|x| composed.forward_t(x, true), composed.weight_and_bias(), &x, &w)?;
-                let what = format!("{shape:?} {dtype:?} step {step}");
-                check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
-                let (mean, std) = reference::renorm_update(&mm, &ms, &mean_b, &sigma_b, 0.1);
-                let (mean, std) = (from_f64s(&mean, &[c]), from_f64s(&std, &[c]));
-                for (bn, tol) in [(&fused, tol_fused(dtype, m)), (&composed, tol_composed(dtype, m))] {
-                    assert_close(&format!("{what} moving mean"), bn.moving_mean(), &mean, tol);
-                    assert_close(&format!("{what} moving std"), bn.moving_std(), &std, tol);
-                    assert_eq!(bn.steps(), step + 1);
-                }
-            }
+    for_cases(&SHAPES, 4000, |dtype, shape, seed| {
+        let c = shape[1];
+        let fused = layer(c, dtype, config(schedule()), seed)?.0;
+        let composed = layer(c, dtype, config(schedule()), seed)?
+            .0
+            .with_compute(ComputePath::Composed);
+        let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+        let m = g.per_channel();
+        for step in 0..4u64 {
+            let clip = schedule().at(step);
+            assert_eq!((fused.clip(), composed.clip()), (clip, clip));
+            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
+            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
+            let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
+            let (mm, ms) = (f64s(fused.moving_mean()), f64s(fused.moving_std()));
+            let (xs, ws) = (f64s(&x), f64s(&w));
+            let (r_max, d_max) = (clip.r_max(), clip.d_max());
+            let (y, mean_b, sigma_b, r, d) =
+                reference::renorm_forward_train(&g, &xs, &mm, &ms, &gamma, &beta, 1e-5, r_max, d_max);
+            let (dx, dgamma, dbeta) = reference::renorm_backward(&g, &xs, &ws, &r, &d, &gamma, 1e-5);
+            let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
+            let got_fused = forward_backward(|x| fused.forward_t(x, true), fused.weight_and_bias(), &x, &w)?;
+            let got_composed = forward_backward(|x| composed.forward_t(x, true), composed.weight_and_bias(), &x, &w)?;
+            let what = format!("{shape:?} {dtype:?} step {step}");
+            check_paths(&what, &got_fused, &got_composed, &want, dtype, m);
+            let (mean, std) = reference::renorm_update(&mm, &ms, &mean_b, &sigma_b, 0.1);
+            check_stats(&what, moving(&fused), moving(&composed), [&mean, &std], dtype, m);
+            assert_eq!((fused.steps(), composed.steps()), (step + 1, step + 1));
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The fused path is the kernel crate's `BatchRenorm` layer: outputs, gradients, moving
 /// statistics and step counter bit for bit, step after step of the schedule.
-fn renorm_matches_the_kernel_layer<T: batchnorm::Element + WithDType>(dtype: DType) -> Result<()> {
-    for (i, shape) in SHAPES.into_iter().enumerate() {
-        let (c, seed) = (shape[1], 4100 + 10 * i as u64);
-        let bn = layer(c, dtype, config(schedule()), seed)?.0;
-        let mut kernel = batchnorm::BatchRenorm::<T>::new(c, config(schedule())).unwrap();
-        let (gamma, beta) = bn.weight_and_bias().unwrap();
-        kernel.gamma = gamma.to_vec1::<T>()?;
-        kernel.beta = beta.to_vec1::<T>()?;
-        kernel.moving_mean = bn.moving_mean().to_vec1::<T>()?;
-        kernel.moving_std = bn.moving_std().to_vec1::<T>()?;
-        for step in 0..4 {
-            let x = tensor(seed + 5 + step, shape, -1.0, 3.0, dtype)?;
-            let w = tensor(seed + 7 + step, shape, -1.0, 1.0, dtype)?;
-            let got = forward_backward(|x| bn.forward_t(x, true), bn.weight_and_bias(), &x, &w)?;
-            let (xs, dy) = (x.flatten_all()?.to_vec1::<T>()?, w.flatten_all()?.to_vec1::<T>()?);
-            let view = View::new(&xs, shape, Layout::ChannelsFirst);
-            let mut y = vec![T::default(); xs.len()];
-            let saved = kernel.forward_train(view, &mut y).unwrap();
-            let (mut dx, mut dgamma, mut dbeta) = (
-                vec![T::default(); xs.len()],
-                vec![T::default(); c],
-                vec![T::default(); c],
-            );
-            kernel
-                .backward(view, &dy, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta))
-                .unwrap();
-            let dev = x.device();
-            let want = [
-                Tensor::from_vec(y, shape, dev)?,
-                Tensor::from_vec(dx, shape, dev)?,
-                Tensor::new(dgamma.as_slice(), dev)?,
-                Tensor::new(dbeta.as_slice(), dev)?,
-            ];
-            for k in 0..4 {
-                assert_bits(
-                    &format!("{} {shape:?} {dtype:?} step {step}", OUTPUTS[k]),
-                    &got[k],
-                    &want[k],
-                );
-            }
-            assert_bits(
-                "moving mean",
-                bn.moving_mean(),
-                &Tensor::new(kernel.moving_mean.as_slice(), dev)?,
-            );
-            assert_bits(
-                "moving std",
-                bn.moving_std(),
-                &Tensor::new(kernel.moving_std.as_slice(), dev)?,
-            );
-            assert_eq!(bn.steps(), kernel.steps);
-        }
-    }
-    Ok(())
-}
-
 #[test]
 fn renorm_fused_path_is_the_kernel_layer_bit_for_bit() -> Result<()> {
-    renorm_matches_the_kernel_layer::<f32>(DType::F32)?;
-    renorm_matches_the_kernel_layer::<f64>(DType::F64)
+    renorm_matches_the_kernel_layer::<f32>()?;
+    renorm_matches_the_kernel_layer::<f64>()
+}
+
+/// [`renorm_fused_path_is_the_kernel_layer_bit_for_bit`] on `T` tensors.
+fn renorm_matches_the_kernel_layer<T: batchnorm::Element + WithDType>() -> Result<()> {
+    for (i, shape) in SHAPES.into_iter().enumerate() {
+        let (c, seed) = (shape[1], 4100 + 10 * i as u64);
+        let bn = layer(c, T::DTYPE, config(schedule()), seed)?.0;
+        let mut kernel = batchnorm::BatchRenorm::<T>::new(c, config(schedule())).unwrap();
+        let (gamma, beta) = bn.weight_and_bias().unwrap();
+        [kernel.gamma, kernel.beta, kernel.moving_mean, kernel.moving_std] =
+            vecs([gamma, beta, bn.moving_mean(), bn.moving_std()])?;
+        let stats = || moving(&bn).map(Tensor::clone).to_vec();
+        assert_steps_match_kernel::<T>(&bn, bn.weight_and_bias(), stats, shape, seed, |x, dy, y, grads| {
+            let saved = kernel.forward_train(x, y).unwrap();
+            kernel.backward(x, dy, &saved, grads).unwrap();
+            vec![kernel.moving_mean.clone(), kernel.moving_std.clone()]
+        })?;
+        assert_eq!((bn.steps(), kernel.steps), (3, 3));
+    }
+    Ok(())
 }
 
 /// With r_max = 1 and d_max = 0 (r = 1, d = 0) training outputs and gradients are plain batch
@@ -155,36 +117,34 @@ fn renorm_fused_path_is_the_kernel_layer_bit_for_bit() -> Result<()> {
 /// the same γ, β, within the sum of both sides' tolerances.
 #[test]
 fn renorm_with_identity_limits_is_plain_batch_norm() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 4200 + 10 * i as u64);
-            let m = Layout::ChannelsFirst.geometry(shape).unwrap().per_channel();
-            let identity = config(RenormSchedule::constant(RenormClip::identity()));
-            for (path, tol) in [
-                (ComputePath::Auto, 2.0 * tol_fused(dtype, m)),
-                (ComputePath::Composed, 2.0 * tol_composed(dtype, m)),
-            ] {
-                let renorm = layer(c, dtype, identity, seed)?.0.with_compute(path);
-                // The same γ and β (init_vars' order: the two statistics, then weight and bias).
-                let plain = pair(c, dtype, BatchNormConfig::default(), seed)?
-                    .ours
-                    .with_compute(path);
-                let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
-                let w = tensor(seed + 6, shape, -1.0, 1.0, dtype)?;
-                let a = forward_backward(|x| renorm.forward_t(x, true), renorm.weight_and_bias(), &x, &w)?;
-                let b = forward_backward(|x| plain.forward_t(x, true), plain.weight_and_bias(), &x, &w)?;
-                for k in 0..4 {
-                    assert_close(
-                        &format!("{} {shape:?} {dtype:?} {path:?}", OUTPUTS[k]),
-                        &a[k],
-                        &b[k],
-                        tol,
-                    );
-                }
+    for_cases(&SHAPES, 4200, |dtype, shape, seed| {
+        let c = shape[1];
+        let m = Layout::ChannelsFirst.geometry(shape).unwrap().per_channel();
+        let identity = config(RenormSchedule::constant(RenormClip::identity()));
+        for (path, tol) in [
+            (ComputePath::Auto, 2.0 * tol_fused(dtype, m)),
+            (ComputePath::Composed, 2.0 * tol_composed(dtype, m)),
+        ] {
+            let renorm = layer(c, dtype, identity, seed)?.0.with_compute(path);
+            // The same γ and β (init_vars' order: the two statistics, then weight and bias).
+            let plain = pair(c, dtype, BatchNormConfig::default(), seed)?
+                .ours
+                .with_compute(path);
+            let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
+            let w = tensor(seed + 6, shape, -1.0, 1.0, dtype)?;
+            let a = forward_backward(|x| renorm.forward_t(x, true), renorm.weight_and_bias(), &x, &w)?;
+            let b = forward_backward(|x| plain.forward_t(x, true), plain.weight_and_bias(), &x, &w)?;
+            for k in 0..4 {
+                assert_close(
+                    &format!("{} {shape:?} {dtype:?} {path:?}", OUTPUTS[k]),
+                    &a[k],
+                    &b[k],
+                    tol,
+                );
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Inference y = γ·(x − μ)/σ + β against `reference::renorm_eval`, and its gradients against the
@@ -192,55 +152,53 @@ fn renorm_with_identity_limits_is_plain_batch_norm() -> Result<()> {
 /// with σ² as the variance and ε = 0), on both paths; the `Module` view is the same pass.
 #[test]
 fn renorm_inference_and_its_gradients() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        for (i, shape) in SHAPES.into_iter().enumerate() {
-            let (c, seed) = (shape[1], 4300 + 10 * i as u64);
-            let g = Layout::ChannelsFirst.geometry(shape).unwrap();
-            let fused = layer(c, dtype, config(schedule()), seed)?.0;
-            let composed = layer(c, dtype, config(schedule()), seed)?
-                .0
-                .with_compute(ComputePath::Composed);
-            let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
-            let w = tensor(seed + 6, shape, -1.0, 1.0, dtype)?;
-            let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
-            let (mm, ms) = (f64s(fused.moving_mean()), f64s(fused.moving_std()));
-            let (xs, ws) = (f64s(&x), f64s(&w));
-            let y = reference::renorm_eval(&g, &xs, &mm, &ms, &gamma, &beta);
-            let var: Vec<f64> = ms.iter().map(|s| s * s).collect();
-            let (dx, dgamma, dbeta) = reference::frozen_backward(&g, &xs, &ws, &mm, &var, &gamma, 0.0);
-            let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
-            let got_fused = forward_backward(|x| fused.forward_t(x, false), fused.weight_and_bias(), &x, &w)?;
-            let got_composed = forward_backward(|x| composed.forward_t(x, false), composed.weight_and_bias(), &x, &w)?;
-            check_paths(
-                &format!("eval {shape:?} {dtype:?}"),
-                &got_fused,
-                &got_composed,
-                &want,
-                dtype,
-                g.per_channel(),
-            );
-            assert_bits("eval_mode", &fused.eval_mode().forward(&x)?, &got_fused[0]);
-            assert_eq!(fused.steps(), 0, "inference takes no step");
-            // Without γ and β.
-            let bare = BatchRenormConfig {
-                affine: false,
-                ..config(schedule())
-            };
-            let (bn, _) = layer(c, dtype, bare, seed)?;
-            let y = reference::renorm_eval(&g, &xs, &mm, &ms, &vec![1.0; c], &vec![0.0; c]);
-            let tol = tol_fused(dtype, 1);
-            assert_close(
-                "eval without affine",
-                &bn.forward_t(&x, false)?,
-                &from_f64s(&y, shape),
-                tol,
-            );
-            let dx_bare = forward_backward(|x| bn.forward_t(x, false), None, &x, &w)?.remove(1);
-            let (dx, _, _) = reference::frozen_backward(&g, &xs, &ws, &mm, &var, &vec![1.0; c], 0.0);
-            assert_close("dx without affine", &dx_bare, &from_f64s(&dx, shape), tol);
-        }
-    }
-    Ok(())
+    for_cases(&SHAPES, 4300, |dtype, shape, seed| {
+        let c = shape[1];
+        let g = Layout::ChannelsFirst.geometry(shape).unwrap();
+        let fused = layer(c, dtype, config(schedule()), seed)?.0;
+        let composed = layer(c, dtype, config(schedule()), seed)?
+            .0
+            .with_compute(ComputePath::Composed);
+        let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
+        let w = tensor(seed + 6, shape, -1.0, 1.0, dtype)?;
+        let (gamma, beta) = fused.weight_and_bias().map(|(g, b)| (f64s(g), f64s(b))).unwrap();
+        let (mm, ms) = (f64s(fused.moving_mean()), f64s(fused.moving_std()));
+        let (xs, ws) = (f64s(&x), f64s(&w));
+        let y = reference::renorm_eval(&g, &xs, &mm, &ms, &gamma, &beta);
+        let var: Vec<f64> = ms.iter().map(|s| s * s).collect();
+        let (dx, dgamma, dbeta) = reference::frozen_backward(&g, &xs, &ws, &mm, &var, &gamma, 0.0);
+        let want = reference_outputs(&y, &dx, &dgamma, &dbeta, shape);
+        let got_fused = forward_backward(|x| fused.forward_t(x, false), fused.weight_and_bias(), &x, &w)?;
+        let got_composed = forward_backward(|x| composed.forward_t(x, false), composed.weight_and_bias(), &x, &w)?;
+        check_paths(
+            &format!("eval {shape:?} {dtype:?}"),
+            &got_fused,
+            &got_composed,
+            &want,
+            dtype,
+            g.per_channel(),
+        );
+        assert_bits("eval_mode", &fused.eval_mode().forward(&x)?, &got_fused[0]);
+        assert_eq!(fused.steps(), 0, "inference takes no step");
+        // Without γ and β.
+        let bare = BatchRenormConfig {
+            affine: false,
+            ..config(schedule())
+        };
+        let (bn, _) = layer(c, dtype, bare, seed)?;
+        let y = reference::renorm_eval(&g, &xs, &mm, &ms, &vec![1.0; c], &vec![0.0; c]);
+        let tol = tol_fused(dtype, 1);
+        assert_close(
+            "eval without affine",
+            &bn.forward_t(&x, false)?,
+            &from_f64s(&y, shape),
+            tol,
+        );
+        let dx_bare = forward_backward(|x| bn.forward_t(x, false), None, &x, &w)?.remove(1);
+        let (dx, _, _) = reference::frozen_backward(&g, &xs, &ws, &mm, &var, &vec![1.0; c], 0.0);
+        assert_close("dx without affine", &dx_bare, &from_f64s(&dx, shape), tol);
+        Ok(())
+    })
 }
 
 /// The step counter: advanced by each training forward (not by inference), shared by clones,

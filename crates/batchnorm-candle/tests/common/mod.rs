@@ -20,8 +20,9 @@
 //! m − 1, a missing term, a wrong group) errs by 1/m or more: orders of magnitude above these.
 #![allow(dead_code)]
 
+use batchnorm::{Grads, Layout, View};
 use batchnorm_candle::BatchNormConfig;
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, ModuleT, Result, Tensor, Var, WithDType};
 use candle_nn::{VarBuilder, VarMap};
 
 /// f64 unit roundoff.
@@ -246,4 +247,116 @@ pub fn reference_outputs(y: &[f64], dx: &[f64], dgamma: &[f64], dbeta: &[f64], s
         from_f64s(dgamma, &c),
         from_f64s(dbeta, &c),
     ]
+}
+
+/// Checks two per-channel statistics of each path's layer after a step (e.g. the running mean and
+/// variance, in that order in `fused`, `composed` and `want`) against the `f64` reference, each
+/// within its path's tolerance for sums over `m` values per channel.
+#[track_caller]
+pub fn check_stats(what: &str, fused: [&Tensor; 2], composed: [&Tensor; 2], want: [&[f64]; 2], dtype: DType, m: usize) {
+    for k in 0..2 {
+        let w = from_f64s(want[k], &[want[k].len()]);
+        assert_close(
+            &format!("{what} fused statistic {k}"),
+            fused[k],
+            &w,
+            tol_fused(dtype, m),
+        );
+        assert_close(
+            &format!("{what} composed statistic {k}"),
+            composed[k],
+            &w,
+            tol_composed(dtype, m),
+        );
+    }
+}
+
+/// The running mean and variance of a layer.
+pub fn running(bn: &batchnorm_candle::BatchNorm) -> [&Tensor; 2] {
+    [bn.running_mean(), bn.running_var()]
+}
+
+/// One training step of a kernel-crate layer on `x` (channels first) with upstream gradient `w`,
+/// as [`forward_backward`]'s `[y, dx, dγ, dβ]`: `step` runs the layer's forward and backward on
+/// the buffers it is given (x, dy, y, grads).
+pub fn kernel_step<T: batchnorm::Element + WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    step: impl FnOnce(View<'_, T>, &[T], &mut [T], Grads<'_, T>),
+) -> Result<Vec<Tensor>> {
+    let (shape, dev) = (x.dims(), x.device());
+    let (n, c) = (x.elem_count(), shape[1]);
+    let (xs, dy) = (x.flatten_all()?.to_vec1::<T>()?, w.flatten_all()?.to_vec1::<T>()?);
+    let (mut y, mut dx) = (vec![T::default(); n], vec![T::default(); n]);
+    let (mut dgamma, mut dbeta) = (vec![T::default(); c], vec![T::default(); c]);
+    let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+    step(View::new(&xs, shape, Layout::ChannelsFirst), &dy, &mut y, grads);
+    Ok(vec![
+        Tensor::from_vec(y, shape, dev)?,
+        Tensor::from_vec(dx, shape, dev)?,
+        Tensor::from_vec(dgamma, c, dev)?,
+        Tensor::from_vec(dbeta, c, dev)?,
+    ])
+}
+
+/// Asserts that [`forward_backward`]'s results `got` hold the bits of `want`'s.
+#[track_caller]
+pub fn assert_outputs_bits(what: &str, got: &[Tensor], want: &[Tensor]) {
+    assert_eq!(got.len(), want.len(), "{what}: outputs");
+    for (k, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_bits(&format!("{what} {}", OUTPUTS[k]), a, b);
+    }
+}
+
+/// Runs `case(dtype, case, seed)` for `f32` and `f64` and each of `cases` (a shape, or a shape
+/// with settings), case i with the seed `seed0 + 10·i`.
+pub fn for_cases<C: Copy>(cases: &[C], seed0: u64, mut case: impl FnMut(DType, C, u64) -> Result<()>) -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        for (i, &c) in cases.iter().enumerate() {
+            case(dtype, c, seed0 + 10 * i as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs three training steps of our layer `ours` (`forward_t(x, true)`, with its γ and β
+/// `params`) and of a kernel-crate layer on the same data (x in [−1, 3) and the upstream gradient
+/// in [−1, 1) of `shape` in `T`, seeds from `seed`), and asserts the same bits for y, dx, dγ, dβ
+/// and for the statistics after each step: `kernel` runs the kernel layer's forward and backward
+/// on the buffers given and returns its statistics, `stats` returns ours, in the same order.
+pub fn assert_steps_match_kernel<T: batchnorm::Element + WithDType>(
+    ours: &dyn ModuleT,
+    params: Option<(&Tensor, &Tensor)>,
+    stats: impl Fn() -> Vec<Tensor>,
+    shape: &[usize],
+    seed: u64,
+    mut kernel: impl FnMut(View<'_, T>, &[T], &mut [T], Grads<'_, T>) -> Vec<Vec<T>>,
+) -> Result<()> {
+    for step in 0..3 {
+        let x = tensor(seed + 5 + step, shape, -1.0, 3.0, T::DTYPE)?;
+        let w = tensor(seed + 7 + step, shape, -1.0, 1.0, T::DTYPE)?;
+        let got = forward_backward(|x| ours.forward_t(x, true), params, &x, &w)?;
+        let mut kernel_stats = Vec::new();
+        let want = kernel_step::<T>(&x, &w, |x, dy, y, grads| kernel_stats = kernel(x, dy, y, grads))?;
+        let what = format!("{shape:?} {:?} step {step}", T::DTYPE);
+        assert_outputs_bits(&what, &got, &want);
+        for (k, (a, b)) in stats().iter().zip(kernel_stats).enumerate() {
+            assert_bits(
+                &format!("{what} statistic {k}"),
+                a,
+                &Tensor::new(b.as_slice(), x.device())?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Per-channel tensors as vectors of `T` (to copy a layer's parameters into a kernel-crate layer).
+pub fn vecs<T: WithDType, const N: usize>(tensors: [&Tensor; N]) -> Result<[Vec<T>; N]> {
+    let mut out = Vec::with_capacity(N);
+    for t in tensors {
+        out.push(t.to_vec1::<T>()?);
+    }
+    out.try_into()
+        .map_err(|_| candle_core::Error::Msg("one vector per tensor".into()))
 }
