@@ -6,7 +6,7 @@
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::{accelerate, paper_mlp};
+use bnlab::experiments::{accelerate, paper_mlp, small_batch};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -23,14 +23,18 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) on the benchmark shapes.
+    /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) and their variants on the
+    /// benchmark shapes.
     Bench(BenchArgs),
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
     PaperMlp(ExperimentArgs<PaperMlpFlags>),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
     Accelerate(ExperimentArgs<AccelerateFlags>),
-    /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
-    /// layers before it.
+    /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
+    /// no BN at batch sizes 2 to 64, the same examples seen.
+    SmallBatch(ExperimentArgs<SmallBatchFlags>),
+    /// Test accuracy of a checkpoint (paper-mlp, accelerate or small-batch), optionally with BN
+    /// folded into the layers before it.
     Eval(EvalArgs),
 }
 
@@ -127,10 +131,44 @@ pub struct AccelerateFlags {
     pub quick: bool,
 }
 
+/// The flags only `small-batch` has. `--steps`, `--eval-every`, `--population-batches` and
+/// `--lr` count at the reference batch `--batch`: a variant with batch B takes `--batch`/B times
+/// as many steps at B/`--batch` times the rate.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct SmallBatchFlags {
+    /// Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16,
+    /// frozen, no-bn; e.g. bn-b2, ghost4-b64; default: all 23).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Option<Vec<small_batch::Variant>>,
+    /// How mini-batches are drawn: shuffled epochs, or each batch from --classes-per-batch classes.
+    #[arg(long, value_enum, default_value_t = small_batch::BatchMode::Iid)]
+    pub batches: small_batch::BatchMode,
+    /// Classes per mini-batch with --batches grouped.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub classes_per_batch: u32,
+    /// Reference steps over which the learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Reference steps of plain BN before the frozen variants freeze (default: steps / 4).
+    #[arg(long)]
+    pub freeze_after: Option<u64>,
+    /// Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick).
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// Width of the hidden linear layer (default 100; 16 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub hidden: Option<u32>,
+    /// A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16
+    /// hidden), 2 population batches (each can still be set by its flag).
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint written by `bnlab paper-mlp` or `bnlab accelerate`
+    /// A checkpoint written by `bnlab paper-mlp`, `accelerate` or `small-batch`
     /// (OUT/checkpoints/<variant>.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -170,12 +208,21 @@ pub struct BenchArgs {
     /// the time it was descheduled, for A/B comparisons on a busy machine. Needs --threads 1.
     #[arg(long)]
     pub cpu_time: bool,
+    /// Batch-norm variants to time, comma-separated or repeated (bn: fwd_train, fwd_eval,
+    /// backward; frozen and renorm: fwd_train, backward). Default: all, each case's variants one
+    /// after the other in the same run.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub variant: Vec<bnlab::bench::Variant>,
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`] and `--quick`'s presets).
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
+/// presets).
 pub fn command() -> clap::Command {
-    let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
+    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the
+    // presets apply when its value is `true`.
+    let quick =
+        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
@@ -184,6 +231,14 @@ pub fn command() -> clap::Command {
                 .mut_arg("eval_every", |a| quick(a, accelerate::quick::EVAL_EVERY.to_string()))
                 .mut_arg("population_batches", |a| {
                     quick(a, accelerate::quick::POPULATION_BATCHES.to_string())
+                })
+        })
+        .mut_subcommand("small-batch", |c| {
+            with_defaults(c, &small_batch::DEFAULTS)
+                .mut_arg("steps", |a| quick(a, small_batch::quick::STEPS.to_string()))
+                .mut_arg("eval_every", |a| quick(a, small_batch::quick::EVAL_EVERY.to_string()))
+                .mut_arg("population_batches", |a| {
+                    quick(a, small_batch::quick::POPULATION_BATCHES.to_string())
                 })
         })
 }
@@ -201,4 +256,37 @@ fn with_defaults(c: clap::Command, d: &Defaults) -> clap::Command {
 pub fn parse() -> Result<Cli, clap::Error> {
     let matches = command().try_get_matches()?;
     Cli::from_arg_matches(&matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The common settings `args` parse to.
+    fn settings(args: &[&str]) -> CommonSettings {
+        let matches = command().try_get_matches_from(args).unwrap();
+        match Cli::from_arg_matches(&matches).unwrap().command {
+            Command::PaperMlp(a) => a.settings,
+            Command::Accelerate(a) => a.settings,
+            Command::SmallBatch(a) => a.settings,
+            other => panic!("not a training command: {other:?}"),
+        }
+    }
+
+    /// Each experiment's defaults apply without `--quick`, its presets with it, and a flag given
+    /// wins over both.
+    #[test]
+    fn defaults_and_quick_presets() {
+        let steps = |args: &[&str]| settings(args).steps;
+        assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
+        assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::quick::STEPS);
+        let s = settings(&["bnlab", "small-batch"]);
+        assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
+        let s = settings(&["bnlab", "accelerate", "--quick"]);
+        assert_eq!((s.eval_every, s.population_batches), (40, 5));
+    }
 }

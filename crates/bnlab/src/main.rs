@@ -10,7 +10,11 @@ use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, Var
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
-use cli::{AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, VariantChoice};
+use bnlab::experiments::small_batch::{self, SmallBatch};
+use cli::{
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags,
+    VariantChoice,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +63,7 @@ fn main() {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
         Command::Accelerate(args) => run_accelerate(&args),
+        Command::SmallBatch(args) => run_small_batch(&args),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -94,6 +99,10 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
+    let variants: Vec<bench::Variant> = bench::Variant::ALL
+        .into_iter()
+        .filter(|v| args.variant.is_empty() || args.variant.contains(v))
+        .collect();
     let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
@@ -104,26 +113,29 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
-                "layout", "shape", "op", "ms", "GB/s", "of copy"
+                "{:<7} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
+                "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
         for case in cases {
-            for r in bench::run_case(&case, min_time, clock)? {
-                if args.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    let shape = format!("{:?}", r.shape);
-                    let pct = 100.0 * r.gbps() / copy;
-                    println!(
-                        "{:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
-                        r.layout,
-                        shape,
-                        r.op,
-                        r.ms,
-                        r.gbps(),
-                        pct
-                    );
+            for &variant in &variants {
+                for r in bench::run_case(&case, variant, min_time, clock)? {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&r)?);
+                    } else {
+                        let shape = format!("{:?}", r.shape);
+                        let pct = 100.0 * r.gbps() / copy;
+                        println!(
+                            "{:<7} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
+                            r.variant,
+                            r.layout,
+                            shape,
+                            r.op,
+                            r.ms,
+                            r.gbps(),
+                            pct
+                        );
+                    }
                 }
             }
         }
@@ -290,6 +302,49 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
         })
     };
     let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
+        return Ok(());
+    };
+    if let Some(table) = &f.report {
+        print!("{}", table.markdown());
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
+fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
+    let fresh = |out| {
+        let flags = &args.experiment;
+        let common = driver::CommonSettings {
+            out,
+            ..args.settings.clone()
+        };
+        let mut s = small_batch::Settings::new(PathBuf::new());
+        if flags.quick {
+            s = s.quick();
+        }
+        let e = &mut s.experiment;
+        if let Some(v) = &flags.variants {
+            e.variants = v.clone();
+        }
+        e.batches = flags.batches;
+        e.classes_per_batch = flags.classes_per_batch as usize;
+        e.half_life = flags.half_life.unwrap_or(small_batch::default_half_life(common.steps));
+        e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
+        if let Some(c) = &flags.channels {
+            let [c1, c2] = c[..] else {
+                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+            };
+            e.channels = [c1 as usize, c2 as usize];
+        }
+        if let Some(h) = flags.hidden {
+            e.hidden = h as usize;
+        }
+        Ok(small_batch::Settings {
+            common,
+            experiment: s.experiment,
+        })
+    };
+    let Some(f) = train_experiment(&SmallBatch, &args.run, fresh)? else {
         return Ok(());
     };
     if let Some(table) = &f.report {

@@ -166,6 +166,140 @@ impl EpochShuffler {
     }
 }
 
+/// Which examples make up the batch of each global training step. The batch of a step must
+/// depend on the step alone (and on what the order was built from), never on the steps asked for
+/// before it: a resumed run asks from its checkpoint's step on and must get the same batches.
+pub trait BatchOrder: Send {
+    /// The example indices of global training step `step` (0-based).
+    fn batch_indices(&mut self, step: u64) -> &[usize];
+}
+
+impl BatchOrder for EpochShuffler {
+    fn batch_indices(&mut self, step: u64) -> &[usize] {
+        EpochShuffler::batch_indices(self, step)
+    }
+}
+
+/// Why a [`ClassGroupedBatches`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupedBatchError {
+    /// The batch size or the classes per batch is zero.
+    #[error("batch size and classes per batch must be at least 1")]
+    Zero,
+    /// Fewer classes have enough examples than a batch draws from.
+    #[error(
+        "a batch of {batch} from {classes_per_batch} classes needs {classes_per_batch} classes with at least {per_class} \
+         examples each; the data has {usable}"
+    )]
+    TooFewClasses {
+        /// The batch size.
+        batch: usize,
+        /// Classes per batch.
+        classes_per_batch: usize,
+        /// Examples the batch takes from one class (at most).
+        per_class: usize,
+        /// Classes with at least that many examples.
+        usable: usize,
+    },
+}
+
+/// Non-i.i.d. batches, as in the non-i.i.d. experiment of Ioffe (2017, Batch Renormalization,
+/// Section 4.3), where each batch drew pairs of examples of the same label: every batch holds
+/// examples of `k = min(classes_per_batch, batch)` classes only. For global step `s`, a
+/// [`ChaCha8Rng`] keyed by `(seed, s)` chooses `k` distinct classes uniformly among those with
+/// enough examples, then `batch / k` distinct examples of each uniformly within its class (the
+/// first `batch % k` chosen classes give one more), then shuffles the batch (so consecutive
+/// examples are not grouped by class). The batch of a step depends on `(seed, s)` alone.
+///
+/// ```
+/// use bnlab::data::batches::{BatchOrder, ClassGroupedBatches};
+/// let labels = [0u8, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2];
+/// let mut order = ClassGroupedBatches::new(&labels, 4, 2, 7).unwrap();
+/// let batch = order.batch_indices(3).to_vec();
+/// let mut classes: Vec<u8> = batch.iter().map(|&i| labels[i]).collect();
+/// classes.sort();
+/// classes.dedup();
+/// assert_eq!((batch.len(), classes.len()), (4, 2));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClassGroupedBatches {
+    /// Example indices of each class with enough examples.
+    by_class: Vec<Vec<usize>>,
+    batch: usize,
+    classes_per_batch: usize,
+    seed: u64,
+    indices: Vec<usize>,
+}
+
+impl ClassGroupedBatches {
+    /// Batches of `batch` examples from `classes_per_batch` classes of `labels` (one per example),
+    /// drawn from `seed`. Rejects a zero batch or class count and data with fewer than
+    /// `min(classes_per_batch, batch)` classes holding `ceil(batch / k)` examples.
+    pub fn new(labels: &[u8], batch: usize, classes_per_batch: usize, seed: u64) -> Result<Self, GroupedBatchError> {
+        if batch == 0 || classes_per_batch == 0 {
+            return Err(GroupedBatchError::Zero);
+        }
+        let k = classes_per_batch.min(batch);
+        let per_class = batch.div_ceil(k);
+        let mut by_class = vec![Vec::new(); 256];
+        for (i, &l) in labels.iter().enumerate() {
+            by_class[l as usize].push(i);
+        }
+        by_class.retain(|c| c.len() >= per_class);
+        if by_class.len() < k {
+            return Err(GroupedBatchError::TooFewClasses {
+                batch,
+                classes_per_batch: k,
+                per_class,
+                usable: by_class.len(),
+            });
+        }
+        Ok(ClassGroupedBatches {
+            by_class,
+            batch,
+            classes_per_batch: k,
+            seed,
+            indices: Vec::with_capacity(batch),
+        })
+    }
+}
+
+/// `n` distinct values of `0..len` (`n ≤ len`), by Floyd's algorithm with [`below`].
+fn distinct_below(rng: &mut ChaCha8Rng, len: usize, n: usize, out: &mut Vec<usize>) {
+    let start = out.len();
+    for j in len - n..len {
+        let t = below(rng, j as u64 + 1) as usize;
+        let pick = if out[start..].contains(&t) { j } else { t };
+        out.push(pick);
+    }
+}
+
+impl BatchOrder for ClassGroupedBatches {
+    fn batch_indices(&mut self, step: u64) -> &[usize] {
+        let mut key = epoch_key(self.seed, step);
+        key[16..].copy_from_slice(b"bnlab-cls-groups");
+        let mut rng = ChaCha8Rng::from_seed(key);
+        let k = self.classes_per_batch;
+        let mut classes = Vec::with_capacity(k);
+        distinct_below(&mut rng, self.by_class.len(), k, &mut classes);
+        self.indices.clear();
+        for (j, &c) in classes.iter().enumerate() {
+            let n = self.batch / k + usize::from(j < self.batch % k);
+            let first = self.indices.len();
+            distinct_below(&mut rng, self.by_class[c].len(), n, &mut self.indices);
+            for i in &mut self.indices[first..] {
+                *i = self.by_class[c][*i];
+            }
+        }
+        for i in (1..self.indices.len()).rev() {
+            let j = below(&mut rng, i as u64 + 1) as usize;
+            self.indices.swap(i, j);
+        }
+        &self.indices
+    }
+}
+
 /// Copies the examples `indices` of `ds` into flat buffers: `x` gets their pixels as `f32`
 /// ([`pixel_value`](super::idx::pixel_value) of each byte; `indices.len() × ds.features()`, row-major, in the order of
 /// `indices`), `y` their labels.

@@ -5,7 +5,7 @@
 use super::settings::{BnStats, CommonSettings};
 use crate::data::{gather, Dataset, EpochShuffler};
 use crate::engine::loss::argmax_rows;
-use crate::engine::{Mode, Sequential};
+use crate::engine::{Layer, Mode, Sequential, State};
 use crate::monitor::Monitor;
 use anyhow::Result;
 
@@ -38,21 +38,41 @@ impl Probe for Monitor {
 
 /// Test accuracy of `net` with inference-mode BN as the run `s` asks: with
 /// [`BnStats::Population`], every BN layer's statistics are first re-estimated over a fixed set of
-/// training batches ([`use_population_stats`]). `probe` is cleared, then sees the network after
-/// each inference chunk of [`EVAL_CHUNK`] test examples.
+/// training batches ([`use_population_stats`]), and put back afterwards (evaluation leaves the
+/// training state as it found it). `probe` is cleared, then sees the network after each inference
+/// chunk of [`EVAL_CHUNK`] test examples.
+///
+/// With `running_too` and [`BnStats::Population`] on a network with BN, also returns the test
+/// accuracy with the running statistics (evaluated first; the probe does not see it): the gap
+/// between the two is what the running averages lose against Algorithm 2.
 pub fn evaluate(
     s: &CommonSettings,
     net: &mut Sequential,
     train: &Dataset,
     test: &Dataset,
     probe: &mut impl Probe,
-) -> Result<f64> {
-    if s.bn_stats == BnStats::Population {
+    running_too: bool,
+) -> Result<(f64, Option<f64>)> {
+    let accuracy = |correct: usize| correct as f64 / test.len.max(1) as f64;
+    let population = s.bn_stats == BnStats::Population && !net.batchnorms().is_empty();
+    let running = match running_too && population {
+        true => Some(accuracy(count_correct(net, test, |_| {})?)),
+        false => None,
+    };
+    let kept: Option<Vec<Vec<State>>> = population.then(|| net.batchnorms().iter().map(|bn| bn.state()).collect());
+    if population {
         use_population_stats(s, net, train)?;
     }
     probe.clear();
     let correct = count_correct(net, test, |net| probe.record(net))?;
-    Ok(correct as f64 / test.len.max(1) as f64)
+    if let Some(kept) = kept {
+        for (bn, state) in net.batchnorms().into_iter().zip(kept) {
+            for State { name, value } in state {
+                bn.set_state(name, value)?;
+            }
+        }
+    }
+    Ok((accuracy(correct), running))
 }
 
 /// Algorithm 2: replaces every BN layer's running statistics by its population estimate over

@@ -56,6 +56,7 @@ impl std::error::Error for Cancelled {}
 /// created; with `out` = `None`, nothing is written: a data-parallel rank other than 0), then trains the variants named `names` with `train(index, run)`, which records
 /// its metrics lines through `run`, on `threads` threads (in lanes, see the module docs). With
 /// `kept` (a resumed run), `metrics.jsonl` already holds those lines and is appended to.
+/// `steps[i]` is the step count of variant `i` (its progress bar's length).
 ///
 /// Lines of variants trained side by side interleave while they run; at the end `metrics.jsonl`
 /// is rewritten in variant order, then step order. If a variant fails, the others stop and the
@@ -66,7 +67,7 @@ pub fn train_variants<M: MetricLine>(
     out: Option<&Path>,
     kept: Option<Vec<M>>,
     names: &[&'static str],
-    steps: u64,
+    steps: &[u64],
     threads: usize,
     quiet: bool,
     processes: usize,
@@ -89,8 +90,8 @@ pub fn train_variants<M: MetricLine>(
     // Every variant's bar from the start, kept until all are done (a bar dropped from the group
     // early takes its line with it).
     let group = MultiProgress::new();
-    let bars: Vec<Progress> = (names.iter())
-        .map(|name| Progress::in_group(&group, name, steps, quiet || out.is_none()))
+    let bars: Vec<Progress> = (names.iter().zip(steps))
+        .map(|(name, &steps)| Progress::in_group(&group, name, steps, quiet || out.is_none()))
         .collect();
     let cancel = AtomicBool::new(false);
     let train_one = |i: usize| {

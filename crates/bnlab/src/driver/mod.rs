@@ -35,7 +35,7 @@ pub use metrics::MetricLine;
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
 
-use crate::data::{self, Dataset};
+use crate::data::{self, BatchOrder, Dataset, EpochShuffler};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::{Sequential, Sgd};
 use crate::parallel::{self, DataParallel};
@@ -140,8 +140,11 @@ pub struct Built<P> {
 pub struct Evaluation {
     /// Training steps done.
     pub step: u64,
-    /// Test-set accuracy.
+    /// Test-set accuracy (with the statistics the run's `bn_stats` names).
     pub test_acc: f64,
+    /// Test-set accuracy with the running statistics, when the run evaluates with population
+    /// statistics and the experiment asks for both ([`Experiment::evaluate_running_too`]).
+    pub running_test_acc: Option<f64>,
     /// Mean training loss over the steps since the previous evaluation.
     pub train_loss: f64,
 }
@@ -187,6 +190,34 @@ pub trait Experiment: Sync {
         data: &Data,
         rank: usize,
     ) -> Result<Built<Self::Probe>>;
+
+    /// The common settings `variant` trains with: the run's own by default. An experiment whose
+    /// variants differ in batch size, step count or evaluation schedule (e.g. the same number of
+    /// examples seen at every batch size) returns each variant's here; the driver trains,
+    /// evaluates (population statistics over batches of the variant's size), checkpoints and
+    /// resumes each variant by its own. The settings must pass [`CommonSettings::check`].
+    fn variant_settings(&self, s: &Settings<Self::Settings>, _variant: Self::Variant) -> CommonSettings {
+        s.common.clone()
+    }
+
+    /// The batches `variant` trains on, with `c` its settings ([`Experiment::variant_settings`]):
+    /// by default an [`EpochShuffler`] over the training set in batches of `c.batch`, drawn from
+    /// `c.seed`.
+    fn batch_order(
+        &self,
+        _s: &Settings<Self::Settings>,
+        c: &CommonSettings,
+        _variant: Self::Variant,
+        data: &Data,
+    ) -> Result<Box<dyn BatchOrder>> {
+        Ok(Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?))
+    }
+
+    /// Whether evaluations with population statistics also measure the accuracy with the running
+    /// statistics ([`Evaluation::running_test_acc`]). No by default.
+    fn evaluate_running_too(&self, _s: &Settings<Self::Settings>) -> bool {
+        false
+    }
 
     /// The optimizer of `variant`.
     fn optimizer(&self, s: &Settings<Self::Settings>, variant: Self::Variant) -> Sgd;
@@ -364,10 +395,12 @@ pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts
         (true, None) => bail!("the run's settings.json does not record its data (data_identity)"),
     }
     check_memory(experiment, &s, &data, variants.len())?;
-    ensure!(
-        data.train.len >= s.common.batch,
-        "the training set has fewer examples than one batch"
-    );
+    for &v in &variants {
+        ensure!(
+            data.train.len >= experiment.variant_settings(&s, v).batch,
+            "the training set has fewer examples than one batch"
+        );
+    }
     // The networks must fit the images before anything is written.
     experiment.build(&s, variants[0], &data, 0)?;
     // Rank 0 writes the directory, and holds it until the run ends.
@@ -407,7 +440,14 @@ pub fn check_settings<E: Experiment>(experiment: &E, s: &Settings<E::Settings>) 
         (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
         "--variants lists a variant twice"
     );
-    parallel::check_split(s.common.batch, s.common.processes, s.common.bn_sync)?;
+    for &v in &variants {
+        let c = experiment.variant_settings(s, v);
+        if c != s.common {
+            c.check()
+                .with_context(|| format!("the settings of variant `{}`", v.name()))?;
+        }
+        parallel::check_split(c.batch, s.common.processes, c.bn_sync)?;
+    }
     Ok(variants)
 }
 
@@ -457,11 +497,15 @@ fn execute<E: Experiment>(
     let names: Vec<&'static str> = variants.iter().map(|v| v.name()).collect();
     let begun = resume::begin_run::<E::Metric>(s, E::NAME, &names, opts.start == Start::Resume, comm)?;
     let out = root.then_some(s.common.out.as_path());
+    let steps: Vec<u64> = variants
+        .iter()
+        .map(|&v| experiment.variant_settings(s, v).steps)
+        .collect();
     let (metrics, summaries) = lanes::train_variants(
         out,
         begun.kept,
         &names,
-        s.common.steps,
+        &steps,
         s.common.threads,
         opts.quiet,
         comm.size(),

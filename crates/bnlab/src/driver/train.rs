@@ -6,7 +6,7 @@ use super::lanes::VariantRun;
 use super::resume::restore_start;
 use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
 use crate::atomic::write_atomic;
-use crate::data::{gather, Dataset, EpochShuffler};
+use crate::data::{gather, BatchOrder, Dataset};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError, CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use crate::parallel::{self, DataParallel};
@@ -39,21 +39,21 @@ impl StepBuffers {
     }
 }
 
-/// One SGD step on the batch of `step` from `shuffler`: forward in [`Mode::Train`], softmax
+/// One SGD step on the batch of `step` from `order`: forward in [`Mode::Train`], softmax
 /// cross-entropy, backward, update with learning rate `lr`. Returns the batch loss; when it is not
 /// finite, nothing is updated (the caller decides what divergence means).
 pub fn train_step(
     net: &mut Sequential,
     sgd: &mut Sgd,
     train: &Dataset,
-    shuffler: &mut EpochShuffler,
+    order: &mut dyn BatchOrder,
     step: u64,
     lr: f32,
     buf: &mut StepBuffers,
 ) -> Result<f32> {
     let batch = buf.y.len();
     let classes = net.output_size();
-    gather(train, shuffler.batch_indices(step), &mut buf.x, &mut buf.y);
+    gather(train, order.batch_indices(step), &mut buf.x, &mut buf.y);
     let logits = net.forward(&buf.x, batch, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     if !loss.is_finite() {
@@ -81,17 +81,17 @@ pub fn train_step_parallel(
     net: &mut Sequential,
     sgd: &mut Sgd,
     train: &Dataset,
-    shuffler: &mut EpochShuffler,
+    order: &mut dyn BatchOrder,
     step: u64,
     lr: f32,
     buf: &mut StepBuffers,
     dp: &mut DataParallel,
 ) -> Result<f32> {
     if dp.size() == 1 {
-        return train_step(net, sgd, train, shuffler, step, lr, buf);
+        return train_step(net, sgd, train, order, step, lr, buf);
     }
     let classes = net.output_size();
-    let indices = shuffler.batch_indices(step);
+    let indices = order.batch_indices(step);
     let global = indices.len();
     let shard = parallel::shard(global, dp.rank(), dp.size());
     let local = shard.len();
@@ -250,9 +250,10 @@ impl Timing {
     }
 }
 
-/// Trains `variant` of `experiment` from its checkpoint `start` (or from scratch) to
-/// `s.common.steps`, as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics
-/// lines through `run`.
+/// Trains `variant` of `experiment` from its checkpoint `start` (or from scratch) to the steps of
+/// its settings ([`Experiment::variant_settings`]: batch size, steps, evaluation and checkpoint
+/// schedule), as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics lines
+/// through `run`. Its batches are [`Experiment::batch_order`]'s.
 ///
 /// After every `eval_every` steps and after the last: with several ranks, the replicas are checked
 /// to be identical; rank 0 evaluates and records the experiment's metrics line. After every
@@ -268,7 +269,7 @@ pub fn train_variant<E: Experiment>(
     dp: &mut DataParallel,
     run: &VariantRun<E::Metric>,
 ) -> Result<VariantSummary> {
-    let c = &s.common;
+    let c = &experiment.variant_settings(s, variant);
     let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
     let name = variant.name();
     let built = experiment.build(s, variant, data, dp.rank())?;
@@ -279,7 +280,7 @@ pub fn train_variant<E: Experiment>(
             .for_each(|bn| bn.synchronize(Some(dp.comm())));
     }
     dp.take_traffic();
-    let mut shuffler = EpochShuffler::new(data.train.len, c.batch, c.seed)?;
+    let mut order = experiment.batch_order(s, c, variant, data)?;
     let mut sgd = experiment.optimizer(s, variant);
     let ckpt_path = checkpoint_path(&c.out, name);
     let mut counters = match start {
@@ -309,7 +310,7 @@ pub fn train_variant<E: Experiment>(
         run.check()?;
         let t = Instant::now();
         let lr = experiment.lr(s, variant, step) as f32;
-        let loss = train_step_parallel(&mut net, &mut sgd, &data.train, &mut shuffler, step, lr, &mut buf, dp)?;
+        let loss = train_step_parallel(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
         counters.train_secs += t.elapsed().as_secs_f64();
         counters.steps = step + 1;
         progress.step(step + 1);
@@ -336,10 +337,13 @@ pub fn train_variant<E: Experiment>(
                 dp.check_replicas(&mut net, running, step + 1)?;
             }
             if root {
-                let test_acc = evaluate(c, &mut net, &data.train, &data.test, &mut probe)?;
+                let running_too = experiment.evaluate_running_too(s);
+                let (test_acc, running_test_acc) =
+                    evaluate(c, &mut net, &data.train, &data.test, &mut probe, running_too)?;
                 let eval = Evaluation {
                     step: step + 1,
                     test_acc,
+                    running_test_acc,
                     train_loss: counters.loss_sum / counters.loss_n as f64,
                 };
                 let rate = (step + 1) as f64 / counters.train_secs.max(1e-9);

@@ -1,16 +1,9 @@
 //! The paper's "accelerating BN networks" study (Section 4.2, Figure 3) at the scale of a small conv
 //! net on Fashion-MNIST.
 //!
-//! ```text
-//! The network (per example; C1, C2 = `channels`, H = `hidden`; [·] = only in some variants):
-//!   x [1, 28, 28]
-//!   conv 5×5 pad 2 → [C1, 28, 28] → [BN] → ReLU|sigmoid → maxpool 2×2/2 → [C1, 14, 14] → [LRN]
-//!   conv 5×5 pad 2 → [C2, 14, 14] → [BN] → ReLU|sigmoid → maxpool 2×2/2 → [C2, 7, 7]   → [LRN]
-//!   flatten (a no-op: the engine's buffers are already [batch, C2·7·7], NCHW per example)
-//!   [dropout 0.5] → linear C2·49 → H → [BN] → ReLU|sigmoid → [dropout 0.5] → linear H → 10
-//! ```
-//! Layers followed by BN have no bias (BN's β replaces it). Conv weights are He-initialised,
-//! linear weights from N(0, 2/fan_in); every variant starts from the same weights (same seed).
+//! The network is [`ConvNet`] (two conv 5×5 blocks with max-pooling, a hidden linear layer and a
+//! linear head), with batch norm after each conv and the hidden linear layer in the BN variants.
+//! Every variant starts from the same weights (same seed).
 //! Training: SGD with momentum 0.9, softmax cross-entropy, batches of 64, and an exponentially
 //! decaying learning rate `lr · 0.5^(step · speedup / half_life)`.
 //!
@@ -42,18 +35,14 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
+use super::convnet::ConvNet;
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
-use crate::engine::{
-    BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, LrSchedule, Lrn, MaxPool2d, Relu, Sequential, Sgd,
-    Sigmoid, StateValue,
-};
+use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
 use crate::report::{self, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -235,6 +224,18 @@ impl Settings {
         self
     }
 
+    /// The conv net of `variant`.
+    pub fn conv_net(&self, variant: Variant) -> ConvNet {
+        let r = variant.recipe();
+        ConvNet {
+            channels: self.experiment.channels,
+            hidden: self.experiment.hidden,
+            sigmoid: r.sigmoid,
+            dropout: r.dropout.then_some(self.experiment.dropout),
+            lrn: r.lrn,
+        }
+    }
+
     /// The learning-rate schedule of `variant`.
     pub fn schedule(&self, variant: Variant) -> LrSchedule {
         LrSchedule::Exponential {
@@ -287,64 +288,17 @@ pub fn build_for_rank(
     classes: usize,
     rank: usize,
 ) -> Result<Sequential> {
-    let r = variant.recipe();
-    let (common, own) = (&s.common, &s.experiment);
-    let mut rng = ChaCha8Rng::seed_from_u64(common.seed);
-    let mut layers: Vec<Box<dyn Layer>> = Vec::new();
-    let act = |size: usize| -> Box<dyn Layer> {
-        if r.sigmoid {
-            Box::new(Sigmoid { size })
-        } else {
-            Box::new(Relu { size })
-        }
-    };
-    let (mut c, mut h, mut w) = (1usize, rows, cols);
-    for (i, &out_c) in own.channels.iter().enumerate() {
-        let conv = Conv2d::new(c, out_c, h, w, (5, 5), 1, 2, !r.bn, ConvInit::He, &mut rng)?;
-        (h, w) = conv.out_hw;
-        layers.push(Box::new(conv));
-        if r.bn {
-            layers.push(Box::new(BatchNormLayer::new(out_c, h * w, common.bn_config())?));
-        }
-        layers.push(act(out_c * h * w));
-        let pool = MaxPool2d::new(out_c, h, w, 2, 2)
-            .map_err(|e| anyhow::anyhow!("{rows}×{cols} images are too small for conv block {}: {e}", i + 1))?;
-        (h, w) = pool.out_hw;
-        layers.push(Box::new(pool));
-        if r.lrn {
-            layers.push(Box::new(Lrn::alexnet(out_c, h * w)));
-        }
-        c = out_c;
-    }
-    // Flatten: nothing to do, the buffer is [batch, c·h·w] already.
-    let features = c * h * w;
+    let common = &s.common;
+    let norm = |channels: usize, spatial: usize| BatchNormLayer::new(channels, spatial, common.bn_config());
     let dropout_seed = |k: u64| common.seed ^ (0x000d_5090_u64 + k) ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    if r.dropout {
-        layers.push(Box::new(Dropout::new(features, own.dropout, dropout_seed(1))?));
-    }
-    let he = |fan_in: usize| (2.0 / fan_in as f32).sqrt();
-    layers.push(Box::new(Linear::new(
-        features,
-        own.hidden,
-        !r.bn,
-        he(features),
-        &mut rng,
-    )));
-    if r.bn {
-        layers.push(Box::new(BatchNormLayer::new(own.hidden, 1, common.bn_config())?));
-    }
-    layers.push(act(own.hidden));
-    if r.dropout {
-        layers.push(Box::new(Dropout::new(own.hidden, own.dropout, dropout_seed(2))?));
-    }
-    layers.push(Box::new(Linear::new(
-        own.hidden,
+    s.conv_net(variant).build(
+        rows,
+        cols,
         classes,
-        true,
-        he(own.hidden),
-        &mut rng,
-    )));
-    Sequential::new(layers)
+        common.seed,
+        variant.recipe().bn.then_some(&norm),
+        dropout_seed,
+    )
 }
 
 /// One line of `metrics.jsonl`.
@@ -518,24 +472,23 @@ impl Experiment for Accelerate {
         s.experiment.check()
     }
 
-    /// The weights with their gradients, momentum and all-reduce buffer; every layer's output
-    /// for an evaluation chunk and, with its gradient, for a training batch; and the
-    /// convolutions' unfolded inputs (im2col) for either (f32).
+    /// The largest of the variants' nets ([`ConvNet::memory_estimate`]).
     fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
-        let (c1, c2) = (s.experiment.channels[0] as u64, s.experiment.channels[1] as u64);
-        let (hidden, classes) = (s.experiment.hidden as u64, data.classes as u64);
-        let hw = (data.train.rows * data.train.cols) as u64;
-        let features = c2 * (hw / 16);
-        let params = 25 * c1 + 25 * c1 * c2 + features * hidden + hidden * classes + 4 * (c1 + c2 + hidden) + classes;
-        // conv, BN, activation at full size, pool and LRN at a quarter, per block; then the head.
-        let outputs =
-            3 * c1 * hw + 2 * c1 * (hw / 4) + 3 * c2 * (hw / 4) + 2 * c2 * (hw / 16) + features + 4 * hidden + classes;
-        let unfolded = 25 * hw + 25 * c1 * (hw / 4);
-        let batch = s.common.batch as u64;
-        let eval = driver::EVAL_CHUNK as u64;
-        let floats = 4 * params + batch * (2 * outputs + unfolded) + eval * (outputs + unfolded);
+        let bytes = (s.experiment.variants.iter())
+            .map(|&v| {
+                let net = s.conv_net(v);
+                net.memory_estimate(
+                    data.train.rows,
+                    data.train.cols,
+                    data.classes,
+                    s.common.batch,
+                    driver::EVAL_CHUNK,
+                )
+            })
+            .max()
+            .unwrap_or(0);
         (
-            4 * floats,
+            bytes,
             "--channels, --hidden or --batch (or --threads: fewer variants at once)",
         )
     }

@@ -1,8 +1,10 @@
-//! `bnlab eval`: test accuracy of a checkpoint of either experiment (`paper-mlp`, `accelerate`),
-//! optionally with batch norm folded into the linear layers and convolutions before it.
+//! `bnlab eval`: test accuracy of a checkpoint of any experiment (`paper-mlp`, `accelerate`,
+//! `small-batch`), optionally with batch norm folded into the linear layers and convolutions
+//! before it.
 
 use super::accelerate::Accelerate;
 use super::paper_mlp::PaperMlp;
+use super::small_batch::SmallBatch;
 use crate::driver::evaluate::{count_correct, use_population_stats};
 use crate::driver::{self, BnStats, Data, Experiment, Settings, Variant};
 use crate::engine::checkpoint::Checkpoint;
@@ -62,11 +64,13 @@ pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
     match ck.experiment.as_str() {
         PaperMlp::NAME => eval_with(&PaperMlp, &ck, opts),
         Accelerate::NAME => eval_with(&Accelerate, &ck, opts),
+        SmallBatch::NAME => eval_with(&SmallBatch, &ck, opts),
         other => bail!(
-            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}` and `{}` checkpoints",
+            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}`, `{}` and `{}` checkpoints",
             opts.checkpoint.display(),
             PaperMlp::NAME,
-            Accelerate::NAME
+            Accelerate::NAME,
+            SmallBatch::NAME
         ),
     }
 }
@@ -97,14 +101,15 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
             s.common.data_dir.display()
         )
     })?;
-    // Algorithm 2's estimate recomputed over the run's training batches (`population`), or the
-    // checkpoint's statistics as they are (`running`).
-    if s.common.bn_stats == BnStats::Population {
+    // Algorithm 2's estimate recomputed over the variant's training batches (`population`), or
+    // the checkpoint's statistics as they are (`running`).
+    let c = experiment.variant_settings(&s, variant);
+    if c.bn_stats == BnStats::Population {
         ensure!(
-            data.train.len >= s.common.batch,
+            data.train.len >= c.batch,
             "the training set has fewer examples than one batch"
         );
-        use_population_stats(&s.common, &mut net, &data.train)?;
+        use_population_stats(&c, &mut net, &data.train)?;
     }
     let mut folded = 0;
     if opts.fold {

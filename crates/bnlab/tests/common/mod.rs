@@ -283,6 +283,28 @@ pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
     with_defaults(&defaults, data, out, extra)
 }
 
+/// `bnlab small-batch` arguments for a run of seconds on [`synthetic_data`] (reference batch 16:
+/// 6 reference steps, evaluations every 3, channels 2,4, hidden 8, 2 population batches, quiet),
+/// then `extra`; a flag given in `extra` replaces its default.
+pub fn small_batch_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        "small-batch",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--channels",
+        "2,4",
+        "--hidden",
+        "8",
+        "--batch",
+        "16",
+        "--population-batches",
+        "2",
+    ];
+    with_defaults(&defaults, data, out, extra)
+}
+
 /// Asserts the tracking criterion of data-parallel runs (issue 8) between two lists of
 /// evaluations `(step, test accuracy, training loss)`: the same steps, accuracy within 0.2
 /// points, loss within 1e-3 relative.
@@ -519,20 +541,25 @@ pub mod checkpoints {
         )
         .unwrap();
         let mut sgd = Sgd::new(0.9, 1e-4);
-        let mut loss = SoftmaxCrossEntropy::default();
-        let mut dlogits = vec![0.0; BATCH * CLASSES];
         for step in 0..steps {
             let x: Vec<f32> = (0..BATCH * FEATURES)
                 .map(|i| ((i * 31 + step * 7) % 17) as f32 / 17.0)
                 .collect();
             let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
-            let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
-            loss.forward(logits, &y, CLASSES).unwrap();
-            loss.backward(&y, CLASSES, &mut dlogits);
-            net.backward(&dlogits).unwrap();
-            sgd.step(net.params(), 0.1);
+            sgd_step(&mut net, &mut sgd, &x, &y, CLASSES);
         }
         (net, sgd)
+    }
+
+    /// One SGD step (learning rate 0.1) of softmax cross-entropy on the batch `x` with `labels`.
+    pub fn sgd_step(net: &mut Sequential, sgd: &mut Sgd, x: &[f32], labels: &[u8], classes: usize) {
+        let mut loss = SoftmaxCrossEntropy::default();
+        let mut dlogits = vec![0.0; labels.len() * classes];
+        let logits = net.forward(x, labels.len(), Mode::Train).unwrap();
+        loss.forward(logits, labels, classes).unwrap();
+        loss.backward(labels, classes, &mut dlogits);
+        net.backward(&dlogits).unwrap();
+        sgd.step(net.params(), 0.1);
     }
 
     pub fn progress() -> CheckpointProgress {

@@ -788,3 +788,50 @@ fn monitor_input_and_output_percentiles() {
     assert!(s.unit.iter().all(|v| v.is_nan()));
     assert!(s.pooled.iter().all(|v| v.is_finite()));
 }
+
+/// A data set of `n` random 4×4 images with random labels of 10 classes.
+fn random_dataset(r: &mut ChaCha8Rng, n: usize) -> bnlab::data::Dataset {
+    bnlab::data::Dataset {
+        pixels: (0..n * 16).map(|_| r.gen()).collect(),
+        labels: (0..n).map(|_| r.gen_range(0..10)).collect(),
+        len: n,
+        rows: 4,
+        cols: 4,
+        classes: 10,
+    }
+}
+
+/// Evaluation with Algorithm 2's population statistics leaves every BN layer's training state
+/// (running statistics, batch counter) as it found it; with `running_too` it also gives the
+/// accuracy with the running statistics, and its main accuracy is that of the network whose
+/// statistics Algorithm 2 replaced.
+#[test]
+fn population_evaluation_leaves_the_training_state_alone() {
+    use bnlab::driver::evaluate::{count_correct, evaluate, use_population_stats};
+    use bnlab::driver::{BnStats, CommonSettings, Defaults};
+    let mut r = rng(21);
+    let (train, test) = (random_dataset(&mut r, 64), random_dataset(&mut r, 40));
+    let (mut net, _) = build(Variant::Bn, 16, 10, 0.5, 3, BatchNormConfig::default()).unwrap();
+    for _ in 0..3 {
+        let x = normal(&mut r, 8 * 16, 0.5, 1.0);
+        net.forward(&x, 8, Mode::Train).unwrap();
+    }
+    let state = |net: &mut Sequential| net.batchnorms().iter().map(|bn| bn.state()).collect::<Vec<_>>();
+    let before = state(&mut net);
+    let accuracy = |correct: usize| correct as f64 / test.len as f64;
+    let running = accuracy(count_correct(&mut net, &test, |_| {}).unwrap());
+    let mut c = CommonSettings::new(Defaults::new(10, 10, 8, 0.1), std::env::temp_dir());
+    c.bn_stats = BnStats::Population;
+    c.population_batches = 3;
+    let (acc, running_acc) = evaluate(&c, &mut net, &train, &test, &mut (), true).unwrap();
+    assert_eq!(state(&mut net), before, "evaluation changed the training state");
+    assert_eq!(running_acc, Some(running));
+    // Without `running_too`, no running accuracy; the same population accuracy.
+    assert_eq!(
+        evaluate(&c, &mut net, &train, &test, &mut (), false).unwrap(),
+        (acc, None)
+    );
+    use_population_stats(&c, &mut net, &train).unwrap();
+    assert_ne!(state(&mut net), before, "Algorithm 2 left the statistics as they were");
+    assert_eq!(acc, accuracy(count_correct(&mut net, &test, |_| {}).unwrap()));
+}

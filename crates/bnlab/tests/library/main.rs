@@ -14,4 +14,5 @@ mod data_idx;
 mod engine_conv;
 mod engine_grad;
 mod engine_train;
+mod engine_variants;
 mod hardening;

@@ -1,0 +1,793 @@
+//! `bnlab small-batch`: where batch norm breaks when mini-batches are small or not i.i.d., and the
+//! variants that fix it, side by side (Ioffe 2017, Batch Renormalization, Sections 4.2–4.3;
+//! Hoffer et al. 2017 on ghost batches).
+//!
+//! The network is `accelerate`'s conv net ([`ConvNet`], ReLU, no dropout, no LRN) with a
+//! normalization after each conv and the hidden linear layer, trained at mini-batch sizes 2, 4, 8,
+//! 16 and 64 with the same examples seen. Methods ([`Method`]): plain batch norm, batch
+//! renormalization with the paper's r_max/d_max warm-up scaled to the run's length, ghost batch
+//! norm with virtual batches of 4 and 16 (at the sizes above them), batch norm frozen after a
+//! warm-up, and no normalization.
+//!
+//! **One budget, counted at the reference batch.** The common flags keep their meaning at the
+//! reference batch size `--batch` (64): `--steps` steps of it, an evaluation every `--eval-every`
+//! of them, Algorithm 2 over `--population-batches` of them, the rate `--lr`. A variant with
+//! batch B takes k = `--batch`/B times as many steps, evaluates every k·`--eval-every` steps and
+//! estimates its population statistics over k·`--population-batches` batches of B: every variant
+//! sees the same examples (with `--batches iid`, the same examples in the same order: the epoch
+//! permutations depend on the seed alone) and is evaluated after the same examples.
+//!
+//! **The learning rate scales linearly with the batch** (Goyal et al. 2017): B/`--batch` · `--lr`,
+//! halving every `--half-life` reference steps. SGD's expected step per example seen is then the
+//! same at every size, so equal examples seen is equal training; the square-root rule (Hoffer et
+//! al. 2017) would give the small batches larger steps per example.
+//!
+//! **Evaluation** uses Algorithm 2's population statistics (the run's `--bn-stats`) and also the
+//! running averages (momentum `--bn-momentum` per step at every size, as users of PyTorch and
+//! Keras keep it): the metrics hold both, and the gap between them is one of the findings.
+
+use super::convnet::{ConvNet, Norm};
+use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
+use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::Variant as _;
+use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
+use crate::report::{self, LinePlot, Page, Series};
+use anyhow::{ensure, Context, Result};
+use batchnorm::{BatchNormConfig, RenormSchedule};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How a variant normalizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Method {
+    /// Batch norm over the mini-batch (Algorithm 1).
+    Bn,
+    /// Batch renormalization (Ioffe 2017) with the paper's warm-up of r_max and d_max, scaled.
+    Renorm,
+    /// Ghost batch norm over virtual batches of 4 examples.
+    Ghost4,
+    /// Ghost batch norm over virtual batches of 16 examples.
+    Ghost16,
+    /// Batch norm frozen (running statistics, no update) after the first `--freeze-after`
+    /// reference steps.
+    Frozen,
+    /// No normalization (layers with biases).
+    NoBn,
+}
+
+impl Method {
+    /// Every method, in table order.
+    pub const ALL: [Method; 6] = [
+        Method::Bn,
+        Method::Renorm,
+        Method::Ghost4,
+        Method::Ghost16,
+        Method::Frozen,
+        Method::NoBn,
+    ];
+
+    /// The method's name in variant names and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Bn => "bn",
+            Method::Renorm => "renorm",
+            Method::Ghost4 => "ghost4",
+            Method::Ghost16 => "ghost16",
+            Method::Frozen => "frozen",
+            Method::NoBn => "no-bn",
+        }
+    }
+
+    /// The virtual batch size of a ghost method.
+    pub fn virtual_batch(self) -> Option<usize> {
+        match self {
+            Method::Ghost4 => Some(4),
+            Method::Ghost16 => Some(16),
+            _ => None,
+        }
+    }
+}
+
+/// α of the renorm variants' moving statistics (the kernel crate's default, the weight Keras's
+/// `renorm_momentum` of 0.99 gives a batch).
+pub const RENORM_MOMENTUM: f64 = 0.01;
+
+/// The mini-batch sizes of the study.
+pub const SIZES: [usize; 5] = [2, 4, 8, 16, 64];
+
+/// One network of the study: a method at a mini-batch size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// How it normalizes.
+    pub method: Method,
+    /// Its mini-batch size.
+    pub batch: usize,
+}
+
+macro_rules! variants {
+    ($(($method:ident, $batch:literal, $name:literal)),* $(,)?) => {
+        const VARIANTS: &[Variant] = &[$(Variant { method: Method::$method, batch: $batch }),*];
+        const NAMES: &[&str] = &[$($name),*];
+    };
+}
+
+// Smallest batches first: they take the most steps, and lanes start them first.
+variants![
+    (Bn, 2, "bn-b2"),
+    (Renorm, 2, "renorm-b2"),
+    (Frozen, 2, "frozen-b2"),
+    (NoBn, 2, "no-bn-b2"),
+    (Bn, 4, "bn-b4"),
+    (Renorm, 4, "renorm-b4"),
+    (Frozen, 4, "frozen-b4"),
+    (NoBn, 4, "no-bn-b4"),
+    (Bn, 8, "bn-b8"),
+    (Renorm, 8, "renorm-b8"),
+    (Frozen, 8, "frozen-b8"),
+    (NoBn, 8, "no-bn-b8"),
+    (Bn, 16, "bn-b16"),
+    (Renorm, 16, "renorm-b16"),
+    (Ghost4, 16, "ghost4-b16"),
+    (Frozen, 16, "frozen-b16"),
+    (NoBn, 16, "no-bn-b16"),
+    (Bn, 64, "bn-b64"),
+    (Renorm, 64, "renorm-b64"),
+    (Ghost4, 64, "ghost4-b64"),
+    (Ghost16, 64, "ghost16-b64"),
+    (Frozen, 64, "frozen-b64"),
+    (NoBn, 64, "no-bn-b64"),
+];
+
+impl driver::Variant for Variant {
+    const ALL: &'static [Variant] = VARIANTS;
+
+    fn name(self) -> &'static str {
+        let i = VARIANTS.iter().position(|&v| v == self);
+        // Every Variant value the program holds comes from VARIANTS (fields are checked on parse).
+        i.map_or("unknown", |i| NAMES[i])
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Variant::from_name(s).ok_or_else(|| format!("unknown variant `{s}` (expected one of {})", NAMES.join(", ")))
+    }
+}
+
+impl Serialize for Variant {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Variant {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(de)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How mini-batches are drawn (`--batches`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Shuffled epochs ([`EpochShuffler`]): i.i.d. batches, the same example order at every size.
+    Iid,
+    /// Each batch from `--classes-per-batch` classes only ([`ClassGroupedBatches`]).
+    Grouped,
+}
+
+/// The study's own settings (beside [`CommonSettings`] in [`Settings`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmallBatchSettings {
+    /// Networks to train, in order.
+    pub variants: Vec<Variant>,
+    /// How mini-batches are drawn.
+    pub batches: BatchMode,
+    /// Classes per batch with `grouped` batches.
+    pub classes_per_batch: usize,
+    /// Reference steps over which the learning rate halves.
+    pub half_life: u64,
+    /// Reference steps of plain batch norm before the `frozen` variants freeze.
+    pub freeze_after: u64,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// L2 weight decay (on conv and linear weights).
+    pub weight_decay: f32,
+    /// Output channels of the two conv layers.
+    pub channels: [usize; 2],
+    /// Width of the hidden linear layer.
+    pub hidden: usize,
+}
+
+/// Everything that defines a study.
+pub type Settings = driver::Settings<SmallBatchSettings>;
+
+/// The study's choices of the common settings, at the reference batch of 64: 1500 steps (96,000
+/// examples, 1.6 epochs) at rate 0.02, evaluated every 300.
+pub const DEFAULTS: Defaults = Defaults::new(1500, 300, 64, 0.02);
+
+/// What `--quick` changes: a run of seconds for CI.
+pub mod quick {
+    /// Reference training steps.
+    pub const STEPS: u64 = 8;
+    /// Reference steps between evaluations.
+    pub const EVAL_EVERY: u64 = 4;
+    /// Output channels of the conv layers.
+    pub const CHANNELS: [usize; 2] = [2, 4];
+    /// Width of the hidden layer.
+    pub const HIDDEN: usize = 16;
+    /// Reference training batches of the population statistics.
+    pub const POPULATION_BATCHES: usize = 2;
+}
+
+/// The defaults of the steps-dependent settings for a run of `steps` reference steps: the rate
+/// halves every third of the run, and the frozen variants freeze after a quarter of it.
+pub fn default_half_life(steps: u64) -> u64 {
+    (steps / 3).max(1)
+}
+
+/// See [`default_half_life`].
+pub fn default_freeze_after(steps: u64) -> u64 {
+    steps / 4
+}
+
+impl Settings {
+    /// The default study writing to `out`.
+    pub fn new(out: PathBuf) -> Self {
+        Settings {
+            common: CommonSettings::new(DEFAULTS, out),
+            experiment: SmallBatchSettings {
+                variants: VARIANTS.to_vec(),
+                batches: BatchMode::Iid,
+                classes_per_batch: 2,
+                half_life: default_half_life(DEFAULTS.steps),
+                freeze_after: default_freeze_after(DEFAULTS.steps),
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                channels: [8, 16],
+                hidden: 100,
+            },
+        }
+    }
+
+    /// A run of seconds for CI ([`quick`]).
+    pub fn quick(mut self) -> Self {
+        self.common.steps = quick::STEPS;
+        self.common.eval_every = quick::EVAL_EVERY;
+        self.common.checkpoint_every = None;
+        self.common.population_batches = quick::POPULATION_BATCHES;
+        self.experiment.half_life = default_half_life(quick::STEPS);
+        self.experiment.freeze_after = default_freeze_after(quick::STEPS);
+        self.experiment.channels = quick::CHANNELS;
+        self.experiment.hidden = quick::HIDDEN;
+        self
+    }
+
+    /// k = `--batch` / B: how many of `variant`'s steps make one reference step.
+    pub fn steps_per_reference_step(&self, variant: Variant) -> u64 {
+        (self.common.batch / variant.batch) as u64
+    }
+
+    /// The learning rate of `variant` at its step `step` (0-based): linear in the batch size,
+    /// halving every `half_life` reference steps.
+    pub fn lr_at(&self, variant: Variant, step: u64) -> f64 {
+        let k = self.steps_per_reference_step(variant);
+        let base = self.common.lr * variant.batch as f64 / self.common.batch as f64;
+        LrSchedule::Exponential {
+            every: self.experiment.half_life * k,
+            rate: 0.5,
+            speedup: 1.0,
+        }
+        .lr(base, step)
+    }
+
+    /// The engine's batch-norm variant of `variant`'s normalization layers: frozen after
+    /// `freeze_after` reference steps; renorm on the paper's schedule scaled to the variant's
+    /// steps T (the paper's 5k warm-up, r_max reaching 3 at 40k and d_max reaching 5 at 25k, with
+    /// 40k = T/2: (1, 0) for T/16 steps, then r_max ramping over 7T/16 and d_max over T/4),
+    /// moving statistics with α = 0.01; plain batch norm otherwise (ghost: plain with a virtual
+    /// batch).
+    pub fn bn_variant(&self, variant: Variant) -> Result<BnVariant> {
+        let k = self.steps_per_reference_step(variant);
+        let steps = self.common.steps * k;
+        Ok(match variant.method {
+            Method::Frozen => BnVariant::Frozen {
+                after: self.experiment.freeze_after * k,
+            },
+            Method::Renorm => BnVariant::Renorm {
+                momentum: RENORM_MOMENTUM,
+                limits: RenormSchedule::new(steps / 16, steps * 7 / 16, steps / 4, 3.0, 5.0)?,
+            },
+            _ => BnVariant::Plain,
+        })
+    }
+
+    /// The conv net of every variant (the normalization aside).
+    pub fn conv_net(&self) -> ConvNet {
+        ConvNet {
+            channels: self.experiment.channels,
+            hidden: self.experiment.hidden,
+            sigmoid: false,
+            dropout: None,
+            lrn: false,
+        }
+    }
+}
+
+impl SmallBatchSettings {
+    /// Rejects settings that cannot run (with the common ones, for the batch-size rules).
+    pub fn check(&self, common: &CommonSettings) -> Result<()> {
+        ensure!(self.half_life > 0, "--half-life must be > 0");
+        ensure!(
+            self.freeze_after < common.steps,
+            "--freeze-after must be below --steps (the frozen variants would never freeze)"
+        );
+        ensure!(self.classes_per_batch > 0, "--classes-per-batch must be > 0");
+        ensure!(
+            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
+            "--momentum must be in [0, 1)"
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "--weight-decay must be a finite number >= 0"
+        );
+        ensure!(
+            self.channels.iter().all(|&c| c > 0) && self.hidden > 0,
+            "--channels and --hidden must be > 0"
+        );
+        for v in &self.variants {
+            ensure!(
+                v.batch <= common.batch && common.batch.is_multiple_of(v.batch),
+                "variant `{}`: its batch of {} must divide the reference --batch {}",
+                v.name(),
+                v.batch,
+                common.batch
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    /// Variant name.
+    pub variant: &'static str,
+    /// Its method.
+    pub method: &'static str,
+    /// Its mini-batch size.
+    pub batch: usize,
+    /// Training steps done.
+    pub step: u64,
+    /// Training examples seen (`step · batch`).
+    pub examples: u64,
+    /// Test accuracy with the run's `bn_stats` (Algorithm 2's population statistics by default);
+    /// `None` on the line that reports divergence.
+    pub test_acc: Option<f64>,
+    /// Test accuracy with the running averages (`None` without batch norm, with `bn_stats`
+    /// `running`, and when diverged).
+    pub running_test_acc: Option<f64>,
+    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
+    pub train_loss: Option<f64>,
+    /// Learning rate of the last step's update.
+    pub lr: f64,
+    /// Whether the training loss became NaN or infinite at this step (the variant stops).
+    pub diverged: bool,
+}
+
+impl MetricLine for Metric {
+    fn variant_name(&self) -> &str {
+        self.variant
+    }
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn from_json(line: &serde_json::Value) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Line {
+            variant: String,
+            step: u64,
+            test_acc: Option<f64>,
+            running_test_acc: Option<f64>,
+            train_loss: Option<f64>,
+            lr: f64,
+            diverged: bool,
+        }
+        let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
+        let v: Variant = l
+            .variant
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("metrics.jsonl: {e}"))?;
+        Ok(Metric {
+            variant: v.name(),
+            method: v.method.name(),
+            batch: v.batch,
+            step: l.step,
+            examples: l.step * v.batch as u64,
+            test_acc: l.test_acc,
+            running_test_acc: l.running_test_acc,
+            train_loss: l.train_loss,
+            lr: l.lr,
+            diverged: l.diverged,
+        })
+    }
+    /// A divergence line lies past the variant's last checkpoint; it is written again.
+    fn kept_on_resume(&self) -> bool {
+        !self.diverged
+    }
+}
+
+/// One cell of the table: a variant's last evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cell {
+    /// Variant name.
+    pub variant: String,
+    /// Method name.
+    pub method: String,
+    /// Mini-batch size.
+    pub batch: usize,
+    /// Final test accuracy with population statistics (`None`: diverged before any evaluation).
+    pub test_acc: Option<f64>,
+    /// Final test accuracy with the running averages.
+    pub running_test_acc: Option<f64>,
+    /// The step at which training diverged, if it did.
+    pub diverged_at: Option<u64>,
+}
+
+/// The study's table: final test accuracy per batch size × method, for one batch mode.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Table {
+    /// How the batches were drawn (`iid` or `grouped`).
+    pub batches: BatchMode,
+    /// Classes per batch (with `grouped`).
+    pub classes_per_batch: Option<usize>,
+    /// Examples every variant saw.
+    pub examples: u64,
+    /// One cell per variant, in the run's order.
+    pub cells: Vec<Cell>,
+}
+
+/// The table of a run of `variants` from its metrics (each variant's lines in step order).
+pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
+    let cells = variants
+        .iter()
+        .map(|v| {
+            let mine = || metrics.iter().filter(|m| m.variant == v.name());
+            let last = mine().rfind(|m| !m.diverged);
+            Cell {
+                variant: v.name().to_string(),
+                method: v.method.name().to_string(),
+                batch: v.batch,
+                test_acc: last.and_then(|m| m.test_acc),
+                running_test_acc: last.and_then(|m| m.running_test_acc),
+                diverged_at: mine().find(|m| m.diverged).map(|m| m.step),
+            }
+        })
+        .collect();
+    Table {
+        batches: s.experiment.batches,
+        classes_per_batch: (s.experiment.batches == BatchMode::Grouped).then_some(s.experiment.classes_per_batch),
+        examples: s.common.steps * s.common.batch as u64,
+        cells,
+    }
+}
+
+/// A percentage with two decimals, or a dash.
+fn percent(a: Option<f64>) -> String {
+    a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0))
+}
+
+impl Table {
+    /// The batch sizes and methods present, in study order.
+    fn axes(&self) -> (Vec<usize>, Vec<Method>) {
+        let sizes = SIZES
+            .into_iter()
+            .filter(|b| self.cells.iter().any(|c| c.batch == *b))
+            .collect();
+        let methods = (Method::ALL.into_iter())
+            .filter(|m| self.cells.iter().any(|c| c.method == m.name()))
+            .collect();
+        (sizes, methods)
+    }
+
+    /// The cell of `method` at `batch`, if it ran.
+    fn cell(&self, method: Method, batch: usize) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.method == method.name() && c.batch == batch)
+    }
+
+    /// The table's rows as display cells: a row per method, a column per batch size, each cell
+    /// "population / running" accuracy (or where it diverged).
+    pub fn display_rows(&self) -> (Vec<String>, Vec<Vec<String>>) {
+        let (sizes, methods) = self.axes();
+        let mut header = vec!["method".to_string()];
+        header.extend(sizes.iter().map(|b| format!("batch {b}")));
+        let rows = methods
+            .iter()
+            .map(|&m| {
+                let mut row = vec![m.name().to_string()];
+                row.extend(sizes.iter().map(|&b| match self.cell(m, b) {
+                    None => String::new(),
+                    Some(Cell {
+                        diverged_at: Some(step),
+                        ..
+                    }) => format!("diverged at step {step}"),
+                    Some(c) if m == Method::NoBn => percent(c.test_acc),
+                    Some(c) => format!("{} / {}", percent(c.test_acc), percent(c.running_test_acc)),
+                }));
+                row
+            })
+            .collect();
+        (header, rows)
+    }
+
+    /// The batch mode in words.
+    pub fn mode_text(&self) -> String {
+        match self.classes_per_batch {
+            Some(k) => format!("grouped batches (each from {k} classes)"),
+            None => "i.i.d. batches".into(),
+        }
+    }
+
+    /// The table as Markdown (what `table.md` holds).
+    pub fn markdown(&self) -> String {
+        let (header, rows) = self.display_rows();
+        let mut s = format!(
+            "Final test accuracy, {}, {} examples seen per variant; population statistics / running averages.\n\n",
+            self.mode_text(),
+            self.examples
+        );
+        s.push_str(&format!("| {} |\n", header.join(" | ")));
+        s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len() - 1)));
+        for r in rows {
+            s.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        s
+    }
+}
+
+/// The study (see the module docs): SGD with momentum, a diverging variant stops and the others go
+/// on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SmallBatch;
+
+impl Experiment for SmallBatch {
+    type Settings = SmallBatchSettings;
+    type Variant = Variant;
+    type Metric = Metric;
+    type Probe = ();
+    type Report = Table;
+    const NAME: &'static str = "small-batch";
+
+    fn variants(&self, s: &Settings) -> Vec<Variant> {
+        s.experiment.variants.clone()
+    }
+
+    fn check(&self, s: &Settings) -> Result<()> {
+        s.experiment.check(&s.common)
+    }
+
+    fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
+        let net = s.conv_net();
+        let (rows, cols) = (data.train.rows, data.train.cols);
+        let batch = s.experiment.variants.iter().map(|v| v.batch).max().unwrap_or(1);
+        (
+            net.memory_estimate(rows, cols, data.classes, batch, driver::EVAL_CHUNK),
+            "--channels, --hidden or --batch (or --threads: fewer variants at once)",
+        )
+    }
+
+    /// The reference budget in the variant's own steps (see the module docs).
+    fn variant_settings(&self, s: &Settings, variant: Variant) -> CommonSettings {
+        let k = s.steps_per_reference_step(variant);
+        let mut c = s.common.clone();
+        c.batch = variant.batch;
+        c.steps *= k;
+        c.eval_every *= k;
+        c.checkpoint_every = c.checkpoint_every.map(|n| n * k);
+        c.population_batches *= k as usize;
+        c
+    }
+
+    fn batch_order(&self, s: &Settings, c: &CommonSettings, _v: Variant, data: &Data) -> Result<Box<dyn BatchOrder>> {
+        Ok(match s.experiment.batches {
+            BatchMode::Iid => Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?),
+            BatchMode::Grouped => Box::new(ClassGroupedBatches::new(
+                &data.train.labels[..data.train.len],
+                c.batch,
+                s.experiment.classes_per_batch,
+                c.seed,
+            )?),
+        })
+    }
+
+    fn evaluate_running_too(&self, _s: &Settings) -> bool {
+        true
+    }
+
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<()>> {
+        let config = s.common.bn_config();
+        let bn = s.bn_variant(variant)?;
+        let norm = |channels: usize, spatial: usize| -> Result<BatchNormLayer> {
+            let config = BatchNormConfig {
+                virtual_batch: variant.method.virtual_batch(),
+                ..config
+            };
+            BatchNormLayer::with_variant(channels, spatial, config, bn)
+        };
+        let norm: Norm<'_> = (variant.method != Method::NoBn).then_some(&norm);
+        let net = s.conv_net().build(
+            data.train.rows,
+            data.train.cols,
+            data.classes,
+            s.common.seed,
+            norm,
+            |_| 0,
+        )?;
+        Ok(Built { net, probe: () })
+    }
+
+    fn optimizer(&self, s: &Settings, _variant: Variant) -> Sgd {
+        Sgd::new(s.experiment.momentum, s.experiment.weight_decay)
+    }
+
+    fn lr(&self, s: &Settings, variant: Variant, step: u64) -> f64 {
+        s.lr_at(variant, step)
+    }
+
+    fn divergence(&self) -> Divergence {
+        Divergence::Record
+    }
+
+    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
+        Metric {
+            variant: variant.name(),
+            method: variant.method.name(),
+            batch: variant.batch,
+            step: eval.step,
+            examples: eval.step * variant.batch as u64,
+            test_acc: Some(eval.test_acc),
+            running_test_acc: eval.running_test_acc,
+            train_loss: Some(eval.train_loss),
+            lr: s.lr_at(variant, eval.step - 1),
+            diverged: false,
+        }
+    }
+
+    fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
+        Some(Metric {
+            variant: variant.name(),
+            method: variant.method.name(),
+            batch: variant.batch,
+            step,
+            examples: step * variant.batch as u64,
+            test_acc: None,
+            running_test_acc: None,
+            train_loss: None,
+            lr: s.lr_at(variant, step - 1),
+            diverged: true,
+        })
+    }
+
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
+        let table = table(s, &s.experiment.variants, &o.metrics);
+        write_outputs(s, o, &table)?;
+        Ok(table)
+    }
+}
+
+/// Writes table.json, table.md, the plots and report.html.
+fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
+    let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
+    write_json(&out.join("table.json"), table)?;
+    let md_path = out.join("table.md");
+    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+
+    // Final accuracy against batch size, one line per method.
+    let (sizes, methods) = table.axes();
+    let by_size = |pick: fn(&Cell) -> Option<f64>| -> Vec<Series> {
+        (methods.iter())
+            .map(|&m| {
+                let points = (sizes.iter())
+                    .filter_map(|&b| table.cell(m, b).and_then(pick).map(|a| ((b as f64).log2(), a)))
+                    .collect();
+                Series::new(m.name(), points)
+            })
+            .filter(|series| !series.points.is_empty())
+            .collect()
+    };
+    let mut figures = Vec::new();
+    let plots: [(&str, &str, fn(&Cell) -> Option<f64>); 2] = [
+        (
+            "accuracy-vs-batch",
+            "Final test accuracy against batch size (population statistics)",
+            |c| c.test_acc,
+        ),
+        (
+            "running-accuracy-vs-batch",
+            "Final test accuracy against batch size (running averages)",
+            |c| c.running_test_acc,
+        ),
+    ];
+    for (stem, title, pick) in plots {
+        let svg = report::line_plot_svg(&LinePlot {
+            title,
+            x_label: "log2 of the batch size",
+            y_label: "test accuracy",
+            series: &by_size(pick),
+            y_range: Some((0.0, 1.0)),
+        })?;
+        report::write_plot(out, stem, &svg)?;
+        figures.push((title.to_string(), svg));
+    }
+    // Training curves per batch size: accuracy against examples seen, one line per method.
+    for &b in &sizes {
+        let series: Vec<Series> = (e.variants.iter())
+            .filter(|v| v.batch == b)
+            .map(|v| {
+                let points = (o.metrics.iter())
+                    .filter(|m| m.variant == v.name())
+                    .filter_map(|m| m.test_acc.map(|a| (m.examples as f64, a)))
+                    .collect();
+                Series::new(v.method.name(), points)
+            })
+            .collect();
+        let title = format!("Test accuracy during training, batch {b}");
+        let svg = report::line_plot_svg(&LinePlot {
+            title: &title,
+            x_label: "training examples seen",
+            y_label: "test accuracy (population statistics)",
+            series: &series,
+            y_range: Some((0.0, 1.0)),
+        })?;
+        report::write_plot(out, &format!("curves-b{b}"), &svg)?;
+        figures.push((title, svg));
+    }
+
+    let mut page = Page::new("Small and non-i.i.d. mini-batches");
+    page.paragraph(&format!(
+        "The conv net of the accelerate study (conv 5×5 {c1} → pool → conv 5×5 {c2} → pool → linear {h} → \
+         linear, ReLU, no dropout) trained with SGD (momentum {m}) at batch sizes {sizes:?} on {mode}, every \
+         variant seeing the same {examples} examples, the learning rate linear in the batch size ({lr} at batch \
+         {b}). Each cell gives the final test accuracy with Algorithm 2's population statistics / with the \
+         running averages.",
+        c1 = e.channels[0],
+        c2 = e.channels[1],
+        h = e.hidden,
+        m = e.momentum,
+        mode = table.mode_text(),
+        examples = table.examples,
+        lr = c.lr,
+        b = c.batch,
+    ));
+    if c.processes > 1 {
+        page.paragraph(&driver::data_parallel_text(c));
+    }
+    let (header, rows) = table.display_rows();
+    page.table("Final test accuracy (population / running)", &header, &rows);
+    let header: Vec<String> = ["variant", "steps trained", "ms / step", "seconds"]
+        .map(String::from)
+        .to_vec();
+    let rows: Vec<Vec<String>> = (e.variants.iter())
+        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
+        .map(|(v, r)| {
+            vec![
+                v.to_string(),
+                r.steps.to_string(),
+                format!("{:.3}", r.ms_per_step),
+                format!("{:.1}", r.seconds),
+            ]
+        })
+        .collect();
+    page.table("Runs", &header, &rows);
+    for (caption, svg) in &figures {
+        page.figure(caption, svg);
+    }
+    page.settings("Settings", &settings_rows(s));
+    page.write(&out.join("report.html"))?;
+    Ok(())
+}
