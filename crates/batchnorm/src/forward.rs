@@ -2,11 +2,11 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::check;
-use crate::kernels::plan::{self, Normalization};
+use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
-use crate::{Affine, Element, Error, FixedStats, View};
+use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
 /// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
@@ -33,6 +33,41 @@ pub(crate) fn scale_shift<T: Element>(
         }
         None => shift.fill(0.0),
     }
+}
+
+/// The checks every forward transform starts with, in this order: `x` against its shape and
+/// layout, `y` against `x`, the optional mask over positions, the statistics (`check_stats`, given
+/// the channel count), then γ and β against the channel count. Returns the geometry and the count
+/// of values per channel the mask selects (all of them without one).
+pub(crate) fn check_forward<T>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    y: &[T],
+    check_stats: impl FnOnce(usize) -> Result<(), Error>,
+    affine: Affine<'_, T>,
+) -> Result<(Geometry, u64), Error> {
+    let (g, count) = check::input_pair(x.data, x.shape, x.layout, ("y", y), mask)?;
+    check_stats(g.channels)?;
+    check::affine(g.channels, affine.gamma, affine.beta)?;
+    Ok((g, count))
+}
+
+/// y = (x − mean)·γ·inv_std + β per channel over `x` (already checked against `g`), the last
+/// step of the forward transforms, with `inv_std` holding each channel's 1/σ (γ = 1 and β = 0
+/// where `affine` has none); only at the positions `mask` selects (`None`: all), +0.0 elsewhere.
+pub(crate) fn normalize_affine<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    mean: &[f64],
+    inv_std: Scratch<f64>,
+    affine: Affine<'_, T>,
+    mask: Option<&[bool]>,
+) {
+    let mut scale = inv_std;
+    let mut shift = Scratch::any(g.channels);
+    with_simd(|| scale_shift(affine.gamma, affine.beta, 0, &mut scale, &mut shift));
+    plan::normalize_where(g, x, y, mean, &scale, &shift, mask);
 }
 
 /// γ_c (1 without affine).
@@ -84,13 +119,11 @@ pub(crate) fn train_where<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    let Affine { gamma, beta } = affine;
-    let View { data: x, shape, layout } = x;
-    let (g, count) = check::input_pair(x, shape, layout, ("y", y), mask)?;
-    check::affine(g.channels, gamma, beta)?;
+    let (g, count) = check_forward(x, mask, y, |_| Ok(()), affine)?;
     check::eps(eps)?;
-    check::training_count(count, shape)?;
-    let m = plan::train_forward_where(&g, x, y, mask, |first, scale, shift| {
+    check::training_count(count, x.shape)?;
+    let Affine { gamma, beta } = affine;
+    let m = plan::train_forward_where(&g, x.data, y, mask, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });
@@ -126,20 +159,9 @@ pub(crate) fn normalize_where<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let Affine { gamma, beta } = affine;
-    let View { data: x, shape, layout } = x;
-    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
-    check::saved(saved, g.channels)?;
-    check::affine(g.channels, gamma, beta)?;
-    let mut scale = Scratch::collect(saved.inv_std.iter().copied());
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
-    let p = Normalization {
-        mean: &saved.mean,
-        scale: &scale,
-        shift: &shift,
-    };
-    plan::normalize_where(&g, x, y, &p, mask);
+    let (g, _) = check_forward(x, mask, y, |channels| check::saved(saved, channels), affine)?;
+    let inv_std = Scratch::collect(saved.inv_std.iter().copied());
+    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine, mask);
     Ok(())
 }
 
@@ -168,24 +190,12 @@ pub(crate) fn eval_where<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
-    let View { data: x, shape, layout } = x;
-    let (g, _) = check::input_pair(x, shape, layout, ("y", y), mask)?;
-    check::fixed_stats(g.channels, mean, var)?;
-    check::affine(g.channels, gamma, beta)?;
+    let FixedStats { mean, var } = stats;
+    let (g, _) = check_forward(x, mask, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
     check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let mut scale = Scratch::collect(var.iter().map(|v| v.to_f64()));
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| {
-        inv_std_in_place(&mut scale, eps);
-        scale_shift(gamma, beta, 0, &mut scale, &mut shift);
-    });
-    let p = Normalization {
-        mean: &mean,
-        scale: &scale,
-        shift: &shift,
-    };
-    plan::normalize_where(&g, x, y, &p, mask);
+    let mut inv_std = Scratch::collect(var.iter().map(|v| v.to_f64()));
+    with_simd(|| inv_std_in_place(&mut inv_std, eps));
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine, mask);
     Ok(())
 }

@@ -377,21 +377,14 @@ pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Opt
     }
 }
 
-/// Affine parameters of the normalization, per channel: y = (x − mean)·scale + shift.
-pub(crate) struct Normalization<'a> {
-    pub mean: &'a [f64],
-    pub scale: &'a [f64],
-    pub shift: &'a [f64],
-}
-
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
 ///
 /// Units are taken last to first: after a pass over x in order (the statistics), the data read
 /// last is what the caches still hold, and a second pass in the same order would evict it just
 /// before reaching it when x is about the size of the last-level cache. Element-wise, so no bit
 /// changes.
-pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Normalization) {
-    normalize_where(g, x, y, p, None)
+pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[f64], scale: &[f64], shift: &[f64]) {
+    normalize_where(g, x, y, mean, scale, shift, None)
 }
 
 /// [`normalize`] at the positions `mask` (one entry per position) has on, +0.0 at the others
@@ -400,7 +393,9 @@ pub(crate) fn normalize_where<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
-    p: &Normalization,
+    mean: &[f64],
+    scale: &[f64],
+    shift: &[f64],
     mask: Option<&[bool]>,
 ) {
     let serial = is_serial(g);
@@ -415,9 +410,9 @@ pub(crate) fn normalize_where<T: Element>(
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
                 let a = WideAffine {
-                    mean: p.mean[c],
-                    scale: p.scale[c],
-                    shift: p.shift[c],
+                    mean: mean[c],
+                    scale: scale[c],
+                    shift: shift[c],
                 };
                 write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
                     ew::normalize_plane(&xp[r], yr, a, stream && nt)
@@ -428,7 +423,7 @@ pub(crate) fn normalize_where<T: Element>(
             }
         });
     } else {
-        let p = with_simd(|| RowsAffine::new::<T>(p.mean, p.scale, p.shift));
+        let p = with_simd(|| RowsAffine::new::<T>(mean, scale, shift));
         let chunk = row_blocks(g).0 * g.channels;
         let spans = MaskSpans::new(mask, chunk / g.channels);
         let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
@@ -500,12 +495,7 @@ pub(crate) fn train_forward_where<T: Element>(
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
         with_simd(|| affine(0, &mut scale, &mut shift));
-        let p = Normalization {
-            mean: &m.mean,
-            scale: &scale,
-            shift: &shift,
-        };
-        normalize_where(g, x, y, &p, mask);
+        normalize_where(g, x, y, &m.mean, &scale, &shift, mask);
         m
     }
 }
