@@ -4,7 +4,7 @@
 
 use crate::atomic::write_atomic;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,40 @@ pub fn truncate_jsonl(path: &Path, keep: impl Fn(&Value) -> bool) -> Result<Vec<
     }
     write_atomic(path, out.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(kept)
+}
+
+/// What an evaluation line says about training since the previous evaluation, for experiments
+/// that record a divergence ([`super::Divergence::Record`]): the last fields of their metrics line,
+/// flattened into it (`#[serde(flatten)]`), so the JSON keeps the keys `train_loss`, `lr` and
+/// `diverged`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStatus {
+    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
+    pub train_loss: Option<f64>,
+    /// Learning rate of the last step's update.
+    pub lr: f64,
+    /// Whether the training loss became NaN or infinite at this step (the variant stops).
+    pub diverged: bool,
+}
+
+impl TrainingStatus {
+    /// An evaluation's status: the mean training loss since the previous one and the last rate.
+    pub fn evaluated(train_loss: f64, lr: f64) -> Self {
+        TrainingStatus {
+            train_loss: Some(train_loss),
+            lr,
+            diverged: false,
+        }
+    }
+
+    /// The status on the line that reports a divergence, with the rate of the step that diverged.
+    pub fn diverged(lr: f64) -> Self {
+        TrainingStatus {
+            train_loss: None,
+            lr,
+            diverged: true,
+        }
+    }
 }
 
 /// A line of an experiment's `metrics.jsonl`: which variant and step it belongs to (they fix the

@@ -31,7 +31,7 @@ pub mod settings;
 pub mod train;
 
 pub use evaluate::{Probe, EVAL_CHUNK};
-pub use metrics::MetricLine;
+pub use metrics::{MetricLine, TrainingStatus};
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
 

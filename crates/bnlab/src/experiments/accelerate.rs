@@ -39,7 +39,9 @@ pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, QuickPreset};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
 use crate::report::{self, LinePlot, Page, Series};
@@ -280,12 +282,9 @@ pub struct Metric {
     pub step: u64,
     /// Test-set accuracy (`None` on the line that reports divergence).
     pub test_acc: Option<f64>,
-    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
-    pub train_loss: Option<f64>,
-    /// Learning rate of the last step's update.
-    pub lr: f64,
-    /// Whether the training loss became NaN or infinite at this step (the variant stops).
-    pub diverged: bool,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
 }
 
 impl MetricLine for Metric {
@@ -300,7 +299,7 @@ impl MetricLine for Metric {
     }
     /// A divergence line lies past the variant's last checkpoint; it is written again.
     fn kept_on_resume(&self) -> bool {
-        !self.diverged
+        !self.training.diverged
     }
 }
 
@@ -367,7 +366,7 @@ pub fn figure3_table(variants: &[&str], metrics: &[Metric]) -> Table {
                     .map(|((_, base_steps), steps)| base_steps as f64 / steps as f64),
                 best_test_acc: best.map(|b| b.0),
                 best_step: best.map(|b| b.1),
-                diverged_at: of(v).find(|m| m.diverged).map(|m| m.step),
+                diverged_at: of(v).find(|m| m.training.diverged).map(|m| m.step),
             }
         })
         .collect();
@@ -489,9 +488,7 @@ impl Experiment for Accelerate {
             variant: variant.name(),
             step: eval.step,
             test_acc: Some(eval.test_acc),
-            train_loss: Some(eval.train_loss),
-            lr: s.lr_at(variant, eval.step - 1),
-            diverged: false,
+            training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
         }
     }
 
@@ -500,9 +497,7 @@ impl Experiment for Accelerate {
             variant: variant.name(),
             step,
             test_acc: None,
-            train_loss: None,
-            lr: s.lr_at(variant, step - 1),
-            diverged: true,
+            training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
 
@@ -561,9 +556,8 @@ impl Metric {
             variant: String,
             step: u64,
             test_acc: Option<f64>,
-            train_loss: Option<f64>,
-            lr: f64,
-            diverged: bool,
+            #[serde(flatten)]
+            training: TrainingStatus,
         }
         let l: Line = serde_json::from_value(v.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let variant = Variant::from_name(&l.variant)
@@ -572,9 +566,7 @@ impl Metric {
             variant: variant.name(),
             step: l.step,
             test_acc: l.test_acc,
-            train_loss: l.train_loss,
-            lr: l.lr,
-            diverged: l.diverged,
+            training: l.training,
         })
     }
 }

@@ -31,7 +31,9 @@ use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
 use crate::report::{self, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
@@ -340,12 +342,9 @@ pub struct Metric {
     /// Test accuracy with the running averages (`None` without batch norm, with `bn_stats`
     /// `running`, and when diverged).
     pub running_test_acc: Option<f64>,
-    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
-    pub train_loss: Option<f64>,
-    /// Learning rate of the last step's update.
-    pub lr: f64,
-    /// Whether the training loss became NaN or infinite at this step (the variant stops).
-    pub diverged: bool,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
 }
 
 impl MetricLine for Metric {
@@ -362,9 +361,8 @@ impl MetricLine for Metric {
             step: u64,
             test_acc: Option<f64>,
             running_test_acc: Option<f64>,
-            train_loss: Option<f64>,
-            lr: f64,
-            diverged: bool,
+            #[serde(flatten)]
+            training: TrainingStatus,
         }
         let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let v: Variant = l
@@ -379,14 +377,12 @@ impl MetricLine for Metric {
             examples: l.step * v.batch as u64,
             test_acc: l.test_acc,
             running_test_acc: l.running_test_acc,
-            train_loss: l.train_loss,
-            lr: l.lr,
-            diverged: l.diverged,
+            training: l.training,
         })
     }
     /// A divergence line lies past the variant's last checkpoint; it is written again.
     fn kept_on_resume(&self) -> bool {
-        !self.diverged
+        !self.training.diverged
     }
 }
 
@@ -426,14 +422,14 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
         .iter()
         .map(|v| {
             let mine = || metrics.iter().filter(|m| m.variant == v.name());
-            let last = mine().rfind(|m| !m.diverged);
+            let last = mine().rfind(|m| !m.training.diverged);
             Cell {
                 variant: v.name().to_string(),
                 method: v.method.name().to_string(),
                 batch: v.batch,
                 test_acc: last.and_then(|m| m.test_acc),
                 running_test_acc: last.and_then(|m| m.running_test_acc),
-                diverged_at: mine().find(|m| m.diverged).map(|m| m.step),
+                diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
         })
         .collect();
@@ -622,9 +618,7 @@ impl Experiment for SmallBatch {
             examples: eval.step * variant.batch as u64,
             test_acc: Some(eval.test_acc),
             running_test_acc: eval.running_test_acc,
-            train_loss: Some(eval.train_loss),
-            lr: s.lr_at(variant, eval.step - 1),
-            diverged: false,
+            training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
         }
     }
 
@@ -637,9 +631,7 @@ impl Experiment for SmallBatch {
             examples: step * variant.batch as u64,
             test_acc: None,
             running_test_acc: None,
-            train_loss: None,
-            lr: s.lr_at(variant, step - 1),
-            diverged: true,
+            training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
 
