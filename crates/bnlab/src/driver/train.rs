@@ -1,7 +1,7 @@
 //! Training: one SGD step (in one process, or as one rank of data-parallel training) and the one
 //! training loop every experiment's variants run.
 
-use super::evaluate::evaluate;
+use super::evaluate::{evaluate, BatchPrep, Pass};
 use super::lanes::VariantRun;
 use super::resume::restore_start;
 use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
@@ -39,9 +39,10 @@ impl StepBuffers {
     }
 }
 
-/// One SGD step on the batch of `step` from `order`: forward in [`Mode::Train`], softmax
-/// cross-entropy, backward, update with learning rate `lr`. Returns the batch loss; when it is not
-/// finite, nothing is updated (the caller decides what divergence means).
+/// One SGD step on the batch of `step` from `order`, prepared by `prep` ([`Pass::Train`]):
+/// forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
+/// Returns the batch loss; when it is not finite, nothing is updated (the caller decides what
+/// divergence means).
 pub fn train_step(
     net: &mut Sequential,
     sgd: &mut Sgd,
@@ -50,10 +51,13 @@ pub fn train_step(
     step: u64,
     lr: f32,
     buf: &mut StepBuffers,
+    prep: &mut dyn BatchPrep,
 ) -> Result<f32> {
     let batch = buf.y.len();
     let classes = net.output_size();
-    gather(train, order.batch_indices(step), &mut buf.x, &mut buf.y);
+    let indices = order.batch_indices(step);
+    gather(train, indices, &mut buf.x, &mut buf.y);
+    prep.prepare(Pass::Train(step), indices, &mut buf.x, net)?;
     let logits = net.forward(&buf.x, batch, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     if !loss.is_finite() {
@@ -67,7 +71,7 @@ pub fn train_step(
 
 /// [`train_step`] as rank `dp.rank()` of `dp.size()` in data-parallel training (see
 /// [`crate::parallel`]): this rank gathers its contiguous shard ([`parallel::shard`]) of the
-/// global batch of `step`, runs forward, loss and backward with ∂loss/∂logits scaled by its share
+/// global batch of `step`, has `prep` prepare it, runs forward, loss and backward with ∂loss/∂logits scaled by its share
 /// n_r/N, then sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`])
 /// and applies the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
 /// [`Sgd::step`]). `buf` holds one shard (`buf.y.len()` = this rank's shard of the global batch).
@@ -86,9 +90,10 @@ pub fn train_step_parallel(
     lr: f32,
     buf: &mut StepBuffers,
     dp: &mut DataParallel,
+    prep: &mut dyn BatchPrep,
 ) -> Result<f32> {
     if dp.size() == 1 {
-        return train_step(net, sgd, train, order, step, lr, buf);
+        return train_step(net, sgd, train, order, step, lr, buf, prep);
     }
     let classes = net.output_size();
     let indices = order.batch_indices(step);
@@ -100,7 +105,8 @@ pub fn train_step_parallel(
         "step buffers for {} examples, but this rank's shard has {local}",
         buf.y.len()
     );
-    gather(train, &indices[shard], &mut buf.x, &mut buf.y);
+    gather(train, &indices[shard.clone()], &mut buf.x, &mut buf.y);
+    prep.prepare(Pass::Train(step), &indices[shard], &mut buf.x, net)?;
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     // The derivative of the global batch's mean loss through this shard; gradients and loss
@@ -250,11 +256,28 @@ impl Timing {
     }
 }
 
+/// [`Experiment::prepare_batch`] of one variant, as the driver's loops take it ([`BatchPrep`]).
+pub struct VariantPrep<'a, E: Experiment> {
+    /// The experiment.
+    pub experiment: &'a E,
+    /// The run's settings.
+    pub s: &'a Settings<E::Settings>,
+    /// The variant whose batches it prepares.
+    pub variant: E::Variant,
+}
+
+impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
+    fn prepare(&mut self, pass: Pass, indices: &[usize], x: &mut [f32], net: &mut Sequential) -> Result<()> {
+        self.experiment.prepare_batch(self.s, self.variant, pass, indices, x, net)
+    }
+}
+
 /// Trains `variant` of `experiment` from its checkpoint `start` (or from scratch) to the steps of
 /// its settings ([`Experiment::variant_settings`]: batch size, steps, evaluation and checkpoint
 /// schedule), as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics lines
-/// through `run`. Its batches are [`Experiment::batch_order`]'s, and
-/// [`Experiment::before_step`] sees the network before every step.
+/// through `run`. Its batches are [`Experiment::batch_order`]'s, each prepared by
+/// [`Experiment::prepare_batch`] (evaluation batches too), and [`Experiment::before_step`] sees
+/// the network before every step.
 ///
 /// After every `eval_every` steps and after the last: with several ranks, the replicas are checked
 /// to be identical; rank 0 evaluates and records the experiment's metrics line. After every
@@ -282,6 +305,11 @@ pub fn train_variant<E: Experiment>(
     }
     dp.take_traffic();
     let mut order = experiment.batch_order(s, c, variant, data)?;
+    let mut prep = VariantPrep {
+        experiment,
+        s,
+        variant,
+    };
     let mut sgd = experiment.optimizer(s, variant);
     let ckpt_path = checkpoint_path(&c.out, name);
     let mut counters = match start {
@@ -312,7 +340,17 @@ pub fn train_variant<E: Experiment>(
         let t = Instant::now();
         experiment.before_step(s, variant, &mut net, step)?;
         let lr = experiment.lr(s, variant, step) as f32;
-        let loss = train_step_parallel(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
+        let loss = train_step_parallel(
+            &mut net,
+            &mut sgd,
+            &data.train,
+            order.as_mut(),
+            step,
+            lr,
+            &mut buf,
+            dp,
+            &mut prep,
+        )?;
         counters.train_secs += t.elapsed().as_secs_f64();
         counters.steps = step + 1;
         progress.step(step + 1);
@@ -340,11 +378,22 @@ pub fn train_variant<E: Experiment>(
             }
             if root {
                 let running_too = experiment.evaluate_running_too(s);
-                let (test_acc, running_test_acc) =
-                    evaluate(c, &mut net, &data.train, &data.test, &mut probe, running_too)?;
+                let conditions = experiment.test_conditions(s);
+                let (accuracies, running_test_acc) = evaluate(
+                    c,
+                    &mut net,
+                    &data.train,
+                    &data.test,
+                    &mut probe,
+                    running_too,
+                    conditions,
+                    &mut prep,
+                )?;
+                let test_acc = accuracies[0];
                 let eval = Evaluation {
                     step: step + 1,
                     test_acc,
+                    condition_test_acc: accuracies,
                     running_test_acc,
                     train_loss: counters.loss_sum / counters.loss_n as f64,
                 };

@@ -6,6 +6,7 @@ use super::accelerate::Accelerate;
 use super::paper_mlp::PaperMlp;
 use super::small_batch::SmallBatch;
 use crate::driver::evaluate::{count_correct, use_population_stats};
+use crate::driver::train::VariantPrep;
 use crate::driver::{self, BnStats, Data, Experiment, Settings, Variant};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::fold::fold_batchnorm;
@@ -104,19 +105,24 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
     // Algorithm 2's estimate recomputed over the variant's training batches (`population`), or
     // the checkpoint's statistics as they are (`running`).
     let c = experiment.variant_settings(&s, variant);
+    let mut prep = VariantPrep {
+        experiment,
+        s: &s,
+        variant,
+    };
     if c.bn_stats == BnStats::Population {
         ensure!(
             data.train.len >= c.batch,
             "the training set has fewer examples than one batch"
         );
-        use_population_stats(&c, &mut net, &data.train)?;
+        use_population_stats(&c, &mut net, &data.train, &mut prep)?;
     }
     let mut folded = 0;
     if opts.fold {
         folded = net.batchnorms().len();
         net = fold_batchnorm(net)?;
     }
-    let correct = count_correct(&mut net, &data.test, |_| {})?;
+    let correct = count_correct(&mut net, &data.test, 0, &mut prep, |_| {})?;
     Ok(EvalResult {
         variant: variant.name(),
         step: ck.progress.step,
