@@ -6,7 +6,7 @@
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::{accelerate, paper_mlp, small_batch};
+use bnlab::experiments::{accelerate, padded, paper_mlp, small_batch};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -32,6 +32,9 @@ pub enum Command {
     /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
     /// no BN at batch sizes 2 to 64, the same examples seen.
     SmallBatch(ExperimentArgs<SmallBatchFlags>),
+    /// Padded sequences: batch norm over every position (padding included) against masked batch
+    /// norm and no BN, trained on one length distribution and tested on several.
+    Padded(ExperimentArgs<PaddedFlags>),
     /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
     /// layers before it.
     Eval(EvalArgs),
@@ -164,6 +167,36 @@ pub struct SmallBatchFlags {
     pub quick: bool,
 }
 
+/// The flags only `padded` has.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct PaddedFlags {
+    /// Variants to train, comma-separated (bn, masked-bn, no-bn; default: all three).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Option<Vec<padded::Variant>>,
+    /// Lengths of the training sequences, MIN-MAX (uniform) or N; each image's rows are cut to its
+    /// length and padded back to the image's height.
+    #[arg(long, default_value = "8-28")]
+    pub train_lengths: padded::Lengths,
+    /// Test conditions after the training lengths, comma-separated (MIN-MAX or N each): every
+    /// evaluation also measures the test set under these.
+    #[arg(long, value_delimiter = ',', default_value = "28,4-10")]
+    pub test_lengths: Vec<padded::Lengths>,
+    /// What the padded steps hold: any number, nan, inf or -inf.
+    #[arg(long, default_value = "0", allow_negative_numbers = true, value_parser = padded::parse_pad_value)]
+    pub pad_value: f32,
+    /// Steps over which the learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Output channels of the two convolutions, `C1,C2` (default 32,32; 8,8 with --quick).
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// A short run for CI: 30 steps, evaluations every 10, 8 channels per convolution, 2
+    /// population batches (each can still be set by its flag).
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -210,8 +243,8 @@ pub struct BenchArgs {
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
-/// presets).
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`],
+/// [`padded::DEFAULTS`] and `--quick`'s presets).
 pub fn command() -> clap::Command {
     let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
     Cli::command()
@@ -230,6 +263,14 @@ pub fn command() -> clap::Command {
                 .mut_arg("eval_every", |a| quick(a, small_batch::quick::EVAL_EVERY.to_string()))
                 .mut_arg("population_batches", |a| {
                     quick(a, small_batch::quick::POPULATION_BATCHES.to_string())
+                })
+        })
+        .mut_subcommand("padded", |c| {
+            with_defaults(c, &padded::DEFAULTS)
+                .mut_arg("steps", |a| quick(a, padded::quick::STEPS.to_string()))
+                .mut_arg("eval_every", |a| quick(a, padded::quick::EVAL_EVERY.to_string()))
+                .mut_arg("population_batches", |a| {
+                    quick(a, padded::quick::POPULATION_BATCHES.to_string())
                 })
         })
 }

@@ -10,9 +10,11 @@ use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, Var
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
+use bnlab::experiments::padded::{self, Padded};
 use bnlab::experiments::small_batch::{self, SmallBatch};
 use cli::{
-    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags, VariantChoice,
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags, SmallBatchFlags,
+    VariantChoice,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +65,7 @@ fn main() {
         Command::PaperMlp(args) => run_paper_mlp(&args),
         Command::Accelerate(args) => run_accelerate(&args),
         Command::SmallBatch(args) => run_small_batch(&args),
+        Command::Padded(args) => run_padded(&args),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -279,11 +282,8 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
             a.variants = v.clone();
         }
         a.half_life = flags.half_life.unwrap_or(accelerate::default_half_life(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            a.channels = [c1 as usize, c2 as usize];
+        if let Some(c) = two_channels(&flags.channels)? {
+            a.channels = c;
         }
         if let Some(h) = flags.hidden {
             a.hidden = h as usize;
@@ -322,11 +322,8 @@ fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
         e.classes_per_batch = flags.classes_per_batch as usize;
         e.half_life = flags.half_life.unwrap_or(small_batch::default_half_life(common.steps));
         e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            e.channels = [c1 as usize, c2 as usize];
+        if let Some(c) = two_channels(&flags.channels)? {
+            e.channels = c;
         }
         if let Some(h) = flags.hidden {
             e.hidden = h as usize;
@@ -344,6 +341,53 @@ fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
     }
     print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
     Ok(())
+}
+
+fn run_padded(args: &ExperimentArgs<PaddedFlags>) -> Result<()> {
+    let fresh = |out| {
+        let flags = &args.experiment;
+        let common = driver::CommonSettings {
+            out,
+            ..args.settings.clone()
+        };
+        let mut s = padded::Settings::new(PathBuf::new());
+        if flags.quick {
+            s = s.quick();
+        }
+        let e = &mut s.experiment;
+        if let Some(v) = &flags.variants {
+            e.variants = v.clone();
+        }
+        e.train_lengths = flags.train_lengths;
+        e.test_lengths = flags.test_lengths.clone();
+        e.pad_value = flags.pad_value;
+        e.half_life = flags.half_life.unwrap_or(padded::default_half_life(common.steps));
+        if let Some(c) = two_channels(&flags.channels)? {
+            e.channels = c;
+        }
+        Ok(padded::Settings {
+            common,
+            experiment: s.experiment,
+        })
+    };
+    let Some(f) = train_experiment(&Padded, &args.run, fresh)? else {
+        return Ok(());
+    };
+    if let Some(table) = &f.report {
+        print!("{}", table.markdown());
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
+/// `--channels C1,C2` as two channel counts (`None` without the flag); rejects another count of
+/// numbers.
+fn two_channels(flag: &Option<Vec<u32>>) -> Result<Option<[usize; 2]>> {
+    let Some(c) = flag else { return Ok(None) };
+    let [c1, c2] = c[..] else {
+        anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+    };
+    Ok(Some([c1 as usize, c2 as usize]))
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {

@@ -28,16 +28,17 @@ pub enum Pass {
 /// What turns each batch the driver gathers into the network's input (see
 /// [`super::Experiment::prepare_batch`]).
 pub trait BatchPrep {
-    /// Called after the examples `indices` of the split `pass` names are in `x` (`[batch,
-    /// features]` as [`gather`] writes them) and before the network's forward pass: may rewrite
-    /// `x` in place and set what `net`'s layers need to know about the batch (e.g. a padding mask,
-    /// [`Sequential::set_mask`]).
-    fn prepare(&mut self, pass: Pass, indices: &[usize], x: &mut [f32], net: &mut Sequential) -> Result<()>;
+    /// Called after the examples `indices` of `split` (the split `pass` names) are in `x`
+    /// (`[batch, features]` as [`gather`] writes them) and before the network's forward pass: may
+    /// rewrite `x` in place and set what `net`'s layers need to know about the batch (e.g. a
+    /// padding mask, [`Sequential::set_mask`]).
+    fn prepare(&mut self, pass: Pass, split: &Dataset, indices: &[usize], x: &mut [f32], net: &mut Sequential)
+        -> Result<()>;
 }
 
 /// The batches as gathered.
 impl BatchPrep for () {
-    fn prepare(&mut self, _pass: Pass, _indices: &[usize], _x: &mut [f32], _net: &mut Sequential) -> Result<()> {
+    fn prepare(&mut self, _: Pass, _: &Dataset, _: &[usize], _: &mut [f32], _: &mut Sequential) -> Result<()> {
         Ok(())
     }
 }
@@ -132,7 +133,7 @@ pub fn use_population_stats(
     for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
         let indices = shuffler.batch_indices(b as u64);
         gather(train, indices, &mut x, &mut y);
-        prep.prepare(Pass::Population, indices, &mut x, net)?;
+        prep.prepare(Pass::Population, train, indices, &mut x, net)?;
         net.forward(&x, s.batch, Mode::Collect)?;
     }
     for bn in net.batchnorms() {
@@ -160,7 +161,7 @@ pub fn count_correct(
         let x = &mut x[..n * features];
         test.images_f32(start..start + n, x);
         let indices: Vec<usize> = (start..start + n).collect();
-        prep.prepare(Pass::Test(condition), &indices, x, net)?;
+        prep.prepare(Pass::Test(condition), test, &indices, x, net)?;
         let logits = net.forward(x, n, Mode::Eval)?;
         correct += argmax_rows(logits, classes)
             .zip(&test.labels[start..start + n])

@@ -229,9 +229,9 @@ pub trait Experiment: Sync {
         Ok(())
     }
 
-    /// Called on every batch the driver gathers, after the examples `indices` (of the training
-    /// split for [`Pass::Train`] and [`Pass::Population`], of the test split for [`Pass::Test`];
-    /// with data-parallel training, this rank's shard) are in `x` (`[batch, features]`, as
+    /// Called on every batch the driver gathers, after the examples `indices` of `split` (the
+    /// training split for [`Pass::Train`] and [`Pass::Population`], the test split for
+    /// [`Pass::Test`]; with data-parallel training, this rank's shard) are in `x` (`[batch, features]`, as
     /// [`data::gather`] writes them) and before `net`'s forward pass: the experiment may rewrite
     /// `x` in place and set what the network's layers need to know about the batch (e.g. the
     /// padding mask they share, [`Sequential::set_mask`]). What it does must follow from its
@@ -242,6 +242,7 @@ pub trait Experiment: Sync {
         _s: &Settings<Self::Settings>,
         _variant: Self::Variant,
         _pass: Pass,
+        _split: &Dataset,
         _indices: &[usize],
         _x: &mut [f32],
         _net: &mut Sequential,

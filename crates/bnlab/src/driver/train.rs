@@ -57,7 +57,7 @@ pub fn train_step(
     let classes = net.output_size();
     let indices = order.batch_indices(step);
     gather(train, indices, &mut buf.x, &mut buf.y);
-    prep.prepare(Pass::Train(step), indices, &mut buf.x, net)?;
+    prep.prepare(Pass::Train(step), train, indices, &mut buf.x, net)?;
     let logits = net.forward(&buf.x, batch, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     if !loss.is_finite() {
@@ -106,7 +106,7 @@ pub fn train_step_parallel(
         buf.y.len()
     );
     gather(train, &indices[shard.clone()], &mut buf.x, &mut buf.y);
-    prep.prepare(Pass::Train(step), &indices[shard], &mut buf.x, net)?;
+    prep.prepare(Pass::Train(step), train, &indices[shard], &mut buf.x, net)?;
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     // The derivative of the global batch's mean loss through this shard; gradients and loss
@@ -267,8 +267,8 @@ pub struct VariantPrep<'a, E: Experiment> {
 }
 
 impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
-    fn prepare(&mut self, pass: Pass, indices: &[usize], x: &mut [f32], net: &mut Sequential) -> Result<()> {
-        self.experiment.prepare_batch(self.s, self.variant, pass, indices, x, net)
+    fn prepare(&mut self, pass: Pass, split: &Dataset, indices: &[usize], x: &mut [f32], net: &mut Sequential) -> Result<()> {
+        self.experiment.prepare_batch(self.s, self.variant, pass, split, indices, x, net)
     }
 }
 

@@ -1,8 +1,9 @@
 //! `bnlab eval`: test accuracy of a checkpoint of any experiment (`paper-mlp`, `accelerate`,
-//! `small-batch`),
+//! `small-batch`, `padded`: under its training lengths),
 //! optionally with batch norm folded into the linear layers and convolutions before it.
 
 use super::accelerate::Accelerate;
+use super::padded::Padded;
 use super::paper_mlp::PaperMlp;
 use super::small_batch::SmallBatch;
 use crate::driver::evaluate::{count_correct, use_population_stats};
@@ -66,12 +67,14 @@ pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
         PaperMlp::NAME => eval_with(&PaperMlp, &ck, opts),
         Accelerate::NAME => eval_with(&Accelerate, &ck, opts),
         SmallBatch::NAME => eval_with(&SmallBatch, &ck, opts),
+        Padded::NAME => eval_with(&Padded, &ck, opts),
         other => bail!(
-            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}`, `{}` and `{}` checkpoints",
+            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}`, `{}`, `{}` and `{}` checkpoints",
             opts.checkpoint.display(),
             PaperMlp::NAME,
             Accelerate::NAME,
-            SmallBatch::NAME
+            SmallBatch::NAME,
+            Padded::NAME
         ),
     }
 }
@@ -122,6 +125,7 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
         folded = net.batchnorms().len();
         net = fold_batchnorm(net)?;
     }
+    // Test condition 0: an experiment's own test set (for `padded`, the training lengths).
     let correct = count_correct(&mut net, &data.test, 0, &mut prep, |_| {})?;
     Ok(EvalResult {
         variant: variant.name(),
