@@ -9,12 +9,12 @@ use bnlab::driver::settings::MAX_THREADS;
 use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
-use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
 use bnlab::experiments::padded::{self, Padded};
+use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
 use bnlab::experiments::small_batch::{self, SmallBatch};
 use cli::{
-    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags, SmallBatchFlags,
-    VariantChoice,
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags,
+    SmallBatchFlags, VariantChoice,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -32,8 +32,14 @@ pub trait BatchPrep {
     /// (`[batch, features]` as [`gather`] writes them) and before the network's forward pass: may
     /// rewrite `x` in place and set what `net`'s layers need to know about the batch (e.g. a
     /// padding mask, [`Sequential::set_mask`]).
-    fn prepare(&mut self, pass: Pass, split: &Dataset, indices: &[usize], x: &mut [f32], net: &mut Sequential)
-        -> Result<()>;
+    fn prepare(
+        &mut self,
+        pass: Pass,
+        split: &Dataset,
+        indices: &[usize],
+        x: &mut [f32],
+        net: &mut Sequential,
+    ) -> Result<()>;
 }
 
 /// The batches as gathered.

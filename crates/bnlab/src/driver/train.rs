@@ -267,8 +267,16 @@ pub struct VariantPrep<'a, E: Experiment> {
 }
 
 impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
-    fn prepare(&mut self, pass: Pass, split: &Dataset, indices: &[usize], x: &mut [f32], net: &mut Sequential) -> Result<()> {
-        self.experiment.prepare_batch(self.s, self.variant, pass, split, indices, x, net)
+    fn prepare(
+        &mut self,
+        pass: Pass,
+        split: &Dataset,
+        indices: &[usize],
+        x: &mut [f32],
+        net: &mut Sequential,
+    ) -> Result<()> {
+        self.experiment
+            .prepare_batch(self.s, self.variant, pass, split, indices, x, net)
     }
 }
 
@@ -305,11 +313,7 @@ pub fn train_variant<E: Experiment>(
     }
     dp.take_traffic();
     let mut order = experiment.batch_order(s, c, variant, data)?;
-    let mut prep = VariantPrep {
-        experiment,
-        s,
-        variant,
-    };
+    let mut prep = VariantPrep { experiment, s, variant };
     let mut sgd = experiment.optimizer(s, variant);
     let ckpt_path = checkpoint_path(&c.out, name);
     let mut counters = match start {

@@ -104,7 +104,17 @@ impl Conv2d {
         init: ConvInit,
         rng: &mut impl Rng,
     ) -> Result<Self> {
-        Self::with_padding(in_c, out_c, (in_h, in_w), kernel, stride, (padding, padding), bias, init, rng)
+        Self::with_padding(
+            in_c,
+            out_c,
+            (in_h, in_w),
+            kernel,
+            stride,
+            (padding, padding),
+            bias,
+            init,
+            rng,
+        )
     }
 
     /// A 1-D convolution over sequences `[in_c, len]` (stored as `[in_c, 1, len]`), kernel `k`
@@ -120,7 +130,10 @@ impl Conv2d {
         init: ConvInit,
         rng: &mut impl Rng,
     ) -> Result<Self> {
-        ensure!(k % 2 == 1, "a 1-D convolution with \"same\" padding needs an odd kernel, not {k}");
+        ensure!(
+            k % 2 == 1,
+            "a 1-D convolution with \"same\" padding needs an odd kernel, not {k}"
+        );
         Self::with_padding(in_c, out_c, (1, len), (1, k), 1, (0, k / 2), bias, init, rng)
     }
 

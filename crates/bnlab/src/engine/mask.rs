@@ -55,7 +55,10 @@ impl PositionMask {
         if let Some(&len) = lengths.iter().find(|&&len| len > positions) {
             anyhow::bail!("a sequence of length {len} does not fit {positions} positions");
         }
-        let valid = lengths.iter().flat_map(|&len| (0..positions).map(move |t| t < len)).collect();
+        let valid = lengths
+            .iter()
+            .flat_map(|&len| (0..positions).map(move |t| t < len))
+            .collect();
         PositionMask::new(valid, positions)
     }
 
@@ -169,7 +172,10 @@ impl Layer for ZeroMasked {
     fn backward(&mut self, _x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let mask = (self.used.as_ref()).context("masking backward before a forward")?;
         mask.check_fits(batch, self.positions, "masking backward")?;
-        ensure!(dy.len() == batch * self.input_size(), "masking dy does not match the batch");
+        ensure!(
+            dy.len() == batch * self.input_size(),
+            "masking dy does not match the batch"
+        );
         if let Some(dx) = dx {
             ensure!(dx.len() == dy.len(), "masking dx does not match the batch");
             select_rows(dy, mask.valid(), self.positions, dx);

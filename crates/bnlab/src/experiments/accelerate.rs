@@ -35,10 +35,10 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
+use super::convnet::ConvNet;
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
-use super::convnet::ConvNet;
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
 use crate::report::{self, LinePlot, Page, Series};
@@ -291,8 +291,14 @@ pub fn build_for_rank(
     let common = &s.common;
     let norm = |channels: usize, spatial: usize| BatchNormLayer::new(channels, spatial, common.bn_config());
     let dropout_seed = |k: u64| common.seed ^ (0x000d_5090_u64 + k) ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    s.conv_net(variant)
-        .build(rows, cols, classes, common.seed, variant.recipe().bn.then_some(&norm), dropout_seed)
+    s.conv_net(variant).build(
+        rows,
+        cols,
+        classes,
+        common.seed,
+        variant.recipe().bn.then_some(&norm),
+        dropout_seed,
+    )
 }
 
 /// One line of `metrics.jsonl`.
@@ -471,7 +477,13 @@ impl Experiment for Accelerate {
         let bytes = (s.experiment.variants.iter())
             .map(|&v| {
                 let net = s.conv_net(v);
-                net.memory_estimate(data.train.rows, data.train.cols, data.classes, s.common.batch, driver::EVAL_CHUNK)
+                net.memory_estimate(
+                    data.train.rows,
+                    data.train.cols,
+                    data.classes,
+                    s.common.batch,
+                    driver::EVAL_CHUNK,
+                )
             })
             .max()
             .unwrap_or(0);

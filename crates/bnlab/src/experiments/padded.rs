@@ -265,7 +265,9 @@ impl Settings {
     /// `--test-lengths`.
     pub fn conditions(&self) -> Vec<Lengths> {
         let e = &self.experiment;
-        std::iter::once(e.train_lengths).chain(e.test_lengths.iter().copied()).collect()
+        std::iter::once(e.train_lengths)
+            .chain(e.test_lengths.iter().copied())
+            .collect()
     }
 
     /// The learning rate at `step` (0-based): `--lr`, halving every `--half-life` steps.
@@ -359,7 +361,15 @@ pub fn build(
         if variant.masked() {
             layers.push(Box::new(ZeroMasked::new(c, steps)?));
         }
-        layers.push(Box::new(Conv2d::conv1d(c, out_c, steps, KERNEL, !bn, ConvInit::He, &mut rng)?));
+        layers.push(Box::new(Conv2d::conv1d(
+            c,
+            out_c,
+            steps,
+            KERNEL,
+            !bn,
+            ConvInit::He,
+            &mut rng,
+        )?));
         if bn {
             layers.push(Box::new(norm(out_c, steps)?));
         }
@@ -367,7 +377,13 @@ pub fn build(
         c = out_c;
     }
     layers.push(Box::new(MaskedMeanPool::new(c, steps)?));
-    layers.push(Box::new(Linear::new(c, classes, true, (2.0 / c as f32).sqrt(), &mut rng)));
+    layers.push(Box::new(Linear::new(
+        c,
+        classes,
+        true,
+        (2.0 / c as f32).sqrt(),
+        &mut rng,
+    )));
     Sequential::new(layers)
 }
 
@@ -417,8 +433,7 @@ impl MetricLine for Metric {
             lr: f64,
             diverged: bool,
         }
-        let l: Line =
-            serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
+        let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let v: Variant = l
             .variant
             .parse()
@@ -502,10 +517,14 @@ impl Table {
     /// The header and rows for display: a row per variant, a column per test condition.
     pub fn display_rows(&self) -> (Vec<String>, Vec<Vec<String>>) {
         let mut header = vec!["variant".to_string()];
-        header.extend((self.conditions.iter().zip(&self.padding)).enumerate().map(|(i, (l, p))| {
-            let train = if i == 0 { ", as trained" } else { "" };
-            format!("lengths {l} ({:.0}% padding{train})", p * 100.0)
-        }));
+        header.extend(
+            (self.conditions.iter().zip(&self.padding))
+                .enumerate()
+                .map(|(i, (l, p))| {
+                    let train = if i == 0 { ", as trained" } else { "" };
+                    format!("lengths {l} ({:.0}% padding{train})", p * 100.0)
+                }),
+        );
         let rows = (self.rows.iter())
             .map(|r| {
                 let mut cells = vec![r.variant.clone()];
@@ -566,7 +585,10 @@ impl Experiment for Padded {
         let unfolded = k * (features + c1) * steps;
         let per_example = 2 * outputs + unfolded;
         let floats = 4 * params + (s.common.batch + driver::EVAL_CHUNK) as u64 * per_example;
-        (4 * floats, "--channels or --batch (or --threads: fewer variants at once)")
+        (
+            4 * floats,
+            "--channels or --batch (or --threads: fewer variants at once)",
+        )
     }
 
     fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<()>> {
@@ -655,7 +677,10 @@ impl Experiment for Padded {
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
         let conditions = (s.conditions().into_iter())
-            .map(|lengths| ConditionAcc { lengths, test_acc: None })
+            .map(|lengths| ConditionAcc {
+                lengths,
+                test_acc: None,
+            })
             .collect();
         Some(Metric {
             variant: variant.name(),

@@ -370,8 +370,7 @@ impl MetricLine for Metric {
             lr: f64,
             diverged: bool,
         }
-        let l: Line =
-            serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
+        let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let v: Variant = l
             .variant
             .parse()
@@ -458,7 +457,10 @@ fn percent(a: Option<f64>) -> String {
 impl Table {
     /// The batch sizes and methods present, in study order.
     fn axes(&self) -> (Vec<usize>, Vec<Method>) {
-        let sizes = SIZES.into_iter().filter(|b| self.cells.iter().any(|c| c.batch == *b)).collect();
+        let sizes = SIZES
+            .into_iter()
+            .filter(|b| self.cells.iter().any(|c| c.batch == *b))
+            .collect();
         let methods = (Method::ALL.into_iter())
             .filter(|m| self.cells.iter().any(|c| c.method == m.name()))
             .collect();
@@ -467,7 +469,9 @@ impl Table {
 
     /// The cell of `method` at `batch`, if it ran.
     fn cell(&self, method: Method, batch: usize) -> Option<&Cell> {
-        self.cells.iter().find(|c| c.method == method.name() && c.batch == batch)
+        self.cells
+            .iter()
+            .find(|c| c.method == method.name() && c.batch == batch)
     }
 
     /// The table's rows as display cells: a row per method, a column per batch size, each cell
@@ -603,9 +607,14 @@ impl Experiment for SmallBatch {
             }
         };
         let norm: Norm<'_> = (variant.method != Method::NoBn).then_some(&norm);
-        let net = s
-            .conv_net()
-            .build(data.train.rows, data.train.cols, data.classes, s.common.seed, norm, |_| 0)?;
+        let net = s.conv_net().build(
+            data.train.rows,
+            data.train.cols,
+            data.classes,
+            s.common.seed,
+            norm,
+            |_| 0,
+        )?;
         Ok(Built { net, probe: () })
     }
 

@@ -833,5 +833,8 @@ fn population_evaluation_leaves_the_training_state_alone() {
     );
     use_population_stats(&c, &mut net, &train, &mut ()).unwrap();
     assert_ne!(state(&mut net), before, "Algorithm 2 left the statistics as they were");
-    assert_eq!(acc, vec![accuracy(count_correct(&mut net, &test, 0, &mut (), |_| {}).unwrap())]);
+    assert_eq!(
+        acc,
+        vec![accuracy(count_correct(&mut net, &test, 0, &mut (), |_| {}).unwrap())]
+    );
 }
