@@ -283,6 +283,28 @@ pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
     with_defaults(&defaults, data, out, extra)
 }
 
+/// `bnlab padded` arguments for a run of seconds on [`synthetic_data`] (8×8 images: sequences of 8
+/// steps; 30 steps, evaluations every 10, channels 4,4, batch 20, training lengths 3-8, test
+/// lengths 8 and 1-3, quiet), then `extra`; a flag given in `extra` replaces its default.
+pub fn padded_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        "padded",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--channels",
+        "4,4",
+        "--batch",
+        "20",
+        "--train-lengths",
+        "3-8",
+        "--test-lengths",
+        "8,1-3",
+    ];
+    with_defaults(&defaults, data, out, extra)
+}
+
 /// Asserts the tracking criterion of data-parallel runs (issue 8) between two lists of
 /// evaluations `(step, test accuracy, training loss)`: the same steps, accuracy within 0.2
 /// points, loss within 1e-3 relative.

@@ -1,6 +1,6 @@
-//! End-to-end tests that run the built `bnlab` binary: `paper-mlp`, `accelerate`, checkpoints,
-//! `--resume` and `eval`, the run driver's guards, a closed output pipe, and report pages rendered
-//! in headless Chromium. One binary, so the library is linked into one test executable; each
+//! End-to-end tests that run the built `bnlab` binary: `paper-mlp`, `accelerate`, `padded`,
+//! checkpoints, `--resume` and `eval`, the run driver's guards, a closed output pipe, and report
+//! pages rendered in headless Chromium. One binary, so the library is linked into one test executable; each
 //! module is one former test file.
 
 #[path = "../common/mod.rs"]
@@ -10,6 +10,7 @@ mod accelerate_checkpoint;
 mod accelerate_cli;
 mod checkpoint_cli;
 mod cli_pipe;
+mod padded_cli;
 mod paper_mlp_cli;
 mod report_browser;
 mod run_guards;
