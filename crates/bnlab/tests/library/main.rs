@@ -15,3 +15,4 @@ mod engine_conv;
 mod engine_grad;
 mod engine_train;
 mod hardening;
+mod padded;
