@@ -114,16 +114,28 @@ pub fn batch_norm_backward<T: Element>(
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
     check::training_count(saved.count, shape)?;
-    let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
+    train_backward_sums(&g, x, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+}
+
+/// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given and
+/// returns Σ dy and Σ dy·x̂ per channel (for dβ and dγ).
+pub(crate) fn train_backward_sums<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+) -> GradSums {
+    let (sum_dy, sum_dy_xmu) = plan::train_backward(g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
         let inv_std = &saved.inv_std[first..first + s2.len()];
         let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
         dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat, out);
     });
-    let sums = GradSums {
+    GradSums {
         sum_dy_xhat: sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,
-    };
-    sums.write_param_grads(dgamma, dbeta)
+    }
 }
 
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged

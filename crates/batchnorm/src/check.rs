@@ -220,3 +220,20 @@ pub(crate) fn renorm_saved(saved: &crate::RenormSaved, channels: usize) -> Resul
     self::channels("saved.r", channels, saved.r.len())?;
     self::channels("saved.d", channels, saved.d.len())
 }
+
+/// Checks a ghost batch norm virtual batch size: at least 2 examples ([`Error::InvalidVirtualBatch`]).
+pub(crate) fn virtual_batch(virtual_batch: usize) -> Result<(), Error> {
+    if virtual_batch < 2 {
+        return Err(Error::InvalidVirtualBatch(virtual_batch));
+    }
+    Ok(())
+}
+
+/// Checks that saved ghost statistics hold as many groups as the input makes
+/// ([`Error::GhostGroupsMismatch`]).
+pub(crate) fn ghost_groups(expected: usize, actual: usize) -> Result<(), Error> {
+    if expected != actual {
+        return Err(Error::GhostGroupsMismatch { expected, actual });
+    }
+    Ok(())
+}

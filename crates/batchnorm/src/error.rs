@@ -103,4 +103,31 @@ pub enum Error {
         /// What does not fit, in words.
         reason: String,
     },
+    /// Ghost batch norm's virtual batch size must be at least 2 examples.
+    #[error("ghost batch norm: the virtual batch size must be ≥ 2, got {0}")]
+    InvalidVirtualBatch(usize),
+    /// A ghost batch norm group (virtual batch) holds fewer than 2 values per channel (e.g. the
+    /// last, short group of an `NC` batch with one example).
+    #[error("ghost batch norm: virtual batch {group} has {count} value(s) per channel, training needs at least 2 (shape {shape:?})")]
+    GhostGroupTooSmall {
+        /// The group's index in the batch (0 for the first).
+        group: usize,
+        /// Values per channel in that group.
+        count: u64,
+        /// The whole input's shape.
+        shape: Vec<usize>,
+    },
+    /// Saved ghost statistics hold another number of groups than the input makes (they come
+    /// from another batch or another virtual batch size).
+    #[error("ghost batch norm: the saved statistics hold {actual} virtual batches, the input makes {expected}")]
+    GhostGroupsMismatch {
+        /// Groups the input makes with the virtual batch size.
+        expected: usize,
+        /// Groups in the saved statistics.
+        actual: usize,
+    },
+    /// Ghost batch norm's groups are local to a worker: the synchronized passes reject a layer
+    /// with a virtual batch size.
+    #[error("ghost batch norm is local to a worker: the synchronized passes reject a layer with `virtual_batch` set")]
+    GhostNotSynchronized,
 }

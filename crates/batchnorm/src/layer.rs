@@ -24,6 +24,11 @@ pub struct BatchNormConfig {
     /// What a training batch of fewer than 2 values per channel does (default
     /// [`SmallBatch::Error`]: it is rejected).
     pub small_batch: SmallBatch,
+    /// Ghost batch norm's virtual batch size v (default `None`: the whole batch): when set
+    /// (v ≥ 2), training passes normalize each group of v consecutive examples with its own
+    /// statistics (see [`crate::ghost_batch_norm_train`]); inference never uses groups. Local to
+    /// a worker: the synchronized passes reject it.
+    pub virtual_batch: Option<usize>,
 }
 
 impl Default for BatchNormConfig {
@@ -34,6 +39,7 @@ impl Default for BatchNormConfig {
             affine: true,
             track_running_stats: true,
             small_batch: SmallBatch::Error,
+            virtual_batch: None,
         }
     }
 }
@@ -75,10 +81,14 @@ pub struct BatchNorm<T: Element> {
 }
 
 impl<T: Element> BatchNorm<T> {
-    /// A fresh layer. Rejects ε not finite and > 0 and a momentum outside (0, 1].
+    /// A fresh layer. Rejects ε not finite and > 0, a momentum outside (0, 1] and a virtual
+    /// batch size below 2 ([`Error::InvalidVirtualBatch`]).
     pub fn new(num_features: usize, config: BatchNormConfig) -> Result<Self, Error> {
         check::eps(config.eps)?;
         check::momentum(config.momentum)?;
+        if let Some(v) = config.virtual_batch {
+            check::virtual_batch(v)?;
+        }
         let (params, stats) = (config.affine as usize, config.track_running_stats as usize);
         Ok(BatchNorm {
             config,
@@ -141,7 +151,17 @@ impl<T: Element> BatchNorm<T> {
     /// fewer than 2 values per channel, is normalized with the running statistics instead
     /// ([`batch_norm_eval`]'s transform), which are not updated; then it rejects what
     /// [`batch_norm_eval`] rejects and [`Error::NoRunningStats`] when they are not tracked.
+    ///
+    /// With `config.virtual_batch` set (ghost batch norm), each group of that many consecutive
+    /// examples is normalized with its own statistics ([`crate::ghost_batch_norm_train`], whose
+    /// rejections it shares) and the running statistics are updated once, with the mean over
+    /// groups of their means and unbiased variances ([`crate::update_ghost_running_stats`]); the
+    /// returned statistics hold every group's, packed as [`crate::GhostSaved`] describes. A
+    /// virtual batch size below 2 is rejected first ([`Error::InvalidVirtualBatch`]). Frozen, or
+    /// with the small-batch policy on a batch of fewer than 2 values per channel, the layer
+    /// ignores the groups (the running statistics normalize the whole batch).
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
+        let ghost = self.virtual_batch()?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let count = g.per_channel() as u64;
         if self.uses_running_stats(count) {
@@ -156,13 +176,17 @@ impl<T: Element> BatchNorm<T> {
                 &self.running_var,
             )?;
         }
+        if let Some(v) = ghost {
+            return self.forward_ghost(x, v, y);
+        }
         let (stats, saved) = batch_norm_train(x, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
         Ok(saved)
     }
 
     /// Inference forward with the running statistics. Rejects [`Error::NoRunningStats`] when they
-    /// are not tracked, and what [`batch_norm_eval`] rejects.
+    /// are not tracked, and what [`batch_norm_eval`] rejects. A ghost layer normalizes with them
+    /// too: inference never uses groups.
     pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
@@ -176,11 +200,23 @@ impl<T: Element> BatchNorm<T> {
     /// values per channel, backpropagates through the running statistics as constants
     /// ([`batch_norm_backward_eval`]'s transform; `saved` is then only checked for its channel
     /// count): it rejects what that function rejects and [`Error::NoRunningStats`].
+    ///
+    /// A ghost layer (`config.virtual_batch` set) backpropagates through each group's
+    /// statistics, which `saved` holds packed ([`crate::GhostSaved`]), with
+    /// [`crate::ghost_batch_norm_backward`], whose rejections it shares; it rejects first a
+    /// virtual batch size below 2 ([`Error::InvalidVirtualBatch`]), then the input's shape and
+    /// packed vectors of another length than groups × channels ([`Error::FeatureMismatch`]).
+    /// `saved` must come from this layer's `forward_train` on the same input, the configuration
+    /// unchanged.
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
+        let ghost = self.virtual_batch()?;
         if self.uses_running_stats(saved.count) {
             return self.backward_frozen(x, dy, saved, grads);
         }
         check::layer_input(self.num_features, x.shape, x.layout)?;
+        if let Some(v) = ghost {
+            return self.backward_ghost(x, dy, saved, v, grads);
+        }
         batch_norm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
@@ -225,12 +261,16 @@ impl<T: Element> BatchNorm<T> {
     /// (every rank's layer must then be frozen); with [`SmallBatch::UseRunningStats`] a global
     /// batch of fewer than 2 values per channel is normalized so too (see
     /// [`BatchNorm::forward_train`]).
+    ///
+    /// Ghost groups are local to a worker: a layer with `config.virtual_batch` set is rejected
+    /// before anything else, frozen or not ([`Error::GhostNotSynchronized`]).
     pub fn forward_train_sync(
         &mut self,
         comm: &dyn Communicator,
         x: View<'_, T>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
+        self.reject_ghost()?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.frozen {
             return self.forward_frozen(x, y, g.per_channel() as u64);
@@ -270,6 +310,9 @@ impl<T: Element> BatchNorm<T> {
     /// values per channel, backpropagates through the running statistics as constants: dx
     /// locally, dγ and dβ of the global batch (still collective); it rejects as
     /// [`batch_norm_backward_eval`] does and [`Error::NoRunningStats`].
+    ///
+    /// A layer with `config.virtual_batch` set is rejected before anything else
+    /// ([`Error::GhostNotSynchronized`]).
     pub fn backward_sync(
         &self,
         comm: &dyn Communicator,
@@ -278,6 +321,7 @@ impl<T: Element> BatchNorm<T> {
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
+        self.reject_ghost()?;
         if self.uses_running_stats(saved.count) {
             return self.backward_frozen_sync(comm, x, dy, saved, grads);
         }

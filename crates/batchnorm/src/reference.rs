@@ -346,3 +346,129 @@ pub fn renorm_update(
         .collect();
     (mean, std)
 }
+
+/// Ghost batch norm's groups of a batch of `batch` examples in `g`: the outer rows of each group
+/// of `virtual_batch` consecutive examples, the last group holding the rest. Example n owns outer
+/// rows n·(outer/batch) to (n+1)·(outer/batch) (one row for channels-first layouts; its spatial
+/// positions for channels-last ones).
+pub fn ghost_group_rows(g: &Geometry, batch: usize, virtual_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let rows_per_example = g.outer / batch;
+    (0..batch)
+        .step_by(virtual_batch)
+        .map(|first| {
+            let end = (first + virtual_batch).min(batch);
+            first * rows_per_example..end * rows_per_example
+        })
+        .collect()
+}
+
+/// The elements of outer rows `rows` of `x`, element by element, as a tensor of their own
+/// geometry.
+fn gather_rows(g: &Geometry, x: &[f64], rows: &std::ops::Range<usize>) -> (Geometry, Vec<f64>) {
+    let sub = Geometry {
+        outer: rows.len(),
+        ..*g
+    };
+    let mut out = vec![0.0; sub.len()];
+    for (o, row) in rows.clone().enumerate() {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                out[at(&sub, o, c, i)] = x[at(g, row, c, i)];
+            }
+        }
+    }
+    (sub, out)
+}
+
+/// Writes a tensor gathered by [`gather_rows`] back into rows `rows` of `out`.
+fn scatter_rows(g: &Geometry, rows: &std::ops::Range<usize>, sub: &[f64], out: &mut [f64]) {
+    let sg = Geometry {
+        outer: rows.len(),
+        ..*g
+    };
+    for (o, row) in rows.clone().enumerate() {
+        for c in 0..g.channels {
+            for i in 0..g.inner {
+                out[at(g, row, c, i)] = sub[at(&sg, o, c, i)];
+            }
+        }
+    }
+}
+
+/// Ghost batch norm's training forward (Hoffer et al. 2017): each group of `virtual_batch`
+/// consecutive examples (of `batch`; see [`ghost_group_rows`]) normalized by Algorithm 1 with its
+/// own μ and biased σ². Returns y and, per group, (μ, biased σ², values per channel).
+#[allow(clippy::type_complexity)]
+pub fn ghost_forward_train(
+    g: &Geometry,
+    batch: usize,
+    virtual_batch: usize,
+    x: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<(Vec<f64>, Vec<f64>, usize)>) {
+    let mut y = vec![0.0; x.len()];
+    let mut groups = Vec::new();
+    for rows in ghost_group_rows(g, batch, virtual_batch) {
+        let (sg, xs) = gather_rows(g, x, &rows);
+        let (ys, mean, var) = forward_train(&sg, &xs, gamma, beta, eps);
+        scatter_rows(g, &rows, &ys, &mut y);
+        groups.push((mean, var, sg.per_channel()));
+    }
+    (y, groups)
+}
+
+/// Ghost batch norm's training backward: each group's chain rule ([`backward_train`]) through
+/// its own statistics; dγ and dβ summed over the groups. Returns (dx, dγ, dβ).
+pub fn ghost_backward_train(
+    g: &Geometry,
+    batch: usize,
+    virtual_batch: usize,
+    x: &[f64],
+    dy: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0.0; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    for rows in ghost_group_rows(g, batch, virtual_batch) {
+        let (sg, xs) = gather_rows(g, x, &rows);
+        let (_, dys) = gather_rows(g, dy, &rows);
+        let (dxs, dgs, dbs) = backward_train(&sg, &xs, &dys, gamma, eps);
+        scatter_rows(g, &rows, &dxs, &mut dx);
+        for c in 0..g.channels {
+            dgamma[c] += dgs[c];
+            dbeta[c] += dbs[c];
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+/// Running statistics after one ghost mini-batch whose groups had (μ, biased σ², m) `groups`:
+/// the mean over groups of μ and of the unbiased m/(m−1)·σ², each group weighing the same,
+/// averaged in as [`running_update`] does (`Some(momentum)`, or cumulative with
+/// `batches_seen` including this batch). Returns (mean, var).
+pub fn ghost_running_update(
+    running_mean: &[f64],
+    running_var: &[f64],
+    groups: &[(Vec<f64>, Vec<f64>, usize)],
+    momentum: Option<f64>,
+    batches_seen: u64,
+) -> (Vec<f64>, Vec<f64>) {
+    let w = momentum.unwrap_or(1.0 / batches_seen as f64);
+    let n = groups.len() as f64;
+    let mut mean = Vec::new();
+    let mut var = Vec::new();
+    for c in 0..running_mean.len() {
+        let mu = groups.iter().map(|(m, _, _)| m[c]).sum::<f64>() / n;
+        let v = groups
+            .iter()
+            .map(|(_, v, m)| *m as f64 / (*m as f64 - 1.0) * v[c])
+            .sum::<f64>()
+            / n;
+        mean.push((1.0 - w) * running_mean[c] + w * mu);
+        var.push((1.0 - w) * running_var[c] + w * v);
+    }
+    (mean, var)
+}

@@ -16,8 +16,9 @@
 //! dx = (γ·r/σ_B)·(dy − mean(dy) − x̂₀·mean(dy·x̂₀)), dγ = Σ dy·x̂ = r·Σ dy·x̂₀ + d·Σ dy, dβ = Σ dy.
 //!
 //! Free functions: [`batch_renorm_train`], [`batch_renorm_backward`], [`batch_renorm_eval`],
-//! [`update_renorm_stats`]; a layer: [`BatchRenorm`]; clipping limits [`RenormClip`], possibly
-//! following a [`RenormSchedule`].
+//! [`update_renorm_stats`]; a layer: [`BatchRenorm`], with synchronized (multi-worker) training
+//! passes [`BatchRenorm::forward_train_sync`] and [`BatchRenorm::backward_sync`] over the global
+//! batch; clipping limits [`RenormClip`], possibly following a [`RenormSchedule`].
 //!
 //! # How Keras differs
 //!
@@ -36,14 +37,16 @@
 //! - it divides by max(`renorm_stddev`, √ε) when computing r and d; here σ is used as it is.
 //! - r and d are wrapped in `stop_gradient`, as here.
 
-use crate::backward::{dx_coeffs, GradSums};
+use crate::backward::{dx_coeffs, grad_sums, GradSums};
 use crate::check;
 use crate::forward::{gamma_at, scale_shift};
+use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan::{self, Normalization};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{inv_std, BatchStats, SavedStats};
-use crate::{Affine, Element, Error, Grads, View};
+use crate::stats::{batch_stats, inv_std, BatchStats, SavedStats};
+use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
+use crate::{Affine, Element, Error, Geometry, Grads, View};
 
 /// Clipping limits of batch renormalization: r ∈ [1/r_max, r_max], d ∈ [−d_max, d_max].
 /// Always valid: r_max finite and ≥ 1, d_max finite and ≥ 0.
@@ -271,18 +274,11 @@ pub fn batch_renorm_train<T: Element>(
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<(BatchStats, RenormSaved), Error> {
-    let (
-        RenormStats {
-            mean: moving_mean,
-            std: moving_std,
-        },
-        Affine { gamma, beta },
-    ) = (moving, affine);
     let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
     check::len("y", &g, y.len())?;
-    check::moving_stats(g.channels, moving_mean, moving_std)?;
-    check::affine(g.channels, gamma, beta)?;
+    check::moving_stats(g.channels, moving.mean, moving.std)?;
+    check::affine(g.channels, affine.gamma, affine.beta)?;
     check::eps(eps)?;
     check::training_count(g.per_channel() as u64, shape)?;
     let m = plan::channel_moments(&g, x);
@@ -291,6 +287,31 @@ pub fn batch_renorm_train<T: Element>(
         mean: m.mean,
         m2: m.m2,
     };
+    let saved = renorm_normalize(&g, x, &stats, moving, affine, eps, clip, y)?;
+    Ok((stats, saved))
+}
+
+/// The training forward once the batch statistics are known (one process's, or the global
+/// batch's merged over ranks): r and d against the moving statistics, then
+/// y = (x − μ_B)·(γ·r/σ_B) + (γ·d + β). Arguments already checked; rejects only an invalid ε.
+#[allow(clippy::too_many_arguments)]
+fn renorm_normalize<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    stats: &BatchStats,
+    moving: RenormStats<'_, T>,
+    affine: Affine<'_, T>,
+    eps: f64,
+    clip: RenormClip,
+    y: &mut [T],
+) -> Result<RenormSaved, Error> {
+    let (
+        RenormStats {
+            mean: moving_mean,
+            std: moving_std,
+        },
+        Affine { gamma, beta },
+    ) = (moving, affine);
     let saved = stats.saved(eps)?;
     let (r, d): (Vec<f64>, Vec<f64>) = (0..g.channels)
         .map(|c| {
@@ -307,7 +328,7 @@ pub fn batch_renorm_train<T: Element>(
         *s += gamma_at(gamma, c) * d[c];
     }
     plan::normalize(
-        &g,
+        g,
         x,
         y,
         &Normalization {
@@ -316,7 +337,7 @@ pub fn batch_renorm_train<T: Element>(
             shift: &shift,
         },
     );
-    Ok((stats, RenormSaved { stats: saved, r, d }))
+    Ok(RenormSaved { stats: saved, r, d })
 }
 
 /// Batch renormalization's backward with r and d held constant (see the module docs): writes any
@@ -346,19 +367,42 @@ pub fn batch_renorm_backward<T: Element>(
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &st.mean, |first, s1, s2, out| {
         let inv_std = &st.inv_std[first..first + s2.len()];
         let sum_dy_xhat0 = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
-        dx_coeffs(gamma, st, first, s1, &sum_dy_xhat0, out);
-        // Plain batch norm's coefficients with γ·r in place of γ.
-        for (o, r) in out.iter_mut().zip(&saved.r[first..]) {
-            o.k *= r;
-        }
+        renorm_dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat0, out);
     });
     let sums = GradSums {
-        sum_dy_xhat: (0..g.channels)
-            .map(|c| saved.r[c] * (sum_dy_xmu[c] * st.inv_std[c]) + saved.d[c] * sum_dy[c])
-            .collect(),
+        sum_dy_xhat: sum_dy_xmu.iter().zip(&st.inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,
     };
-    sums.write_param_grads(dgamma, dbeta)
+    renorm_param_sums(saved, &sums).write_param_grads(dgamma, dbeta)
+}
+
+/// dx coefficients of channels `first..first + out.len()` from their Σ dy and Σ dy·x̂₀: plain
+/// batch norm's with γ·r in place of γ (r a constant).
+#[inline]
+fn renorm_dx_coeffs<T: Element>(
+    gamma: Option<&[T]>,
+    saved: &RenormSaved,
+    first: usize,
+    sum_dy: &[f64],
+    sum_dy_xhat0: &[f64],
+    out: &mut [DxCoeffs],
+) {
+    dx_coeffs(gamma, &saved.stats, first, sum_dy, sum_dy_xhat0, out);
+    for (o, r) in out.iter_mut().zip(&saved.r[first..]) {
+        o.k *= r;
+    }
+}
+
+/// The sums behind dγ and dβ from Σ dy and Σ dy·x̂₀ (`sums0`): Σ dy·x̂ = r·Σ dy·x̂₀ + d·Σ dy
+/// (x̂ = x̂₀·r + d with r, d constants) and Σ dy.
+fn renorm_param_sums(saved: &RenormSaved, sums0: &GradSums) -> GradSums {
+    let (r, d) = (&saved.r, &saved.d);
+    GradSums {
+        sum_dy_xhat: (0..r.len())
+            .map(|c| r[c] * sums0.sum_dy_xhat[c] + d[c] * sums0.sum_dy[c])
+            .collect(),
+        sum_dy: sums0.sum_dy.clone(),
+    }
 }
 
 /// Batch renormalization's inference transform: y = γ·(x − μ)/σ + β with the moving mean μ and
@@ -553,14 +597,97 @@ impl<T: Element> BatchRenorm<T> {
     /// whose channel count differs from `num_features`.
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &RenormSaved, grads: Grads<'_, T>) -> Result<(), Error> {
         check::layer_input(self.num_features, x.shape, x.layout)?;
-        let grads = if self.config.affine {
+        batch_renorm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
+    }
+
+    /// `grads` without dγ and dβ when the layer has no affine parameters.
+    fn param_grads<'a>(&self, grads: Grads<'a, T>) -> Grads<'a, T> {
+        if self.config.affine {
             grads
         } else {
             Grads {
                 dx: grads.dx,
                 ..Grads::default()
             }
-        };
-        batch_renorm_backward(x, dy, saved, self.affine().gamma, grads)
+        }
+    }
+
+    /// Synchronized training forward of this rank's shard `x`: the batch statistics are the
+    /// global batch's, merged over every rank of `comm` ([`sync_batch_stats`]); r and d come from
+    /// the global μ_B and σ_B with the limits of step `steps`; the moving statistics are updated
+    /// from the global batch, identically on every rank, and `steps += 1`. With
+    /// [`crate::SingleProcess`] it computes the bits of [`BatchRenorm::forward_train`].
+    /// Collective: every rank must call it.
+    ///
+    /// Rejects, before any communication, an input whose channel count differs from
+    /// `num_features`, an invalid momentum α, a step counter at `u64::MAX`
+    /// ([`Error::InvalidRenormSchedule`]), a `y` of the wrong length, moving statistics, γ or β
+    /// of the wrong channel count, ε not finite and > 0, and what [`crate::batch_stats`] rejects
+    /// (an empty shard included); after the merge, a global batch with fewer than 2 values per
+    /// channel ([`Error::TooFewValues`], with the global count and this rank's shape). Transport
+    /// failures are [`Error::Communication`]. On error `y` and the layer are unchanged.
+    pub fn forward_train_sync(
+        &mut self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        y: &mut [T],
+    ) -> Result<RenormSaved, Error> {
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        check::renorm_momentum(self.config.momentum)?;
+        let next = check::renorm_next_step(self.steps)?;
+        check::len("y", &g, y.len())?;
+        check::moving_stats(g.channels, &self.moving_mean, &self.moving_std)?;
+        let affine = self.affine();
+        check::affine(g.channels, affine.gamma, affine.beta)?;
+        check::eps(self.config.eps)?;
+        let local = batch_stats(x)?;
+        let global = sync_batch_stats(comm, &local)?;
+        check::training_count(global.count, x.shape)?;
+        let (eps, alpha) = (self.config.eps, self.config.momentum);
+        let saved = renorm_normalize(&g, x.data, &global, self.moving(), affine, eps, self.clip(), y)?;
+        update_renorm_stats(&global, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
+        self.steps = next;
+        Ok(saved)
+    }
+
+    /// Synchronized training backward of this rank's shard, r and d held constant. The sums
+    /// Σ dy and Σ dy·x̂₀ of every rank of `comm` are merged ([`sync_grad_sums`]); dx (when
+    /// `grads` holds it) follows from the global statistics and sums, and with affine dγ = Σ dy·x̂
+    /// and dβ = Σ dy are the global batch's, the same bits on every rank. The result is this
+    /// rank's share of dγ and dβ (its own Σ dy·x̂ with x̂ = x̂₀·r + d, and Σ dy), for a caller that
+    /// adds parameter gradients over ranks itself, as with [`crate::BatchNorm::backward_sync`].
+    /// Over [`crate::SingleProcess`] it gives [`BatchRenorm::backward`]'s bits. Every rank must
+    /// call it (collective).
+    ///
+    /// Rejects, before any communication, an input whose channel count differs from
+    /// `num_features`, `saved` (statistics, r, d), γ, `dgamma`, `dbeta` of the wrong channel
+    /// count, a `dx` of the wrong length, and what [`crate::grad_sums`] rejects (`x` and `dy` of
+    /// the wrong length, saved statistics of fewer than 2 global values per channel); transport
+    /// failures are [`Error::Communication`].
+    pub fn backward_sync(
+        &self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        dy: &[T],
+        saved: &RenormSaved,
+        grads: Grads<'_, T>,
+    ) -> Result<GradSums, Error> {
+        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
+        let gamma = self.affine().gamma;
+        check::renorm_saved(saved, g.channels)?;
+        check::affine(g.channels, gamma, None)?;
+        check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+        check::len_opt("dx", &g, dx.as_deref())?;
+        // Checks x, dy and the (global) count, still before any communication.
+        let local = grad_sums(x, dy, &saved.stats)?;
+        let global = sync_grad_sums(comm, &local)?;
+        if let Some(dx) = dx {
+            let mut coeffs = Scratch::any(g.channels);
+            with_simd(|| renorm_dx_coeffs(gamma, saved, 0, &global.sum_dy, &global.sum_dy_xhat, &mut coeffs));
+            plan::input_grad(&g, x.data, dy, dx, &coeffs);
+        }
+        renorm_param_sums(saved, &global).write_param_grads(dgamma, dbeta)?;
+        Ok(renorm_param_sums(saved, &local))
     }
 }

@@ -107,7 +107,9 @@ pub(crate) fn inv_std_in_place(var: &mut [f64], eps: f64) {
 }
 
 /// What training-mode backward needs from the forward pass, kept in `f64` (a few numbers per
-/// channel) so that backward sees exactly the statistics forward used.
+/// channel) so that backward sees exactly the statistics forward used. A ghost
+/// [`crate::BatchNorm`] layer keeps every group's in one, packed group after group (see
+/// [`crate::GhostSaved`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedStats {
     /// Values per channel the statistics were taken over (global count for synchronized BN).
@@ -162,18 +164,38 @@ pub fn update_running_stats<T: Element>(
     check::running_stats(batch.channels(), running_mean, running_var)?;
     check::momentum(momentum)?;
     check::training_count(batch.count, &[])?;
+    blend_running(
+        &batch.mean,
+        &batch.var_unbiased(),
+        momentum,
+        batches_seen,
+        running_mean,
+        running_var,
+    );
+    Ok(())
+}
+
+/// The running-statistics average itself: running ← (1 − w)·running + w·batch per channel, with
+/// w the momentum or, cumulative, 1/`batches_seen`; `mean` and `var` are the batch's estimates
+/// (the variance already unbiased). Arguments already checked (lengths, momentum).
+pub(crate) fn blend_running<T: Element>(
+    mean: &[f64],
+    var: &[f64],
+    momentum: Momentum,
+    batches_seen: u64,
+    running_mean: &mut [T],
+    running_var: &mut [T],
+) {
     let w = match momentum {
         Momentum::Exponential(m) => m,
         Momentum::Cumulative => 1.0 / batches_seen.max(1) as f64,
     };
-    let var = batch.var_unbiased();
-    for c in 0..batch.channels() {
+    for c in 0..mean.len() {
         let (rm, rv) = (running_mean[c].to_f64(), running_var[c].to_f64());
         // (1 − w)·r + w·b: exact for w = 1 (the first cumulative batch, or momentum 1).
-        running_mean[c] = T::from_f64((1.0 - w) * rm + w * batch.mean[c]);
+        running_mean[c] = T::from_f64((1.0 - w) * rm + w * mean[c]);
         running_var[c] = T::from_f64((1.0 - w) * rv + w * var[c]);
     }
-    Ok(())
 }
 
 /// Algorithm 2's population statistics, accumulated over any number of mini-batches after

@@ -1,7 +1,11 @@
 //! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
-//! memory copy measured in the same run (the bandwidth ceiling).
+//! memory copy measured in the same run (the bandwidth ceiling), for plain batch norm and each
+//! [`Variant`] in the same run.
 
-use batchnorm::{BatchNorm, BatchNormConfig, Grads, Layout, View};
+use batchnorm::{
+    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormSaved, RenormSchedule, SavedStats,
+    View,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -43,9 +47,132 @@ impl Case {
     }
 }
 
+/// A batch-norm variant `bnlab bench` times (`--variant`; its rows' `"variant"`).
+///
+/// Each is one entry here and one case of the private layer it times; ghost batch norm (virtual
+/// batches of 4 examples, NC: 16) and masked batch norm (half of the positions valid) are to be
+/// two more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// Plain batch norm: `fwd_train`, `fwd_eval` and `backward`.
+    Bn,
+    /// A frozen `BatchNorm` layer: `fwd_train` (normalizing with the running statistics) and
+    /// `backward` (through them as constants).
+    Frozen,
+    /// `BatchRenorm` with [`RenormSchedule::paper`], past its warm-up and ramps (r_max = 3,
+    /// d_max = 5): `fwd_train` (with the moving-statistics update) and `backward`.
+    Renorm,
+}
+
+impl Variant {
+    /// Every variant, in the order they are timed (the default of `--variant`).
+    pub const ALL: [Variant; 3] = [Variant::Bn, Variant::Frozen, Variant::Renorm];
+
+    /// The name in `--variant` and in the rows: `bn`, `frozen`, `renorm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Bn => "bn",
+            Variant::Frozen => "frozen",
+            Variant::Renorm => "renorm",
+        }
+    }
+
+    /// The operations timed, in order.
+    pub fn ops(self) -> &'static [Op] {
+        match self {
+            Variant::Bn => &[Op::FwdTrain, Op::FwdEval, Op::Backward],
+            Variant::Frozen | Variant::Renorm => &[Op::FwdTrain, Op::Backward],
+        }
+    }
+}
+
+/// An operation `bnlab bench` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// The training forward (for plain batch norm: statistics, normalization and running-statistics
+    /// update).
+    FwdTrain,
+    /// The inference forward.
+    FwdEval,
+    /// The training backward: dx, dγ and dβ.
+    Backward,
+}
+
+impl Op {
+    /// The name in the rows: `fwd_train`, `fwd_eval`, `backward`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::FwdTrain => "fwd_train",
+            Op::FwdEval => "fwd_eval",
+            Op::Backward => "backward",
+        }
+    }
+}
+
+/// One variant's layer ready to be timed, with what its backward needs from one training forward.
+enum Timed {
+    /// The kernel crate's `BatchNorm` (plain or frozen).
+    Bn { layer: BatchNorm<f32>, saved: SavedStats },
+    /// The kernel crate's `BatchRenorm`.
+    Renorm {
+        layer: BatchRenorm<f32>,
+        saved: RenormSaved,
+    },
+}
+
+impl Timed {
+    /// `variant`'s layer over `channels` channels, after one training forward of `x` into `y`.
+    fn new(variant: Variant, channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<Timed, batchnorm::Error> {
+        Ok(match variant {
+            Variant::Bn | Variant::Frozen => {
+                let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+                if variant == Variant::Frozen {
+                    layer.freeze();
+                }
+                let saved = layer.forward_train(x, y)?;
+                Timed::Bn { layer, saved }
+            }
+            Variant::Renorm => {
+                let limits = RenormSchedule::paper();
+                let config = BatchRenormConfig {
+                    limits,
+                    ..BatchRenormConfig::default()
+                };
+                let mut layer = BatchRenorm::<f32>::new(channels, config)?;
+                layer.steps = limits.warmup_steps() + limits.r_ramp_steps().max(limits.d_ramp_steps());
+                let saved = layer.forward_train(x, y)?;
+                Timed::Renorm { layer, saved }
+            }
+        })
+    }
+
+    fn forward_train(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
+        match self {
+            Timed::Bn { layer, .. } => layer.forward_train(x, y).map(drop),
+            Timed::Renorm { layer, .. } => layer.forward_train(x, y).map(drop),
+        }
+    }
+
+    fn forward_eval(&self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
+        match self {
+            Timed::Bn { layer, .. } => layer.forward_eval(x, y),
+            Timed::Renorm { layer, .. } => layer.forward_eval(x, y),
+        }
+    }
+
+    fn backward(&self, x: View<'_, f32>, dy: &[f32], grads: Grads<'_, f32>) -> Result<(), batchnorm::Error> {
+        match self {
+            Timed::Bn { layer, saved } => layer.backward(x, dy, saved, grads),
+            Timed::Renorm { layer, saved } => layer.backward(x, dy, saved, grads),
+        }
+    }
+}
+
 /// One line of `bnlab bench --json` after the first.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
+    /// The variant's name ([`Variant::name`]).
+    pub variant: &'static str,
     /// Layout name.
     pub layout: String,
     /// Logical shape.
@@ -188,8 +315,13 @@ fn storage_shape(case: &Case) -> Vec<usize> {
     }
 }
 
-/// Times the three operations of one case in f32, each call on `clock`.
-pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Record>, batchnorm::Error> {
+/// Times `variant`'s operations ([`Variant::ops`]) on one case in f32, each call on `clock`.
+pub fn run_case(
+    case: &Case,
+    variant: Variant,
+    min_time: Duration,
+    clock: Clock,
+) -> Result<Vec<Record>, batchnorm::Error> {
     let shape = storage_shape(case);
     let n: usize = shape.iter().product();
     let channels = case.shape[1];
@@ -198,53 +330,34 @@ pub fn run_case(case: &Case, min_time: Duration, clock: Clock) -> Result<Vec<Rec
     let dy: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (mut dgamma, mut dbeta) = (vec![0.0f32; channels], vec![0.0f32; channels]);
-    let mut bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
     let xv = View::new(&x, &shape, case.layout);
-    let saved = bn.forward_train(xv, &mut y)?;
+    let mut layer = Timed::new(variant, channels, xv, &mut y)?;
     let reps = 5;
     let mut err = Ok(());
     let mut out = Vec::new();
-    let mut record = |op, ms| {
+    for &op in variant.ops() {
+        let mut keep = |r: Result<(), batchnorm::Error>| {
+            if let Err(e) = r {
+                err = Err(e);
+            }
+        };
+        let ms = match op {
+            Op::FwdTrain => median_ms_on(clock, || keep(layer.forward_train(xv, &mut y)), reps, min_time),
+            Op::FwdEval => median_ms_on(clock, || keep(layer.forward_eval(xv, &mut y)), reps, min_time),
+            Op::Backward => median_ms_on(
+                clock,
+                || keep(layer.backward(xv, &dy, Grads::new(&mut dx, &mut dgamma, &mut dbeta))),
+                reps,
+                min_time,
+            ),
+        };
         out.push(Record {
+            variant: variant.name(),
             layout: case.layout.name().to_string(),
             shape: case.shape.clone(),
-            op,
+            op: op.name(),
             ms,
         });
-    };
-    let ms = median_ms_on(
-        clock,
-        || {
-            if let Err(e) = bn.forward_train(xv, &mut y) {
-                err = Err(e);
-            }
-        },
-        reps,
-        min_time,
-    );
-    record("fwd_train", ms);
-    let ms = median_ms_on(
-        clock,
-        || {
-            if let Err(e) = bn.forward_eval(xv, &mut y) {
-                err = Err(e);
-            }
-        },
-        reps,
-        min_time,
-    );
-    record("fwd_eval", ms);
-    let ms = median_ms_on(
-        clock,
-        || {
-            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
-            if let Err(e) = bn.backward(xv, &dy, &saved, grads) {
-                err = Err(e);
-            }
-        },
-        reps,
-        min_time,
-    );
-    record("backward", ms);
+    }
     err.map(|_| out)
 }

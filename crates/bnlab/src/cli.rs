@@ -23,7 +23,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) on the benchmark shapes.
+    /// Time the batch-norm kernels (fwd_train, fwd_eval, backward) and their variants on the
+    /// benchmark shapes.
     Bench(BenchArgs),
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
     PaperMlp(ExperimentArgs<PaperMlpFlags>),
@@ -240,6 +241,11 @@ pub struct BenchArgs {
     /// the time it was descheduled, for A/B comparisons on a busy machine. Needs --threads 1.
     #[arg(long)]
     pub cpu_time: bool,
+    /// Batch-norm variants to time, comma-separated or repeated (bn: fwd_train, fwd_eval,
+    /// backward; frozen and renorm: fwd_train, backward). Default: all, each case's variants one
+    /// after the other in the same run.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub variant: Vec<bnlab::bench::Variant>,
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags

@@ -101,6 +101,10 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
+    let variants: Vec<bench::Variant> = bench::Variant::ALL
+        .into_iter()
+        .filter(|v| args.variant.is_empty() || args.variant.contains(v))
+        .collect();
     let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
@@ -111,26 +115,29 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
-                "layout", "shape", "op", "ms", "GB/s", "of copy"
+                "{:<7} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
+                "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
         for case in cases {
-            for r in bench::run_case(&case, min_time, clock)? {
-                if args.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    let shape = format!("{:?}", r.shape);
-                    let pct = 100.0 * r.gbps() / copy;
-                    println!(
-                        "{:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
-                        r.layout,
-                        shape,
-                        r.op,
-                        r.ms,
-                        r.gbps(),
-                        pct
-                    );
+            for &variant in &variants {
+                for r in bench::run_case(&case, variant, min_time, clock)? {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&r)?);
+                    } else {
+                        let shape = format!("{:?}", r.shape);
+                        let pct = 100.0 * r.gbps() / copy;
+                        println!(
+                            "{:<7} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
+                            r.variant,
+                            r.layout,
+                            shape,
+                            r.op,
+                            r.ms,
+                            r.gbps(),
+                            pct
+                        );
+                    }
                 }
             }
         }

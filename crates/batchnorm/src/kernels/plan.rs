@@ -28,7 +28,7 @@ pub(crate) const PIECE: usize = 8192;
 /// Elements of one parallel task (1 MiB of `f32`).
 pub(crate) const TASK: usize = 1 << 18;
 /// Below this many elements everything runs on the calling thread.
-const SERIAL_BELOW: usize = 1 << 15;
+pub(crate) const SERIAL_BELOW: usize = 1 << 15;
 /// With at least this many channels, channels-first units are whole channels (and passes fuse).
 pub(crate) const MIN_PARALLEL_CHANNELS: usize = 16;
 /// Fewest rows of a block of the rows plan: each block costs a few operations per channel (shift,

@@ -73,8 +73,13 @@ pub struct SyncBatchNorm<T: Element> {
 }
 
 impl<T: Element> SyncBatchNorm<T> {
-    /// A fresh layer (see [`BatchNorm::new`], whose rejections it shares).
+    /// A fresh layer (see [`BatchNorm::new`], whose rejections it shares). Rejects, first, a
+    /// configuration with a virtual batch size ([`Error::GhostNotSynchronized`]): ghost groups
+    /// are local to a worker.
     pub fn new(num_features: usize, config: BatchNormConfig) -> Result<Self, Error> {
+        if config.virtual_batch.is_some() {
+            return Err(Error::GhostNotSynchronized);
+        }
         Ok(SyncBatchNorm {
             bn: BatchNorm::new(num_features, config)?,
         })

@@ -29,7 +29,7 @@
 
 use batchnorm::{
     batch_norm_backward, batch_norm_backward_eval, batch_norm_train, reference, Affine, BatchStats, Element,
-    FixedStats, Geometry, Grads, Layout, SavedStats, View,
+    FixedStats, Geometry, Grads, Layout, SavedStats, ThreadComm, View,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -199,6 +199,16 @@ impl Data {
         }
     }
 
+    /// x, dy, γ and β as `T` buffers (their values are already `T`'s, so exactly these).
+    pub fn narrowed<T: Element>(&self) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+        (
+            narrow(&self.x),
+            narrow(&self.dy),
+            narrow(&self.gamma),
+            narrow(&self.beta),
+        )
+    }
+
     /// γ = 1, β = 0 (what the kernels use without affine).
     pub fn ones_zeros(&self) -> (Vec<f64>, Vec<f64>) {
         (vec![1.0; self.g.channels], vec![0.0; self.g.channels])
@@ -211,6 +221,24 @@ impl Data {
         } else {
             self.ones_zeros()
         }
+    }
+
+    /// The data of examples `start..start + n` of a batch of `shape` in `layout` (dimension 0,
+    /// the batch, comes first in every layout, so they are a contiguous slice), with their
+    /// shape: what one rank's shard or one ghost group holds. γ, β and the inference statistics
+    /// are the whole batch's.
+    pub fn examples(&self, layout: Layout, shape: &[usize], start: usize, n: usize) -> (Data, Vec<usize>) {
+        let per_example = self.x.len() / shape[0];
+        let mut sub = shape.to_vec();
+        sub[0] = n;
+        let range = start * per_example..(start + n) * per_example;
+        let d = Data {
+            g: layout.geometry(&sub).expect("a shard of a valid shape"),
+            x: self.x[range.clone()].to_vec(),
+            dy: self.dy[range].to_vec(),
+            ..self.clone()
+        };
+        (d, sub)
     }
 
     /// Mean of |x| per channel (the scale of rounding errors in a channel mean).
@@ -443,4 +471,168 @@ pub fn eval_dgamma_scale(d: &Data, dy: &[f64], eps: f64) -> Vec<f64> {
         out[c] += (dy[k] * (d.x[k].abs() + d.mean[c].abs())).abs() / (d.var[c] + eps).sqrt();
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Central finite differences (f64).
+//
+// ℓ = Σ wₖ·yₖ with random w (so dy = w), y from the kernels' own forward. Each input is
+// perturbed by ±h with h = 1e-6 and (ℓ(+h) − ℓ(−h))/2h compared with the analytic gradient.
+// Error of the estimate: truncation h²/6·|ℓ'''| ≈ 1e-12·O(1) (data have σ ∈ [0.5, 2], ε = 1e-5,
+// so the derivatives of x̂ are O(1)), plus round-off ≈ u·Σ|wₖyₖ|/h ≤ 1.1e-16·200/1e-6 ≈ 2e-8 for
+// the ≤ 60 elements used here. Tolerance 1e-6·(1 + |analytic|) leaves a margin of 50 over that,
+// while the smallest term of the chain rule that a bug could drop (∂ℓ/∂μ_B/m or
+// ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m, O(1/m) ≥ 1/60) is 4 orders of magnitude larger.
+// ---------------------------------------------------------------------------------------------
+
+/// The step h of the central differences.
+pub const H: f64 = 1e-6;
+/// The relative tolerance of a finite-difference comparison (see the budget above).
+pub const FD_TOL: f64 = 1e-6;
+
+/// The shapes of the finite-difference tests: every layout, ≤ 60 elements each.
+pub fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (Layout::NC, vec![6, 3]),
+        (Layout::NCHW, vec![3, 2, 2, 3]),
+        (Layout::NHWC, vec![3, 2, 3, 2]),
+        (Layout::ChannelsFirst, vec![4, 3, 5]),
+        (Layout::ChannelsLast, vec![4, 5, 3]),
+        // ≥ 16 channels (fused per-channel path) and an NC batch of 2.
+        (Layout::NCHW, vec![2, 16, 1, 2]),
+        (Layout::NC, vec![2, 4]),
+    ]
+}
+
+#[track_caller]
+pub fn assert_fd(what: &str, analytic: f64, numeric: f64) {
+    let t = FD_TOL * (1.0 + analytic.abs());
+    assert!(
+        (analytic - numeric).abs() <= t,
+        "{what}: analytic {analytic:e}, finite difference {numeric:e}, |diff| {:e} > {t:e}",
+        (analytic - numeric).abs()
+    );
+}
+
+/// ℓ = Σ wₖ·yₖ.
+pub fn loss(w: &[f64], y: &[f64]) -> f64 {
+    w.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// The analytic gradients (`dx`, `dg`, `db`) against central differences: of `loss_x(x, γ, β)`
+/// in each element of x, and of `loss_params(γ, β)` in each channel's γ and β (both taken
+/// around the given x, γ, β).
+#[allow(clippy::too_many_arguments)]
+pub fn assert_fd_grads(
+    what: &str,
+    x: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    (dx, dg, db): (&[f64], &[f64], &[f64]),
+    loss_x: impl Fn(&[f64], &[f64], &[f64]) -> f64,
+    loss_params: impl Fn(&[f64], &[f64]) -> f64,
+) {
+    for k in 0..x.len() {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[k] += H;
+        xm[k] -= H;
+        let fd = (loss_x(&xp, gamma, beta) - loss_x(&xm, gamma, beta)) / (2.0 * H);
+        assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
+    }
+    for c in 0..gamma.len() {
+        let perturbed = |v: &[f64], delta: f64| {
+            let mut p = v.to_vec();
+            p[c] += delta;
+            p
+        };
+        let fd_g = (loss_params(&perturbed(gamma, H), beta) - loss_params(&perturbed(gamma, -H), beta)) / (2.0 * H);
+        let fd_b = (loss_params(gamma, &perturbed(beta, H)) - loss_params(gamma, &perturbed(beta, -H))) / (2.0 * H);
+        assert_fd(&format!("{what} dgamma[{c}]"), dg[c], fd_g);
+        assert_fd(&format!("{what} dbeta[{c}]"), db[c], fd_b);
+    }
+}
+
+/// `check(layout, shape, affine, data)` for every finite-difference shape, with and without
+/// affine; the data of shape i from seed `seed0 + i`.
+pub fn for_each_fd_case(seed0: u64, mut check: impl FnMut(Layout, &[usize], bool, &Data)) {
+    for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
+        for affine in [true, false] {
+            let d = Data::new::<f64>(layout, &shape, seed0 + i as u64);
+            check(layout, &shape, affine, &d);
+        }
+    }
+}
+
+/// The loss `w·y` of the output `forward` writes into a zeroed y.
+pub fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
+    let mut y = vec![0.0; w.len()];
+    forward(&mut y);
+    loss(w, &y)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synchronized tests: shards of a batch over in-process ranks.
+// ---------------------------------------------------------------------------------------------
+
+/// Shapes of every layout; dimension 0 is the batch, split into shards.
+pub fn shard_shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (Layout::NC, vec![7, 5]),
+        (Layout::NCHW, vec![6, 3, 2, 3]),
+        (Layout::NHWC, vec![5, 2, 3, 4]),
+        (Layout::ChannelsFirst, vec![6, 3]),
+        (Layout::ChannelsFirst, vec![5, 2, 2, 1, 3]),
+        (Layout::ChannelsLast, vec![6, 2, 2, 3]),
+        (Layout::ChannelsLast, vec![7, 4]),
+    ]
+}
+
+/// Uneven shard sizes of a batch of `n` over `p` ranks (one shard of a single example).
+pub fn shard_sizes(n: usize, p: usize) -> Vec<usize> {
+    match p {
+        1 => vec![n],
+        2 => vec![1, n - 1],
+        3 => vec![1, 2, n - 3],
+        _ => unreachable!("the tests use P <= 3"),
+    }
+}
+
+/// Runs `f(comm)` on each rank of a `p`-thread group; results in rank order.
+pub fn on_threads<R: Send>(p: usize, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec<R> {
+    let comms = ThreadComm::group(p).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || f(&c))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
+    })
+}
+
+/// |a − b| ≤ 2·tol(b, scale, rel) elementwise: two results each within [`tol`] of the exact
+/// value (a synchronized and a one-process computation, summing in different orders) differ by
+/// at most twice it.
+#[track_caller]
+pub fn assert_near<T: TestFloat>(what: &str, a: &[T], b: &[T], scale: &[f64], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (k, ((x, y), s)) in wide(a).iter().zip(wide(b)).zip(scale).enumerate() {
+        let t = 2.0 * tol::<T>(y, *s, rel);
+        assert!(
+            (x - y).abs() <= t,
+            "{what}[{k}] ({}): synchronized {x:e}, one process {y:e}, |diff| {:e} > {t:e}",
+            T::NAME,
+            (x - y).abs()
+        );
+    }
+}
+
+/// The first example of each shard of `sizes`.
+pub fn shard_starts(sizes: &[usize]) -> Vec<usize> {
+    sizes
+        .iter()
+        .scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n)))
+        .collect()
 }

@@ -1060,3 +1060,196 @@ fn inconsistent_public_structs_are_rejected_without_panic() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ghost batch norm: the virtual batch size, short groups, saved groups, synchronization.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ghost_errors() {
+    use batchnorm::{
+        ghost_batch_norm_backward, ghost_batch_norm_train, update_ghost_running_stats, GhostSaved, SingleProcess,
+        SyncBatchNorm,
+    };
+    let (layout, c, shape, n) = (Layout::NC, 2, [6usize, 2], 12);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let x5 = xs(10);
+    let short = View::new(&x5, &[5, 2], layout); // groups of 2, 2 and 1 examples
+    let x_nchw = xs(6);
+    let short_nchw = View::new(&x_nchw, &[3, 2, 1, 1], Layout::NCHW); // groups of 2 and 1
+    let one = View::new(&x[..2], &[1, 2], layout);
+    let ghost = |v: usize, groups: usize, count: u64| GhostSaved {
+        virtual_batch: v,
+        groups: vec![saved(c, count); groups],
+    };
+    let (good, g) = (ghost(2, 3, 2), vec![1.0f32; c]);
+    let (good, g, x) = (&good, &g, &x);
+    let stats = batch_stats(v).unwrap();
+    let wider = batch_stats(View::new(&x[..9], &[3, 3], layout)).unwrap();
+    let single = batch_stats(one).unwrap();
+    let (stats, wider, single) = (&stats, &wider, &single);
+    let group_too_small = |group, count, shape: &[usize]| Error::GhostGroupTooSmall {
+        group,
+        count,
+        shape: shape.to_vec(),
+    };
+    let mismatch = |expected, actual| Error::GhostGroupsMismatch { expected, actual };
+    let cases = vec![
+        case("train v = 0", Error::InvalidVirtualBatch(0), move |o| {
+            ghost_batch_norm_train(v, 0, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        }),
+        case("train v = 1", Error::InvalidVirtualBatch(1), move |o| {
+            ghost_batch_norm_train(v, 1, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        }),
+        case("train NC last group of one", group_too_small(2, 1, &[5, 2]), move |o| {
+            ghost_batch_norm_train(short, 2, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        })
+        .with_out(Out::new(10, c)),
+        case(
+            "train NCHW last group of one",
+            group_too_small(1, 1, &[3, 2, 1, 1]),
+            move |o| ghost_batch_norm_train(short_nchw, 2, Affine::NONE, 1e-5, &mut o.y).map(drop),
+        )
+        .with_out(Out::new(6, c)),
+        case("train batch of one", too_few(1, &[1, 2]), move |o| {
+            ghost_batch_norm_train(one, 2, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        })
+        .with_out(Out::new(2, c)),
+        case("train y", buffer("y", n, n - 1), move |o| {
+            ghost_batch_norm_train(v, 2, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        })
+        .with_out(Out::sized(n - 1, n, c, c)),
+        // Backward: the saved groups against the input.
+        case("backward v = 1", Error::InvalidVirtualBatch(1), move |o| {
+            ghost_batch_norm_backward(v, x, &ghost(1, 6, 2), Some(g), o.grads())
+        }),
+        case("backward fewer groups", mismatch(3, 2), move |o| {
+            ghost_batch_norm_backward(v, x, &ghost(2, 2, 2), Some(g), o.grads())
+        }),
+        case("backward other v", mismatch(2, 3), move |o| {
+            ghost_batch_norm_backward(v, x, &ghost(4, 3, 2), Some(g), o.grads())
+        }),
+        case("backward group mean", feature("saved.mean", c, 1), move |o| {
+            let mut bad = good.clone();
+            bad.groups[1].mean.pop();
+            ghost_batch_norm_backward(v, x, &bad, Some(g), o.grads())
+        }),
+        case("backward group count", group_too_small(2, 1, &shape), move |o| {
+            let mut bad = good.clone();
+            bad.groups[2].count = 1;
+            ghost_batch_norm_backward(v, x, &bad, Some(g), o.grads())
+        }),
+        case("backward dy", buffer("dy", n, n - 1), move |o| {
+            ghost_batch_norm_backward(v, &x[..n - 1], good, Some(g), o.grads())
+        }),
+        case("backward dx", buffer("dx", n, n + 1), move |o| {
+            ghost_batch_norm_backward(v, x, good, Some(g), o.grads())
+        })
+        .with_out(Out::sized(n, n + 1, c, c)),
+        case("backward gamma", feature("gamma", c, 1), move |o| {
+            ghost_batch_norm_backward(v, x, good, Some(&g[..1]), o.grads())
+        }),
+        case("backward dbeta", feature("dbeta", c, c + 1), move |o| {
+            ghost_batch_norm_backward(v, x, good, Some(g), o.grads())
+        })
+        .with_out(Out::sized(n, n, c, c + 1)),
+        // The running update.
+        case("update no groups", Error::NoBatches, move |o| {
+            update_ghost_running_stats(&[], Momentum::Exponential(0.1), 1, &mut o.rm, &mut o.rv)
+        }),
+        case(
+            "update channels",
+            Error::MergeMismatch { left: 2, right: 3 },
+            move |o| {
+                let groups = [stats.clone(), wider.clone()];
+                update_ghost_running_stats(&groups, Momentum::Exponential(0.1), 1, &mut o.rm, &mut o.rv)
+            },
+        ),
+        case("update running mean", feature("running_mean", c, c + 1), move |o| {
+            let mut rm = sentinel(c + 1);
+            let r = update_ghost_running_stats(
+                std::slice::from_ref(stats),
+                Momentum::Exponential(0.1),
+                1,
+                &mut rm,
+                &mut o.rv,
+            );
+            untouched("running mean (long)", &rm);
+            r
+        }),
+        case("update momentum", Error::InvalidMomentum(1.5), move |o| {
+            update_ghost_running_stats(
+                std::slice::from_ref(stats),
+                Momentum::Exponential(1.5),
+                1,
+                &mut o.rm,
+                &mut o.rv,
+            )
+        }),
+        case("update group of one", too_few(1, &[]), move |o| {
+            let groups = [stats.clone(), single.clone()];
+            update_ghost_running_stats(&groups, Momentum::Exponential(0.1), 1, &mut o.rm, &mut o.rv)
+        }),
+        // Layers: the configuration.
+        case("new v = 1", Error::InvalidVirtualBatch(1), move |_| {
+            let config = BatchNormConfig {
+                virtual_batch: Some(1),
+                ..BatchNormConfig::default()
+            };
+            BatchNorm::<f32>::new(c, config).map(drop)
+        }),
+        case("sync new", Error::GhostNotSynchronized, move |_| {
+            let config = BatchNormConfig {
+                virtual_batch: Some(2),
+                ..BatchNormConfig::default()
+            };
+            SyncBatchNorm::<f32>::new(c, config).map(drop)
+        }),
+    ];
+    check_all(n, c, &layer(c), cases);
+
+    // A ghost layer: short groups, statistics that are not its packed ones, the synchronized
+    // passes; nothing changes (its running statistics included).
+    let mut bn = layer(c);
+    bn.config.virtual_batch = Some(2);
+    let cases = vec![
+        on_layer(
+            "layer train NC last group of one",
+            group_too_small(2, 1, &[5, 2]),
+            move |o, bn| bn.forward_train(short, &mut o.y).map(drop),
+        )
+        .with_out(Out::new(10, c)),
+        // Plain statistics (C values) where the layer packs 3 groups × C.
+        on_layer(
+            "layer backward plain saved",
+            feature("saved.mean", 3 * c, c),
+            move |o, bn| bn.backward(v, x, &saved(c, 12), o.grads()),
+        ),
+        on_layer("layer train sync", Error::GhostNotSynchronized, move |o, bn| {
+            bn.forward_train_sync(&SingleProcess, v, &mut o.y).map(drop)
+        }),
+        on_layer("layer backward sync", Error::GhostNotSynchronized, move |o, bn| {
+            bn.backward_sync(&SingleProcess, v, x, &saved(c, 12), o.grads())
+                .map(drop)
+        }),
+    ];
+    check_all(n, c, &bn, cases);
+
+    // A virtual batch size made invalid after construction (the configuration is public):
+    // rejected first by both training passes, frozen or not.
+    for frozen in [false, true] {
+        let mut bn = layer(c);
+        bn.config.virtual_batch = Some(1);
+        bn.set_frozen(frozen);
+        let cases = vec![
+            on_layer("layer train v = 1", Error::InvalidVirtualBatch(1), move |o, bn| {
+                bn.forward_train(v, &mut o.y).map(drop)
+            }),
+            on_layer("layer backward v = 1", Error::InvalidVirtualBatch(1), move |o, bn| {
+                bn.backward(v, x, &saved(c, 12), o.grads())
+            }),
+        ];
+        check_all(n, c, &bn, cases);
+    }
+}

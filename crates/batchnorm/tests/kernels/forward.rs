@@ -112,7 +112,7 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
         momentum,
         affine,
         track_running_stats: true,
-        small_batch: Default::default(),
+        ..Default::default()
     };
     let d0 = Data::new::<T>(layout, shape, seed);
     let mut bn = BatchNorm::<T>::new(d0.g.channels, config).unwrap();

@@ -15,34 +15,14 @@
 
 // The shared helpers in `common` index several buffers in step.
 
-use crate::common::{assert_bits, backward_scales, narrow, reduce_rel, tol, train_y_scale, wide, Data, TestFloat};
+use crate::common::{
+    assert_bits, assert_near, backward_scales, narrow, on_threads, reduce_rel, shard_shapes, shard_sizes, shard_starts,
+    train_y_scale, wide, Data, TestFloat,
+};
 use batchnorm::{
     BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
     ThreadComm, View,
 };
-
-/// Shapes of every layout; dimension 0 is the batch, split into shards.
-fn shapes() -> Vec<(Layout, Vec<usize>)> {
-    vec![
-        (Layout::NC, vec![7, 5]),
-        (Layout::NCHW, vec![6, 3, 2, 3]),
-        (Layout::NHWC, vec![5, 2, 3, 4]),
-        (Layout::ChannelsFirst, vec![6, 3]),
-        (Layout::ChannelsFirst, vec![5, 2, 2, 1, 3]),
-        (Layout::ChannelsLast, vec![6, 2, 2, 3]),
-        (Layout::ChannelsLast, vec![7, 4]),
-    ]
-}
-
-/// Uneven shard sizes of a batch of `n` over `p` ranks (one shard of a single example).
-fn shard_sizes(n: usize, p: usize) -> Vec<usize> {
-    match p {
-        1 => vec![n],
-        2 => vec![1, n - 1],
-        3 => vec![1, 2, n - 3],
-        _ => unreachable!("the tests use P <= 3"),
-    }
-}
 
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
@@ -125,28 +105,10 @@ fn one_rank<T: TestFloat>(
     })
 }
 
-/// Runs `f(comm)` on each rank of a `p`-thread group; results in rank order.
-fn on_threads<R: Send>(p: usize, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec<R> {
-    let comms = ThreadComm::group(p).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                let f = &f;
-                s.spawn(move || f(&c))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
-    })
-}
-
 /// The synchronized step over `sizes` shards, concatenated back into whole-batch buffers; also
 /// checks that every rank holds the same bits of dγ, dβ and running statistics.
 fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usize]) -> Step<T> {
-    let starts: Vec<usize> = sizes
-        .iter()
-        .scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n)))
-        .collect();
+    let starts = shard_starts(sizes);
     let ranks = on_threads(sizes.len(), |c| {
         let r = c.rank();
         one_rank::<T>(c, d, layout, shape, starts[r], sizes[r].max(1)).unwrap()
@@ -164,23 +126,8 @@ fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usi
     }
 }
 
-/// |a − b| ≤ 2·tol(b, scale, rel) elementwise (see the module docs).
-#[track_caller]
-fn assert_near<T: TestFloat>(what: &str, a: &[T], b: &[T], scale: &[f64], rel: f64) {
-    assert_eq!(a.len(), b.len(), "{what}: length");
-    for (k, ((x, y), s)) in wide(a).iter().zip(wide(b)).zip(scale).enumerate() {
-        let t = 2.0 * tol::<T>(y, *s, rel);
-        assert!(
-            (x - y).abs() <= t,
-            "{what}[{k}] ({}): synchronized {x:e}, one process {y:e}, |diff| {:e} > {t:e}",
-            T::NAME,
-            (x - y).abs()
-        );
-    }
-}
-
 fn check_equal_to_one_process<T: TestFloat>(p: usize) {
-    for (i, (layout, shape)) in shapes().into_iter().enumerate() {
+    for (i, (layout, shape)) in shard_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 100 + i as u64);
         let sizes = shard_sizes(shape[0], p);
         assert_eq!(sizes.iter().sum::<usize>(), shape[0]);
@@ -261,7 +208,7 @@ fn sharded_statistics_are_not_local() {
 
 /// One rank (the same code path, nothing to merge) gives exactly the one-process layer's bits.
 fn check_single_rank_bits<T: TestFloat>() {
-    for (i, (layout, shape)) in shapes().into_iter().enumerate() {
+    for (i, (layout, shape)) in shard_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 200 + i as u64);
         let want = one_process::<T>(&d, layout, &shape);
         let n = shape[0];

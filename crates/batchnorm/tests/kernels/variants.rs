@@ -602,38 +602,10 @@ fn renorm_on_chunking_shapes() {
     }
 }
 
-// Central finite differences (f64), as in tests/backward.rs: ℓ = Σ wₖ·yₖ, h = 1e-6, tolerance
-// 1e-6·(1 + |analytic|) (see there for the error budget; r ≤ 3 and |d| ≤ 5 scale the derivatives
-// by O(1) factors). r and d are held constant: the forward under perturbation is Algorithm 1's
+// Central finite differences (f64), with `common`'s helpers: ℓ = Σ wₖ·yₖ, h = 1e-6, tolerance
+// 1e-6·(1 + |analytic|) (see `common` for the error budget; r ≤ 3 and |d| ≤ 5 scale the
+// derivatives by O(1) factors). r and d are held constant: the forward under perturbation is Algorithm 1's
 // kernel with γ' = γ·r and β' = γ·d + β, exactly y = γ·((x − μ_B)/σ_B·r + d) + β for fixed r, d.
-
-const H: f64 = 1e-6;
-
-#[track_caller]
-fn assert_fd(what: &str, analytic: f64, numeric: f64) {
-    let t = 1e-6 * (1.0 + analytic.abs());
-    assert!(
-        (analytic - numeric).abs() <= t,
-        "{what}: analytic {analytic:e}, finite difference {numeric:e}, |diff| {:e} > {t:e}",
-        (analytic - numeric).abs()
-    );
-}
-
-fn loss(w: &[f64], y: &[f64]) -> f64 {
-    w.iter().zip(y).map(|(a, b)| a * b).sum()
-}
-
-fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
-    vec![
-        (Layout::NC, vec![6, 3]),
-        (Layout::NCHW, vec![3, 2, 2, 3]),
-        (Layout::NHWC, vec![3, 2, 3, 2]),
-        (Layout::ChannelsFirst, vec![4, 3, 5]),
-        (Layout::ChannelsLast, vec![4, 5, 3]),
-        (Layout::NCHW, vec![2, 16, 1, 2]),
-        (Layout::NC, vec![2, 4]),
-    ]
-}
 
 /// Renorm backward (dx, dγ, dβ with r, d constant) against central differences.
 #[test]

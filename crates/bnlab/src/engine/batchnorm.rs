@@ -1,4 +1,4 @@
-//! Batch norm in the engine: the `batchnorm` crate's kernels behind the [`Layer`] interface.
+//! Batch norm in the engine: the `batchnorm` crate's layers behind the [`Layer`] interface.
 //!
 //! Convolutional BN (the paper's Section 3.2: one γ, β and one mean/variance per feature map,
 //! over N·H·W values) uses the NCHW layout, i.e. examples `[channels, spatial]`. Why NCHW rather
@@ -7,45 +7,295 @@
 //! conv output and gradient; and on this engine's feature-map shapes (8 channels of 28×28, 16 of
 //! 14×14) the kernels are not faster in NHWC anyway: NHWC pays off only from wide planes with more
 //! channels (the figures are in docs/tuning-log.md).
+//!
+//! # Variants
+//!
+//! A [`BatchNormLayer`] computes one [`BnVariant`] (docs/variants.md has the definitions):
+//!
+//! - [`BnVariant::Plain`]: batch norm as the paper defines it, with the config's small-batch
+//!   policy ([`BatchNormConfig::small_batch`]): the kernel crate's [`BatchNorm`];
+//! - [`BnVariant::Frozen`]: the same layer, plain for a number of training steps and then in the
+//!   kernel layer's frozen state ([`BatchNorm::freeze`]), which [`BatchNormLayer::set_frozen`]
+//!   also switches;
+//! - [`BnVariant::Renorm`]: batch renormalization, the kernel crate's [`BatchRenorm`], whose step
+//!   counter drives its [`RenormSchedule`].
+//!
+//! The layer keeps the variant's own state beside the kernel layer `bn` (a private enum with one
+//! case per variant). Ghost batch norm (virtual batches, a setting of the kernel's
+//! [`BatchNormConfig`]) and masked batch norm (a mask given with each forward, which its case
+//! would hold until the backward) are two more cases of it.
+//!
+//! # What each mode does per variant
+//!
+//! | | `Mode::Train` | `Mode::Collect` (Algorithm 2) | `Mode::Eval` |
+//! |---|---|---|---|
+//! | plain | batch statistics, running update | batch statistics, observed | running statistics (replaced by [`BatchNormLayer::use_population`]) |
+//! | frozen, while not frozen | as plain | as plain | running statistics, or the population estimate after `use_population` |
+//! | frozen | running statistics, no update | running statistics, nothing observed | running statistics |
+//! | renorm | Algorithm 1 of Ioffe 2017, moving update, step + 1 | the training transform at the current step, the plain batch statistics observed, nothing updated | moving μ, σ, or the population estimate after `use_population` |
+//!
+//! Why the population estimate replaces the running statistics only for plain batch norm: a
+//! frozen layer trains with its running statistics (frozen now, or from its freezing step on) and
+//! a renorm layer computes r and d from its moving statistics, so in both they are training
+//! state, and an evaluation must not change how training continues (nor make ranks differ, as
+//! the run driver evaluates on rank 0 only). A frozen layer keeps its statistics for inference
+//! too: the network was trained with them, and Algorithm 2 estimates the statistics the training
+//! network uses.
 
 use super::{Layer, Mode, Param, State, StateValue};
 use ::batchnorm::{
-    batch_norm_train, Affine, BatchNorm, BatchNormConfig, Communicator, Grads, Layout, PopulationStats, SavedStats,
-    View,
+    batch_norm_eval, batch_norm_train, batch_renorm_eval, batch_renorm_train, Affine, BatchNorm, BatchNormConfig,
+    BatchRenorm, BatchRenormConfig, BatchStats, Communicator, FixedStats, Grads, InferenceAffine, Layout,
+    PopulationStats, RenormSaved, RenormSchedule, RenormStats, SavedStats, SmallBatch, View,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::sync::Arc;
 
+/// Which batch norm a [`BatchNormLayer`] computes, with the settings the variant adds to the
+/// layer's [`BatchNormConfig`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BnVariant {
+    /// Batch norm as the paper defines it (with the config's small-batch policy).
+    Plain,
+    /// Frozen batch norm: plain for the first `after` training steps (Train-mode forwards), then
+    /// frozen from the step with index `after` on (0: from the first step): statistics fixed to
+    /// the running ones, γ and β still trained.
+    Frozen {
+        /// Training steps taken before the layer freezes.
+        after: u64,
+    },
+    /// Batch renormalization (Ioffe 2017, Algorithm 1).
+    Renorm {
+        /// α, the weight of the batch in the moving averages, in (0, 1] (the config's `momentum`
+        /// is for running statistics and does not apply).
+        momentum: f64,
+        /// r_max and d_max by training step.
+        limits: RenormSchedule,
+    },
+}
+
+impl BnVariant {
+    /// The variant's short name: `bn`, `frozen` or `renorm` (as `bnlab bench` names its rows).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BnVariant::Plain => "bn",
+            BnVariant::Frozen { .. } => "frozen",
+            BnVariant::Renorm { .. } => "renorm",
+        }
+    }
+}
+
+/// The message of a renorm layer asked to train synchronized.
+const RENORM_SYNC: &str = "batch renormalization cannot train synchronized yet: the kernel crate's `BatchRenorm` \
+     has no synchronized passes (train in one process, or with --bn-sync off)";
+
+/// What a layer computes beyond `bn`, with the state that goes with it: one case per variant.
+enum Kind {
+    /// Plain batch norm: `bn` is all there is.
+    Plain,
+    /// Frozen batch norm: `bn`'s frozen state is switched on before the training step `after`.
+    Frozen {
+        /// The step the layer freezes at.
+        after: u64,
+        /// Training steps taken.
+        steps: u64,
+    },
+    /// Batch renormalization: the renorm layer holds γ, β, the moving statistics and the step
+    /// counter; `bn` holds only ε and the channel count.
+    Renorm(BatchRenorm<f32>),
+}
+
+/// What the backward needs from the training forward, per kernel layer.
+enum Saved {
+    /// The batch-norm kernel's saved statistics.
+    Bn(SavedStats),
+    /// Batch renorm's saved statistics, r and d.
+    Renorm(RenormSaved),
+}
+
+/// Algorithm 2's estimate in the form the layer's inference pass takes: mean and variance for the
+/// batch-norm kernel, mean and σ = √(Var + ε) for batch renorm.
+struct Population {
+    mean: Vec<f32>,
+    spread: Vec<f32>,
+}
+
 /// Batch norm over `channels` features; each example is `[channels]` (fully connected) or
-/// `[channels, spatial]` (feature maps, NCHW: statistics per channel over N·H·W).
+/// `[channels, spatial]` (feature maps, NCHW: statistics per channel over N·H·W). It computes one
+/// [`BnVariant`] (see the module docs for what each [`Mode`] does per variant).
 ///
 /// With a communicator set ([`BatchNormLayer::synchronize`]) training forward and backward are
 /// synchronized batch norm over all ranks' shards of the global batch, and the parameter
-/// gradients are this rank's share (summed over ranks by the data-parallel loop).
+/// gradients are this rank's share (summed over ranks by the data-parallel loop). A renorm layer
+/// refuses to train synchronized (the kernel has no synchronized renorm yet).
 pub struct BatchNormLayer {
-    /// The kernel crate's layer: γ, β, running statistics, settings.
+    /// The kernel crate's batch-norm layer: γ, β, running statistics, settings and frozen state,
+    /// for every variant but renorm. For [`BnVariant::Renorm`] it holds only ε and the channel
+    /// count (no γ, β or running statistics, which the renorm layer has:
+    /// [`BatchNormLayer::renorm`]). Freezing it directly is not saved in checkpoints unless the
+    /// layer is [`BnVariant::Frozen`] (use [`BatchNormLayer::set_frozen`]).
     pub bn: BatchNorm<f32>,
     /// Spatial size per channel (1 for fully connected).
     pub spatial: usize,
-    saved: Option<SavedStats>,
+    kind: Kind,
+    saved: Option<Saved>,
     population: PopulationStats,
+    /// Set by [`BatchNormLayer::use_population`] where it does not replace the layer's own
+    /// statistics; used by `Mode::Eval` until [`BatchNormLayer::reset_population`].
+    estimate: Option<Population>,
     grad_gamma: Vec<f32>,
     grad_beta: Vec<f32>,
     sync: Option<Arc<dyn Communicator>>,
 }
 
+/// γ and β as the kernel functions take them: none without affine.
+fn affine_of<'a>(affine: bool, gamma: &'a [f32], beta: &'a [f32]) -> Affine<'a, f32> {
+    if affine {
+        Affine::new(gamma, beta)
+    } else {
+        Affine::NONE
+    }
+}
+
+/// The batch-norm kernel's training forward, synchronized over `comm` when given.
+fn train_bn(
+    bn: &mut BatchNorm<f32>,
+    comm: Option<&dyn Communicator>,
+    x: View<'_, f32>,
+    y: &mut [f32],
+) -> Result<SavedStats, ::batchnorm::Error> {
+    match comm {
+        Some(comm) => bn.forward_train_sync(comm, x, y),
+        None => bn.forward_train(x, y),
+    }
+}
+
 impl BatchNormLayer {
-    /// A fresh layer (γ = 1, β = 0, running mean 0 and variance 1).
+    /// A fresh plain layer (γ = 1, β = 0, running mean 0 and variance 1). Rejects what
+    /// [`BatchNorm::new`] rejects.
     pub fn new(channels: usize, spatial: usize, config: BatchNormConfig) -> Result<Self> {
+        Self::with_variant(channels, spatial, config, BnVariant::Plain)
+    }
+
+    /// A fresh layer of `variant`: γ = 1, β = 0, and running mean 0 and variance 1 (renorm:
+    /// moving mean 0 and σ 1, step 0).
+    ///
+    /// Rejects what [`BatchNorm::new`] rejects (ε not finite and > 0, a momentum outside (0, 1]);
+    /// a frozen layer without running statistics (`track_running_stats = false`); for renorm, a
+    /// momentum α outside (0, 1], `track_running_stats = false` (its moving statistics always
+    /// exist) and the small-batch policy [`SmallBatch::UseRunningStats`] (renorm has none).
+    pub fn with_variant(channels: usize, spatial: usize, config: BatchNormConfig, variant: BnVariant) -> Result<Self> {
+        let kind = match variant {
+            BnVariant::Plain => Kind::Plain,
+            BnVariant::Frozen { after } => {
+                ensure!(
+                    config.track_running_stats,
+                    "frozen batch norm needs running statistics (track_running_stats = false)"
+                );
+                Kind::Frozen { after, steps: 0 }
+            }
+            BnVariant::Renorm { momentum, limits } => {
+                ensure!(
+                    config.track_running_stats,
+                    "batch renorm always keeps moving statistics: track_running_stats = false does not apply"
+                );
+                ensure!(
+                    config.small_batch == SmallBatch::Error,
+                    "batch renorm has no small-batch policy: it needs 2 or more values per channel"
+                );
+                let renorm_config = BatchRenormConfig {
+                    eps: config.eps,
+                    momentum,
+                    limits,
+                    affine: config.affine,
+                };
+                Kind::Renorm(BatchRenorm::new(channels, renorm_config).context("batch renorm")?)
+            }
+        };
+        let bn = match kind {
+            // ε and the channel count only.
+            Kind::Renorm(_) => BatchNorm::new(
+                channels,
+                BatchNormConfig {
+                    affine: false,
+                    track_running_stats: false,
+                    ..config
+                },
+            )?,
+            _ => BatchNorm::new(channels, config)?,
+        };
         Ok(BatchNormLayer {
-            bn: BatchNorm::new(channels, config)?,
+            bn,
             spatial,
+            kind,
             saved: None,
             population: PopulationStats::new(channels),
+            estimate: None,
             grad_gamma: vec![0.0; channels],
             grad_beta: vec![0.0; channels],
             sync: None,
         })
+    }
+
+    /// The variant this layer computes.
+    pub fn variant(&self) -> BnVariant {
+        match &self.kind {
+            Kind::Plain => BnVariant::Plain,
+            Kind::Frozen { after, .. } => BnVariant::Frozen { after: *after },
+            Kind::Renorm(r) => BnVariant::Renorm {
+                momentum: r.config.momentum,
+                limits: r.config.limits,
+            },
+        }
+    }
+
+    /// The kernel crate's renorm layer (γ, β, moving mean and σ, step counter) of a
+    /// [`BnVariant::Renorm`] layer; `None` for the other variants.
+    pub fn renorm(&self) -> Option<&BatchRenorm<f32>> {
+        match &self.kind {
+            Kind::Renorm(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// [`BatchNormLayer::renorm`], mutable (to set γ, β or the moving statistics).
+    pub fn renorm_mut(&mut self) -> Option<&mut BatchRenorm<f32>> {
+        match &mut self.kind {
+            Kind::Renorm(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Training steps (Train-mode forwards) this layer has taken, for the variants that count
+    /// them (frozen: to know when to freeze; renorm: its schedule's step); `None` for plain.
+    pub fn train_steps(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Plain => None,
+            Kind::Frozen { steps, .. } => Some(*steps),
+            Kind::Renorm(r) => Some(r.steps),
+        }
+    }
+
+    /// Whether the layer's training passes normalize with its running statistics now (frozen).
+    pub fn is_frozen(&self) -> bool {
+        !matches!(self.kind, Kind::Renorm(_)) && self.bn.is_frozen()
+    }
+
+    /// Freezes (`true`) or unfreezes a [`BnVariant::Frozen`] layer now; the state is saved in
+    /// checkpoints. The layer still freezes itself before its training step `after` (unfreezing
+    /// it after that step lasts). Rejects the other variants, whose checkpoints have no frozen
+    /// state.
+    pub fn set_frozen(&mut self, frozen: bool) -> Result<()> {
+        match self.kind {
+            Kind::Frozen { .. } => {
+                self.bn.set_frozen(frozen);
+                Ok(())
+            }
+            _ => bail!(
+                "only a frozen-variant batch-norm layer can be frozen or unfrozen (this one is `{}`)",
+                self.variant().name()
+            ),
+        }
     }
 
     fn shape(&self, batch: usize) -> ([usize; 3], Layout) {
@@ -53,28 +303,190 @@ impl BatchNormLayer {
     }
 
     /// Synchronizes training statistics and backward reductions over `comm` (`None`: this
-    /// process's batch alone).
+    /// process's batch alone). A renorm layer then refuses to train (see [`BatchNormLayer`]).
     pub fn synchronize(&mut self, comm: Option<Arc<dyn Communicator>>) {
         self.sync = comm;
     }
 
-    /// Forgets the population estimate (before collecting a new one).
+    /// Forgets the population estimate (before collecting a new one); inference uses the layer's
+    /// own statistics again until [`BatchNormLayer::use_population`].
     pub fn reset_population(&mut self) {
         self.population = PopulationStats::new(self.bn.num_features);
+        self.estimate = None;
     }
 
-    /// Replaces the running statistics by the population estimate collected in [`Mode::Collect`].
+    /// Uses the population estimate collected in [`Mode::Collect`] for inference: a plain layer's
+    /// running statistics are replaced by it; a frozen-variant layer that is not frozen yet and a
+    /// renorm layer (mean E\[x\] and σ = √(Var\[x\] + ε)) infer with it while their own
+    /// statistics, which training uses, are left alone; a frozen layer keeps its statistics (it
+    /// collected nothing). Rejects an estimate without batches.
     pub fn use_population(&mut self) -> Result<()> {
-        self.bn
-            .set_population_stats(&self.population)
-            .context("population statistics")?;
+        if self.is_frozen() {
+            return Ok(());
+        }
+        let estimate = match &self.kind {
+            Kind::Plain => {
+                self.bn
+                    .set_population_stats(&self.population)
+                    .context("population statistics")?;
+                return Ok(());
+            }
+            Kind::Frozen { .. } => {
+                let (mean, var) = self.population.finish::<f32>().context("population statistics")?;
+                Population { mean, spread: var }
+            }
+            Kind::Renorm(r) => {
+                let eps = r.config.eps;
+                let (mean, var) = self.population.finish::<f64>().context("population statistics")?;
+                Population {
+                    mean: mean.into_iter().map(|m| m as f32).collect(),
+                    spread: var.into_iter().map(|v| (v + eps).sqrt() as f32).collect(),
+                }
+            }
+        };
+        self.estimate = Some(estimate);
         Ok(())
+    }
+
+    /// The inference transform as one affine map per channel, y = x·scale + shift (for folding
+    /// into the layer before): with the statistics `Mode::Eval` uses now. For renorm,
+    /// scale = γ/σ and shift = β − μ·γ/σ. Rejects a plain or frozen layer without running
+    /// statistics.
+    pub fn inference_affine(&self) -> Result<InferenceAffine> {
+        let eps = self.bn.config.eps;
+        Ok(match (&self.kind, &self.estimate) {
+            (Kind::Renorm(r), estimate) => {
+                let (mean, std) = match estimate {
+                    Some(p) => (&p.mean, &p.spread),
+                    None => (&r.moving_mean, &r.moving_std),
+                };
+                let at = |v: &[f32], c: usize, none: f64| v.get(c).map_or(none, |&v| v as f64);
+                let scale: Vec<f64> = (0..r.num_features)
+                    .map(|c| at(&r.gamma, c, 1.0) / std[c] as f64)
+                    .collect();
+                let shift = (0..r.num_features)
+                    .map(|c| at(&r.beta, c, 0.0) - mean[c] as f64 * scale[c])
+                    .collect();
+                InferenceAffine { scale, shift }
+            }
+            (_, Some(p)) => {
+                let bn = &self.bn;
+                let stats = FixedStats::new(&p.mean, &p.spread);
+                InferenceAffine::new(stats, affine_of(bn.config.affine, &bn.gamma, &bn.beta), eps)?
+            }
+            (_, None) => self.bn.inference_affine()?,
+        })
+    }
+
+    /// Training forward of the layer's variant.
+    fn forward_train(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<Saved> {
+        let comm = self.sync.as_deref();
+        Ok(match &mut self.kind {
+            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, y)?),
+            Kind::Frozen { after, steps } => {
+                let was_frozen = self.bn.is_frozen();
+                if *steps == *after {
+                    self.bn.freeze();
+                }
+                match train_bn(&mut self.bn, comm, x, y) {
+                    Ok(saved) => {
+                        *steps = steps.saturating_add(1);
+                        Saved::Bn(saved)
+                    }
+                    Err(e) => {
+                        self.bn.set_frozen(was_frozen);
+                        return Err(e.into());
+                    }
+                }
+            }
+            Kind::Renorm(r) => {
+                ensure!(comm.is_none(), RENORM_SYNC);
+                Saved::Renorm(r.forward_train(x, y)?)
+            }
+        })
+    }
+
+    /// Algorithm 2's pass: the training transform without any update, observing the batch
+    /// statistics it normalizes with (none when it uses the running statistics).
+    fn forward_collect(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<()> {
+        let stats: BatchStats = match &self.kind {
+            Kind::Renorm(r) => {
+                let moving = RenormStats::new(&r.moving_mean, &r.moving_std);
+                let affine = affine_of(r.config.affine, &r.gamma, &r.beta);
+                batch_renorm_train(x, moving, affine, r.config.eps, r.clip(), y)?.0
+            }
+            _ if self.trains_with_running_stats(x) => return Ok(self.bn.forward_eval(x, y)?),
+            _ => {
+                let bn = &self.bn;
+                batch_norm_train(x, affine_of(bn.config.affine, &bn.gamma, &bn.beta), bn.config.eps, y)?.0
+            }
+        };
+        self.population.observe(&stats)?;
+        Ok(())
+    }
+
+    /// Whether the batch-norm kernel's training forward would normalize `x` with the running
+    /// statistics: the layer is frozen, or `x` has fewer than 2 values per channel and the
+    /// small-batch policy is [`SmallBatch::UseRunningStats`] (docs/variants.md).
+    fn trains_with_running_stats(&self, x: View<'_, f32>) -> bool {
+        let per_channel = x.data.len() / self.bn.num_features.max(1);
+        self.bn.is_frozen() || (per_channel < 2 && self.bn.config.small_batch == SmallBatch::UseRunningStats)
+    }
+
+    /// Inference forward: the layer's own statistics, or the population estimate
+    /// [`BatchNormLayer::use_population`] set.
+    fn forward_eval(&self, x: View<'_, f32>, y: &mut [f32]) -> Result<()> {
+        match (&self.kind, &self.estimate) {
+            (Kind::Renorm(r), Some(p)) => {
+                let stats = RenormStats::new(&p.mean, &p.spread);
+                batch_renorm_eval(x, stats, affine_of(r.config.affine, &r.gamma, &r.beta), y)?
+            }
+            (Kind::Renorm(r), None) => r.forward_eval(x, y)?,
+            (_, Some(p)) => {
+                let bn = &self.bn;
+                let (stats, eps) = (FixedStats::new(&p.mean, &p.spread), bn.config.eps);
+                batch_norm_eval(x, stats, affine_of(bn.config.affine, &bn.gamma, &bn.beta), eps, y)?
+            }
+            (_, None) => self.bn.forward_eval(x, y)?,
+        }
+        Ok(())
+    }
+
+    /// The running-statistics state of the batch-norm kernel (plain and frozen variants).
+    fn running_state(&self) -> [State; 3] {
+        [
+            state("running_mean", StateValue::F32(self.bn.running_mean.clone())),
+            state("running_var", StateValue::F32(self.bn.running_var.clone())),
+            state(
+                "num_batches_tracked",
+                StateValue::U64(vec![self.bn.num_batches_tracked]),
+            ),
+        ]
+    }
+
+    /// Algorithm 2's accumulators.
+    fn population_state(&self) -> [State; 3] {
+        let (batches, mean, var) = self.population.parts();
+        [
+            state("population_batches", StateValue::U64(vec![batches])),
+            state("population_mean", StateValue::F64(mean.to_vec())),
+            state("population_var", StateValue::F64(var.to_vec())),
+        ]
     }
 }
 
+/// A named state tensor.
+fn state(name: &'static str, value: StateValue) -> State {
+    State { name, value }
+}
+
 impl Layer for BatchNormLayer {
+    /// `batchnorm{C}`, or `batchrenorm{C}` for renorm (the checkpoint's tensor names start so).
     fn name(&self) -> String {
-        format!("batchnorm{}", self.bn.num_features)
+        match self.kind {
+            Kind::Renorm(_) => format!("batchrenorm{}", self.bn.num_features),
+            _ => format!("batchnorm{}", self.bn.num_features),
+        }
     }
     fn input_size(&self) -> usize {
         self.bn.num_features * self.spatial
@@ -87,22 +499,9 @@ impl Layer for BatchNormLayer {
         let (shape, layout) = self.shape(batch);
         let x = View::new(x, &shape, layout);
         match mode {
-            Mode::Train => {
-                self.saved = Some(match &self.sync {
-                    Some(comm) => self.bn.forward_train_sync(comm.as_ref(), x, y)?,
-                    None => self.bn.forward_train(x, y)?,
-                })
-            }
-            Mode::Eval => self.bn.forward_eval(x, y)?,
-            Mode::Collect => {
-                let affine = if self.bn.config.affine {
-                    Affine::new(&self.bn.gamma, &self.bn.beta)
-                } else {
-                    Affine::NONE
-                };
-                let (stats, _) = batch_norm_train(x, affine, self.bn.config.eps, y)?;
-                self.population.observe(&stats)?;
-            }
+            Mode::Train => self.saved = Some(self.forward_train(x, y)?),
+            Mode::Eval => self.forward_eval(x, y)?,
+            Mode::Collect => self.forward_collect(x, y)?,
         }
         Ok(())
     }
@@ -114,38 +513,51 @@ impl Layer for BatchNormLayer {
             .saved
             .as_ref()
             .context("batch norm backward before a training forward")?;
-        match &self.sync {
-            Some(comm) => {
+        match (&self.kind, saved, &self.sync) {
+            (Kind::Renorm(_), _, Some(_)) => bail!(RENORM_SYNC),
+            (Kind::Renorm(r), Saved::Renorm(saved), None) => {
+                let grads = Grads {
+                    dx,
+                    ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
+                };
+                r.backward(x, dy, saved, grads)?
+            }
+            (Kind::Plain | Kind::Frozen { .. }, Saved::Bn(saved), Some(comm)) => {
                 // This rank's share of dγ, dβ: the data-parallel loop sums the shares over ranks.
                 let dx_only = Grads { dx, ..Grads::default() };
                 let local = self.bn.backward_sync(comm.as_ref(), x, dy, saved, dx_only)?;
                 local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
             }
-            None => {
+            (Kind::Plain | Kind::Frozen { .. }, Saved::Bn(saved), None) => {
                 let grads = Grads {
                     dx,
                     ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
                 };
                 self.bn.backward(x, dy, saved, grads)?
             }
+            _ => bail!("batch norm backward after a training forward of another variant"),
         }
         Ok(())
     }
 
     fn params(&mut self) -> Vec<Param<'_>> {
-        if !self.bn.config.affine {
+        let (affine, gamma, beta) = match &mut self.kind {
+            Kind::Renorm(r) => (r.config.affine, &mut r.gamma, &mut r.beta),
+            _ => (self.bn.config.affine, &mut self.bn.gamma, &mut self.bn.beta),
+        };
+        if !affine {
             return Vec::new();
         }
         vec![
             Param {
                 name: "gamma",
-                value: &mut self.bn.gamma,
+                value: gamma,
                 grad: &self.grad_gamma,
                 decay: false,
             },
             Param {
                 name: "beta",
-                value: &mut self.bn.beta,
+                value: beta,
                 grad: &self.grad_beta,
                 decay: false,
             },
@@ -156,36 +568,72 @@ impl Layer for BatchNormLayer {
         Some(self)
     }
 
-    /// Running mean and variance, batches tracked, and Algorithm 2's accumulators.
-    fn state(&self) -> Vec<State> {
-        let (batches, mean, var) = self.population.parts();
-        let state = |name, value| State { name, value };
-        vec![
-            state("running_mean", StateValue::F32(self.bn.running_mean.clone())),
-            state("running_var", StateValue::F32(self.bn.running_var.clone())),
-            state(
-                "num_batches_tracked",
-                StateValue::U64(vec![self.bn.num_batches_tracked]),
-            ),
-            state("population_batches", StateValue::U64(vec![batches])),
-            state("population_mean", StateValue::F64(mean.to_vec())),
-            state("population_var", StateValue::F64(var.to_vec())),
-        ]
+    /// Frozen: `frozen(after=N)`; renorm: its α and schedule; plain: none.
+    fn settings(&self) -> Option<String> {
+        match self.variant() {
+            BnVariant::Plain => None,
+            BnVariant::Frozen { after } => Some(format!("frozen(after={after})")),
+            BnVariant::Renorm { momentum, limits } => Some(format!(
+                "renorm(momentum={momentum:?},warmup={},r_ramp={},d_ramp={},r_max={:?},d_max={:?})",
+                limits.warmup_steps(),
+                limits.r_ramp_steps(),
+                limits.d_ramp_steps(),
+                limits.last().r_max(),
+                limits.last().d_max()
+            )),
+        }
     }
 
+    /// Plain: running mean and variance, batches tracked, and Algorithm 2's accumulators. Frozen:
+    /// the same, then the frozen state (`frozen`, 0 or 1) and `train_steps`. Renorm: moving mean
+    /// and σ, `train_steps` (the schedule's step), and Algorithm 2's accumulators.
+    fn state(&self) -> Vec<State> {
+        let mut out = Vec::new();
+        match &self.kind {
+            Kind::Plain => out.extend(self.running_state()),
+            Kind::Frozen { steps, .. } => {
+                out.extend(self.running_state());
+                out.push(state("frozen", StateValue::U64(vec![self.bn.is_frozen() as u64])));
+                out.push(state("train_steps", StateValue::U64(vec![*steps])));
+            }
+            Kind::Renorm(r) => {
+                out.push(state("moving_mean", StateValue::F32(r.moving_mean.clone())));
+                out.push(state("moving_std", StateValue::F32(r.moving_std.clone())));
+                out.push(state("train_steps", StateValue::U64(vec![r.steps])));
+            }
+        }
+        out.extend(self.population_state());
+        out
+    }
+
+    /// Restores one tensor of [`Layer::state`]; also rejects a `frozen` other than 0 or 1.
     fn set_state(&mut self, name: &str, value: StateValue) -> Result<()> {
         let channels = self.bn.num_features;
         let (batches, mean, var) = self.population.parts();
         let (mut batches, mut mean, mut var) = (batches, mean.to_vec(), var.to_vec());
-        match (name, value) {
-            ("running_mean", StateValue::F32(v)) if v.len() == channels => self.bn.running_mean = v,
-            ("running_var", StateValue::F32(v)) if v.len() == channels => self.bn.running_var = v,
-            ("num_batches_tracked", StateValue::U64(v)) if v.len() == 1 => self.bn.num_batches_tracked = v[0],
-            ("population_batches", StateValue::U64(v)) if v.len() == 1 => batches = v[0],
-            ("population_mean", StateValue::F64(v)) if v.len() == channels => mean = v,
-            ("population_var", StateValue::F64(v)) if v.len() == channels => var = v,
-            (name, v) => bail!(
-                "batch norm has no state `{name}` of {} {} values",
+        let bn_kernel = !matches!(self.kind, Kind::Renorm(_));
+        match (&mut self.kind, name, value) {
+            (_, "running_mean", StateValue::F32(v)) if bn_kernel && v.len() == channels => self.bn.running_mean = v,
+            (_, "running_var", StateValue::F32(v)) if bn_kernel && v.len() == channels => self.bn.running_var = v,
+            (_, "num_batches_tracked", StateValue::U64(v)) if bn_kernel && v.len() == 1 => {
+                self.bn.num_batches_tracked = v[0]
+            }
+            (Kind::Frozen { .. }, "frozen", StateValue::U64(v)) if v.len() == 1 && v[0] <= 1 => {
+                self.bn.set_frozen(v[0] == 1)
+            }
+            (Kind::Frozen { .. }, "frozen", StateValue::U64(v)) if v.len() == 1 => {
+                bail!("frozen state {} is neither 0 nor 1", v[0])
+            }
+            (Kind::Frozen { steps, .. }, "train_steps", StateValue::U64(v)) if v.len() == 1 => *steps = v[0],
+            (Kind::Renorm(r), "moving_mean", StateValue::F32(v)) if v.len() == channels => r.moving_mean = v,
+            (Kind::Renorm(r), "moving_std", StateValue::F32(v)) if v.len() == channels => r.moving_std = v,
+            (Kind::Renorm(r), "train_steps", StateValue::U64(v)) if v.len() == 1 => r.steps = v[0],
+            (_, "population_batches", StateValue::U64(v)) if v.len() == 1 => batches = v[0],
+            (_, "population_mean", StateValue::F64(v)) if v.len() == channels => mean = v,
+            (_, "population_var", StateValue::F64(v)) if v.len() == channels => var = v,
+            (_, name, v) => bail!(
+                "{} has no state `{name}` of {} {} values",
+                self.name(),
                 v.len(),
                 v.dtype_name()
             ),

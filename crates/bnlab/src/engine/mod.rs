@@ -29,7 +29,7 @@ pub mod schedule;
 pub mod state;
 
 pub use activation::{Relu, Sigmoid};
-pub use batchnorm::BatchNormLayer;
+pub use batchnorm::{BatchNormLayer, BnVariant};
 pub use conv::{Conv2d, ConvInit};
 pub use dropout::Dropout;
 pub use linear::Linear;
@@ -43,7 +43,8 @@ pub use state::{State, StateValue};
 
 use anyhow::{bail, ensure, Result};
 
-/// What a forward pass is for.
+/// What a forward pass is for. What each mode does in each batch-norm variant (frozen, renorm) is
+/// in [`batchnorm`]'s module docs; below is plain batch norm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Training: batch statistics, running statistics updated, dropout active.
@@ -136,6 +137,12 @@ pub trait Layer: Send {
     }
     /// This layer as a convolution, if it is one (for folding batch norm into it).
     fn as_conv(&mut self) -> Option<&mut Conv2d> {
+        None
+    }
+    /// Settings beyond the layer's name and sizes that its checkpoint state depends on (e.g. batch
+    /// renorm's schedule), written into a checkpoint's architecture description so that a
+    /// checkpoint of other settings is refused; none by default.
+    fn settings(&self) -> Option<String> {
         None
     }
     /// Receives the position mask of the batch of the next forward pass ([`Sequential::set_mask`]);

@@ -541,20 +541,25 @@ pub mod checkpoints {
         )
         .unwrap();
         let mut sgd = Sgd::new(0.9, 1e-4);
-        let mut loss = SoftmaxCrossEntropy::default();
-        let mut dlogits = vec![0.0; BATCH * CLASSES];
         for step in 0..steps {
             let x: Vec<f32> = (0..BATCH * FEATURES)
                 .map(|i| ((i * 31 + step * 7) % 17) as f32 / 17.0)
                 .collect();
             let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
-            let logits = net.forward(&x, BATCH, Mode::Train).unwrap();
-            loss.forward(logits, &y, CLASSES).unwrap();
-            loss.backward(&y, CLASSES, &mut dlogits);
-            net.backward(&dlogits).unwrap();
-            sgd.step(net.params(), 0.1);
+            sgd_step(&mut net, &mut sgd, &x, &y, CLASSES);
         }
         (net, sgd)
+    }
+
+    /// One SGD step (learning rate 0.1) of softmax cross-entropy on the batch `x` with `labels`.
+    pub fn sgd_step(net: &mut Sequential, sgd: &mut Sgd, x: &[f32], labels: &[u8], classes: usize) {
+        let mut loss = SoftmaxCrossEntropy::default();
+        let mut dlogits = vec![0.0; labels.len() * classes];
+        let logits = net.forward(x, labels.len(), Mode::Train).unwrap();
+        loss.forward(logits, labels, classes).unwrap();
+        loss.backward(labels, classes, &mut dlogits);
+        net.backward(&dlogits).unwrap();
+        sgd.step(net.params(), 0.1);
     }
 
     pub fn progress() -> CheckpointProgress {

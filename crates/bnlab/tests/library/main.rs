@@ -14,5 +14,6 @@ mod data_idx;
 mod engine_conv;
 mod engine_grad;
 mod engine_train;
+mod engine_variants;
 mod hardening;
 mod padded;

@@ -8,6 +8,7 @@ mod common;
 
 mod accelerate_checkpoint;
 mod accelerate_cli;
+mod bench_variants;
 mod checkpoint_cli;
 mod cli_pipe;
 mod padded_cli;

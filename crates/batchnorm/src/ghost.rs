@@ -1,0 +1,383 @@
+//! Ghost batch norm (Hoffer, Hubara & Soudry, NeurIPS 2017, "Train longer, generalize better:
+//! closing the generalization gap in large batch training of neural networks"), as issue 16
+//! defines it.
+//!
+//! With a virtual batch size v, the examples of a training batch are cut into consecutive groups
+//! of v (the last one holds the rest, N mod v, when v does not divide N); each group is
+//! normalized with its own statistics (Algorithm 1 of Ioffe & Szegedy 2015 on the group) and
+//! backpropagated through them, so dx of a group depends on that group alone, and dγ, dβ are the
+//! sums over groups. Every group needs at least 2 values per channel. The running statistics are
+//! updated once per mini-batch, with the mean over groups of their means and of their unbiased
+//! variances (every group weighing the same, as Ioffe & Szegedy's Algorithm 2 averages batches);
+//! inference uses the running statistics, never groups.
+//!
+//! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
+//! dimension comes first), so each group runs the plain kernels on its own slice: the same
+//! arithmetic, the same bits for any thread count, and with v ≥ N exactly the bits of plain batch
+//! norm. Groups run in parallel (several small groups to a task); their sums are added in batch
+//! order.
+//!
+//! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
+//! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
+//! Groups are local to a worker: the synchronized passes reject a ghost layer
+//! ([`Error::GhostNotSynchronized`]).
+
+use crate::backward::{train_backward_sums, GradSums};
+use crate::check;
+use crate::forward::batch_norm_train;
+use crate::kernels::plan;
+use crate::stats::{blend_running, BatchStats, Momentum, SavedStats};
+use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
+use rayon::prelude::*;
+
+/// What [`ghost_batch_norm_backward`] needs from [`ghost_batch_norm_train`]: the virtual batch
+/// size and one [`SavedStats`] per group, in batch order (count, μ and 1/√(σ² + ε) of that group).
+///
+/// A [`BatchNorm`] layer keeps the same numbers in the one [`SavedStats`] its `forward_train`
+/// returns: `count` the whole batch's values per channel, `mean` and `inv_std` G·C values, group
+/// k's channel c at k·C + c (the group sizes follow from the input's shape and the layer's
+/// virtual batch size). The layer packs them rather than returning a new type so that its
+/// training passes keep their signatures: code that holds a layer's `SavedStats` between
+/// `forward_train` and `backward` (a training engine, the candle drop-in) trains a ghost layer
+/// unchanged, and a plain backward given packed statistics of more than one group rejects them
+/// (their length is not C).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GhostSaved {
+    /// Examples per group (v ≥ 2); the last group holds the rest.
+    pub virtual_batch: usize,
+    /// Each group's saved statistics, in batch order.
+    pub groups: Vec<SavedStats>,
+}
+
+/// A batch cut into groups of consecutive examples: each group's element range and shape.
+struct Groups<'a> {
+    /// The whole input's shape (dimension 0 is the batch).
+    shape: &'a [usize],
+    /// Elements of one example.
+    per_example: usize,
+    /// Values per channel of one example.
+    values_per_example: u64,
+    /// Examples per group.
+    virtual_batch: usize,
+}
+
+impl<'a> Groups<'a> {
+    /// The groups of a checked input of geometry `g`.
+    fn new(shape: &'a [usize], g: &Geometry, virtual_batch: usize) -> Self {
+        let batch = shape[0];
+        Groups {
+            shape,
+            per_example: g.len() / batch,
+            values_per_example: (g.per_channel() / batch) as u64,
+            virtual_batch,
+        }
+    }
+
+    /// Number of groups: ⌈N / v⌉.
+    fn len(&self) -> usize {
+        self.shape[0].div_ceil(self.virtual_batch)
+    }
+
+    /// Examples of group `k`.
+    fn examples(&self, k: usize) -> usize {
+        self.virtual_batch.min(self.shape[0] - k * self.virtual_batch)
+    }
+
+    /// Values per channel of group `k`.
+    fn count(&self, k: usize) -> u64 {
+        self.examples(k) as u64 * self.values_per_example
+    }
+
+    /// Elements of a full group: the buffer is cut into chunks of this many, one per group
+    /// (the last may be shorter).
+    fn chunk(&self) -> usize {
+        self.virtual_batch.min(self.shape[0]) * self.per_example
+    }
+
+    /// Groups per parallel task: enough for a task to reach the kernels' serial size, so that
+    /// small groups are not spread one by one over threads.
+    fn per_task(&self) -> usize {
+        (plan::SERIAL_BELOW / self.chunk()).max(1)
+    }
+
+    /// The shape of a group of `len` elements: the input's, with its examples as the batch.
+    fn shape_of(&self, len: usize) -> Vec<usize> {
+        let mut shape = self.shape.to_vec();
+        shape[0] = len / self.per_example;
+        shape
+    }
+
+    /// Checks that every group holds at least 2 values per channel (only the last can hold
+    /// fewer than the first): [`Error::GhostGroupTooSmall`].
+    fn check_counts(&self) -> Result<(), Error> {
+        (0..self.len()).try_for_each(|k| self.check_count(k, self.count(k)))
+    }
+
+    /// Checks that `count` values per channel are enough for group `k`.
+    fn check_count(&self, k: usize, count: u64) -> Result<(), Error> {
+        if count < 2 {
+            return Err(Error::GhostGroupTooSmall {
+                group: k,
+                count,
+                shape: self.shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Ghost batch norm's training forward: cuts the batch into groups of `virtual_batch`
+/// consecutive examples (the last one holds the rest) and writes each group's
+/// y = γ·(x − μ_g)/√(σ²_g + ε) + β with its own mean μ_g and biased variance σ²_g. Returns each
+/// group's statistics, in batch order (for [`update_ghost_running_stats`]), and what
+/// [`ghost_batch_norm_backward`] needs. `affine`'s `None`s mean γ = 1 / β = 0.
+///
+/// Rejects: what [`crate::batch_norm_train`] rejects (fewer than 2 values per channel in the
+/// whole batch included, [`Error::TooFewValues`]), then a virtual batch size below 2
+/// ([`Error::InvalidVirtualBatch`]) and a group with fewer than 2 values per channel
+/// ([`Error::GhostGroupTooSmall`], e.g. a last group of one example without spatial dimensions).
+///
+/// ```
+/// use batchnorm::{ghost_batch_norm_train, Affine, Layout, View};
+/// let x = [1.0f64, 3.0, 10.0, 30.0, 5.0, 7.0]; // [N=6, C=1]
+/// let mut y = [0.0; 6];
+/// let (stats, saved) = ghost_batch_norm_train(View::new(&x, &[6, 1], Layout::NC), 4, Affine::NONE, 1e-5, &mut y).unwrap();
+/// assert_eq!(saved.groups.len(), 2); // 4 examples, then 2
+/// assert_eq!((stats[0].mean[0], stats[1].mean[0]), (11.0, 6.0));
+/// assert!((y[4] + 1.0).abs() < 1e-4 && (y[5] - 1.0).abs() < 1e-4); // the last group's own statistics
+/// ```
+pub fn ghost_batch_norm_train<T: Element>(
+    x: View<'_, T>,
+    virtual_batch: usize,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(Vec<BatchStats>, GhostSaved), Error> {
+    let View { data, shape, layout } = x;
+    let g = check::input("x", data, shape, layout)?;
+    check::len("y", &g, y.len())?;
+    check::affine(g.channels, affine.gamma, affine.beta)?;
+    check::eps(eps)?;
+    check::training_count(g.per_channel() as u64, shape)?;
+    check::virtual_batch(virtual_batch)?;
+    let groups = Groups::new(shape, &g, virtual_batch);
+    groups.check_counts()?;
+    // Groups are independent: each runs the plain kernel on its slice (the same bits whichever
+    // thread runs it), in parallel; the results come back in batch order.
+    let (stats, saved): (Vec<BatchStats>, Vec<SavedStats>) = data
+        .par_chunks(groups.chunk())
+        .zip(y.par_chunks_mut(groups.chunk()))
+        .with_min_len(groups.per_task())
+        .map(|(xk, yk)| {
+            let group_shape = groups.shape_of(xk.len());
+            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk)
+        })
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .unzip();
+    Ok((
+        stats,
+        GhostSaved {
+            virtual_batch,
+            groups: saved,
+        },
+    ))
+}
+
+/// Ghost batch norm's training backward: each group's training-mode backward through its own
+/// statistics (dx of a group from that group alone), and dγ = Σ dy·x̂, dβ = Σ dy summed over
+/// every group; writes whichever of dx, dγ, dβ `grads` holds. The groups are cut as the forward
+/// cut them, by `saved.virtual_batch`.
+///
+/// Rejects: shape/length mismatches between the shape and `x`, `dy`, `dx`; a virtual batch size
+/// below 2 ([`Error::InvalidVirtualBatch`]); saved statistics of another number of groups than
+/// the input makes ([`Error::GhostGroupsMismatch`]); a group's saved statistics of the wrong
+/// channel count ([`Error::FeatureMismatch`]) or with fewer than 2 values per channel
+/// ([`Error::GhostGroupTooSmall`]); γ, `dgamma`, `dbeta` of the wrong channel count.
+pub fn ghost_batch_norm_backward<T: Element>(
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &GhostSaved,
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
+    let Grads { dx, dgamma, dbeta } = grads;
+    let View { data, shape, layout } = x;
+    let g = check::input("x", data, shape, layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len_opt("dx", &g, dx.as_deref())?;
+    check::virtual_batch(saved.virtual_batch)?;
+    let groups = Groups::new(shape, &g, saved.virtual_batch);
+    check::ghost_groups(groups.len(), saved.groups.len())?;
+    for (k, s) in saved.groups.iter().enumerate() {
+        check::saved(s, g.channels)?;
+        groups.check_count(k, s.count)?;
+    }
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
+    // Each group's dx and sums on its own slices, in parallel as in the forward; the sums are
+    // then added in batch order, so the bits do not depend on the threads.
+    let (chunk, per_task) = (groups.chunk(), groups.per_task());
+    let group_backward = |xk: &[T], dyk: &[T], dxk: Option<&mut [T]>, s: &SavedStats| {
+        let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
+        Ok(train_backward_sums(&group_g, xk, dyk, dxk, s, gamma))
+    };
+    let inputs = data.par_chunks(chunk).zip(dy.par_chunks(chunk));
+    let sums: Vec<GradSums> = match dx {
+        Some(dx) => inputs
+            .zip(dx.par_chunks_mut(chunk))
+            .zip(&saved.groups)
+            .with_min_len(per_task)
+            .map(|(((xk, dyk), dxk), s)| group_backward(xk, dyk, Some(dxk), s))
+            .collect::<Result<_, Error>>()?,
+        None => inputs
+            .zip(&saved.groups)
+            .with_min_len(per_task)
+            .map(|((xk, dyk), s)| group_backward(xk, dyk, None, s))
+            .collect::<Result<_, Error>>()?,
+    };
+    let mut sums = sums.into_iter();
+    // At least one group: the input is not empty.
+    let Some(mut total) = sums.next() else {
+        return Ok(());
+    };
+    for s in sums {
+        total.add(&s)?;
+    }
+    total.write_param_grads(dgamma, dbeta)
+}
+
+/// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
+/// their means and of their unbiased variances M2/(m − 1), every group weighing 1/G. Groups
+/// checked and not empty. With one group, exactly that group's mean and unbiased variance.
+fn ghost_estimate(groups: &[BatchStats]) -> (Vec<f64>, Vec<f64>) {
+    let (mut mean, mut var) = (groups[0].mean.clone(), groups[0].var_unbiased());
+    for s in &groups[1..] {
+        mean.iter_mut().zip(&s.mean).for_each(|(a, b)| *a += b);
+        var.iter_mut().zip(s.var_unbiased()).for_each(|(a, b)| *a += b);
+    }
+    let n = groups.len() as f64;
+    mean.iter_mut().chain(var.iter_mut()).for_each(|v| *v /= n);
+    (mean, var)
+}
+
+/// Updates running statistics with one ghost mini-batch, given its groups' statistics: the
+/// running mean with the mean over groups of μ_g, the running variance with the mean over groups
+/// of the unbiased m_g/(m_g − 1)·σ²_g (groups weigh equally, as in Algorithm 2), averaged as
+/// [`crate::update_running_stats`] averages one batch (`batches_seen` counts mini-batches,
+/// this one included). With one group it is [`crate::update_running_stats`] of that group.
+///
+/// Rejects: no groups ([`Error::NoBatches`]), groups of different channel counts
+/// ([`Error::MergeMismatch`]) or whose vectors differ in length, running vectors whose length
+/// differs from the channel count, an invalid momentum, a group with fewer than 2 values per
+/// channel ([`Error::TooFewValues`]).
+pub fn update_ghost_running_stats<T: Element>(
+    groups: &[BatchStats],
+    momentum: Momentum,
+    batches_seen: u64,
+    running_mean: &mut [T],
+    running_var: &mut [T],
+) -> Result<(), Error> {
+    let first = groups.first().ok_or(Error::NoBatches)?;
+    for s in groups {
+        check::batch_stats(s)?;
+        if s.channels() != first.channels() {
+            return Err(Error::MergeMismatch {
+                left: first.channels(),
+                right: s.channels(),
+            });
+        }
+    }
+    check::running_stats(first.channels(), running_mean, running_var)?;
+    check::momentum(momentum)?;
+    for s in groups {
+        check::training_count(s.count, &[])?;
+    }
+    let (mean, var) = ghost_estimate(groups);
+    blend_running(&mean, &var, momentum, batches_seen, running_mean, running_var);
+    Ok(())
+}
+
+impl GhostSaved {
+    /// The layer's form (see the type's docs): one [`SavedStats`] with the whole batch's `count`
+    /// and the groups' vectors one after the other.
+    fn pack(self, count: u64) -> SavedStats {
+        let (mut mean, mut inv_std) = (Vec::new(), Vec::new());
+        for s in self.groups {
+            mean.extend(s.mean);
+            inv_std.extend(s.inv_std);
+        }
+        SavedStats { count, mean, inv_std }
+    }
+
+    /// The groups of a layer's packed statistics for an input of `shape` in `layout`. Rejects
+    /// the shape as [`Layout::geometry`] does and packed vectors of another length than
+    /// groups × channels ([`Error::FeatureMismatch`], named `saved.mean` or `saved.inv_std`).
+    fn unpack(saved: &SavedStats, shape: &[usize], layout: Layout, virtual_batch: usize) -> Result<Self, Error> {
+        let g = layout.geometry(shape)?;
+        let groups = Groups::new(shape, &g, virtual_batch);
+        let c = g.channels;
+        check::channels("saved.mean", groups.len() * c, saved.mean.len())?;
+        check::channels("saved.inv_std", groups.len() * c, saved.inv_std.len())?;
+        let groups = (0..groups.len())
+            .map(|k| SavedStats {
+                count: groups.count(k),
+                mean: saved.mean[k * c..(k + 1) * c].to_vec(),
+                inv_std: saved.inv_std[k * c..(k + 1) * c].to_vec(),
+            })
+            .collect();
+        Ok(GhostSaved { virtual_batch, groups })
+    }
+}
+
+impl<T: Element> BatchNorm<T> {
+    /// The layer's virtual batch size, checked ([`Error::InvalidVirtualBatch`] below 2).
+    pub(crate) fn virtual_batch(&self) -> Result<Option<usize>, Error> {
+        if let Some(v) = self.config.virtual_batch {
+            check::virtual_batch(v)?;
+        }
+        Ok(self.config.virtual_batch)
+    }
+
+    /// [`Error::GhostNotSynchronized`] when the layer has a virtual batch size: what the
+    /// synchronized passes check first.
+    pub(crate) fn reject_ghost(&self) -> Result<(), Error> {
+        match self.config.virtual_batch {
+            Some(_) => Err(Error::GhostNotSynchronized),
+            None => Ok(()),
+        }
+    }
+
+    /// The ghost training forward and, when tracked, one running-statistics update for the
+    /// mini-batch; returns the groups' statistics packed (see [`GhostSaved`]). The caller has
+    /// checked what the running update could reject.
+    pub(crate) fn forward_ghost(
+        &mut self,
+        x: View<'_, T>,
+        virtual_batch: usize,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
+        let count = x.geometry()?.per_channel() as u64;
+        let (stats, saved) = ghost_batch_norm_train(x, virtual_batch, self.affine(), self.config.eps, y)?;
+        if self.config.track_running_stats {
+            let seen = self.num_batches_tracked + 1;
+            let (mean, var) = (&mut self.running_mean, &mut self.running_var);
+            update_ghost_running_stats(&stats, self.config.momentum, seen, mean, var)?;
+            self.num_batches_tracked = seen;
+        }
+        Ok(saved.pack(count))
+    }
+
+    /// The ghost training backward from the layer's packed statistics.
+    pub(crate) fn backward_ghost(
+        &self,
+        x: View<'_, T>,
+        dy: &[T],
+        saved: &SavedStats,
+        virtual_batch: usize,
+        grads: Grads<'_, T>,
+    ) -> Result<(), Error> {
+        let groups = GhostSaved::unpack(saved, x.shape, x.layout, virtual_batch)?;
+        ghost_batch_norm_backward(x, dy, &groups, self.affine().gamma, self.param_grads(grads))
+    }
+}
