@@ -252,33 +252,42 @@ pub struct BenchArgs {
 /// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`],
 /// [`padded::DEFAULTS`] and `--quick`'s presets).
 pub fn command() -> clap::Command {
-    let quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
-            with_defaults(c, &accelerate::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, accelerate::quick::STEPS.to_string()))
-                .mut_arg("eval_every", |a| quick(a, accelerate::quick::EVAL_EVERY.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, accelerate::quick::POPULATION_BATCHES.to_string())
-                })
+            use accelerate::{quick, DEFAULTS};
+            with_quick_defaults(
+                c,
+                &DEFAULTS,
+                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
+            )
         })
         .mut_subcommand("small-batch", |c| {
-            with_defaults(c, &small_batch::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, small_batch::quick::STEPS.to_string()))
-                .mut_arg("eval_every", |a| quick(a, small_batch::quick::EVAL_EVERY.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, small_batch::quick::POPULATION_BATCHES.to_string())
-                })
+            use small_batch::{quick, DEFAULTS};
+            with_quick_defaults(
+                c,
+                &DEFAULTS,
+                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
+            )
         })
         .mut_subcommand("padded", |c| {
-            with_defaults(c, &padded::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, padded::quick::STEPS.to_string()))
-                .mut_arg("eval_every", |a| quick(a, padded::quick::EVAL_EVERY.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, padded::quick::POPULATION_BATCHES.to_string())
-                })
+            use padded::{quick, DEFAULTS};
+            with_quick_defaults(
+                c,
+                &DEFAULTS,
+                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
+            )
         })
+}
+
+/// `c` with `d` as its defaults ([`with_defaults`]) and, with `--quick`, `quick`'s steps,
+/// evaluation interval and population batches as the defaults of those flags.
+fn with_quick_defaults(c: clap::Command, d: &Defaults, quick: (u64, u64, usize)) -> clap::Command {
+    let when_quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
+    with_defaults(c, d)
+        .mut_arg("steps", |a| when_quick(a, quick.0.to_string()))
+        .mut_arg("eval_every", |a| when_quick(a, quick.1.to_string()))
+        .mut_arg("population_batches", |a| when_quick(a, quick.2.to_string()))
 }
 
 /// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.

@@ -247,6 +247,24 @@ fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std
     println!("wrote {}", out.join("report.html").display());
 }
 
+/// Trains `experiment` ([`train_experiment`]) and, on rank 0, prints its report's table
+/// (`markdown`), each variant's timing lines and where the report is.
+fn train_and_print<E: Experiment>(
+    experiment: &E,
+    flags: &RunFlags,
+    fresh: impl FnOnce(PathBuf) -> Result<Settings<E::Settings>>,
+    markdown: impl Fn(&E::Report) -> String,
+) -> Result<()> {
+    let Some(f) = train_experiment(experiment, flags, fresh)? else {
+        return Ok(());
+    };
+    if let Some(report) = &f.report {
+        print!("{}", markdown(report));
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
 fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     let fresh = |out| {
         let variants = match args.experiment.variant {
@@ -300,14 +318,7 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
             experiment: s.experiment,
         })
     };
-    let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(&Accelerate, &args.run, fresh, accelerate::Table::markdown)
 }
 
 fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
@@ -340,14 +351,7 @@ fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
             experiment: s.experiment,
         })
     };
-    let Some(f) = train_experiment(&SmallBatch, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(&SmallBatch, &args.run, fresh, small_batch::Table::markdown)
 }
 
 fn run_padded(args: &ExperimentArgs<PaddedFlags>) -> Result<()> {
@@ -377,14 +381,7 @@ fn run_padded(args: &ExperimentArgs<PaddedFlags>) -> Result<()> {
             experiment: s.experiment,
         })
     };
-    let Some(f) = train_experiment(&Padded, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(&Padded, &args.run, fresh, padded::Table::markdown)
 }
 
 /// `--channels C1,C2` as two channel counts (`None` without the flag); rejects another count of

@@ -25,28 +25,45 @@ pub enum Pass {
     Test(usize),
 }
 
+/// A batch the driver gathered, as [`BatchPrep::prepare`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Gathered<'a> {
+    /// What the forward pass is for.
+    pub pass: Pass,
+    /// The split the examples come from: the training split for [`Pass::Train`] and
+    /// [`Pass::Population`], the test split for [`Pass::Test`].
+    pub split: &'a Dataset,
+    /// The examples' indices in `split`, in batch order.
+    pub indices: &'a [usize],
+}
+
 /// What turns each batch the driver gathers into the network's input (see
 /// [`super::Experiment::prepare_batch`]).
 pub trait BatchPrep {
-    /// Called after the examples `indices` of `split` (the split `pass` names) are in `x`
-    /// (`[batch, features]` as [`gather`] writes them) and before the network's forward pass: may
-    /// rewrite `x` in place and set what `net`'s layers need to know about the batch (e.g. a
-    /// padding mask, [`Sequential::set_mask`]).
-    fn prepare(
-        &mut self,
-        pass: Pass,
-        split: &Dataset,
-        indices: &[usize],
-        x: &mut [f32],
-        net: &mut Sequential,
-    ) -> Result<()>;
+    /// Called after the examples of `batch` are in `x` (`[batch, features]` as [`gather`] writes
+    /// them) and before the network's forward pass: may rewrite `x` in place and set what `net`'s
+    /// layers need to know about the batch (e.g. a padding mask, [`Sequential::set_mask`]).
+    fn prepare(&mut self, batch: Gathered<'_>, x: &mut [f32], net: &mut Sequential) -> Result<()>;
 }
 
 /// The batches as gathered.
 impl BatchPrep for () {
-    fn prepare(&mut self, _: Pass, _: &Dataset, _: &[usize], _: &mut [f32], _: &mut Sequential) -> Result<()> {
+    fn prepare(&mut self, _: Gathered<'_>, _: &mut [f32], _: &mut Sequential) -> Result<()> {
         Ok(())
     }
+}
+
+/// Gathers the examples of `batch` into `x` and `y` ([`gather`]), then has `prep` prepare them
+/// for `net`.
+pub fn gather_prepared(
+    batch: Gathered<'_>,
+    x: &mut [f32],
+    y: &mut [u8],
+    prep: &mut dyn BatchPrep,
+    net: &mut Sequential,
+) -> Result<()> {
+    gather(batch.split, batch.indices, x, y);
+    prep.prepare(batch, x, net)
 }
 
 /// What an experiment's evaluations watch in a network besides accuracy (the paper's Figure 1b,c
@@ -137,9 +154,12 @@ pub fn use_population_stats(
     let mut shuffler = EpochShuffler::new(train.len, s.batch, s.seed ^ 0x9e37_79b9_7f4a_7c15)?;
     let (mut x, mut y) = (vec![0.0f32; s.batch * features], vec![0u8; s.batch]);
     for b in 0..s.population_batches.min(shuffler.batches_per_epoch()) {
-        let indices = shuffler.batch_indices(b as u64);
-        gather(train, indices, &mut x, &mut y);
-        prep.prepare(Pass::Population, train, indices, &mut x, net)?;
+        let batch = Gathered {
+            pass: Pass::Population,
+            split: train,
+            indices: shuffler.batch_indices(b as u64),
+        };
+        gather_prepared(batch, &mut x, &mut y, prep, net)?;
         net.forward(&x, s.batch, Mode::Collect)?;
     }
     for bn in net.batchnorms() {
@@ -167,7 +187,12 @@ pub fn count_correct(
         let x = &mut x[..n * features];
         test.images_f32(start..start + n, x);
         let indices: Vec<usize> = (start..start + n).collect();
-        prep.prepare(Pass::Test(condition), test, &indices, x, net)?;
+        let batch = Gathered {
+            pass: Pass::Test(condition),
+            split: test,
+            indices: &indices,
+        };
+        prep.prepare(batch, x, net)?;
         let logits = net.forward(x, n, Mode::Eval)?;
         correct += argmax_rows(logits, classes)
             .zip(&test.labels[start..start + n])

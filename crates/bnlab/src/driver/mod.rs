@@ -30,7 +30,7 @@ pub mod rundir;
 pub mod settings;
 pub mod train;
 
-pub use evaluate::{BatchPrep, Pass, Probe, EVAL_CHUNK};
+pub use evaluate::{BatchPrep, Gathered, Pass, Probe, EVAL_CHUNK};
 pub use metrics::MetricLine;
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
@@ -229,21 +229,18 @@ pub trait Experiment: Sync {
         Ok(())
     }
 
-    /// Called on every batch the driver gathers, after the examples `indices` of `split` (the
-    /// training split for [`Pass::Train`] and [`Pass::Population`], the test split for
-    /// [`Pass::Test`]; with data-parallel training, this rank's shard) are in `x` (`[batch, features]`, as
-    /// [`data::gather`] writes them) and before `net`'s forward pass: the experiment may rewrite
-    /// `x` in place and set what the network's layers need to know about the batch (e.g. the
-    /// padding mask they share, [`Sequential::set_mask`]). What it does must follow from its
-    /// arguments alone: a resumed run, `bnlab eval` and every rank call it on their own. Nothing by
-    /// default.
+    /// Called on every batch the driver gathers ([`Gathered`]: what the pass is for, the split and
+    /// the examples' indices; with data-parallel training, this rank's shard), after its examples
+    /// are in `x` (`[batch, features]`, as [`data::gather`] writes them) and before `net`'s
+    /// forward pass: the experiment may rewrite `x` in place and set what the network's layers need
+    /// to know about the batch (e.g. the padding mask they share, [`Sequential::set_mask`]). What
+    /// it does must follow from its arguments alone: a resumed run, `bnlab eval` and every rank
+    /// call it on their own. Nothing by default.
     fn prepare_batch(
         &self,
         _s: &Settings<Self::Settings>,
         _variant: Self::Variant,
-        _pass: Pass,
-        _split: &Dataset,
-        _indices: &[usize],
+        _batch: Gathered<'_>,
         _x: &mut [f32],
         _net: &mut Sequential,
     ) -> Result<()> {

@@ -1,12 +1,12 @@
 //! Training: one SGD step (in one process, or as one rank of data-parallel training) and the one
 //! training loop every experiment's variants run.
 
-use super::evaluate::{evaluate, BatchPrep, Pass};
+use super::evaluate::{evaluate, gather_prepared, BatchPrep, Gathered, Pass};
 use super::lanes::VariantRun;
 use super::resume::restore_start;
 use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
 use crate::atomic::write_atomic;
-use crate::data::{gather, BatchOrder, Dataset};
+use crate::data::{BatchOrder, Dataset};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError, CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use crate::parallel::{self, DataParallel};
@@ -55,9 +55,12 @@ pub fn train_step(
 ) -> Result<f32> {
     let batch = buf.y.len();
     let classes = net.output_size();
-    let indices = order.batch_indices(step);
-    gather(train, indices, &mut buf.x, &mut buf.y);
-    prep.prepare(Pass::Train(step), train, indices, &mut buf.x, net)?;
+    let gathered = Gathered {
+        pass: Pass::Train(step),
+        split: train,
+        indices: order.batch_indices(step),
+    };
+    gather_prepared(gathered, &mut buf.x, &mut buf.y, prep, net)?;
     let logits = net.forward(&buf.x, batch, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     if !loss.is_finite() {
@@ -105,8 +108,12 @@ pub fn train_step_parallel(
         "step buffers for {} examples, but this rank's shard has {local}",
         buf.y.len()
     );
-    gather(train, &indices[shard.clone()], &mut buf.x, &mut buf.y);
-    prep.prepare(Pass::Train(step), train, &indices[shard], &mut buf.x, net)?;
+    let batch = Gathered {
+        pass: Pass::Train(step),
+        split: train,
+        indices: &indices[shard],
+    };
+    gather_prepared(batch, &mut buf.x, &mut buf.y, prep, net)?;
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     // The derivative of the global batch's mean loss through this shard; gradients and loss
@@ -267,16 +274,8 @@ pub struct VariantPrep<'a, E: Experiment> {
 }
 
 impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
-    fn prepare(
-        &mut self,
-        pass: Pass,
-        split: &Dataset,
-        indices: &[usize],
-        x: &mut [f32],
-        net: &mut Sequential,
-    ) -> Result<()> {
-        self.experiment
-            .prepare_batch(self.s, self.variant, pass, split, indices, x, net)
+    fn prepare(&mut self, batch: Gathered<'_>, x: &mut [f32], net: &mut Sequential) -> Result<()> {
+        self.experiment.prepare_batch(self.s, self.variant, batch, x, net)
     }
 }
 

@@ -95,13 +95,53 @@ impl PositionMask {
     }
 }
 
-/// The mask a layer was given, checked to fit a forward pass of `batch` examples of `positions`
-/// positions.
-fn mask_for(mask: &Option<PositionMask>, batch: usize, positions: usize, layer: &str) -> Result<PositionMask> {
-    let mask = mask
-        .as_ref()
-        .with_context(|| format!("{layer} needs a position mask (Sequential::set_mask) before its forward pass"))?;
-    Ok(mask.check_fits(batch, positions, layer)?.clone())
+/// The masks of a masked layer over `[channels, positions]` examples: the one it was given for
+/// its next forward pass, and the one its last forward used (kept for the backward).
+#[derive(Debug, Clone)]
+struct Masks {
+    channels: usize,
+    positions: usize,
+    given: Option<PositionMask>,
+    used: Option<PositionMask>,
+}
+
+impl Masks {
+    /// For `[channels, positions]` examples; rejects zero sizes, naming the layer `what`.
+    fn new(channels: usize, positions: usize, what: &str) -> Result<Self> {
+        ensure!(channels > 0 && positions > 0, "{what} sizes must be positive");
+        Ok(Masks {
+            channels,
+            positions,
+            given: None,
+            used: None,
+        })
+    }
+
+    /// The layer's name: `{kind}{channels}x{positions}`.
+    fn name(&self, kind: &str) -> String {
+        format!("{kind}{}x{}", self.channels, self.positions)
+    }
+
+    /// Values per example: channels × positions.
+    fn size(&self) -> usize {
+        self.channels * self.positions
+    }
+
+    /// The given mask, checked to fit a forward pass of `batch` examples through the layer named
+    /// `layer`, now the one the backward uses.
+    fn for_forward(&mut self, batch: usize, layer: &str) -> Result<PositionMask> {
+        let mask = (self.given.as_ref())
+            .with_context(|| format!("{layer} needs a position mask (Sequential::set_mask) before its forward pass"))?;
+        mask.check_fits(batch, self.positions, layer)?;
+        self.used = Some(mask.clone());
+        Ok(mask.clone())
+    }
+
+    /// The mask of the last forward pass, checked to fit a backward of `batch` examples.
+    fn for_backward(&self, batch: usize, layer: &str) -> Result<&PositionMask> {
+        let mask = (self.used.as_ref()).with_context(|| format!("{layer} backward before a forward"))?;
+        mask.check_fits(batch, self.positions, layer)
+    }
 }
 
 /// Writes the values of `x` at the positions `valid` (one per position of a channel's row) and +0.0
@@ -125,36 +165,27 @@ fn select_rows(x: &[f32], valid: &[bool], positions: usize, y: &mut [f32]) {
 /// convolution over padded sequences reads, so that a sequence's end is zero-padded whatever its
 /// padding held.
 pub struct ZeroMasked {
-    /// Channels per example.
-    pub channels: usize,
-    /// Positions per channel.
-    pub positions: usize,
-    mask: Option<PositionMask>,
-    used: Option<PositionMask>,
+    masks: Masks,
 }
 
 impl ZeroMasked {
     /// The layer for `[channels, positions]` examples. Rejects zero sizes.
     pub fn new(channels: usize, positions: usize) -> Result<Self> {
-        ensure!(channels > 0 && positions > 0, "masking sizes must be positive");
         Ok(ZeroMasked {
-            channels,
-            positions,
-            mask: None,
-            used: None,
+            masks: Masks::new(channels, positions, "masking")?,
         })
     }
 }
 
 impl Layer for ZeroMasked {
     fn name(&self) -> String {
-        format!("zeromasked{}x{}", self.channels, self.positions)
+        self.masks.name("zeromasked")
     }
     fn input_size(&self) -> usize {
-        self.channels * self.positions
+        self.masks.size()
     }
     fn output_size(&self) -> usize {
-        self.input_size()
+        self.masks.size()
     }
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
@@ -163,22 +194,20 @@ impl Layer for ZeroMasked {
             x.len() == batch * size && y.len() == batch * size,
             "masking buffers do not match the batch"
         );
-        let mask = mask_for(&self.mask, batch, self.positions, &self.name())?;
-        select_rows(x, mask.valid(), self.positions, y);
-        self.used = Some(mask);
+        let mask = self.masks.for_forward(batch, &self.name())?;
+        select_rows(x, mask.valid(), mask.positions(), y);
         Ok(())
     }
 
     fn backward(&mut self, _x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
-        let mask = (self.used.as_ref()).context("masking backward before a forward")?;
-        mask.check_fits(batch, self.positions, "masking backward")?;
         ensure!(
             dy.len() == batch * self.input_size(),
             "masking dy does not match the batch"
         );
+        let mask = self.masks.for_backward(batch, "masking")?;
         if let Some(dx) = dx {
             ensure!(dx.len() == dy.len(), "masking dx does not match the batch");
-            select_rows(dy, mask.valid(), self.positions, dx);
+            select_rows(dy, mask.valid(), mask.positions(), dx);
         }
         Ok(())
     }
@@ -188,30 +217,21 @@ impl Layer for ZeroMasked {
     }
 
     fn set_mask(&mut self, mask: &PositionMask) {
-        self.mask = Some(mask.clone());
+        self.masks.given = Some(mask.clone());
     }
 }
 
 /// The mean of each channel over an example's valid positions: `[channels, positions]` →
 /// `[channels]` (see the module docs). Every example needs at least one valid position.
 pub struct MaskedMeanPool {
-    /// Channels per example.
-    pub channels: usize,
-    /// Positions per channel.
-    pub positions: usize,
-    mask: Option<PositionMask>,
-    used: Option<PositionMask>,
+    masks: Masks,
 }
 
 impl MaskedMeanPool {
     /// The pooling of `[channels, positions]` examples. Rejects zero sizes.
     pub fn new(channels: usize, positions: usize) -> Result<Self> {
-        ensure!(channels > 0 && positions > 0, "pooling sizes must be positive");
         Ok(MaskedMeanPool {
-            channels,
-            positions,
-            mask: None,
-            used: None,
+            masks: Masks::new(channels, positions, "pooling")?,
         })
     }
 }
@@ -229,24 +249,25 @@ fn valid_counts(mask: &PositionMask) -> Result<Vec<usize>> {
 
 impl Layer for MaskedMeanPool {
     fn name(&self) -> String {
-        format!("maskedmeanpool{}x{}", self.channels, self.positions)
+        self.masks.name("maskedmeanpool")
     }
     fn input_size(&self) -> usize {
-        self.channels * self.positions
+        self.masks.size()
     }
     fn output_size(&self) -> usize {
-        self.channels
+        self.masks.channels
     }
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
-        let (isz, p) = (self.input_size(), self.positions);
+        let (isz, p, channels) = (self.input_size(), self.masks.positions, self.masks.channels);
         ensure!(
-            x.len() == batch * isz && y.len() == batch * self.channels,
+            x.len() == batch * isz && y.len() == batch * channels,
             "pooling buffers do not match the batch"
         );
-        let mask = mask_for(&self.mask, batch, p, &self.name())?;
+        let name = self.name();
+        let mask = self.masks.for_forward(batch, &name)?;
         let counts = valid_counts(&mask)?;
-        y.par_chunks_mut(self.channels)
+        y.par_chunks_mut(channels)
             .zip(x.par_chunks(isz))
             .enumerate()
             .for_each(|(n, (yn, xn))| {
@@ -256,20 +277,18 @@ impl Layer for MaskedMeanPool {
                     *y = sum / counts[n] as f32;
                 }
             });
-        self.used = Some(mask);
         Ok(())
     }
 
     fn backward(&mut self, _x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
-        let (isz, p) = (self.input_size(), self.positions);
-        let mask = (self.used.as_ref()).context("pooling backward before a forward")?;
-        mask.check_fits(batch, p, "pooling backward")?;
-        ensure!(dy.len() == batch * self.channels, "pooling dy does not match the batch");
+        let (isz, p, channels) = (self.input_size(), self.masks.positions, self.masks.channels);
+        ensure!(dy.len() == batch * channels, "pooling dy does not match the batch");
+        let mask = self.masks.for_backward(batch, "pooling")?;
         if let Some(dx) = dx {
             ensure!(dx.len() == batch * isz, "pooling dx does not match the batch");
             let counts = valid_counts(mask)?;
             dx.par_chunks_mut(isz)
-                .zip(dy.par_chunks(self.channels))
+                .zip(dy.par_chunks(channels))
                 .enumerate()
                 .for_each(|(n, (dxn, dyn_))| {
                     let valid = mask.example(n);
@@ -289,6 +308,6 @@ impl Layer for MaskedMeanPool {
     }
 
     fn set_mask(&mut self, mask: &PositionMask) {
-        self.mask = Some(mask.clone());
+        self.masks.given = Some(mask.clone());
     }
 }

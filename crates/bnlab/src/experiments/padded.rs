@@ -40,10 +40,11 @@
 //! training batches with the training lengths (the statistics the network trained with).
 
 use crate::data::batches::{below, epoch_key};
-use crate::data::Dataset;
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, Pass};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Gathered, Outcome, Pass,
+};
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
     ZeroMasked,
@@ -55,8 +56,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// The networks of the study.
+/// The networks of the study (named `bn`, `masked-bn`, `no-bn` in flags, files and JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// Batch norm over every position, padding included.
     Bn,
@@ -397,10 +399,10 @@ pub struct ConditionAcc {
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
-    /// Variant name.
-    pub variant: &'static str,
+    /// The variant.
+    pub variant: Variant,
     /// Training steps done.
     pub step: u64,
     /// Test accuracy under the training lengths (`None` on the line that reports divergence).
@@ -417,36 +419,13 @@ pub struct Metric {
 
 impl MetricLine for Metric {
     fn variant_name(&self) -> &str {
-        self.variant
+        self.variant.name()
     }
     fn step(&self) -> u64 {
         self.step
     }
     fn from_json(line: &serde_json::Value) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct Line {
-            variant: String,
-            step: u64,
-            test_acc: Option<f64>,
-            conditions: Vec<ConditionAcc>,
-            train_loss: Option<f64>,
-            lr: f64,
-            diverged: bool,
-        }
-        let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
-        let v: Variant = l
-            .variant
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("metrics.jsonl: {e}"))?;
-        Ok(Metric {
-            variant: v.name(),
-            step: l.step,
-            test_acc: l.test_acc,
-            conditions: l.conditions,
-            train_loss: l.train_loss,
-            lr: l.lr,
-            diverged: l.diverged,
-        })
+        serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record of `padded`")
     }
     /// A divergence line lies past the variant's last checkpoint; it is written again.
     fn kept_on_resume(&self) -> bool {
@@ -488,7 +467,7 @@ pub fn table(s: &Settings, steps: usize, metrics: &[Metric]) -> Table {
     let conditions = s.conditions();
     let rows = (s.experiment.variants.iter())
         .map(|v| {
-            let mine = || metrics.iter().filter(|m| m.variant == v.name());
+            let mine = || metrics.iter().filter(|m| m.variant == *v);
             let last = mine().filter(|m| !m.diverged).last();
             Row {
                 variant: v.name().to_string(),
@@ -551,6 +530,28 @@ impl Table {
             s.push_str(&format!("| {} |\n", r.join(" | ")));
         }
         s
+    }
+}
+
+impl Metric {
+    /// The line of `variant`'s evaluation `eval`, or with `None` of its divergence at `step`.
+    fn new(s: &Settings, variant: Variant, step: u64, eval: Option<&Evaluation>) -> Metric {
+        let accuracies = eval.map(|e| &e.condition_test_acc[..]).unwrap_or_default();
+        let conditions = (s.conditions().into_iter().enumerate())
+            .map(|(i, lengths)| ConditionAcc {
+                lengths,
+                test_acc: accuracies.get(i).copied(),
+            })
+            .collect();
+        Metric {
+            variant,
+            step,
+            test_acc: eval.map(|e| e.test_acc),
+            conditions,
+            train_loss: eval.map(|e| e.train_loss),
+            lr: s.lr_at(step - 1),
+            diverged: eval.is_none(),
+        }
     }
 }
 
@@ -617,13 +618,12 @@ impl Experiment for Padded {
         &self,
         s: &Settings,
         _variant: Variant,
-        pass: Pass,
-        split: &Dataset,
-        indices: &[usize],
+        batch: Gathered<'_>,
         x: &mut [f32],
         net: &mut Sequential,
     ) -> Result<()> {
-        let (which, lengths) = match pass {
+        let (split, indices) = (batch.split, batch.indices);
+        let (which, lengths) = match batch.pass {
             Pass::Train(_) | Pass::Population => (Split::Train, s.experiment.train_lengths),
             Pass::Test(c) => {
                 let conditions = s.conditions();
@@ -657,40 +657,11 @@ impl Experiment for Padded {
     }
 
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
-        let conditions = (s.conditions().into_iter())
-            .zip(&eval.condition_test_acc)
-            .map(|(lengths, &a)| ConditionAcc {
-                lengths,
-                test_acc: Some(a),
-            })
-            .collect();
-        Metric {
-            variant: variant.name(),
-            step: eval.step,
-            test_acc: Some(eval.test_acc),
-            conditions,
-            train_loss: Some(eval.train_loss),
-            lr: s.lr_at(eval.step - 1),
-            diverged: false,
-        }
+        Metric::new(s, variant, eval.step, Some(eval))
     }
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
-        let conditions = (s.conditions().into_iter())
-            .map(|lengths| ConditionAcc {
-                lengths,
-                test_acc: None,
-            })
-            .collect();
-        Some(Metric {
-            variant: variant.name(),
-            step,
-            test_acc: None,
-            conditions,
-            train_loss: None,
-            lr: s.lr_at(step - 1),
-            diverged: true,
-        })
+        Some(Metric::new(s, variant, step, None))
     }
 
     fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
@@ -719,36 +690,25 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             Series::new(r.variant.clone(), sorted_by_x(points))
         })
         .collect();
-    let title = "Final test accuracy against the test sequences' padding";
-    let svg = report::line_plot_svg(&LinePlot {
-        title,
-        x_label: "expected fraction of padded steps in the test sequences",
-        y_label: "test accuracy",
-        series: &series,
-        y_range: Some((0.0, 1.0)),
-    })?;
-    report::write_plot(out, "accuracy-vs-padding", &svg)?;
-    figures.push((title.to_string(), svg));
+    figures.push(accuracy_plot(
+        out,
+        "accuracy-vs-padding",
+        "Final test accuracy against the test sequences' padding".into(),
+        "expected fraction of padded steps in the test sequences",
+        &series,
+    )?);
     // Training curves: accuracy under the training lengths against steps.
     let series: Vec<Series> = (e.variants.iter())
         .map(|v| {
             let points = (o.metrics.iter())
-                .filter(|m| m.variant == v.name())
+                .filter(|m| m.variant == *v)
                 .filter_map(|m| m.test_acc.map(|a| (m.step as f64, a)))
                 .collect();
             Series::new(v.name(), points)
         })
         .collect();
     let title = format!("Test accuracy during training (lengths {})", e.train_lengths);
-    let svg = report::line_plot_svg(&LinePlot {
-        title: &title,
-        x_label: "training steps",
-        y_label: "test accuracy",
-        series: &series,
-        y_range: Some((0.0, 1.0)),
-    })?;
-    report::write_plot(out, "curves", &svg)?;
-    figures.push((title, svg));
+    figures.push(accuracy_plot(out, "curves", title, "training steps", &series)?);
 
     let mut page = Page::new("Batch norm over padded sequences");
     page.paragraph(&format!(
@@ -781,6 +741,26 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     page.settings("Settings", &settings_rows(s));
     page.write(&out.join("report.html"))?;
     Ok(())
+}
+
+/// Draws `series` as a plot of test accuracy (0 to 1) against `x_label` and writes it into `out` as
+/// `stem`.svg and .png; returns its title and SVG for the report.
+fn accuracy_plot(
+    out: &std::path::Path,
+    stem: &str,
+    title: String,
+    x_label: &str,
+    series: &[Series],
+) -> Result<(String, String)> {
+    let svg = report::line_plot_svg(&LinePlot {
+        title: &title,
+        x_label,
+        y_label: "test accuracy",
+        series,
+        y_range: Some((0.0, 1.0)),
+    })?;
+    report::write_plot(out, stem, &svg)?;
+    Ok((title, svg))
 }
 
 /// `points` in increasing x (a line through the test conditions in padding order).

@@ -567,32 +567,35 @@ fn lrn_matches_pytorch_formula_and_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // Conv2d::conv1d (a convolution over the steps of sequences)
 
-/// Direct 1-D convolution in f64 with "same" zero padding, from its definition:
-/// y[n, o, t] = b[o] + Σ_{c, j} w[o, c, j]·x[n, c, t + j − ⌊k/2⌋] (x = 0 outside 0..len).
+/// The 1-D convolution with "same" zero padding, y[n, o, t] = b[o] + Σ_{c, j} w[o, c, j]·x[n, c,
+/// t + j − ⌊k/2⌋] (x = 0 outside 0..len), as the middle row of [`conv_ref`]'s direct 2-D
+/// convolution of the single-row input padded with ⌊k/2⌋ zeros on every side (the rows above and
+/// below see only zeros).
 fn conv1d_ref(
     x: &[f64],
     w: &[f64],
     b: Option<&[f64]>,
     (batch, ic, oc, len, k): (usize, usize, usize, usize, usize),
 ) -> Vec<f64> {
-    let mut y = vec![0.0; batch * oc * len];
-    for n in 0..batch {
-        for o in 0..oc {
-            for t in 0..len {
-                let mut acc = b.map_or(0.0, |b| b[o]);
-                for c in 0..ic {
-                    for j in 0..k {
-                        let at = (t + j) as isize - (k / 2) as isize;
-                        if (0..len as isize).contains(&at) {
-                            acc += w[(o * ic + c) * k + j] * x[(n * ic + c) * len + at as usize];
-                        }
-                    }
-                }
-                y[(n * oc + o) * len + t] = acc;
-            }
-        }
-    }
-    y
+    let p = k / 2;
+    let t = ConvCase {
+        batch,
+        ic,
+        oc,
+        ih: 1,
+        iw: len,
+        k: (1, k),
+        s: 1,
+        p,
+        bias: b.is_some(),
+    };
+    let rows = conv_ref(t, x, w, b);
+    rows.chunks_exact(len)
+        .skip(p)
+        .step_by(2 * p + 1)
+        .flatten()
+        .copied()
+        .collect()
 }
 
 /// Forward against [`conv1d_ref`] and dW, db, dx against central differences of it (loss Σ r·y),
@@ -679,6 +682,14 @@ fn random_mask(batch: usize, len: usize, seed: u64) -> Vec<bool> {
     valid
 }
 
+/// A [`random_mask`] from `seed`, as a [`PositionMask`] too, and inputs `[batch, channels, len]`
+/// uniform in [−1, 1) from `seed + 1`.
+fn masked_case((batch, channels, len): (usize, usize, usize), seed: u64) -> (Vec<bool>, PositionMask, Vec<f32>) {
+    let valid = random_mask(batch, len, seed);
+    let mask = PositionMask::new(valid.clone(), len).unwrap();
+    (valid, mask, uniform(batch * channels * len, &mut rng(seed + 1)))
+}
+
 /// `v` with `fill` at every masked position of `[batch, channels, len]` examples.
 fn fill_masked(v: &[f32], valid: &[bool], (channels, len): (usize, usize), fill: f32) -> Vec<f32> {
     let mut out = v.to_vec();
@@ -728,9 +739,7 @@ fn position_masks_from_lengths_and_their_rejections() {
 #[test]
 fn zero_masked_selects_and_never_leaks() {
     let (batch, channels, len) = (5, 3, 7);
-    let valid = random_mask(batch, len, 31);
-    let mask = PositionMask::new(valid.clone(), len).unwrap();
-    let x = uniform(batch * channels * len, &mut rng(32));
+    let (valid, mask, x) = masked_case((batch, channels, len), 31);
     let r = uniform(x.len(), &mut rng(33));
     let reference = |x: &[f64]| -> Vec<f64> {
         (x.iter().enumerate())
@@ -762,9 +771,7 @@ fn zero_masked_selects_and_never_leaks() {
 #[test]
 fn masked_mean_pool_averages_valid_positions_and_never_leaks() {
     let (batch, channels, len) = (6, 4, 9);
-    let valid = random_mask(batch, len, 41);
-    let mask = PositionMask::new(valid.clone(), len).unwrap();
-    let x = uniform(batch * channels * len, &mut rng(42));
+    let (valid, mask, x) = masked_case((batch, channels, len), 41);
     let r = uniform(batch * channels, &mut rng(43));
     let reference = |x: &[f64]| -> Vec<f64> {
         let mut y = vec![0.0; batch * channels];

@@ -2,7 +2,7 @@
 //! batch becomes, the settings' padding value in `settings.json`, and the mask the experiment sets
 //! before each forward pass.
 
-use bnlab::driver::{Experiment, Pass};
+use bnlab::driver::{Experiment, Gathered, Pass};
 use bnlab::experiments::padded::{pad_sequences, parse_pad_value, sequence_length, Lengths, Padded, Settings, Split};
 
 fn lengths(s: &str) -> Lengths {
@@ -137,9 +137,12 @@ fn prepare_batch_pads_with_the_pass_lengths() {
             .map(|&i| sequence_length(s.common.seed, which, i, lens))
             .collect();
         pad_sequences(&mut want, (rows, cols), &want_lens, 1e30);
-        Padded
-            .prepare_batch(&s, variant, pass, split, &indices, &mut x, &mut net)
-            .unwrap();
+        let batch = Gathered {
+            pass,
+            split,
+            indices: &indices,
+        };
+        Padded.prepare_batch(&s, variant, batch, &mut x, &mut net).unwrap();
         assert_eq!(x, want, "{pass:?}");
         // The mask reached the layers: a forward pass with it runs, and one of another batch fails.
         net.forward(&x, indices.len(), bnlab::engine::Mode::Eval).unwrap();
@@ -147,15 +150,11 @@ fn prepare_batch_pads_with_the_pass_lengths() {
             .forward(&x[..2 * rows * cols], 2, bnlab::engine::Mode::Eval)
             .is_err());
     }
-    assert!(Padded
-        .prepare_batch(
-            &s,
-            variant,
-            Pass::Test(3),
-            &data.test,
-            &indices,
-            &mut [0.0; 72],
-            &mut net
-        )
-        .is_err());
+    let beyond = Gathered {
+        pass: Pass::Test(3),
+        split: &data.test,
+        indices: &indices,
+    };
+    let err = Padded.prepare_batch(&s, variant, beyond, &mut [0.0; 72], &mut net);
+    assert!(err.unwrap_err().to_string().contains("no test condition 3"));
 }

@@ -25,23 +25,9 @@ fn lines_of<'a>(lines: &'a [Value], variant: &str) -> Vec<&'a Value> {
 /// lengths'); the table against the last lines.
 #[test]
 fn quick_study_writes_every_output() {
-    let Some(data) = fashion_mnist() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let (stdout, _) = bnlab_ok(
-        tmp.path(),
-        &[
-            "padded",
-            "--quick",
-            "--threads",
-            "2",
-            "--data",
-            data,
-            "--out",
-            s(&out),
-            "--quiet",
-        ],
-    );
+    let Some((_tmp, out, stdout)) = quick_study("padded") else {
+        return;
+    };
     assert!(
         stdout.contains("| variant | lengths 8-28 (36% padding, as trained)"),
         "{stdout}"
