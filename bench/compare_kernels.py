@@ -98,7 +98,7 @@ def main():
     args = ap.parse_args()
 
     t = str(args.threads)
-    bn_cmd = [args.bnlab, "bench", "--json", "--threads", t] + shlex.split(args.bnlab_args)
+    bn_cmd = [args.bnlab, "bench", "--json", "--variant", "bn", "--threads", t] + shlex.split(args.bnlab_args)
     pt_cmd = [args.python, args.torch_script, "--threads", t] + shlex.split(args.torch_args)
     bn_runs, pt_runs = [], []
     for r in range(args.rounds):

@@ -36,8 +36,8 @@ pub enum Command {
     /// Padded sequences: batch norm over every position (padding included) against masked batch
     /// norm and no BN, trained on one length distribution and tested on several.
     Padded(ExperimentArgs<PaddedFlags>),
-    /// Test accuracy of a checkpoint (paper-mlp or accelerate), optionally with BN folded into the
-    /// layers before it.
+    /// Test accuracy of a checkpoint (paper-mlp, accelerate, small-batch or padded), optionally
+    /// with BN folded into the layers before it.
     Eval(EvalArgs),
 }
 
@@ -201,7 +201,7 @@ pub struct PaddedFlags {
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint written by `bnlab paper-mlp` or `bnlab accelerate`
+    /// A checkpoint written by `bnlab paper-mlp`, `accelerate` or `small-batch`
     /// (OUT/checkpoints/<variant>.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,

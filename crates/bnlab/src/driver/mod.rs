@@ -216,19 +216,6 @@ pub trait Experiment: Sync {
         Ok(Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?))
     }
 
-    /// Called before each training step `step` (0-based) of `variant`, e.g. to freeze batch norm
-    /// after a warm-up. What it does must follow from `step` alone: a resumed run calls it from
-    /// its checkpoint's step on. Nothing by default.
-    fn before_step(
-        &self,
-        _s: &Settings<Self::Settings>,
-        _variant: Self::Variant,
-        _net: &mut Sequential,
-        _step: u64,
-    ) -> Result<()> {
-        Ok(())
-    }
-
     /// Called on every batch the driver gathers ([`Gathered`]: what the pass is for, the split and
     /// the examples' indices; with data-parallel training, this rank's shard), after its examples
     /// are in `x` (`[batch, features]`, as [`data::gather`] writes them) and before `net`'s

@@ -283,8 +283,7 @@ impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
 /// its settings ([`Experiment::variant_settings`]: batch size, steps, evaluation and checkpoint
 /// schedule), as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics lines
 /// through `run`. Its batches are [`Experiment::batch_order`]'s, each prepared by
-/// [`Experiment::prepare_batch`] (evaluation batches too), and [`Experiment::before_step`] sees
-/// the network before every step.
+/// [`Experiment::prepare_batch`] (evaluation batches too).
 ///
 /// After every `eval_every` steps and after the last: with several ranks, the replicas are checked
 /// to be identical; rank 0 evaluates and records the experiment's metrics line. After every
@@ -341,7 +340,6 @@ pub fn train_variant<E: Experiment>(
     for step in counters.steps..c.steps {
         run.check()?;
         let t = Instant::now();
-        experiment.before_step(s, variant, &mut net, step)?;
         let lr = experiment.lr(s, variant, step) as f32;
         let loss = train_step_parallel(
             &mut net,

@@ -85,10 +85,6 @@ impl BnVariant {
     }
 }
 
-/// The message of a renorm layer asked to train synchronized.
-const RENORM_SYNC: &str = "batch renormalization cannot train synchronized yet: the kernel crate's `BatchRenorm` \
-     has no synchronized passes (train in one process, or with --bn-sync off)";
-
 /// What a layer computes beyond `bn`, with the state that goes with it: one case per variant.
 enum Kind {
     /// Plain batch norm: `bn` is all there is.
@@ -126,8 +122,8 @@ struct Population {
 ///
 /// With a communicator set ([`BatchNormLayer::synchronize`]) training forward and backward are
 /// synchronized batch norm over all ranks' shards of the global batch, and the parameter
-/// gradients are this rank's share (summed over ranks by the data-parallel loop). A renorm layer
-/// refuses to train synchronized (the kernel has no synchronized renorm yet).
+/// gradients are this rank's share (summed over ranks by the data-parallel loop); for renorm, r
+/// and d come from the global batch's statistics too.
 pub struct BatchNormLayer {
     /// The kernel crate's batch-norm layer: γ, β, running statistics, settings and frozen state,
     /// for every variant but renorm. For [`BnVariant::Renorm`] it holds only ε and the channel
@@ -399,10 +395,10 @@ impl BatchNormLayer {
                     }
                 }
             }
-            Kind::Renorm(r) => {
-                ensure!(comm.is_none(), RENORM_SYNC);
-                Saved::Renorm(r.forward_train(x, y)?)
-            }
+            Kind::Renorm(r) => Saved::Renorm(match comm {
+                Some(comm) => r.forward_train_sync(comm, x, y)?,
+                None => r.forward_train(x, y)?,
+            }),
         })
     }
 
@@ -514,7 +510,12 @@ impl Layer for BatchNormLayer {
             .as_ref()
             .context("batch norm backward before a training forward")?;
         match (&self.kind, saved, &self.sync) {
-            (Kind::Renorm(_), _, Some(_)) => bail!(RENORM_SYNC),
+            (Kind::Renorm(r), Saved::Renorm(saved), Some(comm)) => {
+                // This rank's share of dγ, dβ, as for plain batch norm below.
+                let dx_only = Grads { dx, ..Grads::default() };
+                let local = r.backward_sync(comm.as_ref(), x, dy, saved, dx_only)?;
+                local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
+            }
             (Kind::Renorm(r), Saved::Renorm(saved), None) => {
                 let grads = Grads {
                     dx,

@@ -25,7 +25,6 @@ pub fn fold_batchnorm(net: Sequential) -> Result<Sequential> {
             continue;
         };
         let affine = bn
-            .bn
             .inference_affine()
             .with_context(|| format!("cannot fold batch norm layer {i}"))?;
         let Some(prev) = out.last_mut() else {

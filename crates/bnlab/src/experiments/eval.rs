@@ -1,6 +1,6 @@
 //! `bnlab eval`: test accuracy of a checkpoint of any experiment (`paper-mlp`, `accelerate`,
-//! `small-batch`, `padded`: under its training lengths),
-//! optionally with batch norm folded into the linear layers and convolutions before it.
+//! `small-batch`, `padded`: under its training lengths), optionally with batch norm folded into
+//! the linear layers and convolutions before it.
 
 use super::accelerate::Accelerate;
 use super::padded::Padded;

@@ -31,9 +31,10 @@ use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
-use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd};
+use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
 use crate::report::{self, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
+use batchnorm::{BatchNormConfig, RenormSchedule};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -87,6 +88,10 @@ impl Method {
         }
     }
 }
+
+/// α of the renorm variants' moving statistics (the kernel crate's default, the weight Keras's
+/// `renorm_momentum` of 0.99 gives a batch).
+pub const RENORM_MOMENTUM: f64 = 0.01;
 
 /// The mini-batch sizes of the study.
 pub const SIZES: [usize; 5] = [2, 4, 8, 16, 64];
@@ -279,6 +284,27 @@ impl Settings {
         .lr(base, step)
     }
 
+    /// The engine's batch-norm variant of `variant`'s normalization layers: frozen after
+    /// `freeze_after` reference steps; renorm on the paper's schedule scaled to the variant's
+    /// steps T (the paper's 5k warm-up, r_max reaching 3 at 40k and d_max reaching 5 at 25k, with
+    /// 40k = T/2: (1, 0) for T/16 steps, then r_max ramping over 7T/16 and d_max over T/4),
+    /// moving statistics with α = 0.01; plain batch norm otherwise (ghost: plain with a virtual
+    /// batch).
+    pub fn bn_variant(&self, variant: Variant) -> Result<BnVariant> {
+        let k = self.steps_per_reference_step(variant);
+        let steps = self.common.steps * k;
+        Ok(match variant.method {
+            Method::Frozen => BnVariant::Frozen {
+                after: self.experiment.freeze_after * k,
+            },
+            Method::Renorm => BnVariant::Renorm {
+                momentum: RENORM_MOMENTUM,
+                limits: RenormSchedule::new(steps / 16, steps * 7 / 16, steps / 4, 3.0, 5.0)?,
+            },
+            _ => BnVariant::Plain,
+        })
+    }
+
     /// The conv net of every variant (the normalization aside).
     pub fn conv_net(&self) -> ConvNet {
         ConvNet {
@@ -314,7 +340,7 @@ impl SmallBatchSettings {
         );
         for v in &self.variants {
             ensure!(
-                v.batch <= common.batch && common.batch % v.batch == 0,
+                v.batch <= common.batch && common.batch.is_multiple_of(v.batch),
                 "variant `{}`: its batch of {} must divide the reference --batch {}",
                 v.name(),
                 v.batch,
@@ -430,7 +456,7 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
         .iter()
         .map(|v| {
             let mine = || metrics.iter().filter(|m| m.variant == v.name());
-            let last = mine().filter(|m| !m.diverged).last();
+            let last = mine().rfind(|m| !m.diverged);
             Cell {
                 variant: v.name().to_string(),
                 method: v.method.name().to_string(),
@@ -579,32 +605,19 @@ impl Experiment for SmallBatch {
         })
     }
 
-    /// The frozen variants freeze every BN layer at the end of the warm-up.
-    fn before_step(&self, s: &Settings, variant: Variant, net: &mut Sequential, step: u64) -> Result<()> {
-        if variant.method == Method::Frozen && step >= s.experiment.freeze_after * s.steps_per_reference_step(variant) {
-            for bn in net.batchnorms() {
-                if !bn.bn.is_frozen() {
-                    bn.bn.freeze();
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn evaluate_running_too(&self, _s: &Settings) -> bool {
         true
     }
 
     fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<()>> {
         let config = s.common.bn_config();
+        let bn = s.bn_variant(variant)?;
         let norm = |channels: usize, spatial: usize| -> Result<BatchNormLayer> {
-            match variant.method {
-                Method::Bn | Method::Frozen => BatchNormLayer::new(channels, spatial, config),
-                Method::Renorm | Method::Ghost4 | Method::Ghost16 => {
-                    anyhow::bail!("{} is not available in the engine yet", variant.method.name())
-                }
-                Method::NoBn => unreachable!("no normalization layer is built without BN"),
-            }
+            let config = BatchNormConfig {
+                virtual_batch: variant.method.virtual_batch(),
+                ..config
+            };
+            BatchNormLayer::with_variant(channels, spatial, config, bn)
         };
         let norm: Norm<'_> = (variant.method != Method::NoBn).then_some(&norm);
         let net = s.conv_net().build(

@@ -13,7 +13,7 @@
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
-use crate::engine::Sequential;
+use crate::engine::{Layer, Sequential, StateValue};
 use anyhow::{bail, ensure, Result};
 use batchnorm::{Communicator, Counted, Traffic};
 use std::ops::Range;
@@ -89,9 +89,14 @@ impl DataParallel {
             h.floats(p.value);
         }
         if running_stats {
+            // The f32 states are the running (or, for renorm, moving) statistics; the f64
+            // population accumulators are rank 0's alone.
             for bn in net.batchnorms() {
-                h.floats(&bn.bn.running_mean);
-                h.floats(&bn.bn.running_var);
+                for st in bn.state() {
+                    if let StateValue::F32(v) = &st.value {
+                        h.floats(v);
+                    }
+                }
             }
         }
         // Four 16-bit pieces, each exact in an f64.

@@ -327,6 +327,28 @@ pub fn padded_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> 
     with_defaults(&defaults, data, out, extra)
 }
 
+/// `bnlab small-batch` arguments for a run of seconds on [`synthetic_data`] (reference batch 16:
+/// 6 reference steps, evaluations every 3, channels 2,4, hidden 8, 2 population batches, quiet),
+/// then `extra`; a flag given in `extra` replaces its default.
+pub fn small_batch_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        "small-batch",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--channels",
+        "2,4",
+        "--hidden",
+        "8",
+        "--batch",
+        "16",
+        "--population-batches",
+        "2",
+    ];
+    with_defaults(&defaults, data, out, extra)
+}
+
 /// Asserts the tracking criterion of data-parallel runs (issue 8) between two lists of
 /// evaluations `(step, test accuracy, training loss)`: the same steps, accuracy within 0.2
 /// points, loss within 1e-3 relative.

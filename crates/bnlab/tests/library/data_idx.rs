@@ -733,3 +733,59 @@ fn fashion_mnist_loads_when_installed() {
     // The training pixels' mean is about 0.286.
     assert!((mean - 0.286).abs() < 0.01, "mean pixel {mean}");
 }
+
+proptest! {
+    /// Class-grouped batches: every batch holds `batch` distinct examples of exactly
+    /// k = min(classes_per_batch, batch) classes, batch/k of each (batch % k of them one more),
+    /// and the batch of a step is the same whichever steps were asked before it.
+    #[test]
+    fn class_grouped_batches_hold_k_classes(
+        batch in 1usize..20,
+        classes_per_batch in 1usize..6,
+        seed in any::<u64>(),
+        step in 0u64..1000,
+    ) {
+        use bnlab::data::{BatchOrder, ClassGroupedBatches};
+        let labels: Vec<u8> = (0..300).map(|i| (i % 6) as u8).collect();
+        let mut order = ClassGroupedBatches::new(&labels, batch, classes_per_batch, seed).unwrap();
+        let b = order.batch_indices(step).to_vec();
+        prop_assert_eq!(b.len(), batch);
+        prop_assert_eq!(b.iter().collect::<HashSet<_>>().len(), batch, "repeated examples");
+        let k = classes_per_batch.min(batch);
+        let mut counts = [0usize; 6];
+        b.iter().for_each(|&i| counts[labels[i] as usize] += 1);
+        let mut present: Vec<usize> = counts.into_iter().filter(|&n| n > 0).collect();
+        present.sort_unstable();
+        let mut want: Vec<usize> = (0..k).map(|j| batch / k + usize::from(j < batch % k)).collect();
+        want.sort_unstable();
+        prop_assert_eq!(present, want);
+        let mut fresh = ClassGroupedBatches::new(&labels, batch, classes_per_batch, seed).unwrap();
+        fresh.batch_indices(step + 1);
+        prop_assert_eq!(fresh.batch_indices(step), &b[..]);
+    }
+}
+
+/// Grouped batches need k classes with enough examples each, and a batch and class count of at
+/// least 1.
+#[test]
+fn class_grouped_batches_reject_what_cannot_be_drawn() {
+    use bnlab::data::{ClassGroupedBatches, GroupedBatchError};
+    let labels = [0u8, 0, 0, 1, 1, 2];
+    let err = |batch, k| ClassGroupedBatches::new(&labels, batch, k, 1).unwrap_err();
+    assert_eq!(err(0, 1), GroupedBatchError::Zero);
+    assert_eq!(err(2, 0), GroupedBatchError::Zero);
+    // Two classes of two examples each: classes 0 and 1 have them, class 2 does not.
+    assert!(ClassGroupedBatches::new(&labels, 4, 2, 1).is_ok());
+    assert_eq!(
+        err(6, 2),
+        GroupedBatchError::TooFewClasses {
+            batch: 6,
+            classes_per_batch: 2,
+            per_class: 3,
+            usable: 1
+        }
+    );
+    assert!(err(6, 2)
+        .to_string()
+        .contains("needs 2 classes with at least 3 examples each; the data has 1"));
+}

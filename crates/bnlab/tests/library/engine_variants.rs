@@ -287,21 +287,25 @@ fn frozen_layer_trains_synchronized() {
     }
 }
 
-/// Batch renorm has no synchronized passes yet: a synchronized renorm layer refuses to train,
-/// with a message that says why and what to do.
+/// Synchronized batch renorm over one rank is the one-process layer: the same outputs,
+/// gradients and moving statistics, bit for bit, over a few steps (the kernel crate's tests hold
+/// 2 and 3 ranks to one process over the concatenated batch).
 #[test]
-fn synchronized_renorm_is_a_clear_error() {
-    let mut layer = BatchNormLayer::with_variant(2, 1, BatchNormConfig::default(), renorm()).unwrap();
-    layer.synchronize(Some(Arc::new(SingleProcess)));
-    let mut y = [0.0; 4];
-    let err = layer
-        .forward(&[1.0, 2.0, 3.0, 5.0], 2, &mut y, Mode::Train)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("synchronized") && err.contains("--bn-sync off"), "{err}");
-    assert_eq!(layer.train_steps(), Some(0));
-    // Inference needs no communication.
-    layer.forward(&[1.0, 2.0, 3.0, 5.0], 2, &mut y, Mode::Eval).unwrap();
+fn synchronized_renorm_over_one_rank_is_the_one_process_layer() {
+    let (batch, channels) = (3, 2);
+    let mut one = BatchNormLayer::with_variant(channels, 1, BatchNormConfig::default(), renorm()).unwrap();
+    let mut synced = BatchNormLayer::with_variant(channels, 1, BatchNormConfig::default(), renorm()).unwrap();
+    synced.synchronize(Some(Arc::new(SingleProcess)));
+    for step in 0..4 {
+        let (x, dy) = batch_data(step, batch * channels);
+        assert_eq!(
+            engine_step(&mut synced, &x, &dy, batch),
+            engine_step(&mut one, &x, &dy, batch),
+            "step {step}"
+        );
+    }
+    assert_eq!(synced.state(), one.state());
+    assert_eq!(synced.train_steps(), Some(4));
 }
 
 /// Algorithm 2 with batch renorm: `Collect` computes the training transform of the current step

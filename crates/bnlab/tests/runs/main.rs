@@ -1,7 +1,7 @@
-//! End-to-end tests that run the built `bnlab` binary: `paper-mlp`, `accelerate`, `padded`,
-//! checkpoints, `--resume` and `eval`, the run driver's guards, a closed output pipe, and report
-//! pages rendered in headless Chromium. One binary, so the library is linked into one test executable; each
-//! module is one former test file.
+//! End-to-end tests that run the built `bnlab` binary: `paper-mlp`, `accelerate`, `small-batch`,
+//! `padded`, checkpoints, `--resume` and `eval`, the run driver's guards, a closed output pipe, and
+//! report pages rendered in headless Chromium. One binary, so the library is linked into one test
+//! executable; each module is one former test file.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -15,3 +15,4 @@ mod padded_cli;
 mod paper_mlp_cli;
 mod report_browser;
 mod run_guards;
+mod small_batch_cli;
