@@ -38,7 +38,7 @@ impl PositionMask {
     pub fn new(valid: Vec<bool>, positions: usize) -> Result<Self> {
         ensure!(positions > 0, "a position mask needs at least one position per example");
         ensure!(
-            valid.len() % positions == 0,
+            valid.len().is_multiple_of(positions),
             "a position mask of {} values is not a whole number of examples of {positions} positions",
             valid.len()
         );

@@ -468,7 +468,7 @@ pub fn table(s: &Settings, steps: usize, metrics: &[Metric]) -> Table {
     let rows = (s.experiment.variants.iter())
         .map(|v| {
             let mine = || metrics.iter().filter(|m| m.variant == *v);
-            let last = mine().filter(|m| !m.diverged).last();
+            let last = mine().rfind(|m| !m.diverged);
             Row {
                 variant: v.name().to_string(),
                 test_acc: (0..conditions.len())
