@@ -283,7 +283,10 @@ pub fn command() -> clap::Command {
 /// `c` with `d` as its defaults ([`with_defaults`]) and, with `--quick`, `quick`'s steps,
 /// evaluation interval and population batches as the defaults of those flags.
 fn with_quick_defaults(c: clap::Command, d: &Defaults, quick: (u64, u64, usize)) -> clap::Command {
-    let when_quick = |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::IsPresent, value);
+    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the presets
+    // apply when its value is `true`.
+    let when_quick =
+        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
     with_defaults(c, d)
         .mut_arg("steps", |a| when_quick(a, quick.0.to_string()))
         .mut_arg("eval_every", |a| when_quick(a, quick.1.to_string()))
@@ -303,4 +306,52 @@ fn with_defaults(c: clap::Command, d: &Defaults) -> clap::Command {
 pub fn parse() -> Result<Cli, clap::Error> {
     let matches = command().try_get_matches()?;
     Cli::from_arg_matches(&matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The common settings `args` parse to.
+    fn settings(args: &[&str]) -> CommonSettings {
+        let matches = command().try_get_matches_from(args).unwrap();
+        match Cli::from_arg_matches(&matches).unwrap().command {
+            Command::PaperMlp(a) => a.settings,
+            Command::Accelerate(a) => a.settings,
+            Command::SmallBatch(a) => a.settings,
+            Command::Padded(a) => a.settings,
+            other => panic!("not a training command: {other:?}"),
+        }
+    }
+
+    /// Each experiment's defaults apply without `--quick`, its presets with it, and a flag given
+    /// wins over both.
+    #[test]
+    fn defaults_and_quick_presets() {
+        let steps = |args: &[&str]| settings(args).steps;
+        assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
+        assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
+        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::quick::STEPS);
+        let s = settings(&["bnlab", "small-batch"]);
+        assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
+        let s = settings(&["bnlab", "accelerate", "--quick"]);
+        assert_eq!((s.eval_every, s.population_batches), (40, 5));
+        let s = settings(&["bnlab", "padded"]);
+        let d = padded::DEFAULTS;
+        assert_eq!(
+            (s.steps, s.eval_every, s.batch, s.lr),
+            (d.steps, d.eval_every, d.batch, d.lr)
+        );
+        assert_eq!(s.population_batches, 50);
+        let s = settings(&["bnlab", "padded", "--quick"]);
+        let q = (
+            padded::quick::STEPS,
+            padded::quick::EVAL_EVERY,
+            padded::quick::POPULATION_BATCHES,
+        );
+        assert_eq!((s.steps, s.eval_every, s.population_batches), q);
+    }
 }
