@@ -255,20 +255,12 @@ pub fn command() -> clap::Command {
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
-            use accelerate::{quick, DEFAULTS};
-            with_quick_defaults(
-                c,
-                &DEFAULTS,
-                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
-            )
+            let q = &accelerate::QUICK;
+            with_quick_defaults(c, &accelerate::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
         .mut_subcommand("small-batch", |c| {
-            use small_batch::{quick, DEFAULTS};
-            with_quick_defaults(
-                c,
-                &DEFAULTS,
-                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
-            )
+            let q = &small_batch::QUICK;
+            with_quick_defaults(c, &small_batch::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
         .mut_subcommand("padded", |c| {
             use padded::{quick, DEFAULTS};
@@ -331,10 +323,10 @@ mod tests {
         let steps = |args: &[&str]| settings(args).steps;
         assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
         assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::QUICK.steps);
         assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
         assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::QUICK.steps);
         let s = settings(&["bnlab", "small-batch"]);
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);

@@ -39,52 +39,21 @@ impl StepBuffers {
     }
 }
 
-/// One SGD step on the batch of `step` from `order`, prepared by `prep` ([`Pass::Train`]):
-/// forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
+/// One SGD step on the batch of `step` from `order`, as rank `dp.rank()` of `dp.size()`, the batch
+/// prepared by `prep` ([`Pass::Train`]): forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
 /// Returns the batch loss; when it is not finite, nothing is updated (the caller decides what
-/// divergence means).
+/// divergence means). `buf` holds this rank's shard of the batch (`buf.y.len()` examples).
+///
+/// With one rank this is the plain step on the whole batch. With more (data-parallel training,
+/// see [`crate::parallel`]), this rank gathers its contiguous shard ([`parallel::shard`]) of the
+/// global batch, runs forward, loss and backward with ∂loss/∂logits scaled by its share n_r/N,
+/// then sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`]) and
+/// applies the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
+/// [`Sgd::step`]). The returned loss is then the global batch's, the same bits on every rank, and
+/// when it is not finite nothing is updated on any rank (so all ranks stop at the same step). The
+/// backward runs before that decision: with synchronized batch norm it is a collective that every
+/// rank must enter.
 pub fn train_step(
-    net: &mut Sequential,
-    sgd: &mut Sgd,
-    train: &Dataset,
-    order: &mut dyn BatchOrder,
-    step: u64,
-    lr: f32,
-    buf: &mut StepBuffers,
-    prep: &mut dyn BatchPrep,
-) -> Result<f32> {
-    let batch = buf.y.len();
-    let classes = net.output_size();
-    let gathered = Gathered {
-        pass: Pass::Train(step),
-        split: train,
-        indices: order.batch_indices(step),
-    };
-    gather_prepared(gathered, &mut buf.x, &mut buf.y, prep, net)?;
-    let logits = net.forward(&buf.x, batch, Mode::Train)?;
-    let loss = buf.loss.forward(logits, &buf.y, classes)?;
-    if !loss.is_finite() {
-        return Ok(loss);
-    }
-    buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
-    net.backward(&buf.dlogits)?;
-    sgd.step(net.params(), lr);
-    Ok(loss)
-}
-
-/// [`train_step`] as rank `dp.rank()` of `dp.size()` in data-parallel training (see
-/// [`crate::parallel`]): this rank gathers its contiguous shard ([`parallel::shard`]) of the
-/// global batch of `step`, has `prep` prepare it, runs forward, loss and backward with ∂loss/∂logits scaled by its share
-/// n_r/N, then sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`])
-/// and applies the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
-/// [`Sgd::step`]). `buf` holds one shard (`buf.y.len()` = this rank's shard of the global batch).
-///
-/// Returns the global batch's loss, the same bits on every rank; when it is not finite nothing is
-/// updated, on every rank (so all ranks stop at the same step). The backward runs before the
-/// decision: with synchronized batch norm it is a collective that every rank must enter.
-///
-/// With one rank this is exactly [`train_step`] (no scaling, no collective, the same bits).
-pub fn train_step_parallel(
     net: &mut Sequential,
     sgd: &mut Sgd,
     train: &Dataset,
@@ -95,9 +64,6 @@ pub fn train_step_parallel(
     dp: &mut DataParallel,
     prep: &mut dyn BatchPrep,
 ) -> Result<f32> {
-    if dp.size() == 1 {
-        return train_step(net, sgd, train, order, step, lr, buf, prep);
-    }
     let classes = net.output_size();
     let indices = order.batch_indices(step);
     let global = indices.len();
@@ -116,6 +82,16 @@ pub fn train_step_parallel(
     gather_prepared(batch, &mut buf.x, &mut buf.y, prep, net)?;
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
+    if dp.size() == 1 {
+        // One rank: no scaling, no collective.
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
+        net.backward(&buf.dlogits)?;
+        sgd.step(net.params(), lr);
+        return Ok(loss);
+    }
     // The derivative of the global batch's mean loss through this shard; gradients and loss
     // shares are then summed over ranks.
     let share = local as f32 / global as f32;
@@ -341,7 +317,7 @@ pub fn train_variant<E: Experiment>(
         run.check()?;
         let t = Instant::now();
         let lr = experiment.lr(s, variant, step) as f32;
-        let loss = train_step_parallel(
+        let loss = train_step(
             &mut net,
             &mut sgd,
             &data.train,

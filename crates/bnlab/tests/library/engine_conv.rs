@@ -14,7 +14,7 @@ use bnlab::engine::{
 };
 use rand::Rng;
 
-use crate::common::rng;
+use crate::common::{central_diff, rng};
 
 fn uniform(n: usize, rng: &mut impl Rng) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -37,21 +37,6 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
             "{what}[{i}]: got {g}, want {w}"
         );
     }
-}
-
-/// Central differences of `f` at `p` for every coordinate.
-fn finite_differences(p: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
-    let mut q = p.to_vec();
-    (0..p.len())
-        .map(|i| {
-            q[i] = p[i] + h;
-            let up = f(&q);
-            q[i] = p[i] - h;
-            let down = f(&q);
-            q[i] = p[i];
-            (up - down) / (2.0 * h)
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,12 +217,12 @@ fn conv_backward_matches_finite_differences() {
         let (x64, w64, r64) = (f64s(&x), f64s(&layer.weight), f64s(&r));
         let b64 = layer.bias.as_deref().map(f64s);
         let loss = |x: &[f64], w: &[f64], b: Option<&[f64]>| dot(&conv_ref(t, x, w, b), &r64);
-        let dw = finite_differences(&w64, 1e-3, |w| loss(&x64, w, b64.as_deref()));
-        let dxf = finite_differences(&x64, 1e-3, |x| loss(x, &w64, b64.as_deref()));
+        let dw = central_diff(|w| loss(&x64, w, b64.as_deref()), &w64, 1e-3, None);
+        let dxf = central_diff(|x| loss(x, &w64, b64.as_deref()), &x64, 1e-3, None);
         let params = layer.params();
         assert_close(&format!("{t:?} dW"), params[0].grad, &dw, 1e-4);
         if let Some(b) = &b64 {
-            let db = finite_differences(b, 1e-3, |b| loss(&x64, &w64, Some(b)));
+            let db = central_diff(|b| loss(&x64, &w64, Some(b)), b, 1e-3, None);
             assert_eq!(params[1].name, "bias");
             assert_close(&format!("{t:?} db"), params[1].grad, &db, 1e-4);
         }
@@ -369,7 +354,7 @@ fn maxpool_forward_and_backward_match_references() {
         let mut dx = vec![f32::NAN; n];
         layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
         let r64 = f64s(&r);
-        let dxf = finite_differences(&f64s(&x), 1e-3, |x| dot(&pool_ref(x, batch, c, hw, k, s), &r64));
+        let dxf = central_diff(|x| dot(&pool_ref(x, batch, c, hw, k, s), &r64), &f64s(&x), 1e-3, None);
         assert_close("pool dx", &dx, &dxf, 1e-5);
     }
 }
@@ -557,7 +542,7 @@ fn lrn_matches_pytorch_formula_and_finite_differences() {
         let mut dx = vec![f32::NAN; x.len()];
         layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
         let r64 = f64s(&r);
-        let dxf = finite_differences(&f64s(&x), 1e-4, |x| dot(&lrn_ref(x, c, hw, prm), &r64));
+        let dxf = central_diff(|x| dot(&lrn_ref(x, c, hw, prm), &r64), &f64s(&x), 1e-4, None);
         assert_close(&format!("lrn {prm:?} dx"), &dx, &dxf, 1e-4);
     }
     let l = Lrn::alexnet(96, 55 * 55);
@@ -634,13 +619,13 @@ fn conv1d_matches_direct_convolution_and_finite_differences() {
         layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
         let loss = |x: &[f64], w: &[f64], b: Option<&[f64]>| dot(&conv1d_ref(x, w, b, dims), &r64);
         let params = layer.params();
-        let dw = finite_differences(&w64, 1e-3, |w| loss(&x64, w, b64.as_deref()));
+        let dw = central_diff(|w| loss(&x64, w, b64.as_deref()), &w64, 1e-3, None);
         assert_close(&format!("{dims:?} dW"), params[0].grad, &dw, 1e-4);
         if let Some(b) = &b64 {
-            let db = finite_differences(b, 1e-3, |b| loss(&x64, &w64, Some(b)));
+            let db = central_diff(|b| loss(&x64, &w64, Some(b)), b, 1e-3, None);
             assert_close(&format!("{dims:?} db"), params[1].grad, &db, 1e-4);
         }
-        let dxf = finite_differences(&x64, 1e-3, |x| loss(x, &w64, b64.as_deref()));
+        let dxf = central_diff(|x| loss(x, &w64, b64.as_deref()), &x64, 1e-3, None);
         assert_close(&format!("{dims:?} dx"), &dx, &dxf, 1e-4);
     }
 }
@@ -755,7 +740,7 @@ fn zero_masked_selects_and_never_leaks() {
     let mut layer = ZeroMasked::new(channels, len).unwrap();
     let (y, dx) = run_masked(&mut layer, &mask, &x, &r, batch);
     assert_close("y", &y, &reference(&f64s(&x)), 0.0);
-    let dxf = finite_differences(&f64s(&x), 1e-3, |x| dot(&reference(x), &f64s(&r)));
+    let dxf = central_diff(|x| dot(&reference(x), &f64s(&r)), &f64s(&x), 1e-3, None);
     assert_close("dx", &dx, &dxf, 1e-6);
     for fill in [1e30, f32::NAN, f32::INFINITY] {
         let dirty_x = fill_masked(&x, &valid, (channels, len), fill);
@@ -789,7 +774,7 @@ fn masked_mean_pool_averages_valid_positions_and_never_leaks() {
     assert_eq!((layer.input_size(), layer.output_size()), (channels * len, channels));
     let (y, dx) = run_masked(&mut layer, &mask, &x, &r, batch);
     assert_close("y", &y, &reference(&f64s(&x)), 1e-6);
-    let dxf = finite_differences(&f64s(&x), 1e-3, |x| dot(&reference(x), &f64s(&r)));
+    let dxf = central_diff(|x| dot(&reference(x), &f64s(&r)), &f64s(&x), 1e-3, None);
     assert_close("dx", &dx, &dxf, 1e-6);
     for fill in [1e30, f32::NAN, f32::NEG_INFINITY] {
         let (y2, dx2) = run_masked(
