@@ -39,6 +39,8 @@
 //! `--half-life` steps; evaluation with Algorithm 2's population statistics, estimated over
 //! training batches with the training lengths (the statistics the network trained with).
 
+use super::convnet::check_sgd;
+pub use super::convnet::default_half_life;
 use crate::data::batches::{below, epoch_key};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
@@ -228,11 +230,6 @@ pub mod quick {
     pub const POPULATION_BATCHES: usize = 2;
 }
 
-/// The learning rate's default half-life for a run of `steps` steps: a third of the run.
-pub fn default_half_life(steps: u64) -> u64 {
-    (steps / 3).max(1)
-}
-
 impl Settings {
     /// The default study writing to `out`: trained on lengths 8–28, tested on those, on
     /// full-length sequences (28) and on heavy padding (4–10).
@@ -287,14 +284,7 @@ impl PaddedSettings {
     /// Rejects settings that cannot run (the lengths against the data are checked by [`build`]).
     pub fn check(&self) -> Result<()> {
         ensure!(self.half_life > 0, "--half-life must be > 0");
-        ensure!(
-            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
-            "--momentum must be in [0, 1)"
-        );
-        ensure!(
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "--weight-decay must be a finite number >= 0"
-        );
+        check_sgd(self.momentum, self.weight_decay)?;
         ensure!(self.channels.iter().all(|&c| c > 0), "--channels must be > 0");
         for l in std::iter::once(&self.train_lengths).chain(&self.test_lengths) {
             ensure!(
