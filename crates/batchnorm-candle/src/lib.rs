@@ -1,25 +1,81 @@
 #![doc = include_str!("../README.md")]
 
+mod composed;
+mod mask;
 mod ops;
+mod renorm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use batchnorm::{
-    fold_into_preceding, update_running_stats, Affine, FixedStats, InferenceAffine, Momentum, PopulationStats,
+    fold_into_preceding, update_ghost_running_stats, update_running_stats, Affine, BatchStats, FixedStats,
+    InferenceAffine, Momentum, PopulationStats,
 };
+pub use batchnorm::{BatchRenormConfig, RenormClip, RenormSchedule, SmallBatch};
 use candle_core::{DType, Error, Module, ModuleT, Result, Tensor, Var};
 pub use candle_nn::BatchNormConfig;
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
-use ops::{wrap, ForwardMode, ForwardOp, TrainState};
+use mask::Mask;
+use ops::{wrap, ForwardMode, TrainKernel};
+pub use renorm::{batch_renorm, BatchRenorm, RenormEvalMode};
+
+/// γ and β, each `[C]` (in any dtype), or none.
+type Params<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
+/// Runs `f` on `x` converted to the compute dtype ([`internal_dtype`]) and returns its result in
+/// `x`'s dtype.
+fn in_compute_dtype(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    f(&x.to_dtype(internal_dtype(x.dtype()))?)?.to_dtype(x.dtype())
+}
+
+/// Checks a layer's tensors, two per-channel statistics (`stats`, with their names) and γ, β
+/// (given exactly when `affine`), all `[num_features]`, and makes the statistics variables (one
+/// that already is a variable, e.g. from a `VarMap`, is shared, not copied).
+fn stat_vars(
+    num_features: usize,
+    stats: [(&str, &Tensor); 2],
+    weight_and_bias: &Option<(Tensor, Tensor)>,
+    affine: bool,
+) -> Result<(Var, Var)> {
+    if affine != weight_and_bias.is_some() {
+        candle_core::bail!("batch-norm: weight and bias must be given exactly when config.affine is true")
+    }
+    for (name, t) in stats {
+        check_vector(name, t, num_features)?;
+    }
+    if let Some((w, b)) = weight_and_bias {
+        check_vector("weight", w, num_features)?;
+        check_vector("bias", b, num_features)?;
+    }
+    Ok((Var::from_tensor(stats[0].1)?, Var::from_tensor(stats[1].1)?))
+}
+
+/// How a layer computes: the fused kernels where they run, or ordinary candle ops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputePath {
+    /// The fused `batchnorm` kernels (candle custom ops with their fused backward) for tensors on
+    /// the CPU; on any other device the composed candle ops of [`ComputePath::Composed`], so
+    /// that a layer works wherever candle-nn's does (the default).
+    #[default]
+    Auto,
+    /// Ordinary candle tensor ops on every device, differentiated by candle's autograd. The
+    /// statistics are then summed in the compute dtype, as candle-nn does.
+    Composed,
+}
 
 /// Batch normalization over channel dimension 1 of an input of rank ≥ 2 (`[N, C]`,
 /// `[N, C, L]`, `[N, C, H, W]`, …), with candle-nn's variables, configuration and running-statistics
-/// convention, computed by the fused `batchnorm` kernels.
+/// convention, computed by the fused `batchnorm` kernels on the CPU (composed candle ops
+/// elsewhere, see [`ComputePath`]).
 ///
 /// Build it with [`batch_norm`] (from a `VarBuilder`, as `candle_nn::batch_norm`) or
-/// [`BatchNorm::new`]. Clones share the running statistics (they are candle [`Var`]s) and the
-/// population-statistics accumulator.
+/// [`BatchNorm::new`] and candle-nn's other constructors. Beyond candle-nn, a layer can be
+/// frozen ([`BatchNorm::freeze`]), given a small-batch policy
+/// ([`BatchNorm::with_small_batch`]) or a ghost virtual batch size
+/// ([`BatchNorm::with_virtual_batch`]). Clones share the running statistics (they are candle
+/// [`Var`]s), the frozen state and the population-statistics accumulator.
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
     num_features: usize,
@@ -27,6 +83,10 @@ pub struct BatchNorm {
     running_var: Var,
     weight_and_bias: Option<(Tensor, Tensor)>,
     config: BatchNormConfig,
+    small_batch: SmallBatch,
+    virtual_batch: Option<usize>,
+    compute: ComputePath,
+    frozen: Arc<AtomicBool>,
     population: Arc<Mutex<Option<PopulationStats>>>,
 }
 
@@ -47,19 +107,30 @@ pub struct BatchNorm {
 /// assert!(batch_norm(16, 0.0, VarBuilder::zeros(DType::F64, &Device::Cpu)).is_err());
 /// ```
 pub fn batch_norm<C: Into<BatchNormConfig>>(num_features: usize, config: C, vb: VarBuilder) -> Result<BatchNorm> {
-    use candle_nn::Init;
     let config = config.into();
     check_config(&config)?;
-    let running_mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
-    let running_var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
-    let weight_and_bias = if config.affine {
-        let weight = vb.get_with_hints(num_features, "weight", Init::Const(1.))?;
-        let bias = vb.get_with_hints(num_features, "bias", Init::Const(0.))?;
-        Some((weight, bias))
+    let stats = [("running_mean", 0.0), ("running_var", 1.0)];
+    let ([running_mean, running_var], weight_and_bias) = get_vars(&vb, num_features, stats, config.affine)?;
+    BatchNorm::from_parts(num_features, running_mean, running_var, weight_and_bias, config)
+}
+
+/// A layer's variables from a `VarBuilder`, all `[num_features]`: two per-channel statistics
+/// (name, initial value) and, when `affine`, `weight` (γ, initialized to 1) and `bias` (β, 0).
+fn get_vars(
+    vb: &VarBuilder,
+    num_features: usize,
+    stats: [(&str, f64); 2],
+    affine: bool,
+) -> Result<([Tensor; 2], Option<(Tensor, Tensor)>)> {
+    let get = |name: &str, value: f64| vb.get_with_hints(num_features, name, candle_nn::Init::Const(value));
+    let [(a, a0), (b, b0)] = stats;
+    let stats = [get(a, a0)?, get(b, b0)?];
+    let weight_and_bias = if affine {
+        Some((get("weight", 1.0)?, get("bias", 0.0)?))
     } else {
         None
     };
-    BatchNorm::from_parts(num_features, running_mean, running_var, weight_and_bias, config)
+    Ok((stats, weight_and_bias))
 }
 
 fn check_config(config: &BatchNormConfig) -> Result<()> {
@@ -82,6 +153,71 @@ fn check_vector(name: &str, t: &Tensor, num_features: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks an input before either path: rank ≥ 2, `num_features` channels in dimension 1, a
+/// floating-point dtype, no zero dimension. Returns the number of values per channel.
+fn check_input(x: &Tensor, num_features: usize) -> Result<usize> {
+    if x.rank() < 2 {
+        candle_core::bail!(
+            "batch-norm input tensor must have at least two dimensions ({:?})",
+            x.shape()
+        )
+    }
+    if x.dim(1)? != num_features {
+        candle_core::bail!(
+            "batch-norm input doesn't have the expected number of features ({:?} <> {})",
+            x.shape(),
+            num_features
+        )
+    }
+    if !matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+        candle_core::bail!(
+            "batch-norm: unsupported dtype {:?} (f16, bf16, f32 and f64 are supported)",
+            x.dtype()
+        )
+    }
+    if x.elem_count() == 0 {
+        return Err(wrap(batchnorm::Error::EmptyInput {
+            shape: x.dims().to_vec(),
+        }));
+    }
+    Ok(x.elem_count() / num_features)
+}
+
+/// Rejects a training batch of fewer than 2 values per channel ([`batchnorm::Error::TooFewValues`]),
+/// as the kernels do, before either path runs.
+fn check_training_count(count: usize, x: &Tensor) -> Result<()> {
+    if count < 2 {
+        return Err(wrap(batchnorm::Error::TooFewValues {
+            count: count as u64,
+            shape: x.dims().to_vec(),
+        }));
+    }
+    Ok(())
+}
+
+/// Rejects a ghost batch whose group of `virtual_batch` consecutive examples (the last one
+/// holding the rest) has fewer than 2 values per channel
+/// ([`batchnorm::Error::GhostGroupTooSmall`]), as the kernels do, before either path runs.
+fn check_ghost_groups(shape: &[usize], virtual_batch: usize) -> Result<()> {
+    let (n, per_example) = (shape[0], shape[2..].iter().product::<usize>());
+    for (group, first) in (0..n).step_by(virtual_batch).enumerate() {
+        let count = (virtual_batch.min(n - first) * per_example) as u64;
+        if count < 2 {
+            return Err(wrap(batchnorm::Error::GhostGroupTooSmall {
+                group,
+                count,
+                shape: shape.to_vec(),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `x` goes through the fused kernels: on the CPU, unless the layer says otherwise.
+fn fused(compute: ComputePath, x: &Tensor) -> bool {
+    compute == ComputePath::Auto && x.device().is_cpu()
+}
+
 /// The type the kernels compute in: `f32`/`f64` themselves, half types in `f32` (as candle-nn).
 fn internal_dtype(dtype: DType) -> DType {
     match dtype {
@@ -90,12 +226,16 @@ fn internal_dtype(dtype: DType) -> DType {
     }
 }
 
-/// A per-channel tensor as `f64` values (without a tensor op for `f32`/`f64`).
+/// A tensor's values as `f64`, flattened, on the host (without a tensor op for `f32`/`f64`;
+/// other types through `f32`, which holds them exactly and which every device converts to,
+/// unlike `f64`).
 fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    let t = t.flatten_all()?;
+    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
     match t.dtype() {
         DType::F64 => t.to_vec1::<f64>(),
-        DType::F32 => Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect()),
-        _ => t.to_dtype(DType::F64)?.to_vec1::<f64>(),
+        DType::F32 => Ok(widen(t.to_vec1::<f32>()?)),
+        _ => Ok(widen(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)),
     }
 }
 
@@ -121,8 +261,48 @@ impl BatchNorm {
 
     /// Without γ and β (candle-nn's `BatchNorm::new_no_bias`).
     pub fn new_no_bias(num_features: usize, running_mean: Tensor, running_var: Tensor, eps: f64) -> Result<Self> {
+        Self::new_no_bias_with_momentum(num_features, running_mean, running_var, eps, 0.1)
+    }
+
+    /// [`BatchNorm::new`] with the given momentum (candle-nn's `BatchNorm::new_with_momentum`):
+    /// running ← (1 − momentum)·running + momentum·batch. Rejects what [`BatchNorm::new`] rejects
+    /// and a momentum outside [0, 1] (as candle-nn does).
+    ///
+    /// ```
+    /// use batchnorm_candle::BatchNorm;
+    /// use candle_core::{DType, Device, Tensor};
+    /// let v = |x: f32| Tensor::full(x, 4, &Device::Cpu);
+    /// let bn = BatchNorm::new_with_momentum(4, v(0.0)?, v(1.0)?, v(1.0)?, v(0.0)?, 1e-5, 0.01)?;
+    /// assert_eq!(bn.momentum(), 0.01);
+    /// assert!(BatchNorm::new_with_momentum(4, v(0.0)?, v(1.0)?, v(1.0)?, v(0.0)?, 1e-5, 1.5).is_err());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new_with_momentum(
+        num_features: usize,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+        momentum: f64,
+    ) -> Result<Self> {
+        let config = BatchNormConfig { momentum, ..eps.into() };
+        Self::from_parts(num_features, running_mean, running_var, Some((weight, bias)), config)
+    }
+
+    /// [`BatchNorm::new_no_bias`] with the given momentum (candle-nn's
+    /// `BatchNorm::new_no_bias_with_momentum`). Rejects what [`BatchNorm::new_with_momentum`]
+    /// rejects.
+    pub fn new_no_bias_with_momentum(
+        num_features: usize,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: f64,
+        momentum: f64,
+    ) -> Result<Self> {
         let config = BatchNormConfig {
             affine: false,
+            momentum,
             ..eps.into()
         };
         Self::from_parts(num_features, running_mean, running_var, None, config)
@@ -139,21 +319,18 @@ impl BatchNorm {
         config: BatchNormConfig,
     ) -> Result<Self> {
         check_config(&config)?;
-        if config.affine != weight_and_bias.is_some() {
-            candle_core::bail!("batch-norm: weight and bias must be given exactly when config.affine is true")
-        }
-        check_vector("running mean", &running_mean, num_features)?;
-        check_vector("running variance", &running_var, num_features)?;
-        if let Some((w, b)) = &weight_and_bias {
-            check_vector("weight", w, num_features)?;
-            check_vector("bias", b, num_features)?;
-        }
+        let stats = [("running mean", &running_mean), ("running variance", &running_var)];
+        let (running_mean, running_var) = stat_vars(num_features, stats, &weight_and_bias, config.affine)?;
         Ok(BatchNorm {
             num_features,
-            running_mean: Var::from_tensor(&running_mean)?,
-            running_var: Var::from_tensor(&running_var)?,
+            running_mean,
+            running_var,
             weight_and_bias,
             config,
+            small_batch: SmallBatch::Error,
+            virtual_batch: None,
+            compute: ComputePath::Auto,
+            frozen: Arc::new(AtomicBool::new(false)),
             population: Arc::new(Mutex::new(None)),
         })
     }
@@ -214,91 +391,301 @@ impl BatchNorm {
         self.weight_and_bias.as_ref().map(|(w, b)| (w, b))
     }
 
+    /// This layer with a small-batch policy (the kernel crate's [`SmallBatch`]): with
+    /// [`SmallBatch::UseRunningStats`] a training batch of fewer than 2 values per channel (the
+    /// last, short batch of an epoch) is normalized with the running statistics, as in
+    /// inference, which it does not update; with [`SmallBatch::Error`] (the default) it is
+    /// rejected. The layer itself is not frozen: the next batch uses its own statistics.
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig, SmallBatch};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?;
+    /// let last = Tensor::ones((1, 3), DType::F32, &Device::Cpu)?; // one example: no variance
+    /// assert!(bn.forward_t(&last, true).is_err());
+    /// let bn = bn.with_small_batch(SmallBatch::UseRunningStats);
+    /// let y = bn.forward_t(&last, true)?; // = bn.forward_t(&last, false)
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_small_batch(self, policy: SmallBatch) -> Self {
+        BatchNorm {
+            small_batch: policy,
+            ..self
+        }
+    }
+
+    /// The small-batch policy.
+    pub fn small_batch(&self) -> SmallBatch {
+        self.small_batch
+    }
+
+    /// This layer as ghost batch norm (Hoffer et al. 2017) with virtual batch size `v`, or plain
+    /// batch norm with `None`: in training, each group of `v` consecutive examples (the last one
+    /// holds the rest) is normalized with its own statistics, and the running statistics are
+    /// updated once per batch with the mean over groups of their means and of their unbiased
+    /// variances; inference never uses groups. Each group needs at least 2 values per channel.
+    ///
+    /// Rejects `v < 2` ([`batchnorm::Error::InvalidVirtualBatch`]) and a layer with
+    /// `remove_mean = false` (candle-nn's uncentred variant has no groups).
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?.with_virtual_batch(Some(4))?;
+    /// let x = Tensor::randn(0f32, 1., (32, 3, 5), &Device::Cpu)?; // 8 groups of 4 examples
+    /// let y = bn.forward_t(&x, true)?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_virtual_batch(self, v: Option<usize>) -> Result<Self> {
+        if let Some(v) = v {
+            if v < 2 {
+                return Err(wrap(batchnorm::Error::InvalidVirtualBatch(v)));
+            }
+            if !self.config.remove_mean {
+                candle_core::bail!("batch-norm: ghost batch norm needs remove_mean = true")
+            }
+        }
+        Ok(BatchNorm {
+            virtual_batch: v,
+            ..self
+        })
+    }
+
+    /// Ghost batch norm's virtual batch size, if set.
+    pub fn virtual_batch(&self) -> Option<usize> {
+        self.virtual_batch
+    }
+
+    /// This layer computing by `path` (see [`ComputePath`]).
+    pub fn with_compute(self, path: ComputePath) -> Self {
+        BatchNorm { compute: path, ..self }
+    }
+
+    /// How the layer computes.
+    pub fn compute(&self) -> ComputePath {
+        self.compute
+    }
+
+    /// Freezes the layer (frozen batch norm): from now on its training forward
+    /// (`forward_t(x, true)`, [`BatchNorm::forward_train`]) normalizes with the running
+    /// statistics, y = γ·(x − μ_run)/√(σ²_run + ε) + β, never updates them (nor the population
+    /// statistics), and backpropagates through them as constants; γ and β still get their
+    /// gradients. A state of the layer, shared by its clones, that no train flag overrides:
+    /// it lasts until [`BatchNorm::unfreeze`].
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let bn = batch_norm(3, BatchNormConfig::default(), vb)?;
+    /// bn.freeze();
+    /// let x = Tensor::randn(5f32, 1., (8, 3), &Device::Cpu)?;
+    /// bn.forward_t(&x, true)?; // the caller's train flag does not unfreeze it
+    /// assert_eq!(bn.running_mean().to_vec1::<f32>()?, vec![0.0; 3]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+    }
+
+    /// Unfreezes the layer: training uses batch statistics again.
+    pub fn unfreeze(&self) {
+        self.frozen.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the layer is frozen (to save with a checkpoint: the state is not a variable).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed)
+    }
+
+    /// Sets the frozen state (to restore it from a checkpoint).
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Relaxed);
+    }
+
+    /// Whether a training pass over `count` values per channel uses the running statistics: the
+    /// layer is frozen, or the batch is too small and the policy says so.
+    fn uses_running_stats(&self, count: usize) -> bool {
+        self.is_frozen() || (count < 2 && self.small_batch == SmallBatch::UseRunningStats)
+    }
+
     /// This layer as a [`Module`] that always runs in inference mode (a type cannot implement
     /// both `Module` and `ModuleT` in candle: `Module` implies a `ModuleT` that ignores `train`).
     pub fn eval_mode(&self) -> EvalMode<'_> {
         EvalMode(self)
     }
 
-    fn check_input(&self, x: &Tensor) -> Result<()> {
-        if x.rank() < 2 {
-            candle_core::bail!(
-                "batch-norm input tensor must have at least two dimensions ({:?})",
-                x.shape()
-            )
-        }
-        if x.dim(1)? != self.num_features {
-            candle_core::bail!(
-                "batch-norm input doesn't have the expected number of features ({:?} <> {})",
-                x.shape(),
-                self.num_features
-            )
-        }
-        Ok(())
-    }
-
-    /// γ and β in the compute type, contiguous.
-    fn affine_in(&self, dtype: DType) -> Result<Option<(Tensor, Tensor)>> {
-        self.weight_and_bias
-            .as_ref()
-            .map(|(w, b)| Ok((w.to_dtype(dtype)?.contiguous()?, b.to_dtype(dtype)?.contiguous()?)))
-            .transpose()
-    }
-
-    /// Training forward (Algorithm 1): normalizes with the batch statistics through the fused
-    /// kernel and updates the running statistics (and the population accumulator, when one was
-    /// started). Differentiable in x, γ and β.
+    /// Training forward: normalizes with the batch statistics (Algorithm 1; per group of the
+    /// virtual batch size with [`BatchNorm::with_virtual_batch`]) and updates the running
+    /// statistics (and the population accumulator, when one was started). Differentiable in x, γ
+    /// and β. On the CPU through the fused kernels, elsewhere through composed candle ops (see
+    /// [`ComputePath`]).
     ///
-    /// Rejects: rank < 2, a channel count that differs from `num_features`, a zero dimension,
-    /// fewer than 2 values per channel, a dtype other than f16/bf16/f32/f64, a non-CPU device.
+    /// A frozen layer ([`BatchNorm::freeze`]), and with [`SmallBatch::UseRunningStats`] a batch of
+    /// fewer than 2 values per channel, is normalized as [`BatchNorm::forward_eval`] does and
+    /// updates nothing.
+    ///
+    /// Rejects: rank < 2, a channel count that differs from `num_features`, a dtype other than
+    /// f16/bf16/f32/f64, a zero dimension ([`batchnorm::Error::EmptyInput`]), fewer than 2
+    /// values per channel ([`batchnorm::Error::TooFewValues`]) and, for ghost batch norm, a group
+    /// with fewer ([`batchnorm::Error::GhostGroupTooSmall`]). On error the running statistics
+    /// are unchanged.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
+        self.train_pass(x, None)
+    }
+
+    /// The training forward, masked or not.
+    fn train_pass(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let count = check_input(x, self.num_features)?;
+        let mask = mask.map(|m| Mask::new(m, x)).transpose()?;
+        let count = match &mask {
+            Some(m) => m.bits()?.into_iter().filter(|&on| on).count(),
+            None => count,
+        };
+        if self.uses_running_stats(count) {
+            return self.eval_pass(x, mask.as_ref());
+        }
+        if mask.is_some() && (self.virtual_batch.is_some() || !self.config.remove_mean) {
+            candle_core::bail!(
+                "batch-norm: the masked training forward has no ghost or uncentred (remove_mean = false) form"
+            )
+        }
+        check_training_count(count, x)?;
         if !self.config.remove_mean {
             return self.forward_train_uncentred(x);
         }
-        let x_dtype = x.dtype();
-        let dtype = internal_dtype(x_dtype);
-        let xc = x.to_dtype(dtype)?.contiguous()?;
-        let state = TrainState::default();
-        let op = ForwardOp {
-            eps: self.config.eps,
-            mode: ForwardMode::Train(state.clone()),
-        };
-        let y = op.apply(&xc, self.affine_in(dtype)?)?;
-        let (stats, _) = state
-            .get()
-            .ok_or_else(|| Error::Msg("batch-norm: the training op left no statistics".into()))?;
+        if let Some(v) = self.virtual_batch {
+            check_ghost_groups(x.dims(), v)?;
+        }
+        let (eps, params) = (self.config.eps, self.weight_and_bias());
+        let mut stats = Vec::new();
+        let y = in_compute_dtype(x, |xc| {
+            let y;
+            (y, stats) = if fused(self.compute, xc) && mask.is_none() {
+                let kernel = match self.virtual_batch {
+                    Some(v) => TrainKernel::Ghost(v),
+                    None => TrainKernel::Plain,
+                };
+                ops::train(xc, eps, kernel, params)?
+            } else {
+                let one = |(y, stats)| (y, vec![stats]);
+                match (self.virtual_batch, &mask) {
+                    (Some(v), _) => composed::ghost_train(xc, v, eps, params)?,
+                    (None, Some(m)) => one(composed::masked_train(xc, &m.broadcast(xc)?, count, eps, params)?),
+                    (None, None) => one(composed::train(xc, eps, params)?),
+                }
+            };
+            Ok(y)
+        })?;
+        self.track(&stats)?;
+        Ok(y)
+    }
+
+    /// Updates the running statistics with a training batch's statistics (one per ghost group)
+    /// by the layer's momentum (none at momentum 0, as in candle-nn), and adds every group to the
+    /// population statistics when they are being accumulated.
+    fn track(&self, groups: &[BatchStats]) -> Result<()> {
         if self.config.momentum > 0.0 {
             let mut mean = to_f64_vec(self.running_mean())?;
             let mut var = to_f64_vec(self.running_var())?;
             let momentum = Momentum::Exponential(self.config.momentum);
-            update_running_stats(stats, momentum, 1, &mut mean, &mut var).map_err(wrap)?;
+            match groups {
+                [batch] => update_running_stats(batch, momentum, 1, &mut mean, &mut var),
+                _ => update_ghost_running_stats(groups, momentum, 1, &mut mean, &mut var),
+            }
+            .map_err(wrap)?;
             set_var(&self.running_mean, mean)?;
             set_var(&self.running_var, var)?;
         }
         if let Some(pop) = self.population()?.as_mut() {
-            pop.observe(stats).map_err(wrap)?;
+            for batch in groups {
+                pop.observe(batch).map_err(wrap)?;
+            }
         }
-        y.to_dtype(x_dtype)
+        Ok(())
     }
 
-    /// Inference forward: y = γ·(x − running_mean)/√(running_var + ε) + β in one fused pass.
-    /// Differentiable in x, γ and β (statistics constant). Rejects what
-    /// [`BatchNorm::forward_train`] rejects, except the two-values rule.
+    /// Inference forward: y = γ·(x − running_mean)/√(running_var + ε) + β, in one fused pass on
+    /// the CPU. Differentiable in x, γ and β (statistics constant). Rejects what
+    /// [`BatchNorm::forward_train`] rejects, except the two-values rules.
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        let x_dtype = x.dtype();
-        let dtype = internal_dtype(x_dtype);
-        let xc = x.to_dtype(dtype)?.contiguous()?;
-        let op = ForwardOp {
-            eps: self.config.eps,
-            mode: ForwardMode::Eval {
-                mean: to_f64_vec(self.running_mean())?,
-                var: to_f64_vec(self.running_var())?,
-            },
-        };
-        let y = op.apply(&xc, self.affine_in(dtype)?)?;
-        y.to_dtype(x_dtype)
+        check_input(x, self.num_features)?;
+        self.eval_pass(x, None)
+    }
+
+    /// The inference forward of a checked input, masked or not.
+    fn eval_pass(&self, x: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
+        let (eps, params) = (self.config.eps, self.weight_and_bias());
+        let (mean, var) = (self.running_mean(), self.running_var());
+        in_compute_dtype(x, |xc| {
+            if fused(self.compute, xc) && mask.is_none() {
+                let (mean, var) = (to_f64_vec(mean)?, to_f64_vec(var)?);
+                ops::forward(xc, eps, ForwardMode::Eval { mean, var }, params)
+            } else {
+                let on = mask.map(|m| m.broadcast(xc)).transpose()?;
+                composed::eval(xc, mean, var, eps, params, on.as_ref())
+            }
+        })
+    }
+
+    /// Masked training forward (padded sequences, point clouds, ragged batches): the statistics
+    /// are those of the valid positions of `mask`, the valid positions are normalized with them
+    /// and the others written as 0, the backward is the exact derivative of that (dx = 0 at
+    /// masked positions, which add nothing to dγ and dβ), and the running variance is updated
+    /// unbiased with the valid count. What masked positions hold (NaN, 1e30) changes no output
+    /// and no gradient.
+    ///
+    /// `mask` holds one entry per example and position, shared by the channels: `[N]` for an
+    /// input `[N, C]`, `[N, d1, …, dk]` for `[N, C, d1, …, dk]`; an integer dtype (`u8`, `u32` or
+    /// `i64`), nonzero where the position is valid, on the input's device.
+    ///
+    /// A frozen layer, and with [`SmallBatch::UseRunningStats`] a batch of fewer than 2 valid
+    /// positions, normalizes the valid positions with the running statistics
+    /// ([`BatchNorm::forward_eval_masked`]) and updates nothing.
+    ///
+    /// Rejects what [`BatchNorm::forward_train`] rejects, a mask of another shape, dtype or
+    /// device, fewer than 2 valid positions ([`batchnorm::Error::TooFewValues`] with the valid
+    /// count), and a ghost or uncentred (`remove_mean = false`) layer.
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::VarBuilder;
+    /// let dev = Device::Cpu;
+    /// let bn = batch_norm(4, BatchNormConfig::default(), VarBuilder::zeros(DType::F32, &dev))?;
+    /// // Two sequences of 3 steps ([N, C, L]), the second padded after its first step.
+    /// let x = Tensor::randn(0f32, 1., (2, 4, 3), &dev)?;
+    /// let mask = Tensor::new(&[[1u8, 1, 1], [1, 0, 0]], &dev)?;
+    /// let y = bn.forward_train_masked(&x, &mask)?;
+    /// assert_eq!(y.get(1)?.narrow(1, 1, 2)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_train_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.train_pass(x, Some(mask))
+    }
+
+    /// Masked inference: y = γ·(x − running_mean)/√(running_var + ε) + β at the valid positions
+    /// of `mask` (as [`BatchNorm::forward_train_masked`] takes it), 0 at the others.
+    /// Differentiable in x, γ and β. Rejects what [`BatchNorm::forward_eval`] rejects and a mask
+    /// of another shape, dtype or device.
+    pub fn forward_eval_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        check_input(x, self.num_features)?;
+        self.eval_pass(x, Some(&Mask::new(mask, x)?))
+    }
+
+    /// [`BatchNorm::forward_train_masked`] or [`BatchNorm::forward_eval_masked`] by `train`, as
+    /// `forward_t` chooses between the unmasked passes.
+    pub fn forward_t_masked(&self, x: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_train_masked(x, mask)
+        } else {
+            self.forward_eval_masked(x, mask)
+        }
     }
 
     /// candle-nn's `remove_mean = false` training path, op for op (generic candle ops).
@@ -307,12 +694,6 @@ impl BatchNorm {
         let x = x.to_dtype(internal_dtype(x_dtype))?.transpose(0, 1)?;
         let dims_post_transpose = x.dims().to_vec();
         let x = x.flatten_from(1)?.contiguous()?;
-        if x.dim(1)? < 2 {
-            candle_core::bail!(
-                "batch-norm training needs more than 1 value per channel ({:?})",
-                dims_post_transpose
-            )
-        }
         let norm_x = x.sqr()?.mean_keepdim(1)?;
         let m = self.config.momentum;
         let batch_size = x.dim(1)? as f64;
@@ -485,34 +866,49 @@ impl BatchNorm {
     }
 }
 
-/// Writes `f64` values into a per-channel variable, in the variable's dtype and on its device.
+/// Writes `f64` values into a per-channel variable, in the variable's dtype and on its device
+/// (rounded on the host: not every device holds `f64`).
 fn set_var(var: &Var, values: Vec<f64>) -> Result<()> {
-    let (n, dev) = (values.len(), var.device());
+    let (n, cpu) = (values.len(), &candle_core::Device::Cpu);
     let t = match var.dtype() {
-        DType::F64 => Tensor::from_vec(values, n, dev)?,
-        DType::F32 => Tensor::from_vec(values.into_iter().map(|v| v as f32).collect::<Vec<_>>(), n, dev)?,
-        dtype => Tensor::from_vec(values, n, dev)?.to_dtype(dtype)?,
+        DType::F64 => Tensor::from_vec(values, n, cpu)?,
+        DType::F32 => Tensor::from_vec(values.into_iter().map(|v| v as f32).collect::<Vec<_>>(), n, cpu)?,
+        dtype => Tensor::from_vec(values, n, cpu)?.to_dtype(dtype)?,
     };
-    var.set(&t)
+    var.set(&t.to_device(var.device())?)
 }
 
-impl ModuleT for BatchNorm {
-    /// `train = true`: [`BatchNorm::forward_train`]; `false`: [`BatchNorm::forward_eval`].
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.forward_train(x)
-        } else {
-            self.forward_eval(x)
+/// `ModuleT` for a layer with `forward_train` and `forward_eval` (`train` picks one), and a
+/// wrapper type making it an inference-only [`Module`] (a type cannot implement both `Module`
+/// and `ModuleT` in candle: `Module` implies a `ModuleT` that ignores `train`).
+macro_rules! module_impls {
+    ($layer:ident, $(#[$wrapper_doc:meta])* $wrapper:ident) => {
+        impl ModuleT for $layer {
+            /// `train = true`: the training forward; `false`: the inference forward.
+            fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+                if train {
+                    self.forward_train(x)
+                } else {
+                    self.forward_eval(x)
+                }
+            }
         }
-    }
-}
 
-/// A [`BatchNorm`] as a [`Module`]: always inference mode. From [`BatchNorm::eval_mode`].
-#[derive(Clone, Copy, Debug)]
-pub struct EvalMode<'a>(pub &'a BatchNorm);
+        $(#[$wrapper_doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $wrapper<'a>(pub &'a $layer);
 
-impl Module for EvalMode<'_> {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward_eval(x)
-    }
+        impl Module for $wrapper<'_> {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                self.0.forward_eval(x)
+            }
+        }
+    };
 }
+pub(crate) use module_impls;
+
+module_impls!(
+    BatchNorm,
+    /// A [`BatchNorm`] as a [`Module`]: always inference mode. From [`BatchNorm::eval_mode`].
+    EvalMode
+);

@@ -1,20 +1,25 @@
 //! candle custom ops over the fused `batchnorm` kernels.
 //!
 //! - [`ForwardOp`]: the forward (`CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
-//!   with), in one of two modes: Algorithm 1 training forward, which keeps the batch statistics
-//!   for the running/population update and the saved statistics for its backward, or the
-//!   inference forward with fixed statistics.
-//! - [`GradOp`]: the backward of either, one fused kernel call that writes dx, dγ and dβ into one
-//!   packed buffer `[dx…, dγ…, dβ…]`, split afterwards into views without copying.
+//!   with), in one of three modes: a training forward ([`TrainKernel`]: Algorithm 1, ghost batch
+//!   norm or batch renormalization), which keeps the batch statistics for the running update and
+//!   the saved statistics for its backward; batch norm's inference forward with fixed statistics
+//!   (also the frozen and small-batch training passes); batch renormalization's inference.
+//! - [`GradOp`]: the backward of the training modes and of batch norm's inference, one fused
+//!   kernel call that writes dx, dγ and dβ into one packed buffer `[dx…, dγ…, dβ…]`, split
+//!   afterwards into views without copying. Batch renormalization's inference, an affine map per
+//!   channel, is differentiated by candle ops.
 //!
 //! All inputs are made contiguous before an op is applied; `cpu_fwd` still checks the layout and
 //! returns an error (never panics) if it is handed a strided one.
 
 use std::sync::{Arc, OnceLock};
 
+use crate::Params;
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, Affine, BatchStats, Element,
-    FixedStats, Grads, Layout, SavedStats, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_renorm_backward,
+    batch_renorm_eval, batch_renorm_train, ghost_batch_norm_backward, ghost_batch_norm_train, Affine, BatchStats,
+    Element, FixedStats, GhostSaved, Grads, Layout, RenormClip, RenormSaved, RenormStats, SavedStats, View,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -73,21 +78,58 @@ macro_rules! dispatch {
     };
 }
 
-/// What the training forward leaves behind: the batch statistics and what backward needs.
-pub(crate) type TrainState = Arc<OnceLock<(BatchStats, SavedStats)>>;
+/// The backward's inputs a training forward saves: per variant what its backward kernel takes.
+#[derive(Clone)]
+pub(crate) enum Saved {
+    /// Algorithm 1 ([`batch_norm_backward`]).
+    Plain(SavedStats),
+    /// Ghost batch norm, per group ([`ghost_batch_norm_backward`]).
+    Ghost(GhostSaved),
+    /// Batch renormalization, with r and d ([`batch_renorm_backward`]).
+    Renorm(RenormSaved),
+}
+
+/// What a training forward leaves behind: the batch statistics (one per ghost group, in batch
+/// order), for the layer's running update, and what its backward needs.
+pub(crate) struct Trained {
+    pub stats: Vec<BatchStats>,
+    pub saved: Saved,
+}
+
+/// Where a training op leaves its [`Trained`] (set once, when the op runs).
+pub(crate) type TrainState = Arc<OnceLock<Trained>>;
+
+/// Which training kernel a [`ForwardOp`] in [`ForwardMode::Train`] runs.
+pub(crate) enum TrainKernel {
+    /// Algorithm 1, [`batch_norm_train`].
+    Plain,
+    /// Ghost batch norm with this virtual batch size, [`ghost_batch_norm_train`].
+    Ghost(usize),
+    /// Batch renormalization against these moving statistics (held as `f64`, rounded to the
+    /// data's type) with these limits, [`batch_renorm_train`].
+    Renorm {
+        mean: Vec<f64>,
+        std: Vec<f64>,
+        clip: RenormClip,
+    },
+}
 
 /// Which forward kernel a [`ForwardOp`] runs.
 pub(crate) enum ForwardMode {
-    /// Algorithm 1 forward through [`batch_norm_train`]; the state receives the batch
-    /// statistics and the saved statistics for the backward.
-    Train(TrainState),
-    /// Inference forward through [`batch_norm_eval`] with fixed statistics (held as `f64`,
-    /// rounded to the data's type, which leaves `f32`/`f64` statistics of the same type
+    /// A training forward; the state receives the batch statistics and the saved statistics
+    /// for the backward.
+    Train(TrainKernel, TrainState),
+    /// Inference (or frozen) forward through [`batch_norm_eval`] with fixed statistics (held as
+    /// `f64`, rounded to the data's type, which leaves `f32`/`f64` statistics of the same type
     /// unchanged).
     Eval { mean: Vec<f64>, var: Vec<f64> },
+    /// Batch renormalization's inference through [`batch_renorm_eval`] with the moving mean and
+    /// standard deviation (as `f64`). Its backward is composed of candle ops
+    /// ([`renorm_eval_grads`]).
+    RenormEval { mean: Vec<f64>, std: Vec<f64> },
 }
 
-/// The forward op of either mode: `CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
+/// The forward op of every mode: `CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
 /// with.
 pub(crate) struct ForwardOp {
     pub eps: f64,
@@ -96,7 +138,7 @@ pub(crate) struct ForwardOp {
 
 impl ForwardOp {
     /// Applies the op to the contiguous `x`, with the affine parameters (weight, bias) if given.
-    pub(crate) fn apply(self, x: &Tensor, affine: Option<(Tensor, Tensor)>) -> Result<Tensor> {
+    fn apply(self, x: &Tensor, affine: Option<(Tensor, Tensor)>) -> Result<Tensor> {
         match affine {
             Some((w, b)) => x.apply_op3(&w, &b, self),
             None => x.apply_op1(self),
@@ -106,16 +148,11 @@ impl ForwardOp {
     /// The op's name, as candle reports it.
     fn op_name(&self) -> &'static str {
         match self.mode {
-            ForwardMode::Train(_) => "batchnorm-train",
+            ForwardMode::Train(TrainKernel::Plain, _) => "batchnorm-train",
+            ForwardMode::Train(TrainKernel::Ghost(_), _) => "batchnorm-ghost-train",
+            ForwardMode::Train(TrainKernel::Renorm { .. }, _) => "batchrenorm-train",
             ForwardMode::Eval { .. } => "batchnorm-eval",
-        }
-    }
-
-    /// The mode, as unsupported-dtype errors name it.
-    fn label(&self) -> &'static str {
-        match self.mode {
-            ForwardMode::Train(_) => "train",
-            ForwardMode::Eval { .. } => "eval",
+            ForwardMode::RenormEval { .. } => "batchrenorm-eval",
         }
     }
 
@@ -129,29 +166,67 @@ impl ForwardOp {
         let affine = affine_of::<T>(affine)?;
         let mut y = vec![T::default(); x.len()];
         let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
+        let eps = self.eps;
         match &self.mode {
-            ForwardMode::Train(state) => {
-                let out = batch_norm_train(x, affine, self.eps, &mut y).map_err(wrap)?;
+            ForwardMode::Train(kernel, state) => {
+                let trained = match kernel {
+                    TrainKernel::Plain => {
+                        let (stats, saved) = batch_norm_train(x, affine, eps, &mut y).map_err(wrap)?;
+                        Trained {
+                            stats: vec![stats],
+                            saved: Saved::Plain(saved),
+                        }
+                    }
+                    TrainKernel::Ghost(v) => {
+                        let (stats, saved) = ghost_batch_norm_train(x, *v, affine, eps, &mut y).map_err(wrap)?;
+                        Trained {
+                            stats,
+                            saved: Saved::Ghost(saved),
+                        }
+                    }
+                    TrainKernel::Renorm { mean, std, clip } => {
+                        let (mean, std) = (cast::<T>(mean), cast::<T>(std));
+                        let moving = RenormStats::new(&mean, &std);
+                        let (stats, saved) = batch_renorm_train(x, moving, affine, eps, *clip, &mut y).map_err(wrap)?;
+                        Trained {
+                            stats: vec![stats],
+                            saved: Saved::Renorm(saved),
+                        }
+                    }
+                };
                 // A custom op runs once per application; a second value would mean it was re-run.
                 state
-                    .set(out)
+                    .set(trained)
                     .map_err(|_| Error::Msg("batch-norm: training op applied twice".into()))?;
             }
             ForwardMode::Eval { mean, var } => {
                 let (mean, var) = (cast::<T>(mean), cast::<T>(var));
-                batch_norm_eval(x, FixedStats::new(&mean, &var), affine, self.eps, &mut y).map_err(wrap)?;
+                batch_norm_eval(x, FixedStats::new(&mean, &var), affine, eps, &mut y).map_err(wrap)?;
+            }
+            ForwardMode::RenormEval { mean, std } => {
+                let (mean, std) = (cast::<T>(mean), cast::<T>(std));
+                batch_renorm_eval(x, RenormStats::new(&mean, &std), affine, &mut y).map_err(wrap)?;
             }
         }
         Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
     }
 
-    /// The backward of this op: the training mode's saved statistics or the fixed ones.
-    fn grad_op(&self, want_dx: bool, want_params: bool) -> Result<GradOp> {
+    /// The backward of this op for the given upstream gradient: the fused backward of the
+    /// training modes and of batch norm's inference, candle ops for batch renormalization's
+    /// inference.
+    fn grads(
+        &self,
+        x: &Tensor,
+        grad: &Tensor,
+        gamma: Option<&Tensor>,
+        want_dx: bool,
+        want_params: bool,
+    ) -> Result<TensorGrads> {
         let mode = match &self.mode {
-            ForwardMode::Train(state) => GradMode::Train(
+            ForwardMode::Train(_, state) => GradMode::Train(
                 state
                     .get()
-                    .map(|(_, saved)| saved.clone())
+                    .map(|t| t.saved.clone())
                     .ok_or_else(|| Error::Msg("batch-norm: backward before forward".into()))?,
             ),
             ForwardMode::Eval { mean, var } => GradMode::Eval {
@@ -159,13 +234,80 @@ impl ForwardOp {
                 var: var.clone(),
                 eps: self.eps,
             },
+            ForwardMode::RenormEval { mean, std } => {
+                return renorm_eval_grads(x, grad, gamma, mean, std, want_dx, want_params)
+            }
         };
-        Ok(GradOp {
+        GradOp {
             mode,
             want_dx,
             want_params,
-        })
+        }
+        .apply(x, grad, gamma)
     }
+}
+
+/// Runs the fused op of `mode` on `x` (in the compute dtype, any layout) with γ and β if given
+/// (converted to `x`'s dtype).
+pub(crate) fn forward(x: &Tensor, eps: f64, mode: ForwardMode, params: Params) -> Result<Tensor> {
+    let affine = params
+        .map(|(w, b)| {
+            Ok::<_, Error>((
+                w.to_dtype(x.dtype())?.contiguous()?,
+                b.to_dtype(x.dtype())?.contiguous()?,
+            ))
+        })
+        .transpose()?;
+    ForwardOp { eps, mode }.apply(&x.contiguous()?, affine)
+}
+
+/// Runs a training forward through the fused op, as [`forward`] does: y, and the batch
+/// statistics (one per ghost group).
+pub(crate) fn train(x: &Tensor, eps: f64, kernel: TrainKernel, params: Params) -> Result<(Tensor, Vec<BatchStats>)> {
+    let state = TrainState::default();
+    let y = forward(x, eps, ForwardMode::Train(kernel, state.clone()), params)?;
+    let stats = state
+        .get()
+        .map(|t| t.stats.clone())
+        .ok_or_else(|| Error::Msg("batch-norm: the training op left no statistics".into()))?;
+    Ok((y, stats))
+}
+
+/// The backward of batch renormalization's inference y = γ·(x − μ)/σ + β (μ, σ constants), in
+/// candle ops: dx = dy·γ/σ, dγ = Σ dy·(x − μ)/σ, dβ = Σ dy (sums over every dimension but the
+/// channel one).
+fn renorm_eval_grads(
+    x: &Tensor,
+    grad: &Tensor,
+    gamma: Option<&Tensor>,
+    mean: &[f64],
+    std: &[f64],
+    want_dx: bool,
+    want_params: bool,
+) -> Result<TensorGrads> {
+    let (dtype, dev) = (x.dtype(), x.device());
+    let mut channel_shape = vec![1; x.rank()];
+    channel_shape[1] = mean.len();
+    let per_channel = |v: &[f64]| Tensor::new(v, dev)?.to_dtype(dtype)?.reshape(channel_shape.as_slice());
+    let std = per_channel(std)?;
+    let dx = if want_dx {
+        let k = match gamma {
+            Some(g) => g.reshape(channel_shape.as_slice())?.broadcast_div(&std)?,
+            None => std.recip()?,
+        };
+        Some(grad.broadcast_mul(&k)?)
+    } else {
+        None
+    };
+    let (dgamma, dbeta) = match gamma {
+        Some(_) if want_params => {
+            let per_channel_sum = |t: &Tensor| t.transpose(0, 1)?.flatten_from(1)?.sum(1);
+            let xhat = x.broadcast_sub(&per_channel(mean)?)?.broadcast_div(&std)?;
+            (Some(per_channel_sum(&(grad * xhat)?)?), Some(per_channel_sum(grad)?))
+        }
+        _ => (None, None),
+    };
+    Ok((dx, dgamma, dbeta))
 }
 
 impl CustomOp1 for ForwardOp {
@@ -174,11 +316,11 @@ impl CustomOp1 for ForwardOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s, self.label(), |T| self.run::<T>(s, l, None))
+        dispatch!(s, self.op_name(), |T| self.run::<T>(s, l, None))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.grad_op(true, false)?.apply(x, grad, None)?.0)
+        Ok(self.grads(x, grad, None, true, false)?.0)
     }
 }
 
@@ -196,7 +338,7 @@ impl CustomOp3 for ForwardOp {
         s3: &CpuStorage,
         l3: &CLayout,
     ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, self.label(), |T| self.run::<T>(s1, l1, Some((s2, l2, s3, l3))))
+        dispatch!(s1, self.op_name(), |T| self.run::<T>(s1, l1, Some((s2, l2, s3, l3))))
     }
 
     fn bwd(
@@ -207,15 +349,15 @@ impl CustomOp3 for ForwardOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.grad_op(x.track_op(), gamma.track_op() || beta.track_op())?
-            .apply(x, grad, Some(gamma))
+        let want_params = gamma.track_op() || beta.track_op();
+        self.grads(x, grad, Some(gamma), x.track_op(), want_params)
     }
 }
 
 /// Which backward kernel [`GradOp`] runs.
 enum GradMode {
-    /// Training mode: [`batch_norm_backward`] with the forward's saved statistics.
-    Train(SavedStats),
+    /// Training mode: the variant's backward with the forward's saved statistics.
+    Train(Saved),
     /// Inference mode: [`batch_norm_backward_eval`] with fixed statistics.
     Eval { mean: Vec<f64>, var: Vec<f64>, eps: f64 },
 }
@@ -287,7 +429,9 @@ impl GradOp {
         };
         let x = View::new(x, shape, Layout::ChannelsFirst);
         match &self.mode {
-            GradMode::Train(saved) => batch_norm_backward(x, dy, saved, gamma, grads),
+            GradMode::Train(Saved::Plain(saved)) => batch_norm_backward(x, dy, saved, gamma, grads),
+            GradMode::Train(Saved::Ghost(saved)) => ghost_batch_norm_backward(x, dy, saved, gamma, grads),
+            GradMode::Train(Saved::Renorm(saved)) => batch_renorm_backward(x, dy, saved, gamma, grads),
             GradMode::Eval { mean, var, eps } => {
                 let (mean, var) = (cast::<T>(mean), cast::<T>(var));
                 batch_norm_backward_eval(x, dy, FixedStats::new(&mean, &var), gamma, *eps, grads)

@@ -5,6 +5,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod constructors;
 mod extras;
+mod fallback;
+mod frozen;
+mod ghost;
+mod masked;
 mod parity;
 mod readme;
+mod renorm;

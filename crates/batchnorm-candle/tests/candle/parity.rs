@@ -13,7 +13,7 @@
 //!   against the exact answer: 1.2e-7 ≈ 2^-23, one f32 ulp at the reference's scale. The kernels
 //!   accumulate in f64 and round each result once (≤ half an ulp); measured ≤ 4.8e-8.
 
-use crate::common::{pair, scaled_err, tensor};
+use crate::common::{forward_backward, pair, scaled_err, tensor};
 use batchnorm_candle::BatchNormConfig;
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
 
@@ -28,13 +28,9 @@ fn tol(dtype: DType) -> f64 {
 }
 
 /// Forward in the given mode and backward of Σ y·w: (y, dx, dγ, dβ) from either module.
-fn run(bn: &dyn ModuleT, wb: Option<(&Tensor, &Tensor)>, x: &Tensor, w: &Tensor, train: bool) -> Result<[Tensor; 4]> {
-    let xv = Var::from_tensor(x)?;
-    let y = bn.forward_t(xv.as_tensor(), train)?;
-    let grads = (&y * w)?.sum_all()?.backward()?;
-    let (gw, gb) = wb.expect("affine");
-    let get = |t: &Tensor| grads.get(t).cloned().expect("gradient");
-    Ok([y.clone(), get(xv.as_tensor()), get(gw), get(gb)])
+fn run(bn: &dyn ModuleT, wb: Option<(&Tensor, &Tensor)>, x: &Tensor, w: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+    assert!(wb.is_some(), "affine");
+    forward_backward(|x| bn.forward_t(x, train), wb, x, w)
 }
 
 fn check_case(shape: &[usize], dtype: DType, train: bool, seed: u64) -> Result<()> {

@@ -1,0 +1,57 @@
+//! The mask of a masked forward: which batch and spatial positions of an input enter the
+//! statistics.
+
+use candle_core::{DType, Result, Tensor};
+
+/// A checked mask for an input `x` of shape `[N, C, d1, …, dk]`: one entry per example and
+/// position, `[N, d1, …, dk]` (`[N]` for `[N, C]`), shared by the channels; nonzero means the
+/// position is valid. Held as `u8` 0/1 on the input's device.
+pub(crate) struct Mask {
+    on: Tensor,
+}
+
+impl Mask {
+    /// Checks `mask` against `x`: its shape, an integer dtype (`u8`, `u32`, `i64`), the device.
+    pub(crate) fn new(mask: &Tensor, x: &Tensor) -> Result<Mask> {
+        let mut want = vec![x.dim(0)?];
+        want.extend_from_slice(&x.dims()[2..]);
+        if mask.dims() != want.as_slice() {
+            candle_core::bail!(
+                "batch-norm mask has shape {:?}, an input of shape {:?} needs {want:?} (one entry per example and position, shared by the channels)",
+                mask.dims(),
+                x.dims()
+            )
+        }
+        if !matches!(mask.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            candle_core::bail!(
+                "batch-norm mask must have an integer dtype (u8, u32 or i64; nonzero = valid), got {:?}",
+                mask.dtype()
+            )
+        }
+        if !mask.device().same_device(x.device()) {
+            candle_core::bail!(
+                "batch-norm mask is on {:?}, the input on {:?}",
+                mask.device().location(),
+                x.device().location()
+            )
+        }
+        Ok(Mask { on: mask.ne(0u32)? })
+    }
+
+    /// One `bool` per value of a channel, row-major over `[N, d1, …, dk]` (the kernels' layout),
+    /// on the host.
+    pub(crate) fn bits(&self) -> Result<Vec<bool>> {
+        Ok(self
+            .on
+            .flatten_all()?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|b| b != 0)
+            .collect())
+    }
+
+    /// The mask broadcast over the channels of `x`: `[N, C, d1, …, dk]`, `u8`.
+    pub(crate) fn broadcast(&self, x: &Tensor) -> Result<Tensor> {
+        self.on.unsqueeze(1)?.broadcast_as(x.shape())
+    }
+}
