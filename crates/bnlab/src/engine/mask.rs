@@ -96,9 +96,10 @@ impl PositionMask {
 }
 
 /// The masks of a masked layer over `[channels, positions]` examples: the one it was given for
-/// its next forward pass, and the one its last forward used (kept for the backward).
+/// its next forward pass, and the one its last forward used (kept for the backward). Also held by
+/// a masked [`super::BatchNormLayer`].
 #[derive(Debug, Clone)]
-struct Masks {
+pub(super) struct Masks {
     channels: usize,
     positions: usize,
     given: Option<PositionMask>,
@@ -107,7 +108,7 @@ struct Masks {
 
 impl Masks {
     /// For `[channels, positions]` examples; rejects zero sizes, naming the layer `what`.
-    fn new(channels: usize, positions: usize, what: &str) -> Result<Self> {
+    pub(super) fn new(channels: usize, positions: usize, what: &str) -> Result<Self> {
         ensure!(channels > 0 && positions > 0, "{what} sizes must be positive");
         Ok(Masks {
             channels,
@@ -115,6 +116,11 @@ impl Masks {
             given: None,
             used: None,
         })
+    }
+
+    /// Receives the mask of the next forward pass ([`super::Layer::set_mask`]).
+    pub(super) fn give(&mut self, mask: &PositionMask) {
+        self.given = Some(mask.clone());
     }
 
     /// The layer's name: `{kind}{channels}x{positions}`.
@@ -129,7 +135,7 @@ impl Masks {
 
     /// The given mask, checked to fit a forward pass of `batch` examples through the layer named
     /// `layer`, now the one the backward uses.
-    fn for_forward(&mut self, batch: usize, layer: &str) -> Result<PositionMask> {
+    pub(super) fn for_forward(&mut self, batch: usize, layer: &str) -> Result<PositionMask> {
         let mask = (self.given.as_ref())
             .with_context(|| format!("{layer} needs a position mask (Sequential::set_mask) before its forward pass"))?;
         mask.check_fits(batch, self.positions, layer)?;
@@ -138,7 +144,7 @@ impl Masks {
     }
 
     /// The mask of the last forward pass, checked to fit a backward of `batch` examples.
-    fn for_backward(&self, batch: usize, layer: &str) -> Result<&PositionMask> {
+    pub(super) fn for_backward(&self, batch: usize, layer: &str) -> Result<&PositionMask> {
         let mask = (self.used.as_ref()).with_context(|| format!("{layer} backward before a forward"))?;
         mask.check_fits(batch, self.positions, layer)
     }
@@ -217,7 +223,7 @@ impl Layer for ZeroMasked {
     }
 
     fn set_mask(&mut self, mask: &PositionMask) {
-        self.masks.given = Some(mask.clone());
+        self.masks.give(mask);
     }
 }
 
@@ -308,6 +314,6 @@ impl Layer for MaskedMeanPool {
     }
 
     fn set_mask(&mut self, mask: &PositionMask) {
-        self.masks.given = Some(mask.clone());
+        self.masks.give(mask);
     }
 }

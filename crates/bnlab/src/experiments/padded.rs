@@ -52,7 +52,7 @@ use crate::engine::{
     ZeroMasked,
 };
 use crate::report::{self, LinePlot, Page, Series};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -594,7 +594,7 @@ impl Experiment for Padded {
         let norm = |channels: usize, steps: usize| -> Result<BatchNormLayer> {
             match variant {
                 Variant::Bn => BatchNormLayer::new(channels, steps, config),
-                Variant::MaskedBn => bail!("masked batch norm is not in the engine yet"),
+                Variant::MaskedBn => BatchNormLayer::new(channels, steps, config)?.masked(),
                 Variant::NoBn => unreachable!("no normalization layer is built without BN"),
             }
         };

@@ -658,7 +658,7 @@ fn conv1d_shapes_names_and_rejections() {
 /// A mask of `batch` examples of `len` positions, each position valid with probability 1/2 and
 /// every example with at least one valid position (not only at the end: the layers take any
 /// mask).
-fn random_mask(batch: usize, len: usize, seed: u64) -> Vec<bool> {
+pub(crate) fn random_mask(batch: usize, len: usize, seed: u64) -> Vec<bool> {
     let mut r = rng(seed);
     let mut valid: Vec<bool> = (0..batch * len).map(|_| r.gen_bool(0.5)).collect();
     for n in 0..batch {
@@ -669,14 +669,17 @@ fn random_mask(batch: usize, len: usize, seed: u64) -> Vec<bool> {
 
 /// A [`random_mask`] from `seed`, as a [`PositionMask`] too, and inputs `[batch, channels, len]`
 /// uniform in [−1, 1) from `seed + 1`.
-fn masked_case((batch, channels, len): (usize, usize, usize), seed: u64) -> (Vec<bool>, PositionMask, Vec<f32>) {
+pub(crate) fn masked_case(
+    (batch, channels, len): (usize, usize, usize),
+    seed: u64,
+) -> (Vec<bool>, PositionMask, Vec<f32>) {
     let valid = random_mask(batch, len, seed);
     let mask = PositionMask::new(valid.clone(), len).unwrap();
     (valid, mask, uniform(batch * channels * len, &mut rng(seed + 1)))
 }
 
 /// `v` with `fill` at every masked position of `[batch, channels, len]` examples.
-fn fill_masked(v: &[f32], valid: &[bool], (channels, len): (usize, usize), fill: f32) -> Vec<f32> {
+pub(crate) fn fill_masked(v: &[f32], valid: &[bool], (channels, len): (usize, usize), fill: f32) -> Vec<f32> {
     let mut out = v.to_vec();
     for (i, x) in out.iter_mut().enumerate() {
         let (n, t) = (i / (channels * len), i % len);
@@ -688,7 +691,13 @@ fn fill_masked(v: &[f32], valid: &[bool], (channels, len): (usize, usize), fill:
 }
 
 /// y and dx of one forward and backward of `layer` with `mask`.
-fn run_masked(layer: &mut dyn Layer, mask: &PositionMask, x: &[f32], dy: &[f32], batch: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn run_masked(
+    layer: &mut dyn Layer,
+    mask: &PositionMask,
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+) -> (Vec<f32>, Vec<f32>) {
     layer.set_mask(mask);
     let mut y = vec![f32::NAN; batch * layer.output_size()];
     layer.forward(x, batch, &mut y, Mode::Train).unwrap();
@@ -698,7 +707,7 @@ fn run_masked(layer: &mut dyn Layer, mask: &PositionMask, x: &[f32], dy: &[f32],
 }
 
 /// The same bits.
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
 }
 
