@@ -112,26 +112,40 @@ fn tiny_run(cwd: &Path, data: &Path, name: &str, extra: &[&str]) -> Vec<Value> {
 
 /// Issue 19: a garbage padding value must not change masked BN's metrics at all. With
 /// `--pad-value` 1e30, -1e30, nan or inf instead of 0, every metrics line of `masked-bn` (and of
-/// `no-bn`, the masked network without BN) is the same text, bit for bit; `bn`, whose first
-/// convolution and statistics read the padding, changes (1e30 makes it diverge).
+/// `no-bn`, the masked network without BN) is the same text, bit for bit. `bn`, whose first
+/// convolution and statistics read the padding, learns nothing: its statistics are the padding's,
+/// every sequence normalizes to the same values and it predicts one class, a quarter of the
+/// balanced test set under every test condition, where with padding 0 it learns.
+///
+/// In `masked-bn` the padding is zeroed (`ZeroMasked`) before the first convolution, so what this
+/// test holds is the mask reaching every layer in every pass; that masked batch norm itself
+/// ignores padding (its values and its amount) is held by the library's `engine_masked` tests.
 #[test]
 fn garbage_padding_changes_no_bit_of_masked_bn() {
     let (tmp, data, _) = scratch_with_synthetic_data();
     let zero = tiny_run(tmp.path(), &data, "zero", &["--pad-value", "0"]);
     let text = |lines: &[Value], v: &str| -> Vec<String> { lines_of(lines, v).iter().map(|m| m.to_string()).collect() };
+    let accuracies = |lines: &[Value], v: &str| -> Vec<f64> {
+        (lines_of(lines, v).iter())
+            .flat_map(|m| m["conditions"].as_array().unwrap().iter().map(|c| num(c, "test_acc")))
+            .collect()
+    };
     assert!(!lines_of(&zero, "masked-bn").is_empty());
+    assert!(
+        num(lines_of(&zero, "bn").last().unwrap(), "test_acc") > 0.3,
+        "bn learns with padding 0"
+    );
     for pad in ["1e30", "-1e30", "nan", "inf"] {
         let dirty = tiny_run(tmp.path(), &data, &format!("pad{pad}"), &["--pad-value", pad]);
         for v in ["masked-bn", "no-bn"] {
             assert_eq!(text(&dirty, v), text(&zero, v), "{v} with --pad-value {pad}");
         }
-        assert_ne!(text(&dirty, "bn"), text(&zero, "bn"), "bn ignored --pad-value {pad}");
+        let bn = accuracies(&dirty, "bn");
+        assert!(
+            bn.len() == 9 && bn.iter().all(|&a| a == 0.25),
+            "bn with --pad-value {pad}: {bn:?}"
+        );
     }
-    let huge = tiny_run(tmp.path(), &data, "huge", &["--pad-value", "1e30", "--variants", "bn"]);
-    assert!(
-        huge.iter().any(|m| m["diverged"] == true),
-        "bn with 1e30 padding: {huge:?}"
-    );
 }
 
 /// Kill the study with SIGKILL while it trains its second variant, resume it, and compare with an
