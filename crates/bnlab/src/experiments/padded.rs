@@ -178,6 +178,15 @@ mod pad_value {
     }
 }
 
+/// A padding value as the table and report write it: plain decimals from 1e-4 to 1e6 (and 0),
+/// scientific notation beyond (`1e30`, not thirty-one digits), `NaN`, `inf`, `-inf`.
+pub fn pad_value_text(v: f32) -> String {
+    match v == 0.0 || !v.is_finite() || (1e-4..1e6).contains(&v.abs()) {
+        true => v.to_string(),
+        false => format!("{v:e}"),
+    }
+}
+
 /// Parses `--pad-value`: any `f32`, `nan`, `inf` and `-inf` included.
 pub fn parse_pad_value(s: &str) -> Result<f32, String> {
     s.trim()
@@ -512,7 +521,8 @@ impl Table {
         let (header, rows) = self.display_rows();
         let mut s = format!(
             "Final test accuracy by test sequence lengths; trained on lengths {}, padding value {}.\n\n",
-            self.train_lengths, self.pad_value
+            self.train_lengths,
+            pad_value_text(self.pad_value)
         );
         s.push_str(&format!("| {} |\n", header.join(" | ")));
         s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len() - 1)));
@@ -710,7 +720,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
          column evaluates the final network (Algorithm 2's population statistics, estimated with the training \
          lengths) on test sequences of other lengths.",
         train = e.train_lengths,
-        pad = e.pad_value,
+        pad = pad_value_text(e.pad_value),
         c1 = e.channels[0],
         c2 = e.channels[1],
         m = e.momentum,

@@ -3,7 +3,9 @@
 //! before each forward pass.
 
 use bnlab::driver::{Experiment, Gathered, Pass};
-use bnlab::experiments::padded::{pad_sequences, parse_pad_value, sequence_length, Lengths, Padded, Settings, Split};
+use bnlab::experiments::padded::{
+    pad_sequences, pad_value_text, parse_pad_value, sequence_length, Lengths, Padded, Settings, Split,
+};
 
 fn lengths(s: &str) -> Lengths {
     s.parse().unwrap()
@@ -62,6 +64,27 @@ fn padded_sequences_are_feature_major_and_padded_after_the_length() {
         100.0, 110.0, 120.0, /* f = 1 */ 101.0, 111.0, 121.0,
     ];
     assert_eq!(x, want);
+}
+
+/// The table and report write a padding value readably: decimals in [1e-4, 1e6), scientific
+/// notation outside, and the non-finite values by name; each text parses back to the value.
+#[test]
+fn pad_values_are_written_readably() {
+    for (v, text) in [
+        (0.0f32, "0"),
+        (-0.5, "-0.5"),
+        (1234.5, "1234.5"),
+        (1e30, "1e30"),
+        (-1e30, "-1e30"),
+        (1e-5, "1e-5"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "-inf"),
+        (f32::NAN, "NaN"),
+    ] {
+        assert_eq!(pad_value_text(v), text);
+        let back = parse_pad_value(text).unwrap();
+        assert!(back == v || (v.is_nan() && back.is_nan()), "{text}");
+    }
 }
 
 #[test]
