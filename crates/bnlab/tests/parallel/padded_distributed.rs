@@ -152,7 +152,8 @@ fn layer_run(
         layer.backward(x, &y, dy, batch, Some(&mut dx)).unwrap();
         let grads: Vec<Vec<f32>> = layer.params().iter().map(|p| p.grad.to_vec()).collect();
         if let Some(comm) = &comm {
-            let xv = View::new(x, &[batch, channels, positions], Layout::ChannelsFirst);
+            let shape = [batch, channels, positions];
+            let xv = View::new(x, &shape, Layout::ChannelsFirst);
             let mut want_y = vec![0.0; x.len()];
             let saved = kernel
                 .forward_train_masked_sync(comm.as_ref(), xv, valid, &mut want_y)
