@@ -175,18 +175,27 @@ fn killed_and_resumed_study_matches_uninterrupted_study() {
 }
 
 /// `bnlab eval` of a padded checkpoint measures the test set under the training lengths: the
-/// accuracy of the run's last evaluation, exactly.
+/// accuracy of the run's last evaluation, exactly. `--fold` folds `bn`'s two batch norms into
+/// their convolutions (at most one prediction moves), and is refused for `masked-bn`, whose
+/// batch norms write 0 at padded steps, which no folded convolution does.
 #[test]
 fn eval_of_a_checkpoint_matches_the_last_evaluation() {
     let (tmp, data, out) = scratch_with_synthetic_data();
     bnlab_ok(tmp.path(), &strs(&padded_tiny_args(&data, &out, &[])));
     let lines = metrics(&out);
     for v in ALL {
+        let want = num(lines_of(&lines, v).last().unwrap(), "test_acc");
+        if v == "bn" {
+            assert_eval_and_fold(tmp.path(), &ckpt(&out, v), v, want, 2);
+            continue;
+        }
         let (stdout, _) = bnlab_ok(tmp.path(), &["eval", "--checkpoint", s(&ckpt(&out, v))]);
         let (correct, total) = eval_counts(&stdout);
-        let want = num(lines_of(&lines, v).last().unwrap(), "test_acc");
         assert_eq!(correct as f64 / total as f64, want, "{v}: {stdout}");
     }
+    let masked = ckpt(&out, "masked-bn");
+    let args = ["eval", "--checkpoint", s(&masked), "--fold"];
+    expect_error(tmp.path(), &args, &["cannot fold batch norm", "masked"]);
 }
 
 /// Bad flags and settings are refused with one line naming the problem.
