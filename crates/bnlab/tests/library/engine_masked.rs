@@ -22,7 +22,9 @@ use bnlab::experiments::padded::{build, Settings, Variant};
 use crate::common::checkpoints::sgd_step;
 use crate::common::{normal, rng};
 use crate::engine_conv::{fill_masked, masked_case, run_masked, same_bits};
-use crate::engine_variants::{assert_same_as_kernel, batch_data, engine_step, params, KernelLayer, Step, SHAPES};
+use crate::engine_variants::{
+    assert_same_as_kernel, batch_data, engine_step, for_plain_and_frozen, params, KernelLayer, Step,
+};
 
 /// The mask of `batch` sequences of `spatial` positions, example n of length (3n + seed) mod
 /// (spatial + 1): some empty, some full, a different pattern for each seed.
@@ -65,34 +67,31 @@ impl KernelLayer for MaskedKernel {
 /// (updated with the valid count) and the inference output.
 #[test]
 fn masked_layers_are_the_kernel_masked_layer() {
-    for dims in SHAPES {
-        for after in [None, Some(0), Some(2)] {
-            let variant = after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after });
-            let what = format!("masked {variant:?} {dims:?}");
-            let [batch, channels, spatial] = dims;
-            let mask = mask_of(batch, spatial, 1);
-            let mut engine = masked_layer(channels, spatial, variant);
-            engine.set_mask(&mask);
-            let bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default()).unwrap();
-            let mut kernel = MaskedKernel {
-                bn,
-                mask: mask.valid().to_vec(),
-            };
-            let (gamma, beta) = params(channels);
-            (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
-            (kernel.bn.gamma, kernel.bn.beta) = (gamma, beta);
-            let freeze = |step: usize, kernel: &mut MaskedKernel| {
-                if after == Some(step as u64) {
-                    kernel.bn.freeze();
-                }
-            };
-            let check = |step: usize, engine: &BatchNormLayer, kernel: &MaskedKernel| {
-                assert_eq!(&engine.bn, &kernel.bn, "{what}: layer state after step {step}");
-            };
-            assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
-            assert!(engine.is_masked());
-        }
-    }
+    for_plain_and_frozen(|variant, after, dims| {
+        let what = format!("masked {variant:?} {dims:?}");
+        let [batch, channels, spatial] = dims;
+        let mask = mask_of(batch, spatial, 1);
+        let mut engine = masked_layer(channels, spatial, variant);
+        engine.set_mask(&mask);
+        let bn = BatchNorm::<f32>::new(channels, BatchNormConfig::default()).unwrap();
+        let mut kernel = MaskedKernel {
+            bn,
+            mask: mask.valid().to_vec(),
+        };
+        let (gamma, beta) = params(channels);
+        (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
+        (kernel.bn.gamma, kernel.bn.beta) = (gamma, beta);
+        let freeze = |step: usize, kernel: &mut MaskedKernel| {
+            if after == Some(step as u64) {
+                kernel.bn.freeze();
+            }
+        };
+        let check = |step: usize, engine: &BatchNormLayer, kernel: &MaskedKernel| {
+            assert_eq!(&engine.bn, &kernel.bn, "{what}: layer state after step {step}");
+        };
+        assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
+        assert!(engine.is_masked());
+    });
 }
 
 /// Each forward pass uses the mask given last, and its backward the mask of that forward, even

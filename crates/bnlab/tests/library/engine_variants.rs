@@ -118,37 +118,48 @@ pub(crate) fn assert_same_as_kernel<K: KernelLayer>(
 }
 
 /// The shapes the layers are compared on: fully connected and convolutional.
-pub(crate) const SHAPES: [[usize; 3]; 2] = [[8, 3, 1], [4, 2, 5]];
+const SHAPES: [[usize; 3]; 2] = [[8, 3, 1], [4, 2, 5]];
+
+/// `f(variant, after, dims)` for every shape of [`SHAPES`] and plain batch norm (`after` = None)
+/// and frozen batch norm from step 0 and from step 2 (`after` = Some(step)).
+pub(crate) fn for_plain_and_frozen(mut f: impl FnMut(BnVariant, Option<u64>, [usize; 3])) {
+    for dims in SHAPES {
+        for after in [None, Some(0), Some(2)] {
+            f(
+                after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after }),
+                after,
+                dims,
+            );
+        }
+    }
+}
 
 /// Plain and frozen batch norm: the engine layer equals the kernel's `BatchNorm` driven by hand
 /// (frozen: plain for `after` steps, then `freeze()`), bit for bit, in y, dx, dγ, dβ, running
 /// statistics and inference outputs.
 #[test]
 fn plain_and_frozen_layers_are_the_kernel_layer() {
-    for dims in SHAPES {
-        for after in [None, Some(0), Some(2)] {
-            let variant = after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after });
-            let what = format!("{variant:?} {dims:?}");
-            let [_, channels, spatial] = dims;
-            let config = BatchNormConfig::default();
-            let mut engine = BatchNormLayer::with_variant(channels, spatial, config, variant).unwrap();
-            let mut kernel = BatchNorm::<f32>::new(channels, config).unwrap();
-            let (gamma, beta) = params(channels);
-            (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
-            (kernel.gamma, kernel.beta) = (gamma, beta);
-            let freeze = |step: usize, kernel: &mut BatchNorm<f32>| {
-                if after == Some(step as u64) {
-                    kernel.freeze();
-                }
-            };
-            let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchNorm<f32>| {
-                assert_eq!(&engine.bn, kernel, "{what}: layer state after step {step}");
-                let frozen = after.is_some_and(|a| step as u64 >= a);
-                assert_eq!(engine.is_frozen(), frozen, "{what}: frozen after step {step}");
-            };
-            assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
-        }
-    }
+    for_plain_and_frozen(|variant, after, dims| {
+        let what = format!("{variant:?} {dims:?}");
+        let [_, channels, spatial] = dims;
+        let config = BatchNormConfig::default();
+        let mut engine = BatchNormLayer::with_variant(channels, spatial, config, variant).unwrap();
+        let mut kernel = BatchNorm::<f32>::new(channels, config).unwrap();
+        let (gamma, beta) = params(channels);
+        (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
+        (kernel.gamma, kernel.beta) = (gamma, beta);
+        let freeze = |step: usize, kernel: &mut BatchNorm<f32>| {
+            if after == Some(step as u64) {
+                kernel.freeze();
+            }
+        };
+        let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchNorm<f32>| {
+            assert_eq!(&engine.bn, kernel, "{what}: layer state after step {step}");
+            let frozen = after.is_some_and(|a| step as u64 >= a);
+            assert_eq!(engine.is_frozen(), frozen, "{what}: frozen after step {step}");
+        };
+        assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
+    });
 }
 
 /// Batch renorm: the engine layer equals the kernel's `BatchRenorm` with the same α and schedule,
