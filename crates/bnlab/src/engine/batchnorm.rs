@@ -272,7 +272,8 @@ impl BatchNormLayer {
     /// a checkpoint of an unmasked layer is refused and the other way round.
     ///
     /// Rejects a [`BnVariant::Renorm`] layer and a config with a virtual batch size (ghost batch
-    /// norm): the kernel crate has no masked form of either.
+    /// norm), for which the kernel crate has no masked form, and a layer of 0 positions
+    /// (`spatial`).
     pub fn masked(mut self) -> Result<Self> {
         ensure!(
             !matches!(self.kind, Kind::Renorm(_)),
