@@ -6,7 +6,7 @@
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::{accelerate, paper_mlp, small_batch};
+use bnlab::experiments::{accelerate, padded, paper_mlp, small_batch};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -33,8 +33,11 @@ pub enum Command {
     /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
     /// no BN at batch sizes 2 to 64, the same examples seen.
     SmallBatch(ExperimentArgs<SmallBatchFlags>),
-    /// Test accuracy of a checkpoint (paper-mlp, accelerate or small-batch), optionally with BN
-    /// folded into the layers before it.
+    /// Padded sequences: batch norm over every position (padding included) against masked batch
+    /// norm and no BN, trained on one length distribution and tested on several.
+    Padded(ExperimentArgs<PaddedFlags>),
+    /// Test accuracy of a checkpoint (paper-mlp, accelerate, small-batch or padded), optionally
+    /// with BN folded into the layers before it.
     Eval(EvalArgs),
 }
 
@@ -165,6 +168,36 @@ pub struct SmallBatchFlags {
     pub quick: bool,
 }
 
+/// The flags only `padded` has.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct PaddedFlags {
+    /// Variants to train, comma-separated (bn, masked-bn, no-bn; default: all three).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Option<Vec<padded::Variant>>,
+    /// Lengths of the training sequences, MIN-MAX (uniform) or N; each image's rows are cut to its
+    /// length and padded back to the image's height.
+    #[arg(long, default_value = "8-28")]
+    pub train_lengths: padded::Lengths,
+    /// Test conditions after the training lengths, comma-separated (MIN-MAX or N each): every
+    /// evaluation also measures the test set under these.
+    #[arg(long, value_delimiter = ',', default_value = "28,4-10")]
+    pub test_lengths: Vec<padded::Lengths>,
+    /// What the padded steps hold: any number, nan, inf or -inf.
+    #[arg(long, default_value = "0", allow_negative_numbers = true, value_parser = padded::parse_pad_value)]
+    pub pad_value: f32,
+    /// Steps over which the learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Output channels of the two convolutions, `C1,C2` (default 32,32; 8,8 with --quick).
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// A short run for CI: 30 steps, evaluations every 10, 8 channels per convolution, 2
+    /// population batches (each can still be set by its flag).
+    #[arg(long)]
+    pub quick: bool,
+}
+
 /// Options of `bnlab eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -216,31 +249,40 @@ pub struct BenchArgs {
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
-/// presets).
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`],
+/// [`padded::DEFAULTS`] and `--quick`'s presets).
 pub fn command() -> clap::Command {
-    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the
-    // presets apply when its value is `true`.
-    let quick =
-        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
-            with_defaults(c, &accelerate::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, accelerate::QUICK.steps.to_string()))
-                .mut_arg("eval_every", |a| quick(a, accelerate::QUICK.eval_every.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, accelerate::QUICK.population_batches.to_string())
-                })
+            let q = &accelerate::QUICK;
+            with_quick_defaults(c, &accelerate::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
         .mut_subcommand("small-batch", |c| {
-            with_defaults(c, &small_batch::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, small_batch::QUICK.steps.to_string()))
-                .mut_arg("eval_every", |a| quick(a, small_batch::QUICK.eval_every.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, small_batch::QUICK.population_batches.to_string())
-                })
+            let q = &small_batch::QUICK;
+            with_quick_defaults(c, &small_batch::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
+        .mut_subcommand("padded", |c| {
+            use padded::{quick, DEFAULTS};
+            with_quick_defaults(
+                c,
+                &DEFAULTS,
+                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
+            )
+        })
+}
+
+/// `c` with `d` as its defaults ([`with_defaults`]) and, with `--quick`, `quick`'s steps,
+/// evaluation interval and population batches as the defaults of those flags.
+fn with_quick_defaults(c: clap::Command, d: &Defaults, quick: (u64, u64, usize)) -> clap::Command {
+    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the presets
+    // apply when its value is `true`.
+    let when_quick =
+        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
+    with_defaults(c, d)
+        .mut_arg("steps", |a| when_quick(a, quick.0.to_string()))
+        .mut_arg("eval_every", |a| when_quick(a, quick.1.to_string()))
+        .mut_arg("population_batches", |a| when_quick(a, quick.2.to_string()))
 }
 
 /// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.
@@ -269,6 +311,7 @@ mod tests {
             Command::PaperMlp(a) => a.settings,
             Command::Accelerate(a) => a.settings,
             Command::SmallBatch(a) => a.settings,
+            Command::Padded(a) => a.settings,
             other => panic!("not a training command: {other:?}"),
         }
     }
@@ -288,5 +331,19 @@ mod tests {
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);
         assert_eq!((s.eval_every, s.population_batches), (40, 5));
+        let s = settings(&["bnlab", "padded"]);
+        let d = padded::DEFAULTS;
+        assert_eq!(
+            (s.steps, s.eval_every, s.batch, s.lr),
+            (d.steps, d.eval_every, d.batch, d.lr)
+        );
+        assert_eq!(s.population_batches, 50);
+        let s = settings(&["bnlab", "padded", "--quick"]);
+        let q = (
+            padded::quick::STEPS,
+            padded::quick::EVAL_EVERY,
+            padded::quick::POPULATION_BATCHES,
+        );
+        assert_eq!((s.steps, s.eval_every, s.population_batches), q);
     }
 }

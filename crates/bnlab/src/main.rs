@@ -9,11 +9,12 @@ use bnlab::driver::settings::MAX_THREADS;
 use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
 use bnlab::experiments::eval::{self, EvalOptions};
+use bnlab::experiments::padded::{self, Padded};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
 use bnlab::experiments::small_batch::{self, SmallBatch};
 use cli::{
-    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags,
-    VariantChoice,
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags,
+    SmallBatchFlags, VariantChoice,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -64,6 +65,7 @@ fn main() {
         Command::PaperMlp(args) => run_paper_mlp(&args),
         Command::Accelerate(args) => run_accelerate(&args),
         Command::SmallBatch(args) => run_small_batch(&args),
+        Command::Padded(args) => run_padded(&args),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -245,6 +247,24 @@ fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std
     println!("wrote {}", out.join("report.html").display());
 }
 
+/// Trains `experiment` ([`train_experiment`]) and, on rank 0, prints its report's table
+/// (`markdown`), each variant's timing lines and where the report is.
+fn train_and_print<E: Experiment>(
+    experiment: &E,
+    flags: &RunFlags,
+    fresh: impl FnOnce(PathBuf) -> Result<Settings<E::Settings>>,
+    markdown: impl Fn(&E::Report) -> String,
+) -> Result<()> {
+    let Some(f) = train_experiment(experiment, flags, fresh)? else {
+        return Ok(());
+    };
+    if let Some(report) = &f.report {
+        print!("{}", markdown(report));
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
 fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     let fresh = |out| {
         let variants = match args.experiment.variant {
@@ -287,11 +307,8 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
             a.variants = v.clone();
         }
         a.half_life = flags.half_life.unwrap_or(accelerate::default_half_life(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            a.channels = [c1 as usize, c2 as usize];
+        if let Some(c) = two_channels(&flags.channels)? {
+            a.channels = c;
         }
         if let Some(h) = flags.hidden {
             a.hidden = h as usize;
@@ -301,14 +318,7 @@ fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
             experiment: s.experiment,
         })
     };
-    let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(&Accelerate, &args.run, fresh, accelerate::Table::markdown)
 }
 
 fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
@@ -330,11 +340,8 @@ fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
         e.classes_per_batch = flags.classes_per_batch as usize;
         e.half_life = flags.half_life.unwrap_or(small_batch::default_half_life(common.steps));
         e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            e.channels = [c1 as usize, c2 as usize];
+        if let Some(c) = two_channels(&flags.channels)? {
+            e.channels = c;
         }
         if let Some(h) = flags.hidden {
             e.hidden = h as usize;
@@ -344,14 +351,47 @@ fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
             experiment: s.experiment,
         })
     };
-    let Some(f) = train_experiment(&SmallBatch, &args.run, fresh)? else {
-        return Ok(());
+    train_and_print(&SmallBatch, &args.run, fresh, small_batch::Table::markdown)
+}
+
+fn run_padded(args: &ExperimentArgs<PaddedFlags>) -> Result<()> {
+    let fresh = |out| {
+        let flags = &args.experiment;
+        let common = driver::CommonSettings {
+            out,
+            ..args.settings.clone()
+        };
+        let mut s = padded::Settings::new(PathBuf::new());
+        if flags.quick {
+            s = s.quick();
+        }
+        let e = &mut s.experiment;
+        if let Some(v) = &flags.variants {
+            e.variants = v.clone();
+        }
+        e.train_lengths = flags.train_lengths;
+        e.test_lengths = flags.test_lengths.clone();
+        e.pad_value = flags.pad_value;
+        e.half_life = flags.half_life.unwrap_or(padded::default_half_life(common.steps));
+        if let Some(c) = two_channels(&flags.channels)? {
+            e.channels = c;
+        }
+        Ok(padded::Settings {
+            common,
+            experiment: s.experiment,
+        })
     };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(&Padded, &args.run, fresh, padded::Table::markdown)
+}
+
+/// `--channels C1,C2` as two channel counts (`None` without the flag); rejects another count of
+/// numbers.
+fn two_channels(flag: &Option<Vec<u32>>) -> Result<Option<[usize; 2]>> {
+    let Some(c) = flag else { return Ok(None) };
+    let [c1, c2] = c[..] else {
+        anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+    };
+    Ok(Some([c1 as usize, c2 as usize]))
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
