@@ -92,6 +92,27 @@ pub(crate) fn dx_coeffs<T: Element>(
     }
 }
 
+/// The checks of a training backward, in this order: `x` against its shape and layout, `dy` and
+/// `dx` against `x`, the saved statistics (`check_saved`, given the channel count), γ, dγ and dβ
+/// against the channel count, then the saved `count` of values per channel. Returns the geometry.
+pub(crate) fn check_train_backward<T>(
+    x: View<'_, T>,
+    dy: &[T],
+    check_saved: impl FnOnce(usize) -> Result<(), Error>,
+    gamma: Option<&[T]>,
+    grads: &Grads<'_, T>,
+    count: u64,
+) -> Result<Geometry, Error> {
+    let g = check::input("x", x.data, x.shape, x.layout)?;
+    check::len("dy", &g, dy.len())?;
+    check::len_opt("dx", &g, grads.dx.as_deref())?;
+    check_saved(g.channels)?;
+    check::affine(g.channels, gamma, None)?;
+    check::param_grads(g.channels, grads.dgamma.as_deref(), grads.dbeta.as_deref())?;
+    check::training_count(count, x.shape)?;
+    Ok(g)
+}
+
 /// Training-mode backward of Algorithm 1: from dy (the shape of x) and the saved statistics,
 /// writes any of dx, dγ (= Σ dy·x̂) and dβ (= Σ dy) that `grads` holds. Two passes over x and dy at most (one
 /// when dx is not asked for), fused per channel where the layout allows.
@@ -105,16 +126,10 @@ pub fn batch_norm_backward<T: Element>(
     gamma: Option<&[T]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let check_saved = |channels| check::saved(saved, channels);
+    let g = check_train_backward(x, dy, check_saved, gamma, &grads, saved.count)?;
     let Grads { dx, dgamma, dbeta } = grads;
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
-    check::len_opt("dx", &g, dx.as_deref())?;
-    check::saved(saved, g.channels)?;
-    check::affine(g.channels, gamma, None)?;
-    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    check::training_count(saved.count, shape)?;
-    train_backward_sums(&g, x, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+    train_backward_sums(&g, x.data, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
 }
 
 /// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given and

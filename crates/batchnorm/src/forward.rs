@@ -2,11 +2,11 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::check;
-use crate::kernels::plan::{self, Normalization};
+use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
-use crate::{Affine, Element, Error, FixedStats, View};
+use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
 /// normalization's scale γ·1/√(σ² + ε), and writes β into `shift` (γ = 1 and β = 0 without
@@ -33,6 +33,39 @@ pub(crate) fn scale_shift<T: Element>(
         }
         None => shift.fill(0.0),
     }
+}
+
+/// The checks every forward transform starts with, in this order: `x` against its shape and
+/// layout, `y` against `x`, the statistics (`check_stats`, given the channel count), then γ and β
+/// against the channel count. Returns the geometry.
+pub(crate) fn check_forward<T>(
+    x: View<'_, T>,
+    y: &[T],
+    check_stats: impl FnOnce(usize) -> Result<(), Error>,
+    affine: Affine<'_, T>,
+) -> Result<Geometry, Error> {
+    let g = check::input("x", x.data, x.shape, x.layout)?;
+    check::len("y", &g, y.len())?;
+    check_stats(g.channels)?;
+    check::affine(g.channels, affine.gamma, affine.beta)?;
+    Ok(g)
+}
+
+/// y = (x − mean)·γ·inv_std + β per channel over `x` (already checked against `g`), the last
+/// step of the forward transforms, with `inv_std` holding each channel's 1/σ (γ = 1 and β = 0
+/// where `affine` has none).
+pub(crate) fn normalize_affine<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    mean: &[f64],
+    inv_std: Scratch<f64>,
+    affine: Affine<'_, T>,
+) {
+    let mut scale = inv_std;
+    let mut shift = Scratch::any(g.channels);
+    with_simd(|| scale_shift(affine.gamma, affine.beta, 0, &mut scale, &mut shift));
+    plan::normalize(g, x, y, mean, &scale, &shift);
 }
 
 /// γ_c (1 without affine).
@@ -71,14 +104,11 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    let Affine { gamma, beta } = affine;
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::affine(g.channels, gamma, beta)?;
+    let g = check_forward(x, y, |_| Ok(()), affine)?;
     check::eps(eps)?;
-    check::training_count(g.per_channel() as u64, shape)?;
-    let m = plan::train_forward(&g, x, y, |first, scale, shift| {
+    check::training_count(g.per_channel() as u64, x.shape)?;
+    let Affine { gamma, beta } = affine;
+    let m = plan::train_forward(&g, x.data, y, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });
@@ -102,25 +132,9 @@ pub fn normalize<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let Affine { gamma, beta } = affine;
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::saved(saved, g.channels)?;
-    check::affine(g.channels, gamma, beta)?;
-    let mut scale = Scratch::collect(saved.inv_std.iter().copied());
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
-    plan::normalize(
-        &g,
-        x,
-        y,
-        &Normalization {
-            mean: &saved.mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    let g = check_forward(x, y, |channels| check::saved(saved, channels), affine)?;
+    let inv_std = Scratch::collect(saved.inv_std.iter().copied());
+    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine);
     Ok(())
 }
 
@@ -136,29 +150,12 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let (FixedStats { mean, var }, Affine { gamma, beta }) = (stats, affine);
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::fixed_stats(g.channels, mean, var)?;
-    check::affine(g.channels, gamma, beta)?;
+    let FixedStats { mean, var } = stats;
+    let g = check_forward(x, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
     check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let mut scale = Scratch::collect(var.iter().map(|v| v.to_f64()));
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| {
-        inv_std_in_place(&mut scale, eps);
-        scale_shift(gamma, beta, 0, &mut scale, &mut shift);
-    });
-    plan::normalize(
-        &g,
-        x,
-        y,
-        &Normalization {
-            mean: &mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    let mut inv_std = Scratch::collect(var.iter().map(|v| v.to_f64()));
+    with_simd(|| inv_std_in_place(&mut inv_std, eps));
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine);
     Ok(())
 }

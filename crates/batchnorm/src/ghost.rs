@@ -24,7 +24,7 @@
 
 use crate::backward::{train_backward_sums, GradSums};
 use crate::check;
-use crate::forward::batch_norm_train;
+use crate::forward::{batch_norm_train, check_forward};
 use crate::kernels::plan;
 use crate::stats::{blend_running, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
@@ -153,11 +153,9 @@ pub fn ghost_batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(Vec<BatchStats>, GhostSaved), Error> {
-    let View { data, shape, layout } = x;
-    let g = check::input("x", data, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::affine(g.channels, affine.gamma, affine.beta)?;
+    let g = check_forward(x, y, |_| Ok(()), affine)?;
     check::eps(eps)?;
+    let View { data, shape, layout } = x;
     check::training_count(g.per_channel() as u64, shape)?;
     check::virtual_batch(virtual_batch)?;
     let groups = Groups::new(shape, &g, virtual_batch);

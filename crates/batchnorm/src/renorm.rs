@@ -37,11 +37,11 @@
 //! - it divides by max(`renorm_stddev`, √ε) when computing r and d; here σ is used as it is.
 //! - r and d are wrapped in `stop_gradient`, as here.
 
-use crate::backward::{dx_coeffs, grad_sums, GradSums};
+use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums};
 use crate::check;
-use crate::forward::{gamma_at, scale_shift};
+use crate::forward::{check_forward, gamma_at, normalize_affine, scale_shift};
 use crate::kernels::elementwise::DxCoeffs;
-use crate::kernels::plan::{self, Normalization};
+use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{batch_stats, inv_std, BatchStats, SavedStats};
@@ -242,6 +242,11 @@ fn correction(mean_b: f64, sigma_b: f64, mean: f64, sigma: f64, clip: RenormClip
     (r, d)
 }
 
+/// Checks moving statistics against the channel count (named `moving_mean`, `moving_std`).
+fn check_moving<T>(channels: usize, moving: RenormStats<'_, T>) -> Result<(), Error> {
+    check::moving_stats(channels, moving.mean, moving.std)
+}
+
 /// Batch renormalization's training forward (Ioffe 2017, Algorithm 1; see the module docs):
 /// writes y = γ·((x − μ_B)/σ_B·r + d) + β and returns the batch statistics (for
 /// [`update_renorm_stats`]) and what [`batch_renorm_backward`] needs. Does not update the moving
@@ -274,13 +279,10 @@ pub fn batch_renorm_train<T: Element>(
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<(BatchStats, RenormSaved), Error> {
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::moving_stats(g.channels, moving.mean, moving.std)?;
-    check::affine(g.channels, affine.gamma, affine.beta)?;
+    let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
     check::eps(eps)?;
-    check::training_count(g.per_channel() as u64, shape)?;
+    check::training_count(g.per_channel() as u64, x.shape)?;
+    let x = x.data;
     let m = plan::channel_moments(&g, x);
     let stats = BatchStats {
         count: g.per_channel() as u64,
@@ -305,18 +307,12 @@ fn renorm_normalize<T: Element>(
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<RenormSaved, Error> {
-    let (
-        RenormStats {
-            mean: moving_mean,
-            std: moving_std,
-        },
-        Affine { gamma, beta },
-    ) = (moving, affine);
+    let Affine { gamma, beta } = affine;
     let saved = stats.saved(eps)?;
     let (r, d): (Vec<f64>, Vec<f64>) = (0..g.channels)
         .map(|c| {
             let sigma_b = 1.0 / saved.inv_std[c];
-            let (mu, sigma) = (moving_mean[c].to_f64(), moving_std[c].to_f64());
+            let (mu, sigma) = (moving.mean[c].to_f64(), moving.std[c].to_f64());
             correction(saved.mean[c], sigma_b, mu, sigma, clip)
         })
         .unzip();
@@ -327,16 +323,7 @@ fn renorm_normalize<T: Element>(
     for (c, s) in shift.iter_mut().enumerate() {
         *s += gamma_at(gamma, c) * d[c];
     }
-    plan::normalize(
-        g,
-        x,
-        y,
-        &Normalization {
-            mean: &saved.mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    plan::normalize(g, x, y, &saved.mean, &scale, &shift);
     Ok(RenormSaved { stats: saved, r, d })
 }
 
@@ -354,15 +341,9 @@ pub fn batch_renorm_backward<T: Element>(
     gamma: Option<&[T]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let Grads { dx, dgamma, dbeta } = grads;
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
-    check::len_opt("dx", &g, dx.as_deref())?;
-    check::renorm_saved(saved, g.channels)?;
-    check::affine(g.channels, gamma, None)?;
-    check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    check::training_count(saved.stats.count, shape)?;
+    let check_saved = |channels| check::renorm_saved(saved, channels);
+    let g = check_train_backward(x, dy, check_saved, gamma, &grads, saved.stats.count)?;
+    let (Grads { dx, dgamma, dbeta }, x) = (grads, x.data);
     let st = &saved.stats;
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &st.mean, |first, s1, s2, out| {
         let inv_std = &st.inv_std[first..first + s2.len()];
@@ -417,32 +398,10 @@ pub fn batch_renorm_eval<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let (
-        RenormStats {
-            mean: moving_mean,
-            std: moving_std,
-        },
-        Affine { gamma, beta },
-    ) = (moving, affine);
-    let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("y", &g, y.len())?;
-    check::moving_stats(g.channels, moving_mean, moving_std)?;
-    check::affine(g.channels, gamma, beta)?;
-    let mean = Scratch::collect(moving_mean.iter().map(|v| v.to_f64()));
-    let mut scale = Scratch::collect(moving_std.iter().map(|v| 1.0 / v.to_f64()));
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
-    plan::normalize(
-        &g,
-        x,
-        y,
-        &Normalization {
-            mean: &mean,
-            scale: &scale,
-            shift: &shift,
-        },
-    );
+    let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
+    let mean = Scratch::collect(moving.mean.iter().map(|v| v.to_f64()));
+    let inv_std = Scratch::collect(moving.std.iter().map(|v| 1.0 / v.to_f64()));
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine);
     Ok(())
 }
 
@@ -632,19 +591,17 @@ impl<T: Element> BatchRenorm<T> {
         x: View<'_, T>,
         y: &mut [T],
     ) -> Result<RenormSaved, Error> {
-        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
+        check::layer_input(self.num_features, x.shape, x.layout)?;
         check::renorm_momentum(self.config.momentum)?;
         let next = check::renorm_next_step(self.steps)?;
-        check::len("y", &g, y.len())?;
-        check::moving_stats(g.channels, &self.moving_mean, &self.moving_std)?;
-        let affine = self.affine();
-        check::affine(g.channels, affine.gamma, affine.beta)?;
+        let (moving, affine) = (self.moving(), self.affine());
+        let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
         check::eps(self.config.eps)?;
         let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
         check::training_count(global.count, x.shape)?;
         let (eps, alpha) = (self.config.eps, self.config.momentum);
-        let saved = renorm_normalize(&g, x.data, &global, self.moving(), affine, eps, self.clip(), y)?;
+        let saved = renorm_normalize(&g, x.data, &global, moving, affine, eps, self.clip(), y)?;
         update_renorm_stats(&global, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
         self.steps = next;
         Ok(saved)

@@ -49,9 +49,8 @@ impl Case {
 
 /// A batch-norm variant `bnlab bench` times (`--variant`; its rows' `"variant"`).
 ///
-/// Each is one entry here and one case of the private layer it times; ghost batch norm (virtual
-/// batches of 4 examples, NC: 16) and masked batch norm (half of the positions valid) are to be
-/// two more.
+/// Each is one entry here and one case of the private layer it times; masked batch norm (half of
+/// the positions valid) is to be one more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Variant {
     /// Plain batch norm: `fwd_train`, `fwd_eval` and `backward`.
@@ -62,11 +61,21 @@ pub enum Variant {
     /// `BatchRenorm` with [`RenormSchedule::paper`], past its warm-up and ramps (r_max = 3,
     /// d_max = 5): `fwd_train` (with the moving-statistics update) and `backward`.
     Renorm,
+    /// Ghost batch norm: a `BatchNorm` layer with virtual batches of [`GHOST_EXAMPLES`] examples
+    /// (NC: [`GHOST_EXAMPLES_NC`]): `fwd_train` and `backward`.
+    Ghost,
 }
+
+/// Examples per virtual batch of the `ghost` rows, on feature maps.
+pub const GHOST_EXAMPLES: usize = 4;
+
+/// Examples per virtual batch of the `ghost` rows on NC inputs (one value per channel and
+/// example, so larger groups).
+pub const GHOST_EXAMPLES_NC: usize = 16;
 
 impl Variant {
     /// Every variant, in the order they are timed (the default of `--variant`).
-    pub const ALL: [Variant; 3] = [Variant::Bn, Variant::Frozen, Variant::Renorm];
+    pub const ALL: [Variant; 4] = [Variant::Bn, Variant::Frozen, Variant::Renorm, Variant::Ghost];
 
     /// The name in `--variant` and in the rows: `bn`, `frozen`, `renorm`.
     pub fn name(self) -> &'static str {
@@ -74,6 +83,7 @@ impl Variant {
             Variant::Bn => "bn",
             Variant::Frozen => "frozen",
             Variant::Renorm => "renorm",
+            Variant::Ghost => "ghost",
         }
     }
 
@@ -81,7 +91,7 @@ impl Variant {
     pub fn ops(self) -> &'static [Op] {
         match self {
             Variant::Bn => &[Op::FwdTrain, Op::FwdEval, Op::Backward],
-            Variant::Frozen | Variant::Renorm => &[Op::FwdTrain, Op::Backward],
+            Variant::Frozen | Variant::Renorm | Variant::Ghost => &[Op::FwdTrain, Op::Backward],
         }
     }
 }
@@ -124,8 +134,17 @@ impl Timed {
     /// `variant`'s layer over `channels` channels, after one training forward of `x` into `y`.
     fn new(variant: Variant, channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<Timed, batchnorm::Error> {
         Ok(match variant {
-            Variant::Bn | Variant::Frozen => {
-                let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+            Variant::Bn | Variant::Frozen | Variant::Ghost => {
+                let virtual_batch = match (variant, x.layout) {
+                    (Variant::Ghost, Layout::NC) => Some(GHOST_EXAMPLES_NC),
+                    (Variant::Ghost, _) => Some(GHOST_EXAMPLES),
+                    _ => None,
+                };
+                let config = BatchNormConfig {
+                    virtual_batch,
+                    ..BatchNormConfig::default()
+                };
+                let mut layer = BatchNorm::<f32>::new(channels, config)?;
                 if variant == Variant::Frozen {
                     layer.freeze();
                 }

@@ -227,18 +227,18 @@ pub fn command() -> clap::Command {
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
             with_defaults(c, &accelerate::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, accelerate::quick::STEPS.to_string()))
-                .mut_arg("eval_every", |a| quick(a, accelerate::quick::EVAL_EVERY.to_string()))
+                .mut_arg("steps", |a| quick(a, accelerate::QUICK.steps.to_string()))
+                .mut_arg("eval_every", |a| quick(a, accelerate::QUICK.eval_every.to_string()))
                 .mut_arg("population_batches", |a| {
-                    quick(a, accelerate::quick::POPULATION_BATCHES.to_string())
+                    quick(a, accelerate::QUICK.population_batches.to_string())
                 })
         })
         .mut_subcommand("small-batch", |c| {
             with_defaults(c, &small_batch::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, small_batch::quick::STEPS.to_string()))
-                .mut_arg("eval_every", |a| quick(a, small_batch::quick::EVAL_EVERY.to_string()))
+                .mut_arg("steps", |a| quick(a, small_batch::QUICK.steps.to_string()))
+                .mut_arg("eval_every", |a| quick(a, small_batch::QUICK.eval_every.to_string()))
                 .mut_arg("population_batches", |a| {
-                    quick(a, small_batch::quick::POPULATION_BATCHES.to_string())
+                    quick(a, small_batch::QUICK.population_batches.to_string())
                 })
         })
 }
@@ -280,10 +280,10 @@ mod tests {
         let steps = |args: &[&str]| settings(args).steps;
         assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
         assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::QUICK.steps);
         assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
         assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::quick::STEPS);
+        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::QUICK.steps);
         let s = settings(&["bnlab", "small-batch"]);
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);

@@ -287,20 +287,13 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
     }
 }
 
-/// Affine parameters of the normalization, per channel: y = (x − mean)·scale + shift.
-pub(crate) struct Normalization<'a> {
-    pub mean: &'a [f64],
-    pub scale: &'a [f64],
-    pub shift: &'a [f64],
-}
-
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
 ///
 /// Units are taken last to first: after a pass over x in order (the statistics), the data read
 /// last is what the caches still hold, and a second pass in the same order would evict it just
 /// before reaching it when x is about the size of the last-level cache. Element-wise, so no bit
 /// changes.
-pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Normalization) {
+pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[f64], scale: &[f64], shift: &[f64]) {
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
@@ -312,9 +305,9 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Norm
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let c = (first_plane + i) % g.channels;
                 let a = WideAffine {
-                    mean: p.mean[c],
-                    scale: p.scale[c],
-                    shift: p.shift[c],
+                    mean: mean[c],
+                    scale: scale[c],
+                    shift: shift[c],
                 };
                 ew::normalize_plane(xp, yp, a, stream);
             }
@@ -323,7 +316,7 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], p: &Norm
             }
         });
     } else {
-        let p = with_simd(|| RowsAffine::new::<T>(p.mean, p.scale, p.shift));
+        let p = with_simd(|| RowsAffine::new::<T>(mean, scale, shift));
         let chunk = row_blocks(g).0 * g.channels;
         let mut items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
         items.reverse();
@@ -385,16 +378,7 @@ pub(crate) fn train_forward<T: Element>(
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
         with_simd(|| affine(0, &mut scale, &mut shift));
-        normalize(
-            g,
-            x,
-            y,
-            &Normalization {
-                mean: &m.mean,
-                scale: &scale,
-                shift: &shift,
-            },
-        );
+        normalize(g, x, y, &m.mean, &scale, &shift);
         m
     }
 }

@@ -28,8 +28,9 @@
 #![allow(dead_code)]
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, reference, Affine, BatchStats, Element,
-    FixedStats, Geometry, Grads, Layout, SavedStats, ThreadComm, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, input_grad, normalize, reference, Affine,
+    BatchNorm, BatchNormConfig, BatchStats, Element, FixedStats, Geometry, GradSums, Grads, Layout, SavedStats,
+    SmallBatch, ThreadComm, View,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -287,6 +288,93 @@ pub fn backward_all<T: Element>(
     (dx, dg, db)
 }
 
+/// The layer's training backward writing all of dx, dγ, dβ into NaN-filled buffers: `(dx, dγ, dβ)`.
+pub fn layer_backward_all<T: Element>(
+    bn: &BatchNorm<T>,
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &SavedStats,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let nan = T::from_f64(f64::NAN);
+    let c = bn.num_features;
+    let (mut dx, mut dg, mut db) = (vec![nan; x.data.len()], vec![nan; c], vec![nan; c]);
+    bn.backward(x, dy, saved, Grads::new(&mut dx, &mut dg, &mut db))
+        .unwrap();
+    (dx, dg, db)
+}
+
+/// A layer with the data's γ, β (with `affine`) and running statistics (`d.mean`, `d.var`).
+pub fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: SmallBatch) -> BatchNorm<T> {
+    let config = BatchNormConfig {
+        eps,
+        affine,
+        small_batch,
+        ..BatchNormConfig::default()
+    };
+    layer_of(d, config)
+}
+
+/// A layer of `config` with the data's γ, β (with `config.affine`) and running statistics
+/// (`d.mean`, `d.var`).
+pub fn layer_of<T: Element>(d: &Data, config: BatchNormConfig) -> BatchNorm<T> {
+    let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
+    bn.running_mean = narrow(&d.mean);
+    bn.running_var = narrow(&d.var);
+    if config.affine {
+        bn.gamma = narrow(&d.gamma);
+        bn.beta = narrow(&d.beta);
+    }
+    bn
+}
+
+/// The split-phase normalization (`normalize`) into a NaN-filled y.
+pub fn split_normalize<T: Element>(x: View<'_, T>, saved: &SavedStats, affine: Affine<'_, T>) -> Vec<T> {
+    let mut y = vec![T::from_f64(f64::NAN); x.data.len()];
+    normalize(x, saved, affine, &mut y).unwrap();
+    y
+}
+
+/// The split-phase input gradient (`input_grad`) from the merged `sums`, into a NaN-filled dx.
+pub fn split_input_grad<T: Element>(
+    sums: &GradSums,
+    x: View<'_, T>,
+    dy: &[T],
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+) -> Vec<T> {
+    let mut dx = vec![T::from_f64(f64::NAN); x.data.len()];
+    input_grad(x, dy, saved, sums, gamma, &mut dx).unwrap();
+    dx
+}
+
+/// A backward pass asked for part of its outputs gives the same bits as asked for all of them:
+/// `backward` writes each of dx alone, dγ and dβ, dγ alone and dβ alone into NaN-filled buffers,
+/// compared with `all` = (dx, dγ, dβ) computed together.
+#[track_caller]
+pub fn assert_output_subsets<T: Element>(what: &str, all: (&[T], &[T], &[T]), backward: impl Fn(Grads<'_, T>)) {
+    let (dx, dg, db) = all;
+    let nan = T::from_f64(f64::NAN);
+    let mut dx1 = vec![nan; dx.len()];
+    backward(Grads::dx(&mut dx1));
+    assert_bits(&format!("{what} dx alone"), &dx1, dx);
+    let (mut dg2, mut db2) = (vec![nan; dg.len()], vec![nan; db.len()]);
+    backward(Grads::params(&mut dg2, &mut db2));
+    assert_bits(&format!("{what} dgamma without dx"), &dg2, dg);
+    assert_bits(&format!("{what} dbeta without dx"), &db2, db);
+    let mut dg3 = vec![nan; dg.len()];
+    backward(Grads {
+        dgamma: Some(&mut dg3),
+        ..Grads::default()
+    });
+    assert_bits(&format!("{what} dgamma alone"), &dg3, dg);
+    let mut db4 = vec![nan; db.len()];
+    backward(Grads {
+        dbeta: Some(&mut db4),
+        ..Grads::default()
+    });
+    assert_bits(&format!("{what} dbeta alone"), &db4, db);
+}
+
 /// Inference-mode backward's dx and dγ with `gamma` (no dβ), into zero-filled outputs.
 pub fn backward_eval_dx_dgamma<T: Element>(
     x: View<'_, T>,
@@ -438,6 +526,24 @@ pub fn chunking_shapes() -> Vec<(Layout, Vec<usize>)> {
     ]
 }
 
+/// Property tests over random layouts and shapes (`layout_shape(20_000)`), seeds, affine on and
+/// off and ε (`eps_strategy()`), `$cases` cases each: `name => check for T, …;` defines the test
+/// `name`, which calls `check::<T>(layout, &shape, seed, affine, eps)` for each `T` in turn.
+macro_rules! shape_proptests {
+    ($cases:expr; $($name:ident => $check:ident for $($t:ty),+;)+) => {
+        proptest! {
+            #![proptest_config(config($cases))]
+            $(
+                #[test]
+                fn $name((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
+                    $($check::<$t>(layout, &shape, seed, affine, eps);)+
+                }
+            )+
+        }
+    };
+}
+pub(crate) use shape_proptests;
+
 /// Proptest configuration of the suite: few cases, each on up to ~20k elements.
 pub fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
@@ -485,12 +591,14 @@ pub fn eval_dgamma_scale(d: &Data, dy: &[f64], eps: f64) -> Vec<f64> {
 // ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m, O(1/m) ≥ 1/60) is 4 orders of magnitude larger.
 // ---------------------------------------------------------------------------------------------
 
-/// The step h of the central differences.
+/// The finite-difference step h.
 pub const H: f64 = 1e-6;
-/// The relative tolerance of a finite-difference comparison (see the budget above).
+/// The ε of the finite-difference tests (the error budget above assumes it).
+pub const FD_EPS: f64 = 1e-5;
+/// The finite-difference tolerance, relative to 1 + |analytic|.
 pub const FD_TOL: f64 = 1e-6;
 
-/// The shapes of the finite-difference tests: every layout, ≤ 60 elements each.
+/// The finite-difference shapes: every layout, small enough to perturb each element.
 pub fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
     vec![
         (Layout::NC, vec![6, 3]),
@@ -504,6 +612,7 @@ pub fn fd_shapes() -> Vec<(Layout, Vec<usize>)> {
     ]
 }
 
+/// Asserts |analytic − numeric| ≤ `FD_TOL`·(1 + |analytic|).
 #[track_caller]
 pub fn assert_fd(what: &str, analytic: f64, numeric: f64) {
     let t = FD_TOL * (1.0 + analytic.abs());
@@ -517,6 +626,13 @@ pub fn assert_fd(what: &str, analytic: f64, numeric: f64) {
 /// ℓ = Σ wₖ·yₖ.
 pub fn loss(w: &[f64], y: &[f64]) -> f64 {
     w.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// The loss `w·y` of the output `forward` writes into a zeroed y.
+pub fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
+    let mut y = vec![0.0; w.len()];
+    forward(&mut y);
+    loss(w, &y)
 }
 
 /// The analytic gradients (`dx`, `dg`, `db`) against central differences: of `loss_x(x, γ, β)`
@@ -561,13 +677,6 @@ pub fn for_each_fd_case(seed0: u64, mut check: impl FnMut(Layout, &[usize], bool
             check(layout, &shape, affine, &d);
         }
     }
-}
-
-/// The loss `w·y` of the output `forward` writes into a zeroed y.
-pub fn loss_of(w: &[f64], forward: impl FnOnce(&mut [f64])) -> f64 {
-    let mut y = vec![0.0; w.len()];
-    forward(&mut y);
-    loss(w, &y)
 }
 
 // ---------------------------------------------------------------------------------------------

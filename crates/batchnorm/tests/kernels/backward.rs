@@ -5,8 +5,8 @@
 
 use crate::common::*;
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, grad_sums, input_grad, reference,
-    Affine, BatchNorm, BatchNormConfig, FixedStats, Grads, Layout, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, grad_sums, reference, Affine,
+    FixedStats, Grads, Layout, SmallBatch, View,
 };
 use proptest::prelude::*;
 
@@ -20,7 +20,6 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
-    let n = x.len();
     let c = d.g.channels;
     let (_, _, saved) = train(View::new(&x, shape, layout), affine_if(affine, &gt, &bt), eps);
 
@@ -35,57 +34,14 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
     assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
 
-    // dx skipped: one pass, same sums.
-    let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
-    batch_norm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads::params(&mut dg2, &mut db2),
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dgamma without dx"), &dg2, &dg);
-    assert_bits(&format!("{what} dbeta without dx"), &db2, &db);
-    // Only one of dγ/dβ.
-    let mut db3 = vec![nan; c];
-    batch_norm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads {
-            dx: None,
-            dgamma: None,
-            dbeta: Some(&mut db3),
-        },
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dbeta alone"), &db3, &db);
-    // dγ, dβ skipped.
-    let mut dx2 = vec![nan; n];
-    batch_norm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads::dx(&mut dx2),
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dx without dgamma/dbeta"), &dx2, &dx);
+    // dx skipped (one pass, same sums), dγ and dβ skipped, only one of dγ/dβ: the same bits.
+    assert_output_subsets(&what, (&dx, &dg, &db), |grads| {
+        batch_norm_backward(View::new(&x, shape, layout), &dy, &saved, opt(&gt, affine), grads).unwrap();
+    });
 
     // Split phases, one worker: same bits as the fused function.
     let sums = grad_sums(View::new(&x, shape, layout), &dy, &saved).unwrap();
-    let mut dx3 = vec![nan; n];
-    input_grad(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        &sums,
-        opt(&gt, affine),
-        &mut dx3,
-    )
-    .unwrap();
+    let dx3 = split_input_grad(&sums, View::new(&x, shape, layout), &dy, &saved, opt(&gt, affine));
     assert_bits(&format!("{what} input_grad"), &dx3, &dx);
     let (mut dg4, mut db4) = (vec![nan; c], vec![nan; c]);
     sums.write_param_grads(Some(&mut dg4), Some(&mut db4)).unwrap();
@@ -93,24 +49,8 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
     assert_bits(&format!("{what} grad_sums dbeta"), &db4, &db);
 
     // The layer (γ from the layer; parameter gradients only with affine).
-    let config = BatchNormConfig {
-        eps,
-        affine,
-        ..BatchNormConfig::default()
-    };
-    let mut bn = BatchNorm::<T>::new(c, config).unwrap();
-    if affine {
-        bn.gamma = gt.clone();
-        bn.beta = bt.clone();
-    }
-    let (mut dx5, mut dg5, mut db5) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    bn.backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        Grads::new(&mut dx5, &mut dg5, &mut db5),
-    )
-    .unwrap();
+    let bn = layer_with::<T>(&d, eps, affine, SmallBatch::Error);
+    let (dx5, dg5, db5) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &saved);
     assert_bits(&format!("{what} layer dx"), &dx5, &dx);
     if affine {
         assert_bits(&format!("{what} layer dgamma"), &dg5, &dg);
@@ -129,24 +69,16 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, _) = d.affine(affine);
     let gt = narrow::<T>(&gamma);
-    let (x, dy, mean, var) = (
-        narrow::<T>(&d.x),
-        narrow::<T>(&d.dy),
-        narrow::<T>(&d.mean),
-        narrow::<T>(&d.var),
-    );
+    let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
+    let (mean, var) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
     let (n, c) = (x.len(), d.g.channels);
     let nan = T::from_f64(f64::NAN);
+    let backward_eval = |grads: Grads<'_, T>| {
+        let stats = FixedStats::new(&mean, &var);
+        batch_norm_backward_eval(View::new(&x, shape, layout), &dy, stats, opt(&gt, affine), eps, grads).unwrap();
+    };
     let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    batch_norm_backward_eval(
-        View::new(&x, shape, layout),
-        &dy,
-        FixedStats::new(&mean, &var),
-        opt(&gt, affine),
-        eps,
-        Grads::new(&mut dx, &mut dg, &mut db),
-    )
-    .unwrap();
+    backward_eval(Grads::new(&mut dx, &mut dg, &mut db));
     let (rdx, rdg, rdb) = reference::backward_eval(&d.g, &d.x, &d.dy, &d.mean, &d.var, &gamma, eps);
     let s: Vec<f64> = d.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let sdx: Vec<f64> = (0..n)
@@ -163,42 +95,10 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
     assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
 
-    let mut dx2 = vec![nan; n];
-    batch_norm_backward_eval(
-        View::new(&x, shape, layout),
-        &dy,
-        FixedStats::new(&mean, &var),
-        opt(&gt, affine),
-        eps,
-        Grads::dx(&mut dx2),
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dx alone"), &dx2, &dx);
-    let (mut dg2, mut db2) = (vec![nan; c], vec![nan; c]);
-    batch_norm_backward_eval(
-        View::new(&x, shape, layout),
-        &dy,
-        FixedStats::new(&mean, &var),
-        opt(&gt, affine),
-        eps,
-        Grads::params(&mut dg2, &mut db2),
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dgamma alone"), &dg2, &dg);
-    assert_bits(&format!("{what} dbeta alone"), &db2, &db);
+    assert_output_subsets(&what, (&dx, &dg, &db), backward_eval);
 
     // The layer's inference backward uses its running statistics.
-    let config = BatchNormConfig {
-        eps,
-        affine,
-        ..BatchNormConfig::default()
-    };
-    let mut bn = BatchNorm::<T>::new(c, config).unwrap();
-    bn.running_mean = mean.clone();
-    bn.running_var = var.clone();
-    if affine {
-        bn.gamma = gt.clone();
-    }
+    let bn = layer_with::<T>(&d, eps, affine, SmallBatch::Error);
     let (mut dx3, mut dg3, mut db3) = (vec![nan; n], vec![nan; c], vec![nan; c]);
     bn.backward_eval(
         View::new(&x, shape, layout),
@@ -213,24 +113,10 @@ fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64,
     }
 }
 
-proptest! {
-    #![proptest_config(config(96))]
-
-    #[test]
-    fn backward_matches_reference_f64((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_backward::<f64>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn backward_matches_reference_f32((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_backward::<f32>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn backward_eval_matches_reference((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_backward_eval::<f64>(layout, &shape, seed, affine, eps);
-        check_backward_eval::<f32>(layout, &shape, seed, affine, eps);
-    }
+shape_proptests! { 96;
+    backward_matches_reference_f64 => check_backward for f64;
+    backward_matches_reference_f32 => check_backward for f32;
+    backward_eval_matches_reference => check_backward_eval for f64, f32;
 }
 
 /// Both backward transforms on shapes that exercise every internal chunking path.
@@ -245,30 +131,28 @@ fn backward_on_chunking_shapes() {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Central finite differences (f64): the helpers and their error budget are in `common`.
-// ---------------------------------------------------------------------------------------------
+// Central finite differences (f64): `common`'s `for_each_fd_case` and `assert_fd_grads` (its
+// comment gives the error budget of the estimate and the tolerance).
 
 /// Training backward (Section 3's chain rule) against ∂ℓ/∂x, ∂ℓ/∂γ, ∂ℓ/∂β by central differences
 /// of Algorithm 1's forward.
 #[test]
 fn train_backward_matches_finite_differences() {
-    let eps = 1e-5;
     for_each_fd_case(300, |layout, shape, affine, d| {
         let (gamma, beta) = d.affine(affine);
         let w = &d.dy;
         let forward = |x: &[f64], g: &[f64], b: &[f64]| {
             loss_of(w, |y| {
-                batch_norm_train(View::new(x, shape, layout), affine_if(affine, g, b), eps, y).unwrap();
+                batch_norm_train(View::new(x, shape, layout), affine_if(affine, g, b), FD_EPS, y).unwrap();
             })
         };
-        let (_, _, saved) = train(View::new(&d.x, shape, layout), affine_if(affine, &gamma, &beta), eps);
+        let (_, _, saved) = train(View::new(&d.x, shape, layout), affine_if(affine, &gamma, &beta), FD_EPS);
         let (dx, dg, db) = backward_all(View::new(&d.x, shape, layout), w, &saved, opt(&gamma, affine));
         // γ and β enter linearly; their finite difference is taken with affine on, around the
         // same γ, β the forward used (1 and 0 without affine).
         let fwd_affine = |g: &[f64], b: &[f64]| {
             loss_of(w, |y| {
-                batch_norm_train(View::new(&d.x, shape, layout), Affine::new(g, b), eps, y).unwrap();
+                batch_norm_train(View::new(&d.x, shape, layout), Affine::new(g, b), FD_EPS, y).unwrap();
             })
         };
         let what = format!("{layout} {shape:?} affine={affine}");
@@ -280,14 +164,13 @@ fn train_backward_matches_finite_differences() {
 /// held fixed).
 #[test]
 fn eval_backward_matches_finite_differences() {
-    let eps = 1e-5;
     for_each_fd_case(400, |layout, shape, affine, d| {
         let (gamma, beta) = d.affine(affine);
         let w = &d.dy;
         let stats = FixedStats::new(&d.mean, &d.var);
         let forward = |x: &[f64], g: &[f64], b: &[f64]| {
             loss_of(w, |y| {
-                batch_norm_eval(View::new(x, shape, layout), stats, Affine::new(g, b), eps, y).unwrap();
+                batch_norm_eval(View::new(x, shape, layout), stats, Affine::new(g, b), FD_EPS, y).unwrap();
             })
         };
         let c = d.g.channels;
@@ -298,7 +181,7 @@ fn eval_backward_matches_finite_differences() {
             w,
             stats,
             opt(&gamma, affine),
-            eps,
+            FD_EPS,
             grads,
         )
         .unwrap();

@@ -5,8 +5,8 @@
 
 use crate::common::*;
 use batchnorm::{
-    batch_norm_backward, batch_norm_eval, batch_stats, grad_sums, input_grad, normalize, Affine, BatchStats,
-    FixedStats, GradSums, Grads, Layout, SavedStats, View,
+    batch_norm_backward, batch_norm_eval, batch_stats, grad_sums, Affine, BatchStats, FixedStats, GradSums, Grads,
+    Layout, SavedStats, View,
 };
 
 /// All outputs of all ops, as f64 bits where they are f64 and as `T` otherwise.
@@ -49,17 +49,11 @@ fn run_ops<T: TestFloat>(d: &Data, shape: &[usize], layout: Layout) -> Run<T> {
         &mut y_eval,
     )
     .unwrap();
-    let mut y_norm = vec![z; n];
-    normalize(
-        View::new(&x, shape, layout),
-        &saved,
-        Affine {
-            gamma: Some(&gamma),
-            beta: None,
-        },
-        &mut y_norm,
-    )
-    .unwrap();
+    let gamma_only = Affine {
+        gamma: Some(&gamma),
+        beta: None,
+    };
+    let y_norm = split_normalize(View::new(&x, shape, layout), &saved, gamma_only);
     let (dx, dgamma, dbeta) = backward_all(View::new(&x, shape, layout), &dy, &saved, Some(&gamma));
     let mut dgamma_no_dx = vec![z; c];
     batch_norm_backward(
@@ -75,16 +69,7 @@ fn run_ops<T: TestFloat>(d: &Data, shape: &[usize], layout: Layout) -> Run<T> {
     )
     .unwrap();
     let sums = grad_sums(View::new(&x, shape, layout), &dy, &saved).unwrap();
-    let mut dx_split = vec![z; n];
-    input_grad(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        &sums,
-        Some(&gamma),
-        &mut dx_split,
-    )
-    .unwrap();
+    let dx_split = split_input_grad(&sums, View::new(&x, shape, layout), &dy, &saved, Some(&gamma));
     let (dx_eval, dgamma_eval) = backward_eval_dx_dgamma(
         View::new(&x, shape, layout),
         &dy,

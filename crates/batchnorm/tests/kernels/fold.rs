@@ -44,17 +44,12 @@ fn reference_and_folded(
 
 /// Linear layer W [out, in], b: z = u·Wᵀ + b over a batch u [N, in] (NC).
 fn linear(u: &[f64], n: usize, w: &[f64], b: Option<&[f64]>, out: usize, inp: usize) -> Vec<f64> {
-    let mut z = vec![0.0; n * out];
-    for s in 0..n {
-        for o in 0..out {
-            let mut acc = b.map_or(0.0, |b| b[o]);
-            for i in 0..inp {
-                acc += w[o * inp + i] * u[s * inp + i];
-            }
-            z[s * out + o] = acc;
-        }
-    }
-    z
+    (0..n * out)
+        .map(|k| {
+            let (s, o) = (k / out, k % out);
+            (0..inp).fold(b.map_or(0.0, |b| b[o]), |acc, i| acc + w[o * inp + i] * u[s * inp + i])
+        })
+        .collect()
 }
 
 /// Convolution, stride 1, no padding, weight OIHW [out, in, kh, kw], input NCHW [n, in, h, w].

@@ -5,8 +5,8 @@
 
 use crate::common::*;
 use batchnorm::{
-    batch_norm_eval, batch_norm_train, normalize, reference, BatchNorm, BatchNormConfig, FixedStats, Layout, Momentum,
-    SavedStats, View,
+    batch_norm_eval, batch_norm_train, reference, BatchNorm, BatchNormConfig, FixedStats, Layout, Momentum, SavedStats,
+    View,
 };
 use proptest::prelude::*;
 
@@ -91,14 +91,7 @@ fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         mean: d.mean.clone(),
         inv_std: d.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
     };
-    let mut y = vec![T::from_f64(f64::NAN); x.len()];
-    normalize(
-        View::new(&x, shape, layout),
-        &saved,
-        affine_if(affine, &gt, &bt),
-        &mut y,
-    )
-    .unwrap();
+    let y = split_normalize(View::new(&x, shape, layout), &saved, affine_if(affine, &gt, &bt));
     assert_eval_y(&format!("normalize {layout} {shape:?}"), &d, &y, &gamma, &beta, eps);
 }
 
@@ -172,30 +165,11 @@ fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
     assert_close("layer forward_eval", &y, &ry, &scale, elementwise_rel::<T>());
 }
 
-proptest! {
-    #![proptest_config(config(96))]
-
-    #[test]
-    fn train_matches_reference_f64((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_train::<f64>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn train_matches_reference_f32((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_train::<f32>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn eval_matches_reference((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_eval::<f64>(layout, &shape, seed, affine, eps);
-        check_eval::<f32>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn normalize_matches_reference((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_normalize::<f64>(layout, &shape, seed, affine, eps);
-        check_normalize::<f32>(layout, &shape, seed, affine, eps);
-    }
+shape_proptests! { 96;
+    train_matches_reference_f64 => check_train for f64;
+    train_matches_reference_f32 => check_train for f32;
+    eval_matches_reference => check_eval for f64, f32;
+    normalize_matches_reference => check_normalize for f64, f32;
 }
 
 proptest! {

@@ -1,7 +1,8 @@
 //! Ghost batch norm (issue 16; Hoffer et al. 2017) against the f64 reference
 //! (`reference::ghost_*`, each group by the plain reference) over random shapes, layouts, virtual
-//! batch sizes, element types and thread counts; against central finite differences in f64;
-//! against plain batch norm where it must equal it (one group); bitwise across thread counts.
+//! batch sizes, element types and thread counts (the backward asked for any subset of dx, dγ, dβ
+//! giving the same bits); against central finite differences in f64; against plain batch norm
+//! where it must equal it (one group); bitwise across thread counts.
 //!
 //! Tolerances are those of `common` (see its module docs), taken per group: y and dx of a group
 //! come from that group's statistics alone, a reduction over its m_g values, so they are held to
@@ -31,14 +32,7 @@ fn ghost_layer<T: Element>(d: &Data, eps: f64, affine: bool, v: usize) -> BatchN
         virtual_batch: Some(v),
         ..BatchNormConfig::default()
     };
-    let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
-    if affine {
-        bn.gamma = narrow(&d.gamma);
-        bn.beta = narrow(&d.beta);
-    }
-    bn.running_mean = narrow(&d.mean);
-    bn.running_var = narrow(&d.var);
-    bn
+    layer_of(d, config)
 }
 
 /// Scales of the running-statistics update (as in `forward.rs`'s layer test) after a ghost
@@ -144,6 +138,9 @@ fn check_ghost<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
     assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, rel_group);
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel_all);
     assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel_all);
+    assert_output_subsets(&what, (&dx, &dg, &db), |grads| {
+        ghost_batch_norm_backward(xv, &dy, &saved, opt(&gt, affine), grads).unwrap();
+    });
 
     // The layer: the functions' bits, its statistics packed group after group, one update.
     let (rm0, rv0) = (wide(&bn.running_mean), wide(&bn.running_var));
@@ -166,9 +163,7 @@ fn check_ghost<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
         rel_all,
     );
     assert_close(&format!("{what} running_var"), &bn.running_var, &erv, &vscale, rel_all);
-    let (mut dxl, mut dgl, mut dbl) = (vec![nan; len], vec![nan; c], vec![nan; c]);
-    bn.backward(xv, &dy, &packed, Grads::new(&mut dxl, &mut dgl, &mut dbl))
-        .unwrap();
+    let (dxl, dgl, dbl) = layer_backward_all(&bn, xv, &dy, &packed);
     assert_bits(&format!("{what} layer dx"), &dxl, &dx);
     if affine {
         assert_bits(&format!("{what} layer dgamma"), &dgl, &dg);
@@ -213,20 +208,19 @@ fn ghost_on_chunking_shapes() {
 /// `common` for the error budget: every group here holds at least 2 values per channel).
 #[test]
 fn ghost_backward_matches_finite_differences() {
-    let eps = 1e-5;
     for v in [2, 3] {
         for_each_fd_case(800 + v as u64, |layout, shape, affine, d| {
             let (gamma, beta) = d.affine(affine);
             let w = &d.dy;
             let forward = |x: &[f64], g: &[f64], b: &[f64]| {
                 loss_of(w, |y| {
-                    ghost_batch_norm_train(View::new(x, shape, layout), v, affine_if(affine, g, b), eps, y).unwrap();
+                    ghost_batch_norm_train(View::new(x, shape, layout), v, affine_if(affine, g, b), FD_EPS, y).unwrap();
                 })
             };
             let c = d.g.channels;
             let mut y = vec![0.0; d.x.len()];
             let xv = View::new(&d.x, shape, layout);
-            let (_, saved) = ghost_batch_norm_train(xv, v, affine_if(affine, &gamma, &beta), eps, &mut y).unwrap();
+            let (_, saved) = ghost_batch_norm_train(xv, v, affine_if(affine, &gamma, &beta), FD_EPS, &mut y).unwrap();
             let (mut dx, mut dg, mut db) = (vec![0.0; d.x.len()], vec![0.0; c], vec![0.0; c]);
             let grads = Grads::new(&mut dx, &mut dg, &mut db);
             ghost_batch_norm_backward(xv, w, &saved, opt(&gamma, affine), grads).unwrap();
@@ -234,7 +228,7 @@ fn ghost_backward_matches_finite_differences() {
             // γ, β the forward used (1 and 0 without affine).
             let fwd_params = |g: &[f64], b: &[f64]| {
                 loss_of(w, |y| {
-                    ghost_batch_norm_train(xv, v, Affine::new(g, b), eps, y).unwrap();
+                    ghost_batch_norm_train(xv, v, Affine::new(g, b), FD_EPS, y).unwrap();
                 })
             };
             let what = format!("ghost v={v} {layout} {shape:?} affine={affine}");

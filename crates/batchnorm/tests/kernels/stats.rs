@@ -5,8 +5,8 @@
 
 use crate::common::*;
 use batchnorm::{
-    batch_norm_eval, batch_stats, grad_sums, input_grad, normalize, reference, update_running_stats, Affine, BatchNorm,
-    BatchNormConfig, BatchStats, FixedStats, GradSums, Layout, Momentum, PopulationStats, View,
+    batch_norm_eval, batch_stats, grad_sums, reference, update_running_stats, Affine, BatchNorm, BatchNormConfig,
+    BatchStats, FixedStats, GradSums, Layout, Momentum, PopulationStats, View,
 };
 use proptest::prelude::*;
 use rand::Rng;
@@ -348,7 +348,7 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
-    let (n, c) = (x.len(), d.g.channels);
+    let c = d.g.channels;
     let m = d.g.per_channel();
     let rel = reduce_rel::<T>(m);
     let what = format!("{layout} {shape:?} shards {sizes:?} affine={affine} {}", T::NAME);
@@ -389,15 +389,11 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     // Phase 2: normalize each shard with the global statistics.
     let mut ys = Vec::new();
     for (xs, s) in &xs {
-        let mut part = vec![T::from_f64(0.0); xs.len()];
-        normalize(
+        ys.extend(split_normalize(
             View::new(xs, s, layout),
             &msaved,
             affine_if(affine, &gt, &bt),
-            &mut part,
-        )
-        .unwrap();
-        ys.extend(part);
+        ));
     }
     let var = stats.var_biased();
     let yscale = train_y_scale(&d, &gamma, &beta, &stats.mean, &var, eps);
@@ -414,17 +410,13 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     }
     let mut dxs = Vec::new();
     for ((xs, s), (dys, _)) in xs.iter().zip(&dys) {
-        let mut part = vec![T::from_f64(0.0); xs.len()];
-        input_grad(
+        dxs.extend(split_input_grad(
+            &sums,
             View::new(xs, s, layout),
             dys,
             &msaved,
-            &sums,
             opt(&gt, affine),
-            &mut part,
-        )
-        .unwrap();
-        dxs.extend(part);
+        ));
     }
     let (mut dg2, mut db2) = (vec![T::from_f64(0.0); c], vec![T::from_f64(0.0); c]);
     sums.write_param_grads(Some(&mut dg2), Some(&mut db2)).unwrap();
@@ -438,26 +430,10 @@ fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], s
     assert_eq!(whole, stats, "{what}: batch_stats vs batch_norm_train statistics");
     let wsaved = whole.saved(eps).unwrap();
     assert_eq!(wsaved, saved, "{what}: saved statistics");
-    let mut y1 = vec![T::from_f64(0.0); n];
-    normalize(
-        View::new(&x, shape, layout),
-        &wsaved,
-        affine_if(affine, &gt, &bt),
-        &mut y1,
-    )
-    .unwrap();
+    let y1 = split_normalize(View::new(&x, shape, layout), &wsaved, affine_if(affine, &gt, &bt));
     assert_bits(&format!("{what} normalize, one shard"), &y1, &y);
     let wsums = grad_sums(View::new(&x, shape, layout), &dy, &wsaved).unwrap();
-    let mut dx1 = vec![T::from_f64(0.0); n];
-    input_grad(
-        View::new(&x, shape, layout),
-        &dy,
-        &wsaved,
-        &wsums,
-        opt(&gt, affine),
-        &mut dx1,
-    )
-    .unwrap();
+    let dx1 = split_input_grad(&wsums, View::new(&x, shape, layout), &dy, &wsaved, opt(&gt, affine));
     assert_bits(&format!("{what} input_grad, one shard"), &dx1, &dx);
 }
 

@@ -16,8 +16,8 @@
 // The shared helpers in `common` index several buffers in step.
 
 use crate::common::{
-    assert_bits, assert_near, backward_scales, narrow, on_threads, reduce_rel, shard_shapes, shard_sizes, shard_starts,
-    train_y_scale, wide, Data, TestFloat,
+    assert_bits, assert_near, backward_scales, layer_backward_all, narrow, on_threads, reduce_rel, shard_shapes,
+    shard_sizes, shard_starts, train_y_scale, wide, Data, TestFloat,
 };
 use batchnorm::{
     BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
@@ -50,14 +50,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
     let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
     let mut y = vec![T::default(); x.len()];
     let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
-    let (mut dx, mut dg, mut db) = (y.clone(), bn.gamma.clone(), bn.beta.clone());
-    bn.backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        Grads::new(&mut dx, &mut dg, &mut db),
-    )
-    .unwrap();
+    let (dx, dg, db) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &saved);
     Step {
         y,
         dx,
@@ -164,22 +157,14 @@ fn check_equal_to_one_process<T: TestFloat>(p: usize) {
 }
 
 #[test]
-fn two_ranks_equal_one_process_f64() {
+fn two_ranks_equal_one_process() {
     check_equal_to_one_process::<f64>(2);
-}
-
-#[test]
-fn two_ranks_equal_one_process_f32() {
     check_equal_to_one_process::<f32>(2);
 }
 
 #[test]
-fn three_ranks_equal_one_process_f64() {
+fn three_ranks_equal_one_process() {
     check_equal_to_one_process::<f64>(3);
-}
-
-#[test]
-fn three_ranks_equal_one_process_f32() {
     check_equal_to_one_process::<f32>(3);
 }
 
@@ -227,12 +212,8 @@ fn check_single_rank_bits<T: TestFloat>() {
 }
 
 #[test]
-fn single_rank_is_bitwise_the_one_process_layer_f64() {
+fn single_rank_is_bitwise_the_one_process_layer() {
     check_single_rank_bits::<f64>();
-}
-
-#[test]
-fn single_rank_is_bitwise_the_one_process_layer_f32() {
     check_single_rank_bits::<f32>();
 }
 

@@ -25,24 +25,6 @@ fn sum_abs_dy(d: &Data) -> Vec<f64> {
 // Frozen batch norm
 // ---------------------------------------------------------------------------------------------
 
-/// A layer with the data's γ, β and running statistics (`d.mean`, `d.var`).
-fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: SmallBatch) -> BatchNorm<T> {
-    let config = BatchNormConfig {
-        eps,
-        affine,
-        small_batch,
-        ..BatchNormConfig::default()
-    };
-    let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
-    bn.running_mean = narrow(&d.mean);
-    bn.running_var = narrow(&d.var);
-    if affine {
-        bn.gamma = narrow(&d.gamma);
-        bn.beta = narrow(&d.beta);
-    }
-    bn
-}
-
 /// Frozen forward and backward of the layer against `reference::frozen_forward` and
 /// `reference::frozen_backward`: y = γ·(x − μ_run)/√(σ²_run + ε) + β, dx = γ·dy/√(σ²_run + ε),
 /// dγ = Σ dy·x̂, dβ = Σ dy; the running statistics and `num_batches_tracked` keep their bits.
@@ -53,7 +35,7 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
     bn.freeze();
     let before = bn.clone();
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
-    let (n, c) = (x.len(), d.g.channels);
+    let n = x.len();
     let nan = T::from_f64(f64::NAN);
     let mut y = vec![nan; n];
     let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
@@ -66,14 +48,7 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
         &eval_y_scale(&d, &gamma, &beta, eps),
         elementwise_rel::<T>(),
     );
-    let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    bn.backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        Grads::new(&mut dx, &mut dg, &mut db),
-    )
-    .unwrap();
+    let (dx, dg, db) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &saved);
     let (rdx, rdg, rdb) = reference::frozen_backward(&d.g, &d.x, &d.dy, &d.mean, &d.var, &gamma, eps);
     let sdx: Vec<f64> = (0..n)
         .map(|k| {
@@ -100,18 +75,9 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
     assert!(bn.is_frozen(), "{what}: still frozen");
 }
 
-proptest! {
-    #![proptest_config(config(48))]
-
-    #[test]
-    fn frozen_matches_reference_f64((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_frozen::<f64>(layout, &shape, seed, affine, eps);
-    }
-
-    #[test]
-    fn frozen_matches_reference_f32((layout, shape) in layout_shape(20_000), seed: u64, affine: bool, eps in eps_strategy()) {
-        check_frozen::<f32>(layout, &shape, seed, affine, eps);
-    }
+shape_proptests! { 48;
+    frozen_matches_reference_f64 => check_frozen for f64;
+    frozen_matches_reference_f32 => check_frozen for f32;
 }
 
 /// The frozen state is the layer's, not a call's: it holds over repeated training passes (the
@@ -126,20 +92,13 @@ fn frozen_state_survives_training_calls() {
     bn.freeze();
     let frozen = bn.clone();
     let n = d.x.len();
-    let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
-    let (mut dg, mut db) = (vec![0.0; 3], vec![0.0; 3]);
+    let mut y = vec![0.0; n];
     let ry = reference::frozen_forward(&d.g, &d.x, &d.mean, &d.var, &d.gamma, &d.beta, 1e-5);
     let scale = eval_y_scale(&d, &d.gamma, &d.beta, 1e-5);
     for step in 0..3 {
         let saved = bn.forward_train(View::new(&d.x, &shape, layout), &mut y).unwrap();
         assert_close(&format!("step {step} y"), &y, &ry, &scale, elementwise_rel::<f64>());
-        bn.backward(
-            View::new(&d.x, &shape, layout),
-            &d.dy,
-            &saved,
-            Grads::new(&mut dx, &mut dg, &mut db),
-        )
-        .unwrap();
+        let (dx, dg, db) = layer_backward_all(&bn, View::new(&d.x, &shape, layout), &d.dy, &saved);
         let saved = bn
             .forward_train_sync(&SingleProcess, View::new(&d.x, &shape, layout), &mut y)
             .unwrap();
@@ -196,18 +155,11 @@ fn frozen_sync_over_three_ranks_equals_one_process() {
     let d = Data::new::<f64>(Layout::NC, &[total, c], 11);
     let mut whole = layer_with::<f64>(&d, 1e-5, true, SmallBatch::Error);
     whole.freeze();
-    let (mut y, mut dx, mut dg, mut db) = (vec![0.0; total * c], vec![0.0; total * c], vec![0.0; c], vec![0.0; c]);
-    let saved = whole
-        .forward_train(View::new(&d.x, &[total, c], Layout::NC), &mut y)
-        .unwrap();
-    whole
-        .backward(
-            View::new(&d.x, &[total, c], Layout::NC),
-            &d.dy,
-            &saved,
-            Grads::new(&mut dx, &mut dg, &mut db),
-        )
-        .unwrap();
+    let mut y = vec![0.0; total * c];
+    let shape = [total, c];
+    let x = View::new(&d.x, &shape, Layout::NC);
+    let saved = whole.forward_train(x, &mut y).unwrap();
+    let (dx, dg, db) = layer_backward_all(&whole, x, &d.dy, &saved);
     let comms = ThreadComm::group(3).unwrap();
     let starts: Vec<usize> = rows.iter().scan(0, |s, r| Some(std::mem::replace(s, *s + r))).collect();
     let results: Vec<_> = std::thread::scope(|scope| {
@@ -267,12 +219,14 @@ fn frozen_sync_over_three_ranks_equals_one_process() {
 /// the layer is not frozen: the next batch of two or more uses its own statistics.
 #[test]
 fn small_batch_policy() {
-    for (layout, shape) in [
+    // One example of four channels, in each layout.
+    let one_example = [
         (Layout::NC, vec![1, 4]),
         (Layout::NCHW, vec![1, 4, 1, 1]),
         (Layout::NHWC, vec![1, 1, 1, 4]),
         (Layout::ChannelsFirst, vec![1, 4]),
-    ] {
+    ];
+    for (layout, shape) in one_example {
         let d = Data::new::<f32>(layout, &shape, 21);
         let (x, dy) = (narrow::<f32>(&d.x), narrow::<f32>(&d.dy));
         let eps = 1e-5;
@@ -303,14 +257,7 @@ fn small_batch_policy() {
             elementwise_rel::<f32>(),
         );
         assert_eq!(bn, before, "{what}: no running-statistics update, not frozen");
-        let (mut dx, mut dg, mut db) = (vec![f32::NAN; 4], vec![f32::NAN; 4], vec![f32::NAN; 4]);
-        bn.backward(
-            View::new(&x, &shape, layout),
-            &dy,
-            &saved,
-            Grads::new(&mut dx, &mut dg, &mut db),
-        )
-        .unwrap();
+        let (dx, dg, db) = layer_backward_all(&bn, View::new(&x, &shape, layout), &dy, &saved);
         let (rdx, rdg, rdb) = reference::frozen_backward(&d.g, &d.x, &d.dy, &d.mean, &d.var, &d.gamma, eps);
         let sdx: Vec<f64> = (0..4)
             .map(|k| (d.dy[k] * d.gamma[k]).abs() / (d.var[k] + eps).sqrt())
@@ -414,10 +361,7 @@ fn check_renorm<T: TestFloat>(
     let (stats, saved) = batch_renorm_train(
         View::new(&x, shape, layout),
         RenormStats::new(&mm_t, &ms_t),
-        Affine {
-            gamma: opt(&gt, affine),
-            beta: opt(&bt, affine),
-        },
+        affine_if(affine, &gt, &bt),
         eps,
         clip,
         &mut y,
@@ -450,15 +394,11 @@ fn check_renorm<T: TestFloat>(
     assert_close(&format!("{what} y"), &y, &ry, &sy, rel);
 
     // Backward, r and d the constants the forward used.
+    let backward = |grads: Grads<'_, T>| {
+        batch_renorm_backward(View::new(&x, shape, layout), &dy, &saved, opt(&gt, affine), grads).unwrap();
+    };
     let (mut dx, mut dg, mut db) = (vec![nan; n], vec![nan; c], vec![nan; c]);
-    batch_renorm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads::new(&mut dx, &mut dg, &mut db),
-    )
-    .unwrap();
+    backward(Grads::new(&mut dx, &mut dg, &mut db));
     let (rdx, rdg, rdb) = reference::renorm_backward(&d.g, &d.x, &d.dy, &saved.r, &saved.d, &gamma, eps);
     let (sdx, sdg0, sdb) = backward_scales(&d, &d.dy, &gr, eps);
     let sdg: Vec<f64> = (0..c)
@@ -468,40 +408,14 @@ fn check_renorm<T: TestFloat>(
     assert_close(&format!("{what} dgamma"), &dg, &rdg, &sdg, rel);
     assert_close(&format!("{what} dbeta"), &db, &rdb, &sdb, rel);
     // dx alone and the parameter gradients alone give the same bits.
-    let mut dx2 = vec![nan; n];
-    batch_renorm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads::dx(&mut dx2),
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dx alone"), &dx2, &dx);
-    let mut dg2 = vec![nan; c];
-    batch_renorm_backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &saved,
-        opt(&gt, affine),
-        Grads {
-            dx: None,
-            dgamma: Some(&mut dg2),
-            dbeta: None,
-        },
-    )
-    .unwrap();
-    assert_bits(&format!("{what} dgamma alone"), &dg2, &dg);
+    assert_output_subsets(&what, (&dx, &dg, &db), backward);
 
     // Inference: y = γ·(x − μ)/σ + β, element-wise.
     let mut ye = vec![nan; n];
     batch_renorm_eval(
         View::new(&x, shape, layout),
         RenormStats::new(&mm_t, &ms_t),
-        Affine {
-            gamma: opt(&gt, affine),
-            beta: opt(&bt, affine),
-        },
+        affine_if(affine, &gt, &bt),
         &mut ye,
     )
     .unwrap();
@@ -602,15 +516,14 @@ fn renorm_on_chunking_shapes() {
     }
 }
 
-// Central finite differences (f64), with `common`'s helpers: ℓ = Σ wₖ·yₖ, h = 1e-6, tolerance
-// 1e-6·(1 + |analytic|) (see `common` for the error budget; r ≤ 3 and |d| ≤ 5 scale the
-// derivatives by O(1) factors). r and d are held constant: the forward under perturbation is Algorithm 1's
-// kernel with γ' = γ·r and β' = γ·d + β, exactly y = γ·((x − μ_B)/σ_B·r + d) + β for fixed r, d.
+// Central finite differences (f64) with `common`'s `assert_fd_grads` (its comment gives the
+// error budget; r ≤ 3 and |d| ≤ 5 scale the derivatives by O(1) factors). r and d are held
+// constant: the forward under perturbation is Algorithm 1's kernel with γ' = γ·r and
+// β' = γ·d + β, exactly y = γ·((x − μ_B)/σ_B·r + d) + β for fixed r, d.
 
 /// Renorm backward (dx, dγ, dβ with r, d constant) against central differences.
 #[test]
 fn renorm_backward_matches_finite_differences() {
-    let eps = 1e-5;
     for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
         for spread in [0.2, 0.7, 1.3, 5.0] {
             let d = Data::new::<f64>(layout, &shape, 600 + i as u64);
@@ -624,7 +537,7 @@ fn renorm_backward_matches_finite_differences() {
                 View::new(&d.x, &shape, layout),
                 RenormStats::new(&mm, &ms),
                 Affine::new(&gamma, &beta),
-                eps,
+                FD_EPS,
                 clip,
                 &mut y,
             )
@@ -634,7 +547,7 @@ fn renorm_backward_matches_finite_differences() {
                 let gr: Vec<f64> = (0..c).map(|k| g[k] * r[k]).collect();
                 let br: Vec<f64> = (0..c).map(|k| g[k] * dd[k] + b[k]).collect();
                 let mut y = vec![0.0; n];
-                batch_norm_train(View::new(x, &shape, layout), Affine::new(&gr, &br), eps, &mut y).unwrap();
+                batch_norm_train(View::new(x, &shape, layout), Affine::new(&gr, &br), FD_EPS, &mut y).unwrap();
                 loss(&w, &y)
             };
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
@@ -647,26 +560,8 @@ fn renorm_backward_matches_finite_differences() {
             )
             .unwrap();
             let what = format!("renorm {layout} {shape:?} spread={spread} r={r:?} d={dd:?}");
-            for k in 0..n {
-                let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
-                xp[k] += H;
-                xm[k] -= H;
-                let fd = (fixed(&xp, &gamma, &beta) - fixed(&xm, &gamma, &beta)) / (2.0 * H);
-                assert_fd(&format!("{what} dx[{k}]"), dx[k], fd);
-            }
-            for ch in 0..c {
-                let perturbed = |v: &[f64], delta: f64| {
-                    let mut p = v.to_vec();
-                    p[ch] += delta;
-                    p
-                };
-                let fd_g = (fixed(&d.x, &perturbed(&gamma, H), &beta) - fixed(&d.x, &perturbed(&gamma, -H), &beta))
-                    / (2.0 * H);
-                let fd_b = (fixed(&d.x, &gamma, &perturbed(&beta, H)) - fixed(&d.x, &gamma, &perturbed(&beta, -H)))
-                    / (2.0 * H);
-                assert_fd(&format!("{what} dgamma[{ch}]"), dg[ch], fd_g);
-                assert_fd(&format!("{what} dbeta[{ch}]"), db[ch], fd_b);
-            }
+            let fixed_params = |g: &[f64], b: &[f64]| fixed(&d.x, g, b);
+            assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), fixed, fixed_params);
         }
     }
 }
@@ -675,56 +570,33 @@ fn renorm_backward_matches_finite_differences() {
 /// running statistics fixed).
 #[test]
 fn frozen_backward_matches_finite_differences() {
-    let eps = 1e-5;
     for (i, (layout, shape)) in fd_shapes().into_iter().enumerate() {
         let d = Data::new::<f64>(layout, &shape, 700 + i as u64);
-        let mut bn = layer_with::<f64>(&d, eps, true, SmallBatch::Error);
+        let mut bn = layer_with::<f64>(&d, FD_EPS, true, SmallBatch::Error);
         bn.freeze();
-        let w = d.dy.clone();
-        let (n, c) = (d.x.len(), d.g.channels);
-        let forward = |bn: &BatchNorm<f64>, x: &[f64]| {
-            let mut bn = bn.clone();
-            let mut y = vec![0.0; n];
-            bn.forward_train(View::new(x, &shape, layout), &mut y).unwrap();
-            loss(&w, &y)
-        };
-        let mut y = vec![0.0; n];
+        let w = &d.dy;
+        let mut y = vec![0.0; d.x.len()];
         let saved = bn.forward_train(View::new(&d.x, &shape, layout), &mut y).unwrap();
-        let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
-        bn.backward(
-            View::new(&d.x, &shape, layout),
-            &w,
-            &saved,
-            Grads::new(&mut dx, &mut dg, &mut db),
-        )
-        .unwrap();
-        for k in 0..n {
-            let (mut xp, mut xm) = (d.x.clone(), d.x.clone());
-            xp[k] += H;
-            xm[k] -= H;
-            assert_fd(
-                &format!("frozen {layout} {shape:?} dx[{k}]"),
-                dx[k],
-                (forward(&bn, &xp) - forward(&bn, &xm)) / (2.0 * H),
-            );
-        }
-        for ch in 0..c {
-            let (mut gp, mut gm, mut bp, mut bm) = (bn.clone(), bn.clone(), bn.clone(), bn.clone());
-            gp.gamma[ch] += H;
-            gm.gamma[ch] -= H;
-            bp.beta[ch] += H;
-            bm.beta[ch] -= H;
-            assert_fd(
-                &format!("frozen dgamma[{ch}]"),
-                dg[ch],
-                (forward(&gp, &d.x) - forward(&gm, &d.x)) / (2.0 * H),
-            );
-            assert_fd(
-                &format!("frozen dbeta[{ch}]"),
-                db[ch],
-                (forward(&bp, &d.x) - forward(&bm, &d.x)) / (2.0 * H),
-            );
-        }
+        let (dx, dg, db) = layer_backward_all(&bn, View::new(&d.x, &shape, layout), w, &saved);
+        // The layer's own training forward with γ and β replaced.
+        let forward = |x: &[f64], g: &[f64], b: &[f64]| {
+            let mut bn = bn.clone();
+            (bn.gamma, bn.beta) = (g.to_vec(), b.to_vec());
+            loss_of(w, |y| {
+                bn.forward_train(View::new(x, &shape, layout), y).unwrap();
+            })
+        };
+        let forward_params = |g: &[f64], b: &[f64]| forward(&d.x, g, b);
+        let what = format!("frozen {layout} {shape:?}");
+        assert_fd_grads(
+            &what,
+            &d.x,
+            &bn.gamma,
+            &bn.beta,
+            (&dx, &dg, &db),
+            forward,
+            forward_params,
+        );
     }
 }
 
@@ -1145,14 +1017,7 @@ fn variant_outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> V
     bn.freeze();
     let mut yf = vec![z; n];
     let sf = bn.forward_train(View::new(&x, shape, layout), &mut yf).unwrap();
-    let (mut dxf, mut dgf, mut dbf) = (vec![z; n], vec![z; c], vec![z; c]);
-    bn.backward(
-        View::new(&x, shape, layout),
-        &dy,
-        &sf,
-        Grads::new(&mut dxf, &mut dgf, &mut dbf),
-    )
-    .unwrap();
+    let (dxf, dgf, dbf) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &sf);
     let bits = |v: &[T]| v.iter().map(|a| a.to_f64().to_bits()).collect::<Vec<u64>>();
     let bits64 = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<u64>>();
     vec![

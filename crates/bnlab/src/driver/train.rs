@@ -39,45 +39,21 @@ impl StepBuffers {
     }
 }
 
-/// One SGD step on the batch of `step` from `order`: forward in [`Mode::Train`], softmax
-/// cross-entropy, backward, update with learning rate `lr`. Returns the batch loss; when it is not
-/// finite, nothing is updated (the caller decides what divergence means).
+/// One SGD step on the batch of `step` from `order`, as rank `dp.rank()` of `dp.size()`:
+/// forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
+/// Returns the batch loss; when it is not finite, nothing is updated (the caller decides what
+/// divergence means). `buf` holds this rank's shard of the batch (`buf.y.len()` examples).
+///
+/// With one rank this is the plain step on the whole batch. With more (data-parallel training,
+/// see [`crate::parallel`]), this rank gathers its contiguous shard ([`parallel::shard`]) of the
+/// global batch, runs forward, loss and backward with ∂loss/∂logits scaled by its share n_r/N,
+/// then sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`]) and
+/// applies the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
+/// [`Sgd::step`]). The returned loss is then the global batch's, the same bits on every rank, and
+/// when it is not finite nothing is updated on any rank (so all ranks stop at the same step). The
+/// backward runs before that decision: with synchronized batch norm it is a collective that every
+/// rank must enter.
 pub fn train_step(
-    net: &mut Sequential,
-    sgd: &mut Sgd,
-    train: &Dataset,
-    order: &mut dyn BatchOrder,
-    step: u64,
-    lr: f32,
-    buf: &mut StepBuffers,
-) -> Result<f32> {
-    let batch = buf.y.len();
-    let classes = net.output_size();
-    gather(train, order.batch_indices(step), &mut buf.x, &mut buf.y);
-    let logits = net.forward(&buf.x, batch, Mode::Train)?;
-    let loss = buf.loss.forward(logits, &buf.y, classes)?;
-    if !loss.is_finite() {
-        return Ok(loss);
-    }
-    buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
-    net.backward(&buf.dlogits)?;
-    sgd.step(net.params(), lr);
-    Ok(loss)
-}
-
-/// [`train_step`] as rank `dp.rank()` of `dp.size()` in data-parallel training (see
-/// [`crate::parallel`]): this rank gathers its contiguous shard ([`parallel::shard`]) of the
-/// global batch of `step`, runs forward, loss and backward with ∂loss/∂logits scaled by its share
-/// n_r/N, then sums the gradients and loss shares over the ranks ([`DataParallel::all_reduce`])
-/// and applies the summed gradients ([`Sgd::step_with_grads`]: momentum and weight decay as in
-/// [`Sgd::step`]). `buf` holds one shard (`buf.y.len()` = this rank's shard of the global batch).
-///
-/// Returns the global batch's loss, the same bits on every rank; when it is not finite nothing is
-/// updated, on every rank (so all ranks stop at the same step). The backward runs before the
-/// decision: with synchronized batch norm it is a collective that every rank must enter.
-///
-/// With one rank this is exactly [`train_step`] (no scaling, no collective, the same bits).
-pub fn train_step_parallel(
     net: &mut Sequential,
     sgd: &mut Sgd,
     train: &Dataset,
@@ -87,9 +63,6 @@ pub fn train_step_parallel(
     buf: &mut StepBuffers,
     dp: &mut DataParallel,
 ) -> Result<f32> {
-    if dp.size() == 1 {
-        return train_step(net, sgd, train, order, step, lr, buf);
-    }
     let classes = net.output_size();
     let indices = order.batch_indices(step);
     let global = indices.len();
@@ -103,6 +76,16 @@ pub fn train_step_parallel(
     gather(train, &indices[shard], &mut buf.x, &mut buf.y);
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
+    if dp.size() == 1 {
+        // One rank: no scaling, no collective.
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        buf.loss.backward(&buf.y, classes, &mut buf.dlogits);
+        net.backward(&buf.dlogits)?;
+        sgd.step(net.params(), lr);
+        return Ok(loss);
+    }
     // The derivative of the global batch's mean loss through this shard; gradients and loss
     // shares are then summed over ranks.
     let share = local as f32 / global as f32;
@@ -310,7 +293,7 @@ pub fn train_variant<E: Experiment>(
         run.check()?;
         let t = Instant::now();
         let lr = experiment.lr(s, variant, step) as f32;
-        let loss = train_step_parallel(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
+        let loss = train_step(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
         counters.train_secs += t.elapsed().as_secs_f64();
         counters.steps = step + 1;
         progress.step(step + 1);

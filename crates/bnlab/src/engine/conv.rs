@@ -157,6 +157,19 @@ impl Conv2d {
         }
     }
 
+    /// Checks a batch's buffers (x, and y or dy as `out`) against the layer's sizes and sizes the
+    /// scratch buffers: returns the geometry, the input and output sizes of one example, the
+    /// examples per run and the number of runs.
+    fn batch_pass(&mut self, x: &[f32], out: &[f32], batch: usize) -> Result<(Geom, usize, usize, usize, usize)> {
+        let (isz, osz) = (self.input_size(), self.output_size());
+        ensure!(
+            x.len() == batch * isz && out.len() == batch * osz,
+            "conv buffers do not match the batch"
+        );
+        let (per, runs) = self.runs(batch);
+        Ok((self.geom(), isz, osz, per, runs))
+    }
+
     /// Examples per run and number of runs for `batch`; sizes the scratch buffers.
     fn runs(&mut self, batch: usize) -> (usize, usize) {
         let per = batch.div_ceil(CHUNKS).max(1);
@@ -183,57 +196,58 @@ impl Geom {
         (lo, hi.max(lo))
     }
 
-    /// col `[ic·kh·kw, oh·ow]` from one example x `[ic, ih, iw]`: writes the entries inside the
-    /// image only; the padding entries must be zero already (they are in [`Scratch::col`]).
-    /// Skipping them saves a `memset` call per few elements.
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+    /// Calls `f(col_at, x_at, len)` for each stretch of `len` entries of a row of col
+    /// `[ic·kh·kw, oh·ow]` whose input positions lie inside the image: col entries
+    /// `col_at..col_at + len` and the input entries `x_at`, `x_at + s`, … of one example
+    /// `[ic, ih, iw]`. Rows of col in order, output rows in order within each.
+    #[inline(always)]
+    fn for_each_stretch(&self, mut f: impl FnMut(usize, usize, usize)) {
         let p = self.oh * self.ow;
-        for (r, row) in col.chunks_exact_mut(p).enumerate() {
+        for r in 0..self.ic * self.kh * self.kw {
             let (c, i, j) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             let (lo, hi) = self.valid_cols(j);
-            for (oy, out) in row.chunks_exact_mut(self.ow).enumerate() {
+            for oy in 0..self.oh {
                 let iy = (oy * self.s + i).wrapping_sub(self.pad);
                 if iy >= self.ih || lo == hi {
                     continue;
                 }
-                let xrow = &x[(c * self.ih + iy) * self.iw..][..self.iw];
                 let x0 = lo * self.s + j - self.pad;
-                if self.s == 1 {
-                    out[lo..hi].copy_from_slice(&xrow[x0..x0 + hi - lo]);
-                } else {
-                    for (o, &v) in out[lo..hi].iter_mut().zip(xrow[x0..].iter().step_by(self.s)) {
-                        *o = v;
-                    }
-                }
+                f(r * p + oy * self.ow + lo, (c * self.ih + iy) * self.iw + x0, hi - lo);
             }
         }
+    }
+
+    /// col `[ic·kh·kw, oh·ow]` from one example x `[ic, ih, iw]`: writes the entries inside the
+    /// image only; the padding entries must be zero already (they are in [`Scratch::col`]).
+    /// Skipping them saves a `memset` call per few elements.
+    fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        self.for_each_stretch(|col_at, x_at, len| {
+            let out = &mut col[col_at..col_at + len];
+            if self.s == 1 {
+                out.copy_from_slice(&x[x_at..x_at + len]);
+            } else {
+                for (o, &v) in out.iter_mut().zip(x[x_at..].iter().step_by(self.s)) {
+                    *o = v;
+                }
+            }
+        });
     }
 
     /// dx `[ic, ih, iw]` = the sum of dcol `[ic·kh·kw, oh·ow]` back onto the input positions.
     fn col2im(&self, col: &[f32], dx: &mut [f32]) {
         dx.fill(0.0);
-        let p = self.oh * self.ow;
-        for (r, row) in col.chunks_exact(p).enumerate() {
-            let (c, i, j) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
-            let (lo, hi) = self.valid_cols(j);
-            for (oy, src) in row.chunks_exact(self.ow).enumerate() {
-                let iy = (oy * self.s + i).wrapping_sub(self.pad);
-                if iy >= self.ih || lo == hi {
-                    continue;
-                }
-                let dxrow = &mut dx[(c * self.ih + iy) * self.iw..][..self.iw];
-                let x0 = lo * self.s + j - self.pad;
-                if self.s == 1 {
-                    // Contiguous: the same adds as below, in a form the compiler vectorizes.
-                    let d = &mut dxrow[x0..x0 + hi - lo];
-                    d.iter_mut().zip(&src[lo..hi]).for_each(|(d, &v)| *d += v);
-                } else {
-                    for (d, &v) in dxrow[x0..].iter_mut().step_by(self.s).zip(&src[lo..hi]) {
-                        *d += v;
-                    }
+        self.for_each_stretch(|col_at, x_at, len| {
+            let src = &col[col_at..col_at + len];
+            if self.s == 1 {
+                // Contiguous: the same adds as below, in a form the compiler vectorizes.
+                let d = &mut dx[x_at..x_at + len];
+                d.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+            } else {
+                for (d, &v) in dx[x_at..].iter_mut().step_by(self.s).zip(src) {
+                    *d += v;
                 }
             }
-        }
+        });
     }
 }
 
@@ -258,14 +272,8 @@ impl Layer for Conv2d {
 
     /// x `[batch, in_c, in_h, in_w]` → y `[batch, out_c, out_h, out_w]`.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
-        let (isz, osz) = (self.input_size(), self.output_size());
-        ensure!(
-            x.len() == batch * isz && y.len() == batch * osz,
-            "conv buffers do not match the batch"
-        );
-        let (per, runs) = self.runs(batch);
-        let (g, oc) = (self.geom(), self.out_channels);
-        let (k, p) = (g.ic * g.kh * g.kw, g.oh * g.ow);
+        let (g, isz, osz, per, runs) = self.batch_pass(x, y, batch)?;
+        let (k, p, oc) = (g.ic * g.kh * g.kw, g.oh * g.ow, self.out_channels);
         let (w, bias) = (&self.weight, self.bias.as_deref());
         let work = x.par_chunks(per * isz).zip(y.par_chunks_mut(per * osz));
         self.scratch[..runs].par_iter_mut().zip(work).for_each(|(s, (xr, yr))| {
@@ -286,14 +294,8 @@ impl Layer for Conv2d {
 
     /// dW = Σ dy_n·col_nᵀ (per run, runs summed in order), db = Σ dy, dx_n = col2im(Wᵀ·dy_n).
     fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
-        let (isz, osz) = (self.input_size(), self.output_size());
-        ensure!(
-            x.len() == batch * isz && dy.len() == batch * osz,
-            "conv buffers do not match the batch"
-        );
-        let (per, runs) = self.runs(batch);
-        let (g, oc) = (self.geom(), self.out_channels);
-        let (k, p) = (g.ic * g.kh * g.kw, g.oh * g.ow);
+        let (g, isz, osz, per, runs) = self.batch_pass(x, dy, batch)?;
+        let (k, p, oc) = (g.ic * g.kh * g.kw, g.oh * g.ow, self.out_channels);
         let w = &self.weight;
         // One run: accumulate its dW partial; with dx, dcol = Wᵀ·dy_n and its col2im.
         // dW_n = dy_n·col_nᵀ contracts over the p output positions: where p is long against the

@@ -2,6 +2,7 @@
 
 use super::gemm::{matmul, Mat};
 use super::{Layer, Mode, Param};
+use anyhow::Result;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -39,7 +40,7 @@ impl Linear {
     /// Folds inference batch norm that follows this layer into it: W ← diag(scale)·W,
     /// b ← scale·b + shift (b = 0 when the layer has none); afterwards the layer has a bias.
     /// Rejects a map whose channel count is not this layer's output count.
-    pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> anyhow::Result<()> {
+    pub fn fold_batchnorm(&mut self, bn: &::batchnorm::InferenceAffine) -> Result<()> {
         let params = (&mut self.weight[..], &mut self.bias, &mut self.grad_bias);
         super::fold_batchnorm_into(bn, params, self.outputs, ("a linear layer", "outputs"))
     }
@@ -57,7 +58,7 @@ impl Layer for Linear {
     }
 
     /// x `[batch, in]` → y `[batch, out]`.
-    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> anyhow::Result<()> {
+    fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
         anyhow::ensure!(
             x.len() == batch * self.inputs && y.len() == batch * self.outputs,
             "linear: buffer lengths do not match the batch"
@@ -71,28 +72,13 @@ impl Layer for Linear {
             }
             None => 0.0,
         };
-        let w_t = Mat::transposed(&self.weight, self.inputs);
-        matmul(
-            batch,
-            self.inputs,
-            self.outputs,
-            Mat::rows(x, self.inputs),
-            w_t,
-            beta,
-            y,
-        );
+        let (x, w_t) = (Mat::rows(x, self.inputs), Mat::transposed(&self.weight, self.inputs));
+        matmul(batch, self.inputs, self.outputs, x, w_t, beta, y);
         Ok(())
     }
 
     /// dW = dyᵀ·x, db = Σ dy, dx = dy·W.
-    fn backward(
-        &mut self,
-        x: &[f32],
-        _y: &[f32],
-        dy: &[f32],
-        batch: usize,
-        dx: Option<&mut [f32]>,
-    ) -> anyhow::Result<()> {
+    fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let dy_t = Mat::transposed(dy, self.outputs);
         matmul(
             self.outputs,
@@ -110,16 +96,8 @@ impl Layer for Linear {
             }
         }
         if let Some(dx) = dx {
-            let w = Mat::rows(&self.weight, self.inputs);
-            matmul(
-                batch,
-                self.outputs,
-                self.inputs,
-                Mat::rows(dy, self.outputs),
-                w,
-                0.0,
-                dx,
-            );
+            let (dy, w) = (Mat::rows(dy, self.outputs), Mat::rows(&self.weight, self.inputs));
+            matmul(batch, self.outputs, self.inputs, dy, w, 0.0, dx);
         }
         Ok(())
     }

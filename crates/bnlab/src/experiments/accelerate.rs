@@ -35,7 +35,8 @@
 //! (`baseline`, `bn-baseline`, `baseline-sigmoid`) draw other masks than one process for all but
 //! rank 0's examples: the same training procedure, not the same bits.
 
-use super::convnet::ConvNet;
+pub use super::convnet::default_half_life;
+use super::convnet::{check_training, ConvNet, QuickPreset};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
@@ -176,24 +177,9 @@ pub type Settings = driver::Settings<AccelerateSettings>;
 /// 0.01, evaluated every 200 steps.
 pub const DEFAULTS: Defaults = Defaults::new(4000, 200, 64, 0.01);
 
-/// What `--quick` changes: a run of seconds for CI.
-pub mod quick {
-    /// Training steps.
-    pub const STEPS: u64 = 120;
-    /// Steps between evaluations.
-    pub const EVAL_EVERY: u64 = 40;
-    /// Output channels of the conv layers.
-    pub const CHANNELS: [usize; 2] = [4, 8];
-    /// Width of the hidden layer.
-    pub const HIDDEN: usize = 32;
-    /// Training batches of the population statistics.
-    pub const POPULATION_BATCHES: usize = 5;
-}
-
-/// The learning rate's default half-life for a run of `steps` steps: a third of the run.
-pub fn default_half_life(steps: u64) -> u64 {
-    (steps / 3).max(1)
-}
+/// What `--quick` changes: 120 steps, evaluations every 40, 5 population batches, channels 4, 8
+/// and a hidden layer of 32.
+pub const QUICK: QuickPreset = QuickPreset::new(120, 40, 5, [4, 8], 32);
 
 impl Settings {
     /// The default study writing to `out`.
@@ -214,13 +200,8 @@ impl Settings {
 
     /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net ([`quick`]).
     pub fn quick(mut self) -> Self {
-        self.common.steps = quick::STEPS;
-        self.common.eval_every = quick::EVAL_EVERY;
-        self.common.checkpoint_every = None;
-        self.common.population_batches = quick::POPULATION_BATCHES;
-        self.experiment.half_life = default_half_life(quick::STEPS);
-        self.experiment.channels = quick::CHANNELS;
-        self.experiment.hidden = quick::HIDDEN;
+        (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
+        self.experiment.half_life = default_half_life(QUICK.steps);
         self
     }
 
@@ -256,18 +237,7 @@ impl AccelerateSettings {
     /// Rejects settings that cannot run.
     pub fn check(&self) -> Result<()> {
         ensure!(self.half_life > 0, "--half-life must be > 0");
-        ensure!(
-            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
-            "--momentum must be in [0, 1)"
-        );
-        ensure!(
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "--weight-decay must be a finite number >= 0"
-        );
-        ensure!(
-            self.channels.iter().all(|&c| c > 0) && self.hidden > 0,
-            "--channels and --hidden must be > 0"
-        );
+        check_training(self.momentum, self.weight_decay, self.channels, self.hidden)?;
         ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
         Ok(())
     }

@@ -12,10 +12,11 @@
 //! He-initialised, linear weights from N(0, 2/fan_in), all drawn in layer order from one generator
 //! seeded with the run's seed, so every variant of a study starts from the same weights.
 
+use crate::driver::CommonSettings;
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, Lrn, MaxPool2d, Relu, Sequential, Sigmoid,
 };
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -125,5 +126,73 @@ impl ConvNet {
         let unfolded = 25 * hw + 25 * c1 * (hw / 4);
         let floats = 4 * params + batch as u64 * (2 * outputs + unfolded) + eval_chunk as u64 * (outputs + unfolded);
         4 * floats
+    }
+}
+
+/// Rejects the SGD and net settings both conv studies share: a momentum outside [0, 1), a weight
+/// decay not finite or below 0, a zero channel count or hidden width.
+pub fn check_training(momentum: f32, weight_decay: f32, channels: [usize; 2], hidden: usize) -> Result<()> {
+    ensure!(
+        momentum.is_finite() && (0.0..1.0).contains(&momentum),
+        "--momentum must be in [0, 1)"
+    );
+    ensure!(
+        weight_decay.is_finite() && weight_decay >= 0.0,
+        "--weight-decay must be a finite number >= 0"
+    );
+    ensure!(
+        channels.iter().all(|&c| c > 0) && hidden > 0,
+        "--channels and --hidden must be > 0"
+    );
+    Ok(())
+}
+
+/// The learning rate's default half-life for a run of `steps` steps: a third of the run.
+pub fn default_half_life(steps: u64) -> u64 {
+    (steps / 3).max(1)
+}
+
+/// A conv study's `--quick` preset: a run of seconds for CI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuickPreset {
+    /// Training steps.
+    pub steps: u64,
+    /// Steps between evaluations.
+    pub eval_every: u64,
+    /// Training batches of the population statistics.
+    pub population_batches: usize,
+    /// Output channels of the conv layers.
+    pub channels: [usize; 2],
+    /// Width of the hidden layer.
+    pub hidden: usize,
+}
+
+impl QuickPreset {
+    /// `steps` steps evaluated every `eval_every`, `population_batches` population batches, a net
+    /// of `channels` and `hidden`.
+    pub const fn new(
+        steps: u64,
+        eval_every: u64,
+        population_batches: usize,
+        channels: [usize; 2],
+        hidden: usize,
+    ) -> Self {
+        QuickPreset {
+            steps,
+            eval_every,
+            population_batches,
+            channels,
+            hidden,
+        }
+    }
+
+    /// Sets the preset's common settings (no checkpoints but the last) and returns the net's
+    /// channels and hidden width.
+    pub fn apply(&self, common: &mut CommonSettings) -> ([usize; 2], usize) {
+        common.steps = self.steps;
+        common.eval_every = self.eval_every;
+        common.checkpoint_every = None;
+        common.population_batches = self.population_batches;
+        (self.channels, self.hidden)
     }
 }

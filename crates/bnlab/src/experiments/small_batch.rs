@@ -26,7 +26,8 @@
 //! running averages (momentum `--bn-momentum` per step at every size, as users of PyTorch and
 //! Keras keep it): the metrics hold both, and the gap between them is one of the findings.
 
-use super::convnet::{ConvNet, Norm};
+pub use super::convnet::default_half_life;
+use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
@@ -192,14 +193,14 @@ pub struct SmallBatchSettings {
     pub half_life: u64,
     /// Reference steps of plain batch norm before the `frozen` variants freeze.
     pub freeze_after: u64,
-    /// SGD momentum.
-    pub momentum: f32,
-    /// L2 weight decay (on conv and linear weights).
-    pub weight_decay: f32,
     /// Output channels of the two conv layers.
     pub channels: [usize; 2],
     /// Width of the hidden linear layer.
     pub hidden: usize,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// L2 weight decay (on conv and linear weights).
+    pub weight_decay: f32,
 }
 
 /// Everything that defines a study.
@@ -209,27 +210,12 @@ pub type Settings = driver::Settings<SmallBatchSettings>;
 /// examples, 1.6 epochs) at rate 0.02, evaluated every 300.
 pub const DEFAULTS: Defaults = Defaults::new(1500, 300, 64, 0.02);
 
-/// What `--quick` changes: a run of seconds for CI.
-pub mod quick {
-    /// Reference training steps.
-    pub const STEPS: u64 = 8;
-    /// Reference steps between evaluations.
-    pub const EVAL_EVERY: u64 = 4;
-    /// Output channels of the conv layers.
-    pub const CHANNELS: [usize; 2] = [2, 4];
-    /// Width of the hidden layer.
-    pub const HIDDEN: usize = 16;
-    /// Reference training batches of the population statistics.
-    pub const POPULATION_BATCHES: usize = 2;
-}
+/// What `--quick` changes: 8 reference steps, evaluations every 4, 2 population batches, a tiny
+/// net (channels 2, 4, hidden 16).
+pub const QUICK: QuickPreset = QuickPreset::new(8, 4, 2, [2, 4], 16);
 
-/// The defaults of the steps-dependent settings for a run of `steps` reference steps: the rate
-/// halves every third of the run, and the frozen variants freeze after a quarter of it.
-pub fn default_half_life(steps: u64) -> u64 {
-    (steps / 3).max(1)
-}
-
-/// See [`default_half_life`].
+/// The default of `--freeze-after` for a run of `steps` reference steps: the frozen variants
+/// freeze after a quarter of the run (the rate halves every third: [`default_half_life`]).
 pub fn default_freeze_after(steps: u64) -> u64 {
     steps / 4
 }
@@ -245,24 +231,19 @@ impl Settings {
                 classes_per_batch: 2,
                 half_life: default_half_life(DEFAULTS.steps),
                 freeze_after: default_freeze_after(DEFAULTS.steps),
-                momentum: 0.9,
-                weight_decay: 1e-4,
                 channels: [8, 16],
                 hidden: 100,
+                momentum: 0.9,
+                weight_decay: 1e-4,
             },
         }
     }
 
     /// A run of seconds for CI ([`quick`]).
     pub fn quick(mut self) -> Self {
-        self.common.steps = quick::STEPS;
-        self.common.eval_every = quick::EVAL_EVERY;
-        self.common.checkpoint_every = None;
-        self.common.population_batches = quick::POPULATION_BATCHES;
-        self.experiment.half_life = default_half_life(quick::STEPS);
-        self.experiment.freeze_after = default_freeze_after(quick::STEPS);
-        self.experiment.channels = quick::CHANNELS;
-        self.experiment.hidden = quick::HIDDEN;
+        (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
+        self.experiment.half_life = default_half_life(QUICK.steps);
+        self.experiment.freeze_after = default_freeze_after(QUICK.steps);
         self
     }
 
@@ -326,18 +307,7 @@ impl SmallBatchSettings {
             "--freeze-after must be below --steps (the frozen variants would never freeze)"
         );
         ensure!(self.classes_per_batch > 0, "--classes-per-batch must be > 0");
-        ensure!(
-            self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum),
-            "--momentum must be in [0, 1)"
-        );
-        ensure!(
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "--weight-decay must be a finite number >= 0"
-        );
-        ensure!(
-            self.channels.iter().all(|&c| c > 0) && self.hidden > 0,
-            "--channels and --hidden must be > 0"
-        );
+        check_training(self.momentum, self.weight_decay, self.channels, self.hidden)?;
         for v in &self.variants {
             ensure!(
                 v.batch <= common.batch && common.batch.is_multiple_of(v.batch),

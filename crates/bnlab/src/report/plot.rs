@@ -743,6 +743,16 @@ mod tests {
         }
     }
 
+    fn panels(panels: &[Band], shared_y: bool) -> BandPanels<'_> {
+        BandPanels {
+            title: "Sigmoid input percentiles",
+            x_label: "Steps",
+            y_label: "Input",
+            panels,
+            shared_y,
+        }
+    }
+
     fn band(name: &str, n: usize, offset: f64) -> Band {
         let steps: Vec<f64> = (0..n).map(|i| i as f64 * 100.0).collect();
         let middle: Vec<f64> = steps.iter().map(|s| offset + (s / 2000.0).sin()).collect();
@@ -783,14 +793,7 @@ mod tests {
     fn report_band_panels_have_titles_and_bands() {
         let bands = [band("Without BN", 50, 0.0), band("With BN", 50, 0.5)];
         for shared_y in [false, true] {
-            let svg = band_panels_svg(&BandPanels {
-                title: "Sigmoid input percentiles",
-                x_label: "Steps",
-                y_label: "Input",
-                panels: &bands,
-                shared_y,
-            })
-            .unwrap();
+            let svg = band_panels_svg(&panels(&bands, shared_y)).unwrap();
             for text in ["Sigmoid input percentiles", "Without BN", "With BN", "Steps", "Input"] {
                 assert!(svg.contains(text), "missing {text:?}");
             }
@@ -1001,14 +1004,7 @@ mod tests {
         }
 
         let bands = [band("a", 40, 0.0), band("b", 40, 1.0)];
-        let svg = band_panels_svg(&BandPanels {
-            title: "Bands",
-            x_label: "x",
-            y_label: "y",
-            panels: &bands,
-            shared_y: true,
-        })
-        .unwrap();
+        let svg = band_panels_svg(&panels(&bands, true)).unwrap();
         write_plot(&dir.path().join("nested"), "bands", &svg).unwrap();
         let (w, _, pixels) = decode_png(&dir.path().join("nested/bands.png"));
         assert_eq!(w, 2 * PANEL_SIZE.0);

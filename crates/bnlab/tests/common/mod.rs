@@ -5,7 +5,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -36,6 +37,31 @@ pub fn mpirun() -> Option<PathBuf> {
         println!("skipping: mpirun is absent (apt-get install openmpi-bin libopenmpi-dev)");
     }
     found
+}
+
+/// Starts `mpirun -np NP bnlab ARGS` ([`mpirun_bnlab`]) with its standard output discarded and its
+/// standard error sent to `stderr`.
+pub fn spawn_mpi_job(mpirun: &Path, np: usize, args: &[&str], stderr: Stdio) -> Child {
+    mpirun_bnlab(mpirun, np, args)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("cannot start mpirun")
+}
+
+/// Waits for `child` to end, polling every 100 ms: its exit status, or `None` once `limit` has
+/// passed (the child still running).
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `mpirun --oversubscribe -np NP bnlab ARGS` (allowed as root).
@@ -258,6 +284,28 @@ fn with_defaults(defaults: &[&str], data: &Path, out: &Path, extra: &[&str]) -> 
     args
 }
 
+/// The whitespace-separated words of `flags` (e.g. `"--steps 20 --lr 0.1"`), as `extra` arguments.
+pub fn words(flags: &str) -> Vec<&str> {
+    flags.split_whitespace().collect()
+}
+
+/// Central differences of `f` at `at` for the coordinates `idx` (all when `None`), step `h`.
+pub fn central_diff(mut f: impl FnMut(&[f64]) -> f64, at: &[f64], h: f64, idx: Option<&[usize]>) -> Vec<f64> {
+    let all: Vec<usize> = (0..at.len()).collect();
+    let idx = idx.unwrap_or(&all);
+    let mut p = at.to_vec();
+    idx.iter()
+        .map(|&i| {
+            p[i] = at[i] + h;
+            let up = f(&p);
+            p[i] = at[i] - h;
+            let down = f(&p);
+            p[i] = at[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
 /// The arguments as `&str`s, for [`bnlab`], [`bnlab_ok`] and [`expect_error`].
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -352,12 +400,11 @@ pub fn same_state(a: &bnlab::engine::checkpoint::Checkpoint, b: &bnlab::engine::
 /// 300 s); asserts that it was still running and died of the signal.
 pub fn run_and_kill_when(cwd: &Path, args: &[String], file: &Path) {
     use std::os::unix::process::ExitStatusExt;
-    use std::time::{Duration, Instant};
     let mut child = Command::new(env!("CARGO_BIN_EXE_bnlab"))
         .args(args)
         .current_dir(cwd)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);

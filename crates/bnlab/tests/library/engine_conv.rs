@@ -10,7 +10,7 @@
 use bnlab::engine::{Conv2d, ConvInit, Dropout, Layer, Lrn, MaxPool2d, Mode, Sequential};
 use rand::Rng;
 
-use crate::common::rng;
+use crate::common::{central_diff, rng};
 
 fn uniform(n: usize, rng: &mut impl Rng) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -33,21 +33,6 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
             "{what}[{i}]: got {g}, want {w}"
         );
     }
-}
-
-/// Central differences of `f` at `p` for every coordinate.
-fn finite_differences(p: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
-    let mut q = p.to_vec();
-    (0..p.len())
-        .map(|i| {
-            q[i] = p[i] + h;
-            let up = f(&q);
-            q[i] = p[i] - h;
-            let down = f(&q);
-            q[i] = p[i];
-            (up - down) / (2.0 * h)
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,12 +213,12 @@ fn conv_backward_matches_finite_differences() {
         let (x64, w64, r64) = (f64s(&x), f64s(&layer.weight), f64s(&r));
         let b64 = layer.bias.as_deref().map(f64s);
         let loss = |x: &[f64], w: &[f64], b: Option<&[f64]>| dot(&conv_ref(t, x, w, b), &r64);
-        let dw = finite_differences(&w64, 1e-3, |w| loss(&x64, w, b64.as_deref()));
-        let dxf = finite_differences(&x64, 1e-3, |x| loss(x, &w64, b64.as_deref()));
+        let dw = central_diff(|w| loss(&x64, w, b64.as_deref()), &w64, 1e-3, None);
+        let dxf = central_diff(|x| loss(x, &w64, b64.as_deref()), &x64, 1e-3, None);
         let params = layer.params();
         assert_close(&format!("{t:?} dW"), params[0].grad, &dw, 1e-4);
         if let Some(b) = &b64 {
-            let db = finite_differences(b, 1e-3, |b| loss(&x64, &w64, Some(b)));
+            let db = central_diff(|b| loss(&x64, &w64, Some(b)), b, 1e-3, None);
             assert_eq!(params[1].name, "bias");
             assert_close(&format!("{t:?} db"), params[1].grad, &db, 1e-4);
         }
@@ -365,7 +350,7 @@ fn maxpool_forward_and_backward_match_references() {
         let mut dx = vec![f32::NAN; n];
         layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
         let r64 = f64s(&r);
-        let dxf = finite_differences(&f64s(&x), 1e-3, |x| dot(&pool_ref(x, batch, c, hw, k, s), &r64));
+        let dxf = central_diff(|x| dot(&pool_ref(x, batch, c, hw, k, s), &r64), &f64s(&x), 1e-3, None);
         assert_close("pool dx", &dx, &dxf, 1e-5);
     }
 }
@@ -553,7 +538,7 @@ fn lrn_matches_pytorch_formula_and_finite_differences() {
         let mut dx = vec![f32::NAN; x.len()];
         layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
         let r64 = f64s(&r);
-        let dxf = finite_differences(&f64s(&x), 1e-4, |x| dot(&lrn_ref(x, c, hw, prm), &r64));
+        let dxf = central_diff(|x| dot(&lrn_ref(x, c, hw, prm), &r64), &f64s(&x), 1e-4, None);
         assert_close(&format!("lrn {prm:?} dx"), &dx, &dxf, 1e-4);
     }
     let l = Lrn::alexnet(96, 55 * 55);

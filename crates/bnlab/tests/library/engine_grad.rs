@@ -33,7 +33,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::common::{normal, rng};
+use crate::common::{central_diff, normal, rng};
 
 /// Step of the `f64` central differences.
 const H64: f64 = 1e-5;
@@ -88,23 +88,6 @@ fn grad<'a>(grads: &'a [Grad], name: &str) -> &'a [f32] {
 
 fn names(grads: &[Grad]) -> Vec<&'static str> {
     grads.iter().map(|g| g.name).collect()
-}
-
-/// Central differences of `f` at `at` for the coordinates `idx` (all when `None`), step `h`.
-fn central_diff(f: impl Fn(&[f64]) -> f64, at: &[f64], h: f64, idx: Option<&[usize]>) -> Vec<f64> {
-    let all: Vec<usize> = (0..at.len()).collect();
-    let idx = idx.unwrap_or(&all);
-    let mut p = at.to_vec();
-    idx.iter()
-        .map(|&i| {
-            p[i] = at[i] + h;
-            let up = f(&p);
-            p[i] = at[i] - h;
-            let down = f(&p);
-            p[i] = at[i];
-            (up - down) / (2.0 * h)
-        })
-        .collect()
 }
 
 /// Σ w⊙y in `f64`.

@@ -3,7 +3,7 @@
 //! at inference), a small training run, bit-exact determinism across thread counts, network
 //! construction checks and the distribution monitor.
 
-use batchnorm::{BatchNormConfig, Momentum};
+use batchnorm::{reference, BatchNormConfig, Geometry, Layout, Momentum};
 use bnlab::engine::{
     BatchNormLayer, Layer, Linear, LrSchedule, Mode, Param, Relu, Sequential, Sgd, Sigmoid, SoftmaxCrossEntropy,
 };
@@ -244,38 +244,27 @@ fn lr_schedule_exponential_with_speedup() {
 // ---------------------------------------------------------------------------------------------
 // Batch norm: Collect / population, Train / running statistics, Eval
 
-/// Per-channel (mean, biased variance) of `[batch, channels, spatial]` in f64.
-fn channel_stats(x: &[f32], batch: usize, channels: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
-    let m = (batch * spatial) as f64;
-    let vals = |c: usize| {
-        (0..batch).flat_map(move |n| (0..spatial).map(move |s| x[n * channels * spatial + c * spatial + s] as f64))
-    };
-    let mean: Vec<f64> = (0..channels).map(|c| vals(c).sum::<f64>() / m).collect();
-    let var = (0..channels)
-        .map(|c| vals(c).map(|v| (v - mean[c]).powi(2)).sum::<f64>() / m)
-        .collect();
-    (mean, var)
+/// `x` `[batch, channels, spatial]` widened to f64, with its geometry, for `batchnorm::reference`.
+fn widened(x: &[f32], channels: usize, spatial: usize) -> (Geometry, Vec<f64>) {
+    let shape = [x.len() / (channels * spatial), channels, spatial];
+    let g = Layout::ChannelsFirst.geometry(&shape).unwrap();
+    (g, x.iter().map(|&v| v as f64).collect())
 }
 
-/// y = γ(x − mean)/√(var + ε) + β per channel, in f64.
-#[allow(clippy::too_many_arguments)]
-fn bn_apply(
-    x: &[f32],
-    channels: usize,
-    spatial: usize,
-    mean: &[f64],
-    var: &[f64],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f64,
-) -> Vec<f64> {
-    x.iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let c = (i / spatial) % channels;
-            gamma[c] as f64 * (v as f64 - mean[c]) / (var[c] + eps).sqrt() + beta[c] as f64
-        })
-        .collect()
+/// Per-channel (mean, biased variance) of `[batch, channels, spatial]` in f64
+/// (`reference::mean_var`).
+fn channel_stats(x: &[f32], channels: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
+    let (g, x) = widened(x, channels, spatial);
+    reference::mean_var(&g, &x)
+}
+
+/// y = γ(x − mean)/√(var + ε) + β per channel of `x` `[batch, channels, spatial]` with the
+/// layer's γ, β and ε, in f64 (`reference::forward_eval`).
+fn bn_apply(layer: &BatchNormLayer, x: &[f32], spatial: usize, (mean, var): (&[f64], &[f64])) -> Vec<f64> {
+    let bn = &layer.bn;
+    let (g, x) = widened(x, bn.num_features, spatial);
+    let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    reference::forward_eval(&g, &x, mean, var, &wide(&bn.gamma), &wide(&bn.beta), bn.config.eps)
 }
 
 fn assert_all_close(what: &str, a: &[f32], b: &[f64], rel: f64) {
@@ -311,7 +300,6 @@ fn collect_then_use_population_is_algorithm_2() {
     let mut layer = BatchNormLayer::new(channels, spatial, BatchNormConfig::default()).unwrap();
     layer.bn.gamma = vec![1.5, 0.5, 2.0];
     layer.bn.beta = vec![0.1, -0.2, 0.3];
-    let eps = layer.bn.config.eps;
     // Running statistics, parameters and the batch counter.
     let state = |layer: &BatchNormLayer| {
         let bn = &layer.bn;
@@ -326,8 +314,8 @@ fn collect_then_use_population_is_algorithm_2() {
             let mut y = vec![0.0f32; x.len()];
             layer.forward(x, batch, &mut y, Mode::Collect).unwrap();
             // Collect normalizes with the batch's own statistics, as training does.
-            let (mu, var) = channel_stats(x, batch, channels, spatial);
-            let expected = bn_apply(x, channels, spatial, &mu, &var, &layer.bn.gamma, &layer.bn.beta, eps);
+            let (mu, var) = channel_stats(x, channels, spatial);
+            let expected = bn_apply(layer, x, spatial, (&mu, &var));
             assert_all_close("collect output", &y, &expected, 1e-5);
             for c in 0..channels {
                 means[c] += mu[c] / batches.len() as f64;
@@ -352,7 +340,7 @@ fn collect_then_use_population_is_algorithm_2() {
     let x = bn_batch(&mut r, 4, channels, spatial);
     let mut y = vec![0.0f32; x.len()];
     layer.forward(&x, 4, &mut y, Mode::Eval).unwrap();
-    let expected = bn_apply(&x, channels, spatial, &e, &v, &layer.bn.gamma, &layer.bn.beta, eps);
+    let expected = bn_apply(&layer, &x, spatial, (&e, &v));
     assert_all_close("eval with population statistics", &y, &expected, 1e-5);
 
     // reset_population forgets the old batches: a new estimate covers only the new ones.
@@ -386,13 +374,12 @@ fn eval_after_training_uses_running_statistics() {
     let mut layer = BatchNormLayer::new(channels, spatial, config).unwrap();
     layer.bn.gamma = vec![0.5, 1.0, 1.5, 2.0];
     layer.bn.beta = vec![-1.0, 0.0, 0.5, 1.0];
-    let eps = config.eps;
     let (mut rm, mut rv) = (vec![0.0f64; channels], vec![1.0f64; channels]);
     for _ in 0..7 {
         let x = bn_batch(&mut r, batch, channels, spatial);
         let mut y = vec![0.0f32; x.len()];
         layer.forward(&x, batch, &mut y, Mode::Train).unwrap();
-        let (mu, var) = channel_stats(&x, batch, channels, spatial);
+        let (mu, var) = channel_stats(&x, channels, spatial);
         for c in 0..channels {
             rm[c] = 0.9 * rm[c] + 0.1 * mu[c];
             rv[c] = 0.9 * rv[c] + 0.1 * var[c] * m / (m - 1.0);
@@ -422,20 +409,11 @@ fn eval_after_training_uses_running_statistics() {
     layer.forward(&x, 6, &mut y, Mode::Eval).unwrap();
     let rm32: Vec<f64> = layer.bn.running_mean.iter().map(|&v| v as f64).collect();
     let rv32: Vec<f64> = layer.bn.running_var.iter().map(|&v| v as f64).collect();
-    let expected = bn_apply(
-        &x,
-        channels,
-        spatial,
-        &rm32,
-        &rv32,
-        &layer.bn.gamma,
-        &layer.bn.beta,
-        eps,
-    );
+    let expected = bn_apply(&layer, &x, spatial, (&rm32, &rv32));
     assert_all_close("eval output", &y, &expected, 1e-6);
     let with_batch_stats = {
-        let (mu, var) = channel_stats(&x, 6, channels, spatial);
-        bn_apply(&x, channels, spatial, &mu, &var, &layer.bn.gamma, &layer.bn.beta, eps)
+        let (mu, var) = channel_stats(&x, channels, spatial);
+        bn_apply(&layer, &x, spatial, (&mu, &var))
     };
     assert!(
         y.iter()

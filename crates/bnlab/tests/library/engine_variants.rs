@@ -783,5 +783,8 @@ fn bench_times_every_variant() {
         }
     }
     assert_eq!(bench::Variant::Bn.ops(), [Op::FwdTrain, Op::FwdEval, Op::Backward]);
-    assert_eq!(bench::Variant::ALL.map(|v| v.name()), ["bn", "frozen", "renorm"]);
+    assert_eq!(
+        bench::Variant::ALL.map(|v| v.name()),
+        ["bn", "frozen", "renorm", "ghost"]
+    );
 }

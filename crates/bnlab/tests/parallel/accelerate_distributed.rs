@@ -240,9 +240,8 @@ fn dropout_streams_are_per_rank() {
 /// variant on every rank.
 #[test]
 fn a_diverging_variant_stops_every_rank_at_the_same_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = synthetic_data(dir.path());
-    let mut s = tiny(&data, &dir.path().join("out"), &[Variant::Baseline, Variant::BnX5]);
+    let (_dir, data, out) = scratch_with_synthetic_data();
+    let mut s = tiny(&data, &out, &[Variant::Baseline, Variant::BnX5]);
     s.common.lr = 1e6;
     let outcomes: Vec<Outcome> = on_threads(&s, 2).into_iter().map(|o| o.unwrap()).collect();
     let step = outcomes[0]
@@ -311,7 +310,7 @@ fn accelerate_distributed_without_the_feature_is_a_one_line_error() {
 mod mpi {
     use super::*;
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     /// `mpirun -np 2 bnlab accelerate --quick --distributed` (two variants, 40 steps) exits 0,
     /// rank 0 alone reports and writes the files of a one-process run, and the variant without
@@ -397,21 +396,10 @@ mod mpi {
         std::fs::write(dir.path().join("file"), "").unwrap();
         let out = dir.path().join("file").join("out");
         let args = accelerate_tiny_args(&data, &out, &["--distributed", "--threads", "1"]);
-        let mut job = mpirun_bnlab(&mpirun, 2, &args.iter().map(String::as_str).collect::<Vec<_>>())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = job.try_wait().unwrap() {
-                break status;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                let _ = job.kill();
-                panic!("the job still runs 60 s after rank 0 failed");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut job = spawn_mpi_job(&mpirun, 2, &strs(&args), Stdio::piped());
+        let Some(status) = wait_for_exit(&mut job, Duration::from_secs(60)) else {
+            let _ = job.kill();
+            panic!("the job still runs 60 s after rank 0 failed");
         };
         let mut stderr = String::new();
         std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut stderr).unwrap();

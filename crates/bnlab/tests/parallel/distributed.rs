@@ -162,7 +162,7 @@ mod mpi {
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::common::{evaluation_points, mpirun, s, strs};
+    use crate::common::{evaluation_points, mpirun, s, spawn_mpi_job, strs, wait_for_exit};
 
     fn launch(mpirun: &Path, np: usize, args: &[&str]) -> Command {
         crate::common::mpirun_bnlab(mpirun, np, args)
@@ -270,11 +270,7 @@ mod mpi {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         let args = bn_args(&data, "1000000", "100000", &out, &["--distributed", "--threads", "1"]);
-        let mut job = launch(&mpirun, 2, &strs(&args))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut job = spawn_mpi_job(&mpirun, 2, &strs(&args), Stdio::null());
         // Wait for both ranks to be training (rank 0 has created the output directory).
         let start = Instant::now();
         let children = loop {
@@ -297,16 +293,10 @@ mod mpi {
             .unwrap();
         assert!(status.success(), "cannot kill rank 1 (pid {})", children[1]);
         let killed = Instant::now();
-        let code = loop {
-            if let Some(code) = job.try_wait().unwrap() {
-                break code;
-            }
-            if killed.elapsed() > Duration::from_secs(30) {
-                let _ = Command::new("kill").args(["-KILL", &children[0].to_string()]).status();
-                let _ = job.kill();
-                panic!("the job still runs 30 s after a rank was killed");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let Some(code) = wait_for_exit(&mut job, Duration::from_secs(30)) else {
+            let _ = Command::new("kill").args(["-KILL", &children[0].to_string()]).status();
+            let _ = job.kill();
+            panic!("the job still runs 30 s after a rank was killed");
         };
         assert!(!code.success(), "the job must fail: {code}");
         println!(

@@ -57,6 +57,8 @@ fn bench_times_every_variant_by_default() {
         ("frozen", "backward"),
         ("renorm", "fwd_train"),
         ("renorm", "backward"),
+        ("ghost", "fwd_train"),
+        ("ghost", "backward"),
     ]);
     assert_eq!(variant_ops(&rows(&[])), want);
 }

@@ -5,7 +5,7 @@
 
 use crate::common::{
     assert_eval_and_fold, assert_killed_and_resumed_run_matches, bnlab, bnlab_ok, ckpt, eval_counts, expect_error,
-    paper_mlp_args, read, s, scratch_with_synthetic_data, strs, synthetic_data, text, KILL_AND_RESUME_SCHEDULE,
+    paper_mlp_args, read, s, scratch_with_synthetic_data, strs, synthetic_data, text, words, KILL_AND_RESUME_SCHEDULE,
 };
 use bnlab::engine::checkpoint::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -71,16 +71,7 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
 #[test]
 fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let (tmp, data, out) = scratch_with_synthetic_data();
-    let extra = [
-        "--variant",
-        "baseline",
-        "--steps",
-        "200",
-        "--lr",
-        "1e37",
-        "--checkpoint-every",
-        "1",
-    ];
+    let extra = words("--variant baseline --steps 200 --lr 1e37 --checkpoint-every 1");
     let o = bnlab(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");

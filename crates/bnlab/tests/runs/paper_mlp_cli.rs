@@ -140,18 +140,7 @@ fn paper_mlp_writes_all_outputs_and_is_deterministic() {
 #[test]
 fn variant_bn_trains_only_bn() {
     let (tmp, data, out) = scratch_with_synthetic_data();
-    let extra = [
-        "--variant",
-        "bn",
-        "--steps",
-        "30",
-        "--eval-every",
-        "10",
-        "--batch",
-        "20",
-        "--threads",
-        "1",
-    ];
+    let extra = words("--variant bn --steps 30 --eval-every 10 --batch 20 --threads 1");
     bnlab_ok(tmp.path(), &strs(&paper_mlp_args(&data, &out, &extra)));
     let keys = check_metric_lines(&metrics(&out));
     assert_eq!(
