@@ -97,14 +97,14 @@ pub(crate) fn dx_coeffs<T: Element>(
 /// against the channel count, then the saved `count` of values per channel. Returns the geometry.
 pub(crate) fn check_train_backward<T>(
     x: View<'_, T>,
+    mask: Option<&[bool]>,
     dy: &[T],
     check_saved: impl FnOnce(usize) -> Result<(), Error>,
     gamma: Option<&[T]>,
     grads: &Grads<'_, T>,
     count: u64,
 ) -> Result<Geometry, Error> {
-    let g = check::input("x", x.data, x.shape, x.layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x.data, x.shape, x.layout, ("dy", dy), mask)?;
     check::len_opt("dx", &g, grads.dx.as_deref())?;
     check_saved(g.channels)?;
     check::affine(g.channels, gamma, None)?;
@@ -126,23 +126,39 @@ pub fn batch_norm_backward<T: Element>(
     gamma: Option<&[T]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let check_saved = |channels| check::saved(saved, channels);
-    let g = check_train_backward(x, dy, check_saved, gamma, &grads, saved.count)?;
-    let Grads { dx, dgamma, dbeta } = grads;
-    train_backward_sums(&g, x.data, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+    backward_where(x, None, dy, saved, gamma, grads)
 }
 
-/// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given and
-/// returns Σ dy and Σ dy·x̂ per channel (for dβ and dγ).
+/// [`batch_norm_backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
+/// elsewhere. Checks, in order: the shape and `x`, `dy`, the mask's length, `dx`, `saved`, γ,
+/// dγ/dβ, the saved count.
+pub(crate) fn backward_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
+    let check_saved = |channels| check::saved(saved, channels);
+    let g = check_train_backward(x, mask, dy, check_saved, gamma, &grads, saved.count)?;
+    let Grads { dx, dgamma, dbeta } = grads;
+    train_backward_sums(&g, x.data, mask, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+}
+
+/// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given (at
+/// the positions `mask` selects, `None`: all of them, +0.0 elsewhere) and returns Σ dy and Σ dy·x̂
+/// per channel (for dβ and dγ) over the selected positions.
 pub(crate) fn train_backward_sums<T: Element>(
     g: &Geometry,
     x: &[T],
+    mask: Option<&[bool]>,
     dy: &[T],
     dx: Option<&mut [T]>,
     saved: &SavedStats,
     gamma: Option<&[T]>,
 ) -> GradSums {
-    let (sum_dy, sum_dy_xmu) = plan::train_backward(g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
+    let (sum_dy, sum_dy_xmu) = plan::train_backward_where(g, x, dy, dx, &saved.mean, mask, |first, s1, s2, out| {
         let inv_std = &saved.inv_std[first..first + s2.len()];
         let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
         dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat, out);
@@ -156,12 +172,22 @@ pub(crate) fn train_backward_sums<T: Element>(
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
 /// over workers with [`GradSums::add`]. Rejects the same as [`batch_norm_backward`].
 pub fn grad_sums<T: Element>(x: View<'_, T>, dy: &[T], saved: &SavedStats) -> Result<GradSums, Error> {
+    grad_sums_where(x, None, dy, saved)
+}
+
+/// [`grad_sums`] over the positions `mask` selects (`None`: all of them). Checks, in order: the
+/// shape and `x`, `dy`, the mask's length, `saved`, the saved count.
+pub(crate) fn grad_sums_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    saved: &SavedStats,
+) -> Result<GradSums, Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::saved(saved, g.channels)?;
     check::training_count(saved.count, shape)?;
-    let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(&g, x, dy, &saved.mean, mask);
     let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
     Ok(GradSums { sum_dy, sum_dy_xhat })
 }
@@ -177,9 +203,22 @@ pub fn input_grad<T: Element>(
     gamma: Option<&[T]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
+    input_grad_where(x, None, dy, saved, sums, gamma, dx)
+}
+
+/// [`input_grad`] at the positions `mask` selects (`None`: all of them), +0.0 elsewhere. Checks,
+/// in order: the shape and `x`, `dy`, the mask's length, `dx`, `saved`, `sums`, γ, the saved count.
+pub(crate) fn input_grad_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    saved: &SavedStats,
+    sums: &GradSums,
+    gamma: Option<&[T]>,
+    dx: &mut [T],
+) -> Result<(), Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::len("dx", &g, dx.len())?;
     check::saved(saved, g.channels)?;
     check::grad_sums_channels(sums, g.channels)?;
@@ -187,7 +226,7 @@ pub fn input_grad<T: Element>(
     check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
     with_simd(|| dx_coeffs(gamma, saved, 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
-    plan::input_grad(&g, x, dy, dx, &coeffs);
+    plan::input_grad_where(&g, x, dy, dx, &coeffs, mask);
     Ok(())
 }
 
@@ -204,10 +243,24 @@ pub fn batch_norm_backward_eval<T: Element>(
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    backward_eval_where(x, None, dy, stats, gamma, eps, grads)
+}
+
+/// [`batch_norm_backward_eval`] over the positions `mask` selects (`None`: all of them), dx +0.0
+/// elsewhere. Checks, in order: the shape and `x`, `dy`, the mask's length, the statistics, γ,
+/// dγ/dβ, ε, `dx`.
+pub(crate) fn backward_eval_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    stats: FixedStats<'_, T>,
+    gamma: Option<&[T]>,
+    eps: f64,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
     let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::fixed_stats(g.channels, mean, var)?;
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
@@ -215,26 +268,42 @@ pub fn batch_norm_backward_eval<T: Element>(
     check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     if let Some(dx) = dx {
-        fixed_input_grad(&g, dy, gamma, &inv, dx);
+        fixed_input_grad(&g, dy, mask, gamma, &inv, dx);
     }
     if dgamma.is_some() || dbeta.is_some() {
-        fixed_grad_sums(&g, x, dy, mean, &inv).write_param_grads(dgamma, dbeta)?;
+        fixed_grad_sums(&g, x, dy, mask, mean, &inv).write_param_grads(dgamma, dbeta)?;
     }
     Ok(())
 }
 
 /// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
-/// batch norm). Arguments already checked.
-pub(crate) fn fixed_input_grad<T: Element>(g: &Geometry, dy: &[T], gamma: Option<&[T]>, inv_std: &[f64], dx: &mut [T]) {
+/// batch norm), at the positions `mask` selects (`None`: all of them), +0.0 elsewhere. Arguments
+/// already checked.
+pub(crate) fn fixed_input_grad<T: Element>(
+    g: &Geometry,
+    dy: &[T],
+    mask: Option<&[bool]>,
+    gamma: Option<&[T]>,
+    inv_std: &[f64],
+    dx: &mut [T],
+) {
     let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]));
-    plan::scale(g, dy, dx, &k);
+    plan::scale_where(g, dy, dx, &k, mask);
 }
 
 /// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference
-/// mode, frozen batch norm). Arguments already checked.
-pub(crate) fn fixed_grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[T], inv_std: &[f64]) -> GradSums {
+/// mode, frozen batch norm), over the positions `mask` selects (`None`: all of them). Arguments
+/// already checked.
+pub(crate) fn fixed_grad_sums<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    mask: Option<&[bool]>,
+    mean: &[T],
+    inv_std: &[f64],
+) -> GradSums {
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let (sum_dy, sum_dy_xmu) = plan::grad_sums(g, x, dy, &mean);
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(g, x, dy, &mean, mask);
     GradSums {
         sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,

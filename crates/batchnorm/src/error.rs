@@ -130,4 +130,8 @@ pub enum Error {
     /// with a virtual batch size.
     #[error("ghost batch norm is local to a worker: the synchronized passes reject a layer with `virtual_batch` set")]
     GhostNotSynchronized,
+    /// Ghost batch norm's groups are whole examples and masked batch norm selects positions: the
+    /// layer's masked training passes reject a layer with a virtual batch size.
+    #[error("ghost batch norm takes no mask: the masked training passes reject a layer with `virtual_batch` set")]
+    GhostNotMasked,
 }

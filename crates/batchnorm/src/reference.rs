@@ -472,3 +472,126 @@ pub fn ghost_running_update(
     }
     (mean, var)
 }
+
+/// Masked batch norm's selection, written out: the positions `(o, i)` whose mask entry
+/// (`mask[o·inner + i]`, one per value of a channel, shared by all channels) is true, in order,
+/// and `v` gathered at them into an `[m, C]` tensor (row r = the r-th selected position) with its
+/// geometry. Masked batch norm is plain batch norm over these m rows, 0 at the other positions.
+#[allow(clippy::type_complexity)]
+pub fn masked_gather(g: &Geometry, v: &[f64], mask: &[bool]) -> (Geometry, Vec<f64>, Vec<(usize, usize)>) {
+    assert_eq!(mask.len(), g.per_channel(), "one mask entry per value of a channel");
+    let positions: Vec<(usize, usize)> = (0..g.outer)
+        .flat_map(|o| (0..g.inner).map(move |i| (o, i)))
+        .filter(|&(o, i)| mask[o * g.inner + i])
+        .collect();
+    let rows = Geometry {
+        outer: positions.len(),
+        channels: g.channels,
+        inner: 1,
+    };
+    let gathered = positions
+        .iter()
+        .flat_map(|&(o, i)| (0..g.channels).map(move |c| v[at(g, o, c, i)]))
+        .collect();
+    (rows, gathered, positions)
+}
+
+/// The inverse of [`masked_gather`]'s gathering: the `[m, C]` values `rows` put back at their
+/// positions of a tensor of geometry `g`, 0 everywhere else.
+pub fn masked_scatter(g: &Geometry, rows: &[f64], positions: &[(usize, usize)]) -> Vec<f64> {
+    let mut out = vec![0.0; g.len()];
+    for (r, &(o, i)) in positions.iter().enumerate() {
+        for c in 0..g.channels {
+            out[at(g, o, c, i)] = rows[r * g.channels + c];
+        }
+    }
+    out
+}
+
+/// Masked batch norm's statistics: per channel the mean μ_B and biased variance σ²_B of the m
+/// selected values (two-pass, as [`mean_var`]). Returns (mean, var, m).
+pub fn masked_mean_var(g: &Geometry, x: &[f64], mask: &[bool]) -> (Vec<f64>, Vec<f64>, usize) {
+    let (rows, xs, _) = masked_gather(g, x, mask);
+    let (mean, var) = mean_var(&rows, &xs);
+    (mean, var, rows.outer)
+}
+
+/// Masked training forward: y = γ·(x − μ_B)/√(σ²_B + ε) + β at the selected positions, with μ_B
+/// and σ²_B of the selected values ([`masked_mean_var`]); y = 0 at the other positions.
+/// Returns (y, mean, biased var).
+pub fn masked_forward_train(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    let (y, mean, var) = forward_train(&rows, &xs, gamma, beta, eps);
+    (masked_scatter(g, &y, &positions), mean, var)
+}
+
+/// Masked inference: y = γ·(x − mean)/√(var + ε) + β at the selected positions, 0 elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn masked_forward_eval(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> Vec<f64> {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    masked_scatter(g, &forward_eval(&rows, &xs, mean, var, gamma, beta, eps), &positions)
+}
+
+/// A backward pass `f(rows, x, dy)` over the selected values of x and dy gathered into rows
+/// ([`masked_gather`]), its dx scattered back (0 at the other positions). Returns (dx, dγ, dβ).
+fn masked_backward(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    f: impl FnOnce(&Geometry, &[f64], &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    let (_, dys, _) = masked_gather(g, dy, mask);
+    let (dx, dgamma, dbeta) = f(&rows, &xs, &dys);
+    (masked_scatter(g, &dx, &positions), dgamma, dbeta)
+}
+
+/// Masked training backward: the chain rule of [`backward_train`] over the m selected values
+/// (x and dy at the other positions enter nothing), dx = 0 at the other positions (the forward
+/// writes a constant there); dγ = Σ dy·x̂ and dβ = Σ dy over the selected positions.
+/// Returns (dx, dγ, dβ).
+pub fn masked_backward_train(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    masked_backward(g, x, mask, dy, |rows, x, dy| backward_train(rows, x, dy, gamma, eps))
+}
+
+/// Masked inference-mode backward with fixed statistics: [`backward_eval`] over the selected
+/// values, dx = 0 at the other positions. Returns (dx, dγ, dβ).
+#[allow(clippy::too_many_arguments)]
+pub fn masked_backward_eval(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    masked_backward(g, x, mask, dy, |rows, x, dy| {
+        backward_eval(rows, x, dy, mean, var, gamma, eps)
+    })
+}

@@ -60,6 +60,17 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// As [`Simd::stream`].
     unsafe fn fstream(self, p: *mut f32, v: Self::F);
+
+    /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
+    type M: Copy;
+    /// Loads 8 `bool`s from `p` as a lane mask.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 `bool`s.
+    unsafe fn load_mask(self, p: *const bool) -> Self::M;
+    /// The lanes of `v` that `m` has on, +0.0 in the others: a select, so a NaN or an infinity in
+    /// a lane that is off never reaches the result (a product with 0 would let it through).
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V;
 }
 
 /// `x` as a slice of `f32` when `T` is `f32`.
@@ -173,6 +184,17 @@ impl Simd for Scalar {
     unsafe fn fstream(self, p: *mut f32, v: Self::F) {
         // SAFETY: as `fstore`.
         unsafe { self.fstore(p, v) }
+    }
+
+    type M = [bool; 8];
+    #[inline(always)]
+    unsafe fn load_mask(self, p: *const bool) -> Self::M {
+        // SAFETY: the caller guarantees 8 readable `bool`s.
+        unsafe { p.cast::<[bool; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+        std::array::from_fn(|l| if m[l] { v[l] } else { 0.0 })
     }
 }
 
@@ -314,6 +336,24 @@ mod x86 {
         unsafe fn fstream(self, p: *mut f32, v: Self::F) {
             unsafe { _mm256_stream_ps(p, v) }
         }
+
+        /// All-ones in the lanes that are *off* (the complement, which `andnot` takes).
+        type M = (__m256d, __m256d);
+        #[inline(always)]
+        unsafe fn load_mask(self, p: *const bool) -> Self::M {
+            unsafe {
+                // A `bool` is one byte, 0 or 1.
+                let bytes = _mm_loadl_epi64(p as *const __m128i);
+                let zero = _mm256_setzero_si256();
+                let lo = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(bytes), zero);
+                let hi = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_srli_si128::<4>(bytes)), zero);
+                (_mm256_castsi256_pd(lo), _mm256_castsi256_pd(hi))
+            }
+        }
+        #[inline(always)]
+        fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+            unsafe { (_mm256_andnot_pd(m.0, v.0), _mm256_andnot_pd(m.1, v.1)) }
+        }
     }
 }
 
@@ -349,7 +389,8 @@ pub(crate) use simd_dispatch;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-    use super::super::moments::{self, RowPrefetch, Runs};
+    use super::super::mask::MaskSpans;
+    use super::super::moments::{self, MaskedLanes, RowPrefetch, Runs};
     use crate::Element;
 
     fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
@@ -364,8 +405,22 @@ mod tests {
             .collect()
     }
 
+    /// An on/off pattern of `n` entries, and `v` with NaN at the elements it has off (element k
+    /// of `v` having entry k / `width`).
+    fn masked<T: Element>(v: &[T], n: usize, width: usize, seed: u64) -> (Vec<bool>, Vec<T>) {
+        let mask: Vec<bool> = (0..n).map(|i| (i as u64 * 7 + seed) % 5 < 3).collect();
+        let nan = T::from_f64(f64::NAN);
+        let v = v
+            .iter()
+            .enumerate()
+            .map(|(k, &a)| if mask[k / width] { a } else { nan })
+            .collect();
+        (mask, v)
+    }
+
     /// The AVX2 path (what the dispatching functions pick here) and the portable one agree
-    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`.
+    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`; the reductions
+    /// also with a mask (the values that are off, NaN here, become +0.0 in both).
     fn backends_agree<T: Element>() {
         if !super::has_avx2() {
             return;
@@ -381,11 +436,24 @@ mod tests {
                 len,
                 stride,
             };
-            assert_eq!(moments::runs_moments(&x, runs), moments::runs_moments_impl(s, &x, runs));
-            assert_eq!(
-                moments::runs_grad_sums(&x, &dy, runs, 1e3),
-                moments::runs_grad_sums_impl(s, &x, &dy, runs, 1e3)
-            );
+            // Masks over the runs' elements (one segment per run): a short period (selected lane
+            // by lane), and the first half of each run on (selected whole, the rest skipped).
+            let (periodic, xp) = masked(&x, x.len(), 1, len as u64);
+            let periodic: Vec<bool> = (0..count)
+                .flat_map(|k| periodic[1 + k * stride..1 + k * stride + len].to_vec())
+                .collect();
+            let half: Vec<bool> = (0..count * len).map(|e| e % len < len / 2).collect();
+            let spans = [MaskSpans::new(Some(&periodic), len), MaskSpans::new(Some(&half), len)];
+            let lanes = |i: usize| Some(MaskedLanes::new(spans[i].as_ref().unwrap(), 0, 0, runs));
+            for (x, lanes) in [(&x, None), (&xp, lanes(0)), (&x, lanes(1))] {
+                let m = moments::runs_moments(x, runs, lanes);
+                assert_eq!(m, moments::runs_moments_impl(s, x, runs, lanes));
+                assert!(m.mean.is_finite() && m.m2.is_finite());
+                assert_eq!(
+                    moments::runs_grad_sums(x, &dy, runs, 1e3, lanes),
+                    moments::runs_grad_sums_impl(s, x, &dy, runs, 1e3, lanes)
+                );
+            }
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let a = WideAffine {
                 mean: 1e3 + 1.0 / 3.0,
@@ -419,13 +487,17 @@ mod tests {
                 on: channels % 2 == 1,
                 line: 64 / std::mem::size_of::<T>(),
             };
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c, pf);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
-            assert_eq!((&a, &b), (&d, &e));
-            let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
-            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2, pf);
-            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2, RowPrefetch::OFF);
-            assert_eq!((g1, g2), (h1, h2));
+            let (mask, xm) = masked(&x, rows, channels, channels as u64);
+            for (x, mask) in [(&xm, Some(&mask[..])), (&x, None)] {
+                let n1 = moments::rows_moments(x, mask, channels, &mut a, &mut b, &mut c, pf);
+                let n2 = moments::rows_moments_impl(s, x, mask, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
+                assert_eq!((n1, &a, &b), (n2, &d, &e));
+                assert!(a.iter().chain(&b).all(|v| v.is_finite()));
+                let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
+                moments::rows_grad_sums(x, &dy, mask, &a, &mut g1, &mut g2, pf);
+                moments::rows_grad_sums_impl(s, x, &dy, mask, &a, &mut h1, &mut h2, RowPrefetch::OFF);
+                assert_eq!((g1, g2), (h1, h2));
+            }
             let p = |k: f64| -> Vec<f64> { (0..channels).map(|c| k + c as f64 / 3.0).collect() };
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let affine = RowsAffine::new::<T>(&p(1e3), &p(0.5), &p(0.1));

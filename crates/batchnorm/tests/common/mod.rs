@@ -745,3 +745,19 @@ pub fn shard_starts(sizes: &[usize]) -> Vec<usize> {
         .scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n)))
         .collect()
 }
+
+/// Runs `f` in rayon pools of 1, 2 and 3 threads and asserts that every run returns what the
+/// first did (the kernels' results may not depend on the thread count).
+#[track_caller]
+pub fn assert_same_for_1_2_3_threads<R: PartialEq + Send>(what: &str, f: impl Fn() -> R + Send + Sync) {
+    let runs: Vec<R> = [1usize, 2, 3]
+        .into_iter()
+        .map(|t| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            pool.install(&f)
+        })
+        .collect();
+    for (t, run) in runs.iter().enumerate().skip(1) {
+        assert!(run == &runs[0], "{what}: 1 vs {} threads differ", t + 1);
+    }
+}

@@ -4,9 +4,11 @@
 //! error, never panicked, wrote no output and left the layer's state as it was.
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_stats, fold_into_preceding,
-    grad_sums, input_grad, normalize, update_running_stats, Affine, BatchNorm, BatchNormConfig, BatchStats, Error,
-    FixedStats, GradSums, Grads, InferenceAffine, Layout, Momentum, PopulationStats, SavedStats, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_backward_eval_masked, batch_norm_backward_masked,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_stats,
+    batch_stats_masked, fold_into_preceding, grad_sums, grad_sums_masked, input_grad, input_grad_masked, normalize,
+    normalize_masked, update_running_stats, Affine, BatchNorm, BatchNormConfig, BatchStats, Error, FixedStats,
+    GradSums, Grads, InferenceAffine, Layout, Momentum, PopulationStats, SavedStats, SingleProcess, View,
 };
 
 const S: f32 = 7.25; // sentinel
@@ -267,6 +269,23 @@ fn shape_cases<'a>(x: &'a [f32], shape: &'a [usize], layout: Layout, c: usize, w
         }),
         case(format!("{what} geometry"), w(), move |_| {
             layout.geometry(shape).map(drop)
+        }),
+        // Masked batch norm: the shape is checked before the mask.
+        case(format!("{what} train masked"), w(), move |o| {
+            batch_norm_train_masked(v(), &[], Affine::NONE, 1e-5, &mut o.y).map(drop)
+        }),
+        case(format!("{what} batch_stats masked"), w(), move |_| {
+            batch_stats_masked(v(), &[]).map(drop)
+        }),
+        case(format!("{what} backward masked"), w(), move |o| {
+            batch_norm_backward_masked(v(), &[], x, &saved(c, 4), None, o.grads())
+        }),
+        on_layer(format!("{what} layer train masked"), w(), move |o, bn| {
+            bn.forward_train_masked(v(), &[], &mut o.y).map(drop)
+        }),
+        on_layer(format!("{what} layer train masked sync"), w(), move |o, bn| {
+            bn.forward_train_masked_sync(&SingleProcess, v(), &[], &mut o.y)
+                .map(drop)
         }),
     ]
 }
@@ -1233,6 +1252,25 @@ fn ghost_errors() {
             bn.backward_sync(&SingleProcess, v, x, &saved(c, 12), o.grads())
                 .map(drop)
         }),
+        // Groups are whole examples; a mask selects positions: the masked passes reject the layer.
+        on_layer("layer train masked", Error::GhostNotMasked, move |o, bn| {
+            bn.forward_train_masked(v, &[true; 6], &mut o.y).map(drop)
+        }),
+        on_layer("layer backward masked", Error::GhostNotMasked, move |o, bn| {
+            bn.backward_masked(v, &[true; 6], x, &saved(c, 12), o.grads())
+        }),
+        on_layer("layer train masked sync", Error::GhostNotSynchronized, move |o, bn| {
+            bn.forward_train_masked_sync(&SingleProcess, v, &[true; 6], &mut o.y)
+                .map(drop)
+        }),
+        on_layer(
+            "layer backward masked sync",
+            Error::GhostNotSynchronized,
+            move |o, bn| {
+                bn.backward_masked_sync(&SingleProcess, v, &[true; 6], x, &saved(c, 12), o.grads())
+                    .map(drop)
+            },
+        ),
     ];
     check_all(n, c, &bn, cases);
 
@@ -1249,7 +1287,165 @@ fn ghost_errors() {
             on_layer("layer backward v = 1", Error::InvalidVirtualBatch(1), move |o, bn| {
                 bn.backward(v, x, &saved(c, 12), o.grads())
             }),
+            on_layer(
+                "layer train masked v = 1",
+                Error::InvalidVirtualBatch(1),
+                move |o, bn| bn.forward_train_masked(v, &[true; 6], &mut o.y).map(drop),
+            ),
+            on_layer(
+                "layer backward masked v = 1",
+                Error::InvalidVirtualBatch(1),
+                move |o, bn| bn.backward_masked(v, &[true; 6], x, &saved(c, 12), o.grads()),
+            ),
         ];
         check_all(n, c, &bn, cases);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked batch norm: the mask's length, the count of selected values.
+// ---------------------------------------------------------------------------------------------
+
+/// Every masked function and method rejects a mask whose length is not the number of values per
+/// channel (`BufferLength` named `mask`), after the input's and output buffers' own checks.
+#[test]
+fn masked_wrong_mask_length() {
+    let (shape, layout, n, c) = ([2usize, 3, 2, 2], Layout::NCHW, 24, 3);
+    let per_channel = 8;
+    let (g, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+    let fixed = FixedStats::new(&m, &var);
+    let (sv, sums) = (saved(c, 8), sums(c));
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let masks: Vec<Vec<bool>> = [0, per_channel - 1, per_channel + 1, n]
+        .map(|len| vec![true; len])
+        .into();
+    let (x, sv, sums, g) = (&x, &sv, &sums, &g);
+    let mut cases = Vec::new();
+    for mask in &masks {
+        let len = mask.len();
+        let want = buffer("mask", per_channel, len);
+        cases.extend([
+            case(format!("train mask {len}"), want.clone(), move |o| {
+                batch_norm_train_masked(v, mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            case(format!("eval mask {len}"), want.clone(), move |o| {
+                batch_norm_eval_masked(v, mask, fixed, Affine::NONE, 1e-5, &mut o.y)
+            }),
+            case(format!("normalize mask {len}"), want.clone(), move |o| {
+                normalize_masked(v, mask, sv, Affine::NONE, &mut o.y)
+            }),
+            case(format!("batch_stats mask {len}"), want.clone(), move |_| {
+                batch_stats_masked(v, mask).map(drop)
+            }),
+            case(format!("backward mask {len}"), want.clone(), move |o| {
+                batch_norm_backward_masked(v, mask, x, sv, Some(g), o.grads())
+            }),
+            case(format!("backward_eval mask {len}"), want.clone(), move |o| {
+                batch_norm_backward_eval_masked(v, mask, x, fixed, Some(g), 1e-5, o.grads())
+            }),
+            case(format!("grad_sums mask {len}"), want.clone(), move |_| {
+                grad_sums_masked(v, mask, x, sv).map(drop)
+            }),
+            case(format!("input_grad mask {len}"), want.clone(), move |o| {
+                input_grad_masked(v, mask, x, sv, sums, Some(g), &mut o.dx)
+            }),
+            on_layer(format!("layer train mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_train_masked(v, mask, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer eval mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_eval_masked(v, mask, &mut o.y)
+            }),
+            on_layer(format!("layer backward mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_masked(v, mask, x, sv, o.grads())
+            }),
+            on_layer(format!("layer backward_eval mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_eval_masked(v, mask, x, o.grads())
+            }),
+            on_layer(format!("layer train sync mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_train_masked_sync(&SingleProcess, v, mask, &mut o.y)
+                    .map(drop)
+            }),
+            on_layer(format!("layer backward sync mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_masked_sync(&SingleProcess, v, mask, x, sv, o.grads())
+                    .map(drop)
+            }),
+            on_layer(format!("frozen layer train mask {len}"), want.clone(), move |o, bn| {
+                bn.freeze();
+                let r = bn.forward_train_masked(v, mask, &mut o.y).map(drop);
+                bn.unfreeze();
+                r
+            }),
+            on_layer(
+                format!("frozen layer backward sync mask {len}"),
+                want.clone(),
+                move |o, bn| {
+                    bn.freeze();
+                    let r = bn
+                        .backward_masked_sync(&SingleProcess, v, mask, x, sv, o.grads())
+                        .map(drop);
+                    bn.unfreeze();
+                    r
+                },
+            ),
+        ]);
+    }
+    // The buffers of x, y and dy are checked before the mask.
+    let (short, bad_mask): (&[f32], &[bool]) = (&x[..n - 1], &[true; 3]);
+    cases.extend([
+        case("y before mask", buffer("y", n, n - 1), move |o| {
+            batch_norm_train_masked(v, bad_mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        })
+        .with_out(Out::sized(n - 1, n, c, c)),
+        case("dy before mask", buffer("dy", n, n - 1), move |o| {
+            batch_norm_backward_masked(v, bad_mask, short, sv, None, o.grads())
+        }),
+        case("x before mask", buffer("x", n, n - 1), move |_| {
+            batch_stats_masked(View::new(short, &shape, layout), bad_mask).map(drop)
+        }),
+    ]);
+    check_all(n, c, &layer(c), cases);
+}
+
+/// Training needs at least 2 selected values per channel: `TooFewValues` with their count (0 or 1)
+/// and the input's shape, from the free function and the layer (one-process and synchronized over
+/// one rank); the backward checks the saved count as the plain one does.
+#[test]
+fn masked_too_few_selected_values() {
+    let (shape, layout, n, c) = ([3usize, 2, 2], Layout::ChannelsLast, 12, 2);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let (one, good_sums) = (saved(c, 1), sums(c));
+    let mut cases = Vec::new();
+    for (mask, count) in [([false; 6], 0u64), ([false, false, false, true, false, false], 1)] {
+        let want = || too_few(count, &shape);
+        cases.extend([
+            case(format!("train {count} selected"), want(), move |o| {
+                batch_norm_train_masked(v, &mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer train {count} selected"), want(), move |o, bn| {
+                bn.forward_train_masked(v, &mask, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer train sync {count} selected"), want(), move |o, bn| {
+                bn.forward_train_masked_sync(&SingleProcess, v, &mask, &mut o.y)
+                    .map(drop)
+            }),
+        ]);
+    }
+    let (one, good_sums, x) = (&one, &good_sums, &x);
+    let mask = [true; 6];
+    cases.extend([
+        case("backward saved count 1", too_few(1, &shape), move |o| {
+            batch_norm_backward_masked(v, &mask, x, one, None, o.grads())
+        }),
+        case("grad_sums saved count 1", too_few(1, &shape), move |_| {
+            grad_sums_masked(v, &mask, x, one).map(drop)
+        }),
+        case("input_grad saved count 1", too_few(1, &shape), move |o| {
+            input_grad_masked(v, &mask, x, one, good_sums, None, &mut o.dx)
+        }),
+    ]);
+    check_all(n, c, &layer(c), cases);
+    // A shard may hold fewer than 2 selected values (its count is merged over workers).
+    assert_eq!(batch_stats_masked(v, &[false; 6]).unwrap().count, 0);
 }

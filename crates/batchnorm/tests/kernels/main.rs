@@ -16,6 +16,7 @@ mod fold;
 mod forward;
 mod ghost;
 mod layouts;
+mod masked;
 mod renorm_sync;
 mod stats;
 mod sync;
