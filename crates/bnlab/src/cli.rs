@@ -242,7 +242,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub cpu_time: bool,
     /// Batch-norm variants to time, comma-separated or repeated (bn: fwd_train, fwd_eval,
-    /// backward; frozen and renorm: fwd_train, backward). Default: all, each case's variants one
+    /// backward; the others: fwd_train, backward; masked: half of the positions valid as in
+    /// padded sequences, masked-random: a random half). Default: all, each case's variants one
     /// after the other in the same run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub variant: Vec<bnlab::bench::Variant>,

@@ -115,7 +115,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<7} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
+                "{:<13} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
                 "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
@@ -128,7 +128,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
                         let shape = format!("{:?}", r.shape);
                         let pct = 100.0 * r.gbps() / copy;
                         println!(
-                            "{:<7} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
+                            "{:<13} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
                             r.variant,
                             r.layout,
                             shape,

@@ -848,6 +848,42 @@ fn bench_times_every_variant() {
     assert_eq!(bench::Variant::Bn.ops(), [Op::FwdTrain, Op::FwdEval, Op::Backward]);
     assert_eq!(
         bench::Variant::ALL.map(|v| v.name()),
-        ["bn", "frozen", "renorm", "ghost"]
+        ["bn", "frozen", "renorm", "ghost", "masked", "masked-random"]
     );
+}
+
+/// The masks of the masked rows hold half of the positions: `masked` as padded sequences leave
+/// them (the first half of an NC batch's examples, the first half of each example's positions of
+/// a feature map), `masked-random` a scattered half (as many changes between valid and padding
+/// as a random mask has, far more than one per example), the same in every run.
+#[test]
+fn bench_masks_hold_half_of_the_positions() {
+    use bench::MaskPattern;
+    assert_eq!(
+        MaskPattern::Padded.mask(60, 1),
+        (0..60).map(|k| k < 30).collect::<Vec<_>>()
+    );
+    let (examples, positions) = (4, 14 * 14);
+    let padded = MaskPattern::Padded.mask(examples, positions);
+    assert_eq!(padded.len(), examples * positions);
+    for (k, example) in padded.chunks(positions).enumerate() {
+        let (valid, padding) = example.split_at(positions / 2);
+        assert!(
+            valid.iter().all(|&on| on) && padding.iter().all(|&on| !on),
+            "example {k}"
+        );
+    }
+    let changes = |m: &[bool]| m.windows(2).filter(|w| w[0] != w[1]).count();
+    for (examples, positions) in [(60, 1), (4, 14 * 14), (32, 56 * 56)] {
+        let random = MaskPattern::Random.mask(examples, positions);
+        let len = examples * positions;
+        assert_eq!(random.len(), len);
+        assert_eq!(random.iter().filter(|&&on| on).count(), len / 2);
+        assert_eq!(random, MaskPattern::Random.mask(examples, positions));
+        assert!(
+            changes(&random) > len / 4,
+            "{examples}×{positions}: {} changes",
+            changes(&random)
+        );
+    }
 }
