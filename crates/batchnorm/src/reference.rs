@@ -595,3 +595,101 @@ pub fn masked_backward_eval(
         backward_eval(rows, x, dy, mean, var, gamma, eps)
     })
 }
+
+/// The ReLU: t where t > 0, 0 where t ≤ 0; a NaN propagates.
+pub fn relu(t: f64) -> f64 {
+    if t > 0.0 || t.is_nan() {
+        t
+    } else {
+        0.0
+    }
+}
+
+/// What the ReLU keeps of its input t: t > 0 (and NaN, which propagates); its derivative there is
+/// 1, elsewhere 0 (at t = 0 exactly too: PyTorch's convention).
+pub fn relu_keeps(t: f64) -> bool {
+    t > 0.0 || t.is_nan()
+}
+
+/// `relu(y + z)` of a batch norm output `y` and a residual `z` (`None`: `relu(y)`). Returns (the
+/// output, its input t = y + z).
+pub fn add_relu(y: &[f64], z: Option<&[f64]>) -> (Vec<f64>, Vec<f64>) {
+    let t: Vec<f64> = match z {
+        Some(z) => y.iter().zip(z).map(|(a, b)| a + b).collect(),
+        None => y.to_vec(),
+    };
+    (t.iter().map(|&v| relu(v)).collect(), t)
+}
+
+/// Training forward of `relu(bn(x) + z)` (`z` `None`: `relu(bn(x))`): Algorithm 1
+/// ([`forward_train`]), plus z, through the ReLU. Returns (y, t = bn(x) + z, mean, biased var).
+#[allow(clippy::type_complexity)]
+pub fn relu_forward_train(
+    g: &Geometry,
+    x: &[f64],
+    z: Option<&[f64]>,
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (bn, mean, var) = forward_train(g, x, gamma, beta, eps);
+    let (y, t) = add_relu(&bn, z);
+    (y, t, mean, var)
+}
+
+/// Inference forward of `relu(bn(x) + z)` with given statistics ([`forward_eval`]). Returns
+/// (y, t = bn(x) + z).
+#[allow(clippy::too_many_arguments)]
+pub fn relu_forward_eval(
+    g: &Geometry,
+    x: &[f64],
+    z: Option<&[f64]>,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    add_relu(&forward_eval(g, x, mean, var, gamma, beta, eps), z)
+}
+
+/// The upstream gradient through the ReLU: dy where the forward's ReLU kept its input
+/// (`kept`, [`relu_keeps`] of t), 0 elsewhere. It is also ∂ℓ/∂z of `relu(bn(x) + z)`.
+pub fn relu_backward(dy: &[f64], kept: &[bool]) -> Vec<f64> {
+    dy.iter().zip(kept).map(|(&d, &k)| if k { d } else { 0.0 }).collect()
+}
+
+/// Training backward of `relu(bn(x) + z)` (or `relu(bn(x))`), given which outputs the forward's
+/// ReLU kept: the chain rule through the ReLU ([`relu_backward`]), then batch norm's
+/// ([`backward_train`]). Returns (dx, dγ, dβ, dz).
+#[allow(clippy::type_complexity)]
+pub fn relu_backward_train(
+    g: &Geometry,
+    x: &[f64],
+    kept: &[bool],
+    dy: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let dz = relu_backward(dy, kept);
+    let (dx, dgamma, dbeta) = backward_train(g, x, &dz, gamma, eps);
+    (dx, dgamma, dbeta, dz)
+}
+
+/// Inference-mode backward of `relu(bn(x) + z)` with fixed statistics, given which outputs the
+/// forward's ReLU kept: [`relu_backward`], then [`backward_eval`]. Returns (dx, dγ, dβ, dz).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn relu_backward_eval(
+    g: &Geometry,
+    x: &[f64],
+    kept: &[bool],
+    dy: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let dz = relu_backward(dy, kept);
+    let (dx, dgamma, dbeta) = backward_eval(g, x, &dz, mean, var, gamma, eps);
+    (dx, dgamma, dbeta, dz)
+}

@@ -18,6 +18,7 @@
 
 use super::fold_lanes;
 use super::mask::MaskSpans;
+use super::relu::{BitsAt, Gated, MaskBits, Ungated, Upstream};
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -457,20 +458,21 @@ simd_dispatch! {
     pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 
-/// Adds (Σ dy, Σ dy·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
-/// `lanes` has on to `acc`.
+/// Adds (Σ g, Σ g·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
+/// `lanes` has on to `acc`, with g the upstream gradient `u` makes of dy (read at `pg`).
 ///
 /// # Safety
-/// `px` and `pg` must be valid for reading `n` elements.
+/// `px` and `pg` must be valid for reading `n` elements, and `u` made for those `n`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>>(
+unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: Upstream<T>>(
     s: S,
     px: *const T,
     pg: *const T,
     n: usize,
     m: f64,
     lanes: L,
+    u: U,
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
@@ -480,8 +482,8 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>>(
     unsafe {
         while i + 16 <= n {
             let (m0, m1) = (lanes.mask(s, i), lanes.mask(s, i + 8));
-            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
-            let g1 = lanes.keep(s, m1, s.load(pg.add(i + 8)));
+            let g0 = lanes.keep(s, m0, u.wide8(s, i, s.load(pg.add(i))));
+            let g1 = lanes.keep(s, m1, u.wide8(s, i + 8, s.load(pg.add(i + 8))));
             a0 = s.add(a0, g0);
             a1 = s.add(a1, g1);
             b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
@@ -490,14 +492,14 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>>(
         }
         if i + 8 <= n {
             let m0 = lanes.mask(s, i);
-            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
+            let g0 = lanes.keep(s, m0, u.wide8(s, i, s.load(pg.add(i))));
             a0 = s.add(a0, g0);
             b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
             i += 8;
         }
         while i < n {
             if lanes.on(i) {
-                let g = (*pg.add(i)).to_f64();
+                let g = u.wide1(i, (*pg.add(i)).to_f64());
                 acc.ta += g;
                 acc.tb = g.mul_add((*px.add(i)).to_f64() - m, acc.tb);
             }
@@ -515,6 +517,7 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     runs: Runs,
     m: f64,
     mask: Option<MaskedLanes>,
+    relu: Option<MaskBits>,
 ) -> (f64, f64) {
     runs.check(x.len());
     runs.check(dy.len());
@@ -527,7 +530,11 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
         // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
         for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
             let o = o + r.start;
-            run_grad_sums(s, xp.add(o), gp.add(o), r.len(), m, lanes, &mut acc)
+            let (px, pg, n) = (xp.add(o), gp.add(o), r.len());
+            match relu {
+                None => run_grad_sums(s, px, pg, n, m, lanes, Ungated, &mut acc),
+                Some(bits) => run_grad_sums(s, px, pg, n, m, lanes, Gated::new(bits.at(o, n)), &mut acc),
+            }
         });
     }
     acc.finish(s)
@@ -536,9 +543,10 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
 simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
     /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
-    /// skipped; with every element on, the same bits as without).
+    /// skipped; with every element on, the same bits as without). With `relu` (the bits of a
+    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·[kept] instead.
     pub(crate) fn runs_grad_sums<T>(
-        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>
+        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
     ) -> (f64, f64) => runs_grad_sums_impl
 }
 
@@ -831,11 +839,11 @@ pub(crate) fn merge_rows(
     }
 }
 
-/// (Σ dy, Σ dy·(x − m)) per channel over the rows of a block that `set` has on, accumulated
-/// into `sum_dy`, `sum_dy_xmu`.
+/// (Σ g, Σ g·(x − m)) per channel over the rows of a block that `set` has on, accumulated
+/// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
+fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: Upstream<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -844,6 +852,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
     set: R,
+    u: U,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -864,7 +873,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
             if !set.on(r) {
                 return (a, b);
             }
-            let g = s.load(gp.add(r * channels + c));
+            let g = u.wide8(s, r * channels + c, s.load(gp.add(r * channels + c)));
             let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
             (s.add(a, g), s.mul_add(g, d, b))
         },
@@ -873,7 +882,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
             if !set.on(r) {
                 return (a, b);
             }
-            let g = (*gp.add(r * channels + c)).to_f64();
+            let g = u.wide1(r * channels + c, (*gp.add(r * channels + c)).to_f64());
             (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
         },
         pf,
@@ -896,22 +905,29 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
+    relu: Option<BitsAt>,
 ) {
-    match mask {
-        None => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows),
-        Some(mask) => {
-            assert_eq!(mask.len() * mean.len(), x.len());
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask)
+    match (mask, relu) {
+        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Ungated),
+        (None, Some(bits)) => {
+            let u = Gated::new(bits);
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u)
         }
+        (Some(mask), None) => {
+            assert_eq!(mask.len() * mean.len(), x.len());
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Ungated)
+        }
+        (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }
 }
 
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
     /// `sum_dy_xmu`; with `mask` (one entry per row), over the rows whose entry is true (the
-    /// others are skipped, so neither their x nor their dy reaches the sums).
+    /// others are skipped, so neither their x nor their dy reaches the sums). With `relu` (a
+    /// fused ReLU's mask bits of the block), of the upstream gradient dy·[kept] instead.
     pub(crate) fn rows_grad_sums<T>(
         x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
-        pf: RowPrefetch
+        pf: RowPrefetch, relu: Option<BitsAt>
     ) => rows_grad_sums_impl
 }
