@@ -3,9 +3,9 @@
 
 use crate::check;
 use crate::fused::ReluForward;
-use crate::kernels::{plan, relu};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
+use crate::kernels::{plan, relu};
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
 use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 

@@ -379,7 +379,12 @@ impl<T: Element> BatchNorm<T> {
     /// let kept = (0..16).filter(|&k| mask.kept(k) == Some(true)).count();
     /// assert_eq!(dbeta.iter().sum::<f32>(), kept as f32); // dβ = Σ dy·[y > 0]
     /// ```
-    pub fn forward_train_relu(&mut self, x: View<'_, T>, y: &mut [T], mask: &mut ReluMask) -> Result<SavedStats, Error> {
+    pub fn forward_train_relu(
+        &mut self,
+        x: View<'_, T>,
+        y: &mut [T],
+        mask: &mut ReluMask,
+    ) -> Result<SavedStats, Error> {
         self.forward_train_where(x, None, forward(None, Some(mask)), y)
     }
 

@@ -413,7 +413,10 @@ pub(crate) fn normalize_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Forward<'_, T>>,
 ) {
-    assert!(mask.is_none() || relu.is_none(), "no fused pass takes a mask over positions");
+    assert!(
+        mask.is_none() || relu.is_none(),
+        "no fused pass takes a mask over positions"
+    );
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     let layout = BitLayout::new(g);
@@ -477,7 +480,10 @@ pub(crate) fn train_forward_where<T: Element>(
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
-        assert!(mask.is_none() || relu.is_none(), "no fused pass takes a mask over positions");
+        assert!(
+            mask.is_none() || relu.is_none(),
+            "no fused pass takes a mask over positions"
+        );
         // A fused unit re-reads its channel from L2, not from the last-level cache.
         let stream = stream_output::<T>(g, 0);
         let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
@@ -625,7 +631,10 @@ pub(crate) fn input_grad_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    assert!(mask.is_none() || relu.is_none(), "no fused pass takes a mask over positions");
+    assert!(
+        mask.is_none() || relu.is_none(),
+        "no fused pass takes a mask over positions"
+    );
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
     let (chunk, segment_len) = match g.inner {
@@ -648,7 +657,9 @@ pub(crate) fn input_grad_where<T: Element>(
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
-                let mut back = back.as_mut().map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
                 write_where(segment(&spans, o), 1, op, |r, or, nt| {
                     ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
                 });
@@ -701,8 +712,14 @@ pub(crate) fn train_backward_where<T: Element>(
     relu: Option<relu::Backward<'_, T>>,
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
-    assert!(mask.is_none() || relu.is_none(), "no fused pass takes a mask over positions");
-    assert!(dx.is_some() || relu.as_ref().is_none_or(|r| r.dz.is_none()), "dz comes with dx");
+    assert!(
+        mask.is_none() || relu.is_none(),
+        "no fused pass takes a mask over positions"
+    );
+    assert!(
+        dx.is_some() || relu.as_ref().is_none_or(|r| r.dz.is_none()),
+        "dz comes with dx"
+    );
     let bits = relu.as_ref().map(|r| r.bits);
     match dx {
         Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
@@ -768,7 +785,10 @@ pub(crate) fn scale_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    assert!(mask.is_none() || relu.is_none(), "no fused pass takes a mask over positions");
+    assert!(
+        mask.is_none() || relu.is_none(),
+        "no fused pass takes a mask over positions"
+    );
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
@@ -780,7 +800,9 @@ pub(crate) fn scale_where<T: Element>(
             let first_plane = u * (chunk / g.inner);
             for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
-                let mut back = back.as_mut().map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
                 write_where(segment(&spans, o), 1, op, |r, or, nt| {
                     ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
                 });

@@ -69,7 +69,10 @@ impl<'a> MaskBits<'a> {
     #[inline(always)]
     pub fn at(self, e: usize, n: usize) -> BitsAt<'a> {
         let first = self.layout.bit(e);
-        debug_assert!(n == 0 || e % self.layout.len + n <= self.layout.len, "bits across segments");
+        debug_assert!(
+            n == 0 || e % self.layout.len + n <= self.layout.len,
+            "bits across segments"
+        );
         // The last bit read and the byte after it (a reader takes two bytes at a time).
         assert!((first + n.max(1) - 1) / 8 + 1 < self.bytes.len());
         BitsAt {
@@ -187,7 +190,10 @@ impl<'a, T> Forward<'a, T> {
         let first = k * layout.len;
         Act {
             z: self.z.map(|z| &z[first..first + n]),
-            bits: self.bits.as_deref_mut().map(|b| &mut b[k * layout.bytes..(k + 1) * layout.bytes]),
+            bits: self
+                .bits
+                .as_deref_mut()
+                .map(|b| &mut b[k * layout.bytes..(k + 1) * layout.bytes]),
         }
     }
 }
@@ -299,7 +305,11 @@ impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD
     #[inline(always)]
     unsafe fn narrow1(self, i: usize, v: f32) -> f32 {
         // SAFETY (all blocks): as in `narrow8`.
-        let v = if ADD { v + unsafe { *(self.z as *const f32).add(i) } } else { v };
+        let v = if ADD {
+            v + unsafe { *(self.z as *const f32).add(i) }
+        } else {
+            v
+        };
         let keep = relu_keeps(v as f64);
         if BITS {
             unsafe { self.bits.put1(i, keep) };
@@ -331,7 +341,11 @@ impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD
         let round = |v: f64| T::from_f64(v).to_f64();
         let v = round(v);
         // SAFETY (all blocks): as in `narrow8`.
-        let v = if ADD { round(v + unsafe { *self.z.add(i) }.to_f64()) } else { v };
+        let v = if ADD {
+            round(v + unsafe { *self.z.add(i) }.to_f64())
+        } else {
+            v
+        };
         let keep = relu_keeps(v);
         if BITS {
             unsafe { self.bits.put1(i, keep) };
@@ -546,7 +560,8 @@ macro_rules! with_upstream {
             }
             Some($crate::kernels::relu::Back { bits, dz: Some(dz) }) => {
                 assert_eq!(dz.len(), $n);
-                let same = (dz.as_ptr() as usize).wrapping_sub($out as usize) % $crate::kernels::simd::STREAM_ALIGN == 0;
+                let same =
+                    (dz.as_ptr() as usize).wrapping_sub($out as usize) % $crate::kernels::simd::STREAM_ALIGN == 0;
                 let $u = $crate::kernels::relu::Gated::with_dz(bits, dz, $stream && same);
                 $body
             }

@@ -134,7 +134,9 @@ pub(crate) fn relu_one(v: f64) -> f64 {
 /// Which of 8 lanes a ReLU keeps, lane l as bit l.
 #[inline(always)]
 fn relu_bits(v: &[f64; 8]) -> u8 {
-    v.iter().enumerate().fold(0, |b, (l, &x)| b | (relu_keeps(x) as u8) << l)
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (l, &x)| b | (relu_keeps(x) as u8) << l)
 }
 
 /// The portable backend: arrays of 8 `f64`, which the compiler vectorizes as it can.
@@ -315,7 +317,12 @@ mod x86 {
         #[inline(always)]
         fn round<T: Element>(self, v: Self::V) -> Self::V {
             if is_f32::<T>() {
-                unsafe { (_mm256_cvtps_pd(_mm256_cvtpd_ps(v.0)), _mm256_cvtps_pd(_mm256_cvtpd_ps(v.1))) }
+                unsafe {
+                    (
+                        _mm256_cvtps_pd(_mm256_cvtpd_ps(v.0)),
+                        _mm256_cvtps_pd(_mm256_cvtpd_ps(v.1)),
+                    )
+                }
             } else {
                 v
             }
@@ -325,7 +332,10 @@ mod x86 {
             unsafe {
                 let zero = _mm256_setzero_pd();
                 // Not ≤ 0, unordered: > 0 or NaN.
-                let (m0, m1) = (_mm256_cmp_pd::<_CMP_NLE_UQ>(v.0, zero), _mm256_cmp_pd::<_CMP_NLE_UQ>(v.1, zero));
+                let (m0, m1) = (
+                    _mm256_cmp_pd::<_CMP_NLE_UQ>(v.0, zero),
+                    _mm256_cmp_pd::<_CMP_NLE_UQ>(v.1, zero),
+                );
                 let bits = _mm256_movemask_pd(m0) | _mm256_movemask_pd(m1) << 4;
                 ((_mm256_and_pd(m0, v.0), _mm256_and_pd(m1, v.1)), bits as u8)
             }
@@ -536,10 +546,25 @@ mod tests {
     fn forward_agrees<T: Element>(n: usize, z: &[T], run: impl Fn(bool, &mut [T], Option<Act<'_, T>>)) {
         let zero = || vec![T::from_f64(0.0); n];
         for (residual, with_bits) in [(false, false), (false, true), (true, false), (true, true)] {
-            let (mut y1, mut y2, mut b1, mut b2) = (zero(), zero(), vec![0u8; n.div_ceil(8)], vec![0xffu8; n.div_ceil(8)]);
+            let (mut y1, mut y2, mut b1, mut b2) =
+                (zero(), zero(), vec![0u8; n.div_ceil(8)], vec![0xffu8; n.div_ceil(8)]);
             let zr = residual.then_some(z);
-            run(true, &mut y1, Some(Act { z: zr, bits: with_bits.then_some(&mut b1[..]) }));
-            run(false, &mut y2, Some(Act { z: zr, bits: with_bits.then_some(&mut b2[..]) }));
+            run(
+                true,
+                &mut y1,
+                Some(Act {
+                    z: zr,
+                    bits: with_bits.then_some(&mut b1[..]),
+                }),
+            );
+            run(
+                false,
+                &mut y2,
+                Some(Act {
+                    z: zr,
+                    bits: with_bits.then_some(&mut b2[..]),
+                }),
+            );
             assert_eq!(y1, y2, "residual {residual}, bits {with_bits}");
             if with_bits {
                 // The spare bits of the last byte are not written.
@@ -566,8 +591,22 @@ mod tests {
         run(true, &mut d1, Some(Back { bits: at(), dz: None }));
         run(false, &mut d2, Some(Back { bits: at(), dz: None }));
         assert_eq!(d1, d2);
-        run(true, &mut d1, Some(Back { bits: at(), dz: Some(&mut z1) }));
-        run(false, &mut d2, Some(Back { bits: at(), dz: Some(&mut z2) }));
+        run(
+            true,
+            &mut d1,
+            Some(Back {
+                bits: at(),
+                dz: Some(&mut z1),
+            }),
+        );
+        run(
+            false,
+            &mut d2,
+            Some(Back {
+                bits: at(),
+                dz: Some(&mut z2),
+            }),
+        );
         assert_eq!((d1, z1), (d2, z2));
     }
 

@@ -49,7 +49,7 @@ fn relu_backward_t<T: Element>(y: &[T], dy: &[T]) -> Vec<T> {
 }
 
 /// Which elements a mask says the ReLU kept.
-fn kept(mask: &ReluMask) -> Vec<bool> {
+fn kept_of(mask: &ReluMask) -> Vec<bool> {
     (0..mask.len()).map(|k| mask.kept(k).unwrap()).collect()
 }
 
@@ -64,10 +64,16 @@ fn bits<T: Element>(v: &[T]) -> Vec<u64> {
 }
 
 /// Every output of a training step and an inference step of `relu(bn(x) + z)` (`z` `None`:
-/// `relu(bn(x))`), named: by the fused functions and layer methods (`fused`), or by the unfused
+/// `relu(bn(x))`, no dz), named: by the fused functions and layer methods (`fused`), or by the unfused
 /// sequence of plain functions and methods (`!fused`). γ of channel 0 is 0 and β 0 when there
 /// are several channels, so that its ReLU inputs are exactly 0 (the kink) without a residual.
-fn outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], z: Option<&[T]>, fused: bool) -> Vec<(String, Vec<u64>)> {
+fn outputs<T: TestFloat>(
+    d: &Data,
+    layout: Layout,
+    shape: &[usize],
+    z: Option<&[T]>,
+    fused: bool,
+) -> Vec<(String, Vec<u64>)> {
     let (x, dy, mut g, mut b) = d.narrowed::<T>();
     if g.len() > 1 {
         (g[0], b[0]) = (T::from_f64(0.0), T::from_f64(0.0));
@@ -143,30 +149,49 @@ fn outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], z: Option<&[
         activate(&mut y, &mut kept_t);
         let up = relu_backward_t(&y, &dy);
         batch_norm_backward(v, &up, &saved, Some(&g), Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
-        dz.copy_from_slice(&up);
+        if z.is_some() {
+            dz.copy_from_slice(&up);
+        }
         batch_norm_eval(v, fixed, affine, 1e-5, &mut ye).unwrap();
         let mut kept_e = Vec::new();
         activate(&mut ye, &mut kept_e);
         let up_e = relu_backward_t(&ye, &dy);
-        batch_norm_backward_eval(v, &up_e, fixed, Some(&g), 1e-5, Grads::new(&mut dxe, &mut dge, &mut dbe)).unwrap();
-        dze.copy_from_slice(&up_e);
+        batch_norm_backward_eval(
+            v,
+            &up_e,
+            fixed,
+            Some(&g),
+            1e-5,
+            Grads::new(&mut dxe, &mut dge, &mut dbe),
+        )
+        .unwrap();
+        if z.is_some() {
+            dze.copy_from_slice(&up_e);
+        }
         let saved = bn.forward_train(v, &mut yl).unwrap();
         let mut kept_l = Vec::new();
         activate(&mut yl, &mut kept_l);
         let up_l = relu_backward_t(&yl, &dy);
-        bn.backward(v, &up_l, &saved, Grads::new(&mut dxl, &mut dgl, &mut dbl)).unwrap();
-        dzl.copy_from_slice(&up_l);
+        bn.backward(v, &up_l, &saved, Grads::new(&mut dxl, &mut dgl, &mut dbl))
+            .unwrap();
+        if z.is_some() {
+            dzl.copy_from_slice(&up_l);
+        }
         return named(
             &stats,
-            [&y, &dx, &dg, &db, &dz, &ye, &dxe, &dge, &dbe, &dze, &yl, &dxl, &dgl, &dbl, &dzl],
+            [
+                &y, &dx, &dg, &db, &dz, &ye, &dxe, &dge, &dbe, &dze, &yl, &dxl, &dgl, &dbl, &dzl,
+            ],
             [kept_t, kept_e, kept_l],
             &bn,
         );
     }
     named(
         &stats,
-        [&y, &dx, &dg, &db, &dz, &ye, &dxe, &dge, &dbe, &dze, &yl, &dxl, &dgl, &dbl, &dzl],
-        [kept(&mask), kept(&mask_e), kept(&mask_l)],
+        [
+            &y, &dx, &dg, &db, &dz, &ye, &dxe, &dge, &dbe, &dze, &yl, &dxl, &dgl, &dbl, &dzl,
+        ],
+        [kept_of(&mask), kept_of(&mask_e), kept_of(&mask_l)],
         &bn,
     )
 }
@@ -179,10 +204,27 @@ fn named<T: Element>(
     bn: &BatchNorm<T>,
 ) -> Vec<(String, Vec<u64>)> {
     let names = [
-        "train y", "dx", "dgamma", "dbeta", "dz", "eval y", "eval dx", "eval dgamma", "eval dbeta", "eval dz",
-        "layer y", "layer dx", "layer dgamma", "layer dbeta", "layer dz",
+        "train y",
+        "dx",
+        "dgamma",
+        "dbeta",
+        "dz",
+        "eval y",
+        "eval dx",
+        "eval dgamma",
+        "eval dbeta",
+        "eval dz",
+        "layer y",
+        "layer dx",
+        "layer dgamma",
+        "layer dbeta",
+        "layer dz",
     ];
-    let mut out: Vec<(String, Vec<u64>)> = names.iter().zip(buffers).map(|(n, v)| (n.to_string(), bits(v))).collect();
+    let mut out: Vec<(String, Vec<u64>)> = names
+        .iter()
+        .zip(buffers)
+        .map(|(n, v)| (n.to_string(), bits(v)))
+        .collect();
     for (name, m) in ["train mask", "eval mask", "layer mask"].into_iter().zip(masks) {
         out.push((name.into(), m.into_iter().map(u64::from).collect()));
     }
@@ -234,6 +276,35 @@ fn fused_equals_unfused_sequence_bit_for_bit() {
     for (i, (layout, shape)) in shapes.into_iter().enumerate() {
         assert_fused_is_unfused::<f32>(layout, &shape, 1300 + i as u64);
         assert_fused_is_unfused::<f64>(layout, &shape, 1400 + i as u64);
+    }
+}
+
+/// f32 data of magnitude 1e37, whose per-channel constants do not fit f32 (the mean is above
+/// 2¹⁰⁰): those channels are computed in f64, where the fused passes round batch norm's value to
+/// f32 before adding the residual, as the unfused sequence does. Still its bits.
+#[test]
+fn fused_equals_unfused_sequence_on_the_f64_path() {
+    for (i, (layout, shape)) in [
+        (Layout::NCHW, vec![2, 3, 5, 7]),
+        (Layout::NHWC, vec![2, 5, 3, 9]),
+        (Layout::NC, vec![40, 3]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut d = Data::new::<f32>(layout, &shape, 2100 + i as u64);
+        let big = |v: &[f64], k: f64| wide(&narrow::<f32>(&v.iter().map(|a| a * k).collect::<Vec<f64>>()));
+        (d.x, d.mean) = (big(&d.x, 1e37), big(&d.mean, 1e37));
+        let z = residual::<f32>(layout, &shape, 2100 + i as u64);
+        for z in [None, Some(&z[..])] {
+            let (fused, unfused) = (
+                outputs::<f32>(&d, layout, &shape, z, true),
+                outputs::<f32>(&d, layout, &shape, z, false),
+            );
+            for ((name, a), (_, b)) in fused.iter().zip(&unfused) {
+                assert!(a == b, "{layout} {shape:?} residual={}: {name} differs", z.is_some());
+            }
+        }
     }
 }
 
@@ -291,15 +362,25 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
             .map(|(k, s)| s + abs_z(k))
             .collect();
         assert_close(&format!("{what} y"), &y, &ry, &scale, rel);
-        let kept = kept(&mask);
+        let kept = kept_of(&mask);
         for k in 0..n {
             if rt[k].abs() > tol::<T>(rt[k], scale[k], rel) {
-                assert_eq!(kept[k], reference::relu_keeps(rt[k]), "{what}: mask[{k}], t = {:e}", rt[k]);
+                assert_eq!(
+                    kept[k],
+                    reference::relu_keeps(rt[k]),
+                    "{what}: mask[{k}], t = {:e}",
+                    rt[k]
+                );
             }
         }
 
         // Training backward, through the forward's mask.
-        let (mut dx, mut dg, mut db, mut dz) = (vec![nan; n], vec![nan; d.g.channels], vec![nan; d.g.channels], vec![nan; n]);
+        let (mut dx, mut dg, mut db, mut dz) = (
+            vec![nan; n],
+            vec![nan; d.g.channels],
+            vec![nan; d.g.channels],
+            vec![nan; n],
+        );
         let grads = Grads::new(&mut dx, &mut dg, &mut db);
         match z {
             Some(_) => batch_norm_backward_add_relu(v, &dy, &mask, &saved, opt(&gt, affine), grads, &mut dz),
@@ -318,7 +399,15 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         // Inference forward and backward.
         let (mut ye, mut mask_e) = (vec![nan; n], ReluMask::new());
         match z {
-            Some(z) => batch_norm_eval_add_relu(v, z, fixed, affine_if(affine, &gt, &bt), eps, &mut ye, Some(&mut mask_e)),
+            Some(z) => batch_norm_eval_add_relu(
+                v,
+                z,
+                fixed,
+                affine_if(affine, &gt, &bt),
+                eps,
+                &mut ye,
+                Some(&mut mask_e),
+            ),
             None => batch_norm_eval_relu(v, fixed, affine_if(affine, &gt, &bt), eps, &mut ye, Some(&mut mask_e)),
         }
         .unwrap();
@@ -329,17 +418,23 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
             .map(|(k, s)| s + abs_z(k))
             .collect();
         assert_close(&format!("{what} eval y"), &ye, &rye, &scale_e, elementwise_rel::<T>());
-        let kept_e = kept(&mask_e);
+        let kept_e = kept_of(&mask_e);
         for k in 0..n {
             if rte[k].abs() > tol::<T>(rte[k], scale_e[k], elementwise_rel::<T>()) {
                 assert_eq!(kept_e[k], reference::relu_keeps(rte[k]), "{what}: eval mask[{k}]");
             }
         }
-        let (mut dxe, mut dge, mut dbe, mut dze) =
-            (vec![nan; n], vec![nan; d.g.channels], vec![nan; d.g.channels], vec![nan; n]);
+        let (mut dxe, mut dge, mut dbe, mut dze) = (
+            vec![nan; n],
+            vec![nan; d.g.channels],
+            vec![nan; d.g.channels],
+            vec![nan; n],
+        );
         let grads = Grads::new(&mut dxe, &mut dge, &mut dbe);
         match z {
-            Some(_) => batch_norm_backward_eval_add_relu(v, &dy, &mask_e, fixed, opt(&gt, affine), eps, grads, &mut dze),
+            Some(_) => {
+                batch_norm_backward_eval_add_relu(v, &dy, &mask_e, fixed, opt(&gt, affine), eps, grads, &mut dze)
+            }
             None => batch_norm_backward_eval_relu(v, &dy, &mask_e, fixed, opt(&gt, affine), eps, grads),
         }
         .unwrap();
@@ -351,12 +446,26 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
                 (rdze[k] * gamma[c]).abs() / (d.var[c] + eps).sqrt()
             })
             .collect();
-        let up = Data { dy: rdze.clone(), ..d.clone() };
+        let up = Data {
+            dy: rdze.clone(),
+            ..d.clone()
+        };
         let sum_abs: Vec<f64> = (0..d.g.channels)
-            .map(|c| (0..n).filter(|&k| channel_of(&d.g, k) == c).map(|k| rdze[k].abs()).sum())
+            .map(|c| {
+                (0..n)
+                    .filter(|&k| channel_of(&d.g, k) == c)
+                    .map(|k| rdze[k].abs())
+                    .sum()
+            })
             .collect();
         assert_close(&format!("{what} eval dx"), &dxe, &rdxe, &sdxe, elementwise_rel::<T>());
-        assert_close(&format!("{what} eval dgamma"), &dge, &rdge, &eval_dgamma_scale(&up, &rdze, eps), rel);
+        assert_close(
+            &format!("{what} eval dgamma"),
+            &dge,
+            &rdge,
+            &eval_dgamma_scale(&up, &rdze, eps),
+            rel,
+        );
         assert_close(&format!("{what} eval dbeta"), &dbe, &rdbe, &sum_abs, rel);
         if z.is_some() {
             assert_eq!(wide(&dze), rdze, "{what}: eval dz is dy·[kept]");
@@ -387,7 +496,11 @@ fn away_from_kink(layout: Layout, shape: &[usize], seed: u64, residual_on: bool,
     (seed..seed + 1000)
         .map(|s| {
             let d = Data::new::<f64>(layout, shape, s);
-            let z = if residual_on { residual::<f64>(layout, shape, s) } else { vec![0.0; d.x.len()] };
+            let z = if residual_on {
+                residual::<f64>(layout, shape, s)
+            } else {
+                vec![0.0; d.x.len()]
+            };
             (d, z)
         })
         .find(|(d, z)| {
@@ -431,7 +544,11 @@ fn fused_backward_matches_finite_differences() {
             let what = format!("{layout} {shape:?} affine={affine} residual={residual_on}");
             let loss_x = |x: &[f64], g: &[f64], b: &[f64]| loss_of(w, |y| drop(forward(x, &z, g, b, y)));
             let loss_params = |g: &[f64], b: &[f64]| loss_of(w, |y| drop(forward(&d.x, &z, g, b, y)));
-            let (dgs, dbs) = if affine { (dg.clone(), db.clone()) } else { (vec![0.0; c], vec![0.0; c]) };
+            let (dgs, dbs) = if affine {
+                (dg.clone(), db.clone())
+            } else {
+                (vec![0.0; c], vec![0.0; c])
+            };
             assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dgs, &dbs), loss_x, loss_params);
             if residual_on {
                 for k in 0..z.len() {
@@ -463,12 +580,18 @@ fn check_kink<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let (mut y, mut mask) = (vec![T::from_f64(f64::NAN); n], ReluMask::new());
     let (_, saved) = batch_norm_train_relu(v, Affine::new(&g0, &b0), 1e-5, &mut y, &mut mask).unwrap();
     assert!(bits(&y).iter().all(|&b| b == 0), "{what}: relu(0) is +0.0");
-    assert!(kept(&mask).iter().all(|&k| !k), "{what}: the ReLU keeps no 0");
+    assert!(kept_of(&mask).iter().all(|&k| !k), "{what}: the ReLU keeps no 0");
     let (mut dx, mut dg, mut db) = (vec![zero; n], vec![T::from_f64(1.0); c], vec![T::from_f64(1.0); c]);
     batch_norm_backward_relu(v, &dy, &mask, &saved, Some(&g0), Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
-    assert!(dg.iter().chain(&db).chain(&dx).all(|v| v.to_f64() == 0.0), "{what}: gradient 0 at t = 0");
+    assert!(
+        dg.iter().chain(&db).chain(&dx).all(|v| v.to_f64() == 0.0),
+        "{what}: gradient 0 at t = 0"
+    );
     let (_, rdg, rdb) = reference::backward_train(&d.g, &d.x, &d.dy, &vec![1.0; c], 1e-5);
-    assert!(rdg.iter().chain(&rdb).any(|v| v.abs() > 1e-3), "{what}: the data would pass a gradient at 0");
+    assert!(
+        rdg.iter().chain(&rdb).any(|v| v.abs() > 1e-3),
+        "{what}: the data would pass a gradient at 0"
+    );
 
     // z = −bn(x) at even elements (t = +0.0 there exactly), 0 elsewhere.
     let mut bn = vec![zero; n];
@@ -480,13 +603,16 @@ fn check_kink<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
         .collect();
     let mut mask = ReluMask::new();
     let (_, saved) = batch_norm_train_add_relu(v, &z, Affine::new(&gt, &bt), 1e-5, &mut y, &mut mask).unwrap();
-    let kept = kept(&mask);
+    let kept = kept_of(&mask);
     let (mut dz, mut dx, mut dg, mut db) = (vec![zero; n], vec![zero; n], vec![zero; c], vec![zero; c]);
     let grads = Grads::new(&mut dx, &mut dg, &mut db);
     batch_norm_backward_add_relu(v, &dy, &mask, &saved, Some(&gt), grads, &mut dz).unwrap();
     for k in 0..n {
         if k % 2 == 0 {
-            assert!(y[k].to_f64().to_bits() == 0 && !kept[k], "{what}: t[{k}] = 0 gives +0.0, not kept");
+            assert!(
+                y[k].to_f64().to_bits() == 0 && !kept[k],
+                "{what}: t[{k}] = 0 gives +0.0, not kept"
+            );
             assert_eq!(dz[k].to_f64(), 0.0, "{what}: dz[{k}] at t = 0");
         } else {
             assert_eq!(kept[k], bn[k].to_f64() > 0.0, "{what}: mask[{k}]");
@@ -503,7 +629,11 @@ fn check_kink<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
 
 #[test]
 fn gradient_is_zero_at_the_kink() {
-    for (i, (layout, shape)) in fd_shapes().into_iter().chain(chunking_shapes().into_iter().take(4)).enumerate() {
+    for (i, (layout, shape)) in fd_shapes()
+        .into_iter()
+        .chain(chunking_shapes().into_iter().take(4))
+        .enumerate()
+    {
         check_kink::<f32>(layout, &shape, 1900 + i as u64);
         check_kink::<f64>(layout, &shape, 1950 + i as u64);
     }
@@ -551,11 +681,17 @@ fn layer_frozen_and_small_batch_fused() {
         let (mut dxe, mut dge, mut dbe, mut dze) = (vec![0.0; n], vec![0.0; c], vec![0.0; c], vec![0.0; n]);
         let grads = Grads::new(&mut dxe, &mut dge, &mut dbe);
         batch_norm_backward_eval_add_relu(v, &d.dy, &mask, fixed, Some(&bn.gamma), 1e-5, grads, &mut dze).unwrap();
-        for (name, a, b) in [("dx", &dx, &dxe), ("dgamma", &dg, &dge), ("dbeta", &db, &dbe), ("dz", &dz, &dze)] {
+        for (name, a, b) in [
+            ("dx", &dx, &dxe),
+            ("dgamma", &dg, &dge),
+            ("dbeta", &db, &dbe),
+            ("dz", &dz, &dze),
+        ] {
             assert_bits(&format!("{layout} {shape:?} frozen {name}"), a, b);
         }
         let (mut dxl, mut dgl, mut dbl) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
-        bn.backward_eval_relu(v, &d.dy, &mask, Grads::new(&mut dxl, &mut dgl, &mut dbl)).unwrap();
+        bn.backward_eval_relu(v, &d.dy, &mask, Grads::new(&mut dxl, &mut dgl, &mut dbl))
+            .unwrap();
         let (mut dxr, mut dgr, mut dbr) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
         let grads = Grads::new(&mut dxr, &mut dgr, &mut dbr);
         batch_norm_backward_eval_relu(v, &d.dy, &mask, fixed, Some(&bn.gamma), 1e-5, grads).unwrap();
@@ -572,7 +708,11 @@ fn layer_frozen_and_small_batch_fused() {
 /// dz included (written by its own pass when dx is not asked for).
 #[test]
 fn fused_backward_output_subsets() {
-    for (layout, shape) in [(Layout::NCHW, vec![3, 17, 4, 5]), (Layout::NHWC, vec![2, 3, 3, 5]), (Layout::NC, vec![7, 3])] {
+    for (layout, shape) in [
+        (Layout::NCHW, vec![3, 17, 4, 5]),
+        (Layout::NHWC, vec![2, 3, 3, 5]),
+        (Layout::NC, vec![7, 3]),
+    ] {
         let d = Data::new::<f32>(layout, &shape, 2000);
         let z = residual::<f32>(layout, &shape, 2000);
         let (x, dy, g, b) = d.narrowed::<f32>();
