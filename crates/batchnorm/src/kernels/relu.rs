@@ -587,8 +587,8 @@ mod tests {
             unsafe {
                 out.put8(start, byte_of(0));
                 out.put8(start + 8, byte_of(8));
-                for k in 16..24 {
-                    out.put1(start + k, want[k]);
+                for (k, &on) in want.iter().enumerate().skip(16) {
+                    out.put1(start + k, on);
                 }
             }
             let mask = MaskBits {
@@ -600,9 +600,9 @@ mod tests {
                 },
             };
             let r = mask.at(start, 24);
-            for k in 0..24 {
+            for (k, &on) in want.iter().enumerate() {
                 // SAFETY: inside the 24 elements given to `at`.
-                assert_eq!(unsafe { r.get1(k) }, want[k], "start {start} bit {k}");
+                assert_eq!(unsafe { r.get1(k) }, on, "start {start} bit {k}");
             }
             // SAFETY: as above.
             assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start}");

@@ -118,7 +118,7 @@ pub(crate) fn is_f32<T: Element>() -> bool {
 /// PyTorch's `relu` have it). The one place the fused passes' ReLU is defined.
 #[inline(always)]
 pub(crate) fn relu_keeps(v: f64) -> bool {
-    !(v <= 0.0)
+    v > 0.0 || v.is_nan()
 }
 
 /// A ReLU of one value: `v` where [`relu_keeps`], +0.0 elsewhere (−0.0 included).
