@@ -53,7 +53,8 @@ use crate::{Affine, BatchNorm, Element, Error, FixedStats, Geometry, Grads, View
 /// geometry ([`Error::ReluMaskMismatch`]).
 ///
 /// A forward resizes it to its input and writes every bit, reusing the allocation: keep one per
-/// layer across training steps. It takes about 1/8 of a byte per element.
+/// layer across training steps. One bit per element, each plane of a channels-first tensor
+/// starting at a byte (a plane of fewer than 8 elements takes a whole byte).
 ///
 /// ```
 /// use batchnorm::{batch_norm_train_relu, Affine, Layout, ReluMask, View};
@@ -195,8 +196,8 @@ fn backward<'a, T>(mask: &'a ReluMask, dz: Option<&'a mut [T]>) -> Option<ReluBa
 /// Training forward of `relu(bn(x))`: Algorithm 1 as [`crate::batch_norm_train`] (the same
 /// statistics, returned the same way), its output through a ReLU in the same pass, and which
 /// outputs the ReLU kept written to `mask` (for [`batch_norm_backward_relu`]). The same bits as
-/// [`crate::batch_norm_train`] followed by y = relu(y) (see the module docs of the fused passes
-/// in the crate's README).
+/// [`crate::batch_norm_train`] followed by y = relu(y) (see "Fused BN + activation" in the
+/// crate's documentation): relu(t) is t where t > 0 or NaN, +0.0 elsewhere.
 ///
 /// Rejects what [`crate::batch_norm_train`] rejects, in its order; on error neither `y` nor
 /// `mask` is written.
