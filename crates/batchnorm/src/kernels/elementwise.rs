@@ -18,7 +18,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
-use super::relu::{with_epilogue, with_upstream, Act, Back, Epilogue, Upstream};
+use super::relu::{with_epilogue, with_upstream, Act, Back, ElementMap};
 use super::scratch::{Pooled, Scratch};
 use super::simd::{as_f32, as_f32_mut, is_f32, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
@@ -276,7 +276,7 @@ pub(super) fn normalize_plane_impl<S: Simd, T: Element>(
 }
 
 #[inline(always)]
-fn normalize_plane_with<S: Simd, T: Element, E: Epilogue<T>>(
+fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
     s: S,
     x: &[T],
     y: &mut [T],
@@ -440,7 +440,7 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(
 }
 
 #[inline(always)]
-fn normalize_rows_with<S: Simd, T: Element, E: Epilogue<T>>(
+fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
     s: S,
     x: &[T],
     y: &mut [T],
@@ -615,7 +615,7 @@ pub(super) fn dx_plane_impl<S: Simd, T: Element>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dx_plane_with<S: Simd, T: Element, U: Upstream<T>>(
+fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -761,7 +761,7 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dx_rows_with<S: Simd, T: Element, U: Upstream<T>>(
+fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -878,7 +878,7 @@ pub(super) fn scale_plane_impl<S: Simd, T: Element>(
 }
 
 #[inline(always)]
-fn scale_plane_with<S: Simd, T: Element, U: Upstream<T>>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool, u: U) {
+fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool, u: U) {
     let n = dx.len();
     if let (Some(dy), Some(dx), true) = (as_f32(dy), as_f32_mut(dx), fits(k)) {
         let k = k as f32;
@@ -970,7 +970,7 @@ pub(super) fn scale_rows_impl<S: Simd, T: Element>(
 }
 
 #[inline(always)]
-fn scale_rows_with<S: Simd, T: Element, U: Upstream<T>>(
+fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
     s: S,
     dy: &[T],
     dx: &mut [T],

@@ -18,7 +18,7 @@
 
 use super::fold_lanes;
 use super::mask::MaskSpans;
-use super::relu::{BitsAt, Gated, MaskBits, Ungated, Upstream};
+use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -465,7 +465,7 @@ simd_dispatch! {
 /// `px` and `pg` must be valid for reading `n` elements, and `u` made for those `n`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: Upstream<T>>(
+unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
     s: S,
     px: *const T,
     pg: *const T,
@@ -532,7 +532,7 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
             let o = o + r.start;
             let (px, pg, n) = (xp.add(o), gp.add(o), r.len());
             match relu {
-                None => run_grad_sums(s, px, pg, n, m, lanes, Ungated, &mut acc),
+                None => run_grad_sums(s, px, pg, n, m, lanes, Plain, &mut acc),
                 Some(bits) => run_grad_sums(s, px, pg, n, m, lanes, Gated::new(bits.at(o, n)), &mut acc),
             }
         });
@@ -843,7 +843,7 @@ pub(crate) fn merge_rows(
 /// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: Upstream<T>>(
+fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -908,14 +908,14 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     relu: Option<BitsAt>,
 ) {
     match (mask, relu) {
-        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Ungated),
+        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain),
         (None, Some(bits)) => {
             let u = Gated::new(bits);
             rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u)
         }
         (Some(mask), None) => {
             assert_eq!(mask.len() * mean.len(), x.len());
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Ungated)
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Plain)
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }

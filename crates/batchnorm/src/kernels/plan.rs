@@ -91,6 +91,12 @@ fn stream_output<T>(g: &Geometry, reread: usize) -> bool {
     bytes >= STREAM_BYTES || (reread + 1) * bytes > LAST_LEVEL_CACHE_BYTES
 }
 
+/// Asserts that a pass is not both masked (masked batch norm) and fused with a ReLU: no public
+/// function combines them, and the mask's spans and the ReLU's bits are not written for it.
+fn unmasked_if_fused(mask: Option<&[bool]>, fused: bool) {
+    assert!(mask.is_none() || !fused, "no fused pass takes a mask over positions");
+}
+
 /// A mutable buffer written by parallel units at disjoint places.
 struct SharedOut<'a, T> {
     ptr: *mut T,
@@ -413,10 +419,7 @@ pub(crate) fn normalize_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Forward<'_, T>>,
 ) {
-    assert!(
-        mask.is_none() || relu.is_none(),
-        "no fused pass takes a mask over positions"
-    );
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     let layout = BitLayout::new(g);
@@ -480,10 +483,7 @@ pub(crate) fn train_forward_where<T: Element>(
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
-        assert!(
-            mask.is_none() || relu.is_none(),
-            "no fused pass takes a mask over positions"
-        );
+        unmasked_if_fused(mask, relu.is_some());
         // A fused unit re-reads its channel from L2, not from the last-level cache.
         let stream = stream_output::<T>(g, 0);
         let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
@@ -631,10 +631,7 @@ pub(crate) fn input_grad_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    assert!(
-        mask.is_none() || relu.is_none(),
-        "no fused pass takes a mask over positions"
-    );
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
     let (chunk, segment_len) = match g.inner {
@@ -712,10 +709,7 @@ pub(crate) fn train_backward_where<T: Element>(
     relu: Option<relu::Backward<'_, T>>,
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
-    assert!(
-        mask.is_none() || relu.is_none(),
-        "no fused pass takes a mask over positions"
-    );
+    unmasked_if_fused(mask, relu.is_some());
     assert!(
         dx.is_some() || relu.as_ref().is_none_or(|r| r.dz.is_none()),
         "dz comes with dx"
@@ -785,10 +779,7 @@ pub(crate) fn scale_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    assert!(
-        mask.is_none() || relu.is_none(),
-        "no fused pass takes a mask over positions"
-    );
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {

@@ -5,15 +5,15 @@
 //!   out in segments ([`BitLayout`]) that are exactly the units the element-wise passes write,
 //!   each starting at a byte: a unit writes its own bytes and no other's, whatever the thread
 //!   count.
-//! - The forward's **epilogue** ([`Epilogue`]): what an element-wise pass does with a normalized
-//!   value before it stores it. [`Plain`] does nothing (plain batch norm); [`Fused`] adds the
+//! - The forward's **epilogue** (an [`ElementMap`]): what an element-wise pass does with a
+//!   normalized value before it stores it. [`Plain`] does nothing (plain batch norm); [`Fused`] adds the
 //!   residual, applies the ReLU and records its bit. Each is written for `f32` lanes (the
 //!   element-precision path of `f32` tensors) and for `f64` lanes, where the value is first
 //!   rounded to the element type: every operation is done in the element type, as the unfused
 //!   sequence (batch norm into y, then y + z, then the ReLU) does, so the fused pass gives its
 //!   bits. Only through [`crate::Element`]'s conversions, so any element type goes through.
-//! - The backward's **upstream gradient** ([`Upstream`]): dy itself ([`Ungated`]), or behind the
-//!   ReLU dy·[kept] from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
+//! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·[kept]
+//!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
 //!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
 
 use super::plan;
@@ -241,43 +241,39 @@ pub(crate) struct Act<'a, T> {
     pub bits: Option<&'a mut [u8]>,
 }
 
-/// What a forward element-wise pass does with the normalized value of element i before it stores
-/// it (see the module docs). Methods are `unsafe`: element i must lie in the range the epilogue
+/// A map a pass applies to the value of element i on its way: in a forward, to the normalized
+/// value before it is stored ([`Fused`]: what follows batch norm); in a backward, to dy before
+/// it is used ([`Gated`]: the upstream gradient behind a fused ReLU). By default the identity
+/// ([`Plain`]: plain batch norm). Methods are `unsafe`: element i must lie in the range the map
 /// was made for.
-pub(crate) trait Epilogue<T: Element>: Copy {
-    /// The outputs of elements i..i + 8 from their values as `f32` lanes (`f32` tensors only).
-    unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F;
-    /// The output of element i from its value in `f32` (`f32` tensors only).
-    unsafe fn narrow1(self, i: usize, v: f32) -> f32;
-    /// The outputs of elements i..i + 8 from their values as `f64` lanes (rounded to `T` when
-    /// stored).
-    unsafe fn wide8<S: Simd>(self, s: S, i: usize, v: S::V) -> S::V;
-    /// The output of element i from its value in `f64` (rounded to `T` when stored).
-    unsafe fn wide1(self, i: usize, v: f64) -> f64;
+pub(crate) trait ElementMap<T: Element>: Copy {
+    /// Of elements i..i + 8, as `f32` lanes (`f32` tensors only).
+    #[inline(always)]
+    unsafe fn narrow8<S: Simd>(self, _: S, _i: usize, v: S::F) -> S::F {
+        v
+    }
+    /// Of element i, in `f32` (`f32` tensors only).
+    #[inline(always)]
+    unsafe fn narrow1(self, _i: usize, v: f32) -> f32 {
+        v
+    }
+    /// Of elements i..i + 8, as `f64` lanes (rounded to `T` when stored).
+    #[inline(always)]
+    unsafe fn wide8<S: Simd>(self, _: S, _i: usize, v: S::V) -> S::V {
+        v
+    }
+    /// Of element i, in `f64` (rounded to `T` when stored).
+    #[inline(always)]
+    unsafe fn wide1(self, _i: usize, v: f64) -> f64 {
+        v
+    }
 }
 
 /// Plain batch norm: the value as it is.
 #[derive(Clone, Copy)]
 pub(crate) struct Plain;
 
-impl<T: Element> Epilogue<T> for Plain {
-    #[inline(always)]
-    unsafe fn narrow8<S: Simd>(self, _: S, _: usize, v: S::F) -> S::F {
-        v
-    }
-    #[inline(always)]
-    unsafe fn narrow1(self, _: usize, v: f32) -> f32 {
-        v
-    }
-    #[inline(always)]
-    unsafe fn wide8<S: Simd>(self, _: S, _: usize, v: S::V) -> S::V {
-        v
-    }
-    #[inline(always)]
-    unsafe fn wide1(self, _: usize, v: f64) -> f64 {
-        v
-    }
-}
+impl<T: Element> ElementMap<T> for Plain {}
 
 /// Fused: relu(v + z) with the residual `z` when `ADD`, relu(v) otherwise, each operation in the
 /// element type; its mask bit written when `BITS`.
@@ -287,19 +283,13 @@ pub(crate) struct Fused<T, const ADD: bool, const BITS: bool> {
     bits: BitsOut,
 }
 
-impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD, BITS> {
+impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<T, ADD, BITS> {
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F {
         // SAFETY (all blocks): element i.. lies in the range (caller); T is f32 on this path.
-        let v = if ADD {
-            s.fadd(v, unsafe { s.fload((self.z as *const f32).add(i)) })
-        } else {
-            v
-        };
-        let (out, bits) = s.frelu(v);
-        if BITS {
-            unsafe { self.bits.put8(i, bits) };
-        }
+        let z = || unsafe { s.fload((self.z as *const f32).add(i)) };
+        let (out, bits) = s.frelu(if ADD { s.fadd(v, z()) } else { v });
+        unsafe { self.record8(i, bits) };
         out
     }
     #[inline(always)]
@@ -311,9 +301,7 @@ impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD
             v
         };
         let keep = relu_keeps(v as f64);
-        if BITS {
-            unsafe { self.bits.put1(i, keep) };
-        }
+        unsafe { self.record1(i, keep) };
         if keep {
             v
         } else {
@@ -323,17 +311,10 @@ impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD
     #[inline(always)]
     unsafe fn wide8<S: Simd>(self, s: S, i: usize, v: S::V) -> S::V {
         // The value batch norm would store, then the sum y + z rounded as `T` rounds it.
-        let v = s.round::<T>(v);
+        let (v, z) = (s.round::<T>(v), || unsafe { s.load(self.z.add(i)) });
         // SAFETY (all blocks): as in `narrow8`.
-        let v = if ADD {
-            s.round::<T>(s.add(v, unsafe { s.load(self.z.add(i)) }))
-        } else {
-            v
-        };
-        let (out, bits) = s.relu(v);
-        if BITS {
-            unsafe { self.bits.put8(i, bits) };
-        }
+        let (out, bits) = s.relu(if ADD { s.round::<T>(s.add(v, z())) } else { v });
+        unsafe { self.record8(i, bits) };
         out
     }
     #[inline(always)]
@@ -347,9 +328,7 @@ impl<T: Element, const ADD: bool, const BITS: bool> Epilogue<T> for Fused<T, ADD
             v
         };
         let keep = relu_keeps(v);
-        if BITS {
-            unsafe { self.bits.put1(i, keep) };
-        }
+        unsafe { self.record1(i, keep) };
         if keep {
             v
         } else {
@@ -402,6 +381,30 @@ macro_rules! with_epilogue {
 pub(crate) use with_epilogue;
 
 impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
+    /// Records which of elements i..i + 8 the ReLU kept, when the mask is kept.
+    ///
+    /// # Safety
+    /// Elements i..i + 8 lie in the range.
+    #[inline(always)]
+    unsafe fn record8(self, i: usize, bits: u8) {
+        if BITS {
+            // SAFETY: the caller's contract.
+            unsafe { self.bits.put8(i, bits) };
+        }
+    }
+
+    /// Records whether the ReLU kept element i, when the mask is kept.
+    ///
+    /// # Safety
+    /// Element i lies in the range.
+    #[inline(always)]
+    unsafe fn record1(self, i: usize, kept: bool) {
+        if BITS {
+            // SAFETY: the caller's contract.
+            unsafe { self.bits.put1(i, kept) };
+        }
+    }
+
     /// The epilogue over a range whose residual starts at `z` (null without `ADD`) and whose
     /// mask bytes start at `bits` (element 0 at bit 0; `None` without `BITS`), both checked by
     /// [`with_epilogue!`] to cover the range.
@@ -412,42 +415,6 @@ impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
             z,
             bits: BitsOut(bits.unwrap_or(std::ptr::null_mut())),
         }
-    }
-}
-
-/// The upstream gradient of a backward pass at element i, from dy there (see the module docs).
-/// Methods are `unsafe`: element i must lie in the range the source was made for.
-pub(crate) trait Upstream<T: Element>: Copy {
-    /// Of elements i..i + 8, from their dy as `f64` lanes.
-    unsafe fn wide8<S: Simd>(self, s: S, i: usize, dy: S::V) -> S::V;
-    /// Of element i, from its dy in `f64`.
-    unsafe fn wide1(self, i: usize, dy: f64) -> f64;
-    /// Of elements i..i + 8, from their dy as `f32` lanes (`f32` tensors only).
-    unsafe fn narrow8<S: Simd>(self, s: S, i: usize, dy: S::F) -> S::F;
-    /// Of element i, from its dy in `f32` (`f32` tensors only).
-    unsafe fn narrow1(self, i: usize, dy: f32) -> f32;
-}
-
-/// dy itself (plain batch norm).
-#[derive(Clone, Copy)]
-pub(crate) struct Ungated;
-
-impl<T: Element> Upstream<T> for Ungated {
-    #[inline(always)]
-    unsafe fn wide8<S: Simd>(self, _: S, _: usize, dy: S::V) -> S::V {
-        dy
-    }
-    #[inline(always)]
-    unsafe fn wide1(self, _: usize, dy: f64) -> f64 {
-        dy
-    }
-    #[inline(always)]
-    unsafe fn narrow8<S: Simd>(self, _: S, _: usize, dy: S::F) -> S::F {
-        dy
-    }
-    #[inline(always)]
-    unsafe fn narrow1(self, _: usize, dy: f32) -> f32 {
-        dy
     }
 }
 
@@ -485,7 +452,7 @@ impl<'a, T> Gated<'a, T, true> {
     }
 }
 
-impl<T: Element, const DZ: bool> Upstream<T> for Gated<'_, T, DZ> {
+impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
     #[inline(always)]
     unsafe fn wide8<S: Simd>(self, s: S, i: usize, dy: S::V) -> S::V {
         // SAFETY (all blocks): elements i..i + 8 lie in the range (caller).
@@ -545,13 +512,13 @@ pub(crate) struct Back<'a, T> {
 }
 
 /// Runs `$body` with `$u` bound to the upstream gradient an `Option<Back>` over the `$n` elements
-/// of output `$out` asks for: [`Ungated`] for none, else [`Gated`], with dz (checked against `$n`)
+/// of output `$out` asks for: [`Plain`] (dy itself) for none, else [`Gated`], with dz (checked against `$n`)
 /// when it has one, stored non-temporally with `$stream` when dz shares `$out`'s alignment.
 macro_rules! with_upstream {
     ($back:expr, $n:expr, $out:expr, $stream:expr, |$u:ident| $body:expr) => {{
         match $back {
             None => {
-                let $u = $crate::kernels::relu::Ungated;
+                let $u = $crate::kernels::relu::Plain;
                 $body
             }
             Some($crate::kernels::relu::Back { bits, dz: None }) => {

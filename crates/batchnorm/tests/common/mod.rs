@@ -480,6 +480,18 @@ pub fn layout_shape(max_len: usize) -> impl Strategy<Value = (Layout, Vec<usize>
     })
 }
 
+/// Small shapes of every layout, with vector steps and tails (the masked and fused tests).
+pub fn small_shapes_of_every_layout() -> Vec<(Layout, Vec<usize>)> {
+    let shapes: [(Layout, &[usize]); 5] = [
+        (Layout::NC, &[7, 3]),
+        (Layout::NCHW, &[3, 2, 5, 7]),
+        (Layout::NHWC, &[2, 5, 3, 9]),
+        (Layout::ChannelsFirst, &[3, 4, 19]),
+        (Layout::ChannelsLast, &[2, 3, 4, 5]),
+    ];
+    shapes.iter().map(|&(layout, shape)| (layout, shape.to_vec())).collect()
+}
+
 /// ε values the property tests draw from.
 pub fn eps_strategy() -> impl Strategy<Value = f64> {
     prop_oneof![Just(1e-5), Just(1e-3), Just(0.1), Just(1e-12)]

@@ -48,6 +48,13 @@ fn relu_backward_t<T: Element>(y: &[T], dy: &[T]) -> Vec<T> {
         .collect()
 }
 
+/// NaN-filled dx, dγ, dβ and dz for data `d` (an element a call does not write then fails any
+/// comparison).
+fn nan_grads<T: Element>(d: &Data) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+    let nan = |n| vec![T::from_f64(f64::NAN); n];
+    (nan(d.x.len()), nan(d.g.channels), nan(d.g.channels), nan(d.x.len()))
+}
+
 /// Which elements a mask says the ReLU kept.
 fn kept_of(mask: &ReluMask) -> Vec<bool> {
     (0..mask.len()).map(|k| mask.kept(k).unwrap()).collect()
@@ -79,11 +86,8 @@ fn outputs<T: TestFloat>(
         (g[0], b[0]) = (T::from_f64(0.0), T::from_f64(0.0));
     }
     let (mean, var) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
-    let (v, affine, fixed) = (
-        View::new(&x, shape, layout),
-        Affine::new(&g, &b),
-        FixedStats::new(&mean, &var),
-    );
+    let fixed = FixedStats::new(&mean, &var);
+    let (v, affine) = (View::new(&x, shape, layout), Affine::new(&g, &b));
     let (n, c) = (x.len(), d.g.channels);
     let z0 = T::from_f64(0.0);
     let (mut y, mut ye, mut mask, mut mask_e) = (vec![z0; n], vec![z0; n], ReluMask::new(), ReluMask::new());
@@ -264,14 +268,9 @@ fn assert_fused_is_unfused<T: TestFloat>(layout: Layout, shape: &[usize], seed: 
 /// and blocks, wide rows), f32 and f64: the fused passes give the unfused sequence's bits.
 #[test]
 fn fused_equals_unfused_sequence_bit_for_bit() {
-    let mut shapes = vec![
-        (Layout::NC, vec![6, 3]),
-        (Layout::NCHW, vec![3, 2, 5, 7]),
-        (Layout::NHWC, vec![2, 5, 3, 9]),
-        (Layout::ChannelsFirst, vec![3, 4, 19]),
-        (Layout::ChannelsLast, vec![2, 3, 4, 5]),
-        (Layout::NC, vec![9, 1500]),
-    ];
+    let mut shapes = small_shapes_of_every_layout();
+    // Rows wider than a column tile.
+    shapes.push((Layout::NC, vec![9, 1500]));
     shapes.extend(chunking_shapes());
     for (i, (layout, shape)) in shapes.into_iter().enumerate() {
         assert_fused_is_unfused::<f32>(layout, &shape, 1300 + i as u64);
@@ -375,12 +374,7 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
         }
 
         // Training backward, through the forward's mask.
-        let (mut dx, mut dg, mut db, mut dz) = (
-            vec![nan; n],
-            vec![nan; d.g.channels],
-            vec![nan; d.g.channels],
-            vec![nan; n],
-        );
+        let (mut dx, mut dg, mut db, mut dz) = nan_grads::<T>(&d);
         let grads = Grads::new(&mut dx, &mut dg, &mut db);
         match z {
             Some(_) => batch_norm_backward_add_relu(v, &dy, &mask, &saved, opt(&gt, affine), grads, &mut dz),
@@ -424,12 +418,7 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
                 assert_eq!(kept_e[k], reference::relu_keeps(rte[k]), "{what}: eval mask[{k}]");
             }
         }
-        let (mut dxe, mut dge, mut dbe, mut dze) = (
-            vec![nan; n],
-            vec![nan; d.g.channels],
-            vec![nan; d.g.channels],
-            vec![nan; n],
-        );
+        let (mut dxe, mut dge, mut dbe, mut dze) = nan_grads::<T>(&d);
         let grads = Grads::new(&mut dxe, &mut dge, &mut dbe);
         match z {
             Some(_) => {
@@ -533,8 +522,7 @@ fn fused_backward_matches_finite_differences() {
             let (mask, saved) = forward(&d.x, &z, &gamma, &beta, &mut y);
             let v = View::new(&d.x, &shape, layout);
             let c = d.g.channels;
-            let nan = || vec![f64::NAN; y.len()];
-            let (mut dx, mut dg, mut db, mut dz) = (nan(), vec![f64::NAN; c], vec![f64::NAN; c], nan());
+            let (mut dx, mut dg, mut db, mut dz) = nan_grads::<f64>(&d);
             let grads = Grads::new(&mut dx, &mut dg, &mut db);
             match residual_on {
                 true => batch_norm_backward_add_relu(v, w, &mask, &saved, opt(&gamma, affine), grads, &mut dz),
@@ -708,11 +696,13 @@ fn layer_frozen_and_small_batch_fused() {
 /// dz included (written by its own pass when dx is not asked for).
 #[test]
 fn fused_backward_output_subsets() {
-    for (layout, shape) in [
+    // Channels-first with ≥ 16 channels (the fused per-channel passes), the rows plan.
+    let shapes = [
         (Layout::NCHW, vec![3, 17, 4, 5]),
         (Layout::NHWC, vec![2, 3, 3, 5]),
         (Layout::NC, vec![7, 3]),
-    ] {
+    ];
+    for (layout, shape) in shapes {
         let d = Data::new::<f32>(layout, &shape, 2000);
         let z = residual::<f32>(layout, &shape, 2000);
         let (x, dy, g, b) = d.narrowed::<f32>();

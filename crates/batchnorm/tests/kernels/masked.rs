@@ -467,13 +467,7 @@ fn check_no_leak<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, kind:
 
 #[test]
 fn masked_values_never_leak() {
-    let mut shapes = vec![
-        (Layout::NC, vec![7, 3]),
-        (Layout::NCHW, vec![3, 2, 5, 7]),
-        (Layout::NHWC, vec![2, 5, 3, 9]),
-        (Layout::ChannelsFirst, vec![3, 4, 19]),
-        (Layout::ChannelsLast, vec![2, 3, 4, 5]),
-    ];
+    let mut shapes = small_shapes_of_every_layout();
     shapes.extend(chunking_shapes());
     for (i, (layout, shape)) in shapes.into_iter().enumerate() {
         let seed = 900 + 10 * i as u64;
