@@ -439,23 +439,8 @@ fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
             dy: rdze.clone(),
             ..d.clone()
         };
-        let sum_abs: Vec<f64> = (0..d.g.channels)
-            .map(|c| {
-                (0..n)
-                    .filter(|&k| channel_of(&d.g, k) == c)
-                    .map(|k| rdze[k].abs())
-                    .sum()
-            })
-            .collect();
         assert_close(&format!("{what} eval dx"), &dxe, &rdxe, &sdxe, elementwise_rel::<T>());
-        assert_close(
-            &format!("{what} eval dgamma"),
-            &dge,
-            &rdge,
-            &eval_dgamma_scale(&up, &rdze, eps),
-            rel,
-        );
-        assert_close(&format!("{what} eval dbeta"), &dbe, &rdbe, &sum_abs, rel);
+        assert_eval_param_grads(&format!("{what} eval"), (&dge, &dbe), (&rdge, &rdbe), &up, eps, rel);
         if z.is_some() {
             assert_eq!(wide(&dze), rdze, "{what}: eval dz is dy·[kept]");
         }
