@@ -293,6 +293,52 @@ impl<S: Simd> Sums2<S> {
         }
     }
 
+    /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
+    /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
+    /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
+    /// at a time. The loop of both sums over runs.
+    ///
+    /// # Safety
+    /// `lanes` must hold the state of the run's `n` elements.
+    #[inline(always)]
+    unsafe fn add_run<L: Lanes<S>>(
+        &mut self,
+        s: S,
+        n: usize,
+        lanes: L,
+        terms8: impl Fn(usize, L::M) -> (S::V, S::V),
+        terms1: impl Fn(usize) -> (f64, f64),
+    ) {
+        let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
+        let mut i = 0;
+        // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
+        while i + 16 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            let (x1, y1) = terms8(i + 8, unsafe { lanes.mask(s, i + 8) });
+            a0 = s.add(a0, x0);
+            a1 = s.add(a1, x1);
+            b0 = s.mul_add(x0, y0, b0);
+            b1 = s.mul_add(x1, y1, b1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            a0 = s.add(a0, x0);
+            b0 = s.mul_add(x0, y0, b0);
+            i += 8;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            if unsafe { lanes.on(i) } {
+                let (x, y) = terms1(i);
+                self.ta += x;
+                self.tb = x.mul_add(y, self.tb);
+            }
+            i += 1;
+        }
+        (self.a, self.b) = ((a0, a1), (b0, b1));
+    }
+
     /// Lanes `l` and `l + 8` added, folded by [`fold_lanes`], the scalar part added last.
     #[inline(always)]
     fn finish(self, s: S) -> (f64, f64) {
@@ -372,35 +418,25 @@ unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
-    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
-    let mut i = 0;
-    // SAFETY: every read below is of element i < n (caller's contract).
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
     unsafe {
-        while i + 16 <= n {
-            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
-            let d1 = lanes.keep(s, lanes.mask(s, i + 8), s.sub(s.load(p.add(i + 8)), mv));
-            a0 = s.add(a0, d0);
-            a1 = s.add(a1, d1);
-            b0 = s.mul_add(d0, d0, b0);
-            b1 = s.mul_add(d1, d1, b1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
-            a0 = s.add(a0, d0);
-            b0 = s.mul_add(d0, d0, b0);
-            i += 8;
-        }
-        while i < n {
-            if lanes.on(i) {
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let d = lanes.keep(s, on, s.sub(s.load(p.add(i)), mv));
+                (d, d)
+            },
+            #[inline(always)]
+            |i| {
                 let d = (*p.add(i)).to_f64() - m;
-                acc.ta += d;
-                acc.tb = d.mul_add(d, acc.tb);
-            }
-            i += 1;
-        }
+                (d, d)
+            },
+        );
     }
-    (acc.a, acc.b) = ((a0, a1), (b0, b1));
 }
 
 /// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on.
@@ -476,37 +512,22 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
-    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
-    let mut i = 0;
-    // SAFETY: every read below is of element i < n (caller's contract).
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
     unsafe {
-        while i + 16 <= n {
-            let (m0, m1) = (lanes.mask(s, i), lanes.mask(s, i + 8));
-            let g0 = lanes.keep(s, m0, u.wide8(s, i, s.load(pg.add(i))));
-            let g1 = lanes.keep(s, m1, u.wide8(s, i + 8, s.load(pg.add(i + 8))));
-            a0 = s.add(a0, g0);
-            a1 = s.add(a1, g1);
-            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-            b1 = s.mul_add(g1, lanes.keep(s, m1, s.sub(s.load(px.add(i + 8)), mv)), b1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            let m0 = lanes.mask(s, i);
-            let g0 = lanes.keep(s, m0, u.wide8(s, i, s.load(pg.add(i))));
-            a0 = s.add(a0, g0);
-            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-            i += 8;
-        }
-        while i < n {
-            if lanes.on(i) {
-                let g = u.wide1(i, (*pg.add(i)).to_f64());
-                acc.ta += g;
-                acc.tb = g.mul_add((*px.add(i)).to_f64() - m, acc.tb);
-            }
-            i += 1;
-        }
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let g = lanes.keep(s, on, u.wide8(s, i, s.load(pg.add(i))));
+                (g, lanes.keep(s, on, s.sub(s.load(px.add(i)), mv)))
+            },
+            #[inline(always)]
+            |i| (u.wide1(i, (*pg.add(i)).to_f64()), (*px.add(i)).to_f64() - m),
+        );
     }
-    (acc.a, acc.b) = ((a0, a1), (b0, b1));
 }
 
 #[inline(always)]
@@ -519,6 +540,25 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     mask: Option<MaskedLanes>,
     relu: Option<MaskBits>,
 ) -> (f64, f64) {
+    match relu {
+        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain),
+        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n))),
+    }
+}
+
+/// [`runs_grad_sums`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
+/// elements from element `o` on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    upstream: impl Fn(usize, usize) -> U,
+) -> (f64, f64) {
     runs.check(x.len());
     runs.check(dy.len());
     let (xp, gp) = (x.as_ptr(), dy.as_ptr());
@@ -529,12 +569,8 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
         let o = runs.first + k * runs.stride;
         // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
         for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
-            let o = o + r.start;
-            let (px, pg, n) = (xp.add(o), gp.add(o), r.len());
-            match relu {
-                None => run_grad_sums(s, px, pg, n, m, lanes, Plain, &mut acc),
-                Some(bits) => run_grad_sums(s, px, pg, n, m, lanes, Gated::new(bits.at(o, n)), &mut acc),
-            }
+            let (o, n) = (o + r.start, r.len());
+            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), &mut acc)
         });
     }
     acc.finish(s)
