@@ -156,7 +156,7 @@ pub(crate) fn backward_where<T: Element>(
 }
 
 /// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given (at
-/// the positions `mask` selects, `None`: all of them, +0.0 elsewhere; with `relu`, from dy·[kept],
+/// the positions `mask` selects, `None`: all of them, +0.0 elsewhere; with `relu`, from dy·\[kept\],
 /// and dz) and returns Σ dy and Σ dy·x̂ per channel (for dβ and dγ) over the selected positions.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_sums<T: Element>(
@@ -201,7 +201,7 @@ fn dz_with<'a, T>(
     }
 }
 
-/// dz = dy·[kept] (the upstream gradient behind a fused ReLU) when no dx pass writes it: the
+/// dz = dy·\[kept\] (the upstream gradient behind a fused ReLU) when no dx pass writes it: the
 /// inference-mode dx pass with k = 1, an exact product.
 fn upstream_alone<T: Element>(g: &Geometry, dy: &[T], bits: MaskBits<'_>, dz: &mut [T]) {
     let ones = Scratch::collect(std::iter::repeat_n(1.0, g.channels));
@@ -326,7 +326,7 @@ pub(crate) fn backward_eval_where<T: Element>(
 
 /// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
 /// batch norm), at the positions `mask` selects (`None`: all of them), +0.0 elsewhere; with
-/// `relu`, from dy·[kept], and dz. Arguments already checked.
+/// `relu`, from dy·\[kept\], and dz. Arguments already checked.
 pub(crate) fn fixed_input_grad<T: Element>(
     g: &Geometry,
     dy: &[T],
@@ -342,7 +342,7 @@ pub(crate) fn fixed_input_grad<T: Element>(
 
 /// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference
 /// mode, frozen batch norm), over the positions `mask` selects (`None`: all of them; with
-/// `relu`, of dy·[kept]). Arguments already checked.
+/// `relu`, of dy·\[kept\]). Arguments already checked.
 pub(crate) fn fixed_grad_sums<T: Element>(
     g: &Geometry,
     x: &[T],

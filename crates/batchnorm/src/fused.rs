@@ -17,7 +17,7 @@
 //! which also records which outputs the ReLU kept in a [`ReluMask`]; the backward applies the
 //! mask in the passes that read dy (the gradient sums and the dx pass), and dz comes out of the
 //! dx pass. Nothing is read or written an extra time: the unfused sequence reads y back and writes
-//! it again in the forward, and reads y and dy and writes dy·[y > 0] in the backward.
+//! it again in the forward, and reads y and dy and writes dy·\[y > 0\] in the backward.
 //!
 //! **Saved state: a 1-bit mask, not y.** The backward needs to know where t > 0. Recomputing it
 //! from the saved output y costs a third read stream (x, dy and y) in each backward pass; the
@@ -159,7 +159,7 @@ impl<'a, T> ReluForward<'a, T> {
 }
 
 /// What a fused backward adds to batch norm's: the mask its forward wrote, and dz to write (the
-/// upstream gradient dy·[kept], the residual's gradient; `None`: a ReLU alone).
+/// upstream gradient dy·\[kept\], the residual's gradient; `None`: a ReLU alone).
 pub(crate) struct ReluBackward<'a, T> {
     pub mask: &'a ReluMask,
     pub dz: Option<&'a mut [T]>,
@@ -274,7 +274,7 @@ pub fn batch_norm_eval_add_relu<T: Element>(
     eval_where(x, None, forward(Some(z), mask), stats, affine, eps, y)
 }
 
-/// Training backward of `relu(bn(x))`: [`crate::batch_norm_backward`] with dy·[kept] (gradient
+/// Training backward of `relu(bn(x))`: [`crate::batch_norm_backward`] with dy·\[kept\] (gradient
 /// 0 where the forward's ReLU output was ≤ 0, exactly 0 included) in place of dy, from the
 /// `mask` [`batch_norm_train_relu`] wrote and the statistics it returned; the mask is applied in
 /// the passes that read dy. Writes whichever of dx, dγ, dβ `grads` holds.
@@ -294,7 +294,7 @@ pub fn batch_norm_backward_relu<T: Element>(
 }
 
 /// Training backward of `relu(bn(x) + z)`: as [`batch_norm_backward_relu`], and the residual's
-/// gradient dz = dy·[kept] written to `dz` (out of the pass that writes dx, or its own pass when
+/// gradient dz = dy·\[kept\] written to `dz` (out of the pass that writes dx, or its own pass when
 /// `grads` holds no dx).
 ///
 /// Rejects, in order: shape/length mismatches between the shape and `x`, `dy`; a `mask` written
@@ -314,7 +314,7 @@ pub fn batch_norm_backward_add_relu<T: Element>(
 }
 
 /// Inference-mode backward of `relu(bn(x))` (fixed statistics as constants):
-/// [`crate::batch_norm_backward_eval`] with dy·[kept] in place of dy, from the `mask`
+/// [`crate::batch_norm_backward_eval`] with dy·\[kept\] in place of dy, from the `mask`
 /// [`batch_norm_eval_relu`] wrote.
 ///
 /// Rejects, in order: shape/length mismatches of `x` and `dy`; a `mask` written for another
@@ -333,7 +333,7 @@ pub fn batch_norm_backward_eval_relu<T: Element>(
 }
 
 /// Inference-mode backward of `relu(bn(x) + z)`: as [`batch_norm_backward_eval_relu`], and
-/// dz = dy·[kept] written to `dz`.
+/// dz = dy·\[kept\] written to `dz`.
 ///
 /// Rejects, in order: shape/length mismatches of `x` and `dy`; a `mask` written for another
 /// geometry ([`Error::ReluMaskMismatch`]); a `dz` whose length is not the shape's
@@ -378,7 +378,7 @@ impl<T: Element> BatchNorm<T> {
     /// let (mut dgamma, mut dbeta) = (vec![0.0; 2], vec![0.0; 2]);
     /// bn.backward_relu(x, &dy, &mask, &saved, Grads::new(&mut dx, &mut dgamma, &mut dbeta)).unwrap();
     /// let kept = (0..16).filter(|&k| mask.kept(k) == Some(true)).count();
-    /// assert_eq!(dbeta.iter().sum::<f32>(), kept as f32); // dβ = Σ dy·[y > 0]
+    /// assert_eq!(dbeta.iter().sum::<f32>(), kept as f32); // dβ = Σ dy·\[y > 0\]
     /// ```
     pub fn forward_train_relu(
         &mut self,
@@ -445,7 +445,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Training backward of `relu(bn(x) + z)` ([`batch_norm_backward_add_relu`]): as
-    /// [`BatchNorm::backward_relu`], and dz = dy·[kept] written to `dz`, whose length is checked
+    /// [`BatchNorm::backward_relu`], and dz = dy·\[kept\] written to `dz`, whose length is checked
     /// after the mask ([`Error::BufferLength`] named `dz`).
     pub fn backward_add_relu(
         &self,
@@ -474,7 +474,7 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// Inference-mode backward of `relu(bn(x) + z)` ([`batch_norm_backward_eval_add_relu`]): as
-    /// [`BatchNorm::backward_eval_relu`], and dz = dy·[kept] written to `dz`.
+    /// [`BatchNorm::backward_eval_relu`], and dz = dy·\[kept\] written to `dz`.
     pub fn backward_eval_add_relu(
         &self,
         x: View<'_, T>,

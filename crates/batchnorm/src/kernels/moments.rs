@@ -580,7 +580,7 @@ simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
     /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
     /// skipped; with every element on, the same bits as without). With `relu` (the bits of a
-    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·[kept] instead.
+    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·\[kept\] instead.
     pub(crate) fn runs_grad_sums<T>(
         x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
     ) -> (f64, f64) => runs_grad_sums_impl
@@ -961,7 +961,7 @@ simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
     /// `sum_dy_xmu`; with `mask` (one entry per row), over the rows whose entry is true (the
     /// others are skipped, so neither their x nor their dy reaches the sums). With `relu` (a
-    /// fused ReLU's mask bits of the block), of the upstream gradient dy·[kept] instead.
+    /// fused ReLU's mask bits of the block), of the upstream gradient dy·\[kept\] instead.
     pub(crate) fn rows_grad_sums<T>(
         x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
         pf: RowPrefetch, relu: Option<BitsAt>

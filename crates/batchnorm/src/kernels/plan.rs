@@ -544,7 +544,7 @@ pub(crate) fn train_forward_where<T: Element>(
 }
 
 /// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c` (of the positions `mask` has on, when
-/// given; its segments are the planes; with `relu`, of dy·[kept]), piece sums added in order.
+/// given; its segments are the planes; with `relu`, of dy·\[kept\]), piece sums added in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn planes_grad_sums<T: Element>(
@@ -569,7 +569,7 @@ fn planes_grad_sums<T: Element>(
 /// Per-channel (Σ dy, Σ dy·(x − mean)) over the positions `mask` (one entry per position,
 /// `None`: all of them) has on: neither x nor dy of the others is read into the sums. With every
 /// position on, the same bits as without a mask. With `relu` (a fused ReLU's mask bits; never
-/// with a mask), of the upstream gradient dy·[kept].
+/// with a mask), of the upstream gradient dy·\[kept\].
 pub(crate) fn grad_sums_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -621,7 +621,7 @@ pub(crate) fn grad_sums_where<T: Element>(
 /// position, `None`: all of them) has on, +0.0 at the others (see [`write_where`]). It
 /// always follows a pass over x and dy (the gradient sums), so both count as re-read for the
 /// streaming decision, and it takes its units last to first (see [`normalize`]). With `relu`
-/// (never with a mask), from the upstream gradient dy·[kept], written to dz too when it has one.
+/// (never with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
 pub(crate) fn input_grad_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -696,7 +696,7 @@ pub(crate) fn train_backward<T: Element>(
 
 /// [`train_backward`] over the positions `mask` (one entry per position) has on: sums as
 /// [`grad_sums_where`], dx as [`input_grad_where`] (+0.0 where the mask is off). With `relu`
-/// (never with a mask), from the upstream gradient dy·[kept]; its dz is written with dx, and
+/// (never with a mask), from the upstream gradient dy·\[kept\]; its dz is written with dx, and
 /// must come with it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_where<T: Element>(
@@ -770,7 +770,7 @@ pub(crate) fn train_backward_where<T: Element>(
 
 /// dx = dy·k[c] (inference-mode backward) at the positions `mask` (one entry per position,
 /// `None`: all of them) has on, +0.0 at the others (see [`write_where`]). With `relu` (never
-/// with a mask), from the upstream gradient dy·[kept], written to dz too when it has one.
+/// with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
 pub(crate) fn scale_where<T: Element>(
     g: &Geometry,
     dy: &[T],

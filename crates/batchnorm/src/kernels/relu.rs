@@ -12,7 +12,7 @@
 //!   rounded to the element type: every operation is done in the element type, as the unfused
 //!   sequence (batch norm into y, then y + z, then the ReLU) does, so the fused pass gives its
 //!   bits. Only through [`crate::Element`]'s conversions, so any element type goes through.
-//! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·[kept]
+//! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·\[kept\]
 //!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
 //!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
 
