@@ -271,3 +271,15 @@ pub(crate) fn mask(g: &Geometry, mask: Option<&[bool]>) -> Result<u64, Error> {
     }
     Ok(mask.iter().filter(|&&on| on).count() as u64)
 }
+
+/// Checks that a fused backward's ReLU mask was written for the input's geometry `g`
+/// ([`Error::ReluMaskMismatch`]).
+pub(crate) fn relu_mask(mask: &crate::ReluMask, g: &Geometry) -> Result<(), Error> {
+    if mask.geometry() != Some(*g) {
+        return Err(Error::ReluMaskMismatch {
+            expected: *g,
+            actual: mask.geometry(),
+        });
+    }
+    Ok(())
+}

@@ -2,9 +2,10 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::check;
-use crate::kernels::plan;
+use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
+use crate::kernels::{plan, relu};
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
 use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 
@@ -54,7 +55,9 @@ pub(crate) fn check_forward<T>(
 
 /// y = (x − mean)·γ·inv_std + β per channel over `x` (already checked against `g`), the last
 /// step of the forward transforms, with `inv_std` holding each channel's 1/σ (γ = 1 and β = 0
-/// where `affine` has none); only at the positions `mask` selects (`None`: all), +0.0 elsewhere.
+/// where `affine` has none); only at the positions `mask` selects (`None`: all), +0.0 elsewhere;
+/// with `relu`, fused with what follows in the same pass.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_affine<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -63,11 +66,12 @@ pub(crate) fn normalize_affine<T: Element>(
     inv_std: Scratch<f64>,
     affine: Affine<'_, T>,
     mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
 ) {
     let mut scale = inv_std;
     let mut shift = Scratch::any(g.channels);
     with_simd(|| scale_shift(affine.gamma, affine.beta, 0, &mut scale, &mut shift));
-    plan::normalize_where(g, x, y, mean, &scale, &shift, mask);
+    plan::normalize_where(g, x, y, mean, &scale, &shift, mask, relu);
 }
 
 /// γ_c (1 without affine).
@@ -106,24 +110,28 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    train_where(x, None, affine, eps, y)
+    train_where(x, None, None, affine, eps, y)
 }
 
 /// [`batch_norm_train`] over the positions `mask` selects (`None`: all of them; see
-/// [`crate::batch_norm_train_masked`]), +0.0 in y elsewhere. Checks, in order: the shape and
-/// `x`, `y`, the mask's length, γ/β, ε, the count of selected values per channel.
+/// [`crate::batch_norm_train_masked`]), +0.0 in y elsewhere; with `relu`, fused with what
+/// follows (see [`crate::batch_norm_train_relu`]). Checks, in order: the shape and `x`, `y`, the
+/// mask's length, γ/β, z, ε, the count of selected values per channel.
 pub(crate) fn train_where<T: Element>(
     x: View<'_, T>,
     mask: Option<&[bool]>,
+    relu: Option<ReluForward<'_, T>>,
     affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
     let (g, count) = check_forward(x, mask, y, |_| Ok(()), affine)?;
+    ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
     check::training_count(count, x.shape)?;
+    let relu = relu.map(|r| r.start(&g));
     let Affine { gamma, beta } = affine;
-    let m = plan::train_forward_where(&g, x.data, y, mask, |first, scale, shift| {
+    let m = plan::train_forward_where(&g, x.data, y, mask, relu, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });
@@ -161,7 +169,7 @@ pub(crate) fn normalize_where<T: Element>(
 ) -> Result<(), Error> {
     let (g, _) = check_forward(x, mask, y, |channels| check::saved(saved, channels), affine)?;
     let inv_std = Scratch::collect(saved.inv_std.iter().copied());
-    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine, mask);
+    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine, mask, None);
     Ok(())
 }
 
@@ -177,14 +185,16 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    eval_where(x, None, stats, affine, eps, y)
+    eval_where(x, None, None, stats, affine, eps, y)
 }
 
 /// [`batch_norm_eval`] at the positions `mask` selects (`None`: all of them), +0.0 in y
-/// elsewhere. Checks, in order: the shape and `x`, `y`, the mask's length, the statistics, γ/β, ε.
+/// elsewhere; with `relu`, fused with what follows (see [`crate::batch_norm_eval_relu`]).
+/// Checks, in order: the shape and `x`, `y`, the mask's length, the statistics, γ/β, z, ε.
 pub(crate) fn eval_where<T: Element>(
     x: View<'_, T>,
     mask: Option<&[bool]>,
+    relu: Option<ReluForward<'_, T>>,
     stats: FixedStats<'_, T>,
     affine: Affine<'_, T>,
     eps: f64,
@@ -192,10 +202,12 @@ pub(crate) fn eval_where<T: Element>(
 ) -> Result<(), Error> {
     let FixedStats { mean, var } = stats;
     let (g, _) = check_forward(x, mask, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
+    ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
     let mut inv_std = Scratch::collect(var.iter().map(|v| v.to_f64()));
     with_simd(|| inv_std_in_place(&mut inv_std, eps));
-    normalize_affine(&g, x.data, y, &mean, inv_std, affine, mask);
+    let relu = relu.map(|r| r.start(&g));
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine, mask, relu);
     Ok(())
 }

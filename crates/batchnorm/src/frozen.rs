@@ -14,6 +14,7 @@
 use crate::backward::{backward_eval_where, fixed_grad_sums, fixed_input_grad, GradSums};
 use crate::check;
 use crate::forward::eval_where;
+use crate::fused::{ReluBackward, ReluForward};
 use crate::kernels::scratch::Scratch;
 use crate::stats::{inv_std, SavedStats};
 use crate::sync::{sync_grad_sums, Communicator};
@@ -62,19 +63,21 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The frozen training forward: the inference transform with the running statistics (at the
-    /// positions `mask` selects, +0.0 elsewhere; `None`: all of them), and the statistics it used
-    /// as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with `count`.
+    /// positions `mask` selects, +0.0 elsewhere; `None`: all of them; with `relu`, fused with what
+    /// follows), and the statistics it used as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with
+    /// `count`.
     pub(crate) fn forward_frozen(
         &self,
         x: View<'_, T>,
         mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
         y: &mut [T],
         count: u64,
     ) -> Result<SavedStats, Error> {
         let running = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
         let eps = self.config.eps;
-        eval_where(x, mask, running, self.affine(), eps, y)?;
+        eval_where(x, mask, relu, running, self.affine(), eps, y)?;
         Ok(SavedStats {
             count,
             mean: running.mean.iter().map(|a| a.to_f64()).collect(),
@@ -83,12 +86,13 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The frozen backward with the running statistics as constants (over the positions `mask`
-    /// selects, dx +0.0 elsewhere; `None`: all of them). `saved` is checked for its channel count
-    /// only.
+    /// selects, dx +0.0 elsewhere; `None`: all of them; with `relu`, through a fused ReLU).
+    /// `saved` is checked for its channel count only.
     pub(crate) fn backward_frozen(
         &self,
         x: View<'_, T>,
         mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
         dy: &[T],
         saved: &SavedStats,
         grads: Grads<'_, T>,
@@ -97,7 +101,7 @@ impl<T: Element> BatchNorm<T> {
         check::layer_input(self.num_features, x.shape, x.layout)?;
         check::saved(saved, self.num_features)?;
         let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        backward_eval_where(x, mask, dy, running, gamma, eps, self.param_grads(grads))
+        backward_eval_where(x, mask, relu, dy, running, gamma, eps, self.param_grads(grads))
     }
 
     /// The frozen backward of one rank's shard (over the positions `mask` selects; `None`: all of
@@ -127,10 +131,10 @@ impl<T: Element> BatchNorm<T> {
         check::param_grads(self.num_features, dgamma.as_deref(), dbeta.as_deref())?;
         let eps = self.config.eps;
         let inv = Scratch::collect(running.var.iter().map(|v| inv_std(v.to_f64(), eps)));
-        let local = fixed_grad_sums(&g, x.data, dy, mask, running.mean, &inv);
+        let local = fixed_grad_sums(&g, x.data, dy, mask, None, running.mean, &inv);
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {
-            fixed_input_grad(&g, dy, mask, gamma, &inv, dx);
+            fixed_input_grad(&g, dy, mask, None, gamma, &inv, dx);
         }
         global.write_param_grads(dgamma, dbeta)?;
         Ok(local)

@@ -219,7 +219,7 @@ pub fn ghost_batch_norm_backward<T: Element>(
     let (chunk, per_task) = (groups.chunk(), groups.per_task());
     let group_backward = |xk: &[T], dyk: &[T], dxk: Option<&mut [T]>, s: &SavedStats| {
         let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
-        Ok(train_backward_sums(&group_g, xk, None, dyk, dxk, s, gamma))
+        Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, s, gamma))
     };
     let inputs = data.par_chunks(chunk).zip(dy.par_chunks(chunk));
     let sums: Vec<GradSums> = match dx {
@@ -339,12 +339,16 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The layer's virtual batch size as [`BatchNorm::virtual_batch`] checks it, then
-    /// [`Error::GhostNotMasked`] when it is set and a mask is given: what the layer's training
-    /// passes check first, frozen or not.
-    pub(crate) fn ghost_for(&self, mask: Option<&[bool]>) -> Result<Option<usize>, Error> {
+    /// [`Error::GhostNotMasked`] when it is set and a mask is given, [`Error::GhostNotFused`] when
+    /// it is set and the pass is `fused` with a ReLU: what the layer's training passes check
+    /// first, frozen or not.
+    pub(crate) fn ghost_for(&self, mask: Option<&[bool]>, fused: bool) -> Result<Option<usize>, Error> {
         let virtual_batch = self.virtual_batch()?;
         if virtual_batch.is_some() && mask.is_some() {
             return Err(Error::GhostNotMasked);
+        }
+        if virtual_batch.is_some() && fused {
+            return Err(Error::GhostNotFused);
         }
         Ok(virtual_batch)
     }

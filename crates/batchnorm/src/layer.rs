@@ -5,6 +5,7 @@ use crate::backward::{backward_eval_where, backward_where, grad_sums_where, inpu
 use crate::check;
 use crate::fold::InferenceAffine;
 use crate::forward::{eval_where, normalize_where, train_where};
+use crate::fused::{ReluBackward, ReluForward};
 use crate::stats::{batch_stats_where, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 #[cfg(doc)]
@@ -163,22 +164,24 @@ impl<T: Element> BatchNorm<T> {
     /// with the small-batch policy on a batch of fewer than 2 values per channel, the layer
     /// ignores the groups (the running statistics normalize the whole batch).
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
-        self.forward_train_where(x, None, y)
+        self.forward_train_where(x, None, None, y)
     }
 
     /// [`BatchNorm::forward_train`] over the positions `mask` selects (`None`: all of them), y
-    /// +0.0 elsewhere; the mask's length is checked after the input's channel count.
+    /// +0.0 elsewhere; the mask's length is checked after the input's channel count. With
+    /// `relu`, fused with what follows (see [`BatchNorm::forward_train_relu`]).
     pub(crate) fn forward_train_where(
         &mut self,
         x: View<'_, T>,
         mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
-        let ghost = self.ghost_for(mask)?;
+        let ghost = self.ghost_for(mask, relu.is_some())?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let count = check::mask(&g, mask)?;
         if self.uses_running_stats(count) {
-            return self.forward_frozen(x, mask, y, count);
+            return self.forward_frozen(x, mask, relu, y, count);
         }
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
@@ -192,7 +195,7 @@ impl<T: Element> BatchNorm<T> {
         if let Some(v) = ghost {
             return self.forward_ghost(x, v, y);
         }
-        let (stats, saved) = train_where(x, mask, self.affine(), self.config.eps, y)?;
+        let (stats, saved) = train_where(x, mask, relu, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
         Ok(saved)
     }
@@ -201,15 +204,21 @@ impl<T: Element> BatchNorm<T> {
     /// are not tracked, and what [`batch_norm_eval`] rejects. A ghost layer normalizes with them
     /// too: inference never uses groups.
     pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
-        self.forward_eval_where(x, None, y)
+        self.forward_eval_where(x, None, None, y)
     }
 
     /// [`BatchNorm::forward_eval`] at the positions `mask` selects (`None`: all of them), +0.0
-    /// elsewhere.
-    pub(crate) fn forward_eval_where(&self, x: View<'_, T>, mask: Option<&[bool]>, y: &mut [T]) -> Result<(), Error> {
+    /// elsewhere; with `relu`, fused with what follows.
+    pub(crate) fn forward_eval_where(
+        &self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
+        y: &mut [T],
+    ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
-        eval_where(x, mask, stats, self.affine(), self.config.eps, y)
+        eval_where(x, mask, relu, stats, self.affine(), self.config.eps, y)
     }
 
     /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
@@ -228,49 +237,51 @@ impl<T: Element> BatchNorm<T> {
     /// `saved` must come from this layer's `forward_train` on the same input, the configuration
     /// unchanged.
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
-        self.backward_where(x, None, dy, saved, grads)
+        self.backward_where(x, None, None, dy, saved, grads)
     }
 
     /// [`BatchNorm::backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
-    /// elsewhere.
+    /// elsewhere; with `relu`, through a fused ReLU (see [`BatchNorm::backward_relu`]).
     pub(crate) fn backward_where(
         &self,
         x: View<'_, T>,
         mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
         dy: &[T],
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        let ghost = self.ghost_for(mask)?;
+        let ghost = self.ghost_for(mask, relu.is_some())?;
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen(x, mask, dy, saved, grads);
+            return self.backward_frozen(x, mask, relu, dy, saved, grads);
         }
         check::layer_input(self.num_features, x.shape, x.layout)?;
         if let Some(v) = ghost {
             return self.backward_ghost(x, dy, saved, v, grads);
         }
-        backward_where(x, mask, dy, saved, self.affine().gamma, self.param_grads(grads))
+        backward_where(x, mask, relu, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
     pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
-        self.backward_eval_where(x, None, dy, grads)
+        self.backward_eval_where(x, None, None, dy, grads)
     }
 
     /// [`BatchNorm::backward_eval`] over the positions `mask` selects (`None`: all of them), dx
-    /// +0.0 elsewhere.
+    /// +0.0 elsewhere; with `relu`, through a fused ReLU.
     pub(crate) fn backward_eval_where(
         &self,
         x: View<'_, T>,
         mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
         dy: &[T],
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
         let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        backward_eval_where(x, mask, dy, stats, gamma, eps, self.param_grads(grads))
+        backward_eval_where(x, mask, relu, dy, stats, gamma, eps, self.param_grads(grads))
     }
 
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
@@ -330,7 +341,7 @@ impl<T: Element> BatchNorm<T> {
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.frozen {
             let count = check::mask(&g, mask)?;
-            return self.forward_frozen(x, mask, y, count);
+            return self.forward_frozen(x, mask, None, y, count);
         }
         check::len("y", &g, y.len())?;
         check::mask(&g, mask)?;
@@ -345,7 +356,7 @@ impl<T: Element> BatchNorm<T> {
         let local = batch_stats_where(x, mask)?;
         let global = sync_batch_stats(comm, &local)?;
         if self.uses_running_stats(global.count) {
-            return self.forward_frozen(x, mask, y, global.count);
+            return self.forward_frozen(x, mask, None, y, global.count);
         }
         check::training_count(global.count, x.shape)?;
         let saved = global.saved(self.config.eps)?;

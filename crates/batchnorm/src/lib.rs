@@ -8,6 +8,7 @@ mod error;
 mod fold;
 mod forward;
 mod frozen;
+mod fused;
 mod ghost;
 mod kernels;
 mod layer;
@@ -25,6 +26,11 @@ pub use error::Error;
 pub use fold::{fold_into_preceding, InferenceAffine};
 pub use forward::{batch_norm_eval, batch_norm_train, normalize};
 pub use frozen::SmallBatch;
+pub use fused::{
+    batch_norm_backward_add_relu, batch_norm_backward_eval_add_relu, batch_norm_backward_eval_relu,
+    batch_norm_backward_relu, batch_norm_eval_add_relu, batch_norm_eval_relu, batch_norm_train_add_relu,
+    batch_norm_train_relu, ReluMask,
+};
 pub use ghost::{ghost_batch_norm_backward, ghost_batch_norm_train, update_ghost_running_stats, GhostSaved};
 pub use kernels::plan::LAST_LEVEL_CACHE_BYTES;
 pub use layer::{BatchNorm, BatchNormConfig};

@@ -15,6 +15,7 @@ pub(crate) mod elementwise;
 pub(crate) mod mask;
 pub(crate) mod moments;
 pub(crate) mod plan;
+pub(crate) mod relu;
 pub(crate) mod scratch;
 pub(crate) mod simd;
 

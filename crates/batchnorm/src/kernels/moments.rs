@@ -18,6 +18,7 @@
 
 use super::fold_lanes;
 use super::mask::MaskSpans;
+use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -292,6 +293,52 @@ impl<S: Simd> Sums2<S> {
         }
     }
 
+    /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
+    /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
+    /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
+    /// at a time. The loop of both sums over runs.
+    ///
+    /// # Safety
+    /// `lanes` must hold the state of the run's `n` elements.
+    #[inline(always)]
+    unsafe fn add_run<L: Lanes<S>>(
+        &mut self,
+        s: S,
+        n: usize,
+        lanes: L,
+        terms8: impl Fn(usize, L::M) -> (S::V, S::V),
+        terms1: impl Fn(usize) -> (f64, f64),
+    ) {
+        let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
+        let mut i = 0;
+        // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
+        while i + 16 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            let (x1, y1) = terms8(i + 8, unsafe { lanes.mask(s, i + 8) });
+            a0 = s.add(a0, x0);
+            a1 = s.add(a1, x1);
+            b0 = s.mul_add(x0, y0, b0);
+            b1 = s.mul_add(x1, y1, b1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            a0 = s.add(a0, x0);
+            b0 = s.mul_add(x0, y0, b0);
+            i += 8;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            if unsafe { lanes.on(i) } {
+                let (x, y) = terms1(i);
+                self.ta += x;
+                self.tb = x.mul_add(y, self.tb);
+            }
+            i += 1;
+        }
+        (self.a, self.b) = ((a0, a1), (b0, b1));
+    }
+
     /// Lanes `l` and `l + 8` added, folded by [`fold_lanes`], the scalar part added last.
     #[inline(always)]
     fn finish(self, s: S) -> (f64, f64) {
@@ -371,35 +418,25 @@ unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
-    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
-    let mut i = 0;
-    // SAFETY: every read below is of element i < n (caller's contract).
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
     unsafe {
-        while i + 16 <= n {
-            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
-            let d1 = lanes.keep(s, lanes.mask(s, i + 8), s.sub(s.load(p.add(i + 8)), mv));
-            a0 = s.add(a0, d0);
-            a1 = s.add(a1, d1);
-            b0 = s.mul_add(d0, d0, b0);
-            b1 = s.mul_add(d1, d1, b1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            let d0 = lanes.keep(s, lanes.mask(s, i), s.sub(s.load(p.add(i)), mv));
-            a0 = s.add(a0, d0);
-            b0 = s.mul_add(d0, d0, b0);
-            i += 8;
-        }
-        while i < n {
-            if lanes.on(i) {
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let d = lanes.keep(s, on, s.sub(s.load(p.add(i)), mv));
+                (d, d)
+            },
+            #[inline(always)]
+            |i| {
                 let d = (*p.add(i)).to_f64() - m;
-                acc.ta += d;
-                acc.tb = d.mul_add(d, acc.tb);
-            }
-            i += 1;
-        }
+                (d, d)
+            },
+        );
     }
-    (acc.a, acc.b) = ((a0, a1), (b0, b1));
 }
 
 /// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on.
@@ -457,54 +494,40 @@ simd_dispatch! {
     pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 
-/// Adds (Σ dy, Σ dy·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
-/// `lanes` has on to `acc`.
+/// Adds (Σ g, Σ g·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
+/// `lanes` has on to `acc`, with g the upstream gradient `u` makes of dy (read at `pg`).
 ///
 /// # Safety
-/// `px` and `pg` must be valid for reading `n` elements.
+/// `px` and `pg` must be valid for reading `n` elements, and `u` made for those `n`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>>(
+unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
     s: S,
     px: *const T,
     pg: *const T,
     n: usize,
     m: f64,
     lanes: L,
+    u: U,
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
-    let ((mut a0, mut a1), (mut b0, mut b1)) = (acc.a, acc.b);
-    let mut i = 0;
-    // SAFETY: every read below is of element i < n (caller's contract).
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
     unsafe {
-        while i + 16 <= n {
-            let (m0, m1) = (lanes.mask(s, i), lanes.mask(s, i + 8));
-            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
-            let g1 = lanes.keep(s, m1, s.load(pg.add(i + 8)));
-            a0 = s.add(a0, g0);
-            a1 = s.add(a1, g1);
-            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-            b1 = s.mul_add(g1, lanes.keep(s, m1, s.sub(s.load(px.add(i + 8)), mv)), b1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            let m0 = lanes.mask(s, i);
-            let g0 = lanes.keep(s, m0, s.load(pg.add(i)));
-            a0 = s.add(a0, g0);
-            b0 = s.mul_add(g0, lanes.keep(s, m0, s.sub(s.load(px.add(i)), mv)), b0);
-            i += 8;
-        }
-        while i < n {
-            if lanes.on(i) {
-                let g = (*pg.add(i)).to_f64();
-                acc.ta += g;
-                acc.tb = g.mul_add((*px.add(i)).to_f64() - m, acc.tb);
-            }
-            i += 1;
-        }
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let g = lanes.keep(s, on, u.wide8(s, i, s.load(pg.add(i))));
+                (g, lanes.keep(s, on, s.sub(s.load(px.add(i)), mv)))
+            },
+            #[inline(always)]
+            |i| (u.wide1(i, (*pg.add(i)).to_f64()), (*px.add(i)).to_f64() - m),
+        );
     }
-    (acc.a, acc.b) = ((a0, a1), (b0, b1));
 }
 
 #[inline(always)]
@@ -515,6 +538,26 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     runs: Runs,
     m: f64,
     mask: Option<MaskedLanes>,
+    relu: Option<MaskBits>,
+) -> (f64, f64) {
+    match relu {
+        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain),
+        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n))),
+    }
+}
+
+/// [`runs_grad_sums`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
+/// elements from element `o` on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    upstream: impl Fn(usize, usize) -> U,
 ) -> (f64, f64) {
     runs.check(x.len());
     runs.check(dy.len());
@@ -526,8 +569,8 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
         let o = runs.first + k * runs.stride;
         // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
         for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
-            let o = o + r.start;
-            run_grad_sums(s, xp.add(o), gp.add(o), r.len(), m, lanes, &mut acc)
+            let (o, n) = (o + r.start, r.len());
+            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), &mut acc)
         });
     }
     acc.finish(s)
@@ -536,9 +579,10 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
 simd_dispatch! {
     /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
     /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
-    /// skipped; with every element on, the same bits as without).
+    /// skipped; with every element on, the same bits as without). With `relu` (the bits of a
+    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·\[kept\] instead.
     pub(crate) fn runs_grad_sums<T>(
-        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>
+        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
     ) -> (f64, f64) => runs_grad_sums_impl
 }
 
@@ -831,11 +875,11 @@ pub(crate) fn merge_rows(
     }
 }
 
-/// (Σ dy, Σ dy·(x − m)) per channel over the rows of a block that `set` has on, accumulated
-/// into `sum_dy`, `sum_dy_xmu`.
+/// (Σ g, Σ g·(x − m)) per channel over the rows of a block that `set` has on, accumulated
+/// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
+fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -844,6 +888,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
     set: R,
+    u: U,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -864,7 +909,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
             if !set.on(r) {
                 return (a, b);
             }
-            let g = s.load(gp.add(r * channels + c));
+            let g = u.wide8(s, r * channels + c, s.load(gp.add(r * channels + c)));
             let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
             (s.add(a, g), s.mul_add(g, d, b))
         },
@@ -873,7 +918,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet>(
             if !set.on(r) {
                 return (a, b);
             }
-            let g = (*gp.add(r * channels + c)).to_f64();
+            let g = u.wide1(r * channels + c, (*gp.add(r * channels + c)).to_f64());
             (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
         },
         pf,
@@ -896,22 +941,29 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
+    relu: Option<BitsAt>,
 ) {
-    match mask {
-        None => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows),
-        Some(mask) => {
-            assert_eq!(mask.len() * mean.len(), x.len());
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask)
+    match (mask, relu) {
+        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain),
+        (None, Some(bits)) => {
+            let u = Gated::new(bits);
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u)
         }
+        (Some(mask), None) => {
+            assert_eq!(mask.len() * mean.len(), x.len());
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Plain)
+        }
+        (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }
 }
 
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
     /// `sum_dy_xmu`; with `mask` (one entry per row), over the rows whose entry is true (the
-    /// others are skipped, so neither their x nor their dy reaches the sums).
+    /// others are skipped, so neither their x nor their dy reaches the sums). With `relu` (a
+    /// fused ReLU's mask bits of the block), of the upstream gradient dy·\[kept\] instead.
     pub(crate) fn rows_grad_sums<T>(
         x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
-        pf: RowPrefetch
+        pf: RowPrefetch, relu: Option<BitsAt>
     ) => rows_grad_sums_impl
 }

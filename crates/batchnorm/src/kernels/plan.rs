@@ -19,6 +19,7 @@
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
 use super::mask::{segment, MaskSpans, Span};
 use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
+use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
 use crate::{Element, Geometry};
@@ -88,6 +89,12 @@ pub const LAST_LEVEL_CACHE_BYTES: usize = 32 << 20;
 fn stream_output<T>(g: &Geometry, reread: usize) -> bool {
     let bytes = g.len() * std::mem::size_of::<T>();
     bytes >= STREAM_BYTES || (reread + 1) * bytes > LAST_LEVEL_CACHE_BYTES
+}
+
+/// Asserts that a pass is not both masked (masked batch norm) and fused with a ReLU: no public
+/// function combines them, and the mask's spans and the ReLU's bits are not written for it.
+fn unmasked_if_fused(mask: Option<&[bool]>, fused: bool) {
+    assert!(mask.is_none() || !fused, "no fused pass takes a mask over positions");
 }
 
 /// A mutable buffer written by parallel units at disjoint places.
@@ -165,6 +172,17 @@ fn row_blocks(g: &Geometry) -> (usize, usize) {
     let per_task = (TASK / g.channels).max(1);
     let per_block = (ROWS_BLOCK / g.channels).max(MIN_BLOCK_ROWS).min(per_task);
     (per_task, per_block)
+}
+
+/// Elements of the segments every element-wise pass over `g` writes as wholes, each in one
+/// unit: a plane (channels-first), or a task's rows (rows plan; the last one may be shorter).
+/// A fused ReLU's mask is laid out in them (`relu::BitLayout`), so that no two units write into
+/// one byte of it.
+pub(crate) fn write_segment(g: &Geometry) -> usize {
+    match g.inner {
+        1 => row_blocks(g).0 * g.channels,
+        inner => inner,
+    }
 }
 
 /// The in-cache pieces of planes `planes` of channel `c`, in order: runs of at most [`PIECE`]
@@ -384,11 +402,13 @@ pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Opt
 /// before reaching it when x is about the size of the last-level cache. Element-wise, so no bit
 /// changes.
 pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[f64], scale: &[f64], shift: &[f64]) {
-    normalize_where(g, x, y, mean, scale, shift, None)
+    normalize_where(g, x, y, mean, scale, shift, None, None)
 }
 
 /// [`normalize`] at the positions `mask` (one entry per position) has on, +0.0 at the others
-/// (see [`write_where`]); each element that is on computed as without a mask.
+/// (see [`write_where`]); each element that is on computed as without a mask. With `relu`
+/// (never with a mask), fused with what follows batch norm in the same pass (see `relu`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -397,15 +417,19 @@ pub(crate) fn normalize_where<T: Element>(
     scale: &[f64],
     shift: &[f64],
     mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
 ) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
+    let layout = BitLayout::new(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let spans = MaskSpans::new(mask, g.inner);
-        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
+        let acts = relu::Forward::split(relu, chunk / g.inner, layout);
+        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).zip(acts).enumerate().collect();
         items.reverse();
-        map_items(items, serial, |_, (u, (xs, ys))| {
+        map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let first_plane = u * (chunk / g.inner);
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
@@ -414,8 +438,9 @@ pub(crate) fn normalize_where<T: Element>(
                     scale: scale[c],
                     shift: shift[c],
                 };
+                let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
                 write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
-                    ew::normalize_plane(&xp[r], yr, a, stream && nt)
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
             if stream {
@@ -426,11 +451,13 @@ pub(crate) fn normalize_where<T: Element>(
         let p = with_simd(|| RowsAffine::new::<T>(mean, scale, shift));
         let chunk = row_blocks(g).0 * g.channels;
         let spans = MaskSpans::new(mask, chunk / g.channels);
-        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
+        let acts = relu::Forward::split(relu, 1, layout);
+        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).zip(acts).enumerate().collect();
         items.reverse();
-        map_items(items, serial, |_, (u, (xs, ys))| {
+        map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
+            let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
             write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
-                ew::normalize_rows(&xs[r], yr, &p, stream && nt)
+                ew::normalize_rows(&xs[r], yr, &p, stream && nt, act.take())
             });
             if stream {
                 ew::stream_fence();
@@ -442,23 +469,32 @@ pub(crate) fn normalize_where<T: Element>(
 /// Training forward over the positions `mask` (one entry per position, `None`: all of them) has
 /// on: per-channel moments as [`channel_moments_where`], then `affine(first, scale, shift)` turns
 /// the biased variances of channels `first..first + scale.len()`, given in `scale`, into their
-/// (scale, shift), and y is written as [`normalize_where`] (+0.0 where the mask is off). Fused
-/// per channel when the plan allows (see module docs); the statistics are the same bits as
-/// [`channel_moments_where`] either way. There must be at least one position on.
+/// (scale, shift), and y is written as [`normalize_where`] (+0.0 where the mask is off; with
+/// `relu`, fused with what follows). Fused per channel when the plan allows (see module docs);
+/// the statistics are the same bits as [`channel_moments_where`] either way. There must be at
+/// least one position on.
 pub(crate) fn train_forward_where<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
     mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
     affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
+        unmasked_if_fused(mask, relu.is_some());
         // A fused unit re-reads its channel from L2, not from the last-level cache.
         let stream = stream_output::<T>(g, 0);
         let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
         let spans = MaskSpans::new(mask, g.inner);
         let out = SharedOut::new(y);
+        let layout = BitLayout::new(g);
+        let fused = relu.is_some();
+        let (z, bits) = match relu {
+            Some(relu::Forward { z, bits }) => (z, bits.map(SharedOut::new)),
+            None => (None, None),
+        };
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, spans.as_ref(), c, 0..g.outer);
             let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
@@ -476,8 +512,15 @@ pub(crate) fn train_forward_where<T: Element>(
                 // SAFETY: plane (o, c) belongs to unit c alone.
                 let yp = unsafe { out.slice(start, g.inner) };
                 let xp = &x[start..start + g.inner];
+                let mut act = fused.then(|| Act {
+                    z: z.map(|z| &z[start..start + g.inner]),
+                    // SAFETY: plane (o, c) is segment o·C + c; its bytes belong to unit c alone.
+                    bits: bits
+                        .as_ref()
+                        .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
+                });
                 write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
-                    ew::normalize_plane(&xp[r], yr, a, stream && nt)
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
             if stream {
@@ -495,13 +538,13 @@ pub(crate) fn train_forward_where<T: Element>(
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
         with_simd(|| affine(0, &mut scale, &mut shift));
-        normalize_where(g, x, y, &m.mean, &scale, &shift, mask);
+        normalize_where(g, x, y, &m.mean, &scale, &shift, mask, relu);
         m
     }
 }
 
 /// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c` (of the positions `mask` has on, when
-/// given; its segments are the planes), piece sums added in order.
+/// given; its segments are the planes; with `relu`, of dy·\[kept\]), piece sums added in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn planes_grad_sums<T: Element>(
@@ -509,13 +552,14 @@ fn planes_grad_sums<T: Element>(
     x: &[T],
     dy: &[T],
     mask: Option<&MaskSpans>,
+    relu: Option<MaskBits>,
     c: usize,
     m: f64,
     planes: std::ops::Range<usize>,
 ) -> (f64, f64) {
     let (mut a, mut b) = (0.0, 0.0);
     for_each_piece(g, c, planes, |runs| {
-        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m, masked_lanes(g, mask, runs));
+        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m, masked_lanes(g, mask, runs), relu);
         a += s1;
         b += s2;
     });
@@ -524,19 +568,21 @@ fn planes_grad_sums<T: Element>(
 
 /// Per-channel (Σ dy, Σ dy·(x − mean)) over the positions `mask` (one entry per position,
 /// `None`: all of them) has on: neither x nor dy of the others is read into the sums. With every
-/// position on, the same bits as without a mask.
+/// position on, the same bits as without a mask. With `relu` (a fused ReLU's mask bits; never
+/// with a mask), of the upstream gradient dy·\[kept\].
 pub(crate) fn grad_sums_where<T: Element>(
     g: &Geometry,
     x: &[T],
     dy: &[T],
     mean: &[f64],
     mask: Option<&[bool]>,
+    relu: Option<MaskBits>,
 ) -> (Vec<f64>, Vec<f64>) {
     let serial = is_serial(g);
     if g.inner > 1 {
         let spans = MaskSpans::new(mask, g.inner);
         let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
-            planes_grad_sums(g, x, dy, spans.as_ref(), c, mean[c], planes)
+            planes_grad_sums(g, x, dy, spans.as_ref(), relu, c, mean[c], planes)
         });
         parts
             .chunks(blocks)
@@ -558,7 +604,8 @@ pub(crate) fn grad_sums_where<T: Element>(
             part.fill(0.0);
             let (s1, s2) = part.split_at_mut(c);
             let rows = rows_mask(g, mask, u * chunk, xs.len());
-            moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf);
+            let bits = relu.map(|b| b.at(u * chunk, xs.len()));
+            moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf, bits);
         });
         let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
         for part in parts.chunks(2 * c) {
@@ -573,7 +620,8 @@ pub(crate) fn grad_sums_where<T: Element>(
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
 /// position, `None`: all of them) has on, +0.0 at the others (see [`write_where`]). It
 /// always follows a pass over x and dy (the gradient sums), so both count as re-read for the
-/// streaming decision, and it takes its units last to first (see [`normalize`]).
+/// streaming decision, and it takes its units last to first (see [`normalize`]). With `relu`
+/// (never with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
 pub(crate) fn input_grad_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -581,7 +629,9 @@ pub(crate) fn input_grad_where<T: Element>(
     dx: &mut [T],
     coeffs: &[DxCoeffs],
     mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
 ) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
     let (chunk, segment_len) = match g.inner {
@@ -589,21 +639,26 @@ pub(crate) fn input_grad_where<T: Element>(
         _ => ((TASK / g.inner).max(1) * g.inner, g.inner),
     };
     let spans = MaskSpans::new(mask, segment_len);
+    let backs = relu::Backward::split(relu, chunk, x.len());
     let mut items: Vec<_> = x
         .chunks(chunk)
         .zip(dy.chunks(chunk))
         .zip(dx.chunks_mut(chunk))
+        .zip(backs)
         .enumerate()
         .collect();
     items.reverse();
     if g.inner > 1 {
-        map_items(items, serial, |_, (u, ((xs, gs), os))| {
+        map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let first_plane = u * (chunk / g.inner);
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
                 write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt)
+                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
                 });
             }
             if stream {
@@ -612,9 +667,10 @@ pub(crate) fn input_grad_where<T: Element>(
         });
     } else {
         let p = with_simd(|| DxRows::new::<T>(coeffs));
-        map_items(items, serial, |_, (u, ((xs, gs), os))| {
+        map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
+            let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
             write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
-                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt)
+                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt, back.take())
             });
             if stream {
                 ew::stream_fence();
@@ -624,8 +680,9 @@ pub(crate) fn input_grad_where<T: Element>(
 }
 
 /// Training backward: per-channel gradient sums, then `coeffs(first, Σdy, Σdy(x−m), out)` writes
-/// the dx coefficients of channels `first..first + out.len()` and, when `dx` is given, dx is written. Fused per channel when the plan allows;
-/// the sums are the same bits as [`grad_sums_where`] either way. Returns (Σdy, Σdy(x−m)).
+/// the dx coefficients of channels `first..first + out.len()` and, when `dx` is given, dx is
+/// written. Fused per channel when the plan allows; the sums are the same bits as
+/// [`grad_sums_where`] either way. Returns (Σdy, Σdy(x−m)).
 pub(crate) fn train_backward<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -634,11 +691,14 @@ pub(crate) fn train_backward<T: Element>(
     mean: &[f64],
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
-    train_backward_where(g, x, dy, dx, mean, None, coeffs)
+    train_backward_where(g, x, dy, dx, mean, None, None, coeffs)
 }
 
 /// [`train_backward`] over the positions `mask` (one entry per position) has on: sums as
-/// [`grad_sums_where`], dx as [`input_grad_where`] (+0.0 where the mask is off).
+/// [`grad_sums_where`], dx as [`input_grad_where`] (+0.0 where the mask is off). With `relu`
+/// (never with a mask), from the upstream gradient dy·\[kept\]; its dz is written with dx, and
+/// must come with it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_where<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -646,8 +706,15 @@ pub(crate) fn train_backward_where<T: Element>(
     dx: Option<&mut [T]>,
     mean: &[f64],
     mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
+    unmasked_if_fused(mask, relu.is_some());
+    assert!(
+        dx.is_some() || relu.as_ref().is_none_or(|r| r.dz.is_none()),
+        "dz comes with dx"
+    );
+    let bits = relu.as_ref().map(|r| r.bits);
     match dx {
         Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
             assert!(dx.len() == x.len() && dy.len() == x.len());
@@ -656,8 +723,12 @@ pub(crate) fn train_backward_where<T: Element>(
             let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
             let spans = MaskSpans::new(mask, g.inner);
             let out = SharedOut::new(dx);
+            let dz = relu.and_then(|r| r.dz).map(|dz| {
+                assert_eq!(dz.len(), x.len());
+                SharedOut::new(dz)
+            });
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), c, mean[c], 0..g.outer);
+                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), bits, c, mean[c], 0..g.outer);
                 let mut k = [DxCoeffs::default()];
                 coeffs(c, &[s1], &[s2], &mut k);
                 let k = k[0];
@@ -669,8 +740,13 @@ pub(crate) fn train_backward_where<T: Element>(
                     // SAFETY: plane (o, c) belongs to unit c alone.
                     let op = unsafe { out.slice(start, g.inner) };
                     let (xp, gp) = (&x[start..start + g.inner], &dy[start..start + g.inner]);
+                    let mut back = bits.map(|b| relu::Back {
+                        bits: b.at(start, g.inner),
+                        // SAFETY: as for dx.
+                        dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
+                    });
                     write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt)
+                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt, back.take())
                     });
                 }
                 if stream {
@@ -681,11 +757,11 @@ pub(crate) fn train_backward_where<T: Element>(
             parts.into_iter().unzip()
         }
         dx => {
-            let (s1, s2) = grad_sums_where(g, x, dy, mean, mask);
+            let (s1, s2) = grad_sums_where(g, x, dy, mean, mask, bits);
             if let Some(dx) = dx {
                 let mut k = Scratch::any(g.channels);
                 with_simd(|| coeffs(0, &s1, &s2, &mut k));
-                input_grad_where(g, x, dy, dx, &k, mask);
+                input_grad_where(g, x, dy, dx, &k, mask, relu);
             }
             (s1, s2)
         }
@@ -693,20 +769,33 @@ pub(crate) fn train_backward_where<T: Element>(
 }
 
 /// dx = dy·k[c] (inference-mode backward) at the positions `mask` (one entry per position,
-/// `None`: all of them) has on, +0.0 at the others (see [`write_where`]).
-pub(crate) fn scale_where<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64], mask: Option<&[bool]>) {
+/// `None`: all of them) has on, +0.0 at the others (see [`write_where`]). With `relu` (never
+/// with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
+pub(crate) fn scale_where<T: Element>(
+    g: &Geometry,
+    dy: &[T],
+    dx: &mut [T],
+    k: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let spans = MaskSpans::new(mask, g.inner);
-        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
-        map_items(items, serial, |u, (gs, os)| {
+        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
+        map_items(items, serial, |u, ((gs, os), mut back)| {
             let first_plane = u * (chunk / g.inner);
             for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
                 let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
                 write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                    ew::scale_plane(&gp[r], or, k[c], stream && nt)
+                    ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
                 });
             }
             if stream {
@@ -717,10 +806,12 @@ pub(crate) fn scale_where<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &
         let k = RowsScale::new::<T>(k);
         let chunk = row_blocks(g).0 * g.channels;
         let spans = MaskSpans::new(mask, chunk / g.channels);
-        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
-        map_items(items, serial, |u, (gs, os)| {
+        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
+        map_items(items, serial, |u, ((gs, os), mut back)| {
+            let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
             write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
-                ew::scale_rows(&gs[r], or, &k, stream && nt)
+                ew::scale_rows(&gs[r], or, &k, stream && nt, back.take())
             });
             if stream {
                 ew::stream_fence();

@@ -14,6 +14,7 @@ mod determinism;
 mod errors;
 mod fold;
 mod forward;
+mod fused;
 mod ghost;
 mod layouts;
 mod masked;
