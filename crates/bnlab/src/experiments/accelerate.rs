@@ -37,6 +37,7 @@
 
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, QuickPreset};
+use super::{FlagSettings, Study, StudyHelp};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{
@@ -519,6 +520,30 @@ impl Experiment for Accelerate {
         let table = figure3_table(&names, &o.metrics);
         write_outputs(s, o, &table)?;
         Ok(table)
+    }
+}
+
+impl Study for Accelerate {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated (baseline, bn-baseline, bn-x5, bn-x30, bn-x5-sigmoid, \
+                   baseline-sigmoid; default: all six)",
+        half_life: "Steps over which the baseline's learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two conv layers, `C1,C2` (default 8,16; 4,8 with --quick)",
+        quick: "A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden), 5 \
+                population batches (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> AccelerateSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(a: &mut AccelerateSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut a.variants,
+            half_life: &mut a.half_life,
+            channels: &mut a.channels,
+        }
     }
 }
 

@@ -41,6 +41,7 @@
 
 use super::convnet::check_sgd;
 pub use super::convnet::default_half_life;
+use super::{FlagSettings, Study, StudyHelp};
 use crate::data::batches::{below, epoch_key};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
@@ -669,6 +670,29 @@ impl Experiment for Padded {
         let table = table(s, test.rows, &o.metrics);
         write_outputs(s, o, &table)?;
         Ok(table)
+    }
+}
+
+impl Study for Padded {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated (bn, masked-bn, no-bn; default: all three)",
+        half_life: "Steps over which the learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two convolutions, `C1,C2` (default 32,32; 8,8 with --quick)",
+        quick: "A short run for CI: 30 steps, evaluations every 10, 8 channels per convolution, 2 population batches \
+                (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> PaddedSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(e: &mut PaddedSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut e.variants,
+            half_life: &mut e.half_life,
+            channels: &mut e.channels,
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
+use super::{FlagSettings, Study, StudyHelp};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::metrics::{settings_rows, write_json, MetricLine};
 use crate::driver::Variant as _;
@@ -639,6 +640,30 @@ impl Experiment for SmallBatch {
         let table = table(s, &s.experiment.variants, &o.metrics);
         write_outputs(s, o, &table)?;
         Ok(table)
+    }
+}
+
+impl Study for SmallBatch {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16, frozen, \
+                   no-bn; e.g. bn-b2, ghost4-b64; default: all 23)",
+        half_life: "Reference steps over which the learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick)",
+        quick: "A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16 hidden), 2 \
+                population batches (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> SmallBatchSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(e: &mut SmallBatchSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut e.variants,
+            half_life: &mut e.half_life,
+            channels: &mut e.channels,
+        }
     }
 }
 
