@@ -14,6 +14,7 @@ use bnlab::experiments::padded::{self, Padded, PaddedSettings};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
 use bnlab::experiments::small_batch::{self, SmallBatch, SmallBatchSettings};
 use bnlab::experiments::{FlagSettings, Study};
+use bnlab::report::percent;
 use cli::{
     AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags,
     SmallBatchFlags, StudyArgs, StudyFlags, StudyVariant, VariantChoice,
@@ -226,7 +227,6 @@ fn train_experiment<E: Experiment>(
 
 /// Prints each variant's timing and traffic lines, then where the report is.
 fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std::path::Path, accuracy: bool) {
-    let percent = |a: Option<f64>| a.map_or("–".to_string(), |a| format!("{:.2}%", a * 100.0));
     for (name, r) in summaries {
         if accuracy {
             println!(

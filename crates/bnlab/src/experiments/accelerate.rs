@@ -38,14 +38,14 @@
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, QuickPreset};
 use super::{FlagSettings, Study, StudyHelp};
-use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::metrics::{runs_table, settings_rows, write_table, MetricLine, RunColumn};
 use crate::driver::Variant as _;
 use crate::driver::{
     self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
 };
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
-use crate::report::{self, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -389,16 +389,12 @@ impl Table {
             )),
             _ => s.push_str("The baseline was not run: no target accuracy.\n\n"),
         }
-        s.push_str("| variant | steps to baseline's best | speed-up | best test accuracy | at step | diverged at |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|\n");
-        for r in self.html_rows() {
-            s.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
+        s.push_str(&markdown_table(&TABLE_HEADER.map(String::from), &self.html_rows()));
         s
     }
 
-    /// The rows as display cells: variant, steps to the baseline's best, speed-up, best accuracy,
-    /// its step, the step of divergence.
+    /// The rows as display cells ([`TABLE_HEADER`]): variant, steps to the baseline's best,
+    /// speed-up, best accuracy, its step, the step of divergence.
     pub fn html_rows(&self) -> Vec<Vec<String>> {
         self.rows
             .iter()
@@ -412,7 +408,7 @@ impl Table {
                     r.variant.clone(),
                     reach,
                     r.speedup.map_or("–".into(), |x| format!("{x:.1}×")),
-                    r.best_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
+                    percent(r.best_test_acc),
                     r.best_step.map_or("–".into(), |s| s.to_string()),
                     r.diverged_at.map_or("–".into(), |s| s.to_string()),
                 ]
@@ -420,6 +416,16 @@ impl Table {
             .collect()
     }
 }
+
+/// The columns of the Figure 3 table.
+pub const TABLE_HEADER: [&str; 6] = [
+    "variant",
+    "steps to baseline's best",
+    "speed-up",
+    "best test accuracy",
+    "at step",
+    "diverged at",
+];
 
 /// The "accelerating BN networks" study (Figure 3): SGD with momentum, a diverging variant stops
 /// and the others go on.
@@ -599,9 +605,7 @@ impl Metric {
 /// Writes table.json, table.md, the accuracy plot and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, a, out) = (&s.common, &s.experiment, &s.common.out);
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+    write_table(out, table, &table.markdown())?;
 
     let series: Vec<Series> = a
         .variants
@@ -616,14 +620,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             Series::new(v.name(), points)
         })
         .collect();
-    let acc_svg = report::line_plot_svg(&LinePlot {
+    let acc_plot = LinePlot {
         title: "Test accuracy of the conv net variants (Figure 2)",
         x_label: "training steps",
         y_label: "test accuracy",
         series: &series,
         y_range: Some((0.0, 1.0)),
-    })?;
-    report::write_plot(out, "accuracy", &acc_svg)?;
+    };
+    let acc_svg = report::write_line_plot(out, "accuracy", &acc_plot)?;
 
     let mut page = Page::new("Accelerating BN networks (Figure 3)");
     page.paragraph(&format!(
@@ -641,47 +645,17 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         steps = c.steps,
         e = c.eval_every,
     ));
-    let header: Vec<String> = [
-        "variant",
-        "steps to baseline's best",
-        "speed-up",
-        "best test accuracy",
-        "at step",
-        "diverged at",
-    ]
-    .map(String::from)
-    .to_vec();
     page.table(
         &match table.baseline_best_acc {
             Some(a) => format!("Steps to reach the baseline's best test accuracy ({:.2}%)", a * 100.0),
             None => "Steps to reach the baseline's best test accuracy (baseline not run)".into(),
         },
-        &header,
+        &TABLE_HEADER.map(String::from),
         &table.html_rows(),
     );
-    let header: Vec<String> = [
-        "variant",
-        "final test accuracy",
-        "ms / step",
-        "seconds",
-        "steps trained",
-    ]
-    .map(String::from)
-    .to_vec();
-    let rows: Vec<Vec<String>> = a
-        .variants
-        .iter()
-        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
-        .map(|(v, r)| {
-            vec![
-                v.to_string(),
-                r.final_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-                r.steps.to_string(),
-            ]
-        })
-        .collect();
+    use RunColumn::{FinalTestAcc, MsPerStep, Seconds, Steps};
+    let names = a.variants.iter().map(|v| (v.name(), v.name()));
+    let (header, rows) = runs_table(names, &o.summaries, &[FinalTestAcc, MsPerStep, Seconds, Steps]);
     if c.processes > 1 {
         page.paragraph(&driver::data_parallel_text(c));
     }
