@@ -31,7 +31,7 @@ pub mod settings;
 pub mod train;
 
 pub use evaluate::{BatchPrep, Gathered, Pass, Probe, EVAL_CHUNK};
-pub use metrics::{MetricLine, TrainingStatus};
+pub use metrics::{MetricLine, RunColumn, TrainingStatus};
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
 
@@ -39,6 +39,7 @@ use crate::data::{self, BatchOrder, Dataset, EpochShuffler};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::{Sequential, Sgd};
 use crate::parallel::{self, DataParallel};
+use crate::report::Page;
 use anyhow::{bail, ensure, Context, Result};
 use batchnorm::Communicator;
 use serde::{de::DeserializeOwned, Serialize};
@@ -573,6 +574,28 @@ pub fn data_parallel_text(s: &CommonSettings) -> String {
          contiguous shards, gradients are summed over the processes; {bn}.",
         s.processes, s.batch
     )
+}
+
+/// Ends a study's report `page`: the table of runs (steps, time per step and seconds of each of
+/// `variants`, from `outcome`), the `figures` (caption and SVG, in order) and the settings `s`;
+/// then writes it into the run's folder as `report.html`.
+pub fn finish_study_report<T: Serialize, V: Variant, M>(
+    mut page: Page,
+    s: &Settings<T>,
+    variants: &[V],
+    outcome: &Outcome<M>,
+    figures: &[(String, String)],
+) -> Result<()> {
+    let names = variants.iter().map(|v| (v.name(), v.name()));
+    let columns = [RunColumn::Steps, RunColumn::MsPerStep, RunColumn::Seconds];
+    let (header, rows) = metrics::runs_table(names, &outcome.summaries, &columns);
+    page.table("Runs", &header, &rows);
+    for (caption, svg) in figures {
+        page.figure(caption, svg);
+    }
+    page.settings("Settings", &metrics::settings_rows(s));
+    page.write(&s.common.out.join("report.html"))?;
+    Ok(())
 }
 
 /// Where a run keeps the checkpoint of the variant named `variant`:

@@ -190,9 +190,6 @@ impl Layer for ZeroMasked {
     fn input_size(&self) -> usize {
         self.masks.size()
     }
-    fn output_size(&self) -> usize {
-        self.masks.size()
-    }
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
         let size = self.input_size();

@@ -119,8 +119,11 @@ pub trait Layer: Send {
     fn name(&self) -> String;
     /// Features per example in.
     fn input_size(&self) -> usize;
-    /// Features per example out.
-    fn output_size(&self) -> usize;
+    /// Features per example out: by default [`Layer::input_size`] (a layer that keeps the shape;
+    /// [`Sequential::new`] rejects a network whose sizes do not connect).
+    fn output_size(&self) -> usize {
+        self.input_size()
+    }
     /// y `[batch, output_size]` from x `[batch, input_size]`.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()>;
     /// Parameter gradients (stored in the layer) and, when asked, dx, from x, y and dy.

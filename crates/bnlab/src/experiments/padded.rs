@@ -41,8 +41,9 @@
 
 use super::convnet::check_sgd;
 pub use super::convnet::default_half_life;
+use super::{FlagSettings, Study, StudyHelp};
 use crate::data::batches::{below, epoch_key};
-use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{
     self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Gathered, Outcome, Pass,
@@ -52,7 +53,7 @@ use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
     ZeroMasked,
 };
-use crate::report::{self, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -484,11 +485,6 @@ pub fn table(s: &Settings, steps: usize, metrics: &[Metric]) -> Table {
     }
 }
 
-/// A percentage with two decimals, or a dash.
-fn percent(a: Option<f64>) -> String {
-    a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0))
-}
-
 impl Table {
     /// The header and rows for display: a row per variant, a column per test condition.
     pub fn display_rows(&self) -> (Vec<String>, Vec<Vec<String>>) {
@@ -517,17 +513,12 @@ impl Table {
     /// The table as Markdown (what `table.md` holds).
     pub fn markdown(&self) -> String {
         let (header, rows) = self.display_rows();
-        let mut s = format!(
-            "Final test accuracy by test sequence lengths; trained on lengths {}, padding value {}.\n\n",
+        format!(
+            "Final test accuracy by test sequence lengths; trained on lengths {}, padding value {}.\n\n{}",
             self.train_lengths,
-            pad_value_text(self.pad_value)
-        );
-        s.push_str(&format!("| {} |\n", header.join(" | ")));
-        s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len() - 1)));
-        for r in rows {
-            s.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        s
+            pad_value_text(self.pad_value),
+            markdown_table(&header, &rows)
+        )
     }
 }
 
@@ -672,12 +663,33 @@ impl Experiment for Padded {
     }
 }
 
+impl Study for Padded {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated (bn, masked-bn, no-bn; default: all three)",
+        half_life: "Steps over which the learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two convolutions, `C1,C2` (default 32,32; 8,8 with --quick)",
+        quick: "A short run for CI: 30 steps, evaluations every 10, 8 channels per convolution, 2 population batches \
+                (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> PaddedSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(e: &mut PaddedSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut e.variants,
+            half_life: &mut e.half_life,
+            channels: &mut e.channels,
+        }
+    }
+}
+
 /// Writes table.json, table.md, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+    write_table(out, table, &table.markdown())?;
 
     let mut figures = Vec::new();
     // Final accuracy against the test padding, one line per variant.
@@ -733,13 +745,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     }
     let (header, rows) = table.display_rows();
     page.table("Final test accuracy by test sequence lengths", &header, &rows);
-    page.table("Runs", &RUNS_HEADER.map(String::from), &runs_rows(&e.variants, o));
-    for (caption, svg) in &figures {
-        page.figure(caption, svg);
-    }
-    page.settings("Settings", &settings_rows(s));
-    page.write(&out.join("report.html"))?;
-    Ok(())
+    driver::finish_study_report(page, s, &e.variants, o, &figures)
 }
 
 /// Draws `series` as a plot of test accuracy (0 to 1) against `x_label` and writes it into `out` as
@@ -751,14 +757,17 @@ fn accuracy_plot(
     x_label: &str,
     series: &[Series],
 ) -> Result<(String, String)> {
-    let svg = report::line_plot_svg(&LinePlot {
-        title: &title,
-        x_label,
-        y_label: "test accuracy",
-        series,
-        y_range: Some((0.0, 1.0)),
-    })?;
-    report::write_plot(out, stem, &svg)?;
+    let svg = report::write_line_plot(
+        out,
+        stem,
+        &LinePlot {
+            title: &title,
+            x_label,
+            y_label: "test accuracy",
+            series,
+            y_range: Some((0.0, 1.0)),
+        },
+    )?;
     Ok((title, svg))
 }
 
@@ -766,22 +775,4 @@ fn accuracy_plot(
 fn sorted_by_x(mut points: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
     points
-}
-
-/// The columns of the report's table of runs.
-const RUNS_HEADER: [&str; 4] = ["variant", "steps trained", "ms / step", "seconds"];
-
-/// The report's table of runs: steps, time per step and seconds of each variant.
-fn runs_rows(variants: &[Variant], o: &Outcome<Metric>) -> Vec<Vec<String>> {
-    (variants.iter())
-        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
-        .map(|(v, r)| {
-            vec![
-                v.to_string(),
-                r.steps.to_string(),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-            ]
-        })
-        .collect()
 }

@@ -28,14 +28,15 @@
 
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
+use super::{FlagSettings, Study, StudyHelp};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
-use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{
     self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
 };
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
-use crate::report::{self, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
 use batchnorm::{BatchNormConfig, RenormSchedule};
 use serde::{Deserialize, Serialize};
@@ -441,11 +442,6 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
     }
 }
 
-/// A percentage with two decimals, or a dash.
-fn percent(a: Option<f64>) -> String {
-    a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0))
-}
-
 impl Table {
     /// The batch sizes and methods present, in study order.
     fn axes(&self) -> (Vec<usize>, Vec<Method>) {
@@ -502,17 +498,12 @@ impl Table {
     /// The table as Markdown (what `table.md` holds).
     pub fn markdown(&self) -> String {
         let (header, rows) = self.display_rows();
-        let mut s = format!(
-            "Final test accuracy, {}, {} examples seen per variant; population statistics / running averages.\n\n",
+        format!(
+            "Final test accuracy, {}, {} examples seen per variant; population statistics / running averages.\n\n{}",
             self.mode_text(),
-            self.examples
-        );
-        s.push_str(&format!("| {} |\n", header.join(" | ")));
-        s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len() - 1)));
-        for r in rows {
-            s.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        s
+            self.examples,
+            markdown_table(&header, &rows)
+        )
     }
 }
 
@@ -642,12 +633,34 @@ impl Experiment for SmallBatch {
     }
 }
 
+impl Study for SmallBatch {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16, frozen, \
+                   no-bn; e.g. bn-b2, ghost4-b64; default: all 23)",
+        half_life: "Reference steps over which the learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick)",
+        quick: "A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16 hidden), 2 \
+                population batches (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> SmallBatchSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(e: &mut SmallBatchSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut e.variants,
+            half_life: &mut e.half_life,
+            channels: &mut e.channels,
+        }
+    }
+}
+
 /// Writes table.json, table.md, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+    write_table(out, table, &table.markdown())?;
 
     // Final accuracy against batch size, one line per method.
     let (sizes, methods) = table.axes();
@@ -676,15 +689,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         ),
     ];
     for (stem, title, pick) in plots {
-        let svg = report::line_plot_svg(&LinePlot {
+        let plot = LinePlot {
             title,
             x_label: "log2 of the batch size",
             y_label: "test accuracy",
             series: &by_size(pick),
             y_range: Some((0.0, 1.0)),
-        })?;
-        report::write_plot(out, stem, &svg)?;
-        figures.push((title.to_string(), svg));
+        };
+        figures.push((title.to_string(), report::write_line_plot(out, stem, &plot)?));
     }
     // Training curves per batch size: accuracy against examples seen, one line per method.
     for &b in &sizes {
@@ -699,14 +711,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             })
             .collect();
         let title = format!("Test accuracy during training, batch {b}");
-        let svg = report::line_plot_svg(&LinePlot {
+        let plot = LinePlot {
             title: &title,
             x_label: "training examples seen",
             y_label: "test accuracy (population statistics)",
             series: &series,
             y_range: Some((0.0, 1.0)),
-        })?;
-        report::write_plot(out, &format!("curves-b{b}"), &svg)?;
+        };
+        let svg = report::write_line_plot(out, &format!("curves-b{b}"), &plot)?;
         figures.push((title, svg));
     }
 
@@ -731,25 +743,5 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     }
     let (header, rows) = table.display_rows();
     page.table("Final test accuracy (population / running)", &header, &rows);
-    let header: Vec<String> = ["variant", "steps trained", "ms / step", "seconds"]
-        .map(String::from)
-        .to_vec();
-    let rows: Vec<Vec<String>> = (e.variants.iter())
-        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
-        .map(|(v, r)| {
-            vec![
-                v.to_string(),
-                r.steps.to_string(),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-            ]
-        })
-        .collect();
-    page.table("Runs", &header, &rows);
-    for (caption, svg) in &figures {
-        page.figure(caption, svg);
-    }
-    page.settings("Settings", &settings_rows(s));
-    page.write(&out.join("report.html"))?;
-    Ok(())
+    driver::finish_study_report(page, s, &e.variants, o, &figures)
 }

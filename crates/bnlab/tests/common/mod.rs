@@ -550,6 +550,33 @@ pub fn assert_killed_and_resumed_run_matches(
     assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
 }
 
+/// The kill-and-resume scenario ([`assert_killed_and_resumed_run_matches`]) of a study
+/// (`accelerate`, `small-batch`, `padded`) on the synthetic data, in a scratch folder: `variants`
+/// trained one after another on one thread for 6,000 steps each, where `schedule` is
+/// [`KILL_AND_RESUME_SCHEDULE`] in the study's counting and `args(data, out, extra)` the study's
+/// arguments. Besides the metrics and checkpoints, `table.md`, `table.json` and each variant's
+/// final and best accuracy and steps must match.
+pub fn assert_killed_and_resumed_study_matches(
+    experiment: &str,
+    variants: [&str; 2],
+    schedule: &[&str],
+    args: impl Fn(&Path, &Path, &[&str]) -> Vec<String>,
+) {
+    let (tmp, data, _) = scratch_with_synthetic_data();
+    let names = variants.join(",");
+    let extra = [schedule, &["--variants", &names, "--threads", "1"]].concat();
+    assert_killed_and_resumed_run_matches(
+        tmp.path(),
+        experiment,
+        variants,
+        6000,
+        |out| args(&data, out, &extra),
+        true,
+        &["table.md", "table.json"],
+        &["final_test_acc", "best_test_acc", "steps"],
+    );
+}
+
 /// `bnlab eval` of the checkpoint `file` of `variant`, plain and with `--fold`: the plain accuracy
 /// on the 200 test examples is `want_acc` exactly; folded, `bn_layers` BN layers are folded and at
 /// most one prediction differs. Returns the plain output and its count of correct predictions.

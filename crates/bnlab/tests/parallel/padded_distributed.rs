@@ -56,7 +56,13 @@ fn on_ranks(s: &Settings, p: usize) -> Vec<Metric> {
 /// (step, test accuracy under condition `c`, training loss) of each evaluation.
 fn points(metrics: &[Metric], c: usize) -> Vec<(u64, f64, f64)> {
     (metrics.iter())
-        .map(|m| (m.step, m.conditions[c].test_acc.unwrap(), m.training.train_loss.unwrap()))
+        .map(|m| {
+            (
+                m.step,
+                m.conditions[c].test_acc.unwrap(),
+                m.training.train_loss.unwrap(),
+            )
+        })
         .collect()
 }
 

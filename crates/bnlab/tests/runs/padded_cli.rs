@@ -154,25 +154,11 @@ fn garbage_padding_changes_no_bit_of_masked_bn() {
 /// uninterrupted study: the same metrics, table and checkpoints, bit for bit.
 #[test]
 fn killed_and_resumed_study_matches_uninterrupted_study() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    let args = |out: &Path| {
-        let extra = [
-            KILL_AND_RESUME_SCHEDULE.as_slice(),
-            &["--variants", "masked-bn,bn", "--threads", "1"],
-        ]
-        .concat();
-        padded_tiny_args(&data, out, &extra)
-    };
-    assert_killed_and_resumed_run_matches(
-        tmp.path(),
+    assert_killed_and_resumed_study_matches(
         "padded",
         ["masked-bn", "bn"],
-        6000,
-        args,
-        true,
-        &["table.md", "table.json"],
-        &["final_test_acc", "best_test_acc", "steps"],
+        &KILL_AND_RESUME_SCHEDULE,
+        padded_tiny_args,
     );
 }
 
