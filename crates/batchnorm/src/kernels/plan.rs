@@ -17,13 +17,16 @@
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-use super::mask::{segment, MaskSpans, Span};
+use super::mask::{segment, write_gaps_streamed, zero_off, MaskSpans, Span, GAP_BUFFER};
 use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
 use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
 use crate::{Element, Geometry};
 use rayon::prelude::*;
+
+mod fixed;
+pub(crate) use fixed::fixed_backward_where;
 
 /// Elements of one in-cache piece (32 KiB of `f32`).
 pub(crate) const PIECE: usize = 8192;
@@ -255,15 +258,17 @@ fn rows_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, start: usize, len: usiz
 }
 
 /// Writes `out` where a mask allows (`mask`: a segment's entries and [`Span`]s, entry k covering
-/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, &mut out[range],
-/// stream)` over each span that is on, then +0.0 over the elements of the entries that are off
-/// inside it (a select: nothing computed there is kept; `stream` is false for such spans, so that
-/// the kernel's stores are ordinary ones); +0.0 over each span that is off, whose inputs are not
-/// read.
+/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, out, stream)`
+/// over each span that is on, then +0.0 over the elements of the entries that are off inside
+/// it (a select: nothing computed there is kept); +0.0 over each span that is off, whose inputs
+/// are not read. `f`'s `stream` is false for spans with such entries, whose kernel stores are
+/// ordinary ones: when `stream` (the output is streamed) they are written through an L1 buffer
+/// instead (see [`write_gaps_streamed`]), so that the output is not read for ownership.
 #[inline(always)]
 fn write_where<T: Element>(
     mask: Option<(&[bool], &[Span])>,
     width: usize,
+    stream: bool,
     out: &mut [T],
     mut f: impl FnMut(std::ops::Range<usize>, &mut [T], bool),
 ) {
@@ -271,28 +276,16 @@ fn write_where<T: Element>(
         let n = out.len();
         return f(0..n, out, true);
     };
-    let zero = T::from_f64(0.0);
     for &Span { start, end, on, gaps } in spans {
         let r = start * width..end * width;
         if !on {
-            out[r].fill(zero);
-            continue;
-        }
-        f(r.clone(), &mut out[r.clone()], !gaps);
-        match (gaps, width) {
-            (false, _) => {}
-            // Branch-free, so that it vectorizes: one entry per element.
-            (true, 1) => {
-                for (o, &on) in out[r].iter_mut().zip(&mask[start..end]) {
-                    *o = if on { *o } else { zero };
-                }
-            }
-            (true, _) => {
-                for (o, &on) in out[r].chunks_mut(width).zip(&mask[start..end]) {
-                    if !on {
-                        o.fill(zero);
-                    }
-                }
+            out[r].fill(T::from_f64(0.0));
+        } else if gaps && stream && width <= GAP_BUFFER {
+            write_gaps_streamed(&mask[start..end], width, start * width, &mut out[r], &mut f);
+        } else {
+            f(r.clone(), &mut out[r.clone()], !gaps);
+            if gaps {
+                zero_off(&mask[start..end], width, &mut out[r]);
             }
         }
     }
@@ -439,7 +432,7 @@ pub(crate) fn normalize_where<T: Element>(
                     shift: shift[c],
                 };
                 let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
-                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                write_where(segment(&spans, o), 1, stream, yp, |r, yr, nt| {
                     ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
@@ -456,7 +449,7 @@ pub(crate) fn normalize_where<T: Element>(
         items.reverse();
         map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
-            write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
+            write_where(segment(&spans, u), g.channels, stream, ys, |r, yr, nt| {
                 ew::normalize_rows(&xs[r], yr, &p, stream && nt, act.take())
             });
             if stream {
@@ -519,7 +512,7 @@ pub(crate) fn train_forward_where<T: Element>(
                         .as_ref()
                         .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
                 });
-                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                write_where(segment(&spans, o), 1, stream, yp, |r, yr, nt| {
                     ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
@@ -584,10 +577,7 @@ pub(crate) fn grad_sums_where<T: Element>(
         let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
             planes_grad_sums(g, x, dy, spans.as_ref(), relu, c, mean[c], planes)
         });
-        parts
-            .chunks(blocks)
-            .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
-            .unzip()
+        add_block_sums(&parts, blocks)
     } else {
         let c = g.channels;
         let chunk = row_blocks(g).0 * c;
@@ -607,14 +597,29 @@ pub(crate) fn grad_sums_where<T: Element>(
             let bits = relu.map(|b| b.at(u * chunk, xs.len()));
             moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf, bits);
         });
-        let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
-        for part in parts.chunks(2 * c) {
-            let (p, q) = part.split_at(c);
-            s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-            s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
-        }
-        (s1, s2)
+        add_task_sums(&parts, c)
     }
+}
+
+/// The per-channel (Σ dy, Σ dy·(x − m)) of the planes plan from its units' (`blocks` per
+/// channel, channel after channel), each channel's blocks added in order.
+fn add_block_sums(parts: &[(f64, f64)], blocks: usize) -> (Vec<f64>, Vec<f64>) {
+    parts
+        .chunks(blocks)
+        .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
+        .unzip()
+}
+
+/// The per-channel (Σ dy, Σ dy·(x − m)) of the rows plan from its tasks' (`parts`: per task,
+/// `channels` of each), the tasks added in order.
+fn add_task_sums(parts: &[f64], channels: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut s1, mut s2) = (vec![0.0; channels], vec![0.0; channels]);
+    for part in parts.chunks(2 * channels) {
+        let (p, q) = part.split_at(channels);
+        s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
+    }
+    (s1, s2)
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
@@ -657,7 +662,7 @@ pub(crate) fn input_grad_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
                     ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
                 });
             }
@@ -669,7 +674,7 @@ pub(crate) fn input_grad_where<T: Element>(
         let p = with_simd(|| DxRows::new::<T>(coeffs));
         map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
-            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+            write_where(segment(&spans, u), g.channels, stream, os, |r, or, nt| {
                 ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt, back.take())
             });
             if stream {
@@ -745,7 +750,7 @@ pub(crate) fn train_backward_where<T: Element>(
                         // SAFETY: as for dx.
                         dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
                     });
-                    write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                    write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
                         ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt, back.take())
                     });
                 }
@@ -794,7 +799,7 @@ pub(crate) fn scale_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
                     ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
                 });
             }
@@ -810,7 +815,7 @@ pub(crate) fn scale_where<T: Element>(
         let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
         map_items(items, serial, |u, ((gs, os), mut back)| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
-            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+            write_where(segment(&spans, u), g.channels, stream, os, |r, or, nt| {
                 ew::scale_rows(&gs[r], or, &k, stream && nt, back.take())
             });
             if stream {
