@@ -1,10 +1,7 @@
 //! Masks over positions (masked batch norm: one `bool` per value of a channel, shared by all
 //! channels) as the passes walk them: cut into segments (the planes of a channels-first tensor,
 //! or the rows of a rows-plan unit) and each segment into [`Span`]s, once per pass, for every
-//! channel; and how a pass writes the entries that are off inside a span.
-
-use super::elementwise::scale_plane;
-use crate::Element;
+//! channel.
 
 /// Runs of fewer than this many entries that are off, between entries that are on, are taken
 /// into the span around them: a reduction selects lane by lane there and an element-wise pass
@@ -103,56 +100,6 @@ impl<'a> MaskSpans<'a> {
 #[inline(always)]
 pub(crate) fn segment<'s>(spans: &'s Option<MaskSpans>, i: usize) -> Option<(&'s [bool], &'s [Span])> {
     spans.as_ref().map(|s| s.segment(i))
-}
-
-/// Elements of the L1 buffer through which [`write_gaps_streamed`] writes (8 KiB of `f64`).
-pub(crate) const GAP_BUFFER: usize = 1024;
-
-/// Sets to +0.0 the elements of `out` whose entries in `mask` are off (entry k covers elements
-/// `k·width..(k + 1)·width`).
-#[inline(always)]
-pub(crate) fn zero_off<T: Element>(mask: &[bool], width: usize, out: &mut [T]) {
-    let zero = T::from_f64(0.0);
-    if width == 1 {
-        // Branch-free, so that it vectorizes: one entry per element.
-        for (o, &on) in out.iter_mut().zip(mask) {
-            *o = if on { *o } else { zero };
-        }
-    } else {
-        for (o, &on) in out.chunks_mut(width).zip(mask) {
-            if !on {
-                o.fill(zero);
-            }
-        }
-    }
-}
-
-/// Writes a span of a streamed output whose entries are not all on (`mask`, entry k covering
-/// elements `k·width..(k + 1)·width` of `out`, width ≤ [`GAP_BUFFER`]; `out` starts at element
-/// `first` of its segment): piece by piece, `f(range, buffer, false)` computes the piece's
-/// elements (`range` relative to the segment) into an L1 buffer, the entries that are off are
-/// set to +0.0 there, and the piece is copied to `out` with streaming stores (an exact product
-/// by 1). The same bits as `f` over `out` followed by [`zero_off`], without reading `out` for
-/// ownership: ordinary stores into a streamed output that does not fit in the cache would
-/// read each line of it from memory first. The caller fences its streaming stores, as after
-/// its kernels' own.
-pub(crate) fn write_gaps_streamed<T: Element>(
-    mask: &[bool],
-    width: usize,
-    first: usize,
-    out: &mut [T],
-    f: &mut impl FnMut(std::ops::Range<usize>, &mut [T], bool),
-) {
-    debug_assert!(width <= GAP_BUFFER && out.len() == mask.len() * width);
-    let mut buf = [T::from_f64(0.0); GAP_BUFFER];
-    let per = GAP_BUFFER / width;
-    for (k, (entries, piece)) in mask.chunks(per).zip(out.chunks_mut(per * width)).enumerate() {
-        let start = first + k * per * width;
-        let b = &mut buf[..piece.len()];
-        f(start..start + piece.len(), b, false);
-        zero_off(entries, width, b);
-        scale_plane(b, piece, 1.0, true, None);
-    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-use super::mask::{segment, write_gaps_streamed, zero_off, MaskSpans, Span, GAP_BUFFER};
+use super::mask::{segment, MaskSpans, Span};
 use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
 use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
@@ -258,17 +258,15 @@ fn rows_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, start: usize, len: usiz
 }
 
 /// Writes `out` where a mask allows (`mask`: a segment's entries and [`Span`]s, entry k covering
-/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, out, stream)`
-/// over each span that is on, then +0.0 over the elements of the entries that are off inside
-/// it (a select: nothing computed there is kept); +0.0 over each span that is off, whose inputs
-/// are not read. `f`'s `stream` is false for spans with such entries, whose kernel stores are
-/// ordinary ones: when `stream` (the output is streamed) they are written through an L1 buffer
-/// instead (see [`write_gaps_streamed`]), so that the output is not read for ownership.
+/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, &mut out[range],
+/// stream)` over each span that is on, then +0.0 over the elements of the entries that are off
+/// inside it (a select: nothing computed there is kept; `stream` is false for such spans, so that
+/// the kernel's stores are ordinary ones); +0.0 over each span that is off, whose inputs are not
+/// read.
 #[inline(always)]
 fn write_where<T: Element>(
     mask: Option<(&[bool], &[Span])>,
     width: usize,
-    stream: bool,
     out: &mut [T],
     mut f: impl FnMut(std::ops::Range<usize>, &mut [T], bool),
 ) {
@@ -276,16 +274,28 @@ fn write_where<T: Element>(
         let n = out.len();
         return f(0..n, out, true);
     };
+    let zero = T::from_f64(0.0);
     for &Span { start, end, on, gaps } in spans {
         let r = start * width..end * width;
         if !on {
-            out[r].fill(T::from_f64(0.0));
-        } else if gaps && stream && width <= GAP_BUFFER {
-            write_gaps_streamed(&mask[start..end], width, start * width, &mut out[r], &mut f);
-        } else {
-            f(r.clone(), &mut out[r.clone()], !gaps);
-            if gaps {
-                zero_off(&mask[start..end], width, &mut out[r]);
+            out[r].fill(zero);
+            continue;
+        }
+        f(r.clone(), &mut out[r.clone()], !gaps);
+        match (gaps, width) {
+            (false, _) => {}
+            // Branch-free, so that it vectorizes: one entry per element.
+            (true, 1) => {
+                for (o, &on) in out[r].iter_mut().zip(&mask[start..end]) {
+                    *o = if on { *o } else { zero };
+                }
+            }
+            (true, _) => {
+                for (o, &on) in out[r].chunks_mut(width).zip(&mask[start..end]) {
+                    if !on {
+                        o.fill(zero);
+                    }
+                }
             }
         }
     }
@@ -432,7 +442,7 @@ pub(crate) fn normalize_where<T: Element>(
                     shift: shift[c],
                 };
                 let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
-                write_where(segment(&spans, o), 1, stream, yp, |r, yr, nt| {
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
                     ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
@@ -449,7 +459,7 @@ pub(crate) fn normalize_where<T: Element>(
         items.reverse();
         map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
-            write_where(segment(&spans, u), g.channels, stream, ys, |r, yr, nt| {
+            write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
                 ew::normalize_rows(&xs[r], yr, &p, stream && nt, act.take())
             });
             if stream {
@@ -512,7 +522,7 @@ pub(crate) fn train_forward_where<T: Element>(
                         .as_ref()
                         .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
                 });
-                write_where(segment(&spans, o), 1, stream, yp, |r, yr, nt| {
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
                     ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
                 });
             }
@@ -662,7 +672,7 @@ pub(crate) fn input_grad_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
                     ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
                 });
             }
@@ -674,7 +684,7 @@ pub(crate) fn input_grad_where<T: Element>(
         let p = with_simd(|| DxRows::new::<T>(coeffs));
         map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
-            write_where(segment(&spans, u), g.channels, stream, os, |r, or, nt| {
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
                 ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt, back.take())
             });
             if stream {
@@ -750,7 +760,7 @@ pub(crate) fn train_backward_where<T: Element>(
                         // SAFETY: as for dx.
                         dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
                     });
-                    write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
+                    write_where(segment(&spans, o), 1, op, |r, or, nt| {
                         ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt, back.take())
                     });
                 }
@@ -799,7 +809,7 @@ pub(crate) fn scale_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
                     ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
                 });
             }
@@ -815,7 +825,7 @@ pub(crate) fn scale_where<T: Element>(
         let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
         map_items(items, serial, |u, ((gs, os), mut back)| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
-            write_where(segment(&spans, u), g.channels, stream, os, |r, or, nt| {
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
                 ew::scale_rows(&gs[r], or, &k, stream && nt, back.take())
             });
             if stream {

@@ -67,7 +67,7 @@ pub(crate) fn fixed_backward_where<T: Element>(
                 // SAFETY: as for dx.
                 dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
             });
-            write_where(segment(&spans, o), 1, stream, op, |r, or, nt| {
+            write_where(segment(&spans, o), 1, op, |r, or, nt| {
                 ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
             });
         };
@@ -119,7 +119,7 @@ pub(crate) fn fixed_backward_where<T: Element>(
                 moments::rows_grad_sums(xb, gb, rows, mean, s1, s2, pf, bits);
                 let spans = MaskSpans::new(rows, xb.len() / c);
                 let mut back = back.as_mut().map(|b| b.part(first, i * block, xb.len()));
-                write_where(segment(&spans, 0), c, stream, ob, |r, or, nt| {
+                write_where(segment(&spans, 0), c, ob, |r, or, nt| {
                     ew::scale_rows(&gb[r], or, &scale, stream && nt, back.take())
                 });
             }
