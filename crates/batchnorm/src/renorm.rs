@@ -309,15 +309,13 @@ fn renorm_normalize<T: Element>(
 ) -> Result<RenormSaved, Error> {
     let Affine { gamma, beta } = affine;
     let saved = stats.saved(eps)?;
-    let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-    // A slice loop in an AVX2 function: its divisions vectorize (the same bits).
-    with_simd(|| {
-        for c in 0..g.channels {
+    let (r, d): (Vec<f64>, Vec<f64>) = (0..g.channels)
+        .map(|c| {
             let sigma_b = 1.0 / saved.inv_std[c];
             let (mu, sigma) = (moving.mean[c].to_f64(), moving.std[c].to_f64());
-            (r[c], d[c]) = correction(saved.mean[c], sigma_b, mu, sigma, clip);
-        }
-    });
+            correction(saved.mean[c], sigma_b, mu, sigma, clip)
+        })
+        .unzip();
     // y = (x − μ_B)·(γ·r/σ_B) + (γ·d + β).
     let mut scale = Scratch::collect(saved.inv_std.iter().zip(&r).map(|(s, r)| s * r));
     let mut shift = Scratch::any(g.channels);
@@ -425,16 +423,12 @@ pub fn update_renorm_stats<T: Element>(
     check::renorm_momentum(alpha)?;
     check::eps(eps)?;
     check::training_count(batch.count, &[])?;
-    let var = batch.var_biased();
-    // A slice loop in an AVX2 function: its square roots and divisions vectorize (the same bits).
-    with_simd(|| {
-        for (c, &var) in var.iter().enumerate() {
-            let sigma_b = 1.0 / inv_std(var, eps);
-            let (mu, sigma) = (moving_mean[c].to_f64(), moving_std[c].to_f64());
-            moving_mean[c] = T::from_f64(mu + alpha * (batch.mean[c] - mu));
-            moving_std[c] = T::from_f64(sigma + alpha * (sigma_b - sigma));
-        }
-    });
+    for (c, var) in batch.var_biased().into_iter().enumerate() {
+        let sigma_b = 1.0 / inv_std(var, eps);
+        let (mu, sigma) = (moving_mean[c].to_f64(), moving_std[c].to_f64());
+        moving_mean[c] = T::from_f64(mu + alpha * (batch.mean[c] - mu));
+        moving_std[c] = T::from_f64(sigma + alpha * (sigma_b - sigma));
+    }
     Ok(())
 }
 
