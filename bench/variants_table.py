@@ -9,6 +9,7 @@ fwd_eval, every other ratio op against the same op), the median over rounds; the
 
     python3 bench/variants_table.py ROUND.jsonl ...          # saved rounds (one or more per file)
     python3 bench/variants_table.py --rounds 4 --threads 2   # runs target/release/bnlab 4 times
+    python3 bench/variants_table.py --rounds 4 --threads 1 --cpu-time   # on a busy machine
 
 A round starts at its first line (`{"copy_gbps": ..., "threads": ...}`), so several rounds may
 share a file. Only the standard library is needed.
@@ -70,12 +71,13 @@ def parse_rounds(lines):
     return rounds
 
 
-def run_rounds(bnlab, rounds, threads, json_out):
+def run_rounds(bnlab, rounds, threads, cpu_time, json_out):
     lines = []
+    cmd = [bnlab, "bench", "--threads", str(threads), "--json"] + (["--cpu-time"] if cpu_time else [])
     for r in range(rounds):
-        print(f"round {r + 1}/{rounds}: {bnlab} bench --threads {threads} --json", file=sys.stderr)
+        print(f"round {r + 1}/{rounds}: {' '.join(cmd)}", file=sys.stderr)
         out = subprocess.run(
-            [bnlab, "bench", "--threads", str(threads), "--json"],
+            cmd,
             check=True,
             capture_output=True,
             text=True,
@@ -123,10 +125,11 @@ def main():
     p.add_argument("--rounds", type=int, default=0, help="run this many rounds instead of reading files")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bnlab", default="target/release/bnlab")
+    p.add_argument("--cpu-time", action="store_true", help="with --rounds: time in CPU time (needs --threads 1)")
     p.add_argument("--json-out", help="with --rounds: also save the rounds' JSON lines here")
     a = p.parse_args()
     if a.rounds > 0:
-        lines = run_rounds(a.bnlab, a.rounds, a.threads, a.json_out)
+        lines = run_rounds(a.bnlab, a.rounds, a.threads, a.cpu_time, a.json_out)
     elif a.files:
         lines = [line for f in a.files for line in open(f)]
     else:
@@ -161,7 +164,7 @@ def main():
             print(f"- {what}: not measured")
             continue
         value, case, col = max(worst)
-        over = sorted({f"{c} ({col_}: {v:.2f})" for v, c, col_ in worst if v > limit})
+        over = [f"{c} ({col_}: {v:.2f})" for v, c, col_ in worst if v > limit]
         verdict = "met" if value <= limit else f"missed in {len(over)} of {len(worst)} ratios: " + ", ".join(over)
         print(f"- {what}: worst {value:.2f} ({col}, {case}); {verdict}")
 

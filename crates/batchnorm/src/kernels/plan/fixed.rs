@@ -2,9 +2,11 @@
 //! memory.
 //!
 //! There dx = dy·k per channel does not depend on the gradient sums, so a unit need not finish
-//! its sums before it writes dx: each in-cache piece (channels-first) or block of rows (rows
-//! plan, [`BLOCK`]) is summed and then, still in cache, scaled into dx. x and dy come from memory once and
-//! dx goes to it once (three streams, against five for the sums pass followed by the dx pass).
+//! its sums before it writes dx. Channels-first, each in-cache piece is summed and then the
+//! planes it completes are scaled into dx (a plane longer than a piece after its last piece,
+//! from L2); in the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still
+//! in cache. x and dy come from memory once and dx goes to it once: three streams, against five
+//! for the sums pass followed by the dx pass.
 //!
 //! The units, pieces, blocks and merge order are those of [`super::grad_sums_where`], whose
 //! kernels this calls on the same pieces in the same order (a rows-plan task's sums are taken
