@@ -1,5 +1,5 @@
 //! `bnlab bench --variant`: which batch-norm variants a run times, and the `"variant"` field of
-//! its `--json` rows.
+//! its `--json` rows; the fused rows (`--variant fused`) in JSON and in the table.
 
 use crate::common::{bnlab_ok, expect_error};
 use serde_json::Value;
@@ -93,4 +93,48 @@ fn bench_variant_selects_rows() {
         &["bench", "--variant", "ghostly"],
         &["--variant", "ghostly"],
     );
+}
+
+/// `--variant fused` (not in the default run, which the test above pins): each fused op and its
+/// unfused sequence, as JSON rows and as table lines, and `--help` says what each op is.
+#[test]
+fn bench_fused_rows_come_out() {
+    let ops = [
+        "fwd_train_relu",
+        "fwd_train_relu_unfused",
+        "backward_relu",
+        "backward_relu_unfused",
+        "fwd_train_add_relu",
+        "fwd_train_add_relu_unfused",
+        "backward_add_relu",
+        "backward_add_relu_unfused",
+    ];
+    let want: Vec<(&str, &str)> = ops.iter().map(|&op| ("fused", op)).collect();
+    assert_eq!(variant_ops(&rows(&["--variant", "fused"])), pairs(&want));
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "--threads",
+        "1",
+        "--min-time",
+        "0.001",
+        "--only",
+        "NC[60,100]",
+        "--variant",
+        "fused",
+    ];
+    let (table, _) = bnlab_ok(tmp.path(), &args);
+    let lines: Vec<Vec<&str>> = table.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), ops.len(), "{table}");
+    for (words, op) in lines.iter().zip(ops) {
+        // variant, layout, shape (`[60, 100]`: two words), op.
+        assert_eq!((words[0], words[1], words[4]), ("fused", "NC", op), "{table}");
+    }
+    let (help, _) = bnlab_ok(tmp.path(), &["bench", "--help"]);
+    for op in ops {
+        assert!(
+            help.contains(&format!("{op} (")),
+            "--help does not say what {op} is:\n{help}"
+        );
+    }
 }
