@@ -6,9 +6,9 @@
 #
 # SECTION: kernels mlp convnet candle mpi fused (default: all, in that order; the numbers of
 # BENCHMARKS.md's sections 1 to 5, then fused: section 1's "Fused BN + ReLU and BN + add + ReLU").
-# --threads: threads for both sides (default 2, the machine of BENCHMARKS.md). --python: a Python with torch and numpy (default /tmp/torch/bin/python, the
-# venv bench/README.md sets up; the mpi section needs only python3). --dry-run: print the
-# commands without running them.
+# --threads: threads for both sides (default 2, the machine of BENCHMARKS.md). --python: a
+# Python with torch and numpy (default /tmp/torch/bin/python, the venv bench/README.md sets up;
+# the mpi section needs only python3). --dry-run: print the commands without running them.
 #
 # Section 1 takes the longest (two runs of 7 alternating rounds of both kernel benchmarks). Run
 # it on an otherwise idle machine; from any directory. Builds the release binary first (with the `mpi` feature when the mpi section runs,
