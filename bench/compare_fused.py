@@ -16,15 +16,13 @@ larger than the last-level cache (--llc-mib, 32) is marked: the issue's 1.4x tar
 unfused sequence is for those. Cases missing on one side are shown as "–".
 This script itself needs only the standard library.
 """
-import argparse
 import json
 import math
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_kernels import DASH, f, median_cases, median_copy, raw_run, run_json  # noqa: E402
+from compare_kernels import DASH, alternate, f, median_cases, median_copy, parse_args, raw_run  # noqa: E402
 
 OPS = ["fwd_train_relu", "backward_relu", "fwd_train_add_relu", "backward_add_relu"]
 # (column suffix of the op name, heading); "" is bnlab's fused op.
@@ -36,28 +34,11 @@ def geomean(xs):
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bnlab", default="target/release/bnlab", help="path to the bnlab binary")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; per-case median across them")
-    ap.add_argument("--python", default=sys.executable, help="Python with torch (default: this one)")
-    ap.add_argument("--torch-script", default=os.path.join(here, "torch_fused.py"))
-    ap.add_argument("--torch-args", default="", help="extra arguments for torch_fused.py, e.g. --no-compile")
-    ap.add_argument("--bnlab-args", default="", help="extra arguments for bnlab bench")
+    ap = parse_args("torch_fused.py", "--no-compile")
     ap.add_argument("--llc-mib", type=float, default=32, help="last-level cache size in MiB")
-    ap.add_argument("--json-out", help="write all raw numbers to this file")
     args = ap.parse_args()
-
     t = str(args.threads)
-    bn_cmd = [args.bnlab, "bench", "--json", "--variant", "fused", "--threads", t] + shlex.split(args.bnlab_args)
-    pt_cmd = [args.python, args.torch_script, "--threads", t] + shlex.split(args.torch_args)
-    bn_runs, pt_runs = [], []
-    for r in range(args.rounds):
-        print(f"round {r + 1}/{args.rounds}: bnlab", file=sys.stderr, flush=True)
-        bn_runs.append(run_json(bn_cmd))
-        print(f"round {r + 1}/{args.rounds}: pytorch", file=sys.stderr, flush=True)
-        pt_runs.append(run_json(pt_cmd))
+    bn_cmd, pt_cmd, bn_runs, pt_runs = alternate(args, "fused")
     bn, pt = median_cases(bn_runs), median_cases(pt_runs)
     cases = list(dict.fromkeys(k[:2] for k in list(bn) + list(pt)))
 

@@ -44,6 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_bn import CASES, EPS, MOMENTUM, add_timing_args, make_case, time_and_print  # noqa: E402
 
 aten = torch.ops.aten
+# Each case compiles the two functions again (other shapes); dynamo's default limit of 8
+# compilations per function would silently run the later cases eager. Fail loudly instead.
+torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def forward_eager(x, z, w, b, rm, rv):

@@ -2,11 +2,12 @@
 //! `relu(bn(x) + z)` in one pass each way ([`batchnorm::batch_norm_train_relu`] and the others),
 //! and the composed form (candle's own ops) used where the fused kernels do not run.
 //!
-//! [`ReluOp`] is the forward: a `CustomOp1` on x, a `CustomOp2` on (x, z) or (x, γβ), a
-//! `CustomOp3` on (x, z, γβ), where γβ is γ and β stacked into one `[2, C]` tensor (candle's
-//! custom ops take at most three inputs; the stack's backward splits the gradient again). It
-//! keeps the ReLU's 1-bit mask (and in training the saved statistics) for [`ReluGradOp`], which
-//! writes dx, dz and dγβ packed into one buffer, split afterwards into views without copying.
+//! [`ReluOp`] is the forward: a `CustomOp3` on (x, z, γβ), where γβ is γ and β stacked into one
+//! `[2, C]` tensor (candle's custom ops take at most three inputs; the stack's backward splits
+//! the gradient again), and x itself stands in for z without a residual and for γβ without
+//! affine parameters (unread, and given no gradient). It keeps the ReLU's 1-bit mask (and γ, and
+//! in training the saved statistics) for [`ReluGradOp`], a `CustomOp2` on (x, dy) that writes
+//! dx, dz and dγβ packed into one buffer, split afterwards into views without copying.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,9 +17,7 @@ use batchnorm::{
     batch_norm_train_relu, Affine, BatchStats, Element, FixedStats, Grads, Layout, ReluMask, SavedStats, View,
 };
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout as CLayout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Error, Layout as CLayout, Result, Shape, Tensor, WithDType};
 
 use crate::ops::{cast, dispatch, slice, wrap};
 use crate::Params;
@@ -46,14 +45,17 @@ pub(crate) enum ReluMode {
     Eval { mean: Vec<f64>, var: Vec<f64> },
 }
 
-/// What a [`ReluOp`] leaves for its backward and the layer: which outputs the ReLU kept, and in
-/// training the batch statistics and the saved statistics.
+/// What a [`ReluOp`] leaves for its backward and the layer: which outputs the ReLU kept, γ (as
+/// `f64`, which holds `f32` and `f64` values exactly) when affine, and in training the batch
+/// statistics and the saved statistics.
 pub(crate) struct ReluState {
     mask: ReluMask,
+    gamma: Option<Vec<f64>>,
     trained: Option<(BatchStats, SavedStats)>,
 }
 
-/// The forward op (see the module docs). Inputs in order: x, z when `residual`, γβ when `affine`.
+/// The forward op (see the module docs): inputs x, z (x without a residual), γβ (x without
+/// affine parameters).
 pub(crate) struct ReluOp {
     eps: f64,
     mode: ReluMode,
@@ -85,12 +87,7 @@ pub(crate) fn forward(
     let state = op.state.clone();
     let x = x.contiguous()?;
     let z = z.map(Tensor::contiguous).transpose()?;
-    let y = match (z, gb) {
-        (None, None) => x.apply_op1(op),
-        (Some(z), None) => x.apply_op2(&z, op),
-        (None, Some(gb)) => x.apply_op2(&gb, op),
-        (Some(z), Some(gb)) => x.apply_op3(&z, &gb, op),
-    }?;
+    let y = x.apply_op3(z.as_ref().unwrap_or(&x), gb.as_ref().unwrap_or(&x), op)?;
     let stats = state
         .get()
         .and_then(|s| s.trained.as_ref())
@@ -108,28 +105,18 @@ impl ReluOp {
         }
     }
 
-    /// The forward on the inputs in order (x, z when `residual`, γβ when `affine`).
-    fn run<T: Element + WithDType>(&self, inputs: &[(&CpuStorage, &CLayout)]) -> Result<(CpuStorage, Shape)> {
-        let (xs, xl) = inputs[0];
+    /// The forward on the inputs x, z, γβ (those not used are x again, unread).
+    fn run<T: Element + WithDType>(&self, inputs: [(&CpuStorage, &CLayout); 3]) -> Result<(CpuStorage, Shape)> {
+        let [(xs, xl), (zs, zl), (gbs, gbl)] = inputs;
         let x = slice::<T>(xs, xl, "x")?;
-        let z = match self.residual {
-            true => Some(slice::<T>(inputs[1].0, inputs[1].1, "z")?),
-            false => None,
-        };
-        let gb = match self.affine {
-            true => Some(slice::<T>(
-                inputs[inputs.len() - 1].0,
-                inputs[inputs.len() - 1].1,
-                "weight",
-            )?),
-            false => None,
-        };
-        let affine = match gb {
+        let z = self.residual.then(|| slice::<T>(zs, zl, "z")).transpose()?;
+        let gb = self.affine.then(|| slice::<T>(gbs, gbl, "weight")).transpose()?;
+        let (affine, gamma) = match gb {
             Some(gb) => {
                 let (g, b) = gb.split_at(gb.len() / 2);
-                Affine::new(g, b)
+                (Affine::new(g, b), Some(g.iter().map(|&v| Element::to_f64(v)).collect()))
             }
-            None => Affine::NONE,
+            None => (Affine::NONE, None),
         };
         let (mut y, mut mask) = (vec![T::default(); x.len()], ReluMask::new());
         let x = View::new(x, xl.shape().dims(), Layout::ChannelsFirst);
@@ -155,18 +142,14 @@ impl ReluOp {
         };
         // A custom op runs once per application; a second value would mean it was re-run.
         self.state
-            .set(ReluState { mask, trained })
+            .set(ReluState { mask, gamma, trained })
             .map_err(|_| Error::Msg("batch-norm: fused ReLU op applied twice".into()))?;
         Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
     }
 
-    fn cpu_fwd(&self, inputs: &[(&CpuStorage, &CLayout)]) -> Result<(CpuStorage, Shape)> {
-        dispatch!(inputs[0].0, self.op_name(), |T| self.run::<T>(inputs))
-    }
-
     /// The gradients (dx, dz, dγβ) wanted, from one fused backward call.
-    fn grads(&self, x: &Tensor, grad: &Tensor, gb: Option<&Tensor>, want: [bool; 3]) -> Result<TensorGrads> {
-        let [want_dx, want_dz, want_params] = [want[0], want[1] && self.residual, want[2] && gb.is_some()];
+    fn grads(&self, x: &Tensor, grad: &Tensor, want: [bool; 3]) -> Result<TensorGrads> {
+        let [want_dx, want_dz, want_params] = [want[0], want[1] && self.residual, want[2] && self.affine];
         if !want_dx && !want_dz && !want_params {
             return Ok((None, None, None));
         }
@@ -179,11 +162,7 @@ impl ReluOp {
             state: self.state.clone(),
             want: [want_dx, want_dz, want_params],
         };
-        let grad = grad.contiguous()?;
-        let packed = match gb {
-            Some(gb) => x.apply_op3_no_bwd(&grad, gb, &op)?,
-            None => x.apply_op2_no_bwd(&grad, &op)?,
-        };
+        let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let (n, c) = (x.elem_count(), x.dim(1)?);
         let mut at = 0;
         let mut take = |wanted: bool, len: usize| {
@@ -201,47 +180,6 @@ impl ReluOp {
 /// dx, dz, dγβ (each `None` when not wanted).
 type TensorGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-impl CustomOp1 for ReluOp {
-    fn name(&self) -> &'static str {
-        self.op_name()
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> Result<(CpuStorage, Shape)> {
-        ReluOp::cpu_fwd(self, &[(s, l)])
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(self.grads(x, grad, None, [true, false, false])?.0)
-    }
-}
-
-impl CustomOp2 for ReluOp {
-    fn name(&self) -> &'static str {
-        self.op_name()
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &CLayout, s2: &CpuStorage, l2: &CLayout) -> Result<(CpuStorage, Shape)> {
-        ReluOp::cpu_fwd(self, &[(s1, l1), (s2, l2)])
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        second: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let want = [x.track_op(), second.track_op()];
-        if self.residual {
-            let (dx, dz, _) = self.grads(x, grad, None, [want[0], want[1], false])?;
-            Ok((dx, dz))
-        } else {
-            let (dx, _, dgb) = self.grads(x, grad, Some(second), [want[0], false, want[1]])?;
-            Ok((dx, dgb))
-        }
-    }
-}
-
 impl CustomOp3 for ReluOp {
     fn name(&self) -> &'static str {
         self.op_name()
@@ -249,30 +187,23 @@ impl CustomOp3 for ReluOp {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &CLayout,
-        s2: &CpuStorage,
-        l2: &CLayout,
-        s3: &CpuStorage,
-        l3: &CLayout,
+        xs: &CpuStorage,
+        xl: &CLayout,
+        zs: &CpuStorage,
+        zl: &CLayout,
+        gbs: &CpuStorage,
+        gbl: &CLayout,
     ) -> Result<(CpuStorage, Shape)> {
-        ReluOp::cpu_fwd(self, &[(s1, l1), (s2, l2), (s3, l3)])
+        dispatch!(xs, self.op_name(), |T| self.run::<T>([(xs, xl), (zs, zl), (gbs, gbl)]))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        z: &Tensor,
-        gb: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, grad, Some(gb), [x.track_op(), z.track_op(), gb.track_op()])
+    fn bwd(&self, x: &Tensor, z: &Tensor, gb: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<TensorGrads> {
+        self.grads(x, grad, [x.track_op(), z.track_op(), gb.track_op()])
     }
 }
 
-/// The backward of [`ReluOp`]: `CustomOp2` on (x, dy), `CustomOp3` on (x, dy, γβ) (only γ is
-/// read). Its output is one flat buffer `[dx, dz, dγ, dβ]`, each part present when wanted.
+/// The backward of [`ReluOp`]: `CustomOp2` on (x, dy), γ from the forward's state. Its output is
+/// one flat buffer `[dx, dz, dγ, dβ]`, each part present when wanted.
 struct ReluGradOp {
     eps: f64,
     /// The fixed statistics of an inference forward; `None`: training (the saved statistics).
@@ -283,20 +214,21 @@ struct ReluGradOp {
 }
 
 impl ReluGradOp {
-    fn run<T: Element + WithDType>(&self, inputs: &[(&CpuStorage, &CLayout)]) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Element + WithDType>(
+        &self,
+        (xs, xl): (&CpuStorage, &CLayout),
+        (dys, dyl): (&CpuStorage, &CLayout),
+    ) -> Result<(CpuStorage, Shape)> {
         let state = self
             .state
             .get()
             .ok_or_else(|| Error::Msg("batch-norm: backward before forward".into()))?;
-        let (xs, xl) = inputs[0];
         let x = slice::<T>(xs, xl, "x")?;
-        let dy = slice::<T>(inputs[1].0, inputs[1].1, "grad")?;
+        let dy = slice::<T>(dys, dyl, "grad")?;
         let shape = xl.shape().dims();
         let c = shape[1];
-        let gamma = match inputs.get(2) {
-            Some(&(gs, gl)) => Some(&slice::<T>(gs, gl, "weight")?[..c]),
-            None => None,
-        };
+        let gamma = state.gamma.as_deref().map(cast::<T>);
+        let gamma = gamma.as_deref();
         let [want_dx, want_dz, want_params] = self.want;
         let part = |wanted: bool, len: usize| if wanted { len } else { 0 };
         let mut out = vec![T::default(); part(want_dx, x.len()) + part(want_dz, x.len()) + part(want_params, 2 * c)];
@@ -341,24 +273,6 @@ impl CustomOp2 for ReluGradOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &CLayout, s2: &CpuStorage, l2: &CLayout) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, "relu-grad", |T| self.run::<T>(&[(s1, l1), (s2, l2)]))
-    }
-}
-
-impl CustomOp3 for ReluGradOp {
-    fn name(&self) -> &'static str {
-        "batchnorm-relu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &CLayout,
-        s2: &CpuStorage,
-        l2: &CLayout,
-        s3: &CpuStorage,
-        l3: &CLayout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(s1, "relu-grad", |T| self.run::<T>(&[(s1, l1), (s2, l2), (s3, l3)]))
+        dispatch!(s1, "relu-grad", |T| self.run::<T>((s1, l1), (s2, l2)))
     }
 }

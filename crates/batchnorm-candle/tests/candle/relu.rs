@@ -95,8 +95,8 @@ fn kernel_step<T: batchnorm::Element + WithDType>(
     w: &Tensor,
     gamma: &[T],
     beta: &[T],
-    mean: &mut Vec<T>,
-    var: &mut Vec<T>,
+    mean: &mut [T],
+    var: &mut [T],
     train: bool,
 ) -> Result<Vec<Tensor>> {
     let (shape, dev) = (x.dims(), x.device());
