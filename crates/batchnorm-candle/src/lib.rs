@@ -195,10 +195,15 @@ fn check_residual(z: &Tensor, x: &Tensor) -> Result<()> {
             x.dims()
         )
     }
-    if !z.device().same_device(x.device()) {
+    check_device("residual z", z, x)
+}
+
+/// Rejects a tensor given with the input x (named `what`, e.g. `mask`) that is on another device.
+fn check_device(what: &str, t: &Tensor, x: &Tensor) -> Result<()> {
+    if !t.device().same_device(x.device()) {
         candle_core::bail!(
-            "batch-norm: the residual z is on {:?}, the input on {:?}",
-            z.device().location(),
+            "batch-norm {what} is on {:?}, the input on {:?}",
+            t.device().location(),
             x.device().location()
         )
     }

@@ -321,17 +321,11 @@ impl Timed {
         })
     }
 
-    /// One call of `op` on `x` (writing y, or the gradients from dy).
-    fn run(
-        &mut self,
-        op: Op,
-        x: View<'_, f32>,
-        y: &mut [f32],
-        dy: &[f32],
-        grads: Grads<'_, f32>,
-    ) -> Result<(), batchnorm::Error> {
+    /// One call of `op` on `io.x` (writing y, or the gradients from dy).
+    fn run(&mut self, op: Op, io: Io<'_>) -> Result<(), batchnorm::Error> {
+        let Io { x, y, dy, grads } = io;
         match (self, op) {
-            (Timed::Fused(rows), op) => rows.run(op, x, y, dy, grads),
+            (Timed::Fused(rows), op) => rows.run(op, Io { x, y, dy, grads }),
             (Timed::Bn { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
             (Timed::Masked { layer, mask, .. }, Op::FwdTrain) => layer.forward_train_masked(x, mask, y).map(drop),
             (Timed::Renorm { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
@@ -344,6 +338,15 @@ impl Timed {
             (Timed::Renorm { layer, saved }, _) => layer.backward(x, dy, saved, grads),
         }
     }
+}
+
+/// One timed call's tensors: the input x, the output y, the upstream gradient dy, and where the
+/// gradients go.
+struct Io<'a> {
+    x: View<'a, f32>,
+    y: &'a mut [f32],
+    dy: &'a [f32],
+    grads: Grads<'a, f32>,
 }
 
 /// The fused rows' layer and buffers: a plain `BatchNorm`, the saved statistics and ReLU mask of
@@ -381,14 +384,7 @@ impl FusedRows {
 
     /// One call of `op`. The unfused backward reads the y its forward (the op before it in
     /// [`Variant::ops`]) left; a fused backward, the mask of the last fused forward.
-    fn run(
-        &mut self,
-        op: Op,
-        x: View<'_, f32>,
-        y: &mut [f32],
-        dy: &[f32],
-        grads: Grads<'_, f32>,
-    ) -> Result<(), batchnorm::Error> {
+    fn run(&mut self, op: Op, Io { x, y, dy, grads }: Io<'_>) -> Result<(), batchnorm::Error> {
         let FusedRows {
             layer,
             saved,
@@ -616,7 +612,13 @@ pub fn run_case(
     for &op in variant.ops() {
         let mut call = || {
             let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
-            if let Err(e) = layer.run(op, xv, &mut y, &dy, grads) {
+            let io = Io {
+                x: xv,
+                y: &mut y,
+                dy: &dy,
+                grads,
+            };
+            if let Err(e) = layer.run(op, io) {
                 err = Err(e);
             }
         };

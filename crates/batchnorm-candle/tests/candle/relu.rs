@@ -156,6 +156,13 @@ fn kernel_step<T: batchnorm::Element + WithDType>(
 /// `batch_norm_eval_relu` / `batch_norm_eval_add_relu` and their backward: y, dx, dγ, dβ, dz and
 /// the running statistics bit for bit (x in [−1, 3), so that the ReLU drops a share of every
 /// channel, z in [−1, 1)).
+#[test]
+fn fused_relu_path_is_the_kernel_bit_for_bit() -> Result<()> {
+    fused_matches_the_kernel::<f32>()?;
+    fused_matches_the_kernel::<f64>()
+}
+
+/// [`fused_relu_path_is_the_kernel_bit_for_bit`] in one element type.
 fn fused_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
     for (i, shape) in SHAPES.into_iter().enumerate() {
         for residual in [false, true] {
@@ -188,12 +195,6 @@ fn fused_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[test]
-fn fused_relu_path_is_the_kernel_bit_for_bit() -> Result<()> {
-    fused_matches_the_kernel::<f32>()?;
-    fused_matches_the_kernel::<f64>()
 }
 
 /// Equation: d relu(t)/dt = 0 at t = 0 (PyTorch's convention; candle's `relu` has 1 there). With
