@@ -349,6 +349,12 @@ struct Io<'a> {
     grads: Grads<'a, f32>,
 }
 
+impl<'a> Io<'a> {
+    fn new(x: View<'a, f32>, y: &'a mut [f32], dy: &'a [f32], grads: Grads<'a, f32>) -> Io<'a> {
+        Io { x, y, dy, grads }
+    }
+}
+
 /// The fused rows' layer and buffers: a plain `BatchNorm`, the saved statistics and ReLU mask of
 /// its last training forward, the residual z, and the gradients only these rows write (the
 /// unfused sequence's g = dy·\[y > 0\], the fused backward's dz).
@@ -612,12 +618,7 @@ pub fn run_case(
     for &op in variant.ops() {
         let mut call = || {
             let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
-            let io = Io {
-                x: xv,
-                y: &mut y,
-                dy: &dy,
-                grads,
-            };
+            let io = Io::new(xv, &mut y, &dy, grads);
             if let Err(e) = layer.run(op, io) {
                 err = Err(e);
             }
@@ -632,4 +633,45 @@ pub fn run_case(
         });
     }
     err.map(|_| out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unfused rows do the fused rows' work: the kernel crate's fused ops give the unfused
+    /// sequence's bits (its docs), so y after each forward, and dx, dγ, dβ after each backward
+    /// (dz against the unfused g), must be equal bit for bit, on an input whose ReLU drops part of
+    /// every channel.
+    #[test]
+    fn unfused_rows_compute_the_fused_rows_results() {
+        let (shape, layout) = ([3, 5, 2, 4], Layout::NHWC); // stored [N, H, W, C], C = 4
+        let n: usize = shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..3.0)).collect();
+        let dy: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let xv = View::new(&x, &shape, layout);
+        let mut y = vec![0.0; n];
+        let mut rows = FusedRows::new(4, xv, &mut y).unwrap();
+        let mut results = Vec::new();
+        for &op in Variant::Fused.ops() {
+            let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; n], vec![0.0; 4], vec![0.0; 4]);
+            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+            let io = Io::new(xv, &mut y, &dy, grads);
+            rows.run(op, io).unwrap();
+            let out = match op.name().starts_with("fwd") {
+                true => vec![y.clone()],
+                false if op == Op::BackwardAddRelu => vec![dx, dgamma, dbeta, rows.dz.clone()],
+                false if op == Op::BackwardAddReluUnfused => vec![dx, dgamma, dbeta, rows.g.clone()],
+                false => vec![dx, dgamma, dbeta],
+            };
+            results.push((op, out.concat()));
+        }
+        assert!(y.contains(&0.0) && y.iter().any(|&v| v > 0.0));
+        for pair in results.chunks(2) {
+            let (fused, unfused) = (&pair[0], &pair[1]);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused.1), bits(&unfused.1), "{:?} vs {:?}", fused.0, unfused.0);
+        }
+    }
 }

@@ -2,12 +2,12 @@
 //! `forward_t_add_relu`): against candle-nn's composed expression `relu(bn(x) + z)` (values,
 //! gradients to x, z, γ, β through `backward()`, running statistics) on both compute paths; on
 //! the fused path bit for bit against the kernel crate's fused functions; the ReLU's kink at
-//! exactly 0 (gradient 0 there, PyTorch's convention, on both paths); a residual of another
-//! shape or dtype rejected. NC, NCL and NCHW (the crate takes channels second only), f32 and f64.
+//! exactly 0 (gradient 0 there, PyTorch's convention, on both paths); ghost and uncentred layers
+//! composed of their own forward; a residual of another shape or dtype rejected. NC, NCL and NCHW (the crate takes channels second only), f32 and f64.
 
 use crate::common::{
-    assert_bits, assert_close, assert_outputs_bits, for_cases, forward_backward2, pair, paths, running, tensor,
-    tol_composed, tol_fused, vecs, OUTPUTS,
+    assert_bits, assert_close, assert_outputs_bits, for_cases, forward_backward2, pair, paths, running, scaled_err,
+    tensor, tol_composed, tol_fused, vecs, OUTPUTS,
 };
 use batchnorm::{
     batch_norm_backward_add_relu, batch_norm_backward_eval_add_relu, batch_norm_backward_eval_relu,
@@ -275,6 +275,45 @@ fn residual_of_another_shape_or_dtype_is_rejected() -> Result<()> {
             }
         }
         assert_eq!(running(bn).map(|t| t.to_vec1::<f32>().unwrap()), before);
+    }
+    Ok(())
+}
+
+/// Layers the fused kernels do not cover, ghost batch norm and candle-nn's uncentred variant
+/// (`remove_mean = false`), give relu(BN(x) + z) composed of their own `forward_t`: y, dx, dγ, dβ
+/// and dz bit for bit against `forward_t` then `+ z` and candle's `relu` on an equal layer (the
+/// data hold no ReLU input at exactly 0, where only the gradient's convention differs), and
+/// neither is plain batch norm's fused op (ghost groups and the uncentred scale change y).
+#[test]
+fn ghost_and_uncentred_layers_compose_their_own_forward() -> Result<()> {
+    let uncentred = BatchNormConfig {
+        remove_mean: false,
+        ..BatchNormConfig::default()
+    };
+    for (name, config, virtual_batch) in [
+        ("ghost", BatchNormConfig::default(), Some(2)),
+        ("uncentred", uncentred, None),
+    ] {
+        let shape = [6, 3, 4];
+        let layer = || {
+            pair(3, DType::F32, config, 9700)?
+                .ours
+                .with_virtual_batch(virtual_batch)
+        };
+        let (ours_bn, theirs_bn, plain) = (
+            layer()?,
+            layer()?,
+            pair(3, DType::F32, BatchNormConfig::default(), 9700)?.ours,
+        );
+        let x = tensor(9701, &shape, -1.0, 3.0, DType::F32)?;
+        let z = tensor(9702, &shape, -1.0, 1.0, DType::F32)?;
+        let w = tensor(9703, &shape, -1.0, 1.0, DType::F32)?;
+        let got = run_ours(&ours_bn, &x, Some(&z), &w, true)?;
+        let composed = |x: &Tensor, z: Option<&Tensor>| (theirs_bn.forward_t(x, true)? + z.unwrap())?.relu();
+        let want = forward_backward2(composed, theirs_bn.weight_and_bias(), &x, Some(&z), &w)?;
+        assert_outputs_bits(name, &got, &want);
+        let fused = run_ours(&plain, &x, Some(&z), &w, true)?;
+        assert!(scaled_err(&got[0], &fused[0]) > 1e-3, "{name}: the plain fused op's y");
     }
     Ok(())
 }
