@@ -74,9 +74,9 @@ def main():
     for _, heading in OTHERS:
         xs = speedups[heading]
         g = geomean(xs)
+        span = f"{min(xs):.2f}×–{max(xs):.2f}×" if xs else DASH
         print(f"Fused vs {heading}: geometric mean {f'{g:.2f}×' if g else DASH} over {len(xs)} cases, "
-              f"range {f'{min(xs):.2f}×' if xs else DASH}–{f'{max(xs):.2f}×' if xs else DASH}; "
-              f"slower than it on {sum(x < 1 for x in xs)}.")
+              f"range {span}; slower than it on {sum(x < 1 for x in xs)}.")
     if beyond_llc:
         print(f"Beyond the last-level cache ({args.llc_mib:g} MiB), fused vs unfused: " + ", ".join(beyond_llc)
               + " (target ≥ 1.40×).")
