@@ -84,21 +84,26 @@ def f(x, nd=3):
     return f"{x:.{nd}f}" if abs(x) < 10 else f"{x:.{max(nd - 2, 1)}f}"
 
 
-def main():
+def parse_args(script, torch_args_example):
+    """The options of a side-by-side script: bnlab's and PyTorch's commands, threads, rounds."""
     here = os.path.dirname(os.path.abspath(__file__))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n")[0])
     ap.add_argument("--bnlab", default="target/release/bnlab", help="path to the bnlab binary")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; per-case median across them")
     ap.add_argument("--python", default=sys.executable, help="Python with torch (default: this one)")
-    ap.add_argument("--torch-script", default=os.path.join(here, "torch_bn.py"))
-    ap.add_argument("--torch-args", default="", help="extra arguments for torch_bn.py, e.g. --reuse-memory")
+    ap.add_argument("--torch-script", default=os.path.join(here, script))
+    ap.add_argument("--torch-args", default="", help=f"extra arguments for {script}, e.g. {torch_args_example}")
     ap.add_argument("--bnlab-args", default="", help="extra arguments for bnlab bench")
     ap.add_argument("--json-out", help="write all raw numbers to this file")
-    args = ap.parse_args()
+    return ap
 
+
+def alternate(args, variant):
+    """Run `bnlab bench --variant VARIANT` and the torch script alternately for args.rounds rounds:
+    (bnlab command, PyTorch command, bnlab runs, PyTorch runs), each run as run_json returns it."""
     t = str(args.threads)
-    bn_cmd = [args.bnlab, "bench", "--json", "--variant", "bn", "--threads", t] + shlex.split(args.bnlab_args)
+    bn_cmd = [args.bnlab, "bench", "--json", "--variant", variant, "--threads", t] + shlex.split(args.bnlab_args)
     pt_cmd = [args.python, args.torch_script, "--threads", t] + shlex.split(args.torch_args)
     bn_runs, pt_runs = [], []
     for r in range(args.rounds):
@@ -106,6 +111,13 @@ def main():
         bn_runs.append(run_json(bn_cmd))
         print(f"round {r + 1}/{args.rounds}: pytorch", file=sys.stderr, flush=True)
         pt_runs.append(run_json(pt_cmd))
+    return bn_cmd, pt_cmd, bn_runs, pt_runs
+
+
+def main():
+    args = parse_args("torch_bn.py", "--reuse-memory").parse_args()
+    t = str(args.threads)
+    bn_cmd, pt_cmd, bn_runs, pt_runs = alternate(args, "bn")
 
     bn, pt = median_cases(bn_runs), median_cases(pt_runs)
     bn_copy, pt_copy = median_copy(bn_runs), median_copy(pt_runs)

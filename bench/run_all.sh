@@ -4,8 +4,9 @@
 #
 #   bench/run_all.sh [--threads T] [--python PY] [--dry-run] [SECTION ...]
 #
-# SECTION: kernels variants mlp convnet candle mpi (default: all, in that order; BENCHMARKS.md's
-# sections 1, "Batch-norm variants vs plain batch norm" and 2 to 5). --threads: threads for both sides (default 2, the machine of
+# SECTION: kernels variants mlp convnet candle mpi fused (default: all, in that order; BENCHMARKS.md's
+# sections 1, "Batch-norm variants vs plain batch norm", 2 to 5, then fused: section 1's "Fused BN
+# + ReLU and BN + add + ReLU"). --threads: threads for both sides (default 2, the machine of
 # BENCHMARKS.md). --python: a Python with torch and numpy (default /tmp/torch/bin/python, the
 # venv bench/README.md sets up; the mpi section needs only python3). --dry-run: print the
 # commands without running them.
@@ -22,11 +23,11 @@ while [ $# -gt 0 ]; do
         --threads) threads="$2"; shift 2 ;;
         --python) python="$2"; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        kernels | variants | mlp | convnet | candle | mpi) sections+=("$1"); shift ;;
+        kernels | variants | mlp | convnet | candle | mpi | fused) sections+=("$1"); shift ;;
         *) echo "run_all.sh: unknown argument \`$1\` (see the header of $0)" >&2; exit 2 ;;
     esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(kernels variants mlp convnet candle mpi)
+[ ${#sections[@]} -gt 0 ] || sections=(kernels variants mlp convnet candle mpi fused)
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 
 out="bench/out/$(date -u +%Y-%m-%dT%H%M%SZ)"
@@ -38,7 +39,7 @@ run() { # run FILE CMD...: CMD's stdout to FILE (and the terminal)
 
 if [ $dry -eq 0 ]; then
     mkdir -p "$out"
-    if wants kernels || wants mlp || wants convnet; then
+    if wants kernels || wants mlp || wants convnet || wants fused; then
         "$python" -c 'import torch, numpy' || {
             echo "run_all.sh: $python lacks torch or numpy; see bench/README.md (Setup)" >&2
             exit 1
@@ -55,7 +56,7 @@ fi
 
 features=()
 if wants mpi; then features=(--features mpi); fi
-if wants kernels || wants variants || wants mlp || wants convnet || wants mpi; then
+if wants kernels || wants variants || wants mlp || wants convnet || wants mpi || wants fused; then
     echo "+ cargo build --release -p bnlab ${features[*]}" >&2
     [ $dry -eq 1 ] || cargo build --release -p bnlab "${features[@]}"
 fi
@@ -89,6 +90,12 @@ fi
 # 5. Data-parallel training over MPI.
 if wants mpi; then
     run 5-mpi.md python3 bench/compare_distributed.py --threads "$threads" --steps 3000 --rounds 2
+fi
+# Fused BN + ReLU and BN + add + ReLU (section 1's subsection): bnlab fused and unfused, PyTorch
+# eager and torch.compile (its first round compiles every case, minutes).
+if wants fused; then
+    run 1-fused.md "$python" bench/compare_fused.py --threads "$threads" --rounds 3 \
+        --json-out "$out/1-fused.json"
 fi
 
 if [ $dry -eq 0 ]; then

@@ -160,33 +160,18 @@ def backward_fn(x, dy, w, b, rm, rv):
     return fn, "torch.autograd.grad"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_timing_args(ap):
+    """The options of the timing loop ([`time_and_print`]), shared with bench/torch_fused.py."""
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--reps", type=int, default=0, help="timed samples per case (0: auto, ~--target-s per case)")
     ap.add_argument("--passes", type=int, default=5, help="interleaved passes over all cases (samples split among them)")
     ap.add_argument("--target-s", type=float, default=0.5, help="seconds per case when --reps 0")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
-    ap.add_argument("--reuse-memory", action="store_true",
-                    help="re-exec with glibc malloc never using mmap nor trimming (no per-call page faults)")
     ap.add_argument("--copy-reps", type=int, default=25, help="repeats of the 256 MiB copy")
-    args = ap.parse_args()
-    if args.reuse_memory and os.environ.get("MALLOC_MMAP_MAX_") != "0":
-        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)  # glibc reads these at start-up
 
-    torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    entries, used = [], set()  # (layout, shape, op, fn)
-    for layout, shape in CASES:
-        x, dy, w, b, rm, rv = make_case(layout, shape, gen)
-        bwd, how = backward_fn(x, dy, w, b, rm, rv)
-        used.add(how)
-        entries += [
-            (layout, shape, "fwd_train", forward_fn(x, w, b, rm, rv, training=True)),
-            (layout, shape, "fwd_eval", forward_fn(x, w, b, rm, rv, training=False)),
-            (layout, shape, "backward", bwd),
-        ]
+
+def time_and_print(entries, args):
+    """Time each (layout, shape, op, fn) of entries and the copy; print the JSON lines."""
     copy, copy_bytes = copy_fn()
     copy_plan = (1, max(1, math.ceil(args.copy_reps / args.passes)))
     sample(copy, 1, 2)  # warm-up
@@ -204,6 +189,31 @@ def main():
     print(fmt({"copy_gbps": sig(gbps, 4), "threads": torch.get_num_threads()}))
     for (layout, shape, op, _), acc in zip(entries, samples):
         print(fmt({"layout": layout, "shape": shape, "op": op, "ms": sig(statistics.median(acc) * 1e3)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_timing_args(ap)
+    ap.add_argument("--reuse-memory", action="store_true",
+                    help="re-exec with glibc malloc never using mmap nor trimming (no per-call page faults)")
+    args = ap.parse_args()
+    if args.reuse_memory and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)  # glibc reads these at start-up
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    entries, used = [], set()  # (layout, shape, op, fn)
+    for layout, shape in CASES:
+        x, dy, w, b, rm, rv = make_case(layout, shape, gen)
+        bwd, how = backward_fn(x, dy, w, b, rm, rv)
+        used.add(how)
+        entries += [
+            (layout, shape, "fwd_train", forward_fn(x, w, b, rm, rv, training=True)),
+            (layout, shape, "fwd_eval", forward_fn(x, w, b, rm, rv, training=False)),
+            (layout, shape, "backward", bwd),
+        ]
+    time_and_print(entries, args)
     print(f"backward timed with: {', '.join(sorted(used))}", file=sys.stderr)
 
 

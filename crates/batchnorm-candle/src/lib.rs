@@ -3,6 +3,7 @@
 mod composed;
 mod mask;
 mod ops;
+mod relu;
 mod renorm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,6 +182,32 @@ fn check_input(x: &Tensor, num_features: usize) -> Result<usize> {
         }));
     }
     Ok(x.elem_count() / num_features)
+}
+
+/// Rejects a residual `z` that is not of `x`'s shape, dtype and device.
+fn check_residual(z: &Tensor, x: &Tensor) -> Result<()> {
+    if z.dims() != x.dims() || z.dtype() != x.dtype() {
+        candle_core::bail!(
+            "batch-norm: the residual z is {:?} {:?}, the input {:?} {:?} (they must match)",
+            z.dtype(),
+            z.dims(),
+            x.dtype(),
+            x.dims()
+        )
+    }
+    check_device("residual z", z, x)
+}
+
+/// Rejects a tensor given with the input x (named `what`, e.g. `mask`) that is on another device.
+fn check_device(what: &str, t: &Tensor, x: &Tensor) -> Result<()> {
+    if !t.device().same_device(x.device()) {
+        candle_core::bail!(
+            "batch-norm {what} is on {:?}, the input on {:?}",
+            t.device().location(),
+            x.device().location()
+        )
+    }
+    Ok(())
 }
 
 /// Rejects a training batch of fewer than 2 values per channel ([`batchnorm::Error::TooFewValues`]),
@@ -694,6 +721,117 @@ impl BatchNorm {
         } else {
             self.forward_eval_masked(x, mask)
         }
+    }
+
+    /// Training forward of `relu(bn(x))`: [`BatchNorm::forward_train`] with a ReLU after it, the
+    /// running statistics updated as it updates them. On the CPU one fused op each way
+    /// ([`batchnorm::batch_norm_train_relu`], and [`batchnorm::batch_norm_backward_relu`] from
+    /// the 1-bit mask of the outputs the ReLU kept): the same bits as the kernel crate's
+    /// functions. Elsewhere, with [`ComputePath::Composed`], and for a ghost or uncentred
+    /// (`remove_mean = false`) layer (which the fused kernels do not cover):
+    /// [`BatchNorm::forward_train`] then the ReLU in candle ops.
+    ///
+    /// relu(t) is t where t is not ≤ 0 (NaN propagates), +0 elsewhere; its gradient is 0 where
+    /// t ≤ 0, **exactly 0 included** (PyTorch's convention, on both paths; candle's own
+    /// `Tensor::relu` lets the gradient through at 0). Differentiable in x, γ and β. A frozen
+    /// layer, and with [`SmallBatch::UseRunningStats`] a batch of fewer than 2 values per
+    /// channel, normalizes as [`BatchNorm::forward_eval_relu`] does and updates nothing.
+    ///
+    /// Rejects what [`BatchNorm::forward_train`] rejects.
+    ///
+    /// ```
+    /// use batchnorm_candle::{batch_norm, BatchNormConfig};
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use candle_nn::VarBuilder;
+    /// let dev = Device::Cpu;
+    /// let bn = batch_norm(3, BatchNormConfig::default(), VarBuilder::zeros(DType::F32, &dev))?;
+    /// let x = Var::from_tensor(&Tensor::randn(0f32, 1., (8, 3, 4, 4), &dev)?)?;
+    /// let z = Var::from_tensor(&Tensor::randn(0f32, 1., (8, 3, 4, 4), &dev)?)?; // the residual
+    /// let y = bn.forward_train_add_relu(&x, &z)?; // relu(bn(x) + z)
+    /// assert!(y.flatten_all()?.to_vec1::<f32>()?.iter().all(|&v| v >= 0.0));
+    /// let grads = y.sum_all()?.backward()?;
+    /// let dz = grads.get(&z).unwrap(); // 1 where the ReLU kept bn(x) + z, 0 elsewhere
+    /// assert_eq!(dz.sum_all()?.to_scalar::<f32>()?, y.gt(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_train_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.relu_pass(x, None, true)
+    }
+
+    /// Training forward of `relu(bn(x) + z)`, z the residual branch (the shape, dtype and device
+    /// of x): as [`BatchNorm::forward_train_relu`], z added to batch norm's output before the
+    /// ReLU (on the CPU in the same pass, [`batchnorm::batch_norm_train_add_relu`]), and
+    /// differentiable in z too (dz = dy where the ReLU kept its input, 0 elsewhere). Rejects what
+    /// [`BatchNorm::forward_train`] rejects and a `z` of another shape, dtype or device.
+    pub fn forward_train_add_relu(&self, x: &Tensor, z: &Tensor) -> Result<Tensor> {
+        self.relu_pass(x, Some(z), true)
+    }
+
+    /// Inference forward of `relu(bn(x))` with the running statistics: [`BatchNorm::forward_eval`]
+    /// and a ReLU (on the CPU one fused op each way, [`batchnorm::batch_norm_eval_relu`] and
+    /// [`batchnorm::batch_norm_backward_eval_relu`]; the ReLU's convention as
+    /// [`BatchNorm::forward_train_relu`] states it). Differentiable in x, γ and β. Rejects what
+    /// [`BatchNorm::forward_eval`] rejects.
+    pub fn forward_eval_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.relu_pass(x, None, false)
+    }
+
+    /// Inference forward of `relu(bn(x) + z)` with the running statistics: as
+    /// [`BatchNorm::forward_eval_relu`], z added before the ReLU, differentiable in z too.
+    /// Rejects what [`BatchNorm::forward_eval`] rejects and a `z` of another shape, dtype or
+    /// device.
+    pub fn forward_eval_add_relu(&self, x: &Tensor, z: &Tensor) -> Result<Tensor> {
+        self.relu_pass(x, Some(z), false)
+    }
+
+    /// [`BatchNorm::forward_train_relu`] or [`BatchNorm::forward_eval_relu`] by `train`.
+    pub fn forward_t_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.relu_pass(x, None, train)
+    }
+
+    /// [`BatchNorm::forward_train_add_relu`] or [`BatchNorm::forward_eval_add_relu`] by `train`.
+    pub fn forward_t_add_relu(&self, x: &Tensor, z: &Tensor, train: bool) -> Result<Tensor> {
+        self.relu_pass(x, Some(z), train)
+    }
+
+    /// The fused forwards: `relu(bn(x) + z)` (`relu(bn(x))` without z), training or inference.
+    fn relu_pass(&self, x: &Tensor, z: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let count = check_input(x, self.num_features)?;
+        if let Some(z) = z {
+            check_residual(z, x)?;
+        }
+        let fusable = fused(self.compute, x) && self.virtual_batch.is_none() && self.config.remove_mean;
+        if !fusable {
+            let y = if train {
+                self.forward_train(x)?
+            } else {
+                self.forward_eval(x)?
+            };
+            return relu::add_relu(&y, z);
+        }
+        let train = train && !self.uses_running_stats(count);
+        if train {
+            check_training_count(count, x)?;
+        }
+        let (eps, params) = (self.config.eps, self.weight_and_bias());
+        let mode = match train {
+            true => relu::ReluMode::Train,
+            false => relu::ReluMode::Eval {
+                mean: to_f64_vec(self.running_mean())?,
+                var: to_f64_vec(self.running_var())?,
+            },
+        };
+        let mut stats = None;
+        let y = in_compute_dtype(x, |xc| {
+            let zc = z.map(|z| z.to_dtype(xc.dtype())).transpose()?;
+            let y;
+            (y, stats) = relu::forward(xc, zc.as_ref(), eps, mode, params)?;
+            Ok(y)
+        })?;
+        if let Some(stats) = stats {
+            self.track(&[stats])?;
+        }
+        Ok(y)
     }
 
     /// candle-nn's `remove_mean = false` training path, op for op (generic candle ops).

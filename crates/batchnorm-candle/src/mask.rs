@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::check_device;
 use crate::ops::MaskBits;
 
 /// A checked mask for an input `x` of shape `[N, C, d1, …, dk]`: one entry per example and
@@ -34,13 +35,7 @@ impl Mask {
                 mask.dtype()
             )
         }
-        if !mask.device().same_device(x.device()) {
-            candle_core::bail!(
-                "batch-norm mask is on {:?}, the input on {:?}",
-                mask.device().location(),
-                x.device().location()
-            )
-        }
+        check_device("mask", mask, x)?;
         Ok(Mask {
             on: mask.ne(0u32)?,
             bits: OnceLock::new(),

@@ -34,7 +34,7 @@ pub(crate) fn wrap(e: batchnorm::Error) -> Error {
 }
 
 /// The contiguous slice of `storage` that `layout` describes.
-fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &CLayout, what: &str) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &CLayout, what: &str) -> Result<&'a [T]> {
     let data = T::cpu_storage_as_slice(storage)?;
     match layout.contiguous_offsets() {
         Some((start, end)) => data
@@ -45,7 +45,7 @@ fn slice<'a, T: WithDType>(storage: &'a CpuStorage, layout: &CLayout, what: &str
 }
 
 /// A per-channel vector given as `f64` in the op, converted to the element type of the data.
-fn cast<T: Element>(v: &[f64]) -> Vec<T> {
+pub(crate) fn cast<T: Element>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&x| <T as Element>::from_f64(x)).collect()
 }
 
@@ -79,6 +79,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 /// A mask of masked batch norm as the kernels take it: one `bool` per value of a channel,
 /// row-major over `[N, d1, …, dk]`, shared by a forward op and its backward.

@@ -1,10 +1,11 @@
 //! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
 //! memory copy measured in the same run (the bandwidth ceiling), for plain batch norm and each
-//! [`Variant`] in the same run.
+//! [`Variant`] in the same run; with [`Variant::Fused`], batch norm fused with the ReLU (and the
+//! residual addition) that follows it beside our unfused sequence for the same work.
 
 use batchnorm::{
-    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormSaved, RenormSchedule, SavedStats,
-    View,
+    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, ReluMask, RenormSaved, RenormSchedule,
+    SavedStats, View,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -71,6 +72,12 @@ pub enum Variant {
     /// Masked batch norm with a scattered mask, a random half of the positions valid
     /// ([`MaskPattern::Random`]): `fwd_train` and `backward`.
     MaskedRandom,
+    /// Plain batch norm fused with what follows it, `relu(bn(x))` and `relu(bn(x) + z)`
+    /// (`BatchNorm::forward_train_relu`, `backward_relu`, `forward_train_add_relu`,
+    /// `backward_add_relu`), each op followed by our unfused sequence for the same work (its
+    /// `_unfused` row, see [`Op`]), so that their ratio is measured in one run. Not in the
+    /// default run ([`Variant::DEFAULT`]).
+    Fused,
 }
 
 /// Which half of the positions the masked rows select.
@@ -119,18 +126,24 @@ pub const GHOST_EXAMPLES: usize = 4;
 pub const GHOST_EXAMPLES_NC: usize = 16;
 
 impl Variant {
-    /// Every variant, in the order they are timed (the default of `--variant`).
-    pub const ALL: [Variant; 6] = [
+    /// Every variant, in the order they are timed.
+    pub const ALL: [Variant; 7] = [
         Variant::Bn,
         Variant::Frozen,
         Variant::Renorm,
         Variant::Ghost,
         Variant::Masked,
         Variant::MaskedRandom,
+        Variant::Fused,
     ];
 
+    /// The variants timed when `--variant` is not given: every one but [`Variant::Fused`] (the
+    /// last of [`Variant::ALL`], whose eight rows per case would make the default run half as
+    /// long again).
+    pub const DEFAULT: &'static [Variant] = Variant::ALL.split_at(6).0;
+
     /// The name in `--variant` and in the rows: `bn`, `frozen`, `renorm`, `ghost`, `masked`,
-    /// `masked-random`.
+    /// `masked-random`, `fused`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Bn => "bn",
@@ -139,6 +152,7 @@ impl Variant {
             Variant::Ghost => "ghost",
             Variant::Masked => "masked",
             Variant::MaskedRandom => "masked-random",
+            Variant::Fused => "fused",
         }
     }
 
@@ -146,6 +160,8 @@ impl Variant {
     pub fn ops(self) -> &'static [Op] {
         match self {
             Variant::Bn => &[Op::FwdTrain, Op::FwdEval, Op::Backward],
+            // Each fused op, then its unfused sequence: the last eight of `Op::ALL`.
+            Variant::Fused => Op::ALL.split_at(3).1,
             _ => &[Op::FwdTrain, Op::Backward],
         }
     }
@@ -161,15 +177,80 @@ pub enum Op {
     FwdEval,
     /// The training backward: dx, dγ and dβ.
     Backward,
+    /// The fused training forward of `relu(bn(x))`: batch norm's training forward with the ReLU
+    /// in the pass that writes y, and the 1-bit mask of the outputs it kept.
+    FwdTrainRelu,
+    /// The same work unfused: batch norm's training forward into y, then a ReLU pass over y in
+    /// place.
+    FwdTrainReluUnfused,
+    /// The fused training backward of `relu(bn(x))`: dx, dγ and dβ from the saved statistics and
+    /// the mask of [`Op::FwdTrainRelu`], the mask applied in the passes that read dy.
+    BackwardRelu,
+    /// The same work unfused: a ReLU-backward pass g = dy·\[y > 0\] (reading the unfused
+    /// forward's y and dy, writing g), then batch norm's backward from g.
+    BackwardReluUnfused,
+    /// The fused training forward of `relu(bn(x) + z)`: as [`Op::FwdTrainRelu`], z added in the
+    /// same pass.
+    FwdTrainAddRelu,
+    /// The same work unfused: batch norm's training forward into y, then one pass
+    /// y = relu(y + z) in place.
+    FwdTrainAddReluUnfused,
+    /// The fused training backward of `relu(bn(x) + z)`: as [`Op::BackwardRelu`], and
+    /// dz = dy·\[kept\] written out of the pass that writes dx.
+    BackwardAddRelu,
+    /// The same work unfused: the ReLU-backward pass of [`Op::BackwardReluUnfused`] (its g is dz,
+    /// as the addition's backward passes it on unchanged), then batch norm's backward from g.
+    BackwardAddReluUnfused,
 }
 
 impl Op {
-    /// The name in the rows: `fwd_train`, `fwd_eval`, `backward`.
+    /// Every operation, in the order of this enum.
+    pub const ALL: [Op; 11] = [
+        Op::FwdTrain,
+        Op::FwdEval,
+        Op::Backward,
+        Op::FwdTrainRelu,
+        Op::FwdTrainReluUnfused,
+        Op::BackwardRelu,
+        Op::BackwardReluUnfused,
+        Op::FwdTrainAddRelu,
+        Op::FwdTrainAddReluUnfused,
+        Op::BackwardAddRelu,
+        Op::BackwardAddReluUnfused,
+    ];
+
+    /// The name in the rows: `fwd_train`, `fwd_eval`, `backward`, `fwd_train_relu`,
+    /// `fwd_train_relu_unfused`, `backward_relu`, `backward_relu_unfused`, `fwd_train_add_relu`,
+    /// `fwd_train_add_relu_unfused`, `backward_add_relu`, `backward_add_relu_unfused`.
     pub fn name(self) -> &'static str {
         match self {
             Op::FwdTrain => "fwd_train",
             Op::FwdEval => "fwd_eval",
             Op::Backward => "backward",
+            Op::FwdTrainRelu => "fwd_train_relu",
+            Op::FwdTrainReluUnfused => "fwd_train_relu_unfused",
+            Op::BackwardRelu => "backward_relu",
+            Op::BackwardReluUnfused => "backward_relu_unfused",
+            Op::FwdTrainAddRelu => "fwd_train_add_relu",
+            Op::FwdTrainAddReluUnfused => "fwd_train_add_relu_unfused",
+            Op::BackwardAddRelu => "backward_add_relu",
+            Op::BackwardAddReluUnfused => "backward_add_relu_unfused",
+        }
+    }
+
+    /// Whole-tensor transfers the operation needs at the least, the count of [`Record::gbps`]:
+    /// `fwd_train` 3 (x read for the statistics, x read and y written), `fwd_eval` 2,
+    /// `backward` 5 (x and dy read for the sums, x and dy read and dx written); the residual adds
+    /// one (z read in the forward, dz written in the backward); the 1-bit mask is not counted. An
+    /// `_unfused` row counts as its fused row (the same work), so their GB/s compare as their
+    /// times do.
+    pub fn transfers(self) -> f64 {
+        match self {
+            Op::FwdEval => 2.0,
+            Op::FwdTrain | Op::FwdTrainRelu | Op::FwdTrainReluUnfused => 3.0,
+            Op::FwdTrainAddRelu | Op::FwdTrainAddReluUnfused => 4.0,
+            Op::Backward | Op::BackwardRelu | Op::BackwardReluUnfused => 5.0,
+            Op::BackwardAddRelu | Op::BackwardAddReluUnfused => 6.0,
         }
     }
 }
@@ -189,6 +270,8 @@ enum Timed {
         layer: BatchRenorm<f32>,
         saved: RenormSaved,
     },
+    /// A plain `BatchNorm` through its fused passes and through the unfused sequence.
+    Fused(Box<FusedRows>),
 }
 
 impl Timed {
@@ -234,32 +317,136 @@ impl Timed {
                 let saved = layer.forward_train(x, y)?;
                 Timed::Renorm { layer, saved }
             }
+            Variant::Fused => Timed::Fused(Box::new(FusedRows::new(channels, x, y)?)),
         })
     }
 
-    fn forward_train(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
-        match self {
-            Timed::Bn { layer, .. } => layer.forward_train(x, y).map(drop),
-            Timed::Masked { layer, mask, .. } => layer.forward_train_masked(x, mask, y).map(drop),
-            Timed::Renorm { layer, .. } => layer.forward_train(x, y).map(drop),
+    /// One call of `op` on `io.x` (writing y, or the gradients from dy).
+    fn run(&mut self, op: Op, io: Io<'_>) -> Result<(), batchnorm::Error> {
+        let Io { x, y, dy, grads } = io;
+        match (self, op) {
+            (Timed::Fused(rows), op) => rows.run(op, Io { x, y, dy, grads }),
+            (Timed::Bn { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
+            (Timed::Masked { layer, mask, .. }, Op::FwdTrain) => layer.forward_train_masked(x, mask, y).map(drop),
+            (Timed::Renorm { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
+            (Timed::Bn { layer, .. }, Op::FwdEval) => layer.forward_eval(x, y),
+            (Timed::Masked { layer, mask, .. }, Op::FwdEval) => layer.forward_eval_masked(x, mask, y),
+            (Timed::Renorm { layer, .. }, Op::FwdEval) => layer.forward_eval(x, y),
+            // `Op::Backward`, the only other operation these variants time (`Variant::ops`).
+            (Timed::Bn { layer, saved }, _) => layer.backward(x, dy, saved, grads),
+            (Timed::Masked { layer, mask, saved }, _) => layer.backward_masked(x, mask, dy, saved, grads),
+            (Timed::Renorm { layer, saved }, _) => layer.backward(x, dy, saved, grads),
         }
+    }
+}
+
+/// One timed call's tensors: the input x, the output y, the upstream gradient dy, and where the
+/// gradients go.
+struct Io<'a> {
+    x: View<'a, f32>,
+    y: &'a mut [f32],
+    dy: &'a [f32],
+    grads: Grads<'a, f32>,
+}
+
+impl<'a> Io<'a> {
+    fn new(x: View<'a, f32>, y: &'a mut [f32], dy: &'a [f32], grads: Grads<'a, f32>) -> Io<'a> {
+        Io { x, y, dy, grads }
+    }
+}
+
+/// The fused rows' layer and buffers: a plain `BatchNorm`, the saved statistics and ReLU mask of
+/// its last training forward, the residual z, and the gradients only these rows write (the
+/// unfused sequence's g = dy·\[y > 0\], the fused backward's dz).
+struct FusedRows {
+    layer: BatchNorm<f32>,
+    saved: SavedStats,
+    mask: ReluMask,
+    z: Vec<f32>,
+    g: Vec<f32>,
+    dz: Vec<f32>,
+}
+
+/// Elements per task of the unfused sequence's element-wise passes (as in [`copy_gbps`]).
+const PASS_CHUNK: usize = 1 << 16;
+
+impl FusedRows {
+    /// The rows' state for an input `x`, after one fused training forward of it into `y`.
+    fn new(channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<FusedRows, batchnorm::Error> {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let n = x.data.len();
+        let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+        let mut mask = ReluMask::new();
+        let saved = layer.forward_train_relu(x, y, &mut mask)?;
+        Ok(FusedRows {
+            layer,
+            saved,
+            mask,
+            z: (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+            g: vec![0.0; n],
+            dz: vec![0.0; n],
+        })
     }
 
-    fn forward_eval(&self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
-        match self {
-            Timed::Bn { layer, .. } => layer.forward_eval(x, y),
-            Timed::Masked { layer, mask, .. } => layer.forward_eval_masked(x, mask, y),
-            Timed::Renorm { layer, .. } => layer.forward_eval(x, y),
+    /// One call of `op`. The unfused backward reads the y its forward (the op before it in
+    /// [`Variant::ops`]) left; a fused backward, the mask of the last fused forward.
+    fn run(&mut self, op: Op, Io { x, y, dy, grads }: Io<'_>) -> Result<(), batchnorm::Error> {
+        let FusedRows {
+            layer,
+            saved,
+            mask,
+            z,
+            g,
+            dz,
+        } = self;
+        match op {
+            Op::FwdTrain => *saved = layer.forward_train(x, y)?,
+            Op::FwdEval => layer.forward_eval(x, y)?,
+            Op::Backward => layer.backward(x, dy, saved, grads)?,
+            Op::FwdTrainRelu => *saved = layer.forward_train_relu(x, y, mask)?,
+            Op::FwdTrainAddRelu => *saved = layer.forward_train_add_relu(x, z, y, mask)?,
+            Op::FwdTrainReluUnfused | Op::FwdTrainAddReluUnfused => {
+                *saved = layer.forward_train(x, y)?;
+                let residual = (op == Op::FwdTrainAddReluUnfused).then_some(z.as_slice());
+                add_relu_pass(y, residual);
+            }
+            Op::BackwardRelu => layer.backward_relu(x, dy, mask, saved, grads)?,
+            Op::BackwardAddRelu => layer.backward_add_relu(x, dy, mask, saved, grads, dz)?,
+            Op::BackwardReluUnfused | Op::BackwardAddReluUnfused => {
+                relu_backward_pass(g, dy, y);
+                layer.backward(x, g, saved, grads)?;
+            }
         }
+        Ok(())
     }
+}
 
-    fn backward(&self, x: View<'_, f32>, dy: &[f32], grads: Grads<'_, f32>) -> Result<(), batchnorm::Error> {
-        match self {
-            Timed::Bn { layer, saved } => layer.backward(x, dy, saved, grads),
-            Timed::Masked { layer, mask, saved } => layer.backward_masked(x, mask, dy, saved, grads),
-            Timed::Renorm { layer, saved } => layer.backward(x, dy, saved, grads),
-        }
+/// The unfused sequence's pass after batch norm, in place: y = relu(y + z) with the residual,
+/// y = relu(y) without (relu(t) = t where t is not ≤ 0, NaN included, +0.0 elsewhere, as the
+/// kernel crate's fused passes have it).
+fn add_relu_pass(y: &mut [f32], z: Option<&[f32]>) {
+    let relu = |t: f32| if t <= 0.0 { 0.0 } else { t };
+    match z {
+        None => y
+            .par_chunks_mut(PASS_CHUNK)
+            .for_each(|y| y.iter_mut().for_each(|v| *v = relu(*v))),
+        Some(z) => y
+            .par_chunks_mut(PASS_CHUNK)
+            .zip(z.par_chunks(PASS_CHUNK))
+            .for_each(|(y, z)| y.iter_mut().zip(z).for_each(|(v, &z)| *v = relu(*v + z))),
     }
+}
+
+/// The unfused sequence's ReLU backward: g = dy where the ReLU's output y is > 0 (it kept t),
+/// 0 elsewhere.
+fn relu_backward_pass(g: &mut [f32], dy: &[f32], y: &[f32]) {
+    g.par_chunks_mut(PASS_CHUNK)
+        .zip(dy.par_chunks(PASS_CHUNK).zip(y.par_chunks(PASS_CHUNK)))
+        .for_each(|(g, (dy, y))| {
+            for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
+                *g = if y > 0.0 { dy } else { 0.0 };
+            }
+        });
 }
 
 /// One line of `bnlab bench --json` after the first.
@@ -271,21 +458,20 @@ pub struct Record {
     pub layout: String,
     /// Logical shape.
     pub shape: Vec<usize>,
-    /// `fwd_train`, `fwd_eval` or `backward`.
+    /// The operation's name ([`Op::name`]).
     pub op: &'static str,
     /// Median milliseconds per call.
     pub ms: f64,
 }
 
 impl Record {
-    /// Effective bandwidth in GB/s counting `transfers` whole-tensor transfers of f32 (3 for
-    /// `fwd_train`, 2 for `fwd_eval`, 5 for `backward`).
+    /// Effective bandwidth in GB/s counting [`Op::transfers`] whole-tensor transfers of f32 (3 for
+    /// `fwd_train`, 2 for `fwd_eval`, 5 for `backward`; an unknown op name counts 0).
     pub fn gbps(&self) -> f64 {
-        let transfers = match self.op {
-            "fwd_train" => 3.0,
-            "fwd_eval" => 2.0,
-            _ => 5.0,
-        };
+        let transfers = Op::ALL
+            .iter()
+            .find(|o| o.name() == self.op)
+            .map_or(0.0, |o| o.transfers());
         let bytes = self.shape.iter().product::<usize>() as f64 * 4.0 * transfers;
         bytes / (self.ms * 1e-3) / 1e9
     }
@@ -430,21 +616,14 @@ pub fn run_case(
     let mut err = Ok(());
     let mut out = Vec::new();
     for &op in variant.ops() {
-        let mut keep = |r: Result<(), batchnorm::Error>| {
-            if let Err(e) = r {
+        let mut call = || {
+            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+            let io = Io::new(xv, &mut y, &dy, grads);
+            if let Err(e) = layer.run(op, io) {
                 err = Err(e);
             }
         };
-        let ms = match op {
-            Op::FwdTrain => median_ms_on(clock, || keep(layer.forward_train(xv, &mut y)), reps, min_time),
-            Op::FwdEval => median_ms_on(clock, || keep(layer.forward_eval(xv, &mut y)), reps, min_time),
-            Op::Backward => median_ms_on(
-                clock,
-                || keep(layer.backward(xv, &dy, Grads::new(&mut dx, &mut dgamma, &mut dbeta))),
-                reps,
-                min_time,
-            ),
-        };
+        let ms = median_ms_on(clock, &mut call, reps, min_time);
         out.push(Record {
             variant: variant.name(),
             layout: case.layout.name().to_string(),
@@ -454,4 +633,45 @@ pub fn run_case(
         });
     }
     err.map(|_| out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unfused rows do the fused rows' work: the kernel crate's fused ops give the unfused
+    /// sequence's bits (its docs), so y after each forward, and dx, dγ, dβ after each backward
+    /// (dz against the unfused g), must be equal bit for bit, on an input whose ReLU drops part of
+    /// every channel.
+    #[test]
+    fn unfused_rows_compute_the_fused_rows_results() {
+        let (shape, layout) = ([3, 5, 2, 4], Layout::NHWC); // stored [N, H, W, C], C = 4
+        let n: usize = shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..3.0)).collect();
+        let dy: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let xv = View::new(&x, &shape, layout);
+        let mut y = vec![0.0; n];
+        let mut rows = FusedRows::new(4, xv, &mut y).unwrap();
+        let mut results = Vec::new();
+        for &op in Variant::Fused.ops() {
+            let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; n], vec![0.0; 4], vec![0.0; 4]);
+            let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
+            let io = Io::new(xv, &mut y, &dy, grads);
+            rows.run(op, io).unwrap();
+            let out = match op.name().starts_with("fwd") {
+                true => vec![y.clone()],
+                false if op == Op::BackwardAddRelu => vec![dx, dgamma, dbeta, rows.dz.clone()],
+                false if op == Op::BackwardAddReluUnfused => vec![dx, dgamma, dbeta, rows.g.clone()],
+                false => vec![dx, dgamma, dbeta],
+            };
+            results.push((op, out.concat()));
+        }
+        assert!(y.contains(&0.0) && y.iter().any(|&v| v > 0.0));
+        for pair in results.chunks(2) {
+            let (fused, unfused) = (&pair[0], &pair[1]);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused.1), bits(&unfused.1), "{:?} vs {:?}", fused.0, unfused.0);
+        }
+    }
 }

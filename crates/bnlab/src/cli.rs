@@ -245,9 +245,18 @@ pub struct BenchArgs {
     #[arg(long)]
     pub cpu_time: bool,
     /// Batch-norm variants to time, comma-separated or repeated (bn: fwd_train, fwd_eval,
-    /// backward; the others: fwd_train, backward; masked: half of the positions valid as in
-    /// padded sequences, masked-random: a random half). Default: all, each case's variants one
-    /// after the other in the same run.
+    /// backward; frozen, renorm, ghost, masked, masked-random: fwd_train, backward; masked: half
+    /// of the positions valid as in padded sequences, masked-random: a random half). Default: all
+    /// but fused, each case's variants one after the other in the same run.
+    ///
+    /// fused: batch norm fused with the ReLU after it, each op beside our unfused sequence for
+    /// the same work: fwd_train_relu (training forward of relu(bn(x)), the ReLU and its 1-bit
+    /// mask written in the pass that writes y), fwd_train_relu_unfused (batch norm's training
+    /// forward, then a ReLU pass over y), backward_relu (dx, dγ, dβ from the saved statistics and
+    /// the mask), backward_relu_unfused (a pass g = dy·[y > 0], then batch norm's backward from
+    /// g), and the same four with a residual z: fwd_train_add_relu (relu(bn(x) + z)),
+    /// fwd_train_add_relu_unfused (then one pass y = relu(y + z)), backward_add_relu (dz written
+    /// too), backward_add_relu_unfused (g is dz).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub variant: Vec<bnlab::bench::Variant>,
 }

@@ -104,10 +104,13 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
-    let variants: Vec<bench::Variant> = bench::Variant::ALL
-        .into_iter()
-        .filter(|v| args.variant.is_empty() || args.variant.contains(v))
-        .collect();
+    let variants: Vec<bench::Variant> = match args.variant.is_empty() {
+        true => bench::Variant::DEFAULT.to_vec(),
+        false => bench::Variant::ALL
+            .into_iter()
+            .filter(|v| args.variant.contains(v))
+            .collect(),
+    };
     let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
@@ -118,7 +121,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<13} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
+                "{:<13} {:<6} {:<18} {:<26} {:>10} {:>8} {:>8}",
                 "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
@@ -131,7 +134,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
                         let shape = format!("{:?}", r.shape);
                         let pct = 100.0 * r.gbps() / copy;
                         println!(
-                            "{:<13} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
+                            "{:<13} {:<6} {:<18} {:<26} {:>10.4} {:>8.1} {:>7.0}%",
                             r.variant,
                             r.layout,
                             shape,

@@ -13,4 +13,5 @@ mod ghost;
 mod masked;
 mod parity;
 mod readme;
+mod relu;
 mod renorm;

@@ -95,8 +95,21 @@ pub fn forward_backward(
     x: &Tensor,
     w: &Tensor,
 ) -> Result<Vec<Tensor>> {
+    forward_backward2(|x, _| forward(x), params, x, None, w)
+}
+
+/// [`forward_backward`] of a forward with a second input `z` (e.g. a residual), made a variable
+/// too when given: `[y, dx]`, then `dγ, dβ` when `params` are given, then dz when `z` is.
+pub fn forward_backward2(
+    forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor>,
+    params: Option<(&Tensor, &Tensor)>,
+    x: &Tensor,
+    z: Option<&Tensor>,
+    w: &Tensor,
+) -> Result<Vec<Tensor>> {
     let xv = Var::from_tensor(x)?;
-    let y = forward(xv.as_tensor())?;
+    let zv = z.map(Var::from_tensor).transpose()?;
+    let y = forward(xv.as_tensor(), zv.as_ref().map(Var::as_tensor))?;
     let grads = (&y * w)?.sum_all()?.backward()?;
     let get = |t: &Tensor, what: &str| {
         grads
@@ -109,11 +122,14 @@ pub fn forward_backward(
         out.push(get(g, "weight"));
         out.push(get(b, "bias"));
     }
+    if let Some(zv) = &zv {
+        out.push(get(zv.as_tensor(), "z"));
+    }
     Ok(out)
 }
 
-/// The names of [`forward_backward`]'s results.
-pub const OUTPUTS: [&str; 4] = ["y", "dx", "dgamma", "dbeta"];
+/// The names of [`forward_backward`]'s results (and of [`forward_backward2`]'s, dz last).
+pub const OUTPUTS: [&str; 5] = ["y", "dx", "dgamma", "dbeta", "dz"];
 
 /// Deterministic values in [lo, hi) (SplitMix64), so every run sees the same data.
 pub fn values(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f64> {

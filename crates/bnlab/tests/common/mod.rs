@@ -13,6 +13,19 @@ use serde_json::Value;
 /// The Debian package's Fashion-MNIST.
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
+/// The `op` values of `bnlab bench --variant fused`, in their order: each fused op, then our
+/// unfused sequence for the same work.
+pub const FUSED_OPS: [&str; 8] = [
+    "fwd_train_relu",
+    "fwd_train_relu_unfused",
+    "backward_relu",
+    "backward_relu_unfused",
+    "fwd_train_add_relu",
+    "fwd_train_add_relu_unfused",
+    "backward_add_relu",
+    "backward_add_relu_unfused",
+];
+
 pub fn bnlab(cwd: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bnlab"))
         .args(args)

@@ -17,7 +17,7 @@ use bnlab::engine::{
 };
 
 use crate::common::checkpoints::{edit_tensors, sgd_step};
-use crate::common::{normal, rng};
+use crate::common::{normal, rng, FUSED_OPS};
 
 /// A renorm schedule that leaves (1, 0) after one step, so a few steps exercise r and d.
 fn schedule() -> RenormSchedule {
@@ -848,8 +848,35 @@ fn bench_times_every_variant() {
     assert_eq!(bench::Variant::Bn.ops(), [Op::FwdTrain, Op::FwdEval, Op::Backward]);
     assert_eq!(
         bench::Variant::ALL.map(|v| v.name()),
-        ["bn", "frozen", "renorm", "ghost", "masked", "masked-random"]
+        ["bn", "frozen", "renorm", "ghost", "masked", "masked-random", "fused"]
     );
+    assert_eq!(bench::Variant::DEFAULT, &bench::Variant::ALL[..6]);
+}
+
+/// The fused rows: each fused op beside its unfused sequence, their names, and the transfers
+/// their GB/s count (batch norm's, one more with the residual; an unfused row as its fused one).
+#[test]
+fn bench_fused_rows_pair_each_op_with_its_unfused_sequence() {
+    let names: Vec<&str> = bench::Variant::Fused.ops().iter().map(|o| o.name()).collect();
+    assert_eq!(names, FUSED_OPS);
+    for pair in bench::Variant::Fused.ops().chunks(2) {
+        assert_eq!(pair[1].name(), format!("{}_unfused", pair[0].name()));
+        assert_eq!(pair[0].transfers(), pair[1].transfers(), "{pair:?}");
+    }
+    let t = |o: Op| o.transfers();
+    assert_eq!(t(Op::FwdTrainRelu), t(Op::FwdTrain));
+    assert_eq!(t(Op::BackwardRelu), t(Op::Backward));
+    assert_eq!(t(Op::FwdTrainAddRelu), t(Op::FwdTrain) + 1.0);
+    assert_eq!(t(Op::BackwardAddRelu), t(Op::Backward) + 1.0);
+    // NC [60,100] in 1 ms at 4 transfers of 4-byte elements: 24 000 bytes / 1e-3 s.
+    let r = bench::Record {
+        variant: "fused",
+        layout: "NC".into(),
+        shape: vec![60, 100],
+        op: "fwd_train_add_relu_unfused",
+        ms: 1.0,
+    };
+    assert_eq!(r.gbps(), 60.0 * 100.0 * 4.0 * 4.0 / 1e-3 / 1e9);
 }
 
 /// The masks of the masked rows hold half of the positions: `masked` as padded sequences leave

@@ -1,24 +1,21 @@
 //! `bnlab bench --variant`: which batch-norm variants a run times, and the `"variant"` field of
-//! its `--json` rows.
+//! its `--json` rows; the fused rows (`--variant fused`) in JSON and in the table.
 
-use crate::common::{bnlab_ok, expect_error};
+use crate::common::{bnlab_ok, expect_error, FUSED_OPS};
 use serde_json::Value;
+
+/// The standard output of `bnlab bench` on the smallest case (1 thread, 1 ms per op) with
+/// `extra`.
+fn bench_smallest(extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec!["bench", "--threads", "1", "--min-time", "0.001", "--only", "NC[60,100]"];
+    args.extend_from_slice(extra);
+    bnlab_ok(tmp.path(), &args).0
+}
 
 /// The JSON rows (after the copy line) of `bnlab bench --json` on the smallest case with `extra`.
 fn rows(extra: &[&str]) -> Vec<Value> {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "bench",
-        "--json",
-        "--threads",
-        "1",
-        "--min-time",
-        "0.001",
-        "--only",
-        "NC[60,100]",
-    ];
-    args.extend_from_slice(extra);
-    let (stdout, _) = bnlab_ok(tmp.path(), &args);
+    let stdout = bench_smallest(&[&["--json"], extra].concat());
     let mut lines = stdout.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
     assert!(lines.next().unwrap().get("copy_gbps").is_some());
     lines.collect()
@@ -93,4 +90,28 @@ fn bench_variant_selects_rows() {
         &["bench", "--variant", "ghostly"],
         &["--variant", "ghostly"],
     );
+}
+
+/// `--variant fused` (not in the default run, which the test above pins): each fused op and its
+/// unfused sequence, as JSON rows and as table lines, and `--help` says what each op is.
+#[test]
+fn bench_fused_rows_come_out() {
+    let ops = FUSED_OPS;
+    let want: Vec<(&str, &str)> = ops.iter().map(|&op| ("fused", op)).collect();
+    assert_eq!(variant_ops(&rows(&["--variant", "fused"])), pairs(&want));
+    let table = bench_smallest(&["--variant", "fused"]);
+    let lines: Vec<Vec<&str>> = table.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), ops.len(), "{table}");
+    for (words, op) in lines.iter().zip(ops) {
+        // variant, layout, shape (`[60, 100]`: two words), op.
+        assert_eq!((words[0], words[1], words[4]), ("fused", "NC", op), "{table}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (help, _) = bnlab_ok(tmp.path(), &["bench", "--help"]);
+    for op in ops {
+        assert!(
+            help.contains(&format!("{op} (")),
+            "--help does not say what {op} is:\n{help}"
+        );
+    }
 }
