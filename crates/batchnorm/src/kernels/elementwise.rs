@@ -13,6 +13,9 @@
 //!   then within 2·ε_f32 of the magnitude of the terms that produce it (see [`NarrowAffine`],
 //!   [`NarrowDx`]), against ½ ulp for an `f64` computation rounded once: the price of twice the
 //!   lanes per instruction and half the bytes of per-channel constants.
+//! - `bf16` and `f16` tensors: the `f32` path, each element widened to `f32` as it is loaded and
+//!   each `f32` result rounded once to the half type as it is stored (see `simd`): the `f32`
+//!   bound plus ½ ulp of the half type.
 //!
 //! Every element is computed by the same formula whether it falls in a vector step or a scalar
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column

@@ -4,7 +4,7 @@
 //! Numerics: per-channel statistics are sums of elements widened to `f64`; contiguous sums use
 //! two vectors of [`LANES`] `f64` accumulators folded in a fixed order (see `moments`).
 //! Element-wise passes compute in the element type (`f32` with a two-piece mean, see
-//! `elementwise`). All of it is written with explicit SIMD (`simd`: an AVX2 backend and a
+//! `elementwise`; `bf16` and `f16` widened to `f32` and each output rounded back once). All of it is written with explicit SIMD (`simd`: an AVX2 backend and a
 //! portable one that give the same bits), so the result is the same bits on every CPU path and
 //! for every thread count.
 //!
