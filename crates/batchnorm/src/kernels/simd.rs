@@ -296,8 +296,7 @@ mod x86 {
             let odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
             let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
             let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
-            let abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7fff_ffff));
-            let nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f80_0000));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
             let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
             let r = _mm256_blendv_epi8(rounded, quiet, nan);
             // Every lane is below 2¹⁶, so the saturating pack is exact.
