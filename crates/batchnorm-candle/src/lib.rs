@@ -949,7 +949,7 @@ impl BatchNorm {
             Some((w, b)) => Some((to_f64_vec(w)?, to_f64_vec(b)?)),
             None => None,
         };
-        let affine = match &wb {
+        let affine: Affine<f64> = match &wb {
             Some((w, b)) => Affine::new(w, b),
             None => Affine::NONE,
         };

@@ -50,7 +50,7 @@ pub(crate) fn cast<T: Element>(v: &[f64]) -> Vec<T> {
 }
 
 /// γ and β of an op applied with affine parameters (weight, bias), or none.
-fn affine_of<'a, T: WithDType>(
+fn affine_of<'a, T: WithDType + Element<Param = T>>(
     affine: Option<(&'a CpuStorage, &'a CLayout, &'a CpuStorage, &'a CLayout)>,
 ) -> Result<Affine<'a, T>> {
     Ok(match affine {
@@ -173,7 +173,7 @@ impl ForwardOp {
         }
     }
 
-    fn run<T: Element + WithDType>(
+    fn run<T: Element<Param = T> + WithDType>(
         &self,
         xs: &CpuStorage,
         xl: &CLayout,
@@ -436,7 +436,7 @@ impl GradOp {
         Ok((dx, dgamma, dbeta))
     }
 
-    fn run<T: Element + WithDType>(
+    fn run<T: Element<Param = T> + WithDType>(
         &self,
         xs: &CpuStorage,
         xl: &CLayout,

@@ -9,7 +9,7 @@
 //! 4. parameters: [`Affine`] (γ, β) or γ alone for a backward pass, then ε (or a momentum);
 //! 5. outputs last: `y`, `dx`, or [`Grads`] (dx, dγ, dβ), all written only when every check passed.
 
-use crate::Layout;
+use crate::{Element, Layout};
 
 /// A tensor's flat, row-major buffer with its shape and layout: the input of every kernel.
 ///
@@ -45,16 +45,18 @@ impl<'a, T> View<'a, T> {
     }
 }
 
-/// The affine parameters γ (scale) and β (shift), one per channel. `None` means γ = 1 or β = 0.
+/// The affine parameters γ (scale) and β (shift), one per channel, in the tensor type's
+/// parameter type ([`Element::Param`]: `f32` for `f32`, `bf16` and `f16` tensors). `None` means
+/// γ = 1 or β = 0.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Affine<'a, T> {
+pub struct Affine<'a, T: Element> {
     /// γ, or `None` for γ = 1.
-    pub gamma: Option<&'a [T]>,
+    pub gamma: Option<&'a [T::Param]>,
     /// β, or `None` for β = 0.
-    pub beta: Option<&'a [T]>,
+    pub beta: Option<&'a [T::Param]>,
 }
 
-impl<'a, T> Affine<'a, T> {
+impl<'a, T: Element> Affine<'a, T> {
     /// No affine transform: γ = 1, β = 0.
     pub const NONE: Self = Affine {
         gamma: None,
@@ -62,7 +64,7 @@ impl<'a, T> Affine<'a, T> {
     };
 
     /// γ and β both given.
-    pub fn new(gamma: &'a [T], beta: &'a [T]) -> Self {
+    pub fn new(gamma: &'a [T::Param], beta: &'a [T::Param]) -> Self {
         Affine {
             gamma: Some(gamma),
             beta: Some(beta),
@@ -70,42 +72,43 @@ impl<'a, T> Affine<'a, T> {
     }
 }
 
-impl<T> Default for Affine<'_, T> {
+impl<T: Element> Default for Affine<'_, T> {
     fn default() -> Self {
         Affine::NONE
     }
 }
 
 /// Fixed per-channel statistics for inference (Algorithm 2): running or population mean and
-/// variance.
+/// variance, in the tensor type's parameter type ([`Element::Param`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FixedStats<'a, T> {
+pub struct FixedStats<'a, T: Element> {
     /// E\[x\] per channel.
-    pub mean: &'a [T],
+    pub mean: &'a [T::Param],
     /// Var\[x\] per channel.
-    pub var: &'a [T],
+    pub var: &'a [T::Param],
 }
 
-impl<'a, T> FixedStats<'a, T> {
+impl<'a, T: Element> FixedStats<'a, T> {
     /// Mean and variance, one of each per channel.
-    pub fn new(mean: &'a [T], var: &'a [T]) -> Self {
+    pub fn new(mean: &'a [T::Param], var: &'a [T::Param]) -> Self {
         FixedStats { mean, var }
     }
 }
 
 /// The outputs of a backward pass: each one given is written, each `None` is not computed
-/// (a pass without `dx` reads x and dy once).
+/// (a pass without `dx` reads x and dy once). dx has the tensor's type, dγ and dβ its parameter
+/// type ([`Element::Param`]).
 #[derive(Debug)]
-pub struct Grads<'a, T> {
+pub struct Grads<'a, T: Element> {
     /// ∂ℓ/∂x, the shape of x.
     pub dx: Option<&'a mut [T]>,
     /// ∂ℓ/∂γ, one per channel.
-    pub dgamma: Option<&'a mut [T]>,
+    pub dgamma: Option<&'a mut [T::Param]>,
     /// ∂ℓ/∂β, one per channel.
-    pub dbeta: Option<&'a mut [T]>,
+    pub dbeta: Option<&'a mut [T::Param]>,
 }
 
-impl<T> Default for Grads<'_, T> {
+impl<T: Element> Default for Grads<'_, T> {
     /// No outputs.
     fn default() -> Self {
         Grads {
@@ -116,9 +119,9 @@ impl<T> Default for Grads<'_, T> {
     }
 }
 
-impl<'a, T> Grads<'a, T> {
+impl<'a, T: Element> Grads<'a, T> {
     /// dx, dγ and dβ.
-    pub fn new(dx: &'a mut [T], dgamma: &'a mut [T], dbeta: &'a mut [T]) -> Self {
+    pub fn new(dx: &'a mut [T], dgamma: &'a mut [T::Param], dbeta: &'a mut [T::Param]) -> Self {
         Grads {
             dx: Some(dx),
             dgamma: Some(dgamma),
@@ -136,7 +139,7 @@ impl<'a, T> Grads<'a, T> {
     }
 
     /// dγ and dβ alone.
-    pub fn params(dgamma: &'a mut [T], dbeta: &'a mut [T]) -> Self {
+    pub fn params(dgamma: &'a mut [T::Param], dbeta: &'a mut [T::Param]) -> Self {
         Grads {
             dx: None,
             dgamma: Some(dgamma),

@@ -99,13 +99,13 @@ pub(crate) fn dx_coeffs<T: Element>(
 /// `dx` against `x`, the saved statistics (`check_saved`, given the channel count), γ, dγ and dβ
 /// against the channel count, then the saved `count` of values per channel. Returns the geometry.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn check_train_backward<T>(
+pub(crate) fn check_train_backward<T: Element>(
     x: View<'_, T>,
     mask: Option<&[bool]>,
     relu: Option<&ReluBackward<'_, T>>,
     dy: &[T],
     check_saved: impl FnOnce(usize) -> Result<(), Error>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: &Grads<'_, T>,
     count: u64,
 ) -> Result<Geometry, Error> {
@@ -129,7 +129,7 @@ pub fn batch_norm_backward<T: Element>(
     x: View<'_, T>,
     dy: &[T],
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     backward_where(x, None, None, dy, saved, gamma, grads)
@@ -145,7 +145,7 @@ pub(crate) fn backward_where<T: Element>(
     relu: Option<ReluBackward<'_, T>>,
     dy: &[T],
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     let check_saved = |channels| check::saved(saved, channels);
@@ -167,7 +167,7 @@ pub(crate) fn train_backward_sums<T: Element>(
     dy: &[T],
     dx: Option<&mut [T]>,
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
 ) -> GradSums {
     let (relu, dz_alone) = dz_with(dx.is_some(), relu);
     let (sum_dy, sum_dy_xmu) =
@@ -239,7 +239,7 @@ pub fn input_grad<T: Element>(
     dy: &[T],
     saved: &SavedStats,
     sums: &GradSums,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
     input_grad_where(x, None, dy, saved, sums, gamma, dx)
@@ -253,7 +253,7 @@ pub(crate) fn input_grad_where<T: Element>(
     dy: &[T],
     saved: &SavedStats,
     sums: &GradSums,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
     let View { data: x, shape, layout } = x;
@@ -278,7 +278,7 @@ pub fn batch_norm_backward_eval<T: Element>(
     x: View<'_, T>,
     dy: &[T],
     stats: FixedStats<'_, T>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
@@ -296,7 +296,7 @@ pub(crate) fn backward_eval_where<T: Element>(
     relu: Option<ReluBackward<'_, T>>,
     dy: &[T],
     stats: FixedStats<'_, T>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
@@ -372,7 +372,7 @@ pub(crate) fn fixed_input_grad<T: Element>(
     dy: &[T],
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     inv_std: &[f64],
     dx: &mut [T],
 ) {
@@ -389,7 +389,7 @@ pub(crate) fn fixed_grad_sums<T: Element>(
     dy: &[T],
     mask: Option<&[bool]>,
     relu: Option<MaskBits>,
-    mean: &[T],
+    mean: &[T::Param],
     inv_std: &[f64],
 ) -> GradSums {
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));

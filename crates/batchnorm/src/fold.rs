@@ -22,9 +22,14 @@ impl InferenceAffine {
     /// Builds the map from fixed statistics and optional γ, β.
     /// Rejects vectors of different lengths and ε not finite and > 0.
     ///
+    /// `T` is the type of the tensors the statistics belong to; only its parameter type
+    /// ([`Element::Param`]) is read, and no tensor fixes it here, so name it (`f32` for the
+    /// parameters of `f32`, `bf16` and `f16` tensors alike: the same map).
+    ///
     /// ```
     /// use batchnorm::{Affine, FixedStats, InferenceAffine};
-    /// let a = InferenceAffine::new(FixedStats::new(&[2.0f64], &[4.0]), Affine::new(&[3.0], &[1.0]), 1e-12).unwrap();
+    /// let stats = FixedStats::<f64>::new(&[2.0], &[4.0]);
+    /// let a = InferenceAffine::new(stats, Affine::new(&[3.0], &[1.0]), 1e-12).unwrap();
     /// assert!((a.scale[0] - 1.5).abs() < 1e-9 && (a.shift[0] - (1.0 - 3.0)).abs() < 1e-9);
     /// ```
     pub fn new<T: Element>(stats: FixedStats<'_, T>, affine: Affine<'_, T>, eps: f64) -> Result<Self, Error> {

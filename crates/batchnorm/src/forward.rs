@@ -40,7 +40,7 @@ pub(crate) fn scale_shift<T: Element>(
 /// layout, `y` against `x`, the optional mask over positions, the statistics (`check_stats`, given
 /// the channel count), then γ and β against the channel count. Returns the geometry and the count
 /// of values per channel the mask selects (all of them without one).
-pub(crate) fn check_forward<T>(
+pub(crate) fn check_forward<T: Element>(
     x: View<'_, T>,
     mask: Option<&[bool]>,
     y: &[T],

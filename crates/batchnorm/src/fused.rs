@@ -287,7 +287,7 @@ pub fn batch_norm_backward_relu<T: Element>(
     dy: &[T],
     mask: &ReluMask,
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     backward_where(x, None, backward(mask, None), dy, saved, gamma, grads)
@@ -306,7 +306,7 @@ pub fn batch_norm_backward_add_relu<T: Element>(
     dy: &[T],
     mask: &ReluMask,
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
     dz: &mut [T],
 ) -> Result<(), Error> {
@@ -325,7 +325,7 @@ pub fn batch_norm_backward_eval_relu<T: Element>(
     dy: &[T],
     mask: &ReluMask,
     stats: FixedStats<'_, T>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
@@ -345,7 +345,7 @@ pub fn batch_norm_backward_eval_add_relu<T: Element>(
     dy: &[T],
     mask: &ReluMask,
     stats: FixedStats<'_, T>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
     dz: &mut [T],

@@ -208,7 +208,7 @@ pub fn ghost_batch_norm_backward<T: Element>(
     x: View<'_, T>,
     dy: &[T],
     saved: &GhostSaved,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     let Grads { dx, dgamma, dbeta } = grads;

@@ -70,13 +70,13 @@ pub struct BatchNorm<T: Element> {
     /// Number of channels.
     pub num_features: usize,
     /// γ, one per channel; empty when `affine` is false.
-    pub gamma: Vec<T>,
+    pub gamma: Vec<T::Param>,
     /// β, one per channel; empty when `affine` is false.
-    pub beta: Vec<T>,
+    pub beta: Vec<T::Param>,
     /// Running mean; empty when `track_running_stats` is false.
-    pub running_mean: Vec<T>,
+    pub running_mean: Vec<T::Param>,
     /// Running (unbiased) variance; empty when `track_running_stats` is false.
-    pub running_var: Vec<T>,
+    pub running_var: Vec<T::Param>,
     /// Training batches seen (drives [`Momentum::Cumulative`]).
     pub num_batches_tracked: u64,
     /// Frozen: training passes use the running statistics (see [`BatchNorm::freeze`]).
@@ -96,10 +96,10 @@ impl<T: Element> BatchNorm<T> {
         Ok(BatchNorm {
             config,
             num_features,
-            gamma: vec![T::from_f64(1.0); num_features * params],
-            beta: vec![T::from_f64(0.0); num_features * params],
-            running_mean: vec![T::from_f64(0.0); num_features * stats],
-            running_var: vec![T::from_f64(1.0); num_features * stats],
+            gamma: vec![T::Param::from_f64(1.0); num_features * params],
+            beta: vec![T::Param::from_f64(0.0); num_features * params],
+            running_mean: vec![T::Param::from_f64(0.0); num_features * stats],
+            running_var: vec![T::Param::from_f64(1.0); num_features * stats],
             num_batches_tracked: 0,
             frozen: false,
         })
@@ -290,7 +290,7 @@ impl<T: Element> BatchNorm<T> {
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
     /// them if the layer did not). Rejects an estimator of another channel count or with no batches.
     pub fn set_population_stats(&mut self, pop: &PopulationStats) -> Result<(), Error> {
-        let (mean, var) = pop.finish::<T>()?;
+        let (mean, var) = pop.finish::<T::Param>()?;
         check::channels("population", self.num_features, mean.len())?;
         self.running_mean = mean;
         self.running_var = var;

@@ -32,6 +32,7 @@ pub use fused::{
     batch_norm_train_relu, ReluMask,
 };
 pub use ghost::{ghost_batch_norm_backward, ghost_batch_norm_train, update_ghost_running_stats, GhostSaved};
+pub use half::{bf16, f16};
 pub use kernels::plan::LAST_LEVEL_CACHE_BYTES;
 pub use layer::{BatchNorm, BatchNormConfig};
 pub use masked::{

@@ -95,7 +95,7 @@ pub fn batch_norm_backward_masked<T: Element>(
     mask: &[bool],
     dy: &[T],
     saved: &SavedStats,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     backward_where(x, Some(mask), None, dy, saved, gamma, grads)
@@ -130,7 +130,7 @@ pub fn batch_norm_backward_eval_masked<T: Element>(
     mask: &[bool],
     dy: &[T],
     stats: FixedStats<'_, T>,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
@@ -193,7 +193,7 @@ pub fn input_grad_masked<T: Element>(
     dy: &[T],
     saved: &SavedStats,
     sums: &GradSums,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
     input_grad_where(x, Some(mask), dy, saved, sums, gamma, dx)

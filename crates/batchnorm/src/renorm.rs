@@ -209,16 +209,17 @@ impl RenormSchedule {
 /// standard deviation σ (ε included), the statistics argument of [`batch_renorm_train`] and
 /// [`batch_renorm_eval`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RenormStats<'a, T> {
+pub struct RenormStats<'a, T: Element> {
     /// μ per channel.
-    pub mean: &'a [T],
+    pub mean: &'a [T::Param],
     /// σ per channel.
-    pub std: &'a [T],
+    pub std: &'a [T::Param],
 }
 
-impl<'a, T> RenormStats<'a, T> {
-    /// Moving mean and moving standard deviation, one of each per channel.
-    pub fn new(mean: &'a [T], std: &'a [T]) -> Self {
+impl<'a, T: Element> RenormStats<'a, T> {
+    /// Moving mean and moving standard deviation, one of each per channel (in the tensor type's
+    /// parameter type, [`Element::Param`]).
+    pub fn new(mean: &'a [T::Param], std: &'a [T::Param]) -> Self {
         RenormStats { mean, std }
     }
 }
@@ -243,7 +244,7 @@ fn correction(mean_b: f64, sigma_b: f64, mean: f64, sigma: f64, clip: RenormClip
 }
 
 /// Checks moving statistics against the channel count (named `moving_mean`, `moving_std`).
-fn check_moving<T>(channels: usize, moving: RenormStats<'_, T>) -> Result<(), Error> {
+fn check_moving<T: Element>(channels: usize, moving: RenormStats<'_, T>) -> Result<(), Error> {
     check::moving_stats(channels, moving.mean, moving.std)
 }
 
@@ -338,7 +339,7 @@ pub fn batch_renorm_backward<T: Element>(
     x: View<'_, T>,
     dy: &[T],
     saved: &RenormSaved,
-    gamma: Option<&[T]>,
+    gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     let check_saved = |channels| check::renorm_saved(saved, channels);
@@ -482,13 +483,13 @@ pub struct BatchRenorm<T: Element> {
     /// Number of channels.
     pub num_features: usize,
     /// γ, one per channel; empty when `affine` is false.
-    pub gamma: Vec<T>,
+    pub gamma: Vec<T::Param>,
     /// β, one per channel; empty when `affine` is false.
-    pub beta: Vec<T>,
+    pub beta: Vec<T::Param>,
     /// Moving mean μ.
-    pub moving_mean: Vec<T>,
+    pub moving_mean: Vec<T::Param>,
     /// Moving standard deviation σ (ε included).
-    pub moving_std: Vec<T>,
+    pub moving_std: Vec<T::Param>,
     /// Training steps taken (the step of the next `forward_train` in `config.limits`).
     pub steps: u64,
 }
@@ -502,10 +503,10 @@ impl<T: Element> BatchRenorm<T> {
         Ok(BatchRenorm {
             config,
             num_features,
-            gamma: vec![T::from_f64(1.0); num_features * params],
-            beta: vec![T::from_f64(0.0); num_features * params],
-            moving_mean: vec![T::from_f64(0.0); num_features],
-            moving_std: vec![T::from_f64(1.0); num_features],
+            gamma: vec![T::Param::from_f64(1.0); num_features * params],
+            beta: vec![T::Param::from_f64(0.0); num_features * params],
+            moving_mean: vec![T::Param::from_f64(0.0); num_features],
+            moving_std: vec![T::Param::from_f64(1.0); num_features],
             steps: 0,
         })
     }

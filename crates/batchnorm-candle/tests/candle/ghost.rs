@@ -55,7 +55,7 @@ fn ghost_training_matches_the_reference_on_both_paths() -> Result<()> {
 /// The fused path is the kernel crate's ghost batch norm (`ghost_batch_norm_train`,
 /// `ghost_batch_norm_backward`, `update_ghost_running_stats` at momentum 0.1): outputs, gradients
 /// and running statistics bit for bit.
-fn ghost_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
+fn ghost_matches_the_kernel<T: batchnorm::Element<Param = T> + WithDType>() -> Result<()> {
     for (i, (shape, v)) in CASES.into_iter().enumerate() {
         let (c, seed) = (shape[1], 3100 + 10 * i as u64);
         let bn = pair(c, T::DTYPE, BatchNormConfig::default(), seed)?

@@ -347,7 +347,7 @@ const FUSED_SHAPES: [&[usize]; 3] = [&[40, 3], &[6, 4, 40], &[4, 3, 6, 7]];
 /// then the inference pass, and the frozen training pass, against `batch_norm_eval_masked` and
 /// `batch_norm_backward_eval_masked` with the running statistics: outputs, gradients and
 /// running statistics bit for bit, for a scattered and a padded-sequence mask.
-fn masked_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
+fn masked_matches_the_kernel<T: batchnorm::Element<Param = T> + WithDType>() -> Result<()> {
     for (i, shape) in FUSED_SHAPES.into_iter().enumerate() {
         let seed = 7600 + 10 * i as u64;
         for (mask, bits) in [mask_for(shape, seed + 1)?, padded_mask(shape, &LENGTHS)?] {

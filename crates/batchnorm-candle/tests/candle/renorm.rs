@@ -93,7 +93,7 @@ fn renorm_fused_path_is_the_kernel_layer_bit_for_bit() -> Result<()> {
 }
 
 /// [`renorm_fused_path_is_the_kernel_layer_bit_for_bit`] on `T` tensors.
-fn renorm_matches_the_kernel_layer<T: batchnorm::Element + WithDType>() -> Result<()> {
+fn renorm_matches_the_kernel_layer<T: batchnorm::Element<Param = T> + WithDType>() -> Result<()> {
     for (i, shape) in SHAPES.into_iter().enumerate() {
         let (c, seed) = (shape[1], 4100 + 10 * i as u64);
         let bn = layer(c, T::DTYPE, config(schedule()), seed)?.0;

@@ -295,7 +295,7 @@ pub fn running(bn: &batchnorm_candle::BatchNorm) -> [&Tensor; 2] {
 /// One training step of a kernel-crate layer on `x` (channels first) with upstream gradient `w`,
 /// as [`forward_backward`]'s `[y, dx, dγ, dβ]`: `step` runs the layer's forward and backward on
 /// the buffers it is given (x, dy, y, grads).
-pub fn kernel_step<T: batchnorm::Element + WithDType>(
+pub fn kernel_step<T: batchnorm::Element<Param = T> + WithDType>(
     x: &Tensor,
     w: &Tensor,
     step: impl FnOnce(View<'_, T>, &[T], &mut [T], Grads<'_, T>),
@@ -340,7 +340,7 @@ pub fn for_cases<C: Copy>(cases: &[C], seed0: u64, mut case: impl FnMut(DType, C
 /// in [−1, 1) of `shape` in `T`, seeds from `seed`), and asserts the same bits for y, dx, dγ, dβ
 /// and for the statistics after each step: `kernel` runs the kernel layer's forward and backward
 /// on the buffers given and returns its statistics, `stats` returns ours, in the same order.
-pub fn assert_steps_match_kernel<T: batchnorm::Element + WithDType>(
+pub fn assert_steps_match_kernel<T: batchnorm::Element<Param = T> + WithDType>(
     ours: impl Fn(&Tensor) -> Result<Tensor>,
     params: Option<(&Tensor, &Tensor)>,
     stats: impl Fn() -> Vec<Tensor>,

@@ -13,6 +13,9 @@
 //!   then within 2·ε_f32 of the magnitude of the terms that produce it (see [`NarrowAffine`],
 //!   [`NarrowDx`]), against ½ ulp for an `f64` computation rounded once: the price of twice the
 //!   lanes per instruction and half the bytes of per-channel constants.
+//! - `bf16` and `f16` tensors: the `f32` path, each element widened to `f32` as it is loaded and
+//!   each `f32` result rounded once to the half type as it is stored (see `simd`): the `f32`
+//!   bound plus ½ ulp of the half type.
 //!
 //! Every element is computed by the same formula whether it falls in a vector step or a scalar
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
@@ -20,7 +23,7 @@
 
 use super::relu::{with_epilogue, with_upstream, Act, Back, ElementMap};
 use super::scratch::{Pooled, Scratch};
-use super::simd::{as_f32, as_f32_mut, is_f32, simd_dispatch, Simd, STREAM_ALIGN};
+use super::simd::{narrow, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
 
 /// Rows wider than this many channels are processed in column tiles of this many channels, all
@@ -246,12 +249,13 @@ unsafe fn put_wide<S: Simd, T: Element>(s: S, p: *mut T, v: S::V, stream: bool) 
     }
 }
 
-/// Stores 8 `f32` lanes at `p`, non-temporally with `stream`.
+/// Stores 8 `f32` lanes at `p` as `T` (a type that takes the `f32` path), non-temporally with
+/// `stream`.
 ///
 /// # Safety
 /// As [`Simd::fstore`] / [`Simd::fstream`].
 #[inline(always)]
-unsafe fn put_narrow<S: Simd>(s: S, p: *mut f32, v: S::F, stream: bool) {
+unsafe fn put_narrow<S: Simd, T: Element>(s: S, p: *mut T, v: S::F, stream: bool) {
     // SAFETY: the caller's contract.
     unsafe {
         if stream {
@@ -285,7 +289,7 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
     e: E,
 ) {
     let n = y.len();
-    if let (Some(x), Some(y), Some(a)) = (as_f32(x), as_f32_mut(y), NarrowAffine::new(a)) {
+    if let (true, Some(a)) = (narrow::<T>(), NarrowAffine::new(a)) {
         let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
         let (mv, sv, bv) = (s.fsplat(a.mean_hi), s.fsplat(a.scale), s.fsplat(a.shift));
         map_range(
@@ -303,7 +307,7 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
             },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *yp.add(i) = e.narrow1(i, a.apply(*xp.add(i))) },
+            |i, _| unsafe { *yp.add(i) = T::from_f32(e.narrow1(i, a.apply((*xp.add(i)).to_f32()))) },
         );
         return;
     }
@@ -366,7 +370,7 @@ impl RowsAffine {
             scale: scale[c],
             shift: shift[c],
         };
-        if !is_f32::<T>() {
+        if !narrow::<T>() {
             return RowsAffine::Wide {
                 mean: RowParam::from_fn(mean.len(), |c| mean[c]),
                 scale: RowParam::from_fn(mean.len(), |c| scale[c]),
@@ -449,7 +453,7 @@ fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
     e: E,
 ) {
     let n = y.len();
-    match (p, as_f32(x), as_f32_mut(y)) {
+    match (p, narrow::<T>()) {
         (
             RowsAffine::Narrow {
                 mean_hi,
@@ -457,8 +461,7 @@ fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
                 shift,
                 wide,
             },
-            Some(x),
-            Some(y),
+            true,
         ) => {
             let channels = mean_hi.channels();
             assert!(scale.channels() == channels && shift.channels() == channels);
@@ -484,15 +487,15 @@ fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
                         scale: *sp.add(c),
                         shift: *bp.add(c),
                     };
-                    *yp.add(i) = e.narrow1(i, a.apply(*xp.add(i)));
+                    *yp.add(i) = T::from_f32(e.narrow1(i, a.apply((*xp.add(i)).to_f32())));
                 },
             );
             // SAFETY: i < n.
             redo_channels(n, channels, stream, wide, |i, a| unsafe {
-                *yp.add(i) = e.wide1(i, a.apply(*xp.add(i) as f64)) as f32
+                *yp.add(i) = T::from_f64(e.wide1(i, a.apply((*xp.add(i)).to_f64())))
             });
         }
-        (RowsAffine::Wide { mean, scale, shift }, _, _) => {
+        (RowsAffine::Wide { mean, scale, shift }, _) => {
             let channels = mean.channels();
             assert!(scale.channels() == channels && shift.channels() == channels);
             let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
@@ -625,7 +628,7 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
     u: U,
 ) {
     let n = dx.len();
-    if let (Some(x), Some(dy), Some(dx), Some(c)) = (as_f32(x), as_f32(dy), as_f32_mut(dx), NarrowDx::new(c)) {
+    if let (true, Some(c)) = (narrow::<T>(), NarrowDx::new(c)) {
         let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
         let (mv, kv, kbv, c0v) = (s.fsplat(c.mean_hi), s.fsplat(c.k), s.fsplat(c.kb), s.fsplat(c.c0));
         map_range(
@@ -644,7 +647,10 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
             },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *op.add(i) = c.apply(*xp.add(i), u.narrow1(i, *gp.add(i))) },
+            |i, _| unsafe {
+                let g = u.narrow1(i, (*gp.add(i)).to_f32());
+                *op.add(i) = T::from_f32(c.apply((*xp.add(i)).to_f32(), g))
+            },
         );
         return;
     }
@@ -702,7 +708,7 @@ pub(crate) enum DxRows {
 impl DxRows {
     /// The constants of every channel, for elements of type `T`.
     pub fn new<T: Element>(coeffs: &[DxCoeffs]) -> DxRows {
-        if !is_f32::<T>() {
+        if !narrow::<T>() {
             return DxRows::Wide {
                 mean: RowParam::from_fn(coeffs.len(), |c| coeffs[c].mean),
                 k: RowParam::from_fn(coeffs.len(), |c| coeffs[c].k),
@@ -771,7 +777,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
     u: U,
 ) {
     let n = dx.len();
-    match (p, as_f32(x), as_f32(dy), as_f32_mut(dx)) {
+    match (p, narrow::<T>()) {
         (
             DxRows::Narrow {
                 mean_hi,
@@ -780,9 +786,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 c0,
                 wide,
             },
-            Some(x),
-            Some(dy),
-            Some(dx),
+            true,
         ) => {
             let channels = mean_hi.channels();
             assert!(k.channels() == channels && kb.channels() == channels && c0.channels() == channels);
@@ -810,15 +814,16 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                         kb: *kbp.add(c),
                         c0: *cp.add(c),
                     };
-                    *op.add(i) = q.apply(*xp.add(i), u.narrow1(i, *gp.add(i)));
+                    let g = u.narrow1(i, (*gp.add(i)).to_f32());
+                    *op.add(i) = T::from_f32(q.apply((*xp.add(i)).to_f32(), g));
                 },
             );
             // SAFETY: i < n.
             redo_channels(n, channels, stream, wide, |i, q| unsafe {
-                *op.add(i) = q.apply(*xp.add(i) as f64, u.wide1(i, *gp.add(i) as f64)) as f32
+                *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), u.wide1(i, (*gp.add(i)).to_f64())))
             });
         }
-        (DxRows::Wide { mean, k, a, b }, _, _, _) => {
+        (DxRows::Wide { mean, k, a, b }, _) => {
             let channels = mean.channels();
             assert!(k.channels() == channels && a.channels() == channels && b.channels() == channels);
             let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
@@ -880,7 +885,7 @@ pub(super) fn scale_plane_impl<S: Simd, T: Element>(
 #[inline(always)]
 fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool, u: U) {
     let n = dx.len();
-    if let (Some(dy), Some(dx), true) = (as_f32(dy), as_f32_mut(dx), fits(k)) {
+    if narrow::<T>() && fits(k) {
         let k = k as f32;
         let (gp, op) = (dy.as_ptr(), dx.as_mut_ptr());
         let kv = s.fsplat(k);
@@ -896,7 +901,7 @@ fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &
             |i, _| unsafe { put_narrow(s, op.add(i), s.fmul(u.narrow8(s, i, s.fload(gp.add(i))), kv), stream) },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *op.add(i) = u.narrow1(i, *gp.add(i)) * k },
+            |i, _| unsafe { *op.add(i) = T::from_f32(u.narrow1(i, (*gp.add(i)).to_f32()) * k) },
         );
         return;
     }
@@ -938,7 +943,7 @@ pub(crate) enum RowsScale {
 impl RowsScale {
     /// The factors of every channel, for elements of type `T`.
     pub fn new<T: Element>(k: &[f64]) -> RowsScale {
-        if !is_f32::<T>() {
+        if !narrow::<T>() {
             return RowsScale::Wide(RowParam::from_fn(k.len(), |c| k[c]));
         }
         let wide = k
@@ -979,8 +984,8 @@ fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
     u: U,
 ) {
     let n = dx.len();
-    match (k, as_f32(dy), as_f32_mut(dx)) {
-        (RowsScale::Narrow(k, wide), Some(dy), Some(dx)) => {
+    match (k, narrow::<T>()) {
+        (RowsScale::Narrow(k, wide), true) => {
             let (gp, op, kp) = (dy.as_ptr(), dx.as_mut_ptr(), k.ptr());
             map_rows(
                 op,
@@ -995,14 +1000,14 @@ fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
-                |i, c| unsafe { *op.add(i) = u.narrow1(i, *gp.add(i)) * *kp.add(c) },
+                |i, c| unsafe { *op.add(i) = T::from_f32(u.narrow1(i, (*gp.add(i)).to_f32()) * *kp.add(c)) },
             );
             // SAFETY: i < n.
             redo_channels(n, k.channels(), stream, wide, |i, kc| unsafe {
-                *op.add(i) = (u.wide1(i, *gp.add(i) as f64) * kc) as f32
+                *op.add(i) = T::from_f64(u.wide1(i, (*gp.add(i)).to_f64()) * kc)
             });
         }
-        (RowsScale::Wide(k), _, _) => {
+        (RowsScale::Wide(k), _) => {
             let (gp, op, kp) = (dy.as_ptr(), dx.as_mut_ptr(), k.ptr());
             map_rows(
                 op,

@@ -8,10 +8,11 @@
 //! - The forward's **epilogue** (an [`ElementMap`]): what an element-wise pass does with a
 //!   normalized value before it stores it. [`Plain`] does nothing (plain batch norm); [`Fused`] adds the
 //!   residual, applies the ReLU and records its bit. Each is written for `f32` lanes (the
-//!   element-precision path of `f32` tensors) and for `f64` lanes, where the value is first
-//!   rounded to the element type: every operation is done in the element type, as the unfused
-//!   sequence (batch norm into y, then y + z, then the ReLU) does, so the fused pass gives its
-//!   bits. Only through [`crate::Element`]'s conversions, so any element type goes through.
+//!   element-precision path of `f32`, `bf16` and `f16` tensors) and for `f64` lanes; in both the
+//!   value is first rounded to the element type: every operation is done in the element type
+//!   (a half type's sum computed in `f32` and rounded to it), as the unfused sequence (batch norm
+//!   into y, then y + z, then the ReLU) does, so the fused pass gives its bits. Only through
+//!   [`crate::Element`]'s conversions, so any element type goes through.
 //! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·\[kept\]
 //!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
 //!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
@@ -247,12 +248,12 @@ pub(crate) struct Act<'a, T> {
 /// ([`Plain`]: plain batch norm). Methods are `unsafe`: element i must lie in the range the map
 /// was made for.
 pub(crate) trait ElementMap<T: Element>: Copy {
-    /// Of elements i..i + 8, as `f32` lanes (`f32` tensors only).
+    /// Of elements i..i + 8, as `f32` lanes (the `f32` path: `f32`, `bf16`, `f16` tensors).
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, _: S, _i: usize, v: S::F) -> S::F {
         v
     }
-    /// Of element i, in `f32` (`f32` tensors only).
+    /// Of element i, in `f32` (the `f32` path).
     #[inline(always)]
     unsafe fn narrow1(self, _i: usize, v: f32) -> f32 {
         v
@@ -286,17 +287,21 @@ pub(crate) struct Fused<T, const ADD: bool, const BITS: bool> {
 impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<T, ADD, BITS> {
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F {
-        // SAFETY (all blocks): element i.. lies in the range (caller); T is f32 on this path.
-        let z = || unsafe { s.fload((self.z as *const f32).add(i)) };
-        let (out, bits) = s.frelu(if ADD { s.fadd(v, z()) } else { v });
+        // The value batch norm would store, then the sum y + z rounded as `T` rounds it (both
+        // no-ops for f32).
+        // SAFETY (all blocks): element i.. lies in the range (caller).
+        let (v, z) = (s.fround::<T>(v), || unsafe { s.fload(self.z.add(i)) });
+        let (out, bits) = s.frelu(if ADD { s.fround::<T>(s.fadd(v, z())) } else { v });
         unsafe { self.record8(i, bits) };
         out
     }
     #[inline(always)]
     unsafe fn narrow1(self, i: usize, v: f32) -> f32 {
+        let round = |v: f32| T::from_f32(v).to_f32();
+        let v = round(v);
         // SAFETY (all blocks): as in `narrow8`.
         let v = if ADD {
-            v + unsafe { *(self.z as *const f32).add(i) }
+            round(v + unsafe { *self.z.add(i) }.to_f32())
         } else {
             v
         };
@@ -479,11 +484,11 @@ impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
     }
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, s: S, i: usize, dy: S::F) -> S::F {
-        // SAFETY (all blocks): as in `wide8`; T is f32 on this path.
+        // SAFETY (all blocks): as in `wide8`.
         let g = s.fgate(unsafe { self.bits.get8(i) }, dy);
         if DZ {
             unsafe {
-                let p = (self.dz as *mut f32).add(i);
+                let p = self.dz.add(i);
                 if self.stream {
                     s.fstream(p, g)
                 } else {
@@ -495,10 +500,10 @@ impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
     }
     #[inline(always)]
     unsafe fn narrow1(self, i: usize, dy: f32) -> f32 {
-        // SAFETY (all blocks): as in `wide1`; T is f32 on this path.
+        // SAFETY (all blocks): as in `wide1`.
         let g = if unsafe { self.bits.get1(i) } { dy } else { 0.0 };
         if DZ {
-            unsafe { *(self.dz as *mut f32).add(i) = g };
+            unsafe { *self.dz.add(i) = T::from_f32(g) };
         }
         g
     }

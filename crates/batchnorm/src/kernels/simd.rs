@@ -8,7 +8,14 @@
 //! conversions, and lane-wise IEEE `f32` add/sub/mul and fused multiply-adds (the portable ones
 //! with `f64::mul_add` / `f32::mul_add`, correctly rounded; without hardware FMA they are slow
 //! but exact), so every kernel gives the same bits on either path.
+//!
+//! Half tensors (`bf16`, `f16`) take the `f32` lanes: a load widens each element to `f32`
+//! exactly (F16C's `vcvtph2ps` for `f16`; `bf16` by shifting its bits left 16), a store rounds
+//! each lane once to the half type, round-to-nearest-even (`vcvtps2ph` for `f16`; for `bf16`
+//! the integer rounding of `element::sealed::bf16_bits`), a NaN staying a quiet NaN. The
+//! portable backend does the same per element.
 
+use crate::element::Kind;
 use crate::Element;
 
 /// Bytes of alignment a [`Simd::stream`] store needs.
@@ -50,7 +57,7 @@ pub(crate) trait Simd: Copy {
     /// `p` must be valid for writing 8 elements and aligned to [`STREAM_ALIGN`] bytes.
     unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V);
 
-    /// A vector of 8 `f32` (the element-precision path of `f32` tensors).
+    /// A vector of 8 `f32` (the element-precision path of `f32`, `bf16` and `f16` tensors).
     type F: Copy;
     fn fsplat(self, v: f32) -> Self::F;
     fn fadd(self, a: Self::F, b: Self::F) -> Self::F;
@@ -64,15 +71,23 @@ pub(crate) trait Simd: Copy {
     fn frelu(self, v: Self::F) -> (Self::F, u8);
     /// [`Simd::gate`] of 8 `f32` lanes.
     fn fgate(self, bits: u8, v: Self::F) -> Self::F;
+    /// Loads 8 elements of a type that takes the `f32` path (`f32`, `bf16`, `f16`; see
+    /// [`narrow`]) from `p` (no alignment needed), widened to `f32` exactly.
+    ///
     /// # Safety
     /// `p` must be valid for reading 8 elements.
-    unsafe fn fload(self, p: *const f32) -> Self::F;
+    unsafe fn fload<T: Element>(self, p: *const T) -> Self::F;
+    /// Rounds the 8 lanes to `T` (a type that takes the `f32` path) and stores them at `p`.
+    ///
     /// # Safety
     /// `p` must be valid for writing 8 elements.
-    unsafe fn fstore(self, p: *mut f32, v: Self::F);
+    unsafe fn fstore<T: Element>(self, p: *mut T, v: Self::F);
     /// # Safety
     /// As [`Simd::stream`].
-    unsafe fn fstream(self, p: *mut f32, v: Self::F);
+    unsafe fn fstream<T: Element>(self, p: *mut T, v: Self::F);
+    /// Each lane rounded to `T` (a type that takes the `f32` path) and widened back: the value
+    /// a store to `T` would keep.
+    fn fround<T: Element>(self, v: Self::F) -> Self::F;
 
     /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
     type M: Copy;
@@ -86,32 +101,11 @@ pub(crate) trait Simd: Copy {
     fn keep(self, m: Self::M, v: Self::V) -> Self::V;
 }
 
-/// `x` as a slice of `f32` when `T` is `f32`.
+/// Whether tensors of `T` take the `f32` path (`f32`, `bf16`, `f16`; not `f64`). Folds to a
+/// constant.
 #[inline(always)]
-pub(crate) fn as_f32<T: Element>(x: &[T]) -> Option<&[f32]> {
-    if is_f32::<T>() {
-        // SAFETY: T is f32 (checked just above).
-        Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
-    } else {
-        None
-    }
-}
-
-/// `x` as a mutable slice of `f32` when `T` is `f32`.
-#[inline(always)]
-pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
-    if is_f32::<T>() {
-        // SAFETY: T is f32 (checked just above); the borrow of `x` is moved into the result.
-        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) })
-    } else {
-        None
-    }
-}
-
-/// Whether `T` is `f32` (the only other [`Element`] is `f64`). Folds to a constant.
-#[inline(always)]
-pub(crate) fn is_f32<T: Element>() -> bool {
-    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+pub(crate) fn narrow<T: Element>() -> bool {
+    T::KIND != Kind::F64
 }
 
 /// Whether a ReLU keeps `v`: not ≤ 0, so > 0 or NaN (a NaN propagates, as IEEE 754 and
@@ -234,19 +228,25 @@ impl Simd for Scalar {
         std::array::from_fn(|l| if bits >> l & 1 == 1 { v[l] } else { 0.0 })
     }
     #[inline(always)]
-    unsafe fn fload(self, p: *const f32) -> Self::F {
+    unsafe fn fload<T: Element>(self, p: *const T) -> Self::F {
         // SAFETY: the caller guarantees 8 readable elements.
-        std::array::from_fn(|l| unsafe { *p.add(l) })
+        std::array::from_fn(|l| unsafe { *p.add(l) }.to_f32())
     }
     #[inline(always)]
-    unsafe fn fstore(self, p: *mut f32, v: Self::F) {
-        // SAFETY: the caller guarantees 8 writable elements.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, 8) }
+    unsafe fn fstore<T: Element>(self, p: *mut T, v: Self::F) {
+        for (l, &x) in v.iter().enumerate() {
+            // SAFETY: the caller guarantees 8 writable elements.
+            unsafe { *p.add(l) = T::from_f32(x) };
+        }
     }
     #[inline(always)]
-    unsafe fn fstream(self, p: *mut f32, v: Self::F) {
+    unsafe fn fstream<T: Element>(self, p: *mut T, v: Self::F) {
         // SAFETY: as `fstore`.
         unsafe { self.fstore(p, v) }
+    }
+    #[inline(always)]
+    fn fround<T: Element>(self, v: Self::F) -> Self::F {
+        v.map(|x| T::from_f32(x).to_f32())
     }
 
     type M = [bool; 8];
@@ -266,24 +266,53 @@ pub(crate) use x86::{has_avx2, Avx2};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{is_f32, Simd};
+    use super::Simd;
+    use crate::element::Kind;
     use crate::Element;
     use std::arch::x86_64::*;
 
-    /// Whether the CPU has AVX2 and FMA (cached by the standard library).
+    /// Whether the CPU has AVX2, FMA and F16C (cached by the standard library). Every CPU with
+    /// AVX2 has F16C; it is checked all the same, and without it the portable backend runs.
     #[inline(always)]
     pub(crate) fn has_avx2() -> bool {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Widens 8 `bf16` (their bits) to `f32`: each shifted left 16 bits, exact.
+    #[inline(always)]
+    unsafe fn bf16_to_f32(h: __m128i) -> __m256 {
+        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))) }
+    }
+
+    /// Rounds 8 `f32` to `bf16` (their bits), round-to-nearest-even, a NaN kept a quiet NaN:
+    /// the steps of `element::sealed::bf16_bits`, lane by lane.
+    #[inline(always)]
+    unsafe fn f32_to_bf16(v: __m256) -> __m128i {
+        unsafe {
+            let x = _mm256_castps_si256(v);
+            let high = _mm256_srli_epi32::<16>(x);
+            let odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
+            let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
+            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
+            let r = _mm256_blendv_epi8(rounded, quiet, nan);
+            // Every lane is below 2¹⁶, so the saturating pack is exact.
+            _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r))
+        }
     }
 
     /// The AVX2 backend: a vector is two `__m256d` (lanes 0–3, 4–7). Only constructible where
-    /// the CPU has AVX2.
+    /// the CPU has AVX2, FMA and F16C.
     #[derive(Clone, Copy)]
     pub(crate) struct Avx2(());
 
     impl Avx2 {
         /// # Safety
-        /// The CPU must support AVX2 and FMA, and the caller must be compiled with them enabled.
+        /// The CPU must support AVX2, FMA and F16C, and the caller must be compiled with them
+        /// enabled.
         #[inline(always)]
         pub(crate) unsafe fn new_unchecked() -> Avx2 {
             Avx2(())
@@ -316,15 +345,20 @@ mod x86 {
         }
         #[inline(always)]
         fn round<T: Element>(self, v: Self::V) -> Self::V {
-            if is_f32::<T>() {
-                unsafe {
+            match T::KIND {
+                Kind::F32 => unsafe {
                     (
                         _mm256_cvtps_pd(_mm256_cvtpd_ps(v.0)),
                         _mm256_cvtps_pd(_mm256_cvtpd_ps(v.1)),
                     )
+                },
+                Kind::F64 => v,
+                // One rounding from f64 (the f64 lanes of half tensors: channels whose constants
+                // leave f32's range), lane by lane as the portable backend does it.
+                Kind::Bf16 | Kind::F16 => {
+                    let r = self.lanes(v).map(|x| T::from_f64(x).to_f64());
+                    unsafe { (_mm256_loadu_pd(r.as_ptr()), _mm256_loadu_pd(r.as_ptr().add(4))) }
                 }
-            } else {
-                v
             }
         }
         #[inline(always)]
@@ -362,42 +396,65 @@ mod x86 {
         #[inline(always)]
         unsafe fn load<T: Element>(self, p: *const T) -> Self::V {
             unsafe {
-                if is_f32::<T>() {
-                    let p = p as *const f32;
-                    (
-                        _mm256_cvtps_pd(_mm_loadu_ps(p)),
-                        _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
-                    )
-                } else {
-                    let p = p as *const f64;
-                    (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)))
+                match T::KIND {
+                    Kind::F32 => {
+                        let p = p as *const f32;
+                        (
+                            _mm256_cvtps_pd(_mm_loadu_ps(p)),
+                            _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
+                        )
+                    }
+                    Kind::F64 => {
+                        let p = p as *const f64;
+                        (_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4)))
+                    }
+                    Kind::Bf16 | Kind::F16 => {
+                        let f = self.fload(p);
+                        (
+                            _mm256_cvtps_pd(_mm256_castps256_ps128(f)),
+                            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)),
+                        )
+                    }
                 }
             }
         }
         #[inline(always)]
         unsafe fn store<T: Element>(self, p: *mut T, v: Self::V) {
             unsafe {
-                if is_f32::<T>() {
-                    let p = p as *mut f32;
-                    _mm_storeu_ps(p, _mm256_cvtpd_ps(v.0));
-                    _mm_storeu_ps(p.add(4), _mm256_cvtpd_ps(v.1));
-                } else {
-                    let p = p as *mut f64;
-                    _mm256_storeu_pd(p, v.0);
-                    _mm256_storeu_pd(p.add(4), v.1);
+                match T::KIND {
+                    Kind::F32 => {
+                        let p = p as *mut f32;
+                        _mm_storeu_ps(p, _mm256_cvtpd_ps(v.0));
+                        _mm_storeu_ps(p.add(4), _mm256_cvtpd_ps(v.1));
+                    }
+                    Kind::F64 => {
+                        let p = p as *mut f64;
+                        _mm256_storeu_pd(p, v.0);
+                        _mm256_storeu_pd(p.add(4), v.1);
+                    }
+                    // As in `round`: one rounding from f64, lane by lane.
+                    Kind::Bf16 | Kind::F16 => {
+                        for (l, x) in self.lanes(v).into_iter().enumerate() {
+                            *p.add(l) = T::from_f64(x);
+                        }
+                    }
                 }
             }
         }
         #[inline(always)]
         unsafe fn stream<T: Element>(self, p: *mut T, v: Self::V) {
             unsafe {
-                if is_f32::<T>() {
-                    let lo = _mm256_castps128_ps256(_mm256_cvtpd_ps(v.0));
-                    _mm256_stream_ps(p as *mut f32, _mm256_insertf128_ps::<1>(lo, _mm256_cvtpd_ps(v.1)));
-                } else {
-                    let p = p as *mut f64;
-                    _mm256_stream_pd(p, v.0);
-                    _mm256_stream_pd(p.add(4), v.1);
+                match T::KIND {
+                    Kind::F32 => {
+                        let lo = _mm256_castps128_ps256(_mm256_cvtpd_ps(v.0));
+                        _mm256_stream_ps(p as *mut f32, _mm256_insertf128_ps::<1>(lo, _mm256_cvtpd_ps(v.1)));
+                    }
+                    Kind::F64 => {
+                        let p = p as *mut f64;
+                        _mm256_stream_pd(p, v.0);
+                        _mm256_stream_pd(p.add(4), v.1);
+                    }
+                    Kind::Bf16 | Kind::F16 => self.store(p, v),
                 }
             }
         }
@@ -443,16 +500,49 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn fload(self, p: *const f32) -> Self::F {
-            unsafe { _mm256_loadu_ps(p) }
+        unsafe fn fload<T: Element>(self, p: *const T) -> Self::F {
+            unsafe {
+                match T::KIND {
+                    Kind::F32 => _mm256_loadu_ps(p as *const f32),
+                    Kind::Bf16 => bf16_to_f32(_mm_loadu_si128(p as *const __m128i)),
+                    Kind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                    Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
         }
         #[inline(always)]
-        unsafe fn fstore(self, p: *mut f32, v: Self::F) {
-            unsafe { _mm256_storeu_ps(p, v) }
+        unsafe fn fstore<T: Element>(self, p: *mut T, v: Self::F) {
+            unsafe {
+                match T::KIND {
+                    Kind::F32 => _mm256_storeu_ps(p as *mut f32, v),
+                    Kind::Bf16 => _mm_storeu_si128(p as *mut __m128i, f32_to_bf16(v)),
+                    Kind::F16 => _mm_storeu_si128(p as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+                    Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
         }
         #[inline(always)]
-        unsafe fn fstream(self, p: *mut f32, v: Self::F) {
-            unsafe { _mm256_stream_ps(p, v) }
+        unsafe fn fstream<T: Element>(self, p: *mut T, v: Self::F) {
+            unsafe {
+                match T::KIND {
+                    Kind::F32 => _mm256_stream_ps(p as *mut f32, v),
+                    // 16 bytes, aligned as `stream` requires (32 bytes).
+                    Kind::Bf16 => _mm_stream_si128(p as *mut __m128i, f32_to_bf16(v)),
+                    Kind::F16 => _mm_stream_si128(p as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+                    Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
+        }
+        #[inline(always)]
+        fn fround<T: Element>(self, v: Self::F) -> Self::F {
+            unsafe {
+                match T::KIND {
+                    Kind::F32 => v,
+                    Kind::Bf16 => bf16_to_f32(f32_to_bf16(v)),
+                    Kind::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+                    Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
         }
 
         /// All-ones in the lanes that are *off* (the complement, which `andnot` takes).
@@ -476,7 +566,7 @@ mod x86 {
 }
 
 /// Defines `fn $name<T: Element>(args) -> ret` that runs `$imp(simd, args…)` with the AVX2
-/// backend in an AVX2 + FMA function when the CPU has them, and with [`Scalar`] otherwise.
+/// backend in an AVX2 + FMA + F16C function when the CPU has them, and with [`Scalar`] otherwise.
 /// `$imp` must be `#[inline(always)]` so that it is compiled into each copy.
 macro_rules! simd_dispatch {
     ($(#[$attr:meta])* $vis:vis fn $name:ident<T>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $imp:path) => {
@@ -487,14 +577,14 @@ macro_rules! simd_dispatch {
             #[cfg(target_arch = "x86_64")]
             {
                 if $crate::kernels::simd::has_avx2() {
-                    #[target_feature(enable = "avx2,fma")]
+                    #[target_feature(enable = "avx2,fma,f16c")]
                     #[allow(clippy::too_many_arguments)]
                     unsafe fn avx2<T: Element>($($arg: $ty),*) $(-> $ret)? {
-                        // SAFETY: only called where the CPU has AVX2 and FMA, from a function
-                        // compiled with them.
+                        // SAFETY: only called where the CPU has AVX2, FMA and F16C, from a
+                        // function compiled with them.
                         $imp(unsafe { $crate::kernels::simd::Avx2::new_unchecked() }, $($arg),*)
                     }
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
                     return unsafe { avx2::<T>($($arg),*) };
                 }
             }
@@ -769,5 +859,130 @@ mod tests {
     #[test]
     fn backends_agree_f64() {
         backends_agree::<f64>();
+    }
+
+    #[test]
+    fn backends_agree_bf16() {
+        backends_agree::<half::bf16>();
+    }
+
+    #[test]
+    fn backends_agree_f16() {
+        backends_agree::<half::f16>();
+    }
+
+    /// The bits of 8 elements of a half type.
+    fn bits16<T: Element>(v: &[T; 8]) -> [u16; 8] {
+        // SAFETY: both half types are 16-bit wrappers around their bits.
+        v.map(|h| unsafe { std::mem::transmute_copy::<T, u16>(&h) })
+    }
+
+    /// The conversions of the AVX2 backend (F16C for `f16`, shifts and integer rounding for
+    /// `bf16`) and of the portable one give the same bits: widening every bit pattern of the
+    /// half type (NaN payloads included), and rounding from `f32` and `f64` at ties (even and
+    /// odd last kept bit), just off them, in the half type's subnormal range and below it, at
+    /// and beyond its largest value (overflow to ±Inf), ±Inf, quiet and signalling NaN, and on
+    /// random bit patterns.
+    fn conversions_agree<T: Element>() {
+        use super::{Avx2, Scalar, Simd};
+        if !super::has_avx2() {
+            return;
+        }
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        let a = unsafe { Avx2::new_unchecked() };
+        let f32s = |v: <Avx2 as Simd>::F| -> [u32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: 8 writable f32.
+            unsafe { a.fstore(out.as_mut_ptr(), v) };
+            out.map(f32::to_bits)
+        };
+        let f64s = |v: <Avx2 as Simd>::V| a.lanes(v).map(f64::to_bits);
+        let zero: [T; 8] = [T::from_f64(0.0); 8];
+        for hi in 0..=u16::MAX / 8 {
+            let b: [u16; 8] = std::array::from_fn(|l| hi * 8 + l as u16);
+            // SAFETY: both half types are 16-bit wrappers around their bits.
+            let h: [T; 8] = b.map(|b| unsafe { std::mem::transmute_copy::<u16, T>(&b) });
+            // SAFETY (both): 8 readable elements.
+            let (fa, fs) = unsafe { (a.fload(h.as_ptr()), Scalar.fload(h.as_ptr())) };
+            assert_eq!(f32s(fa), fs.map(f32::to_bits), "{} widening {b:04x?}", T::NAME);
+            let (wa, ws) = unsafe { (a.load(h.as_ptr()), Scalar.load(h.as_ptr())) };
+            assert_eq!(f64s(wa), ws.map(f64::to_bits), "{} widening to f64 {b:04x?}", T::NAME);
+        }
+        let special: Vec<u32> = [
+            0u32,
+            1,
+            0x0080_0000,
+            0x3f80_0000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x3f80_1000,
+            0x3f80_3000,
+            0x3f80_0fff,
+            0x3f80_1001,
+            0x477f_e000,
+            0x477f_efff,
+            0x477f_f000,
+            0x4780_0000,
+            0x7f7f_ffff,
+            0x7f80_0000,
+            0x7f80_0001,
+            0x7fc0_0000,
+            0x7fbf_ffff,
+            0x3880_0000,
+            0x387f_f000,
+            0x3380_0000,
+            0x3300_0000,
+            0x3300_0001,
+            0x32ff_ffff,
+            0x3400_0000,
+            0x3420_0000,
+            0x0000_8000,
+            0x0001_8000,
+            0x0040_0000,
+        ]
+        .into_iter()
+        .flat_map(|x| [x, x | 0x8000_0000])
+        .collect();
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let random = (0..40_000).map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u32
+        });
+        let all: Vec<u32> = special.into_iter().chain(random).collect();
+        for chunk in all.chunks_exact(8) {
+            let v: [f32; 8] = std::array::from_fn(|l| f32::from_bits(chunk[l]));
+            let (mut ha, mut hs) = (zero, zero);
+            // SAFETY (all blocks): 8 readable and writable elements each.
+            let fv = unsafe { a.fload(v.as_ptr()) };
+            unsafe { a.fstore(ha.as_mut_ptr(), fv) };
+            unsafe { Scalar.fstore(hs.as_mut_ptr(), v) };
+            assert_eq!(bits16(&ha), bits16(&hs), "{} rounding {chunk:08x?}", T::NAME);
+            assert_eq!(f32s(a.fround::<T>(fv)), Scalar.fround::<T>(v).map(f32::to_bits));
+            // From f64: the same values, and a hair above and below each.
+            for nudge in [0.0, 1e-12, -1e-12] {
+                let w: [f64; 8] = v.map(|x| x as f64 * (1.0 + nudge));
+                // SAFETY: 8 readable f64.
+                let wv = unsafe { a.load(w.as_ptr()) };
+                let (mut ha, mut hs) = (zero, zero);
+                unsafe { a.store(ha.as_mut_ptr(), wv) };
+                unsafe { Scalar.store(hs.as_mut_ptr(), w) };
+                assert_eq!(bits16(&ha), bits16(&hs), "{} rounding from f64 {w:?}", T::NAME);
+                assert_eq!(f64s(a.round::<T>(wv)), Scalar.round::<T>(w).map(f64::to_bits));
+            }
+        }
+    }
+
+    #[test]
+    fn conversions_agree_bf16() {
+        conversions_agree::<half::bf16>();
+    }
+
+    #[test]
+    fn conversions_agree_f16() {
+        conversions_agree::<half::f16>();
     }
 }

@@ -28,8 +28,8 @@
 #![allow(dead_code)]
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, input_grad, normalize, reference, Affine,
-    BatchNorm, BatchNormConfig, BatchStats, Element, FixedStats, Geometry, GradSums, Grads, Layout, SavedStats,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_train, bf16, f16, input_grad, normalize, reference,
+    Affine, BatchNorm, BatchNormConfig, BatchStats, Element, FixedStats, Geometry, GradSums, Grads, Layout, SavedStats,
     SmallBatch, ThreadComm, View,
 };
 use proptest::prelude::*;
@@ -73,6 +73,26 @@ impl TestFloat for f64 {
     const TINY: f64 = f64::MIN_POSITIVE;
     const KERNEL_REL: f64 = 0.0;
 }
+
+/// The half types compute as `f32` tensors do (the same `KERNEL_REL`) and round each output once
+/// to their own type (`EPS`, `TINY` theirs).
+impl TestFloat for bf16 {
+    const EPS: f64 = 0.0078125; // 2⁻⁷
+    const TINY: f64 = f32::MIN_POSITIVE as f64; // bf16 has f32's exponent range
+    const KERNEL_REL: f64 = 4.0 * f32::EPSILON as f64;
+}
+
+impl TestFloat for f16 {
+    const EPS: f64 = 0.0009765625; // 2⁻¹⁰
+    const TINY: f64 = 6.103515625e-5; // 2⁻¹⁴
+    const KERNEL_REL: f64 = 4.0 * f32::EPSILON as f64;
+}
+
+/// `f32` and `f64`: element types whose parameters (γ, β, statistics, dγ, dβ) have their own
+/// type, so that one generic test covers both.
+pub trait PlainFloat: TestFloat + Element<Param = Self> {}
+
+impl<T: TestFloat + Element<Param = T>> PlainFloat for T {}
 
 /// The tolerance of one output (see the module docs).
 pub fn tol<T: TestFloat>(reference: f64, scale: f64, rel: f64) -> f64 {
@@ -201,7 +221,7 @@ impl Data {
     }
 
     /// x, dy, γ and β as `T` buffers (their values are already `T`'s, so exactly these).
-    pub fn narrowed<T: Element>(&self) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
+    pub fn narrowed<T: PlainFloat>(&self) -> (Vec<T>, Vec<T>, Vec<T>, Vec<T>) {
         (
             narrow(&self.x),
             narrow(&self.dy),
@@ -259,7 +279,7 @@ pub fn opt<T>(v: &[T], on: bool) -> Option<&[T]> {
 }
 
 /// γ and β when `on`, none otherwise.
-pub fn affine_if<'a, T>(on: bool, gamma: &'a [T], beta: &'a [T]) -> Affine<'a, T> {
+pub fn affine_if<'a, T: Element>(on: bool, gamma: &'a [T::Param], beta: &'a [T::Param]) -> Affine<'a, T> {
     Affine {
         gamma: opt(gamma, on),
         beta: opt(beta, on),
@@ -268,14 +288,14 @@ pub fn affine_if<'a, T>(on: bool, gamma: &'a [T], beta: &'a [T]) -> Affine<'a, T
 
 /// The training forward on `x` into a NaN-filled `y` (so that an element it does not write
 /// fails any comparison): `(y, batch statistics, saved statistics)`.
-pub fn train<T: Element>(x: View<'_, T>, affine: Affine<'_, T>, eps: f64) -> (Vec<T>, BatchStats, SavedStats) {
+pub fn train<T: PlainFloat>(x: View<'_, T>, affine: Affine<'_, T>, eps: f64) -> (Vec<T>, BatchStats, SavedStats) {
     let mut y = vec![T::from_f64(f64::NAN); x.data.len()];
     let (stats, saved) = batch_norm_train(x, affine, eps, &mut y).unwrap();
     (y, stats, saved)
 }
 
 /// The training backward writing all of dx, dγ, dβ into NaN-filled buffers: `(dx, dγ, dβ)`.
-pub fn backward_all<T: Element>(
+pub fn backward_all<T: PlainFloat>(
     x: View<'_, T>,
     dy: &[T],
     saved: &SavedStats,
@@ -289,7 +309,7 @@ pub fn backward_all<T: Element>(
 }
 
 /// The layer's training backward writing all of dx, dγ, dβ into NaN-filled buffers: `(dx, dγ, dβ)`.
-pub fn layer_backward_all<T: Element>(
+pub fn layer_backward_all<T: PlainFloat>(
     bn: &BatchNorm<T>,
     x: View<'_, T>,
     dy: &[T],
@@ -304,7 +324,7 @@ pub fn layer_backward_all<T: Element>(
 }
 
 /// A layer with the data's γ, β (with `affine`) and running statistics (`d.mean`, `d.var`).
-pub fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: SmallBatch) -> BatchNorm<T> {
+pub fn layer_with<T: PlainFloat>(d: &Data, eps: f64, affine: bool, small_batch: SmallBatch) -> BatchNorm<T> {
     let config = BatchNormConfig {
         eps,
         affine,
@@ -316,7 +336,7 @@ pub fn layer_with<T: TestFloat>(d: &Data, eps: f64, affine: bool, small_batch: S
 
 /// A layer of `config` with the data's γ, β (with `config.affine`) and running statistics
 /// (`d.mean`, `d.var`).
-pub fn layer_of<T: Element>(d: &Data, config: BatchNormConfig) -> BatchNorm<T> {
+pub fn layer_of<T: PlainFloat>(d: &Data, config: BatchNormConfig) -> BatchNorm<T> {
     let mut bn = BatchNorm::<T>::new(d.g.channels, config).unwrap();
     bn.running_mean = narrow(&d.mean);
     bn.running_var = narrow(&d.var);
@@ -328,14 +348,14 @@ pub fn layer_of<T: Element>(d: &Data, config: BatchNormConfig) -> BatchNorm<T> {
 }
 
 /// The split-phase normalization (`normalize`) into a NaN-filled y.
-pub fn split_normalize<T: Element>(x: View<'_, T>, saved: &SavedStats, affine: Affine<'_, T>) -> Vec<T> {
+pub fn split_normalize<T: PlainFloat>(x: View<'_, T>, saved: &SavedStats, affine: Affine<'_, T>) -> Vec<T> {
     let mut y = vec![T::from_f64(f64::NAN); x.data.len()];
     normalize(x, saved, affine, &mut y).unwrap();
     y
 }
 
 /// The split-phase input gradient (`input_grad`) from the merged `sums`, into a NaN-filled dx.
-pub fn split_input_grad<T: Element>(
+pub fn split_input_grad<T: PlainFloat>(
     sums: &GradSums,
     x: View<'_, T>,
     dy: &[T],
@@ -351,7 +371,7 @@ pub fn split_input_grad<T: Element>(
 /// `backward` writes each of dx alone, dγ and dβ, dγ alone and dβ alone into NaN-filled buffers,
 /// compared with `all` = (dx, dγ, dβ) computed together.
 #[track_caller]
-pub fn assert_output_subsets<T: Element>(what: &str, all: (&[T], &[T], &[T]), backward: impl Fn(Grads<'_, T>)) {
+pub fn assert_output_subsets<T: PlainFloat>(what: &str, all: (&[T], &[T], &[T]), backward: impl Fn(Grads<'_, T>)) {
     let (dx, dg, db) = all;
     let nan = T::from_f64(f64::NAN);
     let mut dx1 = vec![nan; dx.len()];
@@ -376,7 +396,7 @@ pub fn assert_output_subsets<T: Element>(what: &str, all: (&[T], &[T], &[T]), ba
 }
 
 /// Inference-mode backward's dx and dγ with `gamma` (no dβ), into zero-filled outputs.
-pub fn backward_eval_dx_dgamma<T: Element>(
+pub fn backward_eval_dx_dgamma<T: PlainFloat>(
     x: View<'_, T>,
     dy: &[T],
     stats: FixedStats<'_, T>,
@@ -603,7 +623,7 @@ pub fn sum_abs_dy(d: &Data) -> Vec<f64> {
 /// and `rel`.
 #[track_caller]
 #[allow(clippy::too_many_arguments)]
-pub fn assert_eval_param_grads<T: TestFloat>(
+pub fn assert_eval_param_grads<T: PlainFloat>(
     what: &str,
     (dg, db): (&[T], &[T]),
     (rdg, rdb): (&[f64], &[f64]),

@@ -35,7 +35,7 @@ fn accurate_mean_var(g: &batchnorm::Geometry, x: &[f64]) -> (Vec<f64>, Vec<f64>)
 }
 
 /// Data with per-channel mean `offset` and standard deviation `spread`, rounded to `T`.
-fn offset_data<T: TestFloat>(layout: Layout, shape: &[usize], offset: f64, spread: f64, seed: u64) -> Vec<T> {
+fn offset_data<T: PlainFloat>(layout: Layout, shape: &[usize], offset: f64, spread: f64, seed: u64) -> Vec<T> {
     let g = layout.geometry(shape).unwrap();
     let mut r = rng(seed);
     narrow(
@@ -51,7 +51,7 @@ fn offset_data<T: TestFloat>(layout: Layout, shape: &[usize], offset: f64, sprea
 /// variance within `var_rel` of the exact variance of the same values (a naive E[x²] − E[x]² in
 /// f64 is off by ≈ u·μ²/σ² ≈ 1e-4 relative for the f32 case and ≈ 1 for the f64 case); x̂ must
 /// have mean 0 and unit variance.
-fn check_offset<T: TestFloat>(offset: f64, spread: f64, mean_tol: f64, var_rel: f64, unit_tol: f64) {
+fn check_offset<T: PlainFloat>(offset: f64, spread: f64, mean_tol: f64, var_rel: f64, unit_tol: f64) {
     let eps = 1e-14 * spread * spread; // ε ≪ σ² so that x̂ has unit variance.
     for (i, (layout, shape)) in [
         (Layout::NCHW, vec![8, 3, 16, 16]),
@@ -116,7 +116,7 @@ fn large_offset_f64() {
 
 /// A constant channel: σ²_B = 0 exactly, μ_B = the constant exactly, y = β exactly (x − μ_B = 0),
 /// and backward stays finite: x̂ = 0 so dx = γ/√ε·(dy − Σdy/m) and dγ = 0.
-fn check_constant<T: TestFloat>(layout: Layout, shape: &[usize], value: f64, seed: u64) {
+fn check_constant<T: PlainFloat>(layout: Layout, shape: &[usize], value: f64, seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let g = d.g;
     let mut xw = d.x.clone();
@@ -190,7 +190,7 @@ fn constant_channel() {
 
 /// Magnitudes far from 1: x scaled by `k` (f32 data, statistics in f64), against the reference.
 /// Algorithm 1 is scale-invariant when ε ≪ σ²: x̂ must keep unit variance.
-fn check_magnitude<T: TestFloat>(k: f64, eps: f64) {
+fn check_magnitude<T: PlainFloat>(k: f64, eps: f64) {
     for (i, (layout, shape)) in [
         (Layout::NCHW, vec![4, 3, 8, 9]),
         (Layout::NC, vec![300, 5]),
@@ -258,7 +258,7 @@ fn batch_of_two() {
     }
 }
 
-fn check_pair<T: TestFloat>(shape: &[usize], seed: u64, eps: f64) {
+fn check_pair<T: PlainFloat>(shape: &[usize], seed: u64, eps: f64) {
     let d = Data::new::<T>(Layout::NC, shape, seed);
     let x = narrow::<T>(&d.x);
     let (y, _, saved) = train(View::new(&x, shape, Layout::NC), Affine::NONE, eps);
@@ -294,7 +294,7 @@ fn check_pair<T: TestFloat>(shape: &[usize], seed: u64, eps: f64) {
 
 /// NaN and ±Inf are data: they propagate (IEEE 754) to their channel's statistics and every output
 /// of that channel, and leave the other channels exactly as without them.
-fn check_nonfinite<T: TestFloat>(layout: Layout, shape: &[usize], bad: f64) {
+fn check_nonfinite<T: PlainFloat>(layout: Layout, shape: &[usize], bad: f64) {
     let d = Data::new::<T>(layout, shape, 99);
     let g = d.g;
     let mut x = narrow::<T>(&d.x);

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 /// ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ/√(σ²_B + ε) + ∂ℓ/∂σ²_B·2(xᵢ − μ_B)/m + ∂ℓ/∂μ_B/m; ∂ℓ/∂γ = Σ∂ℓ/∂yᵢ·x̂ᵢ; ∂ℓ/∂β = Σ∂ℓ/∂yᵢ.
 /// Also: skipping dx gives the same dγ, dβ bits; skipping dγ/dβ gives the same dx bits; the
 /// split phases with one shard give the same bits; the layer gives the same bits.
-fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_backward<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
@@ -65,7 +65,7 @@ fn check_backward<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affi
 
 /// Inference-mode backward (statistics are constants): ∂ℓ/∂xᵢ = ∂ℓ/∂yᵢ·γ/√(Var + ε),
 /// ∂ℓ/∂γ = Σ∂ℓ/∂yᵢ·x̂ᵢ, ∂ℓ/∂β = Σ∂ℓ/∂yᵢ with x̂ from the given statistics.
-fn check_backward_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_backward_eval<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, _) = d.affine(affine);
     let gt = narrow::<T>(&gamma);

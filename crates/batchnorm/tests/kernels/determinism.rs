@@ -27,7 +27,7 @@ struct Run<T> {
     dgamma_eval: Vec<T>,
 }
 
-fn run_ops<T: TestFloat>(d: &Data, shape: &[usize], layout: Layout) -> Run<T> {
+fn run_ops<T: PlainFloat>(d: &Data, shape: &[usize], layout: Layout) -> Run<T> {
     let eps = 1e-5;
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));
     let (gamma, beta, mean, var) = (
@@ -99,7 +99,7 @@ fn f64_bits(v: &[f64]) -> Vec<u64> {
     v.iter().map(|a| a.to_bits()).collect()
 }
 
-fn assert_same_run<T: TestFloat>(what: &str, a: &Run<T>, b: &Run<T>) {
+fn assert_same_run<T: PlainFloat>(what: &str, a: &Run<T>, b: &Run<T>) {
     for (name, p, q) in [
         ("y", &a.y, &b.y),
         ("y_eval", &a.y_eval, &b.y_eval),
@@ -129,7 +129,7 @@ fn assert_same_run<T: TestFloat>(what: &str, a: &Run<T>, b: &Run<T>) {
     assert_eq!(a.stats.count, b.stats.count);
 }
 
-fn check_threads<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
+fn check_threads<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let runs: Vec<(usize, Run<T>)> = [1usize, 2, 3]
         .into_iter()

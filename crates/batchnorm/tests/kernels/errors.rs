@@ -1045,17 +1045,17 @@ fn fold_errors() {
         .with_out(weight(4)),
         // InferenceAffine::new with mismatched vectors.
         case("affine var", feature("var", 3, 2), move |_| {
-            InferenceAffine::new(FixedStats::new(one, &one[..2]), Affine::NONE, 1e-5).map(drop)
+            InferenceAffine::new(FixedStats::<f32>::new(one, &one[..2]), Affine::NONE, 1e-5).map(drop)
         }),
         case("affine gamma", feature("gamma", 3, 1), move |_| {
-            let affine = Affine {
+            let affine = Affine::<f32> {
                 gamma: Some(&one[..1]),
                 beta: None,
             };
             InferenceAffine::new(FixedStats::new(one, one), affine, 1e-5).map(drop)
         }),
         case("affine beta", feature("beta", 3, 2), move |_| {
-            let affine = Affine {
+            let affine = Affine::<f32> {
                 gamma: None,
                 beta: Some(&one[..2]),
             };

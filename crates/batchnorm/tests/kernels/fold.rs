@@ -36,7 +36,7 @@ fn reference_and_folded(
 ) -> (Vec<f64>, InferenceAffine, Vec<f64>, Vec<f64>) {
     let mut want = vec![0.0; z.data.len()];
     batch_norm_eval(z, FixedStats::new(mean, var), Affine::new(gamma, beta), eps, &mut want).unwrap();
-    let bn = InferenceAffine::new(FixedStats::new(mean, var), Affine::new(gamma, beta), eps).unwrap();
+    let bn = InferenceAffine::new(FixedStats::<f64>::new(mean, var), Affine::new(gamma, beta), eps).unwrap();
     let mut wf = w.to_vec();
     let bf = fold_into_preceding(&bn, bias, &mut wf).unwrap();
     (want, bn, wf, bf)
@@ -188,7 +188,7 @@ fn inference_affine_formula() {
     let mut r = rng(3);
     let (mean, var, gamma, beta) = bn_params(&mut r, 7);
     let eps = 0.01;
-    let a = InferenceAffine::new(FixedStats::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
+    let a = InferenceAffine::new(FixedStats::<f64>::new(&mean, &var), Affine::new(&gamma, &beta), eps).unwrap();
     for c in 0..7 {
         let s = gamma[c] / (var[c] + eps).sqrt();
         assert!((a.scale[c] - s).abs() <= 1e-15 * s.abs());

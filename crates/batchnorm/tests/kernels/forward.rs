@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 /// Algorithm 1: μ_B = (1/m)Σxᵢ, σ²_B = (1/m)Σ(xᵢ − μ_B)², x̂ᵢ = (xᵢ − μ_B)/√(σ²_B + ε),
 /// yᵢ = γx̂ᵢ + β. Checks y, the batch statistics and the saved statistics.
-fn check_train<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_train<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
@@ -47,7 +47,7 @@ fn check_train<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine:
 
 /// Algorithm 2, step 11 (inference): y = γ/√(Var[x] + ε)·x + (β − γE[x]/√(Var[x] + ε)), computed
 /// as γ(x − E[x])/√(Var[x] + ε) + β. Element-wise.
-fn check_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_eval<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
@@ -73,7 +73,7 @@ fn check_eval<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: 
 
 /// `y` against the reference inference transform of `d.x` with the fixed statistics `d.mean`,
 /// `d.var`, element-wise (tolerance: `eval_y_scale`, `elementwise_rel`).
-fn assert_eval_y<T: TestFloat>(what: &str, d: &Data, y: &[T], gamma: &[f64], beta: &[f64], eps: f64) {
+fn assert_eval_y<T: PlainFloat>(what: &str, d: &Data, y: &[T], gamma: &[f64], beta: &[f64], eps: f64) {
     let ry = reference::forward_eval(&d.g, &d.x, &d.mean, &d.var, gamma, beta, eps);
     let scale = eval_y_scale(d, gamma, beta, eps);
     assert_close(what, y, &ry, &scale, elementwise_rel::<T>());
@@ -81,7 +81,7 @@ fn assert_eval_y<T: TestFloat>(what: &str, d: &Data, y: &[T], gamma: &[f64], bet
 
 /// Split-phase normalization (Algorithm 1's x̂ and y given μ_B and 1/√(σ²_B + ε)) with externally
 /// supplied statistics: element-wise against the reference formula.
-fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_normalize<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let (gt, bt) = (narrow::<T>(&gamma), narrow::<T>(&beta));
@@ -98,7 +98,7 @@ fn check_normalize<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, aff
 /// The layer: `forward_train` gives `batch_norm_train`'s bits and updates the running statistics
 /// as `reference::running_update` (Algorithm 2's unbiased m/(m−1)·σ²_B, exponential or cumulative
 /// average); `forward_eval` is the inference transform with those statistics.
-fn check_layer<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, momentum: Momentum) {
+fn check_layer<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, momentum: Momentum) {
     let eps = 1e-5;
     let config = BatchNormConfig {
         eps,

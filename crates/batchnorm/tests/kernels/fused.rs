@@ -74,7 +74,7 @@ fn bits<T: Element>(v: &[T]) -> Vec<u64> {
 /// `relu(bn(x))`, no dz), named: by the fused functions and layer methods (`fused`), or by the unfused
 /// sequence of plain functions and methods (`!fused`). γ of channel 0 is 0 and β 0 when there
 /// are several channels, so that its ReLU inputs are exactly 0 (the kink) without a residual.
-fn outputs<T: TestFloat>(
+fn outputs<T: PlainFloat>(
     d: &Data,
     layout: Layout,
     shape: &[usize],
@@ -245,7 +245,7 @@ fn named<T: Element>(
 /// Asserts the fused outputs equal the unfused sequence's, bit for bit, for `relu(bn(x))` and
 /// `relu(bn(x) + z)`.
 #[track_caller]
-fn assert_fused_is_unfused<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
+fn assert_fused_is_unfused<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let z = residual::<T>(layout, shape, seed);
     for z in [None, Some(&z[..])] {
@@ -331,7 +331,7 @@ fn fused_bitwise_identical_for_1_2_3_threads() {
 /// reference's t > 0 wherever t lies farther from 0 than that tolerance; dx, dγ, dβ of the
 /// backward through the kernel's own mask (the ReLU's decision is the forward's) within the
 /// backward's tolerances, dz = dy·[kept] exactly.
-fn check_reference<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_reference<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let zt = residual::<T>(layout, shape, seed);
     let (x, dy, gt, bt) = d.narrowed::<T>();
@@ -541,7 +541,7 @@ fn fused_backward_matches_finite_differences() {
 /// residual, γ = β = 0 puts every input at 0: dγ = dβ = 0 although Σ dy·x̂ and Σ dy are not.
 /// With one, z = −bn(x) at every other element puts those at 0: dz is 0 there and dy elsewhere
 /// where kept, and dx, dγ, dβ are the reference's with those gradients.
-fn check_kink<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
+fn check_kink<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (x, dy, gt, bt) = d.narrowed::<T>();
     let v = View::new(&x, shape, layout);

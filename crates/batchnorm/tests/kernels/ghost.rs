@@ -13,8 +13,8 @@
 use crate::common::*;
 use batchnorm::{
     batch_norm_backward, batch_norm_eval, batch_norm_train, ghost_batch_norm_backward, ghost_batch_norm_train,
-    reference, update_ghost_running_stats, update_running_stats, Affine, BatchNorm, BatchNormConfig, Element, Error,
-    FixedStats, Grads, Layout, Momentum, SmallBatch, View,
+    reference, update_ghost_running_stats, update_running_stats, Affine, BatchNorm, BatchNormConfig, Error, FixedStats,
+    Grads, Layout, Momentum, SmallBatch, View,
 };
 use proptest::prelude::*;
 
@@ -24,7 +24,7 @@ fn group_examples(n: usize, v: usize) -> Vec<(usize, usize)> {
 }
 
 /// A ghost layer (momentum 0.3) with the data's γ, β (when `affine`) and running statistics.
-fn ghost_layer<T: Element>(d: &Data, eps: f64, affine: bool, v: usize) -> BatchNorm<T> {
+fn ghost_layer<T: PlainFloat>(d: &Data, eps: f64, affine: bool, v: usize) -> BatchNorm<T> {
     let config = BatchNormConfig {
         eps,
         affine,
@@ -64,7 +64,7 @@ fn running_scales(
 /// the group's chain rule, dγ = Σ_g Σ dy·x̂, dβ = Σ dy, and running ← (1 − 0.3)·running +
 /// 0.3·(mean over groups of μ_g, of m_g/(m_g − 1)·σ²_g). A batch whose last group holds fewer
 /// than 2 values per channel must be rejected instead, by the functions and the layer alike.
-fn check_ghost<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64, v: usize) {
+fn check_ghost<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64, v: usize) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let (x, dy, gt, bt) = d.narrowed::<T>();
@@ -240,7 +240,7 @@ fn ghost_backward_matches_finite_differences() {
 /// With v ≥ N there is one group, the whole batch, and ghost batch norm runs plain batch norm's
 /// code on it: the same bits for y, the statistics, dx, dγ, dβ, and the layer's running
 /// statistics (Algorithm 1 and 2 exactly).
-fn check_one_group_is_plain<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
+fn check_one_group_is_plain<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (x, dy, g, b) = d.narrowed::<T>();
     let xv = View::new(&x, shape, layout);

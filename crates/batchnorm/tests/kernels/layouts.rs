@@ -22,7 +22,7 @@ struct Outputs<T> {
     dgamma_eval: Vec<T>,
 }
 
-fn run_all<T: TestFloat>(d: &Data, x: &[T], dy: &[T], shape: &[usize], layout: Layout, eps: f64) -> Outputs<T> {
+fn run_all<T: PlainFloat>(d: &Data, x: &[T], dy: &[T], shape: &[usize], layout: Layout, eps: f64) -> Outputs<T> {
     let (gamma, beta, mean, var) = (
         narrow::<T>(&d.gamma),
         narrow::<T>(&d.beta),
@@ -64,7 +64,7 @@ fn run_all<T: TestFloat>(d: &Data, x: &[T], dy: &[T], shape: &[usize], layout: L
 
 /// NCHW vs the same tensor transposed to NHWC (Algorithm 1 forward, Section 3 backward,
 /// inference forward and backward).
-fn check_nchw_nhwc<T: TestFloat>(shape: [usize; 4], seed: u64) {
+fn check_nchw_nhwc<T: PlainFloat>(shape: [usize; 4], seed: u64) {
     let eps = 1e-5;
     let d = Data::new::<T>(Layout::NCHW, &shape, seed);
     let [n, c, h, w] = shape;
@@ -126,7 +126,7 @@ fn t_bits<T: Copy>(v: &[T], shape: [usize; 4]) -> Vec<T> {
 }
 
 /// Two layouts with the same geometry: identical bits for every output.
-fn check_same_bits<T: TestFloat>(a: (Layout, &[usize]), b: (Layout, &[usize]), seed: u64) {
+fn check_same_bits<T: PlainFloat>(a: (Layout, &[usize]), b: (Layout, &[usize]), seed: u64) {
     let d = Data::new::<T>(a.0, a.1, seed);
     assert_eq!(a.0.geometry(a.1).unwrap(), b.0.geometry(b.1).unwrap());
     let (x, dy) = (narrow::<T>(&d.x), narrow::<T>(&d.dy));

@@ -16,6 +16,7 @@ mod fold;
 mod forward;
 mod fused;
 mod ghost;
+mod half;
 mod layouts;
 mod masked;
 mod renorm_sync;

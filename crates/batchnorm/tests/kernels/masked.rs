@@ -129,7 +129,7 @@ fn assert_zero_where_off<T: Element>(what: &str, g: &Geometry, mask: &[bool], v:
 /// elsewhere, dγ and dβ over the selected values), masked inference and its backward, against
 /// `reference::masked_*`. The masked positions of x and dy hold NaN, which the reference never
 /// reads: any leak fails the comparison.
-fn check_masked<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64, kind: MaskKind) {
+fn check_masked<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64, kind: MaskKind) {
     let d = Data::new::<T>(layout, shape, seed);
     let mask = mask_for(&d, shape, kind, seed ^ 0x6d61_736b);
     let (sd, positions) = selected(&d, &mask);
@@ -340,7 +340,7 @@ fn masked_backward_matches_finite_differences() {
 /// Every output (the statistics' and gradients' `f64` bits included) of every masked function
 /// on `x`, `dy` with `mask`, and of the layer's masked training step; or, without a mask, of the
 /// plain function of the same name.
-fn outputs<T: TestFloat>(
+fn outputs<T: PlainFloat>(
     d: &Data,
     layout: Layout,
     shape: &[usize],
@@ -436,7 +436,7 @@ fn all_ones_mask_is_plain_batch_norm_bit_for_bit() {
 
 /// What the masked positions hold (in x and in dy) changes no bit of any output: 1e30, NaN and
 /// ±∞ against the data's own values there.
-fn check_no_leak<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, kind: MaskKind) {
+fn check_no_leak<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, kind: MaskKind) {
     let d = Data::new::<T>(layout, shape, seed);
     let mask = mask_for(&d, shape, kind, seed + 1);
     let want = outputs::<T>(&d, layout, shape, Some(&mask), &d.x, &d.dy);
@@ -557,7 +557,7 @@ fn frozen_and_small_batch_masked() {
 /// batch (x and dy already padded), with their part of the mask; with `SingleProcess`, the whole
 /// batch on one process.
 #[allow(clippy::too_many_arguments)]
-fn masked_step<T: TestFloat>(
+fn masked_step<T: PlainFloat>(
     comm: &dyn Communicator,
     d: &Data,
     (x, dy): (&[f64], &[f64]),
@@ -586,7 +586,7 @@ fn masked_step<T: TestFloat>(
 
 /// Shards of `sizes` examples over as many ranks, the mask of rank `none` all off and the others
 /// drawn (uneven valid counts), at least 2 selected values in all; x and dy NaN where masked.
-fn check_sync_masked<T: TestFloat>(p: usize, none: usize) {
+fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
     for (i, (layout, shape)) in small_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 300 + i as u64);
         let sizes = shard_sizes(shape[0], p);

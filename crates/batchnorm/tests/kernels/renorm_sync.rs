@@ -33,7 +33,7 @@ fn moving(d: &Data) -> (Vec<f64>, Vec<f64>) {
 }
 
 /// A renorm layer with the data's γ, β and moving statistics, limits `clip`, α = 0.2.
-fn layer<T: TestFloat>(d: &Data, clip: RenormClip) -> BatchRenorm<T> {
+fn layer<T: PlainFloat>(d: &Data, clip: RenormClip) -> BatchRenorm<T> {
     let config = BatchRenormConfig {
         eps: EPS,
         momentum: 0.2,
@@ -49,7 +49,7 @@ fn layer<T: TestFloat>(d: &Data, clip: RenormClip) -> BatchRenorm<T> {
 
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
-struct Step<T: TestFloat> {
+struct Step<T: PlainFloat> {
     y: Vec<T>,
     dx: Vec<T>,
     dgamma: Vec<T>,
@@ -64,7 +64,7 @@ struct Step<T: TestFloat> {
 /// One training step of `bn` on an input of `len` elements: `forward` (one process or
 /// synchronized) into y, then `backward` into dx, dγ, dβ, which returns the sums behind dγ and
 /// dβ (`None`: the step's own dγ and dβ, one process).
-fn train_step<T: TestFloat>(
+fn train_step<T: PlainFloat>(
     mut bn: BatchRenorm<T>,
     len: usize,
     forward: impl FnOnce(&mut BatchRenorm<T>, &mut [T]) -> Result<RenormSaved, Error>,
@@ -90,7 +90,7 @@ fn train_step<T: TestFloat>(
 }
 
 /// One training step of the one-process layer on the whole batch.
-fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], clip: RenormClip) -> Step<T> {
+fn one_process<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], clip: RenormClip) -> Step<T> {
     let (x, dy): (Vec<T>, Vec<T>) = (narrow(&d.x), narrow(&d.dy));
     let xv = View::new(&x, shape, layout);
     let forward = |bn: &mut BatchRenorm<T>, y: &mut [T]| bn.forward_train(xv, y);
@@ -101,7 +101,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], clip: Re
 }
 
 /// One synchronized training step on this rank's shard (examples `start..start + n`).
-fn one_rank<T: TestFloat>(
+fn one_rank<T: PlainFloat>(
     comm: &dyn Communicator,
     d: &Data,
     (layout, shape): (Layout, &[usize]),
@@ -122,7 +122,7 @@ fn one_rank<T: TestFloat>(
 /// buffers, the ranks' own sums added. Checks that every rank holds the same bits of dγ, dβ,
 /// the moving statistics, the step count, r and d, and that the ranks' shares of dβ = Σ dy add
 /// up to it (in rank order, as the global sum is taken).
-fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usize], clip: RenormClip) -> Step<T> {
+fn sharded<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usize], clip: RenormClip) -> Step<T> {
     let starts = shard_starts(sizes);
     let ranks = on_threads(sizes.len(), |c| {
         let r = c.rank();
@@ -198,7 +198,7 @@ fn scales(d: &Data, clip: RenormClip) -> Scales {
     }
 }
 
-fn check_equal_to_one_process<T: TestFloat>(p: usize) {
+fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
     let mut clipped = std::collections::BTreeMap::new();
     for (i, (layout, shape)) in shard_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 1200 + i as u64);
@@ -245,7 +245,7 @@ fn renorm_two_and_three_ranks_equal_one_process() {
 
 /// One rank (SingleProcess, or a group of one thread) computes the one-process layer's bits:
 /// y, r, d, the statistics, dx, dγ, dβ, the moving statistics and the step count.
-fn check_single_rank_bits<T: TestFloat>() {
+fn check_single_rank_bits<T: PlainFloat>() {
     for (i, (layout, shape)) in shard_shapes().into_iter().chain(chunking_shapes()).enumerate() {
         let d = Data::new::<T>(layout, &shape, 1300 + i as u64);
         let want = one_process::<T>(&d, layout, &shape, clip());

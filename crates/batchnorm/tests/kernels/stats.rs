@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use rand::Rng;
 
 /// Algorithm 1, lines 1–2: μ_B and σ²_B per channel (and M2 = m·σ²_B).
-fn check_batch_stats<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
+fn check_batch_stats<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let s = batch_stats(View::new(&narrow::<T>(&d.x), shape, layout)).unwrap();
     let (rmean, rvar) = reference::mean_var(&d.g, &d.x);
@@ -28,7 +28,7 @@ fn check_batch_stats<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64) {
 
 /// Running averages after one batch (Algorithm 2's unbiased m/(m−1)·σ²_B, as in
 /// `reference::running_update`), exponential and cumulative.
-fn check_running<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, momentum: Momentum, seen: u64) {
+fn check_running<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, momentum: Momentum, seen: u64) {
     let d = Data::new::<T>(layout, shape, seed);
     let batch = batch_stats(View::new(&narrow::<T>(&d.x), shape, layout)).unwrap();
     let (rm0, rv0) = (narrow::<T>(&d.mean), narrow::<T>(&d.var));
@@ -342,7 +342,7 @@ fn shards<'a, T>(v: &'a [T], shape: &[usize], sizes: &[usize]) -> Vec<(&'a [T], 
 /// Algorithm 1 computed by workers: per-shard (count, mean, M2) merged with Chan's formula equal
 /// the whole batch's statistics; normalizing each shard with the merged statistics gives the
 /// training y; per-shard Σdy, Σdy·x̂ added, then per-shard dx, give the whole batch's backward.
-fn check_split<T: TestFloat>(layout: Layout, shape: &[usize], sizes: &[usize], seed: u64, affine: bool) {
+fn check_split<T: PlainFloat>(layout: Layout, shape: &[usize], sizes: &[usize], seed: u64, affine: bool) {
     let eps = 1e-5;
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);

@@ -17,7 +17,7 @@
 
 use crate::common::{
     assert_bits, assert_near, backward_scales, layer_backward_all, narrow, on_threads, reduce_rel, shard_shapes,
-    shard_sizes, shard_starts, train_y_scale, wide, Data, TestFloat,
+    shard_sizes, shard_starts, train_y_scale, wide, Data, PlainFloat,
 };
 use batchnorm::{
     BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
@@ -35,7 +35,7 @@ pub(crate) struct Step<T> {
     pub running_var: Vec<T>,
 }
 
-impl<T: TestFloat> Step<T> {
+impl<T: PlainFloat> Step<T> {
     /// A step's y, dx, dγ and dβ, and the running statistics of the layer that took it.
     pub(crate) fn new(y: Vec<T>, dx: Vec<T>, dgamma: Vec<T>, dbeta: Vec<T>, bn: BatchNorm<T>) -> Self {
         Step {
@@ -57,7 +57,7 @@ pub(crate) fn config() -> BatchNormConfig {
 }
 
 /// One training step of the one-process layer on the whole batch.
-fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<T> {
+fn one_process<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<T> {
     let mut bn = BatchNorm::<T>::new(d.g.channels, config()).unwrap();
     bn.gamma = narrow(&d.gamma);
     bn.beta = narrow(&d.beta);
@@ -69,7 +69,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
 }
 
 /// One training step of the synchronized layer on this rank's shard (rows `start..start + n`).
-fn one_rank<T: TestFloat>(
+fn one_rank<T: PlainFloat>(
     comm: &dyn Communicator,
     d: &Data,
     layout: Layout,
@@ -100,7 +100,7 @@ fn one_rank<T: TestFloat>(
 
 /// The synchronized step over `sizes` shards, concatenated back into whole-batch buffers; also
 /// checks that every rank holds the same bits of dγ, dβ and running statistics.
-fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usize]) -> Step<T> {
+fn sharded<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usize]) -> Step<T> {
     let starts = shard_starts(sizes);
     let ranks = on_threads(sizes.len(), |c| {
         let r = c.rank();
@@ -119,7 +119,7 @@ fn sharded<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[usi
     }
 }
 
-fn check_equal_to_one_process<T: TestFloat>(p: usize) {
+fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
     for (i, (layout, shape)) in shard_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 100 + i as u64);
         let sizes = shard_sizes(shape[0], p);
@@ -192,7 +192,7 @@ fn sharded_statistics_are_not_local() {
 }
 
 /// One rank (the same code path, nothing to merge) gives exactly the one-process layer's bits.
-fn check_single_rank_bits<T: TestFloat>() {
+fn check_single_rank_bits<T: PlainFloat>() {
     for (i, (layout, shape)) in shard_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 200 + i as u64);
         let want = one_process::<T>(&d, layout, &shape);

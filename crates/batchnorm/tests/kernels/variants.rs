@@ -19,7 +19,7 @@ use proptest::prelude::*;
 /// Frozen forward and backward of the layer against `reference::frozen_forward` and
 /// `reference::frozen_backward`: y = γ·(x − μ_run)/√(σ²_run + ε) + β, dx = γ·dy/√(σ²_run + ε),
 /// dγ = Σ dy·x̂, dβ = Σ dy; the running statistics and `num_batches_tracked` keep their bits.
-fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
+fn check_frozen<T: PlainFloat>(layout: Layout, shape: &[usize], seed: u64, affine: bool, eps: f64) {
     let d = Data::new::<T>(layout, shape, seed);
     let (gamma, beta) = d.affine(affine);
     let mut bn = layer_with::<T>(&d, eps, affine, SmallBatch::Error);
@@ -303,7 +303,7 @@ fn moving(d: &Data, spread: f64) -> (Vec<f64>, Vec<f64>) {
 /// y = γ·((x − μ_B)/σ_B·r + d) + β; backward with r, d constant; inference γ·(x − μ)/σ + β;
 /// μ ← μ + α(μ_B − μ), σ ← σ + α(σ_B − σ).
 #[allow(clippy::too_many_arguments)]
-fn check_renorm<T: TestFloat>(
+fn check_renorm<T: PlainFloat>(
     layout: Layout,
     shape: &[usize],
     seed: u64,
@@ -945,7 +945,7 @@ fn frozen_errors() {
 // ---------------------------------------------------------------------------------------------
 
 /// Every output of the renorm functions and of the frozen layer, in pools of 1, 2 and 3 threads.
-fn variant_outputs<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Vec<Vec<u64>> {
+fn variant_outputs<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Vec<Vec<u64>> {
     let (x, dy, g, b) = (
         narrow::<T>(&d.x),
         narrow::<T>(&d.dy),
