@@ -106,7 +106,10 @@ impl ReluOp {
     }
 
     /// The forward on the inputs x, z, γβ (those not used are x again, unread).
-    fn run<T: Element + WithDType>(&self, inputs: [(&CpuStorage, &CLayout); 3]) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Element<Param = T> + WithDType>(
+        &self,
+        inputs: [(&CpuStorage, &CLayout); 3],
+    ) -> Result<(CpuStorage, Shape)> {
         let [(xs, xl), (zs, zl), (gbs, gbl)] = inputs;
         let x = slice::<T>(xs, xl, "x")?;
         let z = self.residual.then(|| slice::<T>(zs, zl, "z")).transpose()?;
@@ -214,7 +217,7 @@ struct ReluGradOp {
 }
 
 impl ReluGradOp {
-    fn run<T: Element + WithDType>(
+    fn run<T: Element<Param = T> + WithDType>(
         &self,
         (xs, xl): (&CpuStorage, &CLayout),
         (dys, dyl): (&CpuStorage, &CLayout),

@@ -340,8 +340,8 @@ pub(crate) fn fixed_backward<T: Element>(
     dy: &[T],
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
-    mean: &[T],
-    gamma: Option<&[T]>,
+    mean: &[T::Param],
+    gamma: Option<&[T::Param]>,
     inv_std: &[f64],
     dx: &mut [T],
 ) -> GradSums {

@@ -89,7 +89,7 @@ fn fused_relu_ops_match_candle_nn_composed_expression() -> Result<()> {
 /// momentum 0.1) or, with `train` false, the inference ones with `mean`, `var`: [y, dx, dγ, dβ]
 /// and dz with a residual.
 #[allow(clippy::too_many_arguments)]
-fn kernel_step<T: batchnorm::Element + WithDType>(
+fn kernel_step<T: batchnorm::Element<Param = T> + WithDType>(
     x: &Tensor,
     z: Option<&Tensor>,
     w: &Tensor,
@@ -162,7 +162,7 @@ fn fused_relu_path_is_the_kernel_bit_for_bit() -> Result<()> {
 }
 
 /// [`fused_relu_path_is_the_kernel_bit_for_bit`] in one element type.
-fn fused_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
+fn fused_matches_the_kernel<T: batchnorm::Element<Param = T> + WithDType>() -> Result<()> {
     for (i, shape) in SHAPES.into_iter().enumerate() {
         for residual in [false, true] {
             let seed = 9300 + 10 * i as u64;
