@@ -1,5 +1,6 @@
 //! Element-wise nonlinearities.
 
+use super::simd::with_avx2;
 use super::{Layer, Mode, Param};
 
 /// Logistic sigmoid σ(x) = 1/(1 + e⁻ˣ), computed as 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0
@@ -47,10 +48,12 @@ macro_rules! elementwise_layer {
             ) -> anyhow::Result<()> {
                 let saved = if $from_output { y } else { x };
                 if let Some(dx) = dx {
-                    dx.iter_mut()
-                        .zip(saved)
-                        .zip(dy)
-                        .for_each(|((o, &$s), &$g)| *o = $grad);
+                    with_avx2(|| {
+                        dx.iter_mut()
+                            .zip(saved)
+                            .zip(dy)
+                            .for_each(|((o, &$s), &$g)| *o = $grad)
+                    });
                 }
                 Ok(())
             }
@@ -74,7 +77,7 @@ elementwise_layer!(Relu, "relu", |x, y| y.iter_mut().zip(x).for_each(|(o, &v)| *
 /// division add one rounding each. σ(NaN) is NaN, σ(+∞) = 1, σ(−∞) = 0.
 fn sigmoid(x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::simd::has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
         unsafe { avx2::sigmoid(x, y) };
         return;
@@ -92,7 +95,14 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HIGH: f32 = 0.693_145_75;
 const LN2_LOW: f32 = 1.428_606_8e-6;
 /// The polynomial's coefficients, highest degree first (e^s ≈ 1 + s + s²·u(s)).
-const EXP_POLY: [f32; 6] = [1.985_276_2e-4, 1.393_043_6e-3, 8.333_361e-3, 4.166_648_5e-2, 0.166_666_67, 0.5];
+const EXP_POLY: [f32; 6] = [
+    1.985_276_2e-4,
+    1.393_043_6e-3,
+    8.333_361e-3,
+    4.166_648_5e-2,
+    0.166_666_67,
+    0.5,
+];
 /// Below this e^t is under half the smallest subnormal: the result is 0.
 const EXP_ZERO_BELOW: f32 = -104.0;
 
@@ -254,7 +264,17 @@ mod tests {
 
     #[test]
     fn sigmoid_of_special_values() {
-        let xs = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 200.0, -200.0, f32::NAN, -f32::NAN, 1.0];
+        let xs = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            200.0,
+            -200.0,
+            f32::NAN,
+            -f32::NAN,
+            1.0,
+        ];
         let mut ys = [f32::NAN; 9];
         sigmoid(&xs, &mut ys);
         assert_eq!(ys[..6], [0.5, 0.5, 1.0, 0.0, 1.0, 0.0]);
@@ -266,7 +286,14 @@ mod tests {
     #[test]
     fn sigmoid_paths_have_the_same_bits() {
         let mut xs: Vec<f32> = negatives(-0.0, -110.0, 7919).flat_map(|v| [v, -v]).collect();
-        xs.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e-30, f32::MIN_POSITIVE]);
+        xs.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-30,
+            -1e-30,
+            f32::MIN_POSITIVE,
+        ]);
         for len in [xs.len(), xs.len() - 3, 5] {
             let mut fast = vec![0.0; len];
             sigmoid(&xs[..len], &mut fast);

@@ -219,8 +219,11 @@ const NN_ROWS: usize = 6;
 /// Columns of `c` per full tile of [`matmul_nn`] (two AVX registers).
 const NN_COLS: usize = 16;
 /// Work (multiply-adds) from which [`matmul_nt_bias`] and [`matmul_nn`] split their output rows
-/// into two halves computed on the rayon pool; below it the hand-off costs more than it saves.
-const DENSE_SPLIT_WORK: usize = 1 << 20;
+/// into two halves computed on the rayon pool. Set above the paper MLP's largest product
+/// (60·784·100): on the development machine's two vCPUs, which share their vector units
+/// (BENCHMARKS.md), a split of it is slower than one thread, the hand-off costing more than the
+/// second thread adds.
+const DENSE_SPLIT_WORK: usize = 1 << 23;
 
 /// c[m × n] = a[m × k]·b[n × k]ᵀ + bias, with `a` and `b` row-major and `bias` (when given) added
 /// to every row: the fully connected layer's forward x·Wᵀ + b (W is `[out, in]`).
@@ -241,7 +244,7 @@ pub fn matmul_nt_bias(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], bias: 
     split_rows(m, k, n, NT_ROWS, c, &|rows, c| {
         let a = &a[rows.start * k..rows.end * k];
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
+        if super::simd::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA; the slices have the lengths the kernel reads and
             // writes (checked above, `a` and `c` cut to the same rows).
             unsafe { avx2::nt_bias(rows.len(), k, n, a, b, bias, c) };
@@ -272,7 +275,7 @@ pub fn matmul_nn(m: usize, k: usize, n: usize, a: Mat, b: &[f32], c: &mut [f32])
             ..a
         };
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
+        if super::simd::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA; `a` covers rows.len() × k (it covers m × k from
             // row 0), `b` is k × n and `c` rows.len() × n (checked above).
             unsafe { avx2::nn(rows.len(), k, n, a, b, c) };
@@ -301,12 +304,6 @@ fn split_rows(
     rayon::join(|| f(0..half, top), || f(half..m, bottom));
 }
 
-/// Whether the CPU has AVX2 and FMA (cached by the standard library).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
 /// The eight lane sums of a dot product added in [`matmul_nt_bias`]'s order.
 fn fold_lanes(s: [f32; DOT_LANES]) -> f32 {
     ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
@@ -314,18 +311,17 @@ fn fold_lanes(s: [f32; DOT_LANES]) -> f32 {
 
 /// [`matmul_nt_bias`] element by element, in its arithmetic.
 fn nt_bias_portable(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) {
-    for (ar, cr) in a.chunks_exact(k).zip(c.chunks_exact_mut(n)) {
-        for (j, (o, br)) in cr.iter_mut().zip(b.chunks_exact(k)).enumerate() {
+    for i in 0..m {
+        for j in 0..n {
             let mut lanes = [0.0f32; DOT_LANES];
-            for (p, (&x, &y)) in ar.iter().zip(br).enumerate() {
+            for p in 0..k {
                 let s = &mut lanes[p % DOT_LANES];
-                *s = x.mul_add(y, *s);
+                *s = a[i * k + p].mul_add(b[j * k + p], *s);
             }
             let dot = fold_lanes(lanes);
-            *o = bias.map_or(dot, |bias| dot + bias[j]);
+            c[i * n + j] = bias.map_or(dot, |bias| dot + bias[j]);
         }
     }
-    debug_assert_eq!(c.len(), m * n);
 }
 
 /// [`matmul_nn`] element by element, in its arithmetic.
@@ -359,7 +355,15 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA; `a` is m × k, `b` n × k, `c` m × n, `bias` n long.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nt_bias(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32]) {
+    pub(super) unsafe fn nt_bias(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        b: &[f32],
+        bias: Option<&[f32]>,
+        c: &mut [f32],
+    ) {
         let full = k / DOT_LANES * DOT_LANES;
         let tail = lanes_mask(k - full);
         for j in (0..n).step_by(NT_COLS) {
@@ -374,7 +378,9 @@ mod avx2 {
             let mut i = 0;
             while i < m {
                 let tile = NT_ROWS.min(m - i);
-                let (a_i, c_i) = (unsafe { a.as_ptr().add(i * k) }, unsafe { c.as_mut_ptr().add(i * n + j) });
+                let (a_i, c_i) = (unsafe { a.as_ptr().add(i * k) }, unsafe {
+                    c.as_mut_ptr().add(i * n + j)
+                });
                 // SAFETY: `tile` rows of a from row i and of c from row i, `cols` outputs from
                 // column j, all inside the buffers.
                 unsafe {
@@ -604,21 +610,29 @@ mod tests {
             let t = terms(e);
             let (exact, scale) = (t.iter().sum::<f64>(), t.iter().map(|v| v.abs()).sum::<f64>());
             let tol = (roundings + 1) as f64 * U * scale;
-            assert!((g as f64 - exact).abs() <= tol, "{what}: element {e}: {g} vs {exact} (tolerance {tol:e})");
+            assert!(
+                (g as f64 - exact).abs() <= tol,
+                "{what}: element {e}: {g} vs {exact} (tolerance {tol:e})"
+            );
         }
     }
 
     /// Shapes that leave a partial tile in every direction (m: 3 and 6 rows per tile; n: 4, 16
     /// and 8 columns; k: 8 lanes), and the paper MLP's.
-    const SHAPES: [(usize, usize, usize); 7] = [
+    const SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
+        (3, 0, 5),
         (2, 7, 3),
         (5, 9, 10),
         (7, 17, 23),
         (13, 100, 37),
         (60, 100, 100),
         (60, 784, 100),
+        SPLIT_SHAPE,
     ];
+
+    /// A product from [`DENSE_SPLIT_WORK`] on, split in two.
+    const SPLIT_SHAPE: (usize, usize, usize) = (200, 784, 100);
 
     /// c = a·bᵀ + bias (the fully connected forward) against the f64 sums, with and without bias:
     /// k/8 + 4 roundings per element along its longest chain (a lane's fused multiply-adds, the
@@ -666,7 +680,7 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let mut bits = Vec::new();
-            for (m, k, n) in [(60, 784, 100), (100, 60, 784), (61, 300, 70), (7, 17, 23)] {
+            for (m, k, n) in [SPLIT_SHAPE, (100, 200, 784), (60, 784, 100), (61, 300, 70), (7, 17, 23)] {
                 let (a, b, bias) = (values(m * k, 7), values(n * k, 8), values(n, 9));
                 let mut c = vec![0.0; m * n];
                 if portable {
@@ -691,6 +705,8 @@ mod tests {
 
     #[test]
     fn dense_products_have_the_same_bits_for_any_threads_and_path() {
+        let (m, k, n) = SPLIT_SHAPE;
+        assert!(m * k * n >= DENSE_SPLIT_WORK, "the test's large shapes must split");
         let one = dense_bits(1, false);
         assert_eq!(one, dense_bits(2, false), "1 vs 2 threads");
         assert_eq!(one, dense_bits(3, false), "1 vs 3 threads");
@@ -706,7 +722,10 @@ mod tests {
         let (a, b) = (values(6, 1), values(6, 2));
         let mut c = vec![0.0; 4];
         let wide = std::panic::catch_unwind(move || matmul_nn(2, 3, 2, Mat::rows(&a, 4), &b, &mut c));
-        assert!(wide.is_err(), "a view of 2 × 4 cut to 6 values does not cover 2 × 3 with stride 4");
+        assert!(
+            wide.is_err(),
+            "a view of 2 × 4 cut to 6 values does not cover 2 × 3 with stride 4"
+        );
     }
 
     #[cfg(target_arch = "x86_64")]

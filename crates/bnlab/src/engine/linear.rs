@@ -1,6 +1,7 @@
 //! Fully connected layer: y = x·Wᵀ + b over a batch.
 
 use super::gemm::{matmul_nn, matmul_nt_bias, Mat};
+use super::simd::with_avx2;
 use super::{Layer, Mode, Param};
 use anyhow::Result;
 use rand::Rng;
@@ -77,17 +78,27 @@ impl Layer for Linear {
         let dy_t = Mat::transposed(dy, self.outputs);
         matmul_nn(self.outputs, batch, self.inputs, dy_t, x, &mut self.grad_weight);
         if self.bias.is_some() {
-            self.grad_bias.fill(0.0);
-            for row in dy.chunks_exact(self.outputs) {
-                self.grad_bias.iter_mut().zip(row).for_each(|(g, d)| *g += d);
-            }
+            let grad_bias = &mut self.grad_bias;
+            grad_bias.fill(0.0);
+            with_avx2(|| {
+                for row in dy.chunks_exact(self.outputs) {
+                    grad_bias.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+                }
+            });
         }
         if let Some(dx) = dx {
             anyhow::ensure!(
                 dx.len() == batch * self.inputs,
                 "linear: buffer lengths do not match the batch"
             );
-            matmul_nn(batch, self.outputs, self.inputs, Mat::rows(dy, self.outputs), &self.weight, dx);
+            matmul_nn(
+                batch,
+                self.outputs,
+                self.inputs,
+                Mat::rows(dy, self.outputs),
+                &self.weight,
+                dx,
+            );
         }
         Ok(())
     }

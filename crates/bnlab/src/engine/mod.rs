@@ -24,6 +24,7 @@ pub mod lrn;
 pub mod optimizer;
 pub mod pool;
 pub mod schedule;
+mod simd;
 pub mod state;
 
 pub use activation::{Relu, Sigmoid};

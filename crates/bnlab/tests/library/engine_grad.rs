@@ -240,10 +240,11 @@ fn linear_without_bias_matches_finite_differences() {
     check_linear(2, 6, 3, 5, false, usize::MAX);
 }
 
-/// Shapes large enough for the GEMM to split into column blocks on the rayon pool, with widths
-/// that do not divide evenly (forward n = 50, dW n = 101, dx n = 101).
+/// Shapes that leave partial tiles in the products' kernels (forward: 60 rows, 50 outputs, 101
+/// inputs, not a multiple of the 8 lanes; dW: 50 rows, 101 columns; dx: 101 columns), and a
+/// second whose widths divide evenly.
 #[test]
-fn linear_parallel_gemm_path_matches_finite_differences() {
+fn linear_larger_shapes_match_finite_differences() {
     check_linear(3, 60, 101, 50, true, 60);
     check_linear(4, 64, 128, 64, false, 60);
 }
