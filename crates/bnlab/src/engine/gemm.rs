@@ -1,11 +1,18 @@
-//! Matrix products for the layers, over `matrixmultiply`'s `sgemm` (chosen over `gemm`: on the
-//! paper's small shapes (batch 60) it was as fast, builds in a fraction of the time, and is
-//! deterministic). Large products are split into a fixed number of column blocks that run on the
-//! rayon pool; the split depends only on the shape, so results are identical for any thread count.
+//! Matrix products for the layers.
+//!
+//! - The fully connected layer's ([`matmul_nt_bias`], [`matmul_nn`]): kernels of their own that
+//!   read the operands where they lie (no packing), AVX2 + FMA where the CPU has them, each
+//!   element computed in a fixed order whatever the tiling, the thread split or the CPU path.
+//! - The convolution's ([`matmul_serial`], [`matmul_nt_acc`]) and [`matmul`]: over
+//!   `matrixmultiply`'s `sgemm` (chosen over `gemm`: as fast on these shapes, builds in a fraction
+//!   of the time, and is deterministic), and a dot-product kernel for conv's weight gradient.
+//!
+//! Large products are split over the rayon pool by a rule that depends only on the shape, so
+//! results are identical for any thread count.
 
 use rayon::prelude::*;
 
-/// A row-major or transposed view of a matrix for [`matmul`].
+/// A row-major or transposed view of a matrix for [`matmul`] and [`matmul_nn`].
 #[derive(Clone, Copy)]
 pub struct Mat<'a> {
     /// The elements.
