@@ -1,6 +1,5 @@
 //! Element-wise nonlinearities.
 
-use super::simd::with_avx2;
 use super::{Layer, Mode, Param};
 
 /// Logistic sigmoid σ(x) = 1/(1 + e⁻ˣ), computed as 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0
@@ -48,12 +47,10 @@ macro_rules! elementwise_layer {
             ) -> anyhow::Result<()> {
                 let saved = if $from_output { y } else { x };
                 if let Some(dx) = dx {
-                    with_avx2(|| {
-                        dx.iter_mut()
-                            .zip(saved)
-                            .zip(dy)
-                            .for_each(|((o, &$s), &$g)| *o = $grad)
-                    });
+                    dx.iter_mut()
+                        .zip(saved)
+                        .zip(dy)
+                        .for_each(|((o, &$s), &$g)| *o = $grad);
                 }
                 Ok(())
             }

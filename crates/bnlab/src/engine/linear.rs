@@ -1,7 +1,6 @@
 //! Fully connected layer: y = x·Wᵀ + b over a batch.
 
 use super::gemm::{matmul_nn, matmul_nt_bias, Mat};
-use super::simd::with_avx2;
 use super::{Layer, Mode, Param};
 use anyhow::Result;
 use rand::Rng;
@@ -78,13 +77,10 @@ impl Layer for Linear {
         let dy_t = Mat::transposed(dy, self.outputs);
         matmul_nn(self.outputs, batch, self.inputs, dy_t, x, &mut self.grad_weight);
         if self.bias.is_some() {
-            let grad_bias = &mut self.grad_bias;
-            grad_bias.fill(0.0);
-            with_avx2(|| {
-                for row in dy.chunks_exact(self.outputs) {
-                    grad_bias.iter_mut().zip(row).for_each(|(g, d)| *g += d);
-                }
-            });
+            self.grad_bias.fill(0.0);
+            for row in dy.chunks_exact(self.outputs) {
+                self.grad_bias.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+            }
         }
         if let Some(dx) = dx {
             anyhow::ensure!(

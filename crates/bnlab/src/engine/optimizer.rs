@@ -1,6 +1,5 @@
 //! Stochastic gradient descent with momentum and weight decay.
 
-use super::simd::with_avx2;
 use super::Param;
 
 /// SGD: v ← μ·v + (g + λ·w); w ← w − η·v (PyTorch's convention; with μ = 0, λ = 0 plain SGD).
@@ -49,21 +48,18 @@ impl Sgd {
         if self.velocity.len() != tensors.len() {
             self.velocity = tensors.iter().map(|(w, _, _)| vec![0.0; w.len()]).collect();
         }
-        let momentum = self.momentum;
-        with_avx2(|| {
-            for ((value, grad, decay), v) in tensors.into_iter().zip(&mut self.velocity) {
-                let wd = if decay { self.weight_decay } else { 0.0 };
-                if momentum == 0.0 {
-                    for (w, &g) in value.iter_mut().zip(grad) {
-                        *w -= lr * (g + wd * *w);
-                    }
-                } else {
-                    for ((w, &g), vel) in value.iter_mut().zip(grad).zip(v.iter_mut()) {
-                        *vel = momentum * *vel + g + wd * *w;
-                        *w -= lr * *vel;
-                    }
+        for ((value, grad, decay), v) in tensors.into_iter().zip(&mut self.velocity) {
+            let wd = if decay { self.weight_decay } else { 0.0 };
+            if self.momentum == 0.0 {
+                for (w, &g) in value.iter_mut().zip(grad) {
+                    *w -= lr * (g + wd * *w);
+                }
+            } else {
+                for ((w, &g), vel) in value.iter_mut().zip(grad).zip(v.iter_mut()) {
+                    *vel = self.momentum * *vel + g + wd * *w;
+                    *w -= lr * *vel;
                 }
             }
-        });
+        }
     }
 }
