@@ -544,7 +544,7 @@ impl BatchNorm {
         let count = check_input(x, self.num_features)?;
         let mask = mask.map(|m| Mask::new(m, x)).transpose()?;
         let count = match &mask {
-            Some(m) => m.bits()?.into_iter().filter(|&on| on).count(),
+            Some(m) => m.count()?,
             None => count,
         };
         if self.uses_running_stats(count) {
@@ -566,10 +566,12 @@ impl BatchNorm {
         let mut stats = Vec::new();
         let y = in_compute_dtype(x, |xc| {
             let y;
-            (y, stats) = if fused(self.compute, xc) && mask.is_none() {
-                let kernel = match self.virtual_batch {
-                    Some(v) => TrainKernel::Ghost(v),
-                    None => TrainKernel::Plain,
+            (y, stats) = if fused(self.compute, xc) {
+                // A mask with a virtual batch was rejected above.
+                let kernel = match (self.virtual_batch, &mask) {
+                    (Some(v), _) => TrainKernel::Ghost(v),
+                    (None, Some(m)) => TrainKernel::Masked(m.bits()?),
+                    (None, None) => TrainKernel::Plain,
                 };
                 ops::train(xc, eps, kernel, params)?
             } else {
@@ -623,9 +625,10 @@ impl BatchNorm {
         let (eps, params) = (self.config.eps, self.weight_and_bias());
         let (mean, var) = (self.running_mean(), self.running_var());
         in_compute_dtype(x, |xc| {
-            if fused(self.compute, xc) && mask.is_none() {
+            if fused(self.compute, xc) {
                 let (mean, var) = (to_f64_vec(mean)?, to_f64_vec(var)?);
-                ops::forward(xc, eps, ForwardMode::Eval { mean, var }, params)
+                let mask = mask.map(Mask::bits).transpose()?;
+                ops::forward(xc, eps, ForwardMode::Eval { mean, var, mask }, params)
             } else {
                 let on = mask.map(|m| m.broadcast(xc)).transpose()?;
                 composed::eval(xc, mean, var, eps, params, on.as_ref())
@@ -638,7 +641,11 @@ impl BatchNorm {
     /// and the others written as 0, the backward is the exact derivative of that (dx = 0 at
     /// masked positions, which add nothing to dγ and dβ), and the running variance is updated
     /// unbiased with the valid count. What masked positions hold (NaN, 1e30) changes no output
-    /// and no gradient.
+    /// and no gradient. On the CPU through the `batchnorm` crate's masked kernels
+    /// ([`batchnorm::batch_norm_train_masked`] and its fused backward,
+    /// [`batchnorm::batch_norm_backward_masked`]); elsewhere, and with
+    /// [`ComputePath::Composed`], through composed candle ops that select rather than multiply
+    /// by the mask.
     ///
     /// `mask` holds one entry per example and position, shared by the channels: `[N]` for an
     /// input `[N, C]`, `[N, d1, …, dk]` for `[N, C, d1, …, dk]`; an integer dtype (`u8`, `u32` or
@@ -671,7 +678,8 @@ impl BatchNorm {
 
     /// Masked inference: y = γ·(x − running_mean)/√(running_var + ε) + β at the valid positions
     /// of `mask` (as [`BatchNorm::forward_train_masked`] takes it), 0 at the others.
-    /// Differentiable in x, γ and β. Rejects what [`BatchNorm::forward_eval`] rejects and a mask
+    /// Differentiable in x, γ and β; on the CPU through [`batchnorm::batch_norm_eval_masked`] and
+    /// [`batchnorm::batch_norm_backward_eval_masked`]. Rejects what [`BatchNorm::forward_eval`] rejects and a mask
     /// of another shape, dtype or device.
     pub fn forward_eval_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         check_input(x, self.num_features)?;

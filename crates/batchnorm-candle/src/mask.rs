@@ -1,13 +1,19 @@
 //! The mask of a masked forward: which batch and spatial positions of an input enter the
 //! statistics.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Result, Tensor};
+
+use crate::ops::MaskBits;
 
 /// A checked mask for an input `x` of shape `[N, C, d1, …, dk]`: one entry per example and
 /// position, `[N, d1, …, dk]` (`[N]` for `[N, C]`), shared by the channels; nonzero means the
-/// position is valid. Held as `u8` 0/1 on the input's device.
+/// position is valid. Held as `u8` 0/1 on the input's device, and as `bool`s on the host once
+/// they are asked for (the fused kernels and the valid count need them).
 pub(crate) struct Mask {
     on: Tensor,
+    bits: OnceLock<MaskBits>,
 }
 
 impl Mask {
@@ -35,19 +41,31 @@ impl Mask {
                 x.device().location()
             )
         }
-        Ok(Mask { on: mask.ne(0u32)? })
+        Ok(Mask {
+            on: mask.ne(0u32)?,
+            bits: OnceLock::new(),
+        })
     }
 
     /// One `bool` per value of a channel, row-major over `[N, d1, …, dk]` (the kernels' layout),
-    /// on the host.
-    pub(crate) fn bits(&self) -> Result<Vec<bool>> {
-        Ok(self
+    /// on the host (copied from the device once).
+    pub(crate) fn bits(&self) -> Result<MaskBits> {
+        if let Some(bits) = self.bits.get() {
+            return Ok(bits.clone());
+        }
+        let bits: MaskBits = self
             .on
             .flatten_all()?
             .to_vec1::<u8>()?
             .into_iter()
             .map(|b| b != 0)
-            .collect())
+            .collect();
+        Ok(self.bits.get_or_init(|| bits).clone())
+    }
+
+    /// The number of valid positions (values per channel that enter the statistics).
+    pub(crate) fn count(&self) -> Result<usize> {
+        Ok(self.bits()?.iter().filter(|&&on| on).count())
     }
 
     /// The mask broadcast over the channels of `x`: `[N, C, d1, …, dk]`, `u8`.

@@ -1,10 +1,11 @@
 //! candle custom ops over the fused `batchnorm` kernels.
 //!
 //! - [`ForwardOp`]: the forward (`CustomOp1` on x without affine, `CustomOp3` on (x, γ, β)
-//!   with), in one of three modes: a training forward ([`TrainKernel`]: Algorithm 1, ghost batch
-//!   norm or batch renormalization), which keeps the batch statistics for the running update and
-//!   the saved statistics for its backward; batch norm's inference forward with fixed statistics
-//!   (also the frozen and small-batch training passes); batch renormalization's inference.
+//!   with), in one of three modes: a training forward ([`TrainKernel`]: Algorithm 1, masked
+//!   batch norm, ghost batch norm or batch renormalization), which keeps the batch statistics for
+//!   the running update and the saved statistics for its backward; batch norm's inference
+//!   forward with fixed statistics, masked or not (also the frozen and small-batch training
+//!   passes); batch renormalization's inference.
 //! - [`GradOp`]: the backward of the training modes and of batch norm's inference, one fused
 //!   kernel call that writes dx, dγ and dβ into one packed buffer `[dx…, dγ…, dβ…]`, split
 //!   afterwards into views without copying. Batch renormalization's inference, an affine map per
@@ -17,7 +18,8 @@ use std::sync::{Arc, OnceLock};
 
 use crate::Params;
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_renorm_backward,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_backward_eval_masked, batch_norm_backward_masked,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_renorm_backward,
     batch_renorm_eval, batch_renorm_train, ghost_batch_norm_backward, ghost_batch_norm_train, Affine, BatchStats,
     Element, FixedStats, GhostSaved, Grads, Layout, RenormClip, RenormSaved, RenormStats, SavedStats, View,
 };
@@ -78,11 +80,17 @@ macro_rules! dispatch {
     };
 }
 
+/// A mask of masked batch norm as the kernels take it: one `bool` per value of a channel,
+/// row-major over `[N, d1, …, dk]`, shared by a forward op and its backward.
+pub(crate) type MaskBits = Arc<[bool]>;
+
 /// The backward's inputs a training forward saves: per variant what its backward kernel takes.
 #[derive(Clone)]
 pub(crate) enum Saved {
     /// Algorithm 1 ([`batch_norm_backward`]).
     Plain(SavedStats),
+    /// Masked batch norm over the positions of this mask ([`batch_norm_backward_masked`]).
+    Masked(SavedStats, MaskBits),
     /// Ghost batch norm, per group ([`ghost_batch_norm_backward`]).
     Ghost(GhostSaved),
     /// Batch renormalization, with r and d ([`batch_renorm_backward`]).
@@ -103,6 +111,8 @@ pub(crate) type TrainState = Arc<OnceLock<Trained>>;
 pub(crate) enum TrainKernel {
     /// Algorithm 1, [`batch_norm_train`].
     Plain,
+    /// Masked batch norm over the positions of this mask, [`batch_norm_train_masked`].
+    Masked(MaskBits),
     /// Ghost batch norm with this virtual batch size, [`ghost_batch_norm_train`].
     Ghost(usize),
     /// Batch renormalization against these moving statistics (held as `f64`, rounded to the
@@ -121,8 +131,12 @@ pub(crate) enum ForwardMode {
     Train(TrainKernel, TrainState),
     /// Inference (or frozen) forward through [`batch_norm_eval`] with fixed statistics (held as
     /// `f64`, rounded to the data's type, which leaves `f32`/`f64` statistics of the same type
-    /// unchanged).
-    Eval { mean: Vec<f64>, var: Vec<f64> },
+    /// unchanged); with a mask, through [`batch_norm_eval_masked`] at its positions.
+    Eval {
+        mean: Vec<f64>,
+        var: Vec<f64>,
+        mask: Option<MaskBits>,
+    },
     /// Batch renormalization's inference through [`batch_renorm_eval`] with the moving mean and
     /// standard deviation (as `f64`). Its backward is composed of candle ops
     /// ([`renorm_eval_grads`]).
@@ -149,9 +163,11 @@ impl ForwardOp {
     fn op_name(&self) -> &'static str {
         match self.mode {
             ForwardMode::Train(TrainKernel::Plain, _) => "batchnorm-train",
+            ForwardMode::Train(TrainKernel::Masked(_), _) => "batchnorm-masked-train",
             ForwardMode::Train(TrainKernel::Ghost(_), _) => "batchnorm-ghost-train",
             ForwardMode::Train(TrainKernel::Renorm { .. }, _) => "batchrenorm-train",
-            ForwardMode::Eval { .. } => "batchnorm-eval",
+            ForwardMode::Eval { mask: None, .. } => "batchnorm-eval",
+            ForwardMode::Eval { mask: Some(_), .. } => "batchnorm-masked-eval",
             ForwardMode::RenormEval { .. } => "batchrenorm-eval",
         }
     }
@@ -177,6 +193,13 @@ impl ForwardOp {
                             saved: Saved::Plain(saved),
                         }
                     }
+                    TrainKernel::Masked(mask) => {
+                        let (stats, saved) = batch_norm_train_masked(x, mask, affine, eps, &mut y).map_err(wrap)?;
+                        Trained {
+                            stats: vec![stats],
+                            saved: Saved::Masked(saved, mask.clone()),
+                        }
+                    }
                     TrainKernel::Ghost(v) => {
                         let (stats, saved) = ghost_batch_norm_train(x, *v, affine, eps, &mut y).map_err(wrap)?;
                         Trained {
@@ -199,9 +222,14 @@ impl ForwardOp {
                     .set(trained)
                     .map_err(|_| Error::Msg("batch-norm: training op applied twice".into()))?;
             }
-            ForwardMode::Eval { mean, var } => {
+            ForwardMode::Eval { mean, var, mask } => {
                 let (mean, var) = (cast::<T>(mean), cast::<T>(var));
-                batch_norm_eval(x, FixedStats::new(&mean, &var), affine, eps, &mut y).map_err(wrap)?;
+                let stats = FixedStats::new(&mean, &var);
+                match mask {
+                    Some(mask) => batch_norm_eval_masked(x, mask, stats, affine, eps, &mut y),
+                    None => batch_norm_eval(x, stats, affine, eps, &mut y),
+                }
+                .map_err(wrap)?;
             }
             ForwardMode::RenormEval { mean, std } => {
                 let (mean, std) = (cast::<T>(mean), cast::<T>(std));
@@ -229,10 +257,11 @@ impl ForwardOp {
                     .map(|t| t.saved.clone())
                     .ok_or_else(|| Error::Msg("batch-norm: backward before forward".into()))?,
             ),
-            ForwardMode::Eval { mean, var } => GradMode::Eval {
+            ForwardMode::Eval { mean, var, mask } => GradMode::Eval {
                 mean: mean.clone(),
                 var: var.clone(),
                 eps: self.eps,
+                mask: mask.clone(),
             },
             ForwardMode::RenormEval { mean, std } => {
                 return renorm_eval_grads(x, grad, gamma, mean, std, want_dx, want_params)
@@ -358,8 +387,14 @@ impl CustomOp3 for ForwardOp {
 enum GradMode {
     /// Training mode: the variant's backward with the forward's saved statistics.
     Train(Saved),
-    /// Inference mode: [`batch_norm_backward_eval`] with fixed statistics.
-    Eval { mean: Vec<f64>, var: Vec<f64>, eps: f64 },
+    /// Inference mode: [`batch_norm_backward_eval`] with fixed statistics; with a mask,
+    /// [`batch_norm_backward_eval_masked`].
+    Eval {
+        mean: Vec<f64>,
+        var: Vec<f64>,
+        eps: f64,
+        mask: Option<MaskBits>,
+    },
 }
 
 /// The backward of [`ForwardOp`]: `CustomOp2` on (x, dy) without affine, `CustomOp3`
@@ -430,11 +465,16 @@ impl GradOp {
         let x = View::new(x, shape, Layout::ChannelsFirst);
         match &self.mode {
             GradMode::Train(Saved::Plain(saved)) => batch_norm_backward(x, dy, saved, gamma, grads),
+            GradMode::Train(Saved::Masked(saved, mask)) => batch_norm_backward_masked(x, mask, dy, saved, gamma, grads),
             GradMode::Train(Saved::Ghost(saved)) => ghost_batch_norm_backward(x, dy, saved, gamma, grads),
             GradMode::Train(Saved::Renorm(saved)) => batch_renorm_backward(x, dy, saved, gamma, grads),
-            GradMode::Eval { mean, var, eps } => {
+            GradMode::Eval { mean, var, eps, mask } => {
                 let (mean, var) = (cast::<T>(mean), cast::<T>(var));
-                batch_norm_backward_eval(x, dy, FixedStats::new(&mean, &var), gamma, *eps, grads)
+                let stats = FixedStats::new(&mean, &var);
+                match mask {
+                    Some(mask) => batch_norm_backward_eval_masked(x, mask, dy, stats, gamma, *eps, grads),
+                    None => batch_norm_backward_eval(x, dy, stats, gamma, *eps, grads),
+                }
             }
         }
         .map_err(wrap)?;

@@ -3,8 +3,10 @@
 
 use crate::check;
 use crate::forward::gamma_at;
+use crate::fused::ReluBackward;
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
+use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std, SavedStats};
@@ -92,19 +94,23 @@ pub(crate) fn dx_coeffs<T: Element>(
     }
 }
 
-/// The checks of a training backward, in this order: `x` against its shape and layout, `dy` and
+/// The checks of a training backward, in this order: `x` against its shape and layout, `dy`
+/// against `x`, the mask over positions, the fused ReLU's mask and dz (see [`ReluBackward::check`]),
 /// `dx` against `x`, the saved statistics (`check_saved`, given the channel count), γ, dγ and dβ
 /// against the channel count, then the saved `count` of values per channel. Returns the geometry.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_train_backward<T>(
     x: View<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<&ReluBackward<'_, T>>,
     dy: &[T],
     check_saved: impl FnOnce(usize) -> Result<(), Error>,
     gamma: Option<&[T]>,
     grads: &Grads<'_, T>,
     count: u64,
 ) -> Result<Geometry, Error> {
-    let g = check::input("x", x.data, x.shape, x.layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x.data, x.shape, x.layout, ("dy", dy), mask)?;
+    ReluBackward::check(relu, &g)?;
     check::len_opt("dx", &g, grads.dx.as_deref())?;
     check_saved(g.channels)?;
     check::affine(g.channels, gamma, None)?;
@@ -126,42 +132,101 @@ pub fn batch_norm_backward<T: Element>(
     gamma: Option<&[T]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let check_saved = |channels| check::saved(saved, channels);
-    let g = check_train_backward(x, dy, check_saved, gamma, &grads, saved.count)?;
-    let Grads { dx, dgamma, dbeta } = grads;
-    train_backward_sums(&g, x.data, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+    backward_where(x, None, None, dy, saved, gamma, grads)
 }
 
-/// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given and
-/// returns Σ dy and Σ dy·x̂ per channel (for dβ and dγ).
+/// [`batch_norm_backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
+/// elsewhere; with `relu`, through a fused ReLU (see [`crate::batch_norm_backward_relu`]).
+/// Checks, in order: the shape and `x`, `dy`, the mask's length, the ReLU's mask and dz, `dx`,
+/// `saved`, γ, dγ/dβ, the saved count.
+pub(crate) fn backward_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<ReluBackward<'_, T>>,
+    dy: &[T],
+    saved: &SavedStats,
+    gamma: Option<&[T]>,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
+    let check_saved = |channels| check::saved(saved, channels);
+    let g = check_train_backward(x, mask, relu.as_ref(), dy, check_saved, gamma, &grads, saved.count)?;
+    let Grads { dx, dgamma, dbeta } = grads;
+    let relu = relu.map(|r| r.start(&g));
+    train_backward_sums(&g, x.data, mask, relu, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+}
+
+/// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given (at
+/// the positions `mask` selects, `None`: all of them, +0.0 elsewhere; with `relu`, from dy·\[kept\],
+/// and dz) and returns Σ dy and Σ dy·x̂ per channel (for dβ and dγ) over the selected positions.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_sums<T: Element>(
     g: &Geometry,
     x: &[T],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
     dy: &[T],
     dx: Option<&mut [T]>,
     saved: &SavedStats,
     gamma: Option<&[T]>,
 ) -> GradSums {
-    let (sum_dy, sum_dy_xmu) = plan::train_backward(g, x, dy, dx, &saved.mean, |first, s1, s2, out| {
-        let inv_std = &saved.inv_std[first..first + s2.len()];
-        let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
-        dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat, out);
-    });
+    let (relu, dz_alone) = dz_with(dx.is_some(), relu);
+    let (sum_dy, sum_dy_xmu) =
+        plan::train_backward_where(g, x, dy, dx, &saved.mean, mask, relu, |first, s1, s2, out| {
+            let inv_std = &saved.inv_std[first..first + s2.len()];
+            let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
+            dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat, out);
+        });
+    if let Some((bits, dz)) = dz_alone {
+        upstream_alone(g, dy, bits, dz);
+    }
     GradSums {
         sum_dy_xhat: sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,
     }
 }
 
+/// A fused backward's ReLU as the dx pass takes it, and the dz it cannot write: dz comes out of
+/// the pass that writes dx, so without dx (`with_dx` false) it is returned with the mask's bits,
+/// for [`upstream_alone`].
+#[allow(clippy::type_complexity)]
+fn dz_with<'a, T>(
+    with_dx: bool,
+    relu: Option<relu::Backward<'a, T>>,
+) -> (Option<relu::Backward<'a, T>>, Option<(MaskBits<'a>, &'a mut [T])>) {
+    match relu {
+        Some(relu::Backward { bits, dz: Some(dz) }) if !with_dx => {
+            (Some(relu::Backward { bits, dz: None }), Some((bits, dz)))
+        }
+        relu => (relu, None),
+    }
+}
+
+/// dz = dy·\[kept\] (the upstream gradient behind a fused ReLU) when no dx pass writes it: the
+/// inference-mode dx pass with k = 1, an exact product.
+fn upstream_alone<T: Element>(g: &Geometry, dy: &[T], bits: MaskBits<'_>, dz: &mut [T]) {
+    let ones = Scratch::collect(std::iter::repeat_n(1.0, g.channels));
+    plan::scale_where(g, dy, dz, &ones, None, Some(relu::Backward { bits, dz: None }));
+}
+
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
 /// over workers with [`GradSums::add`]. Rejects the same as [`batch_norm_backward`].
 pub fn grad_sums<T: Element>(x: View<'_, T>, dy: &[T], saved: &SavedStats) -> Result<GradSums, Error> {
+    grad_sums_where(x, None, dy, saved)
+}
+
+/// [`grad_sums`] over the positions `mask` selects (`None`: all of them). Checks, in order: the
+/// shape and `x`, `dy`, the mask's length, `saved`, the saved count.
+pub(crate) fn grad_sums_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    saved: &SavedStats,
+) -> Result<GradSums, Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::saved(saved, g.channels)?;
     check::training_count(saved.count, shape)?;
-    let (sum_dy, sum_dy_xmu) = plan::grad_sums(&g, x, dy, &saved.mean);
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(&g, x, dy, &saved.mean, mask, None);
     let sum_dy_xhat = sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect();
     Ok(GradSums { sum_dy, sum_dy_xhat })
 }
@@ -177,9 +242,22 @@ pub fn input_grad<T: Element>(
     gamma: Option<&[T]>,
     dx: &mut [T],
 ) -> Result<(), Error> {
+    input_grad_where(x, None, dy, saved, sums, gamma, dx)
+}
+
+/// [`input_grad`] at the positions `mask` selects (`None`: all of them), +0.0 elsewhere. Checks,
+/// in order: the shape and `x`, `dy`, the mask's length, `dx`, `saved`, `sums`, γ, the saved count.
+pub(crate) fn input_grad_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    dy: &[T],
+    saved: &SavedStats,
+    sums: &GradSums,
+    gamma: Option<&[T]>,
+    dx: &mut [T],
+) -> Result<(), Error> {
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     check::len("dx", &g, dx.len())?;
     check::saved(saved, g.channels)?;
     check::grad_sums_channels(sums, g.channels)?;
@@ -187,7 +265,7 @@ pub fn input_grad<T: Element>(
     check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
     with_simd(|| dx_coeffs(gamma, saved, 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
-    plan::input_grad(&g, x, dy, dx, &coeffs);
+    plan::input_grad_where(&g, x, dy, dx, &coeffs, mask, None);
     Ok(())
 }
 
@@ -204,37 +282,78 @@ pub fn batch_norm_backward_eval<T: Element>(
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    backward_eval_where(x, None, None, dy, stats, gamma, eps, grads)
+}
+
+/// [`batch_norm_backward_eval`] over the positions `mask` selects (`None`: all of them), dx +0.0
+/// elsewhere; with `relu`, through a fused ReLU (see [`crate::batch_norm_backward_eval_relu`]).
+/// Checks, in order: the shape and `x`, `dy`, the mask's length, the ReLU's mask and dz, the
+/// statistics, γ, dγ/dβ, ε, `dx`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_eval_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<ReluBackward<'_, T>>,
+    dy: &[T],
+    stats: FixedStats<'_, T>,
+    gamma: Option<&[T]>,
+    eps: f64,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
     let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
     let View { data: x, shape, layout } = x;
-    let g = check::input("x", x, shape, layout)?;
-    check::len("dy", &g, dy.len())?;
+    let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
+    ReluBackward::check(relu.as_ref(), &g)?;
     check::fixed_stats(g.channels, mean, var)?;
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
     check::eps(eps)?;
     check::len_opt("dx", &g, dx.as_deref())?;
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
+    let (relu, dz_alone) = dz_with(dx.is_some(), relu.map(|r| r.start(&g)));
+    let bits = relu.as_ref().map(|r| r.bits);
     if let Some(dx) = dx {
-        fixed_input_grad(&g, dy, gamma, &inv, dx);
+        fixed_input_grad(&g, dy, mask, relu, gamma, &inv, dx);
+    }
+    if let Some((bits, dz)) = dz_alone {
+        upstream_alone(&g, dy, bits, dz);
     }
     if dgamma.is_some() || dbeta.is_some() {
-        fixed_grad_sums(&g, x, dy, mean, &inv).write_param_grads(dgamma, dbeta)?;
+        fixed_grad_sums(&g, x, dy, mask, bits, mean, &inv).write_param_grads(dgamma, dbeta)?;
     }
     Ok(())
 }
 
 /// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
-/// batch norm). Arguments already checked.
-pub(crate) fn fixed_input_grad<T: Element>(g: &Geometry, dy: &[T], gamma: Option<&[T]>, inv_std: &[f64], dx: &mut [T]) {
+/// batch norm), at the positions `mask` selects (`None`: all of them), +0.0 elsewhere; with
+/// `relu`, from dy·\[kept\], and dz. Arguments already checked.
+pub(crate) fn fixed_input_grad<T: Element>(
+    g: &Geometry,
+    dy: &[T],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+    gamma: Option<&[T]>,
+    inv_std: &[f64],
+    dx: &mut [T],
+) {
     let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]));
-    plan::scale(g, dy, dx, &k);
+    plan::scale_where(g, dy, dx, &k, mask, relu);
 }
 
 /// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference
-/// mode, frozen batch norm). Arguments already checked.
-pub(crate) fn fixed_grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[T], inv_std: &[f64]) -> GradSums {
+/// mode, frozen batch norm), over the positions `mask` selects (`None`: all of them; with
+/// `relu`, of dy·\[kept\]). Arguments already checked.
+pub(crate) fn fixed_grad_sums<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    mask: Option<&[bool]>,
+    relu: Option<MaskBits>,
+    mean: &[T],
+    inv_std: &[f64],
+) -> GradSums {
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let (sum_dy, sum_dy_xmu) = plan::grad_sums(g, x, dy, &mean);
+    let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(g, x, dy, &mean, mask, relu);
     GradSums {
         sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,

@@ -15,6 +15,22 @@ pub(crate) fn input<T>(name: &'static str, x: &[T], shape: &[usize], layout: Lay
     Ok(g)
 }
 
+/// Checks `x` against a shape in a layout (as [`input`]), then the length of the buffer the pass
+/// pairs it with (`y` or `dy`, named `name`), then the optional mask over positions (as
+/// [`mask`]); returns the geometry and the number of values per channel the mask selects.
+pub(crate) fn input_pair<T, U>(
+    x: &[T],
+    shape: &[usize],
+    layout: Layout,
+    (name, other): (&'static str, &[U]),
+    mask: Option<&[bool]>,
+) -> Result<(Geometry, u64), Error> {
+    let g = input("x", x, shape, layout)?;
+    len(name, &g, other.len())?;
+    let count = self::mask(&g, mask)?;
+    Ok((g, count))
+}
+
 /// Checks that a flat buffer holds exactly `g.len()` elements ([`Error::BufferLength`]).
 pub(crate) fn len(name: &'static str, g: &Geometry, actual: usize) -> Result<(), Error> {
     if actual != g.len() {
@@ -234,6 +250,36 @@ pub(crate) fn virtual_batch(virtual_batch: usize) -> Result<(), Error> {
 pub(crate) fn ghost_groups(expected: usize, actual: usize) -> Result<(), Error> {
     if expected != actual {
         return Err(Error::GhostGroupsMismatch { expected, actual });
+    }
+    Ok(())
+}
+
+/// Checks an optional mask over positions (one `bool` per value of a channel, see
+/// [`crate::batch_norm_train_masked`]): `g.per_channel()` entries ([`Error::BufferLength`] named
+/// `mask`). Returns the number of values per channel it selects: its entries that are true, or
+/// all `g.per_channel()` values without a mask.
+pub(crate) fn mask(g: &Geometry, mask: Option<&[bool]>) -> Result<u64, Error> {
+    let Some(mask) = mask else {
+        return Ok(g.per_channel() as u64);
+    };
+    if mask.len() != g.per_channel() {
+        return Err(Error::BufferLength {
+            name: "mask",
+            expected: g.per_channel(),
+            actual: mask.len(),
+        });
+    }
+    Ok(mask.iter().filter(|&&on| on).count() as u64)
+}
+
+/// Checks that a fused backward's ReLU mask was written for the input's geometry `g`
+/// ([`Error::ReluMaskMismatch`]).
+pub(crate) fn relu_mask(mask: &crate::ReluMask, g: &Geometry) -> Result<(), Error> {
+    if mask.geometry() != Some(*g) {
+        return Err(Error::ReluMaskMismatch {
+            expected: *g,
+            actual: mask.geometry(),
+        });
     }
     Ok(())
 }

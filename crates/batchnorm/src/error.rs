@@ -130,4 +130,21 @@ pub enum Error {
     /// with a virtual batch size.
     #[error("ghost batch norm is local to a worker: the synchronized passes reject a layer with `virtual_batch` set")]
     GhostNotSynchronized,
+    /// Ghost batch norm's groups are whole examples and masked batch norm selects positions: the
+    /// layer's masked training passes reject a layer with a virtual batch size.
+    #[error("ghost batch norm takes no mask: the masked training passes reject a layer with `virtual_batch` set")]
+    GhostNotMasked,
+    /// The fused batch norm + ReLU passes normalize the whole batch in one pass: the layer's fused
+    /// training passes reject a layer with a virtual batch size (ghost batch norm).
+    #[error("ghost batch norm is not fused: the fused training passes reject a layer with `virtual_batch` set")]
+    GhostNotFused,
+    /// A fused backward was given a [`crate::ReluMask`] that its forward wrote for another tensor
+    /// geometry than the input's (or that no forward wrote).
+    #[error("the ReLU mask was written for {actual:?}, the input is {expected:?}")]
+    ReluMaskMismatch {
+        /// The input's geometry.
+        expected: crate::Geometry,
+        /// The geometry the mask was written for (`None`: it was never written).
+        actual: Option<crate::Geometry>,
+    },
 }

@@ -2,9 +2,10 @@
 //! normalization step of the split-phase (synchronized) form.
 
 use crate::check;
-use crate::kernels::plan;
+use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
+use crate::kernels::{plan, relu};
 use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
 use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 
@@ -36,24 +37,27 @@ pub(crate) fn scale_shift<T: Element>(
 }
 
 /// The checks every forward transform starts with, in this order: `x` against its shape and
-/// layout, `y` against `x`, the statistics (`check_stats`, given the channel count), then γ and β
-/// against the channel count. Returns the geometry.
+/// layout, `y` against `x`, the optional mask over positions, the statistics (`check_stats`, given
+/// the channel count), then γ and β against the channel count. Returns the geometry and the count
+/// of values per channel the mask selects (all of them without one).
 pub(crate) fn check_forward<T>(
     x: View<'_, T>,
+    mask: Option<&[bool]>,
     y: &[T],
     check_stats: impl FnOnce(usize) -> Result<(), Error>,
     affine: Affine<'_, T>,
-) -> Result<Geometry, Error> {
-    let g = check::input("x", x.data, x.shape, x.layout)?;
-    check::len("y", &g, y.len())?;
+) -> Result<(Geometry, u64), Error> {
+    let (g, count) = check::input_pair(x.data, x.shape, x.layout, ("y", y), mask)?;
     check_stats(g.channels)?;
     check::affine(g.channels, affine.gamma, affine.beta)?;
-    Ok(g)
+    Ok((g, count))
 }
 
 /// y = (x − mean)·γ·inv_std + β per channel over `x` (already checked against `g`), the last
 /// step of the forward transforms, with `inv_std` holding each channel's 1/σ (γ = 1 and β = 0
-/// where `affine` has none).
+/// where `affine` has none); only at the positions `mask` selects (`None`: all), +0.0 elsewhere;
+/// with `relu`, fused with what follows in the same pass.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_affine<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -61,11 +65,13 @@ pub(crate) fn normalize_affine<T: Element>(
     mean: &[f64],
     inv_std: Scratch<f64>,
     affine: Affine<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
 ) {
     let mut scale = inv_std;
     let mut shift = Scratch::any(g.channels);
     with_simd(|| scale_shift(affine.gamma, affine.beta, 0, &mut scale, &mut shift));
-    plan::normalize(g, x, y, mean, &scale, &shift);
+    plan::normalize_where(g, x, y, mean, &scale, &shift, mask, relu);
 }
 
 /// γ_c (1 without affine).
@@ -104,16 +110,33 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    let g = check_forward(x, y, |_| Ok(()), affine)?;
+    train_where(x, None, None, affine, eps, y)
+}
+
+/// [`batch_norm_train`] over the positions `mask` selects (`None`: all of them; see
+/// [`crate::batch_norm_train_masked`]), +0.0 in y elsewhere; with `relu`, fused with what
+/// follows (see [`crate::batch_norm_train_relu`]). Checks, in order: the shape and `x`, `y`, the
+/// mask's length, γ/β, z, ε, the count of selected values per channel.
+pub(crate) fn train_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<ReluForward<'_, T>>,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(BatchStats, SavedStats), Error> {
+    let (g, count) = check_forward(x, mask, y, |_| Ok(()), affine)?;
+    ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
-    check::training_count(g.per_channel() as u64, x.shape)?;
+    check::training_count(count, x.shape)?;
+    let relu = relu.map(|r| r.start(&g));
     let Affine { gamma, beta } = affine;
-    let m = plan::train_forward(&g, x.data, y, |first, scale, shift| {
+    let m = plan::train_forward_where(&g, x.data, y, mask, relu, |first, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });
     let stats = BatchStats {
-        count: g.per_channel() as u64,
+        count,
         mean: m.mean,
         m2: m.m2,
     };
@@ -132,9 +155,21 @@ pub fn normalize<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = check_forward(x, y, |channels| check::saved(saved, channels), affine)?;
+    normalize_where(x, None, saved, affine, y)
+}
+
+/// [`normalize`] at the positions `mask` selects (`None`: all of them), +0.0 in y elsewhere.
+/// Checks, in order: the shape and `x`, `y`, the mask's length, `saved`, γ/β.
+pub(crate) fn normalize_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    saved: &SavedStats,
+    affine: Affine<'_, T>,
+    y: &mut [T],
+) -> Result<(), Error> {
+    let (g, _) = check_forward(x, mask, y, |channels| check::saved(saved, channels), affine)?;
     let inv_std = Scratch::collect(saved.inv_std.iter().copied());
-    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine);
+    normalize_affine(&g, x.data, y, &saved.mean, inv_std, affine, mask, None);
     Ok(())
 }
 
@@ -150,12 +185,29 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
+    eval_where(x, None, None, stats, affine, eps, y)
+}
+
+/// [`batch_norm_eval`] at the positions `mask` selects (`None`: all of them), +0.0 in y
+/// elsewhere; with `relu`, fused with what follows (see [`crate::batch_norm_eval_relu`]).
+/// Checks, in order: the shape and `x`, `y`, the mask's length, the statistics, γ/β, z, ε.
+pub(crate) fn eval_where<T: Element>(
+    x: View<'_, T>,
+    mask: Option<&[bool]>,
+    relu: Option<ReluForward<'_, T>>,
+    stats: FixedStats<'_, T>,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(), Error> {
     let FixedStats { mean, var } = stats;
-    let g = check_forward(x, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
+    let (g, _) = check_forward(x, mask, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
+    ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
     let mut inv_std = Scratch::collect(var.iter().map(|v| v.to_f64()));
     with_simd(|| inv_std_in_place(&mut inv_std, eps));
-    normalize_affine(&g, x.data, y, &mean, inv_std, affine);
+    let relu = relu.map(|r| r.start(&g));
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine, mask, relu);
     Ok(())
 }

@@ -11,9 +11,10 @@
 //! The small-batch policy ([`SmallBatch`], in [`crate::BatchNormConfig`]) applies the same
 //! frozen transform to one training call whose batch has fewer than 2 values per channel.
 
-use crate::backward::{batch_norm_backward_eval, fixed_grad_sums, fixed_input_grad, GradSums};
+use crate::backward::{backward_eval_where, fixed_grad_sums, fixed_input_grad, GradSums};
 use crate::check;
-use crate::forward::batch_norm_eval;
+use crate::forward::eval_where;
+use crate::fused::{ReluBackward, ReluForward};
 use crate::kernels::scratch::Scratch;
 use crate::stats::{inv_std, SavedStats};
 use crate::sync::{sync_grad_sums, Communicator};
@@ -61,13 +62,22 @@ impl<T: Element> BatchNorm<T> {
         self.frozen || (count < 2 && self.config.small_batch == SmallBatch::UseRunningStats)
     }
 
-    /// The frozen training forward: the inference transform with the running statistics, and the
-    /// statistics it used as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with `count`.
-    pub(crate) fn forward_frozen(&self, x: View<'_, T>, y: &mut [T], count: u64) -> Result<SavedStats, Error> {
+    /// The frozen training forward: the inference transform with the running statistics (at the
+    /// positions `mask` selects, +0.0 elsewhere; `None`: all of them; with `relu`, fused with what
+    /// follows), and the statistics it used as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with
+    /// `count`.
+    pub(crate) fn forward_frozen(
+        &self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
+        y: &mut [T],
+        count: u64,
+    ) -> Result<SavedStats, Error> {
         let running = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
         let eps = self.config.eps;
-        batch_norm_eval(x, running, self.affine(), eps, y)?;
+        eval_where(x, mask, relu, running, self.affine(), eps, y)?;
         Ok(SavedStats {
             count,
             mean: running.mean.iter().map(|a| a.to_f64()).collect(),
@@ -75,11 +85,14 @@ impl<T: Element> BatchNorm<T> {
         })
     }
 
-    /// The frozen backward with the running statistics as constants. `saved` is checked for its
-    /// channel count only.
+    /// The frozen backward with the running statistics as constants (over the positions `mask`
+    /// selects, dx +0.0 elsewhere; `None`: all of them; with `relu`, through a fused ReLU).
+    /// `saved` is checked for its channel count only.
     pub(crate) fn backward_frozen(
         &self,
         x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
         dy: &[T],
         saved: &SavedStats,
         grads: Grads<'_, T>,
@@ -88,15 +101,17 @@ impl<T: Element> BatchNorm<T> {
         check::layer_input(self.num_features, x.shape, x.layout)?;
         check::saved(saved, self.num_features)?;
         let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        batch_norm_backward_eval(x, dy, running, gamma, eps, self.param_grads(grads))
+        backward_eval_where(x, mask, relu, dy, running, gamma, eps, self.param_grads(grads))
     }
 
-    /// The frozen backward of one rank's shard: dx locally (it needs no other rank), dγ and dβ of
-    /// the global batch from the sums merged over `comm`; returns this rank's own sums.
+    /// The frozen backward of one rank's shard (over the positions `mask` selects; `None`: all of
+    /// them): dx locally (it needs no other rank), dγ and dβ of the global batch from the sums
+    /// merged over `comm`; returns this rank's own sums.
     pub(crate) fn backward_frozen_sync(
         &self,
         comm: &dyn Communicator,
         x: View<'_, T>,
+        mask: Option<&[bool]>,
         dy: &[T],
         saved: &SavedStats,
         grads: Grads<'_, T>,
@@ -107,6 +122,7 @@ impl<T: Element> BatchNorm<T> {
         check::len("x", &g, x.data.len())?;
         check::len("dy", &g, dy.len())?;
         check::len_opt("dx", &g, dx.as_deref())?;
+        check::mask(&g, mask)?;
         check::saved(saved, self.num_features)?;
         check::running_stats(self.num_features, running.mean, running.var)?;
         check::eps(self.config.eps)?;
@@ -115,10 +131,10 @@ impl<T: Element> BatchNorm<T> {
         check::param_grads(self.num_features, dgamma.as_deref(), dbeta.as_deref())?;
         let eps = self.config.eps;
         let inv = Scratch::collect(running.var.iter().map(|v| inv_std(v.to_f64(), eps)));
-        let local = fixed_grad_sums(&g, x.data, dy, running.mean, &inv);
+        let local = fixed_grad_sums(&g, x.data, dy, mask, None, running.mean, &inv);
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {
-            fixed_input_grad(&g, dy, gamma, &inv, dx);
+            fixed_input_grad(&g, dy, mask, None, gamma, &inv, dx);
         }
         global.write_param_grads(dgamma, dbeta)?;
         Ok(local)

@@ -20,7 +20,8 @@
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
 //! Groups are local to a worker: the synchronized passes reject a ghost layer
-//! ([`Error::GhostNotSynchronized`]).
+//! ([`Error::GhostNotSynchronized`]), and groups are whole examples: the layer's masked training
+//! passes reject a ghost layer too ([`Error::GhostNotMasked`]).
 
 use crate::backward::{train_backward_sums, GradSums};
 use crate::check;
@@ -153,7 +154,7 @@ pub fn ghost_batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(Vec<BatchStats>, GhostSaved), Error> {
-    let g = check_forward(x, y, |_| Ok(()), affine)?;
+    let (g, _) = check_forward(x, None, y, |_| Ok(()), affine)?;
     check::eps(eps)?;
     let View { data, shape, layout } = x;
     check::training_count(g.per_channel() as u64, shape)?;
@@ -218,7 +219,7 @@ pub fn ghost_batch_norm_backward<T: Element>(
     let (chunk, per_task) = (groups.chunk(), groups.per_task());
     let group_backward = |xk: &[T], dyk: &[T], dxk: Option<&mut [T]>, s: &SavedStats| {
         let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
-        Ok(train_backward_sums(&group_g, xk, dyk, dxk, s, gamma))
+        Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, s, gamma))
     };
     let inputs = data.par_chunks(chunk).zip(dy.par_chunks(chunk));
     let sums: Vec<GradSums> = match dx {
@@ -335,6 +336,21 @@ impl<T: Element> BatchNorm<T> {
             check::virtual_batch(v)?;
         }
         Ok(self.config.virtual_batch)
+    }
+
+    /// The layer's virtual batch size as [`BatchNorm::virtual_batch`] checks it, then
+    /// [`Error::GhostNotMasked`] when it is set and a mask is given, [`Error::GhostNotFused`] when
+    /// it is set and the pass is `fused` with a ReLU: what the layer's training passes check
+    /// first, frozen or not.
+    pub(crate) fn ghost_for(&self, mask: Option<&[bool]>, fused: bool) -> Result<Option<usize>, Error> {
+        let virtual_batch = self.virtual_batch()?;
+        if virtual_batch.is_some() && mask.is_some() {
+            return Err(Error::GhostNotMasked);
+        }
+        if virtual_batch.is_some() && fused {
+            return Err(Error::GhostNotFused);
+        }
+        Ok(virtual_batch)
     }
 
     /// [`Error::GhostNotSynchronized`] when the layer has a virtual batch size: what the

@@ -1,12 +1,15 @@
 //! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions, with
 //! its one-process and its synchronized (multi-worker) training passes.
 
-use crate::backward::{batch_norm_backward, batch_norm_backward_eval, grad_sums, input_grad, GradSums};
+use crate::backward::{backward_eval_where, backward_where, grad_sums_where, input_grad_where, GradSums};
 use crate::check;
 use crate::fold::InferenceAffine;
-use crate::forward::{batch_norm_eval, batch_norm_train, normalize};
-use crate::stats::{batch_stats, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
+use crate::forward::{eval_where, normalize_where, train_where};
+use crate::fused::{ReluBackward, ReluForward};
+use crate::stats::{batch_stats_where, update_running_stats, BatchStats, Momentum, PopulationStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
+#[cfg(doc)]
+use crate::{batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train};
 use crate::{Affine, Element, Error, FixedStats, Grads, SmallBatch, View};
 
 /// Settings of a [`BatchNorm`] layer (PyTorch's defaults).
@@ -161,11 +164,24 @@ impl<T: Element> BatchNorm<T> {
     /// with the small-batch policy on a batch of fewer than 2 values per channel, the layer
     /// ignores the groups (the running statistics normalize the whole batch).
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
-        let ghost = self.virtual_batch()?;
+        self.forward_train_where(x, None, None, y)
+    }
+
+    /// [`BatchNorm::forward_train`] over the positions `mask` selects (`None`: all of them), y
+    /// +0.0 elsewhere; the mask's length is checked after the input's channel count. With
+    /// `relu`, fused with what follows (see [`BatchNorm::forward_train_relu`]).
+    pub(crate) fn forward_train_where(
+        &mut self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
+        let ghost = self.ghost_for(mask, relu.is_some())?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
-        let count = g.per_channel() as u64;
+        let count = check::mask(&g, mask)?;
         if self.uses_running_stats(count) {
-            return self.forward_frozen(x, y, count);
+            return self.forward_frozen(x, mask, relu, y, count);
         }
         if self.config.track_running_stats {
             // Everything the running-statistics update could reject is checked before y is written.
@@ -179,7 +195,7 @@ impl<T: Element> BatchNorm<T> {
         if let Some(v) = ghost {
             return self.forward_ghost(x, v, y);
         }
-        let (stats, saved) = batch_norm_train(x, self.affine(), self.config.eps, y)?;
+        let (stats, saved) = train_where(x, mask, relu, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
         Ok(saved)
     }
@@ -188,9 +204,21 @@ impl<T: Element> BatchNorm<T> {
     /// are not tracked, and what [`batch_norm_eval`] rejects. A ghost layer normalizes with them
     /// too: inference never uses groups.
     pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
+        self.forward_eval_where(x, None, None, y)
+    }
+
+    /// [`BatchNorm::forward_eval`] at the positions `mask` selects (`None`: all of them), +0.0
+    /// elsewhere; with `relu`, fused with what follows.
+    pub(crate) fn forward_eval_where(
+        &self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
+        y: &mut [T],
+    ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
-        batch_norm_eval(x, stats, self.affine(), self.config.eps, y)
+        eval_where(x, mask, relu, stats, self.affine(), self.config.eps, y)
     }
 
     /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
@@ -209,24 +237,51 @@ impl<T: Element> BatchNorm<T> {
     /// `saved` must come from this layer's `forward_train` on the same input, the configuration
     /// unchanged.
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
-        let ghost = self.virtual_batch()?;
+        self.backward_where(x, None, None, dy, saved, grads)
+    }
+
+    /// [`BatchNorm::backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
+    /// elsewhere; with `relu`, through a fused ReLU (see [`BatchNorm::backward_relu`]).
+    pub(crate) fn backward_where(
+        &self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
+        dy: &[T],
+        saved: &SavedStats,
+        grads: Grads<'_, T>,
+    ) -> Result<(), Error> {
+        let ghost = self.ghost_for(mask, relu.is_some())?;
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen(x, dy, saved, grads);
+            return self.backward_frozen(x, mask, relu, dy, saved, grads);
         }
         check::layer_input(self.num_features, x.shape, x.layout)?;
         if let Some(v) = ghost {
             return self.backward_ghost(x, dy, saved, v, grads);
         }
-        batch_norm_backward(x, dy, saved, self.affine().gamma, self.param_grads(grads))
+        backward_where(x, mask, relu, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
     pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
+        self.backward_eval_where(x, None, None, dy, grads)
+    }
+
+    /// [`BatchNorm::backward_eval`] over the positions `mask` selects (`None`: all of them), dx
+    /// +0.0 elsewhere; with `relu`, through a fused ReLU.
+    pub(crate) fn backward_eval_where(
+        &self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluBackward<'_, T>>,
+        dy: &[T],
+        grads: Grads<'_, T>,
+    ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
         let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        batch_norm_backward_eval(x, dy, stats, gamma, eps, self.param_grads(grads))
+        backward_eval_where(x, mask, relu, dy, stats, gamma, eps, self.param_grads(grads))
     }
 
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
@@ -270,12 +325,26 @@ impl<T: Element> BatchNorm<T> {
         x: View<'_, T>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
+        self.forward_train_sync_where(comm, x, None, y)
+    }
+
+    /// [`BatchNorm::forward_train_sync`] over the positions `mask` selects (`None`: all of them),
+    /// y +0.0 elsewhere; the mask's length is checked after `y`'s, before any communication.
+    pub(crate) fn forward_train_sync_where(
+        &mut self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
         self.reject_ghost()?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.frozen {
-            return self.forward_frozen(x, y, g.per_channel() as u64);
+            let count = check::mask(&g, mask)?;
+            return self.forward_frozen(x, mask, None, y, count);
         }
         check::len("y", &g, y.len())?;
+        check::mask(&g, mask)?;
         if self.config.track_running_stats {
             check::running_update(
                 self.config.momentum,
@@ -284,14 +353,14 @@ impl<T: Element> BatchNorm<T> {
                 &self.running_var,
             )?;
         }
-        let local = batch_stats(x)?;
+        let local = batch_stats_where(x, mask)?;
         let global = sync_batch_stats(comm, &local)?;
         if self.uses_running_stats(global.count) {
-            return self.forward_frozen(x, y, global.count);
+            return self.forward_frozen(x, mask, None, y, global.count);
         }
         check::training_count(global.count, x.shape)?;
         let saved = global.saved(self.config.eps)?;
-        normalize(x, &saved, self.affine(), y)?;
+        normalize_where(x, mask, &saved, self.affine(), y)?;
         self.track(&global)?;
         Ok(saved)
     }
@@ -321,17 +390,31 @@ impl<T: Element> BatchNorm<T> {
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
+        self.backward_sync_where(comm, x, None, dy, saved, grads)
+    }
+
+    /// [`BatchNorm::backward_sync`] over the positions `mask` selects (`None`: all of them), dx
+    /// +0.0 elsewhere.
+    pub(crate) fn backward_sync_where(
+        &self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        dy: &[T],
+        saved: &SavedStats,
+        grads: Grads<'_, T>,
+    ) -> Result<GradSums, Error> {
         self.reject_ghost()?;
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen_sync(comm, x, dy, saved, grads);
+            return self.backward_frozen_sync(comm, x, mask, dy, saved, grads);
         }
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
         check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-        let local = grad_sums(x, dy, saved)?;
+        let local = grad_sums_where(x, mask, dy, saved)?;
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {
-            input_grad(x, dy, saved, &global, self.affine().gamma, dx)?;
+            input_grad_where(x, mask, dy, saved, &global, self.affine().gamma, dx)?;
         }
         global.write_param_grads(dgamma, dbeta)?;
         Ok(local)

@@ -9,6 +9,18 @@ fn at(g: &Geometry, o: usize, c: usize, i: usize) -> usize {
     (o * g.channels + c) * g.inner + i
 }
 
+/// Zeroed dx (the shape of `g`), dγ and dβ (one per channel) to accumulate a backward into.
+fn zero_grads(g: &Geometry) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    (vec![0.0; g.len()], vec![0.0; g.channels], vec![0.0; g.channels])
+}
+
+/// Every element of `g` as (its index, its channel), in memory order: per channel, in the order
+/// of its values.
+fn elements(g: &Geometry) -> impl Iterator<Item = (usize, usize)> {
+    let g = *g;
+    (0..g.len()).map(move |k| (k, (k / g.inner) % g.channels))
+}
+
 /// The values of channel `c`, in order.
 pub fn channel_values(g: &Geometry, x: &[f64], c: usize) -> Vec<f64> {
     let mut v = Vec::with_capacity(g.per_channel());
@@ -49,16 +61,9 @@ pub fn forward_eval(
     beta: &[f64],
     eps: f64,
 ) -> Vec<f64> {
-    let mut y = vec![0.0; x.len()];
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                y[k] = gamma[c] * (x[k] - mean[c]) / (var[c] + eps).sqrt() + beta[c];
-            }
-        }
-    }
-    y
+    elements(g)
+        .map(|(k, c)| gamma[c] * (x[k] - mean[c]) / (var[c] + eps).sqrt() + beta[c])
+        .collect()
 }
 
 /// Training backward by the paper's chain rule, term by term (Section 3):
@@ -69,8 +74,7 @@ pub fn forward_eval(
 pub fn backward_train(g: &Geometry, x: &[f64], dy: &[f64], gamma: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mean, var) = mean_var(g, x);
     let m = g.per_channel() as f64;
-    let mut dx = vec![0.0; x.len()];
-    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    let (mut dx, mut dgamma, mut dbeta) = zero_grads(g);
     for c in 0..g.channels {
         let sd = (var[c] + eps).sqrt();
         let idx: Vec<usize> = (0..g.outer)
@@ -104,18 +108,12 @@ pub fn backward_eval(
     gamma: &[f64],
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let mut dx = vec![0.0; x.len()];
-    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                let sd = (var[c] + eps).sqrt();
-                dx[k] = dy[k] * gamma[c] / sd;
-                dgamma[c] += dy[k] * (x[k] - mean[c]) / sd;
-                dbeta[c] += dy[k];
-            }
-        }
+    let (mut dx, mut dgamma, mut dbeta) = zero_grads(g);
+    for (k, c) in elements(g) {
+        let sd = (var[c] + eps).sqrt();
+        dx[k] = dy[k] * gamma[c] / sd;
+        dgamma[c] += dy[k] * (x[k] - mean[c]) / sd;
+        dbeta[c] += dy[k];
     }
     (dx, dgamma, dbeta)
 }
@@ -161,7 +159,8 @@ pub fn population(batches: &[(Vec<f64>, Vec<f64>)], m: usize) -> (Vec<f64>, Vec<
 }
 
 /// Frozen batch norm's training forward: y = γ·(x − μ_run)/√(σ²_run + ε) + β, running statistics
-/// unchanged (the caller keeps them).
+/// unchanged (the caller keeps them): the inference transform ([`forward_eval`]) with the running
+/// statistics.
 pub fn frozen_forward(
     g: &Geometry,
     x: &[f64],
@@ -171,21 +170,12 @@ pub fn frozen_forward(
     beta: &[f64],
     eps: f64,
 ) -> Vec<f64> {
-    let mut y = vec![0.0; x.len()];
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                let xhat = (x[k] - running_mean[c]) / (running_var[c] + eps).sqrt();
-                y[k] = gamma[c] * xhat + beta[c];
-            }
-        }
-    }
-    y
+    forward_eval(g, x, running_mean, running_var, gamma, beta, eps)
 }
 
 /// Frozen batch norm's backward, the running statistics constants: dx = γ·dy/√(σ²_run + ε),
-/// dγ = Σ dy·x̂, dβ = Σ dy with x̂ = (x − μ_run)/√(σ²_run + ε). Returns (dx, dγ, dβ).
+/// dγ = Σ dy·x̂, dβ = Σ dy with x̂ = (x − μ_run)/√(σ²_run + ε): the inference-mode backward
+/// ([`backward_eval`]) with the running statistics. Returns (dx, dγ, dβ).
 pub fn frozen_backward(
     g: &Geometry,
     x: &[f64],
@@ -195,20 +185,7 @@ pub fn frozen_backward(
     gamma: &[f64],
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let mut dx = vec![0.0; x.len()];
-    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                let sd = (running_var[c] + eps).sqrt();
-                dx[k] = gamma[c] * dy[k] / sd;
-                dgamma[c] += dy[k] * (x[k] - running_mean[c]) / sd;
-                dbeta[c] += dy[k];
-            }
-        }
-    }
-    (dx, dgamma, dbeta)
+    backward_eval(g, x, dy, running_mean, running_var, gamma, eps)
 }
 
 /// Batch renormalization's per-channel corrections (Ioffe 2017, Algorithm 1):
@@ -259,16 +236,8 @@ pub fn renorm_forward_train(
     d_max: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mean, sigma_b, r, d) = renorm_corrections(g, x, moving_mean, moving_std, eps, r_max, d_max);
-    let mut y = vec![0.0; x.len()];
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                let xhat = (x[k] - mean[c]) / sigma_b[c] * r[c] + d[c];
-                y[k] = gamma[c] * xhat + beta[c];
-            }
-        }
-    }
+    let xhat = |k: usize, c: usize| (x[k] - mean[c]) / sigma_b[c] * r[c] + d[c];
+    let y = elements(g).map(|(k, c)| gamma[c] * xhat(k, c) + beta[c]).collect();
     (y, mean, sigma_b, r, d)
 }
 
@@ -291,14 +260,9 @@ pub fn renorm_backward(
     let (dx, _, dbeta) = backward_train(g, x, dy, &gamma_r, eps);
     let (mean, var) = mean_var(g, x);
     let mut dgamma = vec![0.0; g.channels];
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                let xhat = (x[k] - mean[c]) / (var[c] + eps).sqrt() * r[c] + d[c];
-                dgamma[c] += dy[k] * xhat;
-            }
-        }
+    for (k, c) in elements(g) {
+        let xhat = (x[k] - mean[c]) / (var[c] + eps).sqrt() * r[c] + d[c];
+        dgamma[c] += dy[k] * xhat;
     }
     (dx, dgamma, dbeta)
 }
@@ -313,16 +277,9 @@ pub fn renorm_eval(
     gamma: &[f64],
     beta: &[f64],
 ) -> Vec<f64> {
-    let mut y = vec![0.0; x.len()];
-    for o in 0..g.outer {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                let k = at(g, o, c, i);
-                y[k] = gamma[c] * (x[k] - moving_mean[c]) / moving_std[c] + beta[c];
-            }
-        }
-    }
-    y
+    elements(g)
+        .map(|(k, c)| gamma[c] * (x[k] - moving_mean[c]) / moving_std[c] + beta[c])
+        .collect()
 }
 
 /// Batch renormalization's moving-statistics update: μ ← μ + α(μ_B − μ), σ ← σ + α(σ_B − σ).
@@ -362,37 +319,25 @@ pub fn ghost_group_rows(g: &Geometry, batch: usize, virtual_batch: usize) -> Vec
         .collect()
 }
 
-/// The elements of outer rows `rows` of `x`, element by element, as a tensor of their own
-/// geometry.
+/// Where outer rows `rows` of a tensor of geometry `g` lie in its buffer: element (o, c, i) is at
+/// (o·C + c)·inner + i, so consecutive outer rows are one contiguous run.
+fn rows_span(g: &Geometry, rows: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let row = g.channels * g.inner;
+    rows.start * row..rows.end * row
+}
+
+/// The elements of outer rows `rows` of `x` as a tensor of their own geometry.
 fn gather_rows(g: &Geometry, x: &[f64], rows: &std::ops::Range<usize>) -> (Geometry, Vec<f64>) {
     let sub = Geometry {
         outer: rows.len(),
         ..*g
     };
-    let mut out = vec![0.0; sub.len()];
-    for (o, row) in rows.clone().enumerate() {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                out[at(&sub, o, c, i)] = x[at(g, row, c, i)];
-            }
-        }
-    }
-    (sub, out)
+    (sub, x[rows_span(g, rows)].to_vec())
 }
 
 /// Writes a tensor gathered by [`gather_rows`] back into rows `rows` of `out`.
 fn scatter_rows(g: &Geometry, rows: &std::ops::Range<usize>, sub: &[f64], out: &mut [f64]) {
-    let sg = Geometry {
-        outer: rows.len(),
-        ..*g
-    };
-    for (o, row) in rows.clone().enumerate() {
-        for c in 0..g.channels {
-            for i in 0..g.inner {
-                out[at(g, row, c, i)] = sub[at(&sg, o, c, i)];
-            }
-        }
-    }
+    out[rows_span(g, rows)].copy_from_slice(sub);
 }
 
 /// Ghost batch norm's training forward (Hoffer et al. 2017): each group of `virtual_batch`
@@ -430,8 +375,7 @@ pub fn ghost_backward_train(
     gamma: &[f64],
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let mut dx = vec![0.0; x.len()];
-    let (mut dgamma, mut dbeta) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    let (mut dx, mut dgamma, mut dbeta) = zero_grads(g);
     for rows in ghost_group_rows(g, batch, virtual_batch) {
         let (sg, xs) = gather_rows(g, x, &rows);
         let (_, dys) = gather_rows(g, dy, &rows);
@@ -471,4 +415,234 @@ pub fn ghost_running_update(
         var.push((1.0 - w) * running_var[c] + w * v);
     }
     (mean, var)
+}
+
+/// Masked batch norm's selection, written out: the positions `(o, i)` whose mask entry
+/// (`mask[o·inner + i]`, one per value of a channel, shared by all channels) is true, in order,
+/// and `v` gathered at them into an `[m, C]` tensor (row r = the r-th selected position) with its
+/// geometry. Masked batch norm is plain batch norm over these m rows, 0 at the other positions.
+#[allow(clippy::type_complexity)]
+pub fn masked_gather(g: &Geometry, v: &[f64], mask: &[bool]) -> (Geometry, Vec<f64>, Vec<(usize, usize)>) {
+    assert_eq!(mask.len(), g.per_channel(), "one mask entry per value of a channel");
+    let positions: Vec<(usize, usize)> = (0..g.outer)
+        .flat_map(|o| (0..g.inner).map(move |i| (o, i)))
+        .filter(|&(o, i)| mask[o * g.inner + i])
+        .collect();
+    let rows = Geometry {
+        outer: positions.len(),
+        channels: g.channels,
+        inner: 1,
+    };
+    let gathered = positions
+        .iter()
+        .flat_map(|&(o, i)| (0..g.channels).map(move |c| v[at(g, o, c, i)]))
+        .collect();
+    (rows, gathered, positions)
+}
+
+/// The inverse of [`masked_gather`]'s gathering: the `[m, C]` values `rows` put back at their
+/// positions of a tensor of geometry `g`, 0 everywhere else.
+pub fn masked_scatter(g: &Geometry, rows: &[f64], positions: &[(usize, usize)]) -> Vec<f64> {
+    let mut out = vec![0.0; g.len()];
+    for (r, &(o, i)) in positions.iter().enumerate() {
+        for c in 0..g.channels {
+            out[at(g, o, c, i)] = rows[r * g.channels + c];
+        }
+    }
+    out
+}
+
+/// Masked batch norm's statistics: per channel the mean μ_B and biased variance σ²_B of the m
+/// selected values (two-pass, as [`mean_var`]). Returns (mean, var, m).
+pub fn masked_mean_var(g: &Geometry, x: &[f64], mask: &[bool]) -> (Vec<f64>, Vec<f64>, usize) {
+    let (rows, xs, _) = masked_gather(g, x, mask);
+    let (mean, var) = mean_var(&rows, &xs);
+    (mean, var, rows.outer)
+}
+
+/// Masked training forward: y = γ·(x − μ_B)/√(σ²_B + ε) + β at the selected positions, with μ_B
+/// and σ²_B of the selected values ([`masked_mean_var`]); y = 0 at the other positions.
+/// Returns (y, mean, biased var).
+pub fn masked_forward_train(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    let (y, mean, var) = forward_train(&rows, &xs, gamma, beta, eps);
+    (masked_scatter(g, &y, &positions), mean, var)
+}
+
+/// Masked inference: y = γ·(x − mean)/√(var + ε) + β at the selected positions, 0 elsewhere.
+#[allow(clippy::too_many_arguments)]
+pub fn masked_forward_eval(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> Vec<f64> {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    masked_scatter(g, &forward_eval(&rows, &xs, mean, var, gamma, beta, eps), &positions)
+}
+
+/// A backward pass `f(rows, x, dy)` over the selected values of x and dy gathered into rows
+/// ([`masked_gather`]), its dx scattered back (0 at the other positions). Returns (dx, dγ, dβ).
+fn masked_backward(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    f: impl FnOnce(&Geometry, &[f64], &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (rows, xs, positions) = masked_gather(g, x, mask);
+    let (_, dys, _) = masked_gather(g, dy, mask);
+    let (dx, dgamma, dbeta) = f(&rows, &xs, &dys);
+    (masked_scatter(g, &dx, &positions), dgamma, dbeta)
+}
+
+/// Masked training backward: the chain rule of [`backward_train`] over the m selected values
+/// (x and dy at the other positions enter nothing), dx = 0 at the other positions (the forward
+/// writes a constant there); dγ = Σ dy·x̂ and dβ = Σ dy over the selected positions.
+/// Returns (dx, dγ, dβ).
+pub fn masked_backward_train(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    masked_backward(g, x, mask, dy, |rows, x, dy| backward_train(rows, x, dy, gamma, eps))
+}
+
+/// Masked inference-mode backward with fixed statistics: [`backward_eval`] over the selected
+/// values, dx = 0 at the other positions. Returns (dx, dγ, dβ).
+#[allow(clippy::too_many_arguments)]
+pub fn masked_backward_eval(
+    g: &Geometry,
+    x: &[f64],
+    mask: &[bool],
+    dy: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    masked_backward(g, x, mask, dy, |rows, x, dy| {
+        backward_eval(rows, x, dy, mean, var, gamma, eps)
+    })
+}
+
+/// The ReLU: t where t > 0, 0 where t ≤ 0; a NaN propagates.
+pub fn relu(t: f64) -> f64 {
+    if t > 0.0 || t.is_nan() {
+        t
+    } else {
+        0.0
+    }
+}
+
+/// What the ReLU keeps of its input t: t > 0 (and NaN, which propagates); its derivative there is
+/// 1, elsewhere 0 (at t = 0 exactly too: PyTorch's convention).
+pub fn relu_keeps(t: f64) -> bool {
+    t > 0.0 || t.is_nan()
+}
+
+/// `relu(y + z)` of a batch norm output `y` and a residual `z` (`None`: `relu(y)`). Returns (the
+/// output, its input t = y + z).
+pub fn add_relu(y: &[f64], z: Option<&[f64]>) -> (Vec<f64>, Vec<f64>) {
+    let t: Vec<f64> = match z {
+        Some(z) => y.iter().zip(z).map(|(a, b)| a + b).collect(),
+        None => y.to_vec(),
+    };
+    (t.iter().map(|&v| relu(v)).collect(), t)
+}
+
+/// Training forward of `relu(bn(x) + z)` (`z` `None`: `relu(bn(x))`): Algorithm 1
+/// ([`forward_train`]), plus z, through the ReLU. Returns (y, t = bn(x) + z, mean, biased var).
+#[allow(clippy::type_complexity)]
+pub fn relu_forward_train(
+    g: &Geometry,
+    x: &[f64],
+    z: Option<&[f64]>,
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (bn, mean, var) = forward_train(g, x, gamma, beta, eps);
+    let (y, t) = add_relu(&bn, z);
+    (y, t, mean, var)
+}
+
+/// Inference forward of `relu(bn(x) + z)` with given statistics ([`forward_eval`]). Returns
+/// (y, t = bn(x) + z).
+#[allow(clippy::too_many_arguments)]
+pub fn relu_forward_eval(
+    g: &Geometry,
+    x: &[f64],
+    z: Option<&[f64]>,
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    add_relu(&forward_eval(g, x, mean, var, gamma, beta, eps), z)
+}
+
+/// The upstream gradient through the ReLU: dy where the forward's ReLU kept its input
+/// (`kept`, [`relu_keeps`] of t), 0 elsewhere. It is also ∂ℓ/∂z of `relu(bn(x) + z)`.
+pub fn relu_backward(dy: &[f64], kept: &[bool]) -> Vec<f64> {
+    dy.iter().zip(kept).map(|(&d, &k)| if k { d } else { 0.0 }).collect()
+}
+
+/// Batch norm's backward `bn_backward` (from an upstream gradient to (dx, dγ, dβ)) behind a ReLU
+/// that kept `kept`: the chain rule through the ReLU ([`relu_backward`]), then `bn_backward`.
+/// Returns (dx, dγ, dβ, dz).
+#[allow(clippy::type_complexity)]
+fn behind_relu(
+    dy: &[f64],
+    kept: &[bool],
+    bn_backward: impl FnOnce(&[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let dz = relu_backward(dy, kept);
+    let (dx, dgamma, dbeta) = bn_backward(&dz);
+    (dx, dgamma, dbeta, dz)
+}
+
+/// Training backward of `relu(bn(x) + z)` (or `relu(bn(x))`), given which outputs the forward's
+/// ReLU kept: [`relu_backward`], then [`backward_train`]. Returns (dx, dγ, dβ, dz).
+#[allow(clippy::type_complexity)]
+pub fn relu_backward_train(
+    g: &Geometry,
+    x: &[f64],
+    kept: &[bool],
+    dy: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    behind_relu(dy, kept, |dz| backward_train(g, x, dz, gamma, eps))
+}
+
+/// Inference-mode backward of `relu(bn(x) + z)` with fixed statistics, given which outputs the
+/// forward's ReLU kept: [`relu_backward`], then [`backward_eval`]. Returns (dx, dγ, dβ, dz).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn relu_backward_eval(
+    g: &Geometry,
+    x: &[f64],
+    kept: &[bool],
+    dy: &[f64],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    behind_relu(dy, kept, |dz| backward_eval(g, x, dz, mean, var, gamma, eps))
 }

@@ -279,7 +279,7 @@ pub fn batch_renorm_train<T: Element>(
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<(BatchStats, RenormSaved), Error> {
-    let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
+    let (g, _) = check_forward(x, None, y, |channels| check_moving(channels, moving), affine)?;
     check::eps(eps)?;
     check::training_count(g.per_channel() as u64, x.shape)?;
     let x = x.data;
@@ -342,7 +342,7 @@ pub fn batch_renorm_backward<T: Element>(
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
     let check_saved = |channels| check::renorm_saved(saved, channels);
-    let g = check_train_backward(x, dy, check_saved, gamma, &grads, saved.stats.count)?;
+    let g = check_train_backward(x, None, None, dy, check_saved, gamma, &grads, saved.stats.count)?;
     let (Grads { dx, dgamma, dbeta }, x) = (grads, x.data);
     let st = &saved.stats;
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &st.mean, |first, s1, s2, out| {
@@ -398,10 +398,10 @@ pub fn batch_renorm_eval<T: Element>(
     affine: Affine<'_, T>,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
+    let (g, _) = check_forward(x, None, y, |channels| check_moving(channels, moving), affine)?;
     let mean = Scratch::collect(moving.mean.iter().map(|v| v.to_f64()));
     let inv_std = Scratch::collect(moving.std.iter().map(|v| 1.0 / v.to_f64()));
-    normalize_affine(&g, x.data, y, &mean, inv_std, affine);
+    normalize_affine(&g, x.data, y, &mean, inv_std, affine, None, None);
     Ok(())
 }
 
@@ -595,7 +595,7 @@ impl<T: Element> BatchRenorm<T> {
         check::renorm_momentum(self.config.momentum)?;
         let next = check::renorm_next_step(self.steps)?;
         let (moving, affine) = (self.moving(), self.affine());
-        let g = check_forward(x, y, |channels| check_moving(channels, moving), affine)?;
+        let (g, _) = check_forward(x, None, y, |channels| check_moving(channels, moving), affine)?;
         check::eps(self.config.eps)?;
         let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
@@ -642,7 +642,7 @@ impl<T: Element> BatchRenorm<T> {
         if let Some(dx) = dx {
             let mut coeffs = Scratch::any(g.channels);
             with_simd(|| renorm_dx_coeffs(gamma, saved, 0, &global.sum_dy, &global.sum_dy_xhat, &mut coeffs));
-            plan::input_grad(&g, x.data, dy, dx, &coeffs);
+            plan::input_grad_where(&g, x.data, dy, dx, &coeffs, None, None);
         }
         renorm_param_sums(saved, &global).write_param_grads(dgamma, dbeta)?;
         Ok(renorm_param_sums(saved, &local))

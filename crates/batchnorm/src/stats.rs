@@ -126,11 +126,18 @@ pub struct SavedStats {
 /// Does not itself require two values per channel (a worker's shard may hold one); the training
 /// functions check the (global) count.
 pub fn batch_stats<T: Element>(x: View<'_, T>) -> Result<BatchStats, Error> {
+    batch_stats_where(x, None)
+}
+
+/// [`batch_stats`] of the positions `mask` selects (`None`: all of them): `count` is their
+/// number, and with none the mean and M2 are 0. Checks the shape and `x`, then the mask's length.
+pub(crate) fn batch_stats_where<T: Element>(x: View<'_, T>, mask: Option<&[bool]>) -> Result<BatchStats, Error> {
     let View { data: x, shape, layout } = x;
     let g = check::input("x", x, shape, layout)?;
-    let m = plan::channel_moments(&g, x);
+    let count = check::mask(&g, mask)?;
+    let m = plan::channel_moments_where(&g, x, mask);
     Ok(BatchStats {
-        count: g.per_channel() as u64,
+        count,
         mean: m.mean,
         m2: m.m2,
     })

@@ -6,6 +6,7 @@ use batchnorm::{
     BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, RenormSaved, RenormSchedule, SavedStats,
     View,
 };
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -49,8 +50,7 @@ impl Case {
 
 /// A batch-norm variant `bnlab bench` times (`--variant`; its rows' `"variant"`).
 ///
-/// Each is one entry here and one case of the private layer it times; masked batch norm (half of
-/// the positions valid) is to be one more.
+/// Each is one entry here and one case of the private layer it times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Variant {
     /// Plain batch norm: `fwd_train`, `fwd_eval` and `backward`.
@@ -64,6 +64,51 @@ pub enum Variant {
     /// Ghost batch norm: a `BatchNorm` layer with virtual batches of [`GHOST_EXAMPLES`] examples
     /// (NC: [`GHOST_EXAMPLES_NC`]): `fwd_train` and `backward`.
     Ghost,
+    /// Masked batch norm (`BatchNorm::forward_train_masked`, `backward_masked`) with half of the
+    /// positions valid as padded sequences leave them ([`MaskPattern::Padded`]): `fwd_train` and
+    /// `backward`.
+    Masked,
+    /// Masked batch norm with a scattered mask, a random half of the positions valid
+    /// ([`MaskPattern::Random`]): `fwd_train` and `backward`.
+    MaskedRandom,
+}
+
+/// Which half of the positions the masked rows select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskPattern {
+    /// Padded sequences: on NC inputs the first half of the examples; on feature maps (either
+    /// layout) each example's first half of its positions (row-major over the spatial
+    /// dimensions), the rest padding.
+    Padded,
+    /// Scattered: a random half of the mask's entries (of the examples on NC inputs), the same
+    /// for every run.
+    Random,
+}
+
+impl MaskPattern {
+    /// The mask of this pattern for `examples` examples of `per_example` positions each (1 on NC
+    /// inputs): one `bool` per value of a channel, row-major `[N, positions]`. Half of the
+    /// entries are true, rounded down: for [`MaskPattern::Padded`], half of the examples (NC) or
+    /// of each example's positions; for [`MaskPattern::Random`], half of all entries.
+    ///
+    /// ```
+    /// use bnlab::bench::MaskPattern;
+    /// assert_eq!(MaskPattern::Padded.mask(4, 1), [true, true, false, false]);
+    /// assert_eq!(MaskPattern::Padded.mask(2, 3), [true, false, false, true, false, false]);
+    /// assert_eq!(MaskPattern::Random.mask(10, 7).iter().filter(|&&on| on).count(), 35);
+    /// ```
+    pub fn mask(self, examples: usize, per_example: usize) -> Vec<bool> {
+        let len = examples * per_example;
+        match self {
+            MaskPattern::Padded if per_example == 1 => (0..len).map(|k| k < examples / 2).collect(),
+            MaskPattern::Padded => (0..len).map(|i| i % per_example < per_example / 2).collect(),
+            MaskPattern::Random => {
+                let mut mask: Vec<bool> = (0..len).map(|i| i < len / 2).collect();
+                mask.shuffle(&mut ChaCha8Rng::seed_from_u64(11));
+                mask
+            }
+        }
+    }
 }
 
 /// Examples per virtual batch of the `ghost` rows, on feature maps.
@@ -75,15 +120,25 @@ pub const GHOST_EXAMPLES_NC: usize = 16;
 
 impl Variant {
     /// Every variant, in the order they are timed (the default of `--variant`).
-    pub const ALL: [Variant; 4] = [Variant::Bn, Variant::Frozen, Variant::Renorm, Variant::Ghost];
+    pub const ALL: [Variant; 6] = [
+        Variant::Bn,
+        Variant::Frozen,
+        Variant::Renorm,
+        Variant::Ghost,
+        Variant::Masked,
+        Variant::MaskedRandom,
+    ];
 
-    /// The name in `--variant` and in the rows: `bn`, `frozen`, `renorm`.
+    /// The name in `--variant` and in the rows: `bn`, `frozen`, `renorm`, `ghost`, `masked`,
+    /// `masked-random`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Bn => "bn",
             Variant::Frozen => "frozen",
             Variant::Renorm => "renorm",
             Variant::Ghost => "ghost",
+            Variant::Masked => "masked",
+            Variant::MaskedRandom => "masked-random",
         }
     }
 
@@ -91,7 +146,7 @@ impl Variant {
     pub fn ops(self) -> &'static [Op] {
         match self {
             Variant::Bn => &[Op::FwdTrain, Op::FwdEval, Op::Backward],
-            Variant::Frozen | Variant::Renorm | Variant::Ghost => &[Op::FwdTrain, Op::Backward],
+            _ => &[Op::FwdTrain, Op::Backward],
         }
     }
 }
@@ -121,8 +176,14 @@ impl Op {
 
 /// One variant's layer ready to be timed, with what its backward needs from one training forward.
 enum Timed {
-    /// The kernel crate's `BatchNorm` (plain or frozen).
+    /// The kernel crate's `BatchNorm` (plain, frozen or ghost).
     Bn { layer: BatchNorm<f32>, saved: SavedStats },
+    /// The kernel crate's `BatchNorm` through its masked passes with this mask.
+    Masked {
+        layer: BatchNorm<f32>,
+        mask: Vec<bool>,
+        saved: SavedStats,
+    },
     /// The kernel crate's `BatchRenorm`.
     Renorm {
         layer: BatchRenorm<f32>,
@@ -134,6 +195,17 @@ impl Timed {
     /// `variant`'s layer over `channels` channels, after one training forward of `x` into `y`.
     fn new(variant: Variant, channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<Timed, batchnorm::Error> {
         Ok(match variant {
+            Variant::Masked | Variant::MaskedRandom => {
+                let pattern = match variant {
+                    Variant::Masked => MaskPattern::Padded,
+                    _ => MaskPattern::Random,
+                };
+                let g = x.layout.geometry(x.shape)?;
+                let mask = pattern.mask(x.shape[0], g.outer * g.inner / x.shape[0]);
+                let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+                let saved = layer.forward_train_masked(x, &mask, y)?;
+                Timed::Masked { layer, mask, saved }
+            }
             Variant::Bn | Variant::Frozen | Variant::Ghost => {
                 let virtual_batch = match (variant, x.layout) {
                     (Variant::Ghost, Layout::NC) => Some(GHOST_EXAMPLES_NC),
@@ -168,6 +240,7 @@ impl Timed {
     fn forward_train(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
         match self {
             Timed::Bn { layer, .. } => layer.forward_train(x, y).map(drop),
+            Timed::Masked { layer, mask, .. } => layer.forward_train_masked(x, mask, y).map(drop),
             Timed::Renorm { layer, .. } => layer.forward_train(x, y).map(drop),
         }
     }
@@ -175,6 +248,7 @@ impl Timed {
     fn forward_eval(&self, x: View<'_, f32>, y: &mut [f32]) -> Result<(), batchnorm::Error> {
         match self {
             Timed::Bn { layer, .. } => layer.forward_eval(x, y),
+            Timed::Masked { layer, mask, .. } => layer.forward_eval_masked(x, mask, y),
             Timed::Renorm { layer, .. } => layer.forward_eval(x, y),
         }
     }
@@ -182,6 +256,7 @@ impl Timed {
     fn backward(&self, x: View<'_, f32>, dy: &[f32], grads: Grads<'_, f32>) -> Result<(), batchnorm::Error> {
         match self {
             Timed::Bn { layer, saved } => layer.backward(x, dy, saved, grads),
+            Timed::Masked { layer, mask, saved } => layer.backward_masked(x, mask, dy, saved, grads),
             Timed::Renorm { layer, saved } => layer.backward(x, dy, saved, grads),
         }
     }

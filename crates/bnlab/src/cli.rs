@@ -2,11 +2,15 @@
 //!
 //! The flags every experiment has are the library's [`CommonSettings`] (flattened); the
 //! experiments' defaults for those without a default of their own are set here from each
-//! experiment's [`Defaults`], in [`command`].
+//! experiment's [`Defaults`], in [`command`]. The flags every study has are [`StudyFlags`]; each
+//! study's help for them is its [`Study::HELP`].
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::{accelerate, paper_mlp, small_batch};
+use bnlab::experiments::accelerate::{self, Accelerate};
+use bnlab::experiments::padded::{self, Padded};
+use bnlab::experiments::small_batch::{self, SmallBatch};
+use bnlab::experiments::{paper_mlp, Study};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -29,12 +33,15 @@ pub enum Command {
     /// Train the paper's MNIST MLP with and without batch norm (Figure 1) and write a report.
     PaperMlp(ExperimentArgs<PaperMlpFlags>),
     /// The paper's "accelerating BN networks" study (Figure 3) on a small conv net.
-    Accelerate(ExperimentArgs<AccelerateFlags>),
+    Accelerate(StudyArgs<accelerate::Variant, AccelerateFlags>),
     /// Small and non-i.i.d. mini-batches: plain BN against batch renorm, ghost BN, frozen BN and
     /// no BN at batch sizes 2 to 64, the same examples seen.
-    SmallBatch(ExperimentArgs<SmallBatchFlags>),
-    /// Test accuracy of a checkpoint (paper-mlp, accelerate or small-batch), optionally with BN
-    /// folded into the layers before it.
+    SmallBatch(StudyArgs<small_batch::Variant, SmallBatchFlags>),
+    /// Padded sequences: batch norm over every position (padding included) against masked batch
+    /// norm and no BN, trained on one length distribution and tested on several.
+    Padded(StudyArgs<padded::Variant, PaddedFlags>),
+    /// Test accuracy of a checkpoint (paper-mlp, accelerate, small-batch or padded), optionally
+    /// with BN folded into the layers before it.
     Eval(EvalArgs),
 }
 
@@ -96,6 +103,46 @@ pub struct ExperimentArgs<F: Args> {
     pub run: RunFlags,
 }
 
+/// Options of a study's subcommand: the flags every study has (variants `V`), then those of
+/// [`ExperimentArgs`] (the study's own `F` first).
+#[derive(Debug, Args)]
+pub struct StudyArgs<V: StudyVariant, F: Args> {
+    /// The flags every study has.
+    #[command(flatten)]
+    pub study: StudyFlags<V>,
+    /// The study's own flags, the flags every experiment has and how the run is started.
+    #[command(flatten)]
+    pub experiment_args: ExperimentArgs<F>,
+}
+
+/// What a study's variant type must be for `--variants`: parsed from its name.
+pub trait StudyVariant: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static {}
+impl<V: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static> StudyVariant for V {}
+
+/// The flags every study has (its variants `V`). Their help here is generic: each study's
+/// subcommand shows its own ([`Study::HELP`], set by [`command`]).
+#[derive(Debug, Args)]
+#[group(id = "study", multiple = true, conflicts_with = "resume")]
+pub struct StudyFlags<V: StudyVariant> {
+    /// Variants to train, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_variant::<V>)]
+    pub variants: Option<Vec<V>>,
+    /// Steps over which the learning rate halves (default: steps / 3).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub half_life: Option<u64>,
+    /// Output channels of the two convolutions, `C1,C2`.
+    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub channels: Option<Vec<u32>>,
+    /// A short run for CI (each of its presets can still be set by its flag).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// `--variants`' parser: a variant's name.
+fn parse_variant<V: StudyVariant>(name: &str) -> Result<V, String> {
+    name.parse()
+}
+
 /// The flags only `paper-mlp` has.
 #[derive(Debug, Args)]
 #[group(id = "experiment", multiple = true)]
@@ -112,23 +159,9 @@ pub struct PaperMlpFlags {
 #[derive(Debug, Args)]
 #[group(id = "experiment", multiple = true)]
 pub struct AccelerateFlags {
-    /// Variants to train, comma-separated (baseline, bn-baseline, bn-x5, bn-x30, bn-x5-sigmoid,
-    /// baseline-sigmoid; default: all six).
-    #[arg(long, value_delimiter = ',')]
-    pub variants: Option<Vec<bnlab::experiments::accelerate::Variant>>,
-    /// Steps over which the baseline's learning rate halves (default: steps / 3).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub half_life: Option<u64>,
-    /// Output channels of the two conv layers, `C1,C2` (default 8,16; 4,8 with --quick).
-    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub channels: Option<Vec<u32>>,
     /// Width of the hidden linear layer (default 100; 32 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub hidden: Option<u32>,
-    /// A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32
-    /// hidden), 5 population batches (each can still be set by its flag).
-    #[arg(long)]
-    pub quick: bool,
 }
 
 /// The flags only `small-batch` has. `--steps`, `--eval-every`, `--population-batches` and
@@ -137,32 +170,35 @@ pub struct AccelerateFlags {
 #[derive(Debug, Args)]
 #[group(id = "experiment", multiple = true)]
 pub struct SmallBatchFlags {
-    /// Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16,
-    /// frozen, no-bn; e.g. bn-b2, ghost4-b64; default: all 23).
-    #[arg(long, value_delimiter = ',')]
-    pub variants: Option<Vec<small_batch::Variant>>,
     /// How mini-batches are drawn: shuffled epochs, or each batch from --classes-per-batch classes.
     #[arg(long, value_enum, default_value_t = small_batch::BatchMode::Iid)]
     pub batches: small_batch::BatchMode,
     /// Classes per mini-batch with --batches grouped.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub classes_per_batch: u32,
-    /// Reference steps over which the learning rate halves (default: steps / 3).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub half_life: Option<u64>,
     /// Reference steps of plain BN before the frozen variants freeze (default: steps / 4).
     #[arg(long)]
     pub freeze_after: Option<u64>,
-    /// Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick).
-    #[arg(long, value_delimiter = ',', num_args = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub channels: Option<Vec<u32>>,
     /// Width of the hidden linear layer (default 100; 16 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub hidden: Option<u32>,
-    /// A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16
-    /// hidden), 2 population batches (each can still be set by its flag).
-    #[arg(long)]
-    pub quick: bool,
+}
+
+/// The flags only `padded` has.
+#[derive(Debug, Args)]
+#[group(id = "experiment", multiple = true)]
+pub struct PaddedFlags {
+    /// Lengths of the training sequences, MIN-MAX (uniform) or N; each image's rows are cut to its
+    /// length and padded back to the image's height.
+    #[arg(long, default_value = "8-28")]
+    pub train_lengths: padded::Lengths,
+    /// Test conditions after the training lengths, comma-separated (MIN-MAX or N each): every
+    /// evaluation also measures the test set under these.
+    #[arg(long, value_delimiter = ',', default_value = "28,4-10")]
+    pub test_lengths: Vec<padded::Lengths>,
+    /// What the padded steps hold: any number, nan, inf or -inf.
+    #[arg(long, default_value = "0", allow_negative_numbers = true, value_parser = padded::parse_pad_value)]
+    pub pad_value: f32,
 }
 
 /// Options of `bnlab eval`.
@@ -209,38 +245,59 @@ pub struct BenchArgs {
     #[arg(long)]
     pub cpu_time: bool,
     /// Batch-norm variants to time, comma-separated or repeated (bn: fwd_train, fwd_eval,
-    /// backward; frozen and renorm: fwd_train, backward). Default: all, each case's variants one
+    /// backward; the others: fwd_train, backward; masked: half of the positions valid as in
+    /// padded sequences, masked-random: a random half). Default: all, each case's variants one
     /// after the other in the same run.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub variant: Vec<bnlab::bench::Variant>,
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`] and `--quick`'s
-/// presets).
+/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`],
+/// [`padded::DEFAULTS`] and `--quick`'s presets).
 pub fn command() -> clap::Command {
-    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the
-    // presets apply when its value is `true`.
-    let quick =
-        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
         .mut_subcommand("accelerate", |c| {
-            with_defaults(c, &accelerate::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, accelerate::QUICK.steps.to_string()))
-                .mut_arg("eval_every", |a| quick(a, accelerate::QUICK.eval_every.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, accelerate::QUICK.population_batches.to_string())
-                })
+            let q = &accelerate::QUICK;
+            let c = with_study_help::<Accelerate>(c);
+            with_quick_defaults(c, &accelerate::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
         .mut_subcommand("small-batch", |c| {
-            with_defaults(c, &small_batch::DEFAULTS)
-                .mut_arg("steps", |a| quick(a, small_batch::QUICK.steps.to_string()))
-                .mut_arg("eval_every", |a| quick(a, small_batch::QUICK.eval_every.to_string()))
-                .mut_arg("population_batches", |a| {
-                    quick(a, small_batch::QUICK.population_batches.to_string())
-                })
+            let q = &small_batch::QUICK;
+            let c = with_study_help::<SmallBatch>(c);
+            with_quick_defaults(c, &small_batch::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
         })
+        .mut_subcommand("padded", |c| {
+            use padded::{quick, DEFAULTS};
+            with_quick_defaults(
+                with_study_help::<Padded>(c),
+                &DEFAULTS,
+                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
+            )
+        })
+}
+
+/// `c` with study `S`'s help for the flags every study has ([`StudyFlags`]).
+fn with_study_help<S: Study>(c: clap::Command) -> clap::Command {
+    let help = S::HELP;
+    c.mut_arg("variants", |a| a.help(help.variants))
+        .mut_arg("half_life", |a| a.help(help.half_life))
+        .mut_arg("channels", |a| a.help(help.channels))
+        .mut_arg("quick", |a| a.help(help.quick))
+}
+
+/// `c` with `d` as its defaults ([`with_defaults`]) and, with `--quick`, `quick`'s steps,
+/// evaluation interval and population batches as the defaults of those flags.
+fn with_quick_defaults(c: clap::Command, d: &Defaults, quick: (u64, u64, usize)) -> clap::Command {
+    // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the presets
+    // apply when its value is `true`.
+    let when_quick =
+        |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
+    with_defaults(c, d)
+        .mut_arg("steps", |a| when_quick(a, quick.0.to_string()))
+        .mut_arg("eval_every", |a| when_quick(a, quick.1.to_string()))
+        .mut_arg("population_batches", |a| when_quick(a, quick.2.to_string()))
 }
 
 /// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.
@@ -267,10 +324,33 @@ mod tests {
         let matches = command().try_get_matches_from(args).unwrap();
         match Cli::from_arg_matches(&matches).unwrap().command {
             Command::PaperMlp(a) => a.settings,
-            Command::Accelerate(a) => a.settings,
-            Command::SmallBatch(a) => a.settings,
+            Command::Accelerate(a) => a.experiment_args.settings,
+            Command::SmallBatch(a) => a.experiment_args.settings,
+            Command::Padded(a) => a.experiment_args.settings,
             other => panic!("not a training command: {other:?}"),
         }
+    }
+
+    /// Each study's subcommand shows the study's own help for the flags every study has.
+    #[test]
+    fn studies_show_their_own_help_for_the_shared_flags() {
+        fn help(subcommand: &str, arg: &str) -> String {
+            let mut c = command();
+            let sub = c.find_subcommand_mut(subcommand).unwrap();
+            let a = sub.get_arguments().find(|a| a.get_id() == arg).unwrap();
+            a.get_help().unwrap().to_string()
+        }
+        for (sub, h) in [
+            ("accelerate", Accelerate::HELP),
+            ("small-batch", SmallBatch::HELP),
+            ("padded", Padded::HELP),
+        ] {
+            assert_eq!(help(sub, "variants"), h.variants, "{sub}");
+            assert_eq!(help(sub, "half_life"), h.half_life, "{sub}");
+            assert_eq!(help(sub, "channels"), h.channels, "{sub}");
+            assert_eq!(help(sub, "quick"), h.quick, "{sub}");
+        }
+        assert_ne!(Accelerate::HELP.quick, SmallBatch::HELP.quick);
     }
 
     /// Each experiment's defaults apply without `--quick`, its presets with it, and a flag given
@@ -288,5 +368,19 @@ mod tests {
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);
         assert_eq!((s.eval_every, s.population_batches), (40, 5));
+        let s = settings(&["bnlab", "padded"]);
+        let d = padded::DEFAULTS;
+        assert_eq!(
+            (s.steps, s.eval_every, s.batch, s.lr),
+            (d.steps, d.eval_every, d.batch, d.lr)
+        );
+        assert_eq!(s.population_batches, 50);
+        let s = settings(&["bnlab", "padded", "--quick"]);
+        let q = (
+            padded::quick::STEPS,
+            padded::quick::EVAL_EVERY,
+            padded::quick::POPULATION_BATCHES,
+        );
+        assert_eq!((s.steps, s.eval_every, s.population_batches), q);
     }
 }

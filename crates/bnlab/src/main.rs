@@ -6,14 +6,18 @@ use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::driver::settings::MAX_THREADS;
-use bnlab::driver::{self, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
+use bnlab::driver::{self, CommonSettings, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
 use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
+use bnlab::experiments::convnet::default_half_life;
 use bnlab::experiments::eval::{self, EvalOptions};
+use bnlab::experiments::padded::{self, Padded, PaddedSettings};
 use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
-use bnlab::experiments::small_batch::{self, SmallBatch};
+use bnlab::experiments::small_batch::{self, SmallBatch, SmallBatchSettings};
+use bnlab::experiments::{FlagSettings, Study};
+use bnlab::report::percent;
 use cli::{
-    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaperMlpFlags, RunFlags, SmallBatchFlags,
-    VariantChoice,
+    AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags,
+    SmallBatchFlags, StudyArgs, StudyFlags, StudyVariant, VariantChoice,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,8 +66,9 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
-        Command::Accelerate(args) => run_accelerate(&args),
-        Command::SmallBatch(args) => run_small_batch(&args),
+        Command::Accelerate(args) => run_study(&Accelerate, &args, accelerate_flags, accelerate::Table::markdown),
+        Command::SmallBatch(args) => run_study(&SmallBatch, &args, small_batch_flags, small_batch::Table::markdown),
+        Command::Padded(args) => run_study(&Padded, &args, padded_flags, padded::Table::markdown),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -113,7 +118,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<7} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
+                "{:<13} {:<6} {:<18} {:<10} {:>10} {:>8} {:>8}",
                 "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
@@ -126,7 +131,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
                         let shape = format!("{:?}", r.shape);
                         let pct = 100.0 * r.gbps() / copy;
                         println!(
-                            "{:<7} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
+                            "{:<13} {:<6} {:<18} {:<10} {:>10.4} {:>8.1} {:>7.0}%",
                             r.variant,
                             r.layout,
                             shape,
@@ -222,7 +227,6 @@ fn train_experiment<E: Experiment>(
 
 /// Prints each variant's timing and traffic lines, then where the report is.
 fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std::path::Path, accuracy: bool) {
-    let percent = |a: Option<f64>| a.map_or("–".to_string(), |a| format!("{:.2}%", a * 100.0));
     for (name, r) in summaries {
         if accuracy {
             println!(
@@ -245,6 +249,24 @@ fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std
     println!("wrote {}", out.join("report.html").display());
 }
 
+/// Trains `experiment` ([`train_experiment`]) and, on rank 0, prints its report's table
+/// (`markdown`), each variant's timing lines and where the report is.
+fn train_and_print<E: Experiment>(
+    experiment: &E,
+    flags: &RunFlags,
+    fresh: impl FnOnce(PathBuf) -> Result<Settings<E::Settings>>,
+    markdown: impl Fn(&E::Report) -> String,
+) -> Result<()> {
+    let Some(f) = train_experiment(experiment, flags, fresh)? else {
+        return Ok(());
+    };
+    if let Some(report) = &f.report {
+        print!("{}", markdown(report));
+    }
+    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    Ok(())
+}
+
 fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     let fresh = |out| {
         let variants = match args.experiment.variant {
@@ -257,7 +279,7 @@ fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
             init_std: args.experiment.init_std as f32,
         };
         Ok(Settings {
-            common: driver::CommonSettings {
+            common: CommonSettings {
                 out,
                 ..args.settings.clone()
             },
@@ -271,86 +293,65 @@ fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     Ok(())
 }
 
-fn run_accelerate(args: &ExperimentArgs<AccelerateFlags>) -> Result<()> {
+/// Trains study `S` ([`train_and_print`]): a fresh run starts from the study's defaults
+/// (`--quick`'s preset with it), then applies the flags every study has, then its own flags
+/// (`own`, with the common settings); on rank 0 it prints the table (`markdown`).
+fn run_study<S: Study, F: clap::Args>(
+    study: &S,
+    args: &StudyArgs<S::Variant, F>,
+    own: impl Fn(&F, &mut S::Settings, &CommonSettings),
+    markdown: impl Fn(&S::Report) -> String,
+) -> Result<()>
+where
+    S::Variant: StudyVariant,
+{
     let fresh = |out| {
-        let flags = &args.experiment;
-        let common = driver::CommonSettings {
+        let common = CommonSettings {
             out,
-            ..args.settings.clone()
+            ..args.experiment_args.settings.clone()
         };
-        let mut s = accelerate::Settings::new(PathBuf::new());
-        if flags.quick {
-            s = s.quick();
-        }
-        let a = &mut s.experiment;
-        if let Some(v) = &flags.variants {
-            a.variants = v.clone();
-        }
-        a.half_life = flags.half_life.unwrap_or(accelerate::default_half_life(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            a.channels = [c1 as usize, c2 as usize];
-        }
-        if let Some(h) = flags.hidden {
-            a.hidden = h as usize;
-        }
-        Ok(Settings::<AccelerateSettings> {
-            common,
-            experiment: s.experiment,
-        })
+        let mut experiment = S::defaults(args.study.quick);
+        apply_study_flags(&args.study, S::flag_settings(&mut experiment), common.steps)?;
+        own(&args.experiment_args.experiment, &mut experiment, &common);
+        Ok(Settings { common, experiment })
     };
-    let Some(f) = train_experiment(&Accelerate, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
-    }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
-    Ok(())
+    train_and_print(study, &args.experiment_args.run, fresh, markdown)
 }
 
-fn run_small_batch(args: &ExperimentArgs<SmallBatchFlags>) -> Result<()> {
-    let fresh = |out| {
-        let flags = &args.experiment;
-        let common = driver::CommonSettings {
-            out,
-            ..args.settings.clone()
-        };
-        let mut s = small_batch::Settings::new(PathBuf::new());
-        if flags.quick {
-            s = s.quick();
-        }
-        let e = &mut s.experiment;
-        if let Some(v) = &flags.variants {
-            e.variants = v.clone();
-        }
-        e.batches = flags.batches;
-        e.classes_per_batch = flags.classes_per_batch as usize;
-        e.half_life = flags.half_life.unwrap_or(small_batch::default_half_life(common.steps));
-        e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
-        if let Some(c) = &flags.channels {
-            let [c1, c2] = c[..] else {
-                anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
-            };
-            e.channels = [c1 as usize, c2 as usize];
-        }
-        if let Some(h) = flags.hidden {
-            e.hidden = h as usize;
-        }
-        Ok(small_batch::Settings {
-            common,
-            experiment: s.experiment,
-        })
-    };
-    let Some(f) = train_experiment(&SmallBatch, &args.run, fresh)? else {
-        return Ok(());
-    };
-    if let Some(table) = &f.report {
-        print!("{}", table.markdown());
+/// Applies `accelerate`'s own flags.
+fn accelerate_flags(flags: &AccelerateFlags, a: &mut AccelerateSettings, _: &CommonSettings) {
+    a.hidden = flags.hidden.map_or(a.hidden, |h| h as usize);
+}
+
+/// Applies `small-batch`'s own flags (`common.steps` is the reference run's length).
+fn small_batch_flags(flags: &SmallBatchFlags, e: &mut SmallBatchSettings, common: &CommonSettings) {
+    e.batches = flags.batches;
+    e.classes_per_batch = flags.classes_per_batch as usize;
+    e.freeze_after = (flags.freeze_after).unwrap_or(small_batch::default_freeze_after(common.steps));
+    e.hidden = flags.hidden.map_or(e.hidden, |h| h as usize);
+}
+
+/// Applies `padded`'s own flags.
+fn padded_flags(flags: &PaddedFlags, e: &mut PaddedSettings, _: &CommonSettings) {
+    e.train_lengths = flags.train_lengths;
+    e.test_lengths = flags.test_lengths.clone();
+    e.pad_value = flags.pad_value;
+}
+
+/// Sets `s` as the flags every study has say, for a run of `steps` steps: the variants and
+/// channels given, the half-life given or [`default_half_life`]. Rejects `--channels` with other
+/// than two numbers.
+fn apply_study_flags<V: StudyVariant>(flags: &StudyFlags<V>, s: FlagSettings<'_, V>, steps: u64) -> Result<()> {
+    if let Some(v) = &flags.variants {
+        *s.variants = v.clone();
     }
-    print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
+    *s.half_life = flags.half_life.unwrap_or(default_half_life(steps));
+    if let Some(c) = &flags.channels {
+        let [c1, c2] = c[..] else {
+            anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
+        };
+        *s.channels = [c1 as usize, c2 as usize];
+    }
     Ok(())
 }
 

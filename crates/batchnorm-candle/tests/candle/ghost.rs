@@ -8,7 +8,9 @@ use crate::common::{
     assert_bits, assert_close, assert_steps_match_kernel, check_paths, check_stats, f64s, for_cases, forward_backward,
     pair, paths, reference_outputs, running, tensor, tol_composed, vecs, OUTPUTS,
 };
-use batchnorm::{reference, Layout};
+use batchnorm::{
+    ghost_batch_norm_backward, ghost_batch_norm_train, reference, update_ghost_running_stats, Affine, Layout, Momentum,
+};
 use batchnorm_candle::{BatchNorm, BatchNormConfig};
 use candle_core::{DType, ModuleT, Result, Tensor, WithDType};
 
@@ -50,36 +52,34 @@ fn ghost_training_matches_the_reference_on_both_paths() -> Result<()> {
     })
 }
 
-/// The fused path is the kernel crate's ghost layer (`batchnorm::BatchNorm` with
-/// `virtual_batch`): outputs, gradients and running statistics bit for bit.
-fn ghost_matches_the_kernel_layer<T: batchnorm::Element + WithDType>() -> Result<()> {
+/// The fused path is the kernel crate's ghost batch norm (`ghost_batch_norm_train`,
+/// `ghost_batch_norm_backward`, `update_ghost_running_stats` at momentum 0.1): outputs, gradients
+/// and running statistics bit for bit.
+fn ghost_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
     for (i, (shape, v)) in CASES.into_iter().enumerate() {
         let (c, seed) = (shape[1], 3100 + 10 * i as u64);
         let bn = pair(c, T::DTYPE, BatchNormConfig::default(), seed)?
             .ours
             .with_virtual_batch(Some(v))?;
-        let config = batchnorm::BatchNormConfig {
-            virtual_batch: Some(v),
-            ..Default::default()
-        };
-        let mut kernel = batchnorm::BatchNorm::<T>::new(c, config).unwrap();
         let (gamma, beta) = bn.weight_and_bias().unwrap();
-        [kernel.gamma, kernel.beta, kernel.running_mean, kernel.running_var] =
-            vecs([gamma, beta, bn.running_mean(), bn.running_var()])?;
+        let [gamma, beta, mut mean, mut var] = vecs([gamma, beta, bn.running_mean(), bn.running_var()])?;
         let stats = || running(&bn).map(Tensor::clone).to_vec();
-        assert_steps_match_kernel::<T>(&bn, bn.weight_and_bias(), stats, shape, seed, |x, dy, y, grads| {
-            let saved = kernel.forward_train(x, y).unwrap();
-            kernel.backward(x, dy, &saved, grads).unwrap();
-            vec![kernel.running_mean.clone(), kernel.running_var.clone()]
+        let ours = |x: &Tensor| bn.forward_t(x, true);
+        assert_steps_match_kernel::<T>(ours, bn.weight_and_bias(), stats, shape, seed, |x, dy, y, grads| {
+            let affine = Affine::new(&gamma, &beta);
+            let (groups, saved) = ghost_batch_norm_train(x, v, affine, 1e-5, y).unwrap();
+            ghost_batch_norm_backward(x, dy, &saved, Some(&gamma), grads).unwrap();
+            update_ghost_running_stats(&groups, Momentum::Exponential(0.1), 1, &mut mean, &mut var).unwrap();
+            vec![mean.clone(), var.clone()]
         })?;
     }
     Ok(())
 }
 
 #[test]
-fn ghost_fused_path_is_the_kernel_layer_bit_for_bit() -> Result<()> {
-    ghost_matches_the_kernel_layer::<f32>()?;
-    ghost_matches_the_kernel_layer::<f64>()
+fn ghost_fused_path_is_the_kernel_bit_for_bit() -> Result<()> {
+    ghost_matches_the_kernel::<f32>()?;
+    ghost_matches_the_kernel::<f64>()
 }
 
 /// With v ≥ N there is one group: ghost batch norm is plain batch norm, bit for bit on the fused

@@ -3,16 +3,21 @@
 //! that enter the statistics; valid positions are normalized with them, masked ones written as 0;
 //! the backward is the exact derivative (dx = 0 at masked positions, which add nothing to dγ,
 //! dβ); the running variance is unbiased with the valid count (issue 16's definition). Checked on
-//! both compute paths against plain batch norm's f64 reference over the valid positions gathered,
-//! and for padding holding NaN or 1e30 changing nothing.
+//! both compute paths against plain batch norm's f64 reference over the valid positions gathered;
+//! the fused path against the kernel crate's masked functions bit for bit and against the
+//! composed path; and for padding holding NaN or 1e30 changing nothing.
 
 use crate::common::{
-    assert_bits, assert_close, assert_outputs_bits, check_paths, check_stats, f64s, for_cases, forward_backward,
-    from_f64s, pair, paths, reference_outputs, running, tensor, tol_composed, tol_fused, values, OUTPUTS,
+    assert_bits, assert_close, assert_outputs_bits, assert_steps_match_kernel, check_paths, check_stats, eps_of, f64s,
+    for_cases, forward_backward, from_f64s, kernel_step, pair, paths, reference_outputs, running, tensor, tol_composed,
+    tol_fused, values, vecs, OUTPUTS,
 };
-use batchnorm::{reference, Geometry, Layout};
+use batchnorm::{
+    batch_norm_backward_eval_masked, batch_norm_backward_masked, batch_norm_eval_masked, batch_norm_train_masked,
+    reference, update_running_stats, Affine, FixedStats, Geometry, Layout, Momentum,
+};
 use batchnorm_candle::{BatchNorm, BatchNormConfig, SmallBatch};
-use candle_core::{DType, Device, ModuleT, Result, Tensor};
+use candle_core::{DType, Device, ModuleT, Result, Tensor, WithDType};
 
 /// Input shapes with about 60 % of their positions valid (at least 2 per batch).
 const SHAPES: [&[usize]; 3] = [&[10, 3], &[4, 3, 5], &[3, 2, 4, 2]];
@@ -34,6 +39,21 @@ fn mask_for(shape: &[usize], seed: u64) -> Result<(Tensor, Vec<bool>)> {
     let bytes: Vec<u8> = bits.iter().map(|&b| b as u8).collect();
     Ok((Tensor::from_vec(bytes, dims, &Device::Cpu)?, bits))
 }
+
+/// A padded-sequence mask for `shape`: example k valid for its first `lengths[k % lengths.len()]`
+/// positions (row-major over `[d1, …]`, capped at their number), the rest padding; as 0/1 `u8`.
+fn padded_mask(shape: &[usize], lengths: &[usize]) -> Result<(Tensor, Vec<bool>)> {
+    let dims = mask_shape(shape);
+    let per_example: usize = dims[1..].iter().product();
+    let bits: Vec<bool> = (0..dims[0])
+        .flat_map(|k| (0..per_example).map(move |p| p < lengths[k % lengths.len()]))
+        .collect();
+    let bytes: Vec<u8> = bits.iter().map(|&b| b as u8).collect();
+    Ok((Tensor::from_vec(bytes, dims, &Device::Cpu)?, bits))
+}
+
+/// Padded-sequence lengths: a full example, a long and a short prefix, and an empty one.
+const LENGTHS: [usize; 4] = [usize::MAX, 23, 3, 0];
 
 /// The valid positions of a channels-first `shape`: (example·spatial index, its offset per
 /// channel) for each position whose mask bit is on, in order.
@@ -136,32 +156,40 @@ fn masked_batch_norm_is_plain_batch_norm_over_the_valid_positions() -> Result<()
     })
 }
 
-/// A mask of all ones is plain batch norm, in training and inference, on each path, within the
-/// sum of the two passes' tolerances.
+/// A mask of all ones is plain batch norm, in training and inference: on the fused path bit for
+/// bit (the kernel crate's masked functions give the plain bits then), running statistics
+/// included; on the composed path within the sum of the two passes' tolerances.
 #[test]
 fn all_ones_mask_is_plain_batch_norm() -> Result<()> {
     for_cases(&SHAPES, 7200, |dtype, shape, seed| {
-        let c = shape[1];
-        let m = Layout::ChannelsFirst.geometry(shape).unwrap().per_channel();
         let ones = Tensor::ones(mask_shape(shape), DType::U8, &Device::Cpu)?;
-        let (fused, composed) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
-        let (fused_plain, composed_plain) = paths(c, dtype, BatchNormConfig::default(), seed, Ok)?;
+        let (fused, composed) = paths(shape[1], dtype, BatchNormConfig::default(), seed, Ok)?;
+        let (fused_plain, composed_plain) = paths(shape[1], dtype, BatchNormConfig::default(), seed, Ok)?;
+        let m = ones.elem_count();
         let x = tensor(seed + 5, shape, -1.0, 3.0, dtype)?;
         let w = tensor(seed + 7, shape, -1.0, 1.0, dtype)?;
         for (masked, plain, tol) in [
-            (&fused, &fused_plain, 2.0 * tol_fused(dtype, m)),
-            (&composed, &composed_plain, 2.0 * tol_composed(dtype, m)),
+            (&fused, &fused_plain, None),
+            (&composed, &composed_plain, Some(2.0 * tol_composed(dtype, m))),
         ] {
+            let check = |what: &str, a: &Tensor, b: &Tensor| match tol {
+                None => assert_bits(what, a, b),
+                Some(tol) => assert_close(what, a, b, tol),
+            };
             for train in [true, false] {
                 let params = masked.weight_and_bias();
                 let a = forward_backward(|x| masked.forward_t_masked(x, &ones, train), params, &x, &w)?;
                 let b = forward_backward(|x| plain.forward_t(x, train), plain.weight_and_bias(), &x, &w)?;
                 for k in 0..4 {
-                    let what = format!("{} {shape:?} {dtype:?} train={train}", OUTPUTS[k]);
-                    assert_close(&what, &a[k], &b[k], tol);
+                    check(
+                        &format!("{} {shape:?} {dtype:?} train={train}", OUTPUTS[k]),
+                        &a[k],
+                        &b[k],
+                    );
                 }
             }
-            assert_close("running var", masked.running_var(), plain.running_var(), tol);
+            check("running mean", masked.running_mean(), plain.running_mean());
+            check("running var", masked.running_var(), plain.running_var());
         }
         Ok(())
     })
@@ -169,12 +197,15 @@ fn all_ones_mask_is_plain_batch_norm() -> Result<()> {
 
 /// Padding never leaks: NaN, ±1e30 and infinities in x at masked positions, and NaN in the
 /// upstream gradient there, leave every output, gradient and running statistic bit for bit as
-/// with zeros there; on both paths, in training, inference and frozen.
+/// with zeros there; on both paths, in training, inference and frozen, for a scattered mask and
+/// a padded-sequence one (whose long stretches of padding the fused kernels skip).
 #[test]
 fn padding_holding_nan_or_1e30_changes_nothing() -> Result<()> {
-    for dtype in [DType::F32, DType::F64] {
-        let shape = [4usize, 3, 5];
-        let (mask, bits) = mask_for(&shape, 7301)?;
+    let shape = [4usize, 3, 40];
+    for ((mask, bits), dtype) in [mask_for(&shape, 7301)?, padded_mask(&shape, &LENGTHS)?]
+        .into_iter()
+        .flat_map(|m| [(m.clone(), DType::F32), (m, DType::F64)])
+    {
         let g = Layout::ChannelsFirst.geometry(&shape).unwrap();
         let clean = f64s(&tensor(7302, &shape, -1.0, 3.0, dtype)?);
         let dy_clean = f64s(&tensor(7303, &shape, -1.0, 1.0, dtype)?);
@@ -303,5 +334,104 @@ fn masked_errors_and_the_small_batch_policy() -> Result<()> {
     let bn = pair(3, DType::F32, uncentred, 7500)?.ours;
     let ones = Tensor::ones((4, 5), DType::U8, &dev)?;
     assert!(msg(bn.forward_train_masked(&x, &ones)).contains("uncentred"));
+    Ok(())
+}
+
+/// Shapes for the fused path against the kernels and the composed path: NC, long sequences
+/// (whose padded masks hold long stretches on and off) and a map of several spatial dimensions.
+const FUSED_SHAPES: [&[usize]; 3] = [&[40, 3], &[6, 4, 40], &[4, 3, 6, 7]];
+
+/// The fused path is the kernel crate's masked batch norm: three training steps against
+/// `batch_norm_train_masked`, `batch_norm_backward_masked` and `update_running_stats` with the
+/// masked batch statistics (momentum 0.1: the running variance unbiased with the valid count),
+/// then the inference pass, and the frozen training pass, against `batch_norm_eval_masked` and
+/// `batch_norm_backward_eval_masked` with the running statistics: outputs, gradients and
+/// running statistics bit for bit, for a scattered and a padded-sequence mask.
+fn masked_matches_the_kernel<T: batchnorm::Element + WithDType>() -> Result<()> {
+    for (i, shape) in FUSED_SHAPES.into_iter().enumerate() {
+        let seed = 7600 + 10 * i as u64;
+        for (mask, bits) in [mask_for(shape, seed + 1)?, padded_mask(shape, &LENGTHS)?] {
+            let bn = pair(shape[1], T::DTYPE, BatchNormConfig::default(), seed)?.ours;
+            let (gamma, beta) = bn.weight_and_bias().unwrap();
+            let [gamma, beta, mut mean, mut var] = vecs([gamma, beta, bn.running_mean(), bn.running_var()])?;
+            let affine = Affine::new(&gamma, &beta);
+            let stats = || running(&bn).map(Tensor::clone).to_vec();
+            let ours = |x: &Tensor| bn.forward_train_masked(x, &mask);
+            assert_steps_match_kernel::<T>(ours, bn.weight_and_bias(), stats, shape, seed, |x, dy, y, grads| {
+                let (batch, saved) = batch_norm_train_masked(x, &bits, affine, 1e-5, y).unwrap();
+                batch_norm_backward_masked(x, &bits, dy, &saved, Some(&gamma), grads).unwrap();
+                update_running_stats(&batch, Momentum::Exponential(0.1), 1, &mut mean, &mut var).unwrap();
+                vec![mean.clone(), var.clone()]
+            })?;
+            let x = tensor(seed + 2, shape, -1.0, 3.0, T::DTYPE)?;
+            let w = tensor(seed + 3, shape, -1.0, 1.0, T::DTYPE)?;
+            let want = kernel_step::<T>(&x, &w, |x, dy, y, grads| {
+                let fixed = FixedStats::new(&mean, &var);
+                batch_norm_eval_masked(x, &bits, fixed, affine, 1e-5, y).unwrap();
+                batch_norm_backward_eval_masked(x, &bits, dy, fixed, Some(&gamma), 1e-5, grads).unwrap();
+            })?;
+            let what = format!("{shape:?} {:?}", T::DTYPE);
+            for frozen in [false, true] {
+                bn.set_frozen(frozen);
+                let got = forward_backward(|x| bn.forward_t_masked(x, &mask, frozen), bn.weight_and_bias(), &x, &w)?;
+                assert_outputs_bits(&format!("{what} inference (frozen={frozen})"), &got, &want);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn masked_fused_path_is_the_kernel_bit_for_bit() -> Result<()> {
+    masked_matches_the_kernel::<f32>()?;
+    masked_matches_the_kernel::<f64>()
+}
+
+/// The fused path against the composed one (`ComputePath::Composed`, the fallback off the CPU)
+/// directly, for scattered and padded-sequence masks, in training (two steps, running
+/// statistics included), inference and frozen: within the sum of the two paths' tolerances for
+/// sums over the valid count m; for `f16`/`bf16`, which both paths compute in `f32`, within the
+/// `f32` tolerances plus one rounding of each result to the half type on each side (2·ε of the
+/// half type each).
+#[test]
+fn masked_fused_path_against_the_composed_path() -> Result<()> {
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for (i, shape) in FUSED_SHAPES.into_iter().enumerate() {
+            let seed = 7700 + 10 * i as u64;
+            for (mask, bits) in [mask_for(shape, seed + 1)?, padded_mask(shape, &LENGTHS)?] {
+                let m = bits.iter().filter(|&&on| on).count();
+                let tol = match dtype {
+                    DType::F16 | DType::BF16 => {
+                        4.0 * eps_of(dtype) + tol_fused(DType::F32, m) + tol_composed(DType::F32, m)
+                    }
+                    _ => tol_fused(dtype, m) + tol_composed(dtype, m),
+                };
+                let (fused, composed) = paths(shape[1], dtype, BatchNormConfig::default(), seed, Ok)?;
+                for (step, (train, frozen)) in [(true, false), (true, false), (false, false), (true, true)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let x = tensor(seed + 2 + step as u64, shape, -1.0, 3.0, dtype)?;
+                    let w = tensor(seed + 6 + step as u64, shape, -1.0, 1.0, dtype)?;
+                    let run = |bn: &BatchNorm| {
+                        bn.set_frozen(frozen);
+                        forward_backward(|x| bn.forward_t_masked(x, &mask, train), bn.weight_and_bias(), &x, &w)
+                    };
+                    let (a, b) = (run(&fused)?, run(&composed)?);
+                    let what = format!("{shape:?} {dtype:?} {m} valid, step {step} train={train} frozen={frozen}");
+                    for k in 0..4 {
+                        assert_eq!(a[k].dtype(), dtype);
+                        assert_close(&format!("{what} {}", OUTPUTS[k]), &a[k], &b[k], tol);
+                    }
+                    for (name, f, c) in [
+                        ("running mean", fused.running_mean(), composed.running_mean()),
+                        ("running var", fused.running_var(), composed.running_var()),
+                    ] {
+                        assert_close(&format!("{what} {name}"), f, c, tol);
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
+use super::relu::{with_epilogue, with_upstream, Act, Back, ElementMap};
 use super::scratch::{Pooled, Scratch};
 use super::simd::{as_f32, as_f32_mut, is_f32, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
@@ -262,8 +263,27 @@ unsafe fn put_narrow<S: Simd>(s: S, p: *mut f32, v: S::F, stream: bool) {
 }
 
 #[inline(always)]
-pub(super) fn normalize_plane_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T], a: WideAffine, stream: bool) {
+pub(super) fn normalize_plane_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    a: WideAffine,
+    stream: bool,
+    act: Option<Act<'_, T>>,
+) {
     assert_eq!(x.len(), y.len());
+    with_epilogue!(act, y.len(), |e| normalize_plane_with(s, x, y, a, stream, e))
+}
+
+#[inline(always)]
+fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    a: WideAffine,
+    stream: bool,
+    e: E,
+) {
     let n = y.len();
     if let (Some(x), Some(y), Some(a)) = (as_f32(x), as_f32_mut(y), NarrowAffine::new(a)) {
         let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
@@ -277,10 +297,13 @@ pub(super) fn normalize_plane_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [
             stream,
             // SAFETY: i + 8 <= n = x.len() = y.len().
             #[inline(always)]
-            |i, _| unsafe { put_narrow(s, yp.add(i), s.fmadd(s.fsub(s.fload(xp.add(i)), mv), sv, bv), stream) },
+            |i, _| unsafe {
+                let v = s.fmadd(s.fsub(s.fload(xp.add(i)), mv), sv, bv);
+                put_narrow(s, yp.add(i), e.narrow8(s, i, v), stream)
+            },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *yp.add(i) = a.apply(*xp.add(i)) },
+            |i, _| unsafe { *yp.add(i) = e.narrow1(i, a.apply(*xp.add(i))) },
         );
         return;
     }
@@ -297,21 +320,24 @@ pub(super) fn normalize_plane_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [
         #[inline(always)]
         |i, _| unsafe {
             let v = s.add(s.mul(s.sub(s.load(xp.add(i)), mv), sv), bv);
-            put_wide(s, yp.add(i), v, stream)
+            put_wide(s, yp.add(i), e.wide8(s, i, v), stream)
         },
         // SAFETY: i < n.
         #[inline(always)]
-        |i, _| unsafe { *yp.add(i) = T::from_f64(a.apply((*xp.add(i)).to_f64())) },
+        |i, _| unsafe { *yp.add(i) = T::from_f64(e.wide1(i, a.apply((*xp.add(i)).to_f64()))) },
     );
 }
 
 simd_dispatch! {
-    /// y = (x − mean)·scale + shift over one plane of one channel.
+    /// y = (x − mean)·scale + shift over one plane of one channel; with `act`, fused with what
+    /// follows (see `relu`).
     ///
     /// With scale = γ/√(σ²+ε) and shift = β this is Algorithm 1's x̂ and y in one pass.
     /// Subtracting the mean first (rather than x·scale + (β − mean·scale)) keeps full precision
     /// when the mean is large against the spread.
-    pub(crate) fn normalize_plane<T>(x: &[T], y: &mut [T], a: WideAffine, stream: bool) => normalize_plane_impl
+    pub(crate) fn normalize_plane<T>(
+        x: &[T], y: &mut [T], a: WideAffine, stream: bool, act: Option<Act<'_, T>>
+    ) => normalize_plane_impl
 }
 
 /// Per-channel constants of y = (x − mean[c])·scale[c] + shift[c] for the `rows` kernels, in the
@@ -401,8 +427,27 @@ fn redo_channels<P: Copy>(len: usize, channels: usize, stream: bool, wide: &[(us
 }
 
 #[inline(always)]
-pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T], p: &RowsAffine, stream: bool) {
+pub(super) fn normalize_rows_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    p: &RowsAffine,
+    stream: bool,
+    act: Option<Act<'_, T>>,
+) {
     assert_eq!(x.len(), y.len());
+    with_epilogue!(act, y.len(), |e| normalize_rows_with(s, x, y, p, stream, e))
+}
+
+#[inline(always)]
+fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    p: &RowsAffine,
+    stream: bool,
+    e: E,
+) {
     let n = y.len();
     match (p, as_f32(x), as_f32_mut(y)) {
         (
@@ -428,7 +473,8 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T
                 #[inline(always)]
                 |i, c| unsafe {
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
-                    put_narrow(s, yp.add(i), s.fmadd(d, s.fload(sp.add(c)), s.fload(bp.add(c))), stream)
+                    let v = s.fmadd(d, s.fload(sp.add(c)), s.fload(bp.add(c)));
+                    put_narrow(s, yp.add(i), e.narrow8(s, i, v), stream)
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
@@ -438,12 +484,12 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T
                         scale: *sp.add(c),
                         shift: *bp.add(c),
                     };
-                    *yp.add(i) = a.apply(*xp.add(i));
+                    *yp.add(i) = e.narrow1(i, a.apply(*xp.add(i)));
                 },
             );
             // SAFETY: i < n.
             redo_channels(n, channels, stream, wide, |i, a| unsafe {
-                *yp.add(i) = a.apply(*xp.add(i) as f64) as f32
+                *yp.add(i) = e.wide1(i, a.apply(*xp.add(i) as f64)) as f32
             });
         }
         (RowsAffine::Wide { mean, scale, shift }, _, _) => {
@@ -461,7 +507,7 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T
                 |i, c| unsafe {
                     let d = s.sub(s.load(xp.add(i)), s.load(mp.add(c)));
                     let v = s.add(s.mul(d, s.load(sp.add(c))), s.load(bp.add(c)));
-                    put_wide(s, yp.add(i), v, stream)
+                    put_wide(s, yp.add(i), e.wide8(s, i, v), stream)
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
@@ -471,7 +517,7 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T
                         scale: *sp.add(c),
                         shift: *bp.add(c),
                     };
-                    *yp.add(i) = T::from_f64(a.apply((*xp.add(i)).to_f64()));
+                    *yp.add(i) = T::from_f64(e.wide1(i, a.apply((*xp.add(i)).to_f64())));
                 },
             );
         }
@@ -480,8 +526,11 @@ pub(super) fn normalize_rows_impl<S: Simd, T: Element>(s: S, x: &[T], y: &mut [T
 }
 
 simd_dispatch! {
-    /// y = (x − mean[c])·scale[c] + shift[c] over whole rows of all channels.
-    pub(crate) fn normalize_rows<T>(x: &[T], y: &mut [T], p: &RowsAffine, stream: bool) => normalize_rows_impl
+    /// y = (x − mean[c])·scale[c] + shift[c] over whole rows of all channels; with `act`, fused
+    /// with what follows (see `relu`).
+    pub(crate) fn normalize_rows<T>(
+        x: &[T], y: &mut [T], p: &RowsAffine, stream: bool, act: Option<Act<'_, T>>
+    ) => normalize_rows_impl
 }
 
 /// Per-channel constants of the training-mode input gradient.
@@ -548,8 +597,33 @@ impl NarrowDx {
 }
 
 #[inline(always)]
-pub(super) fn dx_plane_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dx_plane_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    c: DxCoeffs,
+    stream: bool,
+    back: Option<Back<'_, T>>,
+) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
+    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| dx_plane_with(
+        s, x, dy, dx, c, stream, u
+    ))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    c: DxCoeffs,
+    stream: bool,
+    u: U,
+) {
     let n = dx.len();
     if let (Some(x), Some(dy), Some(dx), Some(c)) = (as_f32(x), as_f32(dy), as_f32_mut(dx), NarrowDx::new(c)) {
         let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
@@ -565,12 +639,12 @@ pub(super) fn dx_plane_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &m
             #[inline(always)]
             |i, _| unsafe {
                 let d = s.fsub(s.fload(xp.add(i)), mv);
-                let v = s.fnmadd(d, kbv, s.fmadd(s.fload(gp.add(i)), kv, c0v));
-                put_narrow(s, op.add(i), v, stream)
+                let g = u.narrow8(s, i, s.fload(gp.add(i)));
+                put_narrow(s, op.add(i), s.fnmadd(d, kbv, s.fmadd(g, kv, c0v)), stream)
             },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *op.add(i) = c.apply(*xp.add(i), *gp.add(i)) },
+            |i, _| unsafe { *op.add(i) = c.apply(*xp.add(i), u.narrow1(i, *gp.add(i))) },
         );
         return;
     }
@@ -587,18 +661,24 @@ pub(super) fn dx_plane_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &m
         #[inline(always)]
         |i, _| unsafe {
             let xm = s.mul(s.sub(s.load(xp.add(i)), mv), bv);
-            let v = s.mul(kv, s.sub(s.sub(s.load(gp.add(i)), av), xm));
-            put_wide(s, op.add(i), v, stream)
+            let g = u.wide8(s, i, s.load(gp.add(i)));
+            put_wide(s, op.add(i), s.mul(kv, s.sub(s.sub(g, av), xm)), stream)
         },
         // SAFETY: i < n.
         #[inline(always)]
-        |i, _| unsafe { *op.add(i) = T::from_f64(c.apply((*xp.add(i)).to_f64(), (*gp.add(i)).to_f64())) },
+        |i, _| unsafe {
+            let g = u.wide1(i, (*gp.add(i)).to_f64());
+            *op.add(i) = T::from_f64(c.apply((*xp.add(i)).to_f64(), g))
+        },
     );
 }
 
 simd_dispatch! {
-    /// dx over one plane of one channel (training mode).
-    pub(crate) fn dx_plane<T>(x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool) => dx_plane_impl
+    /// dx over one plane of one channel (training mode); with `back`, from the upstream gradient
+    /// behind a fused ReLU (see `relu`).
+    pub(crate) fn dx_plane<T>(
+        x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool, back: Option<Back<'_, T>>
+    ) => dx_plane_impl
 }
 
 /// [`DxCoeffs`] of all channels for the `rows` kernels, in the form the element type uses.
@@ -663,8 +743,33 @@ impl DxRows {
 }
 
 #[inline(always)]
-pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dx_rows_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    p: &DxRows,
+    stream: bool,
+    back: Option<Back<'_, T>>,
+) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
+    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| dx_rows_with(
+        s, x, dy, dx, p, stream, u
+    ))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    p: &DxRows,
+    stream: bool,
+    u: U,
+) {
     let n = dx.len();
     match (p, as_f32(x), as_f32(dy), as_f32_mut(dx)) {
         (
@@ -692,7 +797,8 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mu
                 #[inline(always)]
                 |i, c| unsafe {
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
-                    let t = s.fmadd(s.fload(gp.add(i)), s.fload(kp.add(c)), s.fload(cp.add(c)));
+                    let g = u.narrow8(s, i, s.fload(gp.add(i)));
+                    let t = s.fmadd(g, s.fload(kp.add(c)), s.fload(cp.add(c)));
                     put_narrow(s, op.add(i), s.fnmadd(d, s.fload(kbp.add(c)), t), stream)
                 },
                 // SAFETY: i < n and c < channels.
@@ -704,12 +810,12 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mu
                         kb: *kbp.add(c),
                         c0: *cp.add(c),
                     };
-                    *op.add(i) = q.apply(*xp.add(i), *gp.add(i));
+                    *op.add(i) = q.apply(*xp.add(i), u.narrow1(i, *gp.add(i)));
                 },
             );
             // SAFETY: i < n.
             redo_channels(n, channels, stream, wide, |i, q| unsafe {
-                *op.add(i) = q.apply(*xp.add(i) as f64, *gp.add(i) as f64) as f32
+                *op.add(i) = q.apply(*xp.add(i) as f64, u.wide1(i, *gp.add(i) as f64)) as f32
             });
         }
         (DxRows::Wide { mean, k, a, b }, _, _, _) => {
@@ -726,10 +832,8 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mu
                 #[inline(always)]
                 |i, c| unsafe {
                     let xm = s.mul(s.sub(s.load(xp.add(i)), s.load(mp.add(c))), s.load(bp.add(c)));
-                    let v = s.mul(
-                        s.load(kp.add(c)),
-                        s.sub(s.sub(s.load(gp.add(i)), s.load(ap.add(c))), xm),
-                    );
+                    let g = u.wide8(s, i, s.load(gp.add(i)));
+                    let v = s.mul(s.load(kp.add(c)), s.sub(s.sub(g, s.load(ap.add(c))), xm));
                     put_wide(s, op.add(i), v, stream)
                 },
                 // SAFETY: i < n and c < channels.
@@ -741,7 +845,8 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mu
                         a: *ap.add(c),
                         b: *bp.add(c),
                     };
-                    *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), (*gp.add(i)).to_f64()));
+                    let g = u.wide1(i, (*gp.add(i)).to_f64());
+                    *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), g));
                 },
             );
         }
@@ -750,13 +855,30 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], dx: &mu
 }
 
 simd_dispatch! {
-    /// dx over whole rows of all channels (training mode).
-    pub(crate) fn dx_rows<T>(x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool) => dx_rows_impl
+    /// dx over whole rows of all channels (training mode); with `back`, from the upstream
+    /// gradient behind a fused ReLU (see `relu`).
+    pub(crate) fn dx_rows<T>(
+        x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool, back: Option<Back<'_, T>>
+    ) => dx_rows_impl
 }
 
 #[inline(always)]
-pub(super) fn scale_plane_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool) {
+pub(super) fn scale_plane_impl<S: Simd, T: Element>(
+    s: S,
+    dy: &[T],
+    dx: &mut [T],
+    k: f64,
+    stream: bool,
+    back: Option<Back<'_, T>>,
+) {
     assert_eq!(dy.len(), dx.len());
+    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| scale_plane_with(
+        s, dy, dx, k, stream, u
+    ))
+}
+
+#[inline(always)]
+fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &mut [T], k: f64, stream: bool, u: U) {
     let n = dx.len();
     if let (Some(dy), Some(dx), true) = (as_f32(dy), as_f32_mut(dx), fits(k)) {
         let k = k as f32;
@@ -771,10 +893,10 @@ pub(super) fn scale_plane_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T]
             stream,
             // SAFETY: i + 8 <= n = dy.len() = dx.len().
             #[inline(always)]
-            |i, _| unsafe { put_narrow(s, op.add(i), s.fmul(s.fload(gp.add(i)), kv), stream) },
+            |i, _| unsafe { put_narrow(s, op.add(i), s.fmul(u.narrow8(s, i, s.fload(gp.add(i))), kv), stream) },
             // SAFETY: i < n.
             #[inline(always)]
-            |i, _| unsafe { *op.add(i) = *gp.add(i) * k },
+            |i, _| unsafe { *op.add(i) = u.narrow1(i, *gp.add(i)) * k },
         );
         return;
     }
@@ -789,17 +911,20 @@ pub(super) fn scale_plane_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T]
         stream,
         // SAFETY: i + 8 <= n = dy.len() = dx.len().
         #[inline(always)]
-        |i, _| unsafe { put_wide(s, op.add(i), s.mul(s.load(gp.add(i)), kv), stream) },
+        |i, _| unsafe { put_wide(s, op.add(i), s.mul(u.wide8(s, i, s.load(gp.add(i))), kv), stream) },
         // SAFETY: i < n.
         #[inline(always)]
-        |i, _| unsafe { *op.add(i) = T::from_f64((*gp.add(i)).to_f64() * k) },
+        |i, _| unsafe { *op.add(i) = T::from_f64(u.wide1(i, (*gp.add(i)).to_f64()) * k) },
     );
 }
 
 simd_dispatch! {
     /// dx = dy·k over one plane (inference-mode backward: the statistics are constants). For
-    /// `f32`, k is rounded to `f32` first (≤ 1 ulp from the exact product).
-    pub(crate) fn scale_plane<T>(dy: &[T], dx: &mut [T], k: f64, stream: bool) => scale_plane_impl
+    /// `f32`, k is rounded to `f32` first (≤ 1 ulp from the exact product). With `back`, from the
+    /// upstream gradient behind a fused ReLU (see `relu`).
+    pub(crate) fn scale_plane<T>(
+        dy: &[T], dx: &mut [T], k: f64, stream: bool, back: Option<Back<'_, T>>
+    ) => scale_plane_impl
 }
 
 /// Per-channel factors of the inference-mode backward for the `rows` kernels.
@@ -830,8 +955,29 @@ impl RowsScale {
 }
 
 #[inline(always)]
-pub(super) fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool) {
+pub(super) fn scale_rows_impl<S: Simd, T: Element>(
+    s: S,
+    dy: &[T],
+    dx: &mut [T],
+    k: &RowsScale,
+    stream: bool,
+    back: Option<Back<'_, T>>,
+) {
     assert_eq!(dy.len(), dx.len());
+    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| scale_rows_with(
+        s, dy, dx, k, stream, u
+    ))
+}
+
+#[inline(always)]
+fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    dy: &[T],
+    dx: &mut [T],
+    k: &RowsScale,
+    stream: bool,
+    u: U,
+) {
     let n = dx.len();
     match (k, as_f32(dy), as_f32_mut(dx)) {
         (RowsScale::Narrow(k, wide), Some(dy), Some(dx)) => {
@@ -843,14 +989,17 @@ pub(super) fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T],
                 stream,
                 // SAFETY: i + 8 <= n; c + 8 <= k's length.
                 #[inline(always)]
-                |i, c| unsafe { put_narrow(s, op.add(i), s.fmul(s.fload(gp.add(i)), s.fload(kp.add(c))), stream) },
+                |i, c| unsafe {
+                    let g = u.narrow8(s, i, s.fload(gp.add(i)));
+                    put_narrow(s, op.add(i), s.fmul(g, s.fload(kp.add(c))), stream)
+                },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
-                |i, c| unsafe { *op.add(i) = *gp.add(i) * *kp.add(c) },
+                |i, c| unsafe { *op.add(i) = u.narrow1(i, *gp.add(i)) * *kp.add(c) },
             );
             // SAFETY: i < n.
             redo_channels(n, k.channels(), stream, wide, |i, kc| unsafe {
-                *op.add(i) = (*gp.add(i) as f64 * kc) as f32
+                *op.add(i) = (u.wide1(i, *gp.add(i) as f64) * kc) as f32
             });
         }
         (RowsScale::Wide(k), _, _) => {
@@ -862,10 +1011,13 @@ pub(super) fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T],
                 stream,
                 // SAFETY: i + 8 <= n; c + 8 <= k's length.
                 #[inline(always)]
-                |i, c| unsafe { put_wide(s, op.add(i), s.mul(s.load(gp.add(i)), s.load(kp.add(c))), stream) },
+                |i, c| unsafe {
+                    let g = u.wide8(s, i, s.load(gp.add(i)));
+                    put_wide(s, op.add(i), s.mul(g, s.load(kp.add(c))), stream)
+                },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
-                |i, c| unsafe { *op.add(i) = T::from_f64((*gp.add(i)).to_f64() * *kp.add(c)) },
+                |i, c| unsafe { *op.add(i) = T::from_f64(u.wide1(i, (*gp.add(i)).to_f64()) * *kp.add(c)) },
             );
         }
         _ => unreachable!("RowsScale built for another element type"),
@@ -873,8 +1025,11 @@ pub(super) fn scale_rows_impl<S: Simd, T: Element>(s: S, dy: &[T], dx: &mut [T],
 }
 
 simd_dispatch! {
-    /// dx = dy·k[c] over whole rows of all channels.
-    pub(crate) fn scale_rows<T>(dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool) => scale_rows_impl
+    /// dx = dy·k[c] over whole rows of all channels; with `back`, from the upstream gradient
+    /// behind a fused ReLU (see `relu`).
+    pub(crate) fn scale_rows<T>(
+        dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool, back: Option<Back<'_, T>>
+    ) => scale_rows_impl
 }
 
 /// Makes earlier streaming stores of this thread visible before anything it stores later.

@@ -12,8 +12,10 @@
 //! count; partial results are merged in unit order. Rayon only decides who computes which unit.
 
 pub(crate) mod elementwise;
+pub(crate) mod mask;
 pub(crate) mod moments;
 pub(crate) mod plan;
+pub(crate) mod relu;
 pub(crate) mod scratch;
 pub(crate) mod simd;
 

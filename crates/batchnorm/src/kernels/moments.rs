@@ -9,8 +9,16 @@
 //! Moments of channels-first pieces use the corrected two-pass algorithm (the piece is in cache
 //! for the second pass); moments of channels-last blocks one shifted pass, the shift being a
 //! value of the channel (see [`rows_moments`]).
+//!
+//! With a mask over positions (masked batch norm), rows that are off are skipped, and a
+//! channels-first run is taken part by part ([`MaskedLanes`]): stretches that are all on
+//! through the same loops, stretches with a few positions off through them with those lanes
+//! replaced by +0.0, the rest skipped. The orders then depend on the shape and the mask, still
+//! never on the thread count.
 
 use super::fold_lanes;
+use super::mask::MaskSpans;
+use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -110,92 +118,362 @@ impl Runs {
     }
 }
 
-/// Σ x over `runs`, widened to `f64`.
+/// Which elements of one run enter a reduction: all of them ([`AllLanes`]) or those whose mask
+/// entry is true ([`RunMask`]). The per-run reductions are written once over this; with
+/// [`AllLanes`] every method is the identity and compiles away.
+trait Lanes<S: Simd>: Copy {
+    /// The on/off state of 8 consecutive elements.
+    type M: Copy;
+    /// The state of elements `i..i + 8` of the run.
+    ///
+    /// # Safety
+    /// Those elements must lie inside the run.
+    unsafe fn mask(self, s: S, i: usize) -> Self::M;
+    /// The lanes of `v` that are on, +0.0 in the others (a select).
+    fn keep(self, s: S, m: Self::M, v: S::V) -> S::V;
+    /// Whether element `i` of the run is on.
+    ///
+    /// # Safety
+    /// The element must lie inside the run.
+    unsafe fn on(self, i: usize) -> bool;
+}
+
+/// Every element of the run enters.
+#[derive(Clone, Copy)]
+struct AllLanes;
+
+impl<S: Simd> Lanes<S> for AllLanes {
+    type M = ();
+    #[inline(always)]
+    unsafe fn mask(self, _: S, _: usize) {}
+    #[inline(always)]
+    fn keep(self, _: S, _: (), v: S::V) -> S::V {
+        v
+    }
+    #[inline(always)]
+    unsafe fn on(self, _: usize) -> bool {
+        true
+    }
+}
+
+/// The elements of a run whose mask entries (one per element, from this pointer on) are true.
+#[derive(Clone, Copy)]
+struct RunMask(*const bool);
+
+impl<S: Simd> Lanes<S> for RunMask {
+    type M = S::M;
+    #[inline(always)]
+    unsafe fn mask(self, s: S, i: usize) -> S::M {
+        // SAFETY: the run's entries lie inside the mask (`MaskedLanes::new`), i..i + 8 inside the
+        // run (caller).
+        unsafe { s.load_mask(self.0.add(i)) }
+    }
+    #[inline(always)]
+    fn keep(self, s: S, m: S::M, v: S::V) -> S::V {
+        s.keep(m, v)
+    }
+    #[inline(always)]
+    unsafe fn on(self, i: usize) -> bool {
+        // SAFETY: as in `mask`.
+        unsafe { *self.0.add(i) }
+    }
+}
+
+/// A mask's entries for some [`Runs`] of a channels-first tensor: run `k` has the entries
+/// `offset..offset + len` of segment `first + k` of `spans` (segments are planes).
+#[derive(Clone, Copy)]
+pub(crate) struct MaskedLanes<'a> {
+    spans: &'a MaskSpans<'a>,
+    first: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// What a mask selects of one run, part by part: `range` (relative to the run), all of it
+/// (`lanes` `None`) or lane by lane (the entries from the part's first element on).
+#[derive(Clone)]
+struct Part {
+    range: std::ops::Range<usize>,
+    lanes: Option<RunMask>,
+}
+
+impl<'a> MaskedLanes<'a> {
+    /// The entries of `runs` in `spans`: run k is `offset..offset + runs.len` of segment
+    /// `first + k`, which must exist.
+    #[inline(always)]
+    pub fn new(spans: &'a MaskSpans<'a>, first: usize, offset: usize, runs: Runs) -> Self {
+        assert!(runs.count == 0 || first + runs.count <= spans.segments());
+        assert!(runs.count == 0 || offset + runs.len <= spans.segment(first).0.len());
+        MaskedLanes {
+            spans,
+            first,
+            offset,
+            len: runs.len,
+        }
+    }
+
+    /// The parts of run `k` that the mask selects, in order: the spans that are on, clipped to
+    /// the run (those without gaps whole, those with gaps lane by lane); the rest is skipped.
+    #[inline(always)]
+    fn parts(self, k: usize) -> impl Iterator<Item = Part> + 'a {
+        let (entries, spans) = self.spans.segment(self.first + k);
+        let (lo, hi) = (self.offset, self.offset + self.len);
+        spans
+            .iter()
+            .filter(move |s| s.on && s.end > lo && s.start < hi)
+            .map(move |s| {
+                let (start, end) = (s.start.max(lo), s.end.min(hi));
+                Part {
+                    range: start - lo..end - lo,
+                    lanes: s.gaps.then(|| RunMask(entries[start..end].as_ptr())),
+                }
+            })
+    }
+
+    /// Number of entries that are on in `count` runs.
+    #[inline(always)]
+    fn count(self, count: usize) -> usize {
+        (0..count)
+            .flat_map(|k| self.parts(k))
+            .map(|p| match p.lanes {
+                // SAFETY: the part's entries lie inside its segment (`parts`).
+                Some(RunMask(m)) => unsafe { std::slice::from_raw_parts(m, p.range.len()) }
+                    .iter()
+                    .filter(|&&on| on)
+                    .count(),
+                None => p.range.len(),
+            })
+            .sum()
+    }
+}
+
+/// Runs `$body` with `$lanes` and `$r` (a range of run `$k`'s elements) for each part of the
+/// run that `$mask` (`None`: no mask, the whole run) selects: [`AllLanes`] where it selects all
+/// of a part, a [`RunMask`] where it selects lane by lane.
+macro_rules! for_each_part {
+    ($mask:expr, $k:expr, $len:expr, |$lanes:ident, $r:ident| $body:expr) => {
+        match $mask {
+            None => {
+                let ($lanes, $r) = (AllLanes, 0..$len);
+                $body
+            }
+            Some(mask) => {
+                for part in mask.parts($k) {
+                    let $r = part.range;
+                    match part.lanes {
+                        None => {
+                            let $lanes = AllLanes;
+                            $body
+                        }
+                        Some($lanes) => $body,
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Two sums over runs, each in two vector accumulators (16 `f64` lanes: a 16-element step feeds
+/// both, a last 8-element step the first) and a scalar one for the last < 8 elements of each run.
+struct Sums2<S: Simd> {
+    a: (S::V, S::V),
+    b: (S::V, S::V),
+    ta: f64,
+    tb: f64,
+}
+
+impl<S: Simd> Sums2<S> {
+    #[inline(always)]
+    fn new(s: S) -> Self {
+        Sums2 {
+            a: (s.splat(0.0), s.splat(0.0)),
+            b: (s.splat(0.0), s.splat(0.0)),
+            ta: 0.0,
+            tb: 0.0,
+        }
+    }
+
+    /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
+    /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
+    /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
+    /// at a time. The loop of both sums over runs.
+    ///
+    /// # Safety
+    /// `lanes` must hold the state of the run's `n` elements.
+    #[inline(always)]
+    unsafe fn add_run<L: Lanes<S>>(
+        &mut self,
+        s: S,
+        n: usize,
+        lanes: L,
+        terms8: impl Fn(usize, L::M) -> (S::V, S::V),
+        terms1: impl Fn(usize) -> (f64, f64),
+    ) {
+        let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
+        let mut i = 0;
+        // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
+        while i + 16 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            let (x1, y1) = terms8(i + 8, unsafe { lanes.mask(s, i + 8) });
+            a0 = s.add(a0, x0);
+            a1 = s.add(a1, x1);
+            b0 = s.mul_add(x0, y0, b0);
+            b1 = s.mul_add(x1, y1, b1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+            a0 = s.add(a0, x0);
+            b0 = s.mul_add(x0, y0, b0);
+            i += 8;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            if unsafe { lanes.on(i) } {
+                let (x, y) = terms1(i);
+                self.ta += x;
+                self.tb = x.mul_add(y, self.tb);
+            }
+            i += 1;
+        }
+        (self.a, self.b) = ((a0, a1), (b0, b1));
+    }
+
+    /// Lanes `l` and `l + 8` added, folded by [`fold_lanes`], the scalar part added last.
+    #[inline(always)]
+    fn finish(self, s: S) -> (f64, f64) {
+        (
+            fold_lanes(s.lanes(s.add(self.a.0, self.a.1))) + self.ta,
+            fold_lanes(s.lanes(s.add(self.b.0, self.b.1))) + self.tb,
+        )
+    }
+}
+
+/// Adds Σ x over the elements of the run of `n` elements at `p` that `lanes` has on to `acc`
+/// (two vector accumulators and a scalar one).
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+unsafe fn run_sum<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    p: *const T,
+    n: usize,
+    lanes: L,
+    acc: &mut (S::V, S::V, f64),
+) {
+    let (mut a0, mut a1, mut tail) = *acc;
+    let mut i = 0;
+    // SAFETY: every read below is of element i < n (caller's contract).
+    unsafe {
+        while i + 16 <= n {
+            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
+            a1 = s.add(a1, lanes.keep(s, lanes.mask(s, i + 8), s.load(p.add(i + 8))));
+            i += 16;
+        }
+        if i + 8 <= n {
+            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
+            i += 8;
+        }
+        while i < n {
+            if lanes.on(i) {
+                tail += (*p.add(i)).to_f64();
+            }
+            i += 1;
+        }
+    }
+    *acc = (a0, a1, tail);
+}
+
+/// Σ x over the elements of `runs` that `mask` (`None`: all of them) has on, widened to `f64`.
 ///
 /// # Safety
 /// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs) -> f64 {
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let mut tail = 0.0;
+unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, mask: Option<MaskedLanes>) -> f64 {
+    let mut acc = (s.splat(0.0), s.splat(0.0), 0.0);
     for k in 0..runs.count {
         runs.prefetch_next(x, k);
-        // SAFETY: run k lies inside the buffer (caller's contract); all reads below stay in it.
-        unsafe {
-            let p = x.add(runs.first + k * runs.stride);
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                a0 = s.add(a0, s.load(p.add(i)));
-                a1 = s.add(a1, s.load(p.add(i + 8)));
-                i += 16;
-            }
-            if i + 8 <= n {
-                a0 = s.add(a0, s.load(p.add(i)));
-                i += 8;
-            }
-            while i < n {
-                tail += (*p.add(i)).to_f64();
-                i += 1;
-            }
-        }
+        let p = x.wrapping_add(runs.first + k * runs.stride);
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            run_sum(s, p.add(r.start), r.len(), lanes, &mut acc)
+        });
     }
-    fold_lanes(s.lanes(s.add(a0, a1))) + tail
+    fold_lanes(s.lanes(s.add(acc.0, acc.1))) + acc.2
 }
 
-/// (Σ(x − m), Σ(x − m)²) over `runs`.
+/// Adds (Σ(x − m), Σ(x − m)²) over the elements of the run of `n` elements at `p` that `lanes`
+/// has on to `acc`.
+///
+/// # Safety
+/// `p` must be valid for reading `n` elements.
+#[inline(always)]
+unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
+    s: S,
+    p: *const T,
+    n: usize,
+    m: f64,
+    lanes: L,
+    acc: &mut Sums2<S>,
+) {
+    let mv = s.splat(m);
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
+    unsafe {
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let d = lanes.keep(s, on, s.sub(s.load(p.add(i)), mv));
+                (d, d)
+            },
+            #[inline(always)]
+            |i| {
+                let d = (*p.add(i)).to_f64() - m;
+                (d, d)
+            },
+        );
+    }
+}
+
+/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on.
 ///
 /// # Safety
 /// `runs` must lie inside the buffer at `x`.
 #[inline(always)]
-unsafe fn runs_centered<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, m: f64) -> (f64, f64) {
-    let mv = s.splat(m);
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
-    let (mut ta, mut tb) = (0.0, 0.0);
+unsafe fn runs_centered<S: Simd, T: Element>(
+    s: S,
+    x: *const T,
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+) -> (f64, f64) {
+    let mut acc = Sums2::new(s);
     for k in 0..runs.count {
-        // SAFETY: as in `runs_sum`.
-        unsafe {
-            let p = x.add(runs.first + k * runs.stride);
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                let d0 = s.sub(s.load(p.add(i)), mv);
-                let d1 = s.sub(s.load(p.add(i + 8)), mv);
-                a0 = s.add(a0, d0);
-                a1 = s.add(a1, d1);
-                b0 = s.mul_add(d0, d0, b0);
-                b1 = s.mul_add(d1, d1, b1);
-                i += 16;
-            }
-            if i + 8 <= n {
-                let d0 = s.sub(s.load(p.add(i)), mv);
-                a0 = s.add(a0, d0);
-                b0 = s.mul_add(d0, d0, b0);
-                i += 8;
-            }
-            while i < n {
-                let d = (*p.add(i)).to_f64() - m;
-                ta += d;
-                tb = d.mul_add(d, tb);
-                i += 1;
-            }
-        }
+        let p = x.wrapping_add(runs.first + k * runs.stride);
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            run_centered(s, p.add(r.start), r.len(), m, lanes, &mut acc)
+        });
     }
-    (
-        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
-        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
-    )
+    acc.finish(s)
 }
 
 #[inline(always)]
-pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs) -> Moments {
+pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments {
     runs.check(x.len());
-    let n = runs.total() as f64;
+    let count = mask.map_or(runs.total(), |m| m.count(runs.count));
+    if count == 0 {
+        return Moments::EMPTY;
+    }
+    let n = count as f64;
     // SAFETY: checked just above.
-    let m = unsafe { runs_sum(s, x.as_ptr(), runs) } / n;
+    let m = unsafe { runs_sum(s, x.as_ptr(), runs, mask) } / n;
     // SAFETY: checked just above.
-    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m) };
+    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, mask) };
     let m2 = d2 - d1 * d1 / n;
     Moments {
         count: n,
@@ -208,60 +486,104 @@ simd_dispatch! {
     /// Moments of `runs` of `x` (one piece of a channels-first channel) by the corrected
     /// two-pass algorithm: mean first, then centered sums with the rounding error of the mean
     /// corrected. The piece is small enough to stay in cache between the passes, so memory is
-    /// read once.
-    pub(crate) fn runs_moments<T>(x: &[T], runs: Runs) -> Moments => runs_moments_impl
+    /// read once. With `mask`, over the elements it has on, part by part ([`MaskedLanes`]):
+    /// parts it selects entirely take the unmasked loop, parts with a few elements off the same
+    /// loop with those replaced by +0.0 (a select, so their values never reach the result), the
+    /// rest is skipped; no element: [`Moments::EMPTY`]. With every element on, the same bits as
+    /// without a mask.
+    pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
+}
+
+/// Adds (Σ g, Σ g·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
+/// `lanes` has on to `acc`, with g the upstream gradient `u` makes of dy (read at `pg`).
+///
+/// # Safety
+/// `px` and `pg` must be valid for reading `n` elements, and `u` made for those `n`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
+    s: S,
+    px: *const T,
+    pg: *const T,
+    n: usize,
+    m: f64,
+    lanes: L,
+    u: U,
+    acc: &mut Sums2<S>,
+) {
+    let mv = s.splat(m);
+    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
+    // i..i + 8 ≤ n, or i < n, so they read inside the run.
+    unsafe {
+        acc.add_run(
+            s,
+            n,
+            lanes,
+            #[inline(always)]
+            |i, on| {
+                let g = lanes.keep(s, on, u.wide8(s, i, s.load(pg.add(i))));
+                (g, lanes.keep(s, on, s.sub(s.load(px.add(i)), mv)))
+            },
+            #[inline(always)]
+            |i| (u.wide1(i, (*pg.add(i)).to_f64()), (*px.add(i)).to_f64() - m),
+        );
+    }
 }
 
 #[inline(always)]
-pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) {
+pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    relu: Option<MaskBits>,
+) -> (f64, f64) {
+    match relu {
+        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain),
+        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n))),
+    }
+}
+
+/// [`runs_grad_sums`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
+/// elements from element `o` on.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    upstream: impl Fn(usize, usize) -> U,
+) -> (f64, f64) {
     runs.check(x.len());
     runs.check(dy.len());
     let (xp, gp) = (x.as_ptr(), dy.as_ptr());
-    let mv = s.splat(m);
-    let (mut a0, mut a1) = (s.splat(0.0), s.splat(0.0));
-    let (mut b0, mut b1) = (s.splat(0.0), s.splat(0.0));
-    let (mut ta, mut tb) = (0.0, 0.0);
+    let mut acc = Sums2::new(s);
     for k in 0..runs.count {
         runs.prefetch_next(xp, k);
         runs.prefetch_next(gp, k);
-        // SAFETY: every run lies inside both buffers (checked above); reads stay in the run.
-        unsafe {
-            let o = runs.first + k * runs.stride;
-            let (px, pg) = (xp.add(o), gp.add(o));
-            let n = runs.len;
-            let mut i = 0;
-            while i + 16 <= n {
-                let g0 = s.load(pg.add(i));
-                let g1 = s.load(pg.add(i + 8));
-                a0 = s.add(a0, g0);
-                a1 = s.add(a1, g1);
-                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
-                b1 = s.mul_add(g1, s.sub(s.load(px.add(i + 8)), mv), b1);
-                i += 16;
-            }
-            if i + 8 <= n {
-                let g0 = s.load(pg.add(i));
-                a0 = s.add(a0, g0);
-                b0 = s.mul_add(g0, s.sub(s.load(px.add(i)), mv), b0);
-                i += 8;
-            }
-            while i < n {
-                let g = (*pg.add(i)).to_f64();
-                ta += g;
-                tb = g.mul_add((*px.add(i)).to_f64() - m, tb);
-                i += 1;
-            }
-        }
+        let o = runs.first + k * runs.stride;
+        // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
+        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
+            let (o, n) = (o + r.start, r.len());
+            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), &mut acc)
+        });
     }
-    (
-        fold_lanes(s.lanes(s.add(a0, a1))) + ta,
-        fold_lanes(s.lanes(s.add(b0, b1))) + tb,
-    )
+    acc.finish(s)
 }
 
 simd_dispatch! {
-    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`.
-    pub(crate) fn runs_grad_sums<T>(x: &[T], dy: &[T], runs: Runs, m: f64) -> (f64, f64) => runs_grad_sums_impl
+    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
+    /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
+    /// skipped; with every element on, the same bits as without). With `relu` (the bits of a
+    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·\[kept\] instead.
+    pub(crate) fn runs_grad_sums<T>(
+        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
+    ) -> (f64, f64) => runs_grad_sums_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before
@@ -379,8 +701,46 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     }
 }
 
+/// Which rows of a block enter a reduction: all of them ([`AllRows`]) or those whose entry is
+/// true (a `&[bool]` of one entry per row). With [`AllRows`] every method folds to a constant.
+pub(crate) trait RowSet: Copy {
+    /// Whether row `r` enters.
+    fn on(self, r: usize) -> bool;
+    /// Number of the first `rows` rows that enter.
+    fn count(self, rows: usize) -> usize;
+}
+
+/// Every row enters.
+#[derive(Clone, Copy)]
+pub(crate) struct AllRows;
+
+impl RowSet for AllRows {
+    #[inline(always)]
+    fn on(self, _: usize) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn count(self, rows: usize) -> usize {
+        rows
+    }
+}
+
+impl RowSet for &[bool] {
+    #[inline(always)]
+    fn on(self, r: usize) -> bool {
+        self[r]
+    }
+    #[inline(always)]
+    fn count(self, rows: usize) -> usize {
+        self[..rows].iter().filter(|&&on| on).count()
+    }
+}
+
+/// Moments of the rows of a block that `set` has on; returns their number (0: no row, and
+/// `mean`, `m2` are zeros).
 #[inline(always)]
-pub(super) fn rows_moments_impl<S: Simd, T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
     s: S,
     x: &[T],
     channels: usize,
@@ -388,7 +748,8 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
     m2: &mut [f64],
     shift: &mut [f64],
     pf: RowPrefetch,
-) {
+    set: R,
+) -> f64 {
     let rows = x.len() / channels;
     assert!(
         rows > 0
@@ -397,30 +758,71 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
             && shift.len() == channels
             && rows * channels == x.len()
     );
-    for (k, v) in shift.iter_mut().zip(&x[..channels]) {
+    mean.fill(0.0);
+    m2.fill(0.0);
+    let Some(first) = (0..rows).find(|&r| set.on(r)) else {
+        return 0.0;
+    };
+    for (k, v) in shift.iter_mut().zip(&x[first * channels..]) {
         *k = v.to_f64();
     }
     let (xp, kp) = (x.as_ptr(), shift.as_ptr());
+    // The closures are inlined by force: one that is not compiles without the caller's AVX2.
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
     // inside x (asserted above) and `shift`.
-    let step = |r: usize, c: usize, a: S::V, b: S::V| {
-        let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
-        (s.add(a, d), s.mul_add(d, d, b))
-    };
-    let one = |r: usize, c: usize, a: f64, b: f64| {
-        let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
-        (a + d, d.mul_add(d, b))
-    };
-    mean.fill(0.0);
-    m2.fill(0.0);
-    let ahead = |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c));
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, mean, m2, step, one, pf, ahead);
-    let n = rows as f64;
+    rows_accumulate2::<S, ROW_GROUP>(
+        s,
+        rows,
+        mean,
+        m2,
+        #[inline(always)]
+        |r: usize, c: usize, a: S::V, b: S::V| {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
+            (s.add(a, d), s.mul_add(d, d, b))
+        },
+        #[inline(always)]
+        |r: usize, c: usize, a: f64, b: f64| {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
+            (a + d, d.mul_add(d, b))
+        },
+        pf,
+        #[inline(always)]
+        |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c)),
+    );
+    let n = set.count(rows) as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
         *m = k + s1 / n;
         let v = *s2 - s1 * s1 / n;
         *s2 = if v < 0.0 { 0.0 } else { v };
+    }
+    n
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_moments_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    mask: Option<&[bool]>,
+    channels: usize,
+    mean: &mut [f64],
+    m2: &mut [f64],
+    shift: &mut [f64],
+    pf: RowPrefetch,
+) -> f64 {
+    match mask {
+        None => rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows),
+        Some(mask) => {
+            assert_eq!(mask.len() * channels, x.len());
+            rows_moments_of(s, x, channels, mean, m2, shift, pf, mask)
+        }
     }
 }
 
@@ -432,14 +834,20 @@ simd_dispatch! {
     /// values, n·(mean − k)² ≤ n·M2, so Σd² ≤ (n + 1)·M2 and the cancellation costs at most a
     /// factor n + 1 on the `f64` rounding of Σd² (typically a few units: k is a typical value),
     /// never E[x²] − E[x]²'s (mean/σ)². Writes the block's mean and M2 per channel; `shift` is
-    /// scratch of `channels` entries.
+    /// scratch of `channels` entries. Returns n.
+    ///
+    /// With `mask` (one entry per row), over the rows whose entry is true (the shift is the
+    /// first of them); the others are skipped, so their values never reach the result; with none
+    /// on, n = 0 and zeros; with every row on, the same bits as without.
     pub(crate) fn rows_moments<T>(
-        x: &[T], channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64], pf: RowPrefetch
-    ) => rows_moments_impl
+        x: &[T], mask: Option<&[bool]>, channels: usize, mean: &mut [f64], m2: &mut [f64], shift: &mut [f64],
+        pf: RowPrefetch
+    ) -> f64 => rows_moments_impl
 }
 
 /// Merges a block's per-channel moments (all with `count_b` values) into accumulators holding
-/// `count_a` values per channel. Vectorized across channels; same formula as [`Moments::merge`].
+/// `count_a` values per channel. Vectorized across channels; same formula as [`Moments::merge`]
+/// (a block of no values changes nothing, whatever its `mean_b` and `m2_b` hold).
 #[inline(always)]
 pub(crate) fn merge_rows(
     count_a: f64,
@@ -449,6 +857,9 @@ pub(crate) fn merge_rows(
     mean_b: &[f64],
     m2_b: &[f64],
 ) {
+    if count_b == 0.0 {
+        return;
+    }
     if count_a == 0.0 {
         mean_a.copy_from_slice(mean_b);
         m2_a.copy_from_slice(m2_b);
@@ -464,8 +875,11 @@ pub(crate) fn merge_rows(
     }
 }
 
+/// (Σ g, Σ g·(x − m)) per channel over the rows of a block that `set` has on, accumulated
+/// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
 #[inline(always)]
-pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -473,6 +887,8 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     sum_dy: &mut [f64],
     sum_dy_xmu: &mut [f64],
     pf: RowPrefetch,
+    set: R,
+    u: U,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -480,28 +896,74 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         sum_dy.len() == channels && sum_dy_xmu.len() == channels && rows * channels == x.len() && dy.len() == x.len()
     );
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
+    // The closures are inlined by force (see `rows_moments_of`).
     // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
     // mean (asserted above).
-    let step = |r: usize, c: usize, a: S::V, b: S::V| unsafe {
-        let g = s.load(gp.add(r * channels + c));
-        let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
-        (s.add(a, g), s.mul_add(g, d, b))
-    };
-    let one = |r: usize, c: usize, a: f64, b: f64| unsafe {
-        let g = (*gp.add(r * channels + c)).to_f64();
-        (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
-    };
-    let ahead = |r: usize, c: usize| {
-        prefetch_line(xp.wrapping_add(r * channels + c));
-        prefetch_line(gp.wrapping_add(r * channels + c));
-    };
-    rows_accumulate2::<S, ROW_GROUP>(s, rows, sum_dy, sum_dy_xmu, step, one, pf, ahead);
+    rows_accumulate2::<S, ROW_GROUP>(
+        s,
+        rows,
+        sum_dy,
+        sum_dy_xmu,
+        #[inline(always)]
+        |r: usize, c: usize, a: S::V, b: S::V| unsafe {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let g = u.wide8(s, r * channels + c, s.load(gp.add(r * channels + c)));
+            let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
+            (s.add(a, g), s.mul_add(g, d, b))
+        },
+        #[inline(always)]
+        |r: usize, c: usize, a: f64, b: f64| unsafe {
+            if !set.on(r) {
+                return (a, b);
+            }
+            let g = u.wide1(r * channels + c, (*gp.add(r * channels + c)).to_f64());
+            (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
+        },
+        pf,
+        #[inline(always)]
+        |r: usize, c: usize| {
+            prefetch_line(xp.wrapping_add(r * channels + c));
+            prefetch_line(gp.wrapping_add(r * channels + c));
+        },
+    );
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    mask: Option<&[bool]>,
+    mean: &[f64],
+    sum_dy: &mut [f64],
+    sum_dy_xmu: &mut [f64],
+    pf: RowPrefetch,
+    relu: Option<BitsAt>,
+) {
+    match (mask, relu) {
+        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain),
+        (None, Some(bits)) => {
+            let u = Gated::new(bits);
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u)
+        }
+        (Some(mask), None) => {
+            assert_eq!(mask.len() * mean.len(), x.len());
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Plain)
+        }
+        (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
+    }
 }
 
 simd_dispatch! {
     /// Per-channel (Σ dy, Σ dy·(x − m)) over a block of rows, accumulated into `sum_dy`,
-    /// `sum_dy_xmu`.
+    /// `sum_dy_xmu`; with `mask` (one entry per row), over the rows whose entry is true (the
+    /// others are skipped, so neither their x nor their dy reaches the sums). With `relu` (a
+    /// fused ReLU's mask bits of the block), of the upstream gradient dy·\[kept\] instead.
     pub(crate) fn rows_grad_sums<T>(
-        x: &[T], dy: &[T], mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64], pf: RowPrefetch
+        x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
+        pf: RowPrefetch, relu: Option<BitsAt>
     ) => rows_grad_sums_impl
 }

@@ -17,7 +17,9 @@
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-use super::moments::{self, Moments, RowPrefetch, Runs};
+use super::mask::{segment, MaskSpans, Span};
+use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
+use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
 use crate::{Element, Geometry};
@@ -87,6 +89,12 @@ pub const LAST_LEVEL_CACHE_BYTES: usize = 32 << 20;
 fn stream_output<T>(g: &Geometry, reread: usize) -> bool {
     let bytes = g.len() * std::mem::size_of::<T>();
     bytes >= STREAM_BYTES || (reread + 1) * bytes > LAST_LEVEL_CACHE_BYTES
+}
+
+/// Asserts that a pass is not both masked (masked batch norm) and fused with a ReLU: no public
+/// function combines them, and the mask's spans and the ReLU's bits are not written for it.
+fn unmasked_if_fused(mask: Option<&[bool]>, fused: bool) {
+    assert!(mask.is_none() || !fused, "no fused pass takes a mask over positions");
 }
 
 /// A mutable buffer written by parallel units at disjoint places.
@@ -166,6 +174,17 @@ fn row_blocks(g: &Geometry) -> (usize, usize) {
     (per_task, per_block)
 }
 
+/// Elements of the segments every element-wise pass over `g` writes as wholes, each in one
+/// unit: a plane (channels-first), or a task's rows (rows plan; the last one may be shorter).
+/// A fused ReLU's mask is laid out in them (`relu::BitLayout`), so that no two units write into
+/// one byte of it.
+pub(crate) fn write_segment(g: &Geometry) -> usize {
+    match g.inner {
+        1 => row_blocks(g).0 * g.channels,
+        inner => inner,
+    }
+}
+
 /// The in-cache pieces of planes `planes` of channel `c`, in order: runs of at most [`PIECE`]
 /// elements of one plane, or as many whole planes as fit in [`PIECE`] elements.
 #[inline(always)]
@@ -218,27 +237,107 @@ fn map_plane_blocks<R: Send>(
     (parts, blocks)
 }
 
-/// Moments of planes `planes` of channel `c`, pieces merged left in order.
+/// The mask entries (`None`: no mask) of `runs` of a channels-first tensor (see
+/// [`for_each_piece`]): segment o of `spans` holds plane o's, entry i for element `(o, c, i)`.
 #[inline(always)]
-fn planes_moments<T: Element>(g: &Geometry, x: &[T], c: usize, planes: std::ops::Range<usize>) -> Moments {
+fn masked_lanes<'a>(g: &Geometry, spans: Option<&'a MaskSpans<'a>>, runs: Runs) -> Option<MaskedLanes<'a>> {
+    let (o, i) = (runs.first / (g.channels * g.inner), runs.first % g.inner);
+    // Several runs are whole consecutive planes of the channel.
+    debug_assert!(runs.count <= 1 || (i == 0 && runs.stride == g.channels * g.inner));
+    spans.map(|s| MaskedLanes::new(s, o, i, runs))
+}
+
+/// The entries of a mask over positions (`None`: no mask) that the `len` elements from element
+/// `start` of a rows-plan tensor (whole rows, `inner` = 1) use: one per row.
+#[inline(always)]
+fn rows_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, start: usize, len: usize) -> Option<&'a [bool]> {
+    mask.map(|m| &m[start / g.channels..(start + len) / g.channels])
+}
+
+/// Writes `out` where a mask allows (`mask`: a segment's entries and [`Span`]s, entry k covering
+/// elements `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, &mut out[range],
+/// stream)` over each span that is on, then +0.0 over the elements of the entries that are off
+/// inside it (a select: nothing computed there is kept; `stream` is false for such spans, so that
+/// the kernel's stores are ordinary ones); +0.0 over each span that is off, whose inputs are not
+/// read.
+#[inline(always)]
+fn write_where<T: Element>(
+    mask: Option<(&[bool], &[Span])>,
+    width: usize,
+    out: &mut [T],
+    mut f: impl FnMut(std::ops::Range<usize>, &mut [T], bool),
+) {
+    let Some((mask, spans)) = mask else {
+        let n = out.len();
+        return f(0..n, out, true);
+    };
+    let zero = T::from_f64(0.0);
+    for &Span { start, end, on, gaps } in spans {
+        let r = start * width..end * width;
+        if !on {
+            out[r].fill(zero);
+            continue;
+        }
+        f(r.clone(), &mut out[r.clone()], !gaps);
+        match (gaps, width) {
+            (false, _) => {}
+            // Branch-free, so that it vectorizes: one entry per element.
+            (true, 1) => {
+                for (o, &on) in out[r].iter_mut().zip(&mask[start..end]) {
+                    *o = if on { *o } else { zero };
+                }
+            }
+            (true, _) => {
+                for (o, &on) in out[r].chunks_mut(width).zip(&mask[start..end]) {
+                    if !on {
+                        o.fill(zero);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Moments of planes `planes` of channel `c` (of the positions `mask` has on, when given; its
+/// segments are the planes), pieces merged left in order.
+#[inline(always)]
+fn planes_moments<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    mask: Option<&MaskSpans>,
+    c: usize,
+    planes: std::ops::Range<usize>,
+) -> Moments {
     let mut acc = Moments::EMPTY;
-    for_each_piece(g, c, planes, |runs| acc = acc.merge(moments::runs_moments(x, runs)));
+    for_each_piece(g, c, planes, |runs| {
+        acc = acc.merge(moments::runs_moments(x, runs, masked_lanes(g, mask, runs)))
+    });
     acc
 }
 
-/// Moments of one rows task (`x` holds whole rows), blocks merged left in order into `mean` and
-/// `m2` (one entry per channel); returns the task's row count.
+/// Moments of one rows task (`x` holds whole rows; `mask`, when given, one entry per row
+/// saying which enter), blocks merged left in order into `mean` and `m2` (one entry per
+/// channel); returns the task's count of rows that entered (with none, `mean` and `m2` are not
+/// written).
 #[inline(always)]
-fn rows_task_moments<T: Element>(x: &[T], per_block: usize, pf: RowPrefetch, mean: &mut [f64], m2: &mut [f64]) -> f64 {
+fn rows_task_moments<T: Element>(
+    x: &[T],
+    mask: Option<&[bool]>,
+    per_block: usize,
+    pf: RowPrefetch,
+    mean: &mut [f64],
+    m2: &mut [f64],
+) -> f64 {
     let channels = mean.len();
     let mut count = 0.0;
     // Every entry is written by `rows_moments` (and `merge_rows` copies the first block).
     let mut block = Scratch::any(3 * channels);
     let (bm, rest) = block.split_at_mut(channels);
     let (bm2, shift) = rest.split_at_mut(channels);
-    for rows in x.chunks(per_block * channels) {
-        moments::rows_moments(rows, channels, bm, bm2, shift, pf);
-        let n = (rows.len() / channels) as f64;
+    for (b, rows) in x.chunks(per_block * channels).enumerate() {
+        let first = b * per_block;
+        let mask = mask.map(|m| &m[first..first + rows.len() / channels]);
+        let n = moments::rows_moments(rows, mask, channels, bm, bm2, shift, pf);
         moments::merge_rows(count, mean, m2, n, bm, bm2);
         count += n;
     }
@@ -247,9 +346,17 @@ fn rows_task_moments<T: Element>(x: &[T], per_block: usize, pf: RowPrefetch, mea
 
 /// Per-channel moments of the whole tensor.
 pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMoments {
+    channel_moments_where(g, x, None)
+}
+
+/// Per-channel moments of the positions `mask` (one entry per position, `o·inner + i`) has on,
+/// or of the whole tensor without a mask; with every position on, the same bits as without.
+/// A channel with no position on has count, mean and M2 0.
+pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Option<&[bool]>) -> ChannelMoments {
     let serial = is_serial(g);
     if g.inner > 1 {
-        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_moments(g, x, c, planes));
+        let spans = MaskSpans::new(mask, g.inner);
+        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_moments(g, x, spans.as_ref(), c, planes));
         let mut out = ChannelMoments {
             count: 0.0,
             mean: Vec::with_capacity(g.channels),
@@ -269,9 +376,10 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
         // Each task's (mean, m2) goes to its own part of one buffer of the calling thread.
         let mut parts = Scratch::any(2 * c * g.outer.div_ceil(per_task));
         let tasks: Vec<(&[T], &mut [f64])> = x.chunks(per_task * c).zip(parts.chunks_mut(2 * c)).collect();
-        let counts = map_items(tasks, serial, |_, (t, part)| {
+        let counts = map_items(tasks, serial, |u, (t, part)| {
             let (mean, m2) = part.split_at_mut(c);
-            rows_task_moments(t, per_block, pf, mean, m2)
+            let rows = u * per_task..u * per_task + t.len() / c;
+            rows_task_moments(t, mask.map(|m| &m[rows]), per_block, pf, mean, m2)
         });
         let mut out = ChannelMoments {
             count: 0.0,
@@ -294,22 +402,46 @@ pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMomen
 /// before reaching it when x is about the size of the last-level cache. Element-wise, so no bit
 /// changes.
 pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[f64], scale: &[f64], shift: &[f64]) {
+    normalize_where(g, x, y, mean, scale, shift, None, None)
+}
+
+/// [`normalize`] at the positions `mask` (one entry per position) has on, +0.0 at the others
+/// (see [`write_where`]); each element that is on computed as without a mask. With `relu`
+/// (never with a mask), fused with what follows batch norm in the same pass (see `relu`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalize_where<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    mean: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
+) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
+    let layout = BitLayout::new(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
-        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).enumerate().collect();
+        let spans = MaskSpans::new(mask, g.inner);
+        let acts = relu::Forward::split(relu, chunk / g.inner, layout);
+        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).zip(acts).enumerate().collect();
         items.reverse();
-        map_items(items, serial, |_, (u, (xs, ys))| {
+        map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let first_plane = u * (chunk / g.inner);
             for (i, (xp, yp)) in xs.chunks(g.inner).zip(ys.chunks_mut(g.inner)).enumerate() {
-                let c = (first_plane + i) % g.channels;
+                let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
                 let a = WideAffine {
                     mean: mean[c],
                     scale: scale[c],
                     shift: shift[c],
                 };
-                ew::normalize_plane(xp, yp, a, stream);
+                let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
+                });
             }
             if stream {
                 ew::stream_fence();
@@ -318,10 +450,15 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[
     } else {
         let p = with_simd(|| RowsAffine::new::<T>(mean, scale, shift));
         let chunk = row_blocks(g).0 * g.channels;
-        let mut items: Vec<(&[T], &mut [T])> = x.chunks(chunk).zip(y.chunks_mut(chunk)).collect();
+        let spans = MaskSpans::new(mask, chunk / g.channels);
+        let acts = relu::Forward::split(relu, 1, layout);
+        let mut items: Vec<_> = x.chunks(chunk).zip(y.chunks_mut(chunk)).zip(acts).enumerate().collect();
         items.reverse();
-        map_items(items, serial, |_, (xs, ys)| {
-            ew::normalize_rows(xs, ys, &p, stream);
+        map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
+            let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
+            write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
+                ew::normalize_rows(&xs[r], yr, &p, stream && nt, act.take())
+            });
             if stream {
                 ew::stream_fence();
             }
@@ -329,24 +466,37 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[
     }
 }
 
-/// Training forward: per-channel moments, then `affine(first, scale, shift)` turns the biased
-/// variances of channels `first..first + scale.len()`, given in `scale`, into their (scale,
-/// shift), and y is written. Fused per channel when the plan allows (see module docs);
-/// the statistics are the same bits as [`channel_moments`] either way.
-pub(crate) fn train_forward<T: Element>(
+/// Training forward over the positions `mask` (one entry per position, `None`: all of them) has
+/// on: per-channel moments as [`channel_moments_where`], then `affine(first, scale, shift)` turns
+/// the biased variances of channels `first..first + scale.len()`, given in `scale`, into their
+/// (scale, shift), and y is written as [`normalize_where`] (+0.0 where the mask is off; with
+/// `relu`, fused with what follows). Fused per channel when the plan allows (see module docs);
+/// the statistics are the same bits as [`channel_moments_where`] either way. There must be at
+/// least one position on.
+pub(crate) fn train_forward_where<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Forward<'_, T>>,
     affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
+        unmasked_if_fused(mask, relu.is_some());
         // A fused unit re-reads its channel from L2, not from the last-level cache.
         let stream = stream_output::<T>(g, 0);
         let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+        let spans = MaskSpans::new(mask, g.inner);
         let out = SharedOut::new(y);
+        let layout = BitLayout::new(g);
+        let fused = relu.is_some();
+        let (z, bits) = match relu {
+            Some(relu::Forward { z, bits }) => (z, bits.map(SharedOut::new)),
+            None => (None, None),
+        };
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-            let m = planes_moments(g, x, c, 0..g.outer);
+            let m = planes_moments(g, x, spans.as_ref(), c, 0..g.outer);
             let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
             affine(c, &mut scale, &mut shift);
             let a = WideAffine {
@@ -361,7 +511,17 @@ pub(crate) fn train_forward<T: Element>(
                 }
                 // SAFETY: plane (o, c) belongs to unit c alone.
                 let yp = unsafe { out.slice(start, g.inner) };
-                ew::normalize_plane(&x[start..start + g.inner], yp, a, stream);
+                let xp = &x[start..start + g.inner];
+                let mut act = fused.then(|| Act {
+                    z: z.map(|z| &z[start..start + g.inner]),
+                    // SAFETY: plane (o, c) is segment o·C + c; its bytes belong to unit c alone.
+                    bits: bits
+                        .as_ref()
+                        .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
+                });
+                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
+                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
+                });
             }
             if stream {
                 ew::stream_fence();
@@ -374,39 +534,56 @@ pub(crate) fn train_forward<T: Element>(
             m2: parts.iter().map(|m| m.m2).collect(),
         }
     } else {
-        let m = channel_moments(g, x);
+        let m = channel_moments_where(g, x, mask);
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
         with_simd(|| affine(0, &mut scale, &mut shift));
-        normalize(g, x, y, &m.mean, &scale, &shift);
+        normalize_where(g, x, y, &m.mean, &scale, &shift, mask, relu);
         m
     }
 }
 
-/// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c`, piece sums added in order.
+/// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c` (of the positions `mask` has on, when
+/// given; its segments are the planes; with `relu`, of dy·\[kept\]), piece sums added in order.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn planes_grad_sums<T: Element>(
     g: &Geometry,
     x: &[T],
     dy: &[T],
+    mask: Option<&MaskSpans>,
+    relu: Option<MaskBits>,
     c: usize,
     m: f64,
     planes: std::ops::Range<usize>,
 ) -> (f64, f64) {
     let (mut a, mut b) = (0.0, 0.0);
     for_each_piece(g, c, planes, |runs| {
-        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m);
+        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m, masked_lanes(g, mask, runs), relu);
         a += s1;
         b += s2;
     });
     (a, b)
 }
 
-/// Per-channel (Σ dy, Σ dy·(x − mean)).
-pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64]) -> (Vec<f64>, Vec<f64>) {
+/// Per-channel (Σ dy, Σ dy·(x − mean)) over the positions `mask` (one entry per position,
+/// `None`: all of them) has on: neither x nor dy of the others is read into the sums. With every
+/// position on, the same bits as without a mask. With `relu` (a fused ReLU's mask bits; never
+/// with a mask), of the upstream gradient dy·\[kept\].
+pub(crate) fn grad_sums_where<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<MaskBits>,
+) -> (Vec<f64>, Vec<f64>) {
     let serial = is_serial(g);
     if g.inner > 1 {
-        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| planes_grad_sums(g, x, dy, c, mean[c], planes));
+        let spans = MaskSpans::new(mask, g.inner);
+        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
+            planes_grad_sums(g, x, dy, spans.as_ref(), relu, c, mean[c], planes)
+        });
         parts
             .chunks(blocks)
             .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
@@ -422,11 +599,13 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
             .zip(dy.chunks(chunk))
             .zip(parts.chunks_mut(2 * c))
             .collect();
-        map_items(items, serial, |_, ((xs, gs), part)| {
+        map_items(items, serial, |u, ((xs, gs), part)| {
             // Zeroed here, by the task, in its own cache, rather than by the caller up front.
             part.fill(0.0);
             let (s1, s2) = part.split_at_mut(c);
-            moments::rows_grad_sums(xs, gs, mean, s1, s2, pf);
+            let rows = rows_mask(g, mask, u * chunk, xs.len());
+            let bits = relu.map(|b| b.at(u * chunk, xs.len()));
+            moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf, bits);
         });
         let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
         for part in parts.chunks(2 * c) {
@@ -438,26 +617,49 @@ pub(crate) fn grad_sums<T: Element>(g: &Geometry, x: &[T], dy: &[T], mean: &[f64
     }
 }
 
-/// Training-mode dx from per-channel coefficients. It always follows a pass over x and dy (the
-/// gradient sums), so both count as re-read for the streaming decision, and it takes its units
-/// last to first (see [`normalize`]).
-pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [T], coeffs: &[DxCoeffs]) {
+/// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
+/// position, `None`: all of them) has on, +0.0 at the others (see [`write_where`]). It
+/// always follows a pass over x and dy (the gradient sums), so both count as re-read for the
+/// streaming decision, and it takes its units last to first (see [`normalize`]). With `relu`
+/// (never with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
+pub(crate) fn input_grad_where<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    coeffs: &[DxCoeffs],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 2);
+    let (chunk, segment_len) = match g.inner {
+        1 => (row_blocks(g).0 * g.channels, row_blocks(g).0),
+        _ => ((TASK / g.inner).max(1) * g.inner, g.inner),
+    };
+    let spans = MaskSpans::new(mask, segment_len);
+    let backs = relu::Backward::split(relu, chunk, x.len());
+    let mut items: Vec<_> = x
+        .chunks(chunk)
+        .zip(dy.chunks(chunk))
+        .zip(dx.chunks_mut(chunk))
+        .zip(backs)
+        .enumerate()
+        .collect();
+    items.reverse();
     if g.inner > 1 {
-        let chunk = (TASK / g.inner).max(1) * g.inner;
-        let mut items: Vec<_> = x
-            .chunks(chunk)
-            .zip(dy.chunks(chunk))
-            .zip(dx.chunks_mut(chunk))
-            .enumerate()
-            .collect();
-        items.reverse();
-        map_items(items, serial, |_, (u, ((xs, gs), os))| {
+        map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let first_plane = u * (chunk / g.inner);
             let planes = xs.chunks(g.inner).zip(gs.chunks(g.inner)).zip(os.chunks_mut(g.inner));
             for (i, ((xp, gp), op)) in planes.enumerate() {
-                ew::dx_plane(xp, gp, op, coeffs[(first_plane + i) % g.channels], stream);
+                let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
+                });
             }
             if stream {
                 ew::stream_fence();
@@ -465,15 +667,11 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
         });
     } else {
         let p = with_simd(|| DxRows::new::<T>(coeffs));
-        let chunk = row_blocks(g).0 * g.channels;
-        let mut items: Vec<((&[T], &[T]), &mut [T])> = x
-            .chunks(chunk)
-            .zip(dy.chunks(chunk))
-            .zip(dx.chunks_mut(chunk))
-            .collect();
-        items.reverse();
-        map_items(items, serial, |_, ((xs, gs), os)| {
-            ew::dx_rows(xs, gs, os, &p, stream);
+        map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
+            let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt, back.take())
+            });
             if stream {
                 ew::stream_fence();
             }
@@ -482,8 +680,9 @@ pub(crate) fn input_grad<T: Element>(g: &Geometry, x: &[T], dy: &[T], dx: &mut [
 }
 
 /// Training backward: per-channel gradient sums, then `coeffs(first, Σdy, Σdy(x−m), out)` writes
-/// the dx coefficients of channels `first..first + out.len()` and, when `dx` is given, dx is written. Fused per channel when the plan allows;
-/// the sums are the same bits as [`grad_sums`] either way. Returns (Σdy, Σdy(x−m)).
+/// the dx coefficients of channels `first..first + out.len()` and, when `dx` is given, dx is
+/// written. Fused per channel when the plan allows; the sums are the same bits as
+/// [`grad_sums_where`] either way. Returns (Σdy, Σdy(x−m)).
 pub(crate) fn train_backward<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -492,15 +691,44 @@ pub(crate) fn train_backward<T: Element>(
     mean: &[f64],
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
+    train_backward_where(g, x, dy, dx, mean, None, None, coeffs)
+}
+
+/// [`train_backward`] over the positions `mask` (one entry per position) has on: sums as
+/// [`grad_sums_where`], dx as [`input_grad_where`] (+0.0 where the mask is off). With `relu`
+/// (never with a mask), from the upstream gradient dy·\[kept\]; its dz is written with dx, and
+/// must come with it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_where<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    mean: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+    coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
+) -> (Vec<f64>, Vec<f64>) {
+    unmasked_if_fused(mask, relu.is_some());
+    assert!(
+        dx.is_some() || relu.as_ref().is_none_or(|r| r.dz.is_none()),
+        "dz comes with dx"
+    );
+    let bits = relu.as_ref().map(|r| r.bits);
     match dx {
         Some(dx) if g.inner > 1 && plane_blocks(g).0 == 1 => {
             assert!(dx.len() == x.len() && dy.len() == x.len());
             // A fused unit re-reads its channel from L2, not from the last-level cache.
             let stream = stream_output::<T>(g, 0);
             let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+            let spans = MaskSpans::new(mask, g.inner);
             let out = SharedOut::new(dx);
+            let dz = relu.and_then(|r| r.dz).map(|dz| {
+                assert_eq!(dz.len(), x.len());
+                SharedOut::new(dz)
+            });
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-                let (s1, s2) = planes_grad_sums(g, x, dy, c, mean[c], 0..g.outer);
+                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), bits, c, mean[c], 0..g.outer);
                 let mut k = [DxCoeffs::default()];
                 coeffs(c, &[s1], &[s2], &mut k);
                 let k = k[0];
@@ -511,7 +739,15 @@ pub(crate) fn train_backward<T: Element>(
                     }
                     // SAFETY: plane (o, c) belongs to unit c alone.
                     let op = unsafe { out.slice(start, g.inner) };
-                    ew::dx_plane(&x[start..start + g.inner], &dy[start..start + g.inner], op, k, stream);
+                    let (xp, gp) = (&x[start..start + g.inner], &dy[start..start + g.inner]);
+                    let mut back = bits.map(|b| relu::Back {
+                        bits: b.at(start, g.inner),
+                        // SAFETY: as for dx.
+                        dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
+                    });
+                    write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt, back.take())
+                    });
                 }
                 if stream {
                     ew::stream_fence();
@@ -521,28 +757,46 @@ pub(crate) fn train_backward<T: Element>(
             parts.into_iter().unzip()
         }
         dx => {
-            let (s1, s2) = grad_sums(g, x, dy, mean);
+            let (s1, s2) = grad_sums_where(g, x, dy, mean, mask, bits);
             if let Some(dx) = dx {
                 let mut k = Scratch::any(g.channels);
                 with_simd(|| coeffs(0, &s1, &s2, &mut k));
-                input_grad(g, x, dy, dx, &k);
+                input_grad_where(g, x, dy, dx, &k, mask, relu);
             }
             (s1, s2)
         }
     }
 }
 
-/// dx = dy·k[c] (inference-mode backward).
-pub(crate) fn scale<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64]) {
+/// dx = dy·k[c] (inference-mode backward) at the positions `mask` (one entry per position,
+/// `None`: all of them) has on, +0.0 at the others (see [`write_where`]). With `relu` (never
+/// with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
+pub(crate) fn scale_where<T: Element>(
+    g: &Geometry,
+    dy: &[T],
+    dx: &mut [T],
+    k: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+) {
+    unmasked_if_fused(mask, relu.is_some());
     let serial = is_serial(g);
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
-        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
-        map_items(items, serial, |u, (gs, os)| {
+        let spans = MaskSpans::new(mask, g.inner);
+        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
+        map_items(items, serial, |u, ((gs, os), mut back)| {
             let first_plane = u * (chunk / g.inner);
             for (i, (gp, op)) in gs.chunks(g.inner).zip(os.chunks_mut(g.inner)).enumerate() {
-                ew::scale_plane(gp, op, k[(first_plane + i) % g.channels], stream);
+                let (o, c) = ((first_plane + i) / g.channels, (first_plane + i) % g.channels);
+                let mut back = back
+                    .as_mut()
+                    .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
+                write_where(segment(&spans, o), 1, op, |r, or, nt| {
+                    ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
+                });
             }
             if stream {
                 ew::stream_fence();
@@ -551,9 +805,14 @@ pub(crate) fn scale<T: Element>(g: &Geometry, dy: &[T], dx: &mut [T], k: &[f64])
     } else {
         let k = RowsScale::new::<T>(k);
         let chunk = row_blocks(g).0 * g.channels;
-        let items: Vec<(&[T], &mut [T])> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).collect();
-        map_items(items, serial, |_, (gs, os)| {
-            ew::scale_rows(gs, os, &k, stream);
+        let spans = MaskSpans::new(mask, chunk / g.channels);
+        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
+        map_items(items, serial, |u, ((gs, os), mut back)| {
+            let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
+            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
+                ew::scale_rows(&gs[r], or, &k, stream && nt, back.take())
+            });
             if stream {
                 ew::stream_fence();
             }

@@ -25,6 +25,14 @@ pub(crate) trait Simd: Copy {
     /// a·b + c with one rounding (fused multiply-add, as [`f64::mul_add`]).
     fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     fn lanes(self, v: Self::V) -> [f64; 8];
+    /// Each lane rounded to `T` (round-to-nearest-even) and widened back: the value a store to
+    /// `T` would keep.
+    fn round<T: Element>(self, v: Self::V) -> Self::V;
+    /// A ReLU: the lanes that are not ≤ 0 (those > 0, and NaN) as they are, +0.0 in the others;
+    /// and which lanes it kept, lane l as bit l.
+    fn relu(self, v: Self::V) -> (Self::V, u8);
+    /// The lanes whose bit (lane l: bit l) is set in `bits`, +0.0 in the others (a select).
+    fn gate(self, bits: u8, v: Self::V) -> Self::V;
     /// Loads 8 elements from `p` (no alignment needed), widened to `f64`.
     ///
     /// # Safety
@@ -45,12 +53,17 @@ pub(crate) trait Simd: Copy {
     /// A vector of 8 `f32` (the element-precision path of `f32` tensors).
     type F: Copy;
     fn fsplat(self, v: f32) -> Self::F;
+    fn fadd(self, a: Self::F, b: Self::F) -> Self::F;
     fn fsub(self, a: Self::F, b: Self::F) -> Self::F;
     fn fmul(self, a: Self::F, b: Self::F) -> Self::F;
     /// a·b + c with one rounding (fused multiply-add).
     fn fmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     /// c − a·b with one rounding.
     fn fnmadd(self, a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// [`Simd::relu`] of 8 `f32` lanes.
+    fn frelu(self, v: Self::F) -> (Self::F, u8);
+    /// [`Simd::gate`] of 8 `f32` lanes.
+    fn fgate(self, bits: u8, v: Self::F) -> Self::F;
     /// # Safety
     /// `p` must be valid for reading 8 elements.
     unsafe fn fload(self, p: *const f32) -> Self::F;
@@ -60,6 +73,17 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// As [`Simd::stream`].
     unsafe fn fstream(self, p: *mut f32, v: Self::F);
+
+    /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
+    type M: Copy;
+    /// Loads 8 `bool`s from `p` as a lane mask.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 `bool`s.
+    unsafe fn load_mask(self, p: *const bool) -> Self::M;
+    /// The lanes of `v` that `m` has on, +0.0 in the others: a select, so a NaN or an infinity in
+    /// a lane that is off never reaches the result (a product with 0 would let it through).
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V;
 }
 
 /// `x` as a slice of `f32` when `T` is `f32`.
@@ -88,6 +112,31 @@ pub(crate) fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
 #[inline(always)]
 pub(crate) fn is_f32<T: Element>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
+/// Whether a ReLU keeps `v`: not ≤ 0, so > 0 or NaN (a NaN propagates, as IEEE 754 and
+/// PyTorch's `relu` have it). The one place the fused passes' ReLU is defined.
+#[inline(always)]
+pub(crate) fn relu_keeps(v: f64) -> bool {
+    v > 0.0 || v.is_nan()
+}
+
+/// A ReLU of one value: `v` where [`relu_keeps`], +0.0 elsewhere (−0.0 included).
+#[inline(always)]
+pub(crate) fn relu_one(v: f64) -> f64 {
+    if relu_keeps(v) {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// Which of 8 lanes a ReLU keeps, lane l as bit l.
+#[inline(always)]
+fn relu_bits(v: &[f64; 8]) -> u8 {
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (l, &x)| b | (relu_keeps(x) as u8) << l)
 }
 
 /// The portable backend: arrays of 8 `f64`, which the compiler vectorizes as it can.
@@ -121,6 +170,18 @@ impl Simd for Scalar {
         v
     }
     #[inline(always)]
+    fn round<T: Element>(self, v: Self::V) -> Self::V {
+        v.map(|x| T::from_f64(x).to_f64())
+    }
+    #[inline(always)]
+    fn relu(self, v: Self::V) -> (Self::V, u8) {
+        (v.map(relu_one), relu_bits(&v))
+    }
+    #[inline(always)]
+    fn gate(self, bits: u8, v: Self::V) -> Self::V {
+        std::array::from_fn(|l| if bits >> l & 1 == 1 { v[l] } else { 0.0 })
+    }
+    #[inline(always)]
     unsafe fn load<T: Element>(self, p: *const T) -> Self::V {
         // SAFETY: the caller guarantees 8 readable elements.
         std::array::from_fn(|l| unsafe { *p.add(l) }.to_f64())
@@ -144,6 +205,10 @@ impl Simd for Scalar {
         [v; 8]
     }
     #[inline(always)]
+    fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|l| a[l] + b[l])
+    }
+    #[inline(always)]
     fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
         std::array::from_fn(|l| a[l] - b[l])
     }
@@ -160,6 +225,15 @@ impl Simd for Scalar {
         std::array::from_fn(|l| (-a[l]).mul_add(b[l], c[l]))
     }
     #[inline(always)]
+    fn frelu(self, v: Self::F) -> (Self::F, u8) {
+        let bits = relu_bits(&v.map(f64::from));
+        (v.map(|x| relu_one(x as f64) as f32), bits)
+    }
+    #[inline(always)]
+    fn fgate(self, bits: u8, v: Self::F) -> Self::F {
+        std::array::from_fn(|l| if bits >> l & 1 == 1 { v[l] } else { 0.0 })
+    }
+    #[inline(always)]
     unsafe fn fload(self, p: *const f32) -> Self::F {
         // SAFETY: the caller guarantees 8 readable elements.
         std::array::from_fn(|l| unsafe { *p.add(l) })
@@ -173,6 +247,17 @@ impl Simd for Scalar {
     unsafe fn fstream(self, p: *mut f32, v: Self::F) {
         // SAFETY: as `fstore`.
         unsafe { self.fstore(p, v) }
+    }
+
+    type M = [bool; 8];
+    #[inline(always)]
+    unsafe fn load_mask(self, p: *const bool) -> Self::M {
+        // SAFETY: the caller guarantees 8 readable `bool`s.
+        unsafe { p.cast::<[bool; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+        std::array::from_fn(|l| if m[l] { v[l] } else { 0.0 })
     }
 }
 
@@ -228,6 +313,42 @@ mod x86 {
         #[inline(always)]
         fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
             unsafe { (_mm256_fmadd_pd(a.0, b.0, c.0), _mm256_fmadd_pd(a.1, b.1, c.1)) }
+        }
+        #[inline(always)]
+        fn round<T: Element>(self, v: Self::V) -> Self::V {
+            if is_f32::<T>() {
+                unsafe {
+                    (
+                        _mm256_cvtps_pd(_mm256_cvtpd_ps(v.0)),
+                        _mm256_cvtps_pd(_mm256_cvtpd_ps(v.1)),
+                    )
+                }
+            } else {
+                v
+            }
+        }
+        #[inline(always)]
+        fn relu(self, v: Self::V) -> (Self::V, u8) {
+            unsafe {
+                let zero = _mm256_setzero_pd();
+                // Not ≤ 0, unordered: > 0 or NaN.
+                let (m0, m1) = (
+                    _mm256_cmp_pd::<_CMP_NLE_UQ>(v.0, zero),
+                    _mm256_cmp_pd::<_CMP_NLE_UQ>(v.1, zero),
+                );
+                let bits = _mm256_movemask_pd(m0) | _mm256_movemask_pd(m1) << 4;
+                ((_mm256_and_pd(m0, v.0), _mm256_and_pd(m1, v.1)), bits as u8)
+            }
+        }
+        #[inline(always)]
+        fn gate(self, bits: u8, v: Self::V) -> Self::V {
+            unsafe {
+                let b = _mm256_set1_epi64x(bits as i64);
+                let (lo, hi) = (_mm256_setr_epi64x(1, 2, 4, 8), _mm256_setr_epi64x(16, 32, 64, 128));
+                let m0 = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(b, lo), lo));
+                let m1 = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(b, hi), hi));
+                (_mm256_and_pd(m0, v.0), _mm256_and_pd(m1, v.1))
+            }
         }
         #[inline(always)]
         fn lanes(self, v: Self::V) -> [f64; 8] {
@@ -287,6 +408,10 @@ mod x86 {
             unsafe { _mm256_set1_ps(v) }
         }
         #[inline(always)]
+        fn fadd(self, a: Self::F, b: Self::F) -> Self::F {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
         fn fsub(self, a: Self::F, b: Self::F) -> Self::F {
             unsafe { _mm256_sub_ps(a, b) }
         }
@@ -303,6 +428,21 @@ mod x86 {
             unsafe { _mm256_fnmadd_ps(a, b, c) }
         }
         #[inline(always)]
+        fn frelu(self, v: Self::F) -> (Self::F, u8) {
+            unsafe {
+                let m = _mm256_cmp_ps::<_CMP_NLE_UQ>(v, _mm256_setzero_ps());
+                (_mm256_and_ps(m, v), _mm256_movemask_ps(m) as u8)
+            }
+        }
+        #[inline(always)]
+        fn fgate(self, bits: u8, v: Self::F) -> Self::F {
+            unsafe {
+                let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                let m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits as i32), lanes), lanes);
+                _mm256_and_ps(_mm256_castsi256_ps(m), v)
+            }
+        }
+        #[inline(always)]
         unsafe fn fload(self, p: *const f32) -> Self::F {
             unsafe { _mm256_loadu_ps(p) }
         }
@@ -313,6 +453,24 @@ mod x86 {
         #[inline(always)]
         unsafe fn fstream(self, p: *mut f32, v: Self::F) {
             unsafe { _mm256_stream_ps(p, v) }
+        }
+
+        /// All-ones in the lanes that are *off* (the complement, which `andnot` takes).
+        type M = (__m256d, __m256d);
+        #[inline(always)]
+        unsafe fn load_mask(self, p: *const bool) -> Self::M {
+            unsafe {
+                // A `bool` is one byte, 0 or 1.
+                let bytes = _mm_loadl_epi64(p as *const __m128i);
+                let zero = _mm256_setzero_si256();
+                let lo = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(bytes), zero);
+                let hi = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_srli_si128::<4>(bytes)), zero);
+                (_mm256_castsi256_pd(lo), _mm256_castsi256_pd(hi))
+            }
+        }
+        #[inline(always)]
+        fn keep(self, m: Self::M, v: Self::V) -> Self::V {
+            unsafe { (_mm256_andnot_pd(m.0, v.0), _mm256_andnot_pd(m.1, v.1)) }
         }
     }
 }
@@ -349,7 +507,9 @@ pub(crate) use simd_dispatch;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-    use super::super::moments::{self, RowPrefetch, Runs};
+    use super::super::mask::MaskSpans;
+    use super::super::moments::{self, MaskedLanes, RowPrefetch, Runs};
+    use super::super::relu::{Act, Back, BitLayout, MaskBits};
     use crate::Element;
 
     fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
@@ -364,8 +524,109 @@ mod tests {
             .collect()
     }
 
+    /// `n` values of either sign (a residual; a ReLU then keeps about half of them).
+    fn signed<T: Element>(n: usize, seed: u64) -> Vec<T> {
+        data::<f64>(n, seed).iter().map(|v| T::from_f64(v - 1e3)).collect()
+    }
+
+    /// The bytes of a mask over `n` elements in one segment, every other bit of each byte set
+    /// from bit `seed % 8` on, and its layout.
+    fn bits(n: usize, seed: u64) -> (Vec<u8>, BitLayout) {
+        let layout = BitLayout {
+            len: n,
+            bytes: n.div_ceil(8),
+            segments: 1,
+        };
+        let byte = 0x55u8.rotate_left(seed as u32 % 8) ^ 0x0f;
+        (vec![byte; layout.total_bytes()], layout)
+    }
+
+    /// A forward kernel run by the AVX2 path and the portable one, with each epilogue (plain,
+    /// ReLU, residual + ReLU, each with and without mask bits): the same outputs and bits.
+    fn forward_agrees<T: Element>(n: usize, z: &[T], run: impl Fn(bool, &mut [T], Option<Act<'_, T>>)) {
+        let zero = || vec![T::from_f64(0.0); n];
+        for (residual, with_bits) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (mut y1, mut y2, mut b1, mut b2) =
+                (zero(), zero(), vec![0u8; n.div_ceil(8)], vec![0xffu8; n.div_ceil(8)]);
+            let zr = residual.then_some(z);
+            run(
+                true,
+                &mut y1,
+                Some(Act {
+                    z: zr,
+                    bits: with_bits.then_some(&mut b1[..]),
+                }),
+            );
+            run(
+                false,
+                &mut y2,
+                Some(Act {
+                    z: zr,
+                    bits: with_bits.then_some(&mut b2[..]),
+                }),
+            );
+            assert_eq!(y1, y2, "residual {residual}, bits {with_bits}");
+            if with_bits {
+                // The spare bits of the last byte are not written.
+                let keep = |b: &[u8]| (0..n).map(|i| b[i / 8] >> (i % 8) & 1).collect::<Vec<u8>>();
+                assert_eq!(keep(&b1), keep(&b2), "residual {residual}");
+            }
+        }
+        let (mut y1, mut y2) = (zero(), zero());
+        run(true, &mut y1, None);
+        run(false, &mut y2, None);
+        assert_eq!(y1, y2);
+    }
+
+    /// A backward kernel run by the AVX2 path and the portable one, without a ReLU and behind one
+    /// (with and without dz): the same outputs.
+    fn backward_agrees<T: Element>(n: usize, run: impl Fn(bool, &mut [T], Option<Back<'_, T>>)) {
+        let zero = || vec![T::from_f64(0.0); n];
+        let (mask, layout) = bits(n, n as u64);
+        let at = || MaskBits { bytes: &mask, layout }.at(0, n);
+        let (mut d1, mut d2, mut z1, mut z2) = (zero(), zero(), zero(), zero());
+        run(true, &mut d1, None);
+        run(false, &mut d2, None);
+        assert_eq!(d1, d2);
+        run(true, &mut d1, Some(Back { bits: at(), dz: None }));
+        run(false, &mut d2, Some(Back { bits: at(), dz: None }));
+        assert_eq!(d1, d2);
+        run(
+            true,
+            &mut d1,
+            Some(Back {
+                bits: at(),
+                dz: Some(&mut z1),
+            }),
+        );
+        run(
+            false,
+            &mut d2,
+            Some(Back {
+                bits: at(),
+                dz: Some(&mut z2),
+            }),
+        );
+        assert_eq!((d1, z1), (d2, z2));
+    }
+
+    /// An on/off pattern of `n` entries, and `v` with NaN at the elements it has off (element k
+    /// of `v` having entry k / `width`).
+    fn masked<T: Element>(v: &[T], n: usize, width: usize, seed: u64) -> (Vec<bool>, Vec<T>) {
+        let mask: Vec<bool> = (0..n).map(|i| (i as u64 * 7 + seed) % 5 < 3).collect();
+        let nan = T::from_f64(f64::NAN);
+        let v = v
+            .iter()
+            .enumerate()
+            .map(|(k, &a)| if mask[k / width] { a } else { nan })
+            .collect();
+        (mask, v)
+    }
+
     /// The AVX2 path (what the dispatching functions pick here) and the portable one agree
-    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`.
+    /// bitwise, for `f32` (the `f32` lanes with fused multiply-adds) and `f64`; the reductions
+    /// also with a mask (the values that are off, NaN here, become +0.0 in both); every pass also
+    /// fused with a ReLU (the forward's epilogues, the backward's gate and dz).
     fn backends_agree<T: Element>() {
         if !super::has_avx2() {
             return;
@@ -381,32 +642,61 @@ mod tests {
                 len,
                 stride,
             };
-            assert_eq!(moments::runs_moments(&x, runs), moments::runs_moments_impl(s, &x, runs));
+            // Masks over the runs' elements (one segment per run): a short period (selected lane
+            // by lane), and the first half of each run on (selected whole, the rest skipped).
+            let (periodic, xp) = masked(&x, x.len(), 1, len as u64);
+            let periodic: Vec<bool> = (0..count)
+                .flat_map(|k| periodic[1 + k * stride..1 + k * stride + len].to_vec())
+                .collect();
+            let half: Vec<bool> = (0..count * len).map(|e| e % len < len / 2).collect();
+            let spans = [MaskSpans::new(Some(&periodic), len), MaskSpans::new(Some(&half), len)];
+            let lanes = |i: usize| Some(MaskedLanes::new(spans[i].as_ref().unwrap(), 0, 0, runs));
+            for (x, lanes) in [(&x, None), (&xp, lanes(0)), (&x, lanes(1))] {
+                let m = moments::runs_moments(x, runs, lanes);
+                assert_eq!(m, moments::runs_moments_impl(s, x, runs, lanes));
+                assert!(m.mean.is_finite() && m.m2.is_finite());
+                assert_eq!(
+                    moments::runs_grad_sums(x, &dy, runs, 1e3, lanes, None),
+                    moments::runs_grad_sums_impl(s, x, &dy, runs, 1e3, lanes, None)
+                );
+            }
+            // Behind a ReLU: each run a segment of the mask.
+            let seg = stride.max(len);
+            let layout = BitLayout {
+                len: seg,
+                bytes: seg.div_ceil(8),
+                segments: x.len().div_ceil(seg),
+            };
+            let mask = bits(layout.segments * layout.bytes * 8, len as u64).0;
+            let relu = Some(MaskBits { bytes: &mask, layout });
             assert_eq!(
-                moments::runs_grad_sums(&x, &dy, runs, 1e3),
-                moments::runs_grad_sums_impl(s, &x, &dy, runs, 1e3)
+                moments::runs_grad_sums(&x, &dy, Runs { first: 0, ..runs }, 1e3, None, relu),
+                moments::runs_grad_sums_impl(s, &x, &dy, Runs { first: 0, ..runs }, 1e3, None, relu)
             );
-            let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let a = WideAffine {
                 mean: 1e3 + 1.0 / 3.0,
                 scale: 0.7,
                 shift: 0.1,
             };
-            ew::normalize_plane(&x, &mut y1[..], a, true);
-            ew::normalize_plane_impl(s, &x, &mut y2[..], a, false);
-            assert_eq!(y1, y2);
+            let zr = signed::<T>(x.len(), 3);
+            forward_agrees(x.len(), &zr, |avx, y, act| match avx {
+                true => ew::normalize_plane(&x, y, a, true, act),
+                false => ew::normalize_plane_impl(s, &x, y, a, false, act),
+            });
             let c = DxCoeffs {
                 mean: 1e3 + 1.0 / 7.0,
                 k: 0.3,
                 a: 0.01,
                 b: 0.02,
             };
-            ew::dx_plane(&x, &dy, &mut y1[..], c, false);
-            ew::dx_plane_impl(s, &x, &dy, &mut y2[..], c, true);
-            assert_eq!(y1, y2);
-            ew::scale_plane(&dy, &mut y1[..], 0.3, false);
-            ew::scale_plane_impl(s, &dy, &mut y2[..], 0.3, true);
-            assert_eq!(y1, y2);
+            backward_agrees(x.len(), |avx, dx, back| match avx {
+                true => ew::dx_plane(&x, &dy, dx, c, false, back),
+                false => ew::dx_plane_impl(s, &x, &dy, dx, c, true, back),
+            });
+            backward_agrees(x.len(), |avx, dx, back| match avx {
+                true => ew::scale_plane(&dy, dx, 0.3, false, back),
+                false => ew::scale_plane_impl(s, &dy, dx, 0.3, true, back),
+            });
         }
         for channels in [1, 3, 8, 13, 64, 1500] {
             let rows = 37;
@@ -419,19 +709,34 @@ mod tests {
                 on: channels % 2 == 1,
                 line: 64 / std::mem::size_of::<T>(),
             };
-            moments::rows_moments(&x, channels, &mut a, &mut b, &mut c, pf);
-            moments::rows_moments_impl(s, &x, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
-            assert_eq!((&a, &b), (&d, &e));
+            let (mask, xm) = masked(&x, rows, channels, channels as u64);
+            for (x, mask) in [(&xm, Some(&mask[..])), (&x, None)] {
+                let n1 = moments::rows_moments(x, mask, channels, &mut a, &mut b, &mut c, pf);
+                let n2 = moments::rows_moments_impl(s, x, mask, channels, &mut d, &mut e, &mut f, RowPrefetch::OFF);
+                assert_eq!((n1, &a, &b), (n2, &d, &e));
+                assert!(a.iter().chain(&b).all(|v| v.is_finite()));
+                let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
+                moments::rows_grad_sums(x, &dy, mask, &a, &mut g1, &mut g2, pf, None);
+                moments::rows_grad_sums_impl(s, x, &dy, mask, &a, &mut h1, &mut h2, RowPrefetch::OFF, None);
+                assert_eq!((g1, g2), (h1, h2));
+            }
+            let (mask, layout) = bits(x.len(), channels as u64);
+            let relu = || Some(MaskBits { bytes: &mask, layout }.at(0, x.len()));
             let (mut g1, mut g2, mut h1, mut h2) = (z64(), z64(), z64(), z64());
-            moments::rows_grad_sums(&x, &dy, &a, &mut g1, &mut g2, pf);
-            moments::rows_grad_sums_impl(s, &x, &dy, &a, &mut h1, &mut h2, RowPrefetch::OFF);
+            moments::rows_grad_sums(&x, &dy, None, &a, &mut g1, &mut g2, pf, relu());
+            moments::rows_grad_sums_impl(s, &x, &dy, None, &a, &mut h1, &mut h2, RowPrefetch::OFF, relu());
             assert_eq!((g1, g2), (h1, h2));
             let p = |k: f64| -> Vec<f64> { (0..channels).map(|c| k + c as f64 / 3.0).collect() };
             let (mut y1, mut y2) = (z(x.len()), z(x.len()));
             let affine = RowsAffine::new::<T>(&p(1e3), &p(0.5), &p(0.1));
-            ew::normalize_rows(&x[3..], &mut y1[3..], &affine, true);
-            ew::normalize_rows_impl(s, &x[3..], &mut y2[3..], &affine, false);
+            ew::normalize_rows(&x[3..], &mut y1[3..], &affine, true, None);
+            ew::normalize_rows_impl(s, &x[3..], &mut y2[3..], &affine, false, None);
             assert_eq!(y1, y2);
+            let zr = signed::<T>(x.len(), 4);
+            forward_agrees(x.len(), &zr, |avx, y, act| match avx {
+                true => ew::normalize_rows(&x, y, &affine, true, act),
+                false => ew::normalize_rows_impl(s, &x, y, &affine, false, act),
+            });
             let coeffs: Vec<DxCoeffs> = (0..channels)
                 .map(|ch| DxCoeffs {
                     mean: a[ch],
@@ -441,13 +746,18 @@ mod tests {
                 })
                 .collect();
             let dxp = DxRows::new::<T>(&coeffs);
-            ew::dx_rows(&x, &dy, &mut y1[..], &dxp, false);
-            ew::dx_rows_impl(s, &x, &dy, &mut y2[..], &dxp, true);
-            assert_eq!(y1, y2);
+            backward_agrees(x.len(), |avx, dx, back| match avx {
+                true => ew::dx_rows(&x, &dy, dx, &dxp, false, back),
+                false => ew::dx_rows_impl(s, &x, &dy, dx, &dxp, true, back),
+            });
             let k = RowsScale::new::<T>(&p(0.25));
-            ew::scale_rows(&dy[1..], &mut y1[1..], &k, true);
-            ew::scale_rows_impl(s, &dy[1..], &mut y2[1..], &k, false);
+            ew::scale_rows(&dy[1..], &mut y1[1..], &k, true, None);
+            ew::scale_rows_impl(s, &dy[1..], &mut y2[1..], &k, false, None);
             assert_eq!(y1, y2);
+            backward_agrees(x.len(), |avx, dx, back| match avx {
+                true => ew::scale_rows(&dy, dx, &k, true, back),
+                false => ew::scale_rows_impl(s, &dy, dx, &k, false, back),
+            });
         }
     }
 

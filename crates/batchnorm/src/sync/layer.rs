@@ -101,4 +101,28 @@ impl<T: Element> SyncBatchNorm<T> {
     ) -> Result<GradSums, Error> {
         self.bn.backward_sync(comm, x, dy, saved, grads)
     }
+
+    /// See [`BatchNorm::forward_train_masked_sync`].
+    pub fn forward_train_masked(
+        &mut self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        mask: &[bool],
+        y: &mut [T],
+    ) -> Result<SavedStats, Error> {
+        self.bn.forward_train_masked_sync(comm, x, mask, y)
+    }
+
+    /// See [`BatchNorm::backward_masked_sync`].
+    pub fn backward_masked(
+        &self,
+        comm: &dyn Communicator,
+        x: View<'_, T>,
+        mask: &[bool],
+        dy: &[T],
+        saved: &SavedStats,
+        grads: Grads<'_, T>,
+    ) -> Result<GradSums, Error> {
+        self.bn.backward_masked_sync(comm, x, mask, dy, saved, grads)
+    }
 }

@@ -480,6 +480,18 @@ pub fn layout_shape(max_len: usize) -> impl Strategy<Value = (Layout, Vec<usize>
     })
 }
 
+/// Small shapes of every layout, with vector steps and tails (the masked and fused tests).
+pub fn small_shapes_of_every_layout() -> Vec<(Layout, Vec<usize>)> {
+    let shapes: [(Layout, &[usize]); 5] = [
+        (Layout::NC, &[7, 3]),
+        (Layout::NCHW, &[3, 2, 5, 7]),
+        (Layout::NHWC, &[2, 5, 3, 9]),
+        (Layout::ChannelsFirst, &[3, 4, 19]),
+        (Layout::ChannelsLast, &[2, 3, 4, 5]),
+    ];
+    shapes.iter().map(|&(layout, shape)| (layout, shape.to_vec())).collect()
+}
+
 /// ε values the property tests draw from.
 pub fn eps_strategy() -> impl Strategy<Value = f64> {
     prop_oneof![Just(1e-5), Just(1e-3), Just(0.1), Just(1e-12)]
@@ -567,6 +579,38 @@ pub fn nchw_to_nhwc<T: Copy>(x: &[T], shape: [usize; 4]) -> Vec<T> {
         }
     }
     out
+}
+
+/// Σ|dy| per channel of `d` (the scale of dβ = Σ dy, and of the Σ dy term of dγ).
+pub fn sum_abs_dy(d: &Data) -> Vec<f64> {
+    let mut out = vec![0.0; d.g.channels];
+    for k in 0..d.x.len() {
+        out[channel_of(&d.g, k)] += d.dy[k].abs();
+    }
+    out
+}
+
+/// The inference-mode backward's dγ = Σ dy·x̂ and dβ = Σ dy (x̂ from the data's fixed statistics)
+/// against the reference's `rdg`, `rdb`, with their scales ([`eval_dgamma_scale`], [`sum_abs_dy`])
+/// and `rel`.
+#[track_caller]
+#[allow(clippy::too_many_arguments)]
+pub fn assert_eval_param_grads<T: TestFloat>(
+    what: &str,
+    (dg, db): (&[T], &[T]),
+    (rdg, rdb): (&[f64], &[f64]),
+    d: &Data,
+    eps: f64,
+    rel: f64,
+) {
+    assert_close(
+        &format!("{what} dgamma"),
+        dg,
+        rdg,
+        &eval_dgamma_scale(d, &d.dy, eps),
+        rel,
+    );
+    assert_close(&format!("{what} dbeta"), db, rdb, &sum_abs_dy(d), rel);
 }
 
 /// Per-channel scale of the inference-mode dγ = Σ dy·(x − mean)·inv_std: Σ|dy|·(|x| + |mean|)·inv_std.
@@ -744,4 +788,20 @@ pub fn shard_starts(sizes: &[usize]) -> Vec<usize> {
         .iter()
         .scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n)))
         .collect()
+}
+
+/// Runs `f` in rayon pools of 1, 2 and 3 threads and asserts that every run returns what the
+/// first did (the kernels' results may not depend on the thread count).
+#[track_caller]
+pub fn assert_same_for_1_2_3_threads<R: PartialEq + Send>(what: &str, f: impl Fn() -> R + Send + Sync) {
+    let runs: Vec<R> = [1usize, 2, 3]
+        .into_iter()
+        .map(|t| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            pool.install(&f)
+        })
+        .collect();
+    for (t, run) in runs.iter().enumerate().skip(1) {
+        assert!(run == &runs[0], "{what}: 1 vs {} threads differ", t + 1);
+    }
 }

@@ -4,9 +4,16 @@
 //! error, never panicked, wrote no output and left the layer's state as it was.
 
 use batchnorm::{
-    batch_norm_backward, batch_norm_backward_eval, batch_norm_eval, batch_norm_train, batch_stats, fold_into_preceding,
-    grad_sums, input_grad, normalize, update_running_stats, Affine, BatchNorm, BatchNormConfig, BatchStats, Error,
-    FixedStats, GradSums, Grads, InferenceAffine, Layout, Momentum, PopulationStats, SavedStats, View,
+    batch_norm_backward, batch_norm_backward_eval, batch_norm_backward_eval_masked, batch_norm_backward_masked,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_stats,
+    batch_stats_masked, fold_into_preceding, grad_sums, grad_sums_masked, input_grad, input_grad_masked, normalize,
+    normalize_masked, update_running_stats, Affine, BatchNorm, BatchNormConfig, BatchStats, Error, FixedStats,
+    GradSums, Grads, InferenceAffine, Layout, Momentum, PopulationStats, ReluMask, SavedStats, SingleProcess, View,
+};
+use batchnorm::{
+    batch_norm_backward_add_relu, batch_norm_backward_eval_add_relu, batch_norm_backward_eval_relu,
+    batch_norm_backward_relu, batch_norm_eval_add_relu, batch_norm_eval_relu, batch_norm_train_add_relu,
+    batch_norm_train_relu,
 };
 
 const S: f32 = 7.25; // sentinel
@@ -72,16 +79,19 @@ fn layer(c: usize) -> BatchNorm<f32> {
 // The table runner.
 // ---------------------------------------------------------------------------------------------
 
-/// The outputs a failing call is given, all filled with the sentinel: y, dx (element buffers),
-/// dγ, dβ, running mean and variance (per-channel buffers).
+/// The outputs a failing call is given, all filled with the sentinel: y, dx, dz (element
+/// buffers), dγ, dβ, running mean and variance (per-channel buffers); and a fused forward's
+/// ReLU mask, empty.
 #[derive(Debug)]
 struct Out {
     y: Vec<f32>,
     dx: Vec<f32>,
+    dz: Vec<f32>,
     dg: Vec<f32>,
     db: Vec<f32>,
     rm: Vec<f32>,
     rv: Vec<f32>,
+    mask: ReluMask,
 }
 
 impl Out {
@@ -90,15 +100,25 @@ impl Out {
         Out::sized(n, n, c, c)
     }
 
-    /// Outputs of the given sizes (y, dx, dγ, dβ; running statistics as dγ).
+    /// Outputs of the given sizes (y, dx, dγ, dβ; dz as dx, running statistics as dγ).
     fn sized(y: usize, dx: usize, dg: usize, db: usize) -> Out {
         Out {
             y: sentinel(y),
             dx: sentinel(dx),
+            dz: sentinel(dx),
             dg: sentinel(dg),
             db: sentinel(db),
             rm: sentinel(dg),
             rv: sentinel(dg),
+            mask: ReluMask::new(),
+        }
+    }
+
+    /// Outputs as [`Out::new`] with a dz of `dz` elements.
+    fn with_dz(n: usize, c: usize, dz: usize) -> Out {
+        Out {
+            dz: sentinel(dz),
+            ..Out::new(n, c)
         }
     }
 
@@ -121,6 +141,7 @@ impl Out {
         for (name, v) in [
             ("y", &self.y),
             ("dx", &self.dx),
+            ("dz", &self.dz),
             ("dgamma", &self.dg),
             ("dbeta", &self.db),
             ("running mean", &self.rm),
@@ -128,6 +149,11 @@ impl Out {
         ] {
             untouched(&format!("{what}: {name}"), v);
         }
+        assert_eq!(
+            self.mask,
+            ReluMask::new(),
+            "{what}: the ReLU mask was written despite the error"
+        );
     }
 }
 
@@ -267,6 +293,46 @@ fn shape_cases<'a>(x: &'a [f32], shape: &'a [usize], layout: Layout, c: usize, w
         }),
         case(format!("{what} geometry"), w(), move |_| {
             layout.geometry(shape).map(drop)
+        }),
+        // Masked batch norm: the shape is checked before the mask.
+        case(format!("{what} train masked"), w(), move |o| {
+            batch_norm_train_masked(v(), &[], Affine::NONE, 1e-5, &mut o.y).map(drop)
+        }),
+        case(format!("{what} batch_stats masked"), w(), move |_| {
+            batch_stats_masked(v(), &[]).map(drop)
+        }),
+        case(format!("{what} backward masked"), w(), move |o| {
+            batch_norm_backward_masked(v(), &[], x, &saved(c, 4), None, o.grads())
+        }),
+        on_layer(format!("{what} layer train masked"), w(), move |o, bn| {
+            bn.forward_train_masked(v(), &[], &mut o.y).map(drop)
+        }),
+        on_layer(format!("{what} layer train masked sync"), w(), move |o, bn| {
+            bn.forward_train_masked_sync(&SingleProcess, v(), &[], &mut o.y)
+                .map(drop)
+        }),
+        // Fused batch norm + ReLU: the shape is checked first.
+        case(format!("{what} train relu"), w(), move |o| {
+            batch_norm_train_relu(v(), Affine::NONE, 1e-5, &mut o.y, &mut o.mask).map(drop)
+        }),
+        case(format!("{what} train add relu"), w(), move |o| {
+            batch_norm_train_add_relu(v(), x, Affine::NONE, 1e-5, &mut o.y, &mut o.mask).map(drop)
+        }),
+        case(format!("{what} eval add relu"), w(), move |o| {
+            let (m, var) = (vec![0.0f32; c], vec![1.0f32; c]);
+            let fixed = FixedStats::new(&m, &var);
+            batch_norm_eval_add_relu(v(), x, fixed, Affine::NONE, 1e-5, &mut o.y, Some(&mut o.mask))
+        }),
+        case(format!("{what} backward add relu"), w(), move |o| {
+            let Out { dx, dg, db, dz, .. } = o;
+            let grads = Grads::new(dx, dg, db);
+            batch_norm_backward_add_relu(v(), x, &ReluMask::new(), &saved(c, 4), None, grads, dz)
+        }),
+        on_layer(format!("{what} layer train relu"), w(), move |o, bn| {
+            bn.forward_train_relu(v(), &mut o.y, &mut o.mask).map(drop)
+        }),
+        on_layer(format!("{what} layer backward relu"), w(), move |o, bn| {
+            bn.backward_relu(v(), x, &ReluMask::new(), &saved(c, 4), o.grads())
         }),
     ]
 }
@@ -1233,6 +1299,25 @@ fn ghost_errors() {
             bn.backward_sync(&SingleProcess, v, x, &saved(c, 12), o.grads())
                 .map(drop)
         }),
+        // Groups are whole examples; a mask selects positions: the masked passes reject the layer.
+        on_layer("layer train masked", Error::GhostNotMasked, move |o, bn| {
+            bn.forward_train_masked(v, &[true; 6], &mut o.y).map(drop)
+        }),
+        on_layer("layer backward masked", Error::GhostNotMasked, move |o, bn| {
+            bn.backward_masked(v, &[true; 6], x, &saved(c, 12), o.grads())
+        }),
+        on_layer("layer train masked sync", Error::GhostNotSynchronized, move |o, bn| {
+            bn.forward_train_masked_sync(&SingleProcess, v, &[true; 6], &mut o.y)
+                .map(drop)
+        }),
+        on_layer(
+            "layer backward masked sync",
+            Error::GhostNotSynchronized,
+            move |o, bn| {
+                bn.backward_masked_sync(&SingleProcess, v, &[true; 6], x, &saved(c, 12), o.grads())
+                    .map(drop)
+            },
+        ),
     ];
     check_all(n, c, &bn, cases);
 
@@ -1249,7 +1334,427 @@ fn ghost_errors() {
             on_layer("layer backward v = 1", Error::InvalidVirtualBatch(1), move |o, bn| {
                 bn.backward(v, x, &saved(c, 12), o.grads())
             }),
+            on_layer(
+                "layer train masked v = 1",
+                Error::InvalidVirtualBatch(1),
+                move |o, bn| bn.forward_train_masked(v, &[true; 6], &mut o.y).map(drop),
+            ),
+            on_layer(
+                "layer backward masked v = 1",
+                Error::InvalidVirtualBatch(1),
+                move |o, bn| bn.backward_masked(v, &[true; 6], x, &saved(c, 12), o.grads()),
+            ),
         ];
         check_all(n, c, &bn, cases);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masked batch norm: the mask's length, the count of selected values.
+// ---------------------------------------------------------------------------------------------
+
+/// Every masked function and method rejects a mask whose length is not the number of values per
+/// channel (`BufferLength` named `mask`), after the input's and output buffers' own checks.
+#[test]
+fn masked_wrong_mask_length() {
+    let (shape, layout, n, c) = ([2usize, 3, 2, 2], Layout::NCHW, 24, 3);
+    let per_channel = 8;
+    let (g, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+    let fixed = FixedStats::new(&m, &var);
+    let (sv, sums) = (saved(c, 8), sums(c));
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let masks: Vec<Vec<bool>> = [0, per_channel - 1, per_channel + 1, n]
+        .map(|len| vec![true; len])
+        .into();
+    let (x, sv, sums, g) = (&x, &sv, &sums, &g);
+    let mut cases = Vec::new();
+    for mask in &masks {
+        let len = mask.len();
+        let want = buffer("mask", per_channel, len);
+        cases.extend([
+            case(format!("train mask {len}"), want.clone(), move |o| {
+                batch_norm_train_masked(v, mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            case(format!("eval mask {len}"), want.clone(), move |o| {
+                batch_norm_eval_masked(v, mask, fixed, Affine::NONE, 1e-5, &mut o.y)
+            }),
+            case(format!("normalize mask {len}"), want.clone(), move |o| {
+                normalize_masked(v, mask, sv, Affine::NONE, &mut o.y)
+            }),
+            case(format!("batch_stats mask {len}"), want.clone(), move |_| {
+                batch_stats_masked(v, mask).map(drop)
+            }),
+            case(format!("backward mask {len}"), want.clone(), move |o| {
+                batch_norm_backward_masked(v, mask, x, sv, Some(g), o.grads())
+            }),
+            case(format!("backward_eval mask {len}"), want.clone(), move |o| {
+                batch_norm_backward_eval_masked(v, mask, x, fixed, Some(g), 1e-5, o.grads())
+            }),
+            case(format!("grad_sums mask {len}"), want.clone(), move |_| {
+                grad_sums_masked(v, mask, x, sv).map(drop)
+            }),
+            case(format!("input_grad mask {len}"), want.clone(), move |o| {
+                input_grad_masked(v, mask, x, sv, sums, Some(g), &mut o.dx)
+            }),
+            on_layer(format!("layer train mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_train_masked(v, mask, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer eval mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_eval_masked(v, mask, &mut o.y)
+            }),
+            on_layer(format!("layer backward mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_masked(v, mask, x, sv, o.grads())
+            }),
+            on_layer(format!("layer backward_eval mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_eval_masked(v, mask, x, o.grads())
+            }),
+            on_layer(format!("layer train sync mask {len}"), want.clone(), move |o, bn| {
+                bn.forward_train_masked_sync(&SingleProcess, v, mask, &mut o.y)
+                    .map(drop)
+            }),
+            on_layer(format!("layer backward sync mask {len}"), want.clone(), move |o, bn| {
+                bn.backward_masked_sync(&SingleProcess, v, mask, x, sv, o.grads())
+                    .map(drop)
+            }),
+            on_layer(format!("frozen layer train mask {len}"), want.clone(), move |o, bn| {
+                bn.freeze();
+                let r = bn.forward_train_masked(v, mask, &mut o.y).map(drop);
+                bn.unfreeze();
+                r
+            }),
+            on_layer(
+                format!("frozen layer backward sync mask {len}"),
+                want.clone(),
+                move |o, bn| {
+                    bn.freeze();
+                    let r = bn
+                        .backward_masked_sync(&SingleProcess, v, mask, x, sv, o.grads())
+                        .map(drop);
+                    bn.unfreeze();
+                    r
+                },
+            ),
+        ]);
+    }
+    // The buffers of x, y and dy are checked before the mask.
+    let (short, bad_mask): (&[f32], &[bool]) = (&x[..n - 1], &[true; 3]);
+    cases.extend([
+        case("y before mask", buffer("y", n, n - 1), move |o| {
+            batch_norm_train_masked(v, bad_mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+        })
+        .with_out(Out::sized(n - 1, n, c, c)),
+        case("dy before mask", buffer("dy", n, n - 1), move |o| {
+            batch_norm_backward_masked(v, bad_mask, short, sv, None, o.grads())
+        }),
+        case("x before mask", buffer("x", n, n - 1), move |_| {
+            batch_stats_masked(View::new(short, &shape, layout), bad_mask).map(drop)
+        }),
+    ]);
+    check_all(n, c, &layer(c), cases);
+}
+
+/// Training needs at least 2 selected values per channel: `TooFewValues` with their count (0 or 1)
+/// and the input's shape, from the free function and the layer (one-process and synchronized over
+/// one rank); the backward checks the saved count as the plain one does.
+#[test]
+fn masked_too_few_selected_values() {
+    let (shape, layout, n, c) = ([3usize, 2, 2], Layout::ChannelsLast, 12, 2);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let (one, good_sums) = (saved(c, 1), sums(c));
+    let mut cases = Vec::new();
+    for (mask, count) in [([false; 6], 0u64), ([false, false, false, true, false, false], 1)] {
+        let want = || too_few(count, &shape);
+        cases.extend([
+            case(format!("train {count} selected"), want(), move |o| {
+                batch_norm_train_masked(v, &mask, Affine::NONE, 1e-5, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer train {count} selected"), want(), move |o, bn| {
+                bn.forward_train_masked(v, &mask, &mut o.y).map(drop)
+            }),
+            on_layer(format!("layer train sync {count} selected"), want(), move |o, bn| {
+                bn.forward_train_masked_sync(&SingleProcess, v, &mask, &mut o.y)
+                    .map(drop)
+            }),
+        ]);
+    }
+    let (one, good_sums, x) = (&one, &good_sums, &x);
+    let mask = [true; 6];
+    cases.extend([
+        case("backward saved count 1", too_few(1, &shape), move |o| {
+            batch_norm_backward_masked(v, &mask, x, one, None, o.grads())
+        }),
+        case("grad_sums saved count 1", too_few(1, &shape), move |_| {
+            grad_sums_masked(v, &mask, x, one).map(drop)
+        }),
+        case("input_grad saved count 1", too_few(1, &shape), move |o| {
+            input_grad_masked(v, &mask, x, one, good_sums, None, &mut o.dx)
+        }),
+    ]);
+    check_all(n, c, &layer(c), cases);
+    // A shard may hold fewer than 2 selected values (its count is merged over workers).
+    assert_eq!(batch_stats_masked(v, &[false; 6]).unwrap().count, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused batch norm + ReLU: z, dz, the ReLU mask, ghost layers.
+// ---------------------------------------------------------------------------------------------
+
+/// The fused forwards reject a residual `z` of the wrong length (`BufferLength` named `z`, after
+/// `y` and γ/β and before ε), the fused backwards a `dz` of the wrong length (`BufferLength`
+/// named `dz`, after the ReLU mask and before `dx`) and a mask written for another geometry, or
+/// never written (`ReluMaskMismatch`, right after `dy`); nothing is written, the mask included.
+#[test]
+fn fused_buffer_and_mask_errors() {
+    let (shape, layout, n, c) = ([2usize, 3, 2, 2], Layout::NCHW, 24, 3);
+    let (g, m, var) = (vec![1.0f32; c], vec![0.0f32; c], vec![1.0f32; c]);
+    let fixed = FixedStats::new(&m, &var);
+    let sv = saved(c, 8);
+    let (x, short, long) = (xs(n), xs(n - 1), xs(n + 1));
+    let good = View::new(&x, &shape, layout);
+    let geometry = layout.geometry(&shape).unwrap();
+    // A mask of this input, one of the same length in another layout, and one never written.
+    let mut mask = ReluMask::new();
+    batch_norm_train_relu(good, Affine::NONE, 1e-5, &mut sentinel(n), &mut mask).unwrap();
+    let x_nhwc = xs(n);
+    let mut other = ReluMask::new();
+    let nhwc = View::new(&x_nhwc, &[2, 2, 2, 3], Layout::NHWC);
+    batch_norm_train_relu(nhwc, Affine::NONE, 1e-5, &mut sentinel(n), &mut other).unwrap();
+    let mismatch = |actual| Error::ReluMaskMismatch {
+        expected: geometry,
+        actual,
+    };
+    let never = ReluMask::new();
+    let (sv, g, x, mask, other, short, m, var) = (&sv, &g, &x, &mask, &other, &short, &m, &var);
+    let mut cases = Vec::new();
+    // z
+    for bad in [short, &long] {
+        let want = buffer("z", n, bad.len());
+        cases.extend([
+            case("z: train add relu", want.clone(), move |o| {
+                batch_norm_train_add_relu(good, bad, Affine::NONE, 1e-5, &mut o.y, &mut o.mask).map(drop)
+            }),
+            case("z: eval add relu", want.clone(), move |o| {
+                batch_norm_eval_add_relu(good, bad, fixed, Affine::NONE, 1e-5, &mut o.y, Some(&mut o.mask))
+            }),
+            on_layer("z: layer train add relu", want.clone(), move |o, bn| {
+                bn.forward_train_add_relu(good, bad, &mut o.y, &mut o.mask).map(drop)
+            }),
+            on_layer("z: layer eval add relu", want.clone(), move |o, bn| {
+                bn.forward_eval_add_relu(good, bad, &mut o.y, Some(&mut o.mask))
+            }),
+            on_layer("z: frozen layer train add relu", want.clone(), move |o, bn| {
+                bn.freeze();
+                let r = bn.forward_train_add_relu(good, bad, &mut o.y, &mut o.mask).map(drop);
+                bn.unfreeze();
+                r
+            }),
+        ]);
+    }
+    // The order of the forward's checks: y, then γ/β, then z, then ε.
+    let (bad_z, bad_g) = (short, &g[..2]);
+    cases.extend([
+        case("y before z", buffer("y", n, n - 1), move |o| {
+            batch_norm_train_add_relu(good, bad_z, Affine::NONE, 1e-5, &mut o.y, &mut o.mask).map(drop)
+        })
+        .with_out(Out::sized(n - 1, n, c, c)),
+        case("gamma before z", feature("gamma", c, 2), move |o| {
+            let affine = Affine::new(bad_g, g);
+            batch_norm_train_add_relu(good, bad_z, affine, 1e-5, &mut o.y, &mut o.mask).map(drop)
+        }),
+        case("z before eps", buffer("z", n, n - 1), move |o| {
+            batch_norm_eval_add_relu(good, bad_z, fixed, Affine::NONE, -1.0, &mut o.y, Some(&mut o.mask))
+        }),
+        case("y: eval relu", buffer("y", n, n + 1), move |o| {
+            batch_norm_eval_relu(good, fixed, Affine::NONE, 1e-5, &mut o.y, Some(&mut o.mask))
+        })
+        .with_out(Out::sized(n + 1, n, c, c)),
+        case("too few values, relu", too_few(1, &[1, 3]), move |o| {
+            let one = View::new(&x[..3], &[1, 3], Layout::NC);
+            batch_norm_train_relu(one, Affine::NONE, 1e-5, &mut o.y, &mut o.mask).map(drop)
+        })
+        .with_out(Out::new(3, c)),
+    ]);
+    // dz
+    for len in [n - 1, n + 1] {
+        let want = buffer("dz", n, len);
+        let out = || Out::with_dz(n, c, len);
+        cases.extend([
+            case("dz: backward add relu", want.clone(), move |o| {
+                let Out { dx, dg, db, dz, .. } = o;
+                batch_norm_backward_add_relu(good, x, mask, sv, Some(g), Grads::new(dx, dg, db), dz)
+            })
+            .with_out(out()),
+            case("dz: backward add relu without dx", want.clone(), move |o| {
+                batch_norm_backward_add_relu(good, x, mask, sv, Some(g), Grads::default(), &mut o.dz)
+            })
+            .with_out(out()),
+            case("dz: backward eval add relu", want.clone(), move |o| {
+                let Out { dx, dg, db, dz, .. } = o;
+                batch_norm_backward_eval_add_relu(good, x, mask, fixed, Some(g), 1e-5, Grads::new(dx, dg, db), dz)
+            })
+            .with_out(out()),
+            on_layer("dz: layer backward add relu", want.clone(), move |o, bn| {
+                let Out { dx, dg, db, dz, .. } = o;
+                bn.backward_add_relu(good, x, mask, sv, Grads::new(dx, dg, db), dz)
+            })
+            .with_out(out()),
+            on_layer("dz: layer backward eval add relu", want.clone(), move |o, bn| {
+                let Out { dx, dg, db, dz, .. } = o;
+                bn.backward_eval_add_relu(good, x, mask, Grads::new(dx, dg, db), dz)
+            })
+            .with_out(out()),
+        ]);
+    }
+    // The mask.
+    for (bad, actual) in [(other, other.geometry()), (&never, None)] {
+        let want = mismatch(actual);
+        cases.extend([
+            case("mask: backward relu", want.clone(), move |o| {
+                batch_norm_backward_relu(good, x, bad, sv, Some(g), o.grads())
+            }),
+            case("mask: backward add relu", want.clone(), move |o| {
+                let Out { dx, dg, db, dz, .. } = o;
+                batch_norm_backward_add_relu(good, x, bad, sv, Some(g), Grads::new(dx, dg, db), dz)
+            }),
+            case("mask: backward eval relu", want.clone(), move |o| {
+                batch_norm_backward_eval_relu(good, x, bad, fixed, Some(g), 1e-5, o.grads())
+            }),
+            case("mask: backward eval add relu", want.clone(), move |o| {
+                let Out { dx, dg, db, dz, .. } = o;
+                batch_norm_backward_eval_add_relu(good, x, bad, fixed, Some(g), 1e-5, Grads::new(dx, dg, db), dz)
+            }),
+            on_layer("mask: layer backward relu", want.clone(), move |o, bn| {
+                bn.backward_relu(good, x, bad, sv, o.grads())
+            }),
+            on_layer("mask: layer backward eval relu", want.clone(), move |o, bn| {
+                bn.backward_eval_relu(good, x, bad, o.grads())
+            }),
+            on_layer("mask: frozen layer backward add relu", want.clone(), move |o, bn| {
+                bn.freeze();
+                let Out { dx, dg, db, dz, .. } = o;
+                let r = bn.backward_add_relu(good, x, bad, sv, Grads::new(dx, dg, db), dz);
+                bn.unfreeze();
+                r
+            }),
+        ]);
+    }
+    // The order of the backward's checks: dy, then the mask, then dz, then dx, then the rest.
+    cases.extend([
+        case("dy before mask", buffer("dy", n, n - 1), move |o| {
+            batch_norm_backward_relu(good, short, other, sv, Some(g), o.grads())
+        }),
+        case("mask before dz", mismatch(other.geometry()), move |o| {
+            let Out { dx, dg, db, dz, .. } = o;
+            batch_norm_backward_add_relu(good, x, other, sv, Some(g), Grads::new(dx, dg, db), dz)
+        })
+        .with_out(Out::sized(n, n - 1, c, c)),
+        case("dz before dx", buffer("dz", n, n - 1), move |o| {
+            let Out { dx, dg, db, dz, .. } = o;
+            batch_norm_backward_add_relu(good, x, mask, sv, Some(g), Grads::new(dx, dg, db), dz)
+        })
+        .with_out(Out {
+            dx: sentinel(n + 1),
+            ..Out::with_dz(n, c, n - 1)
+        }),
+        case("dz before the statistics", buffer("dz", n, n - 1), move |o| {
+            let Out { dx, dg, db, dz, .. } = o;
+            let bad = FixedStats::new(&m[..2], var);
+            batch_norm_backward_eval_add_relu(good, x, mask, bad, Some(g), 1e-5, Grads::new(dx, dg, db), dz)
+        })
+        .with_out(Out::with_dz(n, c, n - 1)),
+        case("saved after the mask", feature("saved.mean", c, 2), move |o| {
+            let sv2 = SavedStats {
+                mean: vec![0.0; 2],
+                ..saved(c, 8)
+            };
+            batch_norm_backward_relu(good, x, mask, &sv2, Some(g), o.grads())
+        }),
+    ]);
+    check_all(n, c, &layer(c), cases);
+}
+
+/// The layer's fused passes: a ghost layer is rejected first (`GhostNotFused`; an invalid virtual
+/// batch size before it), frozen or not; an input of another channel count and missing running
+/// statistics as the plain methods reject them.
+#[test]
+fn fused_layer_errors() {
+    let (shape, layout, n, c) = ([6usize, 2], Layout::NC, 12, 2);
+    let x = xs(n);
+    let v = View::new(&x, &shape, layout);
+    let mut mask = ReluMask::new();
+    batch_norm_train_relu(v, Affine::NONE, 1e-5, &mut sentinel(n), &mut mask).unwrap();
+    let (x, mask, sv) = (&x, &mask, &saved(c, 6));
+    let ghost = |virtual_batch| {
+        let mut bn = layer(c);
+        bn.config.virtual_batch = Some(virtual_batch);
+        bn
+    };
+    for (bn, want) in [
+        (ghost(2), Error::GhostNotFused),
+        (ghost(1), Error::InvalidVirtualBatch(1)),
+    ] {
+        let cases = vec![
+            on_layer("ghost train relu", want.clone(), move |o, bn| {
+                bn.forward_train_relu(v, &mut o.y, &mut o.mask).map(drop)
+            }),
+            on_layer("ghost train add relu", want.clone(), move |o, bn| {
+                bn.forward_train_add_relu(v, x, &mut o.y, &mut o.mask).map(drop)
+            }),
+            on_layer("frozen ghost train relu", want.clone(), move |o, bn| {
+                bn.freeze();
+                let r = bn.forward_train_relu(v, &mut o.y, &mut o.mask).map(drop);
+                bn.unfreeze();
+                r
+            }),
+            on_layer("ghost backward relu", want.clone(), move |o, bn| {
+                bn.backward_relu(v, x, mask, sv, o.grads())
+            }),
+            on_layer("ghost backward add relu", want.clone(), move |o, bn| {
+                let Out { dx, dg, db, dz, .. } = o;
+                bn.backward_add_relu(v, x, mask, sv, Grads::new(dx, dg, db), dz)
+            }),
+        ];
+        check_all(n, c, &bn, cases);
+    }
+    let untracked = BatchNorm::<f32>::new(
+        c,
+        BatchNormConfig {
+            track_running_stats: false,
+            ..BatchNormConfig::default()
+        },
+    )
+    .unwrap();
+    let cases = vec![
+        on_layer(
+            "eval relu without running statistics",
+            Error::NoRunningStats,
+            move |o, bn| bn.forward_eval_relu(v, &mut o.y, Some(&mut o.mask)),
+        ),
+        on_layer(
+            "backward eval add relu without running statistics",
+            Error::NoRunningStats,
+            move |o, bn| {
+                let Out { dx, dg, db, dz, .. } = o;
+                bn.backward_eval_add_relu(v, x, mask, Grads::new(dx, dg, db), dz)
+            },
+        ),
+    ];
+    check_all(n, c, &untracked, cases);
+    let x3 = &xs(18);
+    let v3 = View::new(x3, &[6, 3], layout);
+    let want = feature("input", c, 3);
+    let cases = vec![
+        on_layer("train relu channels", want.clone(), move |o, bn| {
+            bn.forward_train_relu(v3, &mut o.y, &mut o.mask).map(drop)
+        }),
+        on_layer("eval add relu channels", want.clone(), move |o, bn| {
+            bn.forward_eval_add_relu(v3, x3, &mut o.y, None)
+        }),
+        on_layer("backward relu channels", want.clone(), move |o, bn| {
+            bn.backward_relu(v3, x3, mask, &saved(3, 6), o.grads())
+        }),
+    ];
+    check_all(18, c, &layer(c), cases);
 }

@@ -26,16 +26,30 @@ use batchnorm::{
 
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
-struct Step<T> {
-    y: Vec<T>,
-    dx: Vec<T>,
-    dgamma: Vec<T>,
-    dbeta: Vec<T>,
-    running_mean: Vec<T>,
-    running_var: Vec<T>,
+pub(crate) struct Step<T> {
+    pub y: Vec<T>,
+    pub dx: Vec<T>,
+    pub dgamma: Vec<T>,
+    pub dbeta: Vec<T>,
+    pub running_mean: Vec<T>,
+    pub running_var: Vec<T>,
 }
 
-fn config() -> BatchNormConfig {
+impl<T: TestFloat> Step<T> {
+    /// A step's y, dx, dγ and dβ, and the running statistics of the layer that took it.
+    pub(crate) fn new(y: Vec<T>, dx: Vec<T>, dgamma: Vec<T>, dbeta: Vec<T>, bn: BatchNorm<T>) -> Self {
+        Step {
+            y,
+            dx,
+            dgamma,
+            dbeta,
+            running_mean: bn.running_mean,
+            running_var: bn.running_var,
+        }
+    }
+}
+
+pub(crate) fn config() -> BatchNormConfig {
     BatchNormConfig {
         momentum: Momentum::Exponential(0.3),
         ..Default::default()
@@ -51,14 +65,7 @@ fn one_process<T: TestFloat>(d: &Data, layout: Layout, shape: &[usize]) -> Step<
     let mut y = vec![T::default(); x.len()];
     let saved = bn.forward_train(View::new(&x, shape, layout), &mut y).unwrap();
     let (dx, dg, db) = layer_backward_all(&bn, View::new(&x, shape, layout), &dy, &saved);
-    Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        running_mean: bn.running_mean,
-        running_var: bn.running_var,
-    }
+    Step::new(y, dx, dg, db, bn)
 }
 
 /// One training step of the synchronized layer on this rank's shard (rows `start..start + n`).
@@ -88,14 +95,7 @@ fn one_rank<T: TestFloat>(
         &saved,
         Grads::new(&mut dx, &mut dg, &mut db),
     )?;
-    Ok(Step {
-        y,
-        dx,
-        dgamma: dg,
-        dbeta: db,
-        running_mean: bn.bn.running_mean,
-        running_var: bn.bn.running_var,
-    })
+    Ok(Step::new(y, dx, dg, db, bn.bn))
 }
 
 /// The synchronized step over `sizes` shards, concatenated back into whole-batch buffers; also

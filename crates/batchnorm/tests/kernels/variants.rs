@@ -12,15 +12,6 @@ use batchnorm::{
 };
 use proptest::prelude::*;
 
-/// Σ|dy| per channel (the scale of dβ = Σ dy and of the Σ dy term of dγ).
-fn sum_abs_dy(d: &Data) -> Vec<f64> {
-    let mut out = vec![0.0; d.g.channels];
-    for k in 0..d.x.len() {
-        out[channel_of(&d.g, k)] += d.dy[k].abs();
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Frozen batch norm
 // ---------------------------------------------------------------------------------------------
@@ -59,14 +50,7 @@ fn check_frozen<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
     let rel = reduce_rel::<T>(d.g.per_channel());
     assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, elementwise_rel::<T>());
     if affine {
-        assert_close(
-            &format!("{what} dgamma"),
-            &dg,
-            &rdg,
-            &eval_dgamma_scale(&d, &d.dy, eps),
-            rel,
-        );
-        assert_close(&format!("{what} dbeta"), &db, &rdb, &sum_abs_dy(&d), rel);
+        assert_eval_param_grads(&what, (&dg, &db), (&rdg, &rdb), &d, eps, rel);
     }
     // The running statistics are constants: not updated by forward_train or backward.
     assert_bits(&format!("{what} running_mean"), &bn.running_mean, &before.running_mean);
@@ -263,20 +247,7 @@ fn small_batch_policy() {
             .map(|k| (d.dy[k] * d.gamma[k]).abs() / (d.var[k] + eps).sqrt())
             .collect();
         assert_close(&format!("{what} dx"), &dx, &rdx, &sdx, elementwise_rel::<f32>());
-        assert_close(
-            &format!("{what} dgamma"),
-            &dg,
-            &rdg,
-            &eval_dgamma_scale(&d, &d.dy, eps),
-            reduce_rel::<f32>(1),
-        );
-        assert_close(
-            &format!("{what} dbeta"),
-            &db,
-            &rdb,
-            &sum_abs_dy(&d),
-            reduce_rel::<f32>(1),
-        );
+        assert_eval_param_grads(&what, (&dg, &db), (&rdg, &rdb), &d, eps, reduce_rel::<f32>(1));
         // Synchronized, one rank: the global batch is as small, the same transform.
         let mut y_sync = vec![f32::NAN; 4];
         let saved_sync = bn

@@ -54,7 +54,7 @@ pub fn epoch_key(seed: u64, epoch: u64) -> [u8; 32] {
 /// A uniform integer in `0..n` (`n > 0`), by Lemire's multiply-and-reject method on 64-bit
 /// draws: unbiased, and fixed here rather than borrowed from `rand`, so the permutations do not
 /// change with `rand`'s version.
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+pub(crate) fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
     debug_assert!(n > 0);
     let mut m = u128::from(rng.next_u64()) * u128::from(n);
     if (m as u64) < n {

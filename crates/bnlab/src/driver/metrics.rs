@@ -1,11 +1,15 @@
 //! A run's JSON files: `metrics.jsonl` (written line by line, cut back on resume to what the
 //! checkpoints cover, so a continued run neither repeats nor loses a line, and put in variant
-//! order at the end), `summary.json` and the settings table of a report.
+//! order at the end), `summary.json`, an experiment's `table.json` and `table.md`, and the
+//! settings and runs tables of a report.
 
+use super::VariantSummary;
 use crate::atomic::write_atomic;
+use crate::report::percent;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +39,40 @@ pub fn truncate_jsonl(path: &Path, keep: impl Fn(&Value) -> bool) -> Result<Vec<
     }
     write_atomic(path, out.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(kept)
+}
+
+/// What an evaluation line says about training since the previous evaluation, for experiments
+/// that record a divergence ([`super::Divergence::Record`]): the last fields of their metrics line,
+/// flattened into it (`#[serde(flatten)]`), so the JSON keeps the keys `train_loss`, `lr` and
+/// `diverged`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStatus {
+    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
+    pub train_loss: Option<f64>,
+    /// Learning rate of the last step's update.
+    pub lr: f64,
+    /// Whether the training loss became NaN or infinite at this step (the variant stops).
+    pub diverged: bool,
+}
+
+impl TrainingStatus {
+    /// An evaluation's status: the mean training loss since the previous one and the last rate.
+    pub fn evaluated(train_loss: f64, lr: f64) -> Self {
+        TrainingStatus {
+            train_loss: Some(train_loss),
+            lr,
+            diverged: false,
+        }
+    }
+
+    /// The status on the line that reports a divergence, with the rate of the step that diverged.
+    pub fn diverged(lr: f64) -> Self {
+        TrainingStatus {
+            train_loss: None,
+            lr,
+            diverged: true,
+        }
+    }
 }
 
 /// A line of an experiment's `metrics.jsonl`: which variant and step it belongs to (they fix the
@@ -95,6 +133,74 @@ pub fn write_jsonl(path: &Path, lines: &[impl Serialize]) -> Result<()> {
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes an experiment's table into `out`: `table.json` (`table`, pretty) and `table.md`
+/// (`markdown`).
+pub fn write_table(out: &Path, table: &impl Serialize, markdown: &str) -> Result<()> {
+    write_json(&out.join("table.json"), table)?;
+    let md_path = out.join("table.md");
+    std::fs::write(&md_path, markdown).with_context(|| format!("cannot write {}", md_path.display()))
+}
+
+/// A column of a report's table of runs ([`runs_table`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunColumn {
+    /// Test accuracy at the last evaluation.
+    FinalTestAcc,
+    /// Best test accuracy over evaluations.
+    BestTestAcc,
+    /// Steps trained.
+    Steps,
+    /// Milliseconds per training step.
+    MsPerStep,
+    /// Wall-clock seconds of the run.
+    Seconds,
+}
+
+impl RunColumn {
+    /// The column's header.
+    pub fn header(self) -> &'static str {
+        match self {
+            RunColumn::FinalTestAcc => "final test accuracy",
+            RunColumn::BestTestAcc => "best test accuracy",
+            RunColumn::Steps => "steps trained",
+            RunColumn::MsPerStep => "ms / step",
+            RunColumn::Seconds => "seconds",
+        }
+    }
+
+    /// The cell of the run `r`.
+    pub fn cell(self, r: &VariantSummary) -> String {
+        match self {
+            RunColumn::FinalTestAcc => percent(r.final_test_acc),
+            RunColumn::BestTestAcc => percent(r.best_test_acc),
+            RunColumn::Steps => r.steps.to_string(),
+            RunColumn::MsPerStep => format!("{:.3}", r.ms_per_step),
+            RunColumn::Seconds => format!("{:.1}", r.seconds),
+        }
+    }
+}
+
+/// A report's table of runs: the header (`variant`, then `columns`) and a row per variant of
+/// `variants` (`(name, label)` pairs, in order) that has a summary: its label, then its cells.
+pub fn runs_table<'a>(
+    variants: impl IntoIterator<Item = (&'a str, &'a str)>,
+    summaries: &BTreeMap<&'static str, VariantSummary>,
+    columns: &[RunColumn],
+) -> (Vec<String>, Vec<Vec<String>>) {
+    let header = std::iter::once("variant")
+        .chain(columns.iter().map(|c| c.header()))
+        .map(String::from)
+        .collect();
+    let rows = (variants.into_iter())
+        .filter_map(|(name, label)| summaries.get(name).map(|r| (label, r)))
+        .map(|(label, r)| {
+            let cells = columns.iter().map(|c| c.cell(r));
+            std::iter::once(label.to_string()).chain(cells).collect()
+        })
+        .collect();
+    (header, rows)
 }
 
 /// The settings of a run as (name, value) rows for a report page.

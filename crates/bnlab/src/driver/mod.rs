@@ -30,8 +30,8 @@ pub mod rundir;
 pub mod settings;
 pub mod train;
 
-pub use evaluate::{Probe, EVAL_CHUNK};
-pub use metrics::MetricLine;
+pub use evaluate::{BatchPrep, Gathered, Pass, Probe, EVAL_CHUNK};
+pub use metrics::{MetricLine, RunColumn, TrainingStatus};
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
 
@@ -39,6 +39,7 @@ use crate::data::{self, BatchOrder, Dataset, EpochShuffler};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::{Sequential, Sgd};
 use crate::parallel::{self, DataParallel};
+use crate::report::Page;
 use anyhow::{bail, ensure, Context, Result};
 use batchnorm::Communicator;
 use serde::{de::DeserializeOwned, Serialize};
@@ -136,12 +137,15 @@ pub struct Built<P> {
 }
 
 /// One evaluation of a variant, as the driver measured it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     /// Training steps done.
     pub step: u64,
-    /// Test-set accuracy (with the statistics the run's `bn_stats` names).
+    /// Test-set accuracy (with the statistics the run's `bn_stats` names), under test condition 0.
     pub test_acc: f64,
+    /// Test-set accuracy under each test condition ([`Experiment::test_conditions`]), in order:
+    /// `[test_acc]` for an experiment with one.
+    pub condition_test_acc: Vec<f64>,
     /// Test-set accuracy with the running statistics, when the run evaluates with population
     /// statistics and the experiment asks for both ([`Experiment::evaluate_running_too`]).
     pub running_test_acc: Option<f64>,
@@ -213,8 +217,34 @@ pub trait Experiment: Sync {
         Ok(Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?))
     }
 
+    /// Called on every batch the driver gathers ([`Gathered`]: what the pass is for, the split and
+    /// the examples' indices; with data-parallel training, this rank's shard), after its examples
+    /// are in `x` (`[batch, features]`, as [`data::gather`] writes them) and before `net`'s
+    /// forward pass: the experiment may rewrite `x` in place and set what the network's layers need
+    /// to know about the batch (e.g. the padding mask they share, [`Sequential::set_mask`]). What
+    /// it does must follow from its arguments alone: a resumed run, `bnlab eval` and every rank
+    /// call it on their own. Nothing by default.
+    fn prepare_batch(
+        &self,
+        _s: &Settings<Self::Settings>,
+        _variant: Self::Variant,
+        _batch: Gathered<'_>,
+        _x: &mut [f32],
+        _net: &mut Sequential,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// How many test conditions each evaluation measures: the test set is evaluated once per
+    /// condition (with the same inference statistics), [`Experiment::prepare_batch`] told which
+    /// by [`Pass::Test`]; the accuracies are [`Evaluation::condition_test_acc`]. One by default
+    /// (0 counts as 1).
+    fn test_conditions(&self, _s: &Settings<Self::Settings>) -> usize {
+        1
+    }
+
     /// Whether evaluations with population statistics also measure the accuracy with the running
-    /// statistics ([`Evaluation::running_test_acc`]). No by default.
+    /// statistics ([`Evaluation::running_test_acc`], under test condition 0). No by default.
     fn evaluate_running_too(&self, _s: &Settings<Self::Settings>) -> bool {
         false
     }
@@ -544,6 +574,28 @@ pub fn data_parallel_text(s: &CommonSettings) -> String {
          contiguous shards, gradients are summed over the processes; {bn}.",
         s.processes, s.batch
     )
+}
+
+/// Ends a study's report `page`: the table of runs (steps, time per step and seconds of each of
+/// `variants`, from `outcome`), the `figures` (caption and SVG, in order) and the settings `s`;
+/// then writes it into the run's folder as `report.html`.
+pub fn finish_study_report<T: Serialize, V: Variant, M>(
+    mut page: Page,
+    s: &Settings<T>,
+    variants: &[V],
+    outcome: &Outcome<M>,
+    figures: &[(String, String)],
+) -> Result<()> {
+    let names = variants.iter().map(|v| (v.name(), v.name()));
+    let columns = [RunColumn::Steps, RunColumn::MsPerStep, RunColumn::Seconds];
+    let (header, rows) = metrics::runs_table(names, &outcome.summaries, &columns);
+    page.table("Runs", &header, &rows);
+    for (caption, svg) in figures {
+        page.figure(caption, svg);
+    }
+    page.settings("Settings", &metrics::settings_rows(s));
+    page.write(&s.common.out.join("report.html"))?;
+    Ok(())
 }
 
 /// Where a run keeps the checkpoint of the variant named `variant`:

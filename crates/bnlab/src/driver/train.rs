@@ -1,12 +1,12 @@
 //! Training: one SGD step (in one process, or as one rank of data-parallel training) and the one
 //! training loop every experiment's variants run.
 
-use super::evaluate::evaluate;
+use super::evaluate::{evaluate, gather_prepared, BatchPrep, Gathered, Pass};
 use super::lanes::VariantRun;
 use super::resume::restore_start;
 use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
 use crate::atomic::write_atomic;
-use crate::data::{gather, BatchOrder, Dataset};
+use crate::data::{BatchOrder, Dataset};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError, CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
 use crate::parallel::{self, DataParallel};
@@ -39,8 +39,8 @@ impl StepBuffers {
     }
 }
 
-/// One SGD step on the batch of `step` from `order`, as rank `dp.rank()` of `dp.size()`:
-/// forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
+/// One SGD step on the batch of `step` from `order`, as rank `dp.rank()` of `dp.size()`, the batch
+/// prepared by `prep` ([`Pass::Train`]): forward in [`Mode::Train`], softmax cross-entropy, backward, update with learning rate `lr`.
 /// Returns the batch loss; when it is not finite, nothing is updated (the caller decides what
 /// divergence means). `buf` holds this rank's shard of the batch (`buf.y.len()` examples).
 ///
@@ -62,6 +62,7 @@ pub fn train_step(
     lr: f32,
     buf: &mut StepBuffers,
     dp: &mut DataParallel,
+    prep: &mut dyn BatchPrep,
 ) -> Result<f32> {
     let classes = net.output_size();
     let indices = order.batch_indices(step);
@@ -73,7 +74,12 @@ pub fn train_step(
         "step buffers for {} examples, but this rank's shard has {local}",
         buf.y.len()
     );
-    gather(train, &indices[shard], &mut buf.x, &mut buf.y);
+    let batch = Gathered {
+        pass: Pass::Train(step),
+        split: train,
+        indices: &indices[shard],
+    };
+    gather_prepared(batch, &mut buf.x, &mut buf.y, prep, net)?;
     let logits = net.forward(&buf.x, local, Mode::Train)?;
     let loss = buf.loss.forward(logits, &buf.y, classes)?;
     if dp.size() == 1 {
@@ -233,10 +239,27 @@ impl Timing {
     }
 }
 
+/// [`Experiment::prepare_batch`] of one variant, as the driver's loops take it ([`BatchPrep`]).
+pub struct VariantPrep<'a, E: Experiment> {
+    /// The experiment.
+    pub experiment: &'a E,
+    /// The run's settings.
+    pub s: &'a Settings<E::Settings>,
+    /// The variant whose batches it prepares.
+    pub variant: E::Variant,
+}
+
+impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
+    fn prepare(&mut self, batch: Gathered<'_>, x: &mut [f32], net: &mut Sequential) -> Result<()> {
+        self.experiment.prepare_batch(self.s, self.variant, batch, x, net)
+    }
+}
+
 /// Trains `variant` of `experiment` from its checkpoint `start` (or from scratch) to the steps of
 /// its settings ([`Experiment::variant_settings`]: batch size, steps, evaluation and checkpoint
 /// schedule), as rank `dp.rank()` of `dp.size()`, showing progress and recording metrics lines
-/// through `run`. Its batches are [`Experiment::batch_order`]'s.
+/// through `run`. Its batches are [`Experiment::batch_order`]'s, each prepared by
+/// [`Experiment::prepare_batch`] (evaluation batches too).
 ///
 /// After every `eval_every` steps and after the last: with several ranks, the replicas are checked
 /// to be identical; rank 0 evaluates and records the experiment's metrics line. After every
@@ -264,6 +287,7 @@ pub fn train_variant<E: Experiment>(
     }
     dp.take_traffic();
     let mut order = experiment.batch_order(s, c, variant, data)?;
+    let mut prep = VariantPrep { experiment, s, variant };
     let mut sgd = experiment.optimizer(s, variant);
     let ckpt_path = checkpoint_path(&c.out, name);
     let mut counters = match start {
@@ -293,7 +317,17 @@ pub fn train_variant<E: Experiment>(
         run.check()?;
         let t = Instant::now();
         let lr = experiment.lr(s, variant, step) as f32;
-        let loss = train_step(&mut net, &mut sgd, &data.train, order.as_mut(), step, lr, &mut buf, dp)?;
+        let loss = train_step(
+            &mut net,
+            &mut sgd,
+            &data.train,
+            order.as_mut(),
+            step,
+            lr,
+            &mut buf,
+            dp,
+            &mut prep,
+        )?;
         counters.train_secs += t.elapsed().as_secs_f64();
         counters.steps = step + 1;
         progress.step(step + 1);
@@ -321,11 +355,22 @@ pub fn train_variant<E: Experiment>(
             }
             if root {
                 let running_too = experiment.evaluate_running_too(s);
-                let (test_acc, running_test_acc) =
-                    evaluate(c, &mut net, &data.train, &data.test, &mut probe, running_too)?;
+                let conditions = experiment.test_conditions(s);
+                let (accuracies, running_test_acc) = evaluate(
+                    c,
+                    &mut net,
+                    &data.train,
+                    &data.test,
+                    &mut probe,
+                    running_too,
+                    conditions,
+                    &mut prep,
+                )?;
+                let test_acc = accuracies[0];
                 let eval = Evaluation {
                     step: step + 1,
                     test_acc,
+                    condition_test_acc: accuracies,
                     running_test_acc,
                     train_loss: counters.loss_sum / counters.loss_n as f64,
                 };

@@ -21,9 +21,21 @@
 //!   counter drives its [`RenormSchedule`].
 //!
 //! The layer keeps the variant's own state beside the kernel layer `bn` (a private enum with one
-//! case per variant). Ghost batch norm (virtual batches, a setting of the kernel's
-//! [`BatchNormConfig`]) and masked batch norm (a mask given with each forward, which its case
-//! would hold until the backward) are two more cases of it.
+//! case per variant). Ghost batch norm (virtual batches) is a setting of the kernel's
+//! [`BatchNormConfig`].
+//!
+//! # Masked batch norm
+//!
+//! A plain or frozen layer can be made masked ([`BatchNormLayer::masked`]), for padded
+//! sequences: each forward pass takes the position mask of its batch ([`Layer::set_mask`],
+//! `[batch, spatial]`, shared by the channels; see [`super::mask`]) and keeps it for its backward,
+//! and every pass is the kernel crate's masked form of the unmasked one: statistics over the
+//! valid positions only, padded positions written as +0.0 and given dx = +0.0, running variance
+//! unbiased with the valid count, synchronized over ranks weighted by their valid counts
+//! ([`BatchNorm::forward_train_masked_sync`]); Algorithm 2 averages the masked batch means and
+//! unbiased masked variances. No padded value reaches an output or a gradient. A masked layer
+//! refuses a forward without a mask; batch renorm and ghost batch norm have no masked form in the
+//! kernel crate and are refused.
 //!
 //! # What each mode does per variant
 //!
@@ -42,11 +54,13 @@
 //! too: the network was trained with them, and Algorithm 2 estimates the statistics the training
 //! network uses.
 
+use super::mask::{Masks, PositionMask};
 use super::{Layer, Mode, Param, State, StateValue};
 use ::batchnorm::{
-    batch_norm_eval, batch_norm_train, batch_renorm_eval, batch_renorm_train, Affine, BatchNorm, BatchNormConfig,
-    BatchRenorm, BatchRenormConfig, BatchStats, Communicator, FixedStats, Grads, InferenceAffine, Layout,
-    PopulationStats, RenormSaved, RenormSchedule, RenormStats, SavedStats, SmallBatch, View,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_renorm_eval,
+    batch_renorm_train, Affine, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, BatchStats, Communicator,
+    FixedStats, Grads, InferenceAffine, Layout, PopulationStats, RenormSaved, RenormSchedule, RenormStats, SavedStats,
+    SmallBatch, View,
 };
 use anyhow::{bail, ensure, Context, Result};
 use std::sync::Arc;
@@ -124,6 +138,9 @@ struct Population {
 /// synchronized batch norm over all ranks' shards of the global batch, and the parameter
 /// gradients are this rank's share (summed over ranks by the data-parallel loop); for renorm, r
 /// and d come from the global batch's statistics too.
+///
+/// A layer made masked ([`BatchNormLayer::masked`]) computes masked batch norm over the positions
+/// its batch's mask selects (see the module docs).
 pub struct BatchNormLayer {
     /// The kernel crate's batch-norm layer: γ, β, running statistics, settings and frozen state,
     /// for every variant but renorm. For [`BnVariant::Renorm`] it holds only ε and the channel
@@ -142,6 +159,8 @@ pub struct BatchNormLayer {
     grad_gamma: Vec<f32>,
     grad_beta: Vec<f32>,
     sync: Option<Arc<dyn Communicator>>,
+    /// The position masks of a masked layer (`None`: not masked).
+    masks: Option<Masks>,
 }
 
 /// γ and β as the kernel functions take them: none without affine.
@@ -153,17 +172,30 @@ fn affine_of<'a>(affine: bool, gamma: &'a [f32], beta: &'a [f32]) -> Affine<'a, 
     }
 }
 
-/// The batch-norm kernel's training forward, synchronized over `comm` when given.
+/// The batch-norm kernel's training forward, synchronized over `comm` when given, masked when
+/// `mask` is given.
 fn train_bn(
     bn: &mut BatchNorm<f32>,
     comm: Option<&dyn Communicator>,
     x: View<'_, f32>,
+    mask: Option<&[bool]>,
     y: &mut [f32],
 ) -> Result<SavedStats, ::batchnorm::Error> {
-    match comm {
-        Some(comm) => bn.forward_train_sync(comm, x, y),
-        None => bn.forward_train(x, y),
+    match (comm, mask) {
+        (Some(comm), Some(mask)) => bn.forward_train_masked_sync(comm, x, mask, y),
+        (Some(comm), None) => bn.forward_train_sync(comm, x, y),
+        (None, Some(mask)) => bn.forward_train_masked(x, mask, y),
+        (None, None) => bn.forward_train(x, y),
     }
+}
+
+/// The batch-norm kernel's inference with its running statistics, masked when `mask` is given.
+fn eval_bn(bn: &BatchNorm<f32>, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<()> {
+    match mask {
+        Some(mask) => bn.forward_eval_masked(x, mask, y)?,
+        None => bn.forward_eval(x, y)?,
+    }
+    Ok(())
 }
 
 impl BatchNormLayer {
@@ -230,7 +262,34 @@ impl BatchNormLayer {
             grad_gamma: vec![0.0; channels],
             grad_beta: vec![0.0; channels],
             sync: None,
+            masks: None,
         })
+    }
+
+    /// This layer as masked batch norm (see the module docs): its forward passes take the
+    /// position mask of their batch (`[batch, spatial]`, [`Layer::set_mask`]) and refuse to run
+    /// without one. Saved in checkpoints' architecture (`masked` in [`Layer::settings`]), so that
+    /// a checkpoint of an unmasked layer is refused and the other way round.
+    ///
+    /// Rejects a [`BnVariant::Renorm`] layer and a config with a virtual batch size (ghost batch
+    /// norm), for which the kernel crate has no masked form, and a layer of 0 positions
+    /// (`spatial`).
+    pub fn masked(mut self) -> Result<Self> {
+        ensure!(
+            !matches!(self.kind, Kind::Renorm(_)),
+            "batch renorm has no masked form: masked batch norm is plain or frozen"
+        );
+        ensure!(
+            self.bn.config.virtual_batch.is_none(),
+            "ghost batch norm (a virtual batch size) has no masked form"
+        );
+        self.masks = Some(Masks::new(self.bn.num_features, self.spatial, "masked batch norm")?);
+        Ok(self)
+    }
+
+    /// Whether the layer is masked batch norm ([`BatchNormLayer::masked`]).
+    pub fn is_masked(&self) -> bool {
+        self.masks.is_some()
     }
 
     /// The variant this layer computes.
@@ -347,8 +406,13 @@ impl BatchNormLayer {
     /// The inference transform as one affine map per channel, y = x·scale + shift (for folding
     /// into the layer before): with the statistics `Mode::Eval` uses now. For renorm,
     /// scale = γ/σ and shift = β − μ·γ/σ. Rejects a plain or frozen layer without running
-    /// statistics.
+    /// statistics, and a masked layer (it writes 0 at padded positions, which no affine map of
+    /// its input does).
     pub fn inference_affine(&self) -> Result<InferenceAffine> {
+        ensure!(
+            !self.is_masked(),
+            "masked batch norm writes 0 at the padded positions, which no affine map does: it cannot be folded"
+        );
         let eps = self.bn.config.eps;
         Ok(match (&self.kind, &self.estimate) {
             (Kind::Renorm(r), estimate) => {
@@ -374,17 +438,17 @@ impl BatchNormLayer {
         })
     }
 
-    /// Training forward of the layer's variant.
-    fn forward_train(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<Saved> {
+    /// Training forward of the layer's variant (masked over `mask` when given; never for renorm).
+    fn forward_train(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<Saved> {
         let comm = self.sync.as_deref();
         Ok(match &mut self.kind {
-            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, y)?),
+            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, mask, y)?),
             Kind::Frozen { after, steps } => {
                 let was_frozen = self.bn.is_frozen();
                 if *steps == *after {
                     self.bn.freeze();
                 }
-                match train_bn(&mut self.bn, comm, x, y) {
+                match train_bn(&mut self.bn, comm, x, mask, y) {
                     Ok(saved) => {
                         *steps = steps.saturating_add(1);
                         Saved::Bn(saved)
@@ -403,35 +467,44 @@ impl BatchNormLayer {
     }
 
     /// Algorithm 2's pass: the training transform without any update, observing the batch
-    /// statistics it normalizes with (none when it uses the running statistics).
-    fn forward_collect(&mut self, x: View<'_, f32>, y: &mut [f32]) -> Result<()> {
+    /// statistics it normalizes with (none when it uses the running statistics); masked over
+    /// `mask` when given: the statistics of the valid positions, with their count.
+    fn forward_collect(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<()> {
         let stats: BatchStats = match &self.kind {
             Kind::Renorm(r) => {
                 let moving = RenormStats::new(&r.moving_mean, &r.moving_std);
                 let affine = affine_of(r.config.affine, &r.gamma, &r.beta);
                 batch_renorm_train(x, moving, affine, r.config.eps, r.clip(), y)?.0
             }
-            _ if self.trains_with_running_stats(x) => return Ok(self.bn.forward_eval(x, y)?),
+            _ if self.trains_with_running_stats(x, mask) => return eval_bn(&self.bn, x, mask, y),
             _ => {
                 let bn = &self.bn;
-                batch_norm_train(x, affine_of(bn.config.affine, &bn.gamma, &bn.beta), bn.config.eps, y)?.0
+                let (affine, eps) = (affine_of(bn.config.affine, &bn.gamma, &bn.beta), bn.config.eps);
+                match mask {
+                    Some(mask) => batch_norm_train_masked(x, mask, affine, eps, y)?.0,
+                    None => batch_norm_train(x, affine, eps, y)?.0,
+                }
             }
         };
         self.population.observe(&stats)?;
         Ok(())
     }
 
-    /// Whether the batch-norm kernel's training forward would normalize `x` with the running
-    /// statistics: the layer is frozen, or `x` has fewer than 2 values per channel and the
-    /// small-batch policy is [`SmallBatch::UseRunningStats`] (docs/variants.md).
-    fn trains_with_running_stats(&self, x: View<'_, f32>) -> bool {
-        let per_channel = x.data.len() / self.bn.num_features.max(1);
+    /// Whether the batch-norm kernel's training forward would normalize `x` (over `mask` when
+    /// given) with the running statistics: the layer is frozen, or fewer than 2 values per channel
+    /// enter the statistics and the small-batch policy is [`SmallBatch::UseRunningStats`]
+    /// (docs/variants.md).
+    fn trains_with_running_stats(&self, x: View<'_, f32>, mask: Option<&[bool]>) -> bool {
+        let per_channel = match mask {
+            Some(mask) => mask.iter().filter(|&&v| v).count(),
+            None => x.data.len() / self.bn.num_features.max(1),
+        };
         self.bn.is_frozen() || (per_channel < 2 && self.bn.config.small_batch == SmallBatch::UseRunningStats)
     }
 
     /// Inference forward: the layer's own statistics, or the population estimate
-    /// [`BatchNormLayer::use_population`] set.
-    fn forward_eval(&self, x: View<'_, f32>, y: &mut [f32]) -> Result<()> {
+    /// [`BatchNormLayer::use_population`] set; masked over `mask` when given.
+    fn forward_eval(&self, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<()> {
         match (&self.kind, &self.estimate) {
             (Kind::Renorm(r), Some(p)) => {
                 let stats = RenormStats::new(&p.mean, &p.spread);
@@ -441,9 +514,13 @@ impl BatchNormLayer {
             (_, Some(p)) => {
                 let bn = &self.bn;
                 let (stats, eps) = (FixedStats::new(&p.mean, &p.spread), bn.config.eps);
-                batch_norm_eval(x, stats, affine_of(bn.config.affine, &bn.gamma, &bn.beta), eps, y)?
+                let affine = affine_of(bn.config.affine, &bn.gamma, &bn.beta);
+                match mask {
+                    Some(mask) => batch_norm_eval_masked(x, mask, stats, affine, eps, y)?,
+                    None => batch_norm_eval(x, stats, affine, eps, y)?,
+                }
             }
-            (_, None) => self.bn.forward_eval(x, y)?,
+            (_, None) => eval_bn(&self.bn, x, mask, y)?,
         }
         Ok(())
     }
@@ -491,17 +568,27 @@ impl Layer for BatchNormLayer {
         self.input_size()
     }
 
+    /// Masked: rejects a pass without a mask, or with one of another batch or length.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
+        let mask: Option<PositionMask> = match self.masks.is_some() {
+            true => {
+                let name = self.name();
+                self.masks.as_mut().map(|m| m.for_forward(batch, &name)).transpose()?
+            }
+            false => None,
+        };
+        let mask = mask.as_ref().map(PositionMask::valid);
         let (shape, layout) = self.shape(batch);
         let x = View::new(x, &shape, layout);
         match mode {
-            Mode::Train => self.saved = Some(self.forward_train(x, y)?),
-            Mode::Eval => self.forward_eval(x, y)?,
-            Mode::Collect => self.forward_collect(x, y)?,
+            Mode::Train => self.saved = Some(self.forward_train(x, mask, y)?),
+            Mode::Eval => self.forward_eval(x, mask, y)?,
+            Mode::Collect => self.forward_collect(x, mask, y)?,
         }
         Ok(())
     }
 
+    /// Masked: through the mask of the last forward pass.
     fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let (shape, layout) = self.shape(batch);
         let x = View::new(x, &shape, layout);
@@ -509,6 +596,11 @@ impl Layer for BatchNormLayer {
             .saved
             .as_ref()
             .context("batch norm backward before a training forward")?;
+        let name = self.name();
+        let mask = (self.masks.as_ref())
+            .map(|m| m.for_backward(batch, &name))
+            .transpose()?
+            .map(PositionMask::valid);
         match (&self.kind, saved, &self.sync) {
             (Kind::Renorm(r), Saved::Renorm(saved), Some(comm)) => {
                 // This rank's share of dγ, dβ, as for plain batch norm below.
@@ -525,8 +617,12 @@ impl Layer for BatchNormLayer {
             }
             (Kind::Plain | Kind::Frozen { .. }, Saved::Bn(saved), Some(comm)) => {
                 // This rank's share of dγ, dβ: the data-parallel loop sums the shares over ranks.
+                let (bn, comm) = (&self.bn, comm.as_ref());
                 let dx_only = Grads { dx, ..Grads::default() };
-                let local = self.bn.backward_sync(comm.as_ref(), x, dy, saved, dx_only)?;
+                let local = match mask {
+                    Some(mask) => bn.backward_masked_sync(comm, x, mask, dy, saved, dx_only)?,
+                    None => bn.backward_sync(comm, x, dy, saved, dx_only)?,
+                };
                 local.write_param_grads(Some(&mut self.grad_gamma[..]), Some(&mut self.grad_beta[..]))?;
             }
             (Kind::Plain | Kind::Frozen { .. }, Saved::Bn(saved), None) => {
@@ -534,7 +630,10 @@ impl Layer for BatchNormLayer {
                     dx,
                     ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
                 };
-                self.bn.backward(x, dy, saved, grads)?
+                match mask {
+                    Some(mask) => self.bn.backward_masked(x, mask, dy, saved, grads)?,
+                    None => self.bn.backward(x, dy, saved, grads)?,
+                }
             }
             _ => bail!("batch norm backward after a training forward of another variant"),
         }
@@ -569,9 +668,10 @@ impl Layer for BatchNormLayer {
         Some(self)
     }
 
-    /// Frozen: `frozen(after=N)`; renorm: its α and schedule; plain: none.
+    /// Frozen: `frozen(after=N)`; renorm: its α and schedule; plain: none; then `masked` for a
+    /// masked layer (after a comma).
     fn settings(&self) -> Option<String> {
-        match self.variant() {
+        let variant = match self.variant() {
             BnVariant::Plain => None,
             BnVariant::Frozen { after } => Some(format!("frozen(after={after})")),
             BnVariant::Renorm { momentum, limits } => Some(format!(
@@ -582,6 +682,17 @@ impl Layer for BatchNormLayer {
                 limits.last().r_max(),
                 limits.last().d_max()
             )),
+        };
+        match (variant, self.is_masked()) {
+            (variant, false) => variant,
+            (None, true) => Some("masked".into()),
+            (Some(variant), true) => Some(format!("{variant},masked")),
+        }
+    }
+
+    fn set_mask(&mut self, mask: &PositionMask) {
+        if let Some(masks) = &mut self.masks {
+            masks.give(mask);
         }
     }
 

@@ -1,11 +1,13 @@
-//! 2-D convolution (cross-correlation, as in PyTorch's `Conv2d`) by im2col + GEMM.
+//! 2-D convolution (cross-correlation, as in PyTorch's `Conv2d`) by im2col + GEMM; a 1-D
+//! convolution over sequences is one over a single row ([`Conv2d::conv1d`]).
 //!
 //! ```text
 //! Shapes, per example (batch-major, NCHW flattened):
 //!   x   [in_c, in_h, in_w]              y   [out_c, out_h, out_w]
 //!   W   [out_c, in_c, kh, kw]  (OIHW)   b   [out_c]
 //!   col [in_c·kh·kw, out_h·out_w]       im2col of one example: row (c, i, j), column (oy, ox) holds
-//!                                       x[c, oy·s + i − pad, ox·s + j − pad] (0 outside the image)
+//!                                       x[c, oy·s + i − ph, ox·s + j − pw] (0 outside the image;
+//!                                       ph, pw: the zero padding of rows and columns)
 //! forward:  y_n = W·col_n + b
 //! backward: dW = Σ_n dy_n·col_nᵀ,  db = Σ_n Σ_(oy,ox) dy_n,  dx_n = col2im(Wᵀ·dy_n)
 //! ```
@@ -44,7 +46,8 @@ struct Geom {
     kh: usize,
     kw: usize,
     s: usize,
-    pad: usize,
+    ph: usize,
+    pw: usize,
     oh: usize,
     ow: usize,
 }
@@ -59,7 +62,7 @@ struct Scratch {
     grad_weight: Vec<f32>,
 }
 
-/// `Conv2d`: weight `[out, in, kh, kw]`, optional bias `[out]`, square stride and zero padding.
+/// `Conv2d`: weight `[out, in, kh, kw]`, optional bias `[out]`, square stride, zero padding.
 pub struct Conv2d {
     /// Input channels.
     pub in_channels: usize,
@@ -67,14 +70,14 @@ pub struct Conv2d {
     pub out_channels: usize,
     /// Input height and width.
     pub in_hw: (usize, usize),
-    /// Output height and width: (in + 2·padding − kernel) / stride + 1.
+    /// Output height and width: (in + 2·padding − kernel) / stride + 1, per direction.
     pub out_hw: (usize, usize),
     /// Kernel height and width.
     pub kernel: (usize, usize),
     /// Stride (both directions).
     pub stride: usize,
-    /// Zero padding (each side, both directions).
-    pub padding: usize,
+    /// Zero padding of the rows (top and bottom) and of the columns (left and right).
+    pub padding: (usize, usize),
     /// Weight `[out, in, kh, kw]`.
     pub weight: Vec<f32>,
     /// Bias `[out]`, if any.
@@ -85,7 +88,9 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// A convolution of `[in_c, in_h, in_w]` inputs; weights from `init`, zero bias (when `bias`).
+    /// A convolution of `[in_c, in_h, in_w]` inputs with `padding` zeros on every side; weights
+    /// from `init`, zero bias (when `bias`). Rejects zero sizes and a kernel larger than the
+    /// padded input.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         in_c: usize,
@@ -99,19 +104,62 @@ impl Conv2d {
         init: ConvInit,
         rng: &mut impl Rng,
     ) -> Result<Self> {
+        Self::with_padding(
+            in_c,
+            out_c,
+            (in_h, in_w),
+            kernel,
+            stride,
+            (padding, padding),
+            bias,
+            init,
+            rng,
+        )
+    }
+
+    /// A 1-D convolution over sequences `[in_c, len]` (stored as `[in_c, 1, len]`), kernel `k`
+    /// (odd), stride 1 and "same" zero padding, (k − 1)/2 on each end: the output is `[out_c,
+    /// len]`. Weights from `init` (He: fan_in = in_c·k), zero bias (when `bias`). Rejects zero
+    /// sizes and an even kernel.
+    pub fn conv1d(
+        in_c: usize,
+        out_c: usize,
+        len: usize,
+        k: usize,
+        bias: bool,
+        init: ConvInit,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        ensure!(
+            k % 2 == 1,
+            "a 1-D convolution with \"same\" padding needs an odd kernel, not {k}"
+        );
+        Self::with_padding(in_c, out_c, (1, len), (1, k), 1, (0, k / 2), bias, init, rng)
+    }
+
+    /// [`Conv2d::new`] with the zero padding `(ph, pw)` of rows and columns.
+    #[allow(clippy::too_many_arguments)]
+    fn with_padding(
+        in_c: usize,
+        out_c: usize,
+        (in_h, in_w): (usize, usize),
+        kernel: (usize, usize),
+        stride: usize,
+        (ph, pw): (usize, usize),
+        bias: bool,
+        init: ConvInit,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
         let (kh, kw) = kernel;
         ensure!(
             in_c > 0 && out_c > 0 && kh > 0 && kw > 0 && stride > 0,
             "conv sizes must be positive"
         );
         ensure!(
-            in_h + 2 * padding >= kh && in_w + 2 * padding >= kw,
+            in_h + 2 * ph >= kh && in_w + 2 * pw >= kw,
             "a {kh}×{kw} kernel does not fit a padded {in_h}×{in_w} input"
         );
-        let out_hw = (
-            (in_h + 2 * padding - kh) / stride + 1,
-            (in_w + 2 * padding - kw) / stride + 1,
-        );
+        let out_hw = ((in_h + 2 * ph - kh) / stride + 1, (in_w + 2 * pw - kw) / stride + 1);
         let std = match init {
             ConvInit::Normal(std) => std,
             ConvInit::He => (2.0 / (in_c * kh * kw) as f32).sqrt(),
@@ -125,7 +173,7 @@ impl Conv2d {
             out_hw,
             kernel,
             stride,
-            padding,
+            padding: (ph, pw),
             weight: (0..n).map(|_| normal.sample(rng)).collect(),
             bias: bias.then(|| vec![0.0; out_c]),
             grad_weight: vec![0.0; n],
@@ -151,7 +199,8 @@ impl Conv2d {
             kh: self.kernel.0,
             kw: self.kernel.1,
             s: self.stride,
-            pad: self.padding,
+            ph: self.padding.0,
+            pw: self.padding.1,
             oh: self.out_hw.0,
             ow: self.out_hw.1,
         }
@@ -189,10 +238,10 @@ impl Conv2d {
 }
 
 impl Geom {
-    /// Output columns ox whose input column ox·s + j − pad lies inside [0, iw).
+    /// Output columns ox whose input column ox·s + j − pw lies inside [0, iw).
     fn valid_cols(&self, j: usize) -> (usize, usize) {
-        let lo = self.pad.saturating_sub(j).div_ceil(self.s).min(self.ow);
-        let hi = (self.iw + self.pad).saturating_sub(j).div_ceil(self.s).min(self.ow);
+        let lo = self.pw.saturating_sub(j).div_ceil(self.s).min(self.ow);
+        let hi = (self.iw + self.pw).saturating_sub(j).div_ceil(self.s).min(self.ow);
         (lo, hi.max(lo))
     }
 
@@ -207,11 +256,11 @@ impl Geom {
             let (c, i, j) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             let (lo, hi) = self.valid_cols(j);
             for oy in 0..self.oh {
-                let iy = (oy * self.s + i).wrapping_sub(self.pad);
+                let iy = (oy * self.s + i).wrapping_sub(self.ph);
                 if iy >= self.ih || lo == hi {
                     continue;
                 }
-                let x0 = lo * self.s + j - self.pad;
+                let x0 = lo * self.s + j - self.pw;
                 f(r * p + oy * self.ow + lo, (c * self.ih + iy) * self.iw + x0, hi - lo);
             }
         }
@@ -257,10 +306,14 @@ impl Layer for Conv2d {
     }
 
     fn name(&self) -> String {
-        let (kh, kw) = self.kernel;
+        let ((kh, kw), (ph, pw)) = (self.kernel, self.padding);
+        let padding = match ph == pw {
+            true => format!("{ph}"),
+            false => format!("{ph}x{pw}"),
+        };
         format!(
-            "conv{}x{}k{kh}x{kw}s{}p{}",
-            self.in_channels, self.out_channels, self.stride, self.padding
+            "conv{}x{}k{kh}x{kw}s{}p{padding}",
+            self.in_channels, self.out_channels, self.stride
         )
     }
     fn input_size(&self) -> usize {

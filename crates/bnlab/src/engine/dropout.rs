@@ -74,9 +74,6 @@ impl Layer for Dropout {
     fn input_size(&self) -> usize {
         self.size
     }
-    fn output_size(&self) -> usize {
-        self.size
-    }
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()> {
         ensure!(

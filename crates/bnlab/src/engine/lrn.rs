@@ -93,9 +93,6 @@ impl Layer for Lrn {
     fn input_size(&self) -> usize {
         self.channels * self.spatial
     }
-    fn output_size(&self) -> usize {
-        self.input_size()
-    }
 
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
         let sz = self.input_size();

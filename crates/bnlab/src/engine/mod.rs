@@ -9,7 +9,8 @@
 //! layer after a conv or pooling layer simply takes `C·H·W` inputs; [`Sequential::new`] checks
 //! that the sizes connect.
 //! [`checkpoint`] saves and restores a network, its optimizer and the run's progress (safetensors);
-//! [`fold`] folds inference batch norm into the linear layers before it.
+//! [`fold`] folds inference batch norm into the linear layers before it; [`mask`] has the position
+//! mask of padded sequences and the layers that respect it.
 
 pub mod activation;
 pub mod batchnorm;
@@ -21,6 +22,7 @@ pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod lrn;
+pub mod mask;
 pub mod optimizer;
 pub mod pool;
 pub mod schedule;
@@ -34,6 +36,7 @@ pub use dropout::Dropout;
 pub use linear::Linear;
 pub use loss::SoftmaxCrossEntropy;
 pub use lrn::Lrn;
+pub use mask::{MaskedMeanPool, PositionMask, ZeroMasked};
 pub use optimizer::Sgd;
 pub use pool::MaxPool2d;
 pub use schedule::LrSchedule;
@@ -117,8 +120,11 @@ pub trait Layer: Send {
     fn name(&self) -> String;
     /// Features per example in.
     fn input_size(&self) -> usize;
-    /// Features per example out.
-    fn output_size(&self) -> usize;
+    /// Features per example out: by default [`Layer::input_size`] (a layer that keeps the shape;
+    /// [`Sequential::new`] rejects a network whose sizes do not connect).
+    fn output_size(&self) -> usize {
+        self.input_size()
+    }
     /// y `[batch, output_size]` from x `[batch, input_size]`.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], mode: Mode) -> Result<()>;
     /// Parameter gradients (stored in the layer) and, when asked, dx, from x, y and dy.
@@ -142,6 +148,11 @@ pub trait Layer: Send {
     /// checkpoint of other settings is refused; none by default.
     fn settings(&self) -> Option<String> {
         None
+    }
+    /// Receives the position mask of the batch of the next forward pass ([`Sequential::set_mask`]);
+    /// layers that do not mask ignore it (the default).
+    fn set_mask(&mut self, mask: &PositionMask) {
+        let _ = mask;
     }
     /// Non-learnable state a checkpoint must keep to continue training exactly (running
     /// statistics, generator positions); none by default.
@@ -280,6 +291,12 @@ impl Sequential {
     /// Every parameter of every layer, in layer order.
     pub fn params(&mut self) -> Vec<Param<'_>> {
         self.layers.iter_mut().flat_map(|l| l.params()).collect()
+    }
+
+    /// Hands every layer the position mask of the batch of the next forward pass (see [`mask`]):
+    /// the masked layers use it in that forward and its backward.
+    pub fn set_mask(&mut self, mask: &PositionMask) {
+        self.layers.iter_mut().for_each(|l| l.set_mask(mask));
     }
 
     /// The batch-norm layers, in order.

@@ -37,12 +37,15 @@
 
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, QuickPreset};
-use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use super::{FlagSettings, Study, StudyHelp};
+use crate::driver::metrics::{runs_table, settings_rows, write_table, MetricLine, RunColumn};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
-use crate::report::{self, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -280,12 +283,9 @@ pub struct Metric {
     pub step: u64,
     /// Test-set accuracy (`None` on the line that reports divergence).
     pub test_acc: Option<f64>,
-    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
-    pub train_loss: Option<f64>,
-    /// Learning rate of the last step's update.
-    pub lr: f64,
-    /// Whether the training loss became NaN or infinite at this step (the variant stops).
-    pub diverged: bool,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
 }
 
 impl MetricLine for Metric {
@@ -300,7 +300,7 @@ impl MetricLine for Metric {
     }
     /// A divergence line lies past the variant's last checkpoint; it is written again.
     fn kept_on_resume(&self) -> bool {
-        !self.diverged
+        !self.training.diverged
     }
 }
 
@@ -367,7 +367,7 @@ pub fn figure3_table(variants: &[&str], metrics: &[Metric]) -> Table {
                     .map(|((_, base_steps), steps)| base_steps as f64 / steps as f64),
                 best_test_acc: best.map(|b| b.0),
                 best_step: best.map(|b| b.1),
-                diverged_at: of(v).find(|m| m.diverged).map(|m| m.step),
+                diverged_at: of(v).find(|m| m.training.diverged).map(|m| m.step),
             }
         })
         .collect();
@@ -389,16 +389,12 @@ impl Table {
             )),
             _ => s.push_str("The baseline was not run: no target accuracy.\n\n"),
         }
-        s.push_str("| variant | steps to baseline's best | speed-up | best test accuracy | at step | diverged at |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|\n");
-        for r in self.html_rows() {
-            s.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
+        s.push_str(&markdown_table(&TABLE_HEADER.map(String::from), &self.html_rows()));
         s
     }
 
-    /// The rows as display cells: variant, steps to the baseline's best, speed-up, best accuracy,
-    /// its step, the step of divergence.
+    /// The rows as display cells ([`TABLE_HEADER`]): variant, steps to the baseline's best,
+    /// speed-up, best accuracy, its step, the step of divergence.
     pub fn html_rows(&self) -> Vec<Vec<String>> {
         self.rows
             .iter()
@@ -412,7 +408,7 @@ impl Table {
                     r.variant.clone(),
                     reach,
                     r.speedup.map_or("–".into(), |x| format!("{x:.1}×")),
-                    r.best_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
+                    percent(r.best_test_acc),
                     r.best_step.map_or("–".into(), |s| s.to_string()),
                     r.diverged_at.map_or("–".into(), |s| s.to_string()),
                 ]
@@ -420,6 +416,16 @@ impl Table {
             .collect()
     }
 }
+
+/// The columns of the Figure 3 table.
+pub const TABLE_HEADER: [&str; 6] = [
+    "variant",
+    "steps to baseline's best",
+    "speed-up",
+    "best test accuracy",
+    "at step",
+    "diverged at",
+];
 
 /// The "accelerating BN networks" study (Figure 3): SGD with momentum, a diverging variant stops
 /// and the others go on.
@@ -489,9 +495,7 @@ impl Experiment for Accelerate {
             variant: variant.name(),
             step: eval.step,
             test_acc: Some(eval.test_acc),
-            train_loss: Some(eval.train_loss),
-            lr: s.lr_at(variant, eval.step - 1),
-            diverged: false,
+            training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
         }
     }
 
@@ -500,9 +504,7 @@ impl Experiment for Accelerate {
             variant: variant.name(),
             step,
             test_acc: None,
-            train_loss: None,
-            lr: s.lr_at(variant, step - 1),
-            diverged: true,
+            training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
 
@@ -524,6 +526,30 @@ impl Experiment for Accelerate {
         let table = figure3_table(&names, &o.metrics);
         write_outputs(s, o, &table)?;
         Ok(table)
+    }
+}
+
+impl Study for Accelerate {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated (baseline, bn-baseline, bn-x5, bn-x30, bn-x5-sigmoid, \
+                   baseline-sigmoid; default: all six)",
+        half_life: "Steps over which the baseline's learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two conv layers, `C1,C2` (default 8,16; 4,8 with --quick)",
+        quick: "A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden), 5 \
+                population batches (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> AccelerateSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(a: &mut AccelerateSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut a.variants,
+            half_life: &mut a.half_life,
+            channels: &mut a.channels,
+        }
     }
 }
 
@@ -561,9 +587,8 @@ impl Metric {
             variant: String,
             step: u64,
             test_acc: Option<f64>,
-            train_loss: Option<f64>,
-            lr: f64,
-            diverged: bool,
+            #[serde(flatten)]
+            training: TrainingStatus,
         }
         let l: Line = serde_json::from_value(v.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let variant = Variant::from_name(&l.variant)
@@ -572,9 +597,7 @@ impl Metric {
             variant: variant.name(),
             step: l.step,
             test_acc: l.test_acc,
-            train_loss: l.train_loss,
-            lr: l.lr,
-            diverged: l.diverged,
+            training: l.training,
         })
     }
 }
@@ -582,9 +605,7 @@ impl Metric {
 /// Writes table.json, table.md, the accuracy plot and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, a, out) = (&s.common, &s.experiment, &s.common.out);
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+    write_table(out, table, &table.markdown())?;
 
     let series: Vec<Series> = a
         .variants
@@ -599,14 +620,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             Series::new(v.name(), points)
         })
         .collect();
-    let acc_svg = report::line_plot_svg(&LinePlot {
+    let acc_plot = LinePlot {
         title: "Test accuracy of the conv net variants (Figure 2)",
         x_label: "training steps",
         y_label: "test accuracy",
         series: &series,
         y_range: Some((0.0, 1.0)),
-    })?;
-    report::write_plot(out, "accuracy", &acc_svg)?;
+    };
+    let acc_svg = report::write_line_plot(out, "accuracy", &acc_plot)?;
 
     let mut page = Page::new("Accelerating BN networks (Figure 3)");
     page.paragraph(&format!(
@@ -624,47 +645,17 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         steps = c.steps,
         e = c.eval_every,
     ));
-    let header: Vec<String> = [
-        "variant",
-        "steps to baseline's best",
-        "speed-up",
-        "best test accuracy",
-        "at step",
-        "diverged at",
-    ]
-    .map(String::from)
-    .to_vec();
     page.table(
         &match table.baseline_best_acc {
             Some(a) => format!("Steps to reach the baseline's best test accuracy ({:.2}%)", a * 100.0),
             None => "Steps to reach the baseline's best test accuracy (baseline not run)".into(),
         },
-        &header,
+        &TABLE_HEADER.map(String::from),
         &table.html_rows(),
     );
-    let header: Vec<String> = [
-        "variant",
-        "final test accuracy",
-        "ms / step",
-        "seconds",
-        "steps trained",
-    ]
-    .map(String::from)
-    .to_vec();
-    let rows: Vec<Vec<String>> = a
-        .variants
-        .iter()
-        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
-        .map(|(v, r)| {
-            vec![
-                v.to_string(),
-                r.final_test_acc.map_or("–".into(), |a| format!("{:.2}%", a * 100.0)),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-                r.steps.to_string(),
-            ]
-        })
-        .collect();
+    use RunColumn::{FinalTestAcc, MsPerStep, Seconds, Steps};
+    let names = a.variants.iter().map(|v| (v.name(), v.name()));
+    let (header, rows) = runs_table(names, &o.summaries, &[FinalTestAcc, MsPerStep, Seconds, Steps]);
     if c.processes > 1 {
         page.paragraph(&driver::data_parallel_text(c));
     }

@@ -129,9 +129,20 @@ impl ConvNet {
     }
 }
 
-/// Rejects the SGD and net settings both conv studies share: a momentum outside [0, 1), a weight
-/// decay not finite or below 0, a zero channel count or hidden width.
+/// Rejects the SGD and net settings both conv studies share: those [`check_sgd`] rejects, a zero
+/// channel count or hidden width.
 pub fn check_training(momentum: f32, weight_decay: f32, channels: [usize; 2], hidden: usize) -> Result<()> {
+    check_sgd(momentum, weight_decay)?;
+    ensure!(
+        channels.iter().all(|&c| c > 0) && hidden > 0,
+        "--channels and --hidden must be > 0"
+    );
+    Ok(())
+}
+
+/// Rejects SGD settings that cannot train: a momentum outside [0, 1), a weight decay not finite or
+/// below 0.
+pub fn check_sgd(momentum: f32, weight_decay: f32) -> Result<()> {
     ensure!(
         momentum.is_finite() && (0.0..1.0).contains(&momentum),
         "--momentum must be in [0, 1)"
@@ -139,10 +150,6 @@ pub fn check_training(momentum: f32, weight_decay: f32, channels: [usize; 2], hi
     ensure!(
         weight_decay.is_finite() && weight_decay >= 0.0,
         "--weight-decay must be a finite number >= 0"
-    );
-    ensure!(
-        channels.iter().all(|&c| c > 0) && hidden > 0,
-        "--channels and --hidden must be > 0"
     );
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! `bnlab eval`: test accuracy of a checkpoint of any experiment (`paper-mlp`, `accelerate`,
-//! `small-batch`), optionally with batch norm folded into the linear layers and convolutions
-//! before it.
+//! `small-batch`, `padded`: under its training lengths), optionally with batch norm folded into
+//! the linear layers and convolutions before it.
 
 use super::accelerate::Accelerate;
+use super::padded::Padded;
 use super::paper_mlp::PaperMlp;
 use super::small_batch::SmallBatch;
 use crate::driver::evaluate::{count_correct, use_population_stats};
+use crate::driver::train::VariantPrep;
 use crate::driver::{self, BnStats, Data, Experiment, Settings, Variant};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::fold::fold_batchnorm;
@@ -65,12 +67,14 @@ pub fn eval_checkpoint(opts: &EvalOptions) -> Result<EvalResult> {
         PaperMlp::NAME => eval_with(&PaperMlp, &ck, opts),
         Accelerate::NAME => eval_with(&Accelerate, &ck, opts),
         SmallBatch::NAME => eval_with(&SmallBatch, &ck, opts),
+        Padded::NAME => eval_with(&Padded, &ck, opts),
         other => bail!(
-            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}`, `{}` and `{}` checkpoints",
+            "{}: a checkpoint of experiment `{other}`; `bnlab eval` reads `{}`, `{}`, `{}` and `{}` checkpoints",
             opts.checkpoint.display(),
             PaperMlp::NAME,
             Accelerate::NAME,
-            SmallBatch::NAME
+            SmallBatch::NAME,
+            Padded::NAME
         ),
     }
 }
@@ -104,19 +108,25 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
     // Algorithm 2's estimate recomputed over the variant's training batches (`population`), or
     // the checkpoint's statistics as they are (`running`).
     let c = experiment.variant_settings(&s, variant);
+    let mut prep = VariantPrep {
+        experiment,
+        s: &s,
+        variant,
+    };
     if c.bn_stats == BnStats::Population {
         ensure!(
             data.train.len >= c.batch,
             "the training set has fewer examples than one batch"
         );
-        use_population_stats(&c, &mut net, &data.train)?;
+        use_population_stats(&c, &mut net, &data.train, &mut prep)?;
     }
     let mut folded = 0;
     if opts.fold {
         folded = net.batchnorms().len();
         net = fold_batchnorm(net)?;
     }
-    let correct = count_correct(&mut net, &data.test, |_| {})?;
+    // Test condition 0: an experiment's own test set (for `padded`, the training lengths).
+    let correct = count_correct(&mut net, &data.test, 0, &mut prep, |_| {})?;
     Ok(EvalResult {
         variant: variant.name(),
         step: ck.progress.step,

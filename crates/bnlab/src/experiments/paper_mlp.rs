@@ -2,7 +2,7 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use crate::driver::metrics::{settings_rows, MetricLine};
+use crate::driver::metrics::{runs_table, settings_rows, MetricLine, RunColumn};
 use crate::driver::Variant as _;
 use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
@@ -240,14 +240,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>) -> Result<()> {
             points: of(v).map(|m| (m.step as f64, m.test_acc)).collect(),
         })
         .collect();
-    let acc_svg = report::line_plot_svg(&LinePlot {
+    let acc_plot = LinePlot {
         title: "Test accuracy (Figure 1a)",
         x_label: "training steps",
         y_label: "test accuracy",
         series: &series,
         y_range: None,
-    })?;
-    report::write_plot(out, "accuracy", &acc_svg)?;
+    };
+    let acc_svg = report::write_line_plot(out, "accuracy", &acc_plot)?;
     let bands: Vec<Band> = variants
         .iter()
         .map(|v| Band {
@@ -273,29 +273,9 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>) -> Result<()> {
          with and without batch normalization before each sigmoid (Ioffe & Szegedy 2015, Section 4.1).",
         s.common.batch
     ));
-    let header: Vec<String> = [
-        "variant",
-        "final test accuracy",
-        "best test accuracy",
-        "ms / step",
-        "seconds",
-    ]
-    .map(String::from)
-    .to_vec();
-    let percent = |a: Option<f64>| a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0));
-    let rows: Vec<Vec<String>> = variants
-        .iter()
-        .filter_map(|v| o.summaries.get(v).map(|r| (v, r)))
-        .map(|(v, r)| {
-            vec![
-                label(v).to_string(),
-                percent(r.final_test_acc),
-                percent(r.best_test_acc),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-            ]
-        })
-        .collect();
+    use RunColumn::{BestTestAcc, FinalTestAcc, MsPerStep, Seconds};
+    let names = variants.iter().map(|&v| (v, label(v)));
+    let (header, rows) = runs_table(names, &o.summaries, &[FinalTestAcc, BestTestAcc, MsPerStep, Seconds]);
     if s.common.processes > 1 {
         page.paragraph(&driver::data_parallel_text(&s.common));
     }

@@ -28,12 +28,15 @@
 
 pub use super::convnet::default_half_life;
 use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
+use super::{FlagSettings, Study, StudyHelp};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
-use crate::driver::metrics::{settings_rows, write_json, MetricLine};
+use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
-use crate::report::{self, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
 use batchnorm::{BatchNormConfig, RenormSchedule};
 use serde::{Deserialize, Serialize};
@@ -340,12 +343,9 @@ pub struct Metric {
     /// Test accuracy with the running averages (`None` without batch norm, with `bn_stats`
     /// `running`, and when diverged).
     pub running_test_acc: Option<f64>,
-    /// Mean training loss over the steps since the previous evaluation (`None` when diverged).
-    pub train_loss: Option<f64>,
-    /// Learning rate of the last step's update.
-    pub lr: f64,
-    /// Whether the training loss became NaN or infinite at this step (the variant stops).
-    pub diverged: bool,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
 }
 
 impl MetricLine for Metric {
@@ -362,9 +362,8 @@ impl MetricLine for Metric {
             step: u64,
             test_acc: Option<f64>,
             running_test_acc: Option<f64>,
-            train_loss: Option<f64>,
-            lr: f64,
-            diverged: bool,
+            #[serde(flatten)]
+            training: TrainingStatus,
         }
         let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
         let v: Variant = l
@@ -379,14 +378,12 @@ impl MetricLine for Metric {
             examples: l.step * v.batch as u64,
             test_acc: l.test_acc,
             running_test_acc: l.running_test_acc,
-            train_loss: l.train_loss,
-            lr: l.lr,
-            diverged: l.diverged,
+            training: l.training,
         })
     }
     /// A divergence line lies past the variant's last checkpoint; it is written again.
     fn kept_on_resume(&self) -> bool {
-        !self.diverged
+        !self.training.diverged
     }
 }
 
@@ -426,14 +423,14 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
         .iter()
         .map(|v| {
             let mine = || metrics.iter().filter(|m| m.variant == v.name());
-            let last = mine().rfind(|m| !m.diverged);
+            let last = mine().rfind(|m| !m.training.diverged);
             Cell {
                 variant: v.name().to_string(),
                 method: v.method.name().to_string(),
                 batch: v.batch,
                 test_acc: last.and_then(|m| m.test_acc),
                 running_test_acc: last.and_then(|m| m.running_test_acc),
-                diverged_at: mine().find(|m| m.diverged).map(|m| m.step),
+                diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
         })
         .collect();
@@ -443,11 +440,6 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
         examples: s.common.steps * s.common.batch as u64,
         cells,
     }
-}
-
-/// A percentage with two decimals, or a dash.
-fn percent(a: Option<f64>) -> String {
-    a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0))
 }
 
 impl Table {
@@ -506,17 +498,12 @@ impl Table {
     /// The table as Markdown (what `table.md` holds).
     pub fn markdown(&self) -> String {
         let (header, rows) = self.display_rows();
-        let mut s = format!(
-            "Final test accuracy, {}, {} examples seen per variant; population statistics / running averages.\n\n",
+        format!(
+            "Final test accuracy, {}, {} examples seen per variant; population statistics / running averages.\n\n{}",
             self.mode_text(),
-            self.examples
-        );
-        s.push_str(&format!("| {} |\n", header.join(" | ")));
-        s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len() - 1)));
-        for r in rows {
-            s.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        s
+            self.examples,
+            markdown_table(&header, &rows)
+        )
     }
 }
 
@@ -622,9 +609,7 @@ impl Experiment for SmallBatch {
             examples: eval.step * variant.batch as u64,
             test_acc: Some(eval.test_acc),
             running_test_acc: eval.running_test_acc,
-            train_loss: Some(eval.train_loss),
-            lr: s.lr_at(variant, eval.step - 1),
-            diverged: false,
+            training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
         }
     }
 
@@ -637,9 +622,7 @@ impl Experiment for SmallBatch {
             examples: step * variant.batch as u64,
             test_acc: None,
             running_test_acc: None,
-            train_loss: None,
-            lr: s.lr_at(variant, step - 1),
-            diverged: true,
+            training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
 
@@ -650,12 +633,34 @@ impl Experiment for SmallBatch {
     }
 }
 
+impl Study for SmallBatch {
+    const HELP: StudyHelp = StudyHelp {
+        variants: "Variants to train, comma-separated, each METHOD-bB (methods bn, renorm, ghost4, ghost16, frozen, \
+                   no-bn; e.g. bn-b2, ghost4-b64; default: all 23)",
+        half_life: "Reference steps over which the learning rate halves (default: steps / 3)",
+        channels: "Output channels of the two conv layers, `C1,C2` (default 8,16; 2,4 with --quick)",
+        quick: "A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16 hidden), 2 \
+                population batches (each can still be set by its flag)",
+    };
+
+    fn defaults(quick: bool) -> SmallBatchSettings {
+        let s = Settings::new(PathBuf::new());
+        if quick { s.quick() } else { s }.experiment
+    }
+
+    fn flag_settings(e: &mut SmallBatchSettings) -> FlagSettings<'_, Variant> {
+        FlagSettings {
+            variants: &mut e.variants,
+            half_life: &mut e.half_life,
+            channels: &mut e.channels,
+        }
+    }
+}
+
 /// Writes table.json, table.md, the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, table.markdown()).with_context(|| format!("cannot write {}", md_path.display()))?;
+    write_table(out, table, &table.markdown())?;
 
     // Final accuracy against batch size, one line per method.
     let (sizes, methods) = table.axes();
@@ -684,15 +689,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         ),
     ];
     for (stem, title, pick) in plots {
-        let svg = report::line_plot_svg(&LinePlot {
+        let plot = LinePlot {
             title,
             x_label: "log2 of the batch size",
             y_label: "test accuracy",
             series: &by_size(pick),
             y_range: Some((0.0, 1.0)),
-        })?;
-        report::write_plot(out, stem, &svg)?;
-        figures.push((title.to_string(), svg));
+        };
+        figures.push((title.to_string(), report::write_line_plot(out, stem, &plot)?));
     }
     // Training curves per batch size: accuracy against examples seen, one line per method.
     for &b in &sizes {
@@ -707,14 +711,14 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             })
             .collect();
         let title = format!("Test accuracy during training, batch {b}");
-        let svg = report::line_plot_svg(&LinePlot {
+        let plot = LinePlot {
             title: &title,
             x_label: "training examples seen",
             y_label: "test accuracy (population statistics)",
             series: &series,
             y_range: Some((0.0, 1.0)),
-        })?;
-        report::write_plot(out, &format!("curves-b{b}"), &svg)?;
+        };
+        let svg = report::write_line_plot(out, &format!("curves-b{b}"), &plot)?;
         figures.push((title, svg));
     }
 
@@ -739,25 +743,5 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     }
     let (header, rows) = table.display_rows();
     page.table("Final test accuracy (population / running)", &header, &rows);
-    let header: Vec<String> = ["variant", "steps trained", "ms / step", "seconds"]
-        .map(String::from)
-        .to_vec();
-    let rows: Vec<Vec<String>> = (e.variants.iter())
-        .filter_map(|v| o.summaries.get(v.name()).map(|r| (v.name(), r)))
-        .map(|(v, r)| {
-            vec![
-                v.to_string(),
-                r.steps.to_string(),
-                format!("{:.3}", r.ms_per_step),
-                format!("{:.1}", r.seconds),
-            ]
-        })
-        .collect();
-    page.table("Runs", &header, &rows);
-    for (caption, svg) in &figures {
-        page.figure(caption, svg);
-    }
-    page.settings("Settings", &settings_rows(s));
-    page.write(&out.join("report.html"))?;
-    Ok(())
+    driver::finish_study_report(page, s, &e.variants, o, &figures)
 }

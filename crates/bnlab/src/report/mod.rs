@@ -25,8 +25,25 @@ use std::path::PathBuf;
 
 pub use html::Page;
 pub use plot::{
-    band_panels_svg, line_plot_svg, svg_to_png, write_plot, Band, BandPanels, LinePlot, Series, FONT_PACKAGE, FONT_PATH,
+    band_panels_svg, line_plot_svg, svg_to_png, write_line_plot, write_plot, Band, BandPanels, LinePlot, Series,
+    FONT_PACKAGE, FONT_PATH,
 };
+
+/// A fraction as a percentage with two decimals (`0.9123` → `91.23%`), or a dash for `None`.
+pub fn percent(a: Option<f64>) -> String {
+    a.map_or("–".into(), |a| format!("{:.2}%", a * 100.0))
+}
+
+/// A table as Markdown: the `header` row (the first column left-aligned, the others
+/// right-aligned), then `rows`, each line ending in a newline.
+pub fn markdown_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut s = format!("| {} |\n", header.join(" | "));
+    s.push_str(&format!("|---|{}\n", "---:|".repeat(header.len().saturating_sub(1))));
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}
 
 /// Why a plot or a report could not be made or written. Each message is one line.
 #[derive(Debug, thiserror::Error)]
@@ -66,5 +83,24 @@ impl ReportError {
             path: path.into(),
             error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A Markdown table is the header row, the alignment row (the first column left, the others
+    /// right) and the rows; a percentage has two decimals, a missing one is a dash.
+    #[test]
+    fn markdown_table_and_percent() {
+        let table = markdown_table(&strings(&["a", "b", "c"]), &[strings(&["x", "1", "2"])]);
+        assert_eq!(table, "| a | b | c |\n|---|---:|---:|\n| x | 1 | 2 |\n");
+        assert_eq!(percent(Some(0.91234)), "91.23%");
+        assert_eq!(percent(None), "–");
     }
 }

@@ -713,6 +713,14 @@ pub fn write_plot(dir: &Path, stem: &str, svg: &str) -> Result<(), ReportError> 
     svg_to_png(svg, &dir.join(format!("{stem}.png")))
 }
 
+/// Draws `plot` ([`line_plot_svg`]), writes it into `dir` as `stem`.svg and `stem`.png
+/// ([`write_plot`]) and returns the SVG (for a report page).
+pub fn write_line_plot(dir: &Path, stem: &str, plot: &LinePlot) -> Result<String, ReportError> {
+    let svg = line_plot_svg(plot)?;
+    write_plot(dir, stem, &svg)?;
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

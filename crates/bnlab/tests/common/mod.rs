@@ -331,6 +331,50 @@ pub fn accelerate_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
     with_defaults(&defaults, data, out, extra)
 }
 
+/// `bnlab <experiment> --quick --threads 2` on Fashion-MNIST into a new scratch folder's `out`:
+/// the folder (removed when dropped), `out` and the run's stdout; `None` (after the note of
+/// [`fashion_mnist`]) when the data set is absent.
+pub fn quick_study(experiment: &str) -> Option<(tempfile::TempDir, PathBuf, String)> {
+    let data = fashion_mnist()?;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args = [
+        experiment,
+        "--quick",
+        "--threads",
+        "2",
+        "--data",
+        data,
+        "--out",
+        s(&out),
+        "--quiet",
+    ];
+    let (stdout, _) = bnlab_ok(tmp.path(), &args);
+    Some((tmp, out, stdout))
+}
+
+/// `bnlab padded` arguments for a run of seconds on [`synthetic_data`] (8×8 images: sequences of 8
+/// steps; 30 steps, evaluations every 10, channels 4,4, batch 20, training lengths 3-8, test
+/// lengths 8 and 1-3, quiet), then `extra`; a flag given in `extra` replaces its default.
+pub fn padded_tiny_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let defaults = [
+        "padded",
+        "--steps",
+        "30",
+        "--eval-every",
+        "10",
+        "--channels",
+        "4,4",
+        "--batch",
+        "20",
+        "--train-lengths",
+        "3-8",
+        "--test-lengths",
+        "8,1-3",
+    ];
+    with_defaults(&defaults, data, out, extra)
+}
+
 /// `bnlab small-batch` arguments for a run of seconds on [`synthetic_data`] (reference batch 16:
 /// 6 reference steps, evaluations every 3, channels 2,4, hidden 8, 2 population batches, quiet),
 /// then `extra`; a flag given in `extra` replaces its default.
@@ -504,6 +548,33 @@ pub fn assert_killed_and_resumed_run_matches(
     // Resuming a finished run retrains nothing and changes no metric.
     bnlab_ok(cwd, &[experiment, "--resume", s(&killed), "--quiet"]);
     assert_eq!(read(&full.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")));
+}
+
+/// The kill-and-resume scenario ([`assert_killed_and_resumed_run_matches`]) of a study
+/// (`accelerate`, `small-batch`, `padded`) on the synthetic data, in a scratch folder: `variants`
+/// trained one after another on one thread for 6,000 steps each, where `schedule` is
+/// [`KILL_AND_RESUME_SCHEDULE`] in the study's counting and `args(data, out, extra)` the study's
+/// arguments. Besides the metrics and checkpoints, `table.md`, `table.json` and each variant's
+/// final and best accuracy and steps must match.
+pub fn assert_killed_and_resumed_study_matches(
+    experiment: &str,
+    variants: [&str; 2],
+    schedule: &[&str],
+    args: impl Fn(&Path, &Path, &[&str]) -> Vec<String>,
+) {
+    let (tmp, data, _) = scratch_with_synthetic_data();
+    let names = variants.join(",");
+    let extra = [schedule, &["--variants", &names, "--threads", "1"]].concat();
+    assert_killed_and_resumed_run_matches(
+        tmp.path(),
+        experiment,
+        variants,
+        6000,
+        |out| args(&data, out, &extra),
+        true,
+        &["table.md", "table.json"],
+        &["final_test_acc", "best_test_acc", "steps"],
+    );
 }
 
 /// `bnlab eval` of the checkpoint `file` of `variant`, plain and with `--fold`: the plain accuracy

@@ -1,7 +1,7 @@
 //! The Figure 3 table of `bnlab accelerate`: steps each variant needed to reach the baseline's best
 //! test accuracy, computed by `figure3_table` from evaluation lines.
 
-use bnlab::driver::Variant as _;
+use bnlab::driver::{TrainingStatus, Variant as _};
 use bnlab::experiments::accelerate::{figure3_table, Metric, Recipe, Settings, Variant};
 
 fn eval(variant: &'static str, step: u64, acc: f64) -> Metric {
@@ -9,9 +9,7 @@ fn eval(variant: &'static str, step: u64, acc: f64) -> Metric {
         variant,
         step,
         test_acc: Some(acc),
-        train_loss: Some(0.5),
-        lr: 0.01,
-        diverged: false,
+        training: TrainingStatus::evaluated(0.5, 0.01),
     }
 }
 
@@ -20,9 +18,7 @@ fn diverged(variant: &'static str, step: u64) -> Metric {
         variant,
         step,
         test_acc: None,
-        train_loss: None,
-        lr: 0.3,
-        diverged: true,
+        training: TrainingStatus::diverged(0.3),
     }
 }
 

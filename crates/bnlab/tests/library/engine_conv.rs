@@ -1,4 +1,6 @@
-//! Tests of the convolutional layers of `bnlab::engine`: `Conv2d`, `MaxPool2d`, `Dropout`, `Lrn`.
+//! Tests of the convolutional layers of `bnlab::engine`: `Conv2d` (also as `Conv2d::conv1d`),
+//! `MaxPool2d`, `Dropout`, `Lrn`, and the padded-sequence layers `ZeroMasked` and
+//! `MaskedMeanPool` with their `PositionMask`.
 //!
 //! Forward passes are checked against direct f64 implementations written here from the
 //! definitions; backward passes against central finite differences of those f64 references for the
@@ -7,7 +9,9 @@
 //! 1e-4 used (the f64 differences themselves are exact to ~1e-9 here: conv and pooling are
 //! piecewise linear, LRN is smooth with h = 1e-4, error O(h²)).
 
-use bnlab::engine::{Conv2d, ConvInit, Dropout, Layer, Lrn, MaxPool2d, Mode, Sequential};
+use bnlab::engine::{
+    Conv2d, ConvInit, Dropout, Layer, Lrn, MaskedMeanPool, MaxPool2d, Mode, PositionMask, Sequential, ZeroMasked,
+};
 use rand::Rng;
 
 use crate::common::{central_diff, rng};
@@ -543,6 +547,283 @@ fn lrn_matches_pytorch_formula_and_finite_differences() {
     }
     let l = Lrn::alexnet(96, 55 * 55);
     assert_eq!((l.size, l.alpha, l.beta, l.k), (5, 1e-4, 0.75, 2.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv2d::conv1d (a convolution over the steps of sequences)
+
+/// The 1-D convolution with "same" zero padding, y[n, o, t] = b[o] + Σ_{c, j} w[o, c, j]·x[n, c,
+/// t + j − ⌊k/2⌋] (x = 0 outside 0..len), as the middle row of [`conv_ref`]'s direct 2-D
+/// convolution of the single-row input padded with ⌊k/2⌋ zeros on every side (the rows above and
+/// below see only zeros).
+fn conv1d_ref(
+    x: &[f64],
+    w: &[f64],
+    b: Option<&[f64]>,
+    (batch, ic, oc, len, k): (usize, usize, usize, usize, usize),
+) -> Vec<f64> {
+    let p = k / 2;
+    let t = ConvCase {
+        batch,
+        ic,
+        oc,
+        ih: 1,
+        iw: len,
+        k: (1, k),
+        s: 1,
+        p,
+        bias: b.is_some(),
+    };
+    let rows = conv_ref(t, x, w, b);
+    rows.chunks_exact(len)
+        .skip(p)
+        .step_by(2 * p + 1)
+        .flatten()
+        .copied()
+        .collect()
+}
+
+/// Forward against [`conv1d_ref`] and dW, db, dx against central differences of it (loss Σ r·y),
+/// for kernels 1, 3 and 5 (5 wider than a 4-step sequence), with and without bias.
+#[test]
+fn conv1d_matches_direct_convolution_and_finite_differences() {
+    for (ci, &(batch, ic, oc, len, k, bias)) in [
+        (3, 4, 5, 7, 3, false),
+        (2, 3, 2, 4, 5, true),
+        (17, 2, 3, 6, 1, true),
+        (2, 28, 4, 28, 3, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dims = (batch, ic, oc, len, k);
+        let mut layer = Conv2d::conv1d(ic, oc, len, k, bias, ConvInit::Normal(0.5), &mut rng(ci as u64)).unwrap();
+        if let Some(b) = layer.bias.as_mut() {
+            b.iter_mut().enumerate().for_each(|(i, v)| *v = 0.1 * i as f32 - 0.15);
+        }
+        assert_eq!((layer.input_size(), layer.output_size()), (ic * len, oc * len));
+        let x = uniform(batch * ic * len, &mut rng(400 + ci as u64));
+        let r = uniform(batch * oc * len, &mut rng(500 + ci as u64));
+        let mut y = vec![f32::NAN; r.len()];
+        layer.forward(&x, batch, &mut y, Mode::Train).unwrap();
+        let (x64, w64, r64) = (f64s(&x), f64s(&layer.weight), f64s(&r));
+        let b64 = layer.bias.as_deref().map(f64s);
+        assert_close(
+            &format!("{dims:?} y"),
+            &y,
+            &conv1d_ref(&x64, &w64, b64.as_deref(), dims),
+            1e-5,
+        );
+
+        let mut dx = vec![f32::NAN; x.len()];
+        layer.backward(&x, &y, &r, batch, Some(&mut dx)).unwrap();
+        let loss = |x: &[f64], w: &[f64], b: Option<&[f64]>| dot(&conv1d_ref(x, w, b, dims), &r64);
+        let params = layer.params();
+        let dw = central_diff(|w| loss(&x64, w, b64.as_deref()), &w64, 1e-3, None);
+        assert_close(&format!("{dims:?} dW"), params[0].grad, &dw, 1e-4);
+        if let Some(b) = &b64 {
+            let db = central_diff(|b| loss(&x64, &w64, Some(b)), b, 1e-3, None);
+            assert_close(&format!("{dims:?} db"), params[1].grad, &db, 1e-4);
+        }
+        let dxf = central_diff(|x| loss(x, &w64, b64.as_deref()), &x64, 1e-3, None);
+        assert_close(&format!("{dims:?} dx"), &dx, &dxf, 1e-4);
+    }
+}
+
+#[test]
+fn conv1d_shapes_names_and_rejections() {
+    let l = Conv2d::conv1d(28, 32, 28, 3, false, ConvInit::He, &mut rng(1)).unwrap();
+    assert_eq!(
+        (l.in_hw, l.out_hw, l.kernel, l.padding),
+        ((1, 28), (1, 28), (1, 3), (0, 1))
+    );
+    assert_eq!(l.name(), "conv28x32k1x3s1p0x1");
+    // He: fan_in = in_c·k.
+    let std = (l.weight.iter().map(|w| w * w).sum::<f32>() / l.weight.len() as f32).sqrt();
+    assert!((std - (2.0f32 / 84.0).sqrt()).abs() < 0.01, "He std {std}");
+    // A square padding keeps its old name (checkpoints name layers so).
+    let l = Conv2d::new(1, 2, 5, 5, (3, 3), 1, 1, true, ConvInit::He, &mut rng(1)).unwrap();
+    assert_eq!((l.name().as_str(), l.padding), ("conv1x2k3x3s1p1", (1, 1)));
+    let err = Conv2d::conv1d(2, 2, 8, 4, false, ConvInit::He, &mut rng(1))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("odd kernel"), "{err}");
+    assert!(Conv2d::conv1d(0, 2, 8, 3, false, ConvInit::He, &mut rng(1)).is_err());
+    assert!(Conv2d::conv1d(2, 2, 0, 3, false, ConvInit::He, &mut rng(1)).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Padded sequences: PositionMask, ZeroMasked, MaskedMeanPool
+
+/// A mask of `batch` examples of `len` positions, each position valid with probability 1/2 and
+/// every example with at least one valid position (not only at the end: the layers take any
+/// mask).
+pub(crate) fn random_mask(batch: usize, len: usize, seed: u64) -> Vec<bool> {
+    let mut r = rng(seed);
+    let mut valid: Vec<bool> = (0..batch * len).map(|_| r.gen_bool(0.5)).collect();
+    for n in 0..batch {
+        valid[n * len + r.gen_range(0..len)] = true;
+    }
+    valid
+}
+
+/// A [`random_mask`] from `seed`, as a [`PositionMask`] too, and inputs `[batch, channels, len]`
+/// uniform in [−1, 1) from `seed + 1`.
+pub(crate) fn masked_case(
+    (batch, channels, len): (usize, usize, usize),
+    seed: u64,
+) -> (Vec<bool>, PositionMask, Vec<f32>) {
+    let valid = random_mask(batch, len, seed);
+    let mask = PositionMask::new(valid.clone(), len).unwrap();
+    (valid, mask, uniform(batch * channels * len, &mut rng(seed + 1)))
+}
+
+/// `v` with `fill` at every masked position of `[batch, channels, len]` examples.
+pub(crate) fn fill_masked(v: &[f32], valid: &[bool], (channels, len): (usize, usize), fill: f32) -> Vec<f32> {
+    let mut out = v.to_vec();
+    for (i, x) in out.iter_mut().enumerate() {
+        let (n, t) = (i / (channels * len), i % len);
+        if !valid[n * len + t] {
+            *x = fill;
+        }
+    }
+    out
+}
+
+/// y and dx of one forward and backward of `layer` with `mask`.
+pub(crate) fn run_masked(
+    layer: &mut dyn Layer,
+    mask: &PositionMask,
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    layer.set_mask(mask);
+    let mut y = vec![f32::NAN; batch * layer.output_size()];
+    layer.forward(x, batch, &mut y, Mode::Train).unwrap();
+    let mut dx = vec![f32::NAN; x.len()];
+    layer.backward(x, &y, dy, batch, Some(&mut dx)).unwrap();
+    (y, dx)
+}
+
+/// The same bits.
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+}
+
+#[test]
+fn position_masks_from_lengths_and_their_rejections() {
+    let m = PositionMask::from_lengths(&[2, 0, 3], 3).unwrap();
+    assert_eq!((m.examples(), m.positions()), (3, 3));
+    assert_eq!(m.valid(), &[true, true, false, false, false, false, true, true, true]);
+    assert_eq!(m.example(0), &[true, true, false]);
+    assert!(PositionMask::from_lengths(&[4], 3)
+        .unwrap_err()
+        .to_string()
+        .contains("does not fit"));
+    assert!(PositionMask::new(vec![true; 5], 2).is_err());
+    assert!(PositionMask::new(Vec::new(), 0).is_err());
+    assert!(m.check_fits(3, 3, "x").is_ok());
+    assert!(m.check_fits(2, 3, "x").unwrap_err().to_string().contains("[3, 3]"));
+}
+
+/// ZeroMasked: y = x at valid positions, +0.0 at the others (the module docs' definition), and
+/// its backward against central differences of that definition; whatever the masked positions of
+/// x and dy hold (1e30, NaN, ∞), no bit of y or dx changes.
+#[test]
+fn zero_masked_selects_and_never_leaks() {
+    let (batch, channels, len) = (5, 3, 7);
+    let (valid, mask, x) = masked_case((batch, channels, len), 31);
+    let r = uniform(x.len(), &mut rng(33));
+    let reference = |x: &[f64]| -> Vec<f64> {
+        (x.iter().enumerate())
+            .map(|(i, &v)| {
+                if valid[i / (channels * len) * len + i % len] {
+                    v
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    };
+    let mut layer = ZeroMasked::new(channels, len).unwrap();
+    let (y, dx) = run_masked(&mut layer, &mask, &x, &r, batch);
+    assert_close("y", &y, &reference(&f64s(&x)), 0.0);
+    let dxf = central_diff(|x| dot(&reference(x), &f64s(&r)), &f64s(&x), 1e-3, None);
+    assert_close("dx", &dx, &dxf, 1e-6);
+    for fill in [1e30, f32::NAN, f32::INFINITY] {
+        let dirty_x = fill_masked(&x, &valid, (channels, len), fill);
+        let dirty_dy = fill_masked(&r, &valid, (channels, len), fill);
+        let (y2, dx2) = run_masked(&mut layer, &mask, &dirty_x, &dirty_dy, batch);
+        assert!(same_bits(&y, &y2) && same_bits(&dx, &dx2), "padding {fill} leaked");
+    }
+}
+
+/// MaskedMeanPool: y[n, c] = mean of x[n, c, t] over the valid t (the module docs' definition),
+/// its backward against central differences of that definition, and no leak of 1e30, NaN or ∞
+/// from the masked positions of x.
+#[test]
+fn masked_mean_pool_averages_valid_positions_and_never_leaks() {
+    let (batch, channels, len) = (6, 4, 9);
+    let (valid, mask, x) = masked_case((batch, channels, len), 41);
+    let r = uniform(batch * channels, &mut rng(43));
+    let reference = |x: &[f64]| -> Vec<f64> {
+        let mut y = vec![0.0; batch * channels];
+        for n in 0..batch {
+            let row = &valid[n * len..(n + 1) * len];
+            let m = row.iter().filter(|&&v| v).count() as f64;
+            for c in 0..channels {
+                let xs = &x[(n * channels + c) * len..][..len];
+                y[n * channels + c] = xs.iter().zip(row).filter(|(_, &v)| v).map(|(&x, _)| x).sum::<f64>() / m;
+            }
+        }
+        y
+    };
+    let mut layer = MaskedMeanPool::new(channels, len).unwrap();
+    assert_eq!((layer.input_size(), layer.output_size()), (channels * len, channels));
+    let (y, dx) = run_masked(&mut layer, &mask, &x, &r, batch);
+    assert_close("y", &y, &reference(&f64s(&x)), 1e-6);
+    let dxf = central_diff(|x| dot(&reference(x), &f64s(&r)), &f64s(&x), 1e-3, None);
+    assert_close("dx", &dx, &dxf, 1e-6);
+    for fill in [1e30, f32::NAN, f32::NEG_INFINITY] {
+        let (y2, dx2) = run_masked(
+            &mut layer,
+            &mask,
+            &fill_masked(&x, &valid, (channels, len), fill),
+            &r,
+            batch,
+        );
+        assert!(same_bits(&y, &y2) && same_bits(&dx, &dx2), "padding {fill} leaked");
+    }
+}
+
+/// The masked layers refuse a forward without a mask, a mask of another batch or length, and
+/// (pooling) an example with no valid position, each with an error that names the problem.
+#[test]
+fn masked_layers_reject_missing_and_mismatched_masks() {
+    let x = vec![0.5f32; 2 * 3 * 4];
+    let mut y = vec![0.0f32; x.len()];
+    let mut layers: Vec<Box<dyn Layer>> = vec![
+        Box::new(ZeroMasked::new(3, 4).unwrap()),
+        Box::new(MaskedMeanPool::new(3, 4).unwrap()),
+    ];
+    for layer in &mut layers {
+        let y = &mut y[..2 * layer.output_size()];
+        let err = layer.forward(&x, 2, y, Mode::Eval).unwrap_err().to_string();
+        assert!(err.contains("needs a position mask"), "{err}");
+        layer.set_mask(&PositionMask::from_lengths(&[4, 4, 4], 4).unwrap());
+        let err = layer.forward(&x, 2, y, Mode::Eval).unwrap_err().to_string();
+        assert!(err.contains("but the mask is [3, 4]"), "{err}");
+        layer.set_mask(&PositionMask::from_lengths(&[2, 2], 2).unwrap());
+        assert!(layer.forward(&x, 2, y, Mode::Eval).is_err());
+        layer.set_mask(&PositionMask::from_lengths(&[4, 1], 4).unwrap());
+        layer.forward(&x, 2, y, Mode::Eval).unwrap();
+    }
+    let pool = &mut layers[1];
+    pool.set_mask(&PositionMask::from_lengths(&[3, 0], 4).unwrap());
+    let err = pool.forward(&x, 2, &mut y[..6], Mode::Eval).unwrap_err().to_string();
+    assert!(err.contains("example 1") && err.contains("no valid position"), "{err}");
+    assert!(ZeroMasked::new(0, 4).is_err() && MaskedMeanPool::new(3, 0).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------

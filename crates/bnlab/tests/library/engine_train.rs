@@ -797,19 +797,22 @@ fn population_evaluation_leaves_the_training_state_alone() {
     let state = |net: &mut Sequential| net.batchnorms().iter().map(|bn| bn.state()).collect::<Vec<_>>();
     let before = state(&mut net);
     let accuracy = |correct: usize| correct as f64 / test.len as f64;
-    let running = accuracy(count_correct(&mut net, &test, |_| {}).unwrap());
+    let running = accuracy(count_correct(&mut net, &test, 0, &mut (), |_| {}).unwrap());
     let mut c = CommonSettings::new(Defaults::new(10, 10, 8, 0.1), std::env::temp_dir());
     c.bn_stats = BnStats::Population;
     c.population_batches = 3;
-    let (acc, running_acc) = evaluate(&c, &mut net, &train, &test, &mut (), true).unwrap();
+    let (acc, running_acc) = evaluate(&c, &mut net, &train, &test, &mut (), true, 1, &mut ()).unwrap();
     assert_eq!(state(&mut net), before, "evaluation changed the training state");
     assert_eq!(running_acc, Some(running));
     // Without `running_too`, no running accuracy; the same population accuracy.
     assert_eq!(
-        evaluate(&c, &mut net, &train, &test, &mut (), false).unwrap(),
-        (acc, None)
+        evaluate(&c, &mut net, &train, &test, &mut (), false, 1, &mut ()).unwrap(),
+        (acc.clone(), None)
     );
-    use_population_stats(&c, &mut net, &train).unwrap();
+    use_population_stats(&c, &mut net, &train, &mut ()).unwrap();
     assert_ne!(state(&mut net), before, "Algorithm 2 left the statistics as they were");
-    assert_eq!(acc, accuracy(count_correct(&mut net, &test, |_| {}).unwrap()));
+    assert_eq!(
+        acc,
+        vec![accuracy(count_correct(&mut net, &test, 0, &mut (), |_| {}).unwrap())]
+    );
 }

@@ -1,7 +1,8 @@
 //! The engine's batch-norm variants (`BnVariant`: plain, frozen, renorm): each against the kernel
 //! crate's layer bit for bit, the frozen state against the caller's modes and checkpoints, renorm's
-//! state through a checkpoint and a resumed run, Algorithm 2 per variant, checkpoints of another
-//! variant or with other settings refused, and the `bnlab bench` rows of each variant.
+//! and masked batch norm's state through a checkpoint and a resumed run, Algorithm 2 per variant,
+//! checkpoints of another variant or with other settings refused, and the `bnlab bench` rows of
+//! each variant. Masked batch norm's passes are in `engine_masked`.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use batchnorm::{
 use bnlab::bench::{self, Case, Clock, Op};
 use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, CheckpointProgress};
 use bnlab::engine::{
-    BatchNormLayer, BnVariant, Layer, Linear, Mode, Param, Sequential, Sgd, Sigmoid, State, StateValue,
+    BatchNormLayer, BnVariant, Layer, Linear, Mode, Param, PositionMask, Sequential, Sgd, Sigmoid, State, StateValue,
 };
 
 use crate::common::checkpoints::{edit_tensors, sgd_step};
@@ -31,9 +32,9 @@ fn renorm() -> BnVariant {
 }
 
 /// One training step of a lone layer through the `Layer` interface: y, dx, dγ, dβ.
-type Step = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+pub(crate) type Step = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
-fn engine_step(layer: &mut BatchNormLayer, x: &[f32], dy: &[f32], batch: usize) -> Step {
+pub(crate) fn engine_step(layer: &mut BatchNormLayer, x: &[f32], dy: &[f32], batch: usize) -> Step {
     let mut y = vec![0.0; x.len()];
     layer.forward(x, batch, &mut y, Mode::Train).unwrap();
     let mut dx = vec![0.0; x.len()];
@@ -43,13 +44,13 @@ fn engine_step(layer: &mut BatchNormLayer, x: &[f32], dy: &[f32], batch: usize) 
 }
 
 /// γ and β away from 1 and 0, the same in both layers.
-fn params(channels: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn params(channels: usize) -> (Vec<f32>, Vec<f32>) {
     let mut r = rng(5);
     (normal(&mut r, channels, 1.0, 0.3), normal(&mut r, channels, 0.2, 0.5))
 }
 
 /// Batches of `[batch, channels, spatial]` whose statistics move from step to step.
-fn batch_data(step: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn batch_data(step: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
     let mut r = rng(100 + step as u64);
     (
         normal(&mut r, len, 0.3 * step as f32, 1.0 + 0.4 * step as f32),
@@ -57,10 +58,10 @@ fn batch_data(step: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
     )
 }
 
-const STEPS: usize = 6;
+pub(crate) const STEPS: usize = 6;
 
 /// A kernel-crate layer, for comparison with the engine layer built on it.
-trait KernelLayer {
+pub(crate) trait KernelLayer {
     /// One training step driven by hand: y, dx, dγ, dβ.
     fn step(&mut self, x: View<'_, f32>, dy: &[f32]) -> Step;
     fn infer(&self, x: View<'_, f32>, y: &mut [f32]);
@@ -92,7 +93,7 @@ kernel_layer!(BatchRenorm<f32>);
 /// [`STEPS`] training steps of `engine` and of `kernel` on the same batches `[batch, channels,
 /// spatial]`, then one inference: the same bits in y, dx, dγ, dβ and the inference output.
 /// `before(step, kernel)` runs before each kernel step; `check(step, engine, kernel)` after it.
-fn assert_same_as_kernel<K: KernelLayer>(
+pub(crate) fn assert_same_as_kernel<K: KernelLayer>(
     what: &str,
     engine: &mut BatchNormLayer,
     kernel: &mut K,
@@ -119,35 +120,46 @@ fn assert_same_as_kernel<K: KernelLayer>(
 /// The shapes the layers are compared on: fully connected and convolutional.
 const SHAPES: [[usize; 3]; 2] = [[8, 3, 1], [4, 2, 5]];
 
+/// `f(variant, after, dims)` for every shape of [`SHAPES`] and plain batch norm (`after` = None)
+/// and frozen batch norm from step 0 and from step 2 (`after` = Some(step)).
+pub(crate) fn for_plain_and_frozen(mut f: impl FnMut(BnVariant, Option<u64>, [usize; 3])) {
+    for dims in SHAPES {
+        for after in [None, Some(0), Some(2)] {
+            f(
+                after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after }),
+                after,
+                dims,
+            );
+        }
+    }
+}
+
 /// Plain and frozen batch norm: the engine layer equals the kernel's `BatchNorm` driven by hand
 /// (frozen: plain for `after` steps, then `freeze()`), bit for bit, in y, dx, dγ, dβ, running
 /// statistics and inference outputs.
 #[test]
 fn plain_and_frozen_layers_are_the_kernel_layer() {
-    for dims in SHAPES {
-        for after in [None, Some(0), Some(2)] {
-            let variant = after.map_or(BnVariant::Plain, |after| BnVariant::Frozen { after });
-            let what = format!("{variant:?} {dims:?}");
-            let [_, channels, spatial] = dims;
-            let config = BatchNormConfig::default();
-            let mut engine = BatchNormLayer::with_variant(channels, spatial, config, variant).unwrap();
-            let mut kernel = BatchNorm::<f32>::new(channels, config).unwrap();
-            let (gamma, beta) = params(channels);
-            (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
-            (kernel.gamma, kernel.beta) = (gamma, beta);
-            let freeze = |step: usize, kernel: &mut BatchNorm<f32>| {
-                if after == Some(step as u64) {
-                    kernel.freeze();
-                }
-            };
-            let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchNorm<f32>| {
-                assert_eq!(&engine.bn, kernel, "{what}: layer state after step {step}");
-                let frozen = after.is_some_and(|a| step as u64 >= a);
-                assert_eq!(engine.is_frozen(), frozen, "{what}: frozen after step {step}");
-            };
-            assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
-        }
-    }
+    for_plain_and_frozen(|variant, after, dims| {
+        let what = format!("{variant:?} {dims:?}");
+        let [_, channels, spatial] = dims;
+        let config = BatchNormConfig::default();
+        let mut engine = BatchNormLayer::with_variant(channels, spatial, config, variant).unwrap();
+        let mut kernel = BatchNorm::<f32>::new(channels, config).unwrap();
+        let (gamma, beta) = params(channels);
+        (engine.bn.gamma, engine.bn.beta) = (gamma.clone(), beta.clone());
+        (kernel.gamma, kernel.beta) = (gamma, beta);
+        let freeze = |step: usize, kernel: &mut BatchNorm<f32>| {
+            if after == Some(step as u64) {
+                kernel.freeze();
+            }
+        };
+        let check = |step: usize, engine: &BatchNormLayer, kernel: &BatchNorm<f32>| {
+            assert_eq!(&engine.bn, kernel, "{what}: layer state after step {step}");
+            let frozen = after.is_some_and(|a| step as u64 >= a);
+            assert_eq!(engine.is_frozen(), frozen, "{what}: frozen after step {step}");
+        };
+        assert_same_as_kernel(&what, &mut engine, &mut kernel, dims, freeze, check);
+    });
 }
 
 /// Batch renorm: the engine layer equals the kernel's `BatchRenorm` with the same α and schedule,
@@ -477,23 +489,49 @@ const HIDDEN: usize = 3;
 const CLASSES: usize = 2;
 const BATCH: usize = 8;
 
-/// Linear → batch norm of `variant` → sigmoid → linear, initialized from `seed`.
-fn net(variant: BnVariant, seed: u64) -> Sequential {
+/// A batch-norm layer of the checkpoint tests: its variant, and whether it is masked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spec {
+    variant: BnVariant,
+    masked: bool,
+}
+
+impl From<BnVariant> for Spec {
+    fn from(variant: BnVariant) -> Spec {
+        Spec { variant, masked: false }
+    }
+}
+
+/// `variant`, masked.
+fn masked(variant: BnVariant) -> Spec {
+    Spec { variant, masked: true }
+}
+
+/// Linear → batch norm of `spec` → sigmoid → linear, initialized from `seed`.
+fn net(spec: impl Into<Spec>, seed: u64) -> Sequential {
+    let Spec { variant, masked } = spec.into();
     let mut r = rng(seed);
+    let mut bn = BatchNormLayer::with_variant(HIDDEN, 1, BatchNormConfig::default(), variant).unwrap();
+    if masked {
+        bn = bn.masked().unwrap();
+    }
     let layers: Vec<Box<dyn Layer>> = vec![
         Box::new(Linear::new(FEATURES, HIDDEN, false, 0.5, &mut r)),
-        Box::new(BatchNormLayer::with_variant(HIDDEN, 1, BatchNormConfig::default(), variant).unwrap()),
+        Box::new(bn),
         Box::new(Sigmoid { size: HIDDEN }),
         Box::new(Linear::new(HIDDEN, CLASSES, true, 0.5, &mut r)),
     ];
     Sequential::new(layers).unwrap()
 }
 
-/// SGD steps `from..to` with momentum, on batches that depend on the step alone.
+/// SGD steps `from..to` with momentum, on batches that depend on the step alone, each with a
+/// mask (one position per example, a third of the examples off) that only a masked layer uses.
 fn train(net: &mut Sequential, sgd: &mut Sgd, from: usize, to: usize) {
     for step in from..to {
         let (x, _) = batch_data(step, BATCH * FEATURES);
         let y: Vec<u8> = (0..BATCH).map(|i| ((i + step) % CLASSES) as u8).collect();
+        let valid = (0..BATCH).map(|i| (i + step) % 3 != 0).collect();
+        net.set_mask(&PositionMask::new(valid, 1).unwrap());
         sgd_step(net, sgd, &x, &y, CLASSES);
     }
 }
@@ -508,7 +546,8 @@ fn capture(net: &mut Sequential, sgd: &Sgd, step: usize) -> Checkpoint {
 }
 
 /// `variant`'s network trained `steps` steps, saved, parsed back and restored into a fresh one.
-fn round_trip(variant: BnVariant, steps: usize) -> (Sequential, Sgd, Checkpoint, Sequential, Sgd) {
+fn round_trip(variant: impl Into<Spec>, steps: usize) -> (Sequential, Sgd, Checkpoint, Sequential, Sgd) {
+    let variant = variant.into();
     let (mut a, mut sa) = (net(variant, 1), Sgd::new(0.9, 1e-4));
     train(&mut a, &mut sa, 0, steps);
     let ck = capture(&mut a, &sa, steps);
@@ -524,7 +563,8 @@ fn round_trip(variant: BnVariant, steps: usize) -> (Sequential, Sgd, Checkpoint,
 }
 
 /// Interrupted at `stop`, saved and resumed in a fresh network: the same bits as training on.
-fn assert_resume_is_exact(variant: BnVariant, stop: usize, steps: usize) -> Sequential {
+fn assert_resume_is_exact(variant: impl Into<Spec>, stop: usize, steps: usize) -> Sequential {
+    let variant = variant.into();
     let (mut a, mut sa, _, mut b, mut sb) = round_trip(variant, stop);
     train(&mut a, &mut sa, stop, steps);
     train(&mut b, &mut sb, stop, steps);
@@ -593,9 +633,30 @@ fn renorm_state_survives_a_checkpoint_and_resumes_exactly() {
     }
 }
 
+/// Masked batch norm (plain and frozen) through a checkpoint: `masked` in the architecture after
+/// the variant's settings, the running statistics (updated with the valid counts), the frozen
+/// state and Algorithm 2's accumulators restored, and training resumed from it (with a new mask
+/// every step) gives the same bits as training on.
+#[test]
+fn masked_state_survives_a_checkpoint_and_resumes_exactly() {
+    for (variant, settings) in [
+        (BnVariant::Plain, "batchnorm3{masked}"),
+        (BnVariant::Frozen { after: 3 }, "batchnorm3{frozen(after=3),masked}"),
+    ] {
+        let (mut a, _, _, mut b, _) = round_trip(masked(variant), 4);
+        assert!(bn(&mut b).is_masked(), "{variant:?}");
+        assert!(architecture(&mut b).contains(settings), "{}", architecture(&mut b));
+        assert_eq!(bn(&mut b).state(), bn(&mut a).state(), "{variant:?}");
+        assert_eq!(bn(&mut b).is_frozen(), variant != BnVariant::Plain);
+        for stop in [2, 4] {
+            assert_resume_is_exact(masked(variant), stop, 6);
+        }
+    }
+}
+
 /// Variants share tensor names nowhere they could be confused: a checkpoint of another variant,
-/// or of the same variant with other settings (freezing step, α, schedule), is refused as another
-/// architecture before anything is changed.
+/// or of the same variant with other settings (freezing step, α, schedule, masked or not), is
+/// refused as another architecture before anything is changed.
 #[test]
 fn checkpoints_of_another_variant_are_refused() {
     let other_schedule = BnVariant::Renorm {
@@ -606,13 +667,15 @@ fn checkpoints_of_another_variant_are_refused() {
         momentum: 0.1,
         limits: schedule(),
     };
-    let variants = [
-        BnVariant::Plain,
-        BnVariant::Frozen { after: 3 },
-        BnVariant::Frozen { after: 4 },
-        renorm(),
-        other_schedule,
-        other_momentum,
+    let variants: [Spec; 8] = [
+        BnVariant::Plain.into(),
+        BnVariant::Frozen { after: 3 }.into(),
+        BnVariant::Frozen { after: 4 }.into(),
+        renorm().into(),
+        other_schedule.into(),
+        other_momentum.into(),
+        masked(BnVariant::Plain),
+        masked(BnVariant::Frozen { after: 3 }),
     ];
     for (i, &saved) in variants.iter().enumerate() {
         let (mut a, mut sa) = (net(saved, 1), Sgd::new(0.9, 1e-4));
@@ -785,6 +848,42 @@ fn bench_times_every_variant() {
     assert_eq!(bench::Variant::Bn.ops(), [Op::FwdTrain, Op::FwdEval, Op::Backward]);
     assert_eq!(
         bench::Variant::ALL.map(|v| v.name()),
-        ["bn", "frozen", "renorm", "ghost"]
+        ["bn", "frozen", "renorm", "ghost", "masked", "masked-random"]
     );
+}
+
+/// The masks of the masked rows hold half of the positions: `masked` as padded sequences leave
+/// them (the first half of an NC batch's examples, the first half of each example's positions of
+/// a feature map), `masked-random` a scattered half (as many changes between valid and padding
+/// as a random mask has, far more than one per example), the same in every run.
+#[test]
+fn bench_masks_hold_half_of_the_positions() {
+    use bench::MaskPattern;
+    assert_eq!(
+        MaskPattern::Padded.mask(60, 1),
+        (0..60).map(|k| k < 30).collect::<Vec<_>>()
+    );
+    let (examples, positions) = (4, 14 * 14);
+    let padded = MaskPattern::Padded.mask(examples, positions);
+    assert_eq!(padded.len(), examples * positions);
+    for (k, example) in padded.chunks(positions).enumerate() {
+        let (valid, padding) = example.split_at(positions / 2);
+        assert!(
+            valid.iter().all(|&on| on) && padding.iter().all(|&on| !on),
+            "example {k}"
+        );
+    }
+    let changes = |m: &[bool]| m.windows(2).filter(|w| w[0] != w[1]).count();
+    for (examples, positions) in [(60, 1), (4, 14 * 14), (32, 56 * 56)] {
+        let random = MaskPattern::Random.mask(examples, positions);
+        let len = examples * positions;
+        assert_eq!(random.len(), len);
+        assert_eq!(random.iter().filter(|&&on| on).count(), len / 2);
+        assert_eq!(random, MaskPattern::Random.mask(examples, positions));
+        assert!(
+            changes(&random) > len / 4,
+            "{examples}×{positions}: {} changes",
+            changes(&random)
+        );
+    }
 }

@@ -13,6 +13,8 @@ mod checkpoint;
 mod data_idx;
 mod engine_conv;
 mod engine_grad;
+mod engine_masked;
 mod engine_train;
 mod engine_variants;
 mod hardening;
+mod padded;

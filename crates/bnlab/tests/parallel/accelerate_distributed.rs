@@ -127,7 +127,7 @@ fn run_ranks(s: &Settings, p: usize) -> Outcome {
 fn points(metrics: &[Metric]) -> Vec<(u64, f64, f64)> {
     metrics
         .iter()
-        .map(|m| (m.step, m.test_acc.unwrap(), m.train_loss.unwrap()))
+        .map(|m| (m.step, m.test_acc.unwrap(), m.training.train_loss.unwrap()))
         .collect()
 }
 
@@ -247,7 +247,7 @@ fn a_diverging_variant_stops_every_rank_at_the_same_step() {
     let step = outcomes[0]
         .metrics
         .iter()
-        .find(|m| m.variant == "baseline" && m.diverged)
+        .find(|m| m.variant == "baseline" && m.training.diverged)
         .unwrap_or_else(|| panic!("baseline did not diverge at lr 1e6: {:?}", outcomes[0].metrics))
         .step;
     for (r, o) in outcomes.iter().enumerate() {

@@ -7,7 +7,7 @@
 //! network in the engine.
 
 use crate::common::{
-    accelerate_tiny_args, assert_eval_and_fold, assert_killed_and_resumed_run_matches, bnlab_ok, ckpt, expect_error,
+    accelerate_tiny_args, assert_eval_and_fold, assert_killed_and_resumed_study_matches, bnlab_ok, ckpt, expect_error,
     paper_mlp_args, read, s, strs, synthetic_data, KILL_AND_RESUME_SCHEDULE,
 };
 use bnlab::engine::{Dropout, Layer, Mode};
@@ -31,17 +31,11 @@ fn study_args(data: &Path, out: &Path) -> Vec<String> {
 /// training side by side.)
 #[test]
 fn killed_and_resumed_study_matches_uninterrupted_study() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
-    assert_killed_and_resumed_run_matches(
-        tmp.path(),
+    assert_killed_and_resumed_study_matches(
         "accelerate",
         ["baseline", "bn-x5"],
-        6000,
-        |out| study_args(&data, out),
-        true,
-        &["table.md"],
-        &["final_test_acc", "best_test_acc", "steps"],
+        &KILL_AND_RESUME_SCHEDULE,
+        accelerate_tiny_args,
     );
 }
 

@@ -65,23 +65,9 @@ fn expected_table(lines: &[Value]) -> (Option<f64>, Expected) {
 /// ranges, learning rates of each variant's schedule) and the table against a recomputation.
 #[test]
 fn quick_study_writes_every_output() {
-    let Some(data) = fashion_mnist() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let (stdout, _) = bnlab_ok(
-        tmp.path(),
-        &[
-            "accelerate",
-            "--quick",
-            "--threads",
-            "2",
-            "--data",
-            data,
-            "--out",
-            s(&out),
-            "--quiet",
-        ],
-    );
+    let Some((_tmp, out, stdout)) = quick_study("accelerate") else {
+        return;
+    };
     assert!(stdout.contains("| variant | steps to baseline's best"), "{stdout}");
 
     // metrics.jsonl: evaluations at 40, 80, 120 for each variant in order (or a divergence line

@@ -59,6 +59,10 @@ fn bench_times_every_variant_by_default() {
         ("renorm", "backward"),
         ("ghost", "fwd_train"),
         ("ghost", "backward"),
+        ("masked", "fwd_train"),
+        ("masked", "backward"),
+        ("masked-random", "fwd_train"),
+        ("masked-random", "backward"),
     ]);
     assert_eq!(variant_ops(&rows(&[])), want);
 }
@@ -76,6 +80,13 @@ fn bench_variant_selects_rows() {
         variant_ops(&rows(&["--variant", "renorm", "--variant", "frozen"])),
         want
     );
+    let masked = pairs(&[
+        ("masked", "fwd_train"),
+        ("masked", "backward"),
+        ("masked-random", "fwd_train"),
+        ("masked-random", "backward"),
+    ]);
+    assert_eq!(variant_ops(&rows(&["--variant", "masked-random,masked"])), masked);
     let tmp = tempfile::tempdir().unwrap();
     expect_error(
         tmp.path(),

@@ -3,7 +3,7 @@
 //! scaled with its batch), both evaluations, grouped batches, and a killed run resumed bit for bit.
 
 use crate::common::{
-    assert_killed_and_resumed_run_matches, bnlab_ok, expect_error, metrics, num, read, small_batch_tiny_args, strs,
+    assert_killed_and_resumed_study_matches, bnlab_ok, expect_error, metrics, num, read, small_batch_tiny_args, strs,
     synthetic_data, KILL_AND_RESUME_SCHEDULE,
 };
 use serde_json::Value;
@@ -108,31 +108,13 @@ fn grouped_batches_change_the_run_and_are_recorded() {
 /// trains and resumed equals the uninterrupted run bit for bit, the frozen state included.
 #[test]
 fn killed_and_resumed_study_matches_uninterrupted_study() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic_data(tmp.path());
     // Reference batch 16: 1500 reference steps are 6,000 of batch 4, checkpoints every 500.
     let schedule = KILL_AND_RESUME_SCHEDULE.map(|a| match a {
         "6000" => "1500",
         "250" | "500" => "125",
         a => a,
     });
-    assert_killed_and_resumed_run_matches(
-        tmp.path(),
-        "small-batch",
-        ["bn-b4", "frozen-b4"],
-        6000,
-        |out| {
-            let extra = [
-                schedule.as_slice(),
-                &["--variants", "bn-b4,frozen-b4", "--threads", "1"],
-            ]
-            .concat();
-            small_batch_tiny_args(&data, out, &extra)
-        },
-        true,
-        &["table.md", "table.json"],
-        &["final_test_acc", "best_test_acc", "steps"],
-    );
+    assert_killed_and_resumed_study_matches("small-batch", ["bn-b4", "frozen-b4"], &schedule, small_batch_tiny_args);
 }
 
 /// Settings the study cannot run are refused with one line and nothing written.

@@ -1,0 +1,584 @@
+//! The pieces the passes need to fuse batch norm with what follows it: a ReLU, or the addition of
+//! a residual and a ReLU (see `crate::fused` for the definitions).
+//!
+//! - The **mask**: one bit per element, set where the ReLU kept the value (y > 0, or NaN), laid
+//!   out in segments ([`BitLayout`]) that are exactly the units the element-wise passes write,
+//!   each starting at a byte: a unit writes its own bytes and no other's, whatever the thread
+//!   count.
+//! - The forward's **epilogue** (an [`ElementMap`]): what an element-wise pass does with a
+//!   normalized value before it stores it. [`Plain`] does nothing (plain batch norm); [`Fused`] adds the
+//!   residual, applies the ReLU and records its bit. Each is written for `f32` lanes (the
+//!   element-precision path of `f32` tensors) and for `f64` lanes, where the value is first
+//!   rounded to the element type: every operation is done in the element type, as the unfused
+//!   sequence (batch norm into y, then y + z, then the ReLU) does, so the fused pass gives its
+//!   bits. Only through [`crate::Element`]'s conversions, so any element type goes through.
+//! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·\[kept\]
+//!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
+//!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
+
+use super::plan;
+use super::simd::{relu_keeps, Simd};
+use crate::{Element, Geometry};
+
+/// Where the bits of a ReLU mask over a geometry live: segments of `len` elements (the planes of
+/// a channels-first tensor; the row tasks of the rows plan, the last one shorter), segment s in
+/// bytes `s·bytes..(s + 1)·bytes` with its element e at bit e (bit e % 8 of byte e / 8); one
+/// spare byte at the end, so that a reader may take two bytes at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BitLayout {
+    /// Elements per segment.
+    pub len: usize,
+    /// Bytes per segment.
+    pub bytes: usize,
+    /// Number of segments.
+    pub segments: usize,
+}
+
+impl BitLayout {
+    /// The layout of a mask over `g`.
+    pub fn new(g: &Geometry) -> BitLayout {
+        let len = plan::write_segment(g);
+        BitLayout {
+            len,
+            bytes: len.div_ceil(8),
+            segments: g.len().div_ceil(len),
+        }
+    }
+
+    /// Bytes of the whole mask, the spare byte included.
+    pub fn total_bytes(&self) -> usize {
+        self.segments * self.bytes + 1
+    }
+
+    /// The bit of element `e` of the tensor, counted from the first byte.
+    #[inline(always)]
+    pub fn bit(&self, e: usize) -> usize {
+        (e / self.len) * self.bytes * 8 + e % self.len
+    }
+}
+
+/// A ReLU mask's bytes in its layout, to read.
+#[derive(Clone, Copy)]
+pub(crate) struct MaskBits<'a> {
+    pub bytes: &'a [u8],
+    pub layout: BitLayout,
+}
+
+impl<'a> MaskBits<'a> {
+    /// The bits of the `n` elements from element `e` on, which lie in one segment.
+    #[inline(always)]
+    pub fn at(self, e: usize, n: usize) -> BitsAt<'a> {
+        let first = self.layout.bit(e);
+        debug_assert!(
+            n == 0 || e % self.layout.len + n <= self.layout.len,
+            "bits across segments"
+        );
+        // The last bit read and the byte after it (a reader takes two bytes at a time).
+        assert!((first + n.max(1) - 1) / 8 + 1 < self.bytes.len());
+        BitsAt {
+            bytes: self.bytes,
+            first,
+        }
+    }
+}
+
+/// The bits of consecutive elements of one segment from some element on (element i at bit
+/// `first + i` of the bytes), to read; made by [`MaskBits::at`], which checks that they lie in
+/// the buffer with one byte to spare.
+#[derive(Clone, Copy)]
+pub(crate) struct BitsAt<'a> {
+    bytes: &'a [u8],
+    first: usize,
+}
+
+impl BitsAt<'_> {
+    /// Bits of elements i..i + 8, element i as bit 0.
+    ///
+    /// # Safety
+    /// Those elements must be among the ones [`MaskBits::at`] was given.
+    #[inline(always)]
+    pub unsafe fn get8(self, i: usize) -> u8 {
+        let b = self.first + i;
+        // SAFETY: byte b / 8 + 1 lies in the buffer (checked by `MaskBits::at`).
+        let (lo, hi) = unsafe {
+            let p = self.bytes.as_ptr().add(b / 8);
+            (*p, *p.add(1))
+        };
+        (u16::from_le_bytes([lo, hi]) >> (b % 8)) as u8
+    }
+
+    /// Bit of element i.
+    ///
+    /// # Safety
+    /// As [`BitsAt::get8`].
+    #[inline(always)]
+    pub unsafe fn get1(self, i: usize) -> bool {
+        let b = self.first + i;
+        // SAFETY: as in `get8`.
+        unsafe { *self.bytes.as_ptr().add(b / 8) >> (b % 8) & 1 == 1 }
+    }
+}
+
+/// A segment's bytes of a ReLU mask, to write: element i at bit i.
+#[derive(Clone, Copy)]
+struct BitsOut(*mut u8);
+
+impl BitsOut {
+    /// Writes the bits of elements i..i + 8 (element i as bit 0), leaving the others of their
+    /// bytes as they were.
+    ///
+    /// # Safety
+    /// Elements i..i + 8 must lie in the segment, whose bytes the caller owns.
+    #[inline(always)]
+    unsafe fn put8(self, i: usize, bits: u8) {
+        let (k, sh) = (i / 8, i % 8);
+        // SAFETY: bytes k and, when the bits straddle two, k + 1 hold bits of elements i..i + 8.
+        unsafe {
+            let p = self.0.add(k);
+            if sh == 0 {
+                *p = bits;
+            } else {
+                let low = (1u8 << sh) - 1;
+                *p = (*p & low) | bits << sh;
+                *p.add(1) = (*p.add(1) & !low) | bits >> (8 - sh);
+            }
+        }
+    }
+
+    /// Writes the bit of element i.
+    ///
+    /// # Safety
+    /// As [`BitsOut::put8`], for element i.
+    #[inline(always)]
+    unsafe fn put1(self, i: usize, on: bool) {
+        // SAFETY: byte i / 8 holds element i's bit.
+        unsafe {
+            let p = self.0.add(i / 8);
+            let bit = 1u8 << (i % 8);
+            *p = if on { *p | bit } else { *p & !bit };
+        }
+    }
+}
+
+/// A fused forward pass's own arguments over the whole tensor: the residual (`None`: a ReLU
+/// alone) and the mask's bytes in [`BitLayout::new`] of the tensor (`None`: no mask is kept).
+pub(crate) struct Forward<'a, T> {
+    pub z: Option<&'a [T]>,
+    pub bits: Option<&'a mut [u8]>,
+}
+
+impl<'a, T> Forward<'a, T> {
+    /// `relu` (`None`: plain batch norm) cut into one part per `segs` segments of `layout`, in
+    /// order: a part for each unit of a pass whose units are that many whole segments.
+    pub fn split(relu: Option<Self>, segs: usize, layout: BitLayout) -> Vec<Option<Self>> {
+        let parts = layout.segments.div_ceil(segs);
+        let Some(Forward { z, bits }) = relu else {
+            return (0..parts).map(|_| None).collect();
+        };
+        let mut z = z.map(|z| z.chunks(segs * layout.len));
+        let mut bits = bits.map(|b| b[..layout.segments * layout.bytes].chunks_mut(segs * layout.bytes));
+        let mut next = move || Forward {
+            z: z.as_mut().map(|c| c.next().expect("a part per unit")),
+            bits: bits.as_mut().map(|c| c.next().expect("a part per unit")),
+        };
+        (0..parts).map(|_| Some(next())).collect()
+    }
+
+    /// The kernel call's part of segment `k` of this (which holds whole segments of `layout`
+    /// from a segment boundary on): its `n` elements.
+    pub fn segment(&mut self, k: usize, n: usize, layout: BitLayout) -> Act<'_, T> {
+        let first = k * layout.len;
+        Act {
+            z: self.z.map(|z| &z[first..first + n]),
+            bits: self
+                .bits
+                .as_deref_mut()
+                .map(|b| &mut b[k * layout.bytes..(k + 1) * layout.bytes]),
+        }
+    }
+}
+
+/// A backward pass behind a fused ReLU, over the whole tensor: the mask's bits, and dz to write
+/// (the upstream gradient itself) when the pass writes it.
+pub(crate) struct Backward<'a, T> {
+    pub bits: MaskBits<'a>,
+    pub dz: Option<&'a mut [T]>,
+}
+
+impl<'a, T> Backward<'a, T> {
+    /// `relu` (`None`: plain batch norm) cut into one part per `len` elements, in order (for
+    /// units of whole segments): the bits stay whole, dz is cut.
+    pub fn split(relu: Option<Self>, len: usize, total: usize) -> Vec<Option<Self>> {
+        let parts = total.div_ceil(len);
+        let Some(Backward { bits, dz }) = relu else {
+            return (0..parts).map(|_| None).collect();
+        };
+        let mut dz = dz.map(|d| d.chunks_mut(len));
+        (0..parts)
+            .map(|_| {
+                Some(Backward {
+                    bits,
+                    dz: dz.as_mut().map(|c| c.next().expect("a part per unit")),
+                })
+            })
+            .collect()
+    }
+
+    /// The kernel call's part of the `n` elements from element `first` of the tensor, which lie
+    /// in one segment; `at` is where they start in this part's dz.
+    pub fn part(&mut self, first: usize, at: usize, n: usize) -> Back<'_, T> {
+        Back {
+            bits: self.bits.at(first, n),
+            dz: self.dz.as_deref_mut().map(|d| &mut d[at..at + n]),
+        }
+    }
+}
+
+/// The fused part of one forward kernel call over `n` elements: the residual's same `n`
+/// elements, and the mask's bytes of those elements (element i at bit i), each when there is one.
+pub(crate) struct Act<'a, T> {
+    pub z: Option<&'a [T]>,
+    pub bits: Option<&'a mut [u8]>,
+}
+
+/// A map a pass applies to the value of element i on its way: in a forward, to the normalized
+/// value before it is stored ([`Fused`]: what follows batch norm); in a backward, to dy before
+/// it is used ([`Gated`]: the upstream gradient behind a fused ReLU). By default the identity
+/// ([`Plain`]: plain batch norm). Methods are `unsafe`: element i must lie in the range the map
+/// was made for.
+pub(crate) trait ElementMap<T: Element>: Copy {
+    /// Of elements i..i + 8, as `f32` lanes (`f32` tensors only).
+    #[inline(always)]
+    unsafe fn narrow8<S: Simd>(self, _: S, _i: usize, v: S::F) -> S::F {
+        v
+    }
+    /// Of element i, in `f32` (`f32` tensors only).
+    #[inline(always)]
+    unsafe fn narrow1(self, _i: usize, v: f32) -> f32 {
+        v
+    }
+    /// Of elements i..i + 8, as `f64` lanes (rounded to `T` when stored).
+    #[inline(always)]
+    unsafe fn wide8<S: Simd>(self, _: S, _i: usize, v: S::V) -> S::V {
+        v
+    }
+    /// Of element i, in `f64` (rounded to `T` when stored).
+    #[inline(always)]
+    unsafe fn wide1(self, _i: usize, v: f64) -> f64 {
+        v
+    }
+}
+
+/// Plain batch norm: the value as it is.
+#[derive(Clone, Copy)]
+pub(crate) struct Plain;
+
+impl<T: Element> ElementMap<T> for Plain {}
+
+/// Fused: relu(v + z) with the residual `z` when `ADD`, relu(v) otherwise, each operation in the
+/// element type; its mask bit written when `BITS`.
+#[derive(Clone, Copy)]
+pub(crate) struct Fused<T, const ADD: bool, const BITS: bool> {
+    z: *const T,
+    bits: BitsOut,
+}
+
+impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<T, ADD, BITS> {
+    #[inline(always)]
+    unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F {
+        // SAFETY (all blocks): element i.. lies in the range (caller); T is f32 on this path.
+        let z = || unsafe { s.fload((self.z as *const f32).add(i)) };
+        let (out, bits) = s.frelu(if ADD { s.fadd(v, z()) } else { v });
+        unsafe { self.record8(i, bits) };
+        out
+    }
+    #[inline(always)]
+    unsafe fn narrow1(self, i: usize, v: f32) -> f32 {
+        // SAFETY (all blocks): as in `narrow8`.
+        let v = if ADD {
+            v + unsafe { *(self.z as *const f32).add(i) }
+        } else {
+            v
+        };
+        let keep = relu_keeps(v as f64);
+        unsafe { self.record1(i, keep) };
+        if keep {
+            v
+        } else {
+            0.0
+        }
+    }
+    #[inline(always)]
+    unsafe fn wide8<S: Simd>(self, s: S, i: usize, v: S::V) -> S::V {
+        // The value batch norm would store, then the sum y + z rounded as `T` rounds it.
+        let (v, z) = (s.round::<T>(v), || unsafe { s.load(self.z.add(i)) });
+        // SAFETY (all blocks): as in `narrow8`.
+        let (out, bits) = s.relu(if ADD { s.round::<T>(s.add(v, z())) } else { v });
+        unsafe { self.record8(i, bits) };
+        out
+    }
+    #[inline(always)]
+    unsafe fn wide1(self, i: usize, v: f64) -> f64 {
+        let round = |v: f64| T::from_f64(v).to_f64();
+        let v = round(v);
+        // SAFETY (all blocks): as in `narrow8`.
+        let v = if ADD {
+            round(v + unsafe { *self.z.add(i) }.to_f64())
+        } else {
+            v
+        };
+        let keep = relu_keeps(v);
+        unsafe { self.record1(i, keep) };
+        if keep {
+            v
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Runs `$body` with `$e` bound to the epilogue an `Option<Act>` over `$n` elements asks for:
+/// [`Plain`] for none, else the [`Fused`] one of its residual and bits (checked against `$n`).
+macro_rules! with_epilogue {
+    ($act:expr, $n:expr, |$e:ident| $body:expr) => {{
+        let n: usize = $n;
+        match $act {
+            None => {
+                let $e = $crate::kernels::relu::Plain;
+                $body
+            }
+            Some($crate::kernels::relu::Act { z, bits }) => {
+                let z = z.map(|z| {
+                    assert_eq!(z.len(), n);
+                    z.as_ptr()
+                });
+                let bits = bits.map(|b| {
+                    assert!(b.len() >= n.div_ceil(8));
+                    b.as_mut_ptr()
+                });
+                match (z, bits) {
+                    (None, None) => {
+                        let $e = $crate::kernels::relu::Fused::<_, false, false>::new(std::ptr::null(), None);
+                        $body
+                    }
+                    (None, Some(b)) => {
+                        let $e = $crate::kernels::relu::Fused::<_, false, true>::new(std::ptr::null(), Some(b));
+                        $body
+                    }
+                    (Some(z), None) => {
+                        let $e = $crate::kernels::relu::Fused::<_, true, false>::new(z, None);
+                        $body
+                    }
+                    (Some(z), Some(b)) => {
+                        let $e = $crate::kernels::relu::Fused::<_, true, true>::new(z, Some(b));
+                        $body
+                    }
+                }
+            }
+        }
+    }};
+}
+pub(crate) use with_epilogue;
+
+impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
+    /// Records which of elements i..i + 8 the ReLU kept, when the mask is kept.
+    ///
+    /// # Safety
+    /// Elements i..i + 8 lie in the range.
+    #[inline(always)]
+    unsafe fn record8(self, i: usize, bits: u8) {
+        if BITS {
+            // SAFETY: the caller's contract.
+            unsafe { self.bits.put8(i, bits) };
+        }
+    }
+
+    /// Records whether the ReLU kept element i, when the mask is kept.
+    ///
+    /// # Safety
+    /// Element i lies in the range.
+    #[inline(always)]
+    unsafe fn record1(self, i: usize, kept: bool) {
+        if BITS {
+            // SAFETY: the caller's contract.
+            unsafe { self.bits.put1(i, kept) };
+        }
+    }
+
+    /// The epilogue over a range whose residual starts at `z` (null without `ADD`) and whose
+    /// mask bytes start at `bits` (element 0 at bit 0; `None` without `BITS`), both checked by
+    /// [`with_epilogue!`] to cover the range.
+    #[inline(always)]
+    pub fn new(z: *const T, bits: Option<*mut u8>) -> Self {
+        debug_assert!(ADD != z.is_null() && BITS == bits.is_some());
+        Fused {
+            z,
+            bits: BitsOut(bits.unwrap_or(std::ptr::null_mut())),
+        }
+    }
+}
+
+/// Behind a fused ReLU: dy where the mask's bit is set, +0.0 elsewhere; stored to `dz` too when
+/// `DZ` (non-temporally with `stream`: the caller checked that dz's elements share the
+/// alignment of the pass's other output).
+#[derive(Clone, Copy)]
+pub(crate) struct Gated<'a, T, const DZ: bool> {
+    bits: BitsAt<'a>,
+    dz: *mut T,
+    stream: bool,
+}
+
+impl<'a, T> Gated<'a, T, false> {
+    /// The upstream gradient of the elements `bits` covers.
+    #[inline(always)]
+    pub fn new(bits: BitsAt<'a>) -> Self {
+        Gated {
+            bits,
+            dz: std::ptr::null_mut(),
+            stream: false,
+        }
+    }
+}
+
+impl<'a, T> Gated<'a, T, true> {
+    /// The upstream gradient of the elements `bits` covers, stored to `dz` (the same elements).
+    #[inline(always)]
+    pub fn with_dz(bits: BitsAt<'a>, dz: &mut [T], stream: bool) -> Self {
+        Gated {
+            bits,
+            dz: dz.as_mut_ptr(),
+            stream,
+        }
+    }
+}
+
+impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
+    #[inline(always)]
+    unsafe fn wide8<S: Simd>(self, s: S, i: usize, dy: S::V) -> S::V {
+        // SAFETY (all blocks): elements i..i + 8 lie in the range (caller).
+        let g = s.gate(unsafe { self.bits.get8(i) }, dy);
+        if DZ {
+            unsafe {
+                if self.stream {
+                    s.stream(self.dz.add(i), g)
+                } else {
+                    s.store(self.dz.add(i), g)
+                }
+            }
+        }
+        g
+    }
+    #[inline(always)]
+    unsafe fn wide1(self, i: usize, dy: f64) -> f64 {
+        // SAFETY (all blocks): element i lies in the range (caller).
+        let g = if unsafe { self.bits.get1(i) } { dy } else { 0.0 };
+        if DZ {
+            unsafe { *self.dz.add(i) = T::from_f64(g) };
+        }
+        g
+    }
+    #[inline(always)]
+    unsafe fn narrow8<S: Simd>(self, s: S, i: usize, dy: S::F) -> S::F {
+        // SAFETY (all blocks): as in `wide8`; T is f32 on this path.
+        let g = s.fgate(unsafe { self.bits.get8(i) }, dy);
+        if DZ {
+            unsafe {
+                let p = (self.dz as *mut f32).add(i);
+                if self.stream {
+                    s.fstream(p, g)
+                } else {
+                    s.fstore(p, g)
+                }
+            }
+        }
+        g
+    }
+    #[inline(always)]
+    unsafe fn narrow1(self, i: usize, dy: f32) -> f32 {
+        // SAFETY (all blocks): as in `wide1`; T is f32 on this path.
+        let g = if unsafe { self.bits.get1(i) } { dy } else { 0.0 };
+        if DZ {
+            unsafe { *(self.dz as *mut f32).add(i) = g };
+        }
+        g
+    }
+}
+
+/// The backward part of one dx kernel call over `n` elements: the mask's bits of those elements
+/// and the `n` elements of dz to write, when the pass has them.
+pub(crate) struct Back<'a, T> {
+    pub bits: BitsAt<'a>,
+    pub dz: Option<&'a mut [T]>,
+}
+
+/// Runs `$body` with `$u` bound to the upstream gradient an `Option<Back>` over the `$n` elements
+/// of output `$out` asks for: [`Plain`] (dy itself) for none, else [`Gated`], with dz (checked against `$n`)
+/// when it has one, stored non-temporally with `$stream` when dz shares `$out`'s alignment.
+macro_rules! with_upstream {
+    ($back:expr, $n:expr, $out:expr, $stream:expr, |$u:ident| $body:expr) => {{
+        match $back {
+            None => {
+                let $u = $crate::kernels::relu::Plain;
+                $body
+            }
+            Some($crate::kernels::relu::Back { bits, dz: None }) => {
+                let $u = $crate::kernels::relu::Gated::<_, false>::new(bits);
+                $body
+            }
+            Some($crate::kernels::relu::Back { bits, dz: Some(dz) }) => {
+                assert_eq!(dz.len(), $n);
+                let same =
+                    (dz.as_ptr() as usize).wrapping_sub($out as usize) % $crate::kernels::simd::STREAM_ALIGN == 0;
+                let $u = $crate::kernels::relu::Gated::with_dz(bits, dz, $stream && same);
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_upstream;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bits written 8 and 1 at a time at every offset read back the same, and leave the bits
+    /// around them as they were.
+    #[test]
+    fn bits_round_trip() {
+        for start in 0..16 {
+            let mut bytes = vec![0xA5u8; 6];
+            let want: Vec<bool> = (0..24).map(|i| (i * 5 + start) % 3 == 0).collect();
+            let out = BitsOut(bytes.as_mut_ptr());
+            let byte_of = |k: usize| (0..8).fold(0u8, |b, l| b | (want[k + l] as u8) << l);
+            // SAFETY: bits start..start + 24 lie in the 6 bytes.
+            unsafe {
+                out.put8(start, byte_of(0));
+                out.put8(start + 8, byte_of(8));
+                for (k, &on) in want.iter().enumerate().skip(16) {
+                    out.put1(start + k, on);
+                }
+            }
+            let mask = MaskBits {
+                bytes: &bytes,
+                layout: BitLayout {
+                    len: 40,
+                    bytes: 5,
+                    segments: 1,
+                },
+            };
+            let r = mask.at(start, 24);
+            for (k, &on) in want.iter().enumerate() {
+                // SAFETY: inside the 24 elements given to `at`.
+                assert_eq!(unsafe { r.get1(k) }, on, "start {start} bit {k}");
+            }
+            // SAFETY: as above.
+            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start}");
+            let untouched = |b: usize| (0xA5u8 >> (b % 8)) & 1 == 1;
+            let all = MaskBits { bytes: &bytes, ..mask }.at(0, 40);
+            for b in (0..start).chain(start + 24..40) {
+                // SAFETY: bits 0..40 lie in the 6 bytes.
+                assert_eq!(unsafe { all.get1(b) }, untouched(b), "start {start}: bit {b} changed");
+            }
+        }
+    }
+}
