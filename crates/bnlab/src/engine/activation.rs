@@ -3,16 +3,21 @@
 use super::{Layer, Mode, Param};
 
 /// Logistic sigmoid σ(x) = 1/(1 + e⁻ˣ), computed as 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0
-/// with e = e^(−|x|), so that e never overflows: within 3 ulps of σ(x) (the exponential within
-/// 1 ulp, then one rounding each for the sum and the quotient), σ(NaN) = NaN; vectorized with
-/// AVX2 and FMA where the CPU has them, with the same bits as without. Backward uses the saved
-/// output: dx = dy·y·(1 − y).
+/// with e = e^(−|x|), so that e never overflows: within 4 ulps of σ(x) (the exponential within
+/// 1 ulp, then one rounding each for the sum and the quotient; the tests derive the bound),
+/// σ(NaN) = NaN; vectorized with AVX2 and FMA where the CPU has them, with the same bits as
+/// without. Backward uses the saved output: dx = dy·y·(1 − y).
 pub struct Sigmoid {
     /// Features per example.
     pub size: usize,
 }
 
-/// Rectified linear unit max(0, x); backward: dx = dy where x > 0.
+/// Rectified linear unit: y = x where x > 0 or x is NaN, +0.0 elsewhere (−0.0 included), so
+/// that a NaN propagates as IEEE 754 and PyTorch's `relu` have it (a diverged network does not
+/// hide behind a finite loss); backward: dx = dy where the forward kept x (x > 0 or NaN), +0.0
+/// elsewhere, gradient 0 at exactly x = 0 (PyTorch's convention). The same selects as the
+/// kernel crate's fused batch norm + ReLU ([`::batchnorm::batch_norm_train_relu`]), so a fused
+/// layer gives this layer's bits.
 pub struct Relu {
     /// Features per example.
     pub size: usize,
@@ -62,7 +67,39 @@ macro_rules! elementwise_layer {
 }
 
 elementwise_layer!(Sigmoid, "sigmoid", |x, y| sigmoid(x, y), from_output: true, |s, g| g * s * (1.0 - s));
-elementwise_layer!(Relu, "relu", |x, y| y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)), from_output: false, |v, g| if v > 0.0 { g } else { 0.0 });
+elementwise_layer!(Relu, "relu", |x, y| relu(x, y), from_output: false, |v, g| if relu_keeps(v) { g } else { 0.0 });
+
+/// Whether the ReLU keeps `v`: v > 0 or NaN.
+fn relu_keeps(v: f32) -> bool {
+    v > 0.0 || v.is_nan()
+}
+
+/// relu(v) as [`Relu`] defines it.
+fn relu_one(v: f32) -> f32 {
+    if relu_keeps(v) {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// y = relu(x) element by element (over the shorter of the two).
+fn relu(x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(o, &v)| *o = relu_one(v));
+}
+
+/// y = relu(y) in place, as [`Relu`] defines it.
+pub(crate) fn relu_in_place(y: &mut [f32]) {
+    y.iter_mut().for_each(|v| *v = relu_one(*v));
+}
+
+/// `dx` (resized to dy's length) = dy where the ReLU kept its input, found from its output `y`:
+/// a kept input (> 0 or NaN) is its own output, which is not 0, and every other input became
+/// +0.0; so kept ⇔ y ≠ 0, and dx has the bits [`Relu`]'s backward gives from the input.
+pub(crate) fn relu_backward_from_output(y: &[f32], dy: &[f32], dx: &mut Vec<f32>) {
+    dx.clear();
+    dx.extend(y.iter().zip(dy).map(|(&v, &g)| if v != 0.0 { g } else { 0.0 }));
+}
 
 /// y = σ(x) element by element (over the shorter of the two), as [`Sigmoid`] defines it, eight
 /// at a time with AVX2 and FMA where the CPU has them; both paths do the same operations and give
