@@ -235,7 +235,7 @@ const DENSE_SPLIT_WORK: usize = 1 << 23;
 /// c[m × n] = a[m × k]·b[n × k]ᵀ + bias, with `a` and `b` row-major and `bias` (when given) added
 /// to every row: the fully connected layer's forward x·Wᵀ + b (W is `[out, in]`).
 ///
-/// Every element is a dot product of two contiguous rows in [`DOT_LANES`] = 8 partial sums: lane
+/// Every element is a dot product of two contiguous rows in `DOT_LANES` = 8 partial sums: lane
 /// l adds the products at positions p ≡ l (mod 8) in order by fused multiply-add, starting from 0;
 /// the lanes are then added as ((s₀ + s₁) + (s₂ + s₃)) + ((s₄ + s₅) + (s₆ + s₇)), and the bias
 /// last. So the bits depend neither on how the product is tiled or split over threads nor on
