@@ -4,8 +4,8 @@
 #
 #   bench/run_all.sh [--threads T] [--python PY] [--dry-run] [SECTION ...]
 #
-# SECTION: kernels mlp convnet candle mpi (default: all, in that order; the numbers of
-# BENCHMARKS.md's sections 1 to 5). --threads: threads for both sides (default 2, the machine of
+# SECTION: kernels variants mlp convnet candle mpi (default: all, in that order; BENCHMARKS.md's
+# sections 1, "Batch-norm variants vs plain batch norm" and 2 to 5). --threads: threads for both sides (default 2, the machine of
 # BENCHMARKS.md). --python: a Python with torch and numpy (default /tmp/torch/bin/python, the
 # venv bench/README.md sets up; the mpi section needs only python3). --dry-run: print the
 # commands without running them.
@@ -22,11 +22,11 @@ while [ $# -gt 0 ]; do
         --threads) threads="$2"; shift 2 ;;
         --python) python="$2"; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        kernels | mlp | convnet | candle | mpi) sections+=("$1"); shift ;;
+        kernels | variants | mlp | convnet | candle | mpi) sections+=("$1"); shift ;;
         *) echo "run_all.sh: unknown argument \`$1\` (see the header of $0)" >&2; exit 2 ;;
     esac
 done
-[ ${#sections[@]} -gt 0 ] || sections=(kernels mlp convnet candle mpi)
+[ ${#sections[@]} -gt 0 ] || sections=(kernels variants mlp convnet candle mpi)
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 
 out="bench/out/$(date -u +%Y-%m-%dT%H%M%SZ)"
@@ -55,7 +55,7 @@ fi
 
 features=()
 if wants mpi; then features=(--features mpi); fi
-if wants kernels || wants mlp || wants convnet || wants mpi; then
+if wants kernels || wants variants || wants mlp || wants convnet || wants mpi; then
     echo "+ cargo build --release -p bnlab ${features[*]}" >&2
     [ $dry -eq 1 ] || cargo build --release -p bnlab "${features[@]}"
 fi
@@ -66,6 +66,11 @@ if wants kernels; then
         --torch-args=--reuse-memory --json-out "$out/1-kernels-recycled.json"
     run 1-kernels-as-called.md "$python" bench/compare_kernels.py --threads "$threads" --rounds 7 \
         --json-out "$out/1-kernels-as-called.json"
+fi
+# Batch-norm variants against plain batch norm: 4 rounds of the whole `bnlab bench` run.
+if wants variants; then
+    run variants.md python3 bench/variants_table.py --rounds 4 --threads "$threads" \
+        --json-out "$out/variants.json"
 fi
 # 2. The paper's MLP.
 if wants mlp; then

@@ -312,16 +312,56 @@ pub(crate) fn backward_eval_where<T: Element>(
     let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
     let (relu, dz_alone) = dz_with(dx.is_some(), relu.map(|r| r.start(&g)));
     let bits = relu.as_ref().map(|r| r.bits);
-    if let Some(dx) = dx {
-        fixed_input_grad(&g, dy, mask, relu, gamma, &inv, dx);
-    }
+    let sums = match (dx, dgamma.is_some() || dbeta.is_some()) {
+        (Some(dx), true) => Some(fixed_backward(&g, x, dy, mask, relu, mean, gamma, &inv, dx)),
+        (dx, with_sums) => {
+            if let Some(dx) = dx {
+                fixed_input_grad(&g, dy, mask, relu, gamma, &inv, dx);
+            }
+            with_sums.then(|| fixed_grad_sums(&g, x, dy, mask, bits, mean, &inv))
+        }
+    };
     if let Some((bits, dz)) = dz_alone {
         upstream_alone(&g, dy, bits, dz);
     }
-    if dgamma.is_some() || dbeta.is_some() {
-        fixed_grad_sums(&g, x, dy, mask, bits, mean, &inv).write_param_grads(dgamma, dbeta)?;
+    match sums {
+        Some(sums) => sums.write_param_grads(dgamma, dbeta),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// dx as [`fixed_input_grad`] writes it and the sums [`fixed_grad_sums`] returns, in one pass
+/// over x and dy (see `kernels::plan::fixed_backward_where`): the same bits as those two.
+/// Arguments already checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fixed_backward<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+    mean: &[T],
+    gamma: Option<&[T]>,
+    inv_std: &[f64],
+    dx: &mut [T],
+) -> GradSums {
+    let k = fixed_scale(g, gamma, inv_std);
+    let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
+    let (sum_dy, sum_dy_xmu) = plan::fixed_backward_where(g, x, dy, dx, &mean, &k, mask, relu);
+    fixed_sums(sum_dy, &sum_dy_xmu, inv_std)
+}
+
+/// The factors k = γ·inv_std of dx = dy·k per channel, through fixed statistics.
+fn fixed_scale<T: Element>(g: &Geometry, gamma: Option<&[T]>, inv_std: &[f64]) -> Scratch<f64> {
+    Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]))
+}
+
+/// Σ dy and Σ dy·x̂ = inv_std·Σ dy·(x − mean), from Σ dy and Σ dy·(x − mean).
+fn fixed_sums(sum_dy: Vec<f64>, sum_dy_xmu: &[f64], inv_std: &[f64]) -> GradSums {
+    GradSums {
+        sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
+        sum_dy,
+    }
 }
 
 /// dx = dy·γ·inv_std per channel: the backward through fixed statistics (inference mode, frozen
@@ -336,7 +376,7 @@ pub(crate) fn fixed_input_grad<T: Element>(
     inv_std: &[f64],
     dx: &mut [T],
 ) {
-    let k = Scratch::collect((0..g.channels).map(|c| gamma_at(gamma, c) * inv_std[c]));
+    let k = fixed_scale(g, gamma, inv_std);
     plan::scale_where(g, dy, dx, &k, mask, relu);
 }
 
@@ -354,8 +394,5 @@ pub(crate) fn fixed_grad_sums<T: Element>(
 ) -> GradSums {
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
     let (sum_dy, sum_dy_xmu) = plan::grad_sums_where(g, x, dy, &mean, mask, relu);
-    GradSums {
-        sum_dy_xhat: sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s).collect(),
-        sum_dy,
-    }
+    fixed_sums(sum_dy, &sum_dy_xmu, inv_std)
 }

@@ -13,12 +13,13 @@
 
 use crate::backward::{backward_eval_where, fixed_grad_sums, fixed_input_grad, GradSums};
 use crate::check;
-use crate::forward::eval_where;
+use crate::forward::{check_forward, normalize_affine};
 use crate::fused::{ReluBackward, ReluForward};
 use crate::kernels::scratch::Scratch;
-use crate::stats::{inv_std, SavedStats};
+use crate::kernels::with_simd;
+use crate::stats::{inv_std, inv_std_in_place, SavedStats};
 use crate::sync::{sync_grad_sums, Communicator};
-use crate::{BatchNorm, Element, Error, Grads, View};
+use crate::{BatchNorm, Element, Error, FixedStats, Grads, View};
 
 /// What a [`BatchNorm`] layer does with a training batch of fewer than 2 values per channel
 /// (e.g. the last, short batch of an epoch with one example and no spatial dimensions).
@@ -74,15 +75,25 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
         count: u64,
     ) -> Result<SavedStats, Error> {
-        let running = self.running()?;
+        let FixedStats { mean, var } = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
-        let eps = self.config.eps;
-        eval_where(x, mask, relu, running, self.affine(), eps, y)?;
-        Ok(SavedStats {
+        let (eps, affine) = (self.config.eps, self.affine());
+        // The checks of the inference forward (`batch_norm_eval`), in its order.
+        let (g, _) = check_forward(x, mask, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
+        ReluForward::check(relu.as_ref(), &g)?;
+        check::eps(eps)?;
+        // The statistics returned are the ones the transform uses, computed once.
+        let mut inv_std: Vec<f64> = var.iter().map(|v| v.to_f64()).collect();
+        with_simd(|| inv_std_in_place(&mut inv_std, eps));
+        let saved = SavedStats {
             count,
-            mean: running.mean.iter().map(|a| a.to_f64()).collect(),
-            inv_std: running.var.iter().map(|a| inv_std(a.to_f64(), eps)).collect(),
-        })
+            mean: mean.iter().map(|v| v.to_f64()).collect(),
+            inv_std,
+        };
+        let scale = Scratch::collect(saved.inv_std.iter().copied());
+        let relu = relu.map(|r| r.start(&g));
+        normalize_affine(&g, x.data, y, &saved.mean, scale, affine, mask, relu);
+        Ok(saved)
     }
 
     /// The frozen backward with the running statistics as constants (over the positions `mask`

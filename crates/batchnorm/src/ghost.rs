@@ -14,8 +14,8 @@
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
 //! dimension comes first), so each group runs the plain kernels on its own slice: the same
 //! arithmetic, the same bits for any thread count, and with v ≥ N exactly the bits of plain batch
-//! norm. Groups run in parallel (several small groups to a task); their sums are added in batch
-//! order.
+//! norm. Groups run in parallel (several small groups to a task; on the calling thread when they
+//! all make one task); their sums are added in batch order.
 //!
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
@@ -101,6 +101,18 @@ impl<'a> Groups<'a> {
         (plan::SERIAL_BELOW / self.chunk()).max(1)
     }
 
+    /// `f` over one item per group (`items`, in batch order), the results in that order: on the
+    /// calling thread when all the groups make one task (handing it to the pool would only add
+    /// the hand-over), else in parallel, [`Groups::per_task`] groups to a task. Each group's
+    /// result is the same bits on any thread.
+    fn map<I: Send, R: Send>(&self, items: Vec<I>, f: impl Fn(I) -> R + Sync + Send) -> Vec<R> {
+        if self.len() <= self.per_task() {
+            items.into_iter().map(f).collect()
+        } else {
+            items.into_par_iter().with_min_len(self.per_task()).map(f).collect()
+        }
+    }
+
     /// The shape of a group of `len` elements: the input's, with its examples as the batch.
     fn shape_of(&self, len: usize) -> Vec<usize> {
         let mut shape = self.shape.to_vec();
@@ -163,14 +175,13 @@ pub fn ghost_batch_norm_train<T: Element>(
     groups.check_counts()?;
     // Groups are independent: each runs the plain kernel on its slice (the same bits whichever
     // thread runs it), in parallel; the results come back in batch order.
-    let (stats, saved): (Vec<BatchStats>, Vec<SavedStats>) = data
-        .par_chunks(groups.chunk())
-        .zip(y.par_chunks_mut(groups.chunk()))
-        .with_min_len(groups.per_task())
-        .map(|(xk, yk)| {
+    let items = data.chunks(groups.chunk()).zip(y.chunks_mut(groups.chunk())).collect();
+    let (stats, saved): (Vec<BatchStats>, Vec<SavedStats>) = groups
+        .map(items, |(xk, yk)| {
             let group_shape = groups.shape_of(xk.len());
             batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk)
         })
+        .into_iter()
         .collect::<Result<Vec<_>, Error>>()?
         .into_iter()
         .unzip();
@@ -216,25 +227,24 @@ pub fn ghost_batch_norm_backward<T: Element>(
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
     // Each group's dx and sums on its own slices, in parallel as in the forward; the sums are
     // then added in batch order, so the bits do not depend on the threads.
-    let (chunk, per_task) = (groups.chunk(), groups.per_task());
-    let group_backward = |xk: &[T], dyk: &[T], dxk: Option<&mut [T]>, s: &SavedStats| {
-        let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
-        Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, s, gamma))
+    let chunk = groups.chunk();
+    let dxs: Vec<Option<&mut [T]>> = match dx {
+        Some(dx) => dx.chunks_mut(chunk).map(Some).collect(),
+        None => (0..groups.len()).map(|_| None).collect(),
     };
-    let inputs = data.par_chunks(chunk).zip(dy.par_chunks(chunk));
-    let sums: Vec<GradSums> = match dx {
-        Some(dx) => inputs
-            .zip(dx.par_chunks_mut(chunk))
-            .zip(&saved.groups)
-            .with_min_len(per_task)
-            .map(|(((xk, dyk), dxk), s)| group_backward(xk, dyk, Some(dxk), s))
-            .collect::<Result<_, Error>>()?,
-        None => inputs
-            .zip(&saved.groups)
-            .with_min_len(per_task)
-            .map(|((xk, dyk), s)| group_backward(xk, dyk, None, s))
-            .collect::<Result<_, Error>>()?,
-    };
+    let items = data
+        .chunks(chunk)
+        .zip(dy.chunks(chunk))
+        .zip(dxs)
+        .zip(&saved.groups)
+        .collect();
+    let sums: Vec<GradSums> = groups
+        .map(items, |(((xk, dyk), dxk), s)| {
+            let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
+            Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, s, gamma))
+        })
+        .into_iter()
+        .collect::<Result<_, Error>>()?;
     let mut sums = sums.into_iter();
     // At least one group: the input is not empty.
     let Some(mut total) = sums.next() else {
@@ -301,10 +311,12 @@ impl GhostSaved {
     /// The layer's form (see the type's docs): one [`SavedStats`] with the whole batch's `count`
     /// and the groups' vectors one after the other.
     fn pack(self, count: u64) -> SavedStats {
-        let (mut mean, mut inv_std) = (Vec::new(), Vec::new());
+        // Sized once: growing them group by group would copy them again at each doubling.
+        let len = self.groups.iter().map(|s| s.mean.len()).sum();
+        let (mut mean, mut inv_std) = (Vec::with_capacity(len), Vec::with_capacity(len));
         for s in self.groups {
-            mean.extend(s.mean);
-            inv_std.extend(s.inv_std);
+            mean.extend_from_slice(&s.mean);
+            inv_std.extend_from_slice(&s.inv_std);
         }
         SavedStats { count, mean, inv_std }
     }

@@ -105,8 +105,18 @@ impl<T: Element> BatchNorm<T> {
         })
     }
 
+    /// Checks what [`BatchNorm::track`] could reject (see `check::running_update`), when the running
+    /// statistics are tracked.
+    fn check_track(&self) -> Result<(), Error> {
+        if !self.config.track_running_stats {
+            return Ok(());
+        }
+        let (mean, var) = (&self.running_mean, &self.running_var);
+        check::running_update(self.config.momentum, self.num_features, mean, var)
+    }
+
     /// Updates the running statistics with a training batch, when they are tracked (the caller has
-    /// checked what the update could reject, see `check::running_update`).
+    /// checked what the update could reject, with [`BatchNorm::check_track`]).
     fn track(&mut self, batch: &BatchStats) -> Result<(), Error> {
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
@@ -183,15 +193,8 @@ impl<T: Element> BatchNorm<T> {
         if self.uses_running_stats(count) {
             return self.forward_frozen(x, mask, relu, y, count);
         }
-        if self.config.track_running_stats {
-            // Everything the running-statistics update could reject is checked before y is written.
-            check::running_update(
-                self.config.momentum,
-                self.num_features,
-                &self.running_mean,
-                &self.running_var,
-            )?;
-        }
+        // Everything the running-statistics update could reject is checked before y is written.
+        self.check_track()?;
         if let Some(v) = ghost {
             return self.forward_ghost(x, v, y);
         }
@@ -345,14 +348,7 @@ impl<T: Element> BatchNorm<T> {
         }
         check::len("y", &g, y.len())?;
         check::mask(&g, mask)?;
-        if self.config.track_running_stats {
-            check::running_update(
-                self.config.momentum,
-                self.num_features,
-                &self.running_mean,
-                &self.running_var,
-            )?;
-        }
+        self.check_track()?;
         let local = batch_stats_where(x, mask)?;
         let global = sync_batch_stats(comm, &local)?;
         if self.uses_running_stats(global.count) {

@@ -25,6 +25,9 @@ use super::with_simd;
 use crate::{Element, Geometry};
 use rayon::prelude::*;
 
+mod fixed;
+pub(crate) use fixed::fixed_backward_where;
+
 /// Elements of one in-cache piece (32 KiB of `f32`).
 pub(crate) const PIECE: usize = 8192;
 /// Elements of one parallel task (1 MiB of `f32`).
@@ -584,10 +587,7 @@ pub(crate) fn grad_sums_where<T: Element>(
         let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
             planes_grad_sums(g, x, dy, spans.as_ref(), relu, c, mean[c], planes)
         });
-        parts
-            .chunks(blocks)
-            .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
-            .unzip()
+        add_block_sums(&parts, blocks)
     } else {
         let c = g.channels;
         let chunk = row_blocks(g).0 * c;
@@ -607,14 +607,29 @@ pub(crate) fn grad_sums_where<T: Element>(
             let bits = relu.map(|b| b.at(u * chunk, xs.len()));
             moments::rows_grad_sums(xs, gs, rows, mean, s1, s2, pf, bits);
         });
-        let (mut s1, mut s2) = (vec![0.0; c], vec![0.0; c]);
-        for part in parts.chunks(2 * c) {
-            let (p, q) = part.split_at(c);
-            s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-            s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
-        }
-        (s1, s2)
+        add_task_sums(&parts, c)
     }
+}
+
+/// The per-channel (Σ dy, Σ dy·(x − m)) of the planes plan from its units' (`blocks` per
+/// channel, channel after channel), each channel's blocks added in order.
+fn add_block_sums(parts: &[(f64, f64)], blocks: usize) -> (Vec<f64>, Vec<f64>) {
+    parts
+        .chunks(blocks)
+        .map(|ch| ch.iter().fold((0.0, 0.0), |(a, b), &(p, q)| (a + p, b + q)))
+        .unzip()
+}
+
+/// The per-channel (Σ dy, Σ dy·(x − m)) of the rows plan from its tasks' (`parts`: per task,
+/// `channels` of each), the tasks added in order.
+fn add_task_sums(parts: &[f64], channels: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut s1, mut s2) = (vec![0.0; channels], vec![0.0; channels]);
+    for part in parts.chunks(2 * channels) {
+        let (p, q) = part.split_at(channels);
+        s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
+    }
+    (s1, s2)
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per

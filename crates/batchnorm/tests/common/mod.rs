@@ -538,6 +538,14 @@ pub fn chunking_shapes() -> Vec<(Layout, Vec<usize>)> {
     ]
 }
 
+/// Calls `check(layout, shape, seed)` on every [`chunking_shapes`] shape, the i-th with seed
+/// `first_seed + i`.
+pub fn for_each_chunking_shape(first_seed: u64, mut check: impl FnMut(Layout, &[usize], u64)) {
+    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
+        check(layout, &shape, first_seed + i as u64);
+    }
+}
+
 /// Property tests over random layouts and shapes (`layout_shape(20_000)`), seeds, affine on and
 /// off and ε (`eps_strategy()`), `$cases` cases each: `name => check for T, …;` defines the test
 /// `name`, which calls `check::<T>(layout, &shape, seed, affine, eps)` for each `T` in turn.

@@ -122,13 +122,12 @@ shape_proptests! { 96;
 /// Both backward transforms on shapes that exercise every internal chunking path.
 #[test]
 fn backward_on_chunking_shapes() {
-    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
-        let seed = 2000 + i as u64;
-        check_backward::<f64>(layout, &shape, seed, true, 1e-5);
-        check_backward::<f32>(layout, &shape, seed, false, 1e-5);
-        check_backward_eval::<f32>(layout, &shape, seed, true, 1e-5);
-        check_backward_eval::<f64>(layout, &shape, seed, false, 1e-3);
-    }
+    for_each_chunking_shape(2000, |layout, shape, seed| {
+        check_backward::<f64>(layout, shape, seed, true, 1e-5);
+        check_backward::<f32>(layout, shape, seed, false, 1e-5);
+        check_backward_eval::<f32>(layout, shape, seed, true, 1e-5);
+        check_backward_eval::<f64>(layout, shape, seed, false, 1e-3);
+    });
 }
 
 // Central finite differences (f64): `common`'s `for_each_fd_case` and `assert_fd_grads` (its

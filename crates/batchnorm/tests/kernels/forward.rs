@@ -190,16 +190,15 @@ proptest! {
 /// Algorithm 1 and the inference transform on shapes that exercise every internal chunking path.
 #[test]
 fn forward_on_chunking_shapes() {
-    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
-        let seed = 1000 + i as u64;
+    for_each_chunking_shape(1000, |layout, shape, seed| {
         for affine in [true, false] {
-            check_train::<f64>(layout, &shape, seed, affine, 1e-5);
-            check_train::<f32>(layout, &shape, seed, affine, 1e-5);
+            check_train::<f64>(layout, shape, seed, affine, 1e-5);
+            check_train::<f32>(layout, shape, seed, affine, 1e-5);
         }
-        check_eval::<f64>(layout, &shape, seed, true, 1e-5);
-        check_eval::<f32>(layout, &shape, seed, false, 1e-5);
-        check_normalize::<f32>(layout, &shape, seed, true, 1e-3);
-    }
+        check_eval::<f64>(layout, shape, seed, true, 1e-5);
+        check_eval::<f32>(layout, shape, seed, false, 1e-5);
+        check_normalize::<f32>(layout, shape, seed, true, 1e-3);
+    });
 }
 
 /// The layer on chunking shapes (rows with several tasks, planes fused and blocked).

@@ -197,6 +197,10 @@ fn check_masked<T: TestFloat>(layout: Layout, shape: &[usize], seed: u64, affine
     );
     assert_zero_where_off(&format!("{what} eval dx"), &d.g, &mask, &dxe);
     assert_eval_param_grads(&format!("{what} eval"), (&dge, &dbe), (&rdge, &rdbe), &sd, eps, rel);
+    // dx with the sums (one pass), dx alone and the sums alone (a pass each): the same bits.
+    assert_output_subsets(&format!("{what} eval"), (&dxe, &dge, &dbe), |grads| {
+        batch_norm_backward_eval_masked(v, &mask, &dy, fixed, opt(&gt, affine), eps, grads).unwrap()
+    });
 }
 
 proptest! {

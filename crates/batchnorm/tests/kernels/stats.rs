@@ -84,10 +84,10 @@ proptest! {
 
 #[test]
 fn batch_stats_on_chunking_shapes() {
-    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
-        check_batch_stats::<f64>(layout, &shape, 50 + i as u64);
-        check_batch_stats::<f32>(layout, &shape, 50 + i as u64);
-    }
+    for_each_chunking_shape(50, |layout, shape, seed| {
+        check_batch_stats::<f64>(layout, shape, seed);
+        check_batch_stats::<f32>(layout, shape, seed);
+    });
 }
 
 /// Momentum 1 replaces the running statistics by the batch's (mean, unbiased variance);
