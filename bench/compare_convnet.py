@@ -12,6 +12,8 @@ variant per process, so that it has all T threads; real Fashion-MNIST batches; b
 evaluations excluded) and then `torch_convnet.py --steps S --variants ...` (the same net, batch
 64, SGD with momentum and weight decay, on random in-memory data; its median step). The table
 gives every round's figures, each side's median over the rounds and the ratio bnlab / PyTorch.
+With `--before PATH` (e.g. main's release binary) that binary is timed too, in each round right
+before `--bnlab`, for a before/after comparison under the same load.
 This script itself needs only the standard library.
 """
 import argparse
@@ -23,11 +25,11 @@ import sys
 import tempfile
 
 
-def bnlab_round(args):
+def bnlab_round(args, binary):
     ms = {}
     for variant in args.variants:
         with tempfile.TemporaryDirectory() as out:
-            cmd = [args.bnlab, "accelerate", "--variants", variant, "--steps", str(args.steps),
+            cmd = [binary, "accelerate", "--variants", variant, "--steps", str(args.steps),
                    "--eval-every", str(args.steps), "--threads", str(args.threads), "--quiet", "--out", out]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(os.path.join(out, "summary.json")) as f:
@@ -47,6 +49,7 @@ def torch_round(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bnlab", default="target/release/bnlab", help="path to the bnlab binary")
+    ap.add_argument("--before", help="another bnlab binary timed in the same rounds (before/after)")
     ap.add_argument("--python", default=sys.executable, help="Python with torch (default: this one)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=300, help="training steps per variant and round")
@@ -54,22 +57,31 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["baseline", "bn-baseline", "bn-x5"])
     args = ap.parse_args()
 
-    bn_runs, pt_runs = [], []
+    before_runs, bn_runs, pt_runs = [], [], []
     for r in range(args.rounds):
+        if args.before:
+            print(f"round {r + 1}/{args.rounds}: bnlab before", file=sys.stderr, flush=True)
+            before_runs.append(bnlab_round(args, args.before))
         print(f"round {r + 1}/{args.rounds}: bnlab", file=sys.stderr, flush=True)
-        bn_runs.append(bnlab_round(args))
+        bn_runs.append(bnlab_round(args, args.bnlab))
         print(f"round {r + 1}/{args.rounds}: pytorch", file=sys.stderr, flush=True)
         pt_runs.append(torch_round(args))
 
     print(f"Threads: {args.threads}; {args.steps} steps per variant; {args.rounds} alternating rounds.\n")
-    print(f"| variant | bnlab ms/step, rounds 1–{args.rounds} | PyTorch ms/step, rounds 1–{args.rounds} "
-          "| bnlab / PyTorch (medians) |")
-    print("|---|---|---|---:|")
+    rounds = f"rounds 1–{args.rounds}"
+    extra = f" bnlab before ms/step, {rounds} | before / PyTorch (medians) |" if args.before else ""
+    print(f"| variant |{extra} bnlab ms/step, {rounds} | PyTorch ms/step, {rounds} | bnlab / PyTorch (medians) |")
+    print("|---|" + ("---|---:|" if args.before else "") + "---|---|---:|")
+    figures = lambda xs: " / ".join(f"{x:.2f}" for x in xs)
     for v in args.variants:
         b = [run[v] for run in bn_runs]
         p = [run[v] for run in pt_runs]
+        row = f"| {v} |"
+        if args.before:
+            a = [run[v] for run in before_runs]
+            row += f" {figures(a)} | {statistics.median(a) / statistics.median(p):.2f} |"
         ratio = statistics.median(b) / statistics.median(p)
-        print(f"| {v} | {' / '.join(f'{x:.2f}' for x in b)} | {' / '.join(f'{x:.2f}' for x in p)} | {ratio:.2f} |")
+        print(f"{row} {figures(b)} | {figures(p)} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

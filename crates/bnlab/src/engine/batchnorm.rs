@@ -37,6 +37,20 @@
 //! refuses a forward without a mask; batch renorm and ghost batch norm have no masked form in the
 //! kernel crate and are refused.
 //!
+//! # Fused ReLU
+//!
+//! A layer made with [`BatchNormLayer::with_relu`] computes relu(bn(x)) (the ReLU as
+//! [`super::Relu`] defines it), the pair of layers batch norm → ReLU in one: in the kernel
+//! crate's fused passes ([`BatchNorm::forward_train_relu`], [`BatchNorm::backward_relu`],
+//! [`BatchNorm::forward_eval_relu`], [`batch_norm_eval_relu`]; the ReLU applied in the pass that
+//! writes y, and the backward reading a 1-bit [`ReluMask`] instead of a stored pre-activation)
+//! where the kernel crate has them: plain and frozen batch norm, unmasked, unsynchronized and
+//! without a virtual batch, in `Mode::Train` and `Mode::Eval`. Elsewhere (renorm, ghost and
+//! masked batch norm, synchronized training, `Mode::Collect`) it runs batch norm and then the
+//! ReLU over its output, and its backward recomputes from the output which values the ReLU
+//! kept. Both give the bits of the two layers in sequence, and the checkpoint of the unfused
+//! pair ([`Layer::fused_layers`]).
+//!
 //! # What each mode does per variant
 //!
 //! | | `Mode::Train` | `Mode::Collect` (Algorithm 2) | `Mode::Eval` |
@@ -54,13 +68,14 @@
 //! too: the network was trained with them, and Algorithm 2 estimates the statistics the training
 //! network uses.
 
+use super::activation::{relu_backward_from_output, relu_in_place};
 use super::mask::{Masks, PositionMask};
-use super::{Layer, Mode, Param, State, StateValue};
+use super::{Layer, Mode, Param, Relu, State, StateValue};
 use ::batchnorm::{
-    batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_renorm_eval,
-    batch_renorm_train, Affine, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, BatchStats, Communicator,
-    FixedStats, Grads, InferenceAffine, Layout, PopulationStats, RenormSaved, RenormSchedule, RenormStats, SavedStats,
-    SmallBatch, View,
+    batch_norm_eval, batch_norm_eval_masked, batch_norm_eval_relu, batch_norm_train, batch_norm_train_masked,
+    batch_renorm_eval, batch_renorm_train, Affine, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig,
+    BatchStats, Communicator, FixedStats, Grads, InferenceAffine, Layout, PopulationStats, ReluMask, RenormSaved,
+    RenormSchedule, RenormStats, SavedStats, SmallBatch, View,
 };
 use anyhow::{bail, ensure, Context, Result};
 use std::sync::Arc;
@@ -123,6 +138,18 @@ enum Saved {
     Renorm(RenormSaved),
 }
 
+/// The ReLU of a layer made with [`BatchNormLayer::with_relu`], with what its backward needs.
+#[derive(Default)]
+struct FusedRelu {
+    /// Which outputs the last training forward's ReLU kept, when it ran fused.
+    mask: ReluMask,
+    /// Whether the last training forward ran fused (the backward then reads `mask`); otherwise
+    /// it ran batch norm and then the ReLU, and the backward finds the kept outputs from y.
+    fused: bool,
+    /// dy through the ReLU, for the backward of the unfused sequence (reused across steps).
+    dy: Vec<f32>,
+}
+
 /// Algorithm 2's estimate in the form the layer's inference pass takes: mean and variance for the
 /// batch-norm kernel, mean and σ = √(Var + ε) for batch renorm.
 struct Population {
@@ -161,6 +188,8 @@ pub struct BatchNormLayer {
     sync: Option<Arc<dyn Communicator>>,
     /// The position masks of a masked layer (`None`: not masked).
     masks: Option<Masks>,
+    /// The ReLU after batch norm of a layer made with [`BatchNormLayer::with_relu`].
+    relu: Option<FusedRelu>,
 }
 
 /// γ and β as the kernel functions take them: none without affine.
@@ -173,27 +202,34 @@ fn affine_of<'a>(affine: bool, gamma: &'a [f32], beta: &'a [f32]) -> Affine<'a, 
 }
 
 /// The batch-norm kernel's training forward, synchronized over `comm` when given, masked when
-/// `mask` is given.
+/// `mask` is given; fused with a ReLU that records its kept outputs in `relu` when given (which
+/// callers do only where [`BatchNormLayer::fuses`], i.e. without `comm` and `mask`).
 fn train_bn(
     bn: &mut BatchNorm<f32>,
     comm: Option<&dyn Communicator>,
     x: View<'_, f32>,
     mask: Option<&[bool]>,
+    relu: Option<&mut ReluMask>,
     y: &mut [f32],
 ) -> Result<SavedStats, ::batchnorm::Error> {
     match (comm, mask) {
         (Some(comm), Some(mask)) => bn.forward_train_masked_sync(comm, x, mask, y),
         (Some(comm), None) => bn.forward_train_sync(comm, x, y),
         (None, Some(mask)) => bn.forward_train_masked(x, mask, y),
-        (None, None) => bn.forward_train(x, y),
+        (None, None) => match relu {
+            Some(relu) => bn.forward_train_relu(x, y, relu),
+            None => bn.forward_train(x, y),
+        },
     }
 }
 
-/// The batch-norm kernel's inference with its running statistics, masked when `mask` is given.
-fn eval_bn(bn: &BatchNorm<f32>, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<()> {
-    match mask {
-        Some(mask) => bn.forward_eval_masked(x, mask, y)?,
-        None => bn.forward_eval(x, y)?,
+/// The batch-norm kernel's inference with its running statistics, masked when `mask` is given,
+/// fused with a ReLU when `relu` (only without `mask`, as for [`train_bn`]).
+fn eval_bn(bn: &BatchNorm<f32>, x: View<'_, f32>, mask: Option<&[bool]>, relu: bool, y: &mut [f32]) -> Result<()> {
+    match (mask, relu) {
+        (Some(mask), _) => bn.forward_eval_masked(x, mask, y)?,
+        (None, true) => bn.forward_eval_relu(x, y, None)?,
+        (None, false) => bn.forward_eval(x, y)?,
     }
     Ok(())
 }
@@ -263,7 +299,36 @@ impl BatchNormLayer {
             grad_beta: vec![0.0; channels],
             sync: None,
             masks: None,
+            relu: None,
         })
+    }
+
+    /// This layer followed by a ReLU: relu(bn(x)), with the ReLU as [`super::Relu`] defines it,
+    /// fused into batch norm's passes where the kernel crate has a fused form and otherwise
+    /// applied after them (see the module docs), the bits of the two layers in sequence either
+    /// way. A checkpoint lists the ReLU as the layer after this one ([`Layer::fused_layers`]),
+    /// as for the unfused pair. Rejects nothing: every variant has at least the unfused form.
+    pub fn with_relu(mut self) -> Self {
+        self.relu = Some(FusedRelu::default());
+        self
+    }
+
+    /// Whether the layer applies a ReLU to its output ([`BatchNormLayer::with_relu`]).
+    pub fn has_relu(&self) -> bool {
+        self.relu.is_some()
+    }
+
+    /// Whether a forward pass in `mode` (masked over `mask` when given) runs fused with the
+    /// layer's ReLU: the kernel crate's fused forms are of [`BatchNorm`] (plain and frozen),
+    /// unmasked, unsynchronized and without a virtual batch ([`::batchnorm::Error::GhostNotFused`]),
+    /// for training and inference.
+    fn fuses(&self, mode: Mode, mask: Option<&[bool]>) -> bool {
+        self.relu.is_some()
+            && mode != Mode::Collect
+            && !matches!(self.kind, Kind::Renorm(_))
+            && self.sync.is_none()
+            && mask.is_none()
+            && self.bn.config.virtual_batch.is_none()
     }
 
     /// This layer as masked batch norm (see the module docs): its forward passes take the
@@ -438,17 +503,19 @@ impl BatchNormLayer {
         })
     }
 
-    /// Training forward of the layer's variant (masked over `mask` when given; never for renorm).
-    fn forward_train(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<Saved> {
+    /// Training forward of the layer's variant (masked over `mask` when given; never for renorm),
+    /// fused with the ReLU when `fused` ([`BatchNormLayer::fuses`]).
+    fn forward_train(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, fused: bool, y: &mut [f32]) -> Result<Saved> {
         let comm = self.sync.as_deref();
+        let relu = (self.relu.as_mut()).filter(|_| fused).map(|r| &mut r.mask);
         Ok(match &mut self.kind {
-            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, mask, y)?),
+            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, mask, relu, y)?),
             Kind::Frozen { after, steps } => {
                 let was_frozen = self.bn.is_frozen();
                 if *steps == *after {
                     self.bn.freeze();
                 }
-                match train_bn(&mut self.bn, comm, x, mask, y) {
+                match train_bn(&mut self.bn, comm, x, mask, relu, y) {
                     Ok(saved) => {
                         *steps = steps.saturating_add(1);
                         Saved::Bn(saved)
@@ -476,7 +543,7 @@ impl BatchNormLayer {
                 let affine = affine_of(r.config.affine, &r.gamma, &r.beta);
                 batch_renorm_train(x, moving, affine, r.config.eps, r.clip(), y)?.0
             }
-            _ if self.trains_with_running_stats(x, mask) => return eval_bn(&self.bn, x, mask, y),
+            _ if self.trains_with_running_stats(x, mask) => return eval_bn(&self.bn, x, mask, false, y),
             _ => {
                 let bn = &self.bn;
                 let (affine, eps) = (affine_of(bn.config.affine, &bn.gamma, &bn.beta), bn.config.eps);
@@ -503,8 +570,9 @@ impl BatchNormLayer {
     }
 
     /// Inference forward: the layer's own statistics, or the population estimate
-    /// [`BatchNormLayer::use_population`] set; masked over `mask` when given.
-    fn forward_eval(&self, x: View<'_, f32>, mask: Option<&[bool]>, y: &mut [f32]) -> Result<()> {
+    /// [`BatchNormLayer::use_population`] set; masked over `mask` when given; fused with the
+    /// ReLU when `fused` ([`BatchNormLayer::fuses`]).
+    fn forward_eval(&self, x: View<'_, f32>, mask: Option<&[bool]>, fused: bool, y: &mut [f32]) -> Result<()> {
         match (&self.kind, &self.estimate) {
             (Kind::Renorm(r), Some(p)) => {
                 let stats = RenormStats::new(&p.mean, &p.spread);
@@ -515,12 +583,13 @@ impl BatchNormLayer {
                 let bn = &self.bn;
                 let (stats, eps) = (FixedStats::new(&p.mean, &p.spread), bn.config.eps);
                 let affine = affine_of(bn.config.affine, &bn.gamma, &bn.beta);
-                match mask {
-                    Some(mask) => batch_norm_eval_masked(x, mask, stats, affine, eps, y)?,
-                    None => batch_norm_eval(x, stats, affine, eps, y)?,
+                match (mask, fused) {
+                    (Some(mask), _) => batch_norm_eval_masked(x, mask, stats, affine, eps, y)?,
+                    (None, true) => batch_norm_eval_relu(x, stats, affine, eps, y, None)?,
+                    (None, false) => batch_norm_eval(x, stats, affine, eps, y)?,
                 }
             }
-            (_, None) => eval_bn(&self.bn, x, mask, y)?,
+            (_, None) => eval_bn(&self.bn, x, mask, fused, y)?,
         }
         Ok(())
     }
@@ -580,16 +649,26 @@ impl Layer for BatchNormLayer {
         let mask = mask.as_ref().map(PositionMask::valid);
         let (shape, layout) = self.shape(batch);
         let x = View::new(x, &shape, layout);
+        let fused = self.fuses(mode, mask);
         match mode {
-            Mode::Train => self.saved = Some(self.forward_train(x, mask, y)?),
-            Mode::Eval => self.forward_eval(x, mask, y)?,
+            Mode::Train => self.saved = Some(self.forward_train(x, mask, fused, y)?),
+            Mode::Eval => self.forward_eval(x, mask, fused, y)?,
             Mode::Collect => self.forward_collect(x, mask, y)?,
+        }
+        if let Some(relu) = &mut self.relu {
+            if mode == Mode::Train {
+                relu.fused = fused;
+            }
+            if !fused {
+                relu_in_place(y);
+            }
         }
         Ok(())
     }
 
-    /// Masked: through the mask of the last forward pass.
-    fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
+    /// Masked: through the mask of the last forward pass. With a ReLU: through the ReLU of the
+    /// last training forward (its mask when it ran fused, else the kept outputs of `y`).
+    fn backward(&mut self, x: &[f32], y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
         let (shape, layout) = self.shape(batch);
         let x = View::new(x, &shape, layout);
         let saved = self
@@ -601,6 +680,17 @@ impl Layer for BatchNormLayer {
             .map(|m| m.for_backward(batch, &name))
             .transpose()?
             .map(PositionMask::valid);
+        // dy and the ReLU mask for batch norm's backward: as given without a ReLU; with the mask
+        // of a fused forward; or through the ReLU here when it ran after batch norm.
+        let (dy, relu): (&[f32], Option<&ReluMask>) = match &mut self.relu {
+            None => (dy, None),
+            Some(r) if r.fused => (dy, Some(&r.mask)),
+            Some(r) => {
+                ensure!(y.len() == dy.len(), "{name}: dy and y have different lengths");
+                relu_backward_from_output(y, dy, &mut r.dy);
+                (&r.dy, None)
+            }
+        };
         match (&self.kind, saved, &self.sync) {
             (Kind::Renorm(r), Saved::Renorm(saved), Some(comm)) => {
                 // This rank's share of dγ, dβ, as for plain batch norm below.
@@ -630,9 +720,10 @@ impl Layer for BatchNormLayer {
                     dx,
                     ..Grads::params(&mut self.grad_gamma, &mut self.grad_beta)
                 };
-                match mask {
-                    Some(mask) => self.bn.backward_masked(x, mask, dy, saved, grads)?,
-                    None => self.bn.backward(x, dy, saved, grads)?,
+                match (mask, relu) {
+                    (Some(mask), _) => self.bn.backward_masked(x, mask, dy, saved, grads)?,
+                    (None, Some(relu)) => self.bn.backward_relu(x, dy, relu, saved, grads)?,
+                    (None, None) => self.bn.backward(x, dy, saved, grads)?,
                 }
             }
             _ => bail!("batch norm backward after a training forward of another variant"),
@@ -666,6 +757,17 @@ impl Layer for BatchNormLayer {
 
     fn as_batchnorm(&mut self) -> Option<&mut BatchNormLayer> {
         Some(self)
+    }
+
+    /// `relu` for a layer made with [`BatchNormLayer::with_relu`].
+    fn fused_layers(&self) -> Vec<String> {
+        match self.relu {
+            Some(_) => vec![Relu {
+                size: self.input_size(),
+            }
+            .name()],
+            None => Vec::new(),
+        }
     }
 
     /// Frozen: `frozen(after=N)`; renorm: its α and schedule; plain: none; then `masked` for a

@@ -10,7 +10,9 @@
 //!
 //! Tensor names (all 1-D, little-endian):
 //! - `layers.{i}.{kind}.{param}`: parameter `param` (`weight`, `bias`, `gamma`, `beta`) of layer
-//!   `i`, whose kind is the alphabetic start of its name (`linear`, `batchnorm`, …), `F32`;
+//!   `i`, whose kind is the alphabetic start of its name (`linear`, `batchnorm`, …), `F32`; layers
+//!   are numbered as in the unfused network (a batch norm fused with its ReLU counts as two
+//!   layers, [`super::Layer::fused_layers`]);
 //! - `layers.{i}.{kind}.{state}`: layer state (`running_mean` `F32`, `population_mean` `F64`,
 //!   `num_batches_tracked` `U64`, …; a frozen batch-norm layer adds `frozen` and `train_steps`
 //!   `U64`, a renorm layer, kind `batchrenorm`, has `moving_mean` and `moving_std` `F32` and
@@ -373,9 +375,11 @@ fn entries(net: &mut Sequential, velocity: bool) -> (Vec<Entry>, String) {
     let mut out = Vec::new();
     let mut arch = Vec::new();
     let mut index = 0;
+    // The layer's index as the unfused network numbers it (a fused layer counts as its parts).
+    let mut listed = 0;
     for (i, layer) in net.layers.iter_mut().enumerate() {
         let (name, settings, state) = (layer.name(), layer.settings(), layer.state());
-        let prefix = format!("layers.{i}.{}", kind(&name));
+        let prefix = format!("layers.{listed}.{}", kind(&name));
         let mut parts = Vec::new();
         for p in layer.params() {
             parts.push(format!("{}[{}]", p.name, p.value.len()));
@@ -397,7 +401,12 @@ fn entries(net: &mut Sequential, velocity: bool) -> (Vec<Entry>, String) {
             });
         }
         let settings = settings.map_or(String::new(), |s| format!("{{{s}}}"));
-        arch.push(format!("{i}:{name}{settings}({})", parts.join(",")));
+        arch.push(format!("{listed}:{name}{settings}({})", parts.join(",")));
+        for fused in layer.fused_layers() {
+            listed += 1;
+            arch.push(format!("{listed}:{fused}()"));
+        }
+        listed += 1;
     }
     if velocity {
         let params: Vec<(String, usize, usize)> = out

@@ -1,6 +1,6 @@
 //! Fully connected layer: y = x·Wᵀ + b over a batch.
 
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul_nn, matmul_nt_bias, Mat};
 use super::{Layer, Mode, Param};
 use anyhow::Result;
 use rand::Rng;
@@ -57,38 +57,25 @@ impl Layer for Linear {
         self.outputs
     }
 
-    /// x `[batch, in]` → y `[batch, out]`.
+    /// x `[batch, in]` → y `[batch, out]`: one pass of dot products with the bias added to each.
     fn forward(&mut self, x: &[f32], batch: usize, y: &mut [f32], _mode: Mode) -> Result<()> {
         anyhow::ensure!(
             x.len() == batch * self.inputs && y.len() == batch * self.outputs,
             "linear: buffer lengths do not match the batch"
         );
-        let beta = match &self.bias {
-            Some(b) => {
-                for row in y.chunks_exact_mut(self.outputs) {
-                    row.copy_from_slice(b);
-                }
-                1.0
-            }
-            None => 0.0,
-        };
-        let (x, w_t) = (Mat::rows(x, self.inputs), Mat::transposed(&self.weight, self.inputs));
-        matmul(batch, self.inputs, self.outputs, x, w_t, beta, y);
+        let bias = self.bias.as_deref();
+        matmul_nt_bias(batch, self.inputs, self.outputs, x, &self.weight, bias, y);
         Ok(())
     }
 
     /// dW = dyᵀ·x, db = Σ dy, dx = dy·W.
     fn backward(&mut self, x: &[f32], _y: &[f32], dy: &[f32], batch: usize, dx: Option<&mut [f32]>) -> Result<()> {
-        let dy_t = Mat::transposed(dy, self.outputs);
-        matmul(
-            self.outputs,
-            batch,
-            self.inputs,
-            dy_t,
-            Mat::rows(x, self.inputs),
-            0.0,
-            &mut self.grad_weight,
+        anyhow::ensure!(
+            x.len() == batch * self.inputs && dy.len() == batch * self.outputs,
+            "linear: buffer lengths do not match the batch"
         );
+        let dy_t = Mat::transposed(dy, self.outputs);
+        matmul_nn(self.outputs, batch, self.inputs, dy_t, x, &mut self.grad_weight);
         if self.bias.is_some() {
             self.grad_bias.fill(0.0);
             for row in dy.chunks_exact(self.outputs) {
@@ -96,8 +83,18 @@ impl Layer for Linear {
             }
         }
         if let Some(dx) = dx {
-            let (dy, w) = (Mat::rows(dy, self.outputs), Mat::rows(&self.weight, self.inputs));
-            matmul(batch, self.outputs, self.inputs, dy, w, 0.0, dx);
+            anyhow::ensure!(
+                dx.len() == batch * self.inputs,
+                "linear: buffer lengths do not match the batch"
+            );
+            matmul_nn(
+                batch,
+                self.outputs,
+                self.inputs,
+                Mat::rows(dy, self.outputs),
+                &self.weight,
+                dx,
+            );
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ pub mod mask;
 pub mod optimizer;
 pub mod pool;
 pub mod schedule;
+mod simd;
 pub mod state;
 
 pub use activation::{Relu, Sigmoid};
@@ -141,6 +142,14 @@ pub trait Layer: Send {
     /// This layer as a convolution, if it is one (for folding batch norm into it).
     fn as_conv(&mut self) -> Option<&mut Conv2d> {
         None
+    }
+    /// The layers this one computes after its own transform, fused into its passes, by name (a
+    /// batch norm made with [`BatchNormLayer::with_relu`]: `relu`); none by default. A
+    /// checkpoint's architecture lists each after this layer as a layer of its own without
+    /// parameters or state, so that a fused network and the unfused one have the same
+    /// checkpoints.
+    fn fused_layers(&self) -> Vec<String> {
+        Vec::new()
     }
     /// Settings beyond the layer's name and sizes that its checkpoint state depends on (e.g. batch
     /// renorm's schedule), written into a checkpoint's architecture description so that a

@@ -8,7 +8,8 @@
 //!   flatten (a no-op: the engine's buffers are already [batch, C2·h·w], NCHW per example)
 //!   [dropout] → linear C2·h·w → H → [norm] → ReLU|sigmoid → [dropout] → linear H → classes
 //! ```
-//! Layers followed by a normalization have no bias (its β replaces it). Conv weights are
+//! Layers followed by a normalization have no bias (its β replaces it); a normalization followed
+//! by a ReLU is one layer, the two fused ([`BatchNormLayer::with_relu`]). Conv weights are
 //! He-initialised, linear weights from N(0, 2/fan_in), all drawn in layer order from one generator
 //! seeded with the run's seed, so every variant of a study starts from the same weights.
 
@@ -66,10 +67,10 @@ impl ConvNet {
             let conv = Conv2d::new(c, out_c, h, w, (5, 5), 1, 2, norm.is_none(), ConvInit::He, &mut rng)?;
             (h, w) = conv.out_hw;
             layers.push(Box::new(conv));
-            if let Some(norm) = norm {
-                layers.push(Box::new(norm(out_c, h * w)?));
+            match norm {
+                Some(norm) => layers.extend(self.norm_act(norm(out_c, h * w)?)),
+                None => layers.push(act(out_c * h * w)),
             }
-            layers.push(act(out_c * h * w));
             let pool = MaxPool2d::new(out_c, h, w, 2, 2)
                 .map_err(|e| anyhow::anyhow!("{rows}×{cols} images are too small for conv block {}: {e}", i + 1))?;
             (h, w) = pool.out_hw;
@@ -92,10 +93,10 @@ impl ConvNet {
             he(features),
             &mut rng,
         )));
-        if let Some(norm) = norm {
-            layers.push(Box::new(norm(self.hidden, 1)?));
+        match norm {
+            Some(norm) => layers.extend(self.norm_act(norm(self.hidden, 1)?)),
+            None => layers.push(act(self.hidden)),
         }
-        layers.push(act(self.hidden));
         if let Some(p) = self.dropout {
             layers.push(Box::new(Dropout::new(self.hidden, p, dropout_seed(2))?));
         }
@@ -107,6 +108,19 @@ impl ConvNet {
             &mut rng,
         )));
         Sequential::new(layers)
+    }
+
+    /// A normalization layer and the activation after it: one layer, batch norm fused with its
+    /// ReLU ([`BatchNormLayer::with_relu`], the same bits and checkpoints as the pair), or the
+    /// layer and a sigmoid.
+    fn norm_act(&self, norm: BatchNormLayer) -> Vec<Box<dyn Layer>> {
+        match self.sigmoid {
+            true => {
+                let size = norm.input_size();
+                vec![Box::new(norm), Box::new(Sigmoid { size })]
+            }
+            false => vec![Box::new(norm.with_relu())],
+        }
     }
 
     /// An upper estimate of the bytes one network's training on batches of `batch` and

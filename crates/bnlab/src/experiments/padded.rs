@@ -373,10 +373,11 @@ pub fn build(
             ConvInit::He,
             &mut rng,
         )?));
-        if bn {
-            layers.push(Box::new(norm(out_c, steps)?));
+        match bn {
+            // Batch norm fused with its ReLU: the pair's bits and checkpoints.
+            true => layers.push(Box::new(norm(out_c, steps)?.with_relu())),
+            false => layers.push(Box::new(Relu { size: out_c * steps })),
         }
-        layers.push(Box::new(Relu { size: out_c * steps }));
         c = out_c;
     }
     layers.push(Box::new(MaskedMeanPool::new(c, steps)?));

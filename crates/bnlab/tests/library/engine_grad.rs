@@ -240,10 +240,11 @@ fn linear_without_bias_matches_finite_differences() {
     check_linear(2, 6, 3, 5, false, usize::MAX);
 }
 
-/// Shapes large enough for the GEMM to split into column blocks on the rayon pool, with widths
-/// that do not divide evenly (forward n = 50, dW n = 101, dx n = 101).
+/// Shapes that leave partial tiles in the products' kernels (forward: 60 rows, 50 outputs, 101
+/// inputs, not a multiple of the 8 lanes; dW: 50 rows, 101 columns; dx: 101 columns), and a
+/// second whose widths divide evenly.
 #[test]
-fn linear_parallel_gemm_path_matches_finite_differences() {
+fn linear_larger_shapes_match_finite_differences() {
     check_linear(3, 60, 101, 50, true, 60);
     check_linear(4, 64, 128, 64, false, 60);
 }
@@ -310,6 +311,37 @@ fn relu_matches_finite_differences() {
     for ((&d, &v), &g) in dx.iter().zip(&x).zip(&w) {
         assert_eq!(d, if v > 0.0 { g } else { 0.0 });
     }
+}
+
+/// relu(x) = x where x > 0 or x is NaN, +0.0 elsewhere: a NaN propagates (IEEE 754, PyTorch),
+/// −0.0 becomes +0.0, and the backward lets dy through exactly where the forward kept x —
+/// gradient 0 at x = 0 (PyTorch's convention), dy at a NaN.
+#[test]
+fn relu_propagates_nan_and_has_gradient_zero_at_zero() {
+    let x = [
+        f32::NAN,
+        -f32::NAN,
+        0.0,
+        -0.0,
+        -1.0,
+        2.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    let mut layer = Relu { size: x.len() };
+    let mut y = vec![1.0; x.len()];
+    layer.forward(&x, 1, &mut y, Mode::Train).unwrap();
+    assert!(y[0].is_nan() && y[1].is_nan(), "NaN propagates: {y:?}");
+    let bits: Vec<u32> = y[2..].iter().map(|v| v.to_bits()).collect();
+    let want: Vec<u32> = [0.0f32, 0.0, 0.0, 2.0, f32::INFINITY, 0.0]
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(bits, want, "+0.0 where x ≤ 0, x where x > 0");
+    let dy: Vec<f32> = (1..=x.len()).map(|v| v as f32).collect();
+    let mut dx = vec![f32::NAN; x.len()];
+    layer.backward(&x, &y, &dy, 1, Some(&mut dx)).unwrap();
+    assert_eq!(dx, [1.0, 2.0, 0.0, 0.0, 0.0, 6.0, 7.0, 0.0]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -503,9 +503,9 @@ fn tiny_training_run_reduces_the_loss() {
 // Determinism
 
 /// Trains the paper's BN network for a few steps on synthetic data inside a rayon pool of
-/// `threads` threads (batch 400: every GEMM splits into column blocks and the BN kernels run in
-/// parallel), then collects inference outputs; returns the bits of every parameter, the running
-/// statistics, population statistics and the outputs.
+/// `threads` threads (batch 400: the first layer's products split their rows in two and the BN
+/// kernels run in parallel), then collects inference outputs; returns the bits of every
+/// parameter, the running statistics, population statistics and the outputs.
 fn train_bits(seed: u64, threads: usize) -> Vec<u32> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
@@ -551,8 +551,8 @@ fn same_seed_and_threads_give_identical_bits() {
     assert_eq!(one, train_bits(7, 1), "1 thread: two runs differ");
     let two = train_bits(7, 2);
     assert_eq!(two, train_bits(7, 2), "2 threads: two runs differ");
-    // The GEMM splits by a fixed rule and the BN kernels reduce in a fixed order, so the thread
-    // count does not change the bits either.
+    // A product's element is computed the same way whichever thread computes its row, and the BN
+    // kernels reduce in a fixed order, so the thread count does not change the bits either.
     let differing = one.iter().zip(&two).filter(|(a, b)| a != b).count();
     assert_eq!(
         differing,

@@ -12,6 +12,7 @@ mod accelerate_table;
 mod checkpoint;
 mod data_idx;
 mod engine_conv;
+mod engine_fused;
 mod engine_grad;
 mod engine_masked;
 mod engine_train;
