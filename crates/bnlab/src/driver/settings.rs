@@ -101,7 +101,7 @@ pub struct CommonSettings {
     /// Steps between evaluations on the test set (and after the last step).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub eval_every: u64,
-    /// Steps between checkpoints (OUT/checkpoints/<variant>.safetensors; one is also written at
+    /// Steps between checkpoints (`OUT/checkpoints/<variant>.safetensors`; one is also written at
     /// the end of each variant) [default: --eval-every]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,

@@ -201,7 +201,7 @@ impl Settings {
         }
     }
 
-    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net ([`quick`]).
+    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net.
     pub fn quick(mut self) -> Self {
         (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
         self.experiment.half_life = default_half_life(QUICK.steps);

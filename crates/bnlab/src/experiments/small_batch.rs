@@ -242,7 +242,7 @@ impl Settings {
         }
     }
 
-    /// A run of seconds for CI ([`quick`]).
+    /// A run of seconds for CI.
     pub fn quick(mut self) -> Self {
         (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
         self.experiment.half_life = default_half_life(QUICK.steps);
