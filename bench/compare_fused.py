@@ -7,7 +7,7 @@ Run from the repository root with the PyTorch venv's Python (see bench/README.md
     /tmp/torch/bin/python bench/compare_fused.py --threads 2
     /tmp/torch/bin/python bench/compare_fused.py --threads 2 --rounds 3 --torch-args=--no-compile
 
-It runs `BNLAB bench --json --variant fused --threads T` (the fused ops and, in the same run, our
+It runs `BNLAB bench --json --variant fused --dtype f32 --threads T` (the fused ops and, in the same run, our
 unfused sequence for the same work) and bench/torch_fused.py --threads T (PyTorch eager and
 `torch.compile`) alternately for --rounds rounds, takes the per-case median over the rounds and
 prints a Markdown table: per case and op, bnlab fused, bnlab unfused, PyTorch eager and compiled

@@ -103,7 +103,8 @@ def alternate(args, variant):
     """Run `bnlab bench --variant VARIANT` and the torch script alternately for args.rounds rounds:
     (bnlab command, PyTorch command, bnlab runs, PyTorch runs), each run as run_json returns it."""
     t = str(args.threads)
-    bn_cmd = [args.bnlab, "bench", "--json", "--variant", variant, "--threads", t] + shlex.split(args.bnlab_args)
+    bn_cmd = [args.bnlab, "bench", "--json", "--variant", variant, "--dtype", "f32", "--threads", t]
+    bn_cmd += shlex.split(args.bnlab_args)
     pt_cmd = [args.python, args.torch_script, "--threads", t] + shlex.split(args.torch_args)
     bn_runs, pt_runs = [], []
     for r in range(args.rounds):

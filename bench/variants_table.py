@@ -67,13 +67,16 @@ def parse_rounds(lines):
             continue
         if current is None:
             sys.exit("variants_table.py: a row before the first header line")
+        if row.get("dtype", "f32") != "f32":
+            continue  # the table compares f32 rows (`bnlab bench --dtype` adds bf16, f16)
         current[(row.get("variant", "bn"), case_name(row), row["op"])] = row["ms"]
     return rounds
 
 
 def run_rounds(bnlab, rounds, threads, cpu_time, json_out):
     lines = []
-    cmd = [bnlab, "bench", "--threads", str(threads), "--json"] + (["--cpu-time"] if cpu_time else [])
+    cmd = [bnlab, "bench", "--threads", str(threads), "--json", "--dtype", "f32"]
+    cmd += ["--cpu-time"] if cpu_time else []
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}: {' '.join(cmd)}", file=sys.stderr)
         out = subprocess.run(

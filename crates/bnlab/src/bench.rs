@@ -1,11 +1,12 @@
 //! `bnlab bench`: times the batch-norm kernels on the shapes of BENCHMARKS.md, beside a plain
 //! memory copy measured in the same run (the bandwidth ceiling), for plain batch norm and each
 //! [`Variant`] in the same run; with [`Variant::Fused`], batch norm fused with the ReLU (and the
-//! residual addition) that follows it beside our unfused sequence for the same work.
+//! residual addition) that follows it beside our unfused sequence for the same work; each in
+//! every [`Dtype`] asked for (f32, and the half types bf16 and f16).
 
 use batchnorm::{
-    BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout, ReluMask, RenormSaved, RenormSchedule,
-    SavedStats, View,
+    bf16, f16, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Element, Grads, Layout, ReluMask,
+    RenormSaved, RenormSchedule, SavedStats, View,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -78,6 +79,78 @@ pub enum Variant {
     /// `_unfused` row, see [`Op`]), so that their ratio is measured in one run. Not in the
     /// default run ([`Variant::DEFAULT`]).
     Fused,
+}
+
+/// The element type of the tensors a row times (`--dtype`; its rows' `"dtype"`): x, y, dy, dx
+/// (and the fused rows' z, dz) in this type; γ, β, the statistics, dγ and dβ in `f32` whatever
+/// it is (the kernel crate's `Element::Param`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// `f32`.
+    F32,
+    /// `bf16` (`batchnorm::bf16`).
+    Bf16,
+    /// `f16` (`batchnorm::f16`).
+    F16,
+}
+
+impl Dtype {
+    /// Every dtype, in the order a case's rows are timed.
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
+    /// The name in `--dtype` and in the rows: `f32`, `bf16`, `f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => f32::NAME,
+            Dtype::Bf16 => bf16::NAME,
+            Dtype::F16 => f16::NAME,
+        }
+    }
+
+    /// Bytes per element: 4 for `f32`, 2 for the half types.
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => std::mem::size_of::<f32>(),
+            Dtype::Bf16 => std::mem::size_of::<bf16>(),
+            Dtype::F16 => std::mem::size_of::<f16>(),
+        }
+    }
+}
+
+/// A tensor element type the bench times: its values go through `f32` (exactly one way, rounded
+/// once the other), the only arithmetic the unfused sequence's passes do on them.
+trait BenchElement: Element<Param = f32> {
+    /// The value as an `f32` (exact).
+    fn widen(self) -> f32;
+    /// `v` rounded to this type (round-to-nearest-even; the identity for `f32`).
+    fn narrow(v: f32) -> Self;
+}
+
+impl BenchElement for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+}
+
+impl BenchElement for bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
+impl BenchElement for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
 }
 
 /// Which half of the positions the masked rows select.
@@ -256,27 +329,24 @@ impl Op {
 }
 
 /// One variant's layer ready to be timed, with what its backward needs from one training forward.
-enum Timed {
+enum Timed<T: BenchElement> {
     /// The kernel crate's `BatchNorm` (plain, frozen or ghost).
-    Bn { layer: BatchNorm<f32>, saved: SavedStats },
+    Bn { layer: BatchNorm<T>, saved: SavedStats },
     /// The kernel crate's `BatchNorm` through its masked passes with this mask.
     Masked {
-        layer: BatchNorm<f32>,
+        layer: BatchNorm<T>,
         mask: Vec<bool>,
         saved: SavedStats,
     },
     /// The kernel crate's `BatchRenorm`.
-    Renorm {
-        layer: BatchRenorm<f32>,
-        saved: RenormSaved,
-    },
+    Renorm { layer: BatchRenorm<T>, saved: RenormSaved },
     /// A plain `BatchNorm` through its fused passes and through the unfused sequence.
-    Fused(Box<FusedRows>),
+    Fused(Box<FusedRows<T>>),
 }
 
-impl Timed {
+impl<T: BenchElement> Timed<T> {
     /// `variant`'s layer over `channels` channels, after one training forward of `x` into `y`.
-    fn new(variant: Variant, channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<Timed, batchnorm::Error> {
+    fn new(variant: Variant, channels: usize, x: View<'_, T>, y: &mut [T]) -> Result<Timed<T>, batchnorm::Error> {
         Ok(match variant {
             Variant::Masked | Variant::MaskedRandom => {
                 let pattern = match variant {
@@ -285,7 +355,7 @@ impl Timed {
                 };
                 let g = x.layout.geometry(x.shape)?;
                 let mask = pattern.mask(x.shape[0], g.outer * g.inner / x.shape[0]);
-                let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+                let mut layer = BatchNorm::<T>::new(channels, BatchNormConfig::default())?;
                 let saved = layer.forward_train_masked(x, &mask, y)?;
                 Timed::Masked { layer, mask, saved }
             }
@@ -299,7 +369,7 @@ impl Timed {
                     virtual_batch,
                     ..BatchNormConfig::default()
                 };
-                let mut layer = BatchNorm::<f32>::new(channels, config)?;
+                let mut layer = BatchNorm::<T>::new(channels, config)?;
                 if variant == Variant::Frozen {
                     layer.freeze();
                 }
@@ -312,7 +382,7 @@ impl Timed {
                     limits,
                     ..BatchRenormConfig::default()
                 };
-                let mut layer = BatchRenorm::<f32>::new(channels, config)?;
+                let mut layer = BatchRenorm::<T>::new(channels, config)?;
                 layer.steps = limits.warmup_steps() + limits.r_ramp_steps().max(limits.d_ramp_steps());
                 let saved = layer.forward_train(x, y)?;
                 Timed::Renorm { layer, saved }
@@ -322,7 +392,7 @@ impl Timed {
     }
 
     /// One call of `op` on `io.x` (writing y, or the gradients from dy).
-    fn run(&mut self, op: Op, io: Io<'_>) -> Result<(), batchnorm::Error> {
+    fn run(&mut self, op: Op, io: Io<'_, T>) -> Result<(), batchnorm::Error> {
         let Io { x, y, dy, grads } = io;
         match (self, op) {
             (Timed::Fused(rows), op) => rows.run(op, Io { x, y, dy, grads }),
@@ -342,15 +412,15 @@ impl Timed {
 
 /// One timed call's tensors: the input x, the output y, the upstream gradient dy, and where the
 /// gradients go.
-struct Io<'a> {
-    x: View<'a, f32>,
-    y: &'a mut [f32],
-    dy: &'a [f32],
-    grads: Grads<'a, f32>,
+struct Io<'a, T: Element> {
+    x: View<'a, T>,
+    y: &'a mut [T],
+    dy: &'a [T],
+    grads: Grads<'a, T>,
 }
 
-impl<'a> Io<'a> {
-    fn new(x: View<'a, f32>, y: &'a mut [f32], dy: &'a [f32], grads: Grads<'a, f32>) -> Io<'a> {
+impl<'a, T: Element> Io<'a, T> {
+    fn new(x: View<'a, T>, y: &'a mut [T], dy: &'a [T], grads: Grads<'a, T>) -> Io<'a, T> {
         Io { x, y, dy, grads }
     }
 }
@@ -358,39 +428,43 @@ impl<'a> Io<'a> {
 /// The fused rows' layer and buffers: a plain `BatchNorm`, the saved statistics and ReLU mask of
 /// its last training forward, the residual z, and the gradients only these rows write (the
 /// unfused sequence's g = dy·\[y > 0\], the fused backward's dz).
-struct FusedRows {
-    layer: BatchNorm<f32>,
+///
+/// In the half types the unfused sequence rounds y to the type before its ReLU pass (as two
+/// separate ops must store it), so its results may differ from the fused ops' by that rounding;
+/// in `f32` they are the same bits.
+struct FusedRows<T: BenchElement> {
+    layer: BatchNorm<T>,
     saved: SavedStats,
     mask: ReluMask,
-    z: Vec<f32>,
-    g: Vec<f32>,
-    dz: Vec<f32>,
+    z: Vec<T>,
+    g: Vec<T>,
+    dz: Vec<T>,
 }
 
 /// Elements per task of the unfused sequence's element-wise passes (as in [`copy_gbps`]).
 const PASS_CHUNK: usize = 1 << 16;
 
-impl FusedRows {
+impl<T: BenchElement> FusedRows<T> {
     /// The rows' state for an input `x`, after one fused training forward of it into `y`.
-    fn new(channels: usize, x: View<'_, f32>, y: &mut [f32]) -> Result<FusedRows, batchnorm::Error> {
+    fn new(channels: usize, x: View<'_, T>, y: &mut [T]) -> Result<FusedRows<T>, batchnorm::Error> {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         let n = x.data.len();
-        let mut layer = BatchNorm::<f32>::new(channels, BatchNormConfig::default())?;
+        let mut layer = BatchNorm::<T>::new(channels, BatchNormConfig::default())?;
         let mut mask = ReluMask::new();
         let saved = layer.forward_train_relu(x, y, &mut mask)?;
         Ok(FusedRows {
             layer,
             saved,
             mask,
-            z: (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect(),
-            g: vec![0.0; n],
-            dz: vec![0.0; n],
+            z: (0..n).map(|_| T::narrow(rng.gen_range(-1.0..1.0))).collect(),
+            g: vec![T::narrow(0.0); n],
+            dz: vec![T::narrow(0.0); n],
         })
     }
 
     /// One call of `op`. The unfused backward reads the y its forward (the op before it in
     /// [`Variant::ops`]) left; a fused backward, the mask of the last fused forward.
-    fn run(&mut self, op: Op, Io { x, y, dy, grads }: Io<'_>) -> Result<(), batchnorm::Error> {
+    fn run(&mut self, op: Op, Io { x, y, dy, grads }: Io<'_, T>) -> Result<(), batchnorm::Error> {
         let FusedRows {
             layer,
             saved,
@@ -423,28 +497,28 @@ impl FusedRows {
 
 /// The unfused sequence's pass after batch norm, in place: y = relu(y + z) with the residual,
 /// y = relu(y) without (relu(t) = t where t is not ≤ 0, NaN included, +0.0 elsewhere, as the
-/// kernel crate's fused passes have it).
-fn add_relu_pass(y: &mut [f32], z: Option<&[f32]>) {
-    let relu = |t: f32| if t <= 0.0 { 0.0 } else { t };
+/// kernel crate's fused passes have it), computed in `f32` and rounded once to `T`.
+fn add_relu_pass<T: BenchElement>(y: &mut [T], z: Option<&[T]>) {
+    let relu = |t: f32| T::narrow(if t <= 0.0 { 0.0 } else { t });
     match z {
         None => y
             .par_chunks_mut(PASS_CHUNK)
-            .for_each(|y| y.iter_mut().for_each(|v| *v = relu(*v))),
+            .for_each(|y| y.iter_mut().for_each(|v| *v = relu(v.widen()))),
         Some(z) => y
             .par_chunks_mut(PASS_CHUNK)
             .zip(z.par_chunks(PASS_CHUNK))
-            .for_each(|(y, z)| y.iter_mut().zip(z).for_each(|(v, &z)| *v = relu(*v + z))),
+            .for_each(|(y, z)| y.iter_mut().zip(z).for_each(|(v, &z)| *v = relu(v.widen() + z.widen()))),
     }
 }
 
 /// The unfused sequence's ReLU backward: g = dy where the ReLU's output y is > 0 (it kept t),
 /// 0 elsewhere.
-fn relu_backward_pass(g: &mut [f32], dy: &[f32], y: &[f32]) {
+fn relu_backward_pass<T: BenchElement>(g: &mut [T], dy: &[T], y: &[T]) {
     g.par_chunks_mut(PASS_CHUNK)
         .zip(dy.par_chunks(PASS_CHUNK).zip(y.par_chunks(PASS_CHUNK)))
         .for_each(|(g, (dy, y))| {
             for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
-                *g = if y > 0.0 { dy } else { 0.0 };
+                *g = if y.widen() > 0.0 { dy } else { T::narrow(0.0) };
             }
         });
 }
@@ -454,6 +528,8 @@ fn relu_backward_pass(g: &mut [f32], dy: &[f32], y: &[f32]) {
 pub struct Record {
     /// The variant's name ([`Variant::name`]).
     pub variant: &'static str,
+    /// The tensors' element type ([`Dtype::name`]).
+    pub dtype: &'static str,
     /// Layout name.
     pub layout: String,
     /// Logical shape.
@@ -465,14 +541,19 @@ pub struct Record {
 }
 
 impl Record {
-    /// Effective bandwidth in GB/s counting [`Op::transfers`] whole-tensor transfers of f32 (3 for
-    /// `fwd_train`, 2 for `fwd_eval`, 5 for `backward`; an unknown op name counts 0).
+    /// Effective bandwidth in GB/s counting [`Op::transfers`] whole-tensor transfers (3 for
+    /// `fwd_train`, 2 for `fwd_eval`, 5 for `backward`) of [`Dtype::bytes`] per element (4 for
+    /// `f32`, 2 for `bf16` and `f16`); an unknown op or dtype name counts 0.
     pub fn gbps(&self) -> f64 {
         let transfers = Op::ALL
             .iter()
             .find(|o| o.name() == self.op)
             .map_or(0.0, |o| o.transfers());
-        let bytes = self.shape.iter().product::<usize>() as f64 * 4.0 * transfers;
+        let element_bytes = Dtype::ALL
+            .iter()
+            .find(|d| d.name() == self.dtype)
+            .map_or(0, |d| d.bytes());
+        let bytes = self.shape.iter().product::<usize>() as f64 * element_bytes as f64 * transfers;
         bytes / (self.ms * 1e-3) / 1e9
     }
 }
@@ -595,8 +676,27 @@ fn storage_shape(case: &Case) -> Vec<usize> {
     }
 }
 
-/// Times `variant`'s operations ([`Variant::ops`]) on one case in f32, each call on `clock`.
+/// Times `variant`'s operations ([`Variant::ops`]) on one case with tensors of `dtype`, each
+/// call on `clock`. The inputs are the same draws in every dtype, rounded to it.
+///
+/// # Errors
+/// The kernel crate's error where one of its calls rejects the case.
 pub fn run_case(
+    case: &Case,
+    variant: Variant,
+    dtype: Dtype,
+    min_time: Duration,
+    clock: Clock,
+) -> Result<Vec<Record>, batchnorm::Error> {
+    match dtype {
+        Dtype::F32 => run_case_in::<f32>(case, variant, min_time, clock),
+        Dtype::Bf16 => run_case_in::<bf16>(case, variant, min_time, clock),
+        Dtype::F16 => run_case_in::<f16>(case, variant, min_time, clock),
+    }
+}
+
+/// [`run_case`] with tensors of `T`.
+fn run_case_in<T: BenchElement>(
     case: &Case,
     variant: Variant,
     min_time: Duration,
@@ -606,9 +706,9 @@ pub fn run_case(
     let n: usize = shape.iter().product();
     let channels = case.shape[1];
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..3.0)).collect();
-    let dy: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let x: Vec<T> = (0..n).map(|_| T::narrow(rng.gen_range(-2.0..3.0))).collect();
+    let dy: Vec<T> = (0..n).map(|_| T::narrow(rng.gen_range(-1.0..1.0))).collect();
+    let (mut y, mut dx) = (vec![T::narrow(0.0); n], vec![T::narrow(0.0); n]);
     let (mut dgamma, mut dbeta) = (vec![0.0f32; channels], vec![0.0f32; channels]);
     let xv = View::new(&x, &shape, case.layout);
     let mut layer = Timed::new(variant, channels, xv, &mut y)?;
@@ -626,6 +726,7 @@ pub fn run_case(
         let ms = median_ms_on(clock, &mut call, reps, min_time);
         out.push(Record {
             variant: variant.name(),
+            dtype: T::NAME,
             layout: case.layout.name().to_string(),
             shape: case.shape.clone(),
             op: op.name(),

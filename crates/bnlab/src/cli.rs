@@ -259,6 +259,12 @@ pub struct BenchArgs {
     /// too), backward_add_relu_unfused (g is dz).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub variant: Vec<bnlab::bench::Variant>,
+    /// Element types of the tensors, comma-separated or repeated: f32, bf16, f16 (x, y, dy, dx,
+    /// z, dz in the type; γ, β, statistics, dγ, dβ in f32). Default: all three, each variant's
+    /// rows in f32, then bf16, then f16, so a default run takes about three times as long as one
+    /// with --dtype f32. GB/s counts 4 bytes per f32 element and 2 per bf16 or f16 element.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub dtype: Vec<bnlab::bench::Dtype>,
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags

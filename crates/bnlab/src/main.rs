@@ -111,6 +111,13 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
             .filter(|v| args.variant.contains(v))
             .collect(),
     };
+    let dtypes: Vec<bench::Dtype> = match args.dtype.is_empty() {
+        true => bench::Dtype::ALL.to_vec(),
+        false => bench::Dtype::ALL
+            .into_iter()
+            .filter(|d| args.dtype.contains(d))
+            .collect(),
+    };
     let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
@@ -121,21 +128,22 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         } else {
             println!("threads {threads}, copy bandwidth {copy:.1} GB/s (read + write)");
             println!(
-                "{:<13} {:<6} {:<18} {:<26} {:>10} {:>8} {:>8}",
-                "variant", "layout", "shape", "op", "ms", "GB/s", "of copy"
+                "{:<13} {:<5} {:<6} {:<18} {:<26} {:>10} {:>8} {:>8}",
+                "variant", "dtype", "layout", "shape", "op", "ms", "GB/s", "of copy"
             );
         }
         for case in cases {
-            for &variant in &variants {
-                for r in bench::run_case(&case, variant, min_time, clock)? {
+            for (&variant, &dtype) in variants.iter().flat_map(|v| dtypes.iter().map(move |d| (v, d))) {
+                for r in bench::run_case(&case, variant, dtype, min_time, clock)? {
                     if args.json {
                         println!("{}", serde_json::to_string(&r)?);
                     } else {
                         let shape = format!("{:?}", r.shape);
                         let pct = 100.0 * r.gbps() / copy;
                         println!(
-                            "{:<13} {:<6} {:<18} {:<26} {:>10.4} {:>8.1} {:>7.0}%",
+                            "{:<13} {:<5} {:<6} {:<18} {:<26} {:>10.4} {:>8.1} {:>7.0}%",
                             r.variant,
+                            r.dtype,
                             r.layout,
                             shape,
                             r.op,

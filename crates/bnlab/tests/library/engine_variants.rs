@@ -10,7 +10,7 @@ use batchnorm::{
     batch_renorm_train, Affine, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Grads, Layout,
     RenormSchedule, RenormStats, SingleProcess, SmallBatch, View,
 };
-use bnlab::bench::{self, Case, Clock, Op};
+use bnlab::bench::{self, Case, Clock, Dtype, Op};
 use bnlab::engine::checkpoint::{architecture, Checkpoint, CheckpointError, CheckpointProgress};
 use bnlab::engine::{
     BatchNormLayer, BnVariant, Layer, Linear, Mode, Param, PositionMask, Sequential, Sgd, Sigmoid, State, StateValue,
@@ -823,28 +823,38 @@ fn a_refused_layer_state_puts_the_others_back() {
 // ---------------------------------------------------------------------------------------------
 // bnlab bench
 
-/// Every variant's rows, in the library: its name, the case, and the operations it times, each
-/// with a positive time.
+/// Every variant's rows in every dtype, in the library: its name, the dtype, the case, and the
+/// operations it times, each with a finite positive time (with `--min-time 0`: the minimum
+/// repetitions only).
 #[test]
 fn bench_times_every_variant() {
     let case = Case {
         layout: Layout::NCHW,
         shape: vec![2, 3, 2, 2],
     };
-    let min = bench::min_time(0.001).unwrap();
+    let min = bench::min_time(0.0).unwrap();
     for variant in bench::Variant::ALL {
-        let rows = bench::run_case(&case, variant, min, Clock::Wall).unwrap();
-        let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
-        let want: Vec<&str> = variant.ops().iter().map(|o| o.name()).collect();
-        assert_eq!(ops, want, "{variant:?}");
-        for r in rows {
-            assert_eq!(
-                (r.variant, r.layout.as_str(), &r.shape),
-                (variant.name(), "NCHW", &case.shape)
-            );
-            assert!(r.ms > 0.0 && r.ms.is_finite(), "{variant:?} {}: {} ms", r.op, r.ms);
+        for dtype in Dtype::ALL {
+            let rows = bench::run_case(&case, variant, dtype, min, Clock::Wall).unwrap();
+            let ops: Vec<&str> = rows.iter().map(|r| r.op).collect();
+            let want: Vec<&str> = variant.ops().iter().map(|o| o.name()).collect();
+            assert_eq!(ops, want, "{variant:?} {dtype:?}");
+            for r in rows {
+                assert_eq!(
+                    (r.variant, r.dtype, r.layout.as_str(), &r.shape),
+                    (variant.name(), dtype.name(), "NCHW", &case.shape)
+                );
+                assert!(
+                    r.ms > 0.0 && r.ms.is_finite(),
+                    "{variant:?} {dtype:?} {}: {} ms",
+                    r.op,
+                    r.ms
+                );
+            }
         }
     }
+    assert_eq!(Dtype::ALL.map(|d| d.name()), ["f32", "bf16", "f16"]);
+    assert_eq!(Dtype::ALL.map(|d| d.bytes()), [4, 2, 2]);
     assert_eq!(bench::Variant::Bn.ops(), [Op::FwdTrain, Op::FwdEval, Op::Backward]);
     assert_eq!(
         bench::Variant::ALL.map(|v| v.name()),
@@ -868,15 +878,21 @@ fn bench_fused_rows_pair_each_op_with_its_unfused_sequence() {
     assert_eq!(t(Op::BackwardRelu), t(Op::Backward));
     assert_eq!(t(Op::FwdTrainAddRelu), t(Op::FwdTrain) + 1.0);
     assert_eq!(t(Op::BackwardAddRelu), t(Op::Backward) + 1.0);
-    // NC [60,100] in 1 ms at 4 transfers of 4-byte elements: 24 000 bytes / 1e-3 s.
-    let r = bench::Record {
+    // NC [60,100] in 1 ms at 4 transfers of 4-byte elements: 96 000 bytes / 1e-3 s; of 2-byte
+    // elements (bf16, f16) half as many bytes.
+    let mut r = bench::Record {
         variant: "fused",
+        dtype: "f32",
         layout: "NC".into(),
         shape: vec![60, 100],
         op: "fwd_train_add_relu_unfused",
         ms: 1.0,
     };
     assert_eq!(r.gbps(), 60.0 * 100.0 * 4.0 * 4.0 / 1e-3 / 1e9);
+    for half in ["bf16", "f16"] {
+        r.dtype = half;
+        assert_eq!(r.gbps(), 60.0 * 100.0 * 4.0 * 2.0 / 1e-3 / 1e9, "{half}");
+    }
 }
 
 /// The masks of the masked rows hold half of the positions: `masked` as padded sequences leave

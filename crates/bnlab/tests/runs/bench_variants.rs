@@ -1,5 +1,6 @@
 //! `bnlab bench --variant`: which batch-norm variants a run times, and the `"variant"` field of
-//! its `--json` rows; the fused rows (`--variant fused`) in JSON and in the table.
+//! its `--json` rows; the fused rows (`--variant fused`) in JSON and in the table; `--dtype` and
+//! the rows' `"dtype"`.
 
 use crate::common::{bnlab_ok, expect_error, FUSED_OPS};
 use serde_json::Value;
@@ -21,27 +22,45 @@ fn rows(extra: &[&str]) -> Vec<Value> {
     lines.collect()
 }
 
-/// (variant, op) of each row, after checking its fields.
+/// (variant, op) of each f32 row, after checking every row's fields.
 fn variant_ops(rows: &[Value]) -> Vec<(String, String)> {
+    variant_dtype_ops(rows)
+        .into_iter()
+        .filter(|(_, dtype, _)| dtype == "f32")
+        .map(|(variant, _, op)| (variant, op))
+        .collect()
+}
+
+/// (variant, dtype, op) of each row, after checking its fields (a finite positive time).
+fn variant_dtype_ops(rows: &[Value]) -> Vec<(String, String, String)> {
     rows.iter()
         .map(|r| {
             let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
-            assert_eq!(keys.len(), 5, "{r}");
+            assert_eq!(keys.len(), 6, "{r}");
             assert_eq!(
                 (&r["layout"], &r["shape"]),
                 (&Value::from("NC"), &serde_json::json!([60, 100]))
             );
-            assert!(r["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
-            (
-                r["variant"].as_str().unwrap().to_string(),
-                r["op"].as_str().unwrap().to_string(),
-            )
+            assert!(r["ms"].as_f64().is_some_and(|ms| ms > 0.0 && ms.is_finite()), "{r}");
+            let field = |k: &str| r[k].as_str().unwrap().to_string();
+            (field("variant"), field("dtype"), field("op"))
         })
         .collect()
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
     v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+}
+
+/// `want`'s (variant, op) rows with each variant's rows once per dtype of `dtypes`, in order.
+fn in_dtypes(want: &[(String, String)], dtypes: &[&str]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for block in want.chunk_by(|a, b| a.0 == b.0) {
+        for dtype in dtypes {
+            out.extend(block.iter().map(|(v, op)| (v.clone(), dtype.to_string(), op.clone())));
+        }
+    }
+    out
 }
 
 #[test]
@@ -61,7 +80,50 @@ fn bench_times_every_variant_by_default() {
         ("masked-random", "fwd_train"),
         ("masked-random", "backward"),
     ]);
-    assert_eq!(variant_ops(&rows(&[])), want);
+    // Every dtype by default, each variant's rows in f32, then bf16, then f16.
+    assert_eq!(variant_dtype_ops(&rows(&[])), in_dtypes(&want, &["f32", "bf16", "f16"]));
+}
+
+/// `--dtype` picks the rows' element types (in the order f32, bf16, f16 whatever the order
+/// given), their `"dtype"` field and the table's dtype column say which; every op of every
+/// variant, fused included, runs in the half types with finite times; `--help` documents it.
+#[test]
+fn bench_dtype_selects_rows() {
+    let fused: Vec<(&str, &str)> = FUSED_OPS.iter().map(|&op| ("fused", op)).collect();
+    let want = pairs(
+        &[
+            &[("bn", "fwd_train"), ("bn", "fwd_eval"), ("bn", "backward")],
+            &fused[..],
+        ]
+        .concat(),
+    );
+    let half = rows(&["--variant", "bn,fused", "--dtype", "f16,bf16"]);
+    assert_eq!(variant_dtype_ops(&half), in_dtypes(&want, &["bf16", "f16"]));
+    let repeated = rows(&["--variant", "bn", "--dtype", "bf16", "--dtype", "f32"]);
+    assert_eq!(variant_dtype_ops(&repeated), in_dtypes(&want[..3], &["f32", "bf16"]));
+    let table = bench_smallest(&["--variant", "bn", "--dtype", "f16"]);
+    let lines: Vec<Vec<&str>> = table.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        table.lines().nth(1).unwrap().split_whitespace().nth(1),
+        Some("dtype"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3, "{table}");
+    for (words, (_, op)) in lines.iter().zip(&want) {
+        // variant, dtype, layout, shape (`[60, 100]`: two words), op.
+        assert_eq!(
+            (words[0], words[1], words[2], words[5]),
+            ("bn", "f16", "NC", op.as_str()),
+            "{table}"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    expect_error(tmp.path(), &["bench", "--dtype", "f64"], &["--dtype", "f64"]);
+    let (help, _) = bnlab_ok(tmp.path(), &["bench", "--help"]);
+    assert!(
+        help.contains("--dtype") && help.contains("bf16") && help.contains("f16"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -99,12 +161,16 @@ fn bench_fused_rows_come_out() {
     let ops = FUSED_OPS;
     let want: Vec<(&str, &str)> = ops.iter().map(|&op| ("fused", op)).collect();
     assert_eq!(variant_ops(&rows(&["--variant", "fused"])), pairs(&want));
-    let table = bench_smallest(&["--variant", "fused"]);
+    let table = bench_smallest(&["--variant", "fused", "--dtype", "f32"]);
     let lines: Vec<Vec<&str>> = table.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(lines.len(), ops.len(), "{table}");
     for (words, op) in lines.iter().zip(ops) {
-        // variant, layout, shape (`[60, 100]`: two words), op.
-        assert_eq!((words[0], words[1], words[4]), ("fused", "NC", op), "{table}");
+        // variant, dtype, layout, shape (`[60, 100]`: two words), op.
+        assert_eq!(
+            (words[0], words[1], words[2], words[5]),
+            ("fused", "f32", "NC", op),
+            "{table}"
+        );
     }
     let tmp = tempfile::tempdir().unwrap();
     let (help, _) = bnlab_ok(tmp.path(), &["bench", "--help"]);
