@@ -26,8 +26,12 @@ pub use renorm::{batch_renorm, BatchRenorm, RenormEvalMode};
 type Params<'a> = Option<(&'a Tensor, &'a Tensor)>;
 
 /// Runs `f` on `x` converted to the compute dtype ([`internal_dtype`]) and returns its result in
-/// `x`'s dtype.
-fn in_compute_dtype(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+/// `x`'s dtype; with `native` (the fused ops, which take every dtype [`check_input`] admits) on
+/// `x` itself, with no copy.
+fn in_compute_dtype(x: &Tensor, native: bool, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if native {
+        return f(x);
+    }
     f(&x.to_dtype(internal_dtype(x.dtype()))?)?.to_dtype(x.dtype())
 }
 
@@ -245,7 +249,8 @@ fn fused(compute: ComputePath, x: &Tensor) -> bool {
     compute == ComputePath::Auto && x.device().is_cpu()
 }
 
-/// The type the kernels compute in: `f32`/`f64` themselves, half types in `f32` (as candle-nn).
+/// The type the composed path (and batch renormalization) computes in: `f32`/`f64` themselves,
+/// half types in `f32` (as candle-nn).
 fn internal_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
@@ -591,7 +596,7 @@ impl BatchNorm {
         }
         let (eps, params) = (self.config.eps, self.weight_and_bias());
         let mut stats = Vec::new();
-        let y = in_compute_dtype(x, |xc| {
+        let y = in_compute_dtype(x, fused(self.compute, x), |xc| {
             let y;
             (y, stats) = if fused(self.compute, xc) {
                 // A mask with a virtual batch was rejected above.
@@ -651,7 +656,7 @@ impl BatchNorm {
     fn eval_pass(&self, x: &Tensor, mask: Option<&Mask>) -> Result<Tensor> {
         let (eps, params) = (self.config.eps, self.weight_and_bias());
         let (mean, var) = (self.running_mean(), self.running_var());
-        in_compute_dtype(x, |xc| {
+        in_compute_dtype(x, fused(self.compute, x), |xc| {
             if fused(self.compute, xc) {
                 let (mean, var) = (to_f64_vec(mean)?, to_f64_vec(var)?);
                 let mask = mask.map(Mask::bits).transpose()?;
@@ -821,13 +826,8 @@ impl BatchNorm {
                 var: to_f64_vec(self.running_var())?,
             },
         };
-        let mut stats = None;
-        let y = in_compute_dtype(x, |xc| {
-            let zc = z.map(|z| z.to_dtype(xc.dtype())).transpose()?;
-            let y;
-            (y, stats) = relu::forward(xc, zc.as_ref(), eps, mode, params)?;
-            Ok(y)
-        })?;
+        // x, z (checked to be of x's dtype) and y keep their dtype: the fused op takes them all.
+        let (y, stats) = relu::forward(x, z, eps, mode, params)?;
         if let Some(stats) = stats {
             self.track(&[stats])?;
         }

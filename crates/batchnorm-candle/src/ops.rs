@@ -7,9 +7,14 @@
 //!   forward with fixed statistics, masked or not (also the frozen and small-batch training
 //!   passes); batch renormalization's inference.
 //! - [`GradOp`]: the backward of the training modes and of batch norm's inference, one fused
-//!   kernel call that writes dx, dγ and dβ into one packed buffer `[dx…, dγ…, dβ…]`, split
-//!   afterwards into views without copying. Batch renormalization's inference, an affine map per
-//!   channel, is differentiated by candle ops.
+//!   kernel call that writes dx (the op's output, in x's dtype) and dγ, dβ (one `[2·C]` tensor
+//!   in the parameters' dtype, left in the op, split afterwards into views without copying).
+//!   Batch renormalization's inference, an affine map per channel, is differentiated by candle
+//!   ops.
+//!
+//! The ops take x in f32, f64, f16 or bf16 storage as it is (no upcast copy); γ and β come in
+//! the kernels' parameter type ([`Element::Param`]: f32 for f16/bf16 tensors), which
+//! [`forward`] converts them to.
 //!
 //! All inputs are made contiguous before an op is applied; `cpu_fwd` still checks the layout and
 //! returns an error (never panics) if it is handed a strided one.
@@ -25,7 +30,8 @@ use batchnorm::{
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout as CLayout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Error, Layout as CLayout, Result, Shape, Tensor,
+    WithDType,
 };
 
 /// Turns a kernel error into a candle error (the message is kept).
@@ -50,16 +56,22 @@ pub(crate) fn cast<T: Element>(v: &[f64]) -> Vec<T> {
 }
 
 /// γ and β of an op applied with affine parameters (weight, bias), or none.
-fn affine_of<'a, T: WithDType + Element<Param = T>>(
+fn affine_of<'a, T: Kernel>(
     affine: Option<(&'a CpuStorage, &'a CLayout, &'a CpuStorage, &'a CLayout)>,
 ) -> Result<Affine<'a, T>> {
     Ok(match affine {
-        Some((gs, gl, bs, bl)) => Affine::new(slice::<T>(gs, gl, "weight")?, slice::<T>(bs, bl, "bias")?),
+        Some((gs, gl, bs, bl)) => Affine::new(slice::<T::Param>(gs, gl, "weight")?, slice::<T::Param>(bs, bl, "bias")?),
         None => Affine::NONE,
     })
 }
 
-/// Calls `f::<f32>` or `f::<f64>` by the storage's dtype.
+/// An element type the ops run the kernels on: a candle dtype whose parameter type
+/// ([`Element::Param`]) is one too.
+pub(crate) trait Kernel: Element<Param: WithDType> + WithDType {}
+
+impl<T: Element<Param: WithDType> + WithDType> Kernel for T {}
+
+/// Calls `f::<T>` by the storage's dtype, `T` one of `f32`, `f64`, `f16` and `bf16`.
 macro_rules! dispatch {
     ($storage:expr, $op:expr, |$t:ident| $body:expr) => {
         match $storage {
@@ -71,8 +83,16 @@ macro_rules! dispatch {
                 type $t = f64;
                 $body
             }
+            CpuStorage::F16(_) => {
+                type $t = batchnorm::f16;
+                $body
+            }
+            CpuStorage::BF16(_) => {
+                type $t = batchnorm::bf16;
+                $body
+            }
             other => Err(Error::Msg(format!(
-                "batch-norm ({}): unsupported dtype {:?} (f32 and f64 are supported; f16/bf16 go through f32)",
+                "batch-norm ({}): unsupported dtype {:?} (f32, f64, f16 and bf16 are supported)",
                 $op,
                 other.dtype()
             ))),
@@ -173,7 +193,7 @@ impl ForwardOp {
         }
     }
 
-    fn run<T: Element<Param = T> + WithDType>(
+    fn run<T: Kernel>(
         &self,
         xs: &CpuStorage,
         xl: &CLayout,
@@ -209,7 +229,7 @@ impl ForwardOp {
                         }
                     }
                     TrainKernel::Renorm { mean, std, clip } => {
-                        let (mean, std) = (cast::<T>(mean), cast::<T>(std));
+                        let (mean, std) = (cast::<T::Param>(mean), cast::<T::Param>(std));
                         let moving = RenormStats::new(&mean, &std);
                         let (stats, saved) = batch_renorm_train(x, moving, affine, eps, *clip, &mut y).map_err(wrap)?;
                         Trained {
@@ -224,7 +244,7 @@ impl ForwardOp {
                     .map_err(|_| Error::Msg("batch-norm: training op applied twice".into()))?;
             }
             ForwardMode::Eval { mean, var, mask } => {
-                let (mean, var) = (cast::<T>(mean), cast::<T>(var));
+                let (mean, var) = (cast::<T::Param>(mean), cast::<T::Param>(var));
                 let stats = FixedStats::new(&mean, &var);
                 match mask {
                     Some(mask) => batch_norm_eval_masked(x, mask, stats, affine, eps, &mut y),
@@ -233,7 +253,7 @@ impl ForwardOp {
                 .map_err(wrap)?;
             }
             ForwardMode::RenormEval { mean, std } => {
-                let (mean, std) = (cast::<T>(mean), cast::<T>(std));
+                let (mean, std) = (cast::<T::Param>(mean), cast::<T::Param>(std));
                 batch_renorm_eval(x, RenormStats::new(&mean, &std), affine, &mut y).map_err(wrap)?;
             }
         }
@@ -272,21 +292,19 @@ impl ForwardOp {
             mode,
             want_dx,
             want_params,
+            params: OnceLock::new(),
         }
         .apply(x, grad, gamma)
     }
 }
 
-/// Runs the fused op of `mode` on `x` (in the compute dtype, any layout) with γ and β if given
-/// (converted to `x`'s dtype).
+/// Runs the fused op of `mode` on `x` (f32, f64, f16 or bf16, any layout) with γ and β if
+/// given (converted to the kernels' parameter type for `x`, [`param_dtype`]; the conversion's
+/// backward returns dγ, dβ in the parameters' own dtype).
 pub(crate) fn forward(x: &Tensor, eps: f64, mode: ForwardMode, params: Params) -> Result<Tensor> {
+    let dtype = param_dtype(x.dtype());
     let affine = params
-        .map(|(w, b)| {
-            Ok::<_, Error>((
-                w.to_dtype(x.dtype())?.contiguous()?,
-                b.to_dtype(x.dtype())?.contiguous()?,
-            ))
-        })
+        .map(|(w, b)| Ok::<_, Error>((w.to_dtype(dtype)?.contiguous()?, b.to_dtype(dtype)?.contiguous()?)))
         .transpose()?;
     ForwardOp { eps, mode }.apply(&x.contiguous()?, affine)
 }
@@ -398,12 +416,24 @@ enum GradMode {
     },
 }
 
+/// The dtype of the per-channel vectors the kernels take with tensors of `dtype` (γ, β, dγ,
+/// dβ): [`Element::Param`], f32 for the half types.
+pub(crate) fn param_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
 /// The backward of [`ForwardOp`]: `CustomOp2` on (x, dy) without affine, `CustomOp3`
-/// on (x, dy, γ) with. Its output is one flat buffer `[dx (if wanted), dγ, dβ (if wanted)]`.
+/// on (x, dy, γ) with. Its output is dx (x's dtype; empty when not wanted); dγ and dβ, when
+/// wanted, are left in `params` as one `[dγ…, dβ…]` tensor of the parameters' dtype (a custom
+/// op has one output storage, of one dtype).
 struct GradOp {
     mode: GradMode,
     want_dx: bool,
     want_params: bool,
+    params: OnceLock<Tensor>,
 }
 
 type TensorGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -416,27 +446,23 @@ impl GradOp {
             return Ok((None, None, None));
         }
         let grad = grad.contiguous()?;
-        let packed = match gamma {
-            Some(g) => x.apply_op3_no_bwd(&grad, &g.contiguous()?, &GradOp { want_params, ..self })?,
-            None => x.apply_op2_no_bwd(&grad, &self)?,
+        let op = GradOp { want_params, ..self };
+        let dx = match gamma {
+            Some(g) => x.apply_op3_no_bwd(&grad, &g.contiguous()?, &op)?,
+            None => x.apply_op2_no_bwd(&grad, &op)?,
         };
-        let (n, c) = (x.elem_count(), x.dim(1)?);
-        let mut at = 0;
-        let dx = if want_dx {
-            at = n;
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let (dgamma, dbeta) = if want_params {
-            (Some(packed.narrow(0, at, c)?), Some(packed.narrow(0, at + c, c)?))
-        } else {
-            (None, None)
+        let dx = want_dx.then(|| dx.reshape(x.shape())).transpose()?;
+        let (dgamma, dbeta) = match op.params.get() {
+            Some(p) if want_params => {
+                let c = x.dim(1)?;
+                (Some(p.narrow(0, 0, c)?), Some(p.narrow(0, c, c)?))
+            }
+            _ => (None, None),
         };
         Ok((dx, dgamma, dbeta))
     }
 
-    fn run<T: Element<Param = T> + WithDType>(
+    fn run<T: Kernel>(
         &self,
         xs: &CpuStorage,
         xl: &CLayout,
@@ -447,7 +473,7 @@ impl GradOp {
         let x = slice::<T>(xs, xl, "x")?;
         let dy = slice::<T>(dys, dyl, "grad")?;
         let gamma = match gamma {
-            Some((gs, gl)) => Some(slice::<T>(gs, gl, "weight")?),
+            Some((gs, gl)) => Some(slice::<T::Param>(gs, gl, "weight")?),
             None => None,
         };
         let shape = xl.shape().dims();
@@ -455,11 +481,11 @@ impl GradOp {
         let want_params = self.want_params && gamma.is_some();
         let n_dx = if self.want_dx { x.len() } else { 0 };
         let n_p = if want_params { c } else { 0 };
-        let mut out = vec![T::default(); n_dx + 2 * n_p];
-        let (dx, params) = out.split_at_mut(n_dx);
+        let mut dx = vec![T::default(); n_dx];
+        let mut params = vec![T::Param::default(); 2 * n_p];
         let (dgamma, dbeta) = params.split_at_mut(n_p);
         let grads = Grads {
-            dx: self.want_dx.then_some(dx),
+            dx: self.want_dx.then_some(&mut dx),
             dgamma: want_params.then_some(dgamma),
             dbeta: want_params.then_some(dbeta),
         };
@@ -470,7 +496,7 @@ impl GradOp {
             GradMode::Train(Saved::Ghost(saved)) => ghost_batch_norm_backward(x, dy, saved, gamma, grads),
             GradMode::Train(Saved::Renorm(saved)) => batch_renorm_backward(x, dy, saved, gamma, grads),
             GradMode::Eval { mean, var, eps, mask } => {
-                let (mean, var) = (cast::<T>(mean), cast::<T>(var));
+                let (mean, var) = (cast::<T::Param>(mean), cast::<T::Param>(var));
                 let stats = FixedStats::new(&mean, &var);
                 match mask {
                     Some(mask) => batch_norm_backward_eval_masked(x, mask, dy, stats, gamma, *eps, grads),
@@ -479,8 +505,13 @@ impl GradOp {
             }
         }
         .map_err(wrap)?;
-        let len = out.len();
-        Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+        if want_params {
+            // A custom op runs once per application; a second value would mean it was re-run.
+            self.params
+                .set(Tensor::from_vec(params, 2 * c, &Device::Cpu)?)
+                .map_err(|_| Error::Msg("batch-norm: backward op applied twice".into()))?;
+        }
+        Ok((T::to_cpu_storage_owned(dx), Shape::from(n_dx)))
     }
 }
 

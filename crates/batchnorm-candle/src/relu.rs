@@ -7,7 +7,10 @@
 //! the gradient again), and x itself stands in for z without a residual and for γβ without
 //! affine parameters (unread, and given no gradient). It keeps the ReLU's 1-bit mask (and γ, and
 //! in training the saved statistics) for [`ReluGradOp`], a `CustomOp2` on (x, dy) that writes
-//! dx, dz and dγβ packed into one buffer, split afterwards into views without copying.
+//! dx and dz packed into one buffer (x's dtype) and dγβ into one tensor of the parameters' dtype
+//! left in the op, split afterwards into views without copying. x, z and y keep their dtype
+//! (f32, f64, f16 or bf16; no upcast copy), γβ is in the kernels' parameter type
+//! ([`batchnorm::Element::Param`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -17,9 +20,9 @@ use batchnorm::{
     batch_norm_train_relu, Affine, BatchStats, Element, FixedStats, Grads, Layout, ReluMask, SavedStats, View,
 };
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Error, Layout as CLayout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Error, Layout as CLayout, Result, Shape, Tensor};
 
-use crate::ops::{cast, dispatch, slice, wrap};
+use crate::ops::{cast, dispatch, param_dtype, slice, wrap, Kernel};
 use crate::Params;
 
 /// relu(t) with the kernel crate's convention, in candle ops: t where t is not ≤ 0 (NaN
@@ -46,7 +49,7 @@ pub(crate) enum ReluMode {
 }
 
 /// What a [`ReluOp`] leaves for its backward and the layer: which outputs the ReLU kept, γ (as
-/// `f64`, which holds `f32` and `f64` values exactly) when affine, and in training the batch
+/// `f64`, which holds the parameter types `f32` and `f64` exactly) when affine, and in training the batch
 /// statistics and the saved statistics.
 pub(crate) struct ReluState {
     mask: ReluMask,
@@ -64,9 +67,9 @@ pub(crate) struct ReluOp {
     state: Arc<OnceLock<ReluState>>,
 }
 
-/// Runs the fused forward of `mode` on `x` (in the compute dtype) with the residual `z` (in the
-/// same dtype) and γ, β if given (converted to `x`'s dtype): y, and in training the batch
-/// statistics.
+/// Runs the fused forward of `mode` on `x` (f32, f64, f16 or bf16) with the residual `z` (in the
+/// same dtype) and γ, β if given (converted to the kernels' parameter type, [`param_dtype`]): y,
+/// and in training the batch statistics.
 pub(crate) fn forward(
     x: &Tensor,
     z: Option<&Tensor>,
@@ -74,8 +77,9 @@ pub(crate) fn forward(
     mode: ReluMode,
     params: Params,
 ) -> Result<(Tensor, Option<BatchStats>)> {
+    let dtype = param_dtype(x.dtype());
     let gb = params
-        .map(|(w, b)| Tensor::stack(&[w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?], 0))
+        .map(|(w, b)| Tensor::stack(&[w.to_dtype(dtype)?, b.to_dtype(dtype)?], 0))
         .transpose()?;
     let op = ReluOp {
         eps,
@@ -106,14 +110,11 @@ impl ReluOp {
     }
 
     /// The forward on the inputs x, z, γβ (those not used are x again, unread).
-    fn run<T: Element<Param = T> + WithDType>(
-        &self,
-        inputs: [(&CpuStorage, &CLayout); 3],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn run<T: Kernel>(&self, inputs: [(&CpuStorage, &CLayout); 3]) -> Result<(CpuStorage, Shape)> {
         let [(xs, xl), (zs, zl), (gbs, gbl)] = inputs;
         let x = slice::<T>(xs, xl, "x")?;
         let z = self.residual.then(|| slice::<T>(zs, zl, "z")).transpose()?;
-        let gb = self.affine.then(|| slice::<T>(gbs, gbl, "weight")).transpose()?;
+        let gb = self.affine.then(|| slice::<T::Param>(gbs, gbl, "weight")).transpose()?;
         let (affine, gamma) = match gb {
             Some(gb) => {
                 let (g, b) = gb.split_at(gb.len() / 2);
@@ -133,7 +134,7 @@ impl ReluOp {
                 .map_err(wrap)?,
             ),
             ReluMode::Eval { mean, var } => {
-                let (mean, var) = (cast::<T>(mean), cast::<T>(var));
+                let (mean, var) = (cast::<T::Param>(mean), cast::<T::Param>(var));
                 let stats = FixedStats::new(&mean, &var);
                 match z {
                     Some(z) => batch_norm_eval_add_relu(x, z, stats, affine, eps, &mut y, Some(&mut mask)),
@@ -164,6 +165,7 @@ impl ReluOp {
             },
             state: self.state.clone(),
             want: [want_dx, want_dz, want_params],
+            params: OnceLock::new(),
         };
         let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let (n, c) = (x.elem_count(), x.dim(1)?);
@@ -175,7 +177,10 @@ impl ReluOp {
         };
         let dx = take(want_dx, n)?.map(|d| d.reshape(x.shape())).transpose()?;
         let dz = take(want_dz, n)?.map(|d| d.reshape(x.shape())).transpose()?;
-        let dgb = take(want_params, 2 * c)?.map(|d| d.reshape((2, c))).transpose()?;
+        let dgb = match op.params.get() {
+            Some(p) if want_params => Some(p.reshape((2, c))?),
+            _ => None,
+        };
         Ok((dx, dz, dgb))
     }
 }
@@ -206,7 +211,8 @@ impl CustomOp3 for ReluOp {
 }
 
 /// The backward of [`ReluOp`]: `CustomOp2` on (x, dy), γ from the forward's state. Its output is
-/// one flat buffer `[dx, dz, dγ, dβ]`, each part present when wanted.
+/// one flat buffer `[dx, dz]` (x's dtype), each part present when wanted; dγ and dβ, when wanted,
+/// are left in `params` as one `[dγ…, dβ…]` tensor of the parameters' dtype.
 struct ReluGradOp {
     eps: f64,
     /// The fixed statistics of an inference forward; `None`: training (the saved statistics).
@@ -214,10 +220,12 @@ struct ReluGradOp {
     state: Arc<OnceLock<ReluState>>,
     /// dx, dz, dγ and dβ.
     want: [bool; 3],
+    /// dγ and dβ, once the op ran with them wanted.
+    params: OnceLock<Tensor>,
 }
 
 impl ReluGradOp {
-    fn run<T: Element<Param = T> + WithDType>(
+    fn run<T: Kernel>(
         &self,
         (xs, xl): (&CpuStorage, &CLayout),
         (dys, dyl): (&CpuStorage, &CLayout),
@@ -230,13 +238,13 @@ impl ReluGradOp {
         let dy = slice::<T>(dys, dyl, "grad")?;
         let shape = xl.shape().dims();
         let c = shape[1];
-        let gamma = state.gamma.as_deref().map(cast::<T>);
+        let gamma = state.gamma.as_deref().map(cast::<T::Param>);
         let gamma = gamma.as_deref();
         let [want_dx, want_dz, want_params] = self.want;
         let part = |wanted: bool, len: usize| if wanted { len } else { 0 };
-        let mut out = vec![T::default(); part(want_dx, x.len()) + part(want_dz, x.len()) + part(want_params, 2 * c)];
-        let (dx, rest) = out.split_at_mut(part(want_dx, x.len()));
-        let (dz, params) = rest.split_at_mut(part(want_dz, x.len()));
+        let mut out = vec![T::default(); part(want_dx, x.len()) + part(want_dz, x.len())];
+        let (dx, dz) = out.split_at_mut(part(want_dx, x.len()));
+        let mut params = vec![T::Param::default(); part(want_params, 2 * c)];
         let (dgamma, dbeta) = params.split_at_mut(part(want_params, c));
         let grads = Grads {
             dx: want_dx.then_some(dx),
@@ -247,7 +255,7 @@ impl ReluGradOp {
         // Without dz wanted, the ReLU alone's backward: the mask is the same, dz is not written.
         match (&self.eval, &state.trained) {
             (Some((mean, var)), _) => {
-                let (mean, var) = (cast::<T>(mean), cast::<T>(var));
+                let (mean, var) = (cast::<T::Param>(mean), cast::<T::Param>(var));
                 let stats = FixedStats::new(&mean, &var);
                 match want_dz {
                     true => batch_norm_backward_eval_add_relu(x, dy, mask, stats, gamma, self.eps, grads, dz),
@@ -265,6 +273,12 @@ impl ReluGradOp {
             }
         }
         .map_err(wrap)?;
+        if want_params {
+            // A custom op runs once per application; a second value would mean it was re-run.
+            self.params
+                .set(Tensor::from_vec(params, 2 * c, &Device::Cpu)?)
+                .map_err(|_| Error::Msg("batch-norm: fused ReLU backward applied twice".into()))?;
+        }
         let len = out.len();
         Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
     }

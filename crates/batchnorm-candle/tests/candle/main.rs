@@ -10,6 +10,7 @@ mod extras;
 mod fallback;
 mod frozen;
 mod ghost;
+mod half;
 mod masked;
 mod parity;
 mod readme;

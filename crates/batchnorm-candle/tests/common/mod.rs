@@ -294,8 +294,9 @@ pub fn running(bn: &batchnorm_candle::BatchNorm) -> [&Tensor; 2] {
 
 /// One training step of a kernel-crate layer on `x` (channels first) with upstream gradient `w`,
 /// as [`forward_backward`]'s `[y, dx, dγ, dβ]`: `step` runs the layer's forward and backward on
-/// the buffers it is given (x, dy, y, grads).
-pub fn kernel_step<T: batchnorm::Element<Param = T> + WithDType>(
+/// the buffers it is given (x, dy, y, grads). dγ and dβ are in `T`'s parameter type (`f32` for
+/// the half types).
+pub fn kernel_step<T: batchnorm::Element<Param: WithDType> + WithDType>(
     x: &Tensor,
     w: &Tensor,
     step: impl FnOnce(View<'_, T>, &[T], &mut [T], Grads<'_, T>),
@@ -304,7 +305,7 @@ pub fn kernel_step<T: batchnorm::Element<Param = T> + WithDType>(
     let (n, c) = (x.elem_count(), shape[1]);
     let (xs, dy) = (x.flatten_all()?.to_vec1::<T>()?, w.flatten_all()?.to_vec1::<T>()?);
     let (mut y, mut dx) = (vec![T::default(); n], vec![T::default(); n]);
-    let (mut dgamma, mut dbeta) = (vec![T::default(); c], vec![T::default(); c]);
+    let (mut dgamma, mut dbeta) = (vec![T::Param::default(); c], vec![T::Param::default(); c]);
     let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
     step(View::new(&xs, shape, Layout::ChannelsFirst), &dy, &mut y, grads);
     Ok(vec![
