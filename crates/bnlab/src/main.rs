@@ -77,6 +77,14 @@ fn main() {
     }
 }
 
+/// The values of `all` that `picked` names, in `all`'s order (`default` when none is picked).
+fn chosen<T: Copy + PartialEq>(all: &[T], default: &[T], picked: &[T]) -> Vec<T> {
+    if picked.is_empty() {
+        return default.to_vec();
+    }
+    all.iter().copied().filter(|v| picked.contains(v)).collect()
+}
+
 /// Builds the rayon pool every subcommand runs in.
 fn pool(threads: Option<u32>) -> Result<rayon::ThreadPool> {
     let mut b = rayon::ThreadPoolBuilder::new();
@@ -104,20 +112,8 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         "--only {} matches no benchmark case (names look like NHWC[64,256,14,14])",
         args.only.join(" ")
     );
-    let variants: Vec<bench::Variant> = match args.variant.is_empty() {
-        true => bench::Variant::DEFAULT.to_vec(),
-        false => bench::Variant::ALL
-            .into_iter()
-            .filter(|v| args.variant.contains(v))
-            .collect(),
-    };
-    let dtypes: Vec<bench::Dtype> = match args.dtype.is_empty() {
-        true => bench::Dtype::ALL.to_vec(),
-        false => bench::Dtype::ALL
-            .into_iter()
-            .filter(|d| args.dtype.contains(d))
-            .collect(),
-    };
+    let variants = chosen(&bench::Variant::ALL, bench::Variant::DEFAULT, &args.variant);
+    let dtypes = chosen(&bench::Dtype::ALL, &bench::Dtype::ALL, &args.dtype);
     let min_time = bench::min_time(args.min_time)?;
     let pool = pool(args.threads)?;
     pool.install(|| {
