@@ -333,25 +333,31 @@ fn renorm_eval_grads(
     want_dx: bool,
     want_params: bool,
 ) -> Result<TensorGrads> {
-    let (dtype, dev) = (x.dtype(), x.device());
+    // Half types are computed in f32 (their sums would lose the half type's few bits), and the
+    // results rounded once to the dtypes of x and γ.
+    let (dtype, dev) = (crate::internal_dtype(x.dtype()), x.device());
+    let (xw, gw) = (x.to_dtype(dtype)?, grad.to_dtype(dtype)?);
     let mut channel_shape = vec![1; x.rank()];
     channel_shape[1] = mean.len();
     let per_channel = |v: &[f64]| Tensor::new(v, dev)?.to_dtype(dtype)?.reshape(channel_shape.as_slice());
     let std = per_channel(std)?;
     let dx = if want_dx {
         let k = match gamma {
-            Some(g) => g.reshape(channel_shape.as_slice())?.broadcast_div(&std)?,
+            Some(g) => g
+                .to_dtype(dtype)?
+                .reshape(channel_shape.as_slice())?
+                .broadcast_div(&std)?,
             None => std.recip()?,
         };
-        Some(grad.broadcast_mul(&k)?)
+        Some(gw.broadcast_mul(&k)?.to_dtype(x.dtype())?)
     } else {
         None
     };
     let (dgamma, dbeta) = match gamma {
-        Some(_) if want_params => {
-            let per_channel_sum = |t: &Tensor| t.transpose(0, 1)?.flatten_from(1)?.sum(1);
-            let xhat = x.broadcast_sub(&per_channel(mean)?)?.broadcast_div(&std)?;
-            (Some(per_channel_sum(&(grad * xhat)?)?), Some(per_channel_sum(grad)?))
+        Some(g) if want_params => {
+            let per_channel_sum = |t: &Tensor| t.transpose(0, 1)?.flatten_from(1)?.sum(1)?.to_dtype(g.dtype());
+            let xhat = xw.broadcast_sub(&per_channel(mean)?)?.broadcast_div(&std)?;
+            (Some(per_channel_sum(&(&gw * xhat)?)?), Some(per_channel_sum(&gw)?))
         }
         _ => (None, None),
     };

@@ -179,7 +179,7 @@ impl BatchRenorm {
         let mut mean = to_f64_vec(self.moving_mean())?;
         let mut std = to_f64_vec(self.moving_std())?;
         let mut batch = Vec::new();
-        let y = in_compute_dtype(x, false, |xc| {
+        let y = in_compute_dtype(x, fused(self.compute, x), |xc| {
             let y;
             (y, batch) = if fused(self.compute, xc) {
                 let (mean, std) = (mean.clone(), std.clone());
@@ -205,7 +205,7 @@ impl BatchRenorm {
     pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         check_input(x, self.num_features)?;
         let (mean, std) = (self.moving_mean(), self.moving_std());
-        in_compute_dtype(x, false, |xc| {
+        in_compute_dtype(x, fused(self.compute, x), |xc| {
             if fused(self.compute, xc) {
                 let (mean, std) = (to_f64_vec(mean)?, to_f64_vec(std)?);
                 ops::forward(

@@ -13,10 +13,13 @@
 //!   half variables), within the sum of the two paths' tolerances against the f64 reference
 //!   (`tol_fused` for the half type, which holds the final rounding to it, plus `tol_composed`
 //!   for f32).
+//!
+//! `BatchRenorm` likewise: its half layers equal the f32 layer rounded once, in training step
+//! after step and in inference.
 
 use batchnorm::{batch_norm_backward, batch_norm_train, bf16, f16, Affine, Element};
 use batchnorm_candle::{BatchNorm, BatchNormConfig};
-use candle_core::{DType, Result, Tensor, WithDType};
+use candle_core::{DType, ModuleT, Result, Tensor, WithDType};
 use candle_nn::VarMap;
 
 use crate::common::{
@@ -58,7 +61,7 @@ fn layers(dtype: DType, param_dtype: DType, seed: u64) -> Result<(BatchNorm, Pai
 fn step(bn: &BatchNorm, x: &Tensor, w: &Tensor, train: bool, relu: bool) -> Result<Vec<Tensor>> {
     let forward = |x: &Tensor| match relu {
         true => bn.forward_t_relu(x, train),
-        false => candle_core::ModuleT::forward_t(bn, x, train),
+        false => bn.forward_t(x, train),
     };
     forward_backward(forward, bn.weight_and_bias(), x, w)
 }
@@ -155,6 +158,42 @@ fn half_layers_match_candle_nn_on_the_widened_input() -> Result<()> {
             for (j, (a, b)) in running(&half).into_iter().zip(theirs_running).enumerate() {
                 assert_close(&format!("{dtype:?} train={train} running statistic {j}"), a, b, tol);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Batch renormalization on half tensors runs the half kernels natively: y and dx equal an f32
+/// layer's on the widened values rounded once to the half type, dγ, dβ and the moving statistics
+/// the f32 layer's rounded to the variables' dtype, bit for bit, over three training steps of the
+/// schedule (each with other limits) and an inference step (whose backward is computed in f32).
+#[test]
+fn half_renorm_layers_equal_the_f32_layer_rounded_once_bit_for_bit() -> Result<()> {
+    use crate::renorm::{config, layer, moving, schedule};
+    for (k, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+        for param_dtype in [dtype, DType::F32] {
+            let seed = 950 + 10 * k as u64;
+            let (half, half_vm) = layer(C, param_dtype, config(schedule()), seed)?;
+            let (wide, wide_vm) = layer(C, DType::F32, config(schedule()), seed)?;
+            for (s, train) in [true, true, true, false].into_iter().enumerate() {
+                copy_vars(&half_vm, &wide_vm, DType::F32)?;
+                let x = tensor(seed + 1 + s as u64, &SHAPE, -1.0, 3.0, dtype)?;
+                let w = tensor(seed + 5 + s as u64, &SHAPE, -1.0, 1.0, dtype)?;
+                let got = forward_backward(|x| half.forward_t(x, train), half.weight_and_bias(), &x, &w)?;
+                let (x32, w32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
+                let want = forward_backward(|x| wide.forward_t(x, train), wide.weight_and_bias(), &x32, &w32)?;
+                let what = format!("renorm {dtype:?} params {param_dtype:?} train={train} step {s}");
+                for (i, (g, w32)) in got.iter().zip(&want).enumerate() {
+                    let want_dtype = if i < 2 { dtype } else { param_dtype };
+                    assert_eq!(g.dtype(), want_dtype, "{what} {}", OUTPUTS[i]);
+                    assert_bits(&format!("{what} {}", OUTPUTS[i]), g, &w32.to_dtype(want_dtype)?);
+                }
+                for (j, (a, b)) in moving(&half).into_iter().zip(moving(&wide)).enumerate() {
+                    assert_eq!(a.dtype(), param_dtype);
+                    assert_bits(&format!("{what} moving statistic {j}"), a, &b.to_dtype(param_dtype)?);
+                }
+            }
+            assert_eq!((half.steps(), wide.steps()), (3, 3));
         }
     }
     Ok(())

@@ -20,11 +20,11 @@ const SHAPES: [&[usize]; 3] = [&[12, 3], &[4, 3, 5], &[3, 2, 4, 2]];
 
 /// (1, 0) at step 0 and 1, then r_max ramps to 2 over 2 steps and d_max jumps to 1: every step of
 /// a short test sees other limits.
-fn schedule() -> RenormSchedule {
+pub(crate) fn schedule() -> RenormSchedule {
     RenormSchedule::new(1, 2, 1, 2.0, 1.0).unwrap()
 }
 
-fn config(limits: RenormSchedule) -> BatchRenormConfig {
+pub(crate) fn config(limits: RenormSchedule) -> BatchRenormConfig {
     BatchRenormConfig {
         momentum: 0.1, // moves the statistics visibly in a few steps
         limits,
@@ -34,7 +34,7 @@ fn config(limits: RenormSchedule) -> BatchRenormConfig {
 
 /// A renorm layer on its own `VarMap`: moving mean in [−0.5, 0.5), moving σ in [0.5, 2), γ, β as
 /// `common::init_vars` sets them.
-fn layer(c: usize, dtype: DType, config: BatchRenormConfig, seed: u64) -> Result<(BatchRenorm, VarMap)> {
+pub(crate) fn layer(c: usize, dtype: DType, config: BatchRenormConfig, seed: u64) -> Result<(BatchRenorm, VarMap)> {
     let vm = VarMap::new();
     let bn = batch_renorm(c, config, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu))?;
     let stats = [("moving_mean", -0.5, 0.5), ("moving_std", 0.5, 2.0)];
@@ -43,7 +43,7 @@ fn layer(c: usize, dtype: DType, config: BatchRenormConfig, seed: u64) -> Result
 }
 
 /// The moving mean and standard deviation of a layer.
-fn moving(bn: &BatchRenorm) -> [&Tensor; 2] {
+pub(crate) fn moving(bn: &BatchRenorm) -> [&Tensor; 2] {
     [bn.moving_mean(), bn.moving_std()]
 }
 
