@@ -310,10 +310,8 @@ mod x86 {
     unsafe fn bf16_round_high(v: __m256) -> __m256i {
         unsafe {
             let x = _mm256_castps_si256(v);
-            let kept_even = _mm256_cmpeq_epi32(
-                _mm256_and_si256(x, _mm256_set1_epi32(0x1_0000)),
-                _mm256_setzero_si256(),
-            );
+            let kept_even =
+                _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x1_0000)), _mm256_setzero_si256());
             let rounded = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x8000)), kept_even);
             let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
             if _mm256_movemask_ps(nan) == 0 {
