@@ -90,7 +90,7 @@ pub(crate) fn prefetch<T>(p: *const T, len: usize) {
 #[inline(always)]
 fn prefetch_step<T>(p: *const T, i: usize) {
     let size = std::mem::size_of::<T>();
-    if p.is_null() || (16 * size < 64 && (i * size) % 64 != 0) {
+    if p.is_null() || (16 * size < 64 && !(i * size).is_multiple_of(64)) {
         return;
     }
     let base = (p as *const u8).wrapping_add(i * size);
