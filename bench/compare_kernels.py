@@ -7,12 +7,15 @@ Run from the repository root with the PyTorch venv's Python (see bench/README.md
     /tmp/torch/bin/python bench/compare_kernels.py --threads 2
     /tmp/torch/bin/python bench/compare_kernels.py --threads 2 --rounds 5 \\
         --torch-args=--reuse-memory --json-out /tmp/compare.json
+    /tmp/torch/bin/python bench/compare_kernels.py --threads 2 --dtype bf16   # bf16 tensors on both sides
 
 It runs `BNLAB bench --json --threads T` and `torch_bn.py --threads T` alternately
 (bnlab, torch, bnlab, torch, ...) for --rounds rounds, takes the per-case median over the
-rounds and prints a Markdown table. GB/s counts whole float32 tensor transfers:
-3 x tensor bytes for fwd_train (read x for the statistics, read x + write y), 2 for
-fwd_eval, 5 for backward. Cases missing on one side are shown as "–".
+rounds and prints a Markdown table. --dtype (f32, bf16 or f16; default f32) is passed to
+both sides: x, dy, y, dx of that type, parameters and statistics float32 on both. GB/s counts
+whole tensor transfers at that type's element size: 3 x tensor bytes for fwd_train (read x
+for the statistics, read x + write y), 2 for fwd_eval, 5 for backward. Cases missing on one
+side are shown as "–".
 This script itself needs only the standard library.
 """
 import argparse
@@ -26,11 +29,14 @@ import sys
 
 TRANSFERS = {"fwd_train": 3, "fwd_eval": 2, "backward": 5}
 OUT_OF_CACHE = ("NCHW", (128, 64, 56, 56))
+# Bytes of one element of each --dtype.
+ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 DASH = "–"
 
 
-def run_json(cmd):
-    """Run cmd, return (copy line dict, {(layout, shape, op): ms}) from its JSON lines."""
+def run_json(cmd, dtype="f32"):
+    """Run cmd, return (copy line dict, {(layout, shape, op): ms}) from its JSON lines (rows of
+    another dtype than `dtype` left out; a row without one is float32)."""
     header, cases = {}, {}
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -49,7 +55,7 @@ def run_json(cmd):
             continue
         if "copy_gbps" in d:
             header = d
-        elif {"layout", "shape", "op", "ms"} <= d.keys():
+        elif {"layout", "shape", "op", "ms"} <= d.keys() and d.get("dtype", "f32") == dtype:
             cases[(d["layout"], tuple(d["shape"]), d["op"])] = float(d["ms"])
     return header, cases
 
@@ -72,10 +78,10 @@ def raw_run(run):
             "cases": [{"layout": k[0], "shape": list(k[1]), "op": k[2], "ms": ms} for k, ms in cases.items()]}
 
 
-def gbps(key, ms):
+def gbps(key, ms, dtype="f32"):
     if ms is None or ms <= 0:
         return None
-    return TRANSFERS.get(key[2], 0) * math.prod(key[1]) * 4 / (ms * 1e-3) / 1e9
+    return TRANSFERS.get(key[2], 0) * math.prod(key[1]) * ELEMENT_BYTES[dtype] / (ms * 1e-3) / 1e9
 
 
 def f(x, nd=3):
@@ -95,6 +101,9 @@ def parse_args(script, torch_args_example):
     ap.add_argument("--torch-script", default=os.path.join(here, script))
     ap.add_argument("--torch-args", default="", help=f"extra arguments for {script}, e.g. {torch_args_example}")
     ap.add_argument("--bnlab-args", default="", help="extra arguments for bnlab bench")
+    ap.add_argument("--dtype", choices=list(ELEMENT_BYTES), default="f32",
+                    help="element type of the tensors on both sides (passed to the PyTorch script "
+                         "when not f32, so that script must take --dtype for the others)")
     ap.add_argument("--json-out", help="write all raw numbers to this file")
     return ap
 
@@ -103,15 +112,17 @@ def alternate(args, variant):
     """Run `bnlab bench --variant VARIANT` and the torch script alternately for args.rounds rounds:
     (bnlab command, PyTorch command, bnlab runs, PyTorch runs), each run as run_json returns it."""
     t = str(args.threads)
-    bn_cmd = [args.bnlab, "bench", "--json", "--variant", variant, "--dtype", "f32", "--threads", t]
+    bn_cmd = [args.bnlab, "bench", "--json", "--variant", variant, "--dtype", args.dtype, "--threads", t]
     bn_cmd += shlex.split(args.bnlab_args)
     pt_cmd = [args.python, args.torch_script, "--threads", t] + shlex.split(args.torch_args)
+    if args.dtype != "f32":
+        pt_cmd += ["--dtype", args.dtype]
     bn_runs, pt_runs = [], []
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}: bnlab", file=sys.stderr, flush=True)
-        bn_runs.append(run_json(bn_cmd))
+        bn_runs.append(run_json(bn_cmd, args.dtype))
         print(f"round {r + 1}/{args.rounds}: pytorch", file=sys.stderr, flush=True)
-        pt_runs.append(run_json(pt_cmd))
+        pt_runs.append(run_json(pt_cmd, args.dtype))
     return bn_cmd, pt_cmd, bn_runs, pt_runs
 
 
@@ -128,7 +139,8 @@ def main():
     keys.sort(key=lambda k: (cases.index(k[:2]), ops.index(k[2]) if k[2] in ops else len(ops)))
 
     print(f"Threads: {t} (bnlab reports {bn_runs[0][0].get('threads', DASH)}, "
-          f"PyTorch reports {pt_runs[0][0].get('threads', DASH)}); median of {args.rounds} alternating rounds.\n")
+          f"PyTorch reports {pt_runs[0][0].get('threads', DASH)}); {args.dtype} tensors on both sides; "
+          f"median of {args.rounds} alternating rounds.\n")
     print("| layout | shape | op | bnlab ms | PyTorch ms | speed-up | bnlab GB/s | PyTorch GB/s |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     rows, ratios = [], []
@@ -138,7 +150,7 @@ def main():
         if sp:
             ratios.append(sp)
         row = {"layout": k[0], "shape": list(k[1]), "op": k[2], "bnlab_ms": b, "pytorch_ms": p,
-               "speedup": sp, "bnlab_gbps": gbps(k, b), "pytorch_gbps": gbps(k, p)}
+               "speedup": sp, "bnlab_gbps": gbps(k, b, args.dtype), "pytorch_gbps": gbps(k, p, args.dtype)}
         rows.append(row)
         shape = "[" + ",".join(map(str, k[1])) + "]"
         sp_s = f"{sp:.2f}×" if sp else DASH
@@ -164,7 +176,7 @@ def main():
 
     if args.json_out:
         raw = {
-            "threads": args.threads, "rounds": args.rounds,
+            "threads": args.threads, "rounds": args.rounds, "dtype": args.dtype,
             "bnlab_cmd": bn_cmd, "pytorch_cmd": pt_cmd,
             "bnlab_runs": [raw_run(run) for run in bn_runs],
             "pytorch_runs": [raw_run(run) for run in pt_runs],

@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""Time PyTorch's CPU batch normalization (float32) in the format of `bnlab bench --json`.
+"""Time PyTorch's CPU batch normalization in the format of `bnlab bench --json`.
 
 Run (PyTorch is never a dependency of the project; see bench/README.md for the venv):
 
     /tmp/torch/bin/python bench/torch_bn.py --threads 2
     /tmp/torch/bin/python bench/torch_bn.py --threads 2 --reps 50 --warmup 5
     /tmp/torch/bin/python bench/torch_bn.py --threads 2 --reuse-memory   # no per-call page faults
+    /tmp/torch/bin/python bench/torch_bn.py --threads 2 --dtype bf16      # bfloat16 tensors
+    /tmp/torch/bin/python bench/torch_bn.py --threads 2 --only 'NCHW[128'  # one case
 
 Output, one JSON object per line:
 
     {"copy_gbps": G, "threads": T}
-    {"layout": "NCHW", "shape": [32,64,56,56], "op": "fwd_train", "ms": M}
+    {"layout": "NCHW", "shape": [32,64,56,56], "op": "fwd_train", "dtype": "f32", "ms": M}
     ...
 
 * copy_gbps: `dst.copy_(src)` of a 256 MiB float32 buffer, 2 x bytes / seconds
   (read + write counted), median of the repeats.
 * shape is always the logical [N,C,H,W] (or [N,C]); `layout` says how it is stored.
+* dtype (`--dtype`, default f32): the element type of x, dy, y and dx: `f32` (float32),
+  `bf16` (bfloat16) or `f16` (float16). The weight, bias and running statistics stay float32
+  whatever the dtype (PyTorch's convention for half inputs on the CPU, and what
+  `bnlab bench --dtype` times: `Element::Param` is f32), as do dgamma and dbeta.
   NHWC tensors are `x.contiguous(memory_format=torch.channels_last)` (dy too).
 * fwd_train: `F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
   momentum=0.1)`, i.e. batch statistics, normalization and the running-stats update.
@@ -57,6 +63,9 @@ import torch.nn.functional as F
 
 EPS = 1e-5
 MOMENTUM = 0.1
+
+# `--dtype` names (as `bnlab bench --dtype` spells them) and the torch type of x, dy, y and dx.
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 # (layout, logical shape)
 CASES = [
@@ -116,10 +125,12 @@ def copy_fn():
     return (lambda: dst.copy_(src)), 2 * n * 4  # bytes read + written
 
 
-def make_case(layout, shape, gen):
+def make_case(layout, shape, gen, dtype=torch.float32):
+    """x and dy of `dtype` (drawn in float32 and rounded to it), float32 weight, bias and
+    running statistics."""
     c = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float32)
-    dy = torch.randn(shape, generator=gen, dtype=torch.float32)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
     if layout == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
         dy = dy.contiguous(memory_format=torch.channels_last)
@@ -188,12 +199,19 @@ def time_and_print(entries, args):
     gbps = copy_bytes / statistics.median(copy_s) / 1e9
     print(fmt({"copy_gbps": sig(gbps, 4), "threads": torch.get_num_threads()}))
     for (layout, shape, op, _), acc in zip(entries, samples):
-        print(fmt({"layout": layout, "shape": shape, "op": op, "ms": sig(statistics.median(acc) * 1e3)}))
+        # Scripts without --dtype time float32 tensors.
+        row = {"layout": layout, "shape": shape, "op": op, "dtype": getattr(args, "dtype", "f32")}
+        print(fmt(dict(row, ms=sig(statistics.median(acc) * 1e3))))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_args(ap)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="f32",
+                    help="element type of x, dy, y, dx (parameters and statistics stay float32)")
+    ap.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                    help="time only the cases whose name (LAYOUT[N,C,...], e.g. NHWC[64,256,14,14]) "
+                         "contains one of these strings, as `bnlab bench --only` (repeatable)")
     ap.add_argument("--reuse-memory", action="store_true",
                     help="re-exec with glibc malloc never using mmap nor trimming (no per-call page faults)")
     args = ap.parse_args()
@@ -205,7 +223,10 @@ def main():
     gen = torch.Generator().manual_seed(0)
     entries, used = [], set()  # (layout, shape, op, fn)
     for layout, shape in CASES:
-        x, dy, w, b, rm, rv = make_case(layout, shape, gen)
+        x, dy, w, b, rm, rv = make_case(layout, shape, gen, DTYPES[args.dtype])
+        name = f"{layout}[{','.join(map(str, shape))}]"
+        if args.only and not any(o in name for o in args.only):
+            continue  # drawn all the same, so every case gets the same data with or without --only
         bwd, how = backward_fn(x, dy, w, b, rm, rv)
         used.add(how)
         entries += [

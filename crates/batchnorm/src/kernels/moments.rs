@@ -83,6 +83,24 @@ pub(crate) fn prefetch<T>(p: *const T, len: usize) {
     prefetch_line(base.wrapping_add(bytes - 1));
 }
 
+/// Prefetches the lines of elements `i..i + 16` at `p` that a 16-element step starting at
+/// element `i` (a multiple of 16) begins, so that a loop taking one such step at a time
+/// prefetches each line once: every other step for 2-byte elements, one line per step for
+/// `f32`, two for `f64`. A null `p` prefetches nothing.
+#[inline(always)]
+fn prefetch_step<T>(p: *const T, i: usize) {
+    let size = std::mem::size_of::<T>();
+    if p.is_null() || (16 * size < 64 && !(i * size).is_multiple_of(64)) {
+        return;
+    }
+    let base = (p as *const u8).wrapping_add(i * size);
+    let mut off = 0;
+    while off < 16 * size {
+        prefetch_line(base.wrapping_add(off));
+        off += 64;
+    }
+}
+
 /// Prefetches the cache line holding `p`.
 #[inline(always)]
 fn prefetch_line<T>(p: *const T) {
@@ -103,6 +121,24 @@ impl Runs {
         if k + 1 < self.count && self.len * std::mem::size_of::<T>() <= PREFETCH_BYTES {
             prefetch(base.wrapping_add(self.first + (k + 1) * self.stride), self.len);
         }
+    }
+
+    /// Where run `k` of the piece that follows these runs starts, when they are a group of
+    /// whole planes (`stride` ≠ 0): the next `count` runs at the same stride, which is how a
+    /// channel's planes are cut into pieces. `None` for one run of a plane (`stride` 0), whose
+    /// continuation the hardware prefetchers follow. The address may lie past the buffer or in
+    /// another unit's planes: it is only prefetched, never read.
+    #[inline(always)]
+    fn following(&self, k: usize) -> Option<usize> {
+        (self.stride != 0).then(|| self.first + (self.count + k) * self.stride)
+    }
+
+    /// [`Runs::following`] in the buffer at `base`, offset by `offset` elements; null where there
+    /// is none.
+    #[inline(always)]
+    fn ahead<T>(&self, base: *const T, k: usize, offset: usize) -> *const T {
+        self.following(k)
+            .map_or(std::ptr::null(), |o| base.wrapping_add(o + offset))
     }
 
     /// Number of elements.
@@ -296,7 +332,8 @@ impl<S: Simd> Sums2<S> {
     /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
     /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
     /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
-    /// at a time. The loop of both sums over runs.
+    /// at a time. The loop of both sums over runs. `ahead(i)` is called once per 16-element
+    /// step (to prefetch what a later run reads; it must not change the sums).
     ///
     /// # Safety
     /// `lanes` must hold the state of the run's `n` elements.
@@ -308,11 +345,13 @@ impl<S: Simd> Sums2<S> {
         lanes: L,
         terms8: impl Fn(usize, L::M) -> (S::V, S::V),
         terms1: impl Fn(usize) -> (f64, f64),
+        ahead: impl Fn(usize),
     ) {
         let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
         let mut i = 0;
         // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
         while i + 16 <= n {
+            ahead(i);
             let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
             let (x1, y1) = terms8(i + 8, unsafe { lanes.mask(s, i + 8) });
             a0 = s.add(a0, x0);
@@ -404,17 +443,19 @@ unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, mask: Opt
 }
 
 /// Adds (Σ(x − m), Σ(x − m)²) over the elements of the run of `n` elements at `p` that `lanes`
-/// has on to `acc`.
+/// has on to `acc`, prefetching the `n` elements at `ahead` on the way (null: none).
 ///
 /// # Safety
 /// `p` must be valid for reading `n` elements.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
     s: S,
     p: *const T,
     n: usize,
     m: f64,
     lanes: L,
+    ahead: *const T,
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
@@ -435,6 +476,8 @@ unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
                 let d = (*p.add(i)).to_f64() - m;
                 (d, d)
             },
+            #[inline(always)]
+            |i| prefetch_step(ahead, i),
         );
     }
 }
@@ -455,8 +498,11 @@ unsafe fn runs_centered<S: Simd, T: Element>(
     for k in 0..runs.count {
         let p = x.wrapping_add(runs.first + k * runs.stride);
         // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        // The next piece is read from memory next: its loads overlap this pass, which reads
+        // the piece the sums just brought into cache.
         for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
-            run_centered(s, p.add(r.start), r.len(), m, lanes, &mut acc)
+            let ahead = runs.ahead(x, k, r.start);
+            run_centered(s, p.add(r.start), r.len(), m, lanes, ahead, &mut acc)
         });
     }
     acc.finish(s)
@@ -495,7 +541,8 @@ simd_dispatch! {
 }
 
 /// Adds (Σ g, Σ g·(x − m)) over the elements of the runs of `n` elements at `px` and `pg` that
-/// `lanes` has on to `acc`, with g the upstream gradient `u` makes of dy (read at `pg`).
+/// `lanes` has on to `acc`, with g the upstream gradient `u` makes of dy (read at `pg`),
+/// prefetching the `n` elements at `ahead.0` and `ahead.1` on the way (null: none).
 ///
 /// # Safety
 /// `px` and `pg` must be valid for reading `n` elements, and `u` made for those `n`.
@@ -509,6 +556,7 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
     m: f64,
     lanes: L,
     u: U,
+    ahead: (*const T, *const T),
     acc: &mut Sums2<S>,
 ) {
     let mv = s.splat(m);
@@ -526,6 +574,11 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
             },
             #[inline(always)]
             |i| (u.wide1(i, (*pg.add(i)).to_f64()), (*px.add(i)).to_f64() - m),
+            #[inline(always)]
+            |i| {
+                prefetch_step(ahead.0, i);
+                prefetch_step(ahead.1, i);
+            },
         );
     }
 }
@@ -570,7 +623,9 @@ fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
         // SAFETY: every run lies inside both buffers (checked above), the part inside the run.
         for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
             let (o, n) = (o + r.start, r.len());
-            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), &mut acc)
+            // One piece ahead: more loads in flight than the hardware prefetchers keep.
+            let ahead = (runs.ahead(xp, k, r.start), runs.ahead(gp, k, r.start));
+            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), ahead, &mut acc)
         });
     }
     acc.finish(s)

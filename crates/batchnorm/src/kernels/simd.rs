@@ -280,25 +280,54 @@ mod x86 {
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
-    /// Widens 8 `bf16` (their bits) to `f32`: each shifted left 16 bits, exact.
+    /// Loads 8 `bf16` from `p` widened to `f32`: each placed in the high half of its lane
+    /// (shifted left 16 bits), exact. The 16 bytes are broadcast to both 128-bit halves by the
+    /// load itself, so one in-lane byte shuffle does the rest (rather than a lane-crossing
+    /// widening plus a shift: shuffles and shifts share the same few execution ports).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 16 bytes.
     #[inline(always)]
-    unsafe fn bf16_to_f32(h: __m128i) -> __m256 {
-        unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))) }
+    unsafe fn bf16_load(p: *const u8) -> __m256 {
+        unsafe {
+            let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+            // Output lane l (bytes 4l..4l + 4): bytes 2l, 2l + 1 of the input on top, zeros below
+            // (-1 selects a zero).
+            let to_high = _mm256_setr_epi8(
+                -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7, //
+                -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15,
+            );
+            _mm256_castsi256_ps(_mm256_shuffle_epi8(h, to_high))
+        }
     }
 
-    /// Rounds 8 `f32` to `bf16` (their bits), round-to-nearest-even, a NaN kept a quiet NaN:
-    /// the steps of `element::sealed::bf16_bits`, lane by lane.
+    /// Each lane of `v` rounded to `bf16`, in the high 16 bits of the lane (the low 16 bits are
+    /// not meaningful): round-to-nearest-even, a NaN kept a quiet NaN, the steps of
+    /// `element::sealed::bf16_bits`: x + 0x7fff + (last kept bit) is written x + 0x8000 − (1
+    /// where that bit is 0), which needs no shift. The NaN select is skipped when no lane is NaN
+    /// (a branch that data without NaN always predicts).
+    #[inline(always)]
+    unsafe fn bf16_round_high(v: __m256) -> __m256i {
+        unsafe {
+            let x = _mm256_castps_si256(v);
+            let kept_even =
+                _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x1_0000)), _mm256_setzero_si256());
+            let rounded = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x8000)), kept_even);
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+            if _mm256_movemask_ps(nan) == 0 {
+                return rounded;
+            }
+            // A NaN: truncated, with the quiet bit (bit 22 of the f32, bit 6 of the bf16) set.
+            let quiet = _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000));
+            _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan))
+        }
+    }
+
+    /// Rounds 8 `f32` to `bf16` (their bits), as [`bf16_round_high`].
     #[inline(always)]
     unsafe fn f32_to_bf16(v: __m256) -> __m128i {
         unsafe {
-            let x = _mm256_castps_si256(v);
-            let high = _mm256_srli_epi32::<16>(x);
-            let odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
-            let bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
-            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(x, bias));
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-            let quiet = _mm256_or_si256(high, _mm256_set1_epi32(0x0040));
-            let r = _mm256_blendv_epi8(rounded, quiet, nan);
+            let r = _mm256_srli_epi32::<16>(bf16_round_high(v));
             // Every lane is below 2¹⁶, so the saturating pack is exact.
             _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r))
         }
@@ -504,7 +533,7 @@ mod x86 {
             unsafe {
                 match T::KIND {
                     Kind::F32 => _mm256_loadu_ps(p as *const f32),
-                    Kind::Bf16 => bf16_to_f32(_mm_loadu_si128(p as *const __m128i)),
+                    Kind::Bf16 => bf16_load(p as *const u8),
                     Kind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
                     Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
                 }
@@ -538,7 +567,11 @@ mod x86 {
             unsafe {
                 match T::KIND {
                     Kind::F32 => v,
-                    Kind::Bf16 => bf16_to_f32(f32_to_bf16(v)),
+                    // The rounded bits in the high half, zeros below: the bf16 widened.
+                    Kind::Bf16 => _mm256_castsi256_ps(_mm256_and_si256(
+                        bf16_round_high(v),
+                        _mm256_set1_epi32(0xffff_0000_u32 as i32),
+                    )),
                     Kind::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
                     Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
                 }
