@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Time PyTorch's CPU `relu(bn(x))` and `relu(bn(x) + z)` (float32) in the format of `bnlab bench --json`.
+"""Time PyTorch's CPU `relu(bn(x))` and `relu(bn(x) + z)` in the format of `bnlab bench --json`.
 
 Run (PyTorch is never a dependency of the project; see bench/README.md for the venv):
 
     /tmp/torch/bin/python bench/torch_fused.py --threads 2
     /tmp/torch/bin/python bench/torch_fused.py --threads 2 --no-compile   # eager only
+    /tmp/torch/bin/python bench/torch_fused.py --threads 2 --dtype bf16   # bfloat16 x, z, dy
 
 Output, one JSON object per line (the copy line and the cases of bench/torch_bn.py):
 
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_bn import CASES, EPS, MOMENTUM, add_timing_args, make_case, time_and_print  # noqa: E402
+from torch_bn import CASES, DTYPES, EPS, MOMENTUM, add_timing_args, make_case, time_and_print  # noqa: E402
 
 aten = torch.ops.aten
 # Each case compiles the two functions again (other shapes); dynamo's default limit of 8
@@ -72,10 +73,11 @@ def backward_pair(dy, y, x, w, rm, rv, save_mean, save_invstd):
     return aten.native_batch_norm_backward(g, x, w, rm, rv, save_mean, save_invstd, True, EPS, [True, True, True])
 
 
-def case_entries(layout, shape, gen, compile_ok):
-    """(op, fn) of one case: eager and, when it compiles, torch.compile of the same."""
-    x, dy, w, b, rm, rv = make_case(layout, shape, gen)
-    z = torch.randn(shape, generator=gen, dtype=torch.float32)
+def case_entries(layout, shape, gen, compile_ok, dtype=torch.float32):
+    """(op, fn) of one case: eager and, when it compiles, torch.compile of the same; x, dy and z
+    of `dtype` (parameters and statistics float32)."""
+    x, dy, w, b, rm, rv = make_case(layout, shape, gen, dtype)
+    z = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
     if layout == "NHWC":
         z = z.contiguous(memory_format=torch.channels_last)
     entries = []
@@ -105,6 +107,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_args(ap)
     ap.add_argument("--no-compile", action="store_true", help="time eager PyTorch only")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="f32",
+                    help="element type of x, dy, z and the outputs (parameters and statistics stay float32)")
     ap.add_argument("--only", action="append", default=[],
                     help="time only the cases whose name LAYOUT[N,C,...] contains this (repeatable)")
     args = ap.parse_args()
@@ -116,7 +120,7 @@ def main():
         name = f"{layout}[{','.join(map(str, shape))}]"
         if args.only and not any(o in name for o in args.only):
             continue
-        for op, fn in case_entries(layout, shape, gen, not args.no_compile):
+        for op, fn in case_entries(layout, shape, gen, not args.no_compile, DTYPES[args.dtype]):
             entries.append((layout, shape, op, fn))
     time_and_print(entries, args)
 
