@@ -294,12 +294,8 @@ mod tests {
     }
 
     #[test]
-    fn bf16_from_f64_rounds_once() {
+    fn half_from_f64_rounds_once() {
         rounds_once::<bf16>();
-    }
-
-    #[test]
-    fn f16_from_f64_rounds_once() {
         rounds_once::<f16>();
         // Above the largest f16 (65504) by less than half its ulp (32): kept; from half an ulp
         // on (a tie goes to the even neighbour, Inf): Inf.

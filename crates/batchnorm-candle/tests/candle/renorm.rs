@@ -6,8 +6,8 @@
 //! plain batch norm; the schedule follows the step counter.
 
 use crate::common::{
-    assert_bits, assert_close, assert_steps_match_kernel, check_paths, check_stats, f64s, for_cases, forward_backward,
-    from_f64s, init_vars, pair, reference_outputs, tensor, tol_composed, tol_fused, vecs, OUTPUTS,
+    assert_bits, assert_close, assert_outputs_close, assert_steps_match_kernel, check_paths, check_stats, f64s,
+    for_cases, forward_backward, from_f64s, init_vars, pair, reference_outputs, tensor, tol_composed, tol_fused, vecs,
 };
 use batchnorm::{reference, Layout};
 use batchnorm_candle::{
@@ -141,14 +141,7 @@ fn renorm_with_identity_limits_is_plain_batch_norm() -> Result<()> {
             let w = tensor(seed + 6, shape, -1.0, 1.0, dtype)?;
             let a = forward_backward(|x| renorm.forward_t(x, true), renorm.weight_and_bias(), &x, &w)?;
             let b = forward_backward(|x| plain.forward_t(x, true), plain.weight_and_bias(), &x, &w)?;
-            for k in 0..4 {
-                assert_close(
-                    &format!("{} {shape:?} {dtype:?} {path:?}", OUTPUTS[k]),
-                    &a[k],
-                    &b[k],
-                    tol,
-                );
-            }
+            assert_outputs_close(&format!("{shape:?} {dtype:?} {path:?}"), &a, &b, tol);
         }
         Ok(())
     })

@@ -325,6 +325,16 @@ pub fn assert_outputs_bits(what: &str, got: &[Tensor], want: &[Tensor]) {
     }
 }
 
+/// Asserts that [`forward_backward`]'s results `got` are within `tol` of `want`'s
+/// ([`assert_close`]).
+#[track_caller]
+pub fn assert_outputs_close(what: &str, got: &[Tensor], want: &[Tensor], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: outputs");
+    for (k, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_close(&format!("{what} {}", OUTPUTS[k]), a, b, tol);
+    }
+}
+
 /// Runs `case(dtype, case, seed)` for `f32` and `f64` and each of `cases` (a shape, or a shape
 /// with settings), case i with the seed `seed0 + 10·i`.
 pub fn for_cases<C: Copy>(cases: &[C], seed0: u64, mut case: impl FnMut(DType, C, u64) -> Result<()>) -> Result<()> {

@@ -255,8 +255,11 @@ pub trait Experiment: Sync {
     /// The learning rate of `variant` at 0-based `step` (the rate of that step's update).
     fn lr(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> f64;
 
-    /// What a variant does when its loss stops being finite.
-    fn divergence(&self) -> Divergence;
+    /// What a variant does when its loss stops being finite: by default [`Divergence::Record`]
+    /// (the variant stops, the others go on).
+    fn divergence(&self) -> Divergence {
+        Divergence::Record
+    }
 
     /// The metrics line of an evaluation of `variant`; `probe` holds what it recorded.
     fn metric(
@@ -576,16 +579,23 @@ pub fn data_parallel_text(s: &CommonSettings) -> String {
     )
 }
 
-/// Ends a study's report `page`: the table of runs (steps, time per step and seconds of each of
-/// `variants`, from `outcome`), the `figures` (caption and SVG, in order) and the settings `s`;
-/// then writes it into the run's folder as `report.html`.
+/// Ends a study's report `page`: with data-parallel training a paragraph on it
+/// ([`data_parallel_text`]), the study's `table` (title, then header and rows), the table of runs (steps,
+/// time per step and seconds of each of `variants`, from `outcome`), the `figures` (caption and
+/// SVG, in order) and the settings `s`; then writes it into the run's folder as `report.html`.
 pub fn finish_study_report<T: Serialize, V: Variant, M>(
     mut page: Page,
     s: &Settings<T>,
+    table: (&str, (Vec<String>, Vec<Vec<String>>)),
     variants: &[V],
     outcome: &Outcome<M>,
     figures: &[(String, String)],
 ) -> Result<()> {
+    if s.common.processes > 1 {
+        page.paragraph(&data_parallel_text(&s.common));
+    }
+    let (title, (header, rows)) = table;
+    page.table(title, &header, &rows);
     let names = variants.iter().map(|v| (v.name(), v.name()));
     let columns = [RunColumn::Steps, RunColumn::MsPerStep, RunColumn::Seconds];
     let (header, rows) = metrics::runs_table(names, &outcome.summaries, &columns);

@@ -40,9 +40,7 @@ use super::convnet::{check_training, ConvNet, QuickPreset};
 use super::{FlagSettings, Study, StudyHelp};
 use crate::driver::metrics::{runs_table, settings_rows, write_table, MetricLine, RunColumn};
 use crate::driver::Variant as _;
-use crate::driver::{
-    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
-};
+use crate::driver::{self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Outcome, TrainingStatus};
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
 use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
@@ -484,10 +482,6 @@ impl Experiment for Accelerate {
 
     fn lr(&self, s: &Settings, variant: Variant, step: u64) -> f64 {
         s.lr_at(variant, step)
-    }
-
-    fn divergence(&self) -> Divergence {
-        Divergence::Record
     }
 
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {

@@ -46,8 +46,7 @@ use crate::data::batches::{below, epoch_key};
 use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{
-    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Gathered, Outcome, Pass,
-    TrainingStatus,
+    self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Gathered, Outcome, Pass, TrainingStatus,
 };
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
@@ -643,10 +642,6 @@ impl Experiment for Padded {
         s.lr_at(step)
     }
 
-    fn divergence(&self) -> Divergence {
-        Divergence::Record
-    }
-
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
         Metric::new(s, variant, eval.step, Some(eval))
     }
@@ -741,12 +736,8 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         b = c.batch,
         steps = c.steps,
     ));
-    if c.processes > 1 {
-        page.paragraph(&driver::data_parallel_text(c));
-    }
-    let (header, rows) = table.display_rows();
-    page.table("Final test accuracy by test sequence lengths", &header, &rows);
-    driver::finish_study_report(page, s, &e.variants, o, &figures)
+    let table = ("Final test accuracy by test sequence lengths", table.display_rows());
+    driver::finish_study_report(page, s, table, &e.variants, o, &figures)
 }
 
 /// Draws `series` as a plot of test accuracy (0 to 1) against `x_label` and writes it into `out` as

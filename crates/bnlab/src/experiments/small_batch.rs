@@ -32,9 +32,7 @@ use super::{FlagSettings, Study, StudyHelp};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{
-    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome, TrainingStatus,
-};
+use crate::driver::{self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Outcome, TrainingStatus};
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
 use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
 use anyhow::{ensure, Context, Result};
@@ -596,10 +594,6 @@ impl Experiment for SmallBatch {
         s.lr_at(variant, step)
     }
 
-    fn divergence(&self) -> Divergence {
-        Divergence::Record
-    }
-
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
         Metric {
             variant: variant.name(),
@@ -738,10 +732,6 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         lr = c.lr,
         b = c.batch,
     ));
-    if c.processes > 1 {
-        page.paragraph(&driver::data_parallel_text(c));
-    }
-    let (header, rows) = table.display_rows();
-    page.table("Final test accuracy (population / running)", &header, &rows);
-    driver::finish_study_report(page, s, &e.variants, o, &figures)
+    let table = ("Final test accuracy (population / running)", table.display_rows());
+    driver::finish_study_report(page, s, table, &e.variants, o, &figures)
 }

@@ -52,6 +52,13 @@ fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
     v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
 }
 
+/// The (variant, op) rows of variants that bench training only: `fwd_train` and `backward` of
+/// each, in order.
+fn training_ops(variants: &[&str]) -> Vec<(String, String)> {
+    let ops = variants.iter().flat_map(|&v| [(v, "fwd_train"), (v, "backward")]);
+    pairs(&ops.collect::<Vec<_>>())
+}
+
 /// `want`'s (variant, op) rows with each variant's rows once per dtype of `dtypes`, in order.
 fn in_dtypes(want: &[(String, String)], dtypes: &[&str]) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
@@ -128,23 +135,13 @@ fn bench_dtype_selects_rows() {
 
 #[test]
 fn bench_variant_selects_rows() {
-    let want = pairs(&[
-        ("frozen", "fwd_train"),
-        ("frozen", "backward"),
-        ("renorm", "fwd_train"),
-        ("renorm", "backward"),
-    ]);
+    let want = training_ops(&["frozen", "renorm"]);
     assert_eq!(variant_ops(&rows(&["--variant", "renorm,frozen"])), want);
     assert_eq!(
         variant_ops(&rows(&["--variant", "renorm", "--variant", "frozen"])),
         want
     );
-    let masked = pairs(&[
-        ("masked", "fwd_train"),
-        ("masked", "backward"),
-        ("masked-random", "fwd_train"),
-        ("masked-random", "backward"),
-    ]);
+    let masked = training_ops(&["masked", "masked-random"]);
     assert_eq!(variant_ops(&rows(&["--variant", "masked-random,masked"])), masked);
     let tmp = tempfile::tempdir().unwrap();
     expect_error(
