@@ -369,7 +369,7 @@ fn renorm_dx_coeffs<T: Element>(
     sum_dy_xhat0: &[f64],
     out: &mut [DxCoeffs],
 ) {
-    dx_coeffs(gamma, &saved.stats, first, sum_dy, sum_dy_xhat0, out);
+    dx_coeffs(gamma, (&saved.stats).into(), first, sum_dy, sum_dy_xhat0, out);
     for (o, r) in out.iter_mut().zip(&saved.r[first..]) {
         o.k *= r;
     }

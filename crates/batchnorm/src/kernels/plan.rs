@@ -26,7 +26,9 @@ use crate::{Element, Geometry};
 use rayon::prelude::*;
 
 mod fixed;
+mod groups;
 pub(crate) use fixed::fixed_backward_where;
+pub(crate) use groups::{ghost_train_backward, ghost_train_forward, GroupMoments};
 
 /// Elements of one in-cache piece (32 KiB of `f32`).
 pub(crate) const PIECE: usize = 8192;
@@ -384,18 +386,24 @@ pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Opt
             let rows = u * per_task..u * per_task + t.len() / c;
             rows_task_moments(t, mask.map(|m| &m[rows]), per_block, pf, mean, m2)
         });
-        let mut out = ChannelMoments {
-            count: 0.0,
-            mean: vec![0.0; c],
-            m2: vec![0.0; c],
-        };
-        for (count, part) in counts.into_iter().zip(parts.chunks(2 * c)) {
-            let (mean, m2) = part.split_at(c);
-            moments::merge_rows(out.count, &mut out.mean, &mut out.m2, count, mean, m2);
-            out.count += count;
-        }
-        out
+        let (mut mean, mut m2) = (vec![0.0; c], vec![0.0; c]);
+        let count = merge_task_moments(&counts, &parts, &mut mean, &mut m2);
+        ChannelMoments { count, mean, m2 }
     }
+}
+
+/// The moments of a rows-plan tensor from its tasks' (`counts`, and `parts`: per task, the mean
+/// and then the M2 of every channel), the tasks merged left in order into `mean` and `m2` (one
+/// entry per channel, zeros); returns the count.
+fn merge_task_moments(counts: &[f64], parts: &[f64], mean: &mut [f64], m2: &mut [f64]) -> f64 {
+    let channels = mean.len();
+    let mut total = 0.0;
+    for (&count, part) in counts.iter().zip(parts.chunks(2 * channels)) {
+        let (part_mean, part_m2) = part.split_at(channels);
+        moments::merge_rows(total, mean, m2, count, part_mean, part_m2);
+        total += count;
+    }
+    total
 }
 
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
@@ -624,12 +632,18 @@ fn add_block_sums(parts: &[(f64, f64)], blocks: usize) -> (Vec<f64>, Vec<f64>) {
 /// `channels` of each), the tasks added in order.
 fn add_task_sums(parts: &[f64], channels: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut s1, mut s2) = (vec![0.0; channels], vec![0.0; channels]);
+    add_task_sums_into(parts, &mut s1, &mut s2);
+    (s1, s2)
+}
+
+/// [`add_task_sums`] into `s1` and `s2` (one entry per channel, zeros).
+fn add_task_sums_into(parts: &[f64], s1: &mut [f64], s2: &mut [f64]) {
+    let channels = s1.len();
     for part in parts.chunks(2 * channels) {
         let (p, q) = part.split_at(channels);
         s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
     }
-    (s1, s2)
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
