@@ -192,9 +192,10 @@ pub(crate) fn train_backward_sums<T: Element>(
     gamma: Option<&[T::Param]>,
 ) -> GradSums {
     let (relu, dz_alone) = dz_with(dx.is_some(), relu);
-    let (sum_dy, sum_dy_xmu) = plan::train_backward_where(g, x, dy, dx, saved.mean, mask, relu, |first, s1, s2, out| {
-        centered_dx_coeffs(gamma, saved, first, s1, s2, out)
-    });
+    let (sum_dy, sum_dy_xmu) =
+        plan::train_backward_where(g, x, dy, dx, saved.mean, mask, relu, |first, s1, s2, out| {
+            centered_dx_coeffs(gamma, saved, first, s1, s2, out)
+        });
     if let Some((bits, dz)) = dz_alone {
         upstream_alone(g, dy, bits, dz);
     }

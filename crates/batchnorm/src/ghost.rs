@@ -187,7 +187,13 @@ pub fn ghost_batch_norm_train<T: Element>(
         .collect::<Result<Vec<_>, Error>>()?
         .into_iter()
         .unzip();
-    Ok((stats, GhostSaved { virtual_batch, groups: saved }))
+    Ok((
+        stats,
+        GhostSaved {
+            virtual_batch,
+            groups: saved,
+        },
+    ))
 }
 
 /// A ghost training forward's statistics, packed: group k's channel c at k·C + c.
@@ -245,10 +251,11 @@ fn train_packed<T: Element>(
         // The rows plan: every group's statistics in one pass over the rows, y in one more,
         // each group's the bits of `batch_norm_train` over the group alone.
         let Affine { gamma, beta } = affine;
-        let GroupMoments { mean, m2, .. } = plan::ghost_train_forward(&g, data, y, groups.rows(&g), |first, scale, shift| {
-            inv_std_in_place(scale, eps);
-            scale_shift(gamma, beta, first, scale, shift);
-        });
+        let GroupMoments { mean, m2, .. } =
+            plan::ghost_train_forward(&g, data, y, groups.rows(&g), |first, scale, shift| {
+                inv_std_in_place(scale, eps);
+                scale_shift(gamma, beta, first, scale, shift);
+            });
         return Ok((Packed { counts, mean, m2 }, g.channels));
     }
     // Channels-first: each group of planes runs the plain kernel on its slice (the same bits
@@ -321,9 +328,10 @@ fn backward_views<T: Element>(
         // The rows plan: every group's sums in one pass over the rows, dx in one more, each
         // group's the bits of the plain backward over the group alone.
         let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
-        let (sum_dy, sum_dy_xmu) = plan::ghost_train_backward(&g, data, dy, dx, groups.rows(&g), &means, |k, s1, s2, out| {
-            centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out)
-        });
+        let (sum_dy, sum_dy_xmu) =
+            plan::ghost_train_backward(&g, data, dy, dx, groups.rows(&g), &means, |k, s1, s2, out| {
+                centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out)
+            });
         // Each group's Σ dy·x̂ = inv_std·Σ dy·(x − μ), added in batch order (as `GradSums::add`).
         let mut total = GradSums {
             sum_dy: vec![0.0; c],
@@ -376,7 +384,10 @@ fn ghost_estimate<'a>(mut groups: impl Iterator<Item = (u64, &'a [f64], &'a [f64
     // M2/(m − 1), as `BatchStats::var_unbiased`.
     let unbiased = |count: u64, m2: f64| m2 / (count as f64 - 1.0);
     let (count, mean, m2) = groups.next().expect("at least one group");
-    let (mut mean, mut var) = (mean.to_vec(), m2.iter().map(|&s| unbiased(count, s)).collect::<Vec<_>>());
+    let (mut mean, mut var) = (
+        mean.to_vec(),
+        m2.iter().map(|&s| unbiased(count, s)).collect::<Vec<_>>(),
+    );
     let mut n = 1.0;
     for (count, m, m2) in groups {
         mean.iter_mut().zip(m).for_each(|(a, b)| *a += b);
@@ -429,7 +440,12 @@ impl GhostSaved {
     /// in `layout`, as views into them. Rejects the shape as [`Layout::geometry`] does and
     /// packed vectors of another length than groups × channels ([`Error::FeatureMismatch`],
     /// named `saved.mean` or `saved.inv_std`).
-    fn views<'a>(saved: &'a SavedStats, shape: &[usize], layout: Layout, virtual_batch: usize) -> Result<Vec<StatsView<'a>>, Error> {
+    fn views<'a>(
+        saved: &'a SavedStats,
+        shape: &[usize],
+        layout: Layout,
+        virtual_batch: usize,
+    ) -> Result<Vec<StatsView<'a>>, Error> {
         let g = layout.geometry(shape)?;
         let groups = Groups::new(shape, &g, virtual_batch);
         let c = g.channels;
@@ -493,7 +509,14 @@ impl<T: Element> BatchNorm<T> {
             let seen = self.num_batches_tracked + 1;
             let (mean, var) = ghost_estimate(packed.groups(channels));
             let momentum = self.config.momentum;
-            blend_running(&mean, &var, momentum, seen, &mut self.running_mean, &mut self.running_var);
+            blend_running(
+                &mean,
+                &var,
+                momentum,
+                seen,
+                &mut self.running_mean,
+                &mut self.running_var,
+            );
             self.num_batches_tracked = seen;
         }
         Ok(packed.into_saved(channels, eps))
@@ -509,6 +532,13 @@ impl<T: Element> BatchNorm<T> {
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
         let views = GhostSaved::views(saved, x.shape, x.layout, virtual_batch)?;
-        backward_views(x, dy, virtual_batch, &views, self.affine().gamma, self.param_grads(grads))
+        backward_views(
+            x,
+            dy,
+            virtual_batch,
+            &views,
+            self.affine().gamma,
+            self.param_grads(grads),
+        )
     }
 }

@@ -478,19 +478,19 @@ pub(crate) fn normalize_where<T: Element>(
 }
 
 /// Training forward over the positions `mask` (one entry per position, `None`: all of them) has
-/// on: per-channel moments as [`channel_moments_where`], then `affine(first, scale, shift)` turns
-/// the biased variances of channels `first..first + scale.len()`, given in `scale`, into their
-/// (scale, shift), and y is written as [`normalize_where`] (+0.0 where the mask is off; with
-/// `relu`, fused with what follows). Fused per channel when the plan allows (see module docs);
-/// the statistics are the same bits as [`channel_moments_where`] either way. There must be at
-/// least one position on.
+/// on: per-channel moments as [`channel_moments_where`], then `affine(first, mean, scale, shift)`
+/// turns the biased variances of channels `first..first + scale.len()`, given in `scale`, into
+/// their (scale, shift), given their means (batch renormalization's constants depend on them),
+/// and y is written as [`normalize_where`] (+0.0 where the mask is off; with `relu`, fused with
+/// what follows). Fused per channel when the plan allows (see module docs); the statistics are
+/// the same bits as [`channel_moments_where`] either way. There must be at least one position on.
 pub(crate) fn train_forward_where<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
     mask: Option<&[bool]>,
     relu: Option<relu::Forward<'_, T>>,
-    affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
+    affine: impl Fn(usize, &[f64], &mut [f64], &mut [f64]) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
@@ -509,7 +509,7 @@ pub(crate) fn train_forward_where<T: Element>(
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, spans.as_ref(), c, 0..g.outer);
             let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
-            affine(c, &mut scale, &mut shift);
+            affine(c, &[m.mean], &mut scale, &mut shift);
             let a = WideAffine {
                 mean: m.mean,
                 scale: scale[0],
@@ -548,7 +548,7 @@ pub(crate) fn train_forward_where<T: Element>(
         let m = channel_moments_where(g, x, mask);
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
-        with_simd(|| affine(0, &mut scale, &mut shift));
+        with_simd(|| affine(0, &m.mean, &mut scale, &mut shift));
         normalize_where(g, x, y, &m.mean, &scale, &shift, mask, relu);
         m
     }
