@@ -349,11 +349,6 @@ fn rows_task_moments<T: Element>(
     count
 }
 
-/// Per-channel moments of the whole tensor.
-pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMoments {
-    channel_moments_where(g, x, None)
-}
-
 /// Per-channel moments of the positions `mask` (one entry per position, `o·inner + i`) has on,
 /// or of the whole tensor without a mask; with every position on, the same bits as without.
 /// A channel with no position on has count, mean and M2 0.
