@@ -12,10 +12,14 @@
 //! inference uses the running statistics, never groups.
 //!
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
-//! dimension comes first), so each group runs the plain kernels on its own slice: the same
-//! arithmetic, the same bits for any thread count, and with v ≥ N exactly the bits of plain batch
-//! norm. Groups run in parallel (several small groups to a task; on the calling thread when they
-//! all make one task); their sums are added in batch order.
+//! dimension comes first). Channels-first, each group runs the plain kernels on its own slice,
+//! groups in parallel (several small groups to a task; on the calling thread when they all make
+//! one task). In the rows plan (NC, channels-last) a group is a run of consecutive rows, and every
+//! group's statistics come from one pass over the rows, y from one more (the backward likewise),
+//! each group cut into the units the plain kernels would cut it into alone
+//! (`kernels::plan::ghost_train_forward`). Either way each group's results are the bits of plain
+//! batch norm over that group alone, for any thread count (with v ≥ N exactly plain batch norm's),
+//! and the groups' gradient sums are added in batch order.
 //!
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
