@@ -70,7 +70,7 @@ impl GradSums {
 #[inline]
 pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
-    saved: &SavedStats,
+    saved: StatsView<'_>,
     first: usize,
     sum_dy: &[f64],
     sum_dy_xhat: &[f64],
@@ -90,6 +90,28 @@ pub(crate) fn dx_coeffs<T: Element>(
     if let Some(g) = gamma {
         for (o, g) in out.iter_mut().zip(&g[first..end]) {
             o.k *= g.to_f64();
+        }
+    }
+}
+
+/// The saved statistics a training backward reads, borrowed: a [`SavedStats`]'s, or one group's
+/// of a ghost layer's packed ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatsView<'a> {
+    /// Values per channel.
+    pub count: u64,
+    /// μ per channel.
+    pub mean: &'a [f64],
+    /// 1/√(σ² + ε) per channel.
+    pub inv_std: &'a [f64],
+}
+
+impl<'a> From<&'a SavedStats> for StatsView<'a> {
+    fn from(s: &'a SavedStats) -> Self {
+        StatsView {
+            count: s.count,
+            mean: &s.mean,
+            inv_std: &s.inv_std,
         }
     }
 }
@@ -152,7 +174,7 @@ pub(crate) fn backward_where<T: Element>(
     let g = check_train_backward(x, mask, relu.as_ref(), dy, check_saved, gamma, &grads, saved.count)?;
     let Grads { dx, dgamma, dbeta } = grads;
     let relu = relu.map(|r| r.start(&g));
-    train_backward_sums(&g, x.data, mask, relu, dy, dx, saved, gamma).write_param_grads(dgamma, dbeta)
+    train_backward_sums(&g, x.data, mask, relu, dy, dx, saved.into(), gamma).write_param_grads(dgamma, dbeta)
 }
 
 /// The work of [`batch_norm_backward`] once its arguments are checked: writes dx when given (at
@@ -166,23 +188,37 @@ pub(crate) fn train_backward_sums<T: Element>(
     relu: Option<relu::Backward<'_, T>>,
     dy: &[T],
     dx: Option<&mut [T]>,
-    saved: &SavedStats,
+    saved: StatsView<'_>,
     gamma: Option<&[T::Param]>,
 ) -> GradSums {
     let (relu, dz_alone) = dz_with(dx.is_some(), relu);
     let (sum_dy, sum_dy_xmu) =
-        plan::train_backward_where(g, x, dy, dx, &saved.mean, mask, relu, |first, s1, s2, out| {
-            let inv_std = &saved.inv_std[first..first + s2.len()];
-            let sum_dy_xhat = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
-            dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat, out);
+        plan::train_backward_where(g, x, dy, dx, saved.mean, mask, relu, |first, s1, s2, out| {
+            centered_dx_coeffs(gamma, saved, first, s1, s2, out)
         });
     if let Some((bits, dz)) = dz_alone {
         upstream_alone(g, dy, bits, dz);
     }
     GradSums {
-        sum_dy_xhat: sum_dy_xmu.iter().zip(&saved.inv_std).map(|(v, s)| v * s).collect(),
+        sum_dy_xhat: sum_dy_xmu.iter().zip(saved.inv_std).map(|(v, s)| v * s).collect(),
         sum_dy,
     }
+}
+
+/// [`dx_coeffs`] from the sums the kernels take, Σ dy and Σ dy·(x − μ) of channels
+/// `first..first + out.len()`: Σ dy·x̂ = inv_std·Σ dy·(x − μ).
+#[inline]
+pub(crate) fn centered_dx_coeffs<T: Element>(
+    gamma: Option<&[T]>,
+    saved: StatsView<'_>,
+    first: usize,
+    sum_dy: &[f64],
+    sum_dy_xmu: &[f64],
+    out: &mut [DxCoeffs],
+) {
+    let inv_std = &saved.inv_std[first..first + sum_dy_xmu.len()];
+    let sum_dy_xhat = Scratch::collect(sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s));
+    dx_coeffs(gamma, saved, first, sum_dy, &sum_dy_xhat, out);
 }
 
 /// A fused backward's ReLU as the dx pass takes it, and the dz it cannot write: dz comes out of
@@ -264,7 +300,7 @@ pub(crate) fn input_grad_where<T: Element>(
     check::affine(g.channels, gamma, None)?;
     check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
-    with_simd(|| dx_coeffs(gamma, saved, 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
+    with_simd(|| dx_coeffs(gamma, saved.into(), 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
     plan::input_grad_where(&g, x, dy, dx, &coeffs, mask, None);
     Ok(())
 }

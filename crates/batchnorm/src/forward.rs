@@ -131,7 +131,7 @@ pub(crate) fn train_where<T: Element>(
     check::training_count(count, x.shape)?;
     let relu = relu.map(|r| r.start(&g));
     let Affine { gamma, beta } = affine;
-    let m = plan::train_forward_where(&g, x.data, y, mask, relu, |first, scale, shift| {
+    let m = plan::train_forward_where(&g, x.data, y, mask, relu, |first, _, scale, shift| {
         inv_std_in_place(scale, eps);
         scale_shift(gamma, beta, first, scale, shift);
     });

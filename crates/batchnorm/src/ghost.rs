@@ -12,10 +12,14 @@
 //! inference uses the running statistics, never groups.
 //!
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
-//! dimension comes first), so each group runs the plain kernels on its own slice: the same
-//! arithmetic, the same bits for any thread count, and with v ≥ N exactly the bits of plain batch
-//! norm. Groups run in parallel (several small groups to a task; on the calling thread when they
-//! all make one task); their sums are added in batch order.
+//! dimension comes first). Channels-first, each group runs the plain kernels on its own slice,
+//! groups in parallel (several small groups to a task; on the calling thread when they all make
+//! one task). In the rows plan (NC, channels-last) a group is a run of consecutive rows, and every
+//! group's statistics come from one pass over the rows, y from one more (the backward likewise),
+//! each group cut into the units the plain kernels would cut it into alone
+//! (`kernels::plan::ghost_train_forward`). Either way each group's results are the bits of plain
+//! batch norm over that group alone, for any thread count (with v ≥ N exactly plain batch norm's),
+//! and the groups' gradient sums are added in batch order.
 //!
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
@@ -23,11 +27,12 @@
 //! ([`Error::GhostNotSynchronized`]), and groups are whole examples: the layer's masked training
 //! passes reject a ghost layer too ([`Error::GhostNotMasked`]).
 
-use crate::backward::{train_backward_sums, GradSums};
+use crate::backward::{centered_dx_coeffs, train_backward_sums, GradSums, StatsView};
 use crate::check;
-use crate::forward::{batch_norm_train, check_forward};
-use crate::kernels::plan;
-use crate::stats::{blend_running, BatchStats, Momentum, SavedStats};
+use crate::forward::{batch_norm_train, check_forward, scale_shift};
+use crate::kernels::plan::{self, GroupMoments};
+use crate::kernels::with_simd;
+use crate::stats::{blend_running, inv_std_in_place, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
 use rayon::prelude::*;
 
@@ -72,6 +77,11 @@ impl<'a> Groups<'a> {
             values_per_example: (g.per_channel() / batch) as u64,
             virtual_batch,
         }
+    }
+
+    /// Rows of a full group in the rows plan (`g.inner` = 1) of the input, whose geometry is `g`.
+    fn rows(&self, g: &Geometry) -> usize {
+        self.virtual_batch * (g.outer / self.shape[0])
     }
 
     /// Number of groups: ⌈N / v⌉.
@@ -166,22 +176,18 @@ pub fn ghost_batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(Vec<BatchStats>, GhostSaved), Error> {
-    let (g, _) = check_forward(x, None, y, |_| Ok(()), affine)?;
-    check::eps(eps)?;
-    let View { data, shape, layout } = x;
-    check::training_count(g.per_channel() as u64, shape)?;
-    check::virtual_batch(virtual_batch)?;
-    let groups = Groups::new(shape, &g, virtual_batch);
-    groups.check_counts()?;
-    // Groups are independent: each runs the plain kernel on its slice (the same bits whichever
-    // thread runs it), in parallel; the results come back in batch order.
-    let items = data.chunks(groups.chunk()).zip(y.chunks_mut(groups.chunk())).collect();
-    let (stats, saved): (Vec<BatchStats>, Vec<SavedStats>) = groups
-        .map(items, |(xk, yk)| {
-            let group_shape = groups.shape_of(xk.len());
-            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk)
+    let (packed, channels) = train_packed(x, virtual_batch, affine, eps, y)?;
+    let (stats, saved) = packed
+        .groups(channels)
+        .map(|(count, mean, m2)| {
+            let stats = BatchStats {
+                count,
+                mean: mean.to_vec(),
+                m2: m2.to_vec(),
+            };
+            let saved = stats.saved(eps)?;
+            Ok((stats, saved))
         })
-        .into_iter()
         .collect::<Result<Vec<_>, Error>>()?
         .into_iter()
         .unzip();
@@ -192,6 +198,87 @@ pub fn ghost_batch_norm_train<T: Element>(
             groups: saved,
         },
     ))
+}
+
+/// A ghost training forward's statistics, packed: group k's channel c at k·C + c.
+struct Packed {
+    /// Values per channel of each group.
+    counts: Vec<u64>,
+    /// Each group's means.
+    mean: Vec<f64>,
+    /// Each group's M2.
+    m2: Vec<f64>,
+}
+
+impl Packed {
+    /// Each group's (count, means, M2) of `channels` channels, in batch order.
+    fn groups(&self, channels: usize) -> impl Iterator<Item = (u64, &[f64], &[f64])> {
+        let vectors = self.mean.chunks(channels).zip(self.m2.chunks(channels));
+        self.counts.iter().zip(vectors).map(|(&n, (mean, m2))| (n, mean, m2))
+    }
+
+    /// The layer's saved statistics (see [`GhostSaved`]): the whole batch's count, the packed
+    /// means, and each group's 1/√(σ² + ε) (as [`BatchStats::saved`] computes them) in place of
+    /// its M2.
+    fn into_saved(self, channels: usize, eps: f64) -> SavedStats {
+        let Packed { counts, mean, mut m2 } = self;
+        for (m2, &n) in m2.chunks_mut(channels).zip(&counts) {
+            m2.iter_mut().for_each(|s| *s /= n as f64);
+        }
+        with_simd(|| inv_std_in_place(&mut m2, eps));
+        SavedStats {
+            count: counts.iter().sum(),
+            mean,
+            inv_std: m2,
+        }
+    }
+}
+
+/// [`ghost_batch_norm_train`]'s checks and work, the statistics left packed; returns them and
+/// the channel count.
+fn train_packed<T: Element>(
+    x: View<'_, T>,
+    virtual_batch: usize,
+    affine: Affine<'_, T>,
+    eps: f64,
+    y: &mut [T],
+) -> Result<(Packed, usize), Error> {
+    let (g, _) = check_forward(x, None, y, |_| Ok(()), affine)?;
+    check::eps(eps)?;
+    let View { data, shape, layout } = x;
+    check::training_count(g.per_channel() as u64, shape)?;
+    check::virtual_batch(virtual_batch)?;
+    let groups = Groups::new(shape, &g, virtual_batch);
+    groups.check_counts()?;
+    let counts = (0..groups.len()).map(|k| groups.count(k)).collect();
+    if g.inner == 1 {
+        // The rows plan: every group's statistics in one pass over the rows, y in one more,
+        // each group's the bits of `batch_norm_train` over the group alone.
+        let Affine { gamma, beta } = affine;
+        let GroupMoments { mean, m2, .. } =
+            plan::ghost_train_forward(&g, data, y, groups.rows(&g), |first, scale, shift| {
+                inv_std_in_place(scale, eps);
+                scale_shift(gamma, beta, first, scale, shift);
+            });
+        return Ok((Packed { counts, mean, m2 }, g.channels));
+    }
+    // Channels-first: each group of planes runs the plain kernel on its slice (the same bits
+    // whichever thread runs it), in parallel; the results come back in batch order.
+    let items = data.chunks(groups.chunk()).zip(y.chunks_mut(groups.chunk())).collect();
+    let stats = groups
+        .map(items, |(xk, yk)| {
+            let group_shape = groups.shape_of(xk.len());
+            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk).map(|(stats, _)| stats)
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>, Error>>()?;
+    let (mean, m2) = (stats.iter().map(|s| &s.mean), stats.iter().map(|s| &s.m2));
+    let packed = Packed {
+        counts,
+        mean: mean.flatten().copied().collect(),
+        m2: m2.flatten().copied().collect(),
+    };
+    Ok((packed, g.channels))
 }
 
 /// Ghost batch norm's training backward: each group's training-mode backward through its own
@@ -211,61 +298,106 @@ pub fn ghost_batch_norm_backward<T: Element>(
     gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let views: Vec<StatsView> = saved.groups.iter().map(StatsView::from).collect();
+    backward_views(x, dy, saved.virtual_batch, &views, gamma, grads)
+}
+
+/// [`ghost_batch_norm_backward`] given each group's saved statistics as views (checked here, in
+/// the order that function documents).
+fn backward_views<T: Element>(
+    x: View<'_, T>,
+    dy: &[T],
+    virtual_batch: usize,
+    saved: &[StatsView],
+    gamma: Option<&[T::Param]>,
+    grads: Grads<'_, T>,
+) -> Result<(), Error> {
     let Grads { dx, dgamma, dbeta } = grads;
     let View { data, shape, layout } = x;
     let g = check::input("x", data, shape, layout)?;
     check::len("dy", &g, dy.len())?;
     check::len_opt("dx", &g, dx.as_deref())?;
-    check::virtual_batch(saved.virtual_batch)?;
-    let groups = Groups::new(shape, &g, saved.virtual_batch);
-    check::ghost_groups(groups.len(), saved.groups.len())?;
-    for (k, s) in saved.groups.iter().enumerate() {
-        check::saved(s, g.channels)?;
+    check::virtual_batch(virtual_batch)?;
+    let groups = Groups::new(shape, &g, virtual_batch);
+    check::ghost_groups(groups.len(), saved.len())?;
+    for (k, s) in saved.iter().enumerate() {
+        check::channels("saved.mean", g.channels, s.mean.len())?;
+        check::channels("saved.inv_std", g.channels, s.inv_std.len())?;
         groups.check_count(k, s.count)?;
     }
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-    // Each group's dx and sums on its own slices, in parallel as in the forward; the sums are
-    // then added in batch order, so the bits do not depend on the threads.
-    let chunk = groups.chunk();
-    let dxs: Vec<Option<&mut [T]>> = match dx {
-        Some(dx) => dx.chunks_mut(chunk).map(Some).collect(),
-        None => (0..groups.len()).map(|_| None).collect(),
+    let c = g.channels;
+    let total = if g.inner == 1 {
+        // The rows plan: every group's sums in one pass over the rows, dx in one more, each
+        // group's the bits of the plain backward over the group alone.
+        let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
+        let (sum_dy, sum_dy_xmu) =
+            plan::ghost_train_backward(&g, data, dy, dx, groups.rows(&g), &means, |k, s1, s2, out| {
+                centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out)
+            });
+        // Each group's Σ dy·x̂ = inv_std·Σ dy·(x − μ), added in batch order (as `GradSums::add`).
+        let mut total = GradSums {
+            sum_dy: vec![0.0; c],
+            sum_dy_xhat: vec![0.0; c],
+        };
+        let parts = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(saved);
+        for (k, ((s1, s2), s)) in parts.enumerate() {
+            let xhat = s2.iter().zip(s.inv_std).map(|(v, s)| v * s);
+            if k == 0 {
+                total.sum_dy.copy_from_slice(s1);
+                total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a = b);
+            } else {
+                total.sum_dy.iter_mut().zip(s1).for_each(|(a, b)| *a += b);
+                total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a += b);
+            }
+        }
+        total
+    } else {
+        // Channels-first: each group's dx and sums on its own slices, in parallel as in the
+        // forward.
+        let chunk = groups.chunk();
+        let dxs: Vec<Option<&mut [T]>> = match dx {
+            Some(dx) => dx.chunks_mut(chunk).map(Some).collect(),
+            None => (0..groups.len()).map(|_| None).collect(),
+        };
+        let items = data.chunks(chunk).zip(dy.chunks(chunk)).zip(dxs).zip(saved).collect();
+        let sums = groups
+            .map(items, |(((xk, dyk), dxk), s)| {
+                let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
+                Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, *s, gamma))
+            })
+            .into_iter()
+            .collect::<Result<Vec<GradSums>, Error>>()?;
+        // Added in batch order, so the bits do not depend on the threads.
+        let mut sums = sums.into_iter();
+        // At least one group: the input is not empty.
+        let mut total = sums.next().expect("at least one group");
+        for s in sums {
+            total.add(&s)?;
+        }
+        total
     };
-    let items = data
-        .chunks(chunk)
-        .zip(dy.chunks(chunk))
-        .zip(dxs)
-        .zip(&saved.groups)
-        .collect();
-    let sums: Vec<GradSums> = groups
-        .map(items, |(((xk, dyk), dxk), s)| {
-            let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
-            Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, s, gamma))
-        })
-        .into_iter()
-        .collect::<Result<_, Error>>()?;
-    let mut sums = sums.into_iter();
-    // At least one group: the input is not empty.
-    let Some(mut total) = sums.next() else {
-        return Ok(());
-    };
-    for s in sums {
-        total.add(&s)?;
-    }
     total.write_param_grads(dgamma, dbeta)
 }
 
 /// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
 /// their means and of their unbiased variances M2/(m − 1), every group weighing 1/G. Groups
 /// checked and not empty. With one group, exactly that group's mean and unbiased variance.
-fn ghost_estimate(groups: &[BatchStats]) -> (Vec<f64>, Vec<f64>) {
-    let (mut mean, mut var) = (groups[0].mean.clone(), groups[0].var_unbiased());
-    for s in &groups[1..] {
-        mean.iter_mut().zip(&s.mean).for_each(|(a, b)| *a += b);
-        var.iter_mut().zip(s.var_unbiased()).for_each(|(a, b)| *a += b);
+fn ghost_estimate<'a>(mut groups: impl Iterator<Item = (u64, &'a [f64], &'a [f64])>) -> (Vec<f64>, Vec<f64>) {
+    // M2/(m − 1), as `BatchStats::var_unbiased`.
+    let unbiased = |count: u64, m2: f64| m2 / (count as f64 - 1.0);
+    let (count, mean, m2) = groups.next().expect("at least one group");
+    let (mut mean, mut var) = (
+        mean.to_vec(),
+        m2.iter().map(|&s| unbiased(count, s)).collect::<Vec<_>>(),
+    );
+    let mut n = 1.0;
+    for (count, m, m2) in groups {
+        mean.iter_mut().zip(m).for_each(|(a, b)| *a += b);
+        var.iter_mut().zip(m2).for_each(|(a, &s)| *a += unbiased(count, s));
+        n += 1.0;
     }
-    let n = groups.len() as f64;
     mean.iter_mut().chain(var.iter_mut()).for_each(|v| *v /= n);
     (mean, var)
 }
@@ -302,42 +434,34 @@ pub fn update_ghost_running_stats<T: Element>(
     for s in groups {
         check::training_count(s.count, &[])?;
     }
-    let (mean, var) = ghost_estimate(groups);
+    let (mean, var) = ghost_estimate(groups.iter().map(|s| (s.count, &s.mean[..], &s.m2[..])));
     blend_running(&mean, &var, momentum, batches_seen, running_mean, running_var);
     Ok(())
 }
 
 impl GhostSaved {
-    /// The layer's form (see the type's docs): one [`SavedStats`] with the whole batch's `count`
-    /// and the groups' vectors one after the other.
-    fn pack(self, count: u64) -> SavedStats {
-        // Sized once: growing them group by group would copy them again at each doubling.
-        let len = self.groups.iter().map(|s| s.mean.len()).sum();
-        let (mut mean, mut inv_std) = (Vec::with_capacity(len), Vec::with_capacity(len));
-        for s in self.groups {
-            mean.extend_from_slice(&s.mean);
-            inv_std.extend_from_slice(&s.inv_std);
-        }
-        SavedStats { count, mean, inv_std }
-    }
-
-    /// The groups of a layer's packed statistics for an input of `shape` in `layout`. Rejects
-    /// the shape as [`Layout::geometry`] does and packed vectors of another length than
-    /// groups × channels ([`Error::FeatureMismatch`], named `saved.mean` or `saved.inv_std`).
-    fn unpack(saved: &SavedStats, shape: &[usize], layout: Layout, virtual_batch: usize) -> Result<Self, Error> {
+    /// The groups of a layer's packed statistics (see the type's docs) for an input of `shape`
+    /// in `layout`, as views into them. Rejects the shape as [`Layout::geometry`] does and
+    /// packed vectors of another length than groups × channels ([`Error::FeatureMismatch`],
+    /// named `saved.mean` or `saved.inv_std`).
+    fn views<'a>(
+        saved: &'a SavedStats,
+        shape: &[usize],
+        layout: Layout,
+        virtual_batch: usize,
+    ) -> Result<Vec<StatsView<'a>>, Error> {
         let g = layout.geometry(shape)?;
         let groups = Groups::new(shape, &g, virtual_batch);
         let c = g.channels;
         check::channels("saved.mean", groups.len() * c, saved.mean.len())?;
         check::channels("saved.inv_std", groups.len() * c, saved.inv_std.len())?;
-        let groups = (0..groups.len())
-            .map(|k| SavedStats {
+        Ok((0..groups.len())
+            .map(|k| StatsView {
                 count: groups.count(k),
-                mean: saved.mean[k * c..(k + 1) * c].to_vec(),
-                inv_std: saved.inv_std[k * c..(k + 1) * c].to_vec(),
+                mean: &saved.mean[k * c..(k + 1) * c],
+                inv_std: &saved.inv_std[k * c..(k + 1) * c],
             })
-            .collect();
-        Ok(GhostSaved { virtual_batch, groups })
+            .collect())
     }
 }
 
@@ -383,15 +507,23 @@ impl<T: Element> BatchNorm<T> {
         virtual_batch: usize,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
-        let count = x.geometry()?.per_channel() as u64;
-        let (stats, saved) = ghost_batch_norm_train(x, virtual_batch, self.affine(), self.config.eps, y)?;
+        let eps = self.config.eps;
+        let (packed, channels) = train_packed(x, virtual_batch, self.affine(), eps, y)?;
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
-            let (mean, var) = (&mut self.running_mean, &mut self.running_var);
-            update_ghost_running_stats(&stats, self.config.momentum, seen, mean, var)?;
+            let (mean, var) = ghost_estimate(packed.groups(channels));
+            let momentum = self.config.momentum;
+            blend_running(
+                &mean,
+                &var,
+                momentum,
+                seen,
+                &mut self.running_mean,
+                &mut self.running_var,
+            );
             self.num_batches_tracked = seen;
         }
-        Ok(saved.pack(count))
+        Ok(packed.into_saved(channels, eps))
     }
 
     /// The ghost training backward from the layer's packed statistics.
@@ -403,7 +535,14 @@ impl<T: Element> BatchNorm<T> {
         virtual_batch: usize,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        let groups = GhostSaved::unpack(saved, x.shape, x.layout, virtual_batch)?;
-        ghost_batch_norm_backward(x, dy, &groups, self.affine().gamma, self.param_grads(grads))
+        let views = GhostSaved::views(saved, x.shape, x.layout, virtual_batch)?;
+        backward_views(
+            x,
+            dy,
+            virtual_batch,
+            &views,
+            self.affine().gamma,
+            self.param_grads(grads),
+        )
     }
 }

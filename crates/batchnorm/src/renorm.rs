@@ -39,12 +39,12 @@
 
 use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums};
 use crate::check;
-use crate::forward::{check_forward, gamma_at, normalize_affine, scale_shift};
+use crate::forward::{beta_at, check_forward, gamma_at, normalize_affine};
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{batch_stats, inv_std, BatchStats, SavedStats};
+use crate::stats::{batch_stats, inv_std, inv_std_in_place, BatchStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 use crate::{Affine, Element, Error, Geometry, Grads, View};
 
@@ -283,15 +283,49 @@ pub fn batch_renorm_train<T: Element>(
     let (g, _) = check_forward(x, None, y, |channels| check_moving(channels, moving), affine)?;
     check::eps(eps)?;
     check::training_count(g.per_channel() as u64, x.shape)?;
-    let x = x.data;
-    let m = plan::channel_moments(&g, x);
+    // The statistics and y in one pass per channel where the plan fuses them, as plain batch
+    // norm's training forward.
+    let m = plan::train_forward_where(&g, x.data, y, None, None, |first, mean, scale, shift| {
+        inv_std_in_place(scale, eps);
+        for (i, (k, b)) in scale.iter_mut().zip(shift.iter_mut()).enumerate() {
+            (*k, *b, _, _) = renorm_constants(first + i, mean[i], *k, moving, affine, clip);
+        }
+    });
     let stats = BatchStats {
         count: g.per_channel() as u64,
         mean: m.mean,
         m2: m.m2,
     };
-    let saved = renorm_normalize(&g, x, &stats, moving, affine, eps, clip, y)?;
-    Ok((stats, saved))
+    let saved = stats.saved(eps)?;
+    let (r, d) = (0..g.channels)
+        .map(|c| {
+            let (_, _, r, d) = renorm_constants(c, saved.mean[c], saved.inv_std[c], moving, affine, clip);
+            (r, d)
+        })
+        .unzip();
+    Ok((stats, RenormSaved { stats: saved, r, d }))
+}
+
+/// Channel `c`'s constants of the training forward from its μ_B and 1/σ_B: r and d against the
+/// moving statistics, and y = (x − μ_B)·scale + shift with scale = γ·r/σ_B, shift = γ·d + β.
+/// Returns (scale, shift, r, d).
+#[inline]
+fn renorm_constants<T: Element>(
+    c: usize,
+    mean_b: f64,
+    inv_std_b: f64,
+    moving: RenormStats<'_, T>,
+    affine: Affine<'_, T>,
+    clip: RenormClip,
+) -> (f64, f64, f64, f64) {
+    let (mu, sigma) = (moving.mean[c].to_f64(), moving.std[c].to_f64());
+    let (r, d) = correction(mean_b, 1.0 / inv_std_b, mu, sigma, clip);
+    let mut scale = inv_std_b * r;
+    if let Some(g) = affine.gamma {
+        scale *= g[c].to_f64();
+    }
+    let shift = beta_at(affine.beta, c) + gamma_at(affine.gamma, c) * d;
+    (scale, shift, r, d)
 }
 
 /// The training forward once the batch statistics are known (one process's, or the global
@@ -308,21 +342,11 @@ fn renorm_normalize<T: Element>(
     clip: RenormClip,
     y: &mut [T],
 ) -> Result<RenormSaved, Error> {
-    let Affine { gamma, beta } = affine;
     let saved = stats.saved(eps)?;
-    let (r, d): (Vec<f64>, Vec<f64>) = (0..g.channels)
-        .map(|c| {
-            let sigma_b = 1.0 / saved.inv_std[c];
-            let (mu, sigma) = (moving.mean[c].to_f64(), moving.std[c].to_f64());
-            correction(saved.mean[c], sigma_b, mu, sigma, clip)
-        })
-        .unzip();
-    // y = (x − μ_B)·(γ·r/σ_B) + (γ·d + β).
-    let mut scale = Scratch::collect(saved.inv_std.iter().zip(&r).map(|(s, r)| s * r));
-    let mut shift = Scratch::any(g.channels);
-    with_simd(|| scale_shift(gamma, beta, 0, &mut scale, &mut shift));
-    for (c, s) in shift.iter_mut().enumerate() {
-        *s += gamma_at(gamma, c) * d[c];
+    let (mut scale, mut shift) = (Scratch::any(g.channels), Scratch::any(g.channels));
+    let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    for c in 0..g.channels {
+        (scale[c], shift[c], r[c], d[c]) = renorm_constants(c, saved.mean[c], saved.inv_std[c], moving, affine, clip);
     }
     plan::normalize(g, x, y, &saved.mean, &scale, &shift);
     Ok(RenormSaved { stats: saved, r, d })
@@ -369,7 +393,7 @@ fn renorm_dx_coeffs<T: Element>(
     sum_dy_xhat0: &[f64],
     out: &mut [DxCoeffs],
 ) {
-    dx_coeffs(gamma, &saved.stats, first, sum_dy, sum_dy_xhat0, out);
+    dx_coeffs(gamma, (&saved.stats).into(), first, sum_dy, sum_dy_xhat0, out);
     for (o, r) in out.iter_mut().zip(&saved.r[first..]) {
         o.k *= r;
     }

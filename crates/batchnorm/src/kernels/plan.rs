@@ -26,7 +26,9 @@ use crate::{Element, Geometry};
 use rayon::prelude::*;
 
 mod fixed;
+mod groups;
 pub(crate) use fixed::fixed_backward_where;
+pub(crate) use groups::{ghost_train_backward, ghost_train_forward, GroupMoments};
 
 /// Elements of one in-cache piece (32 KiB of `f32`).
 pub(crate) const PIECE: usize = 8192;
@@ -347,11 +349,6 @@ fn rows_task_moments<T: Element>(
     count
 }
 
-/// Per-channel moments of the whole tensor.
-pub(crate) fn channel_moments<T: Element>(g: &Geometry, x: &[T]) -> ChannelMoments {
-    channel_moments_where(g, x, None)
-}
-
 /// Per-channel moments of the positions `mask` (one entry per position, `o·inner + i`) has on,
 /// or of the whole tensor without a mask; with every position on, the same bits as without.
 /// A channel with no position on has count, mean and M2 0.
@@ -384,18 +381,24 @@ pub(crate) fn channel_moments_where<T: Element>(g: &Geometry, x: &[T], mask: Opt
             let rows = u * per_task..u * per_task + t.len() / c;
             rows_task_moments(t, mask.map(|m| &m[rows]), per_block, pf, mean, m2)
         });
-        let mut out = ChannelMoments {
-            count: 0.0,
-            mean: vec![0.0; c],
-            m2: vec![0.0; c],
-        };
-        for (count, part) in counts.into_iter().zip(parts.chunks(2 * c)) {
-            let (mean, m2) = part.split_at(c);
-            moments::merge_rows(out.count, &mut out.mean, &mut out.m2, count, mean, m2);
-            out.count += count;
-        }
-        out
+        let (mut mean, mut m2) = (vec![0.0; c], vec![0.0; c]);
+        let count = merge_task_moments(&counts, &parts, &mut mean, &mut m2);
+        ChannelMoments { count, mean, m2 }
     }
+}
+
+/// The moments of a rows-plan tensor from its tasks' (`counts`, and `parts`: per task, the mean
+/// and then the M2 of every channel), the tasks merged left in order into `mean` and `m2` (one
+/// entry per channel, zeros); returns the count.
+fn merge_task_moments(counts: &[f64], parts: &[f64], mean: &mut [f64], m2: &mut [f64]) -> f64 {
+    let channels = mean.len();
+    let mut total = 0.0;
+    for (&count, part) in counts.iter().zip(parts.chunks(2 * channels)) {
+        let (part_mean, part_m2) = part.split_at(channels);
+        moments::merge_rows(total, mean, m2, count, part_mean, part_m2);
+        total += count;
+    }
+    total
 }
 
 /// y = (x − mean[c])·scale[c] + shift[c] over the whole tensor.
@@ -470,19 +473,19 @@ pub(crate) fn normalize_where<T: Element>(
 }
 
 /// Training forward over the positions `mask` (one entry per position, `None`: all of them) has
-/// on: per-channel moments as [`channel_moments_where`], then `affine(first, scale, shift)` turns
-/// the biased variances of channels `first..first + scale.len()`, given in `scale`, into their
-/// (scale, shift), and y is written as [`normalize_where`] (+0.0 where the mask is off; with
-/// `relu`, fused with what follows). Fused per channel when the plan allows (see module docs);
-/// the statistics are the same bits as [`channel_moments_where`] either way. There must be at
-/// least one position on.
+/// on: per-channel moments as [`channel_moments_where`], then `affine(first, mean, scale, shift)`
+/// turns the biased variances of channels `first..first + scale.len()`, given in `scale`, into
+/// their (scale, shift), given their means (batch renormalization's constants depend on them),
+/// and y is written as [`normalize_where`] (+0.0 where the mask is off; with `relu`, fused with
+/// what follows). Fused per channel when the plan allows (see module docs); the statistics are
+/// the same bits as [`channel_moments_where`] either way. There must be at least one position on.
 pub(crate) fn train_forward_where<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
     mask: Option<&[bool]>,
     relu: Option<relu::Forward<'_, T>>,
-    affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
+    affine: impl Fn(usize, &[f64], &mut [f64], &mut [f64]) + Sync + Send,
 ) -> ChannelMoments {
     if g.inner > 1 && plane_blocks(g).0 == 1 {
         assert_eq!(y.len(), x.len());
@@ -501,7 +504,7 @@ pub(crate) fn train_forward_where<T: Element>(
         let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
             let m = planes_moments(g, x, spans.as_ref(), c, 0..g.outer);
             let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
-            affine(c, &mut scale, &mut shift);
+            affine(c, &[m.mean], &mut scale, &mut shift);
             let a = WideAffine {
                 mean: m.mean,
                 scale: scale[0],
@@ -540,7 +543,7 @@ pub(crate) fn train_forward_where<T: Element>(
         let m = channel_moments_where(g, x, mask);
         let mut scale = Scratch::collect(m.m2.iter().map(|s| s / m.count));
         let mut shift = Scratch::any(g.channels);
-        with_simd(|| affine(0, &mut scale, &mut shift));
+        with_simd(|| affine(0, &m.mean, &mut scale, &mut shift));
         normalize_where(g, x, y, &m.mean, &scale, &shift, mask, relu);
         m
     }
@@ -624,12 +627,18 @@ fn add_block_sums(parts: &[(f64, f64)], blocks: usize) -> (Vec<f64>, Vec<f64>) {
 /// `channels` of each), the tasks added in order.
 fn add_task_sums(parts: &[f64], channels: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut s1, mut s2) = (vec![0.0; channels], vec![0.0; channels]);
+    add_task_sums_into(parts, &mut s1, &mut s2);
+    (s1, s2)
+}
+
+/// [`add_task_sums`] into `s1` and `s2` (one entry per channel, zeros).
+fn add_task_sums_into(parts: &[f64], s1: &mut [f64], s2: &mut [f64]) {
+    let channels = s1.len();
     for part in parts.chunks(2 * channels) {
         let (p, q) = part.split_at(channels);
         s1.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         s2.iter_mut().zip(q).for_each(|(a, b)| *a += b);
     }
-    (s1, s2)
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
