@@ -643,23 +643,43 @@ pub(crate) use with_upstream;
 mod tests {
     use super::*;
 
-    /// Bits written 8 and 1 at a time at every offset read back the same, and leave the bits
-    /// around them as they were.
+    /// Bits written 8 and 1 at a time at every offset, in order (the carried bits stored by
+    /// the next write, or by the flush at the end) and out of order, read back the same, and
+    /// leave the bits around them as they were.
     #[test]
     fn bits_round_trip() {
-        for start in 0..16 {
+        for (start, order) in (0..16).flat_map(|s| (0..3).map(move |o| (s, o))) {
             let mut bytes = vec![0xA5u8; 6];
             let want: Vec<bool> = (0..24).map(|i| (i * 5 + start) % 3 == 0).collect();
             let carry = Cell::new(Carry::NONE);
             let out = BitsOut::new(bytes.as_mut_ptr(), &carry);
             let byte_of = |k: usize| (0..8).fold(0u8, |b, l| b | (want[k + l] as u8) << l);
+            let ones = |from: usize| {
+                for (k, &on) in want.iter().enumerate().skip(from) {
+                    // SAFETY: bits start..start + 24 lie in the 6 bytes.
+                    unsafe { out.put1(start + k, on) };
+                }
+            };
             // SAFETY: bits start..start + 24 lie in the 6 bytes.
             unsafe {
-                out.put8(start, byte_of(0));
-                out.put8(start + 8, byte_of(8));
-                for (k, &on) in want.iter().enumerate().skip(16) {
-                    out.put1(start + k, on);
+                match order {
+                    0 => {
+                        out.put8(start, byte_of(0));
+                        out.put8(start + 8, byte_of(8));
+                        ones(16);
+                    }
+                    1 => {
+                        ones(16);
+                        out.put8(start + 8, byte_of(8));
+                        out.put8(start, byte_of(0));
+                    }
+                    _ => {
+                        out.put8(start, byte_of(0));
+                        out.put8(start + 8, byte_of(8));
+                        out.put8(start + 16, byte_of(16));
+                    }
                 }
+                out.flush();
             }
             let mask = MaskBits {
                 bytes: &bytes,
@@ -672,15 +692,19 @@ mod tests {
             let r = mask.at(start, 24);
             for (k, &on) in want.iter().enumerate() {
                 // SAFETY: inside the 24 elements given to `at`.
-                assert_eq!(unsafe { r.get1(k) }, on, "start {start} bit {k}");
+                assert_eq!(unsafe { r.get1(k) }, on, "start {start} order {order} bit {k}");
             }
             // SAFETY: as above.
-            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start}");
+            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start} order {order}");
             let untouched = |b: usize| (0xA5u8 >> (b % 8)) & 1 == 1;
             let all = MaskBits { bytes: &bytes, ..mask }.at(0, 40);
             for b in (0..start).chain(start + 24..40) {
                 // SAFETY: bits 0..40 lie in the 6 bytes.
-                assert_eq!(unsafe { all.get1(b) }, untouched(b), "start {start}: bit {b} changed");
+                assert_eq!(
+                    unsafe { all.get1(b) },
+                    untouched(b),
+                    "start {start} order {order}: bit {b} changed"
+                );
             }
         }
     }
