@@ -96,6 +96,14 @@ fn stream_output<T>(g: &Geometry, reread: usize) -> bool {
     bytes >= STREAM_BYTES || (reread + 1) * bytes > LAST_LEVEL_CACHE_BYTES
 }
 
+/// Prefetches the bytes of a ReLU mask (`bits`, in `layout` over the channels-first `g`) that
+/// hold plane (`o`, `c`): a channel's unit goes through its planes `C` segments apart, so each
+/// plane's few lines would start cold, and a store that misses holds up the stores behind it.
+#[inline(always)]
+fn prefetch_mask_plane(bits: *const u8, layout: BitLayout, g: &Geometry, o: usize, c: usize) {
+    moments::prefetch(bits.wrapping_add((o * g.channels + c) * layout.bytes), layout.bytes);
+}
+
 /// Asserts that a pass is not both masked (masked batch norm) and fused with a ReLU: no public
 /// function combines them, and the mask's spans and the ReLU's bits are not written for it.
 fn unmasked_if_fused(mask: Option<&[bool]>, fused: bool) {
@@ -515,6 +523,9 @@ pub(crate) fn train_forward_where<T: Element>(
                 if prefetch_out && o + 1 < g.outer {
                     moments::prefetch(out.ptr.wrapping_add(start + g.channels * g.inner), g.inner);
                 }
+                if let (Some(b), true) = (&bits, o + 1 < g.outer) {
+                    prefetch_mask_plane(b.ptr, layout, g, o + 1, c);
+                }
                 // SAFETY: plane (o, c) belongs to unit c alone.
                 let yp = unsafe { out.slice(start, g.inner) };
                 let xp = &x[start..start + g.inner];
@@ -760,6 +771,9 @@ pub(crate) fn train_backward_where<T: Element>(
                     let start = (o * g.channels + c) * g.inner;
                     if prefetch_out && o + 1 < g.outer {
                         moments::prefetch(out.ptr.wrapping_add(start + g.channels * g.inner), g.inner);
+                    }
+                    if let (Some(b), true) = (bits, o + 1 < g.outer) {
+                        prefetch_mask_plane(b.bytes.as_ptr(), b.layout, g, o + 1, c);
                     }
                     // SAFETY: plane (o, c) belongs to unit c alone.
                     let op = unsafe { out.slice(start, g.inner) };

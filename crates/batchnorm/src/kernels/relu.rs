@@ -20,6 +20,7 @@
 use super::plan;
 use super::simd::{relu_keeps, Simd};
 use crate::{Element, Geometry};
+use std::cell::Cell;
 
 /// Where the bits of a ReLU mask over a geometry live: segments of `len` elements (the planes of
 /// a channels-first tensor; the row tasks of the rows plan, the last one shorter), segment s in
@@ -121,29 +122,76 @@ impl BitsAt<'_> {
 }
 
 /// A segment's bytes of a ReLU mask, to write: element i at bit i.
+///
+/// A pass writes the bits of 8 elements at a time, and where its vectors do not start at a byte
+/// (the head it peels to align its streaming stores to [`STREAM_ALIGN`](super::simd::STREAM_ALIGN)
+/// bytes), each 8 bits straddle two bytes. The bits of the second byte then wait in `carry`,
+/// so that the next 8 write that byte whole, with neither a load of the mask (which could wait
+/// on the output's pending stores) nor a second store per 8 elements; any other write, and
+/// [`BitsOut::flush`] at the end, first stores what waits.
 #[derive(Clone, Copy)]
-struct BitsOut(*mut u8);
+struct BitsOut<'c> {
+    ptr: *mut u8,
+    carry: &'c Cell<Carry>,
+}
 
-impl BitsOut {
+/// Bits a [`BitsOut::put8`] left to store: those of the elements before `next` in the byte
+/// holding element `next` (`usize::MAX`: none wait).
+#[derive(Clone, Copy)]
+pub(crate) struct Carry {
+    next: usize,
+    low: u8,
+}
+
+impl Carry {
+    /// No bits wait.
+    pub(crate) const NONE: Carry = Carry {
+        next: usize::MAX,
+        low: 0,
+    };
+}
+
+impl<'c> BitsOut<'c> {
+    /// A segment's bytes from `ptr` on, with `carry` (holding [`Carry::NONE`]) for their writes.
+    #[inline(always)]
+    fn new(ptr: *mut u8, carry: &'c Cell<Carry>) -> Self {
+        BitsOut { ptr, carry }
+    }
+
     /// Writes the bits of elements i..i + 8 (element i as bit 0), leaving the others of their
-    /// bytes as they were.
+    /// bytes as they were (once [`BitsOut::flush`]ed).
     ///
     /// # Safety
     /// Elements i..i + 8 must lie in the segment, whose bytes the caller owns.
     #[inline(always)]
     unsafe fn put8(self, i: usize, bits: u8) {
         let (k, sh) = (i / 8, i % 8);
-        // SAFETY: bytes k and, when the bits straddle two, k + 1 hold bits of elements i..i + 8.
-        unsafe {
-            let p = self.0.add(k);
-            if sh == 0 {
-                *p = bits;
-            } else {
-                let low = (1u8 << sh) - 1;
-                *p = (*p & low) | bits << sh;
-                *p.add(1) = (*p.add(1) & !low) | bits >> (8 - sh);
+        let carry = self.carry.get();
+        // SAFETY (all blocks): byte k holds bits of elements i..i + 8 (and so does byte k + 1,
+        // which the carry's next put8 or flush writes, when they straddle two).
+        if sh == 0 {
+            unsafe {
+                self.flush_if(carry);
+                *self.ptr.add(k) = bits;
             }
+            return;
         }
+        let low = (1u8 << sh) - 1;
+        // The bits of byte k below element i: waiting in the carry when the last write was the
+        // put8 that ended at i, else stored.
+        let before = if carry.next == i {
+            carry.low
+        } else {
+            unsafe { self.flush_if(carry) };
+            unsafe { *self.ptr.add(k) & low }
+        };
+        // Byte k and, above it, the bits of byte k + 1 below element i + 8.
+        let both = (before as u32) | (bits as u32) << sh;
+        unsafe { *self.ptr.add(k) = both as u8 };
+        self.carry.set(Carry {
+            next: i + 8,
+            low: (both >> 8) as u8,
+        });
     }
 
     /// Writes the bit of element i.
@@ -152,11 +200,40 @@ impl BitsOut {
     /// As [`BitsOut::put8`], for element i.
     #[inline(always)]
     unsafe fn put1(self, i: usize, on: bool) {
-        // SAFETY: byte i / 8 holds element i's bit.
+        // SAFETY: the bits that wait belong to the caller's segment; byte i / 8 holds element i's
+        // bit.
         unsafe {
-            let p = self.0.add(i / 8);
+            self.flush_if(self.carry.get());
+            let p = self.ptr.add(i / 8);
             let bit = 1u8 << (i % 8);
             *p = if on { *p | bit } else { *p & !bit };
+        }
+    }
+
+    /// Stores the bits that wait, if any: the last write's.
+    ///
+    /// # Safety
+    /// As the [`BitsOut::put8`] that left them.
+    #[inline(always)]
+    unsafe fn flush(self) {
+        // SAFETY: the caller's contract.
+        unsafe { self.flush_if(self.carry.get()) }
+    }
+
+    /// [`BitsOut::flush`] of `carry`, the carry's value.
+    ///
+    /// # Safety
+    /// As [`BitsOut::flush`].
+    #[inline(always)]
+    unsafe fn flush_if(self, carry: Carry) {
+        if carry.next != usize::MAX {
+            let low = (1u8 << (carry.next % 8)) - 1;
+            // SAFETY: byte next / 8 holds bits of the elements of the put8 that left them.
+            unsafe {
+                let p = self.ptr.add(carry.next / 8);
+                *p = (*p & !low) | carry.low;
+            }
+            self.carry.set(Carry::NONE);
         }
     }
 }
@@ -279,12 +356,12 @@ impl<T: Element> ElementMap<T> for Plain {}
 /// Fused: relu(v + z) with the residual `z` when `ADD`, relu(v) otherwise, each operation in the
 /// element type; its mask bit written when `BITS`.
 #[derive(Clone, Copy)]
-pub(crate) struct Fused<T, const ADD: bool, const BITS: bool> {
+pub(crate) struct Fused<'c, T, const ADD: bool, const BITS: bool> {
     z: *const T,
-    bits: BitsOut,
+    bits: BitsOut<'c>,
 }
 
-impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<T, ADD, BITS> {
+impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<'_, T, ADD, BITS> {
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F {
         // The value batch norm would store, then the sum y + z rounded as `T` rounds it (both
@@ -361,22 +438,29 @@ macro_rules! with_epilogue {
                     assert!(b.len() >= n.div_ceil(8));
                     b.as_mut_ptr()
                 });
+                let carry = std::cell::Cell::new($crate::kernels::relu::Carry::NONE);
                 match (z, bits) {
                     (None, None) => {
-                        let $e = $crate::kernels::relu::Fused::<_, false, false>::new(std::ptr::null(), None);
+                        let $e = $crate::kernels::relu::Fused::<_, false, false>::new(std::ptr::null(), None, &carry);
                         $body
                     }
                     (None, Some(b)) => {
-                        let $e = $crate::kernels::relu::Fused::<_, false, true>::new(std::ptr::null(), Some(b));
-                        $body
+                        let $e = $crate::kernels::relu::Fused::<_, false, true>::new(std::ptr::null(), Some(b), &carry);
+                        let out = $body;
+                        // SAFETY: the epilogue's range, whose bits it wrote.
+                        unsafe { $e.finish() };
+                        out
                     }
                     (Some(z), None) => {
-                        let $e = $crate::kernels::relu::Fused::<_, true, false>::new(z, None);
+                        let $e = $crate::kernels::relu::Fused::<_, true, false>::new(z, None, &carry);
                         $body
                     }
                     (Some(z), Some(b)) => {
-                        let $e = $crate::kernels::relu::Fused::<_, true, true>::new(z, Some(b));
-                        $body
+                        let $e = $crate::kernels::relu::Fused::<_, true, true>::new(z, Some(b), &carry);
+                        let out = $body;
+                        // SAFETY: the epilogue's range, whose bits it wrote.
+                        unsafe { $e.finish() };
+                        out
                     }
                 }
             }
@@ -385,7 +469,7 @@ macro_rules! with_epilogue {
 }
 pub(crate) use with_epilogue;
 
-impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
+impl<'c, T, const ADD: bool, const BITS: bool> Fused<'c, T, ADD, BITS> {
     /// Records which of elements i..i + 8 the ReLU kept, when the mask is kept.
     ///
     /// # Safety
@@ -395,6 +479,18 @@ impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
         if BITS {
             // SAFETY: the caller's contract.
             unsafe { self.bits.put8(i, bits) };
+        }
+    }
+
+    /// Stores the mask's bits that still wait (see [`BitsOut`]): after the pass's last write.
+    ///
+    /// # Safety
+    /// As [`Fused::new`]'s range.
+    #[inline(always)]
+    pub unsafe fn finish(self) {
+        if BITS {
+            // SAFETY: the caller's contract.
+            unsafe { self.bits.flush() };
         }
     }
 
@@ -412,13 +508,14 @@ impl<T, const ADD: bool, const BITS: bool> Fused<T, ADD, BITS> {
 
     /// The epilogue over a range whose residual starts at `z` (null without `ADD`) and whose
     /// mask bytes start at `bits` (element 0 at bit 0; `None` without `BITS`), both checked by
-    /// [`with_epilogue!`] to cover the range.
+    /// [`with_epilogue!`] to cover the range; `carry` (holding [`Carry::NONE`]) serves its
+    /// writes of the mask.
     #[inline(always)]
-    pub fn new(z: *const T, bits: Option<*mut u8>) -> Self {
+    pub fn new(z: *const T, bits: Option<*mut u8>, carry: &'c Cell<Carry>) -> Self {
         debug_assert!(ADD != z.is_null() && BITS == bits.is_some());
         Fused {
             z,
-            bits: BitsOut(bits.unwrap_or(std::ptr::null_mut())),
+            bits: BitsOut::new(bits.unwrap_or(std::ptr::null_mut()), carry),
         }
     }
 }
@@ -546,22 +643,43 @@ pub(crate) use with_upstream;
 mod tests {
     use super::*;
 
-    /// Bits written 8 and 1 at a time at every offset read back the same, and leave the bits
-    /// around them as they were.
+    /// Bits written 8 and 1 at a time at every offset, in order (the carried bits stored by
+    /// the next write, or by the flush at the end) and out of order, read back the same, and
+    /// leave the bits around them as they were.
     #[test]
     fn bits_round_trip() {
-        for start in 0..16 {
+        for (start, order) in (0..16).flat_map(|s| (0..3).map(move |o| (s, o))) {
             let mut bytes = vec![0xA5u8; 6];
             let want: Vec<bool> = (0..24).map(|i| (i * 5 + start) % 3 == 0).collect();
-            let out = BitsOut(bytes.as_mut_ptr());
+            let carry = Cell::new(Carry::NONE);
+            let out = BitsOut::new(bytes.as_mut_ptr(), &carry);
             let byte_of = |k: usize| (0..8).fold(0u8, |b, l| b | (want[k + l] as u8) << l);
+            let ones = |from: usize| {
+                for (k, &on) in want.iter().enumerate().skip(from) {
+                    // SAFETY: bits start..start + 24 lie in the 6 bytes.
+                    unsafe { out.put1(start + k, on) };
+                }
+            };
             // SAFETY: bits start..start + 24 lie in the 6 bytes.
             unsafe {
-                out.put8(start, byte_of(0));
-                out.put8(start + 8, byte_of(8));
-                for (k, &on) in want.iter().enumerate().skip(16) {
-                    out.put1(start + k, on);
+                match order {
+                    0 => {
+                        out.put8(start, byte_of(0));
+                        out.put8(start + 8, byte_of(8));
+                        ones(16);
+                    }
+                    1 => {
+                        ones(16);
+                        out.put8(start + 8, byte_of(8));
+                        out.put8(start, byte_of(0));
+                    }
+                    _ => {
+                        out.put8(start, byte_of(0));
+                        out.put8(start + 8, byte_of(8));
+                        out.put8(start + 16, byte_of(16));
+                    }
                 }
+                out.flush();
             }
             let mask = MaskBits {
                 bytes: &bytes,
@@ -574,15 +692,19 @@ mod tests {
             let r = mask.at(start, 24);
             for (k, &on) in want.iter().enumerate() {
                 // SAFETY: inside the 24 elements given to `at`.
-                assert_eq!(unsafe { r.get1(k) }, on, "start {start} bit {k}");
+                assert_eq!(unsafe { r.get1(k) }, on, "start {start} order {order} bit {k}");
             }
             // SAFETY: as above.
-            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start}");
+            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start} order {order}");
             let untouched = |b: usize| (0xA5u8 >> (b % 8)) & 1 == 1;
             let all = MaskBits { bytes: &bytes, ..mask }.at(0, 40);
             for b in (0..start).chain(start + 24..40) {
                 // SAFETY: bits 0..40 lie in the 6 bytes.
-                assert_eq!(unsafe { all.get1(b) }, untouched(b), "start {start}: bit {b} changed");
+                assert_eq!(
+                    unsafe { all.get1(b) },
+                    untouched(b),
+                    "start {start} order {order}: bit {b} changed"
+                );
             }
         }
     }
