@@ -177,7 +177,7 @@ fn non_contiguous_input_and_untracked_input() -> Result<()> {
 }
 
 #[test]
-fn half_precision_goes_through_f32() -> Result<()> {
+fn half_precision_agrees_with_candle_nn_in_f32() -> Result<()> {
     // candle-nn itself cannot train with half-type variables (its running-mean update adds an
     // f16 tensor to an f32 one), so the reference is candle-nn in f32 on the same, widened values.
     for dtype in [DType::F16, DType::BF16] {
