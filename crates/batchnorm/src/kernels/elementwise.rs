@@ -611,9 +611,7 @@ pub(super) fn dx_plane_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| dx_plane_with(
-        s, x, dy, dx, c, stream, u
-    ))
+    with_upstream!(back, dx.len(), |u| dx_plane_with(s, x, dy, dx, c, stream, u))
 }
 
 #[inline(always)]
@@ -760,9 +758,7 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| dx_rows_with(
-        s, x, dy, dx, p, stream, u
-    ))
+    with_upstream!(back, dx.len(), |u| dx_rows_with(s, x, dy, dx, p, stream, u))
 }
 
 #[inline(always)]
@@ -877,9 +873,7 @@ pub(super) fn scale_plane_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert_eq!(dy.len(), dx.len());
-    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| scale_plane_with(
-        s, dy, dx, k, stream, u
-    ))
+    with_upstream!(back, dx.len(), |u| scale_plane_with(s, dy, dx, k, stream, u))
 }
 
 #[inline(always)]
@@ -969,9 +963,7 @@ pub(super) fn scale_rows_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert_eq!(dy.len(), dx.len());
-    with_upstream!(back, dx.len(), dx.as_ptr(), stream, |u| scale_rows_with(
-        s, dy, dx, k, stream, u
-    ))
+    with_upstream!(back, dx.len(), |u| scale_rows_with(s, dy, dx, k, stream, u))
 }
 
 #[inline(always)]

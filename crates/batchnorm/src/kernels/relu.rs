@@ -521,13 +521,13 @@ impl<'c, T, const ADD: bool, const BITS: bool> Fused<'c, T, ADD, BITS> {
 }
 
 /// Behind a fused ReLU: dy where the mask's bit is set, +0.0 elsewhere; stored to `dz` too when
-/// `DZ` (non-temporally with `stream`: the caller checked that dz's elements share the
-/// alignment of the pass's other output).
+/// `DZ`, with ordinary stores even where the pass streams dx: a second stream of non-temporal
+/// stores beside dx's made the pass slower, by up to 2× with 2-byte elements, depending on how
+/// dz's address falls against dx's (docs/tuning-log.md).
 #[derive(Clone, Copy)]
 pub(crate) struct Gated<'a, T, const DZ: bool> {
     bits: BitsAt<'a>,
     dz: *mut T,
-    stream: bool,
 }
 
 impl<'a, T> Gated<'a, T, false> {
@@ -537,7 +537,6 @@ impl<'a, T> Gated<'a, T, false> {
         Gated {
             bits,
             dz: std::ptr::null_mut(),
-            stream: false,
         }
     }
 }
@@ -545,11 +544,10 @@ impl<'a, T> Gated<'a, T, false> {
 impl<'a, T> Gated<'a, T, true> {
     /// The upstream gradient of the elements `bits` covers, stored to `dz` (the same elements).
     #[inline(always)]
-    pub fn with_dz(bits: BitsAt<'a>, dz: &mut [T], stream: bool) -> Self {
+    pub fn with_dz(bits: BitsAt<'a>, dz: &mut [T]) -> Self {
         Gated {
             bits,
             dz: dz.as_mut_ptr(),
-            stream,
         }
     }
 }
@@ -560,13 +558,7 @@ impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
         // SAFETY (all blocks): elements i..i + 8 lie in the range (caller).
         let g = s.gate(unsafe { self.bits.get8(i) }, dy);
         if DZ {
-            unsafe {
-                if self.stream {
-                    s.stream(self.dz.add(i), g)
-                } else {
-                    s.store(self.dz.add(i), g)
-                }
-            }
+            unsafe { s.store(self.dz.add(i), g) }
         }
         g
     }
@@ -584,14 +576,7 @@ impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
         // SAFETY (all blocks): as in `wide8`.
         let g = s.fgate(unsafe { self.bits.get8(i) }, dy);
         if DZ {
-            unsafe {
-                let p = self.dz.add(i);
-                if self.stream {
-                    s.fstream(p, g)
-                } else {
-                    s.fstore(p, g)
-                }
-            }
+            unsafe { s.fstore(self.dz.add(i), g) }
         }
         g
     }
@@ -614,10 +599,10 @@ pub(crate) struct Back<'a, T> {
 }
 
 /// Runs `$body` with `$u` bound to the upstream gradient an `Option<Back>` over the `$n` elements
-/// of output `$out` asks for: [`Plain`] (dy itself) for none, else [`Gated`], with dz (checked against `$n`)
-/// when it has one, stored non-temporally with `$stream` when dz shares `$out`'s alignment.
+/// of a pass asks for: [`Plain`] (dy itself) for none, else [`Gated`], with dz (checked against
+/// `$n`) when it has one.
 macro_rules! with_upstream {
-    ($back:expr, $n:expr, $out:expr, $stream:expr, |$u:ident| $body:expr) => {{
+    ($back:expr, $n:expr, |$u:ident| $body:expr) => {{
         match $back {
             None => {
                 let $u = $crate::kernels::relu::Plain;
@@ -629,9 +614,7 @@ macro_rules! with_upstream {
             }
             Some($crate::kernels::relu::Back { bits, dz: Some(dz) }) => {
                 assert_eq!(dz.len(), $n);
-                let same =
-                    (dz.as_ptr() as usize).wrapping_sub($out as usize) % $crate::kernels::simd::STREAM_ALIGN == 0;
-                let $u = $crate::kernels::relu::Gated::with_dz(bits, dz, $stream && same);
+                let $u = $crate::kernels::relu::Gated::with_dz(bits, dz);
                 $body
             }
         }
