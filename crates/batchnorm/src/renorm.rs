@@ -39,12 +39,13 @@
 
 use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums};
 use crate::check;
-use crate::forward::{beta_at, check_forward, gamma_at, normalize_affine};
+use crate::forward::{check_forward, normalize_affine};
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan;
 use crate::kernels::scratch::Scratch;
+use crate::kernels::simd::simd_dispatch;
 use crate::kernels::with_simd;
-use crate::stats::{batch_stats, inv_std, inv_std_in_place, BatchStats, SavedStats};
+use crate::stats::{batch_stats, inv_std_in_place, BatchStats, SavedStats};
 use crate::sync::{sync_batch_stats, sync_grad_sums, Communicator};
 use crate::{Affine, Element, Error, Geometry, Grads, View};
 
@@ -236,7 +237,7 @@ pub struct RenormSaved {
 }
 
 /// r and d of one channel from μ_B, σ_B and the moving μ, σ (the one place these formulas live).
-#[inline]
+#[inline(always)]
 fn correction(mean_b: f64, sigma_b: f64, mean: f64, sigma: f64, clip: RenormClip) -> (f64, f64) {
     let r = (sigma_b / sigma).clamp(1.0 / clip.r_max, clip.r_max);
     let d = ((mean_b - mean) / sigma).clamp(-clip.d_max, clip.d_max);
@@ -286,10 +287,8 @@ pub fn batch_renorm_train<T: Element>(
     // The statistics and y in one pass per channel where the plan fuses them, as plain batch
     // norm's training forward.
     let m = plan::train_forward_where(&g, x.data, y, None, None, |first, mean, scale, shift| {
-        inv_std_in_place(scale, eps);
-        for (i, (k, b)) in scale.iter_mut().zip(shift.iter_mut()).enumerate() {
-            (*k, *b, _, _) = renorm_constants(first + i, mean[i], *k, moving, affine, clip);
-        }
+        let (mut r, mut d) = (Scratch::any(scale.len()), Scratch::any(scale.len()));
+        train_constants::<T>(first, eps, mean, scale, shift, &mut r, &mut d, moving, affine, clip);
     });
     let stats = BatchStats {
         count: g.per_channel() as u64,
@@ -297,35 +296,97 @@ pub fn batch_renorm_train<T: Element>(
         m2: m.m2,
     };
     let saved = stats.saved(eps)?;
-    let (r, d) = (0..g.channels)
-        .map(|c| {
-            let (_, _, r, d) = renorm_constants(c, saved.mean[c], saved.inv_std[c], moving, affine, clip);
-            (r, d)
-        })
-        .unzip();
+    let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
+    corrections::<T>(0, &saved.mean, &saved.inv_std, moving, clip, &mut r, &mut d);
     Ok((stats, RenormSaved { stats: saved, r, d }))
 }
 
-/// Channel `c`'s constants of the training forward from its μ_B and 1/σ_B: r and d against the
-/// moving statistics, and y = (x − μ_B)·scale + shift with scale = γ·r/σ_B, shift = γ·d + β.
-/// Returns (scale, shift, r, d).
-#[inline]
-fn renorm_constants<T: Element>(
-    c: usize,
-    mean_b: f64,
-    inv_std_b: f64,
+simd_dispatch! {
+    /// r and d ([`correction`]) of channels `first..first + r.len()` from their μ_B and 1/σ_B
+    /// against the moving statistics.
+    fn corrections<T>(
+        first: usize,
+        mean_b: &[f64], inv_std_b: &[f64], moving: RenormStats<'_, T>, clip: RenormClip, r: &mut [f64], d: &mut [f64]
+    ) => corrections_at
+}
+
+simd_dispatch! {
+    /// The training forward's constants of channels `first..first + scale.len()`: `scale` holds
+    /// σ²_B on entry and γ·r/σ_B on return, `shift` γ·d + β, `r` and `d` r and d ([`correction`]);
+    /// y = (x − μ_B)·scale + shift.
+    fn train_constants<T>(
+        first: usize,
+        eps: f64,
+        mean_b: &[f64],
+        scale: &mut [f64],
+        shift: &mut [f64],
+        r: &mut [f64],
+        d: &mut [f64],
+        moving: RenormStats<'_, T>,
+        affine: Affine<'_, T>,
+        clip: RenormClip,
+    ) => train_constants_impl
+}
+
+/// [`corrections`]. A slice loop, which vectorize (these
+/// per-channel divisions weigh against the passes over a batch of few rows).
+#[inline(always)]
+fn corrections_at<S, T: Element>(
+    _: S,
+    first: usize,
+    mean_b: &[f64],
+    inv_std_b: &[f64],
+    moving: RenormStats<'_, T>,
+    clip: RenormClip,
+    r: &mut [f64],
+    d: &mut [f64],
+) {
+    let end = first + r.len();
+    let (mu, sigma) = (&moving.mean[first..end], &moving.std[first..end]);
+    for i in 0..r.len() {
+        (r[i], d[i]) = correction(mean_b[i], 1.0 / inv_std_b[i], mu[i].to_f64(), sigma[i].to_f64(), clip);
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn train_constants_impl<S, T: Element>(
+    s: S,
+    first: usize,
+    eps: f64,
+    mean_b: &[f64],
+    scale: &mut [f64],
+    shift: &mut [f64],
+    r: &mut [f64],
+    d: &mut [f64],
     moving: RenormStats<'_, T>,
     affine: Affine<'_, T>,
     clip: RenormClip,
-) -> (f64, f64, f64, f64) {
-    let (mu, sigma) = (moving.mean[c].to_f64(), moving.std[c].to_f64());
-    let (r, d) = correction(mean_b, 1.0 / inv_std_b, mu, sigma, clip);
-    let mut scale = inv_std_b * r;
-    if let Some(g) = affine.gamma {
-        scale *= g[c].to_f64();
+) {
+    inv_std_in_place(scale, eps);
+    corrections_at(s, first, mean_b, scale, moving, clip, r, d);
+    // scale·r·γ and β + γ·d (γ = 1, β = 0 when absent: the same bits as those products and sums),
+    // each case its own loop so that they vectorize.
+    let n = scale.len();
+    match affine.gamma.map(|g| &g[first..first + n]) {
+        Some(g) => {
+            for i in 0..n {
+                let g = g[i].to_f64();
+                scale[i] = scale[i] * r[i] * g;
+                shift[i] = g * d[i];
+            }
+        }
+        None => {
+            for i in 0..n {
+                scale[i] *= r[i];
+                shift[i] = d[i];
+            }
+        }
     }
-    let shift = beta_at(affine.beta, c) + gamma_at(affine.gamma, c) * d;
-    (scale, shift, r, d)
+    let beta = affine.beta.map(|b| &b[first..first + n]);
+    for i in 0..n {
+        shift[i] += beta.map_or(0.0, |b| b[i].to_f64());
+    }
 }
 
 /// The training forward once the batch statistics are known (one process's, or the global
@@ -343,11 +404,21 @@ fn renorm_normalize<T: Element>(
     y: &mut [T],
 ) -> Result<RenormSaved, Error> {
     let saved = stats.saved(eps)?;
-    let (mut scale, mut shift) = (Scratch::any(g.channels), Scratch::any(g.channels));
     let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-    for c in 0..g.channels {
-        (scale[c], shift[c], r[c], d[c]) = renorm_constants(c, saved.mean[c], saved.inv_std[c], moving, affine, clip);
-    }
+    let mut scale = stats.var_biased();
+    let mut shift = Scratch::any(g.channels);
+    train_constants::<T>(
+        0,
+        eps,
+        &saved.mean,
+        &mut scale,
+        &mut shift,
+        &mut r,
+        &mut d,
+        moving,
+        affine,
+        clip,
+    );
     plan::normalize(g, x, y, &saved.mean, &scale, &shift);
     Ok(RenormSaved { stats: saved, r, d })
 }
@@ -448,13 +519,34 @@ pub fn update_renorm_stats<T: Element>(
     check::renorm_momentum(alpha)?;
     check::eps(eps)?;
     check::training_count(batch.count, &[])?;
-    for (c, var) in batch.var_biased().into_iter().enumerate() {
-        let sigma_b = 1.0 / inv_std(var, eps);
+    let mut inv_std_b = batch.var_biased();
+    inv_std_in_place(&mut inv_std_b, eps);
+    blend_moving::<T>(&batch.mean, &inv_std_b, alpha, moving_mean, moving_std);
+    Ok(())
+}
+
+simd_dispatch! {
+    /// μ ← μ + α(μ_B − μ), σ ← σ + α(σ_B − σ) every channel, from μ_B and 1/σ_B (σ_B = √(σ²_B + ε),
+    /// the statistics the training forward saved).
+    fn blend_moving<T>(mean_b: &[f64], inv_std_b: &[f64], alpha: f64, moving_mean: &mut [T], moving_std: &mut [T])
+        => blend_moving_impl
+}
+
+#[inline(always)]
+fn blend_moving_impl<S, T: Element>(
+    _: S,
+    mean_b: &[f64],
+    inv_std_b: &[f64],
+    alpha: f64,
+    moving_mean: &mut [T],
+    moving_std: &mut [T],
+) {
+    for (c, &inv_std_b) in inv_std_b.iter().enumerate() {
+        let sigma_b = 1.0 / inv_std_b;
         let (mu, sigma) = (moving_mean[c].to_f64(), moving_std[c].to_f64());
-        moving_mean[c] = T::from_f64(mu + alpha * (batch.mean[c] - mu));
+        moving_mean[c] = T::from_f64(mu + alpha * (mean_b[c] - mu));
         moving_std[c] = T::from_f64(sigma + alpha * (sigma_b - sigma));
     }
-    Ok(())
 }
 
 /// Settings of a [`BatchRenorm`] layer.
@@ -562,11 +654,23 @@ impl<T: Element> BatchRenorm<T> {
         check::layer_input(self.num_features, x.shape, x.layout)?;
         check::renorm_momentum(self.config.momentum)?;
         let next = check::renorm_next_step(self.steps)?;
-        let (stats, saved) = batch_renorm_train(x, self.moving(), self.affine(), self.config.eps, self.clip(), y)?;
-        let (eps, alpha) = (self.config.eps, self.config.momentum);
-        update_renorm_stats(&stats, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
+        let (_, saved) = batch_renorm_train(x, self.moving(), self.affine(), self.config.eps, self.clip(), y)?;
+        self.blend_moving(&saved);
         self.steps = next;
         Ok(saved)
+    }
+
+    /// [`update_renorm_stats`] from the statistics a training forward saved (checked by it, with
+    /// σ_B = 1/saved 1/σ_B: the same numbers, without computing them again).
+    fn blend_moving(&mut self, saved: &RenormSaved) {
+        let (st, alpha) = (&saved.stats, self.config.momentum);
+        blend_moving::<T::Param>(
+            &st.mean,
+            &st.inv_std,
+            alpha,
+            &mut self.moving_mean,
+            &mut self.moving_std,
+        );
     }
 
     /// Inference forward with the moving statistics. Rejects what [`batch_renorm_eval`] rejects
@@ -625,9 +729,9 @@ impl<T: Element> BatchRenorm<T> {
         let local = batch_stats(x)?;
         let global = sync_batch_stats(comm, &local)?;
         check::training_count(global.count, x.shape)?;
-        let (eps, alpha) = (self.config.eps, self.config.momentum);
+        let eps = self.config.eps;
         let saved = renorm_normalize(&g, x.data, &global, moving, affine, eps, self.clip(), y)?;
-        update_renorm_stats(&global, eps, alpha, &mut self.moving_mean, &mut self.moving_std)?;
+        self.blend_moving(&saved);
         self.steps = next;
         Ok(saved)
     }
