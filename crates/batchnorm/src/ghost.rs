@@ -259,7 +259,7 @@ fn train_packed<T: Element>(
         // Channels-first, where `batch_norm_train` fuses each channel's statistics and y: one
         // unit per channel takes every group's in turn, each group's the bits of
         // `batch_norm_train` over the group alone.
-        plan::ghost_planes_forward(&g, data, y, groups.rows(&g), out, inv_std, constants);
+        plan::ghost_planes_forward(&g, groups.rows(&g), data, y, out, inv_std, constants);
         return Ok(counts);
     }
     // Channels-first with few channels: each group of planes runs the plain kernel on its slice
@@ -347,7 +347,7 @@ fn backward_views<T: Element>(
         // over the group alone.
         Some(dx) if plan::fuses_planes(&g, group_rows) => {
             let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
-            let (s1, s2) = plan::ghost_planes_backward(&g, data, dy, dx, group_rows, &means, |k, ch, s1, s2| {
+            let (s1, s2) = plan::ghost_planes_backward(&g, group_rows, data, dy, dx, &means, |k, ch, s1, s2| {
                 let mut out = [DxCoeffs::default()];
                 centered_dx_coeffs(gamma, saved[k], ch, &[s1], &[s2], &mut out);
                 out[0]
@@ -534,7 +534,9 @@ impl<T: Element> BatchNorm<T> {
         saved: &mut SavedStats,
     ) -> Result<(), Error> {
         let eps = self.config.eps;
-        let mut m2 = Scratch::with_capacity(0);
+        // The groups' M2, only for the running estimate: a buffer of this thread's, of the
+        // packed length (the input's shape was checked by the caller).
+        let mut m2 = Scratch::with_capacity(x.shape[0].div_ceil(virtual_batch) * self.num_features);
         let out = GroupMoments {
             mean: &mut saved.mean,
             m2: &mut m2,

@@ -181,9 +181,9 @@ pub(crate) fn fuses_planes(g: &Geometry, group_planes: usize) -> bool {
 /// [`super::train_forward_where`] over the group alone.
 pub(crate) fn ghost_planes_forward<T: Element>(
     g: &Geometry,
+    group_planes: usize,
     x: &[T],
     y: &mut [T],
-    group_planes: usize,
     mut out: GroupMoments<'_>,
     inv_std: impl Fn(&mut [f64]) + Sync + Send,
     affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
@@ -310,10 +310,10 @@ pub(crate) fn ghost_train_backward<T: Element>(
 /// group alone.
 pub(crate) fn ghost_planes_backward<T: Element>(
     g: &Geometry,
+    group_planes: usize,
     x: &[T],
     dy: &[T],
     dx: &mut [T],
-    group_planes: usize,
     means: &[&[f64]],
     coeffs: impl Fn(usize, usize, f64, f64) -> DxCoeffs + Sync + Send,
 ) -> (Vec<f64>, Vec<f64>) {
