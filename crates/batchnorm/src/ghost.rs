@@ -12,14 +12,21 @@
 //! inference uses the running statistics, never groups.
 //!
 //! A group of consecutive examples is a contiguous slice of the buffer in every layout (the batch
-//! dimension comes first). Channels-first, each group runs the plain kernels on its own slice,
-//! groups in parallel (several small groups to a task; on the calling thread when they all make
-//! one task). In the rows plan (NC, channels-last) a group is a run of consecutive rows, and every
-//! group's statistics come from one pass over the rows, y from one more (the backward likewise),
-//! each group cut into the units the plain kernels would cut it into alone
-//! (`kernels::plan::ghost_train_forward`). Either way each group's results are the bits of plain
-//! batch norm over that group alone, for any thread count (with v ≥ N exactly plain batch norm's),
-//! and the groups' gradient sums are added in batch order.
+//! dimension comes first). In the rows plan (NC, channels-last) a group is a run of consecutive
+//! rows, and every group's statistics come from one pass over the rows, y from one more (the
+//! backward likewise), each group cut into the units the plain kernels would cut it into alone
+//! (`kernels::plan::ghost_train_forward`). Channels-first, where the plain kernels fuse each
+//! channel's statistics and y (the sums and dx), one unit per channel takes every group's in
+//! turn, each over the group's planes as the plain kernels take them
+//! (`kernels::plan::ghost_planes_forward`); with fewer channels than that plan needs, each group
+//! runs the plain kernels on its own slice, groups in parallel (several small groups to a task;
+//! on the calling thread when they all make one task). Either way each group's results are the
+//! bits of plain batch norm over that group alone, for any thread count (with v ≥ N exactly plain
+//! batch norm's), and the groups' gradient sums are added in batch order.
+//!
+//! The layer's training forward fills the caller's [`SavedStats`] in place with
+//! [`BatchNorm::forward_train_into`]: a ghost layer's statistics are groups × channels values per
+//! vector, and a caller that keeps them between steps saves their allocation every step.
 //!
 //! Free functions: [`ghost_batch_norm_train`], [`ghost_batch_norm_backward`],
 //! [`update_ghost_running_stats`]; on a [`BatchNorm`] layer, `BatchNormConfig::virtual_batch`.
@@ -30,8 +37,9 @@
 use crate::backward::{centered_dx_coeffs, train_backward_sums, GradSums, StatsView};
 use crate::check;
 use crate::forward::{batch_norm_train, check_forward, scale_shift};
+use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan::{self, GroupMoments};
-use crate::kernels::with_simd;
+use crate::kernels::scratch::Scratch;
 use crate::stats::{blend_running, inv_std_in_place, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
 use rayon::prelude::*;
@@ -79,7 +87,8 @@ impl<'a> Groups<'a> {
         }
     }
 
-    /// Rows of a full group in the rows plan (`g.inner` = 1) of the input, whose geometry is `g`.
+    /// Rows (rows plan, `g.inner` = 1) or planes per channel (channels-first) of a full group of
+    /// the input, whose geometry is `g`.
     fn rows(&self, g: &Geometry) -> usize {
         self.virtual_batch * (g.outer / self.shape[0])
     }
@@ -176,9 +185,14 @@ pub fn ghost_batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(Vec<BatchStats>, GhostSaved), Error> {
-    let (packed, channels) = train_packed(x, virtual_batch, affine, eps, y)?;
-    let (stats, saved) = packed
-        .groups(channels)
+    let (mut mean, mut m2) = (Vec::new(), Vec::new());
+    let out = GroupMoments {
+        mean: &mut mean,
+        m2: &mut m2,
+        inv_std: None,
+    };
+    let counts = train_packed(x, virtual_batch, affine, eps, y, out)?;
+    let (stats, saved) = packed_groups(&counts, &mean, &m2)
         .map(|(count, mean, m2)| {
             let stats = BatchStats {
                 count,
@@ -200,49 +214,28 @@ pub fn ghost_batch_norm_train<T: Element>(
     ))
 }
 
-/// A ghost training forward's statistics, packed: group k's channel c at k·C + c.
-struct Packed {
-    /// Values per channel of each group.
-    counts: Vec<u64>,
-    /// Each group's means.
-    mean: Vec<f64>,
-    /// Each group's M2.
-    m2: Vec<f64>,
+/// Each group's (count, means, M2) of a ghost training forward's statistics packed group after
+/// group (group k's channel c at k·C + c), given each group's count, in batch order.
+fn packed_groups<'a>(
+    counts: &'a [u64],
+    mean: &'a [f64],
+    m2: &'a [f64],
+) -> impl Iterator<Item = (u64, &'a [f64], &'a [f64])> {
+    let channels = mean.len() / counts.len();
+    let vectors = mean.chunks(channels).zip(m2.chunks(channels));
+    counts.iter().zip(vectors).map(|(&n, (mean, m2))| (n, mean, m2))
 }
 
-impl Packed {
-    /// Each group's (count, means, M2) of `channels` channels, in batch order.
-    fn groups(&self, channels: usize) -> impl Iterator<Item = (u64, &[f64], &[f64])> {
-        let vectors = self.mean.chunks(channels).zip(self.m2.chunks(channels));
-        self.counts.iter().zip(vectors).map(|(&n, (mean, m2))| (n, mean, m2))
-    }
-
-    /// The layer's saved statistics (see [`GhostSaved`]): the whole batch's count, the packed
-    /// means, and each group's 1/√(σ² + ε) (as [`BatchStats::saved`] computes them) in place of
-    /// its M2.
-    fn into_saved(self, channels: usize, eps: f64) -> SavedStats {
-        let Packed { counts, mean, mut m2 } = self;
-        for (m2, &n) in m2.chunks_mut(channels).zip(&counts) {
-            m2.iter_mut().for_each(|s| *s /= n as f64);
-        }
-        with_simd(|| inv_std_in_place(&mut m2, eps));
-        SavedStats {
-            count: counts.iter().sum(),
-            mean,
-            inv_std: m2,
-        }
-    }
-}
-
-/// [`ghost_batch_norm_train`]'s checks and work, the statistics left packed; returns them and
-/// the channel count.
+/// [`ghost_batch_norm_train`]'s checks and work, the statistics left packed in `out` (written
+/// only once every check has passed); returns each group's count, in batch order.
 fn train_packed<T: Element>(
     x: View<'_, T>,
     virtual_batch: usize,
     affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
-) -> Result<(Packed, usize), Error> {
+    out: GroupMoments<'_>,
+) -> Result<Vec<u64>, Error> {
     let (g, _) = check_forward(x, None, y, |_| Ok(()), affine)?;
     check::eps(eps)?;
     let View { data, shape, layout } = x;
@@ -251,34 +244,44 @@ fn train_packed<T: Element>(
     let groups = Groups::new(shape, &g, virtual_batch);
     groups.check_counts()?;
     let counts = (0..groups.len()).map(|k| groups.count(k)).collect();
+    // The groups' 1/√(σ² + ε) from their biased variances, then (scale, shift) of channels
+    // `first..`, as `batch_norm_train` makes them.
+    let Affine { gamma, beta } = affine;
+    let inv_std = |v: &mut [f64]| inv_std_in_place(v, eps);
+    let constants = |first: usize, scale: &mut [f64], shift: &mut [f64]| scale_shift(gamma, beta, first, scale, shift);
     if g.inner == 1 {
         // The rows plan: every group's statistics in one pass over the rows, y in one more,
         // each group's the bits of `batch_norm_train` over the group alone.
-        let Affine { gamma, beta } = affine;
-        let GroupMoments { mean, m2, .. } =
-            plan::ghost_train_forward(&g, data, y, groups.rows(&g), |first, scale, shift| {
-                inv_std_in_place(scale, eps);
-                scale_shift(gamma, beta, first, scale, shift);
-            });
-        return Ok((Packed { counts, mean, m2 }, g.channels));
+        plan::ghost_train_forward(&g, data, y, groups.rows(&g), out, inv_std, constants);
+        return Ok(counts);
     }
-    // Channels-first: each group of planes runs the plain kernel on its slice (the same bits
-    // whichever thread runs it), in parallel; the results come back in batch order.
+    if plan::fuses_planes(&g, groups.rows(&g)) {
+        // Channels-first, where `batch_norm_train` fuses each channel's statistics and y: one
+        // unit per channel takes every group's in turn, each group's the bits of
+        // `batch_norm_train` over the group alone.
+        plan::ghost_planes_forward(&g, groups.rows(&g), data, y, out, inv_std, constants);
+        return Ok(counts);
+    }
+    // Channels-first with few channels: each group of planes runs the plain kernel on its slice
+    // (the same bits whichever thread runs it), in parallel; the results come back in batch order.
     let items = data.chunks(groups.chunk()).zip(y.chunks_mut(groups.chunk())).collect();
     let stats = groups
         .map(items, |(xk, yk)| {
             let group_shape = groups.shape_of(xk.len());
-            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk).map(|(stats, _)| stats)
+            batch_norm_train(View::new(xk, &group_shape, layout), affine, eps, yk)
         })
         .into_iter()
         .collect::<Result<Vec<_>, Error>>()?;
-    let (mean, m2) = (stats.iter().map(|s| &s.mean), stats.iter().map(|s| &s.m2));
-    let packed = Packed {
-        counts,
-        mean: mean.flatten().copied().collect(),
-        m2: m2.flatten().copied().collect(),
-    };
-    Ok((packed, g.channels))
+    let GroupMoments { mean, m2, mut inv_std } = out;
+    mean.clear();
+    m2.clear();
+    inv_std.iter_mut().for_each(|v| v.clear());
+    for (stats, saved) in &stats {
+        mean.extend_from_slice(&stats.mean);
+        m2.extend_from_slice(&stats.m2);
+        inv_std.iter_mut().for_each(|v| v.extend_from_slice(&saved.inv_std));
+    }
+    Ok(counts)
 }
 
 /// Ghost batch norm's training backward: each group's training-mode backward through its own
@@ -328,57 +331,78 @@ fn backward_views<T: Element>(
     check::affine(g.channels, gamma, None)?;
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
     let c = g.channels;
-    let total = if g.inner == 1 {
+    let group_rows = groups.rows(&g);
+    let total = match dx {
         // The rows plan: every group's sums in one pass over the rows, dx in one more, each
         // group's the bits of the plain backward over the group alone.
-        let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
-        let (sum_dy, sum_dy_xmu) =
-            plan::ghost_train_backward(&g, data, dy, dx, groups.rows(&g), &means, |k, s1, s2, out| {
+        dx if g.inner == 1 => {
+            let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
+            let (s1, s2) = plan::ghost_train_backward(&g, data, dy, dx, group_rows, &means, |k, s1, s2, out| {
                 centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out)
             });
-        // Each group's Σ dy·x̂ = inv_std·Σ dy·(x − μ), added in batch order (as `GradSums::add`).
-        let mut total = GradSums {
-            sum_dy: vec![0.0; c],
-            sum_dy_xhat: vec![0.0; c],
-        };
-        let parts = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(saved);
-        for (k, ((s1, s2), s)) in parts.enumerate() {
-            let xhat = s2.iter().zip(s.inv_std).map(|(v, s)| v * s);
-            if k == 0 {
-                total.sum_dy.copy_from_slice(s1);
-                total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a = b);
-            } else {
-                total.sum_dy.iter_mut().zip(s1).for_each(|(a, b)| *a += b);
-                total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a += b);
+            group_totals(c, &s1, &s2, saved)
+        }
+        // Channels-first, where the plain backward fuses each channel's sums and dx: one unit
+        // per channel takes every group's in turn, each group's the bits of the plain backward
+        // over the group alone.
+        Some(dx) if plan::fuses_planes(&g, group_rows) => {
+            let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
+            let (s1, s2) = plan::ghost_planes_backward(&g, group_rows, data, dy, dx, &means, |k, ch, s1, s2| {
+                let mut out = [DxCoeffs::default()];
+                centered_dx_coeffs(gamma, saved[k], ch, &[s1], &[s2], &mut out);
+                out[0]
+            });
+            group_totals(c, &s1, &s2, saved)
+        }
+        dx => {
+            // Channels-first otherwise: each group's dx and sums on its own slices, in
+            // parallel as in the forward.
+            let chunk = groups.chunk();
+            let dxs: Vec<Option<&mut [T]>> = match dx {
+                Some(dx) => dx.chunks_mut(chunk).map(Some).collect(),
+                None => (0..groups.len()).map(|_| None).collect(),
+            };
+            let items = data.chunks(chunk).zip(dy.chunks(chunk)).zip(dxs).zip(saved).collect();
+            let sums = groups
+                .map(items, |(((xk, dyk), dxk), s)| {
+                    let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
+                    Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, *s, gamma))
+                })
+                .into_iter()
+                .collect::<Result<Vec<GradSums>, Error>>()?;
+            // Added in batch order, so the bits do not depend on the threads.
+            let mut sums = sums.into_iter();
+            // At least one group: the input is not empty.
+            let mut total = sums.next().expect("at least one group");
+            for s in sums {
+                total.add(&s)?;
             }
+            total
         }
-        total
-    } else {
-        // Channels-first: each group's dx and sums on its own slices, in parallel as in the
-        // forward.
-        let chunk = groups.chunk();
-        let dxs: Vec<Option<&mut [T]>> = match dx {
-            Some(dx) => dx.chunks_mut(chunk).map(Some).collect(),
-            None => (0..groups.len()).map(|_| None).collect(),
-        };
-        let items = data.chunks(chunk).zip(dy.chunks(chunk)).zip(dxs).zip(saved).collect();
-        let sums = groups
-            .map(items, |(((xk, dyk), dxk), s)| {
-                let group_g = layout.geometry(&groups.shape_of(xk.len()))?;
-                Ok(train_backward_sums(&group_g, xk, None, None, dyk, dxk, *s, gamma))
-            })
-            .into_iter()
-            .collect::<Result<Vec<GradSums>, Error>>()?;
-        // Added in batch order, so the bits do not depend on the threads.
-        let mut sums = sums.into_iter();
-        // At least one group: the input is not empty.
-        let mut total = sums.next().expect("at least one group");
-        for s in sums {
-            total.add(&s)?;
-        }
-        total
     };
     total.write_param_grads(dgamma, dbeta)
+}
+
+/// The sums over groups of each group's Σ dy and Σ dy·x̂ = inv_std·Σ dy·(x − μ), from the
+/// groups' packed (Σ dy, Σ dy·(x − μ)) (group k's channel c at k·C + c), added in batch order
+/// (as [`GradSums::add`] adds them).
+fn group_totals(c: usize, sum_dy: &[f64], sum_dy_xmu: &[f64], saved: &[StatsView]) -> GradSums {
+    let mut total = GradSums {
+        sum_dy: vec![0.0; c],
+        sum_dy_xhat: vec![0.0; c],
+    };
+    let parts = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(saved);
+    for (k, ((s1, s2), s)) in parts.enumerate() {
+        let xhat = s2.iter().zip(s.inv_std).map(|(v, s)| v * s);
+        if k == 0 {
+            total.sum_dy.copy_from_slice(s1);
+            total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a = b);
+        } else {
+            total.sum_dy.iter_mut().zip(s1).for_each(|(a, b)| *a += b);
+            total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a += b);
+        }
+    }
+    total
 }
 
 /// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
@@ -499,19 +523,29 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The ghost training forward and, when tracked, one running-statistics update for the
-    /// mini-batch; returns the groups' statistics packed (see [`GhostSaved`]). The caller has
-    /// checked what the running update could reject.
+    /// mini-batch; writes the groups' statistics packed (see [`GhostSaved`]) into `saved`,
+    /// reusing its vectors' memory. On error `saved` is unchanged. The caller has checked what
+    /// the running update could reject.
     pub(crate) fn forward_ghost(
         &mut self,
         x: View<'_, T>,
         virtual_batch: usize,
         y: &mut [T],
-    ) -> Result<SavedStats, Error> {
+        saved: &mut SavedStats,
+    ) -> Result<(), Error> {
         let eps = self.config.eps;
-        let (packed, channels) = train_packed(x, virtual_batch, self.affine(), eps, y)?;
+        // The groups' M2, only for the running estimate: a buffer of this thread's, of the
+        // packed length (the input's shape was checked by the caller).
+        let mut m2 = Scratch::with_capacity(x.shape[0].div_ceil(virtual_batch) * self.num_features);
+        let out = GroupMoments {
+            mean: &mut saved.mean,
+            m2: &mut m2,
+            inv_std: Some(&mut saved.inv_std),
+        };
+        let counts = train_packed(x, virtual_batch, self.affine(), eps, y, out)?;
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
-            let (mean, var) = ghost_estimate(packed.groups(channels));
+            let (mean, var) = ghost_estimate(packed_groups(&counts, &saved.mean, &m2));
             let momentum = self.config.momentum;
             blend_running(
                 &mean,
@@ -523,7 +557,10 @@ impl<T: Element> BatchNorm<T> {
             );
             self.num_batches_tracked = seen;
         }
-        Ok(packed.into_saved(channels, eps))
+        // `saved.inv_std` holds each group's 1/√(σ² + ε) as y used it: the bits
+        // `BatchStats::saved` computes from the group's M2.
+        saved.count = counts.iter().sum();
+        Ok(())
     }
 
     /// The ghost training backward from the layer's packed statistics.

@@ -177,6 +177,27 @@ impl<T: Element> BatchNorm<T> {
         self.forward_train_where(x, None, None, y)
     }
 
+    /// [`BatchNorm::forward_train`] writing the statistics for the backward into `saved` (any
+    /// `SavedStats`, e.g. the previous step's) instead of returning new ones: a caller that
+    /// keeps one between steps gives a ghost layer's packed statistics (groups × channels
+    /// values per vector) back their memory, rather than having them allocated and freed every
+    /// step. Rejects what [`BatchNorm::forward_train`] rejects; on error `saved`, like the
+    /// rest, is unchanged.
+    ///
+    /// ```
+    /// use batchnorm::{BatchNorm, BatchNormConfig, Layout, View};
+    /// let config = BatchNormConfig { virtual_batch: Some(2), ..BatchNormConfig::default() };
+    /// let mut bn = BatchNorm::<f32>::new(3, config).unwrap();
+    /// let x: Vec<f32> = (0..4 * 3).map(|i| (i * i % 7) as f32).collect(); // NC [4, 3]
+    /// let (x, mut y) = (View::new(&x, &[4, 3], Layout::NC), vec![0.0; 12]);
+    /// let mut saved = bn.forward_train(x, &mut y).unwrap();
+    /// bn.forward_train_into(x, &mut y, &mut saved).unwrap();
+    /// assert_eq!(saved.mean.len(), 2 * 3); // two groups' statistics, packed
+    /// ```
+    pub fn forward_train_into(&mut self, x: View<'_, T>, y: &mut [T], saved: &mut SavedStats) -> Result<(), Error> {
+        self.forward_train_where_into(x, None, None, y, saved)
+    }
+
     /// [`BatchNorm::forward_train`] over the positions `mask` selects (`None`: all of them), y
     /// +0.0 elsewhere; the mask's length is checked after the input's channel count. With
     /// `relu`, fused with what follows (see [`BatchNorm::forward_train_relu`]).
@@ -187,20 +208,40 @@ impl<T: Element> BatchNorm<T> {
         relu: Option<ReluForward<'_, T>>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
+        let mut saved = SavedStats {
+            count: 0,
+            mean: Vec::new(),
+            inv_std: Vec::new(),
+        };
+        self.forward_train_where_into(x, mask, relu, y, &mut saved)?;
+        Ok(saved)
+    }
+
+    /// [`BatchNorm::forward_train_where`] into `saved` (see [`BatchNorm::forward_train_into`]).
+    fn forward_train_where_into(
+        &mut self,
+        x: View<'_, T>,
+        mask: Option<&[bool]>,
+        relu: Option<ReluForward<'_, T>>,
+        y: &mut [T],
+        saved: &mut SavedStats,
+    ) -> Result<(), Error> {
         let ghost = self.ghost_for(mask, relu.is_some())?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         let count = check::mask(&g, mask)?;
         if self.uses_running_stats(count) {
-            return self.forward_frozen(x, mask, relu, y, count);
+            *saved = self.forward_frozen(x, mask, relu, y, count)?;
+            return Ok(());
         }
         // Everything the running-statistics update could reject is checked before y is written.
         self.check_track()?;
         if let Some(v) = ghost {
-            return self.forward_ghost(x, v, y);
+            return self.forward_ghost(x, v, y, saved);
         }
-        let (stats, saved) = train_where(x, mask, relu, self.affine(), self.config.eps, y)?;
+        let (stats, new) = train_where(x, mask, relu, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
-        Ok(saved)
+        *saved = new;
+        Ok(())
     }
 
     /// Inference forward with the running statistics. Rejects [`Error::NoRunningStats`] when they

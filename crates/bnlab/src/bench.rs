@@ -330,7 +330,9 @@ impl Op {
 
 /// One variant's layer ready to be timed, with what its backward needs from one training forward.
 enum Timed<T: BenchElement> {
-    /// The kernel crate's `BatchNorm` (plain, frozen or ghost).
+    /// The kernel crate's `BatchNorm` (plain, frozen or ghost). Its timed training forwards
+    /// refill `saved` (`BatchNorm::forward_train_into`), as a training loop that keeps it between
+    /// steps does, whichever of the three it is.
     Bn { layer: BatchNorm<T>, saved: SavedStats },
     /// The kernel crate's `BatchNorm` through its masked passes with this mask.
     Masked {
@@ -396,7 +398,7 @@ impl<T: BenchElement> Timed<T> {
         let Io { x, y, dy, grads } = io;
         match (self, op) {
             (Timed::Fused(rows), op) => rows.run(op, Io { x, y, dy, grads }),
-            (Timed::Bn { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
+            (Timed::Bn { layer, saved }, Op::FwdTrain) => layer.forward_train_into(x, y, saved),
             (Timed::Masked { layer, mask, .. }, Op::FwdTrain) => layer.forward_train_masked(x, mask, y).map(drop),
             (Timed::Renorm { layer, .. }, Op::FwdTrain) => layer.forward_train(x, y).map(drop),
             (Timed::Bn { layer, .. }, Op::FwdEval) => layer.forward_eval(x, y),
@@ -474,7 +476,7 @@ impl<T: BenchElement> FusedRows<T> {
             dz,
         } = self;
         match op {
-            Op::FwdTrain => *saved = layer.forward_train(x, y)?,
+            Op::FwdTrain => layer.forward_train_into(x, y, saved)?,
             Op::FwdEval => layer.forward_eval(x, y)?,
             Op::Backward => layer.backward(x, dy, saved, grads)?,
             Op::FwdTrainRelu => *saved = layer.forward_train_relu(x, y, mask)?,

@@ -28,7 +28,9 @@ use rayon::prelude::*;
 mod fixed;
 mod groups;
 pub(crate) use fixed::fixed_backward_where;
-pub(crate) use groups::{ghost_train_backward, ghost_train_forward, GroupMoments};
+pub(crate) use groups::{
+    fuses_planes, ghost_planes_backward, ghost_planes_forward, ghost_train_backward, ghost_train_forward, GroupMoments,
+};
 
 /// Elements of one in-cache piece (32 KiB of `f32`).
 pub(crate) const PIECE: usize = 8192;

@@ -13,8 +13,8 @@
 use crate::common::*;
 use batchnorm::{
     batch_norm_backward, batch_norm_eval, batch_norm_train, ghost_batch_norm_backward, ghost_batch_norm_train,
-    reference, update_ghost_running_stats, update_running_stats, Affine, BatchNorm, BatchNormConfig, Error, FixedStats,
-    Grads, Layout, Momentum, SmallBatch, View,
+    grad_sums, reference, update_ghost_running_stats, update_running_stats, Affine, BatchNorm, BatchNormConfig, Error,
+    FixedStats, GradSums, Grads, Layout, Momentum, SavedStats, SmallBatch, View,
 };
 use proptest::prelude::*;
 
@@ -476,31 +476,106 @@ fn ghost_bitwise_identical_for_1_2_3_threads() {
 
 /// The plain kernels on a group give what the ghost functions give for it: each group of the
 /// ghost forward is `batch_norm_train` of its slice, and the backward's dx of a group is
-/// `batch_norm_backward` of its slice with that group's statistics.
+/// `batch_norm_backward` of its slice with that group's statistics, dγ and dβ the groups' sums
+/// (`grad_sums` of each slice) added in batch order; in the rows plan and channels-first, with
+/// enough channels for the fused per-channel passes (planes smaller and larger than a piece),
+/// and with too few.
 #[test]
 fn each_group_is_plain_batch_norm_of_its_slice() {
-    let (layout, shape, v) = (Layout::ChannelsLast, vec![7, 3, 4], 3);
-    let d = Data::new::<f32>(layout, &shape, 80);
+    for (layout, shape, v) in [
+        (Layout::ChannelsLast, vec![7, 3, 4], 3),
+        (Layout::NCHW, vec![7, 16, 3, 5], 3),
+        (Layout::NCHW, vec![5, 17, 90, 100], 2),
+        (Layout::ChannelsFirst, vec![6, 3, 40], 4),
+    ] {
+        check_groups_are_plain(layout, &shape, v);
+    }
+}
+
+fn check_groups_are_plain(layout: Layout, shape: &[usize], v: usize) {
+    let d = Data::new::<f32>(layout, shape, 80);
     let (x, dy, g, b) = d.narrowed::<f32>();
     let mut y = vec![0.0f32; x.len()];
-    let xv = View::new(&x, &shape, layout);
+    let xv = View::new(&x, shape, layout);
     let (_, saved) = ghost_batch_norm_train(xv, v, Affine::new(&g, &b), 1e-5, &mut y).unwrap();
-    let mut dx = vec![0.0f32; x.len()];
-    ghost_batch_norm_backward(xv, &dy, &saved, Some(&g), Grads::dx(&mut dx)).unwrap();
+    let c = d.g.channels;
+    let (mut dx, mut dg, mut db) = (vec![0.0f32; x.len()], vec![0.0f32; c], vec![0.0f32; c]);
+    ghost_batch_norm_backward(xv, &dy, &saved, Some(&g), Grads::new(&mut dx, &mut dg, &mut db)).unwrap();
     let per_example = x.len() / shape[0];
+    let mut sums: Option<GradSums> = None;
     for (k, (first, examples)) in group_examples(shape[0], v).into_iter().enumerate() {
         let r = first * per_example..(first + examples) * per_example;
-        let sub = [examples, 3, 4];
+        let mut sub = shape.to_vec();
+        sub[0] = examples;
+        let what = format!("{layout} {shape:?} v={v} group {k}");
         let sv = View::new(&x[r.clone()], &sub, layout);
         let (yk, _, saved_k) = train(sv, Affine::new(&g, &b), 1e-5);
-        assert_bits(&format!("group {k} y"), &y[r.clone()], &yk);
-        assert_eq!(saved.groups[k], saved_k);
+        assert_bits(&format!("{what} y"), &y[r.clone()], &yk);
+        assert_eq!(saved.groups[k], saved_k, "{what}");
         let mut dxk = vec![0.0f32; r.len()];
         batch_norm_backward(sv, &dy[r.clone()], &saved_k, Some(&g), Grads::dx(&mut dxk)).unwrap();
-        assert_bits(&format!("group {k} dx"), &dx[r], &dxk);
+        assert_bits(&format!("{what} dx"), &dx[r.clone()], &dxk);
+        let part = grad_sums(sv, &dy[r], &saved_k).unwrap();
+        match &mut sums {
+            None => sums = Some(part),
+            Some(s) => s.add(&part).unwrap(),
+        }
     }
+    let (mut dg_e, mut db_e) = (vec![0.0f32; c], vec![0.0f32; c]);
+    sums.unwrap()
+        .write_param_grads(Some(&mut dg_e), Some(&mut db_e))
+        .unwrap();
+    assert_bits(&format!("{layout} {shape:?} dgamma"), &dg, &dg_e);
+    assert_bits(&format!("{layout} {shape:?} dbeta"), &db, &db_e);
     // And not the whole batch's normalization.
     let mut y_whole = vec![0.0f32; x.len()];
     batch_norm_train(xv, Affine::new(&g, &b), 1e-5, &mut y_whole).unwrap();
     assert!(y.iter().zip(&y_whole).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+/// `forward_train_into` is `forward_train` writing into the caller's `SavedStats`: the same y,
+/// statistics and layer state whatever `saved` held before (another layer's, a larger batch's,
+/// empty vectors), for a ghost layer (rows plan, channels-first) and a plain one; on error
+/// `saved`, y and the layer are unchanged.
+#[test]
+fn forward_train_into_refills_saved_statistics() {
+    for (layout, shape, v) in [
+        (Layout::NC, vec![40, 24], Some(16)),
+        (Layout::NCHW, vec![9, 16, 3, 5], Some(4)),
+        (Layout::NCHW, vec![9, 16, 3, 5], None),
+    ] {
+        let d = Data::new::<f32>(layout, &shape, 1200);
+        let (x, ..) = d.narrowed::<f32>();
+        let xv = View::new(&x, &shape, layout);
+        let mut bn = ghost_layer::<f32>(&d, 1e-5, true, v.unwrap_or(2));
+        bn.config.virtual_batch = v;
+        let mut twin = bn.clone();
+        let (mut y, mut y_into) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+        let big = SavedStats {
+            count: 7,
+            mean: vec![1.5; 10_000],
+            inv_std: vec![2.5; 3],
+        };
+        let empty = SavedStats {
+            count: 0,
+            mean: Vec::new(),
+            inv_std: Vec::new(),
+        };
+        for mut saved in [big, empty] {
+            let expected = bn.forward_train(xv, &mut y).unwrap();
+            twin.forward_train_into(xv, &mut y_into, &mut saved).unwrap();
+            let what = format!("{layout} {shape:?} v={v:?}");
+            assert_eq!(saved, expected, "{what}");
+            assert_bits(&format!("{what} y"), &y_into, &y);
+            assert_eq!(twin, bn, "{what}: layer state");
+        }
+        // On error (a y of the wrong length) nothing changes.
+        let before = (twin.clone(), y_into.clone());
+        let mut saved = bn.forward_train(xv, &mut y).unwrap();
+        let kept = saved.clone();
+        let err = twin.forward_train_into(xv, &mut y_into[1..], &mut saved);
+        assert!(matches!(err, Err(Error::BufferLength { name: "y", .. })), "{err:?}");
+        assert_eq!(saved, kept);
+        assert_eq!((twin, y_into), before);
+    }
 }

@@ -203,7 +203,10 @@ fn affine_of<'a>(affine: bool, gamma: &'a [f32], beta: &'a [f32]) -> Affine<'a, 
 
 /// The batch-norm kernel's training forward, synchronized over `comm` when given, masked when
 /// `mask` is given; fused with a ReLU that records its kept outputs in `relu` when given (which
-/// callers do only where [`BatchNormLayer::fuses`], i.e. without `comm` and `mask`).
+/// callers do only where [`BatchNormLayer::fuses`], i.e. without `comm` and `mask`). Writes the
+/// statistics for the backward into `saved` (the plain pass refills it in place, so that a ghost
+/// layer's groups × channels values keep their memory from step to step); on error `saved` is
+/// unchanged.
 fn train_bn(
     bn: &mut BatchNorm<f32>,
     comm: Option<&dyn Communicator>,
@@ -211,16 +214,18 @@ fn train_bn(
     mask: Option<&[bool]>,
     relu: Option<&mut ReluMask>,
     y: &mut [f32],
-) -> Result<SavedStats, ::batchnorm::Error> {
-    match (comm, mask) {
-        (Some(comm), Some(mask)) => bn.forward_train_masked_sync(comm, x, mask, y),
-        (Some(comm), None) => bn.forward_train_sync(comm, x, y),
-        (None, Some(mask)) => bn.forward_train_masked(x, mask, y),
+    saved: &mut SavedStats,
+) -> Result<(), ::batchnorm::Error> {
+    *saved = match (comm, mask) {
+        (Some(comm), Some(mask)) => bn.forward_train_masked_sync(comm, x, mask, y)?,
+        (Some(comm), None) => bn.forward_train_sync(comm, x, y)?,
+        (None, Some(mask)) => bn.forward_train_masked(x, mask, y)?,
         (None, None) => match relu {
-            Some(relu) => bn.forward_train_relu(x, y, relu),
-            None => bn.forward_train(x, y),
+            Some(relu) => bn.forward_train_relu(x, y, relu)?,
+            None => return bn.forward_train_into(x, y, saved),
         },
-    }
+    };
+    Ok(())
 }
 
 /// The batch-norm kernel's inference with its running statistics, masked when `mask` is given,
@@ -504,33 +509,49 @@ impl BatchNormLayer {
     }
 
     /// Training forward of the layer's variant (masked over `mask` when given; never for renorm),
-    /// fused with the ReLU when `fused` ([`BatchNormLayer::fuses`]).
-    fn forward_train(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, fused: bool, y: &mut [f32]) -> Result<Saved> {
+    /// fused with the ReLU when `fused` ([`BatchNormLayer::fuses`]); what the backward needs goes
+    /// to `self.saved` (the batch-norm kernel's statistics refilled in place, see [`train_bn`]).
+    /// On error `self.saved` is unchanged.
+    fn forward_train(&mut self, x: View<'_, f32>, mask: Option<&[bool]>, fused: bool, y: &mut [f32]) -> Result<()> {
         let comm = self.sync.as_deref();
         let relu = (self.relu.as_mut()).filter(|_| fused).map(|r| &mut r.mask);
-        Ok(match &mut self.kind {
-            Kind::Plain => Saved::Bn(train_bn(&mut self.bn, comm, x, mask, relu, y)?),
+        let mut fresh = None;
+        let saved = match &mut self.saved {
+            Some(Saved::Bn(saved)) => saved,
+            _ => fresh.insert(SavedStats {
+                count: 0,
+                mean: Vec::new(),
+                inv_std: Vec::new(),
+            }),
+        };
+        match &mut self.kind {
+            Kind::Plain => train_bn(&mut self.bn, comm, x, mask, relu, y, saved)?,
             Kind::Frozen { after, steps } => {
                 let was_frozen = self.bn.is_frozen();
                 if *steps == *after {
                     self.bn.freeze();
                 }
-                match train_bn(&mut self.bn, comm, x, mask, relu, y) {
-                    Ok(saved) => {
-                        *steps = steps.saturating_add(1);
-                        Saved::Bn(saved)
-                    }
+                match train_bn(&mut self.bn, comm, x, mask, relu, y, saved) {
+                    Ok(()) => *steps = steps.saturating_add(1),
                     Err(e) => {
                         self.bn.set_frozen(was_frozen);
                         return Err(e.into());
                     }
                 }
             }
-            Kind::Renorm(r) => Saved::Renorm(match comm {
-                Some(comm) => r.forward_train_sync(comm, x, y)?,
-                None => r.forward_train(x, y)?,
-            }),
-        })
+            Kind::Renorm(r) => {
+                let saved = match comm {
+                    Some(comm) => r.forward_train_sync(comm, x, y)?,
+                    None => r.forward_train(x, y)?,
+                };
+                self.saved = Some(Saved::Renorm(saved));
+                return Ok(());
+            }
+        }
+        if let Some(saved) = fresh {
+            self.saved = Some(Saved::Bn(saved));
+        }
+        Ok(())
     }
 
     /// Algorithm 2's pass: the training transform without any update, observing the batch
@@ -651,7 +672,7 @@ impl Layer for BatchNormLayer {
         let x = View::new(x, &shape, layout);
         let fused = self.fuses(mode, mask);
         match mode {
-            Mode::Train => self.saved = Some(self.forward_train(x, mask, fused, y)?),
+            Mode::Train => self.forward_train(x, mask, fused, y)?,
             Mode::Eval => self.forward_eval(x, mask, fused, y)?,
             Mode::Collect => self.forward_collect(x, mask, y)?,
         }

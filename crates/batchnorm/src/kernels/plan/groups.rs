@@ -11,11 +11,11 @@
 //! (not one kernel call, with its own checks, temporaries and hand-over to the pool, per group).
 
 use super::{
-    add_task_sums_into, is_serial, map_items, merge_task_moments, prefetch_rows, row_blocks, rows_task_moments,
-    stream_output,
+    add_task_sums_into, is_serial, map_items, merge_task_moments, plane_blocks, planes_grad_sums, planes_moments,
+    prefetch_rows, row_blocks, rows_task_moments, stream_output, SharedOut,
 };
-use crate::kernels::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine};
-use crate::kernels::moments;
+use crate::kernels::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, WideAffine};
+use crate::kernels::moments::{self, Moments};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::{Element, Geometry};
@@ -69,29 +69,46 @@ fn group_ranges(units: &[Unit]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// Per-channel moments of consecutive groups, packed: group k's channel c at k·C + c.
-pub(crate) struct GroupMoments {
-    /// Values per channel of each group.
-    pub counts: Vec<f64>,
+/// Per-channel moments of consecutive groups, packed: group k's channel c at k·C + c. The
+/// passes write them into the caller's vectors (resized to groups × channels, every entry
+/// written), so that a caller that keeps them between calls (a layer's saved statistics) reuses
+/// their memory.
+pub(crate) struct GroupMoments<'a> {
     /// Each group's means, group after group.
-    pub mean: Vec<f64>,
+    pub mean: &'a mut Vec<f64>,
     /// Each group's M2, group after group.
-    pub m2: Vec<f64>,
+    pub m2: &'a mut Vec<f64>,
+    /// When given, each group's 1/√(σ² + ε) as the pass computed it for y, group after group.
+    pub inv_std: Option<&'a mut Vec<f64>>,
+}
+
+impl GroupMoments<'_> {
+    /// Resizes the vectors to `len` entries, which the pass then writes.
+    fn sized(&mut self, len: usize) {
+        self.mean.resize(len, 0.0);
+        self.m2.resize(len, 0.0);
+        if let Some(v) = self.inv_std.as_deref_mut() {
+            v.resize(len, 0.0);
+        }
+    }
 }
 
 /// Ghost training forward over the rows plan: the moments of each group of `group_rows`
 /// consecutive rows (the same bits as [`super::channel_moments_where`] over the group alone),
-/// then `affine(first, scale, shift)` turns a group's biased variances, given in `scale`, into
-/// its (scale, shift) (as [`super::train_forward_where`]'s), and y is written group by group
-/// with its own constants, as [`super::normalize_where`] writes it. Returns every group's
-/// moments.
+/// then `inv_std(v)` turns a group's biased variances into its 1/√(σ² + ε) in place and
+/// `affine(first, scale, shift)` those into its (scale, shift) (together what
+/// [`super::train_forward_where`]'s `affine` does), and y is written group by group with its own
+/// constants, as [`super::normalize_where`] writes it. Every group's moments (and 1/√(σ² + ε))
+/// go to `out`.
 pub(crate) fn ghost_train_forward<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
     group_rows: usize,
+    mut out: GroupMoments<'_>,
+    inv_std: impl Fn(&mut [f64]),
     affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
-) -> GroupMoments {
+) {
     assert_eq!(y.len(), x.len());
     let (c, serial) = (g.channels, is_serial(g));
     let units = units(g, group_rows);
@@ -105,22 +122,23 @@ pub(crate) fn ghost_train_forward<T: Element>(
         rows_task_moments(&x[u.rows.start * c..u.rows.end * c], None, per_block, pf, mean, m2)
     });
     let ranges = group_ranges(&units);
-    let mut out = GroupMoments {
-        counts: Vec::with_capacity(ranges.len()),
-        mean: vec![0.0; ranges.len() * c],
-        m2: vec![0.0; ranges.len() * c],
-    };
+    out.sized(ranges.len() * c);
+    let mut group_counts = Vec::with_capacity(ranges.len());
     let groups = out.mean.chunks_mut(c).zip(out.m2.chunks_mut(c));
     for (r, (mean, m2)) in ranges.into_iter().zip(groups) {
         let parts = &parts[2 * c * r.start..2 * c * r.end];
-        out.counts.push(merge_task_moments(&counts[r], parts, mean, m2));
+        group_counts.push(merge_task_moments(&counts[r], parts, mean, m2));
     }
     // Each group's (scale, shift), group after group.
     let (mut scale, mut shift) = (Scratch::any(out.mean.len()), Scratch::any(out.mean.len()));
     with_simd(|| {
         let groups = scale.chunks_mut(c).zip(shift.chunks_mut(c)).zip(out.m2.chunks(c));
-        for (((scale, shift), m2), &count) in groups.zip(&out.counts) {
+        for (k, (((scale, shift), m2), &count)) in groups.zip(&group_counts).enumerate() {
             scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 / count);
+            inv_std(scale);
+            if let Some(v) = out.inv_std.as_deref_mut() {
+                v[k * c..(k + 1) * c].copy_from_slice(scale);
+            }
             affine(0, scale, shift);
         }
     });
@@ -139,14 +157,89 @@ pub(crate) fn ghost_train_forward<T: Element>(
             ew::stream_fence();
         }
     });
-    out
+}
+
+/// Whether [`ghost_planes_forward`] takes a channels-first tensor `g` cut into groups of
+/// `group_planes` planes per channel: when every group, a tensor of its own, takes the planes
+/// plan's fused training forward (one unit per channel, [`super::train_forward_where`]), whose
+/// bits that function reproduces.
+pub(crate) fn fuses_planes(g: &Geometry, group_planes: usize) -> bool {
+    let group = Geometry {
+        outer: group_planes.min(g.outer),
+        ..*g
+    };
+    g.inner > 1 && plane_blocks(&group).0 == 1
+}
+
+/// Ghost training forward over the planes plan (channels-first, [`fuses_planes`]): one unit per
+/// channel, which for each group of `group_planes` consecutive planes (the last one holds the
+/// rest) in turn takes the group's moments over its planes (the same pieces, merged in the same
+/// order, as [`super::train_forward_where`] over the group alone), turns them into the group's
+/// (scale, shift) with `inv_std` and `affine` (as [`ghost_train_forward`], channel `c` as
+/// `affine(c, scale, shift)`), and writes the group's y while its planes are in cache. Every
+/// group's moments (and 1/√(σ² + ε)) go to `out`; each group's statistics and y are the bits of
+/// [`super::train_forward_where`] over the group alone.
+pub(crate) fn ghost_planes_forward<T: Element>(
+    g: &Geometry,
+    group_planes: usize,
+    x: &[T],
+    y: &mut [T],
+    mut out: GroupMoments<'_>,
+    inv_std: impl Fn(&mut [f64]) + Sync + Send,
+    affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
+) {
+    assert!(fuses_planes(g, group_planes) && y.len() == x.len());
+    let (c, groups) = (g.channels, g.outer.div_ceil(group_planes));
+    let stream = stream_output::<T>(g, 0);
+    let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+    let ys = SharedOut::new(y);
+    let parts = map_items((0..c).collect(), is_serial(g), |ch, _: usize| {
+        let mut group_moments = Vec::with_capacity(groups);
+        for first in (0..g.outer).step_by(group_planes) {
+            let planes = first..(first + group_planes).min(g.outer);
+            let m = planes_moments(g, x, None, ch, planes.clone());
+            let (mut scale, mut shift) = ([m.m2 / m.count], [0.0]);
+            inv_std(&mut scale);
+            let s = scale[0];
+            affine(ch, &mut scale, &mut shift);
+            let a = WideAffine {
+                mean: m.mean,
+                scale: scale[0],
+                shift: shift[0],
+            };
+            for o in planes.clone() {
+                let start = (o * c + ch) * g.inner;
+                if prefetch_out && o + 1 < planes.end {
+                    moments::prefetch(ys.ptr.wrapping_add(start + c * g.inner), g.inner);
+                }
+                // SAFETY: plane (o, ch) belongs to unit ch alone.
+                let yp = unsafe { ys.slice(start, g.inner) };
+                ew::normalize_plane(&x[start..start + g.inner], yp, a, stream, None);
+            }
+            group_moments.push((m, s));
+        }
+        if stream {
+            ew::stream_fence();
+        }
+        group_moments
+    });
+    out.sized(groups * c);
+    for (ch, channel) in parts.iter().enumerate() {
+        for (k, &(Moments { mean, m2, .. }, s)) in channel.iter().enumerate() {
+            out.mean[k * c + ch] = mean;
+            out.m2[k * c + ch] = m2;
+            if let Some(v) = out.inv_std.as_deref_mut() {
+                v[k * c + ch] = s;
+            }
+        }
+    }
 }
 
 /// Ghost training backward over the rows plan: each group's (Σ dy, Σ dy·(x − mean)) with its
 /// own `means[group]` (the same bits as [`super::grad_sums_where`] over the group alone), then,
 /// when `dx` is given, `coeffs(group, Σdy, Σdy(x−m), out)` writes a group's dx coefficients and
 /// dx is written group by group with them, as [`super::input_grad_where`] writes it. Returns
-/// every group's sums, packed as [`GroupMoments`] are.
+/// every group's sums, packed as [`GroupMoments`] are (group k's channel c at k·C + c).
 pub(crate) fn ghost_train_backward<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -203,6 +296,62 @@ pub(crate) fn ghost_train_backward<T: Element>(
                 ew::stream_fence();
             }
         });
+    }
+    (sum_dy, sum_dy_xmu)
+}
+
+/// Ghost training backward over the planes plan (channels-first, [`fuses_planes`]), with dx:
+/// one unit per channel, which for each group of `group_planes` consecutive planes in turn takes
+/// the group's (Σ dy, Σ dy·(x − mean)) with its own `means[group]` (the same pieces, added in
+/// the same order, as [`super::train_backward_where`] over the group alone), its dx coefficients
+/// from `coeffs(group, channel, Σdy, Σdy(x−m))`, and writes the group's dx while its planes are
+/// in cache. Returns every group's sums, packed as [`GroupMoments`] are (group k's channel c at
+/// k·C + c); each group's sums and dx are the bits of [`super::train_backward_where`] over the
+/// group alone.
+pub(crate) fn ghost_planes_backward<T: Element>(
+    g: &Geometry,
+    group_planes: usize,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    means: &[&[f64]],
+    coeffs: impl Fn(usize, usize, f64, f64) -> DxCoeffs + Sync + Send,
+) -> (Vec<f64>, Vec<f64>) {
+    assert!(fuses_planes(g, group_planes) && dx.len() == x.len() && dy.len() == x.len());
+    let (c, groups) = (g.channels, g.outer.div_ceil(group_planes));
+    assert_eq!(means.len(), groups);
+    let stream = stream_output::<T>(g, 0);
+    let prefetch_out = !stream && g.inner * std::mem::size_of::<T>() <= moments::PREFETCH_BYTES;
+    let dxs = SharedOut::new(dx);
+    let parts = map_items((0..c).collect(), is_serial(g), |ch, _: usize| {
+        let mut sums = Vec::with_capacity(groups);
+        for (k, first) in (0..g.outer).step_by(group_planes).enumerate() {
+            let planes = first..(first + group_planes).min(g.outer);
+            let (s1, s2) = planes_grad_sums(g, x, dy, None, None, ch, means[k][ch], planes.clone());
+            let coeffs = coeffs(k, ch, s1, s2);
+            for o in planes.clone() {
+                let start = (o * c + ch) * g.inner;
+                if prefetch_out && o + 1 < planes.end {
+                    moments::prefetch(dxs.ptr.wrapping_add(start + c * g.inner), g.inner);
+                }
+                // SAFETY: plane (o, ch) belongs to unit ch alone.
+                let op = unsafe { dxs.slice(start, g.inner) };
+                let r = start..start + g.inner;
+                ew::dx_plane(&x[r.clone()], &dy[r], op, coeffs, stream, None);
+            }
+            sums.push((s1, s2));
+        }
+        if stream {
+            ew::stream_fence();
+        }
+        sums
+    });
+    let (mut sum_dy, mut sum_dy_xmu) = (vec![0.0; groups * c], vec![0.0; groups * c]);
+    for (ch, channel) in parts.iter().enumerate() {
+        for (k, &(s1, s2)) in channel.iter().enumerate() {
+            sum_dy[k * c + ch] = s1;
+            sum_dy_xmu[k * c + ch] = s2;
+        }
     }
     (sum_dy, sum_dy_xmu)
 }
