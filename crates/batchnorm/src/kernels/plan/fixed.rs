@@ -2,17 +2,21 @@
 //! memory.
 //!
 //! There dx = dy·k per channel does not depend on the gradient sums, so a unit need not finish
-//! its sums before it writes dx. Channels-first, each in-cache piece is summed and then the
-//! planes it completes are scaled into dx (a plane longer than a piece after its last piece,
-//! from L2); in the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still
-//! in cache. x and dy come from memory once and dx goes to it once: three streams, against five
-//! for the sums pass followed by the dx pass.
+//! its sums before it writes dx. Channels-first, the tensor is walked in memory order: a unit is
+//! a row of planes (the planes of one piece of each channel, see [`plane_rows`]) over a run of
+//! channels, each plane (`o`, `c`) read once, its sums added to its piece's accumulators
+//! (carried from one plane of the piece to the next) and its dx written part by part while the
+//! part is in L1. Walking each channel's planes instead (strided across the tensor, one short
+//! run per plane where planes are small) left the hardware prefetchers little to follow. In
+//! the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still in cache. x
+//! and dy come from memory once and dx goes to it once: three streams, against five for the
+//! sums pass followed by the dx pass.
 //!
-//! The units, pieces, blocks and merge order are those of [`super::grad_sums_where`], whose
-//! kernels this calls on the same pieces in the same order (a rows-plan task's sums are taken
-//! row by row per channel, so a task summed block after block is summed in the same order), and
-//! dx is the element-wise product [`super::scale_where`] writes: the same bits as those two
-//! passes, for any thread count.
+//! The pieces, their terms and the order they are added in are those of
+//! [`super::grad_sums_where`] (channels-first, each piece's terms in its order, pieces added per
+//! channel in order; a rows-plan task's sums are taken row by row per channel, so a task summed
+//! block after block is summed in the same order), and dx is the element-wise product
+//! [`super::scale_where`] writes: the same bits as those two passes, for any thread count.
 
 use super::{
     add_block_sums, add_task_sums, is_serial, map_items, masked_lanes, plane_blocks, prefetch_rows, row_blocks,
