@@ -141,6 +141,17 @@ impl Runs {
             .map_or(std::ptr::null(), |o| base.wrapping_add(o + offset))
     }
 
+    /// One run of `len` elements from `first`.
+    #[inline(always)]
+    pub fn one(first: usize, len: usize) -> Runs {
+        Runs {
+            first,
+            count: 1,
+            len,
+            stride: 0,
+        }
+    }
+
     /// Number of elements.
     #[inline(always)]
     pub fn total(&self) -> usize {
@@ -378,6 +389,35 @@ impl<S: Simd> Sums2<S> {
         (self.a, self.b) = ((a0, a1), (b0, b1));
     }
 
+    /// The accumulators `carry` holds.
+    #[inline(always)]
+    fn resume(s: S, carry: &GradCarry) -> Self {
+        let at = |v: &[f64; 16], h: usize| {
+            // SAFETY: lanes h·8..h·8 + 8 of a 16-lane array.
+            unsafe { s.load(v.as_ptr().add(8 * h)) }
+        };
+        Sums2 {
+            a: (at(&carry.a, 0), at(&carry.a, 1)),
+            b: (at(&carry.b, 0), at(&carry.b, 1)),
+            ta: carry.ta,
+            tb: carry.tb,
+        }
+    }
+
+    /// Stores the accumulators in `carry`, exactly.
+    #[inline(always)]
+    fn suspend(self, s: S, carry: &mut GradCarry) {
+        let (a, b) = ([self.a.0, self.a.1], [self.b.0, self.b.1]);
+        for h in 0..2 {
+            // SAFETY: lanes h·8..h·8 + 8 of a 16-lane array.
+            unsafe {
+                s.store(carry.a.as_mut_ptr().add(8 * h), a[h]);
+                s.store(carry.b.as_mut_ptr().add(8 * h), b[h]);
+            }
+        }
+        (carry.ta, carry.tb) = (self.ta, self.tb);
+    }
+
     /// Lanes `l` and `l + 8` added, folded by [`fold_lanes`], the scalar part added last.
     #[inline(always)]
     fn finish(self, s: S) -> (f64, f64) {
@@ -593,13 +633,31 @@ pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
     mask: Option<MaskedLanes>,
     relu: Option<MaskBits>,
 ) -> (f64, f64) {
+    let mut acc = Sums2::new(s);
+    runs_grad_sums_into(s, x, dy, runs, m, mask, relu, &mut acc);
+    acc.finish(s)
+}
+
+/// Adds the terms of [`runs_grad_sums`] to `acc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn runs_grad_sums_into<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    relu: Option<MaskBits>,
+    acc: &mut Sums2<S>,
+) {
     match relu {
-        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain),
-        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n))),
+        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain, acc),
+        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n)), acc),
     }
 }
 
-/// [`runs_grad_sums`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
+/// [`runs_grad_sums_into`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
 /// elements from element `o` on.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -611,11 +669,11 @@ fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
     m: f64,
     mask: Option<MaskedLanes>,
     upstream: impl Fn(usize, usize) -> U,
-) -> (f64, f64) {
+    acc: &mut Sums2<S>,
+) {
     runs.check(x.len());
     runs.check(dy.len());
     let (xp, gp) = (x.as_ptr(), dy.as_ptr());
-    let mut acc = Sums2::new(s);
     for k in 0..runs.count {
         runs.prefetch_next(xp, k);
         runs.prefetch_next(gp, k);
@@ -625,10 +683,9 @@ fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
             let (o, n) = (o + r.start, r.len());
             // One piece ahead: more loads in flight than the hardware prefetchers keep.
             let ahead = (runs.ahead(xp, k, r.start), runs.ahead(gp, k, r.start));
-            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), ahead, &mut acc)
+            run_grad_sums(s, xp.add(o), gp.add(o), n, m, lanes, upstream(o, n), ahead, acc)
         });
     }
-    acc.finish(s)
 }
 
 simd_dispatch! {
@@ -639,6 +696,61 @@ simd_dispatch! {
     pub(crate) fn runs_grad_sums<T>(
         x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
     ) -> (f64, f64) => runs_grad_sums_impl
+}
+
+/// The accumulators of a [`runs_grad_sums`] reduction between two calls of
+/// [`runs_grad_sums_carried`]: the lanes of its two vector accumulators and its scalar ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GradCarry {
+    a: [f64; 16],
+    b: [f64; 16],
+    ta: f64,
+    tb: f64,
+}
+
+impl GradCarry {
+    /// Nothing added yet.
+    pub const ZERO: GradCarry = GradCarry {
+        a: [0.0; 16],
+        b: [0.0; 16],
+        ta: 0.0,
+        tb: 0.0,
+    };
+
+    /// (Σ dy, Σ dy·(x − m)) of everything added, folded as [`runs_grad_sums`] folds its own.
+    pub fn finish(&self) -> (f64, f64) {
+        let s = super::simd::Scalar;
+        Sums2::resume(s, self).finish(s)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn runs_grad_sums_carried_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    runs: Runs,
+    m: f64,
+    mask: Option<MaskedLanes>,
+    relu: Option<MaskBits>,
+    carry: &mut GradCarry,
+) {
+    let mut acc = Sums2::resume(s, carry);
+    runs_grad_sums_into(s, x, dy, runs, m, mask, relu, &mut acc);
+    acc.suspend(s, carry);
+}
+
+simd_dispatch! {
+    /// [`runs_grad_sums`] continued from `carry` and left in it, unfolded: runs taken in
+    /// several calls, each carrying on from the last, add the same terms in the same order as
+    /// one call over all of them, so [`GradCarry::finish`] gives the same bits. A run may also
+    /// be cut in two at a multiple of 16 elements from its start (a whole number of the loop's
+    /// steps), without a mask.
+    pub(crate) fn runs_grad_sums_carried<T>(
+        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>,
+        carry: &mut GradCarry
+    ) => runs_grad_sums_carried_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before

@@ -189,3 +189,53 @@ fn eval_backward_matches_finite_differences() {
         assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), forward, fwd_params);
     });
 }
+
+/// The inference backward in one pass (dx = dy·γ/√(Var + ε) with ∂ℓ/∂γ = Σ∂ℓ/∂yᵢ·x̂ᵢ and
+/// ∂ℓ/∂β = Σ∂ℓ/∂yᵢ) against its passes taken alone (dx alone; dγ and dβ without dx), bit for
+/// bit, on 1, 2 and 3 threads, on shapes whose channels-first walk cuts the tensor every way:
+/// rows of planes over several runs of channels, planes longer than a piece, blocks of planes of
+/// fewer than 16 channels. Each element of dx and each sum is one fixed computation, however the
+/// pass is cut and whoever computes it.
+#[test]
+fn backward_eval_one_pass_same_bits_on_any_thread_count() {
+    let shapes = [
+        // rows of 8 planes of 1000 elements, 40 channels in 2 runs of 20.
+        (Layout::NCHW, vec![20, 40, 25, 40]),
+        // planes of 10000 elements, longer than a piece.
+        (Layout::NCHW, vec![2, 20, 100, 100]),
+        // 6 channels: blocks of planes.
+        (Layout::NCHW, vec![30, 6, 33, 33]),
+        // the rows plan.
+        (Layout::NHWC, vec![8, 30, 30, 40]),
+    ];
+    for ((layout, shape), seed) in shapes.into_iter().zip(3000..) {
+        let d = Data::new::<f32>(layout, &shape, seed);
+        let (gamma, _) = d.affine(true);
+        let (x, dy, g) = (narrow::<f32>(&d.x), narrow::<f32>(&d.dy), narrow::<f32>(&gamma));
+        let (mean, var) = (narrow::<f32>(&d.mean), narrow::<f32>(&d.var));
+        let (n, c) = (x.len(), d.g.channels);
+        let backward_eval = |grads: Grads<'_, f32>| {
+            let stats = FixedStats::new(&mean, &var);
+            batch_norm_backward_eval(View::new(&x, &shape, layout), &dy, stats, Some(&g), 1e-5, grads).unwrap();
+        };
+        let runs: Vec<_> = [1usize, 2, 3]
+            .into_iter()
+            .map(|t| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                pool.install(|| {
+                    let (mut dx, mut dg, mut db) = (vec![f32::NAN; n], vec![f32::NAN; c], vec![f32::NAN; c]);
+                    backward_eval(Grads::new(&mut dx, &mut dg, &mut db));
+                    let what = format!("{layout} {shape:?} {t} threads");
+                    assert_output_subsets(&what, (&dx, &dg, &db), backward_eval);
+                    (dx, dg, db)
+                })
+            })
+            .collect();
+        for (t, (dx, dg, db)) in runs.iter().enumerate().skip(1) {
+            let what = format!("{layout} {shape:?}: 1 vs {} threads", t + 1);
+            assert_bits(&format!("{what} dx"), dx, &runs[0].0);
+            assert_bits(&format!("{what} dgamma"), dg, &runs[0].1);
+            assert_bits(&format!("{what} dbeta"), db, &runs[0].2);
+        }
+    }
+}

@@ -2,28 +2,34 @@
 //! memory.
 //!
 //! There dx = dy·k per channel does not depend on the gradient sums, so a unit need not finish
-//! its sums before it writes dx. Channels-first, each in-cache piece is summed and then the
-//! planes it completes are scaled into dx (a plane longer than a piece after its last piece,
-//! from L2); in the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still
-//! in cache. x and dy come from memory once and dx goes to it once: three streams, against five
-//! for the sums pass followed by the dx pass.
+//! its sums before it writes dx. Channels-first, the tensor is walked in memory order: a unit is
+//! a row of planes (the planes of one piece of each channel, see [`plane_rows`]) over a run of
+//! channels, each plane (`o`, `c`) read once, its sums added to its piece's accumulators
+//! (carried from one plane of the piece to the next) and its dx written part by part while the
+//! part is in L1. Walking each channel's planes instead (strided across the tensor, one short
+//! run per plane where planes are small) left the hardware prefetchers little to follow. In
+//! the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still in cache. x
+//! and dy come from memory once and dx goes to it once: three streams, against five for the
+//! sums pass followed by the dx pass.
 //!
-//! The units, pieces, blocks and merge order are those of [`super::grad_sums_where`], whose
-//! kernels this calls on the same pieces in the same order (a rows-plan task's sums are taken
-//! row by row per channel, so a task summed block after block is summed in the same order), and
-//! dx is the element-wise product [`super::scale_where`] writes: the same bits as those two
-//! passes, for any thread count.
+//! The pieces, their terms and the order they are added in are those of
+//! [`super::grad_sums_where`] (channels-first, each piece's terms in its order, pieces added per
+//! channel in order; a rows-plan task's sums are taken row by row per channel, so a task summed
+//! block after block is summed in the same order), and dx is the element-wise product
+//! [`super::scale_where`] writes: the same bits as those two passes, for any thread count.
 
 use super::{
-    add_block_sums, add_task_sums, for_each_piece, is_serial, map_items, map_plane_blocks, masked_lanes, prefetch_rows,
-    row_blocks, rows_mask, stream_output, unmasked_if_fused, write_where, SharedOut,
+    add_block_sums, add_task_sums, is_serial, map_items, masked_lanes, plane_blocks, prefetch_rows, row_blocks,
+    rows_mask, stream_output, unmasked_if_fused, write_where, SharedOut, PIECE, TASK,
 };
 use crate::kernels::elementwise::{self as ew, RowsScale};
 use crate::kernels::mask::{segment, MaskSpans};
-use crate::kernels::moments;
-use crate::kernels::relu;
+use crate::kernels::moments::{self, GradCarry, Runs};
+use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
+use crate::kernels::simd::{simd_dispatch, Simd};
 use crate::{Element, Geometry};
+use std::ops::Range;
 
 /// Elements of a rows-plan block summed and then scaled into dx (64 KiB of `f32`): its x and dy
 /// stay in L2 between the two, with room for the unit's accumulators and output.
@@ -51,49 +57,7 @@ pub(crate) fn fixed_backward_where<T: Element>(
     // Nothing re-reads dx, and the inputs are read once each.
     let stream = stream_output::<T>(g, 0);
     if g.inner > 1 {
-        let spans = MaskSpans::new(mask, g.inner);
-        let bits = relu.as_ref().map(|r| r.bits);
-        let out = SharedOut::new(dx);
-        let dz = relu.and_then(|r| r.dz).map(|dz| {
-            assert_eq!(dz.len(), x.len());
-            SharedOut::new(dz)
-        });
-        // dx of plane o of channel c, whose sums were just taken (its dy is in cache).
-        let plane_dx = |o: usize, c: usize| {
-            let start = (o * g.channels + c) * g.inner;
-            // SAFETY: plane (o, c) belongs to the unit of channel c that holds plane o alone.
-            let op = unsafe { out.slice(start, g.inner) };
-            let gp = &dy[start..start + g.inner];
-            let mut back = bits.map(|b| relu::Back {
-                bits: b.at(start, g.inner),
-                // SAFETY: as for dx.
-                dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
-            });
-            write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
-            });
-        };
-        let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
-            let (mut a, mut b) = (0.0, 0.0);
-            for_each_piece(g, c, planes, |runs| {
-                let lanes = masked_lanes(g, spans.as_ref(), runs);
-                let (s1, s2) = moments::runs_grad_sums(x, dy, runs, mean[c], lanes, bits);
-                a += s1;
-                b += s2;
-                // The planes this piece completes: its whole planes, or the plane it ends.
-                let (o, j) = (runs.first / (g.channels * g.inner), runs.first % g.inner);
-                if runs.len == g.inner {
-                    (o..o + runs.count).for_each(|o| plane_dx(o, c));
-                } else if j + runs.len == g.inner {
-                    plane_dx(o, c);
-                }
-            });
-            if stream {
-                ew::stream_fence();
-            }
-            (a, b)
-        });
-        add_block_sums(&parts, blocks)
+        planes_fixed_backward(g, x, dy, dx, mean, k, mask, relu, stream)
     } else {
         let c = g.channels;
         let per_task = row_blocks(g).0;
@@ -131,4 +95,244 @@ pub(crate) fn fixed_backward_where<T: Element>(
         });
         add_task_sums(&parts, c)
     }
+}
+
+/// Elements of x and dy summed before their dx is written (the part of a plane that has just
+/// been read, still in L1): a multiple of the sums' 16-element step, so that cutting a plane
+/// there changes no bit (see `moments::runs_grad_sums_carried`).
+const SUB: usize = 512;
+
+/// The planes plan's rows: ranges of planes (`o`) that hold whole pieces of every channel (see
+/// `super::for_each_piece`), in order, each with the block of planes (`super::plane_blocks`) it
+/// lies in. Small planes: a row is one piece's planes (pieces restart at each block); planes of
+/// a piece or more: a row is one plane, cut into pieces of its own.
+fn plane_rows(g: &Geometry) -> Vec<(Range<usize>, usize)> {
+    let (blocks, per_block) = plane_blocks(g);
+    let per_row = if g.inner >= PIECE { 1 } else { PIECE / g.inner };
+    let mut rows = Vec::new();
+    for b in 0..blocks {
+        let end = ((b + 1) * per_block).min(g.outer);
+        let mut o = b * per_block;
+        while o < end {
+            let next = (o + per_row).min(end);
+            rows.push((o..next, b));
+            o = next;
+        }
+    }
+    rows
+}
+
+/// [`fixed_backward_where`] channels-first: the tensor walked in memory order, a unit being a
+/// row of planes (see [`plane_rows`]) of a run of channels, each plane summed into its piece's
+/// accumulators (carried from plane to plane of the piece) and scaled into dx while it is in
+/// cache. Each piece's sums are those `super::planes_grad_sums` takes (the same terms added in
+/// the same order), and they are added per channel in its order: the same bits.
+#[allow(clippy::too_many_arguments)]
+fn planes_fixed_backward<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    mean: &[f64],
+    k: &[f64],
+    mask: Option<&[bool]>,
+    relu: Option<relu::Backward<'_, T>>,
+    stream: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let (c_all, inner) = (g.channels, g.inner);
+    let rows = plane_rows(g);
+    // Pieces per row and channel.
+    let per_row = if inner >= PIECE { inner.div_ceil(PIECE) } else { 1 };
+    // Channels per unit: about a task's elements, the channels split evenly.
+    let widest = rows.iter().map(|(o, _)| o.len()).max().unwrap_or(1) * inner;
+    let split = c_all.div_ceil((TASK / widest).max(1));
+    let width = c_all.div_ceil(split);
+    let spans = MaskSpans::new(mask, inner);
+    let bits = relu.as_ref().map(|r| r.bits);
+    let out = SharedOut::new(dx);
+    let dz = relu.and_then(|r| r.dz).map(|dz| {
+        assert_eq!(dz.len(), x.len());
+        SharedOut::new(dz)
+    });
+    // Each piece's (Σ dy, Σ dy(x − m)): channel after channel, row after row.
+    let mut sums = Scratch::any(2 * c_all * rows.len() * per_row);
+    let piece_sums = SharedOut::new(&mut sums);
+    let finish = |c: usize, r: usize, j: usize, carry: &GradCarry| {
+        let (s1, s2) = carry.finish();
+        // SAFETY: piece j of channel c in row r belongs to one unit alone.
+        unsafe { piece_sums.slice(2 * ((c * rows.len() + r) * per_row + j), 2) }.copy_from_slice(&[s1, s2]);
+    };
+    let units: Vec<(usize, usize)> = (0..rows.len()).flat_map(|r| (0..split).map(move |q| (r, q))).collect();
+    map_items(units, is_serial(g), |_, (r, q)| {
+        let (planes, channels) = (rows[r].0.clone(), q * width..((q + 1) * width).min(c_all));
+        let mut carries = vec![GradCarry::ZERO; channels.len()];
+        for o in planes.clone() {
+            // Planes (o, c) of the unit's channels, one after the other in memory.
+            let first = (o * c_all + channels.start) * inner;
+            let n = channels.len() * inner;
+            // SAFETY: these planes belong to this unit alone.
+            let (op, zp) = unsafe { (out.slice(first, n), dz.as_ref().map(|d| d.slice(first, n))) };
+            if let Some(spans) = &spans {
+                for ((c, carry), op) in channels.clone().zip(&mut carries).zip(op.chunks_mut(inner)) {
+                    let start = (o * c_all + c) * inner;
+                    for (j, len) in pieces(inner) {
+                        let runs = Runs::one(start + j, len);
+                        let lanes = masked_lanes(g, Some(spans), runs);
+                        moments::runs_grad_sums_carried(x, dy, runs, mean[c], lanes, None, carry);
+                        if inner >= PIECE {
+                            finish(c, r, j / PIECE, carry);
+                            *carry = GradCarry::ZERO;
+                        }
+                    }
+                    write_where(Some(spans.segment(o)), 1, op, |r, or, nt| {
+                        ew::scale_plane(&dy[start..start + inner][r], or, k[c], stream && nt, None)
+                    });
+                }
+            } else if inner >= PIECE {
+                let (mut op, mut zp) = (op, zp);
+                for c in channels.clone() {
+                    let start = (o * c_all + c) * inner;
+                    for (j, len) in pieces(inner) {
+                        let (o1, rest) = op.split_at_mut(len);
+                        let (z1, rest_z) = split_opt(zp, len);
+                        let mut carry = [GradCarry::ZERO];
+                        let (runs, ck) = (Runs::one(start + j, len), (&mean[c..=c], &k[c..=c]));
+                        runs_fixed_backward(x, dy, o1, z1, runs, ck.0, ck.1, &mut carry, stream, bits);
+                        finish(c, r, j / PIECE, &carry[0]);
+                        (op, zp) = (rest, rest_z);
+                    }
+                }
+            } else {
+                let runs = Runs {
+                    first,
+                    count: channels.len(),
+                    len: inner,
+                    stride: inner,
+                };
+                let ch = channels.clone();
+                runs_fixed_backward(
+                    x,
+                    dy,
+                    op,
+                    zp,
+                    runs,
+                    &mean[ch.clone()],
+                    &k[ch],
+                    &mut carries,
+                    stream,
+                    bits,
+                );
+            }
+            if inner < PIECE && o + 1 == planes.end {
+                channels
+                    .clone()
+                    .zip(&carries)
+                    .for_each(|(c, carry)| finish(c, r, 0, carry));
+            }
+        }
+        if stream {
+            ew::stream_fence();
+        }
+    });
+    // Each block's pieces added in order from zero, as `super::planes_grad_sums` adds them.
+    let blocks = plane_blocks(g).0;
+    let mut parts = Vec::with_capacity(c_all * blocks);
+    for piece_sums in sums.chunks(2 * rows.len() * per_row) {
+        let mut acc = (0.0, 0.0);
+        for (r, row) in piece_sums.chunks(2 * per_row).enumerate() {
+            for p in row.chunks(2) {
+                acc = (acc.0 + p[0], acc.1 + p[1]);
+            }
+            if r + 1 == rows.len() || rows[r + 1].1 != rows[r].1 {
+                parts.push(std::mem::take(&mut acc));
+            }
+        }
+    }
+    add_block_sums(&parts, blocks)
+}
+
+/// The pieces of a plane of `inner` elements as (start, length): pieces of [`PIECE`] elements of
+/// a large plane, or the whole of a small one.
+fn pieces(inner: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..inner).step_by(PIECE).map(move |j| (j, PIECE.min(inner - j)))
+}
+
+/// `buf` cut after `mid` elements, when there is one.
+#[allow(clippy::type_complexity)]
+fn split_opt<T>(buf: Option<&mut [T]>, mid: usize) -> (Option<&mut [T]>, Option<&mut [T]>) {
+    match buf.map(|b| b.split_at_mut(mid)) {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn runs_fixed_backward_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    mut dz: Option<&mut [T]>,
+    runs: Runs,
+    mean: &[f64],
+    k: &[f64],
+    carries: &mut [GradCarry],
+    stream: bool,
+    relu: Option<MaskBits>,
+) {
+    assert!(runs.count <= 1 || runs.stride == runs.len);
+    assert!(dx.len() == runs.total() && dz.as_ref().is_none_or(|d| d.len() == dx.len()));
+    assert!(mean.len() == runs.count && k.len() == runs.count && carries.len() == runs.count);
+    let size = std::mem::size_of::<T>();
+    for (i, carry) in carries.iter_mut().enumerate() {
+        let (start, base) = (runs.first + i * runs.stride, i * runs.len);
+        // dx of elements ..done of the run is written.
+        let mut done = 0;
+        for sub in (0..runs.len).step_by(SUB) {
+            let end = (sub + SUB).min(runs.len);
+            moments::runs_grad_sums_carried_impl(
+                s,
+                x,
+                dy,
+                Runs::one(start + sub, end - sub),
+                mean[i],
+                None,
+                relu,
+                carry,
+            );
+            // dx up to the last cache line of dx these sums complete (all of the run at its
+            // end), so that no line is written by two calls: a line written in part by
+            // streaming stores and in part by ordinary ones costs a read of it.
+            let line = (dx.as_ptr().wrapping_add(base + end) as usize % 64) / size;
+            let upto = if end == runs.len { end } else { (end - line).max(done) };
+            let (o, n) = (base + done, upto - done);
+            let back = relu.map(|b| relu::Back {
+                bits: b.at(start + done, n),
+                dz: dz.as_deref_mut().map(|d| &mut d[o..o + n]),
+            });
+            ew::scale_plane_impl(
+                s,
+                &dy[start + done..start + upto],
+                &mut dx[o..o + n],
+                k[i],
+                stream,
+                back,
+            );
+            done = upto;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// The one pass of the backward through fixed statistics over `runs` of x and dy (one run,
+    /// or consecutive runs, as planes of consecutive channels): run i's (Σ dy, Σ dy·(x − m))
+    /// with m = `mean[i]` added to `carries[i]` (as `moments::runs_grad_sums_carried` adds
+    /// them), and its dx = dy·`k[i]` written to `dx` (and dz to `dz`, the runs' elements one
+    /// after the other) as `ew::scale_plane` writes it, each part of a run while it is in cache.
+    /// With `relu`, from the upstream gradient dy·\[kept\].
+    fn runs_fixed_backward<T>(
+        x: &[T], dy: &[T], dx: &mut [T], dz: Option<&mut [T]>, runs: Runs, mean: &[f64], k: &[f64],
+        carries: &mut [GradCarry], stream: bool, relu: Option<MaskBits>
+    ) => runs_fixed_backward_impl
 }
