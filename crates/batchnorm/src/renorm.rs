@@ -379,8 +379,8 @@ fn train_constants_impl<S, T: Element>(
         None => {
             for i in 0..n {
                 scale[i] *= r[i];
-                shift[i] = d[i];
             }
+            shift.copy_from_slice(d);
         }
     }
     let beta = affine.beta.map(|b| &b[first..first + n]);
