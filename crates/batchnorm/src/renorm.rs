@@ -288,7 +288,13 @@ pub fn batch_renorm_train<T: Element>(
     // norm's training forward.
     let m = plan::train_forward_where(&g, x.data, y, None, None, |first, mean, scale, shift| {
         let (mut r, mut d) = (Scratch::any(scale.len()), Scratch::any(scale.len()));
-        train_constants::<T>(first, eps, mean, scale, shift, &mut r, &mut d, moving, affine, clip);
+        let out = TrainConstants {
+            scale,
+            shift,
+            r: &mut r,
+            d: &mut d,
+        };
+        train_constants::<T>(first, eps, mean, out, moving, affine, clip);
     });
     let stats = BatchStats {
         count: g.per_channel() as u64,
@@ -310,26 +316,25 @@ simd_dispatch! {
     ) => corrections_at
 }
 
+/// The per-channel constants of a renormalizing training forward, y = (x − μ_B)·scale + shift,
+/// of a run of channels: scale = γ·r/σ_B, shift = γ·d + β, and r and d ([`correction`]).
+struct TrainConstants<'a> {
+    scale: &'a mut [f64],
+    shift: &'a mut [f64],
+    r: &'a mut [f64],
+    d: &'a mut [f64],
+}
+
 simd_dispatch! {
-    /// The training forward's constants of channels `first..first + scale.len()`: `scale` holds
-    /// σ²_B on entry and γ·r/σ_B on return, `shift` γ·d + β, `r` and `d` r and d ([`correction`]);
-    /// y = (x − μ_B)·scale + shift.
+    /// [`TrainConstants`] of channels `first..first + out.scale.len()` from their μ_B and σ²_B
+    /// (`out.scale` holds σ²_B on entry).
     fn train_constants<T>(
-        first: usize,
-        eps: f64,
-        mean_b: &[f64],
-        scale: &mut [f64],
-        shift: &mut [f64],
-        r: &mut [f64],
-        d: &mut [f64],
-        moving: RenormStats<'_, T>,
-        affine: Affine<'_, T>,
-        clip: RenormClip,
+        first: usize, eps: f64, mean_b: &[f64], out: TrainConstants<'_>, moving: RenormStats<'_, T>, affine: Affine<'_, T>, clip: RenormClip
     ) => train_constants_impl
 }
 
-/// [`corrections`]. A slice loop, which vectorize (these
-/// per-channel divisions weigh against the passes over a batch of few rows).
+/// [`corrections`]. A slice loop, which vectorizes (these per-channel divisions weigh against
+/// the passes over a batch of few rows).
 #[inline(always)]
 fn corrections_at<S, T: Element>(
     _: S,
@@ -355,14 +360,12 @@ fn train_constants_impl<S, T: Element>(
     first: usize,
     eps: f64,
     mean_b: &[f64],
-    scale: &mut [f64],
-    shift: &mut [f64],
-    r: &mut [f64],
-    d: &mut [f64],
+    out: TrainConstants<'_>,
     moving: RenormStats<'_, T>,
     affine: Affine<'_, T>,
     clip: RenormClip,
 ) {
+    let TrainConstants { scale, shift, r, d } = out;
     inv_std_in_place(scale, eps);
     corrections_at(s, first, mean_b, scale, moving, clip, r, d);
     // scale·r·γ and β + γ·d (γ = 1, β = 0 when absent: the same bits as those products and sums),
@@ -407,18 +410,13 @@ fn renorm_normalize<T: Element>(
     let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
     let mut scale = stats.var_biased();
     let mut shift = Scratch::any(g.channels);
-    train_constants::<T>(
-        0,
-        eps,
-        &saved.mean,
-        &mut scale,
-        &mut shift,
-        &mut r,
-        &mut d,
-        moving,
-        affine,
-        clip,
-    );
+    let out = TrainConstants {
+        scale: &mut scale,
+        shift: &mut shift,
+        r: &mut r,
+        d: &mut d,
+    };
+    train_constants::<T>(0, eps, &saved.mean, out, moving, affine, clip);
     plan::normalize(g, x, y, &saved.mean, &scale, &shift);
     Ok(RenormSaved { stats: saved, r, d })
 }
