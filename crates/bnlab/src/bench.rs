@@ -8,6 +8,7 @@ use batchnorm::{
     bf16, f16, BatchNorm, BatchNormConfig, BatchRenorm, BatchRenormConfig, Element, Grads, Layout, ReluMask,
     RenormSaved, RenormSchedule, SavedStats, View,
 };
+use half::slice::HalfFloatSliceExt;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -120,10 +121,22 @@ impl Dtype {
 /// A tensor element type the bench times: its values go through `f32` (exactly one way, rounded
 /// once the other), the only arithmetic the unfused sequence's passes do on them.
 trait BenchElement: Element<Param = f32> {
+    /// Whether the unfused passes convert block by block ([`BenchElement::widen_slice`],
+    /// [`BenchElement::narrow_slice`]) rather than element by element: for `f16`, whose
+    /// element conversions are a software routine unless the build targets F16C.
+    const BLOCKS: bool = false;
     /// The value as an `f32` (exact).
     fn widen(self) -> f32;
     /// `v` rounded to this type (round-to-nearest-even; the identity for `f32`).
     fn narrow(v: f32) -> Self;
+    /// `src` widened into `dst` (of the same length), as [`BenchElement::widen`] each.
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.widen());
+    }
+    /// `src` rounded into `dst` (of the same length), as [`BenchElement::narrow`] each.
+    fn narrow_slice(src: &[f32], dst: &mut [Self]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = Self::narrow(s));
+    }
 }
 
 impl BenchElement for f32 {
@@ -144,12 +157,21 @@ impl BenchElement for bf16 {
     }
 }
 
+/// Blocks through `half`'s slice conversions: F16C where the CPU has it (detected at run time),
+/// as a user's own element-wise pass over `f16` would convert.
 impl BenchElement for f16 {
+    const BLOCKS: bool = true;
     fn widen(self) -> f32 {
         self.to_f32()
     }
     fn narrow(v: f32) -> f16 {
         f16::from_f32(v)
+    }
+    fn widen_slice(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
     }
 }
 
@@ -501,26 +523,70 @@ impl<T: BenchElement> FusedRows<T> {
 /// y = relu(y) without (relu(t) = t where t is not ≤ 0, NaN included, +0.0 elsewhere, as the
 /// kernel crate's fused passes have it), computed in `f32` and rounded once to `T`.
 fn add_relu_pass<T: BenchElement>(y: &mut [T], z: Option<&[T]>) {
-    let relu = |t: f32| T::narrow(if t <= 0.0 { 0.0 } else { t });
     match z {
-        None => y
-            .par_chunks_mut(PASS_CHUNK)
-            .for_each(|y| y.iter_mut().for_each(|v| *v = relu(v.widen()))),
+        None => y.par_chunks_mut(PASS_CHUNK).for_each(|y| add_relu_chunk(y, None)),
         Some(z) => y
             .par_chunks_mut(PASS_CHUNK)
             .zip(z.par_chunks(PASS_CHUNK))
-            .for_each(|(y, z)| y.iter_mut().zip(z).for_each(|(v, &z)| *v = relu(v.widen() + z.widen()))),
+            .for_each(|(y, z)| add_relu_chunk(y, Some(z))),
+    }
+}
+
+/// Elements of the `f32` blocks of the unfused passes over a type with [`BenchElement::BLOCKS`].
+const CONVERT_BLOCK: usize = 1024;
+
+/// [`add_relu_pass`] over one chunk, element by element or through `f32` blocks
+/// ([`BenchElement::BLOCKS`]).
+fn add_relu_chunk<T: BenchElement>(y: &mut [T], z: Option<&[T]>) {
+    let relu = |t: f32| if t <= 0.0 { 0.0 } else { t };
+    if !T::BLOCKS {
+        match z {
+            None => y.iter_mut().for_each(|v| *v = T::narrow(relu(v.widen()))),
+            Some(z) => (y.iter_mut().zip(z)).for_each(|(v, &z)| *v = T::narrow(relu(v.widen() + z.widen()))),
+        }
+        return;
+    }
+    let (mut yb, mut zb) = ([0.0f32; CONVERT_BLOCK], [0.0f32; CONVERT_BLOCK]);
+    for (k, y) in y.chunks_mut(CONVERT_BLOCK).enumerate() {
+        let yb = &mut yb[..y.len()];
+        T::widen_slice(y, yb);
+        if let Some(z) = z {
+            let zb = &mut zb[..y.len()];
+            T::widen_slice(&z[k * CONVERT_BLOCK..][..y.len()], zb);
+            yb.iter_mut().zip(zb.iter()).for_each(|(v, &z)| *v += z);
+        }
+        yb.iter_mut().for_each(|v| *v = relu(*v));
+        T::narrow_slice(yb, y);
     }
 }
 
 /// The unfused sequence's ReLU backward: g = dy where the ReLU's output y is > 0 (it kept t),
-/// 0 elsewhere.
+/// 0 elsewhere; y element by element or through `f32` blocks ([`BenchElement::BLOCKS`]).
 fn relu_backward_pass<T: BenchElement>(g: &mut [T], dy: &[T], y: &[T]) {
     g.par_chunks_mut(PASS_CHUNK)
         .zip(dy.par_chunks(PASS_CHUNK).zip(y.par_chunks(PASS_CHUNK)))
         .for_each(|(g, (dy, y))| {
-            for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
-                *g = if y.widen() > 0.0 { dy } else { T::narrow(0.0) };
+            if !T::BLOCKS {
+                for ((g, &dy), &y) in g.iter_mut().zip(dy).zip(y) {
+                    *g = if y.widen() > 0.0 { dy } else { T::narrow(0.0) };
+                }
+                return;
+            }
+            // dy through f32 too (exactly), so that the select is one on f32 lanes.
+            let (mut gb, mut dyb, mut yb) = (
+                [0.0f32; CONVERT_BLOCK],
+                [0.0f32; CONVERT_BLOCK],
+                [0.0f32; CONVERT_BLOCK],
+            );
+            for ((g, dy), y) in (g.chunks_mut(CONVERT_BLOCK).zip(dy.chunks(CONVERT_BLOCK))).zip(y.chunks(CONVERT_BLOCK))
+            {
+                let n = g.len();
+                T::widen_slice(dy, &mut dyb[..n]);
+                T::widen_slice(y, &mut yb[..n]);
+                for ((g, &dy), &y) in gb[..n].iter_mut().zip(&dyb[..n]).zip(&yb[..n]) {
+                    *g = if y > 0.0 { dy } else { 0.0 };
+                }
+                T::narrow_slice(&gb[..n], g);
             }
         });
 }
@@ -741,6 +807,41 @@ fn run_case_in<T: BenchElement>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The unfused passes through `f32` blocks ([`BenchElement::BLOCKS`], `f16`) give the bits
+    /// of the same passes element by element (relu(y + z) rounded once; g = dy where y > 0), on
+    /// a length that ends in a partial block and a partial chunk, with zeros, negative zeros and
+    /// values that round.
+    #[test]
+    fn unfused_passes_in_blocks_compute_the_element_wise_results() {
+        let n = PASS_CHUNK + CONVERT_BLOCK * 3 + 17;
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut value = || match rng.gen_range(0..8) {
+            0 => 0.0,
+            1 => -0.0,
+            _ => rng.gen_range(-3.0f32..3.0),
+        };
+        let y: Vec<f16> = (0..n).map(|_| f16::from_f32(value())).collect();
+        let z: Vec<f16> = (0..n).map(|_| f16::from_f32(value())).collect();
+        let dy: Vec<f16> = (0..n).map(|_| f16::from_f32(value())).collect();
+        let relu = |t: f32| if t <= 0.0 { 0.0 } else { t };
+        let bits = |v: &[f16]| v.iter().map(|h| h.to_bits()).collect::<Vec<_>>();
+        let (mut relu_y, mut add_relu_y, mut g) = (y.clone(), y.clone(), vec![f16::from_f32(1.0); n]);
+        add_relu_pass(&mut relu_y, None);
+        add_relu_pass(&mut add_relu_y, Some(&z));
+        relu_backward_pass(&mut g, &dy, &y);
+        let want_relu: Vec<f16> = y.iter().map(|v| f16::from_f32(relu(v.to_f32()))).collect();
+        let want_add: Vec<f16> = (y.iter().zip(&z))
+            .map(|(v, z)| f16::from_f32(relu(v.to_f32() + z.to_f32())))
+            .collect();
+        let want_g: Vec<f16> = (dy.iter().zip(&y))
+            .map(|(&d, v)| if v.to_f32() > 0.0 { d } else { f16::ZERO })
+            .collect();
+        assert_eq!(bits(&relu_y), bits(&want_relu));
+        assert_eq!(bits(&add_relu_y), bits(&want_add));
+        assert_eq!(bits(&g), bits(&want_g));
+        assert!(want_add.iter().any(|v| v.to_f32() > 0.0) && want_g.contains(&f16::ZERO));
+    }
 
     /// The unfused rows do the fused rows' work: the kernel crate's fused ops give the unfused
     /// sequence's bits (its docs), so y after each forward, and dx, dγ, dβ after each backward
