@@ -620,10 +620,10 @@ fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
         let y_scale = scatter(&train_y_scale(&sd, &sd.gamma, &sd.beta, &rmean, &rvar, eps));
         let (sdx, sdg, sdb) = backward_scales(&sd, &sd.dy, &sd.gamma, eps);
         got.out
-            .assert_near(&want.out, [&y_scale, &scatter(&sdx), &sdg, &sdb], rel, &what);
+            .assert_near(&want.out, [&y_scale, &scatter(&sdx), &sdg, &sdb], rel, what);
         assert_zero_where_off(&what("y"), &d.g, &mask, y);
         assert_zero_where_off(&what("dx"), &d.g, &mask, dx);
-        got.assert_running_near(&want, &sd.mean_abs_x(), rel, &what);
+        got.assert_running_near(&want, &sd.mean_abs_x(), rel, what);
         // One rank is the one-process layer, bit for bit.
         let mut bn = BatchNorm::<T>::new(d.g.channels, sync_config()).unwrap();
         (bn.gamma, bn.beta) = (narrow(&d.gamma), narrow(&d.beta));

@@ -201,7 +201,7 @@ fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
         let s = scales(&d, clip());
         let what = |name: &str| format!("renorm {layout} {shape:?} P={p} {name}");
         got.out
-            .assert_near(&want.out, [&s.y, &s.dx, &s.dgamma, &s.dbeta], rel, &what);
+            .assert_near(&want.out, [&s.y, &s.dx, &s.dgamma, &s.dbeta], rel, what);
         // The ranks' shares r·Σ dy·x̂₀ + d·Σ dy of dγ add up to it (r, d the same on every rank).
         let shares = narrow::<T>(&got.local.sum_dy_xhat);
         assert_near(
@@ -248,7 +248,7 @@ fn check_single_rank_bits<T: PlainFloat>() {
         let n = shape[0];
         for got in on_one_rank(|c| one_rank::<T>(c, &d, (layout, &shape), (0, n), clip()).unwrap()) {
             let what = |s: &str| format!("renorm {layout} {shape:?} P=1 {s}");
-            got.out.assert_bits(&want.out, &what);
+            got.out.assert_bits(&want.out, what);
             assert_eq!(got.saved, want.saved, "{}", what("saved"));
             assert_eq!(got.bn, want.bn, "{}", what("layer state"));
         }

@@ -164,7 +164,7 @@ fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
         let y_scale = train_y_scale(&d, &d.gamma, &d.beta, &mean, &var, eps);
         let (dx_scale, dg_scale, db_scale) = backward_scales(&d, &d.dy, &d.gamma, eps);
         let scales = [&y_scale[..], &dx_scale, &dg_scale, &db_scale];
-        got.out.assert_near(&want.out, scales, rel, &what);
+        got.out.assert_near(&want.out, scales, rel, what);
         got.assert_running_near(&want, &d.mean_abs_x(), rel, what);
     }
 }
