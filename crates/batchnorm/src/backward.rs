@@ -383,7 +383,15 @@ pub(crate) fn fixed_backward<T: Element>(
 ) -> GradSums {
     let k = fixed_scale(g, gamma, inv_std);
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let (sum_dy, sum_dy_xmu) = plan::fixed_backward_where(g, x, dy, dx, &mean, &k, mask, relu);
+    let pass = plan::FixedBackward {
+        x,
+        dy,
+        mean: &mean,
+        k: &k,
+        mask,
+        relu,
+    };
+    let (sum_dy, sum_dy_xmu) = plan::fixed_backward_where(g, pass, dx);
     fixed_sums(sum_dy, &sum_dy_xmu, inv_std)
 }
 

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 mod fixed;
 mod groups;
-pub(crate) use fixed::fixed_backward_where;
+pub(crate) use fixed::{fixed_backward_where, FixedBackward};
 pub(crate) use groups::{
     fuses_planes, ghost_planes_backward, ghost_planes_forward, ghost_train_backward, ghost_train_forward, GroupMoments,
 };
@@ -110,6 +110,15 @@ fn prefetch_mask_plane(bits: *const u8, layout: BitLayout, g: &Geometry, o: usiz
 /// function combines them, and the mask's spans and the ReLU's bits are not written for it.
 fn unmasked_if_fused(mask: Option<&[bool]>, fused: bool) {
     assert!(mask.is_none() || !fused, "no fused pass takes a mask over positions");
+}
+
+/// The start of an element-wise pass over `g` that writes its output at the positions `mask`
+/// has on, or fused with a ReLU (`fused`), never both ([`unmasked_if_fused`]): whether it runs on
+/// the calling thread ([`is_serial`]) and whether it streams its output ([`stream_output`] after
+/// `reread` inputs): `(serial, stream)`.
+fn begin_pass<T>(g: &Geometry, mask: Option<&[bool]>, fused: bool, reread: usize) -> (bool, bool) {
+    unmasked_if_fused(mask, fused);
+    (is_serial(g), stream_output::<T>(g, reread))
 }
 
 /// A mutable buffer written by parallel units at disjoint places.
@@ -435,9 +444,7 @@ pub(crate) fn normalize_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Forward<'_, T>>,
 ) {
-    unmasked_if_fused(mask, relu.is_some());
-    let serial = is_serial(g);
-    let stream = stream_output::<T>(g, 0);
+    let (serial, stream) = begin_pass::<T>(g, mask, relu.is_some(), 0);
     let layout = BitLayout::new(g);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
@@ -668,9 +675,7 @@ pub(crate) fn input_grad_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    unmasked_if_fused(mask, relu.is_some());
-    let serial = is_serial(g);
-    let stream = stream_output::<T>(g, 2);
+    let (serial, stream) = begin_pass::<T>(g, mask, relu.is_some(), 2);
     let (chunk, segment_len) = match g.inner {
         1 => (row_blocks(g).0 * g.channels, row_blocks(g).0),
         _ => ((TASK / g.inner).max(1) * g.inner, g.inner),
@@ -819,9 +824,7 @@ pub(crate) fn scale_where<T: Element>(
     mask: Option<&[bool]>,
     relu: Option<relu::Backward<'_, T>>,
 ) {
-    unmasked_if_fused(mask, relu.is_some());
-    let serial = is_serial(g);
-    let stream = stream_output::<T>(g, 0);
+    let (serial, stream) = begin_pass::<T>(g, mask, relu.is_some(), 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
         let spans = MaskSpans::new(mask, g.inner);

@@ -29,8 +29,8 @@
 
 use batchnorm::{
     batch_norm_backward, batch_norm_backward_eval, batch_norm_train, bf16, f16, input_grad, normalize, reference,
-    Affine, BatchNorm, BatchNormConfig, BatchStats, Element, FixedStats, Geometry, GradSums, Grads, Layout, SavedStats,
-    SmallBatch, ThreadComm, View,
+    Affine, BatchNorm, BatchNormConfig, BatchStats, Communicator, Element, FixedStats, Geometry, GradSums, Grads,
+    Layout, SavedStats, SingleProcess, SmallBatch, ThreadComm, View,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -320,6 +320,14 @@ pub fn layer_backward_all<T: PlainFloat>(
     let (mut dx, mut dg, mut db) = (vec![nan; x.data.len()], vec![nan; c], vec![nan; c]);
     bn.backward(x, dy, saved, Grads::new(&mut dx, &mut dg, &mut db))
         .unwrap();
+    (dx, dg, db)
+}
+
+/// The gradients `backward` writes into zeroed f64 buffers of `n` elements and `c` channels:
+/// `(dx, dγ, dβ)`.
+pub fn grads_of(n: usize, c: usize, backward: impl FnOnce(Grads<'_, f64>)) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
+    backward(Grads::new(&mut dx, &mut dg, &mut db));
     (dx, dg, db)
 }
 
@@ -793,6 +801,11 @@ pub fn on_threads<R: Send>(p: usize, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec
     })
 }
 
+/// `step` on one rank both ways there is: over [`SingleProcess`] and over a group of one thread.
+pub fn on_one_rank<R: Send>(step: impl Fn(&dyn Communicator) -> R + Sync) -> [R; 2] {
+    [step(&SingleProcess), on_threads(1, |c| step(c)).remove(0)]
+}
+
 /// |a − b| ≤ 2·tol(b, scale, rel) elementwise: two results each within [`tol`] of the exact
 /// value (a synchronized and a one-process computation, summing in different orders) differ by
 /// at most twice it.
@@ -807,6 +820,61 @@ pub fn assert_near<T: TestFloat>(what: &str, a: &[T], b: &[T], scale: &[f64], re
             T::NAME,
             (x - y).abs()
         );
+    }
+}
+
+/// What one training step writes: y, and the gradients dx, dγ, dβ.
+#[derive(Debug, Clone)]
+pub struct Outputs<T> {
+    pub y: Vec<T>,
+    pub dx: Vec<T>,
+    pub dgamma: Vec<T>,
+    pub dbeta: Vec<T>,
+}
+
+impl<T: TestFloat> Outputs<T> {
+    /// The buffers with their names, in the order y, dx, dγ, dβ.
+    fn named(&self) -> [(&'static str, &[T]); 4] {
+        [
+            ("y", &self.y),
+            ("dx", &self.dx),
+            ("dgamma", &self.dgamma),
+            ("dbeta", &self.dbeta),
+        ]
+    }
+
+    /// Asserts that every buffer holds the bits of `want`'s (`what(name)` names it).
+    #[track_caller]
+    pub fn assert_bits(&self, want: &Outputs<T>, what: impl Fn(&str) -> String) {
+        for ((name, got), (_, want)) in self.named().into_iter().zip(want.named()) {
+            assert_bits(&what(name), got, want);
+        }
+    }
+
+    /// [`assert_near`] of every buffer against `want`'s, at `scales` (of y, dx, dγ, dβ in turn).
+    #[track_caller]
+    pub fn assert_near(&self, want: &Outputs<T>, scales: [&[f64]; 4], rel: f64, what: impl Fn(&str) -> String) {
+        for (((name, got), (_, want)), scale) in self.named().into_iter().zip(want.named()).zip(scales) {
+            assert_near(&what(name), got, want, scale, rel);
+        }
+    }
+
+    /// The whole batch's outputs from the ranks' (in rank order): y and dx concatenated, dγ and
+    /// dβ those every rank holds (asserted bit for bit).
+    #[track_caller]
+    pub fn gather<'a>(ranks: impl IntoIterator<Item = &'a Outputs<T>>) -> Outputs<T>
+    where
+        T: 'a,
+    {
+        let mut ranks = ranks.into_iter();
+        let mut all = ranks.next().expect("at least one rank").clone();
+        for r in ranks {
+            assert_bits("dgamma across ranks", &r.dgamma, &all.dgamma);
+            assert_bits("dbeta across ranks", &r.dbeta, &all.dbeta);
+            all.y.extend_from_slice(&r.y);
+            all.dx.extend_from_slice(&r.dx);
+        }
+        all
     }
 }
 

@@ -172,18 +172,10 @@ fn eval_backward_matches_finite_differences() {
                 batch_norm_eval(View::new(x, shape, layout), stats, Affine::new(g, b), FD_EPS, y).unwrap();
             })
         };
-        let c = d.g.channels;
-        let (mut dx, mut dg, mut db) = (vec![0.0; d.x.len()], vec![0.0; c], vec![0.0; c]);
-        let grads = Grads::new(&mut dx, &mut dg, &mut db);
-        batch_norm_backward_eval(
-            View::new(&d.x, shape, layout),
-            w,
-            stats,
-            opt(&gamma, affine),
-            FD_EPS,
-            grads,
-        )
-        .unwrap();
+        let (dx, dg, db) = grads_of(d.x.len(), d.g.channels, |grads| {
+            let x = View::new(&d.x, shape, layout);
+            batch_norm_backward_eval(x, w, stats, opt(&gamma, affine), FD_EPS, grads).unwrap();
+        });
         let what = format!("eval {layout} {shape:?} affine={affine}");
         let fwd_params = |g: &[f64], b: &[f64]| forward(&d.x, g, b);
         assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), forward, fwd_params);

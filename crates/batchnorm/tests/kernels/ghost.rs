@@ -221,9 +221,9 @@ fn ghost_backward_matches_finite_differences() {
             let mut y = vec![0.0; d.x.len()];
             let xv = View::new(&d.x, shape, layout);
             let (_, saved) = ghost_batch_norm_train(xv, v, affine_if(affine, &gamma, &beta), FD_EPS, &mut y).unwrap();
-            let (mut dx, mut dg, mut db) = (vec![0.0; d.x.len()], vec![0.0; c], vec![0.0; c]);
-            let grads = Grads::new(&mut dx, &mut dg, &mut db);
-            ghost_batch_norm_backward(xv, w, &saved, opt(&gamma, affine), grads).unwrap();
+            let (dx, dg, db) = grads_of(d.x.len(), c, |grads| {
+                ghost_batch_norm_backward(xv, w, &saved, opt(&gamma, affine), grads).unwrap();
+            });
             // γ and β enter linearly: their differences are taken with affine on, around the
             // γ, β the forward used (1 and 0 without affine).
             let fwd_params = |g: &[f64], b: &[f64]| {

@@ -18,7 +18,7 @@ use batchnorm::{
     batch_norm_eval, batch_norm_eval_masked, batch_norm_train, batch_norm_train_masked, batch_stats,
     batch_stats_masked, grad_sums, grad_sums_masked, input_grad, input_grad_masked, normalize, normalize_masked,
     reference, Affine, BatchNorm, BatchNormConfig, Communicator, Element, Error, FixedStats, Geometry, Grads, Layout,
-    Momentum, SingleProcess, SmallBatch, SyncBatchNorm, View,
+    Momentum, SmallBatch, SyncBatchNorm, View,
 };
 use proptest::prelude::*;
 use rand::Rng;
@@ -590,10 +590,7 @@ fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
     for (i, (layout, shape)) in small_shapes().into_iter().enumerate() {
         let d = Data::new::<T>(layout, &shape, 300 + i as u64);
         let sizes = shard_sizes(shape[0], p);
-        let starts: Vec<usize> = sizes
-            .iter()
-            .scan(0, |a, &n| Some(std::mem::replace(a, *a + n)))
-            .collect();
+        let starts = shard_starts(&sizes);
         let per_example = d.g.per_channel() / shape[0];
         let mut mask = make_mask(shape[0], per_example, MaskKind::Random(0.6), 310 + i as u64, 0);
         mask[starts[none] * per_example..(starts[none] + sizes[none]) * per_example].fill(false);
@@ -605,19 +602,14 @@ fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
             padded(&d.g, &d.x, &mask, f64::NAN),
             padded(&d.g, &d.dy, &mask, f64::NAN),
         );
-        let want = masked_step::<T>(&SingleProcess, &d, (&x, &dy), &mask, layout, &shape, 0, shape[0]).unwrap();
+        let [want, single] =
+            on_one_rank(|c| masked_step::<T>(c, &d, (&x, &dy), &mask, layout, &shape, 0, shape[0]).unwrap());
         let ranks = on_threads(p, |c| {
             let r = c.rank();
             masked_step::<T>(c, &d, (&x, &dy), &mask, layout, &shape, starts[r], sizes[r]).unwrap()
         });
-        for r in &ranks[1..] {
-            assert_bits("dgamma across ranks", &r.dgamma, &ranks[0].dgamma);
-            assert_bits("dbeta across ranks", &r.dbeta, &ranks[0].dbeta);
-            assert_bits("running_mean across ranks", &r.running_mean, &ranks[0].running_mean);
-            assert_bits("running_var across ranks", &r.running_var, &ranks[0].running_var);
-        }
-        let y: Vec<T> = ranks.iter().flat_map(|r| r.y.clone()).collect();
-        let dx: Vec<T> = ranks.iter().flat_map(|r| r.dx.clone()).collect();
+        let got = Step::gather(&ranks);
+        let (y, dx) = (&got.out.y, &got.out.dx);
         let (sd, positions) = selected(&d, &mask);
         let m = sd.g.outer;
         let rel = reduce_rel::<T>(m);
@@ -625,40 +617,14 @@ fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
         let what = |s: &str| format!("{layout} {shape:?} P={p} none={none} m={m} {s}");
         let scatter = |rows: &[f64]| reference::masked_scatter(&d.g, rows, &positions);
         let (rmean, rvar) = reference::mean_var(&sd.g, &sd.x);
-        assert_near(
-            &what("y"),
-            &y,
-            &want.y,
-            &scatter(&train_y_scale(&sd, &sd.gamma, &sd.beta, &rmean, &rvar, eps)),
-            rel,
-        );
-        assert_zero_where_off(&what("y"), &d.g, &mask, &y);
+        let y_scale = scatter(&train_y_scale(&sd, &sd.gamma, &sd.beta, &rmean, &rvar, eps));
         let (sdx, sdg, sdb) = backward_scales(&sd, &sd.dy, &sd.gamma, eps);
-        assert_near(&what("dx"), &dx, &want.dx, &scatter(&sdx), rel);
-        assert_zero_where_off(&what("dx"), &d.g, &mask, &dx);
-        let r0 = &ranks[0];
-        assert_near(&what("dgamma"), &r0.dgamma, &want.dgamma, &sdg, rel);
-        assert_near(&what("dbeta"), &r0.dbeta, &want.dbeta, &sdb, rel);
-        assert_near(
-            &what("running_mean"),
-            &r0.running_mean,
-            &want.running_mean,
-            &sd.mean_abs_x(),
-            rel,
-        );
-        let var_scale: Vec<f64> = wide(&want.running_var).iter().map(|v| v.abs()).collect();
-        assert_near(
-            &what("running_var"),
-            &r0.running_var,
-            &want.running_var,
-            &var_scale,
-            rel,
-        );
+        got.out
+            .assert_near(&want.out, [&y_scale, &scatter(&sdx), &sdg, &sdb], rel, what);
+        assert_zero_where_off(&what("y"), &d.g, &mask, y);
+        assert_zero_where_off(&what("dx"), &d.g, &mask, dx);
+        got.assert_running_near(&want, &sd.mean_abs_x(), rel, what);
         // One rank is the one-process layer, bit for bit.
-        let single = on_threads(1, |c| {
-            masked_step::<T>(c, &d, (&x, &dy), &mask, layout, &shape, 0, shape[0]).unwrap()
-        })
-        .remove(0);
         let mut bn = BatchNorm::<T>::new(d.g.channels, sync_config()).unwrap();
         (bn.gamma, bn.beta) = (narrow(&d.gamma), narrow(&d.beta));
         let (xt, dyt) = (narrow::<T>(&x), narrow::<T>(&dy));
@@ -668,13 +634,9 @@ fn check_sync_masked<T: PlainFloat>(p: usize, none: usize) {
         let (mut dx1, mut dg1, mut db1) = (y1.clone(), bn.gamma.clone(), bn.beta.clone());
         bn.backward_masked(v, &mask, &dyt, &saved, Grads::new(&mut dx1, &mut dg1, &mut db1))
             .unwrap();
+        let one_process = Step::new(y1, dx1, dg1, db1, bn);
         for got in [&want, &single] {
-            assert_bits(&what("P=1 y"), &got.y, &y1);
-            assert_bits(&what("P=1 dx"), &got.dx, &dx1);
-            assert_bits(&what("P=1 dgamma"), &got.dgamma, &dg1);
-            assert_bits(&what("P=1 dbeta"), &got.dbeta, &db1);
-            assert_bits(&what("P=1 running_mean"), &got.running_mean, &bn.running_mean);
-            assert_bits(&what("P=1 running_var"), &got.running_var, &bn.running_var);
+            got.assert_bits(&one_process, |s| what(&format!("P=1 {s}")));
         }
     }
 }

@@ -50,10 +50,7 @@ fn layer<T: PlainFloat>(d: &Data, clip: RenormClip) -> BatchRenorm<T> {
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
 struct Step<T: PlainFloat> {
-    y: Vec<T>,
-    dx: Vec<T>,
-    dgamma: Vec<T>,
-    dbeta: Vec<T>,
+    out: Outputs<T>,
     bn: BatchRenorm<T>,
     saved: RenormSaved,
     /// This rank's own sums (`backward_sync`'s result); the whole batch's for one process, the
@@ -79,10 +76,7 @@ fn train_step<T: PlainFloat>(
         sum_dy_xhat: wide(&dgamma),
     });
     Ok(Step {
-        y,
-        dx,
-        dgamma,
-        dbeta,
+        out: Outputs { y, dx, dgamma, dbeta },
         bn,
         saved,
         local,
@@ -130,8 +124,6 @@ fn sharded<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[us
     });
     let first = &ranks[0];
     for r in &ranks[1..] {
-        assert_bits("dgamma across ranks", &r.dgamma, &first.dgamma);
-        assert_bits("dbeta across ranks", &r.dbeta, &first.dbeta);
         assert_bits("moving_mean across ranks", &r.bn.moving_mean, &first.bn.moving_mean);
         assert_bits("moving_std across ranks", &r.bn.moving_std, &first.bn.moving_std);
         assert_bits64("r across ranks", &r.saved.r, &first.saved.r);
@@ -142,10 +134,10 @@ fn sharded<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[us
     for r in &ranks[1..] {
         total.add(&r.local).unwrap();
     }
-    assert_bits("rank shares of dbeta", &first.dbeta, &narrow::<T>(&total.sum_dy));
+    let out = Outputs::gather(ranks.iter().map(|r| &r.out));
+    assert_bits("rank shares of dbeta", &out.dbeta, &narrow::<T>(&total.sum_dy));
     Step {
-        y: ranks.iter().flat_map(|r| r.y.clone()).collect(),
-        dx: ranks.iter().flat_map(|r| r.dx.clone()).collect(),
+        out,
         local: total,
         ..first.clone()
     }
@@ -208,13 +200,17 @@ fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
         let rel = reduce_rel::<T>(d.g.per_channel());
         let s = scales(&d, clip());
         let what = |name: &str| format!("renorm {layout} {shape:?} P={p} {name}");
-        assert_near(&what("y"), &got.y, &want.y, &s.y, rel);
-        assert_near(&what("dx"), &got.dx, &want.dx, &s.dx, rel);
-        assert_near(&what("dgamma"), &got.dgamma, &want.dgamma, &s.dgamma, rel);
-        assert_near(&what("dbeta"), &got.dbeta, &want.dbeta, &s.dbeta, rel);
+        got.out
+            .assert_near(&want.out, [&s.y, &s.dx, &s.dgamma, &s.dbeta], rel, what);
         // The ranks' shares r·Σ dy·x̂₀ + d·Σ dy of dγ add up to it (r, d the same on every rank).
         let shares = narrow::<T>(&got.local.sum_dy_xhat);
-        assert_near(&what("rank shares of dgamma"), &shares, &want.dgamma, &s.dgamma, rel);
+        assert_near(
+            &what("rank shares of dgamma"),
+            &shares,
+            &want.out.dgamma,
+            &s.dgamma,
+            rel,
+        );
         let (bn, one) = (&got.bn, &want.bn);
         assert_near(
             &what("moving_mean"),
@@ -250,15 +246,10 @@ fn check_single_rank_bits<T: PlainFloat>() {
         let d = Data::new::<T>(layout, &shape, 1300 + i as u64);
         let want = one_process::<T>(&d, layout, &shape, clip());
         let n = shape[0];
-        let single = one_rank::<T>(&SingleProcess, &d, (layout, &shape), (0, n), clip()).unwrap();
-        let thread = on_threads(1, |c| one_rank::<T>(c, &d, (layout, &shape), (0, n), clip()).unwrap()).remove(0);
-        for got in [single, thread] {
+        for got in on_one_rank(|c| one_rank::<T>(c, &d, (layout, &shape), (0, n), clip()).unwrap()) {
             let what = |s: &str| format!("renorm {layout} {shape:?} P=1 {s}");
-            assert_bits(&what("y"), &got.y, &want.y);
+            got.out.assert_bits(&want.out, what);
             assert_eq!(got.saved, want.saved, "{}", what("saved"));
-            assert_bits(&what("dx"), &got.dx, &want.dx);
-            assert_bits(&what("dgamma"), &got.dgamma, &want.dgamma);
-            assert_bits(&what("dbeta"), &got.dbeta, &want.dbeta);
             assert_eq!(got.bn, want.bn, "{}", what("layer state"));
         }
     }
@@ -291,20 +282,15 @@ fn renorm_with_identity_limits_is_synchronized_plain_batch_norm() {
                 let saved = bn
                     .forward_train(c, View::new(&x, &shard_shape, layout), &mut y)
                     .unwrap();
-                let (mut dx, mut dg, mut db) = (vec![0.0f32; x.len()], bn.bn.gamma.clone(), bn.bn.beta.clone());
-                let grads = Grads::new(&mut dx, &mut dg, &mut db);
+                let (mut dx, mut dgamma, mut dbeta) = (vec![0.0f32; x.len()], bn.bn.gamma.clone(), bn.bn.beta.clone());
+                let grads = Grads::new(&mut dx, &mut dgamma, &mut dbeta);
                 bn.backward(c, View::new(&x, &shard_shape, layout), &dy, &saved, grads)
                     .unwrap();
-                (y, dx, dg, db)
+                Outputs { y, dx, dgamma, dbeta }
             });
             let what = |s: &str| format!("identity renorm {layout} {shape:?} P={p} {s}");
             assert!(renorm.saved.r.iter().all(|&r| r == 1.0) && renorm.saved.d.iter().all(|&d| d == 0.0));
-            let y: Vec<f32> = plain.iter().flat_map(|r| r.0.clone()).collect();
-            let dx: Vec<f32> = plain.iter().flat_map(|r| r.1.clone()).collect();
-            assert_bits(&what("y"), &renorm.y, &y);
-            assert_bits(&what("dx"), &renorm.dx, &dx);
-            assert_bits(&what("dgamma"), &renorm.dgamma, &plain[0].2);
-            assert_bits(&what("dbeta"), &renorm.dbeta, &plain[0].3);
+            renorm.out.assert_bits(&Outputs::gather(&plain), what);
         }
     }
 }

@@ -16,8 +16,8 @@
 // The shared helpers in `common` index several buffers in step.
 
 use crate::common::{
-    assert_bits, assert_near, backward_scales, layer_backward_all, narrow, on_threads, reduce_rel, shard_shapes,
-    shard_sizes, shard_starts, train_y_scale, wide, Data, PlainFloat,
+    assert_bits, assert_near, backward_scales, layer_backward_all, narrow, on_one_rank, on_threads, reduce_rel,
+    shard_shapes, shard_sizes, shard_starts, train_y_scale, wide, Data, Outputs, PlainFloat,
 };
 use batchnorm::{
     BatchNorm, BatchNormConfig, Communicator, Counted, Error, Grads, Layout, Momentum, SingleProcess, SyncBatchNorm,
@@ -27,10 +27,7 @@ use batchnorm::{
 /// What one rank (or one process) produced in one training step.
 #[derive(Debug, Clone)]
 pub(crate) struct Step<T> {
-    pub y: Vec<T>,
-    pub dx: Vec<T>,
-    pub dgamma: Vec<T>,
-    pub dbeta: Vec<T>,
+    pub out: Outputs<T>,
     pub running_mean: Vec<T>,
     pub running_var: Vec<T>,
 }
@@ -39,13 +36,56 @@ impl<T: PlainFloat> Step<T> {
     /// A step's y, dx, dγ and dβ, and the running statistics of the layer that took it.
     pub(crate) fn new(y: Vec<T>, dx: Vec<T>, dgamma: Vec<T>, dbeta: Vec<T>, bn: BatchNorm<T>) -> Self {
         Step {
-            y,
-            dx,
-            dgamma,
-            dbeta,
+            out: Outputs { y, dx, dgamma, dbeta },
             running_mean: bn.running_mean,
             running_var: bn.running_var,
         }
+    }
+
+    /// The whole batch's step from the ranks' (see [`Outputs::gather`]); also asserts that every
+    /// rank holds the same bits of the running statistics.
+    pub(crate) fn gather(ranks: &[Step<T>]) -> Self {
+        for r in &ranks[1..] {
+            assert_bits("running_mean across ranks", &r.running_mean, &ranks[0].running_mean);
+            assert_bits("running_var across ranks", &r.running_var, &ranks[0].running_var);
+        }
+        Step {
+            out: Outputs::gather(ranks.iter().map(|r| &r.out)),
+            ..ranks[0].clone()
+        }
+    }
+
+    /// [`assert_near`] of the running statistics against `want`'s: the mean at `mean_scale`, the
+    /// variance at its own magnitude.
+    pub(crate) fn assert_running_near(
+        &self,
+        want: &Step<T>,
+        mean_scale: &[f64],
+        rel: f64,
+        what: impl Fn(&str) -> String,
+    ) {
+        assert_near(
+            &what("running_mean"),
+            &self.running_mean,
+            &want.running_mean,
+            mean_scale,
+            rel,
+        );
+        let var_scale: Vec<f64> = wide(&want.running_var).iter().map(|v| v.abs()).collect();
+        assert_near(
+            &what("running_var"),
+            &self.running_var,
+            &want.running_var,
+            &var_scale,
+            rel,
+        );
+    }
+
+    /// Asserts the bits of `want` in every output and running statistic (`what(name)` names it).
+    pub(crate) fn assert_bits(&self, want: &Step<T>, what: impl Fn(&str) -> String) {
+        self.out.assert_bits(&want.out, &what);
+        assert_bits(&what("running_mean"), &self.running_mean, &want.running_mean);
+        assert_bits(&what("running_var"), &self.running_var, &want.running_var);
     }
 }
 
@@ -106,17 +146,7 @@ fn sharded<T: PlainFloat>(d: &Data, layout: Layout, shape: &[usize], sizes: &[us
         let r = c.rank();
         one_rank::<T>(c, d, layout, shape, starts[r], sizes[r].max(1)).unwrap()
     });
-    for r in &ranks[1..] {
-        assert_bits("dgamma across ranks", &r.dgamma, &ranks[0].dgamma);
-        assert_bits("dbeta across ranks", &r.dbeta, &ranks[0].dbeta);
-        assert_bits("running_mean across ranks", &r.running_mean, &ranks[0].running_mean);
-        assert_bits("running_var across ranks", &r.running_var, &ranks[0].running_var);
-    }
-    Step {
-        y: ranks.iter().flat_map(|r| r.y.clone()).collect(),
-        dx: ranks.iter().flat_map(|r| r.dx.clone()).collect(),
-        ..ranks[0].clone()
-    }
+    Step::gather(&ranks)
 }
 
 fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
@@ -132,27 +162,10 @@ fn check_equal_to_one_process<T: PlainFloat>(p: usize) {
         let eps = config().eps;
         let what = |s: &str| format!("{} {shape:?} P={p} {s}", layout.name());
         let y_scale = train_y_scale(&d, &d.gamma, &d.beta, &mean, &var, eps);
-        assert_near(&what("y"), &got.y, &want.y, &y_scale, rel);
         let (dx_scale, dg_scale, db_scale) = backward_scales(&d, &d.dy, &d.gamma, eps);
-        assert_near(&what("dx"), &got.dx, &want.dx, &dx_scale, rel);
-        assert_near(&what("dgamma"), &got.dgamma, &want.dgamma, &dg_scale, rel);
-        assert_near(&what("dbeta"), &got.dbeta, &want.dbeta, &db_scale, rel);
-        let mean_scale = d.mean_abs_x();
-        assert_near(
-            &what("running_mean"),
-            &got.running_mean,
-            &want.running_mean,
-            &mean_scale,
-            rel,
-        );
-        let var_scale: Vec<f64> = wide(&want.running_var).iter().map(|v| v.abs()).collect();
-        assert_near(
-            &what("running_var"),
-            &got.running_var,
-            &want.running_var,
-            &var_scale,
-            rel,
-        );
+        let scales = [&y_scale[..], &dx_scale, &dg_scale, &db_scale];
+        got.out.assert_near(&want.out, scales, rel, what);
+        got.assert_running_near(&want, &d.mean_abs_x(), rel, what);
     }
 }
 
@@ -184,9 +197,9 @@ fn sharded_statistics_are_not_local() {
     let alone = one_process::<f64>(&local, layout, &[5, 3, 2, 3]);
     let synced = sharded::<f64>(&d, layout, &shape, &[1, 5]);
     let worst = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    assert!(worst(&synced.y[row..], &want.y[row..]) < 1e-12);
+    assert!(worst(&synced.out.y[row..], &want.out.y[row..]) < 1e-12);
     assert!(
-        worst(&alone.y, &want.y[row..]) > 1e-3,
+        worst(&alone.out.y, &want.out.y[row..]) > 1e-3,
         "local statistics should differ visibly"
     );
 }
@@ -197,16 +210,8 @@ fn check_single_rank_bits<T: PlainFloat>() {
         let d = Data::new::<T>(layout, &shape, 200 + i as u64);
         let want = one_process::<T>(&d, layout, &shape);
         let n = shape[0];
-        let single = one_rank::<T>(&SingleProcess, &d, layout, &shape, 0, n).unwrap();
-        let thread = on_threads(1, |c| one_rank::<T>(c, &d, layout, &shape, 0, n).unwrap()).remove(0);
-        for got in [single, thread] {
-            let what = |s: &str| format!("{} {shape:?} P=1 {s}", layout.name());
-            assert_bits(&what("y"), &got.y, &want.y);
-            assert_bits(&what("dx"), &got.dx, &want.dx);
-            assert_bits(&what("dgamma"), &got.dgamma, &want.dgamma);
-            assert_bits(&what("dbeta"), &got.dbeta, &want.dbeta);
-            assert_bits(&what("running_mean"), &got.running_mean, &want.running_mean);
-            assert_bits(&what("running_var"), &got.running_var, &want.running_var);
+        for got in on_one_rank(|c| one_rank::<T>(c, &d, layout, &shape, 0, n).unwrap()) {
+            got.assert_bits(&want, |s| format!("{} {shape:?} P=1 {s}", layout.name()));
         }
     }
 }

@@ -521,15 +521,9 @@ fn renorm_backward_matches_finite_differences() {
                 batch_norm_train(View::new(x, &shape, layout), Affine::new(&gr, &br), FD_EPS, &mut y).unwrap();
                 loss(&w, &y)
             };
-            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
-            batch_renorm_backward(
-                View::new(&d.x, &shape, layout),
-                &w,
-                &saved,
-                Some(&gamma),
-                Grads::new(&mut dx, &mut dg, &mut db),
-            )
-            .unwrap();
+            let (dx, dg, db) = grads_of(n, c, |grads| {
+                batch_renorm_backward(View::new(&d.x, &shape, layout), &w, &saved, Some(&gamma), grads).unwrap();
+            });
             let what = format!("renorm {layout} {shape:?} spread={spread} r={r:?} d={dd:?}");
             let fixed_params = |g: &[f64], b: &[f64]| fixed(&d.x, g, b);
             assert_fd_grads(&what, &d.x, &gamma, &beta, (&dx, &dg, &db), fixed, fixed_params);

@@ -19,8 +19,8 @@
 //! [`super::scale_where`] writes: the same bits as those two passes, for any thread count.
 
 use super::{
-    add_block_sums, add_task_sums, is_serial, map_items, masked_lanes, plane_blocks, prefetch_rows, row_blocks,
-    rows_mask, stream_output, unmasked_if_fused, write_where, SharedOut, PIECE, TASK,
+    add_block_sums, add_task_sums, begin_pass, is_serial, map_items, masked_lanes, plane_blocks, prefetch_rows,
+    row_blocks, rows_mask, write_where, SharedOut, PIECE, TASK,
 };
 use crate::kernels::elementwise::{self as ew, RowsScale};
 use crate::kernels::mask::{segment, MaskSpans};
@@ -35,36 +35,40 @@ use std::ops::Range;
 /// stay in L2 between the two, with room for the unit's accumulators and output.
 const BLOCK: usize = 2 * super::PIECE;
 
+/// What the backward through fixed statistics reads: x and dy, the per-channel mean and factor
+/// k of dx = dy·k, the positions it covers (`mask`, one entry per position; `None`: all of them)
+/// and, fused with a ReLU (never with a mask), the ReLU's backward.
+pub(crate) struct FixedBackward<'a, T> {
+    pub x: &'a [T],
+    pub dy: &'a [T],
+    pub mean: &'a [f64],
+    pub k: &'a [f64],
+    pub mask: Option<&'a [bool]>,
+    pub relu: Option<relu::Backward<'a, T>>,
+}
+
 /// dx = dy·k[c] and per-channel (Σ dy, Σ dy·(x − mean)) in one pass, at (over) the positions
-/// `mask` (one entry per position, `None`: all of them) has on, dx +0.0 at the others. With
-/// `relu` (never with a mask), from the upstream gradient dy·\[kept\], written to dz too when it
-/// has one. The sums are the same bits as [`super::grad_sums_where`], dx as
-/// [`super::scale_where`].
-#[allow(clippy::too_many_arguments)]
+/// `pass.mask` has on, dx +0.0 at the others. With `pass.relu`, from the upstream gradient
+/// dy·\[kept\], written to dz too when it has one. The sums are the same bits as
+/// [`super::grad_sums_where`], dx as [`super::scale_where`].
 pub(crate) fn fixed_backward_where<T: Element>(
     g: &Geometry,
-    x: &[T],
-    dy: &[T],
+    pass: FixedBackward<'_, T>,
     dx: &mut [T],
-    mean: &[f64],
-    k: &[f64],
-    mask: Option<&[bool]>,
-    relu: Option<relu::Backward<'_, T>>,
 ) -> (Vec<f64>, Vec<f64>) {
-    unmasked_if_fused(mask, relu.is_some());
-    assert!(dx.len() == x.len() && dy.len() == x.len());
-    let serial = is_serial(g);
     // Nothing re-reads dx, and the inputs are read once each.
-    let stream = stream_output::<T>(g, 0);
+    let (serial, stream) = begin_pass::<T>(g, pass.mask, pass.relu.is_some(), 0);
+    assert!(dx.len() == pass.x.len() && pass.dy.len() == pass.x.len());
     if g.inner > 1 {
-        planes_fixed_backward(g, x, dy, dx, mean, k, mask, relu, stream)
+        planes_fixed_backward(g, pass, dx, stream)
     } else {
+        let (x, dy, mean, mask) = (pass.x, pass.dy, pass.mean, pass.mask);
         let c = g.channels;
         let per_task = row_blocks(g).0;
         let (chunk, block) = (per_task * c, (BLOCK / c).clamp(1, per_task) * c);
         let pf = prefetch_rows::<T>(g);
-        let scale = RowsScale::new::<T>(k);
-        let backs = relu::Backward::split(relu, chunk, x.len());
+        let scale = RowsScale::new::<T>(pass.k);
+        let backs = relu::Backward::split(pass.relu, chunk, x.len());
         // Each task's (Σ dy, Σ dy(x − m)) goes to its own part of one buffer of the calling thread.
         let mut parts = Scratch::any(2 * c * x.len().div_ceil(chunk));
         let items: Vec<_> = x
@@ -127,18 +131,13 @@ fn plane_rows(g: &Geometry) -> Vec<(Range<usize>, usize)> {
 /// accumulators (carried from plane to plane of the piece) and scaled into dx while it is in
 /// cache. Each piece's sums are those `super::planes_grad_sums` takes (the same terms added in
 /// the same order), and they are added per channel in its order: the same bits.
-#[allow(clippy::too_many_arguments)]
 fn planes_fixed_backward<T: Element>(
     g: &Geometry,
-    x: &[T],
-    dy: &[T],
+    pass: FixedBackward<'_, T>,
     dx: &mut [T],
-    mean: &[f64],
-    k: &[f64],
-    mask: Option<&[bool]>,
-    relu: Option<relu::Backward<'_, T>>,
     stream: bool,
 ) -> (Vec<f64>, Vec<f64>) {
+    let (x, dy, mean, k) = (pass.x, pass.dy, pass.mean, pass.k);
     let (c_all, inner) = (g.channels, g.inner);
     let rows = plane_rows(g);
     // Pieces per row and channel.
@@ -147,10 +146,10 @@ fn planes_fixed_backward<T: Element>(
     let widest = rows.iter().map(|(o, _)| o.len()).max().unwrap_or(1) * inner;
     let split = c_all.div_ceil((TASK / widest).max(1));
     let width = c_all.div_ceil(split);
-    let spans = MaskSpans::new(mask, inner);
-    let bits = relu.as_ref().map(|r| r.bits);
+    let spans = MaskSpans::new(pass.mask, inner);
+    let bits = pass.relu.as_ref().map(|r| r.bits);
     let out = SharedOut::new(dx);
-    let dz = relu.and_then(|r| r.dz).map(|dz| {
+    let dz = pass.relu.and_then(|r| r.dz).map(|dz| {
         assert_eq!(dz.len(), x.len());
         SharedOut::new(dz)
     });
