@@ -288,7 +288,7 @@ pub fn batch_renorm_train<T: Element>(
     // norm's training forward.
     let m = plan::train_forward_where(&g, x.data, y, None, None, |first, mean, scale, shift| {
         let (mut r, mut d) = (Scratch::any(scale.len()), Scratch::any(scale.len()));
-        inv_std_in_place(scale, eps);
+        with_simd(|| inv_std_in_place(scale, eps));
         let out = TrainConstants {
             scale,
             shift,
