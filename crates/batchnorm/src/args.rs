@@ -147,3 +147,32 @@ impl<'a, T: Element> Grads<'a, T> {
         }
     }
 }
+
+/// What a pass covers: the positions `mask` selects (`None`: all of them, +0.0 written at the
+/// others) and, with `relu`, the ReLU fused with it (`R`: a forward's [`crate::fused`] part or a
+/// backward's).
+pub(crate) struct Scope<'a, R> {
+    pub mask: Option<&'a [bool]>,
+    pub relu: Option<R>,
+}
+
+impl<'a, R> Scope<'a, R> {
+    /// Every position, no ReLU.
+    pub const ALL: Self = Scope { mask: None, relu: None };
+
+    /// The positions `mask` selects, no ReLU.
+    pub fn masked(mask: &'a [bool]) -> Self {
+        Scope {
+            mask: Some(mask),
+            relu: None,
+        }
+    }
+
+    /// Every position, through `relu`.
+    pub fn relu(relu: R) -> Self {
+        Scope {
+            mask: None,
+            relu: Some(relu),
+        }
+    }
+}

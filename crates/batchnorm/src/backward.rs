@@ -1,6 +1,7 @@
 //! The backward transforms: training mode (the paper's chain rule through μ_B and σ²_B), inference
 //! mode (fixed statistics), and the split-phase form for synchronized batch norm.
 
+use crate::args::Scope;
 use crate::check;
 use crate::forward::gamma_at;
 use crate::fused::ReluBackward;
@@ -65,21 +66,21 @@ impl GradSums {
 }
 
 /// dx coefficients (see `kernels::elementwise::DxCoeffs`) of channels `first..first +
-/// out.len()` from their Σ dy and Σ dy·x̂: the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
+/// out.len()` from their Σ dy and Σ dy·x̂ (`sums`): the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
 /// ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified. Slice loops, which vectorize.
 #[inline]
 pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: StatsView<'_>,
     first: usize,
-    sum_dy: &[f64],
-    sum_dy_xhat: &[f64],
+    sums: SumsView<'_>,
     out: &mut [DxCoeffs],
 ) {
     let m = saved.count as f64;
     let end = first + out.len();
     let stats = saved.mean[first..end].iter().zip(&saved.inv_std[first..end]);
-    for ((o, (&s1, &s2)), (&mean, &s)) in out.iter_mut().zip(sum_dy.iter().zip(sum_dy_xhat)).zip(stats) {
+    let sums = sums.sum_dy.iter().zip(sums.sum_dy_xhat);
+    for ((o, (&s1, &s2)), (&mean, &s)) in out.iter_mut().zip(sums).zip(stats) {
         *o = DxCoeffs {
             mean,
             k: s,
@@ -90,6 +91,25 @@ pub(crate) fn dx_coeffs<T: Element>(
     if let Some(g) = gamma {
         for (o, g) in out.iter_mut().zip(&g[first..end]) {
             o.k *= g.to_f64();
+        }
+    }
+}
+
+/// Σ dy and Σ dy·x̂ of a run of channels, borrowed: a [`GradSums`]'s, or the sums a kernel pass
+/// returns for the channels it covers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SumsView<'a> {
+    /// Σ dy per channel.
+    pub sum_dy: &'a [f64],
+    /// Σ dy·x̂ per channel.
+    pub sum_dy_xhat: &'a [f64],
+}
+
+impl<'a> From<&'a GradSums> for SumsView<'a> {
+    fn from(s: &'a GradSums) -> Self {
+        SumsView {
+            sum_dy: &s.sum_dy,
+            sum_dy_xhat: &s.sum_dy_xhat,
         }
     }
 }
@@ -154,7 +174,7 @@ pub fn batch_norm_backward<T: Element>(
     gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_where(x, None, None, dy, saved, gamma, grads)
+    backward_where(x, Scope::ALL, dy, saved, gamma, grads)
 }
 
 /// [`batch_norm_backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
@@ -163,13 +183,13 @@ pub fn batch_norm_backward<T: Element>(
 /// `saved`, γ, dγ/dβ, the saved count.
 pub(crate) fn backward_where<T: Element>(
     x: View<'_, T>,
-    mask: Option<&[bool]>,
-    relu: Option<ReluBackward<'_, T>>,
+    scope: Scope<'_, ReluBackward<'_, T>>,
     dy: &[T],
     saved: &SavedStats,
     gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
+    let Scope { mask, relu } = scope;
     let check_saved = |channels| check::saved(saved, channels);
     let g = check_train_backward(x, mask, relu.as_ref(), dy, check_saved, gamma, &grads, saved.count)?;
     let Grads { dx, dgamma, dbeta } = grads;
@@ -218,7 +238,11 @@ pub(crate) fn centered_dx_coeffs<T: Element>(
 ) {
     let inv_std = &saved.inv_std[first..first + sum_dy_xmu.len()];
     let sum_dy_xhat = Scratch::collect(sum_dy_xmu.iter().zip(inv_std).map(|(v, s)| v * s));
-    dx_coeffs(gamma, saved, first, sum_dy, &sum_dy_xhat, out);
+    let sums = SumsView {
+        sum_dy,
+        sum_dy_xhat: &sum_dy_xhat,
+    };
+    dx_coeffs(gamma, saved, first, sums, out);
 }
 
 /// A fused backward's ReLU as the dx pass takes it, and the dz it cannot write: dz comes out of
@@ -300,7 +324,7 @@ pub(crate) fn input_grad_where<T: Element>(
     check::affine(g.channels, gamma, None)?;
     check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
-    with_simd(|| dx_coeffs(gamma, saved.into(), 0, &sums.sum_dy, &sums.sum_dy_xhat, &mut coeffs));
+    with_simd(|| dx_coeffs(gamma, saved.into(), 0, sums.into(), &mut coeffs));
     plan::input_grad_where(&g, x, dy, dx, &coeffs, mask, None);
     Ok(())
 }
@@ -318,7 +342,7 @@ pub fn batch_norm_backward_eval<T: Element>(
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_eval_where(x, None, None, dy, stats, gamma, eps, grads)
+    backward_eval_where(x, Scope::ALL, dy, stats, gamma, eps, grads)
 }
 
 /// [`batch_norm_backward_eval`] over the positions `mask` selects (`None`: all of them), dx +0.0
@@ -328,15 +352,15 @@ pub fn batch_norm_backward_eval<T: Element>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_eval_where<T: Element>(
     x: View<'_, T>,
-    mask: Option<&[bool]>,
-    relu: Option<ReluBackward<'_, T>>,
+    scope: Scope<'_, ReluBackward<'_, T>>,
     dy: &[T],
     stats: FixedStats<'_, T>,
     gamma: Option<&[T::Param]>,
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    let (FixedStats { mean, var }, Grads { dx, dgamma, dbeta }) = (stats, grads);
+    let (Scope { mask, relu }, FixedStats { mean, var }) = (scope, stats);
+    let Grads { dx, dgamma, dbeta } = grads;
     let View { data: x, shape, layout } = x;
     let (g, _) = check::input_pair(x, shape, layout, ("dy", dy), mask)?;
     ReluBackward::check(relu.as_ref(), &g)?;

@@ -36,56 +36,44 @@ pub trait Element: Copy + Send + Sync + Debug + PartialEq + Default + sealed::Se
     fn from_f64(v: f64) -> Self;
 }
 
-impl Element for f32 {
-    const NAME: &'static str = "f32";
-    type Param = f32;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
+/// Implements [`Element`] and the kernels' sealed side of it for each type listed: its parameter
+/// type and [`Kind`], then its four conversions, each written as `|argument| expression`.
+macro_rules! elements {
+    ($($t:ident: Param = $param:ty, Kind::$kind:ident,
+        to_f64 |$a:ident| $to_f64:expr, from_f64 |$b:ident| $from_f64:expr,
+        to_f32 |$c:ident| $to_f32:expr, from_f32 |$d:ident| $from_f32:expr;)*) => {$(
+        impl Element for $t {
+            const NAME: &'static str = stringify!($t);
+            type Param = $param;
+            #[inline(always)]
+            fn to_f64(self) -> f64 { let $a = self; $to_f64 }
+            #[inline(always)]
+            fn from_f64($b: f64) -> Self { $from_f64 }
+        }
+
+        impl sealed::Sealed for $t {
+            const KIND: Kind = Kind::$kind;
+            #[inline(always)]
+            fn to_f32(self) -> f32 { let $c = self; $to_f32 }
+            #[inline(always)]
+            fn from_f32($d: f32) -> Self { $from_f32 }
+        }
+    )*};
 }
 
-impl Element for f64 {
-    const NAME: &'static str = "f64";
-    type Param = f64;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
-impl Element for bf16 {
-    const NAME: &'static str = "bf16";
-    type Param = f32;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self.to_f32() as f64
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        bf16::from_f32(f32_round_to_odd(v))
-    }
-}
-
-impl Element for f16 {
-    const NAME: &'static str = "f16";
-    type Param = f32;
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self.to_f32() as f64
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        f16::from_f32(f32_round_to_odd(v))
-    }
+elements! {
+    f32: Param = f32, Kind::F32,
+        to_f64 |x| x as f64, from_f64 |v| v as f32,
+        to_f32 |x| x, from_f32 |v| v;
+    f64: Param = f64, Kind::F64,
+        to_f64 |x| x, from_f64 |v| v,
+        to_f32 |x| x as f32, from_f32 |v| v as f64;
+    bf16: Param = f32, Kind::Bf16,
+        to_f64 |x| x.to_f32() as f64, from_f64 |v| bf16::from_f32(f32_round_to_odd(v)),
+        to_f32 |x| f32::from_bits((x.to_bits() as u32) << 16), from_f32 |v| bf16::from_bits(sealed::bf16_bits(v.to_bits()));
+    f16: Param = f32, Kind::F16,
+        to_f64 |x| x.to_f32() as f64, from_f64 |v| f16::from_f32(f32_round_to_odd(v)),
+        to_f32 |x| f16::to_f32(x), from_f32 |v| f16::from_bits(sealed::f16_bits(v.to_bits()));
 }
 
 /// `v` rounded to `f32` toward zero, with the last bit set when that was inexact (round to odd);
@@ -110,8 +98,6 @@ fn f32_round_to_odd(v: f64) -> f32 {
 pub(crate) use sealed::Kind;
 
 mod sealed {
-    use half::{bf16, f16};
-
     /// How the kernels treat an element type (a constant of each type, so that a `match` on it
     /// folds away).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,54 +122,6 @@ mod sealed {
         fn to_f32(self) -> f32;
         /// Rounds an `f32` to the type, round-to-nearest-even (NaN stays a quiet NaN).
         fn from_f32(v: f32) -> Self;
-    }
-
-    impl Sealed for f32 {
-        const KIND: Kind = Kind::F32;
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            self
-        }
-        #[inline(always)]
-        fn from_f32(v: f32) -> Self {
-            v
-        }
-    }
-
-    impl Sealed for f64 {
-        const KIND: Kind = Kind::F64;
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            self as f32
-        }
-        #[inline(always)]
-        fn from_f32(v: f32) -> Self {
-            v as f64
-        }
-    }
-
-    impl Sealed for bf16 {
-        const KIND: Kind = Kind::Bf16;
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            f32::from_bits((self.to_bits() as u32) << 16)
-        }
-        #[inline(always)]
-        fn from_f32(v: f32) -> Self {
-            bf16::from_bits(bf16_bits(v.to_bits()))
-        }
-    }
-
-    impl Sealed for f16 {
-        const KIND: Kind = Kind::F16;
-        #[inline(always)]
-        fn to_f32(self) -> f32 {
-            f16::to_f32(self)
-        }
-        #[inline(always)]
-        fn from_f32(v: f32) -> Self {
-            f16::from_bits(f16_bits(v.to_bits()))
-        }
     }
 
     /// The `f16` bits of the `f32` with bits `x`, rounded to nearest-even (above the range ±Inf,

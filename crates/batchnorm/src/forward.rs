@@ -1,6 +1,7 @@
 //! The forward transforms: training (Algorithm 1), inference (Algorithm 2's affine map) and the
 //! normalization step of the split-phase (synchronized) form.
 
+use crate::args::Scope;
 use crate::check;
 use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
@@ -110,7 +111,7 @@ pub fn batch_norm_train<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    train_where(x, None, None, affine, eps, y)
+    train_where(x, Scope::ALL, affine, eps, y)
 }
 
 /// [`batch_norm_train`] over the positions `mask` selects (`None`: all of them; see
@@ -119,12 +120,12 @@ pub fn batch_norm_train<T: Element>(
 /// mask's length, γ/β, z, ε, the count of selected values per channel.
 pub(crate) fn train_where<T: Element>(
     x: View<'_, T>,
-    mask: Option<&[bool]>,
-    relu: Option<ReluForward<'_, T>>,
+    scope: Scope<'_, ReluForward<'_, T>>,
     affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
+    let Scope { mask, relu } = scope;
     let (g, count) = check_forward(x, mask, y, |_| Ok(()), affine)?;
     ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
@@ -185,7 +186,7 @@ pub fn batch_norm_eval<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    eval_where(x, None, None, stats, affine, eps, y)
+    eval_where(x, Scope::ALL, stats, affine, eps, y)
 }
 
 /// [`batch_norm_eval`] at the positions `mask` selects (`None`: all of them), +0.0 in y
@@ -193,14 +194,13 @@ pub fn batch_norm_eval<T: Element>(
 /// Checks, in order: the shape and `x`, `y`, the mask's length, the statistics, γ/β, z, ε.
 pub(crate) fn eval_where<T: Element>(
     x: View<'_, T>,
-    mask: Option<&[bool]>,
-    relu: Option<ReluForward<'_, T>>,
+    scope: Scope<'_, ReluForward<'_, T>>,
     stats: FixedStats<'_, T>,
     affine: Affine<'_, T>,
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    let FixedStats { mean, var } = stats;
+    let (Scope { mask, relu }, FixedStats { mean, var }) = (scope, stats);
     let (g, _) = check_forward(x, mask, y, |channels| check::fixed_stats(channels, mean, var), affine)?;
     ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;

@@ -11,15 +11,15 @@
 //! The small-batch policy ([`SmallBatch`], in [`crate::BatchNormConfig`]) applies the same
 //! frozen transform to one training call whose batch has fewer than 2 values per channel.
 
-use crate::backward::{backward_eval_where, fixed_grad_sums, fixed_input_grad, GradSums};
+use crate::args::Scope;
+use crate::backward::{fixed_grad_sums, GradSums};
 use crate::check;
 use crate::forward::{check_forward, normalize_affine};
-use crate::fused::{ReluBackward, ReluForward};
+use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::stats::{inv_std, inv_std_in_place, SavedStats};
-use crate::sync::{sync_grad_sums, Communicator};
-use crate::{BatchNorm, Element, Error, FixedStats, Grads, View};
+use crate::{BatchNorm, Element, Error, FixedStats, Geometry, Grads, View};
 
 /// What a [`BatchNorm`] layer does with a training batch of fewer than 2 values per channel
 /// (e.g. the last, short batch of an epoch with one example and no spatial dimensions).
@@ -64,17 +64,17 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The frozen training forward: the inference transform with the running statistics (at the
-    /// positions `mask` selects, +0.0 elsewhere; `None`: all of them; with `relu`, fused with what
-    /// follows), and the statistics it used as [`SavedStats`] (mean and 1/√(σ²_run + ε)) with
-    /// `count`.
+    /// positions `scope.mask` selects, +0.0 elsewhere; `None`: all of them; with `scope.relu`,
+    /// fused with what follows), and the statistics it used as [`SavedStats`] (mean and
+    /// 1/√(σ²_run + ε)) with `count`.
     pub(crate) fn forward_frozen(
         &self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluForward<'_, T>>,
+        scope: Scope<'_, ReluForward<'_, T>>,
         y: &mut [T],
         count: u64,
     ) -> Result<SavedStats, Error> {
+        let Scope { mask, relu } = scope;
         let FixedStats { mean, var } = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
         let (eps, affine) = (self.config.eps, self.affine());
@@ -96,58 +96,33 @@ impl<T: Element> BatchNorm<T> {
         Ok(saved)
     }
 
-    /// The frozen backward with the running statistics as constants (over the positions `mask`
-    /// selects, dx +0.0 elsewhere; `None`: all of them; with `relu`, through a fused ReLU).
-    /// `saved` is checked for its channel count only.
-    pub(crate) fn backward_frozen(
+    /// This rank's part of the frozen synchronized backward (see [`BatchNorm::backward_sync`]),
+    /// after the input's checks (`g`): checks the rest in the inference backward's way (`saved`
+    /// for its channel count only) and returns this rank's Σ dy and Σ dy·x̂ over the positions
+    /// `mask` selects (`None`: all of them) through the `running` statistics as constants, with
+    /// each channel's 1/√(σ²_run + ε) for dx.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn frozen_local_sums(
         &self,
-        x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluBackward<'_, T>>,
-        dy: &[T],
-        saved: &SavedStats,
-        grads: Grads<'_, T>,
-    ) -> Result<(), Error> {
-        let running = self.running()?;
-        check::layer_input(self.num_features, x.shape, x.layout)?;
-        check::saved(saved, self.num_features)?;
-        let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        backward_eval_where(x, mask, relu, dy, running, gamma, eps, self.param_grads(grads))
-    }
-
-    /// The frozen backward of one rank's shard (over the positions `mask` selects; `None`: all of
-    /// them): dx locally (it needs no other rank), dγ and dβ of the global batch from the sums
-    /// merged over `comm`; returns this rank's own sums.
-    pub(crate) fn backward_frozen_sync(
-        &self,
-        comm: &dyn Communicator,
-        x: View<'_, T>,
+        g: &Geometry,
+        x: &[T],
         mask: Option<&[bool]>,
         dy: &[T],
         saved: &SavedStats,
-        grads: Grads<'_, T>,
-    ) -> Result<GradSums, Error> {
-        let running = self.running()?;
-        let g = check::layer_input(self.num_features, x.shape, x.layout)?;
-        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
-        check::len("x", &g, x.data.len())?;
-        check::len("dy", &g, dy.len())?;
-        check::len_opt("dx", &g, dx.as_deref())?;
-        check::mask(&g, mask)?;
+        running: FixedStats<'_, T>,
+        grads: &Grads<'_, T>,
+    ) -> Result<(GradSums, Scratch<f64>), Error> {
+        check::len("x", g, x.len())?;
+        check::len("dy", g, dy.len())?;
+        check::len_opt("dx", g, grads.dx.as_deref())?;
+        check::mask(g, mask)?;
         check::saved(saved, self.num_features)?;
         check::running_stats(self.num_features, running.mean, running.var)?;
         check::eps(self.config.eps)?;
-        let gamma = self.affine().gamma;
-        check::affine(self.num_features, gamma, None)?;
-        check::param_grads(self.num_features, dgamma.as_deref(), dbeta.as_deref())?;
+        check::affine(self.num_features, self.affine().gamma, None)?;
+        check::param_grads(self.num_features, grads.dgamma.as_deref(), grads.dbeta.as_deref())?;
         let eps = self.config.eps;
         let inv = Scratch::collect(running.var.iter().map(|v| inv_std(v.to_f64(), eps)));
-        let local = fixed_grad_sums(&g, x.data, dy, mask, None, running.mean, &inv);
-        let global = sync_grad_sums(comm, &local)?;
-        if let Some(dx) = dx {
-            fixed_input_grad(&g, dy, mask, None, gamma, &inv, dx);
-        }
-        global.write_param_grads(dgamma, dbeta)?;
-        Ok(local)
+        Ok((fixed_grad_sums(g, x, dy, mask, None, running.mean, &inv), inv))
     }
 }

@@ -40,6 +40,7 @@
 //! [`BatchNorm::backward_add_relu`], [`BatchNorm::backward_eval_relu`],
 //! [`BatchNorm::backward_eval_add_relu`].
 
+use crate::args::Scope;
 use crate::backward::{backward_eval_where, backward_where};
 use crate::check;
 use crate::forward::{eval_where, train_where};
@@ -183,14 +184,16 @@ impl<'a, T> ReluBackward<'a, T> {
     }
 }
 
-/// A forward's fused part: the residual when given, and the mask.
-fn forward<'a, T>(z: Option<&'a [T]>, mask: Option<&'a mut ReluMask>) -> Option<ReluForward<'a, T>> {
-    Some(ReluForward { z, mask })
+/// A fused forward's scope: every position, through the ReLU over the residual when given,
+/// recording into the mask.
+fn forward<'a, T>(z: Option<&'a [T]>, mask: Option<&'a mut ReluMask>) -> Scope<'a, ReluForward<'a, T>> {
+    Scope::relu(ReluForward { z, mask })
 }
 
-/// A backward's fused part: the mask, and dz when given.
-fn backward<'a, T>(mask: &'a ReluMask, dz: Option<&'a mut [T]>) -> Option<ReluBackward<'a, T>> {
-    Some(ReluBackward { mask, dz })
+/// A fused backward's scope: every position, through the ReLU the mask recorded, writing dz
+/// when given.
+fn backward<'a, T>(mask: &'a ReluMask, dz: Option<&'a mut [T]>) -> Scope<'a, ReluBackward<'a, T>> {
+    Scope::relu(ReluBackward { mask, dz })
 }
 
 /// Training forward of `relu(bn(x))`: Algorithm 1 as [`crate::batch_norm_train`] (the same
@@ -217,7 +220,7 @@ pub fn batch_norm_train_relu<T: Element>(
     y: &mut [T],
     mask: &mut ReluMask,
 ) -> Result<(BatchStats, SavedStats), Error> {
-    train_where(x, None, forward(None, Some(mask)), affine, eps, y)
+    train_where(x, forward(None, Some(mask)), affine, eps, y)
 }
 
 /// Training forward of `relu(bn(x) + z)` (z the residual, the shape of x): as
@@ -236,7 +239,7 @@ pub fn batch_norm_train_add_relu<T: Element>(
     y: &mut [T],
     mask: &mut ReluMask,
 ) -> Result<(BatchStats, SavedStats), Error> {
-    train_where(x, None, forward(Some(z), Some(mask)), affine, eps, y)
+    train_where(x, forward(Some(z), Some(mask)), affine, eps, y)
 }
 
 /// Inference forward of `relu(bn(x))` with fixed statistics ([`crate::batch_norm_eval`]'s
@@ -253,7 +256,7 @@ pub fn batch_norm_eval_relu<T: Element>(
     y: &mut [T],
     mask: Option<&mut ReluMask>,
 ) -> Result<(), Error> {
-    eval_where(x, None, forward(None, mask), stats, affine, eps, y)
+    eval_where(x, forward(None, mask), stats, affine, eps, y)
 }
 
 /// Inference forward of `relu(bn(x) + z)` with fixed statistics; with `mask`, which outputs the
@@ -271,7 +274,7 @@ pub fn batch_norm_eval_add_relu<T: Element>(
     y: &mut [T],
     mask: Option<&mut ReluMask>,
 ) -> Result<(), Error> {
-    eval_where(x, None, forward(Some(z), mask), stats, affine, eps, y)
+    eval_where(x, forward(Some(z), mask), stats, affine, eps, y)
 }
 
 /// Training backward of `relu(bn(x))`: [`crate::batch_norm_backward`] with dy·\[kept\] (gradient
@@ -290,7 +293,7 @@ pub fn batch_norm_backward_relu<T: Element>(
     gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_where(x, None, backward(mask, None), dy, saved, gamma, grads)
+    backward_where(x, backward(mask, None), dy, saved, gamma, grads)
 }
 
 /// Training backward of `relu(bn(x) + z)`: as [`batch_norm_backward_relu`], and the residual's
@@ -310,7 +313,7 @@ pub fn batch_norm_backward_add_relu<T: Element>(
     grads: Grads<'_, T>,
     dz: &mut [T],
 ) -> Result<(), Error> {
-    backward_where(x, None, backward(mask, Some(dz)), dy, saved, gamma, grads)
+    backward_where(x, backward(mask, Some(dz)), dy, saved, gamma, grads)
 }
 
 /// Inference-mode backward of `relu(bn(x))` (fixed statistics as constants):
@@ -329,7 +332,7 @@ pub fn batch_norm_backward_eval_relu<T: Element>(
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_eval_where(x, None, backward(mask, None), dy, stats, gamma, eps, grads)
+    backward_eval_where(x, backward(mask, None), dy, stats, gamma, eps, grads)
 }
 
 /// Inference-mode backward of `relu(bn(x) + z)`: as [`batch_norm_backward_eval_relu`], and
@@ -350,7 +353,7 @@ pub fn batch_norm_backward_eval_add_relu<T: Element>(
     grads: Grads<'_, T>,
     dz: &mut [T],
 ) -> Result<(), Error> {
-    backward_eval_where(x, None, backward(mask, Some(dz)), dy, stats, gamma, eps, grads)
+    backward_eval_where(x, backward(mask, Some(dz)), dy, stats, gamma, eps, grads)
 }
 
 impl<T: Element> BatchNorm<T> {
@@ -386,7 +389,7 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
         mask: &mut ReluMask,
     ) -> Result<SavedStats, Error> {
-        self.forward_train_where(x, None, forward(None, Some(mask)), y)
+        self.forward_train_where(x, forward(None, Some(mask)), y)
     }
 
     /// Training forward of `relu(bn(x) + z)` ([`batch_norm_train_add_relu`]), otherwise as
@@ -399,7 +402,7 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
         mask: &mut ReluMask,
     ) -> Result<SavedStats, Error> {
-        self.forward_train_where(x, None, forward(Some(z), Some(mask)), y)
+        self.forward_train_where(x, forward(Some(z), Some(mask)), y)
     }
 
     /// Inference forward of `relu(bn(x))` with the running statistics ([`batch_norm_eval_relu`]);
@@ -407,7 +410,7 @@ impl<T: Element> BatchNorm<T> {
     /// [`BatchNorm::forward_eval`] rejects. A ghost layer normalizes with the running statistics
     /// too.
     pub fn forward_eval_relu(&self, x: View<'_, T>, y: &mut [T], mask: Option<&mut ReluMask>) -> Result<(), Error> {
-        self.forward_eval_where(x, None, forward(None, mask), y)
+        self.forward_eval_where(x, forward(None, mask), y)
     }
 
     /// Inference forward of `relu(bn(x) + z)` with the running statistics
@@ -420,7 +423,7 @@ impl<T: Element> BatchNorm<T> {
         y: &mut [T],
         mask: Option<&mut ReluMask>,
     ) -> Result<(), Error> {
-        self.forward_eval_where(x, None, forward(Some(z), mask), y)
+        self.forward_eval_where(x, forward(Some(z), mask), y)
     }
 
     /// Training backward of `relu(bn(x))` ([`batch_norm_backward_relu`]) from the `mask` and the
@@ -441,7 +444,7 @@ impl<T: Element> BatchNorm<T> {
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        self.backward_where(x, None, backward(mask, None), dy, saved, grads)
+        self.backward_where(x, backward(mask, None), dy, saved, grads)
     }
 
     /// Training backward of `relu(bn(x) + z)` ([`batch_norm_backward_add_relu`]): as
@@ -456,7 +459,7 @@ impl<T: Element> BatchNorm<T> {
         grads: Grads<'_, T>,
         dz: &mut [T],
     ) -> Result<(), Error> {
-        self.backward_where(x, None, backward(mask, Some(dz)), dy, saved, grads)
+        self.backward_where(x, backward(mask, Some(dz)), dy, saved, grads)
     }
 
     /// Inference-mode backward of `relu(bn(x))` with the running statistics as constants
@@ -470,7 +473,7 @@ impl<T: Element> BatchNorm<T> {
         mask: &ReluMask,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        self.backward_eval_where(x, None, backward(mask, None), dy, grads)
+        self.backward_eval_where(x, backward(mask, None), dy, grads)
     }
 
     /// Inference-mode backward of `relu(bn(x) + z)` ([`batch_norm_backward_eval_add_relu`]): as
@@ -483,6 +486,6 @@ impl<T: Element> BatchNorm<T> {
         grads: Grads<'_, T>,
         dz: &mut [T],
     ) -> Result<(), Error> {
-        self.backward_eval_where(x, None, backward(mask, Some(dz)), dy, grads)
+        self.backward_eval_where(x, backward(mask, Some(dz)), dy, grads)
     }
 }

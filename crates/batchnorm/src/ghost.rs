@@ -34,6 +34,7 @@
 //! ([`Error::GhostNotSynchronized`]), and groups are whole examples: the layer's masked training
 //! passes reject a ghost layer too ([`Error::GhostNotMasked`]).
 
+use crate::args::Scope;
 use crate::backward::{centered_dx_coeffs, train_backward_sums, GradSums, StatsView};
 use crate::check;
 use crate::forward::{batch_norm_train, check_forward, scale_shift};
@@ -499,15 +500,15 @@ impl<T: Element> BatchNorm<T> {
     }
 
     /// The layer's virtual batch size as [`BatchNorm::virtual_batch`] checks it, then
-    /// [`Error::GhostNotMasked`] when it is set and a mask is given, [`Error::GhostNotFused`] when
-    /// it is set and the pass is `fused` with a ReLU: what the layer's training passes check
-    /// first, frozen or not.
-    pub(crate) fn ghost_for(&self, mask: Option<&[bool]>, fused: bool) -> Result<Option<usize>, Error> {
+    /// [`Error::GhostNotMasked`] when it is set and `scope` has a mask, [`Error::GhostNotFused`]
+    /// when it is set and `scope` fuses a ReLU: what the layer's training passes check first,
+    /// frozen or not.
+    pub(crate) fn ghost_for<R>(&self, scope: &Scope<'_, R>) -> Result<Option<usize>, Error> {
         let virtual_batch = self.virtual_batch()?;
-        if virtual_batch.is_some() && mask.is_some() {
+        if virtual_batch.is_some() && scope.mask.is_some() {
             return Err(Error::GhostNotMasked);
         }
-        if virtual_batch.is_some() && fused {
+        if virtual_batch.is_some() && scope.relu.is_some() {
             return Err(Error::GhostNotFused);
         }
         Ok(virtual_batch)

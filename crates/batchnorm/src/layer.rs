@@ -1,7 +1,10 @@
 //! `BatchNorm`: a layer holding γ, β and running statistics over the stateless functions, with
 //! its one-process and its synchronized (multi-worker) training passes.
 
-use crate::backward::{backward_eval_where, backward_where, grad_sums_where, input_grad_where, GradSums};
+use crate::args::Scope;
+use crate::backward::{
+    backward_eval_where, backward_where, fixed_input_grad, grad_sums_where, input_grad_where, GradSums,
+};
 use crate::check;
 use crate::fold::InferenceAffine;
 use crate::forward::{eval_where, normalize_where, train_where};
@@ -174,7 +177,7 @@ impl<T: Element> BatchNorm<T> {
     /// with the small-batch policy on a batch of fewer than 2 values per channel, the layer
     /// ignores the groups (the running statistics normalize the whole batch).
     pub fn forward_train(&mut self, x: View<'_, T>, y: &mut [T]) -> Result<SavedStats, Error> {
-        self.forward_train_where(x, None, None, y)
+        self.forward_train_where(x, Scope::ALL, y)
     }
 
     /// [`BatchNorm::forward_train`] writing the statistics for the backward into `saved` (any
@@ -195,17 +198,16 @@ impl<T: Element> BatchNorm<T> {
     /// assert_eq!(saved.mean.len(), 2 * 3); // two groups' statistics, packed
     /// ```
     pub fn forward_train_into(&mut self, x: View<'_, T>, y: &mut [T], saved: &mut SavedStats) -> Result<(), Error> {
-        self.forward_train_where_into(x, None, None, y, saved)
+        self.forward_train_where_into(x, Scope::ALL, y, saved)
     }
 
-    /// [`BatchNorm::forward_train`] over the positions `mask` selects (`None`: all of them), y
-    /// +0.0 elsewhere; the mask's length is checked after the input's channel count. With
-    /// `relu`, fused with what follows (see [`BatchNorm::forward_train_relu`]).
+    /// [`BatchNorm::forward_train`] over the positions `scope.mask` selects (`None`: all of them),
+    /// y +0.0 elsewhere; the mask's length is checked after the input's channel count. With
+    /// `scope.relu`, fused with what follows (see [`BatchNorm::forward_train_relu`]).
     pub(crate) fn forward_train_where(
         &mut self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluForward<'_, T>>,
+        scope: Scope<'_, ReluForward<'_, T>>,
         y: &mut [T],
     ) -> Result<SavedStats, Error> {
         let mut saved = SavedStats {
@@ -213,7 +215,7 @@ impl<T: Element> BatchNorm<T> {
             mean: Vec::new(),
             inv_std: Vec::new(),
         };
-        self.forward_train_where_into(x, mask, relu, y, &mut saved)?;
+        self.forward_train_where_into(x, scope, y, &mut saved)?;
         Ok(saved)
     }
 
@@ -221,16 +223,15 @@ impl<T: Element> BatchNorm<T> {
     fn forward_train_where_into(
         &mut self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluForward<'_, T>>,
+        scope: Scope<'_, ReluForward<'_, T>>,
         y: &mut [T],
         saved: &mut SavedStats,
     ) -> Result<(), Error> {
-        let ghost = self.ghost_for(mask, relu.is_some())?;
+        let ghost = self.ghost_for(&scope)?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
-        let count = check::mask(&g, mask)?;
+        let count = check::mask(&g, scope.mask)?;
         if self.uses_running_stats(count) {
-            *saved = self.forward_frozen(x, mask, relu, y, count)?;
+            *saved = self.forward_frozen(x, scope, y, count)?;
             return Ok(());
         }
         // Everything the running-statistics update could reject is checked before y is written.
@@ -238,7 +239,7 @@ impl<T: Element> BatchNorm<T> {
         if let Some(v) = ghost {
             return self.forward_ghost(x, v, y, saved);
         }
-        let (stats, new) = train_where(x, mask, relu, self.affine(), self.config.eps, y)?;
+        let (stats, new) = train_where(x, scope, self.affine(), self.config.eps, y)?;
         self.track(&stats)?;
         *saved = new;
         Ok(())
@@ -248,21 +249,20 @@ impl<T: Element> BatchNorm<T> {
     /// are not tracked, and what [`batch_norm_eval`] rejects. A ghost layer normalizes with them
     /// too: inference never uses groups.
     pub fn forward_eval(&self, x: View<'_, T>, y: &mut [T]) -> Result<(), Error> {
-        self.forward_eval_where(x, None, None, y)
+        self.forward_eval_where(x, Scope::ALL, y)
     }
 
-    /// [`BatchNorm::forward_eval`] at the positions `mask` selects (`None`: all of them), +0.0
-    /// elsewhere; with `relu`, fused with what follows.
+    /// [`BatchNorm::forward_eval`] at the positions `scope.mask` selects (`None`: all of them),
+    /// +0.0 elsewhere; with `scope.relu`, fused with what follows.
     pub(crate) fn forward_eval_where(
         &self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluForward<'_, T>>,
+        scope: Scope<'_, ReluForward<'_, T>>,
         y: &mut [T],
     ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
-        eval_where(x, mask, relu, stats, self.affine(), self.config.eps, y)
+        eval_where(x, scope, stats, self.affine(), self.config.eps, y)
     }
 
     /// Training backward: writes whichever of dx, dγ, dβ `grads` holds (dγ and dβ are ignored
@@ -281,51 +281,67 @@ impl<T: Element> BatchNorm<T> {
     /// `saved` must come from this layer's `forward_train` on the same input, the configuration
     /// unchanged.
     pub fn backward(&self, x: View<'_, T>, dy: &[T], saved: &SavedStats, grads: Grads<'_, T>) -> Result<(), Error> {
-        self.backward_where(x, None, None, dy, saved, grads)
+        self.backward_where(x, Scope::ALL, dy, saved, grads)
     }
 
-    /// [`BatchNorm::backward`] over the positions `mask` selects (`None`: all of them), dx +0.0
-    /// elsewhere; with `relu`, through a fused ReLU (see [`BatchNorm::backward_relu`]).
+    /// [`BatchNorm::backward`] over the positions `scope.mask` selects (`None`: all of them), dx
+    /// +0.0 elsewhere; with `scope.relu`, through a fused ReLU (see [`BatchNorm::backward_relu`]).
     pub(crate) fn backward_where(
         &self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluBackward<'_, T>>,
+        scope: Scope<'_, ReluBackward<'_, T>>,
         dy: &[T],
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        let ghost = self.ghost_for(mask, relu.is_some())?;
+        let ghost = self.ghost_for(&scope)?;
         if self.uses_running_stats(saved.count) {
-            return self.backward_frozen(x, mask, relu, dy, saved, grads);
+            return self.backward_fixed(x, scope, dy, Some(saved), grads);
         }
         check::layer_input(self.num_features, x.shape, x.layout)?;
         if let Some(v) = ghost {
             return self.backward_ghost(x, dy, saved, v, grads);
         }
-        backward_where(x, mask, relu, dy, saved, self.affine().gamma, self.param_grads(grads))
+        backward_where(x, scope, dy, saved, self.affine().gamma, self.param_grads(grads))
     }
 
     /// Inference-mode backward (running statistics as constants). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, and what [`batch_norm_backward_eval`] rejects.
     pub fn backward_eval(&self, x: View<'_, T>, dy: &[T], grads: Grads<'_, T>) -> Result<(), Error> {
-        self.backward_eval_where(x, None, None, dy, grads)
+        self.backward_eval_where(x, Scope::ALL, dy, grads)
     }
 
-    /// [`BatchNorm::backward_eval`] over the positions `mask` selects (`None`: all of them), dx
-    /// +0.0 elsewhere; with `relu`, through a fused ReLU.
+    /// [`BatchNorm::backward_eval`] over the positions `scope.mask` selects (`None`: all of them),
+    /// dx +0.0 elsewhere; with `scope.relu`, through a fused ReLU.
     pub(crate) fn backward_eval_where(
         &self,
         x: View<'_, T>,
-        mask: Option<&[bool]>,
-        relu: Option<ReluBackward<'_, T>>,
+        scope: Scope<'_, ReluBackward<'_, T>>,
         dy: &[T],
+        grads: Grads<'_, T>,
+    ) -> Result<(), Error> {
+        self.backward_fixed(x, scope, dy, None, grads)
+    }
+
+    /// The backward through the running statistics as constants, for inference
+    /// ([`BatchNorm::backward_eval_where`]) and for a frozen training pass (see
+    /// [`BatchNorm::backward`]), whose `saved` statistics are then checked for their channel count
+    /// only, after the input's.
+    fn backward_fixed(
+        &self,
+        x: View<'_, T>,
+        scope: Scope<'_, ReluBackward<'_, T>>,
+        dy: &[T],
+        saved: Option<&SavedStats>,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
         let stats = self.running()?;
         check::layer_input(self.num_features, x.shape, x.layout)?;
+        if let Some(saved) = saved {
+            check::saved(saved, self.num_features)?;
+        }
         let (gamma, eps) = (self.affine().gamma, self.config.eps);
-        backward_eval_where(x, mask, relu, dy, stats, gamma, eps, self.param_grads(grads))
+        backward_eval_where(x, scope, dy, stats, gamma, eps, self.param_grads(grads))
     }
 
     /// Replaces the running statistics by Algorithm 2's population estimate (and starts tracking
@@ -385,7 +401,7 @@ impl<T: Element> BatchNorm<T> {
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
         if self.frozen {
             let count = check::mask(&g, mask)?;
-            return self.forward_frozen(x, mask, None, y, count);
+            return self.forward_frozen(x, Scope { mask, relu: None }, y, count);
         }
         check::len("y", &g, y.len())?;
         check::mask(&g, mask)?;
@@ -393,7 +409,7 @@ impl<T: Element> BatchNorm<T> {
         let local = batch_stats_where(x, mask)?;
         let global = sync_batch_stats(comm, &local)?;
         if self.uses_running_stats(global.count) {
-            return self.forward_frozen(x, mask, None, y, global.count);
+            return self.forward_frozen(x, Scope { mask, relu: None }, y, global.count);
         }
         check::training_count(global.count, x.shape)?;
         let saved = global.saved(self.config.eps)?;
@@ -442,16 +458,28 @@ impl<T: Element> BatchNorm<T> {
         grads: Grads<'_, T>,
     ) -> Result<GradSums, Error> {
         self.reject_ghost()?;
-        if self.uses_running_stats(saved.count) {
-            return self.backward_frozen_sync(comm, x, mask, dy, saved, grads);
-        }
+        // Frozen (or the small-batch policy): the running statistics as constants, read first as
+        // the inference backward reads them; dx needs no other rank, dγ and dβ are still global.
+        let frozen = self.uses_running_stats(saved.count);
+        let running = frozen.then(|| self.running()).transpose()?;
         let g = check::layer_input(self.num_features, x.shape, x.layout)?;
-        let Grads { dx, dgamma, dbeta } = self.param_grads(grads);
-        check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
-        let local = grad_sums_where(x, mask, dy, saved)?;
+        let grads = self.param_grads(grads);
+        let (local, fixed_inv_std) = match running {
+            Some(running) => {
+                let (local, inv) = self.frozen_local_sums(&g, x.data, mask, dy, saved, running, &grads)?;
+                (local, Some(inv))
+            }
+            None => {
+                check::param_grads(g.channels, grads.dgamma.as_deref(), grads.dbeta.as_deref())?;
+                (grad_sums_where(x, mask, dy, saved)?, None)
+            }
+        };
         let global = sync_grad_sums(comm, &local)?;
-        if let Some(dx) = dx {
-            input_grad_where(x, mask, dy, saved, &global, self.affine().gamma, dx)?;
+        let (Grads { dx, dgamma, dbeta }, gamma) = (grads, self.affine().gamma);
+        match (dx, fixed_inv_std) {
+            (Some(dx), Some(inv)) => fixed_input_grad(&g, dy, mask, None, gamma, &inv, dx),
+            (Some(dx), None) => input_grad_where(x, mask, dy, saved, &global, gamma, dx)?,
+            (None, _) => {}
         }
         global.write_param_grads(dgamma, dbeta)?;
         Ok(local)

@@ -37,6 +37,7 @@
 //! [`BatchNorm::forward_train_masked_sync`] and [`BatchNorm::backward_masked_sync`] (also on
 //! [`crate::SyncBatchNorm`]).
 
+use crate::args::Scope;
 use crate::backward::{backward_eval_where, backward_where, grad_sums_where, input_grad_where, GradSums};
 use crate::forward::{eval_where, normalize_where, train_where};
 use crate::stats::{batch_stats_where, BatchStats, SavedStats};
@@ -78,7 +79,7 @@ pub fn batch_norm_train_masked<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(BatchStats, SavedStats), Error> {
-    train_where(x, Some(mask), None, affine, eps, y)
+    train_where(x, Scope::masked(mask), affine, eps, y)
 }
 
 /// Masked training backward, the exact derivative of [`batch_norm_train_masked`]: at the
@@ -98,7 +99,7 @@ pub fn batch_norm_backward_masked<T: Element>(
     gamma: Option<&[T::Param]>,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_where(x, Some(mask), None, dy, saved, gamma, grads)
+    backward_where(x, Scope::masked(mask), dy, saved, gamma, grads)
 }
 
 /// Masked inference: y = γ·(x − E\[x\])/√(Var\[x\] + ε) + β with fixed statistics at the positions
@@ -115,7 +116,7 @@ pub fn batch_norm_eval_masked<T: Element>(
     eps: f64,
     y: &mut [T],
 ) -> Result<(), Error> {
-    eval_where(x, Some(mask), None, stats, affine, eps, y)
+    eval_where(x, Scope::masked(mask), stats, affine, eps, y)
 }
 
 /// Masked inference-mode backward (fixed statistics as constants): dx = dy·γ/√(Var + ε) at the
@@ -134,7 +135,7 @@ pub fn batch_norm_backward_eval_masked<T: Element>(
     eps: f64,
     grads: Grads<'_, T>,
 ) -> Result<(), Error> {
-    backward_eval_where(x, Some(mask), None, dy, stats, gamma, eps, grads)
+    backward_eval_where(x, Scope::masked(mask), dy, stats, gamma, eps, grads)
 }
 
 /// Count, mean and M2 per channel of the values at the positions `mask` selects: the first
@@ -232,7 +233,7 @@ impl<T: Element> BatchNorm<T> {
     /// assert_eq!(dbeta, vec![4.0; 2]);
     /// ```
     pub fn forward_train_masked(&mut self, x: View<'_, T>, mask: &[bool], y: &mut [T]) -> Result<SavedStats, Error> {
-        self.forward_train_where(x, Some(mask), None, y)
+        self.forward_train_where(x, Scope::masked(mask), y)
     }
 
     /// Masked training backward ([`batch_norm_backward_masked`]): writes whichever of dx, dγ, dβ
@@ -252,14 +253,14 @@ impl<T: Element> BatchNorm<T> {
         saved: &SavedStats,
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        self.backward_where(x, Some(mask), None, dy, saved, grads)
+        self.backward_where(x, Scope::masked(mask), dy, saved, grads)
     }
 
     /// Masked inference with the running statistics ([`batch_norm_eval_masked`]). Rejects
     /// [`Error::NoRunningStats`] when they are not tracked, an input whose channel count differs
     /// from `num_features`, and what [`batch_norm_eval_masked`] rejects.
     pub fn forward_eval_masked(&self, x: View<'_, T>, mask: &[bool], y: &mut [T]) -> Result<(), Error> {
-        self.forward_eval_where(x, Some(mask), None, y)
+        self.forward_eval_where(x, Scope::masked(mask), y)
     }
 
     /// Masked inference-mode backward with the running statistics as constants
@@ -273,7 +274,7 @@ impl<T: Element> BatchNorm<T> {
         dy: &[T],
         grads: Grads<'_, T>,
     ) -> Result<(), Error> {
-        self.backward_eval_where(x, Some(mask), None, dy, grads)
+        self.backward_eval_where(x, Scope::masked(mask), dy, grads)
     }
 
     /// Synchronized masked training forward of this rank's shard `x` and its `mask`: every rank's

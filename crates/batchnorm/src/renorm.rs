@@ -37,7 +37,7 @@
 //! - it divides by max(`renorm_stddev`, √ε) when computing r and d; here σ is used as it is.
 //! - r and d are wrapped in `stop_gradient`, as here.
 
-use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums};
+use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums, SumsView};
 use crate::check;
 use crate::forward::{check_forward, normalize_affine};
 use crate::kernels::elementwise::DxCoeffs;
@@ -288,13 +288,14 @@ pub fn batch_renorm_train<T: Element>(
     // norm's training forward.
     let m = plan::train_forward_where(&g, x.data, y, None, None, |first, mean, scale, shift| {
         let (mut r, mut d) = (Scratch::any(scale.len()), Scratch::any(scale.len()));
+        with_simd(|| inv_std_in_place(scale, eps));
         let out = TrainConstants {
             scale,
             shift,
             r: &mut r,
             d: &mut d,
         };
-        train_constants::<T>(first, eps, mean, out, moving, affine, clip);
+        train_constants::<T>(first, mean, out, moving, affine, clip);
     });
     let stats = BatchStats {
         count: g.per_channel() as u64,
@@ -326,10 +327,10 @@ struct TrainConstants<'a> {
 }
 
 simd_dispatch! {
-    /// [`TrainConstants`] of channels `first..first + out.scale.len()` from their μ_B and σ²_B
-    /// (`out.scale` holds σ²_B on entry).
+    /// [`TrainConstants`] of channels `first..first + out.scale.len()` from their μ_B and 1/σ_B
+    /// (`out.scale` holds 1/σ_B on entry, computed once by the caller).
     fn train_constants<T>(
-        first: usize, eps: f64, mean_b: &[f64], out: TrainConstants<'_>, moving: RenormStats<'_, T>, affine: Affine<'_, T>, clip: RenormClip
+        first: usize, mean_b: &[f64], out: TrainConstants<'_>, moving: RenormStats<'_, T>, affine: Affine<'_, T>, clip: RenormClip
     ) => train_constants_impl
 }
 
@@ -354,11 +355,9 @@ fn corrections_at<S, T: Element>(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn train_constants_impl<S, T: Element>(
     s: S,
     first: usize,
-    eps: f64,
     mean_b: &[f64],
     out: TrainConstants<'_>,
     moving: RenormStats<'_, T>,
@@ -366,7 +365,6 @@ fn train_constants_impl<S, T: Element>(
     clip: RenormClip,
 ) {
     let TrainConstants { scale, shift, r, d } = out;
-    inv_std_in_place(scale, eps);
     corrections_at(s, first, mean_b, scale, moving, clip, r, d);
     // scale·r·γ and β + γ·d (γ = 1, β = 0 when absent: the same bits as those products and sums),
     // each case its own loop so that they vectorize.
@@ -408,7 +406,8 @@ fn renorm_normalize<T: Element>(
 ) -> Result<RenormSaved, Error> {
     let saved = stats.saved(eps)?;
     let (mut r, mut d) = (vec![0.0; g.channels], vec![0.0; g.channels]);
-    let mut scale = stats.var_biased();
+    // 1/σ_B as `saved` holds it, computed once.
+    let mut scale = Scratch::collect(saved.inv_std.iter().copied());
     let mut shift = Scratch::any(g.channels);
     let out = TrainConstants {
         scale: &mut scale,
@@ -416,7 +415,7 @@ fn renorm_normalize<T: Element>(
         r: &mut r,
         d: &mut d,
     };
-    train_constants::<T>(0, eps, &saved.mean, out, moving, affine, clip);
+    train_constants::<T>(0, &saved.mean, out, moving, affine, clip);
     plan::normalize(g, x, y, &saved.mean, &scale, &shift);
     Ok(RenormSaved { stats: saved, r, d })
 }
@@ -442,7 +441,11 @@ pub fn batch_renorm_backward<T: Element>(
     let (sum_dy, sum_dy_xmu) = plan::train_backward(&g, x, dy, dx, &st.mean, |first, s1, s2, out| {
         let inv_std = &st.inv_std[first..first + s2.len()];
         let sum_dy_xhat0 = Scratch::collect(s2.iter().zip(inv_std).map(|(v, s)| v * s));
-        renorm_dx_coeffs(gamma, saved, first, s1, &sum_dy_xhat0, out);
+        let sums0 = SumsView {
+            sum_dy: s1,
+            sum_dy_xhat: &sum_dy_xhat0,
+        };
+        renorm_dx_coeffs(gamma, saved, first, sums0, out);
     });
     let sums = GradSums {
         sum_dy_xhat: sum_dy_xmu.iter().zip(&st.inv_std).map(|(v, s)| v * s).collect(),
@@ -451,18 +454,17 @@ pub fn batch_renorm_backward<T: Element>(
     renorm_param_sums(saved, &sums).write_param_grads(dgamma, dbeta)
 }
 
-/// dx coefficients of channels `first..first + out.len()` from their Σ dy and Σ dy·x̂₀: plain
-/// batch norm's with γ·r in place of γ (r a constant).
+/// dx coefficients of channels `first..first + out.len()` from their Σ dy and Σ dy·x̂₀
+/// (`sums0`): plain batch norm's with γ·r in place of γ (r a constant).
 #[inline]
 fn renorm_dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: &RenormSaved,
     first: usize,
-    sum_dy: &[f64],
-    sum_dy_xhat0: &[f64],
+    sums0: SumsView<'_>,
     out: &mut [DxCoeffs],
 ) {
-    dx_coeffs(gamma, (&saved.stats).into(), first, sum_dy, sum_dy_xhat0, out);
+    dx_coeffs(gamma, (&saved.stats).into(), first, sums0, out);
     for (o, r) in out.iter_mut().zip(&saved.r[first..]) {
         o.k *= r;
     }
@@ -768,7 +770,7 @@ impl<T: Element> BatchRenorm<T> {
         let global = sync_grad_sums(comm, &local)?;
         if let Some(dx) = dx {
             let mut coeffs = Scratch::any(g.channels);
-            with_simd(|| renorm_dx_coeffs(gamma, saved, 0, &global.sum_dy, &global.sum_dy_xhat, &mut coeffs));
+            with_simd(|| renorm_dx_coeffs(gamma, saved, 0, (&global).into(), &mut coeffs));
             plan::input_grad_where(&g, x.data, dy, dx, &coeffs, None, None);
         }
         renorm_param_sums(saved, &global).write_param_grads(dgamma, dbeta)?;
