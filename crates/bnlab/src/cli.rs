@@ -292,7 +292,9 @@ fn study_command<S: Study>(c: clap::Command) -> clap::Command {
     with_defaults(c, &S::Settings::DEFAULTS)
         .mut_arg("steps", |a| when_quick(a, quick.steps.to_string()))
         .mut_arg("eval_every", |a| when_quick(a, quick.eval_every.to_string()))
-        .mut_arg("population_batches", |a| when_quick(a, quick.population_batches.to_string()))
+        .mut_arg("population_batches", |a| {
+            when_quick(a, quick.population_batches.to_string())
+        })
 }
 
 /// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.
@@ -358,10 +360,16 @@ mod tests {
         use bnlab::experiments::small_batch::SmallBatchSettings;
         assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
         assert_eq!(steps(&["bnlab", "accelerate"]), AccelerateSettings::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), AccelerateSettings::QUICK.steps);
+        assert_eq!(
+            steps(&["bnlab", "accelerate", "--quick"]),
+            AccelerateSettings::QUICK.steps
+        );
         assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
         assert_eq!(steps(&["bnlab", "small-batch"]), SmallBatchSettings::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), SmallBatchSettings::QUICK.steps);
+        assert_eq!(
+            steps(&["bnlab", "small-batch", "--quick"]),
+            SmallBatchSettings::QUICK.steps
+        );
         let s = settings(&["bnlab", "small-batch"]);
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);

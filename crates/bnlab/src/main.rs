@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::driver::settings::MAX_THREADS;
-use bnlab::driver::{self, CommonSettings, Experiment, Finished, RunOptions, Settings, Start, VariantOf, VariantSummary};
+use bnlab::driver::{
+    self, CommonSettings, Experiment, Finished, RunOptions, Settings, Start, VariantOf, VariantSummary,
+};
 use bnlab::experiments::accelerate::AccelerateSettings;
 use bnlab::experiments::convnet::default_half_life;
 use bnlab::experiments::eval::{self, EvalOptions};

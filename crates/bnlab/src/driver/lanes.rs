@@ -128,7 +128,10 @@ pub fn train_variants<M: MetricLine>(
     metrics.sort_by_cached_key(|m| {
         let line = serde_json::to_value(m).unwrap_or_default();
         let place = line_place(&line);
-        (place.and_then(|(name, _)| names.iter().position(|&n| n == name)), place.map(|(_, step)| step))
+        (
+            place.and_then(|(name, _)| names.iter().position(|&n| n == name)),
+            place.map(|(_, step)| step),
+        )
     });
     if let Some(out) = out {
         write_jsonl(&out.join("metrics.jsonl"), &metrics)?;

@@ -203,13 +203,7 @@ pub trait Experiment: Sync {
 
     /// The network of `variant` for the images of `data`, as data-parallel rank `rank` builds it
     /// (every rank the same initial weights; rank 0's is the one-process network).
-    fn build(
-        &self,
-        s: &Settings<Self::Settings>,
-        variant: VariantOf<Self>,
-        data: &Data,
-        rank: usize,
-    ) -> Result<Built>;
+    fn build(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, data: &Data, rank: usize) -> Result<Built>;
 
     /// The common settings `variant` trains with: the run's own by default. An experiment whose
     /// variants differ in batch size, step count or evaluation schedule (e.g. the same number of
@@ -279,7 +273,8 @@ pub trait Experiment: Sync {
 
     /// The metrics line of an evaluation of `variant`. Rejects an evaluation without what the
     /// line records (e.g. [`Evaluation::watched`] of a variant built with a monitor).
-    fn metric(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, eval: &Evaluation) -> Result<Self::Metric>;
+    fn metric(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, eval: &Evaluation)
+        -> Result<Self::Metric>;
 
     /// The metrics line of a variant that diverged at `step` ([`Divergence::Record`] only).
     fn diverged_line(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, step: u64) -> Option<Self::Metric>;

@@ -6,7 +6,8 @@ use super::PaperMlp;
 use crate::driver::metrics::{runs_table, settings_rows, RunColumn};
 use crate::driver::Variant as _;
 use crate::driver::{
-    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, ExperimentSettings, Outcome, RunTable,
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, ExperimentSettings, Outcome,
+    RunTable,
 };
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
