@@ -76,6 +76,25 @@ impl TrainingStatus {
     }
 }
 
+/// One line of a conv study's `metrics.jsonl` (`padded`, `small-batch`): the variant, the step,
+/// the test accuracy (`None` on the line that reports divergence), the study's own fields `own`
+/// (flattened: their keys stand beside these) and the [`TrainingStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyLine<V, E> {
+    /// The variant.
+    pub variant: V,
+    /// Training steps done.
+    pub step: u64,
+    /// Test accuracy (`None` on the line that reports divergence).
+    pub test_acc: Option<f64>,
+    /// The study's own fields.
+    #[serde(flatten)]
+    pub own: E,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
+}
+
 /// A line of an experiment's `metrics.jsonl`: a JSON object with the `variant` (its name) and
 /// the `step` it belongs to ([`line_place`]: they fix the file's final order), read back with
 /// serde when a run resumes (deserializing rejects a line that is not one of the experiment's).

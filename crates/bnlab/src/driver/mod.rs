@@ -33,7 +33,7 @@ pub mod settings;
 pub mod train;
 
 pub use evaluate::{BatchPrep, Gathered, Pass, Probe, EVAL_CHUNK};
-pub use metrics::{MetricLine, RunColumn, TrainingStatus};
+pub use metrics::{MetricLine, RunColumn, StudyLine, TrainingStatus};
 pub use progress::Progress;
 pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, ExperimentSettings, Settings};
 

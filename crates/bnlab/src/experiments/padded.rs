@@ -46,7 +46,7 @@ use crate::data::batches::{below, epoch_key};
 use crate::driver::Variant as _;
 use crate::driver::{
     self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, ExperimentSettings, Gathered, Outcome, Pass,
-    RunTable, TrainingStatus,
+    RunTable, StudyLine, TrainingStatus,
 };
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
@@ -381,20 +381,14 @@ pub struct ConditionAcc {
     pub test_acc: Option<f64>,
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (its `test_acc`: under the training lengths).
+pub type Metric = StudyLine<Variant, Conditions>;
+
+/// The study's own fields of a line of `metrics.jsonl` ([`Metric`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metric {
-    /// The variant.
-    pub variant: Variant,
-    /// Training steps done.
-    pub step: u64,
-    /// Test accuracy under the training lengths (`None` on the line that reports divergence).
-    pub test_acc: Option<f64>,
+pub struct Conditions {
     /// Test accuracy under each test condition: the training lengths, then `--test-lengths`.
     pub conditions: Vec<ConditionAcc>,
-    /// Training since the previous evaluation: loss, learning rate, divergence.
-    #[serde(flatten)]
-    pub training: TrainingStatus,
 }
 
 /// One row of the table: a variant's last evaluation.
@@ -436,7 +430,7 @@ pub fn table(s: &Settings, steps: usize, metrics: &[Metric]) -> Table {
             Row {
                 variant: v.name().to_string(),
                 test_acc: (0..conditions.len())
-                    .map(|i| last.and_then(|m| m.conditions.get(i)).and_then(|c| c.test_acc))
+                    .map(|i| last.and_then(|m| m.own.conditions.get(i)).and_then(|c| c.test_acc))
                     .collect(),
                 diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
@@ -502,7 +496,7 @@ impl Metric {
             variant,
             step,
             test_acc: eval.map(|e| e.test_acc),
-            conditions,
+            own: Conditions { conditions },
             training: match eval {
                 Some(e) => TrainingStatus::evaluated(e.train_loss, s.lr_at(step - 1)),
                 None => TrainingStatus::diverged(s.lr_at(step - 1)),

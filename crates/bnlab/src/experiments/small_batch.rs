@@ -33,7 +33,7 @@ use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
 use crate::driver::Variant as _;
 use crate::driver::{
     self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, ExperimentSettings, Outcome, RunTable,
-    TrainingStatus,
+    StudyLine, TrainingStatus,
 };
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
 use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
@@ -324,28 +324,34 @@ impl ExperimentSettings for SmallBatchSettings {
     }
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`: the variant's name, and its `test_acc` with the run's
+/// `bn_stats` (Algorithm 2's population statistics by default).
+pub type Metric = StudyLine<String, BatchFields>;
+
+/// The study's own fields of a line of `metrics.jsonl` ([`Metric`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metric {
-    /// Variant name.
-    pub variant: String,
-    /// Its method.
+pub struct BatchFields {
+    /// The variant's method.
     pub method: String,
     /// Its mini-batch size.
     pub batch: usize,
-    /// Training steps done.
-    pub step: u64,
     /// Training examples seen (`step · batch`).
     pub examples: u64,
-    /// Test accuracy with the run's `bn_stats` (Algorithm 2's population statistics by default);
-    /// `None` on the line that reports divergence.
-    pub test_acc: Option<f64>,
     /// Test accuracy with the running averages (`None` without batch norm, with `bn_stats`
     /// `running`, and when diverged).
     pub running_test_acc: Option<f64>,
-    /// Training since the previous evaluation: loss, learning rate, divergence.
-    #[serde(flatten)]
-    pub training: TrainingStatus,
+}
+
+impl BatchFields {
+    /// The fields of `variant`'s line at `step`, with `running_test_acc`.
+    fn new(variant: Variant, step: u64, running_test_acc: Option<f64>) -> Self {
+        BatchFields {
+            method: variant.method.name().into(),
+            batch: variant.batch,
+            examples: step * variant.batch as u64,
+            running_test_acc,
+        }
+    }
 }
 
 /// One cell of the table: a variant's last evaluation.
@@ -390,7 +396,7 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
                 method: v.method.name().to_string(),
                 batch: v.batch,
                 test_acc: last.and_then(|m| m.test_acc),
-                running_test_acc: last.and_then(|m| m.running_test_acc),
+                running_test_acc: last.and_then(|m| m.own.running_test_acc),
                 diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
         })
@@ -544,12 +550,9 @@ impl Experiment for SmallBatch {
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
         Ok(Metric {
             variant: variant.name().into(),
-            method: variant.method.name().into(),
-            batch: variant.batch,
             step: eval.step,
-            examples: eval.step * variant.batch as u64,
             test_acc: Some(eval.test_acc),
-            running_test_acc: eval.running_test_acc,
+            own: BatchFields::new(variant, eval.step, eval.running_test_acc),
             training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
         })
     }
@@ -557,12 +560,9 @@ impl Experiment for SmallBatch {
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
         Some(Metric {
             variant: variant.name().into(),
-            method: variant.method.name().into(),
-            batch: variant.batch,
             step,
-            examples: step * variant.batch as u64,
             test_acc: None,
-            running_test_acc: None,
+            own: BatchFields::new(variant, step, None),
             training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
@@ -631,7 +631,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             .map(|v| {
                 let points = (o.metrics.iter())
                     .filter(|m| m.variant == v.name())
-                    .filter_map(|m| m.test_acc.map(|a| (m.examples as f64, a)))
+                    .filter_map(|m| m.test_acc.map(|a| (m.own.examples as f64, a)))
                     .collect();
                 Series::new(v.method.name(), points)
             })

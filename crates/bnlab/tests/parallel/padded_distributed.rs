@@ -60,7 +60,7 @@ fn points(metrics: &[Metric], c: usize) -> Vec<(u64, f64, f64)> {
         .map(|m| {
             (
                 m.step,
-                m.conditions[c].test_acc.unwrap(),
+                m.own.conditions[c].test_acc.unwrap(),
                 m.training.train_loss.unwrap(),
             )
         })
