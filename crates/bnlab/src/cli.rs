@@ -2,15 +2,12 @@
 //!
 //! The flags every experiment has are the library's [`CommonSettings`] (flattened); the
 //! experiments' defaults for those without a default of their own are set here from each
-//! experiment's [`Defaults`], in [`command`]. The flags every study has are [`StudyFlags`]; each
-//! study's help for them is its [`Study::HELP`].
+//! experiment's [`Defaults`] (a study's: [`Preset::DEFAULTS`]), in [`command`]. The flags every
+//! study has are [`StudyFlags`]; each study's help for them is its [`Study::HELP`].
 
 use bnlab::driver::settings::{parse_positive, MAX_THREADS};
 use bnlab::driver::{BnStats, CommonSettings, Defaults};
-use bnlab::experiments::accelerate::{self, Accelerate};
-use bnlab::experiments::padded::{self, Padded};
-use bnlab::experiments::small_batch::{self, SmallBatch};
-use bnlab::experiments::{paper_mlp, Study};
+use bnlab::experiments::{accelerate, padded, paper_mlp, small_batch, Accelerate, Padded, Preset, SmallBatch, Study};
 use clap::builder::ArgPredicate;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
@@ -268,51 +265,36 @@ pub struct BenchArgs {
 }
 
 /// The command line's parser: [`Cli`] with each experiment's defaults of the common flags
-/// ([`paper_mlp::DEFAULTS`], [`accelerate::DEFAULTS`], [`small_batch::DEFAULTS`],
-/// [`padded::DEFAULTS`] and `--quick`'s presets).
+/// ([`paper_mlp::DEFAULTS`] and each study's [`Preset::DEFAULTS`] and [`Preset::QUICK`]).
 pub fn command() -> clap::Command {
     Cli::command()
         .mut_subcommand("paper-mlp", |c| with_defaults(c, &paper_mlp::DEFAULTS))
-        .mut_subcommand("accelerate", |c| {
-            let q = &accelerate::QUICK;
-            let c = with_study_help::<Accelerate>(c);
-            with_quick_defaults(c, &accelerate::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
-        })
-        .mut_subcommand("small-batch", |c| {
-            let q = &small_batch::QUICK;
-            let c = with_study_help::<SmallBatch>(c);
-            with_quick_defaults(c, &small_batch::DEFAULTS, (q.steps, q.eval_every, q.population_batches))
-        })
-        .mut_subcommand("padded", |c| {
-            use padded::{quick, DEFAULTS};
-            with_quick_defaults(
-                with_study_help::<Padded>(c),
-                &DEFAULTS,
-                (quick::STEPS, quick::EVAL_EVERY, quick::POPULATION_BATCHES),
-            )
-        })
+        .mut_subcommand("accelerate", study_command::<Accelerate>)
+        .mut_subcommand("small-batch", study_command::<SmallBatch>)
+        .mut_subcommand("padded", study_command::<Padded>)
 }
 
-/// `c` with study `S`'s help for the flags every study has ([`StudyFlags`]).
-fn with_study_help<S: Study>(c: clap::Command) -> clap::Command {
+/// `c` as the subcommand of study `S`: with the study's help for the flags every study has
+/// ([`StudyFlags`]), its defaults ([`with_defaults`]) and, with `--quick`, its preset's steps,
+/// evaluation interval and population batches as the defaults of those flags.
+fn study_command<S: Study>(c: clap::Command) -> clap::Command {
     let help = S::HELP;
-    c.mut_arg("variants", |a| a.help(help.variants))
+    let c = c
+        .mut_arg("variants", |a| a.help(help.variants))
         .mut_arg("half_life", |a| a.help(help.half_life))
         .mut_arg("channels", |a| a.help(help.channels))
-        .mut_arg("quick", |a| a.help(help.quick))
-}
-
-/// `c` with `d` as its defaults ([`with_defaults`]) and, with `--quick`, `quick`'s steps,
-/// evaluation interval and population batches as the defaults of those flags.
-fn with_quick_defaults(c: clap::Command, d: &Defaults, quick: (u64, u64, usize)) -> clap::Command {
+        .mut_arg("quick", |a| a.help(help.quick));
+    let quick = S::Settings::QUICK;
     // `--quick` is a SetTrue flag, whose implicit default `false` counts as present: the presets
     // apply when its value is `true`.
     let when_quick =
         |arg: clap::Arg, value: String| arg.default_value_if("quick", ArgPredicate::Equals("true".into()), value);
-    with_defaults(c, d)
-        .mut_arg("steps", |a| when_quick(a, quick.0.to_string()))
-        .mut_arg("eval_every", |a| when_quick(a, quick.1.to_string()))
-        .mut_arg("population_batches", |a| when_quick(a, quick.2.to_string()))
+    with_defaults(c, &S::Settings::DEFAULTS)
+        .mut_arg("steps", |a| when_quick(a, quick.steps.to_string()))
+        .mut_arg("eval_every", |a| when_quick(a, quick.eval_every.to_string()))
+        .mut_arg("population_batches", |a| {
+            when_quick(a, quick.population_batches.to_string())
+        })
 }
 
 /// `c` with `d` as the defaults of `--steps`, `--eval-every`, `--batch` and `--lr`.
@@ -373,29 +355,35 @@ mod tests {
     #[test]
     fn defaults_and_quick_presets() {
         let steps = |args: &[&str]| settings(args).steps;
+        use bnlab::experiments::accelerate::AccelerateSettings;
+        use bnlab::experiments::padded::PaddedSettings;
+        use bnlab::experiments::small_batch::SmallBatchSettings;
         assert_eq!(steps(&["bnlab", "paper-mlp"]), paper_mlp::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "accelerate"]), accelerate::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "accelerate", "--quick"]), accelerate::QUICK.steps);
+        assert_eq!(steps(&["bnlab", "accelerate"]), AccelerateSettings::DEFAULTS.steps);
+        assert_eq!(
+            steps(&["bnlab", "accelerate", "--quick"]),
+            AccelerateSettings::QUICK.steps
+        );
         assert_eq!(steps(&["bnlab", "accelerate", "--quick", "--steps", "7"]), 7);
-        assert_eq!(steps(&["bnlab", "small-batch"]), small_batch::DEFAULTS.steps);
-        assert_eq!(steps(&["bnlab", "small-batch", "--quick"]), small_batch::QUICK.steps);
+        assert_eq!(steps(&["bnlab", "small-batch"]), SmallBatchSettings::DEFAULTS.steps);
+        assert_eq!(
+            steps(&["bnlab", "small-batch", "--quick"]),
+            SmallBatchSettings::QUICK.steps
+        );
         let s = settings(&["bnlab", "small-batch"]);
         assert_eq!((s.eval_every, s.batch, s.population_batches), (300, 64, 50));
         let s = settings(&["bnlab", "accelerate", "--quick"]);
         assert_eq!((s.eval_every, s.population_batches), (40, 5));
         let s = settings(&["bnlab", "padded"]);
-        let d = padded::DEFAULTS;
+        let d = PaddedSettings::DEFAULTS;
         assert_eq!(
             (s.steps, s.eval_every, s.batch, s.lr),
             (d.steps, d.eval_every, d.batch, d.lr)
         );
         assert_eq!(s.population_batches, 50);
         let s = settings(&["bnlab", "padded", "--quick"]);
-        let q = (
-            padded::quick::STEPS,
-            padded::quick::EVAL_EVERY,
-            padded::quick::POPULATION_BATCHES,
-        );
+        let q = PaddedSettings::QUICK;
+        let q = (q.steps, q.eval_every, q.population_batches);
         assert_eq!((s.steps, s.eval_every, s.population_batches), q);
     }
 }

@@ -6,14 +6,16 @@ use anyhow::{Context, Result};
 use batchnorm::{Communicator, SingleProcess};
 use bnlab::bench;
 use bnlab::driver::settings::MAX_THREADS;
-use bnlab::driver::{self, CommonSettings, Experiment, Finished, RunOptions, Settings, Start, VariantSummary};
-use bnlab::experiments::accelerate::{self, Accelerate, AccelerateSettings};
+use bnlab::driver::{
+    self, CommonSettings, Experiment, Finished, RunOptions, Settings, Start, VariantOf, VariantSummary,
+};
+use bnlab::experiments::accelerate::AccelerateSettings;
 use bnlab::experiments::convnet::default_half_life;
 use bnlab::experiments::eval::{self, EvalOptions};
-use bnlab::experiments::padded::{self, Padded, PaddedSettings};
-use bnlab::experiments::paper_mlp::{PaperMlp, PaperMlpSettings, Variant};
-use bnlab::experiments::small_batch::{self, SmallBatch, SmallBatchSettings};
-use bnlab::experiments::{FlagSettings, Study};
+use bnlab::experiments::padded::PaddedSettings;
+use bnlab::experiments::paper_mlp::{PaperMlpSettings, Variant};
+use bnlab::experiments::small_batch::{self, SmallBatchSettings};
+use bnlab::experiments::{Accelerate, Padded, PaperMlp, Preset, SmallBatch, Study, StudySettings};
 use bnlab::report::percent;
 use cli::{
     AccelerateFlags, BenchArgs, Command, EvalArgs, ExperimentArgs, PaddedFlags, PaperMlpFlags, RunFlags,
@@ -66,9 +68,9 @@ fn main() {
     let result = match cli.command {
         Command::Bench(args) => run_bench(&args),
         Command::PaperMlp(args) => run_paper_mlp(&args),
-        Command::Accelerate(args) => run_study(&Accelerate, &args, accelerate_flags, accelerate::Table::markdown),
-        Command::SmallBatch(args) => run_study(&SmallBatch, &args, small_batch_flags, small_batch::Table::markdown),
-        Command::Padded(args) => run_study(&Padded, &args, padded_flags, padded::Table::markdown),
+        Command::Accelerate(args) => run_study(&Accelerate, &args, accelerate_flags),
+        Command::SmallBatch(args) => run_study(&SmallBatch, &args, small_batch_flags),
+        Command::Padded(args) => run_study(&Padded, &args, padded_flags),
         Command::Eval(args) => run_eval(&args),
     };
     if let Err(e) = result {
@@ -256,19 +258,18 @@ fn print_summaries(summaries: &BTreeMap<&'static str, VariantSummary>, out: &std
     println!("wrote {}", out.join("report.html").display());
 }
 
-/// Trains `experiment` ([`train_experiment`]) and, on rank 0, prints its report's table
-/// (`markdown`), each variant's timing lines and where the report is.
+/// Trains `experiment` ([`train_experiment`]) and, on rank 0, prints its table (Markdown), each
+/// variant's timing lines and where the report is.
 fn train_and_print<E: Experiment>(
     experiment: &E,
     flags: &RunFlags,
     fresh: impl FnOnce(PathBuf) -> Result<Settings<E::Settings>>,
-    markdown: impl Fn(&E::Report) -> String,
 ) -> Result<()> {
     let Some(f) = train_experiment(experiment, flags, fresh)? else {
         return Ok(());
     };
-    if let Some(report) = &f.report {
-        print!("{}", markdown(report));
+    if let Some(table) = &f.table {
+        print!("{}", table.markdown);
     }
     print_summaries(&f.outcome.summaries, &f.settings.common.out, false);
     Ok(())
@@ -300,29 +301,29 @@ fn run_paper_mlp(args: &ExperimentArgs<PaperMlpFlags>) -> Result<()> {
     Ok(())
 }
 
-/// Trains study `S` ([`train_and_print`]): a fresh run starts from the study's defaults
-/// (`--quick`'s preset with it), then applies the flags every study has, then its own flags
-/// (`own`, with the common settings); on rank 0 it prints the table (`markdown`).
+/// Trains study `S` ([`train_and_print`]): a fresh run starts from the study's own defaults
+/// ([`Preset`]: `--quick`'s preset with it), then applies the flags every study has, then its own
+/// flags (`own`, with the common settings); on rank 0 it prints the table.
 fn run_study<S: Study, F: clap::Args>(
     study: &S,
-    args: &StudyArgs<S::Variant, F>,
+    args: &StudyArgs<VariantOf<S>, F>,
     own: impl Fn(&F, &mut S::Settings, &CommonSettings),
-    markdown: impl Fn(&S::Report) -> String,
 ) -> Result<()>
 where
-    S::Variant: StudyVariant,
+    VariantOf<S>: StudyVariant,
 {
     let fresh = |out| {
         let common = CommonSettings {
             out,
             ..args.experiment_args.settings.clone()
         };
-        let mut experiment = S::defaults(args.study.quick);
-        apply_study_flags(&args.study, S::flag_settings(&mut experiment), common.steps)?;
+        let defaults = Settings::<S::Settings>::new(PathBuf::new());
+        let mut experiment = if args.study.quick { defaults.quick() } else { defaults }.experiment;
+        apply_study_flags(&args.study, experiment.study(), common.steps)?;
         own(&args.experiment_args.experiment, &mut experiment, &common);
         Ok(Settings { common, experiment })
     };
-    train_and_print(study, &args.experiment_args.run, fresh, markdown)
+    train_and_print(study, &args.experiment_args.run, fresh)
 }
 
 /// Applies `accelerate`'s own flags.
@@ -348,16 +349,16 @@ fn padded_flags(flags: &PaddedFlags, e: &mut PaddedSettings, _: &CommonSettings)
 /// Sets `s` as the flags every study has say, for a run of `steps` steps: the variants and
 /// channels given, the half-life given or [`default_half_life`]. Rejects `--channels` with other
 /// than two numbers.
-fn apply_study_flags<V: StudyVariant>(flags: &StudyFlags<V>, s: FlagSettings<'_, V>, steps: u64) -> Result<()> {
+fn apply_study_flags<V: StudyVariant>(flags: &StudyFlags<V>, s: &mut StudySettings<V>, steps: u64) -> Result<()> {
     if let Some(v) = &flags.variants {
-        *s.variants = v.clone();
+        s.variants = v.clone();
     }
-    *s.half_life = flags.half_life.unwrap_or(default_half_life(steps));
+    s.half_life = flags.half_life.unwrap_or(default_half_life(steps));
     if let Some(c) = &flags.channels {
         let [c1, c2] = c[..] else {
             anyhow::bail!("--channels takes two numbers, C1,C2 (got {})", c.len());
         };
-        *s.channels = [c1 as usize, c2 as usize];
+        s.channels = [c1 as usize, c2 as usize];
     }
     Ok(())
 }

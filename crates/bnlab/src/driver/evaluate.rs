@@ -90,6 +90,16 @@ impl Probe for Monitor {
     }
 }
 
+/// A monitor, if there is one ([`super::Built::monitor`]).
+impl<P: Probe> Probe for Option<P> {
+    fn clear(&mut self) {
+        self.iter_mut().for_each(P::clear)
+    }
+    fn record(&mut self, net: &Sequential) {
+        self.iter_mut().for_each(|p| p.record(net))
+    }
+}
+
 /// Test accuracy of `net` with inference-mode BN as the run `s` asks, under each of `conditions`
 /// test conditions (at least 1; `prep` sees each test chunk with [`Pass::Test`] of its
 /// condition): with [`BnStats::Population`], every BN layer's statistics are first re-estimated

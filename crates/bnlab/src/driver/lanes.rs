@@ -6,7 +6,7 @@
 //! cut a run's time; results do not change (the kernels and matrix products split work by shape
 //! only). A failing variant stops the others at their next step.
 
-use super::metrics::{write_jsonl, JsonLines, MetricLine};
+use super::metrics::{line_place, write_jsonl, JsonLines, MetricLine};
 use super::progress::Progress;
 use super::VariantSummary;
 use anyhow::{Context, Result};
@@ -124,7 +124,15 @@ pub fn train_variants<M: MetricLine>(
     let summaries = first_failure_or(results.into_iter().map(|(i, r)| r.map(|r| (names[i], r))))?;
     let (file, mut metrics) = sink.into_inner().unwrap_or_else(PoisonError::into_inner);
     drop(file);
-    metrics.sort_by_key(|m| (names.iter().position(|&n| n == m.variant_name()), m.step()));
+    // In variant order, then step order, as each line's JSON says ([`line_place`]).
+    metrics.sort_by_cached_key(|m| {
+        let line = serde_json::to_value(m).unwrap_or_default();
+        let place = line_place(&line);
+        (
+            place.and_then(|(name, _)| names.iter().position(|&n| n == name)),
+            place.map(|(_, step)| step),
+        )
+    });
     if let Some(out) = out {
         write_jsonl(&out.join("metrics.jsonl"), &metrics)?;
     }

@@ -7,6 +7,7 @@ use super::VariantSummary;
 use crate::atomic::write_atomic;
 use crate::report::percent;
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -75,21 +76,45 @@ impl TrainingStatus {
     }
 }
 
-/// A line of an experiment's `metrics.jsonl`: which variant and step it belongs to (they fix the
-/// file's final order), and how it is read back when a run resumes.
-pub trait MetricLine: Serialize + Clone + Send {
-    /// The variant's name.
-    fn variant_name(&self) -> &str;
-    /// Training steps done when the line was written.
-    fn step(&self) -> u64;
-    /// A line read back from `metrics.jsonl`. Rejects a line that is not one of this experiment's.
-    fn from_json(line: &Value) -> Result<Self>;
-    /// Whether a resumed run keeps this line when its variant's checkpoint covers its step (a
-    /// line written when training stopped, such as a divergence, lies past the last checkpoint
-    /// and is written again).
-    fn kept_on_resume(&self) -> bool {
-        true
-    }
+/// One line of a conv study's `metrics.jsonl` (`padded`, `small-batch`): the variant, the step,
+/// the test accuracy (`None` on the line that reports divergence), the study's own fields `own`
+/// (flattened: their keys stand beside these) and the [`TrainingStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyLine<V, E> {
+    /// The variant.
+    pub variant: V,
+    /// Training steps done.
+    pub step: u64,
+    /// Test accuracy (`None` on the line that reports divergence).
+    pub test_acc: Option<f64>,
+    /// The study's own fields.
+    #[serde(flatten)]
+    pub own: E,
+    /// Training since the previous evaluation: loss, learning rate, divergence.
+    #[serde(flatten)]
+    pub training: TrainingStatus,
+}
+
+/// A line of an experiment's `metrics.jsonl`: a JSON object with the `variant` (its name) and
+/// the `step` it belongs to ([`line_place`]: they fix the file's final order), read back with
+/// serde when a run resumes (deserializing rejects a line that is not one of the experiment's).
+/// Every type that serde writes and reads is one.
+pub trait MetricLine: Serialize + DeserializeOwned + Clone + Send {}
+
+impl<T: Serialize + DeserializeOwned + Clone + Send> MetricLine for T {}
+
+/// Whether a resumed run keeps the `metrics.jsonl` line `line` when its variant's checkpoint
+/// covers its step: every line but one written when training stopped (a divergence,
+/// `"diverged": true` of [`TrainingStatus`]), which lies past the last checkpoint and is written
+/// again.
+pub fn kept_on_resume(line: &Value) -> bool {
+    line["diverged"].as_bool() != Some(true)
+}
+
+/// The variant name and step of a `metrics.jsonl` line (every line has both; `None` if it lacks
+/// either).
+pub fn line_place(line: &Value) -> Option<(&str, u64)> {
+    Some((line["variant"].as_str()?, line["step"].as_u64()?))
 }
 
 /// `metrics.jsonl`: one JSON object per line, flushed after each so a running study can be watched.
@@ -135,12 +160,13 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes an experiment's table into `out`: `table.json` (`table`, pretty) and `table.md`
-/// (`markdown`).
-pub fn write_table(out: &Path, table: &impl Serialize, markdown: &str) -> Result<()> {
-    write_json(&out.join("table.json"), table)?;
-    let md_path = out.join("table.md");
-    std::fs::write(&md_path, markdown).with_context(|| format!("cannot write {}", md_path.display()))
+/// Writes an experiment's table into `out`: `table.json` and `table.md`.
+pub fn write_table(out: &Path, table: &super::RunTable) -> Result<()> {
+    for (name, text) in [("table.json", &table.json), ("table.md", &table.markdown)] {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A column of a report's table of runs ([`runs_table`]).

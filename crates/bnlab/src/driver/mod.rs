@@ -1,8 +1,9 @@
 //! The run driver: one owner of every experiment's run, from start to summary.
 //!
-//! An experiment ([`Experiment`]) is its settings, its variants, how to build a variant's
-//! network and optimizer, what a metrics line holds, and what it writes at the end. Everything
-//! else is the driver's, the same for every experiment:
+//! An experiment ([`Experiment`]) is its settings (which name its variants:
+//! [`ExperimentSettings`]), how to build a variant's network and optimizer, what a metrics line
+//! holds, and what it writes at the end. Everything else is the driver's, the same for every
+//! experiment:
 //!
 //! - **start and resume** ([`run`]): settings checked, data loaded and checked against the
 //!   networks, `settings.json` written (a fresh run) or each variant's checkpoint found and
@@ -16,7 +17,8 @@
 //! - **lanes** ([`lanes`]): with one process and two or more threads, variants train side by side,
 //!   each on its share of the run's threads; a failing variant stops the others;
 //! - **outputs**: `metrics.jsonl` (put in variant and step order at the end), `summary.json`,
-//!   then the experiment's own files (plots, tables, `report.html`).
+//!   then the experiment's own files (plots, `report.html`) and its table, if it makes one
+//!   ([`RunTable`]: `table.json`, `table.md`).
 //!
 //! Results do not depend on the number of threads or lanes: the kernels and the matrix products
 //! split work by shape only, so a run gives the same metrics, bit for bit, on any thread count.
@@ -31,18 +33,19 @@ pub mod settings;
 pub mod train;
 
 pub use evaluate::{BatchPrep, Gathered, Pass, Probe, EVAL_CHUNK};
-pub use metrics::{MetricLine, RunColumn, TrainingStatus};
+pub use metrics::{MetricLine, RunColumn, StudyLine, TrainingStatus};
 pub use progress::Progress;
-pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, Settings};
+pub use settings::{BnMomentum, BnStats, CommonSettings, Defaults, ExperimentSettings, Settings};
 
 use crate::data::{self, BatchOrder, Dataset, EpochShuffler};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::{Sequential, Sgd};
+use crate::monitor::{self, Monitor};
 use crate::parallel::{self, DataParallel};
 use crate::report::Page;
 use anyhow::{bail, ensure, Context, Result};
 use batchnorm::Communicator;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -129,11 +132,12 @@ pub struct SplitIdentity {
 }
 
 /// A network built for a variant, with what evaluation watches in it.
-pub struct Built<P> {
+pub struct Built {
     /// The network.
     pub net: Sequential,
-    /// What evaluation records (see [`Probe`]).
-    pub probe: P,
+    /// A monitor of one of its layers, fed every test chunk of condition 0 at each evaluation
+    /// ([`Evaluation::watched`]); `None`: nothing watched.
+    pub monitor: Option<Monitor>,
 }
 
 /// One evaluation of a variant, as the driver measured it.
@@ -151,6 +155,29 @@ pub struct Evaluation {
     pub running_test_acc: Option<f64>,
     /// Mean training loss over the steps since the previous evaluation.
     pub train_loss: f64,
+    /// What the variant's monitor ([`Built::monitor`]) saw over the test set (`None` without one).
+    pub watched: Option<monitor::Summary>,
+}
+
+/// The variant type of experiment `E` (its settings': [`ExperimentSettings::Variant`]).
+pub type VariantOf<E> = <<E as Experiment>::Settings as ExperimentSettings>::Variant;
+
+/// A table an experiment makes of a finished run ([`Experiment::finish`]): the driver writes it
+/// into the run's folder as `table.json` and `table.md`, and the command line prints the Markdown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunTable {
+    /// `table.json`: the table as pretty JSON.
+    pub json: String,
+    /// `table.md`: the table as Markdown.
+    pub markdown: String,
+}
+
+impl RunTable {
+    /// The files of `table` and its Markdown `markdown`. Rejects a table that does not serialize.
+    pub fn new(table: &impl Serialize, markdown: String) -> Result<RunTable> {
+        let json = serde_json::to_string_pretty(table)?;
+        Ok(RunTable { json, markdown })
+    }
 }
 
 /// An experiment of the lab: its settings, variants, networks and outputs. The driver ([`run`])
@@ -161,25 +188,14 @@ pub trait Experiment: Sync {
     /// Output classes of its networks (labels outside `0..CLASSES` are an error); ten, as in
     /// every MNIST-format data set, unless the experiment says otherwise.
     const CLASSES: usize = 10;
-    /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`].
-    type Settings: Serialize + DeserializeOwned + Clone + Debug + Send + Sync;
-    /// Its variants.
-    type Variant: Variant;
+    /// The experiment's own settings, beside [`CommonSettings`] in [`Settings`]: they name its
+    /// variants, the ones the run trains and how the experiment's settings are checked.
+    type Settings: ExperimentSettings;
     /// A line of its `metrics.jsonl`.
     type Metric: MetricLine;
-    /// What its evaluations watch in a network besides accuracy.
-    type Probe: Probe + Send;
-    /// What it makes of a finished run besides the common outputs (e.g. a table).
-    type Report: Send;
-
-    /// The variants the run trains, in order.
-    fn variants(&self, s: &Settings<Self::Settings>) -> Vec<Self::Variant>;
-
-    /// Rejects the experiment's own settings that cannot run (the common ones are the driver's).
-    fn check(&self, s: &Settings<Self::Settings>) -> Result<()>;
 
     /// An upper estimate of the bytes one variant's training and evaluation allocate (network,
-    /// optimizer state, step and evaluation buffers, what its probe records; not the data) on
+    /// optimizer state, step and evaluation buffers, what its monitor records; not the data) on
     /// `data`, and the flags that make it smaller. The driver refuses a run whose estimate (times
     /// the variants training at once, plus the data) exceeds the memory available, before
     /// building any network.
@@ -187,20 +203,14 @@ pub trait Experiment: Sync {
 
     /// The network of `variant` for the images of `data`, as data-parallel rank `rank` builds it
     /// (every rank the same initial weights; rank 0's is the one-process network).
-    fn build(
-        &self,
-        s: &Settings<Self::Settings>,
-        variant: Self::Variant,
-        data: &Data,
-        rank: usize,
-    ) -> Result<Built<Self::Probe>>;
+    fn build(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, data: &Data, rank: usize) -> Result<Built>;
 
     /// The common settings `variant` trains with: the run's own by default. An experiment whose
     /// variants differ in batch size, step count or evaluation schedule (e.g. the same number of
     /// examples seen at every batch size) returns each variant's here; the driver trains,
     /// evaluates (population statistics over batches of the variant's size), checkpoints and
     /// resumes each variant by its own. The settings must pass [`CommonSettings::check`].
-    fn variant_settings(&self, s: &Settings<Self::Settings>, _variant: Self::Variant) -> CommonSettings {
+    fn variant_settings(&self, s: &Settings<Self::Settings>, _variant: VariantOf<Self>) -> CommonSettings {
         s.common.clone()
     }
 
@@ -211,7 +221,7 @@ pub trait Experiment: Sync {
         &self,
         _s: &Settings<Self::Settings>,
         c: &CommonSettings,
-        _variant: Self::Variant,
+        _variant: VariantOf<Self>,
         data: &Data,
     ) -> Result<Box<dyn BatchOrder>> {
         Ok(Box::new(EpochShuffler::new(data.train.len, c.batch, c.seed)?))
@@ -227,7 +237,7 @@ pub trait Experiment: Sync {
     fn prepare_batch(
         &self,
         _s: &Settings<Self::Settings>,
-        _variant: Self::Variant,
+        _variant: VariantOf<Self>,
         _batch: Gathered<'_>,
         _x: &mut [f32],
         _net: &mut Sequential,
@@ -250,10 +260,10 @@ pub trait Experiment: Sync {
     }
 
     /// The optimizer of `variant`.
-    fn optimizer(&self, s: &Settings<Self::Settings>, variant: Self::Variant) -> Sgd;
+    fn optimizer(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>) -> Sgd;
 
     /// The learning rate of `variant` at 0-based `step` (the rate of that step's update).
-    fn lr(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> f64;
+    fn lr(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, step: u64) -> f64;
 
     /// What a variant does when its loss stops being finite: by default [`Divergence::Record`]
     /// (the variant stops, the others go on).
@@ -261,17 +271,13 @@ pub trait Experiment: Sync {
         Divergence::Record
     }
 
-    /// The metrics line of an evaluation of `variant`; `probe` holds what it recorded.
-    fn metric(
-        &self,
-        s: &Settings<Self::Settings>,
-        variant: Self::Variant,
-        eval: &Evaluation,
-        probe: &mut Self::Probe,
-    ) -> Self::Metric;
+    /// The metrics line of an evaluation of `variant`. Rejects an evaluation without what the
+    /// line records (e.g. [`Evaluation::watched`] of a variant built with a monitor).
+    fn metric(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, eval: &Evaluation)
+        -> Result<Self::Metric>;
 
     /// The metrics line of a variant that diverged at `step` ([`Divergence::Record`] only).
-    fn diverged_line(&self, s: &Settings<Self::Settings>, variant: Self::Variant, step: u64) -> Option<Self::Metric>;
+    fn diverged_line(&self, s: &Settings<Self::Settings>, variant: VariantOf<Self>, step: u64) -> Option<Self::Metric>;
 
     /// Adjusts a network just restored from `checkpoint` (written by rank 0 of a run of
     /// `writer_processes` processes) to this rank of this run. Nothing by default.
@@ -285,9 +291,9 @@ pub trait Experiment: Sync {
         Ok(())
     }
 
-    /// Writes the experiment's own outputs of a finished run into `s.common.out` (plots, tables,
-    /// `report.html`) and returns its report.
-    fn finish(&self, s: &Settings<Self::Settings>, outcome: &Outcome<Self::Metric>) -> Result<Self::Report>;
+    /// Writes the experiment's own outputs of a finished run into `s.common.out` (plots,
+    /// `report.html`) and returns its table, if it makes one (the driver writes it: [`RunTable`]).
+    fn finish(&self, s: &Settings<Self::Settings>, outcome: &Outcome<Self::Metric>) -> Result<Option<RunTable>>;
 }
 
 /// The result of one variant.
@@ -328,8 +334,8 @@ pub struct Finished<E: Experiment> {
     pub settings: Settings<E::Settings>,
     /// Metrics and summaries.
     pub outcome: Outcome<E::Metric>,
-    /// The experiment's report (`None` on data-parallel ranks other than 0).
-    pub report: Option<E::Report>,
+    /// The experiment's table (`None` without one, and on data-parallel ranks other than 0).
+    pub table: Option<RunTable>,
 }
 
 /// How a run starts.
@@ -395,7 +401,7 @@ pub fn resume_settings<E: Experiment>(dir: &Path) -> Result<Settings<E::Settings
 /// alone evaluates, shows progress and writes files.
 ///
 /// Rejects, before training: settings that cannot run ([`CommonSettings::check`],
-/// [`Experiment::check`], a repeated variant, a batch that does not split over the ranks); an
+/// [`ExperimentSettings::check`], a repeated variant, a batch that does not split over the ranks); an
 /// output directory another run holds, one that already holds a run (a fresh run without
 /// `opts.overwrite`) or that cannot be written; data that cannot be read or does not fit the
 /// networks; a run whose memory estimate exceeds the memory available; and on resume, data
@@ -454,20 +460,20 @@ pub fn run<E: Experiment>(experiment: &E, settings: &Settings<E::Settings>, opts
         .build()
         .context("cannot start the worker threads")?;
     pool.install(|| execute(experiment, &s, &variants, &data, &opts))
-        .map(|(outcome, report)| Finished {
+        .map(|(outcome, table)| Finished {
             settings: s,
             outcome,
-            report,
+            table,
         })
 }
 
 /// Checks settings as the command line would (from flags, or read back from `settings.json`):
-/// [`CommonSettings::check`], [`Experiment::check`], at least one variant and none twice, a batch
+/// [`CommonSettings::check`], [`ExperimentSettings::check`], at least one variant and none twice, a batch
 /// that splits over `s.common.processes` ranks. Returns the variants.
-pub fn check_settings<E: Experiment>(experiment: &E, s: &Settings<E::Settings>) -> Result<Vec<E::Variant>> {
+pub fn check_settings<E: Experiment>(experiment: &E, s: &Settings<E::Settings>) -> Result<Vec<VariantOf<E>>> {
     s.common.check()?;
-    experiment.check(s)?;
-    let variants = experiment.variants(s);
+    s.experiment.check(&s.common)?;
+    let variants = s.experiment.variants().to_vec();
     ensure!(!variants.is_empty(), "no variant to train");
     ensure!(
         (1..variants.len()).all(|i| !variants[..i].contains(&variants[i])),
@@ -516,12 +522,12 @@ pub fn available_memory() -> Option<u64> {
     Some(kib.saturating_mul(1024))
 }
 
-type Executed<E> = (Outcome<<E as Experiment>::Metric>, Option<<E as Experiment>::Report>);
+type Executed<E> = (Outcome<<E as Experiment>::Metric>, Option<RunTable>);
 
 fn execute<E: Experiment>(
     experiment: &E,
     s: &Settings<E::Settings>,
-    variants: &[E::Variant],
+    variants: &[VariantOf<E>],
     data: &Data,
     opts: &RunOptions,
 ) -> Result<Executed<E>> {
@@ -554,8 +560,11 @@ fn execute<E: Experiment>(
     }
     let summary = serde_json::json!({ "variants": outcome.summaries, "settings": s });
     metrics::write_json(&s.common.out.join("summary.json"), &summary)?;
-    let report = experiment.finish(s, &outcome)?;
-    Ok((outcome, Some(report)))
+    let table = experiment.finish(s, &outcome)?;
+    if let Some(t) = &table {
+        metrics::write_table(&s.common.out, t)?;
+    }
+    Ok((outcome, table))
 }
 
 /// The data-parallel mode of a run in words, for its report: `processes` ranks sharing global

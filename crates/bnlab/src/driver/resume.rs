@@ -2,7 +2,7 @@
 //! one, each variant's checkpoint (checked to belong to this run, the same on every rank) and the
 //! `metrics.jsonl` lines those checkpoints cover.
 
-use super::metrics::{truncate_jsonl, MetricLine};
+use super::metrics::{kept_on_resume, line_place, truncate_jsonl, MetricLine};
 use super::train::{LoopCounters, Timing};
 use super::{checkpoint_path, CommonSettings, Settings};
 use crate::atomic::write_atomic;
@@ -62,20 +62,23 @@ pub fn begin_run<M: MetricLine>(
 
 /// Cuts `OUT/metrics.jsonl` back to the lines the checkpoints `starts` (one per variant of
 /// `names`, in order) cover and returns them: a variant's lines up to its checkpoint's step that
-/// [`MetricLine::kept_on_resume`] keeps.
+/// [`kept_on_resume`] keeps, and that read as the experiment's lines `M`.
 fn kept_metrics<M: MetricLine>(out: &Path, names: &[&str], starts: &[Option<Checkpoint>]) -> Result<Vec<M>> {
+    let read = |line: &serde_json::Value| {
+        serde_json::from_value::<M>(line.clone()).context("metrics.jsonl: a line is not a metrics record")
+    };
     let covered = |line: &serde_json::Value| {
-        M::from_json(line).is_ok_and(|m| m.kept_on_resume()) && covered_by_checkpoints(line, names, starts)
+        kept_on_resume(line) && read(line).is_ok() && covered_by_checkpoints(line, names, starts)
     };
     let kept = truncate_jsonl(&out.join("metrics.jsonl"), covered)?;
-    kept.iter().map(M::from_json).collect()
+    kept.iter().map(read).collect()
 }
 
 /// Whether a `metrics.jsonl` line (a JSON object with `variant` and `step`) is covered by the
 /// checkpoints `starts` of the run's `variants` (names, in order): its variant has a checkpoint
 /// at its step or later. A resumed run keeps exactly these lines and writes the others again.
 pub fn covered_by_checkpoints(line: &serde_json::Value, variants: &[&str], starts: &[Option<Checkpoint>]) -> bool {
-    let (Some(name), Some(step)) = (line["variant"].as_str(), line["step"].as_u64()) else {
+    let Some((name, step)) = line_place(line) else {
         return false;
     };
     let at = variants.iter().position(|v| *v == name);

@@ -247,6 +247,20 @@ impl CommonSettings {
     }
 }
 
+/// An experiment's own settings, beside [`CommonSettings`] in [`Settings`]: what the driver reads
+/// in them.
+pub trait ExperimentSettings: Serialize + serde::de::DeserializeOwned + Clone + std::fmt::Debug + Send + Sync {
+    /// The experiment's variants.
+    type Variant: super::Variant;
+
+    /// Rejects settings that cannot run, with the flag to change; `common` are the run's common
+    /// settings (checked by the driver before).
+    fn check(&self, common: &CommonSettings) -> Result<()>;
+
+    /// The variants the run trains, in order.
+    fn variants(&self) -> &[Self::Variant];
+}
+
 /// Everything that defines a run: the settings every experiment has and the experiment's own
 /// `S`, side by side in one `settings.json` object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,11 +4,12 @@
 use super::evaluate::{evaluate, gather_prepared, BatchPrep, Gathered, Pass};
 use super::lanes::VariantRun;
 use super::resume::restore_start;
-use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantSummary};
+use super::{checkpoint_path, Data, Divergence, Evaluation, Experiment, Settings, Variant, VariantOf, VariantSummary};
 use crate::atomic::write_atomic;
 use crate::data::{BatchOrder, Dataset};
 use crate::engine::checkpoint::{Checkpoint, CheckpointError, CheckpointProgress};
 use crate::engine::{Mode, Sequential, Sgd, SoftmaxCrossEntropy};
+use crate::monitor::Monitor;
 use crate::parallel::{self, DataParallel};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -246,7 +247,7 @@ pub struct VariantPrep<'a, E: Experiment> {
     /// The run's settings.
     pub s: &'a Settings<E::Settings>,
     /// The variant whose batches it prepares.
-    pub variant: E::Variant,
+    pub variant: VariantOf<E>,
 }
 
 impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
@@ -269,7 +270,7 @@ impl<E: Experiment> BatchPrep for VariantPrep<'_, E> {
 pub fn train_variant<E: Experiment>(
     experiment: &E,
     s: &Settings<E::Settings>,
-    variant: E::Variant,
+    variant: VariantOf<E>,
     start: Option<&Checkpoint>,
     data: &Data,
     dp: &mut DataParallel,
@@ -279,7 +280,7 @@ pub fn train_variant<E: Experiment>(
     let (root, parallel) = (dp.rank() == 0, dp.size() > 1);
     let name = variant.name();
     let built = experiment.build(s, variant, data, dp.rank())?;
-    let (mut net, mut probe) = (built.net, built.probe);
+    let (mut net, mut monitor) = (built.net, built.monitor);
     if parallel && c.bn_sync {
         net.batchnorms()
             .into_iter()
@@ -361,7 +362,7 @@ pub fn train_variant<E: Experiment>(
                     &mut net,
                     &data.train,
                     &data.test,
-                    &mut probe,
+                    &mut monitor,
                     running_too,
                     conditions,
                     &mut prep,
@@ -373,10 +374,11 @@ pub fn train_variant<E: Experiment>(
                     condition_test_acc: accuracies,
                     running_test_acc,
                     train_loss: counters.loss_sum / counters.loss_n as f64,
+                    watched: monitor.as_mut().map(Monitor::summary),
                 };
                 let rate = (step + 1) as f64 / counters.train_secs.max(1e-9);
                 progress.eval(step + 1, c.steps, eval.train_loss, test_acc, rate);
-                run.record(&experiment.metric(s, variant, &eval, &mut probe))?;
+                run.record(&experiment.metric(s, variant, &eval)?)?;
                 counters.best_acc = Some(counters.best_acc.map_or(test_acc, |b| b.max(test_acc)));
                 counters.last_acc = Some(test_acc);
             }

@@ -36,17 +36,19 @@
 //! rank 0's examples: the same training procedure, not the same bits.
 
 pub use super::convnet::default_half_life;
-use super::convnet::{check_training, ConvNet, QuickPreset};
-use super::{FlagSettings, Study, StudyHelp};
-use crate::driver::metrics::{runs_table, settings_rows, write_table, MetricLine, RunColumn};
+use super::convnet::{check_training, ConvNet};
+use super::{Accelerate, Preset, QuickPreset, Study, StudyHelp, StudySettings};
+use crate::driver::metrics::{runs_table, settings_rows, RunColumn};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Outcome, TrainingStatus};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, ExperimentSettings, Outcome, RunTable,
+    TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
 use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 /// The six networks of the study.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -154,17 +156,14 @@ impl std::str::FromStr for Variant {
 /// The study's own settings (beside [`CommonSettings`] in [`Settings`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AccelerateSettings {
-    /// Networks to train, in order.
-    pub variants: Vec<Variant>,
-    /// Steps over which the baseline's learning rate halves (variants with a decay speed-up halve
-    /// faster).
-    pub half_life: u64,
+    /// The networks to train, the steps over which the baseline's learning rate halves (variants
+    /// with a decay speed-up halve faster), the channels of the two conv layers.
+    #[serde(flatten)]
+    pub study: StudySettings<Variant>,
     /// SGD momentum.
     pub momentum: f32,
     /// The baseline's L2 weight decay (on conv and linear weights).
     pub weight_decay: f32,
-    /// Output channels of the two conv layers.
-    pub channels: [usize; 2],
     /// Width of the hidden linear layer.
     pub hidden: usize,
     /// Drop probability of the dropout layers.
@@ -174,43 +173,39 @@ pub struct AccelerateSettings {
 /// Everything that defines a study.
 pub type Settings = driver::Settings<AccelerateSettings>;
 
-/// The study's choices of the common settings: 4000 steps of batches of 64 at base learning rate
-/// 0.01, evaluated every 200 steps.
-pub const DEFAULTS: Defaults = Defaults::new(4000, 200, 64, 0.01);
+impl Preset for AccelerateSettings {
+    /// 4000 steps of batches of 64 at base learning rate 0.01, evaluated every 200 steps.
+    const DEFAULTS: Defaults = Defaults::new(4000, 200, 64, 0.01);
+    /// 120 steps, evaluations every 40, 5 population batches, channels 4, 8 (and a hidden layer of
+    /// 32: [`Preset::quick_own`]).
+    const QUICK: QuickPreset = QuickPreset::new(120, 40, 5, [4, 8]);
 
-/// What `--quick` changes: 120 steps, evaluations every 40, 5 population batches, channels 4, 8
-/// and a hidden layer of 32.
-pub const QUICK: QuickPreset = QuickPreset::new(120, 40, 5, [4, 8], 32);
+    /// A hidden layer of 32.
+    fn quick_own(&mut self) {
+        self.hidden = 32;
+    }
 
-impl Settings {
-    /// The default study writing to `out`.
-    pub fn new(out: PathBuf) -> Self {
-        Settings {
-            common: CommonSettings::new(DEFAULTS, out),
-            experiment: AccelerateSettings {
-                variants: <Variant as driver::Variant>::ALL.to_vec(),
-                half_life: default_half_life(DEFAULTS.steps),
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                channels: [8, 16],
-                hidden: 100,
-                dropout: 0.5,
-            },
+    fn study(&mut self) -> &mut StudySettings<Variant> {
+        &mut self.study
+    }
+
+    fn defaults() -> Self {
+        AccelerateSettings {
+            study: StudySettings::new([8, 16], Self::DEFAULTS.steps),
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            hidden: 100,
+            dropout: 0.5,
         }
     }
+}
 
-    /// A run of a few seconds for CI: 120 steps, evaluations every 40, smaller net.
-    pub fn quick(mut self) -> Self {
-        (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
-        self.experiment.half_life = default_half_life(QUICK.steps);
-        self
-    }
-
+impl Settings {
     /// The conv net of `variant`.
     pub fn conv_net(&self, variant: Variant) -> ConvNet {
         let r = variant.recipe();
         ConvNet {
-            channels: self.experiment.channels,
+            channels: self.experiment.study.channels,
             hidden: self.experiment.hidden,
             sigmoid: r.sigmoid,
             dropout: r.dropout.then_some(self.experiment.dropout),
@@ -221,7 +216,7 @@ impl Settings {
     /// The learning-rate schedule of `variant`.
     pub fn schedule(&self, variant: Variant) -> LrSchedule {
         LrSchedule::Exponential {
-            every: self.experiment.half_life,
+            every: self.experiment.study.half_life,
             rate: 0.5,
             speedup: variant.recipe().decay_speedup,
         }
@@ -234,13 +229,18 @@ impl Settings {
     }
 }
 
-impl AccelerateSettings {
-    /// Rejects settings that cannot run.
-    pub fn check(&self) -> Result<()> {
-        ensure!(self.half_life > 0, "--half-life must be > 0");
-        check_training(self.momentum, self.weight_decay, self.channels, self.hidden)?;
+impl ExperimentSettings for AccelerateSettings {
+    type Variant = Variant;
+
+    fn check(&self, _common: &CommonSettings) -> Result<()> {
+        self.study.check()?;
+        check_training(self.momentum, self.weight_decay, self.study.channels, self.hidden)?;
         ensure!((0.0..1.0).contains(&self.dropout), "--dropout must be in [0, 1)");
         Ok(())
+    }
+
+    fn variants(&self) -> &[Variant] {
+        &self.study.variants
     }
 }
 
@@ -273,10 +273,10 @@ pub fn build_for_rank(
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
     /// Variant name.
-    pub variant: &'static str,
+    pub variant: String,
     /// Training steps done.
     pub step: u64,
     /// Test-set accuracy (`None` on the line that reports divergence).
@@ -284,22 +284,6 @@ pub struct Metric {
     /// Training since the previous evaluation: loss, learning rate, divergence.
     #[serde(flatten)]
     pub training: TrainingStatus,
-}
-
-impl MetricLine for Metric {
-    fn variant_name(&self) -> &str {
-        self.variant
-    }
-    fn step(&self) -> u64 {
-        self.step
-    }
-    fn from_json(line: &serde_json::Value) -> Result<Self> {
-        Metric::from_json(line)
-    }
-    /// A divergence line lies past the variant's last checkpoint; it is written again.
-    fn kept_on_resume(&self) -> bool {
-        !self.training.diverged
-    }
 }
 
 /// One row of the Figure 3 table.
@@ -425,30 +409,14 @@ pub const TABLE_HEADER: [&str; 6] = [
     "diverged at",
 ];
 
-/// The "accelerating BN networks" study (Figure 3): SGD with momentum, a diverging variant stops
-/// and the others go on.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Accelerate;
-
 impl Experiment for Accelerate {
     type Settings = AccelerateSettings;
-    type Variant = Variant;
     type Metric = Metric;
-    type Probe = ();
-    type Report = Table;
     const NAME: &'static str = "accelerate";
-
-    fn variants(&self, s: &Settings) -> Vec<Variant> {
-        s.experiment.variants.clone()
-    }
-
-    fn check(&self, s: &Settings) -> Result<()> {
-        s.experiment.check()
-    }
 
     /// The largest of the variants' nets ([`ConvNet::memory_estimate`]).
     fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
-        let bytes = (s.experiment.variants.iter())
+        let bytes = (s.experiment.study.variants.iter())
             .map(|&v| {
                 let net = s.conv_net(v);
                 net.memory_estimate(
@@ -467,9 +435,9 @@ impl Experiment for Accelerate {
         )
     }
 
-    fn build(&self, s: &Settings, variant: Variant, data: &Data, rank: usize) -> Result<Built<()>> {
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, rank: usize) -> Result<Built> {
         let net = build_for_rank(s, variant, data.train.rows, data.train.cols, data.classes, rank)?;
-        Ok(Built { net, probe: () })
+        Ok(Built { net, monitor: None })
     }
 
     fn optimizer(&self, s: &Settings, variant: Variant) -> Sgd {
@@ -484,18 +452,18 @@ impl Experiment for Accelerate {
         s.lr_at(variant, step)
     }
 
-    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
-        Metric {
-            variant: variant.name(),
+    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
+        Ok(Metric {
+            variant: variant.name().into(),
             step: eval.step,
             test_acc: Some(eval.test_acc),
             training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
-        }
+        })
     }
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
         Some(Metric {
-            variant: variant.name(),
+            variant: variant.name().into(),
             step,
             test_acc: None,
             training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
@@ -515,11 +483,11 @@ impl Experiment for Accelerate {
         dropout_to_rank(net, parallel::shard(batch, 0, writer_processes).len(), local)
     }
 
-    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
-        let names: Vec<&str> = s.experiment.variants.iter().map(|v| v.name()).collect();
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Option<RunTable>> {
+        let names: Vec<&str> = s.experiment.study.variants.iter().map(|v| v.name()).collect();
         let table = figure3_table(&names, &o.metrics);
         write_outputs(s, o, &table)?;
-        Ok(table)
+        Ok(Some(RunTable::new(&table, table.markdown())?))
     }
 }
 
@@ -532,19 +500,6 @@ impl Study for Accelerate {
         quick: "A short run for CI: 120 steps, evaluations every 40, a smaller net (4, 8 channels, 32 hidden), 5 \
                 population batches (each can still be set by its flag)",
     };
-
-    fn defaults(quick: bool) -> AccelerateSettings {
-        let s = Settings::new(PathBuf::new());
-        if quick { s.quick() } else { s }.experiment
-    }
-
-    fn flag_settings(a: &mut AccelerateSettings) -> FlagSettings<'_, Variant> {
-        FlagSettings {
-            variants: &mut a.variants,
-            half_life: &mut a.half_life,
-            channels: &mut a.channels,
-        }
-    }
 }
 
 /// Moves the dropout generators of a network restored from a checkpoint (which holds the
@@ -572,38 +527,10 @@ fn dropout_to_rank(net: &mut Sequential, rank0_shard: usize, shard: usize) -> Re
     Ok(())
 }
 
-impl Metric {
-    /// A line of `metrics.jsonl` read back (resuming a study). Rejects an unknown variant or
-    /// missing fields.
-    fn from_json(v: &serde_json::Value) -> Result<Metric> {
-        #[derive(Deserialize)]
-        struct Line {
-            variant: String,
-            step: u64,
-            test_acc: Option<f64>,
-            #[serde(flatten)]
-            training: TrainingStatus,
-        }
-        let l: Line = serde_json::from_value(v.clone()).context("metrics.jsonl: a line is not a metrics record")?;
-        let variant = Variant::from_name(&l.variant)
-            .with_context(|| format!("metrics.jsonl: unknown variant `{}`", l.variant))?;
-        Ok(Metric {
-            variant: variant.name(),
-            step: l.step,
-            test_acc: l.test_acc,
-            training: l.training,
-        })
-    }
-}
-
-/// Writes table.json, table.md, the accuracy plot and report.html.
+/// Writes the accuracy plot and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, a, out) = (&s.common, &s.experiment, &s.common.out);
-    write_table(out, table, &table.markdown())?;
-
-    let series: Vec<Series> = a
-        .variants
-        .iter()
+    let series: Vec<Series> = (a.study.variants.iter())
         .map(|v| {
             let points = o
                 .metrics
@@ -631,8 +558,8 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
          before each nonlinearity and, for ×5 and ×30, raise the learning rate, remove dropout and LRN, cut \
          the weight decay 5× and decay the learning rate 6× faster. All variants train for {steps} steps \
          and are evaluated every {e} steps.",
-        c1 = a.channels[0],
-        c2 = a.channels[1],
+        c1 = a.study.channels[0],
+        c2 = a.study.channels[1],
         h = a.hidden,
         m = a.momentum,
         b = c.batch,
@@ -648,7 +575,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         &table.html_rows(),
     );
     use RunColumn::{FinalTestAcc, MsPerStep, Seconds, Steps};
-    let names = a.variants.iter().map(|v| (v.name(), v.name()));
+    let names = a.study.variants.iter().map(|v| (v.name(), v.name()));
     let (header, rows) = runs_table(names, &o.summaries, &[FinalTestAcc, MsPerStep, Seconds, Steps]);
     if c.processes > 1 {
         page.paragraph(&driver::data_parallel_text(c));

@@ -13,7 +13,6 @@
 //! He-initialised, linear weights from N(0, 2/fan_in), all drawn in layer order from one generator
 //! seeded with the run's seed, so every variant of a study starts from the same weights.
 
-use crate::driver::CommonSettings;
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Dropout, Layer, Linear, Lrn, MaxPool2d, Relu, Sequential, Sigmoid,
 };
@@ -171,49 +170,4 @@ pub fn check_sgd(momentum: f32, weight_decay: f32) -> Result<()> {
 /// The learning rate's default half-life for a run of `steps` steps: a third of the run.
 pub fn default_half_life(steps: u64) -> u64 {
     (steps / 3).max(1)
-}
-
-/// A conv study's `--quick` preset: a run of seconds for CI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuickPreset {
-    /// Training steps.
-    pub steps: u64,
-    /// Steps between evaluations.
-    pub eval_every: u64,
-    /// Training batches of the population statistics.
-    pub population_batches: usize,
-    /// Output channels of the conv layers.
-    pub channels: [usize; 2],
-    /// Width of the hidden layer.
-    pub hidden: usize,
-}
-
-impl QuickPreset {
-    /// `steps` steps evaluated every `eval_every`, `population_batches` population batches, a net
-    /// of `channels` and `hidden`.
-    pub const fn new(
-        steps: u64,
-        eval_every: u64,
-        population_batches: usize,
-        channels: [usize; 2],
-        hidden: usize,
-    ) -> Self {
-        QuickPreset {
-            steps,
-            eval_every,
-            population_batches,
-            channels,
-            hidden,
-        }
-    }
-
-    /// Sets the preset's common settings (no checkpoints but the last) and returns the net's
-    /// channels and hidden width.
-    pub fn apply(&self, common: &mut CommonSettings) -> ([usize; 2], usize) {
-        common.steps = self.steps;
-        common.eval_every = self.eval_every;
-        common.checkpoint_every = None;
-        common.population_batches = self.population_batches;
-        (self.channels, self.hidden)
-    }
 }

@@ -2,13 +2,10 @@
 //! `small-batch`, `padded`: under its training lengths), optionally with batch norm folded into
 //! the linear layers and convolutions before it.
 
-use super::accelerate::Accelerate;
-use super::padded::Padded;
-use super::paper_mlp::PaperMlp;
-use super::small_batch::SmallBatch;
+use super::{Accelerate, Padded, PaperMlp, SmallBatch};
 use crate::driver::evaluate::{count_correct, use_population_stats};
 use crate::driver::train::VariantPrep;
-use crate::driver::{self, BnStats, Data, Experiment, Settings, Variant};
+use crate::driver::{self, BnStats, Data, Experiment, ExperimentSettings, Settings, Variant, VariantOf};
 use crate::engine::checkpoint::Checkpoint;
 use crate::engine::fold::fold_batchnorm;
 use crate::engine::Sgd;
@@ -84,7 +81,7 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
     let path = &opts.checkpoint;
     let invalid = || format!("{}: the settings in the checkpoint are invalid", path.display());
     let mut s: Settings<E::Settings> = serde_json::from_value(ck.settings.clone()).with_context(invalid)?;
-    let variant = E::Variant::from_name(&ck.variant)
+    let variant = VariantOf::<E>::from_name(&ck.variant)
         .with_context(|| format!("{}: unknown variant `{}`", path.display(), ck.variant))?;
     if let Some(d) = &opts.data {
         s.common.data_dir = d.clone();
@@ -95,7 +92,7 @@ fn eval_with<E: Experiment>(experiment: &E, ck: &Checkpoint, opts: &EvalOptions)
     // Threads are not the checkpoint's business here: the caller's pool runs the evaluation.
     s.common.threads = s.common.threads.clamp(1, driver::settings::MAX_THREADS);
     s.common.check().with_context(invalid)?;
-    experiment.check(&s).with_context(invalid)?;
+    s.experiment.check(&s.common).with_context(invalid)?;
     let data = Data::load(&s.common.data_dir, E::CLASSES)?;
     let mut net = experiment.build(&s, variant, &data, 0)?.net;
     ck.restore(&mut net, &mut Sgd::new(0.0, 0.0)).with_context(|| {

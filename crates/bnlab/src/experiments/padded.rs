@@ -41,12 +41,12 @@
 
 use super::convnet::check_sgd;
 pub use super::convnet::default_half_life;
-use super::{FlagSettings, Study, StudyHelp};
+use super::{Padded, Preset, QuickPreset, Study, StudyHelp, StudySettings};
 use crate::data::batches::{below, epoch_key};
-use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
 use crate::driver::{
-    self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Gathered, Outcome, Pass, TrainingStatus,
+    self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, ExperimentSettings, Gathered, Outcome, Pass,
+    RunTable, StudyLine, TrainingStatus,
 };
 use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
@@ -57,7 +57,6 @@ use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 /// The networks of the study (named `bn`, `masked-bn`, `no-bn` in flags, files and JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -198,8 +197,10 @@ pub fn parse_pad_value(s: &str) -> Result<f32, String> {
 /// The study's own settings (beside [`CommonSettings`] in [`Settings`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaddedSettings {
-    /// Networks to train, in order.
-    pub variants: Vec<Variant>,
+    /// The networks to train, the steps over which the learning rate halves, the channels of the
+    /// two convolutions.
+    #[serde(flatten)]
+    pub study: StudySettings<Variant>,
     /// Sequence lengths in training (and in the population statistics).
     pub train_lengths: Lengths,
     /// The test conditions after the training lengths: each evaluation measures the test set under
@@ -208,10 +209,6 @@ pub struct PaddedSettings {
     /// What the padded steps hold.
     #[serde(with = "pad_value")]
     pub pad_value: f32,
-    /// Output channels of the two convolutions.
-    pub channels: [usize; 2],
-    /// Steps over which the learning rate halves.
-    pub half_life: u64,
     /// SGD momentum.
     pub momentum: f32,
     /// L2 weight decay (on conv and linear weights).
@@ -221,55 +218,34 @@ pub struct PaddedSettings {
 /// Everything that defines a study.
 pub type Settings = driver::Settings<PaddedSettings>;
 
-/// The study's choices of the common settings: 3000 steps of batches of 64 at rate 0.05,
-/// evaluated every 500.
-pub const DEFAULTS: Defaults = Defaults::new(3000, 500, 64, 0.05);
-
 /// The convolutions' kernel (over time).
 pub const KERNEL: usize = 3;
 
-/// What `--quick` changes: a run of seconds for CI.
-pub mod quick {
-    /// Training steps.
-    pub const STEPS: u64 = 30;
-    /// Steps between evaluations.
-    pub const EVAL_EVERY: u64 = 10;
-    /// Output channels of the convolutions.
-    pub const CHANNELS: [usize; 2] = [8, 8];
-    /// Training batches of the population statistics.
-    pub const POPULATION_BATCHES: usize = 2;
+impl Preset for PaddedSettings {
+    /// 3000 steps of batches of 64 at rate 0.05, evaluated every 500.
+    const DEFAULTS: Defaults = Defaults::new(3000, 500, 64, 0.05);
+    /// 30 steps, evaluations every 10, 2 population batches, 8 channels per convolution.
+    const QUICK: QuickPreset = QuickPreset::new(30, 10, 2, [8, 8]);
+
+    fn study(&mut self) -> &mut StudySettings<Variant> {
+        &mut self.study
+    }
+
+    /// Trained on lengths 8–28, tested on those, on full-length sequences (28) and on heavy
+    /// padding (4–10).
+    fn defaults() -> Self {
+        PaddedSettings {
+            study: StudySettings::new([32, 32], Self::DEFAULTS.steps),
+            train_lengths: Lengths { min: 8, max: 28 },
+            test_lengths: vec![Lengths { min: 28, max: 28 }, Lengths { min: 4, max: 10 }],
+            pad_value: 0.0,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        }
+    }
 }
 
 impl Settings {
-    /// The default study writing to `out`: trained on lengths 8–28, tested on those, on
-    /// full-length sequences (28) and on heavy padding (4–10).
-    pub fn new(out: PathBuf) -> Self {
-        Settings {
-            common: CommonSettings::new(DEFAULTS, out),
-            experiment: PaddedSettings {
-                variants: <Variant as driver::Variant>::ALL.to_vec(),
-                train_lengths: Lengths { min: 8, max: 28 },
-                test_lengths: vec![Lengths { min: 28, max: 28 }, Lengths { min: 4, max: 10 }],
-                pad_value: 0.0,
-                channels: [32, 32],
-                half_life: default_half_life(DEFAULTS.steps),
-                momentum: 0.9,
-                weight_decay: 1e-4,
-            },
-        }
-    }
-
-    /// A run of seconds for CI ([`quick`]).
-    pub fn quick(mut self) -> Self {
-        self.common.steps = quick::STEPS;
-        self.common.eval_every = quick::EVAL_EVERY;
-        self.common.checkpoint_every = None;
-        self.common.population_batches = quick::POPULATION_BATCHES;
-        self.experiment.half_life = default_half_life(quick::STEPS);
-        self.experiment.channels = quick::CHANNELS;
-        self
-    }
-
     /// The length distribution of each test condition: the training lengths, then
     /// `--test-lengths`.
     pub fn conditions(&self) -> Vec<Lengths> {
@@ -282,7 +258,7 @@ impl Settings {
     /// The learning rate at `step` (0-based): `--lr`, halving every `--half-life` steps.
     pub fn lr_at(&self, step: u64) -> f64 {
         LrSchedule::Exponential {
-            every: self.experiment.half_life,
+            every: self.experiment.study.half_life,
             rate: 0.5,
             speedup: 1.0,
         }
@@ -290,12 +266,14 @@ impl Settings {
     }
 }
 
-impl PaddedSettings {
-    /// Rejects settings that cannot run (the lengths against the data are checked by [`build`]).
-    pub fn check(&self) -> Result<()> {
-        ensure!(self.half_life > 0, "--half-life must be > 0");
+impl ExperimentSettings for PaddedSettings {
+    type Variant = Variant;
+
+    /// The lengths against the data are checked by [`build`].
+    fn check(&self, _common: &CommonSettings) -> Result<()> {
+        self.study.check()?;
         check_sgd(self.momentum, self.weight_decay)?;
-        ensure!(self.channels.iter().all(|&c| c > 0), "--channels must be > 0");
+        ensure!(self.study.channels.iter().all(|&c| c > 0), "--channels must be > 0");
         for l in std::iter::once(&self.train_lengths).chain(&self.test_lengths) {
             ensure!(
                 l.min >= 1 && l.min <= l.max,
@@ -305,6 +283,10 @@ impl PaddedSettings {
             );
         }
         Ok(())
+    }
+
+    fn variants(&self) -> &[Variant] {
+        &self.study.variants
     }
 }
 
@@ -359,7 +341,7 @@ pub fn build(
     let bn = variant != Variant::NoBn;
     let mut layers: Vec<Box<dyn Layer>> = Vec::new();
     let mut c = features;
-    for &out_c in &s.experiment.channels {
+    for &out_c in &s.experiment.study.channels {
         if variant.masked() {
             layers.push(Box::new(ZeroMasked::new(c, steps)?));
         }
@@ -399,36 +381,14 @@ pub struct ConditionAcc {
     pub test_acc: Option<f64>,
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (its `test_acc`: under the training lengths).
+pub type Metric = StudyLine<Variant, Conditions>;
+
+/// The study's own fields of a line of `metrics.jsonl` ([`Metric`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metric {
-    /// The variant.
-    pub variant: Variant,
-    /// Training steps done.
-    pub step: u64,
-    /// Test accuracy under the training lengths (`None` on the line that reports divergence).
-    pub test_acc: Option<f64>,
+pub struct Conditions {
     /// Test accuracy under each test condition: the training lengths, then `--test-lengths`.
     pub conditions: Vec<ConditionAcc>,
-    /// Training since the previous evaluation: loss, learning rate, divergence.
-    #[serde(flatten)]
-    pub training: TrainingStatus,
-}
-
-impl MetricLine for Metric {
-    fn variant_name(&self) -> &str {
-        self.variant.name()
-    }
-    fn step(&self) -> u64 {
-        self.step
-    }
-    fn from_json(line: &serde_json::Value) -> Result<Self> {
-        serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record of `padded`")
-    }
-    /// A divergence line lies past the variant's last checkpoint; it is written again.
-    fn kept_on_resume(&self) -> bool {
-        !self.training.diverged
-    }
 }
 
 /// One row of the table: a variant's last evaluation.
@@ -463,14 +423,14 @@ pub struct Table {
 /// sequences' padded length.
 pub fn table(s: &Settings, steps: usize, metrics: &[Metric]) -> Table {
     let conditions = s.conditions();
-    let rows = (s.experiment.variants.iter())
+    let rows = (s.experiment.study.variants.iter())
         .map(|v| {
             let mine = || metrics.iter().filter(|m| m.variant == *v);
             let last = mine().rfind(|m| !m.training.diverged);
             Row {
                 variant: v.name().to_string(),
                 test_acc: (0..conditions.len())
-                    .map(|i| last.and_then(|m| m.conditions.get(i)).and_then(|c| c.test_acc))
+                    .map(|i| last.and_then(|m| m.own.conditions.get(i)).and_then(|c| c.test_acc))
                     .collect(),
                 diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
@@ -536,7 +496,7 @@ impl Metric {
             variant,
             step,
             test_acc: eval.map(|e| e.test_acc),
-            conditions,
+            own: Conditions { conditions },
             training: match eval {
                 Some(e) => TrainingStatus::evaluated(e.train_loss, s.lr_at(step - 1)),
                 None => TrainingStatus::diverged(s.lr_at(step - 1)),
@@ -545,29 +505,14 @@ impl Metric {
     }
 }
 
-/// The study (see the module docs): a diverging variant stops and the others go on.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Padded;
-
 impl Experiment for Padded {
     type Settings = PaddedSettings;
-    type Variant = Variant;
     type Metric = Metric;
-    type Probe = ();
-    type Report = Table;
     const NAME: &'static str = "padded";
-
-    fn variants(&self, s: &Settings) -> Vec<Variant> {
-        s.experiment.variants.clone()
-    }
-
-    fn check(&self, s: &Settings) -> Result<()> {
-        s.experiment.check()
-    }
 
     fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
         let (steps, features) = (data.train.rows as u64, data.train.cols as u64);
-        let [c1, c2] = s.experiment.channels.map(|c| c as u64);
+        let [c1, c2] = s.experiment.study.channels.map(|c| c as u64);
         let k = KERNEL as u64;
         let params = k * (features * c1 + c1 * c2) + 4 * (c1 + c2) + (c2 + 1) * data.classes as u64;
         // Per example: the input and its mask layer, conv, BN, ReLU and mask layer per block, the
@@ -582,7 +527,7 @@ impl Experiment for Padded {
         )
     }
 
-    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<()>> {
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built> {
         let (steps, features) = (data.train.rows, data.train.cols);
         for l in s.conditions() {
             ensure!(
@@ -599,7 +544,7 @@ impl Experiment for Padded {
             }
         };
         let net = build(s, variant, (steps, features, data.classes), &norm)?;
-        Ok(Built { net, probe: () })
+        Ok(Built { net, monitor: None })
     }
 
     /// Cuts and pads the batch's sequences to their lengths (the training lengths for training and
@@ -642,20 +587,20 @@ impl Experiment for Padded {
         s.lr_at(step)
     }
 
-    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
-        Metric::new(s, variant, eval.step, Some(eval))
+    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
+        Ok(Metric::new(s, variant, eval.step, Some(eval)))
     }
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
         Some(Metric::new(s, variant, step, None))
     }
 
-    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Option<RunTable>> {
         // The padded length, for the padding fractions: the rows of the images the run evaluated.
         let test = crate::data::load_split(&s.common.data_dir, crate::data::Split::Test)?;
         let table = table(s, test.rows, &o.metrics);
         write_outputs(s, o, &table)?;
-        Ok(table)
+        Ok(Some(RunTable::new(&table, table.markdown())?))
     }
 }
 
@@ -667,26 +612,11 @@ impl Study for Padded {
         quick: "A short run for CI: 30 steps, evaluations every 10, 8 channels per convolution, 2 population batches \
                 (each can still be set by its flag)",
     };
-
-    fn defaults(quick: bool) -> PaddedSettings {
-        let s = Settings::new(PathBuf::new());
-        if quick { s.quick() } else { s }.experiment
-    }
-
-    fn flag_settings(e: &mut PaddedSettings) -> FlagSettings<'_, Variant> {
-        FlagSettings {
-            variants: &mut e.variants,
-            half_life: &mut e.half_life,
-            channels: &mut e.channels,
-        }
-    }
 }
 
-/// Writes table.json, table.md, the plots and report.html.
+/// Writes the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
-    write_table(out, table, &table.markdown())?;
-
     let mut figures = Vec::new();
     // Final accuracy against the test padding, one line per variant.
     let series: Vec<Series> = (table.rows.iter())
@@ -705,7 +635,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         &series,
     )?);
     // Training curves: accuracy under the training lengths against steps.
-    let series: Vec<Series> = (e.variants.iter())
+    let series: Vec<Series> = (e.study.variants.iter())
         .map(|v| {
             let points = (o.metrics.iter())
                 .filter(|m| m.variant == *v)
@@ -728,16 +658,16 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
          lengths) on test sequences of other lengths.",
         train = e.train_lengths,
         pad = pad_value_text(e.pad_value),
-        c1 = e.channels[0],
-        c2 = e.channels[1],
+        c1 = e.study.channels[0],
+        c2 = e.study.channels[1],
         m = e.momentum,
         lr = c.lr,
-        hl = e.half_life,
+        hl = e.study.half_life,
         b = c.batch,
         steps = c.steps,
     ));
     let table = ("Final test accuracy by test sequence lengths", table.display_rows());
-    driver::finish_study_report(page, s, table, &e.variants, o, &figures)
+    driver::finish_study_report(page, s, table, &e.study.variants, o, &figures)
 }
 
 /// Draws `series` as a plot of test accuracy (0 to 1) against `x_label` and writes it into `out` as

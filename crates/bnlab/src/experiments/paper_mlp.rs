@@ -2,9 +2,13 @@
 //! with and without batch norm; test accuracy over training (Fig. 1a) and the 15th/50th/85th
 //! percentiles of one last-hidden-layer sigmoid's input (Fig. 1b,c).
 
-use crate::driver::metrics::{runs_table, settings_rows, MetricLine, RunColumn};
+use super::PaperMlp;
+use crate::driver::metrics::{runs_table, settings_rows, RunColumn};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, Outcome};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Divergence, Evaluation, Experiment, ExperimentSettings, Outcome,
+    RunTable,
+};
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
 use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
@@ -43,6 +47,22 @@ pub struct PaperMlpSettings {
     pub variants: Vec<Variant>,
     /// Standard deviation of the Gaussian weight initialization.
     pub init_std: f32,
+}
+
+impl ExperimentSettings for PaperMlpSettings {
+    type Variant = Variant;
+
+    fn check(&self, _common: &CommonSettings) -> Result<()> {
+        ensure!(
+            self.init_std.is_finite() && self.init_std > 0.0,
+            "--init-std must be a finite number > 0"
+        );
+        Ok(())
+    }
+
+    fn variants(&self) -> &[Variant] {
+        &self.variants
+    }
 }
 
 /// Everything that defines a run of this experiment.
@@ -127,42 +147,10 @@ pub struct Metric {
     pub pooled_p85: f64,
 }
 
-impl MetricLine for Metric {
-    fn variant_name(&self) -> &str {
-        driver::Variant::name(self.variant)
-    }
-    fn step(&self) -> u64 {
-        self.step
-    }
-    fn from_json(line: &serde_json::Value) -> Result<Self> {
-        serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a paper-mlp metrics record")
-    }
-}
-
-/// The paper's MNIST experiment (Figure 1): plain SGD, a diverging variant ends the run.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PaperMlp;
-
 impl Experiment for PaperMlp {
     const NAME: &'static str = "paper-mlp";
     type Settings = PaperMlpSettings;
-    type Variant = Variant;
     type Metric = Metric;
-    type Probe = Monitor;
-    type Report = ();
-
-    fn variants(&self, s: &Settings) -> Vec<Variant> {
-        s.experiment.variants.clone()
-    }
-
-    fn check(&self, s: &Settings) -> Result<()> {
-        let init_std = s.experiment.init_std;
-        ensure!(
-            init_std.is_finite() && init_std > 0.0,
-            "--init-std must be a finite number > 0"
-        );
-        Ok(())
-    }
 
     /// Weights, gradients and every layer's output and gradient for a training batch and an
     /// evaluation chunk (f32), and the monitor's values: one per test example and hidden unit.
@@ -176,7 +164,7 @@ impl Experiment for PaperMlp {
         (4 * floats, "--batch")
     }
 
-    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<Monitor>> {
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built> {
         let c = &s.common;
         let features = data.train.features();
         let (net, watched) = build(
@@ -187,8 +175,11 @@ impl Experiment for PaperMlp {
             c.seed,
             c.bn_config(),
         )?;
-        let probe = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
-        Ok(Built { net, probe })
+        let monitor = Monitor::new(watched, Watch::Input, WATCHED_UNIT, PERCENTILES.to_vec());
+        Ok(Built {
+            net,
+            monitor: Some(monitor),
+        })
     }
 
     fn optimizer(&self, _s: &Settings, _variant: Variant) -> Sgd {
@@ -203,9 +194,10 @@ impl Experiment for PaperMlp {
         Divergence::Fail
     }
 
-    fn metric(&self, _s: &Settings, variant: Variant, eval: &Evaluation, monitor: &mut Monitor) -> Metric {
-        let summary = monitor.summary();
-        Metric {
+    /// Rejects an evaluation without the watched sigmoid's percentiles.
+    fn metric(&self, _s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
+        let summary = (eval.watched.as_ref()).context("an evaluation without the watched sigmoid's percentiles")?;
+        Ok(Metric {
             variant,
             step: eval.step,
             test_acc: eval.test_acc,
@@ -216,15 +208,17 @@ impl Experiment for PaperMlp {
             pooled_p15: summary.pooled[0],
             pooled_p50: summary.pooled[1],
             pooled_p85: summary.pooled[2],
-        }
+        })
     }
 
     fn diverged_line(&self, _s: &Settings, _variant: Variant, _step: u64) -> Option<Metric> {
         None
     }
 
-    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<()> {
-        write_outputs(s, o)
+    /// Figure 1 has no table.
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Option<RunTable>> {
+        write_outputs(s, o)?;
+        Ok(None)
     }
 }
 
@@ -232,7 +226,7 @@ impl Experiment for PaperMlp {
 fn write_outputs(s: &Settings, o: &Outcome<Metric>) -> Result<()> {
     let out = &s.common.out;
     let variants: Vec<&'static str> = s.experiment.variants.iter().map(|v| v.name()).collect();
-    let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant_name() == v);
+    let of = |v: &'static str| o.metrics.iter().filter(move |m| m.variant.name() == v);
     let series: Vec<Series> = variants
         .iter()
         .map(|v| Series {

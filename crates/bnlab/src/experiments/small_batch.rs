@@ -27,18 +27,19 @@
 //! Keras keep it): the metrics hold both, and the gap between them is one of the findings.
 
 pub use super::convnet::default_half_life;
-use super::convnet::{check_training, ConvNet, Norm, QuickPreset};
-use super::{FlagSettings, Study, StudyHelp};
+use super::convnet::{check_training, ConvNet, Norm};
+use super::{Preset, QuickPreset, SmallBatch, Study, StudyHelp, StudySettings};
 use crate::data::{BatchOrder, ClassGroupedBatches, EpochShuffler};
-use crate::driver::metrics::{write_table, MetricLine};
 use crate::driver::Variant as _;
-use crate::driver::{self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, Outcome, TrainingStatus};
+use crate::driver::{
+    self, Built, CommonSettings, Data, Defaults, Evaluation, Experiment, ExperimentSettings, Outcome, RunTable,
+    StudyLine, TrainingStatus,
+};
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
 use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use batchnorm::{BatchNormConfig, RenormSchedule};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 /// How a variant normalizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -184,18 +185,16 @@ pub enum BatchMode {
 /// The study's own settings (beside [`CommonSettings`] in [`Settings`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SmallBatchSettings {
-    /// Networks to train, in order.
-    pub variants: Vec<Variant>,
+    /// The networks to train, the reference steps over which the learning rate halves, the
+    /// channels of the two conv layers.
+    #[serde(flatten)]
+    pub study: StudySettings<Variant>,
     /// How mini-batches are drawn.
     pub batches: BatchMode,
     /// Classes per batch with `grouped` batches.
     pub classes_per_batch: usize,
-    /// Reference steps over which the learning rate halves.
-    pub half_life: u64,
     /// Reference steps of plain batch norm before the `frozen` variants freeze.
     pub freeze_after: u64,
-    /// Output channels of the two conv layers.
-    pub channels: [usize; 2],
     /// Width of the hidden linear layer.
     pub hidden: usize,
     /// SGD momentum.
@@ -207,47 +206,44 @@ pub struct SmallBatchSettings {
 /// Everything that defines a study.
 pub type Settings = driver::Settings<SmallBatchSettings>;
 
-/// The study's choices of the common settings, at the reference batch of 64: 1500 steps (96,000
-/// examples, 1.6 epochs) at rate 0.02, evaluated every 300.
-pub const DEFAULTS: Defaults = Defaults::new(1500, 300, 64, 0.02);
-
-/// What `--quick` changes: 8 reference steps, evaluations every 4, 2 population batches, a tiny
-/// net (channels 2, 4, hidden 16).
-pub const QUICK: QuickPreset = QuickPreset::new(8, 4, 2, [2, 4], 16);
-
 /// The default of `--freeze-after` for a run of `steps` reference steps: the frozen variants
 /// freeze after a quarter of the run (the rate halves every third: [`default_half_life`]).
 pub fn default_freeze_after(steps: u64) -> u64 {
     steps / 4
 }
 
-impl Settings {
-    /// The default study writing to `out`.
-    pub fn new(out: PathBuf) -> Self {
-        Settings {
-            common: CommonSettings::new(DEFAULTS, out),
-            experiment: SmallBatchSettings {
-                variants: VARIANTS.to_vec(),
-                batches: BatchMode::Iid,
-                classes_per_batch: 2,
-                half_life: default_half_life(DEFAULTS.steps),
-                freeze_after: default_freeze_after(DEFAULTS.steps),
-                channels: [8, 16],
-                hidden: 100,
-                momentum: 0.9,
-                weight_decay: 1e-4,
-            },
+impl Preset for SmallBatchSettings {
+    /// At the reference batch of 64: 1500 steps (96,000 examples, 1.6 epochs) at rate 0.02,
+    /// evaluated every 300.
+    const DEFAULTS: Defaults = Defaults::new(1500, 300, 64, 0.02);
+    /// 8 reference steps, evaluations every 4, 2 population batches, a tiny net (channels 2, 4;
+    /// hidden 16: [`Preset::quick_own`]).
+    const QUICK: QuickPreset = QuickPreset::new(8, 4, 2, [2, 4]);
+
+    /// A hidden layer of 16, freezing after a quarter of the quick run.
+    fn quick_own(&mut self) {
+        self.hidden = 16;
+        self.freeze_after = default_freeze_after(Self::QUICK.steps);
+    }
+
+    fn study(&mut self) -> &mut StudySettings<Variant> {
+        &mut self.study
+    }
+
+    fn defaults() -> Self {
+        SmallBatchSettings {
+            study: StudySettings::new([8, 16], Self::DEFAULTS.steps),
+            batches: BatchMode::Iid,
+            classes_per_batch: 2,
+            freeze_after: default_freeze_after(Self::DEFAULTS.steps),
+            hidden: 100,
+            momentum: 0.9,
+            weight_decay: 1e-4,
         }
     }
+}
 
-    /// A run of seconds for CI.
-    pub fn quick(mut self) -> Self {
-        (self.experiment.channels, self.experiment.hidden) = QUICK.apply(&mut self.common);
-        self.experiment.half_life = default_half_life(QUICK.steps);
-        self.experiment.freeze_after = default_freeze_after(QUICK.steps);
-        self
-    }
-
+impl Settings {
     /// k = `--batch` / B: how many of `variant`'s steps make one reference step.
     pub fn steps_per_reference_step(&self, variant: Variant) -> u64 {
         (self.common.batch / variant.batch) as u64
@@ -259,7 +255,7 @@ impl Settings {
         let k = self.steps_per_reference_step(variant);
         let base = self.common.lr * variant.batch as f64 / self.common.batch as f64;
         LrSchedule::Exponential {
-            every: self.experiment.half_life * k,
+            every: self.experiment.study.half_life * k,
             rate: 0.5,
             speedup: 1.0,
         }
@@ -290,7 +286,7 @@ impl Settings {
     /// The conv net of every variant (the normalization aside).
     pub fn conv_net(&self) -> ConvNet {
         ConvNet {
-            channels: self.experiment.channels,
+            channels: self.experiment.study.channels,
             hidden: self.experiment.hidden,
             sigmoid: false,
             dropout: None,
@@ -299,17 +295,19 @@ impl Settings {
     }
 }
 
-impl SmallBatchSettings {
-    /// Rejects settings that cannot run (with the common ones, for the batch-size rules).
-    pub fn check(&self, common: &CommonSettings) -> Result<()> {
-        ensure!(self.half_life > 0, "--half-life must be > 0");
+impl ExperimentSettings for SmallBatchSettings {
+    type Variant = Variant;
+
+    /// With the common settings, for the batch-size rules.
+    fn check(&self, common: &CommonSettings) -> Result<()> {
+        self.study.check()?;
         ensure!(
             self.freeze_after < common.steps,
             "--freeze-after must be below --steps (the frozen variants would never freeze)"
         );
         ensure!(self.classes_per_batch > 0, "--classes-per-batch must be > 0");
-        check_training(self.momentum, self.weight_decay, self.channels, self.hidden)?;
-        for v in &self.variants {
+        check_training(self.momentum, self.weight_decay, self.study.channels, self.hidden)?;
+        for v in &self.study.variants {
             ensure!(
                 v.batch <= common.batch && common.batch.is_multiple_of(v.batch),
                 "variant `{}`: its batch of {} must divide the reference --batch {}",
@@ -320,68 +318,39 @@ impl SmallBatchSettings {
         }
         Ok(())
     }
+
+    fn variants(&self) -> &[Variant] {
+        &self.study.variants
+    }
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Metric {
-    /// Variant name.
-    pub variant: &'static str,
-    /// Its method.
-    pub method: &'static str,
+/// One line of `metrics.jsonl`: the variant's name, and its `test_acc` with the run's
+/// `bn_stats` (Algorithm 2's population statistics by default).
+pub type Metric = StudyLine<String, BatchFields>;
+
+/// The study's own fields of a line of `metrics.jsonl` ([`Metric`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchFields {
+    /// The variant's method.
+    pub method: String,
     /// Its mini-batch size.
     pub batch: usize,
-    /// Training steps done.
-    pub step: u64,
     /// Training examples seen (`step · batch`).
     pub examples: u64,
-    /// Test accuracy with the run's `bn_stats` (Algorithm 2's population statistics by default);
-    /// `None` on the line that reports divergence.
-    pub test_acc: Option<f64>,
     /// Test accuracy with the running averages (`None` without batch norm, with `bn_stats`
     /// `running`, and when diverged).
     pub running_test_acc: Option<f64>,
-    /// Training since the previous evaluation: loss, learning rate, divergence.
-    #[serde(flatten)]
-    pub training: TrainingStatus,
 }
 
-impl MetricLine for Metric {
-    fn variant_name(&self) -> &str {
-        self.variant
-    }
-    fn step(&self) -> u64 {
-        self.step
-    }
-    fn from_json(line: &serde_json::Value) -> Result<Self> {
-        #[derive(Deserialize)]
-        struct Line {
-            variant: String,
-            step: u64,
-            test_acc: Option<f64>,
-            running_test_acc: Option<f64>,
-            #[serde(flatten)]
-            training: TrainingStatus,
+impl BatchFields {
+    /// The fields of `variant`'s line at `step`, with `running_test_acc`.
+    fn new(variant: Variant, step: u64, running_test_acc: Option<f64>) -> Self {
+        BatchFields {
+            method: variant.method.name().into(),
+            batch: variant.batch,
+            examples: step * variant.batch as u64,
+            running_test_acc,
         }
-        let l: Line = serde_json::from_value(line.clone()).context("metrics.jsonl: a line is not a metrics record")?;
-        let v: Variant = l
-            .variant
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("metrics.jsonl: {e}"))?;
-        Ok(Metric {
-            variant: v.name(),
-            method: v.method.name(),
-            batch: v.batch,
-            step: l.step,
-            examples: l.step * v.batch as u64,
-            test_acc: l.test_acc,
-            running_test_acc: l.running_test_acc,
-            training: l.training,
-        })
-    }
-    /// A divergence line lies past the variant's last checkpoint; it is written again.
-    fn kept_on_resume(&self) -> bool {
-        !self.training.diverged
     }
 }
 
@@ -427,7 +396,7 @@ pub fn table(s: &Settings, variants: &[Variant], metrics: &[Metric]) -> Table {
                 method: v.method.name().to_string(),
                 batch: v.batch,
                 test_acc: last.and_then(|m| m.test_acc),
-                running_test_acc: last.and_then(|m| m.running_test_acc),
+                running_test_acc: last.and_then(|m| m.own.running_test_acc),
                 diverged_at: mine().find(|m| m.training.diverged).map(|m| m.step),
             }
         })
@@ -505,31 +474,15 @@ impl Table {
     }
 }
 
-/// The study (see the module docs): SGD with momentum, a diverging variant stops and the others go
-/// on.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SmallBatch;
-
 impl Experiment for SmallBatch {
     type Settings = SmallBatchSettings;
-    type Variant = Variant;
     type Metric = Metric;
-    type Probe = ();
-    type Report = Table;
     const NAME: &'static str = "small-batch";
-
-    fn variants(&self, s: &Settings) -> Vec<Variant> {
-        s.experiment.variants.clone()
-    }
-
-    fn check(&self, s: &Settings) -> Result<()> {
-        s.experiment.check(&s.common)
-    }
 
     fn memory_estimate(&self, s: &Settings, data: &Data) -> (u64, &'static str) {
         let net = s.conv_net();
         let (rows, cols) = (data.train.rows, data.train.cols);
-        let batch = s.experiment.variants.iter().map(|v| v.batch).max().unwrap_or(1);
+        let batch = s.experiment.study.variants.iter().map(|v| v.batch).max().unwrap_or(1);
         (
             net.memory_estimate(rows, cols, data.classes, batch, driver::EVAL_CHUNK),
             "--channels, --hidden or --batch (or --threads: fewer variants at once)",
@@ -564,7 +517,7 @@ impl Experiment for SmallBatch {
         true
     }
 
-    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built<()>> {
+    fn build(&self, s: &Settings, variant: Variant, data: &Data, _rank: usize) -> Result<Built> {
         let config = s.common.bn_config();
         let bn = s.bn_variant(variant)?;
         let norm = |channels: usize, spatial: usize| -> Result<BatchNormLayer> {
@@ -583,7 +536,7 @@ impl Experiment for SmallBatch {
             norm,
             |_| 0,
         )?;
-        Ok(Built { net, probe: () })
+        Ok(Built { net, monitor: None })
     }
 
     fn optimizer(&self, s: &Settings, _variant: Variant) -> Sgd {
@@ -594,36 +547,30 @@ impl Experiment for SmallBatch {
         s.lr_at(variant, step)
     }
 
-    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation, _probe: &mut ()) -> Metric {
-        Metric {
-            variant: variant.name(),
-            method: variant.method.name(),
-            batch: variant.batch,
+    fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
+        Ok(Metric {
+            variant: variant.name().into(),
             step: eval.step,
-            examples: eval.step * variant.batch as u64,
             test_acc: Some(eval.test_acc),
-            running_test_acc: eval.running_test_acc,
+            own: BatchFields::new(variant, eval.step, eval.running_test_acc),
             training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
-        }
+        })
     }
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
         Some(Metric {
-            variant: variant.name(),
-            method: variant.method.name(),
-            batch: variant.batch,
+            variant: variant.name().into(),
             step,
-            examples: step * variant.batch as u64,
             test_acc: None,
-            running_test_acc: None,
+            own: BatchFields::new(variant, step, None),
             training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
         })
     }
 
-    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Table> {
-        let table = table(s, &s.experiment.variants, &o.metrics);
+    fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Option<RunTable>> {
+        let table = table(s, &s.experiment.study.variants, &o.metrics);
         write_outputs(s, o, &table)?;
-        Ok(table)
+        Ok(Some(RunTable::new(&table, table.markdown())?))
     }
 }
 
@@ -636,26 +583,11 @@ impl Study for SmallBatch {
         quick: "A short run for CI: 8 reference steps, evaluations every 4, a tiny net (2, 4 channels, 16 hidden), 2 \
                 population batches (each can still be set by its flag)",
     };
-
-    fn defaults(quick: bool) -> SmallBatchSettings {
-        let s = Settings::new(PathBuf::new());
-        if quick { s.quick() } else { s }.experiment
-    }
-
-    fn flag_settings(e: &mut SmallBatchSettings) -> FlagSettings<'_, Variant> {
-        FlagSettings {
-            variants: &mut e.variants,
-            half_life: &mut e.half_life,
-            channels: &mut e.channels,
-        }
-    }
 }
 
-/// Writes table.json, table.md, the plots and report.html.
+/// Writes the plots and report.html.
 fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()> {
     let (c, e, out) = (&s.common, &s.experiment, &s.common.out);
-    write_table(out, table, &table.markdown())?;
-
     // Final accuracy against batch size, one line per method.
     let (sizes, methods) = table.axes();
     let by_size = |pick: fn(&Cell) -> Option<f64>| -> Vec<Series> {
@@ -694,12 +626,12 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     }
     // Training curves per batch size: accuracy against examples seen, one line per method.
     for &b in &sizes {
-        let series: Vec<Series> = (e.variants.iter())
+        let series: Vec<Series> = (e.study.variants.iter())
             .filter(|v| v.batch == b)
             .map(|v| {
                 let points = (o.metrics.iter())
                     .filter(|m| m.variant == v.name())
-                    .filter_map(|m| m.test_acc.map(|a| (m.examples as f64, a)))
+                    .filter_map(|m| m.test_acc.map(|a| (m.own.examples as f64, a)))
                     .collect();
                 Series::new(v.method.name(), points)
             })
@@ -723,8 +655,8 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
          variant seeing the same {examples} examples, the learning rate linear in the batch size ({lr} at batch \
          {b}). Each cell gives the final test accuracy with Algorithm 2's population statistics / with the \
          running averages.",
-        c1 = e.channels[0],
-        c2 = e.channels[1],
+        c1 = e.study.channels[0],
+        c2 = e.study.channels[1],
         h = e.hidden,
         m = e.momentum,
         mode = table.mode_text(),
@@ -733,5 +665,5 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         b = c.batch,
     ));
     let table = ("Final test accuracy (population / running)", table.display_rows());
-    driver::finish_study_report(page, s, table, &e.variants, o, &figures)
+    driver::finish_study_report(page, s, table, &e.study.variants, o, &figures)
 }

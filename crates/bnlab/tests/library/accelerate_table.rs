@@ -6,7 +6,7 @@ use bnlab::experiments::accelerate::{figure3_table, Metric, Recipe, Settings, Va
 
 fn eval(variant: &'static str, step: u64, acc: f64) -> Metric {
     Metric {
-        variant,
+        variant: variant.into(),
         step,
         test_acc: Some(acc),
         training: TrainingStatus::evaluated(0.5, 0.01),
@@ -15,7 +15,7 @@ fn eval(variant: &'static str, step: u64, acc: f64) -> Metric {
 
 fn diverged(variant: &'static str, step: u64) -> Metric {
     Metric {
-        variant,
+        variant: variant.into(),
         step,
         test_acc: None,
         training: TrainingStatus::diverged(0.3),
@@ -128,7 +128,7 @@ fn recipes_follow_section_4_2() {
     assert!(Variant::BaselineSigmoid.recipe().sigmoid && !Variant::BaselineSigmoid.recipe().bn);
     assert_eq!(Variant::BnBaseline.recipe(), Recipe { bn: true, ..base });
     // After one baseline half-life bn-x5's rate has halved 6 times, from 5× the base rate.
-    let h = s.experiment.half_life;
+    let h = s.experiment.study.half_life;
     assert!((s.lr_at(Variant::Baseline, h) - s.common.lr / 2.0).abs() < 1e-15);
     assert!((s.lr_at(Variant::BnX5, h) - 5.0 * s.common.lr / 64.0).abs() < 1e-15);
     for &v in Variant::ALL {

@@ -437,7 +437,7 @@ fn masked_network_ignores_the_padding_value() {
 fn masked_statistics_ignore_the_amount_of_padding() {
     let (features, steps, classes, _) = NET;
     let mut s = Settings::new(PathBuf::from("unused"));
-    s.experiment.channels = [4, 3];
+    s.experiment.study.channels = [4, 3];
     let results = |steps: usize, masked: bool| {
         let norm = |c: usize, l: usize| {
             let bn = BatchNormLayer::new(c, l, BatchNormConfig::default())?;

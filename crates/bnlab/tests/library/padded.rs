@@ -4,8 +4,9 @@
 
 use bnlab::driver::{Experiment, Gathered, Pass};
 use bnlab::experiments::padded::{
-    pad_sequences, pad_value_text, parse_pad_value, sequence_length, Lengths, Padded, Settings, Split,
+    pad_sequences, pad_value_text, parse_pad_value, sequence_length, Lengths, Settings, Split,
 };
+use bnlab::experiments::Padded;
 
 fn lengths(s: &str) -> Lengths {
     s.parse().unwrap()

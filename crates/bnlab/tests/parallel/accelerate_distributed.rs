@@ -16,7 +16,8 @@ use batchnorm::{Communicator, ThreadComm};
 use bnlab::driver::{self, RunOptions, Start};
 use bnlab::engine::checkpoint::Checkpoint;
 use bnlab::engine::Mode;
-use bnlab::experiments::accelerate::{self, Accelerate, Metric, Settings, Variant};
+use bnlab::experiments::accelerate::{self, Metric, Settings, Variant};
+use bnlab::experiments::Accelerate;
 
 type Outcome = driver::Outcome<Metric>;
 
@@ -47,7 +48,7 @@ use std::sync::Arc;
 /// A short study of one variant on `data`: the `--quick` network, 60 steps, evaluations every 20.
 fn settings(data: &Path, out: &Path, variant: Variant) -> Settings {
     let mut s = Settings::new(out.to_path_buf()).quick();
-    s.experiment.variants = vec![variant];
+    s.experiment.study.variants = vec![variant];
     s.common.steps = 60;
     s.common.eval_every = 20;
     s.common.data_dir = data.to_path_buf();
@@ -57,11 +58,11 @@ fn settings(data: &Path, out: &Path, variant: Variant) -> Settings {
 /// Settings of seconds on [`synthetic_data`] (8×8 images, 600 training examples).
 fn tiny(data: &Path, out: &Path, variants: &[Variant]) -> Settings {
     let mut s = Settings::new(out.to_path_buf());
-    s.experiment.variants = variants.to_vec();
+    s.experiment.study.variants = variants.to_vec();
     s.common.steps = 30;
     s.common.eval_every = 10;
-    s.experiment.half_life = 10;
-    s.experiment.channels = [2, 4];
+    s.experiment.study.half_life = 10;
+    s.experiment.study.channels = [2, 4];
     s.experiment.hidden = 8;
     s.common.batch = 20;
     s.common.population_batches = 5;

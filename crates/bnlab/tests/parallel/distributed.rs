@@ -15,7 +15,8 @@ use crate::common::assert_tracks;
 
 use batchnorm::{Communicator, ThreadComm};
 use bnlab::driver::{self, RunOptions, Start};
-use bnlab::experiments::paper_mlp::{Metric, PaperMlp, Settings, Variant};
+use bnlab::experiments::paper_mlp::{Metric, Settings, Variant};
+use bnlab::experiments::PaperMlp;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -11,17 +11,18 @@ use crate::common::*;
 use batchnorm::{BatchNorm, BatchNormConfig, Communicator, Grads, Layout, ThreadComm, View};
 use bnlab::driver::{self, RunOptions, Start};
 use bnlab::engine::{BatchNormLayer, Layer, Mode, PositionMask};
-use bnlab::experiments::padded::{Metric, Padded, Settings, Variant};
+use bnlab::experiments::padded::{Metric, Settings, Variant};
+use bnlab::experiments::Padded;
 use std::path::Path;
 use std::sync::Arc;
 
 /// The `--quick` study of `masked-bn` on `data`: 60 steps, evaluations every 20.
 fn settings(data: &Path, out: &Path) -> Settings {
     let mut s = Settings::new(out.to_path_buf()).quick();
-    s.experiment.variants = vec![Variant::MaskedBn];
+    s.experiment.study.variants = vec![Variant::MaskedBn];
     s.common.steps = 60;
     s.common.eval_every = 20;
-    s.experiment.half_life = 20;
+    s.experiment.study.half_life = 20;
     s.common.data_dir = data.to_path_buf();
     s
 }
@@ -59,7 +60,7 @@ fn points(metrics: &[Metric], c: usize) -> Vec<(u64, f64, f64)> {
         .map(|m| {
             (
                 m.step,
-                m.conditions[c].test_acc.unwrap(),
+                m.own.conditions[c].test_acc.unwrap(),
                 m.training.train_loss.unwrap(),
             )
         })

@@ -131,7 +131,7 @@ fn eval_reproduces_the_final_accuracy_also_folded() {
 #[test]
 fn folded_conv_net_computes_the_unfolded_network() {
     let mut s = Settings::new(std::env::temp_dir());
-    s.experiment.channels = [3, 5];
+    s.experiment.study.channels = [3, 5];
     s.experiment.hidden = 16;
     let (rows, cols, classes, batch) = (12, 12, 4, 16);
     let mut net = accelerate::build(&s, Variant::BnX5, rows, cols, classes).unwrap();

@@ -353,8 +353,9 @@ impl TapMkdir for PathBuf {
 mod settings_json {
     use bnlab::driver::settings::parse_settings;
     use bnlab::driver::{check_settings, Settings};
-    use bnlab::experiments::accelerate::{Accelerate, AccelerateSettings};
-    use bnlab::experiments::paper_mlp::{self, PaperMlp, PaperMlpSettings};
+    use bnlab::experiments::accelerate::AccelerateSettings;
+    use bnlab::experiments::paper_mlp::{self, PaperMlpSettings};
+    use bnlab::experiments::{Accelerate, PaperMlp};
     use proptest::prelude::*;
 
     fn valid() -> String {
