@@ -342,14 +342,24 @@ pub struct BatchFields {
     pub running_test_acc: Option<f64>,
 }
 
-impl BatchFields {
-    /// The fields of `variant`'s line at `step`, with `running_test_acc`.
-    fn new(variant: Variant, step: u64, running_test_acc: Option<f64>) -> Self {
-        BatchFields {
-            method: variant.method.name().into(),
-            batch: variant.batch,
-            examples: step * variant.batch as u64,
-            running_test_acc,
+impl Metric {
+    /// The line of `variant`'s evaluation `eval`, or with `None` of its divergence at `step`.
+    fn new(s: &Settings, variant: Variant, step: u64, eval: Option<&Evaluation>) -> Metric {
+        let lr = s.lr_at(variant, step - 1);
+        Metric {
+            variant: variant.name().into(),
+            step,
+            test_acc: eval.map(|e| e.test_acc),
+            own: BatchFields {
+                method: variant.method.name().into(),
+                batch: variant.batch,
+                examples: step * variant.batch as u64,
+                running_test_acc: eval.and_then(|e| e.running_test_acc),
+            },
+            training: match eval {
+                Some(e) => TrainingStatus::evaluated(e.train_loss, lr),
+                None => TrainingStatus::diverged(lr),
+            },
         }
     }
 }
@@ -548,23 +558,11 @@ impl Experiment for SmallBatch {
     }
 
     fn metric(&self, s: &Settings, variant: Variant, eval: &Evaluation) -> Result<Metric> {
-        Ok(Metric {
-            variant: variant.name().into(),
-            step: eval.step,
-            test_acc: Some(eval.test_acc),
-            own: BatchFields::new(variant, eval.step, eval.running_test_acc),
-            training: TrainingStatus::evaluated(eval.train_loss, s.lr_at(variant, eval.step - 1)),
-        })
+        Ok(Metric::new(s, variant, eval.step, Some(eval)))
     }
 
     fn diverged_line(&self, s: &Settings, variant: Variant, step: u64) -> Option<Metric> {
-        Some(Metric {
-            variant: variant.name().into(),
-            step,
-            test_acc: None,
-            own: BatchFields::new(variant, step, None),
-            training: TrainingStatus::diverged(s.lr_at(variant, step - 1)),
-        })
+        Some(Metric::new(s, variant, step, None))
     }
 
     fn finish(&self, s: &Settings, o: &Outcome<Metric>) -> Result<Option<RunTable>> {
