@@ -46,7 +46,7 @@ use crate::driver::{
 };
 use crate::engine::{BatchNormLayer, LrSchedule, Sequential, Sgd, StateValue};
 use crate::parallel::{self, DataParallel};
-use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, PlotLabels, Series};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
@@ -542,9 +542,11 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
         })
         .collect();
     let acc_plot = LinePlot {
-        title: "Test accuracy of the conv net variants (Figure 2)",
-        x_label: "training steps",
-        y_label: "test accuracy",
+        labels: PlotLabels::new(
+            "Test accuracy of the conv net variants (Figure 2)",
+            "training steps",
+            "test accuracy",
+        ),
         series: &series,
         y_range: Some((0.0, 1.0)),
     };

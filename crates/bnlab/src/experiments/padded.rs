@@ -52,7 +52,7 @@ use crate::engine::{
     BatchNormLayer, Conv2d, ConvInit, Layer, Linear, LrSchedule, MaskedMeanPool, PositionMask, Relu, Sequential, Sgd,
     ZeroMasked,
 };
-use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, PlotLabels, Series};
 use anyhow::{ensure, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -683,9 +683,7 @@ fn accuracy_plot(
         out,
         stem,
         &LinePlot {
-            title: &title,
-            x_label,
-            y_label: "test accuracy",
+            labels: PlotLabels::new(&title, x_label, "test accuracy"),
             series,
             y_range: Some((0.0, 1.0)),
         },

@@ -11,7 +11,7 @@ use crate::driver::{
 };
 use crate::engine::{BatchNormLayer, Layer, Linear, Sequential, Sgd, Sigmoid};
 use crate::monitor::{Monitor, Watch};
-use crate::report::{self, Band, BandPanels, LinePlot, Page, Series};
+use crate::report::{self, Band, BandPanels, LinePlot, Page, PlotLabels, Series};
 use anyhow::{ensure, Context, Result};
 use batchnorm::BatchNormConfig;
 use rand::SeedableRng;
@@ -235,9 +235,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>) -> Result<()> {
         })
         .collect();
     let acc_plot = LinePlot {
-        title: "Test accuracy (Figure 1a)",
-        x_label: "training steps",
-        y_label: "test accuracy",
+        labels: PlotLabels::new("Test accuracy (Figure 1a)", "training steps", "test accuracy"),
         series: &series,
         y_range: None,
     };
@@ -253,9 +251,11 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>) -> Result<()> {
         })
         .collect();
     let dist_svg = report::band_panels_svg(&BandPanels {
-        title: "Input to a last-hidden-layer sigmoid: 15th/50th/85th percentiles (Figure 1b,c)",
-        x_label: "training steps",
-        y_label: "sigmoid input",
+        labels: PlotLabels::new(
+            "Input to a last-hidden-layer sigmoid: 15th/50th/85th percentiles (Figure 1b,c)",
+            "training steps",
+            "sigmoid input",
+        ),
         panels: &bands,
         shared_y: true,
     })?;

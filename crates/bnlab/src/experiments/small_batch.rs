@@ -36,7 +36,7 @@ use crate::driver::{
     StudyLine, TrainingStatus,
 };
 use crate::engine::{BatchNormLayer, BnVariant, LrSchedule, Sgd};
-use crate::report::{self, markdown_table, percent, LinePlot, Page, Series};
+use crate::report::{self, markdown_table, percent, LinePlot, Page, PlotLabels, Series};
 use anyhow::{ensure, Result};
 use batchnorm::{BatchNormConfig, RenormSchedule};
 use serde::{Deserialize, Serialize};
@@ -614,9 +614,7 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
     ];
     for (stem, title, pick) in plots {
         let plot = LinePlot {
-            title,
-            x_label: "log2 of the batch size",
-            y_label: "test accuracy",
+            labels: PlotLabels::new(title, "log2 of the batch size", "test accuracy"),
             series: &by_size(pick),
             y_range: Some((0.0, 1.0)),
         };
@@ -636,9 +634,11 @@ fn write_outputs(s: &Settings, o: &Outcome<Metric>, table: &Table) -> Result<()>
             .collect();
         let title = format!("Test accuracy during training, batch {b}");
         let plot = LinePlot {
-            title: &title,
-            x_label: "training examples seen",
-            y_label: "test accuracy (population statistics)",
+            labels: PlotLabels::new(
+                &title,
+                "training examples seen",
+                "test accuracy (population statistics)",
+            ),
             series: &series,
             y_range: Some((0.0, 1.0)),
         };

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 
 pub use html::Page;
 pub use plot::{
-    band_panels_svg, line_plot_svg, svg_to_png, write_line_plot, write_plot, Band, BandPanels, LinePlot, Series,
-    FONT_PACKAGE, FONT_PATH,
+    band_panels_svg, line_plot_svg, svg_to_png, write_line_plot, write_plot, Band, BandPanels, LinePlot, PlotLabels,
+    Series, FONT_PACKAGE, FONT_PATH,
 };
 
 /// A fraction as a percentage with two decimals (`0.9123` → `91.23%`), or a dash for `None`.

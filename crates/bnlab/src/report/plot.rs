@@ -57,15 +57,29 @@ pub struct Band {
     pub upper: Vec<f64>,
 }
 
-/// A line plot with one line per [`Series`], drawn ~800×500 px by [`line_plot_svg`].
-#[derive(Debug, Clone, Copy)]
-pub struct LinePlot<'a> {
+/// A plot's title and its axes' labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlotLabels<'a> {
     /// The title above the plot; empty for none.
     pub title: &'a str,
     /// The x axis' label.
-    pub x_label: &'a str,
+    pub x: &'a str,
     /// The y axis' label.
-    pub y_label: &'a str,
+    pub y: &'a str,
+}
+
+impl<'a> PlotLabels<'a> {
+    /// The title `title`, the x axis labelled `x`, the y axis `y`.
+    pub const fn new(title: &'a str, x: &'a str, y: &'a str) -> Self {
+        PlotLabels { title, x, y }
+    }
+}
+
+/// A line plot with one line per [`Series`], drawn ~800×500 px by [`line_plot_svg`].
+#[derive(Debug, Clone, Copy)]
+pub struct LinePlot<'a> {
+    /// The title above the plot (empty for none) and the axes' labels.
+    pub labels: PlotLabels<'a>,
     /// The lines, drawn in distinct colours in this order.
     pub series: &'a [Series],
     /// A fixed y range `(low, high)`; lines are clipped to it. `None` fits the data. A range that
@@ -76,12 +90,9 @@ pub struct LinePlot<'a> {
 /// Panels side by side, one per [`Band`], drawn by [`band_panels_svg`].
 #[derive(Debug, Clone, Copy)]
 pub struct BandPanels<'a> {
-    /// The title above all panels; empty for none.
-    pub title: &'a str,
-    /// Each panel's x axis label.
-    pub x_label: &'a str,
-    /// The y axis label (on the first panel only when `shared_y`).
-    pub y_label: &'a str,
+    /// The title above all panels (empty for none), each panel's x axis label and the y axis
+    /// label (on the first panel only when `shared_y`).
+    pub labels: PlotLabels<'a>,
     /// One panel per band, left to right.
     pub panels: &'a [Band],
     /// Whether all panels use one y range (so that they can be compared by eye).
@@ -364,7 +375,7 @@ fn legend_fraction(names: &[&str], area_px: (u32, u32)) -> (f64, f64) {
 /// that the lines leave free (with headroom added above the data if none is free and the y
 /// range is not fixed).
 pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
-    let err = plot_err(plot.title);
+    let err = plot_err(plot.labels.title);
     // Usable points per series, thinned.
     let lines: Vec<Vec<(f64, f64)>> = plot
         .series
@@ -399,7 +410,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
     {
         let root = SVGBackend::with_string(&mut svg, LINE_SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(&err)?;
-        let area = titled(&root, plot.title).map_err(&err)?;
+        let area = titled(&root, plot.labels.title).map_err(&err)?;
 
         let (margin, margin_right, x_area, y_area) = (12u32, 28u32, 50u32, 78u32);
         let (aw, ah) = area.dim_in_pixel();
@@ -429,7 +440,7 @@ pub fn line_plot_svg(plot: &LinePlot) -> Result<String, ReportError> {
             .y_label_area_size(y_area)
             .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
             .map_err(&err)?;
-        draw_mesh(&mut chart, (xs, ys), (plot.x_label, plot.y_label), 9).map_err(&err)?;
+        draw_mesh(&mut chart, (xs, ys), (plot.labels.x, plot.labels.y), 9).map_err(&err)?;
 
         for (i, (series, parts)) in plot.series.iter().zip(&pieces).enumerate() {
             let color = PALETTE[i % PALETTE.len()];
@@ -561,7 +572,7 @@ fn band_rows(band: &Band) -> Vec<(f64, f64, f64, f64)> {
 /// panel): the band's name as the panel's title, the band between lower and upper shaded, its
 /// edges thin, the middle line bold. With `shared_y` all panels use one y range.
 pub fn band_panels_svg(plot: &BandPanels) -> Result<String, ReportError> {
-    let err = plot_err(plot.title);
+    let err = plot_err(plot.labels.title);
     let rows: Vec<_> = plot.panels.iter().map(band_rows).collect();
     let y_extent = |r: &[(f64, f64, f64, f64)]| extent(r.iter().flat_map(|&(_, l, m, u)| [l, m, u]));
     let shared = axis_range(
@@ -575,7 +586,7 @@ pub fn band_panels_svg(plot: &BandPanels) -> Result<String, ReportError> {
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(&err)?;
-        let area = titled(&root, plot.title).map_err(&err)?;
+        let area = titled(&root, plot.labels.title).map_err(&err)?;
         let cells = area.split_evenly((1, n));
         if plot.panels.is_empty() {
             let chart = ChartBuilder::on(&cells[0])
@@ -602,8 +613,8 @@ pub fn band_panels_svg(plot: &BandPanels) -> Result<String, ReportError> {
                 .y_label_area_size(72)
                 .build_cartesian_2d(xs.0..xs.1, ys.0..ys.1)
                 .map_err(&err)?;
-            let y_desc = if plot.shared_y && k > 0 { "" } else { plot.y_label };
-            draw_mesh(&mut chart, (xs, ys), (plot.x_label, y_desc), 6).map_err(&err)?;
+            let y_desc = if plot.shared_y && k > 0 { "" } else { plot.labels.y };
+            draw_mesh(&mut chart, (xs, ys), (plot.labels.x, y_desc), 6).map_err(&err)?;
             if rows.is_empty() {
                 no_data(&chart, xs, ys).map_err(&err)?;
                 continue;
@@ -743,9 +754,7 @@ mod tests {
 
     fn line(series: &[Series], y_range: Option<(f64, f64)>) -> LinePlot<'_> {
         LinePlot {
-            title: "Test accuracy",
-            x_label: "Training steps",
-            y_label: "Accuracy",
+            labels: PlotLabels::new("Test accuracy", "Training steps", "Accuracy"),
             series,
             y_range,
         }
@@ -753,9 +762,7 @@ mod tests {
 
     fn panels(panels: &[Band], shared_y: bool) -> BandPanels<'_> {
         BandPanels {
-            title: "Sigmoid input percentiles",
-            x_label: "Steps",
-            y_label: "Input",
+            labels: PlotLabels::new("Sigmoid input percentiles", "Steps", "Input"),
             panels,
             shared_y,
         }
@@ -856,9 +863,7 @@ mod tests {
         assert!(svg.contains("no data"));
         // An empty title and labels are fine too.
         let svg = line_plot_svg(&LinePlot {
-            title: "",
-            x_label: "",
-            y_label: "",
+            labels: PlotLabels::new("", "", ""),
             series: &cases[2].0,
             y_range: None,
         })
@@ -895,9 +900,7 @@ mod tests {
         for panels in &cases {
             for shared_y in [false, true] {
                 let svg = band_panels_svg(&BandPanels {
-                    title: "",
-                    x_label: "x",
-                    y_label: "y",
+                    labels: PlotLabels::new("", "x", "y"),
                     panels,
                     shared_y,
                 })

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use bnlab::report::{band_panels_svg, line_plot_svg, write_plot, Band, BandPanels, LinePlot, Page, Series};
+use bnlab::report::{band_panels_svg, line_plot_svg, write_plot, Band, BandPanels, LinePlot, Page, PlotLabels, Series};
 
 /// How long one Chromium run may take before it is killed.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -184,9 +184,7 @@ fn sample_page(plots_dir: &Path) -> Page {
         ),
     ];
     let line_svg = line_plot_svg(&LinePlot {
-        title: "MNIST test accuracy",
-        x_label: "Training steps",
-        y_label: "Test accuracy",
+        labels: PlotLabels::new("MNIST test accuracy", "Training steps", "Test accuracy"),
         series: &series,
         y_range: None,
     })
@@ -212,9 +210,7 @@ fn sample_page(plots_dir: &Path) -> Page {
     };
     let bands = [band("Without BN", 1.5, 1.0), band("With BN", 0.0, 0.8)];
     let band_svg = band_panels_svg(&BandPanels {
-        title: "Sigmoid input: 15th, 50th, 85th percentiles",
-        x_label: "Training steps",
-        y_label: "Input",
+        labels: PlotLabels::new("Sigmoid input: 15th, 50th, 85th percentiles", "Training steps", "Input"),
         panels: &bands,
         shared_y: true,
     })
