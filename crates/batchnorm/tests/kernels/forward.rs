@@ -187,9 +187,12 @@ proptest! {
     }
 }
 
-/// Algorithm 1 and the inference transform on shapes that exercise every internal chunking path.
+/// Algorithm 1, the inference transform and both backward transforms (`backward`'s checks) on
+/// shapes that exercise every internal chunking path: each pass of each plan, on one data set
+/// per shape for the forwards and another for the backwards.
 #[test]
-fn forward_on_chunking_shapes() {
+fn passes_on_chunking_shapes() {
+    use super::backward::{check_backward, check_backward_eval};
     for_each_chunking_shape(1000, |layout, shape, seed| {
         for affine in [true, false] {
             check_train::<f64>(layout, shape, seed, affine, 1e-5);
@@ -198,6 +201,11 @@ fn forward_on_chunking_shapes() {
         check_eval::<f64>(layout, shape, seed, true, 1e-5);
         check_eval::<f32>(layout, shape, seed, false, 1e-5);
         check_normalize::<f32>(layout, shape, seed, true, 1e-3);
+        let seed = seed + 1000;
+        check_backward::<f64>(layout, shape, seed, true, 1e-5);
+        check_backward::<f32>(layout, shape, seed, false, 1e-5);
+        check_backward_eval::<f32>(layout, shape, seed, true, 1e-5);
+        check_backward_eval::<f64>(layout, shape, seed, false, 1e-3);
     });
 }
 
