@@ -265,7 +265,7 @@ fn dz_with<'a, T>(
 /// inference-mode dx pass with k = 1, an exact product.
 fn upstream_alone<T: Element>(g: &Geometry, dy: &[T], bits: MaskBits<'_>, dz: &mut [T]) {
     let ones = Scratch::collect(std::iter::repeat_n(1.0, g.channels));
-    plan::scale_where(g, dy, dz, &ones, None, Some(relu::Backward { bits, dz: None }));
+    plan::scale_where(g, dy, dz, &ones, Scope::relu(relu::Backward { bits, dz: None }));
 }
 
 /// Phase 1 of the split-phase backward: this worker's Σ dy and Σ dy·x̂ per channel, to be merged
@@ -325,7 +325,7 @@ pub(crate) fn input_grad_where<T: Element>(
     check::training_count(saved.count, shape)?;
     let mut coeffs = Scratch::any(g.channels);
     with_simd(|| dx_coeffs(gamma, saved.into(), 0, sums.into(), &mut coeffs));
-    plan::input_grad_where(&g, x, dy, dx, &coeffs, mask, None);
+    plan::input_grad_where(&g, x, dy, dx, &coeffs, Scope { mask, relu: None });
     Ok(())
 }
 
@@ -445,7 +445,7 @@ pub(crate) fn fixed_input_grad<T: Element>(
     dx: &mut [T],
 ) {
     let k = fixed_scale(g, gamma, inv_std);
-    plan::scale_where(g, dy, dx, &k, mask, relu);
+    plan::scale_where(g, dy, dx, &k, Scope { mask, relu });
 }
 
 /// Σ dy and Σ dy·x̂ per channel with x̂ = (x − mean)·inv_std from fixed statistics (inference

@@ -37,6 +37,7 @@
 //! - it divides by max(`renorm_stddev`, √ε) when computing r and d; here σ is used as it is.
 //! - r and d are wrapped in `stop_gradient`, as here.
 
+use crate::args::Scope;
 use crate::backward::{check_train_backward, dx_coeffs, grad_sums, GradSums, SumsView};
 use crate::check;
 use crate::forward::{check_forward, normalize_affine};
@@ -771,7 +772,7 @@ impl<T: Element> BatchRenorm<T> {
         if let Some(dx) = dx {
             let mut coeffs = Scratch::any(g.channels);
             with_simd(|| renorm_dx_coeffs(gamma, saved, 0, (&global).into(), &mut coeffs));
-            plan::input_grad_where(&g, x.data, dy, dx, &coeffs, None, None);
+            plan::input_grad_where(&g, x.data, dy, dx, &coeffs, Scope::ALL);
         }
         renorm_param_sums(saved, &global).write_param_grads(dgamma, dbeta)?;
         Ok(renorm_param_sums(saved, &local))

@@ -22,6 +22,7 @@ use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
 use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
+use crate::args::Scope;
 use crate::{Element, Geometry};
 use rayon::prelude::*;
 
@@ -672,16 +673,15 @@ pub(crate) fn input_grad_where<T: Element>(
     dy: &[T],
     dx: &mut [T],
     coeffs: &[DxCoeffs],
-    mask: Option<&[bool]>,
-    relu: Option<relu::Backward<'_, T>>,
+    scope: Scope<'_, relu::Backward<'_, T>>,
 ) {
-    let (serial, stream) = begin_pass::<T>(g, mask, relu.is_some(), 2);
+    let (serial, stream) = begin_pass::<T>(g, scope.mask, scope.relu.is_some(), 2);
     let (chunk, segment_len) = match g.inner {
         1 => (row_blocks(g).0 * g.channels, row_blocks(g).0),
         _ => ((TASK / g.inner).max(1) * g.inner, g.inner),
     };
-    let spans = MaskSpans::new(mask, segment_len);
-    let backs = relu::Backward::split(relu, chunk, x.len());
+    let spans = MaskSpans::new(scope.mask, segment_len);
+    let backs = relu::Backward::split(scope.relu, chunk, x.len());
     let mut items: Vec<_> = x
         .chunks(chunk)
         .zip(dy.chunks(chunk))
@@ -806,7 +806,7 @@ pub(crate) fn train_backward_where<T: Element>(
             if let Some(dx) = dx {
                 let mut k = Scratch::any(g.channels);
                 with_simd(|| coeffs(0, &s1, &s2, &mut k));
-                input_grad_where(g, x, dy, dx, &k, mask, relu);
+                input_grad_where(g, x, dy, dx, &k, Scope { mask, relu });
             }
             (s1, s2)
         }
@@ -821,14 +821,13 @@ pub(crate) fn scale_where<T: Element>(
     dy: &[T],
     dx: &mut [T],
     k: &[f64],
-    mask: Option<&[bool]>,
-    relu: Option<relu::Backward<'_, T>>,
+    scope: Scope<'_, relu::Backward<'_, T>>,
 ) {
-    let (serial, stream) = begin_pass::<T>(g, mask, relu.is_some(), 0);
+    let (serial, stream) = begin_pass::<T>(g, scope.mask, scope.relu.is_some(), 0);
     if g.inner > 1 {
         let chunk = (TASK / g.inner).max(1) * g.inner;
-        let spans = MaskSpans::new(mask, g.inner);
-        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let spans = MaskSpans::new(scope.mask, g.inner);
+        let backs = relu::Backward::split(scope.relu, chunk, dy.len());
         let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
         map_items(items, serial, |u, ((gs, os), mut back)| {
             let first_plane = u * (chunk / g.inner);
@@ -848,8 +847,8 @@ pub(crate) fn scale_where<T: Element>(
     } else {
         let k = RowsScale::new::<T>(k);
         let chunk = row_blocks(g).0 * g.channels;
-        let spans = MaskSpans::new(mask, chunk / g.channels);
-        let backs = relu::Backward::split(relu, chunk, dy.len());
+        let spans = MaskSpans::new(scope.mask, chunk / g.channels);
+        let backs = relu::Backward::split(scope.relu, chunk, dy.len());
         let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
         map_items(items, serial, |u, ((gs, os), mut back)| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
