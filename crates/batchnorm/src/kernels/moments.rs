@@ -623,54 +623,47 @@ unsafe fn run_grad_sums<S: Simd, T: Element, L: Lanes<S>, U: ElementMap<T>>(
     }
 }
 
+/// What a gradient-sums pass over runs reads: `runs` of `x` and `dy`, the mean `m` the sums are
+/// centered on, the lanes `mask` has on (`None`: all of them) and, behind a fused ReLU, the bits
+/// of its mask over the whole tensor (`relu`: the sums are then of the upstream gradient).
+#[derive(Clone, Copy)]
+pub(crate) struct GradRuns<'a, T> {
+    pub x: &'a [T],
+    pub dy: &'a [T],
+    pub runs: Runs,
+    pub m: f64,
+    pub mask: Option<MaskedLanes<'a>>,
+    pub relu: Option<MaskBits<'a>>,
+}
+
 #[inline(always)]
-pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    runs: Runs,
-    m: f64,
-    mask: Option<MaskedLanes>,
-    relu: Option<MaskBits>,
-) -> (f64, f64) {
+pub(super) fn runs_grad_sums_impl<S: Simd, T: Element>(s: S, r: GradRuns<'_, T>) -> (f64, f64) {
     let mut acc = Sums2::new(s);
-    runs_grad_sums_into(s, x, dy, runs, m, mask, relu, &mut acc);
+    runs_grad_sums_into(s, r, &mut acc);
     acc.finish(s)
 }
 
 /// Adds the terms of [`runs_grad_sums`] to `acc`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn runs_grad_sums_into<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    runs: Runs,
-    m: f64,
-    mask: Option<MaskedLanes>,
-    relu: Option<MaskBits>,
-    acc: &mut Sums2<S>,
-) {
-    match relu {
-        None => runs_grad_sums_with(s, x, dy, runs, m, mask, |_, _| Plain, acc),
-        Some(bits) => runs_grad_sums_with(s, x, dy, runs, m, mask, |o, n| Gated::new(bits.at(o, n)), acc),
+fn runs_grad_sums_into<S: Simd, T: Element>(s: S, r: GradRuns<'_, T>, acc: &mut Sums2<S>) {
+    match r.relu {
+        None => runs_grad_sums_with(s, r, |_, _| Plain, acc),
+        Some(bits) => runs_grad_sums_with(s, r, |o, n| Gated::new(bits.at(o, n)), acc),
     }
 }
 
 /// [`runs_grad_sums_into`] with the upstream gradient `upstream(o, n)` makes of dy for the `n`
-/// elements from element `o` on.
+/// elements from element `o` on (in place of `r.relu`'s).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
     s: S,
-    x: &[T],
-    dy: &[T],
-    runs: Runs,
-    m: f64,
-    mask: Option<MaskedLanes>,
+    r: GradRuns<'_, T>,
     upstream: impl Fn(usize, usize) -> U,
     acc: &mut Sums2<S>,
 ) {
+    let GradRuns {
+        x, dy, runs, m, mask, ..
+    } = r;
     runs.check(x.len());
     runs.check(dy.len());
     let (xp, gp) = (x.as_ptr(), dy.as_ptr());
@@ -689,13 +682,11 @@ fn runs_grad_sums_with<S: Simd, T: Element, U: ElementMap<T>>(
 }
 
 simd_dispatch! {
-    /// (Σ dy, Σ dy·(x − m)) over `runs` of `x` and `dy`; with `mask`, over the elements it has on
-    /// (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane, or
-    /// skipped; with every element on, the same bits as without). With `relu` (the bits of a
-    /// fused ReLU's mask over the whole tensor), of the upstream gradient dy·\[kept\] instead.
-    pub(crate) fn runs_grad_sums<T>(
-        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>
-    ) -> (f64, f64) => runs_grad_sums_impl
+    /// (Σ dy, Σ dy·(x − m)) over `r.runs` of `r.x` and `r.dy`; with `r.mask`, over the elements
+    /// it has on (as [`runs_moments`]: dy and x − m of the others replaced by +0.0 lane by lane,
+    /// or skipped; with every element on, the same bits as without). With `r.relu`, of the
+    /// upstream gradient dy·\[kept\] instead.
+    pub(crate) fn runs_grad_sums<T>(r: GradRuns<'_, T>) -> (f64, f64) => runs_grad_sums_impl
 }
 
 /// The accumulators of a [`runs_grad_sums`] reduction between two calls of
@@ -725,19 +716,9 @@ impl GradCarry {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn runs_grad_sums_carried_impl<S: Simd, T: Element>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    runs: Runs,
-    m: f64,
-    mask: Option<MaskedLanes>,
-    relu: Option<MaskBits>,
-    carry: &mut GradCarry,
-) {
+pub(super) fn runs_grad_sums_carried_impl<S: Simd, T: Element>(s: S, r: GradRuns<'_, T>, carry: &mut GradCarry) {
     let mut acc = Sums2::resume(s, carry);
-    runs_grad_sums_into(s, x, dy, runs, m, mask, relu, &mut acc);
+    runs_grad_sums_into(s, r, &mut acc);
     acc.suspend(s, carry);
 }
 
@@ -747,10 +728,7 @@ simd_dispatch! {
     /// one call over all of them, so [`GradCarry::finish`] gives the same bits. A run may also
     /// be cut in two at a multiple of 16 elements from its start (a whole number of the loop's
     /// steps), without a mask.
-    pub(crate) fn runs_grad_sums_carried<T>(
-        x: &[T], dy: &[T], runs: Runs, m: f64, mask: Option<MaskedLanes>, relu: Option<MaskBits>,
-        carry: &mut GradCarry
-    ) => runs_grad_sums_carried_impl
+    pub(crate) fn runs_grad_sums_carried<T>(r: GradRuns<'_, T>, carry: &mut GradCarry) => runs_grad_sums_carried_impl
 }
 
 /// Channels whose across-rows accumulators are updated together over all rows of a block before

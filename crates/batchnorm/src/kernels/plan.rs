@@ -18,7 +18,7 @@
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
 use super::mask::{segment, MaskSpans, Span};
-use super::moments::{self, MaskedLanes, Moments, RowPrefetch, Runs};
+use super::moments::{self, GradRuns, MaskedLanes, Moments, RowPrefetch, Runs};
 use super::relu::{self, Act, BitLayout, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
@@ -586,7 +586,15 @@ fn planes_grad_sums<T: Element>(
 ) -> (f64, f64) {
     let (mut a, mut b) = (0.0, 0.0);
     for_each_piece(g, c, planes, |runs| {
-        let (s1, s2) = moments::runs_grad_sums(x, dy, runs, m, masked_lanes(g, mask, runs), relu);
+        let mask = masked_lanes(g, mask, runs);
+        let (s1, s2) = moments::runs_grad_sums(GradRuns {
+            x,
+            dy,
+            runs,
+            m,
+            mask,
+            relu,
+        });
         a += s1;
         b += s2;
     });

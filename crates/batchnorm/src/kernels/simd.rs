@@ -631,7 +631,7 @@ pub(crate) use simd_dispatch;
 mod tests {
     use super::super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
     use super::super::mask::MaskSpans;
-    use super::super::moments::{self, MaskedLanes, RowPrefetch, Runs};
+    use super::super::moments::{self, GradRuns, MaskedLanes, RowPrefetch, Runs};
     use super::super::relu::{Act, Back, BitLayout, MaskBits};
     use crate::Element;
 
@@ -778,10 +778,15 @@ mod tests {
                 let m = moments::runs_moments(x, runs, lanes);
                 assert_eq!(m, moments::runs_moments_impl(s, x, runs, lanes));
                 assert!(m.mean.is_finite() && m.m2.is_finite());
-                assert_eq!(
-                    moments::runs_grad_sums(x, &dy, runs, 1e3, lanes, None),
-                    moments::runs_grad_sums_impl(s, x, &dy, runs, 1e3, lanes, None)
-                );
+                let r = GradRuns {
+                    x,
+                    dy: &dy,
+                    runs,
+                    m: 1e3,
+                    mask: lanes,
+                    relu: None,
+                };
+                assert_eq!(moments::runs_grad_sums(r), moments::runs_grad_sums_impl(s, r));
             }
             // Behind a ReLU: each run a segment of the mask.
             let seg = stride.max(len);
@@ -792,10 +797,15 @@ mod tests {
             };
             let mask = bits(layout.segments * layout.bytes * 8, len as u64).0;
             let relu = Some(MaskBits { bytes: &mask, layout });
-            assert_eq!(
-                moments::runs_grad_sums(&x, &dy, Runs { first: 0, ..runs }, 1e3, None, relu),
-                moments::runs_grad_sums_impl(s, &x, &dy, Runs { first: 0, ..runs }, 1e3, None, relu)
-            );
+            let r = GradRuns {
+                x: &x,
+                dy: &dy,
+                runs: Runs { first: 0, ..runs },
+                m: 1e3,
+                mask: None,
+                relu,
+            };
+            assert_eq!(moments::runs_grad_sums(r), moments::runs_grad_sums_impl(s, r));
             let a = WideAffine {
                 mean: 1e3 + 1.0 / 3.0,
                 scale: 0.7,

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::kernels::elementwise::{self as ew, RowsScale};
 use crate::kernels::mask::{segment, MaskSpans};
-use crate::kernels::moments::{self, GradCarry, Runs};
+use crate::kernels::moments::{self, GradCarry, GradRuns, Runs};
 use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::simd::{simd_dispatch, Simd};
@@ -176,8 +176,16 @@ fn planes_fixed_backward<T: Element>(
                     let start = (o * c_all + c) * inner;
                     for (j, len) in pieces(inner) {
                         let runs = Runs::one(start + j, len);
-                        let lanes = masked_lanes(g, Some(spans), runs);
-                        moments::runs_grad_sums_carried(x, dy, runs, mean[c], lanes, None, carry);
+                        let mask = masked_lanes(g, Some(spans), runs);
+                        let sums = GradRuns {
+                            x,
+                            dy,
+                            runs,
+                            m: mean[c],
+                            mask,
+                            relu: None,
+                        };
+                        moments::runs_grad_sums_carried(sums, carry);
                         if inner >= PIECE {
                             finish(c, r, j / PIECE, carry);
                             *carry = GradCarry::ZERO;
@@ -290,16 +298,15 @@ fn runs_fixed_backward_impl<S: Simd, T: Element>(
         let mut done = 0;
         for sub in (0..runs.len).step_by(SUB) {
             let end = (sub + SUB).min(runs.len);
-            moments::runs_grad_sums_carried_impl(
-                s,
+            let sums = GradRuns {
                 x,
                 dy,
-                Runs::one(start + sub, end - sub),
-                mean[i],
-                None,
+                runs: Runs::one(start + sub, end - sub),
+                m: mean[i],
+                mask: None,
                 relu,
-                carry,
-            );
+            };
+            moments::runs_grad_sums_carried_impl(s, sums, carry);
             // dx up to the last cache line of dx these sums complete (all of the run at its
             // end), so that no line is written by two calls: a line written in part by
             // streaming stores and in part by ordinary ones costs a read of it.
