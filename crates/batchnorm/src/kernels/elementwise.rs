@@ -149,10 +149,10 @@ impl NarrowAffine {
     }
 }
 
-/// Calls `put(i, c)` for i = `start`, `start` + 8, … while 8 elements remain before `end`, then
-/// `one(i, c)` for the rest, with `c` the channel of element i (`first_c` at `start`, counting
-/// modulo `cycle`). With `stream`, `one` first covers a head up to the [`STREAM_ALIGN`] boundary
-/// of `out + i`, so that every `put` may store non-temporally.
+/// Calls `put(i, c, stream)` for i = `start`, `start` + 8, … while 8 elements remain before
+/// `end`, then `one(i, c)` for the rest, with `c` the channel of element i (`first_c` at `start`,
+/// counting modulo `cycle`). With `stream`, `one` first covers a head up to the [`STREAM_ALIGN`]
+/// boundary of `out + i`, so that every `put` may store non-temporally.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn map_range<T>(
@@ -162,7 +162,7 @@ fn map_range<T>(
     first_c: usize,
     cycle: usize,
     stream: bool,
-    mut put: impl FnMut(usize, usize),
+    mut put: impl FnMut(usize, usize, bool),
     mut one: impl FnMut(usize, usize),
 ) {
     let (mut i, mut c) = (start, first_c);
@@ -185,10 +185,19 @@ fn map_range<T>(
             advance(&mut c, 1, cycle);
         }
     }
-    while i + 8 <= end {
-        put(i, c);
-        i += 8;
-        advance(&mut c, 8, cycle);
+    // One loop for each value of `stream`, so that it is a constant in `put`'s body.
+    if stream {
+        while i + 8 <= end {
+            put(i, c, true);
+            i += 8;
+            advance(&mut c, 8, cycle);
+        }
+    } else {
+        while i + 8 <= end {
+            put(i, c, false);
+            i += 8;
+            advance(&mut c, 8, cycle);
+        }
     }
     while i < end {
         one(i, c);
@@ -206,7 +215,7 @@ fn map_rows<T>(
     len: usize,
     channels: usize,
     stream: bool,
-    mut put: impl FnMut(usize, usize),
+    mut put: impl FnMut(usize, usize, bool),
     mut one: impl FnMut(usize, usize),
 ) {
     if channels <= ROW_TILE {
@@ -266,6 +275,23 @@ unsafe fn put_narrow<S: Simd, T: Element>(s: S, p: *mut T, v: S::F, stream: bool
     }
 }
 
+/// [`put_narrow`] of `e`'s output: without rounding again where `e`'s outputs are values of `T`
+/// already ([`ElementMap::EXACT`]).
+///
+/// # Safety
+/// As [`put_narrow`].
+#[inline(always)]
+unsafe fn put_mapped<S: Simd, T: Element, E: ElementMap<T>>(s: S, p: *mut T, v: S::F, stream: bool) {
+    // SAFETY: the caller's contract; with `E::EXACT` the lanes are values of `T`.
+    unsafe {
+        match (E::EXACT, stream) {
+            (true, true) => s.fstream_exact(p, v),
+            (true, false) => s.fstore_exact(p, v),
+            (false, _) => put_narrow(s, p, v, stream),
+        }
+    }
+}
+
 #[inline(always)]
 pub(super) fn normalize_plane_impl<S: Simd, T: Element>(
     s: S,
@@ -301,9 +327,9 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
             stream,
             // SAFETY: i + 8 <= n = x.len() = y.len().
             #[inline(always)]
-            |i, _| unsafe {
+            |i, _, stream| unsafe {
                 let v = s.fmadd(s.fsub(s.fload(xp.add(i)), mv), sv, bv);
-                put_narrow(s, yp.add(i), e.narrow8(s, i, v), stream)
+                put_mapped::<S, T, E>(s, yp.add(i), e.narrow8(s, i, v), stream)
             },
             // SAFETY: i < n.
             #[inline(always)]
@@ -322,7 +348,7 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
         stream,
         // SAFETY: i + 8 <= n = x.len() = y.len().
         #[inline(always)]
-        |i, _| unsafe {
+        |i, _, stream| unsafe {
             let v = s.add(s.mul(s.sub(s.load(xp.add(i)), mv), sv), bv);
             put_wide(s, yp.add(i), e.wide8(s, i, v), stream)
         },
@@ -474,10 +500,10 @@ fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
                     let v = s.fmadd(d, s.fload(sp.add(c)), s.fload(bp.add(c)));
-                    put_narrow(s, yp.add(i), e.narrow8(s, i, v), stream)
+                    put_mapped::<S, T, E>(s, yp.add(i), e.narrow8(s, i, v), stream)
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
@@ -507,7 +533,7 @@ fn normalize_rows_with<S: Simd, T: Element, E: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let d = s.sub(s.load(xp.add(i)), s.load(mp.add(c)));
                     let v = s.add(s.mul(d, s.load(sp.add(c))), s.load(bp.add(c)));
                     put_wide(s, yp.add(i), e.wide8(s, i, v), stream)
@@ -638,7 +664,7 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
             stream,
             // SAFETY: i + 8 <= n, the length of all three buffers.
             #[inline(always)]
-            |i, _| unsafe {
+            |i, _, stream| unsafe {
                 let d = s.fsub(s.fload(xp.add(i)), mv);
                 let g = u.narrow8(s, i, s.fload(gp.add(i)));
                 put_narrow(s, op.add(i), s.fnmadd(d, kbv, s.fmadd(g, kv, c0v)), stream)
@@ -663,7 +689,7 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
         stream,
         // SAFETY: i + 8 <= n, the length of all three buffers.
         #[inline(always)]
-        |i, _| unsafe {
+        |i, _, stream| unsafe {
             let xm = s.mul(s.sub(s.load(xp.add(i)), mv), bv);
             let g = u.wide8(s, i, s.load(gp.add(i)));
             put_wide(s, op.add(i), s.mul(kv, s.sub(s.sub(g, av), xm)), stream)
@@ -795,7 +821,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
                     let g = u.narrow8(s, i, s.fload(gp.add(i)));
                     let t = s.fmadd(g, s.fload(kp.add(c)), s.fload(cp.add(c)));
@@ -831,7 +857,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n and c < channels, so c + 8 <= the constants' length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let xm = s.mul(s.sub(s.load(xp.add(i)), s.load(mp.add(c))), s.load(bp.add(c)));
                     let g = u.wide8(s, i, s.load(gp.add(i)));
                     let v = s.mul(s.load(kp.add(c)), s.sub(s.sub(g, s.load(ap.add(c))), xm));
@@ -892,7 +918,7 @@ fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &
             stream,
             // SAFETY: i + 8 <= n = dy.len() = dx.len().
             #[inline(always)]
-            |i, _| unsafe { put_narrow(s, op.add(i), s.fmul(u.narrow8(s, i, s.fload(gp.add(i))), kv), stream) },
+            |i, _, stream| unsafe { put_narrow(s, op.add(i), s.fmul(u.narrow8(s, i, s.fload(gp.add(i))), kv), stream) },
             // SAFETY: i < n.
             #[inline(always)]
             |i, _| unsafe { *op.add(i) = T::from_f32(u.narrow1(i, (*gp.add(i)).to_f32()) * k) },
@@ -910,7 +936,7 @@ fn scale_plane_with<S: Simd, T: Element, U: ElementMap<T>>(s: S, dy: &[T], dx: &
         stream,
         // SAFETY: i + 8 <= n = dy.len() = dx.len().
         #[inline(always)]
-        |i, _| unsafe { put_wide(s, op.add(i), s.mul(u.wide8(s, i, s.load(gp.add(i))), kv), stream) },
+        |i, _, stream| unsafe { put_wide(s, op.add(i), s.mul(u.wide8(s, i, s.load(gp.add(i))), kv), stream) },
         // SAFETY: i < n.
         #[inline(always)]
         |i, _| unsafe { *op.add(i) = T::from_f64(u.wide1(i, (*gp.add(i)).to_f64()) * k) },
@@ -986,7 +1012,7 @@ fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n; c + 8 <= k's length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let g = u.narrow8(s, i, s.fload(gp.add(i)));
                     put_narrow(s, op.add(i), s.fmul(g, s.fload(kp.add(c))), stream)
                 },
@@ -1008,7 +1034,7 @@ fn scale_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                 stream,
                 // SAFETY: i + 8 <= n; c + 8 <= k's length.
                 #[inline(always)]
-                |i, c| unsafe {
+                |i, c, stream| unsafe {
                     let g = u.wide8(s, i, s.load(gp.add(i)));
                     put_wide(s, op.add(i), s.mul(g, s.load(kp.add(c))), stream)
                 },

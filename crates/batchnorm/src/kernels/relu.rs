@@ -325,6 +325,8 @@ pub(crate) struct Act<'a, T> {
 /// ([`Plain`]: plain batch norm). Methods are `unsafe`: element i must lie in the range the map
 /// was made for.
 pub(crate) trait ElementMap<T: Element>: Copy {
+    /// Whether [`ElementMap::narrow8`] returns values of `T` (so a store need not round them).
+    const EXACT: bool = false;
     /// Of elements i..i + 8, as `f32` lanes (the `f32` path: `f32`, `bf16`, `f16` tensors).
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, _: S, _i: usize, v: S::F) -> S::F {
@@ -362,6 +364,8 @@ pub(crate) struct Fused<'c, T, const ADD: bool, const BITS: bool> {
 }
 
 impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<'_, T, ADD, BITS> {
+    // Every output is a rounded value, or +0.0.
+    const EXACT: bool = true;
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, s: S, i: usize, v: S::F) -> S::F {
         // The value batch norm would store, then the sum y + z rounded as `T` rounds it (both

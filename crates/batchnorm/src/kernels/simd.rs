@@ -85,6 +85,26 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// As [`Simd::stream`].
     unsafe fn fstream<T: Element>(self, p: *mut T, v: Self::F);
+    /// [`Simd::fstore`] of lanes that are already values of `T`, a NaN only a quiet one (results
+    /// of [`Simd::fround`], or +0.0): the same bits, without the rounding's work where it has any
+    /// (`bf16`).
+    ///
+    /// # Safety
+    /// As [`Simd::fstore`]. Other lanes are not unsafe but stored wrong (`bf16`: truncated).
+    #[inline(always)]
+    unsafe fn fstore_exact<T: Element>(self, p: *mut T, v: Self::F) {
+        // SAFETY: the caller's contract.
+        unsafe { self.fstore(p, v) }
+    }
+    /// [`Simd::fstream`] of lanes that are values of `T`, as [`Simd::fstore_exact`].
+    ///
+    /// # Safety
+    /// As [`Simd::fstream`] and [`Simd::fstore_exact`].
+    #[inline(always)]
+    unsafe fn fstream_exact<T: Element>(self, p: *mut T, v: Self::F) {
+        // SAFETY: the caller's contract.
+        unsafe { self.fstream(p, v) }
+    }
     /// Each lane rounded to `T` (a type that takes the `f32` path) and widened back: the value
     /// a store to `T` would keep.
     fn fround<T: Element>(self, v: Self::F) -> Self::F;
@@ -326,8 +346,15 @@ mod x86 {
     /// Rounds 8 `f32` to `bf16` (their bits), as [`bf16_round_high`].
     #[inline(always)]
     unsafe fn f32_to_bf16(v: __m256) -> __m128i {
+        unsafe { high_halves(bf16_round_high(v)) }
+    }
+
+    /// The high 16 bits of each of 8 lanes, in order: the `bf16` bits of lanes that hold a
+    /// `bf16` value (low 16 bits zero), or that [`bf16_round_high`] rounded.
+    #[inline(always)]
+    unsafe fn high_halves(r: __m256i) -> __m128i {
         unsafe {
-            let r = _mm256_srli_epi32::<16>(bf16_round_high(v));
+            let r = _mm256_srli_epi32::<16>(r);
             // Every lane is below 2¹⁶, so the saturating pack is exact.
             _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r))
         }
@@ -559,6 +586,24 @@ mod x86 {
                     Kind::Bf16 => _mm_stream_si128(p as *mut __m128i, f32_to_bf16(v)),
                     Kind::F16 => _mm_stream_si128(p as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
                     Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fstore_exact<T: Element>(self, p: *mut T, v: Self::F) {
+            unsafe {
+                match T::KIND {
+                    Kind::Bf16 => _mm_storeu_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
+                    _ => self.fstore(p, v),
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fstream_exact<T: Element>(self, p: *mut T, v: Self::F) {
+            unsafe {
+                match T::KIND {
+                    Kind::Bf16 => _mm_stream_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
+                    _ => self.fstream(p, v),
                 }
             }
         }
@@ -948,6 +993,21 @@ mod tests {
             // SAFETY (both): 8 readable elements.
             let (fa, fs) = unsafe { (a.fload(h.as_ptr()), Scalar.fload(h.as_ptr())) };
             assert_eq!(f32s(fa), fs.map(f32::to_bits), "{} widening {b:04x?}", T::NAME);
+            // A widened value stored back without rounding, as `fstore_exact` may take it (any
+            // value but a signalling NaN), is its own bits, as a rounding store makes it.
+            let (mut exact, mut rounded) = (zero, zero);
+            // SAFETY (both): 8 writable elements.
+            unsafe { a.fstore_exact(exact.as_mut_ptr(), fa) };
+            unsafe { a.fstore(rounded.as_mut_ptr(), fa) };
+            let quiet_bit = if T::KIND == crate::element::Kind::Bf16 {
+                0x0040
+            } else {
+                0x0200
+            };
+            for l in (0..8).filter(|&l| !h[l].to_f64().is_nan() || b[l] & quiet_bit != 0) {
+                assert_eq!(bits16(&exact)[l], b[l], "{} exact store of {:04x}", T::NAME, b[l]);
+                assert_eq!(bits16(&rounded)[l], b[l], "{} rounding store of {:04x}", T::NAME, b[l]);
+            }
             let (wa, ws) = unsafe { (a.load(h.as_ptr()), Scalar.load(h.as_ptr())) };
             assert_eq!(f64s(wa), ws.map(f64::to_bits), "{} widening to f64 {b:04x?}", T::NAME);
         }
