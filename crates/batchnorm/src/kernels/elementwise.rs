@@ -165,6 +165,24 @@ fn map_range<T>(
     mut put: impl FnMut(usize, usize, bool),
     mut one: impl FnMut(usize, usize),
 ) {
+    map_range_with(out, start, end, first_c, cycle, stream, &mut put, &mut one)
+}
+
+/// [`map_range`] with the closures borrowed. They are called directly (`(*put)(…)`), not through
+/// the `FnMut` impl of `&mut F`: the closures are `#[inline(always)]`, so they do not take the
+/// target features (AVX2) of the function that defines them, and must be inlined into it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn map_range_with<T, P: FnMut(usize, usize, bool), O: FnMut(usize, usize)>(
+    out: *mut T,
+    start: usize,
+    end: usize,
+    first_c: usize,
+    cycle: usize,
+    stream: bool,
+    put: &mut P,
+    one: &mut O,
+) {
     let (mut i, mut c) = (start, first_c);
     #[inline(always)]
     fn advance(c: &mut usize, k: usize, cycle: usize) {
@@ -180,7 +198,7 @@ fn map_range<T>(
     if stream {
         let head = (start + ((STREAM_ALIGN - misalign) % STREAM_ALIGN) / size).min(end);
         while i < head {
-            one(i, c);
+            (*one)(i, c);
             i += 1;
             advance(&mut c, 1, cycle);
         }
@@ -188,19 +206,19 @@ fn map_range<T>(
     // One loop for each value of `stream`, so that it is a constant in `put`'s body.
     if stream {
         while i + 8 <= end {
-            put(i, c, true);
+            (*put)(i, c, true);
             i += 8;
             advance(&mut c, 8, cycle);
         }
     } else {
         while i + 8 <= end {
-            put(i, c, false);
+            (*put)(i, c, false);
             i += 8;
             advance(&mut c, 8, cycle);
         }
     }
     while i < end {
-        one(i, c);
+        (*one)(i, c);
         i += 1;
         advance(&mut c, 1, cycle);
     }
@@ -218,25 +236,23 @@ fn map_rows<T>(
     mut put: impl FnMut(usize, usize, bool),
     mut one: impl FnMut(usize, usize),
 ) {
-    if channels <= ROW_TILE {
-        map_range(out, 0, len, 0, channels, stream, put, one);
-        return;
-    }
-    let rows = len / channels;
+    // One call of `map_range` in the code (its loops are inlined once): untiled, the whole buffer
+    // as one range; tiled, each row's part of each tile.
+    let tiled = channels > ROW_TILE;
+    let rows = if tiled { len / channels } else { 1 };
     let mut t = 0;
-    while t < channels {
+    loop {
         let te = (t + ROW_TILE).min(channels);
         for r in 0..rows {
-            map_range(
-                out,
-                r * channels + t,
-                r * channels + te,
-                t,
-                channels,
-                stream,
-                &mut put,
-                &mut one,
-            );
+            let (start, end) = if tiled {
+                (r * channels + t, r * channels + te)
+            } else {
+                (0, len)
+            };
+            map_range_with(out, start, end, t, channels, stream, &mut put, &mut one);
+        }
+        if !tiled || te == channels {
+            return;
         }
         t = te;
     }
