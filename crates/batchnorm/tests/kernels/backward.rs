@@ -175,8 +175,8 @@ fn eval_backward_matches_finite_differences() {
 /// ∂ℓ/∂β = Σ∂ℓ/∂yᵢ) against its passes taken alone (dx alone; dγ and dβ without dx), bit for
 /// bit, on 1, 2 and 3 threads, on shapes whose channels-first walk cuts the tensor every way:
 /// rows of planes over several runs of channels, planes longer than a piece, blocks of planes of
-/// fewer than 16 channels. Each element of dx and each sum is one fixed computation, however the
-/// pass is cut and whoever computes it.
+/// fewer than 16 channels; and the rows plan in blocks of either size. Each element of dx and
+/// each sum is one fixed computation, however the pass is cut and whoever computes it.
 #[test]
 fn backward_eval_one_pass_same_bits_on_any_thread_count() {
     let shapes = [
@@ -188,6 +188,9 @@ fn backward_eval_one_pass_same_bits_on_any_thread_count() {
         (Layout::NCHW, vec![30, 6, 33, 33]),
         // the rows plan.
         (Layout::NHWC, vec![8, 30, 30, 40]),
+        // the rows plan with dx streamed (16 MiB of f32 or more) and rows too short for the
+        // rows prefetch (60 channels): blocks of 8 rows, a task's 4369 ending in a block of one.
+        (Layout::NHWC, vec![70, 32, 32, 60]),
     ];
     for ((layout, shape), seed) in shapes.into_iter().zip(3000..) {
         let d = Data::new::<f32>(layout, &shape, seed);

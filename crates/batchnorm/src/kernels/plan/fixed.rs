@@ -24,7 +24,7 @@ use super::{
 };
 use crate::kernels::elementwise::{self as ew, RowsScale};
 use crate::kernels::mask::{segment, MaskSpans};
-use crate::kernels::moments::{self, GradCarry, GradRuns, Runs};
+use crate::kernels::moments::{self, GradCarry, GradRuns, RowPrefetch, Runs};
 use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::simd::{simd_dispatch, Simd};
@@ -34,6 +34,24 @@ use std::ops::Range;
 /// Elements of a rows-plan block summed and then scaled into dx (64 KiB of `f32`): its x and dy
 /// stay in L2 between the two, with room for the unit's accumulators and output.
 const BLOCK: usize = 2 * super::PIECE;
+
+/// Fewest rows of a small rows-plan block (see [`rows_per_block`]): the rows sums take 4 rows
+/// at a time.
+const MIN_BLOCK_ROWS: usize = 4;
+
+/// Rows of the rows plan's blocks (at most `per_task`) for rows of `g`, with dx written with
+/// streaming stores (`stream`) and the sums prefetching the next group of rows (`pf`). A block
+/// of [`BLOCK`] elements holds x and dy in L2 while dx is written. When dx is streamed and the
+/// rows are too short for the rows prefetch, blocks of [`SUB`] elements (at least
+/// [`MIN_BLOCK_ROWS`] rows) instead: x and dy are read back from L1, and the pass alternates
+/// between reading the inputs and streaming dx out a few KiB at a time, as the channels-first
+/// walk does, rather than 128 KiB of reads and then 64 KiB of writes. With the rows prefetch on,
+/// a block must hold more than one group of rows for it to reach the next one.
+fn rows_per_block(g: &Geometry, per_task: usize, stream: bool, pf: RowPrefetch) -> usize {
+    let elements = if stream && !pf.on { SUB } else { BLOCK };
+    let least = if stream && !pf.on { MIN_BLOCK_ROWS } else { 1 };
+    (elements / g.channels).max(least).min(per_task)
+}
 
 /// What the backward through fixed statistics reads: x and dy, the per-channel mean and factor
 /// k of dx = dy·k, the positions it covers (`mask`, one entry per position; `None`: all of them)
@@ -65,8 +83,8 @@ pub(crate) fn fixed_backward_where<T: Element>(
         let (x, dy, mean, mask) = (pass.x, pass.dy, pass.mean, pass.mask);
         let c = g.channels;
         let per_task = row_blocks(g).0;
-        let (chunk, block) = (per_task * c, (BLOCK / c).clamp(1, per_task) * c);
         let pf = prefetch_rows::<T>(g);
+        let (chunk, block) = (per_task * c, rows_per_block(g, per_task, stream, pf) * c);
         let scale = RowsScale::new::<T>(pass.k);
         let backs = relu::Backward::split(pass.relu, chunk, x.len());
         // Each task's (Σ dy, Σ dy(x − m)) goes to its own part of one buffer of the calling thread.
