@@ -170,6 +170,8 @@ impl Runs {
 /// bit is set ([`RunBits`]). The per-run reductions are written once over this; with
 /// [`AllLanes`] every method is the identity and compiles away.
 trait Lanes<S: Simd>: Copy {
+    /// Whether some elements may be off (lanes are selected).
+    const SELECTS: bool;
     /// The on/off state of 8 consecutive elements.
     type M: Copy;
     /// The state of elements `i..i + 8` of the run.
@@ -191,6 +193,7 @@ trait Lanes<S: Simd>: Copy {
 struct AllLanes;
 
 impl<S: Simd> Lanes<S> for AllLanes {
+    const SELECTS: bool = false;
     type M = ();
     #[inline(always)]
     unsafe fn mask(self, _: S, _: usize) {}
@@ -210,6 +213,7 @@ impl<S: Simd> Lanes<S> for AllLanes {
 struct RunBits<'a>(BitsAt<'a>);
 
 impl<S: Simd> Lanes<S> for RunBits<'_> {
+    const SELECTS: bool = true;
     type M = S::M;
     #[inline(always)]
     unsafe fn mask(self, s: S, i: usize) -> S::M {
@@ -348,7 +352,8 @@ impl<S: Simd> Sums2<S> {
     /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
     /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
     /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
-    /// at a time. The loop of both sums over runs. `ahead(i)` is called once per 16-element
+    /// at a time (where `lanes` selects, 8 a step into the first vector accumulators, then one
+    /// at a time). The loop of both sums over runs. `ahead(i)` is called once per 16-element
     /// step (to prefetch what a later run reads; it must not change the sums).
     ///
     /// # Safety
@@ -365,6 +370,22 @@ impl<S: Simd> Sums2<S> {
     ) {
         let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
         let mut i = 0;
+        if L::SELECTS {
+            // Lanes selected: 8 elements a step, into the first accumulators alone. The selects'
+            // masks and values with all four accumulators live do not fit in the 16 registers
+            // (one accumulator went to the stack, its chain through memory), and with two the
+            // fused multiply-adds' latency is about what a step's other work takes anyway.
+            while i + 8 <= n {
+                if i % 16 == 0 {
+                    ahead(i);
+                }
+                // SAFETY: as below.
+                let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+                a0 = s.add(a0, x0);
+                b0 = s.mul_add(x0, y0, b0);
+                i += 8;
+            }
+        }
         // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
         while i + 16 <= n {
             ahead(i);
