@@ -702,7 +702,12 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>, O: ElementMap<T>>(
             |i, _| unsafe {
                 let d = s.fsub(s.fload(xp.add(i)), mv);
                 let g = u.narrow8(s, i, s.fload(gp.add(i)));
-                put_narrow(s, op.add(i), o.narrow8(s, i, s.fnmadd(d, kbv, s.fmadd(g, kv, c0v))), stream)
+                put_narrow(
+                    s,
+                    op.add(i),
+                    o.narrow8(s, i, s.fnmadd(d, kbv, s.fmadd(g, kv, c0v))),
+                    stream,
+                )
             },
             // SAFETY: i < n.
             #[inline(always)]
@@ -886,7 +891,12 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>, O: ElementMap<T>>(
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
                     let g = u.narrow8(s, i, s.fload(gp.add(i)));
                     let t = s.fmadd(g, s.fload(kp.add(c)), s.fload(cp.add(c)));
-                    put_narrow(s, op.add(i), o.narrow8(s, i, s.fnmadd(d, s.fload(kbp.add(c)), t)), stream)
+                    put_narrow(
+                        s,
+                        op.add(i),
+                        o.narrow8(s, i, s.fnmadd(d, s.fload(kbp.add(c)), t)),
+                        stream,
+                    )
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]

@@ -279,7 +279,12 @@ mod tests {
                             gaps = true;
                             k += off + same(k + off, true);
                         }
-                        want.push(Span { start, end: k, on, gaps });
+                        want.push(Span {
+                            start,
+                            end: k,
+                            on,
+                            gaps,
+                        });
                     }
                     assert_eq!(got, &want[..], "len {len}, segment {i}");
                     for a in 0..segment.len() {
@@ -308,7 +313,11 @@ mod tests {
             assert_eq!(out.len(), (rows.len() * width).div_ceil(8) + 1);
             for e in 0..rows.len() * width + 8 {
                 let bit = out.get(e / 8).is_some_and(|b| b >> (e % 8) & 1 == 1);
-                assert_eq!(bit, rows.get(e / width).copied().unwrap_or(false), "width {width}, element {e}");
+                assert_eq!(
+                    bit,
+                    rows.get(e / width).copied().unwrap_or(false),
+                    "width {width}, element {e}"
+                );
             }
         }
     }

@@ -880,6 +880,9 @@ pub(crate) trait RowSet: Copy {
     fn count(self, rows: usize) -> usize;
     /// The `q`-th row that enters (`q` < [`RowSet::count`]).
     fn row(self, q: usize) -> usize;
+    /// The row to prefetch when the loops prefetch for the `q`-th row that enters (`None`:
+    /// none): that row itself, or one further ahead where the rows are scattered.
+    fn prefetched(self, q: usize) -> Option<usize>;
 }
 
 /// Every row enters.
@@ -894,6 +897,10 @@ impl RowSet for AllRows {
     #[inline(always)]
     fn row(self, q: usize) -> usize {
         q
+    }
+    #[inline(always)]
+    fn prefetched(self, q: usize) -> Option<usize> {
+        Some(q)
     }
 }
 
@@ -910,14 +917,24 @@ impl RowSet for OnRows<'_> {
     fn row(self, q: usize) -> usize {
         self.0[q] as usize
     }
+    #[inline(always)]
+    fn prefetched(self, q: usize) -> Option<usize> {
+        self.0.get(q + SCATTERED_AHEAD).map(|&r| r as usize)
+    }
 }
 
-/// Runs `f` with the rows whose entry of `mask` is true, as an [`OnRows`].
+/// Rows that enter a reduction scattered among rows that do not are a pattern the hardware
+/// prefetchers do not follow: the loops prefetch them this many rows (of those that enter)
+/// further ahead than the next group, with [`RowPrefetch`] on whatever the row size.
+const SCATTERED_AHEAD: usize = 2 * ROW_GROUP;
+
+/// Runs `f` with the rows whose entry of `mask` is true, as an [`OnRows`], and `pf` with
+/// prefetching on (see [`SCATTERED_AHEAD`]).
 #[inline(always)]
-fn with_on_rows<R>(mask: &[bool], f: impl FnOnce(OnRows) -> R) -> R {
+fn with_on_rows<R>(mask: &[bool], pf: RowPrefetch, f: impl FnOnce(OnRows, RowPrefetch) -> R) -> R {
     let mut rows = Scratch::<u32>::with_capacity(mask.len());
     rows.extend(mask.iter().enumerate().filter(|&(_, &on)| on).map(|(r, _)| r as u32));
-    f(OnRows(&rows))
+    f(OnRows(&rows), RowPrefetch { on: true, ..pf })
 }
 
 /// Moments of the rows of a block that `set` has on; returns their number (0: no row, and
@@ -975,7 +992,11 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
         },
         pf,
         #[inline(always)]
-        |q: usize, c: usize| prefetch_line(xp.wrapping_add(set.row(q) * channels + c)),
+        |q: usize, c: usize| {
+            if let Some(r) = set.prefetched(q) {
+                prefetch_line(xp.wrapping_add(r * channels + c))
+            }
+        },
     );
     let n = n as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
@@ -1003,7 +1024,9 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
         None => rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows),
         Some(mask) => {
             assert_eq!(mask.len() * channels, x.len());
-            with_on_rows(mask, |on| rows_moments_of(s, x, channels, mean, m2, shift, pf, on))
+            with_on_rows(mask, pf, |on, pf| {
+                rows_moments_of(s, x, channels, mean, m2, shift, pf, on)
+            })
         }
     }
 }
@@ -1102,9 +1125,10 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
         pf,
         #[inline(always)]
         |q: usize, c: usize| {
-            let r = set.row(q);
-            prefetch_line(xp.wrapping_add(r * channels + c));
-            prefetch_line(gp.wrapping_add(r * channels + c));
+            if let Some(r) = set.prefetched(q) {
+                prefetch_line(xp.wrapping_add(r * channels + c));
+                prefetch_line(gp.wrapping_add(r * channels + c));
+            }
         },
     );
 }
@@ -1130,7 +1154,9 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         }
         (Some(mask), None) => {
             assert_eq!(mask.len() * mean.len(), x.len());
-            with_on_rows(mask, |on| rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain))
+            with_on_rows(mask, pf, |on, pf| {
+                rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain)
+            })
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }
