@@ -21,7 +21,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
-use super::relu::{with_epilogue, with_upstream, Act, Back, ElementMap};
+use super::relu::{with_epilogue, with_upstream, Act, Back, BitsAt, ElementMap, Gated, Plain};
 use super::scratch::{Pooled, Scratch};
 use super::simd::{narrow, simd_dispatch, Simd, STREAM_ALIGN};
 use crate::Element;
@@ -374,6 +374,28 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
     );
 }
 
+#[inline(always)]
+pub(super) fn normalize_plane_kept_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    a: WideAffine,
+    stream: bool,
+    keep: BitsAt<'_>,
+) {
+    assert_eq!(x.len(), y.len());
+    normalize_plane_with(s, x, y, a, stream, Gated::new(keep))
+}
+
+simd_dispatch! {
+    /// [`normalize_plane`] at the elements whose bit is set in `keep` (made for the plane's
+    /// elements), +0.0 at the others: each value selected before its one store, so that no
+    /// value computed at an element that is off (a NaN or an infinity from x there) is kept.
+    pub(crate) fn normalize_plane_kept<T>(
+        x: &[T], y: &mut [T], a: WideAffine, stream: bool, keep: BitsAt<'_>
+    ) => normalize_plane_kept_impl
+}
+
 simd_dispatch! {
     /// y = (x − mean)·scale + shift over one plane of one channel; with `act`, fused with what
     /// follows (see `relu`).
@@ -578,6 +600,27 @@ simd_dispatch! {
     ) => normalize_rows_impl
 }
 
+#[inline(always)]
+pub(super) fn normalize_rows_kept_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    y: &mut [T],
+    p: &RowsAffine,
+    stream: bool,
+    keep: BitsAt<'_>,
+) {
+    assert_eq!(x.len(), y.len());
+    normalize_rows_with(s, x, y, p, stream, Gated::new(keep))
+}
+
+simd_dispatch! {
+    /// [`normalize_rows`] at the elements whose bit is set in `keep`, +0.0 at the others (as
+    /// [`normalize_plane_kept`]).
+    pub(crate) fn normalize_rows_kept<T>(
+        x: &[T], y: &mut [T], p: &RowsAffine, stream: bool, keep: BitsAt<'_>
+    ) => normalize_rows_kept_impl
+}
+
 /// Per-channel constants of the training-mode input gradient.
 ///
 /// dx = k·(dy − a − (x − mean)·b) with k = γ·inv_std, a = Σdy/m, b = inv_std²·Σdy(x − mean)/m:
@@ -653,12 +696,29 @@ pub(super) fn dx_plane_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    with_upstream!(back, dx.len(), |u| dx_plane_with(s, x, dy, dx, c, stream, u))
+    with_upstream!(back, dx.len(), |u| dx_plane_with(s, x, dy, dx, c, stream, u, Plain))
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
+pub(super) fn dx_plane_kept_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    c: DxCoeffs,
+    stream: bool,
+    keep: BitsAt<'_>,
+) {
+    assert!(x.len() == dx.len() && dy.len() == dx.len());
+    dx_plane_with(s, x, dy, dx, c, stream, Plain, Gated::new(keep))
+}
+
+/// dx over one plane from the upstream gradient `u` makes of dy, each value through `o` before
+/// it is stored.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>, O: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -666,6 +726,7 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
     c: DxCoeffs,
     stream: bool,
     u: U,
+    o: O,
 ) {
     let n = dx.len();
     if let (true, Some(c)) = (narrow::<T>(), NarrowDx::new(c)) {
@@ -683,13 +744,18 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
             |i, _, stream| unsafe {
                 let d = s.fsub(s.fload(xp.add(i)), mv);
                 let g = u.narrow8(s, i, s.fload(gp.add(i)));
-                put_narrow(s, op.add(i), s.fnmadd(d, kbv, s.fmadd(g, kv, c0v)), stream)
+                put_narrow(
+                    s,
+                    op.add(i),
+                    o.narrow8(s, i, s.fnmadd(d, kbv, s.fmadd(g, kv, c0v))),
+                    stream,
+                )
             },
             // SAFETY: i < n.
             #[inline(always)]
             |i, _| unsafe {
                 let g = u.narrow1(i, (*gp.add(i)).to_f32());
-                *op.add(i) = T::from_f32(c.apply((*xp.add(i)).to_f32(), g))
+                *op.add(i) = T::from_f32(o.narrow1(i, c.apply((*xp.add(i)).to_f32(), g)))
             },
         );
         return;
@@ -708,13 +774,13 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>>(
         |i, _, stream| unsafe {
             let xm = s.mul(s.sub(s.load(xp.add(i)), mv), bv);
             let g = u.wide8(s, i, s.load(gp.add(i)));
-            put_wide(s, op.add(i), s.mul(kv, s.sub(s.sub(g, av), xm)), stream)
+            put_wide(s, op.add(i), o.wide8(s, i, s.mul(kv, s.sub(s.sub(g, av), xm))), stream)
         },
         // SAFETY: i < n.
         #[inline(always)]
         |i, _| unsafe {
             let g = u.wide1(i, (*gp.add(i)).to_f64());
-            *op.add(i) = T::from_f64(c.apply((*xp.add(i)).to_f64(), g))
+            *op.add(i) = T::from_f64(o.wide1(i, c.apply((*xp.add(i)).to_f64(), g)))
         },
     );
 }
@@ -725,6 +791,14 @@ simd_dispatch! {
     pub(crate) fn dx_plane<T>(
         x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool, back: Option<Back<'_, T>>
     ) => dx_plane_impl
+}
+
+simd_dispatch! {
+    /// [`dx_plane`] at the elements whose bit is set in `keep`, +0.0 at the others (as
+    /// [`normalize_plane_kept`]).
+    pub(crate) fn dx_plane_kept<T>(
+        x: &[T], dy: &[T], dx: &mut [T], c: DxCoeffs, stream: bool, keep: BitsAt<'_>
+    ) => dx_plane_kept_impl
 }
 
 /// [`DxCoeffs`] of all channels for the `rows` kernels, in the form the element type uses.
@@ -800,12 +874,29 @@ pub(super) fn dx_rows_impl<S: Simd, T: Element>(
     back: Option<Back<'_, T>>,
 ) {
     assert!(x.len() == dx.len() && dy.len() == dx.len());
-    with_upstream!(back, dx.len(), |u| dx_rows_with(s, x, dy, dx, p, stream, u))
+    with_upstream!(back, dx.len(), |u| dx_rows_with(s, x, dy, dx, p, stream, u, Plain))
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
+pub(super) fn dx_rows_kept_impl<S: Simd, T: Element>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    p: &DxRows,
+    stream: bool,
+    keep: BitsAt<'_>,
+) {
+    assert!(x.len() == dx.len() && dy.len() == dx.len());
+    dx_rows_with(s, x, dy, dx, p, stream, Plain, Gated::new(keep))
+}
+
+/// dx over whole rows from the upstream gradient `u` makes of dy, each value through `o`
+/// before it is stored.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>, O: ElementMap<T>>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -813,6 +904,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
     p: &DxRows,
     stream: bool,
     u: U,
+    o: O,
 ) {
     let n = dx.len();
     match (p, narrow::<T>()) {
@@ -841,7 +933,12 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                     let d = s.fsub(s.fload(xp.add(i)), s.fload(mp.add(c)));
                     let g = u.narrow8(s, i, s.fload(gp.add(i)));
                     let t = s.fmadd(g, s.fload(kp.add(c)), s.fload(cp.add(c)));
-                    put_narrow(s, op.add(i), s.fnmadd(d, s.fload(kbp.add(c)), t), stream)
+                    put_narrow(
+                        s,
+                        op.add(i),
+                        o.narrow8(s, i, s.fnmadd(d, s.fload(kbp.add(c)), t)),
+                        stream,
+                    )
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
@@ -853,12 +950,13 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                         c0: *cp.add(c),
                     };
                     let g = u.narrow1(i, (*gp.add(i)).to_f32());
-                    *op.add(i) = T::from_f32(q.apply((*xp.add(i)).to_f32(), g));
+                    *op.add(i) = T::from_f32(o.narrow1(i, q.apply((*xp.add(i)).to_f32(), g)));
                 },
             );
             // SAFETY: i < n.
             redo_channels(n, channels, stream, wide, |i, q| unsafe {
-                *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), u.wide1(i, (*gp.add(i)).to_f64())))
+                let v = q.apply((*xp.add(i)).to_f64(), u.wide1(i, (*gp.add(i)).to_f64()));
+                *op.add(i) = T::from_f64(o.wide1(i, v))
             });
         }
         (DxRows::Wide { mean, k, a, b }, _) => {
@@ -877,7 +975,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                     let xm = s.mul(s.sub(s.load(xp.add(i)), s.load(mp.add(c))), s.load(bp.add(c)));
                     let g = u.wide8(s, i, s.load(gp.add(i)));
                     let v = s.mul(s.load(kp.add(c)), s.sub(s.sub(g, s.load(ap.add(c))), xm));
-                    put_wide(s, op.add(i), v, stream)
+                    put_wide(s, op.add(i), o.wide8(s, i, v), stream)
                 },
                 // SAFETY: i < n and c < channels.
                 #[inline(always)]
@@ -889,7 +987,7 @@ fn dx_rows_with<S: Simd, T: Element, U: ElementMap<T>>(
                         b: *bp.add(c),
                     };
                     let g = u.wide1(i, (*gp.add(i)).to_f64());
-                    *op.add(i) = T::from_f64(q.apply((*xp.add(i)).to_f64(), g));
+                    *op.add(i) = T::from_f64(o.wide1(i, q.apply((*xp.add(i)).to_f64(), g)));
                 },
             );
         }
@@ -903,6 +1001,14 @@ simd_dispatch! {
     pub(crate) fn dx_rows<T>(
         x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool, back: Option<Back<'_, T>>
     ) => dx_rows_impl
+}
+
+simd_dispatch! {
+    /// [`dx_rows`] at the elements whose bit is set in `keep`, +0.0 at the others (as
+    /// [`normalize_plane_kept`]).
+    pub(crate) fn dx_rows_kept<T>(
+        x: &[T], dy: &[T], dx: &mut [T], p: &DxRows, stream: bool, keep: BitsAt<'_>
+    ) => dx_rows_kept_impl
 }
 
 #[inline(always)]

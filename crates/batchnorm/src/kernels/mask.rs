@@ -1,31 +1,68 @@
 //! Masks over positions (masked batch norm: one `bool` per value of a channel, shared by all
 //! channels) as the passes walk them: cut into segments (the planes of a channels-first tensor,
-//! or the rows of a rows-plan unit) and each segment into [`Span`]s, once per pass, for every
-//! channel.
+//! or the rows of a rows-plan unit) and each segment into [`Span`]s, and packed one bit per entry,
+//! once per pass, for every channel.
+
+use super::relu::{BitLayout, BitsAt, MaskBits};
 
 /// Runs of fewer than this many entries that are off, between entries that are on, are taken
 /// into the span around them: a reduction selects lane by lane there and an element-wise pass
-/// computes them with their neighbours and then overwrites them with +0.0, rather than
-/// splitting its work around them (a split costs more than a few elements, and a random mask is
-/// mostly such runs).
+/// gates its outputs with the mask's bits (writing +0.0 at those entries in the same stores),
+/// rather than splitting its work around them (a split costs more than a few elements, and a
+/// random mask is mostly such runs).
 pub(crate) const MIN_SKIPPED_RUN: usize = 32;
 
-/// The number of leading entries of `mask` equal to its first one (0 for an empty mask), compared
-/// 8 at a time.
-#[inline]
-pub(crate) fn leading_run(mask: &[bool]) -> usize {
-    let Some(&first) = mask.first() else {
-        return 0;
-    };
-    // SAFETY: a `bool` is one byte holding 0 or 1, a valid `u8`.
-    let bytes = unsafe { std::slice::from_raw_parts(mask.as_ptr().cast::<u8>(), mask.len()) };
-    let word = u64::from_ne_bytes([first as u8; 8]);
-    let whole = bytes
-        .chunks_exact(8)
-        .take_while(|c| u64::from_ne_bytes((*c).try_into().expect("8 bytes")) == word)
-        .count();
-    let rest = &bytes[whole * 8..];
-    whole * 8 + rest.iter().position(|&b| b != first as u8).unwrap_or(rest.len())
+/// Spare bytes after the packed bits: [`read_bits`] takes 8 bytes at any bit.
+const SPARE_BYTES: usize = 8;
+
+/// 8 entries of a mask (entry k in byte k, 0 or 1) as the bits of one byte, entry k at bit k.
+#[inline(always)]
+fn pack8(entries: &[bool]) -> u8 {
+    debug_assert!(entries.len() <= 8);
+    let mut word = [0u8; 8];
+    for (w, &on) in word.iter_mut().zip(entries) {
+        *w = on as u8;
+    }
+    // Each byte is 0 or 1: the product gathers byte k's bit at bit 56 + k, without carries.
+    (u64::from_le_bytes(word).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8
+}
+
+/// The 56 bits of `bytes` from bit `bit` on, bit `bit` as bit 0 (`bytes` has [`SPARE_BYTES`]
+/// after its last bit that may be read).
+#[inline(always)]
+fn read_bits(bytes: &[u8], bit: usize) -> u64 {
+    let at = bit / 8;
+    let word = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    (word >> (bit % 8)) & ((1 << 56) - 1)
+}
+
+/// The number of entries of bits `start..end` of `bytes`, from `start` on, equal to entry
+/// `start` (`on`): a run, counted 56 bits at a time.
+#[inline(always)]
+fn run_bits(bytes: &[u8], start: usize, end: usize, on: bool) -> usize {
+    let mut k = start;
+    while k < end {
+        let word = read_bits(bytes, k) ^ if on { (1 << 56) - 1 } else { 0 };
+        let same = (word.trailing_zeros() as usize).min(56);
+        k += same;
+        if same < 56 {
+            break;
+        }
+    }
+    k.min(end) - start
+}
+
+/// The number of bits set among bits `start..start + n` of `bytes`.
+#[inline(always)]
+pub(crate) fn count_bits(bytes: &[u8], start: usize, n: usize) -> usize {
+    let mut count = 0;
+    let mut k = 0;
+    while k < n {
+        let take = (n - k).min(56);
+        count += (read_bits(bytes, start + k) & ((1 << take) - 1)).count_ones() as usize;
+        k += take;
+    }
+    count
 }
 
 /// Entries `start..end` of a segment: all off (`on` false), or starting and ending with entries
@@ -40,34 +77,52 @@ pub(crate) struct Span {
 }
 
 /// A mask cut into consecutive segments of `len` entries (the last one may be shorter), each
-/// segment into its [`Span`]s.
+/// segment into its [`Span`]s, and packed one bit per entry ([`MaskSpans::bits`]), so that the
+/// passes over every channel read 1/8 of the bytes and count entries 56 at a time.
 pub(crate) struct MaskSpans<'a> {
     mask: &'a [bool],
     len: usize,
     spans: Vec<Span>,
     /// Segment i's spans are `spans[at[i]..at[i + 1]]`.
     at: Vec<usize>,
+    /// Segment i's entries from bit `i·layout.bytes·8` on (entry k at bit k % 8 of byte k / 8),
+    /// [`SPARE_BYTES`] after the last segment.
+    bits: Vec<u8>,
+    layout: BitLayout,
 }
 
 impl<'a> MaskSpans<'a> {
     /// The spans of `mask` (`None`: no mask, no spans) in segments of `len` ≥ 1 entries.
     pub fn new(mask: Option<&'a [bool]>, len: usize) -> Option<Self> {
         let mask = mask?;
+        let layout = BitLayout {
+            len,
+            bytes: len.div_ceil(8),
+            segments: mask.len().div_ceil(len),
+        };
+        let mut bits = vec![0u8; layout.segments * layout.bytes + SPARE_BYTES];
+        for (segment, out) in mask.chunks(len).zip(bits.chunks_mut(layout.bytes)) {
+            for (entries, byte) in segment.chunks(8).zip(out.iter_mut()) {
+                *byte = pack8(entries);
+            }
+        }
         let (mut spans, mut at) = (Vec::new(), vec![0]);
-        for segment in mask.chunks(len) {
+        for (i, segment) in mask.chunks(len).enumerate() {
+            let (base, n) = (i * layout.bytes * 8, segment.len());
+            let run = |k: usize, on: bool| run_bits(&bits, base + k, base + n, on);
             let mut k = 0;
-            while k < segment.len() {
+            while k < n {
                 let (start, on) = (k, segment[k]);
-                k += leading_run(&segment[k..]);
+                k += run(k, on);
                 let mut gaps = false;
-                while on && k < segment.len() {
-                    let off = leading_run(&segment[k..]);
-                    if off >= MIN_SKIPPED_RUN || k + off == segment.len() {
+                while on && k < n {
+                    let off = run(k, false);
+                    if off >= MIN_SKIPPED_RUN || k + off == n {
                         break;
                     }
                     gaps = true;
                     k += off;
-                    k += leading_run(&segment[k..]);
+                    k += run(k, true);
                 }
                 spans.push(Span {
                     start,
@@ -78,7 +133,14 @@ impl<'a> MaskSpans<'a> {
             }
             at.push(spans.len());
         }
-        Some(MaskSpans { mask, len, spans, at })
+        Some(MaskSpans {
+            mask,
+            len,
+            spans,
+            at,
+            bits,
+            layout,
+        })
     }
 
     /// Number of segments.
@@ -94,6 +156,27 @@ impl<'a> MaskSpans<'a> {
         let end = (start + self.len).min(self.mask.len());
         (&self.mask[start..end], &self.spans[self.at[i]..self.at[i + 1]])
     }
+
+    /// The mask's bits: entry k of segment i is element `i·len + k` of [`MaskBits::at`].
+    #[inline(always)]
+    pub fn bits(&self) -> MaskBits<'_> {
+        MaskBits {
+            bytes: &self.bits,
+            layout: self.layout,
+        }
+    }
+
+    /// The bits of entries `start..end` of segment `i`, entry `start` first.
+    #[inline(always)]
+    pub fn bits_at(&self, i: usize, start: usize, end: usize) -> BitsAt<'_> {
+        self.bits().at(i * self.len + start, end - start)
+    }
+
+    /// The number of entries `start..end` of segment `i` that are on.
+    #[inline(always)]
+    pub fn count(&self, i: usize, start: usize, end: usize) -> usize {
+        count_bits(&self.bits, i * self.layout.bytes * 8 + start, end - start)
+    }
 }
 
 /// Segment `i` of `spans` (`None`: no mask).
@@ -102,21 +185,44 @@ pub(crate) fn segment<'s>(spans: &'s Option<MaskSpans>, i: usize) -> Option<(&'s
     spans.as_ref().map(|s| s.segment(i))
 }
 
+/// Bits of `rows` rows of `width` elements each, row r's bits set where `rows[r]` is on, into
+/// `out` (cleared first; one bit per element, element e at bit e % 8 of byte e / 8, with a
+/// spare byte): a mask over the rows of a rows-plan tensor as the bits of its elements.
+pub(crate) fn row_bits(rows: &[bool], width: usize, out: &mut Vec<u8>) {
+    let n = rows.len() * width;
+    out.clear();
+    out.resize(n.div_ceil(8) + 1, 0);
+    for (r, &on) in rows.iter().enumerate() {
+        if !on {
+            continue;
+        }
+        let (mut e, end) = (r * width, (r + 1) * width);
+        // Up to a byte boundary, whole bytes, then the rest.
+        while e < end && !e.is_multiple_of(8) {
+            out[e / 8] |= 1 << (e % 8);
+            e += 1;
+        }
+        let whole = (end - e) / 8;
+        out[e / 8..e / 8 + whole].fill(0xff);
+        e += whole * 8;
+        while e < end {
+            out[e / 8] |= 1 << (e % 8);
+            e += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn leading_runs_and_spans() {
+    fn spans_of_runs() {
         let mut mask = vec![true; 40];
         mask.extend([false; 3]);
         mask.extend([true; 2]);
         mask.extend([false; 40]);
         mask.push(true);
-        assert_eq!(leading_run(&mask), 40);
-        assert_eq!(leading_run(&mask[40..]), 3);
-        assert_eq!(leading_run(&mask[45..]), 40);
-        assert_eq!(leading_run(&[]), 0);
         let spans = MaskSpans::new(Some(&mask), 80).unwrap();
         assert_eq!(spans.segments(), 2);
         let span = |start, end, on, gaps| Span { start, end, on, gaps };
@@ -130,5 +236,90 @@ mod tests {
         let spans = MaskSpans::new(Some(&[true, false, true, false]), 4).unwrap();
         assert_eq!(spans.segment(0).1, &[span(0, 3, true, true), span(3, 4, false, false)]);
         assert!(MaskSpans::new(None, 4).is_none());
+    }
+
+    /// Spans, bits and counts of random masks and long runs against a scan entry by entry, for
+    /// segment lengths around the 56-bit words and the bytes.
+    #[test]
+    fn bits_spans_and_counts_match_the_entries() {
+        // Knuth's MMIX linear congruential generator, its high bits.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        };
+        for &len in &[1, 7, 8, 9, 55, 56, 57, 100, 333] {
+            for density in [0u64, 1, 8, 15, 16] {
+                // Runs of random lengths (up to 80), on with probability density/16.
+                let mut mask = Vec::new();
+                while mask.len() < 4 * len + 3 {
+                    let (run, on) = ((next() % 80 + 1) as usize, next() % 16 < density);
+                    mask.extend(std::iter::repeat_n(on, run));
+                }
+                mask.truncate(4 * len + 3);
+                let spans = MaskSpans::new(Some(&mask), len).unwrap();
+                let bits = spans.bits();
+                for (i, segment) in mask.chunks(len).enumerate() {
+                    let (entries, got) = spans.segment(i);
+                    assert_eq!(entries, segment);
+                    // The spans by the definition, entry by entry.
+                    let mut want = Vec::new();
+                    let mut k = 0;
+                    while k < segment.len() {
+                        let (start, on) = (k, segment[k]);
+                        let same = |k: usize, v: bool| segment[k..].iter().take_while(|&&e| e == v).count();
+                        k += same(k, on);
+                        let mut gaps = false;
+                        while on && k < segment.len() {
+                            let off = same(k, false);
+                            if off >= MIN_SKIPPED_RUN || k + off == segment.len() {
+                                break;
+                            }
+                            gaps = true;
+                            k += off + same(k + off, true);
+                        }
+                        want.push(Span {
+                            start,
+                            end: k,
+                            on,
+                            gaps,
+                        });
+                    }
+                    assert_eq!(got, &want[..], "len {len}, segment {i}");
+                    for a in 0..segment.len() {
+                        let at = spans.bits_at(i, a, segment.len());
+                        for (e, &on) in segment[a..].iter().enumerate() {
+                            // SAFETY: element e of the entries `at` was made for.
+                            assert_eq!(unsafe { at.get1(e) }, on);
+                        }
+                        for b in a..=segment.len() {
+                            let ones = segment[a..b].iter().filter(|&&on| on).count();
+                            assert_eq!(spans.count(i, a, b), ones);
+                        }
+                    }
+                    assert_eq!(bits.layout.len, len);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_bits_repeat_each_row() {
+        let rows = [true, false, true, true, false, false, true];
+        let mut out = vec![0xaa; 3];
+        for width in [1, 3, 8, 13, 16] {
+            row_bits(&rows, width, &mut out);
+            assert_eq!(out.len(), (rows.len() * width).div_ceil(8) + 1);
+            for e in 0..rows.len() * width + 8 {
+                let bit = out.get(e / 8).is_some_and(|b| b >> (e % 8) & 1 == 1);
+                assert_eq!(
+                    bit,
+                    rows.get(e / width).copied().unwrap_or(false),
+                    "width {width}, element {e}"
+                );
+            }
+        }
     }
 }

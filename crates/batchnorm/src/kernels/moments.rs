@@ -19,6 +19,7 @@
 use super::fold_lanes;
 use super::mask::MaskSpans;
 use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
+use super::scratch::Scratch;
 use super::simd::{simd_dispatch, Simd};
 use crate::Element;
 
@@ -166,9 +167,11 @@ impl Runs {
 }
 
 /// Which elements of one run enter a reduction: all of them ([`AllLanes`]) or those whose mask
-/// entry is true ([`RunMask`]). The per-run reductions are written once over this; with
+/// bit is set ([`RunBits`]). The per-run reductions are written once over this; with
 /// [`AllLanes`] every method is the identity and compiles away.
 trait Lanes<S: Simd>: Copy {
+    /// Whether some elements may be off (lanes are selected).
+    const SELECTS: bool;
     /// The on/off state of 8 consecutive elements.
     type M: Copy;
     /// The state of elements `i..i + 8` of the run.
@@ -190,6 +193,7 @@ trait Lanes<S: Simd>: Copy {
 struct AllLanes;
 
 impl<S: Simd> Lanes<S> for AllLanes {
+    const SELECTS: bool = false;
     type M = ();
     #[inline(always)]
     unsafe fn mask(self, _: S, _: usize) {}
@@ -203,17 +207,19 @@ impl<S: Simd> Lanes<S> for AllLanes {
     }
 }
 
-/// The elements of a run whose mask entries (one per element, from this pointer on) are true.
+/// The elements of a run whose mask bits (one per element, the run's first element first) are
+/// set.
 #[derive(Clone, Copy)]
-struct RunMask(*const bool);
+struct RunBits<'a>(BitsAt<'a>);
 
-impl<S: Simd> Lanes<S> for RunMask {
+impl<S: Simd> Lanes<S> for RunBits<'_> {
+    const SELECTS: bool = true;
     type M = S::M;
     #[inline(always)]
     unsafe fn mask(self, s: S, i: usize) -> S::M {
-        // SAFETY: the run's entries lie inside the mask (`MaskedLanes::new`), i..i + 8 inside the
-        // run (caller).
-        unsafe { s.load_mask(self.0.add(i)) }
+        // SAFETY: the run's bits were taken for all of its elements (`MaskedLanes::parts`),
+        // i..i + 8 lie inside the run (caller).
+        s.lane_mask(unsafe { self.0.get8(i) })
     }
     #[inline(always)]
     fn keep(self, s: S, m: S::M, v: S::V) -> S::V {
@@ -222,7 +228,7 @@ impl<S: Simd> Lanes<S> for RunMask {
     #[inline(always)]
     unsafe fn on(self, i: usize) -> bool {
         // SAFETY: as in `mask`.
-        unsafe { *self.0.add(i) }
+        unsafe { self.0.get1(i) }
     }
 }
 
@@ -237,11 +243,11 @@ pub(crate) struct MaskedLanes<'a> {
 }
 
 /// What a mask selects of one run, part by part: `range` (relative to the run), all of it
-/// (`lanes` `None`) or lane by lane (the entries from the part's first element on).
+/// (`lanes` `None`) or lane by lane (the bits from the part's first element on).
 #[derive(Clone)]
-struct Part {
+struct Part<'a> {
     range: std::ops::Range<usize>,
-    lanes: Option<RunMask>,
+    lanes: Option<RunBits<'a>>,
 }
 
 impl<'a> MaskedLanes<'a> {
@@ -259,36 +265,39 @@ impl<'a> MaskedLanes<'a> {
         }
     }
 
+    /// The spans of run `k` that are on, clipped to the run, in order: (segment, start, end,
+    /// gaps), `start..end` counted in the segment.
+    #[inline(always)]
+    fn clipped(self, k: usize) -> impl Iterator<Item = (usize, usize, usize, bool)> + 'a {
+        let i = self.first + k;
+        let (lo, hi) = (self.offset, self.offset + self.len);
+        self.spans
+            .segment(i)
+            .1
+            .iter()
+            .filter(move |s| s.on && s.end > lo && s.start < hi)
+            .map(move |s| (i, s.start.max(lo), s.end.min(hi), s.gaps))
+    }
+
     /// The parts of run `k` that the mask selects, in order: the spans that are on, clipped to
     /// the run (those without gaps whole, those with gaps lane by lane); the rest is skipped.
     #[inline(always)]
-    fn parts(self, k: usize) -> impl Iterator<Item = Part> + 'a {
-        let (entries, spans) = self.spans.segment(self.first + k);
-        let (lo, hi) = (self.offset, self.offset + self.len);
-        spans
-            .iter()
-            .filter(move |s| s.on && s.end > lo && s.start < hi)
-            .map(move |s| {
-                let (start, end) = (s.start.max(lo), s.end.min(hi));
-                Part {
-                    range: start - lo..end - lo,
-                    lanes: s.gaps.then(|| RunMask(entries[start..end].as_ptr())),
-                }
-            })
+    fn parts(self, k: usize) -> impl Iterator<Item = Part<'a>> + 'a {
+        let (spans, lo) = (self.spans, self.offset);
+        self.clipped(k).map(move |(i, start, end, gaps)| Part {
+            range: start - lo..end - lo,
+            lanes: gaps.then(|| RunBits(spans.bits_at(i, start, end))),
+        })
     }
 
     /// Number of entries that are on in `count` runs.
     #[inline(always)]
     fn count(self, count: usize) -> usize {
         (0..count)
-            .flat_map(|k| self.parts(k))
-            .map(|p| match p.lanes {
-                // SAFETY: the part's entries lie inside its segment (`parts`).
-                Some(RunMask(m)) => unsafe { std::slice::from_raw_parts(m, p.range.len()) }
-                    .iter()
-                    .filter(|&&on| on)
-                    .count(),
-                None => p.range.len(),
+            .flat_map(|k| self.clipped(k))
+            .map(|(i, start, end, gaps)| match gaps {
+                true => self.spans.count(i, start, end),
+                false => end - start,
             })
             .sum()
     }
@@ -296,7 +305,7 @@ impl<'a> MaskedLanes<'a> {
 
 /// Runs `$body` with `$lanes` and `$r` (a range of run `$k`'s elements) for each part of the
 /// run that `$mask` (`None`: no mask, the whole run) selects: [`AllLanes`] where it selects all
-/// of a part, a [`RunMask`] where it selects lane by lane.
+/// of a part, a [`RunBits`] where it selects lane by lane.
 macro_rules! for_each_part {
     ($mask:expr, $k:expr, $len:expr, |$lanes:ident, $r:ident| $body:expr) => {
         match $mask {
@@ -343,7 +352,8 @@ impl<S: Simd> Sums2<S> {
     /// Adds (Σ a, Σ a·b) over the elements of a run of `n` elements that `lanes` has on, with
     /// (a, b) of elements i..i + 8 from `terms8(i, on)` (`on`: their lanes' state, for
     /// [`Lanes::keep`]) and of element i from `terms1(i)`: 16 elements a step, then 8, then one
-    /// at a time. The loop of both sums over runs. `ahead(i)` is called once per 16-element
+    /// at a time (where `lanes` selects, 8 a step into the first vector accumulators, then one
+    /// at a time). The loop of both sums over runs. `ahead(i)` is called once per 16-element
     /// step (to prefetch what a later run reads; it must not change the sums).
     ///
     /// # Safety
@@ -360,6 +370,22 @@ impl<S: Simd> Sums2<S> {
     ) {
         let ((mut a0, mut a1), (mut b0, mut b1)) = (self.a, self.b);
         let mut i = 0;
+        if L::SELECTS {
+            // Lanes selected: 8 elements a step, into the first accumulators alone. The selects'
+            // masks and values with all four accumulators live do not fit in the 16 registers
+            // (one accumulator went to the stack, its chain through memory), and with two the
+            // fused multiply-adds' latency is about what a step's other work takes anyway.
+            while i + 8 <= n {
+                if i % 16 == 0 {
+                    ahead(i);
+                }
+                // SAFETY: as below.
+                let (x0, y0) = terms8(i, unsafe { lanes.mask(s, i) });
+                a0 = s.add(a0, x0);
+                b0 = s.mul_add(x0, y0, b0);
+                i += 8;
+            }
+        }
         // SAFETY (all blocks): elements i..i + 8 lie inside the run, whose state `lanes` holds.
         while i + 16 <= n {
             ahead(i);
@@ -846,13 +872,17 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     }
 }
 
-/// Which rows of a block enter a reduction: all of them ([`AllRows`]) or those whose entry is
-/// true (a `&[bool]` of one entry per row). With [`AllRows`] every method folds to a constant.
+/// Which rows of a block enter a reduction, in order: all of them ([`AllRows`]) or those of a
+/// list ([`OnRows`]: the rows whose mask entry is true), so that the loops over rows take only
+/// the rows that enter, without a test per row. With [`AllRows`] every method folds away.
 pub(crate) trait RowSet: Copy {
-    /// Whether row `r` enters.
-    fn on(self, r: usize) -> bool;
-    /// Number of the first `rows` rows that enter.
+    /// Number of rows that enter, of a block of `rows`.
     fn count(self, rows: usize) -> usize;
+    /// The `q`-th row that enters (`q` < [`RowSet::count`]).
+    fn row(self, q: usize) -> usize;
+    /// The row to prefetch when the loops prefetch for the `q`-th row that enters (`None`:
+    /// none): that row itself, or one further ahead where the rows are scattered.
+    fn prefetched(self, q: usize) -> Option<usize>;
 }
 
 /// Every row enters.
@@ -861,24 +891,50 @@ pub(crate) struct AllRows;
 
 impl RowSet for AllRows {
     #[inline(always)]
-    fn on(self, _: usize) -> bool {
-        true
-    }
-    #[inline(always)]
     fn count(self, rows: usize) -> usize {
         rows
     }
+    #[inline(always)]
+    fn row(self, q: usize) -> usize {
+        q
+    }
+    #[inline(always)]
+    fn prefetched(self, q: usize) -> Option<usize> {
+        Some(q)
+    }
 }
 
-impl RowSet for &[bool] {
+/// The rows of a list enter (increasing row numbers).
+#[derive(Clone, Copy)]
+pub(crate) struct OnRows<'a>(&'a [u32]);
+
+impl RowSet for OnRows<'_> {
     #[inline(always)]
-    fn on(self, r: usize) -> bool {
-        self[r]
+    fn count(self, _: usize) -> usize {
+        self.0.len()
     }
     #[inline(always)]
-    fn count(self, rows: usize) -> usize {
-        self[..rows].iter().filter(|&&on| on).count()
+    fn row(self, q: usize) -> usize {
+        self.0[q] as usize
     }
+    #[inline(always)]
+    fn prefetched(self, q: usize) -> Option<usize> {
+        self.0.get(q + SCATTERED_AHEAD).map(|&r| r as usize)
+    }
+}
+
+/// Rows that enter a reduction scattered among rows that do not are a pattern the hardware
+/// prefetchers do not follow: the loops prefetch them this many rows (of those that enter)
+/// further ahead than the next group, with [`RowPrefetch`] on whatever the row size.
+const SCATTERED_AHEAD: usize = 2 * ROW_GROUP;
+
+/// Runs `f` with the rows whose entry of `mask` is true, as an [`OnRows`], and `pf` with
+/// prefetching on (see [`SCATTERED_AHEAD`]).
+#[inline(always)]
+fn with_on_rows<R>(mask: &[bool], pf: RowPrefetch, f: impl FnOnce(OnRows, RowPrefetch) -> R) -> R {
+    let mut rows = Scratch::<u32>::with_capacity(mask.len());
+    rows.extend(mask.iter().enumerate().filter(|&(_, &on)| on).map(|(r, _)| r as u32));
+    f(OnRows(&rows), RowPrefetch { on: true, ..pf })
 }
 
 /// Moments of the rows of a block that `set` has on; returns their number (0: no row, and
@@ -905,42 +961,44 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
     );
     mean.fill(0.0);
     m2.fill(0.0);
-    let Some(first) = (0..rows).find(|&r| set.on(r)) else {
+    let n = set.count(rows);
+    if n == 0 {
         return 0.0;
-    };
+    }
+    let first = set.row(0);
     for (k, v) in shift.iter_mut().zip(&x[first * channels..]) {
         *k = v.to_f64();
     }
     let (xp, kp) = (x.as_ptr(), shift.as_ptr());
     // The closures are inlined by force: one that is not compiles without the caller's AVX2.
-    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), so every read is
-    // inside x (asserted above) and `shift`.
+    // SAFETY (closures): the row r < rows (a row of the set) and c + 8 <= channels (or
+    // c < channels), so every read is inside x (asserted above) and `shift`.
     rows_accumulate2::<S, ROW_GROUP>(
         s,
-        rows,
+        n,
         mean,
         m2,
         #[inline(always)]
-        |r: usize, c: usize, a: S::V, b: S::V| {
-            if !set.on(r) {
-                return (a, b);
-            }
+        |q: usize, c: usize, a: S::V, b: S::V| {
+            let r = set.row(q);
             let d = unsafe { s.sub(s.load(xp.add(r * channels + c)), s.load(kp.add(c))) };
             (s.add(a, d), s.mul_add(d, d, b))
         },
         #[inline(always)]
-        |r: usize, c: usize, a: f64, b: f64| {
-            if !set.on(r) {
-                return (a, b);
-            }
+        |q: usize, c: usize, a: f64, b: f64| {
+            let r = set.row(q);
             let d = unsafe { (*xp.add(r * channels + c)).to_f64() - *kp.add(c) };
             (a + d, d.mul_add(d, b))
         },
         pf,
         #[inline(always)]
-        |r: usize, c: usize| prefetch_line(xp.wrapping_add(r * channels + c)),
+        |q: usize, c: usize| {
+            if let Some(r) = set.prefetched(q) {
+                prefetch_line(xp.wrapping_add(r * channels + c))
+            }
+        },
     );
-    let n = set.count(rows) as f64;
+    let n = n as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
         let s1 = *m;
         *m = k + s1 / n;
@@ -966,7 +1024,9 @@ pub(super) fn rows_moments_impl<S: Simd, T: Element>(
         None => rows_moments_of(s, x, channels, mean, m2, shift, pf, AllRows),
         Some(mask) => {
             assert_eq!(mask.len() * channels, x.len());
-            rows_moments_of(s, x, channels, mean, m2, shift, pf, mask)
+            with_on_rows(mask, pf, |on, pf| {
+                rows_moments_of(s, x, channels, mean, m2, shift, pf, on)
+            })
         }
     }
 }
@@ -1042,35 +1102,33 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
     );
     let (xp, gp, mp) = (x.as_ptr(), dy.as_ptr(), mean.as_ptr());
     // The closures are inlined by force (see `rows_moments_of`).
-    // SAFETY (closures): r < rows and c + 8 <= channels (or c < channels), inside x, dy and
-    // mean (asserted above).
+    // SAFETY (closures): the row r < rows (a row of the set) and c + 8 <= channels (or
+    // c < channels), inside x, dy and mean (asserted above).
     rows_accumulate2::<S, ROW_GROUP>(
         s,
-        rows,
+        set.count(rows),
         sum_dy,
         sum_dy_xmu,
         #[inline(always)]
-        |r: usize, c: usize, a: S::V, b: S::V| unsafe {
-            if !set.on(r) {
-                return (a, b);
-            }
+        |q: usize, c: usize, a: S::V, b: S::V| unsafe {
+            let r = set.row(q);
             let g = u.wide8(s, r * channels + c, s.load(gp.add(r * channels + c)));
             let d = s.sub(s.load(xp.add(r * channels + c)), s.load(mp.add(c)));
             (s.add(a, g), s.mul_add(g, d, b))
         },
         #[inline(always)]
-        |r: usize, c: usize, a: f64, b: f64| unsafe {
-            if !set.on(r) {
-                return (a, b);
-            }
+        |q: usize, c: usize, a: f64, b: f64| unsafe {
+            let r = set.row(q);
             let g = u.wide1(r * channels + c, (*gp.add(r * channels + c)).to_f64());
             (a + g, g.mul_add((*xp.add(r * channels + c)).to_f64() - mean[c], b))
         },
         pf,
         #[inline(always)]
-        |r: usize, c: usize| {
-            prefetch_line(xp.wrapping_add(r * channels + c));
-            prefetch_line(gp.wrapping_add(r * channels + c));
+        |q: usize, c: usize| {
+            if let Some(r) = set.prefetched(q) {
+                prefetch_line(xp.wrapping_add(r * channels + c));
+                prefetch_line(gp.wrapping_add(r * channels + c));
+            }
         },
     );
 }
@@ -1096,7 +1154,9 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         }
         (Some(mask), None) => {
             assert_eq!(mask.len() * mean.len(), x.len());
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, mask, Plain)
+            with_on_rows(mask, pf, |on, pf| {
+                rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain)
+            })
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }

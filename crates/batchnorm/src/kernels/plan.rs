@@ -17,9 +17,9 @@
 //! (no read-for-ownership, no eviction of the inputs); short runs far apart are prefetched.
 
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
-use super::mask::{segment, MaskSpans, Span};
+use super::mask::{self, segment, MaskSpans, Span};
 use super::moments::{self, GradRuns, MaskedLanes, Moments, RowPrefetch, Runs};
-use super::relu::{self, Act, BitLayout, MaskBits};
+use super::relu::{self, Act, BitLayout, BitsAt, MaskBits};
 use super::scratch::Scratch;
 use super::with_simd;
 use crate::args::Scope;
@@ -323,6 +323,63 @@ fn write_where<T: Element>(
     }
 }
 
+/// A segment of a mask over positions as [`write_gated`] takes it: its spans and the bits of its
+/// entries, or (`rows`) one entry per row of `width` elements.
+#[derive(Clone, Copy)]
+struct GatedSegment<'a> {
+    spans: &'a MaskSpans<'a>,
+    segment: usize,
+    width: usize,
+}
+
+/// The segment `i` of `spans` (`None`: no mask) for [`write_gated`], each entry covering `width`
+/// elements.
+fn gated_segment<'a>(spans: &'a Option<MaskSpans<'a>>, i: usize, width: usize) -> Option<GatedSegment<'a>> {
+    spans.as_ref().map(|spans| GatedSegment {
+        spans,
+        segment: i,
+        width,
+    })
+}
+
+/// Writes `out` where a mask allows (`mask`: a segment, entry k covering elements
+/// `k·width..(k + 1)·width`; `None`: all of `out` at once): `f(range, &mut out[range], keep)`
+/// over each span that is on, with `keep` the bits of the range's elements where it has gaps
+/// (the kernel then writes +0.0 at the elements that are off in the same stores, so nothing
+/// computed there is kept) and `None` where it has none; +0.0 over each span that is off, whose
+/// inputs are not read.
+#[inline(always)]
+fn write_gated<T: Element>(
+    mask: Option<GatedSegment>,
+    out: &mut [T],
+    mut f: impl FnMut(std::ops::Range<usize>, &mut [T], Option<BitsAt>),
+) {
+    let Some(GatedSegment { spans, segment, width }) = mask else {
+        let n = out.len();
+        return f(0..n, out, None);
+    };
+    let (entries, list) = spans.segment(segment);
+    let mut rows = Vec::new();
+    for &Span { start, end, on, gaps } in list {
+        let r = start * width..end * width;
+        match (on, gaps, width) {
+            (false, ..) => out[r].fill(T::from_f64(0.0)),
+            (true, false, _) => f(r.clone(), &mut out[r], None),
+            (true, true, 1) => f(r.clone(), &mut out[r], Some(spans.bits_at(segment, start, end))),
+            (true, true, _) => {
+                mask::row_bits(&entries[start..end], width, &mut rows);
+                let layout = BitLayout {
+                    len: r.len(),
+                    bytes: r.len().div_ceil(8),
+                    segments: 1,
+                };
+                let keep = MaskBits { bytes: &rows, layout }.at(0, r.len());
+                f(r.clone(), &mut out[r], Some(keep))
+            }
+        }
+    }
+}
+
 /// Moments of planes `planes` of channel `c` (of the positions `mask` has on, when given; its
 /// segments are the planes), pieces merged left in order.
 #[inline(always)]
@@ -432,7 +489,7 @@ pub(crate) fn normalize<T: Element>(g: &Geometry, x: &[T], y: &mut [T], mean: &[
 }
 
 /// [`normalize`] at the positions `mask` (one entry per position) has on, +0.0 at the others
-/// (see [`write_where`]); each element that is on computed as without a mask. With `relu`
+/// (see [`write_gated`]); each element that is on computed as without a mask. With `relu`
 /// (never with a mask), fused with what follows batch norm in the same pass (see `relu`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn normalize_where<T: Element>(
@@ -463,8 +520,9 @@ pub(crate) fn normalize_where<T: Element>(
                     shift: shift[c],
                 };
                 let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
-                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
-                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
+                write_gated(gated_segment(&spans, o, 1), yp, |r, yr, keep| match keep {
+                    Some(keep) => ew::normalize_plane_kept(&xp[r], yr, a, stream, keep),
+                    None => ew::normalize_plane(&xp[r], yr, a, stream, act.take()),
                 });
             }
             if stream {
@@ -480,8 +538,9 @@ pub(crate) fn normalize_where<T: Element>(
         items.reverse();
         map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
-            write_where(segment(&spans, u), g.channels, ys, |r, yr, nt| {
-                ew::normalize_rows(&xs[r], yr, &p, stream && nt, act.take())
+            write_gated(gated_segment(&spans, u, g.channels), ys, |r, yr, keep| match keep {
+                Some(keep) => ew::normalize_rows_kept(&xs[r], yr, &p, stream, keep),
+                None => ew::normalize_rows(&xs[r], yr, &p, stream, act.take()),
             });
             if stream {
                 ew::stream_fence();
@@ -546,8 +605,9 @@ pub(crate) fn train_forward_where<T: Element>(
                         .as_ref()
                         .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
                 });
-                write_where(segment(&spans, o), 1, yp, |r, yr, nt| {
-                    ew::normalize_plane(&xp[r], yr, a, stream && nt, act.take())
+                write_gated(gated_segment(&spans, o, 1), yp, |r, yr, keep| match keep {
+                    Some(keep) => ew::normalize_plane_kept(&xp[r], yr, a, stream, keep),
+                    None => ew::normalize_plane(&xp[r], yr, a, stream, act.take()),
                 });
             }
             if stream {
@@ -671,7 +731,7 @@ fn add_task_sums_into(parts: &[f64], s1: &mut [f64], s2: &mut [f64]) {
 }
 
 /// Training-mode dx from per-channel coefficients, at the positions `mask` (one entry per
-/// position, `None`: all of them) has on, +0.0 at the others (see [`write_where`]). It
+/// position, `None`: all of them) has on, +0.0 at the others (see [`write_gated`]). It
 /// always follows a pass over x and dy (the gradient sums), so both count as re-read for the
 /// streaming decision, and it takes its units last to first (see [`normalize`]). With `relu`
 /// (never with a mask), from the upstream gradient dy·\[kept\], written to dz too when it has one.
@@ -707,8 +767,9 @@ pub(crate) fn input_grad_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                    ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream && nt, back.take())
+                write_gated(gated_segment(&spans, o, 1), op, |r, or, keep| match keep {
+                    Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, coeffs[c], stream, keep),
+                    None => ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream, back.take()),
                 });
             }
             if stream {
@@ -719,8 +780,9 @@ pub(crate) fn input_grad_where<T: Element>(
         let p = with_simd(|| DxRows::new::<T>(coeffs));
         map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
-            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
-                ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream && nt, back.take())
+            write_gated(gated_segment(&spans, u, g.channels), os, |r, or, keep| match keep {
+                Some(keep) => ew::dx_rows_kept(&xs[r.clone()], &gs[r], or, &p, stream, keep),
+                None => ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream, back.take()),
             });
             if stream {
                 ew::stream_fence();
@@ -798,8 +860,9 @@ pub(crate) fn train_backward_where<T: Element>(
                         // SAFETY: as for dx.
                         dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
                     });
-                    write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                        ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream && nt, back.take())
+                    write_gated(gated_segment(&spans, o, 1), op, |r, or, keep| match keep {
+                        Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, k, stream, keep),
+                        None => ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream, back.take()),
                     });
                 }
                 if stream {

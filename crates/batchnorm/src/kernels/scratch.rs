@@ -35,7 +35,7 @@ macro_rules! pooled {
         }
     )*};
 }
-pooled!(f64, f32, super::elementwise::DxCoeffs);
+pooled!(f64, f32, u32, super::elementwise::DxCoeffs);
 
 /// A `Vec` taken from the current thread's pool and given back when dropped.
 pub(crate) struct Scratch<T: Pooled>(Vec<T>);

@@ -111,11 +111,8 @@ pub(crate) trait Simd: Copy {
 
     /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
     type M: Copy;
-    /// Loads 8 `bool`s from `p` as a lane mask.
-    ///
-    /// # Safety
-    /// `p` must be valid for reading 8 `bool`s.
-    unsafe fn load_mask(self, p: *const bool) -> Self::M;
+    /// The lane mask of 8 bits (lane l: bit l).
+    fn lane_mask(self, bits: u8) -> Self::M;
     /// The lanes of `v` that `m` has on, +0.0 in the others: a select, so a NaN or an infinity in
     /// a lane that is off never reaches the result (a product with 0 would let it through).
     fn keep(self, m: Self::M, v: Self::V) -> Self::V;
@@ -271,9 +268,8 @@ impl Simd for Scalar {
 
     type M = [bool; 8];
     #[inline(always)]
-    unsafe fn load_mask(self, p: *const bool) -> Self::M {
-        // SAFETY: the caller guarantees 8 readable `bool`s.
-        unsafe { p.cast::<[bool; 8]>().read_unaligned() }
+    fn lane_mask(self, bits: u8) -> Self::M {
+        std::array::from_fn(|l| bits >> l & 1 == 1)
     }
     #[inline(always)]
     fn keep(self, m: Self::M, v: Self::V) -> Self::V {
@@ -623,22 +619,28 @@ mod x86 {
             }
         }
 
-        /// All-ones in the lanes that are *off* (the complement, which `andnot` takes).
+        /// All-ones in the lanes that are on.
         type M = (__m256d, __m256d);
         #[inline(always)]
-        unsafe fn load_mask(self, p: *const bool) -> Self::M {
+        fn lane_mask(self, bits: u8) -> Self::M {
             unsafe {
-                // A `bool` is one byte, 0 or 1.
-                let bytes = _mm_loadl_epi64(p as *const __m128i);
-                let zero = _mm256_setzero_si256();
-                let lo = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(bytes), zero);
-                let hi = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_srli_si128::<4>(bytes)), zero);
-                (_mm256_castsi256_pd(lo), _mm256_castsi256_pd(hi))
+                // Every byte of lane l holds bit l alone: the byte compare sets all 8 bytes of
+                // the lanes whose bit is set.
+                let b = _mm256_set1_epi8(bits as i8);
+                let lane = |l: u32| (0x0101_0101_0101_0101u64 << l) as i64;
+                let (lo, hi) = (
+                    _mm256_setr_epi64x(lane(0), lane(1), lane(2), lane(3)),
+                    _mm256_setr_epi64x(lane(4), lane(5), lane(6), lane(7)),
+                );
+                (
+                    _mm256_castsi256_pd(_mm256_cmpeq_epi8(_mm256_and_si256(b, lo), lo)),
+                    _mm256_castsi256_pd(_mm256_cmpeq_epi8(_mm256_and_si256(b, hi), hi)),
+                )
             }
         }
         #[inline(always)]
         fn keep(self, m: Self::M, v: Self::V) -> Self::V {
-            unsafe { (_mm256_andnot_pd(m.0, v.0), _mm256_andnot_pd(m.1, v.1)) }
+            unsafe { (_mm256_and_pd(m.0, v.0), _mm256_and_pd(m.1, v.1)) }
         }
     }
 }
