@@ -300,10 +300,10 @@ unsafe fn put_narrow<S: Simd, T: Element>(s: S, p: *mut T, v: S::F, stream: bool
 unsafe fn put_mapped<S: Simd, T: Element, E: ElementMap<T>>(s: S, p: *mut T, v: S::F, stream: bool) {
     // SAFETY: the caller's contract; with `E::EXACT` the lanes are values of `T`.
     unsafe {
-        match (E::EXACT, stream) {
-            (true, true) => s.fstream_exact(p, v),
-            (true, false) => s.fstore_exact(p, v),
-            (false, _) => put_narrow(s, p, v, stream),
+        if E::EXACT {
+            s.fput_exact(p, v, stream)
+        } else {
+            put_narrow(s, p, v, stream)
         }
     }
 }

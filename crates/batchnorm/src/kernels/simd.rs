@@ -85,25 +85,23 @@ pub(crate) trait Simd: Copy {
     /// # Safety
     /// As [`Simd::stream`].
     unsafe fn fstream<T: Element>(self, p: *mut T, v: Self::F);
-    /// [`Simd::fstore`] of lanes that are already values of `T`, a NaN only a quiet one (results
-    /// of [`Simd::fround`], or +0.0): the same bits, without the rounding's work where it has any
-    /// (`bf16`).
+    /// [`Simd::fstore`] (with `stream`, [`Simd::fstream`]) of lanes that are already values of
+    /// `T`, a NaN only a quiet one (results of [`Simd::fround`], or +0.0): the same bits, without
+    /// the rounding's work where it has any (`bf16`).
     ///
     /// # Safety
-    /// As [`Simd::fstore`]. Other lanes are not unsafe but stored wrong (`bf16`: truncated).
+    /// As [`Simd::fstore`] / [`Simd::fstream`]. Other lanes are not unsafe but stored wrong
+    /// (`bf16`: truncated).
     #[inline(always)]
-    unsafe fn fstore_exact<T: Element>(self, p: *mut T, v: Self::F) {
+    unsafe fn fput_exact<T: Element>(self, p: *mut T, v: Self::F, stream: bool) {
         // SAFETY: the caller's contract.
-        unsafe { self.fstore(p, v) }
-    }
-    /// [`Simd::fstream`] of lanes that are values of `T`, as [`Simd::fstore_exact`].
-    ///
-    /// # Safety
-    /// As [`Simd::fstream`] and [`Simd::fstore_exact`].
-    #[inline(always)]
-    unsafe fn fstream_exact<T: Element>(self, p: *mut T, v: Self::F) {
-        // SAFETY: the caller's contract.
-        unsafe { self.fstream(p, v) }
+        unsafe {
+            if stream {
+                self.fstream(p, v)
+            } else {
+                self.fstore(p, v)
+            }
+        }
     }
     /// Each lane rounded to `T` (a type that takes the `f32` path) and widened back: the value
     /// a store to `T` would keep.
@@ -586,20 +584,13 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn fstore_exact<T: Element>(self, p: *mut T, v: Self::F) {
+        unsafe fn fput_exact<T: Element>(self, p: *mut T, v: Self::F, stream: bool) {
             unsafe {
-                match T::KIND {
-                    Kind::Bf16 => _mm_storeu_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
-                    _ => self.fstore(p, v),
-                }
-            }
-        }
-        #[inline(always)]
-        unsafe fn fstream_exact<T: Element>(self, p: *mut T, v: Self::F) {
-            unsafe {
-                match T::KIND {
-                    Kind::Bf16 => _mm_stream_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
-                    _ => self.fstream(p, v),
+                match (T::KIND, stream) {
+                    (Kind::Bf16, false) => _mm_storeu_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
+                    (Kind::Bf16, true) => _mm_stream_si128(p as *mut __m128i, high_halves(_mm256_castps_si256(v))),
+                    (_, false) => self.fstore(p, v),
+                    (_, true) => self.fstream(p, v),
                 }
             }
         }
@@ -995,11 +986,11 @@ mod tests {
             // SAFETY (both): 8 readable elements.
             let (fa, fs) = unsafe { (a.fload(h.as_ptr()), Scalar.fload(h.as_ptr())) };
             assert_eq!(f32s(fa), fs.map(f32::to_bits), "{} widening {b:04x?}", T::NAME);
-            // A widened value stored back without rounding, as `fstore_exact` may take it (any
+            // A widened value stored back without rounding, as `fput_exact` may take it (any
             // value but a signalling NaN), is its own bits, as a rounding store makes it.
             let (mut exact, mut rounded) = (zero, zero);
             // SAFETY (both): 8 writable elements.
-            unsafe { a.fstore_exact(exact.as_mut_ptr(), fa) };
+            unsafe { a.fput_exact(exact.as_mut_ptr(), fa, false) };
             unsafe { a.fstore(rounded.as_mut_ptr(), fa) };
             let quiet_bit = if T::KIND == crate::element::Kind::Bf16 {
                 0x0040
