@@ -68,7 +68,7 @@ impl GradSums {
 /// dx coefficients (see `kernels::elementwise::DxCoeffs`) of channels `first..first +
 /// out.len()` from their Σ dy and Σ dy·x̂ (`sums`): the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
 /// ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified. Slice loops, which vectorize.
-#[inline]
+#[inline(always)]
 pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: StatsView<'_>,
@@ -227,7 +227,7 @@ pub(crate) fn train_backward_sums<T: Element>(
 
 /// [`dx_coeffs`] from the sums the kernels take, Σ dy and Σ dy·(x − μ) of channels
 /// `first..first + out.len()`: Σ dy·x̂ = inv_std·Σ dy·(x − μ).
-#[inline]
+#[inline(always)]
 pub(crate) fn centered_dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: StatsView<'_>,
