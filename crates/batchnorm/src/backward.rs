@@ -10,7 +10,7 @@ use crate::kernels::plan;
 use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{inv_std, SavedStats};
+use crate::stats::{exact_reciprocal, inv_std, SavedStats};
 use crate::{Element, Error, FixedStats, Geometry, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
@@ -80,18 +80,33 @@ pub(crate) fn dx_coeffs<T: Element>(
     let end = first + out.len();
     let stats = saved.mean[first..end].iter().zip(&saved.inv_std[first..end]);
     let sums = sums.sum_dy.iter().zip(sums.sum_dy_xhat);
-    for ((o, (&s1, &s2)), (&mean, &s)) in out.iter_mut().zip(sums).zip(stats) {
-        *o = DxCoeffs {
-            mean,
-            k: s,
-            a: s1 / m,
-            b: s * s2 / m,
-        };
+    let values = out.iter_mut().zip(sums).zip(stats);
+    // Divided by m, or multiplied by its exact reciprocal (the same bits, no division).
+    match exact_reciprocal(m) {
+        Some(r) => coeffs_over(values, |v| v * r),
+        None => coeffs_over(values, |v| v / m),
     }
     if let Some(g) = gamma {
         for (o, g) in out.iter_mut().zip(&g[first..end]) {
             o.k *= g.to_f64();
         }
+    }
+}
+
+/// [`dx_coeffs`]'s loop over (out, (Σ dy, Σ dy·x̂), (mean, inv_std)) of each channel, with
+/// `per_value(v)` = v/m.
+#[inline(always)]
+fn coeffs_over<'a>(
+    values: impl Iterator<Item = ((&'a mut DxCoeffs, (&'a f64, &'a f64)), (&'a f64, &'a f64))>,
+    per_value: impl Fn(f64) -> f64,
+) {
+    for ((o, (&s1, &s2)), (&mean, &s)) in values {
+        *o = DxCoeffs {
+            mean,
+            k: s,
+            a: per_value(s1),
+            b: per_value(s * s2),
+        };
     }
 }
 

@@ -91,6 +91,16 @@ impl BatchStats {
     }
 }
 
+/// 1/d when it is exact (d a power of two, 1/d normal): then v·(1/d) is v/d in the same bits
+/// (both round the same exact quotient once), and a loop that divides by d can multiply
+/// instead. `None` otherwise.
+#[inline(always)]
+pub(crate) fn exact_reciprocal(d: f64) -> Option<f64> {
+    let r = 1.0 / d;
+    // A positive normal d with no mantissa bits is a power of two.
+    (d.is_normal() && d > 0.0 && d.to_bits() & ((1 << 52) - 1) == 0 && r.is_normal()).then_some(r)
+}
+
 /// 1/√(σ² + ε): the one place this formula lives.
 #[inline]
 pub(crate) fn inv_std(var: f64, eps: f64) -> f64 {

@@ -18,6 +18,7 @@ use crate::kernels::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, Wide
 use crate::kernels::moments::{self, Moments};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
+use crate::stats::exact_reciprocal;
 use crate::{Element, Geometry};
 
 /// One unit: rows `rows` of group `group`, a task of that group's rows plan.
@@ -163,7 +164,11 @@ fn group_constants(
     inv_std: &impl Fn(&mut [f64]),
     affine: &impl Fn(usize, &mut [f64], &mut [f64]),
 ) {
-    scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 / count);
+    // Divided by the count, or multiplied by its exact reciprocal (the same bits, no division).
+    match exact_reciprocal(count) {
+        Some(r) => scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 * r),
+        None => scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 / count),
+    }
     inv_std(scale);
     if let Some(v) = inv {
         v.copy_from_slice(scale);
