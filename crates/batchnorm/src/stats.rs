@@ -312,3 +312,56 @@ impl PopulationStats {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::exact_reciprocal;
+
+    /// Multiplying by the reciprocal it gives is dividing, bit for bit, over values from
+    /// subnormal to huge, NaN and infinities; it gives none where 1/d is not exact.
+    #[test]
+    fn exact_reciprocal_divides_in_the_same_bits() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE / 3.0,
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            // Any finite bit pattern: every exponent, subnormals included.
+            let v = f64::from_bits(state >> 1);
+            if v.is_finite() {
+                values.extend([v, -v]);
+            }
+        }
+        for k in 0..=1022 {
+            let d = 2f64.powi(k);
+            let r = exact_reciprocal(d).unwrap_or_else(|| panic!("2^{k}"));
+            for &v in &values {
+                assert_eq!((v * r).to_bits(), (v / d).to_bits(), "{v:e} / 2^{k}");
+            }
+        }
+        for d in [
+            0.0,
+            -2.0,
+            3.0,
+            15.0,
+            12.0,
+            0.5,
+            2f64.powi(1023),
+            f64::INFINITY,
+            f64::NAN,
+            1e-310,
+        ] {
+            let r = exact_reciprocal(d);
+            // 0.5 is a power of two whose reciprocal is exact too.
+            assert_eq!(r.is_some(), d == 0.5, "{d:e}");
+        }
+    }
+}
