@@ -329,7 +329,7 @@ pub(crate) fn ghost_train_backward<T: Element>(
     assert!(dy.len() == x.len() && g.inner == 1 && group_rows > 0);
     assert_eq!(means.len(), g.outer.div_ceil(group_rows));
     if group_rows > row_blocks(g).0 {
-        return split_train_backward(g, x, dy, dx, group_rows, means, coeffs);
+        return split_train_backward((g, group_rows), (x, dy, dx), means, coeffs);
     }
     let c = g.channels;
     let pf = prefetch_rows::<T>(g);
@@ -374,11 +374,8 @@ pub(crate) fn ghost_train_backward<T: Element>(
 /// [`ghost_train_backward`] for groups of several units: every group's units' sums in one
 /// parallel pass, added per group in order, the groups' coefficients, then dx in one more pass.
 fn split_train_backward<T: Element>(
-    g: &Geometry,
-    x: &[T],
-    dy: &[T],
-    dx: Option<&mut [T]>,
-    group_rows: usize,
+    (g, group_rows): (&Geometry, usize),
+    (x, dy, dx): (&[T], &[T], Option<&mut [T]>),
     means: &[&[f64]],
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]),
 ) -> (Scratch<f64>, Scratch<f64>) {
