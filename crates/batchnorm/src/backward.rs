@@ -10,7 +10,7 @@ use crate::kernels::plan;
 use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{inv_std, SavedStats};
+use crate::stats::{exact_reciprocal, inv_std, SavedStats};
 use crate::{Element, Error, FixedStats, Geometry, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
@@ -68,7 +68,7 @@ impl GradSums {
 /// dx coefficients (see `kernels::elementwise::DxCoeffs`) of channels `first..first +
 /// out.len()` from their Σ dy and Σ dy·x̂ (`sums`): the paper's ∂ℓ/∂xᵢ = ∂ℓ/∂x̂ᵢ·inv_std +
 /// ∂ℓ/∂σ²·2(xᵢ − μ)/m + ∂ℓ/∂μ/m, simplified. Slice loops, which vectorize.
-#[inline]
+#[inline(always)]
 pub(crate) fn dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: StatsView<'_>,
@@ -80,18 +80,33 @@ pub(crate) fn dx_coeffs<T: Element>(
     let end = first + out.len();
     let stats = saved.mean[first..end].iter().zip(&saved.inv_std[first..end]);
     let sums = sums.sum_dy.iter().zip(sums.sum_dy_xhat);
-    for ((o, (&s1, &s2)), (&mean, &s)) in out.iter_mut().zip(sums).zip(stats) {
-        *o = DxCoeffs {
-            mean,
-            k: s,
-            a: s1 / m,
-            b: s * s2 / m,
-        };
+    let values = out.iter_mut().zip(sums).zip(stats);
+    // Divided by m, or multiplied by its exact reciprocal (the same bits, no division).
+    match exact_reciprocal(m) {
+        Some(r) => coeffs_over(values, |v| v * r),
+        None => coeffs_over(values, |v| v / m),
     }
     if let Some(g) = gamma {
         for (o, g) in out.iter_mut().zip(&g[first..end]) {
             o.k *= g.to_f64();
         }
+    }
+}
+
+/// [`dx_coeffs`]'s loop over (out, (Σ dy, Σ dy·x̂), (mean, inv_std)) of each channel, with
+/// `per_value(v)` = v/m.
+#[inline(always)]
+fn coeffs_over<'a>(
+    values: impl Iterator<Item = ((&'a mut DxCoeffs, (&'a f64, &'a f64)), (&'a f64, &'a f64))>,
+    per_value: impl Fn(f64) -> f64,
+) {
+    for ((o, (&s1, &s2)), (&mean, &s)) in values {
+        *o = DxCoeffs {
+            mean,
+            k: s,
+            a: per_value(s1),
+            b: per_value(s * s2),
+        };
     }
 }
 
@@ -227,7 +242,7 @@ pub(crate) fn train_backward_sums<T: Element>(
 
 /// [`dx_coeffs`] from the sums the kernels take, Σ dy and Σ dy·(x − μ) of channels
 /// `first..first + out.len()`: Σ dy·x̂ = inv_std·Σ dy·(x − μ).
-#[inline]
+#[inline(always)]
 pub(crate) fn centered_dx_coeffs<T: Element>(
     gamma: Option<&[T]>,
     saved: StatsView<'_>,

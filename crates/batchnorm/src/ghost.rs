@@ -41,6 +41,7 @@ use crate::forward::{batch_norm_train, check_forward, scale_shift};
 use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan::{self, GroupMoments};
 use crate::kernels::scratch::Scratch;
+use crate::kernels::with_simd;
 use crate::stats::{blend_running, inv_std_in_place, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
 use rayon::prelude::*;
@@ -409,6 +410,7 @@ fn group_totals(c: usize, sum_dy: &[f64], sum_dy_xmu: &[f64], saved: &[StatsView
 /// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
 /// their means and of their unbiased variances M2/(m − 1), every group weighing 1/G. Groups
 /// checked and not empty. With one group, exactly that group's mean and unbiased variance.
+#[inline(always)]
 fn ghost_estimate<'a>(mut groups: impl Iterator<Item = (u64, &'a [f64], &'a [f64])>) -> (Vec<f64>, Vec<f64>) {
     // M2/(m − 1), as `BatchStats::var_unbiased`.
     let unbiased = |count: u64, m2: f64| m2 / (count as f64 - 1.0);
@@ -537,7 +539,7 @@ impl<T: Element> BatchNorm<T> {
         let eps = self.config.eps;
         // The groups' M2, only for the running estimate: a buffer of this thread's, of the
         // packed length (the input's shape was checked by the caller).
-        let mut m2 = Scratch::with_capacity(x.shape[0].div_ceil(virtual_batch) * self.num_features);
+        let mut m2 = Scratch::any(x.shape[0].div_ceil(virtual_batch) * self.num_features);
         let out = GroupMoments {
             mean: &mut saved.mean,
             m2: &mut m2,
@@ -546,7 +548,10 @@ impl<T: Element> BatchNorm<T> {
         let counts = train_packed(x, virtual_batch, self.affine(), eps, y, out)?;
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
-            let (mean, var) = ghost_estimate(packed_groups(&counts, &saved.mean, &m2));
+            let (mean, var) = with_simd(
+                #[inline(always)]
+                || ghost_estimate(packed_groups(&counts, &saved.mean, &m2)),
+            );
             let momentum = self.config.momentum;
             blend_running(
                 &mean,

@@ -91,6 +91,16 @@ impl BatchStats {
     }
 }
 
+/// 1/d when it is exact (d a power of two, 1/d normal): then v·(1/d) is v/d in the same bits
+/// (both round the same exact quotient once), and a loop that divides by d can multiply
+/// instead. `None` otherwise.
+#[inline(always)]
+pub(crate) fn exact_reciprocal(d: f64) -> Option<f64> {
+    let r = 1.0 / d;
+    // A positive normal d with no mantissa bits is a power of two.
+    (d.is_normal() && d > 0.0 && d.to_bits() & ((1 << 52) - 1) == 0 && r.is_normal()).then_some(r)
+}
+
 /// 1/√(σ² + ε): the one place this formula lives.
 #[inline]
 pub(crate) fn inv_std(var: f64, eps: f64) -> f64 {
@@ -300,5 +310,58 @@ impl PopulationStats {
             m.into_iter().map(T::from_f64).collect(),
             v.into_iter().map(T::from_f64).collect(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_reciprocal;
+
+    /// Multiplying by the reciprocal it gives is dividing, bit for bit, over values from
+    /// subnormal to huge, NaN and infinities; it gives none where 1/d is not exact.
+    #[test]
+    fn exact_reciprocal_divides_in_the_same_bits() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE / 3.0,
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            // Any finite bit pattern: every exponent, subnormals included.
+            let v = f64::from_bits(state >> 1);
+            if v.is_finite() {
+                values.extend([v, -v]);
+            }
+        }
+        for k in 0..=1022 {
+            let d = 2f64.powi(k);
+            let r = exact_reciprocal(d).unwrap_or_else(|| panic!("2^{k}"));
+            for &v in &values {
+                assert_eq!((v * r).to_bits(), (v / d).to_bits(), "{v:e} / 2^{k}");
+            }
+        }
+        for d in [
+            0.0,
+            -2.0,
+            3.0,
+            15.0,
+            12.0,
+            0.5,
+            2f64.powi(1023),
+            f64::INFINITY,
+            f64::NAN,
+            1e-310,
+        ] {
+            let r = exact_reciprocal(d);
+            // 0.5 is a power of two whose reciprocal is exact too.
+            assert_eq!(r.is_some(), d == 0.5, "{d:e}");
+        }
     }
 }

@@ -428,6 +428,7 @@ pub(crate) enum RowsAffine {
 
 impl RowsAffine {
     /// The constants of every channel, for elements of type `T`.
+    #[inline(always)]
     pub fn new<T: Element>(mean: &[f64], scale: &[f64], shift: &[f64]) -> RowsAffine {
         let wide_of = |c: usize| WideAffine {
             mean: mean[c],
@@ -821,6 +822,7 @@ pub(crate) enum DxRows {
 
 impl DxRows {
     /// The constants of every channel, for elements of type `T`.
+    #[inline(always)]
     pub fn new<T: Element>(coeffs: &[DxCoeffs]) -> DxRows {
         if !narrow::<T>() {
             return DxRows::Wide {

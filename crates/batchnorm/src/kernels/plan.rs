@@ -399,8 +399,8 @@ fn planes_moments<T: Element>(
 
 /// Moments of one rows task (`x` holds whole rows; `mask`, when given, one entry per row
 /// saying which enter), blocks merged left in order into `mean` and `m2` (one entry per
-/// channel); returns the task's count of rows that entered (with none, `mean` and `m2` are not
-/// written).
+/// channel); returns the task's count of rows that entered (with none, `mean` and `m2` hold
+/// zeros).
 #[inline(always)]
 fn rows_task_moments<T: Element>(
     x: &[T],
@@ -412,13 +412,18 @@ fn rows_task_moments<T: Element>(
 ) -> f64 {
     let channels = mean.len();
     let mut count = 0.0;
-    // Every entry is written by `rows_moments` (and `merge_rows` copies the first block).
+    // Every entry is written by `rows_moments`.
     let mut block = Scratch::any(3 * channels);
     let (bm, rest) = block.split_at_mut(channels);
     let (bm2, shift) = rest.split_at_mut(channels);
     for (b, rows) in x.chunks(per_block * channels).enumerate() {
         let first = b * per_block;
         let mask = mask.map(|m| &m[first..first + rows.len() / channels]);
+        if count == 0.0 {
+            // Merged into nothing, a block's moments are copied: written in place instead.
+            count = moments::rows_moments(rows, mask, channels, mean, m2, shift, pf);
+            continue;
+        }
         let n = moments::rows_moments(rows, mask, channels, bm, bm2, shift, pf);
         moments::merge_rows(count, mean, m2, n, bm, bm2);
         count += n;

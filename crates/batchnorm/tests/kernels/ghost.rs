@@ -487,6 +487,13 @@ fn each_group_is_plain_batch_norm_of_its_slice() {
         (Layout::NCHW, vec![7, 16, 3, 5], 3),
         (Layout::NCHW, vec![5, 17, 90, 100], 2),
         (Layout::ChannelsFirst, vec![6, 3, 40], 4),
+        // The rows plan with groups of one unit: of one block, of several blocks (512 rows of
+        // 64 channels to a block), and with a short last group.
+        (Layout::NC, vec![60, 100], 16),
+        (Layout::NC, vec![2500, 64], 1200),
+        (Layout::NC, vec![40, 4096], 16),
+        // Groups of several units (64 rows of 4096 channels to a task).
+        (Layout::NC, vec![150, 4096], 70),
     ] {
         check_groups_are_plain(layout, &shape, v);
     }

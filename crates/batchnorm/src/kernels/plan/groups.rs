@@ -18,6 +18,7 @@ use crate::kernels::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, Wide
 use crate::kernels::moments::{self, Moments};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
+use crate::stats::exact_reciprocal;
 use crate::{Element, Geometry};
 
 /// One unit: rows `rows` of group `group`, a task of that group's rows plan.
@@ -100,7 +101,84 @@ impl GroupMoments<'_> {
 /// [`super::train_forward_where`]'s `affine` does), and y is written group by group with its own
 /// constants, as [`super::normalize_where`] writes it. Every group's moments (and 1/√(σ² + ε))
 /// go to `out`.
+///
+/// A group that is one unit of its own rows plan (at most a task's rows) is one unit here too:
+/// its moments, constants and y back to back, while its rows are in cache. Larger groups take
+/// one pass over every group's units for the statistics and one more for y.
 pub(crate) fn ghost_train_forward<T: Element>(
+    g: &Geometry,
+    x: &[T],
+    y: &mut [T],
+    group_rows: usize,
+    mut out: GroupMoments<'_>,
+    inv_std: impl Fn(&mut [f64]) + Sync + Send,
+    affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
+) {
+    assert!(y.len() == x.len() && g.inner == 1 && group_rows > 0);
+    let (per_task, per_block) = row_blocks(g);
+    if group_rows > per_task {
+        return split_train_forward(g, x, y, group_rows, out, inv_std, affine);
+    }
+    let c = g.channels;
+    let pf = prefetch_rows::<T>(g);
+    // A unit re-reads its group from its own cache, not from the last-level cache.
+    let stream = stream_output::<T>(g, 0);
+    let chunk = group_rows * c;
+    out.sized(g.outer.div_ceil(group_rows) * c);
+    let inv: Vec<Option<&mut [f64]>> = match out.inv_std {
+        Some(v) => v.chunks_mut(c).map(Some).collect(),
+        None => out.mean.chunks(c).map(|_| None).collect(),
+    };
+    let items: Vec<_> = (x.chunks(chunk).zip(y.chunks_mut(chunk)))
+        .zip(out.mean.chunks_mut(c).zip(out.m2.chunks_mut(c)))
+        .zip(inv)
+        .collect();
+    map_items(items, is_serial(g), |_, (((xs, ys), (mean, m2)), inv)| {
+        // The group is one task of its own plan: its moments are that task's.
+        let count = rows_task_moments(xs, None, per_block, pf, mean, m2);
+        let (mut scale, mut shift) = (Scratch::any(c), Scratch::any(c));
+        let p = with_simd(
+            #[inline(always)]
+            || {
+                group_constants(count, m2, &mut scale, &mut shift, inv, &inv_std, &affine);
+                RowsAffine::new::<T>(mean, &scale, &shift)
+            },
+        );
+        ew::normalize_rows(xs, ys, &p, stream, None);
+        if stream {
+            ew::stream_fence();
+        }
+    });
+}
+
+/// One group's (scale, shift) from its `count` values per channel and M2 `m2`: the biased
+/// variances M2/count, turned into 1/√(σ² + ε) by `inv_std` (copied to `inv` when given), then
+/// into (scale, shift) by `affine(0, scale, shift)`.
+#[inline(always)]
+fn group_constants(
+    count: f64,
+    m2: &[f64],
+    scale: &mut [f64],
+    shift: &mut [f64],
+    inv: Option<&mut [f64]>,
+    inv_std: &impl Fn(&mut [f64]),
+    affine: &impl Fn(usize, &mut [f64], &mut [f64]),
+) {
+    // Divided by the count, or multiplied by its exact reciprocal (the same bits, no division).
+    match exact_reciprocal(count) {
+        Some(r) => scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 * r),
+        None => scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 / count),
+    }
+    inv_std(scale);
+    if let Some(v) = inv {
+        v.copy_from_slice(scale);
+    }
+    affine(0, scale, shift);
+}
+
+/// [`ghost_train_forward`] for groups of several units: every group's units' moments in one
+/// parallel pass, merged per group in order, the groups' constants, then y in one more pass.
+fn split_train_forward<T: Element>(
     g: &Geometry,
     x: &[T],
     y: &mut [T],
@@ -109,7 +187,6 @@ pub(crate) fn ghost_train_forward<T: Element>(
     inv_std: impl Fn(&mut [f64]),
     affine: impl Fn(usize, &mut [f64], &mut [f64]) + Sync + Send,
 ) {
-    assert_eq!(y.len(), x.len());
     let (c, serial) = (g.channels, is_serial(g));
     let units = units(g, group_rows);
     let per_block = row_blocks(g).1;
@@ -134,12 +211,8 @@ pub(crate) fn ghost_train_forward<T: Element>(
     with_simd(|| {
         let groups = scale.chunks_mut(c).zip(shift.chunks_mut(c)).zip(out.m2.chunks(c));
         for (k, (((scale, shift), m2), &count)) in groups.zip(&group_counts).enumerate() {
-            scale.iter_mut().zip(m2).for_each(|(s, m2)| *s = m2 / count);
-            inv_std(scale);
-            if let Some(v) = out.inv_std.as_deref_mut() {
-                v[k * c..(k + 1) * c].copy_from_slice(scale);
-            }
-            affine(0, scale, shift);
+            let inv = out.inv_std.as_deref_mut().map(|v| &mut v[k * c..(k + 1) * c]);
+            group_constants(count, m2, scale, shift, inv, &inv_std, &affine);
         }
     });
     let stream = stream_output::<T>(g, 0);
@@ -240,6 +313,10 @@ pub(crate) fn ghost_planes_forward<T: Element>(
 /// when `dx` is given, `coeffs(group, Σdy, Σdy(x−m), out)` writes a group's dx coefficients and
 /// dx is written group by group with them, as [`super::input_grad_where`] writes it. Returns
 /// every group's sums, packed as [`GroupMoments`] are (group k's channel c at k·C + c).
+///
+/// As in [`ghost_train_forward`], a group of at most a task's rows is one unit (its sums,
+/// coefficients and dx back to back); larger groups take one pass for every group's sums and
+/// one more for dx.
 pub(crate) fn ghost_train_backward<T: Element>(
     g: &Geometry,
     x: &[T],
@@ -249,11 +326,62 @@ pub(crate) fn ghost_train_backward<T: Element>(
     means: &[&[f64]],
     coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Scratch<f64>, Scratch<f64>) {
-    assert_eq!(dy.len(), x.len());
+    assert!(dy.len() == x.len() && g.inner == 1 && group_rows > 0);
+    assert_eq!(means.len(), g.outer.div_ceil(group_rows));
+    if group_rows > row_blocks(g).0 {
+        return split_train_backward((g, group_rows), (x, dy, dx), means, coeffs);
+    }
+    let c = g.channels;
+    let pf = prefetch_rows::<T>(g);
+    // A unit re-reads its group from its own cache, not from the last-level cache.
+    let stream = stream_output::<T>(g, 0);
+    let chunk = group_rows * c;
+    let (mut sum_dy, mut sum_dy_xmu) = (Scratch::any(means.len() * c), Scratch::any(means.len() * c));
+    let dxs: Vec<Option<&mut [T]>> = match dx {
+        Some(dx) => {
+            assert_eq!(dx.len(), x.len());
+            dx.chunks_mut(chunk).map(Some).collect()
+        }
+        None => means.iter().map(|_| None).collect(),
+    };
+    let items: Vec<_> = (x.chunks(chunk).zip(dy.chunks(chunk)))
+        .zip(sum_dy.chunks_mut(c).zip(sum_dy_xmu.chunks_mut(c)))
+        .zip(dxs)
+        .collect();
+    map_items(items, is_serial(g), |k, (((xs, gs), (s1, s2)), dx)| {
+        // The group is one task of its own plan: its sums are that task's (added to zeros).
+        s1.fill(0.0);
+        s2.fill(0.0);
+        moments::rows_grad_sums(xs, gs, None, means[k], s1, s2, pf, None);
+        if let Some(dx) = dx {
+            let mut k_c = Scratch::any(c);
+            let p = with_simd(
+                #[inline(always)]
+                || {
+                    coeffs(k, s1, s2, &mut k_c);
+                    DxRows::new::<T>(&k_c)
+                },
+            );
+            ew::dx_rows(xs, gs, dx, &p, stream, None);
+            if stream {
+                ew::stream_fence();
+            }
+        }
+    });
+    (sum_dy, sum_dy_xmu)
+}
+
+/// [`ghost_train_backward`] for groups of several units: every group's units' sums in one
+/// parallel pass, added per group in order, the groups' coefficients, then dx in one more pass.
+fn split_train_backward<T: Element>(
+    (g, group_rows): (&Geometry, usize),
+    (x, dy, dx): (&[T], &[T], Option<&mut [T]>),
+    means: &[&[f64]],
+    coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]),
+) -> (Scratch<f64>, Scratch<f64>) {
     let (c, serial) = (g.channels, is_serial(g));
     let units = units(g, group_rows);
     let ranges = group_ranges(&units);
-    assert_eq!(means.len(), ranges.len());
     let pf = prefetch_rows::<T>(g);
     let mut parts = Scratch::any(2 * c * units.len());
     let items: Vec<(&Unit, &mut [f64])> = units.iter().zip(parts.chunks_mut(2 * c)).collect();
