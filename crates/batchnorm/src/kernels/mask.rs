@@ -242,14 +242,9 @@ mod tests {
     /// segment lengths around the 56-bit words and the bytes.
     #[test]
     fn bits_spans_and_counts_match_the_entries() {
-        // Knuth's MMIX linear congruential generator, its high bits.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            state >> 33
-        };
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x9e37_79b9);
+        let mut next = move || rng.gen::<u64>();
         for &len in &[1, 7, 8, 9, 55, 56, 57, 100, 333] {
             for density in [0u64, 1, 8, 15, 16] {
                 // Runs of random lengths (up to 80), on with probability density/16.
