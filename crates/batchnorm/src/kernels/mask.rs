@@ -52,19 +52,6 @@ fn run_bits(bytes: &[u8], start: usize, end: usize, on: bool) -> usize {
     k.min(end) - start
 }
 
-/// The number of bits set among bits `start..start + n` of `bytes`.
-#[inline(always)]
-pub(crate) fn count_bits(bytes: &[u8], start: usize, n: usize) -> usize {
-    let mut count = 0;
-    let mut k = 0;
-    while k < n {
-        let take = (n - k).min(56);
-        count += (read_bits(bytes, start + k) & ((1 << take) - 1)).count_ones() as usize;
-        k += take;
-    }
-    count
-}
-
 /// Entries `start..end` of a segment: all off (`on` false), or starting and ending with entries
 /// that are on, with only runs of fewer than [`MIN_SKIPPED_RUN`] entries that are off between
 /// them (`gaps`: whether there is one). A segment's spans cover it, in order.
@@ -172,10 +159,58 @@ impl<'a> MaskSpans<'a> {
         self.bits().at(i * self.len + start, end - start)
     }
 
-    /// The number of entries `start..end` of segment `i` that are on.
+    /// The bits of the entries of segment `i` from `start` on, entry `start` first.
     #[inline(always)]
-    pub fn count(&self, i: usize, start: usize, end: usize) -> usize {
-        count_bits(&self.bits, i * self.layout.bytes * 8 + start, end - start)
+    pub fn span_bits(&self, i: usize, start: usize) -> SpanBits<'_> {
+        assert!(start < self.len);
+        SpanBits {
+            bytes: &self.bits,
+            first: i * self.layout.bytes * 8 + start,
+        }
+    }
+}
+
+/// The bits of consecutive entries of a segment of a [`MaskSpans`], read up to 56 at a time.
+#[derive(Clone, Copy)]
+pub(crate) struct SpanBits<'a> {
+    bytes: &'a [u8],
+    /// The first entry's bit in `bytes`.
+    first: usize,
+}
+
+impl SpanBits<'_> {
+    /// The bits of entries `i..i + 56` (entry `i` as bit 0) in the low 56 bits.
+    ///
+    /// # Safety
+    /// Entry `i` must lie in the segment (the 8 bytes from its byte on then lie in the bits,
+    /// which have [`SPARE_BYTES`] after the last segment).
+    #[inline(always)]
+    pub unsafe fn get56(self, i: usize) -> u64 {
+        let b = self.first + i;
+        // SAFETY: bytes b / 8..b / 8 + 8 lie in the buffer (caller's contract).
+        let word = unsafe { (self.bytes.as_ptr().add(b / 8) as *const u64).read_unaligned() };
+        u64::from_le(word) >> (b % 8)
+    }
+
+    /// The bits of entries `i..i + 8` (entry `i` as bit 0).
+    ///
+    /// # Safety
+    /// As [`SpanBits::get56`].
+    #[inline(always)]
+    pub unsafe fn get8(self, i: usize) -> u8 {
+        // SAFETY: the caller's contract.
+        unsafe { self.get56(i) as u8 }
+    }
+
+    /// Whether entry `i` is on.
+    ///
+    /// # Safety
+    /// As [`SpanBits::get56`].
+    #[inline(always)]
+    pub unsafe fn get1(self, i: usize) -> bool {
+        let b = self.first + i;
+        // SAFETY: byte b / 8 lies in the buffer (caller's contract).
+        unsafe { *self.bytes.as_ptr().add(b / 8) >> (b % 8) & 1 == 1 }
     }
 }
 
@@ -238,10 +273,10 @@ mod tests {
         assert!(MaskSpans::new(None, 4).is_none());
     }
 
-    /// Spans, bits and counts of random masks and long runs against a scan entry by entry, for
+    /// Spans and bits of random masks and long runs against a scan entry by entry, for
     /// segment lengths around the 56-bit words and the bytes.
     #[test]
-    fn bits_spans_and_counts_match_the_entries() {
+    fn bits_and_spans_match_the_entries() {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(0x9e37_79b9);
         let mut next = move || rng.gen::<u64>();
@@ -289,9 +324,16 @@ mod tests {
                             // SAFETY: element e of the entries `at` was made for.
                             assert_eq!(unsafe { at.get1(e) }, on);
                         }
-                        for b in a..=segment.len() {
-                            let ones = segment[a..b].iter().filter(|&&on| on).count();
-                            assert_eq!(spans.count(i, a, b), ones);
+                        let from = spans.span_bits(i, a);
+                        for (e, &on) in segment[a..].iter().enumerate() {
+                            // SAFETY: entry a + e lies in the segment.
+                            let (one, eight) = unsafe { (from.get1(e), from.get8(e)) };
+                            assert_eq!(one, on);
+                            let want = (0..8).filter(|&b| segment.get(a + e + b) == Some(&true));
+                            let want = want.fold(0u8, |acc, b| acc | 1 << b);
+                            let beyond = (segment.len() - a - e).min(8);
+                            let seen = (eight as u16 & ((1 << beyond) - 1)) as u8;
+                            assert_eq!(seen, want, "len {len}, segment {i}, entry {}", a + e);
                         }
                     }
                     assert_eq!(bits.layout.len, len);

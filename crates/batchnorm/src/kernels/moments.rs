@@ -12,12 +12,13 @@
 //!
 //! With a mask over positions (masked batch norm), rows that are off are skipped, and a
 //! channels-first run is taken part by part ([`MaskedLanes`]): stretches that are all on
-//! through the same loops, stretches with a few positions off through them with those lanes
-//! replaced by +0.0, the rest skipped. The orders then depend on the shape and the mask, still
-//! never on the thread count.
+//! through the same loops, the rest skipped; of a stretch with a few positions off, the moments
+//! pack the values that are on into a buffer and take them through the same loops as a run of
+//! their own, the gradient sums take it through them with the lanes that are off replaced by
+//! +0.0. The orders then depend on the shape and the mask, still never on the thread count.
 
 use super::fold_lanes;
-use super::mask::MaskSpans;
+use super::mask::{MaskSpans, SpanBits};
 use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
 use super::scratch::Scratch;
 use super::simd::{simd_dispatch, Simd};
@@ -243,11 +244,13 @@ pub(crate) struct MaskedLanes<'a> {
 }
 
 /// What a mask selects of one run, part by part: `range` (relative to the run), all of it
-/// (`lanes` `None`) or lane by lane (the bits from the part's first element on).
+/// (`lanes` and `bits` `None`) or lane by lane (the bits from the part's first element on, as
+/// `lanes` and as `bits`).
 #[derive(Clone)]
 struct Part<'a> {
     range: std::ops::Range<usize>,
     lanes: Option<RunBits<'a>>,
+    bits: Option<SpanBits<'a>>,
 }
 
 impl<'a> MaskedLanes<'a> {
@@ -287,19 +290,28 @@ impl<'a> MaskedLanes<'a> {
         self.clipped(k).map(move |(i, start, end, gaps)| Part {
             range: start - lo..end - lo,
             lanes: gaps.then(|| RunBits(spans.bits_at(i, start, end))),
+            bits: gaps.then(|| spans.span_bits(i, start)),
         })
     }
+}
 
-    /// Number of entries that are on in `count` runs.
-    #[inline(always)]
-    fn count(self, count: usize) -> usize {
-        (0..count)
-            .flat_map(|k| self.clipped(k))
-            .map(|(i, start, end, gaps)| match gaps {
-                true => self.spans.count(i, start, end),
-                false => end - start,
-            })
-            .sum()
+/// Runs `f(range, bits)` for each part of run `k` (of `len` elements) that `mask` (`None`: no
+/// mask, the whole run) selects, in order: `bits` `None` where it selects all of the part, the
+/// part's bits where it selects lane by lane.
+#[inline(always)]
+fn each_part(
+    mask: Option<MaskedLanes>,
+    k: usize,
+    len: usize,
+    mut f: impl FnMut(std::ops::Range<usize>, Option<SpanBits>),
+) {
+    match mask {
+        None => f(0..len, None),
+        Some(mask) => {
+            for part in mask.parts(k) {
+                f(part.range, part.bits);
+            }
+        }
     }
 }
 
@@ -454,87 +466,183 @@ impl<S: Simd> Sums2<S> {
     }
 }
 
-/// Adds Σ x over the elements of the run of `n` elements at `p` that `lanes` has on to `acc`
-/// (two vector accumulators and a scalar one).
+/// Adds Σ x over the run of `n` elements at `p` to `acc` (two vector accumulators and a scalar
+/// one).
 ///
 /// # Safety
 /// `p` must be valid for reading `n` elements.
 #[inline(always)]
-unsafe fn run_sum<S: Simd, T: Element, L: Lanes<S>>(
-    s: S,
-    p: *const T,
-    n: usize,
-    lanes: L,
-    acc: &mut (S::V, S::V, f64),
-) {
+unsafe fn run_sum<S: Simd, T: Element>(s: S, p: *const T, n: usize, acc: &mut (S::V, S::V, f64)) {
     let (mut a0, mut a1, mut tail) = *acc;
     let mut i = 0;
     // SAFETY: every read below is of element i < n (caller's contract).
     unsafe {
         while i + 16 <= n {
-            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
-            a1 = s.add(a1, lanes.keep(s, lanes.mask(s, i + 8), s.load(p.add(i + 8))));
+            a0 = s.add(a0, s.load(p.add(i)));
+            a1 = s.add(a1, s.load(p.add(i + 8)));
             i += 16;
         }
         if i + 8 <= n {
-            a0 = s.add(a0, lanes.keep(s, lanes.mask(s, i), s.load(p.add(i))));
+            a0 = s.add(a0, s.load(p.add(i)));
             i += 8;
         }
         while i < n {
-            if lanes.on(i) {
-                tail += (*p.add(i)).to_f64();
-            }
+            tail += (*p.add(i)).to_f64();
             i += 1;
         }
     }
     *acc = (a0, a1, tail);
 }
 
-/// Σ x over the elements of `runs` that `mask` (`None`: all of them) has on, widened to `f64`.
+/// Copies the elements of the run of `n` elements at `p` whose bits (`bits`, the run's first
+/// element first) are set to `out`, in order; returns their number.
 ///
 /// # Safety
-/// `runs` must lie inside the buffer at `x`.
+/// `p` must be valid for reading `n` elements, `out` for writing `n`, and `bits` must hold the
+/// run's `n` elements.
 #[inline(always)]
-unsafe fn runs_sum<S: Simd, T: Element>(s: S, x: *const T, runs: Runs, mask: Option<MaskedLanes>) -> f64 {
+unsafe fn pack_run<S: Simd, T: Element>(s: S, p: *const T, n: usize, bits: SpanBits, out: *mut T) -> usize {
+    let (mut i, mut k) = (0, 0);
+    // SAFETY: reads of elements i..i + 8 ≤ n or i < n of the run, and of the bits of elements
+    // i < n; k ≤ i, so the writes of out[k..k + 8] (k + 8 ≤ i + 8 ≤ n) and out[k] lie inside
+    // `out` (caller's contract).
+    unsafe {
+        while i + 56 <= n {
+            let word = bits.get56(i);
+            for g in 0..7 {
+                k += s.pack8(p.add(i + 8 * g), (word >> (8 * g)) as u8, out.add(k));
+            }
+            i += 56;
+        }
+        while i + 8 <= n {
+            k += s.pack8(p.add(i), bits.get8(i), out.add(k));
+            i += 8;
+        }
+        while i < n {
+            *out.add(k) = *p.add(i);
+            k += bits.get1(i) as usize;
+            i += 1;
+        }
+    }
+    k
+}
+
+/// Where the values of the parts of some runs that a mask selects lane by lane are packed
+/// (see [`runs_sum`]): room for all the runs' elements, and the number packed of each part
+/// (nothing without a mask).
+struct Packed<T> {
+    buffers: Option<(Scratch<f64>, Scratch<u32>)>,
+    _elements: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> Packed<T> {
+    /// Room for `n` elements with a mask (`masked`), none without.
+    #[inline(always)]
+    fn new(n: usize, masked: bool) -> Self {
+        let words = (n * std::mem::size_of::<T>()).div_ceil(8);
+        Packed {
+            buffers: masked.then(|| (Scratch::any(words), Scratch::with_capacity(0))),
+            _elements: std::marker::PhantomData,
+        }
+    }
+
+    /// The buffer as elements (null without a mask): `f64`-aligned (more than any element type
+    /// needs), with room for the `n` elements it was made for. Elements are only read where
+    /// they were written.
+    #[inline(always)]
+    fn ptr(&mut self) -> *mut T {
+        self.buffers
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |(words, _)| words.as_mut_ptr() as *mut T)
+    }
+
+    /// Records that `n` elements of a part were packed.
+    #[inline(always)]
+    fn push(&mut self, n: usize) {
+        self.buffers.as_mut().expect("packed with a mask").1.push(n as u32);
+    }
+
+    /// The numbers packed, part by part.
+    #[inline(always)]
+    fn lens(&self) -> &[u32] {
+        self.buffers.as_ref().map_or(&[], |(_, lens)| &lens[..])
+    }
+}
+
+/// Σ x over the elements of `runs` that `mask` (`None`: all of them) has on, widened to `f64`,
+/// and their number. Parts that the mask selects whole are summed in place; the elements that
+/// are on of a part with some off are first packed into `packed` (part after part, each one's
+/// number pushed to its `lens`) and summed there, as a run of their own: no value of an element
+/// that is off is read into the sum, and none costs a select.
+///
+/// # Safety
+/// `runs` must lie inside the buffer at `x`; `packed` must have room for `runs.total()`
+/// elements.
+#[inline(always)]
+unsafe fn runs_sum<S: Simd, T: Element>(
+    s: S,
+    x: *const T,
+    runs: Runs,
+    mask: Option<MaskedLanes>,
+    packed: &mut Packed<T>,
+) -> (f64, usize) {
     let mut acc = (s.splat(0.0), s.splat(0.0), 0.0);
+    let (mut count, mut at, out) = (0, 0, packed.ptr());
     for k in 0..runs.count {
         runs.prefetch_next(x, k);
         let p = x.wrapping_add(runs.first + k * runs.stride);
-        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
-        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
-            run_sum(s, p.add(r.start), r.len(), lanes, &mut acc)
-        });
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run;
+        // the parts packed hold at most the runs' elements, for which `packed` has room.
+        each_part(
+            mask,
+            k,
+            runs.len,
+            #[inline(always)]
+            |r, bits| unsafe {
+                let (p, n) = (p.add(r.start), r.len());
+                match bits {
+                    None => {
+                        run_sum(s, p, n, &mut acc);
+                        count += n;
+                    }
+                    Some(bits) => {
+                        let kept = pack_run(s, p, n, bits, out.add(at));
+                        run_sum(s, out.add(at), kept, &mut acc);
+                        packed.push(kept);
+                        (count, at) = (count + kept, at + kept);
+                    }
+                }
+            },
+        );
     }
-    fold_lanes(s.lanes(s.add(acc.0, acc.1))) + acc.2
+    (fold_lanes(s.lanes(s.add(acc.0, acc.1))) + acc.2, count)
 }
 
-/// Adds (Σ(x − m), Σ(x − m)²) over the elements of the run of `n` elements at `p` that `lanes`
-/// has on to `acc`, prefetching the `n` elements at `ahead` on the way (null: none).
+/// Adds (Σ(x − m), Σ(x − m)²) over the run of `n` elements at `p` to `acc`, calling
+/// `ahead(i)` once per 16-element step (to prefetch what a later pass reads).
 ///
 /// # Safety
 /// `p` must be valid for reading `n` elements.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
+unsafe fn run_centered<S: Simd, T: Element>(
     s: S,
     p: *const T,
     n: usize,
     m: f64,
-    lanes: L,
-    ahead: *const T,
     acc: &mut Sums2<S>,
+    ahead: impl Fn(usize),
 ) {
     let mv = s.splat(m);
-    // SAFETY: the caller's contract (`lanes` is the run's); the closures are called with
-    // i..i + 8 ≤ n, or i < n, so they read inside the run.
+    // SAFETY: the caller's contract; the closures are called with i..i + 8 ≤ n, or i < n, so
+    // they read inside the run.
     unsafe {
         acc.add_run(
             s,
             n,
-            lanes,
+            AllLanes,
             #[inline(always)]
-            |i, on| {
-                let d = lanes.keep(s, on, s.sub(s.load(p.add(i)), mv));
+            |i, _| {
+                let d = s.sub(s.load(p.add(i)), mv);
                 (d, d)
             },
             #[inline(always)]
@@ -542,16 +650,17 @@ unsafe fn run_centered<S: Simd, T: Element, L: Lanes<S>>(
                 let d = (*p.add(i)).to_f64() - m;
                 (d, d)
             },
-            #[inline(always)]
-            |i| prefetch_step(ahead, i),
+            ahead,
         );
     }
 }
 
-/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on.
+/// (Σ(x − m), Σ(x − m)²) over the elements of `runs` that `mask` (`None`: all of them) has on:
+/// the parts it selects whole in place, the others from `packed` as [`runs_sum`] left them.
 ///
 /// # Safety
-/// `runs` must lie inside the buffer at `x`.
+/// `runs` must lie inside the buffer at `x`; `packed` must be what [`runs_sum`] made of them
+/// with the same mask.
 #[inline(always)]
 unsafe fn runs_centered<S: Simd, T: Element>(
     s: S,
@@ -559,17 +668,57 @@ unsafe fn runs_centered<S: Simd, T: Element>(
     runs: Runs,
     m: f64,
     mask: Option<MaskedLanes>,
+    packed: &mut Packed<T>,
 ) -> (f64, f64) {
     let mut acc = Sums2::new(s);
+    let (mut at, out) = (0, packed.ptr() as *const T);
+    let mut lens = packed.lens().iter();
     for k in 0..runs.count {
         let p = x.wrapping_add(runs.first + k * runs.stride);
-        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run.
+        // SAFETY: run k lies inside the buffer (caller's contract), the part inside the run;
+        // a packed part's elements were written by `runs_sum`.
         // The next piece is read from memory next: its loads overlap this pass, which reads
         // the piece the sums just brought into cache.
-        for_each_part!(mask, k, runs.len, |lanes, r| unsafe {
-            let ahead = runs.ahead(x, k, r.start);
-            run_centered(s, p.add(r.start), r.len(), m, lanes, ahead, &mut acc)
-        });
+        each_part(
+            mask,
+            k,
+            runs.len,
+            #[inline(always)]
+            |r, bits| unsafe {
+                let ahead = runs.ahead(x, k, r.start);
+                match bits {
+                    None => run_centered(
+                        s,
+                        p.add(r.start),
+                        r.len(),
+                        m,
+                        &mut acc,
+                        #[inline(always)]
+                        |i| prefetch_step(ahead, i),
+                    ),
+                    Some(_) => {
+                        let n = *lens.next().expect("a part packed by the sums") as usize;
+                        // The part's steps cover its packed elements, fewer than its own: each
+                        // prefetches `ratio` steps of the next piece's part.
+                        let ratio = r.len().div_ceil(n.max(1));
+                        run_centered(
+                            s,
+                            out.add(at),
+                            n,
+                            m,
+                            &mut acc,
+                            #[inline(always)]
+                            |i| {
+                                for j in 0..ratio {
+                                    prefetch_step(ahead, ratio * i + 16 * j)
+                                }
+                            },
+                        );
+                        at += n;
+                    }
+                }
+            },
+        );
     }
     acc.finish(s)
 }
@@ -577,15 +726,16 @@ unsafe fn runs_centered<S: Simd, T: Element>(
 #[inline(always)]
 pub(super) fn runs_moments_impl<S: Simd, T: Element>(s: S, x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments {
     runs.check(x.len());
-    let count = mask.map_or(runs.total(), |m| m.count(runs.count));
+    let mut packed = Packed::new(runs.total(), mask.is_some());
+    // SAFETY: checked just above; `packed` has room for the runs' elements.
+    let (sum, count) = unsafe { runs_sum(s, x.as_ptr(), runs, mask, &mut packed) };
     if count == 0 {
         return Moments::EMPTY;
     }
     let n = count as f64;
-    // SAFETY: checked just above.
-    let m = unsafe { runs_sum(s, x.as_ptr(), runs, mask) } / n;
-    // SAFETY: checked just above.
-    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, mask) };
+    let m = sum / n;
+    // SAFETY: as above, `packed` as the sums left it.
+    let (d1, d2) = unsafe { runs_centered(s, x.as_ptr(), runs, m, mask, &mut packed) };
     let m2 = d2 - d1 * d1 / n;
     Moments {
         count: n,
@@ -600,9 +750,9 @@ simd_dispatch! {
     /// corrected. The piece is small enough to stay in cache between the passes, so memory is
     /// read once. With `mask`, over the elements it has on, part by part ([`MaskedLanes`]):
     /// parts it selects entirely take the unmasked loop, parts with a few elements off the same
-    /// loop with those replaced by +0.0 (a select, so their values never reach the result), the
-    /// rest is skipped; no element: [`Moments::EMPTY`]. With every element on, the same bits as
-    /// without a mask.
+    /// loop over their elements that are on, packed (so the values of the others are never
+    /// read into a sum), the rest is skipped; no element: [`Moments::EMPTY`]. With every
+    /// element on, the same bits as without a mask.
     pub(crate) fn runs_moments<T>(x: &[T], runs: Runs, mask: Option<MaskedLanes>) -> Moments => runs_moments_impl
 }
 

@@ -114,7 +114,49 @@ pub(crate) trait Simd: Copy {
     /// The lanes of `v` that `m` has on, +0.0 in the others: a select, so a NaN or an infinity in
     /// a lane that is off never reaches the result (a product with 0 would let it through).
     fn keep(self, m: Self::M, v: Self::V) -> Self::V;
+
+    /// Copies the elements `k` of `src[0..8]` whose bit `k` of `bits` is set to `dst`, in
+    /// order, and returns their number `n`; `dst[n..8]` get elements of `src` (which ones is
+    /// unspecified, so they must not be read).
+    ///
+    /// # Safety
+    /// `src` must be valid for reading 8 elements and `dst` for writing 8.
+    unsafe fn pack8<T: Element>(self, src: *const T, bits: u8, dst: *mut T) -> usize;
 }
+
+/// For each byte of bits, the positions of its set bits in increasing order, one per byte of
+/// the entry (the first in the lowest byte; 0 in the bytes after the last): the lanes a
+/// [`Simd::pack8`] gathers.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static PACK_INDICES: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut bits = 0;
+    while bits < 256 {
+        let (mut k, mut n) = (0, 0);
+        while k < 8 {
+            if bits >> k & 1 == 1 {
+                table[bits] |= (k as u64) << (8 * n);
+                n += 1;
+            }
+            k += 1;
+        }
+        bits += 1;
+    }
+    table
+};
+
+/// For each byte of bits, the number set (without the `popcnt` instruction, which the
+/// dispatched functions are not compiled for).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+static PACK_COUNTS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut bits = 0;
+    while bits < 256 {
+        table[bits] = (bits as u8).count_ones() as u8;
+        bits += 1;
+    }
+    table
+};
 
 /// Whether tensors of `T` take the `f32` path (`f32`, `bf16`, `f16`; not `f64`). Folds to a
 /// constant.
@@ -272,6 +314,16 @@ impl Simd for Scalar {
     #[inline(always)]
     fn keep(self, m: Self::M, v: Self::V) -> Self::V {
         std::array::from_fn(|l| if m[l] { v[l] } else { 0.0 })
+    }
+    #[inline(always)]
+    unsafe fn pack8<T: Element>(self, src: *const T, bits: u8, dst: *mut T) -> usize {
+        let mut n = 0;
+        for k in 0..8 {
+            // SAFETY: n ≤ k < 8, inside both (caller's contract).
+            unsafe { *dst.add(n) = *src.add(k) };
+            n += (bits >> k & 1) as usize;
+        }
+        n
     }
 }
 
@@ -633,6 +685,42 @@ mod x86 {
         fn keep(self, m: Self::M, v: Self::V) -> Self::V {
             unsafe { (_mm256_and_pd(m.0, v.0), _mm256_and_pd(m.1, v.1)) }
         }
+        #[inline(always)]
+        unsafe fn pack8<T: Element>(self, src: *const T, bits: u8, dst: *mut T) -> usize {
+            // The lanes to gather, one byte each (`PACK_INDICES`).
+            let at = |bits: u8| unsafe { _mm_cvtsi64_si128(super::PACK_INDICES[bits as usize] as i64) };
+            unsafe {
+                match T::KIND {
+                    Kind::F32 => {
+                        let v = _mm256_loadu_ps(src as *const f32);
+                        let v = _mm256_permutevar8x32_ps(v, _mm256_cvtepu8_epi32(at(bits)));
+                        _mm256_storeu_ps(dst as *mut f32, v);
+                    }
+                    // Each half of 4 lanes, lane k as the 32-bit lanes 2k and 2k + 1.
+                    Kind::F64 => {
+                        let (src, dst) = (src as *const f32, dst as *mut f32);
+                        let first = super::PACK_COUNTS[(bits & 15) as usize] as usize;
+                        for (h, put) in [(0, 0), (1, first)] {
+                            let k = _mm256_cvtepu8_epi64(at(bits >> (4 * h) & 15));
+                            let k2 = _mm256_add_epi64(k, k);
+                            let odd = _mm256_add_epi64(k2, _mm256_set1_epi64x(1));
+                            let pairs = _mm256_or_si256(k2, _mm256_slli_epi64::<32>(odd));
+                            let v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src.add(8 * h)), pairs);
+                            _mm256_storeu_ps(dst.add(2 * put), v);
+                        }
+                    }
+                    // Lane k as bytes 2k and 2k + 1.
+                    Kind::Bf16 | Kind::F16 => {
+                        let k = at(bits);
+                        let k2 = _mm_add_epi8(k, k);
+                        let pairs = _mm_unpacklo_epi8(k2, _mm_add_epi8(k2, _mm_set1_epi8(1)));
+                        let v = _mm_shuffle_epi8(_mm_loadu_si128(src as *const __m128i), pairs);
+                        _mm_storeu_si128(dst as *mut __m128i, v);
+                    }
+                }
+            }
+            super::PACK_COUNTS[bits as usize] as usize
+        }
     }
 }
 
@@ -930,6 +1018,47 @@ mod tests {
                 false => ew::scale_rows_impl(s, &dy, dx, &k, false, back),
             });
         }
+    }
+
+    /// `pack8` of every byte of bits on both backends against the definition: the elements
+    /// whose bits are set, in order, and their number; a NaN among those that are off is
+    /// never packed.
+    fn pack8_gathers_the_set_lanes<T: Element>() {
+        let mut src = vec![T::from_f64(0.0); 8];
+        for bits in 0..=255u8 {
+            let want: Vec<f64> = (0..8).filter(|k| bits >> k & 1 == 1).map(|k| k as f64 + 0.5).collect();
+            // Elements that are off hold NaN: none must come out among the packed.
+            for (k, v) in src.iter_mut().enumerate() {
+                *v = T::from_f64(if bits >> k & 1 == 1 { k as f64 + 0.5 } else { f64::NAN });
+            }
+            let mut runs = vec![(pack8_with(super::Scalar, &src, bits), "scalar")];
+            if super::has_avx2() {
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+                let avx2 = unsafe { super::Avx2::new_unchecked() };
+                runs.push((pack8_with(avx2, &src, bits), "avx2"));
+            }
+            for ((n, out), backend) in runs {
+                let got: Vec<f64> = out[..n].iter().map(|v| v.to_f64()).collect();
+                assert_eq!(got, want, "{backend}, bits {bits:#010b}");
+            }
+        }
+    }
+
+    /// `s.pack8` of the 8 elements of `src`: their number and the 8 elements written.
+    fn pack8_with<S: super::Simd, T: Element>(s: S, src: &[T], bits: u8) -> (usize, Vec<T>) {
+        assert_eq!(src.len(), 8);
+        let mut out = vec![T::from_f64(-1.0); 8];
+        // SAFETY: 8 elements each.
+        let n = unsafe { s.pack8(src.as_ptr(), bits, out.as_mut_ptr()) };
+        (n, out)
+    }
+
+    #[test]
+    fn pack8_gathers_the_set_lanes_of_each_type() {
+        pack8_gathers_the_set_lanes::<f32>();
+        pack8_gathers_the_set_lanes::<f64>();
+        pack8_gathers_the_set_lanes::<half::bf16>();
+        pack8_gathers_the_set_lanes::<half::f16>();
     }
 
     #[test]
