@@ -10,7 +10,7 @@ use crate::kernels::plan;
 use crate::kernels::relu::{self, MaskBits};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{exact_reciprocal, inv_std, SavedStats};
+use crate::stats::{exact_reciprocal, inv_stds, SavedStats};
 use crate::{Element, Error, FixedStats, Geometry, Grads, View};
 
 /// Per-channel reductions of backward: Σ dy (= ∂ℓ/∂β) and Σ dy·x̂ (= ∂ℓ/∂γ). Mergeable by
@@ -384,7 +384,7 @@ pub(crate) fn backward_eval_where<T: Element>(
     check::param_grads(g.channels, dgamma.as_deref(), dbeta.as_deref())?;
     check::eps(eps)?;
     check::len_opt("dx", &g, dx.as_deref())?;
-    let inv = Scratch::collect(var.iter().map(|v| inv_std(v.to_f64(), eps)));
+    let inv = inv_stds(var, eps);
     let (relu, dz_alone) = dz_with(dx.is_some(), relu.map(|r| r.start(&g)));
     let bits = relu.as_ref().map(|r| r.bits);
     let sums = match (dx, dgamma.is_some() || dbeta.is_some()) {

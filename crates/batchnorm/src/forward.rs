@@ -7,7 +7,7 @@ use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
 use crate::kernels::{plan, relu};
-use crate::stats::{inv_std_in_place, BatchStats, SavedStats};
+use crate::stats::{inv_std_in_place, inv_stds, BatchStats, SavedStats};
 use crate::{Affine, Element, Error, FixedStats, Geometry, View};
 
 /// Turns `scale`, holding 1/√(σ² + ε) for channels `first..first + scale.len()`, into the
@@ -205,8 +205,7 @@ pub(crate) fn eval_where<T: Element>(
     ReluForward::check(relu.as_ref(), &g)?;
     check::eps(eps)?;
     let mean = Scratch::collect(mean.iter().map(|v| v.to_f64()));
-    let mut inv_std = Scratch::collect(var.iter().map(|v| v.to_f64()));
-    with_simd(|| inv_std_in_place(&mut inv_std, eps));
+    let inv_std = inv_stds(var, eps);
     let relu = relu.map(|r| r.start(&g));
     normalize_affine(&g, x.data, y, &mean, inv_std, affine, mask, relu);
     Ok(())

@@ -18,7 +18,7 @@ use crate::forward::{check_forward, normalize_affine};
 use crate::fused::ReluForward;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{inv_std, inv_std_in_place, SavedStats};
+use crate::stats::{inv_std_in_place, inv_stds, SavedStats};
 use crate::{BatchNorm, Element, Error, FixedStats, Geometry, Grads, View};
 
 /// What a [`BatchNorm`] layer does with a training batch of fewer than 2 values per channel
@@ -122,7 +122,7 @@ impl<T: Element> BatchNorm<T> {
         check::affine(self.num_features, self.affine().gamma, None)?;
         check::param_grads(self.num_features, grads.dgamma.as_deref(), grads.dbeta.as_deref())?;
         let eps = self.config.eps;
-        let inv = Scratch::collect(running.var.iter().map(|v| inv_std(v.to_f64(), eps)));
+        let inv = inv_stds(running.var, eps);
         Ok((fixed_grad_sums(g, x, dy, mask, None, running.mean, &inv), inv))
     }
 }

@@ -2,6 +2,7 @@
 //! the population estimator of Algorithm 2.
 
 use crate::check;
+use crate::kernels::scratch::Scratch;
 use crate::kernels::{plan, with_simd};
 use crate::{Element, Error, View};
 
@@ -105,6 +106,14 @@ pub(crate) fn exact_reciprocal(d: f64) -> Option<f64> {
 #[inline]
 pub(crate) fn inv_std(var: f64, eps: f64) -> f64 {
     1.0 / (var + eps).sqrt()
+}
+
+/// [`inv_std`] of each variance of `var` (fixed or running statistics), computed as
+/// [`inv_std_in_place`] computes it: the same bits as `inv_std` one by one.
+pub(crate) fn inv_stds<P: Element>(var: &[P], eps: f64) -> Scratch<f64> {
+    let mut inv = Scratch::collect(var.iter().map(|v| v.to_f64()));
+    with_simd(|| inv_std_in_place(&mut inv, eps));
+    inv
 }
 
 /// [`inv_std`] of every entry of `var`, in place: a slice loop, which vectorizes (4 square roots

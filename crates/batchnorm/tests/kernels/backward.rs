@@ -191,6 +191,10 @@ fn backward_eval_one_pass_same_bits_on_any_thread_count() {
         // the rows plan with dx streamed (16 MiB of f32 or more) and rows too short for the
         // rows prefetch (60 channels): blocks of 8 rows, a task's 4369 ending in a block of one.
         (Layout::NHWC, vec![70, 32, 32, 60]),
+        // the rows plan with dx streamed because x, dy and dx overflow the last-level cache
+        // (11 MiB of f32 each) and rows long enough for the rows prefetch (256 channels): blocks
+        // of 64 rows, the last task's 16 rows a block of its own.
+        (Layout::NHWC, vec![47, 16, 15, 256]),
     ];
     for ((layout, shape), seed) in shapes.into_iter().zip(3000..) {
         let d = Data::new::<f32>(layout, &shape, seed);

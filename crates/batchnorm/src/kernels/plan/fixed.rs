@@ -74,8 +74,15 @@ pub(crate) fn fixed_backward_where<T: Element>(
     pass: FixedBackward<'_, T>,
     dx: &mut [T],
 ) -> (Vec<f64>, Vec<f64>) {
-    // Nothing re-reads dx, and the inputs are read once each.
-    let (serial, stream) = begin_pass::<T>(g, pass.mask, pass.relu.is_some(), 0);
+    // Nothing re-reads dx, and the inputs are read once each. The rows plan streams dx when x,
+    // dy and dx together overflow the last-level cache (x and dy counted as the 2 inputs read
+    // with it): dx's lines are then not in cache when they are written, and ordinary stores
+    // would read each one from memory first. The planes plan streams by dx's size alone: it
+    // writes dx plane by plane, and planes that are not whole cache lines (NCHW [64,256,14,14]:
+    // 784 bytes) share their end lines with the next plane's call, which writes them in part
+    // with ordinary stores.
+    let reread = if g.inner > 1 { 0 } else { 2 };
+    let (serial, stream) = begin_pass::<T>(g, pass.mask, pass.relu.is_some(), reread);
     assert!(dx.len() == pass.x.len() && pass.dy.len() == pass.x.len());
     if g.inner > 1 {
         planes_fixed_backward(g, pass, dx, stream)
