@@ -106,11 +106,29 @@ fn prefetch_step<T>(p: *const T, i: usize) {
 /// Prefetches the cache line holding `p`.
 #[inline(always)]
 fn prefetch_line<T>(p: *const T) {
+    prefetch_line_to::<false, T>(p)
+}
+
+/// Prefetches the cache line holding `p` into L2, not L1.
+#[inline(always)]
+pub(crate) fn prefetch_line_l2<T>(p: *const T) {
+    prefetch_line_to::<true, T>(p)
+}
+
+/// Prefetches the cache line holding `p` into L1, or with `L2` into L2 only.
+#[inline(always)]
+fn prefetch_line_to<const L2: bool, T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
         // SAFETY: prefetching never faults; the address is only computed, not dereferenced.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+        unsafe {
+            if L2 {
+                _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+            }
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;

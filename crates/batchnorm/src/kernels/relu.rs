@@ -17,6 +17,7 @@
 //!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
 //!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
 
+use super::moments;
 use super::plan;
 use super::simd::{relu_keeps, Simd};
 use crate::{Element, Geometry};
@@ -268,6 +269,7 @@ impl<'a, T> Forward<'a, T> {
         let first = k * layout.len;
         Act {
             z: self.z.map(|z| &z[first..first + n]),
+            z_ahead: 0,
             bits: self
                 .bits
                 .as_deref_mut()
@@ -316,6 +318,10 @@ impl<'a, T> Backward<'a, T> {
 /// elements, and the mask's bytes of those elements (element i at bit i), each when there is one.
 pub(crate) struct Act<'a, T> {
     pub z: Option<&'a [T]>,
+    /// Where the residual the pass reads after these `n` elements lies, as a distance in
+    /// elements from them (0: right after them, the hardware prefetchers' stream): element i
+    /// of z is read with element i + `z_ahead`'s line prefetched (see [`Fused`]).
+    pub z_ahead: isize,
     pub bits: Option<&'a mut [u8]>,
 }
 
@@ -360,6 +366,7 @@ impl<T: Element> ElementMap<T> for Plain {}
 #[derive(Clone, Copy)]
 pub(crate) struct Fused<'c, T, const ADD: bool, const BITS: bool> {
     z: *const T,
+    z_ahead: isize,
     bits: BitsOut<'c>,
 }
 
@@ -372,6 +379,9 @@ impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<'_, 
         // no-ops for f32).
         // SAFETY (all blocks): element i.. lies in the range (caller).
         let (v, z) = (s.fround::<T>(v), || unsafe { s.fload(self.z.add(i)) });
+        if ADD {
+            self.prefetch_z(i);
+        }
         let (out, bits) = s.frelu(if ADD { s.fround::<T>(s.fadd(v, z())) } else { v });
         unsafe { self.record8(i, bits) };
         out
@@ -398,6 +408,9 @@ impl<T: Element, const ADD: bool, const BITS: bool> ElementMap<T> for Fused<'_, 
     unsafe fn wide8<S: Simd>(self, s: S, i: usize, v: S::V) -> S::V {
         // The value batch norm would store, then the sum y + z rounded as `T` rounds it.
         let (v, z) = (s.round::<T>(v), || unsafe { s.load(self.z.add(i)) });
+        if ADD {
+            self.prefetch_z(i);
+        }
         // SAFETY (all blocks): as in `narrow8`.
         let (out, bits) = s.relu(if ADD { s.round::<T>(s.add(v, z())) } else { v });
         unsafe { self.record8(i, bits) };
@@ -433,7 +446,7 @@ macro_rules! with_epilogue {
                 let $e = $crate::kernels::relu::Plain;
                 $body
             }
-            Some($crate::kernels::relu::Act { z, bits }) => {
+            Some($crate::kernels::relu::Act { z, z_ahead, bits }) => {
                 let z = z.map(|z| {
                     assert_eq!(z.len(), n);
                     z.as_ptr()
@@ -445,22 +458,22 @@ macro_rules! with_epilogue {
                 let carry = std::cell::Cell::new($crate::kernels::relu::Carry::NONE);
                 match (z, bits) {
                     (None, None) => {
-                        let $e = $crate::kernels::relu::Fused::<_, false, false>::new(std::ptr::null(), None, &carry);
+                        let $e = $crate::kernels::relu::Fused::<_, false, false>::new(std::ptr::null(), None, z_ahead, &carry);
                         $body
                     }
                     (None, Some(b)) => {
-                        let $e = $crate::kernels::relu::Fused::<_, false, true>::new(std::ptr::null(), Some(b), &carry);
+                        let $e = $crate::kernels::relu::Fused::<_, false, true>::new(std::ptr::null(), Some(b), z_ahead, &carry);
                         let out = $body;
                         // SAFETY: the epilogue's range, whose bits it wrote.
                         unsafe { $e.finish() };
                         out
                     }
                     (Some(z), None) => {
-                        let $e = $crate::kernels::relu::Fused::<_, true, false>::new(z, None, &carry);
+                        let $e = $crate::kernels::relu::Fused::<_, true, false>::new(z, None, z_ahead, &carry);
                         $body
                     }
                     (Some(z), Some(b)) => {
-                        let $e = $crate::kernels::relu::Fused::<_, true, true>::new(z, Some(b), &carry);
+                        let $e = $crate::kernels::relu::Fused::<_, true, true>::new(z, Some(b), z_ahead, &carry);
                         let out = $body;
                         // SAFETY: the epilogue's range, whose bits it wrote.
                         unsafe { $e.finish() };
@@ -483,6 +496,18 @@ impl<'c, T, const ADD: bool, const BITS: bool> Fused<'c, T, ADD, BITS> {
         if BITS {
             // SAFETY: the caller's contract.
             unsafe { self.bits.put8(i, bits) };
+        }
+    }
+
+    /// Prefetches, with element i of the residual, the line of element i + `z_ahead` into L2
+    /// (not L1, where x, z and the mask's bytes are read and written), where the pass reads z
+    /// in runs far apart: a channel's unit goes through its planes C planes apart, and each
+    /// plane's run of z would start cold and stay behind the hardware prefetchers. Nothing where
+    /// z is read as one stream (`z_ahead` 0).
+    #[inline(always)]
+    fn prefetch_z(self, i: usize) {
+        if self.z_ahead != 0 {
+            moments::prefetch_line_l2(self.z.wrapping_offset(i as isize + self.z_ahead));
         }
     }
 
@@ -515,10 +540,11 @@ impl<'c, T, const ADD: bool, const BITS: bool> Fused<'c, T, ADD, BITS> {
     /// [`with_epilogue!`] to cover the range; `carry` (holding [`Carry::NONE`]) serves its
     /// writes of the mask.
     #[inline(always)]
-    pub fn new(z: *const T, bits: Option<*mut u8>, carry: &'c Cell<Carry>) -> Self {
+    pub fn new(z: *const T, bits: Option<*mut u8>, z_ahead: isize, carry: &'c Cell<Carry>) -> Self {
         debug_assert!(ADD != z.is_null() && BITS == bits.is_some());
         Fused {
             z,
+            z_ahead,
             bits: BitsOut::new(bits.unwrap_or(std::ptr::null_mut()), carry),
         }
     }

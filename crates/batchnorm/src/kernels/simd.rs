@@ -803,6 +803,7 @@ mod tests {
                 &mut y1,
                 Some(Act {
                     z: zr,
+                    z_ahead: 0,
                     bits: with_bits.then_some(&mut b1[..]),
                 }),
             );
@@ -811,6 +812,7 @@ mod tests {
                 &mut y2,
                 Some(Act {
                     z: zr,
+                    z_ahead: 0,
                     bits: with_bits.then_some(&mut b2[..]),
                 }),
             );
