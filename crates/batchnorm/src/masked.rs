@@ -16,8 +16,9 @@
 //!
 //! Masked values never leak: no value (of x or dy) at a position that is off reaches a
 //! statistic or an output, and none is multiplied by 0. The reductions skip whole rows and
-//! stretches that are off, and inside a stretch with a few positions off replace those values by
-//! +0.0 lane by lane (a select from the mask packed to one bit per position, once per call);
+//! stretches that are off; inside a stretch with a few positions off, the moments gather the
+//! values that are on into a buffer and sum them there, the gradient sums replace the others by
+//! +0.0 lane by lane (both from the mask packed to one bit per position, once per call);
 //! the element-wise passes write +0.0 at the positions that are off (long stretches of them are
 //! not computed at all, in the others each value is selected before its one store). So a NaN or
 //! 1e30 in padding changes no bit of any output.

@@ -163,9 +163,10 @@ impl<'a> MaskSpans<'a> {
     #[inline(always)]
     pub fn span_bits(&self, i: usize, start: usize) -> SpanBits<'_> {
         assert!(start < self.len);
+        let first = i * self.layout.bytes * 8 + start;
         SpanBits {
-            bytes: &self.bits,
-            first: i * self.layout.bytes * 8 + start,
+            from: &self.bits[first / 8..],
+            shift: first % 8,
         }
     }
 }
@@ -173,44 +174,24 @@ impl<'a> MaskSpans<'a> {
 /// The bits of consecutive entries of a segment of a [`MaskSpans`], read up to 56 at a time.
 #[derive(Clone, Copy)]
 pub(crate) struct SpanBits<'a> {
-    bytes: &'a [u8],
-    /// The first entry's bit in `bytes`.
-    first: usize,
+    /// The mask's bits from the byte of the first entry on.
+    from: &'a [u8],
+    /// The first entry's bit in `from[0]`.
+    shift: usize,
 }
 
 impl SpanBits<'_> {
-    /// The bits of entries `i..i + 56` (entry `i` as bit 0) in the low 56 bits.
+    /// The bits of entries `i..i + 56` (entry `i` as bit 0) in the low 56 bits; entry `i`'s
+    /// alone is `get56(i) & 1`.
     ///
     /// # Safety
     /// Entry `i` must lie in the segment (the 8 bytes from its byte on then lie in the bits,
     /// which have [`SPARE_BYTES`] after the last segment).
     #[inline(always)]
     pub unsafe fn get56(self, i: usize) -> u64 {
-        let b = self.first + i;
-        // SAFETY: bytes b / 8..b / 8 + 8 lie in the buffer (caller's contract).
-        let word = unsafe { (self.bytes.as_ptr().add(b / 8) as *const u64).read_unaligned() };
-        u64::from_le(word) >> (b % 8)
-    }
-
-    /// The bits of entries `i..i + 8` (entry `i` as bit 0).
-    ///
-    /// # Safety
-    /// As [`SpanBits::get56`].
-    #[inline(always)]
-    pub unsafe fn get8(self, i: usize) -> u8 {
-        // SAFETY: the caller's contract.
-        unsafe { self.get56(i) as u8 }
-    }
-
-    /// Whether entry `i` is on.
-    ///
-    /// # Safety
-    /// As [`SpanBits::get56`].
-    #[inline(always)]
-    pub unsafe fn get1(self, i: usize) -> bool {
-        let b = self.first + i;
-        // SAFETY: byte b / 8 lies in the buffer (caller's contract).
-        unsafe { *self.bytes.as_ptr().add(b / 8) >> (b % 8) & 1 == 1 }
+        let (at, shift) = ((self.shift + i) / 8, (self.shift + i) % 8);
+        // SAFETY: bytes at..at + 8 lie in the buffer (caller's contract).
+        u64::from_le(unsafe { (self.from.as_ptr().add(at) as *const u64).read_unaligned() }) >> shift
     }
 }
 
@@ -327,8 +308,9 @@ mod tests {
                         let from = spans.span_bits(i, a);
                         for (e, &on) in segment[a..].iter().enumerate() {
                             // SAFETY: entry a + e lies in the segment.
-                            let (one, eight) = unsafe { (from.get1(e), from.get8(e)) };
-                            assert_eq!(one, on);
+                            let word = unsafe { from.get56(e) };
+                            assert_eq!(word & 1 == 1, on);
+                            let eight = word as u8;
                             let want = (0..8).filter(|&b| segment.get(a + e + b) == Some(&true));
                             let want = want.fold(0u8, |acc, b| acc | 1 << b);
                             let beyond = (segment.len() - a - e).min(8);

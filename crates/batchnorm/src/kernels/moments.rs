@@ -533,12 +533,12 @@ unsafe fn pack_run<S: Simd, T: Element>(s: S, p: *const T, n: usize, bits: SpanB
             i += 56;
         }
         while i + 8 <= n {
-            k += s.pack8(p.add(i), bits.get8(i), out.add(k));
+            k += s.pack8(p.add(i), bits.get56(i) as u8, out.add(k));
             i += 8;
         }
         while i < n {
             *out.add(k) = *p.add(i);
-            k += bits.get1(i) as usize;
+            k += (bits.get56(i) & 1) as usize;
             i += 1;
         }
     }
