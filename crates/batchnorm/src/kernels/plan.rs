@@ -605,11 +605,11 @@ pub(crate) fn train_forward_where<T: Element>(
                 let xp = &x[start..start + g.inner];
                 let mut act = fused.then(|| Act {
                     z: z.map(|z| &z[start..start + g.inner]),
-                    // The channel's next plane, C planes on (the last plane: none).
-                    z_ahead: if o + 1 < g.outer {
-                        (g.channels * g.inner) as isize
-                    } else {
-                        0
+                    // The channel's next plane, C planes on, where z comes from memory (a tensor
+                    // that streams its output); the last plane and a tensor in cache: none.
+                    z_ahead: match stream && o + 1 < g.outer {
+                        true => (g.channels * g.inner) as isize,
+                        false => 0,
                     },
                     // SAFETY: plane (o, c) is segment o·C + c; its bytes belong to unit c alone.
                     bits: bits
