@@ -1179,6 +1179,41 @@ simd_dispatch! {
     ) => scale_rows_impl
 }
 
+/// `out` = +0.0, with streaming stores where `stream` (from the [`STREAM_ALIGN`] boundary on):
+/// the positions a masked pass writes as 0, where the rest of its output streams, so that their
+/// lines are not read from memory before they are overwritten.
+pub(super) fn zero_fill_impl<S: Simd, T: Element>(s: S, out: &mut [T], stream: bool) {
+    let zero = T::from_f64(0.0);
+    if !stream {
+        return out.fill(zero);
+    }
+    let (p, n, v) = (out.as_mut_ptr(), out.len(), s.splat(0.0));
+    map_range(
+        p,
+        0,
+        n,
+        0,
+        usize::MAX,
+        true,
+        // SAFETY: i + 8 <= n, and p + i is aligned to `STREAM_ALIGN` (`map_range`'s head).
+        #[inline(always)]
+        |i, _, stream| unsafe {
+            match stream {
+                true => s.stream(p.add(i), v),
+                false => s.store(p.add(i), v),
+            }
+        },
+        // SAFETY: i < n.
+        #[inline(always)]
+        |i, _| unsafe { *p.add(i) = zero },
+    );
+}
+
+simd_dispatch! {
+    /// [`zero_fill_impl`]: +0.0 over `out`, streamed where `stream`.
+    pub(crate) fn zero_fill<T>(out: &mut [T], stream: bool) => zero_fill_impl
+}
+
 /// Makes earlier streaming stores of this thread visible before anything it stores later.
 #[inline]
 pub(crate) fn stream_fence() {

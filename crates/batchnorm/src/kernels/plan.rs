@@ -347,11 +347,13 @@ fn gated_segment<'a>(spans: &'a Option<MaskSpans<'a>>, i: usize, width: usize) -
 /// over each span that is on, with `keep` the bits of the range's elements where it has gaps
 /// (the kernel then writes +0.0 at the elements that are off in the same stores, so nothing
 /// computed there is kept) and `None` where it has none; +0.0 over each span that is off, whose
-/// inputs are not read.
+/// inputs are not read, with streaming stores where the pass streams (`stream`: its output would
+/// not stay in cache, so ordinary stores would read each line from memory first).
 #[inline(always)]
 fn write_gated<T: Element>(
     mask: Option<GatedSegment>,
     out: &mut [T],
+    stream: bool,
     mut f: impl FnMut(std::ops::Range<usize>, &mut [T], Option<BitsAt>),
 ) {
     let Some(GatedSegment { spans, segment, width }) = mask else {
@@ -363,7 +365,7 @@ fn write_gated<T: Element>(
     for &Span { start, end, on, gaps } in list {
         let r = start * width..end * width;
         match (on, gaps, width) {
-            (false, ..) => out[r].fill(T::from_f64(0.0)),
+            (false, ..) => ew::zero_fill(&mut out[r], stream),
             (true, false, _) => f(r.clone(), &mut out[r], None),
             (true, true, 1) => f(r.clone(), &mut out[r], Some(spans.bits_at(segment, start, end))),
             (true, true, _) => {
@@ -525,7 +527,7 @@ pub(crate) fn normalize_where<T: Element>(
                     shift: shift[c],
                 };
                 let mut act = act.as_mut().map(|f| f.segment(i, g.inner, layout));
-                write_gated(gated_segment(&spans, o, 1), yp, |r, yr, keep| match keep {
+                write_gated(gated_segment(&spans, o, 1), yp, stream, |r, yr, keep| match keep {
                     Some(keep) => ew::normalize_plane_kept(&xp[r], yr, a, stream, keep),
                     None => ew::normalize_plane(&xp[r], yr, a, stream, act.take()),
                 });
@@ -543,10 +545,15 @@ pub(crate) fn normalize_where<T: Element>(
         items.reverse();
         map_items(items, serial, |_, (u, ((xs, ys), mut act))| {
             let mut act = act.as_mut().map(|f| f.segment(0, xs.len(), layout));
-            write_gated(gated_segment(&spans, u, g.channels), ys, |r, yr, keep| match keep {
-                Some(keep) => ew::normalize_rows_kept(&xs[r], yr, &p, stream, keep),
-                None => ew::normalize_rows(&xs[r], yr, &p, stream, act.take()),
-            });
+            write_gated(
+                gated_segment(&spans, u, g.channels),
+                ys,
+                stream,
+                |r, yr, keep| match keep {
+                    Some(keep) => ew::normalize_rows_kept(&xs[r], yr, &p, stream, keep),
+                    None => ew::normalize_rows(&xs[r], yr, &p, stream, act.take()),
+                },
+            );
             if stream {
                 ew::stream_fence();
             }
@@ -616,7 +623,7 @@ pub(crate) fn train_forward_where<T: Element>(
                         .as_ref()
                         .map(|b| unsafe { b.slice((o * g.channels + c) * layout.bytes, layout.bytes) }),
                 });
-                write_gated(gated_segment(&spans, o, 1), yp, |r, yr, keep| match keep {
+                write_gated(gated_segment(&spans, o, 1), yp, stream, |r, yr, keep| match keep {
                     Some(keep) => ew::normalize_plane_kept(&xp[r], yr, a, stream, keep),
                     None => ew::normalize_plane(&xp[r], yr, a, stream, act.take()),
                 });
@@ -778,7 +785,7 @@ pub(crate) fn input_grad_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_gated(gated_segment(&spans, o, 1), op, |r, or, keep| match keep {
+                write_gated(gated_segment(&spans, o, 1), op, stream, |r, or, keep| match keep {
                     Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, coeffs[c], stream, keep),
                     None => ew::dx_plane(&xp[r.clone()], &gp[r], or, coeffs[c], stream, back.take()),
                 });
@@ -791,10 +798,15 @@ pub(crate) fn input_grad_where<T: Element>(
         let p = with_simd(|| DxRows::new::<T>(coeffs));
         map_items(items, serial, |_, (u, (((xs, gs), os), mut back))| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, xs.len()));
-            write_gated(gated_segment(&spans, u, g.channels), os, |r, or, keep| match keep {
-                Some(keep) => ew::dx_rows_kept(&xs[r.clone()], &gs[r], or, &p, stream, keep),
-                None => ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream, back.take()),
-            });
+            write_gated(
+                gated_segment(&spans, u, g.channels),
+                os,
+                stream,
+                |r, or, keep| match keep {
+                    Some(keep) => ew::dx_rows_kept(&xs[r.clone()], &gs[r], or, &p, stream, keep),
+                    None => ew::dx_rows(&xs[r.clone()], &gs[r], or, &p, stream, back.take()),
+                },
+            );
             if stream {
                 ew::stream_fence();
             }
@@ -871,7 +883,7 @@ pub(crate) fn train_backward_where<T: Element>(
                         // SAFETY: as for dx.
                         dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
                     });
-                    write_gated(gated_segment(&spans, o, 1), op, |r, or, keep| match keep {
+                    write_gated(gated_segment(&spans, o, 1), op, stream, |r, or, keep| match keep {
                         Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, k, stream, keep),
                         None => ew::dx_plane(&xp[r.clone()], &gp[r], or, k, stream, back.take()),
                     });

@@ -232,6 +232,22 @@ fn masked_on_chunking_shapes() {
     }
 }
 
+/// Shapes whose outputs are written with streaming stores (y of 16 MiB and more; dx when x, dy
+/// and dx together overflow the 32 MiB the plans assume), padded masks: the stretches that are
+/// off are then zeroed with streaming stores too. Outputs start as NaN, so an element the
+/// passes skip fails `assert_zero_where_off` or the comparison with the reference.
+#[test]
+fn masked_with_streamed_outputs() {
+    let shapes = [
+        (Layout::NCHW, vec![16, 16, 128, 129]),
+        (Layout::NHWC, vec![16, 129, 128, 16]),
+    ];
+    for (i, (layout, shape)) in shapes.into_iter().enumerate() {
+        assert!(shape.iter().product::<usize>() * 4 >= 16 << 20);
+        check_masked::<f32>(layout, &shape, 900 + i as u64, true, 1e-5, MaskKind::Padded);
+    }
+}
+
 /// The layer: `forward_train_masked` gives the free function's bits and updates the running
 /// statistics with μ_B and the unbiased m/(m − 1)·σ²_B of the m selected values
 /// (`reference::running_update` with m); `backward_masked` and `forward_eval_masked` give the
