@@ -284,26 +284,27 @@ fn rows_mask<'a>(g: &Geometry, mask: Option<&'a [bool]>, start: usize, len: usiz
 /// stream)` over each span that is on, then +0.0 over the elements of the entries that are off
 /// inside it (a select: nothing computed there is kept; `stream` is false for such spans, so that
 /// the kernel's stores are ordinary ones); +0.0 over each span that is off, whose inputs are not
-/// read.
+/// read, streamed where the pass streams (`stream`, as in [`write_gated`]).
 #[inline(always)]
 fn write_where<T: Element>(
     mask: Option<(&[bool], &[Span])>,
     width: usize,
     out: &mut [T],
+    stream: bool,
     mut f: impl FnMut(std::ops::Range<usize>, &mut [T], bool),
 ) {
     let Some((mask, spans)) = mask else {
         let n = out.len();
-        return f(0..n, out, true);
+        return f(0..n, out, stream);
     };
     let zero = T::from_f64(0.0);
     for &Span { start, end, on, gaps } in spans {
         let r = start * width..end * width;
         if !on {
-            out[r].fill(zero);
+            ew::zero_fill(&mut out[r], stream);
             continue;
         }
-        f(r.clone(), &mut out[r.clone()], !gaps);
+        f(r.clone(), &mut out[r.clone()], stream && !gaps);
         match (gaps, width) {
             (false, _) => {}
             // Branch-free, so that it vectorizes: one entry per element.
@@ -930,8 +931,8 @@ pub(crate) fn scale_where<T: Element>(
                 let mut back = back
                     .as_mut()
                     .map(|b| b.part(u * chunk + i * g.inner, i * g.inner, g.inner));
-                write_where(segment(&spans, o), 1, op, |r, or, nt| {
-                    ew::scale_plane(&gp[r], or, k[c], stream && nt, back.take())
+                write_where(segment(&spans, o), 1, op, stream, |r, or, stream| {
+                    ew::scale_plane(&gp[r], or, k[c], stream, back.take())
                 });
             }
             if stream {
@@ -946,8 +947,8 @@ pub(crate) fn scale_where<T: Element>(
         let items: Vec<_> = dy.chunks(chunk).zip(dx.chunks_mut(chunk)).zip(backs).collect();
         map_items(items, serial, |u, ((gs, os), mut back)| {
             let mut back = back.as_mut().map(|b| b.part(u * chunk, 0, gs.len()));
-            write_where(segment(&spans, u), g.channels, os, |r, or, nt| {
-                ew::scale_rows(&gs[r], or, &k, stream && nt, back.take())
+            write_where(segment(&spans, u), g.channels, os, stream, |r, or, stream| {
+                ew::scale_rows(&gs[r], or, &k, stream, back.take())
             });
             if stream {
                 ew::stream_fence();

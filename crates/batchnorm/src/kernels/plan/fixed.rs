@@ -114,8 +114,8 @@ pub(crate) fn fixed_backward_where<T: Element>(
                 moments::rows_grad_sums(xb, gb, rows, mean, s1, s2, pf, bits);
                 let spans = MaskSpans::new(rows, xb.len() / c);
                 let mut back = back.as_mut().map(|b| b.part(first, i * block, xb.len()));
-                write_where(segment(&spans, 0), c, ob, |r, or, nt| {
-                    ew::scale_rows(&gb[r], or, &scale, stream && nt, back.take())
+                write_where(segment(&spans, 0), c, ob, stream, |r, or, stream| {
+                    ew::scale_rows(&gb[r], or, &scale, stream, back.take())
                 });
             }
             if stream {
@@ -216,8 +216,8 @@ fn planes_fixed_backward<T: Element>(
                             *carry = GradCarry::ZERO;
                         }
                     }
-                    write_where(Some(spans.segment(o)), 1, op, |r, or, nt| {
-                        ew::scale_plane(&dy[start..start + inner][r], or, k[c], stream && nt, None)
+                    write_where(Some(spans.segment(o)), 1, op, stream, |r, or, stream| {
+                        ew::scale_plane(&dy[start..start + inner][r], or, k[c], stream, None)
                     });
                 }
             } else if inner >= PIECE {
