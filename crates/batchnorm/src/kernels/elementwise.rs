@@ -97,9 +97,8 @@ pub(crate) struct WideAffine {
 }
 
 impl WideAffine {
-    /// (x − mean)·scale + shift.
     #[inline(always)]
-    pub(crate) fn apply(self, x: f64) -> f64 {
+    fn apply(self, x: f64) -> f64 {
         (x - self.mean) * self.scale + self.shift
     }
 }
@@ -130,7 +129,7 @@ impl NarrowAffine {
     /// The `f32` constants (zeros unless they fit) and whether they fit; branch-free, so that
     /// a loop over channels vectorizes.
     #[inline(always)]
-    pub(crate) fn checked(a: WideAffine) -> (NarrowAffine, bool) {
+    fn checked(a: WideAffine) -> (NarrowAffine, bool) {
         let mean_hi = a.mean as f32;
         let mean_lo = a.mean - mean_hi as f64;
         let shift = a.shift - mean_lo * a.scale;
@@ -144,9 +143,8 @@ impl NarrowAffine {
         (n, ok)
     }
 
-    /// fma(x − mean_hi, scale, shift).
     #[inline(always)]
-    pub(crate) fn apply(self, x: f32) -> f32 {
+    fn apply(self, x: f32) -> f32 {
         (x - self.mean_hi).mul_add(self.scale, self.shift)
     }
 }

@@ -12,7 +12,6 @@
 //! count; partial results are merged in unit order. Rayon only decides who computes which unit.
 
 pub(crate) mod elementwise;
-pub(crate) mod group_rows;
 pub(crate) mod mask;
 pub(crate) mod moments;
 pub(crate) mod plan;

@@ -15,10 +15,8 @@ use super::{
     prefetch_rows, row_blocks, rows_task_moments, stream_output, SharedOut,
 };
 use crate::kernels::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, WideAffine};
-use crate::kernels::group_rows::{group_forward, GroupOut};
 use crate::kernels::moments::{self, Moments};
 use crate::kernels::scratch::Scratch;
-use crate::kernels::simd::narrow;
 use crate::kernels::with_simd;
 use crate::stats::exact_reciprocal;
 use crate::{Element, Geometry};
@@ -135,22 +133,6 @@ pub(crate) fn ghost_train_forward<T: Element>(
         .zip(out.mean.chunks_mut(c).zip(out.m2.chunks_mut(c)))
         .zip(inv)
         .collect();
-    if group_rows <= per_block && narrow::<T>() && !stream {
-        // A group of one block: statistics, constants and y tile by tile of channels.
-        map_items(items, is_serial(g), |_, (((xs, ys), (mean, m2)), inv)| {
-            let out = GroupOut { mean, m2, inv_std: inv };
-            group_forward(
-                xs,
-                ys,
-                out,
-                #[inline(always)]
-                |first, count, m2, scale, shift, inv| {
-                    group_constants(first, count, m2, (scale, shift), inv, &inv_std, &affine)
-                },
-            )
-        });
-        return;
-    }
     map_items(items, is_serial(g), |_, (((xs, ys), (mean, m2)), inv)| {
         // The group is one task of its own plan: its moments are that task's.
         let count = rows_task_moments(xs, None, per_block, pf, mean, m2);
@@ -158,7 +140,7 @@ pub(crate) fn ghost_train_forward<T: Element>(
         let p = with_simd(
             #[inline(always)]
             || {
-                group_constants(0, count, m2, (&mut scale, &mut shift), inv, &inv_std, &affine);
+                group_constants(count, m2, &mut scale, &mut shift, inv, &inv_std, &affine);
                 RowsAffine::new::<T>(mean, &scale, &shift)
             },
         );
@@ -169,15 +151,15 @@ pub(crate) fn ghost_train_forward<T: Element>(
     });
 }
 
-/// One group's (scale, shift) of channels `first..` from its `count` values per channel and M2
-/// `m2`: the biased variances M2/count, turned into 1/√(σ² + ε) by `inv_std` (copied to `inv`
-/// when given), then into (scale, shift) by `affine(first, scale, shift)`.
+/// One group's (scale, shift) from its `count` values per channel and M2 `m2`: the biased
+/// variances M2/count, turned into 1/√(σ² + ε) by `inv_std` (copied to `inv` when given), then
+/// into (scale, shift) by `affine(0, scale, shift)`.
 #[inline(always)]
 fn group_constants(
-    first: usize,
     count: f64,
     m2: &[f64],
-    (scale, shift): (&mut [f64], &mut [f64]),
+    scale: &mut [f64],
+    shift: &mut [f64],
     inv: Option<&mut [f64]>,
     inv_std: &impl Fn(&mut [f64]),
     affine: &impl Fn(usize, &mut [f64], &mut [f64]),
@@ -191,7 +173,7 @@ fn group_constants(
     if let Some(v) = inv {
         v.copy_from_slice(scale);
     }
-    affine(first, scale, shift);
+    affine(0, scale, shift);
 }
 
 /// [`ghost_train_forward`] for groups of several units: every group's units' moments in one
@@ -230,7 +212,7 @@ fn split_train_forward<T: Element>(
         let groups = scale.chunks_mut(c).zip(shift.chunks_mut(c)).zip(out.m2.chunks(c));
         for (k, (((scale, shift), m2), &count)) in groups.zip(&group_counts).enumerate() {
             let inv = out.inv_std.as_deref_mut().map(|v| &mut v[k * c..(k + 1) * c]);
-            group_constants(0, count, m2, (scale, shift), inv, &inv_std, &affine);
+            group_constants(count, m2, scale, shift, inv, &inv_std, &affine);
         }
     });
     let stream = stream_output::<T>(g, 0);
