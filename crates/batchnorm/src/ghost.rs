@@ -339,10 +339,21 @@ fn backward_views<T: Element>(
         // group's the bits of the plain backward over the group alone.
         dx if g.inner == 1 => {
             let means: Vec<&[f64]> = saved.iter().map(|s| s.mean).collect();
-            let (s1, s2) = plan::ghost_train_backward(&g, data, dy, dx, group_rows, &means, |k, s1, s2, out| {
-                centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out)
-            });
-            group_totals(c, &s1, &s2, saved)
+            // Inlined by force: the kernel calls it in its AVX2 code, once per group.
+            let (s1, s2) = plan::ghost_train_backward(
+                &g,
+                data,
+                dy,
+                dx,
+                group_rows,
+                &means,
+                #[inline(always)]
+                |k, s1, s2, out| centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out),
+            );
+            with_simd(
+                #[inline(always)]
+                || group_totals(c, &s1, &s2, saved),
+            )
         }
         // Channels-first, where the plain backward fuses each channel's sums and dx: one unit
         // per channel takes every group's in turn, each group's the bits of the plain backward
@@ -388,6 +399,7 @@ fn backward_views<T: Element>(
 /// The sums over groups of each group's Σ dy and Σ dy·x̂ = inv_std·Σ dy·(x − μ), from the
 /// groups' packed (Σ dy, Σ dy·(x − μ)) (group k's channel c at k·C + c), added in batch order
 /// (as [`GradSums::add`] adds them).
+#[inline(always)]
 fn group_totals(c: usize, sum_dy: &[f64], sum_dy_xmu: &[f64], saved: &[StatsView]) -> GradSums {
     let mut total = GradSums {
         sum_dy: vec![0.0; c],

@@ -499,6 +499,35 @@ fn each_group_is_plain_batch_norm_of_its_slice() {
     }
 }
 
+/// Small groups of the rows plan (a block each, their statistics, constants and y tile by tile)
+/// where some channels' constants leave `f32` (γ = `f32::MAX` over a small spread: scale =
+/// γ/σ overflows it), one in the vectors of a tile and one in its tail: those channels are
+/// computed in `f64`, each group bit for bit `batch_norm_train` of its slice.
+#[test]
+fn ghost_small_groups_with_constants_outside_f32() {
+    let (shape, v, c) = ([40usize, 20], 16, 20);
+    let d = Data::new::<f32>(Layout::NC, &shape, 90);
+    let (mut x, _, mut g, b) = d.narrowed::<f32>();
+    for ch in [3, 18] {
+        g[ch] = f32::MAX;
+        x.iter_mut().skip(ch).step_by(c).for_each(|v| *v *= 1e-3);
+    }
+    let mut y = vec![0.0f32; x.len()];
+    ghost_batch_norm_train(View::new(&x, &shape, Layout::NC), v, Affine::new(&g, &b), 1e-5, &mut y).unwrap();
+    for (k, (first, examples)) in group_examples(shape[0], v).into_iter().enumerate() {
+        let r = first * c..(first + examples) * c;
+        let mut yk = vec![0.0f32; r.len()];
+        let sub = [examples, c];
+        let sv = View::new(&x[r.clone()], &sub, Layout::NC);
+        batch_norm_train(sv, Affine::new(&g, &b), 1e-5, &mut yk).unwrap();
+        assert_bits(&format!("NC {shape:?} v={v} group {k} y"), &y[r], &yk);
+    }
+    // Those channels' values are out of `f32`'s reach of the narrow constants.
+    for ch in [3, 18] {
+        assert!(y.iter().skip(ch).step_by(c).any(|v| v.abs() > 1e30), "channel {ch}");
+    }
+}
+
 fn check_groups_are_plain(layout: Layout, shape: &[usize], v: usize) {
     let d = Data::new::<f32>(layout, shape, 80);
     let (x, dy, g, b) = d.narrowed::<f32>();
