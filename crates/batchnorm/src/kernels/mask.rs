@@ -249,6 +249,18 @@ pub(crate) fn row_bits(rows: &[bool], width: usize, out: &mut Vec<u8>) {
     let n = rows.len() * width;
     out.clear();
     out.resize(n.div_ceil(8) + 1, 0);
+    if width.is_multiple_of(8) {
+        // Each row is whole bytes, all set or all clear: 8 bytes a store.
+        for (row, &on) in out.chunks_exact_mut(width / 8).zip(rows) {
+            let byte = 0u8.wrapping_sub(on as u8);
+            let mut words = row.chunks_exact_mut(8);
+            for word in &mut words {
+                word.copy_from_slice(&[byte; 8]);
+            }
+            words.into_remainder().fill(byte);
+        }
+        return;
+    }
     for (r, &on) in rows.iter().enumerate() {
         if !on {
             continue;
@@ -375,7 +387,7 @@ mod tests {
     fn row_bits_repeat_each_row() {
         let rows = [true, false, true, true, false, false, true];
         let mut out = vec![0xaa; 3];
-        for width in [1, 3, 8, 13, 16] {
+        for width in [1, 3, 8, 13, 16, 24, 64, 72] {
             row_bits(&rows, width, &mut out);
             assert_eq!(out.len(), (rows.len() * width).div_ceil(8) + 1);
             for e in 0..rows.len() * width + 8 {
