@@ -52,6 +52,42 @@ fn run_bits(bytes: &[u8], start: usize, end: usize, on: bool) -> usize {
     k.min(end) - start
 }
 
+/// Entries of a 56-bit window from which [`next_long_off`] finds the runs that start there.
+const LONG_OFF_STEP: usize = 57 - MIN_SKIPPED_RUN;
+
+/// The first entry from `k` on, before `end`, that starts a run of [`MIN_SKIPPED_RUN`] or more
+/// entries that are off (the bits from bit `base` on of `bytes`: a segment; entry `k` on, entry
+/// `end − 1` on), or `end` if none does; and whether an entry before it, from `k` on, is off.
+/// 56 bits a window: a run of that length starts at the bits p whose MIN_SKIPPED_RUN bits from
+/// p on are all off, found for the first [`LONG_OFF_STEP`] bits of the window at once (a
+/// scattered mask has hundreds of short runs for each long one). A run found before `end` lies
+/// before it (entry `end − 1` is on), so no bit beyond the segment is taken into a run.
+#[inline(always)]
+fn next_long_off(bytes: &[u8], base: usize, mut k: usize, end: usize) -> (usize, bool) {
+    const _: () = assert!(MIN_SKIPPED_RUN >= 1 && LONG_OFF_STEP >= 1);
+    let mut gaps = false;
+    while k < end {
+        let step = LONG_OFF_STEP.min(end - k);
+        let below = (1u64 << step) - 1;
+        let off = !read_bits(bytes, base + k) & ((1 << 56) - 1);
+        // Bit p of `starts`: bits p..p + have of `off` all set, `have` doubled up to the length.
+        let (mut starts, mut have) = (off, 1);
+        while have < MIN_SKIPPED_RUN {
+            let shift = have.min(MIN_SKIPPED_RUN - have);
+            starts &= starts >> shift;
+            have += shift;
+        }
+        let starts = starts & below;
+        if starts != 0 {
+            let p = starts.trailing_zeros() as usize;
+            return (k + p, gaps || off & ((1 << p) - 1) != 0);
+        }
+        gaps |= off & below != 0;
+        k += step;
+    }
+    (end, gaps)
+}
+
 /// Entries `start..end` of a segment: all off (`on` false), or starting and ending with entries
 /// that are on, with only runs of fewer than [`MIN_SKIPPED_RUN`] entries that are off between
 /// them (`gaps`: whether there is one). A segment's spans cover it, in order.
@@ -94,29 +130,34 @@ impl<'a> MaskSpans<'a> {
             }
         }
         let (mut spans, mut at) = (Vec::new(), vec![0]);
+        let span = |start, end, on, gaps| Span { start, end, on, gaps };
         for (i, segment) in mask.chunks(len).enumerate() {
             let (base, n) = (i * layout.bytes * 8, segment.len());
             let run = |k: usize, on: bool| run_bits(&bits, base + k, base + n, on);
+            // After the last entry that is on, one span that is off (none if it is the last).
+            let bytes = &bits[base / 8..base / 8 + n.div_ceil(8)];
+            let end_on = bytes
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |b| 8 * b + 8 - bytes[b].leading_zeros() as usize);
             let mut k = 0;
-            while k < n {
-                let (start, on) = (k, segment[k]);
-                k += run(k, on);
-                let mut gaps = false;
-                while on && k < n {
-                    let off = run(k, false);
-                    if off >= MIN_SKIPPED_RUN || k + off == n {
-                        break;
-                    }
-                    gaps = true;
-                    k += off;
-                    k += run(k, true);
+            if end_on > 0 && !segment[0] {
+                k = run(0, false);
+                spans.push(span(0, k, false, false));
+            }
+            // Each span that is on ends where a run of MIN_SKIPPED_RUN or more entries that are
+            // off starts (a span that is off), or at `end_on`.
+            while k < end_on {
+                let (off, gaps) = next_long_off(&bits, base, k, end_on);
+                spans.push(span(k, off, true, gaps));
+                if off == end_on {
+                    break;
                 }
-                spans.push(Span {
-                    start,
-                    end: k,
-                    on,
-                    gaps,
-                });
+                k = off + run(off, false);
+                spans.push(span(off, k, false, false));
+            }
+            if end_on < n {
+                spans.push(span(end_on, n, false, false));
             }
             at.push(spans.len());
         }
@@ -208,6 +249,18 @@ pub(crate) fn row_bits(rows: &[bool], width: usize, out: &mut Vec<u8>) {
     let n = rows.len() * width;
     out.clear();
     out.resize(n.div_ceil(8) + 1, 0);
+    if width.is_multiple_of(8) {
+        // Each row is whole bytes, all set or all clear: 8 bytes a store.
+        for (row, &on) in out.chunks_exact_mut(width / 8).zip(rows) {
+            let byte = 0u8.wrapping_sub(on as u8);
+            let mut words = row.chunks_exact_mut(8);
+            for word in &mut words {
+                word.copy_from_slice(&[byte; 8]);
+            }
+            words.into_remainder().fill(byte);
+        }
+        return;
+    }
     for (r, &on) in rows.iter().enumerate() {
         if !on {
             continue;
@@ -261,13 +314,19 @@ mod tests {
         use rand::{rngs::StdRng, Rng, SeedableRng};
         let mut rng = StdRng::seed_from_u64(0x9e37_79b9);
         let mut next = move || rng.gen::<u64>();
-        for &len in &[1, 7, 8, 9, 55, 56, 57, 100, 333] {
-            for density in [0u64, 1, 8, 15, 16] {
-                // Runs of random lengths (up to 80), on with probability density/16.
+        for &len in &[1, 7, 8, 9, 55, 56, 57, 100, 333, 1000] {
+            for (density, scattered) in [0u64, 1, 8, 15, 16].into_iter().flat_map(|d| [(d, false), (d, true)]) {
+                // Runs of random lengths (up to 80), on with probability density/16; scattered:
+                // mostly runs of 1 to 3, some of 31 to 33 (about the shortest a span skips).
                 let mut mask = Vec::new();
                 while mask.len() < 4 * len + 3 {
-                    let (run, on) = ((next() % 80 + 1) as usize, next() % 16 < density);
-                    mask.extend(std::iter::repeat_n(on, run));
+                    let run = match (scattered, next() % 8) {
+                        (false, _) | (true, 0) => next() % 80 + 1,
+                        (true, 1) => 31 + next() % 3,
+                        (true, _) => next() % 3 + 1,
+                    };
+                    let on = next() % 16 < density;
+                    mask.extend(std::iter::repeat_n(on, run as usize));
                 }
                 mask.truncate(4 * len + 3);
                 let spans = MaskSpans::new(Some(&mask), len).unwrap();
@@ -328,7 +387,7 @@ mod tests {
     fn row_bits_repeat_each_row() {
         let rows = [true, false, true, true, false, false, true];
         let mut out = vec![0xaa; 3];
-        for width in [1, 3, 8, 13, 16] {
+        for width in [1, 3, 8, 13, 16, 24, 64, 72] {
             row_bits(&rows, width, &mut out);
             assert_eq!(out.len(), (rows.len() * width).div_ceil(8) + 1);
             for e in 0..rows.len() * width + 8 {
