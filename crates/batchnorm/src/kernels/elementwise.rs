@@ -1182,12 +1182,15 @@ simd_dispatch! {
 /// `out` = +0.0, with streaming stores where `stream` (from the [`STREAM_ALIGN`] boundary on):
 /// the positions a masked pass writes as 0, where the rest of its output streams, so that their
 /// lines are not read from memory before they are overwritten.
+/// Half types store their zeros through the `f32` lanes (+0.0 is a value of every type, stored
+/// exactly), not lane by lane as the `f64` lanes' stores of them do.
+#[inline(always)]
 pub(super) fn zero_fill_impl<S: Simd, T: Element>(s: S, out: &mut [T], stream: bool) {
     let zero = T::from_f64(0.0);
     if !stream {
         return out.fill(zero);
     }
-    let (p, n, v) = (out.as_mut_ptr(), out.len(), s.splat(0.0));
+    let (p, n, v, f) = (out.as_mut_ptr(), out.len(), s.splat(0.0), s.fsplat(0.0));
     map_range(
         p,
         0,
@@ -1198,9 +1201,9 @@ pub(super) fn zero_fill_impl<S: Simd, T: Element>(s: S, out: &mut [T], stream: b
         // SAFETY: i + 8 <= n, and p + i is aligned to `STREAM_ALIGN` (`map_range`'s head).
         #[inline(always)]
         |i, _, stream| unsafe {
-            match stream {
-                true => s.stream(p.add(i), v),
-                false => s.store(p.add(i), v),
+            match narrow::<T>() {
+                true => s.fput_exact(p.add(i), f, stream),
+                false => put_wide(s, p.add(i), v, stream),
             }
         },
         // SAFETY: i < n.

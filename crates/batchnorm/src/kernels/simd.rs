@@ -1055,6 +1055,43 @@ mod tests {
         (n, out)
     }
 
+    /// `zero_fill` on both backends, streamed and not, at every start modulo 32 bytes and over
+    /// lengths around the vectors: every element of the range +0.0 (its bits all clear), the
+    /// elements around it untouched.
+    fn zero_fill_clears_the_range<T: Element>() {
+        let nan = T::from_f64(f64::NAN);
+        for (start, len, stream) in (0..17)
+            .flat_map(|s| [0, 1, 7, 8, 9, 23, 64, 71].map(move |n| (s, n)))
+            .flat_map(|(s, n)| [(s, n, false), (s, n, true)])
+        {
+            let mut runs = vec![(vec![nan; start + len + 3], "scalar")];
+            ew::zero_fill_impl(super::Scalar, &mut runs[0].0[start..start + len], stream);
+            if super::has_avx2() {
+                let mut buf = vec![nan; start + len + 3];
+                ew::zero_fill(&mut buf[start..start + len], stream);
+                runs.push((buf, "avx2"));
+            }
+            for (buf, backend) in runs {
+                for (i, v) in buf.iter().enumerate() {
+                    let inside = (start..start + len).contains(&i);
+                    let what = format!("{backend}, start {start}, len {len}, stream {stream}, element {i}");
+                    match inside {
+                        true => assert!(v.to_f64() == 0.0 && v.to_f64().is_sign_positive(), "{what}"),
+                        false => assert!(v.to_f64().is_nan(), "{what}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_fill_clears_the_range_of_each_type() {
+        zero_fill_clears_the_range::<f32>();
+        zero_fill_clears_the_range::<f64>();
+        zero_fill_clears_the_range::<half::bf16>();
+        zero_fill_clears_the_range::<half::f16>();
+    }
+
     #[test]
     fn pack8_gathers_the_set_lanes_of_each_type() {
         pack8_gathers_the_set_lanes::<f32>();
