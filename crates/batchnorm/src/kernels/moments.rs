@@ -1293,7 +1293,7 @@ impl RowsEpilogue for NoEpilogue {
 /// be a multiple of 8, so that the loop takes every element).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
+pub(crate) fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -1373,25 +1373,6 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),
     }
-}
-
-/// [`rows_grad_sums`] of all rows, without a fused ReLU, with `e` run in its loop on each 8
-/// elements it takes (see [`RowsEpilogue`]): the same sums, the same bits. The channels
-/// (`mean.len()`) must be a multiple of 8.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_grad_sums_then_impl<S: Simd, T: Element, E: RowsEpilogue>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    mean: &[f64],
-    sum_dy: &mut [f64],
-    sum_dy_xmu: &mut [f64],
-    pf: RowPrefetch,
-    e: E,
-) {
-    assert!(mean.len().is_multiple_of(8));
-    rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain, e)
 }
 
 simd_dispatch! {

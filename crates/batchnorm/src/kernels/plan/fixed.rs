@@ -24,8 +24,8 @@ use super::{
 };
 use crate::kernels::elementwise::{self as ew, RowsScale};
 use crate::kernels::mask::{segment, MaskSpans};
-use crate::kernels::moments::{self, GradCarry, GradRuns, RowPrefetch, Runs};
-use crate::kernels::relu::{self, MaskBits};
+use crate::kernels::moments::{self, AllRows, GradCarry, GradRuns, RowPrefetch, Runs};
+use crate::kernels::relu::{self, MaskBits, Plain};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::simd::{simd_dispatch, Simd};
 use crate::{Element, Geometry};
@@ -407,19 +407,31 @@ fn rows_fixed_backward_impl<S: Simd, T: Element>(
     stream: bool,
 ) -> bool {
     assert!(x.len() == dy.len() && dx.len() == dy.len());
-    if stream {
-        let Some(after) = ew::ScaleRowsAfter::<T, true>::new(dy, dx, k) else {
-            return false;
-        };
-        moments::rows_grad_sums_then_impl(s, x, dy, mean, s1, s2, pf, after);
-        after.finish();
-    } else {
-        let Some(after) = ew::ScaleRowsAfter::<T, false>::new(dy, dx, k) else {
-            return false;
-        };
-        moments::rows_grad_sums_then_impl(s, x, dy, mean, s1, s2, pf, after);
-        after.finish();
+    match stream {
+        true => one_loop::<S, T, true>(s, x, dy, dx, mean, (s1, s2), k, pf),
+        false => one_loop::<S, T, false>(s, x, dy, dx, mean, (s1, s2), k, pf),
     }
+}
+
+/// [`rows_fixed_backward_impl`] with streaming stores or not (`STREAM`, a constant in the loop).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn one_loop<S: Simd, T: Element, const STREAM: bool>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    mean: &[f64],
+    (s1, s2): (&mut [f64], &mut [f64]),
+    k: &RowsScale,
+    pf: RowPrefetch,
+) -> bool {
+    let Some(after) = ew::ScaleRowsAfter::<T, STREAM>::new(dy, dx, k) else {
+        return false;
+    };
+    // (ScaleRowsAfter takes channels of whole vectors only, as the epilogue needs.)
+    moments::rows_grad_sums_of(s, x, dy, mean, s1, s2, pf, AllRows, Plain, after);
+    after.finish();
     true
 }
 
@@ -440,15 +452,10 @@ mod tests {
     use crate::kernels::simd::{Scalar, STREAM_ALIGN};
     use crate::{bf16, Element};
 
+    /// `n` values in [−3, 4.8): a few hundred distinct ones, in an order that `seed` shifts.
     fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                T::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64) * 7.0 - 3.0)
-            })
+        (0..n as u64)
+            .map(|i| T::from_f64(((i * 37 + seed) % 389) as f64 / 50.0 - 3.0))
             .collect()
     }
 
