@@ -8,7 +8,10 @@
 //! (carried from one plane of the piece to the next) and its dx written part by part while the
 //! part is in L1. Walking each channel's planes instead (strided across the tensor, one short
 //! run per plane where planes are small) left the hardware prefetchers little to follow. In
-//! the rows plan, each block of rows ([`BLOCK`]) is summed and then scaled, still in cache. x
+//! the rows plan, rows of at most 256 channels, a multiple of 8, without mask or ReLU, are one
+//! loop over each task's rows: dx is written 8 elements at a time inside the sums' loop, as
+//! their dy is read ([`rows_fixed_backward`]); otherwise each block of rows ([`BLOCK`]) is
+//! summed and then scaled, still in cache. x
 //! and dy come from memory once and dx goes to it once: three streams, against five for the
 //! sums pass followed by the dx pass.
 //!
