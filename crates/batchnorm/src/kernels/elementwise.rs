@@ -21,6 +21,7 @@
 //! one, so where the vectors start (e.g. an alignment peel before streaming stores, or a column
 //! tile) does not change any bit.
 
+use super::moments::RowsEpilogue;
 use super::relu::{with_epilogue, with_upstream, Act, Back, BitsAt, ElementMap, Gated, Plain};
 use super::scratch::{Pooled, Scratch};
 use super::simd::{narrow, simd_dispatch, Simd, STREAM_ALIGN};
@@ -1177,6 +1178,137 @@ simd_dispatch! {
     pub(crate) fn scale_rows<T>(
         dy: &[T], dx: &mut [T], k: &RowsScale, stream: bool, back: Option<Back<'_, T>>
     ) => scale_rows_impl
+}
+
+/// [`scale_rows`] written from inside a rows reduction over dy, as it reads each 8 elements
+/// (a [`RowsEpilogue`]): dx = dy·k\[c\] of the same bits, without a second walk over dy. With
+/// streaming stores (`STREAM`) and dx not at a [`STREAM_ALIGN`] boundary, the vector stored
+/// after elements i..i + 8 are read is the one `lag` elements back, which starts at a boundary
+/// (every element is computed by the same formula wherever the vectors start) and has been read
+/// already; [`ScaleRowsAfter::finish`] then writes the elements no vector covers (the first
+/// 8 − `lag` and the last `lag`).
+#[derive(Clone, Copy)]
+pub(crate) struct ScaleRowsAfter<'a, T, const STREAM: bool> {
+    gp: *const T,
+    op: *mut T,
+    /// The factors of [`RowsScale::Narrow`] (`f32` elements) or of [`RowsScale::Wide`].
+    narrow: *const f32,
+    wide: *const f64,
+    channels: usize,
+    n: usize,
+    /// 0, or the elements from the boundary before the vectors the reduction reads to them.
+    lag: usize,
+    _buf: std::marker::PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T: Element, const STREAM: bool> ScaleRowsAfter<'a, T, STREAM> {
+    /// dx = dy·k over `dx` (whole rows of k's channels, a multiple of 8 of them), or `None`
+    /// where the kernel cannot write it this way: factors that need the `f64` path
+    /// ([`RowsScale::Narrow`]'s list), or, streaming, element types whose 8 elements are less
+    /// than [`STREAM_ALIGN`] bytes (vectors 8 elements apart would not all be aligned).
+    pub fn new(dy: &'a [T], dx: &'a mut [T], k: &'a RowsScale) -> Option<Self> {
+        let size = std::mem::size_of::<T>();
+        if !Self::takes(k) {
+            return None;
+        }
+        let (narrow, wide, channels) = match k {
+            RowsScale::Narrow(k, _) => (k.ptr(), std::ptr::null(), k.channels()),
+            RowsScale::Wide(k) => (std::ptr::null(), k.ptr(), k.channels()),
+        };
+        let n = dx.len();
+        if dy.len() != n || n < 8 || !n.is_multiple_of(channels) {
+            return None;
+        }
+        // Elements from the boundary before dx (8 · size ≥ STREAM_ALIGN, and rows are whole
+        // vectors, so every vector that starts `lag` back from one the reduction reads starts at
+        // one).
+        let lag = if STREAM {
+            dx.as_ptr() as usize % STREAM_ALIGN / size
+        } else {
+            0
+        };
+        Some(ScaleRowsAfter {
+            gp: dy.as_ptr(),
+            op: dx.as_mut_ptr(),
+            narrow,
+            wide,
+            channels,
+            n,
+            lag,
+            _buf: std::marker::PhantomData,
+        })
+    }
+
+    /// Whether [`ScaleRowsAfter::new`] takes blocks of whole rows with these factors: channels
+    /// a multiple of 8, factors of the element type's path that all fit it, and, streaming,
+    /// vectors of 8 elements of at least [`STREAM_ALIGN`] bytes.
+    pub fn takes(k: &RowsScale) -> bool {
+        let channels = match (k, narrow::<T>()) {
+            (RowsScale::Narrow(k, wide), true) if wide.is_empty() => k.channels(),
+            (RowsScale::Wide(k), false) => k.channels(),
+            _ => return false,
+        };
+        channels.is_multiple_of(8) && (!STREAM || 8 * std::mem::size_of::<T>() >= STREAM_ALIGN)
+    }
+
+    /// dx\[i\] for element i of channel c, as [`scale_rows`]'s scalar step writes it.
+    ///
+    /// # Safety
+    /// i < n, c < channels.
+    #[inline(always)]
+    unsafe fn one(self, i: usize, c: usize) {
+        // SAFETY: the caller's contract; the factors hold `channels` entries (and 8 more).
+        unsafe {
+            let g = *self.gp.add(i);
+            *self.op.add(i) = if narrow::<T>() {
+                T::from_f32(g.to_f32() * *self.narrow.add(c))
+            } else {
+                T::from_f64(g.to_f64() * *self.wide.add(c))
+            };
+        }
+    }
+
+    /// Writes the elements no vector covers: the first 8 − `lag` and the last `lag` (none when
+    /// `lag` is 0). Call after the reduction, before [`stream_fence`].
+    pub fn finish(self) {
+        if self.lag == 0 {
+            return;
+        }
+        for i in (0..8 - self.lag).chain(self.n - self.lag..self.n) {
+            // SAFETY: i < n, and i % channels < channels.
+            unsafe { self.one(i, i % self.channels) }
+        }
+    }
+}
+
+impl<T: Element, const STREAM: bool> RowsEpilogue for ScaleRowsAfter<'_, T, STREAM> {
+    #[inline(always)]
+    unsafe fn after8<S: Simd>(self, s: S, i: usize, c: usize) {
+        if i < self.lag {
+            // The first vector, moved back before the start: `finish` writes its elements.
+            return;
+        }
+        // Channel c − lag, or at a row's first channels the previous row's last ones, from
+        // channels − lag on (a `RowParam` repeats its first 8 after the last channel).
+        let j = i - self.lag;
+        let c = if c >= self.lag {
+            c - self.lag
+        } else {
+            c + self.channels - self.lag
+        };
+        // SAFETY: j + 8 <= i + 8 <= n = dy.len() = dx.len() (the caller's contract); c + 8 <=
+        // channels + 8, inside the factors; with STREAM, op + j is at a STREAM_ALIGN boundary
+        // (see `new`).
+        unsafe {
+            if narrow::<T>() {
+                let g = s.fload(self.gp.add(j));
+                put_narrow(s, self.op.add(j), s.fmul(g, s.fload(self.narrow.add(c))), STREAM)
+            } else {
+                let g = s.load(self.gp.add(j));
+                put_wide(s, self.op.add(j), s.mul(g, s.load(self.wide.add(c))), STREAM)
+            }
+        }
+    }
 }
 
 /// `out` = +0.0, with streaming stores where `stream` (from the [`STREAM_ALIGN`] boundary on):

@@ -929,7 +929,7 @@ simd_dispatch! {
 /// moving to the next channels: with many channels (e.g. 4096) a whole row of `f64` accumulators
 /// (two of them per channel) would not stay in L1 between rows. Each channel's sum is
 /// still taken row by row, so the tile size changes no bit.
-const CHANNEL_TILE: usize = 256;
+pub(crate) const CHANNEL_TILE: usize = 256;
 
 /// Rows whose terms are added to a register copy of the accumulators before it is stored back
 /// (still row by row per channel, so no bit changes): fewer stores and reloads of the
@@ -958,7 +958,8 @@ impl RowPrefetch {
 /// of channel c alone; `G` rows at a time per register copy of the accumulators.
 /// With `pf.on`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
 /// group's rows once per `pf.line` channels (a cache line); that loop is a separate copy, so the
-/// other has no trace of it.
+/// other has no trace of it. `after(r, c)` is called for each row r of a group once `step` has
+/// taken channels c..c+8 of all of them (not for the channels `one` takes).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_accumulate2<S: Simd, const G: usize>(
@@ -970,11 +971,12 @@ fn rows_accumulate2<S: Simd, const G: usize>(
     one: impl Fn(usize, usize, f64, f64) -> (f64, f64),
     pf: RowPrefetch,
     ahead: impl Fn(usize, usize),
+    after: impl Fn(usize, usize),
 ) {
     if pf.on {
-        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, step, one, pf.line, ahead);
+        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, step, one, pf.line, ahead, after);
     } else {
-        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, step, one, pf.line, ahead);
+        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, step, one, pf.line, ahead, after);
     }
 }
 
@@ -989,6 +991,7 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     one: impl Fn(usize, usize, f64, f64) -> (f64, f64),
     line: usize,
     ahead: impl Fn(usize, usize),
+    after: impl Fn(usize, usize),
 ) {
     let channels = acc_a.len();
     assert_eq!(acc_b.len(), channels);
@@ -1026,6 +1029,18 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
                     }
                     s.store(pa.add(c), va);
                     s.store(pb.add(c), vb);
+                }
+                // After the group's reads at c, so that its stores (the epilogue's) do not come
+                // between reads of the same column of the group's rows: rows a multiple of 4 KiB
+                // apart would make each such read wait on the store before it (4K aliasing).
+                if group == G {
+                    for k in 0..G {
+                        after(r + k, c);
+                    }
+                } else {
+                    for q in r..r + group {
+                        after(q, c);
+                    }
                 }
                 c += 8;
             }
@@ -1165,6 +1180,8 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
                 prefetch_line(xp.wrapping_add(r * channels + c))
             }
         },
+        #[inline(always)]
+        |_: usize, _: usize| {},
     );
     let n = n as f64;
     for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
@@ -1248,11 +1265,35 @@ pub(crate) fn merge_rows(
     }
 }
 
+/// Work a rows reduction does in its own loop on each 8 elements of a row it has just read,
+/// while they are in registers or L1: the backward through fixed statistics writes dx there (see
+/// `plan::fixed`), so that the block is not walked a second time.
+pub(crate) trait RowsEpilogue: Copy {
+    /// Called once the reduction has taken elements `i..i + 8` of the block (channels
+    /// `c..c + 8` of one row), for each 8 of them exactly once, in the reduction's order (a
+    /// group of rows' column c after the group's reads there).
+    ///
+    /// # Safety
+    /// `i + 8` is at most the block's length (the caller's contract with the implementation).
+    unsafe fn after8<S: Simd>(self, s: S, i: usize, c: usize);
+}
+
+/// No epilogue: the reduction alone.
+#[derive(Clone, Copy)]
+pub(crate) struct NoEpilogue;
+
+impl RowsEpilogue for NoEpilogue {
+    #[inline(always)]
+    unsafe fn after8<S: Simd>(self, _: S, _: usize, _: usize) {}
+}
+
 /// (Σ g, Σ g·(x − m)) per channel over the rows of a block that `set` has on, accumulated
 /// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
+/// `e` runs after each 8 elements the vector loop takes (with an epilogue, the channels must
+/// be a multiple of 8, so that the loop takes every element).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
+pub(crate) fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -1262,6 +1303,7 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
     pf: RowPrefetch,
     set: R,
     u: U,
+    e: E,
 ) {
     let channels = mean.len();
     let rows = x.len() / channels;
@@ -1298,6 +1340,9 @@ fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>>(
                 prefetch_line(gp.wrapping_add(r * channels + c));
             }
         },
+        #[inline(always)]
+        // SAFETY: the row r < rows, c + 8 <= channels: r·channels + c + 8 <= x.len().
+        |q: usize, c: usize| unsafe { e.after8(s, set.row(q) * channels + c, c) },
     );
 }
 
@@ -1315,15 +1360,15 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     relu: Option<BitsAt>,
 ) {
     match (mask, relu) {
-        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain),
+        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain, NoEpilogue),
         (None, Some(bits)) => {
             let u = Gated::new(bits);
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u)
+            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u, NoEpilogue)
         }
         (Some(mask), None) => {
             assert_eq!(mask.len() * mean.len(), x.len());
             with_on_rows(mask, pf, |on, pf| {
-                rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain)
+                rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain, NoEpilogue)
             })
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),

@@ -175,7 +175,8 @@ fn eval_backward_matches_finite_differences() {
 /// ∂ℓ/∂β = Σ∂ℓ/∂yᵢ) against its passes taken alone (dx alone; dγ and dβ without dx), bit for
 /// bit, on 1, 2 and 3 threads, on shapes whose channels-first walk cuts the tensor every way:
 /// rows of planes over several runs of channels, planes longer than a piece, blocks of planes of
-/// fewer than 16 channels; and the rows plan in blocks of either size. Each element of dx and
+/// fewer than 16 channels; and the rows plan in blocks of either size, and in its one loop
+/// (dx written in the sums' loop: 40, 256 and 64 channels). Each element of dx and
 /// each sum is one fixed computation, however the pass is cut and whoever computes it.
 #[test]
 fn backward_eval_one_pass_same_bits_on_any_thread_count() {
@@ -195,6 +196,9 @@ fn backward_eval_one_pass_same_bits_on_any_thread_count() {
         // (11 MiB of f32 each) and rows long enough for the rows prefetch (256 channels): blocks
         // of 64 rows, the last task's 16 rows a block of its own.
         (Layout::NHWC, vec![47, 16, 15, 256]),
+        // the rows plan's one loop (channels a multiple of 8, at most 256: dx written in the
+        // sums' loop) with dx streamed (16 MiB of f32 or more), the last task's 1024 rows short.
+        (Layout::NHWC, vec![65, 32, 32, 64]),
     ];
     for ((layout, shape), seed) in shapes.into_iter().zip(3000..) {
         let d = Data::new::<f32>(layout, &shape, seed);
