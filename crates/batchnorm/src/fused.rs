@@ -105,12 +105,33 @@ impl ReluMask {
         Some(self.bits[bit / 8] >> (bit % 8) & 1 == 1)
     }
 
-    /// The mask sized for a forward over `g`, zeroed (every bit is then written by the forward),
-    /// as the kernels write it.
+    /// The mask sized for a forward over `g`, as the kernels write it: the forward writes the
+    /// bit of every element, so only the bits no element has are zeroed here (those past the
+    /// last element of each segment, and the spare byte), so that the bytes depend on the
+    /// outputs alone, not on what the buffer held; not the whole mask, which would be one more
+    /// write of it (and for a mask larger than the caches, a write back to memory) per forward.
     fn start(&mut self, g: &Geometry) -> &mut [u8] {
-        self.bits.clear();
-        self.bits.resize(BitLayout::new(g).total_bytes(), 0);
+        let layout = BitLayout::new(g);
+        self.bits.resize(layout.total_bytes(), 0);
         self.geometry = Some(*g);
+        // The byte holding segment s's element `len` on, if any: its bits from there on.
+        let mut clear_past = |s: usize, len: usize| {
+            if !len.is_multiple_of(8) {
+                self.bits[s * layout.bytes + len / 8] &= (1u8 << (len % 8)) - 1;
+            }
+        };
+        let Some(last) = layout.segments.checked_sub(1) else {
+            return &mut self.bits;
+        };
+        if !layout.len.is_multiple_of(8) {
+            (0..last).for_each(|s| clear_past(s, layout.len));
+        }
+        // The last segment holds the elements left (fewer than `len` in the rows plan), then its
+        // bytes past them and the spare byte.
+        let rest = g.len() - last * layout.len;
+        clear_past(last, rest);
+        let first_free = last * layout.bytes + rest.div_ceil(8);
+        self.bits[first_free..].fill(0);
         &mut self.bits
     }
 

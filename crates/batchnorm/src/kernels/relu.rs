@@ -126,29 +126,33 @@ impl BitsAt<'_> {
 ///
 /// A pass writes the bits of 8 elements at a time, and where its vectors do not start at a byte
 /// (the head it peels to align its streaming stores to [`STREAM_ALIGN`](super::simd::STREAM_ALIGN)
-/// bytes), each 8 bits straddle two bytes. The bits of the second byte then wait in `carry`,
-/// so that the next 8 write that byte whole, with neither a load of the mask (which could wait
-/// on the output's pending stores) nor a second store per 8 elements; any other write, and
-/// [`BitsOut::flush`] at the end, first stores what waits.
+/// bytes), each 8 bits straddle two bytes. So the bits of consecutive writes gather in a 64-bit
+/// word in `carry`, stored whole once its 64 elements are written: one store per 64 elements,
+/// with neither a load of the mask (which could wait on the output's pending stores) nor the
+/// shifts and merges of a byte at a time; any other write, and [`BitsOut::flush`] at the end,
+/// first stores what waits.
 #[derive(Clone, Copy)]
 struct BitsOut<'c> {
     ptr: *mut u8,
     carry: &'c Cell<Carry>,
 }
 
-/// Bits a [`BitsOut::put8`] left to store: those of the elements before `next` in the byte
-/// holding element `next` (`usize::MAX`: none wait).
+/// Bits [`BitsOut::put8`] left to store: those of elements `base..next` (`base` a multiple of
+/// 8, `next - base` < 64) as bits 0.. of `word`, its bits above them 0 (`next` `usize::MAX`:
+/// none wait).
 #[derive(Clone, Copy)]
 pub(crate) struct Carry {
+    base: usize,
     next: usize,
-    low: u8,
+    word: u64,
 }
 
 impl Carry {
     /// No bits wait.
     pub(crate) const NONE: Carry = Carry {
+        base: 0,
         next: usize::MAX,
-        low: 0,
+        word: 0,
     };
 }
 
@@ -166,33 +170,43 @@ impl<'c> BitsOut<'c> {
     /// Elements i..i + 8 must lie in the segment, whose bytes the caller owns.
     #[inline(always)]
     unsafe fn put8(self, i: usize, bits: u8) {
-        let (k, sh) = (i / 8, i % 8);
         let carry = self.carry.get();
-        // SAFETY (all blocks): byte k holds bits of elements i..i + 8 (and so does byte k + 1,
-        // which the carry's next put8 or flush writes, when they straddle two).
-        if sh == 0 {
-            unsafe {
-                self.flush_if(carry);
-                *self.ptr.add(k) = bits;
-            }
-            return;
-        }
-        let low = (1u8 << sh) - 1;
-        // The bits of byte k below element i: waiting in the carry when the last write was the
-        // put8 that ended at i, else stored.
-        let before = if carry.next == i {
-            carry.low
+        // The word's elements and bits so far: the carry's when the last write was the put8
+        // that ended at i; else, after storing those, a word from i's byte on, with the bits
+        // there below element i as they are.
+        let (base, word) = if carry.next == i {
+            (carry.base, carry.word)
         } else {
-            unsafe { self.flush_if(carry) };
-            unsafe { *self.ptr.add(k) & low }
+            let (base, sh) = (i & !7, i % 8);
+            // SAFETY: the carry's bits are the caller's segment's; byte i / 8 holds element i.
+            let before = unsafe {
+                self.flush_if(carry);
+                match sh {
+                    0 => 0,
+                    _ => *self.ptr.add(base / 8) & ((1u8 << sh) - 1),
+                }
+            };
+            (base, before as u64)
         };
-        // Byte k and, above it, the bits of byte k + 1 below element i + 8.
-        let both = (before as u32) | (bits as u32) << sh;
-        unsafe { *self.ptr.add(k) = both as u8 };
-        self.carry.set(Carry {
-            next: i + 8,
-            low: (both >> 8) as u8,
-        });
+        let off = i - base;
+        let word = word | (bits as u64) << off;
+        if off + 8 >= 64 {
+            // SAFETY: bytes base / 8..base / 8 + 8 hold the bits of elements base..base + 64,
+            // which lie between the first element this word holds and i + 8: in the segment.
+            unsafe { self.ptr.add(base / 8).cast::<u64>().write_unaligned(word) };
+            self.carry.set(Carry {
+                base: base + 64,
+                next: i + 8,
+                // The bits of elements base + 64..i + 8 (a shift of 1 to 8).
+                word: (bits as u64) >> (64 - off),
+            });
+        } else {
+            self.carry.set(Carry {
+                base,
+                next: i + 8,
+                word,
+            });
+        }
     }
 
     /// Writes the bit of element i.
@@ -228,11 +242,18 @@ impl<'c> BitsOut<'c> {
     #[inline(always)]
     unsafe fn flush_if(self, carry: Carry) {
         if carry.next != usize::MAX {
-            let low = (1u8 << (carry.next % 8)) - 1;
-            // SAFETY: byte next / 8 holds bits of the elements of the put8 that left them.
+            let n = carry.next - carry.base;
+            // SAFETY: bytes base / 8.. up to the one holding element next - 1 hold bits of the
+            // elements of the put8s that left them.
             unsafe {
-                let p = self.ptr.add(carry.next / 8);
-                *p = (*p & !low) | carry.low;
+                let p = self.ptr.add(carry.base / 8);
+                for k in 0..n / 8 {
+                    *p.add(k) = (carry.word >> (8 * k)) as u8;
+                }
+                if !n.is_multiple_of(8) {
+                    let (low, last) = ((1u8 << (n % 8)) - 1, p.add(n / 8));
+                    *last = (*last & !low) | ((carry.word >> (8 * (n / 8))) as u8 & low);
+                }
             }
             self.carry.set(Carry::NONE);
         }
@@ -656,68 +677,65 @@ pub(crate) use with_upstream;
 mod tests {
     use super::*;
 
-    /// Bits written 8 and 1 at a time at every offset, in order (the carried bits stored by
-    /// the next write, or by the flush at the end) and out of order, read back the same, and
-    /// leave the bits around them as they were.
+    /// Bits written 8 and 1 at a time at every offset, runs of 24 (within a word) and 152 (two
+    /// whole words stored and bits left to flush at any offset), in order (the carried bits
+    /// stored whole words at a time, the rest by the next write or by the flush at the end) and
+    /// out of order, read back the same, and leave the bits around them as they were.
     #[test]
     fn bits_round_trip() {
-        for (start, order) in (0..16).flat_map(|s| (0..3).map(move |o| (s, o))) {
-            let mut bytes = vec![0xA5u8; 6];
-            let want: Vec<bool> = (0..24).map(|i| (i * 5 + start) % 3 == 0).collect();
+        let cases = (0..16).flat_map(|s| [24, 152].into_iter().flat_map(move |n| (0..3).map(move |o| (s, n, o))));
+        for (start, count, order) in cases {
+            let mut bytes = vec![0xA5u8; 26];
+            let want: Vec<bool> = (0..count).map(|i| (i * 5 + start) % 3 == 0).collect();
             let carry = Cell::new(Carry::NONE);
             let out = BitsOut::new(bytes.as_mut_ptr(), &carry);
             let byte_of = |k: usize| (0..8).fold(0u8, |b, l| b | (want[k + l] as u8) << l);
             let ones = |from: usize| {
                 for (k, &on) in want.iter().enumerate().skip(from) {
-                    // SAFETY: bits start..start + 24 lie in the 6 bytes.
+                    // SAFETY: bits start..start + count lie in the 26 bytes.
                     unsafe { out.put1(start + k, on) };
                 }
             };
-            // SAFETY: bits start..start + 24 lie in the 6 bytes.
+            let eights = (0..count).step_by(8);
+            // SAFETY: bits start..start + count lie in the 26 bytes.
             unsafe {
                 match order {
                     0 => {
-                        out.put8(start, byte_of(0));
-                        out.put8(start + 8, byte_of(8));
-                        ones(16);
+                        eights.take(count / 8 - 1).for_each(|k| out.put8(start + k, byte_of(k)));
+                        ones(count - 8);
                     }
                     1 => {
-                        ones(16);
-                        out.put8(start + 8, byte_of(8));
-                        out.put8(start, byte_of(0));
+                        ones(count - 8);
+                        eights
+                            .take(count / 8 - 1)
+                            .rev()
+                            .for_each(|k| out.put8(start + k, byte_of(k)));
                     }
-                    _ => {
-                        out.put8(start, byte_of(0));
-                        out.put8(start + 8, byte_of(8));
-                        out.put8(start + 16, byte_of(16));
-                    }
+                    _ => eights.for_each(|k| out.put8(start + k, byte_of(k))),
                 }
                 out.flush();
             }
+            let what = format!("start {start} count {count} order {order}");
             let mask = MaskBits {
                 bytes: &bytes,
                 layout: BitLayout {
-                    len: 40,
-                    bytes: 5,
+                    len: 200,
+                    bytes: 25,
                     segments: 1,
                 },
             };
-            let r = mask.at(start, 24);
+            let r = mask.at(start, count);
             for (k, &on) in want.iter().enumerate() {
-                // SAFETY: inside the 24 elements given to `at`.
-                assert_eq!(unsafe { r.get1(k) }, on, "start {start} order {order} bit {k}");
+                // SAFETY: inside the elements given to `at`.
+                assert_eq!(unsafe { r.get1(k) }, on, "{what} bit {k}");
             }
             // SAFETY: as above.
-            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "start {start} order {order}");
+            assert_eq!(unsafe { r.get8(3) }, byte_of(3), "{what}");
             let untouched = |b: usize| (0xA5u8 >> (b % 8)) & 1 == 1;
-            let all = MaskBits { bytes: &bytes, ..mask }.at(0, 40);
-            for b in (0..start).chain(start + 24..40) {
-                // SAFETY: bits 0..40 lie in the 6 bytes.
-                assert_eq!(
-                    unsafe { all.get1(b) },
-                    untouched(b),
-                    "start {start} order {order}: bit {b} changed"
-                );
+            let all = MaskBits { bytes: &bytes, ..mask }.at(0, 200);
+            for b in (0..start).chain(start + count..200) {
+                // SAFETY: bits 0..200 lie in the 26 bytes.
+                assert_eq!(unsafe { all.get1(b) }, untouched(b), "{what}: bit {b} changed");
             }
         }
     }

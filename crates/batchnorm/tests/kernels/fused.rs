@@ -612,6 +612,48 @@ fn gradient_is_zero_at_the_kink() {
     }
 }
 
+/// A mask written before, for another geometry with every bit set, then by a fused forward (a
+/// training and an inference one): the bytes of a new mask written by that forward, so none is
+/// left from before (a forward writes every element's bit and clears the bits past each
+/// segment's elements, instead of zeroing the whole mask first).
+#[test]
+fn reused_mask_is_written_as_a_new_one() {
+    for (i, (layout, shape)) in chunking_shapes().into_iter().enumerate() {
+        let d = Data::new::<f32>(layout, &shape, 2100 + i as u64);
+        let (x, _, g, b) = d.narrowed::<f32>();
+        let (v, affine) = (View::new(&x, &shape, layout), Affine::new(&g, &b));
+        let (mean, var) = (narrow::<f32>(&d.mean), narrow::<f32>(&d.var));
+        let fixed = FixedStats::new(&mean, &var);
+        // Every bit set over more bytes than this shape's mask has: relu(x + 1e3) keeps all.
+        let big: Vec<f32> = (0..16 * x.len() + 1024).map(|k| (k % 7) as f32).collect();
+        let (gamma, beta, big_shape) = ([1.0f32], [1e3f32], [big.len(), 1]);
+        let big_v = View::new(&big, &big_shape, Layout::NC);
+        let reused = |mask: &mut ReluMask, eval: bool| {
+            let mut yb = vec![0.0f32; big.len()];
+            batch_norm_train_relu(big_v, Affine::new(&gamma, &beta), 1e-5, &mut yb, mask).unwrap();
+            assert!(kept_of(mask).iter().all(|&k| k));
+            let mut y = vec![0.0f32; x.len()];
+            match eval {
+                false => drop(batch_norm_train_relu(v, affine, 1e-5, &mut y, mask).unwrap()),
+                true => batch_norm_eval_relu(v, fixed, affine, 1e-5, &mut y, Some(mask)).unwrap(),
+            }
+        };
+        for eval in [false, true] {
+            let (mut fresh, mut old) = (ReluMask::new(), ReluMask::new());
+            let mut y = vec![0.0f32; x.len()];
+            match eval {
+                false => drop(batch_norm_train_relu(v, affine, 1e-5, &mut y, &mut fresh).unwrap()),
+                true => batch_norm_eval_relu(v, fixed, affine, 1e-5, &mut y, Some(&mut fresh)).unwrap(),
+            }
+            reused(&mut old, eval);
+            assert!(
+                old == fresh,
+                "{layout} {shape:?} eval={eval}: the reused mask's bytes differ"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The layer
 // ---------------------------------------------------------------------------------------------
