@@ -102,8 +102,7 @@ pub(crate) fn fixed_backward_where<T: Element>(
         // call (one walk in memory order; its few elements outside the aligned vectors are at
         // the task's ends). Wider rows keep the two steps: the sums read a group of 4 rows at a
         // time, which at 4096 channels are 16 KiB apart, in one set of L1; dx's 4 more lines
-        // there cost more than the second walk saves (NC[256,4096] f32 0.59 -> 0.63 ms with 2
-        // rows per block, 0.88 with 1, 0.79 with 4).
+        // there cost more than the second walk saves (measured: docs/tuning-log.md).
         let takes = match stream {
             true => ew::ScaleRowsAfter::<T, true>::takes(&scale),
             false => ew::ScaleRowsAfter::<T, false>::takes(&scale),
