@@ -953,7 +953,8 @@ impl RowPrefetch {
     pub const OFF: RowPrefetch = RowPrefetch { on: false, line: 8 };
 }
 
-/// Accumulates over `rows` rows, in row order, vectorized across channels: `step(r, c, a, b)`
+/// Accumulates over `rows` rows, in row order, vectorized across channels, tile by tile of
+/// `tile` channels (a multiple of 8; each tile over all rows before the next): `step(r, c, a, b)`
 /// returns the accumulators (a, b) of channels c..c+8 updated with row r, `one(r, c, a, b)` those
 /// of channel c alone; `G` rows at a time per register copy of the accumulators.
 /// With `pf.on`, `ahead(r, c)` (prefetch the line of row r at column c) is called for the next
@@ -965,6 +966,7 @@ impl RowPrefetch {
 fn rows_accumulate2<S: Simd, const G: usize>(
     s: S,
     rows: usize,
+    tile: usize,
     acc_a: &mut [f64],
     acc_b: &mut [f64],
     step: impl Fn(usize, usize, S::V, S::V) -> (S::V, S::V),
@@ -974,9 +976,9 @@ fn rows_accumulate2<S: Simd, const G: usize>(
     after: impl Fn(usize, usize),
 ) {
     if pf.on {
-        rows_accumulate2_with::<S, G, true>(s, rows, acc_a, acc_b, step, one, pf.line, ahead, after);
+        rows_accumulate2_with::<S, G, true>(s, rows, tile, acc_a, acc_b, step, one, pf.line, ahead, after);
     } else {
-        rows_accumulate2_with::<S, G, false>(s, rows, acc_a, acc_b, step, one, pf.line, ahead, after);
+        rows_accumulate2_with::<S, G, false>(s, rows, tile, acc_a, acc_b, step, one, pf.line, ahead, after);
     }
 }
 
@@ -985,6 +987,7 @@ fn rows_accumulate2<S: Simd, const G: usize>(
 fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     s: S,
     rows: usize,
+    tile: usize,
     acc_a: &mut [f64],
     acc_b: &mut [f64],
     step: impl Fn(usize, usize, S::V, S::V) -> (S::V, S::V),
@@ -1001,7 +1004,7 @@ fn rows_accumulate2_with<S: Simd, const G: usize, const PREFETCH: bool>(
     let (pa, pb) = (acc_a.as_mut_ptr(), acc_b.as_mut_ptr());
     let mut t = 0;
     while t < c8 {
-        let te = (t + CHANNEL_TILE).min(c8);
+        let te = (t + tile).min(c8);
         let mut r = 0;
         while r < rows {
             let group = G.min(rows - r);
@@ -1159,6 +1162,7 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
     rows_accumulate2::<S, ROW_GROUP>(
         s,
         n,
+        CHANNEL_TILE,
         mean,
         m2,
         #[inline(always)]
@@ -1305,6 +1309,29 @@ pub(crate) fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>
     u: U,
     e: E,
 ) {
+    rows_grad_sums_tiled(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, set, u, e, CHANNEL_TILE)
+}
+
+/// [`rows_grad_sums_of`] over tiles of `tile` channels (a multiple of 8) instead of
+/// [`CHANNEL_TILE`]: each channel's sum is still taken row by row, in row order, so the tile
+/// changes no bit. A tile of the whole row walks the block in memory order, a group of rows at
+/// a time, with the accumulators of the whole row (16 bytes per channel) read and written once
+/// per group.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_grad_sums_tiled<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
+    s: S,
+    x: &[T],
+    dy: &[T],
+    mean: &[f64],
+    sum_dy: &mut [f64],
+    sum_dy_xmu: &mut [f64],
+    pf: RowPrefetch,
+    set: R,
+    u: U,
+    e: E,
+    tile: usize,
+) {
     let channels = mean.len();
     let rows = x.len() / channels;
     assert!(
@@ -1317,6 +1344,7 @@ pub(crate) fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>
     rows_accumulate2::<S, ROW_GROUP>(
         s,
         set.count(rows),
+        tile,
         sum_dy,
         sum_dy_xmu,
         #[inline(always)]

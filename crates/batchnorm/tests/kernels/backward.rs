@@ -176,7 +176,7 @@ fn eval_backward_matches_finite_differences() {
 /// bit, on 1, 2 and 3 threads, on shapes whose channels-first walk cuts the tensor every way:
 /// rows of planes over several runs of channels, planes longer than a piece, blocks of planes of
 /// fewer than 16 channels; and the rows plan in blocks of either size, and in its one loop
-/// (dx written in the sums' loop: 40, 256 and 64 channels). Each element of dx and
+/// (dx written in the sums' loop: 40, 256, 64 and 1032 channels). Each element of dx and
 /// each sum is one fixed computation, however the pass is cut and whoever computes it.
 #[test]
 fn backward_eval_one_pass_same_bits_on_any_thread_count() {
@@ -199,6 +199,9 @@ fn backward_eval_one_pass_same_bits_on_any_thread_count() {
         // the rows plan's one loop (channels a multiple of 8, at most 256: dx written in the
         // sums' loop) with dx streamed (16 MiB of f32 or more), the last task's 1024 rows short.
         (Layout::NHWC, vec![65, 32, 32, 64]),
+        // the rows plan's one loop over rows wider than a tile of the sums (1032 channels, the
+        // whole row one tile): tasks of 254 rows (a last group of 2), the last task's 46.
+        (Layout::NC, vec![300, 1032]),
     ];
     for ((layout, shape), seed) in shapes.into_iter().zip(3000..) {
         let d = Data::new::<f32>(layout, &shape, seed);

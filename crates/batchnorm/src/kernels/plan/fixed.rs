@@ -8,7 +8,7 @@
 //! (carried from one plane of the piece to the next) and its dx written part by part while the
 //! part is in L1. Walking each channel's planes instead (strided across the tensor, one short
 //! run per plane where planes are small) left the hardware prefetchers little to follow. In
-//! the rows plan, rows of at most 256 channels, a multiple of 8, without mask or ReLU, are one
+//! the rows plan, rows of at most [`ONE_LOOP_CHANNELS`] channels, a multiple of 8, without mask or ReLU, are one
 //! loop over each task's rows: dx is written 8 elements at a time inside the sums' loop, as
 //! their dy is read ([`rows_fixed_backward`]); otherwise each block of rows ([`BLOCK`]) is
 //! summed and then scaled, still in cache. x
@@ -37,6 +37,12 @@ use std::ops::Range;
 /// Elements of a rows-plan block summed and then scaled into dx (64 KiB of `f32`): its x and dy
 /// stay in L2 between the two, with room for the unit's accumulators and output.
 const BLOCK: usize = 2 * super::PIECE;
+
+/// Most channels of the rows plan's one loop ([`rows_fixed_backward`]): its sums walk a task's
+/// rows in memory order, 4 rows at a time across the whole row, with the accumulators of the
+/// whole row (16 bytes per channel, 64 KiB here) read and written once per 4 rows from L2.
+/// Wider rows keep the two steps (sums, then dx, per block of rows).
+const ONE_LOOP_CHANNELS: usize = 4096;
 
 /// Fewest rows of a small rows-plan block (see [`rows_per_block`]): the rows sums take 4 rows
 /// at a time.
@@ -96,18 +102,16 @@ pub(crate) fn fixed_backward_where<T: Element>(
         let pf = prefetch_rows::<T>(g);
         let (chunk, block) = (per_task * c, rows_per_block(g, per_task, stream, pf) * c);
         let scale = RowsScale::new::<T>(pass.k);
-        // Plain (no mask, no ReLU), rows of whole vectors and at most one tile of the sums
-        // (`moments::CHANNEL_TILE`): dx is written inside the sums' loop (see
-        // `rows_fixed_backward`), 8 elements at a time as their dy is read, the task's rows in one
-        // call (one walk in memory order; its few elements outside the aligned vectors are at
-        // the task's ends). Wider rows keep the two steps: the sums read a group of 4 rows at a
-        // time, which at 4096 channels are 16 KiB apart, in one set of L1; dx's 4 more lines
-        // there cost more than the second walk saves (measured: docs/tuning-log.md).
+        // Plain (no mask, no ReLU), rows of whole vectors and at most `ONE_LOOP_CHANNELS`
+        // channels: dx is written inside the sums' loop (see `rows_fixed_backward`), 8 elements
+        // at a time as their dy is read, the task's rows in one call (one walk in memory order,
+        // the sums' tile the whole row; its few elements outside the aligned vectors are at the
+        // task's ends).
         let takes = match stream {
             true => ew::ScaleRowsAfter::<T, true>::takes(&scale),
             false => ew::ScaleRowsAfter::<T, false>::takes(&scale),
         };
-        let fused = mask.is_none() && pass.relu.is_none() && takes && c <= moments::CHANNEL_TILE;
+        let fused = mask.is_none() && pass.relu.is_none() && takes && c <= ONE_LOOP_CHANNELS;
         let block = if fused { chunk } else { block };
         let backs = relu::Backward::split(pass.relu, chunk, x.len());
         // Each task's (Σ dy, Σ dy(x − m)) goes to its own part of one buffer of the calling thread.
@@ -432,7 +436,11 @@ fn one_loop<S: Simd, T: Element, const STREAM: bool>(
         return false;
     };
     // (ScaleRowsAfter takes channels of whole vectors only, as the epilogue needs.)
-    moments::rows_grad_sums_of(s, x, dy, mean, s1, s2, pf, AllRows, Plain, after);
+    // The whole row is one tile, so that the block is walked in memory order: tiles of
+    // `moments::CHANNEL_TILE` would jump from row to row every KiB (slower where measured, see
+    // docs/tuning-log.md).
+    let tile = mean.len();
+    moments::rows_grad_sums_tiled(s, x, dy, mean, s1, s2, pf, AllRows, Plain, after, tile);
     after.finish();
     true
 }
@@ -468,7 +476,7 @@ mod tests {
     /// and the portable one. Outputs start as NaN, so an element left unwritten fails.
     fn one_pass_agrees<T: Element>() {
         let size = std::mem::size_of::<T>();
-        for (channels, rows) in [(8, 1), (8, 13), (64, 7), (256, 9), (24, 4)] {
+        for (channels, rows) in [(8, 1), (8, 13), (64, 7), (256, 9), (24, 4), (1032, 6), (4096, 5)] {
             let n = rows * channels;
             let (x, dy) = (data::<T>(n, channels as u64), data::<T>(n, 7));
             let mean: Vec<f64> = (0..channels).map(|c| 0.1 * c as f64 - 1.0).collect();
