@@ -169,6 +169,22 @@ fn map_range<T>(
     map_range_with(out, start, end, first_c, cycle, stream, &mut put, &mut one)
 }
 
+/// The element at which [`map_range`] over `start..end` of `out` makes its first call of `put`
+/// (`end` or beyond when it makes none): `start`, or with `stream` the first element at a
+/// [`STREAM_ALIGN`] boundary from `start` on (capped at `end`). Its calls of `put` are at this
+/// element and every 8 after it.
+#[inline(always)]
+fn first_put<T>(out: *mut T, start: usize, end: usize, stream: bool) -> usize {
+    if !stream {
+        return start;
+    }
+    let size = std::mem::size_of::<T>();
+    let misalign = out.wrapping_add(start) as usize % STREAM_ALIGN;
+    // A `T`-aligned address is a whole number of elements away from the next boundary.
+    debug_assert!(misalign.is_multiple_of(size));
+    (start + ((STREAM_ALIGN - misalign) % STREAM_ALIGN) / size).min(end)
+}
+
 /// [`map_range`] with the closures borrowed. They are called directly (`(*put)(…)`), not through
 /// the `FnMut` impl of `&mut F`: the closures are `#[inline(always)]`, so they do not take the
 /// target features (AVX2) of the function that defines them, and must be inlined into it.
@@ -192,12 +208,8 @@ fn map_range_with<T, P: FnMut(usize, usize, bool), O: FnMut(usize, usize)>(
             *c -= cycle;
         }
     }
-    let size = std::mem::size_of::<T>();
-    let misalign = out.wrapping_add(start) as usize % STREAM_ALIGN;
-    // A `T`-aligned address is a whole number of elements away from the next boundary.
-    debug_assert!(misalign.is_multiple_of(size));
     if stream {
-        let head = (start + ((STREAM_ALIGN - misalign) % STREAM_ALIGN) / size).min(end);
+        let head = first_put(out, start, end, stream);
         while i < head {
             (*one)(i, c);
             i += 1;
@@ -385,6 +397,45 @@ pub(super) fn normalize_plane_kept_impl<S: Simd, T: Element>(
     keep: BitsAt<'_>,
 ) {
     assert_eq!(x.len(), y.len());
+    let n = y.len();
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let first = first_put(yp, 0, n, stream);
+    // Every 8-element step's bits: 4 bytes from the byte of its first element, which lie in the
+    // buffer (checked here for the last step); each step's bits start at the same place in
+    // their byte, so the selects' shifts are made once.
+    let (byte, offset) = keep.byte_of(first);
+    let steps_fit = n < first + 8 || keep.byte_of(n - 8).0 + 4 <= keep.bytes().len();
+    if let (true, true, Some(a)) = (narrow::<T>(), steps_fit, NarrowAffine::new(a)) {
+        let (mv, sv, bv) = (s.fsplat(a.mean_hi), s.fsplat(a.scale), s.fsplat(a.shift));
+        let (sel, bits) = (s.sel_at(offset), keep.bytes().as_ptr().wrapping_add(byte));
+        map_range(
+            yp,
+            0,
+            n,
+            0,
+            usize::MAX,
+            stream,
+            // SAFETY: i + 8 <= n = x.len() = y.len(), i = first + 8·k, so the byte of element i
+            // is `byte + k` and its 4 bytes lie in the bits (`steps_fit`).
+            #[inline(always)]
+            |i, _, stream| unsafe {
+                let v = s.fmadd(s.fsub(s.fload(xp.add(i)), mv), sv, bv);
+                let v = s.fgate_at(sel, bits.add((i - first) / 8), v);
+                put_narrow(s, yp.add(i), v, stream)
+            },
+            // SAFETY: i < n, for which `keep` was made.
+            #[inline(always)]
+            |i, _| unsafe {
+                let v = if keep.get1(i) {
+                    a.apply((*xp.add(i)).to_f32())
+                } else {
+                    0.0
+                };
+                *yp.add(i) = T::from_f32(v)
+            },
+        );
+        return;
+    }
     normalize_plane_with(s, x, y, a, stream, Gated::new(keep))
 }
 

@@ -103,6 +103,76 @@ fn prefetch_step<T>(p: *const T, i: usize) {
     }
 }
 
+/// The lines of a run of `len` elements that the steps of a loop over `steps` elements prefetch
+/// (the loop takes fewer elements than the run has, e.g. a part's packed values): the step at
+/// element i of `step` elements those lines that start in elements
+/// `i·len/steps..(i + step)·len/steps`, the last whole step all up to `len`, so that the steps
+/// prefetch each line of the run once and no line beyond it.
+#[derive(Clone, Copy)]
+struct Share {
+    len: usize,
+    steps: usize,
+    /// len / steps in 32.32 fixed point.
+    scale: u64,
+}
+
+impl Share {
+    #[inline(always)]
+    fn new(len: usize, steps: usize) -> Share {
+        Share {
+            len,
+            steps,
+            scale: if len == 0 {
+                0
+            } else {
+                ((len as u64) << 32) / steps.max(1) as u64
+            },
+        }
+    }
+
+    /// The share of the step of `step` elements at element `i` (the steps are at 0, `step`,
+    /// 2·`step`, … while a whole step remains): the multiples of `line` in the returned range
+    /// are the run's elements whose lines it prefetches; and whether it is the last step, which
+    /// also takes the line of element `len − 1` (the run need not start on a line).
+    #[inline(always)]
+    fn lines(self, i: usize, step: usize, line: usize) -> (std::ops::Range<usize>, bool) {
+        let at = |i: usize| ((i as u64 * self.scale) >> 32) as usize;
+        let last = i + 2 * step > self.steps;
+        let end = if last { self.len } else { at(i + step).min(self.len) };
+        (at(i).next_multiple_of(line)..end, last)
+    }
+
+    /// Prefetches the share ([`Share::lines`]) of the step of `step` elements at element `i` of
+    /// the run at `p` (null: nothing).
+    #[inline(always)]
+    fn prefetch<T>(self, p: *const T, i: usize, step: usize) {
+        let line = (64 / std::mem::size_of::<T>()).max(1);
+        if p.is_null() {
+            return;
+        }
+        let (lines, last) = self.lines(i, step, line);
+        let mut e = lines.start;
+        while e < lines.end {
+            prefetch_line(p.wrapping_add(e));
+            e += line;
+        }
+        if last && self.len > 0 {
+            prefetch_line(p.wrapping_add(self.len - 1));
+        }
+    }
+}
+
+/// How many of the `len` elements of the next piece's part the packing pass of a long part
+/// with gaps prefetches: the first half, in whole lines of `T`; the centered pass prefetches
+/// the rest. Both passes then keep memory busy (the centered pass alone, over half as many
+/// values as the part has, asked for the whole part in a burst that stalled it while memory
+/// idled under the packing).
+#[inline(always)]
+fn pack_share<T>(len: usize) -> usize {
+    let line = (64 / std::mem::size_of::<T>()).max(1);
+    (len / 2) / line * line
+}
+
 /// Prefetches the cache line holding `p`.
 #[inline(always)]
 fn prefetch_line<T>(p: *const T) {
@@ -135,10 +205,17 @@ fn prefetch_line_to<const L2: bool, T>(p: *const T) {
 }
 
 impl Runs {
+    /// Whether the runs are longer than [`PREFETCH_BYTES`] (short runs have the next run
+    /// prefetched while they are read, [`Runs::prefetch_next`]).
+    #[inline(always)]
+    fn long<T>(&self) -> bool {
+        self.len * std::mem::size_of::<T>() > PREFETCH_BYTES
+    }
+
     /// Prefetches run `k + 1` when runs are short.
     #[inline(always)]
     fn prefetch_next<T>(&self, base: *const T, k: usize) {
-        if k + 1 < self.count && self.len * std::mem::size_of::<T>() <= PREFETCH_BYTES {
+        if k + 1 < self.count && !self.long::<T>() {
             prefetch(base.wrapping_add(self.first + (k + 1) * self.stride), self.len);
         }
     }
@@ -513,19 +590,28 @@ unsafe fn run_sum<S: Simd, T: Element>(s: S, p: *const T, n: usize, acc: &mut (S
 }
 
 /// Copies the elements of the run of `n` elements at `p` whose bits (`bits`, the run's first
-/// element first) are set to `out`, in order; returns their number.
+/// element first) are set to `out`, in order; returns their number. `ahead(i)` is called once per
+/// 56-element step (to prefetch what a later run reads; it must not change the result).
 ///
 /// # Safety
 /// `p` must be valid for reading `n` elements, `out` for writing `n`, and `bits` must hold the
 /// run's `n` elements.
 #[inline(always)]
-unsafe fn pack_run<S: Simd, T: Element>(s: S, p: *const T, n: usize, bits: SpanBits, out: *mut T) -> usize {
+unsafe fn pack_run<S: Simd, T: Element>(
+    s: S,
+    p: *const T,
+    n: usize,
+    bits: SpanBits,
+    out: *mut T,
+    ahead: impl Fn(usize),
+) -> usize {
     let (mut i, mut k) = (0, 0);
     // SAFETY: reads of elements i..i + 8 ≤ n or i < n of the run, and of the bits of elements
     // i < n; k ≤ i, so the writes of out[k..k + 8] (k + 8 ≤ i + 8 ≤ n) and out[k] lie inside
     // `out` (caller's contract).
     unsafe {
         while i + 56 <= n {
+            ahead(i);
             let word = bits.get56(i);
             for g in 0..7 {
                 k += s.pack8(p.add(i + 8 * g), (word >> (8 * g)) as u8, out.add(k));
@@ -624,7 +710,23 @@ unsafe fn runs_sum<S: Simd, T: Element>(
                         count += n;
                     }
                     Some(bits) => {
-                        let kept = pack_run(s, p, n, bits, out.add(at));
+                        // Long runs: the packing prefetches the first share of the next piece's
+                        // part, the centered pass the rest (see `pack_share`); short runs have
+                        // their next run prefetched whole (`prefetch_next`).
+                        let kept = if runs.long::<T>() {
+                            let (ahead, share) = (runs.ahead(x, k, r.start), Share::new(pack_share::<T>(n), n));
+                            pack_run(
+                                s,
+                                p,
+                                n,
+                                bits,
+                                out.add(at),
+                                #[inline(always)]
+                                |i| share.prefetch(ahead, i, 56),
+                            )
+                        } else {
+                            pack_run(s, p, n, bits, out.add(at), |_| {})
+                        };
                         run_sum(s, out.add(at), kept, &mut acc);
                         packed.push(kept);
                         (count, at) = (count + kept, at + kept);
@@ -717,21 +819,38 @@ unsafe fn runs_centered<S: Simd, T: Element>(
                     Some(_) => {
                         let n = *lens.next().expect("a part packed by the sums") as usize;
                         // The part's steps cover its packed elements, fewer than its own: each
-                        // prefetches `ratio` steps of the next piece's part.
-                        let ratio = r.len().div_ceil(n.max(1));
-                        run_centered(
-                            s,
-                            out.add(at),
-                            n,
-                            m,
-                            &mut acc,
-                            #[inline(always)]
-                            |i| {
-                                for j in 0..ratio {
-                                    prefetch_step(ahead, ratio * i + 16 * j)
-                                }
-                            },
-                        );
+                        // prefetches its share of what the packing left of the next piece's
+                        // part (see `Share`); in short runs, `ratio` steps of that part (which
+                        // may reach past it: its plane is followed by the next channel's, read
+                        // soon after while the tensor is small).
+                        if runs.long::<T>() {
+                            let first = pack_share::<T>(r.len());
+                            let (share, ahead) = (Share::new(r.len() - first, n), ahead.wrapping_add(first));
+                            run_centered(
+                                s,
+                                out.add(at),
+                                n,
+                                m,
+                                &mut acc,
+                                #[inline(always)]
+                                |i| share.prefetch(ahead, i, 16),
+                            );
+                        } else {
+                            let ratio = r.len().div_ceil(n.max(1));
+                            run_centered(
+                                s,
+                                out.add(at),
+                                n,
+                                m,
+                                &mut acc,
+                                #[inline(always)]
+                                |i| {
+                                    for j in 0..ratio {
+                                        prefetch_step(ahead, ratio * i + 16 * j)
+                                    }
+                                },
+                            );
+                        }
                         at += n;
                     }
                 }
@@ -1412,4 +1531,37 @@ simd_dispatch! {
         x: &[T], dy: &[T], mask: Option<&[bool]>, mean: &[f64], sum_dy: &mut [f64], sum_dy_xmu: &mut [f64],
         pf: RowPrefetch, relu: Option<BitsAt>
     ) => rows_grad_sums_impl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Share;
+
+    /// The steps of a loop over `steps` ≥ `step` elements (`step` a step, as the loops call
+    /// them) take each line start of a run of `len` elements once, in order, none at or beyond
+    /// `len`, and exactly one step is the last.
+    #[test]
+    fn shares_cover_each_line_once() {
+        for len in [0usize, 1, 15, 16, 17, 100, 196, 3136, 4000, 8192] {
+            for steps in [16usize, 17, 55, 56, 57, 98, 100, 1568, 1600, 4100, 8192] {
+                for (step, line) in [(16, 16), (56, 16), (16, 8), (56, 32)] {
+                    if steps < step {
+                        // No whole step: the loop prefetches nothing.
+                        continue;
+                    }
+                    let share = Share::new(len, steps);
+                    let (mut starts, mut lasts, mut i) = (Vec::new(), 0, 0);
+                    while i + step <= steps {
+                        let (range, last) = share.lines(i, step, line);
+                        starts.extend(range.step_by(line));
+                        lasts += last as usize;
+                        i += step;
+                    }
+                    let want: Vec<usize> = (0..len).step_by(line).collect();
+                    assert_eq!(starts, want, "len {len}, steps {steps}, step {step}, line {line}");
+                    assert_eq!(lasts, 1, "len {len}, steps {steps}, step {step}");
+                }
+            }
+        }
+    }
 }

@@ -94,7 +94,7 @@ pub(crate) struct BitsAt<'a> {
     first: usize,
 }
 
-impl BitsAt<'_> {
+impl<'a> BitsAt<'a> {
     /// Bits of elements i..i + 8, element i as bit 0.
     ///
     /// # Safety
@@ -108,6 +108,19 @@ impl BitsAt<'_> {
             (*p, *p.add(1))
         };
         (u16::from_le_bytes([lo, hi]) >> (b % 8)) as u8
+    }
+
+    /// The byte that holds element i's bit and the bit's place in it: `(byte, offset)`, the
+    /// byte counted from the buffer's start.
+    #[inline(always)]
+    pub fn byte_of(self, i: usize) -> (usize, usize) {
+        ((self.first + i) / 8, (self.first + i) % 8)
+    }
+
+    /// The buffer's bytes, to read where [`BitsAt::byte_of`] says.
+    #[inline(always)]
+    pub fn bytes(self) -> &'a [u8] {
+        self.bytes
     }
 
     /// Bit of element i.

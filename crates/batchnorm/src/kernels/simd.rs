@@ -71,6 +71,18 @@ pub(crate) trait Simd: Copy {
     fn frelu(self, v: Self::F) -> (Self::F, u8);
     /// [`Simd::gate`] of 8 `f32` lanes.
     fn fgate(self, bits: u8, v: Self::F) -> Self::F;
+    /// The loop invariant of [`Simd::fgate_at`] for bits that start at bit `offset` (< 8) of
+    /// the byte read.
+    type Sel: Copy;
+    /// [`Simd::fgate_at`]'s invariant for bits from bit `offset` < 8 of their first byte on.
+    fn sel_at(self, offset: usize) -> Self::Sel;
+    /// [`Simd::fgate`] of `v` by the 8 bits from bit `offset` of the byte at `p` on (`sel` made
+    /// by [`Simd::sel_at`] for `offset`): the 4 bytes from `p` read at once and each lane's bit
+    /// shifted into its sign, so that a loop over consecutive bytes selects without scalar work.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 4 bytes.
+    unsafe fn fgate_at(self, sel: Self::Sel, p: *const u8, v: Self::F) -> Self::F;
     /// Loads 8 elements of a type that takes the `f32` path (`f32`, `bf16`, `f16`; see
     /// [`narrow`]) from `p` (no alignment needed), widened to `f32` exactly.
     ///
@@ -283,6 +295,18 @@ impl Simd for Scalar {
     #[inline(always)]
     fn fgate(self, bits: u8, v: Self::F) -> Self::F {
         std::array::from_fn(|l| if bits >> l & 1 == 1 { v[l] } else { 0.0 })
+    }
+    type Sel = usize;
+    #[inline(always)]
+    fn sel_at(self, offset: usize) -> usize {
+        debug_assert!(offset < 8);
+        offset
+    }
+    #[inline(always)]
+    unsafe fn fgate_at(self, sel: usize, p: *const u8, v: Self::F) -> Self::F {
+        // SAFETY: 4 readable bytes (caller's contract).
+        let word = u32::from_le(unsafe { (p as *const u32).read_unaligned() });
+        self.fgate((word >> sel) as u8, v)
     }
     #[inline(always)]
     unsafe fn fload<T: Element>(self, p: *const T) -> Self::F {
@@ -599,6 +623,23 @@ mod x86 {
                 let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
                 let m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits as i32), lanes), lanes);
                 _mm256_and_ps(_mm256_castsi256_ps(m), v)
+            }
+        }
+        /// Lane l's shift that puts bit `offset + l` of the 32 read into its sign.
+        type Sel = __m256i;
+        #[inline(always)]
+        fn sel_at(self, offset: usize) -> __m256i {
+            debug_assert!(offset < 8);
+            let o = offset as i32;
+            unsafe { _mm256_sub_epi32(_mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_set1_epi32(o)) }
+        }
+        #[inline(always)]
+        unsafe fn fgate_at(self, sel: __m256i, p: *const u8, v: Self::F) -> Self::F {
+            unsafe {
+                // One broadcast load; each lane's bit in its sign, which the blend reads.
+                let word = _mm256_set1_epi32((p as *const i32).read_unaligned());
+                let m = _mm256_sllv_epi32(word, sel);
+                _mm256_blendv_ps(_mm256_setzero_ps(), v, _mm256_castsi256_ps(m))
             }
         }
         #[inline(always)]
@@ -1248,5 +1289,113 @@ mod tests {
     #[test]
     fn conversions_agree_f16() {
         conversions_agree::<half::f16>();
+    }
+
+    /// `fgate_at` on both backends at every bit offset, over words with every lane pattern
+    /// around the offset: the lanes whose bit is set as they are (a NaN and −0.0 among them),
+    /// +0.0 in the others, bit for bit.
+    #[test]
+    fn fgate_at_selects_by_the_bits_from_the_offset() {
+        fn lanes<S: super::Simd>(s: S, v: S::F) -> [u32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: 8 elements.
+            unsafe { s.fstore(out.as_mut_ptr(), v) };
+            out.map(f32::to_bits)
+        }
+        fn check<S: super::Simd>(s: S, name: &str) {
+            let values = [1.5f32, f32::NAN, -0.0, -2.25, f32::INFINITY, 3.0, -7.5, 1e-3];
+            // SAFETY: 8 elements.
+            let v = unsafe { s.fload(values.as_ptr()) };
+            let mut next = 0x9e37_79b9_7f4a_7c15u64;
+            for offset in 0..8 {
+                for k in 0..600u32 {
+                    next ^= next << 13;
+                    next ^= next >> 7;
+                    next ^= next << 17;
+                    // Every pattern of the 8 bits read, the other bits random.
+                    let word = (next as u32 & !(0xff << offset)) | (k % 256) << offset;
+                    let bytes = [word.to_le_bytes(), [0xa5; 4]].concat();
+                    // SAFETY: 4 bytes from the first.
+                    let got = lanes(s, unsafe { s.fgate_at(s.sel_at(offset), bytes.as_ptr(), v) });
+                    let want: [u32; 8] = std::array::from_fn(|l| {
+                        if word >> (offset + l) & 1 == 1 {
+                            values[l].to_bits()
+                        } else {
+                            0
+                        }
+                    });
+                    assert_eq!(got, want, "{name}, offset {offset}, word {word:#034b}");
+                }
+            }
+        }
+        check(super::Scalar, "scalar");
+        if super::has_avx2() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+            check(unsafe { super::Avx2::new_unchecked() }, "avx2");
+        }
+    }
+
+    /// `normalize_plane_kept` (dispatched, and the portable backend) against `normalize_plane`
+    /// then +0.0 where the bits are off, bit for bit: x and y at every start modulo 8 elements
+    /// (so that the streamed stores start at every place in a byte of the bits), the bits at
+    /// every offset, lengths around the 8-element steps; x holds NaN where the bits are off.
+    fn normalize_plane_kept_selects<T: Element>() {
+        let a = WideAffine {
+            mean: 1e3 + 1.0 / 3.0,
+            scale: 0.7,
+            shift: 0.1,
+        };
+        for n in [1usize, 7, 8, 9, 31, 64, 100, 203] {
+            for start in 0..8 {
+                for (bit0, spare) in [0usize, 3, 7].into_iter().flat_map(|b| [(b, 0), (b, 4)]) {
+                    // With no spare bytes beyond the one `MaskBits` needs, the last steps' 4
+                    // bytes do not fit and the kernel takes its fallback.
+                    let (mut mask, layout) = bits(bit0 + n, (start + n) as u64);
+                    mask.extend(std::iter::repeat_n(0xa5, spare));
+                    let on = |i: usize| mask[(bit0 + i) / 8] >> ((bit0 + i) % 8) & 1 == 1;
+                    let mut x = data::<T>(start + n, n as u64 + 5);
+                    for i in 0..n {
+                        if !on(i) {
+                            x[start + i] = T::from_f64(f64::NAN);
+                        }
+                    }
+                    let x = &x[start..];
+                    let mut want = vec![T::from_f64(0.0); start + n];
+                    ew::normalize_plane(x, &mut want[start..], a, false, None);
+                    for (i, w) in want[start..].iter_mut().enumerate() {
+                        if !on(i) {
+                            *w = T::from_f64(0.0);
+                        }
+                    }
+                    for stream in [false, true] {
+                        for portable in [false, true] {
+                            let mut y = vec![T::from_f64(-1.0); start + n];
+                            let keep = MaskBits { bytes: &mask, layout }.at(bit0, n);
+                            match portable {
+                                false => ew::normalize_plane_kept(x, &mut y[start..], a, stream, keep),
+                                true => {
+                                    ew::normalize_plane_kept_impl(super::Scalar, x, &mut y[start..], a, stream, keep)
+                                }
+                            }
+                            let bits_of = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits_of(&y[start..]),
+                                bits_of(&want[start..]),
+                                "{} n {n} start {start} bit {bit0} spare {spare} stream {stream} portable {portable}",
+                                T::NAME
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normalize_plane_kept_selects_each_type() {
+        normalize_plane_kept_selects::<f32>();
+        normalize_plane_kept_selects::<f64>();
+        normalize_plane_kept_selects::<half::bf16>();
+        normalize_plane_kept_selects::<half::f16>();
     }
 }

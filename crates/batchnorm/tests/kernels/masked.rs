@@ -233,8 +233,8 @@ fn masked_on_chunking_shapes() {
 }
 
 /// Shapes whose outputs are written with streaming stores (y of 16 MiB and more; dx when x, dy
-/// and dx together overflow the 32 MiB the plans assume), padded masks: the stretches that are
-/// off are then zeroed with streaming stores too. Outputs start as NaN, so an element the
+/// and dx together overflow the 32 MiB the plans assume), padded masks (the stretches that are
+/// off are then zeroed with streaming stores too) and scattered ones. Outputs start as NaN, so an element the
 /// passes skip fails `assert_zero_where_off` or the comparison with the reference.
 #[test]
 fn masked_with_streamed_outputs() {
@@ -245,6 +245,8 @@ fn masked_with_streamed_outputs() {
     for (i, (layout, shape)) in shapes.into_iter().enumerate() {
         assert!(shape.iter().product::<usize>() * 4 >= 16 << 20);
         check_masked::<f32>(layout, &shape, 900 + i as u64, true, 1e-5, MaskKind::Padded);
+        // Scattered: spans with gaps, selected lane by lane under streamed stores.
+        check_masked::<f32>(layout, &shape, 910 + i as u64, true, 1e-5, MaskKind::Random(0.5));
     }
 }
 
@@ -477,6 +479,8 @@ fn masked_values_never_leak() {
         let seed = 900 + 10 * i as u64;
         check_no_leak::<f32>(layout, &shape, seed, MaskKind::Padded);
         check_no_leak::<f64>(layout, &shape, seed, MaskKind::Random(0.5));
+        // Scattered: f32 takes the narrow kernels' lane selects, f64 the wide ones.
+        check_no_leak::<f32>(layout, &shape, seed + 5, MaskKind::Random(0.5));
     }
 }
 
