@@ -25,6 +25,7 @@ use super::moments::RowsEpilogue;
 use super::relu::{with_epilogue, with_upstream, Act, Back, BitsAt, ElementMap, Gated, Plain};
 use super::scratch::{Pooled, Scratch};
 use super::simd::{narrow, simd_dispatch, Simd, STREAM_ALIGN};
+use crate::element::Kind;
 use crate::Element;
 
 /// Rows wider than this many channels are processed in column tiles of this many channels, all
@@ -166,16 +167,48 @@ fn map_range<T>(
     mut put: impl FnMut(usize, usize, bool),
     mut one: impl FnMut(usize, usize),
 ) {
-    map_range_with(out, start, end, first_c, cycle, stream, &mut put, &mut one)
+    map_range_with::<T, _, _, 8>(out, start, end, first_c, cycle, stream, &mut put, &mut one)
 }
 
-/// The element at which [`map_range`] over `start..end` of `out` makes its first call of `put`
-/// (`end` or beyond when it makes none): `start`, or with `stream` the first element at a
-/// [`STREAM_ALIGN`] boundary from `start` on (capped at `end`). Its calls of `put` are at this
-/// element and every 8 after it.
+/// Ranges of at least this many elements taken in steps of [`STREAM_ALIGN`] bytes start their
+/// steps at an aligned output (the elements before it one by one); shorter ones (the planes of
+/// small images) would spend more on those elements than the aligned steps save.
+const ALIGN_STEPS_FROM: usize = 512;
+
+/// [`map_range`] with steps of `STEP` elements: `put(i, c, stream)` covers elements
+/// i..i + `STEP` (the kernels that take 16 `bf16` a step, see [`Simd::fload_pair`]). With
+/// `stream`, every `put` starts at a [`STREAM_ALIGN`] boundary of `out + i`, as `STEP`·size
+/// is a multiple of it or divides it.
 #[inline(always)]
-fn first_put<T>(out: *mut T, start: usize, end: usize, stream: bool) -> usize {
-    if !stream {
+#[allow(clippy::too_many_arguments)]
+fn map_range_by<T, const STEP: usize>(
+    out: *mut T,
+    start: usize,
+    end: usize,
+    first_c: usize,
+    cycle: usize,
+    stream: bool,
+    mut put: impl FnMut(usize, usize, bool),
+    mut one: impl FnMut(usize, usize),
+) {
+    map_range_with::<T, _, _, STEP>(out, start, end, first_c, cycle, stream, &mut put, &mut one)
+}
+
+/// Whether [`map_range_with`] in steps of `STEP` elements over `start..end` starts its steps at
+/// a [`STREAM_ALIGN`] boundary even when it does not stream: steps of 32 bytes or more on long
+/// ranges, where an unaligned 32-byte access would cross a cache line every other step.
+#[inline(always)]
+fn aligns_wide_steps<T, const STEP: usize>(start: usize, end: usize) -> bool {
+    STEP * std::mem::size_of::<T>() >= STREAM_ALIGN && end - start >= ALIGN_STEPS_FROM
+}
+
+/// The element at which [`map_range_with`] in steps of `STEP` over `start..end` of `out` makes
+/// its first call of `put` (`end` or beyond when it makes none): `start`, or, with `stream` or
+/// where [`aligns_wide_steps`], the first element at a [`STREAM_ALIGN`] boundary from `start`
+/// on (capped at `end`). Its calls of `put` are at this element and every `STEP` after it.
+#[inline(always)]
+fn first_put<T, const STEP: usize>(out: *mut T, start: usize, end: usize, stream: bool) -> usize {
+    if !stream && !aligns_wide_steps::<T, STEP>(start, end) {
         return start;
     }
     let size = std::mem::size_of::<T>();
@@ -190,7 +223,7 @@ fn first_put<T>(out: *mut T, start: usize, end: usize, stream: bool) -> usize {
 /// target features (AVX2) of the function that defines them, and must be inlined into it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn map_range_with<T, P: FnMut(usize, usize, bool), O: FnMut(usize, usize)>(
+fn map_range_with<T, P: FnMut(usize, usize, bool), O: FnMut(usize, usize), const STEP: usize>(
     out: *mut T,
     start: usize,
     end: usize,
@@ -208,26 +241,24 @@ fn map_range_with<T, P: FnMut(usize, usize, bool), O: FnMut(usize, usize)>(
             *c -= cycle;
         }
     }
-    if stream {
-        let head = first_put(out, start, end, stream);
-        while i < head {
-            (*one)(i, c);
-            i += 1;
-            advance(&mut c, 1, cycle);
-        }
+    let head = first_put::<T, STEP>(out, start, end, stream);
+    while i < head {
+        (*one)(i, c);
+        i += 1;
+        advance(&mut c, 1, cycle);
     }
     // One loop for each value of `stream`, so that it is a constant in `put`'s body.
     if stream {
-        while i + 8 <= end {
+        while i + STEP <= end {
             (*put)(i, c, true);
-            i += 8;
-            advance(&mut c, 8, cycle);
+            i += STEP;
+            advance(&mut c, STEP, cycle);
         }
     } else {
-        while i + 8 <= end {
+        while i + STEP <= end {
             (*put)(i, c, false);
-            i += 8;
-            advance(&mut c, 8, cycle);
+            i += STEP;
+            advance(&mut c, STEP, cycle);
         }
     }
     while i < end {
@@ -262,7 +293,7 @@ fn map_rows<T>(
             } else {
                 (0, len)
             };
-            map_range_with(out, start, end, t, channels, stream, &mut put, &mut one);
+            map_range_with::<T, _, _, 8>(out, start, end, t, channels, stream, &mut put, &mut one);
         }
         if !tiled || te == channels {
             return;
@@ -302,6 +333,16 @@ unsafe fn put_narrow<S: Simd, T: Element>(s: S, p: *mut T, v: S::F, stream: bool
             s.fstore(p, v)
         }
     }
+}
+
+/// Whether a narrow kernel over `T` with the epilogue `E` takes 16 elements a step through
+/// [`Simd::fload_pair`] / [`Simd::fput_pair`]: `bf16` on a backend where that costs less
+/// ([`Simd::BF16_PAIRS`]), plain batch norm (lanes in any order, see [`ElementMap::PLAIN`]).
+/// Every element gets the same `f32` operations and the same one rounding either way, so this
+/// changes no bit. Folds to a constant.
+#[inline(always)]
+fn takes_pairs<S: Simd, T: Element, E: ElementMap<T>>() -> bool {
+    S::BF16_PAIRS && T::KIND == Kind::Bf16 && E::PLAIN
 }
 
 /// [`put_narrow`] of `e`'s output: without rounding again where `e`'s outputs are values of `T`
@@ -347,6 +388,28 @@ fn normalize_plane_with<S: Simd, T: Element, E: ElementMap<T>>(
     if let (true, Some(a)) = (narrow::<T>(), NarrowAffine::new(a)) {
         let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
         let (mv, sv, bv) = (s.fsplat(a.mean_hi), s.fsplat(a.scale), s.fsplat(a.shift));
+        if takes_pairs::<S, T, E>() {
+            map_range_by::<T, 16>(
+                yp,
+                0,
+                n,
+                0,
+                usize::MAX,
+                stream,
+                // SAFETY: i + 16 <= n = x.len() = y.len().
+                #[inline(always)]
+                |i, _, stream| unsafe {
+                    let (xe, xo) = s.fload_pair(xp.add(i));
+                    let ye = s.fmadd(s.fsub(xe, mv), sv, bv);
+                    let yo = s.fmadd(s.fsub(xo, mv), sv, bv);
+                    s.fput_pair(yp.add(i), ye, yo, stream)
+                },
+                // SAFETY: i < n.
+                #[inline(always)]
+                |i, _| unsafe { *yp.add(i) = T::from_f32(e.narrow1(i, a.apply((*xp.add(i)).to_f32()))) },
+            );
+            return;
+        }
         map_range(
             yp,
             0,
@@ -399,7 +462,7 @@ pub(super) fn normalize_plane_kept_impl<S: Simd, T: Element>(
     assert_eq!(x.len(), y.len());
     let n = y.len();
     let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-    let first = first_put(yp, 0, n, stream);
+    let first = first_put::<T, 8>(yp, 0, n, stream);
     // Every 8-element step's bits: 4 bytes from the byte of its first element, which lie in the
     // buffer (checked here for the last step); each step's bits start at the same place in
     // their byte, so the selects' shifts are made once.
@@ -785,6 +848,31 @@ fn dx_plane_with<S: Simd, T: Element, U: ElementMap<T>, O: ElementMap<T>>(
     if let (true, Some(c)) = (narrow::<T>(), NarrowDx::new(c)) {
         let (xp, gp, op) = (x.as_ptr(), dy.as_ptr(), dx.as_mut_ptr());
         let (mv, kv, kbv, c0v) = (s.fsplat(c.mean_hi), s.fsplat(c.k), s.fsplat(c.kb), s.fsplat(c.c0));
+        if takes_pairs::<S, T, U>() && O::PLAIN {
+            map_range_by::<T, 16>(
+                op,
+                0,
+                n,
+                0,
+                usize::MAX,
+                stream,
+                // SAFETY: i + 16 <= n, the length of all three buffers.
+                #[inline(always)]
+                |i, _, stream| unsafe {
+                    let ((xe, xo), (ge, go)) = (s.fload_pair(xp.add(i)), s.fload_pair(gp.add(i)));
+                    let ve = s.fnmadd(s.fsub(xe, mv), kbv, s.fmadd(ge, kv, c0v));
+                    let vo = s.fnmadd(s.fsub(xo, mv), kbv, s.fmadd(go, kv, c0v));
+                    s.fput_pair(op.add(i), ve, vo, stream)
+                },
+                // SAFETY: i < n.
+                #[inline(always)]
+                |i, _| unsafe {
+                    let g = u.narrow1(i, (*gp.add(i)).to_f32());
+                    *op.add(i) = T::from_f32(o.narrow1(i, c.apply((*xp.add(i)).to_f32(), g)))
+                },
+            );
+            return;
+        }
         map_range(
             op,
             0,

@@ -367,6 +367,9 @@ pub(crate) struct Act<'a, T> {
 pub(crate) trait ElementMap<T: Element>: Copy {
     /// Whether [`ElementMap::narrow8`] returns values of `T` (so a store need not round them).
     const EXACT: bool = false;
+    /// Whether every method returns its value as it is (plain batch norm): then a kernel may
+    /// compute its lanes in any order (see `Simd::fload_pair`).
+    const PLAIN: bool = false;
     /// Of elements i..i + 8, as `f32` lanes (the `f32` path: `f32`, `bf16`, `f16` tensors).
     #[inline(always)]
     unsafe fn narrow8<S: Simd>(self, _: S, _i: usize, v: S::F) -> S::F {
@@ -393,7 +396,9 @@ pub(crate) trait ElementMap<T: Element>: Copy {
 #[derive(Clone, Copy)]
 pub(crate) struct Plain;
 
-impl<T: Element> ElementMap<T> for Plain {}
+impl<T: Element> ElementMap<T> for Plain {
+    const PLAIN: bool = true;
+}
 
 /// Fused: relu(v + z) with the residual `z` when `ADD`, relu(v) otherwise, each operation in the
 /// element type; its mask bit written when `BITS`.

@@ -119,6 +119,25 @@ pub(crate) trait Simd: Copy {
     /// a store to `T` would keep.
     fn fround<T: Element>(self, v: Self::F) -> Self::F;
 
+    /// Whether [`Simd::fload_pair`] and [`Simd::fput_pair`] of `bf16` cost less than two 8-lane
+    /// loads and stores (the AVX2 backend: no shuffle at all), so that kernels take 16 `bf16`
+    /// elements a step that way.
+    const BF16_PAIRS: bool = false;
+    /// Loads 16 elements of a type that takes the `f32` path from `p`, widened to `f32` exactly,
+    /// split by parity: (elements 0, 2, …, 14; elements 1, 3, …, 15).
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 16 elements.
+    unsafe fn fload_pair<T: Element>(self, p: *const T) -> (Self::F, Self::F);
+    /// Rounds the lanes of `even` and `odd` to `T` (as [`Simd::fstore`]) and stores them at `p`
+    /// interleaved: `even` lane l to element 2l, `odd` lane l to element 2l + 1 (the inverse of
+    /// [`Simd::fload_pair`]); non-temporally with `stream`.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing 16 elements, and with `stream` aligned to [`STREAM_ALIGN`]
+    /// bytes.
+    unsafe fn fput_pair<T: Element>(self, p: *mut T, even: Self::F, odd: Self::F, stream: bool);
+
     /// Which of 8 lanes are on (a mask over positions, as masked batch norm takes it).
     type M: Copy;
     /// The lane mask of 8 bits (lane l: bit l).
@@ -329,6 +348,25 @@ impl Simd for Scalar {
     fn fround<T: Element>(self, v: Self::F) -> Self::F {
         v.map(|x| T::from_f32(x).to_f32())
     }
+    #[inline(always)]
+    unsafe fn fload_pair<T: Element>(self, p: *const T) -> (Self::F, Self::F) {
+        // SAFETY: the caller guarantees 16 readable elements.
+        let at = |k: usize| unsafe { *p.add(k) }.to_f32();
+        (
+            std::array::from_fn(|l| at(2 * l)),
+            std::array::from_fn(|l| at(2 * l + 1)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn fput_pair<T: Element>(self, p: *mut T, even: Self::F, odd: Self::F, _stream: bool) {
+        for l in 0..8 {
+            // SAFETY: the caller guarantees 16 writable elements.
+            unsafe {
+                *p.add(2 * l) = T::from_f32(even[l]);
+                *p.add(2 * l + 1) = T::from_f32(odd[l]);
+            }
+        }
+    }
 
     type M = [bool; 8];
     #[inline(always)]
@@ -391,25 +429,82 @@ mod x86 {
         }
     }
 
+    /// Each lane of `x` (the bits of an `f32` that is not a NaN) rounded to `bf16`, in the high
+    /// 16 bits of the lane (the low 16 bits are not meaningful): round-to-nearest-even, the steps
+    /// of `element::sealed::bf16_bits`: x + 0x7fff + (last kept bit) is written x + 0x8000 − (1
+    /// where that bit is 0), which needs no shift.
+    #[inline(always)]
+    unsafe fn bf16_round_high_finite(x: __m256i) -> __m256i {
+        unsafe {
+            let kept_even =
+                _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x1_0000)), _mm256_setzero_si256());
+            _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x8000)), kept_even)
+        }
+    }
+
+    /// `rounded` ([`bf16_round_high_finite`] of `v`) with the lanes where `v` is a NaN (all-ones
+    /// in `nan`) replaced by the NaN truncated, its quiet bit (bit 22 of the `f32`, bit 6 of the
+    /// `bf16`) set.
+    #[inline(always)]
+    unsafe fn bf16_quiet_nans(v: __m256, rounded: __m256i, nan: __m256) -> __m256i {
+        unsafe {
+            let quiet = _mm256_or_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x0040_0000));
+            _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan))
+        }
+    }
+
     /// Each lane of `v` rounded to `bf16`, in the high 16 bits of the lane (the low 16 bits are
-    /// not meaningful): round-to-nearest-even, a NaN kept a quiet NaN, the steps of
-    /// `element::sealed::bf16_bits`: x + 0x7fff + (last kept bit) is written x + 0x8000 − (1
-    /// where that bit is 0), which needs no shift. The NaN select is skipped when no lane is NaN
-    /// (a branch that data without NaN always predicts).
+    /// not meaningful): round-to-nearest-even, a NaN kept a quiet NaN (as
+    /// `element::sealed::bf16_bits`). The NaN select is skipped when no lane is NaN (a branch
+    /// that data without NaN always predicts).
     #[inline(always)]
     unsafe fn bf16_round_high(v: __m256) -> __m256i {
         unsafe {
-            let x = _mm256_castps_si256(v);
-            let kept_even =
-                _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x1_0000)), _mm256_setzero_si256());
-            let rounded = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x8000)), kept_even);
+            let rounded = bf16_round_high_finite(_mm256_castps_si256(v));
             let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
             if _mm256_movemask_ps(nan) == 0 {
                 return rounded;
             }
-            // A NaN: truncated, with the quiet bit (bit 22 of the f32, bit 6 of the bf16) set.
-            let quiet = _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000));
-            _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan))
+            bf16_quiet_nans(v, rounded, nan)
+        }
+    }
+
+    /// Loads 16 `bf16` from `p` widened to `f32`, split by parity (see `Simd::fload_pair`): each
+    /// 32-bit lane of the load holds element 2l in its low half and 2l + 1 in its high half, so
+    /// a shift left and a mask widen them, with no shuffle.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 32 bytes.
+    #[inline(always)]
+    unsafe fn bf16_load_pair(p: *const u8) -> (__m256, __m256) {
+        unsafe {
+            let x = _mm256_loadu_si256(p as *const __m256i);
+            let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x)),
+                _mm256_castsi256_ps(_mm256_and_si256(x, high)),
+            )
+        }
+    }
+
+    /// The `bf16` bits of `even` and `odd` rounded (as [`bf16_round_high`]), interleaved back as
+    /// [`bf16_load_pair`] split them: 16 elements, `even` lane l at element 2l. One NaN test
+    /// for both vectors.
+    #[inline(always)]
+    unsafe fn bf16_pack_pair(even: __m256, odd: __m256) -> __m256i {
+        unsafe {
+            let mut re = bf16_round_high_finite(_mm256_castps_si256(even));
+            let mut ro = bf16_round_high_finite(_mm256_castps_si256(odd));
+            let (ne, no) = (
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(even, even),
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(odd, odd),
+            );
+            if _mm256_movemask_ps(_mm256_or_ps(ne, no)) != 0 {
+                re = bf16_quiet_nans(even, re, ne);
+                ro = bf16_quiet_nans(odd, ro, no);
+            }
+            let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+            _mm256_or_si256(_mm256_srli_epi32::<16>(re), _mm256_and_si256(ro, high))
         }
     }
 
@@ -699,6 +794,38 @@ mod x86 {
                     )),
                     Kind::F16 => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
                     Kind::F64 => unreachable!("f64 tensors do not take the f32 path"),
+                }
+            }
+        }
+
+        const BF16_PAIRS: bool = true;
+        #[inline(always)]
+        unsafe fn fload_pair<T: Element>(self, p: *const T) -> (Self::F, Self::F) {
+            unsafe {
+                match T::KIND {
+                    Kind::Bf16 => bf16_load_pair(p as *const u8),
+                    // Not taken by the kernels (they pair `bf16` alone): element by element.
+                    _ => {
+                        let (e, o) = super::Scalar.fload_pair(p);
+                        (_mm256_loadu_ps(e.as_ptr()), _mm256_loadu_ps(o.as_ptr()))
+                    }
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn fput_pair<T: Element>(self, p: *mut T, even: Self::F, odd: Self::F, stream: bool) {
+            unsafe {
+                match (T::KIND, stream) {
+                    (Kind::Bf16, false) => _mm256_storeu_si256(p as *mut __m256i, bf16_pack_pair(even, odd)),
+                    // 32 bytes, aligned as `stream` requires.
+                    (Kind::Bf16, true) => _mm256_stream_si256(p as *mut __m256i, bf16_pack_pair(even, odd)),
+                    // Not taken by the kernels (they pair `bf16` alone): element by element.
+                    _ => {
+                        let (mut e, mut o) = ([0f32; 8], [0f32; 8]);
+                        _mm256_storeu_ps(e.as_mut_ptr(), even);
+                        _mm256_storeu_ps(o.as_mut_ptr(), odd);
+                        super::Scalar.fput_pair(p, e, o, stream)
+                    }
                 }
             }
         }
@@ -999,6 +1126,23 @@ mod tests {
                 true => ew::scale_plane(&dy, dx, 0.3, false, back),
                 false => ew::scale_plane_impl(s, &dy, dx, 0.3, true, back),
             });
+            // The plain passes (`bf16`: 16 elements a step, `Simd::fload_pair`) from every start
+            // modulo 32 bytes, cached and streamed, normalization on data with NaN too: the same
+            // bits. (dx of a NaN x is a NaN whose sign differs between the backends: the
+            // portable c − a·b negates a NaN a, `vfnmadd` does not.)
+            let bits_of = |v: &[T]| v.iter().map(|h| h.to_f64().to_bits()).collect::<Vec<u64>>();
+            for (start, stream, x) in (0..17).flat_map(|k| [(k, false, &x), (k, true, &x), (k, false, &xp)]) {
+                let (mut y1, mut y2) = (z(x.len()), z(x.len()));
+                ew::normalize_plane(&x[start..], &mut y1[start..], a, stream, None);
+                ew::normalize_plane_impl(s, &x[start..], &mut y2[start..], a, false, None);
+                assert_eq!(bits_of(&y1), bits_of(&y2), "normalize, start {start}, stream {stream}");
+                if x.iter().any(|v| v.to_f64().is_nan()) {
+                    continue;
+                }
+                ew::dx_plane(&x[start..], &dy[start..], &mut y1[start..], c, stream, None);
+                ew::dx_plane_impl(s, &x[start..], &dy[start..], &mut y2[start..], c, false, None);
+                assert_eq!(bits_of(&y1), bits_of(&y2), "dx, start {start}, stream {stream}");
+            }
         }
         for channels in [1, 3, 8, 13, 64, 1500] {
             let rows = 37;
@@ -1213,6 +1357,17 @@ mod tests {
             let (wa, ws) = unsafe { (a.load(h.as_ptr()), Scalar.load(h.as_ptr())) };
             assert_eq!(f64s(wa), ws.map(f64::to_bits), "{} widening to f64 {b:04x?}", T::NAME);
         }
+        // SAFETY: both half types are 16-bit wrappers around their bits.
+        let bits_of = |h: &T| unsafe { std::mem::transmute_copy::<T, u16>(h) };
+        for hi in 0..=u16::MAX / 16 {
+            let b: [u16; 16] = std::array::from_fn(|l| hi * 16 + l as u16);
+            // SAFETY: as above.
+            let h: [T; 16] = b.map(|b| unsafe { std::mem::transmute_copy::<u16, T>(&b) });
+            // SAFETY (both): 16 readable elements.
+            let (pa, ps) = unsafe { (a.fload_pair(h.as_ptr()), Scalar.fload_pair(h.as_ptr())) };
+            let want = (ps.0.map(f32::to_bits), ps.1.map(f32::to_bits));
+            assert_eq!((f32s(pa.0), f32s(pa.1)), want, "{} paired widening {b:04x?}", T::NAME);
+        }
         let special: Vec<u32> = [
             0u32,
             1,
@@ -1277,6 +1432,25 @@ mod tests {
                 unsafe { Scalar.store(hs.as_mut_ptr(), w) };
                 assert_eq!(bits16(&ha), bits16(&hs), "{} rounding from f64 {w:?}", T::NAME);
                 assert_eq!(f64s(a.round::<T>(wv)), Scalar.round::<T>(w).map(f64::to_bits));
+            }
+        }
+        // The paired store, each half of a chunk of 16 as either parity (a NaN in one vector of
+        // the two or in both), cached and streamed (to a 32-byte aligned place).
+        #[repr(align(32))]
+        struct Aligned<T>([T; 16]);
+        for chunk in all.chunks_exact(16) {
+            let v: [f32; 16] = std::array::from_fn(|l| f32::from_bits(chunk[l]));
+            for ((lo, hi), stream) in [((0, 8), false), ((8, 0), false), ((0, 8), true), ((8, 0), true)] {
+                let e: [f32; 8] = std::array::from_fn(|l| v[lo + l]);
+                let o: [f32; 8] = std::array::from_fn(|l| v[hi + l]);
+                let (mut ha, mut hs) = (Aligned([T::from_f64(0.0); 16]), [T::from_f64(0.0); 16]);
+                // SAFETY (all three): 8 readable f32 each; 16 writable elements, `ha` aligned
+                // to 32 bytes.
+                let (ev, ov) = unsafe { (a.fload(e.as_ptr()), a.fload(o.as_ptr())) };
+                unsafe { a.fput_pair(ha.0.as_mut_ptr(), ev, ov, stream) };
+                unsafe { Scalar.fput_pair(hs.as_mut_ptr(), e, o, false) };
+                let (got, want) = (ha.0.each_ref().map(bits_of), hs.each_ref().map(bits_of));
+                assert_eq!(got, want, "{} paired rounding {chunk:08x?}, stream {stream}", T::NAME);
             }
         }
     }
