@@ -42,7 +42,7 @@ use crate::kernels::elementwise::DxCoeffs;
 use crate::kernels::plan::{self, GroupMoments};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::with_simd;
-use crate::stats::{blend_running, inv_std_in_place, BatchStats, Momentum, SavedStats};
+use crate::stats::{blend_running, exact_reciprocal, inv_std_in_place, BatchStats, Momentum, SavedStats};
 use crate::{Affine, BatchNorm, Element, Error, Geometry, Grads, Layout, View};
 use rayon::prelude::*;
 
@@ -348,12 +348,9 @@ fn backward_views<T: Element>(
                 group_rows,
                 &means,
                 #[inline(always)]
-                |k, s1, s2, out| centered_dx_coeffs(gamma, saved[k], 0, s1, s2, out),
+                |k, first, s1, s2, out| centered_dx_coeffs(gamma, saved[k], first, s1, s2, out),
             );
-            with_simd(
-                #[inline(always)]
-                || group_totals(c, &s1, &s2, saved),
-            )
+            group_totals(c, &s1, &s2, saved)
         }
         // Channels-first, where the plain backward fuses each channel's sums and dx: one unit
         // per channel takes every group's in turn, each group's the bits of the plain backward
@@ -398,48 +395,118 @@ fn backward_views<T: Element>(
 
 /// The sums over groups of each group's Σ dy and Σ dy·x̂ = inv_std·Σ dy·(x − μ), from the
 /// groups' packed (Σ dy, Σ dy·(x − μ)) (group k's channel c at k·C + c), added in batch order
-/// (as [`GradSums::add`] adds them).
-#[inline(always)]
+/// (as [`GradSums::add`] adds them). The channels are taken a chunk at a time, every group's
+/// part of the chunk before the next, the chunks in parallel when there are many groups ×
+/// channels: each channel's sums are the same bits either way.
 fn group_totals(c: usize, sum_dy: &[f64], sum_dy_xmu: &[f64], saved: &[StatsView]) -> GradSums {
     let mut total = GradSums {
         sum_dy: vec![0.0; c],
         sum_dy_xhat: vec![0.0; c],
     };
-    let parts = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(saved);
-    for (k, ((s1, s2), s)) in parts.enumerate() {
-        let xhat = s2.iter().zip(s.inv_std).map(|(v, s)| v * s);
-        if k == 0 {
-            total.sum_dy.copy_from_slice(s1);
-            total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a = b);
-        } else {
-            total.sum_dy.iter_mut().zip(s1).for_each(|(a, b)| *a += b);
-            total.sum_dy_xhat.iter_mut().zip(xhat).for_each(|(a, b)| *a += b);
-        }
+    let chunk = |(k, (s1, s2)): (usize, (&mut [f64], &mut [f64]))| {
+        with_simd(
+            #[inline(always)]
+            || totals_chunk(c, sum_dy, sum_dy_xmu, saved, k * ESTIMATE_CHUNK, s1, s2),
+        )
+    };
+    let (t1, t2) = (&mut total.sum_dy, &mut total.sum_dy_xhat);
+    if sum_dy.len() < plan::SERIAL_BELOW {
+        t1.chunks_mut(ESTIMATE_CHUNK)
+            .zip(t2.chunks_mut(ESTIMATE_CHUNK))
+            .enumerate()
+            .for_each(chunk);
+    } else {
+        let chunks = t1.par_chunks_mut(ESTIMATE_CHUNK).zip(t2.par_chunks_mut(ESTIMATE_CHUNK));
+        chunks.enumerate().for_each(chunk);
     }
     total
+}
+
+/// [`group_totals`] of channels `start..start + t1.len()` into `t1` (Σ dy) and `t2` (Σ dy·x̂).
+#[inline(always)]
+fn totals_chunk(
+    c: usize,
+    sum_dy: &[f64],
+    sum_dy_xmu: &[f64],
+    saved: &[StatsView],
+    start: usize,
+    t1: &mut [f64],
+    t2: &mut [f64],
+) {
+    let r = start..start + t1.len();
+    let parts = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(saved);
+    for (k, ((s1, s2), s)) in parts.enumerate() {
+        let xhat = s2[r.clone()].iter().zip(&s.inv_std[r.clone()]).map(|(v, s)| v * s);
+        if k == 0 {
+            t1.copy_from_slice(&s1[r.clone()]);
+            t2.iter_mut().zip(xhat).for_each(|(a, b)| *a = b);
+        } else {
+            t1.iter_mut().zip(&s1[r.clone()]).for_each(|(a, b)| *a += b);
+            t2.iter_mut().zip(xhat).for_each(|(a, b)| *a += b);
+        }
+    }
 }
 
 /// The ghost running-statistics estimate of a mini-batch: per channel the mean over groups of
 /// their means and of their unbiased variances M2/(m − 1), every group weighing 1/G. Groups
 /// checked and not empty. With one group, exactly that group's mean and unbiased variance.
-#[inline(always)]
-fn ghost_estimate<'a>(mut groups: impl Iterator<Item = (u64, &'a [f64], &'a [f64])>) -> (Vec<f64>, Vec<f64>) {
-    // M2/(m − 1), as `BatchStats::var_unbiased`.
-    let unbiased = |count: u64, m2: f64| m2 / (count as f64 - 1.0);
-    let (count, mean, m2) = groups.next().expect("at least one group");
-    let (mut mean, mut var) = (
-        mean.to_vec(),
-        m2.iter().map(|&s| unbiased(count, s)).collect::<Vec<_>>(),
-    );
-    let mut n = 1.0;
-    for (count, m, m2) in groups {
-        mean.iter_mut().zip(m).for_each(|(a, b)| *a += b);
-        var.iter_mut().zip(m2).for_each(|(a, &s)| *a += unbiased(count, s));
-        n += 1.0;
+///
+/// Each channel's sums run over the groups in batch order; the channels are taken a chunk at a
+/// time, every group's part of the chunk before the next chunk (so that the chunk's sums stay in
+/// L1 rather than every group's pass reading and writing the whole vectors), the chunks in
+/// parallel when there are many groups × channels. Each channel's result is the same bits either
+/// way.
+fn ghost_estimate<'a>(groups: impl Iterator<Item = (u64, &'a [f64], &'a [f64])>) -> (Vec<f64>, Vec<f64>) {
+    let groups: Vec<_> = groups.collect();
+    let channels = groups.first().expect("at least one group").1.len();
+    let (mut mean, mut var) = (vec![0.0; channels], vec![0.0; channels]);
+    let chunk = |(k, (mean, var)): (usize, (&mut [f64], &mut [f64]))| {
+        with_simd(
+            #[inline(always)]
+            || estimate_chunk(&groups, k * ESTIMATE_CHUNK, mean, var),
+        )
+    };
+    let chunks = mean.chunks_mut(ESTIMATE_CHUNK).zip(var.chunks_mut(ESTIMATE_CHUNK));
+    if groups.len() * channels < plan::SERIAL_BELOW {
+        chunks.enumerate().for_each(chunk);
+    } else {
+        let chunks = mean
+            .par_chunks_mut(ESTIMATE_CHUNK)
+            .zip(var.par_chunks_mut(ESTIMATE_CHUNK));
+        chunks.enumerate().for_each(chunk);
     }
-    mean.iter_mut().chain(var.iter_mut()).for_each(|v| *v /= n);
     (mean, var)
 }
+
+/// [`ghost_estimate`] of channels `start..start + mean.len()` into `mean` and `var`.
+#[inline(always)]
+fn estimate_chunk(groups: &[(u64, &[f64], &[f64])], start: usize, mean: &mut [f64], var: &mut [f64]) {
+    // M2/(m − 1), as `BatchStats::var_unbiased`.
+    let unbiased = |count: u64, m2: f64| m2 / (count as f64 - 1.0);
+    let r = start..start + mean.len();
+    let (first, rest) = groups.split_first().expect("at least one group");
+    let &(count, m, m2) = first;
+    mean.copy_from_slice(&m[r.clone()]);
+    var.iter_mut()
+        .zip(&m2[r.clone()])
+        .for_each(|(a, &s)| *a = unbiased(count, s));
+    for &(count, m, m2) in rest {
+        mean.iter_mut().zip(&m[r.clone()]).for_each(|(a, b)| *a += b);
+        var.iter_mut()
+            .zip(&m2[r.clone()])
+            .for_each(|(a, &s)| *a += unbiased(count, s));
+    }
+    // The number of groups (exact): divided by it, or multiplied by its exact reciprocal (the
+    // same bits, no division).
+    let n = groups.len() as f64;
+    match exact_reciprocal(n) {
+        Some(inv) => mean.iter_mut().chain(var.iter_mut()).for_each(|v| *v *= inv),
+        None => mean.iter_mut().chain(var.iter_mut()).for_each(|v| *v /= n),
+    }
+}
+
+/// Channels [`ghost_estimate`] takes at a time.
+const ESTIMATE_CHUNK: usize = 512;
 
 /// Updates running statistics with one ghost mini-batch, given its groups' statistics: the
 /// running mean with the mean over groups of μ_g, the running variance with the mean over groups
@@ -560,10 +627,7 @@ impl<T: Element> BatchNorm<T> {
         let counts = train_packed(x, virtual_batch, self.affine(), eps, y, out)?;
         if self.config.track_running_stats {
             let seen = self.num_batches_tracked + 1;
-            let (mean, var) = with_simd(
-                #[inline(always)]
-                || ghost_estimate(packed_groups(&counts, &saved.mean, &m2)),
-            );
+            let (mean, var) = ghost_estimate(packed_groups(&counts, &saved.mean, &m2));
             let momentum = self.config.momentum;
             blend_running(
                 &mean,

@@ -590,6 +590,77 @@ impl RowsAffine {
     }
 }
 
+impl RowsAffine {
+    /// [`RowsAffine::new`] of the channels whose means are `mean`, their (scale, shift) made
+    /// [`CONSTANT_CHUNK`] channels at a time by `fill(first, scale, shift)` (channels
+    /// `first..first + scale.len()`, both slices to be written whole): each chunk narrowed while
+    /// it is in L1, rather than every channel's constants written to memory and read back. The
+    /// same constants as `new` given what `fill` writes.
+    #[inline(always)]
+    pub fn from_chunks<T: Element>(mean: &[f64], mut fill: impl FnMut(usize, &mut [f64], &mut [f64])) -> RowsAffine {
+        let channels = mean.len();
+        let (mut scale, mut shift) = ([0.0; CONSTANT_CHUNK], [0.0; CONSTANT_CHUNK]);
+        if !narrow::<T>() {
+            let (mut scale_w, mut shift_w) = (RowParam::room(channels), RowParam::room(channels));
+            for first in (0..channels).step_by(CONSTANT_CHUNK) {
+                let end = (first + CONSTANT_CHUNK).min(channels);
+                fill(first, &mut scale_w[first..end], &mut shift_w[first..end]);
+            }
+            return RowsAffine::Wide {
+                mean: RowParam::from_fn(channels, |c| mean[c]),
+                scale: RowParam::with_tail(scale_w),
+                shift: RowParam::with_tail(shift_w),
+            };
+        }
+        let (mut mean_hi, mut scale_f, mut shift_f) = (
+            RowParam::room(channels),
+            RowParam::room(channels),
+            RowParam::room(channels),
+        );
+        let mut wide = Vec::new();
+        for first in (0..channels).step_by(CONSTANT_CHUNK) {
+            let len = CONSTANT_CHUNK.min(channels - first);
+            let (scale, shift) = (&mut scale[..len], &mut shift[..len]);
+            fill(first, scale, shift);
+            let mut all_fit = true;
+            let r = first..first + len;
+            let (m, k, b) = (&mut mean_hi[r.clone()], &mut scale_f[r.clone()], &mut shift_f[r]);
+            for i in 0..len {
+                let wide_of = WideAffine {
+                    mean: mean[first + i],
+                    scale: scale[i],
+                    shift: shift[i],
+                };
+                let (a, ok) = NarrowAffine::checked(wide_of);
+                all_fit &= ok;
+                (m[i], k[i], b[i]) = (a.mean_hi, a.scale, a.shift);
+            }
+            if !all_fit {
+                for i in 0..len {
+                    let wide_of = WideAffine {
+                        mean: mean[first + i],
+                        scale: scale[i],
+                        shift: shift[i],
+                    };
+                    if !NarrowAffine::checked(wide_of).1 {
+                        wide.push((first + i, wide_of));
+                    }
+                }
+            }
+        }
+        RowsAffine::Narrow {
+            mean_hi: RowParam::with_tail(mean_hi),
+            scale: RowParam::with_tail(scale_f),
+            shift: RowParam::with_tail(shift_f),
+            wide,
+        }
+    }
+}
+
+/// Channels whose constants [`RowsAffine::from_chunks`] and [`DxRows::from_chunks`] make at a
+/// time: a few KiB of `f64` temporaries, which stay in L1.
+pub(crate) const CONSTANT_CHUNK: usize = 256;
+
 /// After a narrow pass over `len` elements of whole rows of `channels`, recomputes the elements
 /// of each channel in `wide` with `f(i, constants)`.
 #[inline(always)]
@@ -994,6 +1065,58 @@ impl DxRows {
                 .map(|ch| (ch, coeffs[ch]))
                 .collect(),
         };
+        DxRows::Narrow {
+            mean_hi: RowParam::with_tail(mean_hi),
+            k: RowParam::with_tail(k),
+            kb: RowParam::with_tail(kb),
+            c0: RowParam::with_tail(c0),
+            wide,
+        }
+    }
+}
+
+impl DxRows {
+    /// [`DxRows::new`] of `channels` channels whose coefficients `fill(first, out)` writes
+    /// [`CONSTANT_CHUNK`] channels at a time (channels `first..first + out.len()`, `out` to be
+    /// written whole): each chunk narrowed while it is in L1, rather than every channel's
+    /// coefficients written to memory and read back. The same constants as `new` given what
+    /// `fill` writes.
+    #[inline(always)]
+    pub fn from_chunks<T: Element>(channels: usize, mut fill: impl FnMut(usize, &mut [DxCoeffs])) -> DxRows {
+        let mut chunk = [DxCoeffs::default(); CONSTANT_CHUNK];
+        if !narrow::<T>() {
+            let mut all = Scratch::<DxCoeffs>::any(channels);
+            for first in (0..channels).step_by(CONSTANT_CHUNK) {
+                let end = (first + CONSTANT_CHUNK).min(channels);
+                fill(first, &mut all[first..end]);
+            }
+            return DxRows::new::<T>(&all);
+        }
+        let room = || RowParam::room(channels);
+        let (mut mean_hi, mut k, mut kb, mut c0) = (room(), room(), room(), room());
+        let mut wide = Vec::new();
+        for first in (0..channels).step_by(CONSTANT_CHUNK) {
+            let len = CONSTANT_CHUNK.min(channels - first);
+            let coeffs = &mut chunk[..len];
+            fill(first, coeffs);
+            let mut all_fit = true;
+            let r = first..first + len;
+            let (m, kv, kbv, c0v) = (
+                &mut mean_hi[r.clone()],
+                &mut k[r.clone()],
+                &mut kb[r.clone()],
+                &mut c0[r],
+            );
+            for (ch, &c) in coeffs.iter().enumerate() {
+                let (q, ok) = NarrowDx::checked(c);
+                all_fit &= ok;
+                (m[ch], kv[ch], kbv[ch], c0v[ch]) = (q.mean_hi, q.k, q.kb, q.c0);
+            }
+            if !all_fit {
+                let off = coeffs.iter().enumerate().filter(|&(_, &c)| !NarrowDx::checked(c).1);
+                wide.extend(off.map(|(ch, &c)| (first + ch, c)));
+            }
+        }
         DxRows::Narrow {
             mean_hi: RowParam::with_tail(mean_hi),
             k: RowParam::with_tail(k),

@@ -22,6 +22,7 @@ use super::mask::{MaskSpans, SpanBits};
 use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
 use super::scratch::Scratch;
 use super::simd::{simd_dispatch, Simd};
+use crate::stats::exact_reciprocal;
 use crate::Element;
 
 /// Count, mean and M2 = Σ(x − mean)² of a set of values: mergeable partial statistics.
@@ -1307,13 +1308,26 @@ fn rows_moments_of<S: Simd, T: Element, R: RowSet>(
         |_: usize, _: usize| {},
     );
     let n = n as f64;
-    for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
-        let s1 = *m;
-        *m = k + s1 / n;
-        let v = *s2 - s1 * s1 / n;
-        *s2 = if v < 0.0 { 0.0 } else { v };
+    // Divided by n, or multiplied by its exact reciprocal (the same bits, no division: a block
+    // of a power of two of rows, as the rows plan's blocks and ghost groups usually are).
+    match exact_reciprocal(n) {
+        Some(r) => finish_rows(mean, m2, shift, |v| v * r),
+        None => finish_rows(mean, m2, shift, |v| v / n),
     }
     n
+}
+
+/// The end of [`rows_moments_of`]: from the sums of d = x − k (in `mean`) and of d² (in `m2`),
+/// mean = k + Σd/n and M2 = Σd² − (Σd)²/n (negative rounding clamped to 0), with `over_n(v)` =
+/// v/n.
+#[inline(always)]
+fn finish_rows(mean: &mut [f64], m2: &mut [f64], shift: &[f64], over_n: impl Fn(f64) -> f64) {
+    for ((m, s2), &k) in mean.iter_mut().zip(m2.iter_mut()).zip(shift.iter()) {
+        let s1 = *m;
+        *m = k + over_n(s1);
+        let v = *s2 - over_n(s1 * s1);
+        *s2 = if v < 0.0 { 0.0 } else { v };
+    }
 }
 
 #[inline(always)]

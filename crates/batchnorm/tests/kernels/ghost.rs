@@ -528,6 +528,54 @@ fn ghost_small_groups_with_constants_outside_f32() {
     }
 }
 
+/// Small groups of the rows plan over more channels than one chunk of the per-group constants
+/// (made and narrowed a few hundred channels at a time), with channels whose forward constants
+/// and dx coefficients leave `f32` (γ = `f32::MAX` over a small spread) in the first chunk, a
+/// middle one and the last, shorter one: each group's y and dx bit for bit plain batch norm's
+/// of its slice, in `f32` (those channels computed in `f64`) and in `f64` (wide constants).
+#[test]
+fn ghost_small_groups_constants_over_chunks() {
+    check_constants_over_chunks::<f32>();
+    check_constants_over_chunks::<f64>();
+}
+
+fn check_constants_over_chunks<T: PlainFloat>() {
+    let (shape, v, c) = ([40usize, 600], 16, 600);
+    let d = Data::new::<T>(Layout::NC, &shape, 91);
+    let (mut x, dy, mut g, b) = d.narrowed::<T>();
+    for ch in [3, 300, 599] {
+        g[ch] = T::from_f64(f32::MAX as f64);
+        x.iter_mut()
+            .skip(ch)
+            .step_by(c)
+            .for_each(|v| *v = T::from_f64(v.to_f64() * 1e-3));
+    }
+    let xv = View::new(&x, &shape, Layout::NC);
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    let (_, saved) = ghost_batch_norm_train(xv, v, Affine::new(&g, &b), 1e-5, &mut y).unwrap();
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    ghost_batch_norm_backward(xv, &dy, &saved, Some(&g), Grads::dx(&mut dx)).unwrap();
+    for (k, (first, examples)) in group_examples(shape[0], v).into_iter().enumerate() {
+        let r = first * c..(first + examples) * c;
+        let what = format!("NC {shape:?} v={v} group {k} ({})", T::NAME);
+        let sub = [examples, c];
+        let sv = View::new(&x[r.clone()], &sub, Layout::NC);
+        let (yk, _, saved_k) = train(sv, Affine::new(&g, &b), 1e-5);
+        assert_bits(&format!("{what} y"), &y[r.clone()], &yk);
+        assert_eq!(saved.groups[k], saved_k, "{what}");
+        let mut dxk = vec![T::from_f64(0.0); r.len()];
+        batch_norm_backward(sv, &dy[r.clone()], &saved_k, Some(&g), Grads::dx(&mut dxk)).unwrap();
+        assert_bits(&format!("{what} dx"), &dx[r], &dxk);
+    }
+    // In `f32`, those channels' values are out of reach of the narrow constants.
+    if T::NAME == "f32" {
+        for ch in [3, 300, 599] {
+            let far = |v: &[T]| v.iter().skip(ch).step_by(c).any(|v| v.to_f64().abs() > 1e30);
+            assert!(far(&y) && far(&dx), "channel {ch}");
+        }
+    }
+}
+
 fn check_groups_are_plain(layout: Layout, shape: &[usize], v: usize) {
     let d = Data::new::<f32>(layout, shape, 80);
     let (x, dy, g, b) = d.narrowed::<f32>();

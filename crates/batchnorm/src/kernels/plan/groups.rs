@@ -136,12 +136,20 @@ pub(crate) fn ghost_train_forward<T: Element>(
     map_items(items, is_serial(g), |_, (((xs, ys), (mean, m2)), inv)| {
         // The group is one task of its own plan: its moments are that task's.
         let count = rows_task_moments(xs, None, per_block, pf, mean, m2);
-        let (mut scale, mut shift) = (Scratch::any(c), Scratch::any(c));
+        let mut inv = inv;
+        // The constants made and narrowed a chunk of channels at a time, in L1.
         let p = with_simd(
             #[inline(always)]
             || {
-                group_constants(count, m2, &mut scale, &mut shift, inv, &inv_std, &affine);
-                RowsAffine::new::<T>(mean, &scale, &shift)
+                RowsAffine::from_chunks::<T>(
+                    mean,
+                    #[inline(always)]
+                    |first, scale, shift| {
+                        let r = first..first + scale.len();
+                        let inv = inv.as_deref_mut().map(|v| &mut v[r.clone()]);
+                        group_constants(first, count, &m2[r], scale, shift, inv, &inv_std, &affine)
+                    },
+                )
             },
         );
         ew::normalize_rows(xs, ys, &p, stream, None);
@@ -151,11 +159,14 @@ pub(crate) fn ghost_train_forward<T: Element>(
     });
 }
 
-/// One group's (scale, shift) from its `count` values per channel and M2 `m2`: the biased
-/// variances M2/count, turned into 1/√(σ² + ε) by `inv_std` (copied to `inv` when given), then
-/// into (scale, shift) by `affine(0, scale, shift)`.
+/// One group's (scale, shift) of channels `first..first + m2.len()` from its `count` values per
+/// channel and those channels' M2 `m2`: the biased variances M2/count, turned into
+/// 1/√(σ² + ε) by `inv_std` (copied to `inv` when given), then into (scale, shift) by
+/// `affine(first, scale, shift)`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn group_constants(
+    first: usize,
     count: f64,
     m2: &[f64],
     scale: &mut [f64],
@@ -173,7 +184,7 @@ fn group_constants(
     if let Some(v) = inv {
         v.copy_from_slice(scale);
     }
-    affine(0, scale, shift);
+    affine(first, scale, shift);
 }
 
 /// [`ghost_train_forward`] for groups of several units: every group's units' moments in one
@@ -212,7 +223,7 @@ fn split_train_forward<T: Element>(
         let groups = scale.chunks_mut(c).zip(shift.chunks_mut(c)).zip(out.m2.chunks(c));
         for (k, (((scale, shift), m2), &count)) in groups.zip(&group_counts).enumerate() {
             let inv = out.inv_std.as_deref_mut().map(|v| &mut v[k * c..(k + 1) * c]);
-            group_constants(count, m2, scale, shift, inv, &inv_std, &affine);
+            group_constants(0, count, m2, scale, shift, inv, &inv_std, &affine);
         }
     });
     let stream = stream_output::<T>(g, 0);
@@ -310,7 +321,8 @@ pub(crate) fn ghost_planes_forward<T: Element>(
 
 /// Ghost training backward over the rows plan: each group's (Σ dy, Σ dy·(x − mean)) with its
 /// own `means[group]` (the same bits as [`super::grad_sums_where`] over the group alone), then,
-/// when `dx` is given, `coeffs(group, Σdy, Σdy(x−m), out)` writes a group's dx coefficients and
+/// when `dx` is given, `coeffs(group, first, Σdy, Σdy(x−m), out)` writes a group's dx
+/// coefficients of channels `first..first + out.len()` from those channels' sums and
 /// dx is written group by group with them, as [`super::input_grad_where`] writes it. Returns
 /// every group's sums, packed as [`GroupMoments`] are (group k's channel c at k·C + c).
 ///
@@ -324,7 +336,7 @@ pub(crate) fn ghost_train_backward<T: Element>(
     dx: Option<&mut [T]>,
     group_rows: usize,
     means: &[&[f64]],
-    coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
+    coeffs: impl Fn(usize, usize, &[f64], &[f64], &mut [DxCoeffs]) + Sync + Send,
 ) -> (Scratch<f64>, Scratch<f64>) {
     assert!(dy.len() == x.len() && g.inner == 1 && group_rows > 0);
     assert_eq!(means.len(), g.outer.div_ceil(group_rows));
@@ -354,12 +366,18 @@ pub(crate) fn ghost_train_backward<T: Element>(
         s2.fill(0.0);
         moments::rows_grad_sums(xs, gs, None, means[k], s1, s2, pf, None);
         if let Some(dx) = dx {
-            let mut k_c = Scratch::any(c);
+            // The coefficients made and narrowed a chunk of channels at a time, in L1.
             let p = with_simd(
                 #[inline(always)]
                 || {
-                    coeffs(k, s1, s2, &mut k_c);
-                    DxRows::new::<T>(&k_c)
+                    DxRows::from_chunks::<T>(
+                        c,
+                        #[inline(always)]
+                        |first, out| {
+                            let r = first..first + out.len();
+                            coeffs(k, first, &s1[r.clone()], &s2[r], out)
+                        },
+                    )
                 },
             );
             ew::dx_rows(xs, gs, dx, &p, stream, None);
@@ -377,7 +395,7 @@ fn split_train_backward<T: Element>(
     (g, group_rows): (&Geometry, usize),
     (x, dy, dx): (&[T], &[T], Option<&mut [T]>),
     means: &[&[f64]],
-    coeffs: impl Fn(usize, &[f64], &[f64], &mut [DxCoeffs]),
+    coeffs: impl Fn(usize, usize, &[f64], &[f64], &mut [DxCoeffs]),
 ) -> (Scratch<f64>, Scratch<f64>) {
     let (c, serial) = (g.channels, is_serial(g));
     let units = units(g, group_rows);
@@ -406,7 +424,7 @@ fn split_train_backward<T: Element>(
         with_simd(|| {
             let groups = sum_dy.chunks(c).zip(sum_dy_xmu.chunks(c)).zip(k.chunks_mut(c));
             for (group, ((s1, s2), out)) in groups.enumerate() {
-                coeffs(group, s1, s2, out);
+                coeffs(group, 0, s1, s2, out);
             }
         });
         // x and dy were just read by the sums.
