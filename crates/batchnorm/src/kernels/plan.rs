@@ -870,11 +870,17 @@ pub(crate) fn train_backward_where<T: Element>(
                 assert_eq!(dz.len(), x.len());
                 SharedOut::new(dz)
             });
+            // dz out of the sums' loop, which reads dy and the mask already (see
+            // `relu::GatedOut`), the dx pass then writing dx alone; except for the half types
+            // where the pass streams (their 16-byte streaming stores there measured slower than
+            // dz stored by the dx pass, docs/tuning-log.md).
+            let dz_in_sums = !stream || 8 * std::mem::size_of::<T>() >= super::simd::STREAM_ALIGN;
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-                // dz out of the sums' loop, which reads dy and the mask already (see
-                // `relu::GatedOut`), the dx pass then writing dx alone.
                 // SAFETY: the planes of channel c belong to unit c alone.
-                let upstream = dz.as_ref().map(|d| unsafe { UpstreamOut::new(d.ptr, d.len, stream) });
+                let upstream = match dz_in_sums {
+                    true => dz.as_ref().map(|d| unsafe { UpstreamOut::new(d.ptr, d.len, stream) }),
+                    false => None,
+                };
                 let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), bits, upstream, c, mean[c], 0..g.outer);
                 let mut k = [DxCoeffs::default()];
                 coeffs(c, &[s1], &[s2], &mut k);
@@ -892,7 +898,11 @@ pub(crate) fn train_backward_where<T: Element>(
                     let (xp, gp) = (&x[start..start + g.inner], &dy[start..start + g.inner]);
                     let mut back = bits.map(|b| relu::Back {
                         bits: b.at(start, g.inner),
-                        dz: None,
+                        // SAFETY: as for dx.
+                        dz: dz
+                            .as_ref()
+                            .filter(|_| !dz_in_sums)
+                            .map(|d| unsafe { d.slice(start, g.inner) }),
                     });
                     write_gated(gated_segment(&spans, o, 1), op, stream, |r, or, keep| match keep {
                         Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, k, stream, keep),
