@@ -15,8 +15,9 @@
 //!
 //! **One pass**: the addition and the ReLU are applied in the element-wise pass that writes y,
 //! which also records which outputs the ReLU kept in a [`ReluMask`]; the backward applies the
-//! mask in the passes that read dy (the gradient sums and the dx pass), and dz comes out of the
-//! dx pass. Nothing is read or written an extra time: the unfused sequence reads y back and writes
+//! mask in the passes that read dy (the gradient sums and the dx pass), and dz comes out of one
+//! of them (the gradient sums where a channel's two passes run back to back, else the dx pass).
+//! Nothing is read or written an extra time: the unfused sequence reads y back and writes
 //! it again in the forward, and reads y and dy and writes dy·\[y > 0\] in the backward.
 //!
 //! **Saved state: a 1-bit mask, not y.** The backward needs to know where t > 0. Recomputing it
@@ -318,8 +319,8 @@ pub fn batch_norm_backward_relu<T: Element>(
 }
 
 /// Training backward of `relu(bn(x) + z)`: as [`batch_norm_backward_relu`], and the residual's
-/// gradient dz = dy·\[kept\] written to `dz` (out of the pass that writes dx, or its own pass when
-/// `grads` holds no dx).
+/// gradient dz = dy·\[kept\] written to `dz` (out of a pass that reads dy for dx, or its own pass
+/// when `grads` holds no dx).
 ///
 /// Rejects, in order: shape/length mismatches between the shape and `x`, `dy`; a `mask` written
 /// for another geometry ([`Error::ReluMaskMismatch`]); a `dz` whose length is not the shape's

@@ -19,7 +19,7 @@
 
 use super::fold_lanes;
 use super::mask::{MaskSpans, SpanBits};
-use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain};
+use super::relu::{BitsAt, ElementMap, Gated, MaskBits, Plain, UpstreamOut};
 use super::scratch::Scratch;
 use super::simd::{simd_dispatch, Simd};
 use crate::stats::exact_reciprocal;
@@ -1001,6 +1001,42 @@ simd_dispatch! {
     /// or skipped; with every element on, the same bits as without). With `r.relu`, of the
     /// upstream gradient dy·\[kept\] instead.
     pub(crate) fn runs_grad_sums<T>(r: GradRuns<'_, T>) -> (f64, f64) => runs_grad_sums_impl
+}
+
+#[inline(always)]
+pub(super) fn runs_grad_sums_upstream_impl<S: Simd, T: Element>(
+    s: S,
+    r: GradRuns<'_, T>,
+    dz: UpstreamOut<T>,
+) -> (f64, f64) {
+    let bits = r.relu.expect("the sums of a fused ReLU's upstream gradient");
+    assert!(r.mask.is_none(), "no fused pass takes a mask over positions");
+    let (runs, gp) = (r.runs, r.dy.as_ptr());
+    runs.check(r.dy.len());
+    runs.check(dz.len());
+    let mut acc = Sums2::new(s);
+    // SAFETY (closures and the loop): the runs lie in dy and dz (checked above), whose elements
+    // there are the caller's alone (`UpstreamOut::new`); without a mask each run is taken whole
+    // by one map (8 elements at a time from its start, then one at a time), then finished.
+    if dz.streams() {
+        let gated = |o: usize, n: usize| unsafe { dz.run::<true>(o, bits.at(o, n), gp.add(o)) };
+        runs_grad_sums_with(s, r, gated, &mut acc);
+        for k in 0..runs.count {
+            let o = runs.first + k * runs.stride;
+            unsafe { dz.finish_run(o, runs.len, bits.at(o, runs.len), gp.add(o)) };
+        }
+    } else {
+        let gated = |o: usize, n: usize| unsafe { dz.run::<false>(o, bits.at(o, n), gp.add(o)) };
+        runs_grad_sums_with(s, r, gated, &mut acc);
+    }
+    acc.finish(s)
+}
+
+simd_dispatch! {
+    /// [`runs_grad_sums`] of the upstream gradient behind a fused ReLU (`r.relu`, without a
+    /// mask), which is also stored to `dz` at the elements of the runs (see
+    /// [`GatedOut`]): the same sums, bit for bit.
+    pub(crate) fn runs_grad_sums_upstream<T>(r: GradRuns<'_, T>, dz: UpstreamOut<T>) -> (f64, f64) => runs_grad_sums_upstream_impl
 }
 
 /// The accumulators of a [`runs_grad_sums`] reduction between two calls of

@@ -19,7 +19,7 @@
 use super::elementwise::{self as ew, DxCoeffs, DxRows, RowsAffine, RowsScale, WideAffine};
 use super::mask::{self, segment, MaskSpans, Span};
 use super::moments::{self, GradRuns, MaskedLanes, Moments, RowPrefetch, Runs};
-use super::relu::{self, Act, BitLayout, BitsAt, MaskBits};
+use super::relu::{self, Act, BitLayout, BitsAt, MaskBits, UpstreamOut};
 use super::scratch::Scratch;
 use super::with_simd;
 use crate::args::Scope;
@@ -650,7 +650,8 @@ pub(crate) fn train_forward_where<T: Element>(
 }
 
 /// (Σ dy, Σ dy·(x − m)) of planes `planes` of channel `c` (of the positions `mask` has on, when
-/// given; its segments are the planes; with `relu`, of dy·\[kept\]), piece sums added in order.
+/// given; its segments are the planes; with `relu`, of dy·\[kept\], also stored to `dz` at
+/// those planes when given), piece sums added in order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn planes_grad_sums<T: Element>(
@@ -659,6 +660,7 @@ fn planes_grad_sums<T: Element>(
     dy: &[T],
     mask: Option<&MaskSpans>,
     relu: Option<MaskBits>,
+    dz: Option<UpstreamOut<T>>,
     c: usize,
     m: f64,
     planes: std::ops::Range<usize>,
@@ -666,14 +668,18 @@ fn planes_grad_sums<T: Element>(
     let (mut a, mut b) = (0.0, 0.0);
     for_each_piece(g, c, planes, |runs| {
         let mask = masked_lanes(g, mask, runs);
-        let (s1, s2) = moments::runs_grad_sums(GradRuns {
+        let r = GradRuns {
             x,
             dy,
             runs,
             m,
             mask,
             relu,
-        });
+        };
+        let (s1, s2) = match dz {
+            None => moments::runs_grad_sums(r),
+            Some(dz) => moments::runs_grad_sums_upstream(r, dz),
+        };
         a += s1;
         b += s2;
     });
@@ -696,7 +702,7 @@ pub(crate) fn grad_sums_where<T: Element>(
     if g.inner > 1 {
         let spans = MaskSpans::new(mask, g.inner);
         let (parts, blocks) = map_plane_blocks(g, serial, |c, planes| {
-            planes_grad_sums(g, x, dy, spans.as_ref(), relu, c, mean[c], planes)
+            planes_grad_sums(g, x, dy, spans.as_ref(), relu, None, c, mean[c], planes)
         });
         add_block_sums(&parts, blocks)
     } else {
@@ -832,8 +838,9 @@ pub(crate) fn train_backward<T: Element>(
 
 /// [`train_backward`] over the positions `mask` (one entry per position) has on: sums as
 /// [`grad_sums_where`], dx as [`input_grad_where`] (+0.0 where the mask is off). With `relu`
-/// (never with a mask), from the upstream gradient dy·\[kept\]; its dz is written with dx, and
-/// must come with it.
+/// (never with a mask), from the upstream gradient dy·\[kept\]; its dz is written by the passes
+/// that write dx (the gradient sums' loop where a channel's passes are fused, else the dx pass),
+/// and must come with it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn train_backward_where<T: Element>(
     g: &Geometry,
@@ -863,8 +870,18 @@ pub(crate) fn train_backward_where<T: Element>(
                 assert_eq!(dz.len(), x.len());
                 SharedOut::new(dz)
             });
+            // dz out of the sums' loop, which reads dy and the mask already (see
+            // `relu::GatedOut`), the dx pass then writing dx alone; except for the half types
+            // where the pass streams (their 16-byte streaming stores there measured slower than
+            // dz stored by the dx pass, docs/tuning-log.md).
+            let dz_in_sums = !stream || 8 * std::mem::size_of::<T>() >= super::simd::STREAM_ALIGN;
             let parts = map_items((0..g.channels).collect(), is_serial(g), |c, _: usize| {
-                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), bits, c, mean[c], 0..g.outer);
+                // SAFETY: the planes of channel c belong to unit c alone.
+                let upstream = match dz_in_sums {
+                    true => dz.as_ref().map(|d| unsafe { UpstreamOut::new(d.ptr, d.len, stream) }),
+                    false => None,
+                };
+                let (s1, s2) = planes_grad_sums(g, x, dy, spans.as_ref(), bits, upstream, c, mean[c], 0..g.outer);
                 let mut k = [DxCoeffs::default()];
                 coeffs(c, &[s1], &[s2], &mut k);
                 let k = k[0];
@@ -882,7 +899,10 @@ pub(crate) fn train_backward_where<T: Element>(
                     let mut back = bits.map(|b| relu::Back {
                         bits: b.at(start, g.inner),
                         // SAFETY: as for dx.
-                        dz: dz.as_ref().map(|d| unsafe { d.slice(start, g.inner) }),
+                        dz: dz
+                            .as_ref()
+                            .filter(|_| !dz_in_sums)
+                            .map(|d| unsafe { d.slice(start, g.inner) }),
                     });
                     write_gated(gated_segment(&spans, o, 1), op, stream, |r, or, keep| match keep {
                         Some(keep) => ew::dx_plane_kept(&xp[r.clone()], &gp[r], or, k, stream, keep),

@@ -14,12 +14,13 @@
 //!   into y, then y + z, then the ReLU) does, so the fused pass gives its bits. Only through
 //!   [`crate::Element`]'s conversions, so any element type goes through.
 //! - The backward's **upstream gradient**: dy itself ([`Plain`]), or behind the ReLU dy·\[kept\]
-//!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it.
+//!   from the mask's bits ([`Gated`]), stored to dz too where the pass writes it (in the
+//!   gradient sums' loop, [`GatedOut`], where a channel's two backward passes are fused).
 //!   A select: dy of an element the ReLU did not keep never reaches a sum or an output.
 
 use super::moments;
 use super::plan;
-use super::simd::{relu_keeps, Simd};
+use super::simd::{narrow, relu_keeps, Simd};
 use crate::{Element, Geometry};
 use std::cell::Cell;
 
@@ -590,9 +591,10 @@ impl<'c, T, const ADD: bool, const BITS: bool> Fused<'c, T, ADD, BITS> {
 }
 
 /// Behind a fused ReLU: dy where the mask's bit is set, +0.0 elsewhere; stored to `dz` too when
-/// `DZ`, with ordinary stores even where the pass streams dx: a second stream of non-temporal
-/// stores beside dx's made the pass slower, by up to 2× with 2-byte elements, depending on how
-/// dz's address falls against dx's (docs/tuning-log.md).
+/// `DZ` (the dx passes that are not fused with the gradient sums, see [`GatedOut`] for those),
+/// with ordinary stores even where the pass streams dx: a second stream of non-temporal stores
+/// beside dx's made the pass slower, by up to 2× with 2-byte elements, depending on how dz's
+/// address falls against dx's (docs/tuning-log.md).
 #[derive(Clone, Copy)]
 pub(crate) struct Gated<'a, T, const DZ: bool> {
     bits: BitsAt<'a>,
@@ -657,6 +659,169 @@ impl<T: Element, const DZ: bool> ElementMap<T> for Gated<'_, T, DZ> {
             unsafe { *self.dz.add(i) = T::from_f32(g) };
         }
         g
+    }
+}
+
+/// The upstream gradient behind a fused ReLU written out as the gradient-sums pass reads dy: dz =
+/// dy·\[kept\] of the elements of a run the pass takes, stored from the same loop that adds them
+/// to the sums (the dx pass then writes dx alone). One output stream in a pass that has none, so
+/// it streams where the pass's output is larger than the cache (`STREAM`). The stored values are
+/// the elements of dy themselves (the `f32` path's lanes loaded again from L1 and selected, for
+/// `f32`, `bf16` and `f16`), or +0.0: the bits the dx pass stored as dz.
+///
+/// Streaming, where the run's dz does not start at a boundary of the stores' alignment
+/// ([`UpstreamOut::lag`]), the vector stored after elements i..i + 8 are read is the one `lag`
+/// elements back, which starts at one and whose dy has been read already (as in
+/// `elementwise::ScaleRowsAfter`); [`UpstreamOut::finish_run`] then writes the elements no vector
+/// covers.
+#[derive(Clone, Copy)]
+pub(crate) struct GatedOut<'a, T, const STREAM: bool> {
+    bits: BitsAt<'a>,
+    dy: *const T,
+    dz: *mut T,
+    /// 0, or (streaming) the elements from the boundary before dz to it.
+    lag: usize,
+}
+
+impl<T: Element, const STREAM: bool> ElementMap<T> for GatedOut<'_, T, STREAM> {
+    #[inline(always)]
+    unsafe fn wide8<S: Simd>(self, s: S, i: usize, dy: S::V) -> S::V {
+        // SAFETY (all blocks): elements i..i + 8 lie in the run, and, streaming, the `lag` before
+        // them too when i ≥ lag (the caller's, `UpstreamOut::run`'s contract).
+        let bits = unsafe { self.bits.get8(i) };
+        let g = s.gate(bits, dy);
+        if !STREAM {
+            unsafe {
+                let p = self.dz.add(i);
+                if narrow::<T>() {
+                    s.fstore(p, s.fgate(bits, s.fload(self.dy.add(i))));
+                } else {
+                    s.store(p, g);
+                }
+            }
+        } else if i >= self.lag {
+            // The vector that starts at the boundary `lag` elements back.
+            let j = i - self.lag;
+            unsafe {
+                let (p, back) = (self.dz.add(j), self.bits.get8(j));
+                if narrow::<T>() {
+                    s.fstream(p, s.fgate(back, s.fload(self.dy.add(j))));
+                } else if self.lag == 0 {
+                    s.stream(p, g);
+                } else {
+                    s.stream(p, s.gate(back, s.load(self.dy.add(j))));
+                }
+            }
+        }
+        g
+    }
+    #[inline(always)]
+    unsafe fn wide1(self, i: usize, dy: f64) -> f64 {
+        // SAFETY (all blocks): element i lies in the run (caller), `UpstreamOut::run`'s contract.
+        let kept = unsafe { self.bits.get1(i) };
+        unsafe { upstream_one(self.dy.add(i), self.dz.add(i), kept) };
+        if kept {
+            dy
+        } else {
+            0.0
+        }
+    }
+}
+
+/// dz = dy·\[kept\] of one element, as the dx pass stores it: dy's element through the `f32`
+/// path (or `f64` for `f64`), or +0.0.
+///
+/// # Safety
+/// `dy` must be valid for reading one element, `dz` for writing one.
+#[inline(always)]
+unsafe fn upstream_one<T: Element>(dy: *const T, dz: *mut T, kept: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        *dz = match (narrow::<T>(), kept) {
+            (true, true) => T::from_f32((*dy).to_f32()),
+            (false, true) => T::from_f64((*dy).to_f64()),
+            (_, false) => T::from_f64(0.0),
+        };
+    }
+}
+
+/// Where a gradient-sums pass over runs behind a fused ReLU writes dz (see [`GatedOut`]): the
+/// whole tensor's dz, indexed as the runs index x, and whether the pass streams its output.
+#[derive(Clone, Copy)]
+pub(crate) struct UpstreamOut<T> {
+    ptr: *mut T,
+    len: usize,
+    stream: bool,
+}
+
+impl<T: Element> UpstreamOut<T> {
+    /// dz of `len` elements from `ptr` on, streamed where `stream`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for writing `len` elements while the value is used, and the elements
+    /// of the runs each pass is given written by that pass alone.
+    pub unsafe fn new(ptr: *mut T, len: usize, stream: bool) -> Self {
+        UpstreamOut { ptr, len, stream }
+    }
+
+    /// Elements of the tensor.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the stores stream.
+    pub fn streams(&self) -> bool {
+        self.stream
+    }
+
+    /// Streaming, the elements from the boundary before element `o` of dz to it: boundaries of
+    /// the vectors' stores, [`STREAM_ALIGN`](super::simd::STREAM_ALIGN) bytes, or 16 for the
+    /// half types, whose 8 elements are 16 bytes (their stores' alignment). Less than 8.
+    fn lag(&self, o: usize) -> usize {
+        let size = std::mem::size_of::<T>();
+        let align = super::simd::STREAM_ALIGN.min(8 * size);
+        (self.ptr.wrapping_add(o) as usize % align) / size
+    }
+
+    /// The map of a run of `n` elements from element `o` on, whose mask bits are `bits` and
+    /// whose dy starts at `dy`.
+    ///
+    /// # Safety
+    /// Elements `o..o + n` lie in dy and dz; the map is called for each 8 elements of the run
+    /// from its start (`wide8`) and for those after them (`wide1`), and with `STREAM` the run
+    /// is then finished by [`UpstreamOut::finish_run`].
+    #[inline(always)]
+    pub unsafe fn run<'a, const STREAM: bool>(
+        &self,
+        o: usize,
+        bits: BitsAt<'a>,
+        dy: *const T,
+    ) -> GatedOut<'a, T, STREAM> {
+        GatedOut {
+            bits,
+            dy,
+            dz: self.ptr.wrapping_add(o),
+            lag: if STREAM { self.lag(o) } else { 0 },
+        }
+    }
+
+    /// Streaming, writes the elements of the run of `n` elements from element `o` on that the
+    /// map's vectors did not (see [`GatedOut`]): the first 8 − `lag` and the `lag` before the
+    /// elements `wide1` took (none when `lag` is 0).
+    ///
+    /// # Safety
+    /// As [`UpstreamOut::run`], after the run's loop.
+    #[inline(always)]
+    pub unsafe fn finish_run(&self, o: usize, n: usize, bits: BitsAt<'_>, dy: *const T) {
+        let (lag, n8) = (self.lag(o), n - n % 8);
+        if lag == 0 || n8 == 0 {
+            return;
+        }
+        let dz = self.ptr.wrapping_add(o);
+        for i in (0..8 - lag).chain(n8 - lag..n8) {
+            // SAFETY: i < n: element o + i lies in dy and dz; its bit among the run's.
+            unsafe { upstream_one(dy.add(i), dz.add(i), bits.get1(i)) };
+        }
     }
 }
 

@@ -322,6 +322,50 @@ fn fused_bitwise_identical_for_1_2_3_threads() {
     }
 }
 
+/// The training backward of `relu(bn(x) + z)` and `relu(bn(x))` against the unfused sequence's
+/// bits (dx, dγ, dβ, and dz = dy·[kept]), into NaN-filled buffers (an element not written fails),
+/// on tensors whose outputs are written with streaming stores (16 MiB and more) with ≥ 16
+/// channels (the fused per-channel passes, whose gradient sums' loop writes dz): planes of an
+/// odd length, so that they start alternately at a 32-byte boundary (dz streamed) and off it
+/// (dz stored), and pieces of a plane longer than one; f32 and f64.
+#[test]
+fn fused_backward_with_streamed_outputs() {
+    fn check<T: PlainFloat>(shape: &[usize], seed: u64) {
+        let layout = Layout::NCHW;
+        let d = Data::new::<T>(layout, shape, seed);
+        let z = residual::<T>(layout, shape, seed);
+        let (x, dy, g, b) = d.narrowed::<T>();
+        let (v, affine, n) = (View::new(&x, shape, layout), Affine::new(&g, &b), x.len());
+        for z in [None, Some(&z[..])] {
+            let what = format!("{layout} {shape:?} {} residual={}", T::NAME, z.is_some());
+            let (mut y, mut mask) = (vec![T::from_f64(0.0); n], ReluMask::new());
+            let (_, saved) = match z {
+                Some(z) => batch_norm_train_add_relu(v, z, affine, 1e-5, &mut y, &mut mask),
+                None => batch_norm_train_relu(v, affine, 1e-5, &mut y, &mut mask),
+            }
+            .unwrap();
+            let (mut dx, mut dg, mut db, mut dz) = nan_grads::<T>(&d);
+            let grads = Grads::new(&mut dx, &mut dg, &mut db);
+            match z {
+                Some(_) => batch_norm_backward_add_relu(v, &dy, &mask, &saved, Some(&g), grads, &mut dz),
+                None => batch_norm_backward_relu(v, &dy, &mask, &saved, Some(&g), grads),
+            }
+            .unwrap();
+            let up = relu_backward_t(&y, &dy);
+            let (mut dxu, mut dgu, mut dbu, _) = nan_grads::<T>(&d);
+            batch_norm_backward(v, &up, &saved, Some(&g), Grads::new(&mut dxu, &mut dgu, &mut dbu)).unwrap();
+            assert_bits(&format!("{what} dx"), &dx, &dxu);
+            assert_bits(&format!("{what} dgamma"), &dg, &dgu);
+            assert_bits(&format!("{what} dbeta"), &db, &dbu);
+            if z.is_some() {
+                assert_bits(&format!("{what} dz"), &dz, &up);
+            }
+        }
+    }
+    check::<f32>(&[4, 17, 255, 257], 2400);
+    check::<f64>(&[2, 17, 255, 257], 2401);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against the reference
 // ---------------------------------------------------------------------------------------------

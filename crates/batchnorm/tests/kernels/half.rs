@@ -431,6 +431,8 @@ fn check_fused<H: Half>(layout: Layout, shape: &[usize], seed: u64) {
 fn half_fused_is_unfused() {
     for (k, (layout, shape)) in [
         (Layout::NCHW, &[3, 4, 5, 7][..]),
+        // ≥ 16 channels: the fused per-channel passes (dz out of the gradient sums' loop).
+        (Layout::NCHW, &[3, 17, 13, 7][..]),
         (Layout::NHWC, &[3, 5, 7, 4][..]),
         (Layout::NC, &[41, 9][..]),
     ]
@@ -440,6 +442,14 @@ fn half_fused_is_unfused() {
         check_fused::<bf16>(layout, shape, 300 + k as u64);
         check_fused::<f16>(layout, shape, 400 + k as u64);
     }
+}
+
+/// [`check_fused`] on a tensor whose outputs are written with streaming stores (16 MiB and
+/// more) with ≥ 16 channels: the fused per-channel passes, dz streamed out of the gradient sums'
+/// loop on the planes that start at a 32-byte boundary (an odd plane length: every other one).
+#[test]
+fn half_fused_is_unfused_large() {
+    check_fused::<bf16>(Layout::NCHW, &[4, 33, 255, 257], 500);
 }
 
 /// Thread counts 1, 2 and 3 give the same bits for half tensors, on shapes split into several

@@ -473,7 +473,7 @@ pub(crate) fn ghost_planes_backward<T: Element>(
         let mut sums = Vec::with_capacity(groups);
         for (k, first) in (0..g.outer).step_by(group_planes).enumerate() {
             let planes = first..(first + group_planes).min(g.outer);
-            let (s1, s2) = planes_grad_sums(g, x, dy, None, None, ch, means[k][ch], planes.clone());
+            let (s1, s2) = planes_grad_sums(g, x, dy, None, None, None, ch, means[k][ch], planes.clone());
             let coeffs = coeffs(k, ch, s1, s2);
             for o in planes.clone() {
                 let start = (o * c + ch) * g.inner;
