@@ -1464,31 +1464,15 @@ impl RowsEpilogue for NoEpilogue {
 /// into `sum_dy`, `sum_dy_xmu`, with g the upstream gradient `u` (made for the block) makes of dy.
 /// `e` runs after each 8 elements the vector loop takes (with an epilogue, the channels must
 /// be a multiple of 8, so that the loop takes every element).
+///
+/// The channels go in tiles of `tile` (a multiple of 8; [`CHANNEL_TILE`] but in the frozen
+/// backward's one loop): each channel's sum is taken row by row, in row order, whatever the
+/// tile, so the tile changes no bit. A tile of the whole row walks the block in memory order, a
+/// group of rows at a time, with the accumulators of the whole row (16 bytes per channel) read
+/// and written once per group.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_grad_sums_of<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
-    s: S,
-    x: &[T],
-    dy: &[T],
-    mean: &[f64],
-    sum_dy: &mut [f64],
-    sum_dy_xmu: &mut [f64],
-    pf: RowPrefetch,
-    set: R,
-    u: U,
-    e: E,
-) {
-    rows_grad_sums_tiled(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, set, u, e, CHANNEL_TILE)
-}
-
-/// [`rows_grad_sums_of`] over tiles of `tile` channels (a multiple of 8) instead of
-/// [`CHANNEL_TILE`]: each channel's sum is still taken row by row, in row order, so the tile
-/// changes no bit. A tile of the whole row walks the block in memory order, a group of rows at
-/// a time, with the accumulators of the whole row (16 bytes per channel) read and written once
-/// per group.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_grad_sums_tiled<S: Simd, T: Element, R: RowSet, U: ElementMap<T>, E: RowsEpilogue>(
     s: S,
     x: &[T],
     dy: &[T],
@@ -1557,15 +1541,51 @@ pub(super) fn rows_grad_sums_impl<S: Simd, T: Element>(
     relu: Option<BitsAt>,
 ) {
     match (mask, relu) {
-        (None, None) => rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, Plain, NoEpilogue),
+        (None, None) => rows_grad_sums_of(
+            s,
+            x,
+            dy,
+            mean,
+            sum_dy,
+            sum_dy_xmu,
+            pf,
+            AllRows,
+            Plain,
+            NoEpilogue,
+            CHANNEL_TILE,
+        ),
         (None, Some(bits)) => {
             let u = Gated::new(bits);
-            rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, AllRows, u, NoEpilogue)
+            rows_grad_sums_of(
+                s,
+                x,
+                dy,
+                mean,
+                sum_dy,
+                sum_dy_xmu,
+                pf,
+                AllRows,
+                u,
+                NoEpilogue,
+                CHANNEL_TILE,
+            )
         }
         (Some(mask), None) => {
             assert_eq!(mask.len() * mean.len(), x.len());
             with_on_rows(mask, pf, |on, pf| {
-                rows_grad_sums_of(s, x, dy, mean, sum_dy, sum_dy_xmu, pf, on, Plain, NoEpilogue)
+                rows_grad_sums_of(
+                    s,
+                    x,
+                    dy,
+                    mean,
+                    sum_dy,
+                    sum_dy_xmu,
+                    pf,
+                    on,
+                    Plain,
+                    NoEpilogue,
+                    CHANNEL_TILE,
+                )
             })
         }
         (Some(_), Some(_)) => unreachable!("no fused pass takes a mask over positions"),

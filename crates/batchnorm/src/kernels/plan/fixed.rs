@@ -440,7 +440,7 @@ fn one_loop<S: Simd, T: Element, const STREAM: bool>(
     // `moments::CHANNEL_TILE` would jump from row to row every KiB (slower where measured, see
     // docs/tuning-log.md).
     let tile = mean.len();
-    moments::rows_grad_sums_tiled(s, x, dy, mean, s1, s2, pf, AllRows, Plain, after, tile);
+    moments::rows_grad_sums_of(s, x, dy, mean, s1, s2, pf, AllRows, Plain, after, tile);
     after.finish();
     true
 }
